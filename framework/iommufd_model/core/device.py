@@ -1,0 +1,237 @@
+"""DEVICE objects: binding, attach / replace / detach (RID and PASID), and GET_HW_INFO.
+
+Kernel rules kept (device.c): attaching to an IOAS reuses a compatible automatic domain or
+creates one that dies with its last device; attaching reserves the device's reserved IOVA
+regions in the IOAS for as long as any attachment of that device uses it; replace is
+all-or-nothing; a PASID attachment needs a PASID-compatible HWPT, and while PASIDs are
+attached the RID may only use PASID-compatible HWPTs.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING, Any
+
+from iommufd_model.core.hw_pagetable import Hwpt, HwptNested, HwptPaging, hwpt_paging_alloc, require
+from iommufd_model.core.ioas import Ioas
+from iommufd_model.core.main import Ucmd, ioctl_op
+from iommufd_model.core.objects import IommufdObject, ObjType
+from iommufd_model.driver import HwInfo
+from iommufd_model.errors import err
+from iommufd_model.uapi import iommufd as U
+
+if TYPE_CHECKING:
+    from iommufd_model.core.main import IommuFd
+    from iommufd_model.core.viommu import Vdevice
+    from iommufd_model.hw.pci import PciDevice
+
+
+class Device(IommufdObject):
+    """A PCI device bound to this iommufd (``struct iommufd_device``)."""
+
+    TYPE = ObjType.DEVICE
+
+    def __init__(self, ictx: IommuFd, dev: PciDevice) -> None:
+        super().__init__(ictx)
+        self.dev = dev
+        self.hw = dev.iommu
+        self.hooks: Any = ictx.machine.hooks(self.hw.driver_name)
+        self.hwpt: Hwpt | None = None
+        self.pasid_hwpts: dict[int, Hwpt] = {}
+        self.vdev: Vdevice | None = None
+        self._resv: dict[int, int] = {}  # id(ioas) -> attachments using its reservation
+
+    # -- reserved regions -----------------------------------------------------------------
+    def reserve_regions(self, ioas: Ioas) -> None:
+        key = id(ioas)
+        if key in self._resv:
+            self._resv[key] += 1
+            return
+        regions = self.hooks.dev_reserved_regions(iommu=self.hw, dev=self.dev) or []
+        done = False
+        try:
+            for start, last in regions:
+                ioas.iopt.reserve(self, start, last)
+            done = True
+        finally:
+            if not done:
+                ioas.iopt.unreserve_owner(self)
+        self._resv[key] = 1
+
+    def unreserve_regions(self, ioas: Ioas) -> None:
+        key = id(ioas)
+        self._resv[key] -= 1
+        if not self._resv[key]:
+            del self._resv[key]
+            ioas.iopt.unreserve_owner(self)
+
+    def destroy(self) -> None:
+        self.dev.bound_to = None
+
+
+def device_bind(ictx: IommuFd, dev: PciDevice) -> int:
+    """Bind ``dev``: one iommufd at a time (EBUSY otherwise)."""
+    if dev.bound_to is not None:
+        raise err(errno.EBUSY, f"{dev.name} is already bound to an iommufd")
+    idev = Device(ictx, dev)
+    ictx.objects.alloc_id(idev)
+    idev.users += 1  # the VFIO device file holds it; IOMMU_DESTROY of a bound device is EBUSY
+    dev.bound_to = ictx
+    return idev.id
+
+
+def device_unbind(ictx: IommuFd, idev: Device) -> None:
+    """Close of the VFIO device: detach all, force the vDEVICE away, free the object."""
+    for pasid in sorted(idev.pasid_hwpts):
+        device_detach(idev, pasid)
+    device_detach(idev, None)
+    if idev.vdev is not None:
+        from iommufd_model.core.viommu import vdevice_force_destroy
+
+        vdevice_force_destroy(idev.vdev)
+    idev.users -= 1
+    ictx.objects.remove(idev)
+
+
+def _check_pasid(idev: Device, hwpt: Hwpt, pasid: int | None) -> None:
+    if pasid is None:
+        if idev.pasid_hwpts and not hwpt.pasid_compat:
+            raise err(errno.EINVAL, "PASIDs are attached: the RID needs a PASID-compatible HWPT")
+        return
+    if idev.dev.pasid_bits == 0 or not 0 < pasid < (1 << idev.dev.pasid_bits):
+        raise err(errno.EINVAL, f"PASID {pasid} not supported by {idev.dev.name}")
+    if not hwpt.pasid_compat:
+        raise err(errno.EINVAL, "HWPT was not allocated with IOMMU_HWPT_ALLOC_PASID")
+    if idev.hwpt is not None and not idev.hwpt.pasid_compat:
+        raise err(errno.EINVAL, "the RID's HWPT is not PASID-compatible")
+
+
+def _release(idev: Device, hwpt: Hwpt) -> None:
+    """Drop one attachment's references on ``hwpt``; an unused auto domain dies."""
+    hwpt.users -= 1
+    hwpt.devices.remove(idev)
+    idev.unreserve_regions(hwpt_ioas(hwpt))
+    if isinstance(hwpt, HwptPaging) and hwpt.auto_domain and hwpt.users == 1:
+        idev.ictx.objects.remove(hwpt)
+
+
+def hwpt_ioas(hwpt: Hwpt) -> Ioas:
+    if isinstance(hwpt, (HwptPaging, HwptNested)):
+        return hwpt.ioas
+    raise err(errno.EINVAL, "HWPT has no IOAS")
+
+
+def attach_hwpt(idev: Device, hwpt: Hwpt, pasid: int | None, *, replace: bool) -> None:
+    """Point the device (or one PASID) at ``hwpt``; all-or-nothing."""
+    old = idev.hwpt if pasid is None else idev.pasid_hwpts.get(pasid)
+    if old is hwpt:
+        return
+    if old is not None and not replace:
+        raise err(errno.EINVAL, "device is already attached")
+    if hwpt.domain.owner is not idev.hw:
+        raise err(errno.EINVAL, "HWPT belongs to another IOMMU instance")
+    _check_pasid(idev, hwpt, pasid)
+    ioas = hwpt_ioas(hwpt)
+    idev.reserve_regions(ioas)
+    try:
+        if pasid is None:
+            require(
+                idev.hooks.attach_dev(iommu=idev.hw, dev=idev.dev, domain=hwpt.domain), "attach_dev"
+            )
+        else:
+            require(
+                idev.hooks.set_dev_pasid(
+                    iommu=idev.hw, dev=idev.dev, pasid=pasid, domain=hwpt.domain
+                ),
+                "set_dev_pasid",
+            )
+    except OSError:
+        idev.unreserve_regions(ioas)
+        raise
+    hwpt.users += 1
+    hwpt.devices.append(idev)
+    if pasid is None:
+        idev.hwpt = hwpt
+    else:
+        idev.pasid_hwpts[pasid] = hwpt
+    if old is not None:
+        _release(idev, old)
+
+
+def auto_attach(idev: Device, ioas: Ioas, pasid: int | None, *, replace: bool) -> Hwpt:
+    """Attach to an IOAS through a shared automatic paging domain."""
+    for hwpt in list(ioas.hwpt_list):
+        if not hwpt.auto_domain or hwpt.domain.owner is not idev.hw:
+            continue
+        if pasid is not None and not hwpt.pasid_compat:
+            continue
+        try:
+            attach_hwpt(idev, hwpt, pasid, replace=replace)
+            return hwpt
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+    flags = U.IOMMU_HWPT_ALLOC_PASID if pasid is not None else 0
+    new = hwpt_paging_alloc(idev.ictx, ioas, idev, flags, auto_domain=True)
+    idev.ictx.objects.alloc_id(new)
+    try:
+        attach_hwpt(idev, new, pasid, replace=replace)
+    except OSError:
+        idev.ictx.objects.remove(new)
+        raise
+    return new
+
+
+def device_attach(idev: Device, pt_id: int, pasid: int | None, *, replace: bool) -> int:
+    """Attach (``replace``: or switch) to an IOAS or HWPT; returns the HWPT id in use."""
+    pt = idev.ictx.objects.get(pt_id)
+    if isinstance(pt, Ioas):
+        return auto_attach(idev, pt, pasid, replace=replace).id
+    if isinstance(pt, (HwptPaging, HwptNested)):
+        attach_hwpt(idev, pt, pasid, replace=replace)
+        return pt.id
+    raise err(errno.EINVAL, f"object {pt_id} cannot be attached to")
+
+
+def device_detach(idev: Device, pasid: int | None) -> None:
+    """Block DMA from the device (or one PASID) and drop the attachment."""
+    if pasid is None:
+        old = idev.hwpt
+        if old is None:
+            return
+        require(idev.hooks.attach_dev(iommu=idev.hw, dev=idev.dev, domain=None), "attach_dev")
+        idev.hwpt = None
+    else:
+        old = idev.pasid_hwpts.get(pasid)
+        if old is None:
+            return
+        require(
+            idev.hooks.remove_dev_pasid(iommu=idev.hw, dev=idev.dev, pasid=pasid),
+            "remove_dev_pasid",
+        )
+        del idev.pasid_hwpts[pasid]
+    _release(idev, old)
+
+
+@ioctl_op(U.IOMMU_GET_HW_INFO, U.IommuHwInfo, "reserved")
+def _get_hw_info(ucmd: Ucmd) -> None:
+    cmd = ucmd.cmd
+    if cmd.flags & ~U.IOMMU_HW_INFO_FLAG_INPUT_TYPE:
+        raise err(errno.EOPNOTSUPP, "unknown hw_info flags")
+    if not cmd.flags & U.IOMMU_HW_INFO_FLAG_INPUT_TYPE:
+        cmd.data_type = U.IOMMU_HW_INFO_TYPE_DEFAULT
+    if any(cmd.reserved):
+        raise err(errno.EOPNOTSUPP, "hw_info __reserved must be 0")
+    idev = ucmd.ictx.objects.get_as(cmd.dev_id, Device)
+    info = idev.hooks.hw_info(iommu=idev.hw, dev=idev.dev, data_type=cmd.data_type)
+    if info is None:
+        info = HwInfo(U.IOMMU_HW_INFO_TYPE_NONE, b"")
+    data = info.data
+    copy_len = min(cmd.data_len, len(data))
+    if cmd.data_len:
+        ucmd.caller.write(cmd.data_uptr, data[:copy_len] + bytes(cmd.data_len - copy_len))
+    cmd.data_len = len(data)
+    cmd.data_type = info.data_type
+    cmd.out_capabilities = info.capabilities
+    cmd.out_max_pasid_log2 = min(info.max_pasid_log2, idev.dev.pasid_bits)
+    ucmd.respond()

@@ -1,0 +1,248 @@
+"""FAULT and vEVENTQ objects: queues a driver fills and the user reads through a file.
+
+The fault queue carries IO page faults (``struct iommu_hwpt_pgfault``) and takes page
+responses (``struct iommu_hwpt_page_response``) written back to the same fd. The vEVENTQ
+carries vendor event records behind ``struct iommufd_vevent_header``, with sequence numbers
+that wrap at INT_MAX and a trailing LOST_EVENTS header when the queue overflowed.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+from typing import TYPE_CHECKING
+
+import attrs
+
+from iommufd_model.core.main import Ucmd, ioctl_op
+from iommufd_model.core.objects import IommufdObject, ObjType
+from iommufd_model.errors import err
+from iommufd_model.uapi import iommufd as U
+
+if TYPE_CHECKING:
+    from iommufd_model.core.device import Device
+    from iommufd_model.core.main import IommuFd
+    from iommufd_model.core.viommu import Viommu
+
+INT_MAX = (1 << 31) - 1
+PGFAULT_SIZE = U.IommuHwptPgfault.SIZE
+RESPONSE_SIZE = U.IommuHwptPageResponse.SIZE
+HEADER_SIZE = U.IommufdVeventHeader.SIZE
+
+
+@attrs.define(slots=True)
+class FaultGroup:
+    """The faults of one page request group, answered together by one response."""
+
+    idev: Device
+    pasid: int | None
+    grpid: int
+    faults: list[U.IommuHwptPgfault]
+
+
+class EventFile:
+    """The anonymous file behind a FAULT or vEVENTQ object (``common.filep``)."""
+
+    def __init__(self, owner: _EventObject) -> None:
+        self.owner = owner
+
+    def read(self, count: int) -> bytes:
+        return self.owner.fops_read(count)
+
+    def write(self, data: bytes) -> int:
+        return self.owner.fops_write(data)
+
+    def release(self) -> None:
+        self.owner.file_closed()
+
+
+class _EventObject(IommufdObject):
+    def __init__(self, ictx: IommuFd) -> None:
+        super().__init__(ictx)
+        self.file = EventFile(self)
+        self.fd = -1
+
+    def open_file(self, caller_files: dict[int, object]) -> int:
+        proc = self.ictx.proc
+        self.fd = proc.install_file(self.file)
+        self.users += 1  # the open file keeps the object alive
+        self.ictx.file_refs += 1  # ... and the iommufd file too (iommufd_ctx_get)
+        return self.fd
+
+    def file_closed(self) -> None:
+        self.users -= 1
+        self.ictx.put_file_ref()
+
+    def fops_read(self, count: int) -> bytes:
+        raise NotImplementedError
+
+    def fops_write(self, data: bytes) -> int:
+        raise err(errno.EINVAL, "this queue is read-only")
+
+
+class Fault(_EventObject):
+    """IOMMU_FAULT_QUEUE_ALLOC: IO page faults for HWPTs allocated with its fault_id."""
+
+    TYPE = ObjType.FAULT
+
+    def __init__(self, ictx: IommuFd) -> None:
+        super().__init__(ictx)
+        self.deliver: collections.deque[FaultGroup] = collections.deque()
+        self.response: dict[int, FaultGroup] = {}  # cookie -> group awaiting an answer
+        self._next_cookie = 0
+
+    def report(
+        self, idev: Device, pasid: int | None, grpid: int, faults: list[U.IommuHwptPgfault]
+    ) -> None:
+        """Queue a fault group (its last fault carries LAST_PAGE)."""
+        self.deliver.append(FaultGroup(idev, pasid, grpid, faults))
+
+    def fops_read(self, count: int) -> bytes:
+        if count % PGFAULT_SIZE:
+            raise err(errno.ESPIPE if count < 0 else errno.EINVAL, "read size must be whole faults")
+        out = bytearray()
+        while self.deliver:
+            group = self.deliver[0]
+            if len(out) + len(group.faults) * PGFAULT_SIZE > count:
+                break
+            cookie = self._next_cookie
+            self._next_cookie = (self._next_cookie + 1) & 0xFFFF_FFFF
+            self.deliver.popleft()
+            self.response[cookie] = group
+            for f in group.faults:
+                f.cookie = cookie
+                out += f.pack()
+        return bytes(out)
+
+    def fops_write(self, data: bytes) -> int:
+        if len(data) % RESPONSE_SIZE:
+            raise err(errno.EINVAL, "write size must be whole responses")
+        done = 0
+        for off in range(0, len(data), RESPONSE_SIZE):
+            resp = U.IommuHwptPageResponse.unpack(data[off : off + RESPONSE_SIZE])
+            group = self.response.get(resp.cookie)
+            if group is None or resp.code not in (
+                U.IOMMUFD_PAGE_RESP_SUCCESS,
+                U.IOMMUFD_PAGE_RESP_INVALID,
+            ):
+                if done:
+                    break
+                raise err(errno.EINVAL, f"bad page response (cookie {resp.cookie})")
+            del self.response[resp.cookie]
+            idev = group.idev
+            idev.hooks.page_response(
+                iommu=idev.hw, dev=idev.dev, pasid=group.pasid, grpid=group.grpid, code=resp.code
+            )
+            done += RESPONSE_SIZE
+        return done
+
+    def destroy(self) -> None:
+        # Pending groups get an automatic "invalid" response, as the kernel does.
+        for group in list(self.deliver) + list(self.response.values()):
+            idev = group.idev
+            idev.hooks.page_response(
+                iommu=idev.hw,
+                dev=idev.dev,
+                pasid=group.pasid,
+                grpid=group.grpid,
+                code=U.IOMMUFD_PAGE_RESP_INVALID,
+            )
+        self.deliver.clear()
+        self.response.clear()
+
+
+@attrs.define(slots=True)
+class _Vevent:
+    flags: int
+    sequence: int
+    data: bytes
+
+
+class Veventq(_EventObject):
+    """IOMMU_VEVENTQ_ALLOC: one event queue per (vIOMMU, type)."""
+
+    TYPE = ObjType.VEVENTQ
+
+    def __init__(self, ictx: IommuFd, viommu: Viommu, type_: int, depth: int) -> None:
+        super().__init__(ictx)
+        self.viommu = viommu
+        self.type = type_
+        self.depth = depth
+        self.events: collections.deque[_Vevent] = collections.deque()
+        self.sequence = 0
+        self.num_events = 0
+        self.lost = False
+
+    def _next_seq(self) -> int:
+        seq = self.sequence
+        self.sequence = 0 if seq == INT_MAX else seq + 1
+        return seq
+
+    def report(self, data: bytes) -> None:
+        """``iommufd_viommu_report_event``: queue one record or account it as lost."""
+        if self.num_events >= self.depth:
+            seq = self._next_seq()
+            if self.lost:
+                self.events[-1].sequence = seq
+            else:
+                self.events.append(_Vevent(U.IOMMU_VEVENTQ_FLAG_LOST_EVENTS, seq, b""))
+                self.lost = True
+            return
+        if self.lost:
+            # A real event after a loss: the gap in sequence numbers tells the reader.
+            self.events.pop()
+            self.lost = False
+        self.events.append(_Vevent(0, self._next_seq(), bytes(data)))
+        self.num_events += 1
+
+    def fops_read(self, count: int) -> bytes:
+        out = bytearray()
+        while self.events:
+            ev = self.events[0]
+            need = HEADER_SIZE + len(ev.data)
+            if len(out) + need > count:
+                if not out:
+                    raise err(errno.EINVAL, "buffer too small for the next event")
+                break
+            self.events.popleft()
+            if ev.flags & U.IOMMU_VEVENTQ_FLAG_LOST_EVENTS:
+                self.lost = False
+            else:
+                self.num_events -= 1
+            out += U.IommufdVeventHeader(ev.flags, ev.sequence).pack() + ev.data
+        return bytes(out)
+
+    def destroy(self) -> None:
+        self.viommu.veventqs.pop(self.type, None)
+        self.events.clear()
+
+
+@ioctl_op(U.IOMMU_FAULT_QUEUE_ALLOC, U.IommuFaultAlloc, "out_fault_fd")
+def _fault_alloc(ucmd: Ucmd) -> None:
+    cmd = ucmd.cmd
+    if cmd.flags:
+        raise err(errno.EOPNOTSUPP, "fault_alloc flags must be 0")
+    fault = Fault(ucmd.ictx)
+    cmd.out_fault_id = ucmd.ictx.objects.alloc_id(fault)
+    cmd.out_fault_fd = fault.open_file(ucmd.caller.files)  # type: ignore[arg-type]
+    ucmd.respond()
+
+
+@ioctl_op(U.IOMMU_VEVENTQ_ALLOC, U.IommuVeventqAlloc, "out_veventq_fd")
+def _veventq_alloc(ucmd: Ucmd) -> None:
+    from iommufd_model.core.viommu import Viommu
+
+    cmd = ucmd.cmd
+    if cmd.flags or cmd.reserved or cmd.type == U.IOMMU_VEVENTQ_TYPE_DEFAULT:
+        raise err(errno.EOPNOTSUPP, "bad veventq flags, reserved or type")
+    if not cmd.veventq_depth:
+        raise err(errno.EINVAL, "veventq_depth must be positive")
+    viommu = ucmd.ictx.objects.get_as(cmd.viommu_id, Viommu)
+    if cmd.type in viommu.veventqs:
+        raise err(errno.EEXIST, "the vIOMMU already has a vEVENTQ of that type")
+    q = Veventq(ucmd.ictx, viommu, cmd.type, cmd.veventq_depth)
+    cmd.out_veventq_id = ucmd.ictx.objects.alloc_id(q)
+    q.hold(viommu)
+    viommu.veventqs[cmd.type] = q
+    cmd.out_veventq_fd = q.open_file(ucmd.caller.files)  # type: ignore[arg-type]
+    ucmd.respond()

@@ -1,0 +1,810 @@
+"""``struct io_pagetable``: the IOVA space of one IOAS and the domains it fills.
+
+Follows drivers/iommu/iommufd/io_pagetable.c, the io_pagetable half of ioas.c and the area
+side of pages.c and device.c (in-kernel accesses). An IOVA range is covered by *areas*; each
+area maps a byte slice of a :class:`~iommufd_model.core.pages.Pages`. With no domain
+attached an area is only a promise (nothing is pinned, so any user address maps); the first
+domain pins every area and each further domain maps the same PFNs. Byte granularity is
+real: with no domain the alignment is 1, and a domain with a sub-page granule (the mock's
+2 KiB) makes areas with a sub-page offset into their first page.
+
+Where the model intentionally differs from the kernel:
+
+* Refusals are atomic. ``unmap`` checks every area in the range (EBUSY for a locked area,
+  ENOENT for one that sticks out) before removing any; the kernel removes fully covered
+  leading areas before it meets the bad one and returns the error with those gone. After
+  EDEADLK the ``prevent_access`` marks are cleared again (the kernel leaves them set).
+  ``access_rw`` pins every segment before copying, so a refused write writes nothing.
+* Programming errors the kernel only WARNs about are refused: ``access_unpin`` without an
+  exactly matching pin (EINVAL), ``remove_domain``/``remove_access`` of an unknown object
+  (ENOENT). A domain ``unmap`` that returns a short count is recorded in ``warnings``.
+* The kernel's PFN storage tiers (xarray, storage domain, source) are one table in
+  ``Pages``; PFNs, pin counts and ``locked_pages`` are the same.
+* A domain gets one ``map`` per physically contiguous run (the kernel's pfn_batch can split
+  a run at a batch boundary) and one ``unmap`` per area (the kernel cuts the unmap at PFN
+  discontinuities when in-kernel accesses keep part of the area pinned). Both pair every
+  unmap with whole maps, which is what drivers rely on.
+* ``access_rw`` always goes through the pinned frames (the kernel's "slow path"); the
+  kernel's fast path copies through the owning mm, which differs only if the process
+  remapped memory under a pinned range.
+* Accounting is the owning process's ``locked_pages`` only; no RLIMIT_MEMLOCK, no
+  IOPT_PAGES_ACCOUNT_MM mode.
+* Not modelled here: the VFIO type1 compatibility split (``iopt_cut_iova``) and the dirty
+  bitmap walkers; DMABUF-backed Pages.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Protocol
+
+import attrs
+
+from iommufd_model.core.intervals import (
+    U64_MAX,
+    IntervalMap,
+    IntervalSet,
+    covered_spans,
+    find_hole,
+    holes,
+)
+from iommufd_model.core.pages import Pages
+from iommufd_model.errors import err
+from iommufd_model.hw.memory import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, PhysicalMemory
+
+if TYPE_CHECKING:
+    from iommufd_model.core.process import MemFile, Process
+
+# include/linux/iommu.h prot bits. iommufd always adds IOMMU_CACHE (conv_iommu_prot()).
+IOMMU_READ = 1
+IOMMU_WRITE = 2
+IOMMU_CACHE = 4
+
+ULONG_MAX = U64_MAX
+# Automatic IOVAs are never aligned beyond a THP (HPAGE_SIZE on x86-64 with THP).
+HPAGE_SIZE = 2 << 20
+# iopt_add_access() allocates ids with xa_limit_16b.
+ACCESS_LIMIT = 1 << 16
+# iopt_unmap_iova_range() gives up on an access that ignores this many unmap notifications.
+UNMAP_NOTIFY_TRIES = 100
+
+
+class IoDomain(Protocol):
+    """What an io_pagetable needs from an ``iommu_domain``."""
+
+    @property
+    def pgsize_bitmap(self) -> int:
+        """Supported page sizes; the lowest set bit is the granule."""
+
+    @property
+    def aperture_start(self) -> int:
+        """First translatable IOVA."""
+
+    @property
+    def aperture_end(self) -> int:
+        """Last translatable IOVA (inclusive)."""
+
+    def map(self, iova: int, pa: int, size: int, prot: int) -> None:
+        """Map ``size`` bytes; may raise OSError (e.g. ENOMEM) having mapped nothing."""
+
+    def unmap(self, iova: int, size: int) -> int:
+        """Unmap a range made of whole earlier maps; returns the bytes unmapped."""
+
+
+class IoAccess(Protocol):
+    """An in-kernel access (``struct iommufd_access``) as the io_pagetable sees it.
+
+    ``iova_alignment`` is PAGE_SIZE for accesses that pin pages, else 1. ``unmap`` is the
+    driver's ``ops->unmap``: it must unpin whatever it pinned inside ``[iova, iova+length)``.
+    An access with a true ``internal`` attribute (the HW queue's) is never notified.
+    """
+
+    @property
+    def iova_alignment(self) -> int: ...
+
+    def unmap(self, iova: int, length: int) -> None: ...
+
+
+@attrs.define(slots=True, eq=False)
+class Area:
+    """``struct iopt_area``: IOVA ``[iova, last]`` backed by ``pages`` from ``start_byte``."""
+
+    iova: int
+    last: int
+    pages: Pages
+    start_byte: int  # byte offset into pages of the byte at ``iova``
+    prot: int
+    num_accesses: int = 0
+    num_locks: int = 0
+    prevent_access: bool = False
+
+    @property
+    def length(self) -> int:
+        return self.last - self.iova + 1
+
+    @property
+    def page_offset(self) -> int:
+        return self.start_byte & PAGE_MASK
+
+    @property
+    def first_index(self) -> int:
+        return self.start_byte >> PAGE_SHIFT
+
+    @property
+    def last_index(self) -> int:
+        return (self.start_byte + self.length - 1) >> PAGE_SHIFT
+
+    def start_byte_at(self, iova: int) -> int:
+        """``iopt_area_start_byte()``: offset into ``pages`` of the byte at ``iova``."""
+        return self.start_byte + (iova - self.iova)
+
+    def index_at(self, iova: int) -> int:
+        return self.start_byte_at(iova) >> PAGE_SHIFT
+
+
+_Segment = tuple[Area, int, int]  # area, first iova used in it, last iova used in it
+
+
+def _lowbit(x: int) -> int:
+    return x & -x
+
+
+def _roundup_pow_of_two(x: int) -> int:
+    return 1 << (x - 1).bit_length()
+
+
+def _check_prot(prot: int) -> None:
+    if not prot & (IOMMU_READ | IOMMU_WRITE):
+        raise err(errno.EINVAL, "mapping must be readable or writable")
+
+
+def _check_u64_args(*values: int | None) -> None:
+    """ioas.c rejects a raw ``iova``/``length`` of ULONG_MAX or more before anything else."""
+    for v in values:
+        if v is not None and not 0 <= v < ULONG_MAX:
+            raise err(errno.EOVERFLOW, f"{v:#x} is not below ULONG_MAX")
+
+
+def _last_of(iova: int, length: int) -> int:
+    """Last byte of ``[iova, iova+length)``: EINVAL for zero length, EOVERFLOW on wrap."""
+    if length == 0:
+        raise err(errno.EINVAL, "zero length")
+    if iova < 0 or length < 0 or iova + length - 1 > ULONG_MAX:
+        raise err(errno.EOVERFLOW, "range wraps")
+    return iova + length - 1
+
+
+class IoPagetable:
+    """The IOVA space of an IOAS: areas, allowed and reserved ranges, domains, accesses."""
+
+    def __init__(self, memory: PhysicalMemory) -> None:
+        self.memory = memory
+        self._areas: IntervalMap[Area] = IntervalMap(track_coverage=True)
+        self._allowed: IntervalMap[None] = IntervalMap()
+        self._reserved = IntervalSet()
+        self._domains: list[IoDomain] = []
+        self._accesses: list[IoAccess] = []
+        # iopt_init_table(): a table with no domain accepts any byte-granular IOVA.
+        self._iova_alignment = 1
+        self._disable_large_pages = False
+        # WARN_ON()s the kernel would print (driver unmap returning a short count ...).
+        self.warnings: list[str] = []
+
+    # -- introspection ------------------------------------------------------------------
+    @property
+    def iova_alignment(self) -> int:
+        return self._iova_alignment
+
+    @property
+    def domains(self) -> tuple[IoDomain, ...]:
+        return tuple(self._domains)
+
+    @property
+    def accesses(self) -> tuple[IoAccess, ...]:
+        return tuple(self._accesses)
+
+    def areas(self) -> Iterator[tuple[int, int, int, Pages, int]]:
+        """``(iova, last, prot, pages, start_byte)`` of every area, in IOVA order."""
+        for iova, last, area in self._areas:
+            yield iova, last, area.prot, area.pages, area.start_byte
+
+    def area_at(self, iova: int) -> Area | None:
+        got = self._areas.get(iova)
+        return None if got is None else got[2]
+
+    def lookup(self, iova: int) -> tuple[int, int] | None:
+        """``(pfn, prot)`` of the page behind ``iova``; None if unmapped or not pinned.
+
+        Pages are pinned while a domain (or an access) uses them, so with any domain attached
+        every mapped IOVA resolves.
+        """
+        got = self._areas.get(iova)
+        if got is None:
+            return None
+        area = got[2]
+        pfn = area.pages.pfn(area.index_at(iova))
+        return None if pfn is None else (pfn, area.prot)
+
+    def reserved(self) -> list[tuple[int, int, object]]:
+        return self._reserved.entries()
+
+    def allowed(self) -> list[tuple[int, int]]:
+        return [(first, last) for first, last, _ in self._allowed]
+
+    # -- IOMMU_OPTION_HUGE_PAGES --------------------------------------------------------
+    @property
+    def allow_large_pages(self) -> bool:
+        return not self._disable_large_pages
+
+    @allow_large_pages.setter
+    def allow_large_pages(self, value: bool) -> None:
+        if value:
+            # iopt_enable_large_pages(): lowering the alignment cannot fail.
+            self._disable_large_pages = False
+            self._recalculate_alignment(warn=True)
+            return
+        # iopt_disable_large_pages()
+        if self._disable_large_pages:
+            return
+        if self._domains and self._areas:
+            raise err(errno.EINVAL, "domains already hold mappings made with large pages")
+        self._disable_large_pages = True
+        try:
+            self._recalculate_alignment()
+        except OSError:
+            self._disable_large_pages = False
+            raise
+
+    def set_large_pages(self, value: bool) -> None:
+        """IOMMU_OPTION_HUGE_PAGES set: the same as assigning :attr:`allow_large_pages`."""
+        self.allow_large_pages = value
+
+    # -- alignment (iopt_calculate_iova_alignment / iopt_check_iova_alignment) ----------
+    def _check_areas_alignment(self, alignment: int) -> None:
+        mask = alignment - 1
+        for iova, last, area in self._areas:
+            if iova & mask or (last - iova + 1) & mask or area.page_offset & mask:
+                raise err(errno.EADDRINUSE, f"area at {iova:#x} is not {alignment:#x} aligned")
+
+    def _recalculate_alignment(self, *, warn: bool = False) -> None:
+        new = PAGE_SIZE if self._disable_large_pages else 1
+        for domain in self._domains:
+            new = max(new, _lowbit(domain.pgsize_bitmap))
+        for access in self._accesses:
+            new = max(new, access.iova_alignment)
+        if new > self._iova_alignment:
+            try:
+                self._check_areas_alignment(new)
+            except OSError as e:
+                if not warn:
+                    raise
+                self.warnings.append(f"alignment {new:#x} conflicts with areas: {e}")
+                return
+        self._iova_alignment = new
+
+    # -- IOVA placement -------------------------------------------------------------------
+    def _check_iova(self, iova: int, length: int) -> None:
+        """``iopt_check_iova()``."""
+        if iova & (self._iova_alignment - 1):
+            raise err(errno.EINVAL, f"iova {iova:#x} misaligned")
+        if iova + length - 1 > ULONG_MAX:
+            raise err(errno.EOVERFLOW, "iova range wraps")
+        last = iova + length - 1
+        if self._reserved.overlaps(iova, last):
+            raise err(errno.EINVAL, "iova range hits a reserved region")
+        if self._areas.overlaps(iova, last):
+            raise err(errno.EEXIST, "iova range already mapped")
+
+    def _alloc_iova(self, addr: int, length: int) -> int:
+        """``iopt_alloc_iova()``: first fit, aligned like ``addr`` and ``length`` allow."""
+        page_offset = addr % PAGE_SIZE
+        if length == 0 or length >= ULONG_MAX // 2:
+            raise err(errno.EOVERFLOW, "length too large for automatic placement")
+        alignment = _roundup_pow_of_two(length)
+        if addr:
+            alignment = min(alignment, _lowbit(addr))
+        alignment = min(alignment, HPAGE_SIZE)
+        if alignment < self._iova_alignment:
+            raise err(errno.EINVAL, "source alignment below the IOAS alignment")
+        if self._allowed:
+            windows: Iterator[tuple[int, int]] = covered_spans(
+                self._allowed, PAGE_SIZE, ULONG_MAX - PAGE_SIZE
+            )
+        else:
+            windows = iter([(PAGE_SIZE, ULONG_MAX - PAGE_SIZE)])
+        for first, last in windows:
+            found = find_hole(
+                first, last, length, alignment, page_offset, (self._reserved, self._areas.coverage)
+            )
+            if found is not None:
+                return found
+        raise err(errno.ENOSPC, "no free IOVA range")
+
+    # -- mapping --------------------------------------------------------------------------
+    def map_user(
+        self, proc: Process, user_va: int, length: int, iova: int | None, prot: int
+    ) -> int:
+        """IOMMU_IOAS_MAP: map ``length`` bytes of ``proc`` at ``user_va``; returns the IOVA."""
+        _check_u64_args(iova, length)
+        _check_prot(prot)
+        pages, start_byte = Pages.from_user(proc, user_va, length, bool(prot & IOMMU_WRITE))
+        return self._map_pages([(pages, start_byte, length)], length, iova, prot)
+
+    def map_file(
+        self,
+        memfile: MemFile,
+        start: int,
+        length: int,
+        iova: int | None,
+        prot: int,
+        proc: Process | None,
+    ) -> int:
+        """IOMMU_IOAS_MAP_FILE: map bytes ``[start, start+length)`` of a memfd."""
+        _check_u64_args(iova, length)
+        _check_prot(prot)
+        pages, start_byte = Pages.from_file(memfile, start, length, bool(prot & IOMMU_WRITE), proc)
+        return self._map_pages([(pages, start_byte, length)], length, iova, prot)
+
+    def copy_from(
+        self, src: IoPagetable, src_iova: int, length: int, iova: int | None, prot: int
+    ) -> int:
+        """IOMMU_IOAS_COPY: map what ``src`` maps at ``src_iova`` here, sharing its Pages."""
+        _check_u64_args(length, src_iova, iova)
+        _check_prot(prot)
+        elems = src._get_pages(src_iova, length)
+        return self._map_pages(elems, length, iova, prot)
+
+    def check_copy_source(self, iova: int, length: int) -> None:
+        """Refuse a copy source as ``iopt_get_pages()`` would (EINVAL/EOVERFLOW/ENOENT)."""
+        self._get_pages(iova, length)
+
+    def _get_pages(self, iova: int, length: int) -> list[tuple[Pages, int, int]]:
+        """``iopt_get_pages()``: the slices of Pages behind a fully mapped range."""
+        last = _last_of(iova, length)
+        segments, done = self._contig(iova, last)
+        if not done:
+            raise err(errno.ENOENT, "source range is not fully mapped")
+        return [
+            (area.pages, area.start_byte_at(cur), seg_last - cur + 1)
+            for area, cur, seg_last in segments
+        ]
+
+    def _map_pages(
+        self, elems: Sequence[tuple[Pages, int, int]], length: int, iova: int | None, prot: int
+    ) -> int:
+        """``iopt_map_pages()``: place, validate, fill every domain, then publish the areas."""
+        alignment = self._iova_alignment
+        if length & (alignment - 1) or length == 0:
+            raise err(errno.EINVAL, "length is not a multiple of the IOAS alignment")
+        if iova is None:
+            pages0, start_byte0, _ = elems[0]
+            iova = self._alloc_iova(pages0.base + start_byte0, length)
+            try:
+                self._check_iova(iova, length)
+            except OSError as e:  # the kernel WARNs here under CONFIG_IOMMUFD_TEST
+                self.warnings.append(f"allocated iova {iova:#x} fails check: {e}")
+                raise err(errno.EINVAL, "bad automatic iova") from None
+        else:
+            self._check_iova(iova, length)
+        new: list[Area] = []
+        cur = iova
+        for pages, start_byte, elem_len in elems:
+            # iopt_insert_area()
+            if prot & IOMMU_WRITE and not pages.writable:
+                raise err(errno.EPERM, "writable mapping of read-only pages")
+            if (start_byte % PAGE_SIZE) & (alignment - 1):
+                raise err(errno.EINVAL, "source offset misaligned for the IOAS")
+            if cur + elem_len - 1 > ULONG_MAX:
+                raise err(errno.EOVERFLOW, "iova range wraps")
+            if (start_byte + elem_len - 1) >> PAGE_SHIFT >= pages.npages:
+                raise err(errno.EOVERFLOW, "slice beyond its pages")
+            new.append(Area(cur, cur + elem_len - 1, pages, start_byte, prot))
+            cur += elem_len
+        filled: list[Area] = []
+        try:
+            for area in new:
+                self._fill_area(area)
+                filled.append(area)
+        except OSError:
+            for area in filled:
+                self._unfill_area(area)
+            raise
+        for area in new:
+            self._areas.insert(area.iova, area.last, area)
+            area.pages.refs += 1
+        return iova
+
+    # -- IOMMU_IOAS_CHANGE_PROCESS --------------------------------------------------------
+    def all_areas_from_files(self) -> bool:
+        """True when every area maps a memfd (only those can change owning process)."""
+        return all(area.pages.is_file for _, _, area in self._areas)
+
+    def change_process(self, proc: Process) -> None:
+        """Move the pin accounting of every area's Pages to ``proc`` (``change_mm()``)."""
+        for _, _, area in self._areas:
+            area.pages.change_owner(proc)
+
+    # -- domain filling (pages.c: batch_to_domain, iopt_area_fill_domains ...) -----------
+    def _domain_unmap(self, domain: IoDomain, iova: int, size: int) -> None:
+        got = domain.unmap(iova, size)
+        if got != size:
+            self.warnings.append(
+                f"domain {domain!r} unmapped {got:#x} of {size:#x} bytes at {iova:#x}"
+            )
+
+    def _map_area(self, domain: IoDomain, area: Area, pfns: list[int]) -> None:
+        """Map ``area`` into ``domain``: one call per contiguous run, or per page.
+
+        On failure whatever this call mapped is unmapped again before re-raising.
+        """
+        end = area.last + 1
+        iova = area.iova
+        offset = area.page_offset
+        prot = area.prot
+        small = self._disable_large_pages
+        n = len(pfns)
+        i = 0
+        try:
+            while i < n:
+                j = i + 1
+                prev = pfns[i]
+                while j < n and pfns[j] == prev + 1:
+                    prev = pfns[j]
+                    j += 1
+                pa = (pfns[i] << PAGE_SHIFT) + offset
+                run_end = min(end, iova + ((j - i) << PAGE_SHIFT) - offset)
+                if small:
+                    # batch_iommu_map_small(): VFIO type1 compatibility maps page by page.
+                    domain_map = domain.map
+                    delta = pa - iova
+                    for page in range(iova, run_end, PAGE_SIZE):
+                        iova = page  # how far we got, should the domain refuse
+                        domain_map(page, page + delta, PAGE_SIZE, prot)
+                    iova = run_end
+                else:
+                    domain.map(iova, pa, run_end - iova, prot)
+                    iova = run_end
+                offset = 0
+                i = j
+        except OSError:
+            if iova != area.iova:
+                self._domain_unmap(domain, area.iova, iova - area.iova)
+            raise
+
+    def _fill_area(self, area: Area) -> None:
+        """``iopt_area_fill_domains()``: pin once, map into every domain, all or nothing."""
+        if not self._domains:
+            return
+        pfns = area.pages.use(area.first_index, area.last_index)
+        done: list[IoDomain] = []
+        try:
+            for domain in self._domains:
+                self._map_area(domain, area, pfns)
+                done.append(domain)
+        except OSError:
+            for domain in done:
+                self._domain_unmap(domain, area.iova, area.length)
+            area.pages.unuse(area.first_index, area.last_index)
+            raise
+
+    def _unfill_area(self, area: Area) -> None:
+        """``iopt_area_unfill_domains()``: unmap from every domain, then unpin."""
+        if not self._domains:
+            return
+        for domain in self._domains:
+            self._domain_unmap(domain, area.iova, area.length)
+        area.pages.unuse(area.first_index, area.last_index)
+
+    # -- domains (iopt_table_add_domain / iopt_table_remove_domain) ----------------------
+    def add_domain(self, domain: IoDomain) -> None:
+        """Attach a domain: enforce its granule and aperture, then fill every area into it."""
+        if any(d is domain for d in self._domains):
+            raise err(errno.EEXIST, "domain already in this IOAS")
+        if domain.pgsize_bitmap <= 0:
+            raise err(errno.EINVAL, "domain has no page sizes")
+        new_alignment = max(_lowbit(domain.pgsize_bitmap), self._iova_alignment)
+        if new_alignment > PAGE_SIZE:
+            raise err(errno.EINVAL, "domain cannot map PAGE_SIZE")
+        if new_alignment != self._iova_alignment:
+            self._check_areas_alignment(new_alignment)
+        try:
+            if domain.aperture_start != 0:
+                self.reserve(domain, 0, domain.aperture_start - 1)
+            if domain.aperture_end != ULONG_MAX:
+                self.reserve(domain, domain.aperture_end + 1, ULONG_MAX)
+        except OSError:
+            self._reserved.remove_owner(domain)
+            raise
+        first_domain = not self._domains
+        done: list[Area] = []
+        try:
+            for _, _, area in self._areas:
+                if first_domain:
+                    pfns = area.pages.use(area.first_index, area.last_index)
+                else:
+                    pfns = area.pages.pfns(area.first_index, area.last_index)
+                try:
+                    self._map_area(domain, area, pfns)
+                except OSError:
+                    if first_domain:
+                        area.pages.unuse(area.first_index, area.last_index)
+                    raise
+                done.append(area)
+        except OSError:
+            for area in done:
+                self._domain_unmap(domain, area.iova, area.length)
+                if first_domain:
+                    area.pages.unuse(area.first_index, area.last_index)
+            self._reserved.remove_owner(domain)
+            raise
+        self._iova_alignment = new_alignment
+        self._domains.append(domain)
+
+    def remove_domain(self, domain: IoDomain) -> None:
+        """Detach a domain: unmap everything from it; the last domain out unpins."""
+        index = next((i for i, d in enumerate(self._domains) if d is domain), -1)
+        if index < 0:
+            raise err(errno.ENOENT, "domain not in this IOAS")
+        # The kernel keeps its xarray dense by moving the tail entry into the hole.
+        tail = self._domains.pop()
+        if index != len(self._domains):
+            self._domains[index] = tail
+        last_one = not self._domains
+        for _, _, area in self._areas:
+            self._domain_unmap(domain, area.iova, area.length)
+            if last_one:
+                area.pages.unuse(area.first_index, area.last_index)
+        self._reserved.remove_owner(domain)
+        self._recalculate_alignment(warn=True)
+
+    # -- allowed and reserved ranges -------------------------------------------------------
+    def iova_ranges(self) -> list[tuple[int, int]]:
+        """IOMMU_IOAS_IOVA_RANGES: the gaps between reserved ranges over the whole u64 space."""
+        return list(holes(0, ULONG_MAX, (self._reserved,)))
+
+    def set_allowed(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """IOMMU_IOAS_ALLOW_IOVAS: replace the allowed list (empty = everything allowed)."""
+        new: IntervalMap[None] = IntervalMap()
+        for start, last in ranges:
+            if start < 0 or last > ULONG_MAX or start >= last:
+                raise err(errno.EINVAL, f"bad allowed range [{start:#x}, {last:#x}]")
+            if new.overlaps(start, last):
+                raise err(errno.EINVAL, "allowed ranges overlap")
+            new.insert(start, last, None)
+        for start, last, _ in new:
+            if self._reserved.overlaps(start, last):
+                raise err(errno.EADDRINUSE, "allowed range intersects a reserved range")
+        self._allowed = new
+
+    def reserve(self, owner: object, start: int, last: int) -> None:
+        """``iopt_reserve_iova()``: keep ``[start, last]`` out of the IOAS for ``owner``."""
+        if not 0 <= start <= last <= ULONG_MAX:
+            raise err(errno.EINVAL, f"bad reserved range [{start:#x}, {last:#x}]")
+        if self._areas.overlaps(start, last) or self._allowed.overlaps(start, last):
+            raise err(errno.EADDRINUSE, "range is mapped or explicitly allowed")
+        self._reserved.add(start, last, owner)
+
+    def unreserve_owner(self, owner: object) -> None:
+        self._reserved.remove_owner(owner)
+
+    # -- unmapping ---------------------------------------------------------------------------
+    def unmap(self, iova: int, length: int) -> int:
+        """IOMMU_IOAS_UNMAP of a range: whole areas only; ENOENT if nothing was mapped."""
+        _check_u64_args(iova, length)
+        last = _last_of(iova, length)
+        unmapped = self._unmap_range(iova, last)
+        if not unmapped:
+            raise err(errno.ENOENT, "nothing mapped in range")
+        return unmapped
+
+    def unmap_all(self) -> int:
+        """IOMMU_IOAS_UNMAP with iova 0, length U64_MAX: succeeds on an empty IOAS."""
+        return self._unmap_range(0, ULONG_MAX)
+
+    def _unmap_range(self, start: int, last: int) -> int:
+        """``iopt_unmap_iova_range()``, made atomic (see the module docstring)."""
+        flagged: list[Area] = []
+        stuck: Area | None = None
+        tries = 0
+        while True:
+            hit = self._areas.overlapping(start, last)
+            pending: Area | None = None
+            for first, area_last, area in hit:
+                if area.num_locks:
+                    self._unflag(flagged)
+                    raise err(errno.EBUSY, f"area at {first:#x} is locked by a kernel object")
+                if first < start or area_last > last:
+                    self._unflag(flagged)
+                    raise err(errno.ENOENT, f"area [{first:#x}, {area_last:#x}] would be split")
+                if pending is None and area.num_accesses:
+                    pending = area
+            if pending is None:
+                break
+            if pending is not stuck:
+                stuck, tries = pending, 0
+            if not pending.prevent_access:
+                pending.prevent_access = True
+                flagged.append(pending)
+            try:
+                self._notify_unmap(pending.iova, pending.length)
+            except OSError:
+                self._unflag(flagged)
+                raise
+            tries += 1
+            if tries > UNMAP_NOTIFY_TRIES:
+                self.warnings.append(f"access did not unpin area at {pending.iova:#x}")
+                self._unflag(flagged)
+                raise err(errno.EDEADLK, "an access keeps the area pinned")
+        unmapped = 0
+        for _, _, area in hit:
+            self._unfill_area(area)
+            area.pages.refs -= 1
+            unmapped += area.length
+        if hit:
+            self._areas.remove_overlapping(hit[0][0], hit[-1][1])
+        return unmapped
+
+    def _unflag(self, flagged: list[Area]) -> None:
+        for area in flagged:
+            area.prevent_access = False
+
+    def _notify_unmap(self, iova: int, length: int) -> None:
+        """``iommufd_access_notify_unmap()``: every non-internal access must unpin."""
+        for access in list(self._accesses):
+            if getattr(access, "internal", False):
+                continue
+            access.unmap(iova, length)
+
+    # -- in-kernel accesses (iopt_add_access, iommufd_access_pin_pages ...) -----------------
+    def add_access(self, access: IoAccess) -> None:
+        if any(a is access for a in self._accesses):
+            raise err(errno.EEXIST, "access already attached")
+        if len(self._accesses) >= ACCESS_LIMIT:
+            raise err(errno.EBUSY, "access ids exhausted")
+        self._accesses.append(access)
+        try:
+            self._recalculate_alignment()
+        except OSError:
+            self._accesses.pop()
+            raise
+
+    def remove_access(self, access: IoAccess) -> None:
+        """Detach an access; like the kernel, its pins must already be gone."""
+        for index, a in enumerate(self._accesses):
+            if a is access:
+                del self._accesses[index]
+                break
+        else:
+            raise err(errno.ENOENT, "access not attached")
+        self._recalculate_alignment(warn=True)
+
+    def _contig(self, iova: int, last: int) -> tuple[list[_Segment], bool]:
+        """``iopt_for_each_contig_area``: areas covering ``[iova, last]`` back to back.
+
+        Returns the segments found from ``iova`` on and whether they reach ``last``.
+        """
+        segments: list[_Segment] = []
+        got = self._areas.get(iova)
+        cur = iova
+        while got is not None:
+            area = got[2]
+            segments.append((area, cur, min(last, area.last)))
+            if area.last >= last:
+                return segments, True
+            cur = area.last + 1
+            got = self._areas.get(cur)
+        return segments, False
+
+    def access_pin(self, iova: int, length: int, write: bool, *, lock: bool = False) -> list[int]:
+        """``iommufd_access_pin_pages()``: pin and return the PFNs under ``[iova, +length)``.
+
+        ``lock`` marks the pin as an internal access's (HW queue): the areas then refuse
+        unmap with EBUSY until the matching ``access_unpin(..., lock=True)``.
+        """
+        last = _last_of(iova, length)
+        segments, done = self._contig(iova, last)
+        out: list[int] = []
+        taken: list[tuple[Area, int, int]] = []
+        try:
+            for area, cur, seg_last in segments:
+                reaches_end = area.last >= last
+                if area.prevent_access or not self._pin_aligned(area, cur, reaches_end):
+                    raise err(errno.EINVAL, f"cannot pin at {cur:#x}")
+                needed = IOMMU_WRITE if write else IOMMU_READ
+                if not area.prot & needed:
+                    raise err(errno.EPERM, "area lacks the access permission")
+                first_index, last_index = area.index_at(cur), area.index_at(seg_last)
+                out += area.pages.add_access(first_index, last_index, write)
+                area.num_accesses += 1
+                if lock:
+                    area.num_locks += 1
+                taken.append((area, first_index, last_index))
+            if not done:
+                raise err(errno.ENOENT, "range not fully mapped")
+        except OSError:
+            for area, first_index, last_index in reversed(taken):
+                area.pages.remove_access(first_index, last_index)
+                area.num_accesses -= 1
+                if lock:
+                    area.num_locks -= 1
+            raise
+        return out
+
+    @staticmethod
+    def _pin_aligned(area: Area, cur: int, reaches_end: bool) -> bool:
+        """``iopt_area_contig_is_aligned()``: pins deal in whole pages only."""
+        if area.start_byte_at(cur) % PAGE_SIZE:
+            return False
+        return reaches_end or area.start_byte_at(area.last) % PAGE_SIZE == PAGE_SIZE - 1
+
+    def access_unpin(self, iova: int, length: int, *, lock: bool = False) -> None:
+        """``iommufd_access_unpin_pages()``: undo an ``access_pin`` of exactly this range."""
+        last = _last_of(iova, length)
+        segments, done = self._contig(iova, last)
+        if not done:
+            raise err(errno.ENOENT, "range not fully mapped")
+        plan: list[tuple[Area, int, int]] = []
+        need: Counter[tuple[int, int, int]] = Counter()
+        area_need: Counter[int] = Counter()
+        for area, cur, seg_last in segments:
+            first_index, last_index = area.index_at(cur), area.index_at(seg_last)
+            plan.append((area, first_index, last_index))
+            need[(id(area.pages), first_index, last_index)] += 1
+            area_need[id(area)] += 1
+        for area, first_index, last_index in plan:
+            users = area.pages.access_users(first_index, last_index)
+            if users < need[(id(area.pages), first_index, last_index)]:
+                raise err(errno.EINVAL, "no matching pin")
+            held = area.num_locks if lock else area.num_accesses - area.num_locks
+            if held < area_need[id(area)]:
+                raise err(errno.EINVAL, "no matching pin")
+        for area, first_index, last_index in plan:
+            area.pages.remove_access(first_index, last_index)
+            area.num_accesses -= 1
+            if lock:
+                area.num_locks -= 1
+
+    def access_rw(
+        self, iova: int, data_or_len: bytes | bytearray | memoryview | int, write: bool
+    ) -> bytes | None:
+        """``iommufd_access_rw()``: CPU copy to (``write``) or from the memory under ``iova``."""
+        length = data_or_len if isinstance(data_or_len, int) else len(data_or_len)
+        if write and isinstance(data_or_len, int):
+            raise err(errno.EINVAL, "write needs data")
+        last = _last_of(iova, length)
+        segments, done = self._contig(iova, last)
+        used: list[tuple[Pages, int, int, list[int], int]] = []
+        try:
+            for area, cur, seg_last in segments:
+                if area.prevent_access:
+                    raise err(errno.EINVAL, "area is being unmapped")
+                needed = IOMMU_WRITE if write else IOMMU_READ
+                if not area.prot & needed:
+                    raise err(errno.EPERM, "area lacks the access permission")
+                if write and not area.pages.writable:
+                    raise err(errno.EPERM, "pages are read-only")
+                start_byte = area.start_byte_at(cur)
+                end_byte = area.start_byte_at(seg_last)
+                first_index, last_index = start_byte >> PAGE_SHIFT, end_byte >> PAGE_SHIFT
+                frames = area.pages.use(first_index, last_index)
+                used.append((area.pages, first_index, last_index, frames, start_byte))
+            if not done:
+                raise err(errno.ENOENT, "range not fully mapped")
+            out = bytearray()
+            data = None if isinstance(data_or_len, int) else memoryview(bytes(data_or_len))
+            pos = 0
+            for (pages, _, _, frames, start_byte), (_, cur, seg_last) in zip(
+                used, segments, strict=True
+            ):
+                seg_len = seg_last - cur + 1
+                if data is not None:
+                    pages.copy_in(frames, start_byte & PAGE_MASK, data[pos : pos + seg_len])
+                else:
+                    out += pages.copy_out(frames, start_byte & PAGE_MASK, seg_len)
+                pos += seg_len
+            return None if write else bytes(out)
+        finally:
+            for pages, first_index, last_index, _, _ in used:
+                pages.unuse(first_index, last_index)

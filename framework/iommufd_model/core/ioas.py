@@ -1,0 +1,192 @@
+"""IOAS objects and their ioctls (the kernel's ioas.c); the address space is an IoPagetable."""
+
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING
+
+from iommufd_model.core.io_pagetable import IOMMU_READ, IOMMU_WRITE, IoPagetable
+from iommufd_model.core.main import Ucmd, ioctl_op
+from iommufd_model.core.objects import IommufdObject, ObjType
+from iommufd_model.core.process import MemFile
+from iommufd_model.errors import err
+from iommufd_model.uapi import iommufd as U
+
+if TYPE_CHECKING:
+    from iommufd_model.core.hw_pagetable import HwptPaging
+    from iommufd_model.core.main import IommuFd
+
+MAP_FLAGS = U.IOMMU_IOAS_MAP_FIXED_IOVA | U.IOMMU_IOAS_MAP_WRITEABLE | U.IOMMU_IOAS_MAP_READABLE
+ULONG_MAX = U.U64_MAX
+RANGE_SIZE = U.IommuIovaRange.SIZE
+
+
+class Ioas(IommufdObject):
+    """An IO address space: IOVA -> user memory, mirrored into every attached paging domain."""
+
+    TYPE = ObjType.IOAS
+
+    def __init__(self, ictx: IommuFd) -> None:
+        super().__init__(ictx)
+        self.iopt = IoPagetable(ictx.machine.memory)
+        self.hwpt_list: list[HwptPaging] = []
+
+    def destroy(self) -> None:
+        self.iopt.unmap_all()
+
+
+def conv_prot(flags: int) -> int:
+    prot = 0
+    if flags & U.IOMMU_IOAS_MAP_WRITEABLE:
+        prot |= IOMMU_WRITE
+    if flags & U.IOMMU_IOAS_MAP_READABLE:
+        prot |= IOMMU_READ
+    return prot
+
+
+def _check_map_flags(flags: int) -> None:
+    if not flags & (U.IOMMU_IOAS_MAP_WRITEABLE | U.IOMMU_IOAS_MAP_READABLE):
+        raise err(errno.EINVAL, "a mapping must be readable or writeable")
+
+
+@ioctl_op(U.IOMMU_IOAS_ALLOC, U.IommuIoasAlloc, "out_ioas_id")
+def _ioas_alloc(ucmd: Ucmd) -> None:
+    cmd = ucmd.cmd
+    if cmd.flags:
+        raise err(errno.EOPNOTSUPP, "ioas_alloc flags must be 0")
+    ioas = Ioas(ucmd.ictx)
+    cmd.out_ioas_id = ucmd.ictx.objects.alloc_id(ioas)
+    ucmd.respond()
+
+
+@ioctl_op(U.IOMMU_IOAS_IOVA_RANGES, U.IommuIoasIovaRanges, "out_iova_alignment")
+def _iova_ranges(ucmd: Ucmd) -> None:
+    cmd = ucmd.cmd
+    if cmd.reserved:
+        raise err(errno.EOPNOTSUPP, "iova_ranges __reserved must be 0")
+    ioas = ucmd.ictx.objects.get_as(cmd.ioas_id, Ioas)
+    ranges = ioas.iopt.iova_ranges()
+    max_iovas = cmd.num_iovas
+    # One copy_to_user per range, as the kernel: a fault leaves the earlier ranges written.
+    for i, (s, last) in enumerate(ranges[:max_iovas]):
+        ucmd.caller.write(cmd.allowed_iovas + i * RANGE_SIZE, U.IommuIovaRange(s, last).pack())
+    cmd.num_iovas = len(ranges)
+    cmd.out_iova_alignment = ioas.iopt.iova_alignment
+    ucmd.respond()
+    if len(ranges) > max_iovas:
+        raise err(errno.EMSGSIZE, f"{len(ranges)} ranges, room for {max_iovas}")
+
+
+@ioctl_op(U.IOMMU_IOAS_ALLOW_IOVAS, U.IommuIoasAllowIovas, "allowed_iovas")
+def _allow_iovas(ucmd: Ucmd) -> None:
+    cmd = ucmd.cmd
+    if cmd.reserved:
+        raise err(errno.EOPNOTSUPP, "allow_iovas __reserved must be 0")
+    ioas = ucmd.ictx.objects.get_as(cmd.ioas_id, Ioas)
+    ranges: list[tuple[int, int]] = []
+    for i in range(cmd.num_iovas):
+        r = U.IommuIovaRange.unpack(
+            ucmd.caller.read(cmd.allowed_iovas + i * RANGE_SIZE, RANGE_SIZE)
+        )
+        if r.start >= r.last:
+            raise err(errno.EINVAL, f"allowed range {i} is empty or inverted")
+        if any(not (r.last < s or r.start > last) for s, last in ranges):
+            raise err(errno.EINVAL, f"allowed range {i} overlaps another")
+        ranges.append((r.start, r.last))
+    ioas.iopt.set_allowed(ranges)
+
+
+@ioctl_op(U.IOMMU_IOAS_MAP, U.IommuIoasMap, "iova")
+def _ioas_map(ucmd: Ucmd) -> None:
+    cmd = ucmd.cmd
+    if cmd.flags & ~MAP_FLAGS or cmd.reserved:
+        raise err(errno.EOPNOTSUPP, "unknown map flags or non-zero __reserved")
+    if cmd.iova >= ULONG_MAX or cmd.length >= ULONG_MAX:
+        raise err(errno.EOVERFLOW)
+    _check_map_flags(cmd.flags)
+    ioas = ucmd.ictx.objects.get_as(cmd.ioas_id, Ioas)
+    fixed = cmd.iova if cmd.flags & U.IOMMU_IOAS_MAP_FIXED_IOVA else None
+    cmd.iova = ioas.iopt.map_user(ucmd.caller, cmd.user_va, cmd.length, fixed, conv_prot(cmd.flags))
+    ucmd.respond()
+
+
+@ioctl_op(U.IOMMU_IOAS_MAP_FILE, U.IommuIoasMapFile, "iova")
+def _ioas_map_file(ucmd: Ucmd) -> None:
+    cmd = ucmd.cmd
+    if cmd.flags & ~MAP_FLAGS:
+        raise err(errno.EOPNOTSUPP, "unknown map flags")
+    if cmd.iova >= ULONG_MAX or cmd.length >= ULONG_MAX:
+        raise err(errno.EOVERFLOW)
+    _check_map_flags(cmd.flags)
+    ioas = ucmd.ictx.objects.get_as(cmd.ioas_id, Ioas)
+    file = ucmd.caller.files.get(cmd.fd)
+    if file is None:
+        raise err(errno.EBADF, f"fd {cmd.fd} is not open")
+    if not isinstance(file, MemFile):
+        raise err(errno.EINVAL, "IOAS_MAP_FILE needs a memfd")
+    fixed = cmd.iova if cmd.flags & U.IOMMU_IOAS_MAP_FIXED_IOVA else None
+    cmd.iova = ioas.iopt.map_file(
+        file, cmd.start, cmd.length, fixed, conv_prot(cmd.flags), ucmd.caller
+    )
+    ucmd.respond()
+
+
+@ioctl_op(U.IOMMU_IOAS_COPY, U.IommuIoasCopy, "src_iova")
+def _ioas_copy(ucmd: Ucmd) -> None:
+    cmd = ucmd.cmd
+    if cmd.flags & ~MAP_FLAGS:
+        raise err(errno.EOPNOTSUPP, "unknown copy flags")
+    if cmd.length >= ULONG_MAX or cmd.src_iova >= ULONG_MAX or cmd.dst_iova >= ULONG_MAX:
+        raise err(errno.EOVERFLOW)
+    _check_map_flags(cmd.flags)
+    objs = ucmd.ictx.objects
+    src = objs.get_as(cmd.src_ioas_id, Ioas)
+    # The kernel takes the source pages first, so a bad source is reported before the dest.
+    src.iopt.check_copy_source(cmd.src_iova, cmd.length)
+    dst = objs.get_as(cmd.dst_ioas_id, Ioas)
+    fixed = cmd.dst_iova if cmd.flags & U.IOMMU_IOAS_MAP_FIXED_IOVA else None
+    cmd.dst_iova = dst.iopt.copy_from(
+        src.iopt, cmd.src_iova, cmd.length, fixed, conv_prot(cmd.flags)
+    )
+    ucmd.respond()
+
+
+@ioctl_op(U.IOMMU_IOAS_UNMAP, U.IommuIoasUnmap, "length")
+def _ioas_unmap(ucmd: Ucmd) -> None:
+    cmd = ucmd.cmd
+    ioas = ucmd.ictx.objects.get_as(cmd.ioas_id, Ioas)
+    if cmd.iova == 0 and cmd.length == U.U64_MAX:
+        unmapped = ioas.iopt.unmap_all()
+    else:
+        if cmd.iova >= ULONG_MAX or cmd.length >= ULONG_MAX:
+            raise err(errno.EOVERFLOW)
+        unmapped = ioas.iopt.unmap(cmd.iova, cmd.length)
+    cmd.length = unmapped
+    ucmd.respond()
+
+
+@ioctl_op(U.IOMMU_IOAS_CHANGE_PROCESS, U.IommuIoasChangeProcess, "reserved")
+def _change_process(ucmd: Ucmd) -> None:
+    cmd = ucmd.cmd
+    if cmd.reserved:
+        raise err(errno.EOPNOTSUPP, "change_process __reserved must be 0")
+    ioases = [o for o in ucmd.ictx.objects if isinstance(o, Ioas)]
+    for ioas in ioases:
+        if not ioas.iopt.all_areas_from_files():
+            raise err(errno.EINVAL, "only IOAS_MAP_FILE mappings can change process")
+    for ioas in ioases:
+        ioas.iopt.change_process(ucmd.caller)
+
+
+def ioas_option_huge_pages(ucmd: Ucmd) -> None:
+    """IOMMU_OPTION_HUGE_PAGES on one IOAS (object_id)."""
+    cmd = ucmd.cmd
+    ioas = ucmd.ictx.objects.get_as(cmd.object_id, Ioas)
+    if cmd.op == U.IOMMU_OPTION_OP_GET:
+        cmd.val64 = int(ioas.iopt.allow_large_pages)
+    elif cmd.op == U.IOMMU_OPTION_OP_SET:
+        if cmd.val64 not in (0, 1):
+            raise err(errno.EINVAL, "HUGE_PAGES is 0 or 1")
+        ioas.iopt.set_large_pages(bool(cmd.val64))
+    else:
+        raise err(errno.EOPNOTSUPP, f"unknown option op {cmd.op}")

@@ -1,0 +1,302 @@
+"""The open ``/dev/iommu``: ioctl dispatch with the kernel's struct-size rules, and destroy.
+
+``IommuFd.ioctl(cmd, buf)`` behaves like ``fcntl.ioctl`` on the real fd: ``buf`` is a mutable
+buffer whose first u32 is the user's ``size``; the struct is copied in with
+``copy_struct_from_user`` rules (short -> zero-filled, long -> the tail must be zero else
+E2BIG, below the command's minimum -> EINVAL), the handler runs, and the response is copied
+back over at most ``size`` bytes. Only ``OSError`` ever leaves.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from iommufd_model.core.objects import IommufdObject, ObjectTable
+from iommufd_model.errors import err
+from iommufd_model.uapi import iommufd as U
+from iommufd_model.uapi.codec import UStruct
+
+if TYPE_CHECKING:
+    from iommufd_model.core.device import Device
+    from iommufd_model.core.ioas import Ioas
+    from iommufd_model.core.process import Process
+    from iommufd_model.hw.pci import PciDevice
+    from iommufd_model.machine import Machine
+
+STRICT_ENV = "IOMMUFD_MODEL_STRICT"
+
+
+class Ucmd:
+    """One ioctl in flight: the decoded struct and the way back to the user's buffer."""
+
+    def __init__(self, ictx: IommuFd, cmd: Any, buf: Any, user_size: int, caller: Process) -> None:
+        self.ictx = ictx
+        self.cmd = cmd
+        self._buf = buf
+        self._user_size = user_size
+        self.caller = caller
+
+    def respond(self) -> None:
+        """``iommufd_ucmd_respond``: copy the struct back, never past the user's size."""
+        data = self.cmd.pack()
+        n = min(self._user_size, len(data))
+        self._buf[:n] = data[:n]
+
+
+Handler = Callable[[Ucmd], None]
+
+
+@attrs.define(frozen=True, slots=True)
+class IoctlOp:
+    """One row of the kernel's ``iommufd_ioctl_ops`` table."""
+
+    num: int
+    struct: type[UStruct]
+    last: str  # the last mandatory field: min_size = offsetofend(struct, last)
+    handler: Handler
+
+    @property
+    def min_size(self) -> int:
+        return self.struct.offsetofend(self.last)
+
+
+_OPS: dict[int, IoctlOp] = {}
+
+
+def ioctl_op(num: int, struct: type[UStruct], last: str) -> Callable[[Handler], Handler]:
+    """Register a handler for an iommufd command (used by each object's module)."""
+
+    def deco(fn: Handler) -> Handler:
+        if num in _OPS:
+            raise ValueError(f"ioctl {num:#x} registered twice")
+        _OPS[num] = IoctlOp(num, struct, last, fn)
+        return fn
+
+    return deco
+
+
+def registered_ops() -> dict[int, IoctlOp]:
+    _load_handlers()
+    return dict(_OPS)
+
+
+_loaded = False
+
+
+def _load_handlers() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    # Importing the object modules registers their handlers.
+    from iommufd_model.core import device, eventq, hw_pagetable, ioas, viommu  # noqa: F401
+
+
+class IommuFd:
+    """One iommufd context (``struct iommufd_ctx``): the object table and its ioctls."""
+
+    def __init__(self, machine: Machine, proc: Process) -> None:
+        _load_handlers()
+        self.machine = machine
+        self.proc = proc
+        self.fd = -1
+        self.objects = ObjectTable()
+        self.vfio_ioas: Ioas | None = None
+        self.account_mode = 0  # IOMMU_OPTION_RLIMIT_MODE: 0 user, 1 process (mm)
+        self.closed = False
+        # References other files (FAULT / vEVENTQ fds) hold on this iommufd's file: the
+        # context is released only when the fd and all of them are closed.
+        self.file_refs = 0
+        self._release_pending = False
+        # Failures of the model itself (not of the caller); tests assert this stays empty.
+        self.internal_errors: list[BaseException] = []
+
+    # -- the uAPI entry point -----------------------------------------------------------
+    def ioctl(self, cmd: int, buf: bytearray | memoryview, *, caller: Process | None = None) -> int:
+        """Issue ioctl ``cmd`` with argument struct ``buf`` (mutated in place); returns 0."""
+        try:
+            self._ioctl(cmd, buf, caller or self.proc)
+        except OSError:
+            raise
+        except Exception as exc:
+            if os.environ.get(STRICT_ENV):
+                raise
+            self.internal_errors.append(exc)
+            raise err(errno.EIO, f"internal model error: {type(exc).__name__}: {exc}") from exc
+        return 0
+
+    def _ioctl(self, cmd: int, buf: bytearray | memoryview, caller: Process) -> None:
+        if self.closed:
+            raise err(errno.EBADF, "iommufd is closed")
+        op = _OPS.get(cmd)
+        if op is None:
+            raise err(errno.ENOTTY, f"unknown iommufd ioctl {cmd:#x}")
+        if not isinstance(buf, (bytearray, memoryview)) or (
+            isinstance(buf, memoryview) and buf.readonly
+        ):
+            raise err(errno.EFAULT, "ioctl argument must be a writable buffer")
+        if len(buf) < 4:
+            raise err(errno.EFAULT, "ioctl argument shorter than its size field")
+        user_size = int.from_bytes(bytes(buf[0:4]), "little")
+        if user_size < op.min_size:
+            raise err(errno.EINVAL, f"size {user_size} below minimum {op.min_size}")
+        if user_size > len(buf):
+            raise err(errno.EFAULT, f"size {user_size} runs past the {len(buf)}-byte buffer")
+        ksize = op.struct.SIZE
+        if user_size > ksize and any(bytes(buf[ksize:user_size])):
+            raise err(errno.E2BIG, "non-zero bytes past the struct the model understands")
+        data = bytes(buf[: min(user_size, ksize)]).ljust(ksize, b"\0")
+        ucmd = Ucmd(self, op.struct.unpack(data), buf, user_size, caller)
+        op.handler(ucmd)
+
+    # -- VFIO-style entry points (the device side of the binding) ------------------------
+    def bind(self, dev: PciDevice) -> int:
+        """``VFIO_DEVICE_BIND_IOMMUFD``: bind ``dev`` to this iommufd; returns ``dev_id``."""
+        from iommufd_model.core.device import device_bind
+
+        return int(self._guard(lambda: device_bind(self, dev)))
+
+    def unbind(self, dev_id: int) -> None:
+        """Close the VFIO device fd: detach everything and drop the device object."""
+        from iommufd_model.core.device import device_unbind
+
+        self._guard(lambda: device_unbind(self, self.device(dev_id)))
+
+    def attach(self, dev_id: int, pt_id: int, *, pasid: int | None = None) -> int:
+        """``VFIO_DEVICE_ATTACH_IOMMUFD_PT``: attach or replace; returns the HWPT id used."""
+        from iommufd_model.core.device import device_attach
+
+        return int(
+            self._guard(lambda: device_attach(self.device(dev_id), pt_id, pasid, replace=True))
+        )
+
+    def detach(self, dev_id: int, *, pasid: int | None = None) -> None:
+        """``VFIO_DEVICE_DETACH_IOMMUFD_PT``."""
+        from iommufd_model.core.device import device_detach
+
+        self._guard(lambda: device_detach(self.device(dev_id), pasid))
+
+    def device(self, dev_id: int) -> Device:
+        from iommufd_model.core.device import Device
+
+        return self.objects.get_as(dev_id, Device)
+
+    def _guard(self, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except OSError:
+            raise
+        except Exception as exc:
+            if os.environ.get(STRICT_ENV):
+                raise
+            self.internal_errors.append(exc)
+            raise err(errno.EIO, f"internal model error: {type(exc).__name__}: {exc}") from exc
+
+    # -- teardown -------------------------------------------------------------------------
+    def release(self) -> None:
+        """Last close of the fd: destroy every object, leaves first, as the kernel does."""
+        if self.closed:
+            return
+        if self.file_refs:
+            self._release_pending = True
+            return
+        from iommufd_model.core.device import Device, device_unbind
+
+        for obj in list(self.objects):
+            if isinstance(obj, Device):
+                device_unbind(self, obj)
+        while True:
+            progress = False
+            for obj in list(self.objects):
+                if obj.users == 1:
+                    self.objects.remove(obj)
+                    progress = True
+            if not progress:
+                break
+        self.objects.clear_tombstones()
+        leftovers = list(self.objects)
+        self.closed = True
+        if leftovers:
+            raise RuntimeError(f"objects left with users after close: {leftovers}")
+
+    def put_file_ref(self) -> None:
+        """A file holding this context closed; finish a release deferred for it."""
+        self.file_refs -= 1
+        if self._release_pending and not self.file_refs:
+            self._release_pending = False
+            self.release()
+
+    def close(self) -> None:
+        """Close the fd in the owning process."""
+        self.proc.close(self.fd)
+
+    def destroy_object(self, obj: IommufdObject) -> None:
+        if self.vfio_ioas is obj:
+            self.vfio_ioas = None
+        self.objects.destroy_by_id(obj.id)
+
+
+# -- commands owned by main.c -------------------------------------------------------------
+@ioctl_op(U.IOMMU_DESTROY, U.IommuDestroy, "id")
+def _destroy(ucmd: Ucmd) -> None:
+    ictx = ucmd.ictx
+    obj = ictx.objects.get(ucmd.cmd.id)
+    ictx.destroy_object(obj)
+
+
+@ioctl_op(U.IOMMU_OPTION, U.IommuOption, "val64")
+def _option(ucmd: Ucmd) -> None:
+    from iommufd_model.core.ioas import ioas_option_huge_pages
+
+    cmd = ucmd.cmd
+    ictx = ucmd.ictx
+    if cmd.reserved:
+        raise err(errno.EOPNOTSUPP, "option __reserved must be 0")
+    if cmd.option_id == U.IOMMU_OPTION_RLIMIT_MODE:
+        if cmd.object_id:
+            raise err(errno.EOPNOTSUPP, "RLIMIT_MODE is global: object_id must be 0")
+        if cmd.op == U.IOMMU_OPTION_OP_GET:
+            cmd.val64 = int(ictx.account_mode == 1)
+        elif cmd.op == U.IOMMU_OPTION_OP_SET:
+            if not ucmd.caller.capable_sys_resource:
+                raise err(errno.EPERM, "RLIMIT_MODE needs CAP_SYS_RESOURCE")
+            if len(ictx.objects):
+                raise err(errno.EBUSY, "RLIMIT_MODE can change only with no objects")
+            if cmd.val64 not in (0, 1):
+                raise err(errno.EINVAL, "RLIMIT_MODE is 0 or 1")
+            ictx.account_mode = cmd.val64
+        else:
+            raise err(errno.EOPNOTSUPP, f"unknown option op {cmd.op}")
+    elif cmd.option_id == U.IOMMU_OPTION_HUGE_PAGES:
+        ioas_option_huge_pages(ucmd)
+    else:
+        raise err(errno.EOPNOTSUPP, f"unknown option {cmd.option_id}")
+    # Only val64 goes back to the user, as the kernel copies just that field.
+    off = U.IommuOption.offsetof("val64")
+    ucmd._buf[off : off + 8] = cmd.val64.to_bytes(8, "little")
+
+
+@ioctl_op(U.IOMMU_VFIO_IOAS, U.IommuVfioIoas, "reserved")
+def _vfio_ioas(ucmd: Ucmd) -> None:
+    from iommufd_model.core.ioas import Ioas
+
+    cmd = ucmd.cmd
+    ictx = ucmd.ictx
+    if cmd.reserved:
+        raise err(errno.EOPNOTSUPP, "vfio_ioas __reserved must be 0")
+    if cmd.op == U.IOMMU_VFIO_IOAS_GET:
+        if ictx.vfio_ioas is None:
+            raise err(errno.ENODEV, "no VFIO compatibility IOAS")
+        cmd.ioas_id = ictx.vfio_ioas.id
+        ucmd.respond()
+    elif cmd.op == U.IOMMU_VFIO_IOAS_SET:
+        ictx.vfio_ioas = ictx.objects.get_as(cmd.ioas_id, Ioas)
+    elif cmd.op == U.IOMMU_VFIO_IOAS_CLEAR:
+        ictx.vfio_ioas = None
+    else:
+        raise err(errno.EOPNOTSUPP, f"unknown vfio_ioas op {cmd.op}")

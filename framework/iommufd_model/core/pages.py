@@ -1,0 +1,286 @@
+"""``struct iopt_pages``: a linear run of 4 KiB pages that one or more IOVA areas map.
+
+A ``Pages`` is created by IOAS_MAP (user memory) or IOAS_MAP_FILE (a memfd) and shared by
+every area IOAS_COPY derives from it, in any IOAS, so memory is pinned and accounted once.
+Indexes count PAGE_SIZE units from the page-aligned start of the source.
+
+Pinning follows the kernel's rule (drivers/iommu/iommufd/pages.c): an index is pinned while
+some *user* covers it -- an area that is filled into at least one domain (the kernel's
+``domains_itree``) or an in-kernel access range (``access_itree``). The first user pins
+through the source, later users share that PFN, and the last one to leave unpins. The
+kernel stores the PFNs of pinned indexes in three tiers (xarray, a "storage" domain, the
+source); this model keeps one per-index table instead, which is observably the same: same
+PFNs, same pin counts, same ``locked_pages``.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING
+
+import attrs
+
+from iommufd_model.errors import err
+from iommufd_model.hw.memory import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, PhysicalMemory
+
+if TYPE_CHECKING:
+    from iommufd_model.core.process import MemFile, Process
+
+
+def _runs(indexes: list[int]) -> list[tuple[int, int]]:
+    """Group ascending indexes into ``(first, count)`` runs of consecutive values."""
+    out: list[tuple[int, int]] = []
+    if not indexes:
+        return out
+    start = prev = indexes[0]
+    for i in indexes[1:]:
+        if i != prev + 1:
+            out.append((start, prev - start + 1))
+            start = i
+        prev = i
+    out.append((start, prev - start + 1))
+    return out
+
+
+@attrs.define(slots=True, eq=False)
+class Pages:
+    """A pinnable backing of ``npages`` pages from a process range or a memfd.
+
+    ``base`` is the page-aligned source address (user VA, or memfd byte offset): it is what
+    automatic IOVA placement reads its alignment hint from. ``proc`` is the process whose
+    ``locked_pages`` the pins are accounted to (the kernel's ``source_user``/``source_mm``).
+    """
+
+    memory: PhysicalMemory
+    npages: int
+    writable: bool
+    proc: Process | None
+    base: int
+    memfile: MemFile | None = None
+    # Areas referencing this Pages (the kernel's kref, minus the transient list references).
+    refs: int = 0
+    npinned: int = 0
+    # index -> pinned pfn (0 = not pinned) and index -> number of users; allocated on first pin.
+    _pfns: list[int] | None = None
+    _uses: list[int] | None = None
+    # (first_index, last_index) -> users: the kernel's iopt_pages_access records.
+    _accesses: dict[tuple[int, int], int] = attrs.Factory(dict)
+
+    # -- construction (iopt_alloc_user_pages / iopt_alloc_file_pages) ----------------
+    @classmethod
+    def from_user(cls, proc: Process, uptr: int, length: int, writable: bool) -> tuple[Pages, int]:
+        """Pages over ``[uptr, uptr+length)`` of ``proc``; returns ``(pages, start_byte)``.
+
+        Nothing is pinned or even looked up yet: a map into an IOAS with no domain must
+        succeed for any address, as the kernel's does.
+        """
+        if uptr < 0 or uptr + length > (1 << 64) - 1:
+            raise err(errno.EOVERFLOW, "user range wraps")
+        base = uptr & ~PAGE_MASK
+        start_byte = uptr - base
+        pages = cls._alloc(proc.memory, start_byte, length, writable, proc, base, None)
+        return pages, start_byte
+
+    @classmethod
+    def from_file(
+        cls, memfile: MemFile, start: int, length: int, writable: bool, proc: Process | None
+    ) -> tuple[Pages, int]:
+        """Pages over bytes ``[start, start+length)`` of a memfd; returns (pages, start_byte)."""
+        if length == 0:
+            raise err(errno.EINVAL, "zero length")
+        if start < 0 or start + length - 1 > (1 << 64) - 1:
+            raise err(errno.EOVERFLOW, "file range wraps")
+        base = start & ~PAGE_MASK
+        start_byte = start - base
+        pages = cls._alloc(memfile.memory, start_byte, length, writable, proc, base, memfile)
+        return pages, start_byte
+
+    @classmethod
+    def _alloc(
+        cls,
+        memory: PhysicalMemory,
+        start_byte: int,
+        length: int,
+        writable: bool,
+        proc: Process | None,
+        base: int,
+        memfile: MemFile | None,
+    ) -> Pages:
+        # iopt_alloc_pages(): SIZE_MAX - PAGE_SIZE bounds DIV_ROUND_UP; zero is meaningless.
+        if length == 0 or length > (1 << 64) - 1 - PAGE_SIZE:
+            raise err(errno.EINVAL, "bad length")
+        npages = (length + start_byte + PAGE_MASK) >> PAGE_SHIFT
+        return cls(memory, npages, writable, proc, base, memfile)
+
+    @property
+    def is_file(self) -> bool:
+        return self.memfile is not None
+
+    # -- the source (pin_user_pages / memfd_pin_folios) --------------------------------
+    def _source_pin(self, first: int, count: int) -> list[int]:
+        addr = self.base + (first << PAGE_SHIFT)
+        if self.memfile is not None:
+            return self.memfile.pin(addr, count << PAGE_SHIFT)
+        if self.proc is None:  # user pages always have one; a memfd carries its own frames
+            raise err(errno.EFAULT, "user pages without a process")
+        return self.proc.pin_pages(addr, count)
+
+    def _source_unpin(self, pfns: list[int]) -> None:
+        if self.memfile is None and self.proc is not None:
+            self.proc.unpin_pages(pfns)
+            return
+        put = self.memory.put_frame
+        for pfn in pfns:
+            put(pfn)
+
+    def _account(self, delta: int) -> None:
+        self.npinned += delta
+        if self.proc is not None:
+            self.proc.locked_pages += delta
+
+    def change_owner(self, proc: Process) -> None:
+        """Charge this Pages' pins to ``proc`` instead (IOMMU_IOAS_CHANGE_PROCESS).
+
+        Only memfd-backed Pages may move: user-VA Pages are tied to their address space.
+        """
+        if self.memfile is None:
+            raise err(errno.EINVAL, "only memfd-backed pages can change process")
+        if self.proc is proc:
+            return
+        if self.proc is not None:
+            self.proc.locked_pages -= self.npinned
+        proc.locked_pages += self.npinned
+        self.proc = proc
+
+    # -- users --------------------------------------------------------------------------
+    def _check_range(self, first: int, last: int) -> None:
+        if not 0 <= first <= last < self.npages:
+            raise err(errno.EINVAL, f"page index range [{first}, {last}] outside {self.npages}")
+
+    def use(self, first: int, last: int) -> list[int]:
+        """Add one user to indexes ``[first, last]``, pinning those nobody held; return PFNs.
+
+        All-or-nothing: if the source refuses (EFAULT for an unmapped VA, EINVAL beyond the
+        end of a memfd) everything pinned by this call is unpinned and nothing changes.
+        """
+        self._check_range(first, last)
+        if self._pfns is None or self._uses is None:
+            self._pfns = [0] * self.npages
+            self._uses = [0] * self.npages
+        pfns, uses = self._pfns, self._uses
+        end = last + 1
+        seg = uses[first:end]
+        if not any(seg):
+            got = self._source_pin(first, end - first)
+            pfns[first:end] = got
+            uses[first:end] = [1] * (end - first)
+            self._account(end - first)
+            return got
+        missing = [first + k for k, u in enumerate(seg) if u == 0]
+        pinned: list[tuple[int, list[int]]] = []
+        try:
+            for run_first, count in _runs(missing):
+                pinned.append((run_first, self._source_pin(run_first, count)))
+        except OSError:
+            for _, got in pinned:
+                self._source_unpin(got)
+            raise
+        for run_first, got in pinned:
+            pfns[run_first : run_first + len(got)] = got
+        uses[first:end] = [u + 1 for u in seg]
+        self._account(len(missing))
+        return pfns[first:end]
+
+    def unuse(self, first: int, last: int) -> None:
+        """Drop one user from ``[first, last]``; unpin the indexes left with none."""
+        self._check_range(first, last)
+        pfns, uses = self._pfns, self._uses
+        if pfns is None or uses is None or min(uses[first : last + 1]) <= 0:
+            raise err(errno.EINVAL, f"unbalanced unuse of [{first}, {last}]")
+        end = last + 1
+        seg = [u - 1 for u in uses[first:end]]
+        uses[first:end] = seg
+        if not any(seg):
+            gone = pfns[first:end]
+            pfns[first:end] = [0] * (end - first)
+        else:
+            gone = []
+            for k, u in enumerate(seg):
+                if u == 0:
+                    gone.append(pfns[first + k])
+                    pfns[first + k] = 0
+        if gone:
+            self._source_unpin(gone)
+            self._account(-len(gone))
+
+    def pfns(self, first: int, last: int) -> list[int]:
+        """PFNs of indexes that are already pinned (EINVAL if any is not)."""
+        self._check_range(first, last)
+        if self._pfns is None:
+            raise err(errno.EINVAL, "pages not pinned")
+        got = self._pfns[first : last + 1]
+        if 0 in got:
+            raise err(errno.EINVAL, "pages not pinned")
+        return got
+
+    def pfn(self, index: int) -> int | None:
+        """PFN of ``index`` if it is pinned, else None."""
+        if self._pfns is None or not 0 <= index < self.npages:
+            return None
+        return self._pfns[index] or None
+
+    # -- in-kernel accesses (iopt_area_add_access / iopt_area_remove_access) ------------
+    def add_access(self, first: int, last: int, write: bool) -> list[int]:
+        """Record an access over ``[first, last]``: an exact repeat only counts another user."""
+        if write and not self.writable:
+            raise err(errno.EPERM, "write access to read-only pages")
+        key = (first, last)
+        users = self._accesses.get(key)
+        if users is not None:
+            self._accesses[key] = users + 1
+            return self.pfns(first, last)
+        got = self.use(first, last)
+        self._accesses[key] = 1
+        return got
+
+    def access_users(self, first: int, last: int) -> int:
+        """How many pins the access record of exactly ``[first, last]`` holds (0 = none)."""
+        return self._accesses.get((first, last), 0)
+
+    def remove_access(self, first: int, last: int) -> None:
+        """Undo one :meth:`add_access` of exactly ``[first, last]`` (EINVAL if none)."""
+        key = (first, last)
+        users = self._accesses.get(key)
+        if users is None:
+            raise err(errno.EINVAL, f"no access pinned exactly [{first}, {last}]")
+        if users > 1:
+            self._accesses[key] = users - 1
+            return
+        del self._accesses[key]
+        self.unuse(first, last)
+
+    # -- CPU copies (iopt_pages_rw_access, the pfn_reader "slow" path) ------------------
+    def copy_in(self, frames: list[int], offset: int, data: bytes | memoryview) -> None:
+        """Write ``data`` into ``frames``, starting ``offset`` bytes into the first one."""
+        mem, pos, length = self.memory, 0, len(data)
+        for pfn in frames:
+            chunk = min(length - pos, PAGE_SIZE - offset)
+            mem.write((pfn << PAGE_SHIFT) + offset, data[pos : pos + chunk])
+            pos += chunk
+            offset = 0
+
+    def copy_out(self, frames: list[int], offset: int, length: int) -> bytes:
+        """Read ``length`` bytes from ``frames``, starting ``offset`` bytes into the first one."""
+        out = bytearray()
+        for pfn in frames:
+            chunk = min(length - len(out), PAGE_SIZE - offset)
+            out += self.memory.read((pfn << PAGE_SHIFT) + offset, chunk)
+            offset = 0
+        return bytes(out)
+
+    def __repr__(self) -> str:
+        src = "memfd" if self.memfile is not None else "user"
+        return (
+            f"<Pages {src} base={self.base:#x} npages={self.npages} "
+            f"npinned={self.npinned} refs={self.refs}>"
+        )

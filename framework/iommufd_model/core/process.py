@@ -1,0 +1,267 @@
+"""User processes: a virtual address space over :class:`PhysicalMemory`, and a file table.
+
+What iommufd needs from a process is what ``pin_user_pages`` and ``copy_{to,from}_user`` need
+from Linux: resolve a user VA to a frame (faulting anonymous memory in on first touch),
+take a pin reference that outlives ``munmap``, and fail with ``EFAULT`` where no mapping
+exists. memfds are files whose frames are shared by every mapping and by IOAS_MAP_FILE.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+from typing import TYPE_CHECKING, Protocol
+
+import attrs
+
+from iommufd_model.errors import err
+from iommufd_model.hw.memory import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, PhysicalMemory
+
+if TYPE_CHECKING:
+    from iommufd_model.machine import Machine
+
+USER_VA_BASE = 0x7F00_0000_0000
+USER_VA_END = 0x7FFF_FFFF_F000
+
+
+class FileLike(Protocol):
+    """What the process file table holds: memfds, iommufds, fault and vEVENTQ fds."""
+
+    def release(self) -> None:
+        """Called when the last descriptor for the file is closed."""
+
+
+class MemFile:
+    """A memfd: a sized file whose frames are allocated on first touch and shared."""
+
+    def __init__(self, memory: PhysicalMemory, size: int) -> None:
+        self.memory = memory
+        self.size = size
+        self._pfns: dict[int, int] = {}
+
+    def pfn(self, index: int) -> int:
+        """Frame backing page ``index`` of the file, allocated on first touch."""
+        if index < 0 or (index << PAGE_SHIFT) >= self.size:
+            raise err(errno.EFAULT, f"memfd page {index} beyond end of file")
+        pfn = self._pfns.get(index)
+        if pfn is None:
+            pfn = self._pfns[index] = self.memory.alloc_frame()
+        return pfn
+
+    def pin(self, start: int, length: int) -> list[int]:
+        """Pin the frames of ``[start, start+length)``; ``start`` must be page aligned."""
+        if start & PAGE_MASK or start + length > self.size:
+            raise err(errno.EINVAL, "memfd range out of file")
+        first = start >> PAGE_SHIFT
+        last = (start + length - 1) >> PAGE_SHIFT
+        pfns = [self.pfn(i) for i in range(first, last + 1)]
+        for p in pfns:
+            self.memory.get_frame(p)
+        return pfns
+
+    def release(self) -> None:
+        """Drop the file's own references; pinned or mapped frames stay alive."""
+        for pfn in self._pfns.values():
+            self.memory.put_frame(pfn)
+        self._pfns.clear()
+
+
+@attrs.define(slots=True)
+class Vma:
+    """One mapping: ``[start, end)`` backed by anonymous memory or a file at ``offset``."""
+
+    start: int
+    end: int
+    file: MemFile | None = None
+    offset: int = 0
+
+
+class Process:
+    """A simulated user process (VMM): its address space and its open files."""
+
+    def __init__(self, machine: Machine, pid: int) -> None:
+        self.machine = machine
+        self.memory = machine.memory
+        self.pid = pid
+        self._vma_starts: list[int] = []
+        self._vmas: list[Vma] = []
+        self._ptes: dict[int, int] = {}  # user VPN -> PFN (one reference each)
+        self._next_va = USER_VA_BASE
+        self.files: dict[int, FileLike] = {}
+        # pinned pages accounted to this process (RLIMIT_MEMLOCK style)
+        self.locked_pages = 0
+        # The model's processes run as root unless a test drops the capability.
+        self.capable_sys_resource = True
+
+    # -- address space ------------------------------------------------------------
+    def mmap(
+        self, length: int, *, fd: int | None = None, offset: int = 0, align: int = PAGE_SIZE
+    ) -> int:
+        """Map ``length`` bytes (rounded up to pages), anonymous or from a memfd; return VA."""
+        if length <= 0:
+            raise err(errno.EINVAL, "mmap length must be positive")
+        length = (length + PAGE_MASK) & ~PAGE_MASK
+        file: MemFile | None = None
+        if fd is not None:
+            f = self.files.get(fd)
+            if not isinstance(f, MemFile):
+                raise err(errno.EBADF, "mmap of a descriptor that is not a memfd")
+            if offset & PAGE_MASK or offset + length > f.size:
+                raise err(errno.EINVAL, "mmap beyond memfd size")
+            file = f
+        align = max(align, PAGE_SIZE)
+        va = -(-self._next_va // align) * align
+        if va + length > USER_VA_END:
+            raise err(errno.ENOMEM, "user address space exhausted")
+        self._next_va = va + length + PAGE_SIZE  # leave a guard page between mappings
+        i = bisect.bisect(self._vma_starts, va)
+        self._vma_starts.insert(i, va)
+        self._vmas.insert(i, Vma(va, va + length, file, offset))
+        return va
+
+    def munmap(self, va: int, length: int) -> None:
+        """Remove whole mappings in ``[va, va+length)``; pinned frames survive their pins."""
+        if va & PAGE_MASK or length <= 0:
+            raise err(errno.EINVAL, "munmap needs a page aligned start and a length")
+        end = va + ((length + PAGE_MASK) & ~PAGE_MASK)
+        keep_starts: list[int] = []
+        keep: list[Vma] = []
+        for vma in self._vmas:
+            if vma.end <= va or vma.start >= end:
+                keep_starts.append(vma.start)
+                keep.append(vma)
+                continue
+            lo, hi = max(vma.start, va), min(vma.end, end)
+            for vpn in range(lo >> PAGE_SHIFT, hi >> PAGE_SHIFT):
+                pfn = self._ptes.pop(vpn, None)
+                if pfn is not None:
+                    self.memory.put_frame(pfn)
+            if vma.start < lo:
+                keep_starts.append(vma.start)
+                keep.append(Vma(vma.start, lo, vma.file, vma.offset))
+            if hi < vma.end:
+                keep_starts.append(hi)
+                keep.append(Vma(hi, vma.end, vma.file, vma.offset + (hi - vma.start)))
+        self._vma_starts, self._vmas = keep_starts, keep
+
+    def _vma(self, va: int) -> Vma | None:
+        i = bisect.bisect(self._vma_starts, va) - 1
+        if i >= 0:
+            vma = self._vmas[i]
+            if va < vma.end:
+                return vma
+        return None
+
+    def translate(self, va: int) -> int:
+        """Resolve a user VA to its PFN, faulting the page in; ``EFAULT`` if unmapped."""
+        vpn = va >> PAGE_SHIFT
+        pfn = self._ptes.get(vpn)
+        if pfn is not None:
+            return pfn
+        if va < 0:
+            raise err(errno.EFAULT, f"bad user address {va:#x}")
+        vma = self._vma(va)
+        if vma is None:
+            raise err(errno.EFAULT, f"no mapping at user address {va:#x}")
+        if vma.file is None:
+            pfn = self.memory.alloc_frame()
+        else:
+            pfn = vma.file.pfn((vma.offset + (va - vma.start)) >> PAGE_SHIFT)
+            self.memory.get_frame(pfn)
+        self._ptes[vpn] = pfn
+        return pfn
+
+    def is_mapped(self, va: int, length: int) -> bool:
+        """True when every page of ``[va, va+length)`` lies inside some mapping."""
+        pos = va & ~PAGE_MASK
+        end = va + length
+        while pos < end:
+            vma = self._vma(pos)
+            if vma is None:
+                return False
+            pos = vma.end
+        return True
+
+    def read(self, va: int, n: int) -> bytes:
+        """``copy_from_user``: ``EFAULT`` if any byte is unmapped."""
+        if n < 0:
+            raise err(errno.EINVAL)
+        if not self.is_mapped(va, n):
+            raise err(errno.EFAULT, f"user read {va:#x}+{n:#x} not mapped")
+        out = bytearray()
+        while n:
+            off = va & PAGE_MASK
+            chunk = min(n, PAGE_SIZE - off)
+            out += self.memory.read((self.translate(va) << PAGE_SHIFT) | off, chunk)
+            va += chunk
+            n -= chunk
+        return bytes(out)
+
+    def write(self, va: int, data: bytes | bytearray | memoryview) -> None:
+        """``copy_to_user``: ``EFAULT`` (and nothing written) if any byte is unmapped."""
+        n = len(data)
+        if not self.is_mapped(va, n):
+            raise err(errno.EFAULT, f"user write {va:#x}+{n:#x} not mapped")
+        pos = 0
+        while pos < n:
+            off = va & PAGE_MASK
+            chunk = min(n - pos, PAGE_SIZE - off)
+            self.memory.write((self.translate(va) << PAGE_SHIFT) | off, data[pos : pos + chunk])
+            va += chunk
+            pos += chunk
+
+    # -- pinning (pin_user_pages) -------------------------------------------------
+    def pin_pages(self, va: int, npages: int) -> list[int]:
+        """Pin ``npages`` pages from page-aligned ``va``; all-or-nothing, ``EFAULT`` if unmapped."""
+        if va & PAGE_MASK:
+            raise err(errno.EINVAL, "pin start must be page aligned")
+        if not self.is_mapped(va, npages << PAGE_SHIFT):
+            raise err(errno.EFAULT, f"pin of unmapped user range {va:#x}")
+        pfns = [self.translate(va + (i << PAGE_SHIFT)) for i in range(npages)]
+        for pfn in pfns:
+            self.memory.get_frame(pfn)
+        return pfns
+
+    def unpin_pages(self, pfns: list[int]) -> None:
+        for pfn in pfns:
+            self.memory.put_frame(pfn)
+
+    # -- files --------------------------------------------------------------------
+    def install_file(self, file: FileLike) -> int:
+        """Install ``file`` at the lowest free descriptor number (0..2 are stdio)."""
+        fd = 3
+        while fd in self.files:
+            fd += 1
+        self.files[fd] = file
+        return fd
+
+    def file(self, fd: int) -> FileLike:
+        f = self.files.get(fd)
+        if f is None:
+            raise err(errno.EBADF, f"fd {fd} is not open")
+        return f
+
+    def close(self, fd: int) -> None:
+        f = self.files.pop(fd, None)
+        if f is None:
+            raise err(errno.EBADF, f"fd {fd} is not open")
+        if all(other is not f for other in self.files.values()):
+            f.release()
+
+    def memfd_create(self, size: int) -> int:
+        """Create a memfd of ``size`` bytes (rounded up to pages) and return its fd."""
+        if size <= 0:
+            raise err(errno.EINVAL, "memfd size must be positive")
+        return self.install_file(MemFile(self.memory, (size + PAGE_MASK) & ~PAGE_MASK))
+
+    def open_iommufd(self) -> IommuFdHandle:
+        """Open ``/dev/iommu``: a new iommufd context owned by this process."""
+        from iommufd_model.core.main import IommuFd
+
+        ictx = IommuFd(self.machine, self)
+        ictx.fd = self.install_file(ictx)
+        return ictx
+
+
+if TYPE_CHECKING:
+    from iommufd_model.core.main import IommuFd as IommuFdHandle

@@ -1,0 +1,191 @@
+"""vIOMMU, vDEVICE and HW queue objects (the kernel's viommu.c).
+
+A vIOMMU is the VM's slice of one IOMMU instance over a nest-parent HWPT; vDEVICEs give its
+devices their virtual IDs; HW queues hand guest queue memory (an IOVA range of the nest
+parent, pinned for the queue's lifetime so it cannot be unmapped: EBUSY) to the hardware.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING
+
+from iommufd_model.core.hw_pagetable import HwptPaging, require
+from iommufd_model.core.main import Ucmd, ioctl_op
+from iommufd_model.core.objects import IommufdObject, ObjType
+from iommufd_model.driver import HwQueueBase, VdeviceBase, ViommuBase
+from iommufd_model.errors import err
+from iommufd_model.uapi import iommufd as U
+
+if TYPE_CHECKING:
+    from typing import Any
+
+    from iommufd_model.core.device import Device
+    from iommufd_model.core.eventq import Veventq
+    from iommufd_model.core.main import IommuFd
+
+
+class Viommu(IommufdObject):
+    TYPE = ObjType.VIOMMU
+
+    def __init__(self, ictx: IommuFd, drv: ViommuBase, hwpt: HwptPaging) -> None:
+        super().__init__(ictx)
+        self.drv = drv
+        drv.core = self
+        self.hwpt = hwpt
+        self.hooks: Any = drv.owner.machine.hooks(drv.owner.driver_name)
+        self.vdevs: dict[int, Vdevice] = {}
+        self.veventqs: dict[int, Veventq] = {}
+        self.hw_queues: dict[tuple[int, int], HwQueue] = {}
+
+    def report_event(self, type_: int, data: bytes) -> bool:
+        """``iommufd_viommu_report_event``: False when no vEVENTQ of ``type_`` exists."""
+        q = self.veventqs.get(type_)
+        if q is None:
+            return False
+        q.report(data)
+        return True
+
+    def find_vdev(self, virt_id: int) -> Vdevice | None:
+        return self.vdevs.get(virt_id)
+
+    def destroy(self) -> None:
+        self.hooks.viommu_destroy(viommu=self.drv)
+
+
+class Vdevice(IommufdObject):
+    TYPE = ObjType.VDEVICE
+
+    def __init__(self, ictx: IommuFd, drv: VdeviceBase, viommu: Viommu, idev: Device) -> None:
+        super().__init__(ictx)
+        self.drv = drv
+        self.viommu = viommu
+        self.idev = idev
+        self.virt_id = drv.virt_id
+
+    def destroy(self) -> None:
+        self.viommu.hooks.vdevice_destroy(vdev=self.drv)
+        self.viommu.vdevs.pop(self.virt_id, None)
+        self.idev.vdev = None
+
+
+class HwQueue(IommufdObject):
+    TYPE = ObjType.HW_QUEUE
+
+    def __init__(self, ictx: IommuFd, drv: HwQueueBase, viommu: Viommu) -> None:
+        super().__init__(ictx)
+        self.drv = drv
+        self.viommu = viommu
+
+    def destroy(self) -> None:
+        viommu = self.viommu
+        viommu.hooks.hw_queue_destroy(queue=self.drv)
+        viommu.hw_queues.pop((self.drv.queue_type, self.drv.index), None)
+        viommu.hwpt.ioas.iopt.access_unpin(self.drv.base_iova, self.drv.length, lock=True)
+
+
+def vdevice_force_destroy(vdev: Vdevice) -> None:
+    """The device went away under its vDEVICE: destroy it and leave a tombstone id."""
+    vdev.ictx.objects.remove(vdev, tombstone=True)
+
+
+@ioctl_op(U.IOMMU_VIOMMU_ALLOC, U.IommuViommuAlloc, "out_viommu_id")
+def _viommu_alloc(ucmd: Ucmd) -> None:
+    from iommufd_model.core.device import Device
+
+    cmd = ucmd.cmd
+    objs = ucmd.ictx.objects
+    if cmd.flags or cmd.type == U.IOMMU_VIOMMU_TYPE_DEFAULT:
+        raise err(errno.EOPNOTSUPP, "bad viommu flags or type")
+    idev = objs.get_as(cmd.dev_id, Device)
+    hwpt = objs.get_as(cmd.hwpt_id, HwptPaging)
+    if not hwpt.nest_parent:
+        raise err(errno.EINVAL, "a vIOMMU needs a nest-parent HWPT")
+    if cmd.reserved:
+        raise err(errno.EOPNOTSUPP, "viommu_alloc __reserved must be 0")
+    data = ucmd.caller.read(cmd.data_uptr, cmd.data_len) if cmd.data_len else b""
+    drv = require(
+        idev.hooks.viommu_alloc(
+            iommu=idev.hw, dev=idev.dev, parent=hwpt.domain, viommu_type=cmd.type, data=data
+        ),
+        "viommu_alloc",
+    )
+    out = getattr(drv, "out_data", b"")
+    try:
+        if out and cmd.data_len:
+            ucmd.caller.write(cmd.data_uptr, out[: cmd.data_len])
+    except OSError:
+        idev.hooks.viommu_destroy(viommu=drv)
+        raise
+    viommu = Viommu(ucmd.ictx, drv, hwpt)
+    cmd.out_viommu_id = objs.alloc_id(viommu)
+    viommu.hold(hwpt)
+    ucmd.respond()
+
+
+@ioctl_op(U.IOMMU_VDEVICE_ALLOC, U.IommuVdeviceAlloc, "virt_id")
+def _vdevice_alloc(ucmd: Ucmd) -> None:
+    from iommufd_model.core.device import Device
+
+    cmd = ucmd.cmd
+    objs = ucmd.ictx.objects
+    idev = objs.get_as(cmd.dev_id, Device)
+    viommu = objs.get_as(cmd.viommu_id, Viommu)
+    if viommu.drv.owner is not idev.hw:
+        raise err(errno.EINVAL, "device sits behind another IOMMU instance")
+    if idev.vdev is not None:
+        raise err(errno.EEXIST, "device already has a vDEVICE")
+    if cmd.virt_id in viommu.vdevs:
+        raise err(errno.EEXIST, f"virtual id {cmd.virt_id:#x} is taken")
+    drv = require(
+        viommu.hooks.vdevice_alloc(viommu=viommu.drv, dev=idev.dev, virt_id=cmd.virt_id),
+        "vdevice_alloc",
+    )
+    vdev = Vdevice(ucmd.ictx, drv, viommu, idev)
+    cmd.out_vdevice_id = objs.alloc_id(vdev)
+    vdev.hold(viommu)
+    vdev.hold(idev)
+    viommu.vdevs[cmd.virt_id] = vdev
+    idev.vdev = vdev
+    ucmd.respond()
+
+
+@ioctl_op(U.IOMMU_HW_QUEUE_ALLOC, U.IommuHwQueueAlloc, "length")
+def _hw_queue_alloc(ucmd: Ucmd) -> None:
+    cmd = ucmd.cmd
+    objs = ucmd.ictx.objects
+    if cmd.flags or cmd.type == U.IOMMU_HW_QUEUE_TYPE_DEFAULT:
+        raise err(errno.EOPNOTSUPP, "bad hw_queue flags or type")
+    if not cmd.length:
+        raise err(errno.EINVAL, "hw_queue length must be positive")
+    if cmd.nesting_parent_iova + cmd.length - 1 > U.U64_MAX:
+        raise err(errno.EOVERFLOW)
+    viommu = objs.get_as(cmd.viommu_id, Viommu)
+    if (cmd.type, cmd.index) in viommu.hw_queues:
+        raise err(errno.EEXIST, "a queue with that type and index exists")
+    iopt = viommu.hwpt.ioas.iopt
+    pfns = iopt.access_pin(cmd.nesting_parent_iova, cmd.length, True, lock=True)
+    try:
+        first = pfns[0]
+        if any(p != first + i for i, p in enumerate(pfns)):
+            raise err(errno.EFAULT, "queue memory must be physically contiguous")
+        drv = require(
+            viommu.hooks.hw_queue_alloc(
+                viommu=viommu.drv,
+                queue_type=cmd.type,
+                index=cmd.index,
+                base_iova=cmd.nesting_parent_iova,
+                length=cmd.length,
+                pfns=pfns,
+            ),
+            "hw_queue_alloc",
+        )
+    except OSError:
+        iopt.access_unpin(cmd.nesting_parent_iova, cmd.length, lock=True)
+        raise
+    drv.pfns = pfns
+    q = HwQueue(ucmd.ictx, drv, viommu)
+    cmd.out_hw_queue_id = objs.alloc_id(q)
+    q.hold(viommu)
+    viommu.hw_queues[(cmd.type, cmd.index)] = q
+    ucmd.respond()

@@ -1,0 +1,145 @@
+"""What a driver plugin builds on: the objects it returns to the core and the records it fills.
+
+This is the model's ``include/linux/iommu.h``: the core never looks inside a vendor's domain,
+only at the attributes declared here. A driver subclasses :class:`Domain` (and the vIOMMU /
+vDEVICE / HW queue bases) and hangs its vendor state off them.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+if TYPE_CHECKING:
+    from iommufd_model.hw.iommu import IommuHw
+
+IOMMU_READ = 1
+IOMMU_WRITE = 2
+
+
+class DomainType(enum.Enum):
+    """``iommu_domain->type``: what the domain translates with."""
+
+    PAGING = "paging"  # kernel-owned IO page table, filled from an IOAS
+    NESTED = "nested"  # user-owned stage-1 over a nest parent's stage-2
+    BLOCKED = "blocked"
+    IDENTITY = "identity"
+
+
+class Feature(enum.Enum):
+    """Features a driver declares; the conformance kit and the matrix run what applies."""
+
+    PAGING = "paging"
+    NEST_PARENT = "nest_parent"
+    NESTED = "nested"
+    PASID = "pasid"
+    DIRTY_TRACKING = "dirty_tracking"
+    VIOMMU = "viommu"
+    VDEVICE = "vdevice"
+    VEVENTQ = "veventq"
+    HW_QUEUE = "hw_queue"
+    IOPF = "iopf"
+    HWPT_INVALIDATE = "hwpt_invalidate"
+    VIOMMU_INVALIDATE = "viommu_invalidate"
+    LARGE_PAGES = "large_pages"
+
+
+@attrs.define(slots=True)
+class DriverInfo:
+    """A driver's self-description, returned by the ``driver_info`` hook."""
+
+    name: str
+    description: str
+    features: frozenset[Feature]
+    hwpt_data_types: frozenset[int] = frozenset()
+    viommu_types: frozenset[int] = frozenset()
+    hw_info_type: int = 0
+
+
+@attrs.define(slots=True)
+class HwInfo:
+    """The answer to IOMMU_GET_HW_INFO for one device."""
+
+    data_type: int
+    data: bytes
+    capabilities: int = 0
+    max_pasid_log2: int = 0
+
+
+@attrs.define(slots=True)
+class InvalidateResult:
+    """How far a user invalidation array got: ``handled`` entries, then ``error`` (0 = none)."""
+
+    handled: int
+    error: int = 0
+
+
+class Domain:
+    """An ``iommu_domain``: what a device (or a PASID of it) translates through.
+
+    ``pgsize_bitmap`` and the aperture constrain the IOAS; ``owner`` is the hardware instance
+    whose driver built the domain (calls on the domain are routed to that driver only).
+    """
+
+    def __init__(
+        self,
+        owner: IommuHw,
+        type_: DomainType,
+        *,
+        pgsize_bitmap: int = 0,
+        aperture_start: int = 0,
+        aperture_end: int = (1 << 64) - 1,
+        nest_parent: bool = False,
+        dirty_tracking: bool = False,
+        pasid_compat: bool = False,
+        parent: Domain | None = None,
+    ) -> None:
+        self.owner = owner
+        self.type = type_
+        self.pgsize_bitmap = pgsize_bitmap
+        self.aperture_start = aperture_start
+        self.aperture_end = aperture_end
+        self.nest_parent = nest_parent
+        self.dirty_tracking = dirty_tracking
+        self.dirty_enabled = False
+        self.pasid_compat = pasid_compat
+        self.parent = parent
+        # Set by the core: the iommufd HWPT that wraps this domain (for fault routing).
+        self.hwpt: Any = None
+
+
+class ViommuBase:
+    """Driver half of a vIOMMU object: per-VM slice of one IOMMU instance."""
+
+    def __init__(self, owner: IommuHw, parent: Domain, viommu_type: int) -> None:
+        self.owner = owner
+        self.parent = parent
+        self.viommu_type = viommu_type
+        # Set by the core: the iommufd object, through which events are reported.
+        self.core: Any = None
+
+
+class VdeviceBase:
+    """Driver half of a vDEVICE: a physical device's identity inside one vIOMMU."""
+
+    def __init__(self, viommu: ViommuBase, dev: Any, virt_id: int) -> None:
+        self.viommu = viommu
+        self.dev = dev
+        self.virt_id = virt_id
+
+
+class HwQueueBase:
+    """Driver half of a HW queue: guest queue memory the hardware consumes directly."""
+
+    def __init__(
+        self, viommu: ViommuBase, queue_type: int, index: int, base_iova: int, length: int
+    ) -> None:
+        self.viommu = viommu
+        self.queue_type = queue_type
+        self.index = index
+        self.base_iova = base_iova
+        self.length = length
+        # Physical frames of the queue memory, pinned by the core for the queue's lifetime.
+        self.pfns: list[int] = []

@@ -1,0 +1,44 @@
+"""One errno discipline for the whole model: every refusal is an ``OSError`` with an errno.
+
+The uAPI promises that nothing but ``OSError`` leaves an ioctl, so internal code raises
+through :func:`err` and the dispatcher converts anything else into ``EFAULT``-free kernel
+style errors only where the kernel would (see ``core.main``).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+
+def err(code: int, detail: str = "") -> OSError:
+    """Build the ``OSError`` the kernel would return as ``-code``; ``detail`` aids debugging."""
+    msg = os.strerror(code)
+    if detail:
+        msg = f"{msg} ({detail})"
+    return OSError(code, msg)
+
+
+def check(cond: bool, code: int, detail: str = "") -> None:
+    """Raise ``err(code)`` unless ``cond`` holds."""
+    if not cond:
+        raise err(code, detail)
+
+
+EINVAL = errno.EINVAL
+ENOENT = errno.ENOENT
+EBUSY = errno.EBUSY
+EOPNOTSUPP = errno.EOPNOTSUPP
+EOVERFLOW = errno.EOVERFLOW
+E2BIG = errno.E2BIG
+EFAULT = errno.EFAULT
+ENOMEM = errno.ENOMEM
+EEXIST = errno.EEXIST
+ENOTTY = errno.ENOTTY
+EMSGSIZE = errno.EMSGSIZE
+ENOSPC = errno.ENOSPC
+EIO = errno.EIO
+EPERM = errno.EPERM
+ENODEV = errno.ENODEV
+EAGAIN = errno.EAGAIN
+EBADF = errno.EBADF

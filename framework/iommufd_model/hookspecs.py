@@ -1,0 +1,236 @@
+"""The driver contract: every hook a vendor plugin implements, documented where it is declared.
+
+These mirror the kernel's ``iommu_ops``, ``iommu_domain_ops``, ``iommu_dirty_ops`` and
+``iommufd_viommu_ops``. Every call is routed to exactly one plugin: the driver that owns the
+IOMMU instance (``iommu``) or the domain/vIOMMU (whose ``owner`` is that instance); see
+``plugins.DriverRegistry``. All hooks are ``firstresult``: returning ``None`` means "this
+driver does not implement that", which the core turns into ``EOPNOTSUPP``. A refusal is an
+``OSError`` with the kernel's errno (use :func:`iommufd_model.errors.err`); any other
+exception is a driver bug.
+
+Required hooks (a plugin lacking one is refused at load time): ``driver_info``, ``probe``,
+``domain_alloc_paging``, ``domain_map``, ``domain_unmap``, ``attach_dev``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from iommufd_model.driver import (
+        Domain,
+        DriverInfo,
+        HwInfo,
+        HwQueueBase,
+        InvalidateResult,
+        VdeviceBase,
+        ViommuBase,
+    )
+    from iommufd_model.hw.iommu import IommuHw
+    from iommufd_model.hw.pci import PciDevice
+    from iommufd_model.machine import Machine
+
+PROJECT = "iommufd_model"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+REQUIRED_HOOKS = (
+    "driver_info",
+    "probe",
+    "domain_alloc_paging",
+    "domain_map",
+    "domain_unmap",
+    "attach_dev",
+)
+
+
+# -- identity and hardware --------------------------------------------------------------
+@hookspec(firstresult=True)
+def driver_info() -> DriverInfo:
+    """Describe the driver: name (the entry-point name), features, accepted vendor types.
+
+    Called once at discovery; the result drives ``iommufd-model drivers``, the conformance
+    kit's feature gating and the matrix's "unsupported" cells.
+    """
+
+
+@hookspec(firstresult=True)
+def probe(machine: Machine, index: int, options: dict[str, Any]) -> IommuHw:
+    """Create one IOMMU hardware instance in ``machine`` (registers, tables in its memory).
+
+    Called by ``Machine.build`` / ``Machine.add_iommu`` for the plugin named by the user.
+    ``options`` are driver-specific knobs (e.g. page-table levels); unknown keys -> EINVAL.
+    """
+
+
+@hookspec(firstresult=True)
+def probe_device(iommu: IommuHw, dev: PciDevice) -> object:
+    """A PCI device appeared behind ``iommu``: set up per-device state (stream ID, DTE...).
+
+    Return any non-None object (stored as ``dev.iommu_priv``); raise ENODEV to refuse it.
+    Drivers that need nothing may leave this hook out.
+    """
+
+
+@hookspec(firstresult=True)
+def dev_reserved_regions(iommu: IommuHw, dev: PciDevice) -> list[tuple[int, int]]:
+    """IOVA ranges ``(start, last)`` the device can never use for DMA (e.g. the MSI window).
+
+    The core reserves them in any IOAS the device attaches to (kernel:
+    ``iommu_get_resv_regions``). Return ``[]`` for none.
+    """
+
+
+@hookspec(firstresult=True)
+def hw_info(iommu: IommuHw, dev: PciDevice, data_type: int) -> HwInfo:
+    """Answer IOMMU_GET_HW_INFO. ``data_type`` is the requested type (0 = driver default).
+
+    Raise EOPNOTSUPP for a type the driver does not report.
+    """
+
+
+# -- domains ----------------------------------------------------------------------------
+@hookspec(firstresult=True)
+def domain_alloc_paging(iommu: IommuHw, dev: PciDevice | None, flags: int) -> Domain:
+    """Allocate a kernel-managed paging domain (``domain_alloc_paging_flags``).
+
+    ``flags`` are IOMMU_HWPT_ALLOC_* (NEST_PARENT, DIRTY_TRACKING, PASID); an unsupported
+    flag -> EOPNOTSUPP. The returned domain starts empty and blocks all DMA.
+    """
+
+
+@hookspec(firstresult=True)
+def domain_alloc_nested(
+    iommu: IommuHw,
+    dev: PciDevice,
+    parent: Domain,
+    viommu: ViommuBase | None,
+    flags: int,
+    data_type: int,
+    data: bytes,
+) -> Domain:
+    """Allocate a user-managed nested domain from vendor ``data`` over ``parent``.
+
+    ``viommu`` is set when the HWPT is allocated on a vIOMMU. Validate ``data`` exactly as
+    the kernel driver does: wrong type -> EOPNOTSUPP, wrong length or bad fields -> EINVAL
+    (SMMUv3 uses EIO for an illegal STE, as the kernel).
+    """
+
+
+@hookspec(firstresult=True)
+def domain_free(domain: Domain) -> bool:
+    """Release a domain the core no longer references (no device is attached to it)."""
+
+
+@hookspec(firstresult=True)
+def domain_map(domain: Domain, iova: int, pa: int, size: int, prot: int) -> bool:
+    """Map ``[iova, iova+size)`` to physically contiguous ``pa`` with IOMMU_READ/WRITE ``prot``.
+
+    Sizes and alignment respect ``domain.pgsize_bitmap``; the driver picks the page sizes.
+    All-or-nothing: on ENOMEM nothing of the range may stay mapped.
+    """
+
+
+@hookspec(firstresult=True)
+def domain_unmap(domain: Domain, iova: int, size: int) -> int:
+    """Unmap ``[iova, iova+size)`` and flush the IOTLB; return the bytes unmapped."""
+
+
+@hookspec(firstresult=True)
+def domain_iova_to_phys(domain: Domain, iova: int) -> int:
+    """Software walk of a paging domain: the physical address at ``iova`` or -1."""
+
+
+# -- attachment ---------------------------------------------------------------------------
+@hookspec(firstresult=True)
+def attach_dev(iommu: IommuHw, dev: PciDevice, domain: Domain | None) -> bool:
+    """Make ``dev`` (its RID, PASID 0 / no PASID) translate through ``domain``.
+
+    ``domain=None`` means blocked (the kernel's blocking domain). This is also *replace*:
+    when the device already has a domain the switch must be hitless and all-or-nothing -- on
+    failure the old domain stays in effect. Program the hardware (DTE / STE / PASID entry)
+    and issue the invalidations the kernel driver issues.
+    """
+
+
+@hookspec(firstresult=True)
+def set_dev_pasid(iommu: IommuHw, dev: PciDevice, pasid: int, domain: Domain) -> bool:
+    """Attach (or replace) ``domain`` on ``pasid`` of ``dev``; EOPNOTSUPP without PASID."""
+
+
+@hookspec(firstresult=True)
+def remove_dev_pasid(iommu: IommuHw, dev: PciDevice, pasid: int) -> bool:
+    """Detach whatever is attached to ``pasid`` of ``dev``; DMA with that PASID then faults."""
+
+
+# -- invalidation, dirty tracking, faults ---------------------------------------------------
+@hookspec(firstresult=True)
+def cache_invalidate_user(
+    target: Domain | ViommuBase, data_type: int, entries: list[bytes]
+) -> InvalidateResult:
+    """IOMMU_HWPT_INVALIDATE on a nested domain or a vIOMMU, ``entries`` already copied in.
+
+    Handle entries in order; stop at the first bad one and report how many were handled and
+    the errno (EOPNOTSUPP for an unsupported ``data_type``, EINVAL/EIO for a bad entry).
+    """
+
+
+@hookspec(firstresult=True)
+def set_dirty_tracking(domain: Domain, enable: bool) -> bool:
+    """Turn hardware dirty-bit tracking of a paging domain on or off."""
+
+
+@hookspec(firstresult=True)
+def read_and_clear_dirty(
+    domain: Domain, iova: int, length: int, clear: bool
+) -> list[tuple[int, int]]:
+    """Report dirty ``(iova, size)`` runs in ``[iova, iova+length)``; clear the bits if asked."""
+
+
+@hookspec(firstresult=True)
+def page_response(iommu: IommuHw, dev: PciDevice, pasid: int | None, grpid: int, code: int) -> bool:
+    """Deliver a user's IOPF response (``IOMMUFD_PAGE_RESP_*``) to the device (PRI response)."""
+
+
+# -- vIOMMU and friends ---------------------------------------------------------------------
+@hookspec(firstresult=True)
+def viommu_alloc(
+    iommu: IommuHw, dev: PciDevice, parent: Domain, viommu_type: int, data: bytes
+) -> ViommuBase:
+    """Allocate the vIOMMU slice of ``iommu`` over nest parent ``parent``.
+
+    Unknown ``viommu_type`` -> EOPNOTSUPP; bad driver data -> EINVAL; hardware slots
+    exhausted -> ENOSPC. Data to return to the user goes in ``viommu.out_data`` (bytes).
+    """
+
+
+@hookspec(firstresult=True)
+def viommu_destroy(viommu: ViommuBase) -> bool:
+    """Free the vIOMMU's hardware resources (its vDEVICEs and queues are gone already)."""
+
+
+@hookspec(firstresult=True)
+def vdevice_alloc(viommu: ViommuBase, dev: PciDevice, virt_id: int) -> VdeviceBase:
+    """Bind ``dev`` to virtual ID ``virt_id`` (vSID, guest DevID, vRID) inside ``viommu``."""
+
+
+@hookspec(firstresult=True)
+def vdevice_destroy(vdev: VdeviceBase) -> bool:
+    """Undo :func:`vdevice_alloc` (clear mapping-table entries)."""
+
+
+@hookspec(firstresult=True)
+def hw_queue_alloc(
+    viommu: ViommuBase, queue_type: int, index: int, base_iova: int, length: int, pfns: list[int]
+) -> HwQueueBase:
+    """Hand guest queue memory (``pfns``, pinned by the core) to the hardware.
+
+    Unknown type -> EOPNOTSUPP; index/alignment/length rules of the type -> EINVAL.
+    """
+
+
+@hookspec(firstresult=True)
+def hw_queue_destroy(queue: HwQueueBase) -> bool:
+    """Stop the hardware from consuming the queue."""

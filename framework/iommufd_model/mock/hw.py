@@ -1,0 +1,82 @@
+"""The mock IOMMU as hardware: per-device (and per-PASID) context pointers, and a walk of the
+mock paging domain's page array (one entry per MOCK_IO_PAGE_SIZE, as the self-test driver
+keeps an xarray of PFNs).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from iommufd_model.driver import IOMMU_READ, IOMMU_WRITE, Domain, DomainType
+from iommufd_model.hw.iommu import IommuHw
+
+if TYPE_CHECKING:
+    from iommufd_model.hw.pci import PciDevice
+    from iommufd_model.machine import Machine
+
+MOCK_IO_PAGE_SHIFT = 11
+MOCK_IO_PAGE_SIZE = 1 << MOCK_IO_PAGE_SHIFT  # PAGE_SIZE / 2, as the self-test's MOCK_IO_PAGE_SIZE
+MOCK_APERTURE_START = 1 << 24
+MOCK_APERTURE_LAST = (1 << 31) - 1
+MOCK_PASID_WIDTH = 20
+
+# Entry flag bits live below MOCK_IO_PAGE_SIZE (entries hold 2 KiB aligned addresses).
+ENTRY_READ = IOMMU_READ
+ENTRY_WRITE = IOMMU_WRITE
+ENTRY_DIRTY = 4
+ENTRY_FLAGS = 0x7FF
+
+
+class MockDomain(Domain):
+    """A mock paging domain: ``entries[iova >> 11] = pa | prot | dirty``."""
+
+    def __init__(
+        self, owner: MockIommu, flags: int, *, nest_parent: bool, dirty: bool, pasid: bool
+    ) -> None:
+        super().__init__(
+            owner,
+            DomainType.PAGING,
+            pgsize_bitmap=MOCK_IO_PAGE_SIZE,
+            aperture_start=MOCK_APERTURE_START,
+            aperture_end=MOCK_APERTURE_LAST,
+            nest_parent=nest_parent,
+            dirty_tracking=dirty,
+            pasid_compat=pasid,
+        )
+        self.flags = flags
+        self.entries: dict[int, int] = {}
+
+
+class MockIommu(IommuHw):
+    """Context pointers per RID and per (RID, PASID); translation through MockDomain."""
+
+    def __init__(self, machine: Machine, index: int) -> None:
+        super().__init__(machine, index)
+        self.context: dict[int, Domain | None] = {}
+        self.pasid_context: dict[tuple[int, int], Domain] = {}
+
+    def translate(
+        self, dev: PciDevice, iova: int, pasid: int | None, write: bool
+    ) -> tuple[int, int]:
+        stats = self.stats
+        stats.translations += 1
+        if pasid is None:
+            domain = self.context.get(dev.rid)
+        else:
+            domain = self.pasid_context.get((dev.rid, pasid))
+        if domain is None:
+            raise self.fault(dev, iova, write, pasid, "blocked: no domain attached")
+        if not isinstance(domain, MockDomain):
+            raise self.fault(dev, iova, write, pasid, "domain type cannot translate")
+        index = iova >> MOCK_IO_PAGE_SHIFT
+        stats.walk_mem_refs += 1
+        entry = domain.entries.get(index)
+        if entry is None:
+            raise self.fault(dev, iova, write, pasid, "not mapped")
+        need = ENTRY_WRITE if write else ENTRY_READ
+        if not entry & need:
+            raise self.fault(dev, iova, write, pasid, "permission")
+        if write and domain.dirty_enabled and not entry & ENTRY_DIRTY:
+            domain.entries[index] = entry | ENTRY_DIRTY
+        offset = iova & (MOCK_IO_PAGE_SIZE - 1)
+        return (entry & ~ENTRY_FLAGS) + offset, MOCK_IO_PAGE_SIZE - offset

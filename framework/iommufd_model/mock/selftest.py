@@ -1,0 +1,677 @@
+"""IOMMU_TEST_CMD: the self-test ioctl of the kernel's CONFIG_IOMMUFD_TEST (selftest.c).
+
+Importing this module registers ``IOMMU_TEST_CMD`` with the core dispatcher; the mock driver
+imports it, so loading the ``mock`` entry point is what turns the test ioctl on, as building
+the kernel with ``CONFIG_IOMMUFD_TEST`` does.
+
+Layout (``iommufd_test.h``)::
+
+    struct iommu_test_cmd { u32 size; u32 op; u32 id; u32 __reserved;
+                            union { ... 48 bytes, 8-aligned ... }; u32 last; }   // sizeof 72
+
+The minimum size is ``offsetofend(last)`` = 68, as ``IOCTL_OP(IOMMU_TEST_CMD, ..., last)``.
+Each op decodes its own member of the union (``_Payload`` subclasses below) and, when it
+answers, packs it back before the whole struct is copied out.
+
+Ops of this tranche: ADD_RESERVED, MOCK_DOMAIN, MOCK_DOMAIN_FLAGS, MOCK_DOMAIN_REPLACE,
+MD_CHECK_MAP, MD_CHECK_REFS, CREATE_ACCESS (+ close of the access fd), DESTROY_ACCESS_PAGES,
+ACCESS_PAGES, ACCESS_RW, ACCESS_REPLACE_IOAS, SET_TEMP_MEMORY_LIMIT, DIRTY. The others
+(MD_CHECK_IOTLB, TRIGGER_IOPF, DEV_CHECK_CACHE, TRIGGER_VEVENT, PASID_*) answer EOPNOTSUPP
+until the mock nested domain and vIOMMU land; see docs/selftest-parity.md.
+"""
+
+from __future__ import annotations
+
+import errno
+import weakref
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from iommufd_model.core.device import Device, device_attach, device_bind, device_unbind
+from iommufd_model.core.hw_pagetable import HwptPaging
+from iommufd_model.core.ioas import Ioas
+from iommufd_model.core.main import Ucmd, ioctl_op
+from iommufd_model.core.objects import IommufdObject, ObjType
+from iommufd_model.errors import err
+from iommufd_model.hw.memory import PAGE_SIZE
+from iommufd_model.mock.hw import ENTRY_DIRTY, ENTRY_FLAGS, MOCK_IO_PAGE_SIZE, MockDomain, MockIommu
+from iommufd_model.uapi import iommufd as U
+from iommufd_model.uapi.codec import UStruct, raw, u32, u64, ustruct
+
+if TYPE_CHECKING:
+    from iommufd_model.core.main import IommuFd
+    from iommufd_model.core.process import Process
+    from iommufd_model.hw.pci import PciDevice
+    from iommufd_model.machine import Machine
+
+# -- constants of iommufd_test.h ----------------------------------------------------------
+IOMMU_TEST_OP_ADD_RESERVED = 1
+IOMMU_TEST_OP_MOCK_DOMAIN = 2
+IOMMU_TEST_OP_MD_CHECK_MAP = 3
+IOMMU_TEST_OP_MD_CHECK_REFS = 4
+IOMMU_TEST_OP_CREATE_ACCESS = 5
+IOMMU_TEST_OP_DESTROY_ACCESS_PAGES = 6
+IOMMU_TEST_OP_ACCESS_PAGES = 7
+IOMMU_TEST_OP_ACCESS_RW = 8
+IOMMU_TEST_OP_SET_TEMP_MEMORY_LIMIT = 9
+IOMMU_TEST_OP_MOCK_DOMAIN_REPLACE = 10
+IOMMU_TEST_OP_ACCESS_REPLACE_IOAS = 11
+IOMMU_TEST_OP_MOCK_DOMAIN_FLAGS = 12
+IOMMU_TEST_OP_DIRTY = 13
+IOMMU_TEST_OP_MD_CHECK_IOTLB = 14
+IOMMU_TEST_OP_TRIGGER_IOPF = 15
+IOMMU_TEST_OP_DEV_CHECK_CACHE = 16
+IOMMU_TEST_OP_TRIGGER_VEVENT = 17
+IOMMU_TEST_OP_PASID_ATTACH = 18
+IOMMU_TEST_OP_PASID_REPLACE = 19
+IOMMU_TEST_OP_PASID_DETACH = 20
+IOMMU_TEST_OP_PASID_CHECK_HWPT = 21
+
+MOCK_FLAGS_ACCESS_WRITE = 1 << 0
+MOCK_FLAGS_ACCESS_SYZ = 1 << 16
+MOCK_ACCESS_RW_WRITE = 1 << 0
+MOCK_ACCESS_RW_SLOW_PATH = 1 << 2
+MOCK_FLAGS_ACCESS_CREATE_NEEDS_PIN_PAGES = 1 << 0
+MOCK_FLAGS_DEVICE_NO_DIRTY = 1 << 0
+MOCK_FLAGS_DEVICE_HUGE_IOVA = 1 << 1
+MOCK_FLAGS_DEVICE_PASID = 1 << 2
+MOCK_NESTED_DOMAIN_IOTLB_ID_MAX = 3
+MOCK_NESTED_DOMAIN_IOTLB_NUM = 4
+MOCK_DEV_CACHE_ID_MAX = 3
+MOCK_DEV_CACHE_NUM = 4
+IOMMU_TEST_PASID_RESERVED = 1024
+
+IOMMU_HW_INFO_TYPE_SELFTEST = 0xFEEDBEEF
+IOMMU_HW_INFO_SELFTEST_REGVAL = 0xDEADBEEF
+MOCK_PASID_WIDTH = 20
+IOMMU_HWPT_DATA_SELFTEST = 0xDEAD
+IOMMU_TEST_IOTLB_DEFAULT = 0xBADBEEF
+IOMMU_TEST_DEV_CACHE_DEFAULT = 0xBADDAD
+IOMMU_HWPT_INVALIDATE_DATA_SELFTEST = 0xDEADBEEF
+IOMMU_HWPT_INVALIDATE_DATA_SELFTEST_INVALID = 0xDADBEEF
+IOMMU_TEST_INVALIDATE_FLAG_ALL = 1 << 0
+IOMMU_VIOMMU_TYPE_SELFTEST = 0xDEADBEEF
+IOMMU_VIOMMU_INVALIDATE_DATA_SELFTEST = 0xDEADBEEF
+IOMMU_VIOMMU_INVALIDATE_DATA_SELFTEST_INVALID = 0xDADBEEF
+IOMMU_VEVENTQ_TYPE_SELFTEST = 0xBEEFBEEF
+IOMMU_HW_QUEUE_TYPE_SELFTEST = 0xDEADBEEF
+IOMMU_TEST_HW_QUEUE_MAX = 2
+
+# selftest.c: the default of iommufd_test_memory_limit, which the tests restore.
+DEFAULT_MEMORY_LIMIT = 65536
+# access_pages / access_rw refuse more than this before allocating (syzkaller guard).
+ACCESS_MAX_LENGTH = 16 * 1024 * 1024
+_PAGE_MASK = PAGE_SIZE - 1
+_U64 = (1 << 64) - 1
+
+# IOMMU_TEST_CMD = _IO(';', IOMMUFD_CMD_BASE + 32)
+IOMMU_TEST_CMD = U._IO(U.IOMMUFD_TYPE, U.IOMMUFD_CMD_BASE + 32)
+
+UNION_SIZE = 48  # the largest member (dirty) is 48 bytes, 8-byte aligned
+
+
+@ustruct
+@attrs.define
+class IommuTestCmd(UStruct):
+    """``struct iommu_test_cmd``; ``payload`` is the union, decoded per op."""
+
+    size: int = u32()
+    op: int = u32()
+    id: int = u32()
+    reserved: int = u32()
+    payload: bytes = raw(UNION_SIZE)
+    last: int = u32()
+    tail_pad: int = u32()
+
+
+# -- the union members -------------------------------------------------------------------
+class _Payload(UStruct):
+    @classmethod
+    def of(cls, cmd: IommuTestCmd) -> Any:
+        return cls.unpack(cmd.payload[: cls.SIZE])
+
+    def store(self, cmd: IommuTestCmd) -> None:
+        data = self.pack()
+        cmd.payload = data + cmd.payload[len(data) :]
+
+
+@ustruct
+@attrs.define
+class AddReserved(_Payload):
+    start: int = u64()
+    length: int = u64()
+
+
+@ustruct
+@attrs.define
+class MockDomainArgs(_Payload):
+    """``mock_domain`` and ``mock_domain_flags`` (the latter adds ``dev_flags``)."""
+
+    out_stdev_id: int = u32()
+    out_hwpt_id: int = u32()
+    out_idev_id: int = u32()
+    dev_flags: int = u32()
+
+
+@ustruct
+@attrs.define
+class MockDomainReplace(_Payload):
+    pt_id: int = u32()
+
+
+@ustruct
+@attrs.define
+class CheckMap(_Payload):
+    iova: int = u64()
+    length: int = u64()
+    uptr: int = u64()
+
+
+@ustruct
+@attrs.define
+class CheckRefs(_Payload):
+    length: int = u64()
+    uptr: int = u64()
+    refs: int = u32()
+    pad: int = u32()
+
+
+@ustruct
+@attrs.define
+class CreateAccess(_Payload):
+    out_access_fd: int = u32()
+    flags: int = u32()
+
+
+@ustruct
+@attrs.define
+class DestroyAccessPages(_Payload):
+    access_pages_id: int = u32()
+
+
+@ustruct
+@attrs.define
+class AccessPages(_Payload):
+    flags: int = u32()
+    out_access_pages_id: int = u32()
+    iova: int = u64()
+    length: int = u64()
+    uptr: int = u64()
+
+
+@ustruct
+@attrs.define
+class AccessRw(_Payload):
+    iova: int = u64()
+    length: int = u64()
+    uptr: int = u64()
+    flags: int = u32()
+    pad: int = u32()
+
+
+@ustruct
+@attrs.define
+class MemoryLimit(_Payload):
+    limit: int = u32()
+
+
+@ustruct
+@attrs.define
+class AccessReplaceIoas(_Payload):
+    ioas_id: int = u32()
+
+
+@ustruct
+@attrs.define
+class Dirty(_Payload):
+    flags: int = u32()
+    pad: int = u32()
+    iova: int = u64()
+    length: int = u64()
+    page_size: int = u64()
+    uptr: int = u64()
+    out_nr_dirty: int = u64()
+
+
+assert Dirty.SIZE == UNION_SIZE
+assert IommuTestCmd.SIZE == 72 and IommuTestCmd.offsetofend("last") == 68
+
+
+# -- global test knobs (selftest.c keeps them in module globals) ---------------------------
+@attrs.define(slots=True)
+class SelftestState:
+    """Per-machine stand-in for selftest.c's globals.
+
+    ``memory_limit`` is ``iommufd_test_memory_limit``: in the kernel it caps the temporary
+    batch allocations of pages.c, so that small limits force the multi-batch paths. The
+    model's page code has no batches, so the value is kept (and validated) but changes no
+    observable result; this is exactly what the kernel promises too.
+    """
+
+    memory_limit: int = DEFAULT_MEMORY_LIMIT
+    mock_dev_num: int = 0
+
+
+_STATE: weakref.WeakKeyDictionary[Machine, SelftestState] = weakref.WeakKeyDictionary()
+
+
+def selftest_state(machine: Machine) -> SelftestState:
+    state = _STATE.get(machine)
+    if state is None:
+        state = _STATE[machine] = SelftestState()
+    return state
+
+
+# -- the SELFTEST object (a mock device bound and attached for the test) -------------------
+class SelftestIdev(IommufdObject):
+    """``struct selftest_obj`` of type ``TYPE_IDEV``: owns a mock PCI device and its binding.
+
+    Destroying it (IOMMU_DESTROY of ``stdev_id``) detaches and unbinds the device and unplugs
+    the mock PCI function, as ``iommufd_selftest_destroy()`` does.
+    """
+
+    TYPE = ObjType.SELFTEST
+
+    def __init__(self, ictx: IommuFd) -> None:
+        super().__init__(ictx)
+        self.pci: PciDevice | None = None
+        self.idev: Device | None = None
+
+    def destroy(self) -> None:
+        idev, pci = self.idev, self.pci
+        self.idev = self.pci = None
+        if idev is not None and pci is not None and pci.bound_to is self.ictx:
+            device_unbind(self.ictx, idev)
+        if pci is not None:
+            _unplug(pci)
+
+
+def _first_mock_iommu(machine: Machine) -> MockIommu:
+    for hw in machine.iommus:
+        if isinstance(hw, MockIommu):
+            return hw
+    raise err(errno.ENODEV, "no mock IOMMU in this machine")
+
+
+def _unplug(pci: PciDevice) -> None:
+    hw = pci.iommu
+    hw.devices.pop(pci.rid, None)
+    if isinstance(hw, MockIommu):
+        hw.context.pop(pci.rid, None)
+        for key in [k for k in hw.pasid_context if k[0] == pci.rid]:
+            del hw.pasid_context[key]
+
+
+def _mock_dev_create(machine: Machine, dev_flags: int) -> PciDevice:
+    """``mock_dev_create()``: unknown device flags are EINVAL."""
+    if dev_flags & ~(MOCK_FLAGS_DEVICE_NO_DIRTY | MOCK_FLAGS_DEVICE_PASID):
+        # MOCK_FLAGS_DEVICE_HUGE_IOVA is a kernel flag the model does not implement yet.
+        raise err(errno.EINVAL, f"unsupported mock device flags {dev_flags:#x}")
+    hw = _first_mock_iommu(machine)
+    pasid_bits = MOCK_PASID_WIDTH if dev_flags & MOCK_FLAGS_DEVICE_PASID else 0
+    dev = machine.add_pci_device(hw.index, pasid_bits=pasid_bits)
+    dev.iommu_priv["no_dirty"] = bool(dev_flags & MOCK_FLAGS_DEVICE_NO_DIRTY)
+    dev.iommu_priv["flags"] = dev_flags
+    selftest_state(machine).mock_dev_num += 1
+    return dev
+
+
+def _mock_domain(ucmd: Ucmd, cmd: IommuTestCmd) -> None:
+    ictx = ucmd.ictx
+    args = MockDomainArgs.of(cmd)
+    dev_flags = args.dev_flags if cmd.op == IOMMU_TEST_OP_MOCK_DOMAIN_FLAGS else 0
+    # The kernel allocates the selftest object first, so its id precedes the device's.
+    sobj = SelftestIdev(ictx)
+    ictx.objects.alloc_id(sobj)
+    try:
+        sobj.pci = _mock_dev_create(ictx.machine, dev_flags)
+        idev_id = device_bind(ictx, sobj.pci)
+        sobj.idev = ictx.device(idev_id)
+        hwpt_id = device_attach(sobj.idev, cmd.id, None, replace=False)
+    except OSError:
+        ictx.objects.remove(sobj)
+        raise
+    args.out_stdev_id = sobj.id
+    args.out_hwpt_id = hwpt_id
+    args.out_idev_id = idev_id
+    args.store(cmd)
+    ucmd.respond()
+
+
+def _mock_domain_replace(ucmd: Ucmd, cmd: IommuTestCmd) -> None:
+    sobj = ucmd.ictx.objects.get(cmd.id, ObjType.SELFTEST)
+    assert isinstance(sobj, SelftestIdev)
+    if sobj.idev is None:
+        raise err(errno.EINVAL, "selftest object holds no device")
+    args = MockDomainReplace.of(cmd)
+    args.pt_id = device_attach(sobj.idev, args.pt_id, None, replace=True)
+    args.store(cmd)
+    ucmd.respond()
+
+
+def _add_reserved(ucmd: Ucmd, cmd: IommuTestCmd) -> None:
+    ioas = ucmd.ictx.objects.get_as(cmd.id, Ioas)
+    args = AddReserved.of(cmd)
+    # iopt_reserve_iova(start, start + length - 1, owner NULL); the model needs an owner key.
+    ioas.iopt.reserve(_TEST_RESERVED, args.start, (args.start + args.length - 1) & _U64)
+
+
+_TEST_RESERVED = object()  # owner of ADD_RESERVED ranges: never released, like owner NULL
+
+
+def _md_pagetable(ucmd: Ucmd, hwpt_id: int) -> MockDomain:
+    """``get_md_pagetable()``: a paging HWPT (ENOENT) whose domain is a mock one (EINVAL)."""
+    hwpt = ucmd.ictx.objects.get_as(hwpt_id, HwptPaging)
+    if not isinstance(hwpt.domain, MockDomain):
+        raise err(errno.EINVAL, "not a mock paging domain")
+    return hwpt.domain
+
+
+def _md_check_map(ucmd: Ucmd, cmd: IommuTestCmd) -> None:
+    args = CheckMap.of(cmd)
+    iova, length, uptr = args.iova, args.length, args.uptr
+    if (iova | length | uptr) % MOCK_IO_PAGE_SIZE or uptr + length > _U64:
+        raise err(errno.EINVAL, "check_map needs MOCK_IO_PAGE_SIZE aligned arguments")
+    mock = _md_pagetable(ucmd, cmd.id)
+    proc = ucmd.caller
+    while length:
+        pfn = proc.translate(uptr & ~_PAGE_MASK)  # get_user_pages_fast: EFAULT if unmapped
+        entry = mock.entries.get(iova // MOCK_IO_PAGE_SIZE)
+        if entry is None or entry & ~ENTRY_FLAGS != pfn * PAGE_SIZE + uptr % PAGE_SIZE:
+            raise err(errno.EINVAL, f"IOVA {iova:#x} does not map user VA {uptr:#x}")
+        iova += MOCK_IO_PAGE_SIZE
+        uptr += MOCK_IO_PAGE_SIZE
+        length -= MOCK_IO_PAGE_SIZE
+
+
+def pin_count(proc: Process, va: int) -> int:
+    """The model's ``page_ref_count(page) / GUP_PIN_COUNTING_BIAS`` for the page under ``va``.
+
+    A frame's references in the model are: one per page-table entry that maps it (the
+    caller's), one held by a memfd's page cache while the file owns the frame, and one per
+    pin (``pin_user_pages`` / ``memfd_pin_folios``, i.e. what iommufd's pages take). The
+    kernel's MD_CHECK_REFS counts only pins, because plain references are far below the
+    1024 bias; so the model counts pins as all references minus the mapping's own ones.
+    iommufd pins each page once however many domains and accesses use it, so a mapped page
+    reads 1 while anything needs it pinned and 0 otherwise.
+    """
+    pfn = proc.translate(va)
+    base = 1  # the caller's PTE, faulted in by translate() as get_user_pages_fast would
+    vma = proc._vma(va)
+    if vma is not None and vma.file is not None:
+        index = (vma.offset + (va - vma.start)) // PAGE_SIZE
+        if vma.file._pfns.get(index) == pfn:
+            base += 1
+    return proc.memory.frame_refs(pfn) - base
+
+
+def _md_check_refs(ucmd: Ucmd, cmd: IommuTestCmd) -> None:
+    args = CheckRefs.of(cmd)
+    length, uptr = args.length, args.uptr
+    if length % PAGE_SIZE or uptr % PAGE_SIZE or uptr + length > _U64:
+        raise err(errno.EINVAL, "check_refs needs page aligned arguments")
+    while length:
+        got = pin_count(ucmd.caller, uptr)
+        if got != args.refs:
+            raise err(errno.EIO, f"page at {uptr:#x} has {got} pins, expected {args.refs}")
+        uptr += PAGE_SIZE
+        length -= PAGE_SIZE
+
+
+# -- access objects -------------------------------------------------------------------------
+@attrs.define(slots=True)
+class AccessItem:
+    """``struct selftest_access_item``: one ACCESS_PAGES pin, undone by id or by unmap."""
+
+    id: int
+    iova: int
+    length: int
+
+
+class SelftestAccess(IommufdObject):
+    """An ``iommufd_access`` created by CREATE_ACCESS (``struct selftest_access``).
+
+    It sits in the object table (ObjType.ACCESS) with an extra user held by its driver, so
+    IOMMU_DESTROY of it is EBUSY; it holds a user of its IOAS. It is what the IoPagetable
+    sees as an ``IoAccess``: ``iova_alignment`` is PAGE_SIZE when it pins pages, and
+    ``unmap`` is ``iommufd_test_access_unmap()``: unpin every item touching the range.
+    """
+
+    TYPE = ObjType.ACCESS
+
+    def __init__(self, ictx: IommuFd, needs_pin: bool) -> None:
+        super().__init__(ictx)
+        self.needs_pin = needs_pin
+        self.ioas: Ioas | None = None
+        self.items: list[AccessItem] = []
+        self.next_id = 0
+
+    @property
+    def iova_alignment(self) -> int:
+        return PAGE_SIZE if self.needs_pin else 1
+
+    def unmap(self, iova: int, length: int) -> None:
+        last = iova + length - 1
+        assert self.ioas is not None
+        for item in list(self.items):
+            if iova > item.iova + item.length - 1 or last < item.iova:
+                continue
+            self.items.remove(item)
+            self.ioas.iopt.access_unpin(item.iova, item.length)
+
+    def attach(self, ioas: Ioas) -> None:
+        ioas.iopt.add_access(self)
+        ioas.users += 1
+        self.ioas = ioas
+
+    def detach(self) -> None:
+        ioas = self.ioas
+        if ioas is None:
+            return
+        self.unmap(0, _U64 + 1)
+        ioas.iopt.remove_access(self)
+        ioas.users -= 1
+        self.ioas = None
+
+
+class AccessFile:
+    """The anonymous file CREATE_ACCESS returns; closing its last fd destroys the access."""
+
+    def __init__(self, access: SelftestAccess) -> None:
+        self.access = access
+
+    def release(self) -> None:
+        access = self.access
+        access.detach()
+        access.users -= 1  # the driver's reference
+        access.ictx.objects.remove(access)
+
+
+def _access_get(ucmd: Ucmd, fd: int) -> SelftestAccess:
+    """``iommufd_access_get()``: the fd must be an access file, else EBADFD."""
+    f = ucmd.caller.files.get(fd)
+    if not isinstance(f, AccessFile):
+        raise err(errno.EBADFD, f"fd {fd} is not a selftest access")
+    return f.access
+
+
+def _syz_iova(access: SelftestAccess, iova: int) -> int:
+    """``iommufd_test_syz_conv_iova()``: low u32 = nth area, high u32 = offset into it."""
+    nth, offset = iova & 0xFFFF_FFFF, iova >> 32
+    assert access.ioas is not None
+    for i, (area_iova, *_rest) in enumerate(access.ioas.iopt.areas()):
+        if i == nth:
+            return area_iova + offset
+    return 0
+
+
+def _create_access(ucmd: Ucmd, cmd: IommuTestCmd) -> None:
+    args = CreateAccess.of(cmd)
+    if args.flags & ~MOCK_FLAGS_ACCESS_CREATE_NEEDS_PIN_PAGES:
+        raise err(errno.EOPNOTSUPP, f"unknown create_access flags {args.flags:#x}")
+    ictx = ucmd.ictx
+    access = SelftestAccess(ictx, bool(args.flags & MOCK_FLAGS_ACCESS_CREATE_NEEDS_PIN_PAGES))
+    ictx.objects.alloc_id(access)
+    access.users += 1  # the calling driver is a user until iommufd_access_destroy()
+    try:
+        access.attach(ictx.objects.get_as(cmd.id, Ioas))
+    except OSError:
+        access.users -= 1
+        ictx.objects.remove(access)
+        raise
+    args.out_access_fd = ucmd.caller.install_file(AccessFile(access))
+    args.store(cmd)
+    ucmd.respond()
+
+
+def _access_replace_ioas(ucmd: Ucmd, cmd: IommuTestCmd) -> None:
+    access = _access_get(ucmd, cmd.id)
+    new = ucmd.ictx.objects.get_as(AccessReplaceIoas.of(cmd).ioas_id, Ioas)
+    if access.ioas is None:
+        raise err(errno.ENOENT, "access is not attached")
+    if access.ioas is new:
+        return
+    new.iopt.add_access(access)  # may fail: then nothing changed
+    new.users += 1
+    access.detach()
+    access.ioas = new
+
+
+def _access_pages(ucmd: Ucmd, cmd: IommuTestCmd) -> None:
+    args = AccessPages.of(cmd)
+    if args.length > ACCESS_MAX_LENGTH:
+        raise err(errno.ENOMEM, "access_pages length above 16 MiB")
+    if args.flags & ~(MOCK_FLAGS_ACCESS_WRITE | MOCK_FLAGS_ACCESS_SYZ):
+        raise err(errno.EOPNOTSUPP, f"unknown access_pages flags {args.flags:#x}")
+    access = _access_get(ucmd, cmd.id)
+    if not access.needs_pin:
+        raise err(errno.EOPNOTSUPP, "access was created without NEEDS_PIN_PAGES")
+    if access.ioas is None:
+        raise err(errno.ENOENT, "access is not attached")
+    iova = args.iova
+    if args.flags & MOCK_FLAGS_ACCESS_SYZ:
+        iova = _syz_iova(access, iova)
+    iopt = access.ioas.iopt
+    pfns = iopt.access_pin(iova, args.length, bool(args.flags & MOCK_FLAGS_ACCESS_WRITE))
+    try:
+        if args.uptr:
+            # iommufd_test_check_pages(): the pinned pages are the user's pages, else EBADE.
+            va = args.uptr - iova % PAGE_SIZE
+            for i, pfn in enumerate(pfns):
+                if ucmd.caller.translate(va + i * PAGE_SIZE) != pfn:
+                    raise err(errno.EBADE, "pinned page differs from the user's page")
+    except OSError:
+        iopt.access_unpin(iova, args.length)
+        raise
+    item = AccessItem(access.next_id, iova, args.length)
+    access.next_id += 1
+    access.items.append(item)
+    args.out_access_pages_id = item.id
+    args.store(cmd)
+    ucmd.respond()
+
+
+def _destroy_access_pages(ucmd: Ucmd, cmd: IommuTestCmd) -> None:
+    access = _access_get(ucmd, cmd.id)
+    item_id = DestroyAccessPages.of(cmd).access_pages_id
+    for item in access.items:
+        if item.id == item_id:
+            access.items.remove(item)
+            assert access.ioas is not None
+            access.ioas.iopt.access_unpin(item.iova, item.length)
+            return
+    raise err(errno.ENOENT, f"no access pages item {item_id}")
+
+
+def _access_rw(ucmd: Ucmd, cmd: IommuTestCmd) -> None:
+    args = AccessRw.of(cmd)
+    if args.length > ACCESS_MAX_LENGTH:
+        raise err(errno.ENOMEM, "access_rw length above 16 MiB")
+    if args.flags & ~(MOCK_ACCESS_RW_WRITE | MOCK_ACCESS_RW_SLOW_PATH | MOCK_FLAGS_ACCESS_SYZ):
+        raise err(errno.EOPNOTSUPP, f"unknown access_rw flags {args.flags:#x}")
+    access = _access_get(ucmd, cmd.id)
+    write = bool(args.flags & MOCK_ACCESS_RW_WRITE)
+    data = ucmd.caller.read(args.uptr, args.length) if write else b""
+    if access.ioas is None:
+        raise err(errno.ENOENT, "access is not attached")
+    iova = args.iova
+    if args.flags & MOCK_FLAGS_ACCESS_SYZ:
+        iova = _syz_iova(access, iova)
+    # SLOW_PATH only selects the kernel's copy routine; the bytes moved are the same.
+    if write:
+        access.ioas.iopt.access_rw(iova, data, True)
+        return
+    out = access.ioas.iopt.access_rw(iova, args.length, False)
+    assert out is not None
+    ucmd.caller.write(args.uptr, out)
+
+
+def _set_temp_memory_limit(ucmd: Ucmd, cmd: IommuTestCmd) -> None:
+    limit = MemoryLimit.of(cmd).limit
+    if limit < 8 + 4:  # sizeof(unsigned long) + sizeof(u32): protects _batch_init()
+        raise err(errno.EINVAL, "memory limit below one batch element")
+    selftest_state(ucmd.ictx.machine).memory_limit = limit
+
+
+def _dirty(ucmd: Ucmd, cmd: IommuTestCmd) -> None:
+    """Mark the mock entries named by a user bitmap dirty; report how many were mapped.
+
+    As selftest.c, the entry looked at for bit ``i`` is ``(iova + i * page_size) /
+    page_size``: an index in units of ``page_size``, which equals the mock's 2 KiB entry
+    index only when ``page_size`` is MOCK_IO_PAGE_SIZE (what the kernel tests pass). The
+    bitmap is ``length / page_size / 8`` bytes (rounded down); bits past it are clear.
+    """
+    args = Dirty.of(cmd)
+    page_size, length, iova = args.page_size, args.length, args.iova
+    if not page_size or not length or iova % page_size or length % page_size or not args.uptr:
+        raise err(errno.EINVAL, "bad dirty range")
+    mock = _md_pagetable(ucmd, cmd.id)
+    if not mock.dirty_enabled:
+        raise err(errno.EINVAL, "dirty tracking is not enabled on this domain")
+    nbits = length // page_size
+    bitmap = ucmd.caller.read(args.uptr, nbits // 8)
+    count = 0
+    entries = mock.entries
+    for byte_index, byte in enumerate(bitmap):
+        while byte:
+            low = byte & -byte
+            byte ^= low
+            bit = byte_index * 8 + low.bit_length() - 1
+            index = (iova + bit * page_size) // page_size
+            entry = entries.get(index)
+            if entry is not None:
+                entries[index] = entry | ENTRY_DIRTY
+                count += 1
+    args.out_nr_dirty = count
+    args.store(cmd)
+    ucmd.respond()
+
+
+_HANDLERS = {
+    IOMMU_TEST_OP_ADD_RESERVED: _add_reserved,
+    IOMMU_TEST_OP_MOCK_DOMAIN: _mock_domain,
+    IOMMU_TEST_OP_MOCK_DOMAIN_FLAGS: _mock_domain,
+    IOMMU_TEST_OP_MOCK_DOMAIN_REPLACE: _mock_domain_replace,
+    IOMMU_TEST_OP_MD_CHECK_MAP: _md_check_map,
+    IOMMU_TEST_OP_MD_CHECK_REFS: _md_check_refs,
+    IOMMU_TEST_OP_CREATE_ACCESS: _create_access,
+    IOMMU_TEST_OP_ACCESS_REPLACE_IOAS: _access_replace_ioas,
+    IOMMU_TEST_OP_ACCESS_PAGES: _access_pages,
+    IOMMU_TEST_OP_ACCESS_RW: _access_rw,
+    IOMMU_TEST_OP_DESTROY_ACCESS_PAGES: _destroy_access_pages,
+    IOMMU_TEST_OP_SET_TEMP_MEMORY_LIMIT: _set_temp_memory_limit,
+    IOMMU_TEST_OP_DIRTY: _dirty,
+}
+
+
+@ioctl_op(IOMMU_TEST_CMD, IommuTestCmd, "last")
+def iommufd_test(ucmd: Ucmd) -> None:
+    """``iommufd_test()``: dispatch on ``op``; an op the model lacks is EOPNOTSUPP."""
+    cmd = ucmd.cmd
+    assert isinstance(cmd, IommuTestCmd)
+    handler = _HANDLERS.get(cmd.op)
+    if handler is None:
+        raise err(errno.EOPNOTSUPP, f"IOMMU_TEST_CMD op {cmd.op} not supported")
+    handler(ucmd, cmd)
+

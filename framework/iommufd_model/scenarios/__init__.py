@@ -1,0 +1,34 @@
+"""Vendor-neutral scenarios: the cells of ``iommufd-model matrix`` and the core of the kit.
+
+A scenario is a short function over the public API; it declares the features it needs and
+returns, through :func:`run_scenario`, pass / fail (first divergence) / unsupported (the
+feature and the errno the driver gave), with the hardware costs and wall time it took.
+"""
+
+from iommufd_model.scenarios.base import (
+    FAIL,
+    PASS,
+    UNSUPPORTED,
+    Divergence,
+    Rig,
+    Scenario,
+    ScenarioContext,
+    ScenarioResult,
+    Unsupported,
+    run_scenario,
+)
+from iommufd_model.scenarios.catalog import SCENARIOS
+
+__all__ = [
+    "FAIL",
+    "PASS",
+    "SCENARIOS",
+    "UNSUPPORTED",
+    "Divergence",
+    "Rig",
+    "Scenario",
+    "ScenarioContext",
+    "ScenarioResult",
+    "Unsupported",
+    "run_scenario",
+]

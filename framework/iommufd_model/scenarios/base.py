@@ -1,0 +1,301 @@
+"""The scenario machinery: records, the run context and raw-uAPI helpers.
+
+Scenarios talk to the model only through the public contract (``Machine``, the iommufd fd,
+ioctl numbers and packed structs, device DMA), so the same function runs unchanged against
+every driver and checks what a VMM would observe, not what a driver keeps inside.
+"""
+
+from __future__ import annotations
+
+import errno
+import time
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+
+from iommufd_model.driver import DriverInfo, Feature
+from iommufd_model.hw.iommu import DmaFault
+from iommufd_model.hw.memory import PAGE_SIZE
+from iommufd_model.hw.pci import PciDevice
+from iommufd_model.machine import Machine
+from iommufd_model.plugins import DriverRegistry, default_registry
+from iommufd_model.uapi import iommufd as U
+
+PASS = "pass"
+FAIL = "fail"
+UNSUPPORTED = "unsupported"
+COST_KEYS = ("translations", "walk_mem_refs", "iotlb_hits", "iotlb_misses", "commands", "faults")
+
+
+def errno_name(code: int | None) -> str:
+    """Symbolic errno; 95 is EOPNOTSUPP in the kernel's vocabulary (Python says ENOTSUP)."""
+    if code is None:
+        return "-"
+    if code == errno.EOPNOTSUPP:
+        return "EOPNOTSUPP"
+    return errno.errorcode.get(code, str(code))
+
+
+def describe_oserror(exc: OSError) -> str:
+    """``EINVAL: why`` from an OSError raised through :func:`iommufd_model.errors.err`."""
+    text = str(exc)
+    if text.startswith("[Errno"):
+        text = text.split("] ", 1)[-1]
+    return f"{errno_name(exc.errno)}: {text}"
+
+
+class Divergence(Exception):
+    """The model did something a correct driver would not: the first one ends the scenario."""
+
+
+class Unsupported(Exception):
+    """The driver refused a feature it does not declare, with the errno it gave."""
+
+    def __init__(self, feature: Feature, errno_: int, detail: str = "") -> None:
+        super().__init__(f"{feature.value}: {detail or errno_name(errno_)}")
+        self.feature = feature
+        self.errno = errno_
+
+
+@attrs.define(slots=True, frozen=True)
+class Scenario:
+    """A named, vendor-neutral check and the features it needs from a driver."""
+
+    name: str
+    doc: str
+    features: frozenset[Feature]
+    fn: Callable[[ScenarioContext], None]
+
+
+@attrs.define(slots=True)
+class ScenarioResult:
+    """One matrix cell: outcome, why (first divergence or refused feature), what it cost."""
+
+    scenario: str
+    driver: str
+    status: str
+    detail: str = ""
+    feature: str | None = None
+    errno: int | None = None
+    costs: dict[str, int] = attrs.Factory(dict)
+    wall_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """Pass and unsupported are both acceptable; only a fail breaks the contract."""
+        return self.status != FAIL
+
+    def to_json(self) -> dict[str, Any]:
+        out = attrs.asdict(self)
+        out["errno_name"] = errno_name(self.errno) if self.errno is not None else None
+        return out
+
+
+def check(cond: object, what: str) -> None:
+    """Record a divergence unless ``cond`` holds."""
+    if not cond:
+        raise Divergence(what)
+
+
+def expect_errno(expected: int | tuple[int, ...], fn: Callable[[], object], what: str) -> int:
+    """``fn`` must fail with one of ``expected``; returns the errno it gave."""
+    allowed = expected if isinstance(expected, tuple) else (expected,)
+    names = "/".join(errno_name(e) for e in allowed)
+    try:
+        fn()
+    except OSError as exc:
+        got = exc.errno or 0
+        check(got in allowed, f"{what}: expected {names}, got {errno_name(got)}")
+        return got
+    raise Divergence(f"{what}: expected {names}, but it succeeded")
+
+
+def expect_fault(fn: Callable[[], object], what: str) -> None:
+    """``fn`` (a DMA) must be refused by the IOMMU."""
+    try:
+        fn()
+    except DmaFault:
+        return
+    raise Divergence(f"{what}: DMA went through, expected an IOMMU fault")
+
+
+def pattern(seed: int, n: int) -> bytes:
+    """Recognisable bytes, different per seed, so a DMA from the wrong page is caught."""
+    return bytes((seed * 37 + i * 11 + (i >> 8)) & 0xFF for i in range(n))
+
+
+class Rig:
+    """One VMM with one device bound to an open iommufd: the starting point of most scenarios."""
+
+    def __init__(self, machine: Machine, dev: PciDevice | None = None) -> None:
+        self.machine = machine
+        self.dev = dev if dev is not None else machine.add_pci_device(iommu=0)
+        self.proc = machine.new_process()
+        self.fd = self.proc.open_iommufd()
+        self.dev_id = self.fd.bind(self.dev)
+
+    def rebind(self) -> Rig:
+        """The same device bound to a new iommufd in a new process (after a teardown)."""
+        return Rig(self.machine, self.dev)
+
+    # -- raw uAPI, one helper per ioctl, returning the out field ---------------------------
+    def ioctl(self, cmd: int, st: Any) -> Any:
+        """Pack ``st``, issue ``cmd`` on the raw bytes, unpack what the kernel wrote back."""
+        buf = bytearray(st.pack())
+        self.fd.ioctl(cmd, buf)
+        return type(st).unpack(buf)
+
+    def ioas_alloc(self) -> int:
+        out = self.ioctl(U.IOMMU_IOAS_ALLOC, U.IommuIoasAlloc(size=U.IommuIoasAlloc.SIZE))
+        return int(out.out_ioas_id)
+
+    def buffer(self, length: int, seed: int) -> int:
+        """mmap ``length`` bytes in the VMM and fill them with :func:`pattern`."""
+        va = self.proc.mmap(length)
+        self.proc.write(va, pattern(seed, length))
+        return va
+
+    def ioas_map(self, ioas: int, va: int, length: int, iova: int | None = None) -> int:
+        flags = U.IOMMU_IOAS_MAP_READABLE | U.IOMMU_IOAS_MAP_WRITEABLE
+        if iova is not None:
+            flags |= U.IOMMU_IOAS_MAP_FIXED_IOVA
+        st = U.IommuIoasMap(
+            size=U.IommuIoasMap.SIZE, flags=flags, ioas_id=ioas, user_va=va, length=length,
+            iova=iova or 0,
+        )
+        return int(self.ioctl(U.IOMMU_IOAS_MAP, st).iova)
+
+    def ioas_unmap(self, ioas: int, iova: int, length: int) -> int:
+        st = U.IommuIoasUnmap(size=U.IommuIoasUnmap.SIZE, ioas_id=ioas, iova=iova, length=length)
+        return int(self.ioctl(U.IOMMU_IOAS_UNMAP, st).length)
+
+    def hwpt_alloc(
+        self, pt_id: int, flags: int = 0, data_type: int = 0, data: bytes = b""
+    ) -> int:
+        uptr = 0
+        if data:
+            uptr = self.proc.mmap(len(data))
+            self.proc.write(uptr, data)
+        st = U.IommuHwptAlloc(
+            size=U.IommuHwptAlloc.SIZE, flags=flags, dev_id=self.dev_id, pt_id=pt_id,
+            data_type=data_type, data_len=len(data), data_uptr=uptr,
+        )
+        return int(self.ioctl(U.IOMMU_HWPT_ALLOC, st).out_hwpt_id)
+
+    def destroy(self, obj_id: int) -> None:
+        self.ioctl(U.IOMMU_DESTROY, U.IommuDestroy(size=U.IommuDestroy.SIZE, id=obj_id))
+
+    def set_dirty_tracking(self, hwpt: int, enable: bool) -> None:
+        st = U.IommuHwptSetDirtyTracking(
+            size=U.IommuHwptSetDirtyTracking.SIZE, hwpt_id=hwpt,
+            flags=U.IOMMU_HWPT_DIRTY_TRACKING_ENABLE if enable else 0,
+        )
+        self.ioctl(U.IOMMU_HWPT_SET_DIRTY_TRACKING, st)
+
+    def dirty_pages(self, hwpt: int, iova: int, length: int, *, clear: bool = True) -> list[int]:
+        """GET_DIRTY_BITMAP at CPU page granularity: the indexes of the dirty pages."""
+        nbits = -(-length // PAGE_SIZE)
+        nbytes = -(-nbits // 64) * 8
+        bitmap_va = self.proc.mmap(nbytes)
+        st = U.IommuHwptGetDirtyBitmap(
+            size=U.IommuHwptGetDirtyBitmap.SIZE, hwpt_id=hwpt, iova=iova, length=length,
+            page_size=PAGE_SIZE, data=bitmap_va,
+            flags=0 if clear else U.IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR,
+        )
+        self.ioctl(U.IOMMU_HWPT_GET_DIRTY_BITMAP, st)
+        bits = int.from_bytes(self.proc.read(bitmap_va, nbytes), "little")
+        return [i for i in range(nbits) if bits >> i & 1]
+
+    def viommu_alloc(self, hwpt: int, viommu_type: int) -> int:
+        st = U.IommuViommuAlloc(
+            size=U.IommuViommuAlloc.SIZE, type=viommu_type, dev_id=self.dev_id, hwpt_id=hwpt
+        )
+        return int(self.ioctl(U.IOMMU_VIOMMU_ALLOC, st).out_viommu_id)
+
+    def vdevice_alloc(self, viommu: int, virt_id: int) -> int:
+        st = U.IommuVdeviceAlloc(
+            size=U.IommuVdeviceAlloc.SIZE, viommu_id=viommu, dev_id=self.dev_id, virt_id=virt_id
+        )
+        return int(self.ioctl(U.IOMMU_VDEVICE_ALLOC, st).out_vdevice_id)
+
+
+class ScenarioContext:
+    """What a scenario gets: the driver under test and a factory of fresh machines.
+
+    Costs are summed over every machine the scenario built, so a scenario that needs several
+    machines (one per teardown order) is charged for all of them.
+    """
+
+    def __init__(self, driver: str, registry: DriverRegistry) -> None:
+        self.driver = driver
+        self.registry = registry
+        self.info: DriverInfo = registry.drivers[driver].info
+        self.machines: list[Machine] = []
+
+    def machine(self) -> Machine:
+        m = Machine.build(iommus=[self.driver], registry=self.registry)
+        self.machines.append(m)
+        return m
+
+    def rig(self) -> Rig:
+        return Rig(self.machine())
+
+    def has(self, feature: Feature) -> bool:
+        return feature in self.info.features
+
+    def need(self, feature: Feature, probe: Callable[[], object]) -> None:
+        """Gate on a declared feature; when undeclared, ``probe`` must be refused with an errno.
+
+        The refusal becomes :class:`Unsupported` carrying the errno the driver actually gave.
+        A driver that accepts what it does not declare is a divergence: the matrix would
+        otherwise hide a half-implemented feature.
+        """
+        if self.has(feature):
+            return
+        try:
+            probe()
+        except OSError as exc:
+            raise Unsupported(feature, exc.errno or 0, describe_oserror(exc)) from exc
+        raise Divergence(f"driver accepted {feature.value} but does not declare it")
+
+    def costs(self) -> dict[str, int]:
+        total = dict.fromkeys(COST_KEYS, 0)
+        for m in self.machines:
+            for hw in m.iommus:
+                for key, value in hw.stats.snapshot().items():
+                    total[key] = total.get(key, 0) + value
+        return total
+
+
+def run_scenario(
+    scenario: Scenario, driver: str, registry: DriverRegistry | None = None
+) -> ScenarioResult:
+    """Run one cell on fresh machines; never raises for a model or driver failure."""
+    reg = registry if registry is not None else default_registry()
+    ctx = ScenarioContext(driver, reg)
+    start = time.perf_counter()
+    result = ScenarioResult(scenario.name, driver, PASS)
+    try:
+        scenario.fn(ctx)
+    except Unsupported as exc:
+        result.status = UNSUPPORTED
+        result.feature = exc.feature.value
+        result.errno = exc.errno
+        result.detail = str(exc)
+    except Divergence as exc:
+        result.status = FAIL
+        result.detail = str(exc)
+    except DmaFault as exc:
+        result.status = FAIL
+        result.detail = f"unexpected fault: {exc}"
+    except OSError as exc:
+        result.status = FAIL
+        result.errno = exc.errno
+        result.detail = f"unexpected {describe_oserror(exc)}"
+    except Exception as exc:
+        result.status = FAIL
+        result.detail = f"driver/model bug: {type(exc).__name__}: {exc}"
+    result.wall_s = time.perf_counter() - start
+    result.costs = ctx.costs()
+    return result

@@ -1,0 +1,1 @@
+"""The shipped contract tests; collected by the kit when a driver is selected."""

@@ -1,0 +1,44 @@
+"""The kernel self-test's fixtures, as pytest fixtures.
+
+``iommufd``: an open /dev/iommu. ``iommufd_ioas``: plus an IOAS and, per variant, mock
+domains (FIXTURE_VARIANT_ADD no_domain / mock_domain / two_mock_domain / mock_domain_limit).
+Test ids read ``test_<fixture>__<kernel test name>[<variant>]``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# The suite runs with --import-mode=importlib, which leaves sys.path alone: make the shared
+# helper module (kutil.py, the port of iommufd_utils.h) importable by the test modules.
+sys.path.insert(0, str(Path(__file__).parent))
+from kutil import IOAS_VARIANTS, MOCK_APERTURE_START, IoasFixture, Kfd, teardown_iommufd
+
+from iommufd_model.mock import selftest as T
+
+
+@pytest.fixture
+def iommufd(machine: Any) -> Iterator[Kfd]:
+    k = Kfd(machine)
+    yield k
+    teardown_iommufd(k)
+
+
+@pytest.fixture(params=list(IOAS_VARIANTS))
+def iommufd_ioas(request: pytest.FixtureRequest, machine: Any) -> Iterator[IoasFixture]:
+    variant = IOAS_VARIANTS[request.param]
+    k = Kfd(machine)
+    t = IoasFixture(k, variant, ioas_id=k.ioas_alloc())
+    limit = variant.memory_limit or T.DEFAULT_MEMORY_LIMIT
+    assert k.set_memory_limit(limit) == 0
+    for _ in range(variant.mock_domains):
+        t.stdev_id, t.hwpt_id, t.device_id = k.mock_domain_ok(t.ioas_id)
+        t.base_iova = MOCK_APERTURE_START
+    yield t
+    assert k.set_memory_limit(T.DEFAULT_MEMORY_LIMIT) == 0
+    teardown_iommufd(k)

@@ -1,0 +1,168 @@
+"""Port of the ``iommufd_dirty_tracking`` fixture tests of selftests/iommu/iommufd.c."""
+
+from __future__ import annotations
+
+import errno
+import struct
+from collections.abc import Iterator
+from typing import Any
+
+import attrs
+import pytest
+from kutil import HUGEPAGE_SIZE, MOCK_APERTURE_START, MOCK_PAGE_SIZE, Kfd, pack
+from kutil import teardown_iommufd as _teardown
+
+from iommufd_model.mock import selftest as T
+from iommufd_model.uapi import iommufd as U
+
+DIRTY_VARIANTS = {
+    "domain_dirty128k": 128 * 1024,
+    "domain_dirty256k": 256 * 1024,
+    "domain_dirty640k": 640 * 1024,
+    "domain_dirty128M": 128 * 1024 * 1024,
+    "domain_dirty256M": 256 * 1024 * 1024,
+}
+
+
+@attrs.define
+class DirtyFixture:
+    k: Kfd
+    buffer_size: int
+    buffer: int
+    bitmap: int
+    bitmap_size: int
+    ioas_id: int
+    stdev_id: int
+    hwpt_id: int
+    idev_id: int
+    page_size: int = MOCK_PAGE_SIZE
+
+
+@pytest.fixture(params=list(DIRTY_VARIANTS))
+def iommufd_dirty_tracking(request: pytest.FixtureRequest, machine: Any) -> Iterator[Any]:
+    size = DIRTY_VARIANTS[request.param]
+    k = Kfd(machine)
+    buffer = k.proc.mmap(size, align=HUGEPAGE_SIZE)
+    bitmap_size = size // MOCK_PAGE_SIZE // 8
+    # One extra MOCK_PAGE_SIZE for the unaligned-bitmap case.
+    bitmap = k.proc.mmap(bitmap_size + MOCK_PAGE_SIZE)
+    ioas_id = k.ioas_alloc()
+    stdev, hwpt, idev = k.mock_domain_ok(ioas_id)
+    yield DirtyFixture(k, size, buffer, bitmap, bitmap_size, ioas_id, stdev, hwpt, idev)
+    _teardown(k)
+
+
+def _set_dirty_tracking(k: Kfd, hwpt_id: int, enable: bool) -> int:
+    flags = U.IOMMU_HWPT_DIRTY_TRACKING_ENABLE if enable else 0
+    return k.ioctl(U.IOMMU_HWPT_SET_DIRTY_TRACKING, pack("IIII", 16, flags, hwpt_id, 0))
+
+
+def _get_dirty_bitmap(
+    k: Kfd, hwpt_id: int, length: int, iova: int, page_size: int, bitmap: int, flags: int
+) -> int:
+    buf = pack("IIIIQQQQ", 48, hwpt_id, flags, 0, iova, length, page_size, bitmap)
+    return k.ioctl(U.IOMMU_HWPT_GET_DIRTY_BITMAP, buf)
+
+
+def _mock_set_dirty(
+    k: Kfd, hwpt_id: int, length: int, iova: int, page_size: int, bitmap: int
+) -> tuple[int, int]:
+    payload = pack("IIQQQQQ", 0, 0, iova, length, page_size, bitmap, 0)
+    rc, buf = k.test_cmd(T.IOMMU_TEST_OP_DIRTY, hwpt_id, payload)
+    return rc, struct.unpack_from("<Q", buf, 16 + 40)[0]
+
+
+def _bits(k: Kfd, bitmap: int, nbits: int) -> int:
+    return int.from_bytes(k.proc.read(bitmap, (nbits + 7) // 8), "little")
+
+
+def _test_mock_dirty_bitmaps(
+    k: Kfd, hwpt_id: int, length: int, iova: int, page_size: int, bitmap: int, flags: int
+) -> None:
+    """``_test_mock_dirty_bitmaps()`` with pte_page_size == page_size: every other bit."""
+    nbits = length // page_size
+    nbytes = (nbits + 7) // 8
+    even = int.from_bytes(b"\x55" * nbytes, "little") & ((1 << nbits) - 1)
+    k.proc.write(bitmap, even.to_bytes(nbytes, "little"))
+    rc, nr_dirty = _mock_set_dirty(k, hwpt_id, length, iova, page_size, bitmap)
+    assert (rc, nr_dirty) == (0, (nbits + 1) // 2)
+    k.proc.write(bitmap, bytes(nbytes))
+    assert _get_dirty_bitmap(k, hwpt_id, length, iova, page_size, bitmap, flags) == 0
+    assert _bits(k, bitmap, nbits) == even
+    # Read a second time: cleared unless NO_CLEAR
+    k.proc.write(bitmap, bytes(nbytes))
+    assert _get_dirty_bitmap(k, hwpt_id, length, iova, page_size, bitmap, flags) == 0
+    expect = even if flags & U.IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR else 0
+    assert _bits(k, bitmap, nbits) == expect
+
+
+def test_iommufd_dirty_tracking__enforce_dirty(iommufd_dirty_tracking: DirtyFixture) -> None:
+    t, k = iommufd_dirty_tracking, iommufd_dirty_tracking.k
+    no_dirty = T.MOCK_FLAGS_DEVICE_NO_DIRTY
+    rc, hwpt = k.hwpt_alloc(t.idev_id, t.ioas_id, U.IOMMU_HWPT_ALLOC_DIRTY_TRACKING)
+    assert rc == 0
+    stdev, _, _ = k.mock_domain_ok(hwpt)
+    assert k.mock_domain(hwpt, no_dirty)[0] == errno.EINVAL
+    assert k.destroy(stdev) == 0
+    assert k.destroy(hwpt) == 0
+    # The IOMMU device does not support dirty tracking
+    ioas_id = k.ioas_alloc()
+    stdev, _, idev = k.mock_domain_ok(ioas_id, no_dirty)
+    rc, _ = k.hwpt_alloc(idev, ioas_id, U.IOMMU_HWPT_ALLOC_DIRTY_TRACKING)
+    assert rc == errno.EOPNOTSUPP
+    assert k.destroy(stdev) == 0
+
+
+def test_iommufd_dirty_tracking__set_dirty_tracking(
+    iommufd_dirty_tracking: DirtyFixture,
+) -> None:
+    t, k = iommufd_dirty_tracking, iommufd_dirty_tracking.k
+    rc, hwpt = k.hwpt_alloc(t.idev_id, t.ioas_id, U.IOMMU_HWPT_ALLOC_DIRTY_TRACKING)
+    assert rc == 0
+    stdev, _, _ = k.mock_domain_ok(hwpt)
+    assert _set_dirty_tracking(k, hwpt, True) == 0
+    assert _set_dirty_tracking(k, hwpt, False) == 0
+    assert k.destroy(stdev) == 0
+    assert k.destroy(hwpt) == 0
+
+
+def test_iommufd_dirty_tracking__device_dirty_capability(
+    iommufd_dirty_tracking: DirtyFixture,
+) -> None:
+    t, k = iommufd_dirty_tracking, iommufd_dirty_tracking.k
+    rc, hwpt = k.hwpt_alloc(t.idev_id, t.ioas_id, 0)
+    assert rc == 0
+    stdev, _, _ = k.mock_domain_ok(hwpt)
+    buf = pack("IIIIQIBBBBQ", 40, 0, t.idev_id, 0, 0, 0, 0, 0, 0, 0, 0)
+    assert k.ioctl(U.IOMMU_GET_HW_INFO, buf) == 0
+    caps = struct.unpack_from("<Q", buf, 32)[0]
+    assert caps & U.IOMMU_HW_CAP_DIRTY_TRACKING
+    assert k.destroy(stdev) == 0
+    assert k.destroy(hwpt) == 0
+
+
+def _get_dirty_bitmap_test(t: DirtyFixture, flags: int) -> None:
+    k = t.k
+    ioas_id = k.ioas_alloc()
+    k.map_ok(ioas_id, t.buffer, t.buffer_size, MOCK_APERTURE_START, fixed=True)
+    rc, hwpt = k.hwpt_alloc(t.idev_id, ioas_id, U.IOMMU_HWPT_ALLOC_DIRTY_TRACKING)
+    assert rc == 0
+    stdev, _, _ = k.mock_domain_ok(hwpt)
+    assert _set_dirty_tracking(k, hwpt, True) == 0
+    size, ps = t.buffer_size, t.page_size
+    _test_mock_dirty_bitmaps(k, hwpt, size, MOCK_APERTURE_START, ps, t.bitmap, flags)
+    # A bitmap that is not PAGE_SIZE aligned
+    unaligned = t.bitmap + MOCK_PAGE_SIZE
+    _test_mock_dirty_bitmaps(k, hwpt, size, MOCK_APERTURE_START, ps, unaligned, flags)
+    assert k.destroy(stdev) == 0
+    assert k.destroy(hwpt) == 0
+
+
+def test_iommufd_dirty_tracking__get_dirty_bitmap(iommufd_dirty_tracking: DirtyFixture) -> None:
+    _get_dirty_bitmap_test(iommufd_dirty_tracking, 0)
+
+
+def test_iommufd_dirty_tracking__get_dirty_bitmap_no_clear(
+    iommufd_dirty_tracking: DirtyFixture,
+) -> None:
+    _get_dirty_bitmap_test(iommufd_dirty_tracking, U.IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR)
