@@ -15,8 +15,10 @@ import attrs
 if TYPE_CHECKING:
     from iommufd_model.hw.iommu import IommuHw
 
+# include/linux/iommu.h prot bits; iommufd always adds IOMMU_CACHE (conv_iommu_prot()).
 IOMMU_READ = 1
 IOMMU_WRITE = 2
+IOMMU_CACHE = 4
 
 
 class DomainType(enum.Enum):

@@ -37,10 +37,17 @@ def test_kit_rejects_unknown_driver(tmp_path: Path) -> None:
 
 
 def test_kit_idle_without_option(tmp_path: Path) -> None:
+    from iommufd_model.plugins import default_registry
+
+    installed = sorted(default_registry().drivers)
     (tmp_path / "test_own.py").write_text(
-        "def test_own(iommu_driver):\n    assert iommu_driver == 'mock'\n"
+        "SEEN = []\n"
+        "def test_own(iommu_driver):\n"
+        "    SEEN.append(iommu_driver)\n"
+        f"def test_zz_all_seen():\n    assert sorted(SEEN) == {installed!r}\n"
     )
     res = _kit(tmp_path)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out
-    assert "1 passed" in out  # only the user's test, parametrised over the installed mock
+    # only the user's tests run: one per installed driver, plus the check that all were seen
+    assert f"{len(installed) + 1} passed" in out

@@ -42,7 +42,9 @@ def _problem(reg: DriverRegistry, name: str) -> str:
 
 
 def _assert_mock_still_works(reg: DriverRegistry) -> None:
-    assert sorted(reg.drivers) == ["mock"]
+    # None of the broken plugins got in; the good ones (mock, and any installed vendor) did.
+    assert "mock" in reg.drivers
+    assert not {"explodes", "missing", "misspelled", "wrongargs"} & set(reg.drivers)
     machine = Machine.build(iommus=["mock"], registry=reg)
     assert machine.iommus[0].driver_name == "mock"
     result = run_scenario(SCENARIOS["paging_dma"], "mock", reg)

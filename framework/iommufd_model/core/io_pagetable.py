@@ -51,16 +51,13 @@ from iommufd_model.core.intervals import (
     holes,
 )
 from iommufd_model.core.pages import Pages
+from iommufd_model.driver import IOMMU_CACHE as IOMMU_CACHE  # re-exported for callers
+from iommufd_model.driver import IOMMU_READ, IOMMU_WRITE
 from iommufd_model.errors import err
 from iommufd_model.hw.memory import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, PhysicalMemory
 
 if TYPE_CHECKING:
     from iommufd_model.core.process import MemFile, Process
-
-# include/linux/iommu.h prot bits. iommufd always adds IOMMU_CACHE (conv_iommu_prot()).
-IOMMU_READ = 1
-IOMMU_WRITE = 2
-IOMMU_CACHE = 4
 
 ULONG_MAX = U64_MAX
 # Automatic IOVAs are never aligned beyond a THP (HPAGE_SIZE on x86-64 with THP).

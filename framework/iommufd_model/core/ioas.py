@@ -5,10 +5,11 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING
 
-from iommufd_model.core.io_pagetable import IOMMU_READ, IOMMU_WRITE, IoPagetable
+from iommufd_model.core.io_pagetable import IoPagetable
 from iommufd_model.core.main import Ucmd, ioctl_op
 from iommufd_model.core.objects import IommufdObject, ObjType
 from iommufd_model.core.process import MemFile
+from iommufd_model.driver import IOMMU_CACHE, IOMMU_READ, IOMMU_WRITE
 from iommufd_model.errors import err
 from iommufd_model.uapi import iommufd as U
 
@@ -36,7 +37,8 @@ class Ioas(IommufdObject):
 
 
 def conv_prot(flags: int) -> int:
-    prot = 0
+    """``conv_iommu_prot()``: iommufd requires coherent DMA, so IOMMU_CACHE is always set."""
+    prot = IOMMU_CACHE
     if flags & U.IOMMU_IOAS_MAP_WRITEABLE:
         prot |= IOMMU_WRITE
     if flags & U.IOMMU_IOAS_MAP_READABLE:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 from typing import Any
 
-from iommufd_model.driver import Domain, DriverInfo, Feature, HwInfo
+from iommufd_model.driver import IOMMU_READ, IOMMU_WRITE, Domain, DriverInfo, Feature, HwInfo
 from iommufd_model.errors import err
 from iommufd_model.hookspecs import hookimpl
 from iommufd_model.hw.pci import PciDevice
@@ -112,7 +112,7 @@ class MockDriver:
         entries = d.entries
         if any((first + i) in entries for i in range(count)):
             raise err(errno.EEXIST, "mock IOVA already mapped")
-        flags = prot & ENTRY_FLAGS
+        flags = prot & (IOMMU_READ | IOMMU_WRITE)
         for i in range(count):
             entries[first + i] = (pa + (i << MOCK_IO_PAGE_SHIFT)) | flags
         return True

@@ -486,6 +486,7 @@ class AccessFile:
         access.detach()
         access.users -= 1  # the driver's reference
         access.ictx.objects.remove(access)
+        access.ictx.put_file_ref()  # the access held the iommufd context (iommufd_ctx_get)
 
 
 def _access_get(ucmd: Ucmd, fd: int) -> SelftestAccess:
@@ -521,6 +522,7 @@ def _create_access(ucmd: Ucmd, cmd: IommuTestCmd) -> None:
         ictx.objects.remove(access)
         raise
     args.out_access_fd = ucmd.caller.install_file(AccessFile(access))
+    ictx.file_refs += 1
     args.store(cmd)
     ucmd.respond()
 
