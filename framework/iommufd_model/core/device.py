@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING, Any
 
+from iommufd_model.core.failnth import failpoint
 from iommufd_model.core.hw_pagetable import Hwpt, HwptNested, HwptPaging, hwpt_paging_alloc, require
 from iommufd_model.core.ioas import Ioas
 from iommufd_model.core.main import Ucmd, ioctl_op
@@ -47,6 +48,7 @@ class Device(IommufdObject):
         if key in self._resv:
             self._resv[key] += 1
             return
+        failpoint("device.reserve_regions")  # iopt_table_enforce_dev_resv_regions()
         regions = self.hooks.dev_reserved_regions(iommu=self.hw, dev=self.dev) or []
         done = False
         try:
@@ -135,10 +137,12 @@ def attach_hwpt(idev: Device, hwpt: Hwpt, pasid: int | None, *, replace: bool) -
     idev.reserve_regions(ioas)
     try:
         if pasid is None:
+            failpoint("hook.attach_dev")
             require(
                 idev.hooks.attach_dev(iommu=idev.hw, dev=idev.dev, domain=hwpt.domain), "attach_dev"
             )
         else:
+            failpoint("hook.set_dev_pasid")
             require(
                 idev.hooks.set_dev_pasid(
                     iommu=idev.hw, dev=idev.dev, pasid=pasid, domain=hwpt.domain
@@ -173,7 +177,13 @@ def auto_attach(idev: Device, ioas: Ioas, pasid: int | None, *, replace: bool) -
                 raise
     flags = U.IOMMU_HWPT_ALLOC_PASID if pasid is not None else 0
     new = hwpt_paging_alloc(idev.ictx, ioas, idev, flags, auto_domain=True)
-    idev.ictx.objects.alloc_id(new)
+    try:
+        idev.ictx.objects.alloc_id(new)
+    except OSError:
+        # The domain was filled from the IOAS already: take it out and free it.
+        new.destroy()
+        new.release_holds()
+        raise
     try:
         attach_hwpt(idev, new, pasid, replace=replace)
     except OSError:
@@ -223,6 +233,7 @@ def _get_hw_info(ucmd: Ucmd) -> None:
     if any(cmd.reserved):
         raise err(errno.EOPNOTSUPP, "hw_info __reserved must be 0")
     idev = ucmd.ictx.objects.get_as(cmd.dev_id, Device)
+    failpoint("hook.hw_info")
     info = idev.hooks.hw_info(iommu=idev.hw, dev=idev.dev, data_type=cmd.data_type)
     if info is None:
         info = HwInfo(U.IOMMU_HW_INFO_TYPE_NONE, b"")

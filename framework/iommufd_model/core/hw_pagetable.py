@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING, Any
 
+from iommufd_model.core.failnth import failpoint
 from iommufd_model.core.main import Ucmd, ioctl_op
 from iommufd_model.core.objects import IommufdObject, ObjType
 from iommufd_model.driver import Domain, InvalidateResult
@@ -64,6 +65,7 @@ class DomainAdapter:
         return self.domain.aperture_end
 
     def map(self, iova: int, pa: int, size: int, prot: int) -> None:
+        failpoint("hook.domain_map")  # iommu_map(): page-table allocations
         require(
             self._hooks.domain_map(domain=self.domain, iova=iova, pa=pa, size=size, prot=prot),
             "domain_map",
@@ -138,6 +140,7 @@ def hwpt_paging_alloc(
     if flags & U.IOMMU_HWPT_FAULT_ID_VALID and flags & U.IOMMU_HWPT_ALLOC_NEST_PARENT:
         raise err(errno.EOPNOTSUPP, "a nest parent cannot take IOPF")
     hooks = idev.hooks
+    failpoint("hook.domain_alloc_paging")
     domain = require(
         hooks.domain_alloc_paging(
             iommu=idev.hw, dev=idev.dev, flags=flags & ~U.IOMMU_HWPT_FAULT_ID_VALID
@@ -168,6 +171,7 @@ def hwpt_nested_alloc(
         raise err(errno.EOPNOTSUPP, "bad flags or no vendor data for a nested HWPT")
     if parent.auto_domain or not parent.nest_parent or parent.domain.owner is not idev.hw:
         raise err(errno.EINVAL, "parent must be a nest-parent HWPT of the device's IOMMU")
+    failpoint("hook.domain_alloc_nested")
     domain = require(
         idev.hooks.domain_alloc_nested(
             iommu=idev.hw,
@@ -233,7 +237,13 @@ def _hwpt_alloc(ucmd: Ucmd) -> None:
             raise
         hwpt.fault = fault
         hwpt.hold(fault)
-    cmd.out_hwpt_id = objs.alloc_id(hwpt)
+    try:
+        cmd.out_hwpt_id = objs.alloc_id(hwpt)
+    except OSError:
+        # iommufd_object_abort_and_destroy(): the domain leaves the IOAS and is freed.
+        hwpt.destroy()
+        hwpt.release_holds()
+        raise
     ucmd.respond()
 
 
@@ -264,6 +274,7 @@ def _hwpt_invalidate(ucmd: Ucmd) -> None:
             ucmd.caller.read(cmd.data_uptr + i * cmd.entry_len, cmd.entry_len)
             for i in range(requested)
         ]
+        failpoint("hook.cache_invalidate_user")
         result = require(
             hooks.cache_invalidate_user(
                 target=drv_target, data_type=cmd.data_type, entries=entries
@@ -287,6 +298,7 @@ def _set_dirty_tracking(ucmd: Ucmd) -> None:
     if not hwpt.domain.dirty_tracking:
         raise err(errno.EOPNOTSUPP, "HWPT was not allocated with DIRTY_TRACKING")
     enable = bool(cmd.flags & U.IOMMU_HWPT_DIRTY_TRACKING_ENABLE)
+    failpoint("hook.set_dirty_tracking")
     require(
         hooks_of(hwpt.domain).set_dirty_tracking(domain=hwpt.domain, enable=enable),
         "set_dirty_tracking",
@@ -322,7 +334,10 @@ def _get_dirty_bitmap(ucmd: Ucmd) -> None:
         raise err(errno.EOPNOTSUPP, "HWPT was not allocated with DIRTY_TRACKING")
     nbits = -(-cmd.length // page_size)
     nbytes = -(-nbits // 64) * 8
+    # iova_bitmap_alloc() + pinning the user bitmap: what can fail happens before the
+    # dirty bits are read and cleared; the write back goes to the pinned pages.
     bitmap = bytearray(ucmd.caller.read(cmd.data, nbytes))
+    failpoint("hook.read_and_clear_dirty")
     runs = require(
         hooks_of(hwpt.domain).read_and_clear_dirty(
             domain=hwpt.domain,
@@ -337,4 +352,4 @@ def _get_dirty_bitmap(ucmd: Ucmd) -> None:
         last = min(iova + size, cmd.iova + cmd.length) - 1
         for bit in range((first - cmd.iova) // page_size, (last - cmd.iova) // page_size + 1):
             bitmap[bit >> 3] |= 1 << (bit & 7)
-    ucmd.caller.write(cmd.data, bytes(bitmap))
+    ucmd.caller.write(cmd.data, bytes(bitmap), pinned=True)

@@ -50,6 +50,7 @@ from iommufd_model.core.intervals import (
     find_hole,
     holes,
 )
+from iommufd_model.core.failnth import failpoint
 from iommufd_model.core.pages import Pages
 from iommufd_model.driver import IOMMU_CACHE as IOMMU_CACHE  # re-exported for callers
 from iommufd_model.driver import IOMMU_READ, IOMMU_WRITE
@@ -397,6 +398,7 @@ class IoPagetable:
                 raise err(errno.EOVERFLOW, "iova range wraps")
             if (start_byte + elem_len - 1) >> PAGE_SHIFT >= pages.npages:
                 raise err(errno.EOVERFLOW, "slice beyond its pages")
+            failpoint("iopt.alloc_area")  # iopt_alloc_area(): kzalloc
             new.append(Area(cur, cur + elem_len - 1, pages, start_byte, prot))
             cur += elem_len
         filled: list[Area] = []
@@ -569,6 +571,7 @@ class IoPagetable:
                 raise err(errno.EINVAL, f"bad allowed range [{start:#x}, {last:#x}]")
             if new.overlaps(start, last):
                 raise err(errno.EINVAL, "allowed ranges overlap")
+            failpoint("iopt.set_allowed")  # kzalloc of struct iopt_allowed
             new.insert(start, last, None)
         for start, last, _ in new:
             if self._reserved.overlaps(start, last):
@@ -581,6 +584,7 @@ class IoPagetable:
             raise err(errno.EINVAL, f"bad reserved range [{start:#x}, {last:#x}]")
         if self._areas.overlaps(start, last) or self._allowed.overlaps(start, last):
             raise err(errno.EADDRINUSE, "range is mapped or explicitly allowed")
+        failpoint("iopt.reserve")  # kzalloc of struct iopt_reserved
         self._reserved.add(start, last, owner)
 
     def unreserve_owner(self, owner: object) -> None:
@@ -660,6 +664,7 @@ class IoPagetable:
             raise err(errno.EEXIST, "access already attached")
         if len(self._accesses) >= ACCESS_LIMIT:
             raise err(errno.EBUSY, "access ids exhausted")
+        failpoint("iopt.add_access")  # xa_alloc into iopt->access_list
         self._accesses.append(access)
         try:
             self._recalculate_alignment()

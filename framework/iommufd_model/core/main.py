@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from iommufd_model.core.objects import IommufdObject, ObjectTable
+from iommufd_model.core.typed import TypedCalls
 from iommufd_model.errors import err
 from iommufd_model.uapi import iommufd as U
 from iommufd_model.uapi.codec import UStruct
@@ -97,7 +98,7 @@ def _load_handlers() -> None:
     from iommufd_model.core import device, eventq, hw_pagetable, ioas, viommu  # noqa: F401
 
 
-class IommuFd:
+class IommuFd(TypedCalls):
     """One iommufd context (``struct iommufd_ctx``): the object table and its ioctls."""
 
     def __init__(self, machine: Machine, proc: Process) -> None:

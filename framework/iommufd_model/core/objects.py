@@ -14,6 +14,7 @@ import errno
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, TypeVar
 
+from iommufd_model.core.failnth import failpoint
 from iommufd_model.errors import err
 
 if TYPE_CHECKING:
@@ -80,6 +81,7 @@ class ObjectTable:
 
     def alloc_id(self, obj: IommufdObject) -> int:
         """Install ``obj`` at the lowest free id (xa_alloc with XA_FLAGS_ALLOC1)."""
+        failpoint("objects.alloc_id")  # iommufd_object_alloc(): kzalloc + xa_alloc
         objs = self._objs
         i = self._free_hint
         while i in objs:
@@ -97,6 +99,7 @@ class ObjectTable:
 
     def get(self, id_: int, type_: ObjType | tuple[ObjType, ...] | None = None) -> IommufdObject:
         """``iommufd_get_object``: missing, tombstoned or wrong type -> ENOENT."""
+        failpoint("objects.get", errno.ENOENT)  # iommufd_should_fail() -> -ENOENT
         obj = self._objs.get(id_)
         if not isinstance(obj, IommufdObject):
             raise err(errno.ENOENT, f"no object {id_}")

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import attrs
 
+from iommufd_model.core.failnth import failpoint
 from iommufd_model.errors import err
 from iommufd_model.hw.memory import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, PhysicalMemory
 
@@ -109,6 +110,7 @@ class Pages:
         # iopt_alloc_pages(): SIZE_MAX - PAGE_SIZE bounds DIV_ROUND_UP; zero is meaningless.
         if length == 0 or length > (1 << 64) - 1 - PAGE_SIZE:
             raise err(errno.EINVAL, "bad length")
+        failpoint("pages.alloc")  # kzalloc of struct iopt_pages
         npages = (length + start_byte + PAGE_MASK) >> PAGE_SHIFT
         return cls(memory, npages, writable, proc, base, memfile)
 
@@ -118,6 +120,8 @@ class Pages:
 
     # -- the source (pin_user_pages / memfd_pin_folios) --------------------------------
     def _source_pin(self, first: int, count: int) -> list[int]:
+        # pfn_reader_user_pin() / the pin accounting: both can fail in the kernel.
+        failpoint("pages.source_pin")
         addr = self.base + (first << PAGE_SHIFT)
         if self.memfile is not None:
             return self.memfile.pin(addr, count << PAGE_SHIFT)
@@ -239,6 +243,7 @@ class Pages:
         if users is not None:
             self._accesses[key] = users + 1
             return self.pfns(first, last)
+        failpoint("pages.add_access")  # kzalloc of struct iopt_pages_access
         got = self.use(first, last)
         self._accesses[key] = 1
         return got

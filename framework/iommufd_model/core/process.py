@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import attrs
 
+from iommufd_model.core.failnth import failpoint
 from iommufd_model.errors import err
 from iommufd_model.hw.memory import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, PhysicalMemory
 
@@ -186,6 +187,7 @@ class Process:
         """``copy_from_user``: ``EFAULT`` if any byte is unmapped."""
         if n < 0:
             raise err(errno.EINVAL)
+        failpoint("process.copy_from_user", errno.EFAULT)
         if not self.is_mapped(va, n):
             raise err(errno.EFAULT, f"user read {va:#x}+{n:#x} not mapped")
         out = bytearray()
@@ -197,8 +199,16 @@ class Process:
             n -= chunk
         return bytes(out)
 
-    def write(self, va: int, data: bytes | bytearray | memoryview) -> None:
-        """``copy_to_user``: ``EFAULT`` (and nothing written) if any byte is unmapped."""
+    def write(
+        self, va: int, data: bytes | bytearray | memoryview, *, pinned: bool = False
+    ) -> None:
+        """``copy_to_user``: ``EFAULT`` (and nothing written) if any byte is unmapped.
+
+        ``pinned``: the kernel writes through pages it pinned earlier (a dirty bitmap), which
+        cannot fail by fault injection; the caller checked the range when it pinned it.
+        """
+        if not pinned:
+            failpoint("process.copy_to_user", errno.EFAULT)
         n = len(data)
         if not self.is_mapped(va, n):
             raise err(errno.EFAULT, f"user write {va:#x}+{n:#x} not mapped")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING
 
+from iommufd_model.core.failnth import failpoint
 from iommufd_model.core.hw_pagetable import HwptPaging, require
 from iommufd_model.core.main import Ucmd, ioctl_op
 from iommufd_model.core.objects import IommufdObject, ObjType
@@ -104,6 +105,7 @@ def _viommu_alloc(ucmd: Ucmd) -> None:
     if cmd.reserved:
         raise err(errno.EOPNOTSUPP, "viommu_alloc __reserved must be 0")
     data = ucmd.caller.read(cmd.data_uptr, cmd.data_len) if cmd.data_len else b""
+    failpoint("hook.viommu_alloc")
     drv = require(
         idev.hooks.viommu_alloc(
             iommu=idev.hw, dev=idev.dev, parent=hwpt.domain, viommu_type=cmd.type, data=data
@@ -118,7 +120,11 @@ def _viommu_alloc(ucmd: Ucmd) -> None:
         idev.hooks.viommu_destroy(viommu=drv)
         raise
     viommu = Viommu(ucmd.ictx, drv, hwpt)
-    cmd.out_viommu_id = objs.alloc_id(viommu)
+    try:
+        cmd.out_viommu_id = objs.alloc_id(viommu)
+    except OSError:
+        idev.hooks.viommu_destroy(viommu=drv)
+        raise
     viommu.hold(hwpt)
     ucmd.respond()
 
@@ -137,12 +143,17 @@ def _vdevice_alloc(ucmd: Ucmd) -> None:
         raise err(errno.EEXIST, "device already has a vDEVICE")
     if cmd.virt_id in viommu.vdevs:
         raise err(errno.EEXIST, f"virtual id {cmd.virt_id:#x} is taken")
+    failpoint("hook.vdevice_alloc")
     drv = require(
         viommu.hooks.vdevice_alloc(viommu=viommu.drv, dev=idev.dev, virt_id=cmd.virt_id),
         "vdevice_alloc",
     )
     vdev = Vdevice(ucmd.ictx, drv, viommu, idev)
-    cmd.out_vdevice_id = objs.alloc_id(vdev)
+    try:
+        cmd.out_vdevice_id = objs.alloc_id(vdev)
+    except OSError:
+        viommu.hooks.vdevice_destroy(vdev=drv)
+        raise
     vdev.hold(viommu)
     vdev.hold(idev)
     viommu.vdevs[cmd.virt_id] = vdev
@@ -169,6 +180,7 @@ def _hw_queue_alloc(ucmd: Ucmd) -> None:
         first = pfns[0]
         if any(p != first + i for i, p in enumerate(pfns)):
             raise err(errno.EFAULT, "queue memory must be physically contiguous")
+        failpoint("hook.hw_queue_alloc")
         drv = require(
             viommu.hooks.hw_queue_alloc(
                 viommu=viommu.drv,
@@ -183,9 +195,14 @@ def _hw_queue_alloc(ucmd: Ucmd) -> None:
     except OSError:
         iopt.access_unpin(cmd.nesting_parent_iova, cmd.length, lock=True)
         raise
-    drv.pfns = pfns
     q = HwQueue(ucmd.ictx, drv, viommu)
-    cmd.out_hw_queue_id = objs.alloc_id(q)
+    try:
+        cmd.out_hw_queue_id = objs.alloc_id(q)
+    except OSError:
+        viommu.hooks.hw_queue_destroy(queue=drv)
+        iopt.access_unpin(cmd.nesting_parent_iova, cmd.length, lock=True)
+        raise
+    drv.pfns = pfns
     q.hold(viommu)
     viommu.hw_queues[(cmd.type, cmd.index)] = q
     ucmd.respond()

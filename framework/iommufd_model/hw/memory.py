@@ -8,13 +8,33 @@ Hardware table walkers read through :meth:`PhysicalMemory.read_u64`, which is th
 from __future__ import annotations
 
 import errno
+from typing import Protocol
 
+from iommufd_model.core.failnth import failpoint
 from iommufd_model.errors import err
+
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
 PAGE_MASK = PAGE_SIZE - 1
 _ZERO_PAGE = bytes(PAGE_SIZE)
+
+
+class FrameMemory(Protocol):
+    """What table builders and walkers need from a memory: host physical memory, or a
+    guest's RAM seen by its own IOMMU driver (addresses are then guest-physical)."""
+
+    def alloc_frame(self) -> int: ...
+
+    def put_frame(self, pfn: int) -> None: ...
+
+    def read_u64(self, pa: int) -> int: ...
+
+    def write_u64(self, pa: int, value: int) -> None: ...
+
+    def read(self, pa: int, n: int) -> bytes: ...
+
+    def write(self, pa: int, data: bytes | bytearray | memoryview) -> None: ...
 
 
 class PhysicalMemory:
@@ -42,6 +62,7 @@ class PhysicalMemory:
     # -- frames -----------------------------------------------------------------------
     def alloc_frame(self) -> int:
         """Return the PFN of a fresh zeroed frame with one reference."""
+        failpoint("memory.alloc_frame")  # alloc_page() under fail_page_alloc
         if self._free:
             pfn = self._free.pop()
         elif self._next_pfn < self.nr_frames:
@@ -70,6 +91,7 @@ class PhysicalMemory:
         Contiguous ranges come from the never-used top of the pool so that they stay
         contiguous; returns the first PFN.
         """
+        failpoint("memory.alloc_contiguous")
         start = -(-self._next_pfn // align) * align
         if start + count > self.nr_frames:
             raise err(errno.ENOMEM, "no contiguous physical range left")

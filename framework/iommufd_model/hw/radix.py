@@ -1,8 +1,9 @@
 """A radix page-table engine shared by every format (the kernel's generic_pt, in spirit).
 
 A :class:`PtFormat` says how one format encodes table pointers and leaves at each level; the
-engine builds tables in :class:`PhysicalMemory` for drivers (map / unmap / dirty / free), and
-:func:`walk` is the reference hardware walk, counting memory references. Vendors with odd
+engine builds tables (map / unmap / dirty / free) in any :class:`FrameMemory` -- host memory
+for drivers, guest RAM for guest drivers -- and :func:`walk` is the reference hardware walk,
+counting memory references. Vendors with odd
 encodings (AMD v1's next-level field) subclass the format; vendors' hot walkers live in their
 compiled ``walk.py`` and are checked against :func:`walk`.
 """
@@ -15,7 +16,7 @@ import attrs
 
 from iommufd_model.driver import IOMMU_READ, IOMMU_WRITE
 from iommufd_model.errors import err
-from iommufd_model.hw.memory import PAGE_SHIFT, PhysicalMemory
+from iommufd_model.hw.memory import PAGE_SHIFT, FrameMemory
 
 ENTRY_SIZE = 8
 U64 = (1 << 64) - 1
@@ -87,7 +88,7 @@ class WalkFault:
 
 
 def walk(
-    memory: PhysicalMemory, fmt: PtFormat, root: int, iova: int, write: bool
+    memory: FrameMemory, fmt: PtFormat, root: int, iova: int, write: bool
 ) -> WalkResult | WalkFault:
     """Reference hardware walk of a single-stage table rooted at physical ``root``."""
     if iova >> fmt.va_bits:
@@ -122,7 +123,7 @@ class RadixPageTable:
     no new entry behind.
     """
 
-    def __init__(self, memory: PhysicalMemory, fmt: PtFormat) -> None:
+    def __init__(self, memory: FrameMemory, fmt: PtFormat) -> None:
         self.memory = memory
         self.fmt = fmt
         self.root = memory.alloc_frame() << PAGE_SHIFT

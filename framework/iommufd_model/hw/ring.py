@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 
 from iommufd_model.errors import err
-from iommufd_model.hw.memory import PhysicalMemory
+from iommufd_model.hw.memory import FrameMemory
 
 
 class MemRing:
@@ -22,7 +22,7 @@ class MemRing:
     was placed outside memory: hardware models turn that into their fetch-error event.
     """
 
-    def __init__(self, memory: PhysicalMemory, base: int, entry_size: int, nentries: int) -> None:
+    def __init__(self, memory: FrameMemory, base: int, entry_size: int, nentries: int) -> None:
         if nentries <= 0 or nentries & (nentries - 1):
             raise err(errno.EINVAL, "ring size must be a power of two")
         self.memory = memory

@@ -20,7 +20,6 @@ from iommufd_model.hw.memory import PAGE_SIZE
 from iommufd_model.hw.pci import PciDevice
 from iommufd_model.machine import Machine
 from iommufd_model.plugins import DriverRegistry, default_registry
-from iommufd_model.uapi import iommufd as U
 
 PASS = "pass"
 FAIL = "fail"
@@ -139,16 +138,9 @@ class Rig:
         """The same device bound to a new iommufd in a new process (after a teardown)."""
         return Rig(self.machine, self.dev)
 
-    # -- raw uAPI, one helper per ioctl, returning the out field ---------------------------
-    def ioctl(self, cmd: int, st: Any) -> Any:
-        """Pack ``st``, issue ``cmd`` on the raw bytes, unpack what the kernel wrote back."""
-        buf = bytearray(st.pack())
-        self.fd.ioctl(cmd, buf)
-        return type(st).unpack(buf)
-
+    # -- the uAPI through the fd's typed layer, with this rig's device filled in ------------
     def ioas_alloc(self) -> int:
-        out = self.ioctl(U.IOMMU_IOAS_ALLOC, U.IommuIoasAlloc(size=U.IommuIoasAlloc.SIZE))
-        return int(out.out_ioas_id)
+        return self.fd.ioas_alloc()
 
     def buffer(self, length: int, seed: int) -> int:
         """mmap ``length`` bytes in the VMM and fill them with :func:`pattern`."""
@@ -157,67 +149,30 @@ class Rig:
         return va
 
     def ioas_map(self, ioas: int, va: int, length: int, iova: int | None = None) -> int:
-        flags = U.IOMMU_IOAS_MAP_READABLE | U.IOMMU_IOAS_MAP_WRITEABLE
-        if iova is not None:
-            flags |= U.IOMMU_IOAS_MAP_FIXED_IOVA
-        st = U.IommuIoasMap(
-            size=U.IommuIoasMap.SIZE, flags=flags, ioas_id=ioas, user_va=va, length=length,
-            iova=iova or 0,
-        )
-        return int(self.ioctl(U.IOMMU_IOAS_MAP, st).iova)
+        return self.fd.ioas_map(ioas, va, length, iova=iova)
 
     def ioas_unmap(self, ioas: int, iova: int, length: int) -> int:
-        st = U.IommuIoasUnmap(size=U.IommuIoasUnmap.SIZE, ioas_id=ioas, iova=iova, length=length)
-        return int(self.ioctl(U.IOMMU_IOAS_UNMAP, st).length)
+        return self.fd.ioas_unmap(ioas, iova, length)
 
-    def hwpt_alloc(
-        self, pt_id: int, flags: int = 0, data_type: int = 0, data: bytes = b""
-    ) -> int:
-        uptr = 0
-        if data:
-            uptr = self.proc.mmap(len(data))
-            self.proc.write(uptr, data)
-        st = U.IommuHwptAlloc(
-            size=U.IommuHwptAlloc.SIZE, flags=flags, dev_id=self.dev_id, pt_id=pt_id,
-            data_type=data_type, data_len=len(data), data_uptr=uptr,
-        )
-        return int(self.ioctl(U.IOMMU_HWPT_ALLOC, st).out_hwpt_id)
+    def hwpt_alloc(self, pt_id: int, flags: int = 0, data_type: int = 0, data: bytes = b"") -> int:
+        return self.fd.hwpt_alloc(self.dev_id, pt_id, flags=flags, data_type=data_type, data=data)
 
     def destroy(self, obj_id: int) -> None:
-        self.ioctl(U.IOMMU_DESTROY, U.IommuDestroy(size=U.IommuDestroy.SIZE, id=obj_id))
+        self.fd.destroy(obj_id)
 
     def set_dirty_tracking(self, hwpt: int, enable: bool) -> None:
-        st = U.IommuHwptSetDirtyTracking(
-            size=U.IommuHwptSetDirtyTracking.SIZE, hwpt_id=hwpt,
-            flags=U.IOMMU_HWPT_DIRTY_TRACKING_ENABLE if enable else 0,
-        )
-        self.ioctl(U.IOMMU_HWPT_SET_DIRTY_TRACKING, st)
+        self.fd.hwpt_set_dirty_tracking(hwpt, enable)
 
     def dirty_pages(self, hwpt: int, iova: int, length: int, *, clear: bool = True) -> list[int]:
         """GET_DIRTY_BITMAP at CPU page granularity: the indexes of the dirty pages."""
-        nbits = -(-length // PAGE_SIZE)
-        nbytes = -(-nbits // 64) * 8
-        bitmap_va = self.proc.mmap(nbytes)
-        st = U.IommuHwptGetDirtyBitmap(
-            size=U.IommuHwptGetDirtyBitmap.SIZE, hwpt_id=hwpt, iova=iova, length=length,
-            page_size=PAGE_SIZE, data=bitmap_va,
-            flags=0 if clear else U.IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR,
-        )
-        self.ioctl(U.IOMMU_HWPT_GET_DIRTY_BITMAP, st)
-        bits = int.from_bytes(self.proc.read(bitmap_va, nbytes), "little")
-        return [i for i in range(nbits) if bits >> i & 1]
+        dirty = self.fd.hwpt_get_dirty_bitmap(hwpt, iova, length, PAGE_SIZE, clear=clear)
+        return [(a - iova) // PAGE_SIZE for a in dirty]
 
     def viommu_alloc(self, hwpt: int, viommu_type: int) -> int:
-        st = U.IommuViommuAlloc(
-            size=U.IommuViommuAlloc.SIZE, type=viommu_type, dev_id=self.dev_id, hwpt_id=hwpt
-        )
-        return int(self.ioctl(U.IOMMU_VIOMMU_ALLOC, st).out_viommu_id)
+        return self.fd.viommu_alloc(self.dev_id, hwpt, viommu_type)
 
     def vdevice_alloc(self, viommu: int, virt_id: int) -> int:
-        st = U.IommuVdeviceAlloc(
-            size=U.IommuVdeviceAlloc.SIZE, viommu_id=viommu, dev_id=self.dev_id, virt_id=virt_id
-        )
-        return int(self.ioctl(U.IOMMU_VDEVICE_ALLOC, st).out_vdevice_id)
+        return self.fd.vdevice_alloc(viommu, self.dev_id, virt_id)
 
 
 class ScenarioContext:

@@ -225,7 +225,8 @@ def nested_alloc(ctx: ScenarioContext) -> None:
     )
     plain = rig.hwpt_alloc(rig.ioas_alloc())
     expect_errno(
-        errno.EINVAL, lambda: rig.hwpt_alloc(plain, 0, dtype, bytes(32)),
+        errno.EINVAL,
+        lambda: rig.hwpt_alloc(plain, 0, dtype, bytes(32)),
         "nested HWPT over a parent without NEST_PARENT",
     )
 
@@ -250,10 +251,7 @@ def viommu_vdevice_lifetime(ctx: ScenarioContext) -> None:
 
 
 def _veventq_alloc(rig: Rig, viommu: int, qtype: int) -> int:
-    st = U.IommuVeventqAlloc(
-        size=U.IommuVeventqAlloc.SIZE, viommu_id=viommu, type=qtype, veventq_depth=16
-    )
-    return int(rig.ioctl(U.IOMMU_VEVENTQ_ALLOC, st).out_veventq_id)
+    return rig.fd.veventq_alloc(viommu, qtype, 16)[0]
 
 
 @scenario(Feature.PAGING, Feature.NEST_PARENT, Feature.VIOMMU, Feature.VEVENTQ)
@@ -263,16 +261,14 @@ def veventq_alloc(ctx: ScenarioContext) -> None:
     viommu = _viommu(ctx, rig)
     ctx.need(Feature.VEVENTQ, lambda: _veventq_alloc(rig, viommu, U.IOMMU_VEVENTQ_TYPE_DEFAULT))
     expect_errno(
-        (errno.EOPNOTSUPP, errno.EINVAL), lambda: _veventq_alloc(rig, viommu, GARBAGE_DATA_TYPE),
+        (errno.EOPNOTSUPP, errno.EINVAL),
+        lambda: _veventq_alloc(rig, viommu, GARBAGE_DATA_TYPE),
         "vEVENTQ of a garbage type",
     )
 
 
 def _hw_queue_alloc(rig: Rig, viommu: int, qtype: int) -> int:
-    st = U.IommuHwQueueAlloc(
-        size=U.IommuHwQueueAlloc.SIZE, viommu_id=viommu, type=qtype, length=PAGE_SIZE
-    )
-    return int(rig.ioctl(U.IOMMU_HW_QUEUE_ALLOC, st).out_hw_queue_id)
+    return rig.fd.hw_queue_alloc(viommu, qtype, 0, 0, PAGE_SIZE)
 
 
 @scenario(Feature.PAGING, Feature.NEST_PARENT, Feature.VIOMMU, Feature.HW_QUEUE)
@@ -282,20 +278,14 @@ def hw_queue_alloc(ctx: ScenarioContext) -> None:
     viommu = _viommu(ctx, rig)
     ctx.need(Feature.HW_QUEUE, lambda: _hw_queue_alloc(rig, viommu, U.IOMMU_HW_QUEUE_TYPE_DEFAULT))
     expect_errno(
-        (errno.EOPNOTSUPP, errno.EINVAL), lambda: _hw_queue_alloc(rig, viommu, GARBAGE_DATA_TYPE),
+        (errno.EOPNOTSUPP, errno.EINVAL),
+        lambda: _hw_queue_alloc(rig, viommu, GARBAGE_DATA_TYPE),
         "HW queue of a garbage type",
     )
 
 
 def _invalidate(rig: Rig, target: int, data_type: int) -> int:
-    entry = bytes(U.IommuHwptVtdS1Invalidate.SIZE)
-    uptr = rig.proc.mmap(len(entry))
-    rig.proc.write(uptr, entry)
-    st = U.IommuHwptInvalidate(
-        size=U.IommuHwptInvalidate.SIZE, hwpt_id=target, data_uptr=uptr, data_type=data_type,
-        entry_len=len(entry), entry_num=1,
-    )
-    return int(rig.ioctl(U.IOMMU_HWPT_INVALIDATE, st).entry_num)
+    return rig.fd.hwpt_invalidate(target, data_type, [bytes(U.IommuHwptVtdS1Invalidate.SIZE)])
 
 
 @scenario(Feature.PAGING, Feature.NEST_PARENT, Feature.NESTED, Feature.HWPT_INVALIDATE)
@@ -311,6 +301,7 @@ def hwpt_invalidate(ctx: ScenarioContext) -> None:
         lambda: _invalidate(rig, nested, U.IOMMU_HWPT_INVALIDATE_DATA_VTD_S1),
     )
     expect_errno(
-        (errno.EOPNOTSUPP, errno.EINVAL), lambda: _invalidate(rig, nested, GARBAGE_DATA_TYPE),
+        (errno.EOPNOTSUPP, errno.EINVAL),
+        lambda: _invalidate(rig, nested, GARBAGE_DATA_TYPE),
         "invalidation with a garbage data_type",
     )
