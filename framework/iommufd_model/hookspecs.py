@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from iommufd_model.hw.iommu import IommuHw
     from iommufd_model.hw.pci import PciDevice
     from iommufd_model.machine import Machine
+    from iommufd_model.vmm import GuestIommu, Vm
 
 PROJECT = "iommufd_model"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -234,3 +235,15 @@ def hw_queue_alloc(
 @hookspec(firstresult=True)
 def hw_queue_destroy(queue: HwQueueBase) -> bool:
     """Stop the hardware from consuming the queue."""
+
+
+# -- the guest side (VMM and guest driver models, for scenarios) --------------------------------
+@hookspec(firstresult=True)
+def guest_iommu_alloc(vm: Vm, iommu: IommuHw, accelerated: bool) -> GuestIommu:
+    """Model the guest's IOMMU driver and the VMM's vIOMMU emulation for ``iommu`` in ``vm``.
+
+    Return a :class:`iommufd_model.vmm.GuestIommu`. ``accelerated`` asks for the vendor's
+    hardware-accelerated guest queue (AMD HW-vIOMMU, a CMDQV-style queue): raise EOPNOTSUPP
+    when the driver has none. Drivers without a guest model leave this hook out (the matrix
+    then reports nested scenarios as unsupported).
+    """
