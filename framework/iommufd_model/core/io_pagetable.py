@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import attrs
 
+from iommufd_model.core.failnth import failpoint
 from iommufd_model.core.intervals import (
     U64_MAX,
     IntervalMap,
@@ -50,7 +51,6 @@ from iommufd_model.core.intervals import (
     find_hole,
     holes,
 )
-from iommufd_model.core.failnth import failpoint
 from iommufd_model.core.pages import Pages
 from iommufd_model.driver import IOMMU_CACHE as IOMMU_CACHE  # re-exported for callers
 from iommufd_model.driver import IOMMU_READ, IOMMU_WRITE

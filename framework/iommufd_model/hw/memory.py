@@ -13,7 +13,6 @@ from typing import Protocol
 from iommufd_model.core.failnth import failpoint
 from iommufd_model.errors import err
 
-
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
 PAGE_MASK = PAGE_SIZE - 1
