@@ -1,0 +1,1 @@
+"""Intel VT-d (scalable mode) for iommufd-model: the hardware and the Linux intel driver."""

@@ -1,0 +1,398 @@
+"""The VT-d remapping unit as hardware: registers, structure caches, IOTLB, QI, fault records.
+
+A DMA request from RID (bus:devfn) with an optional PASID is translated as the spec's
+scalable mode does: RTADDR -> root entry[bus] -> context entry[devfn] -> PASID directory
+entry[PASID >> 6] -> PASID entry[PASID & 63] -> first-stage, second-stage, nested or
+pass-through walk. Requests without PASID use the context entry's RID_PASID.
+
+Caches behave as the spec allows and no better: the context cache (by source-id) and the
+PASID cache (by source-id and PASID, tagged with the entry's DID) keep present entries until a
+context-cache / PASID-cache invalidation drops them; the IOTLB is the framework's ``Iotlb``
+tagged ``(DID, PASID, kind)``: second-stage-only translations are shared by every PASID of a
+DID (their PASID tag is -1), first-stage and nested ones are per PASID. Not-present entries
+are never cached (CAP.CM = 0).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from iommufd_intel_vtd import faults as F
+from iommufd_intel_vtd import qi as Q
+from iommufd_intel_vtd import regs as R
+from iommufd_intel_vtd import tables as T
+from iommufd_model.driver import IOMMU_READ, IOMMU_WRITE
+from iommufd_model.hw.compiled import load_walker
+from iommufd_model.hw.iommu import DmaFault, IommuHw, page_run
+from iommufd_model.hw.iotlb import Iotlb, TlbEntry
+from iommufd_model.hw.regs import Mmio
+from iommufd_model.hw.ring import MemRing
+from iommufd_model.hw.walk_x86 import walk_x86
+
+if TYPE_CHECKING:
+    from iommufd_model.hw.pci import PciDevice
+    from iommufd_model.machine import Machine
+
+WALKER_MODULE = "iommufd_intel_vtd.walk"
+
+KIND_SS = 0  # second-stage only: tagged by DID, any PASID
+KIND_FS = 1  # first-stage only
+KIND_NESTED = 2  # first stage over second stage
+KIND_PT = 3  # pass-through
+#: TlbEntry.perm flag: the leaf's D bit is known to be set (a write hit may skip the walk)
+PERM_DIRTY_OK = 0x10
+
+_WALK_REASON = {  # walker status -> fault reason, per stage
+    ("fs", 1): F.FR_FS_NOT_PRESENT,
+    ("fs", 3): F.FR_FS_NON_CANONICAL,
+    ("fs", 4): F.FR_FS_RSVD,
+    ("ss", 1): F.FR_SS_NOT_PRESENT,
+    ("ss", 3): F.FR_ADDR_BEYOND_MGAW,
+    ("ss", 4): F.FR_SS_RSVD,
+    ("ss", 6): F.FR_SS_ACCESS,
+}
+
+
+class IntelVtd(IommuHw):
+    """One DMA-remapping hardware unit in scalable mode."""
+
+    def __init__(self, machine: Machine, index: int, *, cap: int, ecap: int) -> None:
+        super().__init__(machine, index)
+        self.cap = cap
+        self.ecap = ecap
+        self.sagaw = R.field(cap, R.CAP_SAGAW_SHIFT, 5)
+        self.sllps = R.field(cap, R.CAP_SLLPS_SHIFT, 4)
+        self.mgaw = R.field(cap, R.CAP_MGAW_SHIFT, 6) + 1
+        self.nfr = R.field(cap, R.CAP_NFR_SHIFT, 8) + 1
+        self.mamv = R.field(cap, R.CAP_MAMV_SHIFT, 6)
+        self.fl5lp = bool(cap & R.CAP_FL5LP)
+        self.large_mask = self.sllps << 1  # bit n: a second-stage leaf may stand at level n
+        # -- architectural state behind the registers
+        self.gsts = 0
+        self.fsts = 0  # the RW1C bits of FSTS
+        self.fri = 0  # next fault record index
+        self.root_table = 0  # latched by SRTP
+        self.ttm = R.TTM_LEGACY
+        self.iq: MemRing | None = None
+        self.iq_head = 0  # descriptor index
+        self.iq_width = 128
+        # -- caches
+        self.context_cache: dict[int, T.ContextEntry] = {}
+        self.pasid_cache: dict[tuple[int, int], T.PasidEntry] = {}
+        self.iotlb = Iotlb()
+        self.table_refs = 0  # memory reads spent on root/context/PASID structures
+        self.descriptors_done = 0
+        self.records: list[F.FaultRecord] = []  # every recorded fault, also the overflowed
+        self.walker: Any = load_walker(WALKER_MODULE)
+        self.driver_state: Any = None  # the kernel driver's per-unit state (struct intel_iommu)
+        self.mmio = Mmio(f"vtd{index}")
+        R.define_registers(
+            self.mmio,
+            cap=cap,
+            ecap=ecap,
+            on_gcmd=self._gcmd,
+            on_ccmd=self._ccmd,
+            on_iqt=self._iqt,
+            on_fsts=self._fsts_write,
+            on_ics=self._ics_write,
+            on_frcd_hi=self._frcd_clear,
+            gsts=lambda: self.gsts,
+            fsts=self._fsts_read,
+        )
+
+    # -- registers ------------------------------------------------------------------------
+    def _gcmd(self, old: int, new: int) -> None:
+        if new & R.GCMD_SRTP:
+            rtaddr = self.mmio["RTADDR"]
+            self.root_table = rtaddr & R.RTADDR_RTA_MASK
+            self.ttm = (rtaddr >> R.RTADDR_TTM_SHIFT) & 3
+            self.gsts |= R.GSTS_RTPS
+        if new & R.GCMD_QIE and not self.gsts & R.GSTS_QIES:
+            self._enable_qi()
+        elif not new & R.GCMD_QIE and self.gsts & R.GSTS_QIES:
+            self.gsts &= ~R.GSTS_QIES
+            self.iq = None
+        if new & R.GCMD_TE:
+            self.gsts |= R.GSTS_TES
+        else:
+            self.gsts &= ~R.GSTS_TES
+        for bit in (R.GCMD_IRE, R.GCMD_CFI):
+            self.gsts = (self.gsts | bit) if new & bit else (self.gsts & ~bit)
+        # One-shot commands never stay set in the command register.
+        self.mmio.set("GCMD", new & R.GCMD_PERSISTENT)
+
+    def _enable_qi(self) -> None:
+        iqa = self.mmio["IQA"]
+        self.iq_width = 256 if iqa & R.IQA_DW else 128
+        pages = 1 << (iqa & R.IQA_QS_MASK)
+        entry = self.iq_width // 8
+        self.iq = MemRing(self.memory, iqa & R.IQA_ADDR_MASK, entry, pages * 4096 // entry)
+        self.iq_head = 0
+        self.mmio.set("IQH", 0)
+        self.gsts |= R.GSTS_QIES
+
+    def _ccmd(self, old: int, new: int) -> None:
+        """Register-based context-cache invalidation (used before QI is enabled)."""
+        if not new & R.CCMD_ICC:
+            return
+        cirg = (new >> R.CCMD_CIRG_SHIFT) & 3
+        sid = (new >> R.CCMD_SID_SHIFT) & 0xFFFF
+        fm = (new >> R.CCMD_FM_SHIFT) & 3
+        if cirg in (Q.CC_GLOBAL, Q.CC_DOMAIN, Q.CC_DEVICE):
+            self.flush_context(cirg, sid, fm)
+        self.mmio.set("CCMD", (new & ~R.CCMD_ICC) | cirg << R.CCMD_CAIG_SHIFT)
+
+    def _fsts_read(self) -> int:
+        ppf = any(self.mmio[f"FRCD{i}_HI"] & R.FRCD_HI_F for i in range(self.nfr))
+        return self.fsts | (R.FSTS_PPF if ppf else 0) | self.fri << R.FSTS_FRI_SHIFT
+
+    def _fsts_write(self, old: int, new: int) -> None:
+        had_iqe = self.fsts & R.FSTS_IQE
+        self.fsts &= ~(new & R.FSTS_RW1C)
+        if had_iqe and not self.fsts & R.FSTS_IQE:
+            self._run_queue()  # clearing IQE lets the hardware fetch again
+
+    def _ics_write(self, old: int, new: int) -> None:
+        self.mmio.set("ICS", old & ~(new & R.ICS_IWC))
+
+    def _frcd_clear(self, index: int) -> R.Hook:
+        def hook(old: int, new: int) -> None:
+            self.mmio.set(f"FRCD{index}_HI", old & ~R.FRCD_HI_F if new & R.FRCD_HI_F else old)
+
+        return hook
+
+    # -- queued invalidation --------------------------------------------------------------
+    def _iqt(self, old: int, new: int) -> None:
+        self._run_queue()
+
+    def _run_queue(self) -> None:
+        iq = self.iq
+        if iq is None or not self.gsts & R.GSTS_QIES or self.fsts & R.FSTS_IQE:
+            return
+        shift = 5 if self.iq_width == 256 else 4
+        tail = (self.mmio["IQT"] & R.IQ_OFFSET_MASK) >> shift
+        while self.iq_head != tail % iq.nentries:
+            try:
+                raw = iq.read(self.iq_head)
+                self.execute(Q.decode(raw))
+            except (Q.InvalidDescriptor, OSError):
+                self.fsts |= R.FSTS_IQE  # IQH stays at the offending descriptor
+                break
+            self.iq_head = (self.iq_head + 1) % iq.nentries
+            self.mmio.set("IQH", self.iq_head << shift)
+
+    def execute(self, d: Q.Descriptor) -> None:
+        """Carry out one valid descriptor."""
+        self.stats.commands += 1
+        self.descriptors_done += 1
+        t = d.type
+        if t == Q.CC:
+            self.flush_context(d["g"], d["sid"], d["fm"], d["did"])
+        elif t == Q.PC:
+            self.flush_pasid_cache(d["g"], d["did"], d["pasid"])
+        elif t == Q.IOTLB:
+            self.flush_iotlb(d["g"], d["did"], d["addr"] << 12, d["am"])
+        elif t == Q.PIOTLB:
+            self.flush_piotlb(d["g"], d["did"], d["pasid"], d["addr"] << 12, d["am"])
+        elif t == Q.WAIT:
+            if d["sw"]:
+                self.memory.write(d["status_addr"] << 2, d["status_data"].to_bytes(4, "little"))
+            if d["iflag"]:
+                self.mmio.set("ICS", self.mmio["ICS"] | R.ICS_IWC)
+        # DEV_TLB / PDEV_TLB / IEC: no device-TLB or interrupt-remapping cache is modelled.
+
+    # -- cache invalidation ---------------------------------------------------------------
+    def flush_context(self, g: int, sid: int, fm: int, did: int = 0) -> None:
+        if g == Q.CC_DEVICE:
+            keep = ~((1 << fm) - 1) if fm else -1  # FM masks the low function bits
+            for rid in [r for r in self.context_cache if (r & keep) == (sid & keep)]:
+                del self.context_cache[rid]
+        else:
+            # Scalable-mode context entries carry no DID: domain-selective drops them all.
+            self.context_cache.clear()
+
+    def flush_pasid_cache(self, g: int, did: int, pasid: int) -> None:
+        if g == Q.PC_GLOBAL:
+            self.pasid_cache.clear()
+            return
+        for key, pe in list(self.pasid_cache.items()):
+            if pe.did == did and (g == Q.PC_DOMAIN or key[1] == pasid):
+                del self.pasid_cache[key]
+
+    def flush_iotlb(self, g: int, did: int, addr: int, am: int) -> None:
+        tlb = self.iotlb
+        if g == Q.IOTLB_GLOBAL:
+            tlb.flush_all()
+        elif g == Q.IOTLB_DOMAIN:
+            tlb.flush_tag(lambda tag: tag[0] == did)  # type: ignore[index]
+        else:
+            first = addr & ~((4096 << am) - 1)
+            last = first + (4096 << am) - 1
+            tlb.flush_range(lambda tag: tag[0] == did and tag[2] == KIND_SS, first, last)  # type: ignore[index]
+            # Nested entries are keyed by first-stage input: all of the DID's go.
+            tlb.flush_tag(lambda tag: tag[0] == did and tag[2] == KIND_NESTED)  # type: ignore[index]
+
+    def flush_piotlb(self, g: int, did: int, pasid: int, addr: int, am: int) -> None:
+        def match(tag: Any) -> bool:
+            return bool(tag[0] == did and tag[1] == pasid and tag[2] in (KIND_FS, KIND_NESTED))
+
+        if g == Q.PIOTLB_PASID:
+            self.iotlb.flush_tag(match)
+        else:
+            first = addr & ~((4096 << am) - 1)
+            self.iotlb.flush_range(match, first, first + (4096 << am) - 1)
+
+    # -- structure lookups ----------------------------------------------------------------
+    def _read(self, pa: int, reason: int, fpd: bool = False) -> int:
+        try:
+            value = self.memory.read_u64(pa)
+        except OSError:
+            raise F.TableFault(reason, fpd) from None
+        self.table_refs += 1
+        return value
+
+    def context_entry(self, rid: int) -> T.ContextEntry:
+        ce = self.context_cache.get(rid)
+        if ce is not None:
+            return ce
+        if self.ttm != R.TTM_SCALABLE:
+            raise F.TableFault(F.FR_SM_RTADDR_TTM)
+        bus, devfn = rid >> 8, rid & 0xFF
+        slot = self.root_table + bus * T.ROOT_ENTRY_SIZE
+        re = T.RootEntry.decode(
+            self._read(slot, F.FR_SM_ROOT_ACCESS), self._read(slot + 8, F.FR_SM_ROOT_ACCESS)
+        )
+        present, table = re.half(devfn)
+        if not present:
+            raise F.TableFault(F.FR_SM_ROOT_NOT_PRESENT)
+        if re.rsvd:
+            raise F.TableFault(F.FR_SM_ROOT_RSVD)
+        slot = table + (devfn & 0x7F) * T.SM_CONTEXT_ENTRY_SIZE
+        qs = [self._read(slot + 8 * i, F.FR_SM_CTX_ACCESS) for i in range(4)]
+        ce = T.ContextEntry.decode(*qs)
+        if not ce.p:
+            raise F.TableFault(F.FR_SM_CTX_NOT_PRESENT)
+        if ce.rsvd:
+            raise F.TableFault(F.FR_SM_CTX_RSVD, ce.fpd)
+        self.context_cache[rid] = ce
+        return ce
+
+    def pasid_entry(self, rid: int, pasid: int, ce: T.ContextEntry) -> T.PasidEntry:
+        key = (rid, pasid)
+        pe = self.pasid_cache.get(key)
+        if pe is not None:
+            return pe
+        index = T.pasid_dir_index(pasid)
+        if index >= ce.dir_entries:
+            raise F.TableFault(F.FR_PASID_DIR_NOT_PRESENT, ce.fpd)
+        de = T.PasidDirEntry.decode(
+            self._read(ce.pasid_dir + index * 8, F.FR_PASID_DIR_ACCESS, ce.fpd)
+        )
+        if not de.p:
+            raise F.TableFault(F.FR_PASID_DIR_NOT_PRESENT, ce.fpd or de.fpd)
+        slot = de.table + T.pasid_table_index(pasid) * T.PASID_ENTRY_SIZE
+        qs = [self._read(slot + 8 * i, F.FR_PASID_TABLE_ACCESS, ce.fpd) for i in range(8)]
+        pe = T.PasidEntry.decode(qs)
+        fpd = ce.fpd or de.fpd or pe.fpd
+        if not pe.p:
+            raise F.TableFault(F.FR_PASID_NOT_PRESENT, fpd)
+        bad = pe.check(self.sagaw, self.fl5lp)
+        if bad:
+            raise F.TableFault(bad, fpd)
+        self.pasid_cache[key] = pe
+        return pe
+
+    # -- translation ----------------------------------------------------------------------
+    def translate(
+        self, dev: PciDevice, iova: int, pasid: int | None, write: bool
+    ) -> tuple[int, int]:
+        stats = self.stats
+        stats.translations += 1
+        if not self.gsts & R.GSTS_TES:
+            return iova, page_run(iova)  # translation disabled: DMA is untranslated
+        rid = dev.rid
+        try:
+            ce = self.context_entry(rid)
+            eff = ce.rid_pasid if pasid is None else pasid
+            pe = self.pasid_entry(rid, eff, ce)
+        except F.TableFault as tf:
+            raise self.record(dev, iova, write, pasid, tf.reason, tf.fpd) from None
+        pgtt = pe.pgtt
+        kind = (KIND_SS, KIND_FS, KIND_SS, KIND_NESTED, KIND_PT)[pgtt]
+        tag = (pe.did, -1 if kind == KIND_SS else eff, kind)
+        need = IOMMU_WRITE if write else IOMMU_READ
+        hit = self.iotlb.lookup(tag, iova)
+        if hit is not None and hit.perm & need and (not write or hit.perm & PERM_DIRTY_OK):
+            stats.iotlb_hits += 1
+            return hit.pa | (iova & ((1 << hit.shift) - 1)), page_run(iova, 1 << hit.shift)
+        stats.iotlb_misses += 1
+        if kind == KIND_PT:
+            if iova >= self.memory.size:
+                raise self.record(dev, iova, write, pasid, F.FR_ADDR_BEYOND_MGAW, pe.fpd)
+            return iova, page_run(iova)
+        pages = self.memory._pages
+        size = self.memory.size
+        ssade = pe.ssade and kind != KIND_FS
+        s2st = 0
+        if kind == KIND_FS:
+            st, value, shift, refs, prot = walk_x86(
+                pages, size, pe.fsptptr, iova, pe.fs_levels, write, None
+            )
+            stage = "fs"
+        elif kind == KIND_SS:
+            st, value, shift, refs, prot = self.walker.walk_ss(
+                pages, size, pe.slptptr, iova, T.aw_levels(pe.aw), write, self.large_mask, ssade
+            )
+            stage = "ss"
+        else:
+            st, value, shift, refs, prot, s2st = self.walker.walk_nested(
+                walk_x86, pages, size, pe.fsptptr, iova, pe.fs_levels, write,
+                pe.slptptr, T.aw_levels(pe.aw), self.large_mask, ssade,
+            )
+            stage = "fs"
+        stats.walk_mem_refs += refs
+        if st != 0:
+            if st == 5:  # the second stage refused a nested access
+                st, stage = s2st, "ss"
+            if st == 2:
+                reason = F.FR_WRITE if write else F.FR_READ
+            else:
+                reason = _WALK_REASON.get((stage, st), F.FR_SS_RSVD)
+            raise self.record(dev, iova, write, pasid, reason, pe.fpd)
+        perm = prot | (PERM_DIRTY_OK if write or not ssade else 0)
+        page = value & ~((1 << shift) - 1)
+        self.iotlb.insert(tag, iova, TlbEntry(page, shift, perm, refs))
+        return value, page_run(iova, 1 << shift)
+
+    # -- fault recording ------------------------------------------------------------------
+    def record(
+        self, dev: PciDevice, iova: int, write: bool, pasid: int | None, reason: int, fpd: bool
+    ) -> DmaFault:
+        """Log the fault in the next fault recording register (unless FPD) and build the error."""
+        if not fpd:
+            rec = F.FaultRecord(dev.rid, iova, reason, write, pasid)
+            self.records.append(rec)
+            name = f"FRCD{self.fri}_HI"
+            if self.mmio[name] & R.FRCD_HI_F:
+                self.fsts |= R.FSTS_PFO  # no free record: overflow, the fault is lost
+            else:
+                lo, hi = rec.encode()
+                self.mmio.set(f"FRCD{self.fri}_LO", lo)
+                self.mmio.set(name, hi)
+                self.fri = (self.fri + 1) % self.nfr
+        text = F.REASON_TEXT.get(reason, "?")
+        return self.fault(dev, iova, write, pasid, f"reason {reason:#04x}: {text}")
+
+    def pending_faults(self) -> list[F.FaultRecord]:
+        """Decode the fault recording registers that hold a fault (F = 1)."""
+        out = []
+        for i in range(self.nfr):
+            hi = self.mmio[f"FRCD{i}_HI"]
+            if hi & R.FRCD_HI_F:
+                out.append(F.FaultRecord.decode(self.mmio[f"FRCD{i}_LO"], hi))
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        info = super().describe()
+        info.update(cap=hex(self.cap), ecap=hex(self.ecap), iotlb=len(self.iotlb))
+        return info

@@ -1,0 +1,108 @@
+"""Fixtures for the VT-d plugin tests: a machine with one VT-d unit and a raw-uAPI world."""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from iommufd_intel_vtd.hw import IntelVtd
+
+import iommufd_model as im
+from iommufd_model import uapi as U
+from iommufd_model.uapi.codec import UStruct
+
+RW = U.IOMMU_IOAS_MAP_READABLE | U.IOMMU_IOAS_MAP_WRITEABLE
+
+
+class World:
+    """One VT-d unit, one process with a buffer, an open iommufd, bound devices."""
+
+    def __init__(self, buf_len: int = 1 << 22, ndev: int = 1, **options: Any) -> None:
+        self.machine = im.Machine.build(
+            iommus=["intel_vtd"], options={"intel_vtd": options} if options else None
+        )
+        hw = self.machine.iommus[0]
+        assert isinstance(hw, IntelVtd)
+        self.hw = hw
+        self.devs = [self.machine.add_pci_device(iommu=0) for _ in range(ndev)]
+        self.dev = self.devs[0]
+        self.proc = self.machine.new_process()
+        self.va = self.proc.mmap(buf_len, align=1 << 21)
+        self.buf_len = buf_len
+        self.fd = self.proc.open_iommufd()
+        self.dev_ids = [self.fd.bind(d) for d in self.devs]
+        self.dev_id = self.dev_ids[0]
+
+    # -- raw ioctls --------------------------------------------------------------------------
+    def ioctl(self, cmd: int, st: UStruct) -> Any:
+        if getattr(st, "size", None) == 0:
+            st.size = st.SIZE  # type: ignore[attr-defined]
+        buf = bytearray(st.pack())
+        self.fd.ioctl(cmd, buf)
+        return type(st).unpack(buf)
+
+    def errno_of(self, fn: Callable[[], object]) -> int:
+        try:
+            fn()
+        except OSError as exc:
+            assert exc.errno is not None
+            return exc.errno
+        return 0
+
+    def ioas(self) -> int:
+        return int(self.ioctl(U.IOMMU_IOAS_ALLOC, U.IommuIoasAlloc()).out_ioas_id)
+
+    def map(
+        self, ioas: int, iova: int, length: int, va: int | None = None, flags: int = RW
+    ) -> None:
+        st = U.IommuIoasMap(
+            flags=flags | U.IOMMU_IOAS_MAP_FIXED_IOVA, ioas_id=ioas,
+            user_va=self.va if va is None else va, length=length, iova=iova,
+        )
+        self.ioctl(U.IOMMU_IOAS_MAP, st)
+
+    def unmap(self, ioas: int, iova: int, length: int) -> None:
+        self.ioctl(U.IOMMU_IOAS_UNMAP, U.IommuIoasUnmap(ioas_id=ioas, iova=iova, length=length))
+
+    def hwpt(self, pt_id: int, flags: int = 0, data_type: int = 0, data: bytes = b"",
+             dev_id: int | None = None) -> int:
+        uptr = 0
+        if data:
+            uptr = self.proc.mmap(len(data))
+            self.proc.write(uptr, data)
+        st = U.IommuHwptAlloc(
+            flags=flags, dev_id=self.dev_id if dev_id is None else dev_id, pt_id=pt_id,
+            data_type=data_type, data_len=len(data), data_uptr=uptr,
+        )
+        return int(self.ioctl(U.IOMMU_HWPT_ALLOC, st).out_hwpt_id)
+
+    def invalidate(self, hwpt_id: int, entries: list[bytes], data_type: int = 0,
+                   entry_len: int | None = None) -> tuple[int, int]:
+        """IOMMU_HWPT_INVALIDATE; returns ``(errno, entry_num)``."""
+        n = entry_len if entry_len is not None else (len(entries[0]) if entries else 24)
+        blob = b"".join(entries)
+        uptr = self.proc.mmap(max(len(blob), 1))
+        self.proc.write(uptr, blob)
+        st = U.IommuHwptInvalidate(
+            size=U.IommuHwptInvalidate.SIZE, hwpt_id=hwpt_id, data_uptr=uptr,
+            data_type=data_type, entry_len=n, entry_num=len(entries),
+        )
+        buf = bytearray(st.pack())
+        code = 0
+        try:
+            self.fd.ioctl(U.IOMMU_HWPT_INVALIDATE, buf)
+        except OSError as exc:
+            code = exc.errno or errno.EIO
+        return code, U.IommuHwptInvalidate.unpack(buf).entry_num
+
+
+@pytest.fixture
+def world() -> World:
+    return World()
+
+
+@pytest.fixture
+def make_world() -> Callable[..., World]:
+    return World
