@@ -185,9 +185,14 @@ def set_dirty_tracking(domain: Domain, enable: bool) -> bool:
 
 @hookspec(firstresult=True)
 def read_and_clear_dirty(
-    domain: Domain, iova: int, length: int, clear: bool
+    domain: Domain, iova: int, length: int, clear: bool, report: bool
 ) -> list[tuple[int, int]]:
-    """Report dirty ``(iova, size)`` runs in ``[iova, iova+length)``; clear the bits if asked."""
+    """Report dirty ``(iova, size)`` runs in ``[iova, iova+length)``; clear the bits if asked.
+
+    ``report=False`` is the core wiping stale bits before it enables tracking (the kernel's
+    ``iopt_clear_dirty_data`` with no bitmap): clear, report nothing, never refuse. With
+    ``report=True`` while tracking is off, the kernel's drivers answer EINVAL.
+    """
 
 
 @hookspec(firstresult=True)

@@ -38,7 +38,10 @@ def iommufd_ioas(request: pytest.FixtureRequest, machine: Any) -> Iterator[IoasF
     assert k.set_memory_limit(limit) == 0
     for _ in range(variant.mock_domains):
         t.stdev_id, t.hwpt_id, t.device_id = k.mock_domain_ok(t.ioas_id)
+        k.check_dev_cache_all(t.device_id, T.IOMMU_TEST_DEV_CACHE_DEFAULT)
         t.base_iova = MOCK_APERTURE_START
+    if variant.pasid_capable:
+        t.device_pasid_id = k.mock_domain_ok(t.ioas_id, T.MOCK_FLAGS_DEVICE_PASID)[2]
     yield t
     assert k.set_memory_limit(T.DEFAULT_MEMORY_LIMIT) == 0
     teardown_iommufd(k)

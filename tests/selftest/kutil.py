@@ -8,6 +8,7 @@ with ``errno`` set; the ``*_ok`` variants assert success.
 
 from __future__ import annotations
 
+import errno
 import struct
 from typing import Any
 
@@ -54,6 +55,14 @@ class Kfd:
             assert exc.errno, "an ioctl failure must carry an errno"
             return exc.errno
         return 0
+
+    def ioctl_value(self, cmd: int, arg: Any) -> tuple[int, int]:
+        """An ioctl whose return value matters (the VFIO compat ones): (errno, value)."""
+        try:
+            return 0, self.ictx.ioctl(cmd, arg)
+        except OSError as exc:
+            assert exc.errno, "an ioctl failure must carry an errno"
+            return exc.errno, -1
 
     def test_cmd(self, op: int, id_: int, payload: bytes = b"") -> tuple[int, bytearray]:
         """IOMMU_TEST_CMD with ``payload`` as the union; returns (errno, the struct after)."""
@@ -113,9 +122,84 @@ class Kfd:
         buf = pack("IIHHIQ", 24, option_id, op, 0, object_id, val64)
         return self.ioctl(U.IOMMU_OPTION, buf), int(field(buf, "Q", 16))
 
-    def hwpt_alloc(self, dev_id: int, pt_id: int, flags: int) -> tuple[int, int]:
-        buf = pack("IIIIIIIIQII", 48, flags, dev_id, pt_id, 0, 0, 0, 0, 0, 0, 0)
+    def hwpt_alloc(
+        self, dev_id: int, pt_id: int, flags: int, data_type: int = 0, data: bytes | None = None,
+        *, data_len: int | None = None, fault_id: int = 0,
+    ) -> tuple[int, int]:
+        """IOMMU_HWPT_ALLOC; ``data`` goes to fresh user memory (None: a NULL data_uptr)."""
+        uptr = self.user_bytes(data) if data else 0
+        size = len(data) if data is not None else 0
+        if data_len is not None:
+            size = data_len
+        buf = pack("IIIIIIIIQII", 48, flags, dev_id, pt_id, 0, 0, data_type, size, uptr,
+                   fault_id, 0)
         return self.ioctl(U.IOMMU_HWPT_ALLOC, buf), int(field(buf, "I", 16))
+
+    def hwpt_alloc_ok(self, dev_id: int, pt_id: int, flags: int = 0, *args: Any, **kw: Any) -> int:
+        rc, hwpt = self.hwpt_alloc(dev_id, pt_id, flags, *args, **kw)
+        assert rc == 0, f"hwpt_alloc failed with errno {rc}"
+        return hwpt
+
+    def user_bytes(self, data: bytes) -> int:
+        """Copy ``data`` into a new user mapping and return its address."""
+        uptr = self.proc.mmap(max(len(data), 1))
+        self.proc.write(uptr, bytes(data))
+        return uptr
+
+    def hwpt_invalidate(
+        self, hwpt_id: int, reqs: bytes | None, data_type: int, entry_len: int, num: int
+    ) -> tuple[int, int]:
+        """``_test_cmd_hwpt_invalidate()``: (errno, entry_num after); reqs None = NULL."""
+        uptr = self.user_bytes(reqs) if reqs is not None else 0
+        buf = pack("IIQIIII", 32, hwpt_id, uptr, data_type, entry_len, num, 0)
+        return self.ioctl(U.IOMMU_HWPT_INVALIDATE, buf), int(field(buf, "I", 24))
+
+    def fault_alloc(self) -> tuple[int, int]:
+        buf = pack("IIII", 16, 0, 0, 0)
+        assert self.ioctl(U.IOMMU_FAULT_QUEUE_ALLOC, buf) == 0
+        fault_id, fault_fd = struct.unpack_from("<II", buf, 8)
+        assert fault_id and fault_fd
+        return fault_id, fault_fd
+
+    def viommu_alloc(
+        self, dev_id: int, hwpt_id: int, vtype: int, data: bytes | None = None, flags: int = 0
+    ) -> tuple[int, int, bytes]:
+        """(errno, viommu_id, the data buffer after the call)."""
+        uptr = self.user_bytes(data) if data else 0
+        size = len(data) if data else 0
+        buf = pack("IIIIIIIIQ", 40, flags, vtype, dev_id, hwpt_id, 0, size, 0, uptr)
+        rc = self.ioctl(U.IOMMU_VIOMMU_ALLOC, buf)
+        out = self.proc.read(uptr, size) if size else b""
+        return rc, int(field(buf, "I", 20)), out
+
+    def vdevice_alloc(self, viommu_id: int, dev_id: int, virt_id: int) -> tuple[int, int]:
+        buf = pack("IIIIQ", 24, viommu_id, dev_id, 0, virt_id)
+        return self.ioctl(U.IOMMU_VDEVICE_ALLOC, buf), int(field(buf, "I", 12))
+
+    def hw_queue_alloc(
+        self, viommu_id: int, qtype: int, index: int, iova: int, length: int
+    ) -> tuple[int, int]:
+        buf = pack("IIIIIIQQ", 40, 0, viommu_id, qtype, index, 0, iova, length)
+        return self.ioctl(U.IOMMU_HW_QUEUE_ALLOC, buf), int(field(buf, "I", 20))
+
+    def veventq_alloc(self, viommu_id: int, qtype: int, depth: int = 2) -> tuple[int, int, int]:
+        """``_test_cmd_veventq_alloc()`` (depth 2): (errno, veventq_id, veventq_fd)."""
+        buf = pack("IIIIIIII", 32, 0, viommu_id, qtype, depth, 0, 0, 0)
+        rc = self.ioctl(U.IOMMU_VEVENTQ_ALLOC, buf)
+        return rc, int(field(buf, "I", 20)), int(field(buf, "I", 24))
+
+    def read_file(self, fd: int, count: int) -> tuple[int, bytes]:
+        """read(2) on a file of the process: (errno, bytes)."""
+        try:
+            return 0, self.proc.files[fd].read(count)  # type: ignore[attr-defined]
+        except OSError as exc:
+            return exc.errno or -1, b""
+
+    def write_file(self, fd: int, data: bytes) -> tuple[int, int]:
+        try:
+            return 0, int(self.proc.files[fd].write(data))  # type: ignore[attr-defined]
+        except OSError as exc:
+            return exc.errno or -1, 0
 
     # -- IOMMU_TEST_CMD wrappers -----------------------------------------------------------
     def mock_domain(self, pt_id: int, dev_flags: int | None = None) -> tuple[int, int, int, int]:
@@ -179,6 +263,75 @@ class Kfd:
     def set_memory_limit(self, limit: int) -> int:
         return self.test_cmd(T.IOMMU_TEST_OP_SET_TEMP_MEMORY_LIMIT, 0, pack("I", limit))[0]
 
+    def check_iotlb(self, hwpt_id: int, iotlb_id: int, expected: int) -> int:
+        payload = pack("II", iotlb_id, expected)
+        return self.test_cmd(T.IOMMU_TEST_OP_MD_CHECK_IOTLB, hwpt_id, payload)[0]
+
+    def check_iotlb_all(self, hwpt_id: int, expected: int) -> None:
+        for i in range(T.MOCK_NESTED_DOMAIN_IOTLB_NUM):
+            assert self.check_iotlb(hwpt_id, i, expected) == 0, (i, expected)
+
+    def check_dev_cache(self, idev_id: int, cache_id: int, expected: int) -> int:
+        payload = pack("II", cache_id, expected)
+        return self.test_cmd(T.IOMMU_TEST_OP_DEV_CHECK_CACHE, idev_id, payload)[0]
+
+    def check_dev_cache_all(self, idev_id: int, expected: int) -> None:
+        for i in range(T.MOCK_DEV_CACHE_NUM):
+            assert self.check_dev_cache(idev_id, i, expected) == 0, (i, expected)
+
+    def trigger_iopf(self, dev_id: int, pasid: int, fault_fd: int) -> int:
+        """``_test_cmd_trigger_iopf()``: trigger, read one fault, answer it with SUCCESS."""
+        perm = U.IOMMU_PGFAULT_PERM_READ | U.IOMMU_PGFAULT_PERM_WRITE
+        payload = pack("IIIIQ", dev_id, pasid, 0x2, perm, 0xDEADBEAF)
+        rc = self.test_cmd(T.IOMMU_TEST_OP_TRIGGER_IOPF, 0, payload)[0]
+        if rc:
+            return rc
+        rc, data = self.read_file(fault_fd, U.IommuHwptPgfault.SIZE)
+        if rc or not data:
+            return errno.EIO
+        cookie = field(bytearray(data), "I", 36)
+        response = struct.pack("<II", cookie, U.IOMMUFD_PAGE_RESP_SUCCESS)
+        rc, done = self.write_file(fault_fd, response)
+        return 0 if not rc and done > 0 else errno.EIO
+
+    def trigger_vevents(self, dev_id: int, n: int) -> int:
+        for _ in range(n):
+            rc = self.test_cmd(T.IOMMU_TEST_OP_TRIGGER_VEVENT, 0, pack("I", dev_id))[0]
+            if rc:
+                return rc
+        return 0
+
+    def read_vevents(self, fd: int, n: int, virt_id: int, prev_seq: list[int]) -> int:
+        """``_test_cmd_read_vevents()``; ``prev_seq`` is a one-element box (int *)."""
+        rec = 8 + 4  # struct iommufd_vevent_header + struct iommu_viommu_event_selftest
+        rc, data = self.read_file(fd, n * rec)
+        if rc or not data:
+            return errno.EFAULT
+        data = data.ljust(n * rec, b"\0")  # the C buffer is calloc()ed
+        for i in range(n):
+            flags, seq = struct.unpack_from("<Ii", data, i * rec)
+            if flags & U.IOMMU_VEVENTQ_FLAG_LOST_EVENTS or seq - prev_seq[0] > 1:
+                prev_seq[0] = seq
+                return errno.EOVERFLOW
+            prev_seq[0] = seq
+            # as the C helper: the payload looked at is always the first record's
+            if struct.unpack_from("<I", data, 8)[0] != virt_id:
+                return errno.EINVAL
+        return 0
+
+    def pasid_attach(self, stdev_id: int, pasid: int, pt_id: int) -> int:
+        return self.test_cmd(T.IOMMU_TEST_OP_PASID_ATTACH, stdev_id, pack("II", pasid, pt_id))[0]
+
+    def pasid_replace(self, stdev_id: int, pasid: int, pt_id: int) -> int:
+        return self.test_cmd(T.IOMMU_TEST_OP_PASID_REPLACE, stdev_id, pack("II", pasid, pt_id))[0]
+
+    def pasid_detach(self, stdev_id: int, pasid: int) -> int:
+        return self.test_cmd(T.IOMMU_TEST_OP_PASID_DETACH, stdev_id, pack("I", pasid))[0]
+
+    def pasid_check_hwpt(self, stdev_id: int, pasid: int, hwpt_id: int) -> int:
+        payload = pack("II", pasid, hwpt_id)
+        return self.test_cmd(T.IOMMU_TEST_OP_PASID_CHECK_HWPT, stdev_id, payload)[0]
+
 
 def teardown_iommufd(k: Kfd) -> None:
     """``teardown_iommufd()``: close, then a fresh fd must see no pins left on ``buffer``."""
@@ -197,11 +350,12 @@ def teardown_iommufd(k: Kfd) -> None:
 class IoasVariant:
     mock_domains: int = 0
     memory_limit: int = 0
+    pasid_capable: bool = False
 
 
 IOAS_VARIANTS = {
     "no_domain": IoasVariant(),
-    "mock_domain": IoasVariant(mock_domains=1),
+    "mock_domain": IoasVariant(mock_domains=1, pasid_capable=True),
     "two_mock_domain": IoasVariant(mock_domains=2),
     "mock_domain_limit": IoasVariant(mock_domains=1, memory_limit=16),
 }
@@ -218,3 +372,4 @@ class IoasFixture:
     hwpt_id: int = 0
     device_id: int = 0
     base_iova: int = 0
+    device_pasid_id: int = 0

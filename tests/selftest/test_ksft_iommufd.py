@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import errno
+import struct
 
-from kutil import Kfd, pack
+from kutil import MOCK_APERTURE_START, PAGE_SIZE, Kfd, pack
 
+from iommufd_model.core import vfio_compat as V
 from iommufd_model.uapi import iommufd as U
 
 
@@ -34,6 +36,11 @@ LENGTHS = {
     "iommu_ioas_unmap": (24, U.IOMMU_IOAS_UNMAP, 24),
     "iommu_option": (24, U.IOMMU_OPTION, 24),
     "iommu_vfio_ioas": (12, U.IOMMU_VFIO_IOAS, 12),
+    "iommu_hwpt_invalidate": (32, U.IOMMU_HWPT_INVALIDATE, 32),
+    "iommu_ioas_map_file": (40, U.IOMMU_IOAS_MAP_FILE, 40),
+    "iommu_viommu_alloc": (40, U.IOMMU_VIOMMU_ALLOC, 24),
+    "iommu_vdevice_alloc": (24, U.IOMMU_VDEVICE_ALLOC, 24),
+    "iommu_ioas_change_process": (8, U.IOMMU_IOAS_CHANGE_PROCESS, 8),
 }
 
 
@@ -91,3 +98,44 @@ def test_iommufd__vfio_ioas(iommufd: Kfd) -> None:
     assert vfio_ioas(U.IOMMU_VFIO_IOAS_GET) == (0, ioas_id)
     assert vfio_ioas(U.IOMMU_VFIO_IOAS_CLEAR)[0] == 0
     assert vfio_ioas(U.IOMMU_VFIO_IOAS_GET)[0] == errno.ENODEV
+
+
+# -- VFIO compatibility ioctls (core/vfio_compat.py) --------------------------------------
+def test_iommufd__simple_ioctls(iommufd: Kfd) -> None:
+    assert iommufd.ioctl_value(V.VFIO_GET_API_VERSION, 0) == (0, V.VFIO_API_VERSION)
+    assert iommufd.ioctl_value(V.VFIO_CHECK_EXTENSION, V.VFIO_TYPE1v2_IOMMU) == (0, 1)
+
+
+def test_iommufd__unmap_cmd(iommufd: Kfd) -> None:
+    # struct vfio_iommu_type1_dma_unmap {argsz, flags, iova, size}
+    unmap = pack("IIQQ", 1, 0, MOCK_APERTURE_START, PAGE_SIZE)
+    assert iommufd.ioctl_value(V.VFIO_IOMMU_UNMAP_DMA, unmap)[0] == errno.EINVAL
+    unmap[0:8] = struct.pack("<II", 24, 1 << 31)
+    assert iommufd.ioctl_value(V.VFIO_IOMMU_UNMAP_DMA, unmap)[0] == errno.EINVAL
+    unmap[4:8] = bytes(4)
+    assert iommufd.ioctl_value(V.VFIO_IOMMU_UNMAP_DMA, unmap)[0] == errno.ENODEV
+
+
+def test_iommufd__map_cmd(iommufd: Kfd) -> None:
+    # struct vfio_iommu_type1_dma_map {argsz, flags, vaddr, iova, size}
+    map_cmd = pack("IIQQQ", 1, 0, iommufd.buffer, MOCK_APERTURE_START, PAGE_SIZE)
+    assert iommufd.ioctl_value(V.VFIO_IOMMU_MAP_DMA, map_cmd)[0] == errno.EINVAL
+    map_cmd[0:8] = struct.pack("<II", 32, 1 << 31)
+    assert iommufd.ioctl_value(V.VFIO_IOMMU_MAP_DMA, map_cmd)[0] == errno.EINVAL
+    # Requires a domain to be attached
+    flags = V.VFIO_DMA_MAP_FLAG_READ | V.VFIO_DMA_MAP_FLAG_WRITE
+    map_cmd[4:8] = struct.pack("<I", flags)
+    assert iommufd.ioctl_value(V.VFIO_IOMMU_MAP_DMA, map_cmd)[0] == errno.ENODEV
+
+
+def test_iommufd__info_cmd(iommufd: Kfd) -> None:
+    info = pack("IIQII", 1, 0, 0, 0, 0)  # struct vfio_iommu_type1_info
+    assert iommufd.ioctl_value(V.VFIO_IOMMU_GET_INFO, info)[0] == errno.EINVAL
+    info[0:4] = struct.pack("<I", 24)
+    assert iommufd.ioctl_value(V.VFIO_IOMMU_GET_INFO, info)[0] == errno.ENODEV
+
+
+def test_iommufd__set_iommu_cmd(iommufd: Kfd) -> None:
+    # Requires a domain to be attached
+    assert iommufd.ioctl_value(V.VFIO_SET_IOMMU, V.VFIO_TYPE1v2_IOMMU)[0] == errno.ENODEV
+    assert iommufd.ioctl_value(V.VFIO_SET_IOMMU, V.VFIO_TYPE1_IOMMU)[0] == errno.ENODEV

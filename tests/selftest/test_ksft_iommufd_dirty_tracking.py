@@ -9,25 +9,33 @@ from typing import Any
 
 import attrs
 import pytest
-from kutil import HUGEPAGE_SIZE, MOCK_APERTURE_START, MOCK_PAGE_SIZE, Kfd, pack
+from kutil import HUGEPAGE_SIZE, MOCK_APERTURE_START, MOCK_PAGE_SIZE, PAGE_SIZE, Kfd, pack
 from kutil import teardown_iommufd as _teardown
 
 from iommufd_model.mock import selftest as T
 from iommufd_model.uapi import iommufd as U
 
-DIRTY_VARIANTS = {
-    "domain_dirty128k": 128 * 1024,
-    "domain_dirty256k": 256 * 1024,
-    "domain_dirty640k": 640 * 1024,
-    "domain_dirty128M": 128 * 1024 * 1024,
-    "domain_dirty256M": 256 * 1024 * 1024,
+DIRTY_VARIANTS = {  # name: (buffer_size, hugepages)
+    "domain_dirty8k": (8 * 1024, False),
+    "domain_dirty16k": (16 * 1024, False),
+    "domain_dirty64k": (64 * 1024, False),
+    "domain_dirty128k": (128 * 1024, False),
+    "domain_dirty320k": (320 * 1024, False),
+    "domain_dirty64M": (64 * 1024 * 1024, False),
+    "domain_dirty64M_huge": (64 * 1024 * 1024, True),
+    "domain_dirty128M": (128 * 1024 * 1024, False),
+    "domain_dirty128M_huge": (128 * 1024 * 1024, True),
 }
+# get_dirty_bitmap* of the *_huge variants need the MOCK_IOMMUPT_HUGE page table (HWPT_ALLOC
+# with paging user data), which the driver contract cannot pass: not ported yet.
+SMALL_PAGE_VARIANTS = [name for name, (_, huge) in DIRTY_VARIANTS.items() if not huge]
 
 
 @attrs.define
 class DirtyFixture:
     k: Kfd
     buffer_size: int
+    hugepages: bool
     buffer: int
     bitmap: int
     bitmap_size: int
@@ -40,15 +48,19 @@ class DirtyFixture:
 
 @pytest.fixture(params=list(DIRTY_VARIANTS))
 def iommufd_dirty_tracking(request: pytest.FixtureRequest, machine: Any) -> Iterator[Any]:
-    size = DIRTY_VARIANTS[request.param]
+    size, huge = DIRTY_VARIANTS[request.param]
     k = Kfd(machine)
-    buffer = k.proc.mmap(size, align=HUGEPAGE_SIZE)
-    bitmap_size = size // MOCK_PAGE_SIZE // 8
-    # One extra MOCK_PAGE_SIZE for the unaligned-bitmap case.
-    bitmap = k.proc.mmap(bitmap_size + MOCK_PAGE_SIZE)
+    # MAP_HUGETLB buffers are modelled by 4 KiB pages (see docs/selftest-parity.md)
+    buffer = k.proc.mmap(max(size, HUGEPAGE_SIZE) if huge else size, align=HUGEPAGE_SIZE)
+    bitmap_size = size // MOCK_PAGE_SIZE
+    # One extra PAGE_SIZE for the unaligned-bitmap cases
+    bitmap = k.proc.mmap(-(-bitmap_size // 8) + PAGE_SIZE)
     ioas_id = k.ioas_alloc()
+    # The page size fed to the mock page table must be the one the dirty logic expects
+    if not huge:
+        assert k.option(U.IOMMU_OPTION_HUGE_PAGES, U.IOMMU_OPTION_OP_SET, ioas_id, 0)[0] == 0
     stdev, hwpt, idev = k.mock_domain_ok(ioas_id)
-    yield DirtyFixture(k, size, buffer, bitmap, bitmap_size, ioas_id, stdev, hwpt, idev)
+    yield DirtyFixture(k, size, huge, buffer, bitmap, bitmap_size, ioas_id, stdev, hwpt, idev)
     _teardown(k)
 
 
@@ -141,27 +153,49 @@ def test_iommufd_dirty_tracking__device_dirty_capability(
     assert k.destroy(hwpt) == 0
 
 
-def _get_dirty_bitmap_test(t: DirtyFixture, flags: int) -> None:
-    k = t.k
-    ioas_id = k.ioas_alloc()
-    k.map_ok(ioas_id, t.buffer, t.buffer_size, MOCK_APERTURE_START, fixed=True)
-    rc, hwpt = k.hwpt_alloc(t.idev_id, ioas_id, U.IOMMU_HWPT_ALLOC_DIRTY_TRACKING)
+def test_iommufd_dirty_tracking__pasid_set_dirty_tracking(
+    iommufd_dirty_tracking: DirtyFixture,
+) -> None:
+    t, k = iommufd_dirty_tracking, iommufd_dirty_tracking.k
+    pasid, dev_flags = 100, T.MOCK_FLAGS_DEVICE_PASID
+    flags = U.IOMMU_HWPT_ALLOC_PASID | U.IOMMU_HWPT_ALLOC_DIRTY_TRACKING
+    rc, hwpt = k.hwpt_alloc(t.idev_id, t.ioas_id, flags)
     assert rc == 0
-    stdev, _, _ = k.mock_domain_ok(hwpt)
+    stdev, _, _ = k.mock_domain_ok(hwpt, dev_flags)
+    assert k.pasid_attach(stdev, pasid, hwpt) == 0
     assert _set_dirty_tracking(k, hwpt, True) == 0
-    size, ps = t.buffer_size, t.page_size
-    _test_mock_dirty_bitmaps(k, hwpt, size, MOCK_APERTURE_START, ps, t.bitmap, flags)
-    # A bitmap that is not PAGE_SIZE aligned
-    unaligned = t.bitmap + MOCK_PAGE_SIZE
-    _test_mock_dirty_bitmaps(k, hwpt, size, MOCK_APERTURE_START, ps, unaligned, flags)
+    assert _set_dirty_tracking(k, hwpt, False) == 0
+    assert k.pasid_detach(stdev, pasid) == 0
+    assert k.destroy(stdev) == 0
+    # A device without dirty tracking cannot take the domain on a PASID
+    ioas_id = k.ioas_alloc()
+    stdev, _, _ = k.mock_domain_ok(ioas_id, dev_flags | T.MOCK_FLAGS_DEVICE_NO_DIRTY)
+    assert k.pasid_attach(stdev, pasid, hwpt) == errno.EINVAL
     assert k.destroy(stdev) == 0
     assert k.destroy(hwpt) == 0
 
 
+def _get_dirty_bitmap_test(t: DirtyFixture, flags: int) -> None:
+    k = t.k
+    k.map_ok(t.ioas_id, t.buffer, t.buffer_size, MOCK_APERTURE_START, fixed=True)
+    # test_cmd_hwpt_alloc_iommupt(MOCK_IOMMUPT_DEFAULT): the mock's default page table,
+    # which is what a paging HWPT without user data gets
+    rc, hwpt = k.hwpt_alloc(t.idev_id, t.ioas_id, U.IOMMU_HWPT_ALLOC_DIRTY_TRACKING)
+    assert rc == 0
+    assert _set_dirty_tracking(k, hwpt, True) == 0
+    size, ps = t.buffer_size, t.page_size
+    for bitmap in (t.bitmap, t.bitmap + MOCK_PAGE_SIZE, t.bitmap + 0xFF1):
+        # aligned, PAGE_SIZE unaligned, u64 unaligned
+        _test_mock_dirty_bitmaps(k, hwpt, size, MOCK_APERTURE_START, ps, bitmap, flags)
+    assert k.destroy(hwpt) == 0
+
+
+@pytest.mark.parametrize("iommufd_dirty_tracking", SMALL_PAGE_VARIANTS, indirect=True)
 def test_iommufd_dirty_tracking__get_dirty_bitmap(iommufd_dirty_tracking: DirtyFixture) -> None:
     _get_dirty_bitmap_test(iommufd_dirty_tracking, 0)
 
 
+@pytest.mark.parametrize("iommufd_dirty_tracking", SMALL_PAGE_VARIANTS, indirect=True)
 def test_iommufd_dirty_tracking__get_dirty_bitmap_no_clear(
     iommufd_dirty_tracking: DirtyFixture,
 ) -> None:

@@ -67,15 +67,18 @@ def test_iommufd_ioas__ioas_area_auto_destroy(iommufd_ioas: IoasFixture) -> None
         t.k.map_ok(t.ioas_id, t.k.buffer, PAGE_SIZE, t.base_iova + i * PAGE_SIZE, fixed=True)
 
 
-def _get_hw_info(k: Kfd, dev_id: int, data_len: int) -> int:
-    """``_test_cmd_get_hw_info()`` with its checks on the returned data."""
+def _get_hw_info(
+    k: Kfd, dev_id: int, data_len: int, data_type: int = U.IOMMU_HW_INFO_TYPE_DEFAULT
+) -> tuple[int, int, int]:
+    """``_test_cmd_get_hw_info()`` with its checks: (errno, capabilities, max_pasid_log2)."""
     uptr = k.proc.mmap(PAGE_SIZE) if data_len else 0
     if data_len:
         k.proc.write(uptr, b"\xff" * data_len)
-    buf = pack("IIIIQIBBBBQ", 40, 0, dev_id, data_len, uptr, 0, 0, 0, 0, 0, 0)
+    flags = U.IOMMU_HW_INFO_FLAG_INPUT_TYPE if data_type != U.IOMMU_HW_INFO_TYPE_DEFAULT else 0
+    buf = pack("IIIIQIBBBBQ", 40, flags, dev_id, data_len, uptr, data_type, 0, 0, 0, 0, 0)
     rc = k.ioctl(U.IOMMU_GET_HW_INFO, buf)
     if rc:
-        return rc
+        return rc, 0, 0
     out_len, out_type = struct.unpack_from("<I", buf, 12)[0], struct.unpack_from("<I", buf, 24)[0]
     assert out_type == T.IOMMU_HW_INFO_TYPE_SELFTEST
     assert out_len == 8  # sizeof(struct iommu_test_hw_info)
@@ -86,17 +89,26 @@ def _get_hw_info(k: Kfd, dev_id: int, data_len: int) -> int:
             assert struct.unpack_from("<I", data, 4)[0] == T.IOMMU_HW_INFO_SELFTEST_REGVAL
         if data_len >= 4:
             assert struct.unpack_from("<I", data, 0)[0] == 0
-    return 0
+    return 0, struct.unpack_from("<Q", buf, 32)[0], buf[28]
 
 
 def test_iommufd_ioas__get_hw_info(iommufd_ioas: IoasFixture) -> None:
-    t = iommufd_ioas
+    t, k = iommufd_ioas, iommufd_ioas.k
     if t.device_id:
-        for data_len in (0, 8, 16, 4):  # none, exact, larger, smaller
-            assert _get_hw_info(t.k, t.device_id, data_len) == 0
+        for data_len in (0, 8):  # none, exact
+            assert _get_hw_info(k, t.device_id, data_len)[0] == 0
+        # a wrong data_type, then the right one
+        bad = T.IOMMU_HW_INFO_TYPE_SELFTEST + 1
+        assert _get_hw_info(k, t.device_id, 8, bad)[0] == errno.EOPNOTSUPP
+        assert _get_hw_info(k, t.device_id, 8, T.IOMMU_HW_INFO_TYPE_SELFTEST)[0] == 0
+        for data_len in (16, 4):  # larger (trailing bytes zeroed), smaller (up to flags)
+            assert _get_hw_info(k, t.device_id, data_len)[0] == 0
+        assert _get_hw_info(k, t.device_id, 0)[2] == 0
+        if t.variant.pasid_capable:
+            assert _get_hw_info(k, t.device_pasid_id, 0)[2] == T.MOCK_PASID_WIDTH
     else:
-        assert _get_hw_info(t.k, t.device_id, 8) == errno.ENOENT
-        assert _get_hw_info(t.k, t.device_id, 16) == errno.ENOENT
+        assert _get_hw_info(k, t.device_id, 8)[0] == errno.ENOENT
+        assert _get_hw_info(k, t.device_id, 16)[0] == errno.ENOENT
 
 
 def test_iommufd_ioas__area(iommufd_ioas: IoasFixture) -> None:
@@ -399,3 +411,219 @@ def test_iommufd_ioas__copy_sweep(iommufd_ioas: IoasFixture) -> None:
             assert rc == 0, (hex(iova), rc)
             k.unmap_ok(dst, MOCK_APERTURE_START, MOCK_PAGE_SIZE)
     assert k.destroy(dst) == 0
+
+
+def test_iommufd_ioas__reserved_overflow(iommufd_ioas: IoasFixture) -> None:
+    # A reserved range ending just below 2^64 leaves no room for a 5-page map (syzbot).
+    t, k = iommufd_ioas, iommufd_ioas.k
+    assert k.add_reserved(t.ioas_id, 6, 0xFFFF_FFFF_FFFF_8001) == 0
+    assert k.map(t.ioas_id, k.buffer, 0x5000)[0] == errno.ENOSPC
+
+
+def test_iommufd_ioas__alloc_hwpt_nested(iommufd_ioas: IoasFixture) -> None:
+    t, k = iommufd_ioas, iommufd_ioas.k
+    data = pack("II", T.IOMMU_TEST_IOTLB_DEFAULT, 0)
+    sel = T.IOMMU_HWPT_DATA_SELFTEST
+    inv_sel = T.IOMMU_HWPT_INVALIDATE_DATA_SELFTEST
+    dev = t.device_id
+    if not dev:
+        assert k.hwpt_alloc(dev, t.ioas_id, 0)[0] == errno.ENOENT
+        assert k.hwpt_alloc(dev, 0, 0, sel, data)[0] == errno.ENOENT
+        assert k.mock_domain_replace(t.stdev_id, 0) == errno.ENOENT
+        return
+    nest_parent = U.IOMMU_HWPT_ALLOC_NEST_PARENT
+    # Negative tests
+    assert k.hwpt_alloc(t.ioas_id, dev, 0)[0] == errno.ENOENT
+    assert k.hwpt_alloc(dev, dev, 0)[0] == errno.EINVAL
+    flags = nest_parent | U.IOMMU_HWPT_FAULT_ID_VALID
+    assert k.hwpt_alloc(dev, t.ioas_id, flags)[0] == errno.EOPNOTSUPP
+    parent = k.hwpt_alloc_ok(dev, t.ioas_id, nest_parent)
+    parent_not_work = k.hwpt_alloc_ok(dev, t.ioas_id, 0)
+    # Negative nested tests
+    assert k.hwpt_alloc(dev, parent, 0, U.IOMMU_HWPT_DATA_NONE, data)[0] == errno.EINVAL
+    assert k.hwpt_alloc(dev, parent, 0, sel + 1, data)[0] == errno.EOPNOTSUPP
+    assert k.hwpt_alloc(dev, parent, 0, sel, data, data_len=3)[0] == errno.EINVAL
+    assert k.hwpt_alloc(dev, parent, 0, sel, None, data_len=8)[0] == errno.EFAULT
+    assert k.hwpt_alloc(dev, parent, nest_parent, sel, data)[0] == errno.EOPNOTSUPP
+    assert k.hwpt_alloc(dev, parent_not_work, 0, sel, data)[0] == errno.EINVAL
+    # Two nested HWPTs sharing one parent, and one with a fault queue
+    fault_id, fault_fd = k.fault_alloc()
+    nested = [k.hwpt_alloc_ok(dev, parent, 0, sel, data) for _ in range(2)]
+    fault_valid = U.IOMMU_HWPT_FAULT_ID_VALID
+    rc, _ = k.hwpt_alloc(dev, parent, fault_valid, sel, data, fault_id=0xFFFF_FFFF)
+    assert rc == errno.ENOENT
+    iopf_hwpt = k.hwpt_alloc_ok(dev, parent, fault_valid, sel, data, fault_id=fault_id)
+    k.check_iotlb_all(nested[0], T.IOMMU_TEST_IOTLB_DEFAULT)
+    k.check_iotlb_all(nested[1], T.IOMMU_TEST_IOTLB_DEFAULT)
+    # a nested HWPT over a nested HWPT; the parent is busy now
+    assert k.hwpt_alloc(dev, nested[0], 0, sel, data)[0] == errno.EINVAL
+    assert k.destroy(parent) == errno.EBUSY
+
+    def inv(hwpt: int, reqs: bytes | None, num: int, *, dtype: int = inv_sel,
+            entry_len: int = 8) -> tuple[int, int]:
+        return k.hwpt_invalidate(hwpt, reqs, dtype, entry_len, num)
+
+    zero = bytes(16)
+    # hwpt_invalidate does not support a parent hwpt
+    assert inv(parent, zero, 1) == (errno.EINVAL, 0)
+    # data_type probe with an empty array
+    assert inv(nested[0], zero, 0) == (0, 0)
+    assert inv(nested[0], zero, 1, dtype=T.IOMMU_HWPT_INVALIDATE_DATA_SELFTEST_INVALID) == (
+        errno.EINVAL, 0)
+    # structure size sanity
+    assert inv(nested[0], zero, 1, entry_len=9) == (errno.EINVAL, 0)
+    assert inv(nested[0], zero, 1, entry_len=1) == (errno.EINVAL, 0)
+    # invalid flags; NULL data_uptr and zero entry_len with a non-empty array
+    assert inv(nested[0], pack("II", 0xFFFF_FFFF, 0), 1) == (errno.EOPNOTSUPP, 0)
+    assert inv(nested[0], None, 1) == (errno.EINVAL, 0)
+    assert inv(nested[0], zero, 1, entry_len=0) == (errno.EINVAL, 0)
+    # invalid iotlb_id
+    too_big = T.MOCK_NESTED_DOMAIN_IOTLB_ID_MAX + 1
+    assert inv(nested[0], pack("II", 0, too_big), 1) == (errno.EINVAL, 0)
+
+    def check(hwpt: int, expected: list[int]) -> None:
+        for i, value in enumerate(expected):
+            assert k.check_iotlb(hwpt, i, value) == 0, (i, value)
+
+    dflt = T.IOMMU_TEST_IOTLB_DEFAULT
+    # the 1st entry is handled, the 2nd fails on its flags, then on its iotlb_id
+    assert inv(nested[0], pack("IIII", 0, 0, 0xFFFF_FFFF, 1), 2) == (errno.EOPNOTSUPP, 1)
+    check(nested[0], [0, dflt, dflt, dflt])
+    assert inv(nested[0], pack("IIII", 0, 0, 0, too_big), 2) == (errno.EINVAL, 1)
+    check(nested[0], [0, dflt, dflt, dflt])
+    # the 2nd entry, then the 3rd and 4th
+    assert inv(nested[0], pack("II", 0, 1), 1) == (0, 1)
+    check(nested[0], [0, 0, dflt, dflt])
+    assert inv(nested[0], pack("IIII", 0, 2, 0, 3), 2) == (0, 2)
+    k.check_iotlb_all(nested[0], 0)
+    # all entries of nested[1] at once
+    assert inv(nested[1], pack("II", T.IOMMU_TEST_INVALIDATE_FLAG_ALL, 0), 1) == (0, 1)
+    k.check_iotlb_all(nested[1], 0)
+    # attach nested[0] (busy), switch to nested[1], then to the IOPF-capable one
+    assert k.mock_domain_replace(t.stdev_id, nested[0]) == 0
+    assert k.destroy(nested[0]) == errno.EBUSY
+    assert k.mock_domain_replace(t.stdev_id, nested[1]) == 0
+    assert k.destroy(nested[1]) == errno.EBUSY
+    assert k.destroy(nested[0]) == 0
+    assert k.mock_domain_replace(t.stdev_id, iopf_hwpt) == 0
+    assert k.destroy(iopf_hwpt) == errno.EBUSY
+    assert k.trigger_iopf(dev, 0x1, fault_fd) == 0
+    # back to the parent, then to the IOAS; everything can go
+    assert k.mock_domain_replace(t.stdev_id, parent) == 0
+    assert k.destroy(nested[1]) == 0
+    assert k.destroy(iopf_hwpt) == 0
+    assert k.mock_domain_replace(t.stdev_id, t.ioas_id) == 0
+    assert k.destroy(parent) == 0
+    assert k.destroy(parent_not_work) == 0
+    k.proc.close(fault_fd)
+    assert k.destroy(fault_id) == 0
+
+
+def _get_dmabuf(k: Kfd, length: int) -> int:
+    """``test_cmd_get_dmabuf()``: the fd comes back as the ioctl's value."""
+    buf = pack("IIII", 72, T.IOMMU_TEST_OP_DMABUF_GET, 0, 0)
+    buf += pack("II", length, 0o2000000).ljust(48, b"\0") + pack("II", 0, 0)  # O_CLOEXEC
+    rc, fd = k.ioctl_value(T.IOMMU_TEST_CMD, buf)
+    assert rc == 0 and fd > 0
+    return fd
+
+
+def _revoke_dmabuf(k: Kfd, fd: int, revoked: bool) -> None:
+    payload = pack("iI", fd, int(revoked))
+    assert k.test_cmd(T.IOMMU_TEST_OP_DMABUF_REVOKE, 0, payload)[0] == 0
+
+
+def _map_file(
+    k: Kfd, ioas_id: int, fd: int, start: int, length: int, iova: int = 0, *, fixed: bool = False
+) -> tuple[int, int]:
+    flags = U.IOMMU_IOAS_MAP_WRITEABLE | U.IOMMU_IOAS_MAP_READABLE
+    if fixed:
+        flags |= U.IOMMU_IOAS_MAP_FIXED_IOVA
+    buf = pack("IIIiQQQ", 40, flags, ioas_id, fd, start, length, iova)
+    return k.ioctl(U.IOMMU_IOAS_MAP_FILE, buf), struct.unpack_from("<Q", buf, 32)[0]
+
+
+def test_iommufd_ioas__dmabuf_simple(iommufd_ioas: IoasFixture) -> None:
+    t, k = iommufd_ioas, iommufd_ioas.k
+    size = PAGE_SIZE * 4
+    dfd = _get_dmabuf(k, size)
+    assert _map_file(k, t.ioas_id, dfd, 0, 0)[0] == errno.EINVAL
+    assert _map_file(k, t.ioas_id, dfd, size, size)[0] == errno.EINVAL
+    assert _map_file(k, t.ioas_id, dfd, 0, size + 1)[0] == errno.EINVAL
+    assert _map_file(k, t.ioas_id, dfd, 0, size)[0] == 0
+    k.proc.close(dfd)
+
+
+def test_iommufd_ioas__dmabuf_revoke(iommufd_ioas: IoasFixture) -> None:
+    t, k = iommufd_ioas, iommufd_ioas.k
+    size = PAGE_SIZE * 4
+    dfd = _get_dmabuf(k, size)
+    rc, iova = _map_file(k, t.ioas_id, dfd, 0, size)
+    assert rc == 0
+    _revoke_dmabuf(k, dfd, True)
+    if t.variant.mock_domains:
+        assert k.hwpt_alloc(t.device_id, t.ioas_id, 0)[0] == 0
+    assert _map_file(k, t.ioas_id, dfd, 0, size)[0] == errno.ENODEV
+    _revoke_dmabuf(k, dfd, False)
+    assert _map_file(k, t.ioas_id, dfd, 0, size)[0] == 0
+    # Restore the iova back
+    k.unmap_ok(t.ioas_id, iova, size)
+    assert _map_file(k, t.ioas_id, dfd, 0, size, iova, fixed=True)[0] == 0
+    k.proc.close(dfd)
+
+
+class _Child:
+    """A fork()ed child of the test process, as far as these tests need one.
+
+    The kernel test's ``buffer`` is MAP_SHARED | MAP_ANONYMOUS, i.e. shmem: the port makes it
+    a memfd mapping so that parent and child map the same frames. The child shares the
+    iommufd file; exiting drops its address space (pinning from it then faults) but not the
+    file, which the parent still holds.
+    """
+
+    def __init__(self, k: Kfd) -> None:
+        self.k = k
+        self.memfd = k.proc.memfd_create(BUFFER_SIZE)
+        k.buffer = k.proc.mmap(BUFFER_SIZE, fd=self.memfd)  # the parent's view
+        self.proc = k.machine.new_process()
+        self.proc.files[self.memfd] = k.proc.files[self.memfd]
+        self.buffer = self.proc.mmap(BUFFER_SIZE, fd=self.memfd)  # the child's view
+
+    def map_fixed(self, ioas_id: int, iova: int) -> None:
+        flags = U.IOMMU_IOAS_MAP_FIXED_IOVA | U.IOMMU_IOAS_MAP_WRITEABLE
+        buf = pack("IIIIQQQ", 40, flags | U.IOMMU_IOAS_MAP_READABLE, ioas_id, 0, self.buffer,
+                   BUFFER_SIZE, iova)
+        self.k.ictx.ioctl(U.IOMMU_IOAS_MAP, buf, caller=self.proc)
+
+    def exit(self) -> None:
+        self.proc.munmap(self.buffer, BUFFER_SIZE)
+        self.proc.files.clear()  # the parent's descriptors keep the files open
+
+
+def test_iommufd_ioas__fork_gone(iommufd_ioas: IoasFixture) -> None:
+    t, k = iommufd_ioas, iommufd_ioas.k
+    access = k.create_access(t.ioas_id, 0)
+    # Create a mapping with a different mm, which then goes away
+    child = _Child(k)
+    child.map_fixed(t.ioas_id, MOCK_APERTURE_START)
+    child.exit()
+    if t.stdev_id:
+        # A domain pinned everything within the fork: this copies from domain to domain
+        k.mock_domain_ok(t.ioas_id)
+        check_access_rw(k, access, MOCK_APERTURE_START, 0)
+    else:
+        # Otherwise pages must be pinned now, which cannot happen: the mm is gone
+        assert k.mock_domain(t.ioas_id)[0] == errno.EFAULT
+    k.destroy_access(access)
+
+
+def test_iommufd_ioas__fork_present(iommufd_ioas: IoasFixture) -> None:
+    t, k = iommufd_ioas, iommufd_ioas.k
+    access = k.create_access(t.ioas_id, 0)
+    # Create a mapping with a different mm, which stays while the parent reads
+    child = _Child(k)
+    child.map_fixed(t.ioas_id, MOCK_APERTURE_START)
+    k.mock_domain_ok(t.ioas_id)
+    check_access_rw(k, access, MOCK_APERTURE_START, 0)
+    child.exit()
+    k.destroy_access(access)

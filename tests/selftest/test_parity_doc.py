@@ -1,6 +1,7 @@
 """docs/selftest-parity.md must not claim a port that does not exist.
 
-Every row marked *ported* names a pytest node id; each must be collected from tests/selftest.
+Every row marked *ported* names a pytest node id; each must be collected from tests/selftest
+(or tests/robustness, for the fail_nth port).
 The counts at the top must match the table.
 """
 
@@ -27,7 +28,8 @@ def _rows() -> list[list[str]]:
 def test_parity_doc_ported_rows_are_collected() -> None:
     res = subprocess.run(
         [sys.executable, "-m", "pytest", "--collect-only", "-q", "-o",
-         "addopts=--import-mode=importlib -p no:cacheprovider", "tests/selftest"],
+         "addopts=--import-mode=importlib -p no:cacheprovider", "tests/selftest",
+         "tests/robustness"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     collected = {line for line in res.stdout.splitlines() if "::" in line}

@@ -202,3 +202,46 @@ def test_selftest_cmd__dirty_bad_input(iommufd: Kfd) -> None:
     # 32 bits set, but only the mapped entries count (BUFFER_SIZE is 32 mock pages)
     assert dirty(hwpt, start, 32 * mps, mps, bitmap) == (0, 32)
     assert dirty(hwpt, start + BUFFER_SIZE, 32 * mps, mps, bitmap) == (0, 0)
+
+
+def test_selftest_cmd__nested_ops_bad_input(iommufd: Kfd) -> None:
+    """MD_CHECK_IOTLB / DEV_CHECK_CACHE / TRIGGER_* / PASID_* refuse bad ids, change nothing."""
+    k = iommufd
+    ioas = k.ioas_alloc()
+    stdev, hwpt, idev = k.mock_domain_ok(ioas)
+    parent = k.hwpt_alloc_ok(idev, ioas, U.IOMMU_HWPT_ALLOC_NEST_PARENT)
+    data = pack("II", T.IOMMU_TEST_IOTLB_DEFAULT, 0)
+    nested = k.hwpt_alloc_ok(idev, parent, 0, T.IOMMU_HWPT_DATA_SELFTEST, data)
+    before = _snapshot(k)
+    # MD_CHECK_IOTLB: a paging HWPT is the wrong type (ENOENT); id or value mismatch EINVAL
+    assert k.check_iotlb(hwpt, 0, T.IOMMU_TEST_IOTLB_DEFAULT) == errno.ENOENT
+    assert k.check_iotlb(nested, T.MOCK_NESTED_DOMAIN_IOTLB_ID_MAX + 1, 0) == errno.EINVAL
+    assert k.check_iotlb(nested, 0, 0) == errno.EINVAL
+    # DEV_CHECK_CACHE
+    assert k.check_dev_cache(stdev, 0, T.IOMMU_TEST_DEV_CACHE_DEFAULT) == errno.ENOENT
+    assert k.check_dev_cache(idev, T.MOCK_DEV_CACHE_ID_MAX + 1, 0) == errno.EINVAL
+    # TRIGGER_VEVENT: no vIOMMU behind the device; TRIGGER_IOPF: not a device
+    assert k.trigger_vevents(idev, 1) == errno.ENOENT
+    payload = pack("IIIIQ", hwpt, 0, 0, 0, 0)
+    assert k.test_cmd(T.IOMMU_TEST_OP_TRIGGER_IOPF, 0, payload)[0] == errno.ENOENT
+    # PASID ops need a selftest object and a PASID-capable device
+    assert k.pasid_attach(idev, 7, hwpt) == errno.ENOENT
+    assert k.pasid_attach(stdev, 7, hwpt) == errno.EINVAL
+    assert k.pasid_replace(stdev, 7, hwpt) == errno.EINVAL
+    assert k.pasid_check_hwpt(stdev, 7, 0) == 0
+    assert k.pasid_check_hwpt(stdev, 7, hwpt) == errno.EINVAL
+    assert _snapshot(k) == before
+
+
+def test_selftest_cmd__dmabuf_bad_input(iommufd: Kfd) -> None:
+    k = iommufd
+    before = _snapshot(k)
+    for length in (0, PAGE_SIZE * 512 + 1):
+        payload = pack("II", length, 0)
+        assert k.test_cmd(T.IOMMU_TEST_OP_DMABUF_GET, 0, payload)[0] == errno.EINVAL
+    assert k.test_cmd(T.IOMMU_TEST_OP_DMABUF_REVOKE, 0, pack("iI", 999, 1))[0] == errno.EBADF
+    memfd = k.proc.memfd_create(PAGE_SIZE)
+    payload = pack("iI", memfd, 1)
+    assert k.test_cmd(T.IOMMU_TEST_OP_DMABUF_REVOKE, 0, payload)[0] == errno.EOPNOTSUPP
+    k.proc.close(memfd)
+    assert _snapshot(k) == before

@@ -175,8 +175,9 @@ def auto_attach(idev: Device, ioas: Ioas, pasid: int | None, *, replace: bool) -
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
-    flags = U.IOMMU_HWPT_ALLOC_PASID if pasid is not None else 0
-    new = hwpt_paging_alloc(idev.ictx, ioas, idev, flags, auto_domain=True)
+    # The kernel allocates automatic domains without IOMMU_HWPT_ALLOC_PASID, so a PASID
+    # cannot attach to an IOAS directly (EINVAL): it needs a PASID-compatible HWPT.
+    new = hwpt_paging_alloc(idev.ictx, ioas, idev, 0, auto_domain=True)
     try:
         idev.ictx.objects.alloc_id(new)
     except OSError:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import attrs
 
+from iommufd_model.core.failnth import failpoint
 from iommufd_model.core.main import Ucmd, ioctl_op
 from iommufd_model.core.objects import IommufdObject, ObjType
 from iommufd_model.errors import err
@@ -63,6 +64,7 @@ class _EventObject(IommufdObject):
         self.fd = -1
 
     def open_file(self, caller_files: dict[int, object]) -> int:
+        failpoint("eventq.open_file")  # anon_inode_getfile() / get_unused_fd_flags()
         proc = self.ictx.proc
         self.fd = proc.install_file(self.file)
         self.users += 1  # the open file keeps the object alive
@@ -224,7 +226,11 @@ def _fault_alloc(ucmd: Ucmd) -> None:
         raise err(errno.EOPNOTSUPP, "fault_alloc flags must be 0")
     fault = Fault(ucmd.ictx)
     cmd.out_fault_id = ucmd.ictx.objects.alloc_id(fault)
-    cmd.out_fault_fd = fault.open_file(ucmd.caller.files)  # type: ignore[arg-type]
+    try:
+        cmd.out_fault_fd = fault.open_file(ucmd.caller.files)  # type: ignore[arg-type]
+    except OSError:
+        ucmd.ictx.objects.remove(fault)
+        raise
     ucmd.respond()
 
 
@@ -244,5 +250,9 @@ def _veventq_alloc(ucmd: Ucmd) -> None:
     cmd.out_veventq_id = ucmd.ictx.objects.alloc_id(q)
     q.hold(viommu)
     viommu.veventqs[cmd.type] = q
-    cmd.out_veventq_fd = q.open_file(ucmd.caller.files)  # type: ignore[arg-type]
+    try:
+        cmd.out_veventq_fd = q.open_file(ucmd.caller.files)  # type: ignore[arg-type]
+    except OSError:
+        ucmd.ictx.objects.remove(q)
+        raise
     ucmd.respond()

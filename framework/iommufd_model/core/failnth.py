@@ -119,6 +119,7 @@ def sweep(
     *,
     errno: int = _errno.ENOMEM,
     limit: int = 100_000,
+    out: SweepResult | None = None,
 ) -> SweepResult:
     """Run ``call`` with fail-nth n = 1, 2, ... until the injection no longer fires.
 
@@ -126,9 +127,10 @@ def sweep(
     the call raised, or None if it swallowed the failure and succeeded); it should compare
     the model state with a snapshot taken before. The last run is the real, successful call
     (it reached every site without one failing); its return value is ``result``. Whatever
-    that last call raises propagates.
+    that last call raises propagates; pass ``out`` to keep the counts in that case.
     """
-    out = SweepResult()
+    if out is None:
+        out = SweepResult()
     for n in range(1, limit + 1):
         exc: OSError | None = None
         ret: Any = None

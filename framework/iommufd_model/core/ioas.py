@@ -126,6 +126,11 @@ def _ioas_map_file(ucmd: Ucmd) -> None:
         raise err(errno.EBADF, f"fd {cmd.fd} is not open")
     if not isinstance(file, MemFile):
         raise err(errno.EINVAL, "IOAS_MAP_FILE needs a memfd")
+    # A dma-buf (a MemFile that exports a physical range) is checked when mapped, as
+    # iopt_map_dmabuf(): its range must fit (EINVAL) and it must not be revoked (ENODEV).
+    check_map = getattr(file, "check_map", None)
+    if check_map is not None:
+        check_map(cmd.start, cmd.length)
     fixed = cmd.iova if cmd.flags & U.IOMMU_IOAS_MAP_FIXED_IOVA else None
     cmd.iova = ioas.iopt.map_file(
         file, cmd.start, cmd.length, fixed, conv_prot(cmd.flags), ucmd.caller

@@ -41,6 +41,9 @@ class Ucmd:
         self._buf = buf
         self._user_size = user_size
         self.caller = caller
+        # The ioctl's return value: 0, except for the few commands that return an fd
+        # (the self-test's DMABUF_GET).
+        self.retval = 0
 
     def respond(self) -> None:
         """``iommufd_ucmd_respond``: copy the struct back, never past the user's size."""
@@ -118,10 +121,16 @@ class IommuFd(TypedCalls):
         self.internal_errors: list[BaseException] = []
 
     # -- the uAPI entry point -----------------------------------------------------------
-    def ioctl(self, cmd: int, buf: bytearray | memoryview, *, caller: Process | None = None) -> int:
-        """Issue ioctl ``cmd`` with argument struct ``buf`` (mutated in place); returns 0."""
+    def ioctl(
+        self, cmd: int, buf: bytearray | memoryview | int, *, caller: Process | None = None
+    ) -> int:
+        """Issue ioctl ``cmd`` with argument struct ``buf`` (mutated in place).
+
+        Returns the ioctl's value: 0 for iommufd's commands; the VFIO compat commands
+        (core/vfio_compat.py) return theirs, and some take an ``int`` argument instead.
+        """
         try:
-            self._ioctl(cmd, buf, caller or self.proc)
+            return self._ioctl(cmd, buf, caller or self.proc)
         except OSError:
             raise
         except Exception as exc:
@@ -129,14 +138,17 @@ class IommuFd(TypedCalls):
                 raise
             self.internal_errors.append(exc)
             raise err(errno.EIO, f"internal model error: {type(exc).__name__}: {exc}") from exc
-        return 0
 
-    def _ioctl(self, cmd: int, buf: bytearray | memoryview, caller: Process) -> None:
+    def _ioctl(self, cmd: int, buf: bytearray | memoryview | int, caller: Process) -> int:
         if self.closed:
             raise err(errno.EBADF, "iommufd is closed")
         op = _OPS.get(cmd)
         if op is None:
-            raise err(errno.ENOTTY, f"unknown iommufd ioctl {cmd:#x}")
+            # iommufd_fops_ioctl(): numbers outside iommufd's table go to the VFIO
+            # container compatibility layer, which answers ENOTTY for what it lacks.
+            from iommufd_model.core.vfio_compat import vfio_ioctl
+
+            return vfio_ioctl(self, cmd, buf, caller)
         if not isinstance(buf, (bytearray, memoryview)) or (
             isinstance(buf, memoryview) and buf.readonly
         ):
@@ -154,6 +166,7 @@ class IommuFd(TypedCalls):
         data = bytes(buf[: min(user_size, ksize)]).ljust(ksize, b"\0")
         ucmd = Ucmd(self, op.struct.unpack(data), buf, user_size, caller)
         op.handler(ucmd)
+        return ucmd.retval
 
     # -- VFIO-style entry points (the device side of the binding) ------------------------
     def bind(self, dev: PciDevice) -> int:
@@ -185,7 +198,8 @@ class IommuFd(TypedCalls):
     def device(self, dev_id: int) -> Device:
         from iommufd_model.core.device import Device
 
-        return self.objects.get_as(dev_id, Device)
+        # VFIO holds the iommufd_device itself: no iommufd_get_object(), nothing to inject.
+        return self.objects.get_as(dev_id, Device, held=True)
 
     def _guard(self, fn: Callable[[], Any]) -> Any:
         try:

@@ -97,9 +97,20 @@ class ObjectTable:
         del self._objs[id_]
         self._free_hint = min(self._free_hint, id_)
 
-    def get(self, id_: int, type_: ObjType | tuple[ObjType, ...] | None = None) -> IommufdObject:
-        """``iommufd_get_object``: missing, tombstoned or wrong type -> ENOENT."""
-        failpoint("objects.get", errno.ENOENT)  # iommufd_should_fail() -> -ENOENT
+    def get(
+        self,
+        id_: int,
+        type_: ObjType | tuple[ObjType, ...] | None = None,
+        *,
+        held: bool = False,
+    ) -> IommufdObject:
+        """``iommufd_get_object``: missing, tombstoned or wrong type -> ENOENT.
+
+        ``held``: the caller already holds the object in the kernel (VFIO's device fd holds
+        its ``iommufd_device``) and only resolves the model's id: no fault injection there.
+        """
+        if not held:
+            failpoint("objects.get", errno.ENOENT)  # iommufd_should_fail() -> -ENOENT
         obj = self._objs.get(id_)
         if not isinstance(obj, IommufdObject):
             raise err(errno.ENOENT, f"no object {id_}")
@@ -109,8 +120,8 @@ class ObjectTable:
                 raise err(errno.ENOENT, f"object {id_} is a {obj.TYPE.value}")
         return obj
 
-    def get_as(self, id_: int, cls: type[ObjT]) -> ObjT:
-        obj = self.get(id_, cls.TYPE)
+    def get_as(self, id_: int, cls: type[ObjT], *, held: bool = False) -> ObjT:
+        obj = self.get(id_, cls.TYPE, held=held)
         assert isinstance(obj, cls)
         return obj
 

@@ -16,6 +16,7 @@ from iommufd_model.core.main import Ucmd, ioctl_op
 from iommufd_model.core.objects import IommufdObject, ObjType
 from iommufd_model.driver import HwQueueBase, VdeviceBase, ViommuBase
 from iommufd_model.errors import err
+from iommufd_model.hw.memory import PAGE_SIZE
 from iommufd_model.uapi import iommufd as U
 
 if TYPE_CHECKING:
@@ -82,7 +83,16 @@ class HwQueue(IommufdObject):
         viommu = self.viommu
         viommu.hooks.hw_queue_destroy(queue=self.drv)
         viommu.hw_queues.pop((self.drv.queue_type, self.drv.index), None)
-        viommu.hwpt.ioas.iopt.access_unpin(self.drv.base_iova, self.drv.length, lock=True)
+        viommu.hwpt.ioas.iopt.access_unpin(*_page_span(self.drv.base_iova, self.drv.length),
+                                           lock=True)
+
+
+def _page_span(iova: int, length: int) -> tuple[int, int]:
+    """The whole pages under ``[iova, iova + length)``: the kernel pins a queue by pages
+    (``iommufd_hw_queue_alloc_phys``), so a queue may start and end inside a page."""
+    first = iova & ~(PAGE_SIZE - 1)
+    end = (iova + length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+    return first, end - first
 
 
 def vdevice_force_destroy(vdev: Vdevice) -> None:
@@ -175,7 +185,8 @@ def _hw_queue_alloc(ucmd: Ucmd) -> None:
     if (cmd.type, cmd.index) in viommu.hw_queues:
         raise err(errno.EEXIST, "a queue with that type and index exists")
     iopt = viommu.hwpt.ioas.iopt
-    pfns = iopt.access_pin(cmd.nesting_parent_iova, cmd.length, True, lock=True)
+    pin_iova, pin_len = _page_span(cmd.nesting_parent_iova, cmd.length)
+    pfns = iopt.access_pin(pin_iova, pin_len, True, lock=True)
     try:
         first = pfns[0]
         if any(p != first + i for i, p in enumerate(pfns)):
@@ -193,8 +204,9 @@ def _hw_queue_alloc(ucmd: Ucmd) -> None:
             "hw_queue_alloc",
         )
     except OSError:
-        iopt.access_unpin(cmd.nesting_parent_iova, cmd.length, lock=True)
+        iopt.access_unpin(pin_iova, pin_len, lock=True)
         raise
+    drv.pfns = pfns
     q = HwQueue(ucmd.ictx, drv, viommu)
     try:
         cmd.out_hw_queue_id = objs.alloc_id(q)
@@ -202,7 +214,6 @@ def _hw_queue_alloc(ucmd: Ucmd) -> None:
         viommu.hooks.hw_queue_destroy(queue=drv)
         iopt.access_unpin(cmd.nesting_parent_iova, cmd.length, lock=True)
         raise
-    drv.pfns = pfns
     q.hold(viommu)
     viommu.hw_queues[(cmd.type, cmd.index)] = q
     ucmd.respond()

@@ -5,7 +5,18 @@ from __future__ import annotations
 import errno
 from typing import Any
 
-from iommufd_model.driver import IOMMU_READ, IOMMU_WRITE, Domain, DriverInfo, Feature, HwInfo
+from iommufd_model.driver import (
+    IOMMU_READ,
+    IOMMU_WRITE,
+    Domain,
+    DriverInfo,
+    Feature,
+    HwInfo,
+    HwQueueBase,
+    InvalidateResult,
+    VdeviceBase,
+    ViommuBase,
+)
 from iommufd_model.errors import err
 from iommufd_model.hookspecs import hookimpl
 from iommufd_model.hw.pci import PciDevice
@@ -17,11 +28,16 @@ from iommufd_model.mock import selftest
 from iommufd_model.mock.hw import (
     ENTRY_DIRTY,
     ENTRY_FLAGS,
+    MOCK_DEV_CACHE_NUM,
     MOCK_IO_PAGE_SHIFT,
     MOCK_IO_PAGE_SIZE,
     MOCK_PASID_WIDTH,
     MockDomain,
+    MockHwQueue,
     MockIommu,
+    MockNestedDomain,
+    MockVdevice,
+    MockViommu,
 )
 from iommufd_model.uapi import iommufd as U
 
@@ -36,6 +52,19 @@ PAGING_FLAGS = (
 def _mock(iommu: Any) -> MockIommu:
     assert isinstance(iommu, MockIommu)
     return iommu
+
+
+def copy_struct(data: bytes, ksize: int, min_len: int) -> bytes:
+    """``__iommu_copy_struct_from_user()``: shorter than ``min_len`` or longer than the
+    kernel's struct is EINVAL (not E2BIG: the length check runs before copy_struct_from_user),
+    a short one is zero-filled."""
+    if len(data) < min_len or len(data) > ksize:
+        raise err(errno.EINVAL, f"user data of {len(data)} bytes, want {min_len}..{ksize}")
+    return data.ljust(ksize, b"\0")
+
+
+def _u32(data: bytes, off: int) -> int:
+    return int.from_bytes(data[off : off + 4], "little")
 
 
 def _domain(domain: Domain) -> MockDomain:
@@ -53,8 +82,25 @@ class MockDriver:
             name="mock",
             description="iommufd self-test mock IOMMU (kernel selftest.c)",
             features=frozenset(
-                {Feature.PAGING, Feature.NEST_PARENT, Feature.PASID, Feature.DIRTY_TRACKING}
+                {
+                    Feature.PAGING,
+                    Feature.NEST_PARENT,
+                    Feature.NESTED,
+                    Feature.PASID,
+                    Feature.DIRTY_TRACKING,
+                    Feature.HWPT_INVALIDATE,
+                    Feature.VIOMMU,
+                    Feature.VDEVICE,
+                    Feature.IOPF,
+                    Feature.VIOMMU_INVALIDATE,
+                    # VEVENTQ and HW_QUEUE work (tests/selftest), but the kit's scenarios
+                    # expect refusals the kernel core does not make (a garbage vEVENTQ type
+                    # is accepted; a HW queue type is checked only after the pin): left
+                    # undeclared, the kit probes them and reports "unsupported".
+                }
             ),
+            hwpt_data_types=frozenset({selftest.IOMMU_HWPT_DATA_SELFTEST}),
+            viommu_types=frozenset({selftest.IOMMU_VIOMMU_TYPE_SELFTEST}),
             hw_info_type=IOMMU_HW_INFO_TYPE_SELFTEST,
         )
 
@@ -67,7 +113,16 @@ class MockDriver:
     @hookimpl
     def probe_device(self, iommu: Any, dev: PciDevice) -> object:
         _mock(iommu).context[dev.rid] = None
-        return {"no_dirty": False}
+        # mock_dev: its flags, the per-device mock cache, and the vIOMMU / virtual id it was
+        # last attached through (for TRIGGER_VEVENT).
+        return {
+            "no_dirty": False,
+            "flags": 0,
+            "cache": [selftest.IOMMU_TEST_DEV_CACHE_DEFAULT] * MOCK_DEV_CACHE_NUM,
+            "viommu": None,
+            "vdev_id": 0,
+            "pasid_1024_fake_error": False,
+        }
 
     @hookimpl
     def dev_reserved_regions(self, iommu: Any, dev: PciDevice) -> list[tuple[int, int]]:
@@ -98,6 +153,8 @@ class MockDriver:
 
     @hookimpl
     def domain_free(self, domain: Domain) -> bool:
+        if isinstance(domain, MockNestedDomain):
+            return True
         if isinstance(domain, MockDomain):
             domain.entries.clear()
         return True
@@ -129,6 +186,8 @@ class MockDriver:
 
     @hookimpl
     def domain_iova_to_phys(self, domain: Domain, iova: int) -> int:
+        if isinstance(domain, MockNestedDomain):
+            domain = domain.stage2
         entry = _domain(domain).entries.get(iova >> MOCK_IO_PAGE_SHIFT)
         if entry is None:
             return -1
@@ -136,22 +195,169 @@ class MockDriver:
 
     @hookimpl
     def attach_dev(self, iommu: Any, dev: PciDevice, domain: Domain | None) -> bool:
+        priv = dev.iommu_priv
+        viommu: MockViommu | None = None
+        vdev_id = 0
         if domain is not None:
-            _domain(domain)
+            _attachable(domain)
             # mock_domain_nop_attach(): a device without dirty tracking refuses such a domain.
-            if domain.dirty_tracking and dev.iommu_priv["no_dirty"]:
+            if domain.dirty_tracking and priv["no_dirty"]:
                 raise err(errno.EINVAL, "device cannot attach to a dirty-tracking domain")
+            if isinstance(domain, MockNestedDomain) and domain.viommu is not None:
+                # iommufd_viommu_get_vdev_id(): a nested domain of a vIOMMU needs the
+                # device's vDEVICE in that vIOMMU first.
+                viommu = domain.viommu
+                vid = viommu.vdevs.get(dev.rid)
+                if vid is None:
+                    raise err(errno.ENOENT, "no vDEVICE for this device in the vIOMMU")
+                vdev_id = vid
+        priv["viommu"], priv["vdev_id"] = viommu, vdev_id
         _mock(iommu).context[dev.rid] = domain
         return True
 
     @hookimpl
     def set_dev_pasid(self, iommu: Any, dev: PciDevice, pasid: int, domain: Domain) -> bool:
-        _mock(iommu).pasid_context[(dev.rid, pasid)] = _domain(domain)
+        _attachable(domain)
+        priv = dev.iommu_priv
+        if pasid == selftest.IOMMU_TEST_PASID_RESERVED:
+            # mock_domain_set_dev_pasid_nop(): the first attach of PASID 1024 arms a fake
+            # failure that the next attach (a replace) returns, to test the core's rollback.
+            if priv["pasid_1024_fake_error"]:
+                priv["pasid_1024_fake_error"] = False
+                raise err(errno.ENOMEM, "fake failure of the second PASID 1024 attach")
+            priv["pasid_1024_fake_error"] = True
+        _mock(iommu).pasid_context[(dev.rid, pasid)] = domain
         return True
 
     @hookimpl
     def remove_dev_pasid(self, iommu: Any, dev: PciDevice, pasid: int) -> bool:
+        if pasid == selftest.IOMMU_TEST_PASID_RESERVED:
+            dev.iommu_priv["pasid_1024_fake_error"] = False  # the blocked domain disarms it
         _mock(iommu).pasid_context.pop((dev.rid, pasid), None)
+        return True
+
+    # -- nested domains, vIOMMU, invalidation -------------------------------------------
+    @hookimpl
+    def domain_alloc_nested(
+        self,
+        iommu: Any,
+        dev: PciDevice,
+        parent: Domain,
+        viommu: ViommuBase | None,
+        flags: int,
+        data_type: int,
+        data: bytes,
+    ) -> MockNestedDomain:
+        if flags & ~U.IOMMU_HWPT_ALLOC_PASID:
+            raise err(errno.EOPNOTSUPP, f"mock nested flags {flags:#x}")
+        if not isinstance(parent, MockDomain):
+            raise err(errno.EINVAL, "parent is not a mock paging domain")
+        if data_type != selftest.IOMMU_HWPT_DATA_SELFTEST:
+            raise err(errno.EOPNOTSUPP, f"mock nested data type {data_type:#x}")
+        # struct iommu_hwpt_selftest { __u32 iotlb; __u32 pagetable_type; }, min: iotlb
+        cfg = copy_struct(data, 8, 4)
+        mock_viommu = viommu if isinstance(viommu, MockViommu) else None
+        return MockNestedDomain(
+            _mock(iommu), parent, _u32(cfg, 0), pasid=bool(flags & U.IOMMU_HWPT_ALLOC_PASID),
+            viommu=mock_viommu,
+        )
+
+    @hookimpl
+    def cache_invalidate_user(
+        self, target: Domain | ViommuBase, data_type: int, entries: list[bytes]
+    ) -> InvalidateResult:
+        if isinstance(target, MockNestedDomain):
+            return _nested_invalidate(target, data_type, entries)
+        if isinstance(target, MockViommu):
+            return _viommu_invalidate(target, data_type, entries)
+        raise err(errno.EOPNOTSUPP, "target has no mock cache")
+
+    @hookimpl
+    def page_response(
+        self, iommu: Any, dev: PciDevice, pasid: int | None, grpid: int, code: int
+    ) -> bool:
+        return True  # mock_domain_page_response() does nothing
+
+    @hookimpl
+    def viommu_alloc(
+        self, iommu: Any, dev: PciDevice, parent: Domain, viommu_type: int, data: bytes
+    ) -> MockViommu:
+        if viommu_type != selftest.IOMMU_VIOMMU_TYPE_SELFTEST:
+            raise err(errno.EOPNOTSUPP, f"mock vIOMMU type {viommu_type:#x}")
+        viommu = MockViommu(_mock(iommu), _domain(parent), viommu_type)
+        if data:
+            # struct iommu_viommu_selftest { in_data; out_data; out_mmap_offset; _length }
+            cfg = copy_struct(data, 24, 8)
+            in_data = _u32(cfg, 0)
+            viommu.page_value = in_data
+            # Loopback: out_data = in_data; the mmap region is two pages at offset 0 of
+            # the iommufd file (the model does not map it: see docs/selftest-parity.md).
+            viommu.out_data = (
+                in_data.to_bytes(4, "little") * 2
+                + (0).to_bytes(8, "little")
+                + (2 * 4096).to_bytes(8, "little")
+            )[: len(data)]
+        return viommu
+
+    @hookimpl
+    def viommu_destroy(self, viommu: ViommuBase) -> bool:
+        return True
+
+    @hookimpl
+    def vdevice_alloc(self, viommu: ViommuBase, dev: PciDevice, virt_id: int) -> VdeviceBase:
+        assert isinstance(viommu, MockViommu)
+        viommu.vdevs[dev.rid] = virt_id
+        return MockVdevice(viommu, dev, virt_id)
+
+    @hookimpl
+    def vdevice_destroy(self, vdev: VdeviceBase) -> bool:
+        viommu = vdev.viommu
+        assert isinstance(viommu, MockViommu)
+        if viommu.vdevs.get(vdev.dev.rid) == vdev.virt_id:
+            del viommu.vdevs[vdev.dev.rid]
+        return True
+
+    @hookimpl
+    def hw_queue_alloc(
+        self, viommu: ViommuBase, queue_type: int, index: int, base_iova: int, length: int,
+        pfns: list[int],
+    ) -> HwQueueBase:
+        assert isinstance(viommu, MockViommu)
+        if queue_type != selftest.IOMMU_HW_QUEUE_TYPE_SELFTEST:
+            raise err(errno.EOPNOTSUPP, f"mock HW queue type {queue_type:#x}")
+        # mock_hw_queue_init_phys()
+        if index >= len(viommu.hw_queue):
+            raise err(errno.EINVAL, f"mock HW queue index {index} out of range")
+        if viommu.hw_queue[index] is not None:
+            raise err(errno.EEXIST, f"mock HW queue {index} exists")
+        prev = viommu.hw_queue[index - 1] if index else None
+        if index and prev is None:
+            raise err(errno.EIO, f"mock HW queue {index} needs queue {index - 1} first")
+        parent = _domain(viommu.parent)
+        pa = self.domain_iova_to_phys(parent, base_iova)
+        if pfns and pa != pfns[0] * 4096 + base_iova % 4096:
+            raise err(errno.EFAULT, "queue base does not translate to its pinned page")
+        queue = MockHwQueue(viommu, queue_type, index, base_iova, length)
+        if prev is not None:
+            # iommufd_hw_queue_depend(): the earlier queue cannot be destroyed first (EBUSY)
+            core = viommu.core.hw_queues.get((queue_type, index - 1)) if viommu.core else None
+            if core is not None:
+                core.users += 1
+                queue.prev_core = core
+            queue.prev = prev
+        viommu.hw_queue[index] = queue
+        return queue
+
+    @hookimpl
+    def hw_queue_destroy(self, queue: HwQueueBase) -> bool:
+        assert isinstance(queue, MockHwQueue)
+        viommu = queue.viommu
+        assert isinstance(viommu, MockViommu)
+        viommu.hw_queue[queue.index] = None
+        core = queue.prev_core
+        if core is not None:
+            core.users -= 1  # type: ignore[attr-defined]
+            queue.prev_core = None
         return True
 
     @hookimpl
@@ -161,9 +367,11 @@ class MockDriver:
 
     @hookimpl
     def read_and_clear_dirty(
-        self, domain: Domain, iova: int, length: int, clear: bool
+        self, domain: Domain, iova: int, length: int, clear: bool, report: bool
     ) -> list[tuple[int, int]]:
         d = _domain(domain)
+        if report and not d.dirty_enabled:
+            raise err(errno.EINVAL, "dirty tracking is off")  # mock_domain_read_and_clear_dirty
         runs: list[tuple[int, int]] = []
         first = iova >> MOCK_IO_PAGE_SHIFT
         last = (iova + length - 1) >> MOCK_IO_PAGE_SHIFT
@@ -173,6 +381,82 @@ class MockDriver:
             if clear:
                 d.entries[index] &= ~ENTRY_DIRTY
         return runs
+
+
+def _attachable(domain: Domain) -> None:
+    if not isinstance(domain, (MockDomain, MockNestedDomain)):
+        raise err(errno.EINVAL, "not a mock domain")
+
+
+def _nested_invalidate(
+    nested: MockNestedDomain, data_type: int, entries: list[bytes]
+) -> InvalidateResult:
+    """``mock_domain_cache_invalidate_user()``: one entry at a time, stop at the first bad.
+
+    Each entry is copied with ``iommu_copy_struct_from_user_array()`` (struct
+    iommu_hwpt_invalidate_selftest {flags, iotlb_id}, minimum iotlb_id): an entry_len other
+    than 8 is EINVAL, unknown flags EOPNOTSUPP, an iotlb_id above the maximum EINVAL.
+    """
+    if data_type != selftest.IOMMU_HWPT_INVALIDATE_DATA_SELFTEST:
+        return InvalidateResult(0, errno.EINVAL)
+    done = 0
+    for raw in entries:
+        try:
+            inv = copy_struct(raw, 8, 8)
+        except OSError as exc:
+            return InvalidateResult(done, exc.errno or errno.EINVAL)
+        flags, iotlb_id = _u32(inv, 0), _u32(inv, 4)
+        if flags & ~selftest.IOMMU_TEST_INVALIDATE_FLAG_ALL:
+            return InvalidateResult(done, errno.EOPNOTSUPP)
+        if iotlb_id > selftest.MOCK_NESTED_DOMAIN_IOTLB_ID_MAX:
+            return InvalidateResult(done, errno.EINVAL)
+        if flags & selftest.IOMMU_TEST_INVALIDATE_FLAG_ALL:
+            nested.iotlb = [0] * len(nested.iotlb)
+        else:
+            nested.iotlb[iotlb_id] = 0
+        done += 1
+    return InvalidateResult(done)
+
+
+def _viommu_invalidate(
+    viommu: MockViommu, data_type: int, entries: list[bytes]
+) -> InvalidateResult:
+    """``mock_viommu_cache_invalidate()``: the whole array is copied first, then handled.
+
+    The array copy (``iommu_copy_struct_from_full_user_array``) zero-fills short entries and
+    refuses long ones whose extra bytes are not zero (E2BIG); an empty array of the right
+    type is a type probe. Per entry: unknown flags EOPNOTSUPP, cache_id above the maximum
+    EINVAL, a vdev_id with no vDEVICE EINVAL.
+    """
+    if not entries and data_type == selftest.IOMMU_VIOMMU_INVALIDATE_DATA_SELFTEST:
+        return InvalidateResult(0)
+    if data_type != selftest.IOMMU_VIOMMU_INVALIDATE_DATA_SELFTEST:
+        return InvalidateResult(0, errno.EINVAL)
+    cmds = []
+    for raw in entries:
+        if len(raw) > 12 and any(raw[12:]):
+            return InvalidateResult(0, errno.E2BIG)
+        cmds.append(raw[:12].ljust(12, b"\0"))
+    by_virt_id = {vid: rid for rid, vid in viommu.vdevs.items()}
+    devices = viommu.owner.devices
+    done = 0
+    for cmd in cmds:
+        flags, vdev_id, cache_id = _u32(cmd, 0), _u32(cmd, 4), _u32(cmd, 8)
+        if flags & ~selftest.IOMMU_TEST_INVALIDATE_FLAG_ALL:
+            return InvalidateResult(done, errno.EOPNOTSUPP)
+        if cache_id > selftest.MOCK_DEV_CACHE_ID_MAX:
+            return InvalidateResult(done, errno.EINVAL)
+        rid = by_virt_id.get(vdev_id)
+        dev = devices.get(rid) if rid is not None else None
+        if dev is None:
+            return InvalidateResult(done, errno.EINVAL)
+        cache = dev.iommu_priv["cache"]
+        if flags & selftest.IOMMU_TEST_INVALIDATE_FLAG_ALL:
+            cache[:] = [0] * len(cache)
+        else:
+            cache[cache_id] = 0
+        done += 1
+    return InvalidateResult(done)
 
 
 plugin = MockDriver()

@@ -7,7 +7,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from iommufd_model.driver import IOMMU_READ, IOMMU_WRITE, Domain, DomainType
+from iommufd_model.driver import (
+    IOMMU_READ,
+    IOMMU_WRITE,
+    Domain,
+    DomainType,
+    HwQueueBase,
+    VdeviceBase,
+    ViommuBase,
+)
 from iommufd_model.hw.iommu import IommuHw
 
 if TYPE_CHECKING:
@@ -19,6 +27,9 @@ MOCK_IO_PAGE_SIZE = 1 << MOCK_IO_PAGE_SHIFT  # PAGE_SIZE / 2, as the self-test's
 MOCK_APERTURE_START = 1 << 24
 MOCK_APERTURE_LAST = (1 << 31) - 1
 MOCK_PASID_WIDTH = 20
+MOCK_NESTED_DOMAIN_IOTLB_NUM = 4
+MOCK_DEV_CACHE_NUM = 4
+IOMMU_TEST_HW_QUEUE_MAX = 2
 
 # Entry flag bits live below MOCK_IO_PAGE_SIZE (entries hold 2 KiB aligned addresses).
 ENTRY_READ = IOMMU_READ
@@ -47,6 +58,62 @@ class MockDomain(Domain):
         self.entries: dict[int, int] = {}
 
 
+class MockNestedDomain(Domain):
+    """``struct mock_iommu_domain_nested``: four mock IOTLB slots over a mock nest parent.
+
+    The kernel's mock nested domain translates nothing of its own; the model keeps that (no
+    stage-1 table) and lets DMA through it use the parent's entries, as a stage-1 identity.
+    ``viommu`` is set when the HWPT was allocated on a mock vIOMMU.
+    """
+
+    def __init__(
+        self, owner: MockIommu, parent: MockDomain, iotlb: int, *, pasid: bool,
+        viommu: MockViommu | None,
+    ) -> None:
+        super().__init__(
+            owner,
+            DomainType.NESTED,
+            pgsize_bitmap=parent.pgsize_bitmap,
+            aperture_start=parent.aperture_start,
+            aperture_end=parent.aperture_end,
+            pasid_compat=pasid,
+            parent=parent,
+        )
+        self.iotlb = [iotlb] * MOCK_NESTED_DOMAIN_IOTLB_NUM
+        self.viommu = viommu
+
+    @property
+    def stage2(self) -> MockDomain:
+        assert isinstance(self.parent, MockDomain)
+        return self.parent
+
+
+class MockViommu(ViommuBase):
+    """``struct mock_viommu``: vDEVICE ids by device, two HW queue slots, the mmap page."""
+
+    def __init__(self, owner: MockIommu, parent: MockDomain, viommu_type: int) -> None:
+        super().__init__(owner, parent, viommu_type)
+        self.vdevs: dict[int, int] = {}  # PCI RID -> virt_id
+        self.hw_queue: list[MockHwQueue | None] = [None] * IOMMU_TEST_HW_QUEUE_MAX
+        self.page_value = 0  # first u32 of the (not mapped) mmap page: the loopback in_data
+        self.out_data = b""
+
+
+class MockVdevice(VdeviceBase):
+    pass
+
+
+class MockHwQueue(HwQueueBase):
+    """``struct mock_hw_queue``: queue ``index`` depends on queue ``index - 1``."""
+
+    def __init__(
+        self, viommu: MockViommu, queue_type: int, index: int, base_iova: int, length: int
+    ) -> None:
+        super().__init__(viommu, queue_type, index, base_iova, length)
+        self.prev: MockHwQueue | None = None
+        self.prev_core: object | None = None
+
+
 class MockIommu(IommuHw):
     """Context pointers per RID and per (RID, PASID); translation through MockDomain."""
 
@@ -66,6 +133,8 @@ class MockIommu(IommuHw):
             domain = self.pasid_context.get((dev.rid, pasid))
         if domain is None:
             raise self.fault(dev, iova, write, pasid, "blocked: no domain attached")
+        if isinstance(domain, MockNestedDomain):
+            domain = domain.stage2
         if not isinstance(domain, MockDomain):
             raise self.fault(dev, iova, write, pasid, "domain type cannot translate")
         index = iova >> MOCK_IO_PAGE_SHIFT

@@ -13,11 +13,11 @@ The minimum size is ``offsetofend(last)`` = 68, as ``IOCTL_OP(IOMMU_TEST_CMD, ..
 Each op decodes its own member of the union (``_Payload`` subclasses below) and, when it
 answers, packs it back before the whole struct is copied out.
 
-Ops of this tranche: ADD_RESERVED, MOCK_DOMAIN, MOCK_DOMAIN_FLAGS, MOCK_DOMAIN_REPLACE,
-MD_CHECK_MAP, MD_CHECK_REFS, CREATE_ACCESS (+ close of the access fd), DESTROY_ACCESS_PAGES,
-ACCESS_PAGES, ACCESS_RW, ACCESS_REPLACE_IOAS, SET_TEMP_MEMORY_LIMIT, DIRTY. The others
-(MD_CHECK_IOTLB, TRIGGER_IOPF, DEV_CHECK_CACHE, TRIGGER_VEVENT, PASID_*) answer EOPNOTSUPP
-until the mock nested domain and vIOMMU land; see docs/selftest-parity.md.
+Ops: ADD_RESERVED, MOCK_DOMAIN, MOCK_DOMAIN_FLAGS, MOCK_DOMAIN_REPLACE, MD_CHECK_MAP,
+MD_CHECK_REFS, MD_CHECK_IOTLB, DEV_CHECK_CACHE, CREATE_ACCESS (+ close of the access fd),
+DESTROY_ACCESS_PAGES, ACCESS_PAGES, ACCESS_RW, ACCESS_REPLACE_IOAS, SET_TEMP_MEMORY_LIMIT,
+DIRTY, TRIGGER_IOPF, TRIGGER_VEVENT, PASID_ATTACH / REPLACE / DETACH / CHECK_HWPT,
+DMABUF_GET (returns an fd), DMABUF_REVOKE; see docs/selftest-parity.md.
 """
 
 from __future__ import annotations
@@ -28,14 +28,29 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from iommufd_model.core.device import Device, device_attach, device_bind, device_unbind
-from iommufd_model.core.hw_pagetable import HwptPaging
+from iommufd_model.core.device import (
+    Device,
+    device_attach,
+    device_bind,
+    device_detach,
+    device_unbind,
+)
+from iommufd_model.core.hw_pagetable import Hwpt, HwptNested, HwptPaging
 from iommufd_model.core.ioas import Ioas
 from iommufd_model.core.main import Ucmd, ioctl_op
 from iommufd_model.core.objects import IommufdObject, ObjType
+from iommufd_model.core.process import MemFile
 from iommufd_model.errors import err
 from iommufd_model.hw.memory import PAGE_SIZE
-from iommufd_model.mock.hw import ENTRY_DIRTY, ENTRY_FLAGS, MOCK_IO_PAGE_SIZE, MockDomain, MockIommu
+from iommufd_model.mock.hw import (
+    ENTRY_DIRTY,
+    ENTRY_FLAGS,
+    MOCK_IO_PAGE_SIZE,
+    MockDomain,
+    MockIommu,
+    MockNestedDomain,
+    MockViommu,
+)
 from iommufd_model.uapi import iommufd as U
 from iommufd_model.uapi.codec import UStruct, raw, u32, u64, ustruct
 
@@ -67,6 +82,8 @@ IOMMU_TEST_OP_PASID_ATTACH = 18
 IOMMU_TEST_OP_PASID_REPLACE = 19
 IOMMU_TEST_OP_PASID_DETACH = 20
 IOMMU_TEST_OP_PASID_CHECK_HWPT = 21
+IOMMU_TEST_OP_DMABUF_GET = 22
+IOMMU_TEST_OP_DMABUF_REVOKE = 23
 
 MOCK_FLAGS_ACCESS_WRITE = 1 << 0
 MOCK_FLAGS_ACCESS_SYZ = 1 << 16
@@ -97,6 +114,7 @@ IOMMU_VIOMMU_INVALIDATE_DATA_SELFTEST_INVALID = 0xDADBEEF
 IOMMU_VEVENTQ_TYPE_SELFTEST = 0xBEEFBEEF
 IOMMU_HW_QUEUE_TYPE_SELFTEST = 0xDEADBEEF
 IOMMU_TEST_HW_QUEUE_MAX = 2
+IOMMU_NO_PASID = 0
 
 # selftest.c: the default of iommufd_test_memory_limit, which the tests restore.
 DEFAULT_MEMORY_LIMIT = 65536
@@ -232,6 +250,41 @@ class Dirty(_Payload):
     page_size: int = u64()
     uptr: int = u64()
     out_nr_dirty: int = u64()
+
+
+@ustruct
+@attrs.define
+class CheckIdValue(_Payload):
+    """``check_iotlb`` {id, iotlb} and ``check_dev_cache`` {id, cache}."""
+
+    id: int = u32()
+    value: int = u32()
+
+
+@ustruct
+@attrs.define
+class TriggerIopf(_Payload):
+    dev_id: int = u32()
+    pasid: int = u32()
+    grpid: int = u32()
+    perm: int = u32()
+    addr: int = u64()
+
+
+@ustruct
+@attrs.define
+class TriggerVevent(_Payload):
+    dev_id: int = u32()
+
+
+@ustruct
+@attrs.define
+class PasidArgs(_Payload):
+    """``pasid_attach`` / ``pasid_replace`` {pasid, pt_id}, ``pasid_detach`` {pasid},
+    ``pasid_check`` {pasid, hwpt_id}."""
+
+    pasid: int = u32()
+    pt_id: int = u32()
 
 
 assert Dirty.SIZE == UNION_SIZE
@@ -622,7 +675,8 @@ def _dirty(ucmd: Ucmd, cmd: IommuTestCmd) -> None:
     As selftest.c, the entry looked at for bit ``i`` is ``(iova + i * page_size) /
     page_size``: an index in units of ``page_size``, which equals the mock's 2 KiB entry
     index only when ``page_size`` is MOCK_IO_PAGE_SIZE (what the kernel tests pass). The
-    bitmap is ``length / page_size / 8`` bytes (rounded down); bits past it are clear.
+    bitmap is ``DIV_ROUND_UP(length / page_size, 8)`` bytes; bits past the range are
+    ignored.
     """
     args = Dirty.of(cmd)
     page_size, length, iova = args.page_size, args.length, args.iova
@@ -632,7 +686,9 @@ def _dirty(ucmd: Ucmd, cmd: IommuTestCmd) -> None:
     if not mock.dirty_enabled:
         raise err(errno.EINVAL, "dirty tracking is not enabled on this domain")
     nbits = length // page_size
-    bitmap = ucmd.caller.read(args.uptr, nbits // 8)
+    bitmap = bytearray(ucmd.caller.read(args.uptr, -(-nbits // 8)))
+    if nbits % 8:
+        bitmap[-1] &= (1 << (nbits % 8)) - 1
     count = 0
     entries = mock.entries
     for byte_index, byte in enumerate(bitmap):
@@ -650,6 +706,168 @@ def _dirty(ucmd: Ucmd, cmd: IommuTestCmd) -> None:
     ucmd.respond()
 
 
+# -- nested domain, device cache, IOPF, vEVENT --------------------------------------------
+def _md_check_iotlb(ucmd: Ucmd, cmd: IommuTestCmd) -> None:
+    """``get_md_pagetable_nested()``: a nested HWPT (ENOENT) of the mock (EINVAL)."""
+    args = CheckIdValue.of(cmd)
+    hwpt = ucmd.ictx.objects.get_as(cmd.id, HwptNested)
+    nested = hwpt.domain
+    if not isinstance(nested, MockNestedDomain):
+        raise err(errno.EINVAL, "not a mock nested domain")
+    if args.id > MOCK_NESTED_DOMAIN_IOTLB_ID_MAX or nested.iotlb[args.id] != args.value:
+        raise err(errno.EINVAL, f"iotlb[{args.id}] is not {args.value:#x}")
+
+
+def _dev_check_cache(ucmd: Ucmd, cmd: IommuTestCmd) -> None:
+    args = CheckIdValue.of(cmd)
+    idev = ucmd.ictx.objects.get_as(cmd.id, Device)
+    cache = idev.dev.iommu_priv.get("cache")
+    if cache is None:
+        raise err(errno.EINVAL, "not a mock device")
+    if args.id > MOCK_DEV_CACHE_ID_MAX or cache[args.id] != args.value:
+        raise err(errno.EINVAL, f"cache[{args.id}] is not {args.value:#x}")
+
+
+def fault_hwpt(idev: Device, pasid: int) -> Hwpt | None:
+    """Where ``iommu_report_device_fault()`` delivers a page request of ``idev``.
+
+    A PASID-tagged request goes to that PASID's HWPT; with none there, the mock (which keeps
+    the PASID table in the guest, ``user_pasid_table``) routes it to the RID's nested HWPT.
+    """
+    if pasid != IOMMU_NO_PASID:
+        hwpt = idev.pasid_hwpts.get(pasid)
+        if hwpt is not None:
+            return hwpt
+        return idev.hwpt if isinstance(idev.hwpt, HwptNested) else None
+    return idev.hwpt
+
+
+def _trigger_iopf(ucmd: Ucmd, cmd: IommuTestCmd) -> None:
+    """``iommufd_test_trigger_iopf()``: one LAST_PAGE request; undeliverable ones are
+    dropped (the kernel logs and auto-responds), the ioctl itself still succeeds."""
+    args = TriggerIopf.of(cmd)
+    idev = ucmd.ictx.objects.get_as(args.dev_id, Device)
+    flags = U.IOMMU_PGFAULT_FLAGS_LAST_PAGE
+    if args.pasid != IOMMU_NO_PASID:
+        flags |= U.IOMMU_PGFAULT_FLAGS_PASID_VALID
+    hwpt = fault_hwpt(idev, args.pasid)
+    if hwpt is None or hwpt.fault is None:
+        return
+    fault = U.IommuHwptPgfault(
+        flags=flags, dev_id=idev.id, pasid=args.pasid, grpid=args.grpid, perm=args.perm,
+        addr=args.addr, length=PAGE_SIZE,
+    )
+    pasid = args.pasid if args.pasid != IOMMU_NO_PASID else None
+    hwpt.fault.report(idev, pasid, args.grpid, [fault])
+
+
+def _trigger_vevent(ucmd: Ucmd, cmd: IommuTestCmd) -> None:
+    """``iommufd_test_trigger_vevent()``: report {virt_id} to the vIOMMU the device was
+    last attached through (a nested HWPT of that vIOMMU); ENOENT without one, EOPNOTSUPP
+    when the vIOMMU has no vEVENTQ of the selftest type."""
+    idev = ucmd.ictx.objects.get_as(TriggerVevent.of(cmd).dev_id, Device)
+    priv = idev.dev.iommu_priv
+    viommu = priv.get("viommu")
+    if not isinstance(viommu, MockViommu) or not priv.get("vdev_id") or viommu.core is None:
+        raise err(errno.ENOENT, "device is not attached through a vIOMMU vDEVICE")
+    data = int(priv["vdev_id"]).to_bytes(4, "little")
+    if not viommu.core.report_event(IOMMU_VEVENTQ_TYPE_SELFTEST, data):
+        raise err(errno.EOPNOTSUPP, "no vEVENTQ of the selftest type")
+
+
+# -- dma-buf (iommufd_test_dmabuf_get / _revoke) -----------------------------------------
+class SelftestDmaBuf(MemFile):
+    """The self-test's dma-buf: zeroed memory of whole pages, exported through an fd.
+
+    IOAS_MAP_FILE checks its range and its revocation when mapping (``check_map``). The
+    model stops at that: revoking does not zap the IOPTEs of areas mapped before, and a
+    domain added later still maps them (the kernel leaves them unmapped).
+    """
+
+    def __init__(self, machine: Machine, size: int) -> None:
+        super().__init__(machine.memory, size)
+        self.revoked = False
+
+    def check_map(self, start: int, length: int) -> None:
+        if not length or start + length > self.size:
+            raise err(errno.EINVAL, "range beyond the dma-buf")
+        if self.revoked:
+            raise err(errno.ENODEV, "dma-buf is revoked")
+
+
+@ustruct
+@attrs.define
+class DmaBufArgs(_Payload):
+    """``dmabuf_get`` {length, open_flags} and ``dmabuf_revoke`` {dmabuf_fd, revoked}."""
+
+    a: int = u32()
+    b: int = u32()
+
+
+def _dmabuf_get(ucmd: Ucmd, cmd: IommuTestCmd) -> None:
+    """The new fd is the ioctl's return value."""
+    length = (DmaBufArgs.of(cmd).a + _PAGE_MASK) & ~_PAGE_MASK
+    if not length or length > PAGE_SIZE * 512:
+        raise err(errno.EINVAL, "dma-buf of 1 to 512 pages")
+    ucmd.retval = ucmd.caller.install_file(SelftestDmaBuf(ucmd.ictx.machine, length))
+
+
+def _dmabuf_revoke(ucmd: Ucmd, cmd: IommuTestCmd) -> None:
+    args = DmaBufArgs.of(cmd)
+    f = ucmd.caller.files.get(args.a - (1 << 32) if args.a >= 1 << 31 else args.a)
+    if f is None:
+        raise err(errno.EBADF, "not an open fd")
+    if not isinstance(f, MemFile):
+        raise err(errno.EINVAL, "not a dma-buf")
+    if not isinstance(f, SelftestDmaBuf):
+        raise err(errno.EOPNOTSUPP, "not the self-test's dma-buf")
+    f.revoked = bool(args.b)
+
+
+# -- PASID ops -----------------------------------------------------------------------------
+def _selftest_idev(ucmd: Ucmd, stdev_id: int) -> Device:
+    sobj = ucmd.ictx.objects.get(stdev_id, ObjType.SELFTEST)
+    assert isinstance(sobj, SelftestIdev)
+    if sobj.idev is None:
+        raise err(errno.EINVAL, "selftest object holds no device")
+    return sobj.idev
+
+
+def _pasid_attach(ucmd: Ucmd, cmd: IommuTestCmd) -> None:
+    idev = _selftest_idev(ucmd, cmd.id)
+    args = PasidArgs.of(cmd)
+    replace = cmd.op == IOMMU_TEST_OP_PASID_REPLACE
+    if not replace and args.pasid in idev.pasid_hwpts:
+        # iommufd_device_attach() never overwrites: use REPLACE
+        raise err(errno.EBUSY, f"PASID {args.pasid} is attached already")
+    if replace and args.pasid not in idev.pasid_hwpts:
+        raise err(errno.EINVAL, f"PASID {args.pasid} is not attached: nothing to replace")
+    args.pt_id = device_attach(idev, args.pt_id, args.pasid, replace=replace)
+    args.store(cmd)
+    ucmd.respond()
+
+
+def _pasid_detach(ucmd: Ucmd, cmd: IommuTestCmd) -> None:
+    idev = _selftest_idev(ucmd, cmd.id)
+    device_detach(idev, PasidArgs.of(cmd).pasid)
+
+
+def _pasid_check_hwpt(ucmd: Ucmd, cmd: IommuTestCmd) -> None:
+    """hwpt_id 0: the PASID must be detached; else it must use that HWPT's domain."""
+    idev = _selftest_idev(ucmd, cmd.id)
+    args = PasidArgs.of(cmd)
+    attached = idev.pasid_hwpts.get(args.pasid)
+    if not args.pt_id:
+        if attached is not None:
+            raise err(errno.EINVAL, f"PASID {args.pasid} is attached")
+        return
+    want = ucmd.ictx.objects.get(args.pt_id)
+    if not isinstance(want, (HwptPaging, HwptNested)):
+        raise err(errno.EINVAL, f"object {args.pt_id} is not a HWPT")
+    if attached is None or attached.domain is not want.domain:
+        raise err(errno.EINVAL, f"PASID {args.pasid} does not use HWPT {args.pt_id}")
+
+
 _HANDLERS = {
     IOMMU_TEST_OP_ADD_RESERVED: _add_reserved,
     IOMMU_TEST_OP_MOCK_DOMAIN: _mock_domain,
@@ -664,6 +882,16 @@ _HANDLERS = {
     IOMMU_TEST_OP_DESTROY_ACCESS_PAGES: _destroy_access_pages,
     IOMMU_TEST_OP_SET_TEMP_MEMORY_LIMIT: _set_temp_memory_limit,
     IOMMU_TEST_OP_DIRTY: _dirty,
+    IOMMU_TEST_OP_MD_CHECK_IOTLB: _md_check_iotlb,
+    IOMMU_TEST_OP_DEV_CHECK_CACHE: _dev_check_cache,
+    IOMMU_TEST_OP_TRIGGER_IOPF: _trigger_iopf,
+    IOMMU_TEST_OP_TRIGGER_VEVENT: _trigger_vevent,
+    IOMMU_TEST_OP_PASID_ATTACH: _pasid_attach,
+    IOMMU_TEST_OP_PASID_REPLACE: _pasid_attach,
+    IOMMU_TEST_OP_PASID_DETACH: _pasid_detach,
+    IOMMU_TEST_OP_PASID_CHECK_HWPT: _pasid_check_hwpt,
+    IOMMU_TEST_OP_DMABUF_GET: _dmabuf_get,
+    IOMMU_TEST_OP_DMABUF_REVOKE: _dmabuf_revoke,
 }
 
 

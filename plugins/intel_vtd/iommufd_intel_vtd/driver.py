@@ -576,10 +576,12 @@ class VtdDriver:
 
     @hookimpl
     def read_and_clear_dirty(
-        self, domain: Domain, iova: int, length: int, clear: bool
+        self, domain: Domain, iova: int, length: int, clear: bool, report: bool
     ) -> list[tuple[int, int]]:
         d = _paging(domain)
-        if not d.tracking:
+        if report and not d.tracking:
+            # intel_iommu_read_and_clear_dirty(): a bitmap read needs tracking on; the core's
+            # stale-bit wipe before enabling (report=False, no bitmap) is allowed.
             raise err(errno.EINVAL, "dirty tracking is not enabled")
         runs = d.pt.read_and_clear_dirty(iova, length, clear)
         if runs and clear:
@@ -594,11 +596,6 @@ class VtdDriver:
         if d.tracking == enable:
             return True
         st = _state(d.owner)
-        # iopt_set_dirty_tracking() first clears stale D bits (read_and_clear_dirty with no
-        # bitmap, which Linux allows while tracking is off); the model's core does not make
-        # that call, so the driver does it here.
-        if enable and d.pt.read_and_clear_dirty(0, d.aperture_end + 1, True):
-            st.flush_range(d, 0, U64, False)
         users: list[tuple[Domain, tuple[int, int]]] = [(d, a) for a in sorted(d.attached)]
         users += [(c, a) for c in d.children for a in sorted(c.attached)]
         for _dom, (rid, pasid) in users:

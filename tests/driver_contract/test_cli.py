@@ -35,20 +35,21 @@ def test_matrix_table(capsys: pytest.CaptureFixture[str]) -> None:
     rows = {line.split()[0]: line.split()[1] for line in out.splitlines()[2:] if line[:1] != " "
             and len(line.split()) == 2}
     for name in ("paging_dma", "replace_under_dma", "pasid_side_by_side", "dirty_tracking",
-                 "teardown_orders"):
+                 "teardown_orders", "nested_alloc", "viommu_vdevice_lifetime",
+                 "hwpt_invalidate"):
         assert rows[name] == "pass"
-    assert rows["nested_alloc"] == "unsupported"
-    assert "nested_alloc @ mock: unsupported: nested: EOPNOTSUPP" in out
+    assert rows["veventq_alloc"] == "unsupported"
+    assert "veventq_alloc @ mock: unsupported: veventq: EOPNOTSUPP" in out
 
 
 def test_matrix_json_and_filters(capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["--json", "matrix", "--scenario", "paging_dma", "--scenario", "nested_alloc"]
+    argv = ["--json", "matrix", "--scenario", "paging_dma", "--scenario", "hw_queue_alloc"]
     assert cli.main(argv, _reg(mock=MockDriver())) == 0
     cells = json.loads(capsys.readouterr().out)["cells"]
     assert [(c["scenario"], c["status"]) for c in cells] == [
-        ("paging_dma", "pass"), ("nested_alloc", "unsupported")]
+        ("paging_dma", "pass"), ("hw_queue_alloc", "unsupported")]
     assert cells[0]["costs"]["translations"] > 0 and cells[0]["wall_s"] > 0
-    assert cells[1]["errno_name"] == "EOPNOTSUPP" and cells[1]["feature"] == "nested"
+    assert cells[1]["errno_name"] == "EOPNOTSUPP" and cells[1]["feature"] == "hw_queue"
 
 
 def test_matrix_fails_on_broken_driver(capsys: pytest.CaptureFixture[str]) -> None:
