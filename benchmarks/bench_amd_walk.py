@@ -1,0 +1,221 @@
+"""AMD IOMMU walk rates: v1 single-stage and 2-D nested walks (compiled vs pure walker), the
+full hardware translation on an IOTLB miss and on an IOTLB hit, and a C reference walk.
+
+Prints translations per second; no assertions (figures, not a timed test). Run after
+installing the plugin: ``python benchmarks/bench_amd_walk.py``. The C reference (built with
+``cc`` at bench time when one is installed) walks the same v1 tables, copied into one flat
+buffer, with the same rules (NextLevel 0/7 leaves, skip levels, IR/IW).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import random
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from types import ModuleType
+
+from iommufd_amd.gcr3 import Gcr3Table, V2PageTable
+from iommufd_amd.hw import AmdIommu
+from iommufd_amd.pgtable_v1 import AmdV1PageTable
+
+import iommufd_model as im
+from iommufd_model import uapi as U
+from iommufd_model.driver import IOMMU_READ, IOMMU_WRITE
+from iommufd_model.hw.compiled import is_compiled, load_pure, load_walker
+from iommufd_model.hw.memory import PAGE_SHIFT, PhysicalMemory
+
+RW = IOMMU_READ | IOMMU_WRITE
+PAGES = 4096
+GPA = 1 << 36
+SECONDS = 0.5
+
+C_WALK = r"""
+#include <stdint.h>
+/* v1 walk over a flat copy of physical memory: returns the PA or ~0 on any fault */
+uint64_t walk_v1(const uint8_t *mem, uint64_t size, uint64_t root, int mode, uint64_t iova,
+                 int write, int *refs) {
+    uint64_t table = root; int level = mode; int prot = 3; *refs = 0;
+    const uint64_t addr_mask = ((1ULL << 52) - 1) & ~0xFFFULL;
+    for (;;) {
+        int shift = 3 + 9 * level;
+        uint64_t slot = table + ((iova >> shift) & 0x1FF) * 8;
+        if (slot + 8 > size) return ~0ULL;
+        uint64_t e = *(const uint64_t *)(mem + slot);
+        (*refs)++;
+        if (!(e & 1) || (e & (0x7FULL << 52))) return ~0ULL;
+        if (!(e >> 61 & 1)) prot &= 2;
+        if (!(e >> 62 & 1)) prot &= 1;
+        int nl = (e >> 9) & 7;
+        if (nl == 0 || nl == 7) {
+            int lg = shift;
+            if (nl == 7) { int b = 12; while (b < 52 && (e >> b & 1)) b++; lg = b + 1; }
+            if (!(prot & (write ? 2 : 1))) return ~0ULL;
+            uint64_t m = (1ULL << lg) - 1;
+            return ((e & addr_mask) & ~m) | (iova & m);
+        }
+        if (nl >= level) return ~0ULL;
+        table = e & addr_mask; level = nl;
+    }
+}
+uint64_t bench(const uint8_t *mem, uint64_t size, uint64_t root, int mode,
+               const uint64_t *iovas, int n, int rounds) {
+    uint64_t acc = 0; int refs;
+    for (int r = 0; r < rounds; r++)
+        for (int i = 0; i < n; i++) acc += walk_v1(mem, size, root, mode, iovas[i], 0, &refs);
+    return acc;
+}
+"""
+
+
+def rate(fn: Callable[[int], object], iovas: list[int]) -> float:
+    """Translations per second of ``fn``: whole passes over ``iovas`` for >= SECONDS."""
+    passes = 0
+    deadline = time.perf_counter() + SECONDS
+    begin = time.perf_counter()
+    while not passes or time.perf_counter() < deadline:
+        for iova in iovas:
+            fn(iova)
+        passes += 1
+    return passes * len(iovas) / (time.perf_counter() - begin)
+
+
+def host_table() -> tuple[PhysicalMemory, AmdV1PageTable, list[int]]:
+    mem = PhysicalMemory(1 << 32)
+    pt = AmdV1PageTable(mem, 4)
+    iovas = []
+    for i in range(PAGES):  # 4 KiB pages spread over the address space: 4 refs per walk
+        iova = (i * 0x1_0040_1000) & ((1 << 48) - 1) & ~0xFFF
+        pt.map(iova, mem.alloc_frame() << PAGE_SHIFT, 4096, RW)
+        iovas.append(iova + 8)
+    return mem, pt, iovas
+
+
+def nested_tables() -> tuple[PhysicalMemory, AmdV1PageTable, Gcr3Table, list[int]]:
+    """Host v1 (GPA -> SPA, 4 KiB pages), guest v2 and GCR3 tables with GPA == SPA."""
+    mem = PhysicalMemory(1 << 40)
+    host = AmdV1PageTable(mem, 4)
+    guest = V2PageTable(mem, 4)
+    gcr3 = Gcr3Table(mem, 0)
+    rng = random.Random(5)
+    gvas = []
+    for i in range(PAGES):
+        gva = rng.randrange(1 << 47) & ~0xFFF
+        try:
+            guest.map(gva, GPA + i * 4096, 4096, RW)
+        except OSError:
+            continue
+        host.map(GPA + i * 4096, mem.alloc_frame() << PAGE_SHIFT, 4096, RW)
+        gvas.append(gva)
+    gcr3.set(0, guest.root)
+    for frame in sorted(set(guest.tables) | set(gcr3.tables)):
+        host.map(frame, frame, 4096, RW)
+    return mem, host, gcr3, gvas
+
+
+def c_reference(mem: PhysicalMemory, pt: AmdV1PageTable, iovas: list[int]) -> float | None:
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None
+    tmp = Path(tempfile.mkdtemp())
+    (tmp / "walk.c").write_text(C_WALK)
+    lib = tmp / "walk.so"
+    subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(lib), str(tmp / "walk.c")],
+                   check=True)
+    dll = ctypes.CDLL(str(lib))
+    dll.bench.restype = ctypes.c_uint64
+    top = (max(mem._pages) + 1) << PAGE_SHIFT
+    flat = bytearray(top)
+    for pfn, page in mem._pages.items():
+        flat[pfn << PAGE_SHIFT : (pfn + 1) << PAGE_SHIFT] = page
+    buf = (ctypes.c_uint8 * top).from_buffer(flat)
+    arr = (ctypes.c_uint64 * len(iovas))(*iovas)
+    rounds = 200
+    start = time.perf_counter()
+    dll.bench(buf, ctypes.c_uint64(top), ctypes.c_uint64(pt.root), 4, arr, len(iovas), rounds)
+    return rounds * len(iovas) / (time.perf_counter() - start)
+
+
+def machine_rates() -> tuple[float, float]:
+    """Full hardware translate(): IOTLB miss (flushed each time) and IOTLB hit."""
+    machine = im.Machine.build(iommus=["amd"])
+    hw = machine.iommus[0]
+    assert isinstance(hw, AmdIommu)
+    dev = machine.add_pci_device(iommu=0)
+    proc = machine.new_process()
+    fd = proc.open_iommufd()
+    dev_id = fd.bind(dev)
+    buf = bytearray(U.IommuIoasAlloc(size=U.IommuIoasAlloc.SIZE).pack())
+    fd.ioctl(U.IOMMU_IOAS_ALLOC, buf)
+    ioas = U.IommuIoasAlloc.unpack(buf).out_ioas_id
+    n = 256
+    for i in range(n):  # one IOAS area per page: 4 KiB leaves, 4-level walks
+        va = proc.mmap(4096)
+        st = U.IommuIoasMap(size=U.IommuIoasMap.SIZE, ioas_id=ioas, user_va=va, length=4096,
+                            iova=(1 << 32) + i * (1 << 21),
+                            flags=U.IOMMU_IOAS_MAP_FIXED_IOVA | U.IOMMU_IOAS_MAP_READABLE
+                            | U.IOMMU_IOAS_MAP_WRITEABLE)
+        fd.ioctl(U.IOMMU_IOAS_MAP, bytearray(st.pack()))
+    fd.attach(dev_id, ioas)
+    iovas = [(1 << 32) + i * (1 << 21) + 16 for i in range(n)]
+
+    def miss(iova: int) -> object:
+        hw.iotlb.flush_all()
+        return hw.translate(dev, iova, None, False)
+
+    miss_rate = rate(miss, iovas)
+    for iova in iovas:
+        hw.translate(dev, iova, None, False)
+    hit_rate = rate(lambda iova: hw.translate(dev, iova, None, False), iovas)
+    return miss_rate, hit_rate
+
+
+def walkers() -> list[tuple[str, ModuleType, ModuleType]]:
+    out = [("pure", load_pure("iommufd_amd.walk"), load_pure("iommufd_model.hw.walk_x86"))]
+    comp = load_walker("iommufd_amd.walk")
+    if is_compiled(comp):
+        out.insert(0, ("compiled", comp, load_walker("iommufd_model.hw.walk_x86")))
+    return out
+
+
+def main() -> None:
+    mem, pt, iovas = host_table()
+    nmem, host, gcr3, gvas = nested_tables()
+    figures: dict[str, float] = {}
+    pages, size = mem._pages, mem.size
+    npages, nsize = nmem._pages, nmem.size
+    for name, w, x86 in walkers():
+        figures[f"v1 single-stage walk ({name})"] = rate(
+            partial(w.walk_v1, pages, size, pt.root, 4, write=False, had=0), iovas
+        )
+        nested = partial(w.walk_nested, npages, nsize, host.root, 4, 0, gcr3.root, 0, 4, 0)
+        figures[f"2-D nested walk, 29 refs ({name})"] = rate(
+            lambda gva, n=nested, x=x86: n(gva, False, x.walk_x86), gvas[:1024]
+        )
+    miss, hit = machine_rates()
+    figures["hw translate, IOTLB miss (installed walker)"] = miss
+    figures["hw translate, IOTLB hit"] = hit
+    c = c_reference(mem, pt, iovas)
+    if c is not None:
+        figures["v1 single-stage walk (C reference, cc -O2)"] = c
+    width = max(map(len, figures))
+    for key, value in figures.items():
+        print(f"{key:<{width}}  {value:>14,.0f} translations/s")
+    comp = figures.get("v1 single-stage walk (compiled)")
+    pure = figures["v1 single-stage walk (pure)"]
+    if comp:
+        print(f"compiled / pure single-stage: {comp / pure:.1f}x")
+        nested_ratio = (figures["2-D nested walk, 29 refs (compiled)"]
+                        / figures["2-D nested walk, 29 refs (pure)"])
+        print(f"compiled / pure nested: {nested_ratio:.1f}x")
+        if c is not None:
+            print(f"C reference / compiled single-stage: {c / comp:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,502 @@
+"""The AMD IOMMU as hardware: MMIO registers with side effects, the command processor, the
+event log, a device-table cache, the IOTLB and the translation of device requests.
+
+Everything the driver tells the hardware goes through MMIO and memory: the device table,
+the page tables and the command buffer live in :class:`PhysicalMemory`; the hardware reads
+them when (and only when) it would on silicon. A DTE is read once and cached until
+INVALIDATE_DEVTAB_ENTRY (or INVALIDATE_IOMMU_ALL) drops it; translations are cached in the
+IOTLB, tagged by (DomainID, PASID), until INVALIDATE_IOMMU_PAGES drops them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Hashable
+from typing import TYPE_CHECKING, Any
+
+from iommufd_amd import commands as C
+from iommufd_amd import events as E
+from iommufd_amd import regs as R
+from iommufd_amd.dte import DTE_SIZE, GUEST_PGTABLE_5_LEVEL, Dte, check
+from iommufd_amd.gcr3 import GCR3_ADDR
+from iommufd_model.driver import IOMMU_READ, IOMMU_WRITE
+from iommufd_model.hw.compiled import load_walker
+from iommufd_model.hw.iommu import IommuHw, page_run
+from iommufd_model.hw.iotlb import Iotlb, TlbEntry
+from iommufd_model.hw.radix import TABLE
+from iommufd_model.hw.regs import Mmio
+from iommufd_model.hw.ring import MemRing
+from iommufd_model.hw.x86_64 import X86_64Format
+
+if TYPE_CHECKING:
+    from iommufd_model.hw.pci import PciDevice
+    from iommufd_model.machine import Machine
+
+WALK_MODULE = "iommufd_amd.walk"
+X86_MODULE = "iommufd_model.hw.walk_x86"
+NO_PASID = -1  # IOTLB tag of host (GN=0) translations
+_DIRTY_DONE = 4  # TlbEntry.perm bit: the leaf's D bit is already set (or D is not tracked)
+
+_REASONS = {1: "not-present", 2: "permission", 3: "address-size", 4: "bad-entry"}
+
+
+class TranslationError(Exception):
+    """Internal: one failed lookup, with the event the hardware logs for it."""
+
+    def __init__(self, event: E.Event | None, reason: str) -> None:
+        super().__init__(reason)
+        self.event = event
+        self.reason = reason
+
+
+class AmdIommu(IommuHw):
+    """One AMD IOMMU. ``host_levels`` is HATS (4..6), ``guest_levels`` GATS (4 or 5)."""
+
+    def __init__(
+        self, machine: Machine, index: int, *, host_levels: int = 6, guest_levels: int = 4,
+        pasid_bits: int = 16, hd: bool = True,
+    ) -> None:
+        super().__init__(machine, index)
+        self.walk = load_walker(WALK_MODULE)
+        self.x86 = load_walker(X86_MODULE)
+        self.max_mode = host_levels
+        self.gpt5 = guest_levels == 5
+        self.pasid_bits = pasid_bits
+        self.efr = (
+            R.EFR_PREF_SUP
+            | R.EFR_PPR_SUP
+            | R.EFR_GT_SUP
+            | R.EFR_IA_SUP
+            | R.EFR_HE_SUP
+            | (host_levels - 4) << R.EFR_HATS_SHIFT
+            | (guest_levels - 4) << R.EFR_GATS_SHIFT
+            | 1 << R.EFR_GLX_SHIFT  # GCR3 tables of up to 2 levels (GLX 0 and 1)
+            | (pasid_bits - 1) << R.EFR_PASMAX_SHIFT
+            | R.EFR_GIO_SUP
+            | R.EFR_HA_SUP
+            | (R.EFR_HD_SUP if hd else 0)
+        )
+        self.efr2 = R.EFR2_GCR3TRPMODE
+        self.max_glx = 1
+        self.iotlb = Iotlb()
+        self.dte_cache: dict[int, tuple[Dte, str]] = {}
+        self.devtab_base = 0
+        self.devtab_entries = 0
+        self.cmd_ring: MemRing | None = None
+        self.evt_ring: MemRing | None = None
+        self.ppr_ring: MemRing | None = None
+        # Observable side channels of commands the model does not otherwise act on.
+        self.ppr_responses: list[C.Command] = []
+        self.irt_invalidations = 0
+        self.device_iotlb_invalidations = 0
+        self.completion_interrupts = 0
+        self.events_lost = 0
+        # The kernel-side state of the driver for this instance (set by the driver plugin).
+        self.kernel: Any = None
+        self._in_cmd = False
+        self.mmio = m = Mmio(f"amd-iommu{index}")
+        w = R.BASE_ADDR_MASK
+        m.define("DEV_TABLE_BASE", R.DEV_TABLE_BASE, writable=w | R.DEV_TABLE_SIZE_MASK,
+                 on_write=self._w_devtab)
+        lenf = R.LEN_MASK << R.LEN_SHIFT
+        m.define("CMD_BUF_BASE", R.CMD_BUF_BASE, writable=w | lenf, on_write=self._w_cmd_base)
+        m.define("EVT_LOG_BASE", R.EVT_LOG_BASE, writable=w | lenf, on_write=self._w_evt_base)
+        m.define("CONTROL", R.CONTROL, on_write=self._w_control)
+        m.define("EXCL_BASE", R.EXCL_BASE, writable=w | 3)
+        m.define("EXCL_LIMIT", R.EXCL_LIMIT, writable=w)
+        m.define("EFR", R.EFR, reset=self.efr, writable=0)
+        m.define("PPR_LOG_BASE", R.PPR_LOG_BASE, writable=w | lenf, on_write=self._w_ppr_base)
+        m.define("EFR2", R.EFR2, reset=self.efr2, writable=0)
+        m.define("CMD_HEAD", R.CMD_HEAD, writable=R.PTR_MASK, on_write=self._w_cmd_head)
+        m.define("CMD_TAIL", R.CMD_TAIL, writable=R.PTR_MASK, on_write=self._w_cmd_tail)
+        m.define("EVT_HEAD", R.EVT_HEAD, writable=R.PTR_MASK)
+        m.define("EVT_TAIL", R.EVT_TAIL, writable=R.PTR_MASK, on_write=self._w_evt_tail)
+        m.define("STATUS", R.STATUS, writable=R.ST_RW1C, on_write=self._w_status)
+        m.define("PPR_HEAD", R.PPR_HEAD, writable=R.PTR_MASK)
+        m.define("PPR_TAIL", R.PPR_TAIL, writable=R.PTR_MASK)
+
+    # -- register side effects ------------------------------------------------------------
+    @property
+    def control(self) -> int:
+        return self.mmio["CONTROL"]
+
+    def _status_set(self, bits: int, on: bool = True) -> None:
+        st = self.mmio["STATUS"]
+        self.mmio.set("STATUS", st | bits if on else st & ~bits)
+
+    def _ring(self, value: int) -> MemRing | None:
+        log2 = (value >> R.LEN_SHIFT) & R.LEN_MASK
+        if log2 < R.LEN_MIN:
+            return None  # reserved length: the buffer does not run
+        return MemRing(self.memory, value & R.BASE_ADDR_MASK, R.ENTRY_SIZE, 1 << log2)
+
+    def _w_devtab(self, old: int, new: int) -> None:
+        self.devtab_base = new & R.BASE_ADDR_MASK
+        self.devtab_entries = ((new & R.DEV_TABLE_SIZE_MASK) + 1) * 4096 // DTE_SIZE
+
+    def _w_cmd_base(self, old: int, new: int) -> None:
+        if self.control & R.CTRL_CMDBUF_EN:
+            self.mmio.set("CMD_BUF_BASE", old)  # ignored while the buffer runs
+            return
+        self.cmd_ring = self._ring(new)
+        self.mmio.set("CMD_HEAD", 0)  # writing the base resets head and tail
+        self.mmio.set("CMD_TAIL", 0)
+
+    def _w_evt_base(self, old: int, new: int) -> None:
+        if self.control & R.CTRL_EVT_LOG_EN:
+            self.mmio.set("EVT_LOG_BASE", old)
+            return
+        self.evt_ring = self._ring(new)
+        self.mmio.set("EVT_HEAD", 0)
+        self.mmio.set("EVT_TAIL", 0)
+
+    def _w_ppr_base(self, old: int, new: int) -> None:
+        if self.control & R.CTRL_PPRLOG_EN:
+            self.mmio.set("PPR_LOG_BASE", old)
+            return
+        self.ppr_ring = self._ring(new)
+        self.mmio.set("PPR_HEAD", 0)
+        self.mmio.set("PPR_TAIL", 0)
+
+    def _w_control(self, old: int, new: int) -> None:
+        rose = new & ~old
+        fell = old & ~new
+        if fell & R.CTRL_CMDBUF_EN:
+            self._status_set(R.ST_CMDBUF_RUN, False)
+        if fell & R.CTRL_EVT_LOG_EN:
+            self._status_set(R.ST_EVT_RUN, False)
+        if fell & R.CTRL_PPRLOG_EN:
+            self._status_set(R.ST_PPR_RUN, False)
+        if rose & R.CTRL_EVT_LOG_EN and self.evt_ring is not None:
+            self._status_set(R.ST_EVT_RUN)
+        if rose & R.CTRL_PPRLOG_EN and self.ppr_ring is not None:
+            self._status_set(R.ST_PPR_RUN)
+        if rose & R.CTRL_CMDBUF_EN and self.cmd_ring is not None:
+            # Enabling the command buffer starts fetching at the head pointer.
+            self._status_set(R.ST_CMDBUF_RUN)
+            self.process_commands()
+
+    def _w_cmd_head(self, old: int, new: int) -> None:
+        if self.mmio["STATUS"] & R.ST_CMDBUF_RUN:
+            self.mmio.set("CMD_HEAD", old)  # the hardware owns the head while running
+
+    def _w_cmd_tail(self, old: int, new: int) -> None:
+        self.process_commands()
+
+    def _w_evt_tail(self, old: int, new: int) -> None:
+        if self.control & R.CTRL_EVT_LOG_EN:
+            self.mmio.set("EVT_TAIL", old)  # the hardware owns the tail while logging
+
+    def _w_status(self, old: int, new: int) -> None:
+        # RW1C: the bits written as one clear; the rest is read-only.
+        self.mmio.set("STATUS", old & ~(new & R.ST_RW1C))
+
+    # -- the event log ------------------------------------------------------------------------
+    def log_event(self, ev: E.Event) -> bool:
+        """Append ``ev`` at the event log tail; overflow sets EventOverflow and drops it."""
+        ring = self.evt_ring
+        if ring is None or not self.mmio["STATUS"] & R.ST_EVT_RUN:
+            self.events_lost += 1
+            return False
+        head = self.mmio["EVT_HEAD"] // R.ENTRY_SIZE
+        tail = self.mmio["EVT_TAIL"] // R.ENTRY_SIZE
+        if ring.is_full(head, tail):
+            self._status_set(R.ST_EVT_OVERFLOW)
+            self.events_lost += 1
+            return False
+        try:
+            ring.write(tail, ev.to_bytes())
+        except OSError:
+            self.events_lost += 1
+            return False
+        self.mmio.set("EVT_TAIL", ((tail + 1) % ring.nentries) * R.ENTRY_SIZE)
+        self._status_set(R.ST_EVT_INT)
+        return True
+
+    def read_events(self, consume: bool = True) -> list[E.Event]:
+        """What software finds between the event head and tail (advances the head if asked)."""
+        ring = self.evt_ring
+        if ring is None:
+            return []
+        head = self.mmio["EVT_HEAD"] // R.ENTRY_SIZE
+        tail = self.mmio["EVT_TAIL"] // R.ENTRY_SIZE
+        out = [E.Event.from_bytes(ring.read(head + i)) for i in range(ring.count(head, tail))]
+        if consume:
+            self.mmio.write(R.EVT_HEAD, tail * R.ENTRY_SIZE)
+        return out
+
+    # -- the command processor ------------------------------------------------------------------
+    @property
+    def cmd_running(self) -> bool:
+        return bool(self.mmio["STATUS"] & R.ST_CMDBUF_RUN)
+
+    def process_commands(self) -> None:
+        """Fetch and execute commands from head to tail while the buffer runs."""
+        if self._in_cmd:
+            return
+        ring = self.cmd_ring
+        if ring is None:
+            return
+        self._in_cmd = True
+        try:
+            while self.cmd_running:
+                head = self.mmio["CMD_HEAD"] // R.ENTRY_SIZE
+                tail = self.mmio["CMD_TAIL"] // R.ENTRY_SIZE
+                if head % ring.nentries == tail % ring.nentries:
+                    break
+                addr = ring.addr(head)
+                try:
+                    raw = ring.read(head)
+                except OSError:
+                    self._cmd_stop(E.COMMAND_HARDWARE_ERROR, addr)
+                    break
+                cmd = C.decode(raw)
+                if cmd is None or not self._supported(cmd):
+                    self._cmd_stop(E.ILLEGAL_COMMAND_ERROR, addr)
+                    break
+                if not self.execute(cmd, addr):
+                    break
+                self.stats.commands += 1
+                self.mmio.set("CMD_HEAD", ((head + 1) % ring.nentries) * R.ENTRY_SIZE)
+        finally:
+            self._in_cmd = False
+
+    def _supported(self, cmd: C.Command) -> bool:
+        if cmd.opcode == C.INVALIDATE_IOMMU_ALL:
+            return bool(self.efr & R.EFR_IA_SUP)
+        if cmd.opcode == C.PREFETCH_IOMMU_PAGES:
+            return bool(self.efr & R.EFR_PREF_SUP)
+        if cmd.opcode == C.COMPLETE_PPR_REQUEST:
+            return bool(self.efr & R.EFR_PPR_SUP)
+        return True
+
+    def _cmd_stop(self, code: int, addr: int) -> None:
+        """The command processor halts with its head on the failing command."""
+        self._status_set(R.ST_CMDBUF_RUN, False)
+        flags = HWERR_READ if code == E.COMMAND_HARDWARE_ERROR else 0
+        self.log_event(E.Event(code, flags=flags, address=addr))
+
+    def execute(self, cmd: C.Command, addr: int) -> bool:
+        """Run one legal command; False when it stopped the processor."""
+        op = cmd.opcode
+        if op == C.COMPLETION_WAIT:
+            if cmd.s:
+                try:
+                    self.memory.write_u64(cmd.address, cmd.data)
+                except OSError:
+                    self._cmd_stop(E.COMMAND_HARDWARE_ERROR, addr)
+                    return False
+            if cmd.i:
+                self._status_set(R.ST_COMWAIT_INT)
+                if self.control & R.CTRL_COMWAIT_INT_EN:
+                    self.completion_interrupts += 1
+        elif op == C.INVALIDATE_DEVTAB_ENTRY:
+            self.dte_cache.pop(cmd.devid, None)
+        elif op == C.INVALIDATE_IOMMU_PAGES:
+            self.invalidate_pages(cmd.domid, cmd.pasid if cmd.gn else NO_PASID, cmd.address,
+                                  cmd.s)
+        elif op == C.INVALIDATE_IOTLB_PAGES:
+            dev = self.devices.get(cmd.devid)
+            if dev is None or not dev.ats:
+                # No ATS function answers the invalidation request.
+                self.log_event(E.Event(E.IOTLB_INV_TIMEOUT, devid=cmd.devid, address=addr))
+            else:
+                self.device_iotlb_invalidations += 1
+        elif op == C.INVALIDATE_INTERRUPT_TABLE:
+            self.irt_invalidations += 1
+        elif op == C.PREFETCH_IOMMU_PAGES:
+            pasid = cmd.pasid if cmd.gn else None
+            if cmd.inval:
+                dte = self.dte_cache.get(cmd.devid)
+                if dte is not None:
+                    tag = dte[0].domain_id, cmd.pasid if cmd.gn else NO_PASID
+                    self.iotlb.flush_range(tag.__eq__, cmd.address, cmd.address + 0xFFF)
+            with contextlib.suppress(TranslationError):  # a prefetch never faults
+                self.lookup(cmd.devid, cmd.address, pasid, False)
+        elif op == C.COMPLETE_PPR_REQUEST:
+            self.ppr_responses.append(cmd)
+        elif op == C.INVALIDATE_IOMMU_ALL:
+            self.iotlb.flush_all()
+            self.dte_cache.clear()
+        return True
+
+    def invalidate_pages(self, domid: int, pasid: int, address: int, s: bool) -> None:
+        """INVALIDATE_IOMMU_PAGES. GN=1 (``pasid`` >= 0): that PASID's translations in the
+        range. GN=0: the domain's host translations in the range, and -- since a nested
+        (GVA) entry cannot be matched by the guest-physical range it depends on -- every
+        nested translation of the domain.
+        """
+        first, last = C.decode_range(address, s)
+        if pasid >= 0:
+            want: Hashable = (domid, pasid)
+            self.iotlb.flush_range(want.__eq__, first, last)
+            return
+        host: Hashable = (domid, NO_PASID)
+        self.iotlb.flush_range(host.__eq__, first, last)
+        self.iotlb.flush_tag(lambda tag: _guest_tag_of(tag, domid))
+
+    # -- the device table ------------------------------------------------------------------------
+    def _dte(self, devid: int, iova: int, pasid: int | None, write: bool) -> tuple[Dte, str]:
+        cached = self.dte_cache.get(devid)
+        if cached is not None:
+            return cached
+        if devid >= self.devtab_entries:
+            raise TranslationError(
+                E.Event(E.ILLEGAL_DEV_TABLE_ENTRY, devid=devid, flags=_rw(write),
+                        address=iova), "device ID beyond the device table")
+        addr = self.devtab_base + devid * DTE_SIZE
+        try:
+            raw = self.memory.read(addr, DTE_SIZE)
+        except OSError:
+            raise TranslationError(
+                E.Event(E.DEV_TAB_HARDWARE_ERROR, devid=devid, flags=HWERR_READ | _rw(write),
+                        address=addr), "device table read failed") from None
+        dte = Dte.from_bytes(raw)
+        why = check(dte, max_mode=self.max_mode, gt_enabled=bool(self.control & R.CTRL_GT_EN),
+                    max_glx=self.max_glx, gpt5=self.gpt5)
+        self.dte_cache[devid] = cached = (dte, why)
+        return cached
+
+    # -- translation ------------------------------------------------------------------------------
+    def translate(
+        self, dev: PciDevice, iova: int, pasid: int | None, write: bool
+    ) -> tuple[int, int]:
+        self.stats.translations += 1
+        try:
+            return self.lookup(dev.rid, iova, pasid, write)
+        except TranslationError as exc:
+            if exc.event is not None:
+                self.log_event(exc.event)
+            raise self.fault(dev, iova, write, pasid, exc.reason) from None
+
+    def lookup(self, devid: int, iova: int, pasid: int | None, write: bool) -> tuple[int, int]:
+        """``(pa, run)`` for one access of ``devid``, or :class:`TranslationError`."""
+        dte, why = self._dte(devid, iova, pasid, write)
+        if not dte.v:
+            return iova, page_run(iova)  # V=0: the IOMMU passes the request untranslated
+        gn_flags = _rw(write) | (E.F_GN if pasid is not None else 0)
+        tag_lo = pasid if pasid is not None else dte.domain_id
+        if why:
+            raise TranslationError(
+                E.Event(E.ILLEGAL_DEV_TABLE_ENTRY, devid=devid, tag=tag_lo, flags=gn_flags,
+                        address=iova), f"illegal DTE: {why}")
+        if not dte.tv:
+            raise self._page_fault(dte, devid, iova, pasid, gn_flags, "blocked: DTE TV=0")
+        if pasid is not None:
+            if not dte.gv:
+                raise TranslationError(
+                    E.Event(E.INVALID_DEVICE_REQUEST, devid=devid, tag=pasid, flags=gn_flags,
+                            address=iova), "PASID request to a DTE without GV")
+            guest = True
+            p = pasid
+        else:
+            guest = dte.gv and dte.giov
+            p = 0
+        # DTE IR/IW gate requests without PASID; PASID requests answer to their tables only.
+        dte_prot = (IOMMU_READ if dte.ir else 0) | (IOMMU_WRITE if dte.iw else 0)
+        if pasid is not None:
+            dte_prot = IOMMU_READ | IOMMU_WRITE
+        if not guest and dte.mode == 0:
+            # Translation disabled: the DTE's IR/IW alone decide.
+            if not dte_prot & (IOMMU_WRITE if write else IOMMU_READ):
+                raise self._page_fault(dte, devid, iova, pasid, gn_flags | E.F_PE, "permission")
+            return iova, page_run(iova)
+        tag = (dte.domain_id, p if guest else NO_PASID)
+        iotlb = self.iotlb
+        stats = self.stats
+        hit = iotlb.lookup(tag, iova)
+        need = IOMMU_WRITE if write else IOMMU_READ
+        if hit is not None and hit.perm & need and (not write or hit.perm & _DIRTY_DONE):
+            stats.iotlb_hits += 1
+            off = iova & ((1 << hit.shift) - 1)
+            return hit.pa + off, (1 << hit.shift) - off
+        stats.iotlb_misses += 1
+        pages = self.memory._pages
+        size = self.memory.size
+        if guest:
+            st, val, shift, refs, prot = self.walk.walk_nested(
+                pages, size, dte.host_root, dte.mode, dte.had, dte.gcr3, dte.glx,
+                5 if dte.gpt_level == GUEST_PGTABLE_5_LEVEL else 4, p, iova, write,
+                self.x86.walk_x86,
+            )
+            if st == self.walk.BAD_ENTRY and dte.mode == 0:
+                st, val = self._classify_v2(dte, p, iova, write, st, val)
+        else:
+            st, val, shift, refs, prot = self.walk.walk_v1(
+                pages, size, dte.host_root, dte.mode, iova, write, dte.had
+            )
+        stats.walk_mem_refs += refs
+        if st != 0:
+            raise self._walk_fault(dte, devid, iova, pasid, gn_flags, st, val, prot)
+        prot &= dte_prot
+        if not prot & need:
+            raise self._page_fault(dte, devid, iova, pasid, gn_flags | E.F_PR | E.F_PE,
+                                   "permission")
+        if not dte.had & 2 or write:
+            prot |= _DIRTY_DONE
+        mask = (1 << shift) - 1
+        iotlb.insert(tag, iova, TlbEntry(val & ~mask, shift, prot, refs))
+        return val, (1 << shift) - (val & mask)
+
+    def _classify_v2(
+        self, dte: Dte, pasid: int, iova: int, write: bool, st: int, val: int
+    ) -> tuple[int, int]:
+        """Slow path: a v2-only walk's BAD_ENTRY may be a table outside memory (hardware
+        error) or a reserved PS bit (page fault); a re-walk of the tables tells them apart."""
+        try:
+            table = dte.gcr3
+            for level in range(dte.glx, -1, -1):
+                entry = self.memory.read_u64(table + ((pasid >> (9 * level)) & 0x1FF) * 8)
+                table = entry & GCR3_ADDR
+            cr3 = table
+        except OSError:
+            return self.walk.HW_ERROR, dte.gcr3
+        levels = 5 if dte.gpt_level == GUEST_PGTABLE_5_LEVEL else 4
+        fmt = X86_64Format(levels)
+        table = cr3
+        for level in range(levels - 1, -1, -1):
+            slot = table + fmt.index(iova, level) * 8
+            if slot + 8 > self.memory.size:
+                return self.walk.HW_ERROR, table
+            kind, addr, _prot = fmt.decode(self.memory.read_u64(slot), level)
+            if kind != TABLE:
+                break
+            table = addr
+        return st, val
+
+    def _page_fault(
+        self, dte: Dte, devid: int, iova: int, pasid: int | None, flags: int, reason: str
+    ) -> TranslationError:
+        tag = pasid if pasid is not None else dte.domain_id
+        suppress = dte.sa or dte.se
+        ev = None if suppress else E.Event(E.IO_PAGE_FAULT, devid, tag, flags, iova)
+        return TranslationError(ev, reason)
+
+    def _walk_fault(
+        self, dte: Dte, devid: int, iova: int, pasid: int | None, flags: int, st: int, val: int,
+        prot: int,
+    ) -> TranslationError:
+        w = self.walk
+        tag = pasid if pasid is not None else dte.domain_id
+        if st == w.HW_ERROR:
+            ev = E.Event(E.PAGE_TAB_HARDWARE_ERROR, devid, tag, flags | HWERR_READ, val)
+            return TranslationError(ev, f"page table read outside memory at {val:#x}")
+        if st == w.PERMISSION:
+            flags |= E.F_PR | E.F_PE
+        elif st == w.BAD_ENTRY:
+            flags |= E.F_PR | E.F_RZ
+        elif st == w.S2_FAULT:
+            return self._page_fault(dte, devid, iova, pasid, flags,
+                                    f"stage-2 fault at gpa {val:#x}")
+        return self._page_fault(dte, devid, iova, pasid, flags, _REASONS.get(st, "fault"))
+
+
+HWERR_READ = E.HWERR_TYPE_READ << E.TYPE_SHIFT
+
+
+def _guest_tag_of(tag: Hashable, domid: int) -> bool:
+    return isinstance(tag, tuple) and tag[0] == domid and tag[1] != NO_PASID
+
+
+def _rw(write: bool) -> int:
+    return E.F_RW if write else 0

@@ -1,0 +1,159 @@
+"""The AMD v1 host page-table format (spec "I/O Page Tables for Host Translations"; kernel
+``IOMMU_PTE_*`` / ``PM_*`` and generic_pt ``fmt/amdv1.h``).
+
+Entry bits: PR[0], A[5], D[6] (HD), NextLevel[11:9], OutputAddress / next table[51:12],
+reserved[58:52], U[59], FC[60], IR[61], IW[62]. Tables have ``mode`` (1..6) levels; radix
+level ``r`` here is AMD level ``r + 1``. A PDE's NextLevel is the AMD level of the table it
+points to; NextLevel 0 makes the entry a leaf of its level's size (2 MiB, 1 GiB ...) and
+NextLevel 7 a leaf of the size encoded in its address (replicated over every slot the page
+covers), which is how the driver maps 8 KiB .. 1 MiB and other in-between sizes.
+"""
+
+from __future__ import annotations
+
+import errno
+
+from iommufd_model.driver import IOMMU_READ, IOMMU_WRITE
+from iommufd_model.errors import err
+from iommufd_model.hw.memory import PAGE_SHIFT, PhysicalMemory
+from iommufd_model.hw.radix import ENTRY_SIZE, INVALID, LEAF, TABLE, PtFormat, RadixPageTable
+
+PTE_PR = 1 << 0  # IOMMU_PTE_PR
+PTE_A = 1 << 5  # accessed
+PTE_HD = 1 << 6  # IOMMU_PTE_HD: dirty
+PTE_NL_SHIFT = 9  # NextLevel[11:9] (PM_LEVEL_ENC)
+PTE_ADDR = ((1 << 52) - 1) & ~0xFFF  # PM_ADDR_MASK
+PTE_RSVD = 0x7F << 52
+PTE_U = 1 << 59  # IOMMU_PTE_U
+PTE_FC = 1 << 60  # IOMMU_PTE_FC: force coherent
+PTE_IR = 1 << 61  # IOMMU_PTE_IR
+PTE_IW = 1 << 62  # IOMMU_PTE_IW
+NL_LEAF = 0  # NextLevel 0: leaf of the level's size
+NL_SIZED = 7  # NextLevel 7: leaf whose size is encoded in the address
+
+#: AMD_IOMMU_PGSIZES: every power of two from 4 KiB, except 512 GiB (an erratum)
+AMD_IOMMU_PGSIZES = (~0xFFF & ~(2 << 38)) & ((1 << 64) - 1)
+
+
+def sized_pte_addr(pa: int, size: int) -> int:
+    """Address field of a NextLevel-7 PTE for a ``size`` page at ``pa`` (PAGE_SIZE_PTE)."""
+    return (pa | (size - 1)) & ~(size >> 1) & PTE_ADDR
+
+
+def sized_pte_size(entry: int) -> int:
+    """Page size of a NextLevel-7 PTE: 2 << (first clear bit at or above 12) (PTE_PAGE_SIZE)."""
+    bit = 12
+    while bit < 52 and entry >> bit & 1:
+        bit += 1
+    return 2 << bit
+
+
+def _perm_bits(prot: int) -> int:
+    return (PTE_IR if prot & IOMMU_READ else 0) | (PTE_IW if prot & IOMMU_WRITE else 0)
+
+
+class AmdV1Format(PtFormat):
+    """Mode 1..6 v1 tables. Large leaves by NextLevel 0 at 2 MiB and 1 GiB (level 1, 2)."""
+
+    name = "amd_v1"
+    large_leaf_levels = frozenset({1, 2})
+
+    def __init__(self, mode: int = 4) -> None:
+        if not 1 <= mode <= 6:
+            raise ValueError("AMD v1 tables have modes 1..6")
+        super().__init__(mode)
+
+    def make_table(self, table_pa: int, level: int) -> int:
+        # PM_LEVEL_PDE: the next table is AMD level ``level``; tables grant IR/IW.
+        return (table_pa & PTE_ADDR) | (level << PTE_NL_SHIFT) | PTE_PR | PTE_IR | PTE_IW
+
+    def make_leaf(self, pa: int, level: int, prot: int) -> int:
+        return (pa & PTE_ADDR) | PTE_PR | PTE_FC | _perm_bits(prot)
+
+    def decode(self, entry: int, level: int) -> tuple[int, int, int]:
+        if not entry & PTE_PR or entry & PTE_RSVD:
+            return INVALID, 0, 0
+        prot = (IOMMU_READ if entry & PTE_IR else 0) | (IOMMU_WRITE if entry & PTE_IW else 0)
+        nl = (entry >> PTE_NL_SHIFT) & 7
+        if nl == NL_LEAF:
+            return LEAF, entry & PTE_ADDR & ~((1 << self.level_shift(level)) - 1), prot
+        if nl == NL_SIZED:
+            return LEAF, entry & PTE_ADDR & ~(sized_pte_size(entry) - 1), prot
+        if nl == level:
+            return TABLE, entry & PTE_ADDR, prot
+        # Level skipping (nl < level) is legal for hardware (walk.py handles it) but never
+        # built by the driver; the engine treats it, and nl > level, as a bad entry.
+        return INVALID, 0, 0
+
+    def is_dirty(self, entry: int) -> bool:
+        return bool(entry & PTE_HD)
+
+    def clear_dirty(self, entry: int) -> int:
+        return entry & ~PTE_HD
+
+
+class AmdV1PageTable(RadixPageTable):
+    """The driver's v1 table: the engine's map plus NextLevel-7 pages for in-between sizes."""
+
+    fmt: AmdV1Format
+
+    def __init__(self, memory: PhysicalMemory, mode: int) -> None:
+        super().__init__(memory, AmdV1Format(mode))
+
+    def _chunk(self, iova: int, pa: int, left: int) -> int:
+        """The largest supported page size that fits alignment and length."""
+        align = (iova | pa) & -(iova | pa) if iova | pa else 1 << 63
+        size = 1 << (min(align, left).bit_length() - 1)
+        while not size & AMD_IOMMU_PGSIZES or (size >> PAGE_SHIFT) == 0:
+            size >>= 1
+        top = 1 << self.fmt.va_bits if self.fmt.va_bits < 64 else 1 << 64
+        return min(size, top)
+
+    def map(self, iova: int, pa: int, size: int, prot: int) -> None:
+        if (iova | pa | size) & ((1 << PAGE_SHIFT) - 1) or size <= 0:
+            raise err(errno.EINVAL, "map needs 4 KiB aligned iova, pa and size")
+        done = 0
+        try:
+            while done < size:
+                chunk = self._chunk(iova + done, pa + done, size - done)
+                shift = chunk.bit_length() - 1
+                if (shift - PAGE_SHIFT) % self.fmt.bits_per_level == 0:
+                    super().map(iova + done, pa + done, chunk, prot)
+                else:
+                    self._map_sized(iova + done, pa + done, chunk, prot)
+                done += chunk
+        except OSError:
+            if done:
+                self.unmap(iova, done)
+            raise
+
+    def _map_sized(self, iova: int, pa: int, size: int, prot: int) -> None:
+        """One NextLevel-7 page, its PTE replicated over every slot it covers."""
+        fmt = self.fmt
+        mem = self.memory
+        level = (size.bit_length() - 1 - PAGE_SHIFT) // fmt.bits_per_level
+        if level >= fmt.levels or (iova + size - 1) >> fmt.va_bits:
+            raise err(errno.EINVAL, f"{iova:#x}+{size:#x} beyond the table's address width")
+        created: list[tuple[int, int]] = []
+        table = self._table_for(iova, level, created)
+        first = table + fmt.index(iova, level) * ENTRY_SIZE
+        count = size >> fmt.level_shift(level)
+        slots = [first + i * ENTRY_SIZE for i in range(count)]
+        if any(fmt.decode(mem.read_u64(s), level)[0] != INVALID for s in slots):
+            raise err(errno.EEXIST, f"{iova:#x} is already mapped")
+        entry = sized_pte_addr(pa, size) | (NL_SIZED << PTE_NL_SHIFT) | PTE_PR | PTE_FC
+        entry |= _perm_bits(prot)
+        for s in slots:
+            mem.write_u64(s, entry)
+
+    def unmap(self, iova: int, size: int) -> int:
+        # A NextLevel-7 page is one page: refuse to cut it, as for any other large page.
+        last = iova + size - 1
+        for slot, start, _level in self._leaves(iova, last):
+            entry = self.memory.read_u64(slot)
+            if (entry >> PTE_NL_SHIFT) & 7 == NL_SIZED:
+                psize = sized_pte_size(entry)
+                base = start & ~(psize - 1)
+                if base < iova or base + psize - 1 > last:
+                    raise err(errno.EINVAL, f"unmap would split the page at {base:#x}")
+        return super().unmap(iova, size)

@@ -1,0 +1,98 @@
+"""AMD IOMMU MMIO register offsets and bits (spec pub. 48882, "MMIO Registers"; kernel
+``amd_iommu_types.h`` MMIO_* / CONTROL_* / FEATURE_* / MMIO_STATUS_*).
+
+Only numbers live here; :mod:`iommufd_amd.hw` gives the registers their side effects.
+"""
+
+from __future__ import annotations
+
+# -- offsets (MMIO_*_OFFSET) --------------------------------------------------------------
+DEV_TABLE_BASE = 0x0000  # Device Table Base Address Register: base[51:12], Size[8:0]
+CMD_BUF_BASE = 0x0008  # Command Buffer Base Address Register: base[51:12], ComLen[59:56]
+EVT_LOG_BASE = 0x0010  # Event Log Base Address Register: base[51:12], EventLen[59:56]
+CONTROL = 0x0018  # IOMMU Control Register
+EXCL_BASE = 0x0020  # Exclusion Range Base Register: ExEn[0], Allow[1], base[51:12]
+EXCL_LIMIT = 0x0028  # Exclusion Range Limit Register: limit[51:12]
+EFR = 0x0030  # IOMMU Extended Feature Register (read-only)
+PPR_LOG_BASE = 0x0038  # PPR Log Base Address Register: base[51:12], PPRLen[59:56]
+GA_LOG_BASE = 0x00E0  # Guest Virtual APIC Log Base Address Register
+GA_LOG_TAIL_ADDR = 0x00E8  # Guest Virtual APIC Log Tail Address Register
+EFR2 = 0x01A0  # IOMMU Extended Feature 2 Register (read-only)
+CMD_HEAD = 0x2000  # Command Buffer Head Pointer Register: CmdHdPtr[18:4]
+CMD_TAIL = 0x2008  # Command Buffer Tail Pointer Register: CmdTailPtr[18:4]
+EVT_HEAD = 0x2010  # Event Log Head Pointer Register: EventHdPtr[18:4]
+EVT_TAIL = 0x2018  # Event Log Tail Pointer Register: EventTailPtr[18:4]
+STATUS = 0x2020  # IOMMU Status Register
+PPR_HEAD = 0x2030  # PPR Log Head Pointer Register
+PPR_TAIL = 0x2038  # PPR Log Tail Pointer Register
+GA_HEAD = 0x2040  # Guest Virtual APIC Log Head Pointer Register
+GA_TAIL = 0x2048  # Guest Virtual APIC Log Tail Pointer Register
+
+# -- base registers -----------------------------------------------------------------------
+BASE_ADDR_MASK = ((1 << 52) - 1) & ~0xFFF  # [51:12] of every *_BASE register
+DEV_TABLE_SIZE_MASK = 0x1FF  # DevTabBase Size[8:0]: number of 4 KiB pages minus one
+LEN_SHIFT = 56  # ComLen / EventLen / PPRLen [59:56]: log2(number of entries)
+LEN_MASK = 0xF
+LEN_MIN = 8  # the spec's smallest buffer: 256 entries ("values below 1000b are reserved")
+LEN_512 = 9  # what Linux programs (MMIO_CMD_SIZE_512, EVT_LEN_MASK)
+PTR_MASK = 0x7FFF0  # head/tail registers hold byte offsets [18:4] of 16-byte entries
+ENTRY_SIZE = 16  # command, event and PPR log entries are 128 bits
+
+# -- control register bits (CONTROL_*) ----------------------------------------------------
+CTRL_IOMMU_EN = 1 << 0  # IommuEn
+CTRL_HT_TUN_EN = 1 << 1  # HtTunEn
+CTRL_EVT_LOG_EN = 1 << 2  # EventLogEn
+CTRL_EVT_INT_EN = 1 << 3  # EventIntEn
+CTRL_COMWAIT_INT_EN = 1 << 4  # ComWaitIntEn
+CTRL_INV_TIMEOUT_SHIFT = 5  # InvTimeOut[7:5]
+CTRL_COHERENT_EN = 1 << 10  # Coherent
+CTRL_CMDBUF_EN = 1 << 12  # CmdBufEn
+CTRL_PPRLOG_EN = 1 << 13  # PPRLogEn
+CTRL_PPRINT_EN = 1 << 14  # PprIntEn
+CTRL_PPR_EN = 1 << 15  # PPREn
+CTRL_GT_EN = 1 << 16  # GTEn: guest translation (v2 tables / GCR3) enabled
+CTRL_GA_EN = 1 << 17  # GAEn
+CTRL_XT_EN = 1 << 50  # XTEn
+CTRL_GCR3TRPMODE = 1 << 58  # GCR3TRPMode: GCR3 root pointer in the DTE is a GPA
+
+# -- status register bits (MMIO_STATUS_*) -------------------------------------------------
+ST_EVT_OVERFLOW = 1 << 0  # EventOverflow (RW1C)
+ST_EVT_INT = 1 << 1  # EventLogInt (RW1C)
+ST_COMWAIT_INT = 1 << 2  # ComWaitInt (RW1C)
+ST_EVT_RUN = 1 << 3  # EventLogRun (RO)
+ST_CMDBUF_RUN = 1 << 4  # CmdBufRun (RO)
+ST_PPR_OVERFLOW = 1 << 5  # PprOverflow (RW1C)
+ST_PPR_INT = 1 << 6  # PprInt (RW1C)
+ST_PPR_RUN = 1 << 7  # PprLogRun (RO)
+ST_RW1C = ST_EVT_OVERFLOW | ST_EVT_INT | ST_COMWAIT_INT | ST_PPR_OVERFLOW | ST_PPR_INT
+
+# -- extended feature register (FEATURE_*) ------------------------------------------------
+EFR_PREF_SUP = 1 << 0  # PreFSup: PREFETCH_IOMMU_PAGES
+EFR_PPR_SUP = 1 << 1  # PPRSup
+EFR_XT_SUP = 1 << 2  # XTSup
+EFR_NX_SUP = 1 << 3  # NXSup
+EFR_GT_SUP = 1 << 4  # GTSup: guest translation
+EFR_IA_SUP = 1 << 6  # IASup: INVALIDATE_IOMMU_ALL
+EFR_GA_SUP = 1 << 7  # GASup
+EFR_HE_SUP = 1 << 8  # HESup: hardware error registers
+EFR_PC_SUP = 1 << 9  # PCSup
+EFR_HATS_SHIFT = 10  # HATS[11:10]: host table levels 00b=4, 01b=5, 10b=6
+EFR_GATS_SHIFT = 12  # GATS[13:12]: guest table levels 00b=4, 01b=5
+EFR_GLX_SHIFT = 14  # GLXSup[15:14]: GCR3 table levels 00b=1, 01b=2 (GLX max)
+EFR_PASMAX_SHIFT = 32  # PASmax[36:32]: PASID width minus one
+EFR_GIO_SUP = 1 << 48  # GIoSup: guest I/O protection (DTE GIoV)
+EFR_HA_SUP = 1 << 49  # HASup: host access bit
+EFR_EPH_SUP = 1 << 50  # EPHSup
+EFR_HD_SUP = 1 << 52  # HDSup: host dirty bit (dirty tracking)
+
+EFR2_GCR3TRPMODE = 1 << 3  # GCR3TRPMode supported (FEATURE_GCR3TRPMODE)
+
+
+def base_value(addr: int, log2_entries: int) -> int:
+    """A command / event / PPR base register value: address plus the length field."""
+    return (addr & BASE_ADDR_MASK) | ((log2_entries & LEN_MASK) << LEN_SHIFT)
+
+
+def dev_table_base_value(addr: int, pages: int) -> int:
+    """The device table base register: address and Size (pages - 1)."""
+    return (addr & BASE_ADDR_MASK) | ((pages - 1) & DEV_TABLE_SIZE_MASK)

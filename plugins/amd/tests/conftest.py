@@ -1,0 +1,191 @@
+"""Fixtures of the AMD plugin's tests: a machine with one AMD IOMMU, reached through the uAPI.
+
+With ``--import-mode=importlib`` test modules cannot import each other, so the helpers live
+here, on the :class:`AmdWorld` object the ``world`` fixture returns.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from iommufd_amd.driver import AmdKernel
+from iommufd_amd.events import Event
+from iommufd_amd.hw import AmdIommu
+
+import iommufd_model as im
+from iommufd_model import uapi as U
+from iommufd_model.uapi.codec import UStruct
+
+PAGE = 4096
+
+
+class AmdWorld:
+    """One AMD IOMMU, a process with memory, an iommufd and one bound device."""
+
+    def __init__(self, options: dict[str, Any] | None = None, *, ats: bool = False) -> None:
+        self.machine = im.Machine.build(iommus=["amd"], options={"amd": options or {}})
+        hw = self.machine.iommus[0]
+        assert isinstance(hw, AmdIommu)
+        self.hw = hw
+        self.kernel: AmdKernel = hw.kernel
+        self.mem = self.machine.memory
+        self.dev = self.machine.add_pci_device(iommu=0, ats=ats)
+        self.proc = self.machine.new_process()
+        self.fd = self.proc.open_iommufd()
+        self.dev_id = self.fd.bind(self.dev)
+        self.scratch = self.buffer(PAGE, fill=0)  # where vendor data is staged for ioctls
+
+    # -- uAPI wrappers ---------------------------------------------------------------------
+    def ioctl(self, cmd: int, st: UStruct) -> Any:
+        """Pack ``st`` (its size field filled in), issue ``cmd``, decode the reply."""
+        if hasattr(st, "size") and not st.size:
+            st.size = st.SIZE
+        raw = bytearray(st.pack())
+        self.fd.ioctl(cmd, raw)
+        return st.unpack(raw)
+
+    def ioas(self) -> int:
+        return int(self.ioctl(U.IOMMU_IOAS_ALLOC, U.IommuIoasAlloc()).out_ioas_id)
+
+    def buffer(self, length: int, fill: int | None = None) -> int:
+        va = self.proc.mmap(length)
+        if fill is not None:
+            self.proc.write(va, bytes([fill]) * length)
+        return va
+
+    def map(self, ioas: int, va: int, length: int, iova: int, *, write: bool = True) -> int:
+        flags = U.IOMMU_IOAS_MAP_READABLE | U.IOMMU_IOAS_MAP_FIXED_IOVA
+        if write:
+            flags |= U.IOMMU_IOAS_MAP_WRITEABLE
+        st = U.IommuIoasMap(flags=flags, ioas_id=ioas, user_va=va, length=length, iova=iova)
+        return int(self.ioctl(U.IOMMU_IOAS_MAP, st).iova)
+
+    def unmap(self, ioas: int, iova: int, length: int) -> int:
+        st = U.IommuIoasUnmap(ioas_id=ioas, iova=iova, length=length)
+        return int(self.ioctl(U.IOMMU_IOAS_UNMAP, st).length)
+
+    def hwpt(
+        self, pt_id: int, flags: int = 0, data_type: int = 0, data: bytes = b"", dev_id: int = 0
+    ) -> int:
+        uptr = 0
+        if data:
+            uptr = self.scratch
+            self.proc.write(uptr, data)
+        st = U.IommuHwptAlloc(
+            flags=flags, dev_id=dev_id or self.dev_id, pt_id=pt_id, data_type=data_type,
+            data_len=len(data), data_uptr=uptr,
+        )
+        return int(self.ioctl(U.IOMMU_HWPT_ALLOC, st).out_hwpt_id)
+
+    def viommu(self, hwpt: int, vtype: int = U.IOMMU_VIOMMU_TYPE_AMD) -> int:
+        st = U.IommuViommuAlloc(dev_id=self.dev_id, hwpt_id=hwpt, type=vtype)
+        return int(self.ioctl(U.IOMMU_VIOMMU_ALLOC, st).out_viommu_id)
+
+    def destroy(self, obj_id: int) -> None:
+        self.ioctl(U.IOMMU_DESTROY, U.IommuDestroy(id=obj_id))
+
+    def errno_of(self, fn: Callable[[], object]) -> int:
+        try:
+            fn()
+        except OSError as exc:
+            return exc.errno or 0
+        return 0
+
+    # -- hardware views ---------------------------------------------------------------------
+    def events(self) -> list[Event]:
+        return self.hw.read_events()
+
+    def dte_words(self, devid: int | None = None) -> tuple[int, ...]:
+        rid = self.dev.rid if devid is None else devid
+        return self.kernel.read_dte(rid).encode()
+
+    def state(self) -> dict[str, Any]:
+        """What a refused ioctl must not change (objects, DTEs, DomainIDs, frames)."""
+        return {
+            "ids": self.fd.objects.ids(),
+            "users": [o.users for o in self.fd.objects],
+            "dte": {rid: self.dte_words(rid) for rid in self.hw.devices},
+            "domids": sorted(self.kernel.domids.used),
+            "frames": self.mem.frames_in_use,
+            "events": self.hw.mmio["EVT_TAIL"],
+        }
+
+
+class GuestRam:
+    """Guest RAM of a VM: a process buffer mapped at guest-physical ``base`` in an IOAS, in
+    which the "guest" builds its own x86-64 (v2) page tables and GCR3 table."""
+
+    P, RW, US, PS = 1, 2, 4, 0x80
+
+    def __init__(self, w: AmdWorld, ioas: int, base: int, size: int) -> None:
+        self.w = w
+        self.base = base
+        self.size = size
+        self.va = w.buffer(size)
+        w.map(ioas, self.va, size, base)
+        self.next = base
+
+    def alloc(self) -> int:
+        gpa = self.next
+        self.next += PAGE
+        assert self.next <= self.base + self.size
+        return gpa
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        self.w.proc.write(self.va + gpa - self.base, value.to_bytes(8, "little"))
+
+    def read_u64(self, gpa: int) -> int:
+        return int.from_bytes(self.w.proc.read(self.va + gpa - self.base, 8), "little")
+
+    def write(self, gpa: int, data: bytes) -> None:
+        self.w.proc.write(self.va + gpa - self.base, data)
+
+    def read(self, gpa: int, n: int) -> bytes:
+        return self.w.proc.read(self.va + gpa - self.base, n)
+
+    def map_page(self, cr3: int, gva: int, gpa: int, *, levels: int = 4,
+                 write: bool = True) -> int:
+        """Map one 4 KiB guest page; returns the PTE's guest-physical slot."""
+        table = cr3
+        for level in range(levels - 1, 0, -1):
+            slot = table + ((gva >> (12 + 9 * level)) & 0x1FF) * 8
+            entry = self.read_u64(slot)
+            if not entry & self.P:
+                entry = self.alloc() | self.P | self.RW | self.US
+                self.write_u64(slot, entry)
+            table = entry & ~0xFFF & ((1 << 52) - 1)
+        slot = table + ((gva >> 12) & 0x1FF) * 8
+        self.write_u64(slot, gpa | self.P | self.US | (self.RW if write else 0))
+        return slot
+
+
+@pytest.fixture
+def world() -> AmdWorld:
+    return AmdWorld()
+
+
+@pytest.fixture
+def make_world() -> Callable[..., AmdWorld]:
+    return AmdWorld
+
+
+@pytest.fixture
+def guest_ram() -> type[GuestRam]:
+    return GuestRam
+
+
+def expect_errno(code: int, fn: Callable[[], object]) -> None:
+    try:
+        fn()
+    except OSError as exc:
+        assert exc.errno == code, f"expected {errno.errorcode[code]}, got {exc}"
+        return
+    raise AssertionError(f"expected {errno.errorcode[code]}, call succeeded")
+
+
+@pytest.fixture
+def expect() -> Callable[[int, Callable[[], object]], None]:
+    return expect_errno
