@@ -11,7 +11,7 @@ from collections.abc import Callable
 from types import ModuleType
 
 from iommufd_arm_smmuv3.driver import plugin
-from iommufd_arm_smmuv3.guest import GuestMemory, stage1_tables
+from iommufd_arm_smmuv3.guest import IpaFrames, stage1_tables
 from iommufd_arm_smmuv3.hw import WALKER
 from iommufd_arm_smmuv3.pgtable import Stage1Format, Stage2Format
 
@@ -44,7 +44,7 @@ def tables() -> tuple[PhysicalMemory, RadixPageTable, RadixPageTable, RadixPageT
     s2 = RadixPageTable(mem, Stage2Format())
     for i in range(PAGES + 64):  # 4 KiB stage-2 pages: the costliest nested walk
         s2.map(GUEST_IPA + i * 4096, (mem.alloc_frame()) << 12, 4096, RW)
-    guest = GuestMemory(mem, s2.iova_to_phys, GUEST_IPA + PAGES * 4096)
+    guest = IpaFrames(mem, s2, GUEST_IPA + PAGES * 4096)
     s1 = stage1_tables(guest)
     for i in range(PAGES):
         flat.map(i * 4096, (0x100000 + i) << 12, 4096, RW)

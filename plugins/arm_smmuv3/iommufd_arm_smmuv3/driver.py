@@ -1,0 +1,562 @@
+"""Hook implementations: Linux arm-smmu-v3.c (paging domains, attach, TLBI) and
+arm-smmu-v3-iommufd.c (hw_info, nest parents, vSMMU, vSTE-based nested domains, vSID
+invalidation, vEVENTs). The hardware state lives in :mod:`iommufd_arm_smmuv3.hw`; the kernel's
+per-SMMU bookkeeping in :mod:`iommufd_arm_smmuv3.kernel`.
+"""
+
+from __future__ import annotations
+
+import errno
+import weakref
+from typing import Any
+
+from iommufd_arm_smmuv3 import commands as C
+from iommufd_arm_smmuv3 import regs as R
+from iommufd_arm_smmuv3.cmdqv import SID_MATCH_VALID, VCMDQ_ADDR, VINTF_PAGE_SIZE, Vintf
+from iommufd_arm_smmuv3.fields import get, pack, put
+from iommufd_arm_smmuv3.guest import GuestSmmuv3
+from iommufd_arm_smmuv3.hw import Smmuv3
+from iommufd_arm_smmuv3.kernel import (
+    CMDQ_BATCH_ENTRIES,
+    MSI_IOVA_BASE,
+    MSI_IOVA_LENGTH,
+    Master,
+    SmmuDevice,
+    SmmuDomain,
+    abort_ste,
+)
+from iommufd_arm_smmuv3.ste import (
+    CFG_ABORT,
+    CFG_BYPASS,
+    CFG_S1_TRANS,
+    EATS_ABT,
+    EATS_TRANS,
+    NESTING_ALLOWED_0,
+    NESTING_ALLOWED_1,
+    STE0_V,
+    STE1_EATS,
+)
+from iommufd_model import driver as api
+from iommufd_model.errors import err
+from iommufd_model.hookspecs import hookimpl
+from iommufd_model.hw.iommu import IommuHw
+from iommufd_model.hw.memory import PAGE_SHIFT, PAGE_SIZE
+from iommufd_model.hw.pci import PciDevice
+from iommufd_model.hw.regs import Mmio
+from iommufd_model.machine import Machine
+from iommufd_model.uapi import iommufd as U
+from iommufd_model.vmm.vm import Vm
+
+PROBE_OPTIONS = {
+    "sid_bits",
+    "ssid_bits",
+    "tlb_capacity",
+    "range_invalidation",
+    "hw_access_flag",
+    "cmdqv",
+}
+PAGING_FLAGS = (
+    U.IOMMU_HWPT_ALLOC_NEST_PARENT | U.IOMMU_HWPT_ALLOC_DIRTY_TRACKING | U.IOMMU_HWPT_ALLOC_PASID
+)
+U64_MASK = (1 << 64) - 1
+CMDQV_DATA_SIZE = 16  # struct iommu_viommu_tegra241_cmdqv { __u64 out_vintf_mmap_offset, _length; }
+VSTE_SIZE = 16  # struct iommu_hwpt_arm_smmuv3 { __le64 ste[2]; }
+VCMD_SIZE = 16  # struct iommu_viommu_arm_smmuv3_invalidate { __le64 cmd[2]; }
+# The guest commands arm_vsmmu_convert_user_cmd() accepts.
+VSMMU_OPCODES = frozenset(
+    {
+        C.TLBI_NSNH_ALL,
+        C.TLBI_NH_VA,
+        C.TLBI_NH_VAA,
+        C.TLBI_NH_ALL,
+        C.TLBI_NH_ASID,
+        C.ATC_INV,
+        C.CFGI_CD,
+        C.CFGI_CD_ALL,
+    }
+)
+
+FEATURES = frozenset(
+    {
+        api.Feature.PAGING,
+        api.Feature.NEST_PARENT,
+        api.Feature.NESTED,
+        api.Feature.VIOMMU,
+        api.Feature.VDEVICE,
+        api.Feature.VEVENTQ,
+        api.Feature.VIOMMU_INVALIDATE,
+        api.Feature.LARGE_PAGES,
+        api.Feature.HW_QUEUE,
+    }
+)
+VIOMMU_TYPES = frozenset({U.IOMMU_VIOMMU_TYPE_ARM_SMMUV3, U.IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV})
+
+_smmus: weakref.WeakKeyDictionary[Smmuv3, SmmuDevice] = weakref.WeakKeyDictionary()
+
+
+class NestedDomain(api.Domain):
+    """``struct arm_smmu_nested_domain``: a validated vSTE over the vSMMU's stage 2."""
+
+    def __init__(self, vsmmu: Vsmmu, ste0: int, ste1: int, enable_ats: bool) -> None:
+        super().__init__(vsmmu.owner, api.DomainType.NESTED, parent=vsmmu.parent)
+        self.vsmmu = vsmmu
+        self.ste0 = ste0
+        self.ste1 = ste1
+        self.enable_ats = enable_ats
+
+    @property
+    def cfg(self) -> int:
+        return get(self.ste0, 3, 1) if self.ste0 & STE0_V else CFG_ABORT
+
+
+class Vsmmu(api.ViommuBase):
+    """``struct arm_vsmmu``: the VM's SMMU, tagged by the nest parent's VMID."""
+
+    def __init__(self, smmu: SmmuDevice, parent: SmmuDomain) -> None:
+        super().__init__(smmu.hw, parent, U.IOMMU_VIOMMU_TYPE_ARM_SMMUV3)
+        self.smmu = smmu
+        self.s2_parent = parent
+        self.vmid = parent.vmid
+        self.vsids: dict[int, Master] = {}
+
+
+class Vdevice(api.VdeviceBase):
+    """A vDEVICE; on a CMDQV vIOMMU it also holds a SID_MATCH/SID_REPLACE pair."""
+
+    def __init__(self, viommu: api.ViommuBase, dev: Any, virt_id: int, sidx: int = -1) -> None:
+        super().__init__(viommu, dev, virt_id)
+        self.sidx = sidx
+
+
+class VintfVsmmu(Vsmmu):
+    """``struct tegra241_vintf``: a vSMMU that also owns a guest VINTF of the CMDQV."""
+
+    def __init__(self, smmu: SmmuDevice, parent: SmmuDomain, vintf: Vintf) -> None:
+        super().__init__(smmu, parent)
+        self.viommu_type = U.IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV
+        self.vintf = vintf
+        self.vdevs: dict[int, Vdevice] = {}
+        self.mmap_offset = (vintf.idx + 1) * VINTF_PAGE_SIZE
+        self.out_data = U.IommuViommuTegra241Cmdqv(
+            out_vintf_mmap_offset=self.mmap_offset, out_vintf_mmap_length=VINTF_PAGE_SIZE
+        ).pack()
+
+    @property
+    def window(self) -> Mmio:
+        """The VINTF page 0 the VMM maps at ``mmap_offset`` of the iommufd for its guest."""
+        return self.vintf.window
+
+
+class Vcmdq(api.HwQueueBase):
+    """A guest-owned logical VCMDQ (``struct tegra241_vcmdq``) behind an iommufd HW queue."""
+
+    def __init__(self, viommu: VintfVsmmu, index: int, base_iova: int, length: int) -> None:
+        super().__init__(viommu, U.IOMMU_HW_QUEUE_TYPE_TEGRA241_CMDQV, index, base_iova, length)
+        self.vintf = viommu.vintf
+
+
+def smmu_of(iommu: Any) -> SmmuDevice:
+    if not isinstance(iommu, Smmuv3) or iommu not in _smmus:
+        raise err(errno.ENODEV, "not an SMMUv3 instance")
+    return _smmus[iommu]
+
+
+def master_of(dev: PciDevice) -> Master:
+    master = dev.iommu_priv
+    if not isinstance(master, Master):
+        raise err(errno.ENODEV, f"{dev.name} was not probed by arm_smmuv3")
+    return master
+
+
+def _paging(domain: api.Domain) -> SmmuDomain:
+    if not isinstance(domain, SmmuDomain):
+        raise err(errno.EINVAL, "not an SMMUv3 paging domain")
+    return domain
+
+
+def copy_struct(data: bytes, size: int) -> bytes:
+    """copy_struct_from_user(): shorter input is zero-extended, longer must have a zero tail."""
+    if len(data) > size and any(data[size:]):
+        raise err(errno.E2BIG, "non-zero bytes past the known struct")
+    return data[:size].ljust(size, b"\0")
+
+
+def validate_vste(ste0: int, ste1: int) -> tuple[int, int, bool]:
+    """arm_smmu_validate_vste(): the vSTE words to keep and whether ATS is enabled (else EIO)."""
+    if not ste0 & STE0_V:
+        return 0, 0, False  # a non-valid vSTE becomes an abort STE
+    if ste0 & ~NESTING_ALLOWED_0 or ste1 & ~NESTING_ALLOWED_1:
+        raise err(errno.EIO, "vSTE sets bits userspace may not control")
+    cfg = get(ste0, 3, 1)
+    if cfg not in (CFG_ABORT, CFG_BYPASS, CFG_S1_TRANS):
+        raise err(errno.EIO, f"vSTE Config {cfg:#05b} not allowed")
+    eats = get(ste1, 29, 28)
+    if eats not in (EATS_ABT, EATS_TRANS):
+        raise err(errno.EIO, "vSTE EATS must be ABT or TRANS")
+    ats = cfg == CFG_S1_TRANS and eats == EATS_TRANS
+    return ste0, ste1 & ~STE1_EATS, ats
+
+
+class ArmSmmuV3Driver:
+    """The arm_smmuv3 plugin object (entry point ``arm_smmuv3``)."""
+
+    # -- hardware -------------------------------------------------------------------------------
+    @hookimpl
+    def probe(self, machine: Machine, index: int, options: dict[str, Any]) -> Smmuv3:
+        unknown = set(options) - PROBE_OPTIONS
+        if unknown:
+            raise err(errno.EINVAL, f"unknown arm_smmuv3 options: {sorted(unknown)}")
+        hw = Smmuv3(machine, index, **options)
+        hw.driver_name = "arm_smmuv3"  # the registers are programmed before Machine sets it
+        _smmus[hw] = SmmuDevice(hw)
+        return hw
+
+    @hookimpl
+    def driver_info(self) -> api.DriverInfo:
+        """The driver's self-description: what the matrix may run against it."""
+        return api.DriverInfo(
+            name="arm_smmuv3",
+            description="Arm SMMUv3 (Linux arm-smmu-v3 + iommufd vSMMU, Tegra241 CMDQV)",
+            features=FEATURES,
+            hwpt_data_types=frozenset({U.IOMMU_HWPT_DATA_ARM_SMMUV3}),
+            viommu_types=VIOMMU_TYPES,
+            hw_info_type=U.IOMMU_HW_INFO_TYPE_ARM_SMMUV3,
+        )
+
+    @hookimpl
+    def probe_device(self, iommu: IommuHw, dev: PciDevice) -> object:
+        smmu = smmu_of(iommu)
+        sid = dev.rid
+        if sid >> smmu.hw.sid_bits:
+            raise err(errno.ENODEV, f"StreamID {sid:#x} beyond IDR1.SIDSIZE")
+        smmu.ensure_l2(sid)
+        master = Master(dev, sid)
+        smmu.masters[sid] = master
+        return master
+
+    @hookimpl
+    def dev_reserved_regions(self, iommu: IommuHw, dev: PciDevice) -> list[tuple[int, int]]:
+        return [(MSI_IOVA_BASE, MSI_IOVA_BASE + MSI_IOVA_LENGTH - 1)]
+
+    @hookimpl
+    def hw_info(self, iommu: IommuHw, dev: PciDevice, data_type: int) -> api.HwInfo:
+        """arm_smmu_hw_info(): the raw ID registers (or the CMDQV's parameters on request)."""
+        cmdqv = smmu_of(iommu).hw.cmdqv
+        if data_type == U.IOMMU_HW_INFO_TYPE_TEGRA241_CMDQV and cmdqv is not None:
+            param = cmdqv.param
+            tegra = U.IommuHwInfoTegra241Cmdqv(
+                flags=0,
+                version=get(param, 3, 0),
+                log2vcmdqs=(cmdqv.lvcmdqs_per_vintf - 1).bit_length(),
+                log2vsids=get(param, 15, 12),
+            )
+            return api.HwInfo(U.IOMMU_HW_INFO_TYPE_TEGRA241_CMDQV, tegra.pack(), 0, 0)
+        if data_type not in (U.IOMMU_HW_INFO_TYPE_DEFAULT, U.IOMMU_HW_INFO_TYPE_ARM_SMMUV3):
+            raise err(errno.EOPNOTSUPP, f"arm_smmuv3 reports no hw_info type {data_type}")
+        mmio = smmu_of(iommu).hw.mmio
+        idr = [mmio.read(R.IDR0 + 4 * i, 4) for i in range(6)]
+        info = U.IommuHwInfoArmSmmuv3(
+            flags=0,
+            reserved=0,
+            idr0=idr[0],
+            idr1=idr[1],
+            idr2=idr[2],
+            idr3=idr[3],
+            idr4=idr[4],
+            idr5=idr[5],
+            iidr=mmio.read(R.IIDR, 4),
+            aidr=mmio.read(R.AIDR, 4),
+        )
+        return api.HwInfo(U.IOMMU_HW_INFO_TYPE_ARM_SMMUV3, info.pack(), 0, 0)
+
+    # -- paging domains -------------------------------------------------------------------------
+    @hookimpl
+    def domain_alloc_paging(self, iommu: IommuHw, dev: PciDevice | None, flags: int) -> SmmuDomain:
+        """arm_smmu_domain_alloc_paging_flags(): S1 by default, S2 for a nest parent."""
+        smmu = smmu_of(iommu)
+        if flags & ~PAGING_FLAGS:
+            raise err(errno.EOPNOTSUPP, f"arm_smmuv3 paging flags {flags:#x}")
+        if flags & U.IOMMU_HWPT_ALLOC_DIRTY_TRACKING:
+            raise err(errno.EOPNOTSUPP, "no HTTU dirty-state support modelled")
+        if flags & U.IOMMU_HWPT_ALLOC_PASID:
+            # The kernel takes it (CD tables with SSIDs); this model has no PASID support yet,
+            # so it refuses up front rather than failing at set_dev_pasid.
+            raise err(errno.EOPNOTSUPP, "PASID (substream) domains are not modelled")
+        nest = bool(flags & U.IOMMU_HWPT_ALLOC_NEST_PARENT)
+        return SmmuDomain(smmu, 2 if nest else 1, nest_parent=nest, pasid=False)
+
+    @hookimpl
+    def domain_free(self, domain: api.Domain) -> bool:
+        if isinstance(domain, SmmuDomain):
+            smmu = domain.smmu
+            if domain.stage == 1:
+                smmu.issue([C.tlbi_nh_asid(0, domain.asid)])
+                smmu.asids.discard(domain.asid)
+            else:
+                smmu.issue([C.tlbi_s12_vmall(domain.vmid)])
+                smmu.vmids.discard(domain.vmid)
+            domain.pgtable.free()
+        return True
+
+    @hookimpl
+    def domain_map(self, domain: api.Domain, iova: int, pa: int, size: int, prot: int) -> bool:
+        _paging(domain).pgtable.map(iova, pa, size, prot)
+        return True
+
+    @hookimpl
+    def domain_unmap(self, domain: api.Domain, iova: int, size: int) -> int:
+        d = _paging(domain)
+        done = d.pgtable.unmap(iova, size)
+        if done:
+            d.smmu.tlb_inv_range(d, iova, size)
+        return done
+
+    @hookimpl
+    def domain_iova_to_phys(self, domain: api.Domain, iova: int) -> int:
+        return _paging(domain).pgtable.iova_to_phys(iova)
+
+    # -- attach ---------------------------------------------------------------------------------
+    @hookimpl
+    def attach_dev(self, iommu: IommuHw, dev: PciDevice, domain: api.Domain | None) -> bool:
+        smmu = smmu_of(iommu)
+        master = master_of(dev)
+        if domain is None:
+            smmu.write_ste(master, abort_ste())
+            master.vmaster = None
+        elif isinstance(domain, NestedDomain):
+            self._attach_nested(smmu, master, domain)
+        else:
+            d = _paging(domain)
+            if d.smmu is not smmu:
+                raise err(errno.EINVAL, "domain belongs to another SMMU")
+            master.ats_enabled = False  # the host does not enable ATS for its own domains
+            if d.stage == 1:
+                smmu.write_cd(master, 0, smmu.make_s1_cd(d))
+                smmu.write_ste(master, smmu.make_cdtable_ste(master))
+            else:
+                smmu.write_ste(master, smmu.make_s2_ste(master, d))
+            master.vmaster = None
+        master.domain = domain
+        return True
+
+    def _attach_nested(self, smmu: SmmuDevice, master: Master, domain: NestedDomain) -> None:
+        """arm_smmu_attach_dev_nested() with arm_smmu_attach_prepare_vmaster()."""
+        vsmmu = domain.vsmmu
+        if vsmmu.smmu is not smmu:
+            raise err(errno.EINVAL, "vSMMU belongs to another SMMU")
+        vsid = next((v for v, m in vsmmu.vsids.items() if m is master), None)
+        if vsid is None and domain.cfg == CFG_S1_TRANS:
+            raise err(errno.ENOENT, "a translating nested domain needs a vDEVICE first")
+        master.ats_enabled = domain.enable_ats
+        words = smmu.make_nested_ste(
+            master, vsmmu.s2_parent, domain.ste0, domain.ste1, domain.enable_ats
+        )
+        smmu.write_ste(master, words)
+        master.vmaster = (vsmmu, vsid) if vsid is not None else None
+
+    # -- nested domains and the vSMMU -------------------------------------------------------------
+    @hookimpl
+    def domain_alloc_nested(
+        self, viommu: api.ViommuBase | None, flags: int, data_type: int, data: bytes
+    ) -> NestedDomain:
+        """arm_vsmmu_alloc_domain_nested(): only on a vSMMU, from a validated vSTE."""
+        if not isinstance(viommu, Vsmmu):
+            raise err(errno.EOPNOTSUPP, "SMMUv3 nested domains are allocated on a vIOMMU")
+        if flags:
+            raise err(errno.EOPNOTSUPP, f"nested flags {flags:#x}")
+        if data_type != U.IOMMU_HWPT_DATA_ARM_SMMUV3:
+            raise err(errno.EINVAL, f"data_type {data_type} is not IOMMU_HWPT_DATA_ARM_SMMUV3")
+        if len(data) < VSTE_SIZE:
+            raise err(errno.EINVAL, "struct iommu_hwpt_arm_smmuv3 is 16 bytes")
+        arg = U.IommuHwptArmSmmuv3.unpack(copy_struct(data, VSTE_SIZE))
+        ste0, ste1, ats = validate_vste(arg.ste0, arg.ste1)
+        return NestedDomain(viommu, ste0, ste1, ats)
+
+    @hookimpl
+    def viommu_alloc(
+        self, iommu: IommuHw, dev: PciDevice, parent: api.Domain, viommu_type: int, data: bytes
+    ) -> Vsmmu:
+        """arm_vsmmu_init(): the vSMMU takes the nest parent's VMID; a CMDQV type also gets
+        a guest VINTF (tegra241_cmdqv_init_vintf_user)."""
+        smmu = smmu_of(iommu)
+        cmdqv = smmu.hw.cmdqv
+        tegra = viommu_type == U.IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV and cmdqv is not None
+        if viommu_type != U.IOMMU_VIOMMU_TYPE_ARM_SMMUV3 and not tegra:
+            raise err(errno.EOPNOTSUPP, f"viommu type {viommu_type}")
+        s2 = _paging(parent)
+        if s2.smmu is not smmu or s2.stage != 2:
+            raise err(errno.EINVAL, "parent is not a stage-2 domain of this SMMU")
+        if not tegra:
+            return Vsmmu(smmu, s2)
+        assert cmdqv is not None
+        if not data:
+            raise err(errno.EINVAL, "a CMDQV vIOMMU takes struct iommu_viommu_tegra241_cmdqv")
+        if len(data) < CMDQV_DATA_SIZE:
+            raise err(errno.EINVAL, "struct iommu_viommu_tegra241_cmdqv is 16 bytes")
+        copy_struct(data, CMDQV_DATA_SIZE)
+        free = [v for v in cmdqv.vintfs[1:] if v.idx not in smmu.vintf_owners]
+        if not free:
+            raise err(errno.ENOSPC, "no more available VINTF")
+        vintf = free[0]
+        vsmmu = VintfVsmmu(smmu, s2, vintf)
+        vintf.reset()
+        vintf.configure(vsmmu.vmid, enable=True)
+        vintf.error_irq.append(self._vintf_error)
+        smmu.vintf_owners[vintf.idx] = vsmmu
+        return vsmmu
+
+    @staticmethod
+    def _vintf_error(vintf: Vintf) -> None:
+        """tegra241_vintf_user_handle_error(): the LVCMDQ error map goes to the guest."""
+        smmu = _smmus[vintf.cmdqv.hw]
+        vsmmu = smmu.vintf_owners.get(vintf.idx)
+        if vsmmu is not None and vsmmu.core is not None:
+            data = pack([vintf.err_map & U64_MASK, vintf.err_map >> 64])
+            vsmmu.core.report_event(U.IOMMU_VEVENTQ_TYPE_TEGRA241_CMDQV, data)
+
+    @hookimpl
+    def viommu_destroy(self, viommu: api.ViommuBase) -> bool:
+        if isinstance(viommu, VintfVsmmu):
+            vintf = viommu.vintf
+            vintf.reset()
+            vintf.error_irq.clear()
+            viommu.smmu.vintf_owners.pop(vintf.idx, None)
+        return True
+
+    @hookimpl
+    def vdevice_alloc(self, viommu: api.ViommuBase, dev: PciDevice, virt_id: int) -> Vdevice:
+        if not isinstance(viommu, Vsmmu):
+            raise err(errno.EINVAL, "not a vSMMU")
+        master = master_of(dev)
+        sidx = -1
+        if isinstance(viommu, VintfVsmmu):
+            # tegra241_vintf_init_vsid(): a free SID_MATCH / SID_REPLACE pair.
+            if virt_id >> 32:
+                raise err(errno.EINVAL, "a CMDQV vSID is a 32-bit StreamID")
+            vintf = viommu.vintf
+            used = {v.sidx for v in viommu.vdevs.values()}
+            sidx = next((i for i in range(len(vintf.sid_match)) if i not in used), -1)
+            if sidx < 0:
+                raise err(errno.ENOSPC, "no free SID_MATCH slot in the VINTF")
+            vintf.sid_replace[sidx] = master.sid
+            vintf.sid_match[sidx] = (virt_id << 1) | SID_MATCH_VALID
+        viommu.vsids[virt_id] = master
+        vdev = Vdevice(viommu, dev, virt_id, sidx)
+        if isinstance(viommu, VintfVsmmu):
+            viommu.vdevs[virt_id] = vdev
+        return vdev
+
+    @hookimpl
+    def vdevice_destroy(self, vdev: api.VdeviceBase) -> bool:
+        vsmmu = vdev.viommu
+        if isinstance(vsmmu, Vsmmu):
+            master = vsmmu.vsids.pop(vdev.virt_id, None)
+            if master is not None and master.vmaster is not None and master.vmaster[0] is vsmmu:
+                master.vmaster = None
+        if isinstance(vsmmu, VintfVsmmu) and isinstance(vdev, Vdevice) and vdev.sidx >= 0:
+            vsmmu.vintf.sid_match[vdev.sidx] = 0
+            vsmmu.vintf.sid_replace[vdev.sidx] = 0
+            vsmmu.vdevs.pop(vdev.virt_id, None)
+        return True
+
+    # -- CMDQV hardware queues ----------------------------------------------------------------
+    @hookimpl
+    def hw_queue_alloc(
+        self,
+        viommu: api.ViommuBase,
+        queue_type: int,
+        index: int,
+        base_iova: int,
+        length: int,
+        pfns: list[int],
+    ) -> Vcmdq:
+        """tegra241_vintf_alloc_lvcmdq_user(): hand guest queue memory to a logical VCMDQ."""
+        if queue_type != U.IOMMU_HW_QUEUE_TYPE_TEGRA241_CMDQV or not isinstance(viommu, VintfVsmmu):
+            raise err(errno.EOPNOTSUPP, f"hw_queue type {queue_type} on this vIOMMU")
+        vintf = viommu.vintf
+        if index >= len(vintf.lvcmdqs):
+            raise err(errno.EINVAL, f"LVCMDQ index {index} beyond the VINTF's queues")
+        q = vintf.lvcmdqs[index]
+        if q.allocated:
+            raise err(errno.EEXIST, "LVCMDQ already allocated")
+        if index and not vintf.lvcmdqs[index - 1].allocated:
+            raise err(errno.EIO, "LVCMDQs must be allocated in ascending order")
+        cmdqs = get(viommu.smmu.hw.mmio.read(R.IDR1, 4), 25, 21)
+        if length & (length - 1) or length < 32 or length > 1 << (cmdqs + 4):
+            raise err(errno.EINVAL, "queue length must be a power of two in [32, 2^(CMDQS+4)]")
+        base_pa = (pfns[0] << PAGE_SHIFT) | (base_iova & (PAGE_SIZE - 1))
+        if base_pa & ~VCMDQ_ADDR or base_pa & (length - 1):
+            raise err(errno.EINVAL, "queue memory must be aligned to its length")
+        q.reset()
+        q.allocated = True
+        q.base = base_pa | ((length.bit_length() - 1) - 4)  # LOG2SIZE in 16-byte entries
+        return Vcmdq(viommu, index, base_iova, length)
+
+    @hookimpl
+    def hw_queue_destroy(self, queue: api.HwQueueBase) -> bool:
+        """tegra241_vintf_destroy_lvcmdq_user(): disable, flush a pending timeout, unmap."""
+        if isinstance(queue, Vcmdq):
+            q = queue.vintf.lvcmdqs[queue.index]
+            q.reset()
+            q.allocated = False
+            _smmus[queue.vintf.cmdqv.hw].issue([])  # a CMD_SYNC on the main queue
+        return True
+
+    @hookimpl
+    def cache_invalidate_user(
+        self, target: api.Domain | api.ViommuBase, data_type: int, entries: list[bytes]
+    ) -> api.InvalidateResult | None:
+        """arm_vsmmu_cache_invalidate(): guest commands, vSID -> pSID and the VMID enforced."""
+        if not isinstance(target, Vsmmu):
+            return None  # SMMUv3 nested domains have no cache_invalidate_user
+        if data_type != U.IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3:
+            return api.InvalidateResult(0, errno.EINVAL)
+        try:
+            raw = [copy_struct(e, VCMD_SIZE) for e in entries]
+        except OSError as exc:
+            return api.InvalidateResult(0, exc.errno or errno.EINVAL)
+        smmu = target.smmu
+        batch: list[tuple[int, int]] = []
+        for index, entry in enumerate(raw):
+            cmd = self._convert_user_cmd(target, C.decode(entry))
+            if cmd is None:
+                # As the kernel: converted but not yet issued entries of this batch are dropped.
+                return api.InvalidateResult(index, errno.EIO)
+            batch.append(cmd)
+            if index + 1 != len(raw) and len(batch) != CMDQ_BATCH_ENTRIES - 1:
+                continue
+            try:
+                smmu.issue(batch)
+            except OSError as exc:
+                return api.InvalidateResult(index, exc.errno or errno.EIO)
+            batch = []
+        return api.InvalidateResult(len(raw))
+
+    @staticmethod
+    def _convert_user_cmd(vsmmu: Vsmmu, cmd: tuple[int, int]) -> tuple[int, int] | None:
+        w0, w1 = cmd
+        opcode = C.op(w0)
+        if opcode not in VSMMU_OPCODES:
+            return None
+        if opcode == C.TLBI_NSNH_ALL:
+            return C.tlbi_nh_all(vsmmu.vmid)
+        if opcode in (C.TLBI_NH_VA, C.TLBI_NH_VAA, C.TLBI_NH_ALL, C.TLBI_NH_ASID):
+            return (w0 & ~C.CMD0_TLBI_VMID) | put(vsmmu.vmid, 47, 32), w1
+        master = vsmmu.vsids.get(get(w0, 63, 32))
+        if master is None:
+            return None
+        return (w0 & ~C.CMD0_SID) | put(master.sid, 63, 32), w1
+
+    # -- the guest model ------------------------------------------------------------------------
+    @hookimpl
+    def guest_iommu_alloc(self, vm: Vm, iommu: IommuHw, accelerated: bool) -> GuestSmmuv3:
+        """The guest's arm-smmu-v3 driver and the VMM's vSMMU; accelerated = CMDQV VCMDQ."""
+        if accelerated and smmu_of(iommu).hw.cmdqv is None:
+            raise err(errno.EOPNOTSUPP, "this SMMU has no CMDQV")
+        return GuestSmmuv3(vm, iommu, accelerated=accelerated)
+
+    # PASID, dirty tracking and IOPF are not implemented: the hooks are absent, so the core
+    # answers EOPNOTSUPP and the matrix reports them unsupported.
+
+
+plugin = ArmSmmuV3Driver()

@@ -1,0 +1,132 @@
+"""Event queue records (IHI 0070, 7.3): 32 bytes, four little-endian 64-bit words.
+
+Word 0: EventID [7:0], SSV [11], SubstreamID [31:12], StreamID [63:32].
+Word 1: STAG [15:0], Stall [31], PnU [33], InD [34], RnW [35] (1 = read), S2 [39],
+CLASS [41:40] (CD, TT, IN), TT_RnW [44].
+Word 2: InputAddr. Word 3: IPA [51:12] for stage-2 faults, or FetchAddr [51:3] for fetch aborts.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from iommufd_arm_smmuv3.fields import bit, get, mask, pack, put, words
+
+EVENT_SIZE = 32
+
+F_UUT = 0x01
+C_BAD_STREAMID = 0x02
+F_STE_FETCH = 0x03
+C_BAD_STE = 0x04
+F_STREAM_DISABLED = 0x06
+C_BAD_SUBSTREAMID = 0x08
+F_CD_FETCH = 0x09
+C_BAD_CD = 0x0A
+F_WALK_EABT = 0x0B
+F_TRANSLATION = 0x10
+F_ADDR_SIZE = 0x11
+F_ACCESS = 0x12
+F_PERMISSION = 0x13
+
+NAMES = {
+    C_BAD_STREAMID: "C_BAD_STREAMID",
+    F_STE_FETCH: "F_STE_FETCH",
+    C_BAD_STE: "C_BAD_STE",
+    F_STREAM_DISABLED: "F_STREAM_DISABLED",
+    C_BAD_SUBSTREAMID: "C_BAD_SUBSTREAMID",
+    F_CD_FETCH: "F_CD_FETCH",
+    C_BAD_CD: "C_BAD_CD",
+    F_WALK_EABT: "F_WALK_EABT",
+    F_TRANSLATION: "F_TRANSLATION",
+    F_ADDR_SIZE: "F_ADDR_SIZE",
+    F_ACCESS: "F_ACCESS",
+    F_PERMISSION: "F_PERMISSION",
+}
+
+# The events Linux forwards to a vEVENTQ (arm_smmu_handle_event), when not stage-2 faults.
+FORWARDED_TO_VIOMMU = frozenset(
+    {
+        C_BAD_STE,
+        F_STREAM_DISABLED,
+        C_BAD_SUBSTREAMID,
+        C_BAD_CD,
+        F_TRANSLATION,
+        F_ADDR_SIZE,
+        F_ACCESS,
+        F_PERMISSION,
+    }
+)
+
+EVT0_ID = mask(7, 0)
+EVT0_SSV = bit(11)
+EVT0_SSID = mask(31, 12)
+EVT0_SID = mask(63, 32)
+EVT1_STALL = bit(31)
+EVT1_PNU = bit(33)
+EVT1_IND = bit(34)
+EVT1_RNW = bit(35)
+EVT1_S2 = bit(39)
+EVT1_CLASS = mask(41, 40)
+EVT3_IPA = mask(51, 12)
+EVT3_FETCH_ADDR = mask(51, 3)
+
+CLASS_CD = 0
+CLASS_TT = 1
+CLASS_IN = 2
+
+
+@attrs.define(slots=True)
+class Event:
+    id: int  # EventID
+    sid: int  # StreamID
+    ssid: int | None = None  # SubstreamID, with SSV when given
+    input_addr: int = 0  # InputAddr: the transaction's address
+    read: bool = True  # RnW
+    s2: bool = False  # S2: the fault came from stage 2
+    cls: int = CLASS_IN  # CLASS: what stage 2 was translating
+    ipa: int = 0  # IPA (stage-2 faults)
+    fetch_addr: int = 0  # FetchAddr (F_STE_FETCH, F_CD_FETCH, F_WALK_EABT)
+
+    @property
+    def name(self) -> str:
+        return NAMES.get(self.id, f"event {self.id:#x}")
+
+    def encode(self) -> bytes:
+        w0 = put(self.id, 7, 0) | put(self.sid, 63, 32)
+        if self.ssid is not None:
+            w0 |= EVT0_SSV | put(self.ssid, 31, 12)
+        w1 = 0
+        w3 = 0
+        if self.id in (F_TRANSLATION, F_ADDR_SIZE, F_ACCESS, F_PERMISSION, F_WALK_EABT):
+            w1 = (
+                (EVT1_RNW if self.read else 0) | (EVT1_S2 if self.s2 else 0) | put(self.cls, 41, 40)
+            )
+        if self.s2:
+            w3 = self.ipa & EVT3_IPA
+        if self.id in (F_STE_FETCH, F_CD_FETCH, F_WALK_EABT):
+            w3 = self.fetch_addr & EVT3_FETCH_ADDR
+        return pack([w0, w1, self.input_addr, w3])
+
+    @classmethod
+    def decode(cls, data: bytes) -> Event:
+        w = words(data[:EVENT_SIZE])
+        s2 = bool(w[1] & EVT1_S2)
+        fetch = get(w[0], 7, 0) in (F_STE_FETCH, F_CD_FETCH, F_WALK_EABT)
+        return cls(
+            id=get(w[0], 7, 0),
+            sid=get(w[0], 63, 32),
+            ssid=get(w[0], 31, 12) if w[0] & EVT0_SSV else None,
+            input_addr=w[2],
+            read=bool(w[1] & EVT1_RNW),
+            s2=s2,
+            cls=get(w[1], 41, 40),
+            ipa=w[3] & EVT3_IPA if s2 and not fetch else 0,
+            fetch_addr=w[3] & EVT3_FETCH_ADDR if fetch else 0,
+        )
+
+
+def replace_sid(data: bytes, sid: int) -> bytes:
+    """The record with StreamID replaced (what the vSMMU reports: the guest's vSID)."""
+    w0 = int.from_bytes(data[:8], "little")
+    w0 = (w0 & ~EVT0_SID) | put(sid, 63, 32)
+    return w0.to_bytes(8, "little") + data[8:]

@@ -1,0 +1,248 @@
+"""The guest side: what a guest's arm-smmu-v3 driver writes, and the VMM's vSMMU emulation.
+
+Guest structures live in guest RAM (any :class:`~iommufd_model.hw.memory.FrameMemory`, for a
+VM its :class:`~iommufd_model.vmm.GuestMemory`): stage-1 tables built with the framework's
+radix engine, CDs, a linear guest stream table of vSTEs and the guest's command queue.
+
+:class:`GuestSmmuv3` is the framework's :class:`~iommufd_model.vmm.GuestIommu` for SMMUv3.
+The VMM traps every write of the emulated CMDQ_PROD: CFGI_STE becomes a nested HWPT built
+from the vSTE and an attach; invalidations are forwarded with IOMMU_HWPT_INVALIDATE on the
+vIOMMU; CMD_SYNC completes in the emulation. With ``accelerated`` the vIOMMU is a Tegra241
+CMDQV VINTF: the guest's invalidations go to a VCMDQ in guest RAM that the hardware consumes
+directly (only configuration changes still trap).
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING, Any
+
+from iommufd_arm_smmuv3 import commands as C
+from iommufd_arm_smmuv3.cd import IRGN_WBWA, Cd
+from iommufd_arm_smmuv3.cmdqv import VCMDQ_CONFIG, VCMDQ_EN, VCMDQ_PROD
+from iommufd_arm_smmuv3.fields import pack
+from iommufd_arm_smmuv3.pgtable import MAIR_VALUE, VA_BITS, Stage1Format
+from iommufd_arm_smmuv3.ste import CFG_ABORT, CFG_S1_TRANS, SH_ISH, STE_SIZE, Ste
+from iommufd_model.driver import IOMMU_READ, IOMMU_WRITE
+from iommufd_model.errors import err
+from iommufd_model.hw.memory import PAGE_SHIFT, PAGE_SIZE, FrameMemory, PhysicalMemory
+from iommufd_model.hw.radix import RadixPageTable
+from iommufd_model.uapi import iommufd as U
+from iommufd_model.vmm.guest import GuestDevice, GuestDomain, GuestIommu
+
+if TYPE_CHECKING:
+    from iommufd_model.hw.iommu import IommuHw
+    from iommufd_model.hw.pci import PciDevice
+    from iommufd_model.vmm.vm import Vm
+
+GUEST_STRTAB_PAGES = 4  # a linear guest stream table for vSIDs 0..255
+GUEST_CMDQ_LOG2 = 8  # 256 commands in one page
+VCMDQ_BYTES = PAGE_SIZE
+
+
+def stage1_tables(memory: FrameMemory) -> RadixPageTable:
+    """A guest stage-1 table (48-bit VA) in ``memory``; its table pointers are IPAs."""
+    return RadixPageTable(memory, Stage1Format())
+
+
+def write_cd(memory: FrameMemory, cd_ipa: int, asid: int, ttb0_ipa: int) -> None:
+    """The guest's CD for substream 0, as the guest's arm-smmu-v3 driver fills it."""
+    cd = Cd(v=True, aa64=True, r=True, a=True, epd1=True, asid=asid, ttb0=ttb0_ipa)
+    cd.t0sz, cd.ips, cd.sh0, cd.mair = 64 - VA_BITS, 5, SH_ISH, MAIR_VALUE
+    cd.ir0 = cd.or0 = IRGN_WBWA
+    memory.write(cd_ipa, pack(cd.encode()))
+
+
+def vste(cd_table_ipa: int) -> bytes:
+    """``struct iommu_hwpt_arm_smmuv3`` for a stage-1 vSTE pointing at a linear CD table."""
+    return pack(Ste(v=True, config=CFG_S1_TRANS, s1ctxptr=cd_table_ipa).encode()[:2])
+
+
+class IpaFrames:
+    """Guest RAM addressed by IPA through a host stage-2 table, without a VMM process (for
+    hardware-level tests and benchmarks). Table frames go upwards from ``first_ipa``."""
+
+    def __init__(self, memory: PhysicalMemory, s2: RadixPageTable, first_ipa: int) -> None:
+        self.memory = memory
+        self.s2 = s2
+        self.next_gfn = first_ipa >> PAGE_SHIFT
+
+    def _pa(self, ipa: int) -> int:
+        pa = self.s2.iova_to_phys(ipa)
+        if pa < 0:
+            raise err(errno.EFAULT, f"IPA {ipa:#x} is not mapped at stage 2")
+        return pa
+
+    def alloc_frame(self) -> int:
+        gfn = self.next_gfn
+        self.next_gfn += 1
+        self.memory.write(self._pa(gfn << PAGE_SHIFT), bytes(PAGE_SIZE))
+        return gfn
+
+    def put_frame(self, pfn: int) -> None:
+        """Frames are not recycled."""
+
+    def read_u64(self, pa: int) -> int:
+        return self.memory.read_u64(self._pa(pa))
+
+    def write_u64(self, pa: int, value: int) -> None:
+        self.memory.write_u64(self._pa(pa), value)
+
+    def read(self, pa: int, n: int) -> bytes:
+        return self.memory.read(self._pa(pa), n)
+
+    def write(self, pa: int, data: bytes | bytearray | memoryview) -> None:
+        self.memory.write(self._pa(pa), data)
+
+
+class _Context:
+    """A guest domain's private state: its stage-1 tables and CD table."""
+
+    def __init__(self, s1: RadixPageTable, cd_table: int) -> None:
+        self.s1 = s1
+        self.cd_table = cd_table
+
+
+class GuestSmmuv3(GuestIommu):
+    """One vSMMU of a VM, with the guest's driver using it."""
+
+    def __init__(self, vm: Vm, iommu: IommuHw, *, accelerated: bool) -> None:
+        super().__init__(vm, iommu, accelerated=accelerated)
+        mem = vm.memory
+        first = mem.alloc_frame()
+        for i in range(1, GUEST_STRTAB_PAGES):  # contiguous from the pool's bump allocator
+            if mem.alloc_frame() != first + i:
+                raise err(errno.ENOMEM, "guest stream table pages are not contiguous")
+        self.strtab = first << PAGE_SHIFT
+        self.cmdq = mem.alloc_frame() << PAGE_SHIFT
+        self.cmdq_prod = 0
+        self.viommu_id = 0
+        self.hwpts: dict[int, int] = {}  # vSID -> nested HWPT installed for its vSTE
+        self.devices: dict[int, GuestDevice] = {}
+        self.next_asid = 1
+        self.vcmdq = 0  # guest-physical VCMDQ (accelerated)
+        self.vcmdq_prod = 0
+        self.window: Any = None  # the VINTF page the VMM mapped for the guest
+
+    # -- the VMM ------------------------------------------------------------------------------
+    def add_device(self, dev: PciDevice, virt_id: int) -> GuestDevice:
+        if virt_id >= GUEST_STRTAB_PAGES * PAGE_SIZE // STE_SIZE:
+            raise err(errno.EINVAL, f"vSID {virt_id:#x} beyond the guest stream table")
+        vm = self.vm
+        dev_id = vm.fd.bind(dev)
+        if not self.viommu_id:
+            self._create_viommu(dev_id)
+        vdevice = vm.fd.vdevice_alloc(self.viommu_id, dev_id, virt_id)
+        gdev = GuestDevice(dev, dev_id, virt_id, vdevice)
+        self.devices[virt_id] = gdev
+        return gdev
+
+    def _create_viommu(self, dev_id: int) -> None:
+        vm = self.vm
+        parent = vm.nest_parent(dev_id, self.iommu)
+        if not self.accelerated:
+            self.viommu_id = vm.fd.viommu_alloc(dev_id, parent, U.IOMMU_VIOMMU_TYPE_ARM_SMMUV3)
+            return
+        data = bytes(U.IommuViommuTegra241Cmdqv.SIZE)
+        self.viommu_id = vm.fd.viommu_alloc(
+            dev_id, parent, U.IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV, data
+        )
+        # The VMM mmaps the VINTF page for the guest; the framework has no iommufd mmap yet,
+        # so the window is taken from the vIOMMU object.
+        self.window = vm.fd.objects.get(self.viommu_id).drv.window  # type: ignore[attr-defined]
+        self.vcmdq = vm.memory.alloc_frame() << PAGE_SHIFT
+        vm.fd.hw_queue_alloc(
+            self.viommu_id, U.IOMMU_HW_QUEUE_TYPE_TEGRA241_CMDQV, 0, self.vcmdq, VCMDQ_BYTES
+        )
+        self.window.write(VCMDQ_CONFIG, VCMDQ_EN, 4)  # the guest enables it: no trap
+
+    def _cmdq_trap(self, first: int, last: int) -> None:
+        """The VMM's handler for a write of the emulated CMDQ_PROD: emulate ``[first, last)``."""
+        vm = self.vm
+        forward: list[bytes] = []
+        for index in range(first, last):
+            raw = vm.memory.read(self.cmdq + (index % (1 << GUEST_CMDQ_LOG2)) * C.CMD_SIZE, 16)
+            w0, _w1 = C.decode(raw)
+            opcode = C.op(w0)
+            if opcode == C.CFGI_STE:
+                self._install_vste(w0 >> 32)
+            elif opcode != C.CMD_SYNC:
+                forward.append(raw)
+        if forward:
+            vm.fd.hwpt_invalidate(
+                self.viommu_id, U.IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3, forward
+            )
+        vm.trap("CMDQ_PROD", forwarded=len(forward))
+
+    def _install_vste(self, vsid: int) -> None:
+        """CFGI_STE: a nested HWPT from the guest's vSTE, attached in place of the old one."""
+        gdev = self.devices[vsid]
+        vm = self.vm
+        data = vm.memory.read(self.strtab + vsid * STE_SIZE, 16)
+        hwpt = vm.fd.hwpt_alloc(
+            gdev.dev_id, self.viommu_id, data_type=U.IOMMU_HWPT_DATA_ARM_SMMUV3, data=data
+        )
+        vm.fd.attach(gdev.dev_id, hwpt)
+        old = self.hwpts.get(vsid)
+        self.hwpts[vsid] = hwpt
+        if old is not None:
+            vm.fd.destroy(old)
+
+    # -- the guest driver -----------------------------------------------------------------------
+    def _issue(self, cmds: list[tuple[int, int]]) -> None:
+        """The guest queues commands and a CMD_SYNC in its CMDQ and writes CMDQ_PROD (trap)."""
+        first = self.cmdq_prod
+        for cmd in [*cmds, C.cmd_sync()]:
+            slot = self.cmdq + (self.cmdq_prod % (1 << GUEST_CMDQ_LOG2)) * C.CMD_SIZE
+            self.vm.memory.write(slot, C.encode(cmd))
+            self.cmdq_prod += 1
+        self._cmdq_trap(first, self.cmdq_prod)
+
+    def _issue_vcmdq(self, cmds: list[tuple[int, int]]) -> None:
+        """The guest queues commands in its VCMDQ and writes VCMDQ_PROD: the SMMU consumes."""
+        mask = (1 << 9) - 1  # 256 entries and the wrap bit
+        for cmd in [*cmds, C.cmd_sync()]:
+            slot = self.vcmdq + (self.vcmdq_prod & 0xFF) * C.CMD_SIZE
+            self.vm.memory.write(slot, C.encode(cmd))
+            self.vcmdq_prod = (self.vcmdq_prod + 1) & mask
+        self.window.write(VCMDQ_PROD, self.vcmdq_prod, 4)
+
+    def _write_vste(self, vsid: int, ste: Ste) -> None:
+        self.vm.memory.write(self.strtab + vsid * STE_SIZE, pack(ste.encode()))
+        self._issue([C.cfgi_ste(vsid)])
+
+    def attach(self, gdev: GuestDevice, *, pasid: int | None = None) -> GuestDomain:
+        if pasid is not None:
+            raise err(errno.EOPNOTSUPP, "the SMMUv3 model has no substreams (PASID)")
+        mem = self.vm.memory
+        s1 = stage1_tables(mem)
+        cd_table = mem.alloc_frame() << PAGE_SHIFT
+        asid = self.next_asid
+        self.next_asid += 1
+        write_cd(mem, cd_table, asid, s1.root)
+        self._write_vste(gdev.virt_id, Ste(v=True, config=CFG_S1_TRANS, s1ctxptr=cd_table))
+        hwpt = self.hwpts[gdev.virt_id]
+        return GuestDomain(gdev, None, hwpt, s1.root, asid, _Context(s1, cd_table))
+
+    def map(self, dom: GuestDomain, iova: int, gpa: int, size: int, *, write: bool = True) -> None:
+        prot = IOMMU_READ | (IOMMU_WRITE if write else 0)
+        dom.vendor.s1.map(iova, gpa, size, prot)
+
+    def unmap(self, dom: GuestDomain, iova: int, size: int) -> None:
+        dom.vendor.s1.unmap(iova, size)
+
+    def invalidate(self, dom: GuestDomain, iova: int | None = None, size: int = 0) -> None:
+        if iova is None:
+            cmds = [C.tlbi_nh_asid(0, dom.tag)]
+        else:
+            cmds = [
+                C.tlbi_va(C.TLBI_NH_VA, addr, asid=dom.tag, num=num, scale=scale, tg=1)
+                for addr, num, scale in C.plan_range(iova, max(size, PAGE_SIZE))
+            ]
+        if self.accelerated:
+            self._issue_vcmdq(cmds)
+        else:
+            self._issue(cmds)
+
+    def detach(self, dom: GuestDomain) -> None:
+        self._write_vste(dom.dev.virt_id, Ste(v=True, config=CFG_ABORT))

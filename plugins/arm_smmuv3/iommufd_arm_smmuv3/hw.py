@@ -1,0 +1,564 @@
+"""The SMMUv3 as hardware: registers, stream table, CD fetch, TLB, command and event queues.
+
+Configuration is read from memory only on a miss of the STE / CD caches, which only CFGI
+commands refresh; translations are cached in a TLB tagged by (VMID, ASID) for stage 1 and
+nested walks and by VMID for stage-2-only streams, which only TLBI commands invalidate. So a
+driver that forgets a CFGI or a TLBI sees stale translations, as on silicon.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from typing import TYPE_CHECKING, Any
+
+from iommufd_arm_smmuv3 import commands as C
+from iommufd_arm_smmuv3 import events as E
+from iommufd_arm_smmuv3 import regs as R
+from iommufd_arm_smmuv3.cd import CD_SIZE, Cd
+from iommufd_arm_smmuv3.cmdqv import Cmdqv
+from iommufd_arm_smmuv3.fields import get, put, words
+from iommufd_arm_smmuv3.ste import (
+    CFG_ABORT,
+    CFG_BYPASS,
+    L1_L2PTR,
+    S1DSS_BYPASS,
+    S1DSS_SSID0,
+    S1DSS_TERMINATE,
+    STE_SIZE,
+    Ste,
+    ips_bits,
+)
+from iommufd_model.hw.compiled import load_walker
+from iommufd_model.hw.iommu import IommuHw, page_run
+from iommufd_model.hw.iotlb import Iotlb, TlbEntry
+from iommufd_model.hw.ring import MemRing
+
+if TYPE_CHECKING:
+    from iommufd_model.hw.pci import PciDevice
+    from iommufd_model.machine import Machine
+
+WALKER = "iommufd_arm_smmuv3.walk"
+TAG_S1 = 1  # (TAG_S1, vmid, asid): stage-1 and nested translations
+TAG_S2 = 2  # (TAG_S2, vmid): stage-2-only translations
+
+AIDR_SMMUV3_2 = 0x02  # ArchMajorRev 0 (SMMUv3), ArchMinorRev 2
+IIDR_ARM = 0x43B  # Implementer: Arm
+
+
+class ConfigFault(Exception):
+    """A transaction stopped by configuration (bad STE/CD, abort) before any walk."""
+
+    def __init__(self, event: E.Event | None, reason: str) -> None:
+        super().__init__(reason)
+        self.event = event
+        self.reason = reason
+
+
+class Smmuv3(IommuHw):
+    """One SMMUv3 instance (AArch64 tables, 4 KiB granule, 48-bit OAS, stage 1 and stage 2)."""
+
+    def __init__(
+        self,
+        machine: Machine,
+        index: int,
+        *,
+        sid_bits: int = 16,
+        ssid_bits: int = 20,
+        tlb_capacity: int = 4096,
+        range_invalidation: bool = True,
+        hw_access_flag: bool = True,
+        cmdqv: bool = True,
+    ) -> None:
+        super().__init__(machine, index)
+        self.sid_bits = sid_bits
+        self.ssid_bits = ssid_bits
+        self.oas_bits = 48
+        idr0 = (
+            R.IDR0_S1P
+            | R.IDR0_S2P
+            | R.IDR0_TTF_AARCH64
+            | R.IDR0_COHACC
+            | R.IDR0_ATS
+            | R.IDR0_ASID16
+            | R.IDR0_MSI
+            | R.IDR0_SEV
+            | R.IDR0_VMID16
+            | R.IDR0_TTENDIAN_LE
+            | R.IDR0_STALL_NONE
+            | R.IDR0_ST_LVL_2LVL
+            | (R.IDR0_HTTU_ACCESS if hw_access_flag else 0)
+        )
+        idr1 = (
+            (sid_bits << R.IDR1_SIDSIZE_SHIFT)
+            | (ssid_bits << R.IDR1_SSIDSIZE_SHIFT)
+            | (19 << R.IDR1_EVTQS_SHIFT)
+            | (19 << R.IDR1_CMDQS_SHIFT)
+        )
+        ids = {
+            "IDR0": idr0,
+            "IDR1": idr1,
+            "IDR3": R.IDR3_RIL if range_invalidation else 0,
+            "IDR5": R.IDR5_OAS_48 | R.IDR5_GRAN4K,
+            "IIDR": IIDR_ARM,
+            "AIDR": AIDR_SMMUV3_2,
+        }
+        self.mmio = R.build(self, f"smmuv3.{index}", ids)
+        self.tlb = Iotlb(tlb_capacity)
+        self.ste_cache: dict[int, Ste] = {}
+        self.cd_cache: dict[tuple[int, int], Cd] = {}
+        self.walker: Any = load_walker(WALKER)
+        # Control state mirrored from CR0 / GBPA / IRQ_CTRL for the hot path.
+        self.enabled = False
+        self.cmdq_on = False
+        self.evtq_on = False
+        self.gbpa_abort = False
+        self.irq_ctrl = 0
+        self._cmdq: MemRing | None = None
+        self._cmdq_running = False
+        self._cmdq_log2 = 0
+        self._evtq: MemRing | None = None
+        self._evtq_log2 = 0
+        # Observable side channels: interrupts, events seen, commands executed.
+        self.evtq_irq: list[Callable[[], None]] = []
+        self.gerror_irq: list[Callable[[], None]] = []
+        self.events: list[E.Event] = []
+        self.events_lost = 0
+        self.sev_count = 0
+        self.sync_irq_count = 0
+        self.executed: list[tuple[int, int]] = []
+        self.atc_invalidations: list[tuple[int, int | None, int, int]] = []
+        self.pri_responses: list[tuple[int, int | None, int, int]] = []
+        self.config_fetches = 0
+        # The Tegra241 CMDQV extension (guest-owned command queues), when present.
+        self.cmdqv = Cmdqv(self) if cmdqv else None
+
+    # -- register side effects ----------------------------------------------------------------
+    def reg(self, name: str) -> int:
+        return self.mmio[name]
+
+    def cr0_written(self, old: int, new: int) -> None:
+        m = self.mmio
+        if new & R.CR0_CMDQEN and not self.cmdq_on:
+            base = m["CMDQ_BASE"]
+            self._cmdq_log2 = min(base & R.Q_BASE_LOG2SIZE, 19)
+            self._cmdq = MemRing(
+                self.memory, base & R.Q_BASE_ADDR, C.CMD_SIZE, 1 << self._cmdq_log2
+            )
+        if new & R.CR0_EVTQEN and not self.evtq_on:
+            base = m["EVENTQ_BASE"]
+            self._evtq_log2 = min(base & R.Q_BASE_LOG2SIZE, 19)
+            self._evtq = MemRing(
+                self.memory, base & R.Q_BASE_ADDR, E.EVENT_SIZE, 1 << self._evtq_log2
+            )
+        self.enabled = bool(new & R.CR0_SMMUEN)
+        self.cmdq_on = bool(new & R.CR0_CMDQEN)
+        self.evtq_on = bool(new & R.CR0_EVTQEN)
+        m.set("CR0ACK", new)  # the update completes at once
+        if self.cmdq_on:
+            self._run_cmdq()
+
+    def cmdq_prod_written(self, old: int, new: int) -> None:
+        if self.cmdq_on:
+            self._run_cmdq()
+
+    def gerrorn_written(self, old: int, new: int) -> None:
+        # Acknowledging CMDQ_ERR lets the queue resume from CMDQ_CONS.
+        if self.cmdq_on and not self._cmdq_error_active():
+            self._run_cmdq()
+
+    def gbpa_written(self, old: int, new: int) -> None:
+        self.gbpa_abort = bool(new & R.GBPA_ABORT)
+        self.mmio.set("GBPA", new & ~R.GBPA_UPDATE)
+
+    def irq_ctrl_written(self, old: int, new: int) -> None:
+        self.irq_ctrl = new
+        self.mmio.set("IRQ_CTRLACK", new)
+
+    def _cmdq_error_active(self) -> bool:
+        m = self.mmio
+        return bool((m["GERROR"] ^ m["GERRORN"]) & R.GERROR_CMDQ_ERR)
+
+    def _raise_gerror(self, bit: int) -> None:
+        m = self.mmio
+        if not (m["GERROR"] ^ m["GERRORN"]) & bit:
+            m.set("GERROR", m["GERROR"] ^ bit)
+        if self.irq_ctrl & R.IRQ_CTRL_GERROR_IRQEN:
+            for handler in list(self.gerror_irq):
+                handler()
+
+    # -- command queue --------------------------------------------------------------------------
+    def _run_cmdq(self) -> None:
+        """Consume commands from CMDQ_CONS to CMDQ_PROD until empty or a command error.
+
+        A global-error interrupt handler may run in the middle (and acknowledge the error);
+        a nested kick only marks work, the running loop picks it up.
+        """
+        if self._cmdq_running:
+            return
+        self._cmdq_running = True
+        try:
+            self._cmdq_loop()
+        finally:
+            self._cmdq_running = False
+
+    def _cmdq_loop(self) -> None:
+        ring = self._cmdq
+        m = self.mmio
+        wrap_mask = (1 << (self._cmdq_log2 + 1)) - 1
+        while ring is not None and self.cmdq_on and not self._cmdq_error_active():
+            cons = m["CMDQ_CONS"] & wrap_mask
+            if cons == m["CMDQ_PROD"] & wrap_mask:
+                return
+            try:
+                w0, w1 = C.decode(ring.read(cons))
+                error = R.CERROR_NONE if self.execute(w0, w1) else R.CERROR_ILL
+            except OSError:
+                error = R.CERROR_ABT
+            if error:
+                m.set("CMDQ_CONS", cons | (error << R.CMDQ_CONS_ERR_SHIFT))
+                self._raise_gerror(R.GERROR_CMDQ_ERR)  # the handler may fix and acknowledge
+                continue
+            m.set("CMDQ_CONS", (cons + 1) & wrap_mask)
+
+    def execute(self, w0: int, w1: int) -> bool:
+        """Carry out one command; False for an illegal one (CERROR_ILL)."""
+        opcode = C.op(w0)
+        self.stats.commands += 1
+        sid = get(w0, 63, 32)
+        vmid = get(w0, 47, 32)
+        if opcode == C.CMD_SYNC:
+            cs = get(w0, 13, 12)
+            if cs == 3:
+                return False
+            if cs == C.CS_IRQ:
+                msi_addr = w1 & C.CMD1_SYNC_MSIADDR
+                if msi_addr:
+                    try:
+                        self.memory.write(msi_addr, get(w0, 63, 32).to_bytes(4, "little"))
+                    except OSError:  # the MSI write aborted: a global error, the sync completes
+                        self._raise_gerror(R.GERROR_MSI_CMDQ_ABT_ERR)
+                else:
+                    self.sync_irq_count += 1
+            elif cs == C.CS_SEV:
+                self.sev_count += 1
+        elif opcode == C.CFGI_STE:
+            self._drop_config(sid, sid)
+        elif opcode == C.CFGI_STE_RANGE:
+            span = get(w1, 4, 0)
+            if span == C.CFGI_ALL_RANGE:
+                self.ste_cache.clear()
+                self.cd_cache.clear()
+            else:
+                first = sid & ~((2 << span) - 1)
+                self._drop_config(first, first + (2 << span) - 1)
+        elif opcode == C.CFGI_CD:
+            self.cd_cache.pop((sid, get(w0, 31, 12)), None)
+        elif opcode == C.CFGI_CD_ALL:
+            for key in [k for k in self.cd_cache if k[0] == sid]:
+                del self.cd_cache[key]
+        elif opcode == C.TLBI_NH_ALL:
+            self.tlb.flush_tag(lambda t: _s1_tag(t, vmid, None))
+        elif opcode == C.TLBI_NH_ASID:
+            asid = get(w0, 63, 48)
+            self.tlb.flush_tag(lambda t: _s1_tag(t, vmid, asid))
+        elif opcode in (C.TLBI_NH_VA, C.TLBI_NH_VAA):
+            first, last = C.tlbi_range(w0, w1, C.CMD1_TLBI_VA)
+            want = get(w0, 63, 48) if opcode == C.TLBI_NH_VA else None
+            self.tlb.flush_range(lambda t: _s1_tag(t, vmid, want), first, last)
+        elif opcode == C.TLBI_S2_IPA:
+            first, last = C.tlbi_range(w0, w1, C.CMD1_TLBI_IPA)
+            self.tlb.flush_range(lambda t: t == (TAG_S2, vmid), first, last)
+        elif opcode == C.TLBI_S12_VMALL:
+            self.tlb.flush_tag(lambda t: _s1_tag(t, vmid, None) or t == (TAG_S2, vmid))
+        elif opcode == C.TLBI_NSNH_ALL:
+            self.tlb.flush_all()
+        elif opcode == C.ATC_INV:
+            ssid = get(w0, 31, 12) if w0 & C.CMD0_SSV else None
+            self.atc_invalidations.append((sid, ssid, w1 & C.CMD1_ATC_ADDR, get(w1, 5, 0)))
+        elif opcode == C.PRI_RESP:
+            resp = get(w1, 13, 12)
+            if resp == 3:
+                return False
+            ssid = get(w0, 31, 12) if w0 & C.CMD0_SSV else None
+            self.pri_responses.append((sid, ssid, get(w1, 8, 0), resp))
+        elif opcode != C.PREFETCH_CONFIG:
+            return False  # unknown, or RESUME / TLBI_EL2_* which IDR0 does not offer
+        self.executed.append((w0, w1))
+        return True
+
+    def _drop_config(self, first: int, last: int) -> None:
+        for sid in [s for s in self.ste_cache if first <= s <= last]:
+            del self.ste_cache[sid]
+        for key in [k for k in self.cd_cache if first <= k[0] <= last]:
+            del self.cd_cache[key]
+
+    # -- event queue ------------------------------------------------------------------------------
+    def record_event(self, event: E.Event) -> None:
+        """Write an event record at EVENTQ_PROD (or account it lost) and signal the IRQ."""
+        self.events.append(event)
+        ring = self._evtq
+        if not self.evtq_on or ring is None:
+            self.events_lost += 1
+            return
+        m = self.mmio
+        log2 = self._evtq_log2
+        wrap_mask = (1 << (log2 + 1)) - 1
+        prod = m["EVENTQ_PROD"]
+        cons = m["EVENTQ_CONS"]
+        p, c = prod & wrap_mask, cons & wrap_mask
+        if p ^ c == 1 << log2:  # same index, other wrap: full
+            self.events_lost += 1
+            # Overflow: OVFLG made to differ from the consumer's OVACKFLG.
+            m.set("EVENTQ_PROD", (prod & ~R.Q_OVERFLOW) | (~cons & R.Q_OVERFLOW))
+        else:
+            try:
+                ring.write(p, event.encode())
+            except OSError:
+                self._raise_gerror(R.GERROR_EVTQ_ABT_ERR)
+                return
+            m.set("EVENTQ_PROD", (prod & R.Q_OVERFLOW) | ((p + 1) & wrap_mask))
+        if self.irq_ctrl & R.IRQ_CTRL_EVTQ_IRQEN:
+            for handler in list(self.evtq_irq):
+                handler()
+
+    # -- configuration fetch ----------------------------------------------------------------------
+    def fetch_ste(self, sid: int) -> Ste:
+        """The STE for ``sid`` from the cache, else from the stream table (ConfigFault)."""
+        ste = self.ste_cache.get(sid)
+        if ste is not None:
+            return ste
+        m = self.mmio
+        cfg = m["STRTAB_BASE_CFG"]
+        base = m["STRTAB_BASE"] & R.STRTAB_BASE_ADDR
+        log2size = get(cfg, 5, 0)
+        if sid >> min(log2size, self.sid_bits):
+            raise ConfigFault(E.Event(E.C_BAD_STREAMID, sid), "StreamID out of range")
+        self.config_fetches += 1
+        mem = self.memory
+        try:
+            if get(cfg, 17, 16) == R.STRTAB_CFG_FMT_2LVL:
+                split = get(cfg, 10, 6)
+                l1 = mem.read_u64(base + (sid >> split) * 8)
+                span = l1 & 0x1F
+                index = sid & ((1 << split) - 1)
+                if not span or index >= 1 << (span - 1):
+                    raise ConfigFault(E.Event(E.C_BAD_STREAMID, sid), "no level-2 STE")
+                addr = (l1 & L1_L2PTR) + index * STE_SIZE
+            else:
+                addr = base + sid * STE_SIZE
+            raw = mem.read(addr, STE_SIZE)
+        except OSError:
+            ev = E.Event(E.F_STE_FETCH, sid, fetch_addr=base)
+            raise ConfigFault(ev, "STE fetch abort") from None
+        ste = Ste.decode(words(raw))
+        why = ste.illegal(self.ssid_bits, self.oas_bits)
+        if why:
+            raise ConfigFault(E.Event(E.C_BAD_STE, sid), f"C_BAD_STE: {why}")
+        self.ste_cache[sid] = ste
+        return ste
+
+    def fetch_cd(self, ste: Ste, sid: int, ssid: int, ev_ssid: int | None) -> Cd:
+        cd = self.cd_cache.get((sid, ssid))
+        if cd is not None:
+            return cd
+        self.config_fetches += 1
+        addr = ste.s1ctxptr + ssid * CD_SIZE
+        if ste.s2_enabled:
+            # The CD table lives in guest memory: its address is an IPA.
+            st, pa, _shift, refs, _prot, _lvl = self.walker.walk_s2(
+                self.memory._pages,
+                self.memory.size,
+                ste.s2ttb,
+                addr,
+                ste.s2_ia_bits,
+                2 - ste.s2sl0,
+                ips_bits(min(ste.s2ps, 5)),
+                False,
+                ste.s2affd,
+            )
+            self.stats.walk_mem_refs += refs
+            if st != 0:
+                ev = _stage2_event(st, sid, ev_ssid, 0, True, addr, E.CLASS_CD, pa)
+                raise ConfigFault(ev if ste.s2r else None, f"stage 2 refused CD IPA {addr:#x}")
+            addr = pa
+        try:
+            raw = self.memory.read(addr, CD_SIZE)
+        except OSError:
+            ev = E.Event(E.F_CD_FETCH, sid, ev_ssid, fetch_addr=addr)
+            raise ConfigFault(ev, "CD fetch abort") from None
+        cd = Cd.decode(words(raw))
+        why = cd.illegal()
+        if why:
+            raise ConfigFault(E.Event(E.C_BAD_CD, sid, ev_ssid), f"C_BAD_CD: {why}")
+        self.cd_cache[(sid, ssid)] = cd
+        return cd
+
+    # -- translation --------------------------------------------------------------------------
+    def _bypass(self, dev: PciDevice, iova: int, pasid: int | None, write: bool) -> tuple[int, int]:
+        """Untranslated access: the address goes to memory as it is."""
+        if iova >= self.memory.size:
+            raise self.fault(dev, iova, write, pasid, f"external abort at PA {iova:#x}")
+        return iova, page_run(iova)
+
+    def translate(
+        self, dev: PciDevice, iova: int, pasid: int | None, write: bool
+    ) -> tuple[int, int]:
+        self.stats.translations += 1
+        if not self.enabled:
+            if self.gbpa_abort:
+                raise self.fault(dev, iova, write, pasid, "SMMU disabled, GBPA.ABORT")
+            return self._bypass(dev, iova, pasid, write)
+        sid = dev.rid
+        try:
+            ste = self.fetch_ste(sid)
+            cfg = ste.config
+            if cfg == CFG_ABORT:
+                raise ConfigFault(None, "STE Config = abort")
+            if cfg == CFG_BYPASS:
+                if pasid is not None:
+                    raise ConfigFault(E.Event(E.C_BAD_SUBSTREAMID, sid, pasid), "SSID on bypass")
+                return self._bypass(dev, iova, pasid, write)
+            cd = self._context(ste, sid, pasid)
+        except ConfigFault as cf:
+            if cf.event is not None:
+                self.record_event(cf.event)
+            raise self.fault(dev, iova, write, pasid, cf.reason) from None
+        return self._translate_walk(dev, ste, cd, sid, iova, pasid, write)
+
+    def _context(self, ste: Ste, sid: int, pasid: int | None) -> Cd | None:
+        """The CD that stage 1 uses for this transaction (None: stage 1 off or bypassed)."""
+        if not ste.s1_enabled:
+            if pasid is not None:
+                raise ConfigFault(E.Event(E.C_BAD_SUBSTREAMID, sid, pasid), "SSID without stage 1")
+            return None
+        if pasid is None:
+            if ste.s1cdmax and ste.s1dss == S1DSS_TERMINATE:
+                raise ConfigFault(
+                    E.Event(E.F_STREAM_DISABLED, sid), "S1DSS terminates non-SSID traffic"
+                )
+            if ste.s1cdmax and ste.s1dss == S1DSS_BYPASS:
+                return None
+            return self.fetch_cd(ste, sid, 0, None)
+        if pasid >> ste.s1cdmax or not ste.s1cdmax or (pasid == 0 and ste.s1dss == S1DSS_SSID0):
+            raise ConfigFault(E.Event(E.C_BAD_SUBSTREAMID, sid, pasid), "SubstreamID out of range")
+        return self.fetch_cd(ste, sid, pasid, pasid)
+
+    def _translate_walk(
+        self,
+        dev: PciDevice,
+        ste: Ste,
+        cd: Cd | None,
+        sid: int,
+        iova: int,
+        pasid: int | None,
+        write: bool,
+    ) -> tuple[int, int]:
+        stats = self.stats
+        s2 = ste.s2_enabled
+        tag: Hashable = (
+            (TAG_S1, ste.s2vmid if s2 else 0, cd.asid) if cd is not None else (TAG_S2, ste.s2vmid)
+        )
+        entry = self.tlb.lookup(tag, iova)
+        if entry is not None and entry.perm & (2 if write else 1):
+            stats.iotlb_hits += 1
+            off = iova & ((1 << entry.shift) - 1)
+            return entry.pa + off, (1 << entry.shift) - off
+        stats.iotlb_misses += 1
+        mem = self.memory
+        s2_oa = ips_bits(min(ste.s2ps, 5))
+        if cd is not None:
+            if cd.epd0:
+                res: tuple[int, ...] = (E.F_TRANSLATION, 0, 0, 0, 0, 0, 0, 0, E.CLASS_IN)
+            else:
+                res = self.walker.walk_s1(
+                    mem._pages,
+                    mem.size,
+                    cd.ttb0,
+                    iova,
+                    cd.ia_bits,
+                    ips_bits(min(cd.ips, 5)),
+                    write,
+                    cd.affd,
+                    cd.ha,
+                    s2,
+                    ste.s2ttb,
+                    ste.s2_ia_bits,
+                    2 - ste.s2sl0,
+                    s2_oa,
+                    ste.s2affd,
+                )
+            status, value, shift, refs, prot, _lvl, fault_s2, ipa, cls = res
+            record = ste.s2r if fault_s2 else cd.r
+        elif s2:
+            status, value, shift, refs, prot, _lvl = self.walker.walk_s2(
+                mem._pages,
+                mem.size,
+                ste.s2ttb,
+                iova,
+                ste.s2_ia_bits,
+                2 - ste.s2sl0,
+                s2_oa,
+                write,
+                ste.s2affd,
+            )
+            fault_s2, ipa, cls, record = 1, iova, E.CLASS_IN, ste.s2r
+        else:  # stage 1 bypassed by S1DSS, no stage 2
+            return self._bypass(dev, iova, pasid, write)
+        stats.walk_mem_refs += refs
+        if status != 0:
+            ev_ssid = pasid
+            if status == E.F_WALK_EABT:
+                ev = E.Event(
+                    E.F_WALK_EABT,
+                    sid,
+                    ev_ssid,
+                    iova,
+                    not write,
+                    bool(fault_s2),
+                    cls,
+                    fetch_addr=value,
+                )
+            elif fault_s2:
+                ev = _stage2_event(status, sid, ev_ssid, iova, not write, ipa, cls, value)
+            else:
+                ev = E.Event(status, sid, ev_ssid, iova, not write)
+            if record:
+                self.record_event(ev)
+            raise self.fault(dev, iova, write, pasid, ev.name + (" (stage 2)" if fault_s2 else ""))
+        if value >= mem.size:
+            # No memory answers there: the transaction ends in an external abort.
+            raise self.fault(dev, iova, write, pasid, f"external abort at PA {value:#x}")
+        base = value & ~((1 << shift) - 1)
+        self.tlb.insert(tag, iova, TlbEntry(base, shift, prot, refs))
+        off = value - base
+        return value, (1 << shift) - off
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        d.update(
+            enabled=self.enabled,
+            ste_cached=len(self.ste_cache),
+            cd_cached=len(self.cd_cache),
+            tlb_entries=len(self.tlb),
+            events=len(self.events),
+        )
+        return d
+
+
+def _s1_tag(tag: Hashable, vmid: int, asid: int | None) -> bool:
+    if not isinstance(tag, tuple) or tag[0] != TAG_S1 or tag[1] != vmid:
+        return False
+    return asid is None or tag[2] == asid
+
+
+def _stage2_event(
+    status: int, sid: int, ssid: int | None, iova: int, read: bool, ipa: int, cls: int, fetch: int
+) -> E.Event:
+    if status == E.F_WALK_EABT:
+        return E.Event(E.F_WALK_EABT, sid, ssid, iova, read, True, cls, ipa, fetch_addr=fetch)
+    return E.Event(status, sid, ssid, iova, read, True, cls, ipa)
+
+
+def queue_value(index: int, wrap: int, log2: int) -> int:
+    """A PROD/CONS register value: index in bits log2-1..0, the wrap bit at bit log2."""
+    return put(wrap, log2, log2) | (index & ((1 << log2) - 1))

@@ -1,0 +1,256 @@
+"""Fixtures: machines with an SMMUv3 and paging domains attached through the driver hooks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from iommufd_arm_smmuv3 import commands as C
+from iommufd_arm_smmuv3.driver import _smmus, plugin
+from iommufd_arm_smmuv3.fields import pack
+from iommufd_arm_smmuv3.guest import stage1_tables, vste, write_cd
+from iommufd_arm_smmuv3.hw import Smmuv3
+from iommufd_arm_smmuv3.kernel import SmmuDevice, SmmuDomain
+
+from iommufd_model.driver import IOMMU_READ, IOMMU_WRITE
+from iommufd_model.hw.pci import PciDevice
+from iommufd_model.machine import Machine
+from iommufd_model.uapi import iommufd as U
+from iommufd_model.vmm.memory import GuestMemory
+
+RW = IOMMU_READ | IOMMU_WRITE
+
+
+def _smmu_machine(**options: Any) -> tuple[Machine, Smmuv3, SmmuDevice]:
+    m = Machine.build(iommus=["arm_smmuv3"], options={"arm_smmuv3": dict(options)})
+    hw = m.iommus[0]
+    assert isinstance(hw, Smmuv3)
+    return m, hw, _smmus[hw]
+
+
+def _paging_domain(hw: Smmuv3, dev: PciDevice, nest_parent: bool = False) -> SmmuDomain:
+    flags = U.IOMMU_HWPT_ALLOC_NEST_PARENT if nest_parent else 0
+    domain = plugin.domain_alloc_paging(iommu=hw, dev=dev, flags=flags)
+    plugin.attach_dev(iommu=hw, dev=dev, domain=domain)
+    return domain
+
+
+@pytest.fixture
+def smmu_machine() -> Callable[..., tuple[Machine, Smmuv3, SmmuDevice]]:
+    """Factory: ``(machine, hw, kernel driver state)`` with probe options as keywords."""
+    return _smmu_machine
+
+
+@pytest.fixture
+def paging_domain() -> Callable[..., SmmuDomain]:
+    """Factory: a stage-1 (or nest-parent stage-2) domain attached to a device, no iommufd."""
+    return _paging_domain
+
+
+def pattern(seed: int, n: int) -> bytes:
+    """Recognisable bytes per seed, so a DMA from the wrong page shows."""
+    return bytes((seed * 37 + i * 11 + (i >> 8)) & 0xFF for i in range(n))
+
+
+class RawVmm:
+    """A VMM with one device bound to its iommufd, talking the raw uAPI (packed structs)."""
+
+    def __init__(self, machine: Machine) -> None:
+        self.machine = machine
+        self.dev = machine.add_pci_device(iommu=0)
+        self.proc = machine.new_process()
+        self.fd = self.proc.open_iommufd()
+        self.dev_id = self.fd.bind(self.dev)
+
+    def ioctl(self, cmd: int, st: Any) -> Any:
+        """Pack ``st`` (with its size), issue ``cmd`` on the bytes, unpack the reply."""
+        if hasattr(st, "size") and not st.size:
+            st.size = st.SIZE
+        buf = bytearray(st.pack())
+        self.fd.ioctl(cmd, buf)
+        return type(st).unpack(buf)
+
+    def user_copy(self, data: bytes) -> int:
+        uptr = self.proc.mmap(max(len(data), 1))
+        self.proc.write(uptr, data)
+        return uptr
+
+    def ioas_alloc(self) -> int:
+        return int(self.ioctl(U.IOMMU_IOAS_ALLOC, U.IommuIoasAlloc()).out_ioas_id)
+
+    def buffer(self, length: int, seed: int) -> int:
+        va = self.proc.mmap(length)
+        self.proc.write(va, pattern(seed, length))
+        return va
+
+    def ioas_map(self, ioas: int, va: int, length: int, iova: int | None = None) -> int:
+        flags = U.IOMMU_IOAS_MAP_READABLE | U.IOMMU_IOAS_MAP_WRITEABLE
+        if iova is not None:
+            flags |= U.IOMMU_IOAS_MAP_FIXED_IOVA
+        st = U.IommuIoasMap(flags=flags, ioas_id=ioas, user_va=va, length=length, iova=iova or 0)
+        return int(self.ioctl(U.IOMMU_IOAS_MAP, st).iova)
+
+    def ioas_unmap(self, ioas: int, iova: int, length: int) -> int:
+        st = U.IommuIoasUnmap(ioas_id=ioas, iova=iova, length=length)
+        return int(self.ioctl(U.IOMMU_IOAS_UNMAP, st).length)
+
+    def hwpt_alloc(self, pt_id: int, flags: int = 0, data_type: int = 0, data: bytes = b"") -> int:
+        st = U.IommuHwptAlloc(
+            flags=flags,
+            dev_id=self.dev_id,
+            pt_id=pt_id,
+            data_type=data_type,
+            data_len=len(data),
+            data_uptr=self.user_copy(data) if data else 0,
+        )
+        return int(self.ioctl(U.IOMMU_HWPT_ALLOC, st).out_hwpt_id)
+
+    def destroy(self, obj_id: int) -> None:
+        self.ioctl(U.IOMMU_DESTROY, U.IommuDestroy(id=obj_id))
+
+    def viommu_alloc(self, hwpt: int, viommu_type: int, data: bytes = b"") -> tuple[int, bytes]:
+        """``(viommu id, the driver data written back)``."""
+        uptr = self.user_copy(data) if data else 0
+        st = U.IommuViommuAlloc(
+            type=viommu_type,
+            dev_id=self.dev_id,
+            hwpt_id=hwpt,
+            data_len=len(data),
+            data_uptr=uptr,
+        )
+        out = self.ioctl(U.IOMMU_VIOMMU_ALLOC, st)
+        return int(out.out_viommu_id), self.proc.read(uptr, len(data)) if data else b""
+
+    def vdevice_alloc(self, viommu: int, virt_id: int) -> int:
+        st = U.IommuVdeviceAlloc(viommu_id=viommu, dev_id=self.dev_id, virt_id=virt_id)
+        return int(self.ioctl(U.IOMMU_VDEVICE_ALLOC, st).out_vdevice_id)
+
+    def veventq_alloc(self, viommu: int, qtype: int, depth: int = 8) -> int:
+        """The vEVENTQ's file descriptor."""
+        st = U.IommuVeventqAlloc(viommu_id=viommu, type=qtype, veventq_depth=depth)
+        return int(self.ioctl(U.IOMMU_VEVENTQ_ALLOC, st).out_veventq_fd)
+
+    def hw_queue_alloc(self, viommu: int, qtype: int, index: int, iova: int, length: int) -> int:
+        st = U.IommuHwQueueAlloc(
+            viommu_id=viommu, type=qtype, index=index, nesting_parent_iova=iova, length=length
+        )
+        return int(self.ioctl(U.IOMMU_HW_QUEUE_ALLOC, st).out_hw_queue_id)
+
+    def hw_info(self, data_type: int | None = None, length: int = 64) -> tuple[Any, bytes]:
+        out = self.proc.mmap(4096)
+        st = U.IommuHwInfo(dev_id=self.dev_id, data_len=length, data_uptr=out)
+        if data_type is not None:
+            st.flags, st.data_type = U.IOMMU_HW_INFO_FLAG_INPUT_TYPE, data_type
+        reply = self.ioctl(U.IOMMU_GET_HW_INFO, st)
+        return reply, self.proc.read(out, reply.data_len)
+
+    def invalidate(self, target: int, data_type: int, entries: list[bytes]) -> tuple[int, int]:
+        """IOMMU_HWPT_INVALIDATE: ``(errno or 0, entry_num written back)``."""
+        raw = b"".join(entries)
+        st = U.IommuHwptInvalidate(
+            size=U.IommuHwptInvalidate.SIZE,
+            hwpt_id=target,
+            data_uptr=self.user_copy(raw),
+            data_type=data_type,
+            entry_len=len(entries[0]) if entries else 16,
+            entry_num=len(entries),
+        )
+        buf = bytearray(st.pack())
+        code = 0
+        try:
+            self.fd.ioctl(U.IOMMU_HWPT_INVALIDATE, buf)
+        except OSError as exc:
+            code = exc.errno or -1
+        return code, U.IommuHwptInvalidate.unpack(buf).entry_num
+
+
+@pytest.fixture
+def vmm() -> Callable[..., RawVmm]:
+    """Factory: a VMM on a fresh machine with one SMMUv3 (probe options as keywords)."""
+
+    def make(**options: Any) -> RawVmm:
+        return RawVmm(_smmu_machine(**options)[0])
+
+    return make
+
+
+# The guest of the nesting tests: RAM at IPA G behind a nest parent, its SMMU tables in it.
+G = 0  # guest RAM at IPA 0 (IOVA = GPA), as the framework's Vm
+GUEST_RAM = 16 << 20
+CD_IPA = G + 0x20_0000
+GVA = 0x1234_0000
+GUEST_ASID = 5
+VSID = 0x42
+
+
+class GuestVm:
+    """A VMM with guest RAM behind a nest parent, a vIOMMU, and the guest's own SMMU tables."""
+
+    def __init__(self, r: RawVmm, viommu_type: int, data: bytes = b"") -> None:
+        self.r = r
+        self.hw = r.machine.iommus[0]
+        self.smmu = _smmus[self.hw]
+        self.ioas = r.ioas_alloc()
+        self.parent = r.hwpt_alloc(self.ioas, U.IOMMU_HWPT_ALLOC_NEST_PARENT)
+        self.ram = r.proc.mmap(GUEST_RAM)
+        r.ioas_map(self.ioas, self.ram, GUEST_RAM, iova=G)
+        self.guest = GuestMemory(r.proc, self.ram, GUEST_RAM, table_pool=8 << 20)
+        self.s1 = stage1_tables(self.guest)
+        write_cd(self.guest, CD_IPA, GUEST_ASID, self.s1.root)
+        self.viommu, self.viommu_out = r.viommu_alloc(self.parent, viommu_type, data)
+
+    @property
+    def parent_domain(self) -> Any:
+        return self.r.fd.objects.get(self.parent).domain  # type: ignore[attr-defined]
+
+    @property
+    def viommu_drv(self) -> Any:
+        return self.r.fd.objects.get(self.viommu).drv  # type: ignore[attr-defined]
+
+    def ipa_to_pa(self, ipa: int) -> int:
+        va = self.ram + ipa - G
+        return (self.r.proc.translate(va & ~0xFFF) << 12) | (va & 0xFFF)
+
+    def fill(self, ipa: int, seed: int, n: int = 4 * 4096) -> bytes:
+        data = pattern(seed, n)
+        self.r.proc.write(self.ram + ipa - G, data)
+        return data
+
+    def nested_hwpt(self, ste0: int, ste1: int = 0) -> int:
+        return self.r.hwpt_alloc(self.viommu, 0, U.IOMMU_HWPT_DATA_ARM_SMMUV3, pack([ste0, ste1]))
+
+    def attach_translating(self) -> bytes:
+        """vDEVICE, guest mapping GVA -> IPA G + 64 KiB, nested HWPT from a vSTE, attach."""
+        self.r.vdevice_alloc(self.viommu, VSID)
+        data = self.fill(G + 0x1_0000, 11)
+        self.s1.map(GVA, G + 0x1_0000, 4 * 4096, RW)
+        hwpt = self.r.hwpt_alloc(self.viommu, 0, U.IOMMU_HWPT_DATA_ARM_SMMUV3, vste(CD_IPA))
+        self.r.fd.attach(self.r.dev_id, hwpt)
+        return data
+
+    def remap(self, seed: int) -> bytes:
+        """The guest points GVA at other pages (no invalidation yet)."""
+        fresh = self.fill(G + 0x5_0000, seed)
+        self.s1.unmap(GVA, 4 * 4096)
+        self.s1.map(GVA, G + 0x5_0000, 4 * 4096, RW)
+        return fresh
+
+    def invalidate(self, cmds: list[tuple[int, int]], data_type: int = 0) -> tuple[int, int]:
+        dtype = data_type or U.IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3
+        return self.r.invalidate(self.viommu, dtype, [C.encode(c) for c in cmds])
+
+    def snapshot(self) -> tuple[object, ...]:
+        objs = tuple((o.id, o.TYPE.value, o.users) for o in self.r.fd.objects)
+        ste = self.r.machine.memory.read(self.smmu.ste_addr(self.r.dev.rid), 64)
+        return objs, ste, self.hw.stats.commands, sorted(self.smmu.vmids)
+
+
+@pytest.fixture
+def guest_vm(vmm: Callable[..., RawVmm]) -> Callable[..., GuestVm]:
+    """Factory: a :class:`GuestVm` with a vIOMMU of the given type (default: SMMUv3)."""
+
+    def make(viommu_type: int = U.IOMMU_VIOMMU_TYPE_ARM_SMMUV3, data: bytes = b"") -> GuestVm:
+        return GuestVm(vmm(), viommu_type, data)
+
+    return make

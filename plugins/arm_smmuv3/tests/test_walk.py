@@ -1,0 +1,223 @@
+"""VMSAv8-64 walks: stage 1, stage 2 and nested; blocks, pages, AP/S2AP, AF, sizes, costs;
+the compiled walker against its pure source and the framework's reference radix walk."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from typing import Any
+
+import pytest
+from iommufd_arm_smmuv3 import walk as W
+from iommufd_arm_smmuv3.guest import IpaFrames, stage1_tables
+from iommufd_arm_smmuv3.hw import WALKER
+from iommufd_arm_smmuv3.pgtable import Stage1Format, Stage2Format
+
+from iommufd_model.driver import IOMMU_READ, IOMMU_WRITE
+from iommufd_model.hw.compiled import is_compiled, load_pure, load_walker
+from iommufd_model.hw.memory import PhysicalMemory
+from iommufd_model.hw.radix import RadixPageTable, WalkResult, walk
+
+RW = IOMMU_READ | IOMMU_WRITE
+compiled = load_walker(WALKER)
+pure = load_pure(WALKER)
+G = 1 << 30  # guest RAM starts at IPA 1 GiB
+OFF = 0x40_0000_0000  # and sits at PA G + OFF
+
+
+def s1(
+    mem: PhysicalMemory,
+    va: int,
+    write: bool = False,
+    *,
+    oa: int = 48,
+    affd: bool = False,
+    ha: bool = False,
+    root: int = 0,
+    walker: object = compiled,
+) -> tuple[int, ...]:
+    """A stage-1-only walk (no stage 2) of the 48-bit table at ``root``."""
+    no_s2 = (False, 0, 0, 0, 0, False)
+    args = (mem._pages, mem.size, root, va, 48, oa, write, affd, ha, *no_s2)
+    return walker.walk_s1(*args)  # type: ignore[attr-defined,no-any-return]
+
+
+def s2(
+    mem: PhysicalMemory,
+    root: int,
+    ipa: int,
+    write: bool = False,
+    *,
+    ia: int = 48,
+    start: int = 0,
+    affd: bool = False,
+) -> tuple[int, ...]:
+    return compiled.walk_s2(mem._pages, mem.size, root, ipa, ia, start, 48, write, affd)
+
+
+@pytest.fixture
+def mem() -> PhysicalMemory:
+    return PhysicalMemory(1 << 40)
+
+
+def test_stage1_pages_and_blocks_count_references(mem: PhysicalMemory) -> None:
+    pt = RadixPageTable(mem, Stage1Format())
+    pt.map(0x1000_0000, 0x5000_0000, 4096, RW)
+    pt.map(0x4020_0000, 0x6020_0000, 1 << 21, RW)  # 2 MiB block
+    pt.map(0x80_0000_0000, 0x80_0000_0000, 1 << 30, RW)  # 1 GiB block
+    assert s1(mem, 0x1000_0123, root=pt.root)[:5] == (W.OK, 0x5000_0123, 12, 4, 3)
+    assert s1(mem, 0x4030_0004, root=pt.root)[:5] == (W.OK, 0x6030_0004, 21, 3, 3)
+    assert s1(mem, 0x80_1234_5678, True, root=pt.root)[:5] == (W.OK, 0x80_1234_5678, 30, 2, 3)
+    ref = walk(mem, pt.fmt, pt.root, 0x4030_0004, False)
+    assert isinstance(ref, WalkResult) and ref.pa == 0x6030_0004 and ref.mem_refs == 3
+
+
+def test_stage1_faults(mem: PhysicalMemory) -> None:
+    pt = RadixPageTable(mem, Stage1Format())
+    pt.map(0x1000, 0x9000, 4096, IOMMU_READ)
+    r = s1(mem, 0x1000, True, root=pt.root)
+    assert (r[0], r[4]) == (W.F_PERMISSION, 1)  # AP[2] read-only
+    assert s1(mem, 0x2000, root=pt.root)[0] == W.F_TRANSLATION
+    assert s1(mem, 1 << 48, root=pt.root)[:4] == (W.F_TRANSLATION, 0, 0, 0)  # beyond T0SZ
+    assert s1(mem, 0x1000, root=pt.root, oa=12)[0] == W.F_ADDR_SIZE  # table above IPS
+    slot = pt._leaves(0x1000, 0x1000)[0][0]
+    leaf = mem.read_u64(slot)
+    mem.write_u64(slot, leaf & ~W.S1_AP_UNPRIV)  # privileged-only page
+    assert s1(mem, 0x1000, root=pt.root)[0] == W.F_PERMISSION
+    mem.write_u64(slot, leaf & ~W.DESC_AF)
+    assert s1(mem, 0x1000, root=pt.root)[0] == W.F_ACCESS
+    assert s1(mem, 0x1000, root=pt.root, affd=True)[0] == W.OK
+    assert s1(mem, 0x1000, root=pt.root, ha=True)[0] == W.OK  # hardware sets AF
+    assert mem.read_u64(slot) == leaf
+    mem.write_u64(slot, (leaf & ~3) | 1)  # block encoding at level 3 is reserved
+    assert s1(mem, 0x1000, root=pt.root)[0] == W.F_TRANSLATION
+    top = mem.size - 4096  # a table pointer at the end of memory
+    mem.write_u64(pt.root, (top + 4096 * 4) | 3)
+    r = s1(mem, 0x1000, root=pt.root)
+    assert r[0] == W.F_WALK_EABT and r[1] == top + 4096 * 4
+
+
+def test_stage1_aptable_read_only(mem: PhysicalMemory) -> None:
+    pt = RadixPageTable(mem, Stage1Format())
+    pt.map(0x1000, 0x9000, 4096, RW)
+    mem.write_u64(pt.root, mem.read_u64(pt.root) | W.S1_APTABLE_RDONLY)
+    r = s1(mem, 0x1000, True, root=pt.root)
+    assert r[0] == W.F_PERMISSION and s1(mem, 0x1000, root=pt.root)[4] == 1
+
+
+def test_stage2_s2ap_af_and_start_levels(mem: PhysicalMemory) -> None:
+    pt = RadixPageTable(mem, Stage2Format())
+    pt.map(0x1000, 0xA000, 4096, IOMMU_READ)
+    pt.map(0x20_0000, 0x60_0000, 1 << 21, RW)
+    assert s2(mem, pt.root, 0x1010)[:5] == (W.OK, 0xA010, 12, 4, 1)
+    assert s2(mem, pt.root, 0x1010, True)[0] == W.F_PERMISSION  # S2AP write clear
+    assert s2(mem, pt.root, 0x20_1000, True)[:4] == (W.OK, 0x60_1000, 21, 3)
+    # SL0 = 1: a 39-bit IPA starts at level 1 with the level-1 table as S2TTB
+    l1 = mem.read_u64(pt.root) & W.DESC_OA
+    assert s2(mem, l1, 0x1010, ia=39, start=1)[:4] == (W.OK, 0xA010, 12, 3)
+    assert s2(mem, l1, 1 << 39, ia=39, start=1)[0] == W.F_TRANSLATION
+    slot = pt._leaves(0x1000, 0x1000)[0][0]
+    mem.write_u64(slot, mem.read_u64(slot) & ~W.DESC_AF)
+    assert s2(mem, pt.root, 0x1010)[0] == W.F_ACCESS
+    assert s2(mem, pt.root, 0x1010, affd=True)[0] == W.OK
+
+
+def test_stage2_concatenated_start_table(mem: PhysicalMemory) -> None:
+    # 40-bit IPA from level 1: two concatenated level-1 tables (1024 entries).
+    first = mem.alloc_contiguous(2, 2) << 12
+    mem.write_u64(first + 512 * 8, (3 << 30) | W.DESC_VALID | W.DESC_AF | W.S2AP_READ)
+    r = s2(mem, first, (1 << 39) + 0x1234, ia=40, start=1)
+    assert r[:4] == (W.OK, (3 << 30) + 0x1234, 30, 1)
+
+
+def nested_setup(mem: PhysicalMemory) -> tuple[RadixPageTable, RadixPageTable, IpaFrames]:
+    s2pt = RadixPageTable(mem, Stage2Format())
+    s2pt.map(G, G + OFF, 1 << 24, RW)  # 16 MiB of guest RAM
+    guest = IpaFrames(mem, s2pt, G + (8 << 20))
+    s1pt = stage1_tables(guest)
+    return s2pt, s1pt, guest
+
+
+def nested(
+    mem: PhysicalMemory,
+    s1pt: RadixPageTable,
+    s2pt: RadixPageTable,
+    va: int,
+    write: bool = False,
+    walker: object = compiled,
+) -> tuple[int, ...]:
+    return walker.walk_s1(
+        mem._pages,
+        mem.size,
+        s1pt.root,
+        va,
+        48,
+        48,
+        write,
+        False,
+        False,  # type: ignore[attr-defined,no-any-return]
+        True,
+        s2pt.root,
+        48,
+        0,
+        48,
+        False,
+    )
+
+
+def test_nested_walk_translates_every_table_access(mem: PhysicalMemory) -> None:
+    s2pt, s1pt, _guest = nested_setup(mem)
+    s1pt.map(0x7000_0000, G + 0x5000, 4096, RW)
+    r = nested(mem, s1pt, s2pt, 0x7000_0042)
+    # 4 stage-1 descriptors, each behind a stage-2 walk ending in a 2 MiB block (3 reads),
+    # then the stage-2 walk of the output.
+    assert r[:5] == (W.OK, G + OFF + 0x5042, 12, 4 + 4 * 3 + 3, 3)
+    s1pt.map(0x4000_0000, G + (1 << 21), 1 << 21, IOMMU_READ)  # S1 block over S2 blocks
+    r = nested(mem, s1pt, s2pt, 0x4000_1000)
+    assert r[:3] == (W.OK, G + OFF + (1 << 21) + 0x1000, 21) and r[4] == 1
+    assert nested(mem, s1pt, s2pt, 0x4000_1000, True)[0] == W.F_PERMISSION
+
+
+def test_nested_stage2_faults_carry_ipa_and_class(mem: PhysicalMemory) -> None:
+    s2pt, s1pt, _guest = nested_setup(mem)
+    s1pt.map(0x7000_0000, G + (20 << 20), 4096, RW)  # output IPA outside guest RAM
+    r = nested(mem, s1pt, s2pt, 0x7000_0000)
+    assert (r[0], r[6], r[7], r[8]) == (W.F_TRANSLATION, 1, G + (20 << 20), W.CLASS_IN)
+    s2pt.unmap(G + (8 << 20), 1 << 21)  # the block holding the guest's stage-1 root
+    r = nested(mem, s1pt, s2pt, 0x7000_0000)
+    assert (r[0], r[6], r[8]) == (W.F_TRANSLATION, 1, W.CLASS_TT)
+    assert r[7] >> 12 == (G + (8 << 20)) >> 12
+
+
+def test_the_installed_walker_is_compiled_unless_pure_is_forced(smmu_machine: Any) -> None:
+    assert is_compiled(compiled) == (os.environ.get("IOMMUFD_MODEL_PURE") != "1")
+    assert not is_compiled(pure)
+    _m, hw, _smmu = smmu_machine()
+    assert hw.walker is compiled
+
+
+def test_compiled_and_pure_agree_on_a_random_workload(mem: PhysicalMemory) -> None:
+    rng = random.Random(7)
+    s2pt, s1pt, _guest = nested_setup(mem)
+    flat = RadixPageTable(mem, Stage1Format())
+    for _ in range(60):
+        size = rng.choice([4096, 3 * 4096, 1 << 21])
+        va = rng.randrange(0, 1 << 33, size if size == 1 << 21 else 4096)
+        ipa = G + rng.randrange(0, 1 << 24, 1 << 21 if size == 1 << 21 else 4096)
+        prot = rng.choice([IOMMU_READ, RW])
+        for pt in (s1pt, flat):
+            with contextlib.suppress(OSError):
+                pt.map(va, ipa if pt is s1pt else ipa + OFF, size, prot)
+    probes = [rng.randrange(0, 1 << 33) for _ in range(400)]
+    for va in probes:
+        for write in (False, True):
+            a = nested(mem, s1pt, s2pt, va, write, compiled)
+            b = nested(mem, s1pt, s2pt, va, write, pure)
+            assert a == b
+            c = s1(mem, va, write, root=flat.root)
+            assert c == s1(mem, va, write, root=flat.root, walker=pure)
+            ref = walk(mem, flat.fmt, flat.root, va, write)
+            assert (c[0] == W.OK) == isinstance(ref, WalkResult)
+            if isinstance(ref, WalkResult):
+                assert (c[1], c[2], c[3]) == (ref.pa, ref.shift, ref.mem_refs)
