@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from iommufd_arm_smmuv3 import commands as C
 from iommufd_arm_smmuv3 import regs as R
-from iommufd_arm_smmuv3.fields import bit, get, mask, put
+from iommufd_model.hw.bits import bit, get, mask, put
 from iommufd_model.hw.regs import Mmio
 from iommufd_model.hw.ring import MemRing
 

@@ -7,7 +7,7 @@ describes, and :func:`plan_range` splits an IOVA range into such commands (IDR3.
 
 from __future__ import annotations
 
-from iommufd_arm_smmuv3.fields import bit, get, mask, put
+from iommufd_model.hw.bits import bit, get, mask, put
 
 CMD_SIZE = 16
 

@@ -13,7 +13,6 @@ from typing import Any
 from iommufd_arm_smmuv3 import commands as C
 from iommufd_arm_smmuv3 import regs as R
 from iommufd_arm_smmuv3.cmdqv import SID_MATCH_VALID, VCMDQ_ADDR, VINTF_PAGE_SIZE, Vintf
-from iommufd_arm_smmuv3.fields import get, pack, put
 from iommufd_arm_smmuv3.guest import GuestSmmuv3
 from iommufd_arm_smmuv3.hw import Smmuv3
 from iommufd_arm_smmuv3.kernel import (
@@ -39,6 +38,7 @@ from iommufd_arm_smmuv3.ste import (
 from iommufd_model import driver as api
 from iommufd_model.errors import err
 from iommufd_model.hookspecs import hookimpl
+from iommufd_model.hw.bits import get, pack, put
 from iommufd_model.hw.iommu import IommuHw
 from iommufd_model.hw.memory import PAGE_SHIFT, PAGE_SIZE
 from iommufd_model.hw.pci import PciDevice

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import attrs
 
-from iommufd_arm_smmuv3.fields import bit, get, mask, pack, put, words
+from iommufd_model.hw.bits import bit, get, mask, pack, put, words
 
 EVENT_SIZE = 32
 

@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, Any
 from iommufd_arm_smmuv3 import commands as C
 from iommufd_arm_smmuv3.cd import IRGN_WBWA, Cd
 from iommufd_arm_smmuv3.cmdqv import VCMDQ_CONFIG, VCMDQ_EN, VCMDQ_PROD
-from iommufd_arm_smmuv3.fields import pack
 from iommufd_arm_smmuv3.pgtable import MAIR_VALUE, VA_BITS, Stage1Format
 from iommufd_arm_smmuv3.ste import CFG_ABORT, CFG_S1_TRANS, SH_ISH, STE_SIZE, Ste
 from iommufd_model.driver import IOMMU_READ, IOMMU_WRITE
 from iommufd_model.errors import err
+from iommufd_model.hw.bits import pack
 from iommufd_model.hw.memory import PAGE_SHIFT, PAGE_SIZE, FrameMemory, PhysicalMemory
 from iommufd_model.hw.radix import RadixPageTable
 from iommufd_model.uapi import iommufd as U

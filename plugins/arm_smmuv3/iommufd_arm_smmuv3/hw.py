@@ -16,7 +16,6 @@ from iommufd_arm_smmuv3 import events as E
 from iommufd_arm_smmuv3 import regs as R
 from iommufd_arm_smmuv3.cd import CD_SIZE, Cd
 from iommufd_arm_smmuv3.cmdqv import Cmdqv
-from iommufd_arm_smmuv3.fields import get, put, words
 from iommufd_arm_smmuv3.ste import (
     CFG_ABORT,
     CFG_BYPASS,
@@ -28,6 +27,7 @@ from iommufd_arm_smmuv3.ste import (
     Ste,
     ips_bits,
 )
+from iommufd_model.hw.bits import get, put, words
 from iommufd_model.hw.compiled import load_walker
 from iommufd_model.hw.iommu import IommuHw, page_run
 from iommufd_model.hw.iotlb import Iotlb, TlbEntry

@@ -15,7 +15,6 @@ from iommufd_arm_smmuv3 import commands as C
 from iommufd_arm_smmuv3 import events as E
 from iommufd_arm_smmuv3 import regs as R
 from iommufd_arm_smmuv3.cd import CD_SIZE, IRGN_WBWA, TG0_4K, Cd
-from iommufd_arm_smmuv3.fields import get, pack
 from iommufd_arm_smmuv3.hw import Smmuv3
 from iommufd_arm_smmuv3.pgtable import (
     MAIR_VALUE,
@@ -41,6 +40,7 @@ from iommufd_arm_smmuv3.ste import (
 )
 from iommufd_model.driver import Domain, DomainType
 from iommufd_model.errors import err
+from iommufd_model.hw.bits import get, pack
 from iommufd_model.hw.memory import PAGE_SHIFT, PAGE_SIZE
 from iommufd_model.hw.radix import RadixPageTable
 from iommufd_model.hw.ring import MemRing

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from iommufd_arm_smmuv3.fields import bit, mask, put
+from iommufd_model.hw.bits import bit, mask, put
 from iommufd_model.hw.regs import Mmio
 
 # -- offsets ------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import attrs
 
-from iommufd_arm_smmuv3.fields import bit, get, mask, put
+from iommufd_model.hw.bits import bit, get, mask, put
 
 STE_SIZE = 64
 STE_DWORDS = 8

@@ -8,12 +8,12 @@ from typing import Any
 import pytest
 from iommufd_arm_smmuv3 import commands as C
 from iommufd_arm_smmuv3.driver import _smmus, plugin
-from iommufd_arm_smmuv3.fields import pack
 from iommufd_arm_smmuv3.guest import stage1_tables, vste, write_cd
 from iommufd_arm_smmuv3.hw import Smmuv3
 from iommufd_arm_smmuv3.kernel import SmmuDevice, SmmuDomain
 
 from iommufd_model.driver import IOMMU_READ, IOMMU_WRITE
+from iommufd_model.hw.bits import pack
 from iommufd_model.hw.pci import PciDevice
 from iommufd_model.machine import Machine
 from iommufd_model.uapi import iommufd as U

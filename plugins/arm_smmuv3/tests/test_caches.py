@@ -10,10 +10,10 @@ from hypothesis import strategies as st
 from iommufd_arm_smmuv3 import commands as C
 from iommufd_arm_smmuv3 import events as E
 from iommufd_arm_smmuv3.cd import Cd
-from iommufd_arm_smmuv3.fields import pack, words
 from iommufd_arm_smmuv3.ste import CFG_NESTED, Ste
 
 from iommufd_model.driver import IOMMU_READ, IOMMU_WRITE
+from iommufd_model.hw.bits import pack, words
 from iommufd_model.hw.iommu import DmaFault
 
 RW = IOMMU_READ | IOMMU_WRITE

@@ -19,8 +19,8 @@ from iommufd_arm_smmuv3.cmdqv import (
     VCMDQ_STATUS,
     VINTF_PAGE_SIZE,
 )
-from iommufd_arm_smmuv3.fields import words
 
+from iommufd_model.hw.bits import words
 from iommufd_model.uapi import iommufd as U
 
 G = 0  # as conftest.GuestVm

@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from iommufd_arm_smmuv3 import commands as C
 from iommufd_arm_smmuv3 import regs as R
-from iommufd_arm_smmuv3.fields import pack
 
+from iommufd_model.hw.bits import pack
 from iommufd_model.hw.iommu import DmaFault
 from iommufd_model.uapi import iommufd as U
 

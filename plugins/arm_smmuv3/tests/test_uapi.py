@@ -11,10 +11,10 @@ from iommufd_arm_smmuv3 import commands as C
 from iommufd_arm_smmuv3 import events as E
 from iommufd_arm_smmuv3 import regs as R
 from iommufd_arm_smmuv3.driver import _smmus
-from iommufd_arm_smmuv3.fields import pack, words
 from iommufd_arm_smmuv3.ste import CFG_BYPASS, CFG_NESTED, CFG_S1_TRANS, STE0_V, Ste
 
 from iommufd_model.driver import IOMMU_READ, IOMMU_WRITE
+from iommufd_model.hw.bits import pack, words
 from iommufd_model.hw.iommu import DmaFault
 from iommufd_model.uapi import iommufd as U
 

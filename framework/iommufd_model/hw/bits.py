@@ -1,4 +1,8 @@
-"""Bit-field helpers for the architecture's ``GENMASK``-style register and descriptor fields."""
+"""Bit fields as the specifications and the kernel write them: BIT, GENMASK, FIELD_GET,
+FIELD_PREP, and the little-endian 64-bit words every table entry and queue record is made of.
+
+Shared by every vendor plugin, so a register or descriptor codec reads the same everywhere.
+"""
 
 from __future__ import annotations
 
