@@ -228,6 +228,14 @@ def vdevice_destroy(vdev: VdeviceBase) -> bool:
 
 
 @hookspec(firstresult=True)
+def hw_queue_supported(viommu: ViommuBase, queue_type: int) -> bool:
+    """Whether ``viommu`` can take HW queues of ``queue_type`` (the kernel's
+    ``get_hw_queue_size``): asked before any guest memory is pinned; ``False`` makes
+    IOMMU_HW_QUEUE_ALLOC fail with EOPNOTSUPP. Without this hook the type is judged by
+    :func:`hw_queue_alloc`, after the pin (so a bad type costs a pin and gives its errno)."""
+
+
+@hookspec(firstresult=True)
 def hw_queue_alloc(
     viommu: ViommuBase, queue_type: int, index: int, base_iova: int, length: int, pfns: list[int]
 ) -> HwQueueBase:

@@ -182,6 +182,10 @@ def _hw_queue_alloc(ucmd: Ucmd) -> None:
     if cmd.nesting_parent_iova + cmd.length - 1 > U.U64_MAX:
         raise err(errno.EOVERFLOW)
     viommu = objs.get_as(cmd.viommu_id, Viommu)
+    # get_hw_queue_size(): the type is the driver's to judge, before anything is pinned. A
+    # driver without the hook is asked by hw_queue_alloc itself, after the pin.
+    if viommu.hooks.hw_queue_supported(viommu=viommu.drv, queue_type=cmd.type) is False:
+        raise err(errno.EOPNOTSUPP, f"the vIOMMU takes no HW queue of type {cmd.type:#x}")
     if (cmd.type, cmd.index) in viommu.hw_queues:
         raise err(errno.EEXIST, "a queue with that type and index exists")
     iopt = viommu.hwpt.ioas.iopt

@@ -318,6 +318,11 @@ class MockDriver:
         return True
 
     @hookimpl
+    def hw_queue_supported(self, viommu: ViommuBase, queue_type: int) -> bool:
+        """mock_get_hw_queue_size(): only the selftest type."""
+        return queue_type == selftest.IOMMU_HW_QUEUE_TYPE_SELFTEST
+
+    @hookimpl
     def hw_queue_alloc(
         self, viommu: ViommuBase, queue_type: int, index: int, base_iova: int, length: int,
         pfns: list[int],

@@ -461,6 +461,11 @@ class ArmSmmuV3Driver:
 
     # -- CMDQV hardware queues ----------------------------------------------------------------
     @hookimpl
+    def hw_queue_supported(self, viommu: api.ViommuBase, queue_type: int) -> bool:
+        """tegra241_vintf_get_hw_queue_size(): only CMDQV queues, only on a VINTF vIOMMU."""
+        return queue_type == U.IOMMU_HW_QUEUE_TYPE_TEGRA241_CMDQV and isinstance(viommu, VintfVsmmu)
+
+    @hookimpl
     def hw_queue_alloc(
         self,
         viommu: api.ViommuBase,
