@@ -179,14 +179,34 @@ class GuestSmmuv3(GuestIommu):
         gdev = self.devices[vsid]
         vm = self.vm
         data = vm.memory.read(self.strtab + vsid * STE_SIZE, 16)
-        hwpt = vm.fd.hwpt_alloc(
-            gdev.dev_id, self.viommu_id, data_type=U.IOMMU_HWPT_DATA_ARM_SMMUV3, data=data
-        )
-        vm.fd.attach(gdev.dev_id, hwpt)
+        try:
+            hwpt = vm.fd.hwpt_alloc(
+                gdev.dev_id, self.viommu_id, data_type=U.IOMMU_HWPT_DATA_ARM_SMMUV3, data=data
+            )
+            try:
+                vm.fd.attach(gdev.dev_id, hwpt)  # replace: no window without translation
+            except OSError:
+                vm.fd.destroy(hwpt)
+                raise
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:  # ENOENT: the VMM unplugged the device already
+                raise
+            self._drop_shadow(vsid)
+            return
         old = self.hwpts.get(vsid)
         self.hwpts[vsid] = hwpt
         if old is not None:
             vm.fd.destroy(old)
+
+    def _drop_shadow(self, vsid: int) -> None:
+        """The device is gone from the VMM: forget (and free, if still there) its HWPT."""
+        old = self.hwpts.pop(vsid, None)
+        if old is not None:
+            try:
+                self.vm.fd.destroy(old)
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
 
     # -- the guest driver -----------------------------------------------------------------------
     def _issue(self, cmds: list[tuple[int, int]]) -> None:
