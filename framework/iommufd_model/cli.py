@@ -1,19 +1,34 @@
 """The ``iommufd-model`` console script: list drivers, run the cross-vendor matrix.
 
-Stdlib only (argparse, json): the runtime dependencies stay pluggy and attrs.
+Stdlib only (argparse, json, concurrent.futures): the runtime dependencies stay pluggy and attrs.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import multiprocessing
+import os
 import sys
+import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from html import escape as esc
+from pathlib import Path
+from typing import Any
 
 from iommufd_model.plugins import DriverRegistry, default_registry
-from iommufd_model.scenarios import FAIL, PASS, SCENARIOS, ScenarioResult, run_scenario
-
-CELL = {PASS: "pass", FAIL: "FAIL", "unsupported": "unsupported"}
+from iommufd_model.scenarios import (
+    FAIL,
+    PASS,
+    SCENARIOS,
+    UNSUPPORTED,
+    Scenario,
+    ScenarioResult,
+    run_scenario,
+)
+from iommufd_model.scenarios.base import COST_KEYS
 
 
 def _problems(reg: DriverRegistry) -> list[dict[str, str]]:
@@ -58,13 +73,13 @@ class _Progress:
         self.enabled = sys.stderr.isatty()
 
     def step(self, label: str) -> None:
+        self.done += 1
         if self.enabled:
             width = 24
             filled = width * self.done // max(self.total, 1)
             bar = "#" * filled + "." * (width - filled)
             sys.stderr.write(f"\r[{bar}] {self.done}/{self.total} {label:<48.48}")
             sys.stderr.flush()
-        self.done += 1
 
     def close(self) -> None:
         if self.enabled:
@@ -82,26 +97,243 @@ def _select(names: list[str] | None, known: Sequence[str], what: str) -> list[st
     return [n for n in known if n in names]
 
 
-def _table(
-    scenarios: list[str], drivers: list[str], cells: dict[tuple[str, str], ScenarioResult]
-) -> str:
-    first = max([len("scenario"), *map(len, scenarios)])
-    widths = [max(len(d), len("unsupported")) for d in drivers]
-    head = [f"{'scenario':<{first}}", *(f"{d:<{w}}" for d, w in zip(drivers, widths, strict=True))]
-    lines = ["  ".join(head).rstrip()]
+def _jobs(value: str) -> int:
+    """``-n auto`` (one process per CPU this process may use) or ``-n N``."""
+    if value == "auto":
+        return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                   else os.cpu_count() or 1)
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError("-n must be at least 1")
+    return n
+
+
+# -- the report: one Matrix, rendered as a text table, JSON and a self-contained HTML page ----
+CELL = {PASS: "pass", FAIL: "FAIL", UNSUPPORTED: "unsupported"}
+# The costs a table cell shows, compactly, with their one-letter units (all are in --json).
+COMPACT = (("traps", "t"), ("walk_mem_refs", "w"), ("iotlb_hits", "h"), ("iotlb_misses", "m"),
+           ("commands", "c"))
+LEGEND = ("costs: t VMM traps, w page-walk memory references, h/m IOTLB hits/misses, "
+          "c commands processed, ms wall time (all summed over the cell's machines)")
+# What the HTML chart plots: one panel per cost, a bar per driver per scenario.
+CHART = (("traps", "VMM traps"), ("walk_mem_refs", "page-walk memory refs"),
+         ("iotlb_hits", "IOTLB hits"), ("iotlb_misses", "IOTLB misses"),
+         ("commands", "commands processed"), ("wall_ms", "wall time (ms)"))
+PALETTE = ("#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf")
+
+
+@dataclasses.dataclass
+class Matrix:
+    """A finished run: the rows, the columns and every cell, in display order."""
+
+    scenarios: list[Scenario]
+    drivers: list[str]
+    cells: dict[tuple[str, str], ScenarioResult]
+    problems: list[dict[str, str]] = dataclasses.field(default_factory=list)
+    jobs: int = 1
+    wall_s: float = 0.0
+
+    def cell(self, scenario: str, driver: str) -> ScenarioResult:
+        return self.cells[scenario, driver]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "drivers": self.drivers,
+            "scenarios": [
+                {"name": s.name, "doc": s.doc, "features": sorted(f.value for f in s.features)}
+                for s in self.scenarios
+            ],
+            "cost_keys": [*COST_KEYS, "wall_s"],
+            "cells": [c.to_json() for c in self.cells.values()],
+            "problems": self.problems,
+            "jobs": self.jobs,
+            "wall_s": self.wall_s,
+        }
+
+
+def compact_number(n: int) -> str:
+    return str(n) if n < 10_000 else f"{n // 1000}k" if n < 10_000_000 else f"{n // 10**6}M"
+
+
+def cell_text(r: ScenarioResult) -> str:
+    """``pass 0t 96w 3h 5m 0c 4ms``: the status, then the compact costs (none if unsupported)."""
+    if r.status == UNSUPPORTED:
+        return CELL[r.status]
+    costs = " ".join(f"{compact_number(r.costs.get(k, 0))}{unit}" for k, unit in COMPACT)
+    return f"{CELL[r.status]} {costs} {r.wall_s * 1000:.0f}ms"
+
+
+def reasons(m: Matrix) -> list[str]:
+    return [f"{r.scenario} @ {r.driver}: {CELL[r.status]}: {r.detail}"
+            for r in m.cells.values() if r.status != PASS]
+
+
+def render_table(m: Matrix) -> str:
+    names = [s.name for s in m.scenarios]
+    first = max([len("scenario"), *map(len, names)])
+    texts = {key: cell_text(r) for key, r in m.cells.items()}
+    widths = [max([len(d), *(len(texts[s, d]) for s in names)]) for d in m.drivers]
+    cols = list(zip(m.drivers, widths, strict=True))
+    lines = ["  ".join([f"{'scenario':<{first}}", *(f"{d:<{w}}" for d, w in cols)]).rstrip()]
     lines.append("  ".join(["-" * first, *("-" * w for w in widths)]))
-    for sc in scenarios:
-        row = [f"{sc:<{first}}"]
-        row += [f"{CELL[cells[sc, d].status]:<{w}}" for d, w in zip(drivers, widths, strict=True)]
+    for sc in names:
+        row = [f"{sc:<{first}}", *(f"{texts[sc, d]:<{w}}" for d, w in cols)]
         lines.append("  ".join(row).rstrip())
-    notes = [
-        f"  {r.scenario} @ {r.driver}: {CELL[r.status]}: {r.detail}"
-        for r in cells.values()
-        if r.status != PASS
-    ]
+    lines += ["", LEGEND]
+    notes = reasons(m)
     if notes:
-        lines += ["", "reasons:", *notes]
+        lines += ["", "reasons:", *(f"  {n}" for n in notes)]
     return "\n".join(lines)
+
+
+CSS = """
+body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}
+table{border-collapse:collapse;margin:1em 0}
+th,td{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}
+thead th{background:#f0f0f0}
+td.pass{background:#e6f4e6}td.fail{background:#fbe0e0}td.unsupported{background:#f3f3f3;color:#777}
+td .costs{display:block;font:12px monospace;color:#555}
+.fail .st{font-weight:bold;color:#b00}
+li{font-family:monospace}
+svg text{font:11px system-ui,sans-serif}
+"""
+
+
+def _chart_value(r: ScenarioResult, key: str) -> float:
+    return r.wall_s * 1000 if key == "wall_ms" else float(r.costs.get(key, 0))
+
+
+def render_svg(m: Matrix) -> str:
+    """Grouped horizontal bars: a panel per cost, a group per scenario, a bar per driver."""
+    bar, gap, label_w, panel_w, top = 6, 8, 190, 150, 40
+    group = bar * len(m.drivers) + gap
+    height = top + group * len(m.scenarios) + 30
+    width = label_w + panel_w * len(CHART) + 10
+    colour = {d: PALETTE[i % len(PALETTE)] for i, d in enumerate(m.drivers)}
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" id="costs" width="{width}" '
+           f'height="{height}" viewBox="0 0 {width} {height}" role="img">',
+           "<title>costs per vendor per scenario</title>"]
+    for i, s in enumerate(m.scenarios):
+        y = top + i * group + group / 2
+        out.append(f'<text x="{label_w - 6}" y="{y:.0f}" text-anchor="end">{esc(s.name)}</text>')
+    for p, (key, title) in enumerate(CHART):
+        x0 = label_w + p * panel_w
+        supported = [r for r in m.cells.values() if r.status != UNSUPPORTED]
+        peak = max([_chart_value(r, key) for r in supported] + [1.0])
+        out.append(f'<text x="{x0 + 4}" y="{top - 22}" font-weight="bold">{esc(title)}</text>')
+        out.append(f'<text x="{x0 + 4}" y="{top - 8}">max {peak:,.0f}</text>')
+        out.append(f'<line x1="{x0}" y1="{top - 4}" x2="{x0}" y2="{height - 30}" stroke="#999"/>')
+        for i, s in enumerate(m.scenarios):
+            for j, d in enumerate(m.drivers):
+                r = m.cell(s.name, d)
+                if r.status == UNSUPPORTED:
+                    continue
+                v = _chart_value(r, key)
+                w = (panel_w - 12) * v / peak
+                y = top + i * group + j * bar
+                out.append(f'<rect x="{x0 + 1}" y="{y}" width="{w:.1f}" height="{bar - 1}" '
+                           f'fill="{colour[d]}"><title>{esc(s.name)} @ {esc(d)}: {title} '
+                           f'{v:,.0f}</title></rect>')
+    for j, d in enumerate(m.drivers):
+        x = label_w + j * 110
+        out.append(f'<rect x="{x}" y="{height - 20}" width="10" height="10" fill="{colour[d]}"/>')
+        out.append(f'<text x="{x + 14}" y="{height - 11}">{esc(d)}</text>')
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def render_html(m: Matrix) -> str:
+    """A self-contained page: inline CSS, the table, the reasons, an inline SVG chart."""
+    head = "".join(f"<th>{esc(d)}</th>" for d in m.drivers)
+    rows = []
+    for s in m.scenarios:
+        tds = []
+        for d in m.drivers:
+            r = m.cell(s.name, d)
+            costs = cell_text(r).split(" ", 1)[1] if r.status != UNSUPPORTED else esc(r.detail)
+            tds.append(f'<td class="{r.status}" data-scenario="{esc(s.name)}" '
+                       f'data-driver="{esc(d)}" data-status="{r.status}">'
+                       f'<span class="st">{CELL[r.status]}</span>'
+                       f'<span class="costs">{costs}</span></td>')
+        rows.append(f'<tr><th scope="row" title="{esc(s.doc)}">{esc(s.name)}</th>'
+                    f'{"".join(tds)}</tr>')
+    notes = "".join(f"<li>{esc(n)}</li>" for n in reasons(m)) or "<li>none</li>"
+    docs = "".join(f"<dt>{esc(s.name)}</dt><dd>{esc(s.doc)}</dd>" for s in m.scenarios)
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>iommufd-model matrix</title>
+<style>{CSS}</style>
+</head>
+<body>
+<h1>iommufd-model matrix</h1>
+<p>{len(m.scenarios)} scenarios &times; {len(m.drivers)} drivers, {m.jobs} process(es),
+{m.wall_s:.1f} s. {esc(LEGEND)}.</p>
+<table id="matrix">
+<thead><tr><th>scenario</th>{head}</tr></thead>
+<tbody>
+{chr(10).join(rows)}
+</tbody>
+</table>
+<h2>Reasons</h2>
+<ul id="reasons">{notes}</ul>
+<h2>Costs per vendor per scenario</h2>
+{render_svg(m)}
+<h2>Scenarios</h2>
+<dl>{docs}</dl>
+</body>
+</html>
+"""
+
+
+# The registry the pool's workers run cells against. Workers are forked, so they inherit it
+# (a hand-built registry in a test included); under spawn they load the installed drivers.
+_WORKER_REGISTRY: DriverRegistry | None = None
+
+
+def _run_cell(scenario: str, driver: str) -> ScenarioResult:
+    return run_scenario(SCENARIOS[scenario], driver, _WORKER_REGISTRY)
+
+
+def run_cells(
+    scenarios: list[str], drivers: list[str], reg: DriverRegistry, jobs: int = 1,
+    progress: _Progress | None = None,
+) -> dict[tuple[str, str], ScenarioResult]:
+    """Every (scenario, driver) cell, serially or in ``jobs`` processes; same results."""
+    global _WORKER_REGISTRY
+    todo = [(sc, drv) for sc in scenarios for drv in drivers]
+    cells: dict[tuple[str, str], ScenarioResult] = {}
+    if jobs <= 1 or len(todo) <= 1:
+        for sc, drv in todo:
+            cells[sc, drv] = run_scenario(SCENARIOS[sc], drv, reg)
+            if progress:
+                progress.step(f"{sc} @ {drv}")
+        return cells
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
+    _WORKER_REGISTRY = reg
+    try:
+        with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=ctx) as pool:
+            futures = {pool.submit(_run_cell, sc, drv): (sc, drv) for sc, drv in todo}
+            for fut in as_completed(futures):
+                sc, drv = futures[fut]
+                cells[sc, drv] = fut.result()
+                if progress:
+                    progress.step(f"{sc} @ {drv}")
+    finally:
+        _WORKER_REGISTRY = None
+    return {key: cells[key] for key in todo}  # the serial order, whatever finished first
+
+
+def _write(path: str, text: str) -> None:
+    if path == "-":
+        sys.stdout.write(text)
+    else:
+        Path(path).write_text(text, encoding="utf-8")
 
 
 def _cmd_matrix(args: argparse.Namespace, reg: DriverRegistry) -> int:
@@ -112,17 +344,24 @@ def _cmd_matrix(args: argparse.Namespace, reg: DriverRegistry) -> int:
     drivers = _select(args.driver, sorted(reg.drivers), "driver")
     scenarios = _select(args.scenario, list(SCENARIOS), "scenario")
     progress = _Progress(len(drivers) * len(scenarios))
-    cells: dict[tuple[str, str], ScenarioResult] = {}
-    for sc in scenarios:
-        for drv in drivers:
-            progress.step(f"{sc} @ {drv}")
-            cells[sc, drv] = run_scenario(SCENARIOS[sc], drv, reg)
+    start = time.perf_counter()
+    cells = run_cells(scenarios, drivers, reg, args.jobs, progress)
     progress.close()
-    if args.json:
-        out = {"cells": [c.to_json() for c in cells.values()], "problems": _problems(reg)}
-        print(json.dumps(out, indent=2))
-    else:
-        print(_table(scenarios, drivers, cells))
+    matrix = Matrix(
+        scenarios=[SCENARIOS[s] for s in scenarios],
+        drivers=drivers,
+        cells=cells,
+        problems=_problems(reg),
+        jobs=args.jobs,
+        wall_s=time.perf_counter() - start,
+    )
+    json_to: str | None = args.json if isinstance(args.json, str) else ("-" if args.json else None)
+    if json_to is not None:
+        _write(json_to, json.dumps(matrix.to_json(), indent=2) + "\n")
+    if args.html:
+        _write(args.html, render_html(matrix))
+    if json_to != "-":
+        print(render_table(matrix))
         _print_problems(reg)
     return 1 if any(c.status == FAIL for c in cells.values()) else 0
 
@@ -133,9 +372,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p_drivers = sub.add_parser("drivers", help="list installed driver plugins and broken ones")
     p_drivers.set_defaults(func=_cmd_drivers)
-    p_matrix = sub.add_parser("matrix", help="run every scenario against every driver")
+    p_matrix = sub.add_parser(
+        "matrix",
+        help="run every scenario against every driver",
+        description="Rows are scenarios, columns drivers; each cell is pass, FAIL or "
+        "unsupported (with the feature and errno), with its costs.",
+    )
     p_matrix.add_argument("--scenario", action="append", metavar="NAME", help="only this one")
     p_matrix.add_argument("--driver", action="append", metavar="NAME", help="only this one")
+    p_matrix.add_argument(
+        "--json", nargs="?", const="-", default=argparse.SUPPRESS, metavar="FILE",
+        help="all cells and costs as JSON, to FILE (the table still prints) or to stdout",
+    )
+    p_matrix.add_argument("--html", metavar="FILE", help="write a self-contained HTML report")
+    p_matrix.add_argument(
+        "-n", dest="jobs", type=_jobs, default=1, metavar="auto|N",
+        help="run cells in N worker processes (auto: one per CPU); default 1",
+    )
     p_matrix.set_defaults(func=_cmd_matrix)
     return parser
 

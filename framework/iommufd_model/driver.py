@@ -58,6 +58,8 @@ class DriverInfo:
     hwpt_data_types: frozenset[int] = frozenset()
     viommu_types: frozenset[int] = frozenset()
     hw_info_type: int = 0
+    veventq_types: frozenset[int] = frozenset()  # IOMMU_VEVENTQ_TYPE_* the driver reports
+    hw_queue_types: frozenset[int] = frozenset()  # IOMMU_HW_QUEUE_TYPE_* the driver accepts
 
 
 @attrs.define(slots=True)

@@ -93,15 +93,15 @@ class MockDriver:
                     Feature.VDEVICE,
                     Feature.IOPF,
                     Feature.VIOMMU_INVALIDATE,
-                    # VEVENTQ and HW_QUEUE work (tests/selftest), but the kit's scenarios
-                    # expect refusals the kernel core does not make (a garbage vEVENTQ type
-                    # is accepted; a HW queue type is checked only after the pin): left
-                    # undeclared, the kit probes them and reports "unsupported".
+                    Feature.VEVENTQ,
+                    Feature.HW_QUEUE,
                 }
             ),
             hwpt_data_types=frozenset({selftest.IOMMU_HWPT_DATA_SELFTEST}),
             viommu_types=frozenset({selftest.IOMMU_VIOMMU_TYPE_SELFTEST}),
             hw_info_type=IOMMU_HW_INFO_TYPE_SELFTEST,
+            veventq_types=frozenset({selftest.IOMMU_VEVENTQ_TYPE_SELFTEST}),
+            hw_queue_types=frozenset({selftest.IOMMU_HW_QUEUE_TYPE_SELFTEST}),
         )
 
     @hookimpl

@@ -18,9 +18,11 @@ from iommufd_model.scenarios.base import (
     run_scenario,
 )
 from iommufd_model.scenarios.catalog import SCENARIOS
+from iommufd_model.scenarios.nested import NESTED_SCENARIOS  # registers itself in SCENARIOS
 
 __all__ = [
     "FAIL",
+    "NESTED_SCENARIOS",
     "PASS",
     "SCENARIOS",
     "UNSUPPORTED",

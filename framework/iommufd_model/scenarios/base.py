@@ -8,6 +8,7 @@ every driver and checks what a VMM would observe, not what a driver keeps inside
 from __future__ import annotations
 
 import errno
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,11 +21,16 @@ from iommufd_model.hw.memory import PAGE_SIZE
 from iommufd_model.hw.pci import PciDevice
 from iommufd_model.machine import Machine
 from iommufd_model.plugins import DriverRegistry, default_registry
+from iommufd_model.vmm import Vm
 
 PASS = "pass"
 FAIL = "fail"
 UNSUPPORTED = "unsupported"
-COST_KEYS = ("translations", "walk_mem_refs", "iotlb_hits", "iotlb_misses", "commands", "faults")
+# Costs of one cell: VMM exits (and the commands the VMM re-issued for its guest), then the
+# hardware's own counters (IommuHw.stats), summed over every VM and machine the scenario built.
+VMM_COST_KEYS = ("traps", "forwarded")
+HW_COST_KEYS = ("translations", "walk_mem_refs", "iotlb_hits", "iotlb_misses", "commands", "faults")
+COST_KEYS = VMM_COST_KEYS + HW_COST_KEYS
 
 
 def errno_name(code: int | None) -> str:
@@ -41,6 +47,9 @@ def describe_oserror(exc: OSError) -> str:
     text = str(exc)
     if text.startswith("[Errno"):
         text = text.split("] ", 1)[-1]
+    plain = os.strerror(exc.errno) if exc.errno else ""
+    if plain and text.startswith(f"{plain} (") and text.endswith(")"):
+        text = text[len(plain) + 2 : -1]  # the model's detail says more than strerror()
     return f"{errno_name(exc.errno)}: {text}"
 
 
@@ -110,6 +119,15 @@ def expect_errno(expected: int | tuple[int, ...], fn: Callable[[], object], what
     raise Divergence(f"{what}: expected {names}, but it succeeded")
 
 
+def expect_refused(fn: Callable[[], object], what: str) -> int:
+    """``fn`` must fail with some errno (the kernel's choice is not part of the contract)."""
+    try:
+        fn()
+    except OSError as exc:
+        return exc.errno or 0
+    raise Divergence(f"{what}: expected a refusal, but it succeeded")
+
+
 def expect_fault(fn: Callable[[], object], what: str) -> None:
     """``fn`` (a DMA) must be refused by the IOMMU."""
     try:
@@ -168,8 +186,8 @@ class Rig:
         dirty = self.fd.hwpt_get_dirty_bitmap(hwpt, iova, length, PAGE_SIZE, clear=clear)
         return [(a - iova) // PAGE_SIZE for a in dirty]
 
-    def viommu_alloc(self, hwpt: int, viommu_type: int) -> int:
-        return self.fd.viommu_alloc(self.dev_id, hwpt, viommu_type)
+    def viommu_alloc(self, hwpt: int, viommu_type: int, data: bytes = b"") -> int:
+        return self.fd.viommu_alloc(self.dev_id, hwpt, viommu_type, data)
 
     def vdevice_alloc(self, viommu: int, virt_id: int) -> int:
         return self.fd.vdevice_alloc(viommu, self.dev_id, virt_id)
@@ -187,6 +205,7 @@ class ScenarioContext:
         self.registry = registry
         self.info: DriverInfo = registry.drivers[driver].info
         self.machines: list[Machine] = []
+        self.vms: list[Vm] = []
 
     def machine(self) -> Machine:
         m = Machine.build(iommus=[self.driver], registry=self.registry)
@@ -214,8 +233,34 @@ class ScenarioContext:
             raise Unsupported(feature, exc.errno or 0, describe_oserror(exc)) from exc
         raise Divergence(f"driver accepted {feature.value} but does not declare it")
 
+    def driver_type(
+        self, feature: Feature, types: frozenset[int], probe: Callable[[int], object], unknown: int
+    ) -> int:
+        """The driver's own uAPI type for ``feature`` (the lowest it declares in ``types``).
+
+        A driver that declares no type (or not the feature) is unsupported: ``probe(unknown)``
+        must be refused, and the errno the core or the driver gave is the reason.
+        """
+        if self.has(feature) and types:
+            return min(types)
+        try:
+            probe(unknown)
+        except OSError as exc:
+            raise Unsupported(feature, exc.errno or 0, describe_oserror(exc)) from exc
+        raise Divergence(f"driver accepted {feature.value} type {unknown:#x} it does not declare")
+
+    def vm(self, machine: Machine | None = None, **kwargs: Any) -> Vm:
+        """A VM on ``machine`` (a fresh one by default) whose VMM traps count in the costs."""
+        vm = Vm(machine if machine is not None else self.machine(), **kwargs)
+        self.vms.append(vm)
+        return vm
+
     def costs(self) -> dict[str, int]:
+        """VMM traps of every VM, plus ``hw.stats`` of every IOMMU of every machine built."""
         total = dict.fromkeys(COST_KEYS, 0)
+        for vm in self.vms:
+            total["traps"] += vm.stats.traps
+            total["forwarded"] += vm.stats.forwarded
         for m in self.machines:
             for hw in m.iommus:
                 for key, value in hw.stats.snapshot().items():

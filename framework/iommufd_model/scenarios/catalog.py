@@ -12,12 +12,14 @@ from collections.abc import Callable
 from iommufd_model.driver import Feature
 from iommufd_model.hw.memory import PAGE_SIZE
 from iommufd_model.scenarios.base import (
+    Divergence,
     Rig,
     Scenario,
     ScenarioContext,
     check,
     expect_errno,
     expect_fault,
+    expect_refused,
     pattern,
 )
 from iommufd_model.uapi import iommufd as U
@@ -200,17 +202,12 @@ def _teardown_once(rig: Rig, order: tuple[str, ...]) -> None:
     check(again.dev.dma_read(iova, 8) == pattern(9, 8), f"{order}: device not reusable")
 
 
-def _nest_parent(ctx: ScenarioContext, rig: Rig) -> int:
+def _nest_parent(ctx: ScenarioContext, rig: Rig) -> tuple[int, int]:
+    """A NEST_PARENT HWPT: ``(hwpt, its ioas)``."""
     ioas = rig.ioas_alloc()
     flags = U.IOMMU_HWPT_ALLOC_NEST_PARENT
     ctx.need(Feature.NEST_PARENT, lambda: rig.hwpt_alloc(ioas, flags))
-    return rig.hwpt_alloc(ioas, flags)
-
-
-def _vendor_hwpt_type(ctx: ScenarioContext) -> int:
-    """The driver's own nested data type, or VT-d's when it declares none (to hear its errno)."""
-    types = sorted(ctx.info.hwpt_data_types)
-    return types[0] if types else U.IOMMU_HWPT_DATA_VTD_S1
+    return rig.hwpt_alloc(ioas, flags), ioas
 
 
 def _vendor_data(dtype: int) -> bytes:
@@ -226,77 +223,141 @@ def _vendor_data(dtype: int) -> bytes:
     return bytes(sizes.get(dtype, 8))
 
 
+def _viommu_data(vtype: int) -> bytes:
+    """The driver data a vIOMMU type takes (only Tegra241 CMDQV has any)."""
+    return bytes(U.IommuViommuTegra241Cmdqv.SIZE if vtype == U.IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV
+                 else 0)
+
+
+def _viommu_type(ctx: ScenarioContext, rig: Rig, parent: int) -> int:
+    def probe(vtype: int) -> int:
+        return rig.viommu_alloc(parent, vtype)
+
+    return ctx.driver_type(Feature.VIOMMU, ctx.info.viommu_types, probe,
+                           U.IOMMU_VIOMMU_TYPE_DEFAULT)
+
+
+def _viommu(ctx: ScenarioContext, rig: Rig) -> tuple[int, int]:
+    """A vIOMMU of the driver's own type over a nest parent: ``(viommu, parent)``."""
+    parent, _ = _nest_parent(ctx, rig)
+    vtype = _viommu_type(ctx, rig, parent)
+    return rig.viommu_alloc(parent, vtype, _viommu_data(vtype)), parent
+
+
+def _nested(ctx: ScenarioContext, rig: Rig) -> tuple[int, int, int]:
+    """Where a nested HWPT goes and its data type: ``(pt_id, data_type, parent)``.
+
+    On a vIOMMU when the driver has vIOMMU types (AMD and SMMUv3 allocate nested domains
+    there), on the nest parent otherwise (VT-d).
+    """
+    parent, _ = _nest_parent(ctx, rig)
+    pt = parent
+    if ctx.has(Feature.VIOMMU) and ctx.info.viommu_types:
+        vtype = min(ctx.info.viommu_types)
+        pt = rig.viommu_alloc(parent, vtype, _viommu_data(vtype))
+
+    def probe(dtype: int) -> int:
+        return rig.hwpt_alloc(pt, 0, dtype, bytes(32))
+
+    dtype = ctx.driver_type(Feature.NESTED, ctx.info.hwpt_data_types, probe, GARBAGE_DATA_TYPE)
+    return pt, dtype, parent
+
+
 @scenario(Feature.PAGING, Feature.NEST_PARENT, Feature.NESTED)
 def nested_alloc(ctx: ScenarioContext) -> None:
-    """Nested HWPT over a nest parent: vendor data is validated like the kernel does."""
+    """Nested HWPT of the driver's data type: vendor data is validated like the kernel does."""
     rig = ctx.rig()
-    parent = _nest_parent(ctx, rig)
-    dtype = _vendor_hwpt_type(ctx)
-    ctx.need(Feature.NESTED, lambda: rig.hwpt_alloc(parent, 0, dtype, bytes(32)))
+    pt, dtype, parent = _nested(ctx, rig)
+    rig.hwpt_alloc(pt, 0, dtype, _vendor_data(dtype))
     expect_errno(
         (errno.EOPNOTSUPP, errno.EINVAL),
-        lambda: rig.hwpt_alloc(parent, 0, GARBAGE_DATA_TYPE, bytes(32)),
+        lambda: rig.hwpt_alloc(pt, 0, GARBAGE_DATA_TYPE, bytes(32)),
         "nested HWPT with a garbage data_type",
     )
     plain = rig.hwpt_alloc(rig.ioas_alloc())
-    expect_errno(
-        errno.EINVAL,
-        lambda: rig.hwpt_alloc(plain, 0, dtype, bytes(32)),
-        "nested HWPT over a parent without NEST_PARENT",
-    )
-
-
-def _viommu(ctx: ScenarioContext, rig: Rig) -> int:
-    parent = _nest_parent(ctx, rig)
-    types = sorted(ctx.info.viommu_types) or [U.IOMMU_VIOMMU_TYPE_DEFAULT]
-    ctx.need(Feature.VIOMMU, lambda: rig.viommu_alloc(parent, types[0]))
-    return rig.viommu_alloc(parent, types[0])
+    if pt == parent:
+        what = "nested HWPT over a parent without NEST_PARENT"
+        expect_errno(errno.EINVAL, lambda: rig.hwpt_alloc(plain, 0, dtype, bytes(32)), what)
+    else:
+        vtype = min(ctx.info.viommu_types)
+        what = "vIOMMU over a parent without NEST_PARENT"
+        expect_errno(errno.EINVAL, lambda: rig.viommu_alloc(plain, vtype, _viommu_data(vtype)),
+                     what)
 
 
 @scenario(Feature.PAGING, Feature.NEST_PARENT, Feature.VIOMMU, Feature.VDEVICE)
 def viommu_vdevice_lifetime(ctx: ScenarioContext) -> None:
-    """vIOMMU over a nest parent with a vDEVICE: destroy order is enforced with EBUSY."""
+    """vIOMMU of the driver's type with a vDEVICE: destroy order is enforced with EBUSY."""
     rig = ctx.rig()
-    viommu = _viommu(ctx, rig)
+    viommu, parent = _viommu(ctx, rig)
     ctx.need(Feature.VDEVICE, lambda: rig.vdevice_alloc(viommu, 0x10))
     vdev = rig.vdevice_alloc(viommu, 0x10)
+    expect_errno(errno.EBUSY, lambda: rig.destroy(parent), "nest parent destroyed under a vIOMMU")
     expect_errno(errno.EBUSY, lambda: rig.destroy(viommu), "vIOMMU destroyed under a vDEVICE")
     rig.destroy(vdev)
     rig.destroy(viommu)
-
-
-def _veventq_alloc(rig: Rig, viommu: int, qtype: int) -> int:
-    return rig.fd.veventq_alloc(viommu, qtype, 16)[0]
+    rig.destroy(parent)
 
 
 @scenario(Feature.PAGING, Feature.NEST_PARENT, Feature.VIOMMU, Feature.VEVENTQ)
 def veventq_alloc(ctx: ScenarioContext) -> None:
-    """vEVENTQ on a vIOMMU: a garbage queue type is refused, the vIOMMU pins it."""
+    """vEVENTQ of the driver's type: one per type per vIOMMU, and it pins the vIOMMU."""
     rig = ctx.rig()
-    viommu = _viommu(ctx, rig)
-    ctx.need(Feature.VEVENTQ, lambda: _veventq_alloc(rig, viommu, U.IOMMU_VEVENTQ_TYPE_DEFAULT))
-    expect_errno(
-        (errno.EOPNOTSUPP, errno.EINVAL),
-        lambda: _veventq_alloc(rig, viommu, GARBAGE_DATA_TYPE),
-        "vEVENTQ of a garbage type",
-    )
+    viommu, _ = _viommu(ctx, rig)
 
+    def alloc(qtype: int) -> tuple[int, int]:
+        return rig.fd.veventq_alloc(viommu, qtype, 16)
 
-def _hw_queue_alloc(rig: Rig, viommu: int, qtype: int) -> int:
-    return rig.fd.hw_queue_alloc(viommu, qtype, 0, 0, PAGE_SIZE)
+    qtype = ctx.driver_type(Feature.VEVENTQ, ctx.info.veventq_types, alloc,
+                            U.IOMMU_VEVENTQ_TYPE_DEFAULT)
+    q, qfd = alloc(qtype)
+    expect_errno(errno.EEXIST, lambda: alloc(qtype), "second vEVENTQ of one type")
+    expect_errno(errno.EBUSY, lambda: rig.destroy(viommu), "vIOMMU destroyed under a vEVENTQ")
+    expect_errno(errno.EBUSY, lambda: rig.destroy(q), "vEVENTQ destroyed while its fd is open")
+    rig.proc.close(qfd)
+    rig.destroy(q)
+    rig.destroy(viommu)
 
 
 @scenario(Feature.PAGING, Feature.NEST_PARENT, Feature.VIOMMU, Feature.HW_QUEUE)
 def hw_queue_alloc(ctx: ScenarioContext) -> None:
-    """HW queue on a vIOMMU: a garbage queue type is refused."""
+    """HW queue of the driver's type in guest memory: it pins that memory and its vIOMMU;
+    a queue type the vIOMMU does not know is refused (any errno) and leaks no pin."""
     rig = ctx.rig()
-    viommu = _viommu(ctx, rig)
-    ctx.need(Feature.HW_QUEUE, lambda: _hw_queue_alloc(rig, viommu, U.IOMMU_HW_QUEUE_TYPE_DEFAULT))
-    expect_errno(
-        (errno.EOPNOTSUPP, errno.EINVAL),
-        lambda: _hw_queue_alloc(rig, viommu, GARBAGE_DATA_TYPE),
-        "HW queue of a garbage type",
-    )
+    parent, ioas = _nest_parent(ctx, rig)
+    iova = rig.ioas_map(ioas, rig.buffer(PAGE_SIZE, 10), PAGE_SIZE)
+    first = _viommu_type(ctx, rig, parent)
+
+    def alloc(viommu: int, qtype: int) -> int:
+        return rig.fd.hw_queue_alloc(viommu, qtype, 0, iova, PAGE_SIZE)
+
+    def probe(qtype: int) -> int:
+        return alloc(rig.viommu_alloc(parent, first, _viommu_data(first)), qtype)
+
+    qtype = ctx.driver_type(Feature.HW_QUEUE, ctx.info.hw_queue_types, probe,
+                            U.IOMMU_HW_QUEUE_TYPE_DEFAULT)
+    viommu, queue = _queue_on_some_viommu(ctx, rig, parent, lambda v: alloc(v, qtype))
+    expect_errno(errno.EBUSY, lambda: rig.ioas_unmap(ioas, iova, PAGE_SIZE), "unmap queue memory")
+    expect_errno(errno.EBUSY, lambda: rig.destroy(viommu), "vIOMMU destroyed under its queue")
+    expect_refused(lambda: alloc(viommu, GARBAGE_DATA_TYPE), "HW queue of a garbage type")
+    rig.destroy(queue)
+    check(rig.ioas_unmap(ioas, iova, PAGE_SIZE) == PAGE_SIZE, "queue memory still pinned")
+    rig.destroy(viommu)
+
+
+def _queue_on_some_viommu(
+    ctx: ScenarioContext, rig: Rig, parent: int, alloc: Callable[[int], int]
+) -> tuple[int, int]:
+    """The first declared vIOMMU type that takes the queue (SMMUv3: only the CMDQV one)."""
+    for vtype in sorted(ctx.info.viommu_types):
+        viommu = rig.viommu_alloc(parent, vtype, _viommu_data(vtype))
+        try:
+            return viommu, alloc(viommu)
+        except OSError as exc:
+            if exc.errno != errno.EOPNOTSUPP:
+                raise
+            rig.destroy(viommu)
+    raise Divergence(f"no declared vIOMMU type takes HW queue types {ctx.info.hw_queue_types}")
 
 
 def _invalidate(rig: Rig, target: int, data_type: int) -> int:
@@ -307,10 +368,8 @@ def _invalidate(rig: Rig, target: int, data_type: int) -> int:
 def hwpt_invalidate(ctx: ScenarioContext) -> None:
     """IOMMU_HWPT_INVALIDATE on a nested HWPT: a garbage entry type handles nothing."""
     rig = ctx.rig()
-    parent = _nest_parent(ctx, rig)
-    dtype = _vendor_hwpt_type(ctx)
-    ctx.need(Feature.NESTED, lambda: rig.hwpt_alloc(parent, 0, dtype, _vendor_data(dtype)))
-    nested = rig.hwpt_alloc(parent, 0, dtype, _vendor_data(dtype))
+    pt, dtype, _ = _nested(ctx, rig)
+    nested = rig.hwpt_alloc(pt, 0, dtype, _vendor_data(dtype))
     ctx.need(
         Feature.HWPT_INVALIDATE,
         lambda: _invalidate(rig, nested, U.IOMMU_HWPT_INVALIDATE_DATA_VTD_S1),

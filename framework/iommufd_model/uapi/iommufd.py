@@ -125,6 +125,9 @@ IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR = 1
 # enum iommu_hwpt_invalidate_data_type
 IOMMU_HWPT_INVALIDATE_DATA_VTD_S1 = 0
 IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3 = 1
+# Model-defined (not upstream): an array of raw 128-bit AMD guest commands on an AMD vIOMMU,
+# the VMM-mediated invalidation path (docs/amd-hw-viommu.md). 2 is the next free value.
+IOMMU_VIOMMU_INVALIDATE_DATA_AMD = 2
 
 # enum iommu_hwpt_vtd_s1_invalidate_flags
 IOMMU_VTD_INV_FLAGS_LEAF = 1 << 0
@@ -152,10 +155,20 @@ IOMMU_VEVENTQ_FLAG_LOST_EVENTS = 1 << 0
 IOMMU_VEVENTQ_TYPE_DEFAULT = 0
 IOMMU_VEVENTQ_TYPE_ARM_SMMUV3 = 1
 IOMMU_VEVENTQ_TYPE_TEGRA241_CMDQV = 2
+# Model-defined (not upstream): struct iommu_vevent_amd { __aligned_le64 evt[2]; }, one AMD
+# event log entry with the guest DeviceID (docs/amd-hw-viommu.md). 3 is the next free value.
+IOMMU_VEVENTQ_TYPE_AMD = 3
 
 # enum iommu_hw_queue_type
 IOMMU_HW_QUEUE_TYPE_DEFAULT = 0
 IOMMU_HW_QUEUE_TYPE_TEGRA241_CMDQV = 1
+# AMD HW-vIOMMU guest buffers, named as in the AMD vIOMMU LKML series (AMD_CMD / AMD_EVT /
+# AMD_PPR); the stored uAPI headers carry no values, so the model numbers them in series order
+# after TEGRA241_CMDQV (docs/amd-hw-viommu.md). AMD_VIOMMU is the command buffer's alias.
+IOMMU_HW_QUEUE_TYPE_AMD_CMD = 2
+IOMMU_HW_QUEUE_TYPE_AMD_EVT = 3
+IOMMU_HW_QUEUE_TYPE_AMD_PPR = 4
+IOMMU_HW_QUEUE_TYPE_AMD_VIOMMU = IOMMU_HW_QUEUE_TYPE_AMD_CMD
 
 
 @ustruct

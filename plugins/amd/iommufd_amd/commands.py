@@ -227,3 +227,20 @@ def decode_range(address: int, s: bool) -> tuple[int, int]:
         return 0, (1 << 64) - 1
     first = address & ~((1 << size_log2) - 1)
     return first, first + (1 << size_log2) - 1
+
+
+# -- ID rewriting (what the HW-vIOMMU does through its mapping tables) ---------------------------
+def with_domid(raw: bytes, domid: int) -> bytes:
+    """INVALIDATE_IOMMU_PAGES ``raw`` with its DomainID (word 1 [15:0]) replaced."""
+    w0, w1, w2, w3 = _W.unpack(raw)
+    return _W.pack(w0, (w1 & ~0xFFFF) | (domid & 0xFFFF), w2, w3)
+
+
+def with_devid(raw: bytes, devid: int) -> bytes:
+    """A DeviceID command with its DeviceID replaced (word 0 [15:0]; for
+    INVALIDATE_IOTLB_PAGES also the QueueID, word 1 [15:0])."""
+    w0, w1, w2, w3 = _W.unpack(raw)
+    w0 = (w0 & ~0xFFFF) | (devid & 0xFFFF)
+    if w1 >> OPCODE_SHIFT == INVALIDATE_IOTLB_PAGES:
+        w1 = (w1 & ~0xFFFF) | (devid & 0xFFFF)
+    return _W.pack(w0, w1, w2, w3)

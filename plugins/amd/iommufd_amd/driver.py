@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import errno
 import struct
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from iommufd_amd import commands as C
 from iommufd_amd import regs as R
@@ -21,13 +21,17 @@ from iommufd_amd.dte import (
 from iommufd_amd.gcr3 import Gcr3Table, V2PageTable, glx_for
 from iommufd_amd.hw import AmdIommu
 from iommufd_amd.pgtable_v1 import AMD_IOMMU_PGSIZES, AmdV1PageTable
-from iommufd_amd.viommu import AmdViommu, GdomInfo
+from iommufd_amd.viommu import AmdHwQueue, AmdViommu, GdomInfo
+from iommufd_amd.viommu import kernel as VK
+from iommufd_amd.viommu.hw import IOMMU_DEVID, MAX_GUESTS, TRANS_DEVID_BASE
 from iommufd_model.driver import (
     Domain,
     DomainType,
     DriverInfo,
     Feature,
     HwInfo,
+    HwQueueBase,
+    InvalidateResult,
     VdeviceBase,
     ViommuBase,
 )
@@ -40,6 +44,10 @@ from iommufd_model.hw.radix import RadixPageTable
 from iommufd_model.machine import Machine
 from iommufd_model.uapi import iommufd as U
 
+if TYPE_CHECKING:
+    from iommufd_amd.events import Event
+    from iommufd_model.vmm import GuestIommu, Vm
+
 MAX_DOMAIN_ID = 65536
 DEVTAB_PAGES = 512  # 64 Ki DTEs of 32 bytes: the table for last_bdf = 0xffff
 CMD_LOG2 = R.LEN_512
@@ -49,14 +57,22 @@ HT_RANGE = (0xFD_0000_0000, 0xFF_FFFF_FFFF)  # HT_RANGE_START / HT_RANGE_END
 PAGING_FLAGS = (
     U.IOMMU_HWPT_ALLOC_NEST_PARENT | U.IOMMU_HWPT_ALLOC_DIRTY_TRACKING | U.IOMMU_HWPT_ALLOC_PASID
 )
-OPTIONS = {"host_levels", "guest_levels", "pasid_bits", "hd", "pgtable", "domain_levels"}
+OPTIONS = {
+    "host_levels", "guest_levels", "pasid_bits", "hd", "pgtable", "domain_levels",
+    "viommu_guests",
+}
+HW_QUEUE_TYPES = (U.IOMMU_HW_QUEUE_TYPE_AMD_CMD, U.IOMMU_HW_QUEUE_TYPE_AMD_EVT)
+VIOMMU_GUESTS = 16  # default HW-vIOMMU guest IDs per IOMMU (option viommu_guests; 0 = none)
 PPR_STATUS = {U.IOMMUFD_PAGE_RESP_SUCCESS: 0x0, U.IOMMUFD_PAGE_RESP_INVALID: 0x1}
 _GDTE = struct.Struct("<4Q")
-#: What the driver implements. Not IOPF (no PRI requests are modelled), not VEVENTQ /
-#: HW_QUEUE (issue 6), not HWPT_INVALIDATE (the uAPI has no AMD invalidation data type).
+#: What the driver implements. Not IOPF (no PRI requests are modelled), not HWPT_INVALIDATE
+#: on a nested HWPT (the uAPI has no AMD HWPT data type); the HW-vIOMMU brings HW queues
+#: (guest command buffer, guest event log), the AMD vEVENTQ and the VMM-mediated
+#: vIOMMU invalidation (IOMMU_VIOMMU_INVALIDATE_DATA_AMD, model-defined: docs/amd-hw-viommu.md).
 FEATURES = frozenset({
     Feature.PAGING, Feature.NEST_PARENT, Feature.NESTED, Feature.PASID, Feature.DIRTY_TRACKING,
-    Feature.VIOMMU, Feature.VDEVICE, Feature.LARGE_PAGES,
+    Feature.VIOMMU, Feature.VDEVICE, Feature.LARGE_PAGES, Feature.HW_QUEUE, Feature.VEVENTQ,
+    Feature.VIOMMU_INVALIDATE,
 })
 
 
@@ -91,6 +107,8 @@ class DevData:
         self.gcr3_domid = 0
         self.giov = False
         self.pasids: dict[int, AmdDomain] = {}
+        self.vgid = 0  # HW-vIOMMU guest ID and guest DeviceID (from its vDEVICE)
+        self.vgdevid = 0
 
 
 class AmdKernel:
@@ -105,7 +123,9 @@ class AmdKernel:
         self.domain_levels = int(options.get("domain_levels", 4))
         self.gpt_levels = 5 if hw.gpt5 else 4
         self.cmd_sem_val = 0
+        self.pas: VK.PasState | None = None  # the HW-vIOMMU private address space
         self.init_hardware()
+        VK.viommu_init(self)
 
     # -- init.c ------------------------------------------------------------------------------
     def init_hardware(self) -> None:
@@ -232,6 +252,10 @@ class AmdKernel:
                 )
         if dte.tv and dd.dev.ats:
             dte.i = True  # DTE_FLAG_IOTLB
+        if dd.vgid:
+            dte.viommu_en = True  # set_dte_viommu(): the guest owning the device, its gDevID
+            dte.guest_id = dd.vgid
+            dte.gdev_id = dd.vgdevid
         return dte
 
     @staticmethod
@@ -256,6 +280,13 @@ class AmdKernel:
         if old.v and old.tv and old.domain_id and old.domain_id != new.domain_id:
             self.queue(C.inv_iommu_all_pages(old.domain_id))
         self.completion_wait()
+
+    def viommu_event(self, gid: int, event: Event) -> None:
+        """The vIOMMU event interrupt: forward a guest device's event (guest DevID) to the
+        vIOMMU's AMD vEVENTQ when the VMM allocated one (iommufd_viommu_report_event)."""
+        viommu = self.pas.by_gid.get(gid) if self.pas is not None else None
+        if viommu is not None and viommu.core is not None:
+            viommu.core.report_event(U.IOMMU_VEVENTQ_TYPE_AMD, event.to_bytes())
 
     # -- GCR3 tables ----------------------------------------------------------------------------
     def get_gcr3(self, dd: DevData) -> Gcr3Table:
@@ -404,6 +435,8 @@ class AmdDriver:
             hwpt_data_types=frozenset({U.IOMMU_HWPT_DATA_AMD_GUEST}),
             viommu_types=frozenset({U.IOMMU_VIOMMU_TYPE_AMD}),
             hw_info_type=U.IOMMU_HW_INFO_TYPE_AMD,
+            veventq_types=frozenset({U.IOMMU_VEVENTQ_TYPE_AMD}),
+            hw_queue_types=frozenset(HW_QUEUE_TYPES),
         )
 
     @hookimpl
@@ -420,9 +453,12 @@ class AmdDriver:
             raise err(errno.EINVAL, "pasid_bits is 1..16, pgtable v1 or v2")
         if not 1 <= int(options.get("domain_levels", 4)) <= host_levels:
             raise err(errno.EINVAL, "domain_levels is 1..host_levels")
+        guests = int(options.get("viommu_guests", VIOMMU_GUESTS))
+        if not 0 <= guests <= MAX_GUESTS:
+            raise err(errno.EINVAL, f"viommu_guests is 0..{MAX_GUESTS}")
         hw = AmdIommu(
             machine, index, host_levels=host_levels, guest_levels=guest_levels,
-            pasid_bits=pasid_bits, hd=bool(options.get("hd", True)),
+            pasid_bits=pasid_bits, hd=bool(options.get("hd", True)), viommu_guests=guests,
         )
         hw.kernel = AmdKernel(hw, options)
         return hw
@@ -430,6 +466,8 @@ class AmdDriver:
     @hookimpl
     def probe_device(self, iommu: IommuHw, dev: PciDevice) -> object:
         k = _kernel(iommu)
+        if k.hw.vi is not None and (dev.rid == IOMMU_DEVID or dev.rid >= TRANS_DEVID_BASE):
+            raise err(errno.ENODEV, f"DeviceID {dev.rid:#x} is the IOMMU's own (HW-vIOMMU)")
         dd = k.dev_data[dev.rid] = DevData(dev)
         # init_device_table_dma(): V and TV with no permission -- DMA blocked.
         k.write_dte(dev.rid, Dte(v=True, tv=True))
@@ -649,21 +687,30 @@ class AmdDriver:
     def viommu_alloc(
         self, iommu: IommuHw, dev: PciDevice, parent: Domain, viommu_type: int, data: bytes
     ) -> ViommuBase:
-        """amd_iommufd_viommu_init(): no hardware slice yet (issue 6 adds the HW-vIOMMU)."""
+        """amd_iommufd_viommu_init(): on HW-vIOMMU hardware also a guest ID and its slice of
+        the private address space (ENOSPC when the guest IDs are exhausted)."""
         k = _kernel(iommu)
         if viommu_type != U.IOMMU_VIOMMU_TYPE_AMD:
             raise err(errno.EOPNOTSUPP, f"viommu type {viommu_type}")
+        # struct iommu_viommu_amd { __u32 reserved; }: optional, must be zero
+        if len(data) not in (0, 4):
+            raise err(errno.EINVAL, "struct iommu_viommu_amd is 4 bytes")
+        if any(data):
+            raise err(errno.EOPNOTSUPP, "iommu_viommu_amd reserved must be 0")
         dom = _paging(parent)
         if dom.v2 or not dom.nest_parent or not k.nest_parent_supported():
             raise err(errno.EINVAL, "an AMD vIOMMU needs a v1 nest-parent domain")
         assert isinstance(iommu, AmdIommu)
         viommu = AmdViommu(iommu, dom, viommu_type)
+        if k.pas is not None:
+            VK.viommu_init_one(k, viommu, dom)
         dom.viommus.append(viommu)
         return viommu
 
     @hookimpl
     def viommu_destroy(self, viommu: ViommuBase) -> bool:
         if isinstance(viommu, AmdViommu):
+            VK.viommu_uninit_one(viommu.hw.kernel, viommu)
             parent = viommu.parent
             if isinstance(parent, AmdDomain) and viommu in parent.viommus:
                 parent.viommus.remove(viommu)
@@ -671,13 +718,55 @@ class AmdDriver:
 
     @hookimpl
     def vdevice_alloc(self, viommu: ViommuBase, dev: PciDevice, virt_id: int) -> VdeviceBase:
-        # Upstream AMD has no vdevice op: the core-only vDEVICE object (issue 6 programs the
-        # DevID mapping table here).
+        """amd_iommufd_vdevice_init(): the DevID mapping-table entry gDevID -> hDevID and the
+        DTE's vIOMMU fields (HW-vIOMMU); otherwise the core-only vDEVICE object."""
+        if isinstance(viommu, AmdViommu) and viommu.gid:
+            VK.vdevice_map(viommu.hw.kernel, viommu, dev.rid, virt_id, True)
         return VdeviceBase(viommu, dev, virt_id)
 
     @hookimpl
     def vdevice_destroy(self, vdev: VdeviceBase) -> bool:
+        viommu = vdev.viommu
+        if isinstance(viommu, AmdViommu) and viommu.gid and vdev.virt_id in viommu.gdevids:
+            VK.vdevice_map(viommu.hw.kernel, viommu, vdev.dev.rid, vdev.virt_id, False)
         return True
+
+    @hookimpl
+    def hw_queue_supported(self, viommu: ViommuBase, queue_type: int) -> bool:
+        """amd_iommufd_get_hw_queue_size(): guest command buffer and event log, on a vIOMMU
+        with a HW-vIOMMU slice (the guest PPR log is not modelled)."""
+        return isinstance(viommu, AmdViommu) and bool(viommu.gid) and queue_type in HW_QUEUE_TYPES
+
+    @hookimpl
+    def hw_queue_alloc(
+        self, viommu: ViommuBase, queue_type: int, index: int, base_iova: int, length: int,
+        pfns: list[int],
+    ) -> HwQueueBase:
+        if not isinstance(viommu, AmdViommu):
+            raise err(errno.EINVAL, "not an AMD vIOMMU")
+        return VK.hw_queue_init(viommu, queue_type, index, base_iova, length)
+
+    @hookimpl
+    def hw_queue_destroy(self, queue: HwQueueBase) -> bool:
+        if isinstance(queue, AmdHwQueue):
+            VK.hw_queue_fini(queue)
+        return True
+
+    @hookimpl
+    def cache_invalidate_user(
+        self, target: Domain | ViommuBase, data_type: int, entries: list[bytes]
+    ) -> InvalidateResult:
+        """Only the vIOMMU-scoped, model-defined IOMMU_VIOMMU_INVALIDATE_DATA_AMD."""
+        if not isinstance(target, AmdViommu) or data_type != U.IOMMU_VIOMMU_INVALIDATE_DATA_AMD:
+            return InvalidateResult(0, errno.EOPNOTSUPP)
+        return VK.invalidate_user(target.hw.kernel, target, entries)
+
+    @hookimpl
+    def guest_iommu_alloc(self, vm: Vm, iommu: IommuHw, accelerated: bool) -> GuestIommu:
+        from iommufd_amd.guest import GuestAmd
+
+        _kernel(iommu)
+        return GuestAmd(vm, iommu, accelerated=accelerated)
 
 
 plugin = AmdDriver()

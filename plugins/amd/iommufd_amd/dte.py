@@ -59,8 +59,12 @@ DTE_INTCTL_SHIFT = 60  # IntCtl[61:60] (DTE_IRQ_REMAP_INTCTL_MASK)
 DTE_LINT0_PASS = 1 << 62  # Lint0Pass (DEV_ENTRY_LINT0_PASS)
 DTE_LINT1_PASS = 1 << 63  # Lint1Pass (DEV_ENTRY_LINT1_PASS)
 DATA2_RSVD = _mask(53, 52) | (1 << 59)
-# data[3]: no field the host driver programs; the HW-vIOMMU (issue 6) defines its own here.
-DATA3_RSVD = U64
+# data[3]: the HW-vIOMMU fields (AMD vIOMMU series DTE_VIOMMU_*): which guest owns the device
+# and its guest DeviceID, so the hardware can write the device's events into that guest's log.
+DTE_VIOMMU_EN = 1 << 15  # DTE_VIOMMU_EN_SHIFT
+DTE_VIOMMU_GUESTID_SHIFT = 16  # GuestID[31:16]
+DTE_VIOMMU_GDEVID_SHIFT = 32  # GuestDeviceID[47:32]
+DATA3_RSVD = U64 & ~(DTE_VIOMMU_EN | _mask(31, 16) | _mask(47, 32))
 
 GUEST_PGTABLE_4_LEVEL = 0
 GUEST_PGTABLE_5_LEVEL = 1
@@ -112,6 +116,9 @@ class Dte:
     int_ctl: int = 0
     lint0_pass: bool = False
     lint1_pass: bool = False
+    viommu_en: bool = False
+    guest_id: int = 0
+    gdev_id: int = 0
     # Reserved bits as found, per word: the hardware refuses an entry that sets any.
     rsvd: tuple[int, int, int, int] = (0, 0, 0, 0)
 
@@ -161,7 +168,12 @@ class Dte:
             | (DTE_LINT1_PASS if self.lint1_pass else 0)
             | (self.rsvd[2] & DATA2_RSVD)
         )
-        d3 = self.rsvd[3] & DATA3_RSVD
+        d3 = (
+            (DTE_VIOMMU_EN if self.viommu_en else 0)
+            | (self.guest_id & 0xFFFF) << DTE_VIOMMU_GUESTID_SHIFT
+            | (self.gdev_id & 0xFFFF) << DTE_VIOMMU_GDEVID_SHIFT
+            | (self.rsvd[3] & DATA3_RSVD)
+        )
         return d0, d1, d2, d3
 
     @classmethod
@@ -206,6 +218,9 @@ class Dte:
             int_ctl=(d2 >> DTE_INTCTL_SHIFT) & 3,
             lint0_pass=bool(d2 & DTE_LINT0_PASS),
             lint1_pass=bool(d2 & DTE_LINT1_PASS),
+            viommu_en=bool(d3 & DTE_VIOMMU_EN),
+            guest_id=(d3 >> DTE_VIOMMU_GUESTID_SHIFT) & 0xFFFF,
+            gdev_id=(d3 >> DTE_VIOMMU_GDEVID_SHIFT) & 0xFFFF,
             rsvd=(d0 & DATA0_RSVD, d1 & DATA1_RSVD, d2 & DATA2_RSVD, d3 & DATA3_RSVD),
         )
 

@@ -19,6 +19,7 @@ from iommufd_amd import events as E
 from iommufd_amd import regs as R
 from iommufd_amd.dte import DTE_SIZE, GUEST_PGTABLE_5_LEVEL, Dte, check
 from iommufd_amd.gcr3 import GCR3_ADDR
+from iommufd_amd.viommu.hw import ViommuHw
 from iommufd_model.driver import IOMMU_READ, IOMMU_WRITE
 from iommufd_model.hw.compiled import load_walker
 from iommufd_model.hw.iommu import IommuHw, page_run
@@ -54,7 +55,7 @@ class AmdIommu(IommuHw):
 
     def __init__(
         self, machine: Machine, index: int, *, host_levels: int = 6, guest_levels: int = 4,
-        pasid_bits: int = 16, hd: bool = True,
+        pasid_bits: int = 16, hd: bool = True, viommu_guests: int = 0,
     ) -> None:
         super().__init__(machine, index)
         self.walk = load_walker(WALK_MODULE)
@@ -75,7 +76,10 @@ class AmdIommu(IommuHw):
             | R.EFR_GIO_SUP
             | R.EFR_HA_SUP
             | (R.EFR_HD_SUP if hd else 0)
+            | (R.EFR_VIOMMU_SUP if viommu_guests else 0)
         )
+        # The HW-vIOMMU: ``viommu_guests`` guest IDs (0: no vIOMMU support).
+        self.vi: ViommuHw | None = ViommuHw(self, viommu_guests) if viommu_guests else None
         self.efr2 = R.EFR2_GCR3TRPMODE
         self.max_glx = 1
         self.iotlb = Iotlb()
@@ -107,6 +111,7 @@ class AmdIommu(IommuHw):
         m.define("EFR", R.EFR, reset=self.efr, writable=0)
         m.define("PPR_LOG_BASE", R.PPR_LOG_BASE, writable=w | lenf, on_write=self._w_ppr_base)
         m.define("EFR2", R.EFR2, reset=self.efr2, writable=0)
+        m.define("VIOMMU_STATUS", R.VIOMMU_STATUS, writable=0)
         m.define("CMD_HEAD", R.CMD_HEAD, writable=R.PTR_MASK, on_write=self._w_cmd_head)
         m.define("CMD_TAIL", R.CMD_TAIL, writable=R.PTR_MASK, on_write=self._w_cmd_tail)
         m.define("EVT_HEAD", R.EVT_HEAD, writable=R.PTR_MASK)
@@ -365,9 +370,16 @@ class AmdIommu(IommuHw):
         try:
             return self.lookup(dev.rid, iova, pasid, write)
         except TranslationError as exc:
-            if exc.event is not None:
+            if exc.event is not None and not self._guest_event(dev.rid, exc.event):
                 self.log_event(exc.event)
             raise self.fault(dev, iova, write, pasid, exc.reason) from None
+
+    def _guest_event(self, devid: int, ev: E.Event) -> bool:
+        """HW-vIOMMU: a guest device's event goes to its guest's event log instead."""
+        if self.vi is None:
+            return False
+        cached = self.dte_cache.get(devid)
+        return cached is not None and self.vi.route_event(cached[0], ev)
 
     def lookup(self, devid: int, iova: int, pasid: int | None, write: bool) -> tuple[int, int]:
         """``(pa, run)`` for one access of ``devid``, or :class:`TranslationError`."""

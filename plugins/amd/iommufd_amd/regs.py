@@ -96,3 +96,48 @@ def base_value(addr: int, log2_entries: int) -> int:
 def dev_table_base_value(addr: int, pages: int) -> int:
     """The device table base register: address and Size (pages - 1)."""
     return (addr & BASE_ADDR_MASK) | ((pages - 1) & DEV_TABLE_SIZE_MASK)
+
+# -- HW-vIOMMU (issue 6; AMD vIOMMU LKML series amd_iommu_types.h / amd_viommu.h) -----------
+EFR_VIOMMU_SUP = 1 << 55  # FEATURE_VIOMMU: hardware-accelerated virtualised IOMMU
+CTRL_VCMD_EN = 1 << 52  # CONTROL_VCMD_EN: guest command buffers are fetched by hardware
+CTRL_VIOMMU_EN = 1 << 53  # CONTROL_VIOMMU_EN
+VIOMMU_STATUS = 0x0190  # MMIO_VIOMMU_STATUS_OFFSET (model: guest command trap pending)
+VST_CMD_TRAP = 1 << 0  # model: some guest's command processor stalled on a command for the VMM
+
+# The IOMMU Private Address space (PAS): per-IOMMU v1 table, private address -> system memory.
+PAS_GUEST_MMIO_BASE = 0x0  # VIOMMU_GUEST_MMIO_BASE: 64 bytes of guest MMIO per guest ID
+PAS_GUEST_MMIO_ENTRY = 64
+PAS_DEVID_MAP_BASE = 0x10_0000_0000  # VIOMMU_DEVID_MAPPING_BASE
+PAS_DEVID_MAP_SIZE = 1 << 20  # VIOMMU_DEVID_MAPPING_ENTRY_SIZE: 64 Ki gDevIDs x 16 bytes
+PAS_DEVID_ENTRY = 16
+PAS_DOMID_MAP_BASE = 0x20_0000_0000  # VIOMMU_DOMID_MAPPING_BASE
+PAS_DOMID_MAP_SIZE = 1 << 19  # VIOMMU_DOMID_MAPPING_ENTRY_SIZE: 64 Ki gDomIDs x 8 bytes
+PAS_DOMID_ENTRY = 8
+MAP_V = 1 << 0  # model: mapping-table entry valid
+MAP_HID_SHIFT = 16  # model: host DevID / DomID in [31:16] of a mapping-table entry
+
+# VF control MMIO (VFCTRL BAR, 64 bytes per guest ID; host kernel only).
+VFCTRL_DID_MAP_CONTROL0 = 0x00  # gDevID -> hDevID map command
+VFCTRL_DID_MAP_CONTROL1 = 0x08  # gDomID -> hDomID map command
+VFCTRL_MISC_CONTROL = 0x10  # TransDevID[31:16]: the DTE that translates guest buffer GPAs
+VFCTRL_CMD_CONTROL = 0x20  # guest command buffer: GPA[51:12], Len[59:56], En[0] (model)
+VFCTRL_EVT_CONTROL = 0x28  # guest event log: same layout
+VFCTRL_PPR_CONTROL = 0x30  # guest PPR log (not modelled)
+MAPCTL_GO = 1 << 63  # the map-command bits the series writes: GO | ... | 1
+MAPCTL_VALID = 1 << 0
+MAPCTL_HID_SHIFT = 14  # hID[29:14]
+MAPCTL_GID_SHIFT = 46  # gID[61:46]
+MISC_TRANS_DEVID_SHIFT = 16
+GBUF_EN = 1 << 0
+
+# VF MMIO: the guest's third 4 KiB MMIO page (offsets relative to MMIO 0x2000), one 4 KiB
+# page per guest ID in the VF BAR; the VMM maps it into the guest, no trap.
+VF_CMD_HEAD = CMD_HEAD - 0x2000
+VF_CMD_TAIL = CMD_TAIL - 0x2000
+VF_EVT_HEAD = EVT_HEAD - 0x2000
+VF_EVT_TAIL = EVT_TAIL - 0x2000
+VF_STATUS = STATUS - 0x2000
+VF_PPR_HEAD = PPR_HEAD - 0x2000
+VF_PPR_TAIL = PPR_TAIL - 0x2000
+VF_MMIO_SIZE = 4096
+GST_CMD_TRAP = 1 << 8  # model: guest command processor stalled, waiting for the VMM (RW1C)

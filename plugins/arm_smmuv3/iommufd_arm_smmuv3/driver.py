@@ -221,6 +221,8 @@ class ArmSmmuV3Driver:
             hwpt_data_types=frozenset({U.IOMMU_HWPT_DATA_ARM_SMMUV3}),
             viommu_types=VIOMMU_TYPES,
             hw_info_type=U.IOMMU_HW_INFO_TYPE_ARM_SMMUV3,
+            veventq_types=frozenset({U.IOMMU_VEVENTQ_TYPE_ARM_SMMUV3}),
+            hw_queue_types=frozenset({U.IOMMU_HW_QUEUE_TYPE_TEGRA241_CMDQV}),
         )
 
     @hookimpl

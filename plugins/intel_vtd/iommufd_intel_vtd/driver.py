@@ -13,13 +13,14 @@ tracking) a second-stage domain. VT-d has no vIOMMU type upstream: viommu_alloc 
 from __future__ import annotations
 
 import errno
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from iommufd_intel_vtd import qi as Q
 from iommufd_intel_vtd import regs as R
 from iommufd_intel_vtd import tables as T
+from iommufd_intel_vtd.guest import GuestVtd
 from iommufd_intel_vtd.hw import IntelVtd
 from iommufd_intel_vtd.pgtable import SecondStageFormat
 from iommufd_model.driver import (
@@ -40,6 +41,10 @@ from iommufd_model.hw.radix import RadixPageTable
 from iommufd_model.hw.x86_64 import X86_64Format
 from iommufd_model.machine import Machine
 from iommufd_model.uapi import iommufd as U
+
+if TYPE_CHECKING:
+    from iommufd_model.hw.iommu import IommuHw
+    from iommufd_model.vmm import GuestIommu, Vm
 
 PAGING_FLAGS = (
     U.IOMMU_HWPT_ALLOC_NEST_PARENT | U.IOMMU_HWPT_ALLOC_DIRTY_TRACKING | U.IOMMU_HWPT_ALLOC_PASID
@@ -618,6 +623,17 @@ class VtdDriver:
         self, iommu: Any, dev: PciDevice, parent: Domain, viommu_type: int, data: bytes
     ) -> ViommuBase:
         raise err(errno.EOPNOTSUPP, "VT-d has no vIOMMU type upstream")
+
+    # -- the guest model --------------------------------------------------------------------------
+    @hookimpl
+    def guest_iommu_alloc(self, vm: Vm, iommu: IommuHw, accelerated: bool) -> GuestIommu:
+        """The guest's intel-iommu driver and the VMM's emulated VT-d (nesting over iommufd).
+
+        ``accelerated`` is refused: VT-d has no queue the hardware consumes from guest RAM."""
+        _state(iommu)
+        if accelerated:
+            raise err(errno.EOPNOTSUPP, "VT-d has no hardware-accelerated guest queue")
+        return GuestVtd(vm, iommu, accelerated=False)
 
 
 def _with_ssade(pe: T.PasidEntry, enable: bool) -> T.PasidEntry:

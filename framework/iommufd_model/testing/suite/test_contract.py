@@ -35,7 +35,7 @@ def rig(iommu_registry: DriverRegistry, iommu_driver: str) -> Rig:
 def test_scenario(name: str, iommu_driver: str, iommu_registry: DriverRegistry) -> None:
     result = run_scenario(SCENARIOS[name], iommu_driver, iommu_registry)
     if result.status == UNSUPPORTED:
-        pytest.skip(f"unsupported: {result.feature} ({errno_name(result.errno)})")
+        pytest.skip(f"unsupported: {result.feature} ({errno_name(result.errno)}) in {name}")
     assert result.status != FAIL, result.detail
 
 

@@ -1,10 +1,11 @@
 """The AMD vIOMMU object (kernel ``amd_iommufd_viommu_init`` / ``struct amd_iommu_viommu``).
 
-Upstream today a vIOMMU of type IOMMU_VIOMMU_TYPE_AMD holds no hardware resource: it pins
-the nest parent and maps guest DomainIDs to host DomainIDs (``gdomid_array``) so that every
-nested domain with the same gDomID shares one hDomID (one IOTLB tag), and so that a change
-of the parent's stage 2 can be flushed for every hDomID. The HW-vIOMMU (issue 6) extends this
-package with the guest ID, the private address space, guest MMIO and the mapping tables.
+It pins the nest parent and maps guest DomainIDs to host DomainIDs (``gdomid_array``) so that
+every nested domain with the same gDomID shares one hDomID (one IOTLB tag), and so that a
+change of the parent's stage 2 can be flushed for every hDomID. On hardware with the
+HW-vIOMMU (EFR VIOMMU) it also owns a guest ID and its slice of the IOMMU Private Address
+space (guest MMIO, DevID and DomID mapping tables): :mod:`iommufd_amd.viommu.kernel` sets them
+up, :mod:`iommufd_amd.viommu.hw` is the hardware that uses them.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING
 
-from iommufd_model.driver import Domain, ViommuBase
+from iommufd_model.driver import Domain, HwQueueBase, ViommuBase
 from iommufd_model.errors import err
 
 if TYPE_CHECKING:
@@ -32,6 +33,19 @@ class AmdViommu(ViommuBase):
         super().__init__(owner, parent, viommu_type)
         self.hw = owner
         self.gdomids: dict[int, GdomInfo] = {}
+        # HW-vIOMMU resources (gid 0: none -- no hardware support or an implicit vIOMMU)
+        self.gid = 0
+        self.trans_devid = 0
+        self.trans_domid = 0
+        self.table_frames: list[int] = []  # DevID + DomID mapping tables (PAS-mapped)
+        self.gdevids: dict[int, int] = {}  # gDevID -> hDevID (vDEVICEs)
+        self.window: object = None  # the VF MMIO page the VMM mmaps (VfMmioWindow)
+
+    def _map_domid(self, gdom_id: int, hdom_id: int, valid: bool) -> None:
+        if self.gid:
+            from iommufd_amd.viommu.kernel import map_command
+
+            map_command(self.hw, self.gid, domain=True, gid_=gdom_id, hid=hdom_id, valid=valid)
 
     def get_hdom(self, gdom_id: int) -> GdomInfo:
         """The gDomID's mapping, allocating a host DomainID on first use (ENOSPC if none)."""
@@ -41,6 +55,7 @@ class AmdViommu(ViommuBase):
             if hdom <= 0:
                 raise err(errno.ENOSPC, "no host DomainID left")
             info = self.gdomids[gdom_id] = GdomInfo(hdom)
+            self._map_domid(gdom_id, hdom, True)
         info.users += 1
         return info
 
@@ -49,7 +64,16 @@ class AmdViommu(ViommuBase):
         info.users -= 1
         if not info.users:
             del self.gdomids[gdom_id]
+            self._map_domid(gdom_id, 0, False)
             self.hw.kernel.domids.free(info.hdom_id)
 
     def hdom_ids(self) -> list[int]:
-        return [info.hdom_id for info in self.gdomids.values()]
+        """Host DomainIDs that cache translations through the parent's stage 2."""
+        ids = [info.hdom_id for info in self.gdomids.values()]
+        if self.trans_domid:
+            ids.append(self.trans_domid)
+        return ids
+
+
+class AmdHwQueue(HwQueueBase):
+    """A guest command buffer or event log the hardware reads/writes in guest RAM."""

@@ -1,0 +1,192 @@
+"""HW-vIOMMU objects through the uAPI: guest IDs, the private address space, the DevID and
+DomID mapping tables, HW queues, errnos, and teardown in every legal order."""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import struct
+from typing import Any
+
+import pytest
+from iommufd_amd import regs as R
+from iommufd_amd.dte import Dte
+from iommufd_amd.viommu import AmdViommu
+from iommufd_amd.viommu.hw import IOMMU_DEVID
+
+from iommufd_model import uapi as U
+
+PAGE = 4096
+GPA = 1 << 20
+
+
+def gdte(gcr3: int, gdom: int) -> bytes:
+    d = Dte(v=True, tv=True, gv=True, giov=True, gcr3=gcr3, domain_id=gdom)
+    return struct.pack("<4Q", *d.encode())
+
+
+class Rig:
+    """A nest parent over some guest RAM, ready for AMD vIOMMUs."""
+
+    def __init__(self, w: Any, guest_ram: Any) -> None:
+        self.w = w
+        self.ioas = w.ioas()
+        self.ram = guest_ram(w, self.ioas, GPA, 64 * PAGE)
+        self.parent = w.hwpt(self.ioas, U.IOMMU_HWPT_ALLOC_NEST_PARENT)
+
+    def viommu(self) -> int:
+        return int(self.w.viommu(self.parent))
+
+    def drv(self, obj: int) -> Any:
+        return self.w.fd.objects.get(obj).drv
+
+    def vdevice(self, viommu: int, virt_id: int, dev_id: int = 0) -> int:
+        st = U.IommuVdeviceAlloc(viommu_id=viommu, dev_id=dev_id or self.w.dev_id, virt_id=virt_id)
+        return int(self.w.ioctl(U.IOMMU_VDEVICE_ALLOC, st).out_vdevice_id)
+
+    def queue(self, viommu: int, qtype: int = U.IOMMU_HW_QUEUE_TYPE_AMD_CMD, *, index: int = 0,
+              iova: int = GPA, length: int = PAGE) -> int:
+        st = U.IommuHwQueueAlloc(viommu_id=viommu, type=qtype, index=index,
+                                 nesting_parent_iova=iova, length=length)
+        return int(self.w.ioctl(U.IOMMU_HW_QUEUE_ALLOC, st).out_hw_queue_id)
+
+    def nested(self, viommu: int, gdom: int) -> int:
+        return int(self.w.hwpt(viommu, 0, U.IOMMU_HWPT_DATA_AMD_GUEST, gdte(GPA, gdom)))
+
+
+def snapshot(w: Any) -> dict[str, Any]:
+    k = w.kernel
+    pas = k.pas
+    return {
+        "gids": sorted(pas.gids.used),
+        "domids": sorted(k.domids.used),
+        "frames": w.mem.frames_in_use,
+        "pas_tables": len(pas.pt.tables),
+        "slots": sorted(w.hw.vi.slots),
+        "devtab": [k.read_dte(r).encode() for r in range(0xFF00, 0xFF04)],
+        "dte": w.dte_words(),
+    }
+
+
+def test_guest_ids_are_bounded_and_distinct(make_world: Any, guest_ram: Any, expect: Any) -> None:
+    w = make_world({"viommu_guests": 2})
+    rig = Rig(w, guest_ram)
+    assert w.hw.efr & R.EFR_VIOMMU_SUP
+    assert w.hw.control & R.CTRL_VIOMMU_EN and w.hw.control & R.CTRL_VCMD_EN
+    a, b = rig.viommu(), rig.viommu()
+    ga, gb = rig.drv(a).gid, rig.drv(b).gid
+    assert {ga, gb} == {1, 2}
+    expect(errno.ENOSPC, rig.viommu)
+    w.destroy(a)
+    assert rig.drv(rig.viommu()).gid == ga  # the ID went back to the pool
+
+
+def test_no_hw_viommu_keeps_the_plain_viommu(make_world: Any, guest_ram: Any,
+                                             expect: Any) -> None:
+    w = make_world({"viommu_guests": 0})
+    rig = Rig(w, guest_ram)
+    assert not w.hw.efr & R.EFR_VIOMMU_SUP and w.kernel.pas is None
+    v = rig.viommu()
+    assert rig.drv(v).gid == 0
+    expect(errno.EOPNOTSUPP, lambda: rig.queue(v))
+
+
+def test_private_address_space_holds_the_slice(world: Any, guest_ram: Any) -> None:
+    w = world
+    rig = Rig(w, guest_ram)
+    v = rig.viommu()
+    drv: AmdViommu = rig.drv(v)
+    gid = drv.gid
+    pas = w.kernel.pas
+    # The IOMMU's own DTE maps the PAS; the DevID / DomID tables of this guest are mapped.
+    own = w.kernel.read_dte(IOMMU_DEVID)
+    assert own.v and own.tv and own.host_root == pas.pt.root and own.domain_id == pas.domid
+    for base, size in ((R.PAS_DEVID_MAP_BASE, R.PAS_DEVID_MAP_SIZE),
+                       (R.PAS_DOMID_MAP_BASE, R.PAS_DOMID_MAP_SIZE)):
+        assert pas.pt.iova_to_phys(base + gid * size) >= 0
+        assert pas.pt.iova_to_phys(base + gid * size + size - 8) >= 0
+        assert pas.pt.iova_to_phys(base + (gid + 1) * size) < 0
+    # The TransDevID DTE translates through the nest parent's stage 2.
+    parent = w.fd.objects.get(rig.parent).domain
+    t = w.kernel.read_dte(drv.trans_devid)
+    assert (t.host_root, t.mode, t.domain_id) == (parent.pt.root, parent.mode, drv.trans_domid)
+    w.destroy(v)
+    assert pas.pt.iova_to_phys(R.PAS_DEVID_MAP_BASE + gid * R.PAS_DEVID_MAP_SIZE) < 0
+    assert not w.kernel.read_dte(drv.trans_devid).v
+
+
+def test_vdevice_and_nested_hwpt_program_the_mapping_tables(
+    world: Any, guest_ram: Any, expect: Any
+) -> None:
+    w = world
+    rig = Rig(w, guest_ram)
+    v = rig.viommu()
+    drv: AmdViommu = rig.drv(v)
+    vi = w.hw.vi
+    slot = vi.slots[drv.gid]
+    vd = rig.vdevice(v, 0x42)
+    assert vi.hdevid(slot, 0x42) == w.dev.rid and vi.hdevid(slot, 0x43) == -1
+    dte = w.kernel.read_dte(w.dev.rid)
+    assert dte.viommu_en and dte.guest_id == drv.gid and dte.gdev_id == 0x42
+    # The taken gDevID and a second vDEVICE for the same device: EEXIST like the kernel.
+    dev2 = w.machine.add_pci_device(iommu=0)
+    dev2_id = w.fd.bind(dev2)
+    expect(errno.EEXIST, lambda: rig.vdevice(v, 0x42, dev2_id))
+    v2 = rig.viommu()
+    expect(errno.EEXIST, lambda: rig.vdevice(v2, 0x7))
+    expect(errno.EINVAL, lambda: rig.vdevice(v2, 0x1_0000, dev2_id))
+    # A nested HWPT with gDomID 9 maps 9 -> its hDomID.
+    n = rig.nested(v, 9)
+    hdom = w.fd.objects.get(n).domain.ginfo.hdom_id
+    assert vi.hdomid(slot, 9) == hdom and vi.hdomid(slot, 10) == -1
+    # ... and not in the other vIOMMU's table.
+    assert vi.hdomid(vi.slots[rig.drv(v2).gid], 9) == -1
+    w.destroy(n)
+    assert vi.hdomid(slot, 9) == -1
+    w.destroy(vd)
+    assert vi.hdevid(slot, 0x42) == -1 and not w.kernel.read_dte(w.dev.rid).viommu_en
+
+
+def test_hw_queue_rules(world: Any, guest_ram: Any, expect: Any) -> None:
+    w = world
+    rig = Rig(w, guest_ram)
+    v = rig.viommu()
+    expect(errno.EOPNOTSUPP, lambda: rig.queue(v, U.IOMMU_HW_QUEUE_TYPE_AMD_PPR))
+    expect(errno.EOPNOTSUPP, lambda: rig.queue(v, U.IOMMU_HW_QUEUE_TYPE_TEGRA241_CMDQV))
+    expect(errno.EINVAL, lambda: rig.queue(v, index=1))
+    expect(errno.EINVAL, lambda: rig.queue(v, length=3 * PAGE))
+    expect(errno.EINVAL, lambda: rig.queue(v, length=2048))
+    expect(errno.EINVAL, lambda: rig.queue(v, iova=GPA + 0x800))
+    q = rig.queue(v)
+    expect(errno.EEXIST, lambda: rig.queue(v))
+    ctl = w.hw.vi.vfctrl_read(rig.drv(v).gid, R.VFCTRL_CMD_CONTROL)
+    assert ctl & R.GBUF_EN and ctl & R.BASE_ADDR_MASK == GPA
+    expect(errno.EBUSY, lambda: w.unmap(rig.ioas, GPA, PAGE))
+    w.destroy(q)
+    assert not w.hw.vi.vfctrl_read(rig.drv(v).gid, R.VFCTRL_CMD_CONTROL)
+
+
+@pytest.mark.parametrize("order", list(itertools.permutations(["hwpt", "vdev", "cmdq", "evtq"])))
+def test_teardown_in_any_legal_order_restores_everything(
+    world: Any, guest_ram: Any, expect: Any, order: tuple[str, ...]
+) -> None:
+    w = world
+    rig = Rig(w, guest_ram)
+    before = snapshot(w)
+    v = rig.viommu()
+    objs = {
+        "vdev": rig.vdevice(v, 0x10),
+        "hwpt": rig.nested(v, 3),
+        "cmdq": rig.queue(v),
+        "evtq": rig.queue(v, U.IOMMU_HW_QUEUE_TYPE_AMD_EVT, iova=GPA + PAGE),
+    }
+    w.fd.attach(w.dev_id, objs["hwpt"])
+    for name in order:
+        expect(errno.EBUSY, lambda: w.destroy(v))
+        if name == "hwpt":
+            w.fd.detach(w.dev_id)
+        w.destroy(objs[name])
+    w.destroy(v)
+    after = snapshot(w)
+    before["dte"] = after["dte"] = None  # the device went from blocked to blocked
+    assert after == before
