@@ -18,10 +18,12 @@ from iommufd_model.scenarios.base import (
     run_scenario,
 )
 from iommufd_model.scenarios.catalog import SCENARIOS
+from iommufd_model.scenarios.guest_events import GUEST_SCENARIOS  # registers itself, too
 from iommufd_model.scenarios.nested import NESTED_SCENARIOS  # registers itself in SCENARIOS
 
 __all__ = [
     "FAIL",
+    "GUEST_SCENARIOS",
     "NESTED_SCENARIOS",
     "PASS",
     "SCENARIOS",

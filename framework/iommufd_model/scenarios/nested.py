@@ -122,13 +122,27 @@ def refused_as(feature: Feature, fn: Callable[[], T]) -> T:
         raise
 
 
-def boot(ctx: ScenarioContext) -> Guest:
-    """A fresh machine, a VM on it, the guest IOMMU model and one passed-through device."""
-    machine = ctx.machine()
+def boot(
+    ctx: ScenarioContext, machine: Machine | None = None, *, accelerated: bool = False
+) -> Guest:
+    """A VM (on a fresh machine unless given one), the guest IOMMU model and one
+    passed-through device. ``accelerated`` asks for the vendor's hardware-accelerated guest
+    queue: a driver with a guest model but no such queue is unsupported (``hw_queue``) with
+    the errno ``Vm.viommu`` gave; one with no guest model at all stays ``nested``."""
+    machine = machine if machine is not None else ctx.machine()
     vm = ctx.vm(machine, ram_size=RAM, table_pool=TABLE_POOL)  # its traps count in the costs
     hw = machine.iommus[0]
     ctx.need(Feature.NESTED, lambda: vm.viommu(hw))
-    viommu = refused_as(Feature.NESTED, lambda: vm.viommu(hw))
+    if accelerated:
+        try:
+            viommu = vm.viommu(hw, accelerated=True)
+        except OSError as exc:
+            if exc.errno != errno.EOPNOTSUPP:
+                raise
+            refused_as(Feature.NESTED, lambda: vm.viommu(hw))  # no guest model at all
+            raise Unsupported(Feature.HW_QUEUE, exc.errno, describe_oserror(exc)) from exc
+    else:
+        viommu = refused_as(Feature.NESTED, lambda: vm.viommu(hw))
     gdev = viommu.add_device(machine.add_pci_device(iommu=0), VIRT_ID)
     return Guest(machine, vm, viommu, gdev)
 
@@ -181,7 +195,12 @@ def nested_invalidation(ctx: ScenarioContext) -> None:
     """Guest remaps without invalidating (stale iff the IOTLB hit), then invalidates one
     page, a range and everything: DMA sees the new mapping each time."""
     g = boot(ctx)
-    dom = g.domain()
+    invalidation_flow(g, g.domain())
+
+
+def invalidation_flow(g: Guest, dom: GuestDomain) -> None:
+    """:func:`nested_invalidation`'s steps on an attached domain: map, remap without
+    invalidating (stale iff the IOTLB hit), invalidate a page, a range, everything."""
     a, b = g.buffer(BUF, 41), g.buffer(BUF, 42)
     pa, pb = big_pattern(41, BUF), big_pattern(42, BUF)
     g.iommu.map(dom, IOVA, a, BUF)
@@ -366,6 +385,7 @@ __all__ = [
     "NESTED_SCENARIOS",
     "Guest",
     "boot",
+    "invalidation_flow",
     "nested_scenario",
     "teardown_orders",
 ]
