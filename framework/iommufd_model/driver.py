@@ -8,9 +8,12 @@ vDEVICE / HW queue bases) and hangs its vendor state off them.
 from __future__ import annotations
 
 import enum
+import errno
 from typing import TYPE_CHECKING, Any
 
 import attrs
+
+from iommufd_model.errors import err
 
 if TYPE_CHECKING:
     from iommufd_model.hw.iommu import IommuHw
@@ -147,3 +150,20 @@ class HwQueueBase:
         self.length = length
         # Physical frames of the queue memory, pinned by the core for the queue's lifetime.
         self.pfns: list[int] = []
+        # Set by the core: the iommufd HW_QUEUE object (dependencies are kept on it).
+        self.core: Any = None
+        self._depends: list[HwQueueBase] = []
+
+    def depend(self, prev: HwQueueBase) -> None:
+        """``iommufd_hw_queue_depend()``: ``prev`` cannot be destroyed (EBUSY) while this
+        queue lives; for hardware whose queues must go in reverse order of allocation."""
+        if prev.core is None:
+            raise err(errno.EINVAL, "the queue depended on is not an iommufd object")
+        prev.core.users += 1
+        self._depends.append(prev)
+
+    def undepend(self) -> None:
+        """Release :meth:`depend` (the core calls this after ``hw_queue_destroy``)."""
+        for prev in self._depends:
+            prev.core.users -= 1
+        self._depends.clear()

@@ -82,6 +82,7 @@ class HwQueue(IommufdObject):
     def destroy(self) -> None:
         viommu = self.viommu
         viommu.hooks.hw_queue_destroy(queue=self.drv)
+        self.drv.undepend()
         viommu.hw_queues.pop((self.drv.queue_type, self.drv.index), None)
         viommu.hwpt.ioas.iopt.access_unpin(*_page_span(self.drv.base_iova, self.drv.length),
                                            lock=True)
@@ -216,8 +217,10 @@ def _hw_queue_alloc(ucmd: Ucmd) -> None:
         cmd.out_hw_queue_id = objs.alloc_id(q)
     except OSError:
         viommu.hooks.hw_queue_destroy(queue=drv)
-        iopt.access_unpin(cmd.nesting_parent_iova, cmd.length, lock=True)
+        drv.undepend()
+        iopt.access_unpin(pin_iova, pin_len, lock=True)
         raise
+    drv.core = q
     q.hold(viommu)
     viommu.hw_queues[(cmd.type, cmd.index)] = q
     ucmd.respond()

@@ -344,11 +344,7 @@ class MockDriver:
             raise err(errno.EFAULT, "queue base does not translate to its pinned page")
         queue = MockHwQueue(viommu, queue_type, index, base_iova, length)
         if prev is not None:
-            # iommufd_hw_queue_depend(): the earlier queue cannot be destroyed first (EBUSY)
-            core = viommu.core.hw_queues.get((queue_type, index - 1)) if viommu.core else None
-            if core is not None:
-                core.users += 1
-                queue.prev_core = core
+            queue.depend(prev)  # the earlier queue cannot be destroyed first (EBUSY)
             queue.prev = prev
         viommu.hw_queue[index] = queue
         return queue
@@ -359,10 +355,6 @@ class MockDriver:
         viommu = queue.viommu
         assert isinstance(viommu, MockViommu)
         viommu.hw_queue[queue.index] = None
-        core = queue.prev_core
-        if core is not None:
-            core.users -= 1  # type: ignore[attr-defined]
-            queue.prev_core = None
         return True
 
     @hookimpl

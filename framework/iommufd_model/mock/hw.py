@@ -111,7 +111,6 @@ class MockHwQueue(HwQueueBase):
     ) -> None:
         super().__init__(viommu, queue_type, index, base_iova, length)
         self.prev: MockHwQueue | None = None
-        self.prev_core: object | None = None
 
 
 class MockIommu(IommuHw):

@@ -136,6 +136,7 @@ class VintfVsmmu(Vsmmu):
         self.viommu_type = U.IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV
         self.vintf = vintf
         self.vdevs: dict[int, Vdevice] = {}
+        self.queues: dict[int, Vcmdq] = {}  # logical VCMDQ index -> its iommufd HW queue
         self.mmap_offset = (vintf.idx + 1) * VINTF_PAGE_SIZE
         self.out_data = U.IommuViommuTegra241Cmdqv(
             out_vintf_mmap_offset=self.mmap_offset, out_vintf_mmap_length=VINTF_PAGE_SIZE
@@ -497,7 +498,12 @@ class ArmSmmuV3Driver:
         q.reset()
         q.allocated = True
         q.base = base_pa | ((length.bit_length() - 1) - 4)  # LOG2SIZE in 16-byte entries
-        return Vcmdq(viommu, index, base_iova, length)
+        queue = Vcmdq(viommu, index, base_iova, length)
+        if index:
+            # The kernel makes each LVCMDQ depend on the previous one: destroy is descending.
+            queue.depend(viommu.queues[index - 1])
+        viommu.queues[index] = queue
+        return queue
 
     @hookimpl
     def hw_queue_destroy(self, queue: api.HwQueueBase) -> bool:
@@ -506,6 +512,9 @@ class ArmSmmuV3Driver:
             q = queue.vintf.lvcmdqs[queue.index]
             q.reset()
             q.allocated = False
+            vsmmu = queue.viommu
+            if isinstance(vsmmu, VintfVsmmu):
+                vsmmu.queues.pop(queue.index, None)
             _smmus[queue.vintf.cmdqv.hw].issue([])  # a CMD_SYNC on the main queue
         return True
 

@@ -102,12 +102,17 @@ def test_hw_queue_alloc_rules(guest_vm: Any) -> None:
         with pytest.raises(OSError) as exc:
             r.hw_queue_alloc(vm.viommu, qtype, index, iova, length)
         assert exc.value.errno == code, (qtype, index, iova, length)
-    r.hw_queue_alloc(vm.viommu, t, 0, QUEUE_IPA, QLEN)
+    q0 = r.hw_queue_alloc(vm.viommu, t, 0, QUEUE_IPA, QLEN)
     q1 = r.hw_queue_alloc(vm.viommu, t, 1, QUEUE_IPA + QLEN, 256)
     vintf = vm.viommu_drv.vintf
     assert vintf.lvcmdqs[1].base == vm.ipa_to_pa(QUEUE_IPA + QLEN) | 4  # LOG2SIZE 16 entries
+    with pytest.raises(OSError) as exc:  # LVCMDQ 1 depends on 0: destroy is descending
+        r.destroy(q0)
+    assert exc.value.errno == errno.EBUSY and vintf.lvcmdqs[0].allocated
     r.destroy(q1)
     assert not vintf.lvcmdqs[1].allocated and vintf.lvcmdqs[1].base == 0
+    r.destroy(q0)
+    assert not vintf.lvcmdqs[0].allocated
     plain = guest_vm()  # a plain SMMUv3 vIOMMU has no HW queues
     with pytest.raises(OSError) as exc:
         plain.r.hw_queue_alloc(plain.viommu, t, 0, QUEUE_IPA, QLEN)
