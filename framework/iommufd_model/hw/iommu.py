@@ -97,31 +97,44 @@ class IommuHw:
 
     # -- the DMA engine -----------------------------------------------------------------
     def dma_read(self, dev: PciDevice, iova: int, n: int, pasid: int | None) -> bytes:
-        out = bytearray()
-        mem = self.memory
-        while n:
-            pa, run = self.translate(dev, iova, pasid, False)
+        # Runs are copied one by one, as translated: translating the next run may set A/D bits
+        # in a frame this access reads. The last run is gathered as zero-copy views of its
+        # frames and everything is joined once, so an access within one IOMMU page (a 2 MiB or
+        # 1 GiB one included) copies every byte once, as a plain copy does.
+        if not n:
+            return b""
+        parts: list[bytes | bytearray | memoryview] = []
+        read = self.memory.read
+        translate = self.translate
+        while True:
+            pa, run = translate(dev, iova, pasid, False)
             chunk = min(n, run)
-            out += mem.read(pa, chunk)
-            iova += chunk
             n -= chunk
-        return bytes(out)
+            if not n:
+                self.memory.gather(pa, chunk, parts)
+                return b"".join(parts)
+            parts.append(read(pa, chunk))
+            iova += chunk
 
     def dma_write(
         self, dev: PciDevice, iova: int, data: bytes | bytearray | memoryview, pasid: int | None
     ) -> None:
         # Translate everything first: a faulting DMA must not have written a prefix.
+        # ``bytes(data)`` (no copy for bytes) freezes the source: it may alias the target memory.
         view = memoryview(bytes(data))
+        n = len(view)
         runs: list[tuple[int, int]] = []
+        translate = self.translate
         pos = 0
-        while pos < len(view):
-            pa, run = self.translate(dev, iova + pos, pasid, True)
-            chunk = min(len(view) - pos, run)
+        while pos < n:
+            pa, run = translate(dev, iova + pos, pasid, True)
+            chunk = min(n - pos, run)
             runs.append((pa, chunk))
             pos += chunk
+        write = self.memory.write
         pos = 0
         for pa, chunk in runs:
-            self.memory.write(pa, view[pos : pos + chunk])
+            write(pa, view[pos : pos + chunk])
             pos += chunk
 
     def describe(self) -> dict[str, Any]:

@@ -2,7 +2,14 @@
 
 Pages are materialised only when written; reading a frame that was never written yields
 zeros without allocating storage, so a machine can have terabytes of address space.
-Hardware table walkers read through :meth:`PhysicalMemory.read_u64`, which is the hot path.
+
+Frames live in :class:`Frames`, a ``dict`` pfn -> ``bytearray`` that the compiled table walkers
+index directly. Beside it, ``Frames.words`` holds, for the frames that u64 accessors touched, a
+``memoryview`` cast to signed 64-bit words over the *same* bytes (in a two-level list indexed
+by pfn): a table entry is then one indexing operation instead of a slice and
+``int.from_bytes`` (4-6x faster, more in compiled walkers), and it can never go stale
+because it shares the frame's storage. Views are made on demand (walkers make them too) and
+dropped with the frame.
 """
 
 from __future__ import annotations
@@ -17,6 +24,95 @@ PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
 PAGE_MASK = PAGE_SIZE - 1
 _ZERO_PAGE = bytes(PAGE_SIZE)
+_ZERO_VIEW = memoryview(_ZERO_PAGE)
+U64 = (1 << 64) - 1
+_SIGN = 1 << 63
+
+
+#: word views are kept for frames below ``WORDS_MAX_PFN`` (1 TiB); above it they are made per use
+WORDS_CHUNK_BITS = 12
+WORDS_MAX_PFN = 1 << 28
+Words = list[list[memoryview | None] | None]
+
+
+def remember_view(words: Words, pfn: int, page: bytearray) -> memoryview:
+    """Make ``page``'s word view and keep it in ``words`` at ``pfn`` (when below the limit).
+
+    Walker modules carry a copy of this function (they import nothing from the framework).
+    """
+    view = memoryview(page).cast("q")
+    if 0 <= pfn < WORDS_MAX_PFN:
+        top = pfn >> WORDS_CHUNK_BITS
+        if top >= len(words):
+            words.extend([None] * (top + 1 - len(words)))
+        chunk = words[top]
+        if chunk is None:
+            chunk = words[top] = [None] * (1 << WORDS_CHUNK_BITS)
+        chunk[pfn & ((1 << WORDS_CHUNK_BITS) - 1)] = view
+    return view
+
+
+class Frames(dict[int, bytearray]):
+    """pfn -> 4 KiB frame storage, the dict every walker indexes, plus ``words``.
+
+    ``words[pfn >> 12][pfn & 0xFFF]`` (when the chunk and the entry exist) is
+    ``memoryview(self[pfn]).cast("q")``: the frame as 512 little-endian signed 64-bit words,
+    sharing its bytes. A two-level list rather than a dict: a lookup is two list indexings,
+    no key object and no hash probe (1.5-2x faster walks than a dict of views). Replacing or
+    removing a frame drops its view, so a view always aliases the frame stored under the
+    same pfn. A frame with a view cannot be resized (frames never are).
+    """
+
+    __slots__ = ("words",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.words: Words = []
+
+    def _forget(self, pfn: int) -> None:
+        top = pfn >> WORDS_CHUNK_BITS
+        if 0 <= top < len(self.words):
+            chunk = self.words[top]
+            if chunk is not None:
+                chunk[pfn & ((1 << WORDS_CHUNK_BITS) - 1)] = None
+
+    def __setitem__(self, pfn: int, page: bytearray) -> None:
+        self._forget(pfn)
+        super().__setitem__(pfn, page)
+
+    def __delitem__(self, pfn: int) -> None:
+        self._forget(pfn)
+        super().__delitem__(pfn)
+
+    def pop(self, pfn: int, *default: bytearray | None) -> bytearray | None:  # type: ignore[override]
+        self._forget(pfn)
+        return super().pop(pfn, *default)
+
+    def clear(self) -> None:
+        self.words.clear()
+        super().clear()
+
+    def view(self, pfn: int) -> memoryview | None:
+        """The frame's word view (made now if needed), or None for a never-written frame."""
+        words = self.words
+        top = pfn >> WORDS_CHUNK_BITS
+        if 0 <= top < len(words):
+            chunk = words[top]
+            if chunk is not None:
+                view = chunk[pfn & ((1 << WORDS_CHUNK_BITS) - 1)]
+                if view is not None:
+                    return view
+        page = self.get(pfn)
+        if page is None:
+            return None
+        return remember_view(words, pfn, page)
+
+    def has_view(self, pfn: int) -> bool:
+        top = pfn >> WORDS_CHUNK_BITS
+        if not 0 <= top < len(self.words):
+            return False
+        chunk = self.words[top]
+        return chunk is not None and chunk[pfn & ((1 << WORDS_CHUNK_BITS) - 1)] is not None
 
 
 class FrameMemory(Protocol):
@@ -50,7 +146,7 @@ class PhysicalMemory:
             raise err(errno.EINVAL, "memory size must be a positive multiple of 4 KiB")
         self.size = size
         self.nr_frames = size >> PAGE_SHIFT
-        self._pages: dict[int, bytearray] = {}
+        self._pages = Frames()
         self._refs: dict[int, int] = {}
         self._free: list[int] = []
         # Frame 0 is never handed out so that a zero physical address is never valid data.
@@ -136,54 +232,108 @@ class PhysicalMemory:
     def read(self, pa: int, n: int) -> bytes:
         self._check(pa, n)
         self.reads += 1
-        pages = self._pages
         off = pa & PAGE_MASK
         if off + n <= PAGE_SIZE:
-            page = pages.get(pa >> PAGE_SHIFT)
-            return bytes(n) if page is None else bytes(page[off : off + n])
-        out = bytearray()
+            page = self._pages.get(pa >> PAGE_SHIFT)
+            if page is None:
+                return bytes(n)
+            return bytes(page) if n == PAGE_SIZE else bytes(memoryview(page)[off : off + n])
+        # Whole frames join without an intermediate slice: one copy of every byte in all.
+        pieces: list[bytes | bytearray | memoryview] = []
+        self._gather(pa, n, pieces)
+        return b"".join(pieces)
+
+    def gather(self, pa: int, n: int, out: list[bytes | bytearray | memoryview]) -> None:
+        """Append zero-copy pieces that cover ``[pa, pa+n)`` to ``out`` (counted as one read).
+
+        The pieces alias the frames: join or copy them before memory changes (the DMA engine
+        gathers every translated run, then joins once: one copy of every byte in all).
+        """
+        self._check(pa, n)
+        self.reads += 1
+        self._gather(pa, n, out)
+
+    def _gather(self, pa: int, n: int, out: list[bytes | bytearray | memoryview]) -> None:
+        get = self._pages.get
+        append = out.append
+        off = pa & PAGE_MASK
+        pfn = pa >> PAGE_SHIFT
         while n:
             chunk = min(n, PAGE_SIZE - off)
-            page = pages.get(pa >> PAGE_SHIFT)
-            out += _ZERO_PAGE[:chunk] if page is None else page[off : off + chunk]
-            pa += chunk
+            page = get(pfn)
+            if chunk == PAGE_SIZE:
+                append(_ZERO_PAGE if page is None else page)
+            elif page is None:
+                append(_ZERO_VIEW[off : off + chunk])
+            else:
+                append(memoryview(page)[off : off + chunk])
+            pfn += 1
             n -= chunk
             off = 0
-        return bytes(out)
 
     def write(self, pa: int, data: bytes | bytearray | memoryview) -> None:
         n = len(data)
         self._check(pa, n)
         self.writes += 1
+        if not n:
+            return
         pages = self._pages
         off = pa & PAGE_MASK
-        pos = 0
-        while pos < n:
-            chunk = min(n - pos, PAGE_SIZE - off)
-            pfn = pa >> PAGE_SHIFT
+        pfn = pa >> PAGE_SHIFT
+        if off + n <= PAGE_SIZE:
             page = pages.get(pfn)
             if page is None:
                 page = pages[pfn] = bytearray(PAGE_SIZE)
-            page[off : off + chunk] = data[pos : pos + chunk]
-            pa += chunk
-            pos += chunk
-            off = 0
+            page[off : off + n] = data
+            return
+        view = data if isinstance(data, memoryview) else memoryview(data)
+        get = pages.get
+        pos = 0
+        if off:  # the head, up to the first frame boundary
+            pos = PAGE_SIZE - off
+            page = get(pfn)
+            if page is None:
+                page = pages[pfn] = bytearray(PAGE_SIZE)
+            page[off:] = view[:pos]
+            pfn += 1
+        # Whole frames: one slice copy each (a new frame is made from the data directly).
+        end = pos + ((n - pos) & ~PAGE_MASK)
+        for start in range(pos, end, PAGE_SIZE):
+            page = get(pfn)
+            if page is None:
+                pages[pfn] = bytearray(view[start : start + PAGE_SIZE])
+            else:
+                page[:] = view[start : start + PAGE_SIZE]
+            pfn += 1
+        if end < n:  # the tail
+            page = get(pfn)
+            if page is None:
+                page = pages[pfn] = bytearray(PAGE_SIZE)
+            page[: n - end] = view[end:]
 
     def read_u64(self, pa: int) -> int:
         """Read a naturally aligned little-endian u64 (the table walkers' primitive)."""
         if pa & 7 or pa < 0 or pa + 8 > self.size:
             raise err(errno.EFAULT, f"bad u64 read at {pa:#x}")
         self.reads += 1
-        page = self._pages.get(pa >> PAGE_SHIFT)
-        if page is None:
+        view = self._pages.view(pa >> PAGE_SHIFT)
+        if view is None:
             return 0
-        off = pa & PAGE_MASK
-        return int.from_bytes(page[off : off + 8], "little")
+        return view[(pa & PAGE_MASK) >> 3] & U64
 
     def write_u64(self, pa: int, value: int) -> None:
         if pa & 7 or pa < 0 or pa + 8 > self.size:
             raise err(errno.EFAULT, f"bad u64 write at {pa:#x}")
-        self.write(pa, (value & 0xFFFF_FFFF_FFFF_FFFF).to_bytes(8, "little"))
+        self.writes += 1
+        pages = self._pages
+        pfn = pa >> PAGE_SHIFT
+        view = pages.view(pfn)
+        if view is None:
+            pages[pfn] = bytearray(PAGE_SIZE)
+            view = pages.view(pfn)
+            assert view is not None
+        value &= U64
+        view[(pa & PAGE_MASK) >> 3] = value - (_SIGN << 1) if value & _SIGN else value
 
     def page_view(self, pfn: int) -> bytearray:
         """The frame's backing store, materialised (for bulk DMA copies)."""

@@ -10,12 +10,21 @@ Every walker returns ``(status, value, shift, refs, prot)``, numbered like the f
 NOT_PRESENT / PERMISSION / ADDRESS_SIZE / BAD_ENTRY (value = AMD level of the faulting
 table), S2_FAULT (value = guest-physical address the host table refused) and HW_ERROR
 (value = the table address that lies outside memory: PAGE_TAB_HARDWARE_ERROR).
+
+Speed: entries are read through the memory's word views (``Frames.words``: a ``memoryview``
+cast to signed 64-bit words over each frame's bytes, made on demand) into native ``i64``
+(mypyc) -- one indexing operation per entry. The nested walk runs its guest x86-64 walk and
+every host walk natively inside this module (no Python-level callbacks) when handed the
+framework's ``walk_x86``; its rules are that walker's, and the tests compare both.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Final
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:  # mypyc's native 64-bit int; plain ``int`` when the source runs uncompiled
+    from mypy_extensions import i64
 
 # Statuses numbered as the framework's walk_x86 (a test checks it) so that one decoder reads
 # both walkers. ``Final`` lets mypyc inline every constant instead of a globals lookup.
@@ -35,12 +44,57 @@ _HI_RSVD: Final = 0x7F << 20  # PTE bits [58:52] (in the high half) must be zero
 _HI_IR: Final = 1 << 29  # IR: read permission, PTE bit 61
 _HI_IW: Final = 1 << 30  # IW: write permission, PTE bit 62
 _GCR3_VALID: Final = 1  # GCR3 table entry valid bit
+_X86_P: Final = 1  # x86-64 (v2) entry bits
+_X86_RW: Final = 2
+_X86_PS: Final = 0x80
+_NATIVE: Final = 1 << 62  # memory sizes are clamped to this (every table address is below)
 
 Stage2 = Callable[[int, bool], tuple[int, int, int]]
 X86Walker = Callable[
     [dict[int, bytearray], int, int, int, int, bool, Stage2 | None],
     tuple[int, int, int, int, int],
 ]
+Result = tuple[int, int, int, int, int]
+
+
+Words = list[list[memoryview | None] | None]
+_MAX_PFN: Final = 1 << 28  # as memory.WORDS_MAX_PFN: views of frames above are made per use
+
+
+def _words(pages: dict[int, bytearray]) -> Words:
+    """The word views beside ``pages`` (``Frames.words``), or a fresh table for a plain dict."""
+    words: Words | None = getattr(pages, "words", None)
+    return [] if words is None else words
+
+
+def _remember(words: Words, pfn: i64, page: bytearray) -> memoryview:
+    """``memory.remember_view``: make a frame's word view and keep it in ``words``."""
+    view = memoryview(page).cast("q")
+    if 0 <= pfn < _MAX_PFN:
+        top: i64 = pfn >> 12
+        if top >= len(words):
+            words.extend([None] * (top + 1 - len(words)))
+        chunk = words[top]
+        if chunk is None:
+            fresh: list[memoryview | None] = [None] * 4096
+            words[top] = chunk = fresh
+        chunk[pfn & 0xFFF] = view
+    return view
+
+
+def _view(pages: dict[int, bytearray], words: Words, pfn: i64) -> memoryview | None:
+    """Frame ``pfn`` as signed 64-bit words, or None for a frame never written."""
+    top: i64 = pfn >> 12
+    if 0 <= top < len(words):
+        chunk = words[top]
+        if chunk is not None:
+            view = chunk[pfn & 0xFFF]
+            if view is not None:
+                return view
+    page = pages.get(pfn)
+    if page is None:
+        return None
+    return _remember(words, pfn, page)
 
 
 def walk_v1(
@@ -51,7 +105,7 @@ def walk_v1(
     iova: int,
     write: bool,
     had: int,
-) -> tuple[int, int, int, int, int]:
+) -> Result:
     """Walk a v1 host table of ``mode`` levels (1..6) for one access.
 
     PDE NextLevel 1..6 names the level of the table it points to; a smaller value than
@@ -59,46 +113,64 @@ def walk_v1(
     of the current level's size; NextLevel 7 is a leaf whose size is encoded in the address
     (the lowest clear bit at or above bit 12 gives size = 2 << bit). ``had`` is DTE HAD:
     bit 0 updates A, bit 1 updates D on writes.
-
-    Entries are read as two 32-bit halves byte by byte: every value stays a small int, which
-    mypyc keeps unboxed (a whole entry with IW, bit 62, would be a boxed long).
     """
     if mode < 1 or mode > 6:
         return BAD_ENTRY, mode, 0, 0, 0
     top = 12 + 9 * mode
     if top < 64 and iova >> top:
         return ADDRESS_SIZE, mode, 0, 0, 0
-    refs = 0
+    slot = root + ((iova >> (3 + 9 * mode)) & 0x1FF) * 8
+    if slot + 8 > mem_size or slot + 8 > _NATIVE:  # memories are below 2**62 bytes
+        return HW_ERROR, slot, 0, 0, 0
+    return _v1(pages, _words(pages), min(mem_size, _NATIVE), root, mode, iova, write, had)
+
+
+def _v1(
+    pages: dict[int, bytearray],
+    words: Words,
+    mem_size: i64,
+    root: i64,
+    mode: i64,
+    iova: int,
+    write: bool,
+    had: i64,
+) -> Result:
+    """:func:`walk_v1` after its argument checks; ``iova`` stays an ``int`` (mode 6 uses all
+    64 bits), everything else is native."""
+    refs: i64 = 0
     can_read = True
     can_write = True
-    table = root
-    level = mode
+    table: i64 = root
+    level: i64 = mode
     while True:
-        shift = 3 + 9 * level  # = 12 + 9 * (level - 1): bytes covered by one entry
-        slot = table + ((iova >> shift) & 0x1FF) * 8
+        shift: i64 = 3 + 9 * level  # = 12 + 9 * (level - 1): bytes covered by one entry
+        # ``iova`` may use all 64 bits (mode 6): its operations stay on (tagged) ints.
+        iova_shift: int = shift
+        index: i64 = (iova >> iova_shift) & 0x1FF
+        slot: i64 = table + index * 8
         if slot + 8 > mem_size:
             return HW_ERROR, slot, 0, refs, 0
         refs += 1
-        page = pages.get(slot >> 12)
-        if page is None:
+        view = _view(pages, words, slot >> 12)
+        if view is None:
             return NOT_PRESENT, level, 0, refs, 0
-        off = slot & 0xFFF
-        lo = page[off] | page[off + 1] << 8 | page[off + 2] << 16 | page[off + 3] << 24
-        if not lo & _PR:
+        at: i64 = (slot & 0xFFF) >> 3
+        entry: i64 = view[at]
+        if not entry & _PR:
             return NOT_PRESENT, level, 0, refs, 0
-        hi = page[off + 4] | page[off + 5] << 8 | page[off + 6] << 16 | page[off + 7] << 24
+        hi: i64 = (entry >> 32) & 0xFFFF_FFFF
         if hi & _HI_RSVD:
             return BAD_ENTRY, level, 0, refs, 0
         if not hi & _HI_IR:
             can_read = False
         if not hi & _HI_IW:
             can_write = False
-        nl = (lo >> 9) & 7
-        addr = (hi & 0xFFFFF) << 32 | (lo & 0xFFFF_F000)
+        nl: i64 = (entry >> 9) & 7
+        addr: i64 = entry & _ADDR
         if nl == 0 or nl == 7:
-            size_log2 = shift
+            size_log2: i64 = shift
             if nl == 7:
-                bit = 12
+                bit: i64 = 12
                 while bit < 52 and addr >> bit & 1:
                     bit += 1
                 size_log2 = bit + 1
@@ -110,20 +182,27 @@ def walk_v1(
                 return PERMISSION, level, 0, refs, prot
             if had:
                 # A and D live in the entry's low byte.
-                low = page[off]
-                new = low | (_A if had & 1 else 0) | (_D | _A if write and had & 2 else 0)
-                if new != low:
-                    page[off] = new
-            mask = (1 << size_log2) - 1
-            return OK, (addr & ~mask) | (iova & mask), size_log2, refs, prot
+                new: i64 = entry | (_A if had & 1 else 0) | (_D | _A if write and had & 2 else 0)
+                if new != entry:
+                    view[at] = new
+            mask: i64 = _mask(size_log2)
+            offset: int = mask
+            return OK, (addr & ~mask) | (iova & offset), size_log2, refs, prot
         if nl >= level:
             return BAD_ENTRY, level, 0, refs, 0
         if nl < level - 1:
-            skipped = ((1 << shift) - 1) & ~((1 << (12 + 9 * nl)) - 1)
+            skipped: int = _mask(shift) & ~_mask(12 + 9 * nl)
             if iova & skipped:
                 return NOT_PRESENT, level, 0, refs, 0
         table = addr
         level = nl
+
+
+def _mask(bits: i64) -> i64:
+    """``(1 << bits) - 1`` for 0 <= bits < 63. (mypyc emits ``1 << bits`` on native ints
+    with a 32-bit C literal, wrong from bit 31 up; a 64-bit literal shifted right is not.)"""
+    ones: i64 = 0x7FFF_FFFF_FFFF_FFFF
+    return ones >> (63 - bits)
 
 
 def walk_nested(
@@ -139,13 +218,162 @@ def walk_nested(
     iova: int,
     write: bool,
     x86: X86Walker,
-) -> tuple[int, int, int, int, int]:
+) -> Result:
     """GCR3[pasid] then the guest x86-64 table, every guest pointer through the host table.
 
     ``host_mode`` 0 means no host stage: the GCR3 table and guest tables are system-physical
     (a v2-only DTE). ``x86`` is the framework's ``walk_x86`` (compiled or pure, as chosen by
-    the caller); each of its table pointers and its final output go through ``s2``.
+    the caller), whose rules this module runs natively; any other walker is called, with
+    each of its table pointers and its final output going through the host table.
     """
+    if (
+        getattr(x86, "__name__", "") != "walk_x86"
+        or not 1 <= guest_levels <= 5
+        or not 0 <= host_root < _NATIVE
+        or not 0 <= gcr3_root < _NATIVE
+    ):
+        return _nested_with(pages, mem_size, host_root, host_mode, had, gcr3_root, glx,
+                            guest_levels, pasid, iova, write, x86)
+    if pasid >> (9 * (glx + 1)):
+        return NOT_PRESENT, 0, 0, 0, 0
+    words = _words(pages)
+    size: i64 = min(mem_size, _NATIVE)
+    nested = host_mode != 0
+    # The GCR3 table: GLX + 1 levels, level n indexed by PASID bits [9n+8:9n].
+    refs: i64 = 0
+    table = gcr3_root
+    for level in range(glx, -1, -1):
+        gpa = table + ((pasid >> (9 * level)) & 0x1FF) * 8
+        spa = gpa
+        if nested:
+            st, val, _s, r, _p = _host(pages, words, size, host_root, host_mode, gpa, False, had)
+            refs += r
+            if st != OK:
+                if st == HW_ERROR:
+                    return HW_ERROR, val, 0, refs, 0
+                return S2_FAULT, gpa, 0, refs, 0
+            spa = val
+        if spa + 8 > size:
+            return HW_ERROR, spa, 0, refs, 0
+        value = _read(pages, words, spa)
+        refs += 1
+        if not value & _GCR3_VALID:
+            return NOT_PRESENT, 0, 0, refs, 0
+        table = value & _ADDR
+    if not nested and table + 8 > size:
+        return HW_ERROR, table, 0, refs, 0
+    if iova >> (12 + 9 * guest_levels):
+        return ADDRESS_SIZE, guest_levels - 1, 0, refs, 0
+    st, val, shift, r, prot = _guest(pages, words, size, host_root, host_mode if nested else 0,
+                                     had, table, iova, guest_levels, write)
+    return st, val, shift, refs + r, prot
+
+
+def _read(pages: dict[int, bytearray], words: Words, pa: i64) -> i64:
+    """The signed u64 at 8-aligned ``pa`` (0 for a never-written frame)."""
+    view = _view(pages, words, pa >> 12)
+    if view is None:
+        return 0
+    value: i64 = view[(pa & 0xFFF) >> 3]
+    return value
+
+
+def _host(
+    pages: dict[int, bytearray],
+    words: Words,
+    mem_size: i64,
+    root: i64,
+    mode: i64,
+    gpa: i64,
+    write: bool,
+    had: i64,
+) -> Result:
+    """One host (v1) translation of a guest-physical address, as :func:`walk_v1` does it."""
+    if mode < 1 or mode > 6:
+        return BAD_ENTRY, mode, 0, 0, 0
+    top: i64 = 12 + 9 * mode
+    if top < 64 and gpa >> top:
+        return ADDRESS_SIZE, mode, 0, 0, 0
+    return _v1(pages, words, mem_size, root, mode, gpa, write, had)
+
+
+def _guest(
+    pages: dict[int, bytearray],
+    words: Words,
+    mem_size: i64,
+    host_root: i64,
+    host_mode: i64,
+    had: i64,
+    root: i64,
+    iova: i64,
+    levels: i64,
+    write: bool,
+) -> Result:
+    """The framework's ``walk_x86`` with its stage 2 being the host table (``host_mode`` > 0)
+    or none; a refused guest-physical address reports S2_FAULT, or HW_ERROR with the table
+    address when the host walk hit one outside memory."""
+    refs: i64 = 0
+    prot: i64 = 3
+    table: i64 = root
+    level: i64 = levels - 1
+    nested = host_mode != 0
+    while level >= 0:
+        shift: i64 = 12 + 9 * level
+        slot: i64 = table + ((iova >> shift) & 0x1FF) * 8
+        if nested:
+            st, val, _s, r, _p = _host(pages, words, mem_size, host_root, host_mode, slot, False,
+                                       had)
+            refs += r
+            if st != OK:
+                return (HW_ERROR, val, 0, refs, 0) if st == HW_ERROR else (S2_FAULT, slot, 0,
+                                                                           refs, 0)
+            slot = val
+        if slot + 8 > mem_size:
+            return BAD_ENTRY, level, 0, refs, 0
+        entry: i64 = _read(pages, words, slot)
+        refs += 1
+        if not entry & _X86_P:
+            return NOT_PRESENT, level, 0, refs, 0
+        if not entry & _X86_RW:
+            prot &= 1
+        if level == 0 or (entry & _X86_PS and level <= 2):
+            mask: i64 = _mask(shift)
+            out: i64 = (entry & _ADDR & ~mask) | (iova & mask)
+            if write and not prot & 2:
+                return PERMISSION, level, 0, refs, prot
+            if nested:
+                st, val, _s, r, _p = _host(pages, words, mem_size, host_root, host_mode, out,
+                                           write, had)
+                refs += r
+                if st != OK:
+                    return (HW_ERROR, val, 0, refs, 0) if st == HW_ERROR else (S2_FAULT, out, 0,
+                                                                               refs, 0)
+                # The combined page is limited by the host page: report 4 KiB granules.
+                return OK, val, 12, refs, prot
+            return OK, out, shift, refs, prot
+        if entry & _X86_PS:
+            return BAD_ENTRY, level, 0, refs, 0
+        table = entry & _ADDR
+        level -= 1
+    return BAD_ENTRY, 0, 0, refs, 0
+
+
+def _nested_with(
+    pages: dict[int, bytearray],
+    mem_size: int,
+    host_root: int,
+    host_mode: int,
+    had: int,
+    gcr3_root: int,
+    glx: int,
+    guest_levels: int,
+    pasid: int,
+    iova: int,
+    write: bool,
+    x86: X86Walker,
+) -> Result:
+    """:func:`walk_nested` for a guest walker other than the framework's: it is called with a
+    stage-2 callback (the host walk)."""
     err = [OK, 0]
 
     def s2(gpa: int, w: bool) -> tuple[int, int, int]:
@@ -156,6 +384,7 @@ def walk_nested(
         return st, val, r
 
     nested = host_mode != 0
+    words = _words(pages)
 
     def read_gpa(gpa: int) -> tuple[int, int, int]:
         """One u64 at a guest-physical address: ``(status, value or address, refs)``."""
@@ -167,13 +396,10 @@ def walk_nested(
                 return (HW_ERROR, err[1], cost) if err[0] == HW_ERROR else (S2_FAULT, gpa, cost)
         if spa + 8 > mem_size:
             return HW_ERROR, spa, cost
-        page = pages.get(spa >> 12)
-        off = spa & 0xFFF
-        return OK, 0 if page is None else int.from_bytes(page[off : off + 8], "little"), cost + 1
+        return OK, _read(pages, words, spa), cost + 1
 
     if pasid >> (9 * (glx + 1)):
         return NOT_PRESENT, 0, 0, 0, 0
-    # The GCR3 table: GLX + 1 levels, level n indexed by PASID bits [9n+8:9n].
     refs = 0
     table = gcr3_root
     for level in range(glx, -1, -1):
@@ -192,3 +418,32 @@ def walk_nested(
     if st == S2_FAULT and err[0] == HW_ERROR:
         return HW_ERROR, err[1], 0, refs, 0
     return st, val, shift, refs, prot
+
+
+def bench_v1(
+    pages: dict[int, bytearray], mem_size: int, root: int, mode: int, iovas: list[int],
+    rounds: int,
+) -> int:
+    """Benchmark driver: ``rounds`` passes of v1 read walks over ``iovas`` in this module's own
+    loop (compiled, like the C reference's); returns how many succeeded."""
+    ok = 0
+    for _ in range(rounds):
+        for iova in iovas:
+            if walk_v1(pages, mem_size, root, mode, iova, False, 0)[0] == OK:
+                ok += 1
+    return ok
+
+
+def bench_nested(
+    pages: dict[int, bytearray], mem_size: int, host_root: int, host_mode: int, gcr3_root: int,
+    guest_levels: int, gvas: list[int], rounds: int, x86: X86Walker,
+) -> int:
+    """Benchmark driver: :func:`walk_nested` (PASID 0, one-level GCR3) in this module's loop."""
+    ok = 0
+    for _ in range(rounds):
+        for gva in gvas:
+            res = walk_nested(pages, mem_size, host_root, host_mode, 0, gcr3_root, 0,
+                              guest_levels, 0, gva, False, x86)
+            if res[0] == OK:
+                ok += 1
+    return ok

@@ -1,0 +1,118 @@
+"""Run every benchmark in this directory and print one summary against the issue's targets.
+
+    python benchmarks/run_all.py            # --quick: smaller IOAS/DMA sizes, no 1 GiB runs
+
+Each ``bench_*.py`` runs in its own interpreter (a crash or a missing plugin skips that one
+with a message). Modules whose ``run()`` takes no required argument and returns figures are
+summarised; the others have their ``main()`` output printed as is. Nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+QUICK = "--quick" in sys.argv
+
+# (benchmark, figure, target, higher is better, what the target is)
+TARGETS = [
+    ("bench_vtd_walk", "first-stage x86-64 walk, own loop (compiled)", 5e6, True,
+     "compiled single-stage walk >= 5 M/s"),
+    ("bench_amd_walk", "v1 single-stage walk, own loop (compiled)", 5e6, True,
+     "compiled single-stage walk >= 5 M/s"),
+    ("bench_amd_walk", "2-D nested walk (29 refs), own loop (compiled)", 1e6, True,
+     "nested walk >= 1 M/s"),
+    ("bench_vtd_walk", "nested walk, own loop (compiled)", 1e6, True, "nested walk >= 1 M/s"),
+    ("bench_amd_walk", "hw translate, IOTLB hit", 10e6, True, "IOTLB hit >= 10 M/s"),
+    ("bench_vtd_walk", "hw translate, IOTLB hit", 10e6, True, "IOTLB hit >= 10 M/s"),
+]
+
+
+def run_one(path: Path) -> tuple[dict[str, float] | None, str]:
+    """Figures of a benchmark with ``run()``, or None and its printed output."""
+    name = path.stem
+    quick = {"quick": QUICK}
+    code = (
+        f"import json, sys; sys.path.insert(0, {str(HERE)!r}); import {name} as b\n"
+        "import inspect\n"
+        "r = getattr(b, 'run', None)\n"
+        "ps = inspect.signature(r).parameters.values() if r else ()\n"
+        "if r is None or any(p.default is p.empty and p.name != 'quick' for p in ps):\n"
+        "    b.main(); print('@@NOFIGURES')\n"
+        "else:\n"
+        f"    kw = {quick!r} if 'quick' in inspect.signature(r).parameters else {{}}\n"
+        "    print('@@FIGURES' + json.dumps(r(**kw)))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=1800)
+    out = proc.stdout
+    if proc.returncode:
+        return None, f"skipped: {proc.stderr.strip().splitlines()[-1:]}"
+    for line in out.splitlines():
+        if line.startswith("@@FIGURES"):
+            return json.loads(line[len("@@FIGURES"):]), out.split("@@FIGURES")[0]
+    return None, out.replace("@@NOFIGURES", "").rstrip()
+
+
+def fmt(value: float) -> str:
+    if value >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:,.3f}"
+
+
+def main() -> None:
+    results: dict[str, dict[str, float]] = {}
+    for path in sorted(HERE.glob("bench_*.py")):
+        start = time.perf_counter()
+        figures, text = run_one(path)
+        took = time.perf_counter() - start
+        print(f"== {path.name} ({took:.0f} s)")
+        if figures is None:
+            print(text)
+            continue
+        if text.strip():
+            print(text.rstrip())
+        results[path.stem] = figures
+        width = max(map(len, figures))
+        for key, value in figures.items():
+            print(f"  {key:<{width}}  {fmt(value):>16}")
+    print("\n== summary against the targets (issues 5 and 10)")
+    for bench, key, target, higher, what in TARGETS:
+        value = results.get(bench, {}).get(key)
+        if value is None:
+            print(f"  {what:<40} {bench}: not measured")
+            continue
+        met = value >= target if higher else value <= target
+        print(f"  {what:<40} {bench}: {fmt(value)}  {'MET' if met else 'not met'}")
+    amd = results.get("bench_amd_walk", {})
+    comp = amd.get("v1 single-stage walk, own loop (compiled)")
+    pure = amd.get("v1 single-stage walk, own loop (pure)")
+    c_ref = amd.get("v1 single-stage walk, own loop (C reference, cc -O2)")
+    if comp and pure:
+        ratio = comp / pure
+        print(f"  {'compiled >= 8x pure (AMD v1, own loops)':<40} {ratio:.1f}x  "
+              f"{'MET' if ratio >= 8 else 'not met'}")
+    if comp and c_ref:
+        ratio = c_ref / comp
+        print(f"  {'within 10x of C (AMD v1, own loops)':<40} {ratio:.1f}x  "
+              f"{'MET' if ratio <= 10 else 'not met'}")
+    elif comp:
+        print("  within 10x of C: C reference skipped (no C compiler)")
+    ioas = results.get("bench_ioas", {})
+    for key, value in ioas.items():
+        if key.endswith("in 4 KiB pages: s") and "no device" not in key:
+            print(f"  {'map of 1 GiB in 4 KiB pages < 1 s':<40} {key}: {value:.2f} s  "
+                  f"{'MET' if value < 1 and '1 GiB' in key else 'not met'}")
+    dma = results.get("bench_dma", {})
+    for key, value in dma.items():
+        if "ratio" in key and ("2 MiB pages" in key or "1024 MiB pages" in key):
+            print(f"  {'DMA of large buffers >= 30% of a copy':<40} {key}: {value:.2f}  "
+                  f"{'MET' if value >= 0.3 else 'not met'}")
+
+
+if __name__ == "__main__":
+    main()
