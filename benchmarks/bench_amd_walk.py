@@ -20,11 +20,11 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from types import ModuleType
 
+from _timing import own_loop, rate
 from iommufd_amd.gcr3 import Gcr3Table, V2PageTable
 from iommufd_amd.hw import AmdIommu
 from iommufd_amd.pgtable_v1 import AmdV1PageTable
@@ -38,7 +38,6 @@ from iommufd_model.hw.memory import PAGE_SHIFT, PhysicalMemory
 RW = IOMMU_READ | IOMMU_WRITE
 PAGES = 4096
 GPA = 1 << 36
-SECONDS = 0.5
 
 C_WALK = r"""
 #include <stdint.h>
@@ -76,18 +75,6 @@ uint64_t bench(const uint8_t *mem, uint64_t size, uint64_t root, int mode,
     return acc;
 }
 """
-
-
-def rate(fn: Callable[[int], object], iovas: list[int]) -> float:
-    """Translations per second of ``fn``: whole passes over ``iovas`` for >= SECONDS."""
-    passes = 0
-    deadline = time.perf_counter() + SECONDS
-    begin = time.perf_counter()
-    while not passes or time.perf_counter() < deadline:
-        for iova in iovas:
-            fn(iova)
-        passes += 1
-    return passes * len(iovas) / (time.perf_counter() - begin)
 
 
 def host_table() -> tuple[PhysicalMemory, AmdV1PageTable, list[int]]:
@@ -196,18 +183,6 @@ def walkers() -> list[tuple[str, ModuleType, ModuleType]]:
     if is_compiled(comp):
         out.insert(0, ("compiled", comp, load_walker("iommufd_model.hw.walk_x86")))
     return out
-
-
-def own_loop(fn: Callable[[int], int], walks_per_round: int) -> float:
-    """Walks per second of a driver that runs ``rounds`` passes in its own loop."""
-    rounds = 1
-    while True:
-        start = time.perf_counter()
-        fn(rounds)
-        elapsed = time.perf_counter() - start
-        if elapsed >= SECONDS / 2:
-            return rounds * walks_per_round / elapsed
-        rounds *= 4
 
 
 def run() -> dict[str, float]:

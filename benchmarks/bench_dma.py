@@ -15,21 +15,14 @@ from __future__ import annotations
 import gc
 import sys
 import time
-from importlib.metadata import entry_points
+
+from _timing import vendor
 
 import iommufd_model as im
 from iommufd_model import uapi as U
 
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 IOVA = 4 * GIB
-
-
-def vendor() -> str:
-    names = {ep.name for ep in entry_points(group="iommufd_model.drivers")}
-    for name in ("amd", "intel_vtd", "arm_smmuv3"):
-        if name in names:
-            return name
-    return "mock"
 
 
 def best(fn: object, repeat: int = 3) -> float:

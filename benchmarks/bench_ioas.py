@@ -16,7 +16,8 @@ import gc
 import sys
 import time
 import tracemalloc
-from importlib.metadata import entry_points
+
+from _timing import vendor
 
 import iommufd_model as im
 from iommufd_model import uapi as U
@@ -27,14 +28,6 @@ RW_FLAGS = U.IOMMU_IOAS_MAP_READABLE | U.IOMMU_IOAS_MAP_WRITEABLE
 # HyperTransport hole below 1 TiB): 1M of them, a page apart, end below 2 TiB + 8 GiB.
 AREAS_IOVA = 1 << 41
 AREA_BUDGET_S = 50.0  # the 1K..1M areas sweep stops growing past this (the 1M point is capped)
-
-
-def vendor() -> str:
-    names = {ep.name for ep in entry_points(group="iommufd_model.drivers")}
-    for name in ("amd", "intel_vtd", "arm_smmuv3"):
-        if name in names:
-            return name
-    return "mock"
 
 
 class Rig:

@@ -6,10 +6,9 @@ plugin: ``python benchmarks/bench_smmuv3_walk.py``.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from types import ModuleType
 
+from _timing import rate
 from iommufd_arm_smmuv3.driver import plugin
 from iommufd_arm_smmuv3.guest import IpaFrames, stage1_tables
 from iommufd_arm_smmuv3.hw import WALKER
@@ -24,18 +23,6 @@ from iommufd_model.machine import Machine
 RW = IOMMU_READ | IOMMU_WRITE
 PAGES = 4096
 GUEST_IPA = 1 << 30
-SECONDS = 0.5
-
-
-def rate(fn: Callable[[int], object], iovas: list[int]) -> float:
-    """Calls per second of ``fn`` over ``iovas``, repeated for about SECONDS."""
-    n = 0
-    start = time.perf_counter()
-    while time.perf_counter() - start < SECONDS:
-        for iova in iovas:
-            fn(iova)
-        n += len(iovas)
-    return n / (time.perf_counter() - start)
 
 
 def tables() -> tuple[PhysicalMemory, RadixPageTable, RadixPageTable, RadixPageTable]:

@@ -11,9 +11,9 @@ walker module's driver loops itself (compiled in the compiled build).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
+from _timing import own_loop, rate
 from iommufd_intel_vtd.pgtable import SecondStageFormat
 
 import iommufd_model as im
@@ -28,13 +28,6 @@ from iommufd_model.hw.x86_64 import X86_64Format
 RW = IOMMU_READ | IOMMU_WRITE
 N = 20_000
 VTD = "iommufd_intel_vtd.walk"
-
-
-def rate(fn: Callable[[int], object], n: int = N) -> float:
-    start = time.perf_counter()
-    for i in range(n):
-        fn(i)
-    return n / (time.perf_counter() - start)
 
 
 def run() -> dict[str, float]:
@@ -91,7 +84,7 @@ def run() -> dict[str, float]:
         name = "compiled" if compiled else "pure"
         for label, make in (("first-stage x86-64 walk", first_stage),
                             ("second-stage walk", second_stage), ("nested walk", nested)):
-            figures[f"{label}, per call ({name})"] = rate(make(compiled))
+            figures[f"{label}, per call ({name})"] = rate(make(compiled), range(N))
         fs_walk = x86[compiled].walk_x86
         figures[f"first-stage x86-64 walk, own loop ({name})"] = own_loop(
             lambda r, c=compiled: x86[c].walk_many(pages, size, fs.root, addrs, 4, r), 256)
@@ -117,21 +110,9 @@ def run() -> dict[str, float]:
     fd.attach(dev_id, ioas)
     hw = dev.iommu
     hw.translate(dev, 0, None, False)
-    figures["hw translate, IOTLB hit"] = rate(lambda i: hw.translate(dev, 0x10, None, False),
-                                              100_000)
+    hit = rate(lambda i: hw.translate(dev, 0x10, None, False), range(100_000))
+    figures["hw translate, IOTLB hit"] = hit
     return figures
-
-
-def own_loop(fn: Callable[[int], int], walks_per_round: int) -> float:
-    """Walks per second of a driver that runs ``rounds`` passes in its own loop."""
-    rounds = 1
-    while True:
-        start = time.perf_counter()
-        fn(rounds)
-        elapsed = time.perf_counter() - start
-        if elapsed >= 0.25:
-            return rounds * walks_per_round / elapsed
-        rounds *= 4
 
 
 def main() -> None:

@@ -32,18 +32,17 @@ from iommufd_model.scenarios.base import (
     check,
     expect_fault,
 )
-from iommufd_model.scenarios.catalog import scenario
 from iommufd_model.scenarios.nested import (
     BUF,
     IOVA,
     MIB,
-    NESTED,
     RAM,
     VIRT_ID,
     Guest,
     big_pattern,
     boot,
     invalidation_flow,
+    listed_scenario,
 )
 from iommufd_model.uapi import iommufd as U
 from iommufd_model.vmm import GuestDomain
@@ -53,14 +52,7 @@ HEADER = struct.Struct("<II")  # struct iommufd_vevent_header: flags, sequence
 
 
 def guest_scenario(*features: Feature) -> Callable[[Callable[[ScenarioContext], None]], Scenario]:
-    """catalog's ``@scenario`` with the nested features, listed in :data:`GUEST_SCENARIOS`."""
-
-    def deco(fn: Callable[[ScenarioContext], None]) -> Scenario:
-        sc = scenario(*NESTED, *features)(fn)
-        GUEST_SCENARIOS.append(sc)
-        return sc
-
-    return deco
+    return listed_scenario(GUEST_SCENARIOS, *features)
 
 
 # -- vEVENTQ records --------------------------------------------------------------------------

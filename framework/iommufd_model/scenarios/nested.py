@@ -52,15 +52,22 @@ T = TypeVar("T")
 NESTED_SCENARIOS: list[Scenario] = []
 
 
-def nested_scenario(*features: Feature) -> Callable[[Callable[[ScenarioContext], None]], Scenario]:
-    """catalog's ``@scenario`` (so importing this module registers the cells), listed here."""
+def listed_scenario(
+    listing: list[Scenario], *features: Feature
+) -> Callable[[Callable[[ScenarioContext], None]], Scenario]:
+    """catalog's ``@scenario`` with the nested features (so importing a module registers its
+    cells in the matrix), also appended to ``listing`` so tests can name the module's cells."""
 
     def deco(fn: Callable[[ScenarioContext], None]) -> Scenario:
         sc = scenario(*NESTED, *features)(fn)
-        NESTED_SCENARIOS.append(sc)
+        listing.append(sc)
         return sc
 
     return deco
+
+
+def nested_scenario(*features: Feature) -> Callable[[Callable[[ScenarioContext], None]], Scenario]:
+    return listed_scenario(NESTED_SCENARIOS, *features)
 
 
 # -- the guest world ------------------------------------------------------------------------------
