@@ -55,7 +55,6 @@ ADDR_WIDTH_4LEVEL = 48
 ADDR_WIDTH_5LEVEL = 57
 MSI_RANGE = (0xFEE0_0000, 0xFEEF_FFFF)  # IOAPIC/MSI window, reserved as IOMMU_RESV_MSI
 FIRST_DID = 2  # DID 0 is reserved, 1 is FLPT_DEFAULT_DID in scalable mode
-MAX_AGAW_PFN_WIDTH = 52
 U64 = (1 << 64) - 1
 
 OPTIONS = {
@@ -277,7 +276,7 @@ class IommuState:
     def flush_range(self, domain: Domain, start: int, end: int, leaf: bool) -> None:
         """cache_tag_flush_range(): one flush per cache tag of ``domain`` (and its children)."""
         full = end >= U64
-        addr, am = (0, MAX_AGAW_PFN_WIDTH) if full else psi_aligned(start, end)
+        addr, am = (0, Q.MAX_AGAW_PFN_WIDTH) if full else Q.psi_aligned(start, end)
         page_ok = not full and bool(self.hw.cap & R.CAP_PSI) and am <= self.hw.mamv
         descs: list[Q.Descriptor] = []
         ih = int(leaf)
@@ -314,19 +313,6 @@ class IommuState:
             descs += self.devtlb(self.devs[rid], pasid, addr, not page_ok)
         if descs:
             self.submit(*descs)
-
-
-def psi_aligned(start: int, end: int) -> tuple[int, int]:
-    """calculate_psi_aligned_address(): the naturally aligned 2^AM-page block covering a range."""
-    pages = ((end | 0xFFF) - (start & ~0xFFF) + 1) >> 12
-    aligned = 1 << (pages - 1).bit_length()
-    mask = aligned.bit_length() - 1
-    pfn = start >> 12
-    if pfn & (aligned - 1):
-        end_pfn = pfn + pages - 1
-        shared = ~(pfn ^ end_pfn) & ~(aligned - 1) & ((1 << MAX_AGAW_PFN_WIDTH) - 1)
-        mask = (shared & -shared).bit_length() - 1 if shared else MAX_AGAW_PFN_WIDTH
-    return start & ~((4096 << mask) - 1), mask
 
 
 def _state(iommu: Any) -> IommuState:

@@ -113,17 +113,8 @@ def psi_aligned(start: int, end: int, mamv: int) -> tuple[int, int] | None:
     """calculate_psi_aligned_address() as the guest driver uses it: ``(addr, am)`` of the
     naturally aligned block covering ``[start, end]``, or None when only a PASID-selective
     flush covers it (AM beyond CAP.MAMV)."""
-    pages = ((end | 0xFFF) - (start & ~0xFFF) + 1) >> 12
-    aligned = 1 << (pages - 1).bit_length()
-    mask = aligned.bit_length() - 1
-    pfn = start >> 12
-    if pfn & (aligned - 1):
-        end_pfn = pfn + pages - 1
-        shared = ~(pfn ^ end_pfn) & ~(aligned - 1) & ((1 << 52) - 1)
-        mask = (shared & -shared).bit_length() - 1 if shared else 64
-    if mask > mamv:
-        return None
-    return start & ~((4096 << mask) - 1), mask
+    addr, am = Q.psi_aligned(start, end)
+    return None if am > mamv else (addr, am)
 
 
 # -- records ------------------------------------------------------------------------------------

@@ -158,3 +158,20 @@ def decode(raw: bytes) -> Descriptor:
     if valid is not None and fields["g"] not in valid:
         raise InvalidDescriptor(f"reserved granularity {fields['g']} in type {type_:#x}")
     return Descriptor(type_, fields)
+
+
+# Widest address mask (AM) an invalidation can carry: MAX_AGAW_PFN_WIDTH in the kernel.
+MAX_AGAW_PFN_WIDTH = 52
+
+
+def psi_aligned(start: int, end: int) -> tuple[int, int]:
+    """calculate_psi_aligned_address(): the naturally aligned 2^AM-page block covering a range."""
+    pages = ((end | 0xFFF) - (start & ~0xFFF) + 1) >> 12
+    aligned = 1 << (pages - 1).bit_length()
+    mask = aligned.bit_length() - 1
+    pfn = start >> 12
+    if pfn & (aligned - 1):
+        end_pfn = pfn + pages - 1
+        shared = ~(pfn ^ end_pfn) & ~(aligned - 1) & ((1 << MAX_AGAW_PFN_WIDTH) - 1)
+        mask = (shared & -shared).bit_length() - 1 if shared else MAX_AGAW_PFN_WIDTH
+    return start & ~((4096 << mask) - 1), mask
