@@ -72,3 +72,39 @@ def test_guest_table_pool_is_bounded_and_reused() -> None:
     assert vm.memory.alloc_frame() == a and b != a
     with pytest.raises(OSError):
         vm.alloc_buffer(4 * MIB)
+
+
+def test_bind_vdevice_leaves_the_device_unbound_when_the_vdevice_fails() -> None:
+    from iommufd_model.hw.pci import PciDevice
+    from iommufd_model.vmm import GuestDevice, GuestDomain, GuestIommu
+
+    class NoViommu(GuestIommu):  # a design whose vIOMMU cannot be created
+        def add_device(self, dev: PciDevice, virt_id: int) -> GuestDevice:
+            return self.bind_vdevice(dev, virt_id)
+
+        def attach(self, gdev: GuestDevice, *, pasid: int | None = None) -> GuestDomain:
+            raise AssertionError
+
+        def map(
+            self, dom: GuestDomain, iova: int, gpa: int, size: int, *, write: bool = True
+        ) -> None:
+            raise AssertionError
+
+        def unmap(self, dom: GuestDomain, iova: int, size: int) -> None:
+            raise AssertionError
+
+        def invalidate(self, dom: GuestDomain, iova: int | None = None, size: int = 0) -> None:
+            raise AssertionError
+
+        def detach(self, dom: GuestDomain) -> None:
+            raise AssertionError
+
+    machine = im.Machine.build(iommus=["mock"])
+    vm = Vm(machine, 16 * MIB, table_pool=2 * MIB)
+    dev = machine.add_pci_device()
+    guest = NoViommu(vm, machine.iommus[0], accelerated=False)
+    with pytest.raises(OSError) as exc:
+        guest.add_device(dev, 0x18)
+    assert exc.value.errno == errno.EOPNOTSUPP
+    assert dev.bound_to is None  # free to be bound again
+    assert vm.fd.bind(dev) > 0

@@ -10,9 +10,12 @@ calls). Every trap is counted with :meth:`Vm.trap`, so a scenario sees what each
 from __future__ import annotations
 
 import abc
+import errno
 from typing import TYPE_CHECKING, Any
 
 import attrs
+
+from iommufd_model.errors import err
 
 if TYPE_CHECKING:
     from iommufd_model.hw.iommu import IommuHw
@@ -49,6 +52,29 @@ class GuestIommu(abc.ABC):
         self.vm = vm
         self.iommu = iommu
         self.accelerated = accelerated
+        self.viommu_id = 0  # for designs with an iommufd vIOMMU: see :meth:`bind_vdevice`
+
+    def create_viommu(self, dev_id: int) -> int:
+        """Allocate this guest's iommufd vIOMMU through device ``dev_id``; return its id.
+
+        Designs that have one override it; :meth:`bind_vdevice` calls it for the first device.
+        """
+        raise err(errno.EOPNOTSUPP, "this guest IOMMU model has no vIOMMU")
+
+    def bind_vdevice(self, dev: PciDevice, virt_id: int) -> GuestDevice:
+        """The VMM side of passing ``dev`` through in a vIOMMU design: bind it, create the
+        vIOMMU with the first device, and give the device its virtual ID (a vDEVICE). A
+        failure leaves the device unbound."""
+        fd = self.vm.fd
+        dev_id = fd.bind(dev)
+        try:
+            if not self.viommu_id:
+                self.viommu_id = self.create_viommu(dev_id)
+            vdevice = fd.vdevice_alloc(self.viommu_id, dev_id, virt_id)
+        except OSError:
+            fd.unbind(dev_id)
+            raise
+        return GuestDevice(dev, dev_id, virt_id, vdevice)
 
     @abc.abstractmethod
     def add_device(self, dev: PciDevice, virt_id: int) -> GuestDevice:

@@ -86,7 +86,6 @@ class GuestAmd(GuestIommu):
         self.cmd_tail = 0  # the guest driver's copy of its tail
         self.vmm_cmd_head = 0  # mediated: the emulated head
         self.evt_head = 0  # the guest driver's event log consumer index
-        self.viommu_id = 0
         self.window: VfMmioWindow | None = None
         self.queues: dict[int, int] = {}  # HW queue type -> object id
         self.veventq: tuple[int, int] | None = None
@@ -100,16 +99,11 @@ class GuestAmd(GuestIommu):
     def add_device(self, dev: PciDevice, virt_id: int) -> GuestDevice:
         if not 0 <= virt_id <= MAX_GDEVID:
             raise err(errno.EINVAL, f"guest DevID {virt_id:#x} beyond the guest device table")
-        vm = self.vm
-        dev_id = vm.fd.bind(dev)
-        if not self.viommu_id:
-            self._create_viommu(dev_id)
-        vdevice = vm.fd.vdevice_alloc(self.viommu_id, dev_id, virt_id)
-        gdev = GuestDevice(dev, dev_id, virt_id, vdevice)
+        gdev = self.bind_vdevice(dev, virt_id)
         self.devs[virt_id] = _Dev(gdev, 0, 0)
         return gdev
 
-    def _create_viommu(self, dev_id: int) -> None:
+    def create_viommu(self, dev_id: int) -> int:
         vm = self.vm
         parent = vm.nest_parent(dev_id, self.iommu)
         self.viommu_id = vm.fd.viommu_alloc(dev_id, parent, U.IOMMU_VIOMMU_TYPE_AMD)
@@ -128,6 +122,7 @@ class GuestAmd(GuestIommu):
         self._mmio_trap(R.EVT_LOG_BASE, R.base_value(self.evt, RING_LOG2))
         self._mmio_trap(R.CONTROL, R.CTRL_IOMMU_EN | R.CTRL_CMDBUF_EN | R.CTRL_EVT_LOG_EN
                         | R.CTRL_GT_EN)
+        return self.viommu_id
 
     def _mmio_trap(self, offset: int, value: int) -> None:
         """A guest store to its trapped MMIO page: the VMM emulates it."""

@@ -116,7 +116,6 @@ class GuestSmmuv3(GuestIommu):
         self.strtab = first << PAGE_SHIFT
         self.cmdq = mem.alloc_frame() << PAGE_SHIFT
         self.cmdq_prod = 0
-        self.viommu_id = 0
         self.hwpts: dict[int, int] = {}  # vSID -> nested HWPT installed for its vSTE
         self.devices: dict[int, GuestDevice] = {}
         self.next_asid = 1
@@ -128,21 +127,16 @@ class GuestSmmuv3(GuestIommu):
     def add_device(self, dev: PciDevice, virt_id: int) -> GuestDevice:
         if virt_id >= GUEST_STRTAB_PAGES * PAGE_SIZE // STE_SIZE:
             raise err(errno.EINVAL, f"vSID {virt_id:#x} beyond the guest stream table")
-        vm = self.vm
-        dev_id = vm.fd.bind(dev)
-        if not self.viommu_id:
-            self._create_viommu(dev_id)
-        vdevice = vm.fd.vdevice_alloc(self.viommu_id, dev_id, virt_id)
-        gdev = GuestDevice(dev, dev_id, virt_id, vdevice)
+        gdev = self.bind_vdevice(dev, virt_id)
         self.devices[virt_id] = gdev
         return gdev
 
-    def _create_viommu(self, dev_id: int) -> None:
+    def create_viommu(self, dev_id: int) -> int:
         vm = self.vm
         parent = vm.nest_parent(dev_id, self.iommu)
         if not self.accelerated:
             self.viommu_id = vm.fd.viommu_alloc(dev_id, parent, U.IOMMU_VIOMMU_TYPE_ARM_SMMUV3)
-            return
+            return self.viommu_id
         data = bytes(U.IommuViommuTegra241Cmdqv.SIZE)
         self.viommu_id = vm.fd.viommu_alloc(
             dev_id, parent, U.IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV, data
@@ -155,6 +149,7 @@ class GuestSmmuv3(GuestIommu):
             self.viommu_id, U.IOMMU_HW_QUEUE_TYPE_TEGRA241_CMDQV, 0, self.vcmdq, VCMDQ_BYTES
         )
         self.window.write(VCMDQ_CONFIG, VCMDQ_EN, 4)  # the guest enables it: no trap
+        return self.viommu_id
 
     def _cmdq_trap(self, first: int, last: int) -> None:
         """The VMM's handler for a write of the emulated CMDQ_PROD: emulate ``[first, last)``."""
