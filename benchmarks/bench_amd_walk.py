@@ -30,7 +30,6 @@ from iommufd_amd.hw import AmdIommu
 from iommufd_amd.pgtable_v1 import AmdV1PageTable
 
 import iommufd_model as im
-from iommufd_model import uapi as U
 from iommufd_model.driver import IOMMU_READ, IOMMU_WRITE
 from iommufd_model.hw.compiled import is_compiled, load_pure, load_walker
 from iommufd_model.hw.memory import PAGE_SHIFT, PhysicalMemory
@@ -152,17 +151,10 @@ def machine_rates() -> tuple[float, float]:
     proc = machine.new_process()
     fd = proc.open_iommufd()
     dev_id = fd.bind(dev)
-    buf = bytearray(U.IommuIoasAlloc(size=U.IommuIoasAlloc.SIZE).pack())
-    fd.ioctl(U.IOMMU_IOAS_ALLOC, buf)
-    ioas = U.IommuIoasAlloc.unpack(buf).out_ioas_id
+    ioas = fd.ioas_alloc()
     n = 256
     for i in range(n):  # one IOAS area per page: 4 KiB leaves, 4-level walks
-        va = proc.mmap(4096)
-        st = U.IommuIoasMap(size=U.IommuIoasMap.SIZE, ioas_id=ioas, user_va=va, length=4096,
-                            iova=(1 << 32) + i * (1 << 21),
-                            flags=U.IOMMU_IOAS_MAP_FIXED_IOVA | U.IOMMU_IOAS_MAP_READABLE
-                            | U.IOMMU_IOAS_MAP_WRITEABLE)
-        fd.ioctl(U.IOMMU_IOAS_MAP, bytearray(st.pack()))
+        fd.ioas_map(ioas, proc.mmap(4096), 4096, iova=(1 << 32) + i * (1 << 21))
     fd.attach(dev_id, ioas)
     iovas = [(1 << 32) + i * (1 << 21) + 16 for i in range(n)]
 

@@ -42,13 +42,9 @@ def setup(driver: str, page: int, size: int) -> tuple[im.Machine, object]:
     proc = machine.new_process()
     fd = proc.open_iommufd()
     dev = machine.add_pci_device(iommu=0)
-    buf = bytearray(U.IommuIoasAlloc(size=U.IommuIoasAlloc.SIZE).pack())
-    fd.ioctl(U.IOMMU_IOAS_ALLOC, buf)
-    ioas = U.IommuIoasAlloc.unpack(buf).out_ioas_id
+    ioas = fd.ioas_alloc()
     if page == 4 * KIB:
-        opt = U.IommuOption(size=U.IommuOption.SIZE, option_id=U.IOMMU_OPTION_HUGE_PAGES,
-                            op=U.IOMMU_OPTION_OP_SET, object_id=ioas, val64=0)
-        fd.ioctl(U.IOMMU_OPTION, bytearray(opt.pack()))
+        fd.option(U.IOMMU_OPTION_HUGE_PAGES, U.IOMMU_OPTION_OP_SET, object_id=ioas, val64=0)
     fd.attach(fd.bind(dev), ioas)
     va = proc.mmap(size, align=max(page, 2 * MIB))
     mem = machine.memory
@@ -57,10 +53,7 @@ def setup(driver: str, page: int, size: int) -> tuple[im.Machine, object]:
         held.append(mem.alloc_frame())
     for off in range(0, size, 4096):  # fault in, in order: physically contiguous
         proc.translate(va + off)
-    st = U.IommuIoasMap(size=U.IommuIoasMap.SIZE, ioas_id=ioas, user_va=va, length=size,
-                        iova=IOVA, flags=U.IOMMU_IOAS_MAP_FIXED_IOVA | U.IOMMU_IOAS_MAP_READABLE
-                        | U.IOMMU_IOAS_MAP_WRITEABLE)
-    fd.ioctl(U.IOMMU_IOAS_MAP, bytearray(st.pack()))
+    fd.ioas_map(ioas, va, size, iova=IOVA)
     return machine, dev
 
 

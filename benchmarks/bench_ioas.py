@@ -23,7 +23,6 @@ import iommufd_model as im
 from iommufd_model import uapi as U
 
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
-RW_FLAGS = U.IOMMU_IOAS_MAP_READABLE | U.IOMMU_IOAS_MAP_WRITEABLE
 # One-page areas start above every vendor's reserved windows (MSI below 4 GiB, AMD's
 # HyperTransport hole below 1 TiB): 1M of them, a page apart, end below 2 TiB + 8 GiB.
 AREAS_IOVA = 1 << 41
@@ -37,26 +36,20 @@ class Rig:
         self.machine = im.Machine.build(iommus=[driver] if driver else [], memory_size=1 << 44)
         self.proc = self.machine.new_process()
         self.fd = self.proc.open_iommufd()
-        buf = bytearray(U.IommuIoasAlloc(size=U.IommuIoasAlloc.SIZE).pack())
-        self.fd.ioctl(U.IOMMU_IOAS_ALLOC, buf)
-        self.ioas = U.IommuIoasAlloc.unpack(buf).out_ioas_id
+        self.ioas = self.fd.ioas_alloc()
         if not huge_pages:
-            opt = U.IommuOption(size=U.IommuOption.SIZE, option_id=U.IOMMU_OPTION_HUGE_PAGES,
-                                op=U.IOMMU_OPTION_OP_SET, object_id=self.ioas, val64=0)
-            self.fd.ioctl(U.IOMMU_OPTION, bytearray(opt.pack()))
+            self.fd.option(
+                U.IOMMU_OPTION_HUGE_PAGES, U.IOMMU_OPTION_OP_SET, object_id=self.ioas, val64=0
+            )
         if driver:
             dev = self.machine.add_pci_device(iommu=0)
             self.fd.attach(self.fd.bind(dev), self.ioas)
 
     def map(self, va: int, length: int, iova: int) -> None:
-        st = U.IommuIoasMap(size=U.IommuIoasMap.SIZE, flags=U.IOMMU_IOAS_MAP_FIXED_IOVA
-                            | RW_FLAGS, ioas_id=self.ioas, user_va=va, length=length, iova=iova)
-        self.fd.ioctl(U.IOMMU_IOAS_MAP, bytearray(st.pack()))
+        self.fd.ioas_map(self.ioas, va, length, iova=iova)
 
     def unmap(self, iova: int, length: int) -> None:
-        st = U.IommuIoasUnmap(size=U.IommuIoasUnmap.SIZE, ioas_id=self.ioas, iova=iova,
-                              length=length)
-        self.fd.ioctl(U.IOMMU_IOAS_UNMAP, bytearray(st.pack()))
+        self.fd.ioas_unmap(self.ioas, iova, length)
 
 
 def one_big_map(driver: str | None, size: int, huge_pages: bool) -> tuple[float, float]:

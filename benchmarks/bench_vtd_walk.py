@@ -17,7 +17,6 @@ from _timing import own_loop, rate
 from iommufd_intel_vtd.pgtable import SecondStageFormat
 
 import iommufd_model as im
-from iommufd_model import uapi as U
 from iommufd_model.driver import IOMMU_READ, IOMMU_WRITE
 from iommufd_model.hw import walk_x86
 from iommufd_model.hw.compiled import is_compiled, load_pure, load_walker
@@ -100,13 +99,8 @@ def run() -> dict[str, float]:
     va = proc.mmap(1 << 20)
     fd = proc.open_iommufd()
     dev_id = fd.bind(dev)
-    ioas_st = U.IommuIoasAlloc(size=U.IommuIoasAlloc.SIZE)
-    buf = bytearray(ioas_st.pack())
-    fd.ioctl(U.IOMMU_IOAS_ALLOC, buf)
-    ioas = U.IommuIoasAlloc.unpack(buf).out_ioas_id
-    st = U.IommuIoasMap(size=U.IommuIoasMap.SIZE, flags=7, ioas_id=ioas, user_va=va,
-                        length=1 << 20, iova=0)
-    fd.ioctl(U.IOMMU_IOAS_MAP, bytearray(st.pack()))
+    ioas = fd.ioas_alloc()
+    fd.ioas_map(ioas, va, 1 << 20, iova=0)
     fd.attach(dev_id, ioas)
     hw = dev.iommu
     hw.translate(dev, 0, None, False)
