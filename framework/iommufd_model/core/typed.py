@@ -224,11 +224,18 @@ class TypedCalls:
         return r.out_fault_id, r.out_fault_fd
 
     def viommu_alloc(self, dev_id: int, hwpt_id: int, viommu_type: int, data: bytes = b"") -> int:
+        return self.viommu_alloc_data(dev_id, hwpt_id, viommu_type, data)[0]
+
+    def viommu_alloc_data(
+        self, dev_id: int, hwpt_id: int, viommu_type: int, data: bytes = b""
+    ) -> tuple[int, bytes]:
+        """``(vIOMMU id, the driver data as the kernel wrote it back)``, e.g. an mmap offset."""
         with self._user(data) as va:
             st = U.IommuViommuAlloc(
                 type=viommu_type, dev_id=dev_id, hwpt_id=hwpt_id, data_len=len(data), data_uptr=va
             )
-            return int(self.call(U.IOMMU_VIOMMU_ALLOC, st).out_viommu_id)
+            viommu_id = int(self.call(U.IOMMU_VIOMMU_ALLOC, st).out_viommu_id)
+            return viommu_id, self.proc.read(va, len(data)) if data else b""
 
     def vdevice_alloc(self, viommu_id: int, dev_id: int, virt_id: int) -> int:
         st = U.IommuVdeviceAlloc(viommu_id=viommu_id, dev_id=dev_id, virt_id=virt_id)

@@ -36,7 +36,6 @@ class AmdWorld:
         self.proc = self.machine.new_process()
         self.fd = self.proc.open_iommufd()
         self.dev_id = self.fd.bind(self.dev)
-        self.scratch = self.buffer(PAGE, fill=0)  # where vendor data is staged for ioctls
 
     # -- uAPI wrappers ---------------------------------------------------------------------
     def ioctl(self, cmd: int, st: UStruct) -> Any:
@@ -47,8 +46,9 @@ class AmdWorld:
         self.fd.ioctl(cmd, raw)
         return st.unpack(raw)
 
+    # The commands themselves go through the fd's typed layer (the same dispatcher).
     def ioas(self) -> int:
-        return int(self.ioctl(U.IOMMU_IOAS_ALLOC, U.IommuIoasAlloc()).out_ioas_id)
+        return self.fd.ioas_alloc()
 
     def buffer(self, length: int, fill: int | None = None) -> int:
         va = self.proc.mmap(length)
@@ -57,35 +57,24 @@ class AmdWorld:
         return va
 
     def map(self, ioas: int, va: int, length: int, iova: int, *, write: bool = True) -> int:
-        flags = U.IOMMU_IOAS_MAP_READABLE | U.IOMMU_IOAS_MAP_FIXED_IOVA
-        if write:
-            flags |= U.IOMMU_IOAS_MAP_WRITEABLE
-        st = U.IommuIoasMap(flags=flags, ioas_id=ioas, user_va=va, length=length, iova=iova)
-        return int(self.ioctl(U.IOMMU_IOAS_MAP, st).iova)
+        flags = U.IOMMU_IOAS_MAP_READABLE | (U.IOMMU_IOAS_MAP_WRITEABLE if write else 0)
+        return self.fd.ioas_map(ioas, va, length, iova=iova, flags=flags)
 
     def unmap(self, ioas: int, iova: int, length: int) -> int:
-        st = U.IommuIoasUnmap(ioas_id=ioas, iova=iova, length=length)
-        return int(self.ioctl(U.IOMMU_IOAS_UNMAP, st).length)
+        return self.fd.ioas_unmap(ioas, iova, length)
 
     def hwpt(
         self, pt_id: int, flags: int = 0, data_type: int = 0, data: bytes = b"", dev_id: int = 0
     ) -> int:
-        uptr = 0
-        if data:
-            uptr = self.scratch
-            self.proc.write(uptr, data)
-        st = U.IommuHwptAlloc(
-            flags=flags, dev_id=dev_id or self.dev_id, pt_id=pt_id, data_type=data_type,
-            data_len=len(data), data_uptr=uptr,
+        return self.fd.hwpt_alloc(
+            dev_id or self.dev_id, pt_id, flags=flags, data_type=data_type, data=data
         )
-        return int(self.ioctl(U.IOMMU_HWPT_ALLOC, st).out_hwpt_id)
 
     def viommu(self, hwpt: int, vtype: int = U.IOMMU_VIOMMU_TYPE_AMD) -> int:
-        st = U.IommuViommuAlloc(dev_id=self.dev_id, hwpt_id=hwpt, type=vtype)
-        return int(self.ioctl(U.IOMMU_VIOMMU_ALLOC, st).out_viommu_id)
+        return self.fd.viommu_alloc(self.dev_id, hwpt, vtype)
 
     def destroy(self, obj_id: int) -> None:
-        self.ioctl(U.IOMMU_DESTROY, U.IommuDestroy(id=obj_id))
+        self.fd.destroy(obj_id)
 
     def errno_of(self, fn: Callable[[], object]) -> int:
         try:

@@ -51,51 +51,33 @@ class World:
             return exc.errno
         return 0
 
+    # The commands themselves go through the fd's typed layer (the same dispatcher).
     def ioas(self) -> int:
-        return int(self.ioctl(U.IOMMU_IOAS_ALLOC, U.IommuIoasAlloc()).out_ioas_id)
+        return self.fd.ioas_alloc()
 
     def map(
         self, ioas: int, iova: int, length: int, va: int | None = None, flags: int = RW
     ) -> None:
-        st = U.IommuIoasMap(
-            flags=flags | U.IOMMU_IOAS_MAP_FIXED_IOVA, ioas_id=ioas,
-            user_va=self.va if va is None else va, length=length, iova=iova,
-        )
-        self.ioctl(U.IOMMU_IOAS_MAP, st)
+        self.fd.ioas_map(ioas, self.va if va is None else va, length, iova=iova, flags=flags)
 
     def unmap(self, ioas: int, iova: int, length: int) -> None:
-        self.ioctl(U.IOMMU_IOAS_UNMAP, U.IommuIoasUnmap(ioas_id=ioas, iova=iova, length=length))
+        self.fd.ioas_unmap(ioas, iova, length)
 
     def hwpt(self, pt_id: int, flags: int = 0, data_type: int = 0, data: bytes = b"",
              dev_id: int | None = None) -> int:
-        uptr = 0
-        if data:
-            uptr = self.proc.mmap(len(data))
-            self.proc.write(uptr, data)
-        st = U.IommuHwptAlloc(
-            flags=flags, dev_id=self.dev_id if dev_id is None else dev_id, pt_id=pt_id,
-            data_type=data_type, data_len=len(data), data_uptr=uptr,
+        return self.fd.hwpt_alloc(
+            self.dev_id if dev_id is None else dev_id, pt_id, flags=flags,
+            data_type=data_type, data=data,
         )
-        return int(self.ioctl(U.IOMMU_HWPT_ALLOC, st).out_hwpt_id)
 
     def invalidate(self, hwpt_id: int, entries: list[bytes], data_type: int = 0,
                    entry_len: int | None = None) -> tuple[int, int]:
         """IOMMU_HWPT_INVALIDATE; returns ``(errno, entry_num)``."""
         n = entry_len if entry_len is not None else (len(entries[0]) if entries else 24)
-        blob = b"".join(entries)
-        uptr = self.proc.mmap(max(len(blob), 1))
-        self.proc.write(uptr, blob)
-        st = U.IommuHwptInvalidate(
-            size=U.IommuHwptInvalidate.SIZE, hwpt_id=hwpt_id, data_uptr=uptr,
-            data_type=data_type, entry_len=n, entry_num=len(entries),
-        )
-        buf = bytearray(st.pack())
-        code = 0
         try:
-            self.fd.ioctl(U.IOMMU_HWPT_INVALIDATE, buf)
+            return 0, self.fd.hwpt_invalidate(hwpt_id, data_type, entries, entry_len=n)
         except OSError as exc:
-            code = exc.errno or errno.EIO
-        return code, U.IommuHwptInvalidate.unpack(buf).entry_num
+            return exc.errno or errno.EIO, int(exc.handled)  # type: ignore[attr-defined]
 
 
 @pytest.fixture
