@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import random
 
 import pytest
@@ -34,6 +35,9 @@ ops = st.lists(
         st.tuples(st.just("q"), st.integers(0, SIZE // 8 - 1), st.integers(0, (1 << 64) - 1)),
         st.tuples(st.just("r"), st.integers(0, SIZE - 1), st.integers(0, 3 * PAGE_SIZE)),
         st.tuples(st.just("u"), st.integers(0, SIZE // 8 - 1), st.just(0)),
+        st.tuples(
+            st.just("s"), st.integers(0, SIZE - 1), st.binary(min_size=0, max_size=3 * PAGE_SIZE)
+        ),
     ),
     max_size=30,
 )
@@ -50,6 +54,14 @@ def test_memory_equals_a_flat_bytearray(program: list[tuple[str, int, object]]) 
             data = arg[: SIZE - where]
             view = random.Random(where).choice([bytes, bytearray, memoryview])(data)
             mem.write(where, view)
+            ref.write(where, data)
+        elif op == "s":  # the DMA engine's form: the next n bytes of a shared stream
+            assert isinstance(arg, bytes)
+            data = arg[: SIZE - where]
+            src = io.BytesIO(b"head" + data + b"tail")
+            src.seek(4)
+            mem.write_stream(where, len(data), src)
+            assert src.tell() == 4 + len(data)
             ref.write(where, data)
         elif op == "q":
             assert isinstance(arg, int)

@@ -7,6 +7,7 @@ translated page (of whatever size the walk found) at a time, so a 1 GiB page cop
 
 from __future__ import annotations
 
+import io
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -121,8 +122,8 @@ class IommuHw:
     ) -> None:
         # Translate everything first: a faulting DMA must not have written a prefix.
         # ``bytes(data)`` (no copy for bytes) freezes the source: it may alias the target memory.
-        view = memoryview(bytes(data))
-        n = len(view)
+        # One ``BytesIO`` over it feeds every run (it shares the bytes: no copy).
+        n = len(data)
         runs: list[tuple[int, int]] = []
         translate = self.translate
         pos = 0
@@ -131,11 +132,10 @@ class IommuHw:
             chunk = min(n - pos, run)
             runs.append((pa, chunk))
             pos += chunk
-        write = self.memory.write
-        pos = 0
+        src = io.BytesIO(bytes(data))
+        memory = self.memory
         for pa, chunk in runs:
-            write(pa, view[pos : pos + chunk])
-            pos += chunk
+            memory.write_stream(pa, chunk, src)
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "driver": self.driver_name, "devices": len(self.devices)}

@@ -15,7 +15,9 @@ dropped with the frame.
 from __future__ import annotations
 
 import errno
-from typing import Protocol
+import io
+from collections import deque
+from typing import Protocol, cast
 
 from iommufd_model.core.failnth import failpoint
 from iommufd_model.errors import err
@@ -273,43 +275,45 @@ class PhysicalMemory:
 
     def write(self, pa: int, data: bytes | bytearray | memoryview) -> None:
         n = len(data)
+        off = pa & PAGE_MASK
+        if n and off + n <= PAGE_SIZE:
+            self._check(pa, n)
+            self.writes += 1
+            self._frame(pa >> PAGE_SHIFT)[off : off + n] = data
+            return
+        # ``BytesIO`` shares a ``bytes`` source (no copy); any other source is copied once.
+        self.write_stream(pa, n, io.BytesIO(data))
+
+    def write_stream(self, pa: int, n: int, src: io.BytesIO) -> None:
+        """Write the next ``n`` bytes of ``src`` (which must hold them) at ``pa``.
+
+        Whole frames are filled by ``src.readinto(frame)`` mapped over the frame list in C:
+        one ``memcpy`` per frame and no slice object, 2-3x faster than slicing the source per
+        frame (benchmarks/bench_dma.py). A frame never written is materialised first.
+        """
         self._check(pa, n)
         self.writes += 1
-        if not n:
-            return
         pages = self._pages
         off = pa & PAGE_MASK
         pfn = pa >> PAGE_SHIFT
-        if off + n <= PAGE_SIZE:
-            page = pages.get(pfn)
-            if page is None:
-                page = pages[pfn] = bytearray(PAGE_SIZE)
-            page[off : off + n] = data
-            return
-        view = data if isinstance(data, memoryview) else memoryview(data)
-        get = pages.get
-        pos = 0
         if off:  # the head, up to the first frame boundary
-            pos = PAGE_SIZE - off
-            page = get(pfn)
-            if page is None:
-                page = pages[pfn] = bytearray(PAGE_SIZE)
-            page[off:] = view[:pos]
+            head = min(n, PAGE_SIZE - off)
+            src.readinto(memoryview(self._frame(pfn))[off : off + head])
+            n -= head
             pfn += 1
-        # Whole frames: one slice copy each (a new frame is made from the data directly).
-        end = pos + ((n - pos) & ~PAGE_MASK)
-        for start in range(pos, end, PAGE_SIZE):
-            page = get(pfn)
-            if page is None:
-                pages[pfn] = bytearray(view[start : start + PAGE_SIZE])
-            else:
-                page[:] = view[start : start + PAGE_SIZE]
-            pfn += 1
-        if end < n:  # the tail
-            page = get(pfn)
-            if page is None:
-                page = pages[pfn] = bytearray(PAGE_SIZE)
-            page[: n - end] = view[end:]
+        whole = n >> PAGE_SHIFT
+        if whole:
+            got = list(map(pages.get, range(pfn, pfn + whole)))
+            frames = (
+                [self._frame(p) for p in range(pfn, pfn + whole)]
+                if None in got
+                else cast("list[bytearray]", got)
+            )
+            deque(map(src.readinto, frames), maxlen=0)
+            pfn += whole
+            n &= PAGE_MASK
+        if n:  # the tail
+            src.readinto(memoryview(self._frame(pfn))[:n])
 
     def read_u64(self, pa: int) -> int:
         """Read a naturally aligned little-endian u64 (the table walkers' primitive)."""
@@ -335,12 +339,10 @@ class PhysicalMemory:
         value &= U64
         view[(pa & PAGE_MASK) >> 3] = value - (_SIGN << 1) if value & _SIGN else value
 
-    def page_view(self, pfn: int) -> bytearray:
-        """The frame's backing store, materialised (for bulk DMA copies)."""
+    def _frame(self, pfn: int) -> bytearray:
+        """Frame ``pfn``'s storage, made on first write (callers checked the bounds)."""
         page = self._pages.get(pfn)
         if page is None:
-            if pfn <= 0 or pfn >= self.nr_frames:
-                raise err(errno.EFAULT, f"pfn {pfn:#x} outside memory")
             page = self._pages[pfn] = bytearray(PAGE_SIZE)
         return page
 
