@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-import io
 import random
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from iommufd_model.hw.memory import PAGE_SIZE, Frames, PhysicalMemory
+from iommufd_model.hw.memory import (
+    PAGE_SIZE,
+    WORDS_PER_FRAME,
+    Frame,
+    Frames,
+    PhysicalMemory,
+    new_frame,
+)
 
 SIZE = 64 * PAGE_SIZE
 
@@ -35,9 +41,6 @@ ops = st.lists(
         st.tuples(st.just("q"), st.integers(0, SIZE // 8 - 1), st.integers(0, (1 << 64) - 1)),
         st.tuples(st.just("r"), st.integers(0, SIZE - 1), st.integers(0, 3 * PAGE_SIZE)),
         st.tuples(st.just("u"), st.integers(0, SIZE // 8 - 1), st.just(0)),
-        st.tuples(
-            st.just("s"), st.integers(0, SIZE - 1), st.binary(min_size=0, max_size=3 * PAGE_SIZE)
-        ),
     ),
     max_size=30,
 )
@@ -55,14 +58,6 @@ def test_memory_equals_a_flat_bytearray(program: list[tuple[str, int, object]]) 
             view = random.Random(where).choice([bytes, bytearray, memoryview])(data)
             mem.write(where, view)
             ref.write(where, data)
-        elif op == "s":  # the DMA engine's form: the next n bytes of a shared stream
-            assert isinstance(arg, bytes)
-            data = arg[: SIZE - where]
-            src = io.BytesIO(b"head" + data + b"tail")
-            src.seek(4)
-            mem.write_stream(where, len(data), src)
-            assert src.tell() == 4 + len(data)
-            ref.write(where, data)
         elif op == "q":
             assert isinstance(arg, int)
             mem.write_u64(where * 8, arg)
@@ -75,42 +70,47 @@ def test_memory_equals_a_flat_bytearray(program: list[tuple[str, int, object]]) 
             assert mem.read(where, n) == ref.read(where, n)
     assert mem.read(0, SIZE) == bytes(ref.data)
     for pfn, page in mem._pages.items():  # only written frames are materialised
-        assert page == ref.data[pfn * PAGE_SIZE : (pfn + 1) * PAGE_SIZE]
+        assert bytes(page) == ref.data[pfn * PAGE_SIZE : (pfn + 1) * PAGE_SIZE]
+        assert mem._pages.words[pfn >> 12][pfn & 0xFFF] is page  # type: ignore[index]
 
 
-def test_word_views_alias_their_frame_and_go_with_it() -> None:
+def test_frames_are_word_arrays_indexed_beside_the_dict() -> None:
     mem = PhysicalMemory(SIZE)
     pfn = mem.alloc_frame()
     pa = pfn * PAGE_SIZE
     mem.write_u64(pa + 16, 0x8000_0000_0000_0001)  # bit 63 set: a negative signed word
     pages = mem._pages
     assert isinstance(pages, Frames) and isinstance(pages, dict)
-    view = pages.view(pfn)
-    assert view is not None and pages.has_view(pfn)
-    assert view.obj is pages[pfn] and view[2] == -(1 << 63) + 1
-    pages[pfn][16:24] = (5).to_bytes(8, "little")  # a write behind the memory's back (AF bits)
-    assert view[2] == 5 and mem.read_u64(pa + 16) == 5
-    mem.put_frame(pfn)  # freed: frame and view are gone together
-    assert pfn not in pages and not pages.has_view(pfn)
-    assert mem.read_u64(pa + 16) == 0 and not pages.has_view(pfn)
-    again = mem.alloc_frame()
-    assert again == pfn
-    mem.write(pa, b"\xff" * 8)  # a fresh frame: a fresh view over it
-    assert mem.read_u64(pa) == (1 << 64) - 1 and pages.view(pfn).obj is pages[pfn]  # type: ignore[union-attr]
-    pages[pfn] = bytearray(PAGE_SIZE)  # replacing a frame drops its view
-    assert not pages.has_view(pfn) and mem.read_u64(pa) == 0
+    frame = pages[pfn]
+    assert isinstance(frame, Frame) and len(frame) == WORDS_PER_FRAME
+    assert frame[2] == -(1 << 63) + 1 and pages.words[0][pfn] is frame  # type: ignore[index]
+    frame[2] = 5  # a store behind the memory's back (a walker setting A/D bits)
+    assert mem.read_u64(pa + 16) == 5 and mem.read(pa + 16, 8) == (5).to_bytes(8, "little")
+    mem.write(pa + 17, b"\x01")  # a short write stores into the same frame
+    assert pages[pfn] is frame and frame[2] == 0x105
+    mem.write(pa + 100, b"\x07" * 2000)  # a long one rebuilds it; the index follows
+    assert pages[pfn] is not frame and pages.words[0][pfn] is pages[pfn]  # type: ignore[index]
+    assert mem.read_u64(pa + 16) == 0x105 and mem.read(pa + 100, 2000) == b"\x07" * 2000
+    mem.put_frame(pfn)  # freed: frame and index entry are gone together
+    assert pfn not in pages and pages.words[0][pfn] is None  # type: ignore[index]
+    assert mem.read_u64(pa + 16) == 0
+    pages[pfn] = new_frame()
     del pages[pfn]
-    assert pages.pop(pfn, None) is None
+    assert pages.pop(pfn, None) is None and pages.words[0][pfn] is None  # type: ignore[index]
+    pages.put_run(4094, [new_frame() for _ in range(4)])  # across two index chunks
+    assert [pages.words[p >> 12][p & 0xFFF] is pages[p] for p in range(4094, 4098)] == [True] * 4
     pages.clear()
     assert not pages.words
 
 
-def test_frames_far_above_the_view_table_get_views_per_use() -> None:
+def test_frames_far_above_the_index_live_in_the_dict_alone() -> None:
     mem = PhysicalMemory(1 << 44)
     pa = (1 << 43) + 0x1238
     mem.write_u64(pa & ~7, 0x1122334455667788)
     assert mem.read_u64(pa & ~7) == 0x1122334455667788
-    assert not mem._pages.has_view(pa >> 12) and len(mem._pages.words) == 0
+    mem.write(pa - 0x1238, b"\x01" * 3 * PAGE_SIZE)
+    assert mem.read(pa - 0x1238, 3 * PAGE_SIZE) == b"\x01" * 3 * PAGE_SIZE
+    assert len(mem._pages) == 3 and len(mem._pages.words) == 0
 
 
 def test_zero_length_and_out_of_range_accesses() -> None:

@@ -19,7 +19,7 @@ import pytest
 
 from iommufd_model.driver import IOMMU_READ, IOMMU_WRITE
 from iommufd_model.hw.compiled import load_pure, load_walker
-from iommufd_model.hw.memory import PAGE_SHIFT, PhysicalMemory
+from iommufd_model.hw.memory import PAGE_SHIFT, PhysicalMemory, new_frame
 from iommufd_model.hw.radix import RadixPageTable
 from iommufd_model.hw.x86_64 import X86_64Format
 
@@ -135,7 +135,7 @@ def test_amd_native_nested_walk_equals_the_callback_walk(seed: int) -> None:
     mems = [PhysicalMemory(MEM) for _ in variants]
     for m in mems:
         for pfn, page in mem._pages.items():
-            m._pages[pfn] = bytearray(page)
+            m._pages[pfn] = new_frame(memoryview(bytes(page)).cast("q"))
     for gva in probes:
         write = rng.random() < 0.5
         had = rng.choice([0, 1, 3])
@@ -158,7 +158,7 @@ def test_amd_v1_walk_compiled_equals_pure_on_corrupted_tables(seed: int) -> None
     mems = [PhysicalMemory(MEM) for _ in amd_builds]
     for m in mems:
         for pfn, page in mem._pages.items():
-            m._pages[pfn] = bytearray(page)
+            m._pages[pfn] = new_frame(memoryview(bytes(page)).cast("q"))
     for _ in range(400):
         iova = rng.choice([rng.randrange(1 << 36), rng.getrandbits(64),
                            (1 << 33) + rng.randrange(1 << 27)])
@@ -203,7 +203,7 @@ def test_vtd_native_walks_equal_the_general_ones(seed: int) -> None:
     mems = [PhysicalMemory(MEM) for _ in variants]
     for m in mems:
         for pfn, page in mem._pages.items():
-            m._pages[pfn] = bytearray(page)
+            m._pages[pfn] = new_frame(memoryview(bytes(page)).cast("q"))
     for _ in range(300):
         write = rng.random() < 0.5
         set_ad = rng.random() < 0.5

@@ -7,12 +7,11 @@ translated page (of whatever size the walk found) at a time, so a 1 GiB page cop
 
 from __future__ import annotations
 
-import io
 from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from iommufd_model.hw.memory import PAGE_SIZE, PhysicalMemory
+from iommufd_model.hw.memory import PAGE_SIZE, Frame, PhysicalMemory
 
 if TYPE_CHECKING:
     from iommufd_model.hw.pci import PciDevice
@@ -104,7 +103,7 @@ class IommuHw:
         # 1 GiB one included) copies every byte once, as a plain copy does.
         if not n:
             return b""
-        parts: list[bytes | bytearray | memoryview] = []
+        parts: list[bytes | Frame | memoryview] = []
         read = self.memory.read
         translate = self.translate
         while True:
@@ -122,7 +121,6 @@ class IommuHw:
     ) -> None:
         # Translate everything first: a faulting DMA must not have written a prefix.
         # ``bytes(data)`` (no copy for bytes) freezes the source: it may alias the target memory.
-        # One ``BytesIO`` over it feeds every run (it shares the bytes: no copy).
         n = len(data)
         runs: list[tuple[int, int]] = []
         translate = self.translate
@@ -132,10 +130,12 @@ class IommuHw:
             chunk = min(n - pos, run)
             runs.append((pa, chunk))
             pos += chunk
-        src = io.BytesIO(bytes(data))
-        memory = self.memory
+        view = memoryview(bytes(data))
+        write = self.memory.write
+        pos = 0
         for pa, chunk in runs:
-            memory.write_stream(pa, chunk, src)
+            write(pa, view[pos : pos + chunk])
+            pos += chunk
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "driver": self.driver_name, "devices": len(self.devices)}

@@ -3,21 +3,23 @@
 Pages are materialised only when written; reading a frame that was never written yields
 zeros without allocating storage, so a machine can have terabytes of address space.
 
-Frames live in :class:`Frames`, a ``dict`` pfn -> ``bytearray`` that the compiled table walkers
-index directly. Beside it, ``Frames.words`` holds, for the frames that u64 accessors touched, a
-``memoryview`` cast to signed 64-bit words over the *same* bytes (in a two-level list indexed
-by pfn): a table entry is then one indexing operation instead of a slice and
-``int.from_bytes`` (4-6x faster, more in compiled walkers), and it can never go stale
-because it shares the frame's storage. Views are made on demand (walkers make them too) and
-dropped with the frame.
+A frame is a :data:`Frame`, mypyc's native ``vec[i64]`` of 512 little-endian 64-bit words
+(librt): compiled table walkers read an entry with one bounds-checked C array load (about 3 ns;
+a ``memoryview`` word costs 24-40 ns, which capped walks near 6 M/s however tight the rest).
+Its buffer is read-only, so bytes leave a frame as zero-copy views and enter it by item stores
+(a few words) or by building a new frame from the source buffer (one ``memcpy``-speed copy).
+Frames live in :class:`Frames`, the dict pfn -> frame that the walkers index, with a two-level
+list beside it for the walkers' lookups.
 """
 
 from __future__ import annotations
 
 import errno
-import io
 from collections import deque
-from typing import Protocol, cast
+from typing import Protocol
+
+from librt.vecs import vec
+from mypy_extensions import i64
 
 from iommufd_model.core.failnth import failpoint
 from iommufd_model.errors import err
@@ -25,44 +27,44 @@ from iommufd_model.errors import err
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
 PAGE_MASK = PAGE_SIZE - 1
+WORDS_PER_FRAME = PAGE_SIZE // 8
 _ZERO_PAGE = bytes(PAGE_SIZE)
 _ZERO_VIEW = memoryview(_ZERO_PAGE)
+_ZERO_WORDS = _ZERO_VIEW.cast("q")
 U64 = (1 << 64) - 1
 _SIGN = 1 << 63
+#: a partial write touching more words than this rebuilds the frame instead of storing words
+_PATCH_WORDS = 16
+
+#: one 4 KiB frame: 512 signed 64-bit words (an entry with bit 63 set reads negative)
+Frame = vec[i64]
 
 
-#: word views are kept for frames below ``WORDS_MAX_PFN`` (1 TiB); above it they are made per use
+def new_frame(words: memoryview = _ZERO_WORDS) -> Frame:
+    """A frame holding ``words`` (a ``'q'`` view of 512 words; zeros by default)."""
+    return Frame(words)
+
+
+def frame_bytes(frame: Frame) -> memoryview:
+    """The frame's 4096 bytes as a read-only, zero-copy byte view."""
+    return memoryview(frame).cast("B")
+
+
+#: the walkers' index is kept for frames below ``WORDS_MAX_PFN`` (1 TiB); above it they use the
+#: dict alone
 WORDS_CHUNK_BITS = 12
 WORDS_MAX_PFN = 1 << 28
-Words = list[list[memoryview | None] | None]
+Words = list[list[Frame | None] | None]
 
 
-def remember_view(words: Words, pfn: int, page: bytearray) -> memoryview:
-    """Make ``page``'s word view and keep it in ``words`` at ``pfn`` (when below the limit).
+class Frames(dict[int, Frame]):
+    """pfn -> :data:`Frame`, the dict every walker indexes, plus ``words``.
 
-    Walker modules carry a copy of this function (they import nothing from the framework).
-    """
-    view = memoryview(page).cast("q")
-    if 0 <= pfn < WORDS_MAX_PFN:
-        top = pfn >> WORDS_CHUNK_BITS
-        if top >= len(words):
-            words.extend([None] * (top + 1 - len(words)))
-        chunk = words[top]
-        if chunk is None:
-            chunk = words[top] = [None] * (1 << WORDS_CHUNK_BITS)
-        chunk[pfn & ((1 << WORDS_CHUNK_BITS) - 1)] = view
-    return view
-
-
-class Frames(dict[int, bytearray]):
-    """pfn -> 4 KiB frame storage, the dict every walker indexes, plus ``words``.
-
-    ``words[pfn >> 12][pfn & 0xFFF]`` (when the chunk and the entry exist) is
-    ``memoryview(self[pfn]).cast("q")``: the frame as 512 little-endian signed 64-bit words,
-    sharing its bytes. A two-level list rather than a dict: a lookup is two list indexings,
-    no key object and no hash probe (1.5-2x faster walks than a dict of views). Replacing or
-    removing a frame drops its view, so a view always aliases the frame stored under the
-    same pfn. A frame with a view cannot be resized (frames never are).
+    ``words[pfn >> 12][pfn & 0xFFF]`` (when the chunk exists) is the frame stored under
+    ``pfn``, or None: a two-level list rather than a dict lookup, so a walker finds a table
+    with two list indexings, no key object and no hash probe. Every insertion and removal goes
+    through item assignment, ``del``, :meth:`pop`, :meth:`clear` or :meth:`put_run`, which
+    keep both in step (``update``/``setdefault`` would not: they are not used).
     """
 
     __slots__ = ("words",)
@@ -71,6 +73,19 @@ class Frames(dict[int, bytearray]):
         super().__init__()
         self.words: Words = []
 
+    def _chunk(self, pfn: int) -> list[Frame | None] | None:
+        """The words chunk holding ``pfn``, made on demand (None above WORDS_MAX_PFN)."""
+        if not 0 <= pfn < WORDS_MAX_PFN:
+            return None
+        words = self.words
+        top = pfn >> WORDS_CHUNK_BITS
+        if top >= len(words):
+            words.extend([None] * (top + 1 - len(words)))
+        chunk = words[top]
+        if chunk is None:
+            chunk = words[top] = [None] * (1 << WORDS_CHUNK_BITS)
+        return chunk
+
     def _forget(self, pfn: int) -> None:
         top = pfn >> WORDS_CHUNK_BITS
         if 0 <= top < len(self.words):
@@ -78,15 +93,17 @@ class Frames(dict[int, bytearray]):
             if chunk is not None:
                 chunk[pfn & ((1 << WORDS_CHUNK_BITS) - 1)] = None
 
-    def __setitem__(self, pfn: int, page: bytearray) -> None:
-        self._forget(pfn)
-        super().__setitem__(pfn, page)
+    def __setitem__(self, pfn: int, frame: Frame) -> None:
+        super().__setitem__(pfn, frame)
+        chunk = self._chunk(pfn)
+        if chunk is not None:
+            chunk[pfn & ((1 << WORDS_CHUNK_BITS) - 1)] = frame
 
     def __delitem__(self, pfn: int) -> None:
         self._forget(pfn)
         super().__delitem__(pfn)
 
-    def pop(self, pfn: int, *default: bytearray | None) -> bytearray | None:  # type: ignore[override]
+    def pop(self, pfn: int, *default: Frame | None) -> Frame | None:  # type: ignore[override]
         self._forget(pfn)
         return super().pop(pfn, *default)
 
@@ -94,27 +111,20 @@ class Frames(dict[int, bytearray]):
         self.words.clear()
         super().clear()
 
-    def view(self, pfn: int) -> memoryview | None:
-        """The frame's word view (made now if needed), or None for a never-written frame."""
-        words = self.words
-        top = pfn >> WORDS_CHUNK_BITS
-        if 0 <= top < len(words):
-            chunk = words[top]
-            if chunk is not None:
-                view = chunk[pfn & ((1 << WORDS_CHUNK_BITS) - 1)]
-                if view is not None:
-                    return view
-        page = self.get(pfn)
-        if page is None:
-            return None
-        return remember_view(words, pfn, page)
-
-    def has_view(self, pfn: int) -> bool:
-        top = pfn >> WORDS_CHUNK_BITS
-        if not 0 <= top < len(self.words):
-            return False
-        chunk = self.words[top]
-        return chunk is not None and chunk[pfn & ((1 << WORDS_CHUNK_BITS) - 1)] is not None
+    def put_run(self, pfn: int, frames: list[Frame]) -> None:
+        """Store ``frames`` at ``pfn``, ``pfn + 1``, ... (bulk: slices, not one call each)."""
+        end = pfn + len(frames)
+        super().update(zip(range(pfn, end), frames, strict=True))
+        done = 0
+        while pfn < end:
+            low = pfn & ((1 << WORDS_CHUNK_BITS) - 1)
+            count = min(end - pfn, (1 << WORDS_CHUNK_BITS) - low)
+            chunk = self._chunk(pfn)
+            if chunk is None:  # above the index: the dict alone
+                break
+            chunk[low : low + count] = frames[done : done + count]
+            done += count
+            pfn += count
 
 
 class FrameMemory(Protocol):
@@ -236,94 +246,102 @@ class PhysicalMemory:
         self.reads += 1
         off = pa & PAGE_MASK
         if off + n <= PAGE_SIZE:
-            page = self._pages.get(pa >> PAGE_SHIFT)
-            if page is None:
+            frame = self._pages.get(pa >> PAGE_SHIFT)
+            if frame is None:
                 return bytes(n)
-            return bytes(page) if n == PAGE_SIZE else bytes(memoryview(page)[off : off + n])
+            return bytes(frame) if n == PAGE_SIZE else bytes(frame_bytes(frame)[off : off + n])
         # Whole frames join without an intermediate slice: one copy of every byte in all.
-        pieces: list[bytes | bytearray | memoryview] = []
+        pieces: list[bytes | Frame | memoryview] = []
         self._gather(pa, n, pieces)
         return b"".join(pieces)
 
-    def gather(self, pa: int, n: int, out: list[bytes | bytearray | memoryview]) -> None:
+    def gather(self, pa: int, n: int, out: list[bytes | Frame | memoryview]) -> None:
         """Append zero-copy pieces that cover ``[pa, pa+n)`` to ``out`` (counted as one read).
 
-        The pieces alias the frames: join or copy them before memory changes (the DMA engine
-        gathers every translated run, then joins once: one copy of every byte in all).
+        The pieces are the frames (or views of them) as they are now: join them before memory
+        changes (a write may store into a frame or replace it). The DMA engine gathers every
+        translated run, then joins once: one copy of every byte in all.
         """
         self._check(pa, n)
         self.reads += 1
         self._gather(pa, n, out)
 
-    def _gather(self, pa: int, n: int, out: list[bytes | bytearray | memoryview]) -> None:
+    def _gather(self, pa: int, n: int, out: list[bytes | Frame | memoryview]) -> None:
         get = self._pages.get
         append = out.append
         off = pa & PAGE_MASK
         pfn = pa >> PAGE_SHIFT
         while n:
             chunk = min(n, PAGE_SIZE - off)
-            page = get(pfn)
+            frame = get(pfn)
             if chunk == PAGE_SIZE:
-                append(_ZERO_PAGE if page is None else page)
-            elif page is None:
+                append(_ZERO_PAGE if frame is None else frame)
+            elif frame is None:
                 append(_ZERO_VIEW[off : off + chunk])
             else:
-                append(memoryview(page)[off : off + chunk])
+                append(frame_bytes(frame)[off : off + chunk])
             pfn += 1
             n -= chunk
             off = 0
 
     def write(self, pa: int, data: bytes | bytearray | memoryview) -> None:
-        n = len(data)
-        off = pa & PAGE_MASK
-        if n and off + n <= PAGE_SIZE:
-            self._check(pa, n)
-            self.writes += 1
-            self._frame(pa >> PAGE_SHIFT)[off : off + n] = data
-            return
-        # ``BytesIO`` shares a ``bytes`` source (no copy); any other source is copied once.
-        self.write_stream(pa, n, io.BytesIO(data))
+        """Write ``data`` (any contiguous buffer; it may alias memory) at ``pa``.
 
-    def write_stream(self, pa: int, n: int, src: io.BytesIO) -> None:
-        """Write the next ``n`` bytes of ``src`` (which must hold them) at ``pa``.
-
-        Whole frames are filled by ``src.readinto(frame)`` mapped over the frame list in C:
-        one ``memcpy`` per frame and no slice object, 2-3x faster than slicing the source per
-        frame (benchmarks/bench_dma.py). A frame never written is materialised first.
+        Whole frames are rebuilt from the source in C (``vec`` from a ``'q'`` view over
+        ``map``: one copy per frame, no Python step per frame); a head or tail shorter than a
+        frame is patched in place (:meth:`_patch`).
         """
+        src = data.cast("B") if isinstance(data, memoryview) else memoryview(data)
+        n = len(src)
         self._check(pa, n)
         self.writes += 1
-        pages = self._pages
         off = pa & PAGE_MASK
         pfn = pa >> PAGE_SHIFT
+        pos = 0
         if off:  # the head, up to the first frame boundary
-            head = min(n, PAGE_SIZE - off)
-            src.readinto(memoryview(self._frame(pfn))[off : off + head])
-            n -= head
+            pos = min(n, PAGE_SIZE - off)
+            self._patch(pfn, off, src[:pos])
             pfn += 1
-        whole = n >> PAGE_SHIFT
+        whole = (n - pos) >> PAGE_SHIFT
         if whole:
-            got = list(map(pages.get, range(pfn, pfn + whole)))
-            frames = (
-                [self._frame(p) for p in range(pfn, pfn + whole)]
-                if None in got
-                else cast("list[bytearray]", got)
-            )
-            deque(map(src.readinto, frames), maxlen=0)
+            end = pos + (whole << PAGE_SHIFT)
+            words = src[pos:end].cast("q")
+            step = WORDS_PER_FRAME
+            cuts = map(slice, range(0, whole * step, step), range(step, (whole + 1) * step, step))
+            self._pages.put_run(pfn, list(map(Frame, map(words.__getitem__, cuts))))
             pfn += whole
-            n &= PAGE_MASK
-        if n:  # the tail
-            src.readinto(memoryview(self._frame(pfn))[:n])
+            pos = end
+        if pos < n:  # the tail
+            self._patch(pfn, 0, src[pos:])
+
+    def _patch(self, pfn: int, off: int, piece: memoryview) -> None:
+        """Write ``piece`` (shorter than a frame) at byte ``off`` of frame ``pfn``.
+
+        Few words: merged into 8-byte words and stored in place. More: the frame is rebuilt
+        (one copy of 4 KiB beats hundreds of item stores) and replaces the old one.
+        """
+        pages = self._pages
+        frame = pages.get(pfn)
+        first, last = off >> 3, (off + len(piece) + 7) >> 3
+        if frame is None or last - first > _PATCH_WORDS:
+            buf = bytearray(_ZERO_PAGE if frame is None else frame)
+            buf[off : off + len(piece)] = piece
+            pages[pfn] = Frame(memoryview(buf).cast("q"))
+            return
+        lo = first << 3
+        merged = bytearray(frame_bytes(frame)[lo : last << 3])
+        merged[off - lo : off - lo + len(piece)] = piece
+        deque(map(frame.__setitem__, range(first, last), memoryview(merged).cast("q")), maxlen=0)
 
     def read_u64(self, pa: int) -> int:
         """Read a naturally aligned little-endian u64 (the table walkers' primitive)."""
         if pa & 7 or pa < 0 or pa + 8 > self.size:
             raise err(errno.EFAULT, f"bad u64 read at {pa:#x}")
         self.reads += 1
-        view = self._pages.view(pa >> PAGE_SHIFT)
-        if view is None:
+        frame = self._pages.get(pa >> PAGE_SHIFT)
+        if frame is None:
             return 0
-        return view[(pa & PAGE_MASK) >> 3] & U64
+        return frame[(pa & PAGE_MASK) >> 3] & U64
 
     def write_u64(self, pa: int, value: int) -> None:
         if pa & 7 or pa < 0 or pa + 8 > self.size:
@@ -331,20 +349,11 @@ class PhysicalMemory:
         self.writes += 1
         pages = self._pages
         pfn = pa >> PAGE_SHIFT
-        view = pages.view(pfn)
-        if view is None:
-            pages[pfn] = bytearray(PAGE_SIZE)
-            view = pages.view(pfn)
-            assert view is not None
+        frame = pages.get(pfn)
+        if frame is None:
+            frame = pages[pfn] = new_frame()
         value &= U64
-        view[(pa & PAGE_MASK) >> 3] = value - (_SIGN << 1) if value & _SIGN else value
-
-    def _frame(self, pfn: int) -> bytearray:
-        """Frame ``pfn``'s storage, made on first write (callers checked the bounds)."""
-        page = self._pages.get(pfn)
-        if page is None:
-            page = self._pages[pfn] = bytearray(PAGE_SIZE)
-        return page
+        frame[(pa & PAGE_MASK) >> 3] = value - (_SIGN << 1) if value & _SIGN else value
 
     def fill(self, pa: int, n: int, byte: int = 0) -> None:
         self.write(pa, bytes([byte]) * n)

@@ -9,12 +9,11 @@ Result tuple: ``(status, value, shift, refs, prot)``. status OK: value is the ph
 NOT_PRESENT / PERMISSION / ADDRESS_SIZE / BAD_ENTRY: value is the faulting level;
 S2_FAULT: value is the guest-physical address stage 2 refused.
 
-Speed (see ``benchmarks/``): ``pages`` is the memory's ``Frames`` dict; entries are read through
-``pages.words`` -- per frame a ``memoryview`` cast to signed 64-bit words over the same bytes --
-one indexing operation per entry, no slice and no ``int.from_bytes``. Entries and addresses are
-native ``i64`` in the compiled build (an entry's bit 63 makes it negative; every test masks it
-off, so the pure build, where the same values are Python ints, computes the same results). A
-plain ``dict`` of frames works too (views are then made per call).
+Speed (see ``benchmarks/``): ``pages`` is the memory's ``Frames`` dict of ``vec[i64]`` frames,
+found through its two-level ``pages.words`` index; an entry is one native array load. Entries
+and addresses are native ``i64`` in the compiled build (an entry's bit 63 makes it negative;
+every test masks it off, so the pure build, where the same values are Python ints, computes the
+same results). A plain ``dict`` of frames works too (looked up per table).
 """
 
 from __future__ import annotations
@@ -22,8 +21,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
-if TYPE_CHECKING:  # mypyc's native 64-bit int; plain ``int`` when the source runs uncompiled
-    from mypy_extensions import i64
+from librt.vecs import vec
+from mypy_extensions import i64  # a native int under mypyc; a subclass of ``int`` otherwise
+
+if TYPE_CHECKING:  # under mypyc ``vec[i64]`` is no runtime expression outside functions
+    Frame = vec[i64]  # memory.Frame: 512 signed 64-bit words
+    Pages = dict[int, Frame]
+    Words = list[list[Frame | None] | None]
+
 
 OK: Final = 0
 NOT_PRESENT: Final = 1
@@ -36,70 +41,56 @@ _ADDR: Final = ((1 << 52) - 1) & ~0xFFF
 _P: Final = 1
 _RW: Final = 2
 _PS: Final = 0x80
-_NATIVE: Final = 1 << 62  # roots and memory sizes below this fit the native walk
+# Roots and memory sizes up to this fit the native walks. It is the largest unboxed (short)
+# int: a comparison with 1 << 62 would box both sides and call PyObject_RichCompare.
+_NATIVE_MAX: Final = (1 << 62) - 1
 
 Stage2 = Callable[[int, bool], tuple[int, int, int]]
 
 
-Words = list[list[memoryview | None] | None]
-_MAX_PFN: Final = 1 << 28  # as memory.WORDS_MAX_PFN: views of frames above are made per use
 
 
-def _words(pages: dict[int, bytearray]) -> Words:
-    """The word views beside ``pages`` (``Frames.words``), or a fresh table for a plain dict."""
+def _words(pages: Pages) -> Words:
+    """The index beside ``pages`` (``Frames.words``), or an empty one for a plain dict."""
     words: Words | None = getattr(pages, "words", None)
     return [] if words is None else words
 
 
-def _remember(words: Words, pfn: i64, page: bytearray) -> memoryview:
-    """``memory.remember_view``: make a frame's word view and keep it in ``words``."""
-    view = memoryview(page).cast("q")
-    if 0 <= pfn < _MAX_PFN:
-        top: i64 = pfn >> 12
-        if top >= len(words):
-            words.extend([None] * (top + 1 - len(words)))
-        chunk = words[top]
-        if chunk is None:
-            fresh: list[memoryview | None] = [None] * 4096
-            words[top] = chunk = fresh
-        chunk[pfn & 0xFFF] = view
-    return view
-
-
-def _view(pages: dict[int, bytearray], words: Words, pfn: i64) -> memoryview | None:
-    """Frame ``pfn`` as signed 64-bit words, or None for a frame never written."""
+def _view(pages: Pages, words: Words, pfn: i64) -> Frame:
+    """Frame ``pfn``, or an empty vec for a frame never written (the index first, then the
+    dict). Never None: an optional ``vec`` is boxed on return, a plain one travels unboxed."""
     top: i64 = pfn >> 12
     if 0 <= top < len(words):
         chunk = words[top]
         if chunk is not None:
-            view = chunk[pfn & 0xFFF]
-            if view is not None:
-                return view
-    page = pages.get(pfn)
-    if page is None:
-        return None
-    return _remember(words, pfn, page)
+            frame = chunk[pfn & 0xFFF]
+            if frame is not None:
+                return frame
+    got = pages.get(pfn)
+    if got is not None:
+        return got
+    return vec[i64]()
 
 
-def words_of(pages: dict[int, bytearray]) -> Words:
+def words_of(pages: Pages) -> Words:
     return _words(pages)
 
 
-def entry_at(pages: dict[int, bytearray], words: Words, pa: i64) -> i64:
+def entry_at(pages: Pages, words: Words, pa: i64) -> i64:
     """The signed u64 at 8-aligned ``pa`` (0 for a never-written frame)."""
     view = _view(pages, words, pa >> 12)
-    if view is None:
+    if len(view) == 0:
         return 0
     value: i64 = view[(pa & 0xFFF) >> 3]
     return value
 
 
-def read_u64(pages: dict[int, bytearray], pa: int) -> int:
+def read_u64(pages: Pages, pa: int) -> int:
     return entry_at(pages, words_of(pages), pa) & 0xFFFF_FFFF_FFFF_FFFF
 
 
 def walk_x86(
-    pages: dict[int, bytearray],
+    pages: Pages,
     mem_size: int,
     root: int,
     iova: int,
@@ -110,7 +101,7 @@ def walk_x86(
     if iova >> (12 + 9 * levels):
         return ADDRESS_SIZE, levels - 1, 0, 0, 0
     words = words_of(pages)
-    if s2 is None and 0 < levels <= 5 and 0 <= root < _NATIVE and mem_size < _NATIVE:
+    if s2 is None and 0 < levels <= 5 and 0 <= root <= _NATIVE_MAX and mem_size <= _NATIVE_MAX:
         return walk_x86_1d(pages, words, mem_size, root, iova, levels, write)
     refs = 0
     prot = 3
@@ -153,7 +144,7 @@ def walk_x86(
 
 
 def walk_x86_1d(
-    pages: dict[int, bytearray],
+    pages: Pages,
     words: Words,
     mem_size: i64,
     root: i64,
@@ -172,7 +163,7 @@ def walk_x86_1d(
         if slot + 8 > mem_size:
             return BAD_ENTRY, level, 0, refs, 0
         view = _view(pages, words, slot >> 12)
-        if view is None:
+        if len(view) == 0:
             return NOT_PRESENT, level, 0, refs + 1, 0
         entry: i64 = view[(slot & 0xFFF) >> 3]
         refs += 1
@@ -194,7 +185,7 @@ def walk_x86_1d(
 
 
 def walk_many(
-    pages: dict[int, bytearray], mem_size: int, root: int, iovas: list[int], levels: int,
+    pages: Pages, mem_size: int, root: int, iovas: list[int], levels: int,
     rounds: int,
 ) -> int:
     """Benchmark driver: ``rounds`` passes of single-stage read walks over ``iovas``, in the

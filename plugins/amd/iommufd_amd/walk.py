@@ -11,10 +11,9 @@ NOT_PRESENT / PERMISSION / ADDRESS_SIZE / BAD_ENTRY (value = AMD level of the fa
 table), S2_FAULT (value = guest-physical address the host table refused) and HW_ERROR
 (value = the table address that lies outside memory: PAGE_TAB_HARDWARE_ERROR).
 
-Speed: entries are read through the memory's word views (``Frames.words``: a ``memoryview``
-cast to signed 64-bit words over each frame's bytes, made on demand) into native ``i64``
-(mypyc) -- one indexing operation per entry. The nested walk runs its guest x86-64 walk and
-every host walk natively inside this module (no Python-level callbacks) when handed the
+Speed: frames are the memory's ``vec[i64]`` word arrays, found through ``Frames.words``; an
+entry is one native array load into an ``i64`` (mypyc). The nested walk runs its guest x86-64
+walk and every host walk natively inside this module (no Python-level callbacks) when handed the
 framework's ``walk_x86``; its rules are that walker's, and the tests compare both.
 """
 
@@ -23,8 +22,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
-if TYPE_CHECKING:  # mypyc's native 64-bit int; plain ``int`` when the source runs uncompiled
-    from mypy_extensions import i64
+from librt.vecs import vec
+from mypy_extensions import i64  # a native int under mypyc; a subclass of ``int`` otherwise
+
+if TYPE_CHECKING:  # under mypyc ``vec[i64]`` is no runtime expression outside functions
+    Frame = vec[i64]  # memory.Frame: 512 signed 64-bit words
+    Pages = dict[int, Frame]
+    Words = list[list[Frame | None] | None]
+
 
 # Statuses numbered as the framework's walk_x86 (a test checks it) so that one decoder reads
 # both walkers. ``Final`` lets mypyc inline every constant instead of a globals lookup.
@@ -47,58 +52,50 @@ _GCR3_VALID: Final = 1  # GCR3 table entry valid bit
 _X86_P: Final = 1  # x86-64 (v2) entry bits
 _X86_RW: Final = 2
 _X86_PS: Final = 0x80
-_NATIVE: Final = 1 << 62  # memory sizes are clamped to this (every table address is below)
+# Roots and memory sizes up to this fit the native walks. It is the largest unboxed (short)
+# int: a comparison with 1 << 62 would box both sides and call PyObject_RichCompare.
+_NATIVE_MAX: Final = (1 << 62) - 1
 
 Stage2 = Callable[[int, bool], tuple[int, int, int]]
-X86Walker = Callable[
-    [dict[int, bytearray], int, int, int, int, bool, Stage2 | None],
-    tuple[int, int, int, int, int],
-]
+if TYPE_CHECKING:
+    X86Walker = Callable[
+        [Pages, int, int, int, int, bool, Stage2 | None],
+        tuple[int, int, int, int, int],
+    ]
 Result = tuple[int, int, int, int, int]
 
 
-Words = list[list[memoryview | None] | None]
-_MAX_PFN: Final = 1 << 28  # as memory.WORDS_MAX_PFN: views of frames above are made per use
 
 
-def _words(pages: dict[int, bytearray]) -> Words:
-    """The word views beside ``pages`` (``Frames.words``), or a fresh table for a plain dict."""
+def _words(pages: Pages) -> Words:
+    """The index beside ``pages`` (``Frames.words``), or an empty one for a plain dict."""
     words: Words | None = getattr(pages, "words", None)
     return [] if words is None else words
 
 
-def _remember(words: Words, pfn: i64, page: bytearray) -> memoryview:
-    """``memory.remember_view``: make a frame's word view and keep it in ``words``."""
-    view = memoryview(page).cast("q")
-    if 0 <= pfn < _MAX_PFN:
-        top: i64 = pfn >> 12
-        if top >= len(words):
-            words.extend([None] * (top + 1 - len(words)))
-        chunk = words[top]
-        if chunk is None:
-            fresh: list[memoryview | None] = [None] * 4096
-            words[top] = chunk = fresh
-        chunk[pfn & 0xFFF] = view
-    return view
+def _clamp(mem_size: int) -> i64:
+    """``min(mem_size, _NATIVE_MAX)`` natively (the builtin boxes both and compares them)."""
+    return mem_size if mem_size <= _NATIVE_MAX else _NATIVE_MAX
 
 
-def _view(pages: dict[int, bytearray], words: Words, pfn: i64) -> memoryview | None:
-    """Frame ``pfn`` as signed 64-bit words, or None for a frame never written."""
+def _view(pages: Pages, words: Words, pfn: i64) -> Frame:
+    """Frame ``pfn``, or an empty vec for a frame never written (the index first, then the
+    dict). Never None: an optional ``vec`` is boxed on return, a plain one travels unboxed."""
     top: i64 = pfn >> 12
     if 0 <= top < len(words):
         chunk = words[top]
         if chunk is not None:
-            view = chunk[pfn & 0xFFF]
-            if view is not None:
-                return view
-    page = pages.get(pfn)
-    if page is None:
-        return None
-    return _remember(words, pfn, page)
+            frame = chunk[pfn & 0xFFF]
+            if frame is not None:
+                return frame
+    got = pages.get(pfn)
+    if got is not None:
+        return got
+    return vec[i64]()
 
 
 def walk_v1(
-    pages: dict[int, bytearray],
+    pages: Pages,
     mem_size: int,
     root: int,
     mode: int,
@@ -120,13 +117,13 @@ def walk_v1(
     if top < 64 and iova >> top:
         return ADDRESS_SIZE, mode, 0, 0, 0
     slot = root + ((iova >> (3 + 9 * mode)) & 0x1FF) * 8
-    if slot + 8 > mem_size or slot + 8 > _NATIVE:  # memories are below 2**62 bytes
+    if slot + 8 > mem_size or slot + 7 > _NATIVE_MAX:  # memories are below 2**62 bytes
         return HW_ERROR, slot, 0, 0, 0
-    return _v1(pages, _words(pages), min(mem_size, _NATIVE), root, mode, iova, write, had)
+    return _v1(pages, _words(pages), _clamp(mem_size), root, mode, iova, write, had)
 
 
 def _v1(
-    pages: dict[int, bytearray],
+    pages: Pages,
     words: Words,
     mem_size: i64,
     root: i64,
@@ -152,7 +149,7 @@ def _v1(
             return HW_ERROR, slot, 0, refs, 0
         refs += 1
         view = _view(pages, words, slot >> 12)
-        if view is None:
+        if len(view) == 0:
             return NOT_PRESENT, level, 0, refs, 0
         at: i64 = (slot & 0xFFF) >> 3
         entry: i64 = view[at]
@@ -206,7 +203,7 @@ def _mask(bits: i64) -> i64:
 
 
 def walk_nested(
-    pages: dict[int, bytearray],
+    pages: Pages,
     mem_size: int,
     host_root: int,
     host_mode: int,
@@ -229,15 +226,15 @@ def walk_nested(
     if (
         getattr(x86, "__name__", "") != "walk_x86"
         or not 1 <= guest_levels <= 5
-        or not 0 <= host_root < _NATIVE
-        or not 0 <= gcr3_root < _NATIVE
+        or not 0 <= host_root <= _NATIVE_MAX
+        or not 0 <= gcr3_root <= _NATIVE_MAX
     ):
         return _nested_with(pages, mem_size, host_root, host_mode, had, gcr3_root, glx,
                             guest_levels, pasid, iova, write, x86)
     if pasid >> (9 * (glx + 1)):
         return NOT_PRESENT, 0, 0, 0, 0
     words = _words(pages)
-    size: i64 = min(mem_size, _NATIVE)
+    size: i64 = _clamp(mem_size)
     nested = host_mode != 0
     # The GCR3 table: GLX + 1 levels, level n indexed by PASID bits [9n+8:9n].
     refs: i64 = 0
@@ -269,17 +266,17 @@ def walk_nested(
     return st, val, shift, refs + r, prot
 
 
-def _read(pages: dict[int, bytearray], words: Words, pa: i64) -> i64:
+def _read(pages: Pages, words: Words, pa: i64) -> i64:
     """The signed u64 at 8-aligned ``pa`` (0 for a never-written frame)."""
     view = _view(pages, words, pa >> 12)
-    if view is None:
+    if len(view) == 0:
         return 0
     value: i64 = view[(pa & 0xFFF) >> 3]
     return value
 
 
 def _host(
-    pages: dict[int, bytearray],
+    pages: Pages,
     words: Words,
     mem_size: i64,
     root: i64,
@@ -298,7 +295,7 @@ def _host(
 
 
 def _guest(
-    pages: dict[int, bytearray],
+    pages: Pages,
     words: Words,
     mem_size: i64,
     host_root: i64,
@@ -359,7 +356,7 @@ def _guest(
 
 
 def _nested_with(
-    pages: dict[int, bytearray],
+    pages: Pages,
     mem_size: int,
     host_root: int,
     host_mode: int,
@@ -421,7 +418,7 @@ def _nested_with(
 
 
 def bench_v1(
-    pages: dict[int, bytearray], mem_size: int, root: int, mode: int, iovas: list[int],
+    pages: Pages, mem_size: int, root: int, mode: int, iovas: list[int],
     rounds: int,
 ) -> int:
     """Benchmark driver: ``rounds`` passes of v1 read walks over ``iovas`` in this module's own
@@ -435,7 +432,7 @@ def bench_v1(
 
 
 def bench_nested(
-    pages: dict[int, bytearray], mem_size: int, host_root: int, host_mode: int, gcr3_root: int,
+    pages: Pages, mem_size: int, host_root: int, host_mode: int, gcr3_root: int,
     guest_levels: int, gvas: list[int], rounds: int, x86: X86Walker,
 ) -> int:
     """Benchmark driver: :func:`walk_nested` (PASID 0, one-level GCR3) in this module's loop."""

@@ -10,9 +10,8 @@ first-stage walker is called with a stage-2 callback instead.
 Results use the framework walker's convention ``(status, value, shift, refs, prot)``; the
 extra status :data:`ACCESS` means an entry lay outside physical memory.
 
-Speed: entries are read through the memory's word views (``Frames.words``: a ``memoryview``
-cast to signed 64-bit words over each frame's bytes, made on demand) into native ``i64``
-(mypyc): one indexing operation per entry, and A/D updates are one word store.
+Speed: frames are the memory's ``vec[i64]`` word arrays, found through ``Frames.words``; an
+entry is one native array load into an ``i64`` (mypyc), and an A/D update is one word store.
 """
 
 from __future__ import annotations
@@ -20,8 +19,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
-if TYPE_CHECKING:  # mypyc's native 64-bit int; plain ``int`` when the source runs uncompiled
-    from mypy_extensions import i64
+from librt.vecs import vec
+from mypy_extensions import i64  # a native int under mypyc; a subclass of ``int`` otherwise
+
+if TYPE_CHECKING:  # under mypyc ``vec[i64]`` is no runtime expression outside functions
+    Frame = vec[i64]  # memory.Frame: 512 signed 64-bit words
+    Pages = dict[int, Frame]
+    Words = list[list[Frame | None] | None]
+
 
 # The framework walker's status codes (walk_x86.OK ... S2_FAULT), plus ACCESS.
 OK: Final = 0
@@ -33,10 +38,11 @@ S2_FAULT: Final = 5
 ACCESS: Final = 6
 
 Stage2 = Callable[[int, bool], tuple[int, int, int]]
-FirstStage = Callable[
-    [dict[int, bytearray], int, int, int, int, bool, Stage2 | None],
-    tuple[int, int, int, int, int],
-]
+if TYPE_CHECKING:
+    FirstStage = Callable[
+        [Pages, int, int, int, int, bool, Stage2 | None],
+        tuple[int, int, int, int, int],
+    ]
 Result = tuple[int, int, int, int, int]
 
 _ADDR: Final = ((1 << 52) - 1) & ~0xFFF
@@ -46,47 +52,38 @@ _A: Final = 0x100
 _D: Final = 0x200
 _FS_P: Final = 1  # first-stage (x86-64) entry bits
 _FS_RW: Final = 2
-_NATIVE: Final = 1 << 62  # roots and memory sizes below this fit the native walks
+# Roots and memory sizes up to this fit the native walks. It is the largest unboxed (short)
+# int: a comparison with 1 << 62 would box both sides and call PyObject_RichCompare.
+_NATIVE_MAX: Final = (1 << 62) - 1
 
 
-Words = list[list[memoryview | None] | None]
-_MAX_PFN: Final = 1 << 28  # as memory.WORDS_MAX_PFN: views of frames above are made per use
 
 
-def _words(pages: dict[int, bytearray]) -> Words:
-    """The word views beside ``pages`` (``Frames.words``), or a fresh table for a plain dict."""
+def _words(pages: Pages) -> Words:
+    """The index beside ``pages`` (``Frames.words``), or an empty one for a plain dict."""
     words: Words | None = getattr(pages, "words", None)
     return [] if words is None else words
 
 
-def _remember(words: Words, pfn: i64, page: bytearray) -> memoryview:
-    """``memory.remember_view``: make a frame's word view and keep it in ``words``."""
-    view = memoryview(page).cast("q")
-    if 0 <= pfn < _MAX_PFN:
-        top: i64 = pfn >> 12
-        if top >= len(words):
-            words.extend([None] * (top + 1 - len(words)))
-        chunk = words[top]
-        if chunk is None:
-            fresh: list[memoryview | None] = [None] * 4096
-            words[top] = chunk = fresh
-        chunk[pfn & 0xFFF] = view
-    return view
+def _clamp(mem_size: int) -> i64:
+    """``min(mem_size, _NATIVE_MAX)`` natively (the builtin boxes both and compares them)."""
+    return mem_size if mem_size <= _NATIVE_MAX else _NATIVE_MAX
 
 
-def _view(pages: dict[int, bytearray], words: Words, pfn: i64) -> memoryview | None:
-    """Frame ``pfn`` as signed 64-bit words, or None for a frame never written."""
+def _view(pages: Pages, words: Words, pfn: i64) -> Frame:
+    """Frame ``pfn``, or an empty vec for a frame never written (the index first, then the
+    dict). Never None: an optional ``vec`` is boxed on return, a plain one travels unboxed."""
     top: i64 = pfn >> 12
     if 0 <= top < len(words):
         chunk = words[top]
         if chunk is not None:
-            view = chunk[pfn & 0xFFF]
-            if view is not None:
-                return view
-    page = pages.get(pfn)
-    if page is None:
-        return None
-    return _remember(words, pfn, page)
+            frame = chunk[pfn & 0xFFF]
+            if frame is not None:
+                return frame
+    got = pages.get(pfn)
+    if got is not None:
+        return got
+    return vec[i64]()
 
 
 def _mask(bits: i64) -> i64:
@@ -96,7 +93,7 @@ def _mask(bits: i64) -> i64:
 
 
 def walk_ss(
-    pages: dict[int, bytearray],
+    pages: Pages,
     mem_size: int,
     root: int,
     addr: int,
@@ -112,14 +109,14 @@ def walk_ss(
     """
     if addr >> (12 + 9 * levels):
         return ADDRESS_SIZE, levels - 1, 0, 0, 0
-    if not (0 < levels <= 5 and 0 <= root < _NATIVE):
+    if not (0 < levels <= 5 and 0 <= root <= _NATIVE_MAX):
         return _ss_any(pages, mem_size, root, addr, levels, write, large_mask, set_ad)
-    return _ss(pages, _words(pages), min(mem_size, _NATIVE), root, addr, levels, write,
+    return _ss(pages, _words(pages), _clamp(mem_size), root, addr, levels, write,
                large_mask, set_ad)
 
 
 def _ss(
-    pages: dict[int, bytearray],
+    pages: Pages,
     words: Words,
     mem_size: i64,
     root: i64,
@@ -142,7 +139,7 @@ def _ss(
         view = _view(pages, words, slot >> 12)
         at: i64 = (slot & 0xFFF) >> 3
         entry: i64 = 0
-        if view is not None:
+        if len(view):
             entry = view[at]
         refs += 1
         rw: i64 = entry & _RW
@@ -158,13 +155,13 @@ def _ss(
             need = 2 if write else 1
             if not allowed & need:
                 return PERMISSION, level, 0, refs, allowed
-            if set_ad and view is not None:
+            if set_ad and len(view):
                 want: i64 = entry | _A | (_D if write else 0)
                 if want != entry:
                     view[at] = want
             offset_mask = _mask(shift)
             return OK, (entry & _ADDR & ~offset_mask) | (addr & offset_mask), shift, refs, allowed
-        if set_ad and view is not None and not entry & _A:
+        if set_ad and len(view) and not entry & _A:
             view[at] = entry | _A
         table = entry & _ADDR
         level -= 1
@@ -172,7 +169,7 @@ def _ss(
 
 
 def _ss_any(
-    pages: dict[int, bytearray],
+    pages: Pages,
     mem_size: int,
     root: int,
     addr: int,
@@ -191,9 +188,9 @@ def _ss_any(
         slot = table + (((addr >> shift) & 0x1FF) << 3)
         if slot + 8 > mem_size:
             return ACCESS, level, 0, refs, 0
-        view = _view(pages, words, slot >> 12) if 0 <= slot < _NATIVE else None
+        view = _view(pages, words, slot >> 12) if 0 <= slot <= _NATIVE_MAX else vec[i64]()
         at = (slot & 0xFFF) >> 3
-        entry: int = 0 if view is None else view[at]
+        entry: int = view[at] if len(view) else 0
         refs += 1
         rw = entry & _RW
         if rw == 0:
@@ -208,13 +205,13 @@ def _ss_any(
             need = 2 if write else 1
             if not allowed & need:
                 return PERMISSION, level, 0, refs, allowed
-            if set_ad and view is not None:
+            if set_ad and len(view):
                 want = entry | _A | (_D if write else 0)
                 if want != entry:
                     view[at] = want
             offset_mask = (1 << shift) - 1
             return OK, (entry & _ADDR & ~offset_mask) | (addr & offset_mask), shift, refs, allowed
-        if set_ad and view is not None and not entry & _A:
+        if set_ad and len(view) and not entry & _A:
             view[at] = entry | _A
         table = entry & _ADDR
     return BAD_ENTRY, 0, 0, refs, 0
@@ -222,7 +219,7 @@ def _ss_any(
 
 def walk_nested(
     walk_fs: FirstStage,
-    pages: dict[int, bytearray],
+    pages: Pages,
     mem_size: int,
     fs_root: int,
     iova: int,
@@ -243,19 +240,19 @@ def walk_nested(
         getattr(walk_fs, "__name__", "") != "walk_x86"
         or not 0 < fs_levels <= 5
         or not 0 < ss_levels <= 5
-        or not 0 <= fs_root < _NATIVE
-        or not 0 <= ss_root < _NATIVE
+        or not 0 <= fs_root <= _NATIVE_MAX
+        or not 0 <= ss_root <= _NATIVE_MAX
     ):
         return _nested_with(walk_fs, pages, mem_size, fs_root, iova, fs_levels, write,
                             ss_root, ss_levels, large_mask, set_ad)
     if iova >> (12 + 9 * fs_levels):
         return ADDRESS_SIZE, fs_levels - 1, 0, 0, 0, OK
-    return _nested(pages, _words(pages), min(mem_size, _NATIVE), fs_root, iova, fs_levels,
+    return _nested(pages, _words(pages), _clamp(mem_size), fs_root, iova, fs_levels,
                    write, ss_root, ss_levels, large_mask, set_ad)
 
 
 def _nested(
-    pages: dict[int, bytearray],
+    pages: Pages,
     words: Words,
     mem_size: i64,
     fs_root: i64,
@@ -287,7 +284,7 @@ def _nested(
             return BAD_ENTRY, level, 0, refs, 0, OK
         view = _view(pages, words, slot >> 12)
         entry: i64 = 0
-        if view is not None:
+        if len(view):
             entry = view[(slot & 0xFFF) >> 3]
         refs += 1
         if not entry & _FS_P:
@@ -317,7 +314,7 @@ def _nested(
 
 def _nested_with(
     walk_fs: FirstStage,
-    pages: dict[int, bytearray],
+    pages: Pages,
     mem_size: int,
     fs_root: int,
     iova: int,
@@ -346,7 +343,7 @@ def _nested_with(
 
 
 def bench_ss(
-    pages: dict[int, bytearray], mem_size: int, root: int, addrs: list[int], levels: int,
+    pages: Pages, mem_size: int, root: int, addrs: list[int], levels: int,
     rounds: int,
 ) -> int:
     """Benchmark driver: ``rounds`` passes of second-stage read walks in this module's own
@@ -360,7 +357,7 @@ def bench_ss(
 
 
 def bench_nested(
-    walk_fs: FirstStage, pages: dict[int, bytearray], mem_size: int, fs_root: int,
+    walk_fs: FirstStage, pages: Pages, mem_size: int, fs_root: int,
     iovas: list[int], fs_levels: int, ss_root: int, ss_levels: int, rounds: int,
 ) -> int:
     """Benchmark driver: :func:`walk_nested` read walks in this module's own loop."""
