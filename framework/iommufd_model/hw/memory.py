@@ -35,6 +35,8 @@ U64 = (1 << 64) - 1
 _SIGN = 1 << 63
 #: a partial write touching more words than this rebuilds the frame instead of storing words
 _PATCH_WORDS = 16
+#: frames a long write builds before storing them (bounds the memory it holds twice)
+_WRITE_BATCH = 256
 
 #: one 4 KiB frame: 512 signed 64-bit words (an entry with bit 63 set reads negative)
 Frame = vec[i64]
@@ -303,13 +305,17 @@ class PhysicalMemory:
             self._patch(pfn, off, src[:pos])
             pfn += 1
         whole = (n - pos) >> PAGE_SHIFT
-        if whole:
-            end = pos + (whole << PAGE_SHIFT)
+        step = WORDS_PER_FRAME
+        while whole:
+            # Batches of frames: the frames they replace are freed before the next batch is
+            # built, so the allocator reuses their memory instead of faulting in fresh pages.
+            batch = min(whole, _WRITE_BATCH)
+            end = pos + (batch << PAGE_SHIFT)
             words = src[pos:end].cast("q")
-            step = WORDS_PER_FRAME
-            cuts = map(slice, range(0, whole * step, step), range(step, (whole + 1) * step, step))
+            cuts = map(slice, range(0, batch * step, step), range(step, (batch + 1) * step, step))
             self._pages.put_run(pfn, list(map(Frame, map(words.__getitem__, cuts))))
-            pfn += whole
+            pfn += batch
+            whole -= batch
             pos = end
         if pos < n:  # the tail
             self._patch(pfn, 0, src[pos:])
