@@ -124,3 +124,11 @@ def test_zero_length_and_out_of_range_accesses() -> None:
             bad()
     mem.write_u64(8, -1)  # values are taken modulo 2**64, as before
     assert mem.read_u64(8) == (1 << 64) - 1
+
+
+def test_long_writes_cross_the_frame_batches() -> None:
+    mem = PhysicalMemory(1 << 24)
+    data = random.Random(7).randbytes(600 * PAGE_SIZE + 100)
+    mem.write(PAGE_SIZE - 50, data)  # a head, 600 whole frames in three batches, a tail
+    assert mem.read(PAGE_SIZE - 50, len(data)) == data
+    assert len(mem._pages) == 602
