@@ -8,7 +8,10 @@ import os
 
 from setuptools import setup
 
-COMPILED = ["framework/iommufd_model/hw/walk_x86.py"]
+COMPILED = [
+    "framework/iommufd_model/hw/walk_x86.py",
+    "framework/iommufd_model/hw/tlb_run.py",
+]
 
 
 def ext_modules() -> list:  # type: ignore[type-arg]

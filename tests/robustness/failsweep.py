@@ -68,7 +68,7 @@ def freeze(v: Any, depth: int = 0, path: frozenset[int] = frozenset()) -> Any:
     if isinstance(v, IommuHw) and depth:
         return ("hw", v.name)
     if isinstance(v, Iotlb):
-        return ("iotlb", _sorted([(s, k, e) for s, t in v._by_shift.items() for k, e in t.items()]))
+        return ("iotlb", _sorted(v.entries()))
     if id(v) in path or depth > _MAX_DEPTH:
         return ("...", type(v).__name__)
     path = path | {id(v)}

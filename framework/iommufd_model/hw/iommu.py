@@ -7,15 +7,21 @@ translated page (of whatever size the walk found) at a time, so a 1 GiB page cop
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from iommufd_model.hw.iotlb import Iotlb
 from iommufd_model.hw.memory import PAGE_SIZE, Frame, PhysicalMemory
 
 if TYPE_CHECKING:
     from iommufd_model.hw.pci import PciDevice
     from iommufd_model.machine import Machine
+
+
+#: :meth:`IommuHw.iotlb_fast`'s answer: the IOTLB, the request's tag, the perm bits a hit needs
+FastPath = tuple[Iotlb, Hashable, int]
 
 
 class DmaFault(Exception):
@@ -95,41 +101,84 @@ class IommuHw:
         self.fault_log.append(FaultRecord(dev.name, iova, write, pasid, reason))
         return DmaFault(dev, iova, write, pasid, reason)
 
+    def iotlb_fast(self, dev: PciDevice, pasid: int | None, write: bool) -> FastPath | None:
+        """How this device's requests hit the IOTLB, for the rest of a burst after a first
+        successful :meth:`translate` of it: ``(iotlb, tag, need)`` -- a hit needs every bit
+        of ``need`` in the entry's ``perm`` -- or None (no IOTLB on this path, or no fast
+        path). Valid until the next full translation: only the IOTLB may be consulted on the
+        way (:meth:`translate_run`)."""
+        return None
+
+    def translate_run(
+        self, dev: PciDevice, iova: int, n: int, pasid: int | None, write: bool
+    ) -> list[tuple[int, int]]:
+        """Translate the ``n`` bytes from ``iova`` as ``(pa, length)`` runs, in order.
+
+        Behaves as :meth:`translate` page after page (same faults, same statistics); IOTLB
+        hits after the first page are looked up natively (:meth:`iotlb_fast`).
+        """
+        runs: list[tuple[int, int]] = []
+        end = iova + n
+        while iova < end:
+            iova = self._translate_one(dev, iova, end, pasid, write, runs)
+            if iova < end:
+                iova = self._hits(dev, iova, end, pasid, write, runs)
+        return runs
+
+    def _translate_one(
+        self, dev: PciDevice, iova: int, end: int, pasid: int | None, write: bool,
+        runs: list[tuple[int, int]],
+    ) -> int:
+        """One full translation (walk and fault included): its run goes to ``runs``."""
+        pa, run = self.translate(dev, iova, pasid, write)
+        chunk = min(end - iova, run)
+        runs.append((pa, chunk))
+        return iova + chunk
+
+    def _hits(
+        self, dev: PciDevice, iova: int, end: int, pasid: int | None, write: bool,
+        runs: list[tuple[int, int]],
+    ) -> int:
+        """IOTLB hits from ``iova`` on (after a full translation): the address they reach."""
+        fast = self.iotlb_fast(dev, pasid, write)
+        if fast is None:
+            return iova
+        iotlb, tag, need = fast
+        hits, stop = iotlb.hit_run(tag, iova, end, need, runs)
+        stats = self.stats
+        stats.translations += hits
+        stats.iotlb_hits += hits
+        return stop
+
     # -- the DMA engine -----------------------------------------------------------------
     def dma_read(self, dev: PciDevice, iova: int, n: int, pasid: int | None) -> bytes:
-        # Runs are copied one by one, as translated: translating the next run may set A/D bits
-        # in a frame this access reads. The last run is gathered as zero-copy views of its
-        # frames and everything is joined once, so an access within one IOMMU page (a 2 MiB or
-        # 1 GiB one included) copies every byte once, as a plain copy does.
-        if not n:
-            return b""
+        # Bytes are gathered as zero-copy frame views and joined once (one copy, like a plain
+        # ``bytes(src)``), but only while translations are IOTLB hits: a full translation may
+        # walk and set A/D bits in memory an earlier run covers, so what was gathered before it
+        # is copied first, as the device read it.
         parts: list[bytes | Frame | memoryview] = []
-        read = self.memory.read
-        translate = self.translate
-        while True:
-            pa, run = translate(dev, iova, pasid, False)
-            chunk = min(n, run)
-            n -= chunk
-            if not n:
-                self.memory.gather(pa, chunk, parts)
-                return b"".join(parts)
-            parts.append(read(pa, chunk))
-            iova += chunk
+        pending: list[bytes | Frame | memoryview] = []
+        runs: list[tuple[int, int]] = []
+        gather = self.memory.gather
+        end = iova + n
+        while iova < end:
+            if pending:
+                parts.append(b"".join(pending))
+                pending.clear()
+            iova = self._translate_one(dev, iova, end, pasid, False, runs)
+            if iova < end:
+                iova = self._hits(dev, iova, end, pasid, False, runs)
+            for pa, chunk in runs:
+                gather(pa, chunk, pending)
+            runs.clear()
+        return b"".join(parts + pending)
 
     def dma_write(
         self, dev: PciDevice, iova: int, data: bytes | bytearray | memoryview, pasid: int | None
     ) -> None:
         # Translate everything first: a faulting DMA must not have written a prefix.
         # ``bytes(data)`` (no copy for bytes) freezes the source: it may alias the target memory.
-        n = len(data)
-        runs: list[tuple[int, int]] = []
-        translate = self.translate
-        pos = 0
-        while pos < n:
-            pa, run = translate(dev, iova + pos, pasid, True)
-            chunk = min(n - pos, run)
-            runs.append((pa, chunk))
-            pos += chunk
+        runs = self.translate_run(dev, iova, len(data), pasid, True)
         view = memoryview(bytes(data))
         write = self.memory.write
         pos = 0

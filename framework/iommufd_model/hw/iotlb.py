@@ -1,21 +1,25 @@
 """An IOTLB: translations cached by tag and page, invalidated only by explicit commands.
 
-Entries are keyed by ``(tag, iova >> shift)`` in one dict per page size, so a lookup probes at
-most one dict per page size the cache currently holds (a handful). ``tag`` is whatever the
-vendor tags translations with (AMD DomainID/PASID, SMMU ASID/VMID, VT-d DID/PASID); a stale
-entry stays in use until the driver invalidates it -- exactly the bug class a model must show.
+Entries live in ``page shift -> tag -> page number -> entry`` dicts, so a lookup probes one
+tag per page size the cache currently holds (a handful), and a burst of lookups for one
+request stream (:meth:`Iotlb.hit_run`) finds its tag's pages once and then probes plain int
+keys. ``tag`` is whatever the vendor tags translations with (AMD DomainID/PASID, SMMU
+ASID/VMID, VT-d DID/PASID); a stale entry stays in use until the driver invalidates it --
+exactly the bug class a model must show. Replacement is FIFO over all entries.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
+from typing import NamedTuple, cast
 
-import attrs
+from iommufd_model.hw.compiled import load_walker
 
+_RUN = load_walker("iommufd_model.hw.tlb_run")
 
-@attrs.define(slots=True, frozen=True)
-class TlbEntry:
-    """One cached translation of a naturally aligned page of ``1 << shift`` bytes."""
+class TlbEntry(NamedTuple):
+    """One cached translation of a naturally aligned page of ``1 << shift`` bytes (a named
+    tuple: the compiled burst lookup in :mod:`iommufd_model.hw.tlb_run` unpacks it natively)."""
 
     pa: int  # physical base of the page
     shift: int
@@ -23,71 +27,81 @@ class TlbEntry:
     mem_refs: int = 0  # what the walk that filled it cost (for reporting)
 
 
+Key = tuple[int, Hashable, int]  # (shift, tag, page number)
+
+
 class Iotlb:
     """A bounded translation cache with FIFO replacement."""
 
     def __init__(self, capacity: int = 4096) -> None:
         self.capacity = capacity
-        self._by_shift: dict[int, dict[tuple[Hashable, int], TlbEntry]] = {}
-        self._count = 0
+        self._tables: dict[int, dict[Hashable, dict[int, TlbEntry]]] = {}
+        self._fifo: dict[Key, None] = {}  # every entry's key, oldest first
         self.hits = 0
         self.misses = 0
         self.invalidations = 0
 
     def __len__(self) -> int:
-        return self._count
+        return len(self._fifo)
+
+    def entries(self) -> list[tuple[Key, TlbEntry]]:
+        """Every entry with its key, oldest first (for tests and state snapshots)."""
+        return [(k, self._tables[k[0]][k[1]][k[2]]) for k in self._fifo]
 
     def lookup(self, tag: Hashable, iova: int) -> TlbEntry | None:
-        for shift, table in self._by_shift.items():
-            entry = table.get((tag, iova >> shift))
-            if entry is not None:
-                self.hits += 1
-                return entry
+        for shift, tags in self._tables.items():
+            pages = tags.get(tag)
+            if pages is not None:
+                entry = pages.get(iova >> shift)
+                if entry is not None:
+                    self.hits += 1
+                    return entry
         self.misses += 1
         return None
 
-    def insert(self, tag: Hashable, iova: int, entry: TlbEntry) -> None:
-        table = self._by_shift.get(entry.shift)
-        if table is None:
-            table = self._by_shift[entry.shift] = {}
-        key = (tag, iova >> entry.shift)
-        if key not in table:
-            if self._count >= self.capacity:
-                self._evict_one()
-            self._count += 1
-        table[key] = entry
+    def hit_run(
+        self, tag: Hashable, iova: int, end: int, need: int, out: list[tuple[int, int]]
+    ) -> tuple[int, int]:
+        """Consecutive hits from ``iova`` towards ``end`` whose ``perm`` has every bit of
+        ``need``: ``(pa, length)`` runs appended to ``out``; returns ``(hits, stop)`` as
+        :func:`iommufd_model.hw.tlb_run.hit_run` does. Counted as ``hits`` lookups."""
+        hits, stop = cast("tuple[int, int]", _RUN.hit_run(self._tables, tag, iova, end, need, out))
+        self.hits += hits
+        return hits, stop
 
-    def _evict_one(self) -> None:
-        for shift, table in self._by_shift.items():
-            if table:
-                del table[next(iter(table))]
-                self._count -= 1
-                if not table:
-                    del self._by_shift[shift]
-                return
+    def insert(self, tag: Hashable, iova: int, entry: TlbEntry) -> None:
+        shift = entry.shift
+        key = (shift, tag, iova >> shift)
+        if key not in self._fifo and len(self._fifo) >= self.capacity:
+            self._remove(next(iter(self._fifo)))
+        self._tables.setdefault(shift, {}).setdefault(tag, {})[key[2]] = entry
+        self._fifo[key] = None
+
+    def _remove(self, key: Key) -> None:
+        shift, tag, page = key
+        del self._fifo[key]
+        tags = self._tables[shift]
+        pages = tags[tag]
+        del pages[page]
+        if not pages:
+            del tags[tag]
+            if not tags:
+                del self._tables[shift]
 
     def _drop(self, keep: Callable[[Hashable, int, int], bool]) -> int:
         """Remove every entry for which ``keep(tag, first_iova, shift)`` is False."""
-        dropped = 0
-        for shift in list(self._by_shift):
-            table = self._by_shift[shift]
-            doomed = [k for k in table if not keep(k[0], k[1] << shift, shift)]
-            for k in doomed:
-                del table[k]
-            dropped += len(doomed)
-            if not table:
-                del self._by_shift[shift]
-        self._count -= dropped
+        doomed = [k for k in self._fifo if not keep(k[1], k[2] << k[0], k[0])]
+        for key in doomed:
+            self._remove(key)
         self.invalidations += 1
-        return dropped
+        return len(doomed)
 
     def flush_all(self) -> int:
-        dropped = self._count
-        self._by_shift.clear()
-        self._count = 0
+        dropped = len(self._fifo)
+        self._tables.clear()
+        self._fifo.clear()
         self.invalidations += 1
         return dropped
-
     def flush_tag(self, match: Callable[[Hashable], bool]) -> int:
         """Drop every entry whose tag satisfies ``match``."""
         return self._drop(lambda tag, _iova, _shift: not match(tag))

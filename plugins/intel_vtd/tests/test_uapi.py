@@ -193,7 +193,7 @@ def test_hwpt_invalidation_entry_num_and_errnos(world: Any) -> None:
 
 
 def _tlb_keys(hw: Any) -> list[tuple[Any, int]]:
-    return [k for table in hw.iotlb._by_shift.values() for k in table]
+    return [(tag, page) for (_shift, tag, page), _entry in hw.iotlb.entries()]
 
 
 def test_bad_vtd_s1_data_gives_the_kernels_errno_without_state_change(make_world: Any) -> None:

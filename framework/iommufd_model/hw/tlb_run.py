@@ -1,0 +1,70 @@
+"""Compiled hot path: a burst of IOTLB hits for consecutive addresses of one request stream.
+
+A DMA of many pages asks the IOTLB for each page in turn. Once the vendor's context checks
+(DTE, context/PASID entry, STE/CD) have passed for the first page they hold for the rest of
+the burst, so the lookups can run here, natively, until the first miss or the first entry
+whose permissions do not satisfy the request; the vendor's full ``translate()`` then handles
+that page (walk, fault, event) and the burst goes on. Free of framework imports so that mypyc
+compiles it alone (``setup.py``); the same source runs uncompiled under
+``IOMMUFD_MODEL_PURE=1``.
+
+The IOTLB layout is :class:`iommufd_model.hw.iotlb.Iotlb`'s: page shift -> tag -> page number
+-> ``TlbEntry`` named tuple ``(pa, shift, perm, mem_refs)``. The burst finds its tag's pages
+once per page size and then probes int keys.
+"""
+
+from __future__ import annotations
+
+Entry = tuple[int, int, int, int]
+Pages = dict[int, Entry]
+Tables = dict[int, dict[object, Pages]]
+
+
+def hit_run(
+    tables: Tables, tag: object, iova: int, end: int, need: int, out: list[tuple[int, int]]
+) -> tuple[int, int]:
+    """Translate ``[iova, end)`` through IOTLB hits whose ``perm`` holds every bit of ``need``.
+
+    Appends ``(pa, length)`` runs to ``out`` (a run continues the previous one when the
+    physical address does) and returns ``(hits, stop)``: how many entries were used and the
+    first address not translated (``end`` when all were).
+    """
+    hits = 0
+    last = -1  # the page size that hit last: consecutive pages mostly share it
+    last_pages: Pages = {}
+    run_pa = -1
+    run_len = 0
+    while iova < end:
+        entry = last_pages.get(iova >> last) if last >= 0 else None
+        if entry is None:
+            for shift, tags in tables.items():
+                if shift != last:
+                    pages = tags.get(tag)
+                    if pages is not None:
+                        entry = pages.get(iova >> shift)
+                        if entry is not None:
+                            last = shift
+                            last_pages = pages
+                            break
+        if entry is None:
+            break
+        pa, shift, perm, _refs = entry
+        if perm & need != need:
+            break
+        size = 1 << shift
+        off = iova & (size - 1)
+        chunk = size - off
+        if chunk > end - iova:
+            chunk = end - iova
+        hits += 1
+        if run_len and run_pa + run_len == pa + off:
+            run_len += chunk
+        else:
+            if run_len:
+                out.append((run_pa, run_len))
+            run_pa = pa + off
+            run_len = chunk
+        iova += chunk
+    if run_len:
+        out.append((run_pa, run_len))
+    return hits, iova
