@@ -6,8 +6,9 @@ with the mapping size, and memory per mapped page. Figures only, no assertions.
 Every operation is a real ``IOMMU_IOAS_MAP`` / ``IOMMU_IOAS_UNMAP`` ioctl on a simulated
 machine: pinning the user pages, the IOVA area tree, and -- where a device is attached -- the
 vendor's page table in simulated memory (the first installed vendor plugin; the mock driver
-otherwise). "4 KiB pages" runs with ``IOMMU_OPTION_HUGE_PAGES`` off, so the domain receives
-one 4 KiB map per page, as VFIO type1 compatibility does.
+otherwise). "4 KiB pages" runs with ``IOMMU_OPTION_HUGE_PAGES`` off, so the domain maps every
+page as its own 4 KiB page, as VFIO type1 compatibility does (one ``domain_map_pages`` call per
+physically contiguous run).
 """
 
 from __future__ import annotations

@@ -135,6 +135,21 @@ def domain_map(domain: Domain, iova: int, pa: int, size: int, prot: int) -> bool
 
 
 @hookspec(firstresult=True)
+def domain_map_pages(
+    domain: Domain, iova: int, pa: int, pgsize: int, pgcount: int, prot: int
+) -> bool:
+    """Map ``pgcount`` pages of exactly ``pgsize`` bytes (a size of ``domain.pgsize_bitmap``;
+    ``iova`` and ``pa`` aligned to it): what ``pgcount`` calls of :func:`domain_map` with
+    ``size=pgsize`` would build, in one call (the kernel's ``map_pages(pgsize, pgcount)``).
+
+    The core uses it with ``pgsize=PAGE_SIZE`` when IOMMU_OPTION_HUGE_PAGES is off (the
+    kernel's ``batch_iommu_map_small()``: one ``iommu_map()`` per 4 KiB page), for each
+    physically contiguous run. All-or-nothing like :func:`domain_map`. Optional: without it
+    the core makes the ``pgcount`` :func:`domain_map` calls itself.
+    """
+
+
+@hookspec(firstresult=True)
 def domain_unmap(domain: Domain, iova: int, size: int) -> int:
     """Unmap ``[iova, iova+size)`` and flush the IOTLB; return the bytes unmapped."""
 

@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from iommufd_model.core.hw_pagetable import DomainAdapter
 from iommufd_model.core.intervals import IntervalMap
 from iommufd_model.core.io_pagetable import (
     IOMMU_CACHE,
@@ -67,6 +68,16 @@ class FakeDomain:
         if self.fail_at_call is not None and self.map_calls >= self.fail_at_call:
             raise OSError(errno.ENOMEM, "fake domain out of memory")
         self.maps.insert(iova, iova + size - 1, (pa, prot))
+
+    def map_pages(self, iova: int, pa: int, pgsize: int, pgcount: int, prot: int) -> None:
+        """``pgcount`` page maps, each kept (and counted) as its own call; all or nothing."""
+        for k in range(pgcount):
+            try:
+                self.map(iova + k * pgsize, pa + k * pgsize, pgsize, prot)
+            except OSError:
+                if k:
+                    self.maps.remove_overlapping(iova, iova + k * pgsize - 1)
+                raise
 
     def unmap(self, iova: int, size: int) -> int:
         self.unmap_calls += 1
@@ -363,6 +374,37 @@ def test_map_call_granularity(huge: bool) -> None:
     assert d.map_calls == (1 if huge else 16)
     w.iopt.unmap_all()
     assert d.unmap_calls == 1 and d.mapped_bytes() == 0
+
+
+def test_map_pages_falls_back_to_a_map_per_page() -> None:
+    """A driver without domain_map_pages gets one domain_map per page; a refusal midway
+    unmaps the pages mapped before it (map_pages stays all-or-nothing)."""
+    calls: list[tuple[str, int, int]] = []
+
+    def domain_map(*, domain: object, iova: int, pa: int, size: int, prot: int) -> bool:
+        calls.append(("map", iova, size))
+        if len(calls) == 3:
+            raise OSError(errno.ENOMEM, "out of table pages")
+        return True
+
+    def domain_unmap(*, domain: object, iova: int, size: int) -> int:
+        calls.append(("unmap", iova, size))
+        return size
+
+    hooks = types.SimpleNamespace(
+        domain_map_pages=lambda **_: None, domain_map=domain_map, domain_unmap=domain_unmap
+    )
+    machine = types.SimpleNamespace(hooks=lambda _: hooks)
+    owner = types.SimpleNamespace(machine=machine, driver_name="toy")
+    adapter = DomainAdapter(types.SimpleNamespace(owner=owner))  # type: ignore[arg-type]
+    adapter.map_pages(0x10000, 0x50000, PAGE_SIZE, 2, RW)
+    assert calls == [("map", 0x10000, PAGE_SIZE), ("map", 0x11000, PAGE_SIZE)]
+    calls.clear()
+    calls.append(("map", 0, 0))  # the next map call is the third: it fails
+    assert errno_of(lambda: adapter.map_pages(0x20000, 0x60000, PAGE_SIZE, 4, RW)) == errno.ENOMEM
+    assert calls[1:] == [
+        ("map", 0x20000, PAGE_SIZE), ("map", 0x21000, PAGE_SIZE), ("unmap", 0x20000, PAGE_SIZE)
+    ]
 
 
 def test_copy_area(w: World) -> None:

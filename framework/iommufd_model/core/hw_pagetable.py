@@ -66,10 +66,33 @@ class DomainAdapter:
 
     def map(self, iova: int, pa: int, size: int, prot: int) -> None:
         failpoint("hook.domain_map")  # iommu_map(): page-table allocations
+        self._map(iova, pa, size, prot)
+
+    def _map(self, iova: int, pa: int, size: int, prot: int) -> None:
         require(
             self._hooks.domain_map(domain=self.domain, iova=iova, pa=pa, size=size, prot=prot),
             "domain_map",
         )
+
+    def map_pages(self, iova: int, pa: int, pgsize: int, pgcount: int, prot: int) -> None:
+        failpoint("hook.domain_map")
+        if (
+            self._hooks.domain_map_pages(
+                domain=self.domain, iova=iova, pa=pa, pgsize=pgsize, pgcount=pgcount, prot=prot
+            )
+            is not None
+        ):
+            return
+        # A driver without the batched op: one domain_map per page, undone on failure.
+        done = 0
+        try:
+            while done < pgcount:
+                self._map(iova + done * pgsize, pa + done * pgsize, pgsize, prot)
+                done += 1
+        except OSError:
+            if done:
+                self.unmap(iova, done * pgsize)
+            raise
 
     def unmap(self, iova: int, size: int) -> int:
         return int(

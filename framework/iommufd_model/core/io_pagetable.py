@@ -87,6 +87,9 @@ class IoDomain(Protocol):
     def map(self, iova: int, pa: int, size: int, prot: int) -> None:
         """Map ``size`` bytes; may raise OSError (e.g. ENOMEM) having mapped nothing."""
 
+    def map_pages(self, iova: int, pa: int, pgsize: int, pgcount: int, prot: int) -> None:
+        """``pgcount`` maps of ``pgsize`` bytes each (no larger page), all or nothing."""
+
     def unmap(self, iova: int, size: int) -> int:
         """Unmap a range made of whole earlier maps; returns the bytes unmapped."""
 
@@ -434,7 +437,7 @@ class IoPagetable:
             )
 
     def _map_area(self, domain: IoDomain, area: Area, pfns: list[int]) -> None:
-        """Map ``area`` into ``domain``: one call per contiguous run, or per page.
+        """Map ``area`` into ``domain``: one call per physically contiguous run.
 
         On failure whatever this call mapped is unmapped again before re-raising.
         """
@@ -455,16 +458,12 @@ class IoPagetable:
                 pa = (pfns[i] << PAGE_SHIFT) + offset
                 run_end = min(end, iova + ((j - i) << PAGE_SHIFT) - offset)
                 if small:
-                    # batch_iommu_map_small(): VFIO type1 compatibility maps page by page.
-                    domain_map = domain.map
-                    delta = pa - iova
-                    for page in range(iova, run_end, PAGE_SIZE):
-                        iova = page  # how far we got, should the domain refuse
-                        domain_map(page, page + delta, PAGE_SIZE, prot)
-                    iova = run_end
+                    # batch_iommu_map_small(): VFIO type1 compatibility maps page by page, one
+                    # iommu_map() of PAGE_SIZE each; the domain takes the run's pages at once.
+                    domain.map_pages(iova, pa, PAGE_SIZE, (run_end - iova) >> PAGE_SHIFT, prot)
                 else:
                     domain.map(iova, pa, run_end - iova, prot)
-                    iova = run_end
+                iova = run_end
                 offset = 0
                 i = j
         except OSError:

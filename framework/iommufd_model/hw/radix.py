@@ -11,6 +11,7 @@ compiled ``walk.py`` and are checked against :func:`walk`.
 from __future__ import annotations
 
 import errno
+import struct
 
 import attrs
 
@@ -19,7 +20,11 @@ from iommufd_model.errors import err
 from iommufd_model.hw.memory import PAGE_SHIFT, FrameMemory
 
 ENTRY_SIZE = 8
+#: table entries as ints (a range when they step by a fixed amount)
+Entries = list[int] | range
 U64 = (1 << 64) - 1
+#: spans of at most this many entries use the u64 accessors (cheaper than a buffer access)
+FEW_ENTRIES = 8
 
 
 class PtFormat:
@@ -33,6 +38,10 @@ class PtFormat:
     bits_per_level = 9
     #: levels (above 0) where a leaf may stand, e.g. {1, 2} for 2 MiB and 1 GiB pages
     large_leaf_levels: frozenset[int] = frozenset()
+    #: leaves differ only by their address field: ``make_leaf(pa + k * size)`` is
+    #: ``make_leaf(pa) + k * size``, and an entry's kind does not depend on that field (the
+    #: engine builds and reads back runs of consecutive pages without one call per entry)
+    linear_leaves = False
 
     def __init__(self, levels: int) -> None:
         self.levels = levels
@@ -55,8 +64,26 @@ class PtFormat:
         raise NotImplementedError
 
     def decode(self, entry: int, level: int) -> tuple[int, int, int]:
-        """``(kind, address, prot)`` with kind ``INVALID``, ``TABLE`` or ``LEAF``."""
+        """``(kind, address, prot)`` with kind ``INVALID``, ``TABLE`` or ``LEAF``.
+
+        A zero entry must decode as ``INVALID`` (the engine skips zero entries unread).
+        """
         raise NotImplementedError
+
+    def make_leaves(self, pa: int, level: int, prot: int, count: int) -> Entries:
+        """:meth:`make_leaf` of ``count`` consecutive pages of ``level`` from ``pa``.
+
+        A linear format steps the first entry (checked against the last one, which catches
+        a run leaving the address field); any other calls :meth:`make_leaf` per page.
+        """
+        size = 1 << self.level_shift(level)
+        make = self.make_leaf
+        if self.linear_leaves and count > 1:
+            first = make(pa, level, prot)
+            end = first + count * size
+            if make(pa + (count - 1) * size, level, prot) == end - size:
+                return range(first, end, size)
+        return [make(pa + k * size, level, prot) for k in range(count)]
 
     def is_dirty(self, entry: int) -> bool:
         return False
@@ -115,12 +142,23 @@ def walk(
     return WalkFault(0, "bad-entry", refs)
 
 
+#: ``(first slot, iova of the first leaf, level, entries)``: consecutive leaves of one table
+LeafRun = tuple[int, int, int, list[int]]
+
+
+def pack_entries(entries: Entries) -> bytes:
+    """Little-endian u64 table entries, as memory holds them."""
+    return struct.pack(f"<{len(entries)}Q", *entries)
+
+
 class RadixPageTable:
     """A page table a driver owns and edits (map, unmap, dirty read-back, teardown).
 
     Tables are frames from ``memory``; ``map`` picks the largest leaf the format allows at
     the alignment of iova, pa and size. Everything is all-or-nothing: a failing map leaves
-    no new entry behind.
+    no new entry behind. Entries are read and written a table span at a time (one descent
+    and one memory access per leaf table, not per page); a span of a few entries goes through
+    the u64 accessors, so a memory offering only those serves maps of a few pages.
     """
 
     def __init__(self, memory: FrameMemory, fmt: PtFormat) -> None:
@@ -133,13 +171,51 @@ class RadixPageTable:
     def _slot(self, table: int, iova: int, level: int) -> int:
         return table + self.fmt.index(iova, level) * ENTRY_SIZE
 
-    def _leaf_level(self, iova: int, pa: int, size: int) -> int:
+    def _pages(self, iova: int, pa: int, left: int, pgsize: int) -> tuple[int, int]:
+        """``(page size, pages)``: the leaf to put at ``iova`` and how many of that size may
+        follow (``map`` stops them at the leaf table's end, where a larger one could start).
+
+        The largest leaf the format allows at this alignment, no larger than ``pgsize``.
+        """
         fmt = self.fmt
         for level in sorted(fmt.large_leaf_levels, reverse=True):
             span = 1 << fmt.level_shift(level)
-            if size >= span and not (iova | pa) & (span - 1):
-                return level
-        return 0
+            if pgsize and span > pgsize:
+                continue
+            if left >= span and not (iova | pa) & (span - 1):
+                return span, left >> fmt.level_shift(level)
+        return 1 << PAGE_SHIFT, left >> PAGE_SHIFT
+
+    def _leaf_entries(self, pa: int, psize: int, level: int, prot: int, count: int) -> Entries:
+        """The ``count`` slots of ``level`` from ``pa`` filled with pages of ``psize``."""
+        return self.fmt.make_leaves(pa, level, prot, count)
+
+    def _read_entries(self, slot: int, count: int) -> list[int]:
+        if count == 1:
+            return [self.memory.read_u64(slot)]
+        if count <= FEW_ENTRIES:
+            read = self.memory.read_u64
+            return [read(slot + k * ENTRY_SIZE) for k in range(count)]
+        raw = self.memory.read(slot, count * ENTRY_SIZE)
+        if raw.count(0) == len(raw):
+            return [0] * count
+        return list(struct.unpack(f"<{count}Q", raw))
+
+    def _write_entries(self, slot: int, entries: Entries) -> None:
+        if len(entries) == 1:
+            self.memory.write_u64(slot, entries[0])
+        elif len(entries) <= FEW_ENTRIES:
+            write = self.memory.write_u64
+            for k, entry in enumerate(entries):
+                write(slot + k * ENTRY_SIZE, entry)
+        else:
+            self.memory.write(slot, pack_entries(entries))
+
+    def _clear_entries(self, slot: int, count: int) -> None:
+        if count <= FEW_ENTRIES:
+            self._write_entries(slot, [0] * count)
+        else:
+            self.memory.write(slot, bytes(count * ENTRY_SIZE))
 
     def _table_for(self, iova: int, leaf_level: int, created: list[tuple[int, int]]) -> int:
         """Descend to the table holding ``leaf_level`` entries, creating tables on the way."""
@@ -160,73 +236,133 @@ class RadixPageTable:
         return table
 
     # -- driver operations -----------------------------------------------------------------
-    def map(self, iova: int, pa: int, size: int, prot: int) -> None:
+    def map(self, iova: int, pa: int, size: int, prot: int, pgsize: int = 0) -> None:
+        """Map ``[iova, iova+size)`` to ``pa``; no leaf larger than ``pgsize`` when it is set.
+
+        ``pgsize`` is the kernel's ``map_pages(pgsize, pgcount)`` page size (PAGE_SIZE when
+        IOMMU_OPTION_HUGE_PAGES is off). Leaves go in one leaf table at a time: the span is
+        checked for EEXIST as a whole, then written in one go.
+        """
         if (iova | pa | size) & ((1 << PAGE_SHIFT) - 1) or size <= 0:
             raise err(errno.EINVAL, "map needs 4 KiB aligned iova, pa and size")
         if (iova + size - 1) >> self.fmt.va_bits:
             raise err(errno.EINVAL, f"{iova:#x}+{size:#x} beyond the table's address width")
         fmt = self.fmt
-        mem = self.memory
+        per_table = 1 << fmt.bits_per_level
         created: list[tuple[int, int]] = []
-        written: list[int] = []
+        written: list[tuple[int, int]] = []
         try:
             pos = 0
             while pos < size:
-                level = self._leaf_level(iova + pos, pa + pos, size - pos)
-                table = self._table_for(iova + pos, level, created)
-                slot = self._slot(table, iova + pos, level)
-                if fmt.decode(mem.read_u64(slot), level)[0] != INVALID:
-                    raise err(errno.EEXIST, f"{iova + pos:#x} is already mapped")
-                mem.write_u64(slot, fmt.make_leaf(pa + pos, level, prot))
-                written.append(slot)
-                pos += 1 << fmt.level_shift(level)
+                cur = iova + pos
+                psize, npages = self._pages(cur, pa + pos, size - pos, pgsize)
+                level = (psize.bit_length() - 1 - PAGE_SHIFT) // fmt.bits_per_level
+                table = self._table_for(cur, level, created)
+                shift = fmt.level_shift(level)
+                index = fmt.index(cur, level)
+                count = min(per_table - index, (npages * psize) >> shift)
+                slot = table + index * ENTRY_SIZE
+                old = self._read_entries(slot, count)
+                for k, entry in enumerate(old if any(old) else ()):
+                    if entry and fmt.decode(entry, level)[0] != INVALID:
+                        raise err(errno.EEXIST, f"{cur + (k << shift):#x} is already mapped")
+                self._write_entries(slot, self._leaf_entries(pa + pos, psize, level, prot, count))
+                written.append((slot, count))
+                pos += count << shift
         except OSError:
-            for slot in written:
-                mem.write_u64(slot, 0)
+            for slot, count in written:
+                self._clear_entries(slot, count)
             for slot, table_pa in reversed(created):
-                mem.write_u64(slot, 0)
+                self.memory.write_u64(slot, 0)
                 self.tables.discard(table_pa)
-                mem.put_frame(table_pa >> PAGE_SHIFT)
+                self.memory.put_frame(table_pa >> PAGE_SHIFT)
             raise
 
-    def _leaves(self, first: int, last: int) -> list[tuple[int, int, int]]:
-        """``(slot, iova, level)`` of every leaf overlapping ``[first, last]``."""
+    def _leaf_runs(self, first: int, last: int) -> list[LeafRun]:
+        """Every leaf overlapping ``[first, last]``, as runs of consecutive leaf slots."""
         fmt = self.fmt
-        mem = self.memory
-        out: list[tuple[int, int, int]] = []
+        out: list[LeafRun] = []
 
         def visit(table: int, level: int, base: int) -> None:
             shift = fmt.level_shift(level)
-            span = 1 << shift
             lo = max(first, base)
-            hi = min(last, base + (span << fmt.bits_per_level) - 1)
+            hi = min(last, base + (1 << (shift + fmt.bits_per_level)) - 1)
             if lo > hi:
                 return
-            for idx in range((lo - base) >> shift, ((hi - base) >> shift) + 1):
-                slot = table + idx * ENTRY_SIZE
-                entry = mem.read_u64(slot)
-                kind, addr, _ = fmt.decode(entry, level)
-                start = base + (idx << shift)
+            lo_idx = (lo - base) >> shift
+            entries = self._read_entries(
+                table + lo_idx * ENTRY_SIZE, ((hi - base) >> shift) + 1 - lo_idx
+            )
+            if self._one_run(entries, level):
+                out.append((table + lo_idx * ENTRY_SIZE, base + (lo_idx << shift), level, entries))
+                return
+            run: list[int] = []
+            run_idx = lo_idx
+
+            def flush() -> None:
+                out.append((table + run_idx * ENTRY_SIZE, base + (run_idx << shift), level, run))
+
+            for idx, entry in enumerate(entries, lo_idx):
+                kind, addr, _ = fmt.decode(entry, level) if entry else (INVALID, 0, 0)
                 if kind == LEAF:
-                    out.append((slot, start, level))
-                elif kind == TABLE and level > 0:
-                    visit(addr, level - 1, start)
+                    run.append(entry)
+                    continue
+                if run:
+                    flush()
+                    run = []
+                run_idx = idx + 1
+                if kind == TABLE and level > 0:
+                    visit(addr, level - 1, base + (idx << shift))
+            if run:
+                flush()
 
         visit(self.root, fmt.levels - 1, 0)
         return out
 
+    def _one_run(self, entries: list[int], level: int) -> bool:
+        """Whether ``entries`` are leaves of consecutive pages, as a map of a run wrote them:
+        for a linear format only the first and the last entry need decoding."""
+        first = entries[0]
+        count = len(entries)
+        if count < 2 or not first or not self.fmt.linear_leaves:
+            return False
+        step = 1 << self.fmt.level_shift(level)
+        end = first + count * step
+        if entries != list(range(first, end, step)):
+            return False
+        kind, addr, _ = self.fmt.decode(first, level)
+        last_kind, last_addr, _ = self.fmt.decode(end - step, level)
+        return kind == last_kind == LEAF and last_addr == addr + (count - 1) * step
+
+    def _page_of(self, start: int, level: int, entry: int) -> tuple[int, int]:
+        """First and last IOVA of the page whose leaf at IOVA ``start`` is ``entry``."""
+        return start, start + (1 << self.fmt.level_shift(level)) - 1
+
+    def _leaves(self, first: int, last: int) -> list[tuple[int, int, int]]:
+        """``(slot, iova, level)`` of every leaf overlapping ``[first, last]``."""
+        return [
+            (slot + k * ENTRY_SIZE, start + (k << self.fmt.level_shift(level)), level)
+            for slot, start, level, entries in self._leaf_runs(first, last)
+            for k in range(len(entries))
+        ]
+
     def unmap(self, iova: int, size: int) -> int:
         """Clear the leaves inside ``[iova, iova+size)``; a leaf sticking out is not split."""
         last = iova + size - 1
-        leaves = self._leaves(iova, last)
-        for _slot, start, level in leaves:
-            end = start + (1 << self.fmt.level_shift(level)) - 1
-            if start < iova or end > last:
-                raise err(errno.EINVAL, f"unmap would split the large page at {start:#x}")
+        runs = self._leaf_runs(iova, last)
+        if runs:  # only the pages holding iova and last can stick out
+            _slot, start, level, entries = runs[0]
+            pages = [self._page_of(start, level, entries[0])]
+            _slot, start, level, entries = runs[-1]
+            start += (len(entries) - 1) << self.fmt.level_shift(level)
+            pages.append(self._page_of(start, level, entries[-1]))
+            for page_first, page_last in pages:
+                if page_first < iova or page_last > last:
+                    raise err(errno.EINVAL, f"unmap would split the page at {page_first:#x}")
         done = 0
-        for slot, _start, level in leaves:
-            self.memory.write_u64(slot, 0)
-            done += 1 << self.fmt.level_shift(level)
+        for slot, _start, level, entries in runs:
+            self._clear_entries(slot, len(entries))
+            done += len(entries) << self.fmt.level_shift(level)
         return done
 
     def iova_to_phys(self, iova: int) -> int:
@@ -235,12 +371,14 @@ class RadixPageTable:
 
     def read_and_clear_dirty(self, iova: int, length: int, clear: bool) -> list[tuple[int, int]]:
         runs: list[tuple[int, int]] = []
-        for slot, start, level in self._leaves(iova, iova + length - 1):
-            entry = self.memory.read_u64(slot)
-            if self.fmt.is_dirty(entry):
-                runs.append((start, 1 << self.fmt.level_shift(level)))
-                if clear:
-                    self.memory.write_u64(slot, self.fmt.clear_dirty(entry))
+        fmt = self.fmt
+        for slot, start, level, entries in self._leaf_runs(iova, iova + length - 1):
+            shift = fmt.level_shift(level)
+            for k, entry in enumerate(entries):
+                if fmt.is_dirty(entry):
+                    runs.append((start + (k << shift), 1 << shift))
+                    if clear:
+                        self.memory.write_u64(slot + k * ENTRY_SIZE, fmt.clear_dirty(entry))
         return runs
 
     def free(self) -> None:

@@ -36,6 +36,7 @@ class X86_64Format(PtFormat):  # noqa: N801 - the format's name
 
     name = "x86_64"
     large_leaf_levels = frozenset({1, 2})
+    linear_leaves = True
 
     def __init__(self, levels: int = 4, *, user: bool = True) -> None:
         if levels not in (4, 5):

@@ -175,6 +175,13 @@ class MockDriver:
         return True
 
     @hookimpl
+    def domain_map_pages(
+        self, domain: Domain, iova: int, pa: int, pgsize: int, pgcount: int, prot: int
+    ) -> bool:
+        # The mock's entries are 2 KiB whatever the page size: the same as one domain_map.
+        return self.domain_map(domain, iova, pa, pgsize * pgcount, prot)
+
+    @hookimpl
     def domain_unmap(self, domain: Domain, iova: int, size: int) -> int:
         d = _domain(domain)
         first = iova >> MOCK_IO_PAGE_SHIFT

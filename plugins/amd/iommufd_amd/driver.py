@@ -564,6 +564,13 @@ class AmdDriver:
         return True
 
     @hookimpl
+    def domain_map_pages(
+        self, domain: Domain, iova: int, pa: int, pgsize: int, pgcount: int, prot: int
+    ) -> bool:
+        _paging(domain).pt.map(iova, pa, pgsize * pgcount, prot, pgsize)
+        return True
+
+    @hookimpl
     def domain_unmap(self, domain: Domain, iova: int, size: int) -> int:
         dom = _paging(domain)
         done = dom.pt.unmap(iova, size)

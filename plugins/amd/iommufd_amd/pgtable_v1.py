@@ -11,12 +11,9 @@ covers), which is how the driver maps 8 KiB .. 1 MiB and other in-between sizes.
 
 from __future__ import annotations
 
-import errno
-
 from iommufd_model.driver import IOMMU_READ, IOMMU_WRITE
-from iommufd_model.errors import err
 from iommufd_model.hw.memory import PAGE_SHIFT, PhysicalMemory
-from iommufd_model.hw.radix import ENTRY_SIZE, INVALID, LEAF, TABLE, PtFormat, RadixPageTable
+from iommufd_model.hw.radix import INVALID, LEAF, TABLE, Entries, PtFormat, RadixPageTable
 
 PTE_PR = 1 << 0  # IOMMU_PTE_PR
 PTE_A = 1 << 5  # accessed
@@ -57,6 +54,7 @@ class AmdV1Format(PtFormat):
 
     name = "amd_v1"
     large_leaf_levels = frozenset({1, 2})
+    linear_leaves = True
 
     def __init__(self, mode: int = 4) -> None:
         if not 1 <= mode <= 6:
@@ -93,7 +91,8 @@ class AmdV1Format(PtFormat):
 
 
 class AmdV1PageTable(RadixPageTable):
-    """The driver's v1 table: the engine's map plus NextLevel-7 pages for in-between sizes."""
+    """The driver's v1 table: the engine's map with NextLevel-7 pages for in-between sizes
+    (every power of two the driver's pgsize_bitmap has, as ``iommu_pgsize()`` picks them)."""
 
     fmt: AmdV1Format
 
@@ -109,51 +108,36 @@ class AmdV1PageTable(RadixPageTable):
         top = 1 << self.fmt.va_bits if self.fmt.va_bits < 64 else 1 << 64
         return min(size, top)
 
-    def map(self, iova: int, pa: int, size: int, prot: int) -> None:
-        if (iova | pa | size) & ((1 << PAGE_SHIFT) - 1) or size <= 0:
-            raise err(errno.EINVAL, "map needs 4 KiB aligned iova, pa and size")
-        done = 0
-        try:
-            while done < size:
-                chunk = self._chunk(iova + done, pa + done, size - done)
-                shift = chunk.bit_length() - 1
-                if (shift - PAGE_SHIFT) % self.fmt.bits_per_level == 0:
-                    super().map(iova + done, pa + done, chunk, prot)
-                else:
-                    self._map_sized(iova + done, pa + done, chunk, prot)
-                done += chunk
-        except OSError:
-            if done:
-                self.unmap(iova, done)
-            raise
-
-    def _map_sized(self, iova: int, pa: int, size: int, prot: int) -> None:
-        """One NextLevel-7 page, its PTE replicated over every slot it covers."""
+    def _pages(self, iova: int, pa: int, left: int, pgsize: int) -> tuple[int, int]:
+        size = self._chunk(iova, pa, left)
+        if pgsize:
+            size = min(size, pgsize)
         fmt = self.fmt
-        mem = self.memory
         level = (size.bit_length() - 1 - PAGE_SHIFT) // fmt.bits_per_level
-        if level >= fmt.levels or (iova + size - 1) >> fmt.va_bits:
-            raise err(errno.EINVAL, f"{iova:#x}+{size:#x} beyond the table's address width")
-        created: list[tuple[int, int]] = []
-        table = self._table_for(iova, level, created)
-        first = table + fmt.index(iova, level) * ENTRY_SIZE
-        count = size >> fmt.level_shift(level)
-        slots = [first + i * ENTRY_SIZE for i in range(count)]
-        if any(fmt.decode(mem.read_u64(s), level)[0] != INVALID for s in slots):
-            raise err(errno.EEXIST, f"{iova:#x} is already mapped")
-        entry = sized_pte_addr(pa, size) | (NL_SIZED << PTE_NL_SHIFT) | PTE_PR | PTE_FC
-        entry |= _perm_bits(prot)
-        for s in slots:
-            mem.write_u64(s, entry)
+        if level and level not in fmt.large_leaf_levels and size == 1 << fmt.level_shift(level):
+            # A level without leaves (256 TiB ...): the engine's largest leaves cover it.
+            return super()._pages(iova, pa, size, 0)
+        # Pages of this size follow while iova and pa differ at it (their alignment stays
+        # exactly this size) or while map_pages() fixes the size; else the next may be larger.
+        steady = size == pgsize or (iova ^ pa) & size
+        return size, left // size if steady else 1
 
-    def unmap(self, iova: int, size: int) -> int:
-        # A NextLevel-7 page is one page: refuse to cut it, as for any other large page.
-        last = iova + size - 1
-        for slot, start, _level in self._leaves(iova, last):
-            entry = self.memory.read_u64(slot)
-            if (entry >> PTE_NL_SHIFT) & 7 == NL_SIZED:
-                psize = sized_pte_size(entry)
-                base = start & ~(psize - 1)
-                if base < iova or base + psize - 1 > last:
-                    raise err(errno.EINVAL, f"unmap would split the page at {base:#x}")
-        return super().unmap(iova, size)
+    def _leaf_entries(self, pa: int, psize: int, level: int, prot: int, count: int) -> Entries:
+        span = 1 << self.fmt.level_shift(level)
+        if psize == span:
+            return self.fmt.make_leaves(pa, level, prot, count)
+        # NextLevel-7 pages, each PTE replicated over every slot its page covers.
+        flags = (NL_SIZED << PTE_NL_SHIFT) | PTE_PR | PTE_FC | _perm_bits(prot)
+        slots = psize // span
+        entries: list[int] = []
+        for page in range(pa, pa + count * span, psize):
+            entries += [sized_pte_addr(page, psize) | flags] * slots
+        return entries
+
+    def _page_of(self, start: int, level: int, entry: int) -> tuple[int, int]:
+        # A NextLevel-7 page is one page over all its slots: unmap never cuts it either.
+        if (entry >> PTE_NL_SHIFT) & 7 != NL_SIZED:
+            return super()._page_of(start, level, entry)
+        size = sized_pte_size(entry)
+        base = start & ~(size - 1)
+        return base, base + size - 1

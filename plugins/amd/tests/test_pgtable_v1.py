@@ -148,3 +148,25 @@ def test_hardware_sets_access_and_dirty_bits() -> None:
     hw_walk(mem, pt, 0x5000, write=True, had=3)
     assert pt.read_and_clear_dirty(0, 1 << 20, True) == [(0x5000, 4096)]
     assert pt.read_and_clear_dirty(0, 1 << 20, True) == []
+
+
+@pytest.mark.parametrize("pgsize", [0, 4096])
+def test_runs_of_pages_write_the_bytes_of_one_map_per_page(pgsize: int) -> None:
+    """iova and pa 8 KiB apart modulo 16 KiB: 8 KiB NextLevel-7 pages all along (or 4 KiB
+    ones under map_pages()); one map of the run equals one map per page, byte for byte."""
+    iova, pa, size = 1 << 30, (5 << 30) + 0x2000, 3 << 20
+    step = pgsize or 0x2000
+    tables = []
+    for batched in (True, False):
+        mem = PhysicalMemory(MEM)
+        pt = AmdV1PageTable(mem, 4)
+        if batched:
+            pt.map(iova, pa, size, RW, pgsize)
+        else:
+            for off in range(0, size, step):
+                pt.map(iova + off, pa + off, step, RW)
+        tables.append([mem.read(t, 4096) for t in sorted(pt.tables)])
+        assert pt.unmap(iova, size) == size
+    assert tables[0] == tables[1]
+    entry = int.from_bytes(tables[0][-1][:8], "little")
+    assert ((entry >> PTE_NL_SHIFT) & 7 == NL_SIZED) == (not pgsize)

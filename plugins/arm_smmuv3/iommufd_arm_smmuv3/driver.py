@@ -307,6 +307,13 @@ class ArmSmmuV3Driver:
         return True
 
     @hookimpl
+    def domain_map_pages(
+        self, domain: api.Domain, iova: int, pa: int, pgsize: int, pgcount: int, prot: int
+    ) -> bool:
+        _paging(domain).pgtable.map(iova, pa, pgsize * pgcount, prot, pgsize)
+        return True
+
+    @hookimpl
     def domain_unmap(self, domain: api.Domain, iova: int, size: int) -> int:
         d = _paging(domain)
         done = d.pgtable.unmap(iova, size)

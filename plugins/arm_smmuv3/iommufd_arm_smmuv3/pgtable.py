@@ -49,6 +49,7 @@ def s2_start_level(sl0: int) -> int:
 
 class _VmsaFormat(PtFormat):
     large_leaf_levels = frozenset({1, 2})  # 2 MiB and 1 GiB blocks
+    linear_leaves = True
 
     def __init__(self) -> None:
         super().__init__(4)

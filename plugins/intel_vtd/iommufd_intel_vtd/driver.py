@@ -327,6 +327,16 @@ def _paging(domain: Domain) -> VtdPaging:
     return domain
 
 
+def _map(d: VtdPaging, iova: int, pa: int, size: int, prot: int, pgsize: int) -> None:
+    """intel_iommu_map(): the checks, then the table (``pgsize`` caps the leaves; 0: none)."""
+    if d.nest_parent and not prot & IOMMU_WRITE:
+        # ERRATA_772415_SPR17: no read-only mapping in a nest parent.
+        raise err(errno.EINVAL, "read-only mapping in a nest parent")
+    if iova + size - 1 > d.aperture_end:
+        raise err(errno.EFAULT, "mapping beyond the domain's address width")
+    d.pt.map(iova, pa, size, prot, pgsize)
+
+
 def copy_struct(data: bytes, min_len: int) -> bytes:
     """copy_struct_from_user(): too short -> EINVAL, a non-zero tail beyond ours -> E2BIG."""
     if len(data) < min_len:
@@ -450,13 +460,14 @@ class VtdDriver:
 
     @hookimpl
     def domain_map(self, domain: Domain, iova: int, pa: int, size: int, prot: int) -> bool:
-        d = _paging(domain)
-        if d.nest_parent and not prot & IOMMU_WRITE:
-            # ERRATA_772415_SPR17: no read-only mapping in a nest parent.
-            raise err(errno.EINVAL, "read-only mapping in a nest parent")
-        if iova + size - 1 > d.aperture_end:
-            raise err(errno.EFAULT, "mapping beyond the domain's address width")
-        d.pt.map(iova, pa, size, prot)
+        _map(_paging(domain), iova, pa, size, prot, 0)
+        return True
+
+    @hookimpl
+    def domain_map_pages(
+        self, domain: Domain, iova: int, pa: int, pgsize: int, pgcount: int, prot: int
+    ) -> bool:
+        _map(_paging(domain), iova, pa, pgsize * pgcount, prot, pgsize)
         return True
 
     @hookimpl

@@ -77,7 +77,7 @@ class GuestRam:
             raise err(errno.EFAULT, f"GPA {gpa:#x} outside guest RAM")
         return self.va + gpa - self.gpa_base
 
-    # -- the PhysicalMemory subset RadixPageTable uses --------------------------------------
+    # -- the FrameMemory subset RadixPageTable uses -----------------------------------------
     def alloc_frame(self) -> int:
         gpa = self._next
         if gpa + PAGE_SIZE > self.gpa_base + self.size:
@@ -94,6 +94,12 @@ class GuestRam:
 
     def write_u64(self, gpa: int, value: int) -> None:
         self.proc.write(self._va(gpa, 8), value.to_bytes(8, "little"))
+
+    def read(self, gpa: int, n: int) -> bytes:
+        return self.proc.read(self._va(gpa, n), n)
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        self.proc.write(self._va(gpa, len(data)), data)
 
     def reserve(self, size: int) -> int:
         """Take ``size`` bytes (page multiple) of guest RAM for data; returns its GPA."""

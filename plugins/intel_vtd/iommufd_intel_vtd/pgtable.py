@@ -30,6 +30,7 @@ class SecondStageFormat(PtFormat):
     """Second-stage tables with ``levels`` = AW + 2 and the large pages CAP.SLLPS allows."""
 
     name = "vtd_second_stage"
+    linear_leaves = True
 
     def __init__(self, levels: int = 4, sllps: int = 0b11, *, snoop: bool = False) -> None:
         if levels not in (3, 4, 5):
