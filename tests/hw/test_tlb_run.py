@@ -12,8 +12,9 @@ import pytest
 import iommufd_model as im
 from iommufd_model import uapi as U
 from iommufd_model.hw.compiled import is_compiled, load_pure, load_walker
-from iommufd_model.hw.iommu import DmaFault
+from iommufd_model.hw.iommu import DmaFault, FastPath, IommuHw
 from iommufd_model.hw.iotlb import Iotlb, TlbEntry
+from iommufd_model.hw.memory import PhysicalMemory
 from iommufd_model.plugins import default_registry
 
 PAGE = 4096
@@ -111,8 +112,52 @@ def test_compiled_and_pure_hit_runs_agree() -> None:
         start = rng.randrange(64) << 12 | rng.randrange(PAGE)
         end = start + rng.randrange(20 * PAGE)
         need = rng.choice([1, 2, 3, 6])
+        pa_end = rng.choice([1 << 40, 1 << 30, (1 << 30) + rng.randrange(1 << 22)])
         results = []
         for build in builds:
             out: list[tuple[int, int]] = []
-            results.append((build.hit_run(tlb._tables, "a", start, end, need, out), out))
+            results.append((build.hit_run(tlb._tables, "a", start, end, need, pa_end, out), out))
         assert results[0] == results[1]
+        assert all(pa + n <= pa_end for pa, n in results[0][1])
+
+
+class _Dev:
+    name = "dev"
+
+
+DEV = _Dev()
+
+
+class _HugeLeafPastTheEnd(IommuHw):
+    """One cached 1 GiB page at IOVA 0 whose end lies past memory (1 GiB - 8 KiB of it):
+    ``translate()`` clips at the end of memory and aborts beyond it, as AMD and VT-d do."""
+
+    def __init__(self) -> None:
+        class _Machine:
+            memory = PhysicalMemory((1 << 30) - 2 * PAGE)
+
+        super().__init__(_Machine(), 0)  # type: ignore[arg-type]
+        self.iotlb = Iotlb()
+        self.iotlb.insert("t", 0, TlbEntry(0, 30, 3, 4))
+
+    def translate(self, dev: Any, iova: int, pasid: int | None, write: bool) -> tuple[int, int]:
+        self.stats.translations += 1
+        if iova >= self.memory.size:
+            raise self.fault(dev, iova, write, pasid, "master abort")
+        return iova, min((1 << 30) - iova, self.memory.size - iova)
+
+    def iotlb_fast(self, dev: Any, pasid: int | None, write: bool) -> FastPath | None:
+        return self.iotlb, "t", 1
+
+
+def test_a_burst_stops_at_the_end_of_memory() -> None:
+    hw = _HugeLeafPastTheEnd()
+    end = hw.memory.size
+    runs = hw.translate_run(DEV, end - 3 * PAGE, 2 * PAGE, None, False)
+    assert runs == [(end - 3 * PAGE, 2 * PAGE)]
+    # The first run is clipped at the end of memory; the hits must not carry the burst past it.
+    with pytest.raises(DmaFault, match="master abort"):
+        hw.translate_run(DEV, 0, end + PAGE, None, False)
+    hw.translate(DEV, end - PAGE, None, False)  # warm: the next page is a hit in the IOTLB
+    with pytest.raises(DmaFault, match="master abort"):
+        hw.translate_run(DEV, end - 2 * PAGE, 3 * PAGE, None, False)

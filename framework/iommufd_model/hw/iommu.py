@@ -144,7 +144,7 @@ class IommuHw:
         if fast is None:
             return iova
         iotlb, tag, need = fast
-        hits, stop = iotlb.hit_run(tag, iova, end, need, runs)
+        hits, stop = iotlb.hit_run(tag, iova, end, need, self.memory.size, runs)
         stats = self.stats
         stats.translations += hits
         stats.iotlb_hits += hits

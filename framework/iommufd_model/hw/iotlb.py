@@ -60,12 +60,16 @@ class Iotlb:
         return None
 
     def hit_run(
-        self, tag: Hashable, iova: int, end: int, need: int, out: list[tuple[int, int]]
+        self, tag: Hashable, iova: int, end: int, need: int, pa_end: int,
+        out: list[tuple[int, int]],
     ) -> tuple[int, int]:
         """Consecutive hits from ``iova`` towards ``end`` whose ``perm`` has every bit of
-        ``need``: ``(pa, length)`` runs appended to ``out``; returns ``(hits, stop)`` as
-        :func:`iommufd_model.hw.tlb_run.hit_run` does. Counted as ``hits`` lookups."""
-        hits, stop = cast("tuple[int, int]", _RUN.hit_run(self._tables, tag, iova, end, need, out))
+        ``need``, below physical ``pa_end``: ``(pa, length)`` runs appended to ``out``; returns
+        ``(hits, stop)`` as :func:`iommufd_model.hw.tlb_run.hit_run` does. Counted as ``hits``
+        lookups."""
+        hits, stop = cast(
+            "tuple[int, int]", _RUN.hit_run(self._tables, tag, iova, end, need, pa_end, out)
+        )
         self.hits += hits
         return hits, stop
 

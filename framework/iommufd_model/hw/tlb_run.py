@@ -21,13 +21,16 @@ Tables = dict[int, dict[object, Pages]]
 
 
 def hit_run(
-    tables: Tables, tag: object, iova: int, end: int, need: int, out: list[tuple[int, int]]
+    tables: Tables, tag: object, iova: int, end: int, need: int, pa_end: int,
+    out: list[tuple[int, int]],
 ) -> tuple[int, int]:
     """Translate ``[iova, end)`` through IOTLB hits whose ``perm`` holds every bit of ``need``.
 
     Appends ``(pa, length)`` runs to ``out`` (a run continues the previous one when the
     physical address does) and returns ``(hits, stop)``: how many entries were used and the
-    first address not translated (``end`` when all were).
+    first address not translated (``end`` when all were). Runs stop at physical address
+    ``pa_end`` (the end of memory): a page cached whole may reach past it, and what lies
+    there is for the vendor's ``translate()`` to refuse.
     """
     hits = 0
     last = -1  # the page size that hit last: consecutive pages mostly share it
@@ -53,9 +56,13 @@ def hit_run(
             break
         size = 1 << shift
         off = iova & (size - 1)
+        if pa + off >= pa_end:
+            break
         chunk = size - off
         if chunk > end - iova:
             chunk = end - iova
+        if chunk > pa_end - pa - off:
+            chunk = pa_end - pa - off
         hits += 1
         if run_len and run_pa + run_len == pa + off:
             run_len += chunk

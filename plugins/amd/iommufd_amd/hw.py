@@ -22,7 +22,7 @@ from iommufd_amd.gcr3 import GCR3_ADDR
 from iommufd_amd.viommu.hw import ViommuHw
 from iommufd_model.driver import IOMMU_READ, IOMMU_WRITE
 from iommufd_model.hw.compiled import load_walker
-from iommufd_model.hw.iommu import IommuHw, page_run
+from iommufd_model.hw.iommu import FastPath, IommuHw, page_run
 from iommufd_model.hw.iotlb import Iotlb, TlbEntry
 from iommufd_model.hw.radix import TABLE
 from iommufd_model.hw.regs import Mmio
@@ -368,11 +368,36 @@ class AmdIommu(IommuHw):
     ) -> tuple[int, int]:
         self.stats.translations += 1
         try:
-            return self.lookup(dev.rid, iova, pasid, write)
+            pa, run = self.lookup(dev.rid, iova, pasid, write)
         except TranslationError as exc:
             if exc.event is not None and not self._guest_event(dev.rid, exc.event):
                 self.log_event(exc.event)
             raise self.fault(dev, iova, write, pasid, exc.reason) from None
+        size = self.memory.size
+        if pa >= size:  # untranslated (V=0, Mode 0) beyond memory: nothing answers
+            raise self.fault(dev, iova, write, pasid, f"master abort at PA {pa:#x}")
+        return pa, min(run, size - pa)
+
+    def iotlb_fast(self, dev: PciDevice, pasid: int | None, write: bool) -> FastPath | None:
+        """After a translation of ``dev``: the IOTLB tag its requests use, as :meth:`lookup`
+        decides it from the cached DTE (None when the DTE bypasses the IOTLB)."""
+        cached = self.dte_cache.get(dev.rid)
+        if cached is None:
+            return None
+        dte, why = cached
+        if not dte.v or why or not dte.tv:
+            return None
+        if pasid is not None:
+            if not dte.gv:
+                return None
+            tag = _tag(dte, pasid)
+        elif dte.gv and dte.giov:
+            tag = _tag(dte, 0)
+        elif dte.mode:
+            tag = _tag(dte, NO_PASID)
+        else:
+            return None
+        return self.iotlb, tag, (IOMMU_WRITE | _DIRTY_DONE) if write else IOMMU_READ
 
     def _guest_event(self, devid: int, ev: E.Event) -> bool:
         """HW-vIOMMU: a guest device's event goes to its guest's event log instead."""
@@ -413,7 +438,7 @@ class AmdIommu(IommuHw):
             if not dte_prot & (IOMMU_WRITE if write else IOMMU_READ):
                 raise self._page_fault(dte, devid, iova, pasid, gn_flags | E.F_PE, "permission")
             return iova, page_run(iova)
-        tag = (dte.domain_id, p if guest else NO_PASID)
+        tag = _tag(dte, p if guest else NO_PASID)
         iotlb = self.iotlb
         stats = self.stats
         hit = iotlb.lookup(tag, iova)
@@ -447,6 +472,10 @@ class AmdIommu(IommuHw):
         if not dte.had & 2 or write:
             prot |= _DIRTY_DONE
         mask = (1 << shift) - 1
+        if val >= self.memory.size:
+            # A leaf beyond memory (a 512 GiB page too): the request ends in a master abort
+            # (no event: the translation itself succeeded), and nothing is cached for it.
+            raise TranslationError(None, f"master abort at PA {val:#x}")
         iotlb.insert(tag, iova, TlbEntry(val & ~mask, shift, prot, refs))
         return val, (1 << shift) - (val & mask)
 
@@ -508,6 +537,11 @@ HWERR_READ = E.HWERR_TYPE_READ << E.TYPE_SHIFT
 
 def _guest_tag_of(tag: Hashable, domid: int) -> bool:
     return isinstance(tag, tuple) and tag[0] == domid and tag[1] != NO_PASID
+
+
+def _tag(dte: Dte, pasid: int) -> Hashable:
+    """The IOTLB tag of a translation: DomainID and PASID (``NO_PASID`` for the host table)."""
+    return dte.domain_id, pasid
 
 
 def _rw(write: bool) -> int:

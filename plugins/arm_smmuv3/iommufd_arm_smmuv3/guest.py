@@ -170,8 +170,14 @@ class GuestSmmuv3(GuestIommu):
         vm.trap("CMDQ_PROD", forwarded=len(forward))
 
     def _install_vste(self, vsid: int) -> None:
-        """CFGI_STE: a nested HWPT from the guest's vSTE, attached in place of the old one."""
-        gdev = self.devices[vsid]
+        """CFGI_STE: a nested HWPT from the guest's vSTE, attached in place of the old one.
+
+        A vSID with no passed-through device behind it (any 32-bit value a guest writes in
+        its command) has no host configuration: the command completes as a no-op, as on
+        QEMU's vSMMU."""
+        gdev = self.devices.get(vsid)
+        if gdev is None:
+            return
         vm = self.vm
         data = vm.memory.read(self.strtab + vsid * STE_SIZE, 16)
         try:

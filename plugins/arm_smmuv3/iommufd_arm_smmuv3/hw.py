@@ -29,7 +29,7 @@ from iommufd_arm_smmuv3.ste import (
 )
 from iommufd_model.hw.bits import get, put, words
 from iommufd_model.hw.compiled import load_walker
-from iommufd_model.hw.iommu import IommuHw, page_run
+from iommufd_model.hw.iommu import FastPath, IommuHw, page_run
 from iommufd_model.hw.iotlb import Iotlb, TlbEntry
 from iommufd_model.hw.ring import MemRing
 
@@ -425,6 +425,20 @@ class Smmuv3(IommuHw):
             raise self.fault(dev, iova, write, pasid, cf.reason) from None
         return self._translate_walk(dev, ste, cd, sid, iova, pasid, write)
 
+    def iotlb_fast(self, dev: PciDevice, pasid: int | None, write: bool) -> FastPath | None:
+        """After a translation of ``dev``: the TLB tag of its requests, from the STE and CD
+        caches that translation filled (None when it bypassed or its configuration faults)."""
+        if not self.enabled:
+            return None
+        try:
+            ste = self.fetch_ste(dev.rid)
+            if ste.config in (CFG_ABORT, CFG_BYPASS):
+                return None
+            cd = self._context(ste, dev.rid, pasid)
+        except ConfigFault:
+            return None
+        return self.tlb, _tlb_tag(ste, cd), 2 if write else 1
+
     def _context(self, ste: Ste, sid: int, pasid: int | None) -> Cd | None:
         """The CD that stage 1 uses for this transaction (None: stage 1 off or bypassed)."""
         if not ste.s1_enabled:
@@ -455,9 +469,7 @@ class Smmuv3(IommuHw):
     ) -> tuple[int, int]:
         stats = self.stats
         s2 = ste.s2_enabled
-        tag: Hashable = (
-            (TAG_S1, ste.s2vmid if s2 else 0, cd.asid) if cd is not None else (TAG_S2, ste.s2vmid)
-        )
+        tag = _tlb_tag(ste, cd)
         entry = self.tlb.lookup(tag, iova)
         if entry is not None and entry.perm & (2 if write else 1):
             stats.iotlb_hits += 1
@@ -562,3 +574,11 @@ def _stage2_event(
 def queue_value(index: int, wrap: int, log2: int) -> int:
     """A PROD/CONS register value: index in bits log2-1..0, the wrap bit at bit log2."""
     return put(wrap, log2, log2) | (index & ((1 << log2) - 1))
+
+
+def _tlb_tag(ste: Ste, cd: Cd | None) -> Hashable:
+    """The TLB tag of a translation: stage 1 by VMID (0 without stage 2) and ASID, stage 2
+    alone by VMID."""
+    if cd is None:
+        return TAG_S2, ste.s2vmid
+    return TAG_S1, ste.s2vmid if ste.s2_enabled else 0, cd.asid

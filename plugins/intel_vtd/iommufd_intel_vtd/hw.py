@@ -15,6 +15,7 @@ are never cached (CAP.CM = 0).
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any
 
 from iommufd_intel_vtd import faults as F
@@ -23,7 +24,7 @@ from iommufd_intel_vtd import regs as R
 from iommufd_intel_vtd import tables as T
 from iommufd_model.driver import IOMMU_READ, IOMMU_WRITE
 from iommufd_model.hw.compiled import load_walker
-from iommufd_model.hw.iommu import DmaFault, IommuHw, page_run
+from iommufd_model.hw.iommu import DmaFault, FastPath, IommuHw, page_run
 from iommufd_model.hw.iotlb import Iotlb, TlbEntry
 from iommufd_model.hw.regs import Mmio
 from iommufd_model.hw.ring import MemRing
@@ -303,12 +304,31 @@ class IntelVtd(IommuHw):
         return pe
 
     # -- translation ----------------------------------------------------------------------
+    def iotlb_fast(self, dev: PciDevice, pasid: int | None, write: bool) -> FastPath | None:
+        """After a translation of ``dev``: the IOTLB tag of its requests, from the context and
+        PASID caches the translation filled (None for pass-through or translation off)."""
+        if not self.gsts & R.GSTS_TES:
+            return None
+        ce = self.context_cache.get(dev.rid)
+        if ce is None:
+            return None
+        eff = ce.rid_pasid if pasid is None else pasid
+        pe = self.pasid_cache.get((dev.rid, eff))
+        if pe is None:
+            return None
+        kind, tag = _tlb_tag(pe, eff)
+        if kind == KIND_PT:
+            return None
+        return self.iotlb, tag, (IOMMU_WRITE | PERM_DIRTY_OK) if write else IOMMU_READ
+
     def translate(
         self, dev: PciDevice, iova: int, pasid: int | None, write: bool
     ) -> tuple[int, int]:
         stats = self.stats
         stats.translations += 1
         if not self.gsts & R.GSTS_TES:
+            if iova >= self.memory.size:
+                raise self.fault(dev, iova, write, pasid, f"master abort at PA {iova:#x}")
             return iova, page_run(iova)  # translation disabled: DMA is untranslated
         rid = dev.rid
         try:
@@ -317,9 +337,7 @@ class IntelVtd(IommuHw):
             pe = self.pasid_entry(rid, eff, ce)
         except F.TableFault as tf:
             raise self.record(dev, iova, write, pasid, tf.reason, tf.fpd) from None
-        pgtt = pe.pgtt
-        kind = (KIND_SS, KIND_FS, KIND_SS, KIND_NESTED, KIND_PT)[pgtt]
-        tag = (pe.did, -1 if kind == KIND_SS else eff, kind)
+        kind, tag = _tlb_tag(pe, eff)
         need = IOMMU_WRITE if write else IOMMU_READ
         hit = self.iotlb.lookup(tag, iova)
         if hit is not None and hit.perm & need and (not write or hit.perm & PERM_DIRTY_OK):
@@ -359,10 +377,15 @@ class IntelVtd(IommuHw):
             else:
                 reason = _WALK_REASON.get((stage, st), F.FR_SS_RSVD)
             raise self.record(dev, iova, write, pasid, reason, pe.fpd)
+        size = self.memory.size
+        if value >= size:
+            # Within the address width but beyond memory: the translation succeeded, the
+            # request ends in a master abort (no fault record), nothing is cached for it.
+            raise self.fault(dev, iova, write, pasid, f"master abort at PA {value:#x}")
         perm = prot | (PERM_DIRTY_OK if write or not ssade else 0)
         page = value & ~((1 << shift) - 1)
         self.iotlb.insert(tag, iova, TlbEntry(page, shift, perm, refs))
-        return value, page_run(iova, 1 << shift)
+        return value, min(page_run(iova, 1 << shift), size - value)
 
     # -- fault recording ------------------------------------------------------------------
     def record(
@@ -396,3 +419,10 @@ class IntelVtd(IommuHw):
         info = super().describe()
         info.update(cap=hex(self.cap), ecap=hex(self.ecap), iotlb=len(self.iotlb))
         return info
+
+
+def _tlb_tag(pe: T.PasidEntry, pasid: int) -> tuple[int, Hashable]:
+    """The walk kind a PASID entry selects (by PGTT) and the IOTLB tag of its translations:
+    DID, the PASID (none for second-stage-only), the kind."""
+    kind = (KIND_SS, KIND_FS, KIND_SS, KIND_NESTED, KIND_PT)[pe.pgtt]
+    return kind, (pe.did, -1 if kind == KIND_SS else pasid, kind)
