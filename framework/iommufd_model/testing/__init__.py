@@ -9,10 +9,16 @@ stays visible in ``-rs``; it is never dropped from collection.
 Usage: ``pytest --iommu-driver NAME`` (repeatable) runs the shipped suite against ``NAME``;
 ``pytest --iommu-contract`` runs it against every installed driver. Without either option the
 plugin only parametrises tests of your own that ask for the ``iommu_driver`` fixture.
+
+The suite's hypothesis state machine (``test_uapi_machine``, skipped without hypothesis)
+keeps its example database where the ``iommu_example_db`` ini option or the
+``IOMMUFD_MODEL_EXAMPLE_DB`` env var says (one sub-directory per driver; read-only when
+``CI`` is set); by default, hypothesis' own.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -23,6 +29,10 @@ from iommufd_model.plugins import DriverRegistry, default_registry
 
 SUITE = Path(__file__).with_name("suite")
 MARKER = "requires_feature"
+# Where the kit's hypothesis state machines keep their example database (one sub-directory
+# per driver); unset means hypothesis' own default. The env var wins over the ini option.
+EXAMPLE_DB_ENV = "IOMMUFD_MODEL_EXAMPLE_DB"
+EXAMPLE_DB_INI = "iommu_example_db"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -38,6 +48,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--iommu-contract",
         action="store_true",
         help="run the driver contract suite against every installed driver",
+    )
+    parser.addini(
+        EXAMPLE_DB_INI,
+        "directory of the example database of the kit's state machines (relative to the "
+        f"rootdir; env {EXAMPLE_DB_ENV} overrides; default: hypothesis' own)",
+        default="",
     )
 
 
@@ -95,6 +111,19 @@ def iommu_registry() -> DriverRegistry:
 @pytest.fixture
 def iommu_driver_info(iommu_registry: DriverRegistry, iommu_driver: str) -> DriverInfo:
     return iommu_registry.drivers[iommu_driver].info
+
+
+@pytest.fixture(scope="session")
+def iommu_example_db_dir(pytestconfig: pytest.Config) -> Path | None:
+    """Example database directory for the state machines, or None for hypothesis' default.
+
+    With ``CI`` set the suite opens it read-only, so CI replays but never writes.
+    """
+    raw = os.environ.get(EXAMPLE_DB_ENV) or str(pytestconfig.getini(EXAMPLE_DB_INI) or "")
+    if not raw:
+        return None
+    path = Path(raw)
+    return path if path.is_absolute() else Path(pytestconfig.rootpath) / path
 
 
 class _EntryPointShim:
