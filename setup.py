@@ -11,6 +11,7 @@ from setuptools import setup
 COMPILED = [
     "framework/iommufd_model/hw/walk_x86.py",
     "framework/iommufd_model/hw/tlb_run.py",
+    "framework/iommufd_model/hw/frame_copy.py",
 ]
 
 

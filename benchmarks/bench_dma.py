@@ -5,7 +5,9 @@
 A device behind the first installed vendor IOMMU (the mock driver otherwise) reads and writes
 a buffer mapped through the uAPI with 4 KiB, 2 MiB or 1 GiB IOMMU pages (user memory made
 physically contiguous and aligned so that the driver can use the large pages; the page size
-the walk found is printed). Steady state: the IOTLB is warm and the frames exist. The plain
+the walk found is printed). Steady state: the frames exist and the IOTLB holds what it can --
+16 MiB of 4 KiB pages fit the model's 4096-entry IOTLB (one walk-free burst), 64 MiB do not
+(every page misses and walks, as on hardware whose IOTLB cannot reach the buffer). The plain
 copy is ``bytes(src)`` (read) and ``memoryview(dst)[:] = src`` (write) of the same size.
 No assertions.
 """
@@ -60,8 +62,9 @@ def setup(driver: str, page: int, size: int) -> tuple[im.Machine, object]:
 def run(quick: bool = False) -> dict[str, float]:
     driver = vendor()
     figures: dict[str, float] = {}
-    cases = [(4 * KIB, 16 * MIB if quick else 64 * MIB),
-             (2 * MIB, 64 * MIB if quick else 256 * MIB)]
+    cases = [(4 * KIB, 16 * MIB), (2 * MIB, 64 * MIB if quick else 256 * MIB)]
+    if not quick:
+        cases.insert(1, (4 * KIB, 64 * MIB))
     if not quick:
         cases.append((GIB, GIB))
     for page, size in cases:
@@ -70,7 +73,7 @@ def run(quick: bool = False) -> dict[str, float]:
         _pa, run_len = hw.translate(dev, IOVA, None, False)  # type: ignore[arg-type]
         found = run_len  # bytes to the end of the page the walk found (IOVA is aligned)
         data = bytes(range(256)) * (size // 256)
-        dev.dma_write(IOVA, data)  # type: ignore[attr-defined]  # materialise + warm the IOTLB
+        dev.dma_write(IOVA, data)  # type: ignore[attr-defined]  # materialise, fill the IOTLB
         assert dev.dma_read(IOVA, size) == data  # type: ignore[attr-defined]
         t_read = best(lambda d=dev, n=size: d.dma_read(IOVA, n))  # type: ignore[misc]
         t_write = best(lambda d=dev, b=data: d.dma_write(IOVA, b))  # type: ignore[misc]

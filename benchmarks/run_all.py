@@ -27,8 +27,14 @@ TARGETS = [
     ("bench_amd_walk", "2-D nested walk (29 refs), own loop (compiled)", 1e6, True,
      "nested walk >= 1 M/s"),
     ("bench_vtd_walk", "nested walk, own loop (compiled)", 1e6, True, "nested walk >= 1 M/s"),
-    ("bench_amd_walk", "hw translate, IOTLB hit", 10e6, True, "IOTLB hit >= 10 M/s"),
-    ("bench_vtd_walk", "hw translate, IOTLB hit", 10e6, True, "IOTLB hit >= 10 M/s"),
+    ("bench_amd_walk", "hw translate_run, IOTLB hits in a 2048-page burst", 10e6, True,
+     "IOTLB hit >= 10 M/s (DMA burst)"),
+    ("bench_vtd_walk", "hw translate_run, IOTLB hits in a 2048-page burst", 10e6, True,
+     "IOTLB hit >= 10 M/s (DMA burst)"),
+    ("bench_amd_walk", "hw translate, IOTLB hit", 10e6, True,
+     "IOTLB hit >= 10 M/s (one call)"),
+    ("bench_vtd_walk", "hw translate, IOTLB hit", 10e6, True,
+     "IOTLB hit >= 10 M/s (one call)"),
 ]
 
 

@@ -1,13 +1,17 @@
-"""PhysicalMemory: byte-exact reads and writes, and word views that never go stale."""
+"""PhysicalMemory: byte-exact reads and writes over ``vec[i64]`` frames, whichever way whole
+frames are written, and a walker index that always names the frame the dict holds."""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from iommufd_model.hw import memory
+from iommufd_model.hw.compiled import is_compiled, load_pure, load_walker
 from iommufd_model.hw.memory import (
     PAGE_SIZE,
     WORDS_PER_FRAME,
@@ -46,9 +50,26 @@ ops = st.lists(
 )
 
 
-@settings(max_examples=60, deadline=None)
+@pytest.fixture(params=[True, False], ids=["in-place", "rebuilt"])
+def fill_mode(request: pytest.FixtureRequest) -> Iterator[bool]:
+    """Whole-frame writes both ways: filled in place (the compiled frame_copy, when built) and
+    rebuilt from the source (the uncompiled path)."""
+    in_place = bool(request.param)
+    if in_place and not is_compiled(memory._COPY):
+        pytest.skip("frame_copy is not compiled in this build")
+    saved = memory._IN_PLACE
+    memory._IN_PLACE = in_place
+    yield in_place
+    memory._IN_PLACE = saved
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(ops)
-def test_memory_equals_a_flat_bytearray(program: list[tuple[str, int, object]]) -> None:
+def test_memory_equals_a_flat_bytearray(
+    fill_mode: bool, program: list[tuple[str, int, object]]
+) -> None:
     mem = PhysicalMemory(SIZE)
     ref = FlatMemory()
     for op, where, arg in program:
@@ -126,9 +147,21 @@ def test_zero_length_and_out_of_range_accesses() -> None:
     assert mem.read_u64(8) == (1 << 64) - 1
 
 
-def test_long_writes_cross_the_frame_batches() -> None:
+def test_long_writes_cross_the_frame_batches(fill_mode: bool) -> None:
     mem = PhysicalMemory(1 << 24)
     data = random.Random(7).randbytes(600 * PAGE_SIZE + 100)
     mem.write(PAGE_SIZE - 50, data)  # a head, 600 whole frames in three batches, a tail
     assert mem.read(PAGE_SIZE - 50, len(data)) == data
     assert len(mem._pages) == 602
+
+
+def test_compiled_and_pure_frame_copy_agree() -> None:
+    builds = [load_walker("iommufd_model.hw.frame_copy"), load_pure("iommufd_model.hw.frame_copy")]
+    assert not is_compiled(builds[1])
+    src = random.Random(3).randbytes(5 * PAGE_SIZE + 24)
+    results = []
+    for build in builds:
+        frames = [new_frame() for _ in range(5)]
+        build.fill_frames(frames, src, 24)
+        results.append(b"".join(frames))
+    assert results[0] == results[1] == src[24:]

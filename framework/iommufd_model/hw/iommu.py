@@ -179,11 +179,11 @@ class IommuHw:
         # Translate everything first: a faulting DMA must not have written a prefix.
         # ``bytes(data)`` (no copy for bytes) freezes the source: it may alias the target memory.
         runs = self.translate_run(dev, iova, len(data), pasid, True)
-        view = memoryview(bytes(data))
-        write = self.memory.write
+        src = bytes(data)
+        write = self.memory.write_from
         pos = 0
         for pa, chunk in runs:
-            write(pa, view[pos : pos + chunk])
+            write(pa, src, pos, chunk)
             pos += chunk
 
     def describe(self) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from mypy_extensions import i64
 
 from iommufd_model.core.failnth import failpoint
 from iommufd_model.errors import err
+from iommufd_model.hw.compiled import is_compiled, load_walker
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
@@ -37,6 +38,9 @@ _SIGN = 1 << 63
 _PATCH_WORDS = 16
 #: frames a long write builds before storing them (bounds the memory it holds twice)
 _WRITE_BATCH = 256
+#: compiled, whole frames are filled in place; uncompiled, rebuilding them is far faster
+_COPY = load_walker("iommufd_model.hw.frame_copy")
+_IN_PLACE = is_compiled(_COPY)
 
 #: one 4 KiB frame: 512 signed 64-bit words (an entry with bit 63 set reads negative)
 Frame = vec[i64]
@@ -287,38 +291,62 @@ class PhysicalMemory:
             off = 0
 
     def write(self, pa: int, data: bytes | bytearray | memoryview) -> None:
-        """Write ``data`` (any contiguous buffer; it may alias memory) at ``pa``.
+        """Write ``data`` (any contiguous buffer; it may alias memory) at ``pa``."""
+        src = data if isinstance(data, bytes) else bytes(data)
+        self.write_from(pa, src, 0, len(src))
 
-        Whole frames are rebuilt from the source in C (``vec`` from a ``'q'`` view over
-        ``map``: one copy per frame, no Python step per frame); a head or tail shorter than a
-        frame is patched in place (:meth:`_patch`).
+    def write_from(self, pa: int, src: bytes, pos: int, n: int) -> None:
+        """Write ``src[pos:pos + n]`` at ``pa`` (the DMA engine's form: no slice of ``src``).
+
+        Whole frames are filled in place by the compiled :mod:`iommufd_model.hw.frame_copy`
+        (a native load and store per word); uncompiled, they are rebuilt from the source in C
+        (``vec`` from a ``'q'`` view over ``map``), in batches. A head or tail shorter than a
+        frame is patched (:meth:`_patch`).
         """
-        src = data.cast("B") if isinstance(data, memoryview) else memoryview(data)
-        n = len(src)
         self._check(pa, n)
         self.writes += 1
+        view = memoryview(src)
         off = pa & PAGE_MASK
         pfn = pa >> PAGE_SHIFT
-        pos = 0
+        end = pos + n
         if off:  # the head, up to the first frame boundary
-            pos = min(n, PAGE_SIZE - off)
-            self._patch(pfn, off, src[:pos])
+            head = min(n, PAGE_SIZE - off)
+            self._patch(pfn, off, view[pos : pos + head])
+            pos += head
             pfn += 1
-        whole = (n - pos) >> PAGE_SHIFT
+        whole = (end - pos) >> PAGE_SHIFT
+        if whole:
+            if _IN_PLACE:
+                self._fill_in_place(pfn, whole, src, pos)
+            else:
+                self._rebuild(pfn, whole, view, pos)
+            pfn += whole
+            pos += whole << PAGE_SHIFT
+        if pos < end:  # the tail
+            self._patch(pfn, 0, view[pos:end])
+
+    def _fill_in_place(self, pfn: int, count: int, src: bytes, pos: int) -> None:
+        pages = self._pages
+        frames = list(map(pages.get, range(pfn, pfn + count)))
+        if None in frames:
+            for i, frame in enumerate(frames):
+                if frame is None:
+                    frames[i] = pages[pfn + i] = new_frame()
+        _COPY.fill_frames(frames, src, pos)
+
+    def _rebuild(self, pfn: int, count: int, view: memoryview, pos: int) -> None:
         step = WORDS_PER_FRAME
-        while whole:
+        while count:
             # Batches of frames: the frames they replace are freed before the next batch is
             # built, so the allocator reuses their memory instead of faulting in fresh pages.
-            batch = min(whole, _WRITE_BATCH)
+            batch = min(count, _WRITE_BATCH)
             end = pos + (batch << PAGE_SHIFT)
-            words = src[pos:end].cast("q")
+            words = view[pos:end].cast("q")
             cuts = map(slice, range(0, batch * step, step), range(step, (batch + 1) * step, step))
             self._pages.put_run(pfn, list(map(Frame, map(words.__getitem__, cuts))))
             pfn += batch
-            whole -= batch
+            count -= batch
             pos = end
-        if pos < n:  # the tail
-            self._patch(pfn, 0, src[pos:])
 
     def _patch(self, pfn: int, off: int, piece: memoryview) -> None:
         """Write ``piece`` (shorter than a frame) at byte ``off`` of frame ``pfn``.
