@@ -14,17 +14,11 @@ IR/IW).
 
 from __future__ import annotations
 
-import ctypes
 import random
-import shutil
-import subprocess
-import tempfile
-import time
 from functools import partial
-from pathlib import Path
 from types import ModuleType
 
-from _timing import own_loop, rate
+from _timing import c_reference, own_loop, rate
 from iommufd_amd.gcr3 import Gcr3Table, V2PageTable
 from iommufd_amd.hw import AmdIommu
 from iommufd_amd.pgtable_v1 import AmdV1PageTable
@@ -120,29 +114,6 @@ def hot_table() -> tuple[PhysicalMemory, AmdV1PageTable, list[int]]:
     return mem, pt, [(i << PAGE_SHIFT) + 8 for i in range(256)]
 
 
-def c_reference(mem: PhysicalMemory, pt: AmdV1PageTable, iovas: list[int]) -> float | None:
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        return None
-    tmp = Path(tempfile.mkdtemp())
-    (tmp / "walk.c").write_text(C_WALK)
-    lib = tmp / "walk.so"
-    subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(lib), str(tmp / "walk.c")],
-                   check=True)
-    dll = ctypes.CDLL(str(lib))
-    dll.bench.restype = ctypes.c_uint64
-    top = (max(mem._pages) + 1) << PAGE_SHIFT
-    flat = bytearray(top)
-    for pfn, page in mem._pages.items():
-        flat[pfn << PAGE_SHIFT : (pfn + 1) << PAGE_SHIFT] = page
-    buf = (ctypes.c_uint8 * top).from_buffer(flat)
-    arr = (ctypes.c_uint64 * len(iovas))(*iovas)
-    rounds = 200 * 4096 // len(iovas)
-    start = time.perf_counter()
-    dll.bench(buf, ctypes.c_uint64(top), ctypes.c_uint64(pt.root), 4, arr, len(iovas), rounds)
-    return rounds * len(iovas) / (time.perf_counter() - start)
-
-
 BURST = 2048  # pages of the translate_run figure (the IOTLB holds 4096 entries)
 
 
@@ -214,14 +185,14 @@ def run() -> dict[str, float]:
     for name, w, _x86 in walkers():
         figures[f"v1 single-stage walk, hot tables, own loop ({name})"] = own_loop(
             lambda r, w=w: w.bench_v1(hmem._pages, hmem.size, hpt.root, 4, hot, r), len(hot))
-    c_hot = c_reference(hmem, hpt, hot)
+    c_hot = c_reference(C_WALK, hmem, hpt.root, 4, hot)
     if c_hot is not None:
         figures["v1 single-stage walk, hot tables, own loop (C reference, cc -O2)"] = c_hot
     miss, hit, burst = machine_rates()
     figures["hw translate, IOTLB miss (installed walker)"] = miss
     figures["hw translate, IOTLB hit"] = hit
     figures["hw translate_run, IOTLB hits in a 2048-page burst"] = burst
-    c = c_reference(mem, pt, iovas)
+    c = c_reference(C_WALK, mem, pt.root, 4, iovas)
     if c is not None:
         figures["v1 single-stage walk, own loop (C reference, cc -O2)"] = c
     return figures

@@ -20,43 +20,48 @@ fault (F_TRANSLATION, F_ADDR_SIZE, F_ACCESS, F_PERMISSION, F_WALK_EABT).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
-if TYPE_CHECKING:  # types only: under mypyc ``i64`` is a native int, not a class to index
-    from librt.vecs import vec
-    from mypy_extensions import i64
+from librt.vecs import vec
+from mypy_extensions import i64  # a native int under mypyc; a subclass of ``int`` otherwise
 
+if TYPE_CHECKING:  # under mypyc ``vec[i64]`` is no runtime expression outside functions
     Frame = vec[i64]  # memory.Frame: 512 signed 64-bit words
     Pages = dict[int, Frame]
     Words = list[list[Frame | None] | None]
 
 
 
-OK = 0
-F_WALK_EABT = 0x0B
-F_TRANSLATION = 0x10
-F_ADDR_SIZE = 0x11
-F_ACCESS = 0x12
-F_PERMISSION = 0x13
+OK: Final = 0
+F_WALK_EABT: Final = 0x0B
+F_TRANSLATION: Final = 0x10
+F_ADDR_SIZE: Final = 0x11
+F_ACCESS: Final = 0x12
+F_PERMISSION: Final = 0x13
 
 # The CLASS field of a fault record: what the SMMU was doing when stage 2 refused an address.
-CLASS_CD = 0  # fetching a context descriptor
-CLASS_TT = 1  # fetching a stage-1 translation table descriptor
-CLASS_IN = 2  # translating the input address (the final stage-1 output)
+CLASS_CD: Final = 0  # fetching a context descriptor
+CLASS_TT: Final = 1  # fetching a stage-1 translation table descriptor
+CLASS_IN: Final = 2  # translating the input address (the final stage-1 output)
 
-DESC_VALID = 1 << 0
-DESC_TABLE = 1 << 1  # with VALID: table (levels 0-2) or page (level 3); clear: block
-DESC_AF = 1 << 10
-DESC_OA = ((1 << 48) - 1) & ~0xFFF  # output / next-level table address, bits 47:12
-S1_AP_UNPRIV = 1 << 6  # AP[1]: EL0 (unprivileged) access allowed
-S1_AP_RDONLY = 1 << 7  # AP[2]: read-only
-S1_APTABLE_NOUNPRIV = 1 << 61  # APTable[0]: no unprivileged access below this table
-S1_APTABLE_RDONLY = 1 << 62  # APTable[1]: read-only below this table
-S2AP_READ = 1 << 6
-S2AP_WRITE = 1 << 7
+DESC_VALID: Final = 1 << 0
+DESC_TABLE: Final = 1 << 1  # with VALID: table (levels 0-2) or page (level 3); clear: block
+DESC_AF: Final = 1 << 10
+DESC_OA: Final = ((1 << 48) - 1) & ~0xFFF  # output / next-level table address, bits 47:12
+S1_AP_UNPRIV: Final = 1 << 6  # AP[1]: EL0 (unprivileged) access allowed
+S1_AP_RDONLY: Final = 1 << 7  # AP[2]: read-only
+S1_APTABLE_NOUNPRIV: Final = 1 << 61  # APTable[0]: no unprivileged access below this table
+S1_APTABLE_RDONLY: Final = 1 << 62  # APTable[1]: read-only below this table
+S2AP_READ: Final = 1 << 6
+S2AP_WRITE: Final = 1 << 7
 
-PROT_R = 1
-PROT_W = 2
+PROT_R: Final = 1
+PROT_W: Final = 2
+# Memory sizes are clamped to the largest unboxed (short) int: comparisons with 1 << 62 would
+# box both sides.
+_NATIVE_MAX: Final = (1 << 62) - 1
+# Input sizes above 52 bits are not architectural (the smallest TxSZ): such a walk faults.
+_MAX_IA: Final = 52
 
 
 def set_af(pages: Pages, pa: int, desc: int) -> None:
@@ -67,13 +72,34 @@ def set_af(pages: Pages, pa: int, desc: int) -> None:
         page[(pa & 0xFFF) >> 3] = value - (1 << 64) if value >> 63 else value
 
 
-def _desc(pages: Pages, slot: int) -> int:
-    """The 64-bit descriptor at 8-aligned ``slot``, unsigned (0 in a frame never written)."""
-    page = pages.get(slot >> 12)
-    if page is None:
+def _words(pages: Pages) -> Words:
+    """The index beside ``pages`` (``Frames.words``), or an empty one for a plain dict."""
+    words: Words | None = getattr(pages, "words", None)
+    return [] if words is None else words
+
+
+def _desc(pages: Pages, words: Words, slot: i64) -> i64:
+    """The 64-bit descriptor at 8-aligned ``slot`` (signed; 0 in a frame never written)."""
+    pfn: i64 = slot >> 12
+    top: i64 = pfn >> 12
+    if 0 <= top < len(words):
+        chunk = words[top]
+        if chunk is not None:
+            frame = chunk[pfn & 0xFFF]
+            if frame is not None:
+                word: i64 = frame[(slot & 0xFFF) >> 3]
+                return word
+    got = pages.get(pfn)
+    if got is None:
         return 0
-    word: int = page[(slot & 0xFFF) >> 3]
-    return word + (1 << 64) if word < 0 else word
+    found: i64 = got[(slot & 0xFFF) >> 3]
+    return found
+
+
+def _mask(bits: i64) -> i64:
+    """``(1 << bits) - 1`` for 0 <= bits < 63 (mypyc would shift a 32-bit C literal)."""
+    ones: i64 = 0x7FFF_FFFF_FFFF_FFFF
+    return ones >> (63 - bits)
 
 
 def walk_s2(
@@ -92,18 +118,40 @@ def walk_s2(
     OK: ``value`` is the physical address; F_WALK_EABT: the descriptor address that could not
     be fetched; other faults: 0. ``prot`` is the S2AP of the leaf, also on a permission fault.
     """
-    if ipa >> ia_bits:
+    if ia_bits > _MAX_IA or ipa >> ia_bits:
         return F_TRANSLATION, 0, 0, 0, 0, start_level
-    refs = 0
-    table = ttb
-    level = start_level
+    return _s2(pages, _words(pages), _clamp(mem_size), ttb, ipa, ia_bits, start_level, oa_bits,
+               write, affd)
+
+
+def _clamp(mem_size: int) -> i64:
+    """Memory sizes fit the native walk (every address a walk reads lies below them)."""
+    return mem_size if mem_size <= _NATIVE_MAX else _NATIVE_MAX
+
+
+def _s2(
+    pages: Pages,
+    words: Words,
+    mem_size: i64,
+    ttb: i64,
+    ipa: i64,
+    ia_bits: i64,
+    start_level: i64,
+    oa_bits: i64,
+    write: bool,
+    affd: bool,
+) -> tuple[int, int, int, int, int, int]:
+    """:func:`walk_s2` on native ints, ``ipa`` already inside the input size."""
+    refs: i64 = 0
+    table: i64 = ttb
+    level: i64 = start_level
     while True:
-        shift = 12 + 9 * (3 - level)
-        bits = ia_bits - shift if level == start_level else 9
-        slot = table + ((ipa >> shift) & ((1 << bits) - 1)) * 8
-        if slot + 8 > mem_size:
+        shift: i64 = 12 + 9 * (3 - level)
+        bits: i64 = ia_bits - shift if level == start_level else 9
+        slot: i64 = table + ((ipa >> shift) & _mask(bits)) * 8
+        if slot + 8 > mem_size or slot < 0:
             return F_WALK_EABT, slot, 0, refs, 0, level
-        desc = _desc(pages, slot)
+        desc = _desc(pages, words, slot)
         refs += 1
         if not desc & DESC_VALID:
             return F_TRANSLATION, 0, 0, refs, 0, level
@@ -116,15 +164,16 @@ def walk_s2(
         if (level == 3 and not desc & DESC_TABLE) or level == 0:
             # Page encoding 0b01 at level 3 is reserved; level 0 blocks need 52-bit OAs.
             return F_TRANSLATION, 0, 0, refs, 0, level
-        out = desc & DESC_OA & ~((1 << shift) - 1)
+        mask = _mask(shift)
+        out: i64 = desc & DESC_OA & ~mask
         if out >> oa_bits:
             return F_ADDR_SIZE, 0, 0, refs, 0, level
         if not desc & DESC_AF and not affd:
             return F_ACCESS, 0, 0, refs, 0, level
-        prot = (PROT_R if desc & S2AP_READ else 0) | (PROT_W if desc & S2AP_WRITE else 0)
+        prot: i64 = (PROT_R if desc & S2AP_READ else 0) | (PROT_W if desc & S2AP_WRITE else 0)
         if not prot & (PROT_W if write else PROT_R):
             return F_PERMISSION, 0, 0, refs, prot, level
-        return OK, out | (ipa & ((1 << shift) - 1)), shift, refs, prot, level
+        return OK, out | (ipa & mask), shift, refs, prot, level
 
 
 def walk_s1(
@@ -152,28 +201,55 @@ def walk_s1(
     ``refs`` counts every descriptor read of both stages.
     """
     start = 4 - (ia_bits - 12 + 8) // 9
-    if va >> ia_bits:
+    if ia_bits > _MAX_IA or (nested and s2_ia_bits > _MAX_IA) or va >> ia_bits:
         return F_TRANSLATION, 0, 0, 0, 0, start, 0, 0, CLASS_IN
-    refs = 0
-    table = ttb
-    level = start
+    return _s1(pages, _words(pages), _clamp(mem_size), ttb, va, ia_bits, oa_bits, write, affd,
+               ha, nested, s2_ttb, s2_ia_bits, s2_start, s2_oa_bits, s2_affd)
+
+
+def _s1(
+    pages: Pages,
+    words: Words,
+    mem_size: i64,
+    ttb: i64,
+    va: i64,
+    ia_bits: i64,
+    oa_bits: i64,
+    write: bool,
+    affd: bool,
+    ha: bool,
+    nested: bool,
+    s2_ttb: i64,
+    s2_ia_bits: i64,
+    s2_start: i64,
+    s2_oa_bits: i64,
+    s2_affd: bool,
+) -> tuple[int, int, int, int, int, int, int, int, int]:
+    """:func:`walk_s1` on native ints, ``va`` already inside the input size."""
+    start: i64 = 4 - (ia_bits - 12 + 8) // 9
+    refs: i64 = 0
+    table: i64 = ttb
+    level: i64 = start
     unpriv = True
     rdonly = False
     while True:
-        shift = 12 + 9 * (3 - level)
-        bits = ia_bits - shift if level == start else 9
-        slot = table + ((va >> shift) & ((1 << bits) - 1)) * 8
+        shift: i64 = 12 + 9 * (3 - level)
+        bits: i64 = ia_bits - shift if level == start else 9
+        slot: i64 = table + ((va >> shift) & _mask(bits)) * 8
         if nested:
-            st, slot_pa, _s, r2, _p, lvl2 = walk_s2(
-                pages, mem_size, s2_ttb, slot, s2_ia_bits, s2_start, s2_oa_bits, False, s2_affd
+            if slot >> s2_ia_bits:
+                return F_TRANSLATION, 0, 0, refs, 0, s2_start, 1, slot, CLASS_TT
+            st, slot_pa, _s, r2, _p, lvl2 = _s2(
+                pages, words, mem_size, s2_ttb, slot, s2_ia_bits, s2_start, s2_oa_bits, False,
+                s2_affd,
             )
             refs += r2
             if st != OK:
                 return st, slot_pa, 0, refs, 0, lvl2, 1, slot, CLASS_TT
             slot = slot_pa
-        if slot + 8 > mem_size:
+        if slot + 8 > mem_size or slot < 0:
             return F_WALK_EABT, slot, 0, refs, 0, level, 0, 0, CLASS_TT
-        desc = _desc(pages, slot)
+        desc = _desc(pages, words, slot)
         refs += 1
         if not desc & DESC_VALID:
             return F_TRANSLATION, 0, 0, refs, 0, level, 0, 0, CLASS_IN
@@ -189,7 +265,8 @@ def walk_s1(
             continue
         if (level == 3 and not desc & DESC_TABLE) or level == 0:
             return F_TRANSLATION, 0, 0, refs, 0, level, 0, 0, CLASS_IN
-        out = desc & DESC_OA & ~((1 << shift) - 1)
+        mask = _mask(shift)
+        out: i64 = desc & DESC_OA & ~mask
         if out >> oa_bits:
             return F_ADDR_SIZE, 0, 0, refs, 0, level, 0, 0, CLASS_IN
         if not desc & DESC_AF:
@@ -198,19 +275,53 @@ def walk_s1(
             elif not affd:
                 return F_ACCESS, 0, 0, refs, 0, level, 0, 0, CLASS_IN
         # Device DMA is an unprivileged access: it needs AP[1] all the way down.
-        prot = 0
+        prot: i64 = 0
         if unpriv and desc & S1_AP_UNPRIV:
             prot = PROT_R if rdonly or desc & S1_AP_RDONLY else PROT_R | PROT_W
         if not prot & (PROT_W if write else PROT_R):
             return F_PERMISSION, 0, 0, refs, prot, level, 0, 0, CLASS_IN
-        ipa = out | (va & ((1 << shift) - 1))
+        ipa: i64 = out | (va & mask)
         if not nested:
             return OK, ipa, shift, refs, prot, level, 0, 0, CLASS_IN
-        st, pa, shift2, r2, prot2, lvl2 = walk_s2(
-            pages, mem_size, s2_ttb, ipa, s2_ia_bits, s2_start, s2_oa_bits, write, s2_affd
+        if ipa >> s2_ia_bits:
+            return F_TRANSLATION, 0, 0, refs, 0, s2_start, 1, ipa, CLASS_IN
+        st, pa, shift2, r2, prot2, lvl2 = _s2(
+            pages, words, mem_size, s2_ttb, ipa, s2_ia_bits, s2_start, s2_oa_bits, write,
+            s2_affd,
         )
         refs += r2
         if st != OK:
             return st, pa, 0, refs, prot & prot2, lvl2, 1, ipa, CLASS_IN
         # A combined TLB entry covers the smaller of the two pages.
-        return OK, pa, min(shift, shift2), refs, prot & prot2, level, 0, 0, CLASS_IN
+        return OK, pa, shift if shift < shift2 else shift2, refs, prot & prot2, level, 0, 0, \
+            CLASS_IN
+
+
+def bench_s1(
+    pages: Pages, mem_size: int, ttb: int, vas: list[int], ia_bits: int, rounds: int
+) -> int:
+    """Benchmark driver: ``rounds`` passes of stage-1 read walks over ``vas`` in this module's
+    own loop (compiled, like a C reference's); returns how many succeeded."""
+    ok = 0
+    for _ in range(rounds):
+        for va in vas:
+            res = walk_s1(pages, mem_size, ttb, va, ia_bits, 48, False, False, False, False,
+                          0, 0, 0, 0, False)
+            if res[0] == OK:
+                ok += 1
+    return ok
+
+
+def bench_nested(
+    pages: Pages, mem_size: int, ttb: int, s2_ttb: int, vas: list[int], ia_bits: int,
+    rounds: int,
+) -> int:
+    """Benchmark driver: :func:`bench_s1` for nested walks (stage 2 at level 0, 48 bits)."""
+    ok = 0
+    for _ in range(rounds):
+        for va in vas:
+            res = walk_s1(pages, mem_size, ttb, va, ia_bits, 48, False, False, False, True,
+                          s2_ttb, 48, 0, 48, False)
+            if res[0] == OK:
+                ok += 1
+    return ok
