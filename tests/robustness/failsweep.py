@@ -105,8 +105,8 @@ def hw_state(hw: IommuHw) -> Any:
     return freeze(hw)
 
 
-def _kernel_frames(machine: Any) -> dict[int, int]:
-    """Hash of every materialised frame that no user mapping or memfd holds."""
+def _user_frames(machine: Any) -> set[int]:
+    """Frames a user mapping or a memfd holds (they may fault in during a failed call)."""
     from iommufd_model.core.process import MemFile
 
     user: set[int] = set()
@@ -115,8 +115,21 @@ def _kernel_frames(machine: Any) -> dict[int, int]:
         for f in proc.files.values():
             if isinstance(f, MemFile):
                 user.update(f._pfns.values())
-    pages = machine.memory._pages
-    return {pfn: hash(bytes(page)) for pfn, page in pages.items() if pfn not in user}
+    return user
+
+
+def _kernel_frames(machine: Any) -> dict[int, tuple[int, int]]:
+    """Every frame no user mapping or memfd holds: its references and (once written) the hash
+    of its bytes. A failed call that allocated a table or queue frame and kept it shows here
+    even when the frame was never written."""
+    user = _user_frames(machine)
+    mem = machine.memory
+    pages = mem._pages
+    out = {pfn: (n, 0) for pfn, n in mem._refs.items() if pfn not in user}
+    for pfn, page in pages.items():
+        if pfn not in user:
+            out[pfn] = (mem._refs.get(pfn, 0), hash(bytes(page)))
+    return out
 
 
 def _model_state(fd: IommuFd) -> dict[int, Any]:

@@ -82,12 +82,11 @@ class IdAllocator:
     def __init__(self, limit: int = MAX_DOMAIN_ID) -> None:
         self.limit = limit
         self.used: set[int] = set()
-        self._next = 1
 
     def alloc(self) -> int:
-        for _ in range(self.limit):
-            cand = self._next
-            self._next = self._next + 1 if self._next + 1 < self.limit else 1
+        """The lowest free ID, as ``ida_alloc_range()`` gives it (no cursor: an ID freed
+        again leaves the allocator exactly as it was); -1 when all are taken."""
+        for cand in range(1, self.limit):
             if cand not in self.used:
                 self.used.add(cand)
                 return cand
