@@ -6,8 +6,9 @@ zeros without allocating storage, so a machine can have terabytes of address spa
 A frame is a :data:`Frame`, mypyc's native ``vec[i64]`` of 512 little-endian 64-bit words
 (librt): compiled table walkers read an entry with one bounds-checked C array load (about 3 ns;
 a ``memoryview`` word costs 24-40 ns, which capped walks near 6 M/s however tight the rest).
-Its buffer is read-only, so bytes leave a frame as zero-copy views and enter it by item stores
-(a few words) or by building a new frame from the source buffer (one ``memcpy``-speed copy).
+Its buffer is read-only to Python, so bytes leave a frame as zero-copy views and enter it by
+item stores: a few words from here, whole frames through the compiled ``frame_copy`` (or, in the
+pure build, by building new frames from the source buffer in C).
 Frames live in :class:`Frames`, the dict pfn -> frame that the walkers index, with a two-level
 list beside it for the walkers' lookups.
 """
