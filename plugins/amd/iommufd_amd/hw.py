@@ -385,17 +385,10 @@ class AmdIommu(IommuHw):
         if cached is None:
             return None
         dte, why = cached
-        if not dte.v or why or not dte.tv:
-            return None
-        if pasid is not None:
-            if not dte.gv:
-                return None
-            tag = _tag(dte, pasid)
-        elif dte.gv and dte.giov:
-            tag = _tag(dte, 0)
-        elif dte.mode:
-            tag = _tag(dte, NO_PASID)
-        else:
+        if not dte.v or why or not dte.tv or (pasid is not None and not dte.gv):
+            return None  # what lookup() refuses or passes untranslated never reaches the IOTLB
+        tag = _iotlb_tag(dte, pasid)
+        if tag is None:
             return None
         return self.iotlb, tag, (IOMMU_WRITE | _DIRTY_DONE) if write else IOMMU_READ
 
@@ -419,26 +412,22 @@ class AmdIommu(IommuHw):
                         address=iova), f"illegal DTE: {why}")
         if not dte.tv:
             raise self._page_fault(dte, devid, iova, pasid, gn_flags, "blocked: DTE TV=0")
-        if pasid is not None:
-            if not dte.gv:
-                raise TranslationError(
-                    E.Event(E.INVALID_DEVICE_REQUEST, devid=devid, tag=pasid, flags=gn_flags,
-                            address=iova), "PASID request to a DTE without GV")
-            guest = True
-            p = pasid
-        else:
-            guest = dte.gv and dte.giov
-            p = 0
+        if pasid is not None and not dte.gv:
+            raise TranslationError(
+                E.Event(E.INVALID_DEVICE_REQUEST, devid=devid, tag=pasid, flags=gn_flags,
+                        address=iova), "PASID request to a DTE without GV")
         # DTE IR/IW gate requests without PASID; PASID requests answer to their tables only.
         dte_prot = (IOMMU_READ if dte.ir else 0) | (IOMMU_WRITE if dte.iw else 0)
         if pasid is not None:
             dte_prot = IOMMU_READ | IOMMU_WRITE
-        if not guest and dte.mode == 0:
+        tag = _iotlb_tag(dte, pasid)
+        if tag is None:
             # Translation disabled: the DTE's IR/IW alone decide.
             if not dte_prot & (IOMMU_WRITE if write else IOMMU_READ):
                 raise self._page_fault(dte, devid, iova, pasid, gn_flags | E.F_PE, "permission")
             return iova, page_run(iova)
-        tag = _tag(dte, p if guest else NO_PASID)
+        guest = tag[1] != NO_PASID  # through the guest (v2) tables of PASID p
+        p = tag[1] if guest else 0
         iotlb = self.iotlb
         stats = self.stats
         hit = iotlb.lookup(tag, iova)
@@ -539,9 +528,17 @@ def _guest_tag_of(tag: Hashable, domid: int) -> bool:
     return isinstance(tag, tuple) and tag[0] == domid and tag[1] != NO_PASID
 
 
-def _tag(dte: Dte, pasid: int) -> Hashable:
-    """The IOTLB tag of a translation: DomainID and PASID (``NO_PASID`` for the host table)."""
-    return dte.domain_id, pasid
+def _iotlb_tag(dte: Dte, pasid: int | None) -> tuple[int, int] | None:
+    """The IOTLB tag of a request the DTE accepts: DomainID and the PASID whose guest (v2)
+    tables translate it, or ``NO_PASID`` for the host (v1) table; None when the DTE translates
+    nothing (no guest tables, Mode 0)."""
+    if pasid is not None:
+        return dte.domain_id, pasid
+    if dte.gv and dte.giov:
+        return dte.domain_id, 0  # GIOV: requests without PASID use PASID 0's tables
+    if dte.mode:
+        return dte.domain_id, NO_PASID
+    return None
 
 
 def _rw(write: bool) -> int:
