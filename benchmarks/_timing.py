@@ -63,8 +63,7 @@ def c_reference(
     tmp = Path(tempfile.mkdtemp())
     (tmp / "walk.c").write_text(source)
     lib = tmp / "walk.so"
-    subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(lib), str(tmp / "walk.c")],
-                   check=True)
+    subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(lib), str(tmp / "walk.c")], check=True)
     dll = ctypes.CDLL(str(lib))
     dll.bench.restype = ctypes.c_uint64
     top = (max(mem._pages) + 1) << PAGE_SHIFT

@@ -148,8 +148,12 @@ def machine_rates() -> tuple[float, float, float]:
     va = proc.mmap(BURST * 4096)
     fd.ioas_map(ioas, va, BURST * 4096, iova=1 << 40)
     hw.translate_run(dev, 1 << 40, BURST * 4096, None, False)
-    burst_rate = own_loop(lambda r: sum(len(hw.translate_run(dev, 1 << 40, BURST * 4096, None,
-                                                             False)) for _ in range(r)), BURST)
+    burst_rate = own_loop(
+        lambda r: sum(
+            len(hw.translate_run(dev, 1 << 40, BURST * 4096, None, False)) for _ in range(r)
+        ),
+        BURST,
+    )
     return miss_rate, hit_rate, burst_rate
 
 
@@ -177,14 +181,19 @@ def run() -> dict[str, float]:
             lambda gva, n=nested, x=x86: n(gva, False, x.walk_x86), gvas
         )
         figures[f"v1 single-stage walk, own loop ({name})"] = own_loop(
-            lambda r, w=w: w.bench_v1(pages, size, pt.root, 4, iovas, r), len(iovas))
+            lambda r, w=w: w.bench_v1(pages, size, pt.root, 4, iovas, r), len(iovas)
+        )
         figures[f"2-D nested walk (29 refs), own loop ({name})"] = own_loop(
-            lambda r, w=w, x=x86: w.bench_nested(npages, nsize, host.root, 4, gcr3.root, 4,
-                                                 gvas, r, x.walk_x86), len(gvas))
+            lambda r, w=w, x=x86: w.bench_nested(
+                npages, nsize, host.root, 4, gcr3.root, 4, gvas, r, x.walk_x86
+            ),
+            len(gvas),
+        )
     hmem, hpt, hot = hot_table()
     for name, w, _x86 in walkers():
         figures[f"v1 single-stage walk, hot tables, own loop ({name})"] = own_loop(
-            lambda r, w=w: w.bench_v1(hmem._pages, hmem.size, hpt.root, 4, hot, r), len(hot))
+            lambda r, w=w: w.bench_v1(hmem._pages, hmem.size, hpt.root, 4, hot, r), len(hot)
+        )
     c_hot = c_reference(C_WALK, hmem, hpt.root, 4, hot)
     if c_hot is not None:
         figures["v1 single-stage walk, hot tables, own loop (C reference, cc -O2)"] = c_hot
@@ -204,10 +213,13 @@ def ratios(figures: dict[str, float]) -> list[str]:
         comp = figures.get(f"v1 single-stage walk, {how} (compiled)")
         pure = figures[f"v1 single-stage walk, {how} (pure)"]
         if comp:
-            nested = (figures[f"2-D nested walk (29 refs), {how} (compiled)"]
-                      / figures[f"2-D nested walk (29 refs), {how} (pure)"])
-            out.append(f"compiled / pure, {how}: single-stage {comp / pure:.1f}x, "
-                       f"nested {nested:.1f}x")
+            nested = (
+                figures[f"2-D nested walk (29 refs), {how} (compiled)"]
+                / figures[f"2-D nested walk (29 refs), {how} (pure)"]
+            )
+            out.append(
+                f"compiled / pure, {how}: single-stage {comp / pure:.1f}x, nested {nested:.1f}x"
+            )
     for kind in ("", "hot tables, "):
         c = figures.get(f"v1 single-stage walk, {kind}own loop (C reference, cc -O2)")
         comp = figures.get(f"v1 single-stage walk, {kind}own loop (compiled)")
@@ -215,8 +227,10 @@ def ratios(figures: dict[str, float]) -> list[str]:
         if c is None:
             out.append("C reference skipped: no C compiler (cc/gcc) found")
         elif comp:
-            out.append(f"{kind or 'spread tables, '}own loops: C / compiled {c / comp:.1f}x, "
-                       f"compiled / pure {comp / pure:.1f}x")
+            out.append(
+                f"{kind or 'spread tables, '}own loops: C / compiled {c / comp:.1f}x, "
+                f"compiled / pure {comp / pure:.1f}x"
+            )
     return out
 
 

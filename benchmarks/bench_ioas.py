@@ -135,7 +135,8 @@ def memory_per_page(driver: str | None, quick: bool) -> dict[str, float]:
     before = tracemalloc.get_traced_memory()[0]
     rig.map(va, n * 4096, GIB)
     out["heap per page, one area of 4 KiB pages: bytes"] = (
-        tracemalloc.get_traced_memory()[0] - before) / n
+        tracemalloc.get_traced_memory()[0] - before
+    ) / n
     tracemalloc.stop()
     m = n // 16
     rig = Rig(driver)

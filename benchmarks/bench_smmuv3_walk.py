@@ -98,10 +98,11 @@ def walkers(name: str, walker: ModuleType) -> dict[str, float]:
         f"stage-1 walk, per call ({name})": rate(stage1, iovas),
         f"nested walk, per call ({name})": rate(nested, iovas),
         f"stage-1 walk, own loop ({name})": own_loop(
-            lambda r: walker.bench_s1(pages, size, flat.root, iovas, 48, r), len(iovas)),
+            lambda r: walker.bench_s1(pages, size, flat.root, iovas, 48, r), len(iovas)
+        ),
         f"nested walk, own loop ({name})": own_loop(
-            lambda r: walker.bench_nested(pages, size, s1.root, s2.root, iovas, 48, r),
-            len(iovas)),
+            lambda r: walker.bench_nested(pages, size, s1.root, s2.root, iovas, 48, r), len(iovas)
+        ),
     }
     if name == "compiled":
         c = c_reference(C_WALK, mem, flat.root, 48, iovas)
@@ -124,8 +125,11 @@ def tlb_hits() -> dict[str, float]:
     return {
         "hw translate, TLB hit": rate(lambda iova: hw.translate(dev, iova, None, False), iovas),
         f"hw translate_run, TLB hits in a {BURST}-page burst": own_loop(
-            lambda r: sum(len(hw.translate_run(dev, 0, BURST * 4096, None, False))
-                          for _ in range(r)), BURST),
+            lambda r: sum(
+                len(hw.translate_run(dev, 0, BURST * 4096, None, False)) for _ in range(r)
+            ),
+            BURST,
+        ),
     }
 
 
@@ -144,12 +148,16 @@ def main() -> None:
     width = max(map(len, figures))
     for key, value in figures.items():
         print(f"{key:<{width}}  {value:>14,.0f}")
-    comp, pure = figures.get("stage-1 walk, own loop (compiled)"), figures[
-        "stage-1 walk, own loop (pure)"]
+    comp, pure = (
+        figures.get("stage-1 walk, own loop (compiled)"),
+        figures["stage-1 walk, own loop (pure)"],
+    )
     c_ref = figures.get("stage-1 walk, own loop (C reference, cc -O2)")
     if comp:
-        print(f"own loops: compiled / pure {comp / pure:.1f}x"
-              + (f", C / compiled {c_ref / comp:.1f}x" if c_ref else ""))
+        print(
+            f"own loops: compiled / pure {comp / pure:.1f}x"
+            + (f", C / compiled {c_ref / comp:.1f}x" if c_ref else "")
+        )
 
 
 if __name__ == "__main__":

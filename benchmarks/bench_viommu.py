@@ -62,8 +62,10 @@ def main() -> None:
     ap.add_argument("--invalidations", type=int, default=10_000)
     n = ap.parse_args().invalidations
     print(f"{n} rounds of guest map + DMA + unmap + invalidate (one invalidation each)")
-    print(f"{'driver':<12}{'path':<14}{'traps/inv':>10}{'fwd/inv':>9}{'hw cmds/inv':>13}"
-          f"{'inv/s':>10}{'seconds':>9}")
+    print(
+        f"{'driver':<12}{'path':<14}{'traps/inv':>10}{'fwd/inv':>9}{'hw cmds/inv':>13}"
+        f"{'inv/s':>10}{'seconds':>9}"
+    )
     for driver in sorted(default_registry().drivers):
         rates: dict[str, float] = {}
         for name, acc in PATHS:
@@ -73,12 +75,16 @@ def main() -> None:
                 print(f"{driver:<12}{name:<14}  unsupported: {errno_name(e.errno or 0)}")
                 continue
             rates[name] = r["rate"]
-            print(f"{driver:<12}{name:<14}{r['traps']:>10.2f}{r['forwarded']:>9.2f}"
-                  f"{r['hw_commands']:>13.2f}{r['rate']:>10.0f}{r['seconds']:>9.2f}")
+            print(
+                f"{driver:<12}{name:<14}{r['traps']:>10.2f}{r['forwarded']:>9.2f}"
+                f"{r['hw_commands']:>13.2f}{r['rate']:>10.0f}{r['seconds']:>9.2f}"
+            )
         if len(rates) == 2:
-            print(f"{driver:<12}accelerated / mediated throughput: "
-                  f"{rates['accelerated'] / rates['VMM-mediated']:.2f}x "
-                  "(model time only: a real trap also costs a VM exit and a syscall)")
+            print(
+                f"{driver:<12}accelerated / mediated throughput: "
+                f"{rates['accelerated'] / rates['VMM-mediated']:.2f}x "
+                "(model time only: a real trap also costs a VM exit and a syscall)"
+            )
 
 
 if __name__ == "__main__":

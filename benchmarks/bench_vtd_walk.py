@@ -126,17 +126,25 @@ def run() -> dict[str, float]:
         if compiled and not is_compiled(vtd[True]):
             continue
         name = "compiled" if compiled else "pure"
-        for label, make in (("first-stage x86-64 walk", first_stage),
-                            ("second-stage walk", second_stage), ("nested walk", nested)):
+        for label, make in (
+            ("first-stage x86-64 walk", first_stage),
+            ("second-stage walk", second_stage),
+            ("nested walk", nested),
+        ):
             figures[f"{label}, per call ({name})"] = rate(make(compiled), range(N))
         fs_walk = x86[compiled].walk_x86
         figures[f"first-stage x86-64 walk, own loop ({name})"] = own_loop(
-            lambda r, c=compiled: x86[c].walk_many(pages, size, fs.root, addrs, 4, r), 256)
+            lambda r, c=compiled: x86[c].walk_many(pages, size, fs.root, addrs, 4, r), 256
+        )
         figures[f"second-stage walk, own loop ({name})"] = own_loop(
-            lambda r, c=compiled: vtd[c].bench_ss(pages, size, s2.root, addrs, 4, r), 256)
+            lambda r, c=compiled: vtd[c].bench_ss(pages, size, s2.root, addrs, 4, r), 256
+        )
         figures[f"nested walk, own loop ({name})"] = own_loop(
             lambda r, c=compiled, f=fs_walk: vtd[c].bench_nested(
-                f, pages, size, s1.root, addrs, 4, s2.root, 4, r), 256)
+                f, pages, size, s1.root, addrs, 4, s2.root, 4, r
+            ),
+            256,
+        )
 
     c_ref = c_reference(C_WALK, mem, fs.root, 4, addrs)
     if c_ref is not None:
@@ -160,8 +168,11 @@ def run() -> dict[str, float]:
     fd.ioas_map(ioas, proc.mmap(BURST << 12), BURST << 12, iova=1 << 32)
     hw.translate_run(dev, 1 << 32, BURST << 12, None, False)
     figures[f"hw translate_run, IOTLB hits in a {BURST}-page burst"] = own_loop(
-        lambda r: sum(len(hw.translate_run(dev, 1 << 32, BURST << 12, None, False))
-                      for _ in range(r)), BURST)
+        lambda r: sum(
+            len(hw.translate_run(dev, 1 << 32, BURST << 12, None, False)) for _ in range(r)
+        ),
+        BURST,
+    )
     return figures
 
 

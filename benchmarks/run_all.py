@@ -20,27 +20,59 @@ QUICK = "--quick" in sys.argv
 
 # (benchmark, figure, target, higher is better, what the target is)
 TARGETS = [
-    ("bench_vtd_walk", "first-stage x86-64 walk, own loop (compiled)", 5e6, True,
-     "compiled single-stage walk >= 5 M/s"),
-    ("bench_amd_walk", "v1 single-stage walk, own loop (compiled)", 5e6, True,
-     "compiled single-stage walk >= 5 M/s"),
-    ("bench_amd_walk", "2-D nested walk (29 refs), own loop (compiled)", 1e6, True,
-     "nested walk >= 1 M/s"),
+    (
+        "bench_vtd_walk",
+        "first-stage x86-64 walk, own loop (compiled)",
+        5e6,
+        True,
+        "compiled single-stage walk >= 5 M/s",
+    ),
+    (
+        "bench_amd_walk",
+        "v1 single-stage walk, own loop (compiled)",
+        5e6,
+        True,
+        "compiled single-stage walk >= 5 M/s",
+    ),
+    (
+        "bench_amd_walk",
+        "2-D nested walk (29 refs), own loop (compiled)",
+        1e6,
+        True,
+        "nested walk >= 1 M/s",
+    ),
     ("bench_vtd_walk", "nested walk, own loop (compiled)", 1e6, True, "nested walk >= 1 M/s"),
-    ("bench_smmuv3_walk", "stage-1 walk, own loop (compiled)", 5e6, True,
-     "compiled single-stage walk >= 5 M/s"),
-    ("bench_smmuv3_walk", "nested walk, own loop (compiled)", 1e6, True,
-     "nested walk >= 1 M/s"),
-    ("bench_amd_walk", "hw translate_run, IOTLB hits in a 2048-page burst", 10e6, True,
-     "IOTLB hit >= 10 M/s (DMA burst)"),
-    ("bench_vtd_walk", "hw translate_run, IOTLB hits in a 2048-page burst", 10e6, True,
-     "IOTLB hit >= 10 M/s (DMA burst)"),
-    ("bench_smmuv3_walk", "hw translate_run, TLB hits in a 2048-page burst", 10e6, True,
-     "IOTLB hit >= 10 M/s (DMA burst)"),
-    ("bench_amd_walk", "hw translate, IOTLB hit", 10e6, True,
-     "IOTLB hit >= 10 M/s (one call)"),
-    ("bench_vtd_walk", "hw translate, IOTLB hit", 10e6, True,
-     "IOTLB hit >= 10 M/s (one call)"),
+    (
+        "bench_smmuv3_walk",
+        "stage-1 walk, own loop (compiled)",
+        5e6,
+        True,
+        "compiled single-stage walk >= 5 M/s",
+    ),
+    ("bench_smmuv3_walk", "nested walk, own loop (compiled)", 1e6, True, "nested walk >= 1 M/s"),
+    (
+        "bench_amd_walk",
+        "hw translate_run, IOTLB hits in a 2048-page burst",
+        10e6,
+        True,
+        "IOTLB hit >= 10 M/s (DMA burst)",
+    ),
+    (
+        "bench_vtd_walk",
+        "hw translate_run, IOTLB hits in a 2048-page burst",
+        10e6,
+        True,
+        "IOTLB hit >= 10 M/s (DMA burst)",
+    ),
+    (
+        "bench_smmuv3_walk",
+        "hw translate_run, TLB hits in a 2048-page burst",
+        10e6,
+        True,
+        "IOTLB hit >= 10 M/s (DMA burst)",
+    ),
+    ("bench_amd_walk", "hw translate, IOTLB hit", 10e6, True, "IOTLB hit >= 10 M/s (one call)"),
+    ("bench_vtd_walk", "hw translate, IOTLB hit", 10e6, True, "IOTLB hit >= 10 M/s (one call)"),
 ]
 
 
@@ -59,14 +91,15 @@ def run_one(path: Path) -> tuple[dict[str, float] | None, str]:
         f"    kw = {quick!r} if 'quick' in inspect.signature(r).parameters else {{}}\n"
         "    print('@@FIGURES' + json.dumps(r(**kw)))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=1800)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=1800
+    )
     out = proc.stdout
     if proc.returncode:
         return None, f"skipped: {proc.stderr.strip().splitlines()[-1:]}"
     for line in out.splitlines():
         if line.startswith("@@FIGURES"):
-            return json.loads(line[len("@@FIGURES"):]), out.split("@@FIGURES")[0]
+            return json.loads(line[len("@@FIGURES") :]), out.split("@@FIGURES")[0]
     return None, out.replace("@@NOFIGURES", "").rstrip()
 
 
@@ -106,24 +139,32 @@ def main() -> None:
     c_ref = amd.get("v1 single-stage walk, own loop (C reference, cc -O2)")
     if comp and pure:
         ratio = comp / pure
-        print(f"  {'compiled >= 8x pure (AMD v1, own loops)':<40} {ratio:.1f}x  "
-              f"{'MET' if ratio >= 8 else 'not met'}")
+        print(
+            f"  {'compiled >= 8x pure (AMD v1, own loops)':<40} {ratio:.1f}x  "
+            f"{'MET' if ratio >= 8 else 'not met'}"
+        )
     if comp and c_ref:
         ratio = c_ref / comp
-        print(f"  {'within 10x of C (AMD v1, own loops)':<40} {ratio:.1f}x  "
-              f"{'MET' if ratio <= 10 else 'not met'}")
+        print(
+            f"  {'within 10x of C (AMD v1, own loops)':<40} {ratio:.1f}x  "
+            f"{'MET' if ratio <= 10 else 'not met'}"
+        )
     elif comp:
         print("  within 10x of C: C reference skipped (no C compiler)")
     ioas = results.get("bench_ioas", {})
     for key, value in ioas.items():
         if key.endswith("in 4 KiB pages: s") and "no device" not in key:
-            print(f"  {'map of 1 GiB in 4 KiB pages < 1 s':<40} {key}: {value:.2f} s  "
-                  f"{'MET' if value < 1 and '1 GiB' in key else 'not met'}")
+            print(
+                f"  {'map of 1 GiB in 4 KiB pages < 1 s':<40} {key}: {value:.2f} s  "
+                f"{'MET' if value < 1 and '1 GiB' in key else 'not met'}"
+            )
     dma = results.get("bench_dma", {})
     for key, value in dma.items():
         if "ratio" in key and ("2 MiB pages" in key or "1024 MiB pages" in key):
-            print(f"  {'DMA of large buffers >= 30% of a copy':<40} {key}: {value:.2f}  "
-                  f"{'MET' if value >= 0.3 else 'not met'}")
+            print(
+                f"  {'DMA of large buffers >= 30% of a copy':<40} {key}: {value:.2f}  "
+                f"{'MET' if value >= 0.3 else 'not met'}"
+            )
 
 
 if __name__ == "__main__":

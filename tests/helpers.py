@@ -268,8 +268,11 @@ def check_invariants(fd: IommuFd) -> None:
         assert live.get(fd.vfio_ioas.id) is fd.vfio_ioas
     refs = fd.machine.memory._refs
     want = expected_frame_refs(fd.machine)
-    wrong = {p: (refs.get(p), want.get(p)) for p in refs.keys() | want.keys()
-             if refs.get(p) != want.get(p)}
+    wrong = {
+        p: (refs.get(p), want.get(p))
+        for p in refs.keys() | want.keys()
+        if refs.get(p) != want.get(p)
+    }
     assert not wrong, f"frame refcounts (have, explained by PTEs + files + pins): {wrong}"
 
 

@@ -1,4 +1,4 @@
-"""The framework stays ruff-clean and ``mypy --strict`` clean: checked with the suite.
+"""The tree stays ruff-clean (lint and format) and ``mypy --strict`` clean: checked with the suite.
 
 Both tools come with the test extras, so a missing tool is a failure, not a skip.
 """
@@ -20,6 +20,12 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_ruff_clean() -> None:
     res = _run("ruff", "check", ".")
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_ruff_format_clean() -> None:
+    # One formatting for the whole tree, so diffs show changes of substance only.
+    res = _run("ruff", "format", "--check", ".")
     assert res.returncode == 0, res.stdout + res.stderr
 
 

@@ -92,16 +92,21 @@ def _select(names: list[str] | None, known: Sequence[str], what: str) -> list[st
         return list(known)
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise SystemExit(f"iommufd-model: unknown {what}(s): {', '.join(unknown)}"
-                         f" (known: {', '.join(known)})")
+        raise SystemExit(
+            f"iommufd-model: unknown {what}(s): {', '.join(unknown)} (known: {', '.join(known)})"
+        )
     return [n for n in known if n in names]
 
 
 def _jobs(value: str) -> int:
     """``-n auto`` (one process per CPU this process may use) or ``-n N``."""
     if value == "auto":
-        return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                   else os.cpu_count() or 1)
+        return max(
+            1,
+            len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else os.cpu_count() or 1,
+        )
     try:
         n = int(value)
     except ValueError:
@@ -114,14 +119,26 @@ def _jobs(value: str) -> int:
 # -- the report: one Matrix, rendered as a text table, JSON and a self-contained HTML page ----
 CELL = {PASS: "pass", FAIL: "FAIL", UNSUPPORTED: "unsupported"}
 # The costs a table cell shows, compactly, with their one-letter units (all are in --json).
-COMPACT = (("traps", "t"), ("walk_mem_refs", "w"), ("iotlb_hits", "h"), ("iotlb_misses", "m"),
-           ("commands", "c"))
-LEGEND = ("costs: t VMM traps, w page-walk memory references, h/m IOTLB hits/misses, "
-          "c commands processed, ms wall time (all summed over the cell's machines)")
+COMPACT = (
+    ("traps", "t"),
+    ("walk_mem_refs", "w"),
+    ("iotlb_hits", "h"),
+    ("iotlb_misses", "m"),
+    ("commands", "c"),
+)
+LEGEND = (
+    "costs: t VMM traps, w page-walk memory references, h/m IOTLB hits/misses, "
+    "c commands processed, ms wall time (all summed over the cell's machines)"
+)
 # What the HTML chart plots: one panel per cost, a bar per driver per scenario.
-CHART = (("traps", "VMM traps"), ("walk_mem_refs", "page-walk memory refs"),
-         ("iotlb_hits", "IOTLB hits"), ("iotlb_misses", "IOTLB misses"),
-         ("commands", "commands processed"), ("wall_ms", "wall time (ms)"))
+CHART = (
+    ("traps", "VMM traps"),
+    ("walk_mem_refs", "page-walk memory refs"),
+    ("iotlb_hits", "IOTLB hits"),
+    ("iotlb_misses", "IOTLB misses"),
+    ("commands", "commands processed"),
+    ("wall_ms", "wall time (ms)"),
+)
 PALETTE = ("#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf")
 
 
@@ -167,8 +184,11 @@ def cell_text(r: ScenarioResult) -> str:
 
 
 def reasons(m: Matrix) -> list[str]:
-    return [f"{r.scenario} @ {r.driver}: {CELL[r.status]}: {r.detail}"
-            for r in m.cells.values() if r.status != PASS]
+    return [
+        f"{r.scenario} @ {r.driver}: {CELL[r.status]}: {r.detail}"
+        for r in m.cells.values()
+        if r.status != PASS
+    ]
 
 
 def render_table(m: Matrix) -> str:
@@ -213,9 +233,11 @@ def render_svg(m: Matrix) -> str:
     height = top + group * len(m.scenarios) + 30
     width = label_w + panel_w * len(CHART) + 10
     colour = {d: PALETTE[i % len(PALETTE)] for i, d in enumerate(m.drivers)}
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" id="costs" width="{width}" '
-           f'height="{height}" viewBox="0 0 {width} {height}" role="img">',
-           "<title>costs per vendor per scenario</title>"]
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" id="costs" width="{width}" '
+        f'height="{height}" viewBox="0 0 {width} {height}" role="img">',
+        "<title>costs per vendor per scenario</title>",
+    ]
     for i, s in enumerate(m.scenarios):
         y = top + i * group + group / 2
         out.append(f'<text x="{label_w - 6}" y="{y:.0f}" text-anchor="end">{esc(s.name)}</text>')
@@ -234,9 +256,11 @@ def render_svg(m: Matrix) -> str:
                 v = _chart_value(r, key)
                 w = (panel_w - 12) * v / peak
                 y = top + i * group + j * bar
-                out.append(f'<rect x="{x0 + 1}" y="{y}" width="{w:.1f}" height="{bar - 1}" '
-                           f'fill="{colour[d]}"><title>{esc(s.name)} @ {esc(d)}: {title} '
-                           f'{v:,.0f}</title></rect>')
+                out.append(
+                    f'<rect x="{x0 + 1}" y="{y}" width="{w:.1f}" height="{bar - 1}" '
+                    f'fill="{colour[d]}"><title>{esc(s.name)} @ {esc(d)}: {title} '
+                    f"{v:,.0f}</title></rect>"
+                )
     for j, d in enumerate(m.drivers):
         x = label_w + j * 110
         out.append(f'<rect x="{x}" y="{height - 20}" width="10" height="10" fill="{colour[d]}"/>')
@@ -254,12 +278,15 @@ def render_html(m: Matrix) -> str:
         for d in m.drivers:
             r = m.cell(s.name, d)
             costs = cell_text(r).split(" ", 1)[1] if r.status != UNSUPPORTED else esc(r.detail)
-            tds.append(f'<td class="{r.status}" data-scenario="{esc(s.name)}" '
-                       f'data-driver="{esc(d)}" data-status="{r.status}">'
-                       f'<span class="st">{CELL[r.status]}</span>'
-                       f'<span class="costs">{costs}</span></td>')
-        rows.append(f'<tr><th scope="row" title="{esc(s.doc)}">{esc(s.name)}</th>'
-                    f'{"".join(tds)}</tr>')
+            tds.append(
+                f'<td class="{r.status}" data-scenario="{esc(s.name)}" '
+                f'data-driver="{esc(d)}" data-status="{r.status}">'
+                f'<span class="st">{CELL[r.status]}</span>'
+                f'<span class="costs">{costs}</span></td>'
+            )
+        rows.append(
+            f'<tr><th scope="row" title="{esc(s.doc)}">{esc(s.name)}</th>{"".join(tds)}</tr>'
+        )
     notes = "".join(f"<li>{esc(n)}</li>" for n in reasons(m)) or "<li>none</li>"
     docs = "".join(f"<dt>{esc(s.name)}</dt><dd>{esc(s.doc)}</dd>" for s in m.scenarios)
     return f"""<!DOCTYPE html>
@@ -300,7 +327,10 @@ def _run_cell(scenario: str, driver: str) -> ScenarioResult:
 
 
 def run_cells(
-    scenarios: list[str], drivers: list[str], reg: DriverRegistry, jobs: int = 1,
+    scenarios: list[str],
+    drivers: list[str],
+    reg: DriverRegistry,
+    jobs: int = 1,
     progress: _Progress | None = None,
 ) -> dict[tuple[str, str], ScenarioResult]:
     """Every (scenario, driver) cell, serially or in ``jobs`` processes; same results."""
@@ -381,12 +411,20 @@ def build_parser() -> argparse.ArgumentParser:
     p_matrix.add_argument("--scenario", action="append", metavar="NAME", help="only this one")
     p_matrix.add_argument("--driver", action="append", metavar="NAME", help="only this one")
     p_matrix.add_argument(
-        "--json", nargs="?", const="-", default=argparse.SUPPRESS, metavar="FILE",
+        "--json",
+        nargs="?",
+        const="-",
+        default=argparse.SUPPRESS,
+        metavar="FILE",
         help="all cells and costs as JSON, to FILE (the table still prints) or to stdout",
     )
     p_matrix.add_argument("--html", metavar="FILE", help="write a self-contained HTML report")
     p_matrix.add_argument(
-        "-n", dest="jobs", type=_jobs, default=1, metavar="auto|N",
+        "-n",
+        dest="jobs",
+        type=_jobs,
+        default=1,
+        metavar="auto|N",
         help="run cells in N worker processes (auto: one per CPU); default 1",
     )
     p_matrix.set_defaults(func=_cmd_matrix)

@@ -403,7 +403,9 @@ def test_map_pages_falls_back_to_a_map_per_page() -> None:
     calls.append(("map", 0, 0))  # the next map call is the third: it fails
     assert errno_of(lambda: adapter.map_pages(0x20000, 0x60000, PAGE_SIZE, 4, RW)) == errno.ENOMEM
     assert calls[1:] == [
-        ("map", 0x20000, PAGE_SIZE), ("map", 0x21000, PAGE_SIZE), ("unmap", 0x20000, PAGE_SIZE)
+        ("map", 0x20000, PAGE_SIZE),
+        ("map", 0x21000, PAGE_SIZE),
+        ("unmap", 0x20000, PAGE_SIZE),
     ]
 
 

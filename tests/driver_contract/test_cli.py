@@ -59,9 +59,16 @@ def test_matrix_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert out.splitlines()[0].split() == ["scenario", "mock"]
     rows = {sc: status for (sc, _), status in parse_table(out).items()}
     assert list(rows) == list(SCENARIOS)
-    for name in ("paging_dma", "replace_under_dma", "pasid_side_by_side", "dirty_tracking",
-                 "teardown_orders", "nested_alloc", "viommu_vdevice_lifetime",
-                 "hwpt_invalidate"):
+    for name in (
+        "paging_dma",
+        "replace_under_dma",
+        "pasid_side_by_side",
+        "dirty_tracking",
+        "teardown_orders",
+        "nested_alloc",
+        "viommu_vdevice_lifetime",
+        "hwpt_invalidate",
+    ):
         assert rows[name] == "pass"
     if MockDriver().driver_info().veventq_types:
         assert rows["veventq_alloc"] == "pass"
@@ -79,7 +86,9 @@ def test_matrix_json_and_filters(capsys: pytest.CaptureFixture[str]) -> None:
     data = json.loads(capsys.readouterr().out)
     cells = data["cells"]
     assert [(c["scenario"], c["status"]) for c in cells] == [
-        ("paging_dma", "pass"), ("hw_queue_alloc", "unsupported")]  # UntypedMock: not declared
+        ("paging_dma", "pass"),
+        ("hw_queue_alloc", "unsupported"),
+    ]  # UntypedMock: not declared
     assert set(data["cost_keys"]) == {*cells[0]["costs"], "wall_s"}
     for key in ("traps", "walk_mem_refs", "iotlb_hits", "iotlb_misses", "commands"):
         assert key in cells[0]["costs"]
@@ -109,8 +118,9 @@ class UntypedMock(TypedMock):
 
     @hookimpl
     def driver_info(self) -> DriverInfo:
-        return attrs.evolve(TypedMock.driver_info(self), veventq_types=frozenset(),
-                            hw_queue_types=frozenset())
+        return attrs.evolve(
+            TypedMock.driver_info(self), veventq_types=frozenset(), hw_queue_types=frozenset()
+        )
 
 
 def test_driver_own_types() -> None:

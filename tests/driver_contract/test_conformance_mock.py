@@ -15,9 +15,23 @@ from iommufd_model.scenarios import GUEST_SCENARIOS
 def _kit(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, IOMMUFD_MODEL_STRICT="1", PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "iommufd_model.testing",
-         "-rs", "-q", *args],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "iommufd_model.testing",
+            "-rs",
+            "-q",
+            *args,
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -33,8 +47,7 @@ def test_kit_against_mock(tmp_path: Path) -> None:
     # vEVENTQ and HW queue types are not declared (DriverInfo) and are probed
     skipped = re.findall(r"unsupported: (\w+) \((\w+)\) in (\w+)", out)
     for feature, _, name in skipped:
-        if feature in ("nested", "viommu", "vdevice", "hwpt_invalidate", "pasid",
-                       "dirty_tracking"):
+        if feature in ("nested", "viommu", "vdevice", "hwpt_invalidate", "pasid", "dirty_tracking"):
             vm_cell = name.startswith("nested_") or name in {sc.name for sc in GUEST_SCENARIOS}
             assert feature == "nested" and vm_cell, (feature, name)
     info = MockDriver().driver_info()

@@ -53,9 +53,22 @@ def test_toy_next_to_mock_in_one_machine(toy_path: Path) -> None:
 def test_conformance_kit_against_toy(toy_path: Path, tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(toy_path), IOMMUFD_MODEL_STRICT="1")
     res = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--iommu-driver", "toy",
-         "-rs", "-q"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            "--iommu-driver",
+            "toy",
+            "-rs",
+            "-q",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     out = res.stdout + res.stderr
     assert res.returncode == 0, out

@@ -35,9 +35,7 @@ class Page(HTMLParser):
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         a = dict(attrs)
         self.tags.append(tag)
-        if tag in ("script", "link", "img", "iframe") or any(
-            k in ("src", "href") for k in a
-        ):
+        if tag in ("script", "link", "img", "iframe") or any(k in ("src", "href") for k in a):
             self.external.append(tag)
         if tag == "td":
             key = (a.get("data-scenario") or "", a.get("data-driver") or "")
@@ -114,20 +112,32 @@ def test_json_html_agree_with_table(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 
 def test_html_in_headless_chromium(tmp_path: Path) -> None:
-    browser = next((b for b in ("chromium", "chromium-browser", "google-chrome")
-                    if shutil.which(b)), None)
+    browser = next(
+        (b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None
+    )
     if browser is None:
         pytest.skip("chromium is not on PATH: the page was only validated with html.parser")
     hpath, shot = tmp_path / "m.html", tmp_path / "m.png"
     assert cli.main(["matrix", "--html", str(hpath)], _reg(mock=MockDriver())) == 0
     res = subprocess.run(
-        [browser, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
-         "--window-size=1400,1200", hpath.as_uri()],
-        capture_output=True, text=True, timeout=120,
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            f"--screenshot={shot}",
+            "--window-size=1400,1200",
+            hpath.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert shot.exists() and shot.stat().st_size > 1000, res.stderr
     dom = subprocess.run(
         [browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", hpath.as_uri()],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     ).stdout
     assert dom.count('data-driver="mock"') == len(SCENARIOS) and "<svg" in dom

@@ -138,9 +138,13 @@ def test_zero_length_and_out_of_range_accesses() -> None:
     mem = PhysicalMemory(SIZE)
     mem.write(SIZE, b"")  # nothing to write, nothing materialised
     assert mem.read(SIZE, 0) == b"" and not mem._pages
-    for bad in (lambda: mem.read(SIZE - 4, 8), lambda: mem.write(SIZE - 4, b"x" * 8),
-                lambda: mem.read_u64(SIZE), lambda: mem.write_u64(4, 1),
-                lambda: mem.read_u64(-8)):
+    for bad in (
+        lambda: mem.read(SIZE - 4, 8),
+        lambda: mem.write(SIZE - 4, b"x" * 8),
+        lambda: mem.read_u64(SIZE),
+        lambda: mem.write_u64(4, 1),
+        lambda: mem.read_u64(-8),
+    ):
         with pytest.raises(OSError):
             bad()
     mem.write_u64(8, -1)  # values are taken modulo 2**64, as before

@@ -64,8 +64,12 @@ def test_x86_native_walk_equals_the_general_loop(seed: int) -> None:
     pt = RadixPageTable(mem, X86_64Format(levels))
     for _ in range(40):
         with contextlib.suppress(OSError):
-            pt.map(rng.randrange(1 << 20) << 12, rng.randrange(1 << 20) << 12,
-                   rng.choice([1, 512]) << 12, rng.choice([IOMMU_READ, RW]))
+            pt.map(
+                rng.randrange(1 << 20) << 12,
+                rng.randrange(1 << 20) << 12,
+                rng.choice([1, 512]) << 12,
+                rng.choice([IOMMU_READ, RW]),
+            )
     corrupt(mem, pt.tables, rng, 30)
     probes = [rng.randrange(1 << (12 + 9 * levels)) for _ in range(300)]
     probes += [1 << 63, (1 << 64) - 1, -4096]
@@ -75,8 +79,7 @@ def test_x86_native_walk_equals_the_general_loop(seed: int) -> None:
         for w in x86_builds:
             results.add(w.walk_x86(mem._pages, mem.size, pt.root, iova, levels, write, None))
             # The general loop: a memory size beyond the native range, and a plain page dict.
-            results.add(w.walk_x86(dict(mem._pages), mem.size, pt.root, iova, levels, write,
-                                   None))
+            results.add(w.walk_x86(dict(mem._pages), mem.size, pt.root, iova, levels, write, None))
             big = w.walk_x86(mem._pages, 1 << 63, pt.root, iova, levels, write, None)
             if big[0] != w.BAD_ENTRY:  # (a pointer past mem.size is a bad entry only below)
                 results.add(big)
@@ -109,16 +112,23 @@ def amd_rig(seed: int) -> tuple[PhysicalMemory, dict[str, Any], list[int]]:
             gvas.append(gva)
         if rng.random() < 0.9:
             with contextlib.suppress(OSError):
-                host.map(gpa, mem.alloc_frame() << PAGE_SHIFT, 4096,
-                         rng.choice([IOMMU_READ, RW, RW]))
+                host.map(
+                    gpa, mem.alloc_frame() << PAGE_SHIFT, 4096, rng.choice([IOMMU_READ, RW, RW])
+                )
     pasid = rng.randrange(1, 1 << (9 * (glx + 1)))
     gcr3.set(pasid, guest.root)
     for frame in sorted(set(guest.tables) | set(gcr3.tables)):
         if rng.random() < 0.95:
             host.map(frame, frame, 4096, RW)
     corrupt(mem, set(host.tables) | set(guest.tables) | set(gcr3.tables), rng, 12)
-    args = dict(host_root=host.root, host_mode=host_mode, gcr3_root=gcr3.root, glx=glx,
-                guest_levels=guest_levels, pasid=pasid)
+    args = dict(
+        host_root=host.root,
+        host_mode=host_mode,
+        gcr3_root=gcr3.root,
+        glx=glx,
+        guest_levels=guest_levels,
+        pasid=pasid,
+    )
     probes = gvas + [rng.randrange(1 << 31) for _ in range(40)] + [1 << 60]
     return mem, args, probes
 
@@ -129,8 +139,13 @@ def test_amd_native_nested_walk_equals_the_callback_walk(seed: int) -> None:
     mem, a, probes = amd_rig(seed)
     # Each variant on its own copy of memory: A/D updates must land identically too.
     variants: list[tuple[ModuleType, Callable[..., Any]]] = [
-        (w, f) for w in amd_builds for f in (x86_builds[0].walk_x86, x86_builds[1].walk_x86,
-                                              other_walker(x86_builds[1].walk_x86))
+        (w, f)
+        for w in amd_builds
+        for f in (
+            x86_builds[0].walk_x86,
+            x86_builds[1].walk_x86,
+            other_walker(x86_builds[1].walk_x86),
+        )
     ]
     mems = [PhysicalMemory(MEM) for _ in variants]
     for m in mems:
@@ -143,9 +158,22 @@ def test_amd_native_nested_walk_equals_the_callback_walk(seed: int) -> None:
         pasid = a["pasid"] if rng.random() < 0.9 else rng.randrange(1 << 10)
         results = set()
         for (w, x86), m in zip(variants, mems, strict=True):
-            results.add(w.walk_nested(m._pages, m.size, a["host_root"], host_mode, had,
-                                      a["gcr3_root"], a["glx"], a["guest_levels"], pasid, gva,
-                                      write, x86))
+            results.add(
+                w.walk_nested(
+                    m._pages,
+                    m.size,
+                    a["host_root"],
+                    host_mode,
+                    had,
+                    a["gcr3_root"],
+                    a["glx"],
+                    a["guest_levels"],
+                    pasid,
+                    gva,
+                    write,
+                    x86,
+                )
+            )
         assert len(results) == 1, (hex(gva), results)
     for m in mems[1:]:
         assert dict(m._pages) == dict(mems[0]._pages)
@@ -160,13 +188,16 @@ def test_amd_v1_walk_compiled_equals_pure_on_corrupted_tables(seed: int) -> None
         for pfn, page in mem._pages.items():
             m._pages[pfn] = new_frame(memoryview(bytes(page)).cast("q"))
     for _ in range(400):
-        iova = rng.choice([rng.randrange(1 << 36), rng.getrandbits(64),
-                           (1 << 33) + rng.randrange(1 << 27)])
+        iova = rng.choice(
+            [rng.randrange(1 << 36), rng.getrandbits(64), (1 << 33) + rng.randrange(1 << 27)]
+        )
         write = rng.random() < 0.5
         had = rng.choice([0, 1, 2, 3])
         mode = a["host_mode"] if rng.random() < 0.9 else rng.randrange(0, 8)
-        got = {w.walk_v1(m._pages, m.size, a["host_root"], mode, iova, write, had)
-               for w, m in zip(amd_builds, mems, strict=True)}
+        got = {
+            w.walk_v1(m._pages, m.size, a["host_root"], mode, iova, write, had)
+            for w, m in zip(amd_builds, mems, strict=True)
+        }
         assert len(got) == 1, (hex(iova), got)
     assert dict(mems[0]._pages) == dict(mems[1]._pages)
 
@@ -189,8 +220,12 @@ def test_vtd_native_walks_equal_the_general_ones(seed: int) -> None:
     for _ in range(60):
         page = rng.randrange(1 << 16)
         with contextlib.suppress(OSError):
-            s2.map(page << 12, rng.randrange(1, 1 << 18) << 12, rng.choice([1, 512]) << 12,
-                   rng.choice([IOMMU_READ, RW, IOMMU_WRITE]))
+            s2.map(
+                page << 12,
+                rng.randrange(1, 1 << 18) << 12,
+                rng.choice([1, 512]) << 12,
+                rng.choice([IOMMU_READ, RW, IOMMU_WRITE]),
+            )
         with contextlib.suppress(OSError):
             s1.map(rng.randrange(1 << 20) << 12, page << 12, 4096, rng.choice([IOMMU_READ, RW]))
     for frame in sorted(s1.tables):
@@ -198,8 +233,11 @@ def test_vtd_native_walks_equal_the_general_ones(seed: int) -> None:
             s2.map(frame, frame, 4096, RW)
     corrupt(mem, set(s1.tables) | set(s2.tables), rng, 20)
     large = rng.choice([0, 0b10, 0b110])
-    variants = [(w, f) for w in vtd_builds
-                for f in (x86_builds[0].walk_x86, other_walker(x86_builds[1].walk_x86))]
+    variants = [
+        (w, f)
+        for w in vtd_builds
+        for f in (x86_builds[0].walk_x86, other_walker(x86_builds[1].walk_x86))
+    ]
     mems = [PhysicalMemory(MEM) for _ in variants]
     for m in mems:
         for pfn, page in mem._pages.items():
@@ -211,13 +249,26 @@ def test_vtd_native_walks_equal_the_general_ones(seed: int) -> None:
         nested = set()
         single = set()
         for (w, fs), m in zip(variants, mems, strict=True):
-            nested.add(w.walk_nested(fs, m._pages, m.size, s1.root, iova, fs_levels, write,
-                                     s2.root, ss_levels, large, set_ad))
-            single.add(w.walk_ss(m._pages, m.size, s2.root, iova, ss_levels, write, large,
-                                 set_ad))
+            nested.add(
+                w.walk_nested(
+                    fs,
+                    m._pages,
+                    m.size,
+                    s1.root,
+                    iova,
+                    fs_levels,
+                    write,
+                    s2.root,
+                    ss_levels,
+                    large,
+                    set_ad,
+                )
+            )
+            single.add(w.walk_ss(m._pages, m.size, s2.root, iova, ss_levels, write, large, set_ad))
             if iova < 1 << (12 + 9 * ss_levels):
-                single.add(w._ss_any(m._pages, m.size, s2.root, iova, ss_levels, write, large,
-                                     set_ad))
+                single.add(
+                    w._ss_any(m._pages, m.size, s2.root, iova, ss_levels, write, large, set_ad)
+                )
         assert len(nested) == 1, (hex(iova), nested)
         assert len(single) == 1, (hex(iova), single)
     for m in mems[1:]:

@@ -41,8 +41,9 @@ def rig(driver: str) -> tuple[Any, Any]:
             va = proc.mmap(PAGE)
             proc.write(va, bytes([i]) * PAGE)
             write = 0 if 20 <= i < 24 else U.IOMMU_IOAS_MAP_WRITEABLE
-            fd.ioas_map(ioas, va, PAGE, iova=IOVA + i * PAGE,
-                        flags=U.IOMMU_IOAS_MAP_READABLE | write)
+            fd.ioas_map(
+                ioas, va, PAGE, iova=IOVA + i * PAGE, flags=U.IOMMU_IOAS_MAP_READABLE | write
+            )
     return machine, dev
 
 
@@ -83,9 +84,10 @@ def test_burst_equals_page_by_page(driver: str, write: bool) -> None:
 @pytest.mark.parametrize("driver", VENDORS)
 def test_dma_over_a_burst_reads_and_writes_every_page(driver: str) -> None:
     _machine, dev = rig(driver)
-    assert dev.dma_read(IOVA + 8 * PAGE + 5, 20 * PAGE) == b"".join(
-        bytes([i]) * PAGE for i in range(8, 29)
-    )[5 : 5 + 20 * PAGE]
+    assert (
+        dev.dma_read(IOVA + 8 * PAGE + 5, 20 * PAGE)
+        == b"".join(bytes([i]) * PAGE for i in range(8, 29))[5 : 5 + 20 * PAGE]
+    )
     dev.dma_write(IOVA + 24 * PAGE, b"\xaa" * (6 * PAGE))
     assert dev.dma_read(IOVA + 19 * PAGE, 11 * PAGE) == b"".join(
         bytes([i]) * PAGE for i in range(19, 24)

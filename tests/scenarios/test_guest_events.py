@@ -94,9 +94,7 @@ def test_fault_delivery_catches_a_physical_id(monkeypatch: pytest.MonkeyPatch) -
 
 
 @pytest.mark.parametrize("driver", ["amd", "arm_smmuv3", "intel_vtd"])
-def test_hostile_storm_both_lands_and_faults(
-    driver: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_hostile_storm_both_lands_and_faults(driver: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The garbage tables are not all-faulting noise: some of A's DMAs go through (and the
     scenario found them in A's RAM), most fault."""
     seen: list[tuple[int, int]] = []

@@ -83,7 +83,13 @@ class Kfd:
         return self.ioctl(U.IOMMU_DESTROY, pack("II", 8, id_))
 
     def map(
-        self, ioas_id: int, va: int, length: int, iova: int = 0, *, fixed: bool = False,
+        self,
+        ioas_id: int,
+        va: int,
+        length: int,
+        iova: int = 0,
+        *,
+        fixed: bool = False,
         flags: int = RW,
     ) -> tuple[int, int]:
         if fixed:
@@ -106,7 +112,12 @@ class Kfd:
         return out
 
     def copy(
-        self, dst_ioas: int, src_ioas: int, length: int, dst_iova: int, src_iova: int,
+        self,
+        dst_ioas: int,
+        src_ioas: int,
+        length: int,
+        dst_iova: int,
+        src_iova: int,
         flags: int = U.IOMMU_IOAS_MAP_FIXED_IOVA | RW,
     ) -> int:
         buf = pack("IIIIQQQ", 40, flags, dst_ioas, src_ioas, length, dst_iova, src_iova)
@@ -123,16 +134,24 @@ class Kfd:
         return self.ioctl(U.IOMMU_OPTION, buf), int(field(buf, "Q", 16))
 
     def hwpt_alloc(
-        self, dev_id: int, pt_id: int, flags: int, data_type: int = 0, data: bytes | None = None,
-        *, data_len: int | None = None, fault_id: int = 0,
+        self,
+        dev_id: int,
+        pt_id: int,
+        flags: int,
+        data_type: int = 0,
+        data: bytes | None = None,
+        *,
+        data_len: int | None = None,
+        fault_id: int = 0,
     ) -> tuple[int, int]:
         """IOMMU_HWPT_ALLOC; ``data`` goes to fresh user memory (None: a NULL data_uptr)."""
         uptr = self.user_bytes(data) if data else 0
         size = len(data) if data is not None else 0
         if data_len is not None:
             size = data_len
-        buf = pack("IIIIIIIIQII", 48, flags, dev_id, pt_id, 0, 0, data_type, size, uptr,
-                   fault_id, 0)
+        buf = pack(
+            "IIIIIIIIQII", 48, flags, dev_id, pt_id, 0, 0, data_type, size, uptr, fault_id, 0
+        )
         return self.ioctl(U.IOMMU_HWPT_ALLOC, buf), int(field(buf, "I", 16))
 
     def hwpt_alloc_ok(self, dev_id: int, pt_id: int, flags: int = 0, *args: Any, **kw: Any) -> int:

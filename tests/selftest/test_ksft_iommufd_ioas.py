@@ -125,8 +125,9 @@ def test_iommufd_ioas__area(iommufd_ioas: IoasFixture) -> None:
     assert k.unmap(t.ioas_id, t.base_iova + 17 * PAGE_SIZE, PAGE_SIZE)[0] == errno.ENOENT
     # Over map fails
     for length, page in ((2, 16), (1, 16), (1, 17), (2, 15), (3, 15)):
-        rc, _ = k.map(t.ioas_id, buf, PAGE_SIZE * length, t.base_iova + page * PAGE_SIZE,
-                      fixed=True)
+        rc, _ = k.map(
+            t.ioas_id, buf, PAGE_SIZE * length, t.base_iova + page * PAGE_SIZE, fixed=True
+        )
         assert rc == errno.EEXIST, (length, page)
     k.unmap_ok(t.ioas_id, 0, U64_MAX)  # unmap all works
     k.unmap_ok(t.ioas_id, 0, U64_MAX)  # and succeeds on an empty IOAS
@@ -380,15 +381,17 @@ def test_iommufd_ioas__ioas_align_change(iommufd_ioas: IoasFixture) -> None:
     k.map_ok(t.ioas_id, k.buffer, PAGE_SIZE, MOCK_APERTURE_START, fixed=True)
     assert k.option(hp, set_, t.ioas_id, 0)[0] == 0
     # Misalignment is rejected at map time
-    rc, _ = k.map(t.ioas_id, k.buffer + MOCK_PAGE_SIZE, PAGE_SIZE,
-                  MOCK_APERTURE_START + PAGE_SIZE, fixed=True)
+    rc, _ = k.map(
+        t.ioas_id, k.buffer + MOCK_PAGE_SIZE, PAGE_SIZE, MOCK_APERTURE_START + PAGE_SIZE, fixed=True
+    )
     assert rc == errno.EINVAL
     assert k.option(hp, set_, t.ioas_id, 0)[0] == 0
     # Reduce alignment
     assert k.option(hp, set_, t.ioas_id, 1)[0] == 0
     # Misalignment is rejected during the alignment upgrade
-    k.map_ok(t.ioas_id, k.buffer + MOCK_PAGE_SIZE, PAGE_SIZE, MOCK_APERTURE_START + PAGE_SIZE,
-             fixed=True)
+    k.map_ok(
+        t.ioas_id, k.buffer + MOCK_PAGE_SIZE, PAGE_SIZE, MOCK_APERTURE_START + PAGE_SIZE, fixed=True
+    )
     assert k.option(hp, set_, t.ioas_id, 0)[0] == errno.EADDRINUSE
     k.unmap_ok(t.ioas_id, MOCK_APERTURE_START + PAGE_SIZE, PAGE_SIZE)
     k.unmap_ok(t.ioas_id, MOCK_APERTURE_START, PAGE_SIZE)
@@ -401,8 +404,9 @@ def test_iommufd_ioas__copy_sweep(iommufd_ioas: IoasFixture) -> None:
         last_iova = MOCK_APERTURE_START + BUFFER_SIZE - 1
     else:
         last_iova = MOCK_APERTURE_START + BUFFER_SIZE - 2
-    k.map_ok(t.ioas_id, k.buffer, last_iova - MOCK_APERTURE_START + 1, MOCK_APERTURE_START,
-             fixed=True)
+    k.map_ok(
+        t.ioas_id, k.buffer, last_iova - MOCK_APERTURE_START + 1, MOCK_APERTURE_START, fixed=True
+    )
     for iova in range(MOCK_APERTURE_START - PAGE_SIZE, last_iova + 1, 511):
         rc = k.copy(dst, t.ioas_id, MOCK_PAGE_SIZE, MOCK_APERTURE_START, iova)
         if iova < MOCK_APERTURE_START or iova + MOCK_PAGE_SIZE - 1 > last_iova:
@@ -459,8 +463,9 @@ def test_iommufd_ioas__alloc_hwpt_nested(iommufd_ioas: IoasFixture) -> None:
     assert k.hwpt_alloc(dev, nested[0], 0, sel, data)[0] == errno.EINVAL
     assert k.destroy(parent) == errno.EBUSY
 
-    def inv(hwpt: int, reqs: bytes | None, num: int, *, dtype: int = inv_sel,
-            entry_len: int = 8) -> tuple[int, int]:
+    def inv(
+        hwpt: int, reqs: bytes | None, num: int, *, dtype: int = inv_sel, entry_len: int = 8
+    ) -> tuple[int, int]:
         return k.hwpt_invalidate(hwpt, reqs, dtype, entry_len, num)
 
     zero = bytes(16)
@@ -469,7 +474,9 @@ def test_iommufd_ioas__alloc_hwpt_nested(iommufd_ioas: IoasFixture) -> None:
     # data_type probe with an empty array
     assert inv(nested[0], zero, 0) == (0, 0)
     assert inv(nested[0], zero, 1, dtype=T.IOMMU_HWPT_INVALIDATE_DATA_SELFTEST_INVALID) == (
-        errno.EINVAL, 0)
+        errno.EINVAL,
+        0,
+    )
     # structure size sanity
     assert inv(nested[0], zero, 1, entry_len=9) == (errno.EINVAL, 0)
     assert inv(nested[0], zero, 1, entry_len=1) == (errno.EINVAL, 0)
@@ -591,8 +598,16 @@ class _Child:
 
     def map_fixed(self, ioas_id: int, iova: int) -> None:
         flags = U.IOMMU_IOAS_MAP_FIXED_IOVA | U.IOMMU_IOAS_MAP_WRITEABLE
-        buf = pack("IIIIQQQ", 40, flags | U.IOMMU_IOAS_MAP_READABLE, ioas_id, 0, self.buffer,
-                   BUFFER_SIZE, iova)
+        buf = pack(
+            "IIIIQQQ",
+            40,
+            flags | U.IOMMU_IOAS_MAP_READABLE,
+            ioas_id,
+            0,
+            self.buffer,
+            BUFFER_SIZE,
+            iova,
+        )
         self.k.ictx.ioctl(U.IOMMU_IOAS_MAP, buf, caller=self.proc)
 
     def exit(self) -> None:

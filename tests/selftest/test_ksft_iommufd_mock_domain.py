@@ -70,9 +70,7 @@ class MockDomainFixture:
         fd = self.k.proc.memfd_create(size)
         return self.k.proc.mmap(size, fd=fd), fd
 
-    def map_file(
-        self, ioas_id: int, fd: int, start: int, length: int
-    ) -> tuple[int, int]:
+    def map_file(self, ioas_id: int, fd: int, start: int, length: int) -> tuple[int, int]:
         flags = U.IOMMU_IOAS_MAP_WRITEABLE | U.IOMMU_IOAS_MAP_READABLE
         buf = pack("IIIiQQQ", 40, flags, ioas_id, fd, start, length, 0)
         return self.k.ioctl(U.IOMMU_IOAS_MAP_FILE, buf), int.from_bytes(buf[32:40], "little")

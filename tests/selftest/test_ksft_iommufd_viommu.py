@@ -161,8 +161,7 @@ def test_iommufd_viommu__vdevice_cache(iommufd_viommu: ViommuFixture) -> None:
 
     zero = bytes(24)
     assert inv(zero, 0) == (0, 0)  # type probe with an empty array
-    assert inv(zero, 1, dtype=T.IOMMU_VIOMMU_INVALIDATE_DATA_SELFTEST_INVALID) == (
-        errno.EINVAL, 0)
+    assert inv(zero, 1, dtype=T.IOMMU_VIOMMU_INVALIDATE_DATA_SELFTEST_INVALID) == (errno.EINVAL, 0)
     # structure size sanity
     assert inv(zero, 1, entry_len=13) == (errno.EINVAL, 0)
     assert inv(zero, 1, entry_len=1) == (errno.EINVAL, 0)
@@ -275,8 +274,9 @@ def test_iommufd_device_pasid__pasid_attach(iommufd_device_pasid: DevicePasidFix
     parent = k.hwpt_alloc_ok(dev, t.ioas_id, NEST_PARENT)
     nested = [k.hwpt_alloc_ok(dev, parent, alloc_pasid, SEL, DATA) for _ in range(2)]
     fault_id, fault_fd = k.fault_alloc()
-    iopf_hwpt = k.hwpt_alloc_ok(dev, parent, FAULT_VALID | alloc_pasid, SEL, DATA,
-                                fault_id=fault_id)
+    iopf_hwpt = k.hwpt_alloc_ok(
+        dev, parent, FAULT_VALID | alloc_pasid, SEL, DATA, fault_id=fault_id
+    )
     rc, viommu, _ = k.viommu_alloc(dev, parent, T.IOMMU_VIOMMU_TYPE_SELFTEST)
     assert rc == 0
     nested.append(k.hwpt_alloc_ok(dev, viommu, alloc_pasid, SEL, DATA))

@@ -151,8 +151,9 @@ def test_vfio_compat_mock_domain__map(vfio_compat_mock_domain: VfioFixture) -> N
         assert _unmap(k, iova, PAGE_SIZE)[0] == 0
 
 
-@pytest.mark.parametrize("vfio_compat_mock_domain", [V.VFIO_TYPE1v2_IOMMU], ids=["Ver1v2"],
-                         indirect=True)
+@pytest.mark.parametrize(
+    "vfio_compat_mock_domain", [V.VFIO_TYPE1v2_IOMMU], ids=["Ver1v2"], indirect=True
+)
 def test_vfio_compat_mock_domain__huge_map(vfio_compat_mock_domain: VfioFixture) -> None:
     # MAP_HUGETLB is modelled by 4 KiB pages over the same 2 x 2 MiB buffer.
     t, k = vfio_compat_mock_domain, vfio_compat_mock_domain.k

@@ -27,10 +27,21 @@ def _rows() -> list[list[str]]:
 
 def test_parity_doc_ported_rows_are_collected() -> None:
     res = subprocess.run(
-        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-o",
-         "addopts=--import-mode=importlib -p no:cacheprovider", "tests/selftest",
-         "tests/robustness"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "--collect-only",
+            "-q",
+            "-o",
+            "addopts=--import-mode=importlib -p no:cacheprovider",
+            "tests/selftest",
+            "tests/robustness",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     collected = {line for line in res.stdout.splitlines() if "::" in line}
     rows = _rows()

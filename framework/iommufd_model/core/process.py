@@ -199,9 +199,7 @@ class Process:
             n -= chunk
         return bytes(out)
 
-    def write(
-        self, va: int, data: bytes | bytearray | memoryview, *, pinned: bool = False
-    ) -> None:
+    def write(self, va: int, data: bytes | bytearray | memoryview, *, pinned: bool = False) -> None:
         """``copy_to_user``: ``EFAULT`` (and nothing written) if any byte is unmapped.
 
         ``pinned``: the kernel writes through pages it pinned earlier (a dirty bitmap), which

@@ -84,8 +84,9 @@ class HwQueue(IommufdObject):
         viommu.hooks.hw_queue_destroy(queue=self.drv)
         self.drv.undepend()
         viommu.hw_queues.pop((self.drv.queue_type, self.drv.index), None)
-        viommu.hwpt.ioas.iopt.access_unpin(*_page_span(self.drv.base_iova, self.drv.length),
-                                           lock=True)
+        viommu.hwpt.ioas.iopt.access_unpin(
+            *_page_span(self.drv.base_iova, self.drv.length), lock=True
+        )
 
 
 def _page_span(iova: int, length: int) -> tuple[int, int]:

@@ -126,7 +126,12 @@ class IommuHw:
         return runs
 
     def _translate_one(
-        self, dev: PciDevice, iova: int, end: int, pasid: int | None, write: bool,
+        self,
+        dev: PciDevice,
+        iova: int,
+        end: int,
+        pasid: int | None,
+        write: bool,
         runs: list[tuple[int, int]],
     ) -> int:
         """One full translation (walk and fault included): its run goes to ``runs``."""
@@ -136,7 +141,12 @@ class IommuHw:
         return iova + chunk
 
     def _hits(
-        self, dev: PciDevice, iova: int, end: int, pasid: int | None, write: bool,
+        self,
+        dev: PciDevice,
+        iova: int,
+        end: int,
+        pasid: int | None,
+        write: bool,
         runs: list[tuple[int, int]],
     ) -> int:
         """IOTLB hits from ``iova`` on (after a full translation): the address they reach."""

@@ -17,6 +17,7 @@ from iommufd_model.hw.compiled import load_walker
 
 _RUN = load_walker("iommufd_model.hw.tlb_run")
 
+
 class TlbEntry(NamedTuple):
     """One cached translation of a naturally aligned page of ``1 << shift`` bytes (a named
     tuple: the compiled burst lookup in :mod:`iommufd_model.hw.tlb_run` unpacks it natively)."""
@@ -60,7 +61,12 @@ class Iotlb:
         return None
 
     def hit_run(
-        self, tag: Hashable, iova: int, end: int, need: int, pa_end: int,
+        self,
+        tag: Hashable,
+        iova: int,
+        end: int,
+        need: int,
+        pa_end: int,
         out: list[tuple[int, int]],
     ) -> tuple[int, int]:
         """Consecutive hits from ``iova`` towards ``end`` whose ``perm`` has every bit of
@@ -106,6 +112,7 @@ class Iotlb:
         self._fifo.clear()
         self.invalidations += 1
         return dropped
+
     def flush_tag(self, match: Callable[[Hashable], bool]) -> int:
         """Drop every entry whose tag satisfies ``match``."""
         return self._drop(lambda tag, _iova, _shift: not match(tag))

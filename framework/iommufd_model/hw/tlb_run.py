@@ -21,7 +21,12 @@ Tables = dict[int, dict[object, Pages]]
 
 
 def hit_run(
-    tables: Tables, tag: object, iova: int, end: int, need: int, pa_end: int,
+    tables: Tables,
+    tag: object,
+    iova: int,
+    end: int,
+    need: int,
+    pa_end: int,
     out: list[tuple[int, int]],
 ) -> tuple[int, int]:
     """Translate ``[iova, end)`` through IOTLB hits whose ``perm`` holds every bit of ``need``.

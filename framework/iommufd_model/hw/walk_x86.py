@@ -48,8 +48,6 @@ _NATIVE_MAX: Final = (1 << 62) - 1
 Stage2 = Callable[[int, bool], tuple[int, int, int]]
 
 
-
-
 def _words(pages: Pages) -> Words:
     """The index beside ``pages`` (``Frames.words``), or an empty one for a plain dict."""
     words: Words | None = getattr(pages, "words", None)
@@ -185,7 +183,11 @@ def walk_x86_1d(
 
 
 def walk_many(
-    pages: Pages, mem_size: int, root: int, iovas: list[int], levels: int,
+    pages: Pages,
+    mem_size: int,
+    root: int,
+    iovas: list[int],
+    levels: int,
     rounds: int,
 ) -> int:
     """Benchmark driver: ``rounds`` passes of single-stage read walks over ``iovas``, in the

@@ -265,7 +265,10 @@ class MockDriver:
         cfg = copy_struct(data, 8, 4)
         mock_viommu = viommu if isinstance(viommu, MockViommu) else None
         return MockNestedDomain(
-            _mock(iommu), parent, _u32(cfg, 0), pasid=bool(flags & U.IOMMU_HWPT_ALLOC_PASID),
+            _mock(iommu),
+            parent,
+            _u32(cfg, 0),
+            pasid=bool(flags & U.IOMMU_HWPT_ALLOC_PASID),
             viommu=mock_viommu,
         )
 
@@ -331,7 +334,12 @@ class MockDriver:
 
     @hookimpl
     def hw_queue_alloc(
-        self, viommu: ViommuBase, queue_type: int, index: int, base_iova: int, length: int,
+        self,
+        viommu: ViommuBase,
+        queue_type: int,
+        index: int,
+        base_iova: int,
+        length: int,
         pfns: list[int],
     ) -> HwQueueBase:
         assert isinstance(viommu, MockViommu)

@@ -67,7 +67,12 @@ class MockNestedDomain(Domain):
     """
 
     def __init__(
-        self, owner: MockIommu, parent: MockDomain, iotlb: int, *, pasid: bool,
+        self,
+        owner: MockIommu,
+        parent: MockDomain,
+        iotlb: int,
+        *,
+        pasid: bool,
         viommu: MockViommu | None,
     ) -> None:
         super().__init__(

@@ -754,8 +754,13 @@ def _trigger_iopf(ucmd: Ucmd, cmd: IommuTestCmd) -> None:
     if hwpt is None or hwpt.fault is None:
         return
     fault = U.IommuHwptPgfault(
-        flags=flags, dev_id=idev.id, pasid=args.pasid, grpid=args.grpid, perm=args.perm,
-        addr=args.addr, length=PAGE_SIZE,
+        flags=flags,
+        dev_id=idev.id,
+        pasid=args.pasid,
+        grpid=args.grpid,
+        perm=args.perm,
+        addr=args.addr,
+        length=PAGE_SIZE,
     )
     pasid = args.pasid if args.pasid != IOMMU_NO_PASID else None
     hwpt.fault.report(idev, pasid, args.grpid, [fault])
@@ -904,4 +909,3 @@ def iommufd_test(ucmd: Ucmd) -> None:
     if handler is None:
         raise err(errno.EOPNOTSUPP, f"IOMMU_TEST_CMD op {cmd.op} not supported")
     handler(ucmd, cmd)
-

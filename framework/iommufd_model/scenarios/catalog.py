@@ -225,16 +225,18 @@ def _vendor_data(dtype: int) -> bytes:
 
 def _viommu_data(vtype: int) -> bytes:
     """The driver data a vIOMMU type takes (only Tegra241 CMDQV has any)."""
-    return bytes(U.IommuViommuTegra241Cmdqv.SIZE if vtype == U.IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV
-                 else 0)
+    return bytes(
+        U.IommuViommuTegra241Cmdqv.SIZE if vtype == U.IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV else 0
+    )
 
 
 def _viommu_type(ctx: ScenarioContext, rig: Rig, parent: int) -> int:
     def probe(vtype: int) -> int:
         return rig.viommu_alloc(parent, vtype)
 
-    return ctx.driver_type(Feature.VIOMMU, ctx.info.viommu_types, probe,
-                           U.IOMMU_VIOMMU_TYPE_DEFAULT)
+    return ctx.driver_type(
+        Feature.VIOMMU, ctx.info.viommu_types, probe, U.IOMMU_VIOMMU_TYPE_DEFAULT
+    )
 
 
 def _viommu(ctx: ScenarioContext, rig: Rig) -> tuple[int, int]:
@@ -281,8 +283,9 @@ def nested_alloc(ctx: ScenarioContext) -> None:
     else:
         vtype = min(ctx.info.viommu_types)
         what = "vIOMMU over a parent without NEST_PARENT"
-        expect_errno(errno.EINVAL, lambda: rig.viommu_alloc(plain, vtype, _viommu_data(vtype)),
-                     what)
+        expect_errno(
+            errno.EINVAL, lambda: rig.viommu_alloc(plain, vtype, _viommu_data(vtype)), what
+        )
 
 
 @scenario(Feature.PAGING, Feature.NEST_PARENT, Feature.VIOMMU, Feature.VDEVICE)
@@ -308,8 +311,9 @@ def veventq_alloc(ctx: ScenarioContext) -> None:
     def alloc(qtype: int) -> tuple[int, int]:
         return rig.fd.veventq_alloc(viommu, qtype, 16)
 
-    qtype = ctx.driver_type(Feature.VEVENTQ, ctx.info.veventq_types, alloc,
-                            U.IOMMU_VEVENTQ_TYPE_DEFAULT)
+    qtype = ctx.driver_type(
+        Feature.VEVENTQ, ctx.info.veventq_types, alloc, U.IOMMU_VEVENTQ_TYPE_DEFAULT
+    )
     q, qfd = alloc(qtype)
     expect_errno(errno.EEXIST, lambda: alloc(qtype), "second vEVENTQ of one type")
     expect_errno(errno.EBUSY, lambda: rig.destroy(viommu), "vIOMMU destroyed under a vEVENTQ")
@@ -334,8 +338,9 @@ def hw_queue_alloc(ctx: ScenarioContext) -> None:
     def probe(qtype: int) -> int:
         return alloc(rig.viommu_alloc(parent, first, _viommu_data(first)), qtype)
 
-    qtype = ctx.driver_type(Feature.HW_QUEUE, ctx.info.hw_queue_types, probe,
-                            U.IOMMU_HW_QUEUE_TYPE_DEFAULT)
+    qtype = ctx.driver_type(
+        Feature.HW_QUEUE, ctx.info.hw_queue_types, probe, U.IOMMU_HW_QUEUE_TYPE_DEFAULT
+    )
     viommu, queue = _queue_on_some_viommu(ctx, rig, parent, lambda v: alloc(v, qtype))
     expect_errno(errno.EBUSY, lambda: rig.ioas_unmap(ioas, iova, PAGE_SIZE), "unmap queue memory")
     expect_errno(errno.EBUSY, lambda: rig.destroy(viommu), "vIOMMU destroyed under its queue")

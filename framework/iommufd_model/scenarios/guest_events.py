@@ -77,9 +77,7 @@ VEVENT_RECORDS: dict[int, VeventRecord] = {
     ),
     # Model-defined AMD record, one 128-bit event log entry (iommufd_amd/events.py):
     # word 0 DeviceID [15:0] (the guest DevID), words 2-3 Address.
-    U.IOMMU_VEVENTQ_TYPE_AMD: VeventRecord(
-        16, lambda r: _u64(r, 0) & 0xFFFF, lambda r: _u64(r, 1)
-    ),
+    U.IOMMU_VEVENTQ_TYPE_AMD: VeventRecord(16, lambda r: _u64(r, 0) & 0xFFFF, lambda r: _u64(r, 1)),
 }
 
 
@@ -136,9 +134,7 @@ def _veventq(ctx: ScenarioContext, g: Guest) -> tuple[int, int]:
         why = str(exc).split(": ", 1)[-1]
         raise Unsupported(exc.feature, exc.errno, f"no vIOMMU to carry one: {why}") from exc
     if not viommu:
-        raise Unsupported(
-            Feature.VEVENTQ, errno.EOPNOTSUPP, "the guest model exposes no viommu_id"
-        )
+        raise Unsupported(Feature.VEVENTQ, errno.EOPNOTSUPP, "the guest model exposes no viommu_id")
     known = sorted(ctx.info.veventq_types & VEVENT_RECORDS.keys())
     if not known:
         raise Divergence(

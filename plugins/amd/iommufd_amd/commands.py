@@ -136,22 +136,31 @@ def inv_interrupt_table(devid: int) -> bytes:
 
 
 def prefetch_iommu_pages(
-    devid: int, address: int, *, pasid: int = 0, count: int = 1, gn: bool = False,
+    devid: int,
+    address: int,
+    *,
+    pasid: int = 0,
+    count: int = 1,
+    gn: bool = False,
     inval: bool = False,
 ) -> bytes:
     """PREFETCH_IOMMU_PAGES: DeviceID, PFCount[31:24]; PASID word 1; address, S/GN/Inval."""
     w2 = (address & 0xFFFF_F000) | (INV_GN if gn else 0) | (PF_INVAL if inval else 0)
     return _pack(
-        (devid & 0xFFFF) | (count & 0xFF) << 24, pasid & 0xFFFFF, w2,
-        (address >> 32) & 0xFFFF_FFFF, PREFETCH_IOMMU_PAGES,
+        (devid & 0xFFFF) | (count & 0xFF) << 24,
+        pasid & 0xFFFFF,
+        w2,
+        (address >> 32) & 0xFFFF_FFFF,
+        PREFETCH_IOMMU_PAGES,
     )
 
 
 def complete_ppr(devid: int, pasid: int, status: int, tag: int, *, gn: bool = False) -> bytes:
     """COMPLETE_PPR_REQUEST (build_complete_ppr): DeviceID, PASID, GN, Status and tag."""
     w3 = (tag & PPR_TAG_MASK) | (status & 0xF) << PPR_STATUS_SHIFT
-    return _pack(devid & 0xFFFF, pasid & 0xFFFFF if gn else 0, INV_GN if gn else 0, w3,
-                 COMPLETE_PPR_REQUEST)
+    return _pack(
+        devid & 0xFFFF, pasid & 0xFFFFF if gn else 0, INV_GN if gn else 0, w3, COMPLETE_PPR_REQUEST
+    )
 
 
 def inv_all() -> bytes:
@@ -186,31 +195,55 @@ def decode(raw: bytes) -> Command | None:
     addr = ((w3 << 32) | w2) & ~0xFFF
     if op == COMPLETION_WAIT:
         return Command(
-            op, address=((w1 & 0xFFFFF) << 32) | (w0 & 0xFFFF_FFF8), data=(w3 << 32) | w2,
-            s=bool(w0 & CW_S), i=bool(w0 & CW_I), f=bool(w0 & CW_F),
+            op,
+            address=((w1 & 0xFFFFF) << 32) | (w0 & 0xFFFF_FFF8),
+            data=(w3 << 32) | w2,
+            s=bool(w0 & CW_S),
+            i=bool(w0 & CW_I),
+            f=bool(w0 & CW_F),
         )
     if op in (INVALIDATE_DEVTAB_ENTRY, INVALIDATE_INTERRUPT_TABLE):
         return Command(op, devid=w0 & 0xFFFF)
     if op == INVALIDATE_IOMMU_PAGES:
         return Command(
-            op, domid=w1 & 0xFFFF, pasid=w0 & 0xFFFFF, address=addr, s=bool(w2 & INV_S),
-            pde=bool(w2 & INV_PDE), gn=bool(w2 & INV_GN),
+            op,
+            domid=w1 & 0xFFFF,
+            pasid=w0 & 0xFFFFF,
+            address=addr,
+            s=bool(w2 & INV_S),
+            pde=bool(w2 & INV_PDE),
+            gn=bool(w2 & INV_GN),
         )
     if op == INVALIDATE_IOTLB_PAGES:
         pasid = ((w1 >> 24) & 0xF) << 16 | ((w0 >> 16) & 0xFF) << 8 | (w1 >> 16) & 0xFF
         return Command(
-            op, devid=w0 & 0xFFFF, pasid=pasid, address=addr, s=bool(w2 & INV_S),
-            gn=bool(w2 & INV_GN), count=w0 >> 24,
+            op,
+            devid=w0 & 0xFFFF,
+            pasid=pasid,
+            address=addr,
+            s=bool(w2 & INV_S),
+            gn=bool(w2 & INV_GN),
+            count=w0 >> 24,
         )
     if op == PREFETCH_IOMMU_PAGES:
         return Command(
-            op, devid=w0 & 0xFFFF, pasid=w1 & 0xFFFFF, address=addr, s=bool(w2 & INV_S),
-            gn=bool(w2 & INV_GN), inval=bool(w2 & PF_INVAL), count=w0 >> 24,
+            op,
+            devid=w0 & 0xFFFF,
+            pasid=w1 & 0xFFFFF,
+            address=addr,
+            s=bool(w2 & INV_S),
+            gn=bool(w2 & INV_GN),
+            inval=bool(w2 & PF_INVAL),
+            count=w0 >> 24,
         )
     if op == COMPLETE_PPR_REQUEST:
         return Command(
-            op, devid=w0 & 0xFFFF, pasid=w1 & 0xFFFFF, gn=bool(w2 & INV_GN),
-            tag=w3 & PPR_TAG_MASK, status=(w3 >> PPR_STATUS_SHIFT) & 0xF,
+            op,
+            devid=w0 & 0xFFFF,
+            pasid=w1 & 0xFFFFF,
+            gn=bool(w2 & INV_GN),
+            tag=w3 & PPR_TAG_MASK,
+            status=(w3 >> PPR_STATUS_SHIFT) & 0xF,
         )
     return Command(op)
 

@@ -58,7 +58,12 @@ PAGING_FLAGS = (
     U.IOMMU_HWPT_ALLOC_NEST_PARENT | U.IOMMU_HWPT_ALLOC_DIRTY_TRACKING | U.IOMMU_HWPT_ALLOC_PASID
 )
 OPTIONS = {
-    "host_levels", "guest_levels", "pasid_bits", "hd", "pgtable", "domain_levels",
+    "host_levels",
+    "guest_levels",
+    "pasid_bits",
+    "hd",
+    "pgtable",
+    "domain_levels",
     "viommu_guests",
 }
 HW_QUEUE_TYPES = (U.IOMMU_HW_QUEUE_TYPE_AMD_CMD, U.IOMMU_HW_QUEUE_TYPE_AMD_EVT)
@@ -69,11 +74,21 @@ _GDTE = struct.Struct("<4Q")
 #: on a nested HWPT (the uAPI has no AMD HWPT data type); the HW-vIOMMU brings HW queues
 #: (guest command buffer, guest event log), the AMD vEVENTQ and the VMM-mediated
 #: vIOMMU invalidation (IOMMU_VIOMMU_INVALIDATE_DATA_AMD, model-defined: docs/amd-hw-viommu.md).
-FEATURES = frozenset({
-    Feature.PAGING, Feature.NEST_PARENT, Feature.NESTED, Feature.PASID, Feature.DIRTY_TRACKING,
-    Feature.VIOMMU, Feature.VDEVICE, Feature.LARGE_PAGES, Feature.HW_QUEUE, Feature.VEVENTQ,
-    Feature.VIOMMU_INVALIDATE,
-})
+FEATURES = frozenset(
+    {
+        Feature.PAGING,
+        Feature.NEST_PARENT,
+        Feature.NESTED,
+        Feature.PASID,
+        Feature.DIRTY_TRACKING,
+        Feature.VIOMMU,
+        Feature.VDEVICE,
+        Feature.LARGE_PAGES,
+        Feature.HW_QUEUE,
+        Feature.VEVENTQ,
+        Feature.VIOMMU_INVALIDATE,
+    }
+)
 
 
 class IdAllocator:
@@ -174,7 +189,8 @@ class AmdKernel:
     def nest_parent_supported(self) -> bool:
         # is_nest_parent_supported(): GT, GIoSup and GCR3TRPMode
         return bool(
-            self.efr & R.EFR_GT_SUP and self.efr & R.EFR_GIO_SUP
+            self.efr & R.EFR_GT_SUP
+            and self.efr & R.EFR_GIO_SUP
             and self.hw.efr2 & R.EFR2_GCR3TRPMODE
         )
 
@@ -430,7 +446,9 @@ class AmdDriver:
     @hookimpl
     def driver_info(self) -> DriverInfo:
         return DriverInfo(
-            "amd", "AMD IOMMU (AMD-Vi): device table, v1/v2 tables, command buffer", FEATURES,
+            "amd",
+            "AMD IOMMU (AMD-Vi): device table, v1/v2 tables, command buffer",
+            FEATURES,
             hwpt_data_types=frozenset({U.IOMMU_HWPT_DATA_AMD_GUEST}),
             viommu_types=frozenset({U.IOMMU_VIOMMU_TYPE_AMD}),
             hw_info_type=U.IOMMU_HW_INFO_TYPE_AMD,
@@ -456,8 +474,13 @@ class AmdDriver:
         if not 0 <= guests <= MAX_GUESTS:
             raise err(errno.EINVAL, f"viommu_guests is 0..{MAX_GUESTS}")
         hw = AmdIommu(
-            machine, index, host_levels=host_levels, guest_levels=guest_levels,
-            pasid_bits=pasid_bits, hd=bool(options.get("hd", True)), viommu_guests=guests,
+            machine,
+            index,
+            host_levels=host_levels,
+            guest_levels=guest_levels,
+            pasid_bits=pasid_bits,
+            hd=bool(options.get("hd", True)),
+            viommu_guests=guests,
         )
         hw.kernel = AmdKernel(hw, options)
         return hw
@@ -514,8 +537,14 @@ class AmdDriver:
 
     @hookimpl
     def domain_alloc_nested(
-        self, iommu: IommuHw, dev: PciDevice, parent: Domain, viommu: ViommuBase | None,
-        flags: int, data_type: int, data: bytes,
+        self,
+        iommu: IommuHw,
+        dev: PciDevice,
+        parent: Domain,
+        viommu: ViommuBase | None,
+        flags: int,
+        data_type: int,
+        data: bytes,
     ) -> Domain:
         """amd_iommu_alloc_domain_nested().
 
@@ -666,8 +695,9 @@ class AmdDriver:
         return True
 
     @hookimpl
-    def read_and_clear_dirty(self, domain: Domain, iova: int, length: int, clear: bool,
-                             report: bool) -> list[tuple[int, int]]:
+    def read_and_clear_dirty(
+        self, domain: Domain, iova: int, length: int, clear: bool, report: bool
+    ) -> list[tuple[int, int]]:
         """Report the host table's D bits (and clear them), as amdv1's read_and_clear_dirty:
         EINVAL for a report while tracking is off; a wipe (``report=False``) always works."""
         dom = _paging(domain)
@@ -745,7 +775,12 @@ class AmdDriver:
 
     @hookimpl
     def hw_queue_alloc(
-        self, viommu: ViommuBase, queue_type: int, index: int, base_iova: int, length: int,
+        self,
+        viommu: ViommuBase,
+        queue_type: int,
+        index: int,
+        base_iova: int,
+        length: int,
         pfns: list[int],
     ) -> HwQueueBase:
         if not isinstance(viommu, AmdViommu):

@@ -120,8 +120,9 @@ class GuestAmd(GuestIommu):
         # The guest driver boots its IOMMU: base registers and CONTROL (first MMIO page).
         self._mmio_trap(R.CMD_BUF_BASE, R.base_value(self.cmd, RING_LOG2))
         self._mmio_trap(R.EVT_LOG_BASE, R.base_value(self.evt, RING_LOG2))
-        self._mmio_trap(R.CONTROL, R.CTRL_IOMMU_EN | R.CTRL_CMDBUF_EN | R.CTRL_EVT_LOG_EN
-                        | R.CTRL_GT_EN)
+        self._mmio_trap(
+            R.CONTROL, R.CTRL_IOMMU_EN | R.CTRL_CMDBUF_EN | R.CTRL_EVT_LOG_EN | R.CTRL_GT_EN
+        )
         return self.viommu_id
 
     def _mmio_trap(self, offset: int, value: int) -> None:
@@ -131,14 +132,18 @@ class GuestAmd(GuestIommu):
             return
         fd = self.vm.fd
         if offset in (R.CMD_BUF_BASE, R.EVT_LOG_BASE):
-            qtype = (U.IOMMU_HW_QUEUE_TYPE_AMD_CMD if offset == R.CMD_BUF_BASE
-                     else U.IOMMU_HW_QUEUE_TYPE_AMD_EVT)
+            qtype = (
+                U.IOMMU_HW_QUEUE_TYPE_AMD_CMD
+                if offset == R.CMD_BUF_BASE
+                else U.IOMMU_HW_QUEUE_TYPE_AMD_EVT
+            )
             old = self.queues.pop(qtype, None)
             if old is not None:
                 fd.destroy(old)
             length = R.ENTRY_SIZE << ((value >> R.LEN_SHIFT) & R.LEN_MASK)
-            self.queues[qtype] = fd.hw_queue_alloc(self.viommu_id, qtype, 0,
-                                                   value & R.BASE_ADDR_MASK, length)
+            self.queues[qtype] = fd.hw_queue_alloc(
+                self.viommu_id, qtype, 0, value & R.BASE_ADDR_MASK, length
+            )
 
     def _install_gdte(self, gdevid: int) -> None:
         """A gDTE changed: a nested HWPT from it on the vIOMMU, attached in place of the old
@@ -156,8 +161,9 @@ class GuestAmd(GuestIommu):
                 self._destroy(old)
             return
         if g.v and g.gv:
-            hwpt = vm.fd.hwpt_alloc(d.gdev.dev_id, self.viommu_id,
-                                    data_type=U.IOMMU_HWPT_DATA_AMD_GUEST, data=raw)
+            hwpt = vm.fd.hwpt_alloc(
+                d.gdev.dev_id, self.viommu_id, data_type=U.IOMMU_HWPT_DATA_AMD_GUEST, data=raw
+            )
             vm.fd.attach(d.gdev.dev_id, hwpt)
             self.hwpts[gdevid] = hwpt
         else:
@@ -258,8 +264,7 @@ class GuestAmd(GuestIommu):
     def alloc_veventq(self, depth: int = 64) -> tuple[int, int]:
         """The VMM asks for the vIOMMU's AMD vEVENTQ (guest-DevID events)."""
         if self.veventq is None:
-            self.veventq = self.vm.fd.veventq_alloc(self.viommu_id, U.IOMMU_VEVENTQ_TYPE_AMD,
-                                                    depth)
+            self.veventq = self.vm.fd.veventq_alloc(self.viommu_id, U.IOMMU_VEVENTQ_TYPE_AMD, depth)
         return self.veventq
 
     def read_veventq(self) -> list[E.Event]:
@@ -310,8 +315,15 @@ class GuestAmd(GuestIommu):
     def _write_gdte(self, d: _Dev) -> None:
         """The guest writes the device's gDTE, then INVALIDATE_DEVTAB_ENTRY."""
         gv = bool(d.slots)
-        dte = Dte(v=True, tv=True, gv=gv, giov=d.giov and gv, glx=0,
-                  gcr3=d.gcr3 if gv else 0, domain_id=d.gdom)
+        dte = Dte(
+            v=True,
+            tv=True,
+            gv=gv,
+            giov=d.giov and gv,
+            glx=0,
+            gcr3=d.gcr3 if gv else 0,
+            domain_id=d.gdom,
+        )
         self.vm.memory.write(self.devtab + d.gdev.virt_id * DTE_SIZE, dte.to_bytes())
         if self.accelerated:
             # The guest device table is write-protected: the store exits to the VMM.
@@ -387,8 +399,9 @@ class GuestAmd(GuestIommu):
         self.cmd = gpa
         self.cmd_tail = self.vmm_cmd_head = 0
         self.stopped = False
-        self._mmio_trap(R.CONTROL, R.CTRL_IOMMU_EN | R.CTRL_CMDBUF_EN | R.CTRL_EVT_LOG_EN
-                        | R.CTRL_GT_EN)
+        self._mmio_trap(
+            R.CONTROL, R.CTRL_IOMMU_EN | R.CTRL_CMDBUF_EN | R.CTRL_EVT_LOG_EN | R.CTRL_GT_EN
+        )
 
     def events(self) -> list[E.Event]:
         """What the guest driver finds in its event log (and consumes)."""

@@ -54,8 +54,15 @@ class AmdIommu(IommuHw):
     """One AMD IOMMU. ``host_levels`` is HATS (4..6), ``guest_levels`` GATS (4 or 5)."""
 
     def __init__(
-        self, machine: Machine, index: int, *, host_levels: int = 6, guest_levels: int = 4,
-        pasid_bits: int = 16, hd: bool = True, viommu_guests: int = 0,
+        self,
+        machine: Machine,
+        index: int,
+        *,
+        host_levels: int = 6,
+        guest_levels: int = 4,
+        pasid_bits: int = 16,
+        hd: bool = True,
+        viommu_guests: int = 0,
     ) -> None:
         super().__init__(machine, index)
         self.walk = load_walker(WALK_MODULE)
@@ -100,8 +107,12 @@ class AmdIommu(IommuHw):
         self._in_cmd = False
         self.mmio = m = Mmio(f"amd-iommu{index}")
         w = R.BASE_ADDR_MASK
-        m.define("DEV_TABLE_BASE", R.DEV_TABLE_BASE, writable=w | R.DEV_TABLE_SIZE_MASK,
-                 on_write=self._w_devtab)
+        m.define(
+            "DEV_TABLE_BASE",
+            R.DEV_TABLE_BASE,
+            writable=w | R.DEV_TABLE_SIZE_MASK,
+            on_write=self._w_devtab,
+        )
         lenf = R.LEN_MASK << R.LEN_SHIFT
         m.define("CMD_BUF_BASE", R.CMD_BUF_BASE, writable=w | lenf, on_write=self._w_cmd_base)
         m.define("EVT_LOG_BASE", R.EVT_LOG_BASE, writable=w | lenf, on_write=self._w_evt_base)
@@ -298,8 +309,7 @@ class AmdIommu(IommuHw):
         elif op == C.INVALIDATE_DEVTAB_ENTRY:
             self.dte_cache.pop(cmd.devid, None)
         elif op == C.INVALIDATE_IOMMU_PAGES:
-            self.invalidate_pages(cmd.domid, cmd.pasid if cmd.gn else NO_PASID, cmd.address,
-                                  cmd.s)
+            self.invalidate_pages(cmd.domid, cmd.pasid if cmd.gn else NO_PASID, cmd.address, cmd.s)
         elif op == C.INVALIDATE_IOTLB_PAGES:
             dev = self.devices.get(cmd.devid)
             if dev is None or not dev.ats:
@@ -347,18 +357,30 @@ class AmdIommu(IommuHw):
             return cached
         if devid >= self.devtab_entries:
             raise TranslationError(
-                E.Event(E.ILLEGAL_DEV_TABLE_ENTRY, devid=devid, flags=_rw(write),
-                        address=iova), "device ID beyond the device table")
+                E.Event(E.ILLEGAL_DEV_TABLE_ENTRY, devid=devid, flags=_rw(write), address=iova),
+                "device ID beyond the device table",
+            )
         addr = self.devtab_base + devid * DTE_SIZE
         try:
             raw = self.memory.read(addr, DTE_SIZE)
         except OSError:
             raise TranslationError(
-                E.Event(E.DEV_TAB_HARDWARE_ERROR, devid=devid, flags=HWERR_READ | _rw(write),
-                        address=addr), "device table read failed") from None
+                E.Event(
+                    E.DEV_TAB_HARDWARE_ERROR,
+                    devid=devid,
+                    flags=HWERR_READ | _rw(write),
+                    address=addr,
+                ),
+                "device table read failed",
+            ) from None
         dte = Dte.from_bytes(raw)
-        why = check(dte, max_mode=self.max_mode, gt_enabled=bool(self.control & R.CTRL_GT_EN),
-                    max_glx=self.max_glx, gpt5=self.gpt5)
+        why = check(
+            dte,
+            max_mode=self.max_mode,
+            gt_enabled=bool(self.control & R.CTRL_GT_EN),
+            max_glx=self.max_glx,
+            gpt5=self.gpt5,
+        )
         self.dte_cache[devid] = cached = (dte, why)
         return cached
 
@@ -408,14 +430,20 @@ class AmdIommu(IommuHw):
         tag_lo = pasid if pasid is not None else dte.domain_id
         if why:
             raise TranslationError(
-                E.Event(E.ILLEGAL_DEV_TABLE_ENTRY, devid=devid, tag=tag_lo, flags=gn_flags,
-                        address=iova), f"illegal DTE: {why}")
+                E.Event(
+                    E.ILLEGAL_DEV_TABLE_ENTRY, devid=devid, tag=tag_lo, flags=gn_flags, address=iova
+                ),
+                f"illegal DTE: {why}",
+            )
         if not dte.tv:
             raise self._page_fault(dte, devid, iova, pasid, gn_flags, "blocked: DTE TV=0")
         if pasid is not None and not dte.gv:
             raise TranslationError(
-                E.Event(E.INVALID_DEVICE_REQUEST, devid=devid, tag=pasid, flags=gn_flags,
-                        address=iova), "PASID request to a DTE without GV")
+                E.Event(
+                    E.INVALID_DEVICE_REQUEST, devid=devid, tag=pasid, flags=gn_flags, address=iova
+                ),
+                "PASID request to a DTE without GV",
+            )
         # DTE IR/IW gate requests without PASID; PASID requests answer to their tables only.
         dte_prot = (IOMMU_READ if dte.ir else 0) | (IOMMU_WRITE if dte.iw else 0)
         if pasid is not None:
@@ -441,8 +469,17 @@ class AmdIommu(IommuHw):
         size = self.memory.size
         if guest:
             st, val, shift, refs, prot = self.walk.walk_nested(
-                pages, size, dte.host_root, dte.mode, dte.had, dte.gcr3, dte.glx,
-                5 if dte.gpt_level == GUEST_PGTABLE_5_LEVEL else 4, p, iova, write,
+                pages,
+                size,
+                dte.host_root,
+                dte.mode,
+                dte.had,
+                dte.gcr3,
+                dte.glx,
+                5 if dte.gpt_level == GUEST_PGTABLE_5_LEVEL else 4,
+                p,
+                iova,
+                write,
                 self.x86.walk_x86,
             )
             if st == self.walk.BAD_ENTRY and dte.mode == 0:
@@ -456,8 +493,9 @@ class AmdIommu(IommuHw):
             raise self._walk_fault(dte, devid, iova, pasid, gn_flags, st, val, prot)
         prot &= dte_prot
         if not prot & need:
-            raise self._page_fault(dte, devid, iova, pasid, gn_flags | E.F_PR | E.F_PE,
-                                   "permission")
+            raise self._page_fault(
+                dte, devid, iova, pasid, gn_flags | E.F_PR | E.F_PE, "permission"
+            )
         if not dte.had & 2 or write:
             prot |= _DIRTY_DONE
         mask = (1 << shift) - 1
@@ -503,7 +541,14 @@ class AmdIommu(IommuHw):
         return TranslationError(ev, reason)
 
     def _walk_fault(
-        self, dte: Dte, devid: int, iova: int, pasid: int | None, flags: int, st: int, val: int,
+        self,
+        dte: Dte,
+        devid: int,
+        iova: int,
+        pasid: int | None,
+        flags: int,
+        st: int,
+        val: int,
         prot: int,
     ) -> TranslationError:
         w = self.walk
@@ -516,8 +561,9 @@ class AmdIommu(IommuHw):
         elif st == w.BAD_ENTRY:
             flags |= E.F_PR | E.F_RZ
         elif st == w.S2_FAULT:
-            return self._page_fault(dte, devid, iova, pasid, flags,
-                                    f"stage-2 fault at gpa {val:#x}")
+            return self._page_fault(
+                dte, devid, iova, pasid, flags, f"stage-2 fault at gpa {val:#x}"
+            )
         return self._page_fault(dte, devid, iova, pasid, flags, _REASONS.get(st, "fault"))
 
 

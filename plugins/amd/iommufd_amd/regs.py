@@ -97,6 +97,7 @@ def dev_table_base_value(addr: int, pages: int) -> int:
     """The device table base register: address and Size (pages - 1)."""
     return (addr & BASE_ADDR_MASK) | ((pages - 1) & DEV_TABLE_SIZE_MASK)
 
+
 # -- HW-vIOMMU (issue 6; AMD vIOMMU LKML series amd_iommu_types.h / amd_viommu.h) -----------
 EFR_VIOMMU_SUP = 1 << 55  # FEATURE_VIOMMU: hardware-accelerated virtualised IOMMU
 CTRL_VCMD_EN = 1 << 52  # CONTROL_VCMD_EN: guest command buffers are fetched by hardware

@@ -65,8 +65,6 @@ if TYPE_CHECKING:
 Result = tuple[int, int, int, int, int]
 
 
-
-
 def _words(pages: Pages) -> Words:
     """The index beside ``pages`` (``Frames.words``), or an empty one for a plain dict."""
     words: Words | None = getattr(pages, "words", None)
@@ -229,8 +227,20 @@ def walk_nested(
         or not 0 <= host_root <= _NATIVE_MAX
         or not 0 <= gcr3_root <= _NATIVE_MAX
     ):
-        return _nested_with(pages, mem_size, host_root, host_mode, had, gcr3_root, glx,
-                            guest_levels, pasid, iova, write, x86)
+        return _nested_with(
+            pages,
+            mem_size,
+            host_root,
+            host_mode,
+            had,
+            gcr3_root,
+            glx,
+            guest_levels,
+            pasid,
+            iova,
+            write,
+            x86,
+        )
     if pasid >> (9 * (glx + 1)):
         return NOT_PRESENT, 0, 0, 0, 0
     words = _words(pages)
@@ -261,8 +271,18 @@ def walk_nested(
         return HW_ERROR, table, 0, refs, 0
     if iova >> (12 + 9 * guest_levels):
         return ADDRESS_SIZE, guest_levels - 1, 0, refs, 0
-    st, val, shift, r, prot = _guest(pages, words, size, host_root, host_mode if nested else 0,
-                                     had, table, iova, guest_levels, write)
+    st, val, shift, r, prot = _guest(
+        pages,
+        words,
+        size,
+        host_root,
+        host_mode if nested else 0,
+        had,
+        table,
+        iova,
+        guest_levels,
+        write,
+    )
     return st, val, shift, refs + r, prot
 
 
@@ -318,12 +338,14 @@ def _guest(
         shift: i64 = 12 + 9 * level
         slot: i64 = table + ((iova >> shift) & 0x1FF) * 8
         if nested:
-            st, val, _s, r, _p = _host(pages, words, mem_size, host_root, host_mode, slot, False,
-                                       had)
+            st, val, _s, r, _p = _host(
+                pages, words, mem_size, host_root, host_mode, slot, False, had
+            )
             refs += r
             if st != OK:
-                return (HW_ERROR, val, 0, refs, 0) if st == HW_ERROR else (S2_FAULT, slot, 0,
-                                                                           refs, 0)
+                return (
+                    (HW_ERROR, val, 0, refs, 0) if st == HW_ERROR else (S2_FAULT, slot, 0, refs, 0)
+                )
             slot = val
         if slot + 8 > mem_size:
             return BAD_ENTRY, level, 0, refs, 0
@@ -339,12 +361,16 @@ def _guest(
             if write and not prot & 2:
                 return PERMISSION, level, 0, refs, prot
             if nested:
-                st, val, _s, r, _p = _host(pages, words, mem_size, host_root, host_mode, out,
-                                           write, had)
+                st, val, _s, r, _p = _host(
+                    pages, words, mem_size, host_root, host_mode, out, write, had
+                )
                 refs += r
                 if st != OK:
-                    return (HW_ERROR, val, 0, refs, 0) if st == HW_ERROR else (S2_FAULT, out, 0,
-                                                                               refs, 0)
+                    return (
+                        (HW_ERROR, val, 0, refs, 0)
+                        if st == HW_ERROR
+                        else (S2_FAULT, out, 0, refs, 0)
+                    )
                 # The combined page is limited by the host page: report 4 KiB granules.
                 return OK, val, 12, refs, prot
             return OK, out, shift, refs, prot
@@ -418,7 +444,11 @@ def _nested_with(
 
 
 def bench_v1(
-    pages: Pages, mem_size: int, root: int, mode: int, iovas: list[int],
+    pages: Pages,
+    mem_size: int,
+    root: int,
+    mode: int,
+    iovas: list[int],
     rounds: int,
 ) -> int:
     """Benchmark driver: ``rounds`` passes of v1 read walks over ``iovas`` in this module's own
@@ -432,15 +462,34 @@ def bench_v1(
 
 
 def bench_nested(
-    pages: Pages, mem_size: int, host_root: int, host_mode: int, gcr3_root: int,
-    guest_levels: int, gvas: list[int], rounds: int, x86: X86Walker,
+    pages: Pages,
+    mem_size: int,
+    host_root: int,
+    host_mode: int,
+    gcr3_root: int,
+    guest_levels: int,
+    gvas: list[int],
+    rounds: int,
+    x86: X86Walker,
 ) -> int:
     """Benchmark driver: :func:`walk_nested` (PASID 0, one-level GCR3) in this module's loop."""
     ok = 0
     for _ in range(rounds):
         for gva in gvas:
-            res = walk_nested(pages, mem_size, host_root, host_mode, 0, gcr3_root, 0,
-                              guest_levels, 0, gva, False, x86)
+            res = walk_nested(
+                pages,
+                mem_size,
+                host_root,
+                host_mode,
+                0,
+                gcr3_root,
+                0,
+                guest_levels,
+                0,
+                gva,
+                False,
+                x86,
+            )
             if res[0] == OK:
                 ok += 1
     return ok

@@ -135,8 +135,7 @@ class GuestRam:
     def read(self, gpa: int, n: int) -> bytes:
         return self.w.proc.read(self.va + gpa - self.base, n)
 
-    def map_page(self, cr3: int, gva: int, gpa: int, *, levels: int = 4,
-                 write: bool = True) -> int:
+    def map_page(self, cr3: int, gva: int, gpa: int, *, levels: int = 4, write: bool = True) -> int:
         """Map one 4 KiB guest page; returns the PTE's guest-physical slot."""
         table = cr3
         for level in range(levels - 1, 0, -1):

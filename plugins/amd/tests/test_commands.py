@@ -20,39 +20,62 @@ import iommufd_model as im
 def test_builders_decode_to_what_they_say() -> None:
     cw = C.decode(C.completion_wait(0x000F_FFFF_FFFF_FFF8, 0xDEAD_BEEF_0123_4567, interrupt=True))
     assert cw is not None and cw.opcode == C.COMPLETION_WAIT
-    assert (cw.address, cw.data, cw.s, cw.i) == (0x000F_FFFF_FFFF_FFF8, 0xDEAD_BEEF_0123_4567,
-                                                 True, True)
+    assert (cw.address, cw.data, cw.s, cw.i) == (
+        0x000F_FFFF_FFFF_FFF8,
+        0xDEAD_BEEF_0123_4567,
+        True,
+        True,
+    )
     inv = C.decode(C.inv_iommu_pages(0x1234, 0x5000, 4096, pasid=0x9_8765, gn=True))
     assert inv is not None
     assert (inv.opcode, inv.domid, inv.pasid, inv.address, inv.s, inv.pde, inv.gn) == (
-        C.INVALIDATE_IOMMU_PAGES, 0x1234, 0x9_8765, 0x5000, False, True, True
+        C.INVALIDATE_IOMMU_PAGES,
+        0x1234,
+        0x9_8765,
+        0x5000,
+        False,
+        True,
+        True,
     )
     tlb = C.decode(C.inv_iotlb_pages(0x100, 0x7000, 4096, qdep=4, pasid=0xA_BCDE, gn=True))
-    assert tlb is not None and (tlb.devid, tlb.pasid, tlb.count, tlb.gn) == (0x100, 0xA_BCDE, 4,
-                                                                           True)
+    assert tlb is not None and (tlb.devid, tlb.pasid, tlb.count, tlb.gn) == (
+        0x100,
+        0xA_BCDE,
+        4,
+        True,
+    )
     ppr = C.decode(C.complete_ppr(0x18, 0x33, 0xF, 0x1AB, gn=True))
-    assert ppr is not None and (ppr.devid, ppr.pasid, ppr.status, ppr.tag) == (0x18, 0x33, 0xF,
-                                                                             0x1AB)
+    assert ppr is not None and (ppr.devid, ppr.pasid, ppr.status, ppr.tag) == (
+        0x18,
+        0x33,
+        0xF,
+        0x1AB,
+    )
     pf = C.decode(C.prefetch_iommu_pages(0x18, 0x1234_5000, count=3, inval=True))
     assert pf is not None and (pf.address, pf.count, pf.inval) == (0x1234_5000, 3, True)
-    for raw, op in ((C.inv_devtab_entry(7), C.INVALIDATE_DEVTAB_ENTRY),
-                    (C.inv_interrupt_table(7), C.INVALIDATE_INTERRUPT_TABLE),
-                    (C.inv_all(), C.INVALIDATE_IOMMU_ALL)):
+    for raw, op in (
+        (C.inv_devtab_entry(7), C.INVALIDATE_DEVTAB_ENTRY),
+        (C.inv_interrupt_table(7), C.INVALIDATE_INTERRUPT_TABLE),
+        (C.inv_all(), C.INVALIDATE_IOMMU_ALL),
+    ):
         cmd = C.decode(raw)
         assert cmd is not None and cmd.opcode == op
     # the opcode lives in word 1 [31:28]
     assert struct.unpack("<4I", C.inv_all())[1] == 0x8000_0000
 
 
-@pytest.mark.parametrize("raw", [
-    struct.pack("<4I", 0, 0x9000_0000, 0, 0),  # unknown opcode 9
-    struct.pack("<4I", 0, 0, 0, 0),  # opcode 0
-    struct.pack("<4I", 0, 0xF000_0000, 0, 0),
-    struct.pack("<4I", 1 << 16, 0x2000_0000, 0, 0),  # INVALIDATE_DEVTAB_ENTRY reserved bits
-    struct.pack("<4I", 0, 0x3000_0000, 1 << 5, 0),  # INVALIDATE_IOMMU_PAGES reserved bit 5
-    struct.pack("<4I", 0, 0x1010_0000, 0, 0),  # COMPLETION_WAIT reserved word 1 bit 20
-    struct.pack("<4I", 0, 0x8000_0000, 0, 1),  # INVALIDATE_IOMMU_ALL with data
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        struct.pack("<4I", 0, 0x9000_0000, 0, 0),  # unknown opcode 9
+        struct.pack("<4I", 0, 0, 0, 0),  # opcode 0
+        struct.pack("<4I", 0, 0xF000_0000, 0, 0),
+        struct.pack("<4I", 1 << 16, 0x2000_0000, 0, 0),  # INVALIDATE_DEVTAB_ENTRY reserved bits
+        struct.pack("<4I", 0, 0x3000_0000, 1 << 5, 0),  # INVALIDATE_IOMMU_PAGES reserved bit 5
+        struct.pack("<4I", 0, 0x1010_0000, 0, 0),  # COMPLETION_WAIT reserved word 1 bit 20
+        struct.pack("<4I", 0, 0x8000_0000, 0, 1),  # INVALIDATE_IOMMU_ALL with data
+    ],
+)
 def test_illegal_encodings(raw: bytes) -> None:
     assert C.decode(raw) is None
 
@@ -163,8 +186,11 @@ def test_prefetch_fills_the_iotlb_and_never_faults(world: Any) -> None:
     assert w.dev.dma_read(1 << 30, 1) == b"\x3c"
     assert w.hw.stats.iotlb_misses == misses  # served by the prefetched entry
     # IOMMU_HW_INFO for a foreign type is refused
-    st = U.IommuHwInfo(dev_id=w.dev_id, flags=U.IOMMU_HW_INFO_FLAG_INPUT_TYPE,
-                       data_type=U.IOMMU_HW_INFO_TYPE_INTEL_VTD)
+    st = U.IommuHwInfo(
+        dev_id=w.dev_id,
+        flags=U.IOMMU_HW_INFO_FLAG_INPUT_TYPE,
+        data_type=U.IOMMU_HW_INFO_TYPE_INTEL_VTD,
+    )
     assert w.errno_of(lambda: w.ioctl(U.IOMMU_GET_HW_INFO, st)) == errno.EOPNOTSUPP
 
 

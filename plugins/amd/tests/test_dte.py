@@ -24,9 +24,26 @@ def test_decode_encode_round_trips_every_bit(words: tuple[int, int, int, int]) -
 
 def test_field_positions_match_the_kernel() -> None:
     gcr3 = 0x000F_EDCB_A987_6000
-    d = Dte(v=True, tv=True, had=3, mode=4, host_root=0x1234_5000, ppr=True, giov=True, gv=True,
-            glx=1, gcr3=gcr3, ir=True, iw=True, domain_id=0xBEEF, i=True, sysmgt=2,
-            gpt_level=1, iv=True, int_root=0xABC0)
+    d = Dte(
+        v=True,
+        tv=True,
+        had=3,
+        mode=4,
+        host_root=0x1234_5000,
+        ppr=True,
+        giov=True,
+        gv=True,
+        glx=1,
+        gcr3=gcr3,
+        ir=True,
+        iw=True,
+        domain_id=0xBEEF,
+        i=True,
+        sysmgt=2,
+        gpt_level=1,
+        iv=True,
+        int_root=0xABC0,
+    )
     w0, w1, w2, _ = d.encode()
     assert w0 & 3 == 3 and (w0 >> 7) & 3 == 3 and (w0 >> 9) & 7 == 4
     assert w0 & D.DTE_HOST_TRP == 0x1234_5000
@@ -54,10 +71,16 @@ def test_hardware_legality_rules() -> None:
     assert "reserved" in _check(Dte(v=True, tv=True, rsvd=(0, 1 << 42, 0, 0)))
     assert "GLX" in _check(Dte(v=True, tv=True, gv=True, glx=3))
     assert "GuestPagingMode" in _check(Dte(v=True, tv=True, gv=True, gpt_level=1))
-    assert "GTEn" in D.check(Dte(v=True, tv=True, gv=True), max_mode=6, gt_enabled=False,
-                             max_glx=1, gpt5=False)
-    assert "HATS" in D.check(Dte(v=True, tv=True, mode=6, host_root=0x1000), max_mode=4,
-                             gt_enabled=True, max_glx=1, gpt5=False)
+    assert "GTEn" in D.check(
+        Dte(v=True, tv=True, gv=True), max_mode=6, gt_enabled=False, max_glx=1, gpt5=False
+    )
+    assert "HATS" in D.check(
+        Dte(v=True, tv=True, mode=6, host_root=0x1000),
+        max_mode=4,
+        gt_enabled=True,
+        max_glx=1,
+        gpt5=False,
+    )
 
 
 def test_illegal_dte_logs_the_event_and_blocks(world: Any) -> None:

@@ -22,8 +22,9 @@ MIB = 1 << 20
 IOVA = 0x40_0000
 
 
-def boot(accelerated: bool, options: dict[str, Any] | None = None, *, ats: bool = False
-         ) -> tuple[Any, Vm, GuestAmd, Any]:
+def boot(
+    accelerated: bool, options: dict[str, Any] | None = None, *, ats: bool = False
+) -> tuple[Any, Vm, GuestAmd, Any]:
     m = im.Machine.build(iommus=["amd"], options={"amd": options or {}})
     vm = Vm(m, 16 * MIB, table_pool=4 * MIB)
     dev = m.add_pci_device(iommu=0, ats=ats)
@@ -115,7 +116,8 @@ def test_fault_goes_to_the_guest_log_with_the_guest_devid_and_to_the_veventq() -
         dev.dma_write(IOVA, b"x")
     evs = g.events()
     assert [(e.code, e.devid, e.address, e.write) for e in evs] == [
-        (E.IO_PAGE_FAULT, 0x33, IOVA, True)]
+        (E.IO_PAGE_FAULT, 0x33, IOVA, True)
+    ]
     assert evs[0].tag == g.devs[0x33].gdom  # the guest's DomainID, not the host's
     assert g.read_veventq() == evs
     assert m.iommus[0].mmio["EVT_TAIL"] == host_tail  # the host log never saw it

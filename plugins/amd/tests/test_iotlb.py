@@ -67,7 +67,8 @@ def test_range_size_encoding_invalidates_exactly_the_aligned_block(world: Any) -
     # Pages 1..2 cross no 16 KiB boundary: the encoding covers IOVA .. IOVA+16K.
     rig.invalidate(C.inv_iommu_pages(rig.dom.id, IOVA + PAGE, 2 * PAGE))
     assert C.decode_range(C.inv_address(IOVA + PAGE, 2 * PAGE) & ~0xFFF, True) == (
-        IOVA, IOVA + 4 * PAGE - 1
+        IOVA,
+        IOVA + 4 * PAGE - 1,
     )
     assert rig.read_all() == [0xB0, 0xB1, 0xB2, 0xB3, 0xA4, 0xA5]
 
@@ -82,8 +83,11 @@ def test_all_pages_encoding_and_invalidate_all(world: Any) -> None:
     mem = world.mem
     for i in range(3):
         ((slot, _iova, _level),) = rig.dom.pt._leaves(IOVA + i * PAGE, IOVA + i * PAGE)
-        mem.write_u64(slot, (mem.read_u64(slot) & ~PTE_ADDR) | world.proc.translate(
-            world.buffer(PAGE, fill=0xC0 + i)) << 12)
+        mem.write_u64(
+            slot,
+            (mem.read_u64(slot) & ~PTE_ADDR)
+            | world.proc.translate(world.buffer(PAGE, fill=0xC0 + i)) << 12,
+        )
     assert rig.read_all() == [0xB0, 0xB1, 0xB2]
     rig.invalidate(C.inv_all())
     assert rig.read_all() == [0xC0, 0xC1, 0xC2]

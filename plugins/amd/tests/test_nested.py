@@ -22,8 +22,16 @@ AMD = U.IOMMU_HWPT_DATA_AMD_GUEST
 
 
 def gdte(gcr3: int, gdom: int = 7, **kw: Any) -> bytes:
-    fields: dict[str, Any] = {"v": True, "tv": True, "gv": True, "giov": True, "glx": 0,
-                              "gcr3": gcr3, "domain_id": gdom, "gpt_level": 0}
+    fields: dict[str, Any] = {
+        "v": True,
+        "tv": True,
+        "gv": True,
+        "giov": True,
+        "glx": 0,
+        "gcr3": gcr3,
+        "domain_id": gdom,
+        "gpt_level": 0,
+    }
     fields.update(kw)
     return struct.pack("<4Q", *Dte(**fields).encode())
 
@@ -45,8 +53,11 @@ class Guest:
         self.pte = self.ram.map_page(self.cr3, GVA, self.data)
 
     def nested(self, data: bytes | None = None, pt: int | None = None) -> int:
-        return int(self.w.hwpt(self.viommu if pt is None else pt, 0, AMD,
-                               gdte(self.gcr3) if data is None else data))
+        return int(
+            self.w.hwpt(
+                self.viommu if pt is None else pt, 0, AMD, gdte(self.gcr3) if data is None else data
+            )
+        )
 
 
 def test_nested_dma_through_the_two_dimensional_walk(world: Any, guest_ram: Any) -> None:
@@ -57,8 +68,11 @@ def test_nested_dma_through_the_two_dimensional_walk(world: Any, guest_ram: Any)
     parent = w.fd.objects.get(g.parent).domain
     ndom = w.fd.objects.get(nested).domain
     dte = w.kernel.read_dte(w.dev.rid)
-    assert (dte.mode, dte.host_root, dte.domain_id) == (parent.mode, parent.pt.root,
-                                                        ndom.ginfo.hdom_id)
+    assert (dte.mode, dte.host_root, dte.domain_id) == (
+        parent.mode,
+        parent.pt.root,
+        ndom.ginfo.hdom_id,
+    )
     assert dte.gv and dte.giov and dte.gcr3 == g.gcr3 and dte.ir and dte.iw
     refs = w.hw.stats.walk_mem_refs
     assert w.dev.dma_read(GVA, 10) == b"guest data"
@@ -124,7 +138,9 @@ def test_bad_guest_dte_is_refused_without_a_trace(
     assert g.nested(gdte(g.gcr3) + bytes(8))
     before = w.state()
     assert w.errno_of(lambda: w.hwpt(g.viommu, 0, U.IOMMU_HWPT_DATA_VTD_S1, gdte(g.gcr3))) in (
-        errno.EOPNOTSUPP, errno.EINVAL)
+        errno.EOPNOTSUPP,
+        errno.EINVAL,
+    )
     assert w.state() == before
 
 

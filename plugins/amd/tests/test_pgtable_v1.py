@@ -25,8 +25,9 @@ RW = IOMMU_READ | IOMMU_WRITE
 MEM = 1 << 40
 
 
-def hw_walk(mem: PhysicalMemory, pt: AmdV1PageTable, iova: int, write: bool = False,
-            had: int = 0) -> tuple[int, int, int, int, int]:
+def hw_walk(
+    mem: PhysicalMemory, pt: AmdV1PageTable, iova: int, write: bool = False, had: int = 0
+) -> tuple[int, int, int, int, int]:
     return W.walk_v1(mem._pages, mem.size, pt.root, pt.fmt.levels, iova, write, had)
 
 
@@ -141,7 +142,7 @@ def test_hardware_sets_access_and_dirty_bits() -> None:
     pa = _raw(mem)
     pt.map(0x5000, pa, 4096, RW)
     hw_walk(mem, pt, 0x5000, write=False, had=3)
-    (slot, _i, _l), = pt._leaves(0x5000, 0x5FFF)
+    ((slot, _i, _l),) = pt._leaves(0x5000, 0x5FFF)
     assert mem.read_u64(slot) & (1 << 5) and not mem.read_u64(slot) & (1 << 6)
     hw_walk(mem, pt, 0x5000, write=True, had=0)
     assert not pt.fmt.is_dirty(mem.read_u64(slot))  # HAD off: no dirty update

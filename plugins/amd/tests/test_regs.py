@@ -22,7 +22,11 @@ def test_offsets_follow_the_spec() -> None:
     assert (R.DEV_TABLE_BASE, R.CMD_BUF_BASE, R.EVT_LOG_BASE, R.CONTROL) == (0, 8, 0x10, 0x18)
     assert (R.EFR, R.PPR_LOG_BASE, R.EFR2) == (0x30, 0x38, 0x1A0)
     assert (R.CMD_HEAD, R.CMD_TAIL, R.EVT_HEAD, R.EVT_TAIL, R.STATUS) == (
-        0x2000, 0x2008, 0x2010, 0x2018, 0x2020
+        0x2000,
+        0x2008,
+        0x2010,
+        0x2018,
+        0x2020,
     )
     assert (R.PPR_HEAD, R.PPR_TAIL) == (0x2030, 0x2038)
 

@@ -41,10 +41,17 @@ def test_dma_read_write_unmap_fault_through_raw_ioctls() -> None:
     ioas = U.IommuIoasAlloc.unpack(buf).out_ioas_id
     va = proc.mmap(1 << 16)
     proc.write(va, b"x" * (1 << 16))
-    flags = (U.IOMMU_IOAS_MAP_FIXED_IOVA | U.IOMMU_IOAS_MAP_READABLE
-             | U.IOMMU_IOAS_MAP_WRITEABLE)
-    buf = bytearray(U.IommuIoasMap(size=U.IommuIoasMap.SIZE, flags=flags, ioas_id=ioas,
-                                   user_va=va, length=1 << 16, iova=IOVA).pack())
+    flags = U.IOMMU_IOAS_MAP_FIXED_IOVA | U.IOMMU_IOAS_MAP_READABLE | U.IOMMU_IOAS_MAP_WRITEABLE
+    buf = bytearray(
+        U.IommuIoasMap(
+            size=U.IommuIoasMap.SIZE,
+            flags=flags,
+            ioas_id=ioas,
+            user_va=va,
+            length=1 << 16,
+            iova=IOVA,
+        ).pack()
+    )
     fd.ioctl(U.IOMMU_IOAS_MAP, buf)
     fd.attach(dev_id, ioas)
     hw = machine.iommus[0]
@@ -52,20 +59,31 @@ def test_dma_read_write_unmap_fault_through_raw_ioctls() -> None:
     dom = fd.device(dev_id).hwpt.domain
     dte = hw.kernel.read_dte(dev.rid)
     assert (dte.v, dte.tv, dte.mode, dte.host_root, dte.ir, dte.iw, dte.domain_id) == (
-        True, True, 4, dom.pt.root, True, True, dom.id
+        True,
+        True,
+        4,
+        dom.pt.root,
+        True,
+        True,
+        dom.id,
     )
     dev.dma_write(IOVA + 0x1FF0, b"hello, amd iommu")  # crosses a page boundary
     assert proc.read(va + 0x1FF0, 16) == b"hello, amd iommu"
     assert dev.dma_read(IOVA + 0x1FF0, 16) == b"hello, amd iommu"
-    buf = bytearray(U.IommuIoasUnmap(size=U.IommuIoasUnmap.SIZE, ioas_id=ioas, iova=IOVA,
-                                     length=1 << 16).pack())
+    buf = bytearray(
+        U.IommuIoasUnmap(size=U.IommuIoasUnmap.SIZE, ioas_id=ioas, iova=IOVA, length=1 << 16).pack()
+    )
     fd.ioctl(U.IOMMU_IOAS_UNMAP, buf)
     hw.read_events()
     with pytest.raises(im.DmaFault):
         dev.dma_write(IOVA, b"late")
     (ev,) = hw.read_events()
     assert (ev.code, ev.devid, ev.address, ev.write, ev.tag) == (
-        E.IO_PAGE_FAULT, dev.rid, IOVA, True, dom.id
+        E.IO_PAGE_FAULT,
+        dev.rid,
+        IOVA,
+        True,
+        dom.id,
     )
     assert hw.stats.iotlb_hits and hw.stats.walk_mem_refs
 
@@ -82,10 +100,13 @@ def test_attach_and_replace_issue_the_kernels_commands(world: Any) -> None:
     seen.clear()
     w.fd.attach(w.dev_id, b)  # replace: the old DomainID's translations go too
     assert [c.opcode for c in seen] == [
-        C.INVALIDATE_DEVTAB_ENTRY, C.INVALIDATE_IOMMU_PAGES, C.COMPLETION_WAIT
+        C.INVALIDATE_DEVTAB_ENTRY,
+        C.INVALIDATE_IOMMU_PAGES,
+        C.COMPLETION_WAIT,
     ]
     assert seen[1].domid == dom_a.id and C.decode_range(seen[1].address, seen[1].s) == (
-        0, (1 << 64) - 1
+        0,
+        (1 << 64) - 1,
     )
     seen.clear()
     w.fd.detach(w.dev_id)
@@ -111,8 +132,10 @@ def test_hw_info_reports_efr_and_efr2(world: Any) -> None:
 def test_paging_flag_combinations(make_world: Any) -> None:
     w = make_world()
     ioas = w.ioas()
-    for flags in (U.IOMMU_HWPT_ALLOC_PASID | U.IOMMU_HWPT_ALLOC_DIRTY_TRACKING,
-                  U.IOMMU_HWPT_ALLOC_PASID | U.IOMMU_HWPT_ALLOC_NEST_PARENT):
+    for flags in (
+        U.IOMMU_HWPT_ALLOC_PASID | U.IOMMU_HWPT_ALLOC_DIRTY_TRACKING,
+        U.IOMMU_HWPT_ALLOC_PASID | U.IOMMU_HWPT_ALLOC_NEST_PARENT,
+    ):
         assert w.errno_of(lambda f=flags: w.hwpt(ioas, f)) == errno.EOPNOTSUPP
     w2 = make_world({"hd": False})
     ioas2 = w2.ioas()
@@ -133,15 +156,22 @@ def test_dirty_tracking_through_the_host_dirty_bit(world: Any) -> None:
     hwpt = w.hwpt(ioas, U.IOMMU_HWPT_ALLOC_DIRTY_TRACKING)
     w.fd.attach(w.dev_id, hwpt)
     w.dev.dma_write(IOVA, b"before tracking")
-    w.ioctl(U.IOMMU_HWPT_SET_DIRTY_TRACKING, U.IommuHwptSetDirtyTracking(
-        hwpt_id=hwpt, flags=U.IOMMU_HWPT_DIRTY_TRACKING_ENABLE))
+    w.ioctl(
+        U.IOMMU_HWPT_SET_DIRTY_TRACKING,
+        U.IommuHwptSetDirtyTracking(hwpt_id=hwpt, flags=U.IOMMU_HWPT_DIRTY_TRACKING_ENABLE),
+    )
     assert w.kernel.read_dte(w.dev.rid).had == 3  # DTE HAD: update A and D
 
     def bitmap(clear: bool = True) -> int:
         out = w.proc.mmap(PAGE)
         st = U.IommuHwptGetDirtyBitmap(
-            hwpt_id=hwpt, iova=IOVA, length=4 * PAGE, page_size=PAGE, data=out,
-            flags=0 if clear else U.IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR)
+            hwpt_id=hwpt,
+            iova=IOVA,
+            length=4 * PAGE,
+            page_size=PAGE,
+            data=out,
+            flags=0 if clear else U.IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR,
+        )
         w.ioctl(U.IOMMU_HWPT_GET_DIRTY_BITMAP, st)
         return int.from_bytes(w.proc.read(out, 8), "little")
 
@@ -158,8 +188,10 @@ def test_dirty_tracking_through_the_host_dirty_bit(world: Any) -> None:
     w.ioctl(U.IOMMU_HWPT_SET_DIRTY_TRACKING, U.IommuHwptSetDirtyTracking(hwpt_id=hwpt))
     assert w.kernel.read_dte(w.dev.rid).had == 0
     assert w.errno_of(bitmap) == errno.EINVAL  # amd_iommu_read_and_clear_dirty()
-    w.ioctl(U.IOMMU_HWPT_SET_DIRTY_TRACKING, U.IommuHwptSetDirtyTracking(
-        hwpt_id=hwpt, flags=U.IOMMU_HWPT_DIRTY_TRACKING_ENABLE))
+    w.ioctl(
+        U.IOMMU_HWPT_SET_DIRTY_TRACKING,
+        U.IommuHwptSetDirtyTracking(hwpt_id=hwpt, flags=U.IOMMU_HWPT_DIRTY_TRACKING_ENABLE),
+    )
     assert bitmap() == 0  # re-enabling starts from a clean snapshot
 
 
@@ -209,8 +241,9 @@ def test_pasid_attach_through_gcr3(world: Any) -> None:
         ({"guest_levels": 5}, U.IOMMU_HWPT_ALLOC_PASID, 2 + 5),
     ],
 )
-def test_table_depth_options(make_world: Any, options: dict[str, Any], flags: int,
-                             refs: int) -> None:
+def test_table_depth_options(
+    make_world: Any, options: dict[str, Any], flags: int, refs: int
+) -> None:
     w = make_world(options)
     ioas = w.ioas()
     w.map(ioas, w.buffer(PAGE, fill=0x5A), PAGE, IOVA)

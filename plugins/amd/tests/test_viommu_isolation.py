@@ -57,8 +57,7 @@ class World:
         a = self.vms[0]
         self.a_pfns = {a.vmm.translate(a.ram_va + off) for off in range(0, RAM, PAGE)}
         slot = self.g[0].window.slot if self.g[0].window is not None else None
-        self.a_gid = slot.gid if slot is not None else a.fd.objects.get(
-            self.g[0].viommu_id).drv.gid
+        self.a_gid = slot.gid if slot is not None else a.fd.objects.get(self.g[0].viommu_id).drv.gid
 
     def victim_stale(self) -> None:
         """B remaps its IOVA without invalidating: its IOTLB still holds the old page."""
@@ -116,31 +115,40 @@ def world(accelerated: bool) -> World:
 
 ids = st.sampled_from([0, 1, 2, 0x10, 0x11, 0x7F, 0xFFFF]) | st.integers(0, 0xFFFF)
 addrs = st.sampled_from([0, RAM - 8, RAM, RAM + PAGE, 1 << 40, (1 << 52) - 8]) | st.integers(
-    0, (1 << 52) - 1).map(lambda a: a & ~7)
+    0, (1 << 52) - 1
+).map(lambda a: a & ~7)
 commands = st.one_of(
     st.binary(min_size=16, max_size=16),
-    st.builds(lambda d, a, s: C.inv_iommu_pages(d, a & ~0xFFF, s), ids, addrs,
-              st.sampled_from([PAGE, 1 << 21, 1 << 64])),
+    st.builds(
+        lambda d, a, s: C.inv_iommu_pages(d, a & ~0xFFF, s),
+        ids,
+        addrs,
+        st.sampled_from([PAGE, 1 << 21, 1 << 64]),
+    ),
     st.builds(lambda d, p: C.inv_iommu_all_pages(d, pasid=p, gn=True), ids, st.integers(0, 15)),
     st.builds(lambda d, a: C.inv_iotlb_pages(d, a & ~0xFFF, PAGE), ids, addrs),
     st.builds(C.inv_devtab_entry, ids),
-    st.builds(lambda a, v: C.completion_wait(a, v, interrupt=True), addrs,
-              st.integers(0, (1 << 64) - 1)),
+    st.builds(
+        lambda a, v: C.completion_wait(a, v, interrupt=True), addrs, st.integers(0, (1 << 64) - 1)
+    ),
     st.just(C.inv_all()),
     st.builds(C.inv_interrupt_table, ids),
     st.builds(lambda d, t: C.complete_ppr(d, 0, 0, t), ids, st.integers(0, 0x1FF)),
 )
-streams = st.lists(st.one_of(commands.map(lambda c: [c]),
-                             st.integers(1, 300).map(lambda n: [C.completion_wait(
-                                 RAM - 8, n, interrupt=True)] * n)),
-                   min_size=1, max_size=12)
+streams = st.lists(
+    st.one_of(
+        commands.map(lambda c: [c]),
+        st.integers(1, 300).map(lambda n: [C.completion_wait(RAM - 8, n, interrupt=True)] * n),
+    ),
+    min_size=1,
+    max_size=12,
+)
 
 
 def a_may_flush(w: World) -> tuple[set[int], set[int]]:
     """The host DomainIDs and DeviceIDs that belong to VM A."""
     drv = w.vms[0].fd.objects.get(w.g[0].viommu_id).drv
-    return ({i.hdom_id for i in drv.gdomids.values()} | {drv.trans_domid},
-            {w.dev[0].rid})
+    return ({i.hdom_id for i in drv.gdomids.values()} | {drv.trans_domid}, {w.dev[0].rid})
 
 
 def hostile_run(w: World, stream: list[list[bytes]], outside: bool) -> None:
@@ -177,8 +185,7 @@ def _hostile_run(w: World, stream: list[list[bytes]], outside: bool) -> None:
                 a.submit([raw])
             except OSError:  # full, stopped or its buffer is gone: the guest resets it
                 _reset(a, w)
-        if a.stopped or (a.window is not None and not a.window.read(R.VF_STATUS)
-                         & R.ST_CMDBUF_RUN):
+        if a.stopped or (a.window is not None and not a.window.read(R.VF_STATUS) & R.ST_CMDBUF_RUN):
             _reset(a, w)
     if outside:
         for bad in (RAM, RAM + PAGE, 1 << 40):
@@ -192,8 +199,9 @@ def _hostile_run(w: World, stream: list[list[bytes]], outside: bool) -> None:
 
 def _reset(a: GuestAmd, w: World) -> None:
     try:
-        a.reset_cmd_buffer(w.vms[0].memory.pool_start * PAGE - 64 * PAGE
-                           if a.cmd >= RAM or a.cmd < 0 else a.cmd)
+        a.reset_cmd_buffer(
+            w.vms[0].memory.pool_start * PAGE - 64 * PAGE if a.cmd >= RAM or a.cmd < 0 else a.cmd
+        )
     except OSError:
         a.reset_cmd_buffer(a.cmd if 0 <= a.cmd < RAM else 0)
 
@@ -212,8 +220,11 @@ def check_isolated(accelerated: bool, stream: list[list[bytes]], outside: bool) 
     w.dev[0].dma_read(IOVA, 1)
 
 
-@settings(max_examples=25, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(stream=streams, outside=st.booleans())
 def test_hostile_hw_viommu_guest_cannot_touch_another_vm_or_the_host(
     stream: list[list[bytes]], outside: bool
@@ -221,8 +232,11 @@ def test_hostile_hw_viommu_guest_cannot_touch_another_vm_or_the_host(
     check_isolated(True, stream, outside)
 
 
-@settings(max_examples=15, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=15,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(stream=streams, outside=st.booleans())
 def test_hostile_mediated_guest_cannot_touch_another_vm_or_the_host(
     stream: list[list[bytes]], outside: bool

@@ -44,10 +44,18 @@ class Rig:
         st = U.IommuVdeviceAlloc(viommu_id=viommu, dev_id=dev_id or self.w.dev_id, virt_id=virt_id)
         return int(self.w.ioctl(U.IOMMU_VDEVICE_ALLOC, st).out_vdevice_id)
 
-    def queue(self, viommu: int, qtype: int = U.IOMMU_HW_QUEUE_TYPE_AMD_CMD, *, index: int = 0,
-              iova: int = GPA, length: int = PAGE) -> int:
-        st = U.IommuHwQueueAlloc(viommu_id=viommu, type=qtype, index=index,
-                                 nesting_parent_iova=iova, length=length)
+    def queue(
+        self,
+        viommu: int,
+        qtype: int = U.IOMMU_HW_QUEUE_TYPE_AMD_CMD,
+        *,
+        index: int = 0,
+        iova: int = GPA,
+        length: int = PAGE,
+    ) -> int:
+        st = U.IommuHwQueueAlloc(
+            viommu_id=viommu, type=qtype, index=index, nesting_parent_iova=iova, length=length
+        )
         return int(self.w.ioctl(U.IOMMU_HW_QUEUE_ALLOC, st).out_hw_queue_id)
 
     def nested(self, viommu: int, gdom: int) -> int:
@@ -81,8 +89,7 @@ def test_guest_ids_are_bounded_and_distinct(make_world: Any, guest_ram: Any, exp
     assert rig.drv(rig.viommu()).gid == ga  # the ID went back to the pool
 
 
-def test_no_hw_viommu_keeps_the_plain_viommu(make_world: Any, guest_ram: Any,
-                                             expect: Any) -> None:
+def test_no_hw_viommu_keeps_the_plain_viommu(make_world: Any, guest_ram: Any, expect: Any) -> None:
     w = make_world({"viommu_guests": 0})
     rig = Rig(w, guest_ram)
     assert not w.hw.efr & R.EFR_VIOMMU_SUP and w.kernel.pas is None
@@ -101,8 +108,10 @@ def test_private_address_space_holds_the_slice(world: Any, guest_ram: Any) -> No
     # The IOMMU's own DTE maps the PAS; the DevID / DomID tables of this guest are mapped.
     own = w.kernel.read_dte(IOMMU_DEVID)
     assert own.v and own.tv and own.host_root == pas.pt.root and own.domain_id == pas.domid
-    for base, size in ((R.PAS_DEVID_MAP_BASE, R.PAS_DEVID_MAP_SIZE),
-                       (R.PAS_DOMID_MAP_BASE, R.PAS_DOMID_MAP_SIZE)):
+    for base, size in (
+        (R.PAS_DEVID_MAP_BASE, R.PAS_DEVID_MAP_SIZE),
+        (R.PAS_DOMID_MAP_BASE, R.PAS_DOMID_MAP_SIZE),
+    ):
         assert pas.pt.iova_to_phys(base + gid * size) >= 0
         assert pas.pt.iova_to_phys(base + gid * size + size - 8) >= 0
         assert pas.pt.iova_to_phys(base + (gid + 1) * size) < 0

@@ -69,15 +69,28 @@ class NestedRig:
             self.host.map(frame, frame, 4096, RW)
 
     def walk(
-        self, mod: ModuleType, x86: ModuleType, gva: int, write: bool,
-        pasid: int | None = None, host_mode: int | None = None,
+        self,
+        mod: ModuleType,
+        x86: ModuleType,
+        gva: int,
+        write: bool,
+        pasid: int | None = None,
+        host_mode: int | None = None,
     ) -> tuple[int, int, int, int, int]:
         mem = self.mem
         result: tuple[int, int, int, int, int] = mod.walk_nested(
-            mem._pages, mem.size, self.host.root,
-            self.host_mode if host_mode is None else host_mode, 0, self.gcr3.root,
-            self.gcr3.glx, self.guest_levels, self.pasid if pasid is None else pasid,
-            gva, write, x86.walk_x86,
+            mem._pages,
+            mem.size,
+            self.host.root,
+            self.host_mode if host_mode is None else host_mode,
+            0,
+            self.gcr3.root,
+            self.gcr3.glx,
+            self.guest_levels,
+            self.pasid if pasid is None else pasid,
+            gva,
+            write,
+            x86.walk_x86,
         )
         return result
 
@@ -104,8 +117,12 @@ def test_two_dimensional_walk_memory_references() -> None:
 @pytest.mark.parametrize("seed", range(6))
 def test_compiled_and_pure_agree_on_a_random_workload(seed: int) -> None:
     rng = random.Random(seed)
-    rig = NestedRig(seed, host_mode=rng.choice([4, 5, 6]), guest_levels=rng.choice([4, 5]),
-                    glx=rng.choice([0, 1]))
+    rig = NestedRig(
+        seed,
+        host_mode=rng.choice([4, 5, 6]),
+        guest_levels=rng.choice([4, 5]),
+        glx=rng.choice([0, 1]),
+    )
     cx86, px86 = load_walker(X86), load_pure(X86)
     mem = rig.mem
     probes = [g + rng.randrange(4096) for g in rig.gvas] + [
@@ -138,8 +155,9 @@ def test_nested_walk_hardware_errors() -> None:
     assert (st, val) == (compiled.HW_ERROR, mem.size + (1 << 30))
     mem.write_u64(root_slot, saved)
     # A GCR3 table root outside memory (no host stage): hardware error too.
-    st, val, *_ = compiled.walk_nested(mem._pages, mem.size, 0, 0, 0, mem.size + 4096, 0, 4,
-                                       rig.pasid, gva, False, x86.walk_x86)
+    st, val, *_ = compiled.walk_nested(
+        mem._pages, mem.size, 0, 0, 0, mem.size + 4096, 0, 4, rig.pasid, gva, False, x86.walk_x86
+    )
     assert st == compiled.HW_ERROR
     # A PASID beyond the GCR3 table's reach is simply not present.
     assert rig.walk(compiled, x86, gva, False, pasid=1 << 9)[0] == compiled.NOT_PRESENT

@@ -31,7 +31,6 @@ if TYPE_CHECKING:  # under mypyc ``vec[i64]`` is no runtime expression outside f
     Words = list[list[Frame | None] | None]
 
 
-
 OK: Final = 0
 F_WALK_EABT: Final = 0x0B
 F_TRANSLATION: Final = 0x10
@@ -120,8 +119,9 @@ def walk_s2(
     """
     if ia_bits > _MAX_IA or ipa >> ia_bits:
         return F_TRANSLATION, 0, 0, 0, 0, start_level
-    return _s2(pages, _words(pages), _clamp(mem_size), ttb, ipa, ia_bits, start_level, oa_bits,
-               write, affd)
+    return _s2(
+        pages, _words(pages), _clamp(mem_size), ttb, ipa, ia_bits, start_level, oa_bits, write, affd
+    )
 
 
 def _clamp(mem_size: int) -> i64:
@@ -203,8 +203,24 @@ def walk_s1(
     start = 4 - (ia_bits - 12 + 8) // 9
     if ia_bits > _MAX_IA or (nested and s2_ia_bits > _MAX_IA) or va >> ia_bits:
         return F_TRANSLATION, 0, 0, 0, 0, start, 0, 0, CLASS_IN
-    return _s1(pages, _words(pages), _clamp(mem_size), ttb, va, ia_bits, oa_bits, write, affd,
-               ha, nested, s2_ttb, s2_ia_bits, s2_start, s2_oa_bits, s2_affd)
+    return _s1(
+        pages,
+        _words(pages),
+        _clamp(mem_size),
+        ttb,
+        va,
+        ia_bits,
+        oa_bits,
+        write,
+        affd,
+        ha,
+        nested,
+        s2_ttb,
+        s2_ia_bits,
+        s2_start,
+        s2_oa_bits,
+        s2_affd,
+    )
 
 
 def _s1(
@@ -240,7 +256,15 @@ def _s1(
             if slot >> s2_ia_bits:
                 return F_TRANSLATION, 0, 0, refs, 0, s2_start, 1, slot, CLASS_TT
             st, slot_pa, _s, r2, _p, lvl2 = _s2(
-                pages, words, mem_size, s2_ttb, slot, s2_ia_bits, s2_start, s2_oa_bits, False,
+                pages,
+                words,
+                mem_size,
+                s2_ttb,
+                slot,
+                s2_ia_bits,
+                s2_start,
+                s2_oa_bits,
+                False,
                 s2_affd,
             )
             refs += r2
@@ -286,15 +310,32 @@ def _s1(
         if ipa >> s2_ia_bits:
             return F_TRANSLATION, 0, 0, refs, 0, s2_start, 1, ipa, CLASS_IN
         st, pa, shift2, r2, prot2, lvl2 = _s2(
-            pages, words, mem_size, s2_ttb, ipa, s2_ia_bits, s2_start, s2_oa_bits, write,
+            pages,
+            words,
+            mem_size,
+            s2_ttb,
+            ipa,
+            s2_ia_bits,
+            s2_start,
+            s2_oa_bits,
+            write,
             s2_affd,
         )
         refs += r2
         if st != OK:
             return st, pa, 0, refs, prot & prot2, lvl2, 1, ipa, CLASS_IN
         # A combined TLB entry covers the smaller of the two pages.
-        return OK, pa, shift if shift < shift2 else shift2, refs, prot & prot2, level, 0, 0, \
-            CLASS_IN
+        return (
+            OK,
+            pa,
+            shift if shift < shift2 else shift2,
+            refs,
+            prot & prot2,
+            level,
+            0,
+            0,
+            CLASS_IN,
+        )
 
 
 def bench_s1(
@@ -305,23 +346,44 @@ def bench_s1(
     ok = 0
     for _ in range(rounds):
         for va in vas:
-            res = walk_s1(pages, mem_size, ttb, va, ia_bits, 48, False, False, False, False,
-                          0, 0, 0, 0, False)
+            res = walk_s1(
+                pages, mem_size, ttb, va, ia_bits, 48, False, False, False, False, 0, 0, 0, 0, False
+            )
             if res[0] == OK:
                 ok += 1
     return ok
 
 
 def bench_nested(
-    pages: Pages, mem_size: int, ttb: int, s2_ttb: int, vas: list[int], ia_bits: int,
+    pages: Pages,
+    mem_size: int,
+    ttb: int,
+    s2_ttb: int,
+    vas: list[int],
+    ia_bits: int,
     rounds: int,
 ) -> int:
     """Benchmark driver: :func:`bench_s1` for nested walks (stage 2 at level 0, 48 bits)."""
     ok = 0
     for _ in range(rounds):
         for va in vas:
-            res = walk_s1(pages, mem_size, ttb, va, ia_bits, 48, False, False, False, True,
-                          s2_ttb, 48, 0, 48, False)
+            res = walk_s1(
+                pages,
+                mem_size,
+                ttb,
+                va,
+                ia_bits,
+                48,
+                False,
+                False,
+                False,
+                True,
+                s2_ttb,
+                48,
+                0,
+                48,
+                False,
+            )
             if res[0] == OK:
                 ok += 1
     return ok

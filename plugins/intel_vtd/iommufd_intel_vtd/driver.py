@@ -112,10 +112,13 @@ class VtdPaging(Domain):
 class VtdNested(Domain):
     """A user stage-1 domain over a nest-parent second-stage domain (nested.c)."""
 
-    def __init__(self, hw: IntelVtd, state: IommuState, parent: VtdPaging, cfg: U.IommuHwptVtdS1,
-                 flags: int) -> None:
+    def __init__(
+        self, hw: IntelVtd, state: IommuState, parent: VtdPaging, cfg: U.IommuHwptVtdS1, flags: int
+    ) -> None:
         super().__init__(
-            hw, DomainType.NESTED, parent=parent,
+            hw,
+            DomainType.NESTED,
+            parent=parent,
             pasid_compat=bool(flags & U.IOMMU_HWPT_ALLOC_PASID),
         )
         self.hw = hw
@@ -212,8 +215,10 @@ class IommuState:
             slot = self.root + bus * T.ROOT_ENTRY_SIZE
             re = T.RootEntry.decode(self.mem.read_u64(slot), self.mem.read_u64(slot + 8))
             re = T.RootEntry(
-                lp=re.lp or not half, lctp=table if not half else re.lctp,
-                up=re.up or bool(half), uctp=table if half else re.uctp,
+                lp=re.lp or not half,
+                lctp=table if not half else re.lctp,
+                up=re.up or bool(half),
+                uctp=table if half else re.uctp,
             )
             lo, hi = re.encode()
             self.mem.write_u64(slot, lo)
@@ -291,8 +296,17 @@ class IommuState:
 
         def by_pasid(did: int, pasid: int) -> None:
             if page_ok:
-                descs.append(Q.make(Q.PIOTLB, g=Q.PIOTLB_PAGE, did=did, pasid=pasid,
-                                    addr=addr >> 12, am=am, ih=ih))
+                descs.append(
+                    Q.make(
+                        Q.PIOTLB,
+                        g=Q.PIOTLB_PAGE,
+                        did=did,
+                        pasid=pasid,
+                        addr=addr >> 12,
+                        am=am,
+                        ih=ih,
+                    )
+                )
             else:
                 descs.append(Q.make(Q.PIOTLB, g=Q.PIOTLB_PASID, did=did, pasid=pasid))
 
@@ -349,10 +363,17 @@ def copy_struct(data: bytes, min_len: int) -> bytes:
 INFO = DriverInfo(
     name="intel_vtd",
     description="Intel VT-d scalable mode (Linux drivers/iommu/intel)",
-    features=frozenset({
-        Feature.PAGING, Feature.NEST_PARENT, Feature.NESTED, Feature.PASID,
-        Feature.DIRTY_TRACKING, Feature.HWPT_INVALIDATE, Feature.LARGE_PAGES,
-    }),
+    features=frozenset(
+        {
+            Feature.PAGING,
+            Feature.NEST_PARENT,
+            Feature.NESTED,
+            Feature.PASID,
+            Feature.DIRTY_TRACKING,
+            Feature.HWPT_INVALIDATE,
+            Feature.LARGE_PAGES,
+        }
+    ),
     hwpt_data_types=frozenset({U.IOMMU_HWPT_DATA_VTD_S1}),
     viommu_types=frozenset(),  # no vIOMMU type exists for VT-d upstream
     hw_info_type=U.IOMMU_HW_INFO_TYPE_INTEL_VTD,
@@ -377,13 +398,22 @@ class VtdDriver:
             raise err(errno.EINVAL, "bad paging depth options")
         sagaw = 0b0100 if levels == 4 else 0b1100
         cap = R.make_cap(
-            sagaw=sagaw, mgaw=48 if levels == 4 else 57, nfr=int(o["nfr"]),
-            sllps=int(o["sllps"]), fl1gp=bool(o["fl1gp"]), fl5lp=bool(o["fl5lp"]),
+            sagaw=sagaw,
+            mgaw=48 if levels == 4 else 57,
+            nfr=int(o["nfr"]),
+            sllps=int(o["sllps"]),
+            fl1gp=bool(o["fl1gp"]),
+            fl5lp=bool(o["fl5lp"]),
         )
         ecap = R.make_ecap(
-            first_stage=bool(o["first_stage"]), second_stage=bool(o["second_stage"]),
-            nest=bool(o["nest"]), ssads=bool(o["dirty"]), pasid_bits=int(o["pasid_bits"]),
-            srs=bool(o["srs"]), eafs=bool(o["eafs"]), prs=False,
+            first_stage=bool(o["first_stage"]),
+            second_stage=bool(o["second_stage"]),
+            nest=bool(o["nest"]),
+            ssads=bool(o["dirty"]),
+            pasid_bits=int(o["pasid_bits"]),
+            srs=bool(o["srs"]),
+            eafs=bool(o["eafs"]),
+            prs=False,
         )
         hw = IntelVtd(machine, index, cap=cap, ecap=ecap)
         hw.driver_state = IommuState(hw, fs_levels)
@@ -432,8 +462,14 @@ class VtdDriver:
 
     @hookimpl
     def domain_alloc_nested(
-        self, iommu: Any, dev: PciDevice, parent: Domain, viommu: ViommuBase | None,
-        flags: int, data_type: int, data: bytes,
+        self,
+        iommu: Any,
+        dev: PciDevice,
+        parent: Domain,
+        viommu: ViommuBase | None,
+        flags: int,
+        data_type: int,
+        data: bytes,
     ) -> Domain:
         st = _state(iommu)
         if not (st.sm and st.hw.ecap & R.ECAP_NEST) or flags & ~U.IOMMU_HWPT_ALLOC_PASID:
@@ -498,22 +534,37 @@ class VtdDriver:
                 raise err(errno.EINVAL, "no extended access flag support")
             s2 = domain.s2
             return T.PasidEntry(
-                p=True, aw=st.agaw, pgtt=T.PGTT_NESTED, ssade=s2.tracking,
-                slptptr=s2.pt.root, did=domain.did, pwsnp=True,
+                p=True,
+                aw=st.agaw,
+                pgtt=T.PGTT_NESTED,
+                ssade=s2.tracking,
+                slptptr=s2.pt.root,
+                did=domain.did,
+                pwsnp=True,
                 sre=bool(cfg.flags & U.IOMMU_VTD_S1_SRE),
                 wpe=bool(cfg.flags & U.IOMMU_VTD_S1_WPE),
                 eafe=bool(cfg.flags & U.IOMMU_VTD_S1_EAFE),
-                fspm=int(cfg.addr_width == ADDR_WIDTH_5LEVEL), fsptptr=cfg.pgtbl_addr,
+                fspm=int(cfg.addr_width == ADDR_WIDTH_5LEVEL),
+                fsptptr=cfg.pgtbl_addr,
             )
         d = _paging(domain)
         if d.first_stage:
             return T.PasidEntry(
-                p=True, pgtt=T.PGTT_FIRST, did=d.did, pwsnp=True,
-                fspm=int(d.pt.fmt.levels == 5), fsptptr=d.pt.root,
+                p=True,
+                pgtt=T.PGTT_FIRST,
+                did=d.did,
+                pwsnp=True,
+                fspm=int(d.pt.fmt.levels == 5),
+                fsptptr=d.pt.root,
             )
         return T.PasidEntry(
-            p=True, aw=st.agaw, pgtt=T.PGTT_SECOND, ssade=d.tracking,
-            slptptr=d.pt.root, did=d.did, pwsnp=True,
+            p=True,
+            aw=st.agaw,
+            pgtt=T.PGTT_SECOND,
+            ssade=d.tracking,
+            slptptr=d.pt.root,
+            did=d.did,
+            pwsnp=True,
         )
 
     def _set(self, iommu: Any, dev: PciDevice, pasid: int, domain: Domain | None) -> bool:
@@ -571,8 +622,12 @@ class VtdDriver:
                 return InvalidateResult(done, errno.EINVAL)
             # end = addr + nrpages_to_size(npages) - 1, in 64-bit arithmetic as the kernel.
             end = (inv.addr + ((inv.npages << 12) & U64) - 1) & U64
-            st.flush_range(target, inv.addr, U64 if end < inv.addr else end,
-                           bool(inv.flags & U.IOMMU_VTD_INV_FLAGS_LEAF))
+            st.flush_range(
+                target,
+                inv.addr,
+                U64 if end < inv.addr else end,
+                bool(inv.flags & U.IOMMU_VTD_INV_FLAGS_LEAF),
+            )
             done += 1
         return InvalidateResult(done)
 

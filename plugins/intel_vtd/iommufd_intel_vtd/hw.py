@@ -364,8 +364,17 @@ class IntelVtd(IommuHw):
             stage = "ss"
         else:
             st, value, shift, refs, prot, s2st = self.walker.walk_nested(
-                walk_x86, pages, size, pe.fsptptr, iova, pe.fs_levels, write,
-                pe.slptptr, T.aw_levels(pe.aw), self.large_mask, ssade,
+                walk_x86,
+                pages,
+                size,
+                pe.fsptptr,
+                iova,
+                pe.fs_levels,
+                write,
+                pe.slptptr,
+                T.aw_levels(pe.aw),
+                self.large_mask,
+                ssade,
             )
             stage = "fs"
         stats.walk_mem_refs += refs

@@ -57,8 +57,6 @@ _FS_RW: Final = 2
 _NATIVE_MAX: Final = (1 << 62) - 1
 
 
-
-
 def _words(pages: Pages) -> Words:
     """The index beside ``pages`` (``Frames.words``), or an empty one for a plain dict."""
     words: Words | None = getattr(pages, "words", None)
@@ -111,8 +109,9 @@ def walk_ss(
         return ADDRESS_SIZE, levels - 1, 0, 0, 0
     if not (0 < levels <= 5 and 0 <= root <= _NATIVE_MAX):
         return _ss_any(pages, mem_size, root, addr, levels, write, large_mask, set_ad)
-    return _ss(pages, _words(pages), _clamp(mem_size), root, addr, levels, write,
-               large_mask, set_ad)
+    return _ss(
+        pages, _words(pages), _clamp(mem_size), root, addr, levels, write, large_mask, set_ad
+    )
 
 
 def _ss(
@@ -243,12 +242,34 @@ def walk_nested(
         or not 0 <= fs_root <= _NATIVE_MAX
         or not 0 <= ss_root <= _NATIVE_MAX
     ):
-        return _nested_with(walk_fs, pages, mem_size, fs_root, iova, fs_levels, write,
-                            ss_root, ss_levels, large_mask, set_ad)
+        return _nested_with(
+            walk_fs,
+            pages,
+            mem_size,
+            fs_root,
+            iova,
+            fs_levels,
+            write,
+            ss_root,
+            ss_levels,
+            large_mask,
+            set_ad,
+        )
     if iova >> (12 + 9 * fs_levels):
         return ADDRESS_SIZE, fs_levels - 1, 0, 0, 0, OK
-    return _nested(pages, _words(pages), _clamp(mem_size), fs_root, iova, fs_levels,
-                   write, ss_root, ss_levels, large_mask, set_ad)
+    return _nested(
+        pages,
+        _words(pages),
+        _clamp(mem_size),
+        fs_root,
+        iova,
+        fs_levels,
+        write,
+        ss_root,
+        ss_levels,
+        large_mask,
+        set_ad,
+    )
 
 
 def _nested(
@@ -275,8 +296,9 @@ def _nested(
         gpa: i64 = table + ((iova >> shift) & 0x1FF) * 8
         if gpa >> ss_top:
             return S2_FAULT, gpa, 0, refs, 0, ADDRESS_SIZE
-        st, slot, _s, r, _p = _ss(pages, words, mem_size, ss_root, gpa, ss_levels, False,
-                                  large_mask, set_ad)
+        st, slot, _s, r, _p = _ss(
+            pages, words, mem_size, ss_root, gpa, ss_levels, False, large_mask, set_ad
+        )
         refs += r
         if st != OK:
             return S2_FAULT, gpa, 0, refs, 0, st
@@ -298,8 +320,9 @@ def _nested(
                 return PERMISSION, level, 0, refs, prot, OK
             if out >> ss_top:
                 return S2_FAULT, out, 0, refs, 0, ADDRESS_SIZE
-            st, pa, _s, r, s2prot = _ss(pages, words, mem_size, ss_root, out, ss_levels, write,
-                                        large_mask, set_ad)
+            st, pa, _s, r, s2prot = _ss(
+                pages, words, mem_size, ss_root, out, ss_levels, write, large_mask, set_ad
+            )
             refs += r
             if st != OK:
                 return S2_FAULT, out, 0, refs, 0, st
@@ -343,7 +366,11 @@ def _nested_with(
 
 
 def bench_ss(
-    pages: Pages, mem_size: int, root: int, addrs: list[int], levels: int,
+    pages: Pages,
+    mem_size: int,
+    root: int,
+    addrs: list[int],
+    levels: int,
     rounds: int,
 ) -> int:
     """Benchmark driver: ``rounds`` passes of second-stage read walks in this module's own
@@ -357,15 +384,33 @@ def bench_ss(
 
 
 def bench_nested(
-    walk_fs: FirstStage, pages: Pages, mem_size: int, fs_root: int,
-    iovas: list[int], fs_levels: int, ss_root: int, ss_levels: int, rounds: int,
+    walk_fs: FirstStage,
+    pages: Pages,
+    mem_size: int,
+    fs_root: int,
+    iovas: list[int],
+    fs_levels: int,
+    ss_root: int,
+    ss_levels: int,
+    rounds: int,
 ) -> int:
     """Benchmark driver: :func:`walk_nested` read walks in this module's own loop."""
     ok = 0
     for _ in range(rounds):
         for iova in iovas:
-            res = walk_nested(walk_fs, pages, mem_size, fs_root, iova, fs_levels, False,
-                              ss_root, ss_levels, 0, False)
+            res = walk_nested(
+                walk_fs,
+                pages,
+                mem_size,
+                fs_root,
+                iova,
+                fs_levels,
+                False,
+                ss_root,
+                ss_levels,
+                0,
+                False,
+            )
             if res[0] == OK:
                 ok += 1
     return ok

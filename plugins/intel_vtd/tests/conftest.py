@@ -63,15 +63,25 @@ class World:
     def unmap(self, ioas: int, iova: int, length: int) -> None:
         self.fd.ioas_unmap(ioas, iova, length)
 
-    def hwpt(self, pt_id: int, flags: int = 0, data_type: int = 0, data: bytes = b"",
-             dev_id: int | None = None) -> int:
+    def hwpt(
+        self,
+        pt_id: int,
+        flags: int = 0,
+        data_type: int = 0,
+        data: bytes = b"",
+        dev_id: int | None = None,
+    ) -> int:
         return self.fd.hwpt_alloc(
-            self.dev_id if dev_id is None else dev_id, pt_id, flags=flags,
-            data_type=data_type, data=data,
+            self.dev_id if dev_id is None else dev_id,
+            pt_id,
+            flags=flags,
+            data_type=data_type,
+            data=data,
         )
 
-    def invalidate(self, hwpt_id: int, entries: list[bytes], data_type: int = 0,
-                   entry_len: int | None = None) -> tuple[int, int]:
+    def invalidate(
+        self, hwpt_id: int, entries: list[bytes], data_type: int = 0, entry_len: int | None = None
+    ) -> tuple[int, int]:
         """IOMMU_HWPT_INVALIDATE; returns ``(errno, entry_num)``."""
         n = entry_len if entry_len is not None else (len(entries[0]) if entries else 24)
         try:

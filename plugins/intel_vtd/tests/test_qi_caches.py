@@ -164,9 +164,12 @@ def test_wait_descriptor_status_write_and_interrupt_flag(world: Any) -> None:
     st = hw.driver_state
     status = hw.memory.alloc_frame() << 12
     entry = st.width // 8
-    hw.memory.write(st.iq + st.tail * entry,
-                    Q.make(Q.WAIT, sw=1, iflag=1, status_data=0xC0FFEE,
-                           status_addr=(status + 4) >> 2).encode(st.width))
+    hw.memory.write(
+        st.iq + st.tail * entry,
+        Q.make(Q.WAIT, sw=1, iflag=1, status_data=0xC0FFEE, status_addr=(status + 4) >> 2).encode(
+            st.width
+        ),
+    )
     st.tail += 1
     hw.mmio.write(R.IQT, st.tail * entry)
     assert int.from_bytes(hw.memory.read(status + 4, 4), "little") == 0xC0FFEE

@@ -22,8 +22,16 @@ def test_capabilities_describe_the_modelled_features(world: Any) -> None:
     assert R.field(cap, R.CAP_NFR_SHIFT, 8) + 1 == 8
     assert R.field(cap, R.CAP_SLLPS_SHIFT, 4) == 0b11
     assert cap & R.CAP_FL1GP and cap & R.CAP_FL5LP and cap & R.CAP_PSI
-    for bit in (R.ECAP_SMTS, R.ECAP_PASID, R.ECAP_NEST, R.ECAP_FLTS, R.ECAP_SLTS,
-                R.ECAP_SLADS, R.ECAP_QI, R.ECAP_DT):
+    for bit in (
+        R.ECAP_SMTS,
+        R.ECAP_PASID,
+        R.ECAP_NEST,
+        R.ECAP_FLTS,
+        R.ECAP_SLTS,
+        R.ECAP_SLADS,
+        R.ECAP_QI,
+        R.ECAP_DT,
+    ):
         assert ecap & bit
     assert R.field(ecap, R.ECAP_PSS_SHIFT, 5) == 19
     mmio.write(R.CAP, 0)

@@ -25,8 +25,13 @@ def test_root_entry_roundtrip(lp: bool, up: bool, lo: int, hi: int) -> None:
 
 
 @given(
-    p=st.booleans(), fpd=st.booleans(), dte=st.booleans(), pre=st.booleans(),
-    pdts=st.integers(0, 7), d=addr, rp=st.integers(0, (1 << 20) - 1),
+    p=st.booleans(),
+    fpd=st.booleans(),
+    dte=st.booleans(),
+    pre=st.booleans(),
+    pdts=st.integers(0, 7),
+    d=addr,
+    rp=st.integers(0, (1 << 20) - 1),
 )
 def test_context_entry_roundtrip(
     p: bool, fpd: bool, dte: bool, pre: bool, pdts: int, d: int, rp: int
@@ -37,17 +42,41 @@ def test_context_entry_roundtrip(
 
 
 @given(
-    pgtt=st.integers(1, 4), aw=st.integers(1, 3), did=st.integers(0, 0xFFFF), ss=addr, fs=addr,
-    ssade=st.booleans(), sre=st.booleans(), wpe=st.booleans(), eafe=st.booleans(),
+    pgtt=st.integers(1, 4),
+    aw=st.integers(1, 3),
+    did=st.integers(0, 0xFFFF),
+    ss=addr,
+    fs=addr,
+    ssade=st.booleans(),
+    sre=st.booleans(),
+    wpe=st.booleans(),
+    eafe=st.booleans(),
     fspm=st.integers(0, 1),
 )
 def test_pasid_entry_roundtrip(
-    pgtt: int, aw: int, did: int, ss: int, fs: int, ssade: bool, sre: bool, wpe: bool,
-    eafe: bool, fspm: int,
+    pgtt: int,
+    aw: int,
+    did: int,
+    ss: int,
+    fs: int,
+    ssade: bool,
+    sre: bool,
+    wpe: bool,
+    eafe: bool,
+    fspm: int,
 ) -> None:
     pe = T.PasidEntry(
-        p=True, aw=aw, pgtt=pgtt, ssade=ssade, slptptr=ss, did=did, sre=sre, wpe=wpe,
-        eafe=eafe, fspm=fspm, fsptptr=fs,
+        p=True,
+        aw=aw,
+        pgtt=pgtt,
+        ssade=ssade,
+        slptptr=ss,
+        did=did,
+        sre=sre,
+        wpe=wpe,
+        eafe=eafe,
+        fspm=fspm,
+        fsptptr=fs,
     )
     qs = pe.encode()
     assert len(qs) == 8 and T.PasidEntry.decode(qs) == pe

@@ -38,7 +38,11 @@ def test_paging_dma_then_unmap_faults_and_is_recorded(world: Any) -> None:
         world.dev.dma_write(0x10_2000, b"late")
     rec = world.hw.pending_faults()[-1]
     assert (rec.sid, rec.addr, rec.reason, rec.write) == (
-        world.dev.rid, 0x10_2000, F.FR_FS_NOT_PRESENT, True)
+        world.dev.rid,
+        0x10_2000,
+        F.FR_FS_NOT_PRESENT,
+        True,
+    )
     # Detach blocks: the PASID entry is torn down (not present).
     world.fd.detach(world.dev_id)
     with pytest.raises(im.DmaFault):
@@ -63,8 +67,11 @@ def test_hw_info(world: Any) -> None:
     vtd = U.IommuHwInfoVtd.unpack(world.proc.read(out, U.IommuHwInfoVtd.SIZE))
     assert (vtd.cap_reg, vtd.ecap_reg) == (world.hw.cap, world.hw.ecap)
     assert vtd.flags == U.IOMMU_HW_INFO_VTD_ERRATA_772415_SPR17
-    st = U.IommuHwInfo(dev_id=world.dev_id, flags=U.IOMMU_HW_INFO_FLAG_INPUT_TYPE,
-                       data_type=U.IOMMU_HW_INFO_TYPE_ARM_SMMUV3)
+    st = U.IommuHwInfo(
+        dev_id=world.dev_id,
+        flags=U.IOMMU_HW_INFO_FLAG_INPUT_TYPE,
+        data_type=U.IOMMU_HW_INFO_TYPE_ARM_SMMUV3,
+    )
     assert world.errno_of(lambda: world.ioctl(U.IOMMU_GET_HW_INFO, st)) == errno.EOPNOTSUPP
 
 
@@ -72,8 +79,12 @@ def test_domain_stage_follows_linux(make_world: Any) -> None:
     w = make_world()
     ioas = w.ioas()
     kinds = {}
-    for flags in (0, U.IOMMU_HWPT_ALLOC_PASID, U.IOMMU_HWPT_ALLOC_NEST_PARENT,
-                  U.IOMMU_HWPT_ALLOC_DIRTY_TRACKING):
+    for flags in (
+        0,
+        U.IOMMU_HWPT_ALLOC_PASID,
+        U.IOMMU_HWPT_ALLOC_NEST_PARENT,
+        U.IOMMU_HWPT_ALLOC_DIRTY_TRACKING,
+    ):
         hwpt = w.hwpt(ioas, flags)
         kinds[flags] = w.fd.objects.get(hwpt).domain.first_stage
     assert kinds == {0: True, 8: True, 1: False, 2: False}
@@ -128,8 +139,9 @@ class Nest:
 
 
 def inv(addr: int = 0, npages: int = 1, flags: int = 0, reserved: int = 0) -> bytes:
-    return U.IommuHwptVtdS1Invalidate(addr=addr, npages=npages, flags=flags,
-                                      reserved=reserved).pack()
+    return U.IommuHwptVtdS1Invalidate(
+        addr=addr, npages=npages, flags=flags, reserved=reserved
+    ).pack()
 
 
 def test_nested_dma_through_guest_tables_and_hwpt_invalidation(world: Any) -> None:
@@ -140,7 +152,11 @@ def test_nested_dma_through_guest_tables_and_hwpt_invalidation(world: Any) -> No
     assert isinstance(domain, VtdNested) and domain.s2.nest_parent
     pe = world.hw.driver_state.read_pasid_entry(world.hw.driver_state.devs[world.dev.rid], 0)
     assert (pe.pgtt, pe.fsptptr, pe.slptptr, pe.did) == (
-        T.PGTT_NESTED, n.s1.root, domain.s2.pt.root, domain.did)
+        T.PGTT_NESTED,
+        n.s1.root,
+        domain.s2.pt.root,
+        domain.did,
+    )
     n.s1.map(0x4000_0000, n.buf, 4 * PAGE, RW)
     n.guest_write(n.buf + PAGE, b"nested!")
     refs = world.hw.stats.walk_mem_refs
@@ -211,8 +227,13 @@ def test_bad_vtd_s1_data_gives_the_kernels_errno_without_state_change(make_world
     assert n.alloc(good + bytes(8)) > 0  # a longer struct with a zero tail is fine
     # Not a nest parent.
     plain = world.hwpt(n.ioas, U.IOMMU_HWPT_ALLOC_DIRTY_TRACKING)
-    st = U.IommuHwptAlloc(dev_id=world.dev_id, pt_id=plain, data_type=1, data_len=len(good),
-                          data_uptr=world.proc.mmap(PAGE))
+    st = U.IommuHwptAlloc(
+        dev_id=world.dev_id,
+        pt_id=plain,
+        data_type=1,
+        data_len=len(good),
+        data_uptr=world.proc.mmap(PAGE),
+    )
     world.proc.write(st.data_uptr, good)
     assert world.errno_of(lambda: world.ioctl(U.IOMMU_HWPT_ALLOC, st)) == errno.EINVAL
     # nested.c takes flags / addr_width as given; intel_pasid_setup_nested refuses at attach.
@@ -229,8 +250,11 @@ def test_bad_vtd_s1_data_gives_the_kernels_errno_without_state_change(make_world
         assert world.fd.device(world.dev_id).hwpt is None
         assert world.hw.memory.read(world.hw.driver_state.pasid_slot(info, 0), 64) == entry
     # Unknown flag bits are not checked by the kernel: WPE plus an undefined bit attaches.
-    ok = n.alloc(U.IommuHwptVtdS1(flags=U.IOMMU_VTD_S1_WPE | 1 << 9, pgtbl_addr=n.s1.root,
-                                  addr_width=48).pack())
+    ok = n.alloc(
+        U.IommuHwptVtdS1(
+            flags=U.IOMMU_VTD_S1_WPE | 1 << 9, pgtbl_addr=n.s1.root, addr_width=48
+        ).pack()
+    )
     world.fd.attach(world.dev_id, ok)
     assert world.hw.driver_state.read_pasid_entry(info, 0).wpe
 
@@ -274,8 +298,9 @@ def test_pasid_attach_dma_and_detach(world: Any) -> None:
 def test_nested_attach_on_a_pasid(world: Any) -> None:
     n = Nest(world)
     world.fd.attach(world.dev_id, world.hwpt(n.ioas, U.IOMMU_HWPT_ALLOC_PASID))
-    nested = int(world.hwpt(n.parent, U.IOMMU_HWPT_ALLOC_PASID, U.IOMMU_HWPT_DATA_VTD_S1,
-                            n.data.pack()))
+    nested = int(
+        world.hwpt(n.parent, U.IOMMU_HWPT_ALLOC_PASID, U.IOMMU_HWPT_DATA_VTD_S1, n.data.pack())
+    )
     world.fd.attach(world.dev_id, nested, pasid=3)
     n.s1.map(0x2000, n.buf, PAGE, RW)
     n.guest_write(n.buf, b"p3")
@@ -284,8 +309,9 @@ def test_nested_attach_on_a_pasid(world: Any) -> None:
 
 def _dirty(world: Any, hwpt: int, length: int, flags: int = 0) -> list[int]:
     out = world.proc.mmap(PAGE)
-    st = U.IommuHwptGetDirtyBitmap(hwpt_id=hwpt, flags=flags, iova=0, length=length,
-                                   page_size=PAGE, data=out)
+    st = U.IommuHwptGetDirtyBitmap(
+        hwpt_id=hwpt, flags=flags, iova=0, length=length, page_size=PAGE, data=out
+    )
     world.ioctl(U.IOMMU_HWPT_GET_DIRTY_BITMAP, st)
     bits = int.from_bytes(world.proc.read(out, length // PAGE // 8), "little")
     return [i for i in range(length // PAGE) if bits >> i & 1]
@@ -340,8 +366,9 @@ def test_dirty_tracking_covers_nested_children(world: Any) -> None:
     world.ioctl(U.IOMMU_HWPT_SET_DIRTY_TRACKING, on)
     world.dev.dma_write(0, b"dirty")
     out = world.proc.mmap(PAGE)
-    st = U.IommuHwptGetDirtyBitmap(hwpt_id=parent, iova=GPA_BASE, length=RAM, page_size=PAGE,
-                                   data=out)
+    st = U.IommuHwptGetDirtyBitmap(
+        hwpt_id=parent, iova=GPA_BASE, length=RAM, page_size=PAGE, data=out
+    )
     world.ioctl(U.IOMMU_HWPT_GET_DIRTY_BITMAP, st)
     bits = int.from_bytes(world.proc.read(out, RAM // PAGE // 8), "little")
     assert bits >> ((buf - GPA_BASE) // PAGE) & 1

@@ -65,6 +65,7 @@ def test_second_stage_walk_refs_and_page_sizes(levels: int, size: int, shift: in
         )
         assert (st, pa, got_shift, prot) == (w.OK, 7 * G + 0x42, shift, IOMMU_READ)
         assert refs == levels - (shift - 12) // 9
+
         def status(addr: int, write: bool, w: Any = w) -> int:
             res = w.walk_ss(mem._pages, mem.size, pt.root, addr, levels, write, 0b110, False)
             return int(res[0])
@@ -127,8 +128,17 @@ def test_nested_walk_counts_every_stage2_reference(fs_levels: int, ss_levels: in
     s1.map(0x5000, gpa_base + (4 << 20), 4096, RW)
     for w in (compiled, pure):
         st, pa, shift, refs, prot, s2st = w.walk_nested(
-            X.walk_x86, mem._pages, mem.size, s1.root, 0x5123, fs_levels, True,
-            s2.root, ss_levels, 0b110, False,
+            X.walk_x86,
+            mem._pages,
+            mem.size,
+            s1.root,
+            0x5123,
+            fs_levels,
+            True,
+            s2.root,
+            ss_levels,
+            0b110,
+            False,
         )
         assert (st, pa, shift, prot, s2st) == (w.OK, host + (4 << 20) + 0x123, 12, RW, w.OK)
         # Each first-stage level: a stage-2 walk of the table pointer + the entry itself;
@@ -138,8 +148,17 @@ def test_nested_walk_counts_every_stage2_reference(fs_levels: int, ss_levels: in
     # A GPA outside the stage-2 mapping: S2_FAULT with the stage-2 reason.
     s1.map(0x6000, 1 << 40, 4096, RW)
     st, gpa, *_rest, s2st = compiled.walk_nested(
-        X.walk_x86, mem._pages, mem.size, s1.root, 0x6000, fs_levels, False,
-        s2.root, ss_levels, 0b110, False,
+        X.walk_x86,
+        mem._pages,
+        mem.size,
+        s1.root,
+        0x6000,
+        fs_levels,
+        False,
+        s2.root,
+        ss_levels,
+        0b110,
+        False,
     )
     assert st == compiled.S2_FAULT and s2st in (compiled.NOT_PRESENT, compiled.ADDRESS_SIZE)
     assert gpa == 1 << 40

@@ -47,7 +47,8 @@ def test_driver_info(iommu_driver: str, iommu_driver_info: DriverInfo) -> None:
 def test_probe_rejects_unknown_option(iommu_driver: str, iommu_registry: DriverRegistry) -> None:
     with pytest.raises(OSError) as exc:
         Machine.build(
-            iommus=[iommu_driver], registry=iommu_registry,
+            iommus=[iommu_driver],
+            registry=iommu_registry,
             options={iommu_driver: {"no_such_option_xyz": 1}},
         )
     assert exc.value.errno == errno.EINVAL

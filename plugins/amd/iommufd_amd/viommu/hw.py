@@ -33,10 +33,14 @@ IOMMU_DEVID = 0x0002  # the IOMMU's own function (00:00.2), its DTE maps the PAS
 TRANS_DEVID_BASE = 0xFF00  # bus 0xFF: one TransDevID per guest ID (model choice)
 MAX_GUESTS = 255  # guest IDs 1..255 fit the TransDevID bus (the spec allows 64 Ki)
 #: Guest commands the hardware executes itself; anything else legal is left to the VMM.
-VIRTUALISED = frozenset({
-    C.COMPLETION_WAIT, C.INVALIDATE_DEVTAB_ENTRY, C.INVALIDATE_IOMMU_PAGES,
-    C.INVALIDATE_IOTLB_PAGES,
-})
+VIRTUALISED = frozenset(
+    {
+        C.COMPLETION_WAIT,
+        C.INVALIDATE_DEVTAB_ENTRY,
+        C.INVALIDATE_IOMMU_PAGES,
+        C.INVALIDATE_IOTLB_PAGES,
+    }
+)
 #: Events of a guest device that go to its guest (the rest are the host's business).
 GUEST_EVENTS = frozenset({E.IO_PAGE_FAULT, E.INVALID_DEVICE_REQUEST})
 
@@ -229,12 +233,14 @@ class ViommuHw:
         return (entry >> R.MAP_HID_SHIFT) & 0xFFFF if entry & R.MAP_V else -1
 
     def hdevid(self, slot: GuestSlot, gdevid: int) -> int:
-        return self._lookup_map(slot, R.PAS_DEVID_MAP_BASE, R.PAS_DEVID_MAP_SIZE,
-                                R.PAS_DEVID_ENTRY, gdevid)
+        return self._lookup_map(
+            slot, R.PAS_DEVID_MAP_BASE, R.PAS_DEVID_MAP_SIZE, R.PAS_DEVID_ENTRY, gdevid
+        )
 
     def hdomid(self, slot: GuestSlot, gdomid: int) -> int:
-        return self._lookup_map(slot, R.PAS_DOMID_MAP_BASE, R.PAS_DOMID_MAP_SIZE,
-                                R.PAS_DOMID_ENTRY, gdomid)
+        return self._lookup_map(
+            slot, R.PAS_DOMID_MAP_BASE, R.PAS_DOMID_MAP_SIZE, R.PAS_DOMID_ENTRY, gdomid
+        )
 
     # -- the guest command processor ------------------------------------------------------------
     def process(self, slot: GuestSlot) -> None:
@@ -271,8 +277,9 @@ class ViommuHw:
                     slot.stalled = True
                     slot.traps += 1
                     self._status(slot, R.GST_CMD_TRAP)
-                    self.hw.mmio.set("VIOMMU_STATUS", self.hw.mmio["VIOMMU_STATUS"]
-                                     | R.VST_CMD_TRAP)
+                    self.hw.mmio.set(
+                        "VIOMMU_STATUS", self.hw.mmio["VIOMMU_STATUS"] | R.VST_CMD_TRAP
+                    )
                     trapped = True
                     break
                 if not self._execute(slot, cmd, gpa):

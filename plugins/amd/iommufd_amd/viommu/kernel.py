@@ -49,8 +49,10 @@ class PasState:
         # The page-table skeleton of every guest's mapping-table slots, built up front (the
         # kernel allocates its private subregions at init too): a vIOMMU then only fills and
         # clears leaf entries, and teardown leaves the PAS table exactly as it found it.
-        for base, size in ((R.PAS_DEVID_MAP_BASE, R.PAS_DEVID_MAP_SIZE),
-                           (R.PAS_DOMID_MAP_BASE, R.PAS_DOMID_MAP_SIZE)):
+        for base, size in (
+            (R.PAS_DEVID_MAP_BASE, R.PAS_DEVID_MAP_SIZE),
+            (R.PAS_DOMID_MAP_BASE, R.PAS_DOMID_MAP_SIZE),
+        ):
             pfn = k.mem.alloc_frame()
             for addr in range(base + size, base + (max_guests + 1) * size, size):
                 self.pt.map(addr, pfn << PAGE_SHIFT, PAGE_SIZE, RW)
@@ -72,20 +74,33 @@ def viommu_init(k: AmdKernel) -> None:
     if hw.vi is None or not k.efr & R.EFR_VIOMMU_SUP:
         return
     pas = k.pas = PasState(k, hw.vi.max_guests)
-    k.write_dte(IOMMU_DEVID, Dte(v=True, tv=True, mode=PAS_MODE, host_root=pas.pt.root,
-                                 ir=True, iw=True, domain_id=pas.domid))
+    k.write_dte(
+        IOMMU_DEVID,
+        Dte(
+            v=True,
+            tv=True,
+            mode=PAS_MODE,
+            host_root=pas.pt.root,
+            ir=True,
+            iw=True,
+            domain_id=pas.domid,
+        ),
+    )
     k.queue(C.inv_devtab_entry(IOMMU_DEVID))
     k.completion_wait()
     ctrl = hw.mmio.read(R.CONTROL)
     hw.mmio.write(R.CONTROL, ctrl | R.CTRL_VCMD_EN | R.CTRL_VIOMMU_EN)
 
 
-def map_command(hw: AmdIommu, gid: int, *, domain: bool, gid_: int, hid: int,
-                valid: bool) -> None:
+def map_command(hw: AmdIommu, gid: int, *, domain: bool, gid_: int, hid: int, valid: bool) -> None:
     """set_device_mapping() / set_domain_mapping(): one VFCTRL map command."""
     assert hw.vi is not None
-    val = (R.MAPCTL_GO | (gid_ & 0xFFFF) << R.MAPCTL_GID_SHIFT
-           | (hid & 0xFFFF) << R.MAPCTL_HID_SHIFT | (R.MAPCTL_VALID if valid else 0))
+    val = (
+        R.MAPCTL_GO
+        | (gid_ & 0xFFFF) << R.MAPCTL_GID_SHIFT
+        | (hid & 0xFFFF) << R.MAPCTL_HID_SHIFT
+        | (R.MAPCTL_VALID if valid else 0)
+    )
     off = R.VFCTRL_DID_MAP_CONTROL1 if domain else R.VFCTRL_DID_MAP_CONTROL0
     hw.vi.vfctrl_write(gid, off, val)
 
@@ -127,13 +142,21 @@ def viommu_init_one(k: AmdKernel, viommu: AmdViommu, parent: AmdDomain) -> None:
     k.mem.write(pas.mmio_pa(gid), bytes(R.PAS_GUEST_MMIO_ENTRY))  # fresh guest registers
     # set_trans_dte(): guest buffers are guest-physical; the hardware translates them through
     # this DTE, i.e. through the nest parent's stage 2, tagged with the guest's own DomainID.
-    k.write_dte(viommu.trans_devid, Dte(v=True, tv=True, mode=parent.mode,
-                                        host_root=parent.pt.root, ir=True, iw=True,
-                                        domain_id=tdom))
+    k.write_dte(
+        viommu.trans_devid,
+        Dte(
+            v=True,
+            tv=True,
+            mode=parent.mode,
+            host_root=parent.pt.root,
+            ir=True,
+            iw=True,
+            domain_id=tdom,
+        ),
+    )
     k.queue(C.inv_devtab_entry(viommu.trans_devid))
     k.completion_wait()
-    hw.vi.vfctrl_write(gid, R.VFCTRL_MISC_CONTROL,
-                       viommu.trans_devid << R.MISC_TRANS_DEVID_SHIFT)
+    hw.vi.vfctrl_write(gid, R.VFCTRL_MISC_CONTROL, viommu.trans_devid << R.MISC_TRANS_DEVID_SHIFT)
     viommu.window = hw.vi.slots[gid].window
     pas.by_gid[gid] = viommu
 
@@ -144,8 +167,10 @@ def _undo(k: AmdKernel, viommu: AmdViommu) -> None:
     assert pas is not None
     gid = viommu.gid
     if viommu.table_frames:
-        for base, size in ((R.PAS_DEVID_MAP_BASE, R.PAS_DEVID_MAP_SIZE),
-                           (R.PAS_DOMID_MAP_BASE, R.PAS_DOMID_MAP_SIZE)):
+        for base, size in (
+            (R.PAS_DEVID_MAP_BASE, R.PAS_DEVID_MAP_SIZE),
+            (R.PAS_DOMID_MAP_BASE, R.PAS_DOMID_MAP_SIZE),
+        ):
             pas.pt.unmap(base + gid * size, size)
             _flush_pas(k, base + gid * size, size)
         k.completion_wait()
@@ -201,8 +226,9 @@ def vdevice_map(k: AmdKernel, viommu: AmdViommu, hdevid: int, gdevid: int, on: b
     k.update_dte(dd.dev)
 
 
-def hw_queue_init(viommu: AmdViommu, queue_type: int, index: int, base_iova: int,
-                  length: int) -> AmdHwQueue:
+def hw_queue_init(
+    viommu: AmdViommu, queue_type: int, index: int, base_iova: int, length: int
+) -> AmdHwQueue:
     """amd_iommufd_hw_queue_init(): the guest command buffer / event log, by GPA."""
     hw = viommu.hw
     if not viommu.gid or hw.vi is None:
@@ -220,8 +246,9 @@ def hw_queue_init(viommu: AmdViommu, queue_type: int, index: int, base_iova: int
     if base_iova & (PAGE_SIZE - 1):
         raise err(errno.EINVAL, "queue base must be 4 KiB aligned")
     log2 = (length // R.ENTRY_SIZE).bit_length() - 1
-    hw.vi.vfctrl_write(viommu.gid, off,
-                       (base_iova & R.BASE_ADDR_MASK) | log2 << R.LEN_SHIFT | R.GBUF_EN)
+    hw.vi.vfctrl_write(
+        viommu.gid, off, (base_iova & R.BASE_ADDR_MASK) | log2 << R.LEN_SHIFT | R.GBUF_EN
+    )
     return AmdHwQueue(viommu, queue_type, index, base_iova, length)
 
 
@@ -230,8 +257,11 @@ def hw_queue_fini(queue: AmdHwQueue) -> None:
     assert isinstance(viommu, AmdViommu)
     hw = viommu.hw
     if viommu.gid and hw.vi is not None:
-        off = (R.VFCTRL_CMD_CONTROL if queue.queue_type == U.IOMMU_HW_QUEUE_TYPE_AMD_CMD
-               else R.VFCTRL_EVT_CONTROL)
+        off = (
+            R.VFCTRL_CMD_CONTROL
+            if queue.queue_type == U.IOMMU_HW_QUEUE_TYPE_AMD_CMD
+            else R.VFCTRL_EVT_CONTROL
+        )
         hw.vi.vfctrl_write(viommu.gid, off, 0)
 
 
@@ -259,7 +289,8 @@ def invalidate_user(k: AmdKernel, viommu: AmdViommu, entries: list[bytes]) -> In
             hdev = viommu.gdevids.get(cmd.devid)
             # Device TLB flushes only for an ATS device (as the kernel's ats_enabled check).
             ats = cmd.opcode != C.INVALIDATE_IOTLB_PAGES or (
-                hdev is not None and k.dev_data[hdev].dev.ats)
+                hdev is not None and k.dev_data[hdev].dev.ats
+            )
             if hdev is not None and ats:
                 k.queue(C.with_devid(raw, hdev))
                 queued = True
