@@ -1,6 +1,7 @@
 """The ``iommufd-model`` console script: list drivers, run the cross-vendor matrix.
 
 Stdlib only (argparse, json, concurrent.futures): the runtime dependencies stay pluggy and attrs.
+What ``--help`` shows is :data:`DESCRIPTION`, written for users.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import multiprocessing
 import os
 import sys
@@ -18,6 +20,7 @@ from html import escape as esc
 from pathlib import Path
 from typing import Any
 
+from iommufd_model import __version__
 from iommufd_model.plugins import DriverRegistry, default_registry
 from iommufd_model.scenarios import (
     FAIL,
@@ -33,13 +36,14 @@ from iommufd_model.scenarios.base import COST_KEYS
 
 def _problems(reg: DriverRegistry) -> list[dict[str, str]]:
     return [
-        {"name": p.name, "distribution": p.distribution, "error": p.message} for p in reg.problems
+        {"name": p.name, "distribution": p.distribution, "error": p.one_line_message()}
+        for p in reg.problems
     ]
 
 
 def _print_problems(reg: DriverRegistry) -> None:
     for p in reg.problems:
-        print(f"BROKEN {p.name} (distribution {p.distribution}): {p.message}", file=sys.stderr)
+        print(f"BROKEN {p.line()}", file=sys.stderr)
 
 
 def _cmd_drivers(args: argparse.Namespace, reg: DriverRegistry) -> int:
@@ -60,8 +64,8 @@ def _cmd_drivers(args: argparse.Namespace, reg: DriverRegistry) -> int:
             print(f"{r['name']:<12} {r['distribution']} {r['version']}: {r['description']}")
             print(f"{'':<12} features: {', '.join(r['features'])}")
         _print_problems(reg)
-    # Broken plugins are worth a warning, not a failure: only "nothing usable" is an error.
-    return 0 if reg.drivers else 1
+    # A broken plugin is an installation error the user must see in the exit status too.
+    return 0 if reg.drivers and not reg.problems else 1
 
 
 class _Progress:
@@ -87,15 +91,40 @@ class _Progress:
             sys.stderr.flush()
 
 
-def _select(names: list[str] | None, known: Sequence[str], what: str) -> list[str]:
+def _select(
+    names: list[str] | None, known: Sequence[str], what: str, broken: dict[str, str] | None = None
+) -> list[str]:
+    """The ``known`` names the user asked for (all without a filter), in ``known``'s order;
+    a name that is not known ends the run with one line, naming why a broken plugin is."""
     if not names:
         return list(known)
+    broken = broken or {}
+    for n in names:
+        if n in broken:
+            raise SystemExit(f"iommufd-model: {what} {n} is installed but broken: {broken[n]}")
     unknown = [n for n in names if n not in known]
     if unknown:
         raise SystemExit(
             f"iommufd-model: unknown {what}(s): {', '.join(unknown)} (known: {', '.join(known)})"
         )
     return [n for n in known if n in names]
+
+
+def _check_output(option: str, path: str | None) -> None:
+    """Refuse, in one line and before any cell runs, an output file that cannot be written."""
+    if path is None or path == "-":
+        return
+    target = Path(path)
+    folder = target.parent
+    why = ""
+    if target.is_dir():
+        why = "is a directory"
+    elif not folder.is_dir():
+        why = f"no such directory: {folder}"
+    elif not os.access(target if target.exists() else folder, os.W_OK):
+        why = "permission denied"
+    if why:
+        raise SystemExit(f"iommufd-model: cannot write {option} {path}: {why}")
 
 
 def _jobs(value: str) -> int:
@@ -139,7 +168,9 @@ CHART = (
     ("commands", "commands processed"),
     ("wall_ms", "wall time (ms)"),
 )
-PALETTE = ("#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf")
+# Okabe-Ito colours without their vermillion and red-like hues: no driver's bar can be read
+# as the red of a FAIL cell, and the set stays distinct for colour-blind readers.
+PALETTE = ("#0072b2", "#e69f00", "#009e73", "#56b4e9", "#cc79a7", "#f0e442", "#000000")
 
 
 @dataclasses.dataclass
@@ -217,6 +248,7 @@ thead th{background:#f0f0f0}
 td.pass{background:#e6f4e6}td.fail{background:#fbe0e0}td.unsupported{background:#f3f3f3;color:#777}
 td .costs{display:block;font:12px monospace;color:#555}
 .fail .st{font-weight:bold;color:#b00}
+td .why{display:block;max-width:28em;font:12px monospace;color:#800;white-space:pre-wrap}
 li{font-family:monospace}
 svg text{font:11px system-ui,sans-serif}
 """
@@ -226,8 +258,15 @@ def _chart_value(r: ScenarioResult, key: str) -> float:
     return r.wall_s * 1000 if key == "wall_ms" else float(r.costs.get(key, 0))
 
 
+def _bar_width(value: float, peak: float, width: float) -> float:
+    """Log-scale bar length: costs span 1 to millions, so a linear bar would show only the
+    largest cell; ``log(1 + v)`` keeps 0 at zero length and every non-zero cost visible."""
+    return width * math.log1p(value) / math.log1p(peak)
+
+
 def render_svg(m: Matrix) -> str:
-    """Grouped horizontal bars: a panel per cost, a group per scenario, a bar per driver."""
+    """Grouped horizontal bars (log scale): a panel per cost, a group per scenario, a bar per
+    driver."""
     bar, gap, label_w, panel_w, top = 6, 8, 190, 150, 40
     group = bar * len(m.drivers) + gap
     height = top + group * len(m.scenarios) + 30
@@ -246,7 +285,7 @@ def render_svg(m: Matrix) -> str:
         supported = [r for r in m.cells.values() if r.status != UNSUPPORTED]
         peak = max([_chart_value(r, key) for r in supported] + [1.0])
         out.append(f'<text x="{x0 + 4}" y="{top - 22}" font-weight="bold">{esc(title)}</text>')
-        out.append(f'<text x="{x0 + 4}" y="{top - 8}">max {peak:,.0f}</text>')
+        out.append(f'<text x="{x0 + 4}" y="{top - 8}">max {peak:,.0f}, log scale</text>')
         out.append(f'<line x1="{x0}" y1="{top - 4}" x2="{x0}" y2="{height - 30}" stroke="#999"/>')
         for i, s in enumerate(m.scenarios):
             for j, d in enumerate(m.drivers):
@@ -254,7 +293,7 @@ def render_svg(m: Matrix) -> str:
                 if r.status == UNSUPPORTED:
                     continue
                 v = _chart_value(r, key)
-                w = (panel_w - 12) * v / peak
+                w = _bar_width(v, peak, panel_w - 12)
                 y = top + i * group + j * bar
                 out.append(
                     f'<rect x="{x0 + 1}" y="{y}" width="{w:.1f}" height="{bar - 1}" '
@@ -278,11 +317,12 @@ def render_html(m: Matrix) -> str:
         for d in m.drivers:
             r = m.cell(s.name, d)
             costs = cell_text(r).split(" ", 1)[1] if r.status != UNSUPPORTED else esc(r.detail)
+            why = f'<span class="why">{esc(r.detail)}</span>' if r.status == FAIL else ""
             tds.append(
                 f'<td class="{r.status}" data-scenario="{esc(s.name)}" '
                 f'data-driver="{esc(d)}" data-status="{r.status}">'
                 f'<span class="st">{CELL[r.status]}</span>'
-                f'<span class="costs">{costs}</span></td>'
+                f'<span class="costs">{costs}</span>{why}</td>'
             )
         rows.append(
             f'<tr><th scope="row" title="{esc(s.doc)}">{esc(s.name)}</th>{"".join(tds)}</tr>'
@@ -359,19 +399,32 @@ def run_cells(
     return {key: cells[key] for key in todo}  # the serial order, whatever finished first
 
 
-def _write(path: str, text: str) -> None:
+def _write(option: str, path: str, text: str) -> None:
     if path == "-":
         sys.stdout.write(text)
-    else:
+        return
+    try:
         Path(path).write_text(text, encoding="utf-8")
+    except OSError as exc:  # checked before the run; this is what changed since
+        raise SystemExit(f"iommufd-model: cannot write {option} {path}: {exc.strerror}") from None
+
+
+def _json_target(args: argparse.Namespace) -> str | None:
+    """Where ``--json`` goes: a FILE after ``matrix``, stdout for a bare ``--json``."""
+    value = getattr(args, "json", False)
+    return value if isinstance(value, str) else ("-" if value else None)
 
 
 def _cmd_matrix(args: argparse.Namespace, reg: DriverRegistry) -> int:
+    json_to = _json_target(args)
+    _check_output("--json", json_to)
+    _check_output("--html", args.html)
     if not reg.drivers:
         _print_problems(reg)
         print("iommufd-model: no driver could be loaded", file=sys.stderr)
         return 1
-    drivers = _select(args.driver, sorted(reg.drivers), "driver")
+    broken = {p.name: p.one_line_message() for p in reg.problems}
+    drivers = _select(args.driver, sorted(reg.drivers), "driver", broken)
     scenarios = _select(args.scenario, list(SCENARIOS), "scenario")
     progress = _Progress(len(drivers) * len(scenarios))
     start = time.perf_counter()
@@ -385,22 +438,57 @@ def _cmd_matrix(args: argparse.Namespace, reg: DriverRegistry) -> int:
         jobs=args.jobs,
         wall_s=time.perf_counter() - start,
     )
-    json_to: str | None = args.json if isinstance(args.json, str) else ("-" if args.json else None)
     if json_to is not None:
-        _write(json_to, json.dumps(matrix.to_json(), indent=2) + "\n")
+        _write("--json", json_to, json.dumps(matrix.to_json(), indent=2) + "\n")
     if args.html:
-        _write(args.html, render_html(matrix))
+        _write("--html", args.html, render_html(matrix))
     if json_to != "-":
         print(render_table(matrix))
         _print_problems(reg)
     return 1 if any(c.status == FAIL for c in cells.values()) else 0
 
 
+DESCRIPTION = """\
+A model of Linux iommufd (/dev/iommu) and the IOMMU hardware behind it, with vendor drivers
+as plugins. 'drivers' lists the installed driver plugins (and broken ones, with the reason);
+'matrix' runs every scenario against every driver and prints pass / FAIL / unsupported with
+the hardware costs of each cell."""
+
+EPILOG = """\
+exit status: 0 on success; 1 when a matrix cell FAILs, no driver loads, an output file cannot
+be written (checked before the run) or, for 'drivers', an installed plugin is broken; 2 for a
+bad option."""
+
+
+def _global_options(parser: argparse.ArgumentParser, *, sub: bool) -> None:
+    """Options accepted before and after the subcommand. After it they default to
+    SUPPRESS, so a value given before the subcommand is not reset by the subparser."""
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS if sub else False,
+        help="machine-readable output on stdout",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="iommufd-model", description=__doc__)
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p_drivers = sub.add_parser("drivers", help="list installed driver plugins and broken ones")
+    parser = argparse.ArgumentParser(
+        prog="iommufd-model",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _global_options(parser, sub=False)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p_drivers = sub.add_parser(
+        "drivers",
+        help="list installed driver plugins and broken ones",
+        description="List every installed driver plugin with its distribution, version and "
+        "features; a plugin that failed to load is listed as BROKEN with the reason, and the "
+        "exit status is then 1.",
+    )
+    _global_options(p_drivers, sub=True)
     p_drivers.set_defaults(func=_cmd_drivers)
     p_matrix = sub.add_parser(
         "matrix",

@@ -43,6 +43,14 @@ class PluginProblem:
     distribution: str
     message: str
 
+    def one_line_message(self) -> str:
+        """The reason on one line (pluggy's validation errors span several)."""
+        return " ".join(self.message.split())
+
+    def line(self) -> str:
+        """``NAME (distribution DIST): reason``, how the CLI and the kit report it."""
+        return f"{self.name} (distribution {self.distribution}): {self.one_line_message()}"
+
 
 class _Routed:
     """Attribute access yields the hook caller restricted to one plugin."""

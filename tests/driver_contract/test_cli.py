@@ -164,12 +164,77 @@ def test_unknown_filter() -> None:
 def test_drivers_with_problems(capsys: pytest.CaptureFixture[str]) -> None:
     reg = _reg(mock=MockDriver())
     reg.register("bad", object(), distribution="dist-bad")
-    assert cli.main(["--json", "drivers"], reg) == 0
-    data = json.loads(capsys.readouterr().out)
-    assert [d["name"] for d in data["drivers"]] == ["mock"]
-    assert data["problems"][0]["distribution"] == "dist-bad"
+    for argv in (["--json", "drivers"], ["drivers", "--json"]):  # before or after the command
+        assert cli.main(argv, reg) == 1  # a broken plugin is an installation error
+        data = json.loads(capsys.readouterr().out)
+        assert [d["name"] for d in data["drivers"]] == ["mock"]
+        assert data["problems"][0]["distribution"] == "dist-bad"
+    assert cli.main(["drivers"], reg) == 1
+    out, err = capsys.readouterr()
+    assert out.startswith("mock ")
+    assert err.splitlines() == [
+        "BROKEN bad (distribution dist-bad): missing required hook(s): driver_info, probe, "
+        "domain_alloc_paging, domain_map, domain_unmap, attach_dev"
+    ]
+    assert cli.main(["drivers"], _reg(mock=MockDriver())) == 0
     assert cli.main(["drivers"], _reg()) == 1  # nothing loads: non-zero
     assert cli.main(["matrix"], _reg()) == 1
+    with pytest.raises(SystemExit, match=r"^iommufd-model: driver bad is installed but broken: "):
+        cli.main(["matrix", "--driver", "bad"], reg)
+
+
+class MisspelledMock(MockDriver):
+    """A hook whose argument pluggy refuses: its multi-line reason is reported on one line."""
+
+    @hookimpl
+    def domain_unmap(self, domain: object, iova: int, size: int, colour: int) -> int:
+        return size
+
+
+def test_invalid_hooks_reported_on_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    reg = _reg(mock=MockDriver(), odd=MisspelledMock())
+    assert cli.main(["drivers"], reg) == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("BROKEN odd (distribution dist-odd): invalid hooks: ")
+    assert "colour" in line
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--version"], _reg())
+    assert exc.value.code == 0
+    assert capsys.readouterr().out == f"iommufd-model {version('iommufd-model')}\n"
+
+
+def test_help_is_for_users(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["--help"], _reg())
+    text = capsys.readouterr().out
+    assert "drivers" in text and "matrix" in text and "exit status" in text
+    for note in ("Stdlib", "argparse", "pluggy", "``"):
+        assert note not in text, note
+
+
+@pytest.mark.parametrize(
+    ("option", "path", "why"),
+    [
+        ("--html", "/no/such/dir/x.html", "no such directory: /no/such/dir"),
+        ("--json", "/no/such/dir/x.json", "no such directory: /no/such/dir"),
+        ("--html", "/", "is a directory"),
+    ],
+)
+def test_bad_output_path_refused_before_the_run(
+    option: str, path: str, why: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_run(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the matrix ran before the output path was checked")
+
+    monkeypatch.setattr(cli, "run_cells", no_run)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["matrix", option, path], _reg(mock=MockDriver()))
+    assert exc.value.code == f"iommufd-model: cannot write {option} {path}: {why}"
 
 
 def test_every_scenario_declares_paging() -> None:

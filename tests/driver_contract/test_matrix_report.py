@@ -141,3 +141,26 @@ def test_html_in_headless_chromium(tmp_path: Path) -> None:
         timeout=120,
     ).stdout
     assert dom.count('data-driver="mock"') == len(SCENARIOS) and "<svg" in dom
+
+
+def test_html_shows_fail_reasons_log_bars_and_calm_colours(tmp_path: Path) -> None:
+    hpath = tmp_path / "m.html"
+    reg = _reg(mock=MockDriver(), liar=LyingMock())
+    assert cli.main(["matrix", "--scenario", "paging_dma", "--html", str(hpath)], reg) == 1
+    html = hpath.read_text()
+    cell = html.split('data-scenario="paging_dma" data-driver="liar"', 1)[1].split("</td>", 1)[0]
+    assert '<span class="why">' in cell and "read after unmap" in cell
+    for colour in cli.PALETTE:  # no bar colour is a red like the FAIL cells'
+        r, g, b = (int(colour[i : i + 2], 16) for i in (1, 3, 5))
+        assert not (r > 0xA0 and g < 0x80 and b < 0x80), colour
+    # log scale: a cost 1/1000 of the peak still draws a third of the panel, zero draws nothing
+    assert cli._bar_width(0, 1000, 100) == 0
+    assert 30 < cli._bar_width(9, 999, 100) < 40
+    assert cli._bar_width(999, 999, 100) == pytest.approx(100)
+
+
+def test_scenario_descriptions_are_whole() -> None:
+    for s in SCENARIOS.values():
+        assert s.doc.endswith("."), (s.name, s.doc)
+        first = (s.fn.__doc__ or "").strip().split("\n\n")[0]
+        assert s.doc == " ".join(first.split()), s.name

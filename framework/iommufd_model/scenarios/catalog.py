@@ -6,6 +6,7 @@ Order matters only for display: the matrix prints them as listed here.
 from __future__ import annotations
 
 import errno
+import inspect
 import itertools
 from collections.abc import Callable
 
@@ -30,10 +31,11 @@ GARBAGE_DATA_TYPE = 0xBAD0_DA7A
 
 
 def scenario(*features: Feature) -> Callable[[Callable[[ScenarioContext], None]], Scenario]:
-    """Register a scenario under its function name, declaring the features it needs."""
+    """Register a scenario under its function name, declaring the features it needs; its
+    description (matrix JSON and HTML) is the docstring's whole first paragraph."""
 
     def deco(fn: Callable[[ScenarioContext], None]) -> Scenario:
-        doc = (fn.__doc__ or "").strip().splitlines()[0]
+        doc = " ".join(inspect.cleandoc(fn.__doc__ or "").split("\n\n")[0].split())
         sc = Scenario(fn.__name__, doc, frozenset(features), fn)
         SCENARIOS[sc.name] = sc
         return sc
