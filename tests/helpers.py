@@ -175,6 +175,7 @@ def snapshot(fd: IommuFd) -> dict[str, Any]:
         "pins": _pins(machine),
         "locked": [p.locked_pages for p in machine.processes],
         "files": [sorted(p.files) for p in machine.processes],
+        "mmaps": fd.mmaps.regions(),
     }
 
 
@@ -202,11 +203,13 @@ def _pins(machine: Any) -> dict[int, int]:
 def expected_frame_refs(machine: Any) -> Counter[int]:
     """Frame references the model should hold: user PTEs, memfd pages, and pins."""
     from iommufd_model.core.ioas import Ioas
+    from iommufd_model.core.mmap import PhysicalRegion
     from iommufd_model.core.process import MemFile
 
     want: Counter[int] = Counter()
     memfiles: dict[int, MemFile] = {}
     pages_seen: dict[int, Any] = {}
+    fds: dict[int, IommuFd] = {}
     for proc in machine.processes:
         for pfn in proc._ptes.values():
             want[pfn] += 1
@@ -214,6 +217,7 @@ def expected_frame_refs(machine: Any) -> Counter[int]:
             if isinstance(f, MemFile):
                 memfiles[id(f)] = f
             if isinstance(f, IommuFd) and not f.closed:
+                fds[id(f)] = f
                 for obj in f.objects:
                     if isinstance(obj, Ioas):
                         for *_, pages, _sb in obj.iopt.areas():
@@ -221,6 +225,13 @@ def expected_frame_refs(machine: Any) -> Counter[int]:
     for mf in memfiles.values():
         for pfn in mf._pfns.values():
             want[pfn] += 1
+    for ictx in fds.values():
+        # RAM a driver exposes through mmap (the mock vIOMMU's two pages) is the driver's.
+        for immap in ictx.mmaps:
+            if isinstance(immap.region, PhysicalRegion):
+                first = immap.region.pa // 4096
+                for pfn in range(first, first + immap.length // 4096):
+                    want[pfn] += 1
     for pages in pages_seen.values():
         if pages._uses is None:
             continue
@@ -262,6 +273,8 @@ def check_invariants(fd: IommuFd) -> None:
         if isinstance(obj, Hwpt):
             for d in obj.devices:
                 assert live.get(d.id) is d
+    for vma in fd.mmaps.vmas:
+        users[vma.obj.id] += 1  # a mapping of the object's mmap region
     for obj in live.values():
         assert obj.users == 1 + users[obj.id], f"{obj}: expected {1 + users[obj.id]} users"
     if fd.vfio_ioas is not None:

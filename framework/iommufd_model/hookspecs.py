@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    from iommufd_model.core.mmap import MmapOwner
     from iommufd_model.driver import (
         Domain,
         DriverInfo,
@@ -218,12 +219,26 @@ def page_response(iommu: IommuHw, dev: PciDevice, pasid: int | None, grpid: int,
 # -- vIOMMU and friends ---------------------------------------------------------------------
 @hookspec(firstresult=True)
 def viommu_alloc(
-    iommu: IommuHw, dev: PciDevice, parent: Domain, viommu_type: int, data: bytes
+    iommu: IommuHw,
+    dev: PciDevice,
+    parent: Domain,
+    viommu_type: int,
+    data: bytes,
+    mmap: MmapOwner,
 ) -> ViommuBase:
     """Allocate the vIOMMU slice of ``iommu`` over nest parent ``parent``.
 
     Unknown ``viommu_type`` -> EOPNOTSUPP; bad driver data -> EINVAL; hardware slots
     exhausted -> ENOSPC. Data to return to the user goes in ``viommu.out_data`` (bytes).
+
+    ``mmap`` (optional: leave it out of the signature when unused) is the kernel's
+    ``iommufd_viommu_alloc_mmap`` / ``_destroy_mmap`` bound to this vIOMMU:
+    ``mmap.alloc(region)`` registers an :class:`iommufd_model.core.mmap.MmapRegion` (a
+    :class:`~iommufd_model.core.mmap.PhysicalRegion` or
+    :class:`~iommufd_model.core.mmap.MmioRegion`) and returns the offset the user passes to
+    ``mmap()`` of the iommufd; ``mmap.destroy(offset)`` erases it. Regions left registered
+    are erased when this hook fails, when the allocation fails after it, and when the
+    vIOMMU is destroyed (after :func:`viommu_destroy`).
     """
 
 

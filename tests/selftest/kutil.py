@@ -73,6 +73,15 @@ class Kfd:
     def close(self) -> None:
         self.proc.close(self.fd)
 
+    def mmap(self, length: int, offset: int) -> tuple[int, Any]:
+        """``mmap(NULL, length, PROT_READ | PROT_WRITE, MAP_SHARED, fd, offset)``:
+        (errno, the mapping or None)."""
+        try:
+            return 0, self.ictx.mmap(offset, length)
+        except OSError as exc:
+            assert exc.errno, "an mmap failure must carry an errno"
+            return exc.errno, None
+
     # -- iommufd.h commands ----------------------------------------------------------------
     def ioas_alloc(self) -> int:
         buf = pack("III", 12, 0, 0)

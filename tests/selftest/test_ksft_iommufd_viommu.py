@@ -10,6 +10,7 @@ and has_pasid.
 from __future__ import annotations
 
 import errno
+import struct
 from collections.abc import Iterator
 from typing import Any
 
@@ -98,11 +99,29 @@ def test_iommufd_viommu__viommu_alloc_nested_iopf(iommufd_viommu: ViommuFixture)
     assert k.destroy(fault_id) == 0
 
 
-@pytest.mark.parametrize("iommufd_viommu", [0], ids=["no_viommu"], indirect=True)
 def test_iommufd_viommu__viommu_alloc_with_data(iommufd_viommu: ViommuFixture) -> None:
-    # Only the no_viommu variant is ported (the kernel SKIPs it): the mock_viommu variant
-    # mmap()s the vIOMMU's region of the iommufd, which the model's processes cannot map.
-    assert not iommufd_viommu.device_id
+    t, k = iommufd_viommu, iommufd_viommu.k
+    if not t.device_id:
+        return  # the kernel SKIPs the no_viommu variant
+    # struct iommu_viommu_selftest { in_data, out_data, out_mmap_offset, out_mmap_length }
+    rc, t.viommu_id, out = k.viommu_alloc(
+        t.device_id, t.hwpt_id, T.IOMMU_VIOMMU_TYPE_SELFTEST, pack("IIQQ", 0xBEEF, 0, 0, 0)
+    )
+    assert rc == 0
+    in_data, out_data, mmap_offset, mmap_length = struct.unpack("<IIQQ", out)
+    assert out_data == in_data == 0xBEEF
+    # Negative mmap tests: neither the offset nor the length can change
+    assert k.mmap(mmap_length, mmap_offset + PAGE_SIZE)[0] == errno.ENXIO
+    assert k.mmap(mmap_length, mmap_offset + PAGE_SIZE * 2)[0] == errno.ENXIO
+    assert k.mmap(mmap_length // 2, mmap_offset)[0] == errno.ENXIO
+    assert k.mmap(mmap_length * 2, mmap_offset)[0] == errno.ENXIO
+    # A correct mmap for the loopback test
+    rc, test = k.mmap(mmap_length, mmap_offset)
+    assert rc == 0
+    assert struct.unpack("<I", test.read(0, 4))[0] == in_data
+    # The owner of the mmap region is blocked while mapped
+    assert k.destroy(t.viommu_id) == errno.EBUSY
+    test.close()
 
 
 def test_iommufd_viommu__vdevice_alloc(iommufd_viommu: ViommuFixture) -> None:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from iommufd_model.core.mmap import MAP_SHARED, PROT_READ, PROT_WRITE, IommufdVma, MmapTable
 from iommufd_model.core.objects import IommufdObject, ObjectTable
 from iommufd_model.core.typed import TypedCalls
 from iommufd_model.errors import err
@@ -110,6 +111,7 @@ class IommuFd(TypedCalls):
         self.proc = proc
         self.fd = -1
         self.objects = ObjectTable()
+        self.mmaps = MmapTable()  # mt_mmap: regions drivers expose through mmap()
         self.vfio_ioas: Ioas | None = None
         self.account_mode = 0  # IOMMU_OPTION_RLIMIT_MODE: 0 user, 1 process (mm)
         self.closed = False
@@ -167,6 +169,22 @@ class IommuFd(TypedCalls):
         ucmd = Ucmd(self, op.struct.unpack(data), buf, user_size, caller)
         op.handler(ucmd)
         return ucmd.retval
+
+    def mmap(
+        self,
+        offset: int,
+        length: int,
+        prot: int = PROT_READ | PROT_WRITE,
+        flags: int = MAP_SHARED,
+    ) -> IommufdVma:
+        """``mmap(NULL, length, prot, flags, iommufd, offset)``: map a region a driver
+        registered (e.g. the vIOMMU's ``out_mmap_offset``); ``close()`` the result to munmap.
+
+        See core/mmap.py for the kernel's checks and errnos.
+        """
+        from iommufd_model.core.mmap import fops_mmap
+
+        return self._guard(lambda: fops_mmap(self, offset, length, prot, flags))  # type: ignore[no-any-return]
 
     # -- VFIO-style entry points (the device side of the binding) ------------------------
     def bind(self, dev: PciDevice) -> int:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from iommufd_model.core.failnth import failpoint
 from iommufd_model.core.hw_pagetable import HwptPaging, require
 from iommufd_model.core.main import Ucmd, ioctl_op
+from iommufd_model.core.mmap import MmapOwner
 from iommufd_model.core.objects import IommufdObject, ObjType
 from iommufd_model.driver import HwQueueBase, VdeviceBase, ViommuBase
 from iommufd_model.errors import err
@@ -30,9 +31,10 @@ if TYPE_CHECKING:
 class Viommu(IommufdObject):
     TYPE = ObjType.VIOMMU
 
-    def __init__(self, ictx: IommuFd, drv: ViommuBase, hwpt: HwptPaging) -> None:
+    def __init__(self, ictx: IommuFd, drv: ViommuBase, hwpt: HwptPaging, mmap: MmapOwner) -> None:
         super().__init__(ictx)
         self.drv = drv
+        self.mmap = mmap
         drv.core = self
         self.hwpt = hwpt
         self.hooks: Any = drv.owner.machine.hooks(drv.owner.driver_name)
@@ -53,6 +55,7 @@ class Viommu(IommufdObject):
 
     def destroy(self) -> None:
         self.hooks.viommu_destroy(viommu=self.drv)
+        self.mmap.release()  # its regions die with it, whatever the driver left
 
 
 class Vdevice(IommufdObject):
@@ -118,25 +121,35 @@ def _viommu_alloc(ucmd: Ucmd) -> None:
         raise err(errno.EOPNOTSUPP, "viommu_alloc __reserved must be 0")
     data = ucmd.caller.read(cmd.data_uptr, cmd.data_len) if cmd.data_len else b""
     failpoint("hook.viommu_alloc")
-    drv = require(
-        idev.hooks.viommu_alloc(
-            iommu=idev.hw, dev=idev.dev, parent=hwpt.domain, viommu_type=cmd.type, data=data
-        ),
-        "viommu_alloc",
-    )
+    # The driver registers mmap regions through ``mmap`` (iommufd_viommu_alloc_mmap); any
+    # left registered when the allocation fails are erased with it.
+    mmap = MmapOwner(ucmd.ictx)
+    try:
+        drv = require(
+            idev.hooks.viommu_alloc(
+                iommu=idev.hw,
+                dev=idev.dev,
+                parent=hwpt.domain,
+                viommu_type=cmd.type,
+                data=data,
+                mmap=mmap,
+            ),
+            "viommu_alloc",
+        )
+    except OSError:
+        mmap.release()
+        raise
     out = getattr(drv, "out_data", b"")
     try:
         if out and cmd.data_len:
             ucmd.caller.write(cmd.data_uptr, out[: cmd.data_len])
-    except OSError:
-        idev.hooks.viommu_destroy(viommu=drv)
-        raise
-    viommu = Viommu(ucmd.ictx, drv, hwpt)
-    try:
+        viommu = Viommu(ucmd.ictx, drv, hwpt, mmap)
         cmd.out_viommu_id = objs.alloc_id(viommu)
     except OSError:
         idev.hooks.viommu_destroy(viommu=drv)
+        mmap.release()
         raise
+    mmap.bind(viommu)
     viommu.hold(hwpt)
     ucmd.respond()
 

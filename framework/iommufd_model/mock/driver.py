@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 from typing import Any
 
+from iommufd_model.core.mmap import MmapOwner, PhysicalRegion
 from iommufd_model.driver import (
     IOMMU_READ,
     IOMMU_WRITE,
@@ -19,6 +20,7 @@ from iommufd_model.driver import (
 )
 from iommufd_model.errors import err
 from iommufd_model.hookspecs import hookimpl
+from iommufd_model.hw.memory import PAGE_SIZE, PhysicalMemory
 from iommufd_model.hw.pci import PciDevice
 from iommufd_model.machine import Machine
 
@@ -290,8 +292,17 @@ class MockDriver:
 
     @hookimpl
     def viommu_alloc(
-        self, iommu: Any, dev: PciDevice, parent: Domain, viommu_type: int, data: bytes
+        self,
+        iommu: Any,
+        dev: PciDevice,
+        parent: Domain,
+        viommu_type: int,
+        data: bytes,
+        mmap: MmapOwner,
     ) -> MockViommu:
+        """``mock_viommu_init()``: with selftest data, two zeroed pages exposed through the
+        iommufd mmap, ``in_data`` looped back into the first u32 of the page and into
+        ``out_data``, and the region's offset and length returned to the user."""
         if viommu_type != selftest.IOMMU_VIOMMU_TYPE_SELFTEST:
             raise err(errno.EOPNOTSUPP, f"mock vIOMMU type {viommu_type:#x}")
         viommu = MockViommu(_mock(iommu), _domain(parent), viommu_type)
@@ -299,18 +310,32 @@ class MockDriver:
             # struct iommu_viommu_selftest { in_data; out_data; out_mmap_offset; _length }
             cfg = copy_struct(data, 24, 8)
             in_data = _u32(cfg, 0)
-            viommu.page_value = in_data
-            # Loopback: out_data = in_data; the mmap region is two pages at offset 0 of
-            # the iommufd file (the model does not map it: see docs/selftest-parity.md).
+            memory = iommu.machine.memory
+            pfn = memory.alloc_contiguous(2)  # __get_free_pages(__GFP_ZERO, order 1)
+            try:
+                region = PhysicalRegion(memory, pfn * PAGE_SIZE, 2 * PAGE_SIZE)
+                viommu.mmap_offset = mmap.alloc(region)
+            except OSError:
+                _free_pages(memory, pfn, 2)
+                raise
+            viommu.page_pfn = pfn
+            region.write(0, in_data.to_bytes(4, "little"))
             viommu.out_data = (
                 in_data.to_bytes(4, "little") * 2
-                + (0).to_bytes(8, "little")
-                + (2 * 4096).to_bytes(8, "little")
+                + viommu.mmap_offset.to_bytes(8, "little")
+                + (2 * PAGE_SIZE).to_bytes(8, "little")
             )[: len(data)]
+        viommu.mmap = mmap
         return viommu
 
     @hookimpl
     def viommu_destroy(self, viommu: ViommuBase) -> bool:
+        """``mock_viommu_destroy()``: erase the mmap region, free the two pages."""
+        assert isinstance(viommu, MockViommu)
+        if viommu.page_pfn is not None and viommu.mmap is not None:
+            viommu.mmap.destroy(viommu.mmap_offset)
+            _free_pages(viommu.owner.machine.memory, viommu.page_pfn, 2)
+            viommu.page_pfn = None
         return True
 
     @hookimpl
@@ -393,6 +418,11 @@ class MockDriver:
             if clear:
                 d.entries[index] &= ~ENTRY_DIRTY
         return runs
+
+
+def _free_pages(memory: PhysicalMemory, pfn: int, count: int) -> None:
+    for i in range(count):
+        memory.put_frame(pfn + i)
 
 
 def _attachable(domain: Domain) -> None:

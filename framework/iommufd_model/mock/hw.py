@@ -19,6 +19,7 @@ from iommufd_model.driver import (
 from iommufd_model.hw.iommu import IommuHw
 
 if TYPE_CHECKING:
+    from iommufd_model.core.mmap import MmapOwner
     from iommufd_model.hw.pci import PciDevice
     from iommufd_model.machine import Machine
 
@@ -100,7 +101,10 @@ class MockViommu(ViommuBase):
         super().__init__(owner, parent, viommu_type)
         self.vdevs: dict[int, int] = {}  # PCI RID -> virt_id
         self.hw_queue: list[MockHwQueue | None] = [None] * IOMMU_TEST_HW_QUEUE_MAX
-        self.page_value = 0  # first u32 of the (not mapped) mmap page: the loopback in_data
+        # The two zeroed pages the user maps (selftest data only): first PFN and offset.
+        self.page_pfn: int | None = None
+        self.mmap_offset = 0
+        self.mmap: MmapOwner | None = None
         self.out_data = b""
 
 
