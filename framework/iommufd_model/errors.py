@@ -10,6 +10,15 @@ from __future__ import annotations
 import errno
 import os
 
+#: Set to 1 to make a model or driver bug (any exception but OSError) raise instead of
+#: reaching the caller as EIO; unset, empty or 0 is off. The conformance kit turns it on.
+STRICT_ENV = "IOMMUFD_MODEL_STRICT"
+
+
+def strict_mode() -> bool:
+    """Whether ``IOMMUFD_MODEL_STRICT`` asks bugs to raise (``0`` and empty mean no)."""
+    return os.environ.get(STRICT_ENV, "") not in ("", "0")
+
 
 def err(code: int, detail: str = "") -> OSError:
     """Build the ``OSError`` the kernel would return as ``-code``; ``detail`` aids debugging."""

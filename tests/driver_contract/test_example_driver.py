@@ -1,4 +1,5 @@
-"""The example third-party driver, found through its entry point and run through the kit."""
+"""The guide's example driver (docs/examples/toy_iommu), built as a real distribution, found
+through its entry point and run through the whole kit, as docs/writing-a-driver.md says."""
 
 from __future__ import annotations
 
@@ -51,32 +52,24 @@ def test_toy_next_to_mock_in_one_machine(toy_path: Path) -> None:
 
 
 def test_conformance_kit_against_toy(toy_path: Path, tmp_path: Path) -> None:
-    env = dict(os.environ, PYTHONPATH=str(toy_path), IOMMUFD_MODEL_STRICT="1")
+    env = dict(os.environ, PYTHONPATH=str(toy_path))
+    env.pop("IOMMUFD_MODEL_STRICT", None)  # the kit turns strict mode on by itself
     res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-p",
-            "no:cacheprovider",
-            "--iommu-driver",
-            "toy",
-            "-rs",
-            "-q",
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--iommu-driver", "toy",
+         "-rA", "-q"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
     out = res.stdout + res.stderr
     assert res.returncode == 0, out
-    for ok in ("test_scenario[toy-paging_dma]", "test_attach_detach_replace[toy]"):
-        assert ok not in out  # -q prints only non-passing node ids
+    for ok in (
+        "test_contract.py::test_scenario[toy-paging_dma]",
+        "test_contract.py::test_attach_detach_replace[toy]",
+        "test_contract.py::test_read_only_mapping_refuses_device_writes[toy]",
+        "test_contract.py::test_nothing_leaks_after_destroy_and_close[toy]",
+        "test_uapi_machine.py::test_uapi_machine[toy]",  # hypothesis is installed: it ran
+    ):
+        assert f"PASSED {ok}" in out, ok
     assert "unsupported: pasid" in out
     assert "unsupported: dirty_tracking" in out
     assert "unsupported: nest_parent" in out
     assert " failed" not in out
-    passed = int(out.rsplit(" passed", 1)[0].rsplit(None, 1)[-1])
-    assert passed >= 10, out

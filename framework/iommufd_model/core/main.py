@@ -10,7 +10,6 @@ back over at most ``size`` bytes. Only ``OSError`` ever leaves.
 from __future__ import annotations
 
 import errno
-import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +18,7 @@ import attrs
 from iommufd_model.core.mmap import MAP_SHARED, PROT_READ, PROT_WRITE, IommufdVma, MmapTable
 from iommufd_model.core.objects import IommufdObject, ObjectTable
 from iommufd_model.core.typed import TypedCalls
-from iommufd_model.errors import err
+from iommufd_model.errors import err, strict_mode
 from iommufd_model.uapi import iommufd as U
 from iommufd_model.uapi.codec import UStruct
 
@@ -29,8 +28,6 @@ if TYPE_CHECKING:
     from iommufd_model.core.process import Process
     from iommufd_model.hw.pci import PciDevice
     from iommufd_model.machine import Machine
-
-STRICT_ENV = "IOMMUFD_MODEL_STRICT"
 
 
 class Ucmd:
@@ -136,7 +133,7 @@ class IommuFd(TypedCalls):
         except OSError:
             raise
         except Exception as exc:
-            if os.environ.get(STRICT_ENV):
+            if strict_mode():
                 raise
             self.internal_errors.append(exc)
             raise err(errno.EIO, f"internal model error: {type(exc).__name__}: {exc}") from exc
@@ -225,7 +222,7 @@ class IommuFd(TypedCalls):
         except OSError:
             raise
         except Exception as exc:
-            if os.environ.get(STRICT_ENV):
+            if strict_mode():
                 raise
             self.internal_errors.append(exc)
             raise err(errno.EIO, f"internal model error: {type(exc).__name__}: {exc}") from exc

@@ -17,6 +17,7 @@ from iommufd_model.hw.memory import PAGE_SIZE, Frame, PhysicalMemory
 
 if TYPE_CHECKING:
     from iommufd_model.hw.pci import PciDevice
+    from iommufd_model.ida import Ida
     from iommufd_model.machine import Machine
 
 
@@ -79,6 +80,8 @@ class IommuHw:
         self.devices: dict[int, PciDevice] = {}
         self.stats = HwStats()
         self.fault_log: list[FaultRecord] = []
+        # The driver's ID spaces (``Ida(..., owner=self)``): the kit checks none leaks.
+        self.id_spaces: list[Ida] = []
 
     @property
     def name(self) -> str:

@@ -10,6 +10,14 @@ Usage: ``pytest --iommu-driver NAME`` (repeatable) runs the shipped suite agains
 ``pytest --iommu-contract`` runs it against every installed driver. Without either option the
 plugin only parametrises tests of your own that ask for the ``iommu_driver`` fixture.
 
+With the suite selected the kit runs in strict mode (``IOMMUFD_MODEL_STRICT=1`` unless the
+environment sets it, ``0`` turns it off): a hook that raises anything but ``OSError`` fails
+the test with that exception, named as a contract breach in the report, instead of reaching
+the caller as EIO. A plugin that fails to load is reported in one line (a usage error when
+it is asked for, a line in the header otherwise).
+
+:func:`assert_errno` is the one errno assertion for tests of the uAPI.
+
 The suite's hypothesis state machine (``test_uapi_machine``, skipped without hypothesis)
 keeps its example database where the ``iommu_example_db`` ini option or the
 ``IOMMUFD_MODEL_EXAMPLE_DB`` env var says (one sub-directory per driver; read-only when
@@ -20,12 +28,17 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable, Container, Generator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from iommufd_model.driver import DriverInfo, Feature
+from iommufd_model.errors import STRICT_ENV
+from iommufd_model.hw.iommu import DmaFault
 from iommufd_model.plugins import DriverRegistry, default_registry
+from iommufd_model.scenarios.base import errno_name
 
 SUITE = Path(__file__).with_name("suite")
 MARKER = "requires_feature"
@@ -64,17 +77,33 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("iommu_driver") or config.getoption("iommu_contract"):
         # Collect the shipped suite as if it had been named on the command line.
         config.args.append(str(SUITE))
+        os.environ.setdefault(STRICT_ENV, "1")
+        selected_drivers(config)  # a bad name stops the run here, as one line
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """One line per installed driver plugin that failed to load, and why."""
+    if not (config.getoption("iommu_driver") or config.getoption("iommu_contract")):
+        return []
+    return [f"iommufd-model: BROKEN {p.line()}" for p in default_registry().problems]
 
 
 def selected_drivers(config: pytest.Config) -> list[str]:
     """Drivers named with ``--iommu-driver``, or every installed one; unknown -> usage error."""
     reg = default_registry()
     names: list[str] = config.getoption("iommu_driver") or sorted(reg.drivers)
+    broken = {p.name: p for p in reg.problems}
+    for n in names:
+        if n in broken:
+            raise pytest.UsageError(f"--iommu-driver: BROKEN {broken[n].line()}")
+    if config.getoption("iommu_contract") and reg.problems:
+        raise pytest.UsageError(f"--iommu-contract: BROKEN {reg.problems[0].line()}")
     unknown = [n for n in names if n not in reg.drivers]
     if unknown:
-        broken = {p.name: p.message for p in reg.problems}
-        why = "; ".join(f"{n}: {broken.get(n, 'not installed')}" for n in unknown)
-        raise pytest.UsageError(f"--iommu-driver: {why} (installed: {sorted(reg.drivers)})")
+        raise pytest.UsageError(
+            f"--iommu-driver: {', '.join(unknown)}: not installed "
+            f"(installed: {', '.join(sorted(reg.drivers))})"
+        )
     return list(dict.fromkeys(names))
 
 
@@ -100,6 +129,58 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     missing = missing_features(info, item)
     if missing:
         pytest.skip("unsupported: " + ", ".join(f.value for f in missing))
+
+
+# What a failing test's exception says about the driver when it is neither an assertion of
+# the suite nor a refusal: a hook broke the contract by raising something else.
+_EXPECTED = (AssertionError, OSError, DmaFault)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    callspec = getattr(item, "callspec", None)
+    exc = call.excinfo
+    if (
+        report.failed
+        and exc is not None
+        and callspec is not None
+        and "iommu_driver" in callspec.params
+        and not isinstance(exc.value, (*_EXPECTED, pytest.skip.Exception))
+    ):
+        driver = callspec.params["iommu_driver"]
+        report.sections.append(
+            (
+                "iommufd-model contract breach",
+                f"driver {driver}: a hook raised {exc.typename}: {exc.value} (a refusal must be "
+                "OSError with the kernel's errno; anything else is a driver bug)",
+            )
+        )
+    return report
+
+
+def assert_errno(expected: int | Container[int], fn: Callable[[], Any], what: str = "") -> int:
+    """``fn()`` must raise ``OSError`` with the errno ``expected`` (or one of them); returns
+    the errno it gave. The message names the call (``what``), what came and what was due."""
+    allowed = (expected,) if isinstance(expected, int) else expected
+    label = f"{what}: " if what else ""
+    try:
+        got = fn()
+    except OSError as exc:
+        if exc.errno not in allowed:
+            raise AssertionError(
+                f"{label}errno {errno_name(exc.errno)} ({exc}), expected {_names(allowed)}"
+            ) from exc
+        return exc.errno or 0
+    raise AssertionError(f"{label}succeeded (returned {got!r}), expected {_names(allowed)}")
+
+
+def _names(allowed: Container[int]) -> str:
+    if isinstance(allowed, (tuple, list, set, frozenset)):
+        return " or ".join(errno_name(c) for c in allowed)
+    return repr(allowed)
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,10 @@
-"""The toy driver's hook implementations: the "kernel driver" programming :mod:`toy_iommu.hw`.
+"""The toy driver's hooks: the "kernel driver" that programs :mod:`toy_iommu.hw`.
 
-It declares only ``Feature.PAGING``; every other hook is absent, so the core answers
-EOPNOTSUPP for nesting, PASID, dirty tracking and vIOMMU, and the conformance kit reports
-those tests as unsupported.
+A paging domain is a :class:`~iommufd_model.hw.radix.RadixPageTable` in machine memory plus a
+domain ID from an :class:`~iommufd_model.ida.Ida`; map, unmap and the software walk are the
+engine's. It declares only ``Feature.PAGING``: every other hook is absent, so the core
+answers EOPNOTSUPP for nesting, PASID, dirty tracking and vIOMMU, and the conformance kit
+reports those tests as unsupported.
 """
 
 from __future__ import annotations
@@ -10,14 +12,41 @@ from __future__ import annotations
 import errno
 from typing import Any
 
-from iommufd_model.driver import Domain, DriverInfo, Feature
-from iommufd_model.errors import err
-from iommufd_model.hookspecs import hookimpl
-from iommufd_model.hw.iommu import IommuHw
-from iommufd_model.hw.memory import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE
-from iommufd_model.hw.pci import PciDevice
-from iommufd_model.machine import Machine
-from toy_iommu.hw import PROT_MASK, ToyDomain, ToyIommu
+from iommufd_model.api import (
+    PAGE_SIZE,
+    Domain,
+    DomainType,
+    DriverInfo,
+    Feature,
+    IommuHw,
+    Machine,
+    PciDevice,
+    RadixPageTable,
+    err,
+    hookimpl,
+)
+from toy_iommu.hw import FORMAT, ToyIommu
+
+PGSIZES = PAGE_SIZE | (1 << 21)  # 4 KiB and 2 MiB leaves
+
+
+class ToyDomain(Domain):
+    """A paging domain: its page table and the ID its IOTLB entries are tagged with."""
+
+    def __init__(self, iommu: ToyIommu) -> None:
+        super().__init__(
+            iommu,
+            DomainType.PAGING,
+            pgsize_bitmap=PGSIZES,
+            aperture_end=(1 << FORMAT.va_bits) - 1,
+        )
+        self.iommu = iommu
+        self.domid = iommu.domain_ids.alloc()  # ENOSPC when all are taken
+        try:
+            self.pt = RadixPageTable(iommu.memory, FORMAT)  # the root table: one frame
+        except OSError:
+            iommu.domain_ids.free(self.domid)
+            raise
 
 
 def _toy(domain: Domain) -> ToyDomain:
@@ -33,7 +62,7 @@ class ToyDriver:
     def driver_info(self) -> DriverInfo:
         return DriverInfo(
             name="toy",
-            description="toy IOMMU: one-level dict page table (docs/examples)",
+            description="toy IOMMU: radix page tables, an IOTLB (docs/examples)",
             features=frozenset({Feature.PAGING}),
         )
 
@@ -47,42 +76,44 @@ class ToyDriver:
     def domain_alloc_paging(self, iommu: IommuHw, dev: PciDevice | None, flags: int) -> ToyDomain:
         if flags:
             raise err(errno.EOPNOTSUPP, f"toy supports no HWPT flags ({flags:#x})")
-        assert isinstance(iommu, ToyIommu)
+        if not isinstance(iommu, ToyIommu):
+            raise err(errno.EINVAL, "not a toy IOMMU")
         return ToyDomain(iommu)
 
     @hookimpl
     def domain_free(self, domain: Domain) -> bool:
-        _toy(domain).table.clear()
+        toy = _toy(domain)
+        toy.iommu.invalidate(toy.domid)
+        toy.pt.free()
+        toy.iommu.domain_ids.free(toy.domid)
         return True
 
     @hookimpl
     def domain_map(self, domain: Domain, iova: int, pa: int, size: int, prot: int) -> bool:
-        table = _toy(domain).table
-        if (iova | pa | size) & PAGE_MASK:
-            raise err(errno.EINVAL, "toy maps whole 4 KiB pages")
-        pages = range(iova >> PAGE_SHIFT, (iova + size) >> PAGE_SHIFT)
-        if any(p in table for p in pages):  # check first: map is all-or-nothing
-            raise err(errno.EEXIST, "IOVA already mapped")
-        for i, page in enumerate(pages):
-            table[page] = (pa + i * PAGE_SIZE) | (prot & PROT_MASK)
+        _toy(domain).pt.map(iova, pa, size, prot)  # all-or-nothing, EEXIST on overlap
         return True
 
     @hookimpl
     def domain_unmap(self, domain: Domain, iova: int, size: int) -> int:
-        table = _toy(domain).table
-        pages = range(iova >> PAGE_SHIFT, (iova + size) >> PAGE_SHIFT)
-        return sum(PAGE_SIZE for p in pages if table.pop(p, None) is not None)
+        toy = _toy(domain)
+        done = toy.pt.unmap(iova, size)
+        toy.iommu.invalidate(toy.domid, iova, iova + size - 1)  # the iotlb_sync
+        return done
 
     @hookimpl
     def domain_iova_to_phys(self, domain: Domain, iova: int) -> int:
-        entry = _toy(domain).table.get(iova >> PAGE_SHIFT)
-        return -1 if entry is None else (entry & ~PAGE_MASK) + (iova & PAGE_MASK)
+        return _toy(domain).pt.iova_to_phys(iova)
 
     @hookimpl
     def attach_dev(self, iommu: IommuHw, dev: PciDevice, domain: Domain | None) -> bool:
-        assert isinstance(iommu, ToyIommu)
-        # One store is the whole switch, so replace is hitless and cannot half-fail.
-        iommu.context[dev.rid] = None if domain is None else _toy(domain)
+        if not isinstance(iommu, ToyIommu):
+            raise err(errno.EINVAL, "not a toy IOMMU")
+        if domain is None:
+            iommu.context.pop(dev.rid, None)
+        else:
+            toy = _toy(domain)  # check before any change: a refused replace changes nothing
+            # One store is the whole switch, so replace is hitless and cannot half-fail.
+            iommu.context[dev.rid] = (toy.pt.root, toy.domid)
         return True
 
 
