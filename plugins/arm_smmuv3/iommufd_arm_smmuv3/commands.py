@@ -87,6 +87,10 @@ def op(w0: int) -> int:
 
 
 # -- encoders ----------------------------------------------------------------------------
+def prefetch_cfg(sid: int) -> tuple[int, int]:
+    return PREFETCH_CONFIG | put(sid, 63, 32), 0
+
+
 def cfgi_ste(sid: int, leaf: bool = True) -> tuple[int, int]:
     return CFGI_STE | put(sid, 63, 32), CMD1_LEAF if leaf else 0
 
@@ -159,9 +163,8 @@ def pri_resp(sid: int, grpid: int, resp: int, ssid: int | None = None) -> tuple[
 
 
 def cmd_sync(cs: int = CS_NONE, msi_addr: int = 0, msi_data: int = 0) -> tuple[int, int]:
-    w0 = CMD_SYNC | put(cs, 13, 12) | put(msi_data, 63, 32)
-    if msi_addr:
-        w0 |= put(3, 23, 22) | put(0xF, 27, 24)  # inner shareable, write-back (MSH, MSIAttr)
+    # MSH inner shareable, MSIAttr outer/inner write-back: always set (arm_smmu_make_cmd_sync)
+    w0 = CMD_SYNC | put(cs, 13, 12) | put(3, 23, 22) | put(0xF, 27, 24) | put(msi_data, 63, 32)
     return w0, msi_addr & CMD1_SYNC_MSIADDR
 
 

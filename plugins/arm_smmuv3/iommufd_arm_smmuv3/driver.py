@@ -19,10 +19,10 @@ from iommufd_arm_smmuv3.kernel import (
     CMDQ_BATCH_ENTRIES,
     MSI_IOVA_BASE,
     MSI_IOVA_LENGTH,
+    AttachState,
     Master,
     SmmuDevice,
     SmmuDomain,
-    abort_ste,
 )
 from iommufd_arm_smmuv3.ste import (
     CFG_ABORT,
@@ -54,6 +54,9 @@ PROBE_OPTIONS = {
     "range_invalidation",
     "hw_access_flag",
     "cmdqv",
+    "s2fwb",
+    "attr_types_ovr",
+    "canwbs",
 }
 PAGING_FLAGS = (
     U.IOMMU_HWPT_ALLOC_NEST_PARENT | U.IOMMU_HWPT_ALLOC_DIRTY_TRACKING | U.IOMMU_HWPT_ALLOC_PASID
@@ -62,6 +65,7 @@ U64_MASK = (1 << 64) - 1
 CMDQV_DATA_SIZE = 16  # struct iommu_viommu_tegra241_cmdqv { __u64 out_vintf_mmap_offset, _length; }
 VSTE_SIZE = 16  # struct iommu_hwpt_arm_smmuv3 { __le64 ste[2]; }
 VCMD_SIZE = 16  # struct iommu_viommu_arm_smmuv3_invalidate { __le64 cmd[2]; }
+VSID_MAX = (1 << 20) - 1  # tegra241-cmdqv.c: VINTF_SID_MATCH_VIRT_SID is GENMASK(20, 1)
 # The guest commands arm_vsmmu_convert_user_cmd() accepts.
 VSMMU_OPCODES = frozenset(
     {
@@ -107,6 +111,11 @@ class NestedDomain(api.Domain):
     @property
     def cfg(self) -> int:
         return get(self.ste0, 3, 1) if self.ste0 & STE0_V else CFG_ABORT
+
+    @property
+    def s2_parent(self) -> SmmuDomain:
+        """Whose invalidation array a master attached here joins (to_smmu_domain_devices)."""
+        return self.vsmmu.s2_parent
 
 
 class Vsmmu(api.ViommuBase):
@@ -176,10 +185,20 @@ def _paging(domain: api.Domain) -> SmmuDomain:
 
 
 def copy_struct(data: bytes, size: int) -> bytes:
-    """copy_struct_from_user(): shorter input is zero-extended, longer must have a zero tail."""
+    """copy_struct_from_user(): shorter input is zero-extended, longer must have a zero tail
+    (E2BIG). Used for the entries of an invalidation array of another entry size."""
     if len(data) > size and any(data[size:]):
         raise err(errno.E2BIG, "non-zero bytes past the known struct")
     return data[:size].ljust(size, b"\0")
+
+
+def copy_user_data(data: bytes, size: int) -> bytes:
+    """iommu_copy_struct_from_user() for structs whose first member is their last (vSTE,
+    Tegra241 vIOMMU data): any length but the struct's own is EINVAL (Linux 7.2 include/linux/
+    iommu.h checks ``len < min_len || sizeof < len`` before copy_struct_from_user)."""
+    if len(data) != size:
+        raise err(errno.EINVAL, f"driver data of {len(data)} bytes, the struct has {size}")
+    return data
 
 
 def validate_vste(ste0: int, ste1: int) -> tuple[int, int, bool]:
@@ -233,7 +252,7 @@ class ArmSmmuV3Driver:
         if sid >> smmu.hw.sid_bits:
             raise err(errno.ENODEV, f"StreamID {sid:#x} beyond IDR1.SIDSIZE")
         smmu.ensure_l2(sid)
-        master = Master(dev, sid)
+        master = Master(dev, sid, canwbs=smmu.hw.rc_canwbs)
         smmu.masters[sid] = master
         return master
 
@@ -290,13 +309,13 @@ class ArmSmmuV3Driver:
 
     @hookimpl
     def domain_free(self, domain: api.Domain) -> bool:
+        """arm_smmu_domain_free_paging(): only the ASID / VMID goes back; no command (the tag
+        was flushed when the last master left the domain's invalidation array)."""
         if isinstance(domain, SmmuDomain):
             smmu = domain.smmu
             if domain.stage == 1:
-                smmu.issue([C.tlbi_nh_asid(0, domain.asid)])
                 smmu.asids.discard(domain.asid)
             else:
-                smmu.issue([C.tlbi_s12_vmall(domain.vmid)])
                 smmu.vmids.discard(domain.vmid)
             domain.pgtable.free()
         return True
@@ -315,10 +334,23 @@ class ArmSmmuV3Driver:
 
     @hookimpl
     def domain_unmap(self, domain: api.Domain, iova: int, size: int) -> int:
+        """arm_smmu_unmap_pages() into an iotlb gather, then arm_smmu_iotlb_sync(): each
+        leaf joins the gather; a leaf of another page size, or after a hole, first flushes
+        what was gathered (iommu_iotlb_gather_add_page)."""
         d = _paging(domain)
-        done = d.pgtable.unmap(iova, size)
-        if done:
-            d.smmu.tlb_inv_range(d, iova, size)
+        pt = d.pgtable
+        gathers: list[list[int]] = []  # [start, end (exclusive), page size]
+        for _slot, start, level, entries in pt._leaf_runs(iova, iova + size - 1):
+            pgsize = 1 << pt.fmt.level_shift(level)
+            end = start + len(entries) * pgsize
+            last = gathers[-1] if gathers else None
+            if last is not None and last[2] == pgsize and last[1] == start:
+                last[1] = end
+            else:
+                gathers.append([start, end, pgsize])
+        done = pt.unmap(iova, size)
+        for start, end, pgsize in gathers:
+            d.smmu.tlb_inv_range(d, start, end - start, pgsize)
         return done
 
     @hookimpl
@@ -331,38 +363,37 @@ class ArmSmmuV3Driver:
         smmu = smmu_of(iommu)
         master = master_of(dev)
         if domain is None:
-            smmu.write_ste(master, abort_ste())
-            master.vmaster = None
+            smmu.attach_blocked(master)
         elif isinstance(domain, NestedDomain):
             self._attach_nested(smmu, master, domain)
         else:
             d = _paging(domain)
             if d.smmu is not smmu:
                 raise err(errno.EINVAL, "domain belongs to another SMMU")
-            master.ats_enabled = False  # the host does not enable ATS for its own domains
-            if d.stage == 1:
-                smmu.write_cd(master, 0, smmu.make_s1_cd(d))
-                smmu.write_ste(master, smmu.make_cdtable_ste(master))
-            else:
-                smmu.write_ste(master, smmu.make_s2_ste(master, d))
-            master.vmaster = None
+            smmu.attach_paging(master, d)
         master.domain = domain
         return True
 
     def _attach_nested(self, smmu: SmmuDevice, master: Master, domain: NestedDomain) -> None:
-        """arm_smmu_attach_dev_nested() with arm_smmu_attach_prepare_vmaster()."""
+        """arm_smmu_attach_dev_nested(): EATS from the vSTE only for a translating vSTE
+        (a bypass or abort vSTE keeps the device's own ATS), the merged STE, commit."""
         vsmmu = domain.vsmmu
         if vsmmu.smmu is not smmu:
             raise err(errno.EINVAL, "vSMMU belongs to another SMMU")
         vsid = next((v for v, m in vsmmu.vsids.items() if m is master), None)
-        if vsid is None and domain.cfg == CFG_S1_TRANS:
+        # arm_smmu_attach_prepare_vmaster(), before anything changes
+        if vsid is None and domain.cfg not in (CFG_ABORT, CFG_BYPASS):
             raise err(errno.ENOENT, "a translating nested domain needs a vDEVICE first")
-        master.ats_enabled = domain.enable_ats
+        state = AttachState(master, master.domain)
+        if get(domain.ste0, 3, 1) == CFG_S1_TRANS:
+            state.disable_ats = not domain.enable_ats
+        smmu.attach_prepare(state, domain)
         words = smmu.make_nested_ste(
-            master, vsmmu.s2_parent, domain.ste0, domain.ste1, domain.enable_ats
+            master, vsmmu.s2_parent, domain.ste0, domain.ste1, state.ats_enabled
         )
         smmu.write_ste(master, words)
         master.vmaster = (vsmmu, vsid) if vsid is not None else None
+        smmu.attach_commit(state)
 
     # -- nested domains and the vSMMU -------------------------------------------------------------
     @hookimpl
@@ -376,9 +407,7 @@ class ArmSmmuV3Driver:
             raise err(errno.EOPNOTSUPP, f"nested flags {flags:#x}")
         if data_type != U.IOMMU_HWPT_DATA_ARM_SMMUV3:
             raise err(errno.EINVAL, f"data_type {data_type} is not IOMMU_HWPT_DATA_ARM_SMMUV3")
-        if len(data) < VSTE_SIZE:
-            raise err(errno.EINVAL, "struct iommu_hwpt_arm_smmuv3 is 16 bytes")
-        arg = U.IommuHwptArmSmmuv3.unpack(copy_struct(data, VSTE_SIZE))
+        arg = U.IommuHwptArmSmmuv3.unpack(copy_user_data(data, VSTE_SIZE))
         ste0, ste1, ats = validate_vste(arg.ste0, arg.ste1)
         return NestedDomain(viommu, ste0, ste1, ats)
 
@@ -390,6 +419,11 @@ class ArmSmmuV3Driver:
         a guest VINTF (tegra241_cmdqv_init_vintf_user)."""
         smmu = smmu_of(iommu)
         cmdqv = smmu.hw.cmdqv
+        # arm_smmu_get_viommu_size(): a VM must not be able to make DMA non-coherent, since
+        # VFIO does no cache maintenance: the device must be CANWBS or stage 2 must force
+        # write-back (S2FWB); otherwise no vIOMMU type is offered (size 0: EOPNOTSUPP).
+        if not master_of(dev).canwbs and not smmu.feat_s2fwb:
+            raise err(errno.EOPNOTSUPP, "neither CANWBS nor S2FWB: no vSMMU for this device")
         tegra = viommu_type == U.IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV and cmdqv is not None
         if viommu_type != U.IOMMU_VIOMMU_TYPE_ARM_SMMUV3 and not tegra:
             raise err(errno.EOPNOTSUPP, f"viommu type {viommu_type}")
@@ -399,11 +433,7 @@ class ArmSmmuV3Driver:
         if not tegra:
             return Vsmmu(smmu, s2)
         assert cmdqv is not None
-        if not data:
-            raise err(errno.EINVAL, "a CMDQV vIOMMU takes struct iommu_viommu_tegra241_cmdqv")
-        if len(data) < CMDQV_DATA_SIZE:
-            raise err(errno.EINVAL, "struct iommu_viommu_tegra241_cmdqv is 16 bytes")
-        copy_struct(data, CMDQV_DATA_SIZE)
+        copy_user_data(data, CMDQV_DATA_SIZE)  # no data at all is EINVAL too
         free = [v for v in cmdqv.vintfs[1:] if v.idx not in smmu.vintf_owners]
         if not free:
             raise err(errno.ENOSPC, "no more available VINTF")
@@ -441,8 +471,8 @@ class ArmSmmuV3Driver:
         sidx = -1
         if isinstance(viommu, VintfVsmmu):
             # tegra241_vintf_init_vsid(): a free SID_MATCH / SID_REPLACE pair.
-            if virt_id >> 32:
-                raise err(errno.EINVAL, "a CMDQV vSID is a 32-bit StreamID")
+            if virt_id > VSID_MAX:
+                raise err(errno.EINVAL, "a CMDQV vSID fits SID_MATCH.VIRT_SID (20 bits)")
             vintf = viommu.vintf
             used = {v.sidx for v in viommu.vdevs.values()}
             sidx = next((i for i in range(len(vintf.sid_match)) if i not in used), -1)
@@ -532,7 +562,8 @@ class ArmSmmuV3Driver:
         """arm_vsmmu_cache_invalidate(): guest commands, vSID -> pSID and the VMID enforced."""
         if not isinstance(target, Vsmmu):
             return None  # SMMUv3 nested domains have no cache_invalidate_user
-        if data_type != U.IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3:
+        # iommu_copy_struct_from_full_user_array(): the type, then an empty array, is EINVAL.
+        if data_type != U.IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3 or not entries:
             return api.InvalidateResult(0, errno.EINVAL)
         try:
             raw = [copy_struct(e, VCMD_SIZE) for e in entries]

@@ -68,8 +68,14 @@ class Smmuv3(IommuHw):
         range_invalidation: bool = True,
         hw_access_flag: bool = True,
         cmdqv: bool = True,
+        s2fwb: bool = False,
+        attr_types_ovr: bool = True,
+        canwbs: bool = True,
     ) -> None:
         super().__init__(machine, index)
+        # Firmware's word, not a register: IORT marks the root complex behind this SMMU as
+        # CANWBS (IOMMU_FWSPEC_PCI_RC_CANWBS), so its devices' accesses are coherent write-back.
+        self.rc_canwbs = canwbs
         self.sid_bits = sid_bits
         self.ssid_bits = ssid_bits
         self.oas_bits = 48
@@ -89,7 +95,8 @@ class Smmuv3(IommuHw):
             | (R.IDR0_HTTU_ACCESS if hw_access_flag else 0)
         )
         idr1 = (
-            (sid_bits << R.IDR1_SIDSIZE_SHIFT)
+            (R.IDR1_ATTR_TYPES_OVR if attr_types_ovr else 0)
+            | (sid_bits << R.IDR1_SIDSIZE_SHIFT)
             | (ssid_bits << R.IDR1_SSIDSIZE_SHIFT)
             | (19 << R.IDR1_EVTQS_SHIFT)
             | (19 << R.IDR1_CMDQS_SHIFT)
@@ -97,7 +104,7 @@ class Smmuv3(IommuHw):
         ids = {
             "IDR0": idr0,
             "IDR1": idr1,
-            "IDR3": R.IDR3_RIL if range_invalidation else 0,
+            "IDR3": (R.IDR3_RIL if range_invalidation else 0) | (R.IDR3_FWB if s2fwb else 0),
             "IDR5": R.IDR5_OAS_48 | R.IDR5_GRAN4K,
             "IIDR": IIDR_ARM,
             "AIDR": AIDR_SMMUV3_2,

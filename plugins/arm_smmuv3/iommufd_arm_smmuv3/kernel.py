@@ -11,11 +11,26 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING, Any
 
+import attrs
+
 from iommufd_arm_smmuv3 import commands as C
 from iommufd_arm_smmuv3 import events as E
 from iommufd_arm_smmuv3 import regs as R
 from iommufd_arm_smmuv3.cd import CD_SIZE, IRGN_WBWA, TG0_4K, Cd
+from iommufd_arm_smmuv3.entry_writer import cd_used, ste_update_safe, ste_used, write_entry
 from iommufd_arm_smmuv3.hw import Smmuv3
+from iommufd_arm_smmuv3.invs import (
+    INV_ATS,
+    INV_ATS_FULL,
+    INV_S1_ASID,
+    INV_S2_VMID,
+    INV_S2_VMID_S1_CLEAR,
+    Batch,
+    Inv,
+    Invs,
+    flush_tag,
+    inv_range,
+)
 from iommufd_arm_smmuv3.pgtable import (
     MAIR_VALUE,
     PGSIZE_BITMAP,
@@ -25,17 +40,20 @@ from iommufd_arm_smmuv3.pgtable import (
 )
 from iommufd_arm_smmuv3.ste import (
     CFG_ABORT,
+    CFG_BYPASS,
     CFG_NESTED,
     CFG_S1_TRANS,
     CFG_S2_TRANS,
     EATS_TRANS,
     S1C_WBRA,
+    S1DSS_BYPASS,
     S1DSS_SSID0,
     SH_ISH,
     SHCFG_INCOMING,
     STE0_CFG,
     STE1_MEV,
     STE_SIZE,
+    STRW_NSEL1,
     Ste,
 )
 from iommufd_model.driver import Domain, DomainType
@@ -57,12 +75,27 @@ MSI_IOVA_LENGTH = 0x100000
 S2_T0SZ = 64 - VA_BITS
 S2_SL0_LEVEL0 = 2
 IPS_48 = 5
+# CR1: tables and queues inner shareable, inner and outer write-back (arm_smmu_device_reset)
+CR1_VALUE = (SH_ISH << 10) | (1 << 8) | (1 << 6) | (SH_ISH << 4) | (1 << 2) | 1
+ABORT_RETRIES = 8  # the model's bound on re-fetching a command whose fetch aborts
 
 
 class SmmuDomain(Domain):
-    """A paging domain: stage 1 (ASID) or, for nest parents, stage 2 (VMID)."""
+    """A paging domain: stage 1 (ASID) or, for nest parents, stage 2 (VMID).
 
-    def __init__(self, smmu: SmmuDevice, stage: int, *, nest_parent: bool, pasid: bool) -> None:
+    ``invs`` is the domain's invalidation array: empty until a master attaches (7.2 flushes
+    nothing for a domain nobody uses), the tag flushed when its last master leaves.
+    """
+
+    def __init__(
+        self,
+        smmu: SmmuDevice,
+        stage: int,
+        *,
+        nest_parent: bool,
+        pasid: bool,
+        dirty_tracking: bool = False,
+    ) -> None:
         super().__init__(
             smmu.hw,
             DomainType.PAGING,
@@ -70,26 +103,59 @@ class SmmuDomain(Domain):
             aperture_start=0,
             aperture_end=(1 << VA_BITS) - 1,
             nest_parent=nest_parent,
+            dirty_tracking=dirty_tracking,
             pasid_compat=pasid,
         )
         self.smmu = smmu
         self.stage = stage
-        fmt = Stage1Format() if stage == 1 else Stage2Format()
+        fwb = nest_parent and smmu.feat_s2fwb  # IO_PGTABLE_QUIRK_ARM_S2FWB
+        fmt = Stage1Format(hd=dirty_tracking) if stage == 1 else Stage2Format(fwb=fwb)
         self.pgtable = RadixPageTable(smmu.hw.memory, fmt)
         self.asid = smmu.alloc_id(smmu.asids) if stage == 1 else 0
         self.vmid = smmu.alloc_id(smmu.vmids) if stage == 2 else 0
+        self.invs = Invs()
 
 
 class Master:
     """``struct arm_smmu_master``: one device's StreamID, CD table and vSMMU identity."""
 
-    def __init__(self, dev: PciDevice, sid: int) -> None:
+    def __init__(self, dev: PciDevice, sid: int, *, canwbs: bool) -> None:
         self.dev = dev
         self.sid = sid
+        self.canwbs = canwbs  # arm_smmu_master_canwbs(): the fwspec's PCI_RC_CANWBS flag
         self.domain: Domain | None = None
         self.cd_table = 0  # physical address of the linear CD table, allocated on first S1 use
+        self.cd_in_ste = False  # cd_table.in_ste: the STE points at the CD table
         self.vmaster: tuple[Any, int] | None = None  # (vSMMU, vSID) while nested with a vDEVICE
-        self.ats_enabled = False
+        self.ats_enabled = False  # master->ats_enabled: the driver's view, set at commit
+        self.pci_ats = False  # the Enable bit of the device's PCI ATS capability
+        self.ste_ats_enabled = False  # the installed STE has EATS = TRANS
+
+
+def devices_domain(domain: Domain | None) -> SmmuDomain | None:
+    """``to_smmu_domain_devices()``: the paging domain whose invalidations cover a master
+    attached to ``domain`` (a nested domain's stage-2 parent), or None (blocked, identity)."""
+    if isinstance(domain, SmmuDomain):
+        return domain
+    parent = getattr(domain, "s2_parent", None)
+    return parent if isinstance(parent, SmmuDomain) else None
+
+
+@attrs.define(slots=True)
+class AttachState:
+    """``struct arm_smmu_attach_state``: what an attach prepared and must commit."""
+
+    master: Master
+    old_domain: Domain | None
+    ssid: int = 0
+    disable_ats: bool = False
+    cd_needs_ats: bool = False
+    ats_enabled: bool = False
+    new_dd: SmmuDomain | None = None
+    new_build: list[Inv] = attrs.Factory(list)
+    old_dd: SmmuDomain | None = None
+    old_build: list[Inv] = attrs.Factory(list)
+    vmaster: tuple[Any, int] | None = None
 
 
 class SmmuDevice:
@@ -105,7 +171,15 @@ class SmmuDevice:
         self.cmdq_errors: list[tuple[int, int, int]] = []  # (CERROR, word 0, word 1)
         self.forwarded = 0
         self.vintf_owners: dict[int, Any] = {}  # CMDQV VINTF index -> the vIOMMU owning it
-        self._sync_seq = 0
+        # arm_smmu_device_hw_probe(): the features this driver reads from the ID registers.
+        idr0, idr1, idr3 = (hw.mmio.read(r, 4) for r in (R.IDR0, R.IDR1, R.IDR3))
+        self.feat_ril = bool(idr3 & R.IDR3_RIL)
+        self.feat_s2fwb = bool(idr3 & R.IDR3_FWB)
+        self.feat_attr_types_ovr = bool(idr1 & R.IDR1_ATTR_TYPES_OVR)
+        self.feat_ha = get(idr0, 7, 6) >= 1
+        self.feat_hd = get(idr0, 7, 6) >= 2
+        self.feat_ats = bool(idr0 & R.IDR0_ATS)
+        self._abort_retries = 0
         sid_bits = hw.sid_bits
         l1_count = 1 << max(sid_bits - STRTAB_SPLIT, 0)
         l1_pages = max(1, l1_count * 8 // PAGE_SIZE)
@@ -113,7 +187,6 @@ class SmmuDevice:
         self.l2: dict[int, int] = {}
         self.cmdq = MemRing(mem, mem.alloc_frame() << PAGE_SHIFT, C.CMD_SIZE, 1 << CMDQ_LOG2)
         self.evtq = MemRing(mem, mem.alloc_frame() << PAGE_SHIFT, E.EVENT_SIZE, 1 << EVTQ_LOG2)
-        self.sync_word = mem.alloc_frame() << PAGE_SHIFT
         self._reset(sid_bits)
 
     # -- probe: arm_smmu_device_reset() ---------------------------------------------------------
@@ -123,22 +196,28 @@ class SmmuDevice:
         hw.evtq_irq.append(self.evtq_thread)
         hw.gerror_irq.append(self.gerror_handler)
         w(R.CR0, 0, 4)
-        w(R.CR1, (1 << 10) | (1 << 8) | (1 << 6) | (1 << 4) | (1 << 2) | 1, 4)  # WB, ISH
+        w(R.CR1, CR1_VALUE, 4)
+        w(R.CR2, R.CR2_PTM | R.CR2_RECINVSID, 4)
         w(R.STRTAB_BASE, R.STRTAB_BASE_RA | self.strtab)
         cfg = (R.STRTAB_CFG_FMT_2LVL << 16) | (STRTAB_SPLIT << 6) | sid_bits
         w(R.STRTAB_BASE_CFG, cfg, 4)
         w(R.CMDQ_BASE, R.Q_BASE_RA | self.cmdq.base | CMDQ_LOG2)
         w(R.CMDQ_PROD, 0, 4)
         w(R.CMDQ_CONS, 0, 4)
-        w(R.CR0, R.CR0_CMDQEN, 4)
-        self.issue([C.cfgi_all(), C.tlbi_nsnh_all()])
+        enables = R.CR0_CMDQEN
+        w(R.CR0, enables, 4)
+        self.issue([C.cfgi_all()])
+        self.issue([C.tlbi_nsnh_all()])
         w(R.EVENTQ_BASE, R.Q_BASE_RA | self.evtq.base | EVTQ_LOG2)
         w(R.EVENTQ_PROD, 0, 4)
         w(R.EVENTQ_CONS, 0, 4)
-        w(R.CR0, R.CR0_CMDQEN | R.CR0_EVTQEN, 4)
+        enables |= R.CR0_EVTQEN
+        w(R.CR0, enables, 4)
+        if self.feat_ats:
+            enables |= R.CR0_ATSCHK
+            w(R.CR0, enables, 4)
         w(R.IRQ_CTRL, R.IRQ_CTRL_GERROR_IRQEN | R.IRQ_CTRL_EVTQ_IRQEN, 4)
-        w(R.GBPA, R.GBPA_UPDATE | R.GBPA_ABORT, 4)  # disable_bypass
-        w(R.CR0, R.CR0_CMDQEN | R.CR0_EVTQEN | R.CR0_SMMUEN, 4)
+        w(R.CR0, enables | R.CR0_SMMUEN, 4)
 
     @staticmethod
     def alloc_id(used: set[int], bits: int = 16) -> int:
@@ -150,38 +229,56 @@ class SmmuDevice:
 
     # -- command queue: arm_smmu_cmdq_issue_cmdlist() -----------------------------------------
     def issue(self, cmds: list[tuple[int, int]], sync: bool = True) -> None:
-        """Queue ``cmds`` (then a CMD_SYNC) and wait for the SYNC's MSI write."""
+        """Queue ``cmds`` and, with ``sync``, a CMD_SYNC; then wait for it.
+
+        The SYNC is the MSI-polling kind the driver uses on a coherent SMMU with MSIs
+        (ARM_SMMU_OPT_MSIPOLL): CS = IRQ, MSIAddr = the SYNC's own slot in the queue, MSIData
+        0, so completion shows as the SYNC's first word turning to zero.
+        """
         hw = self.hw
         mmio = hw.mmio
         mask = (1 << (CMDQ_LOG2 + 1)) - 1
+        sync_slot = -1
         todo = list(cmds)
         if sync:
-            self._sync_seq = (self._sync_seq + 1) & 0xFFFF_FFFF
-            hw.memory.write(self.sync_word, b"\xff\xff\xff\xff")
-            todo.append(C.cmd_sync(C.CS_IRQ, self.sync_word, self._sync_seq))
-        for cmd in todo:
+            todo.append(C.cmd_sync(C.CS_IRQ))
+        for n, cmd in enumerate(todo):
             prod = mmio.read(R.CMDQ_PROD, 4) & mask
             cons = mmio.read(R.CMDQ_CONS, 4) & mask
             if prod ^ cons == 1 << CMDQ_LOG2:
                 raise err(errno.ETIMEDOUT, "CMDQ full and not draining")
+            if sync and n == len(todo) - 1:
+                sync_slot = self.cmdq.addr(prod)
+                cmd = C.cmd_sync(C.CS_IRQ, sync_slot)
             self.cmdq.write(prod, C.encode(cmd))
             mmio.write(R.CMDQ_PROD, (prod + 1) & mask, 4)
-        if sync and int.from_bytes(hw.memory.read(self.sync_word, 4), "little") != self._sync_seq:
+        if sync_slot >= 0 and int.from_bytes(hw.memory.read(sync_slot, 4), "little"):
             raise err(errno.ETIMEDOUT, "CMD_SYNC did not complete")
 
     # -- interrupts -------------------------------------------------------------------------------
     def gerror_handler(self) -> None:
-        """arm_smmu_gerror_handler(): on CMDQ_ERR, skip the bad command (arm_smmu_cmdq_skip_err)."""
+        """arm_smmu_gerror_handler() / arm_smmu_cmdq_skip_err(): an illegal command becomes a
+        CMD_SYNC (CS = SEV); an abort on command fetch is retried as it is (the kernel logs
+        "retrying command fetch"); the model gives up after a few retries of one slot, so
+        that the issuer sees its SYNC time out rather than the model spinning forever."""
         mmio = self.hw.mmio
         gerror = mmio.read(R.GERROR, 4)
         active = gerror ^ mmio.read(R.GERRORN, 4)
         if active & R.GERROR_CMDQ_ERR:
             cons = mmio.read(R.CMDQ_CONS, 4)
+            cerror = get(cons, 30, 24)
             index = cons & ((1 << CMDQ_LOG2) - 1)
-            w0, w1 = C.decode(self.cmdq.read(index))
-            self.cmdq_errors.append((get(cons, 30, 24), w0, w1))
-            # Replace the offending command with a CMD_SYNC and carry on.
-            self.cmdq.write(index, C.encode(C.cmd_sync()))
+            if cerror == R.CERROR_ABT:
+                self.cmdq_errors.append((cerror, 0, 0))
+                self._abort_retries += 1
+                if self._abort_retries > ABORT_RETRIES:
+                    return  # left unacknowledged: the queue stays stopped
+            else:
+                self._abort_retries = 0
+                w0, w1 = C.decode(self.cmdq.read(index))
+                self.cmdq_errors.append((cerror, w0, w1))
+                if cerror != R.CERROR_ATC_INV_SYNC:
+                    self.cmdq.write(index, C.encode(C.cmd_sync(C.CS_SEV)))
         mmio.write(R.GERRORN, gerror, 4)
 
     def evtq_thread(self) -> None:
@@ -212,7 +309,8 @@ class SmmuDevice:
 
     # -- stream table ---------------------------------------------------------------------------
     def ensure_l2(self, sid: int) -> None:
-        """arm_smmu_init_l2_strtab(): a level-2 table of abort STEs for the device's bus."""
+        """arm_smmu_init_l2_strtab(): a level-2 table of abort STEs for the device's bus (no
+        CFGI: an invalid level-1 descriptor is never cached)."""
         l1_index = sid >> STRTAB_SPLIT
         if l1_index in self.l2:
             return
@@ -224,53 +322,81 @@ class SmmuDevice:
             mem.write(l2 + i * STE_SIZE, abort)
         self.l2[l1_index] = l2
         mem.write_u64(self.strtab + l1_index * 8, l2 | (STRTAB_SPLIT + 1))
-        self.issue([C.cfgi_ste(sid, leaf=False)])
 
     def ste_addr(self, sid: int) -> int:
         return self.l2[sid >> STRTAB_SPLIT] + (sid & ((1 << STRTAB_SPLIT) - 1)) * STE_SIZE
 
+    def _write(self, addr: int, target: list[int], used: Any, safe: Any, cfgi: Any) -> None:
+        mem = self.hw.memory
+        cur = [mem.read_u64(addr + 8 * i) for i in range(8)]
+
+        def store(i: int, value: int) -> None:
+            mem.write_u64(addr + 8 * i, value)
+
+        write_entry(cur, target, used, safe, store, lambda: self.issue([cfgi]))
+
     def write_ste(self, master: Master, words: list[int]) -> None:
-        """arm_smmu_install_ste_for_dev(): write the STE, then CFGI_STE + CMD_SYNC."""
-        self.hw.memory.write(self.ste_addr(master.sid), pack(words))
-        self.issue([C.cfgi_ste(master.sid)])
+        """arm_smmu_install_ste_for_dev(): the STE rewritten as arm_smmu_write_entry() does,
+        one CFGI_STE + CMD_SYNC per step, then a PREFETCH_CFG (no sync)."""
+        master.cd_in_ste = get(words[0], 3, 1) == CFG_S1_TRANS and bool(words[0] & 1)
+        master.ste_ats_enabled = get(words[1], 29, 28) == EATS_TRANS
+        sid = master.sid
+        self._write(self.ste_addr(sid), words, ste_used, ste_update_safe, C.cfgi_ste(sid))
+        self.issue([C.prefetch_cfg(sid)], sync=False)
 
     def write_cd(self, master: Master, ssid: int, words: list[int]) -> None:
+        """arm_smmu_write_cd_entry(): the CD rewritten step by step, CFGI_CD (leaf) + SYNC."""
         mem = self.hw.memory
         if not master.cd_table:
             master.cd_table = mem.alloc_frame() << PAGE_SHIFT
-        mem.write(master.cd_table + ssid * CD_SIZE, pack(words))
-        self.issue([C.cfgi_cd(master.sid, ssid)])
+        addr = master.cd_table + ssid * CD_SIZE
+        self._write(addr, words, cd_used, None, C.cfgi_cd(master.sid, ssid))
+
+    def clear_cd(self, master: Master, ssid: int) -> None:
+        """arm_smmu_clear_cd(): only when a CD table exists."""
+        if master.cd_table:
+            self.write_cd(master, ssid, [0] * 8)
 
     # -- STE / CD builders ------------------------------------------------------------------------
     def make_s1_cd(self, domain: SmmuDomain) -> list[int]:
-        """arm_smmu_make_s1_cd(): a 48-bit, 4 KiB-granule, write-back TTB0 context."""
+        """arm_smmu_make_s1_cd(): a 48-bit, 4 KiB-granule, write-back TTB0 context; HA and HD
+        only for a dirty-tracking domain (IO_PGTABLE_QUIRK_ARM_HD)."""
         cd = Cd(v=True, aa64=True, r=True, a=True, aset=True, epd1=True, asid=domain.asid)
         cd.t0sz, cd.tg0, cd.ips, cd.sh0 = 64 - VA_BITS, TG0_4K, IPS_48, SH_ISH
         cd.ir0 = cd.or0 = IRGN_WBWA
-        cd.ha = bool(self.hw.mmio.read(R.IDR0, 4) & R.IDR0_HTTU_ACCESS)
+        cd.ha = cd.hd = domain.dirty_tracking
         cd.ttb0, cd.mair = domain.pgtable.root, MAIR_VALUE
         return cd.encode()
 
-    def make_cdtable_ste(self, master: Master) -> list[int]:
+    def make_cdtable_ste(
+        self, master: Master, ats: bool = False, s1dss: int = S1DSS_SSID0
+    ) -> list[int]:
+        """arm_smmu_make_cdtable_ste(): SHCFG only with IDR1.ATTR_TYPES_OVR and S1DSS bypass."""
         ste = Ste(
             v=True,
             config=CFG_S1_TRANS,
             s1fmt=0,
             s1ctxptr=master.cd_table,
             s1cdmax=0,
-            s1dss=S1DSS_SSID0,
+            s1dss=s1dss,
             s1cir=S1C_WBRA,
             s1cor=S1C_WBRA,
             s1csh=SH_ISH,
-            eats=EATS_TRANS if master.ats_enabled else 0,
+            eats=EATS_TRANS if ats else 0,
+            strw=STRW_NSEL1,
         )
+        if self.feat_attr_types_ovr and s1dss == S1DSS_BYPASS:
+            ste.shcfg = SHCFG_INCOMING
         return ste.encode()
 
     def make_s2_ste(self, master: Master, domain: SmmuDomain, ats: bool = False) -> list[int]:
+        """arm_smmu_make_s2_domain_ste(): S2PTW always, S2FWB for an S2FWB nest parent,
+        SHCFG only with IDR1.ATTR_TYPES_OVR."""
         ste = Ste(
             v=True,
             config=CFG_S2_TRANS,
-            shcfg=SHCFG_INCOMING,
+            shcfg=SHCFG_INCOMING if self.feat_attr_types_ovr else 0,
+            s2fwb=domain.nest_parent and self.feat_s2fwb,
             eats=EATS_TRANS if ats else 0,
             s2vmid=domain.vmid,
             s2t0sz=S2_T0SZ,
@@ -282,7 +408,7 @@ class SmmuDevice:
             s2ps=IPS_48,
             s2aa64=True,
             s2r=True,
-            s2ptw=domain.nest_parent,
+            s2ptw=True,
             s2ttb=domain.pgtable.root,
         )
         return ste.encode()
@@ -297,28 +423,99 @@ class SmmuDevice:
             words[0] = 1 | (CFG_NESTED << 1) | (ste0 & ~STE0_CFG)
             words[1] |= ste1 | STE1_MEV
             return words
-        if cfg == 0b100:  # bypass: the guest sees its IPA space
+        if cfg == CFG_BYPASS:  # bypass: the guest sees its IPA space
             return self.make_s2_ste(master, parent, ats)
         return abort_ste()
 
-    # -- invalidation -----------------------------------------------------------------------------
-    def tlb_inv_range(self, domain: SmmuDomain, iova: int, size: int) -> None:
-        """arm_smmu_tlb_inv_range_domain(): range TLBIs when IDR3.RIL, else one per page."""
+    # -- attach: arm_smmu_attach_prepare() / arm_smmu_attach_commit() ---------------------------
+    def ats_supported(self, master: Master) -> bool:
+        """arm_smmu_ats_supported(): IDR0.ATS and a device with an ATS capability (the model's
+        root complexes all declare ATS in IORT)."""
+        return self.feat_ats and master.dev.ats
+
+    def build_invs(self, master: Master, ats: bool, ssid: int, domain: SmmuDomain) -> list[Inv]:
+        """arm_smmu_master_build_invs(): this master's entries for ``domain``'s array."""
+        pgsize = (domain.pgsize_bitmap & -domain.pgsize_bitmap).bit_length() - 1
+        pgsize = pgsize if self.feat_ril else 0
         if domain.stage == 1:
-            opcode, kw = C.TLBI_NH_VA, {"asid": domain.asid}
+            out = [Inv(INV_S1_ASID, domain.asid, 0, pgsize)]
         else:
-            opcode, kw = C.TLBI_S2_IPA, {"vmid": domain.vmid}
-        cmds: list[tuple[int, int]] = []
-        if self.hw.mmio.read(R.IDR3, 4) & R.IDR3_RIL:
-            for addr, num, scale in C.plan_range(iova, size):
-                cmds.append(C.tlbi_va(opcode, addr, num=num, scale=scale, tg=1, leaf=True, **kw))
-        else:
-            for addr in range(iova, iova + size, PAGE_SIZE):
-                cmds.append(C.tlbi_va(opcode, addr, leaf=True, **kw))
+            out = [Inv(INV_S2_VMID, domain.vmid, 0, pgsize)]
         if domain.nest_parent:
-            # A changed stage 2 stales every nested stage-1 entry of the VMID too.
-            cmds.append(C.tlbi_nh_all(domain.vmid))
-        self.issue(cmds)
+            out.append(Inv(INV_S2_VMID_S1_CLEAR, domain.vmid))
+        if ats:
+            out.append(Inv(INV_ATS_FULL if domain.nest_parent else INV_ATS, master.sid, ssid))
+        return out
+
+    def attach_prepare(self, state: AttachState, new_domain: Domain | None) -> None:
+        """Decide EATS, extend the new domain's invalidation array (before the STE changes),
+        and turn PCI ATS off first when it goes off. Raises before touching anything."""
+        master = state.master
+        new_dd = devices_domain(new_domain)
+        if new_dd is not None or state.cd_needs_ats:
+            state.ats_enabled = not state.disable_ats and self.ats_supported(master)
+        old_dd = devices_domain(state.old_domain)
+        if new_dd is not None:
+            state.new_dd = new_dd
+            state.new_build = self.build_invs(master, state.ats_enabled, state.ssid, new_dd)
+        if old_dd is not None:
+            state.old_dd = old_dd
+            state.old_build = self.build_invs(master, master.ats_enabled, state.ssid, old_dd)
+        if new_dd is not None:
+            new_dd.invs.merge(state.new_build)
+        if not state.ats_enabled and master.ats_enabled:
+            master.pci_ats = False  # pci_disable_ats() before the STE says EATS = 0
+
+    def attach_commit(self, state: AttachState) -> None:
+        """Flush the ATC as ATS changes, then drop the master from the old domain's array
+        (flushing a tag that lost its last user)."""
+        master = state.master
+        if state.ats_enabled and not master.ats_enabled:
+            self.atc_inv_master(master, 0)  # arm_smmu_enable_ats(): ATC clean before enable
+            master.pci_ats = True
+        elif state.ats_enabled and master.ats_enabled:
+            self.atc_inv_master(master, state.ssid)
+        elif not state.ats_enabled and master.ats_enabled:
+            self.atc_inv_master(master, 0)
+        if state.old_dd is not None:
+            state.old_dd.invs.unref(state.old_build)
+            if state.old_build and not state.old_build[0].users:
+                flush_tag(self, state.old_build[0])
+        master.ats_enabled = state.ats_enabled
+
+    def atc_inv_master(self, master: Master, ssid: int) -> None:
+        """arm_smmu_atc_inv_master(): ATC_INV of everything, per StreamID, then a SYNC."""
+        batch = Batch(self)
+        batch.add(C.atc_inv(master.sid, 0, C.ATC_INV_SIZE_ALL, ssid or None))
+        batch.submit()
+
+    def attach_paging(self, master: Master, domain: SmmuDomain) -> None:
+        """arm_smmu_attach_dev(): stage 1 writes CD 0 then a CD-table STE (S1DSS = SSID0);
+        stage 2 writes its STE then clears CD 0."""
+        state = AttachState(master, master.domain)
+        self.attach_prepare(state, domain)
+        if domain.stage == 1:
+            self.write_cd(master, 0, self.make_s1_cd(domain))
+            self.write_ste(master, self.make_cdtable_ste(master, state.ats_enabled))
+        else:
+            self.write_ste(master, self.make_s2_ste(master, domain, state.ats_enabled))
+            self.clear_cd(master, 0)
+        self.attach_commit(state)
+        master.vmaster = None
+
+    def attach_blocked(self, master: Master) -> None:
+        """arm_smmu_attach_dev_blocked(): an abort STE, then CD 0 cleared."""
+        master.vmaster = None
+        state = AttachState(master, master.domain)
+        self.attach_prepare(state, None)
+        self.write_ste(master, abort_ste())
+        self.attach_commit(state)
+        self.clear_cd(master, 0)
+
+    # -- invalidation -----------------------------------------------------------------------------
+    def tlb_inv_range(self, domain: SmmuDomain, iova: int, size: int, granule: int) -> None:
+        """arm_smmu_iotlb_sync(): the gathered range of leaves, granule = their page size."""
+        inv_range(self, domain.invs, iova, size, granule, leaf=True)
 
 
 def abort_ste() -> list[int]:

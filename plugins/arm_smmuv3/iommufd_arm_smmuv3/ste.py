@@ -47,12 +47,14 @@ STE1_S1CIR = mask(3, 2)
 STE1_S1COR = mask(5, 4)
 STE1_S1CSH = mask(7, 6)
 STE1_MEV = bit(19)
+STE1_S2FWB = bit(25)
 STE1_S1STALLD = bit(27)
 STE1_EATS = mask(29, 28)
 STE1_STRW = mask(31, 30)
 STE1_SHCFG = mask(45, 44)
 # word 2
 STE2_S2VMID = mask(15, 0)
+STE2_VTCR = mask(50, 32)  # S2T0SZ, S2SL0, S2IR0, S2OR0, S2SH0, S2TG, S2PS
 STE2_S2AA64 = bit(51)
 STE2_S2ENDI = bit(52)
 STE2_S2AFFD = bit(53)
@@ -83,6 +85,7 @@ class Ste:
     s1cor: int = 0  # S1COR: outer cacheability
     s1csh: int = 0  # S1CSH: shareability
     mev: bool = False  # MEV: merge events
+    s2fwb: bool = False  # S2FWB: stage 2 forces write-back over stage-1 attributes
     s1stalld: bool = False  # S1STALLD: stall disable
     eats: int = EATS_ABT  # EATS: ATS translation requests
     strw: int = STRW_NSEL1  # STRW: StreamWorld
@@ -118,6 +121,7 @@ class Ste:
             s1cor=get(w1, 5, 4),
             s1csh=get(w1, 7, 6),
             mev=bool(w1 & STE1_MEV),
+            s2fwb=bool(w1 & STE1_S2FWB),
             s1stalld=bool(w1 & STE1_S1STALLD),
             eats=get(w1, 29, 28),
             strw=get(w1, 31, 30),
@@ -154,6 +158,7 @@ class Ste:
             | put(self.s1cor, 5, 4)
             | put(self.s1csh, 7, 6)
             | (STE1_MEV if self.mev else 0)
+            | (STE1_S2FWB if self.s2fwb else 0)
             | (STE1_S1STALLD if self.s1stalld else 0)
             | put(self.eats, 29, 28)
             | put(self.strw, 31, 30)
