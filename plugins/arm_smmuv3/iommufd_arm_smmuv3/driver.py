@@ -36,6 +36,7 @@ from iommufd_arm_smmuv3.ste import (
     STE1_EATS,
 )
 from iommufd_model import driver as api
+from iommufd_model.core.mmap import MmapOwner, MmioRegion
 from iommufd_model.errors import err
 from iommufd_model.hookspecs import hookimpl
 from iommufd_model.hw.bits import get, pack, put
@@ -146,7 +147,14 @@ class VintfVsmmu(Vsmmu):
         self.vintf = vintf
         self.vdevs: dict[int, Vdevice] = {}
         self.queues: dict[int, Vcmdq] = {}  # logical VCMDQ index -> its iommufd HW queue
-        self.mmap_offset = (vintf.idx + 1) * VINTF_PAGE_SIZE
+        self.mmap: MmapOwner | None = None
+        self.mmap_offset = 0  # where the iommufd's mmap() finds the VINTF page (0: none)
+
+    def expose(self, mmap: MmapOwner) -> None:
+        """iommufd_viommu_alloc_mmap() of the VINTF's page 0: the core picks the offset
+        (the lowest free one from PAGE_SIZE on), which goes back to the user."""
+        self.mmap_offset = mmap.alloc(MmioRegion(self.vintf.window, 0, VINTF_PAGE_SIZE))
+        self.mmap = mmap
         self.out_data = U.IommuViommuTegra241Cmdqv(
             out_vintf_mmap_offset=self.mmap_offset, out_vintf_mmap_length=VINTF_PAGE_SIZE
         ).pack()
@@ -413,7 +421,13 @@ class ArmSmmuV3Driver:
 
     @hookimpl
     def viommu_alloc(
-        self, iommu: IommuHw, dev: PciDevice, parent: api.Domain, viommu_type: int, data: bytes
+        self,
+        iommu: IommuHw,
+        dev: PciDevice,
+        parent: api.Domain,
+        viommu_type: int,
+        data: bytes,
+        mmap: MmapOwner,
     ) -> Vsmmu:
         """arm_vsmmu_init(): the vSMMU takes the nest parent's VMID; a CMDQV type also gets
         a guest VINTF (tegra241_cmdqv_init_vintf_user)."""
@@ -441,6 +455,11 @@ class ArmSmmuV3Driver:
         vsmmu = VintfVsmmu(smmu, s2, vintf)
         vintf.reset()
         vintf.configure(vsmmu.vmid, enable=True)
+        try:
+            vsmmu.expose(mmap)
+        except OSError:
+            vintf.reset()  # tegra241_vintf_hw_deinit()
+            raise
         vintf.error_irq.append(self._vintf_error)
         smmu.vintf_owners[vintf.idx] = vsmmu
         return vsmmu
@@ -458,6 +477,9 @@ class ArmSmmuV3Driver:
     def viommu_destroy(self, viommu: api.ViommuBase) -> bool:
         if isinstance(viommu, VintfVsmmu):
             vintf = viommu.vintf
+            if viommu.mmap is not None:  # tegra241_cmdqv_destroy_vintf_user()
+                viommu.mmap.destroy(viommu.mmap_offset)
+                viommu.mmap = None
             vintf.reset()
             vintf.error_irq.clear()
             viommu.smmu.vintf_owners.pop(vintf.idx, None)

@@ -40,6 +40,19 @@ GUEST_CMDQ_LOG2 = 8  # 256 commands in one page
 VCMDQ_BYTES = PAGE_SIZE
 
 
+class VintfWindow:
+    """The guest's view of the mmapped VINTF page: 32-bit register accesses by offset."""
+
+    def __init__(self, vma: Any) -> None:
+        self.vma = vma
+
+    def read(self, off: int, width: int = 4) -> int:
+        return int.from_bytes(self.vma.read(off, width), "little")
+
+    def write(self, off: int, value: int, width: int = 4) -> None:
+        self.vma.write(off, value.to_bytes(width, "little"))
+
+
 def stage1_tables(memory: FrameMemory) -> RadixPageTable:
     """A guest stage-1 table (48-bit VA) in ``memory``; its table pointers are IPAs."""
     return RadixPageTable(memory, Stage1Format())
@@ -138,12 +151,15 @@ class GuestSmmuv3(GuestIommu):
             self.viommu_id = vm.fd.viommu_alloc(dev_id, parent, U.IOMMU_VIOMMU_TYPE_ARM_SMMUV3)
             return self.viommu_id
         data = bytes(U.IommuViommuTegra241Cmdqv.SIZE)
-        self.viommu_id = vm.fd.viommu_alloc(
+        self.viommu_id, out = vm.fd.viommu_alloc_data(
             dev_id, parent, U.IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV, data
         )
-        # The VMM mmaps the VINTF page for the guest; the framework has no iommufd mmap yet,
-        # so the window is taken from the vIOMMU object.
-        self.window = vm.fd.objects.get(self.viommu_id).drv.window  # type: ignore[attr-defined]
+        # The VMM mmaps the VINTF page at the offset the kernel returned and hands it to the
+        # guest; the guest's accesses to it go to the VINTF's registers without a trap.
+        info = U.IommuViommuTegra241Cmdqv.unpack(out)
+        self.window = VintfWindow(
+            vm.fd.mmap(info.out_vintf_mmap_offset, info.out_vintf_mmap_length)
+        )
         self.vcmdq = vm.memory.alloc_frame() << PAGE_SHIFT
         vm.fd.hw_queue_alloc(
             self.viommu_id, U.IOMMU_HW_QUEUE_TYPE_TEGRA241_CMDQV, 0, self.vcmdq, VCMDQ_BYTES

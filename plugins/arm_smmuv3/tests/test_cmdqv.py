@@ -19,6 +19,7 @@ from iommufd_arm_smmuv3.cmdqv import (
     VCMDQ_STATUS,
     VINTF_PAGE_SIZE,
 )
+from iommufd_arm_smmuv3.guest import VintfWindow
 
 from iommufd_model.hw.bits import words
 from iommufd_model.uapi import iommufd as U
@@ -37,7 +38,9 @@ class GuestQueue:
 
     def __init__(self, vm: Any, lidx: int = 0) -> None:
         self.vm = vm
-        self.window = vm.viommu_drv.window
+        out = U.IommuViommuTegra241Cmdqv.unpack(vm.viommu_out)
+        # the VINTF page, mapped through mmap() of the iommufd at the offset the kernel gave
+        self.window = VintfWindow(vm.r.fd.mmap(out.out_vintf_mmap_offset, VINTF_PAGE_SIZE))
         self.off = lidx * 0x80
         self.prod = 0
 
@@ -164,7 +167,35 @@ def test_illegal_guest_command_stops_the_vcmdq_and_reports_a_vevent(guest_vm: An
     # the guest replaces the bad entry with a CMD_SYNC and acknowledges: the queue resumes
     r.proc.write(vm.ram + QUEUE_IPA - G, C.encode(C.cmd_sync()))
     hw.executed.clear()
-    vm.viommu_drv.window.write(VCMDQ_GERRORN, gerror, 4)
+    q.window.write(VCMDQ_GERRORN, gerror, 4)
     assert q.reg(VCMDQ_CONS) == 2 and [C.op(w0) for w0, _ in hw.executed] == [C.TLBI_NH_ASID]
     q.push(C.atc_inv(0x99, 0, 52))
     assert (q.reg(VCMDQ_CONS) >> 24) & 0x7F == R.CERROR_ILL
+
+
+def test_vintf_mmap_offsets_are_allocated_by_the_iommufd(vmm: Any) -> None:
+    """Each VINTF page is registered with the iommufd's mmap table: the lowest free 64 KiB
+    range from PAGE_SIZE on, per iommufd; destroying the vIOMMU frees its offset (EBUSY while
+    mapped), and the same offset is handed out again."""
+    r = vmm()
+    parent = r.hwpt_alloc(r.ioas_alloc(), U.IOMMU_HWPT_ALLOC_NEST_PARENT)
+    offsets = []
+    ids = []
+    for _ in range(2):
+        viommu, out = r.viommu_alloc(parent, U.IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV, CMDQV_DATA)
+        info = U.IommuViommuTegra241Cmdqv.unpack(out)
+        assert info.out_vintf_mmap_length == VINTF_PAGE_SIZE
+        offsets.append(info.out_vintf_mmap_offset)
+        ids.append(viommu)
+    assert offsets == [4096, 4096 + VINTF_PAGE_SIZE]
+    vma = r.fd.mmap(offsets[0], VINTF_PAGE_SIZE)
+    with pytest.raises(OSError) as exc:
+        r.destroy(ids[0])
+    assert exc.value.errno == errno.EBUSY
+    vma.close()
+    r.destroy(ids[0])
+    with pytest.raises(OSError) as exc:
+        r.fd.mmap(offsets[0], VINTF_PAGE_SIZE)
+    assert exc.value.errno == errno.ENXIO
+    _viommu, out = r.viommu_alloc(parent, U.IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV, CMDQV_DATA)
+    assert U.IommuViommuTegra241Cmdqv.unpack(out).out_vintf_mmap_offset == offsets[0]
