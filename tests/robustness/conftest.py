@@ -1,17 +1,11 @@
-"""Fail-nth robustness tests: make ``tests/helpers.py`` and ``failsweep.py`` importable
-(the suite runs with --import-mode=importlib, which leaves sys.path alone)."""
+"""Fail-nth robustness tests: the totals of every sweep, printed at the end of the session
+(``failsweep.py`` and ``tests/helpers.py`` are importable through pytest's ``pythonpath``)."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-
-for _p in (Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent):
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -7,16 +7,12 @@ Test ids read ``test_<fixture>__<kernel test name>[<variant>]``.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-# The suite runs with --import-mode=importlib, which leaves sys.path alone: make the shared
-# helper module (kutil.py, the port of iommufd_utils.h) importable by the test modules.
-sys.path.insert(0, str(Path(__file__).parent))
+# kutil.py (the port of iommufd_utils.h) is importable through pytest's ``pythonpath``.
 from kutil import IOAS_VARIANTS, MOCK_APERTURE_START, IoasFixture, Kfd, teardown_iommufd
 
 from iommufd_model.mock import selftest as T
