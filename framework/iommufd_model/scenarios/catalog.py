@@ -226,15 +226,17 @@ def _vendor_data(dtype: int) -> bytes:
 
 
 def _viommu_data(vtype: int) -> bytes:
-    """The driver data a vIOMMU type takes (only Tegra241 CMDQV has any)."""
-    return bytes(
-        U.IommuViommuTegra241Cmdqv.SIZE if vtype == U.IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV else 0
-    )
+    """The driver data a vIOMMU type takes (Tegra241 CMDQV's; AMD's, mandatory in AMD's tree)."""
+    sizes = {
+        U.IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV: U.IommuViommuTegra241Cmdqv.SIZE,
+        U.IOMMU_VIOMMU_TYPE_AMD: U.IommuViommuAmd.SIZE,
+    }
+    return bytes(sizes.get(vtype, 0))
 
 
 def _viommu_type(ctx: ScenarioContext, rig: Rig, parent: int) -> int:
     def probe(vtype: int) -> int:
-        return rig.viommu_alloc(parent, vtype)
+        return rig.viommu_alloc(parent, vtype, _viommu_data(vtype))
 
     return ctx.driver_type(
         Feature.VIOMMU, ctx.info.viommu_types, probe, U.IOMMU_VIOMMU_TYPE_DEFAULT

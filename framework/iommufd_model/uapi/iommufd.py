@@ -162,9 +162,8 @@ IOMMU_VEVENTQ_TYPE_AMD = 3
 # enum iommu_hw_queue_type
 IOMMU_HW_QUEUE_TYPE_DEFAULT = 0
 IOMMU_HW_QUEUE_TYPE_TEGRA241_CMDQV = 1
-# AMD HW-vIOMMU guest buffers, named as in the AMD vIOMMU LKML series (AMD_CMD / AMD_EVT /
-# AMD_PPR); the stored uAPI headers carry no values, so the model numbers them in series order
-# after TEGRA241_CMDQV (docs/amd-hw-viommu.md). AMD_VIOMMU is the command buffer's alias.
+# AMD HW-vIOMMU guest buffers (AMD's tree: iommufd.c amd_iommufd_get_hw_queue_size(), uAPI
+# header values 2/3/4 after TEGRA241_CMDQV). AMD_VIOMMU is the model's alias of the command buffer.
 IOMMU_HW_QUEUE_TYPE_AMD_CMD = 2
 IOMMU_HW_QUEUE_TYPE_AMD_EVT = 3
 IOMMU_HW_QUEUE_TYPE_AMD_PPR = 4
@@ -460,6 +459,16 @@ class IommuFaultAlloc(UStruct):
 class IommuViommuTegra241Cmdqv(UStruct):
     out_vintf_mmap_offset: int = u64()
     out_vintf_mmap_length: int = u64()
+
+
+# AMD's tree (AMDESE/linux-iommu include/uapi/linux/iommufd.h, iommufd.c): mandatory user data of
+# IOMMU_VIOMMU_TYPE_AMD, with the review's changes (input-only IDs and "reserved" dropped, a
+# length added): the iommufd mmap offset and length of the guest's 4 KiB VF MMIO page.
+@ustruct
+@attrs.define
+class IommuViommuAmd(UStruct):
+    out_vfmmio_mmap_offset: int = u64()
+    out_vfmmio_mmap_length: int = u64()
 
 
 @ustruct

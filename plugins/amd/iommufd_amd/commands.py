@@ -20,6 +20,8 @@ INVALIDATE_INTERRUPT_TABLE = 0x05  # CMD_INV_IRT
 PREFETCH_IOMMU_PAGES = 0x06  # PREFETCH_IOMMU_PAGES
 COMPLETE_PPR_REQUEST = 0x07  # CMD_COMPLETE_PPR
 INVALIDATE_IOMMU_ALL = 0x08  # CMD_INV_ALL
+INSERT_GUEST_EVENT = 0x09  # HW-vIOMMU (AMD tree amd_iommu_types.h; GuestID in word 1 [15:0])
+RESET_VMMIO = 0x0A  # HW-vIOMMU CMD_RESET_VMMIO (AMD tree: build_reset_vmmio())
 
 CMD_SIZE = 16
 OPCODE_SHIFT = 28  # word 1 [31:28] (CMD_SET_TYPE)
@@ -36,6 +38,8 @@ PF_INVAL = 1 << 4  # PREFETCH Inval: invalidate before prefetching
 ALL_PAGES_ADDRESS = 0x7FFF_FFFF_FFFF_F000  # CMD_INV_IOMMU_ALL_PAGES_ADDRESS & PAGE_MASK
 PPR_STATUS_SHIFT = 12  # COMPLETE_PPR_REQUEST word 3 Status[15:12]
 PPR_TAG_MASK = 0x1FF  # CompletionTag[8:0]
+RV_ALL = 1 << 28  # RESET_VMMIO word 0: All (every virtualised register of the guest)
+RV_VCMD = 1 << 31  # RESET_VMMIO word 0: VCmd (the guest command processor too)
 
 _W = struct.Struct("<4I")
 
@@ -59,6 +63,9 @@ class Command:
     count: int = 0  # PREFETCH PFCount / INVALIDATE_IOTLB_PAGES MaxPend
     tag: int = 0  # COMPLETE_PPR_REQUEST CompletionTag
     status: int = 0  # COMPLETE_PPR_REQUEST Status
+    guest_id: int = 0  # INSERT_GUEST_EVENT / RESET_VMMIO GuestID
+    all: bool = False  # RESET_VMMIO All
+    vcmd: bool = False  # RESET_VMMIO VCmd
 
 
 def _pack(w0: int, w1: int, w2: int, w3: int, opcode: int) -> bytes:
@@ -167,6 +174,18 @@ def inv_all() -> bytes:
     return _pack(0, 0, 0, 0, INVALIDATE_IOMMU_ALL)
 
 
+def reset_vmmio(guest_id: int, *, vcmd: bool = True, all_regs: bool = True) -> bytes:
+    """RESET_VMMIO: GuestID[15:0], All[28], VCmd[31] in word 0 (AMD tree build_reset_vmmio();
+    ``iommu_reset_vmmio()`` sets both)."""
+    w0 = (guest_id & 0xFFFF) | (RV_ALL if all_regs else 0) | (RV_VCMD if vcmd else 0)
+    return _pack(w0, 0, 0, 0, RESET_VMMIO)
+
+
+def insert_guest_event(guest_id: int) -> bytes:
+    """INSERT_GUEST_EVENT: GuestID in word 1 [15:0] (the command layout of AMD's tree)."""
+    return _pack(0, guest_id & 0xFFFF, 0, 0, INSERT_GUEST_EVENT)
+
+
 # -- the hardware's parser --------------------------------------------------------------------
 # Per opcode: reserved-bit masks of words 0..3 (set bits there make the command illegal).
 _RESERVED: dict[int, tuple[int, int, int, int]] = {
@@ -178,6 +197,8 @@ _RESERVED: dict[int, tuple[int, int, int, int]] = {
     PREFETCH_IOMMU_PAGES: (0x00FF_0000, 0x0FF0_0000, 0x0000_0FEA, 0),
     COMPLETE_PPR_REQUEST: (0xFFFF_0000, 0x0FF0_0000, 0xFFFF_FFFB, 0xFFFF_0E00),
     INVALIDATE_IOMMU_ALL: (0xFFFF_FFFF, 0x0FFF_FFFF, 0xFFFF_FFFF, 0xFFFF_FFFF),
+    INSERT_GUEST_EVENT: (0xFFFF_FFFF, 0x0FFF_0000, 0xFFFF_FFFF, 0xFFFF_FFFF),
+    RESET_VMMIO: (0x6FFF_0000, 0x0FFF_FFFF, 0xFFFF_FFFF, 0xFFFF_FFFF),
 }
 
 
@@ -245,6 +266,10 @@ def decode(raw: bytes) -> Command | None:
             tag=w3 & PPR_TAG_MASK,
             status=(w3 >> PPR_STATUS_SHIFT) & 0xF,
         )
+    if op == INSERT_GUEST_EVENT:
+        return Command(op, guest_id=w1 & 0xFFFF)
+    if op == RESET_VMMIO:
+        return Command(op, guest_id=w0 & 0xFFFF, all=bool(w0 & RV_ALL), vcmd=bool(w0 & RV_VCMD))
     return Command(op)
 
 

@@ -23,7 +23,7 @@ from iommufd_amd.hw import AmdIommu
 from iommufd_amd.pgtable_v1 import AMD_IOMMU_PGSIZES, AmdV1PageTable
 from iommufd_amd.viommu import AmdHwQueue, AmdViommu, GdomInfo
 from iommufd_amd.viommu import kernel as VK
-from iommufd_amd.viommu.hw import IOMMU_DEVID, MAX_GUESTS, TRANS_DEVID_BASE
+from iommufd_amd.viommu.hw import IOMMU_DEVID, MAX_GUESTS
 from iommufd_model.driver import (
     Domain,
     DomainType,
@@ -65,8 +65,13 @@ OPTIONS = {
     "pgtable",
     "domain_levels",
     "viommu_guests",
+    "gst_buffer_trp",
 }
-HW_QUEUE_TYPES = (U.IOMMU_HW_QUEUE_TYPE_AMD_CMD, U.IOMMU_HW_QUEUE_TYPE_AMD_EVT)
+HW_QUEUE_TYPES = (
+    U.IOMMU_HW_QUEUE_TYPE_AMD_CMD,
+    U.IOMMU_HW_QUEUE_TYPE_AMD_EVT,
+    U.IOMMU_HW_QUEUE_TYPE_AMD_PPR,
+)
 VIOMMU_GUESTS = 16  # default HW-vIOMMU guest IDs per IOMMU (option viommu_guests; 0 = none)
 PPR_STATUS = {U.IOMMUFD_PAGE_RESP_SUCCESS: 0x0, U.IOMMUFD_PAGE_RESP_INVALID: 0x1}
 _GDTE = struct.Struct("<4Q")
@@ -138,6 +143,7 @@ class AmdKernel:
         self.gpt_levels = 5 if hw.gpt5 else 4
         self.cmd_sem_val = 0
         self.pas: VK.PasState | None = None  # the HW-vIOMMU private address space
+        self.viommu_error = 0  # errno of a failed amd_viommu_init() (no HW-vIOMMU then)
         self.init_hardware()
         VK.viommu_init(self)
 
@@ -267,10 +273,12 @@ class AmdKernel:
                 )
         if dte.tv and dd.dev.ats:
             dte.i = True  # DTE_FLAG_IOTLB
-        if dd.vgid:
-            dte.viommu_en = True  # set_dte_viommu(): the guest owning the device, its gDevID
-            dte.guest_id = dd.vgid
+        if isinstance(dom, AmdNestedDomain) and dom.viommu.gid:
+            # set_dte_nested() of AMD's tree: vImuEn, the guest DeviceID and the guest ID
+            # from the device's vDEVICE (data[3]); only a nested attach writes them.
+            dte.viommu_en = True
             dte.gdev_id = dd.vgdevid
+            dte.guest_id = dd.vgid
         return dte
 
     @staticmethod
@@ -344,7 +352,9 @@ class AmdKernel:
                 self.queue(C.inv_iommu_pages(dd.gcr3_domid, iova, size, pasid=pasid, gn=True))
                 queued = True
         else:
-            ids = [dom.id] if dom.attached else []
+            # The parent's own DomainID tags its attached devices and, on the HW-vIOMMU, the
+            # translate DTE of every vIOMMU on it (guest buffers through stage 2).
+            ids = [dom.id] if dom.attached or any(v.gid for v in dom.viommus) else []
             for viommu in dom.viommus:
                 ids += viommu.hdom_ids()  # the nest parent's stage 2 under every hDomID
             for domid in ids:
@@ -394,7 +404,6 @@ class AmdDomain(Domain):
             raise err(errno.ENOSPC, "no DomainID left")
         self.attached: set[tuple[int, int]] = set()  # (devid, pasid; 0 for the RID)
         self.viommus: list[AmdViommu] = []
-        self.implicit_viommu: AmdViommu | None = None
 
 
 class AmdNestedDomain(Domain):
@@ -481,6 +490,7 @@ class AmdDriver:
             pasid_bits=pasid_bits,
             hd=bool(options.get("hd", True)),
             viommu_guests=guests,
+            gst_buffer_trp=bool(options.get("gst_buffer_trp", True)),
         )
         hw.kernel = AmdKernel(hw, options)
         return hw
@@ -488,8 +498,15 @@ class AmdDriver:
     @hookimpl
     def probe_device(self, iommu: IommuHw, dev: PciDevice) -> object:
         k = _kernel(iommu)
-        if k.hw.vi is not None and (dev.rid == IOMMU_DEVID or dev.rid >= TRANS_DEVID_BASE):
-            raise err(errno.ENODEV, f"DeviceID {dev.rid:#x} is the IOMMU's own (HW-vIOMMU)")
+        if k.pas is not None:
+            if dev.rid == IOMMU_DEVID:
+                # Model's own: no other function can sit at the IOMMU's BDF.
+                raise err(errno.ENODEV, f"DeviceID {dev.rid:#x} is the IOMMU's own (HW-vIOMMU)")
+            # amd_iommu_trans_devid_reserve_pci_aliases(): AMD reserves at attach; the model
+            # writes a function's DTE at probe already, so it reserves (and relocates a vIOMMU
+            # holding the ID, ENOSPC when none is free) here.
+            pas = k.pas
+            pas.trans.reserve(dev.rid, lambda o, a, b: VK.relocate_trans_devid(k, o, a, b))
         dd = k.dev_data[dev.rid] = DevData(dev)
         # init_device_table_dma(): V and TV with no permission -- DMA blocked.
         k.write_dte(dev.rid, Dte(v=True, tv=True))
@@ -546,13 +563,12 @@ class AmdDriver:
         data_type: int,
         data: bytes,
     ) -> Domain:
-        """amd_iommu_alloc_domain_nested().
-
-        Upstream allocates AMD nested domains only on a vIOMMU. Allocation directly on the
-        nest parent (the v3 series' ``iommu_ops.domain_alloc_nested``) is kept too, through
-        an implicit vIOMMU of the parent that owns the gDomID -> hDomID map, because the
-        framework's vendor-neutral scenarios allocate nested HWPTs that way.
-        """
+        """nested.c amd_iommu_alloc_domain_nested(), reached through the vIOMMU only (AMD's
+        tree wires it as ``iommufd_viommu_ops.alloc_domain_nested``). The AMD driver has no
+        ``iommu_ops.domain_alloc_nested``: a nested HWPT straight on a nest parent is
+        EOPNOTSUPP, as the core answers for a driver without it."""
+        if viommu is None:
+            raise err(errno.EOPNOTSUPP, "AMD nested domains are allocated on a vIOMMU")
         if data_type != U.IOMMU_HWPT_DATA_AMD_GUEST:
             raise err(errno.EOPNOTSUPP, f"hwpt data type {data_type}")
         # iommu_copy_struct_from_user(): short -> EINVAL, non-zero tail -> E2BIG
@@ -567,11 +583,6 @@ class AmdDriver:
         if parent_dom.v2 or not parent_dom.nest_parent:
             raise err(errno.EINVAL, "the parent must be a v1 nest-parent domain")
         assert isinstance(iommu, AmdIommu)
-        if viommu is None:
-            if parent_dom.implicit_viommu is None:
-                parent_dom.implicit_viommu = AmdViommu(iommu, parent_dom, 0)
-                parent_dom.viommus.append(parent_dom.implicit_viommu)
-            viommu = parent_dom.implicit_viommu
         if not isinstance(viommu, AmdViommu):
             raise err(errno.EINVAL, "not an AMD vIOMMU")
         info = viommu.get_hdom(words[1] & 0xFFFF)
@@ -638,6 +649,12 @@ class AmdDriver:
             dd.gcr3.clear(0)
             dd.giov = False
         k.update_dte(dev)
+        if isinstance(domain, AmdNestedDomain) and domain.viommu.gid:
+            # nested_attach_device() of AMD's tree: amd_viommu_domain_id_update() writes the
+            # DomID map gDomID -> hDomID (for the device's guest ID) at every nested attach.
+            VK.map_command(
+                k.hw, domain.viommu.gid, domain=True, gid_=domain.gdom_id, hid=domain.ginfo.hdom_id
+            )
         if isinstance(old, AmdDomain) and old.v2 and dd.gcr3 is not None:
             k.flush_pasid(dd, 0)
         if dd.gcr3 is not None and not dd.gcr3.count:
@@ -723,23 +740,28 @@ class AmdDriver:
     def viommu_alloc(
         self, iommu: IommuHw, dev: PciDevice, parent: Domain, viommu_type: int, data: bytes
     ) -> ViommuBase:
-        """amd_iommufd_viommu_init(): on HW-vIOMMU hardware also a guest ID and its slice of
-        the private address space (ENOSPC when the guest IDs are exhausted)."""
+        """amd_iommufd_viommu_init(). On HW-vIOMMU hardware (AMD's tree) the user data is the
+        mandatory ``struct iommu_viommu_amd`` (EINVAL without it, copied like
+        ``iommu_copy_struct_from_user()``: short -> EINVAL, non-zero bytes past it -> E2BIG),
+        and the vIOMMU takes a guest ID, a translate DeviceID and its PAS slice (ENOSPC when
+        either pool is empty). Without the HW-vIOMMU it is Linux 7.2's: the data is unused."""
         k = _kernel(iommu)
         if viommu_type != U.IOMMU_VIOMMU_TYPE_AMD:
             raise err(errno.EOPNOTSUPP, f"viommu type {viommu_type}")
-        # struct iommu_viommu_amd { __u32 reserved; }: optional, must be zero
-        if len(data) not in (0, 4):
-            raise err(errno.EINVAL, "struct iommu_viommu_amd is 4 bytes")
-        if any(data):
-            raise err(errno.EOPNOTSUPP, "iommu_viommu_amd reserved must be 0")
         dom = _paging(parent)
         if dom.v2 or not dom.nest_parent or not k.nest_parent_supported():
             raise err(errno.EINVAL, "an AMD vIOMMU needs a v1 nest-parent domain")
         assert isinstance(iommu, AmdIommu)
         viommu = AmdViommu(iommu, dom, viommu_type)
         if k.pas is not None:
-            VK.viommu_init_one(k, viommu, dom)
+            size = U.IommuViommuAmd.SIZE
+            if len(data) < 8:  # offsetofend(out_vfmmio_mmap_offset)
+                raise err(errno.EINVAL, "struct iommu_viommu_amd is mandatory")
+            if any(data[size:]):
+                raise err(errno.E2BIG, "non-zero bytes past struct iommu_viommu_amd")
+            VK.viommu_init_one(k, viommu)
+            out = U.IommuViommuAmd(viommu.vfmmio_mmap_offset, R.VF_MMIO_SIZE)
+            viommu.out_data = out.pack()
         dom.viommus.append(viommu)
         return viommu
 
@@ -754,8 +776,9 @@ class AmdDriver:
 
     @hookimpl
     def vdevice_alloc(self, viommu: ViommuBase, dev: PciDevice, virt_id: int) -> VdeviceBase:
-        """amd_iommufd_vdevice_init(): the DevID mapping-table entry gDevID -> hDevID and the
-        DTE's vIOMMU fields (HW-vIOMMU); otherwise the core-only vDEVICE object."""
+        """_amd_viommu_vdevice_init(): the DevID mapping-table entry gDevID -> hDevID and the
+        device's guest IDs for its next nested attach (HW-vIOMMU); otherwise the core-only
+        vDEVICE object."""
         if isinstance(viommu, AmdViommu) and viommu.gid:
             VK.vdevice_map(viommu.hw.kernel, viommu, dev.rid, virt_id, True)
         return VdeviceBase(viommu, dev, virt_id)
@@ -769,8 +792,8 @@ class AmdDriver:
 
     @hookimpl
     def hw_queue_supported(self, viommu: ViommuBase, queue_type: int) -> bool:
-        """amd_iommufd_get_hw_queue_size(): guest command buffer and event log, on a vIOMMU
-        with a HW-vIOMMU slice (the guest PPR log is not modelled)."""
+        """amd_iommufd_get_hw_queue_size(): guest command buffer, event log and PPR log, on a
+        vIOMMU with a HW-vIOMMU slice (the PPR log is programmed; no PRI request is modelled)."""
         return isinstance(viommu, AmdViommu) and bool(viommu.gid) and queue_type in HW_QUEUE_TYPES
 
     @hookimpl

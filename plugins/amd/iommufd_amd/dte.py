@@ -62,8 +62,8 @@ DATA2_RSVD = _mask(53, 52) | (1 << 59)
 # data[3]: the HW-vIOMMU fields (AMD vIOMMU series DTE_VIOMMU_*): which guest owns the device
 # and its guest DeviceID, so the hardware can write the device's events into that guest's log.
 DTE_VIOMMU_EN = 1 << 15  # DTE_VIOMMU_EN_SHIFT
-DTE_VIOMMU_GUESTID_SHIFT = 16  # GuestID[31:16]
-DTE_VIOMMU_GDEVID_SHIFT = 32  # GuestDeviceID[47:32]
+DTE_VIOMMU_GDEVID_SHIFT = 16  # GuestDeviceID[31:16] (AMD tree: DTE_VIOMMU_GDEVICEID_*)
+DTE_VIOMMU_GUESTID_SHIFT = 32  # GuestID[47:32] (AMD tree: DTE_VIOMMU_GUESTID_*)
 DATA3_RSVD = U64 & ~(DTE_VIOMMU_EN | _mask(31, 16) | _mask(47, 32))
 
 GUEST_PGTABLE_4_LEVEL = 0

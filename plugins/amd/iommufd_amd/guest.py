@@ -87,6 +87,7 @@ class GuestAmd(GuestIommu):
         self.vmm_cmd_head = 0  # mediated: the emulated head
         self.evt_head = 0  # the guest driver's event log consumer index
         self.window: VfMmioWindow | None = None
+        self.viommu_out = b""  # struct iommu_viommu_amd as the kernel returned it
         self.queues: dict[int, int] = {}  # HW queue type -> object id
         self.veventq: tuple[int, int] | None = None
         self.hwpts: dict[int, int] = {}  # gDevID -> nested HWPT of its gDTE
@@ -106,7 +107,11 @@ class GuestAmd(GuestIommu):
     def create_viommu(self, dev_id: int) -> int:
         vm = self.vm
         parent = vm.nest_parent(dev_id, self.iommu)
-        self.viommu_id = vm.fd.viommu_alloc(dev_id, parent, U.IOMMU_VIOMMU_TYPE_AMD)
+        # struct iommu_viommu_amd: mandatory on HW-vIOMMU hardware, unused by Linux 7.2's path.
+        data = bytes(U.IommuViommuAmd.SIZE)
+        self.viommu_id, self.viommu_out = vm.fd.viommu_alloc_data(
+            dev_id, parent, U.IOMMU_VIOMMU_TYPE_AMD, data
+        )
         if self.accelerated:
             # The VMM mmaps the guest's VF MMIO page; the framework has no iommufd mmap yet,
             # so the window is taken from the vIOMMU object (docs/amd-hw-viommu.md).

@@ -63,6 +63,7 @@ class AmdIommu(IommuHw):
         pasid_bits: int = 16,
         hd: bool = True,
         viommu_guests: int = 0,
+        gst_buffer_trp: bool = True,
     ) -> None:
         super().__init__(machine, index)
         self.walk = load_walker(WALK_MODULE)
@@ -116,7 +117,9 @@ class AmdIommu(IommuHw):
         lenf = R.LEN_MASK << R.LEN_SHIFT
         m.define("CMD_BUF_BASE", R.CMD_BUF_BASE, writable=w | lenf, on_write=self._w_cmd_base)
         m.define("EVT_LOG_BASE", R.EVT_LOG_BASE, writable=w | lenf, on_write=self._w_evt_base)
-        m.define("CONTROL", R.CONTROL, on_write=self._w_control)
+        # GstBufferTRPMode (bit 60) sticks only on hardware that has it (viommu_enable() checks).
+        ctrl_rw = ((1 << 64) - 1) & ~(0 if gst_buffer_trp else R.CTRL_GSTBUFFERTRPMODE)
+        m.define("CONTROL", R.CONTROL, writable=ctrl_rw, on_write=self._w_control)
         m.define("EXCL_BASE", R.EXCL_BASE, writable=w | 3)
         m.define("EXCL_LIMIT", R.EXCL_LIMIT, writable=w)
         m.define("EFR", R.EFR, reset=self.efr, writable=0)
@@ -284,6 +287,8 @@ class AmdIommu(IommuHw):
             return bool(self.efr & R.EFR_PREF_SUP)
         if cmd.opcode == C.COMPLETE_PPR_REQUEST:
             return bool(self.efr & R.EFR_PPR_SUP)
+        if cmd.opcode in (C.INSERT_GUEST_EVENT, C.RESET_VMMIO):
+            return self.vi is not None
         return True
 
     def _cmd_stop(self, code: int, addr: int) -> None:
@@ -333,6 +338,10 @@ class AmdIommu(IommuHw):
         elif op == C.INVALIDATE_IOMMU_ALL:
             self.iotlb.flush_all()
             self.dte_cache.clear()
+        elif op == C.RESET_VMMIO and self.vi is not None:
+            self.vi.reset_vmmio(cmd.guest_id)
+        elif op == C.INSERT_GUEST_EVENT and self.vi is not None:
+            self.vi.insert_guest_event(cmd.guest_id)
         return True
 
     def invalidate_pages(self, domid: int, pasid: int, address: int, s: bool) -> None:

@@ -98,41 +98,75 @@ def dev_table_base_value(addr: int, pages: int) -> int:
     return (addr & BASE_ADDR_MASK) | ((pages - 1) & DEV_TABLE_SIZE_MASK)
 
 
-# -- HW-vIOMMU (issue 6; AMD vIOMMU LKML series amd_iommu_types.h / amd_viommu.h) -----------
+# -- HW-vIOMMU (AMD's tree AMDESE/linux-iommu: amd_iommu_types.h, amd_viommu.h, viommu.c) -------
 EFR_VIOMMU_SUP = 1 << 55  # FEATURE_VIOMMU: hardware-accelerated virtualised IOMMU
 CTRL_VCMD_EN = 1 << 52  # CONTROL_VCMD_EN: guest command buffers are fetched by hardware
 CTRL_VIOMMU_EN = 1 << 53  # CONTROL_VIOMMU_EN
+CTRL_GSTBUFFERTRPMODE = 1 << 60  # CONTROL_GSTBUFFERTRPMODE: guest buffer bases are GPAs
 VIOMMU_STATUS = 0x0190  # MMIO_VIOMMU_STATUS_OFFSET (model: guest command trap pending)
 VST_CMD_TRAP = 1 << 0  # model: some guest's command processor stalled on a command for the VMM
 
 # The IOMMU Private Address space (PAS): per-IOMMU v1 table, private address -> system memory.
 PAS_GUEST_MMIO_BASE = 0x0  # VIOMMU_GUEST_MMIO_BASE: 64 bytes of guest MMIO per guest ID
 PAS_GUEST_MMIO_ENTRY = 64
+PAS_CMDBUF_DIRTY_BASE = 0x40_0000  # VIOMMU_CMDBUF_DIRTY_STATUS_BASE
+PAS_CMDBUF_DIRTY_SIZE = 0x2000  # VIOMMU_CMDBUF_DIRTY_STATUS_SIZE
 PAS_DEVID_MAP_BASE = 0x10_0000_0000  # VIOMMU_DEVID_MAPPING_BASE
 PAS_DEVID_MAP_SIZE = 1 << 20  # VIOMMU_DEVID_MAPPING_ENTRY_SIZE: 64 Ki gDevIDs x 16 bytes
 PAS_DEVID_ENTRY = 16
 PAS_DOMID_MAP_BASE = 0x20_0000_0000  # VIOMMU_DOMID_MAPPING_BASE
 PAS_DOMID_MAP_SIZE = 1 << 19  # VIOMMU_DOMID_MAPPING_ENTRY_SIZE: 64 Ki gDomIDs x 8 bytes
 PAS_DOMID_ENTRY = 8
-MAP_V = 1 << 0  # model: mapping-table entry valid
+MAX_GDEVID = 0xFFFF  # VIOMMU_MAX_GDEVID
+MAX_GDOMID = 0xFFFF  # VIOMMU_MAX_GDOMID
+MAP_V = 1 << 0  # model: mapping-table entry valid (the in-memory format is not published)
 MAP_HID_SHIFT = 16  # model: host DevID / DomID in [31:16] of a mapping-table entry
 
 # VF control MMIO (VFCTRL BAR, 64 bytes per guest ID; host kernel only).
-VFCTRL_DID_MAP_CONTROL0 = 0x00  # gDevID -> hDevID map command
-VFCTRL_DID_MAP_CONTROL1 = 0x08  # gDomID -> hDomID map command
-VFCTRL_MISC_CONTROL = 0x10  # TransDevID[31:16]: the DTE that translates guest buffer GPAs
-VFCTRL_CMD_CONTROL = 0x20  # guest command buffer: GPA[51:12], Len[59:56], En[0] (model)
-VFCTRL_EVT_CONTROL = 0x28  # guest event log: same layout
-VFCTRL_PPR_CONTROL = 0x30  # guest PPR log (not modelled)
-MAPCTL_GO = 1 << 63  # the map-command bits the series writes: GO | ... | 1
-MAPCTL_VALID = 1 << 0
-MAPCTL_HID_SHIFT = 14  # hID[29:14]
-MAPCTL_GID_SHIFT = 46  # gID[61:46]
-MISC_TRANS_DEVID_SHIFT = 16
-GBUF_EN = 1 << 0
+VFCTRL_DID_MAP_CONTROL0 = 0x00  # VIOMMU_VFCTRL_GUEST_DID_MAP_CONTROL0_OFFSET: gDevID map
+VFCTRL_DID_MAP_CONTROL1 = 0x08  # ..._DID_MAP_CONTROL1_OFFSET: gDomID map
+VFCTRL_MISC_CONTROL = 0x10  # VIOMMU_VFCTRL_GUEST_MISC_CONTROL_OFFSET: TransDevID[31:16]
+VFCTRL_CMD_CONTROL = 0x20  # guest command buffer (amd_viommu_set_cmdbuf_flags)
+VFCTRL_EVT_CONTROL = 0x28  # guest event log (amd_viommu_set_evtbuf_flags)
+VFCTRL_PPR_CONTROL = 0x30  # guest PPR log (amd_viommu_set_pprbuf_flags)
+MAPCTL_GO = 1 << 63  # DEVID_ENTRY_WRITE / DOMID_ENTRY_WRITE
+MAPCTL_VALID = 1 << 0  # DEVID_ENTRY_VALID / DOMID_ENTRY_VALID
+MAPCTL_HID_SHIFT = 14  # DEVID_ENTRY_HDEVID_MASK / DOMID_ENTRY_HDOMID_MASK [29:14]
+MAPCTL_GID_SHIFT = 46  # DEVID_ENTRY_GDEVID_MASK / DOMID_ENTRY_GDOMID_MASK [61:46]
+MISC_TRANS_DEVID_SHIFT = 16  # amd_iommu_update_vfctrl_mmio_translate_devid(): ID in [31:16]
+# Guest buffer registers: Len[3:0] (log2 of the entries, the ComLen/EventLen/PPRLen encoding),
+# base[51:12] (command, event) or base >> 12 in [55:16] (PPR), enable bits from bit 8.
+GBUF_LEN_MASK = 0xF
+GBUF_BASE_MASK = BASE_ADDR_MASK
+GBUF_PPR_BASE_SHIFT = 16  # amd_viommu_set_pprbuf_flags(): FIELD_PREP(GENMASK(55, 16), base >> 12)
+GBUF_PPR_BASE_MASK = ((1 << 56) - 1) & ~((1 << 16) - 1)
+GCMD_CMDBUF_EN = 1 << 8  # CMD_CONTROL bit 8 <- CONTROL CmdBufEn
+GCMD_COMWAIT_EN = 1 << 9  # CMD_CONTROL bit 9 <- CONTROL ComWaitIntEn
+GEVT_LOG_EN = 1 << 8  # EVT_CONTROL bit 8 <- CONTROL EventLogEn
+GEVT_INT_EN = 1 << 9  # EVT_CONTROL bit 9 <- CONTROL EventIntEn
+GPPR_LOG_EN = 1 << 8  # PPR_CONTROL bit 8 <- CONTROL PPRLogEn
+GPPR_INT_EN = 1 << 9  # PPR_CONTROL bit 9 <- CONTROL PprIntEn
+GPPR_EN = 1 << 10  # PPR_CONTROL bit 10 <- CONTROL PPREn
+
+
+def gbuf_value(off: int, base: int, log2_entries: int, enables: int) -> int:
+    """A VFCTRL guest buffer register as AMD's ``amd_viommu_set_*buf_flags()`` compose it."""
+    if off == VFCTRL_PPR_CONTROL:
+        addr = ((base >> 12) << GBUF_PPR_BASE_SHIFT) & GBUF_PPR_BASE_MASK
+    else:
+        addr = base & GBUF_BASE_MASK
+    return addr | (log2_entries & GBUF_LEN_MASK) | enables
+
+
+def gbuf_base(off: int, value: int) -> int:
+    """The guest-physical base a VFCTRL guest buffer register holds."""
+    if off == VFCTRL_PPR_CONTROL:
+        return ((value & GBUF_PPR_BASE_MASK) >> GBUF_PPR_BASE_SHIFT) << 12
+    return value & GBUF_BASE_MASK
+
 
 # VF MMIO: the guest's third 4 KiB MMIO page (offsets relative to MMIO 0x2000), one 4 KiB
-# page per guest ID in the VF BAR; the VMM maps it into the guest, no trap.
+# page per guest ID in the VF BAR (VIOMMU_VF_MMIO_ENTRY_SIZE); the VMM maps it, no trap.
 VF_CMD_HEAD = CMD_HEAD - 0x2000
 VF_CMD_TAIL = CMD_TAIL - 0x2000
 VF_EVT_HEAD = EVT_HEAD - 0x2000

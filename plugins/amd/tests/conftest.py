@@ -71,7 +71,8 @@ class AmdWorld:
         )
 
     def viommu(self, hwpt: int, vtype: int = U.IOMMU_VIOMMU_TYPE_AMD) -> int:
-        return self.fd.viommu_alloc(self.dev_id, hwpt, vtype)
+        """A vIOMMU with the mandatory ``struct iommu_viommu_amd`` (AMD's tree)."""
+        return self.fd.viommu_alloc(self.dev_id, hwpt, vtype, bytes(U.IommuViommuAmd.SIZE))
 
     def destroy(self, obj_id: int) -> None:
         self.fd.destroy(obj_id)

@@ -67,7 +67,7 @@ def test_builders_decode_to_what_they_say() -> None:
 @pytest.mark.parametrize(
     "raw",
     [
-        struct.pack("<4I", 0, 0x9000_0000, 0, 0),  # unknown opcode 9
+        struct.pack("<4I", 0, 0xB000_0000, 0, 0),  # unknown opcode 0xB
         struct.pack("<4I", 0, 0, 0, 0),  # opcode 0
         struct.pack("<4I", 0, 0xF000_0000, 0, 0),
         struct.pack("<4I", 1 << 16, 0x2000_0000, 0, 0),  # INVALIDATE_DEVTAB_ENTRY reserved bits
@@ -122,7 +122,7 @@ def test_illegal_command_stops_the_processor_until_the_driver_resets_it(world: A
     hw, k = w.hw, w.kernel
     head_before = hw.mmio.read(R.CMD_HEAD)
     w.events()
-    k.queue(struct.pack("<4I", 0, 0x9000_0000, 0, 0))  # opcode 9
+    k.queue(struct.pack("<4I", 0, 0xB000_0000, 0, 0))  # opcode 0xB
     bad_addr = k.cmd_buf + head_before
     assert not hw.cmd_running
     assert hw.mmio.read(R.CMD_HEAD) == head_before  # the head stays on the bad command

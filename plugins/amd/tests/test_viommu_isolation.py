@@ -146,9 +146,10 @@ streams = st.lists(
 
 
 def a_may_flush(w: World) -> tuple[set[int], set[int]]:
-    """The host DomainIDs and DeviceIDs that belong to VM A."""
+    """The host DomainIDs and DeviceIDs that belong to VM A (its nest parent's DomainID tags
+    its translate DTE and is what every unused gDomID maps to)."""
     drv = w.vms[0].fd.objects.get(w.g[0].viommu_id).drv
-    return ({i.hdom_id for i in drv.gdomids.values()} | {drv.trans_domid}, {w.dev[0].rid})
+    return ({i.hdom_id for i in drv.gdomids.values()} | {drv.parent.id}, {w.dev[0].rid})
 
 
 def hostile_run(w: World, stream: list[list[bytes]], outside: bool) -> None:

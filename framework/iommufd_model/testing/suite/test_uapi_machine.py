@@ -615,8 +615,9 @@ class UapiMachine(RuleBasedStateMachine):
         self._step("viommu_alloc")
         parent = self._choose(self._parents(), pick)
         vtype = min(self.info.viommu_types)
-        data = bytes(U.IommuViommuTegra241Cmdqv.SIZE
-                     if vtype == U.IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV else 0)  # fmt: skip
+        sizes = {U.IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV: U.IommuViommuTegra241Cmdqv.SIZE,
+                 U.IOMMU_VIOMMU_TYPE_AMD: U.IommuViommuAmd.SIZE}  # fmt: skip
+        data = bytes(sizes.get(vtype, 0))
         viommu = self.fd.viommu_alloc(self._any_dev_id(), parent, vtype, data)
         self.viommus[self._new_id(viommu)] = parent
 

@@ -33,46 +33,39 @@ class AmdViommu(ViommuBase):
         super().__init__(owner, parent, viommu_type)
         self.hw = owner
         self.gdomids: dict[int, GdomInfo] = {}
-        # HW-vIOMMU resources (gid 0: none -- no hardware support or an implicit vIOMMU)
+        # HW-vIOMMU resources (gid 0: none -- hardware without EFR VIOMMU, the Linux 7.2 path)
         self.gid = 0
-        self.trans_devid = 0
-        self.trans_domid = 0
+        self.trans_devid = -1  # the translate DeviceID (-1: none)
         self.table_frames: list[int] = []  # DevID + DomID mapping tables (PAS-mapped)
         self.gdevids: dict[int, int] = {}  # gDevID -> hDevID (vDEVICEs)
-        self.window: object = None  # the VF MMIO page the VMM mmaps (VfMmioWindow)
-
-    def _map_domid(self, gdom_id: int, hdom_id: int, valid: bool) -> None:
-        if self.gid:
-            from iommufd_amd.viommu.kernel import map_command
-
-            map_command(self.hw, self.gid, domain=True, gid_=gdom_id, hid=hdom_id, valid=valid)
+        self.window: object = None  # the VF MMIO page (VfMmioWindow)
+        self.vfmmio_mmap_offset = 0  # its iommufd mmap offset (struct iommu_viommu_amd)
+        self.out_data = b""  # struct iommu_viommu_amd as returned to the user
 
     def get_hdom(self, gdom_id: int) -> GdomInfo:
-        """The gDomID's mapping, allocating a host DomainID on first use (ENOSPC if none)."""
+        """nested.c: the gDomID's mapping, allocating a host DomainID on first use (ENOSPC if
+        none). The DomID mapping table is written at nested attach, not here."""
         info = self.gdomids.get(gdom_id)
         if info is None:
             hdom = self.hw.kernel.domids.alloc()
             if hdom <= 0:
                 raise err(errno.ENOSPC, "no host DomainID left")
             info = self.gdomids[gdom_id] = GdomInfo(hdom)
-            self._map_domid(gdom_id, hdom, True)
         info.users += 1
         return info
 
     def put_hdom(self, gdom_id: int) -> None:
+        """nested_domain_free(): the last user frees the host DomainID. The DomID mapping-table
+        entry is left as it is (AMD's tree does not clear it either)."""
         info = self.gdomids[gdom_id]
         info.users -= 1
         if not info.users:
             del self.gdomids[gdom_id]
-            self._map_domid(gdom_id, 0, False)
             self.hw.kernel.domids.free(info.hdom_id)
 
     def hdom_ids(self) -> list[int]:
         """Host DomainIDs that cache translations through the parent's stage 2."""
-        ids = [info.hdom_id for info in self.gdomids.values()]
-        if self.trans_domid:
-            ids.append(self.trans_domid)
-        return ids
+        return [info.hdom_id for info in self.gdomids.values()]
 
 
 class AmdHwQueue(HwQueueBase):

@@ -1,5 +1,5 @@
 """The HW-vIOMMU as hardware: per-guest slots of one AMD IOMMU (spec pub. 48882, vIOMMU chapter;
-AMD vIOMMU LKML series ``viommu.c`` / ``amd_viommu.h``).
+AMD's tree AMDESE/linux-iommu ``viommu.c`` / ``amd_viommu.h`` / ``amd_iommu_types.h``).
 
 What the hardware owns per guest ID (``gid``):
 
@@ -9,7 +9,8 @@ What the hardware owns per guest ID (``gid``):
 * its **DevID** and **DomID mapping tables** in the PAS, written by the hardware itself when the
   host driver issues map commands through the guest's **VF control MMIO** (VFCTRL);
 * its guest command buffer and guest event log, given as guest-physical ranges and reached
-  through the **TransDevID** DTE (the nest parent's host v1 table, i.e. stage 2).
+  through the **translate DeviceID** DTE (the nest parent's host v1 table, i.e. stage 2);
+* its bit in the **command-buffer dirty-status** region of the PAS.
 
 Every PAS access is a translation of the IOMMU's own DevID through the PAS v1 table (IOTLB
 cached under the PAS DomainID); every guest-RAM access is a translation of the guest's
@@ -24,14 +25,14 @@ from typing import TYPE_CHECKING
 from iommufd_amd import commands as C
 from iommufd_amd import events as E
 from iommufd_amd import regs as R
+from iommufd_model.hw.memory import PAGE_SIZE as PAGE
 
 if TYPE_CHECKING:
     from iommufd_amd.dte import Dte
     from iommufd_amd.hw import AmdIommu
 
 IOMMU_DEVID = 0x0002  # the IOMMU's own function (00:00.2), its DTE maps the PAS
-TRANS_DEVID_BASE = 0xFF00  # bus 0xFF: one TransDevID per guest ID (model choice)
-MAX_GUESTS = 255  # guest IDs 1..255 fit the TransDevID bus (the spec allows 64 Ki)
+MAX_GUESTS = 0xFFFF  # guest IDs 1..0xFFFF (VIOMMU_MAX_GUESTID is 64 Ki; 0 is never handed out)
 #: Guest commands the hardware executes itself; anything else legal is left to the VMM.
 VIRTUALISED = frozenset(
     {
@@ -41,6 +42,8 @@ VIRTUALISED = frozenset(
         C.INVALIDATE_IOTLB_PAGES,
     }
 )
+#: Commands only the host driver may issue (a guest's are illegal).
+HOST_ONLY = frozenset({C.INSERT_GUEST_EVENT, C.RESET_VMMIO})
 #: Events of a guest device that go to its guest (the rest are the host's business).
 GUEST_EVENTS = frozenset({E.IO_PAGE_FAULT, E.INVALID_DEVICE_REQUEST})
 
@@ -55,7 +58,7 @@ class GuestSlot:
     def __init__(self, gid: int) -> None:
         self.gid = gid
         self.vfctrl: dict[int, int] = {}
-        self.trans_devid = 0
+        self.trans_devid = -1
         self.hdom_to_gdom: dict[int, int] = {}  # reverse DomID map (for guest event tags)
         self.in_cmd = False
         self.stalled = False
@@ -74,9 +77,10 @@ class GuestSlot:
     def ring(self, off: int) -> tuple[int, int] | None:
         """``(gpa base, entries)`` of the guest buffer whose VFCTRL register is at ``off``."""
         val = self.vfctrl.get(off, 0)
-        if not val & R.GBUF_EN:
+        log2 = val & R.GBUF_LEN_MASK
+        if not val & R.GCMD_CMDBUF_EN or log2 < R.LEN_MIN:  # bit 8 enables every buffer
             return None
-        return val & R.BASE_ADDR_MASK, 1 << ((val >> R.LEN_SHIFT) & R.LEN_MASK)
+        return R.gbuf_base(off, val), 1 << log2
 
 
 class VfMmioWindow:
@@ -157,6 +161,8 @@ class ViommuHw:
         """A guest store to its VF MMIO page (never a trap)."""
         if off == R.VF_CMD_TAIL:
             self.set_greg(slot, off, value & R.PTR_MASK)
+            if value & R.PTR_MASK != self.greg(slot, R.VF_CMD_HEAD):
+                self._dirty(slot)
             self.process(slot)
         elif off in (R.VF_EVT_HEAD, R.VF_PPR_HEAD):
             self.set_greg(slot, off, value & R.PTR_MASK)
@@ -168,12 +174,80 @@ class ViommuHw:
                 self._resume(slot)
         # CMD_HEAD and the tails the hardware owns are read-only to the guest.
 
+    def _dirty(self, slot: GuestSlot) -> None:
+        """The model's reading of the command-buffer dirty-status region (PAS 0x400000): the
+        hardware sets the guest's bit when its command buffer gets new commands; the bit sits
+        where AMD's ``viommu_clear_dirty_status_mask()`` clears it."""
+        gid = slot.gid
+        addr = R.PAS_CMDBUF_DIRTY_BASE + (((gid & 0xFF) << 4) | (((gid >> 13) & 0x7) << 2))
+        try:
+            self.pas_write_u64(addr, self.pas_read_u64(addr) | 1 << ((gid >> 8) & 0x1F))
+        except PasError:
+            self._hw_error(addr)
+
+    def _hw_error(self, addr: int) -> None:
+        """EVENT_TYPE_VIOMMU_HW_ERR in the host event log: the PAS could not be reached."""
+        self.hw.log_event(E.Event(E.VIOMMU_HW_ERROR, IOMMU_DEVID, address=addr))
+
+    # -- commands of the host command buffer ------------------------------------------------
+    def reset_vmmio(self, gid: int) -> None:
+        """RESET_VMMIO: the guest's virtualised registers (its guest MMIO slot in the PAS) go
+        back to their reset value 0 and its command processor forgets any stall."""
+        slot = self.slot(gid)
+        slot.stalled = False
+        base = R.PAS_GUEST_MMIO_BASE + gid * R.PAS_GUEST_MMIO_ENTRY
+        try:
+            for off in range(0, R.PAS_GUEST_MMIO_ENTRY, 8):
+                self.pas_write_u64(base + off, 0)
+        except PasError:
+            self._hw_error(base)
+
+    def insert_guest_event(self, gid: int) -> None:
+        """INSERT_GUEST_EVENT, as the model reads it: the hypervisor wrote one entry at the
+        guest event log's tail in guest RAM; the hardware publishes it (tail + 1, EventLogInt)."""
+        slot = self.slot(gid)
+        ring = slot.ring(R.VFCTRL_EVT_CONTROL)
+        if ring is None or not self.greg(slot, R.VF_STATUS) & R.ST_EVT_RUN:
+            return
+        _base, n = ring
+        tail = (self.greg(slot, R.VF_EVT_TAIL) // R.ENTRY_SIZE) % n
+        self.set_greg(slot, R.VF_EVT_TAIL, ((tail + 1) % n) * R.ENTRY_SIZE)
+        self._status(slot, R.ST_EVT_INT)
+        slot.events += 1
+
     # -- VF control MMIO (host driver only) ------------------------------------------------------
-    def vfctrl_write(self, gid: int, off: int, value: int) -> None:
+    def slot(self, gid: int) -> GuestSlot:
+        """The hardware state of guest ID ``gid`` (created on first use)."""
         slot = self.slots.get(gid)
         if slot is None:
             slot = self.slots[gid] = GuestSlot(gid)
             slot.hw = self
+        return slot
+
+    def map_all(self, gid: int, off: int, hid: int) -> None:
+        """The effect of 64 Ki map commands ``gID -> hid`` (gID 0..0xFFFF, VALID) at VFCTRL
+        ``off``: the whole mapping table written with one entry value, page by page through
+        the PAS (the model's shortcut for ``viommu_clear_mapping()``'s loop)."""
+        slot = self.slot(gid)
+        entry = (hid & 0xFFFF) << R.MAP_HID_SHIFT | R.MAP_V
+        if off == R.VFCTRL_DID_MAP_CONTROL0:
+            base = R.PAS_DEVID_MAP_BASE + gid * R.PAS_DEVID_MAP_SIZE
+            size, esize = R.PAS_DEVID_MAP_SIZE, R.PAS_DEVID_ENTRY
+        else:
+            base = R.PAS_DOMID_MAP_BASE + gid * R.PAS_DOMID_MAP_SIZE
+            size, esize = R.PAS_DOMID_MAP_SIZE, R.PAS_DOMID_ENTRY
+            slot.hdom_to_gdom.clear()
+        page = (entry.to_bytes(8, "little") + bytes(esize - 8)) * (PAGE // esize)
+        mem = self.hw.memory
+        for addr in range(base, base + size, PAGE):
+            try:
+                mem.write(self._pa(IOMMU_DEVID, addr, True), page)
+            except PasError:
+                self._hw_error(addr)
+                return
+
+    def vfctrl_write(self, gid: int, off: int, value: int) -> None:
+        slot = self.slot(gid)
         if off in (R.VFCTRL_DID_MAP_CONTROL0, R.VFCTRL_DID_MAP_CONTROL1):
             if value & R.MAPCTL_GO:
                 self._map_command(slot, off, value)
@@ -181,21 +255,28 @@ class ViommuHw:
         old = slot.vfctrl.get(off, 0)
         slot.vfctrl[off] = value
         if off == R.VFCTRL_MISC_CONTROL:
-            slot.trans_devid = (value >> R.MISC_TRANS_DEVID_SHIFT) & 0xFFFF
+            slot.trans_devid = (value >> R.MISC_TRANS_DEVID_SHIFT) & 0xFFFF if value else -1
         elif off == R.VFCTRL_CMD_CONTROL and (old ^ value):
-            # A (re)programmed guest command buffer starts empty and running.
+            # A (re)programmed guest command buffer starts empty; bit 8 makes it run.
             slot.stalled = False
             self.set_greg(slot, R.VF_CMD_HEAD, 0)
             self.set_greg(slot, R.VF_CMD_TAIL, 0)
             self._status(slot, R.ST_CMDBUF_RUN | R.GST_CMD_TRAP, False)
-            if value & R.GBUF_EN:
+            if value & R.GCMD_CMDBUF_EN:
                 self._status(slot, R.ST_CMDBUF_RUN)
         elif off == R.VFCTRL_EVT_CONTROL and (old ^ value):
             self.set_greg(slot, R.VF_EVT_HEAD, 0)
             self.set_greg(slot, R.VF_EVT_TAIL, 0)
             self._status(slot, R.ST_EVT_RUN | R.ST_EVT_OVERFLOW, False)
-            if value & R.GBUF_EN:
+            if value & R.GEVT_LOG_EN:
                 self._status(slot, R.ST_EVT_RUN)
+        elif off == R.VFCTRL_PPR_CONTROL and (old ^ value):
+            # The guest PPR log is accepted and programmed; no PRI requests are modelled.
+            self.set_greg(slot, R.VF_PPR_HEAD, 0)
+            self.set_greg(slot, R.VF_PPR_TAIL, 0)
+            self._status(slot, R.ST_PPR_RUN | R.ST_PPR_OVERFLOW, False)
+            if value & R.GPPR_LOG_EN:
+                self._status(slot, R.ST_PPR_RUN)
 
     def vfctrl_read(self, gid: int, off: int) -> int:
         slot = self.slots.get(gid)
@@ -213,16 +294,15 @@ class ViommuHw:
             addr = R.PAS_DEVID_MAP_BASE + slot.gid * R.PAS_DEVID_MAP_SIZE + gid_ * R.PAS_DEVID_ENTRY
         else:
             addr = R.PAS_DOMID_MAP_BASE + slot.gid * R.PAS_DOMID_MAP_SIZE + gid_ * R.PAS_DOMID_ENTRY
+            for h, g in list(slot.hdom_to_gdom.items()):
+                if g == gid_:
+                    del slot.hdom_to_gdom[h]
             if entry:
                 slot.hdom_to_gdom[hid] = gid_
-            else:
-                for h, g in list(slot.hdom_to_gdom.items()):
-                    if g == gid_:
-                        del slot.hdom_to_gdom[h]
         try:
             self.pas_write_u64(addr, entry)
         except PasError:
-            self.hw.log_event(E.Event(E.PAGE_TAB_HARDWARE_ERROR, IOMMU_DEVID, address=addr))
+            self._hw_error(addr)
 
     def _lookup_map(self, slot: GuestSlot, base: int, size: int, esize: int, gid_: int) -> int:
         """The host ID a guest ID maps to, -1 when unmapped (or the table is unreachable)."""
@@ -269,7 +349,7 @@ class ViommuHw:
                     self._stop(slot, E.COMMAND_HARDWARE_ERROR, gpa)
                     break
                 cmd = C.decode(raw)
-                if cmd is None:
+                if cmd is None or cmd.opcode in HOST_ONLY:
                     self._stop(slot, E.ILLEGAL_COMMAND_ERROR, gpa)
                     break
                 if cmd.opcode not in VIRTUALISED:
@@ -364,10 +444,14 @@ class ViommuHw:
             self._status(slot, R.ST_EVT_OVERFLOW)
             slot.events_lost += 1
             return True
+        gpa = base + tail * R.ENTRY_SIZE
         try:
-            self.hw.memory.write(self.gpa(slot, base + tail * R.ENTRY_SIZE, True), ev.to_bytes())
+            self.hw.memory.write(self.gpa(slot, gpa, True), ev.to_bytes())
         except OSError:
+            # The guest's log is outside its RAM: EVENT_TYPE_GUEST_EVENT_FAULT for the host
+            # (model's fields: DeviceID = the guest DeviceID, tag = the guest ID, the GPA).
             slot.events_lost += 1
+            self.hw.log_event(E.Event(E.GUEST_EVENT_FAULT, ev.devid, slot.gid, address=gpa))
             return True
         self.set_greg(slot, R.VF_EVT_TAIL, ((tail + 1) % n) * R.ENTRY_SIZE)
         self._status(slot, R.ST_EVT_INT)
