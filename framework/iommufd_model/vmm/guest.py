@@ -54,6 +54,12 @@ class GuestIommu(abc.ABC):
         self.accelerated = accelerated
         self.viommu_id = 0  # for designs with an iommufd vIOMMU: see :meth:`bind_vdevice`
 
+    def close(self) -> None:
+        """Release what this guest IOMMU holds outside the iommufd's objects (mappings of
+        iommufd pages, say) before :meth:`Vm.close` closes the VMM's files. The base has
+        nothing of its own to release."""
+        return None
+
     def create_viommu(self, dev_id: int) -> int:
         """Allocate this guest's iommufd vIOMMU through device ``dev_id``; return its id.
 

@@ -30,7 +30,13 @@ class VmmStats:
 
 
 class Vm:
-    """One guest. RAM is ``ram_size`` bytes of VMM memory at GPA 0, mapped at IOVA = GPA."""
+    """One guest. RAM is ``ram_size`` bytes of VMM memory at GPA 0, mapped at IOVA = GPA.
+
+    :meth:`close` (or leaving a ``with Vm(...) as vm:`` block) releases everything the VM
+    created, as a VMM's exit does: the guest IOMMUs' own resources, every file the VMM
+    process holds (the iommufd last, so its objects and bound devices go with it) and the
+    guest RAM mapping.
+    """
 
     def __init__(
         self, machine: Machine, ram_size: int = 64 * MIB, *, table_pool: int = 8 * MIB
@@ -49,6 +55,30 @@ class Vm:
         self._parents: dict[int, int] = {}  # IOMMU index -> nest-parent HWPT id
         self._viommus: dict[tuple[int, bool], GuestIommu] = {}
         self._next_buffer = 0
+        self.closed = False
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def close(self) -> None:
+        """Release everything this VM created (idempotent). The iommufd's release destroys its
+        objects leaves first and unbinds the devices, as the kernel does on the last close."""
+        if self.closed:
+            return
+        self.closed = True
+        for g in list(self._viommus.values()):
+            g.close()
+        self._viommus.clear()
+        self._parents.clear()
+        vmm = self.vmm
+        for fd in sorted(vmm.files, key=lambda n: vmm.files[n] is self.fd):
+            if fd in vmm.files:
+                vmm.close(fd)
+        vmm.munmap(self.ram_va, self.ram_size)
+
+    def __enter__(self) -> Vm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- guest memory -----------------------------------------------------------------------
     def alloc_buffer(self, size: int) -> int:

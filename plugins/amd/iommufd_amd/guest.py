@@ -53,6 +53,12 @@ RING_LOG2 = 8  # 256 entries of 16 bytes: one page each for the command buffer a
 RING = 1 << RING_LOG2
 MAX_PASID = 511  # GLX 0: a one-level GCR3 table
 _HDR = struct.Struct("<II")
+#: The guest's trapped base registers: their HW queue type and the CONTROL bit that runs them.
+BASE_REGS = {
+    R.CMD_BUF_BASE: (U.IOMMU_HW_QUEUE_TYPE_AMD_CMD, R.CTRL_CMDBUF_EN),
+    R.EVT_LOG_BASE: (U.IOMMU_HW_QUEUE_TYPE_AMD_EVT, R.CTRL_EVT_LOG_EN),
+    R.PPR_LOG_BASE: (U.IOMMU_HW_QUEUE_TYPE_AMD_PPR, R.CTRL_PPRLOG_EN),
+}
 
 
 class _Dev:
@@ -89,6 +95,7 @@ class GuestAmd(GuestIommu):
         self.window: VfMmioWindow | None = None
         self.viommu_out = b""  # struct iommu_viommu_amd as the kernel returned it
         self.queues: dict[int, int] = {}  # HW queue type -> object id
+        self.mmio: dict[int, int] = {}  # the VMM's copy of the guest's trapped registers
         self.veventq: tuple[int, int] | None = None
         self.hwpts: dict[int, int] = {}  # gDevID -> nested HWPT of its gDTE
         self.devs: dict[int, _Dev] = {}
@@ -131,20 +138,33 @@ class GuestAmd(GuestIommu):
         return self.viommu_id
 
     def _mmio_trap(self, offset: int, value: int) -> None:
-        """A guest store to its trapped MMIO page: the VMM emulates it."""
+        """A guest store to its trapped first MMIO page: the VMM emulates it. As AMD's QEMU
+        prototype: a base register store is recorded; a CONTROL store that turns a buffer on
+        allocates its HW queue (IOMMU_HW_QUEUE_ALLOC with the recorded GPA and length), one
+        that turns it off destroys the queue; a base store while on re-creates it."""
         self.vm.trap("MMIO")
         if not self.accelerated:
             return
+        if offset in BASE_REGS:
+            self.mmio[offset] = value
+            if self.mmio.get(R.CONTROL, 0) & BASE_REGS[offset][1]:
+                self._queue(offset, on=True)
+        elif offset == R.CONTROL:
+            old = self.mmio.get(R.CONTROL, 0)
+            self.mmio[R.CONTROL] = value
+            for base, (_qtype, en) in BASE_REGS.items():
+                if (old ^ value) & en:
+                    self._queue(base, on=bool(value & en))
+
+    def _queue(self, base_reg: int, *, on: bool) -> None:
+        """(Re)create or destroy the HW queue of the guest buffer whose base is ``base_reg``."""
         fd = self.vm.fd
-        if offset in (R.CMD_BUF_BASE, R.EVT_LOG_BASE):
-            qtype = (
-                U.IOMMU_HW_QUEUE_TYPE_AMD_CMD
-                if offset == R.CMD_BUF_BASE
-                else U.IOMMU_HW_QUEUE_TYPE_AMD_EVT
-            )
-            old = self.queues.pop(qtype, None)
-            if old is not None:
-                fd.destroy(old)
+        qtype = BASE_REGS[base_reg][0]
+        old = self.queues.pop(qtype, None)
+        if old is not None:
+            fd.destroy(old)
+        if on:
+            value = self.mmio.get(base_reg, 0)
             length = R.ENTRY_SIZE << ((value >> R.LEN_SHIFT) & R.LEN_MASK)
             self.queues[qtype] = fd.hw_queue_alloc(
                 self.viommu_id, qtype, 0, value & R.BASE_ADDR_MASK, length
