@@ -23,7 +23,7 @@ from iommufd_amd.hw import AmdIommu
 from iommufd_amd.pgtable_v1 import AMD_IOMMU_PGSIZES, AmdV1PageTable
 from iommufd_amd.viommu import AmdHwQueue, AmdViommu, GdomInfo
 from iommufd_amd.viommu import kernel as VK
-from iommufd_amd.viommu.hw import IOMMU_DEVID, MAX_GUESTS
+from iommufd_amd.viommu.hw import IOMMU_DEVID, MAX_GUESTS, VfMmioWindow
 from iommufd_model.driver import (
     Domain,
     DomainType,
@@ -46,6 +46,7 @@ from iommufd_model.uapi import iommufd as U
 
 if TYPE_CHECKING:
     from iommufd_amd.events import Event
+    from iommufd_model.core.mmap import MmapOwner
     from iommufd_model.vmm import GuestIommu, Vm
 
 MAX_DOMAIN_ID = 65536
@@ -738,7 +739,13 @@ class AmdDriver:
     # -- vIOMMU ------------------------------------------------------------------------------------
     @hookimpl
     def viommu_alloc(
-        self, iommu: IommuHw, dev: PciDevice, parent: Domain, viommu_type: int, data: bytes
+        self,
+        iommu: IommuHw,
+        dev: PciDevice,
+        parent: Domain,
+        viommu_type: int,
+        data: bytes,
+        mmap: MmapOwner,
     ) -> ViommuBase:
         """amd_iommufd_viommu_init(). On HW-vIOMMU hardware (AMD's tree) the user data is the
         mandatory ``struct iommu_viommu_amd`` (EINVAL without it, copied like
@@ -760,6 +767,15 @@ class AmdDriver:
             if any(data[size:]):
                 raise err(errno.E2BIG, "non-zero bytes past struct iommu_viommu_amd")
             VK.viommu_init_one(k, viommu)
+            # iommufd_viommu_alloc_mmap() of the guest's 4 KiB VF MMIO page.
+            window = viommu.window
+            assert isinstance(window, VfMmioWindow)
+            try:
+                viommu.vfmmio_mmap_offset = mmap.alloc(window)
+            except OSError:
+                VK.viommu_uninit_one(k, viommu)
+                raise
+            viommu.mmap = mmap
             out = U.IommuViommuAmd(viommu.vfmmio_mmap_offset, R.VF_MMIO_SIZE)
             viommu.out_data = out.pack()
         dom.viommus.append(viommu)
@@ -768,6 +784,9 @@ class AmdDriver:
     @hookimpl
     def viommu_destroy(self, viommu: ViommuBase) -> bool:
         if isinstance(viommu, AmdViommu):
+            if viommu.mmap is not None:
+                viommu.mmap.destroy(viommu.vfmmio_mmap_offset)  # iommufd_viommu_destroy_mmap()
+                viommu.mmap = None
             VK.viommu_uninit_one(viommu.hw.kernel, viommu)
             parent = viommu.parent
             if isinstance(parent, AmdDomain) and viommu in parent.viommus:

@@ -42,7 +42,8 @@ from iommufd_model.uapi import iommufd as U
 from iommufd_model.vmm.guest import GuestDevice, GuestDomain, GuestIommu
 
 if TYPE_CHECKING:
-    from iommufd_amd.viommu.hw import GuestSlot, VfMmioWindow
+    from iommufd_amd.viommu.hw import GuestSlot
+    from iommufd_model.core.mmap import IommufdVma
     from iommufd_model.hw.iommu import IommuHw
     from iommufd_model.hw.pci import PciDevice
     from iommufd_model.vmm.vm import Vm
@@ -59,6 +60,20 @@ BASE_REGS = {
     R.EVT_LOG_BASE: (U.IOMMU_HW_QUEUE_TYPE_AMD_EVT, R.CTRL_EVT_LOG_EN),
     R.PPR_LOG_BASE: (U.IOMMU_HW_QUEUE_TYPE_AMD_PPR, R.CTRL_PPRLOG_EN),
 }
+
+
+class GuestVfPage:
+    """The guest's third MMIO page (VF MMIO) as mapped from the iommufd: 64-bit register
+    loads and stores that go straight to the hardware, no exit."""
+
+    def __init__(self, vma: IommufdVma) -> None:
+        self.vma = vma
+
+    def read(self, offset: int) -> int:
+        return int.from_bytes(self.vma.read(offset, 8), "little")
+
+    def write(self, offset: int, value: int) -> None:
+        self.vma.write(offset, value.to_bytes(8, "little"))
 
 
 class _Dev:
@@ -92,7 +107,9 @@ class GuestAmd(GuestIommu):
         self.cmd_tail = 0  # the guest driver's copy of its tail
         self.vmm_cmd_head = 0  # mediated: the emulated head
         self.evt_head = 0  # the guest driver's event log consumer index
-        self.window: VfMmioWindow | None = None
+        self.window: GuestVfPage | None = None  # the VF MMIO page as the guest sees it
+        self.vma: IommufdVma | None = None  # the VMM's mapping of it
+        self.irq: Any = None  # the HW-vIOMMU interrupt line (command traps)
         self.viommu_out = b""  # struct iommu_viommu_amd as the kernel returned it
         self.queues: dict[int, int] = {}  # HW queue type -> object id
         self.mmio: dict[int, int] = {}  # the VMM's copy of the guest's trapped registers
@@ -120,13 +137,19 @@ class GuestAmd(GuestIommu):
             dev_id, parent, U.IOMMU_VIOMMU_TYPE_AMD, data
         )
         if self.accelerated:
-            # The VMM mmaps the guest's VF MMIO page; the framework has no iommufd mmap yet,
-            # so the window is taken from the vIOMMU object (docs/amd-hw-viommu.md).
-            drv: Any = getattr(vm.fd.objects.get(self.viommu_id), "drv", None)
-            self.window = drv.window
-            if self.window is None:
+            # The VMM mmaps the guest's VF MMIO page from the iommufd at the offset the kernel
+            # returned (AMD's QEMU prototype: mmap(..., iommufd, out_vfmmio_mmap_offset)) and
+            # maps it into the guest at IOMMU base + 0x2000: the guest's accesses never exit.
+            info = U.IommuViommuAmd.unpack(self.viommu_out)
+            if not info.out_vfmmio_mmap_length:
                 raise err(errno.EOPNOTSUPP, "the vIOMMU has no HW-vIOMMU slice")
-            self.window.set_notify(self._hw_trap)
+            self.vma = vm.fd.mmap(info.out_vfmmio_mmap_offset, info.out_vfmmio_mmap_length)
+            self.window = GuestVfPage(self.vma)
+            # The HW-vIOMMU's interrupt line to the VMM (an eventfd / KVM irqfd in a real VMM;
+            # the model's uAPI has none, so the VMM hooks the page's notifier).
+            drv: Any = getattr(vm.fd.objects.get(self.viommu_id), "drv", None)
+            self.irq = drv.window
+            self.irq.set_notify(self._hw_trap)
         # Mediated, the emulated guest event log is fed from the vIOMMU's AMD vEVENTQ once
         # the VMM asks for one (:meth:`alloc_veventq`; its open fd keeps the iommufd alive).
         # The guest driver boots its IOMMU: base registers and CONTROL (first MMIO page).
@@ -461,6 +484,9 @@ class GuestAmd(GuestIommu):
             if d.gdev.vdevice_id:
                 self._destroy(d.gdev.vdevice_id)
                 d.gdev.vdevice_id = 0
+        if self.vma is not None:
+            self.vma.close()  # munmap: the mapping holds the vIOMMU
+            self.vma = None
         if self.viommu_id:
             self._destroy(self.viommu_id)
             self.viommu_id = 0

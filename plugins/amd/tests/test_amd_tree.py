@@ -225,3 +225,43 @@ def test_vm_close_releases_everything() -> None:
     assert set(hw.kernel.domids.used) == domids
     assert not hw.kernel.pas.gids.used and not hw.vi.slots
     vm.close()  # idempotent
+
+
+def test_struct_iommu_viommu_amd_and_the_vf_mmio_mmap() -> None:
+    m, vm, dev = boot()
+    hw = m.iommus[0]
+    fd = vm.fd
+    dev_id = fd.bind(dev)
+    parent = vm.nest_parent(dev_id, hw)
+    size = im.uapi.IommuViommuAmd.SIZE
+    for data, code in (
+        (b"", errno.EINVAL),
+        (bytes(4), errno.EINVAL),
+        (bytes(size) + b"\x01", errno.E2BIG),
+    ):
+        with pytest.raises(OSError) as exc:
+            fd.viommu_alloc(dev_id, parent, im.uapi.IOMMU_VIOMMU_TYPE_AMD, data)
+        assert exc.value.errno == code
+    assert not hw.kernel.pas.gids.used
+    viommu, out = fd.viommu_alloc_data(dev_id, parent, im.uapi.IOMMU_VIOMMU_TYPE_AMD, bytes(size))
+    info = im.uapi.IommuViommuAmd.unpack(out)
+    assert info.out_vfmmio_mmap_offset and info.out_vfmmio_mmap_length == PAGE
+    gid = fd.objects.get(viommu).drv.gid
+    # The VMM maps the page; a guest store lands in the guest's slot of the PAS.
+    vma = fd.mmap(info.out_vfmmio_mmap_offset, info.out_vfmmio_mmap_length)
+    vma.write(R.VF_EVT_HEAD, (0x30).to_bytes(8, "little"))
+    pas = hw.kernel.pas
+    slot_pa = pas.pt.iova_to_phys(R.PAS_GUEST_MMIO_BASE + gid * R.PAS_GUEST_MMIO_ENTRY)
+    assert m.memory.read_u64(slot_pa + R.VF_EVT_HEAD) == 0x30
+    m.memory.write_u64(slot_pa + R.VF_STATUS, R.ST_CMDBUF_RUN)  # as the hardware would
+    assert int.from_bytes(vma.read(R.VF_STATUS, 8), "little") == R.ST_CMDBUF_RUN
+    assert vma.read(0x100, 4) == bytes(4)  # reserved space of the page reads zero
+    with pytest.raises(OSError) as exc:
+        fd.destroy(viommu)  # the mapping holds the vIOMMU
+    assert exc.value.errno == errno.EBUSY
+    vma.close()
+    fd.destroy(viommu)
+    with pytest.raises(OSError) as exc:
+        fd.mmap(info.out_vfmmio_mmap_offset, PAGE)
+    assert exc.value.errno == errno.ENXIO
+    vm.close()

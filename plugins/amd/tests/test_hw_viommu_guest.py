@@ -76,7 +76,7 @@ def test_hw_viommu_counts_and_guest_state() -> None:
     _m, vm, g, dev = boot(True)
     gdev = g.add_device(dev, 3)
     dom = g.attach(gdev)
-    slot = g.window.slot  # type: ignore[union-attr]
+    slot = g.irq.slot
     before = (slot.commands, vm.stats.traps, vm.stats.forwarded)
     for _ in range(10):
         g.invalidate(dom, IOVA, PAGE)
@@ -146,14 +146,14 @@ def test_unvirtualisable_command_traps_to_the_vmm_and_is_never_executed() -> Non
     dev.dma_read(IOVA, 4)
     assert hw.iotlb.lookup((dom_hdom(g, vm, 2), 0), IOVA) is not None
     # Without a VMM handler the processor stalls on INVALIDATE_IOMMU_ALL: nothing flushed.
-    g.window.set_notify(None)  # type: ignore[union-attr]
+    g.irq.set_notify(None)
     g.submit([C.inv_all()])
-    slot = g.window.slot  # type: ignore[union-attr]
+    slot = g.irq.slot
     assert slot.stalled and hw.mmio["VIOMMU_STATUS"] & R.VST_CMD_TRAP
     assert hw.iotlb.lookup((dom_hdom(g, vm, 2), 0), IOVA) is not None
     # The VMM's handler emulates it as this guest's invalidations, then resumes (one trap).
     traps = vm.stats.traps
-    g.window.set_notify(g._hw_trap)  # type: ignore[union-attr]
+    g.irq.set_notify(g._hw_trap)
     g._hw_trap(slot)
     assert vm.stats.traps == traps + 1 and vm.stats.by_kind["VCMD_TRAP"] == 1
     assert not slot.stalled and not hw.mmio["VIOMMU_STATUS"] & R.VST_CMD_TRAP

@@ -18,6 +18,7 @@ from iommufd_model.errors import err
 
 if TYPE_CHECKING:
     from iommufd_amd.hw import AmdIommu
+    from iommufd_model.core.mmap import MmapOwner
 
 
 class GdomInfo:
@@ -41,6 +42,7 @@ class AmdViommu(ViommuBase):
         self.window: object = None  # the VF MMIO page (VfMmioWindow)
         self.vfmmio_mmap_offset = 0  # its iommufd mmap offset (struct iommu_viommu_amd)
         self.out_data = b""  # struct iommu_viommu_amd as returned to the user
+        self.mmap: MmapOwner | None = None  # the iommufd mmap the VF MMIO page is registered in
 
     def get_hdom(self, gdom_id: int) -> GdomInfo:
         """nested.c: the gDomID's mapping, allocating a host DomainID on first use (ENOSPC if

@@ -84,28 +84,64 @@ class GuestSlot:
 
 
 class VfMmioWindow:
-    """The guest's VF MMIO page as the VMM mmaps it from the iommufd (guest accesses that do not
-    exit). Offsets are those of the guest's MMIO page at 0x2000 (CMD_HEAD 0x0 ... PPR_TAIL 0x38).
-    """
+    """The guest's 4 KiB VF MMIO page (offsets of the guest's MMIO page at 0x2000: CMD_HEAD 0x0
+    ... PPR_TAIL 0x38), backed by the guest's slot in the PAS. The driver registers it as the
+    vIOMMU's iommufd mmap region (``length`` / ``read`` / ``write`` bytes, AMD's
+    ``iommufd_viommu_alloc_mmap()`` of the VF BAR page); the VMM maps it into the guest, so
+    guest accesses never exit. ``read`` / ``write`` of whole registers (``reg`` / ``set``) are
+    the same accesses by value."""
+
+    length = R.VF_MMIO_SIZE
 
     def __init__(self, slot: GuestSlot) -> None:
         self.slot = slot
         self.accesses = 0
 
-    def read(self, offset: int, width: int = 8) -> int:
+    def _units(self, offset: int, n: int) -> range:
+        if offset < 0 or n < 0 or offset + n > self.length or offset % 4 or n % 4:
+            raise OSError(14, f"VF MMIO access {offset:#x}/{n} outside the page or unaligned")
+        return range(offset, offset + n, 4)
+
+    def read(self, offset: int, n: int) -> bytes:
+        """MmapRegion: ``n`` bytes at ``offset`` in 32-bit units (reserved space reads 0)."""
+        out = bytearray()
+        for at in self._units(offset, n):
+            val = self.reg(at & ~7)
+            out += ((val >> 32) if at & 4 else val & 0xFFFF_FFFF).to_bytes(4, "little")
+        return bytes(out)
+
+    def write(self, offset: int, data: bytes) -> None:
+        """MmapRegion: stores in 64-bit units where aligned, else 32-bit ones merged into the
+        register (the guest's ``writeq`` / ``writel``)."""
+        pos = 0
+        for at in self._units(offset, len(data)):
+            if at < offset + pos:
+                continue
+            if at % 8 == 0 and len(data) - (at - offset) >= 8:
+                self.set(at, int.from_bytes(data[at - offset : at - offset + 8], "little"))
+                pos = at - offset + 8
+            else:
+                half = int.from_bytes(data[at - offset : at - offset + 4], "little")
+                cur = self.reg(at & ~7)
+                val = (cur & 0xFFFF_FFFF) | half << 32 if at & 4 else (cur & ~0xFFFF_FFFF) | half
+                self.set(at & ~7, val)
+                pos = at - offset + 4
+
+    def reg(self, offset: int) -> int:
+        """One 64-bit register of the page."""
         self.accesses += 1
         hw = self.slot.hw
         if hw is None or offset & 7 or offset >= R.PAS_GUEST_MMIO_ENTRY:
             return 0
-        val = hw.greg(self.slot, offset)
-        return val & 0xFFFF_FFFF if width == 4 else val
+        return hw.greg(self.slot, offset)
 
-    def write(self, offset: int, value: int, width: int = 8) -> None:
+    def set(self, offset: int, value: int) -> None:
+        """A 64-bit store to one register of the page."""
         self.accesses += 1
         hw = self.slot.hw
         if hw is None or offset & 7 or offset >= R.PAS_GUEST_MMIO_ENTRY:
             return
-        hw.guest_write(self.slot, offset, value & (0xFFFF_FFFF if width == 4 else (1 << 64) - 1))
+        hw.guest_write(self.slot, offset, value & ((1 << 64) - 1))
 
     def set_notify(self, fn: Callable[[GuestSlot], None] | None) -> None:
         """The VMM's interrupt line for command traps (an eventfd in a real VMM)."""
