@@ -42,6 +42,31 @@ VIRTUALISED = frozenset(
         C.INVALIDATE_IOTLB_PAGES,
     }
 )
+#: VFCTRL guest buffer register -> (head, tail, run status bit, bits cleared on reprogramming,
+#: enable bit) of the guest's buffer.
+GUEST_BUFFERS = {
+    R.VFCTRL_CMD_CONTROL: (
+        R.VF_CMD_HEAD,
+        R.VF_CMD_TAIL,
+        R.ST_CMDBUF_RUN,
+        R.GST_CMD_TRAP,
+        R.GCMD_CMDBUF_EN,
+    ),
+    R.VFCTRL_EVT_CONTROL: (
+        R.VF_EVT_HEAD,
+        R.VF_EVT_TAIL,
+        R.ST_EVT_RUN,
+        R.ST_EVT_OVERFLOW,
+        R.GEVT_LOG_EN,
+    ),
+    R.VFCTRL_PPR_CONTROL: (
+        R.VF_PPR_HEAD,
+        R.VF_PPR_TAIL,
+        R.ST_PPR_RUN,
+        R.ST_PPR_OVERFLOW,
+        R.GPPR_LOG_EN,
+    ),
+}
 #: Commands only the host driver may issue (a guest's are illegal).
 HOST_ONLY = frozenset({C.INSERT_GUEST_EVENT, C.RESET_VMMIO})
 #: Events of a guest device that go to its guest (the rest are the host's business).
@@ -292,27 +317,17 @@ class ViommuHw:
         slot.vfctrl[off] = value
         if off == R.VFCTRL_MISC_CONTROL:
             slot.trans_devid = (value >> R.MISC_TRANS_DEVID_SHIFT) & 0xFFFF if value else -1
-        elif off == R.VFCTRL_CMD_CONTROL and (old ^ value):
-            # A (re)programmed guest command buffer starts empty; bit 8 makes it run.
-            slot.stalled = False
-            self.set_greg(slot, R.VF_CMD_HEAD, 0)
-            self.set_greg(slot, R.VF_CMD_TAIL, 0)
-            self._status(slot, R.ST_CMDBUF_RUN | R.GST_CMD_TRAP, False)
-            if value & R.GCMD_CMDBUF_EN:
-                self._status(slot, R.ST_CMDBUF_RUN)
-        elif off == R.VFCTRL_EVT_CONTROL and (old ^ value):
-            self.set_greg(slot, R.VF_EVT_HEAD, 0)
-            self.set_greg(slot, R.VF_EVT_TAIL, 0)
-            self._status(slot, R.ST_EVT_RUN | R.ST_EVT_OVERFLOW, False)
-            if value & R.GEVT_LOG_EN:
-                self._status(slot, R.ST_EVT_RUN)
-        elif off == R.VFCTRL_PPR_CONTROL and (old ^ value):
-            # The guest PPR log is accepted and programmed; no PRI requests are modelled.
-            self.set_greg(slot, R.VF_PPR_HEAD, 0)
-            self.set_greg(slot, R.VF_PPR_TAIL, 0)
-            self._status(slot, R.ST_PPR_RUN | R.ST_PPR_OVERFLOW, False)
-            if value & R.GPPR_LOG_EN:
-                self._status(slot, R.ST_PPR_RUN)
+        elif off in GUEST_BUFFERS and old != value:
+            # A (re)programmed guest buffer starts empty; its enable bit (8) makes it run. The
+            # PPR log is accepted and programmed; no PRI request is modelled.
+            head, tail, run, stop, enable = GUEST_BUFFERS[off]
+            if off == R.VFCTRL_CMD_CONTROL:
+                slot.stalled = False
+            self.set_greg(slot, head, 0)
+            self.set_greg(slot, tail, 0)
+            self._status(slot, run | stop, False)
+            if value & enable:
+                self._status(slot, run)
 
     def vfctrl_read(self, gid: int, off: int) -> int:
         slot = self.slots.get(gid)
