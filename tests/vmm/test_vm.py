@@ -108,3 +108,34 @@ def test_bind_vdevice_leaves_the_device_unbound_when_the_vdevice_fails() -> None
     assert exc.value.errno == errno.EOPNOTSUPP
     assert dev.bound_to is None  # free to be bound again
     assert vm.fd.bind(dev) > 0
+
+
+@pytest.mark.parametrize(
+    ("driver", "accelerated"),
+    [
+        ("amd", False),
+        ("amd", True),
+        ("arm_smmuv3", False),
+        ("arm_smmuv3", True),
+        ("intel_vtd", False),
+    ],
+)
+def test_vm_close_releases_everything_it_created(driver: str, accelerated: bool) -> None:
+    """``Vm.close()`` (a VMM's exit): mappings of the iommufd, its files, its objects and bound
+    devices, the guest RAM; a ``with`` block does the same, and a second close does nothing."""
+    machine = im.Machine.build(iommus=[driver])
+    dev = machine.add_pci_device(iommu=0)
+    frames = machine.memory.frames_in_use
+    with Vm(machine, 16 * MIB, table_pool=4 * MIB) as vm:
+        g = vm.viommu(machine.iommus[0], accelerated=accelerated)
+        gdev = g.add_device(dev, 3)
+        dom = g.attach(gdev)
+        g.map(dom, 0x40_0000, vm.alloc_buffer(4096), 4096)
+        g.invalidate(dom)
+        dev.dma_read(0x40_0000, 8)
+        assert dev.bound_to is vm.fd
+    assert vm.closed and vm.fd.closed and not vm.vmm.files
+    assert dev.bound_to is None and not vm.vmm.is_mapped(vm.ram_va, 4096)
+    if driver != "intel_vtd":  # VT-d keeps a PASID-table page it gave the device: the driver's
+        assert machine.memory.frames_in_use == frames
+    vm.close()

@@ -33,9 +33,9 @@ class Vm:
     """One guest. RAM is ``ram_size`` bytes of VMM memory at GPA 0, mapped at IOVA = GPA.
 
     :meth:`close` (or leaving a ``with Vm(...) as vm:`` block) releases everything the VM
-    created, as a VMM's exit does: the guest IOMMUs' own resources, every file the VMM
-    process holds (the iommufd last, so its objects and bound devices go with it) and the
-    guest RAM mapping.
+    created, as a VMM's exit does: the guest IOMMUs' own resources, the mappings of the
+    iommufd, every file the VMM process holds (the iommufd last, so its objects and bound
+    devices go with it) and the guest RAM mapping.
     """
 
     def __init__(
@@ -68,6 +68,9 @@ class Vm:
             g.close()
         self._viommus.clear()
         self._parents.clear()
+        # Process exit unmaps every mapping of the iommufd first (a live one holds the file).
+        for vma in list(self.fd.mmaps.vmas):
+            vma.close()
         vmm = self.vmm
         for fd in sorted(vmm.files, key=lambda n: vmm.files[n] is self.fd):
             if fd in vmm.files:
