@@ -299,13 +299,19 @@ class ViommuHw:
             size, esize = R.PAS_DOMID_MAP_SIZE, R.PAS_DOMID_ENTRY
             slot.hdom_to_gdom.clear()
         page = (entry.to_bytes(8, "little") + bytes(esize - 8)) * (PAGE // esize)
-        mem = self.hw.memory
+        hw = self.hw
+        mem = hw.memory
+        dte, why = hw._dte(IOMMU_DEVID, base, None, True)
         for addr in range(base, base + size, PAGE):
-            try:
-                mem.write(self._pa(IOMMU_DEVID, addr, True), page)
-            except PasError:
+            # A streaming fill: walked through the PAS table without allocating IOTLB entries
+            # (the model's choice, so 2 x 384 table pages do not crowd the IOTLB).
+            st, pa, *_ = hw.walk.walk_v1(
+                mem._pages, mem.size, dte.host_root, dte.mode, addr, True, dte.had
+            )
+            if why or not dte.v or st != 0 or pa + PAGE > mem.size:
                 self._hw_error(addr)
                 return
+            mem.write(pa, page)
 
     def vfctrl_write(self, gid: int, off: int, value: int) -> None:
         slot = self.slot(gid)
