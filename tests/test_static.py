@@ -32,3 +32,19 @@ def test_ruff_format_clean() -> None:
 def test_mypy_strict_clean() -> None:
     res = _run("mypy")  # configuration (strict, packages) lives in pyproject.toml
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_one_attrs_spelling() -> None:
+    """Records are ``@attrs.define`` (slots are its default), ``@attrs.frozen`` when
+    immutable, ``@attrs.define(eq=False)`` when compared by identity: nothing else."""
+    allowed = {"@attrs.define", "@attrs.frozen", "@attrs.define(eq=False)"}
+    seen: dict[str, str] = {}
+    for path in ROOT.glob("**/*.py"):
+        if ".venv" in path.parts or "build" in path.parts:
+            continue
+        for line in path.read_text().splitlines():
+            deco = line.strip()
+            if deco.startswith(("@attr.", "@attrs.")):
+                seen.setdefault(deco, str(path.relative_to(ROOT)))
+    odd = {deco: where for deco, where in seen.items() if deco not in allowed}
+    assert not odd, odd

@@ -51,7 +51,7 @@ class Feature(enum.Enum):
     LARGE_PAGES = "large_pages"
 
 
-@attrs.define(slots=True)
+@attrs.define
 class DriverInfo:
     """A driver's self-description, returned by the ``driver_info`` hook."""
 
@@ -65,7 +65,7 @@ class DriverInfo:
     hw_queue_types: frozenset[int] = frozenset()  # IOMMU_HW_QUEUE_TYPE_* the driver accepts
 
 
-@attrs.define(slots=True)
+@attrs.define
 class HwInfo:
     """The answer to IOMMU_GET_HW_INFO for one device."""
 
@@ -75,7 +75,7 @@ class HwInfo:
     max_pasid_log2: int = 0
 
 
-@attrs.define(slots=True)
+@attrs.define
 class InvalidateResult:
     """How far a user invalidation array got: ``handled`` entries, then ``error`` (0 = none)."""
 

@@ -24,7 +24,7 @@ from iommufd_model.errors import err
 ENTRY_POINT_GROUP = "iommufd_model.drivers"
 
 
-@attrs.define(slots=True)
+@attrs.define
 class DriverEntry:
     """One loaded driver plugin."""
 
@@ -35,7 +35,7 @@ class DriverEntry:
     info: DriverInfo
 
 
-@attrs.define(slots=True)
+@attrs.define
 class PluginProblem:
     """A plugin that could not be loaded, and why (shown by ``iommufd-model drivers``)."""
 

@@ -282,7 +282,7 @@ def plant_words(mem: Any, slots: list[int], data: bytes, spare: int) -> None:
 
 
 # -- harness registry -----------------------------------------------------------------------------
-@attrs.define(slots=True, frozen=True)
+@attrs.frozen
 class Harness:
     """One (vendor, format): ``run(bytes) -> signature`` and the seed inputs."""
 

@@ -374,7 +374,7 @@ def teardown_iommufd(k: Kfd) -> None:
     checker.close()
 
 
-@attrs.define(frozen=True)
+@attrs.frozen
 class IoasVariant:
     mock_domains: int = 0
     memory_limit: int = 0

@@ -31,7 +31,7 @@ RESPONSE_SIZE = U.IommuHwptPageResponse.SIZE
 HEADER_SIZE = U.IommufdVeventHeader.SIZE
 
 
-@attrs.define(slots=True)
+@attrs.define
 class FaultGroup:
     """The faults of one page request group, answered together by one response."""
 
@@ -153,7 +153,7 @@ class Fault(_EventObject):
         self.response.clear()
 
 
-@attrs.define(slots=True)
+@attrs.define
 class _Vevent:
     flags: int
     sequence: int

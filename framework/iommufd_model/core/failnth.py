@@ -103,7 +103,7 @@ def failpoint(site: str, code: int | None = None) -> None:
         _current.hit(site, code)
 
 
-@attrs.define(slots=True)
+@attrs.define
 class SweepResult:
     """What a sweep of one call did: the n values tried and where each failure was injected."""
 

@@ -108,7 +108,7 @@ class IoAccess(Protocol):
     def unmap(self, iova: int, length: int) -> None: ...
 
 
-@attrs.define(slots=True, eq=False)
+@attrs.define(eq=False)
 class Area:
     """``struct iopt_area``: IOVA ``[iova, last]`` backed by ``pages`` from ``start_byte``."""
 

@@ -53,7 +53,7 @@ class Ucmd:
 Handler = Callable[[Ucmd], None]
 
 
-@attrs.define(frozen=True, slots=True)
+@attrs.frozen
 class IoctlOp:
     """One row of the kernel's ``iommufd_ioctl_ops`` table."""
 

@@ -73,7 +73,7 @@ def _bounds(length: int, offset: int, n: int) -> None:
         raise err(errno.EFAULT, f"access [{offset:#x}, +{n:#x}) outside a {length:#x} mapping")
 
 
-@attrs.define(slots=True)
+@attrs.define
 class PhysicalRegion:
     """``length`` bytes of machine RAM at physical address ``pa``.
 
@@ -97,7 +97,7 @@ class PhysicalRegion:
         self.memory.write(self.pa + offset, data)
 
 
-@attrs.define(slots=True)
+@attrs.define
 class MmioRegion:
     """A ``length``-byte window of register file ``mmio`` starting at register offset ``base``.
 
@@ -149,7 +149,7 @@ class MmioRegion:
             pos += width
 
 
-@attrs.define(eq=False, slots=True)
+@attrs.define(eq=False)
 class Immap:
     """``struct iommufd_mmap``: one entry of the context's range tree."""
 

@@ -43,7 +43,7 @@ def _runs(indexes: list[int]) -> list[tuple[int, int]]:
     return out
 
 
-@attrs.define(slots=True, eq=False)
+@attrs.define(eq=False)
 class Pages:
     """A pinnable backing of ``npages`` pages from a process range or a memfd.
 

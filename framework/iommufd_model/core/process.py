@@ -67,7 +67,7 @@ class MemFile:
         self._pfns.clear()
 
 
-@attrs.define(slots=True)
+@attrs.define
 class Vma:
     """One mapping: ``[start, end)`` backed by anonymous memory or a file at ``offset``."""
 

@@ -26,7 +26,7 @@ RW = U.IOMMU_IOAS_MAP_READABLE | U.IOMMU_IOAS_MAP_WRITEABLE
 S = TypeVar("S", bound=UStruct)
 
 
-@attrs.define(slots=True)
+@attrs.define
 class HwInfoReply:
     data_type: int
     data: bytes

@@ -41,7 +41,7 @@ class DmaFault(Exception):
         self.reason = reason
 
 
-@attrs.define(slots=True)
+@attrs.define
 class HwStats:
     """Costs the hardware paid; the matrix reports them per scenario."""
 
@@ -56,7 +56,7 @@ class HwStats:
         return attrs.asdict(self)
 
 
-@attrs.define(slots=True)
+@attrs.define
 class FaultRecord:
     """What the hardware logged for a fault, vendor-neutral (vendors log their own too)."""
 

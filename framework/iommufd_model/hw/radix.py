@@ -95,7 +95,7 @@ class PtFormat:
 INVALID, TABLE, LEAF = 0, 1, 2
 
 
-@attrs.define(slots=True)
+@attrs.define
 class WalkResult:
     """A successful walk: the page it found and what the walk cost."""
 
@@ -105,7 +105,7 @@ class WalkResult:
     mem_refs: int
 
 
-@attrs.define(slots=True)
+@attrs.define
 class WalkFault:
     """Why a walk failed: at which level, and a vendor-neutral reason."""
 

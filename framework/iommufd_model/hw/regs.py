@@ -19,7 +19,7 @@ WriteHook = Callable[[int, int], None]  # (old value, new value)
 ReadHook = Callable[[], int]
 
 
-@attrs.define(slots=True)
+@attrs.define
 class Register:
     name: str
     offset: int

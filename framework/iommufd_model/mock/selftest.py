@@ -292,7 +292,7 @@ assert IommuTestCmd.SIZE == 72 and IommuTestCmd.offsetofend("last") == 68
 
 
 # -- global test knobs (selftest.c keeps them in module globals) ---------------------------
-@attrs.define(slots=True)
+@attrs.define
 class SelftestState:
     """Per-machine stand-in for selftest.c's globals.
 
@@ -473,7 +473,7 @@ def _md_check_refs(ucmd: Ucmd, cmd: IommuTestCmd) -> None:
 
 
 # -- access objects -------------------------------------------------------------------------
-@attrs.define(slots=True)
+@attrs.define
 class AccessItem:
     """``struct selftest_access_item``: one ACCESS_PAGES pin, undone by id or by unmap."""
 

@@ -66,7 +66,7 @@ class Unsupported(Exception):
         self.errno = errno_
 
 
-@attrs.define(slots=True, frozen=True)
+@attrs.frozen
 class Scenario:
     """A named, vendor-neutral check and the features it needs from a driver."""
 
@@ -76,7 +76,7 @@ class Scenario:
     fn: Callable[[ScenarioContext], None]
 
 
-@attrs.define(slots=True)
+@attrs.define
 class ScenarioResult:
     """One matrix cell: outcome, why (first divergence or refused feature), what it cost."""
 

@@ -56,7 +56,7 @@ def guest_scenario(*features: Feature) -> Callable[[Callable[[ScenarioContext], 
 
 
 # -- vEVENTQ records --------------------------------------------------------------------------
-@attrs.define(slots=True, frozen=True)
+@attrs.frozen
 class VeventRecord:
     """How to read one vendor record: its size, the device ID and the input address."""
 
@@ -81,7 +81,7 @@ VEVENT_RECORDS: dict[int, VeventRecord] = {
 }
 
 
-@attrs.define(slots=True, frozen=True)
+@attrs.frozen
 class Vevent:
     flags: int
     sequence: int

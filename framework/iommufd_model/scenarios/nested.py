@@ -71,7 +71,7 @@ def nested_scenario(*features: Feature) -> Callable[[Callable[[ScenarioContext],
 
 
 # -- the guest world ------------------------------------------------------------------------------
-@attrs.define(slots=True, eq=False)
+@attrs.define(eq=False)
 class Guest:
     """One VM with its guest IOMMU and one passed-through device."""
 

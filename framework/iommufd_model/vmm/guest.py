@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from iommufd_model.vmm.vm import Vm
 
 
-@attrs.define(slots=True, eq=False)
+@attrs.define(eq=False)
 class GuestDevice:
     """A passthrough device as the VM sees it."""
 
@@ -33,7 +33,7 @@ class GuestDevice:
     vdevice_id: int = 0  # iommufd vDEVICE, when the vendor design has one
 
 
-@attrs.define(slots=True, eq=False)
+@attrs.define(eq=False)
 class GuestDomain:
     """A guest stage-1 address space and where it is installed."""
 

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 MIB = 1 << 20
 
 
-@attrs.define(slots=True)
+@attrs.define
 class VmmStats:
     """What the VMM had to do for its guest."""
 

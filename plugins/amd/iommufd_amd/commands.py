@@ -44,7 +44,7 @@ RV_VCMD = 1 << 31  # RESET_VMMIO word 0: VCmd (the guest command processor too)
 _W = struct.Struct("<4I")
 
 
-@attrs.define(slots=True, frozen=True)
+@attrs.frozen
 class Command:
     """A decoded command; fields that a given opcode lacks stay 0."""
 

@@ -79,7 +79,7 @@ def gcr3_split(gcr3: int) -> tuple[int, int, int]:
     return (gcr3 >> 12) & 0x7, (gcr3 >> 15) & 0xFFFF, (gcr3 >> 31) & 0x1FFFFF
 
 
-@attrs.define(slots=True, eq=True)
+@attrs.define
 class Dte:
     """A decoded DTE; field names follow the spec."""
 

@@ -55,7 +55,7 @@ EVENT_SIZE = 16
 _W = struct.Struct("<4I")
 
 
-@attrs.define(slots=True, frozen=True)
+@attrs.frozen
 class Event:
     code: int
     devid: int = 0

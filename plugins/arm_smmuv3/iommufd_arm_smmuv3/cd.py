@@ -38,7 +38,7 @@ TG0_16K = 2
 IRGN_WBWA = 1
 
 
-@attrs.define(slots=True)
+@attrs.define
 class Cd:
     t0sz: int = 0  # T0SZ: the TTB0 region covers 64 - T0SZ bits of VA
     tg0: int = TG0_4K  # TG0: TTB0 granule

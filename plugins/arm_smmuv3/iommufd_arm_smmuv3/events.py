@@ -75,7 +75,7 @@ CLASS_TT = 1
 CLASS_IN = 2
 
 
-@attrs.define(slots=True)
+@attrs.define
 class Event:
     id: int  # EventID
     sid: int  # StreamID

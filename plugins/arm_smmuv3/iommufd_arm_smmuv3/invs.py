@@ -45,7 +45,7 @@ OPCODES = {
 }
 
 
-@attrs.define(slots=True)
+@attrs.define
 class Inv:
     """One ``struct arm_smmu_inv``: what to invalidate for one tag or one StreamID's ATC."""
 

@@ -141,7 +141,7 @@ def devices_domain(domain: Domain | None) -> SmmuDomain | None:
     return parent if isinstance(parent, SmmuDomain) else None
 
 
-@attrs.define(slots=True)
+@attrs.define
 class AttachState:
     """``struct arm_smmu_attach_state``: what an attach prepared and must commit."""
 

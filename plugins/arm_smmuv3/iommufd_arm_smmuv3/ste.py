@@ -73,7 +73,7 @@ L1_SPAN = mask(4, 0)
 L1_L2PTR = mask(51, 6)
 
 
-@attrs.define(slots=True)
+@attrs.define
 class Ste:
     v: bool = False  # V: the entry is valid
     config: int = CFG_ABORT  # Config: abort / bypass / S1 / S2 / nested

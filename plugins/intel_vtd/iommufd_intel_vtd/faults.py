@@ -75,7 +75,7 @@ class TableFault(Exception):
         self.fpd = fpd  # fault processing disabled by the entry that was reached
 
 
-@attrs.define(slots=True, frozen=True)
+@attrs.frozen
 class FaultRecord:
     """One primary fault record as the fault recording registers hold it."""
 

@@ -124,7 +124,7 @@ def psi_aligned(start: int, end: int, mamv: int) -> tuple[int, int] | None:
 
 
 # -- records ------------------------------------------------------------------------------------
-@attrs.define(slots=True)
+@attrs.define
 class GuestVtdDomain:
     """The guest driver's ``dmar_domain``: a first-stage table and where it is installed."""
 
@@ -133,7 +133,7 @@ class GuestVtdDomain:
     pasid: int  # PASID-table index: RID_PASID for the RID domain
 
 
-@attrs.define(slots=True)
+@attrs.define
 class Shadow:
     """What the VMM installed for one guest PASID entry."""
 

@@ -114,7 +114,7 @@ class InvalidDescriptor(Exception):
     """Hardware would set FSTS.IQE and stop at this descriptor."""
 
 
-@attrs.define(slots=True, frozen=True)
+@attrs.frozen
 class Descriptor:
     """One decoded descriptor: ``type`` plus the named fields of its layout."""
 

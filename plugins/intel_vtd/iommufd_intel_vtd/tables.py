@@ -46,7 +46,7 @@ def _bit(value: int, n: int) -> bool:
 
 
 # -- root entry (128 bits) --------------------------------------------------------------------
-@attrs.define(slots=True, frozen=True)
+@attrs.frozen
 class RootEntry:
     """Scalable-mode root entry: one per bus; two context-table halves (devfn 0-127, 128-255)."""
 
@@ -74,7 +74,7 @@ class RootEntry:
 
 
 # -- scalable-mode context entry (256 bits) ---------------------------------------------------
-@attrs.define(slots=True, frozen=True)
+@attrs.frozen
 class ContextEntry:
     p: bool = False  # P (bit 0): present
     fpd: bool = False  # FPD (bit 1): fault processing disable
@@ -126,7 +126,7 @@ class ContextEntry:
 
 
 # -- PASID directory entry (64 bits) ----------------------------------------------------------
-@attrs.define(slots=True, frozen=True)
+@attrs.frozen
 class PasidDirEntry:
     p: bool = False  # P (bit 0): present
     fpd: bool = False  # FPD (bit 1): fault processing disable
@@ -141,7 +141,7 @@ class PasidDirEntry:
 
 
 # -- PASID table entry (512 bits) -------------------------------------------------------------
-@attrs.define(slots=True, frozen=True)
+@attrs.frozen
 class PasidEntry:
     # qword 0
     p: bool = False  # P (bit 0): present

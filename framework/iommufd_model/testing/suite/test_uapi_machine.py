@@ -151,7 +151,7 @@ def check_users(fd: IommuFd) -> None:
 
 
 # -- the shadow ---------------------------------------------------------------------------
-@attrs.define(slots=True)
+@attrs.define
 class Area:
     first: int  # IOVA page number
     n: int
@@ -159,7 +159,7 @@ class Area:
     pages_id: int  # which IOAS_MAP's pages it shares (copies share their source's)
 
 
-@attrs.define(slots=True)
+@attrs.define
 class HwptShadow:
     kind: str  # auto | paging | parent | nested
     ioas: int
