@@ -10,11 +10,13 @@ from iommufd_model.errors import err
 from iommufd_model.hw.iommu import IommuHw
 from iommufd_model.hw.memory import PhysicalMemory
 from iommufd_model.hw.pci import PciDevice
+from iommufd_model.locking import serialized
 from iommufd_model.plugins import DriverRegistry, default_registry
 
 DEFAULT_MEMORY = 1 << 36  # 64 GiB of sparse physical memory
 
 
+@serialized(unlocked=("hooks",))
 class Machine:
     """Everything below the uAPI. Build one with :meth:`build`."""
 

@@ -18,6 +18,7 @@ from iommufd_model.core.failnth import failpoint
 from iommufd_model.core.main import Ucmd, ioctl_op
 from iommufd_model.core.objects import IommufdObject, ObjType
 from iommufd_model.errors import err
+from iommufd_model.locking import notify_event, serialized
 from iommufd_model.uapi import iommufd as U
 
 if TYPE_CHECKING:
@@ -41,6 +42,7 @@ class FaultGroup:
     faults: list[U.IommuHwptPgfault]
 
 
+@serialized()
 class EventFile:
     """The anonymous file behind a FAULT or vEVENTQ object (``common.filep``)."""
 
@@ -98,6 +100,7 @@ class Fault(_EventObject):
     ) -> None:
         """Queue a fault group (its last fault carries LAST_PAGE)."""
         self.deliver.append(FaultGroup(idev, pasid, grpid, faults))
+        notify_event()
 
     def fops_read(self, count: int) -> bytes:
         if count % PGFAULT_SIZE:
@@ -196,6 +199,7 @@ class Veventq(_EventObject):
             self.lost = False
         self.events.append(_Vevent(0, self._next_seq(), bytes(data)))
         self.num_events += 1
+        notify_event()
 
     def fops_read(self, count: int) -> bytes:
         out = bytearray()

@@ -19,6 +19,7 @@ from iommufd_model.core.mmap import MAP_SHARED, PROT_READ, PROT_WRITE, IommufdVm
 from iommufd_model.core.objects import IommufdObject, ObjectTable
 from iommufd_model.core.typed import TypedCalls
 from iommufd_model.errors import err, strict_mode
+from iommufd_model.locking import serialized
 from iommufd_model.uapi import iommufd as U
 from iommufd_model.uapi.codec import UStruct
 
@@ -99,6 +100,7 @@ def _load_handlers() -> None:
     from iommufd_model.core import device, eventq, hw_pagetable, ioas, viommu  # noqa: F401
 
 
+@serialized()
 class IommuFd(TypedCalls):
     """One iommufd context (``struct iommufd_ctx``): the object table and its ioctls."""
 

@@ -14,6 +14,7 @@ import attrs
 
 from iommufd_model.hw.iotlb import Iotlb
 from iommufd_model.hw.memory import PAGE_SIZE, Frame, PhysicalMemory
+from iommufd_model.locking import locked
 
 if TYPE_CHECKING:
     from iommufd_model.hw.pci import PciDevice
@@ -112,6 +113,7 @@ class IommuHw:
         way (:meth:`translate_run`)."""
         return None
 
+    @locked
     def translate_run(
         self, dev: PciDevice, iova: int, n: int, pasid: int | None, write: bool
     ) -> list[tuple[int, int]]:
@@ -164,6 +166,7 @@ class IommuHw:
         return stop
 
     # -- the DMA engine -----------------------------------------------------------------
+    @locked
     def dma_read(self, dev: PciDevice, iova: int, n: int, pasid: int | None) -> bytes:
         # Bytes are gathered as zero-copy frame views and joined once (one copy, like a plain
         # ``bytes(src)``), but only while translations are IOTLB hits: a full translation may
@@ -186,6 +189,7 @@ class IommuHw:
             runs.clear()
         return b"".join(parts + pending)
 
+    @locked
     def dma_write(
         self, dev: PciDevice, iova: int, data: bytes | bytearray | memoryview, pasid: int | None
     ) -> None:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from iommufd_model.locking import serialized
+
 if TYPE_CHECKING:
     from iommufd_model.hw.iommu import IommuHw
 
 
+@serialized()
 class PciDevice:
     """A DMA-capable PCI function. ``rid`` is bus<<8 | devfn (the AMD DevID, SMMU StreamID)."""
 

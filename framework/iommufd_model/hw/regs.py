@@ -14,6 +14,7 @@ from collections.abc import Callable
 import attrs
 
 from iommufd_model.errors import err
+from iommufd_model.locking import serialized
 
 WriteHook = Callable[[int, int], None]  # (old value, new value)
 ReadHook = Callable[[], int]
@@ -30,6 +31,7 @@ class Register:
     on_read: ReadHook | None = None
 
 
+@serialized()
 class Mmio:
     """A register file; 4- and 8-byte accesses, an 8-byte register also by 4-byte halves."""
 

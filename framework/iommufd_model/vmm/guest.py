@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from iommufd_model.errors import err
+from iommufd_model.locking import SerializedSubclasses, locked
 
 if TYPE_CHECKING:
     from iommufd_model.hw.iommu import IommuHw
@@ -45,7 +46,7 @@ class GuestDomain:
     vendor: Any = None  # vendor-private guest state
 
 
-class GuestIommu(abc.ABC):
+class GuestIommu(SerializedSubclasses, abc.ABC):
     """One vIOMMU of one VM on one host IOMMU instance, with the guest driver using it."""
 
     def __init__(self, vm: Vm, iommu: IommuHw, *, accelerated: bool) -> None:
@@ -60,6 +61,7 @@ class GuestIommu(abc.ABC):
         nothing of its own to release."""
         return None
 
+    @locked
     def create_viommu(self, dev_id: int) -> int:
         """Allocate this guest's iommufd vIOMMU through device ``dev_id``; return its id.
 
@@ -67,6 +69,7 @@ class GuestIommu(abc.ABC):
         """
         raise err(errno.EOPNOTSUPP, "this guest IOMMU model has no vIOMMU")
 
+    @locked
     def bind_vdevice(self, dev: PciDevice, virt_id: int) -> GuestDevice:
         """The VMM side of passing ``dev`` through in a vIOMMU design: bind it, create the
         vIOMMU with the first device, and give the device its virtual ID (a vDEVICE). A

@@ -7,11 +7,13 @@ from typing import TYPE_CHECKING
 
 from iommufd_model.errors import err
 from iommufd_model.hw.memory import PAGE_SHIFT, PAGE_SIZE
+from iommufd_model.locking import serialized
 
 if TYPE_CHECKING:
     from iommufd_model.core.process import Process
 
 
+@serialized()
 class GuestMemory:
     """A :class:`~iommufd_model.hw.memory.FrameMemory` over ``[0, size)`` of guest-physical
     space, backed by the VMM's mapping at ``ram_va``. Guest frames for IOMMU structures come

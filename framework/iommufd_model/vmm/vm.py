@@ -9,6 +9,7 @@ import attrs
 
 from iommufd_model.errors import err
 from iommufd_model.hw.memory import PAGE_SIZE
+from iommufd_model.locking import serialized
 from iommufd_model.uapi import iommufd as U
 from iommufd_model.vmm.guest import GuestIommu
 from iommufd_model.vmm.memory import GuestMemory
@@ -29,6 +30,7 @@ class VmmStats:
     by_kind: dict[str, int] = attrs.field(factory=dict)
 
 
+@serialized()
 class Vm:
     """One guest. RAM is ``ram_size`` bytes of VMM memory at GPA 0, mapped at IOVA = GPA.
 

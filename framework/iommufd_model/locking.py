@@ -1,0 +1,103 @@
+"""The model lock: one re-entrant lock that every entry point into the model takes.
+
+A VMM is many threads (vCPUs trapping MMIO, I/O threads mapping, devices doing DMA) and the
+kernel serves them all at once with a hierarchy of locks (docs/concurrency.md lists them). The
+model collapses that hierarchy into one :class:`threading.RLock` per Python process,
+:data:`MODEL_LOCK`, held for the whole of each entry point: an ioctl, a device's DMA, an MMIO
+access, a guest driver's call, a process's memory access, a file's read/write/close, the
+construction of a machine. Each entry point is therefore atomic against every other, which is
+a legal schedule of the kernel's finer locks, and no compound state change relies on the GIL
+(the model is correct on a free-threaded CPython too).
+
+The lock is taken *structurally*, so code written later is covered without doing anything:
+
+- :func:`serialized` wraps every public method a class defines (the framework's entry-point
+  classes: ``IommuFd``, ``Process``, ``PciDevice``, ``Mmio``, ``EventFile``, ``Machine``,
+  ``Vm``, ``GuestMemory``);
+- :class:`SerializedSubclasses` does the same for every subclass as it is defined (vendor
+  guest IOMMU models, :class:`~iommufd_model.vmm.GuestIommu`);
+- :func:`locked` marks a single method (the DMA engine of
+  :class:`~iommufd_model.hw.iommu.IommuHw`).
+
+Never block while holding the lock (no sleeping, no waiting on another thread): a thread that
+must wait for an event uses :func:`wait_for`, which releases the lock while it sleeps.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import types
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
+
+P = ParamSpec("P")
+R = TypeVar("R")
+C = TypeVar("C", bound=type)
+
+#: The one lock of the model (re-entrant: an entry point may call another).
+MODEL_LOCK = threading.RLock()
+#: Signalled (under :data:`MODEL_LOCK`) whenever an event or fault is queued for a reader.
+MODEL_EVENT = threading.Condition(MODEL_LOCK)
+
+
+def locked(fn: Callable[P, R]) -> Callable[P, R]:
+    """Run ``fn`` holding :data:`MODEL_LOCK`."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        with MODEL_LOCK:
+            return fn(*args, **kwargs)
+
+    wrapper.__model_locked__ = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _wrap_public(cls: type, unlocked: frozenset[str]) -> None:
+    for name, value in list(vars(cls).items()):
+        if name.startswith("_") or name in unlocked:
+            continue
+        # Plain functions only: properties, static and class methods stay as they are.
+        function = isinstance(value, types.FunctionType)
+        if function and not getattr(value, "__model_locked__", False):
+            setattr(cls, name, locked(value))
+
+
+def serialized(*, unlocked: tuple[str, ...] = ()) -> Callable[[C], C]:
+    """Class decorator: every public method the class defines holds :data:`MODEL_LOCK`.
+
+    ``unlocked`` names methods left alone (pure lookups on a hot path, called only from
+    inside other entry points)."""
+
+    def deco(cls: C) -> C:
+        _wrap_public(cls, frozenset(unlocked))
+        return cls
+
+    return deco
+
+
+class SerializedSubclasses:
+    """Base whose subclasses get every public method they define wrapped by :func:`locked`
+    when the subclass is created (vendor classes are covered without knowing it)."""
+
+    #: methods of subclasses that stay unlocked (set on the base that uses this mixin)
+    UNLOCKED_METHODS: frozenset[str] = frozenset()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _wrap_public(cls, cls.UNLOCKED_METHODS)
+
+
+def notify_event() -> None:
+    """Wake :func:`wait_for` sleepers: something was queued for a reader."""
+    with MODEL_EVENT:
+        MODEL_EVENT.notify_all()
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float | None = None) -> bool:
+    """Sleep until ``predicate()`` (evaluated under the lock) is true or ``timeout`` passes.
+
+    The lock is released while sleeping, even when the caller holds it re-entrantly, so the
+    thread that will queue the event can run; returns the predicate's last value."""
+    with MODEL_EVENT:
+        return MODEL_EVENT.wait_for(predicate, timeout)
