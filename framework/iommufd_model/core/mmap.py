@@ -39,6 +39,7 @@ from iommufd_model.core.failnth import failpoint
 from iommufd_model.errors import err
 from iommufd_model.hw.memory import PAGE_MASK, PAGE_SIZE, PhysicalMemory
 from iommufd_model.hw.regs import Mmio
+from iommufd_model.locking import serialized
 
 if TYPE_CHECKING:
     from iommufd_model.core.main import IommuFd
@@ -274,6 +275,7 @@ def fops_mmap(ictx: IommuFd, offset: int, length: int, prot: int, flags: int) ->
     return IommufdVma(ictx, entry, obj, writable=bool(prot & PROT_WRITE))
 
 
+@serialized()
 class IommufdVma:
     """One live mapping of an iommufd region (a VMA): read/write into the region, ``close()``
     = munmap. It holds a ``users`` reference on the owning object and a reference on the file.
