@@ -7,7 +7,6 @@ the oracle that a failed ioctl changed nothing and that reference counts add up.
 
 from __future__ import annotations
 
-import errno
 from collections import Counter
 from typing import Any
 
@@ -15,6 +14,7 @@ import iommufd_model as im
 from iommufd_model import uapi as U
 from iommufd_model.core.main import IommuFd
 from iommufd_model.core.objects import IommufdObject
+from iommufd_model.testing import assert_errno
 from iommufd_model.uapi.codec import UStruct
 
 PAGE = 4096
@@ -33,25 +33,15 @@ def ioctl(fd: IommuFd, cmd: int, st: UStruct) -> Any:
     return type(st).unpack(buf)
 
 
-def ioctl_errno(fd: IommuFd, cmd: int, buf: bytearray | UStruct) -> int:
-    """Issue ``cmd`` expecting failure; return the errno (0 if it succeeded)."""
-    if isinstance(buf, UStruct):
-        if getattr(buf, "size", None) == 0:
-            buf.size = buf.SIZE  # type: ignore[attr-defined]
-        buf = bytearray(buf.pack())
-    try:
-        fd.ioctl(cmd, buf)
-    except OSError as exc:
-        assert exc.errno is not None
-        return exc.errno
-    return 0
-
-
 def expect_errno(fd: IommuFd, cmd: int, st: bytearray | UStruct, code: int) -> None:
     """Assert ``cmd`` fails with ``code`` and leaves the model exactly as it was."""
+    if isinstance(st, UStruct):
+        if getattr(st, "size", None) == 0:
+            st.size = st.SIZE  # type: ignore[attr-defined]
+        st = bytearray(st.pack())
+    buf = st
     before = snapshot(fd)
-    got = ioctl_errno(fd, cmd, st)
-    assert got == code, f"expected {errno.errorcode[code]}, got {errno.errorcode.get(got, got)}"
+    assert_errno(code, lambda: fd.ioctl(cmd, buf), f"ioctl {cmd:#x}")
     assert snapshot(fd) == before
 
 

@@ -27,6 +27,7 @@ from iommufd_model.core.io_pagetable import (
 from iommufd_model.core.pages import Pages
 from iommufd_model.core.process import MemFile, Process
 from iommufd_model.hw.memory import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, PhysicalMemory
+from iommufd_model.testing import assert_errno
 
 RW = IOMMU_READ | IOMMU_WRITE | IOMMU_CACHE
 MOCK_PAGE_SIZE = PAGE_SIZE // 2
@@ -34,13 +35,6 @@ MOCK_APERTURE_START = 1 << 24
 MOCK_APERTURE_LAST = (1 << 31) - 1
 HUGEPAGE_SIZE = 2 << 20
 BUFFER_SIZE = PAGE_SIZE * 16
-
-
-def errno_of(fn: Callable[[], object]) -> int:
-    with pytest.raises(OSError) as e:
-        fn()
-    assert e.value.errno is not None
-    return e.value.errno
 
 
 class FakeDomain:
@@ -192,24 +186,22 @@ def snapshot(w: World) -> tuple[object, ...]:
 def test_area(w: World) -> None:
     iopt, base = w.iopt, w.base_iova
     for i in range(10):
-        assert errno_of(lambda i=i: iopt.unmap(i * PAGE_SIZE, PAGE_SIZE)) == errno.ENOENT
+        assert_errno(errno.ENOENT, lambda i=i: iopt.unmap(i * PAGE_SIZE, PAGE_SIZE))
     for i in range(10):
         iopt.map_user(w.proc, w.buffer, PAGE_SIZE, base + i * PAGE_SIZE, RW)
     for i in range(10):
         assert iopt.unmap(base + i * PAGE_SIZE, PAGE_SIZE) == PAGE_SIZE
     # Split fails
     iopt.map_user(w.proc, w.buffer, PAGE_SIZE * 2, base + 16 * PAGE_SIZE, RW)
-    assert errno_of(lambda: iopt.unmap(base + 16 * PAGE_SIZE, PAGE_SIZE)) == errno.ENOENT
-    assert errno_of(lambda: iopt.unmap(base + 17 * PAGE_SIZE, PAGE_SIZE)) == errno.ENOENT
+    assert_errno(errno.ENOENT, lambda: iopt.unmap(base + 16 * PAGE_SIZE, PAGE_SIZE))
+    assert_errno(errno.ENOENT, lambda: iopt.unmap(base + 17 * PAGE_SIZE, PAGE_SIZE))
     # Over map fails
     for pages, at in ((2, 16), (1, 16), (1, 17), (2, 15), (3, 15)):
-        assert (
-            errno_of(
-                lambda p=pages, a=at: iopt.map_user(
-                    w.proc, w.buffer, PAGE_SIZE * p, base + a * PAGE_SIZE, RW
-                )
-            )
-            == errno.EEXIST
+        assert_errno(
+            errno.EEXIST,
+            lambda p=pages, a=at: iopt.map_user(
+                w.proc, w.buffer, PAGE_SIZE * p, base + a * PAGE_SIZE, RW
+            ),
         )
     assert iopt.unmap_all() == 2 * PAGE_SIZE
     assert iopt.unmap_all() == 0
@@ -223,11 +215,11 @@ def test_unmap_fully_contained_areas(w: World) -> None:
     for i in range(4):
         iopt.map_user(w.proc, w.buffer, 8 * PAGE_SIZE, base + i * 16 * PAGE_SIZE, RW)
     before = snapshot(w)
-    assert errno_of(lambda: iopt.unmap(base - 4 * PAGE_SIZE, 8 * PAGE_SIZE)) == errno.ENOENT
+    assert_errno(errno.ENOENT, lambda: iopt.unmap(base - 4 * PAGE_SIZE, 8 * PAGE_SIZE))
     last_partial = base + 3 * 16 * PAGE_SIZE + 8 * PAGE_SIZE - 4 * PAGE_SIZE
-    assert errno_of(lambda: iopt.unmap(last_partial, 8 * PAGE_SIZE)) == errno.ENOENT
+    assert_errno(errno.ENOENT, lambda: iopt.unmap(last_partial, 8 * PAGE_SIZE))
     # Covers areas 0..2 fully and area 3 partly: refused, and (model) nothing removed.
-    assert errno_of(lambda: iopt.unmap(base, 3 * 16 * PAGE_SIZE + 4 * PAGE_SIZE)) == errno.ENOENT
+    assert_errno(errno.ENOENT, lambda: iopt.unmap(base, 3 * 16 * PAGE_SIZE + 4 * PAGE_SIZE))
     assert snapshot(w) == before
     got = iopt.unmap(base - 4 * PAGE_SIZE, (3 * 16 + 8 + 4) * PAGE_SIZE)
     assert got == 32 * PAGE_SIZE
@@ -258,7 +250,7 @@ def test_area_auto_iova(w: World) -> None:
     for i in range(10):
         iopt.unmap(iovas[i], PAGE_SIZE * (i + 1))
     # Allowed region intersects with a reserved region
-    assert errno_of(lambda: iopt.set_allowed([(PAGE_SIZE, PAGE_SIZE * 600)])) == errno.EADDRINUSE
+    assert_errno(errno.EADDRINUSE, lambda: iopt.set_allowed([(PAGE_SIZE, PAGE_SIZE * 600)]))
     # Allocate from an allowed region
     if w.domains:
         allowed = (MOCK_APERTURE_START + PAGE_SIZE, MOCK_APERTURE_START + PAGE_SIZE * 600 - 1)
@@ -279,17 +271,17 @@ def test_area_allowed(w: World) -> None:
     allowed = (w.base_iova, w.base_iova + PAGE_SIZE * 600)
     iopt.set_allowed([allowed])
     res = (allowed[0] + PAGE_SIZE, allowed[0] + 2 * PAGE_SIZE - 1)
-    assert errno_of(lambda: iopt.reserve(None, *res)) == errno.EADDRINUSE
+    assert_errno(errno.EADDRINUSE, lambda: iopt.reserve(None, *res))
     iopt.set_allowed([])
     iopt.reserve(None, *res)
-    assert errno_of(lambda: iopt.set_allowed([allowed])) == errno.EADDRINUSE
+    assert_errno(errno.EADDRINUSE, lambda: iopt.set_allowed([allowed]))
     assert iopt.allowed() == []
 
 
 def test_set_allowed_validation(w: World) -> None:
     iopt = w.iopt
-    assert errno_of(lambda: iopt.set_allowed([(10, 10)])) == errno.EINVAL
-    assert errno_of(lambda: iopt.set_allowed([(10, 20), (20, 30)])) == errno.EINVAL
+    assert_errno(errno.EINVAL, lambda: iopt.set_allowed([(10, 10)]))
+    assert_errno(errno.EINVAL, lambda: iopt.set_allowed([(10, 20), (20, 30)]))
     b = w.base_iova
     iopt.set_allowed([(b + 0x10000, b + 0x1FFFF), (b + 0x20000, b + 0x2FFFF)])
     # Adjacent allowed ranges form one window for placement, as the kernel's span iterator:
@@ -320,9 +312,8 @@ def test_ioas_iova_alloc(w: World) -> None:
     iopt = w.iopt
     for length in range(1, PAGE_SIZE * 2):
         if w.domains and length % MOCK_PAGE_SIZE:
-            assert (
-                errno_of(lambda n=length: iopt.map_user(w.proc, w.buffer, n, None, RW))
-                == errno.EINVAL
+            assert_errno(
+                errno.EINVAL, lambda n=length: iopt.map_user(w.proc, w.buffer, n, None, RW)
             )
         else:
             iova = iopt.map_user(w.proc, w.buffer, length, None, RW)
@@ -336,19 +327,17 @@ def test_ioas_align_change() -> None:
     iopt.map_user(w.proc, buf, PAGE_SIZE, MOCK_APERTURE_START, RW)
     iopt.set_large_pages(False)
     assert iopt.iova_alignment == PAGE_SIZE and not iopt.allow_large_pages
-    assert (
-        errno_of(
-            lambda: iopt.map_user(
-                w.proc, buf + MOCK_PAGE_SIZE, PAGE_SIZE, MOCK_APERTURE_START + PAGE_SIZE, RW
-            )
-        )
-        == errno.EINVAL
+    assert_errno(
+        errno.EINVAL,
+        lambda: iopt.map_user(
+            w.proc, buf + MOCK_PAGE_SIZE, PAGE_SIZE, MOCK_APERTURE_START + PAGE_SIZE, RW
+        ),
     )
     iopt.set_large_pages(False)
     iopt.set_large_pages(True)
     assert iopt.iova_alignment == 1
     iopt.map_user(w.proc, buf + MOCK_PAGE_SIZE, PAGE_SIZE, MOCK_APERTURE_START + PAGE_SIZE, RW)
-    assert errno_of(lambda: iopt.set_large_pages(False)) == errno.EADDRINUSE
+    assert_errno(errno.EADDRINUSE, lambda: iopt.set_large_pages(False))
     assert iopt.allow_large_pages and iopt.iova_alignment == 1
     iopt.unmap(MOCK_APERTURE_START + PAGE_SIZE, PAGE_SIZE)
     iopt.unmap(MOCK_APERTURE_START, PAGE_SIZE)
@@ -357,7 +346,7 @@ def test_ioas_align_change() -> None:
 def test_huge_pages_option_with_domain() -> None:
     w = World(1, domain=FakeDomain)
     w.iopt.map_user(w.proc, w.buffer, BUFFER_SIZE, None, RW)
-    assert errno_of(lambda: w.iopt.set_large_pages(False)) == errno.EINVAL
+    assert_errno(errno.EINVAL, lambda: w.iopt.set_large_pages(False))
     w.iopt.unmap_all()
     w.iopt.set_large_pages(False)
 
@@ -401,7 +390,7 @@ def test_map_pages_falls_back_to_a_map_per_page() -> None:
     assert calls == [("map", 0x10000, PAGE_SIZE), ("map", 0x11000, PAGE_SIZE)]
     calls.clear()
     calls.append(("map", 0, 0))  # the next map call is the third: it fails
-    assert errno_of(lambda: adapter.map_pages(0x20000, 0x60000, PAGE_SIZE, 4, RW)) == errno.ENOMEM
+    assert_errno(errno.ENOMEM, lambda: adapter.map_pages(0x20000, 0x60000, PAGE_SIZE, 4, RW))
     assert calls[1:] == [
         ("map", 0x20000, PAGE_SIZE),
         ("map", 0x21000, PAGE_SIZE),
@@ -428,11 +417,9 @@ def test_copy_sweep(w: World) -> None:
     w.iopt.map_user(w.proc, w.buffer, last_iova - MOCK_APERTURE_START + 1, MOCK_APERTURE_START, RW)
     for iova in range(MOCK_APERTURE_START - PAGE_SIZE, last_iova + 1, 511):
         if iova < MOCK_APERTURE_START or iova + MOCK_PAGE_SIZE - 1 > last_iova:
-            assert (
-                errno_of(
-                    lambda i=iova: dst.copy_from(w.iopt, i, MOCK_PAGE_SIZE, MOCK_APERTURE_START, RW)
-                )
-                == errno.ENOENT
+            assert_errno(
+                errno.ENOENT,
+                lambda i=iova: dst.copy_from(w.iopt, i, MOCK_PAGE_SIZE, MOCK_APERTURE_START, RW),
             )
         else:
             dst.copy_from(w.iopt, iova, MOCK_PAGE_SIZE, MOCK_APERTURE_START, RW)
@@ -449,10 +436,10 @@ def test_copy_errnos() -> None:
     src.map_user(w.proc, w.buffer, 4 * PAGE_SIZE, 0x10000, IOMMU_READ)
     src.map_user(w.proc, w.buffer, 4 * PAGE_SIZE, 0x14000, RW)  # adjacent: copy spans both
     dst = IoPagetable(w.memory)
-    assert errno_of(lambda: dst.copy_from(src, 0x10000, 0, None, RW)) == errno.EINVAL
-    assert errno_of(lambda: dst.copy_from(src, 0x18000, PAGE_SIZE, None, RW)) == errno.ENOENT
+    assert_errno(errno.EINVAL, lambda: dst.copy_from(src, 0x10000, 0, None, RW))
+    assert_errno(errno.ENOENT, lambda: dst.copy_from(src, 0x18000, PAGE_SIZE, None, RW))
     # Read-only pages cannot become writable through a copy
-    assert errno_of(lambda: dst.copy_from(src, 0x10000, 8 * PAGE_SIZE, None, RW)) == errno.EPERM
+    assert_errno(errno.EPERM, lambda: dst.copy_from(src, 0x10000, 8 * PAGE_SIZE, None, RW))
     iova = dst.copy_from(src, 0x12000, 4 * PAGE_SIZE, None, IOMMU_READ)
     assert [(a[0], a[1], a[4]) for a in dst.areas()] == [
         (iova, iova + 2 * PAGE_SIZE - 1, 2 * PAGE_SIZE),
@@ -461,9 +448,8 @@ def test_copy_errnos() -> None:
     # A 2 KiB-granule destination refuses a slice starting mid-granule
     dst2 = IoPagetable(w.memory)
     dst2.add_domain(mock_domain())
-    assert (
-        errno_of(lambda: dst2.copy_from(src, 0x10000 + 512, MOCK_PAGE_SIZE, None, IOMMU_READ))
-        == errno.EINVAL
+    assert_errno(
+        errno.EINVAL, lambda: dst2.copy_from(src, 0x10000 + 512, MOCK_PAGE_SIZE, None, IOMMU_READ)
     )
 
 
@@ -471,33 +457,27 @@ def test_check_iova_errnos() -> None:
     w = World(1)
     iopt, proc, buf = w.iopt, w.proc, w.buffer
     start = MOCK_APERTURE_START
-    assert errno_of(lambda: iopt.map_user(proc, buf, 0, start, RW)) == errno.EINVAL
-    assert errno_of(lambda: iopt.map_user(proc, buf, PAGE_SIZE, start + 1024, RW)) == errno.EINVAL
-    assert (
-        errno_of(lambda: iopt.map_user(proc, buf, PAGE_SIZE, ULONG_MAX - 2047, RW))
-        == errno.EOVERFLOW
-    )
-    assert errno_of(lambda: iopt.map_user(proc, buf, PAGE_SIZE, ULONG_MAX, RW)) == errno.EOVERFLOW
-    assert errno_of(lambda: iopt.map_user(proc, buf, PAGE_SIZE, 0, RW)) == errno.EINVAL  # reserved
-    assert errno_of(lambda: iopt.map_user(proc, buf, PAGE_SIZE, start, 0)) == errno.EINVAL
+    assert_errno(errno.EINVAL, lambda: iopt.map_user(proc, buf, 0, start, RW))
+    assert_errno(errno.EINVAL, lambda: iopt.map_user(proc, buf, PAGE_SIZE, start + 1024, RW))
+    assert_errno(errno.EOVERFLOW, lambda: iopt.map_user(proc, buf, PAGE_SIZE, ULONG_MAX - 2047, RW))
+    assert_errno(errno.EOVERFLOW, lambda: iopt.map_user(proc, buf, PAGE_SIZE, ULONG_MAX, RW))
+    assert_errno(errno.EINVAL, lambda: iopt.map_user(proc, buf, PAGE_SIZE, 0, RW))  # reserved
+    assert_errno(errno.EINVAL, lambda: iopt.map_user(proc, buf, PAGE_SIZE, start, 0))
     iopt.map_user(proc, buf, PAGE_SIZE, start, RW)
-    assert errno_of(lambda: iopt.map_user(proc, buf, PAGE_SIZE, start, RW)) == errno.EEXIST
-    assert errno_of(lambda: iopt.unmap(start, 0)) == errno.EINVAL
-    assert errno_of(lambda: iopt.unmap(ULONG_MAX, 1)) == errno.EOVERFLOW
-    assert errno_of(lambda: iopt.unmap(ULONG_MAX - 1, 3)) == errno.EOVERFLOW
-    assert errno_of(lambda: iopt.unmap(start + PAGE_SIZE, PAGE_SIZE)) == errno.ENOENT
+    assert_errno(errno.EEXIST, lambda: iopt.map_user(proc, buf, PAGE_SIZE, start, RW))
+    assert_errno(errno.EINVAL, lambda: iopt.unmap(start, 0))
+    assert_errno(errno.EOVERFLOW, lambda: iopt.unmap(ULONG_MAX, 1))
+    assert_errno(errno.EOVERFLOW, lambda: iopt.unmap(ULONG_MAX - 1, 3))
+    assert_errno(errno.ENOENT, lambda: iopt.unmap(start + PAGE_SIZE, PAGE_SIZE))
     # Sub-page source offset must respect the IOAS alignment
-    assert (
-        errno_of(lambda: iopt.map_user(proc, buf + 512, MOCK_PAGE_SIZE, start + PAGE_SIZE, RW))
-        == errno.EINVAL
+    assert_errno(
+        errno.EINVAL, lambda: iopt.map_user(proc, buf + 512, MOCK_PAGE_SIZE, start + PAGE_SIZE, RW)
     )
-    assert (
-        errno_of(lambda: iopt.map_user(proc, buf + 512, MOCK_PAGE_SIZE, None, RW)) == errno.EINVAL
-    )
+    assert_errno(errno.EINVAL, lambda: iopt.map_user(proc, buf + 512, MOCK_PAGE_SIZE, None, RW))
     # user VA + length wrapping the address space
-    assert (
-        errno_of(lambda: iopt.map_user(proc, ULONG_MAX - PAGE_SIZE + 1, 2 * PAGE_SIZE, None, RW))
-        == errno.EOVERFLOW
+    assert_errno(
+        errno.EOVERFLOW,
+        lambda: iopt.map_user(proc, ULONG_MAX - PAGE_SIZE + 1, 2 * PAGE_SIZE, None, RW),
     )
 
 
@@ -505,10 +485,8 @@ def test_auto_iova_enospc() -> None:
     w = World(0)
     w.iopt.set_allowed([(PAGE_SIZE, 4 * PAGE_SIZE - 1)])
     w.iopt.map_user(w.proc, w.buffer, 2 * PAGE_SIZE, None, RW)
-    assert (
-        errno_of(lambda: w.iopt.map_user(w.proc, w.buffer, 2 * PAGE_SIZE, None, RW)) == errno.ENOSPC
-    )
-    assert errno_of(lambda: w.iopt.map_user(w.proc, w.buffer, 1 << 63, None, RW)) == errno.EOVERFLOW
+    assert_errno(errno.ENOSPC, lambda: w.iopt.map_user(w.proc, w.buffer, 2 * PAGE_SIZE, None, RW))
+    assert_errno(errno.EOVERFLOW, lambda: w.iopt.map_user(w.proc, w.buffer, 1 << 63, None, RW))
 
 
 def test_auto_iova_follows_user_alignment() -> None:
@@ -551,7 +529,7 @@ def test_lazy_pin_then_efault_on_attach() -> None:
     w.proc.munmap(va, 4 * PAGE_SIZE)
     before = snapshot(w)
     d = FakeDomain(aperture_start=PAGE_SIZE)
-    assert errno_of(lambda: w.iopt.add_domain(d)) == errno.EFAULT
+    assert_errno(errno.EFAULT, lambda: w.iopt.add_domain(d))
     assert snapshot(w) == before and d.mapped_bytes() == 0 and not w.iopt.domains
     assert w.iopt.reserved() == []
 
@@ -561,7 +539,7 @@ def test_map_efault_half_way() -> None:
     buf = w.proc.mmap(8 * PAGE_SIZE)
     w.proc.munmap(buf + 4 * PAGE_SIZE, 4 * PAGE_SIZE)
     before = snapshot(w)
-    assert errno_of(lambda: w.iopt.map_user(w.proc, buf, 8 * PAGE_SIZE, None, RW)) == errno.EFAULT
+    assert_errno(errno.EFAULT, lambda: w.iopt.map_user(w.proc, buf, 8 * PAGE_SIZE, None, RW))
     assert snapshot(w) == before
 
 
@@ -575,9 +553,8 @@ def test_domain_map_failure_is_undone(fail_at: int) -> None:
     w.iopt.map_user(w.proc, w.buffer, PAGE_SIZE, 0x100000, RW)
     before = snapshot(w)
     d2.map_calls, d2.fail_at_call = 0, fail_at
-    assert (
-        errno_of(lambda: w.iopt.map_user(w.proc, w.buffer + PAGE_SIZE, 4 * PAGE_SIZE, None, RW))
-        == errno.ENOMEM
+    assert_errno(
+        errno.ENOMEM, lambda: w.iopt.map_user(w.proc, w.buffer + PAGE_SIZE, 4 * PAGE_SIZE, None, RW)
     )
     assert snapshot(w) == before
     d2.fail_at_call = None
@@ -586,7 +563,7 @@ def test_domain_map_failure_is_undone(fail_at: int) -> None:
     w.iopt.map_user(w.proc, w.buffer + PAGE_SIZE, 4 * PAGE_SIZE, 0x200000, RW)
     d3.fail_at_call = 1 + fail_at
     before = snapshot(w)
-    assert errno_of(lambda: w.iopt.add_domain(d3)) == errno.ENOMEM
+    assert_errno(errno.ENOMEM, lambda: w.iopt.add_domain(d3))
     assert snapshot(w) == before and d3.mapped_bytes() == 0 and w.iopt.reserved() == []
 
 
@@ -597,7 +574,7 @@ def test_first_domain_failure_unpins() -> None:
     before = snapshot(w)
     d = FakeDomain()
     d.fail_at_call = 2
-    assert errno_of(lambda: w.iopt.add_domain(d)) == errno.ENOMEM
+    assert_errno(errno.ENOMEM, lambda: w.iopt.add_domain(d))
     assert snapshot(w) == before and w.proc.locked_pages == 0 and d.mapped_bytes() == 0
 
 
@@ -605,26 +582,24 @@ def test_add_domain_constraints() -> None:
     w = World(0)
     w.iopt.map_user(w.proc, w.buffer, 3 * 1024, 0x10000, RW)  # byte granular, no domain
     before = snapshot(w)
-    assert errno_of(lambda: w.iopt.add_domain(mock_domain())) == errno.EADDRINUSE
-    assert errno_of(lambda: w.iopt.add_domain(FakeDomain(pgsize_bitmap=2 * PAGE_SIZE))) == (
-        errno.EINVAL
-    )
+    assert_errno(errno.EADDRINUSE, lambda: w.iopt.add_domain(mock_domain()))
+    assert_errno(errno.EINVAL, lambda: w.iopt.add_domain(FakeDomain(pgsize_bitmap=2 * PAGE_SIZE)))
     w.iopt.unmap_all()
     w.iopt.map_user(w.proc, w.buffer, PAGE_SIZE, 0x10000, RW)
     before = snapshot(w)
-    assert errno_of(lambda: w.iopt.add_domain(mock_domain())) == errno.EADDRINUSE  # aperture
+    assert_errno(errno.EADDRINUSE, lambda: w.iopt.add_domain(mock_domain()))  # aperture
     assert snapshot(w) == before and w.iopt.reserved() == []
     d = FakeDomain()
     w.iopt.add_domain(d)
-    assert errno_of(lambda: w.iopt.add_domain(d)) == errno.EEXIST
+    assert_errno(errno.EEXIST, lambda: w.iopt.add_domain(d))
     w.iopt.remove_domain(d)
-    assert errno_of(lambda: w.iopt.remove_domain(d)) == errno.ENOENT
+    assert_errno(errno.ENOENT, lambda: w.iopt.remove_domain(d))
 
 
 def test_reserve_conflicts() -> None:
     w = World(0)
     w.iopt.map_user(w.proc, w.buffer, PAGE_SIZE, 0x10000, RW)
-    assert errno_of(lambda: w.iopt.reserve("dev", 0x10FFF, 0x11FFF)) == errno.EADDRINUSE
+    assert_errno(errno.EADDRINUSE, lambda: w.iopt.reserve("dev", 0x10FFF, 0x11FFF))
     w.iopt.reserve("dev", 0x11000, 0x11FFF)
     w.iopt.reserve("dev2", 0x11800, 0x12FFF)  # reserved ranges may overlap
     w.iopt.unreserve_owner("dev")
@@ -716,7 +691,7 @@ def test_access_that_never_unpins_gets_edeadlk() -> None:
     w.iopt.map_user(w.proc, w.buffer, PAGE_SIZE * 2, MOCK_APERTURE_START + 2 * PAGE_SIZE, RW)
     acc.pin(MOCK_APERTURE_START + 2 * PAGE_SIZE, PAGE_SIZE)
     before = snapshot(w)
-    assert errno_of(lambda: w.iopt.unmap_all()) == errno.EDEADLK
+    assert_errno(errno.EDEADLK, lambda: w.iopt.unmap_all())
     assert snapshot(w) == before and len(acc.notified) == 101
     acc.pin(MOCK_APERTURE_START + 2 * PAGE_SIZE, PAGE_SIZE)  # prevent_access was cleared
     acc.unpin_all()
@@ -729,9 +704,9 @@ def test_locked_area_refuses_unmap() -> None:
     w.iopt.add_access(acc)
     w.iopt.map_user(w.proc, w.buffer, BUFFER_SIZE, MOCK_APERTURE_START, RW)
     w.iopt.access_pin(MOCK_APERTURE_START, PAGE_SIZE, True, lock=True)
-    assert errno_of(lambda: w.iopt.unmap(MOCK_APERTURE_START, BUFFER_SIZE)) == errno.EBUSY
+    assert_errno(errno.EBUSY, lambda: w.iopt.unmap(MOCK_APERTURE_START, BUFFER_SIZE))
     assert acc.notified == []
-    assert errno_of(lambda: w.iopt.access_unpin(MOCK_APERTURE_START, PAGE_SIZE)) == errno.EINVAL
+    assert_errno(errno.EINVAL, lambda: w.iopt.access_unpin(MOCK_APERTURE_START, PAGE_SIZE))
     w.iopt.access_unpin(MOCK_APERTURE_START, PAGE_SIZE, lock=True)
     assert w.iopt.unmap(MOCK_APERTURE_START, BUFFER_SIZE) == BUFFER_SIZE
 
@@ -742,14 +717,14 @@ def test_access_pin_errnos() -> None:
     iopt.map_user(w.proc, w.buffer, 4 * PAGE_SIZE, 0x10000, IOMMU_READ)
     iopt.map_user(w.proc, w.buffer + 0x800, 4 * PAGE_SIZE, 0x20000, RW)
     before = snapshot(w)
-    assert errno_of(lambda: iopt.access_pin(0x10000, 0, False)) == errno.EINVAL
-    assert errno_of(lambda: iopt.access_pin(ULONG_MAX, 2, False)) == errno.EOVERFLOW
-    assert errno_of(lambda: iopt.access_pin(0x10000, PAGE_SIZE, True)) == errno.EPERM
-    assert errno_of(lambda: iopt.access_pin(0x10800, PAGE_SIZE, False)) == errno.EINVAL
-    assert errno_of(lambda: iopt.access_pin(0x20000, PAGE_SIZE, False)) == errno.EINVAL
-    assert errno_of(lambda: iopt.access_pin(0x10000, 5 * PAGE_SIZE, False)) == errno.ENOENT
-    assert errno_of(lambda: iopt.access_pin(0x30000, PAGE_SIZE, False)) == errno.ENOENT
-    assert errno_of(lambda: iopt.access_unpin(0x10000, PAGE_SIZE)) == errno.EINVAL
+    assert_errno(errno.EINVAL, lambda: iopt.access_pin(0x10000, 0, False))
+    assert_errno(errno.EOVERFLOW, lambda: iopt.access_pin(ULONG_MAX, 2, False))
+    assert_errno(errno.EPERM, lambda: iopt.access_pin(0x10000, PAGE_SIZE, True))
+    assert_errno(errno.EINVAL, lambda: iopt.access_pin(0x10800, PAGE_SIZE, False))
+    assert_errno(errno.EINVAL, lambda: iopt.access_pin(0x20000, PAGE_SIZE, False))
+    assert_errno(errno.ENOENT, lambda: iopt.access_pin(0x10000, 5 * PAGE_SIZE, False))
+    assert_errno(errno.ENOENT, lambda: iopt.access_pin(0x30000, PAGE_SIZE, False))
+    assert_errno(errno.EINVAL, lambda: iopt.access_unpin(0x10000, PAGE_SIZE))
     assert snapshot(w) == before
     # Pins spanning two back-to-back areas
     iopt.map_user(w.proc, w.buffer + 4 * PAGE_SIZE, 4 * PAGE_SIZE, 0x14000, IOMMU_READ)
@@ -780,13 +755,13 @@ def test_access_rw_unaligned_and_errnos() -> None:
     assert w.iopt.access_rw(iova, BUFFER_SIZE, False) == w.proc.read(w.buffer, BUFFER_SIZE)
     w.iopt.map_user(w.proc, w.buffer, PAGE_SIZE, 0x100000, IOMMU_READ)
     before = snapshot(w)
-    assert errno_of(lambda: w.iopt.access_rw(0x100000, b"x", True)) == errno.EPERM
-    assert errno_of(lambda: w.iopt.access_rw(0x100000, 0, False)) == errno.EINVAL
-    assert errno_of(lambda: w.iopt.access_rw(0x100000, PAGE_SIZE + 1, False)) == errno.ENOENT
+    assert_errno(errno.EPERM, lambda: w.iopt.access_rw(0x100000, b"x", True))
+    assert_errno(errno.EINVAL, lambda: w.iopt.access_rw(0x100000, 0, False))
+    assert_errno(errno.ENOENT, lambda: w.iopt.access_rw(0x100000, PAGE_SIZE + 1, False))
     w.proc.munmap(w.buffer, BUFFER_SIZE)
     # Pages nobody pinned are resolved through the (now gone) mapping: EFAULT.
     in_use = w.memory.frames_in_use
-    assert errno_of(lambda: w.iopt.access_rw(iova, 8, False)) == errno.EFAULT
+    assert_errno(errno.EFAULT, lambda: w.iopt.access_rw(iova, 8, False))
     assert (w.memory.frames_in_use, w.proc.locked_pages) == (in_use, 0)
     assert [a[:3] for a in w.iopt.areas()] == [a[:3] for a in before[0]]  # type: ignore[index]
 
@@ -795,7 +770,7 @@ def test_access_alignment_conflict() -> None:
     w = World(0)
     w.iopt.map_user(w.proc, w.buffer + 0x800, PAGE_SIZE, 0x10000, RW)
     acc = FakeAccess(w.iopt)
-    assert errno_of(lambda: w.iopt.add_access(acc)) == errno.EADDRINUSE
+    assert_errno(errno.EADDRINUSE, lambda: w.iopt.add_access(acc))
     assert w.iopt.accesses == () and w.iopt.iova_alignment == 1
 
 
@@ -808,14 +783,14 @@ def test_pages_partial_pin_failure_is_undone() -> None:
     w.proc.munmap(va + 3 * PAGE_SIZE, PAGE_SIZE)
     p0 = w.frame(va)
     before = (w.memory.frame_refs(p0), w.proc.locked_pages, pages.npinned)
-    assert errno_of(lambda: pages.use(0, 3)) == errno.EFAULT  # index 0 pinned, then 3 fails
+    assert_errno(errno.EFAULT, lambda: pages.use(0, 3))  # index 0 pinned, then 3 fails
     assert (w.memory.frame_refs(p0), w.proc.locked_pages, pages.npinned) == before
     assert pages.use(0, 2)[1:] == pages.pfns(1, 2)
     pages.unuse(0, 2)
     pages.unuse(1, 2)
     assert pages.npinned == 0 and w.proc.locked_pages == 0
-    assert errno_of(lambda: pages.unuse(1, 1)) == errno.EINVAL
-    assert errno_of(lambda: pages.use(0, 4)) == errno.EINVAL
+    assert_errno(errno.EINVAL, lambda: pages.unuse(1, 1))
+    assert_errno(errno.EINVAL, lambda: pages.use(0, 4))
 
 
 # -- memfd ------------------------------------------------------------------------------
@@ -838,12 +813,11 @@ def test_map_file_and_change_process() -> None:
     assert other.locked_pages == 0 and w.memory.frame_refs(mf.pfn(1)) == 1
     # Beyond the end of the file: lazily accepted, refused when pinned.
     before = snapshot(w)
-    assert (
-        errno_of(lambda: w.iopt.map_file(mf, 6 * PAGE_SIZE, 4 * PAGE_SIZE, None, RW, w.proc))
-        == errno.EINVAL
+    assert_errno(
+        errno.EINVAL, lambda: w.iopt.map_file(mf, 6 * PAGE_SIZE, 4 * PAGE_SIZE, None, RW, w.proc)
     )
     assert snapshot(w) == before
-    assert errno_of(lambda: w.iopt.map_file(mf, 0, 0, None, RW, w.proc)) == errno.EINVAL
+    assert_errno(errno.EINVAL, lambda: w.iopt.map_file(mf, 0, 0, None, RW, w.proc))
     w.iopt.map_user(w.proc, w.buffer, PAGE_SIZE, None, RW)
     assert not w.iopt.all_areas_from_files()
 
@@ -891,13 +865,9 @@ class IoptMachine(RuleBasedStateMachine):
     def map_fixed(self, at: int, n: int, src: int) -> None:
         va = self.buf + src * PAGE_SIZE
         if self._overlapping(at, n):
-            assert (
-                errno_of(
-                    lambda: self.iopt.map_user(
-                        self.proc, va, n * PAGE_SIZE, BASE + at * PAGE_SIZE, RW
-                    )
-                )
-                == errno.EEXIST
+            assert_errno(
+                errno.EEXIST,
+                lambda: self.iopt.map_user(self.proc, va, n * PAGE_SIZE, BASE + at * PAGE_SIZE, RW),
             )
             return
         self.iopt.map_user(self.proc, va, n * PAGE_SIZE, BASE + at * PAGE_SIZE, RW)
@@ -923,9 +893,8 @@ class IoptMachine(RuleBasedStateMachine):
     def unmap(self, at: int, n: int) -> None:
         hit = self._overlapping(at, n)
         if not hit or any(a[0] < at or a[0] + a[1] > at + n for a in hit):
-            assert (
-                errno_of(lambda: self.iopt.unmap(BASE + at * PAGE_SIZE, n * PAGE_SIZE))
-                == errno.ENOENT
+            assert_errno(
+                errno.ENOENT, lambda: self.iopt.unmap(BASE + at * PAGE_SIZE, n * PAGE_SIZE)
             )
             return
         got = self.iopt.unmap(BASE + at * PAGE_SIZE, n * PAGE_SIZE)
@@ -938,23 +907,19 @@ class IoptMachine(RuleBasedStateMachine):
         pages = self._ref_pages()
         covered = all(src + k in pages for k in range(n))
         if not covered:
-            assert (
-                errno_of(
-                    lambda: self.iopt.copy_from(
-                        self.iopt, BASE + src * PAGE_SIZE, n * PAGE_SIZE, BASE + dst * PAGE_SIZE, RW
-                    )
-                )
-                == errno.ENOENT
+            assert_errno(
+                errno.ENOENT,
+                lambda: self.iopt.copy_from(
+                    self.iopt, BASE + src * PAGE_SIZE, n * PAGE_SIZE, BASE + dst * PAGE_SIZE, RW
+                ),
             )
             return
         if self._overlapping(dst, n):
-            assert (
-                errno_of(
-                    lambda: self.iopt.copy_from(
-                        self.iopt, BASE + src * PAGE_SIZE, n * PAGE_SIZE, BASE + dst * PAGE_SIZE, RW
-                    )
-                )
-                == errno.EEXIST
+            assert_errno(
+                errno.EEXIST,
+                lambda: self.iopt.copy_from(
+                    self.iopt, BASE + src * PAGE_SIZE, n * PAGE_SIZE, BASE + dst * PAGE_SIZE, RW
+                ),
             )
             return
         self.iopt.copy_from(
@@ -991,9 +956,9 @@ class IoptMachine(RuleBasedStateMachine):
                 self.proc.translate(self.buf + pages[at + k][0] * PAGE_SIZE) for k in range(n)
             ]
         else:
-            assert (
-                errno_of(lambda: self.iopt.access_pin(BASE + at * PAGE_SIZE, n * PAGE_SIZE, False))
-                == errno.ENOENT
+            assert_errno(
+                errno.ENOENT,
+                lambda: self.iopt.access_pin(BASE + at * PAGE_SIZE, n * PAGE_SIZE, False),
             )
 
     @precondition(lambda self: self.access.pins)

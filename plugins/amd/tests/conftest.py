@@ -6,7 +6,6 @@ here, on the :class:`AmdWorld` object the ``world`` fixture returns.
 
 from __future__ import annotations
 
-import errno
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +16,7 @@ from iommufd_amd.hw import AmdIommu
 
 import iommufd_model as im
 from iommufd_model import uapi as U
+from iommufd_model.testing import assert_errno
 from iommufd_model.uapi.codec import UStruct
 
 PAGE = 4096
@@ -76,13 +76,6 @@ class AmdWorld:
 
     def destroy(self, obj_id: int) -> None:
         self.fd.destroy(obj_id)
-
-    def errno_of(self, fn: Callable[[], object]) -> int:
-        try:
-            fn()
-        except OSError as exc:
-            return exc.errno or 0
-        return 0
 
     # -- hardware views ---------------------------------------------------------------------
     def events(self) -> list[Event]:
@@ -166,15 +159,6 @@ def guest_ram() -> type[GuestRam]:
     return GuestRam
 
 
-def expect_errno(code: int, fn: Callable[[], object]) -> None:
-    try:
-        fn()
-    except OSError as exc:
-        assert exc.errno == code, f"expected {errno.errorcode[code]}, got {exc}"
-        return
-    raise AssertionError(f"expected {errno.errorcode[code]}, call succeeded")
-
-
 @pytest.fixture
-def expect() -> Callable[[int, Callable[[], object]], None]:
-    return expect_errno
+def expect() -> Callable[..., int]:
+    return assert_errno

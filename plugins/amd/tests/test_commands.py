@@ -15,6 +15,7 @@ from iommufd_amd import events as E
 from iommufd_amd import regs as R
 
 import iommufd_model as im
+from iommufd_model.testing import assert_errno
 
 
 def test_builders_decode_to_what_they_say() -> None:
@@ -191,7 +192,7 @@ def test_prefetch_fills_the_iotlb_and_never_faults(world: Any) -> None:
         flags=U.IOMMU_HW_INFO_FLAG_INPUT_TYPE,
         data_type=U.IOMMU_HW_INFO_TYPE_INTEL_VTD,
     )
-    assert w.errno_of(lambda: w.ioctl(U.IOMMU_GET_HW_INFO, st)) == errno.EOPNOTSUPP
+    assert_errno(errno.EOPNOTSUPP, lambda: w.ioctl(U.IOMMU_GET_HW_INFO, st))
 
 
 def test_page_response_sends_complete_ppr_request(world: Any) -> None:

@@ -14,6 +14,7 @@ from iommufd_amd.dte import Dte
 
 import iommufd_model as im
 from iommufd_model import uapi as U
+from iommufd_model.testing import assert_errno
 
 PAGE = 4096
 GPA = 1 << 20  # guest RAM starts at 1 MiB
@@ -111,7 +112,7 @@ def test_gdomid_to_hdomid_mapping(world: Any, guest_ram: Any) -> None:
     # No nested domain straight on the nest parent: the AMD driver has no
     # iommu_ops.domain_alloc_nested (Linux 7.2), only the vIOMMU's.
     before = w.state()
-    assert w.errno_of(lambda: g.nested(pt=g.parent)) == errno.EOPNOTSUPP
+    assert_errno(errno.EOPNOTSUPP, lambda: g.nested(pt=g.parent))
     assert w.state() == before
 
 
@@ -134,14 +135,17 @@ def test_bad_guest_dte_is_refused_without_a_trace(
     w = world
     g = Guest(w, guest_ram)
     before = w.state()
-    assert w.errno_of(lambda: g.nested(data)) == code
+    assert_errno(code, lambda: g.nested(data))
     assert w.state() == before
     # a zero tail is fine; an unknown data type is not
     assert g.nested(gdte(g.gcr3) + bytes(8))
     before = w.state()
-    assert w.errno_of(lambda: w.hwpt(g.viommu, 0, U.IOMMU_HWPT_DATA_VTD_S1, gdte(g.gcr3))) in (
-        errno.EOPNOTSUPP,
-        errno.EINVAL,
+    assert_errno(
+        (
+            errno.EOPNOTSUPP,
+            errno.EINVAL,
+        ),
+        lambda: w.hwpt(g.viommu, 0, U.IOMMU_HWPT_DATA_VTD_S1, gdte(g.gcr3)),
     )
     assert w.state() == before
 
@@ -150,11 +154,9 @@ def test_nested_needs_a_nest_parent_and_an_amd_viommu(world: Any, guest_ram: Any
     w = world
     g = Guest(w, guest_ram)
     plain = w.hwpt(g.ioas)
-    assert w.errno_of(lambda: g.nested(pt=plain)) == errno.EINVAL
-    assert w.errno_of(lambda: w.viommu(plain)) == errno.EINVAL
-    assert w.errno_of(lambda: w.viommu(g.parent, U.IOMMU_VIOMMU_TYPE_ARM_SMMUV3)) == (
-        errno.EOPNOTSUPP
-    )
+    assert_errno(errno.EINVAL, lambda: g.nested(pt=plain))
+    assert_errno(errno.EINVAL, lambda: w.viommu(plain))
+    assert_errno(errno.EOPNOTSUPP, lambda: w.viommu(g.parent, U.IOMMU_VIOMMU_TYPE_ARM_SMMUV3))
 
 
 def test_malformed_guest_structures_fault_cleanly(world: Any, guest_ram: Any) -> None:

@@ -12,6 +12,7 @@ from iommufd_amd import regs as R
 
 import iommufd_model as im
 from iommufd_model import uapi as U
+from iommufd_model.testing import assert_errno
 
 PAGE = 4096
 IOVA = 1 << 30
@@ -136,12 +137,10 @@ def test_paging_flag_combinations(make_world: Any) -> None:
         U.IOMMU_HWPT_ALLOC_PASID | U.IOMMU_HWPT_ALLOC_DIRTY_TRACKING,
         U.IOMMU_HWPT_ALLOC_PASID | U.IOMMU_HWPT_ALLOC_NEST_PARENT,
     ):
-        assert w.errno_of(lambda f=flags: w.hwpt(ioas, f)) == errno.EOPNOTSUPP
+        assert_errno(errno.EOPNOTSUPP, lambda f=flags: w.hwpt(ioas, f))
     w2 = make_world({"hd": False})
     ioas2 = w2.ioas()
-    assert w2.errno_of(lambda: w2.hwpt(ioas2, U.IOMMU_HWPT_ALLOC_DIRTY_TRACKING)) == (
-        errno.EOPNOTSUPP
-    )
+    assert_errno(errno.EOPNOTSUPP, lambda: w2.hwpt(ioas2, U.IOMMU_HWPT_ALLOC_DIRTY_TRACKING))
     assert w2.hwpt(ioas2, U.IOMMU_HWPT_ALLOC_NEST_PARENT)
     with pytest.raises(OSError) as exc:
         im.Machine.build(iommus=["amd"], options={"amd": {"bogus": 1}})
@@ -187,7 +186,7 @@ def test_dirty_tracking_through_the_host_dirty_bit(world: Any) -> None:
     w.dev.dma_write(IOVA, b"z")
     w.ioctl(U.IOMMU_HWPT_SET_DIRTY_TRACKING, U.IommuHwptSetDirtyTracking(hwpt_id=hwpt))
     assert w.kernel.read_dte(w.dev.rid).had == 0
-    assert w.errno_of(bitmap) == errno.EINVAL  # amd_iommu_read_and_clear_dirty()
+    assert_errno(errno.EINVAL, bitmap)  # amd_iommu_read_and_clear_dirty()
     w.ioctl(
         U.IOMMU_HWPT_SET_DIRTY_TRACKING,
         U.IommuHwptSetDirtyTracking(hwpt_id=hwpt, flags=U.IOMMU_HWPT_DIRTY_TRACKING_ENABLE),

@@ -43,14 +43,6 @@ class World:
         self.fd.ioctl(cmd, buf)
         return type(st).unpack(buf)
 
-    def errno_of(self, fn: Callable[[], object]) -> int:
-        try:
-            fn()
-        except OSError as exc:
-            assert exc.errno is not None
-            return exc.errno
-        return 0
-
     # The commands themselves go through the fd's typed layer (the same dispatcher).
     def ioas(self) -> int:
         return self.fd.ioas_alloc()
