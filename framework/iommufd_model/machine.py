@@ -18,7 +18,14 @@ DEFAULT_MEMORY = 1 << 36  # 64 GiB of sparse physical memory
 
 @serialized(unlocked=("hooks",))
 class Machine:
-    """Everything below the uAPI. Build one with :meth:`build`."""
+    """Everything below the uAPI. Build one with :meth:`build`.
+
+    Attributes:
+        memory: the sparse :class:`~iommufd_model.hw.memory.PhysicalMemory` of the machine.
+        registry: the driver plugins IOMMU instances are probed from.
+        iommus: the IOMMU hardware instances, in probe order (``add_pci_device(iommu=i)``).
+        processes: every process :meth:`new_process` created.
+    """
 
     def __init__(
         self, memory_size: int = DEFAULT_MEMORY, registry: DriverRegistry | None = None

@@ -102,7 +102,25 @@ def _load_handlers() -> None:
 
 @serialized()
 class IommuFd(TypedCalls):
-    """One iommufd context (``struct iommufd_ctx``): the object table and its ioctls."""
+    """One iommufd context (``struct iommufd_ctx``): the object table and its ioctls.
+
+    Every command is a typed method (``ioas_alloc``, ``ioas_map``, ``hwpt_alloc``,
+    ``viommu_alloc`` ... from :class:`~iommufd_model.core.typed.TypedCalls`) over
+    :meth:`ioctl`, which takes the uAPI's bytes as ``ioctl(2)`` on ``/dev/iommu`` does.
+    :meth:`bind`, :meth:`attach` and :meth:`detach` are the VFIO device side.
+
+    Attributes:
+        machine: the :class:`~iommufd_model.machine.Machine` the fd belongs to.
+        proc: the process that opened it (user pointers are its addresses).
+        fd: the file descriptor number in ``proc`` (-1 until installed).
+        objects: the object table (``struct xarray objects``), by id.
+        mmaps: regions drivers expose through ``mmap()`` of the fd.
+        vfio_ioas: the IOAS the VFIO container compatibility layer uses, if any.
+        account_mode: IOMMU_OPTION_RLIMIT_MODE, 0 per user, 1 per process.
+        closed: the context was released (every later call is EBADF).
+        file_refs: references FAULT / vEVENTQ fds hold on this file.
+        internal_errors: model bugs turned into EIO (outside strict mode); stays empty.
+    """
 
     def __init__(self, machine: Machine, proc: Process) -> None:
         _load_handlers()
@@ -213,6 +231,7 @@ class IommuFd(TypedCalls):
         self._guard(lambda: device_detach(self.device(dev_id), pasid))
 
     def device(self, dev_id: int) -> Device:
+        """The bound device object ``dev_id`` (ENOENT if there is none)."""
         from iommufd_model.core.device import Device
 
         # VFIO holds the iommufd_device itself: no iommufd_get_object(), nothing to inject.
@@ -268,6 +287,7 @@ class IommuFd(TypedCalls):
         self.proc.close(self.fd)
 
     def destroy_object(self, obj: IommufdObject) -> None:
+        """Remove ``obj`` from the table as IOMMU_DESTROY does (the core's own teardowns)."""
         if self.vfio_ioas is obj:
             self.vfio_ioas = None
         self.objects.destroy_by_id(obj.id)

@@ -28,6 +28,8 @@ S = TypeVar("S", bound=UStruct)
 
 @attrs.define
 class HwInfoReply:
+    """What :meth:`TypedCalls.hw_info` returns: IOMMU_GET_HW_INFO's outputs."""
+
     data_type: int
     data: bytes
     capabilities: int
@@ -35,7 +37,8 @@ class HwInfoReply:
 
 
 class TypedCalls:
-    """Mixed into :class:`~iommufd_model.core.main.IommuFd`."""
+    """One method per iommufd command, mixed into :class:`~iommufd_model.core.main.IommuFd`:
+    each packs the uAPI record, goes through :meth:`ioctl` and returns the outputs."""
 
     proc: Process
 
@@ -68,11 +71,15 @@ class TypedCalls:
 
     # -- IOAS ---------------------------------------------------------------------------------
     def ioas_alloc(self) -> int:
+        """IOMMU_IOAS_ALLOC: a new, empty IOAS; returns its id."""
         return int(self.call(U.IOMMU_IOAS_ALLOC, U.IommuIoasAlloc()).out_ioas_id)
 
     def ioas_map(
         self, ioas_id: int, user_va: int, length: int, *, iova: int | None = None, flags: int = RW
     ) -> int:
+        """IOMMU_IOAS_MAP of ``length`` bytes at the caller's ``user_va`` (``flags``: READABLE,
+        WRITEABLE); at ``iova`` when given (FIXED_IOVA), else where the kernel picks. Returns
+        the IOVA."""
         if iova is not None:
             flags |= U.IOMMU_IOAS_MAP_FIXED_IOVA
         st = U.IommuIoasMap(
@@ -84,6 +91,8 @@ class TypedCalls:
         self, ioas_id: int, mfd: int, start: int, length: int, *, iova: int | None = None,
         flags: int = RW,
     ) -> int:  # fmt: skip
+        """IOMMU_IOAS_MAP_FILE: ``length`` bytes of memfd ``mfd`` from offset ``start``, as
+        :meth:`ioas_map`. Returns the IOVA."""
         if iova is not None:
             flags |= U.IOMMU_IOAS_MAP_FIXED_IOVA
         st = U.IommuIoasMapFile(
@@ -95,6 +104,8 @@ class TypedCalls:
         self, dst_ioas_id: int, src_ioas_id: int, src_iova: int, length: int, *,
         dst_iova: int | None = None, flags: int = RW,
     ) -> int:  # fmt: skip
+        """IOMMU_IOAS_COPY: map into ``dst_ioas_id`` what ``src_iova`` .. ``+ length`` maps in
+        ``src_ioas_id`` (the same pinned pages). Returns the destination IOVA."""
         if dst_iova is not None:
             flags |= U.IOMMU_IOAS_MAP_FIXED_IOVA
         st = U.IommuIoasCopy(
@@ -104,10 +115,13 @@ class TypedCalls:
         return int(self.call(U.IOMMU_IOAS_COPY, st).dst_iova)
 
     def ioas_unmap(self, ioas_id: int, iova: int, length: int) -> int:
+        """IOMMU_IOAS_UNMAP of the whole areas inside ``iova`` .. ``iova + length - 1``; returns
+        the bytes unmapped (ENOENT if that would split an area)."""
         st = U.IommuIoasUnmap(ioas_id=ioas_id, iova=iova, length=length)
         return int(self.call(U.IOMMU_IOAS_UNMAP, st).length)
 
     def ioas_unmap_all(self, ioas_id: int) -> int:
+        """IOMMU_IOAS_UNMAP of everything (``iova=0, length=U64_MAX``); returns the bytes."""
         return self.ioas_unmap(ioas_id, 0, U.U64_MAX)
 
     def ioas_iova_ranges(self, ioas_id: int) -> tuple[list[tuple[int, int]], int]:
@@ -133,12 +147,15 @@ class TypedCalls:
         return ranges, int(reply.out_iova_alignment)
 
     def ioas_allow_iovas(self, ioas_id: int, ranges: Sequence[tuple[int, int]]) -> None:
+        """IOMMU_IOAS_ALLOW_IOVAS: automatic IOVAs only inside ``ranges`` (inclusive pairs)."""
         blob = b"".join(U.IommuIovaRange(s, last).pack() for s, last in ranges)
         with self._user(blob) as va:
             st = U.IommuIoasAllowIovas(ioas_id=ioas_id, num_iovas=len(ranges), allowed_iovas=va)
             self.call(U.IOMMU_IOAS_ALLOW_IOVAS, st)
 
     def option(self, option_id: int, op: int, *, object_id: int = 0, val64: int = 0) -> int:
+        """IOMMU_OPTION: set or get (``op``) ``option_id`` globally or on ``object_id``;
+        returns ``val64`` as the kernel left it."""
         st = U.IommuOption(option_id=option_id, op=op, object_id=object_id, val64=val64)
         return int(self.call(U.IOMMU_OPTION, st).val64)
 
@@ -147,6 +164,9 @@ class TypedCalls:
         self, dev_id: int, pt_id: int, *, flags: int = 0, data_type: int = 0,
         data: bytes = b"", fault_id: int | None = None,
     ) -> int:  # fmt: skip
+        """IOMMU_HWPT_ALLOC for ``dev_id`` on ``pt_id``: a paging HWPT on an IOAS (``flags``:
+        NEST_PARENT, DIRTY_TRACKING, PASID), or a nested one on a nest parent or vIOMMU from
+        vendor ``data`` of ``data_type``. Returns the HWPT id."""
         if fault_id is not None:
             flags |= U.IOMMU_HWPT_FAULT_ID_VALID
         with self._user(data) as va:
@@ -159,6 +179,8 @@ class TypedCalls:
     def hw_info(
         self, dev_id: int, *, data_type: int | None = None, data_len: int = 256
     ) -> HwInfoReply:
+        """IOMMU_GET_HW_INFO for ``dev_id``: the vendor data of ``data_type`` (0: the driver's
+        default), its capabilities and max PASID width."""
         flags = U.IOMMU_HW_INFO_FLAG_INPUT_TYPE if data_type is not None else 0
         with self._user(data_len) as va:
             st = U.IommuHwInfo(
@@ -171,6 +193,7 @@ class TypedCalls:
         return HwInfoReply(r.data_type, data, r.out_capabilities, r.out_max_pasid_log2)
 
     def hwpt_set_dirty_tracking(self, hwpt_id: int, enable: bool) -> None:
+        """IOMMU_HWPT_SET_DIRTY_TRACKING: start or stop dirty tracking on ``hwpt_id``."""
         flags = U.IOMMU_HWPT_DIRTY_TRACKING_ENABLE if enable else 0
         self.call(
             U.IOMMU_HWPT_SET_DIRTY_TRACKING,
@@ -220,10 +243,13 @@ class TypedCalls:
 
     # -- vIOMMU and queues --------------------------------------------------------------------
     def fault_queue_alloc(self) -> tuple[int, int]:
+        """IOMMU_FAULT_QUEUE_ALLOC: ``(fault object id, fault fd)``."""
         r = self.call(U.IOMMU_FAULT_QUEUE_ALLOC, U.IommuFaultAlloc())
         return r.out_fault_id, r.out_fault_fd
 
     def viommu_alloc(self, dev_id: int, hwpt_id: int, viommu_type: int, data: bytes = b"") -> int:
+        """IOMMU_VIOMMU_ALLOC of ``viommu_type`` for ``dev_id`` over nest parent ``hwpt_id``,
+        with the type's ``data``; returns the vIOMMU id."""
         return self.viommu_alloc_data(dev_id, hwpt_id, viommu_type, data)[0]
 
     def viommu_alloc_data(
@@ -238,10 +264,13 @@ class TypedCalls:
             return viommu_id, self.proc.read(va, len(data)) if data else b""
 
     def vdevice_alloc(self, viommu_id: int, dev_id: int, virt_id: int) -> int:
+        """IOMMU_VDEVICE_ALLOC: ``dev_id`` inside ``viommu_id`` as guest ID ``virt_id``;
+        returns the vDEVICE id."""
         st = U.IommuVdeviceAlloc(viommu_id=viommu_id, dev_id=dev_id, virt_id=virt_id)
         return int(self.call(U.IOMMU_VDEVICE_ALLOC, st).out_vdevice_id)
 
     def veventq_alloc(self, viommu_id: int, veventq_type: int, depth: int) -> tuple[int, int]:
+        """IOMMU_VEVENTQ_ALLOC on ``viommu_id``: ``(vEVENTQ id, its fd)``."""
         st = U.IommuVeventqAlloc(viommu_id=viommu_id, type=veventq_type, veventq_depth=depth)
         r = self.call(U.IOMMU_VEVENTQ_ALLOC, st)
         return r.out_veventq_id, r.out_veventq_fd
@@ -249,6 +278,8 @@ class TypedCalls:
     def hw_queue_alloc(
         self, viommu_id: int, queue_type: int, index: int, iova: int, length: int
     ) -> int:
+        """IOMMU_HW_QUEUE_ALLOC: a HW queue the hardware reads from guest memory; returns
+        its id."""
         st = U.IommuHwQueueAlloc(
             viommu_id=viommu_id, type=queue_type, index=index, nesting_parent_iova=iova,
             length=length,
@@ -256,4 +287,5 @@ class TypedCalls:
         return int(self.call(U.IOMMU_HW_QUEUE_ALLOC, st).out_hw_queue_id)
 
     def destroy(self, obj_id: int) -> None:
+        """IOMMU_DESTROY of object ``obj_id`` (EBUSY while in use, ENOENT if gone)."""
         self.call(U.IOMMU_DESTROY, U.IommuDestroy(id=obj_id))

@@ -173,6 +173,9 @@ IOMMU_HW_QUEUE_TYPE_AMD_VIOMMU = IOMMU_HW_QUEUE_TYPE_AMD_CMD
 @ustruct
 @attrs.define
 class IommuDestroy(UStruct):
+    """``struct iommu_destroy`` (IOMMU_DESTROY): destroy the object ``id`` of any type; EBUSY while
+    something still uses it."""
+
     size: int = u32()
     id: int = u32()
 
@@ -180,6 +183,9 @@ class IommuDestroy(UStruct):
 @ustruct
 @attrs.define
 class IommuIoasAlloc(UStruct):
+    """``struct iommu_ioas_alloc`` (IOMMU_IOAS_ALLOC): a new, empty I/O address space; its id
+    comes back in ``out_ioas_id``."""
+
     size: int = u32()
     flags: int = u32()
     out_ioas_id: int = u32()
@@ -188,6 +194,9 @@ class IommuIoasAlloc(UStruct):
 @ustruct
 @attrs.define
 class IommuIovaRange(UStruct):
+    """``struct iommu_iova_range``: one inclusive IOVA range ``[start, last]``, the element of
+    the ``allowed_iovas`` arrays."""
+
     start: int = u64()
     last: int = u64()
 
@@ -195,6 +204,10 @@ class IommuIovaRange(UStruct):
 @ustruct
 @attrs.define
 class IommuIoasIovaRanges(UStruct):
+    """``struct iommu_ioas_iova_ranges`` (IOMMU_IOAS_IOVA_RANGES): the IOVA ranges the IOAS can
+    map, written to the user array ``allowed_iovas`` of ``num_iovas`` entries (EMSGSIZE and
+    the needed count when it is too small), with the required ``out_iova_alignment``."""
+
     size: int = u32()
     ioas_id: int = u32()
     num_iovas: int = u32()
@@ -206,6 +219,9 @@ class IommuIoasIovaRanges(UStruct):
 @ustruct
 @attrs.define
 class IommuIoasAllowIovas(UStruct):
+    """``struct iommu_ioas_allow_iovas`` (IOMMU_IOAS_ALLOW_IOVAS): restrict automatic IOVA
+    allocation to the ``num_iovas`` ranges at user address ``allowed_iovas``."""
+
     size: int = u32()
     ioas_id: int = u32()
     num_iovas: int = u32()
@@ -216,6 +232,10 @@ class IommuIoasAllowIovas(UStruct):
 @ustruct
 @attrs.define
 class IommuIoasMap(UStruct):
+    """``struct iommu_ioas_map`` (IOMMU_IOAS_MAP): map ``length`` bytes of the caller's memory at
+    ``user_va`` into IOAS ``ioas_id``; ``flags`` READABLE / WRITEABLE give the permissions,
+    FIXED_IOVA takes ``iova`` as given, otherwise the kernel picks it and returns it there."""
+
     size: int = u32()
     flags: int = u32()
     ioas_id: int = u32()
@@ -228,6 +248,9 @@ class IommuIoasMap(UStruct):
 @ustruct
 @attrs.define
 class IommuIoasMapFile(UStruct):
+    """``struct iommu_ioas_map_file`` (IOMMU_IOAS_MAP_FILE): like IOMMU_IOAS_MAP, the pages
+    being ``length`` bytes of the memfd ``fd`` from offset ``start``."""
+
     size: int = u32()
     flags: int = u32()
     ioas_id: int = u32()
@@ -240,6 +263,10 @@ class IommuIoasMapFile(UStruct):
 @ustruct
 @attrs.define
 class IommuIoasCopy(UStruct):
+    """``struct iommu_ioas_copy`` (IOMMU_IOAS_COPY): map into ``dst_ioas_id`` the pages that
+    ``src_iova`` .. ``src_iova + length`` of ``src_ioas_id`` map (the same pins);
+    ``dst_iova`` is in/out as ``iova`` of IOMMU_IOAS_MAP."""
+
     size: int = u32()
     flags: int = u32()
     dst_ioas_id: int = u32()
@@ -252,6 +279,10 @@ class IommuIoasCopy(UStruct):
 @ustruct
 @attrs.define
 class IommuIoasUnmap(UStruct):
+    """``struct iommu_ioas_unmap`` (IOMMU_IOAS_UNMAP): unmap whole areas inside ``iova`` ..
+    ``iova + length - 1`` (``iova=0, length=U64_MAX``: everything); ``length`` returns the
+    bytes unmapped."""
+
     size: int = u32()
     ioas_id: int = u32()
     iova: int = u64()
@@ -261,6 +292,9 @@ class IommuIoasUnmap(UStruct):
 @ustruct
 @attrs.define
 class IommuOption(UStruct):
+    """``struct iommu_option`` (IOMMU_OPTION): set or get (``op``) option ``option_id``
+    (RLIMIT_MODE, HUGE_PAGES) globally or on object ``object_id``; the value is ``val64``."""
+
     size: int = u32()
     option_id: int = u32()
     op: int = u16()
@@ -272,6 +306,9 @@ class IommuOption(UStruct):
 @ustruct
 @attrs.define
 class IommuVfioIoas(UStruct):
+    """``struct iommu_vfio_ioas`` (IOMMU_VFIO_IOAS): get, set or clear (``op``) the IOAS the
+    VFIO container compatibility layer uses."""
+
     size: int = u32()
     ioas_id: int = u32()
     op: int = u16()
@@ -281,6 +318,9 @@ class IommuVfioIoas(UStruct):
 @ustruct
 @attrs.define
 class IommuHwptVtdS1(UStruct):
+    """``struct iommu_hwpt_vtd_s1`` (IOMMU_HWPT_DATA_VTD_S1): a VT-d guest first-stage table
+    (``pgtbl_addr``, ``addr_width``, SRE/WPE/EAFE ``flags``) for a nested HWPT."""
+
     flags: int = u64()
     pgtbl_addr: int = u64()
     addr_width: int = u32()
@@ -290,6 +330,9 @@ class IommuHwptVtdS1(UStruct):
 @ustruct
 @attrs.define
 class IommuHwptArmSmmuv3(UStruct):
+    """``struct iommu_hwpt_arm_smmuv3`` (IOMMU_HWPT_DATA_ARM_SMMUV3): the guest's STE words 0
+    and 1 for a nested HWPT."""
+
     ste0: int = u64()
     ste1: int = u64()
 
@@ -297,6 +340,9 @@ class IommuHwptArmSmmuv3(UStruct):
 @ustruct
 @attrs.define
 class IommuHwptAmdGuest(UStruct):
+    """``struct iommu_hwpt_amd_guest`` (IOMMU_HWPT_DATA_AMD_GUEST): the guest's 256-bit DTE
+    (``dte0`` .. ``dte3``) for a nested HWPT."""
+
     dte0: int = u64()
     dte1: int = u64()
     dte2: int = u64()
@@ -306,6 +352,12 @@ class IommuHwptAmdGuest(UStruct):
 @ustruct
 @attrs.define
 class IommuHwptAlloc(UStruct):
+    """``struct iommu_hwpt_alloc`` (IOMMU_HWPT_ALLOC): a HWPT for device ``dev_id`` on ``pt_id``
+    (an IOAS: a paging HWPT, ``flags`` NEST_PARENT / DIRTY_TRACKING / PASID; a nest parent
+    or vIOMMU: a nested HWPT from ``data_type`` vendor data of ``data_len`` bytes at
+    ``data_uptr``); ``fault_id`` attaches a fault queue (FAULT_ID_VALID). The id comes back
+    in ``out_hwpt_id``."""
+
     size: int = u32()
     flags: int = u32()
     dev_id: int = u32()
@@ -322,6 +374,9 @@ class IommuHwptAlloc(UStruct):
 @ustruct
 @attrs.define
 class IommuHwInfoVtd(UStruct):
+    """``struct iommu_hw_info_vtd`` (IOMMU_HW_INFO_TYPE_INTEL_VTD): the VT-d ``cap_reg`` and
+    ``ecap_reg`` values a VMM exposes to the guest."""
+
     flags: int = u32()
     reserved: int = u32()
     cap_reg: int = u64()
@@ -331,6 +386,9 @@ class IommuHwInfoVtd(UStruct):
 @ustruct
 @attrs.define
 class IommuHwInfoArmSmmuv3(UStruct):
+    """``struct iommu_hw_info_arm_smmuv3`` (IOMMU_HW_INFO_TYPE_ARM_SMMUV3): the SMMU's ID
+    registers IDR0-5, IIDR and AIDR."""
+
     flags: int = u32()
     reserved: int = u32()
     idr0: int = u32()
@@ -346,6 +404,9 @@ class IommuHwInfoArmSmmuv3(UStruct):
 @ustruct
 @attrs.define
 class IommuHwInfoTegra241Cmdqv(UStruct):
+    """``struct iommu_hw_info_tegra241_cmdqv`` (IOMMU_HW_INFO_TYPE_TEGRA241_CMDQV): the CMDQV
+    ``version`` and the log2 counts of VCMDQs and SIDs per VINTF."""
+
     flags: int = u32()
     version: int = u8()
     log2vcmdqs: int = u8()
@@ -356,6 +417,9 @@ class IommuHwInfoTegra241Cmdqv(UStruct):
 @ustruct
 @attrs.define
 class IommuHwInfoAmd(UStruct):
+    """``struct iommu_hw_info_amd`` (IOMMU_HW_INFO_TYPE_AMD): the IOMMU's extended feature
+    registers EFR and EFR2."""
+
     efr: int = u64()
     efr2: int = u64()
 
@@ -363,6 +427,10 @@ class IommuHwInfoAmd(UStruct):
 @ustruct
 @attrs.define
 class IommuHwInfo(UStruct):
+    """``struct iommu_hw_info`` (IOMMU_GET_HW_INFO): the vendor data of ``data_type`` for device
+    ``dev_id``, written to ``data_uptr`` (at most ``data_len`` bytes; the full length and
+    type come back), with ``out_capabilities`` and ``out_max_pasid_log2``."""
+
     size: int = u32()
     flags: int = u32()
     dev_id: int = u32()
@@ -377,6 +445,9 @@ class IommuHwInfo(UStruct):
 @ustruct
 @attrs.define
 class IommuHwptSetDirtyTracking(UStruct):
+    """``struct iommu_hwpt_set_dirty_tracking`` (IOMMU_HWPT_SET_DIRTY_TRACKING): start or
+    stop (``flags`` ENABLE) dirty tracking on paging HWPT ``hwpt_id``."""
+
     size: int = u32()
     flags: int = u32()
     hwpt_id: int = u32()
@@ -386,6 +457,10 @@ class IommuHwptSetDirtyTracking(UStruct):
 @ustruct
 @attrs.define
 class IommuHwptGetDirtyBitmap(UStruct):
+    """``struct iommu_hwpt_get_dirty_bitmap`` (IOMMU_HWPT_GET_DIRTY_BITMAP): a bit per
+    ``page_size`` page of ``iova`` .. ``iova + length`` set in the user bitmap at ``data``
+    where the hardware saw a write (cleared unless ``flags`` NO_CLEAR)."""
+
     size: int = u32()
     hwpt_id: int = u32()
     flags: int = u32()
@@ -399,6 +474,9 @@ class IommuHwptGetDirtyBitmap(UStruct):
 @ustruct
 @attrs.define
 class IommuHwptVtdS1Invalidate(UStruct):
+    """``struct iommu_hwpt_vtd_s1_invalidate`` (IOMMU_HWPT_INVALIDATE_DATA_VTD_S1): flush
+    ``npages`` from ``addr`` (``U64_MAX`` pages: all) of a nested HWPT's first stage."""
+
     addr: int = u64()
     npages: int = u64()
     flags: int = u32()
@@ -408,6 +486,9 @@ class IommuHwptVtdS1Invalidate(UStruct):
 @ustruct
 @attrs.define
 class IommuViommuArmSmmuv3Invalidate(UStruct):
+    """``struct iommu_viommu_arm_smmuv3_invalidate`` (IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3):
+    one guest CMDQ command, ``cmd0`` and ``cmd1``, for the vIOMMU to execute."""
+
     cmd0: int = u64()
     cmd1: int = u64()
 
@@ -415,6 +496,10 @@ class IommuViommuArmSmmuv3Invalidate(UStruct):
 @ustruct
 @attrs.define
 class IommuHwptInvalidate(UStruct):
+    """``struct iommu_hwpt_invalidate`` (IOMMU_HWPT_INVALIDATE): ``entry_num`` entries of
+    ``entry_len`` bytes and type ``data_type`` at ``data_uptr`` for a nested HWPT or a vIOMMU
+    ``hwpt_id``; ``entry_num`` returns how many were handled."""
+
     size: int = u32()
     hwpt_id: int = u32()
     data_uptr: int = u64()
@@ -427,6 +512,9 @@ class IommuHwptInvalidate(UStruct):
 @ustruct
 @attrs.define
 class IommuHwptPgfault(UStruct):
+    """``struct iommu_hwpt_pgfault``: one I/O page fault read from a fault queue fd (device,
+    PASID, page request group, permissions, address, and the ``cookie`` to respond with)."""
+
     flags: int = u32()
     dev_id: int = u32()
     pasid: int = u32()
@@ -441,6 +529,9 @@ class IommuHwptPgfault(UStruct):
 @ustruct
 @attrs.define
 class IommuHwptPageResponse(UStruct):
+    """``struct iommu_hwpt_page_response``: written to a fault queue fd to answer the fault
+    group ``cookie`` with ``code`` (SUCCESS or INVALID)."""
+
     cookie: int = u32()
     code: int = u32()
 
@@ -448,6 +539,9 @@ class IommuHwptPageResponse(UStruct):
 @ustruct
 @attrs.define
 class IommuFaultAlloc(UStruct):
+    """``struct iommu_fault_alloc`` (IOMMU_FAULT_QUEUE_ALLOC): a fault queue object
+    (``out_fault_id``) and the fd that reads its faults (``out_fault_fd``)."""
+
     size: int = u32()
     flags: int = u32()
     out_fault_id: int = u32()
@@ -457,6 +551,9 @@ class IommuFaultAlloc(UStruct):
 @ustruct
 @attrs.define
 class IommuViommuTegra241Cmdqv(UStruct):
+    """``struct iommu_viommu_tegra241_cmdqv`` (IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV data): where to
+    mmap the VINTF page from the iommufd (``out_vintf_mmap_offset`` / ``_length``)."""
+
     out_vintf_mmap_offset: int = u64()
     out_vintf_mmap_length: int = u64()
 
@@ -467,6 +564,9 @@ class IommuViommuTegra241Cmdqv(UStruct):
 @ustruct
 @attrs.define
 class IommuViommuAmd(UStruct):
+    """The AMD HW-vIOMMU's vIOMMU data (AMD's tree; the model's layout): where to mmap the
+    guest's VF MMIO page from the iommufd (``out_vfmmio_mmap_offset`` / ``_length``)."""
+
     out_vfmmio_mmap_offset: int = u64()
     out_vfmmio_mmap_length: int = u64()
 
@@ -474,6 +574,10 @@ class IommuViommuAmd(UStruct):
 @ustruct
 @attrs.define
 class IommuViommuAlloc(UStruct):
+    """``struct iommu_viommu_alloc`` (IOMMU_VIOMMU_ALLOC): a vIOMMU of ``type`` for device
+    ``dev_id`` over nest parent ``hwpt_id``, with ``data_len`` bytes of type data at
+    ``data_uptr``; the id comes back in ``out_viommu_id``."""
+
     size: int = u32()
     flags: int = u32()
     type: int = u32()
@@ -488,6 +592,9 @@ class IommuViommuAlloc(UStruct):
 @ustruct
 @attrs.define
 class IommuVdeviceAlloc(UStruct):
+    """``struct iommu_vdevice_alloc`` (IOMMU_VDEVICE_ALLOC): device ``dev_id`` as seen inside
+    vIOMMU ``viommu_id`` under the guest's ID ``virt_id`` (vSID, vRID, guest DeviceID)."""
+
     size: int = u32()
     viommu_id: int = u32()
     dev_id: int = u32()
@@ -498,6 +605,9 @@ class IommuVdeviceAlloc(UStruct):
 @ustruct
 @attrs.define
 class IommuIoasChangeProcess(UStruct):
+    """``struct iommu_ioas_change_process`` (IOMMU_IOAS_CHANGE_PROCESS): move every
+    file-backed pin to the calling process's accounting."""
+
     size: int = u32()
     reserved: int = u32()
 
@@ -505,6 +615,9 @@ class IommuIoasChangeProcess(UStruct):
 @ustruct
 @attrs.define
 class IommufdVeventHeader(UStruct):
+    """``struct iommufd_vevent_header``: the header before each vEVENT read from a vEVENTQ fd
+    (``sequence`` number; ``flags`` LOST_EVENTS when the queue overflowed)."""
+
     flags: int = u32()
     sequence: int = u32()
 
@@ -512,6 +625,9 @@ class IommufdVeventHeader(UStruct):
 @ustruct
 @attrs.define
 class IommuVeventqAlloc(UStruct):
+    """``struct iommu_veventq_alloc`` (IOMMU_VEVENTQ_ALLOC): a vEVENT queue of ``type`` and
+    ``veventq_depth`` on vIOMMU ``viommu_id``: its id and the fd to read it."""
+
     size: int = u32()
     flags: int = u32()
     viommu_id: int = u32()
@@ -525,6 +641,10 @@ class IommuVeventqAlloc(UStruct):
 @ustruct
 @attrs.define
 class IommuHwQueueAlloc(UStruct):
+    """``struct iommu_hw_queue_alloc`` (IOMMU_HW_QUEUE_ALLOC): a HW queue of ``type`` and
+    ``index`` that the hardware reads from guest memory at ``nesting_parent_iova`` ..
+    ``+ length``; its id comes back in ``out_hw_queue_id``."""
+
     size: int = u32()
     flags: int = u32()
     viommu_id: int = u32()

@@ -38,6 +38,15 @@ class Vm:
     created, as a VMM's exit does: the guest IOMMUs' own resources, the mappings of the
     iommufd, every file the VMM process holds (the iommufd last, so its objects and bound
     devices go with it) and the guest RAM mapping.
+
+    Attributes:
+        machine: the host :class:`~iommufd_model.machine.Machine`.
+        vmm: the VMM process; ``fd`` its open iommufd.
+        ram_size: guest RAM in bytes; ``ram_va`` where the VMM mapped it.
+        ioas_id: the IOAS mapping guest RAM at IOVA = GPA (the nest parents' stage 2).
+        memory: guest RAM as guest drivers write it (:class:`GuestMemory`).
+        stats: the VMM's costs (:class:`VmmStats`: traps, forwarded commands).
+        closed: :meth:`close` ran.
     """
 
     def __init__(
