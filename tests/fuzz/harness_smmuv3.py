@@ -24,7 +24,7 @@ from iommufd_arm_smmuv3.cd import CD_SIZE, Cd
 from iommufd_arm_smmuv3.cmdqv import VCMDQ_CONS, VCMDQ_GERROR
 from iommufd_arm_smmuv3.hw import words as ste_words
 from iommufd_arm_smmuv3.pgtable import Stage1Format, Stage2Format
-from iommufd_arm_smmuv3.ste import CFG_S1_TRANS, STE_SIZE, Ste
+from iommufd_arm_smmuv3.ste import CFG_S1_TRANS, L1CD_L2PTR, S1FMT_LINEAR, STE_SIZE, Ste
 from snapshots import refused_unchanged
 
 from iommufd_model.hw.bits import pack
@@ -33,6 +33,7 @@ from iommufd_model.uapi import iommufd as U
 S1 = Stage1Format()
 LEAF = 0x403 | 0x40  # valid, page/table, AF, AP[1] (unprivileged)
 DRIVER = "arm_smmuv3"
+PASID = 5
 
 
 def _vste(table: int) -> bytes:
@@ -227,9 +228,19 @@ def host_ste(data: bytes) -> str:
         return f"{w.probe()}|{w.events()}"
 
 
+def _host_cd0(w: HostWorld) -> int:
+    """Where CD 0 is: the table itself when linear, else through level-1 descriptor 0."""
+    ste = _host_ste(w)
+    if not ste.s1_enabled:
+        raise FuzzBug("the host paging domain is not stage 1: no CD to fuzz")
+    if ste.s1fmt == S1FMT_LINEAR:
+        return ste.s1ctxptr
+    return int(w.hw.memory.read_u64(ste.s1ctxptr) & L1CD_L2PTR)
+
+
 def _host_cd_seeds() -> list[bytes]:
     w = HostWorld(DRIVER)
-    good = w.hw.memory.read(_host_ste(w).s1ctxptr, CD_SIZE)
+    good = w.hw.memory.read(_host_cd0(w), CD_SIZE)
     return [good, bytes(64), b"\xff" * 64, good[:8] + u64s(1 << 47) + good[16:]]
 
 
@@ -237,13 +248,49 @@ def _host_cd_seeds() -> list[bytes]:
 def host_cd(data: bytes) -> str:
     """The host CD of the paging (stage-1) domain as the SMMU fetches it."""
     w = HostWorld(DRIVER)
-    ste = _host_ste(w)
-    if not ste.s1_enabled:
-        raise FuzzBug("the host paging domain is not stage 1: no CD to fuzz")
-    w.hw.memory.write(ste.s1ctxptr, data[:CD_SIZE].ljust(CD_SIZE, b"\0"))
+    w.hw.memory.write(_host_cd0(w), data[:CD_SIZE].ljust(CD_SIZE, b"\0"))
     _host_reset(w)
     with w.isolation():
         return f"{w.probe()}|{w.events()}"
+
+
+def _host_l1cd_seeds() -> list[bytes]:
+    w = HostWorld(DRIVER)
+    good = w.hw.memory.read(_host_ste(w).s1ctxptr, 8)
+    return [good, bytes(8), b"\xff" * 8, u64s(w.spare | 1), u64s(1 << 47 | 1),
+            u64s(int.from_bytes(good, "little") & ~1)]  # fmt: skip
+
+
+@harness("arm_smmuv3", "host_l1cd", 8, _host_l1cd_seeds)
+def host_l1cd(data: bytes) -> str:
+    """Level-1 descriptor 0 of the host's 2-level CD table (V, L2Ptr) as the SMMU reads it
+    on the way to CD 0."""
+    w = HostWorld(DRIVER)
+    ste = _host_ste(w)
+    if ste.s1fmt == S1FMT_LINEAR:
+        raise FuzzBug("the host CD table is linear: no level-1 descriptor to fuzz")
+    w.hw.memory.write(ste.s1ctxptr, data[:8].ljust(8, b"\0"))
+    _host_reset(w)
+    with w.isolation():
+        return f"{w.probe()}|{w.events()}"
+
+
+def _pasid_cd_seeds() -> list[bytes]:
+    w = GuestWorld(DRIVER, pasid=PASID)
+    good = w.gmem.read(w.pdom.vendor.cd_table + PASID * CD_SIZE, CD_SIZE)
+    return [good, bytes(64), b"\xff" * 64, good[:8] + u64s(w.spare) + good[16:]]
+
+
+@harness("arm_smmuv3", "guest_cd_pasid", 64, _pasid_cd_seeds)
+def guest_cd_pasid(data: bytes) -> str:
+    """The guest's CD of a substream (S1CDMax > 0 in its vSTE), read through stage 2 by the
+    SMMU for PASID-tagged DMA, after the guest's CFGI_CD (forwarded with the vSID)."""
+    w = GuestWorld(DRIVER, pasid=PASID)
+    with w.isolation():
+        slot = w.pdom.vendor.cd_table + PASID * CD_SIZE
+        w.gmem.write(slot, data[:CD_SIZE].ljust(CD_SIZE, b"\0"))
+        inv = guarded(lambda: w.g._issue([C.cfgi_cd(VIRT_ID, PASID)]))
+        return f"{inv}|{w.probe()}|{w.events()}"
 
 
 def _host_tables(w: HostWorld, stage2: bool) -> tuple[list[int], Any]:
@@ -253,7 +300,7 @@ def _host_tables(w: HostWorld, stage2: bool) -> tuple[list[int], Any]:
         root = ste.s2ttb
     else:
         fmt = S1
-        root = Cd.decode(ste_words(w.hw.memory.read(ste.s1ctxptr, CD_SIZE))).ttb0
+        root = Cd.decode(ste_words(w.hw.memory.read(_host_cd0(w), CD_SIZE))).ttb0
     return walk_path(w.hw.memory, root, fmt, IOVA), fmt
 
 

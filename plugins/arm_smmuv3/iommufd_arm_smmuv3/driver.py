@@ -54,10 +54,12 @@ PROBE_OPTIONS = {
     "tlb_capacity",
     "range_invalidation",
     "hw_access_flag",
+    "hw_dirty",
     "cmdqv",
     "s2fwb",
     "attr_types_ovr",
     "canwbs",
+    "cd2l",
 }
 PAGING_FLAGS = (
     U.IOMMU_HWPT_ALLOC_NEST_PARENT | U.IOMMU_HWPT_ALLOC_DIRTY_TRACKING | U.IOMMU_HWPT_ALLOC_PASID
@@ -92,6 +94,8 @@ FEATURES = frozenset(
         api.Feature.VIOMMU_INVALIDATE,
         api.Feature.LARGE_PAGES,
         api.Feature.HW_QUEUE,
+        api.Feature.PASID,
+        api.Feature.DIRTY_TRACKING,
     }
 )
 VIOMMU_TYPES = frozenset({U.IOMMU_VIOMMU_TYPE_ARM_SMMUV3, U.IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV})
@@ -261,6 +265,7 @@ class ArmSmmuV3Driver:
             raise err(errno.ENODEV, f"StreamID {sid:#x} beyond IDR1.SIDSIZE")
         smmu.ensure_l2(sid)
         master = Master(dev, sid, canwbs=smmu.hw.rc_canwbs)
+        master.ssid_bits = smmu.master_ssid_bits(dev)
         smmu.masters[sid] = master
         return master
 
@@ -297,7 +302,11 @@ class ArmSmmuV3Driver:
             iidr=mmio.read(R.IIDR, 4),
             aidr=mmio.read(R.AIDR, 4),
         )
-        return api.HwInfo(U.IOMMU_HW_INFO_TYPE_ARM_SMMUV3, info.pack(), 0, 0)
+        # out_max_pasid_log2: the core's dev->iommu->max_pasids, the smaller of the
+        # device's PASID width and 1 << IDR1.SSIDSIZE
+        max_pasid_log2 = min(dev.pasid_bits, smmu_of(iommu).ssid_bits)
+        caps = U.IOMMU_HW_CAP_DIRTY_TRACKING if smmu_of(iommu).dbm_capable else 0
+        return api.HwInfo(U.IOMMU_HW_INFO_TYPE_ARM_SMMUV3, info.pack(), caps, max_pasid_log2)
 
     # -- paging domains -------------------------------------------------------------------------
     @hookimpl
@@ -306,14 +315,17 @@ class ArmSmmuV3Driver:
         smmu = smmu_of(iommu)
         if flags & ~PAGING_FLAGS:
             raise err(errno.EOPNOTSUPP, f"arm_smmuv3 paging flags {flags:#x}")
-        if flags & U.IOMMU_HWPT_ALLOC_DIRTY_TRACKING:
-            raise err(errno.EOPNOTSUPP, "no HTTU dirty-state support modelled")
-        if flags & U.IOMMU_HWPT_ALLOC_PASID:
-            # The kernel takes it (CD tables with SSIDs); this model has no PASID support yet,
-            # so it refuses up front rather than failing at set_dev_pasid.
-            raise err(errno.EOPNOTSUPP, "PASID (substream) domains are not modelled")
-        nest = bool(flags & U.IOMMU_HWPT_ALLOC_NEST_PARENT)
-        return SmmuDomain(smmu, 2 if nest else 1, nest_parent=nest, pasid=False)
+        dirty = bool(flags & U.IOMMU_HWPT_ALLOC_DIRTY_TRACKING)
+        if dirty and not smmu.dbm_capable:
+            # the core's IOMMU_CAP_DIRTY_TRACKING check (arm_smmu_dbm_capable)
+            raise err(errno.EOPNOTSUPP, "no IDR0.HTTU dirty-state update on this SMMU")
+        nest = flags == U.IOMMU_HWPT_ALLOC_NEST_PARENT
+        if flags & U.IOMMU_HWPT_ALLOC_NEST_PARENT and not nest:
+            raise err(errno.EOPNOTSUPP, "a nest parent takes no other flag")
+        pasid = bool(flags & U.IOMMU_HWPT_ALLOC_PASID)
+        return SmmuDomain(
+            smmu, 2 if nest else 1, nest_parent=nest, pasid=pasid, dirty_tracking=dirty
+        )
 
     @hookimpl
     def domain_free(self, domain: api.Domain) -> bool:
@@ -388,6 +400,8 @@ class ArmSmmuV3Driver:
         vsmmu = domain.vsmmu
         if vsmmu.smmu is not smmu:
             raise err(errno.EINVAL, "vSMMU belongs to another SMMU")
+        if smmu.ssids_in_use(master):
+            raise err(errno.EBUSY, "substreams in use: no nested STE over the CD table")
         vsid = next((v for v, m in vsmmu.vsids.items() if m is master), None)
         # arm_smmu_attach_prepare_vmaster(), before anything changes
         if vsid is None and domain.cfg not in (CFG_ABORT, CFG_BYPASS):
@@ -402,6 +416,43 @@ class ArmSmmuV3Driver:
         smmu.write_ste(master, words)
         master.vmaster = (vsmmu, vsid) if vsid is not None else None
         smmu.attach_commit(state)
+
+    # -- dirty tracking: arm_smmu_dirty_ops ----------------------------------------------------
+    @hookimpl
+    def set_dirty_tracking(self, domain: api.Domain, enable: bool) -> bool:
+        """arm_smmu_set_dirty_tracking(): nothing to do. A dirty-tracking domain's CD has HA
+        and HD from its first attach on; the core wipes the bits before enabling."""
+        _paging(domain)
+        return True
+
+    @hookimpl
+    def read_and_clear_dirty(
+        self, domain: api.Domain, iova: int, length: int, clear: bool, report: bool
+    ) -> list[tuple[int, int]]:
+        """arm_lpae_read_and_clear_dirty(): writable-dirty leaves (DBM, AP[2] clear) are
+        reported and, unless NO_CLEAR, made writable-clean (AP[2] set). Whether tracking is
+        on does not matter (7.2 refuses nothing here), and no TLBI follows: the core's
+        iotlb_sync gets a gather without a page size, which arm_smmu_iotlb_sync skips."""
+        d = _paging(domain)
+        if not d.dirty_tracking or d.stage != 1:
+            raise err(errno.EINVAL, "not a stage-1 dirty-tracking domain")
+        runs = d.pgtable.read_and_clear_dirty(iova, length, clear)
+        return runs if report else []
+
+    # -- substreams ---------------------------------------------------------------------------
+    @hookimpl
+    def set_dev_pasid(self, iommu: IommuHw, dev: PciDevice, pasid: int, domain: api.Domain) -> bool:
+        """arm_smmu_s1_set_dev_pasid() (also a replace of the PASID's domain)."""
+        smmu = smmu_of(iommu)
+        if not isinstance(domain, SmmuDomain):
+            raise err(errno.EINVAL, "only paging domains attach to a PASID")
+        smmu.set_pasid(master_of(dev), domain, pasid)
+        return True
+
+    @hookimpl
+    def remove_dev_pasid(self, iommu: IommuHw, dev: PciDevice, pasid: int) -> bool:
+        smmu_of(iommu).remove_pasid(master_of(dev), pasid)
+        return True
 
     # -- nested domains and the vSMMU -------------------------------------------------------------
     @hookimpl
@@ -631,8 +682,7 @@ class ArmSmmuV3Driver:
             raise err(errno.EOPNOTSUPP, "this SMMU has no CMDQV")
         return GuestSmmuv3(vm, iommu, accelerated=accelerated)
 
-    # PASID, dirty tracking and IOPF are not implemented: the hooks are absent, so the core
-    # answers EOPNOTSUPP and the matrix reports them unsupported.
+    # IOPF (stall) is not implemented: page_response is absent, no fault reaches a FAULT queue.
 
 
 plugin = ArmSmmuV3Driver()

@@ -18,10 +18,18 @@ import errno
 from typing import TYPE_CHECKING, Any
 
 from iommufd_arm_smmuv3 import commands as C
-from iommufd_arm_smmuv3.cd import IRGN_WBWA, Cd
+from iommufd_arm_smmuv3.cd import CD_SIZE, IRGN_WBWA, Cd
 from iommufd_arm_smmuv3.cmdqv import VCMDQ_CONFIG, VCMDQ_EN, VCMDQ_PROD
 from iommufd_arm_smmuv3.pgtable import MAIR_VALUE, VA_BITS, Stage1Format
-from iommufd_arm_smmuv3.ste import CFG_ABORT, CFG_S1_TRANS, SH_ISH, STE_SIZE, Ste
+from iommufd_arm_smmuv3.ste import (
+    CFG_ABORT,
+    CFG_S1_TRANS,
+    S1DSS_SSID0,
+    S1DSS_TERMINATE,
+    SH_ISH,
+    STE_SIZE,
+    Ste,
+)
 from iommufd_model.driver import IOMMU_READ, IOMMU_WRITE
 from iommufd_model.errors import err
 from iommufd_model.hw.bits import pack
@@ -37,6 +45,7 @@ if TYPE_CHECKING:
 
 GUEST_STRTAB_PAGES = 4  # a linear guest stream table for vSIDs 0..255
 GUEST_CMDQ_LOG2 = 8  # 256 commands in one page
+GUEST_CDMAX = 6  # the guest driver's linear CD table: one page, 64 substreams
 VCMDQ_BYTES = PAGE_SIZE
 
 
@@ -132,6 +141,9 @@ class GuestSmmuv3(GuestIommu):
         self.hwpts: dict[int, int] = {}  # vSID -> nested HWPT installed for its vSTE
         self.devices: dict[int, GuestDevice] = {}
         self.next_asid = 1
+        self.cd_tables: dict[int, int] = {}  # vSID -> the guest CD table of that device
+        self.pasids: dict[int, set[int]] = {}  # vSID -> substreams with a valid CD
+        self.rid_attached: set[int] = set()  # vSIDs whose CD 0 is in use
         self.vcmdq = 0  # guest-physical VCMDQ (accelerated)
         self.vcmdq_prod = 0
         self.window: Any = None  # the VINTF page the VMM mapped for the guest
@@ -177,6 +189,8 @@ class GuestSmmuv3(GuestIommu):
             opcode = C.op(w0)
             if opcode == C.CFGI_STE:
                 self._install_vste(w0 >> 32)
+            elif opcode in (C.CFGI_CD, C.CFGI_CD_ALL, C.ATC_INV) and not self._plugged(w0 >> 32):
+                continue  # the VMM has unplugged that device: nothing of it to invalidate
             elif opcode != C.CMD_SYNC:
                 forward.append(raw)
         if forward:
@@ -184,6 +198,10 @@ class GuestSmmuv3(GuestIommu):
                 self.viommu_id, U.IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3, forward
             )
         vm.trap("CMDQ_PROD", forwarded=len(forward))
+
+    def _plugged(self, vsid: int) -> bool:
+        gdev = self.devices.get(vsid)
+        return gdev is not None and gdev.dev.bound_to is not None
 
     def _install_vste(self, vsid: int) -> None:
         """CFGI_STE: a nested HWPT from the guest's vSTE, attached in place of the old one.
@@ -248,18 +266,43 @@ class GuestSmmuv3(GuestIommu):
         self.vm.memory.write(self.strtab + vsid * STE_SIZE, pack(ste.encode()))
         self._issue([C.cfgi_ste(vsid)])
 
+    def _cd_table_vste(self, vsid: int, s1dss: int) -> Ste:
+        """A vSTE over the device's guest CD table (S1CDMax > 0: the guest's substreams)."""
+        return Ste(
+            v=True,
+            config=CFG_S1_TRANS,
+            s1ctxptr=self.cd_tables[vsid],
+            s1cdmax=GUEST_CDMAX,
+            s1dss=s1dss,
+        )
+
     def attach(self, gdev: GuestDevice, *, pasid: int | None = None) -> GuestDomain:
-        if pasid is not None:
-            raise err(errno.EOPNOTSUPP, "the SMMUv3 model has no substreams (PASID)")
+        """The guest driver's attach: CD ``pasid`` (0 for the RID) in the device's own CD
+        table, then the vSTE (trapped CFGI_STE) or, for a PASID under an installed CD-table
+        vSTE, a CFGI_CD that the VMM forwards with the vSID."""
+        if pasid is not None and not 0 < pasid < 1 << GUEST_CDMAX:
+            raise err(errno.EOPNOTSUPP, f"the guest's CD table has no substream {pasid}")
         mem = self.vm.memory
+        vsid = gdev.virt_id
+        if vsid not in self.cd_tables:
+            self.cd_tables[vsid] = mem.alloc_frame() << PAGE_SHIFT
+        cd_table = self.cd_tables[vsid]
         s1 = stage1_tables(mem)
-        cd_table = mem.alloc_frame() << PAGE_SHIFT
         asid = self.next_asid
         self.next_asid += 1
-        write_cd(mem, cd_table, asid, s1.root)
-        self._write_vste(gdev.virt_id, Ste(v=True, config=CFG_S1_TRANS, s1ctxptr=cd_table))
-        hwpt = self.hwpts[gdev.virt_id]
-        return GuestDomain(gdev, None, hwpt, s1.root, asid, _Context(s1, cd_table))
+        write_cd(mem, cd_table + (pasid or 0) * CD_SIZE, asid, s1.root)
+        pasids = self.pasids.setdefault(vsid, set())
+        if pasid is None:
+            self.rid_attached.add(vsid)
+            self._write_vste(vsid, self._cd_table_vste(vsid, S1DSS_SSID0))
+        else:
+            pasids.add(pasid)
+            if vsid in self.rid_attached or len(pasids) > 1:
+                self._issue([C.cfgi_cd(vsid, pasid)])
+            else:  # a blocked RID: the vSTE now points at the CD table, RID traffic ends
+                self._write_vste(vsid, self._cd_table_vste(vsid, S1DSS_TERMINATE))
+        hwpt = self.hwpts[vsid]
+        return GuestDomain(gdev, pasid, hwpt, s1.root, asid, _Context(s1, cd_table))
 
     def map(self, dom: GuestDomain, iova: int, gpa: int, size: int, *, write: bool = True) -> None:
         prot = IOMMU_READ | (IOMMU_WRITE if write else 0)
@@ -282,4 +325,22 @@ class GuestSmmuv3(GuestIommu):
             self._issue(cmds)
 
     def detach(self, dom: GuestDomain) -> None:
-        self._write_vste(dom.dev.virt_id, Ste(v=True, config=CFG_ABORT))
+        """The CD cleared (CFGI_CD) for a PASID; for the RID an abort vSTE, or while
+        substreams remain a CD-table vSTE that terminates RID traffic, then CD 0 cleared."""
+        vsid = dom.dev.virt_id
+        mem = self.vm.memory
+        pasids = self.pasids.setdefault(vsid, set())
+        if dom.pasid is not None:
+            mem.write(self.cd_tables[vsid] + dom.pasid * CD_SIZE, bytes(CD_SIZE))
+            pasids.discard(dom.pasid)
+            self._issue([C.cfgi_cd(vsid, dom.pasid)])
+            if not pasids and vsid not in self.rid_attached:
+                self._write_vste(vsid, Ste(v=True, config=CFG_ABORT))
+            return
+        self.rid_attached.discard(vsid)
+        if pasids:
+            self._write_vste(vsid, self._cd_table_vste(vsid, S1DSS_TERMINATE))
+            mem.write(self.cd_tables[vsid], bytes(CD_SIZE))
+            self._issue([C.cfgi_cd(vsid, 0)])
+        else:
+            self._write_vste(vsid, Ste(v=True, config=CFG_ABORT))

@@ -20,9 +20,13 @@ from iommufd_arm_smmuv3.ste import (
     CFG_ABORT,
     CFG_BYPASS,
     L1_L2PTR,
+    L1CD_L2PTR,
+    L1CD_V,
     S1DSS_BYPASS,
     S1DSS_SSID0,
     S1DSS_TERMINATE,
+    S1FMT_4K_L2,
+    S1FMT_64K_L2,
     STE_SIZE,
     Ste,
     ips_bits,
@@ -67,10 +71,12 @@ class Smmuv3(IommuHw):
         tlb_capacity: int = 4096,
         range_invalidation: bool = True,
         hw_access_flag: bool = True,
+        hw_dirty: bool = True,
         cmdqv: bool = True,
         s2fwb: bool = False,
         attr_types_ovr: bool = True,
         canwbs: bool = True,
+        cd2l: bool = True,
     ) -> None:
         super().__init__(machine, index)
         # Firmware's word, not a register: IORT marks the root complex behind this SMMU as
@@ -78,6 +84,7 @@ class Smmuv3(IommuHw):
         self.rc_canwbs = canwbs
         self.sid_bits = sid_bits
         self.ssid_bits = ssid_bits
+        self.cd2l = cd2l
         self.oas_bits = 48
         idr0 = (
             R.IDR0_S1P
@@ -92,7 +99,14 @@ class Smmuv3(IommuHw):
             | R.IDR0_TTENDIAN_LE
             | R.IDR0_STALL_NONE
             | R.IDR0_ST_LVL_2LVL
-            | (R.IDR0_HTTU_ACCESS if hw_access_flag else 0)
+            | (R.IDR0_CD2L if cd2l else 0)
+            | (
+                R.IDR0_HTTU_ACCESS_DIRTY
+                if hw_dirty
+                else R.IDR0_HTTU_ACCESS
+                if hw_access_flag
+                else 0
+            )
         )
         idr1 = (
             (R.IDR1_ATTR_TYPES_OVR if attr_types_ovr else 0)
@@ -358,36 +372,36 @@ class Smmuv3(IommuHw):
             ev = E.Event(E.F_STE_FETCH, sid, fetch_addr=base)
             raise ConfigFault(ev, "STE fetch abort") from None
         ste = Ste.decode(words(raw))
-        why = ste.illegal(self.ssid_bits, self.oas_bits)
+        why = ste.illegal(self.ssid_bits, self.oas_bits, self.cd2l)
         if why:
             raise ConfigFault(E.Event(E.C_BAD_STE, sid), f"C_BAD_STE: {why}")
         self.ste_cache[sid] = ste
         return ste
 
     def fetch_cd(self, ste: Ste, sid: int, ssid: int, ev_ssid: int | None) -> Cd:
+        """The CD of ``ssid`` from the cache, else from the CD table: linear, or 2-level
+        (S1Fmt 1: 64 CDs per leaf table, 2: 1024) through a level-1 descriptor whose V = 0
+        is C_BAD_SUBSTREAMID. With stage 2 on, every table address is an IPA."""
         cd = self.cd_cache.get((sid, ssid))
         if cd is not None:
             return cd
         self.config_fetches += 1
-        addr = ste.s1ctxptr + ssid * CD_SIZE
-        if ste.s2_enabled:
-            # The CD table lives in guest memory: its address is an IPA.
-            st, pa, _shift, refs, _prot, _lvl = self.walker.walk_s2(
-                self.memory._pages,
-                self.memory.size,
-                ste.s2ttb,
-                addr,
-                ste.s2_ia_bits,
-                2 - ste.s2sl0,
-                ips_bits(min(ste.s2ps, 5)),
-                False,
-                ste.s2affd,
-            )
-            self.stats.walk_mem_refs += refs
-            if st != 0:
-                ev = _stage2_event(st, sid, ev_ssid, 0, True, addr, E.CLASS_CD, pa)
-                raise ConfigFault(ev if ste.s2r else None, f"stage 2 refused CD IPA {addr:#x}")
-            addr = pa
+        base = ste.s1ctxptr
+        if ste.s1fmt in (S1FMT_4K_L2, S1FMT_64K_L2):
+            split = 6 if ste.s1fmt == S1FMT_4K_L2 else 10
+            l1_addr = self._cd_table_pa(ste, sid, ev_ssid, base + (ssid >> split) * 8)
+            try:
+                l1 = self.memory.read_u64(l1_addr)
+            except OSError:
+                ev = E.Event(E.F_CD_FETCH, sid, ev_ssid, fetch_addr=l1_addr)
+                raise ConfigFault(ev, "L1 CD descriptor fetch abort") from None
+            if not l1 & L1CD_V:
+                ev = E.Event(E.C_BAD_SUBSTREAMID, sid, ev_ssid)
+                raise ConfigFault(ev, "L1 CD descriptor not valid")
+            ipa = (l1 & L1CD_L2PTR) + (ssid & ((1 << split) - 1)) * CD_SIZE
+        else:
+            ipa = base + ssid * CD_SIZE
+        addr = self._cd_table_pa(ste, sid, ev_ssid, ipa)
         try:
             raw = self.memory.read(addr, CD_SIZE)
         except OSError:
@@ -399,6 +413,28 @@ class Smmuv3(IommuHw):
             raise ConfigFault(E.Event(E.C_BAD_CD, sid, ev_ssid), f"C_BAD_CD: {why}")
         self.cd_cache[(sid, ssid)] = cd
         return cd
+
+    def _cd_table_pa(self, ste: Ste, sid: int, ev_ssid: int | None, addr: int) -> int:
+        """A CD-table address as the SMMU reads it: through stage 2 when that is on (the
+        table lives in guest memory), a fault there being a CLASS_CD stage-2 fault."""
+        if not ste.s2_enabled:
+            return addr
+        st, pa, _shift, refs, _prot, _lvl = self.walker.walk_s2(
+            self.memory._pages,
+            self.memory.size,
+            ste.s2ttb,
+            addr,
+            ste.s2_ia_bits,
+            2 - ste.s2sl0,
+            ips_bits(min(ste.s2ps, 5)),
+            False,
+            ste.s2affd,
+        )
+        self.stats.walk_mem_refs += refs
+        if st != 0:
+            ev = _stage2_event(st, sid, ev_ssid, 0, True, addr, E.CLASS_CD, pa)
+            raise ConfigFault(ev if ste.s2r else None, f"stage 2 refused CD IPA {addr:#x}")
+        return int(pa)
 
     # -- translation --------------------------------------------------------------------------
     def _bypass(self, dev: PciDevice, iova: int, pasid: int | None, write: bool) -> tuple[int, int]:
@@ -505,6 +541,7 @@ class Smmuv3(IommuHw):
                     2 - ste.s2sl0,
                     s2_oa,
                     ste.s2affd,
+                    cd.hd,
                 )
             status, value, shift, refs, prot, _lvl, fault_s2, ipa, cls = res
             record = ste.s2r if fault_s2 else cd.r

@@ -16,7 +16,8 @@ import attrs
 from iommufd_arm_smmuv3 import commands as C
 from iommufd_arm_smmuv3 import events as E
 from iommufd_arm_smmuv3 import regs as R
-from iommufd_arm_smmuv3.cd import CD_SIZE, IRGN_WBWA, TG0_4K, Cd
+from iommufd_arm_smmuv3.cd import CD0_V, IRGN_WBWA, TG0_4K, Cd
+from iommufd_arm_smmuv3.cdtable import LINEAR_CDMAX, CdTable
 from iommufd_arm_smmuv3.entry_writer import cd_used, ste_update_safe, ste_used, write_entry
 from iommufd_arm_smmuv3.hw import Smmuv3
 from iommufd_arm_smmuv3.invs import (
@@ -48,6 +49,7 @@ from iommufd_arm_smmuv3.ste import (
     S1C_WBRA,
     S1DSS_BYPASS,
     S1DSS_SSID0,
+    S1DSS_TERMINATE,
     SH_ISH,
     SHCFG_INCOMING,
     STE0_CFG,
@@ -124,8 +126,10 @@ class Master:
         self.sid = sid
         self.canwbs = canwbs  # arm_smmu_master_canwbs(): the fwspec's PCI_RC_CANWBS flag
         self.domain: Domain | None = None
-        self.cd_table = 0  # physical address of the linear CD table, allocated on first S1 use
+        self.cd_table: CdTable | None = None  # allocated on the first CD written
         self.cd_in_ste = False  # cd_table.in_ste: the STE points at the CD table
+        self.ssid_bits = 0  # S1CDMax: set at probe (arm_smmu_enable_pasid)
+        self.pasid_domains: dict[int, SmmuDomain] = {}  # SSID -> its stage-1 domain
         self.vmaster: tuple[Any, int] | None = None  # (vSMMU, vSID) while nested with a vDEVICE
         self.ats_enabled = False  # master->ats_enabled: the driver's view, set at commit
         self.pci_ats = False  # the Enable bit of the device's PCI ATS capability
@@ -179,6 +183,10 @@ class SmmuDevice:
         self.feat_ha = get(idr0, 7, 6) >= 1
         self.feat_hd = get(idr0, 7, 6) >= 2
         self.feat_ats = bool(idr0 & R.IDR0_ATS)
+        # arm_smmu_dbm_capable(): HD and a coherent SMMU (IDR0.COHACC)
+        self.dbm_capable = self.feat_hd and bool(idr0 & R.IDR0_COHACC)
+        self.feat_cd2l = bool(idr0 & R.IDR0_CD2L)
+        self.ssid_bits = get(idr1, 10, 6)
         self._abort_retries = 0
         sid_bits = hw.sid_bits
         l1_count = 1 << max(sid_bits - STRTAB_SPLIT, 0)
@@ -344,18 +352,50 @@ class SmmuDevice:
         self._write(self.ste_addr(sid), words, ste_used, ste_update_safe, C.cfgi_ste(sid))
         self.issue([C.prefetch_cfg(sid)], sync=False)
 
+    def cd_table(self, master: Master, ssid: int) -> CdTable:
+        """arm_smmu_alloc_cd_ptr(): the CD table (made on first use), with the leaf table of
+        ``ssid`` present; a new leaf's L1 descriptor is followed by a non-leaf CFGI_CD."""
+        table = master.cd_table
+        if table is None:
+            table = master.cd_table = CdTable(self.hw.memory, master.ssid_bits, self.feat_cd2l)
+        if table.alloc_leaf(ssid):
+            self.sync_cd(master, ssid, leaf=False)
+        return table
+
+    def sync_cd(self, master: Master, ssid: int, leaf: bool) -> None:
+        """arm_smmu_sync_cd(): CFGI_CD of the SSID for each StreamID, then a SYNC."""
+        batch = Batch(self)
+        batch.add(C.cfgi_cd(master.sid, ssid, leaf))
+        batch.submit()
+
     def write_cd(self, master: Master, ssid: int, words: list[int]) -> None:
-        """arm_smmu_write_cd_entry(): the CD rewritten step by step, CFGI_CD (leaf) + SYNC."""
-        mem = self.hw.memory
-        if not master.cd_table:
-            master.cd_table = mem.alloc_frame() << PAGE_SHIFT
-        addr = master.cd_table + ssid * CD_SIZE
+        """arm_smmu_write_cd_entry(): the CD rewritten step by step, CFGI_CD (leaf) + SYNC;
+        a substream other than 0 becoming valid or invalid counts in ``used_ssids``."""
+        table = self.cd_table(master, ssid)
+        addr = table.cd_addr(ssid)
+        assert addr is not None
+        if ssid:
+            was = bool(self.hw.memory.read_u64(addr) & CD0_V)
+            table.used_ssids += int(bool(words[0] & CD0_V)) - int(was)
         self._write(addr, words, cd_used, None, C.cfgi_cd(master.sid, ssid))
 
     def clear_cd(self, master: Master, ssid: int) -> None:
-        """arm_smmu_clear_cd(): only when a CD table exists."""
-        if master.cd_table:
+        """arm_smmu_clear_cd(): only where a CD table (and the CD's leaf table) exists."""
+        table = master.cd_table
+        if table is not None and table.cd_addr(ssid) is not None:
             self.write_cd(master, ssid, [0] * 8)
+
+    @staticmethod
+    def cd_addr(master: Master, ssid: int) -> int:
+        """Where the CD of ``ssid`` is (its CD table and leaf table must exist)."""
+        addr = None if master.cd_table is None else master.cd_table.cd_addr(ssid)
+        if addr is None:
+            raise err(errno.ENOENT, f"no CD for SSID {ssid}")
+        return addr
+
+    @staticmethod
+    def ssids_in_use(master: Master) -> bool:
+        return master.cd_table is not None and master.cd_table.used_ssids > 0
 
     # -- STE / CD builders ------------------------------------------------------------------------
     def make_s1_cd(self, domain: SmmuDomain) -> list[int]:
@@ -372,12 +412,14 @@ class SmmuDevice:
         self, master: Master, ats: bool = False, s1dss: int = S1DSS_SSID0
     ) -> list[int]:
         """arm_smmu_make_cdtable_ste(): SHCFG only with IDR1.ATTR_TYPES_OVR and S1DSS bypass."""
+        table = master.cd_table
+        assert table is not None
         ste = Ste(
             v=True,
             config=CFG_S1_TRANS,
-            s1fmt=0,
-            s1ctxptr=master.cd_table,
-            s1cdmax=0,
+            s1fmt=table.s1fmt,
+            s1ctxptr=table.base,
+            s1cdmax=table.s1cdmax,
             s1dss=s1dss,
             s1cir=S1C_WBRA,
             s1cor=S1C_WBRA,
@@ -489,9 +531,19 @@ class SmmuDevice:
         batch.add(C.atc_inv(master.sid, 0, C.ATC_INV_SIZE_ALL, ssid or None))
         batch.submit()
 
+    def master_ssid_bits(self, dev: PciDevice) -> int:
+        """arm_smmu_probe_device(): the device's PASID width capped by IDR1.SSIDSIZE
+        (arm_smmu_enable_pasid), and by a 64 KiB linear table without IDR0.CD2L."""
+        bits = min(dev.pasid_bits, self.ssid_bits)
+        return bits if self.feat_cd2l else min(bits, LINEAR_CDMAX)
+
     def attach_paging(self, master: Master, domain: SmmuDomain) -> None:
         """arm_smmu_attach_dev(): stage 1 writes CD 0 then a CD-table STE (S1DSS = SSID0);
-        stage 2 writes its STE then clears CD 0."""
+        stage 2 (EBUSY while substreams are in use) writes its STE then clears CD 0."""
+        if domain.stage == 1:
+            self.cd_table(master, 0)
+        elif self.ssids_in_use(master):
+            raise err(errno.EBUSY, "substreams in use: the STE must keep the CD table")
         state = AttachState(master, master.domain)
         self.attach_prepare(state, domain)
         if domain.stage == 1:
@@ -504,13 +556,61 @@ class SmmuDevice:
         master.vmaster = None
 
     def attach_blocked(self, master: Master) -> None:
-        """arm_smmu_attach_dev_blocked(): an abort STE, then CD 0 cleared."""
+        """arm_smmu_attach_dev_blocked(): an abort STE, then CD 0 cleared; while substreams
+        are in use the STE keeps the CD table and terminates only SSID-less traffic
+        (S1DSS = TERMINATE), with ATS as the device allows (arm_smmu_attach_dev_ste)."""
         master.vmaster = None
         state = AttachState(master, master.domain)
-        self.attach_prepare(state, None)
-        self.write_ste(master, abort_ste())
+        if self.ssids_in_use(master):
+            state.cd_needs_ats = True
+            self.attach_prepare(state, None)
+            ste = self.make_cdtable_ste(master, state.ats_enabled, S1DSS_TERMINATE)
+        else:
+            self.attach_prepare(state, None)
+            ste = abort_ste()
+        self.write_ste(master, ste)
         self.attach_commit(state)
         self.clear_cd(master, 0)
+
+    # -- substreams: arm_smmu_s1_set_dev_pasid() / arm_smmu_blocking_set_dev_pasid() ----------
+    def set_pasid(self, master: Master, domain: SmmuDomain, pasid: int) -> None:
+        """arm_smmu_set_pasid(): CD ``pasid`` for a stage-1 domain; the STE becomes a CD-table
+        STE first if the RID is blocked (S1DSS = TERMINATE), and is left alone if it already
+        points at the CD table with the right EATS. The RID on a stage-2 or nested domain
+        cannot take substreams: EINVAL."""
+        if domain.smmu is not self or domain.stage != 1:
+            raise err(errno.EINVAL, "only a stage-1 domain of this SMMU attaches to a PASID")
+        if not master.cd_in_ste and master.domain is not None:
+            raise err(errno.EINVAL, "the RID's STE is not a CD-table STE")
+        self.cd_table(master, pasid)
+        state = AttachState(master, master.pasid_domains.get(pasid), ssid=pasid)
+        self.attach_prepare(state, domain)
+        self.write_cd(master, pasid, self.make_s1_cd(domain))
+        if not (master.cd_in_ste and master.ste_ats_enabled == state.ats_enabled):
+            # arm_smmu_update_ste(): the RID is blocked here (the model has no identity)
+            ste = self.make_cdtable_ste(master, state.ats_enabled, S1DSS_TERMINATE)
+            self.write_ste(master, ste)
+        self.attach_commit(state)
+        master.pasid_domains[pasid] = domain
+
+    def remove_pasid(self, master: Master, pasid: int) -> None:
+        """arm_smmu_blocking_set_dev_pasid(): CD cleared, the ATC of the PASID flushed, the
+        domain's array loses this master (its tag flushed if that was the last user); with
+        no substream left a blocked RID goes back to a plain abort STE."""
+        old = master.pasid_domains.pop(pasid, None)
+        if old is None:
+            return
+        state = AttachState(master, old, ssid=pasid)
+        state.old_dd = old
+        state.old_build = self.build_invs(master, master.ats_enabled, pasid, old)
+        self.clear_cd(master, pasid)
+        if master.ats_enabled:
+            self.atc_inv_master(master, pasid)
+        old.invs.unref(state.old_build)
+        if not state.old_build[0].users:
+            flush_tag(self, state.old_build[0])
+        if not self.ssids_in_use(master) and master.domain is None:
+            self.attach_blocked(master)
 
     # -- invalidation -----------------------------------------------------------------------------
     def tlb_inv_range(self, domain: SmmuDomain, iova: int, size: int, granule: int) -> None:

@@ -106,6 +106,15 @@ class Stage1Format(_VmsaFormat):
             entry |= PTE_DBM
         return entry
 
+    def is_dirty(self, entry: int) -> bool:
+        """iopte_writeable_dirty(): DBM set and AP[2] clear (the SMMU cleared it on a write,
+        or the map made it so)."""
+        return entry & (PTE_AP_RDONLY | PTE_DBM) == PTE_DBM
+
+    def clear_dirty(self, entry: int) -> int:
+        """iopte_set_writeable_clean(): AP[2] set again; the next write makes it dirty."""
+        return entry | PTE_AP_RDONLY
+
     def _prot(self, entry: int) -> int:
         if not entry & PTE_AP_UNPRIV:
             return 0

@@ -71,6 +71,12 @@ NESTING_ALLOWED_1 = STE1_S1DSS | STE1_S1CIR | STE1_S1COR | STE1_S1CSH | STE1_S1S
 # Level-1 descriptor of a 2-level stream table
 L1_SPAN = mask(4, 0)
 L1_L2PTR = mask(51, 6)
+# S1Fmt: the CD table's format; level-1 CD descriptor of a 2-level CD table
+S1FMT_LINEAR = 0
+S1FMT_4K_L2 = 1  # 64 CDs per leaf table
+S1FMT_64K_L2 = 2  # 1024 CDs per leaf table (what Linux uses)
+L1CD_V = bit(0)
+L1CD_L2PTR = mask(51, 12)
 
 
 @attrs.define

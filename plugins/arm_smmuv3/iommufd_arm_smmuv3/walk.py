@@ -49,6 +49,7 @@ DESC_AF: Final = 1 << 10
 DESC_OA: Final = ((1 << 48) - 1) & ~0xFFF  # output / next-level table address, bits 47:12
 S1_AP_UNPRIV: Final = 1 << 6  # AP[1]: EL0 (unprivileged) access allowed
 S1_AP_RDONLY: Final = 1 << 7  # AP[2]: read-only
+S1_DBM: Final = 1 << 51  # dirty bit modifier: with CD.HD a write clears AP[2] (dirty)
 S1_APTABLE_NOUNPRIV: Final = 1 << 61  # APTable[0]: no unprivileged access below this table
 S1_APTABLE_RDONLY: Final = 1 << 62  # APTable[1]: read-only below this table
 S2AP_READ: Final = 1 << 6
@@ -65,9 +66,13 @@ _MAX_IA: Final = 52
 
 def set_af(pages: Pages, pa: int, desc: int) -> None:
     """Hardware access-flag update (CD.HA / STE.S2HA): write the descriptor back with AF."""
+    store_desc(pages, pa, desc | DESC_AF)
+
+
+def store_desc(pages: Pages, pa: int, value: int) -> None:
+    """A hardware update of the descriptor at ``pa`` (AF set, or AP[2] cleared by HD)."""
     page = pages.get(pa >> 12)
     if page is not None:
-        value = desc | DESC_AF
         page[(pa & 0xFFF) >> 3] = value - (1 << 64) if value >> 63 else value
 
 
@@ -192,9 +197,13 @@ def walk_s1(
     s2_start: int,
     s2_oa_bits: int,
     s2_affd: bool,
+    hd: bool = False,
 ) -> tuple[int, int, int, int, int, int, int, int, int]:
     """Stage-1 walk of ``va``, with every table access and the output translated by stage 2
     when ``nested``: ``(status, value, shift, refs, prot, level, s2, ipa, cls)``.
+
+    With ``hd`` (CD.HD, hardware dirty state), a write to a leaf that is writable-clean
+    (DBM set, AP[2] set) clears AP[2] in memory, marking it dirty, and is allowed.
 
     ``value`` is the physical address (OK) or the unfetchable descriptor address (F_WALK_EABT).
     A stage-2 fault reports ``s2 = 1``, the refused ``ipa`` and ``cls`` (CLASS_TT / CLASS_IN).
@@ -220,6 +229,7 @@ def walk_s1(
         s2_start,
         s2_oa_bits,
         s2_affd,
+        hd,
     )
 
 
@@ -240,6 +250,7 @@ def _s1(
     s2_start: i64,
     s2_oa_bits: i64,
     s2_affd: bool,
+    hd: bool,
 ) -> tuple[int, int, int, int, int, int, int, int, int]:
     """:func:`walk_s1` on native ints, ``va`` already inside the input size."""
     start: i64 = 4 - (ia_bits - 12 + 8) // 9
@@ -295,13 +306,17 @@ def _s1(
             return F_ADDR_SIZE, 0, 0, refs, 0, level, 0, 0, CLASS_IN
         if not desc & DESC_AF:
             if ha:
-                set_af(pages, slot, desc)
+                desc |= DESC_AF
+                store_desc(pages, slot, desc)
             elif not affd:
                 return F_ACCESS, 0, 0, refs, 0, level, 0, 0, CLASS_IN
         # Device DMA is an unprivileged access: it needs AP[1] all the way down.
         prot: i64 = 0
         if unpriv and desc & S1_AP_UNPRIV:
             prot = PROT_R if rdonly or desc & S1_AP_RDONLY else PROT_R | PROT_W
+            if write and hd and not rdonly and desc & S1_DBM and desc & S1_AP_RDONLY:
+                store_desc(pages, slot, desc & ~S1_AP_RDONLY)  # writable-clean -> dirty
+                prot = PROT_R | PROT_W
         if not prot & (PROT_W if write else PROT_R):
             return F_PERMISSION, 0, 0, refs, prot, level, 0, 0, CLASS_IN
         ipa: i64 = out | (va & mask)

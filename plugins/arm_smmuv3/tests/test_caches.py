@@ -72,7 +72,7 @@ def test_illegal_ste_and_cd_raise_config_events(rig: tuple, paging_domain: Any) 
     assert hw.events[-1].id == E.C_BAD_STE and hw.events[-1].sid == dev.rid
     assert smmu.host_events[-1].id == E.C_BAD_STE  # delivered through the EVENTQ interrupt
     smmu.write_ste(master, smmu.make_cdtable_ste(master))
-    cd = Cd.decode(words(m.memory.read(master.cd_table, 64)))
+    cd = Cd.decode(words(m.memory.read(smmu.cd_addr(master, 0), 64)))
     cd.aa64 = False
     smmu.write_cd(master, 0, cd.encode())
     with pytest.raises(DmaFault, match="C_BAD_CD"):
@@ -100,9 +100,9 @@ def test_cd_cache_stale_until_cfgi_cd(rig: tuple, paging_domain: Any) -> None:  
     assert dev.dma_read(0x10_2000, 1) == b"\x02"
     other = paging_domain(hw, m.add_pci_device(iommu=0))
     other.pgtable.map(0x10_2000, domain.pgtable.iova_to_phys(0x10_3000), 4096, RW)
-    cd = Cd.decode(words(m.memory.read(master.cd_table, 64)))
+    cd = Cd.decode(words(m.memory.read(smmu.cd_addr(master, 0), 64)))
     cd.ttb0, cd.asid = other.pgtable.root, other.asid
-    m.memory.write(master.cd_table, pack(cd.encode()))  # no CFGI_CD
+    m.memory.write(smmu.cd_addr(master, 0), pack(cd.encode()))  # no CFGI_CD
     assert dev.dma_read(0x10_2000, 1) == b"\x02"
     smmu.issue([C.cfgi_ste(dev.rid + 8)])  # another StreamID's configuration
     smmu.issue([C.cfgi_cd_all(dev.rid + 8)])

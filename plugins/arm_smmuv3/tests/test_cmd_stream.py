@@ -90,13 +90,22 @@ def va(asid: int, iova: int, **kw: Any) -> tuple[int, int]:
 
 
 def test_first_stage1_attach(rig: Any) -> None:
-    """CD 0 from invalid (hitless: qwords 1..7, then qword 0), then the abort STE turned into
-    a CD-table STE (hitless: the new pointer first, then Config), then PREFETCH_CFG."""
+    """A 20-bit PASID device gets a 2-level CD table: the leaf table of SSID 0 and its L1
+    descriptor (non-leaf CFGI_CD), CD 0 from invalid (hitless: qwords 1..7, then qword 0),
+    then the abort STE turned into a CD-table STE (hitless: the new pointer first, then
+    Config), then PREFETCH_CFG. Without PASID the table is one linear CD: no L1 step."""
     r = rig()
     d = r.domain()
     r.attach(d)
     cd, ste = C.cfgi_cd(r.sid, 0), C.cfgi_ste(r.sid)
-    assert r.stream() == [cd, SYNC, cd, SYNC, ste, SYNC, ste, SYNC, C.prefetch_cfg(r.sid)]
+    l1 = C.cfgi_cd(r.sid, 0, leaf=False)
+    assert r.stream() == [l1, SYNC, cd, SYNC, cd, SYNC, ste, SYNC, ste, SYNC, C.prefetch_cfg(r.sid)]
+    assert (r.ste().s1fmt, r.ste().s1cdmax, r.ste().s1dss) == (2, 20, 2)  # 64K_L2, SSID0
+    dev = r.m.add_pci_device(iommu=0, pasid_bits=0)
+    r.mark()
+    plugin.attach_dev(iommu=r.hw, dev=dev, domain=d)
+    cd, ste = C.cfgi_cd(dev.rid, 0), C.cfgi_ste(dev.rid)
+    assert r.stream() == [cd, SYNC, cd, SYNC, ste, SYNC, ste, SYNC, C.prefetch_cfg(dev.rid)]
 
 
 def test_map_issues_nothing_and_unmap_flushes_a_range_with_the_level_hint(rig: Any) -> None:

@@ -76,7 +76,7 @@ def test_garbage_ste_and_cd(
     dev = m.add_pci_device(iommu=0)
     paging_domain(hw, dev)
     master = smmu.masters[dev.rid]
-    m.memory.write(master.cd_table, pack(cd + [0] * 4))
+    m.memory.write(smmu.cd_addr(master, 0), pack(cd + [0] * 4))
     smmu.issue([C.cfgi_cd_all(dev.rid)])
     dma(dev, 0x1000)
     m.memory.write(smmu.ste_addr(dev.rid), pack(ste + [0] * 4))
