@@ -307,7 +307,8 @@ class AmdKernel:
 
     def viommu_event(self, gid: int, event: Event) -> None:
         """The vIOMMU event interrupt: forward a guest device's event (guest DevID) to the
-        vIOMMU's AMD vEVENTQ when the VMM allocated one (iommufd_viommu_report_event)."""
+        vIOMMU's vEVENTQ of the model's own type IOMMU_VEVENTQ_TYPE_AMD when the VMM allocated
+        one (iommufd_viommu_report_event; no AMD source has this type)."""
         viommu = self.pas.by_gid.get(gid) if self.pas is not None else None
         if viommu is not None and viommu.core is not None:
             viommu.core.report_event(U.IOMMU_VEVENTQ_TYPE_AMD, event.to_bytes())

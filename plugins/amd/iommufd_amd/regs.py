@@ -125,7 +125,7 @@ MAP_HID_SHIFT = 16  # model: host DevID / DomID in [31:16] of a mapping-table en
 # VF control MMIO (VFCTRL BAR, 64 bytes per guest ID; host kernel only).
 VFCTRL_DID_MAP_CONTROL0 = 0x00  # VIOMMU_VFCTRL_GUEST_DID_MAP_CONTROL0_OFFSET: gDevID map
 VFCTRL_DID_MAP_CONTROL1 = 0x08  # ..._DID_MAP_CONTROL1_OFFSET: gDomID map
-VFCTRL_MISC_CONTROL = 0x10  # VIOMMU_VFCTRL_GUEST_MISC_CONTROL_OFFSET: TransDevID[31:16]
+VFCTRL_MISC_CONTROL = 0x10  # VIOMMU_VFCTRL_GUEST_MISC_CONTROL_OFFSET: trans DevID [31:16]
 VFCTRL_CMD_CONTROL = 0x20  # guest command buffer (amd_viommu_set_cmdbuf_flags)
 VFCTRL_EVT_CONTROL = 0x28  # guest event log (amd_viommu_set_evtbuf_flags)
 VFCTRL_PPR_CONTROL = 0x30  # guest PPR log (amd_viommu_set_pprbuf_flags)

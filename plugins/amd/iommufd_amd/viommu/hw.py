@@ -14,7 +14,8 @@ What the hardware owns per guest ID (``gid``):
 
 Every PAS access is a translation of the IOMMU's own DevID through the PAS v1 table (IOTLB
 cached under the PAS DomainID); every guest-RAM access is a translation of the guest's
-TransDevID (IOTLB cached under its own DomainID), so the guest can reach nothing but its RAM.
+translate DeviceID (IOTLB cached under the nest parent's DomainID), so the guest can reach
+nothing but its RAM.
 """
 
 from __future__ import annotations
@@ -203,7 +204,7 @@ class ViommuHw:
         self.hw.memory.write_u64(self._pa(IOMMU_DEVID, addr, True), value)
 
     def gpa(self, slot: GuestSlot, gpa: int, write: bool) -> int:
-        """Guest-physical -> system address through the guest's TransDevID (stage 2)."""
+        """Guest-physical -> system address through the guest's translate DeviceID (stage 2)."""
         return self._pa(slot.trans_devid, gpa, write)
 
     # -- guest MMIO (in the PAS) -----------------------------------------------------------------
