@@ -25,58 +25,54 @@ from iommufd_model.api import IOMMU_WRITE, DriverInfo, hookimpl
 from toy_iommu.driver import ToyDriver, _toy
 
 
-def _named(driver: ToyDriver, name: str) -> DriverInfo:
-    return attrs.evolve(ToyDriver.driver_info(driver), name=name)
+class Renamed(ToyDriver):
+    """The toy under another entry-point name (``DriverInfo.name`` must match it)."""
 
-
-class WritableToy(ToyDriver):
-    """Maps every page writable: a device may write what the VMM mapped read-only."""
+    NAME = ""
 
     @hookimpl
     def driver_info(self) -> DriverInfo:
-        return _named(self, "writable_toy")
+        return attrs.evolve(ToyDriver.driver_info(self), name=self.NAME)
+
+
+class WritableToy(Renamed):
+    """Maps every page writable: a device may write what the VMM mapped read-only."""
+
+    NAME = "writable_toy"
 
     @hookimpl
     def domain_map(self, domain, iova, pa, size, prot):
         return ToyDriver.domain_map(self, domain, iova, pa, size, prot | IOMMU_WRITE)
 
 
-class LeakyToy(ToyDriver):
-    """Frees a domain's ID but never its page-table frames."""
+class ForgetfulToy(Renamed):
+    """Frees a domain without its page-table frames (FREES_TABLES) or its ID (FREES_ID)."""
 
-    @hookimpl
-    def driver_info(self) -> DriverInfo:
-        return _named(self, "leaky_toy")
-
-    @hookimpl
-    def domain_free(self, domain):
-        toy = _toy(domain)
-        toy.iommu.invalidate(toy.domid)
-        toy.iommu.domain_ids.free(toy.domid)
-        return True
-
-
-class IdLeakyToy(ToyDriver):
-    """Frees a domain's tables but never its domain ID."""
-
-    @hookimpl
-    def driver_info(self) -> DriverInfo:
-        return _named(self, "idleaky_toy")
+    FREES_TABLES = FREES_ID = True
 
     @hookimpl
     def domain_free(self, domain):
         toy = _toy(domain)
         toy.iommu.invalidate(toy.domid)
-        toy.pt.free()
+        if self.FREES_TABLES:
+            toy.pt.free()
+        if self.FREES_ID:
+            toy.iommu.domain_ids.free(toy.domid)
         return True
 
 
-class RaisingToy(ToyDriver):
+class LeakyToy(ForgetfulToy):
+    NAME, FREES_TABLES = "leaky_toy", False
+
+
+class IdLeakyToy(ForgetfulToy):
+    NAME, FREES_ID = "idleaky_toy", False
+
+
+class RaisingToy(Renamed):
     """Refuses an unmap with a KeyError instead of an OSError carrying an errno."""
 
-    @hookimpl
-    def driver_info(self) -> DriverInfo:
-        return _named(self, "raising_toy")
+    NAME = "raising_toy"
 
     @hookimpl
     def domain_unmap(self, domain, iova, size):
