@@ -170,7 +170,7 @@ class GuestVtd(GuestIommu):
         R.define_registers(
             self.regs, cap=self.vcap, ecap=self.vecap, on_gcmd=self._v_gcmd,
             on_ccmd=self._v_ccmd, on_iqt=self._v_iqt, on_fsts=self._v_fsts,
-            on_ics=self._v_ics, on_frcd_hi=lambda i: self._v_ignore,
+            on_ics=self._v_ics, on_prs=self._v_ignore, on_frcd_hi=lambda i: self._v_ignore,
             gsts=lambda: self.v_gsts, fsts=lambda: self.v_fsts,
         )  # fmt: skip
         self.v_gsts = 0

@@ -43,14 +43,20 @@ KIND_PT = 3  # pass-through
 #: TlbEntry.perm flag: the leaf's D bit is known to be set (a write hit may skip the walk)
 PERM_DIRTY_OK = 0x10
 
-_WALK_REASON = {  # walker status -> fault reason, per stage
+_WALK_REASON = {  # walker status -> fault reason, per stage ("s2" = nested, second stage)
     ("fs", 1): F.FR_FS_NOT_PRESENT,
     ("fs", 3): F.FR_FS_NON_CANONICAL,
     ("fs", 4): F.FR_FS_RSVD,
+    ("fs", 6): F.FR_FS_ACCESS,
+    ("fs", 7): F.FR_FS_USER,
     ("ss", 1): F.FR_SS_NOT_PRESENT,
-    ("ss", 3): F.FR_ADDR_BEYOND_MGAW,
+    ("ss", 3): F.FR_ADDR_BEYOND_AW,
     ("ss", 4): F.FR_SS_RSVD,
     ("ss", 6): F.FR_SS_ACCESS,
+    ("s2", 1): F.FR_SS_NOT_PRESENT,
+    ("s2", 3): F.FR_FS_NESTED_BEYOND_AW,
+    ("s2", 4): F.FR_SS_RSVD,
+    ("s2", 6): F.FR_SS_ACCESS,
 }
 
 
@@ -67,6 +73,7 @@ class IntelVtd(IommuHw):
         self.nfr = R.field(cap, R.CAP_NFR_SHIFT, 8) + 1
         self.mamv = R.field(cap, R.CAP_MAMV_SHIFT, 6)
         self.fl5lp = bool(cap & R.CAP_FL5LP)
+        self.fl1gp = bool(cap & R.CAP_FL1GP)
         self.large_mask = self.sllps << 1  # bit n: a second-stage leaf may stand at level n
         # -- architectural state behind the registers
         self.gsts = 0
@@ -96,6 +103,7 @@ class IntelVtd(IommuHw):
             on_iqt=self._iqt,
             on_fsts=self._fsts_write,
             on_ics=self._ics_write,
+            on_prs=self._prs_write,
             on_frcd_hi=self._frcd_clear,
             gsts=lambda: self.gsts,
             fsts=self._fsts_read,
@@ -155,6 +163,9 @@ class IntelVtd(IommuHw):
 
     def _ics_write(self, old: int, new: int) -> None:
         self.mmio.set("ICS", old & ~(new & R.ICS_IWC))
+
+    def _prs_write(self, old: int, new: int) -> None:
+        self.mmio.set("PRS", old & ~(new & R.PRS_RW1C))
 
     def _frcd_clear(self, index: int) -> R.Hook:
         def hook(old: int, new: int) -> None:
@@ -285,12 +296,14 @@ class IntelVtd(IommuHw):
             return pe
         index = T.pasid_dir_index(pasid)
         if index >= ce.dir_entries:
-            raise F.TableFault(F.FR_PASID_DIR_NOT_PRESENT, ce.fpd)
+            raise F.TableFault(F.FR_SM_CTX_PASID_TOO_LARGE, ce.fpd)
         de = T.PasidDirEntry.decode(
             self._read(ce.pasid_dir + index * 8, F.FR_PASID_DIR_ACCESS, ce.fpd)
         )
         if not de.p:
             raise F.TableFault(F.FR_PASID_DIR_NOT_PRESENT, ce.fpd or de.fpd)
+        if de.rsvd:
+            raise F.TableFault(F.FR_PASID_DIR_RSVD, ce.fpd or de.fpd)
         slot = de.table + T.pasid_table_index(pasid) * T.PASID_ENTRY_SIZE
         qs = [self._read(slot + 8 * i, F.FR_PASID_TABLE_ACCESS, ce.fpd) for i in range(8)]
         pe = T.PasidEntry.decode(qs)
@@ -333,6 +346,8 @@ class IntelVtd(IommuHw):
         rid = dev.rid
         try:
             ce = self.context_entry(rid)
+            if pasid is not None and not ce.paside:
+                raise F.TableFault(F.FR_SM_CTX_PASIDE, ce.fpd)
             eff = ce.rid_pasid if pasid is None else pasid
             pe = self.pasid_entry(rid, eff, ce)
         except F.TableFault as tf:
@@ -346,15 +361,16 @@ class IntelVtd(IommuHw):
         stats.iotlb_misses += 1
         if kind == KIND_PT:
             if iova >= self.memory.size:
-                raise self.record(dev, iova, write, pasid, F.FR_ADDR_BEYOND_MGAW, pe.fpd)
+                raise self.record(dev, iova, write, pasid, F.FR_ADDR_BEYOND_AW, pe.fpd)
             return iova, page_run(iova)
         pages = self.memory._pages
         size = self.memory.size
         ssade = pe.ssade and kind != KIND_FS
         s2st = 0
+        fl1gp = self.fl1gp
         if kind == KIND_FS:
-            st, value, shift, refs, prot = walk_x86(
-                pages, size, pe.fsptptr, iova, pe.fs_levels, write, None
+            st, value, shift, refs, prot = self.walker.walk_fs(
+                pages, size, pe.fsptptr, iova, pe.fs_levels, write, fl1gp, True
             )
             stage = "fs"
         elif kind == KIND_SS:
@@ -375,12 +391,14 @@ class IntelVtd(IommuHw):
                 T.aw_levels(pe.aw),
                 self.large_mask,
                 ssade,
+                fl1gp,
+                True,  # every modelled request is a user request (no PM, RID_PRIV = 0)
             )
             stage = "fs"
         stats.walk_mem_refs += refs
         if st != 0:
             if st == 5:  # the second stage refused a nested access
-                st, stage = s2st, "ss"
+                st, stage = s2st, "s2"
             if st == 2:
                 reason = F.FR_WRITE if write else F.FR_READ
             else:

@@ -109,8 +109,14 @@ FSTS_PPF = 1 << 1  # PPF: primary pending fault (RO: some FRCD has F set)
 FSTS_IQE = 1 << 4  # IQE: invalidation queue error (RW1C)
 FSTS_ICE = 1 << 5  # ICE: invalidation completion error (RW1C)
 FSTS_ITE = 1 << 6  # ITE: invalidation time-out error (RW1C)
+FSTS_PRO = 1 << 7  # PRO: page request overflow (RW1C; the model sets it with PRS.PRO)
 FSTS_FRI_SHIFT = 8  # FRI 15:8: fault record index
-FSTS_RW1C = FSTS_PFO | FSTS_IQE | FSTS_ICE | FSTS_ITE
+FSTS_RW1C = FSTS_PFO | FSTS_IQE | FSTS_ICE | FSTS_ITE | FSTS_PRO
+
+# -- PRS (spec chapter 11, page request status): both bits RW1C ------------------------------
+PRS_PPR = 1 << 0  # PPR: pending page request (set when hardware queued a request)
+PRS_PRO = 1 << 1  # PRO: page request overflow (the queue was full, the request was answered)
+PRS_RW1C = PRS_PPR | PRS_PRO
 
 # -- IQA / ICS (spec 11.4.10) ----------------------------------------------------------------
 IQA_DW = 1 << 11  # DW: descriptor width, 0 = 128-bit, 1 = 256-bit
@@ -202,6 +208,7 @@ def define_registers(
     on_iqt: Hook,
     on_fsts: Hook,
     on_ics: Hook,
+    on_prs: Hook,
     on_frcd_hi: Callable[[int], Hook],
     gsts: Callable[[], int],
     fsts: Callable[[], int],
@@ -228,7 +235,7 @@ def define_registers(
     mmio.define("PQH", PQH, writable=0x7FFE0)
     mmio.define("PQT", PQT, writable=0)
     mmio.define("PQA", PQA, writable=IQA_ADDR_MASK | IQA_QS_MASK)
-    mmio.define("PRS", PRS_REG, width=4)
+    mmio.define("PRS", PRS_REG, width=4, writable=PRS_RW1C, on_write=on_prs)
     nfr = field(cap, CAP_NFR_SHIFT, 8) + 1
     base = field(cap, CAP_FRO_SHIFT, 10) << 4
     for i in range(nfr):

@@ -131,13 +131,16 @@ class PasidDirEntry:
     p: bool = False  # P (bit 0): present
     fpd: bool = False  # FPD (bit 1): fault processing disable
     table: int = 0  # SMPTBLPTR (63:12): scalable-mode PASID table pointer
+    rsvd: int = 0  # reserved bits seen on decode (11:2)
+
+    RSVD_MASK = 0xFFC
 
     def encode(self) -> int:
         return int(self.p) | int(self.fpd) << 1 | (self.table & ADDR_MASK)
 
     @classmethod
     def decode(cls, q: int) -> PasidDirEntry:
-        return cls(_bit(q, 0), _bit(q, 1), q & ADDR_MASK)
+        return cls(_bit(q, 0), _bit(q, 1), q & ADDR_MASK, q & cls.RSVD_MASK)
 
 
 # -- PASID table entry (512 bits) -------------------------------------------------------------
@@ -163,6 +166,7 @@ class PasidEntry:
     fsptptr: int = 0  # FSPTPTR/FLPTPTR (191:140): first-stage table pointer
     rsvd: int = 0
 
+    RSVD0 = 0xC00  # bits 11:10
     RSVD2 = 0xF00  # bits 139:136 (11:8 of qword 2); qwords 3..7 are not modelled: must be 0
 
     def encode(self) -> tuple[int, int, int, int, int, int, int, int]:
@@ -188,7 +192,7 @@ class PasidEntry:
     @classmethod
     def decode(cls, qs: list[int] | tuple[int, ...]) -> PasidEntry:
         q0, q1, q2 = qs[0], qs[1], qs[2]
-        rsvd = (q2 & cls.RSVD2) | sum(qs[3:])
+        rsvd = (q0 & cls.RSVD0) | (q2 & cls.RSVD2) | sum(qs[3:])
         return cls(
             p=_bit(q0, 0),
             fpd=_bit(q0, 1),
@@ -209,8 +213,10 @@ class PasidEntry:
         )
 
     def check(self, sagaw: int, fl5lp: bool) -> int:
-        """0 when a present entry is usable, else the fault reason (SPT.4.x)."""
-        if self.rsvd or self.pgtt not in (PGTT_FIRST, PGTT_SECOND, PGTT_NESTED, PGTT_PT):
+        """0 when a present entry is usable, else the fault reason (0x5A reserved, 0x5B invalid)."""
+        if self.rsvd:
+            return F.FR_PASID_ENTRY_RSVD
+        if self.pgtt not in (PGTT_FIRST, PGTT_SECOND, PGTT_NESTED, PGTT_PT):
             return F.FR_PASID_ENTRY_INVALID
         if self.pgtt in (PGTT_SECOND, PGTT_NESTED) and not (self.aw and sagaw >> self.aw & 1):
             return F.FR_PASID_ENTRY_INVALID

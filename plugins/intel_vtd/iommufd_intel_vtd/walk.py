@@ -1,11 +1,16 @@
-"""Compiled hot path: the VT-d second-stage walk and the nested (first over second) walk.
+"""Compiled hot path: the VT-d first-stage, second-stage and nested (first over second) walks.
 
 Plain typed functions over the memory's page dict, free of framework imports, so that mypyc
-turns them into C without the framework on its path. The first stage is the framework's
-x86-64 walker (``iommufd_model.hw.walk_x86.walk_x86``), passed in by the caller; the nested
-walk runs that walker's rules natively in this module, every first-stage table pointer and
-the final output address translated (and counted) through :func:`walk_ss`. Another
-first-stage walker is called with a stage-2 callback instead.
+turns them into C without the framework on its path. The first stage follows the VT-d
+spec's first-stage rules (x86-64 paging as remapping hardware applies it): the input must be
+canonical for the paging mode (the upper half is walked like the lower one), a user request
+needs U/S = 1 at every level (checked at the leaf, as x86 combines the rights), PS at the
+PDPE is a 1 GiB leaf only when CAP.FL1GP says so (reserved otherwise), PS above it is
+reserved. The nested walk runs the same rules natively,
+every first-stage table pointer and the final output address translated (and counted)
+through :func:`walk_ss`; another first-stage walker passed in (the framework's
+``walk_x86``, a test double) is called with a stage-2 callback instead and applies its own
+rules.
 
 Results use the framework walker's convention ``(status, value, shift, refs, prot)``; the
 extra status :data:`ACCESS` means an entry lay outside physical memory.
@@ -36,6 +41,7 @@ ADDRESS_SIZE: Final = 3
 BAD_ENTRY: Final = 4
 S2_FAULT: Final = 5
 ACCESS: Final = 6
+USER: Final = 7  # a user request met a first-stage entry with U/S = 0
 
 Stage2 = Callable[[int, bool], tuple[int, int, int]]
 if TYPE_CHECKING:
@@ -52,6 +58,7 @@ _A: Final = 0x100
 _D: Final = 0x200
 _FS_P: Final = 1  # first-stage (x86-64) entry bits
 _FS_RW: Final = 2
+_FS_US: Final = 4
 # Roots and memory sizes up to this fit the native walks. It is the largest unboxed (short)
 # int: a comparison with 1 << 62 would box both sides and call PyObject_RichCompare.
 _NATIVE_MAX: Final = (1 << 62) - 1
@@ -216,6 +223,82 @@ def _ss_any(
     return BAD_ENTRY, 0, 0, refs, 0
 
 
+def canonical_low(iova: int, levels: int) -> int:
+    """The walked part of a first-stage input: ``iova`` without its sign-extension bits, or
+    -1 when ``iova`` is not canonical for ``levels`` (bits 63:47, or 63:56, not all equal)."""
+    top = 11 + 9 * levels  # 47 for 4-level, 56 for 5-level paging
+    high = iova >> top
+    if high != 0 and high != (1 << (64 - top)) - 1:
+        return -1
+    return iova & ((1 << (top + 1)) - 1)
+
+
+def walk_fs(
+    pages: Pages,
+    mem_size: int,
+    root: int,
+    iova: int,
+    levels: int,
+    write: bool,
+    fl1gp: bool,
+    user: bool,
+) -> Result:
+    """First-stage walk of ``iova`` (``levels`` 4 or 5); the framework walker's results."""
+    low = canonical_low(iova, levels)
+    if low < 0 or not 0 < levels <= 5:
+        return ADDRESS_SIZE, levels - 1, 0, 0, 0
+    if not 0 <= root <= _NATIVE_MAX or root >= mem_size:
+        return ACCESS, levels - 1, 0, 0, 0  # the root table is outside memory
+    return _fs(pages, _words(pages), _clamp(mem_size), root, low, levels, write, fl1gp, user)
+
+
+def _fs(
+    pages: Pages,
+    words: Words,
+    mem_size: i64,
+    root: i64,
+    iova: i64,
+    levels: i64,
+    write: bool,
+    fl1gp: bool,
+    user: bool,
+) -> Result:
+    """:func:`walk_fs` on native ints after the canonical check."""
+    refs: i64 = 0
+    prot: i64 = 3
+    table: i64 = root
+    level: i64 = levels - 1
+    top_leaf: i64 = 2 if fl1gp else 1
+    us: i64 = _FS_US
+    while level >= 0:
+        shift: i64 = 12 + 9 * level
+        slot: i64 = table + ((iova >> shift) & 0x1FF) * 8
+        if slot + 8 > mem_size:
+            return ACCESS, level, 0, refs, 0
+        view = _view(pages, words, slot >> 12)
+        entry: i64 = 0
+        if len(view):
+            entry = view[(slot & 0xFFF) >> 3]
+        refs += 1
+        if not entry & _FS_P:
+            return NOT_PRESENT, level, 0, refs, 0
+        if level > top_leaf and entry & _PS:  # PS at level 0 is PAT, not a size
+            return BAD_ENTRY, level, 0, refs, 0
+        us &= entry
+        if not entry & _FS_RW:
+            prot &= 1
+        if level == 0 or entry & _PS:
+            if user and not us:
+                return USER, level, 0, refs, 0
+            if write and not prot & 2:
+                return PERMISSION, level, 0, refs, prot
+            mask: i64 = _mask(shift)
+            return OK, (entry & _ADDR & ~mask) | (iova & mask), shift, refs, prot
+        table = entry & _ADDR
+        level -= 1
+    return BAD_ENTRY, 0, 0, refs, 0
+
+
 def walk_nested(
     walk_fs: FirstStage,
     pages: Pages,
@@ -228,13 +311,17 @@ def walk_nested(
     ss_levels: int,
     large_mask: int,
     set_ad: bool,
+    fl1gp: bool = True,
+    user: bool = False,
 ) -> tuple[int, int, int, int, int, int]:
     """``walk_fs`` (the x86-64 walker) with table pointers and output guest-physical.
 
     Returns ``(status, value, shift, refs, prot, s2_status)``: on ``S2_FAULT`` ``value`` is
     the guest-physical address the second stage refused and ``s2_status`` says why. ``prot``
-    is the intersection of both stages' permissions for the page found.
+    is the intersection of both stages' permissions for the page found. ``fl1gp`` and
+    ``user`` apply the first-stage rules of :func:`walk_fs` (the native walk only).
     """
+    low = canonical_low(iova, fs_levels) if 0 < fs_levels <= 5 else -1
     if (
         getattr(walk_fs, "__name__", "") != "walk_x86"
         or not 0 < fs_levels <= 5
@@ -247,7 +334,7 @@ def walk_nested(
             pages,
             mem_size,
             fs_root,
-            iova,
+            iova if low < 0 else low,
             fs_levels,
             write,
             ss_root,
@@ -255,20 +342,22 @@ def walk_nested(
             large_mask,
             set_ad,
         )
-    if iova >> (12 + 9 * fs_levels):
+    if low < 0:
         return ADDRESS_SIZE, fs_levels - 1, 0, 0, 0, OK
     return _nested(
         pages,
         _words(pages),
         _clamp(mem_size),
         fs_root,
-        iova,
+        low,
         fs_levels,
         write,
         ss_root,
         ss_levels,
         large_mask,
         set_ad,
+        fl1gp,
+        user,
     )
 
 
@@ -284,13 +373,17 @@ def _nested(
     ss_levels: i64,
     large_mask: int,
     set_ad: bool,
+    fl1gp: bool,
+    user: bool,
 ) -> tuple[int, int, int, int, int, int]:
-    """The framework's ``walk_x86`` rules with :func:`walk_ss` as stage 2, natively."""
+    """:func:`walk_fs`'s rules with :func:`walk_ss` as stage 2, natively."""
     refs: i64 = 0
     prot: i64 = 3
     table: i64 = fs_root
     level: i64 = fs_levels - 1
     ss_top: i64 = 12 + 9 * ss_levels
+    top_leaf: i64 = 2 if fl1gp else 1
+    us: i64 = _FS_US
     while level >= 0:
         shift: i64 = 12 + 9 * level
         gpa: i64 = table + ((iova >> shift) & 0x1FF) * 8
@@ -311,11 +404,16 @@ def _nested(
         refs += 1
         if not entry & _FS_P:
             return NOT_PRESENT, level, 0, refs, 0, OK
+        if level > top_leaf and entry & _PS:
+            return BAD_ENTRY, level, 0, refs, 0, OK
+        us &= entry
         if not entry & _FS_RW:
             prot &= 1
-        if level == 0 or (entry & _PS and level <= 2):
+        if level == 0 or entry & _PS:
             mask = _mask(shift)
             out: i64 = (entry & _ADDR & ~mask) | (iova & mask)
+            if user and not us:
+                return USER, level, 0, refs, 0, OK
             if write and not prot & 2:
                 return PERMISSION, level, 0, refs, prot, OK
             if out >> ss_top:
@@ -328,8 +426,6 @@ def _nested(
                 return S2_FAULT, out, 0, refs, 0, st
             # The combined page is limited by the stage-2 page: report 4 KiB granules.
             return OK, pa, 12, refs, prot & s2prot, OK
-        if entry & _PS:
-            return BAD_ENTRY, level, 0, refs, 0, OK
         table = entry & _ADDR
         level -= 1
     return BAD_ENTRY, 0, 0, refs, 0, OK

@@ -93,10 +93,12 @@ def test_pasid_entry_checks() -> None:
         attrs.evolve(ok, pgtt=5),
         attrs.evolve(ok, aw=T.AW_57),  # SAGAW lacks 5-level
         attrs.evolve(ok, pgtt=T.PGTT_FIRST, fspm=1),  # no FL5LP
-        attrs.evolve(ok, rsvd=1),
     ]
     for pe in bad:
-        assert pe.check(sagaw=0b0100, fl5lp=False) == F.FR_PASID_ENTRY_INVALID
+        assert pe.check(sagaw=0b0100, fl5lp=False) == F.FR_PASID_ENTRY_INVALID == 0x5B
+    # A reserved bit is SPT.3 (0x5A), and it wins over an invalid PGTT.
+    assert attrs.evolve(ok, rsvd=1).check(sagaw=0b0100, fl5lp=False) == F.FR_PASID_ENTRY_RSVD
+    assert attrs.evolve(ok, rsvd=1, pgtt=5).check(sagaw=0b0100, fl5lp=False) == 0x5A
 
 
 def _attached(world: Any) -> tuple[Any, Any, int]:
@@ -111,7 +113,7 @@ def _attached(world: Any) -> tuple[Any, Any, int]:
 def _fault_reason(world: Any, pasid: int | None = None) -> int:
     with pytest.raises(im.DmaFault):
         world.dev.dma_read(0, 8, pasid=pasid)
-    return int(world.hw.pending_faults()[-1].reason)
+    return int(world.hw.records[-1].reason)  # the FRCD ring may be full: every record
 
 
 def _flush_all(world: Any) -> None:
@@ -130,6 +132,7 @@ def test_bad_pasid_entries_fault_with_the_spec_reason(world: Any) -> None:
         (q0 & ~1, F.FR_PASID_NOT_PRESENT),  # P = 0
         (q0 & ~(7 << 6) | 6 << 6, F.FR_PASID_ENTRY_INVALID),  # PGTT 6 reserved
         (q0 & ~(7 << 6) | T.PGTT_SECOND << 6 | 3 << 2, F.FR_PASID_ENTRY_INVALID),  # AW 57
+        (q0 | 1 << 10, F.FR_PASID_ENTRY_RSVD),  # bits 11:10 are reserved
     ):
         mem.write_u64(slot, q0_bad)
         _flush_all(world)
@@ -137,7 +140,7 @@ def test_bad_pasid_entries_fault_with_the_spec_reason(world: Any) -> None:
     mem.write(slot, good)
     mem.write_u64(slot + 24, 1)  # reserved qword 3
     _flush_all(world)
-    assert _fault_reason(world) == F.FR_PASID_ENTRY_INVALID
+    assert _fault_reason(world) == F.FR_PASID_ENTRY_RSVD == 0x5A
     mem.write(slot, good)
     _flush_all(world)
     world.dev.dma_read(0, 8)
@@ -163,6 +166,7 @@ def test_bad_root_context_and_directory_entries(world: Any) -> None:
         (ctx_slot, ctx_q0 & ~1, F.FR_SM_CTX_NOT_PRESENT),
         (ctx_slot, ctx_q0 | 0x20, F.FR_SM_CTX_RSVD),
         (info.pasid_dir, 0, F.FR_PASID_DIR_NOT_PRESENT),
+        (info.pasid_dir, mem.read_u64(info.pasid_dir) | 1 << 5, F.FR_PASID_DIR_RSVD),
     ]
     for slot, value, reason in cases:
         good = mem.read_u64(slot)
@@ -172,11 +176,12 @@ def test_bad_root_context_and_directory_entries(world: Any) -> None:
         mem.write_u64(slot, good)
     _flush_all(world)
     world.dev.dma_read(0, 8)
-    # A PASID beyond the directory's PDTS size, and one whose table was never allocated.
-    assert _fault_reason(world, pasid=(info.dir_entries << 6) + 1) == F.FR_PASID_DIR_NOT_PRESENT
+    # A PASID beyond the directory's PDTS size (SCT.7), one whose table was never allocated.
+    assert _fault_reason(world, pasid=(info.dir_entries << 6) + 1) == 0x46
+    assert F.FR_SM_CTX_PASID_TOO_LARGE == 0x46 and F.FR_PASID_DIR_RSVD == 0x52
     assert _fault_reason(world, pasid=5000) == F.FR_PASID_DIR_NOT_PRESENT
     assert _fault_reason(world, pasid=7) == F.FR_PASID_NOT_PRESENT
-    rec = world.hw.pending_faults()[-1]
+    rec = world.hw.records[-1]
     assert rec.pasid == 7 and rec.sid == rid
 
 
