@@ -37,7 +37,7 @@ from iommufd_model.errors import err
 from iommufd_model.hookspecs import hookimpl
 from iommufd_model.hw.memory import PAGE_SHIFT
 from iommufd_model.hw.pci import PciDevice
-from iommufd_model.hw.radix import RadixPageTable
+from iommufd_model.hw.radix import TABLE, RadixPageTable
 from iommufd_model.hw.x86_64 import X86_64Format
 from iommufd_model.machine import Machine
 from iommufd_model.uapi import iommufd as U
@@ -75,7 +75,36 @@ OPTIONS = {
 
 
 # -- domains ----------------------------------------------------------------------------------
-class VtdPaging(Domain):
+CACHE_TAG_IOTLB, CACHE_TAG_DEVTLB, CACHE_TAG_NESTING_IOTLB, CACHE_TAG_NESTING_DEVTLB = range(4)
+
+
+@attrs.define(slots=True)
+class CacheTag:
+    """``struct cache_tag`` (cache.c): one cache a domain's translations may sit in."""
+
+    type: int  # CACHE_TAG_*
+    did: int
+    pasid: int
+    rid: int  # the device of a DEVTLB tag; -1 for IOTLB tags (one per IOMMU)
+    users: int = 1
+
+
+class DomainIds:
+    """What every dmar_domain carries: its DID on the unit (allocated at the first attach,
+    freed at the last detach: domain_attach_iommu / domain_detach_iommu) and its cache tags
+    in assignment order (cache_tag_assign: a new tag goes after the unit's last tag)."""
+
+    did: int | None
+    did_refs: int
+    tags: list[CacheTag]
+
+    def init_ids(self) -> None:
+        self.did = None
+        self.did_refs = 0
+        self.tags = []
+
+
+class VtdPaging(Domain, DomainIds):
     """A kernel-owned paging domain (``struct dmar_domain``) of one stage."""
 
     def __init__(self, hw: IntelVtd, state: IommuState, *, first_stage: bool, flags: int) -> None:
@@ -100,16 +129,17 @@ class VtdPaging(Domain):
             dirty_tracking=bool(flags & U.IOMMU_HWPT_ALLOC_DIRTY_TRACKING),
             pasid_compat=bool(flags & U.IOMMU_HWPT_ALLOC_PASID),
         )
+        self.init_ids()
         self.hw = hw
         self.first_stage = first_stage
         self.pt = RadixPageTable(hw.memory, fmt)
-        self.did = state.alloc_did()
         self.attached: set[tuple[int, int]] = set()  # (rid, pasid)
         self.children: list[VtdNested] = []
         self.tracking = False  # intel's dmar_domain->dirty_tracking (enabled state)
+        self.force_snooping = False  # enforce_cache_coherency() was called and held
 
 
-class VtdNested(Domain):
+class VtdNested(Domain, DomainIds):
     """A user stage-1 domain over a nest-parent second-stage domain (nested.c)."""
 
     def __init__(
@@ -121,23 +151,42 @@ class VtdNested(Domain):
             parent=parent,
             pasid_compat=bool(flags & U.IOMMU_HWPT_ALLOC_PASID),
         )
+        self.init_ids()
         self.hw = hw
         self.s2 = parent
         self.cfg = cfg
-        self.did = state.alloc_did()
         self.attached: set[tuple[int, int]] = set()
+
+
+VtdDomain = VtdPaging | VtdNested
 
 
 # -- the kernel's per-IOMMU state (struct intel_iommu) -----------------------------------------
 class DevInfo:
     """``struct device_domain_info`` + its PASID table."""
 
-    def __init__(self, dev: PciDevice, pasid_dir: int, dir_entries: int) -> None:
+    def __init__(self, dev: PciDevice, pasid_dir: int, dir_entries: int, ats: bool) -> None:
         self.dev = dev
         self.pasid_dir = pasid_dir
         self.dir_entries = dir_entries
         self.tables: dict[int, int] = {}  # directory index -> PASID table address
-        self.domains: dict[int, Domain] = {}  # pasid -> attached domain
+        self.domains: dict[int, VtdDomain] = {}  # pasid -> attached domain
+        self.domain_attached = False  # the RID's PASID entry is set up (not blocked)
+        self.ats_enabled = ats  # ATS supported by device and unit, enabled at probe_finalize
+        self.qdep = dev_qdep(dev) if ats else 0  # pci_ats_queue_depth()
+        self.pfsid = 0  # only with ECAP.DIT, which the modelled unit lacks
+
+
+def dev_qdep(dev: PciDevice) -> int:
+    """The device's ATS Invalidate Queue Depth (0 encodes 32); the framework's PCI model
+    has no ATS capability fields, so a device may carry ``ats_qdep`` (the model's own)."""
+    return int(getattr(dev, "ats_qdep", 0))
+
+
+QI_DONE = 2  # the status value Linux's wait descriptors write (enum qi_status)
+QI_IN_USE = 1
+QI_MAX_BATCHED_DESC_COUNT = 16
+QI_DEV_IOTLB_MAX_INVS = 32
 
 
 class IommuState:
@@ -154,7 +203,8 @@ class IommuState:
         self.devs: dict[int, DevInfo] = {}
         self.context_tables: dict[tuple[int, int], int] = {}
         self.status = mem.alloc_frame() << PAGE_SHIFT
-        self.seq = 0
+        #: every descriptor submitted, wait descriptors included (the tests' command stream)
+        self.issued: list[Q.Descriptor] = []
         # Queued invalidation first (dmar_enable_qi): 256-bit descriptors in scalable mode.
         self.iq = mem.alloc_frame() << PAGE_SHIFT
         self.width = 256 if self.sm else 128
@@ -169,35 +219,132 @@ class IommuState:
         self.root = mem.alloc_frame() << PAGE_SHIFT
         mmio.write(R.RTADDR, self.root | R.TTM_SCALABLE << R.RTADDR_TTM_SHIFT)
         mmio.write(R.GCMD, self.gcmd | R.GCMD_SRTP, 4)
-        self.submit(
-            Q.make(Q.CC, g=Q.CC_GLOBAL),
-            Q.make(Q.PC, g=Q.PC_GLOBAL),
-            Q.make(Q.IOTLB, g=Q.IOTLB_GLOBAL, dr=1, dw=1),
-        )
+        self.submit(Q.make(Q.CC, g=Q.CC_GLOBAL))
+        self.submit(Q.make(Q.PC, g=Q.PC_GLOBAL))
+        self.submit(self.iotlb_desc(0, 0, 0, Q.IOTLB_GLOBAL))
         self.gcmd |= R.GCMD_TE
         mmio.write(R.GCMD, self.gcmd, 4)
 
-    def alloc_did(self) -> int:
+    # -- domain IDs (domain_attach_iommu / domain_detach_iommu) --------------------------------
+    def attach_iommu(self, d: VtdDomain) -> int:
+        if d.did is not None:
+            d.did_refs += 1
+            return d.did
         nd = 1 << (4 + 2 * R.field(self.hw.cap, R.CAP_ND_SHIFT, 3))
         for did in range(FIRST_DID, nd):
             if did not in self.dids:
                 self.dids.add(did)
+                d.did, d.did_refs = did, 1
                 return did
         raise err(errno.ENOSPC, "out of domain IDs")
 
+    def detach_iommu(self, d: VtdDomain) -> None:
+        d.did_refs -= 1
+        if d.did_refs == 0 and d.did is not None:
+            self.dids.discard(d.did)
+            d.did = None
+
+    # -- cache tags (cache.c) ----------------------------------------------------------------
+    @staticmethod
+    def _tag_assign(d: VtdDomain, type_: int, did: int, rid: int, pasid: int) -> None:
+        key_rid = rid if type_ in (CACHE_TAG_DEVTLB, CACHE_TAG_NESTING_DEVTLB) else -1
+        for tag in d.tags:
+            if (tag.type, tag.did, tag.pasid, tag.rid) == (type_, did, pasid, key_rid):
+                tag.users += 1
+                return
+        d.tags.append(CacheTag(type_, did, pasid, key_rid))
+
+    @staticmethod
+    def _tag_unassign(d: VtdDomain, type_: int, did: int, rid: int, pasid: int) -> None:
+        key_rid = rid if type_ in (CACHE_TAG_DEVTLB, CACHE_TAG_NESTING_DEVTLB) else -1
+        for tag in d.tags:
+            if (tag.type, tag.did, tag.pasid, tag.rid) == (type_, did, pasid, key_rid):
+                tag.users -= 1
+                if not tag.users:
+                    d.tags.remove(tag)
+                return
+
+    def tag_assign_domain(self, d: VtdDomain, info: DevInfo, pasid: int) -> None:
+        """cache_tag_assign_domain(): IOTLB (+ DEVTLB with ATS) tags, and the NESTING_ ones
+        on the parent of a nested domain."""
+        assert d.did is not None
+        rid = info.dev.rid
+        self._tag_assign(d, CACHE_TAG_IOTLB, d.did, rid, pasid)
+        if info.ats_enabled:
+            self._tag_assign(d, CACHE_TAG_DEVTLB, d.did, rid, pasid)
+        if isinstance(d, VtdNested):
+            self._tag_assign(d.s2, CACHE_TAG_NESTING_IOTLB, d.did, rid, pasid)
+            if info.ats_enabled:
+                self._tag_assign(d.s2, CACHE_TAG_NESTING_DEVTLB, d.did, rid, pasid)
+
+    def tag_unassign_domain(self, d: VtdDomain, info: DevInfo, pasid: int) -> None:
+        assert d.did is not None
+        rid = info.dev.rid
+        self._tag_unassign(d, CACHE_TAG_IOTLB, d.did, rid, pasid)
+        if info.ats_enabled:
+            self._tag_unassign(d, CACHE_TAG_DEVTLB, d.did, rid, pasid)
+        if isinstance(d, VtdNested):
+            self._tag_unassign(d.s2, CACHE_TAG_NESTING_IOTLB, d.did, rid, pasid)
+            if info.ats_enabled:
+                self._tag_unassign(d.s2, CACHE_TAG_NESTING_DEVTLB, d.did, rid, pasid)
+
     # -- queued invalidation (qi_submit_sync) -------------------------------------------------
-    def submit(self, *descs: Q.Descriptor) -> None:
-        """Queue ``descs`` plus a wait descriptor with status write, ring IQT, check status."""
-        self.seq = (self.seq + 1) & 0xFFFF_FFFF
-        wait = Q.make(Q.WAIT, sw=1, fn=1, status_data=self.seq, status_addr=self.status >> 2)
+    def submit(self, *descs: Q.Descriptor, drain: bool = False) -> None:
+        """One qi_submit_sync(): ``descs`` plus a wait descriptor writing QI_DONE to the
+        status slot (with PD for a page-request drain), ring IQT, check the status."""
+        self.mem.write(self.status, QI_IN_USE.to_bytes(4, "little"))
+        wait = Q.make(
+            Q.WAIT, sw=1, pd=int(drain), status_data=QI_DONE, status_addr=self.status >> 2
+        )
         entry = self.width // 8
         for d in (*descs, wait):
             self.mem.write(self.iq + self.tail * entry, d.encode(self.width))
             self.tail = (self.tail + 1) % self.qsize
+            self.issued.append(d)
         self.hw.mmio.write(R.IQT, self.tail * entry)
         done = int.from_bytes(self.mem.read(self.status, 4), "little")
-        if self.hw.fsts & R.FSTS_IQE or done != self.seq:
+        if self.hw.fsts & R.FSTS_IQE or done != QI_DONE:
             raise err(errno.EIO, "invalidation queue error")
+
+    def iotlb_desc(self, did: int, addr: int, am: int, g: int, ih: int = 0) -> Q.Descriptor:
+        """qi_desc_iotlb(): DR/DW whenever the unit drains (CAP.DRD/DWD), for every G."""
+        return Q.make(
+            Q.IOTLB,
+            g=g,
+            did=did,
+            dr=int(bool(self.hw.cap & R.CAP_DRD)),
+            dw=int(bool(self.hw.cap & R.CAP_DWD)),
+            addr=addr >> 12,
+            am=am,
+            ih=ih,
+        )
+
+    @staticmethod
+    def devtlb_desc(info: DevInfo, pasid: int, addr: int, order: int) -> Q.Descriptor:
+        """qi_desc_dev_iotlb() for PASID 0 (RID_PASID), qi_desc_dev_iotlb_pasid() else."""
+        qdep = info.qdep if info.qdep < QI_DEV_IOTLB_MAX_INVS else 0
+        field, size = Q.devtlb_range(addr, order)
+        pf = info.pfsid
+        if pasid == 0:
+            return Q.make(
+                Q.DEV_TLB,
+                sid=info.dev.rid,
+                qdep=qdep,
+                pfsid_lo=pf & 0xF,
+                pfsid_hi=pf >> 4,
+                addr=field,
+                size=size,
+            )
+        return Q.make(
+            Q.PDEV_TLB,
+            sid=info.dev.rid,
+            pasid=pasid,
+            qdep=info.qdep,  # the PASID form masks QDEP to 5 bits without the 32 check
+            pfsid_lo=pf & 0xF,
+            pfsid_hi=pf >> 4,
+            addr=field,
+            size=size,
+        )
 
     # -- context and PASID tables ------------------------------------------------------------
     def probe(self, dev: PciDevice) -> DevInfo:
@@ -206,7 +353,7 @@ class IommuState:
         dir_entries = max(512, 1 << max(bits - 6, 0))  # at least one page of directory
         npages = dir_entries * T.PASID_DIR_ENTRY_SIZE >> PAGE_SHIFT
         pasid_dir = self.mem.alloc_contiguous(npages) << PAGE_SHIFT
-        info = DevInfo(dev, pasid_dir, dir_entries)
+        info = DevInfo(dev, pasid_dir, dir_entries, dev.ats and bool(self.hw.ecap & R.ECAP_DT))
         bus, devfn = dev.rid >> 8, dev.rid & 0xFF
         half = int(devfn >= 128)
         table = self.context_tables.get((bus, half))
@@ -225,7 +372,7 @@ class IommuState:
             self.mem.write_u64(slot + 8, hi)
         ce = T.ContextEntry(
             p=True,
-            dte=dev.ats and bool(self.hw.ecap & R.ECAP_DT),
+            dte=info.ats_enabled,
             paside=bits > 0,
             pdts=dir_entries.bit_length() - 1 - 7,
             pasid_dir=pasid_dir,
@@ -258,81 +405,85 @@ class IommuState:
         for i, q in enumerate(pe.encode()):
             self.mem.write_u64(slot + 8 * i, q)
 
-    # -- flushes (pasid.c / cache.c) ----------------------------------------------------------
-    def flush_entry(self, info: DevInfo, pasid: int, old: T.PasidEntry) -> None:
-        """After a present entry changed or was cleared: PASID cache, IOTLB, device-TLB."""
-        descs = [Q.make(Q.PC, g=Q.PC_PASID, did=old.did, pasid=pasid)]
-        if old.pgtt in (T.PGTT_FIRST, T.PGTT_PT):
-            descs.append(Q.make(Q.PIOTLB, g=Q.PIOTLB_PASID, did=old.did, pasid=pasid))
-        else:
-            descs.append(Q.make(Q.IOTLB, g=Q.IOTLB_DOMAIN, did=old.did, dr=1, dw=1))
-        descs += self.devtlb(info, pasid)
-        self.submit(*descs)
+    # -- PASID entry teardown and flushes (pasid.c / cache.c) -----------------------------------
+    def devtlb_flush_pasid(self, info: DevInfo, pasid: int) -> None:
+        """devtlb_invalidation_with_pasid(): the whole device TLB of ``pasid`` (ATS only)."""
+        if info.ats_enabled and self.gcmd & R.GCMD_TE:
+            self.submit(self.devtlb_desc(info, pasid, 0, Q.MAX_AGAW_PFN_WIDTH))
 
-    def devtlb(
-        self, info: DevInfo, pasid: int, addr: int = 0, size: bool = True
-    ) -> list[Q.Descriptor]:
-        if not info.dev.ats:
-            return []
-        if pasid == 0:
-            return [Q.make(Q.DEV_TLB, sid=info.dev.rid, addr=addr >> 12, size=int(size))]
-        return [Q.make(Q.PDEV_TLB, sid=info.dev.rid, pasid=pasid, addr=addr >> 12, size=int(size))]
-
-    def flush_range(self, domain: Domain, start: int, end: int, leaf: bool) -> None:
-        """cache_tag_flush_range(): one flush per cache tag of ``domain`` (and its children)."""
-        full = end >= U64
-        addr, am = (0, Q.MAX_AGAW_PFN_WIDTH) if full else Q.psi_aligned(start, end)
-        page_ok = not full and bool(self.hw.cap & R.CAP_PSI) and am <= self.hw.mamv
-        descs: list[Q.Descriptor] = []
-        ih = int(leaf)
-
-        def by_did(did: int) -> None:
-            if page_ok:
-                descs.append(
-                    Q.make(Q.IOTLB, g=Q.IOTLB_PAGE, did=did, addr=addr >> 12, am=am, ih=ih)
-                )
-            else:
-                descs.append(Q.make(Q.IOTLB, g=Q.IOTLB_DOMAIN, did=did, dr=1, dw=1))
-
-        def by_pasid(did: int, pasid: int) -> None:
-            if page_ok:
-                descs.append(
-                    Q.make(
-                        Q.PIOTLB,
-                        g=Q.PIOTLB_PAGE,
-                        did=did,
-                        pasid=pasid,
-                        addr=addr >> 12,
-                        am=am,
-                        ih=ih,
-                    )
-                )
-            else:
-                descs.append(Q.make(Q.PIOTLB, g=Q.PIOTLB_PASID, did=did, pasid=pasid))
-
-        if isinstance(domain, VtdPaging) and not domain.first_stage:
-            if domain.attached:
-                by_did(domain.did)
-            for child in domain.children:
-                if child.attached:
-                    by_did(child.did)  # CACHE_TAG_NESTING_IOTLB
-            users = set(domain.attached).union(*(c.attached for c in domain.children))
-        elif isinstance(domain, (VtdPaging, VtdNested)):
-            for _rid, pasid in sorted(domain.attached):
-                by_pasid(domain.did, pasid)
-            users = domain.attached
-        else:
+    def tear_down_entry(self, info: DevInfo, pasid: int) -> None:
+        """intel_pasid_tear_down_entry(): clear P, flush PASID cache, IOTLB and device TLB,
+        each its own qi_submit_sync(), then clear the entry."""
+        old = self.read_pasid_entry(info, pasid)
+        if not old.p:
+            if old.fpd:
+                self.write_pasid_entry(info, pasid, T.PasidEntry())
             return
-        for rid, pasid in sorted(users):
-            descs += self.devtlb(self.devs[rid], pasid, addr, not page_ok)
-        if descs:
-            self.submit(*descs)
+        self.write_pasid_entry(info, pasid, attrs.evolve(old, p=False))
+        self.submit(Q.make(Q.PC, g=Q.PC_PASID, did=old.did, pasid=pasid))
+        if old.pgtt in (T.PGTT_FIRST, T.PGTT_PT):
+            self.submit(Q.make(Q.PIOTLB, g=Q.PIOTLB_PASID, did=old.did, pasid=pasid))
+        else:
+            self.submit(self.iotlb_desc(old.did, 0, 0, Q.IOTLB_DOMAIN))
+        self.devtlb_flush_pasid(info, pasid)
+        self.write_pasid_entry(info, pasid, T.PasidEntry())
+
+    def flush_range(self, domain: VtdDomain, start: int, end: int, ih: bool) -> None:
+        """cache_tag_flush_range(): one invalidation per cache tag, in tag order, batched
+        sixteen descriptors to a qi_submit_sync()."""
+        addr, mask = Q.psi_aligned(start, end)
+        use_piotlb = isinstance(domain, VtdNested) or domain.first_stage
+        hw = self.hw
+        batch: list[Q.Descriptor] = []
+
+        def add(desc: Q.Descriptor) -> None:
+            batch.append(desc)
+            if len(batch) == QI_MAX_BATCHED_DESC_COUNT:
+                self.submit(*batch)
+                batch.clear()
+
+        for tag in domain.tags:
+            if tag.type in (CACHE_TAG_IOTLB, CACHE_TAG_NESTING_IOTLB):
+                if use_piotlb:
+                    if mask >= Q.MAX_AGAW_PFN_WIDTH:
+                        add(Q.make(Q.PIOTLB, g=Q.PIOTLB_PASID, did=tag.did, pasid=tag.pasid))
+                    else:
+                        add(
+                            Q.make(
+                                Q.PIOTLB,
+                                g=Q.PIOTLB_PAGE,
+                                did=tag.did,
+                                pasid=tag.pasid,
+                                addr=addr >> 12,
+                                am=mask,
+                                ih=int(ih),
+                            )
+                        )
+                elif not hw.cap & R.CAP_PSI or mask > hw.mamv:
+                    add(self.iotlb_desc(tag.did, 0, 0, Q.IOTLB_DOMAIN))
+                else:
+                    add(self.iotlb_desc(tag.did, addr, mask, Q.IOTLB_PAGE, int(ih)))
+                continue
+            if tag.type == CACHE_TAG_NESTING_DEVTLB:
+                # A stage-2 change may hit any nested translation the device cached: the
+                # whole device TLB goes, and (as in 7.2's loop) so for every later tag.
+                addr, mask = 0, Q.MAX_AGAW_PFN_WIDTH
+            if self.gcmd & R.GCMD_TE:
+                add(self.devtlb_desc(self.devs[tag.rid], tag.pasid, addr, mask))
+        if batch:
+            self.submit(*batch)
 
 
 def _state(iommu: Any) -> IommuState:
     if not isinstance(iommu, IntelVtd) or not isinstance(iommu.driver_state, IommuState):
         raise err(errno.EINVAL, "not an Intel VT-d unit")
     return iommu.driver_state
+
+
+def _vtd(domain: Domain) -> VtdDomain:
+    if not isinstance(domain, (VtdPaging, VtdNested)):
+        raise err(errno.EINVAL, "not an Intel VT-d domain")
+    return domain
 
 
 def _paging(domain: Domain) -> VtdPaging:
@@ -448,7 +599,7 @@ class VtdDriver:
             raise err(errno.EOPNOTSUPP, f"paging flags {flags:#x}")
         # intel_iommu_domain_alloc_first_stage(): only without NEST_PARENT / DIRTY_TRACKING
         if not flags & ~U.IOMMU_HWPT_ALLOC_PASID and st.sm and hw.ecap & R.ECAP_FLTS:
-            return VtdPaging(hw, st, first_stage=True, flags=flags)
+            return _enforce_cc(VtdPaging(hw, st, first_stage=True, flags=flags), dev)
         # intel_iommu_domain_alloc_second_stage()
         nested_ok = st.sm and bool(hw.ecap & R.ECAP_NEST)
         ssads_ok = st.sm and bool(hw.ecap & R.ECAP_SLADS)
@@ -458,7 +609,7 @@ class VtdDriver:
             raise err(errno.EOPNOTSUPP, "nesting or dirty tracking not supported")
         if st.sm and not hw.ecap & R.ECAP_SLTS:
             raise err(errno.EOPNOTSUPP, "no second-stage translation")
-        return VtdPaging(hw, st, first_stage=False, flags=flags)
+        return _enforce_cc(VtdPaging(hw, st, first_stage=False, flags=flags), dev)
 
     @hookimpl
     def domain_alloc_nested(
@@ -491,7 +642,8 @@ class VtdDriver:
             domain.pt.free()
         elif isinstance(domain, VtdNested):
             domain.s2.children.remove(domain)
-        st.dids.discard(getattr(domain, "did", -1))
+        if isinstance(domain, (VtdPaging, VtdNested)) and domain.did is not None:
+            st.dids.discard(domain.did)  # no device is attached: nothing refers to it
         return True
 
     @hookimpl
@@ -509,9 +661,13 @@ class VtdDriver:
     @hookimpl
     def domain_unmap(self, domain: Domain, iova: int, size: int) -> int:
         d = _paging(domain)
+        last = iova + size - 1
+        # generic_pt frees every table the range covers whole; intel_iommu_tlb_sync() then
+        # flushes with IH = 0 (paging-structure caches too), else with IH = 1 (leaves only).
+        frees_tables = _covers_a_table(d.pt, iova, last)
         done = d.pt.unmap(iova, size)
         if done:
-            _state(d.owner).flush_range(d, iova, iova + size - 1, False)
+            _state(d.owner).flush_range(d, iova, last, not frees_tables)
         return done
 
     @hookimpl
@@ -519,11 +675,13 @@ class VtdDriver:
         return _paging(domain).pt.iova_to_phys(iova)
 
     # -- attach -------------------------------------------------------------------------------
-    def _entry_for(self, st: IommuState, domain: Domain) -> T.PasidEntry:
+    @staticmethod
+    def _entry_for(st: IommuState, domain: VtdDomain, did: int) -> T.PasidEntry:
+        """The PASID entry intel_pasid_setup_{first_level,second_level,nested}() write; the
+        nested checks fail with EINVAL there, after the old entry was torn down."""
         hw = st.hw
         if isinstance(domain, VtdNested):
             cfg = domain.cfg
-            # intel_pasid_setup_nested(): address width, SRE and EAFE against the hardware.
             if cfg.addr_width not in (ADDR_WIDTH_4LEVEL, ADDR_WIDTH_5LEVEL):
                 raise err(errno.EINVAL, f"stage-1 address width {cfg.addr_width}")
             if cfg.addr_width == ADDR_WIDTH_5LEVEL and not hw.cap & R.CAP_FL5LP:
@@ -533,72 +691,150 @@ class VtdDriver:
             if cfg.flags & U.IOMMU_VTD_S1_EAFE and not hw.ecap & R.ECAP_EAFS:
                 raise err(errno.EINVAL, "no extended access flag support")
             s2 = domain.s2
+            sre = bool(cfg.flags & U.IOMMU_VTD_S1_SRE)
             return T.PasidEntry(
                 p=True,
                 aw=st.agaw,
                 pgtt=T.PGTT_NESTED,
                 ssade=s2.tracking,
                 slptptr=s2.pt.root,
-                did=domain.did,
+                did=did,
                 pwsnp=True,
-                sre=bool(cfg.flags & U.IOMMU_VTD_S1_SRE),
-                wpe=bool(cfg.flags & U.IOMMU_VTD_S1_WPE),
+                pgsnp=s2.force_snooping,
+                sre=sre,
+                wpe=sre and bool(cfg.flags & U.IOMMU_VTD_S1_WPE),  # WPE only with SRE
                 eafe=bool(cfg.flags & U.IOMMU_VTD_S1_EAFE),
                 fspm=int(cfg.addr_width == ADDR_WIDTH_5LEVEL),
                 fsptptr=cfg.pgtbl_addr,
             )
-        d = _paging(domain)
-        if d.first_stage:
+        if domain.first_stage:
             return T.PasidEntry(
                 p=True,
+                aw=st.agaw,
                 pgtt=T.PGTT_FIRST,
-                did=d.did,
+                did=did,
                 pwsnp=True,
-                fspm=int(d.pt.fmt.levels == 5),
-                fsptptr=d.pt.root,
+                pgsnp=domain.force_snooping,
+                fspm=int(domain.pt.fmt.levels == 5),
+                fsptptr=domain.pt.root,
             )
         return T.PasidEntry(
             p=True,
             aw=st.agaw,
             pgtt=T.PGTT_SECOND,
-            ssade=d.tracking,
-            slptptr=d.pt.root,
-            did=d.did,
+            ssade=domain.tracking,
+            slptptr=domain.pt.root,
+            did=did,
             pwsnp=True,
         )
 
-    def _set(self, iommu: Any, dev: PciDevice, pasid: int, domain: Domain | None) -> bool:
-        st = _state(iommu)
-        info = st.devs[dev.rid]
-        new = self._entry_for(st, domain) if domain is not None else None
-        if domain is not None and domain.owner is not st.hw:
-            raise err(errno.EINVAL, "domain of another IOMMU")
-        old = st.read_pasid_entry(info, pasid)
-        st.write_pasid_entry(info, pasid, new if new is not None else T.PasidEntry())
-        if old.p:
-            st.flush_entry(info, pasid, old)  # intel_pasid_flush_present / tear_down_entry
-        prev = info.domains.pop(pasid, None)
-        if isinstance(prev, (VtdPaging, VtdNested)):
-            prev.attached.discard((dev.rid, pasid))
-        if isinstance(domain, (VtdPaging, VtdNested)):
-            info.domains[pasid] = domain
-            domain.attached.add((dev.rid, pasid))
-        return True
+    @staticmethod
+    def _setup_entry(st: IommuState, info: DevInfo, pasid: int, domain: VtdDomain) -> None:
+        """intel_pasid_setup_*(): EBUSY over a present entry; with CM = 0 and no RWBF no
+        invalidation follows (pasid_flush_caches)."""
+        assert domain.did is not None
+        new = VtdDriver._entry_for(st, domain, domain.did)
+        if st.read_pasid_entry(info, pasid).p:
+            raise err(errno.EBUSY, f"PASID {pasid} entry is present")
+        st.write_pasid_entry(info, pasid, new)
+
+    @staticmethod
+    def _block_translation(st: IommuState, info: DevInfo) -> None:
+        """device_block_translation(): untag, tear the RID's entry down, drop the DID."""
+        if not info.domain_attached:
+            return
+        d = info.domains.pop(0, None)
+        if d is not None:
+            st.tag_unassign_domain(d, info, 0)
+        st.tear_down_entry(info, 0)
+        info.domain_attached = False
+        if d is not None:
+            d.attached.discard((info.dev.rid, 0))
+            st.detach_iommu(d)
 
     @hookimpl
     def attach_dev(self, iommu: Any, dev: PciDevice, domain: Domain | None) -> bool:
-        return self._set(iommu, dev, 0, domain)
+        """intel_iommu_attach_device() / intel_nested_attach_dev() / the blocking domain:
+        the old entry is torn down first, so a failure leaves the RID blocked (as in 7.2)."""
+        st = _state(iommu)
+        info = st.devs[dev.rid]
+        if domain is not None and domain.owner is not st.hw:
+            raise err(errno.EINVAL, "domain of another IOMMU")
+        d = _vtd(domain) if domain is not None else None
+        self._block_translation(st, info)
+        if d is None:
+            return True
+        st.attach_iommu(d)
+        try:
+            if isinstance(d, VtdNested):
+                st.tag_assign_domain(d, info, 0)
+                try:
+                    self._setup_entry(st, info, 0, d)
+                except OSError:
+                    st.tag_unassign_domain(d, info, 0)
+                    raise
+            else:
+                self._setup_entry(st, info, 0, d)
+                st.tag_assign_domain(d, info, 0)
+        except OSError:
+            st.detach_iommu(d)
+            raise
+        info.domains[0] = d
+        info.domain_attached = True
+        d.attached.add((dev.rid, 0))
+        return True
 
     @hookimpl
     def set_dev_pasid(self, iommu: Any, dev: PciDevice, pasid: int, domain: Domain) -> bool:
+        """intel_iommu_set_dev_pasid() / intel_nested_set_dev_pasid(): tag the new domain,
+        tear the old entry down, set the new one up; on failure untag the new domain (the
+        PASID stays blocked)."""
         st = _state(iommu)
         if not st.hw.ecap & R.ECAP_PASID:
             raise err(errno.EOPNOTSUPP, "no PASID support")
-        return self._set(iommu, dev, pasid, domain)
+        if domain.owner is not st.hw:
+            raise err(errno.EINVAL, "domain of another IOMMU")
+        info = st.devs[dev.rid]
+        d = _vtd(domain)
+        st.pasid_slot(info, pasid)  # intel_pasid_get_entry(): EINVAL beyond the table
+        st.attach_iommu(d)
+        st.tag_assign_domain(d, info, pasid)
+        old = info.domains.get(pasid)
+        try:
+            if old is not None:
+                st.tear_down_entry(info, pasid)
+            self._setup_entry(st, info, pasid, d)
+        except OSError:
+            st.tag_unassign_domain(d, info, pasid)
+            st.detach_iommu(d)
+            if old is not None:
+                self._remove_dev_pasid(st, info, pasid, old)
+            raise
+        if old is not None:
+            self._remove_dev_pasid(st, info, pasid, old)
+        info.domains[pasid] = d
+        d.attached.add((dev.rid, pasid))
+        return True
+
+    @staticmethod
+    def _remove_dev_pasid(st: IommuState, info: DevInfo, pasid: int, old: VtdDomain) -> None:
+        """domain_remove_dev_pasid(): untag the old domain and drop its DID reference."""
+        st.tag_unassign_domain(old, info, pasid)
+        st.detach_iommu(old)
+        old.attached.discard((info.dev.rid, pasid))
+        if info.domains.get(pasid) is old:
+            del info.domains[pasid]
 
     @hookimpl
     def remove_dev_pasid(self, iommu: Any, dev: PciDevice, pasid: int) -> bool:
-        return self._set(iommu, dev, pasid, None)
+        """blocking_domain_set_dev_pasid(): tear down, then forget the old domain."""
+        st = _state(iommu)
+        info = st.devs[dev.rid]
+        st.tear_down_entry(info, pasid)
+        old = info.domains.get(pasid)
+        if old is not None:
+            self._remove_dev_pasid(st, info, pasid, old)
+        return True
 
     # -- invalidation and dirty tracking -------------------------------------------------------
     @hookimpl
@@ -622,12 +858,9 @@ class VtdDriver:
                 return InvalidateResult(done, errno.EINVAL)
             # end = addr + nrpages_to_size(npages) - 1, in 64-bit arithmetic as the kernel.
             end = (inv.addr + ((inv.npages << 12) & U64) - 1) & U64
-            st.flush_range(
-                target,
-                inv.addr,
-                U64 if end < inv.addr else end,
-                bool(inv.flags & U.IOMMU_VTD_INV_FLAGS_LEAF),
-            )
+            # A wrapped end is passed on as the kernel does (calculate_psi_aligned_address
+            # then sees only start ^ end).
+            st.flush_range(target, inv.addr, end, bool(inv.flags & U.IOMMU_VTD_INV_FLAGS_LEAF))
             done += 1
         return InvalidateResult(done)
 
@@ -635,38 +868,40 @@ class VtdDriver:
     def read_and_clear_dirty(
         self, domain: Domain, iova: int, length: int, clear: bool, report: bool
     ) -> list[tuple[int, int]]:
+        """generic_pt's read_and_clear_dirty (7.2 checks no tracking state): the dirty runs
+        gather into one range that iommu_iotlb_sync() flushes with IH = 1 (no table freed)."""
         d = _paging(domain)
-        if report and not d.tracking:
-            # intel_iommu_read_and_clear_dirty(): a bitmap read needs tracking on; the core's
-            # stale-bit wipe before enabling (report=False, no bitmap) is allowed.
-            raise err(errno.EINVAL, "dirty tracking is not enabled")
+        if d.first_stage:
+            raise err(errno.EOPNOTSUPP, "first-stage domains have no dirty ops")
         runs = d.pt.read_and_clear_dirty(iova, length, clear)
         if runs and clear:
-            _state(d.owner).flush_range(d, iova, iova + length - 1, False)
+            first = min(start for start, _ in runs)
+            last = max(start + size - 1 for start, size in runs)
+            _state(d.owner).flush_range(d, first, last, True)
         return runs
 
     @hookimpl
     def set_dirty_tracking(self, domain: Domain, enable: bool) -> bool:
+        """intel_iommu_set_dirty_tracking(): the domain's own attachments, then (a nest
+        parent) its stage-1 children's; any failure re-applies the old state everywhere."""
         d = _paging(domain)
         if d.first_stage:
-            raise err(errno.EINVAL, "first-stage domains cannot track dirty pages")
+            raise err(errno.EOPNOTSUPP, "first-stage domains have no dirty ops")
         if d.tracking == enable:
             return True
         st = _state(d.owner)
-        users: list[tuple[Domain, tuple[int, int]]] = [(d, a) for a in sorted(d.attached)]
-        users += [(c, a) for c in d.children for a in sorted(c.attached)]
-        for _dom, (rid, pasid) in users:
-            # intel_pasid_setup_dirty_tracking(): flip SSADE, then flush what cached the entry.
-            info = st.devs[rid]
-            pe = st.read_pasid_entry(info, pasid)
-            if pe.pgtt not in (T.PGTT_SECOND, T.PGTT_NESTED):
-                raise err(errno.EINVAL, "dirty tracking needs a second-stage PASID entry")
-            st.write_pasid_entry(info, pasid, _with_ssade(pe, enable))
-            st.submit(
-                Q.make(Q.PC, g=Q.PC_PASID, did=pe.did, pasid=pasid),
-                Q.make(Q.IOTLB, g=Q.IOTLB_DOMAIN, did=pe.did, dr=1, dw=1),
-                *st.devtlb(info, pasid),
-            )
+        try:
+            _domain_set_dirty(st, d, enable)
+            for child in d.children:
+                try:
+                    _domain_set_dirty(st, child, enable)
+                except OSError:
+                    for c in d.children:  # parent_domain_set_dirty_tracking()'s unwind
+                        _domain_set_dirty(st, c, d.tracking, quiet=True)
+                    raise
+        except OSError:
+            _domain_set_dirty(st, d, d.tracking, quiet=True)
+            raise
         d.tracking = enable
         return True
 
@@ -688,8 +923,61 @@ class VtdDriver:
         return GuestVtd(vm, iommu, accelerated=False)
 
 
-def _with_ssade(pe: T.PasidEntry, enable: bool) -> T.PasidEntry:
-    return attrs.evolve(pe, ssade=enable)
+def _domain_set_dirty(st: IommuState, d: VtdDomain, enable: bool, quiet: bool = False) -> None:
+    """domain_set_dirty_tracking(): intel_pasid_setup_dirty_tracking() on every attachment
+    (RID first, then PASIDs); stops at the first EOPNOTSUPP unless ``quiet`` (the unwind,
+    whose errors the kernel ignores)."""
+    for rid, pasid in sorted(d.attached):
+        info = st.devs[rid]
+        pe = st.read_pasid_entry(info, pasid)
+        if pe.pgtt not in (T.PGTT_SECOND, T.PGTT_NESTED):
+            if quiet:
+                continue
+            raise err(errno.EOPNOTSUPP, f"dirty tracking on PGTT {pe.pgtt}")
+        if pe.ssade == enable:
+            continue
+        st.write_pasid_entry(info, pasid, attrs.evolve(pe, ssade=enable))
+        st.submit(Q.make(Q.PC, g=Q.PC_PASID, did=pe.did, pasid=pasid))
+        st.submit(st.iotlb_desc(pe.did, 0, 0, Q.IOTLB_DOMAIN))
+        st.devtlb_flush_pasid(info, pasid)
+
+
+def _enforce_cc(d: VtdPaging, dev: PciDevice | None) -> VtdPaging:
+    """iommufd_hwpt_paging_alloc() calls enforce_cache_coherency() on every paging domain
+    it allocates for a device whose unit has ECAP.SC (IOMMU_CAP_ENFORCE_CACHE_COHERENCY),
+    before anything is attached: a first-stage domain then sets PGSNP in its PASID entries
+    (intel_iommu_enforce_cache_coherency_fs), a second-stage one SNP in every leaf
+    (PT_FEAT_VTDSS_FORCE_COHERENCE) and PGSNP in its nested children's entries."""
+    if dev is not None and d.hw.ecap & R.ECAP_SC:
+        d.force_snooping = True
+        if isinstance(d.pt.fmt, SecondStageFormat):
+            d.pt.fmt.snoop = True
+    return d
+
+
+def _covers_a_table(pt: RadixPageTable, first: int, last: int) -> bool:
+    """Whether ``[first, last]`` covers the whole span of some present table (not the root):
+    the tables generic_pt's unmap frees (``pt_entry_fully_covered``)."""
+    fmt = pt.fmt
+    mem = pt.memory
+
+    def visit(table: int, level: int, base: int) -> bool:
+        shift = fmt.level_shift(level)
+        lo = max(first, base) - base >> shift
+        hi = min(last, base + (512 << shift) - 1) - base >> shift
+        for i in range(lo, hi + 1):
+            start = base + (i << shift)
+            kind, addr, _ = fmt.decode(mem.read_u64(table + 8 * i), level)
+            if kind != TABLE:
+                continue
+            if first <= start and start + (1 << shift) - 1 <= last:
+                return True
+            if visit(addr, level - 1, start):
+                return True
+        return False
+
+    top = fmt.levels - 1
+    return first <= last and visit(pt.root, top, 0)
 
 
 plugin = VtdDriver()

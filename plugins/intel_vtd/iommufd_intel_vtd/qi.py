@@ -18,6 +18,7 @@ WAIT = 0x5  # invalidation wait
 PIOTLB = 0x6  # PASID-based IOTLB invalidate
 PC = 0x7  # PASID-cache invalidate
 PDEV_TLB = 0x8  # PASID-based device-TLB invalidate
+PGRP_RESP = 0x9  # page group response
 
 # granularities (the G field, bits 5:4, except IEC: bit 4)
 CC_GLOBAL, CC_DOMAIN, CC_DEVICE = 1, 2, 3
@@ -45,7 +46,7 @@ LAYOUTS: dict[int, tuple[Field, ...]] = {
     ),
     DEV_TLB: (
         ("pfsid_lo", 0, 12, 4),  # PFSID 3:0: physical function source-id
-        ("mip", 0, 16, 5),  # MIP: max invalidations pending
+        ("qdep", 0, 16, 5),  # MIP: max invalidations pending (Linux: the ATS queue depth)
         ("sid", 0, 32, 16),  # SID: source-id of the endpoint
         ("pfsid_hi", 0, 52, 12),  # PFSID 15:4
         ("size", 1, 0, 1),  # S: size (address encodes the range)
@@ -78,6 +79,7 @@ LAYOUTS: dict[int, tuple[Field, ...]] = {
         ("pasid", 0, 32, 20),  # PASID
     ),
     PDEV_TLB: (
+        ("qdep", 0, 4, 5),  # MIP: max invalidations pending (Linux: the ATS queue depth)
         ("pfsid_lo", 0, 12, 4),  # PFSID 3:0
         ("sid", 0, 16, 16),  # SID: source-id
         ("pasid", 0, 32, 20),  # PASID
@@ -86,7 +88,17 @@ LAYOUTS: dict[int, tuple[Field, ...]] = {
         ("size", 1, 11, 1),  # S: size
         ("addr", 1, 12, 52),  # ADDR
     ),
+    PGRP_RESP: (
+        ("pasid_p", 0, 4, 1),  # PASID present in the request being answered
+        ("code", 0, 12, 4),  # response code: 0 success, 1 invalid request, 0xF failure
+        ("rid", 0, 16, 16),  # requester-id of the device
+        ("pasid", 0, 32, 20),  # PASID of the request
+        ("prgi", 1, 3, 9),  # page request group index
+    ),
 }
+
+# Page group response codes (PCI PRG response; Linux QI_RESP_*).
+RESP_SUCCESS, RESP_INVALID, RESP_FAILURE = 0x0, 0x1, 0xF
 
 VALID_G: dict[int, frozenset[int]] = {
     CC: frozenset({CC_GLOBAL, CC_DOMAIN, CC_DEVICE}),
@@ -165,13 +177,24 @@ MAX_AGAW_PFN_WIDTH = 52
 
 
 def psi_aligned(start: int, end: int) -> tuple[int, int]:
-    """calculate_psi_aligned_address(): the naturally aligned 2^AM-page block covering a range."""
-    pages = ((end | 0xFFF) - (start & ~0xFFF) + 1) >> 12
-    aligned = 1 << (pages - 1).bit_length()
-    mask = aligned.bit_length() - 1
-    pfn = start >> 12
-    if pfn & (aligned - 1):
-        end_pfn = pfn + pages - 1
-        shared = ~(pfn ^ end_pfn) & ~(aligned - 1) & ((1 << MAX_AGAW_PFN_WIDTH) - 1)
-        mask = (shared & -shared).bit_length() - 1 if shared else MAX_AGAW_PFN_WIDTH
-    return start & ~((4096 << mask) - 1), mask
+    """calculate_psi_aligned_address() (Linux 7.2 cache.c): ``(addr, order)`` of the smallest
+    naturally aligned 2^order-page block holding ``[start, end]``; order
+    :data:`MAX_AGAW_PFN_WIDTH` (address 0) when it would span the whole 64-bit space."""
+    start &= ~0xFFF & _U64
+    size_lg2 = (start ^ end).bit_length()
+    if size_lg2 <= 12:
+        return start, 0
+    if size_lg2 >= 64:
+        return 0, MAX_AGAW_PFN_WIDTH
+    return start & ~((1 << size_lg2) - 1), size_lg2 - 12
+
+
+def devtlb_range(addr: int, order: int) -> tuple[int, int]:
+    """The ADDR and S fields of a device-TLB descriptor for 2^order pages at ``addr`` (PCIe
+    ATS range encoding, as qi_desc_dev_iotlb{,_pasid}() build it): with S = 1 the lowest 0
+    bit of ADDR above bit 11 gives the size; ``order`` 52 (the whole space) is
+    0x7FFFF_FFFF_FFFF. Returns ``(addr >> 12, size)``."""
+    if not order:
+        return (addr & _U64) >> 12, 0
+    field = (addr | ((1 << (11 + order)) - 1)) & _U64 & ~0xFFF  # bits 12..order+10 set
+    return field >> 12, 1

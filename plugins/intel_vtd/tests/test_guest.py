@@ -97,12 +97,12 @@ def test_attach_builds_the_nested_hwpt_from_the_guest_pasid_entry(box: Box) -> N
     nested = hwpt.domain  # type: ignore[attr-defined]
     assert isinstance(nested, VtdNested)
     assert nested.cfg.pgtbl_addr == dom.root_gpa and nested.cfg.addr_width == 48
-    assert nested.did != dom.tag  # the host's DID is not the guest's
+    assert nested.did is not None  # the host allocated its own DID at attach
     assert box.vm.fd.device(box.gdev.dev_id).hwpt is hwpt
     # the host PASID entry nests the guest's table (a GPA) over the nest parent
     host = box.hw.driver_state
     hpe = host.read_pasid_entry(host.devs[box.dev.rid], 0)
-    assert hpe.pgtt == T.PGTT_NESTED and hpe.fsptptr == dom.root_gpa
+    assert hpe.pgtt == T.PGTT_NESTED and hpe.fsptptr == dom.root_gpa and hpe.did == nested.did
 
 
 def test_one_trap_per_tail_write(box: Box) -> None:

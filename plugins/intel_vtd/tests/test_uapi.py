@@ -251,14 +251,33 @@ def test_bad_vtd_s1_data_gives_the_kernels_errno_without_state_change(make_world
         assert_errno(errno.EINVAL, lambda h=hwpt: world.fd.attach(world.dev_id, h))
         assert world.fd.device(world.dev_id).hwpt is None
         assert world.hw.memory.read(world.hw.driver_state.pasid_slot(info, 0), 64) == entry
-    # Unknown flag bits are not checked by the kernel: WPE plus an undefined bit attaches.
+    # Unknown flag bits are not checked by the kernel: WPE plus an undefined bit attaches,
+    # and WPE is written only together with SRE (pasid_pte_config_nested), so not here.
     ok = n.alloc(
         U.IommuHwptVtdS1(
             flags=U.IOMMU_VTD_S1_WPE | 1 << 9, pgtbl_addr=n.s1.root, addr_width=48
         ).pack()
     )
     world.fd.attach(world.dev_id, ok)
-    assert world.hw.driver_state.read_pasid_entry(info, 0).wpe
+    pe = world.hw.driver_state.read_pasid_entry(info, 0)
+    assert pe.p and not pe.wpe and not pe.sre
+    # A failed replace leaves the RID blocked: the old entry was torn down first (7.2).
+    bad = n.alloc(U.IommuHwptVtdS1(pgtbl_addr=n.s1.root, addr_width=39).pack())
+    assert_errno(errno.EINVAL, lambda: world.fd.attach(world.dev_id, bad))
+    assert world.fd.device(world.dev_id).hwpt.id == ok
+    assert not world.hw.driver_state.read_pasid_entry(info, 0).p
+
+
+def test_wpe_goes_in_with_sre(make_world: Any) -> None:
+    world = make_world(srs=True)
+    n = Nest(world)
+    flags = U.IOMMU_VTD_S1_SRE | U.IOMMU_VTD_S1_WPE
+    world.fd.attach(
+        world.dev_id,
+        n.alloc(U.IommuHwptVtdS1(flags=flags, pgtbl_addr=n.s1.root, addr_width=48).pack()),
+    )
+    pe = world.hw.driver_state.read_pasid_entry(world.hw.driver_state.devs[world.dev.rid], 0)
+    assert pe.sre and pe.wpe
 
 
 def test_nested_with_5_level_guest_tables(world: Any) -> None:
@@ -346,8 +365,9 @@ def test_dirty_tracking_through_second_stage_dirty_bits(world: Any) -> None:
     world.ioctl(U.IOMMU_HWPT_SET_DIRTY_TRACKING, off)
     assert not world.hw.driver_state.read_pasid_entry(info, 0).ssade
     world.dev.dma_write(9 * PAGE, b"z")
-    # Linux: reading a bitmap while tracking is off is EINVAL (intel_iommu_read_and_clear_dirty)
-    assert_errno(errno.EINVAL, lambda: _dirty(world, hwpt, 1 << 20))
+    # 7.2's generic_pt reads the bits whatever the tracking state (no EINVAL): the page
+    # written while tracking was on is there, the one written after (SSADE = 0) is not.
+    assert _dirty(world, hwpt, 1 << 20, flags) == [4]
     # Re-enabling starts clean: the previous cycle's D bits are cleared first.
     world.ioctl(U.IOMMU_HWPT_SET_DIRTY_TRACKING, on)
     assert _dirty(world, hwpt, 1 << 20) == []
