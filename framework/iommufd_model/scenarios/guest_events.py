@@ -191,8 +191,9 @@ def guest_accelerated_queue(ctx: ScenarioContext) -> None:
 
 
 def garbage_table(rng: random.Random, tables: list[int]) -> bytes:
-    """One page of PTE garbage. Most entries are plausible (valid, table/page and access
-    bits set, other flags random, bit 7 -- x86 PS, Arm AP[2] -- clear) and point either at
+    """One page of PTE garbage. Most entries are plausible (valid, table/page, access and
+    bit 2 -- x86 U/S, which a VT-d user request needs at every level -- set, other flags
+    random, bit 7 -- x86 PS, Arm AP[2] -- clear) and point either at
     one of the guest's ``tables`` (so walks go on through garbage, loops included) or at any
     page of its RAM or past it; the rest are entirely random bytes."""
     out = bytearray()
@@ -202,7 +203,7 @@ def garbage_table(rng: random.Random, tables: list[int]) -> bytes:
                 gpa = rng.choice(tables)
             else:
                 gpa = rng.randrange(RAM + ATTACK_BEYOND) & ~(PAGE_SIZE - 1)
-            flags = rng.randrange(PAGE_SIZE) & ~0x80 | 0x403
+            flags = rng.randrange(PAGE_SIZE) & ~0x80 | 0x407
             out += (gpa | flags).to_bytes(8, "little")
         else:
             out += rng.randbytes(8)
