@@ -78,7 +78,7 @@ OPTIONS = {
 CACHE_TAG_IOTLB, CACHE_TAG_DEVTLB, CACHE_TAG_NESTING_IOTLB, CACHE_TAG_NESTING_DEVTLB = range(4)
 
 
-@attrs.define(slots=True)
+@attrs.define
 class CacheTag:
     """``struct cache_tag`` (cache.c): one cache a domain's translations may sit in."""
 
