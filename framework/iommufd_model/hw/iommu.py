@@ -122,6 +122,11 @@ class IommuHw:
         Behaves as :meth:`translate` page after page (same faults, same statistics); IOTLB
         hits after the first page are looked up natively (:meth:`iotlb_fast`).
         """
+        return self._translate_run(dev, iova, n, pasid, write)
+
+    def _translate_run(
+        self, dev: PciDevice, iova: int, n: int, pasid: int | None, write: bool
+    ) -> list[tuple[int, int]]:
         runs: list[tuple[int, int]] = []
         end = iova + n
         while iova < end:
@@ -195,7 +200,7 @@ class IommuHw:
     ) -> None:
         # Translate everything first: a faulting DMA must not have written a prefix.
         # ``bytes(data)`` (no copy for bytes) freezes the source: it may alias the target memory.
-        runs = self.translate_run(dev, iova, len(data), pasid, True)
+        runs = self._translate_run(dev, iova, len(data), pasid, True)
         src = bytes(data)
         write = self.memory.write_from
         pos = 0

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from iommufd_model.locking import serialized
-
 if TYPE_CHECKING:
     from iommufd_model.hw.iommu import IommuHw
 
 
-@serialized()
 class PciDevice:
-    """A DMA-capable PCI function. ``rid`` is bus<<8 | devfn (the AMD DevID, SMMU StreamID)."""
+    """A DMA-capable PCI function. ``rid`` is bus<<8 | devfn (the AMD DevID, SMMU StreamID).
+
+    Its DMA methods only hand over to the IOMMU's DMA engine, which takes the model lock
+    (docs/concurrency.md): one acquisition per DMA."""
 
     def __init__(
         self, iommu: IommuHw, rid: int, *, pasid_bits: int = 20, ats: bool = False
