@@ -11,6 +11,7 @@ import threading
 
 from tests.concurrency.threads import HostWorld, check_all, run_threads
 
+from iommufd_model.core.failnth import fail_nth
 from iommufd_model.core.main import registered_ops
 from iommufd_model.hw.iommu import DmaFault
 
@@ -107,3 +108,37 @@ def test_closing_the_shared_fd_gives_ebadf_and_releases_everything() -> None:
     assert set(errors) <= {errno.EBADF}, errors
     assert dev.bound_to is None and proc.locked_pages == 0
     assert not fd.objects.ids()
+
+
+def test_fail_nth_of_one_thread_never_fails_another() -> None:
+    """Fail-nth is per task (``/proc/self/task/<tid>/fail-nth``): a thread injecting failures
+    into its own calls over and over leaves a working thread's calls alone."""
+    w = HostWorld("mock")
+    fd, proc, dev = w.fd, w.proc, w.devs[0]
+    fd.attach(w.dev_ids[0], w.ioas)
+    va = w.buffer(16, 9)
+    stop = threading.Event()
+    fired: list[str] = []
+
+    def victim() -> None:
+        try:
+            for _ in range(40):
+                assert fd.ioas_map(w.ioas, va, LEN, iova=IOVA) == IOVA
+                assert dev.dma_read(IOVA, LEN) == proc.read(va, LEN)
+                assert fd.ioas_unmap(w.ioas, IOVA, LEN) == LEN
+        finally:
+            stop.set()
+
+    def injector() -> None:
+        while not stop.is_set():
+            with fail_nth(1) as fp:
+                try:
+                    fd.destroy(fd.ioas_alloc())
+                except OSError as exc:
+                    assert exc.errno == fp.fired_errno
+            if fp.fired_site is not None:
+                fired.append(fp.fired_site)
+
+    run_threads([victim, injector])
+    assert fired, "the injector never injected"
+    check_all([fd])

@@ -26,18 +26,22 @@ The site names (``module.function``) are listed in docs/robustness.md.
 from __future__ import annotations
 
 import errno as _errno
+import threading
 from collections.abc import Callable
 from typing import Any
 
 import attrs
 
 from iommufd_model.errors import err
+from iommufd_model.locking import MODEL_LOCK
 
 __all__ = ["FailNth", "SweepResult", "armed", "fail_nth", "failpoint", "sweep"]
 
-# The only thing a disarmed failpoint looks at.
-_ARMED = False
-_current: FailNth | None = None
+# The only thing a disarmed failpoint looks at: how many threads have a window armed.
+_ARMED = 0
+# Each thread's armed window: fail-nth is per task in the kernel (/proc/self/task/<tid>/...),
+# so one thread's window never fails another thread's calls (docs/concurrency.md).
+_local = threading.local()
 
 
 class FailNth:
@@ -66,17 +70,19 @@ class FailNth:
             raise err(self.fired_errno, f"fail_nth: injected failure #{self.n} at {site}")
 
     def __enter__(self) -> FailNth:
-        global _ARMED, _current
-        if _current is not None:
+        global _ARMED
+        if getattr(_local, "current", None) is not None:
             raise RuntimeError("fail_nth windows do not nest")
-        _current = self
-        _ARMED = True
+        with MODEL_LOCK:
+            _local.current = self
+            _ARMED += 1
         return self
 
     def __exit__(self, *exc: object) -> None:
-        global _ARMED, _current
-        _ARMED = False
-        _current = None
+        global _ARMED
+        with MODEL_LOCK:
+            _ARMED -= 1
+            _local.current = None
 
     def __repr__(self) -> str:
         state = f"fired at {self.fired_site}" if self.fired else "not fired"
@@ -89,7 +95,8 @@ def fail_nth(n: int, errno: int = _errno.ENOMEM) -> FailNth:
 
 
 def armed() -> bool:
-    return _ARMED
+    """Whether this thread has a fail-nth window armed."""
+    return getattr(_local, "current", None) is not None
 
 
 def failpoint(site: str, code: int | None = None) -> None:
@@ -99,8 +106,9 @@ def failpoint(site: str, code: int | None = None) -> None:
     an object lookup, EFAULT for a user copy); otherwise the armed switch's errno is used.
     """
     if _ARMED:
-        assert _current is not None
-        _current.hit(site, code)
+        current = getattr(_local, "current", None)
+        if current is not None:
+            current.hit(site, code)
 
 
 @attrs.define
