@@ -6,7 +6,7 @@ is set at install time or mypyc is not importable in the build environment.
 
 import os
 
-from setuptools import setup
+from setuptools import Extension, setup
 
 COMPILED = [
     "framework/iommufd_model/hw/walk_x86.py",
@@ -27,4 +27,12 @@ def ext_modules() -> list:  # type: ignore[type-arg]
     return mypycify(["--config-file=", "--follow-imports=silent", *COMPILED], opt_level="3")
 
 
-setup(ext_modules=ext_modules())
+# The LD_PRELOAD library of `iommufd-model run` (plain C, no Python API): built as an extension
+# so that normal and editable installs both put it in the package, always (gcc only).
+PRELOAD = Extension(
+    "iommufd_model.run._preload",
+    sources=["framework/iommufd_model/run/preload.c"],
+    extra_compile_args=["-O2", "-Wall", "-fvisibility=default"],
+)
+
+setup(ext_modules=[*ext_modules(), PRELOAD])

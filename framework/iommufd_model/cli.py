@@ -516,7 +516,47 @@ def build_parser() -> argparse.ArgumentParser:
         help="run cells in N worker processes (auto: one per CPU); default 1",
     )
     p_matrix.set_defaults(func=_cmd_matrix)
+    p_run = sub.add_parser(
+        "run",
+        help="run a program with /dev/iommu served by the model",
+        description="Runs an unmodified, dynamically linked PROGRAM with /dev/iommu (and "
+        "the files it hands out) served by one model shared by all its processes; see "
+        "docs/running-programs.md.",
+    )
+    p_run.add_argument(
+        "--iommu",
+        action="append",
+        metavar="DRIVER",
+        help="an IOMMU instance of DRIVER (repeatable; default: mock)",
+    )
+    p_run.add_argument(
+        "--devices", type=int, default=1, metavar="N", help="PCI functions behind each IOMMU"
+    )
+    p_run.add_argument("program", nargs=argparse.REMAINDER, metavar="-- PROGRAM [ARGS...]")
+    p_run.set_defaults(func=_cmd_run)
     return parser
+
+
+def _cmd_run(args: argparse.Namespace, reg: DriverRegistry) -> int:
+    from iommufd_model.run.launch import run_program
+
+    argv = list(args.program)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        print("iommufd-model run: no program given", file=sys.stderr)
+        return 2
+    if args.devices < 0:
+        print("iommufd-model run: --devices must be >= 0", file=sys.stderr)
+        return 2
+    try:
+        rc, _server = run_program(
+            argv, iommus=args.iommu or ["mock"], devices=args.devices, registry=reg
+        )
+    except OSError as exc:
+        print(f"iommufd-model run: {exc}", file=sys.stderr)
+        return 127
+    return rc
 
 
 def main(argv: Sequence[str] | None = None, registry: DriverRegistry | None = None) -> int:

@@ -265,17 +265,27 @@ class Pages:
         self.unuse(first, last)
 
     # -- CPU copies (iopt_pages_rw_access, the pfn_reader "slow" path) ------------------
+    def _source(self) -> MemFile | Process | None:
+        return self.memfile if self.memfile is not None else self.proc
+
     def copy_in(self, frames: list[int], offset: int, data: bytes | memoryview) -> None:
         """Write ``data`` into ``frames``, starting ``offset`` bytes into the first one."""
         mem, pos, length = self.memory, 0, len(data)
+        start = offset
         for pfn in frames:
             chunk = min(length - pos, PAGE_SIZE - offset)
             mem.write((pfn << PAGE_SHIFT) + offset, data[pos : pos + chunk])
             pos += chunk
             offset = 0
+        src = self._source()
+        if src is not None:  # a real program sees the bytes (run/process.py)
+            src.sync_frames_out(frames, start, length)
 
     def copy_out(self, frames: list[int], offset: int, length: int) -> bytes:
         """Read ``length`` bytes from ``frames``, starting ``offset`` bytes into the first one."""
+        src = self._source()
+        if src is not None:  # a real program's current bytes (run/process.py)
+            src.sync_frames_in(frames)
         out = bytearray()
         for pfn in frames:
             chunk = min(length - len(out), PAGE_SIZE - offset)

@@ -61,6 +61,14 @@ class MemFile:
             self.memory.get_frame(p)
         return pfns
 
+    def sync_frames_in(self, pfns: list[int]) -> None:
+        """Before the CPU reads these pinned frames: nothing to do, the frames are the pages.
+
+        A real program's file (run/process.py) refreshes them from the file first."""
+
+    def sync_frames_out(self, pfns: list[int], offset: int, length: int) -> None:
+        """After the CPU wrote bytes ``[offset, offset+length)`` of this run of frames."""
+
     def release(self) -> None:
         """Drop the file's own references; pinned or mapped frames stay alive."""
         for pfn in self._pfns.values():
@@ -240,6 +248,14 @@ class Process:
     def unpin_pages(self, pfns: list[int]) -> None:
         for pfn in pfns:
             self.memory.put_frame(pfn)
+
+    def sync_frames_in(self, pfns: list[int]) -> None:
+        """Before the CPU reads pinned frames: nothing here, the frames are the pages.
+
+        A real program's process (run/process.py) refreshes them from its memory first."""
+
+    def sync_frames_out(self, pfns: list[int], offset: int, length: int) -> None:
+        """After the CPU wrote bytes ``[offset, offset+length)`` of this run of frames."""
 
     # -- files --------------------------------------------------------------------
     def install_file(self, file: FileLike) -> int:

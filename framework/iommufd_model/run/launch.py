@@ -1,0 +1,94 @@
+"""Start one run: a machine, its model server, the program under the preload library."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from importlib.machinery import EXTENSION_SUFFIXES
+from pathlib import Path
+from typing import Any
+
+from iommufd_model.machine import Machine
+from iommufd_model.plugins import DriverRegistry
+from iommufd_model.run.server import Server
+
+#: the fault-injection knobs iommufd_fail_nth sets up under /sys/kernel/debug, which the
+#: preload redirects to a private directory of the run
+_DEBUGFS_FILES = (
+    "failslab/ignore-gfp-wait",
+    "failslab/verbose",
+    "fail_page_alloc/ignore-gfp-wait",
+    "fail_page_alloc/ignore-gfp-highmem",
+    "fail_page_alloc/verbose",
+    "fail_iommufd/verbose",
+)
+
+
+def preload_path() -> Path:
+    """The preload library built with the package (setup.py compiles run/preload.c)."""
+    here = Path(__file__).parent
+    for suffix in EXTENSION_SUFFIXES:
+        lib = here / f"_preload{suffix}"
+        if lib.exists():
+            return lib
+    raise FileNotFoundError(
+        f"the preload library is missing in {here}: reinstall iommufd-model (needs gcc)"
+    )
+
+
+def build_machine(
+    iommus: Sequence[str], devices: int, registry: DriverRegistry | None = None
+) -> Machine:
+    """The run's machine: one instance per ``--iommu`` and ``devices`` PCI functions each."""
+    machine = Machine.build(list(iommus), registry=registry)
+    for index in range(len(machine.iommus)):
+        for _ in range(devices):
+            machine.add_pci_device(index)
+    return machine
+
+
+def run_program(
+    argv: Sequence[str],
+    *,
+    iommus: Sequence[str] = ("mock",),
+    devices: int = 0,
+    env: dict[str, str] | None = None,
+    registry: DriverRegistry | None = None,
+    log: Any = None,
+    machine: Machine | None = None,
+) -> tuple[int, Server]:
+    """Run ``argv`` to completion; returns (exit status as a shell gives it, the server)."""
+    if machine is None:
+        machine = build_machine(iommus, devices, registry)
+    run = secrets.token_hex(8)
+    server = Server(machine, run, f"iommufd-model-server/{run}", log=log)
+    child_env = dict(os.environ if env is None else env)
+    lib = str(preload_path())
+    old = child_env.get("LD_PRELOAD")
+    child_env["LD_PRELOAD"] = f"{lib} {old}" if old else lib
+    child_env["IOMMUFD_MODEL_SOCK"] = f"iommufd-model-server/{run}"
+    child_env["IOMMUFD_MODEL_RUN"] = run
+    with tempfile.TemporaryDirectory(prefix="iommufd-model-debugfs-") as debugfs:
+        for rel in _DEBUGFS_FILES:
+            path = Path(debugfs, rel)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("1\n")
+        child_env["IOMMUFD_MODEL_DEBUGFS"] = debugfs
+        try:
+            proc = subprocess.Popen(list(argv), env=child_env)
+        except OSError:
+            server.close()
+            raise
+        try:
+            server.serve_until(lambda: proc.poll() is not None)
+        except KeyboardInterrupt:
+            proc.send_signal(signal.SIGINT)
+            proc.wait()
+        finally:
+            server.close()
+    rc = proc.returncode
+    return (128 - rc if rc < 0 else rc), server

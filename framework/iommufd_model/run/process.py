@@ -1,0 +1,320 @@
+"""A real program's process behind the core's :class:`Process` interface.
+
+The core asks a process what ``pin_user_pages`` and ``copy_{to,from}_user`` ask of Linux.
+Here the answers come from the running program:
+
+- ``read``/``write`` are ``process_vm_readv``/``process_vm_writev`` on its pid: an unmapped
+  byte is EFAULT, as in the kernel.
+- Pinning gives each user page a model frame (the model's PFN, stable while the page stays
+  mapped: MD_CHECK_MAP and ACCESS_PAGES compare PFNs). Private memory gets a *mirror* frame
+  per (process, page); shared mappings (memfds, and shared anonymous memory, which the
+  preload turns into a memfd) are :class:`RealMemFile` frames per (file, page), so every
+  process of the run and every IOAS_MAP_FILE of the same file see the same frames.
+- Frame contents follow the program (the model's own design, see docs/running-programs.md):
+  the core's CPU copies through pinned pages (``Pages.copy_out``/``copy_in``: the selftest's
+  ACCESS_RW) first read the program's current bytes into the frames and write their result
+  back; a reported ``munmap`` reads pinned pages one last time, so a pin outlives munmap
+  with the contents the page had, as in the kernel.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from iommufd_model.core.failnth import failpoint
+from iommufd_model.core.process import MemFile, Process, Vma
+from iommufd_model.errors import err
+from iommufd_model.hw.memory import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, PhysicalMemory
+from iommufd_model.run import native
+
+if TYPE_CHECKING:
+    from iommufd_model.machine import Machine
+    from iommufd_model.run.server import Server
+
+CAP_SYS_RESOURCE = 24
+
+
+@attrs.define(frozen=True, slots=True)
+class _AnonSource:
+    proc: RealProcess
+    vpn: int
+
+
+@attrs.define(frozen=True, slots=True)
+class _FileSource:
+    file: RealMemFile
+    index: int
+
+
+class Mirrors:
+    """pfn -> where the frame's bytes live in the program (a page of a process or a file)."""
+
+    def __init__(self, memory: PhysicalMemory) -> None:
+        self.memory = memory
+        self._src: dict[int, _AnonSource | _FileSource] = {}
+
+    def add_anon(self, pfn: int, proc: RealProcess, vpn: int) -> None:
+        self._src[pfn] = _AnonSource(proc, vpn)
+
+    def add_file(self, pfn: int, file: RealMemFile, index: int) -> None:
+        self._src[pfn] = _FileSource(file, index)
+
+    def _live(self, pfn: int) -> _AnonSource | _FileSource | None:
+        src = self._src.get(pfn)
+        if isinstance(src, _AnonSource):
+            if src.proc._ptes.get(src.vpn) != pfn or src.proc.gone:
+                return None
+        elif isinstance(src, _FileSource) and src.file._pfns.get(src.index) != pfn:
+            return None
+        return src
+
+    def pull(self, pfns: list[int]) -> None:
+        """Refresh frames from the program's current bytes (pages still mapped only)."""
+        for pfn in pfns:
+            src = self._live(pfn)
+            data: bytes | None = None
+            if isinstance(src, _AnonSource):
+                data = native.vm_read(src.proc.pid, src.vpn << PAGE_SHIFT, PAGE_SIZE)
+            elif isinstance(src, _FileSource):
+                data = src.file.read_page(src.index)
+            if data is not None:
+                self.memory.write(pfn << PAGE_SHIFT, data)
+
+    def push(self, pfns: list[int], offset: int, length: int) -> None:
+        """Write bytes ``[offset, offset+length)`` of the run of frames back to the program."""
+        for pfn in pfns:
+            chunk = min(length, PAGE_SIZE - offset)
+            if chunk <= 0:
+                break
+            src = self._live(pfn)
+            data = self.memory.read((pfn << PAGE_SHIFT) + offset, chunk)
+            if isinstance(src, _AnonSource):
+                native.vm_write(src.proc.pid, (src.vpn << PAGE_SHIFT) + offset, data)
+            elif isinstance(src, _FileSource):
+                src.file.write_at((src.index << PAGE_SHIFT) + offset, data)
+            length -= chunk
+            offset = 0
+
+
+class RealMemFile(MemFile):
+    """A file of the program (a memfd) through the server's own reference to it.
+
+    The size is the file's size now (the program may ftruncate it); a frame per page is
+    made on first touch and keeps the page cache's reference, as :class:`MemFile` does.
+    """
+
+    def __init__(self, memory: PhysicalMemory, fd: int, mirrors: Mirrors) -> None:
+        self.fd = fd
+        self.mirrors = mirrors
+        super().__init__(memory, 0)
+
+    @property  # type: ignore[override]
+    def size(self) -> int:
+        try:
+            return os.fstat(self.fd).st_size
+        except OSError:
+            return 0
+
+    @size.setter
+    def size(self, value: int) -> None:
+        """The size is the file's: MemFile's constructor value is ignored."""
+
+    def pfn(self, index: int) -> int:
+        known = index in self._pfns
+        pfn = super().pfn(index)
+        if not known:
+            self.mirrors.add_file(pfn, self, index)
+        return pfn
+
+    def read_page(self, index: int) -> bytes | None:
+        try:
+            return os.pread(self.fd, PAGE_SIZE, index << PAGE_SHIFT).ljust(PAGE_SIZE, b"\0")
+        except OSError:
+            return None
+
+    def write_at(self, pos: int, data: bytes) -> None:
+        try:
+            os.pwrite(self.fd, data, pos)
+        except OSError:
+            pass
+
+    def sync_frames_in(self, pfns: list[int]) -> None:
+        self.mirrors.pull(pfns)
+
+    def sync_frames_out(self, pfns: list[int], offset: int, length: int) -> None:
+        self.mirrors.push(pfns, offset, length)
+
+    def close(self) -> None:
+        self.release()
+        os.close(self.fd)
+
+
+class ProgramFiles:
+    """The program's file table as the core sees it: ``files.get(fd)`` is ``fget(fd)``."""
+
+    def __init__(self, server: Server, proc: RealProcess) -> None:
+        self.server = server
+        self.proc = proc
+
+    def get(self, fd: int, default: Any = None) -> Any:
+        got = self.server.resolve_fd(self.proc, fd)
+        return default if got is None else got
+
+    def values(self) -> list[Any]:
+        return []
+
+
+class RealProcess(Process):
+    """One process (one mm) of the program; see the module docstring."""
+
+    def __init__(self, machine: Machine, pid: int, server: Server) -> None:
+        super().__init__(machine, pid)
+        self.server = server
+        self.mirrors = server.mirrors
+        self.files = ProgramFiles(server, self)  # type: ignore[assignment]
+        self.gone = False
+        self._start = self._start_time()
+
+    # -- liveness -------------------------------------------------------------------------
+    def _start_time(self) -> str | None:
+        try:
+            with open(f"/proc/{self.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return None
+        if fields[0] in ("Z", "X"):
+            return None
+        return fields[19]
+
+    def alive(self) -> bool:
+        """The mm still exists: the pid runs (not a zombie) and is the same process."""
+        if self.gone:
+            return False
+        if self._start is None or self._start_time() != self._start:
+            self.gone = True
+        return not self.gone
+
+    @property  # type: ignore[override]
+    def capable_sys_resource(self) -> bool:
+        """``capable(CAP_SYS_RESOURCE)`` of the process now (its effective set)."""
+        try:
+            with open(f"/proc/{self.pid}/status") as f:
+                for line in f:
+                    if line.startswith("CapEff:"):
+                        return bool(int(line.split()[1], 16) >> CAP_SYS_RESOURCE & 1)
+        except OSError:
+            pass
+        return False
+
+    @capable_sys_resource.setter
+    def capable_sys_resource(self, value: bool) -> None:
+        """Read from the process itself: the constructor's default is ignored."""
+
+    # -- address space (reported by the preload) -------------------------------------------
+    def unmap_range(self, va: int, length: int) -> None:
+        """The program is about to unmap ``[va, va+length)``: keep pinned pages' contents."""
+        if length <= 0 or va & PAGE_MASK:
+            return
+        end = va + ((length + PAGE_MASK) & ~PAGE_MASK)
+        first, last = va >> PAGE_SHIFT, end >> PAGE_SHIFT
+        if last - first > len(self._ptes):
+            vpns = [v for v in self._ptes if first <= v < last]
+        else:
+            vpns = [v for v in range(first, last) if v in self._ptes]
+        memory = self.memory
+        pinned = [self._ptes[v] for v in vpns if memory.frame_refs(self._ptes[v]) > 1]
+        if pinned:
+            self.mirrors.pull(pinned)
+        for v in vpns:
+            memory.put_frame(self._ptes.pop(v))
+        super().munmap(va, end - va)
+
+    def map_shared(self, va: int, length: int, file: RealMemFile, offset: int) -> None:
+        """A shared mapping of ``file`` at ``offset`` now covers ``[va, va+length)``."""
+        if length <= 0 or va & PAGE_MASK or offset & PAGE_MASK:
+            return
+        length = (length + PAGE_MASK) & ~PAGE_MASK
+        self.unmap_range(va, length)
+        i = 0
+        while i < len(self._vma_starts) and self._vma_starts[i] < va:
+            i += 1
+        self._vma_starts.insert(i, va)
+        self._vmas.insert(i, Vma(va, va + length, file, offset))  # type: ignore[arg-type]
+
+    def inherit(self, parent: RealProcess) -> None:
+        """fork(): the child's shared mappings are the parent's (private pages are its own)."""
+        self._vma_starts = list(parent._vma_starts)
+        self._vmas = [Vma(v.start, v.end, v.file, v.offset) for v in parent._vmas]
+
+    # -- the core's interface --------------------------------------------------------------
+    def translate(self, va: int) -> int:
+        vpn = va >> PAGE_SHIFT
+        pfn = self._ptes.get(vpn)
+        if pfn is not None:
+            return pfn
+        if va < 0 or va >= 1 << 64:
+            raise err(errno.EFAULT, f"bad user address {va:#x}")
+        vma = self._vma(va)
+        if vma is not None and vma.file is not None:
+            return super().translate(va)
+        if self.gone or not native.vm_readable_pages(self.pid, [va & ~PAGE_MASK]):
+            raise err(errno.EFAULT, f"no mapping at user address {va:#x}")
+        pfn = self.memory.alloc_frame()
+        self._ptes[vpn] = pfn
+        self.mirrors.add_anon(pfn, self, vpn)
+        return pfn
+
+    def is_mapped(self, va: int, length: int) -> bool:
+        if not self.alive():
+            return False
+        pos = va & ~PAGE_MASK
+        end = va + length
+        probe: list[int] = []
+        while pos < end:
+            vma = self._vma(pos)
+            if vma is not None and vma.file is not None:
+                index = (vma.offset + (pos - vma.start)) >> PAGE_SHIFT
+                if (index << PAGE_SHIFT) >= vma.file.size:
+                    return False
+            elif (pos >> PAGE_SHIFT) not in self._ptes:
+                probe.append(pos)
+            pos += PAGE_SIZE
+        return native.vm_readable_pages(self.pid, probe) if probe else True
+
+    def read(self, va: int, n: int) -> bytes:
+        if n < 0:
+            raise err(errno.EINVAL)
+        failpoint("process.copy_from_user", errno.EFAULT)
+        data = native.vm_read(self.pid, va, n)
+        if data is None:
+            raise err(errno.EFAULT, f"user read {va:#x}+{n:#x} not mapped")
+        return data
+
+    def write(self, va: int, data: bytes | bytearray | memoryview, *, pinned: bool = False) -> None:
+        if not pinned:
+            failpoint("process.copy_to_user", errno.EFAULT)
+        if not native.vm_write(self.pid, va, bytes(data)):
+            raise err(errno.EFAULT, f"user write {va:#x}+{len(data):#x} not mapped")
+
+    def sync_frames_in(self, pfns: list[int]) -> None:
+        self.mirrors.pull(pfns)
+
+    def sync_frames_out(self, pfns: list[int], offset: int, length: int) -> None:
+        self.mirrors.push(pfns, offset, length)
+
+    def install_file(self, file: Any) -> int:
+        """A new fd in the program that is making the current request."""
+        return self.server.install(file)
+
+    def forget(self) -> None:
+        """The mm is gone (exit, exec, end of the run): drop every mapping's frame reference."""
+        self.gone = True
+        for pfn in self._ptes.values():
+            self.memory.put_frame(pfn)
+        self._ptes.clear()
+        self._vma_starts.clear()
+        self._vmas.clear()

@@ -1,0 +1,497 @@
+"""The model server of one ``iommufd-model run``: every process and thread of the program.
+
+One Python thread serves every request, one at a time (the model is single-threaded; the
+program's threads each wait on their own connection, so their ioctls are serialized as if
+under one lock). The wire format is the preload's (``preload.c``): fixed-size requests
+(``struct req``: op and six u64 arguments) and replies (``struct rep``). Bytes never travel
+on the wire: the server reads and writes the program's memory itself.
+
+Files. Every file the model hands out (the iommufd, FAULT and vEVENTQ fds, the selftest's
+access and dma-buf fds, fail-nth) is one end of a socketpair bound to
+``\\0iommufd-model/<run>/<id>``, sent to the program with SCM_RIGHTS in the middle of the
+request that creates it; the server keeps the other end and sees its hangup when the
+program's last descriptor closes, then releases the file as the kernel's ``release()``
+would. Hangups are taken before each request, so a close is complete before any later
+request of any process is served (the kernel releases before close() returns).
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import os
+import selectors
+import socket
+import stat
+import struct
+import sys
+import traceback
+from typing import Any
+
+import attrs
+
+from iommufd_model.core.eventq import EventFile, Fault, Veventq
+from iommufd_model.core.failnth import fail_nth
+from iommufd_model.core.main import IommuFd
+from iommufd_model.core.vfio_compat import VFIO_CHECK_EXTENSION, VFIO_GET_API_VERSION, VFIO_SET_IOMMU
+from iommufd_model.errors import err
+from iommufd_model.machine import Machine
+from iommufd_model.run import native
+from iommufd_model.run.process import Mirrors, RealMemFile, RealProcess
+
+REQ = struct.Struct("<II6Q")
+REP = struct.Struct("<IiqII")
+
+OP_HELLO, OP_OPEN, OP_IOCTL, OP_READ, OP_WRITE = 1, 2, 3, 4, 5
+OP_MAP_SHARED, OP_MUNMAP, OP_MMAP, OP_INSTALLED = 6, 7, 8, 9
+OPEN_IOMMU, OPEN_FAILNTH, OPEN_VFIO = 1, 2, 3
+REP_DONE, REP_INSTALL = 0, 1
+REP_DRAIN = 1
+O_CLOEXEC = os.O_CLOEXEC
+#: a size field above this is not read whole (the kernel would fail on such a struct too)
+MAX_STRUCT = 1 << 24
+_INT_ARG = (VFIO_CHECK_EXTENSION, VFIO_SET_IOMMU)
+
+
+class FailNthFile:
+    """``/proc/<pid>/task/<tid>/fail-nth`` of one task (fs/proc/base.c semantics)."""
+
+    def __init__(self, server: Server, tid: int) -> None:
+        self.server = server
+        self.tid = tid
+        self.pos = 0
+
+    def read(self, count: int, offset: int | None) -> bytes:
+        text = f"{self.server.failnth.get(self.tid, 0)}\n".encode()
+        pos = self.pos if offset is None else offset
+        out = text[pos : pos + count] if pos < len(text) else b""
+        if offset is None:
+            self.pos += len(out)
+        return out
+
+    def write(self, data: bytes) -> int:
+        # kstrtouint_from_user(): base 0, an optional trailing newline, u32 range
+        text = data.decode("ascii", "replace")
+        text = text[:-1] if text.endswith("\n") else text
+        try:
+            n = int(text, 0)
+        except ValueError:
+            raise err(errno.EINVAL, "fail-nth takes an unsigned integer") from None
+        if not 0 <= n < 1 << 32:
+            raise err(errno.ERANGE if n >= 0 else errno.EINVAL, "fail-nth out of range")
+        self.server.failnth[self.tid] = n
+        return len(data)
+
+    def release(self) -> None:
+        pass
+
+
+@attrs.define(slots=True, eq=False)
+class ModelFile:
+    id: int
+    sock: socket.socket
+    obj: Any
+    token: bool = False
+
+
+@attrs.define(slots=True, eq=False)
+class Conn:
+    sock: socket.socket
+    pid: int = 0
+    tid: int = 0
+    proc: RealProcess | None = None
+
+
+class Server:
+    """Serves one run; ``serve_until(pred)`` loops until ``pred()`` is true."""
+
+    def __init__(self, machine: Machine, run: str, name: str, log: Any = None) -> None:
+        self.machine = machine
+        self.run = run
+        self.mirrors = Mirrors(machine.memory)
+        self.log = log if log is not None else sys.stderr
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        self.listener.bind(b"\0" + name.encode())
+        self.listener.listen(64)
+        self.listener.setblocking(False)
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(self.listener, selectors.EVENT_READ, None)
+        self.file_sel = selectors.DefaultSelector()
+        self.files: dict[int, ModelFile] = {}
+        self.procs: dict[int, RealProcess] = {}
+        self.memfiles: dict[tuple[int, int], RealMemFile] = {}
+        self.failnth: dict[int, int] = {}
+        self.current: Conn | None = None
+        self._next_id = 1
+        self._conns: dict[int, int] = {}  # pid -> open request connections
+        self._exiting: set[int] = set()  # pids whose connections all closed
+        self.requests = 0
+        self.internal_errors: list[str] = []
+
+    # -- the loop -------------------------------------------------------------------------
+    def serve_until(self, done: Any, poll: float = 0.05) -> None:
+        while not done():
+            self.serve_once(poll)
+
+    def serve_once(self, timeout: float) -> None:
+        for key, _ in self.sel.select(timeout):
+            if key.fileobj is self.listener:
+                self._accept()
+            elif isinstance(key.data, Conn):
+                self._on_request(key.data)
+            elif isinstance(key.data, ModelFile):
+                self._on_file(key.data)
+
+    def _accept(self) -> None:
+        try:
+            sock, _ = self.listener.accept()
+        except BlockingIOError:
+            return
+        sock.setblocking(True)
+        self.sel.register(sock, selectors.EVENT_READ, Conn(sock))
+
+    def _drop_conn(self, conn: Conn) -> None:
+        self.sel.unregister(conn.sock)
+        conn.sock.close()
+        if conn.proc is not None:
+            left = self._conns.get(conn.pid, 1) - 1
+            self._conns[conn.pid] = left
+            if left <= 0:
+                self._exiting.add(conn.pid)
+
+    def reap_processes(self) -> None:
+        """Forget processes whose mm is gone (their page references go, as at exit_mm)."""
+        for pid in list(self._exiting):
+            proc = self.procs.get(pid)
+            if proc is None or self._conns.get(pid, 0) > 0:
+                self._exiting.discard(pid)
+            elif not proc.alive():
+                self._exiting.discard(pid)
+                del self.procs[pid]
+                proc.forget()
+
+    def _on_file(self, mf: ModelFile) -> None:
+        try:
+            data = mf.sock.recv(64, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._release(mf)
+
+    def reap_hangups(self) -> None:
+        """Release every file whose program side is closed (before serving a request)."""
+        for key, _ in self.file_sel.select(0):
+            mf = key.data
+            if isinstance(mf, ModelFile) and mf.id in self.files:
+                self._on_file(mf)
+
+    def _release(self, mf: ModelFile) -> None:
+        self.files.pop(mf.id, None)
+        for sel in (self.sel, self.file_sel):
+            try:
+                sel.unregister(mf.sock)
+            except (KeyError, ValueError):
+                pass
+        mf.sock.close()
+        try:
+            mf.obj.release()
+        except Exception as exc:  # a model bug must not take the run down
+            self._internal(f"release of {mf.obj!r}", exc)
+
+    def _internal(self, what: str, exc: BaseException) -> None:
+        text = f"iommufd-model run: internal error in {what}: {type(exc).__name__}: {exc}"
+        self.internal_errors.append(text)
+        print(text, file=self.log)
+        if os.environ.get("IOMMUFD_MODEL_STRICT"):
+            traceback.print_exc(file=self.log)
+
+    # -- requests -------------------------------------------------------------------------
+    def _on_request(self, conn: Conn) -> None:
+        try:
+            data = conn.sock.recv(REQ.size)
+        except OSError:
+            data = b""
+        if len(data) != REQ.size:
+            self._drop_conn(conn)
+            return
+        op, _pad, *a = REQ.unpack(data)
+        self.reap_hangups()
+        self.reap_processes()
+        self.requests += 1
+        self.current = conn
+        ret, error, flags = 0, 0, 0
+        try:
+            ret, flags = self._dispatch(conn, op, a)
+        except OSError as exc:
+            error = exc.errno or errno.EIO
+        except Exception as exc:
+            self._internal(f"request {op}", exc)
+            error = errno.EIO
+        finally:
+            self.current = None
+        self._update_tokens()
+        try:
+            conn.sock.send(REP.pack(REP_DONE, error, ret, flags, 0), socket.MSG_NOSIGNAL)
+        except OSError:
+            self._drop_conn(conn)  # killed mid-request: its effect stays, as in the kernel
+
+    def _proc(self, conn: Conn) -> RealProcess:
+        if conn.proc is None:
+            raise err(errno.EPROTO, "no hello on this connection")
+        return conn.proc
+
+    def _file(self, fid: int) -> ModelFile:
+        mf = self.files.get(fid)
+        if mf is None:
+            raise err(errno.EBADF, f"model file {fid} is closed")
+        return mf
+
+    def _dispatch(self, conn: Conn, op: int, a: list[int]) -> tuple[int, int]:
+        if op == OP_HELLO:
+            self._hello(conn, a[0], a[1], a[2], bool(a[3]))
+            return 0, 0
+        proc = self._proc(conn)
+        if op == OP_MUNMAP:
+            proc.unmap_range(a[0], a[1])
+            return 0, 0
+        if op == OP_MAP_SHARED:
+            file = self._memfile(proc, a[2])
+            if file is not None:
+                proc.map_shared(a[0], a[1], file, a[3])
+            return 0, 0
+        if op == OP_OPEN and a[0] == OPEN_FAILNTH:
+            return self.install(FailNthFile(self, a[1]), cloexec=bool(a[2] & O_CLOEXEC)), 0
+        target = self.files.get(a[0]) if op in (OP_IOCTL, OP_READ, OP_WRITE, OP_MMAP) else None
+        if target is not None and isinstance(target.obj, FailNthFile):
+            return self._rw(proc, target, op, a)
+        n = self.failnth.get(conn.tid, 0)
+        if not n:
+            return self._model_op(conn, proc, op, a)
+        with fail_nth(n) as fp:
+            try:
+                return self._model_op(conn, proc, op, a)
+            finally:
+                self.failnth[conn.tid] = 0 if fp.fired else n - fp.count
+
+    def _model_op(self, conn: Conn, proc: RealProcess, op: int, a: list[int]) -> tuple[int, int]:
+        if op == OP_OPEN:
+            if a[0] == OPEN_IOMMU:
+                ictx = IommuFd(self.machine, proc)
+                try:
+                    ictx.fd = self.install(ictx, cloexec=bool(a[2] & O_CLOEXEC))
+                except OSError:
+                    ictx.release()
+                    raise
+                return ictx.fd, 0
+            raise err(errno.ENOENT, "no such model device")
+        mf = self._file(a[0])
+        if op == OP_IOCTL:
+            return self._ioctl(proc, mf, a[1], a[2]), 0
+        if op in (OP_READ, OP_WRITE):
+            return self._rw(proc, mf, op, a)
+        if op == OP_MMAP:
+            return self._mmap(proc, mf, a[1], a[2], a[3]), 0
+        raise err(errno.EPROTO, f"unknown request {op}")
+
+    def _hello(self, conn: Conn, pid: int, tid: int, lineage: int, fresh: bool) -> None:
+        creds = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        peer_pid = struct.unpack("3i", creds)[0]
+        if peer_pid != pid:
+            raise err(errno.EPERM, "hello from another pid than the peer's")
+        conn.pid, conn.tid = pid, tid
+        self._conns[pid] = self._conns.get(pid, 0) + 1
+        proc = self.procs.get(pid)
+        if proc is None or fresh or not proc.alive():
+            if proc is not None:  # exec'd (a new mm) or a reused pid
+                proc.gone = True
+                proc.forget()
+            proc = RealProcess(self.machine, pid, self)
+            parent = self.procs.get(lineage)
+            if not fresh and parent is not None:
+                proc.inherit(parent)
+            self.procs[pid] = proc
+        conn.proc = proc
+
+    # -- fds ------------------------------------------------------------------------------
+    def install(self, obj: Any, *, cloexec: bool = True) -> int:
+        """Give the program making the current request a new fd for ``obj``."""
+        conn = self.current
+        if conn is None:
+            raise err(errno.EBADF, "no request to install a file into")
+        fid = self._next_id
+        self._next_id += 1
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            theirs.bind(f"\0iommufd-model/{self.run}/{fid}".encode())
+            fds = array.array("i", [theirs.fileno()])
+            conn.sock.sendmsg(
+                [REP.pack(REP_INSTALL, 0, 0, 0, int(cloexec))],
+                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds.tobytes())],
+            )
+        except OSError:
+            ours.close()
+            raise err(errno.EMFILE, "could not pass the file") from None
+        finally:
+            theirs.close()
+        ack = conn.sock.recv(REQ.size)
+        got = REQ.unpack(ack)[2] if len(ack) == REQ.size else -1
+        fd = got - (1 << 64) if got >= 1 << 63 else got
+        if fd < 0:
+            ours.close()
+            raise err(errno.EMFILE, "the program could not take a new fd")
+        mf = ModelFile(fid, ours, obj)
+        self.files[fid] = mf
+        ours.setblocking(False)
+        self.sel.register(ours, selectors.EVENT_READ, mf)
+        self.file_sel.register(ours, selectors.EVENT_READ, mf)
+        return fd
+
+    def resolve_fd(self, proc: RealProcess, fd: int) -> Any:
+        """``fget(fd)`` in ``proc``: the model file, a :class:`RealMemFile`, or None."""
+        try:
+            mine = native.pidfd_getfd(proc.pid, fd)
+        except OSError:
+            return None
+        keep = False
+        try:
+            st = os.fstat(mine)
+            if stat.S_ISSOCK(st.st_mode):
+                sock = socket.socket(fileno=mine)
+                try:
+                    name = sock.getsockname()
+                finally:
+                    sock.detach()
+                prefix = f"\0iommufd-model/{self.run}/".encode()
+                if isinstance(name, bytes) and name.startswith(prefix):
+                    mf = self.files.get(int(name[len(prefix) :]))
+                    return None if mf is None else mf.obj
+                return None
+            if not stat.S_ISREG(st.st_mode):
+                return None
+            key = (st.st_dev, st.st_ino)
+            file = self.memfiles.get(key)
+            if file is None:
+                file = self.memfiles[key] = RealMemFile(self.machine.memory, mine, self.mirrors)
+                keep = True
+            return file
+        finally:
+            if not keep:
+                os.close(mine)
+
+    def _memfile(self, proc: RealProcess, fd: int) -> RealMemFile | None:
+        got = self.resolve_fd(proc, fd)
+        return got if isinstance(got, RealMemFile) else None
+
+    # -- file operations ------------------------------------------------------------------
+    def _ioctl(self, proc: RealProcess, mf: ModelFile, cmd: int, arg: int) -> int:
+        obj = mf.obj
+        if not isinstance(obj, IommuFd):
+            raise err(errno.ENOTTY, "this file has no ioctls")
+        if cmd in _INT_ARG:
+            return obj.ioctl(cmd, arg, caller=proc)
+        if cmd == VFIO_GET_API_VERSION:
+            return obj.ioctl(cmd, 0, caller=proc)
+        buf = self._read_struct(proc, arg)
+        orig = bytes(buf)
+        try:
+            return obj.ioctl(cmd, buf, caller=proc)
+        finally:
+            self._write_changes(proc, arg, orig, buf)
+
+    def _read_struct(self, proc: RealProcess, arg: int) -> bytearray:
+        """The user's struct as far as it is readable: its u32 size field says how far.
+
+        A bad pointer leaves a shorter buffer, so the core fails where the kernel's
+        ``get_user``/``copy_struct_from_user`` would (EFAULT after the size checks).
+        """
+        head = native.vm_read(proc.pid, arg, 4)
+        if head is None:
+            return bytearray()
+        size = int.from_bytes(head, "little")
+        if size <= 4:
+            return bytearray(head)
+        body = native.vm_read(proc.pid, arg, min(size, MAX_STRUCT))
+        return bytearray(head if body is None else body)
+
+    @staticmethod
+    def _write_changes(proc: RealProcess, arg: int, orig: bytes, buf: bytearray) -> None:
+        """Copy back what the core wrote into the struct (even when the ioctl failed)."""
+        if bytes(buf) == orig:
+            return
+        lo = next(i for i in range(len(buf)) if buf[i] != orig[i])
+        hi = next(i for i in range(len(buf) - 1, -1, -1) if buf[i] != orig[i]) + 1
+        native.vm_write(proc.pid, arg + lo, bytes(buf[lo:hi]))
+
+    def _rw(self, proc: RealProcess, mf: ModelFile, op: int, a: list[int]) -> tuple[int, int]:
+        obj = mf.obj
+        uptr, count = a[1], a[2]
+        if count >= 1 << 63:
+            raise err(errno.EINVAL, "count too large")
+        if op == OP_READ:
+            if isinstance(obj, FailNthFile):
+                data = obj.read(count, a[3] if a[4] else None)
+            elif isinstance(obj, EventFile):
+                data = obj.read(min(count, 1 << 20))
+            else:
+                raise err(errno.EINVAL, "this file cannot be read")
+            if data and not native.vm_write(proc.pid, uptr, data):
+                raise err(errno.EFAULT, "read buffer not writable")
+            flags = REP_DRAIN if mf.token and not self._pending(obj) else 0
+            if flags:
+                mf.token = False
+            return len(data), flags
+        if isinstance(obj, (FailNthFile, EventFile)):
+            data = native.vm_read(proc.pid, uptr, min(count, 1 << 20)) or b""
+            if len(data) != min(count, 1 << 20):
+                raise err(errno.EFAULT, "write buffer not readable")
+            return obj.write(data), 0
+        raise err(errno.EINVAL, "this file cannot be written")
+
+    def _mmap(self, proc: RealProcess, mf: ModelFile, offset: int, length: int, addr: int) -> int:
+        obj = mf.obj
+        mmap = getattr(obj, "mmap", None)
+        if not isinstance(obj, IommuFd) or mmap is None:
+            raise err(errno.ENODEV, "this file cannot be mmapped")
+        region = mmap(offset, length)
+        if not native.vm_write(proc.pid, addr, bytes(region)):
+            raise err(errno.EFAULT, "could not fill the mapping")
+        return 0
+
+    # -- poll readiness -------------------------------------------------------------------
+    @staticmethod
+    def _pending(obj: Any) -> bool:
+        if isinstance(obj, EventFile):
+            owner = obj.owner
+            if isinstance(owner, Fault):
+                return bool(owner.deliver)
+            if isinstance(owner, Veventq):
+                return bool(owner.events)
+        return False
+
+    def _update_tokens(self) -> None:
+        """One byte waits in a queue's socket while it has events: poll() sees POLLIN."""
+        for mf in self.files.values():
+            if not mf.token and isinstance(mf.obj, EventFile) and self._pending(mf.obj):
+                try:
+                    mf.sock.send(b"!", socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+                    mf.token = True
+                except OSError:
+                    pass
+
+    # -- end of the run -------------------------------------------------------------------
+    def close(self) -> None:
+        """Release whatever the program left open, newest first, then every process."""
+        for mf in sorted(self.files.values(), key=lambda m: -m.id):
+            self._release(mf)
+        for key in list(self.sel.get_map().values()):
+            if isinstance(key.data, Conn):
+                self._drop_conn(key.data)
+        for proc in self.procs.values():
+            proc.forget()
+        for file in self.memfiles.values():
+            file.close()
+        self.sel.close()
+        self.file_sel.close()
+        self.listener.close()
