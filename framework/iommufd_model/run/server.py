@@ -35,6 +35,7 @@ from iommufd_model.core.failnth import fail_nth
 from iommufd_model.core.main import IommuFd
 from iommufd_model.core.vfio_compat import VFIO_CHECK_EXTENSION, VFIO_GET_API_VERSION, VFIO_SET_IOMMU
 from iommufd_model.errors import err
+from iommufd_model.hw.memory import PAGE_MASK
 from iommufd_model.machine import Machine
 from iommufd_model.run import native
 from iommufd_model.run.process import Mirrors, RealMemFile, RealProcess
@@ -50,6 +51,8 @@ REP_DRAIN = 1
 O_CLOEXEC = os.O_CLOEXEC
 #: a size field above this is not read whole (the kernel would fail on such a struct too)
 MAX_STRUCT = 1 << 24
+#: bytes read from an ioctl argument at least (the largest fixed VFIO/iommufd struct fits)
+MIN_READ = 256
 _INT_ARG = (VFIO_CHECK_EXTENSION, VFIO_SET_IOMMU)
 
 
@@ -171,6 +174,8 @@ class Server:
                 proc.forget()
 
     def _on_file(self, mf: ModelFile) -> None:
+        if self.files.get(mf.id) is not mf:  # released since select() reported it
+            return
         try:
             data = mf.sock.recv(64, socket.MSG_DONTWAIT)
         except BlockingIOError:
@@ -183,9 +188,8 @@ class Server:
     def reap_hangups(self) -> None:
         """Release every file whose program side is closed (before serving a request)."""
         for key, _ in self.file_sel.select(0):
-            mf = key.data
-            if isinstance(mf, ModelFile) and mf.id in self.files:
-                self._on_file(mf)
+            if isinstance(key.data, ModelFile):
+                self._on_file(key.data)
 
     def _release(self, mf: ModelFile) -> None:
         self.files.pop(mf.id, None)
@@ -401,19 +405,22 @@ class Server:
             self._write_changes(proc, arg, orig, buf)
 
     def _read_struct(self, proc: RealProcess, arg: int) -> bytearray:
-        """The user's struct as far as it is readable: its u32 size field says how far.
+        """The user's struct as far as it is readable, at least its size field's bytes.
 
-        A bad pointer leaves a shorter buffer, so the core fails where the kernel's
-        ``get_user``/``copy_struct_from_user`` would (EFAULT after the size checks).
+        iommufd reads ``size`` bytes, VFIO a fixed minimum whatever ``argsz`` says; reading
+        at least ``MIN_READ`` bytes serves both. A bad pointer leaves a shorter buffer, so
+        the core fails where the kernel's ``get_user``/``copy_struct_from_user`` would
+        (EFAULT after the size checks).
         """
         head = native.vm_read(proc.pid, arg, 4)
         if head is None:
             return bytearray()
-        size = int.from_bytes(head, "little")
-        if size <= 4:
-            return bytearray(head)
-        body = native.vm_read(proc.pid, arg, min(size, MAX_STRUCT))
-        return bytearray(head if body is None else body)
+        size = min(int.from_bytes(head, "little"), MAX_STRUCT)
+        for n in (max(size, MIN_READ), size, ((arg | PAGE_MASK) + 1) - arg):
+            body = native.vm_read(proc.pid, arg, n) if n > 4 else None
+            if body is not None:
+                return bytearray(body)
+        return bytearray(head)
 
     @staticmethod
     def _write_changes(proc: RealProcess, arg: int, orig: bytes, buf: bytearray) -> None:
