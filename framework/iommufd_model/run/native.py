@@ -28,7 +28,12 @@ _libc.process_vm_writev.restype = ctypes.c_ssize_t
 _libc.syscall.restype = ctypes.c_long
 
 
-def _vm(fn: ctypes._NamedFuncPointer, pid: int, local: ctypes.Array, remote: list[tuple[int, int]]) -> int:  # type: ignore[type-arg]
+def _vm(
+    fn: ctypes._NamedFuncPointer,
+    pid: int,
+    local: ctypes.Array[ctypes.c_char],
+    remote: list[tuple[int, int]],
+) -> int:
     riov = (_Iovec * len(remote))(*[_Iovec(a, n) for a, n in remote])
     liov = _Iovec(ctypes.addressof(local), len(local))
     got = fn(pid, ctypes.byref(liov), 1, riov, len(remote), 0)
@@ -47,7 +52,12 @@ def vm_read(pid: int, va: int, n: int) -> bytes | None:
     pos = 0
     while pos < n:
         chunk = min(n - pos, 1 << 30)
-        got = _vm(_libc.process_vm_readv, pid, (ctypes.c_char * chunk).from_buffer(buf, pos), [(va + pos, chunk)])
+        got = _vm(
+            _libc.process_vm_readv,
+            pid,
+            (ctypes.c_char * chunk).from_buffer(buf, pos),
+            [(va + pos, chunk)],
+        )
         if got != chunk:
             return None
         pos += chunk
@@ -92,7 +102,11 @@ def pidfd_getfd(pid: int, target_fd: int) -> int:
         raise OSError(errno.EBADF, "bad fd")
     pfd = pidfd_open(pid)
     try:
-        fd = int(_libc.syscall(_SYS_PIDFD_GETFD, ctypes.c_int(pfd), ctypes.c_int(target_fd), ctypes.c_uint(0)))
+        fd = int(
+            _libc.syscall(
+                _SYS_PIDFD_GETFD, ctypes.c_int(pfd), ctypes.c_int(target_fd), ctypes.c_uint(0)
+            )
+        )
         if fd < 0:
             e = ctypes.get_errno()
             raise OSError(e, os.strerror(e))

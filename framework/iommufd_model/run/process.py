@@ -19,6 +19,7 @@ Here the answers come from the running program:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from typing import TYPE_CHECKING, Any
@@ -112,7 +113,7 @@ class RealMemFile(MemFile):
         self.mirrors = mirrors
         super().__init__(memory, 0)
 
-    @property  # type: ignore[override]
+    @property
     def size(self) -> int:
         try:
             return os.fstat(self.fd).st_size
@@ -137,10 +138,8 @@ class RealMemFile(MemFile):
             return None
 
     def write_at(self, pos: int, data: bytes) -> None:
-        try:
+        with contextlib.suppress(OSError):
             os.pwrite(self.fd, data, pos)
-        except OSError:
-            pass
 
     def sync_frames_in(self, pfns: list[int]) -> None:
         self.mirrors.pull(pfns)
@@ -198,7 +197,7 @@ class RealProcess(Process):
             self.gone = True
         return not self.gone
 
-    @property  # type: ignore[override]
+    @property
     def capable_sys_resource(self) -> bool:
         """``capable(CAP_SYS_RESOURCE)`` of the process now (its effective set)."""
         try:
@@ -243,7 +242,7 @@ class RealProcess(Process):
         while i < len(self._vma_starts) and self._vma_starts[i] < va:
             i += 1
         self._vma_starts.insert(i, va)
-        self._vmas.insert(i, Vma(va, va + length, file, offset))  # type: ignore[arg-type]
+        self._vmas.insert(i, Vma(va, va + length, file, offset))
 
     def inherit(self, parent: RealProcess) -> None:
         """fork(): the child's shared mappings are the parent's (private pages are its own)."""

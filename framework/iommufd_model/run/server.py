@@ -18,6 +18,7 @@ request of any process is served (the kernel releases before close() returns).
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
 import os
 import selectors
@@ -33,7 +34,11 @@ import attrs
 from iommufd_model.core.eventq import EventFile, Fault, Veventq
 from iommufd_model.core.failnth import fail_nth
 from iommufd_model.core.main import IommuFd
-from iommufd_model.core.vfio_compat import VFIO_CHECK_EXTENSION, VFIO_GET_API_VERSION, VFIO_SET_IOMMU
+from iommufd_model.core.vfio_compat import (
+    VFIO_CHECK_EXTENSION,
+    VFIO_GET_API_VERSION,
+    VFIO_SET_IOMMU,
+)
 from iommufd_model.errors import err
 from iommufd_model.hw.memory import PAGE_MASK
 from iommufd_model.machine import Machine
@@ -194,10 +199,8 @@ class Server:
     def _release(self, mf: ModelFile) -> None:
         self.files.pop(mf.id, None)
         for sel in (self.sel, self.file_sel):
-            try:
+            with contextlib.suppress(KeyError, ValueError):
                 sel.unregister(mf.sock)
-            except (KeyError, ValueError):
-                pass
         mf.sock.close()
         try:
             mf.obj.release()
