@@ -27,6 +27,15 @@ def kselftest_bins(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def uapi_headers() -> Path:
+    """The kit's exported Linux 7.2 uAPI headers (skip without the kit)."""
+    headers = KIT / "usr-include"
+    if not (headers / "linux" / "iommufd.h").exists():
+        pytest.skip(f"Linux 7.2 uAPI headers are absent ({headers} does not exist)")
+    return headers
+
+
+@pytest.fixture(scope="session")
 def cc(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str], Path]:
     """Compile a small C program (source text) with gcc; returns the binary's path."""
     if shutil.which("gcc") is None:
