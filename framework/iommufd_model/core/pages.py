@@ -285,7 +285,7 @@ class Pages:
         """Read ``length`` bytes from ``frames``, starting ``offset`` bytes into the first one."""
         src = self._source()
         if src is not None:  # a real program's current bytes (run/process.py)
-            src.sync_frames_in(frames)
+            src.sync_frames_in(frames, offset, length)
         out = bytearray()
         for pfn in frames:
             chunk = min(length - len(out), PAGE_SIZE - offset)

@@ -61,8 +61,9 @@ class MemFile:
             self.memory.get_frame(p)
         return pfns
 
-    def sync_frames_in(self, pfns: list[int]) -> None:
-        """Before the CPU reads these pinned frames: nothing to do, the frames are the pages.
+    def sync_frames_in(self, pfns: list[int], offset: int, length: int) -> None:
+        """Before the CPU reads bytes ``[offset, offset+length)`` of this run of pinned frames:
+        nothing to do, the frames are the pages.
 
         A real program's file (run/process.py) refreshes them from the file first."""
 
@@ -249,8 +250,9 @@ class Process:
         for pfn in pfns:
             self.memory.put_frame(pfn)
 
-    def sync_frames_in(self, pfns: list[int]) -> None:
-        """Before the CPU reads pinned frames: nothing here, the frames are the pages.
+    def sync_frames_in(self, pfns: list[int], offset: int, length: int) -> None:
+        """Before the CPU reads bytes ``[offset, offset+length)`` of this run of pinned frames:
+        nothing here, the frames are the pages.
 
         A real program's process (run/process.py) refreshes them from its memory first."""
 

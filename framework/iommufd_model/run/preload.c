@@ -41,7 +41,7 @@ enum {
 	OP_MMAP = 8,
 	OP_INSTALLED = 9,
 };
-enum { OPEN_IOMMU = 1, OPEN_FAILNTH = 2, OPEN_VFIO = 3 };
+enum { OPEN_IOMMU = 1, OPEN_FAILNTH = 2 };
 enum { REP_DONE = 0, REP_INSTALL = 1 };
 #define REP_DRAIN 1u /* flags: the file's queue is empty, drop its readiness byte */
 
@@ -302,7 +302,6 @@ static int model_open(const char *path, int flags)
 {
 	struct req r = { .op = OP_OPEN };
 	long tid;
-	unsigned int n;
 
 	setup();
 	if (enabled != 1 || !path)
@@ -312,9 +311,6 @@ static int model_open(const char *path, int flags)
 	} else if ((tid = failnth_tid(path)) > 0) {
 		r.a[0] = OPEN_FAILNTH;
 		r.a[1] = (uint64_t)tid;
-	} else if (sscanf(path, "/dev/vfio/devices/vfio%u", &n) == 1) {
-		r.a[0] = OPEN_VFIO;
-		r.a[1] = n;
 	} else {
 		return -2;
 	}

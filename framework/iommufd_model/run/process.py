@@ -73,17 +73,26 @@ class Mirrors:
             return None
         return src
 
-    def pull(self, pfns: list[int]) -> None:
-        """Refresh frames from the program's current bytes (pages still mapped only)."""
+    def pull(self, pfns: list[int], offset: int = 0, length: int = -1) -> None:
+        """Refresh bytes ``[offset, offset+length)`` of a run of frames (all of them when
+        ``length`` is -1) from the program's current bytes; pages no longer mapped keep
+        what they have."""
+        if length < 0:
+            length = len(pfns) * PAGE_SIZE - offset
         for pfn in pfns:
+            chunk = min(length, PAGE_SIZE - offset)
+            if chunk <= 0:
+                break
             src = self._live(pfn)
             data: bytes | None = None
             if isinstance(src, _AnonSource):
-                data = native.vm_read(src.proc.pid, src.vpn << PAGE_SHIFT, PAGE_SIZE)
+                data = native.vm_read(src.proc.pid, (src.vpn << PAGE_SHIFT) + offset, chunk)
             elif isinstance(src, _FileSource):
-                data = src.file.read_page(src.index)
+                data = src.file.read_at((src.index << PAGE_SHIFT) + offset, chunk)
             if data is not None:
-                self.memory.write(pfn << PAGE_SHIFT, data)
+                self.memory.write((pfn << PAGE_SHIFT) + offset, data)
+            length -= chunk
+            offset = 0
 
     def push(self, pfns: list[int], offset: int, length: int) -> None:
         """Write bytes ``[offset, offset+length)`` of the run of frames back to the program."""
@@ -131,9 +140,10 @@ class RealMemFile(MemFile):
             self.mirrors.add_file(pfn, self, index)
         return pfn
 
-    def read_page(self, index: int) -> bytes | None:
+    def read_at(self, pos: int, n: int) -> bytes | None:
+        """``n`` bytes of the file at ``pos`` (zeros past its end, as a page past EOF)."""
         try:
-            return os.pread(self.fd, PAGE_SIZE, index << PAGE_SHIFT).ljust(PAGE_SIZE, b"\0")
+            return os.pread(self.fd, n, pos).ljust(n, b"\0")
         except OSError:
             return None
 
@@ -141,8 +151,8 @@ class RealMemFile(MemFile):
         with contextlib.suppress(OSError):
             os.pwrite(self.fd, data, pos)
 
-    def sync_frames_in(self, pfns: list[int]) -> None:
-        self.mirrors.pull(pfns)
+    def sync_frames_in(self, pfns: list[int], offset: int, length: int) -> None:
+        self.mirrors.pull(pfns, offset, length)
 
     def sync_frames_out(self, pfns: list[int], offset: int, length: int) -> None:
         self.mirrors.push(pfns, offset, length)
@@ -193,6 +203,8 @@ class RealProcess(Process):
         """The mm still exists: the pid runs (not a zombie) and is the same process."""
         if self.gone:
             return False
+        if self.server.has_connections(self.pid):  # closed at exit, before the mm goes
+            return True
         if self._start is None or self._start_time() != self._start:
             self.gone = True
         return not self.gone
@@ -299,8 +311,8 @@ class RealProcess(Process):
         if not native.vm_write(self.pid, va, bytes(data)):
             raise err(errno.EFAULT, f"user write {va:#x}+{len(data):#x} not mapped")
 
-    def sync_frames_in(self, pfns: list[int]) -> None:
-        self.mirrors.pull(pfns)
+    def sync_frames_in(self, pfns: list[int], offset: int, length: int) -> None:
+        self.mirrors.pull(pfns, offset, length)
 
     def sync_frames_out(self, pfns: list[int], offset: int, length: int) -> None:
         self.mirrors.push(pfns, offset, length)

@@ -50,7 +50,7 @@ REP = struct.Struct("<IiqII")
 
 OP_HELLO, OP_OPEN, OP_IOCTL, OP_READ, OP_WRITE = 1, 2, 3, 4, 5
 OP_MAP_SHARED, OP_MUNMAP, OP_MMAP, OP_INSTALLED = 6, 7, 8, 9
-OPEN_IOMMU, OPEN_FAILNTH, OPEN_VFIO = 1, 2, 3
+OPEN_IOMMU, OPEN_FAILNTH = 1, 2
 REP_DONE, REP_INSTALL = 0, 1
 REP_DRAIN = 1
 O_CLOEXEC = os.O_CLOEXEC
@@ -99,6 +99,7 @@ class ModelFile:
     id: int
     sock: socket.socket
     obj: Any
+    inode: tuple[int, int]  # of the program's end: how fget() finds it
     token: bool = False
 
 
@@ -128,6 +129,7 @@ class Server:
         self.files: dict[int, ModelFile] = {}
         self.procs: dict[int, RealProcess] = {}
         self.memfiles: dict[tuple[int, int], RealMemFile] = {}
+        self.by_inode: dict[tuple[int, int], ModelFile] = {}
         self.failnth: dict[int, int] = {}
         self.current: Conn | None = None
         self._next_id = 1
@@ -167,6 +169,9 @@ class Server:
             if left <= 0:
                 self._exiting.add(conn.pid)
 
+    def has_connections(self, pid: int) -> bool:
+        return self._conns.get(pid, 0) > 0
+
     def reap_processes(self) -> None:
         """Forget processes whose mm is gone (their page references go, as at exit_mm)."""
         for pid in list(self._exiting):
@@ -198,6 +203,7 @@ class Server:
 
     def _release(self, mf: ModelFile) -> None:
         self.files.pop(mf.id, None)
+        self.by_inode.pop(mf.inode, None)
         for sel in (self.sel, self.file_sel):
             with contextlib.suppress(KeyError, ValueError):
                 sel.unregister(mf.sock)
@@ -332,6 +338,8 @@ class Server:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             theirs.bind(f"\0iommufd-model/{self.run}/{fid}".encode())
+            st = os.fstat(theirs.fileno())
+            inode = (st.st_dev, st.st_ino)
             fds = array.array("i", [theirs.fileno()])
             conn.sock.sendmsg(
                 [REP.pack(REP_INSTALL, 0, 0, 0, int(cloexec))],
@@ -348,44 +356,45 @@ class Server:
         if fd < 0:
             ours.close()
             raise err(errno.EMFILE, "the program could not take a new fd")
-        mf = ModelFile(fid, ours, obj)
+        mf = ModelFile(fid, ours, obj, inode)
         self.files[fid] = mf
+        self.by_inode[inode] = mf
         ours.setblocking(False)
         self.sel.register(ours, selectors.EVENT_READ, mf)
         self.file_sel.register(ours, selectors.EVENT_READ, mf)
         return fd
 
     def resolve_fd(self, proc: RealProcess, fd: int) -> Any:
-        """``fget(fd)`` in ``proc``: the model file, a :class:`RealMemFile`, or None."""
+        """``fget(fd)`` in ``proc``: the model file, a :class:`RealMemFile`, or None.
+
+        The file is known by its inode, seen through ``/proc/<pid>/fd/<fd>`` (one stat);
+        a regular file seen for the first time is taken with ``pidfd_getfd``.
+        """
+        if not 0 <= fd < 1 << 31:
+            return None
+        try:
+            st = os.stat(f"/proc/{proc.pid}/fd/{fd}")
+        except OSError:
+            return None
+        key = (st.st_dev, st.st_ino)
+        mf = self.by_inode.get(key)
+        if mf is not None:
+            return mf.obj
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        file = self.memfiles.get(key)
+        if file is not None:
+            return file
         try:
             mine = native.pidfd_getfd(proc.pid, fd)
         except OSError:
             return None
-        keep = False
-        try:
-            st = os.fstat(mine)
-            if stat.S_ISSOCK(st.st_mode):
-                sock = socket.socket(fileno=mine)
-                try:
-                    name = sock.getsockname()
-                finally:
-                    sock.detach()
-                prefix = f"\0iommufd-model/{self.run}/".encode()
-                if isinstance(name, bytes) and name.startswith(prefix):
-                    mf = self.files.get(int(name[len(prefix) :]))
-                    return None if mf is None else mf.obj
-                return None
-            if not stat.S_ISREG(st.st_mode):
-                return None
-            key = (st.st_dev, st.st_ino)
-            file = self.memfiles.get(key)
-            if file is None:
-                file = self.memfiles[key] = RealMemFile(self.machine.memory, mine, self.mirrors)
-                keep = True
-            return file
-        finally:
-            if not keep:
-                os.close(mine)
+        st = os.fstat(mine)
+        if (st.st_dev, st.st_ino) != key or not stat.S_ISREG(st.st_mode):
+            os.close(mine)  # the fd changed under us
+            return None
+        file = self.memfiles[key] = RealMemFile(self.machine.memory, mine, self.mirrors)
+        return file
 
     def _memfile(self, proc: RealProcess, fd: int) -> RealMemFile | None:
         got = self.resolve_fd(proc, fd)
@@ -415,11 +424,18 @@ class Server:
         the core fails where the kernel's ``get_user``/``copy_struct_from_user`` would
         (EFAULT after the size checks).
         """
+        first = native.vm_read(proc.pid, arg, MIN_READ)
+        if first is not None:
+            size = min(int.from_bytes(first[:4], "little"), MAX_STRUCT)
+            if size <= MIN_READ:
+                return bytearray(first)
+            body = native.vm_read(proc.pid, arg, size)
+            return bytearray(first if body is None else body)
         head = native.vm_read(proc.pid, arg, 4)
         if head is None:
             return bytearray()
         size = min(int.from_bytes(head, "little"), MAX_STRUCT)
-        for n in (max(size, MIN_READ), size, ((arg | PAGE_MASK) + 1) - arg):
+        for n in (size, ((arg | PAGE_MASK) + 1) - arg):
             body = native.vm_read(proc.pid, arg, n) if n > 4 else None
             if body is not None:
                 return bytearray(body)
