@@ -548,15 +548,8 @@ static void *model_mmap(long id, void *addr, size_t len, int prot, int flags, of
 	void *p;
 	int saved;
 
-	if (!(flags & (MAP_SHARED | MAP_SHARED_VALIDATE))) {
-		errno = EINVAL;
-		return MAP_FAILED;
-	}
-	if (prot & PROT_EXEC) {
-		errno = EPERM;
-		return MAP_FAILED;
-	}
-	/* A RAM-backed region: shared anonymous memory the server fills (see docs). */
+	/* Shared anonymous memory the server fills with the region's bytes once the core
+	 * accepted the mapping (its checks are the kernel's; see docs). */
 	p = raw_mmap(addr, len, PROT_READ | PROT_WRITE,
 		     (flags & MAP_FIXED) | MAP_SHARED | MAP_ANONYMOUS, -1, 0);
 	if (p == MAP_FAILED)
@@ -565,6 +558,8 @@ static void *model_mmap(long id, void *addr, size_t len, int prot, int flags, of
 	r.a[1] = (uint64_t)off;
 	r.a[2] = len;
 	r.a[3] = (uint64_t)(uintptr_t)p;
+	r.a[4] = (uint64_t)(unsigned int)prot;
+	r.a[5] = (uint64_t)(unsigned int)flags;
 	if (call(&r, NULL) < 0) {
 		saved = errno;
 		syscall(SYS_munmap, p, len);

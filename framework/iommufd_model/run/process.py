@@ -33,6 +33,7 @@ from iommufd_model.hw.memory import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, PhysicalMe
 from iommufd_model.run import native
 
 if TYPE_CHECKING:
+    from iommufd_model.core.mmap import IommufdVma
     from iommufd_model.machine import Machine
     from iommufd_model.run.server import Server
 
@@ -187,6 +188,8 @@ class RealProcess(Process):
         self.files = ProgramFiles(server, self)  # type: ignore[assignment]
         self.gone = False
         self._start = self._start_time()
+        # mappings of iommufd regions: start -> the core's VMA (closed by munmap, at exit)
+        self.iommufd_vmas: dict[int, IommufdVma] = {}
 
     # -- liveness -------------------------------------------------------------------------
     def _start_time(self) -> str | None:
@@ -242,7 +245,15 @@ class RealProcess(Process):
             self.mirrors.pull(pinned)
         for v in vpns:
             memory.put_frame(self._ptes.pop(v))
+        for start, vma in list(self.iommufd_vmas.items()):
+            if start < end and va < start + vma.length:
+                del self.iommufd_vmas[start]
+                vma.close()
         super().munmap(va, end - va)
+
+    def add_vma(self, start: int, vma: IommufdVma) -> None:
+        """The program mapped an iommufd region at ``start``."""
+        self.iommufd_vmas[start] = vma
 
     def map_shared(self, va: int, length: int, file: RealMemFile, offset: int) -> None:
         """A shared mapping of ``file`` at ``offset`` now covers ``[va, va+length)``."""
@@ -324,6 +335,9 @@ class RealProcess(Process):
     def forget(self) -> None:
         """The mm is gone (exit, exec, end of the run): drop every mapping's frame reference."""
         self.gone = True
+        for vma in self.iommufd_vmas.values():
+            vma.close()
+        self.iommufd_vmas.clear()
         for pfn in self._ptes.values():
             self.memory.put_frame(pfn)
         self._ptes.clear()

@@ -305,7 +305,7 @@ class Server:
         if op in (OP_READ, OP_WRITE):
             return self._rw(proc, mf, op, a)
         if op == OP_MMAP:
-            return self._mmap(proc, mf, a[1], a[2], a[3]), 0
+            return self._mmap(proc, mf, a), 0
         raise err(errno.EPROTO, f"unknown request {op}")
 
     def _hello(self, conn: Conn, pid: int, tid: int, lineage: int, fresh: bool) -> None:
@@ -475,14 +475,22 @@ class Server:
             return obj.write(data), 0
         raise err(errno.EINVAL, "this file cannot be written")
 
-    def _mmap(self, proc: RealProcess, mf: ModelFile, offset: int, length: int, addr: int) -> int:
+    def _mmap(self, proc: RealProcess, mf: ModelFile, a: list[int]) -> int:
+        """``mmap(addr, length, prot, flags, iommufd, offset)``: the core's checks and VMA;
+        the program's mapping at ``addr`` gets the region's bytes (RAM pages; MMIO that must
+        trap each access is issue 20's)."""
         obj = mf.obj
-        mmap = getattr(obj, "mmap", None)
-        if not isinstance(obj, IommuFd) or mmap is None:
+        if not isinstance(obj, IommuFd):
             raise err(errno.ENODEV, "this file cannot be mmapped")
-        region = mmap(offset, length)
-        if not native.vm_write(proc.pid, addr, bytes(region)):
-            raise err(errno.EFAULT, "could not fill the mapping")
+        offset, length, addr, prot, flags = a[1], a[2], a[3], a[4], a[5]
+        vma = obj.mmap(offset, length, prot, flags)
+        try:
+            if not native.vm_write(proc.pid, addr, vma.read(0, vma.length)):
+                raise err(errno.EFAULT, "could not fill the mapping")
+        except OSError:
+            vma.close()
+            raise
+        proc.add_vma(addr, vma)
         return 0
 
     # -- poll readiness -------------------------------------------------------------------
