@@ -71,7 +71,7 @@ def expected_failures(binary: str) -> dict[str, str]:
 
 
 def run_selftest(binary: Path, timeout: float) -> tuple[int, str]:
-    cmd = [sys.executable, "-m", "iommufd_model.cli", "run", "--", str(binary)]
+    cmd = [str(Path(sys.executable).parent / "iommufd-model"), "run", "--", str(binary)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ})
     return done.returncode, done.stdout + done.stderr
 
