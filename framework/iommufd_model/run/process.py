@@ -40,13 +40,13 @@ if TYPE_CHECKING:
 CAP_SYS_RESOURCE = 24
 
 
-@attrs.define(frozen=True, slots=True)
+@attrs.frozen
 class _AnonSource:
     proc: RealProcess
     vpn: int
 
 
-@attrs.define(frozen=True, slots=True)
+@attrs.frozen
 class _FileSource:
     file: RealMemFile
     index: int

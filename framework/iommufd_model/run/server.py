@@ -94,7 +94,7 @@ class FailNthFile:
         pass
 
 
-@attrs.define(slots=True, eq=False)
+@attrs.define(eq=False)
 class ModelFile:
     id: int
     sock: socket.socket
@@ -103,7 +103,7 @@ class ModelFile:
     token: bool = False
 
 
-@attrs.define(slots=True, eq=False)
+@attrs.define(eq=False)
 class Conn:
     sock: socket.socket
     pid: int = 0
