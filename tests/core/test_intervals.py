@@ -17,6 +17,7 @@ from iommufd_model.core.intervals import (
     fit_in_range,
     holes,
 )
+from iommufd_model.testing import assert_errno
 
 UNIVERSE = 96  # addresses 0..95 keep brute force cheap
 
@@ -53,9 +54,7 @@ def _disjoint_map(candidates: list[tuple[int, int]]) -> tuple[IntervalMap[int], 
     for n, (first, last) in enumerate(candidates):
         span = _points(first, last)
         if span & covered:
-            with pytest.raises(OSError) as e:
-                imap.insert(first, last, n)
-            assert e.value.errno == errno.EEXIST
+            assert_errno(errno.EEXIST, lambda a=first, b=last, v=n: imap.insert(a, b, v))
             continue
         imap.insert(first, last, n)
         covered |= span

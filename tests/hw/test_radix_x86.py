@@ -12,6 +12,7 @@ from iommufd_model.driver import IOMMU_READ, IOMMU_WRITE
 from iommufd_model.hw.memory import PhysicalMemory
 from iommufd_model.hw.radix import RadixPageTable, WalkFault, WalkResult, walk
 from iommufd_model.hw.x86_64 import X86_D, X86_PS, X86_64Format, canonical
+from iommufd_model.testing import assert_errno
 
 RW = IOMMU_READ | IOMMU_WRITE
 MIB2 = 1 << 21
@@ -72,9 +73,7 @@ def test_failed_map_leaves_nothing_behind() -> None:
 def test_unmap_refuses_to_split_a_large_page() -> None:
     _mem, pt = _table()
     pt.map(0, 0, MIB2, RW)
-    with pytest.raises(OSError) as exc:
-        pt.unmap(0, 0x1000)
-    assert exc.value.errno == errno.EINVAL
+    assert_errno(errno.EINVAL, lambda: pt.unmap(0, 0x1000))
     assert pt.unmap(0, MIB2) == MIB2
     assert pt.iova_to_phys(0) == -1
 
@@ -168,7 +167,9 @@ def test_batched_map_rolls_back_a_collision_in_a_later_table() -> None:
     pt.map(GIB + 3 * MIB2 + 0x5000, 0x1000, 0x1000, RW)
     frames = mem.frames_in_use
     before = _table_bytes(mem, pt)
-    with pytest.raises(OSError) as exc:  # three leaf tables: two new, the third collides
-        pt.map(GIB + MIB2 - 0x2000, 0x4000_0000, 2 * MIB2 + 0x8000, RW, 0x1000)
-    assert exc.value.errno == errno.EEXIST
+    # three leaf tables: two new, the third collides
+    assert_errno(
+        errno.EEXIST,
+        lambda: pt.map(GIB + MIB2 - 0x2000, 0x4000_0000, 2 * MIB2 + 0x8000, RW, 0x1000),
+    )
     assert mem.frames_in_use == frames and _table_bytes(mem, pt) == before

@@ -11,6 +11,7 @@ from iommufd_model.driver import IOMMU_READ, IOMMU_WRITE
 from iommufd_model.hw.compiled import load_walker
 from iommufd_model.hw.radix import RadixPageTable
 from iommufd_model.hw.x86_64 import X86_64Format
+from iommufd_model.testing import assert_errno
 from iommufd_model.vmm import Vm
 
 walk_x86 = load_walker("iommufd_model.hw.walk_x86")
@@ -24,9 +25,7 @@ def test_guest_ram_is_mapped_at_iova_equal_gpa() -> None:
     assert areas == [(0, 16 * MIB - 1)]  # all of guest RAM, at IOVA = GPA
     vm.memory.write(0x1000, b"guest")
     assert vm.vmm.read(vm.ram_va + 0x1000, 5) == b"guest"
-    with pytest.raises(OSError) as exc:
-        vm.memory.read(16 * MIB - 4, 8)
-    assert exc.value.errno == errno.EFAULT
+    assert_errno(errno.EFAULT, lambda: vm.memory.read(16 * MIB - 4, 8))
 
 
 def test_guest_tables_are_real_bytes_a_nested_walk_finds() -> None:
@@ -65,9 +64,7 @@ def test_guest_table_pool_is_bounded_and_reused() -> None:
     machine = im.Machine.build(iommus=["mock"])
     vm = Vm(machine, 4 * MIB, table_pool=8192)
     a, b = vm.memory.alloc_frame(), vm.memory.alloc_frame()
-    with pytest.raises(OSError) as exc:
-        vm.memory.alloc_frame()
-    assert exc.value.errno == errno.ENOMEM
+    assert_errno(errno.ENOMEM, lambda: vm.memory.alloc_frame())
     vm.memory.put_frame(a)
     assert vm.memory.alloc_frame() == a and b != a
     with pytest.raises(OSError):
@@ -103,9 +100,7 @@ def test_bind_vdevice_leaves_the_device_unbound_when_the_vdevice_fails() -> None
     vm = Vm(machine, 16 * MIB, table_pool=2 * MIB)
     dev = machine.add_pci_device()
     guest = NoViommu(vm, machine.iommus[0], accelerated=False)
-    with pytest.raises(OSError) as exc:
-        guest.add_device(dev, 0x18)
-    assert exc.value.errno == errno.EOPNOTSUPP
+    assert_errno(errno.EOPNOTSUPP, lambda: guest.add_device(dev, 0x18))
     assert dev.bound_to is None  # free to be bound again
     assert vm.fd.bind(dev) > 0
 
