@@ -95,11 +95,20 @@ def hw_info(iommu: IommuHw, dev: PciDevice, data_type: int) -> HwInfo:
 
 # -- domains ----------------------------------------------------------------------------
 @hookspec(firstresult=True)
-def domain_alloc_paging(iommu: IommuHw, dev: PciDevice | None, flags: int) -> Domain:
+def domain_alloc_paging(
+    iommu: IommuHw, dev: PciDevice | None, flags: int, data_type: int, data: bytes
+) -> Domain:
     """Allocate a kernel-managed paging domain (``domain_alloc_paging_flags``).
 
     ``flags`` are IOMMU_HWPT_ALLOC_* (NEST_PARENT, DIRTY_TRACKING, PASID); an unsupported
     flag -> EOPNOTSUPP. The returned domain starts empty and blocks all DMA.
+
+    ``data_type`` / ``data`` are IOMMU_HWPT_ALLOC's vendor data for a paging HWPT
+    (``data`` empty and ``data_type`` IOMMU_HWPT_DATA_NONE when the user gave none: the
+    kernel's NULL ``user_data``); validate them as the driver's
+    ``iommu_copy_struct_from_user`` does. Both are optional: a driver that takes no vendor
+    data leaves them out of its signature (not defaulted: pluggy passes no defaulted
+    argument) and the core answers EOPNOTSUPP for data, as Linux 7.2's vendor drivers do.
     """
 
 
@@ -206,8 +215,10 @@ def read_and_clear_dirty(
     """Report dirty ``(iova, size)`` runs in ``[iova, iova+length)``; clear the bits if asked.
 
     ``report=False`` is the core wiping stale bits before it enables tracking (the kernel's
-    ``iopt_clear_dirty_data`` with no bitmap): clear, report nothing, never refuse. With
-    ``report=True`` while tracking is off, the kernel's drivers answer EINVAL.
+    ``iopt_clear_dirty_data`` with no bitmap): clear, report nothing, never refuse. The core
+    calls it once per contiguous run of IOAS areas. Linux 7.2's generic_pt drivers read and
+    clear whether tracking is on or not; the core ignores an error (``iova_bitmap_for_each``'s
+    result is dropped), so the bits reported up to then reach the user.
     """
 
 

@@ -1,4 +1,10 @@
-"""Port of the ``iommufd_dirty_tracking`` fixture tests of selftests/iommu/iommufd.c."""
+"""Port of the ``iommufd_dirty_tracking`` fixture tests of Linux 7.2's
+tools/testing/selftests/iommu/iommufd.c.
+
+The *_huge variants map MAP_HUGETLB memory (``Process.mmap(hugetlb=True)``: physically
+contiguous 2 MiB pages) into a MOCK_IOMMUPT_HUGE page table, whose leaves are 1 MiB: one
+dirty IOVA marks a whole 1 MiB leaf.
+"""
 
 from __future__ import annotations
 
@@ -26,9 +32,6 @@ DIRTY_VARIANTS = {  # name: (buffer_size, hugepages)
     "domain_dirty128M": (128 * 1024 * 1024, False),
     "domain_dirty128M_huge": (128 * 1024 * 1024, True),
 }
-# get_dirty_bitmap* of the *_huge variants need the MOCK_IOMMUPT_HUGE page table (HWPT_ALLOC
-# with paging user data), which the driver contract cannot pass: not ported yet.
-SMALL_PAGE_VARIANTS = [name for name, (_, huge) in DIRTY_VARIANTS.items() if not huge]
 
 
 @attrs.define
@@ -50,8 +53,8 @@ class DirtyFixture:
 def iommufd_dirty_tracking(request: pytest.FixtureRequest, machine: Any) -> Iterator[Any]:
     size, huge = DIRTY_VARIANTS[request.param]
     k = Kfd(machine)
-    # MAP_HUGETLB buffers are modelled by 4 KiB pages (see docs/selftest-parity.md)
-    buffer = k.proc.mmap(max(size, HUGEPAGE_SIZE) if huge else size, align=HUGEPAGE_SIZE)
+    # posix_memalign(HUGEPAGE_SIZE) + mmap(MAP_SHARED | MAP_ANONYMOUS [| MAP_HUGETLB])
+    buffer = k.proc.mmap(size, align=HUGEPAGE_SIZE, hugetlb=huge)
     bitmap_size = size // MOCK_PAGE_SIZE
     # One extra PAGE_SIZE for the unaligned-bitmap cases
     bitmap = k.proc.mmap(-(-bitmap_size // 8) + PAGE_SIZE)
@@ -89,22 +92,34 @@ def _bits(k: Kfd, bitmap: int, nbits: int) -> int:
 
 
 def _test_mock_dirty_bitmaps(
-    k: Kfd, hwpt_id: int, length: int, iova: int, page_size: int, bitmap: int, flags: int
+    k: Kfd,
+    hwpt_id: int,
+    length: int,
+    iova: int,
+    page_size: int,
+    pte_page_size: int,
+    bitmap: int,
+    flags: int,
 ) -> None:
-    """``_test_mock_dirty_bitmaps()`` with pte_page_size == page_size: every other bit."""
+    """``_test_mock_dirty_bitmaps()``: dirty the first bit of every pair of PTEs; the whole
+    first PTE reads back dirty (``npte`` bits), then nothing (or the same with NO_CLEAR)."""
     nbits = length // page_size
     nbytes = (nbits + 7) // 8
-    even = int.from_bytes(b"\x55" * nbytes, "little") & ((1 << nbits) - 1)
-    k.proc.write(bitmap, even.to_bytes(nbytes, "little"))
+    npte = pte_page_size // page_size
+    pteset = 2 * npte
+    marks = sum(1 << i for i in range(0, nbits, pteset))
+    k.proc.write(bitmap, marks.to_bytes(nbytes, "little"))
     rc, nr_dirty = _mock_set_dirty(k, hwpt_id, length, iova, page_size, bitmap)
-    assert (rc, nr_dirty) == (0, (nbits + 1) // 2)
+    assert (rc, nr_dirty) == (0, nbits // pteset or 1)
     k.proc.write(bitmap, bytes(nbytes))
     assert _get_dirty_bitmap(k, hwpt_id, length, iova, page_size, bitmap, flags) == 0
-    assert _bits(k, bitmap, nbits) == even
+    first_ptes = sum(((1 << npte) - 1) << i for i in range(0, nbits, pteset))
+    first_ptes &= (1 << nbits) - 1
+    assert _bits(k, bitmap, nbits) == first_ptes
     # Read a second time: cleared unless NO_CLEAR
     k.proc.write(bitmap, bytes(nbytes))
     assert _get_dirty_bitmap(k, hwpt_id, length, iova, page_size, bitmap, flags) == 0
-    expect = even if flags & U.IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR else 0
+    expect = first_ptes if flags & U.IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR else 0
     assert _bits(k, bitmap, nbits) == expect
 
 
@@ -177,25 +192,30 @@ def test_iommufd_dirty_tracking__pasid_set_dirty_tracking(
 
 def _get_dirty_bitmap_test(t: DirtyFixture, flags: int) -> None:
     k = t.k
+    pte_size = T.MOCK_HUGE_PAGE_SIZE if t.hugepages else MOCK_PAGE_SIZE
     k.map_ok(t.ioas_id, t.buffer, t.buffer_size, MOCK_APERTURE_START, fixed=True)
-    # test_cmd_hwpt_alloc_iommupt(MOCK_IOMMUPT_DEFAULT): the mock's default page table,
-    # which is what a paging HWPT without user data gets
-    rc, hwpt = k.hwpt_alloc(t.idev_id, t.ioas_id, U.IOMMU_HWPT_ALLOC_DIRTY_TRACKING)
+    # test_cmd_hwpt_alloc_iommupt(): iommu_hwpt_selftest {iotlb 0, pagetable_type}
+    pagetable = T.MOCK_IOMMUPT_HUGE if t.hugepages else T.MOCK_IOMMUPT_DEFAULT
+    rc, hwpt = k.hwpt_alloc(
+        t.idev_id,
+        t.ioas_id,
+        U.IOMMU_HWPT_ALLOC_DIRTY_TRACKING,
+        T.IOMMU_HWPT_DATA_SELFTEST,
+        pack("II", 0, pagetable),
+    )
     assert rc == 0
     assert _set_dirty_tracking(k, hwpt, True) == 0
     size, ps = t.buffer_size, t.page_size
     for bitmap in (t.bitmap, t.bitmap + MOCK_PAGE_SIZE, t.bitmap + 0xFF1):
         # aligned, PAGE_SIZE unaligned, u64 unaligned
-        _test_mock_dirty_bitmaps(k, hwpt, size, MOCK_APERTURE_START, ps, bitmap, flags)
+        _test_mock_dirty_bitmaps(k, hwpt, size, MOCK_APERTURE_START, ps, pte_size, bitmap, flags)
     assert k.destroy(hwpt) == 0
 
 
-@pytest.mark.parametrize("iommufd_dirty_tracking", SMALL_PAGE_VARIANTS, indirect=True)
 def test_iommufd_dirty_tracking__get_dirty_bitmap(iommufd_dirty_tracking: DirtyFixture) -> None:
     _get_dirty_bitmap_test(iommufd_dirty_tracking, 0)
 
 
-@pytest.mark.parametrize("iommufd_dirty_tracking", SMALL_PAGE_VARIANTS, indirect=True)
 def test_iommufd_dirty_tracking__get_dirty_bitmap_no_clear(
     iommufd_dirty_tracking: DirtyFixture,
 ) -> None:

@@ -8,6 +8,7 @@ driver only through hooks routed to the domain's owner.
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from iommufd_model.core.failnth import failpoint
@@ -151,22 +152,47 @@ class HwptNested(Hwpt):
         return self.parent.ioas
 
 
+def _hook_takes(hooks: Any, hook: str, arg: str) -> bool:
+    """Whether the driver's implementation of ``hook`` declares the optional ``arg``."""
+    return any(arg in impl.argnames for impl in getattr(hooks, hook).get_hookimpls())
+
+
 def hwpt_paging_alloc(
-    ictx: IommuFd, ioas: Ioas, idev: Device, flags: int, *, auto_domain: bool
+    ictx: IommuFd,
+    ioas: Ioas,
+    idev: Device,
+    flags: int,
+    *,
+    auto_domain: bool,
+    data_type: int = U.IOMMU_HWPT_DATA_NONE,
+    user_data: Callable[[], bytes] | None = None,
 ) -> HwptPaging:
     """Allocate a paging domain for ``idev`` and fill it from ``ioas`` (all-or-nothing).
 
-    The new object is not yet in the table; the caller installs it.
+    ``user_data`` reads the vendor data of IOMMU_HWPT_ALLOC (Linux 7.2 hands it to
+    ``domain_alloc_paging_flags``; the self-test's generic page table takes its
+    ``pagetable_type`` there). A driver whose hook does not declare ``data`` refuses it with
+    EOPNOTSUPP, as the 7.2 vendor drivers do. The new object is not yet in the table; the
+    caller installs it.
     """
     if flags & ~PAGING_FLAGS:
         raise err(errno.EOPNOTSUPP, f"unknown hwpt flags {flags:#x}")
     if flags & U.IOMMU_HWPT_FAULT_ID_VALID and flags & U.IOMMU_HWPT_ALLOC_NEST_PARENT:
         raise err(errno.EOPNOTSUPP, "a nest parent cannot take IOPF")
     hooks = idev.hooks
+    data = b""
+    if user_data is not None:
+        if not _hook_takes(hooks, "domain_alloc_paging", "data"):
+            raise err(errno.EOPNOTSUPP, "the driver takes no vendor data for paging HWPTs")
+        data = user_data()
     failpoint("hook.domain_alloc_paging")
     domain = require(
         hooks.domain_alloc_paging(
-            iommu=idev.hw, dev=idev.dev, flags=flags & ~U.IOMMU_HWPT_FAULT_ID_VALID
+            iommu=idev.hw,
+            dev=idev.dev,
+            flags=flags & ~U.IOMMU_HWPT_FAULT_ID_VALID,
+            data_type=data_type if data else U.IOMMU_HWPT_DATA_NONE,
+            data=data,
         ),
         "domain_alloc_paging",
     )
@@ -241,9 +267,15 @@ def _hwpt_alloc(ucmd: Ucmd) -> None:
 
     hwpt: Hwpt
     if isinstance(pt_obj, Ioas):
-        if not none:
-            raise err(errno.EOPNOTSUPP, "paging HWPTs take no vendor data")
-        hwpt = hwpt_paging_alloc(ictx, pt_obj, idev, cmd.flags, auto_domain=False)
+        hwpt = hwpt_paging_alloc(
+            ictx,
+            pt_obj,
+            idev,
+            cmd.flags,
+            auto_domain=False,
+            data_type=cmd.data_type,
+            user_data=None if none else user_data,
+        )
     elif isinstance(pt_obj, HwptPaging):
         hwpt = hwpt_nested_alloc(ictx, pt_obj, None, idev, cmd.flags, cmd.data_type, user_data())
     else:
@@ -335,50 +367,90 @@ def _set_dirty_tracking(ucmd: Ucmd) -> None:
 
 @ioctl_op(U.IOMMU_HWPT_GET_DIRTY_BITMAP, U.IommuHwptGetDirtyBitmap, "data")
 def _get_dirty_bitmap(ucmd: Ucmd) -> None:
+    """``iommufd_hwpt_get_dirty_bitmap()`` as Linux 7.2 does it (hw_pagetable.c,
+    io_pagetable.c, iova_bitmap.c).
+
+    After the range checks, the driver reads and clears one contiguous run of areas at a
+    time from ``iova``; the first gap ends the walk. Errors of that walk are dropped
+    (``iova_bitmap_for_each()``'s result is ignored) and so are bits whose bitmap page
+    cannot be pinned (``iova_bitmap_set()`` gives up on them): the ioctl then still
+    succeeds. Bits are only ever set in the user's bitmap, never cleared.
+    """
     cmd = ucmd.cmd
     if cmd.flags & ~U.IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR or cmd.reserved:
         raise err(errno.EOPNOTSUPP, "unknown dirty bitmap flags")
     hwpt = ucmd.ictx.objects.get_as(cmd.hwpt_id, HwptPaging)
     iopt = hwpt.ioas.iopt
     page_size = cmd.page_size
-    # iommufd_check_iova_range() runs before the domain's dirty ops are looked at.
-    if cmd.iova + ((cmd.length - 1) & U.U64_MAX) > U.U64_MAX:
+    # iommufd_check_iova_range()
+    last = cmd.iova + ((cmd.length - 1) & U.U64_MAX)
+    if last > U.U64_MAX:
         raise err(errno.EOVERFLOW, "iova + length wraps")
-    end = (cmd.iova + cmd.length) & U.U64_MAX  # last_iova + 1
+    end = (last + 1) & U.U64_MAX
     align = iopt.iova_alignment
-    if (
-        not page_size
-        or page_size & (page_size - 1)
-        or not cmd.length
-        or cmd.iova & (align - 1)
-        or end & (align - 1)
-        or cmd.iova & (page_size - 1)
-        or end & (page_size - 1)
-    ):
-        # (no alignment rule on the bitmap address: iova_bitmap takes unaligned user
-        # bitmaps, which the kernel self-test checks with a bitmap at +0xff1)
-        raise err(errno.EINVAL, "bad dirty bitmap range, page size or bitmap alignment")
+    if cmd.iova & (align - 1) or end & (align - 1):
+        raise err(errno.EINVAL, "dirty bitmap range not aligned to the IOAS")
+    if not page_size:
+        raise err(errno.EINVAL, "page_size 0")
+    if cmd.iova & (page_size - 1) or end & (page_size - 1):
+        raise err(errno.EINVAL, "dirty bitmap range not aligned to page_size")
     if not hwpt.domain.dirty_tracking:
         raise err(errno.EOPNOTSUPP, "HWPT was not allocated with DIRTY_TRACKING")
-    nbits = -(-cmd.length // page_size)
-    nbytes = -(-nbits // 64) * 8
-    # iova_bitmap_alloc() + pinning the user bitmap: what can fail happens before the
-    # dirty bits are read and cleared; the write back goes to the pinned pages.
-    bitmap = bytearray(ucmd.caller.read(cmd.data, nbytes))
-    failpoint("hook.read_and_clear_dirty")
-    runs = require(
-        hooks_of(hwpt.domain).read_and_clear_dirty(
-            domain=hwpt.domain,
-            iova=cmd.iova,
-            length=cmd.length,
-            clear=not cmd.flags & U.IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR,
-            report=True,
-        ),
-        "read_and_clear_dirty",
-    )
-    for iova, size in runs:
-        first = max(iova, cmd.iova)
-        last = min(iova + size, cmd.iova + cmd.length) - 1
-        for bit in range((first - cmd.iova) // page_size, (last - cmd.iova) // page_size + 1):
-            bitmap[bit >> 3] |= 1 << (bit & 7)
-    ucmd.caller.write(cmd.data, bytes(bitmap), pinned=True)
+    failpoint("hook.read_and_clear_dirty")  # iova_bitmap_alloc()
+    hooks = hooks_of(hwpt.domain)
+
+    def walk(clear: bool) -> list[tuple[int, int]]:
+        runs: list[tuple[int, int]] = []
+        cur = cmd.iova
+        for area_iova, area_last, *_rest in iopt.areas():
+            if area_last < cur:
+                continue
+            if area_iova > cur or cur > last:
+                break  # a gap (or the end): iopt_for_each_contig_area() stops
+            seg_last = min(last, area_last)
+            try:
+                runs += hooks.read_and_clear_dirty(
+                    domain=hwpt.domain,
+                    iova=cur,
+                    length=seg_last - cur + 1,
+                    clear=clear,
+                    report=True,
+                )
+            except OSError:
+                break
+            cur = seg_last + 1
+        return runs
+
+    shift = (page_size & -page_size).bit_length() - 1  # __ffs(page_size)
+
+    def byte_spans(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """``(first bit, last bit)`` of each run in the user's bitmap."""
+        return [
+            (
+                (max(iova, cmd.iova) - cmd.iova) >> shift,
+                (min(iova + size - 1, last) - cmd.iova) >> shift,
+            )
+            for iova, size in runs
+        ]
+
+    # The pages the bits land in are faulted in before any dirty bit is cleared, so that a
+    # failing page allocation (fault injection) leaves the D bits alone; the kernel pins
+    # them while it records (iova_bitmap_set()), which the result does not tell apart.
+    for first_bit, last_bit in byte_spans(walk(False)):
+        _bitmap_bytes(ucmd, cmd.data, first_bit, last_bit)
+    clear = not cmd.flags & U.IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR
+    for first_bit, last_bit in byte_spans(walk(True) if clear else walk(False)):
+        data = _bitmap_bytes(ucmd, cmd.data, first_bit, last_bit)
+        if data is None:
+            continue  # pin_user_pages_fast() failed: iova_bitmap_set() drops the bits
+        for bit in range(first_bit, last_bit + 1):
+            data[(bit >> 3) - (first_bit >> 3)] |= 1 << (bit & 7)
+        ucmd.caller.write(cmd.data + (first_bit >> 3), bytes(data), pinned=True)
+
+
+def _bitmap_bytes(ucmd: Ucmd, bitmap: int, first_bit: int, last_bit: int) -> bytearray | None:
+    """The user's bitmap bytes holding bits ``first_bit..last_bit``; None if unmapped."""
+    lo, hi = bitmap + (first_bit >> 3), bitmap + (last_bit >> 3)
+    if lo < 0 or not ucmd.caller.is_mapped(lo, hi - lo + 1):
+        return None
+    return bytearray(ucmd.caller.read(lo, hi - lo + 1, pinned=True))

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 USER_VA_BASE = 0x7F00_0000_0000
 USER_VA_END = 0x7FFF_FFFF_F000
+HUGE_MASK = (2 << 20) - 1  # x86-64's default huge page: 2 MiB
 
 
 class FileLike(Protocol):
@@ -107,11 +108,27 @@ class Process:
 
     # -- address space ------------------------------------------------------------
     def mmap(
-        self, length: int, *, fd: int | None = None, offset: int = 0, align: int = PAGE_SIZE
+        self,
+        length: int,
+        *,
+        fd: int | None = None,
+        offset: int = 0,
+        align: int = PAGE_SIZE,
+        hugetlb: bool = False,
     ) -> int:
-        """Map ``length`` bytes (rounded up to pages), anonymous or from a memfd; return VA."""
+        """Map ``length`` bytes (rounded up to pages), anonymous or from a memfd; return VA.
+
+        ``hugetlb``: anonymous ``MAP_HUGETLB | MAP_POPULATE`` memory: the length is rounded
+        up to 2 MiB and every 2 MiB is backed at once by physically contiguous, 2 MiB
+        aligned frames, as huge pages are (the model's stand-in for a huge page pool).
+        """
         if length <= 0:
             raise err(errno.EINVAL, "mmap length must be positive")
+        if hugetlb:
+            if fd is not None:
+                raise err(errno.EINVAL, "the model's MAP_HUGETLB is anonymous only")
+            length = (length + HUGE_MASK) & ~HUGE_MASK
+            align = max(align, HUGE_MASK + 1)
         length = (length + PAGE_MASK) & ~PAGE_MASK
         file: MemFile | None = None
         if fd is not None:
@@ -129,6 +146,16 @@ class Process:
         i = bisect.bisect(self._vma_starts, va)
         self._vma_starts.insert(i, va)
         self._vmas.insert(i, Vma(va, va + length, file, offset))
+        if hugetlb:
+            per_huge = (HUGE_MASK + 1) >> PAGE_SHIFT
+            try:
+                for huge in range(va, va + length, HUGE_MASK + 1):
+                    first = self.memory.alloc_contiguous(per_huge, align=per_huge)
+                    for k in range(per_huge):
+                        self._ptes[(huge >> PAGE_SHIFT) + k] = first + k
+            except OSError:
+                self.munmap(va, length)  # MAP_POPULATE could not fill it: no mapping
+                raise
         return va
 
     def munmap(self, va: int, length: int) -> None:
@@ -199,11 +226,16 @@ class Process:
             pos = vma.end
         return True
 
-    def read(self, va: int, n: int) -> bytes:
-        """``copy_from_user``: ``EFAULT`` if any byte is unmapped."""
+    def read(self, va: int, n: int, *, pinned: bool = False) -> bytes:
+        """``copy_from_user``: ``EFAULT`` if any byte is unmapped.
+
+        ``pinned``: the kernel reads through pages it pins (a dirty bitmap being updated),
+        which fault injection does not fail, as for :meth:`write`.
+        """
         if n < 0:
             raise err(errno.EINVAL)
-        failpoint("process.copy_from_user", errno.EFAULT)
+        if not pinned:
+            failpoint("process.copy_from_user", errno.EFAULT)
         if not self.is_mapped(va, n):
             raise err(errno.EFAULT, f"user read {va:#x}+{n:#x} not mapped")
         out = bytearray()

@@ -7,8 +7,6 @@ from typing import Any
 
 from iommufd_model.core.mmap import MmapOwner, PhysicalRegion
 from iommufd_model.driver import (
-    IOMMU_READ,
-    IOMMU_WRITE,
     Domain,
     DriverInfo,
     Feature,
@@ -28,8 +26,6 @@ from iommufd_model.machine import Machine
 # as building the kernel with CONFIG_IOMMUFD_TEST does.
 from iommufd_model.mock import selftest
 from iommufd_model.mock.hw import (
-    ENTRY_DIRTY,
-    ENTRY_FLAGS,
     MOCK_DEV_CACHE_NUM,
     MOCK_IO_PAGE_SHIFT,
     MOCK_IO_PAGE_SIZE,
@@ -41,6 +37,7 @@ from iommufd_model.mock.hw import (
     MockVdevice,
     MockViommu,
 )
+from iommufd_model.mock.iommupt import ENTRY_FLAGS, MOCK_IOMMUPT_DEFAULT, MOCK_IOMMUPT_HUGE
 from iommufd_model.uapi import iommufd as U
 
 # iommufd_test.h: struct iommu_test_hw_info, reported as IOMMU_HW_INFO_TYPE_SELFTEST
@@ -139,18 +136,37 @@ class MockDriver:
         return HwInfo(IOMMU_HW_INFO_TYPE_SELFTEST, data, caps, MOCK_PASID_WIDTH)
 
     @hookimpl
-    def domain_alloc_paging(self, iommu: Any, dev: PciDevice | None, flags: int) -> MockDomain:
+    def domain_alloc_paging(
+        self,
+        iommu: Any,
+        dev: PciDevice | None,
+        flags: int,
+        data_type: int,
+        data: bytes,
+    ) -> MockDomain:
+        """``mock_domain_alloc_paging_flags()``: optional ``iommu_hwpt_selftest`` data
+        (minimum ``iotlb``) chooses the page table (``pagetable_type``)."""
         if flags & ~PAGING_FLAGS:
             raise err(errno.EOPNOTSUPP, f"mock paging flags {flags:#x}")
         dirty = bool(flags & U.IOMMU_HWPT_ALLOC_DIRTY_TRACKING)
         if dirty and dev is not None and dev.iommu_priv["no_dirty"]:
             raise err(errno.EOPNOTSUPP, "device cannot track dirty pages")
+        pagetable_type = MOCK_IOMMUPT_DEFAULT
+        if data:
+            if data_type not in (selftest.IOMMU_HWPT_DATA_SELFTEST, U.IOMMU_HWPT_DATA_NONE):
+                raise err(errno.EOPNOTSUPP, f"mock paging data type {data_type:#x}")
+            if data_type != selftest.IOMMU_HWPT_DATA_SELFTEST:
+                raise err(errno.EINVAL, "iommu_copy_struct_from_user: type mismatch")
+            pagetable_type = _u32(copy_struct(data, 8, 4), 4)
+        if pagetable_type not in (MOCK_IOMMUPT_DEFAULT, MOCK_IOMMUPT_HUGE):
+            raise err(errno.EOPNOTSUPP, f"mock pagetable_type {pagetable_type}")
         return MockDomain(
             _mock(iommu),
             flags,
             nest_parent=bool(flags & U.IOMMU_HWPT_ALLOC_NEST_PARENT),
             dirty=dirty,
             pasid=bool(flags & U.IOMMU_HWPT_ALLOC_PASID),
+            pagetable_type=pagetable_type,
         )
 
     @hookimpl
@@ -163,35 +179,30 @@ class MockDriver:
 
     @hookimpl
     def domain_map(self, domain: Domain, iova: int, pa: int, size: int, prot: int) -> bool:
-        d = _domain(domain)
-        if (iova | pa | size) & (MOCK_IO_PAGE_SIZE - 1):
-            raise err(errno.EINVAL, "mock maps whole 2 KiB pages")
-        first = iova >> MOCK_IO_PAGE_SHIFT
-        count = size >> MOCK_IO_PAGE_SHIFT
-        entries = d.entries
-        if any((first + i) in entries for i in range(count)):
-            raise err(errno.EEXIST, "mock IOVA already mapped")
-        flags = prot & (IOMMU_READ | IOMMU_WRITE)
-        for i in range(count):
-            entries[first + i] = (pa + (i << MOCK_IO_PAGE_SHIFT)) | flags
+        """``iommu_map()`` of generic_pt: ``map_range()`` picks the leaf sizes."""
+        _domain(domain).pt.map(iova, pa, size, prot)
         return True
 
     @hookimpl
     def domain_map_pages(
         self, domain: Domain, iova: int, pa: int, pgsize: int, pgcount: int, prot: int
     ) -> bool:
-        # The mock's entries are 2 KiB whatever the page size: the same as one domain_map.
-        return self.domain_map(domain, iova, pa, pgsize * pgcount, prot)
+        """``pgcount`` calls of ``iommu_map(pgsize)`` (``batch_iommu_map_small()``): one leaf
+        of ``pgsize`` each, undone together on failure."""
+        pt = _domain(domain).pt
+        done = 0
+        try:
+            while done < pgcount:
+                pt.map(iova + done * pgsize, pa + done * pgsize, pgsize, prot)
+                done += 1
+        except OSError:
+            pt.unmap(iova, done * pgsize)
+            raise
+        return True
 
     @hookimpl
     def domain_unmap(self, domain: Domain, iova: int, size: int) -> int:
-        d = _domain(domain)
-        first = iova >> MOCK_IO_PAGE_SHIFT
-        done = 0
-        for i in range(size >> MOCK_IO_PAGE_SHIFT):
-            if d.entries.pop(first + i, None) is not None:
-                done += MOCK_IO_PAGE_SIZE
-        return done
+        return _domain(domain).pt.unmap(iova, size)
 
     @hookimpl
     def domain_iova_to_phys(self, domain: Domain, iova: int) -> int:
@@ -406,18 +417,8 @@ class MockDriver:
     def read_and_clear_dirty(
         self, domain: Domain, iova: int, length: int, clear: bool, report: bool
     ) -> list[tuple[int, int]]:
-        d = _domain(domain)
-        if report and not d.dirty_enabled:
-            raise err(errno.EINVAL, "dirty tracking is off")  # mock_domain_read_and_clear_dirty
-        runs: list[tuple[int, int]] = []
-        first = iova >> MOCK_IO_PAGE_SHIFT
-        last = (iova + length - 1) >> MOCK_IO_PAGE_SHIFT
-        dirty = (i for i, e in d.entries.items() if first <= i <= last and e & ENTRY_DIRTY)
-        for index in sorted(dirty):
-            runs.append((index << MOCK_IO_PAGE_SHIFT, MOCK_IO_PAGE_SIZE))
-            if clear:
-                d.entries[index] &= ~ENTRY_DIRTY
-        return runs
+        """generic_pt's ``read_and_clear_dirty()``: whether tracking is on does not matter."""
+        return _domain(domain).pt.read_and_clear_dirty(iova, length, clear)
 
 
 def _free_pages(memory: PhysicalMemory, pfn: int, count: int) -> None:

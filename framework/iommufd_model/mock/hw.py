@@ -1,6 +1,5 @@
 """The mock IOMMU as hardware: per-device (and per-PASID) context pointers, and a walk of the
-mock paging domain's page array (one entry per MOCK_IO_PAGE_SIZE, as the self-test driver
-keeps an xarray of PFNs).
+mock paging domain's table (mock/iommupt.py: one entry per MOCK_IO_PAGE_SIZE of IOVA).
 """
 
 from __future__ import annotations
@@ -8,8 +7,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from iommufd_model.driver import (
-    IOMMU_READ,
-    IOMMU_WRITE,
     Domain,
     DomainType,
     HwQueueBase,
@@ -17,6 +14,18 @@ from iommufd_model.driver import (
     ViommuBase,
 )
 from iommufd_model.hw.iommu import IommuHw
+from iommufd_model.hw.memory import PAGE_SIZE
+from iommufd_model.mock.iommupt import (
+    ENTRY_FLAGS,
+    ENTRY_READ,
+    ENTRY_WRITE,
+    MOCK_HUGE_PAGE_SIZE,
+    MOCK_IOMMUPT_DEFAULT,
+    MOCK_IOMMUPT_HUGE,
+    PGSIZE_BITMAP,
+    VASZ_LG2,
+    MockPageTable,
+)
 
 if TYPE_CHECKING:
     from iommufd_model.core.mmap import MmapOwner
@@ -32,31 +41,44 @@ MOCK_NESTED_DOMAIN_IOTLB_NUM = 4
 MOCK_DEV_CACHE_NUM = 4
 IOMMU_TEST_HW_QUEUE_MAX = 2
 
-# Entry flag bits live below MOCK_IO_PAGE_SIZE (entries hold 2 KiB aligned addresses).
-ENTRY_READ = IOMMU_READ
-ENTRY_WRITE = IOMMU_WRITE
-ENTRY_DIRTY = 4
-ENTRY_FLAGS = 0x7FF
-
 
 class MockDomain(Domain):
-    """A mock paging domain: ``entries[iova >> 11] = pa | prot | dirty``."""
+    """A mock paging domain over a generic_pt AMDv1 "mock" table (mock/iommupt.py).
+
+    ``pagetable_type`` is the self-test's ``iommu_hwpt_selftest.pagetable_type``:
+    MOCK_IOMMUPT_DEFAULT has every page size of the format and the mock aperture
+    (``mock_domain_alloc_pgtable()`` overrides it); MOCK_IOMMUPT_HUGE has only 1 MiB and
+    PAGE_SIZE pages and keeps the table's whole 38-bit aperture.
+    """
 
     def __init__(
-        self, owner: MockIommu, flags: int, *, nest_parent: bool, dirty: bool, pasid: bool
+        self,
+        owner: MockIommu,
+        flags: int,
+        *,
+        nest_parent: bool,
+        dirty: bool,
+        pasid: bool,
+        pagetable_type: int = MOCK_IOMMUPT_DEFAULT,
     ) -> None:
+        if pagetable_type == MOCK_IOMMUPT_HUGE:
+            pgsize, start, last = MOCK_HUGE_PAGE_SIZE | PAGE_SIZE, 0, (1 << VASZ_LG2) - 1
+        else:
+            pgsize, start, last = PGSIZE_BITMAP, MOCK_APERTURE_START, MOCK_APERTURE_LAST
         super().__init__(
             owner,
             DomainType.PAGING,
-            pgsize_bitmap=MOCK_IO_PAGE_SIZE,
-            aperture_start=MOCK_APERTURE_START,
-            aperture_end=MOCK_APERTURE_LAST,
+            pgsize_bitmap=pgsize,
+            aperture_start=start,
+            aperture_end=last,
             nest_parent=nest_parent,
             dirty_tracking=dirty,
             pasid_compat=pasid,
         )
         self.flags = flags
-        self.entries: dict[int, int] = {}
+        self.pagetable_type = pagetable_type
+        self.pt = MockPageTable(pgsize, (1 << VASZ_LG2) - 1)
+        self.entries = self.pt.entries  # one per mapped 2 KiB (see iommupt.py)
 
 
 class MockNestedDomain(Domain):
@@ -153,7 +175,7 @@ class MockIommu(IommuHw):
         need = ENTRY_WRITE if write else ENTRY_READ
         if not entry & need:
             raise self.fault(dev, iova, write, pasid, "permission")
-        if write and domain.dirty_enabled and not entry & ENTRY_DIRTY:
-            domain.entries[index] = entry | ENTRY_DIRTY
+        if write and domain.dirty_enabled:
+            domain.pt.set_dirty(iova)  # the model's hardware sets D as AMDv1 hardware does
         offset = iova & (MOCK_IO_PAGE_SIZE - 1)
         return (entry & ~ENTRY_FLAGS) + offset, MOCK_IO_PAGE_SIZE - offset

@@ -35,6 +35,7 @@ from iommufd_model.core.device import (
     device_detach,
     device_unbind,
 )
+from iommufd_model.core.failnth import failpoint
 from iommufd_model.core.hw_pagetable import Hwpt, HwptNested, HwptPaging
 from iommufd_model.core.ioas import Ioas
 from iommufd_model.core.main import Ucmd, ioctl_op
@@ -42,9 +43,8 @@ from iommufd_model.core.objects import IommufdObject, ObjType
 from iommufd_model.core.process import MemFile
 from iommufd_model.errors import err
 from iommufd_model.hw.memory import PAGE_SIZE
+from iommufd_model.mock import iommupt
 from iommufd_model.mock.hw import (
-    ENTRY_DIRTY,
-    ENTRY_FLAGS,
     MOCK_IO_PAGE_SIZE,
     MockDomain,
     MockIommu,
@@ -91,13 +91,18 @@ MOCK_ACCESS_RW_WRITE = 1 << 0
 MOCK_ACCESS_RW_SLOW_PATH = 1 << 2
 MOCK_FLAGS_ACCESS_CREATE_NEEDS_PIN_PAGES = 1 << 0
 MOCK_FLAGS_DEVICE_NO_DIRTY = 1 << 0
-MOCK_FLAGS_DEVICE_HUGE_IOVA = 1 << 1
-MOCK_FLAGS_DEVICE_PASID = 1 << 2
+MOCK_FLAGS_DEVICE_PASID = 1 << 2  # (1 << 1, HUGE_IOVA, is gone in Linux 7.2)
 MOCK_NESTED_DOMAIN_IOTLB_ID_MAX = 3
 MOCK_NESTED_DOMAIN_IOTLB_NUM = 4
 MOCK_DEV_CACHE_ID_MAX = 3
 MOCK_DEV_CACHE_NUM = 4
 IOMMU_TEST_PASID_RESERVED = 1024
+# iommu_hwpt_selftest.pagetable_type, for paging HWPTs
+MOCK_IOMMUPT_DEFAULT = iommupt.MOCK_IOMMUPT_DEFAULT
+MOCK_IOMMUPT_HUGE = iommupt.MOCK_IOMMUPT_HUGE
+MOCK_PAGE_SIZE = MOCK_IO_PAGE_SIZE
+MOCK_HUGE_PAGE_SIZE = iommupt.MOCK_HUGE_PAGE_SIZE
+DIRTY_MAX_BITS = (16 << 20) * 8  # SZ_16M * BITS_PER_BYTE
 
 IOMMU_HW_INFO_TYPE_SELFTEST = 0xFEEDBEEF
 IOMMU_HW_INFO_SELFTEST_REGVAL = 0xDEADBEEF
@@ -359,7 +364,6 @@ def _unplug(pci: PciDevice) -> None:
 def _mock_dev_create(machine: Machine, dev_flags: int) -> PciDevice:
     """``mock_dev_create()``: unknown device flags are EINVAL."""
     if dev_flags & ~(MOCK_FLAGS_DEVICE_NO_DIRTY | MOCK_FLAGS_DEVICE_PASID):
-        # MOCK_FLAGS_DEVICE_HUGE_IOVA is a kernel flag the model does not implement yet.
         raise err(errno.EINVAL, f"unsupported mock device flags {dev_flags:#x}")
     hw = _first_mock_iommu(machine)
     pasid_bits = MOCK_PASID_WIDTH if dev_flags & MOCK_FLAGS_DEVICE_PASID else 0
@@ -404,10 +408,15 @@ def _mock_domain_replace(ucmd: Ucmd, cmd: IommuTestCmd) -> None:
 
 
 def _add_reserved(ucmd: Ucmd, cmd: IommuTestCmd) -> None:
-    ioas = ucmd.ictx.objects.get_as(cmd.id, Ioas)
+    """``iommufd_test_add_reserved()``: the range is checked before the IOAS is looked up."""
     args = AddReserved.of(cmd)
+    if not args.length:
+        raise err(errno.EINVAL, "empty reserved range")
+    if args.start + args.length - 1 > _U64:
+        raise err(errno.EOVERFLOW, "reserved range wraps")
+    ioas = ucmd.ictx.objects.get_as(cmd.id, Ioas)
     # iopt_reserve_iova(start, start + length - 1, owner NULL); the model needs an owner key.
-    ioas.iopt.reserve(_TEST_RESERVED, args.start, (args.start + args.length - 1) & _U64)
+    ioas.iopt.reserve(_TEST_RESERVED, args.start, args.start + args.length - 1)
 
 
 _TEST_RESERVED = object()  # owner of ADD_RESERVED ranges: never released, like owner NULL
@@ -422,20 +431,22 @@ def _md_pagetable(ucmd: Ucmd, hwpt_id: int) -> MockDomain:
 
 
 def _md_check_map(ucmd: Ucmd, cmd: IommuTestCmd) -> None:
+    """``iommufd_test_md_check_pa()``: the HWPT first, then the checks in units of the
+    domain's smallest page size; an unmapped IOVA translates to 0 (EINVAL)."""
     args = CheckMap.of(cmd)
     iova, length, uptr = args.iova, args.length, args.uptr
-    if (iova | length | uptr) % MOCK_IO_PAGE_SIZE or uptr + length > _U64:
-        raise err(errno.EINVAL, "check_map needs MOCK_IO_PAGE_SIZE aligned arguments")
     mock = _md_pagetable(ucmd, cmd.id)
+    page_size = mock.pgsize_bitmap & -mock.pgsize_bitmap
+    if (iova | length | uptr) % page_size or uptr + length > _U64:
+        raise err(errno.EINVAL, "check_map needs arguments aligned to the smallest page")
     proc = ucmd.caller
     while length:
         pfn = proc.translate(uptr & ~_PAGE_MASK)  # get_user_pages_fast: EFAULT if unmapped
-        entry = mock.entries.get(iova // MOCK_IO_PAGE_SIZE)
-        if entry is None or entry & ~ENTRY_FLAGS != pfn * PAGE_SIZE + uptr % PAGE_SIZE:
+        if mock.pt.iova_to_phys(iova) != pfn * PAGE_SIZE + uptr % PAGE_SIZE:
             raise err(errno.EINVAL, f"IOVA {iova:#x} does not map user VA {uptr:#x}")
-        iova += MOCK_IO_PAGE_SIZE
-        uptr += MOCK_IO_PAGE_SIZE
-        length -= MOCK_IO_PAGE_SIZE
+        iova += page_size
+        uptr += page_size
+        length -= page_size
 
 
 def pin_count(proc: Process, va: int) -> int:
@@ -670,37 +681,31 @@ def _set_temp_memory_limit(ucmd: Ucmd, cmd: IommuTestCmd) -> None:
 
 
 def _dirty(ucmd: Ucmd, cmd: IommuTestCmd) -> None:
-    """Mark the mock entries named by a user bitmap dirty; report how many were mapped.
-
-    As selftest.c, the entry looked at for bit ``i`` is ``(iova + i * page_size) /
-    page_size``: an index in units of ``page_size``, which equals the mock's 2 KiB entry
-    index only when ``page_size`` is MOCK_IO_PAGE_SIZE (what the kernel tests pass). The
-    bitmap is ``DIV_ROUND_UP(length / page_size, 8)`` bytes; bits past the range are
-    ignored.
-    """
+    """``iommufd_test_dirty()``: ``set_dirty`` of the generic page table at ``iova + i *
+    page_size`` for every set bit ``i`` of the user's bitmap; ``out_nr_dirty`` counts the
+    set bits (whether or not anything is mapped there), as Linux 7.2 does."""
     args = Dirty.of(cmd)
     page_size, length, iova = args.page_size, args.length, args.iova
     if not page_size or not length or iova % page_size or length % page_size or not args.uptr:
         raise err(errno.EINVAL, "bad dirty range")
+    nbits = length // page_size
+    if nbits > DIRTY_MAX_BITS:
+        raise err(errno.EOVERFLOW, "dirty bitmap above 16 MiB")
     mock = _md_pagetable(ucmd, cmd.id)
     if not mock.dirty_enabled:
         raise err(errno.EINVAL, "dirty tracking is not enabled on this domain")
-    nbits = length // page_size
+    failpoint("selftest.dirty_alloc")  # kvzalloc of the bitmap copy
     bitmap = bytearray(ucmd.caller.read(args.uptr, -(-nbits // 8)))
     if nbits % 8:
         bitmap[-1] &= (1 << (nbits % 8)) - 1
     count = 0
-    entries = mock.entries
     for byte_index, byte in enumerate(bitmap):
         while byte:
             low = byte & -byte
             byte ^= low
             bit = byte_index * 8 + low.bit_length() - 1
-            index = (iova + bit * page_size) // page_size
-            entry = entries.get(index)
-            if entry is not None:
-                entries[index] = entry | ENTRY_DIRTY
-                count += 1
+            mock.pt.set_dirty(iova + bit * page_size)
+            count += 1
     args.out_nr_dirty = count
     args.store(cmd)
     ucmd.respond()

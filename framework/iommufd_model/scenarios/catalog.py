@@ -129,13 +129,10 @@ def dirty_tracking(ctx: ScenarioContext) -> None:
     check(rig.proc.read(va + PAGE_SIZE + 8, 1) == b"a", "dirty-tracked write lost")
     rig.dev.dma_write(iova + 2 * PAGE_SIZE, b"c")  # dirty, then tracking stops
     rig.set_dirty_tracking(hwpt, False)
-    # Linux 7.2: VT-d (and the mock) refuse a report while tracking is off (EINVAL); the
-    # io-pgtable / generic_pt drivers (SMMUv3, AMD) read the bits anyway.
-    try:
-        got = rig.dirty_pages(hwpt, iova, BUF)
-        check(got == [2], f"untracked read reported {got}, the last tracked write was page 2")
-    except OSError as exc:
-        check(exc.errno == errno.EINVAL, f"bitmap read untracked: errno {exc.errno}")
+    # Linux 7.2's drivers read (and clear) with tracking off, what was left dirty: generic_pt
+    # (mock, AMD, VT-d) and io-pgtable-arm (SMMUv3) alike
+    got = rig.dirty_pages(hwpt, iova, BUF)
+    check(got == [2], f"read with tracking off gave {got}, the page left dirty is [2]")
     rig.set_dirty_tracking(hwpt, True)  # enabling again starts from a clean snapshot
     check(rig.dirty_pages(hwpt, iova, BUF) == [], "stale dirty bits survived re-enabling")
 

@@ -717,11 +717,9 @@ class AmdDriver:
     def read_and_clear_dirty(
         self, domain: Domain, iova: int, length: int, clear: bool, report: bool
     ) -> list[tuple[int, int]]:
-        """Report the host table's D bits (and clear them), as amdv1's read_and_clear_dirty:
-        EINVAL for a report while tracking is off; a wipe (``report=False``) always works."""
+        """Report the host table's D bits (and clear them), as Linux 7.2's generic_pt
+        read_and_clear_dirty, which reads whether tracking is on or off."""
         dom = _paging(domain)
-        if report and not dom.dirty_enabled:
-            raise err(errno.EINVAL, "dirty tracking is off")
         runs = dom.pt.read_and_clear_dirty(iova, length, clear)
         if clear and runs:
             # iommu_iotlb_sync() of the gathered range: cached "already dirty" entries go.

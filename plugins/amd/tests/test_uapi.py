@@ -186,7 +186,8 @@ def test_dirty_tracking_through_the_host_dirty_bit(world: Any) -> None:
     w.dev.dma_write(IOVA, b"z")
     w.ioctl(U.IOMMU_HWPT_SET_DIRTY_TRACKING, U.IommuHwptSetDirtyTracking(hwpt_id=hwpt))
     assert w.kernel.read_dte(w.dev.rid).had == 0
-    assert_errno(errno.EINVAL, bitmap)  # amd_iommu_read_and_clear_dirty()
+    # Linux 7.2's generic_pt reads with tracking off too: the bit set before it stopped
+    assert bitmap() == 0b0001
     w.ioctl(
         U.IOMMU_HWPT_SET_DIRTY_TRACKING,
         U.IommuHwptSetDirtyTracking(hwpt_id=hwpt, flags=U.IOMMU_HWPT_DIRTY_TRACKING_ENABLE),

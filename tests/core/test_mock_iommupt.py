@@ -1,0 +1,193 @@
+"""The mock's generic page table (mock/iommupt.py) and the 7.2 paths around it.
+
+Facts from Linux 7.2: drivers/iommu/generic_pt/{fmt/amdv1.h, iommu_pt.h, pt_iter.h},
+drivers/iommu/iommufd/{selftest.c, hw_pagetable.c, io_pagetable.c, iova_bitmap.c}.
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+
+import pytest
+
+from helpers import MOCK_APERTURE, PAGE, World, check_invariants, expect_errno
+from iommufd_model.mock import iommupt as P
+from iommufd_model.mock import selftest as T
+from iommufd_model.uapi import iommufd as U
+
+K2 = 2048
+M1 = 1 << 20
+
+
+def _hwpt(w: World, ioas: int, data: bytes | None, flags: int = 0) -> int:
+    if data is None:
+        return w.fd.hwpt_alloc(w.dev_id, ioas, flags=flags)
+    return w.fd.hwpt_alloc(
+        w.dev_id, ioas, flags=flags, data_type=T.IOMMU_HWPT_DATA_SELFTEST, data=data
+    )
+
+
+def _errno(fn: object, *a: object, **kw: object) -> int:
+    try:
+        fn(*a, **kw)  # type: ignore[operator]
+    except OSError as exc:
+        assert exc.errno
+        return exc.errno
+    return 0
+
+
+def test_paging_hwpt_takes_selftest_data() -> None:
+    """mock_domain_alloc_paging_flags(): pagetable_type picks the table; bad data refused."""
+    w = World()
+    ioas = w.fd.ioas_alloc()
+    default = w.fd.objects.get(_hwpt(w, ioas, struct.pack("<II", 0, 0))).domain
+    assert default.pgsize_bitmap == P.PGSIZE_BITMAP == ((1 << 37) - 1) & ~(K2 - 1)
+    assert (default.aperture_start, default.aperture_end) == (MOCK_APERTURE, (1 << 31) - 1)
+    huge = w.fd.objects.get(_hwpt(w, ioas, struct.pack("<II", 0, 1))).domain
+    assert huge.pgsize_bitmap == M1 | PAGE
+    assert (huge.aperture_start, huge.aperture_end) == (0, (1 << 38) - 1)
+    short = w.fd.objects.get(_hwpt(w, ioas, struct.pack("<I", 0))).domain  # minimum: iotlb
+    assert short.pgsize_bitmap == P.PGSIZE_BITMAP
+    check_invariants(w.fd)
+    sel = T.IOMMU_HWPT_DATA_SELFTEST
+
+    def alloc(data: bytes, data_type: int = sel) -> U.IommuHwptAlloc:
+        va = w.proc.mmap(PAGE)
+        w.proc.write(va, data)
+        return U.IommuHwptAlloc(
+            dev_id=w.dev_id, pt_id=ioas, data_type=data_type, data_len=len(data), data_uptr=va
+        )
+
+    expect_errno(w.fd, U.IOMMU_HWPT_ALLOC, alloc(struct.pack("<II", 0, 2)), errno.EOPNOTSUPP)
+    expect_errno(w.fd, U.IOMMU_HWPT_ALLOC, alloc(bytes(12)), errno.EINVAL)  # > sizeof
+    expect_errno(w.fd, U.IOMMU_HWPT_ALLOC, alloc(bytes(2)), errno.EINVAL)  # < iotlb
+    expect_errno(w.fd, U.IOMMU_HWPT_ALLOC, alloc(bytes(8), 1), errno.EOPNOTSUPP)  # a vendor type
+
+
+def test_vendor_without_paging_data_refuses_it() -> None:
+    """A driver whose domain_alloc_paging takes no data: EOPNOTSUPP, the data unread."""
+    import iommufd_model as im
+
+    machine = im.Machine.build(iommus=["amd"])
+    dev = machine.add_pci_device(iommu=0)
+    proc = machine.new_process()
+    fd = proc.open_iommufd()
+    dev_id = fd.bind(dev)
+    ioas = fd.ioas_alloc()
+    st = U.IommuHwptAlloc(
+        dev_id=dev_id, pt_id=ioas, data_type=T.IOMMU_HWPT_DATA_SELFTEST, data_len=8, data_uptr=8
+    )
+    expect_errno(fd, U.IOMMU_HWPT_ALLOC, st, errno.EOPNOTSUPP)  # not EFAULT: never read
+
+
+def test_map_picks_the_largest_page_and_unmap_rules() -> None:
+    pt = P.MockPageTable(P.PGSIZE_BITMAP, (1 << 38) - 1)
+    pt.map(MOCK_APERTURE, 0x4000_0000, 4 * M1 + PAGE, 3)
+    assert pt.leaf_at(MOCK_APERTURE) == (MOCK_APERTURE, 22)  # one 4 MiB leaf
+    assert pt.leaf_at(MOCK_APERTURE + 4 * M1) == (MOCK_APERTURE + 4 * M1, 12)
+    assert pt.iova_to_phys(MOCK_APERTURE + 5) == 0x4000_0005
+    assert pt.iova_to_phys(MOCK_APERTURE - K2) == 0
+    assert _errno(pt.map, MOCK_APERTURE, 0x1000, PAGE, 3) == errno.EADDRINUSE
+    assert _errno(pt.map, MOCK_APERTURE + 8 * M1 + 1024, 0, K2, 3) == errno.ENXIO
+    assert _errno(pt.map, 1 << 38, 0, K2, 3) == errno.ERANGE
+    # a start inside a leaf unmaps nothing; an end inside one takes the whole leaf
+    assert pt.unmap(MOCK_APERTURE + M1, M1) == 0
+    assert pt.unmap(MOCK_APERTURE, M1) == 4 * M1
+    # an empty item stops the walk
+    pt.map(MOCK_APERTURE + 16 * M1, 0x8000_0000, PAGE, 3)
+    assert pt.unmap(MOCK_APERTURE + 4 * M1, 16 * M1) == PAGE
+    assert pt.leaf_at(MOCK_APERTURE + 16 * M1) is not None
+
+
+def test_dirty_reporting_follows_generic_pt() -> None:
+    """A 4 KiB leaf (2 items) reports 2 KiB (record_dirty's end is the last index); a 1 MiB
+    level-1 leaf reports 1 MiB; clearing clears every item of the leaf."""
+    pt = P.MockPageTable(P.PGSIZE_BITMAP, (1 << 38) - 1)
+    base = MOCK_APERTURE
+    pt.map(base, 0x4000_0000, PAGE, 3)  # 4 KiB: two 2 KiB items
+    pt.map(base + M1, 0x4010_0000, M1, 3)  # one level-1 item
+    pt.map(base + 2 * M1, 0x4020_0000, K2, 3)  # one level-0 item
+    assert pt.set_dirty(base + K2)  # the second item of the 4 KiB leaf
+    assert pt.set_dirty(base + M1 + 5 * PAGE)
+    assert pt.set_dirty(base + 2 * M1)
+    assert not pt.set_dirty(base + 3 * M1)
+    runs = pt.read_and_clear_dirty(base, 3 * M1, clear=False)
+    assert runs == [(base, K2), (base + M1, M1), (base + 2 * M1, K2)]
+    assert pt.read_and_clear_dirty(base, 3 * M1, clear=True) == runs
+    assert pt.read_and_clear_dirty(base, 3 * M1, clear=True) == []
+
+
+def _dirty_world(pagetable: int | None) -> tuple[World, int, int]:
+    w = World()
+    ioas = w.fd.ioas_alloc()
+    w.fd.ioas_map(ioas, w.va, 8 * PAGE, iova=MOCK_APERTURE)
+    w.fd.ioas_map(ioas, w.va + 9 * PAGE, PAGE, iova=MOCK_APERTURE + 9 * PAGE)  # after a gap
+    data = None if pagetable is None else struct.pack("<II", 0, pagetable)
+    hwpt = _hwpt(w, ioas, data, U.IOMMU_HWPT_ALLOC_DIRTY_TRACKING)
+    return w, ioas, hwpt
+
+
+def test_get_dirty_bitmap_with_tracking_off_reads_and_clears() -> None:
+    """7.2: no EINVAL; the bits left from the tracked period are reported and cleared."""
+    w, _, hwpt = _dirty_world(None)
+    w.fd.attach(w.dev_id, hwpt)
+    w.fd.hwpt_set_dirty_tracking(hwpt, True)
+    w.dev.dma_write(MOCK_APERTURE + 2 * PAGE, b"x")
+    w.fd.hwpt_set_dirty_tracking(hwpt, False)
+    w.dev.dma_write(MOCK_APERTURE + 3 * PAGE, b"y")  # not tracked
+    got = w.fd.hwpt_get_dirty_bitmap(hwpt, MOCK_APERTURE, 8 * PAGE, PAGE)
+    assert got == [MOCK_APERTURE + 2 * PAGE]
+    assert w.fd.hwpt_get_dirty_bitmap(hwpt, MOCK_APERTURE, 8 * PAGE, PAGE) == []
+
+
+def test_get_dirty_bitmap_stops_at_a_gap_and_drops_errors() -> None:
+    """iopt_for_each_contig_area() ends at the first gap (its EINVAL is dropped); a bitmap
+    nothing is written to is never touched, so a bad pointer still succeeds."""
+    w, _, hwpt = _dirty_world(None)
+    w.fd.hwpt_set_dirty_tracking(hwpt, True)
+    mock = w.fd.objects.get(hwpt).domain
+    mock.pt.set_dirty(MOCK_APERTURE)
+    mock.pt.set_dirty(MOCK_APERTURE + 9 * PAGE)  # beyond the gap at page 8
+    got = w.fd.hwpt_get_dirty_bitmap(hwpt, MOCK_APERTURE, 10 * PAGE, PAGE, clear=False)
+    assert got == [MOCK_APERTURE]
+    # the gap is not at the start: the second area alone is walked
+    got = w.fd.hwpt_get_dirty_bitmap(hwpt, MOCK_APERTURE + 9 * PAGE, PAGE, PAGE, clear=False)
+    assert got == [MOCK_APERTURE + 9 * PAGE]
+    # nothing dirty between 4 and 8: the bitmap at an unmapped address is never pinned
+    st = U.IommuHwptGetDirtyBitmap(
+        size=U.IommuHwptGetDirtyBitmap.SIZE,
+        hwpt_id=hwpt,
+        iova=MOCK_APERTURE + 4 * PAGE,
+        length=4 * PAGE,
+        page_size=PAGE,
+        data=8,
+    )
+    buf = bytearray(st.pack())
+    assert w.fd.ioctl(U.IOMMU_HWPT_GET_DIRTY_BITMAP, buf) == 0
+    # something dirty there: the bits are lost, the ioctl still succeeds
+    st.iova = MOCK_APERTURE
+    assert w.fd.ioctl(U.IOMMU_HWPT_GET_DIRTY_BITMAP, bytearray(st.pack())) == 0
+    assert w.fd.hwpt_get_dirty_bitmap(hwpt, MOCK_APERTURE, 8 * PAGE, PAGE) == []  # cleared
+    check_invariants(w.fd)
+
+
+@pytest.mark.parametrize(("start", "length", "code"), [(0, 0, errno.EINVAL), (2, -1, 0)])
+def test_add_reserved_checks_the_range_first(start: int, length: int, code: int) -> None:
+    """iommufd_test_add_reserved(): length 0 EINVAL, a wrap EOVERFLOW, before the lookup."""
+    w = World()
+    length &= (1 << 64) - 1
+    payload = struct.pack("<QQ", start, length).ljust(48, b"\0")
+    buf = bytearray(struct.pack("<IIII", 72, T.IOMMU_TEST_OP_ADD_RESERVED, 999, 0) + payload)
+    buf += bytes(8)
+    want = code or errno.EOVERFLOW
+    assert _errno(w.fd.ioctl, T.IOMMU_TEST_CMD, buf) == want
+
+
+def test_md_check_map_looks_the_hwpt_up_first() -> None:
+    """iommufd_test_md_check_pa(): ENOENT for a bad id even with unaligned arguments."""
+    w = World()
+    payload = struct.pack("<QQQ", 1, 1, 1).ljust(48, b"\0")
+    buf = bytearray(struct.pack("<IIII", 72, T.IOMMU_TEST_OP_MD_CHECK_MAP, 999, 0) + payload)
+    buf += bytes(8)
+    assert _errno(w.fd.ioctl, T.IOMMU_TEST_CMD, buf) == errno.ENOENT
