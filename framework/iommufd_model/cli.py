@@ -452,12 +452,12 @@ DESCRIPTION = """\
 A model of Linux iommufd (/dev/iommu) and the IOMMU hardware behind it, with vendor drivers
 as plugins. 'drivers' lists the installed driver plugins (and broken ones, with the reason);
 'matrix' runs every scenario against every driver and prints pass / FAIL / unsupported with
-the hardware costs of each cell."""
+the hardware costs of each cell; 'run' runs a program with /dev/iommu served by the model."""
 
 EPILOG = """\
 exit status: 0 on success; 1 when a matrix cell FAILs, no driver loads, an output file cannot
 be written (checked before the run) or, for 'drivers', an installed plugin is broken; 2 for a
-bad option."""
+bad option; 'run' exits with the program's status (127 when it cannot start)."""
 
 
 def _global_options(parser: argparse.ArgumentParser, *, sub: bool) -> None:
