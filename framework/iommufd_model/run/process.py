@@ -307,10 +307,11 @@ class RealProcess(Process):
             pos += PAGE_SIZE
         return native.vm_readable_pages(self.pid, probe) if probe else True
 
-    def read(self, va: int, n: int) -> bytes:
+    def read(self, va: int, n: int, *, pinned: bool = False) -> bytes:
         if n < 0:
             raise err(errno.EINVAL)
-        failpoint("process.copy_from_user", errno.EFAULT)
+        if not pinned:  # as Process.read: reads through pinned pages are not injected
+            failpoint("process.copy_from_user", errno.EFAULT)
         data = native.vm_read(self.pid, va, n)
         if data is None:
             raise err(errno.EFAULT, f"user read {va:#x}+{n:#x} not mapped")
