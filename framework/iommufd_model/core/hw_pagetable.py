@@ -433,24 +433,27 @@ def _get_dirty_bitmap(ucmd: Ucmd) -> None:
             for iova, size in runs
         ]
 
-    # The pages the bits land in are faulted in before any dirty bit is cleared, so that a
-    # failing page allocation (fault injection) leaves the D bits alone; the kernel pins
+    # The bitmap bytes the bits land in are read (their pages faulted in) before any dirty
+    # bit is cleared, so that an injected failure leaves the D bits alone; the kernel pins
     # them while it records (iova_bitmap_set()), which the result does not tell apart.
-    for first_bit, last_bit in byte_spans(walk(False)):
-        _bitmap_bytes(ucmd, cmd.data, first_bit, last_bit)
+    cache: dict[int, int] = {}  # user bitmap byte address -> its value
+
+    def load(first_bit: int, last_bit: int) -> bool:
+        lo, hi = cmd.data + (first_bit >> 3), cmd.data + (last_bit >> 3)
+        if lo < 0 or not ucmd.caller.is_mapped(lo, hi - lo + 1):
+            return False  # pin_user_pages_fast() fails: iova_bitmap_set() drops the bits
+        if any(a not in cache for a in range(lo, hi + 1)):
+            for i, byte in enumerate(ucmd.caller.read(lo, hi - lo + 1)):
+                cache.setdefault(lo + i, byte)
+        return True
+
+    for span in byte_spans(walk(False)):
+        load(*span)
     clear = not cmd.flags & U.IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR
     for first_bit, last_bit in byte_spans(walk(True) if clear else walk(False)):
-        data = _bitmap_bytes(ucmd, cmd.data, first_bit, last_bit)
-        if data is None:
-            continue  # pin_user_pages_fast() failed: iova_bitmap_set() drops the bits
+        if not load(first_bit, last_bit):
+            continue
         for bit in range(first_bit, last_bit + 1):
-            data[(bit >> 3) - (first_bit >> 3)] |= 1 << (bit & 7)
-        ucmd.caller.write(cmd.data + (first_bit >> 3), bytes(data), pinned=True)
-
-
-def _bitmap_bytes(ucmd: Ucmd, bitmap: int, first_bit: int, last_bit: int) -> bytearray | None:
-    """The user's bitmap bytes holding bits ``first_bit..last_bit``; None if unmapped."""
-    lo, hi = bitmap + (first_bit >> 3), bitmap + (last_bit >> 3)
-    if lo < 0 or not ucmd.caller.is_mapped(lo, hi - lo + 1):
-        return None
-    return bytearray(ucmd.caller.read(lo, hi - lo + 1, pinned=True))
+            cache[cmd.data + (bit >> 3)] |= 1 << (bit & 7)
+        lo, hi = cmd.data + (first_bit >> 3), cmd.data + (last_bit >> 3)
+        ucmd.caller.write(lo, bytes(cache[a] for a in range(lo, hi + 1)), pinned=True)

@@ -226,16 +226,11 @@ class Process:
             pos = vma.end
         return True
 
-    def read(self, va: int, n: int, *, pinned: bool = False) -> bytes:
-        """``copy_from_user``: ``EFAULT`` if any byte is unmapped.
-
-        ``pinned``: the kernel reads through pages it pins (a dirty bitmap being updated),
-        which fault injection does not fail, as for :meth:`write`.
-        """
+    def read(self, va: int, n: int) -> bytes:
+        """``copy_from_user``: ``EFAULT`` if any byte is unmapped."""
         if n < 0:
             raise err(errno.EINVAL)
-        if not pinned:
-            failpoint("process.copy_from_user", errno.EFAULT)
+        failpoint("process.copy_from_user", errno.EFAULT)
         if not self.is_mapped(va, n):
             raise err(errno.EFAULT, f"user read {va:#x}+{n:#x} not mapped")
         out = bytearray()
