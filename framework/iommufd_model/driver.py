@@ -73,6 +73,10 @@ class HwInfo:
     data: bytes
     capabilities: int = 0
     max_pasid_log2: int = 0
+    #: ``capable(dev, IOMMU_CAP_PCI_ATS_SUPPORTED)``: whether the driver lets the device use
+    #: ATS; None (the default) answers with the device's PCI ATS capability. The core adds
+    #: IOMMU_HW_CAP_PCI_ATS_NOT_SUPPORTED when it is false (Linux 7.2 device.c).
+    ats_supported: bool | None = None
 
 
 @attrs.define

@@ -245,5 +245,8 @@ def _get_hw_info(ucmd: Ucmd) -> None:
     cmd.data_len = len(data)
     cmd.data_type = info.data_type
     cmd.out_capabilities = info.capabilities
+    ats = idev.dev.ats if info.ats_supported is None else info.ats_supported
+    if not ats:
+        cmd.out_capabilities |= U.IOMMU_HW_CAP_PCI_ATS_NOT_SUPPORTED
     cmd.out_max_pasid_log2 = min(info.max_pasid_log2, idev.dev.pasid_bits)
     ucmd.respond()

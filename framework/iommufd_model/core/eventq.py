@@ -238,6 +238,9 @@ def _fault_alloc(ucmd: Ucmd) -> None:
     ucmd.respond()
 
 
+VEVENTQ_MAX_DEPTH = 1 << 19  # eventq.c: "an arbitrary upper bound ... all existing HWs"
+
+
 @ioctl_op(U.IOMMU_VEVENTQ_ALLOC, U.IommuVeventqAlloc, "out_veventq_fd")
 def _veventq_alloc(ucmd: Ucmd) -> None:
     from iommufd_model.core.viommu import Viommu
@@ -245,8 +248,8 @@ def _veventq_alloc(ucmd: Ucmd) -> None:
     cmd = ucmd.cmd
     if cmd.flags or cmd.reserved or cmd.type == U.IOMMU_VEVENTQ_TYPE_DEFAULT:
         raise err(errno.EOPNOTSUPP, "bad veventq flags, reserved or type")
-    if not cmd.veventq_depth:
-        raise err(errno.EINVAL, "veventq_depth must be positive")
+    if not cmd.veventq_depth or cmd.veventq_depth > VEVENTQ_MAX_DEPTH:
+        raise err(errno.EINVAL, "veventq_depth must be 1 .. 1 << 19")
     viommu = ucmd.ictx.objects.get_as(cmd.viommu_id, Viommu)
     if cmd.type in viommu.veventqs:
         raise err(errno.EEXIST, "the vIOMMU already has a vEVENTQ of that type")

@@ -16,6 +16,7 @@ from iommufd_model.core.main import Ucmd, ioctl_op
 from iommufd_model.core.objects import IommufdObject, ObjType
 from iommufd_model.driver import Domain, InvalidateResult
 from iommufd_model.errors import err
+from iommufd_model.hw.memory import PAGE_SIZE
 from iommufd_model.uapi import iommufd as U
 
 if TYPE_CHECKING:
@@ -32,6 +33,7 @@ PAGING_FLAGS = (
     | U.IOMMU_HWPT_ALLOC_PASID
 )
 NESTED_FLAGS = U.IOMMU_HWPT_FAULT_ID_VALID | U.IOMMU_HWPT_ALLOC_PASID
+INVALIDATE_ENTRY_NUM_MAX = 1 << 19  # IOMMU_HWPT_INVALIDATE_ENTRY_NUM_MAX (hw_pagetable.c)
 
 
 def hooks_of(domain: Domain) -> Any:
@@ -312,8 +314,14 @@ def _hwpt_invalidate(ucmd: Ucmd) -> None:
     try:
         if cmd.reserved:
             raise err(errno.EOPNOTSUPP, "hwpt_invalidate __reserved must be 0")
-        if requested and (not cmd.data_uptr or not cmd.entry_len):
-            raise err(errno.EINVAL, "entries given without data_uptr or entry_len")
+        # Linux 7.2 bounds the array before any user memory is read.
+        if requested and (
+            not cmd.data_uptr
+            or not cmd.entry_len
+            or cmd.entry_len > PAGE_SIZE
+            or requested > INVALIDATE_ENTRY_NUM_MAX
+        ):
+            raise err(errno.EINVAL, "bad data_uptr, entry_len or entry_num")
         target = ucmd.ictx.objects.get(cmd.hwpt_id)
         if isinstance(target, HwptNested):
             drv_target: Any = target.domain

@@ -133,7 +133,10 @@ class MockDriver:
             raise err(errno.EOPNOTSUPP, f"mock reports no hw_info type {data_type:#x}")
         data = (0).to_bytes(4, "little") + IOMMU_HW_INFO_SELFTEST_REGVAL.to_bytes(4, "little")
         caps = 0 if dev.iommu_priv["no_dirty"] else U.IOMMU_HW_CAP_DIRTY_TRACKING
-        return HwInfo(IOMMU_HW_INFO_TYPE_SELFTEST, data, caps, MOCK_PASID_WIDTH)
+        # mock_domain_capable() answers false for IOMMU_CAP_PCI_ATS_SUPPORTED
+        return HwInfo(
+            IOMMU_HW_INFO_TYPE_SELFTEST, data, caps, MOCK_PASID_WIDTH, ats_supported=False
+        )
 
     @hookimpl
     def domain_alloc_paging(
