@@ -338,3 +338,76 @@ def host_qi(data: bytes) -> str:
     hw.mmio.write(R.IQT, ((tail + len(raws)) % iq.nentries) << shift)
     iqe = bool(hw.fsts & R.FSTS_IQE)
     return f"done{hw.descriptors_done - before}|iqe{int(iqe)}|{w.events()}"
+
+
+class PrqWorld(HostWorld):
+    """HostWorld plus an ATS/PRI device attached to a HWPT with a fault queue."""
+
+    def __init__(self) -> None:
+        super().__init__(DRIVER)
+        self.pdev = self.machine.add_pci_device(iommu=0, ats=True)
+        self.pdev_id = self.fd.bind(self.pdev)
+        out = U.IommuFaultAlloc.unpack(self._ioctl(U.IOMMU_FAULT_QUEUE_ALLOC, U.IommuFaultAlloc))
+        self.fault_fd = out.out_fault_fd
+        cmd = U.IommuHwptAlloc(
+            size=U.IommuHwptAlloc.SIZE,
+            flags=U.IOMMU_HWPT_FAULT_ID_VALID | U.IOMMU_HWPT_ALLOC_PASID,
+            dev_id=self.pdev_id,
+            pt_id=self.ioas,
+            fault_id=out.out_fault_id,
+        )
+        hwpt = U.IommuHwptAlloc.unpack(self._ioctl(U.IOMMU_HWPT_ALLOC, cmd)).out_hwpt_id
+        self.fd.attach(self.pdev_id, hwpt)
+        self.fd.attach(self.pdev_id, hwpt, pasid=PASID)
+
+    def _ioctl(self, cmd: int, st: Any) -> bytes:
+        if isinstance(st, type):
+            st = st(size=st.SIZE)
+        buf = bytearray(st.pack())
+        self.fd.ioctl(cmd, buf)
+        return bytes(buf)
+
+
+def _prq_seeds() -> list[bytes]:
+    from iommufd_intel_vtd.prq import PageRequest as Pr
+
+    return [
+        b"",
+        Pr(0, IOVA).encode(),
+        Pr(0, IOVA, PASID, write=True, lpig=False, prgi=5).encode()
+        + Pr(0, IOVA, PASID, prgi=5).encode(),
+        Pr(0, 1 << 50, read=False, exe=True, priv=True).encode(),
+        Pr(0, IOVA, 7, read=False, write=False).encode(),  # stop marker, unattached PASID
+        b"\xff" * 32,
+    ]
+
+
+@harness("intel_vtd", "host_prq", 128, _prq_seeds)
+def host_prq(data: bytes) -> str:
+    """Page requests a PRI device sends (up to 4 descriptors' fields; the RID is the bus's):
+    the page request queue, the kernel's thread, the fault queue, the user's responses."""
+    from iommufd_intel_vtd.prq import PageRequest
+
+    w = PrqWorld()
+    hw: Any = w.hw
+    for i in range(0, min(len(data), 128), 32):
+        req = PageRequest.decode(data[i : i + 32].ljust(32, b"\0"))
+        hw.page_request(
+            w.pdev,
+            req.addr,
+            pasid=req.pasid,
+            read=req.read,
+            write=req.write,
+            exe=req.exe,
+            priv=req.priv,
+            lpig=req.lpig,
+            prgi=req.prgi,
+        )
+    raw = w.proc.files[w.fault_fd].read(16 * U.IommuHwptPgfault.SIZE)
+    size = U.IommuHwptPgfault.SIZE
+    faults = [U.IommuHwptPgfault.unpack(raw[i : i + size]) for i in range(0, len(raw), size)]
+    for cookie in sorted({f.cookie for f in faults}):
+        w.proc.files[w.fault_fd].write(U.IommuHwptPageResponse(cookie=cookie, code=0).pack())
+    got = ",".join(f"{f.flags:x}/{f.perm:x}" for f in faults)
+    resp = ",".join(f"{r.code:x}{'h' if r.by_hardware else ''}" for r in hw.prg_responses)
+    return f"f[{got}]|r[{resp}]|{w.events()}"

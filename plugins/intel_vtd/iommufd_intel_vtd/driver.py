@@ -22,6 +22,7 @@ from iommufd_intel_vtd import regs as R
 from iommufd_intel_vtd import tables as T
 from iommufd_intel_vtd.guest import GuestVtd
 from iommufd_intel_vtd.hw import IntelVtd
+from iommufd_intel_vtd.iopf import KernelPrq
 from iommufd_intel_vtd.pgtable import SecondStageFormat
 from iommufd_model.driver import (
     IOMMU_WRITE,
@@ -71,6 +72,7 @@ OPTIONS = {
     "srs": False,  # ECAP.SRS
     "eafs": False,  # ECAP.EAFS
     "nfr": 8,  # CAP.NFR + 1
+    "prs": True,  # ECAP.PRS and ECAP.PDS: page requests (PRI devices get IOPF)
 }
 
 
@@ -175,6 +177,9 @@ class DevInfo:
         self.ats_enabled = ats  # ATS supported by device and unit, enabled at probe_finalize
         self.qdep = dev_qdep(dev) if ats else 0  # pci_ats_queue_depth()
         self.pfsid = 0  # only with ECAP.DIT, which the modelled unit lacks
+        self.pri_supported = False  # ATS + ECAP.PRS/PDS + the device's PRI capability
+        self.pri_enabled = False  # iommu_enable_pci_pri() at probe_finalize
+        self.iopf_refcount = 0  # attachments of domains with an iopf handler
 
 
 def dev_qdep(dev: PciDevice) -> int:
@@ -222,6 +227,8 @@ class IommuState:
         self.submit(Q.make(Q.CC, g=Q.CC_GLOBAL))
         self.submit(Q.make(Q.PC, g=Q.PC_GLOBAL))
         self.submit(self.iotlb_desc(0, 0, 0, Q.IOTLB_GLOBAL))
+        # init_dmars(): the page request queue of a unit with ECAP.PRS, then translation.
+        self.prq = KernelPrq(self) if hw.ecap & R.ECAP_PRS else None
         self.gcmd |= R.GCMD_TE
         mmio.write(R.GCMD, self.gcmd, 4)
 
@@ -243,6 +250,25 @@ class IommuState:
         if d.did_refs == 0 and d.did is not None:
             self.dids.discard(d.did)
             d.did = None
+
+    # -- IOPF enablement (iopf_for_domain_set / _remove, intel_iommu_enable_iopf) -----------
+    @staticmethod
+    def iopf_set(info: DevInfo, d: Domain | None) -> None:
+        if d is None or getattr(d.hwpt, "fault", None) is None:
+            return  # no iopf handler: the HWPT has no fault queue
+        if not info.pri_enabled:
+            raise err(errno.ENODEV, "the device has no PRI enabled")
+        info.iopf_refcount += 1
+
+    @staticmethod
+    def iopf_remove(info: DevInfo, d: Domain | None) -> None:
+        if d is None or getattr(d.hwpt, "fault", None) is None or not info.iopf_refcount:
+            return
+        info.iopf_refcount -= 1
+
+    def iopf_replace(self, info: DevInfo, new: Domain | None, old: Domain | None) -> None:
+        self.iopf_set(info, new)
+        self.iopf_remove(info, old)
 
     # -- cache tags (cache.c) ----------------------------------------------------------------
     @staticmethod
@@ -370,9 +396,20 @@ class IommuState:
             lo, hi = re.encode()
             self.mem.write_u64(slot, lo)
             self.mem.write_u64(slot + 8, hi)
+        # intel_iommu_probe_device() / iommu_enable_pci_pri(): PRI needs ATS, ECAP.PRS and
+        # ECAP.PDS; with PASID enabled the device must want the PASID in PRG responses.
+        # The framework's PCI device has one ATS flag: PRI follows it unless the device
+        # carries ``pri`` / ``prg_resp_pasid_required`` (the model's own knobs).
+        pri_cap = bool(getattr(dev, "pri", dev.ats))
+        prs = R.ECAP_PRS | R.ECAP_PDS
+        info.pri_supported = info.ats_enabled and self.hw.ecap & prs == prs and pri_cap
+        info.pri_enabled = info.pri_supported and (
+            bits == 0 or bool(getattr(dev, "prg_resp_pasid_required", True))
+        )
         ce = T.ContextEntry(
             p=True,
             dte=info.ats_enabled,
+            pre=info.pri_supported,
             paside=bits > 0,
             pdts=dir_entries.bit_length() - 1 - 7,
             pasid_dir=pasid_dir,
@@ -427,6 +464,8 @@ class IommuState:
             self.submit(self.iotlb_desc(old.did, 0, 0, Q.IOTLB_DOMAIN))
         self.devtlb_flush_pasid(info, pasid)
         self.write_pasid_entry(info, pasid, T.PasidEntry())
+        if self.prq is not None:
+            self.prq.drain(info, pasid, info.domains.get(0))
 
     def flush_range(self, domain: VtdDomain, start: int, end: int, ih: bool) -> None:
         """cache_tag_flush_range(): one invalidation per cache tag, in tag order, batched
@@ -523,6 +562,7 @@ INFO = DriverInfo(
             Feature.DIRTY_TRACKING,
             Feature.HWPT_INVALIDATE,
             Feature.LARGE_PAGES,
+            Feature.IOPF,
         }
     ),
     hwpt_data_types=frozenset({U.IOMMU_HWPT_DATA_VTD_S1}),
@@ -564,7 +604,7 @@ class VtdDriver:
             pasid_bits=int(o["pasid_bits"]),
             srs=bool(o["srs"]),
             eafs=bool(o["eafs"]),
-            prs=False,
+            prs=bool(o["prs"]),
         )
         hw = IntelVtd(machine, index, cap=cap, ecap=ecap)
         hw.driver_state = IommuState(hw, fs_levels)
@@ -743,10 +783,11 @@ class VtdDriver:
         """device_block_translation(): untag, tear the RID's entry down, drop the DID."""
         if not info.domain_attached:
             return
-        d = info.domains.pop(0, None)
+        d = info.domains.get(0)
         if d is not None:
             st.tag_unassign_domain(d, info, 0)
-        st.tear_down_entry(info, 0)
+        st.tear_down_entry(info, 0)  # its PRQ drain names the RID domain's DID
+        info.domains.pop(0, None)
         info.domain_attached = False
         if d is not None:
             d.attached.discard((info.dev.rid, 0))
@@ -761,24 +802,39 @@ class VtdDriver:
         if domain is not None and domain.owner is not st.hw:
             raise err(errno.EINVAL, "domain of another IOMMU")
         d = _vtd(domain) if domain is not None else None
-        self._block_translation(st, info)
+        old = info.domains.get(0)
         if d is None:
+            st.iopf_remove(info, old)  # blocking_domain_attach_dev()
+            self._block_translation(st, info)
             return True
-        st.attach_iommu(d)
-        try:
-            if isinstance(d, VtdNested):
-                st.tag_assign_domain(d, info, 0)
+        self._block_translation(st, info)
+        if isinstance(d, VtdNested):
+            st.attach_iommu(d)
+            st.tag_assign_domain(d, info, 0)
+            try:
+                st.iopf_set(info, d)  # 7.2's nested attach takes no old-domain reference off
                 try:
                     self._setup_entry(st, info, 0, d)
                 except OSError:
-                    st.tag_unassign_domain(d, info, 0)
+                    st.iopf_remove(info, d)
                     raise
-            else:
-                self._setup_entry(st, info, 0, d)
-                st.tag_assign_domain(d, info, 0)
-        except OSError:
-            st.detach_iommu(d)
-            raise
+            except OSError:
+                st.tag_unassign_domain(d, info, 0)
+                st.detach_iommu(d)
+                raise
+        else:
+            st.iopf_replace(info, d, old)
+            try:
+                st.attach_iommu(d)
+                try:
+                    self._setup_entry(st, info, 0, d)
+                except OSError:
+                    st.detach_iommu(d)
+                    raise
+            except OSError:
+                st.iopf_replace(info, old, d)
+                raise
+            st.tag_assign_domain(d, info, 0)
         info.domains[0] = d
         info.domain_attached = True
         d.attached.add((dev.rid, 0))
@@ -801,14 +857,21 @@ class VtdDriver:
         st.tag_assign_domain(d, info, pasid)
         old = info.domains.get(pasid)
         try:
+            st.iopf_replace(info, d, old)
+        except OSError:
+            st.tag_unassign_domain(d, info, pasid)
+            st.detach_iommu(d)
+            raise
+        try:
             if old is not None:
                 st.tear_down_entry(info, pasid)
             self._setup_entry(st, info, pasid, d)
         except OSError:
+            # 7.2 leaves the old domain's dev_pasid (tags, DID) in place: the PASID is
+            # blocked in hardware, still attached in iommufd's view until detached.
+            st.iopf_replace(info, old, d)
             st.tag_unassign_domain(d, info, pasid)
             st.detach_iommu(d)
-            if old is not None:
-                self._remove_dev_pasid(st, info, pasid, old)
             raise
         if old is not None:
             self._remove_dev_pasid(st, info, pasid, old)
@@ -832,8 +895,21 @@ class VtdDriver:
         info = st.devs[dev.rid]
         st.tear_down_entry(info, pasid)
         old = info.domains.get(pasid)
+        st.iopf_remove(info, old)
         if old is not None:
             self._remove_dev_pasid(st, info, pasid, old)
+        return True
+
+    @hookimpl
+    def page_response(
+        self, iommu: Any, dev: PciDevice, pasid: int | None, grpid: int, code: int
+    ) -> bool:
+        """intel_iommu_page_response(): a page group response descriptor (type 0x9) with
+        the user's code (IOMMUFD_PAGE_RESP_SUCCESS 0 / INVALID 1, the PCIe codes)."""
+        st = _state(iommu)
+        if st.prq is None:
+            raise err(errno.EOPNOTSUPP, "no page request support")
+        st.prq.respond(dev.rid, pasid, grpid & 0x1FF, code)
         return True
 
     # -- invalidation and dirty tracking -------------------------------------------------------

@@ -15,10 +15,11 @@ are never cached (CAP.CM = 0).
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any
 
 from iommufd_intel_vtd import faults as F
+from iommufd_intel_vtd import prq as P
 from iommufd_intel_vtd import qi as Q
 from iommufd_intel_vtd import regs as R
 from iommufd_intel_vtd import tables as T
@@ -29,6 +30,7 @@ from iommufd_model.hw.iotlb import Iotlb, TlbEntry
 from iommufd_model.hw.regs import Mmio
 from iommufd_model.hw.ring import MemRing
 from iommufd_model.hw.walk_x86 import walk_x86
+from iommufd_model.locking import locked
 
 if TYPE_CHECKING:
     from iommufd_model.hw.pci import PciDevice
@@ -91,6 +93,10 @@ class IntelVtd(IommuHw):
         self.table_refs = 0  # memory reads spent on root/context/PASID structures
         self.descriptors_done = 0
         self.records: list[F.FaultRecord] = []  # every recorded fault, also the overflowed
+        #: page group responses the devices received, in order (the PCIe PRG Response side)
+        self.prg_responses: list[P.PageGroupResponse] = []
+        #: the page request interrupt (the kernel's prq_event_thread), None until enabled
+        self.prq_irq: Callable[[], None] | None = None
         self.walker: Any = load_walker(WALKER_MODULE)
         self.driver_state: Any = None  # the kernel driver's per-unit state (struct intel_iommu)
         self.mmio = Mmio(f"vtd{index}")
@@ -206,6 +212,9 @@ class IntelVtd(IommuHw):
             self.flush_iotlb(d["g"], d["did"], d["addr"] << 12, d["am"])
         elif t == Q.PIOTLB:
             self.flush_piotlb(d["g"], d["did"], d["pasid"], d["addr"] << 12, d["am"])
+        elif t == Q.PGRP_RESP:
+            pasid = d["pasid"] if d["pasid_p"] else None
+            self.prg_responses.append(P.PageGroupResponse(d["rid"], pasid, d["prgi"], d["code"]))
         elif t == Q.WAIT:
             if d["sw"]:
                 self.memory.write(d["status_addr"] << 2, d["status_data"].to_bytes(4, "little"))
@@ -413,6 +422,61 @@ class IntelVtd(IommuHw):
         page = value & ~((1 << shift) - 1)
         self.iotlb.insert(tag, iova, TlbEntry(page, shift, perm, refs))
         return value, min(page_run(iova, 1 << shift), size - value)
+
+    # -- page requests ------------------------------------------------------------------
+    @locked
+    def page_request(
+        self,
+        dev: PciDevice,
+        addr: int,
+        *,
+        pasid: int | None = None,
+        read: bool = True,
+        write: bool = False,
+        exe: bool = False,
+        priv: bool = False,
+        lpig: bool = True,
+        prgi: int = 0,
+    ) -> bool:
+        """A PCIe Page Request from ``dev``: check the context entry (present, PASIDE for a
+        request with PASID, PRE), queue the descriptor at PQT, set PRS.PPR and raise the page
+        request interrupt. Returns whether it was queued. A refused request records its
+        fault and, the last of a group, gets "invalid request" from the hardware; with the
+        queue full PRS.PRO and FSTS.PRO are set and the last request of a group is answered
+        "success" by the hardware (the model's reading of the spec: the device retries)."""
+        req = P.PageRequest(dev.rid, addr, pasid, read, write, exe, priv, lpig, prgi & 0x1FF)
+        try:
+            ce = self.context_entry(dev.rid)
+            if pasid is not None and not ce.paside:
+                raise F.TableFault(F.FR_SM_CTX_PASIDE, ce.fpd)
+            if not ce.pre:
+                raise F.TableFault(F.FR_SM_CTX_PRE, ce.fpd)
+        except F.TableFault as tf:
+            self.record(dev, addr, write, pasid, tf.reason, tf.fpd)
+            self._hw_response(req, Q.RESP_INVALID)
+            return False
+        pqa = self.mmio["PQA"]
+        base, size = pqa & R.IQA_ADDR_MASK, 4096 << (pqa & P.PQS_MASK)
+        head = (self.mmio["PQH"] & P.PQ_OFFSET_MASK) % size
+        tail = (self.mmio["PQT"] & P.PQ_OFFSET_MASK) % size
+        nxt = (tail + P.ENTRY_SIZE) % size
+        if nxt == head:
+            self.mmio.set("PRS", self.mmio["PRS"] | R.PRS_PRO)
+            self.fsts |= R.FSTS_PRO
+            self._hw_response(req, Q.RESP_SUCCESS)
+            return False
+        self.memory.write(base + tail, req.encode())
+        self.mmio.set("PQT", nxt)
+        self.mmio.set("PRS", self.mmio["PRS"] | R.PRS_PPR)
+        if self.prq_irq is not None:
+            self.prq_irq()
+        return True
+
+    def _hw_response(self, req: P.PageRequest, code: int) -> None:
+        if req.lpig:
+            self.prg_responses.append(
+                P.PageGroupResponse(req.rid, req.pasid, req.prgi, code, by_hardware=True)
+            )
 
     # -- fault recording ------------------------------------------------------------------
     def record(

@@ -66,6 +66,7 @@ ECAP_PRS = 1 << 29  # PRS: page requests
 ECAP_ERS = 1 << 30  # ERS: execute requests
 ECAP_SRS = 1 << 31  # SRS: supervisor requests
 ECAP_EAFS = 1 << 34  # EAFS: extended accessed flag
+ECAP_PDS = 1 << 42  # PDS: page-request drain support
 ECAP_PSS_SHIFT = 35  # PSS 39:35: PASID size supported - 1 (bits)
 ECAP_PASID = 1 << 40  # PASID: process address space IDs
 ECAP_SMTS = 1 << 43  # SMTS: scalable mode translation
@@ -188,7 +189,7 @@ def make_ecap(
         (ssads, ECAP_SLADS),
         (srs, ECAP_SRS),
         (eafs, ECAP_EAFS),
-        (prs, ECAP_PRS),
+        (prs, ECAP_PRS | ECAP_PDS),
     ):
         if on:
             ecap |= bit

@@ -7,6 +7,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from iommufd_intel_vtd import qi as Q
+from iommufd_intel_vtd.driver import QI_DONE
 from iommufd_intel_vtd.hw import IntelVtd
 
 import iommufd_model as im
@@ -90,3 +92,46 @@ def world() -> World:
 @pytest.fixture
 def make_world() -> Callable[..., World]:
     return World
+
+
+class QiStream:
+    """The invalidation-queue stream as comparable tuples (the ``qi`` fixture): ``d(type,
+    **fields)`` builds one, ``WAIT`` is qi_submit_sync()'s own wait descriptor (SW, status
+    QI_DONE, no fence, no interrupt; its status address is the model's memory), ``WAIT+PD``
+    the same with the page-request drain of QI_OPT_WAIT_DRAIN, ``Stream(world).take()``
+    what the driver submitted since the last take."""
+
+    WAIT = ("WAIT",)
+
+    @classmethod
+    def fmt(cls, desc: Q.Descriptor) -> tuple[Any, ...]:
+        sw_done = (desc["sw"], desc["fn"], desc["iflag"], desc["status_data"]) == (1, 0, 0, QI_DONE)
+        if desc.type == Q.WAIT and sw_done:
+            return ("WAIT+PD",) if desc["pd"] else cls.WAIT
+        return (desc.type, tuple(sorted((k, v) for k, v in desc.fields.items() if v)))
+
+    @classmethod
+    def d(cls, type_: int, **fields: int) -> tuple[Any, ...]:
+        return cls.fmt(Q.make(type_, **fields))
+
+    @classmethod
+    def iotlb(cls, did: int, g: int, addr: int = 0, am: int = 0, ih: int = 0) -> tuple[Any, ...]:
+        """qi_desc_iotlb(): the model's unit has CAP.DRD and CAP.DWD: DR = DW = 1 always."""
+        return cls.d(Q.IOTLB, g=g, did=did, dr=1, dw=1, addr=addr >> 12, am=am, ih=ih)
+
+    class Stream:
+        """Records what the driver submits from now on."""
+
+        def __init__(self, world: Any) -> None:
+            self.st = world.hw.driver_state
+            self.mark = len(self.st.issued)
+
+        def take(self) -> list[tuple[Any, ...]]:
+            out = [QiStream.fmt(x) for x in self.st.issued[self.mark :]]
+            self.mark = len(self.st.issued)
+            return out
+
+
+@pytest.fixture
+def qi() -> type[QiStream]:
+    return QiStream

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from iommufd_intel_vtd import qi as Q
 from iommufd_intel_vtd import tables as T
-from iommufd_intel_vtd.driver import QI_DONE, VtdNested, VtdPaging
+from iommufd_intel_vtd.driver import VtdNested, VtdPaging
 from iommufd_intel_vtd.guest import GuestRam, guest_first_stage
 
 from iommufd_model import uapi as U
@@ -24,36 +24,6 @@ PAGE = 4096
 IOVA = 0x40_0000
 M2 = 1 << 21
 FULL = 0x7_FFFF_FFFF_FFFF  # device-TLB ADDR[63:12] with S = 1: the whole address space
-WAIT = ("WAIT",)
-
-
-def _fmt(d: Q.Descriptor) -> tuple[Any, ...]:
-    if d.type == Q.WAIT:
-        assert (d["sw"], d["fn"], d["iflag"], d["status_data"]) == (1, 0, 0, QI_DONE)
-        return WAIT
-    return (d.type, tuple(sorted((k, v) for k, v in d.fields.items() if v)))
-
-
-def d(type_: int, **fields: int) -> tuple[Any, ...]:
-    return _fmt(Q.make(type_, **fields))
-
-
-def iotlb(did: int, g: int, addr: int = 0, am: int = 0, ih: int = 0) -> tuple[Any, ...]:
-    """qi_desc_iotlb(): the model's unit has CAP.DRD and CAP.DWD, so DR = DW = 1 always."""
-    return d(Q.IOTLB, g=g, did=did, dr=1, dw=1, addr=addr >> 12, am=am, ih=ih)
-
-
-class Stream:
-    """Records what the driver submits from now on."""
-
-    def __init__(self, world: Any) -> None:
-        self.st = world.hw.driver_state
-        self.mark = len(self.st.issued)
-
-    def take(self) -> list[tuple[Any, ...]]:
-        out = [_fmt(x) for x in self.st.issued[self.mark :]]
-        self.mark = len(self.st.issued)
-        return out
 
 
 @pytest.fixture
@@ -71,21 +41,21 @@ def _dom(world: Any, dev_id: int) -> Any:
     return world.fd.device(dev_id).hwpt.domain
 
 
-def test_boot_issues_the_global_flushes_each_with_its_wait(world: Any) -> None:
-    got = [_fmt(x) for x in world.hw.driver_state.issued]
+def test_boot_issues_the_global_flushes_each_with_its_wait(qi: Any, world: Any) -> None:
+    got = [qi.fmt(x) for x in world.hw.driver_state.issued]
     assert got == [
-        d(Q.CC, g=Q.CC_GLOBAL),
-        WAIT,
-        d(Q.PC, g=Q.PC_GLOBAL),
-        WAIT,
-        iotlb(0, Q.IOTLB_GLOBAL),
-        WAIT,
+        qi.d(Q.CC, g=Q.CC_GLOBAL),
+        qi.WAIT,
+        qi.d(Q.PC, g=Q.PC_GLOBAL),
+        qi.WAIT,
+        qi.iotlb(0, Q.IOTLB_GLOBAL),
+        qi.WAIT,
     ]
 
 
-def test_attach_and_map_issue_nothing_unmap_flushes_per_cache_tag(ats_world: Any) -> None:
+def test_attach_and_map_issue_nothing_unmap_flushes_per_cache_tag(qi: Any, ats_world: Any) -> None:
     w = ats_world
-    s = Stream(w)
+    s = qi.Stream(w)
     ioas = w.ioas()
     w.map(ioas, IOVA + PAGE, PAGE)
     w.fd.attach(w.adev_id, ioas)
@@ -99,22 +69,22 @@ def test_attach_and_map_issue_nothing_unmap_flushes_per_cache_tag(ats_world: Any
     # then the RID's device TLB (DEVTLB tag, PASID 0: the no-PASID form), one batch.
     w.unmap(ioas, IOVA + PAGE, PAGE)
     assert s.take() == [
-        d(Q.PIOTLB, g=Q.PIOTLB_PAGE, did=2, pasid=0, addr=(IOVA + PAGE) >> 12, am=0, ih=1),
-        d(Q.DEV_TLB, sid=rid, qdep=8, addr=(IOVA + PAGE) >> 12),
-        WAIT,
+        qi.d(Q.PIOTLB, g=Q.PIOTLB_PAGE, did=2, pasid=0, addr=(IOVA + PAGE) >> 12, am=0, ih=1),
+        qi.d(Q.DEV_TLB, sid=rid, qdep=8, addr=(IOVA + PAGE) >> 12),
+        qi.WAIT,
     ]
     # Three pages from IOVA+2P: fls(start ^ last) = 15 gives an 8-page block at IOVA; the
     # device-TLB form sets ADDR bits 12-13 (the lowest 0 bit, 14, says 8 pages).
     w.unmap(ioas, IOVA + 2 * PAGE, 3 * PAGE)
     assert s.take() == [
-        d(Q.PIOTLB, g=Q.PIOTLB_PAGE, did=2, pasid=0, addr=IOVA >> 12, am=3, ih=1),
-        d(Q.DEV_TLB, sid=rid, qdep=8, addr=(IOVA >> 12) | 0b11, size=1),
-        WAIT,
+        qi.d(Q.PIOTLB, g=Q.PIOTLB_PAGE, did=2, pasid=0, addr=IOVA >> 12, am=3, ih=1),
+        qi.d(Q.DEV_TLB, sid=rid, qdep=8, addr=(IOVA >> 12) | 0b11, size=1),
+        qi.WAIT,
     ]
 
 
 @pytest.mark.parametrize("huge", [True, False])
-def test_unmap_that_frees_a_table_clears_ih(ats_world: Any, huge: bool) -> None:
+def test_unmap_that_frees_a_table_clears_ih(qi: Any, ats_world: Any, huge: bool) -> None:
     w = ats_world
     ioas = w.ioas()
     opt = U.IommuOption(
@@ -128,37 +98,37 @@ def test_unmap_that_frees_a_table_clears_ih(ats_world: Any, huge: bool) -> None:
     mem = w.hw.memory
     shift = w.hw.walker.walk_ss(mem._pages, mem.size, dom.pt.root, IOVA, 4, False, 6, False)[2]
     assert shift == 12 or huge  # a 2 MiB leaf only when the user pages are contiguous
-    s = Stream(w)
+    s = qi.Stream(w)
     w.unmap(ioas, IOVA, M2)
     # One 2 MiB leaf: no table freed, IH = 1. 512 small leaves: generic_pt frees their
     # level-0 table, intel_iommu_tlb_sync() passes IH = 0. 512 pages: AM = 9.
     assert s.take() == [
-        iotlb(dom.did, Q.IOTLB_PAGE, IOVA, 9, int(shift == 21)),
-        d(Q.DEV_TLB, sid=w.adev.rid, qdep=8, addr=(IOVA >> 12) | 0xFF, size=1),
-        WAIT,
+        qi.iotlb(dom.did, Q.IOTLB_PAGE, IOVA, 9, int(shift == 21)),
+        qi.d(Q.DEV_TLB, sid=w.adev.rid, qdep=8, addr=(IOVA >> 12) | 0xFF, size=1),
+        qi.WAIT,
     ]
 
 
-def test_replace_tears_down_before_it_sets_up(ats_world: Any) -> None:
+def test_replace_tears_down_before_it_sets_up(qi: Any, ats_world: Any) -> None:
     w = ats_world
     rid = w.adev.rid
     ioas = w.ioas()
     w.map(ioas, IOVA, M2)
     w.fd.attach(w.adev_id, ioas)  # first-stage domain, DID 2
     ss = w.hwpt(ioas, U.IOMMU_HWPT_ALLOC_DIRTY_TRACKING, dev_id=w.adev_id)
-    s = Stream(w)
+    s = qi.Stream(w)
     w.fd.attach(w.adev_id, ss)
     # intel_iommu_attach_device -> device_block_translation -> intel_pasid_tear_down_entry:
     # PASID cache, PASID-based IOTLB (the old entry was first stage), device TLB: three
     # submissions; then the new entry with no flush. The DID of the old domain is freed
     # before the new one is allocated: the second-stage domain gets DID 2 again.
     assert s.take() == [
-        d(Q.PC, g=Q.PC_PASID, did=2, pasid=0),
-        WAIT,
-        d(Q.PIOTLB, g=Q.PIOTLB_PASID, did=2, pasid=0),
-        WAIT,
-        d(Q.DEV_TLB, sid=rid, qdep=8, addr=FULL, size=1),
-        WAIT,
+        qi.d(Q.PC, g=Q.PC_PASID, did=2, pasid=0),
+        qi.WAIT,
+        qi.d(Q.PIOTLB, g=Q.PIOTLB_PASID, did=2, pasid=0),
+        qi.WAIT,
+        qi.d(Q.DEV_TLB, sid=rid, qdep=8, addr=FULL, size=1),
+        qi.WAIT,
     ]
     st = w.st
     pe = st.read_pasid_entry(st.devs[rid], 0)
@@ -166,58 +136,58 @@ def test_replace_tears_down_before_it_sets_up(ats_world: Any) -> None:
     # Detach: the same teardown with a domain-selective IOTLB flush (second stage).
     w.fd.detach(w.adev_id)
     assert s.take() == [
-        d(Q.PC, g=Q.PC_PASID, did=2, pasid=0),
-        WAIT,
-        iotlb(2, Q.IOTLB_DOMAIN),
-        WAIT,
-        d(Q.DEV_TLB, sid=rid, qdep=8, addr=FULL, size=1),
-        WAIT,
+        qi.d(Q.PC, g=Q.PC_PASID, did=2, pasid=0),
+        qi.WAIT,
+        qi.iotlb(2, Q.IOTLB_DOMAIN),
+        qi.WAIT,
+        qi.d(Q.DEV_TLB, sid=rid, qdep=8, addr=FULL, size=1),
+        qi.WAIT,
     ]
     assert 2 not in st.dids
 
 
-def test_pasid_attach_replace_and_remove(ats_world: Any) -> None:
+def test_pasid_attach_replace_and_remove(qi: Any, ats_world: Any) -> None:
     w = ats_world
     rid = w.adev.rid
     ioas = w.ioas()
     w.map(ioas, IOVA, PAGE)
     a = w.hwpt(ioas, U.IOMMU_HWPT_ALLOC_PASID, dev_id=w.adev_id)
     b = w.hwpt(ioas, U.IOMMU_HWPT_ALLOC_PASID, dev_id=w.adev_id)
-    s = Stream(w)
+    s = qi.Stream(w)
     w.fd.attach(w.adev_id, a, pasid=5)
     assert s.take() == []
     w.fd.attach(w.adev_id, b, pasid=5)
     # The new domain takes DID 3 before the old entry (DID 2) is torn down; PASID 5 uses
     # the PASID-based device-TLB form.
     assert s.take() == [
-        d(Q.PC, g=Q.PC_PASID, did=2, pasid=5),
-        WAIT,
-        d(Q.PIOTLB, g=Q.PIOTLB_PASID, did=2, pasid=5),
-        WAIT,
-        d(Q.PDEV_TLB, sid=rid, pasid=5, qdep=8, addr=FULL, size=1),
-        WAIT,
+        qi.d(Q.PC, g=Q.PC_PASID, did=2, pasid=5),
+        qi.WAIT,
+        qi.d(Q.PIOTLB, g=Q.PIOTLB_PASID, did=2, pasid=5),
+        qi.WAIT,
+        qi.d(Q.PDEV_TLB, sid=rid, pasid=5, qdep=8, addr=FULL, size=1),
+        qi.WAIT,
     ]
     dom_b = w.fd.objects.get(b).domain
     assert dom_b.did == 3 and w.fd.objects.get(a).domain.did is None
     w.unmap(ioas, IOVA, PAGE)
     assert s.take() == [
-        d(Q.PIOTLB, g=Q.PIOTLB_PAGE, did=3, pasid=5, addr=IOVA >> 12, am=0, ih=1),
-        d(Q.PDEV_TLB, sid=rid, pasid=5, qdep=8, addr=IOVA >> 12),
-        WAIT,
+        qi.d(Q.PIOTLB, g=Q.PIOTLB_PAGE, did=3, pasid=5, addr=IOVA >> 12, am=0, ih=1),
+        qi.d(Q.PDEV_TLB, sid=rid, pasid=5, qdep=8, addr=IOVA >> 12),
+        qi.WAIT,
     ]
     w.fd.detach(w.adev_id, pasid=5)
     assert s.take() == [
-        d(Q.PC, g=Q.PC_PASID, did=3, pasid=5),
-        WAIT,
-        d(Q.PIOTLB, g=Q.PIOTLB_PASID, did=3, pasid=5),
-        WAIT,
-        d(Q.PDEV_TLB, sid=rid, pasid=5, qdep=8, addr=FULL, size=1),
-        WAIT,
+        qi.d(Q.PC, g=Q.PC_PASID, did=3, pasid=5),
+        qi.WAIT,
+        qi.d(Q.PIOTLB, g=Q.PIOTLB_PASID, did=3, pasid=5),
+        qi.WAIT,
+        qi.d(Q.PDEV_TLB, sid=rid, pasid=5, qdep=8, addr=FULL, size=1),
+        qi.WAIT,
     ]
     assert dom_b.did is None and not w.st.dids
 
 
-def test_second_stage_domain_on_rid_and_pasid_flushes_once_per_tag(ats_world: Any) -> None:
+def test_second_stage_domain_on_rid_and_pasid_flushes_once_per_tag(qi: Any, ats_world: Any) -> None:
     w = ats_world
     rid = w.adev.rid
     ioas = w.ioas()
@@ -226,17 +196,17 @@ def test_second_stage_domain_on_rid_and_pasid_flushes_once_per_tag(ats_world: An
     ss = w.hwpt(ioas, flags, dev_id=w.adev_id)
     w.fd.attach(w.adev_id, ss)
     w.fd.attach(w.adev_id, ss, pasid=7)
-    s = Stream(w)
+    s = qi.Stream(w)
     w.unmap(ioas, IOVA + PAGE, PAGE)
     # Tags in assignment order: IOTLB(2, 0), DEVTLB(2, 0), IOTLB(2, 7), DEVTLB(2, 7). A
     # second-stage IOTLB tag ignores its PASID: the same DID is flushed twice, as 7.2 does.
     page = (IOVA + PAGE) >> 12
     assert s.take() == [
-        iotlb(2, Q.IOTLB_PAGE, IOVA + PAGE, 0, 1),
-        d(Q.DEV_TLB, sid=rid, qdep=8, addr=page),
-        iotlb(2, Q.IOTLB_PAGE, IOVA + PAGE, 0, 1),
-        d(Q.PDEV_TLB, sid=rid, pasid=7, qdep=8, addr=page),
-        WAIT,
+        qi.iotlb(2, Q.IOTLB_PAGE, IOVA + PAGE, 0, 1),
+        qi.d(Q.DEV_TLB, sid=rid, qdep=8, addr=page),
+        qi.iotlb(2, Q.IOTLB_PAGE, IOVA + PAGE, 0, 1),
+        qi.d(Q.PDEV_TLB, sid=rid, pasid=7, qdep=8, addr=page),
+        qi.WAIT,
     ]
 
 
@@ -253,40 +223,40 @@ def _nest(w: Any, dev_id: int) -> tuple[int, int, Any]:
     return ioas, child, s1
 
 
-def test_nested_invalidate_and_parent_unmap(ats_world: Any) -> None:
+def test_nested_invalidate_and_parent_unmap(qi: Any, ats_world: Any) -> None:
     w = ats_world
     rid = w.adev.rid
     ioas, child, _ = _nest(w, w.adev_id)
     w.fd.attach(w.adev_id, child)
     nested = _dom(w, w.adev_id)
     assert isinstance(nested, VtdNested) and nested.did == 2
-    s = Stream(w)
+    s = qi.Stream(w)
     entry = U.IommuHwptVtdS1Invalidate(addr=IOVA, npages=2, flags=U.IOMMU_VTD_INV_FLAGS_LEAF)
     assert w.invalidate(child, [entry.pack()], U.IOMMU_HWPT_INVALIDATE_DATA_VTD_S1) == (0, 1)
     assert s.take() == [
-        d(Q.PIOTLB, g=Q.PIOTLB_PAGE, did=2, pasid=0, addr=IOVA >> 12, am=1, ih=1),
-        d(Q.DEV_TLB, sid=rid, qdep=8, addr=IOVA >> 12, size=1),
-        WAIT,
+        qi.d(Q.PIOTLB, g=Q.PIOTLB_PAGE, did=2, pasid=0, addr=IOVA >> 12, am=1, ih=1),
+        qi.d(Q.DEV_TLB, sid=rid, qdep=8, addr=IOVA >> 12, size=1),
+        qi.WAIT,
     ]
     # npages = U64_MAX (address 0): the whole space, PASID-selective.
     everything = U.IommuHwptVtdS1Invalidate(addr=0, npages=(1 << 64) - 1)
     w.invalidate(child, [everything.pack()], U.IOMMU_HWPT_INVALIDATE_DATA_VTD_S1)
     assert s.take() == [
-        d(Q.PIOTLB, g=Q.PIOTLB_PASID, did=2, pasid=0),
-        d(Q.DEV_TLB, sid=rid, qdep=8, addr=FULL, size=1),
-        WAIT,
+        qi.d(Q.PIOTLB, g=Q.PIOTLB_PASID, did=2, pasid=0),
+        qi.d(Q.DEV_TLB, sid=rid, qdep=8, addr=FULL, size=1),
+        qi.WAIT,
     ]
     # A stage-2 unmap: the parent holds NESTING_IOTLB(2) and NESTING_DEVTLB(2) tags: an
     # IOTLB flush of the child's DID, and the whole device TLB.
     w.unmap(ioas, (1 << 30) + (1 << 22), PAGE)
     assert s.take() == [
-        iotlb(2, Q.IOTLB_PAGE, (1 << 30) + (1 << 22), 0, 1),
-        d(Q.DEV_TLB, sid=rid, qdep=8, addr=FULL, size=1),
-        WAIT,
+        qi.iotlb(2, Q.IOTLB_PAGE, (1 << 30) + (1 << 22), 0, 1),
+        qi.d(Q.DEV_TLB, sid=rid, qdep=8, addr=FULL, size=1),
+        qi.WAIT,
     ]
 
 
-def test_dids_are_allocated_at_attach_and_freed_at_the_last_detach(world: Any) -> None:
+def test_dids_are_allocated_at_attach_and_freed_at_the_last_detach(qi: Any, world: Any) -> None:
     st = world.hw.driver_state
     ioas = world.ioas()
     h1 = world.hwpt(ioas)
@@ -299,7 +269,7 @@ def test_dids_are_allocated_at_attach_and_freed_at_the_last_detach(world: Any) -
     assert d1.did == 2 and d2.did is None
 
 
-def test_set_dirty_tracking_unwinds_with_eopnotsupp(ats_world: Any) -> None:
+def test_set_dirty_tracking_unwinds_with_eopnotsupp(qi: Any, ats_world: Any) -> None:
     w = ats_world
     ioas = w.ioas()
     w.map(ioas, IOVA, M2)
@@ -313,17 +283,17 @@ def test_set_dirty_tracking_unwinds_with_eopnotsupp(ats_world: Any) -> None:
     # intel_pasid_setup_dirty_tracking() call fails, and the first is undone.
     pe7 = st.read_pasid_entry(info, 7)
     st.write_pasid_entry(info, 7, T.PasidEntry(**{**_fields(pe7), "pgtt": T.PGTT_FIRST}))
-    s = Stream(w)
+    s = qi.Stream(w)
     on = U.IommuHwptSetDirtyTracking(flags=U.IOMMU_HWPT_DIRTY_TRACKING_ENABLE, hwpt_id=ss)
     assert_errno(errno.EOPNOTSUPP, lambda: w.ioctl(U.IOMMU_HWPT_SET_DIRTY_TRACKING, on))
     assert not st.read_pasid_entry(info, 0).ssade
     flush = [
-        d(Q.PC, g=Q.PC_PASID, did=2, pasid=0),
-        WAIT,
-        iotlb(2, Q.IOTLB_DOMAIN),
-        WAIT,
-        d(Q.DEV_TLB, sid=w.adev.rid, qdep=8, addr=FULL, size=1),
-        WAIT,
+        qi.d(Q.PC, g=Q.PC_PASID, did=2, pasid=0),
+        qi.WAIT,
+        qi.iotlb(2, Q.IOTLB_DOMAIN),
+        qi.WAIT,
+        qi.d(Q.DEV_TLB, sid=w.adev.rid, qdep=8, addr=FULL, size=1),
+        qi.WAIT,
     ]
     assert s.take() == flush + flush  # SSADE on for the RID, then off again
 
