@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import secrets
 import signal
 import subprocess
@@ -64,6 +65,10 @@ def run_program(
     """Run ``argv`` to completion; returns (exit status as a shell gives it, the server)."""
     if machine is None:
         machine = build_machine(iommus, devices, registry)
+    # the server keeps a descriptor per file the program shares with it
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     run = secrets.token_hex(8)
     server = Server(machine, run, f"iommufd-model-server/{run}", log=log)
     child_env = dict(os.environ if env is None else env)
@@ -79,7 +84,12 @@ def run_program(
             path.write_text("1\n")
         child_env["IOMMUFD_MODEL_DEBUGFS"] = debugfs
         try:
-            proc = subprocess.Popen(list(argv), env=child_env)
+            proc = subprocess.Popen(
+                list(argv),
+                env=child_env,
+                # the program gets the descriptor limit it would have had
+                preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard)),
+            )
         except OSError:
             server.close()
             raise

@@ -121,6 +121,10 @@ class RealMemFile(MemFile):
     def __init__(self, memory: PhysicalMemory, fd: int, mirrors: Mirrors) -> None:
         self.fd = fd
         self.mirrors = mirrors
+        # pages some process maps: one reference for all of them (see mapped_pfn)
+        self._mapped: set[int] = set()
+        # the core took the file by fd (IOAS_MAP_FILE): its objects may hold it
+        self.fget_used = False
         super().__init__(memory, 0)
 
     @property
@@ -141,6 +145,24 @@ class RealMemFile(MemFile):
             self.mirrors.add_file(pfn, self, index)
         return pfn
 
+    def mapped_pfn(self, index: int) -> int:
+        """The frame of page ``index`` as a shared mapping sees it.
+
+        Every process mapping the page shares one mapping reference (taken on first use,
+        dropped with the file), so the selftest's pin count of a shared page, which takes
+        one mapping reference for the caller, does not count other processes' mappings as
+        pins (the kernel counts pins apart from mappings)."""
+        pfn = self.pfn(index)
+        if index not in self._mapped:
+            self.memory.get_frame(pfn)
+            self._mapped.add(index)
+        return pfn
+
+    def pinned(self) -> bool:
+        """Some page of the file holds more than the file's and the mappings' references."""
+        refs = self.memory.frame_refs
+        return any(refs(pfn) > 1 + (i in self._mapped) for i, pfn in self._pfns.items())
+
     def read_at(self, pos: int, n: int) -> bytes | None:
         """``n`` bytes of the file at ``pos`` (zeros past its end, as a page past EOF)."""
         try:
@@ -159,6 +181,9 @@ class RealMemFile(MemFile):
         self.mirrors.push(pfns, offset, length)
 
     def close(self) -> None:
+        for index in self._mapped:
+            self.memory.put_frame(self._pfns[index])
+        self._mapped.clear()
         self.release()
         os.close(self.fd)
 
@@ -171,7 +196,7 @@ class ProgramFiles:
         self.proc = proc
 
     def get(self, fd: int, default: Any = None) -> Any:
-        got = self.server.resolve_fd(self.proc, fd)
+        got = self.server.fget(self.proc, fd)
         return default if got is None else got
 
     def values(self) -> list[Any]:
@@ -281,8 +306,11 @@ class RealProcess(Process):
         if va < 0 or va >= 1 << 64:
             raise err(errno.EFAULT, f"bad user address {va:#x}")
         vma = self._vma(va)
-        if vma is not None and vma.file is not None:
-            return super().translate(va)
+        if vma is not None and isinstance(vma.file, RealMemFile):
+            index = (vma.offset + (va - vma.start)) >> PAGE_SHIFT
+            if index << PAGE_SHIFT >= vma.file.size:
+                raise err(errno.EFAULT, f"user address {va:#x} beyond the end of its file")
+            return vma.file.mapped_pfn(index)
         if self.gone or not native.vm_readable_pages(self.pid, [va & ~PAGE_MASK]):
             raise err(errno.EFAULT, f"no mapping at user address {va:#x}")
         pfn = self.memory.alloc_frame()

@@ -182,6 +182,17 @@ class Server:
                 self._exiting.discard(pid)
                 del self.procs[pid]
                 proc.forget()
+                self.collect_memfiles()
+
+    def collect_memfiles(self) -> None:
+        """Close the files that only mappings held, once no process maps them and no page
+        of theirs is pinned (a program's shared anonymous mappings: one memfd each)."""
+        mapped = {id(v.file) for proc in self.procs.values() for v in proc._vmas}
+        for key, file in list(self.memfiles.items()):
+            if file.fget_used or id(file) in mapped or file.pinned():
+                continue
+            del self.memfiles[key]
+            file.close()
 
     def _on_file(self, mf: ModelFile) -> None:
         if self.files.get(mf.id) is not mf:  # released since select() reported it
@@ -395,6 +406,14 @@ class Server:
             return None
         file = self.memfiles[key] = RealMemFile(self.machine.memory, mine, self.mirrors)
         return file
+
+    def fget(self, proc: RealProcess, fd: int) -> Any:
+        """``resolve_fd`` for the core (``files.get``): a file the core took may be held by
+        its objects, so it stays open for the rest of the run."""
+        got = self.resolve_fd(proc, fd)
+        if isinstance(got, RealMemFile):
+            got.fget_used = True
+        return got
 
     def _memfile(self, proc: RealProcess, fd: int) -> RealMemFile | None:
         got = self.resolve_fd(proc, fd)
