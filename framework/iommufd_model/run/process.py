@@ -298,7 +298,7 @@ class RealProcess(Process):
         self._vmas = [Vma(v.start, v.end, v.file, v.offset) for v in parent._vmas]
 
     # -- the core's interface --------------------------------------------------------------
-    def translate(self, va: int) -> int:
+    def _translate(self, va: int) -> int:
         vpn = va >> PAGE_SHIFT
         pfn = self._ptes.get(vpn)
         if pfn is not None:
