@@ -365,6 +365,30 @@ class RadixPageTable:
             done += len(entries) << self.fmt.level_shift(level)
         return done
 
+    def covers_a_table(self, first: int, last: int) -> bool:
+        """Whether ``[first, last]`` covers the whole span of some present table below the
+        root: the tables generic_pt's unmap frees (``pt_entry_fully_covered``), which decide
+        the flush hint a driver gives (AMD PDE, VT-d IH)."""
+        fmt = self.fmt
+        mem = self.memory
+
+        def visit(table: int, level: int, base: int) -> bool:
+            shift = fmt.level_shift(level)
+            lo = (max(first, base) - base) >> shift
+            hi = (min(last, base + (512 << shift) - 1) - base) >> shift
+            for i in range(lo, hi + 1):
+                start = base + (i << shift)
+                kind, addr, _ = fmt.decode(mem.read_u64(table + 8 * i), level)
+                if kind != TABLE:
+                    continue
+                if first <= start and start + (1 << shift) - 1 <= last:
+                    return True
+                if visit(addr, level - 1, start):
+                    return True
+            return False
+
+        return first <= last and visit(self.root, fmt.levels - 1, 0)
+
     def iova_to_phys(self, iova: int) -> int:
         res = walk(self.memory, self.fmt, self.root, iova, False)
         return res.pa if isinstance(res, WalkResult) else -1

@@ -89,7 +89,14 @@ def pasid_side_by_side(ctx: ScenarioContext) -> None:
     """A PASID domain next to the RID domain: each PASID translates through its own table."""
     rig = ctx.rig()
     ioas_a, ioas_b = rig.ioas_alloc(), rig.ioas_alloc()
-    ctx.need(Feature.PASID, lambda: rig.hwpt_alloc(ioas_a, U.IOMMU_HWPT_ALLOC_PASID))
+    # The probe is the PASID attach itself: a driver may allocate PASID-compatible domains
+    # and still refuse set_dev_pasid (Linux 7.2's AMD driver).
+    ctx.need(
+        Feature.PASID,
+        lambda: rig.fd.attach(
+            rig.dev_id, rig.hwpt_alloc(ioas_a, U.IOMMU_HWPT_ALLOC_PASID), pasid=1
+        ),
+    )
     rid_hwpt = rig.hwpt_alloc(ioas_a, U.IOMMU_HWPT_ALLOC_PASID)
     pasid_hwpt = rig.hwpt_alloc(ioas_b, U.IOMMU_HWPT_ALLOC_PASID)
     rig.fd.attach(rig.dev_id, rid_hwpt)

@@ -74,9 +74,10 @@ HW_QUEUE_TYPES = (
     U.IOMMU_HW_QUEUE_TYPE_AMD_PPR,
 )
 VIOMMU_GUESTS = 16  # default HW-vIOMMU guest IDs per IOMMU (option viommu_guests; 0 = none)
-PPR_STATUS = {U.IOMMUFD_PAGE_RESP_SUCCESS: 0x0, U.IOMMUFD_PAGE_RESP_INVALID: 0x1}
 _GDTE = struct.Struct("<4Q")
-#: What the driver implements. Not IOPF (no PRI requests are modelled), not HWPT_INVALIDATE
+#: What the driver implements (docs/parity-amd.md has the table). Not PASID attach and not IOPF:
+#: Linux 7.2's AMD paging domains have no set_dev_pasid, and page requests reach a fault queue
+#: only through a PASID attach handle (unsupported upstream). Not HWPT_INVALIDATE
 #: on a nested HWPT (the uAPI has no AMD HWPT data type); the HW-vIOMMU brings HW queues
 #: (guest command buffer, guest event log), the AMD vEVENTQ and the VMM-mediated
 #: vIOMMU invalidation (IOMMU_VIOMMU_INVALIDATE_DATA_AMD, model-defined: docs/amd-hw-viommu.md).
@@ -85,7 +86,6 @@ FEATURES = frozenset(
         Feature.PAGING,
         Feature.NEST_PARENT,
         Feature.NESTED,
-        Feature.PASID,
         Feature.DIRTY_TRACKING,
         Feature.VIOMMU,
         Feature.VDEVICE,
@@ -126,9 +126,12 @@ class DevData:
         self.gcr3: Gcr3Table | None = None
         self.gcr3_domid = 0
         self.giov = False
-        self.pasids: dict[int, AmdDomain] = {}
         self.vgid = 0  # HW-vIOMMU guest ID and guest DeviceID (from its vDEVICE)
         self.vgdevid = 0
+        # pci_ats_queue_depth(): the ATS capability's Invalidate Queue Depth, PCI_ATS_MAX_QDEP
+        # (32) when the field reads 0 -- the model's PCI device has no ATS capability
+        # registers, so it reads as 0 (model's own).
+        self.ats_qdep = 32
 
 
 class AmdKernel:
@@ -293,17 +296,46 @@ class AmdKernel:
         if dom.dirty_enabled:
             dte.had = HAD_DIRTY
 
-    def update_dte(self, dev: PciDevice) -> None:
-        """amd_iommu_update_dte(): write, INVALIDATE_DEVTAB_ENTRY, flush the old DomainID's
-        translations when the DomainID changed, COMPLETION_WAIT."""
+    def update_dte(self, dev: PciDevice, *, clear: bool = False, flush_old: bool = True) -> None:
+        """Linux 7.2's DTE update streams: ``set_dte_entry()`` (``clear=False``) or
+        ``clear_dte_entry()`` (``clear=True``: V only, ``amd_iommu_make_clear_dte``), both
+        through ``amd_iommu_update_dte()`` -- write, INVALIDATE_DEVTAB_ENTRY, a whole-device
+        INVALIDATE_IOTLB_PAGES when ATS is on (``device_flush_dte``), COMPLETION_WAIT.
+        ``set_dte_entry()`` then flushes the DomainID the old DTE held, whatever it was
+        (``amd_iommu_flush_tlb_domid``: all pages, PDE, its own wait); the nested attach
+        (``nested_attach_device``) writes through ``amd_iommu_update_dte()`` alone
+        (``flush_old=False``)."""
         dd = self.dev_data[dev.rid]
-        old = self.read_dte(dev.rid)
-        new = self.make_dte(dd)
+        old_domid = self.read_dte(dev.rid).domain_id
+        new = Dte(v=True) if clear else self.make_dte(dd)
         self.write_dte(dev.rid, new)
-        self.queue(C.inv_devtab_entry(dev.rid))
-        if old.v and old.tv and old.domain_id and old.domain_id != new.domain_id:
-            self.queue(C.inv_iommu_all_pages(old.domain_id))
+        self.flush_dte(dd)
         self.completion_wait()
+        if not clear and flush_old and old_domid:
+            self.queue(C.inv_iommu_all_pages(old_domid))
+            self.completion_wait()
+
+    def flush_dte(self, dd: DevData) -> None:
+        """device_flush_dte(): INVALIDATE_DEVTAB_ENTRY, then the whole device TLB with ATS."""
+        self.queue(C.inv_devtab_entry(dd.dev.rid))
+        if dd.dev.ats:
+            self.queue(C.inv_iotlb_pages(dd.dev.rid, 0, 1 << 64, qdep=dd.ats_qdep))
+
+    def detach_device(self, dd: DevData) -> None:
+        """detach_device(): the cleared DTE, the old domain's flush-all while the device is
+        still on its list, then the GCR3 table of a v2 domain (GCR3[0] cleared with its PASID
+        flush, table and per-device DomainID freed without commands)."""
+        dom = dd.domain
+        dd.domain = None
+        self.update_dte(dd.dev, clear=True)
+        if not isinstance(dom, AmdDomain):
+            return
+        self.flush_domain(dom, 0, 1 << 64)
+        dom.attached.discard((dd.dev.rid, 0))
+        if dom.v2 and dd.gcr3 is not None:
+            dd.gcr3.clear(0)
+            self.flush_pasid(dd, 0)
+            self.free_gcr3(dd)
 
     def viommu_event(self, gid: int, event: Event) -> None:
         """The vIOMMU event interrupt: forward a guest device's event (guest DevID) to the
@@ -325,33 +357,38 @@ class AmdKernel:
             dd.gcr3_domid = domid
         return dd.gcr3
 
-    def put_gcr3(self, dd: DevData) -> None:
-        """free_gcr3_table() once no PASID (and no v2 RID domain) uses it."""
-        if dd.gcr3 is None or dd.gcr3.count:
+    def free_gcr3(self, dd: DevData) -> None:
+        """free_gcr3_table(): the table and the per-device DomainID go, no command."""
+        if dd.gcr3 is None:
             return
-        domid = dd.gcr3_domid
         dd.gcr3.free()
+        self.domids.free(dd.gcr3_domid)
         dd.gcr3 = None
         dd.gcr3_domid = 0
         dd.giov = False
-        self.update_dte(dd.dev)
-        self.queue(C.inv_iommu_all_pages(domid))
-        self.completion_wait()
-        self.domids.free(domid)
 
     def flush_pasid(self, dd: DevData, pasid: int) -> None:
-        """dev_flush_pasid_all(): the PASID's guest translations, GN=1."""
+        """dev_flush_pasid_all(): the PASID's guest translations (GN=1, PDE), the device TLB
+        of that PASID with ATS, then wait."""
         self.queue(C.inv_iommu_all_pages(dd.gcr3_domid, pasid=pasid, gn=True))
+        if dd.dev.ats:
+            self.queue(
+                C.inv_iotlb_pages(dd.dev.rid, 0, 1 << 64, qdep=dd.ats_qdep, pasid=pasid, gn=True)
+            )
         self.completion_wait()
 
     # -- domain flushes ------------------------------------------------------------------------
-    def flush_domain(self, dom: AmdDomain, iova: int, size: int) -> None:
-        """amd_iommu_domain_flush_pages(): IOMMU TLB (+ device TLBs), then wait."""
+    def flush_domain(self, dom: AmdDomain, iova: int, size: int, *, pde: bool = True) -> None:
+        """amd_iommu_domain_flush_pages(): IOMMU TLB (+ device TLBs), then wait. ``pde`` is
+        CMD_INV_IOMMU_PAGES_PDE_MASK: always for a flush-all, for an unmap only when it freed
+        a table."""
         queued = False
         if dom.v2:
             for rid, pasid in sorted(dom.attached):
                 dd = self.dev_data[rid]
-                self.queue(C.inv_iommu_pages(dd.gcr3_domid, iova, size, pasid=pasid, gn=True))
+                self.queue(
+                    C.inv_iommu_pages(dd.gcr3_domid, iova, size, pasid=pasid, pde=pde, gn=True)
+                )
                 queued = True
         else:
             # The parent's own DomainID tags its attached devices and, on the HW-vIOMMU, the
@@ -360,12 +397,13 @@ class AmdKernel:
             for viommu in dom.viommus:
                 ids += viommu.hdom_ids()  # the nest parent's stage 2 under every hDomID
             for domid in ids:
-                self.queue(C.inv_iommu_pages(domid, iova, size, pde=True))
+                self.queue(C.inv_iommu_pages(domid, iova, size, pde=pde))
                 queued = True
         for rid, pasid in sorted(dom.attached):
             dev = self.dev_data[rid].dev
             if dev.ats:
-                self.queue(C.inv_iotlb_pages(rid, iova, size, pasid=pasid, gn=dom.v2))
+                qdep = self.dev_data[rid].ats_qdep
+                self.queue(C.inv_iotlb_pages(rid, iova, size, qdep=qdep, pasid=pasid, gn=dom.v2))
                 queued = True
         if queued:
             self.completion_wait()
@@ -613,9 +651,12 @@ class AmdDriver:
 
     @hookimpl
     def domain_unmap(self, domain: Domain, iova: int, size: int) -> int:
+        """generic_pt unmap, then amd_iommu_iotlb_sync(): PDE only when the unmap freed a
+        table (the gather's free list is not empty)."""
         dom = _paging(domain)
+        frees_table = dom.pt.covers_a_table(iova, iova + size - 1)
         done = dom.pt.unmap(iova, size)
-        dom.kernel.flush_domain(dom, iova, size)
+        dom.kernel.flush_domain(dom, iova, size, pde=frees_table)
         return done
 
     @hookimpl
@@ -625,78 +666,84 @@ class AmdDriver:
     # -- attach ------------------------------------------------------------------------------
     @hookimpl
     def attach_dev(self, iommu: IommuHw, dev: PciDevice, domain: Domain | None) -> bool:
+        """amd_iommu_attach_device() / blocked_domain_attach_device() / nested_attach_device()
+        of Linux 7.2, command for command: a paging attach first detaches the old domain
+        (cleared DTE, the old domain's flush-all), then a v2 domain gets its GCR3 table
+        (GCR3[0] set and flushed), then ``set_dte_entry()``; the blocked domain detaches and
+        clears the DTE once more; a nested attach only rewrites the DTE."""
         k = _kernel(iommu)
         dd = k.dev_data[dev.rid]
         if domain is not None:
             if domain.owner is not iommu:
                 raise err(errno.EINVAL, "domain of another IOMMU")
             if isinstance(domain, AmdNestedDomain):
-                if dd.pasids:
-                    raise err(errno.EINVAL, "nested attach with PASIDs enabled")
+                cur = dd.domain
+                if isinstance(cur, AmdDomain) and cur.v2 and dev.pasid_bits:
+                    # nested_attach_device(): WARN_ON(pasid_enabled) -- the PASID capability
+                    # is on while a v2 (SVA-capable) domain is attached.
+                    raise err(errno.EINVAL, "nested attach with PASID enabled")
             elif isinstance(domain, AmdDomain):
+                if domain is dd.domain:
+                    return True  # the device's current domain: nothing to do
                 if domain.dirty_tracking and not k.hd_support():
                     raise err(errno.EINVAL, "device cannot track dirty pages")
             else:
                 raise err(errno.EINVAL, "unknown domain kind")
         old = dd.domain
+        if isinstance(domain, AmdNestedDomain):
+            # The model keeps one domain per device: the paging domain the nested attach
+            # replaces leaves the device's list without 7.2's detach stream (7.2 leaves it
+            # on the list; nested_attach_device() writes the DTE and nothing else).
+            if isinstance(old, AmdDomain):
+                old.attached.discard((dev.rid, 0))
+                if old.v2:
+                    k.free_gcr3(dd)
+            dd.domain = domain
+            k.update_dte(dev, flush_old=False)
+            if domain.viommu.gid:
+                # nested_attach_device() of AMD's tree: amd_viommu_domain_id_update() writes
+                # the DomID map gDomID -> hDomID (for the device's guest ID) at every attach.
+                VK.map_command(
+                    k.hw,
+                    domain.viommu.gid,
+                    domain=True,
+                    gid_=domain.gdom_id,
+                    hid=domain.ginfo.hdom_id,
+                )
+            return True
         if isinstance(old, AmdDomain):
-            old.attached.discard((dev.rid, 0))
-        dd.domain = domain
-        if isinstance(domain, AmdDomain):
-            domain.attached.add((dev.rid, 0))
-        if isinstance(domain, AmdDomain) and domain.v2:
-            k.get_gcr3(dd).set(0, domain.pt.root)
+            k.detach_device(dd)
+        dd.domain = None
+        if domain is None:
+            k.update_dte(dev, clear=True)
+            return True
+        assert isinstance(domain, AmdDomain)
+        if domain.v2:
+            k.get_gcr3(dd).set(0, domain.pt.root)  # init_gcr3_table(): update_gcr3(pasid 0)
             dd.giov = True
-        elif isinstance(old, AmdDomain) and old.v2 and dd.gcr3 is not None:
-            dd.gcr3.clear(0)
-            dd.giov = False
-        k.update_dte(dev)
-        if isinstance(domain, AmdNestedDomain) and domain.viommu.gid:
-            # nested_attach_device() of AMD's tree: amd_viommu_domain_id_update() writes the
-            # DomID map gDomID -> hDomID (for the device's guest ID) at every nested attach.
-            VK.map_command(
-                k.hw, domain.viommu.gid, domain=True, gid_=domain.gdom_id, hid=domain.ginfo.hdom_id
-            )
-        if isinstance(old, AmdDomain) and old.v2 and dd.gcr3 is not None:
             k.flush_pasid(dd, 0)
-        if dd.gcr3 is not None and not dd.gcr3.count:
-            k.put_gcr3(dd)
+        dd.domain = domain
+        domain.attached.add((dev.rid, 0))
+        k.update_dte(dev)
         return True
 
     @hookimpl
     def set_dev_pasid(self, iommu: IommuHw, dev: PciDevice, pasid: int, domain: Domain) -> bool:
-        k = _kernel(iommu)
-        if not isinstance(domain, AmdDomain) or not domain.v2:
-            raise err(errno.EOPNOTSUPP, "only v2 (PASID) domains attach to a PASID")
-        if not dev.pasid_bits or not k.pasid_supported():
-            raise err(errno.EOPNOTSUPP, "device or IOMMU without PASID")
-        dd = k.dev_data[dev.rid]
-        if isinstance(dd.domain, AmdNestedDomain):
-            raise err(errno.EINVAL, "nested RID domain: PASIDs unavailable")
-        fresh = dd.gcr3 is None
-        gcr3 = k.get_gcr3(dd)
-        gcr3.set(pasid, domain.pt.root)
-        prev = dd.pasids.get(pasid)
-        if prev is not None:
-            prev.attached.discard((dev.rid, pasid))
-        dd.pasids[pasid] = domain
-        domain.attached.add((dev.rid, pasid))
-        if fresh:
-            k.update_dte(dev)
-        k.flush_pasid(dd, pasid)
-        return True
+        """Linux 7.2: only the SVA domain (pasid.c) has ``set_dev_pasid``; ``amdv1_ops`` and
+        ``amdv2_ops`` have none, so ``iommu_attach_device_pasid()`` /
+        ``iommu_replace_device_pasid()`` answer EOPNOTSUPP before touching anything, and
+        iommufd allocates no SVA domain: PASID attach is unsupported upstream."""
+        _kernel(iommu)
+        raise err(
+            errno.EOPNOTSUPP,
+            "unsupported upstream: Linux 7.2's AMD paging domains have no set_dev_pasid",
+        )
 
     @hookimpl
     def remove_dev_pasid(self, iommu: IommuHw, dev: PciDevice, pasid: int) -> bool:
-        k = _kernel(iommu)
-        dd = k.dev_data[dev.rid]
-        dom = dd.pasids.pop(pasid, None)
-        if dom is None or dd.gcr3 is None:
-            return True
-        dom.attached.discard((dev.rid, pasid))
-        dd.gcr3.clear(pasid)
-        k.flush_pasid(dd, pasid)
-        k.put_gcr3(dd)
+        """blocked_domain_set_dev_pasid(): nothing can be attached to a PASID through
+        iommufd (see set_dev_pasid), so there is nothing to remove."""
+        _kernel(iommu)
         return True
 
     # -- dirty tracking ------------------------------------------------------------------------
@@ -708,9 +755,14 @@ class AmdDriver:
             return True
         dom.dirty_enabled = enable
         k = dom.kernel
+        # 7.2 flips HAD in data[0] in place and flushes each DTE (device_flush_dte, no wait),
+        # then the whole domain (amd_iommu_domain_flush_all: PDE, device TLBs, one wait).
         for rid, _pasid in sorted(dom.attached):
-            k.update_dte(k.dev_data[rid].dev)
-        k.flush_domain(dom, 0, 1 << 64)
+            dd = k.dev_data[rid]
+            k.write_dte(rid, k.make_dte(dd))
+            k.flush_dte(dd)
+        if dom.attached:
+            k.flush_domain(dom, 0, 1 << 64)
         return True
 
     @hookimpl
@@ -730,9 +782,12 @@ class AmdDriver:
     def page_response(
         self, iommu: IommuHw, dev: PciDevice, pasid: int | None, grpid: int, code: int
     ) -> bool:
+        """amd_iommu_page_response() -> amd_iommu_complete_ppr(): the response code goes into
+        Status as it is (SUCCESS 0, INVALID 1, FAILURE 2; build_complete_ppr masks 4 bits); no
+        wait. GN (and the PASID) follow the device's PRI "PRG Response PASID Required" bit,
+        which the model's PCI device does not have: the model uses "a PASID was given"."""
         k = _kernel(iommu)
-        status = PPR_STATUS.get(code, 0xF)
-        k.queue(C.complete_ppr(dev.rid, pasid or 0, status, grpid, gn=pasid is not None))
+        k.queue(C.complete_ppr(dev.rid, pasid or 0, code & 0xF, grpid, gn=pasid is not None))
         return True
 
     # -- vIOMMU ------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from iommufd_amd.commands import Command
 from iommufd_amd.driver import AmdKernel
 from iommufd_amd.events import Event
 from iommufd_amd.hw import AmdIommu
@@ -78,6 +79,18 @@ class AmdWorld:
         self.fd.destroy(obj_id)
 
     # -- hardware views ---------------------------------------------------------------------
+    def record_commands(self) -> list[Command]:
+        """Wrap the command processor: every command the driver sends, in order."""
+        seen: list[Command] = []
+        execute = self.hw.execute
+
+        def spy(cmd: Command, addr: int) -> bool:
+            seen.append(cmd)
+            return bool(execute(cmd, addr))
+
+        self.hw.execute = spy  # type: ignore[method-assign]
+        return seen
+
     def events(self) -> list[Event]:
         return self.hw.read_events()
 

@@ -1,0 +1,222 @@
+"""The command stream the driver issues, command by command, against Linux 7.2's AMD driver.
+
+Each expected list is written from the 7.2 functions named beside it (drivers/iommu/amd/
+iommu.c unless said otherwise), not from the model: a change in the model's ordering, flags or
+ranges fails here. ``sig`` reduces a command to the fields the kernel sets.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Any
+
+import pytest
+from iommufd_amd import commands as C
+from iommufd_amd.driver import AmdDomain
+
+from iommufd_model import uapi as U
+from iommufd_model.testing import assert_errno
+
+PAGE = 4096
+IOVA = 1 << 30
+ALL = (0, (1 << 64) - 1)
+CW = ("CW",)
+
+
+def sig(cmd: C.Command) -> tuple[Any, ...]:
+    """The fields 7.2's build_* helpers fill for each opcode."""
+    if cmd.opcode == C.COMPLETION_WAIT:
+        return CW
+    if cmd.opcode == C.INVALIDATE_DEVTAB_ENTRY:
+        return ("DTE", cmd.devid)
+    if cmd.opcode == C.INVALIDATE_IOMMU_PAGES:
+        rng = C.decode_range(cmd.address, cmd.s)
+        return ("PAGES", cmd.domid, cmd.pasid, rng, cmd.pde, cmd.gn)
+    if cmd.opcode == C.INVALIDATE_IOTLB_PAGES:
+        rng = C.decode_range(cmd.address, cmd.s)
+        return ("IOTLB", cmd.devid, cmd.count, cmd.pasid, rng, cmd.gn)
+    if cmd.opcode == C.COMPLETE_PPR_REQUEST:
+        return ("PPR", cmd.devid, cmd.pasid, cmd.gn, cmd.tag, cmd.status)
+    return ("OP", cmd.opcode)
+
+
+def domain_of(w: Any) -> AmdDomain:
+    dom = w.fd.device(w.dev_id).hwpt.domain
+    assert isinstance(dom, AmdDomain)
+    return dom
+
+
+def test_attach_map_unmap_replace_detach_v1(world: Any) -> None:
+    w = world
+    rid = w.dev.rid
+    ioas = w.ioas()
+    a, b = w.hwpt(ioas), w.hwpt(ioas)
+    seen = w.record_commands()
+    # set_dte_entry() -> amd_iommu_update_dte(): DTE write, INVALIDATE_DEVTAB_ENTRY,
+    # iommu_completion_wait(); the probe-time DTE held DomainID 0: no old-DomID flush.
+    w.fd.attach(w.dev_id, a)
+    dom_a = domain_of(w)
+    assert [sig(c) for c in seen] == [("DTE", rid), CW]
+    seen.clear()
+    # amd_iommu_iotlb_sync_map(): nothing unless NpCache (the model's EFR has no NpCache).
+    w.map(ioas, w.buffer(4 * PAGE, fill=1), 4 * PAGE, IOVA)
+    assert seen == []
+    # unmap of one page: amd_iommu_iotlb_sync() -> amd_iommu_domain_flush_pages(), no PDE
+    # (no table freed), then domain_flush_complete().
+    w.unmap(ioas, IOVA, 4 * PAGE)
+    assert [sig(c) for c in seen] == [
+        ("PAGES", dom_a.id, 0, (IOVA, IOVA + 4 * PAGE - 1), False, False),
+        CW,
+    ]
+    seen.clear()
+    # replace: detach_device() (cleared DTE + flush, the old domain's flush-all with PDE),
+    # then attach_device()'s set_dte_entry(); the DTE now holds DomainID 0: no DomID flush.
+    w.fd.attach(w.dev_id, b)
+    dom_b = domain_of(w)
+    assert [sig(c) for c in seen] == [
+        ("DTE", rid),
+        CW,
+        ("PAGES", dom_a.id, 0, ALL, True, False),
+        CW,
+        ("DTE", rid),
+        CW,
+    ]
+    assert w.kernel.read_dte(rid).domain_id == dom_b.id
+    seen.clear()
+    # blocked_domain_attach_device(): detach_device(), then dev_update_dte(false) again.
+    w.fd.detach(w.dev_id)
+    assert [sig(c) for c in seen] == [
+        ("DTE", rid),
+        CW,
+        ("PAGES", dom_b.id, 0, ALL, True, False),
+        CW,
+        ("DTE", rid),
+        CW,
+    ]
+    dte = w.kernel.read_dte(rid)
+    assert dte.v and not dte.tv and dte.domain_id == 0  # amd_iommu_make_clear_dte()
+
+
+def test_unmap_that_frees_a_table_sets_pde(world: Any) -> None:
+    """generic_pt frees a table whose whole span the unmap covers; the gather's free list is
+    then not empty and amd_iommu_iotlb_sync() sets PDE."""
+    w = world
+    ioas = w.ioas()
+    w.fd.attach(w.dev_id, w.hwpt(ioas))
+    dom = domain_of(w)
+    two_m = 2 << 20
+    w.map(ioas, w.buffer(two_m + PAGE), two_m + PAGE, IOVA)  # 4 KiB leaves: a PTE table
+    seen = w.record_commands()
+    w.unmap(ioas, IOVA, two_m + PAGE)
+    assert [sig(c) for c in seen] == [
+        ("PAGES", dom.id, 0, C.decode_range(*_addr_s(IOVA, two_m + PAGE)), True, False),
+        CW,
+    ]
+
+
+def _addr_s(iova: int, size: int) -> tuple[int, bool]:
+    """The (address, S) pair build_inv_address() encodes for a range."""
+    cmd = C.decode(C.inv_iommu_pages(1, iova, size, pde=False))
+    assert cmd is not None
+    return cmd.address, cmd.s
+
+
+def test_ats_device_tlb_flushes_carry_qdep(make_world: Any) -> None:
+    """With ATS: device_flush_dte() adds a whole-device INVALIDATE_IOTLB_PAGES, every
+    domain flush one per device (MaxPend = pci_ats_queue_depth(): 32 for a 0 field)."""
+    w = make_world(ats=True)
+    rid = w.dev.rid
+    ioas = w.ioas()
+    seen = w.record_commands()
+    w.fd.attach(w.dev_id, w.hwpt(ioas))
+    dom = domain_of(w)
+    assert [sig(c) for c in seen] == [("DTE", rid), ("IOTLB", rid, 32, 0, ALL, False), CW]
+    w.map(ioas, w.buffer(PAGE), PAGE, IOVA)
+    seen.clear()
+    w.unmap(ioas, IOVA, PAGE)
+    assert [sig(c) for c in seen] == [
+        ("PAGES", dom.id, 0, (IOVA, IOVA + PAGE - 1), False, False),
+        ("IOTLB", rid, 32, 0, (IOVA, IOVA + PAGE - 1), False),
+        CW,
+    ]
+    assert w.kernel.read_dte(rid).i  # DTE_FLAG_IOTLB
+
+
+def test_v2_domain_attach_sets_gcr3_0_then_the_dte(make_world: Any) -> None:
+    """init_gcr3_table(): GCR3[0] set and flushed (dev_flush_pasid_all: GN, PDE, the per-device
+    DomainID) before set_dte_entry() writes the GCR3 DTE; detach clears GCR3[0] the same way."""
+    w = make_world()
+    rid = w.dev.rid
+    ioas = w.ioas()
+    h = w.hwpt(ioas, U.IOMMU_HWPT_ALLOC_PASID)
+    seen = w.record_commands()
+    w.fd.attach(w.dev_id, h)
+    dd = w.kernel.dev_data[rid]
+    gdom = dd.gcr3_domid
+    assert [sig(c) for c in seen] == [("PAGES", gdom, 0, ALL, True, True), CW, ("DTE", rid), CW]
+    dte = w.kernel.read_dte(rid)
+    assert dte.gv and dte.giov and dte.domain_id == gdom and dte.gcr3 == dd.gcr3.root
+    seen.clear()
+    w.fd.detach(w.dev_id)
+    assert [sig(c) for c in seen] == [
+        ("DTE", rid),
+        CW,
+        ("PAGES", gdom, 0, ALL, True, True),  # domain_flush_pages_v2 (flush-all: PDE)
+        CW,
+        ("PAGES", gdom, 0, ALL, True, True),  # destroy_gcr3_table(): update_gcr3(0, clear)
+        CW,
+        ("DTE", rid),
+        CW,
+    ]
+    assert dd.gcr3 is None and gdom not in w.kernel.domids.used  # free_gcr3_table()
+
+
+def test_set_dirty_tracking_flushes_each_dte_then_the_domain(make_world: Any) -> None:
+    """amd_iommu_set_dirty_tracking(): HAD in place, device_flush_dte() without a wait, then
+    amd_iommu_domain_flush_all()."""
+    w = make_world()
+    rid = w.dev.rid
+    h = w.hwpt(w.ioas(), U.IOMMU_HWPT_ALLOC_DIRTY_TRACKING)
+    w.fd.attach(w.dev_id, h)
+    dom = domain_of(w)
+    seen = w.record_commands()
+    w.ioctl(
+        U.IOMMU_HWPT_SET_DIRTY_TRACKING,
+        U.IommuHwptSetDirtyTracking(hwpt_id=h, flags=U.IOMMU_HWPT_DIRTY_TRACKING_ENABLE),
+    )
+    assert [sig(c) for c in seen] == [("DTE", rid), ("PAGES", dom.id, 0, ALL, True, False), CW]
+    assert w.kernel.read_dte(rid).had
+
+
+@pytest.mark.parametrize(
+    ("flags", "want"), [(0, errno.EINVAL), (U.IOMMU_HWPT_ALLOC_PASID, errno.EOPNOTSUPP)]
+)
+def test_pasid_attach_is_unsupported_upstream(world: Any, flags: int, want: int) -> None:
+    """amdv1_ops / amdv2_ops have no set_dev_pasid: iommu_attach_device_pasid() answers
+    EOPNOTSUPP before it touches anything -- no command, no DTE or GCR3 change (a HWPT
+    without IOMMU_HWPT_ALLOC_PASID is iommufd's EINVAL first)."""
+    w = world
+    ioas = w.ioas()
+    h = w.hwpt(ioas, flags)
+    before = w.kernel.read_dte(w.dev.rid)
+    seen = w.record_commands()
+    assert_errno(want, lambda: w.fd.attach(w.dev_id, h, pasid=5))
+    assert seen == [] and w.kernel.read_dte(w.dev.rid) == before
+    assert w.kernel.dev_data[w.dev.rid].gcr3 is None
+
+
+def test_page_response_status_is_the_response_code(world: Any) -> None:
+    """amd_iommu_page_response() -> build_complete_ppr(): Status = resp->code (FAILURE = 2
+    too), tag masked to 9 bits, no COMPLETION_WAIT."""
+    w = world
+    seen = w.record_commands()
+    plugin = _plugin()
+    for code in (0, 1, 2):
+        plugin.page_response(iommu=w.hw, dev=w.dev, pasid=9, grpid=0x211, code=code)
+    assert [sig(c) for c in seen] == [("PPR", w.dev.rid, 9, True, 0x011, s) for s in (0, 1, 2)]
+
+
+def _plugin() -> Any:
+    from iommufd_amd.driver import plugin
+
+    return plugin
