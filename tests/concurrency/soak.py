@@ -67,6 +67,12 @@ def plan() -> list[tuple[str, Callable[[int], Counter[str] | None]]]:
         )
     runs.append(
         (
+            "page-faults[mock]",
+            lambda _s: test_races.test_page_faults_arrive_exactly_once_and_in_order(),
+        )
+    )
+    runs.append(
+        (
             "garbage-and-close[mock]",
             lambda _s: test_isolation.test_garbage_and_closed_fds_do_not_disturb_a_working_thread(),
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import struct
 import threading
 
 import pytest
@@ -28,6 +29,7 @@ from iommufd_model.core.eventq import EventFile
 from iommufd_model.core.ioas import Ioas
 from iommufd_model.hw.iommu import DmaFault
 from iommufd_model.locking import MODEL_LOCK, wait_for
+from iommufd_model.mock import selftest as T
 from iommufd_model.scenarios.guest_events import HEADER, VEVENT_RECORDS
 from iommufd_model.uapi import iommufd as U
 from iommufd_model.vmm import Vm
@@ -282,3 +284,63 @@ def test_wait_for_sleeps_without_the_lock_until_an_event() -> None:
     run_threads([reader, device])
     assert woke == [True]
     assert vm.vmm.files[qfd].read(4096)  # type: ignore[attr-defined]
+
+
+def _trigger_iopf(fd: object, dev_id: int, grpid: int, addr: int) -> None:
+    """IOMMU_TEST_OP_TRIGGER_IOPF: the mock device ``dev_id`` sends one page request."""
+    perm = U.IOMMU_PGFAULT_PERM_READ | U.IOMMU_PGFAULT_PERM_WRITE
+    payload = struct.pack("<IIIIQ", dev_id, T.IOMMU_NO_PASID, grpid, perm, addr).ljust(48, b"\0")
+    buf = bytearray(struct.pack("<IIII", 72, T.IOMMU_TEST_OP_TRIGGER_IOPF, 0, 0) + payload)
+    buf += bytes(8)
+    fd.ioctl(T.IOMMU_TEST_CMD, buf)  # type: ignore[attr-defined]
+
+
+def test_page_faults_arrive_exactly_once_and_in_order() -> None:
+    """Three mock devices send page requests from three threads into one fault queue while a
+    reader reads and answers them: each request is delivered once, with a cookie of its own,
+    each device's requests in the order it sent them, and every response is accepted."""
+    w = HostWorld("mock", ndev=3)
+    fd = w.fd
+    fault_id, fault_fd = fd.fault_queue_alloc()
+    for dev_id in w.dev_ids:
+        fd.attach(dev_id, fd.hwpt_alloc(dev_id, w.ioas, fault_id=fault_id))
+    file = w.proc.files[fault_fd]
+    assert isinstance(file, EventFile)
+    nfaults = 25
+    stop = threading.Event()
+    got: list[tuple[int, int, int]] = []  # (dev_id, addr, cookie)
+    size = U.IommuHwptPgfault.SIZE
+
+    def drain() -> int:
+        data = file.read(16 * size)
+        for off in range(0, len(data), size):
+            f = U.IommuHwptPgfault.unpack(data[off : off + size])
+            got.append((f.dev_id, f.addr, f.cookie))
+            answer = struct.pack("<II", f.cookie, U.IOMMUFD_PAGE_RESP_SUCCESS)
+            assert file.write(answer) == len(answer)
+        return len(data)
+
+    def device(i: int) -> None:
+        for n in range(nfaults):
+            _trigger_iopf(fd, w.dev_ids[i], n & 0x1FF, (n + 1) << 21 | i << 12)
+
+    def reader() -> None:
+        while not stop.is_set():
+            drain()
+
+    def devices() -> None:
+        try:
+            run_threads(functools.partial(device, i) for i in range(3))
+        finally:
+            stop.set()
+
+    run_threads([devices, reader])
+    while drain():
+        pass
+    assert len(got) == 3 * nfaults and len({c for *_, c in got}) == len(got), "once, own cookie"
+    for i, dev_id in enumerate(w.dev_ids):
+        mine = [addr for d, addr, _ in got if d == dev_id]
+        assert mine == [(n + 1) << 21 | i << 12 for n in range(nfaults)], i
+    fault = fd.objects.get(fault_id, held=True)
+    assert not fault.deliver and not fault.response  # type: ignore[attr-defined]
+    check_all([fd])
