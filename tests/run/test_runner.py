@@ -57,6 +57,7 @@ def test_preload_is_built() -> None:
         ("fdsem", 1),  # dup / fork / close
         ("vevent_poll", 1),  # poll() wakes on an event another thread queues
         ("killed", 2),  # killed mid-ioctl, leaking everything: the next run starts clean
+        ("threads", 1),  # threads and processes sharing one model, one thread sending garbage
     ],
 )
 def test_program_leaves_nothing(cc: Build, program: str, runs: int) -> None:

@@ -17,7 +17,7 @@ import attrs
 from iommufd_model.core.failnth import failpoint
 from iommufd_model.errors import err
 from iommufd_model.hw.memory import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, PhysicalMemory
-from iommufd_model.locking import serialized
+from iommufd_model.locking import SerializedSubclasses, serialized
 
 if TYPE_CHECKING:
     from iommufd_model.machine import Machine
@@ -89,7 +89,7 @@ class Vma:
 
 
 @serialized()
-class Process:
+class Process(SerializedSubclasses):
     """A simulated user process (VMM): its address space and its open files."""
 
     def __init__(self, machine: Machine, pid: int) -> None:
@@ -197,7 +197,8 @@ class Process:
 
     def _translate(self, va: int) -> int:
         # The loops of read/write/pin_pages call this one: they already hold the model lock,
-        # and a locked call per page would cost the IOAS map benchmark 10%.
+        # and a locked call per page would cost the IOAS map benchmark 10%. A subclass that
+        # resolves addresses its own way (the program runner's RealProcess) overrides this.
         vpn = va >> PAGE_SHIFT
         pfn = self._ptes.get(vpn)
         if pfn is not None:
