@@ -10,6 +10,7 @@ import struct
 from typing import TYPE_CHECKING, Any
 
 from iommufd_amd import commands as C
+from iommufd_amd import ppr as P
 from iommufd_amd import regs as R
 from iommufd_amd.dte import (
     DTE_SIZE,
@@ -132,6 +133,13 @@ class DevData:
         # (32) when the field reads 0 -- the model's PCI device has no ATS capability
         # registers, so it reads as 0 (model's own).
         self.ats_qdep = 32
+        # pdev_enable_cap_pri() / amd_iommu_iopf_add_device(): PRI is enabled for an ATS
+        # device (the model's PCI device has PRI exactly when it has ATS, as for VT-d) while
+        # an SVA-capable (v2) domain is attached; ``ppr`` then sets the DTE's PPR bit.
+        self.ppr = False
+        # pci_prg_resp_pasid_required(): the model's PCI device has no PRI capability
+        # registers; the model answers "required" (GN and the PASID in responses).
+        self.pri_tlp = True
 
 
 class AmdKernel:
@@ -272,6 +280,7 @@ class AmdKernel:
                 dte.glx = dd.gcr3.glx
                 dte.giov = dd.giov
                 dte.gcr3 = dd.gcr3.root
+                dte.ppr = dd.ppr  # set_dte_gcr3_table(): DTE_FLAG_PPR with IOPF on
                 dte.gpt_level = (
                     GUEST_PGTABLE_5_LEVEL if self.gpt_levels == 5 else GUEST_PGTABLE_4_LEVEL
                 )
@@ -327,6 +336,7 @@ class AmdKernel:
         flush, table and per-device DomainID freed without commands)."""
         dom = dd.domain
         dd.domain = None
+        dd.ppr = False  # amd_iommu_iopf_remove_device()
         self.update_dte(dd.dev, clear=True)
         if not isinstance(dom, AmdDomain):
             return
@@ -336,6 +346,48 @@ class AmdKernel:
             dd.gcr3.clear(0)
             self.flush_pasid(dd, 0)
             self.free_gcr3(dd)
+
+    # -- ppr.c ---------------------------------------------------------------------------------
+    def ppr_interrupt(self) -> None:
+        """amd_iommu_poll_ppr_log(): every entry between head and tail is copied, zeroed in
+        the log (erratum 733), the head moved past it, then handed to
+        iommu_call_iopf_notifier()."""
+        mmio = self.hw.mmio
+        mmio.write(R.STATUS, R.ST_PPR_INT)  # the interrupt handler acks PprInt (W1C)
+        size = 1 << R.LEN_512  # the PPR log init_hardware() set up
+        head = mmio.read(R.PPR_HEAD) // R.ENTRY_SIZE
+        tail = mmio.read(R.PPR_TAIL) // R.ENTRY_SIZE
+        while head != tail:
+            slot = self.ppr_buf + head * R.ENTRY_SIZE
+            entry = P.PprEntry.from_bytes(self.mem.read(slot, R.ENTRY_SIZE))
+            self.mem.write(slot, bytes(R.ENTRY_SIZE))
+            head = (head + 1) % size
+            mmio.write(R.PPR_HEAD, head * R.ENTRY_SIZE)
+            self.iopf_notify(entry)
+
+    def iopf_notify(self, entry: P.PprEntry) -> None:
+        """iommu_call_iopf_notifier(): an unknown type is ignored; GN=0, a reserved bit,
+        PASID 0 or a PASID beyond the device's are aborted here (COMPLETE_PPR_REQUEST with
+        FAILURE); the rest go to the fault framework, which finds no iommufd handler on the
+        PASID (none can be attached on AMD) and answers INVALID (iopf_error_response())."""
+        if entry.req_type != P.PPR_REQ_FAULT:
+            return
+        dd = self.dev_data.get(entry.devid)
+        if dd is None:
+            return  # pci_get_domain_bus_and_slot() found no device
+        grpid = entry.tag & 0x1FF
+        valid = entry.flags & P.PPR_FLAG_GN and not entry.flags & P.PPR_FLAG_RVSD
+        max_pasids = 1 << min(dd.dev.pasid_bits, self.hw.pasid_bits)
+        if not valid or entry.pasid == 0 or entry.pasid >= max_pasids:
+            self.complete_ppr(dd, entry.pasid, P.RESP_FAILURE, grpid)
+            return
+        # report_device_fault() -> find_fault_handler() finds nothing -> err_bad_iopf.
+        self.complete_ppr(dd, entry.pasid, P.RESP_INVALID, grpid)
+
+    def complete_ppr(self, dd: DevData, pasid: int, status: int, tag: int) -> None:
+        """amd_iommu_complete_ppr(): COMPLETE_PPR_REQUEST, GN (and the PASID) when the
+        device's PRI wants the PASID in responses (``pri_tlp``); queued without a wait."""
+        self.queue(C.complete_ppr(dd.dev.rid, pasid, status & 0xF, tag, gn=dd.pri_tlp))
 
     def viommu_event(self, gid: int, event: Event) -> None:
         """The vIOMMU event interrupt: forward a guest device's event (guest DevID) to the
@@ -722,6 +774,8 @@ class AmdDriver:
             k.get_gcr3(dd).set(0, domain.pt.root)  # init_gcr3_table(): update_gcr3(pasid 0)
             dd.giov = True
             k.flush_pasid(dd, 0)
+            # pdev_enable_caps() + amd_iommu_iopf_add_device(): PRI on an ATS device.
+            dd.ppr = dev.ats and bool(k.efr & R.EFR_PPR_SUP)
         dd.domain = domain
         domain.attached.add((dev.rid, 0))
         k.update_dte(dev)

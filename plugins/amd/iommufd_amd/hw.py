@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from iommufd_amd import commands as C
 from iommufd_amd import events as E
+from iommufd_amd import ppr as P
 from iommufd_amd import regs as R
 from iommufd_amd.dte import DTE_SIZE, GUEST_PGTABLE_5_LEVEL, Dte, check
 from iommufd_amd.gcr3 import GCR3_ADDR
@@ -243,6 +244,43 @@ class AmdIommu(IommuHw):
         if consume:
             self.mmio.write(R.EVT_HEAD, tail * R.ENTRY_SIZE)
         return out
+
+    # -- page requests (PPR) ------------------------------------------------------------------
+    def page_request(
+        self,
+        dev: PciDevice,
+        addr: int,
+        *,
+        pasid: int | None = None,
+        read: bool = True,
+        write: bool = False,
+        exe: bool = False,
+        user: bool = True,
+        last: bool = True,
+        grpid: int = 0,
+    ) -> bool:
+        """A PCIe Page Request from ``dev``: with the PPR log running and the device's DTE
+        V and PPR set, the entry goes to the PPR log tail (PprInt set) and the driver's PPR
+        interrupt runs; otherwise it is dropped (the model does not log INVALID_PPR_REQUEST,
+        event 0x9, yet). Returns whether the request was logged."""
+        ring = self.ppr_ring
+        dte, _why = self._dte(dev.rid, addr, pasid, write)
+        if ring is None or not self.mmio["STATUS"] & R.ST_PPR_RUN or not (dte.v and dte.ppr):
+            return False
+        head = self.mmio["PPR_HEAD"] // R.ENTRY_SIZE
+        tail = self.mmio["PPR_TAIL"] // R.ENTRY_SIZE
+        if ring.is_full(head, tail):
+            self._status_set(R.ST_PPR_OVERFLOW)
+            return False
+        flags = P.request_flags(pasid=pasid, read=read, write=write, exe=exe, user=user)
+        tag = (grpid & 0x1FF) | (P.TAG_LAST if last else 0)
+        entry = P.PprEntry(dev.rid, pasid or 0, tag, flags, addr & ~0xFFF)
+        ring.write(tail, entry.to_bytes())
+        self.mmio.set("PPR_TAIL", ((tail + 1) % ring.nentries) * R.ENTRY_SIZE)
+        self._status_set(R.ST_PPR_INT)
+        if self.kernel is not None:
+            self.kernel.ppr_interrupt()
+        return True
 
     # -- the command processor ------------------------------------------------------------------
     @property

@@ -220,3 +220,45 @@ def _plugin() -> Any:
     from iommufd_amd.driver import plugin
 
     return plugin
+
+
+def test_page_requests_are_answered_by_the_kernel(make_world: Any) -> None:
+    """PPR end to end on 7.2: a v2 (SVA-capable) domain on an ATS device turns IOPF on (DTE PPR
+    bit); the device's page requests land in the PPR log, the driver consumes them and -- no
+    iommufd handler can exist on AMD -- answers each: FAILURE for a request without a PASID
+    (``iommu_call_iopf_notifier``), INVALID for one with a PASID (``iopf_error_response``)."""
+    from iommufd_amd import ppr as P
+    from iommufd_amd import regs as R
+
+    w = make_world(ats=True)
+    rid = w.dev.rid
+    h = w.hwpt(w.ioas(), U.IOMMU_HWPT_ALLOC_PASID)
+    assert not w.hw.page_request(w.dev, IOVA)  # DTE without PPR: not logged
+    w.fd.attach(w.dev_id, h)
+    assert w.kernel.read_dte(rid).ppr
+    seen = w.record_commands()
+    assert w.hw.page_request(w.dev, IOVA + 0x123, grpid=0x11)
+    assert w.hw.page_request(w.dev, IOVA, pasid=5, write=True, grpid=0x12)
+    assert [sig(c) for c in seen] == [
+        ("PPR", rid, 0, True, 0x11, P.RESP_FAILURE),
+        ("PPR", rid, 5, True, 0x12, P.RESP_INVALID),
+    ]
+    mmio = w.hw.mmio
+    assert mmio.read(R.PPR_HEAD) == mmio.read(R.PPR_TAIL) == 2 * R.ENTRY_SIZE
+    assert not mmio.read(R.STATUS) & R.ST_PPR_INT
+    # The log entries were zeroed after reading (erratum 733 handling).
+    assert w.mem.read(w.kernel.ppr_buf, 2 * R.ENTRY_SIZE) == bytes(2 * R.ENTRY_SIZE)
+    w.fd.detach(w.dev_id)
+    assert not w.kernel.read_dte(rid).ppr
+
+
+def test_ppr_entry_layout() -> None:
+    """amd_iommu_types.h PPR_DEVID / PPR_PASID1/2 / PPR_TAG / PPR_FLAGS / PPR_REQ_TYPE."""
+    from iommufd_amd import ppr as P
+
+    e = P.PprEntry(0x1234, 0xA_BCDE, 0x3FF, P.PPR_FLAG_GN | P.PPR_FLAG_WRITE, 0x5000)
+    w0 = int.from_bytes(e.to_bytes()[:8], "little")
+    assert w0 & 0xFFFF == 0x1234
+    assert ((w0 >> 42) & 0xF) << 16 | (w0 >> 16) & 0xFFFF == 0xA_BCDE
+    assert (w0 >> 32) & 0x3FF == 0x3FF and (w0 >> 48) & 0xFFF == 0x120 and w0 >> 60 == 1
+    assert P.PprEntry.from_bytes(e.to_bytes()) == e
