@@ -7,6 +7,7 @@ call, a refused call changes nothing, and closing the fd afterwards releases eve
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 import attrs
@@ -33,10 +34,50 @@ ALL_CMDS = [*CMDS, (0x3B << 8) | 0x95, (0x3B << 8) | 0x7F]
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def _after_call(sc: Scenario, before: dict[str, Any], rc: int) -> None:
+def _after_call(
+    sc: Scenario, before: dict[str, Any], rc: int, cmd: int = 0, buf: bytearray | None = None
+) -> None:
     check_invariants(sc.fd)
-    if rc:
+    if not rc:
+        return
+    gone = _unmapped_before_refusal(before, rc, cmd, buf)
+    if not gone:
         assert snapshot(sc.fd) == before, f"refused call (errno {rc}) changed the model"
+        return
+    # IOAS_UNMAP as Linux 7.2: the fully covered areas before the refused one are gone, a
+    # prefix (in IOVA order) of those the range covers.
+    ioas_id, covered = gone
+    had = before["objects"][ioas_id]["areas"]
+    after = snapshot(sc.fd)["objects"][ioas_id]["areas"]
+    removed = [a[0] for a in had if a not in after]
+    assert removed == covered[: len(removed)], "refused IOAS_UNMAP removed more than a prefix"
+    assert after == [a for a in had if a[0] not in removed]
+
+
+def _unmapped_before_refusal(
+    before: dict[str, Any], rc: int, cmd: int, buf: bytearray | None
+) -> tuple[int, list[int]] | None:
+    """For a refused IOAS_UNMAP: (ioas id, IOVAs of the covered areas 7.2 may remove first)."""
+    if cmd != U.IOMMU_IOAS_UNMAP or rc not in (errno.ENOENT, errno.EBUSY) or buf is None:
+        return None
+    if len(buf) < U.IommuIoasUnmap.SIZE:
+        return None
+    st = U.IommuIoasUnmap.unpack(bytes(buf[: U.IommuIoasUnmap.SIZE]))
+    obj = before["objects"].get(st.ioas_id)
+    if obj is None or "areas" not in obj or not st.length:
+        return None
+    if st.iova == 0 and st.length == U64_MAX:
+        start, last = 0, U64_MAX
+    else:
+        start, last = st.iova, st.iova + st.length - 1
+    covered: list[int] = []
+    for first, area_last, *_ in obj["areas"]:
+        if area_last < start or first > last:
+            continue
+        if first < start or area_last > last:
+            break
+        covered.append(first)
+    return (st.ioas_id, covered) if covered else None
 
 
 def _close_releases_everything(sc: Scenario) -> None:
@@ -81,7 +122,7 @@ def test_random_bytes(calls: list[tuple[int, bytearray]]) -> None:
     for cmd, buf in calls:
         before = snapshot(sc.fd)
         rc = run(sc.fd, cmd, buf)
-        _after_call(sc, before, rc)
+        _after_call(sc, before, rc, cmd, buf)
     _close_releases_everything(sc)
 
 
@@ -146,7 +187,7 @@ def test_plausible_structs(data: st.DataObject) -> None:
         cmd, buf = data.draw(struct_calls(sc))
         before = snapshot(sc.fd)
         rc = run(sc.fd, cmd, buf)
-        _after_call(sc, before, rc)
+        _after_call(sc, before, rc, cmd, buf)
     # Whatever happened, devices still DMA consistently with the IOAS, and close cleans up.
     _close_releases_everything(sc)
 
@@ -189,7 +230,7 @@ def test_map_unmap_sequences_keep_dma_coherent(data: st.DataObject) -> None:
         buf = bytearray(st_.pack())
         before = snapshot(sc.fd)
         rc = run(sc.fd, cmd, buf)
-        _after_call(sc, before, rc)
+        _after_call(sc, before, rc, cmd, buf)
         # Every mapped page reads through the device as the frame the IOAS says it is.
         for a_iova, last, _prot, _pages, start_byte in io.areas():
             for off in range(0, last - a_iova + 1, PAGE):

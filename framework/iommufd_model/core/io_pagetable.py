@@ -10,10 +10,10 @@ real: with no domain the alignment is 1, and a domain with a sub-page granule (t
 
 Where the model intentionally differs from the kernel:
 
-* Refusals are atomic. ``unmap`` checks every area in the range (EBUSY for a locked area,
-  ENOENT for one that sticks out) before removing any; the kernel removes fully covered
-  leading areas before it meets the bad one and returns the error with those gone. After
-  EDEADLK the ``prevent_access`` marks are cleared again (the kernel leaves them set).
+* ``unmap`` does what Linux 7.2 does: it walks the areas in IOVA order and removes each
+  fully covered one before it looks at the next, so an area that sticks out (ENOENT) or is
+  locked (EBUSY) fails the call with the areas before it gone. After EDEADLK the
+  ``prevent_access`` mark is cleared again (the kernel leaves it set).
   ``access_rw`` pins every segment before copying, so a refused write writes nothing.
 * Programming errors the kernel only WARNs about are refused: ``access_unpin`` without an
   exactly matching pin (EINVAL), ``remove_domain``/``remove_access`` of an unknown object
@@ -604,51 +604,51 @@ class IoPagetable:
         return self._unmap_range(0, ULONG_MAX)
 
     def _unmap_range(self, start: int, last: int) -> int:
-        """``iopt_unmap_iova_range()``, made atomic (see the module docstring)."""
-        flagged: list[Area] = []
-        stuck: Area | None = None
-        tries = 0
-        while True:
-            hit = self._areas.overlapping(start, last)
-            pending: Area | None = None
-            for first, area_last, area in hit:
-                if area.num_locks:
-                    self._unflag(flagged)
-                    raise err(errno.EBUSY, f"area at {first:#x} is locked by a kernel object")
-                if first < start or area_last > last:
-                    self._unflag(flagged)
-                    raise err(errno.ENOENT, f"area [{first:#x}, {area_last:#x}] would be split")
-                if pending is None and area.num_accesses:
-                    pending = area
-            if pending is None:
-                break
-            if pending is not stuck:
-                stuck, tries = pending, 0
-            if not pending.prevent_access:
-                pending.prevent_access = True
-                flagged.append(pending)
-            try:
-                self._notify_unmap(pending.iova, pending.length)
-            except OSError:
-                self._unflag(flagged)
-                raise
-            tries += 1
-            if tries > UNMAP_NOTIFY_TRIES:
-                self.warnings.append(f"access did not unpin area at {pending.iova:#x}")
-                self._unflag(flagged)
-                raise err(errno.EDEADLK, "an access keeps the area pinned")
+        """``iopt_unmap_iova_range()``: one area at a time, in IOVA order.
+
+        As Linux 7.2 (io_pagetable.c), each fully covered area is unmapped before the next
+        is looked at: an area that sticks out of the range (ENOENT) or is locked by a kernel
+        object (EBUSY) fails the call, and the areas unmapped before it stay unmapped (the
+        ioctl reports only the error). An area with in-kernel accesses is first offered to
+        them (``iommufd_access_notify_unmap``) until they let go.
+        """
         unmapped = 0
-        for _, _, area in hit:
+        tries = 0
+        flagged: list[Area] = []  # prevent_access set by this call (cleared on failure)
+        while True:
+            hit = self._areas.first_overlap(start, last)
+            if hit is None:
+                return unmapped
+            first, area_last, area = hit
+            if area.num_locks:
+                raise err(errno.EBUSY, f"area at {first:#x} is locked by a kernel object")
+            if first < start or area_last > last:
+                raise err(errno.ENOENT, f"area [{first:#x}, {area_last:#x}] would be split")
+            if first != start:
+                tries = 0
+            if area.num_accesses:
+                start = first
+                if not area.prevent_access:
+                    area.prevent_access = True
+                    flagged.append(area)
+                try:
+                    self._notify_unmap(first, area.length)
+                    tries += 1
+                    if tries > UNMAP_NOTIFY_TRIES:
+                        self.warnings.append(f"access did not unpin area at {first:#x}")
+                        raise err(errno.EDEADLK, "an access keeps the area pinned")
+                except OSError:
+                    for a in flagged:
+                        a.prevent_access = False
+                    raise
+                continue
             self._unfill_area(area)
             area.pages.refs -= 1
+            self._areas.remove(first)
             unmapped += area.length
-        if hit:
-            self._areas.remove_overlapping(hit[0][0], hit[-1][1])
-        return unmapped
-
-    def _unflag(self, flagged: list[Area]) -> None:
-        for area in flagged:
-            area.prevent_access = False
+            if area_last >= last:
+                return unmapped
+            start = area_last + 1
 
     def _notify_unmap(self, iova: int, length: int) -> None:
         """``iommufd_access_notify_unmap()``: every non-internal access must unpin."""
