@@ -162,6 +162,11 @@ def pri_resp(sid: int, grpid: int, resp: int, ssid: int | None = None) -> tuple[
     return w0, put(grpid, 8, 0) | put(resp, 13, 12)
 
 
+def resume(sid: int, stag: int, resp: int) -> tuple[int, int]:
+    """CMD_RESUME: RESP 0 terminate, 1 retry, 2 abort the transaction stalled with STAG."""
+    return RESUME | put(resp, 13, 12) | put(sid, 63, 32), put(stag, 15, 0)
+
+
 def cmd_sync(cs: int = CS_NONE, msi_addr: int = 0, msi_data: int = 0) -> tuple[int, int]:
     # MSH inner shareable, MSIAttr outer/inner write-back: always set (arm_smmu_make_cmd_sync)
     w0 = CMD_SYNC | put(cs, 13, 12) | put(3, 23, 22) | put(0xF, 27, 24) | put(msi_data, 63, 32)

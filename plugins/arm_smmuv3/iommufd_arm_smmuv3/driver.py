@@ -60,6 +60,7 @@ PROBE_OPTIONS = {
     "attr_types_ovr",
     "canwbs",
     "cd2l",
+    "stall_force",
 }
 PAGING_FLAGS = (
     U.IOMMU_HWPT_ALLOC_NEST_PARENT | U.IOMMU_HWPT_ALLOC_DIRTY_TRACKING | U.IOMMU_HWPT_ALLOC_PASID
@@ -96,6 +97,7 @@ FEATURES = frozenset(
         api.Feature.HW_QUEUE,
         api.Feature.PASID,
         api.Feature.DIRTY_TRACKING,
+        api.Feature.IOPF,
     }
 )
 VIOMMU_TYPES = frozenset({U.IOMMU_VIOMMU_TYPE_ARM_SMMUV3, U.IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV})
@@ -266,6 +268,7 @@ class ArmSmmuV3Driver:
         smmu.ensure_l2(sid)
         master = Master(dev, sid, canwbs=smmu.hw.rc_canwbs)
         master.ssid_bits = smmu.master_ssid_bits(dev)
+        master.stall_enabled = smmu.feat_stall_force
         smmu.masters[sid] = master
         return master
 
@@ -682,7 +685,14 @@ class ArmSmmuV3Driver:
             raise err(errno.EOPNOTSUPP, "this SMMU has no CMDQV")
         return GuestSmmuv3(vm, iommu, accelerated=accelerated)
 
-    # IOPF (stall) is not implemented: page_response is absent, no fault reaches a FAULT queue.
+    # -- IO page faults ------------------------------------------------------------------------
+    @hookimpl
+    def page_response(
+        self, iommu: IommuHw, dev: PciDevice, pasid: int | None, grpid: int, code: int
+    ) -> bool:
+        """The user's answer from the FAULT queue: CMD_RESUME of the stalled transaction."""
+        smmu_of(iommu).page_response(master_of(dev), grpid, code)
+        return True
 
 
 plugin = ArmSmmuV3Driver()

@@ -86,6 +86,8 @@ class Event:
     cls: int = CLASS_IN  # CLASS: what stage 2 was translating
     ipa: int = 0  # IPA (stage-2 faults)
     fetch_addr: int = 0  # FetchAddr (F_STE_FETCH, F_CD_FETCH, F_WALK_EABT)
+    stall: bool = False  # Stall: the transaction is held until CMD_RESUME
+    stag: int = 0  # STAG: the stalled transaction's tag, for CMD_RESUME
 
     @property
     def name(self) -> str:
@@ -101,6 +103,8 @@ class Event:
             w1 = (
                 (EVT1_RNW if self.read else 0) | (EVT1_S2 if self.s2 else 0) | put(self.cls, 41, 40)
             )
+        if self.stall:
+            w1 |= EVT1_STALL | put(self.stag, 15, 0)
         if self.s2:
             w3 = self.ipa & EVT3_IPA
         if self.id in (F_STE_FETCH, F_CD_FETCH, F_WALK_EABT):
@@ -122,6 +126,8 @@ class Event:
             cls=get(w[1], 41, 40),
             ipa=w[3] & EVT3_IPA if s2 and not fetch else 0,
             fetch_addr=w[3] & EVT3_FETCH_ADDR if fetch else 0,
+            stall=bool(w[1] & EVT1_STALL),
+            stag=get(w[1], 15, 0) if w[1] & EVT1_STALL else 0,
         )
 
 

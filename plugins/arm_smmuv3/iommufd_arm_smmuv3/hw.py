@@ -77,6 +77,7 @@ class Smmuv3(IommuHw):
         attr_types_ovr: bool = True,
         canwbs: bool = True,
         cd2l: bool = True,
+        stall_force: bool = False,
     ) -> None:
         super().__init__(machine, index)
         # Firmware's word, not a register: IORT marks the root complex behind this SMMU as
@@ -85,6 +86,12 @@ class Smmuv3(IommuHw):
         self.sid_bits = sid_bits
         self.ssid_bits = ssid_bits
         self.cd2l = cd2l
+        # IDR0.STALL_MODEL = FORCE: faulting stage-1/2 transactions of CD.S / STE.S2S streams
+        # stall until CMD_RESUME; (StreamID, STAG) -> (IOVA, write, PASID) while held.
+        self.stall_force = stall_force
+        self.stalled: dict[tuple[int, int], tuple[int, bool, int | None]] = {}
+        self.resumes: list[tuple[int, int, int]] = []  # (StreamID, STAG, RESP) executed
+        self._next_stag = 0
         self.oas_bits = 48
         idr0 = (
             R.IDR0_S1P
@@ -97,7 +104,7 @@ class Smmuv3(IommuHw):
             | R.IDR0_SEV
             | R.IDR0_VMID16
             | R.IDR0_TTENDIAN_LE
-            | R.IDR0_STALL_NONE
+            | (R.IDR0_STALL_FORCE if stall_force else R.IDR0_STALL_NONE)
             | R.IDR0_ST_LVL_2LVL
             | (R.IDR0_CD2L if cd2l else 0)
             | (
@@ -302,6 +309,10 @@ class Smmuv3(IommuHw):
                 return False
             ssid = get(w0, 31, 12) if w0 & C.CMD0_SSV else None
             self.pri_responses.append((sid, ssid, get(w1, 8, 0), resp))
+        elif opcode == C.RESUME and self.stall_force:
+            # RESP: 0 terminate, 1 retry, 2 abort; an unknown STAG has no effect
+            if self.stalled.pop((sid, get(w1, 15, 0)), None) is not None:
+                self.resumes.append((sid, get(w1, 15, 0), get(w0, 13, 12)))
         elif opcode != C.PREFETCH_CONFIG:
             return False  # unknown, or RESUME / TLBI_EL2_* which IDR0 does not offer
         self.executed.append((w0, w1))
@@ -578,6 +589,16 @@ class Smmuv3(IommuHw):
                 ev = _stage2_event(status, sid, ev_ssid, iova, not write, ipa, cls, value)
             else:
                 ev = E.Event(status, sid, ev_ssid, iova, not write)
+            stall = status != E.F_WALK_EABT and (ste.s2s if fault_s2 else cd is not None and cd.s)
+            if stall and self.stall_force:
+                # The transaction is held (the model's DMA returns a fault: the device may
+                # issue it again after CMD_RESUME); the record carries Stall and the STAG.
+                ev.stall, ev.stag = True, self._next_stag
+                self._next_stag = (self._next_stag + 1) & 0xFFFF
+                self.stalled[(sid, ev.stag)] = (iova, write, pasid)
+                self.record_event(ev)
+                reason = f"{ev.name} stalled, STAG {ev.stag}"
+                raise self.fault(dev, iova, write, pasid, reason)
             if record:
                 self.record_event(ev)
             raise self.fault(dev, iova, write, pasid, ev.name + (" (stage 2)" if fault_s2 else ""))

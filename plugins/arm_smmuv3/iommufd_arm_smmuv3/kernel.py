@@ -64,6 +64,7 @@ from iommufd_model.hw.bits import get, pack
 from iommufd_model.hw.memory import PAGE_SHIFT, PAGE_SIZE
 from iommufd_model.hw.radix import RadixPageTable
 from iommufd_model.hw.ring import MemRing
+from iommufd_model.uapi import iommufd as U
 
 if TYPE_CHECKING:
     from iommufd_model.hw.pci import PciDevice
@@ -79,6 +80,8 @@ S2_SL0_LEVEL0 = 2
 IPS_48 = 5
 # CR1: tables and queues inner shareable, inner and outer write-back (arm_smmu_device_reset)
 CR1_VALUE = (SH_ISH << 10) | (1 << 8) | (1 << 6) | (SH_ISH << 4) | (1 << 2) | 1
+RESUME_RETRY = 1  # CMDQ_RESUME_0_RESP_RETRY
+RESUME_ABORT = 2  # CMDQ_RESUME_0_RESP_ABORT
 ABORT_RETRIES = 8  # the model's bound on re-fetching a command whose fetch aborts
 
 
@@ -130,6 +133,8 @@ class Master:
         self.cd_in_ste = False  # cd_table.in_ste: the STE points at the CD table
         self.ssid_bits = 0  # S1CDMax: set at probe (arm_smmu_enable_pasid)
         self.pasid_domains: dict[int, SmmuDomain] = {}  # SSID -> its stage-1 domain
+        # stall_enabled: a PCI device has no "dma-can-stall": only IDR0.STALL_MODEL = FORCE
+        self.stall_enabled = False
         self.vmaster: tuple[Any, int] | None = None  # (vSMMU, vSID) while nested with a vDEVICE
         self.ats_enabled = False  # master->ats_enabled: the driver's view, set at commit
         self.pci_ats = False  # the Enable bit of the device's PCI ATS capability
@@ -186,6 +191,9 @@ class SmmuDevice:
         # arm_smmu_dbm_capable(): HD and a coherent SMMU (IDR0.COHACC)
         self.dbm_capable = self.feat_hd and bool(idr0 & R.IDR0_COHACC)
         self.feat_cd2l = bool(idr0 & R.IDR0_CD2L)
+        stall_model = get(idr0, 25, 24)  # 0: stalls supported, 2: forced, 1: none
+        self.feat_stall_force = stall_model == 2
+        self.feat_stalls = stall_model in (0, 2)
         self.ssid_bits = get(idr1, 10, 6)
         self._abort_retries = 0
         sid_bits = hw.sid_bits
@@ -303,17 +311,67 @@ class SmmuDevice:
             mmio.write(R.EVENTQ_CONS, (prod & R.Q_OVERFLOW) | ((cons + 1) & mask), 4)
 
     def handle_event(self, raw: bytes) -> None:
+        """arm_smmu_handle_event(): a stalled fault goes to IOPF (iommu_report_device_fault),
+        a fault of a nested master to its vSMMU's vEVENTQ, anything else to the log."""
         event = E.Event.decode(raw)
         self.host_events.append(event)
         if event.id not in E.FORWARDED_TO_VIOMMU:
             return
         master = self.masters.get(event.sid)
-        if master is None or master.vmaster is None or event.s2:
+        if master is None:
+            return
+        if event.stall:
+            self.report_iopf(master, event)
+            return
+        if master.vmaster is None or event.s2:
             return
         vsmmu, vsid = master.vmaster
         core = vsmmu.core
         if core is not None and core.report_event(VEVENTQ_TYPE, E.replace_sid(raw, vsid)):
             self.forwarded += 1
+
+    # -- IO page faults: iommu_report_device_fault() and arm_smmu_page_response() ------------
+    def report_iopf(self, master: Master, event: E.Event) -> None:
+        """A stalled transaction as a one-page IOPF group (LAST_PAGE, grpid = STAG) to the
+        FAULT queue of the HWPT attached at its SSID (a PASID with none: the RID's nested
+        HWPT, since SMMUv3 has a user PASID table); with no fault-capable HWPT there the
+        request is answered at once (iopf_error_response: INVALID, a RESUME with ABORT)."""
+        pasid = event.ssid
+        domain: Domain | None = master.domain
+        if pasid is not None:
+            domain = master.pasid_domains.get(pasid)
+            if domain is None and master.domain is not None:
+                domain = master.domain if master.domain.type == DomainType.NESTED else None
+        hwpt = None if domain is None else domain.hwpt
+        queue = None if hwpt is None else hwpt.fault
+        idev = (
+            None if hwpt is None else next((d for d in hwpt.devices if d.dev is master.dev), None)
+        )
+        if queue is None or idev is None:
+            self.page_response(master, event.stag, U.IOMMUFD_PAGE_RESP_INVALID)
+            return
+        flags = U.IOMMU_PGFAULT_FLAGS_LAST_PAGE
+        if pasid is not None:
+            flags |= U.IOMMU_PGFAULT_FLAGS_PASID_VALID
+        perm = U.IOMMU_PGFAULT_PERM_READ if event.read else U.IOMMU_PGFAULT_PERM_WRITE
+        fault = U.IommuHwptPgfault(
+            flags=flags,
+            dev_id=idev.id,
+            pasid=pasid or 0,
+            grpid=event.stag,
+            perm=perm,
+            addr=event.input_addr,
+            length=0,  # iommufd_compose_fault_message()
+        )
+        queue.report(idev, pasid, event.stag, [fault])
+
+    def page_response(self, master: Master, stag: int, code: int) -> None:
+        """arm_smmu_page_response(): CMD_RESUME of the STAG, RETRY for success, ABORT for
+        an invalid or failed response; no CMD_SYNC (it does nothing for RESUME)."""
+        if not master.stall_enabled:
+            return  # the kernel WARNs: only stalling masters get page responses
+        resp = RESUME_RETRY if code == U.IOMMUFD_PAGE_RESP_SUCCESS else RESUME_ABORT
+        self.issue([C.resume(master.sid, stag, resp)], sync=False)
 
     # -- stream table ---------------------------------------------------------------------------
     def ensure_l2(self, sid: int) -> None:
@@ -398,13 +456,14 @@ class SmmuDevice:
         return master.cd_table is not None and master.cd_table.used_ssids > 0
 
     # -- STE / CD builders ------------------------------------------------------------------------
-    def make_s1_cd(self, domain: SmmuDomain) -> list[int]:
+    def make_s1_cd(self, domain: SmmuDomain, master: Master) -> list[int]:
         """arm_smmu_make_s1_cd(): a 48-bit, 4 KiB-granule, write-back TTB0 context; HA and HD
         only for a dirty-tracking domain (IO_PGTABLE_QUIRK_ARM_HD)."""
         cd = Cd(v=True, aa64=True, r=True, a=True, aset=True, epd1=True, asid=domain.asid)
         cd.t0sz, cd.tg0, cd.ips, cd.sh0 = 64 - VA_BITS, TG0_4K, IPS_48, SH_ISH
         cd.ir0 = cd.or0 = IRGN_WBWA
         cd.ha = cd.hd = domain.dirty_tracking
+        cd.s = master.stall_enabled
         cd.ttb0, cd.mair = domain.pgtable.root, MAIR_VALUE
         return cd.encode()
 
@@ -426,6 +485,7 @@ class SmmuDevice:
             s1csh=SH_ISH,
             eats=EATS_TRANS if ats else 0,
             strw=STRW_NSEL1,
+            s1stalld=self.feat_stalls and not master.stall_enabled,
         )
         if self.feat_attr_types_ovr and s1dss == S1DSS_BYPASS:
             ste.shcfg = SHCFG_INCOMING
@@ -450,6 +510,7 @@ class SmmuDevice:
             s2ps=IPS_48,
             s2aa64=True,
             s2r=True,
+            s2s=master.stall_enabled,
             s2ptw=True,
             s2ttb=domain.pgtable.root,
         )
@@ -547,7 +608,7 @@ class SmmuDevice:
         state = AttachState(master, master.domain)
         self.attach_prepare(state, domain)
         if domain.stage == 1:
-            self.write_cd(master, 0, self.make_s1_cd(domain))
+            self.write_cd(master, 0, self.make_s1_cd(domain, master))
             self.write_ste(master, self.make_cdtable_ste(master, state.ats_enabled))
         else:
             self.write_ste(master, self.make_s2_ste(master, domain, state.ats_enabled))
@@ -585,7 +646,7 @@ class SmmuDevice:
         self.cd_table(master, pasid)
         state = AttachState(master, master.pasid_domains.get(pasid), ssid=pasid)
         self.attach_prepare(state, domain)
-        self.write_cd(master, pasid, self.make_s1_cd(domain))
+        self.write_cd(master, pasid, self.make_s1_cd(domain, master))
         if not (master.cd_in_ste and master.ste_ats_enabled == state.ats_enabled):
             # arm_smmu_update_ste(): the RID is blocked here (the model has no identity)
             ste = self.make_cdtable_ste(master, state.ats_enabled, S1DSS_TERMINATE)
