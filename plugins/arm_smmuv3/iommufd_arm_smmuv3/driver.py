@@ -61,6 +61,7 @@ PROBE_OPTIONS = {
     "canwbs",
     "cd2l",
     "stall_force",
+    "pri",
 }
 PAGING_FLAGS = (
     U.IOMMU_HWPT_ALLOC_NEST_PARENT | U.IOMMU_HWPT_ALLOC_DIRTY_TRACKING | U.IOMMU_HWPT_ALLOC_PASID

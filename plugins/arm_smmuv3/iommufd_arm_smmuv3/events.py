@@ -131,6 +131,51 @@ class Event:
         )
 
 
+PRI_SIZE = 16
+PRIQ0_SSID_V = bit(63)
+PRIQ0_PRG_LAST = bit(62)
+PRIQ0_PERM_WRITE = bit(61)
+PRIQ0_PERM_READ = bit(60)
+
+
+@attrs.define(slots=True)
+class PageRequest:
+    """A PRI queue record (16 bytes): a device's PCIe page request as the SMMU queues it.
+
+    Word 0: StreamID [31:0], SubstreamID [51:32], Priv [58], Exec [59], Read [60],
+    Write [61], Last [62], SSV [63]. Word 1: PRG index [8:0], Addr [63:12].
+    """
+
+    sid: int
+    addr: int
+    grpid: int
+    last: bool = True
+    read: bool = True
+    write: bool = False
+    ssid: int | None = None
+
+    def encode(self) -> bytes:
+        w0 = put(self.sid, 31, 0)
+        if self.ssid is not None:
+            w0 |= PRIQ0_SSID_V | put(self.ssid, 51, 32)
+        w0 |= (PRIQ0_PRG_LAST if self.last else 0) | (PRIQ0_PERM_READ if self.read else 0)
+        w0 |= PRIQ0_PERM_WRITE if self.write else 0
+        return pack([w0, put(self.grpid, 8, 0) | (self.addr & mask(63, 12))])
+
+    @classmethod
+    def decode(cls, data: bytes) -> PageRequest:
+        w0, w1 = words(data[:PRI_SIZE])
+        return cls(
+            sid=get(w0, 31, 0),
+            addr=w1 & mask(63, 12),
+            grpid=get(w1, 8, 0),
+            last=bool(w0 & PRIQ0_PRG_LAST),
+            read=bool(w0 & PRIQ0_PERM_READ),
+            write=bool(w0 & PRIQ0_PERM_WRITE),
+            ssid=get(w0, 51, 32) if w0 & PRIQ0_SSID_V else None,
+        )
+
+
 def replace_sid(data: bytes, sid: int) -> bytes:
     """The record with StreamID replaced (what the vSMMU reports: the guest's vSID)."""
     w0 = int.from_bytes(data[:8], "little")

@@ -78,6 +78,7 @@ class Smmuv3(IommuHw):
         canwbs: bool = True,
         cd2l: bool = True,
         stall_force: bool = False,
+        pri: bool = False,
     ) -> None:
         super().__init__(machine, index)
         # Firmware's word, not a register: IORT marks the root complex behind this SMMU as
@@ -107,6 +108,7 @@ class Smmuv3(IommuHw):
             | (R.IDR0_STALL_FORCE if stall_force else R.IDR0_STALL_NONE)
             | R.IDR0_ST_LVL_2LVL
             | (R.IDR0_CD2L if cd2l else 0)
+            | (R.IDR0_PRI if pri else 0)
             | (
                 R.IDR0_HTTU_ACCESS_DIRTY
                 if hw_dirty
@@ -121,6 +123,7 @@ class Smmuv3(IommuHw):
             | (ssid_bits << R.IDR1_SSIDSIZE_SHIFT)
             | (19 << R.IDR1_EVTQS_SHIFT)
             | (19 << R.IDR1_CMDQS_SHIFT)
+            | ((19 if pri else 0) << R.IDR1_PRIQS_SHIFT)
         )
         ids = {
             "IDR0": idr0,
@@ -146,6 +149,11 @@ class Smmuv3(IommuHw):
         self._cmdq_log2 = 0
         self._evtq: MemRing | None = None
         self._evtq_log2 = 0
+        self.priq_on = False
+        self._priq: MemRing | None = None
+        self._priq_log2 = 0
+        self.priq_irq: list[Callable[[], None]] = []
+        self.page_requests_lost = 0
         # Observable side channels: interrupts, events seen, commands executed.
         self.evtq_irq: list[Callable[[], None]] = []
         self.gerror_irq: list[Callable[[], None]] = []
@@ -178,6 +186,13 @@ class Smmuv3(IommuHw):
             self._evtq = MemRing(
                 self.memory, base & R.Q_BASE_ADDR, E.EVENT_SIZE, 1 << self._evtq_log2
             )
+        if new & R.CR0_PRIQEN and not self.priq_on and m["IDR0"] & R.IDR0_PRI:
+            base = m["PRIQ_BASE"]
+            self._priq_log2 = min(base & R.Q_BASE_LOG2SIZE, 19)
+            self._priq = MemRing(
+                self.memory, base & R.Q_BASE_ADDR, E.PRI_SIZE, 1 << self._priq_log2
+            )
+        self.priq_on = bool(new & R.CR0_PRIQEN) and bool(m["IDR0"] & R.IDR0_PRI)
         self.enabled = bool(new & R.CR0_SMMUEN)
         self.cmdq_on = bool(new & R.CR0_CMDQEN)
         self.evtq_on = bool(new & R.CR0_EVTQEN)
@@ -352,6 +367,38 @@ class Smmuv3(IommuHw):
         if self.irq_ctrl & R.IRQ_CTRL_EVTQ_IRQEN:
             for handler in list(self.evtq_irq):
                 handler()
+
+    def page_request(
+        self,
+        dev: PciDevice,
+        addr: int,
+        grpid: int,
+        *,
+        last: bool = True,
+        write: bool = False,
+        pasid: int | None = None,
+    ) -> bool:
+        """A PCIe page request from ``dev`` (its PRI capability): queued at PRIQ_PROD, the
+        PRIQ interrupt raised; False when the queue is off or full (the request is lost)."""
+        ring = self._priq
+        if not self.priq_on or ring is None:
+            self.page_requests_lost += 1
+            return False
+        m = self.mmio
+        log2 = self._priq_log2
+        wrap_mask = (1 << (log2 + 1)) - 1
+        prod, cons = m["PRIQ_PROD"], m["PRIQ_CONS"]
+        if (prod & wrap_mask) ^ (cons & wrap_mask) == 1 << log2:
+            self.page_requests_lost += 1
+            m.set("PRIQ_PROD", (prod & ~R.Q_OVERFLOW) | (~cons & R.Q_OVERFLOW))
+            return False
+        req = E.PageRequest(dev.rid, addr, grpid, last, not write, write, pasid)
+        ring.write(prod & wrap_mask, req.encode())
+        m.set("PRIQ_PROD", (prod & R.Q_OVERFLOW) | ((prod + 1) & wrap_mask))
+        if self.irq_ctrl & R.IRQ_CTRL_PRIQ_IRQEN:
+            for handler in list(self.priq_irq):
+                handler()
+        return True
 
     # -- configuration fetch ----------------------------------------------------------------------
     def fetch_ste(self, sid: int) -> Ste:

@@ -72,6 +72,8 @@ if TYPE_CHECKING:
 STRTAB_SPLIT = 8  # each level-2 table covers one PCI bus (256 StreamIDs)
 CMDQ_LOG2 = 8  # 256 commands: one page
 EVTQ_LOG2 = 7  # 128 records: one page
+PRIQ_LOG2 = 8  # 256 page requests: one page
+PRI_RESP_DENY = 0
 CMDQ_BATCH_ENTRIES = 64  # BITS_PER_LONG, as arm_vsmmu_cache_invalidate batches
 MSI_IOVA_BASE = 0x8000000  # the software MSI window every SMMU device reserves
 MSI_IOVA_LENGTH = 0x100000
@@ -203,6 +205,11 @@ class SmmuDevice:
         self.l2: dict[int, int] = {}
         self.cmdq = MemRing(mem, mem.alloc_frame() << PAGE_SHIFT, C.CMD_SIZE, 1 << CMDQ_LOG2)
         self.evtq = MemRing(mem, mem.alloc_frame() << PAGE_SHIFT, E.EVENT_SIZE, 1 << EVTQ_LOG2)
+        self.feat_pri = bool(hw.mmio.read(R.IDR0, 4) & R.IDR0_PRI)
+        self.priq: MemRing | None = None
+        if self.feat_pri:
+            self.priq = MemRing(mem, mem.alloc_frame() << PAGE_SHIFT, E.PRI_SIZE, 1 << PRIQ_LOG2)
+        self.page_requests: list[E.PageRequest] = []  # "unexpected PRI request" in dmesg
         self._reset(sid_bits)
 
     # -- probe: arm_smmu_device_reset() ---------------------------------------------------------
@@ -229,10 +236,18 @@ class SmmuDevice:
         w(R.EVENTQ_CONS, 0, 4)
         enables |= R.CR0_EVTQEN
         w(R.CR0, enables, 4)
+        if self.priq is not None:
+            hw.priq_irq.append(self.priq_thread)
+            w(R.PRIQ_BASE, R.Q_BASE_RA | self.priq.base | PRIQ_LOG2)
+            w(R.PRIQ_PROD, 0, 4)
+            w(R.PRIQ_CONS, 0, 4)
+            enables |= R.CR0_PRIQEN
+            w(R.CR0, enables, 4)
         if self.feat_ats:
             enables |= R.CR0_ATSCHK
             w(R.CR0, enables, 4)
-        w(R.IRQ_CTRL, R.IRQ_CTRL_GERROR_IRQEN | R.IRQ_CTRL_EVTQ_IRQEN, 4)
+        irqs = R.IRQ_CTRL_GERROR_IRQEN | R.IRQ_CTRL_EVTQ_IRQEN
+        w(R.IRQ_CTRL, irqs | (R.IRQ_CTRL_PRIQ_IRQEN if self.priq is not None else 0), 4)
         w(R.CR0, enables | R.CR0_SMMUEN, 4)
 
     @staticmethod
@@ -309,6 +324,23 @@ class SmmuDevice:
             raw = self.evtq.read(cons & mask)
             self.handle_event(raw)
             mmio.write(R.EVENTQ_CONS, (prod & R.Q_OVERFLOW) | ((cons + 1) & mask), 4)
+
+    def priq_thread(self) -> None:
+        """arm_smmu_priq_thread() / arm_smmu_handle_ppr(): 7.2 does not serve PCIe page
+        requests; each is logged and the last of a group answered with PRI_RESP DENY."""
+        assert self.priq is not None
+        mmio = self.hw.mmio
+        mask = (1 << (PRIQ_LOG2 + 1)) - 1
+        while True:
+            prod = mmio.read(R.PRIQ_PROD, 4)
+            cons = mmio.read(R.PRIQ_CONS, 4)
+            if (prod & mask) == (cons & mask):
+                break
+            req = E.PageRequest.decode(self.priq.read(cons & mask))
+            self.page_requests.append(req)
+            if req.last:
+                self.issue([C.pri_resp(req.sid, req.grpid, PRI_RESP_DENY, req.ssid)], sync=False)
+            mmio.write(R.PRIQ_CONS, (prod & R.Q_OVERFLOW) | ((cons + 1) & mask), 4)
 
     def handle_event(self, raw: bytes) -> None:
         """arm_smmu_handle_event(): a stalled fault goes to IOPF (iommu_report_device_fault),

@@ -44,6 +44,9 @@ EVENTQ_CONS = 0xAC
 EVENTQ_IRQ_CFG0 = 0xB0
 EVENTQ_IRQ_CFG1 = 0xB8
 EVENTQ_IRQ_CFG2 = 0xBC
+PRIQ_BASE = 0xC0  # the PRI queue (PROD/CONS on page 0 in this model, as the EVENTQ's)
+PRIQ_PROD = 0xC8
+PRIQ_CONS = 0xCC
 
 # -- IDR0 ---------------------------------------------------------------------------------
 IDR0_S2P = bit(0)  # stage-2 translation supported
@@ -57,6 +60,7 @@ IDR0_ASID16 = bit(12)
 IDR0_MSI = bit(13)
 IDR0_SEV = bit(14)
 IDR0_VMID16 = bit(18)
+IDR0_PRI = bit(16)  # page request interface: a PRI queue
 IDR0_CD2L = bit(19)  # 2-level CD tables
 IDR0_TTENDIAN_LE = put(2, 22, 21)  # little-endian tables only
 IDR0_STALL_NONE = put(1, 25, 24)  # STALL_MODEL: stalling not supported
@@ -66,6 +70,7 @@ IDR0_ST_LVL_2LVL = put(1, 28, 27)  # linear and 2-level stream tables
 # -- IDR1 / IDR3 / IDR5 -----------------------------------------------------------------------
 IDR1_SIDSIZE_SHIFT = 0  # bits 5:0
 IDR1_SSIDSIZE_SHIFT = 6  # bits 10:6
+IDR1_PRIQS_SHIFT = 11  # bits 15:11: log2 of the largest PRI queue
 IDR1_EVTQS_SHIFT = 16  # bits 20:16: log2 of the largest event queue
 IDR1_CMDQS_SHIFT = 21  # bits 25:21: log2 of the largest command queue
 IDR1_ATTR_TYPES_OVR = bit(27)  # STE.SHCFG/MTCFG/ALLOCCFG overrides implemented
@@ -88,6 +93,7 @@ CR2_PTM = bit(2)  # private TLB maintenance: broadcast TLBIs ignored
 GBPA_ABORT = bit(20)
 GBPA_UPDATE = bit(31)
 IRQ_CTRL_GERROR_IRQEN = bit(0)
+IRQ_CTRL_PRIQ_IRQEN = bit(1)
 IRQ_CTRL_EVTQ_IRQEN = bit(2)
 
 # -- global errors (toggle bits: active while GERROR differs from GERRORN) --------------------
@@ -161,4 +167,7 @@ def build(hw: RegisterSide, name: str, ids: dict[str, int]) -> Mmio:
     mmio.define("EVENTQ_IRQ_CFG0", EVENTQ_IRQ_CFG0, writable=mask(51, 2))
     mmio.define("EVENTQ_IRQ_CFG1", EVENTQ_IRQ_CFG1, width=4)
     mmio.define("EVENTQ_IRQ_CFG2", EVENTQ_IRQ_CFG2, width=4, writable=mask(5, 0))
+    mmio.define("PRIQ_BASE", PRIQ_BASE, writable=Q_BASE_RA | Q_BASE_ADDR | Q_BASE_LOG2SIZE)
+    mmio.define("PRIQ_PROD", PRIQ_PROD, width=4, writable=mask(19, 0))
+    mmio.define("PRIQ_CONS", PRIQ_CONS, width=4, writable=Q_OVERFLOW | mask(19, 0))
     return mmio
