@@ -138,7 +138,7 @@ PRIQ0_PERM_WRITE = bit(61)
 PRIQ0_PERM_READ = bit(60)
 
 
-@attrs.define(slots=True)
+@attrs.define
 class PageRequest:
     """A PRI queue record (16 bytes): a device's PCIe page request as the SMMU queues it.
 
