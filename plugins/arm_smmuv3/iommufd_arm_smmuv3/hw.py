@@ -19,6 +19,7 @@ from iommufd_arm_smmuv3.cmdqv import Cmdqv
 from iommufd_arm_smmuv3.ste import (
     CFG_ABORT,
     CFG_BYPASS,
+    EATS_TRANS,
     L1_L2PTR,
     L1CD_L2PTR,
     L1CD_V,
@@ -45,6 +46,7 @@ WALKER = "iommufd_arm_smmuv3.walk"
 TAG_S1 = 1  # (TAG_S1, vmid, asid): stage-1 and nested translations
 TAG_S2 = 2  # (TAG_S2, vmid): stage-2-only translations
 
+ATC_CAPACITY = 64  # entries of a device's ATC (the model's choice)
 AIDR_SMMUV3_2 = 0x02  # ArchMajorRev 0 (SMMUv3), ArchMinorRev 2
 IIDR_ARM = 0x43B  # Implementer: Arm
 
@@ -93,6 +95,9 @@ class Smmuv3(IommuHw):
         self.stalled: dict[tuple[int, int], tuple[int, bool, int | None]] = {}
         self.resumes: list[tuple[int, int, int]] = []  # (StreamID, STAG, RESP) executed
         self._next_stag = 0
+        # Device ATCs (ATS enabled in the device), by StreamID; tags are the PASID or -1.
+        self.atcs: dict[int, Iotlb] = {}
+        self.atc_hits = 0
         self.oas_bits = 48
         idr0 = (
             R.IDR0_S1P
@@ -318,6 +323,7 @@ class Smmuv3(IommuHw):
         elif opcode == C.ATC_INV:
             ssid = get(w0, 31, 12) if w0 & C.CMD0_SSV else None
             self.atc_invalidations.append((sid, ssid, w1 & C.CMD1_ATC_ADDR, get(w1, 5, 0)))
+            self._atc_inv(sid, ssid, w1 & C.CMD1_ATC_ADDR, get(w1, 5, 0))
         elif opcode == C.PRI_RESP:
             resp = get(w1, 13, 12)
             if resp == 3:
@@ -509,6 +515,15 @@ class Smmuv3(IommuHw):
             if self.gbpa_abort:
                 raise self.fault(dev, iova, write, pasid, "SMMU disabled, GBPA.ABORT")
             return self._bypass(dev, iova, pasid, write)
+        atc = self.atcs.get(dev.rid)
+        if atc is not None:
+            return self._ats(atc, dev, iova, pasid, write)
+        return self._translate_smmu(dev, iova, pasid, write)
+
+    def _translate_smmu(
+        self, dev: PciDevice, iova: int, pasid: int | None, write: bool
+    ) -> tuple[int, int]:
+        """The SMMU's own translation of an untranslated request (or an ATS request)."""
         sid = dev.rid
         try:
             ste = self.fetch_ste(sid)
@@ -526,10 +541,61 @@ class Smmuv3(IommuHw):
             raise self.fault(dev, iova, write, pasid, cf.reason) from None
         return self._translate_walk(dev, ste, cd, sid, iova, pasid, write)
 
+    # -- the device's ATC (ATS) -------------------------------------------------------------------
+    def pci_ats(self, dev: PciDevice, enable: bool) -> None:
+        """The Enable bit of ``dev``'s ATS capability (a config write by its driver): with it
+        set the device caches translations in its own ATC; clearing it empties the ATC."""
+        if not enable:
+            self.atcs.pop(dev.rid, None)
+        elif dev.ats and dev.rid not in self.atcs:
+            self.atcs[dev.rid] = Iotlb(ATC_CAPACITY)
+
+    def _ats(
+        self, atc: Iotlb, dev: PciDevice, iova: int, pasid: int | None, write: bool
+    ) -> tuple[int, int]:
+        """A DMA of an ATS-enabled device: a hit in its ATC goes out as a translated
+        transaction, which the SMMU only lets through when the stream's STE has EATS = TRANS
+        (CR0.ATSCHK); a miss is a translation request (the full translation, with its
+        faults), whose answer the device caches. Only ATC_INV removes ATC entries."""
+        tag = -1 if pasid is None else pasid
+        need = 2 if write else 1
+        hit = atc.lookup(tag, iova)
+        if hit is not None and hit.perm & need:
+            try:
+                eats = self.fetch_ste(dev.rid).eats
+            except ConfigFault:
+                eats = 0
+            if self.mmio["CR0"] & R.CR0_ATSCHK and eats != EATS_TRANS:
+                raise self.fault(dev, iova, write, pasid, "translated transaction, EATS off")
+            self.atc_hits += 1
+            off = iova & ((1 << hit.shift) - 1)
+            return hit.pa + off, (1 << hit.shift) - off
+        pa, run = self._translate_smmu(dev, iova, pasid, write)  # the translation request
+        ste = self.ste_cache.get(dev.rid)
+        if ste is not None and ste.eats == EATS_TRANS:  # else the request got UR: not cached
+            base = pa & ~0xFFF
+            prev = 0 if hit is None or hit.pa != base else hit.perm
+            atc.insert(tag, iova, TlbEntry(base, 12, prev | need, 0))
+        return pa, run
+
+    def _atc_inv(self, sid: int, ssid: int | None, addr: int, size_log2: int) -> None:
+        """ATC_INV: the device drops the entries of the span (SSV clear: of every PASID)."""
+        atc = self.atcs.get(sid)
+        if atc is None:
+            return
+        first = addr & ~((1 << (12 + size_log2)) - 1) if size_log2 < 52 else 0
+        last = first + (1 << (12 + size_log2)) - 1 if size_log2 < 52 else (1 << 64) - 1
+
+        def match(tag: Hashable) -> bool:
+            return ssid is None or tag == ssid
+
+        atc.flush_range(match, first, last)
+
     def iotlb_fast(self, dev: PciDevice, pasid: int | None, write: bool) -> FastPath | None:
         """After a translation of ``dev``: the TLB tag of its requests, from the STE and CD
-        caches that translation filled (None when it bypassed or its configuration faults)."""
-        if not self.enabled:
+        caches that translation filled (None when it bypassed or its configuration faults,
+        or when the device's own ATC answers its requests)."""
+        if not self.enabled or dev.rid in self.atcs:
             return None
         try:
             ste = self.fetch_ste(dev.rid)

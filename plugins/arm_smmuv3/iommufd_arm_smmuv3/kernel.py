@@ -600,6 +600,7 @@ class SmmuDevice:
             new_dd.invs.merge(state.new_build)
         if not state.ats_enabled and master.ats_enabled:
             master.pci_ats = False  # pci_disable_ats() before the STE says EATS = 0
+            self.hw.pci_ats(master.dev, False)
 
     def attach_commit(self, state: AttachState) -> None:
         """Flush the ATC as ATS changes, then drop the master from the old domain's array
@@ -608,6 +609,7 @@ class SmmuDevice:
         if state.ats_enabled and not master.ats_enabled:
             self.atc_inv_master(master, 0)  # arm_smmu_enable_ats(): ATC clean before enable
             master.pci_ats = True
+            self.hw.pci_ats(master.dev, True)
         elif state.ats_enabled and master.ats_enabled:
             self.atc_inv_master(master, state.ssid)
         elif not state.ats_enabled and master.ats_enabled:
