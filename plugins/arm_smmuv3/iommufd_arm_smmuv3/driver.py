@@ -309,8 +309,15 @@ class ArmSmmuV3Driver:
         # out_max_pasid_log2: the core's dev->iommu->max_pasids, the smaller of the
         # device's PASID width and 1 << IDR1.SSIDSIZE
         max_pasid_log2 = min(dev.pasid_bits, smmu_of(iommu).ssid_bits)
-        caps = U.IOMMU_HW_CAP_DIRTY_TRACKING if smmu_of(iommu).dbm_capable else 0
-        return api.HwInfo(U.IOMMU_HW_INFO_TYPE_ARM_SMMUV3, info.pack(), caps, max_pasid_log2)
+        smmu = smmu_of(iommu)
+        caps = U.IOMMU_HW_CAP_DIRTY_TRACKING if smmu.dbm_capable else 0
+        return api.HwInfo(
+            U.IOMMU_HW_INFO_TYPE_ARM_SMMUV3,
+            info.pack(),
+            caps,
+            max_pasid_log2,
+            ats_supported=smmu.ats_supported(master_of(dev)),  # IOMMU_CAP_PCI_ATS_SUPPORTED
+        )
 
     # -- paging domains -------------------------------------------------------------------------
     @hookimpl
