@@ -312,35 +312,33 @@ class SmmuDevice:
                     self.cmdq.write(index, C.encode(C.cmd_sync(C.CS_SEV)))
         mmio.write(R.GERRORN, gerror, 4)
 
-    def evtq_thread(self) -> None:
-        """arm_smmu_evtq_thread(): drain the event queue, forward what belongs to a vSMMU."""
+    def _drain(self, ring: MemRing, prod_reg: int, cons_reg: int, log2: int, handle: Any) -> None:
+        """Consume a hardware-written queue from CONS to PROD, acknowledging overflow."""
         mmio = self.hw.mmio
-        mask = (1 << (EVTQ_LOG2 + 1)) - 1
+        mask = (1 << (log2 + 1)) - 1
         while True:
-            prod = mmio.read(R.EVENTQ_PROD, 4)
-            cons = mmio.read(R.EVENTQ_CONS, 4)
+            prod = mmio.read(prod_reg, 4)
+            cons = mmio.read(cons_reg, 4)
             if (prod & mask) == (cons & mask):
                 break
-            raw = self.evtq.read(cons & mask)
-            self.handle_event(raw)
-            mmio.write(R.EVENTQ_CONS, (prod & R.Q_OVERFLOW) | ((cons + 1) & mask), 4)
+            handle(ring.read(cons & mask))
+            mmio.write(cons_reg, (prod & R.Q_OVERFLOW) | ((cons + 1) & mask), 4)
+
+    def evtq_thread(self) -> None:
+        """arm_smmu_evtq_thread(): drain the event queue, forward what belongs to a vSMMU."""
+        self._drain(self.evtq, R.EVENTQ_PROD, R.EVENTQ_CONS, EVTQ_LOG2, self.handle_event)
 
     def priq_thread(self) -> None:
         """arm_smmu_priq_thread() / arm_smmu_handle_ppr(): 7.2 does not serve PCIe page
         requests; each is logged and the last of a group answered with PRI_RESP DENY."""
         assert self.priq is not None
-        mmio = self.hw.mmio
-        mask = (1 << (PRIQ_LOG2 + 1)) - 1
-        while True:
-            prod = mmio.read(R.PRIQ_PROD, 4)
-            cons = mmio.read(R.PRIQ_CONS, 4)
-            if (prod & mask) == (cons & mask):
-                break
-            req = E.PageRequest.decode(self.priq.read(cons & mask))
-            self.page_requests.append(req)
-            if req.last:
-                self.issue([C.pri_resp(req.sid, req.grpid, PRI_RESP_DENY, req.ssid)], sync=False)
-            mmio.write(R.PRIQ_CONS, (prod & R.Q_OVERFLOW) | ((cons + 1) & mask), 4)
+        self._drain(self.priq, R.PRIQ_PROD, R.PRIQ_CONS, PRIQ_LOG2, self.handle_ppr)
+
+    def handle_ppr(self, raw: bytes) -> None:
+        req = E.PageRequest.decode(raw)
+        self.page_requests.append(req)
+        if req.last:
+            self.issue([C.pri_resp(req.sid, req.grpid, PRI_RESP_DENY, req.ssid)], sync=False)
 
     def handle_event(self, raw: bytes) -> None:
         """arm_smmu_handle_event(): a stalled fault goes to IOPF (iommu_report_device_fault),
