@@ -116,3 +116,29 @@ def test_hw_info_reports_ats_not_supported(driver: str, ats: bool) -> None:
     caps = fd.hw_info(fd.bind(dev)).capabilities
     supported = ats and driver != "mock"
     assert bool(caps & U.IOMMU_HW_CAP_PCI_ATS_NOT_SUPPORTED) is not supported
+
+
+def test_event_fd_read_sizes() -> None:
+    """eventq.c: a vEVENTQ read below one header is EINVAL even when empty; a fault-queue
+    read that is not whole iommu_hwpt_pgfault records is ESPIPE."""
+    w = World()
+    ioas = w.fd.ioas_alloc()
+    parent = w.fd.hwpt_alloc(w.dev_id, ioas, flags=NEST)
+    viommu = w.fd.viommu_alloc(w.dev_id, parent, T.IOMMU_VIOMMU_TYPE_SELFTEST)
+    _, qfd = w.fd.veventq_alloc(viommu, T.IOMMU_VEVENTQ_TYPE_SELFTEST, 2)
+    vq = w.proc.files[qfd]
+    for count in (0, 7):  # struct iommufd_vevent_header is 8 bytes
+        assert _errno(vq.read, count) == errno.EINVAL  # type: ignore[attr-defined]
+    assert vq.read(8) == b""  # type: ignore[attr-defined]
+    _, ffd = w.fd.fault_queue_alloc()
+    fq = w.proc.files[ffd]
+    assert _errno(fq.read, 1) == errno.ESPIPE  # type: ignore[attr-defined]
+    assert fq.read(0) == b""  # type: ignore[attr-defined]
+
+
+def _errno(fn: object, *a: object) -> int:
+    try:
+        fn(*a)  # type: ignore[operator]
+    except OSError as exc:
+        return exc.errno or -1
+    return 0

@@ -104,7 +104,8 @@ class Fault(_EventObject):
 
     def fops_read(self, count: int) -> bytes:
         if count % PGFAULT_SIZE:
-            raise err(errno.ESPIPE if count < 0 else errno.EINVAL, "read size must be whole faults")
+            # iommufd_fault_fops_read() (Linux 7.2): ESPIPE, not EINVAL
+            raise err(errno.ESPIPE, "read size must be whole faults")
         out = bytearray()
         while self.deliver:
             group = self.deliver[0]
@@ -202,6 +203,9 @@ class Veventq(_EventObject):
         notify_event()
 
     def fops_read(self, count: int) -> bytes:
+        if count < HEADER_SIZE:
+            # iommufd_veventq_fops_read(): the minimum read is one vEVENT header
+            raise err(errno.EINVAL, "read shorter than a vEVENT header")
         out = bytearray()
         while self.events:
             ev = self.events[0]
