@@ -455,13 +455,33 @@ def _get_dirty_bitmap(ucmd: Ucmd) -> None:
                 cache.setdefault(lo + i, byte)
         return True
 
-    for span in byte_spans(walk(False)):
-        load(*span)
+    def groups(spans: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+        """Spans whose bitmap bytes touch, together: one read and one write each."""
+        out: list[list[tuple[int, int]]] = []
+        for span in sorted(spans):
+            if out and span[0] >> 3 <= (out[-1][-1][1] >> 3) + 1:
+                out[-1].append(span)
+            else:
+                out.append([span])
+        return out
+
+    def parts(group: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+        """The group at once when its bytes are all mapped, else span by span."""
+        whole = (group[0][0], max(last for _, last in group))
+        return [group] if load(*whole) else [[span] for span in group]
+
+    for group in groups(byte_spans(walk(False))):
+        for part in parts(group):
+            for span in part:
+                load(*span)
     clear = not cmd.flags & U.IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR
-    for first_bit, last_bit in byte_spans(walk(True) if clear else walk(False)):
-        if not load(first_bit, last_bit):
-            continue
-        for bit in range(first_bit, last_bit + 1):
-            cache[cmd.data + (bit >> 3)] |= 1 << (bit & 7)
-        lo, hi = cmd.data + (first_bit >> 3), cmd.data + (last_bit >> 3)
-        ucmd.caller.write(lo, bytes(cache[a] for a in range(lo, hi + 1)), pinned=True)
+    for group in groups(byte_spans(walk(True) if clear else walk(False))):
+        for part in parts(group):
+            if len(part) == 1 and not load(*part[0]):
+                continue
+            for first_bit, last_bit in part:
+                for bit in range(first_bit, last_bit + 1):
+                    cache[cmd.data + (bit >> 3)] |= 1 << (bit & 7)
+            lo = cmd.data + (part[0][0] >> 3)
+            hi = cmd.data + (max(last for _, last in part) >> 3)
+            ucmd.caller.write(lo, bytes(cache[a] for a in range(lo, hi + 1)), pinned=True)
