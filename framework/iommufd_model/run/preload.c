@@ -515,7 +515,7 @@ static void report_unmap(void *addr, size_t len)
 	call(&r, NULL);
 }
 
-static void report_shared(void *addr, size_t len, int fd, off_t off)
+static void report_shared(void *addr, size_t len, int fd, off_t off, int huge)
 {
 	struct req r = { .op = OP_MAP_SHARED };
 
@@ -523,6 +523,7 @@ static void report_shared(void *addr, size_t len, int fd, off_t off)
 	r.a[1] = len;
 	r.a[2] = (uint64_t)fd;
 	r.a[3] = (uint64_t)off;
+	r.a[4] = (uint64_t)huge;
 	call(&r, NULL);
 }
 
@@ -574,7 +575,7 @@ void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off)
 {
 	long id = model_id(fd);
 	void *p;
-	int mfd, saved;
+	int mfd, saved, huge = !!(flags & MAP_HUGETLB);
 
 	if (id >= 0)
 		return model_mmap(id, addr, len, prot, flags, off);
@@ -601,13 +602,14 @@ void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off)
 		p = raw_mmap(addr, len, prot, flags, fd, off);
 		if (p != MAP_FAILED) {
 			saved = errno;
-			report_shared(p, len, fd, off);
+			report_shared(p, len, fd, off, 0);
 			errno = saved;
 		}
 		return p;
 	}
 	/* Shared anonymous memory becomes a memfd, so that the server can reach its pages
-	 * from any process of the run, and after the one that pinned them is gone. */
+	 * from any process of the run, and after the one that pinned them is gone. A
+	 * MAP_HUGETLB one is said to be huge: the model backs it with 2 MiB frame runs. */
 	mfd = (int)syscall(SYS_memfd_create, "iommufd-model-shm", MFD_CLOEXEC);
 	if (mfd < 0)
 		return raw_mmap(addr, len, prot, flags, fd, off);
@@ -620,7 +622,7 @@ void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off)
 	p = raw_mmap(addr, len, prot, flags & ~MAP_ANONYMOUS, mfd, 0);
 	saved = errno;
 	if (p != MAP_FAILED)
-		report_shared(p, len, mfd, 0);
+		report_shared(p, len, mfd, 0, huge);
 	syscall(SYS_close, mfd);
 	errno = saved;
 	return p;

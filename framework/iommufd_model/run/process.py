@@ -38,6 +38,8 @@ if TYPE_CHECKING:
     from iommufd_model.run.server import Server
 
 CAP_SYS_RESOURCE = 24
+#: 4 KiB pages in a 2 MiB huge page (x86-64's default huge page size)
+HUGE_PAGES = 512
 
 
 @attrs.frozen
@@ -125,6 +127,8 @@ class RealMemFile(MemFile):
         self._mapped: set[int] = set()
         # the core took the file by fd (IOAS_MAP_FILE): its objects may hold it
         self.fget_used = False
+        # backs a MAP_HUGETLB mapping: pages come in physically contiguous 2 MiB runs
+        self.huge = False
         super().__init__(memory, 0)
 
     @property
@@ -140,10 +144,25 @@ class RealMemFile(MemFile):
 
     def pfn(self, index: int) -> int:
         known = index in self._pfns
+        if not known and self.huge:
+            self._huge_run(index)
         pfn = super().pfn(index)
         if not known:
             self.mirrors.add_file(pfn, self, index)
         return pfn
+
+    def _huge_run(self, index: int) -> None:
+        """Give the 2 MiB run holding page ``index`` aligned, contiguous frames at once, as
+        a huge page is (the model's stand-in for the host's huge page pool)."""
+        first = index & ~(HUGE_PAGES - 1)
+        if (first + HUGE_PAGES) << PAGE_SHIFT > self.size:
+            return  # a partial run (the file is not a whole number of huge pages)
+        if any(i in self._pfns for i in range(first, first + HUGE_PAGES)):
+            return
+        base = self.memory.alloc_contiguous(HUGE_PAGES, align=HUGE_PAGES)
+        for k in range(HUGE_PAGES):
+            self._pfns[first + k] = base + k
+            self.mirrors.add_file(base + k, self, first + k)
 
     def mapped_pfn(self, index: int) -> int:
         """The frame of page ``index`` as a shared mapping sees it.

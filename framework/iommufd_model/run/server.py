@@ -283,6 +283,7 @@ class Server:
         if op == OP_MAP_SHARED:
             file = self._memfile(proc, a[2])
             if file is not None:
+                file.huge = file.huge or bool(a[4])
                 proc.map_shared(a[0], a[1], file, a[3])
             return 0, 0
         if op == OP_OPEN and a[0] == OPEN_FAILNTH:
