@@ -232,6 +232,8 @@ class RealProcess(Process):
         self.files = ProgramFiles(server, self)  # type: ignore[assignment]
         self.gone = False
         self._start = self._start_time()
+        # private pages found readable during the current request (see is_mapped)
+        self._probed: set[int] = set()
         # mappings of iommufd regions: start -> the core's VMA (closed by munmap, at exit)
         self.iommufd_vmas: dict[int, IommufdVma] = {}
 
@@ -337,22 +339,36 @@ class RealProcess(Process):
         self.mirrors.add_anon(pfn, self, vpn)
         return pfn
 
+    def new_request(self) -> None:
+        """A request begins: pages probed for an earlier one may have been unmapped since."""
+        self._probed.clear()
+
     def is_mapped(self, va: int, length: int) -> bool:
+        """Every page of ``[va, va+length)`` is mapped: a shared page inside its file, a
+        private one readable now (probed once per request: the calling thread waits for the
+        answer, so what it saw mapped stays mapped unless another thread unmaps it)."""
         if not self.alive():
             return False
         pos = va & ~PAGE_MASK
         end = va + length
         probe: list[int] = []
+        probed = self._probed
         while pos < end:
             vma = self._vma(pos)
             if vma is not None and vma.file is not None:
-                index = (vma.offset + (pos - vma.start)) >> PAGE_SHIFT
-                if (index << PAGE_SHIFT) >= vma.file.size:
+                stop = min(end, vma.end)
+                last = (vma.offset + (stop - 1 - vma.start)) & ~PAGE_MASK
+                if last >= vma.file.size:
                     return False
-            elif (pos >> PAGE_SHIFT) not in self._ptes:
+                pos = (stop + PAGE_MASK) & ~PAGE_MASK
+                continue
+            if pos not in probed and (pos >> PAGE_SHIFT) not in self._ptes:
                 probe.append(pos)
             pos += PAGE_SIZE
-        return native.vm_readable_pages(self.pid, probe) if probe else True
+        if probe and not native.vm_readable_pages(self.pid, probe):
+            return False
+        probed.update(probe)
+        return True
 
     def read(self, va: int, n: int, *, pinned: bool = False) -> bytes:
         if n < 0:

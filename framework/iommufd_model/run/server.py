@@ -277,6 +277,7 @@ class Server:
             self._hello(conn, a[0], a[1], a[2], bool(a[3]))
             return 0, 0
         proc = self._proc(conn)
+        proc.new_request()
         if op == OP_MUNMAP:
             proc.unmap_range(a[0], a[1])
             return 0, 0
