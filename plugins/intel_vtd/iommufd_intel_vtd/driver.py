@@ -622,13 +622,17 @@ class VtdDriver:
     def hw_info(self, iommu: Any, dev: PciDevice, data_type: int) -> HwInfo:
         if data_type not in (U.IOMMU_HW_INFO_TYPE_DEFAULT, U.IOMMU_HW_INFO_TYPE_INTEL_VTD):
             raise err(errno.EOPNOTSUPP, f"VT-d reports no hw_info type {data_type}")
-        hw = _state(iommu).hw
+        st = _state(iommu)
+        hw = st.hw
         data = U.IommuHwInfoVtd(
             flags=U.IOMMU_HW_INFO_VTD_ERRATA_772415_SPR17, cap_reg=hw.cap, ecap_reg=hw.ecap
         ).pack()
         caps = U.IOMMU_HW_CAP_DIRTY_TRACKING if hw.ecap & R.ECAP_SLADS else 0
         pasid_log2 = R.field(hw.ecap, R.ECAP_PSS_SHIFT, 5) + 1 if hw.ecap & R.ECAP_PASID else 0
-        return HwInfo(U.IOMMU_HW_INFO_TYPE_INTEL_VTD, data, caps, pasid_log2)
+        # intel_iommu_capable(IOMMU_CAP_PCI_ATS_SUPPORTED): info->ats_supported, which needs
+        # ECAP.DT besides the device's ATS capability.
+        ats = st.devs[dev.rid].ats_enabled
+        return HwInfo(U.IOMMU_HW_INFO_TYPE_INTEL_VTD, data, caps, pasid_log2, ats_supported=ats)
 
     # -- domains -----------------------------------------------------------------------------
     @hookimpl

@@ -90,6 +90,11 @@ class IntelVtd(IommuHw):
         self.context_cache: dict[int, T.ContextEntry] = {}
         self.pasid_cache: dict[tuple[int, int], T.PasidEntry] = {}
         self.iotlb = Iotlb()
+        #: the device TLBs (PCIe ATCs) of ATS devices whose context entry has DTE, by RID,
+        #: tagged by PASID (-1: requests without PASID): what the device translates by
+        #: itself until a device-TLB invalidation reaches it
+        self.atc: dict[int, Iotlb] = {}
+        self.atc_hits = 0
         self.table_refs = 0  # memory reads spent on root/context/PASID structures
         self.descriptors_done = 0
         self.records: list[F.FaultRecord] = []  # every recorded fault, also the overflowed
@@ -220,7 +225,11 @@ class IntelVtd(IommuHw):
                 self.memory.write(d["status_addr"] << 2, d["status_data"].to_bytes(4, "little"))
             if d["iflag"]:
                 self.mmio.set("ICS", self.mmio["ICS"] | R.ICS_IWC)
-        # DEV_TLB / PDEV_TLB / IEC: no device-TLB or interrupt-remapping cache is modelled.
+        elif t == Q.DEV_TLB:
+            self.flush_atc(d["sid"], None, d["addr"], d["size"])
+        elif t == Q.PDEV_TLB:
+            self.flush_atc(d["sid"], None if d["global_"] else d["pasid"], d["addr"], d["size"])
+        # IEC: no interrupt-remapping cache is modelled.
 
     # -- cache invalidation ---------------------------------------------------------------
     def flush_context(self, g: int, sid: int, fm: int, did: int = 0) -> None:
@@ -252,6 +261,23 @@ class IntelVtd(IommuHw):
             tlb.flush_range(lambda tag: tag[0] == did and tag[2] == KIND_SS, first, last)  # type: ignore[index]
             # Nested entries are keyed by first-stage input: all of the DID's go.
             tlb.flush_tag(lambda tag: tag[0] == did and tag[2] == KIND_NESTED)  # type: ignore[index]
+
+    def flush_atc(self, sid: int, pasid: int | None, addr: int, size: int) -> None:
+        """A device-TLB invalidation reaching device ``sid``: ADDR (bits 63:12) with S = 0 is
+        one page; with S = 1 the lowest 0 bit of ADDR says the size (PCIe ATS range
+        encoding). Without a PASID (DEV_TLB, or PDEV_TLB with G) every PASID's entries in
+        the range go, as a PCIe invalidation without PASID does."""
+        atc = self.atc.get(sid)
+        if atc is None:
+            return
+        order = 0
+        if size:
+            while addr >> order & 1:
+                order += 1
+            order += 1
+        first = (addr << 12) & ~((4096 << order) - 1)
+        last = first + (4096 << order) - 1
+        atc.flush_range(lambda tag: pasid is None or tag == pasid, first, last)
 
     def flush_piotlb(self, g: int, did: int, pasid: int, addr: int, am: int) -> None:
         def match(tag: Any) -> bool:
@@ -332,8 +358,8 @@ class IntelVtd(IommuHw):
         if not self.gsts & R.GSTS_TES:
             return None
         ce = self.context_cache.get(dev.rid)
-        if ce is None:
-            return None
+        if ce is None or ce.dte:
+            return None  # an ATS device translates through its own ATC first
         eff = ce.rid_pasid if pasid is None else pasid
         pe = self.pasid_cache.get((dev.rid, eff))
         if pe is None:
@@ -358,14 +384,25 @@ class IntelVtd(IommuHw):
             if pasid is not None and not ce.paside:
                 raise F.TableFault(F.FR_SM_CTX_PASIDE, ce.fpd)
             eff = ce.rid_pasid if pasid is None else pasid
+            atc = self.atc.setdefault(rid, Iotlb()) if ce.dte and dev.ats else None
+            need = IOMMU_WRITE if write else IOMMU_READ
+            atag = -1 if pasid is None else pasid
+            if atc is not None:
+                # A translated request: the device found it in its ATC, the IOMMU only
+                # checks that the context entry allows translated requests (DTE).
+                got = atc.lookup(atag, iova)
+                if got is not None and got.perm & need and (not write or got.perm & PERM_DIRTY_OK):
+                    self.atc_hits += 1
+                    return got.pa | (iova & ((1 << got.shift) - 1)), page_run(iova, 1 << got.shift)
             pe = self.pasid_entry(rid, eff, ce)
         except F.TableFault as tf:
             raise self.record(dev, iova, write, pasid, tf.reason, tf.fpd) from None
         kind, tag = _tlb_tag(pe, eff)
-        need = IOMMU_WRITE if write else IOMMU_READ
         hit = self.iotlb.lookup(tag, iova)
         if hit is not None and hit.perm & need and (not write or hit.perm & PERM_DIRTY_OK):
             stats.iotlb_hits += 1
+            if atc is not None:
+                atc.insert(atag, iova, hit)  # the ATS completion fills the device's ATC
             return hit.pa | (iova & ((1 << hit.shift) - 1)), page_run(iova, 1 << hit.shift)
         stats.iotlb_misses += 1
         if kind == KIND_PT:
@@ -420,7 +457,10 @@ class IntelVtd(IommuHw):
             raise self.fault(dev, iova, write, pasid, f"master abort at PA {value:#x}")
         perm = prot | (PERM_DIRTY_OK if write or not ssade else 0)
         page = value & ~((1 << shift) - 1)
-        self.iotlb.insert(tag, iova, TlbEntry(page, shift, perm, refs))
+        entry = TlbEntry(page, shift, perm, refs)
+        self.iotlb.insert(tag, iova, entry)
+        if atc is not None:
+            atc.insert(atag, iova, entry)
         return value, min(page_run(iova, 1 << shift), size - value)
 
     # -- page requests ------------------------------------------------------------------
