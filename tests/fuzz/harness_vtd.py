@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 from typing import Any
 
+import attrs
 from fuzzlib import (
     IOVA,
     PASID,
@@ -391,18 +392,9 @@ def host_prq(data: bytes) -> str:
     w = PrqWorld()
     hw: Any = w.hw
     for i in range(0, min(len(data), 128), 32):
-        req = PageRequest.decode(data[i : i + 32].ljust(32, b"\0"))
-        hw.page_request(
-            w.pdev,
-            req.addr,
-            pasid=req.pasid,
-            read=req.read,
-            write=req.write,
-            exe=req.exe,
-            priv=req.priv,
-            lpig=req.lpig,
-            prgi=req.prgi,
-        )
+        req = attrs.asdict(PageRequest.decode(data[i : i + 32].ljust(32, b"\0")))
+        del req["rid"], req["private"]  # the bus gives the RID; private data is not modelled
+        hw.page_request(w.pdev, **req)
     raw = w.proc.files[w.fault_fd].read(16 * U.IommuHwptPgfault.SIZE)
     size = U.IommuHwptPgfault.SIZE
     faults = [U.IommuHwptPgfault.unpack(raw[i : i + size]) for i in range(0, len(raw), size)]

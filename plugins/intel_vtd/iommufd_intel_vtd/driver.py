@@ -290,29 +290,28 @@ class IommuState:
                     d.tags.remove(tag)
                 return
 
-    def tag_assign_domain(self, d: VtdDomain, info: DevInfo, pasid: int) -> None:
-        """cache_tag_assign_domain(): IOTLB (+ DEVTLB with ATS) tags, and the NESTING_ ones
-        on the parent of a nested domain."""
-        assert d.did is not None
-        rid = info.dev.rid
-        self._tag_assign(d, CACHE_TAG_IOTLB, d.did, rid, pasid)
+    @staticmethod
+    def _domain_tags(d: VtdDomain, info: DevInfo) -> list[tuple[VtdDomain, int]]:
+        """The (domain, type) tags cache_tag_assign_domain() gives an attachment: IOTLB
+        (+ DEVTLB with ATS), and on a nested domain's parent the NESTING_ ones."""
+        out: list[tuple[VtdDomain, int]] = [(d, CACHE_TAG_IOTLB)]
         if info.ats_enabled:
-            self._tag_assign(d, CACHE_TAG_DEVTLB, d.did, rid, pasid)
+            out.append((d, CACHE_TAG_DEVTLB))
         if isinstance(d, VtdNested):
-            self._tag_assign(d.s2, CACHE_TAG_NESTING_IOTLB, d.did, rid, pasid)
+            out.append((d.s2, CACHE_TAG_NESTING_IOTLB))
             if info.ats_enabled:
-                self._tag_assign(d.s2, CACHE_TAG_NESTING_DEVTLB, d.did, rid, pasid)
+                out.append((d.s2, CACHE_TAG_NESTING_DEVTLB))
+        return out
+
+    def tag_assign_domain(self, d: VtdDomain, info: DevInfo, pasid: int) -> None:
+        assert d.did is not None
+        for owner, type_ in self._domain_tags(d, info):
+            self._tag_assign(owner, type_, d.did, info.dev.rid, pasid)
 
     def tag_unassign_domain(self, d: VtdDomain, info: DevInfo, pasid: int) -> None:
         assert d.did is not None
-        rid = info.dev.rid
-        self._tag_unassign(d, CACHE_TAG_IOTLB, d.did, rid, pasid)
-        if info.ats_enabled:
-            self._tag_unassign(d, CACHE_TAG_DEVTLB, d.did, rid, pasid)
-        if isinstance(d, VtdNested):
-            self._tag_unassign(d.s2, CACHE_TAG_NESTING_IOTLB, d.did, rid, pasid)
-            if info.ats_enabled:
-                self._tag_unassign(d.s2, CACHE_TAG_NESTING_DEVTLB, d.did, rid, pasid)
+        for owner, type_ in self._domain_tags(d, info):
+            self._tag_unassign(owner, type_, d.did, info.dev.rid, pasid)
 
     # -- queued invalidation (qi_submit_sync) -------------------------------------------------
     def submit(self, *descs: Q.Descriptor, drain: bool = False) -> None:
