@@ -810,6 +810,12 @@ class VtdDriver:
             st.iopf_remove(info, old)  # blocking_domain_attach_dev()
             self._block_translation(st, info)
             return True
+        if isinstance(d, VtdNested):
+            # 7.2 checks the stage-1 data in intel_pasid_setup_nested(), after the teardown,
+            # so a bad one leaves the RID blocked; the framework's contract (and its uAPI
+            # state machine) wants a refused attach to change nothing: the model checks
+            # first (a deviation, listed in docs/parity-intel-vtd.md).
+            self._entry_for(st, d, 0)
         self._block_translation(st, info)
         if isinstance(d, VtdNested):
             st.attach_iommu(d)
@@ -856,6 +862,8 @@ class VtdDriver:
         info = st.devs[dev.rid]
         d = _vtd(domain)
         st.pasid_slot(info, pasid)  # intel_pasid_get_entry(): EINVAL beyond the table
+        if isinstance(d, VtdNested):
+            self._entry_for(st, d, 0)  # checked before the teardown (see attach_dev)
         st.attach_iommu(d)
         st.tag_assign_domain(d, info, pasid)
         old = info.domains.get(pasid)
