@@ -38,7 +38,7 @@ from iommufd_model.errors import err
 from iommufd_model.hookspecs import hookimpl
 from iommufd_model.hw.memory import PAGE_SHIFT
 from iommufd_model.hw.pci import PciDevice
-from iommufd_model.hw.radix import TABLE, RadixPageTable
+from iommufd_model.hw.radix import RadixPageTable
 from iommufd_model.hw.x86_64 import X86_64Format
 from iommufd_model.machine import Machine
 from iommufd_model.uapi import iommufd as U
@@ -707,7 +707,7 @@ class VtdDriver:
         last = iova + size - 1
         # generic_pt frees every table the range covers whole; intel_iommu_tlb_sync() then
         # flushes with IH = 0 (paging-structure caches too), else with IH = 1 (leaves only).
-        frees_tables = _covers_a_table(d.pt, iova, last)
+        frees_tables = d.pt.covers_a_table(iova, last)
         done = d.pt.unmap(iova, size)
         if done:
             _state(d.owner).flush_range(d, iova, last, not frees_tables)
@@ -1040,31 +1040,6 @@ def _enforce_cc(d: VtdPaging, dev: PciDevice | None) -> VtdPaging:
         if isinstance(d.pt.fmt, SecondStageFormat):
             d.pt.fmt.snoop = True
     return d
-
-
-def _covers_a_table(pt: RadixPageTable, first: int, last: int) -> bool:
-    """Whether ``[first, last]`` covers the whole span of some present table (not the root):
-    the tables generic_pt's unmap frees (``pt_entry_fully_covered``)."""
-    fmt = pt.fmt
-    mem = pt.memory
-
-    def visit(table: int, level: int, base: int) -> bool:
-        shift = fmt.level_shift(level)
-        lo = max(first, base) - base >> shift
-        hi = min(last, base + (512 << shift) - 1) - base >> shift
-        for i in range(lo, hi + 1):
-            start = base + (i << shift)
-            kind, addr, _ = fmt.decode(mem.read_u64(table + 8 * i), level)
-            if kind != TABLE:
-                continue
-            if first <= start and start + (1 << shift) - 1 <= last:
-                return True
-            if visit(addr, level - 1, start):
-                return True
-        return False
-
-    top = fmt.levels - 1
-    return first <= last and visit(pt.root, top, 0)
 
 
 plugin = VtdDriver()
