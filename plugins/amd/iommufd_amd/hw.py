@@ -29,6 +29,7 @@ from iommufd_model.hw.radix import TABLE
 from iommufd_model.hw.regs import Mmio
 from iommufd_model.hw.ring import MemRing
 from iommufd_model.hw.x86_64 import X86_64Format
+from iommufd_model.locking import locked
 
 if TYPE_CHECKING:
     from iommufd_model.hw.pci import PciDevice
@@ -246,6 +247,7 @@ class AmdIommu(IommuHw):
         return out
 
     # -- page requests (PPR) ------------------------------------------------------------------
+    @locked
     def page_request(
         self,
         dev: PciDevice,

@@ -37,6 +37,7 @@ from iommufd_model.hw.compiled import load_walker
 from iommufd_model.hw.iommu import FastPath, IommuHw, page_run
 from iommufd_model.hw.iotlb import Iotlb, TlbEntry
 from iommufd_model.hw.ring import MemRing
+from iommufd_model.locking import locked
 
 if TYPE_CHECKING:
     from iommufd_model.hw.pci import PciDevice
@@ -374,6 +375,7 @@ class Smmuv3(IommuHw):
             for handler in list(self.evtq_irq):
                 handler()
 
+    @locked
     def page_request(
         self,
         dev: PciDevice,
