@@ -1044,3 +1044,52 @@ def test_unmap_all_reports_every_area() -> None:
     assert len(list(_iter_areas(w.iopt))) == 5
     assert w.iopt.unmap_all() == 5 * PAGE_SIZE
     assert list(_iter_areas(w.iopt)) == [] and w.domains[0].mapped_bytes() == 0
+
+
+# -- iopt_cut_iova (VFIO type1 unmap inside a mapping) -----------------------------------
+
+
+def test_cut_iova_splits_an_area_in_place() -> None:
+    w = World(1)
+    w.iopt.allow_large_pages = False
+    empty = snapshot(w)
+    iova = w.iopt.map_user(w.proc, w.buffer, BUFFER_SIZE, MOCK_APERTURE_START, RW)
+    before = snapshot(w)
+    sb = next(w.iopt.areas())[4]
+    # iova + 1 must be aligned to the IOAS (PAGE_SIZE): refused, nothing changes
+    assert_errno(errno.EINVAL, lambda: w.iopt.cut_iova([iova + MOCK_PAGE_SIZE - 1]))
+    # the ends of an area and IOVAs in no area need no cut
+    w.iopt.cut_iova([iova - 1, iova + BUFFER_SIZE - 1, iova + BUFFER_SIZE])
+    assert snapshot(w) == before
+    w.iopt.cut_iova([iova + 2 * PAGE_SIZE - 1, iova + PAGE_SIZE - 1])
+    assert [(a[0], a[1], a[4]) for a in w.iopt.areas()] == [
+        (iova, iova + PAGE_SIZE - 1, sb),
+        (iova + PAGE_SIZE, iova + 2 * PAGE_SIZE - 1, sb + PAGE_SIZE),
+        (iova + 2 * PAGE_SIZE, iova + BUFFER_SIZE - 1, sb + 2 * PAGE_SIZE),
+    ]
+    # the domain and the pins are untouched: same translations, same frame references
+    w.check_iova(w.buffer, iova, BUFFER_SIZE)
+    assert snapshot(w)[1:] == before[1:]
+    assert w.iopt.unmap(iova + PAGE_SIZE, PAGE_SIZE) == PAGE_SIZE
+    assert w.iopt.unmap_all() == BUFFER_SIZE - PAGE_SIZE
+    assert snapshot(w) == empty
+
+
+def test_cut_iova_refusals() -> None:
+    w = World(1)  # large pages allowed: the domain may hold large IOPTEs
+    iova = w.iopt.map_user(w.proc, w.buffer, BUFFER_SIZE, MOCK_APERTURE_START, RW)
+    before = snapshot(w)
+    assert_errno(errno.EINVAL, lambda: w.iopt.cut_iova([iova + PAGE_SIZE - 1]))
+    assert snapshot(w) == before
+    w = World(0)
+    w.iopt.allow_large_pages = False
+    iova = w.iopt.map_user(w.proc, w.buffer, BUFFER_SIZE, None, RW)
+    acc = FakeAccess(w.iopt)
+    w.iopt.add_access(acc)
+    acc.pin(iova, PAGE_SIZE)
+    before = snapshot(w)
+    assert_errno(errno.EINVAL, lambda: w.iopt.cut_iova([iova + PAGE_SIZE - 1]))
+    assert snapshot(w) == before
+    acc.unpin_all()
+    w.iopt.cut_iova([iova + PAGE_SIZE - 1])
+    assert len(list(w.iopt.areas())) == 2

@@ -2,8 +2,7 @@
 
 Variants Ver1v2 (VFIO_TYPE1v2_IOMMU) and Ver1v0 (VFIO_TYPE1_IOMMU). The fixture makes what
 VFIO would call a group (an IOAS with a mock device), sets it as the compat IOAS and selects
-the variant's type with VFIO_SET_IOMMU. huge_map[Ver1v0] needs type1's unmap inside a
-mapping (``iopt_cut_iova``), which the model's io_pagetable lacks: not ported yet.
+the variant's type with VFIO_SET_IOMMU.
 """
 
 from __future__ import annotations
@@ -151,9 +150,6 @@ def test_vfio_compat_mock_domain__map(vfio_compat_mock_domain: VfioFixture) -> N
         assert _unmap(k, iova, PAGE_SIZE)[0] == 0
 
 
-@pytest.mark.parametrize(
-    "vfio_compat_mock_domain", [V.VFIO_TYPE1v2_IOMMU], ids=["Ver1v2"], indirect=True
-)
 def test_vfio_compat_mock_domain__huge_map(vfio_compat_mock_domain: VfioFixture) -> None:
     # MAP_HUGETLB is modelled by 4 KiB pages over the same 2 x 2 MiB buffer.
     t, k = vfio_compat_mock_domain, vfio_compat_mock_domain.k

@@ -599,6 +599,46 @@ class IoPagetable:
             raise err(errno.ENOENT, "nothing mapped in range")
         return unmapped
 
+    def cut_iova(self, iovas: Sequence[int]) -> None:
+        """``iopt_cut_iova()``: split the area holding each IOVA so that the IOVA ends an area.
+
+        The cut follows the kernel's iopt_cut_iova()/iopt_area_split() (io_pagetable.c): an
+        IOVA in no area is skipped, the first failing split stops the call and the splits
+        done before it stay. VFIO type1 unmap cuts at the ends of its range first.
+        """
+        for iova in iovas:
+            area = self.area_at(iova)
+            if area is not None:
+                self._split_area(area, iova)
+
+    def _split_area(self, area: Area, iova: int) -> None:
+        """``iopt_area_split()``: replace ``area`` by ``[area.iova, iova]`` and the rest.
+
+        Both halves share the area's Pages (one more reference); the domains keep their
+        IOPTEs and the pages their pins, as the split needs ``iova + 1`` aligned to the
+        IOAS (PAGE_SIZE or more once type1 forbids large pages).
+        """
+        if iova in (area.iova, area.last):
+            return
+        if area.prevent_access:
+            raise err(errno.EBUSY, f"area at {area.iova:#x} is being unmapped")
+        new_start = iova + 1
+        mask = self._iova_alignment - 1
+        if new_start & mask or area.start_byte_at(new_start) & mask:
+            raise err(errno.EINVAL, f"cut after {iova:#x} is not aligned to the IOAS")
+        failpoint("iopt.alloc_area")  # iopt_area_alloc() of the left half
+        failpoint("iopt.alloc_area")  # and of the right half
+        if area.num_accesses:
+            raise err(errno.EINVAL, "an access has pinned pages of the area")
+        if self._domains and not self._disable_large_pages:
+            raise err(errno.EINVAL, "domains may hold large IOPTEs over the area")
+        lhs = Area(area.iova, iova, area.pages, area.start_byte, area.prot)
+        rhs = Area(new_start, area.last, area.pages, area.start_byte_at(new_start), area.prot)
+        self._areas.remove(area.iova)
+        self._areas.insert(lhs.iova, lhs.last, lhs)
+        self._areas.insert(rhs.iova, rhs.last, rhs)
+        area.pages.refs += 1
+
     def unmap_all(self) -> int:
         """IOMMU_IOAS_UNMAP with iova 0, length U64_MAX: succeeds on an empty IOAS."""
         return self._unmap_range(0, ULONG_MAX)

@@ -228,10 +228,10 @@ def _map_dma(ictx: IommuFd, arg: Any, caller: Process) -> int:
 def _unmap_dma(ictx: IommuFd, arg: Any) -> int:
     """``iommufd_vfio_unmap_dma()``: the unmapped size is written back even on failure.
 
-    Type1 (large pages disabled) would cut areas at the range's ends first
-    (``iopt_cut_iova``); the model's io_pagetable cannot split an area, so such an unmap
-    inside a mapping fails with ENOENT as under type1v2 (see docs/selftest-parity.md).
-    An unmap that finds nothing mapped succeeds with size 0.
+    Type1 (large pages disabled) first cuts the areas at the range's ends, as the kernel's
+    ``iopt_cut_iova()`` (no cut before IOVA 0), so an unmap inside a mapping succeeds; a
+    failing cut fails the call before anything is unmapped or written back. Under type1v2
+    such an unmap fails with ENOENT. An unmap that finds nothing mapped succeeds with size 0.
     """
     argsz, flags, iova, size = struct.unpack("<IIQQ", _copy_from(arg, UNMAP_MINSZ))
     if argsz < UNMAP_MINSZ or flags & ~VFIO_DMA_UNMAP_FLAG_ALL:
@@ -244,6 +244,10 @@ def _unmap_dma(ictx: IommuFd, arg: Any) -> int:
             raise err(errno.EINVAL, "UNMAP_FLAG_ALL takes iova 0 and size 0")
         unmapped = ioas.iopt.unmap_all()
     else:
+        if not ioas.iopt.allow_large_pages:
+            # The cuts of iommufd_vfio_unmap_dma(): the last byte, then the byte before iova.
+            last = (iova + size - 1) & ULONG_MAX
+            ioas.iopt.cut_iova([last, iova - 1] if iova else [last])
         try:
             if size and _anything_mapped(ioas, iova, size):
                 unmapped = ioas.iopt.unmap(iova, size)
