@@ -150,6 +150,19 @@ def test_vfio_compat_mock_domain__map(vfio_compat_mock_domain: VfioFixture) -> N
         assert _unmap(k, iova, PAGE_SIZE)[0] == 0
 
 
+def test_vfio_compat_unmap_zero_and_wrapping(vfio_compat_mock_domain: VfioFixture) -> None:
+    """Not a port: iopt_unmap_iova() refuses a zero length (EINVAL) and a range past the last
+    IOVA (EOVERFLOW); the unmapped size 0 is still written back and nothing is unmapped."""
+    k = vfio_compat_mock_domain.k
+    assert _map(k, k.buffer, MOCK_APERTURE_START, BUFFER_SIZE) == 0
+    assert _unmap(k, MOCK_APERTURE_START, 0) == (errno.EINVAL, 0)
+    assert _unmap(k, MOCK_APERTURE_START, (1 << 64) - MOCK_APERTURE_START + 1) == (
+        errno.EOVERFLOW,
+        0,
+    )
+    assert _unmap(k, MOCK_APERTURE_START, BUFFER_SIZE) == (0, BUFFER_SIZE)
+
+
 def test_vfio_compat_mock_domain__huge_map(vfio_compat_mock_domain: VfioFixture) -> None:
     # MAP_HUGETLB is modelled by 4 KiB pages over the same 2 x 2 MiB buffer.
     t, k = vfio_compat_mock_domain, vfio_compat_mock_domain.k

@@ -231,7 +231,8 @@ def _unmap_dma(ictx: IommuFd, arg: Any) -> int:
     Type1 (large pages disabled) first cuts the areas at the range's ends, as the kernel's
     ``iopt_cut_iova()`` (no cut before IOVA 0), so an unmap inside a mapping succeeds; a
     failing cut fails the call before anything is unmapped or written back. Under type1v2
-    such an unmap fails with ENOENT. An unmap that finds nothing mapped succeeds with size 0.
+    such an unmap fails with ENOENT. An unmap that finds nothing mapped succeeds with size 0;
+    a zero size (without UNMAP_FLAG_ALL) is EINVAL, a wrapping range EOVERFLOW.
     """
     argsz, flags, iova, size = struct.unpack("<IIQQ", _copy_from(arg, UNMAP_MINSZ))
     if argsz < UNMAP_MINSZ or flags & ~VFIO_DMA_UNMAP_FLAG_ALL:
@@ -249,7 +250,13 @@ def _unmap_dma(ictx: IommuFd, arg: Any) -> int:
             last = (iova + size - 1) & ULONG_MAX
             ioas.iopt.cut_iova([last, iova - 1] if iova else [last])
         try:
-            if size and _anything_mapped(ioas, iova, size):
+            # iopt_unmap_iova(): a zero length is EINVAL and a range past the end of the
+            # address space EOVERFLOW (after the type1 cuts above, as the kernel orders them).
+            if not size:
+                raise err(errno.EINVAL, "unmap of size 0 without UNMAP_FLAG_ALL")
+            if iova + size - 1 > ULONG_MAX:
+                raise err(errno.EOVERFLOW, "unmap range wraps past the last IOVA")
+            if _anything_mapped(ioas, iova, size):
                 unmapped = ioas.iopt.unmap(iova, size)
         except OSError as exc:
             failure = exc
