@@ -25,7 +25,7 @@ from iommufd_amd.pgtable_v1 import AMD_IOMMU_PGSIZES, AmdV1PageTable
 from iommufd_amd.viommu import AmdHwQueue, AmdViommu, GdomInfo
 from iommufd_amd.viommu import kernel as VK
 from iommufd_amd.viommu.hw import IOMMU_DEVID, MAX_GUESTS, VfMmioWindow
-from iommufd_model.driver import (
+from iommufd_model.api import (
     Domain,
     DomainType,
     DriverInfo,
@@ -35,9 +35,9 @@ from iommufd_model.driver import (
     InvalidateResult,
     VdeviceBase,
     ViommuBase,
+    err,
+    hookimpl,
 )
-from iommufd_model.errors import err
-from iommufd_model.hookspecs import hookimpl
 from iommufd_model.hw.iommu import IommuHw
 from iommufd_model.hw.memory import PAGE_SHIFT
 from iommufd_model.hw.pci import PciDevice

@@ -36,9 +36,8 @@ from iommufd_arm_smmuv3.ste import (
     STE1_EATS,
 )
 from iommufd_model import driver as api
+from iommufd_model.api import err, hookimpl
 from iommufd_model.core.mmap import MmapOwner, MmioRegion
-from iommufd_model.errors import err
-from iommufd_model.hookspecs import hookimpl
 from iommufd_model.hw.bits import get, pack, put
 from iommufd_model.hw.iommu import IommuHw
 from iommufd_model.hw.memory import PAGE_SHIFT, PAGE_SIZE

@@ -24,7 +24,7 @@ from iommufd_intel_vtd.guest import GuestVtd
 from iommufd_intel_vtd.hw import IntelVtd
 from iommufd_intel_vtd.iopf import KernelPrq
 from iommufd_intel_vtd.pgtable import SecondStageFormat
-from iommufd_model.driver import (
+from iommufd_model.api import (
     IOMMU_WRITE,
     Domain,
     DomainType,
@@ -33,9 +33,9 @@ from iommufd_model.driver import (
     HwInfo,
     InvalidateResult,
     ViommuBase,
+    err,
+    hookimpl,
 )
-from iommufd_model.errors import err
-from iommufd_model.hookspecs import hookimpl
 from iommufd_model.hw.memory import PAGE_SHIFT
 from iommufd_model.hw.pci import PciDevice
 from iommufd_model.hw.radix import RadixPageTable
