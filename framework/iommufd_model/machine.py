@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import errno
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from iommufd_model.core.process import Process
 from iommufd_model.errors import err
@@ -12,6 +12,9 @@ from iommufd_model.hw.memory import PhysicalMemory
 from iommufd_model.hw.pci import PciDevice
 from iommufd_model.locking import serialized
 from iommufd_model.plugins import DriverRegistry, default_registry
+
+if TYPE_CHECKING:
+    from iommufd_model.devices import PciFunction
 
 DEFAULT_MEMORY = 1 << 36  # 64 GiB of sparse physical memory
 
@@ -81,6 +84,71 @@ class Machine:
         dev.iommu_priv = priv
         hw.devices[rid] = dev
         return dev
+
+    def add_pci_function(
+        self, kind: str, iommu: int = 0, *, rid: int | None = None, **opts: Any
+    ) -> PciFunction:
+        """Plug a modelled PCI function of ``kind`` (``iommufd_model.devices.KINDS``: generic,
+        ioat, dsa...) behind IOMMU instance ``iommu``, probed as :meth:`add_pci_device` does.
+
+        Without ``rid`` the function takes the first free slot of bus ``1 + iommu`` (model:
+        each IOMMU instance gets its own bus so BDFs are unique machine-wide); Routing IDs an
+        SR-IOV PF may give its VFs are skipped. ``opts`` go to the kind's factory."""
+        from iommufd_model import devices
+
+        if not 0 <= iommu < len(self.iommus):
+            raise err(errno.ENODEV, f"no IOMMU instance {iommu}")
+        hw = self.iommus[iommu]
+        if rid is None:
+            rid = self._free_rid(1 + iommu)
+        fn = devices.create(kind, hw, rid, **opts)
+        self.plug_pci_function(fn)
+        return fn
+
+    def _taken_rids(self) -> set[int]:
+        from iommufd_model.devices import PciFunction
+
+        taken: set[int] = set()
+        for hw in self.iommus:
+            for dev in hw.devices.values():
+                taken.add(dev.rid)
+                if isinstance(dev, PciFunction) and dev.spec.total_vfs and not dev.is_virtfn:
+                    taken.update(dev.vf_rid(i) for i in range(dev.spec.total_vfs))
+        return taken
+
+    def _free_rid(self, bus: int) -> int:
+        taken = self._taken_rids()
+        for slot in range(32):
+            rid = (bus << 8) | (slot << 3)
+            if rid not in taken:
+                return rid
+        raise err(errno.ENOSPC, f"bus {bus:#x} is full")
+
+    def plug_pci_function(self, fn: PciFunction) -> None:
+        """Put ``fn`` behind its IOMMU (probe_device hook); EEXIST if its BDF is taken."""
+        hw = fn.iommu
+        for other in self.iommus:
+            if fn.rid in other.devices:
+                raise err(errno.EEXIST, f"RID {fn.rid:#x} already present behind {other.name}")
+        fn.iommu_priv = self.hooks(hw.driver_name).probe_device(iommu=hw, dev=fn)
+        hw.devices[fn.rid] = fn
+
+    def unplug_pci_function(self, fn: PciFunction, *, force: bool = False) -> None:
+        """Remove ``fn`` (a VF going away with VF Enable); EBUSY while an iommufd binds it,
+        unless ``force`` (the hardware dropped it: VF Enable cleared by a config write)."""
+        if fn.bound_to is not None and not force:
+            raise err(errno.EBUSY, f"{fn.bdf} is bound")
+        if fn.iommu.devices.get(fn.rid) is fn:
+            del fn.iommu.devices[fn.rid]
+
+    def pci_functions(self) -> list[PciFunction]:
+        """Every modelled PCI function, in BDF order."""
+        from iommufd_model.devices import PciFunction
+
+        found = [
+            dev for hw in self.iommus for dev in hw.devices.values() if isinstance(dev, PciFunction)
+        ]
+        return sorted(found, key=lambda f: f.rid)
 
     def new_process(self) -> Process:
         """A new user process with an empty address space."""

@@ -1,0 +1,59 @@
+"""A machine with its DMA mapped through iommufd, for the device models' tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import pytest
+
+import iommufd_model as im
+from iommufd_model.devices import PciFunction
+
+VENDORS = ["mock", "amd"]
+MAP_BYTES = 1 << 22  # 4 MiB of process memory mapped for DMA
+
+
+@attrs.define
+class DmaSetup:
+    """A function bound and attached to an IOAS mapping ``MAP_BYTES`` of process memory."""
+
+    machine: im.Machine
+    fn: PciFunction
+    proc: Any
+    fd: Any
+    ioas: int
+    va: int
+    iova: int
+
+    def write(self, iova: int, data: bytes) -> None:
+        self.proc.write(self.va + iova - self.iova, data)
+
+    def read(self, iova: int, n: int) -> bytes:
+        return bytes(self.proc.read(self.va + iova - self.iova, n))
+
+    def map_area(self, length: int) -> tuple[int, int]:
+        """A separate IOAS area (so it can be unmapped alone): ``(va, iova)``."""
+        va = self.proc.mmap(length)
+        return va, int(self.fd.ioas_map(self.ioas, va, length))
+
+    def unmap(self, iova: int, length: int) -> None:
+        self.fd.ioas_unmap(self.ioas, iova, length)
+
+
+def dma_setup(vendor: str, kind: str, **opts: Any) -> DmaSetup:
+    machine = im.Machine.build(iommus=[vendor])
+    fn = machine.add_pci_function(kind, 0, **opts)
+    proc = machine.new_process()
+    va = proc.mmap(MAP_BYTES)
+    fd = proc.open_iommufd()
+    dev_id = fd.bind(fn)
+    ioas = fd.ioas_alloc()
+    fd.attach(dev_id, ioas)
+    iova = fd.ioas_map(ioas, va, MAP_BYTES)
+    return DmaSetup(machine, fn, proc, fd, ioas, va, iova)
+
+
+@pytest.fixture(params=VENDORS)
+def vendor(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
