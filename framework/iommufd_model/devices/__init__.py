@@ -18,13 +18,14 @@ from iommufd_model.devices.function import (
     PciFunction,
 )
 from iommufd_model.devices.generic import generic
+from iommufd_model.devices.ioat import IoatFunction, ioat
 
 if TYPE_CHECKING:
     from iommufd_model.hw.iommu import IommuHw
 
 Factory = Callable[..., PciFunction]
 
-KINDS: dict[str, Factory] = {"generic": generic}
+KINDS: dict[str, Factory] = {"generic": generic, "ioat": ioat}
 
 
 def register_kind(name: str, factory: Factory) -> None:
@@ -45,6 +46,7 @@ __all__ = [
     "Bar",
     "DmaBlocked",
     "FunctionSpec",
+    "IoatFunction",
     "MsixLayout",
     "PciFunction",
     "create",

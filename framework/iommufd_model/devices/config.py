@@ -26,24 +26,24 @@ PCIE_CONFIG_SIZE = 4096  # PCIe extended configuration space (PCIe Base spec §7
 PCI_EXT_CAP_START = 0x100
 
 
-class ConfigSpace:
-    """``size`` bytes of configuration registers with their RW and RW1C masks."""
+class RegisterBytes:
+    """``size`` bytes of little-endian registers with per-bit RW and RW1C masks.
+
+    Accesses of 1, 2, 4 or 8 bytes anywhere inside; a device's MMIO register block uses it as
+    is, the configuration space restricts widths to 1, 2 and 4."""
+
+    WIDTHS: tuple[int, ...] = (1, 2, 4, 8)
 
     def __init__(self, size: int) -> None:
-        if size not in (PCI_CONFIG_SIZE, PCIE_CONFIG_SIZE):
-            raise ValueError(f"config space is 256 or 4096 bytes, not {size}")
         self.size = size
         self.data = bytearray(size)
         self.wmask = bytearray(size)
         self.w1cmask = bytearray(size)
-        self._last_cap = -1  # offset of the last conventional capability
-        self._last_ext = -1  # offset of the last extended capability
 
-    # -- access -------------------------------------------------------------------------
     def check(self, offset: int, size: int) -> None:
-        """EINVAL for an access config cycles cannot make (width 1/2/4, inside the space)."""
-        if size not in (1, 2, 4) or offset < 0 or offset + size > self.size:
-            raise err(errno.EINVAL, f"config access {offset:#x}/{size}")
+        """EINVAL for an access the bus cannot make (odd width, outside the block)."""
+        if size not in self.WIDTHS or offset < 0 or offset + size > self.size:
+            raise err(errno.EINVAL, f"register access {offset:#x}/{size}")
 
     def read(self, offset: int, size: int) -> int:
         self.check(offset, size)
@@ -61,9 +61,7 @@ class ConfigSpace:
     # -- device-side setup (no masks applied) ---------------------------------------------
     def set(self, offset: int, size: int, value: int, *, rw: int = 0, w1c: int = 0) -> None:
         """Initialise a register: its power-on value and which bits are RW / RW1C."""
-        self.data[offset : offset + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(
-            size, "little"
-        )
+        self.poke(offset, size, value)
         self.wmask[offset : offset + size] = rw.to_bytes(size, "little")
         self.w1cmask[offset : offset + size] = w1c.to_bytes(size, "little")
 
@@ -72,6 +70,23 @@ class ConfigSpace:
         self.data[offset : offset + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(
             size, "little"
         )
+
+    def peek(self, offset: int, size: int) -> int:
+        """The hardware's view of a register (no access checks)."""
+        return int.from_bytes(self.data[offset : offset + size], "little")
+
+
+class ConfigSpace(RegisterBytes):
+    """``size`` bytes of configuration registers with their RW and RW1C masks."""
+
+    WIDTHS = (1, 2, 4)
+
+    def __init__(self, size: int) -> None:
+        if size not in (PCI_CONFIG_SIZE, PCIE_CONFIG_SIZE):
+            raise ValueError(f"config space is 256 or 4096 bytes, not {size}")
+        super().__init__(size)
+        self._last_cap = -1  # offset of the last conventional capability
+        self._last_ext = -1  # offset of the last extended capability
 
     # -- capability lists --------------------------------------------------------------
     def add_cap(self, offset: int, cap_id: int, length: int) -> int:

@@ -27,6 +27,7 @@ import attrs
 from iommufd_model.devices import pci_regs as R
 from iommufd_model.devices.config import PCI_CONFIG_SIZE, PCIE_CONFIG_SIZE, ConfigSpace
 from iommufd_model.errors import err
+from iommufd_model.hw.iommu import DmaFault
 from iommufd_model.hw.pci import PciDevice
 from iommufd_model.locking import serialized
 
@@ -169,6 +170,7 @@ class PciFunction(PciDevice):
         self.msix_pba = bytearray()
         self._backing: dict[int, bytearray] = {}
         self._power_on_bars()
+        self.reset_device()
 
     # -- identity ---------------------------------------------------------------------
     @property
@@ -390,6 +392,16 @@ class PciFunction(PciDevice):
         if not self.bus_master:
             raise DmaBlocked(self, iova, True)
         self.iommu.dma_write(self, iova, data, pasid)
+
+    def posted_write(self, iova: int, data: bytes | bytearray | memoryview) -> bool:
+        """A DMA write as the engine sees it: PCIe memory writes are posted (no completion
+        comes back, PCIe Base spec §2.2.9), so one the IOMMU refuses (and logs) or Bus Master
+        blocks is lost without the engine knowing; returns whether it landed."""
+        try:
+            self.dma_write(iova, data)
+        except (DmaFault, DmaBlocked):
+            return False
+        return True
 
     # -- MMIO ---------------------------------------------------------------------------
     def _check_mmio(self, bar: int, offset: int, size: int) -> Bar:
