@@ -15,7 +15,7 @@ from typing import Any
 
 from iommufd_model.machine import Machine
 from iommufd_model.plugins import DriverRegistry
-from iommufd_model.run.server import Server
+from iommufd_model.run.server import Opener, Server
 
 #: the fault-injection knobs iommufd_fail_nth sets up under /sys/kernel/debug, which the
 #: preload redirects to a private directory of the run
@@ -61,8 +61,13 @@ def run_program(
     registry: DriverRegistry | None = None,
     log: Any = None,
     machine: Machine | None = None,
+    openers: Sequence[tuple[str, Opener]] = (),
 ) -> tuple[int, Server]:
-    """Run ``argv`` to completion; returns (exit status as a shell gives it, the server)."""
+    """Run ``argv`` to completion; returns (exit status as a shell gives it, the server).
+
+    ``openers`` are ``(path prefix, opener)`` pairs: ``open()`` of a path under a prefix is
+    served by the model (the first opener that knows the path), every other path by the
+    kernel."""
     if machine is None:
         machine = build_machine(iommus, devices, registry)
     # the server keeps a descriptor per file the program shares with it
@@ -70,13 +75,16 @@ def run_program(
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     run = secrets.token_hex(8)
-    server = Server(machine, run, f"iommufd-model-server/{run}", log=log)
+    server = Server(
+        machine, run, f"iommufd-model-server/{run}", log=log, openers=[op for _, op in openers]
+    )
     child_env = dict(os.environ if env is None else env)
     lib = str(preload_path())
     old = child_env.get("LD_PRELOAD")
     child_env["LD_PRELOAD"] = f"{lib} {old}" if old else lib
     child_env["IOMMUFD_MODEL_SOCK"] = f"iommufd-model-server/{run}"
     child_env["IOMMUFD_MODEL_RUN"] = run
+    child_env["IOMMUFD_MODEL_PATHS"] = ":".join(dict.fromkeys(prefix for prefix, _ in openers))
     with tempfile.TemporaryDirectory(prefix="iommufd-model-debugfs-") as debugfs:
         for rel in _DEBUGFS_FILES:
             path = Path(debugfs, rel)

@@ -23,6 +23,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <dirent.h>
+#include <signal.h>
+#include <ucontext.h>
+#include <asm/prctl.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
@@ -40,10 +43,12 @@ enum {
 	OP_MUNMAP = 7,
 	OP_MMAP = 8,
 	OP_INSTALLED = 9,
+	OP_MMIO = 10,
 };
-enum { OPEN_IOMMU = 1, OPEN_FAILNTH = 2 };
+enum { OPEN_IOMMU = 1, OPEN_FAILNTH = 2, OPEN_PATH = 3 };
 enum { REP_DONE = 0, REP_INSTALL = 1 };
 #define REP_DRAIN 1u /* flags: the file's queue is empty, drop its readiness byte */
+#define REP_MMIO 2u /* flags (OP_MMAP): the mapping is MMIO, every access is trapped */
 
 struct req {
 	uint32_t op;
@@ -64,6 +69,12 @@ static size_t server_len;
 static char file_prefix[108];
 static size_t file_prefix_len;
 static char debugfs[4096];
+/* path prefixes the model serves (IOMMUFD_MODEL_PATHS, ':' separated, e.g. "/dev/vfio/") */
+#define MAX_PREFIXES 8
+static char model_paths[1024];
+static const char *prefixes[MAX_PREFIXES];
+static size_t prefix_lens[MAX_PREFIXES];
+static int nr_prefixes;
 static int enabled = -1;
 /* the pid of the last image of this lineage that connected (a fork child inherits it) */
 static pid_t lineage_pid;
@@ -76,7 +87,7 @@ static __thread pid_t ctl_pid;
 
 static void setup(void)
 {
-	const char *sock, *run, *dbg;
+	const char *sock, *run, *dbg, *paths;
 
 	if (enabled >= 0)
 		return;
@@ -95,6 +106,24 @@ static void setup(void)
 					       "iommufd-model/%s/", run);
 	if (dbg && strlen(dbg) < sizeof(debugfs))
 		strcpy(debugfs, dbg);
+	paths = getenv("IOMMUFD_MODEL_PATHS");
+	if (paths && strlen(paths) < sizeof(model_paths)) {
+		char *p = strcpy(model_paths, paths);
+
+		while (*p && nr_prefixes < MAX_PREFIXES) {
+			char *end = strchr(p, ':');
+
+			if (end)
+				*end = 0;
+			if (*p) {
+				prefixes[nr_prefixes] = p;
+				prefix_lens[nr_prefixes++] = strlen(p);
+			}
+			if (!end)
+				break;
+			p = end + 1;
+		}
+	}
 	enabled = 1;
 }
 
@@ -140,15 +169,15 @@ static int send_req(int fd, const struct req *r)
 	return n == (ssize_t)sizeof(*r) ? 0 : -1;
 }
 
-/* One request: answer the server's fd installs until it is done. Returns ret or -1/errno. */
-static long call_on(int fd, struct req *r, uint32_t *flags)
+/* One request: answer the server's fd installs until it is done. 0 with *out filled, or -1
+ * when the server is gone. Raw system calls only: the MMIO fault handler makes requests. */
+static int exchange(int fd, struct req *r, struct rep *out)
 {
 	if (send_req(fd, r))
-		goto dead;
+		return -1;
 	for (;;) {
-		struct rep rep;
 		char cbuf[CMSG_SPACE(sizeof(int))];
-		struct iovec iov = { &rep, sizeof(rep) };
+		struct iovec iov = { out, sizeof(*out) };
 		struct msghdr mh = { 0 };
 		struct cmsghdr *c;
 		ssize_t n;
@@ -161,36 +190,45 @@ static long call_on(int fd, struct req *r, uint32_t *flags)
 		do
 			n = syscall(SYS_recvmsg, fd, &mh, MSG_CMSG_CLOEXEC);
 		while (n < 0 && errno == EINTR);
-		if (n != (ssize_t)sizeof(rep))
-			goto dead;
+		if (n != (ssize_t)sizeof(*out))
+			return -1;
 		for (c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c))
 			if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
 				memcpy(&got, CMSG_DATA(c), sizeof(int));
-		if (rep.kind == REP_INSTALL) {
+		if (out->kind == REP_INSTALL) {
 			struct req ack = { .op = OP_INSTALLED };
 
 			/* received with CLOEXEC; the kernel's file may not want it */
-			if (got >= 0 && !rep.cloexec)
+			if (got >= 0 && !out->cloexec)
 				syscall(SYS_fcntl, got, F_SETFD, 0);
 			ack.a[0] = (uint64_t)(int64_t)got;
 			if (send_req(fd, &ack))
-				goto dead;
+				return -1;
 			continue;
 		}
 		if (got >= 0)
 			syscall(SYS_close, got);
-		if (flags)
-			*flags = rep.flags;
-		if (rep.err) {
-			errno = rep.err;
-			return -1;
-		}
-		return rep.ret;
+		return 0;
 	}
-dead:
-	fprintf(stderr, "iommufd-model preload: lost the model server\n");
-	errno = EIO;
-	return -1;
+}
+
+/* One request on connection fd. Returns ret or -1/errno. */
+static long call_on(int fd, struct req *r, uint32_t *flags)
+{
+	struct rep rep;
+
+	if (exchange(fd, r, &rep)) {
+		fprintf(stderr, "iommufd-model preload: lost the model server\n");
+		errno = EIO;
+		return -1;
+	}
+	if (flags)
+		*flags = rep.flags;
+	if (rep.err) {
+		errno = rep.err;
+		return -1;
+	}
+	return rep.ret;
 }
 
 static int ctl(void)
@@ -198,6 +236,7 @@ static int ctl(void)
 	pid_t pid = (pid_t)syscall(SYS_getpid);
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
 	struct req hello = { .op = OP_HELLO };
+	struct rep rep;
 	int s, hi;
 
 	if (ctl_fd >= 0 && ctl_pid == pid)
@@ -223,7 +262,7 @@ static int ctl(void)
 	hello.a[1] = (uint64_t)syscall(SYS_gettid);
 	hello.a[2] = (uint64_t)lineage_pid;
 	hello.a[3] = (uint64_t)fresh_image;
-	if (call_on(s, &hello, NULL) < 0) {
+	if (exchange(s, &hello, &rep) || rep.err) {
 		syscall(SYS_close, s);
 		return -1;
 	}
@@ -297,6 +336,17 @@ static const char *redirect(const char *path, char *buf, size_t size)
 	return buf;
 }
 
+/* The path lies under a prefix the model serves. */
+static int model_path(const char *path)
+{
+	int i;
+
+	for (i = 0; i < nr_prefixes; i++)
+		if (!strncmp(path, prefixes[i], prefix_lens[i]))
+			return 1;
+	return 0;
+}
+
 /* Open a model file for path, or return -2 when path is not one. */
 static int model_open(const char *path, int flags)
 {
@@ -311,6 +361,11 @@ static int model_open(const char *path, int flags)
 	} else if ((tid = failnth_tid(path)) > 0) {
 		r.a[0] = OPEN_FAILNTH;
 		r.a[1] = (uint64_t)tid;
+	} else if (model_path(path)) {
+		/* the server reads the path from our memory */
+		r.a[0] = OPEN_PATH;
+		r.a[1] = (uint64_t)(uintptr_t)path;
+		r.a[3] = strlen(path);
 	} else {
 		return -2;
 	}
@@ -495,6 +550,475 @@ ssize_t pwrite(int fd, const void *buf, size_t count, off_t off)
 
 ssize_t pwrite64(int fd, const void *buf, size_t count, off_t off) __attribute__((alias("pwrite")));
 
+/* -- trapped MMIO --------------------------------------------------------------------------
+ *
+ * A mapping of device registers (a VFIO BAR) must reach the model on every access, in
+ * program order: a register read returns the device's state at that moment, every write is
+ * one access (two identical writes to a DSA portal are two submissions). The model's own
+ * design: such a mapping is PROT_NONE memory here; the fault handler decodes the faulting
+ * instruction, makes the access a request to the server (OP_MMIO), writes the destination
+ * register of a load and resumes after the instruction. What it decodes: MOV loads and stores
+ * of 1, 2, 4 or 8 bytes (88, 89, 8A, 8B, C6 /0, C7 /0 with 66/REX prefixes), MOVZX/MOVSX
+ * (0F B6, B7, BE, BF), MOVSXD (63) and MOVDIR64B (66 0F 38 F8 /r, one 64-byte submission;
+ * a CPU without it raises #UD, seen as SIGILL, which is emulated the same way). Anything else
+ * touching a trapped page is reported on stderr and the program dies of SIGBUS.
+ * The handler makes only raw system calls (async-signal-safe).
+ */
+
+#define MAX_TRAPS 256
+struct trap {
+	uintptr_t start, end; /* end == 0: a free slot */
+	int prot;
+};
+static struct trap traps[MAX_TRAPS];
+static int nr_traps;
+static char traps_lock;
+static char handlers_installed;
+static struct sigaction old_segv, old_ill;
+
+static void traps_take(void)
+{
+	while (__atomic_test_and_set(&traps_lock, __ATOMIC_ACQUIRE))
+		;
+}
+
+static void traps_drop(void)
+{
+	__atomic_clear(&traps_lock, __ATOMIC_RELEASE);
+}
+
+static const struct trap *trap_at(uintptr_t addr)
+{
+	int i;
+
+	for (i = 0; i < MAX_TRAPS; i++)
+		if (traps[i].start <= addr && addr < traps[i].end)
+			return &traps[i];
+	return NULL;
+}
+
+/* Forget the trapped pages of [addr, addr+len) (munmap, or MAP_FIXED over them). */
+static void trap_remove(uintptr_t addr, size_t len)
+{
+	uintptr_t end = addr + len;
+	int i, j;
+
+	if (!nr_traps)
+		return;
+	traps_take();
+	for (i = 0; i < MAX_TRAPS; i++) {
+		struct trap *t = &traps[i];
+
+		if (!t->end || t->end <= addr || end <= t->start)
+			continue;
+		if (addr <= t->start && t->end <= end) {
+			t->end = 0;
+			t->start = 0;
+			nr_traps--;
+		} else if (addr <= t->start) {
+			t->start = end;
+		} else if (t->end <= end) {
+			t->end = addr;
+		} else { /* a hole in the middle: the tail needs a slot of its own */
+			for (j = 0; j < MAX_TRAPS && traps[j].end; j++)
+				;
+			if (j < MAX_TRAPS) {
+				traps[j].start = end;
+				traps[j].prot = t->prot;
+				traps[j].end = t->end;
+				nr_traps++;
+			}
+			t->end = addr;
+		}
+	}
+	traps_drop();
+}
+
+static void mmio_fault(int sig, siginfo_t *si, void *ucv);
+
+static int trap_add(uintptr_t start, size_t len, int prot)
+{
+	struct sigaction sa;
+	int i;
+
+	if (!__atomic_load_n(&handlers_installed, __ATOMIC_ACQUIRE)) {
+		traps_take();
+		if (!handlers_installed) {
+			memset(&sa, 0, sizeof(sa));
+			sa.sa_sigaction = mmio_fault;
+			sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_RESTART;
+			sigemptyset(&sa.sa_mask);
+			sigaction(SIGSEGV, &sa, &old_segv);
+			sigaction(SIGILL, &sa, &old_ill);
+			__atomic_store_n(&handlers_installed, 1, __ATOMIC_RELEASE);
+		}
+		traps_drop();
+	}
+	traps_take();
+	for (i = 0; i < MAX_TRAPS && traps[i].end; i++)
+		;
+	if (i < MAX_TRAPS) {
+		traps[i].start = start;
+		traps[i].prot = prot;
+		__atomic_store_n(&traps[i].end, start + len, __ATOMIC_RELEASE);
+		nr_traps++;
+	}
+	traps_drop();
+	return i < MAX_TRAPS ? 0 : -1;
+}
+
+/* One decoded access to trapped memory. */
+struct access {
+	uintptr_t addr; /* the MMIO address */
+	int size;       /* 1, 2, 4, 8, or 64 (MOVDIR64B) */
+	int store;
+	uint64_t value; /* a store's bytes (size <= 8) */
+	uintptr_t src;  /* MOVDIR64B: the 64 source bytes */
+	int reg;        /* a load's destination register (0-15) */
+	int hi8;        /* ... is AH, CH, DH or BH */
+	int dsize;      /* bytes of the destination register written (4: zero-extended to 8) */
+	int sext;       /* the loaded value is sign-extended */
+	int len;        /* the instruction's length */
+};
+
+/* ModRM/SIB register numbers (REX-extended) -> the saved registers of the ucontext */
+static const int gregs_of[16] = {
+	REG_RAX, REG_RCX, REG_RDX, REG_RBX, REG_RSP, REG_RBP, REG_RSI, REG_RDI,
+	REG_R8,  REG_R9,  REG_R10, REG_R11, REG_R12, REG_R13, REG_R14, REG_R15,
+};
+
+static uint64_t reg_get(const greg_t *g, int r)
+{
+	return (uint64_t)g[gregs_of[r]];
+}
+
+static uint64_t mask_of(int size)
+{
+	return size >= 8 ? ~0ULL : (1ULL << (size * 8)) - 1;
+}
+
+static uint64_t seg_base(int seg)
+{
+	unsigned long base = 0;
+
+	if (seg)
+		syscall(SYS_arch_prctl, seg == 0x64 ? ARCH_GET_FS : ARCH_GET_GS, &base);
+	return base;
+}
+
+static int64_t sdisp(const uint8_t *p, int n)
+{
+	if (n == 1)
+		return (int8_t)p[0];
+	return (int32_t)((uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 |
+			 (uint32_t)p[3] << 24);
+}
+
+/* Decode the instruction at ip; 0 on success, -1 when it is none of the forms above. */
+static int decode(const uint8_t *ip, const greg_t *g, struct access *ac)
+{
+	const uint8_t *p = ip;
+	int opsz16 = 0, addr32 = 0, seg = 0, rex = 0, movdir = 0;
+	int op, modrm, mod, rm, reg, opsize, imm = 0, riprel = 0;
+	uint64_t ea = 0;
+
+	memset(ac, 0, sizeof(*ac));
+	for (;; p++) {
+		if (p - ip > 10)
+			return -1;
+		if (*p == 0x66)
+			opsz16 = 1;
+		else if (*p == 0x67)
+			addr32 = 1;
+		else if (*p == 0x64 || *p == 0x65)
+			seg = *p;
+		else if (*p != 0x2e && *p != 0x3e && *p != 0x26 && *p != 0x36)
+			break;
+	}
+	if ((*p & 0xf0) == 0x40)
+		rex = *p++;
+	op = *p++;
+	opsize = rex & 8 ? 8 : opsz16 ? 2 : 4;
+	switch (op) {
+	case 0x88: /* mov r/m8, r8 */
+	case 0x8a: /* mov r8, r/m8 */
+	case 0xc6: /* mov r/m8, imm8 */
+		ac->size = 1;
+		break;
+	case 0x89: /* mov r/m, r */
+	case 0x8b: /* mov r, r/m */
+	case 0xc7: /* mov r/m, imm16/imm32 */
+		ac->size = opsize;
+		break;
+	case 0x63: /* movsxd r64, r/m32 (a plain 32-bit load without REX.W) */
+		ac->size = 4;
+		ac->sext = !!(rex & 8);
+		break;
+	case 0x0f:
+		op = 0x0f00 | *p++;
+		if (op == 0x0f38) {
+			op = 0x0f3800 | *p++;
+			if (op != 0x0f38f8 || !opsz16 || (rex & 8))
+				return -1;
+			movdir = 1;
+			ac->size = 64;
+		} else if (op == 0x0fb6 || op == 0x0fbe) {
+			ac->size = 1;
+		} else if (op == 0x0fb7 || op == 0x0fbf) {
+			ac->size = 2;
+		} else {
+			return -1;
+		}
+		ac->sext = op == 0x0fbe || op == 0x0fbf;
+		break;
+	default:
+		return -1;
+	}
+	modrm = *p++;
+	mod = modrm >> 6;
+	reg = ((modrm >> 3) & 7) | (rex & 4 ? 8 : 0);
+	rm = modrm & 7;
+	if (mod == 3)
+		return -1; /* a register operand: no memory access */
+	if (rm == 4) {
+		int sib = *p++;
+		int index = ((sib >> 3) & 7) | (rex & 2 ? 8 : 0);
+		int base = sib & 7;
+
+		if (index != 4)
+			ea += reg_get(g, index) << (sib >> 6);
+		if (base == 5 && mod == 0) {
+			ea += (uint64_t)sdisp(p, 4);
+			p += 4;
+		} else {
+			ea += reg_get(g, base | (rex & 1 ? 8 : 0));
+		}
+	} else if (rm == 5 && mod == 0) {
+		riprel = 1;
+		ea += (uint64_t)sdisp(p, 4);
+		p += 4;
+	} else {
+		ea += reg_get(g, rm | (rex & 1 ? 8 : 0));
+	}
+	if (mod == 1) {
+		ea += (uint64_t)sdisp(p, 1);
+		p += 1;
+	} else if (mod == 2) {
+		ea += (uint64_t)sdisp(p, 4);
+		p += 4;
+	}
+	if (op == 0xc6 || op == 0xc7) {
+		if (reg & 7)
+			return -1; /* C6/C7 /1-/7 are other instructions */
+		imm = op == 0xc6 ? 1 : opsz16 && !(rex & 8) ? 2 : 4;
+		ac->value = imm == 1 ? p[0] : imm == 2 ? (uint64_t)(p[0] | p[1] << 8)
+						       : (uint64_t)sdisp(p, 4);
+		p += imm;
+	}
+	ac->len = (int)(p - ip);
+	if (riprel)
+		ea += (uintptr_t)ip + ac->len;
+	if (addr32)
+		ea &= 0xffffffffULL;
+	ea += seg_base(seg);
+	if (movdir) {
+		/* the destination address is the register operand, the source the memory one */
+		ac->store = 1;
+		ac->src = ea;
+		ac->addr = addr32 ? (uint32_t)reg_get(g, reg) : reg_get(g, reg);
+		return 0;
+	}
+	ac->addr = ea;
+	switch (op) {
+	case 0x88:
+		ac->store = 1;
+		if (!rex && reg >= 4 && reg < 8)
+			ac->value = reg_get(g, reg - 4) >> 8;
+		else
+			ac->value = reg_get(g, reg);
+		break;
+	case 0x89:
+		ac->store = 1;
+		ac->value = reg_get(g, reg);
+		break;
+	case 0xc6:
+	case 0xc7:
+		ac->store = 1;
+		break;
+	case 0x8a:
+		ac->hi8 = !rex && reg >= 4 && reg < 8;
+		ac->reg = ac->hi8 ? reg - 4 : reg;
+		ac->dsize = 1;
+		break;
+	case 0x63:
+		ac->reg = reg;
+		ac->dsize = rex & 8 ? 8 : 4;
+		break;
+	case 0x8b:
+		ac->reg = reg;
+		ac->dsize = ac->size;
+		break;
+	default: /* movzx, movsx */
+		ac->reg = reg;
+		ac->dsize = opsize;
+	}
+	ac->value &= mask_of(ac->size);
+	return 0;
+}
+
+/* Write a load's result into its destination register as the CPU would. */
+static void load_result(greg_t *g, const struct access *ac, uint64_t v)
+{
+	uint64_t *r = (uint64_t *)&g[gregs_of[ac->reg]];
+	int bits = ac->size * 8;
+
+	v &= mask_of(ac->size);
+	if (ac->sext && bits < 64 && (v >> (bits - 1)) & 1)
+		v |= ~mask_of(ac->size);
+	if (ac->hi8)
+		*r = (*r & ~0xff00ULL) | (v & 0xff) << 8;
+	else if (ac->dsize == 4)
+		*r = (uint32_t)v; /* a 32-bit destination zero-extends */
+	else if (ac->dsize == 8)
+		*r = v;
+	else
+		*r = (*r & ~mask_of(ac->dsize)) | (v & mask_of(ac->dsize));
+}
+
+static void say(const char *s)
+{
+	syscall(SYS_write, 2, s, strlen(s));
+}
+
+static void say_hex(uint64_t v)
+{
+	char buf[19];
+	int i = 18;
+
+	buf[i] = 0;
+	do {
+		buf[--i] = "0123456789abcdef"[v & 15];
+		v >>= 4;
+	} while (v && i > 2);
+	buf[--i] = 'x';
+	buf[--i] = '0';
+	say(buf + i);
+}
+
+/* Report an MMIO access the model cannot make and end the program with SIGBUS. */
+static void mmio_fatal(const char *why, uintptr_t rip, uintptr_t addr, int show_bytes)
+{
+	struct sigaction dfl;
+	sigset_t set;
+	int i;
+
+	say("iommufd-model preload: ");
+	say(why);
+	say(" (instruction at ");
+	say_hex(rip);
+	if (show_bytes) {
+		say(":");
+		for (i = 0; i < 15; i++) {
+			char b[4] = { ' ', "0123456789abcdef"[((const uint8_t *)rip)[i] >> 4],
+				      "0123456789abcdef"[((const uint8_t *)rip)[i] & 15], 0 };
+			say(b);
+		}
+	}
+	say(", address ");
+	say_hex(addr);
+	say("); killing the program with SIGBUS\n");
+	memset(&dfl, 0, sizeof(dfl));
+	dfl.sa_handler = SIG_DFL;
+	sigaction(SIGBUS, &dfl, NULL);
+	sigemptyset(&set);
+	sigaddset(&set, SIGBUS);
+	sigprocmask(SIG_UNBLOCK, &set, NULL);
+	syscall(SYS_tgkill, syscall(SYS_getpid), syscall(SYS_gettid), SIGBUS);
+	syscall(SYS_exit_group, 128 + SIGBUS);
+}
+
+/* A fault that is not a trapped access: what the program's own disposition does. */
+static void chain(int sig, siginfo_t *si, void *uc)
+{
+	const struct sigaction *old = sig == SIGSEGV ? &old_segv : &old_ill;
+	struct sigaction dfl;
+
+	if (old->sa_flags & SA_SIGINFO) {
+		old->sa_sigaction(sig, si, uc);
+		return;
+	}
+	if (old->sa_handler != SIG_DFL && old->sa_handler != SIG_IGN) {
+		old->sa_handler(sig);
+		return;
+	}
+	/* the default action: the instruction faults again and the program dies of it */
+	memset(&dfl, 0, sizeof(dfl));
+	dfl.sa_handler = SIG_DFL;
+	sigaction(sig, &dfl, NULL);
+	if (si->si_code <= 0) /* sent by kill(), not a fault: deliver it again */
+		syscall(SYS_tgkill, syscall(SYS_getpid), syscall(SYS_gettid), sig);
+}
+
+static int mmio_request(const struct access *ac, uint64_t *out)
+{
+	struct req r = { .op = OP_MMIO };
+	struct rep rep;
+	int fd = ctl();
+
+	r.a[0] = ac->addr;
+	r.a[1] = (uint64_t)ac->size;
+	r.a[2] = (uint64_t)ac->store;
+	r.a[3] = ac->value;
+	r.a[4] = ac->src;
+	if (fd < 0 || exchange(fd, &r, &rep))
+		return EIO;
+	*out = (uint64_t)rep.ret;
+	return rep.err;
+}
+
+static void mmio_fault(int sig, siginfo_t *si, void *ucv)
+{
+	ucontext_t *uc = ucv;
+	greg_t *g = uc->uc_mcontext.gregs;
+	uintptr_t rip = (uintptr_t)g[REG_RIP];
+	const struct trap *t;
+	struct access ac;
+	uint64_t got = 0;
+	int saved = errno, e;
+
+	if (si->si_code <= 0 || (sig == SIGSEGV && !trap_at((uintptr_t)si->si_addr)))
+		goto not_ours;
+	if (trap_at(rip))
+		mmio_fatal("executing trapped MMIO", rip, rip, 0);
+	if (decode((const uint8_t *)rip, g, &ac)) {
+		if (sig == SIGILL)
+			goto not_ours;
+		mmio_fatal("cannot emulate this MMIO access", rip, (uintptr_t)si->si_addr, 1);
+	}
+	t = trap_at(ac.addr);
+	if (sig == SIGILL && (ac.size != 64 || !t))
+		goto not_ours; /* #UD of a MOVDIR64B to ordinary memory: the CPU's verdict */
+	if (!t)
+		mmio_fatal("decoded an access outside the trapped range", rip, ac.addr, 1);
+	if (!(t->prot & (ac.store ? PROT_WRITE : PROT_READ)))
+		goto not_ours; /* the mapping does not allow it: SIGSEGV as for any page */
+	if (ac.addr + ac.size > t->end || (ac.size == 64 && ac.addr & 63))
+		mmio_fatal("MMIO access crosses the mapping or is misaligned", rip, ac.addr, 1);
+	e = mmio_request(&ac, &got);
+	if (e)
+		mmio_fatal(e == EIO ? "lost the model server during an MMIO access"
+				    : "the model refused an MMIO access",
+			   rip, ac.addr, 1);
+	if (!ac.store)
+		load_result(g, &ac, got);
+	g[REG_RIP] = (greg_t)(rip + (uintptr_t)ac.len);
+	errno = saved;
+	return;
+not_ours:
+	errno = saved;
+	chain(sig, si, ucv);
+}
+
 /* -- memory ------------------------------------------------------------------------------ */
 
 #define HUGE_2M (2UL << 20)
@@ -508,6 +1032,7 @@ static void report_unmap(void *addr, size_t len)
 {
 	struct req r = { .op = OP_MUNMAP };
 
+	trap_remove((uintptr_t)addr, len);
 	if (!model_active)
 		return;
 	r.a[0] = (uint64_t)(uintptr_t)addr;
@@ -546,8 +1071,12 @@ static void *aligned_hole(size_t len)
 static void *model_mmap(long id, void *addr, size_t len, int prot, int flags, off_t off)
 {
 	struct req r = { .op = OP_MMAP };
+	uint32_t rflags = 0;
 	void *p;
 	int saved;
+
+	if (flags & MAP_FIXED)
+		report_unmap(addr, len);
 
 	/* Shared anonymous memory the server fills with the region's bytes once the core
 	 * accepted the mapping (its checks are the kernel's; see docs). */
@@ -561,11 +1090,23 @@ static void *model_mmap(long id, void *addr, size_t len, int prot, int flags, of
 	r.a[3] = (uint64_t)(uintptr_t)p;
 	r.a[4] = (uint64_t)(unsigned int)prot;
 	r.a[5] = (uint64_t)(unsigned int)flags;
-	if (call(&r, NULL) < 0) {
+	if (call(&r, &rflags) < 0) {
 		saved = errno;
 		syscall(SYS_munmap, p, len);
 		errno = saved;
 		return MAP_FAILED;
+	}
+	if (rflags & REP_MMIO) {
+		/* device registers: no access rights, every access faults into mmio_fault() */
+		if (raw_mmap(p, len, PROT_NONE, MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+			     -1, 0) == MAP_FAILED ||
+		    trap_add((uintptr_t)p, (len + 4095) & ~(size_t)4095, prot)) {
+			report_unmap(p, len);
+			syscall(SYS_munmap, p, len);
+			errno = ENOMEM;
+			return MAP_FAILED;
+		}
+		return p;
 	}
 	syscall(SYS_mprotect, p, len, prot);
 	return p;

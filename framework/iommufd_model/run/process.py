@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 
@@ -40,6 +40,47 @@ if TYPE_CHECKING:
 CAP_SYS_RESOURCE = 24
 #: 4 KiB pages in a 2 MiB huge page (x86-64's default huge page size)
 HUGE_PAGES = 512
+
+
+class MmioDevice(Protocol):
+    """What a trapped mapping reaches: a device's registers (the PciFunction contract)."""
+
+    def mmio_read(self, bar: int, offset: int, size: int) -> int: ...
+
+    def mmio_write(self, bar: int, offset: int, size: int, value: int) -> None: ...
+
+    def mmio_write64b(self, bar: int, offset: int, data: bytes) -> None: ...
+
+
+@attrs.define(eq=False)
+class MmioWindow:
+    """A trapped mapping of device registers (the model's own design, see preload.c):
+    ``[start, start+length)`` of the program is ``bar`` of ``device`` from ``offset`` on.
+    ``file`` is the model file mapped (the VMA's ``vm_file``)."""
+
+    start: int
+    length: int
+    device: MmioDevice
+    bar: int
+    offset: int
+    file: Any
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+    def cut(self, va: int, end: int) -> list[MmioWindow]:
+        """What is left of this window once ``[va, end)`` is unmapped (0, 1 or 2 pieces)."""
+        left: list[MmioWindow] = []
+        if self.start < va:
+            left.append(attrs.evolve(self, length=va - self.start))
+        if end < self.end:
+            left.append(
+                attrs.evolve(
+                    self, start=end, length=self.end - end, offset=self.offset + end - self.start
+                )
+            )
+        return left
 
 
 @attrs.frozen
@@ -236,6 +277,8 @@ class RealProcess(Process):
         self._probed: set[int] = set()
         # mappings of iommufd regions: start -> the core's VMA (closed by munmap, at exit)
         self.iommufd_vmas: dict[int, IommufdVma] = {}
+        # trapped mappings of device registers, by start address
+        self.mmio: dict[int, MmioWindow] = {}
 
     # -- liveness -------------------------------------------------------------------------
     def _start_time(self) -> str | None:
@@ -295,11 +338,27 @@ class RealProcess(Process):
             if start < end and va < start + vma.length:
                 del self.iommufd_vmas[start]
                 vma.close()
+        for start, win in list(self.mmio.items()):
+            if start < end and va < win.end:
+                del self.mmio[start]
+                for piece in win.cut(va, end):
+                    self.mmio[piece.start] = piece
         super().munmap(va, end - va)
 
     def add_vma(self, start: int, vma: IommufdVma) -> None:
         """The program mapped an iommufd region at ``start``."""
         self.iommufd_vmas[start] = vma
+
+    def add_mmio(self, window: MmioWindow) -> None:
+        """The program mapped device registers (trapped by the preload) at ``window.start``."""
+        self.mmio[window.start] = window
+
+    def mmio_at(self, va: int, size: int) -> MmioWindow:
+        """The trapped window holding ``[va, va+size)`` (EFAULT if none holds it whole)."""
+        for win in self.mmio.values():
+            if win.start <= va and va + size <= win.end:
+                return win
+        raise err(errno.EFAULT, f"no device registers mapped at {va:#x}+{size}")
 
     def map_shared(self, va: int, length: int, file: RealMemFile, offset: int) -> None:
         """A shared mapping of ``file`` at ``offset`` now covers ``[va, va+length)``."""
@@ -317,6 +376,7 @@ class RealProcess(Process):
         """fork(): the child's shared mappings are the parent's (private pages are its own)."""
         self._vma_starts = list(parent._vma_starts)
         self._vmas = [Vma(v.start, v.end, v.file, v.offset) for v in parent._vmas]
+        self.mmio = {start: attrs.evolve(win) for start, win in parent.mmio.items()}
 
     # -- the core's interface --------------------------------------------------------------
     def _translate(self, va: int) -> int:
@@ -402,6 +462,7 @@ class RealProcess(Process):
         for vma in self.iommufd_vmas.values():
             vma.close()
         self.iommufd_vmas.clear()
+        self.mmio.clear()
         for pfn in self._ptes.values():
             self.memory.put_frame(pfn)
         self._ptes.clear()

@@ -27,6 +27,7 @@ import stat
 import struct
 import sys
 import traceback
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -43,16 +44,22 @@ from iommufd_model.errors import err
 from iommufd_model.hw.memory import PAGE_MASK
 from iommufd_model.machine import Machine
 from iommufd_model.run import native
-from iommufd_model.run.process import Mirrors, RealMemFile, RealProcess
+from iommufd_model.run.process import Mirrors, MmioWindow, RealMemFile, RealProcess
+
+#: ``opener(machine, path, flags)``: the model file for a path under one of the run's model
+#: prefixes, None when it has none (ENOENT), OSError when it refuses (``vfio.open_path``)
+Opener = Callable[[Machine, str, int], Any]
 
 REQ = struct.Struct("<II6Q")
 REP = struct.Struct("<IiqII")
 
 OP_HELLO, OP_OPEN, OP_IOCTL, OP_READ, OP_WRITE = 1, 2, 3, 4, 5
-OP_MAP_SHARED, OP_MUNMAP, OP_MMAP, OP_INSTALLED = 6, 7, 8, 9
-OPEN_IOMMU, OPEN_FAILNTH = 1, 2
+OP_MAP_SHARED, OP_MUNMAP, OP_MMAP, OP_INSTALLED, OP_MMIO = 6, 7, 8, 9, 10
+OPEN_IOMMU, OPEN_FAILNTH, OPEN_PATH = 1, 2, 3
 REP_DONE, REP_INSTALL = 0, 1
-REP_DRAIN = 1
+REP_DRAIN, REP_MMIO = 1, 2
+#: the longest path an OPEN_PATH request names (PATH_MAX)
+PATH_MAX = 4096
 O_CLOEXEC = os.O_CLOEXEC
 #: a size field above this is not read whole (the kernel would fail on such a struct too)
 MAX_STRUCT = 1 << 24
@@ -101,6 +108,7 @@ class ModelFile:
     obj: Any
     inode: tuple[int, int]  # of the program's end: how fget() finds it
     token: bool = False
+    pos: int = 0  # f_pos: where read()/write() without an offset start
 
 
 @attrs.define(eq=False)
@@ -114,9 +122,17 @@ class Conn:
 class Server:
     """Serves one run; ``serve_until(pred)`` loops until ``pred()`` is true."""
 
-    def __init__(self, machine: Machine, run: str, name: str, log: Any = None) -> None:
+    def __init__(
+        self,
+        machine: Machine,
+        run: str,
+        name: str,
+        log: Any = None,
+        openers: Sequence[Opener] = (),
+    ) -> None:
         self.machine = machine
         self.run = run
+        self.openers = list(openers)
         self.mirrors = Mirrors(machine.memory)
         self.log = log if log is not None else sys.stderr
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
@@ -287,6 +303,8 @@ class Server:
                 file.huge = file.huge or bool(a[4])
                 proc.map_shared(a[0], a[1], file, a[3])
             return 0, 0
+        if op == OP_MMIO:  # a CPU access, not a system call: no fault injection
+            return self._mmio(proc, a[0], a[1], bool(a[2]), a[3], a[4]), 0
         if op == OP_OPEN and a[0] == OPEN_FAILNTH:
             return self.install(FailNthFile(self, a[1]), cloexec=bool(a[2] & O_CLOEXEC)), 0
         target = self.files.get(a[0]) if op in (OP_IOCTL, OP_READ, OP_WRITE, OP_MMAP) else None
@@ -311,6 +329,8 @@ class Server:
                     ictx.release()
                     raise
                 return ictx.fd, 0
+            if a[0] == OPEN_PATH:
+                return self._open_path(proc, a[1], a[3], a[2]), 0
             raise err(errno.ENOENT, "no such model device")
         mf = self._file(a[0])
         if op == OP_IOCTL:
@@ -318,8 +338,26 @@ class Server:
         if op in (OP_READ, OP_WRITE):
             return self._rw(proc, mf, op, a)
         if op == OP_MMAP:
-            return self._mmap(proc, mf, a), 0
+            return self._mmap(proc, mf, a)
         raise err(errno.EPROTO, f"unknown request {op}")
+
+    def _open_path(self, proc: RealProcess, uptr: int, length: int, flags: int) -> int:
+        """``open(path)`` of a path under the model's prefixes: the first opener that knows it."""
+        if length >= PATH_MAX:
+            raise err(errno.ENAMETOOLONG, "path too long")
+        raw = native.vm_read(proc.pid, uptr, length)
+        if raw is None:
+            raise err(errno.EFAULT, "path not readable")
+        path = raw.decode("utf-8", "surrogateescape")
+        for opener in self.openers:
+            obj = opener(self.machine, path, flags)
+            if obj is not None:
+                try:
+                    return self.install(obj, cloexec=bool(flags & O_CLOEXEC))
+                except OSError:
+                    obj.release()
+                    raise
+        raise err(errno.ENOENT, f"{path}: no such model file")
 
     def _hello(self, conn: Conn, pid: int, tid: int, lineage: int, fresh: bool) -> None:
         creds = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
@@ -424,16 +462,16 @@ class Server:
     # -- file operations ------------------------------------------------------------------
     def _ioctl(self, proc: RealProcess, mf: ModelFile, cmd: int, arg: int) -> int:
         obj = mf.obj
-        if not isinstance(obj, IommuFd):
+        if not hasattr(obj, "ioctl"):
             raise err(errno.ENOTTY, "this file has no ioctls")
         if cmd in _INT_ARG:
-            return obj.ioctl(cmd, arg, caller=proc)
+            return int(obj.ioctl(cmd, arg, caller=proc))
         if cmd == VFIO_GET_API_VERSION:
-            return obj.ioctl(cmd, 0, caller=proc)
+            return int(obj.ioctl(cmd, 0, caller=proc))
         buf = self._read_struct(proc, arg)
         orig = bytes(buf)
         try:
-            return obj.ioctl(cmd, buf, caller=proc)
+            return int(obj.ioctl(cmd, buf, caller=proc))
         finally:
             self._write_changes(proc, arg, orig, buf)
 
@@ -481,6 +519,10 @@ class Server:
                 data = obj.read(count, a[3] if a[4] else None)
             elif isinstance(obj, EventFile):
                 data = obj.read(min(count, 1 << 20))
+            elif hasattr(obj, "read"):  # a device file: pread of its regions
+                data = obj.read(min(count, 1 << 20), a[3] if a[4] else mf.pos)
+                if not a[4]:
+                    mf.pos += len(data)
             else:
                 raise err(errno.EINVAL, "this file cannot be read")
             if data and not native.vm_write(proc.pid, uptr, data):
@@ -494,16 +536,32 @@ class Server:
             if len(data) != min(count, 1 << 20):
                 raise err(errno.EFAULT, "write buffer not readable")
             return obj.write(data), 0
+        if hasattr(obj, "write"):  # a device file: pwrite of its regions
+            data = native.vm_read(proc.pid, uptr, min(count, 1 << 20)) or b""
+            if len(data) != min(count, 1 << 20):
+                raise err(errno.EFAULT, "write buffer not readable")
+            done = int(obj.write(data, a[3] if a[4] else mf.pos))
+            if not a[4]:
+                mf.pos += done
+            return done, 0
         raise err(errno.EINVAL, "this file cannot be written")
 
-    def _mmap(self, proc: RealProcess, mf: ModelFile, a: list[int]) -> int:
-        """``mmap(addr, length, prot, flags, iommufd, offset)``: the core's checks and VMA;
-        the program's mapping at ``addr`` gets the region's bytes (RAM pages; MMIO that must
-        trap each access is issue 20's)."""
+    def _mmap(self, proc: RealProcess, mf: ModelFile, a: list[int]) -> tuple[int, int]:
+        """``mmap(addr, length, prot, flags, fd, offset)`` of a model file.
+
+        A device file's region (``mmap_region``: a BAR) becomes a trapped window: the reply
+        tells the preload to make the range inaccessible, and each access comes back as an
+        OP_MMIO request. The iommufd's regions get the core's checks and VMA, and the
+        program's mapping at ``addr`` the region's bytes (RAM pages)."""
         obj = mf.obj
+        offset, length, addr, prot, flags = a[1], a[2], a[3], a[4], a[5]
+        if hasattr(obj, "mmap_region"):
+            bar, bar_offset = obj.mmap_region(offset, length, prot)
+            length = (length + PAGE_MASK) & ~PAGE_MASK
+            proc.add_mmio(MmioWindow(addr, length, obj.device, bar, bar_offset, obj))
+            return 0, REP_MMIO
         if not isinstance(obj, IommuFd):
             raise err(errno.ENODEV, "this file cannot be mmapped")
-        offset, length, addr, prot, flags = a[1], a[2], a[3], a[4], a[5]
         vma = obj.mmap(offset, length, prot, flags)
         try:
             if not native.vm_write(proc.pid, addr, vma.read(0, vma.length)):
@@ -512,7 +570,30 @@ class Server:
             vma.close()
             raise
         proc.add_vma(addr, vma)
-        return 0
+        return 0, 0
+
+    def _mmio(
+        self, proc: RealProcess, addr: int, size: int, store: bool, value: int, src: int
+    ) -> int:
+        """One CPU access to trapped device registers, in program order (see preload.c):
+        a load returns the register's value now, each store is one write, a 64-byte store
+        (MOVDIR64B) one submission of the 64 bytes at ``src``."""
+        if size not in (1, 2, 4, 8, 64):
+            raise err(errno.EINVAL, f"MMIO access of {size} bytes")
+        win = proc.mmio_at(addr, size)
+        at = win.offset + addr - win.start
+        if size == 64:
+            data = native.vm_read(proc.pid, src, 64)
+            if data is None:
+                raise err(errno.EFAULT, "MOVDIR64B source not readable")
+            win.device.mmio_write64b(win.bar, at, data)
+            return 0
+        mask = (1 << (size * 8)) - 1
+        if store:
+            win.device.mmio_write(win.bar, at, size, value & mask)
+            return 0
+        got = win.device.mmio_read(win.bar, at, size) & mask
+        return got - (1 << 64) if got >= 1 << 63 else got
 
     # -- poll readiness -------------------------------------------------------------------
     @staticmethod
