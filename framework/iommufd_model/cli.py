@@ -530,7 +530,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="an IOMMU instance of DRIVER (repeatable; default: mock)",
     )
     p_run.add_argument(
-        "--devices", type=int, default=1, metavar="N", help="PCI functions behind each IOMMU"
+        "--devices",
+        type=int,
+        default=None,
+        metavar="N",
+        help="plain DMA-capable PCI devices behind each IOMMU (default 1 without --device, else 0)",
+    )
+    p_run.add_argument(
+        "--device",
+        action="append",
+        default=[],
+        metavar="KIND@IOMMU[,...]",
+        help="a modelled PCI function (generic, ioat, dsa...) behind the first IOMMU of that "
+        "driver or instance index (repeatable; the drivers named become the IOMMUs when "
+        "--iommu is not given); the first one's BDF is exported as VFIO_SELFTESTS_BDF",
+    )
+    p_run.add_argument(
+        "--bdf-args",
+        action="store_true",
+        help="append every modelled function's BDF to the program's arguments",
     )
     p_run.add_argument("program", nargs=argparse.REMAINDER, metavar="-- PROGRAM [ARGS...]")
     p_run.set_defaults(func=_cmd_run)
@@ -538,7 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args: argparse.Namespace, reg: DriverRegistry) -> int:
-    from iommufd_model.run.launch import run_program
+    from iommufd_model.run.launch import DeviceSpec, build_machine, iommus_for, run_program
 
     argv = list(args.program)
     if argv and argv[0] == "--":
@@ -546,13 +564,18 @@ def _cmd_run(args: argparse.Namespace, reg: DriverRegistry) -> int:
     if not argv:
         print("iommufd-model run: no program given", file=sys.stderr)
         return 2
-    if args.devices < 0:
+    devices = args.devices if args.devices is not None else 0 if args.device else 1
+    if devices < 0:
         print("iommufd-model run: --devices must be >= 0", file=sys.stderr)
         return 2
     try:
-        rc, _server = run_program(
-            argv, iommus=args.iommu or ["mock"], devices=args.devices, registry=reg
-        )
+        specs = [spec for text in args.device for spec in DeviceSpec.parse(text)]
+        machine = build_machine(iommus_for(args.iommu, specs), devices, reg, specs)
+    except (ValueError, OSError) as exc:
+        print(f"iommufd-model run: {exc}", file=sys.stderr)
+        return 2
+    try:
+        rc, _server = run_program(argv, machine=machine, append_bdfs=args.bdf_args)
     except OSError as exc:
         print(f"iommufd-model run: {exc}", file=sys.stderr)
         return 127

@@ -7,6 +7,7 @@ The device here is the test's own register file behind a model file with ``mmap_
 from __future__ import annotations
 
 import errno
+import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -77,6 +78,23 @@ class RegsFile:
         if offset + length > 0x2000:
             raise err(errno.EINVAL, "beyond BAR 0")
         return 0, offset
+
+    def ioctl(self, cmd: int, arg: Any, caller: Any) -> int:
+        """Signal the eventfd the struct names, as VFIO_DEVICE_SET_IRQS' triggers do."""
+        mine = caller.get_fd(int.from_bytes(arg[:4], "little"))
+        try:
+            os.write(mine, (1).to_bytes(8, "little"))
+        finally:
+            os.close(mine)
+        return cmd & 0xFF
+
+    def read(self, count: int, offset: int) -> bytes:
+        """pread: config-space-like bytes, each its offset's low byte."""
+        return bytes((offset + i) & 0xFF for i in range(count))
+
+    def write(self, data: bytes, offset: int) -> int:
+        self.device.log.append(("pwrite", offset, len(data), int.from_bytes(data, "little")))
+        return len(data)
 
     def release(self) -> None:
         self.released = True
@@ -151,3 +169,10 @@ def test_an_undecodable_access_is_reported_and_sigbus(
     assert rc == 128 + signal.SIGBUS
     assert "cannot emulate this MMIO access" in capfd.readouterr().err
     assert regs.log == []
+
+
+def test_file_ops_and_eventfds_from_the_callers_fd_table(mmio_prog: Path) -> None:
+    rc, server, regs, _ = run_regs(mmio_prog, "fileops")
+    assert rc == 0 and server.internal_errors == []
+    assert ("pwrite", 0x44, 2, 0xBEEF) in regs.log
+    assert ("pwrite", 3, 1, 0x7A) in regs.log  # write() at the file position read() left

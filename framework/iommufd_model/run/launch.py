@@ -13,6 +13,8 @@ from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 from typing import Any
 
+import attrs
+
 from iommufd_model.machine import Machine
 from iommufd_model.plugins import DriverRegistry
 from iommufd_model.run.server import Opener, Server
@@ -41,14 +43,59 @@ def preload_path() -> Path:
     )
 
 
+@attrs.frozen
+class DeviceSpec:
+    """``--device KIND@IOMMU``: a modelled PCI function of ``kind`` behind ``iommu`` (a
+    driver name: its first instance; or an instance index)."""
+
+    kind: str
+    iommu: str
+
+    @classmethod
+    def parse(cls, text: str) -> list[DeviceSpec]:
+        """``ioat@amd,dsa@intel_vtd`` -> two specs; ValueError on a malformed one."""
+        specs = []
+        for part in text.split(","):
+            kind, at, iommu = part.strip().partition("@")
+            if not kind or not at or not iommu:
+                raise ValueError(f"--device {part!r}: expected KIND@IOMMU (e.g. ioat@amd)")
+            specs.append(cls(kind, iommu))
+        return specs
+
+
+def iommus_for(iommus: Sequence[str] | None, specs: Sequence[DeviceSpec]) -> list[str]:
+    """The run's IOMMU instances: ``--iommu`` as given, else one instance of each driver the
+    devices name (in order), else the mock."""
+    if iommus:
+        return list(iommus)
+    named = [s.iommu for s in specs if not s.iommu.isdigit()]
+    return list(dict.fromkeys(named)) or ["mock"]
+
+
 def build_machine(
-    iommus: Sequence[str], devices: int, registry: DriverRegistry | None = None
+    iommus: Sequence[str],
+    devices: int,
+    registry: DriverRegistry | None = None,
+    functions: Sequence[DeviceSpec] = (),
 ) -> Machine:
-    """The run's machine: one instance per ``--iommu`` and ``devices`` PCI functions each."""
+    """The run's machine: one instance per ``--iommu``, ``devices`` plain DMA-capable PCI
+    devices behind each, then the modelled functions of ``functions`` in order (their BDFs
+    follow from that order: ``Machine.add_pci_function``)."""
     machine = Machine.build(list(iommus), registry=registry)
     for index in range(len(machine.iommus)):
         for _ in range(devices):
             machine.add_pci_device(index)
+    for spec in functions:
+        if spec.iommu.isdigit():
+            index = int(spec.iommu)
+        else:
+            names = [hw.driver_name for hw in machine.iommus]
+            if spec.iommu not in names:
+                raise ValueError(f"--device {spec.kind}@{spec.iommu}: no {spec.iommu} IOMMU")
+            index = names.index(spec.iommu)
+        if not 0 <= index < len(machine.iommus):
+            raise ValueError(f"--device {spec.kind}@{spec.iommu}: no IOMMU instance {index}")
+        machine.add_pci_function(spec.kind, index)
     return machine
 
 
@@ -62,14 +109,22 @@ def run_program(
     log: Any = None,
     machine: Machine | None = None,
     openers: Sequence[tuple[str, Opener]] = (),
+    append_bdfs: bool = False,
 ) -> tuple[int, Server]:
     """Run ``argv`` to completion; returns (exit status as a shell gives it, the server).
 
     ``openers`` are ``(path prefix, opener)`` pairs: ``open()`` of a path under a prefix is
     served by the model (the first opener that knows the path), every other path by the
-    kernel."""
+    kernel.
+
+    The program finds the machine's modelled PCI functions as the kernel's VFIO selftests
+    do: ``VFIO_SELFTESTS_BDF`` names the first (unless the environment sets it), and with
+    ``append_bdfs`` every BDF is appended to ``argv``."""
     if machine is None:
         machine = build_machine(iommus, devices, registry)
+    bdfs = [fn.bdf for fn in machine.pci_functions()]
+    if append_bdfs:
+        argv = [*argv, *bdfs]
     # the server keeps a descriptor per file the program shares with it
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
@@ -84,6 +139,8 @@ def run_program(
     child_env["LD_PRELOAD"] = f"{lib} {old}" if old else lib
     child_env["IOMMUFD_MODEL_SOCK"] = f"iommufd-model-server/{run}"
     child_env["IOMMUFD_MODEL_RUN"] = run
+    if bdfs:
+        child_env.setdefault("VFIO_SELFTESTS_BDF", bdfs[0])
     child_env["IOMMUFD_MODEL_PATHS"] = ":".join(dict.fromkeys(prefix for prefix, _ in openers))
     with tempfile.TemporaryDirectory(prefix="iommufd-model-debugfs-") as debugfs:
         for rel in _DEBUGFS_FILES:

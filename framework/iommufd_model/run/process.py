@@ -452,6 +452,11 @@ class RealProcess(Process):
     def sync_frames_out(self, pfns: list[int], offset: int, length: int) -> None:
         self.mirrors.push(pfns, offset, length)
 
+    def get_fd(self, fd: int) -> int:
+        """The model's own descriptor for the program's ``fd`` (an IRQ eventfd VFIO_DEVICE_SET_IRQS
+        names): ``pidfd_getfd``, as ``fget`` takes a reference. The caller closes it."""
+        return native.pidfd_getfd(self.pid, fd)
+
     def install_file(self, file: Any) -> int:
         """A new fd in the program that is making the current request."""
         return self.server.install(file)

@@ -5,6 +5,7 @@
  * written out in asm so that the encodings are the ones named. argv[1] picks the scenario.
  */
 #include "prelude.h"
+#include <sys/eventfd.h>
 
 #define DOORBELL 0x100
 #define COUNT 0x108
@@ -213,6 +214,21 @@ int main(int argc, char **argv)
 		/* the first page unmapped, the second still reaches the device */
 		CHECK(munmap((void *)bar, 4096) == 0);
 		CHECK(*(volatile uint32_t *)(bar + 0x1010) == 0x600d);
+		return 0;
+	}
+	if (!strcmp(what, "fileops")) {
+		int efd = eventfd(0, 0);
+		uint64_t n = 0;
+		uint8_t buf[4];
+		uint16_t w = 0xbeef;
+
+		CHECK(efd >= 0);
+		CHECK(ioctl(fd, 0x3b42, &efd) == 0x42);
+		CHECK(read(efd, &n, 8) == 8 && n == 1);
+		CHECK(pread(fd, buf, 4, 0x40) == 4 && buf[0] == 0x40 && buf[3] == 0x43);
+		CHECK(pwrite(fd, &w, 2, 0x44) == 2);
+		CHECK(read(fd, buf, 3) == 3 && buf[2] == 2);
+		CHECK(write(fd, "z", 1) == 1);
 		return 0;
 	}
 	if (!strcmp(what, "readonly")) {
