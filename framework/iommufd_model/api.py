@@ -21,6 +21,7 @@ from iommufd_model.driver import (
     InvalidateResult,
     VdeviceBase,
     ViommuBase,
+    driver_state,
 )
 from iommufd_model.errors import check, err
 from iommufd_model.hookspecs import hookimpl
@@ -69,6 +70,7 @@ __all__ = [
     "WalkFault",
     "WalkResult",
     "check",
+    "driver_state",
     "err",
     "hookimpl",
     "page_run",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import errno
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 
@@ -17,6 +17,8 @@ from iommufd_model.errors import err
 
 if TYPE_CHECKING:
     from iommufd_model.hw.iommu import IommuHw
+
+S = TypeVar("S")
 
 # include/linux/iommu.h prot bits; iommufd always adds IOMMU_CACHE (conv_iommu_prot()).
 IOMMU_READ = 1
@@ -49,6 +51,22 @@ class Feature(enum.Enum):
     HWPT_INVALIDATE = "hwpt_invalidate"
     VIOMMU_INVALIDATE = "viommu_invalidate"
     LARGE_PAGES = "large_pages"
+
+
+def driver_state(iommu: IommuHw, kind: type[S]) -> S:
+    """The driver's per-IOMMU state of ``iommu`` (its ``struct amd_iommu``, ``intel_iommu``,
+    ``arm_smmu_device``...), which its ``probe`` hook stored in ``iommu.driver_state``.
+
+    Every driver keeps its state there and reaches it through this one call. An instance of
+    another driver (or one without state of ``kind``) is EINVAL: Linux 7.2 answers EINVAL
+    when an attach names a domain of another driver (iommu.c ``domain_iommu_ops_compatible()``
+    in ``__iommu_attach_group()`` and ``iommu_attach_device_pasid()``). The routing of hook
+    calls makes that a driver bug here; the check keeps it from going further.
+    """
+    state = iommu.driver_state
+    if not isinstance(state, kind):
+        raise err(errno.EINVAL, f"{iommu.name} is not an IOMMU of this driver")
+    return state
 
 
 @attrs.define

@@ -50,3 +50,6 @@ class Ida:
 
     def __len__(self) -> int:
         return len(self.used)
+
+    def __contains__(self, value: object) -> bool:
+        return value in self.used

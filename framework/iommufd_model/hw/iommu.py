@@ -83,6 +83,9 @@ class IommuHw:
         self.fault_log: list[FaultRecord] = []
         # The driver's ID spaces (``Ida(..., owner=self)``): the kit checks none leaks.
         self.id_spaces: list[Ida] = []
+        #: the driver's per-instance state, set by its ``probe`` hook and read back with
+        #: :func:`iommufd_model.driver.driver_state` (the hardware never looks at it)
+        self.driver_state: Any = None
 
     @property
     def name(self) -> str:

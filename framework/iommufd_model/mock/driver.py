@@ -49,7 +49,11 @@ PAGING_FLAGS = (
 
 
 def _mock(iommu: Any) -> MockIommu:
-    assert isinstance(iommu, MockIommu)
+    """The mock instance ``iommu``: the mock keeps no driver state apart from its hardware
+    (the kernel's ``mock_iommu_device`` holds nothing the model needs); another driver's
+    instance is EINVAL, as :func:`iommufd_model.driver.driver_state` answers."""
+    if not isinstance(iommu, MockIommu):
+        raise err(errno.EINVAL, f"{iommu.name} is not a mock IOMMU")
     return iommu
 
 

@@ -32,9 +32,11 @@ from iommufd_model.api import (
     Feature,
     HwInfo,
     HwQueueBase,
+    Ida,
     InvalidateResult,
     VdeviceBase,
     ViommuBase,
+    driver_state,
     err,
     hookimpl,
 )
@@ -98,26 +100,6 @@ FEATURES = frozenset(
 )
 
 
-class IdAllocator:
-    """The kernel's pdom_ids IDA: DomainIDs 1 .. MAX_DOMAIN_ID - 1 (0 is never used)."""
-
-    def __init__(self, limit: int = MAX_DOMAIN_ID) -> None:
-        self.limit = limit
-        self.used: set[int] = set()
-
-    def alloc(self) -> int:
-        """The lowest free ID, as ``ida_alloc_range()`` gives it (no cursor: an ID freed
-        again leaves the allocator exactly as it was); -1 when all are taken."""
-        for cand in range(1, self.limit):
-            if cand not in self.used:
-                self.used.add(cand)
-                return cand
-        return -1
-
-    def free(self, domid: int) -> None:
-        self.used.discard(domid)
-
-
 class DevData:
     """``struct iommu_dev_data``: what the driver knows about one device."""
 
@@ -148,7 +130,8 @@ class AmdKernel:
     def __init__(self, hw: AmdIommu, options: dict[str, Any]) -> None:
         self.hw = hw
         self.mem = hw.memory
-        self.domids = IdAllocator()
+        # pdom_ids: DomainIDs 1 .. MAX_DOMAIN_ID - 1 (0 is never used)
+        self.domids = Ida("DomainID", 1, MAX_DOMAIN_ID - 1, owner=hw)
         self.dev_data: dict[int, DevData] = {}
         self.pgtable = options.get("pgtable", "v1")
         self.domain_levels = int(options.get("domain_levels", 4))
@@ -156,6 +139,8 @@ class AmdKernel:
         self.cmd_sem_val = 0
         self.pas: VK.PasState | None = None  # the HW-vIOMMU private address space
         self.viommu_error = 0  # errno of a failed amd_viommu_init() (no HW-vIOMMU then)
+        hw.ppr_irq = self.ppr_interrupt
+        hw.viommu_irq = self.viommu_event
         self.init_hardware()
         VK.viommu_init(self)
 
@@ -401,9 +386,7 @@ class AmdKernel:
     def get_gcr3(self, dd: DevData) -> Gcr3Table:
         """setup_gcr3_table(): one per device, with its own DomainID."""
         if dd.gcr3 is None:
-            domid = self.domids.alloc()
-            if domid <= 0:
-                raise err(errno.ENOSPC, "no DomainID for the GCR3 table")
+            domid = self.domids.alloc()  # ENOSPC when none is left
             bits = min(dd.dev.pasid_bits, self.hw.pasid_bits) or 1
             dd.gcr3 = Gcr3Table(self.mem, min(glx_for(bits), self.hw.max_glx))
             dd.gcr3_domid = domid
@@ -490,10 +473,11 @@ class AmdDomain(Domain):
             pasid_compat=v2,
         )
         self.kernel = kernel
-        self.id = kernel.domids.alloc()
-        if self.id <= 0:
+        try:
+            self.id = kernel.domids.alloc()
+        except OSError:
             self.pt.free()
-            raise err(errno.ENOSPC, "no DomainID left")
+            raise
         self.attached: set[tuple[int, int]] = set()  # (devid, pasid; 0 for the RID)
         self.viommus: list[AmdViommu] = []
 
@@ -515,9 +499,7 @@ class AmdNestedDomain(Domain):
 
 
 def _kernel(iommu: IommuHw) -> AmdKernel:
-    if not isinstance(iommu, AmdIommu) or not isinstance(iommu.kernel, AmdKernel):
-        raise err(errno.ENODEV, "not an AMD IOMMU")
-    return iommu.kernel
+    return driver_state(iommu, AmdKernel)
 
 
 def _paging(domain: Domain) -> AmdDomain:
@@ -584,7 +566,7 @@ class AmdDriver:
             viommu_guests=guests,
             gst_buffer_trp=bool(options.get("gst_buffer_trp", True)),
         )
-        hw.kernel = AmdKernel(hw, options)
+        hw.driver_state = AmdKernel(hw, options)
         return hw
 
     @hookimpl
@@ -895,7 +877,7 @@ class AmdDriver:
             if viommu.mmap is not None:
                 viommu.mmap.destroy(viommu.vfmmio_mmap_offset)  # iommufd_viommu_destroy_mmap()
                 viommu.mmap = None
-            VK.viommu_uninit_one(viommu.hw.kernel, viommu)
+            VK.viommu_uninit_one(_kernel(viommu.hw), viommu)
             parent = viommu.parent
             if isinstance(parent, AmdDomain) and viommu in parent.viommus:
                 parent.viommus.remove(viommu)
@@ -907,14 +889,14 @@ class AmdDriver:
         device's guest IDs for its next nested attach (HW-vIOMMU); otherwise the core-only
         vDEVICE object."""
         if isinstance(viommu, AmdViommu) and viommu.gid:
-            VK.vdevice_map(viommu.hw.kernel, viommu, dev.rid, virt_id, True)
+            VK.vdevice_map(_kernel(viommu.hw), viommu, dev.rid, virt_id, True)
         return VdeviceBase(viommu, dev, virt_id)
 
     @hookimpl
     def vdevice_destroy(self, vdev: VdeviceBase) -> bool:
         viommu = vdev.viommu
         if isinstance(viommu, AmdViommu) and viommu.gid and vdev.virt_id in viommu.gdevids:
-            VK.vdevice_map(viommu.hw.kernel, viommu, vdev.dev.rid, vdev.virt_id, False)
+            VK.vdevice_map(_kernel(viommu.hw), viommu, vdev.dev.rid, vdev.virt_id, False)
         return True
 
     @hookimpl
@@ -950,7 +932,7 @@ class AmdDriver:
         """Only the vIOMMU-scoped, model-defined IOMMU_VIOMMU_INVALIDATE_DATA_AMD."""
         if not isinstance(target, AmdViommu) or data_type != U.IOMMU_VIOMMU_INVALIDATE_DATA_AMD:
             return InvalidateResult(0, errno.EOPNOTSUPP)
-        return VK.invalidate_user(target.hw.kernel, target, entries)
+        return VK.invalidate_user(_kernel(target.hw), target, entries)
 
     @hookimpl
     def guest_iommu_alloc(self, vm: Vm, iommu: IommuHw, accelerated: bool) -> GuestIommu:

@@ -11,8 +11,8 @@ IOTLB, tagged by (DomainID, PASID), until INVALIDATE_IOMMU_PAGES drops them.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Hashable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Hashable
+from typing import TYPE_CHECKING
 
 from iommufd_amd import commands as C
 from iommufd_amd import events as E
@@ -105,8 +105,10 @@ class AmdIommu(IommuHw):
         self.device_iotlb_invalidations = 0
         self.completion_interrupts = 0
         self.events_lost = 0
-        # The kernel-side state of the driver for this instance (set by the driver plugin).
-        self.kernel: Any = None
+        # The interrupts the driver handles (connected by its probe): the PPR log interrupt
+        # and the vIOMMU event interrupt (guest ID, the event as the guest's log holds it).
+        self.ppr_irq: Callable[[], None] | None = None
+        self.viommu_irq: Callable[[int, E.Event], None] | None = None
         self._in_cmd = False
         self.mmio = m = Mmio(f"amd-iommu{index}")
         w = R.BASE_ADDR_MASK
@@ -280,8 +282,8 @@ class AmdIommu(IommuHw):
         ring.write(tail, entry.to_bytes())
         self.mmio.set("PPR_TAIL", ((tail + 1) % ring.nentries) * R.ENTRY_SIZE)
         self._status_set(R.ST_PPR_INT)
-        if self.kernel is not None:
-            self.kernel.ppr_interrupt()
+        if self.ppr_irq is not None:
+            self.ppr_irq()
         return True
 
     # -- the command processor ------------------------------------------------------------------

@@ -31,7 +31,7 @@ class AmdWorld:
         hw = self.machine.iommus[0]
         assert isinstance(hw, AmdIommu)
         self.hw = hw
-        self.kernel: AmdKernel = hw.kernel
+        self.kernel: AmdKernel = hw.driver_state
         self.mem = self.machine.memory
         self.dev = self.machine.add_pci_device(iommu=0, ats=ats)
         self.proc = self.machine.new_process()

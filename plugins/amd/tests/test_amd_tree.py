@@ -46,7 +46,7 @@ def test_enable_sets_and_checks_gstbuffer_trp_mode() -> None:
     hw = m2.iommus[0]
     ctrl = hw.mmio.read(R.CONTROL)
     assert not ctrl & (R.CTRL_GSTBUFFERTRPMODE | R.CTRL_VCMD_EN | R.CTRL_VIOMMU_EN)
-    assert hw.kernel.viommu_error == errno.EINVAL and hw.kernel.pas is None
+    assert hw.driver_state.viommu_error == errno.EINVAL and hw.driver_state.pas is None
     g = vm2.viommu(hw, accelerated=False)  # Linux 7.2's vIOMMU still works
     gdev = g.add_device(dev2, 1)
     assert not vm2.fd.objects.get(g.viommu_id).drv.gid
@@ -73,10 +73,10 @@ def test_viommu_alloc_issues_reset_vmmio_and_never_writes_the_guest_mmio_slot() 
     assert executed[i].guest_id == gid and executed[i].vcmd and executed[i].all
     assert ops[i + 1] == C.COMPLETION_WAIT
     # The guest's registers live in the PAS slot; nothing but the hardware writes them.
-    pas = hw.kernel.pas
+    pas = hw.driver_state.pas
     slot_pa = pas.pt.iova_to_phys(R.PAS_GUEST_MMIO_BASE + gid * R.PAS_GUEST_MMIO_ENTRY)
     writes: list[int] = []
-    real_write = hw.kernel.mem.write_u64
+    real_write = hw.driver_state.mem.write_u64
 
     def watch(addr: int, value: int) -> None:
         # A store into the slot from outside the hardware model is software writing it.
@@ -85,11 +85,11 @@ def test_viommu_alloc_issues_reset_vmmio_and_never_writes_the_guest_mmio_slot() 
             writes.append(addr)
         real_write(addr, value)
 
-    hw.kernel.mem.write_u64 = watch
+    hw.driver_state.mem.write_u64 = watch
     try:
         vm.close()
     finally:
-        del hw.kernel.mem.write_u64
+        del hw.driver_state.mem.write_u64
     assert writes == []
 
 
@@ -116,7 +116,7 @@ def test_unused_gdomid_invalidation_flushes_the_parents_tag() -> None:
 def test_trans_devid_counts_down_skipping_attached_functions_and_relocates() -> None:
     m, vm, dev = boot(rid=0xFFFF)  # a function at the very top of the bus range
     hw = m.iommus[0]
-    k = hw.kernel
+    k = hw.driver_state
     g = guest(vm, m)
     g.add_device(dev, 1)
     drv = vm.fd.objects.get(g.viommu_id).drv
@@ -176,8 +176,8 @@ def test_insert_guest_event_and_guest_event_fault() -> None:
     entry = E.Event(E.IO_PAGE_FAULT, 7, 0, 0, 0x1234)
     tail = window.read(R.VF_EVT_TAIL) // R.ENTRY_SIZE
     vm.memory.write(g.evt + tail * R.ENTRY_SIZE, entry.to_bytes())
-    hw.kernel.queue(C.insert_guest_event(gid))
-    hw.kernel.completion_wait()
+    hw.driver_state.queue(C.insert_guest_event(gid))
+    hw.driver_state.completion_wait()
     assert window.read(R.VF_EVT_TAIL) == (tail + 1) * R.ENTRY_SIZE
     assert window.read(R.VF_STATUS) & R.ST_EVT_INT
     assert g.events() == [entry]
@@ -201,17 +201,17 @@ def test_command_tail_sets_the_dirty_status_bit() -> None:
     gdev = g.add_device(dev, 7)
     dom = g.attach(gdev)
     gid = vm.fd.objects.get(g.viommu_id).drv.gid
-    pa, bit = hw.kernel.pas.dirty_bit(gid)
-    hw.kernel.mem.write_u64(pa, 0)
+    pa, bit = hw.driver_state.pas.dirty_bit(gid)
+    hw.driver_state.mem.write_u64(pa, 0)
     g.invalidate(dom)
-    assert hw.kernel.mem.read_u64(pa) >> bit & 1
+    assert hw.driver_state.mem.read_u64(pa) >> bit & 1
 
 
 def test_vm_close_releases_everything() -> None:
     m = im.Machine.build(iommus=["amd"])
     frames = m.memory.frames_in_use
     hw = m.iommus[0]
-    domids = set(hw.kernel.domids.used)
+    domids = set(hw.driver_state.domids.used)
     with Vm(m, 16 * MIB, table_pool=4 * MIB) as vm:
         dev = m.add_pci_device(iommu=0)
         g = guest(vm, m)
@@ -222,8 +222,8 @@ def test_vm_close_releases_everything() -> None:
         assert m.memory.frames_in_use > frames
     assert vm.closed and dev.bound_to is None
     assert m.memory.frames_in_use == frames
-    assert set(hw.kernel.domids.used) == domids
-    assert not hw.kernel.pas.gids.used and not hw.vi.slots
+    assert set(hw.driver_state.domids.used) == domids
+    assert not hw.driver_state.pas.gids.used and not hw.vi.slots
     vm.close()  # idempotent
 
 
@@ -242,7 +242,7 @@ def test_struct_iommu_viommu_amd_and_the_vf_mmio_mmap() -> None:
         with pytest.raises(OSError) as exc:
             fd.viommu_alloc(dev_id, parent, im.uapi.IOMMU_VIOMMU_TYPE_AMD, data)
         assert exc.value.errno == code
-    assert not hw.kernel.pas.gids.used
+    assert not hw.driver_state.pas.gids.used
     viommu, out = fd.viommu_alloc_data(dev_id, parent, im.uapi.IOMMU_VIOMMU_TYPE_AMD, bytes(size))
     info = im.uapi.IommuViommuAmd.unpack(out)
     assert info.out_vfmmio_mmap_offset and info.out_vfmmio_mmap_length == PAGE
@@ -250,7 +250,7 @@ def test_struct_iommu_viommu_amd_and_the_vf_mmio_mmap() -> None:
     # The VMM maps the page; a guest store lands in the guest's slot of the PAS.
     vma = fd.mmap(info.out_vfmmio_mmap_offset, info.out_vfmmio_mmap_length)
     vma.write(R.VF_EVT_HEAD, (0x30).to_bytes(8, "little"))
-    pas = hw.kernel.pas
+    pas = hw.driver_state.pas
     slot_pa = pas.pt.iova_to_phys(R.PAS_GUEST_MMIO_BASE + gid * R.PAS_GUEST_MMIO_ENTRY)
     assert m.memory.read_u64(slot_pa + R.VF_EVT_HEAD) == 0x30
     m.memory.write_u64(slot_pa + R.VF_STATUS, R.ST_CMDBUF_RUN)  # as the hardware would

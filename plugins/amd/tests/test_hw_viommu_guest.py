@@ -204,9 +204,9 @@ def test_accelerated_needs_the_hardware() -> None:
 def test_close_gives_everything_back() -> None:
     m, _vm, g, dev = boot(True)
     hw = m.iommus[0]
-    gids = set(hw.kernel.pas.gids.used)
+    gids = set(hw.driver_state.pas.gids.used)
     g.add_device(dev, 9)
     g.attach(g.devs[9].gdev)
-    assert hw.kernel.pas.gids.used != gids
+    assert hw.driver_state.pas.gids.used != gids
     g.close()
-    assert hw.kernel.pas.gids.used == gids and not hw.vi.slots
+    assert hw.driver_state.pas.gids.used == gids and not hw.vi.slots

@@ -44,7 +44,7 @@ def test_dma_read_write_unmap_fault_through_raw_ioctls() -> None:
     hw = machine.iommus[0]
     # the DTE the driver wrote: V, TV, Mode 4, the domain's root, IR/IW, its DomainID
     dom = fd.device(dev_id).hwpt.domain
-    dte = hw.kernel.read_dte(dev.rid)
+    dte = hw.driver_state.read_dte(dev.rid)
     assert (dte.v, dte.tv, dte.mode, dte.host_root, dte.ir, dte.iw, dte.domain_id) == (
         True,
         True,

@@ -76,10 +76,10 @@ class World:
 
     def host_state(self) -> dict[str, Any]:
         mem = self.m.memory
-        pas = self.hw.kernel.pas
+        pas = self.hw.driver_state.pas
         mmio_pfn = pas.mmio_frames[0]
         a_slot = slice((self.a_gid * 64) % PAGE, (self.a_gid * 64) % PAGE + 64)
-        k = self.hw.kernel
+        k = self.hw.driver_state
         # The host command buffer and its semaphore move when the VMM legitimately asks the
         # kernel to flush A's own IDs: what those commands touch is checked by ``spy``.
         host_ring = {(k.cmd_buf >> PAGE_SHIFT) + i for i in range(2)} | {k.cmd_sem >> PAGE_SHIFT}
@@ -92,14 +92,14 @@ class World:
                 data[a_slot] = bytes(64)  # A's own guest registers
             if any(data):
                 pages[pfn] = bytes(data)
-        b = self.hw.kernel.read_dte(self.dev[1].rid)
+        b = self.hw.driver_state.read_dte(self.dev[1].rid)
         return {
             "pages": pages,
             "host_evt_tail": self.hw.mmio["EVT_TAIL"],
             "host_cmd_run": self.hw.cmd_running,
             "b_dte": b.encode(),
             "b_dte_cached": self.hw.dte_cache.get(self.dev[1].rid),
-            "own_dte": self.hw.kernel.read_dte(IOMMU_DEVID).encode(),
+            "own_dte": self.hw.driver_state.read_dte(IOMMU_DEVID).encode(),
             "b_traps": self.vms[1].stats.traps,
         }
 
@@ -168,7 +168,7 @@ def hostile_run(w: World, stream: list[list[bytes]], outside: bool) -> None:
     finally:
         del w.hw.execute
     doms, devs = a_may_flush(w)
-    k = w.hw.kernel
+    k = w.hw.driver_state
     for cmd in executed:
         if cmd.opcode == C.INVALIDATE_IOMMU_PAGES:
             assert cmd.domid in doms, cmd

@@ -7,7 +7,6 @@ per-SMMU bookkeeping in :mod:`iommufd_arm_smmuv3.kernel`.
 from __future__ import annotations
 
 import errno
-import weakref
 from typing import Any
 
 from iommufd_arm_smmuv3 import commands as C
@@ -102,8 +101,6 @@ FEATURES = frozenset(
 )
 VIOMMU_TYPES = frozenset({U.IOMMU_VIOMMU_TYPE_ARM_SMMUV3, U.IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV})
 
-_smmus: weakref.WeakKeyDictionary[Smmuv3, SmmuDevice] = weakref.WeakKeyDictionary()
-
 
 class NestedDomain(api.Domain):
     """``struct arm_smmu_nested_domain``: a validated vSTE over the vSMMU's stage 2."""
@@ -179,10 +176,8 @@ class Vcmdq(api.HwQueueBase):
         self.vintf = viommu.vintf
 
 
-def smmu_of(iommu: Any) -> SmmuDevice:
-    if not isinstance(iommu, Smmuv3) or iommu not in _smmus:
-        raise err(errno.ENODEV, "not an SMMUv3 instance")
-    return _smmus[iommu]
+def smmu_of(iommu: IommuHw) -> SmmuDevice:
+    return api.driver_state(iommu, SmmuDevice)
 
 
 def master_of(dev: PciDevice) -> Master:
@@ -242,7 +237,7 @@ class ArmSmmuV3Driver:
             raise err(errno.EINVAL, f"unknown arm_smmuv3 options: {sorted(unknown)}")
         hw = Smmuv3(machine, index, **options)
         hw.driver_name = "arm_smmuv3"  # the registers are programmed before Machine sets it
-        _smmus[hw] = SmmuDevice(hw)
+        hw.driver_state = SmmuDevice(hw)
         return hw
 
     @hookimpl
@@ -344,9 +339,9 @@ class ArmSmmuV3Driver:
         if isinstance(domain, SmmuDomain):
             smmu = domain.smmu
             if domain.stage == 1:
-                smmu.asids.discard(domain.asid)
+                smmu.asids.free(domain.asid)
             else:
-                smmu.vmids.discard(domain.vmid)
+                smmu.vmids.free(domain.vmid)
             domain.pgtable.free()
         return True
 
@@ -528,7 +523,7 @@ class ArmSmmuV3Driver:
     @staticmethod
     def _vintf_error(vintf: Vintf) -> None:
         """tegra241_vintf_user_handle_error(): the LVCMDQ error map goes to the guest."""
-        smmu = _smmus[vintf.cmdqv.hw]
+        smmu = smmu_of(vintf.cmdqv.hw)
         vsmmu = smmu.vintf_owners.get(vintf.idx)
         if vsmmu is not None and vsmmu.core is not None:
             data = pack([vintf.err_map & U64_MASK, vintf.err_map >> 64])
@@ -635,7 +630,7 @@ class ArmSmmuV3Driver:
             vsmmu = queue.viommu
             if isinstance(vsmmu, VintfVsmmu):
                 vsmmu.queues.pop(queue.index, None)
-            _smmus[queue.vintf.cmdqv.hw].issue([])  # a CMD_SYNC on the main queue
+            smmu_of(queue.vintf.cmdqv.hw).issue([])  # a CMD_SYNC on the main queue
         return True
 
     @hookimpl

@@ -64,6 +64,7 @@ from iommufd_model.hw.bits import get, pack
 from iommufd_model.hw.memory import PAGE_SHIFT, PAGE_SIZE
 from iommufd_model.hw.radix import RadixPageTable
 from iommufd_model.hw.ring import MemRing
+from iommufd_model.ida import Ida
 from iommufd_model.uapi import iommufd as U
 
 if TYPE_CHECKING:
@@ -118,8 +119,12 @@ class SmmuDomain(Domain):
         fwb = nest_parent and smmu.feat_s2fwb  # IO_PGTABLE_QUIRK_ARM_S2FWB
         fmt = Stage1Format(hd=dirty_tracking) if stage == 1 else Stage2Format(fwb=fwb)
         self.pgtable = RadixPageTable(smmu.hw.memory, fmt)
-        self.asid = smmu.alloc_id(smmu.asids) if stage == 1 else 0
-        self.vmid = smmu.alloc_id(smmu.vmids) if stage == 2 else 0
+        try:  # ENOSPC when the space is full
+            self.asid = smmu.asids.alloc() if stage == 1 else 0
+            self.vmid = smmu.vmids.alloc() if stage == 2 else 0
+        except OSError:
+            self.pgtable.free()
+            raise
         self.invs = Invs()
 
 
@@ -175,8 +180,9 @@ class SmmuDevice:
     def __init__(self, hw: Smmuv3) -> None:
         self.hw = hw
         mem = hw.memory
-        self.asids: set[int] = set()
-        self.vmids: set[int] = set()
+        # The ASID xarray and the vmid_map IDA, 1 .. 2^16 - 1 (the model's 16-bit widths).
+        self.asids = Ida("ASID", 1, (1 << 16) - 1, owner=hw)
+        self.vmids = Ida("VMID", 1, (1 << 16) - 1, owner=hw)
         self.masters: dict[int, Master] = {}
         self.host_events: list[E.Event] = []  # what the kernel would print to dmesg
         self.cmdq_errors: list[tuple[int, int, int]] = []  # (CERROR, word 0, word 1)
@@ -249,14 +255,6 @@ class SmmuDevice:
         irqs = R.IRQ_CTRL_GERROR_IRQEN | R.IRQ_CTRL_EVTQ_IRQEN
         w(R.IRQ_CTRL, irqs | (R.IRQ_CTRL_PRIQ_IRQEN if self.priq is not None else 0), 4)
         w(R.CR0, enables | R.CR0_SMMUEN, 4)
-
-    @staticmethod
-    def alloc_id(used: set[int], bits: int = 16) -> int:
-        for value in range(1, 1 << bits):
-            if value not in used:
-                used.add(value)
-                return value
-        raise err(errno.ENOSPC, "no ASID/VMID left")
 
     # -- command queue: arm_smmu_cmdq_issue_cmdlist() -----------------------------------------
     def issue(self, cmds: list[tuple[int, int]], sync: bool = True) -> None:

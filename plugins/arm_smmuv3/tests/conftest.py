@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 from iommufd_arm_smmuv3 import commands as C
-from iommufd_arm_smmuv3.driver import _smmus, plugin
+from iommufd_arm_smmuv3.driver import plugin
 from iommufd_arm_smmuv3.guest import stage1_tables, vste, write_cd
 from iommufd_arm_smmuv3.hw import Smmuv3
 from iommufd_arm_smmuv3.kernel import SmmuDevice, SmmuDomain
@@ -26,7 +26,7 @@ def _smmu_machine(**options: Any) -> tuple[Machine, Smmuv3, SmmuDevice]:
     m = Machine.build(iommus=["arm_smmuv3"], options={"arm_smmuv3": dict(options)})
     hw = m.iommus[0]
     assert isinstance(hw, Smmuv3)
-    return m, hw, _smmus[hw]
+    return m, hw, hw.driver_state
 
 
 def _paging_domain(hw: Smmuv3, dev: PciDevice, nest_parent: bool = False) -> SmmuDomain:
@@ -138,7 +138,7 @@ class GuestVm:
     def __init__(self, r: RawVmm, viommu_type: int, data: bytes = b"") -> None:
         self.r = r
         self.hw = r.machine.iommus[0]
-        self.smmu = _smmus[self.hw]
+        self.smmu = self.hw.driver_state
         self.ioas = r.ioas_alloc()
         self.parent = r.hwpt_alloc(self.ioas, U.IOMMU_HWPT_ALLOC_NEST_PARENT)
         self.ram = r.proc.mmap(GUEST_RAM)
@@ -191,7 +191,7 @@ class GuestVm:
     def snapshot(self) -> tuple[object, ...]:
         objs = tuple((o.id, o.TYPE.value, o.users) for o in self.r.fd.objects)
         ste = self.r.machine.memory.read(self.smmu.ste_addr(self.r.dev.rid), 64)
-        return objs, ste, self.hw.stats.commands, sorted(self.smmu.vmids)
+        return objs, ste, self.hw.stats.commands, sorted(self.smmu.vmids.used)
 
 
 @pytest.fixture

@@ -327,9 +327,7 @@ def test_raw_bits_of_leaves_cd_and_stes(rig: Any) -> None:
 
 
 def _machine(**kw: Any) -> tuple[Machine, Smmuv3, SmmuDevice]:
-    from iommufd_arm_smmuv3.driver import _smmus
-
     m = Machine.build(iommus=["arm_smmuv3"], options={"arm_smmuv3": dict(kw)})
     hw = m.iommus[0]
     assert isinstance(hw, Smmuv3)
-    return m, hw, _smmus[hw]
+    return m, hw, hw.driver_state

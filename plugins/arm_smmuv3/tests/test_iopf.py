@@ -91,12 +91,11 @@ def test_pasid_faults_carry_the_pasid_and_stall_bits_in_ste_and_cd(vmm: Any) -> 
     f = U.IommuHwptPgfault.unpack(r.proc.file(fault_fd).read(U.IommuHwptPgfault.SIZE))
     flags = U.IOMMU_PGFAULT_FLAGS_LAST_PAGE | U.IOMMU_PGFAULT_FLAGS_PASID_VALID
     assert (f.flags, f.pasid) == (flags, 3)
-    from iommufd_arm_smmuv3.driver import _smmus
     from iommufd_arm_smmuv3.ste import Ste
 
     from iommufd_model.hw.bits import words
 
-    smmu = _smmus[r.machine.iommus[0]]
+    smmu = r.machine.iommus[0].driver_state
     master = smmu.masters[r.dev.rid]
     ste = Ste.decode(words(r.machine.memory.read(smmu.ste_addr(r.dev.rid), 64)))
     cd0 = r.machine.memory.read_u64(smmu.cd_addr(master, 0))

@@ -25,9 +25,7 @@ BUF = 4 * 4096
 
 def _ste(r: RawVmm) -> Ste:
     smmu = r.machine.iommus[0]
-    from iommufd_arm_smmuv3.driver import _smmus
-
-    return Ste.decode(words(r.machine.memory.read(_smmus[smmu].ste_addr(r.dev.rid), 64)))
+    return Ste.decode(words(r.machine.memory.read(smmu.driver_state.ste_addr(r.dev.rid), 64)))
 
 
 def _two_ioas(r: RawVmm) -> tuple[int, int, int, int, int]:

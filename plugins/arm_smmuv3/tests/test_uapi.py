@@ -10,7 +10,6 @@ import pytest
 from iommufd_arm_smmuv3 import commands as C
 from iommufd_arm_smmuv3 import events as E
 from iommufd_arm_smmuv3 import regs as R
-from iommufd_arm_smmuv3.driver import _smmus
 from iommufd_arm_smmuv3.ste import CFG_BYPASS, CFG_NESTED, CFG_S1_TRANS, STE0_V, Ste
 
 from iommufd_model.driver import IOMMU_READ, IOMMU_WRITE
@@ -41,7 +40,7 @@ def test_paging_dma_then_unmap_faults_with_f_translation(vmm: Any) -> None:
     r.ioas_unmap(ioas, iova, 1 << 21)
     with pytest.raises(DmaFault, match="F_TRANSLATION"):
         r.dev.dma_read(iova + 0x1000, 4)
-    ev = _smmus[hw].host_events[-1]  # read back from the EVENTQ by the driver's IRQ thread
+    ev = hw.driver_state.host_events[-1]  # read back from the EVENTQ by the driver's IRQ thread
     assert (ev.id, ev.sid, ev.input_addr) == (E.F_TRANSLATION, r.dev.rid, iova + 0x1000)
 
 

@@ -31,8 +31,11 @@ from iommufd_model.api import (
     DriverInfo,
     Feature,
     HwInfo,
+    Ida,
     InvalidateResult,
+    IommuHw,
     ViommuBase,
+    driver_state,
     err,
     hookimpl,
 )
@@ -44,7 +47,6 @@ from iommufd_model.machine import Machine
 from iommufd_model.uapi import iommufd as U
 
 if TYPE_CHECKING:
-    from iommufd_model.hw.iommu import IommuHw
     from iommufd_model.vmm import GuestIommu, Vm
 
 PAGING_FLAGS = (
@@ -204,7 +206,9 @@ class IommuState:
         self.fs_levels = fs_levels
         self.agaw = max(aw for aw in (1, 2, 3) if hw.sagaw >> aw & 1)
         self.sm = bool(hw.ecap & R.ECAP_SMTS)
-        self.dids: set[int] = set()
+        # The unit's domain_ids IDA: DID 0 is reserved, 1 is FLPT_DEFAULT_DID in scalable mode.
+        nd = 1 << (4 + 2 * R.field(hw.cap, R.CAP_ND_SHIFT, 3))  # CAP.ND
+        self.dids = Ida("DID", FIRST_DID, nd - 1, owner=hw)
         self.devs: dict[int, DevInfo] = {}
         self.context_tables: dict[tuple[int, int], int] = {}
         self.status = mem.alloc_frame() << PAGE_SHIFT
@@ -237,18 +241,14 @@ class IommuState:
         if d.did is not None:
             d.did_refs += 1
             return d.did
-        nd = 1 << (4 + 2 * R.field(self.hw.cap, R.CAP_ND_SHIFT, 3))
-        for did in range(FIRST_DID, nd):
-            if did not in self.dids:
-                self.dids.add(did)
-                d.did, d.did_refs = did, 1
-                return did
-        raise err(errno.ENOSPC, "out of domain IDs")
+        did = self.dids.alloc()  # ENOSPC when the unit's DIDs are all taken
+        d.did, d.did_refs = did, 1
+        return did
 
     def detach_iommu(self, d: VtdDomain) -> None:
         d.did_refs -= 1
         if d.did_refs == 0 and d.did is not None:
-            self.dids.discard(d.did)
+            self.dids.free(d.did)
             d.did = None
 
     # -- IOPF enablement (iopf_for_domain_set / _remove, intel_iommu_enable_iopf) -----------
@@ -512,10 +512,8 @@ class IommuState:
             self.submit(*batch)
 
 
-def _state(iommu: Any) -> IommuState:
-    if not isinstance(iommu, IntelVtd) or not isinstance(iommu.driver_state, IommuState):
-        raise err(errno.EINVAL, "not an Intel VT-d unit")
-    return iommu.driver_state
+def _state(iommu: IommuHw) -> IommuState:
+    return driver_state(iommu, IommuState)
 
 
 def _vtd(domain: Domain) -> VtdDomain:
@@ -686,7 +684,7 @@ class VtdDriver:
         elif isinstance(domain, VtdNested):
             domain.s2.children.remove(domain)
         if isinstance(domain, (VtdPaging, VtdNested)) and domain.did is not None:
-            st.dids.discard(domain.did)  # no device is attached: nothing refers to it
+            st.dids.free(domain.did)  # no device is attached: nothing refers to it
         return True
 
     @hookimpl

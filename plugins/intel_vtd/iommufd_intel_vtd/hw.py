@@ -103,7 +103,6 @@ class IntelVtd(IommuHw):
         #: the page request interrupt (the kernel's prq_event_thread), None until enabled
         self.prq_irq: Callable[[], None] | None = None
         self.walker: Any = load_walker(WALKER_MODULE)
-        self.driver_state: Any = None  # the kernel driver's per-unit state (struct intel_iommu)
         self.mmio = Mmio(f"vtd{index}")
         R.define_registers(
             self.mmio,

@@ -10,11 +10,9 @@ up, :mod:`iommufd_amd.viommu.hw` is the hardware that uses them.
 
 from __future__ import annotations
 
-import errno
 from typing import TYPE_CHECKING
 
 from iommufd_model.driver import Domain, HwQueueBase, ViommuBase
-from iommufd_model.errors import err
 
 if TYPE_CHECKING:
     from iommufd_amd.hw import AmdIommu
@@ -49,9 +47,7 @@ class AmdViommu(ViommuBase):
         none). The DomID mapping table is written at nested attach, not here."""
         info = self.gdomids.get(gdom_id)
         if info is None:
-            hdom = self.hw.kernel.domids.alloc()
-            if hdom <= 0:
-                raise err(errno.ENOSPC, "no host DomainID left")
+            hdom = self.hw.driver_state.domids.alloc()  # ENOSPC when none is left
             info = self.gdomids[gdom_id] = GdomInfo(hdom)
         info.users += 1
         return info
@@ -63,7 +59,7 @@ class AmdViommu(ViommuBase):
         info.users -= 1
         if not info.users:
             del self.gdomids[gdom_id]
-            self.hw.kernel.domids.free(info.hdom_id)
+            self.hw.driver_state.domids.free(info.hdom_id)
 
     def hdom_ids(self) -> list[int]:
         """Host DomainIDs that cache translations through the parent's stage 2."""

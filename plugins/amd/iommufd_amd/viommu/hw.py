@@ -528,7 +528,6 @@ class ViommuHw:
         tag = ev.tag if ev.flags & E.F_GN else slot.hdom_to_gdom.get(ev.tag, 0)
         gev = E.Event(ev.code, dte.gdev_id, tag, ev.flags, ev.address)
         written = self.guest_log(slot, gev)
-        kernel = self.hw.kernel
-        if kernel is not None:
-            kernel.viommu_event(slot.gid, gev)
+        if self.hw.viommu_irq is not None:
+            self.hw.viommu_irq(slot.gid, gev)
         return written

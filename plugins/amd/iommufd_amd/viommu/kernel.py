@@ -27,6 +27,7 @@ from iommufd_amd.viommu.trans_devid import TransDevIdPool
 from iommufd_model.driver import IOMMU_READ, IOMMU_WRITE, InvalidateResult
 from iommufd_model.errors import err
 from iommufd_model.hw.memory import PAGE_SHIFT, PAGE_SIZE
+from iommufd_model.ida import Ida
 from iommufd_model.uapi import iommufd as U
 
 if TYPE_CHECKING:
@@ -74,9 +75,7 @@ class PasState:
                 self.pt.map(addr, pfn << PAGE_SHIFT, PAGE_SIZE, RW)
                 self.pt.unmap(addr, PAGE_SIZE)
             k.mem.put_frame(pfn)
-        from iommufd_amd.driver import IdAllocator
-
-        self.gids = IdAllocator(max_guests + 1)  # guest IDs 1..max_guests (the gid IDA)
+        self.gids = Ida("guest ID", 1, max_guests, owner=k.hw)  # the gid IDA
         self.by_gid: dict[int, AmdViommu] = {}
         self.trans = TransDevIdPool()
 
@@ -229,9 +228,7 @@ def viommu_init_one(k: AmdKernel, viommu: AmdViommu) -> None:
     assert hw.vi is not None
     pas = k.pas
     assert pas is not None
-    gid = pas.gids.alloc()
-    if gid <= 0:
-        raise err(errno.ENOSPC, "no HW-vIOMMU guest ID left on this IOMMU")
+    gid = pas.gids.alloc()  # ENOSPC when every guest ID is taken
     viommu.gid = gid
     try:
         viommu.trans_devid = pas.trans.alloc(viommu)
