@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from iommufd_model.devices.dsa import DsaFunction, dsa
 from iommufd_model.devices.function import (
     Bar,
     DmaBlocked,
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 
 Factory = Callable[..., PciFunction]
 
-KINDS: dict[str, Factory] = {"generic": generic, "ioat": ioat}
+KINDS: dict[str, Factory] = {"generic": generic, "ioat": ioat, "dsa": dsa}
 
 
 def register_kind(name: str, factory: Factory) -> None:
@@ -45,6 +46,7 @@ __all__ = [
     "KINDS",
     "Bar",
     "DmaBlocked",
+    "DsaFunction",
     "FunctionSpec",
     "IoatFunction",
     "MsixLayout",

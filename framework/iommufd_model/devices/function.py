@@ -393,12 +393,14 @@ class PciFunction(PciDevice):
             raise DmaBlocked(self, iova, True)
         self.iommu.dma_write(self, iova, data, pasid)
 
-    def posted_write(self, iova: int, data: bytes | bytearray | memoryview) -> bool:
+    def posted_write(
+        self, iova: int, data: bytes | bytearray | memoryview, pasid: int | None = None
+    ) -> bool:
         """A DMA write as the engine sees it: PCIe memory writes are posted (no completion
         comes back, PCIe Base spec §2.2.9), so one the IOMMU refuses (and logs) or Bus Master
         blocks is lost without the engine knowing; returns whether it landed."""
         try:
-            self.dma_write(iova, data)
+            self.dma_write(iova, data, pasid)
         except (DmaFault, DmaBlocked):
             return False
         return True
