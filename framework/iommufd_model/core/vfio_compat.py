@@ -21,34 +21,47 @@ from iommufd_model.errors import err
 from iommufd_model.hw.memory import PAGE_SIZE
 from iommufd_model.uapi import iommufd as U
 
+# re-exported: run/server.py and the tests take the VFIO numbers from here too
+from iommufd_model.uapi.vfio import (
+    VFIO_API_VERSION as VFIO_API_VERSION,
+)
+from iommufd_model.uapi.vfio import (
+    VFIO_CHECK_EXTENSION as VFIO_CHECK_EXTENSION,
+)
+from iommufd_model.uapi.vfio import (
+    VFIO_DMA_CC_IOMMU as VFIO_DMA_CC_IOMMU,
+)
+from iommufd_model.uapi.vfio import (
+    VFIO_GET_API_VERSION as VFIO_GET_API_VERSION,
+)
+from iommufd_model.uapi.vfio import (
+    VFIO_IOMMU_GET_INFO as VFIO_IOMMU_GET_INFO,
+)
+from iommufd_model.uapi.vfio import (
+    VFIO_IOMMU_MAP_DMA as VFIO_IOMMU_MAP_DMA,
+)
+from iommufd_model.uapi.vfio import (
+    VFIO_IOMMU_UNMAP_DMA as VFIO_IOMMU_UNMAP_DMA,
+)
+from iommufd_model.uapi.vfio import (
+    VFIO_SET_IOMMU as VFIO_SET_IOMMU,
+)
+from iommufd_model.uapi.vfio import (
+    VFIO_TYPE1_IOMMU as VFIO_TYPE1_IOMMU,
+)
+from iommufd_model.uapi.vfio import (
+    VFIO_UNMAP_ALL as VFIO_UNMAP_ALL,
+)
+from iommufd_model.uapi.vfio import (
+    VFIO_TYPE1v2_IOMMU as VFIO_TYPE1v2_IOMMU,
+)
+
 if TYPE_CHECKING:
     from iommufd_model.core.ioas import Ioas
     from iommufd_model.core.main import IommuFd
     from iommufd_model.core.process import Process
 
-# include/uapi/linux/vfio.h
-VFIO_TYPE = U.IOMMUFD_TYPE  # ';', shared with iommufd: the numbers do not overlap
-VFIO_BASE = 100
-VFIO_GET_API_VERSION = U._IO(VFIO_TYPE, VFIO_BASE + 0)
-VFIO_CHECK_EXTENSION = U._IO(VFIO_TYPE, VFIO_BASE + 1)
-VFIO_SET_IOMMU = U._IO(VFIO_TYPE, VFIO_BASE + 2)
-VFIO_IOMMU_GET_INFO = U._IO(VFIO_TYPE, VFIO_BASE + 12)
-VFIO_IOMMU_MAP_DMA = U._IO(VFIO_TYPE, VFIO_BASE + 13)
-VFIO_IOMMU_UNMAP_DMA = U._IO(VFIO_TYPE, VFIO_BASE + 14)
-VFIO_IOMMU_DIRTY_PAGES = U._IO(VFIO_TYPE, VFIO_BASE + 17)
-
-VFIO_API_VERSION = 0
-VFIO_TYPE1_IOMMU = 1
-VFIO_SPAPR_TCE_IOMMU = 2
-VFIO_TYPE1v2_IOMMU = 3
-VFIO_DMA_CC_IOMMU = 4
-VFIO_EEH = 5
-VFIO_RESERVED_TYPE1_NESTING_IOMMU = 6
-VFIO_SPAPR_TCE_v2_IOMMU = 7
-VFIO_NOIOMMU_IOMMU = 8
-VFIO_UNMAP_ALL = 9
-VFIO_UPDATE_VADDR = 10
-
+# include/uapi/linux/vfio.h: the type1 bits (the commands are in uapi/vfio.py)
 VFIO_DMA_MAP_FLAG_READ = 1 << 0
 VFIO_DMA_MAP_FLAG_WRITE = 1 << 1
 VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP = 1 << 0
@@ -85,6 +98,20 @@ def compat_ioas(ictx: IommuFd) -> Ioas:
     if ictx.vfio_ioas is None:
         raise err(errno.ENODEV, "no VFIO compatibility IOAS")
     return ictx.vfio_ioas
+
+
+def compat_ioas_create(ictx: IommuFd) -> Ioas:
+    """``iommufd_vfio_compat_ioas_create()``: a VFIO group set to this iommufd as its
+    container makes the compat IOAS if there is none; it is an ordinary IOAS (its id from
+    IOMMU_VFIO_IOAS GET, destroyed at close)."""
+    from iommufd_model.core.ioas import Ioas
+
+    if ictx.vfio_ioas is not None:
+        return ictx.vfio_ioas
+    ioas = Ioas(ictx)
+    ictx.objects.alloc_id(ioas)
+    ictx.vfio_ioas = ioas
+    return ioas
 
 
 def vfio_ioctl(ictx: IommuFd, cmd: int, arg: Any, caller: Process) -> int:
