@@ -18,6 +18,7 @@ import attrs
 from iommufd_model.machine import Machine
 from iommufd_model.plugins import DriverRegistry
 from iommufd_model.run.server import Opener, Server
+from iommufd_model.run.sysfs import SysfsView, TreeFn, WriteFn
 
 #: the fault-injection knobs iommufd_fail_nth sets up under /sys/kernel/debug, which the
 #: preload redirects to a private directory of the run
@@ -109,13 +110,15 @@ def run_program(
     log: Any = None,
     machine: Machine | None = None,
     openers: Sequence[tuple[str, Opener]] = (),
+    sysfs: tuple[TreeFn, WriteFn] | None = None,
     append_bdfs: bool = False,
 ) -> tuple[int, Server]:
     """Run ``argv`` to completion; returns (exit status as a shell gives it, the server).
 
     ``openers`` are ``(path prefix, opener)`` pairs: ``open()`` of a path under a prefix is
     served by the model (the first opener that knows the path), every other path by the
-    kernel.
+    kernel. ``sysfs`` is the model's sysfs (its tree and its attribute writes), seen by the
+    program in place of the host's (run/sysfs.py).
 
     The program finds the machine's modelled PCI functions as the kernel's VFIO selftests
     do: ``VFIO_SELFTESTS_BDF`` names the first (unless the environment sets it), and with
@@ -142,20 +145,26 @@ def run_program(
     if bdfs:
         child_env.setdefault("VFIO_SELFTESTS_BDF", bdfs[0])
     child_env["IOMMUFD_MODEL_PATHS"] = ":".join(dict.fromkeys(prefix for prefix, _ in openers))
-    with tempfile.TemporaryDirectory(prefix="iommufd-model-debugfs-") as debugfs:
+    with tempfile.TemporaryDirectory(prefix="iommufd-model-run-") as tmp:
+        debugfs = Path(tmp, "debugfs")
         for rel in _DEBUGFS_FILES:
-            path = Path(debugfs, rel)
+            path = debugfs / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("1\n")
-        child_env["IOMMUFD_MODEL_DEBUGFS"] = debugfs
+        child_env["IOMMUFD_MODEL_DEBUGFS"] = str(debugfs)
         try:
+            if sysfs is not None:
+                view = SysfsView(machine, Path(tmp, "sysfs"), *sysfs)
+                server.openers.append(view.open)
+                child_env["IOMMUFD_MODEL_VIEW"] = str(view.root)
+                child_env["IOMMUFD_MODEL_VIEW_PREFIXES"] = ":".join(view.prefixes())
             proc = subprocess.Popen(
                 list(argv),
                 env=child_env,
                 # the program gets the descriptor limit it would have had
                 preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard)),
             )
-        except OSError:
+        except BaseException:
             server.close()
             raise
         try:

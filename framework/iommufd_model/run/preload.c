@@ -28,6 +28,7 @@
 #include <asm/prctl.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/un.h>
@@ -69,12 +70,20 @@ static size_t server_len;
 static char file_prefix[108];
 static size_t file_prefix_len;
 static char debugfs[4096];
-/* path prefixes the model serves (IOMMUFD_MODEL_PATHS, ':' separated, e.g. "/dev/vfio/") */
+/* ':' separated path prefixes from the environment */
 #define MAX_PREFIXES 8
-static char model_paths[1024];
-static const char *prefixes[MAX_PREFIXES];
-static size_t prefix_lens[MAX_PREFIXES];
-static int nr_prefixes;
+struct prefixes {
+	char text[1024];
+	const char *p[MAX_PREFIXES];
+	size_t len[MAX_PREFIXES];
+	int n;
+};
+/* paths the model serves (IOMMUFD_MODEL_PATHS, e.g. "/dev/vfio/") */
+static struct prefixes model_paths;
+/* the sysfs view: paths under IOMMUFD_MODEL_VIEW_PREFIXES (e.g. "/sys/bus/pci") are looked up
+ * under the directory IOMMUFD_MODEL_VIEW (the run's copy of the model's sysfs tree) */
+static struct prefixes view_paths;
+static char view_root[1024];
 static int enabled = -1;
 /* the pid of the last image of this lineage that connected (a fork child inherits it) */
 static pid_t lineage_pid;
@@ -85,9 +94,44 @@ static int model_active;
 static __thread int ctl_fd = -1;
 static __thread pid_t ctl_pid;
 
+static void parse_prefixes(const char *env, struct prefixes *out)
+{
+	char *p;
+
+	if (!env || strlen(env) >= sizeof(out->text))
+		return;
+	p = strcpy(out->text, env);
+	while (*p && out->n < MAX_PREFIXES) {
+		char *end = strchr(p, ':');
+
+		if (end)
+			*end = 0;
+		if (*p) {
+			out->p[out->n] = p;
+			out->len[out->n++] = strlen(p);
+		}
+		if (!end)
+			break;
+		p = end + 1;
+	}
+}
+
+/* path is one of the prefixes or lies below one ("/sys/bus/pci" or "/sys/bus/pci/...") */
+static int under(const char *path, const struct prefixes *pre)
+{
+	int i;
+
+	for (i = 0; i < pre->n; i++)
+		if (!strncmp(path, pre->p[i], pre->len[i]) &&
+		    (path[pre->len[i]] == 0 || path[pre->len[i]] == '/' ||
+		     pre->p[i][pre->len[i] - 1] == '/'))
+			return 1;
+	return 0;
+}
+
 static void setup(void)
 {
-	const char *sock, *run, *dbg, *paths;
+	const char *sock, *run, *dbg, *view;
 
 	if (enabled >= 0)
 		return;
@@ -106,23 +150,11 @@ static void setup(void)
 					       "iommufd-model/%s/", run);
 	if (dbg && strlen(dbg) < sizeof(debugfs))
 		strcpy(debugfs, dbg);
-	paths = getenv("IOMMUFD_MODEL_PATHS");
-	if (paths && strlen(paths) < sizeof(model_paths)) {
-		char *p = strcpy(model_paths, paths);
-
-		while (*p && nr_prefixes < MAX_PREFIXES) {
-			char *end = strchr(p, ':');
-
-			if (end)
-				*end = 0;
-			if (*p) {
-				prefixes[nr_prefixes] = p;
-				prefix_lens[nr_prefixes++] = strlen(p);
-			}
-			if (!end)
-				break;
-			p = end + 1;
-		}
+	parse_prefixes(getenv("IOMMUFD_MODEL_PATHS"), &model_paths);
+	view = getenv("IOMMUFD_MODEL_VIEW");
+	if (view && strlen(view) < sizeof(view_root)) {
+		strcpy(view_root, view);
+		parse_prefixes(getenv("IOMMUFD_MODEL_VIEW_PREFIXES"), &view_paths);
 	}
 	enabled = 1;
 }
@@ -323,12 +355,20 @@ static long failnth_tid(const char *p)
 	return tid;
 }
 
+/* The path the kernel should look up for path: the run's debugfs knobs and sysfs view
+ * stand in for /sys/kernel/debug and the model's sysfs directories. */
 static const char *redirect(const char *path, char *buf, size_t size)
 {
 	static const char dbg[] = "/sys/kernel/debug";
 
 	setup();
-	if (enabled != 1 || !debugfs[0] || !path || strncmp(path, dbg, sizeof(dbg) - 1))
+	if (enabled != 1 || !path)
+		return path;
+	if (view_root[0] && under(path, &view_paths)) {
+		snprintf(buf, size, "%s%s", view_root, path);
+		return buf;
+	}
+	if (!debugfs[0] || strncmp(path, dbg, sizeof(dbg) - 1))
 		return path;
 	if (path[sizeof(dbg) - 1] && path[sizeof(dbg) - 1] != '/')
 		return path;
@@ -336,21 +376,22 @@ static const char *redirect(const char *path, char *buf, size_t size)
 	return buf;
 }
 
-/* The path lies under a prefix the model serves. */
-static int model_path(const char *path)
+/* A regular file of the sysfs view: an attribute the server serves (its show/store). */
+static int view_file(const char *path, char *buf, size_t size)
 {
-	int i;
+	struct stat st;
 
-	for (i = 0; i < nr_prefixes; i++)
-		if (!strncmp(path, prefixes[i], prefix_lens[i]))
-			return 1;
-	return 0;
+	if (!view_root[0] || !under(path, &view_paths))
+		return 0;
+	redirect(path, buf, size);
+	return syscall(SYS_newfstatat, AT_FDCWD, buf, &st, 0) == 0 && S_ISREG(st.st_mode);
 }
 
 /* Open a model file for path, or return -2 when path is not one. */
 static int model_open(const char *path, int flags)
 {
 	struct req r = { .op = OP_OPEN };
+	char buf[4096];
 	long tid;
 
 	setup();
@@ -361,11 +402,15 @@ static int model_open(const char *path, int flags)
 	} else if ((tid = failnth_tid(path)) > 0) {
 		r.a[0] = OPEN_FAILNTH;
 		r.a[1] = (uint64_t)tid;
-	} else if (model_path(path)) {
+	} else if (under(path, &model_paths)) {
 		/* the server reads the path from our memory */
 		r.a[0] = OPEN_PATH;
 		r.a[1] = (uint64_t)(uintptr_t)path;
 		r.a[3] = strlen(path);
+	} else if (view_file(path, buf, sizeof(buf))) {
+		r.a[0] = OPEN_PATH;
+		r.a[1] = (uint64_t)(uintptr_t)buf;
+		r.a[3] = strlen(buf);
 	} else {
 		return -2;
 	}
@@ -458,6 +503,93 @@ DIR *opendir(const char *path)
 	if (!d)
 		syscall(SYS_close, fd);
 	return d;
+}
+
+/* -- lookups by path: the sysfs view (readlink, stat, access) ------------------------------ */
+
+ssize_t readlinkat(int dirfd, const char *path, char *out, size_t size)
+{
+	char buf[4096];
+
+	return syscall(SYS_readlinkat, dirfd, redirect(path, buf, sizeof(buf)), out, size);
+}
+
+ssize_t readlink(const char *path, char *out, size_t size)
+{
+	return readlinkat(AT_FDCWD, path, out, size);
+}
+
+int fstatat(int dirfd, const char *path, struct stat *st, int flags)
+{
+	char buf[4096];
+
+	return (int)syscall(SYS_newfstatat, dirfd, redirect(path, buf, sizeof(buf)), st, flags);
+}
+
+int fstatat64(int dirfd, const char *path, struct stat64 *st, int flags)
+{
+	return fstatat(dirfd, path, (struct stat *)st, flags);
+}
+
+int stat(const char *path, struct stat *st)
+{
+	return fstatat(AT_FDCWD, path, st, 0);
+}
+
+int stat64(const char *path, struct stat64 *st)
+{
+	return fstatat(AT_FDCWD, path, (struct stat *)st, 0);
+}
+
+int lstat(const char *path, struct stat *st)
+{
+	return fstatat(AT_FDCWD, path, st, AT_SYMLINK_NOFOLLOW);
+}
+
+int lstat64(const char *path, struct stat64 *st)
+{
+	return fstatat(AT_FDCWD, path, (struct stat *)st, AT_SYMLINK_NOFOLLOW);
+}
+
+/* the stat entry points of programs built against glibc < 2.33 */
+int __xstat(int ver, const char *path, struct stat *st)
+{
+	(void)ver;
+	return fstatat(AT_FDCWD, path, st, 0);
+}
+
+int __lxstat(int ver, const char *path, struct stat *st)
+{
+	(void)ver;
+	return fstatat(AT_FDCWD, path, st, AT_SYMLINK_NOFOLLOW);
+}
+
+int __fxstatat(int ver, int dirfd, const char *path, struct stat *st, int flags)
+{
+	(void)ver;
+	return fstatat(dirfd, path, st, flags);
+}
+
+int statx(int dirfd, const char *path, int flags, unsigned int mask, struct statx *stx)
+{
+	char buf[4096];
+
+	return (int)syscall(SYS_statx, dirfd, redirect(path, buf, sizeof(buf)), flags, mask, stx);
+}
+
+int faccessat(int dirfd, const char *path, int mode, int flags)
+{
+	char buf[4096];
+
+	path = redirect(path, buf, sizeof(buf));
+	if (flags)
+		return (int)syscall(SYS_faccessat2, dirfd, path, mode, flags);
+	return (int)syscall(SYS_faccessat, dirfd, path, mode);
+}
+
+int access(const char *path, int mode)
+{
+	return faccessat(AT_FDCWD, path, mode, 0);
 }
 
 /* -- ioctl, read, write ------------------------------------------------------------------ */
