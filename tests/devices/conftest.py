@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
 import attrs
 import pytest
@@ -52,6 +53,26 @@ def dma_setup(vendor: str, kind: str, **opts: Any) -> DmaSetup:
     fd.attach(dev_id, ioas)
     iova = fd.ioas_map(ioas, va, MAP_BYTES)
     return DmaSetup(machine, fn, proc, fd, ioas, va, iova)
+
+
+class Driver(Protocol):
+    """A Python port of a selftest driver (lib/drivers/*): probe then init."""
+
+    def probe(self) -> bool: ...
+
+    def init(self) -> None: ...
+
+
+D = TypeVar("D", bound=Driver)
+
+
+def driver_setup(vendor: str, kind: str, driver: Callable[[DmaSetup], D]) -> tuple[DmaSetup, D]:
+    """A ``kind`` function behind ``vendor``, its selftest driver probed and initialised."""
+    s = dma_setup(vendor, kind)
+    drv = driver(s)
+    assert drv.probe()
+    drv.init()
+    return s, drv
 
 
 @pytest.fixture(params=VENDORS)

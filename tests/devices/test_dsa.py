@@ -40,7 +40,7 @@ from iommufd_model.devices.dsa import (
 )
 from iommufd_model.hw import bits
 
-from .conftest import DmaSetup, dma_setup
+from .conftest import DmaSetup, dma_setup, driver_setup
 
 MSIX_VECTOR = 1
 # struct dsa_state offsets in the driver region
@@ -200,11 +200,7 @@ class DsaDriver:
 
 
 def setup(vendor: str) -> tuple[DmaSetup, DsaDriver]:
-    s = dma_setup(vendor, "dsa")
-    drv = DsaDriver(s)
-    assert drv.probe()
-    drv.init()
-    return s, drv
+    return driver_setup(vendor, "dsa", DsaDriver)
 
 
 def test_memcpy_one_and_batches(vendor: str) -> None:

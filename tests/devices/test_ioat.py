@@ -34,7 +34,7 @@ from iommufd_model.devices.ioat import (
     PCI_DEVICE_ID_INTEL_IOAT_SKX,
 )
 
-from .conftest import DmaSetup, dma_setup
+from .conftest import DmaSetup, driver_setup
 
 DESC = 0  # driver region offsets: struct ioat_state { desc; send_msi_src; send_msi_dst; }
 MSI_SRC = 64
@@ -128,11 +128,7 @@ class IoatDriver:
 
 
 def setup(vendor: str) -> tuple[DmaSetup, IoatDriver]:
-    s = dma_setup(vendor, "ioat")
-    drv = IoatDriver(s)
-    assert drv.probe()
-    drv.init()
-    return s, drv
+    return driver_setup(vendor, "ioat", IoatDriver)
 
 
 def test_memcpy_success_and_storm(vendor: str) -> None:

@@ -396,16 +396,20 @@ class DsaFunction(PciFunction):
         return bits.get(dw2, 27, 8) if dw2 >> 28 & 1 else None
 
     def _submit(self, wq: int, desc: Descriptor) -> None:
-        pasid = self._wq_pasid(wq)
+        self._run_one(wq, desc, self._wq_pasid(wq), in_batch=False)
+
+    def _run_one(self, wq: int, desc: Descriptor, pasid: int | None, *, in_batch: bool) -> bool:
+        """Execute ``desc`` and report it (record, interrupt or SWERR); True if it succeeded."""
         if desc.flags & IDXD_OP_FLAG_CRAV and desc.completion_addr % DSA_COMPLETION_SIZE:
             self._sw_error(wq, desc, DSA_COMP_CRA_ALIGN)
-            return
+            return False
         try:
-            result = self._execute(wq, desc, pasid, in_batch=False)
+            done = self._execute(wq, desc, pasid, in_batch=in_batch)
         except DescriptorError as exc:
             self._complete(desc, pasid, exc.status, exc.done, exc.fault_addr, failed=True)
-            return
-        self._complete(desc, pasid, DSA_COMP_SUCCESS, result, 0, failed=False)
+            return False
+        self._complete(desc, pasid, DSA_COMP_SUCCESS, done, 0, failed=False)
+        return True
 
     def _execute(self, wq: int, desc: Descriptor, pasid: int | None, *, in_batch: bool) -> int:
         """Run one descriptor; the value for Bytes Completed; DescriptorError on failure."""
@@ -435,16 +439,7 @@ class DsaFunction(PciFunction):
         ok = 0
         for i in range(desc.size):
             sub = Descriptor.decode(raw[i * DSA_DESC_SIZE : (i + 1) * DSA_DESC_SIZE])
-            if sub.flags & IDXD_OP_FLAG_CRAV and sub.completion_addr % DSA_COMPLETION_SIZE:
-                self._sw_error(wq, sub, DSA_COMP_CRA_ALIGN)
-                continue
-            try:
-                done = self._execute(wq, sub, pasid, in_batch=True)
-            except DescriptorError as exc:
-                self._complete(sub, pasid, exc.status, exc.done, exc.fault_addr, failed=True)
-                continue
-            ok += 1
-            self._complete(sub, pasid, DSA_COMP_SUCCESS, done, 0, failed=False)
+            ok += self._run_one(wq, sub, pasid, in_batch=True)
         if ok != desc.size:
             raise DescriptorError(DSA_COMP_BATCH_FAIL, done=ok)
         return ok

@@ -29,13 +29,11 @@ latched in the config-space CHANERR_INT register (RW1C), DMAUNCERRSTS is never s
 
 from __future__ import annotations
 
-import errno
 from typing import TYPE_CHECKING
 
 from iommufd_model.devices import pci_regs as R
 from iommufd_model.devices.config import ConfigSpace, RegisterBytes
 from iommufd_model.devices.function import Bar, DmaBlocked, FunctionSpec, MsixLayout, PciFunction
-from iommufd_model.errors import err
 from iommufd_model.hw import bits
 from iommufd_model.hw.iommu import DmaFault
 
@@ -364,7 +362,7 @@ def ioat(
 ) -> IoatFunction:
     """The ``ioat`` kind: a Skylake-SP CBDMA channel function (the ID the selftest matches)."""
     if not 0 <= xfercap <= 31:
-        raise err(errno.EINVAL, f"XFERCAP {xfercap}")
+        raise ValueError(f"XFERCAP {xfercap} is not a 5-bit shift")
     spec = FunctionSpec(
         vendor_id=R.PCI_VENDOR_ID_INTEL,
         device_id=device_id,
