@@ -177,7 +177,7 @@ def test_err_req_triggers_and_close(setup: VfioSetup, efds: list[int]) -> None:
     for index in (V.VFIO_PCI_ERR_IRQ_INDEX, V.VFIO_PCI_REQ_IRQ_INDEX):
         assert_errno(
             errno.EINVAL,
-            lambda: df.ioctl(V.VFIO_DEVICE_SET_IRQS, irq_set(index, TRIGGER | NONE, 0, 1), p),
+            lambda i=index: df.ioctl(V.VFIO_DEVICE_SET_IRQS, irq_set(i, TRIGGER | NONE, 0, 1), p),
         )
         df.ioctl(
             V.VFIO_DEVICE_SET_IRQS, irq_set(index, TRIGGER | EVENTFD, 0, 1, fds(efds[index])), p
@@ -187,7 +187,7 @@ def test_err_req_triggers_and_close(setup: VfioSetup, efds: list[int]) -> None:
     msix = V.VFIO_PCI_MSIX_IRQ_INDEX
     df.ioctl(V.VFIO_DEVICE_SET_IRQS, irq_set(msix, TRIGGER | EVENTFD, 0, 1, fds(efds[0])), p)
     irqs = df.vdev.irqs
-    mine = list(irqs.ctx.values()) + [irqs.err_trigger, irqs.req_trigger]
+    mine = [*irqs.ctx.values(), irqs.err_trigger, irqs.req_trigger]
     df.release()  # closing the device turns interrupts off and drops the model's eventfd copies
     assert not setup.fn.msix_enabled()
     for fd in mine:
