@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import iommufd_model as im
 from iommufd_model.devices import DmaBlocked, PciFunction
@@ -237,3 +239,26 @@ def test_add_pci_function_places_and_refuses() -> None:
     assert_errno(errno.ENODEV, lambda: m.add_pci_function("generic", 2))
     with pytest.raises(ValueError):
         m.add_pci_function("no-such-kind", 0)
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 4095), st.sampled_from([1, 2, 4]), st.integers(0, (1 << 32) - 1)),
+        max_size=40,
+    )
+)
+@settings(max_examples=60, deadline=None)
+def test_config_writes_obey_the_bit_attributes(writes: list[tuple[int, int, int]]) -> None:
+    """Whatever software writes, RO bits keep their value and RW1C bits only clear."""
+    fn = make(total_vfs=2, pasid=True)
+    for offset, size, value in writes:
+        offset -= offset % size
+        cfg = fn.config
+        before, wmask, w1c = bytes(cfg.data), bytes(cfg.wmask), bytes(cfg.w1cmask)
+        fn.config_write(offset, size, value)
+        if fn.resets or fn.sriov_vfs:
+            return  # an FLR or VF Enable: side effects this property does not cover
+        for i in range(cfg.size):
+            ro = ~(wmask[i] | w1c[i]) & 0xFF
+            assert cfg.data[i] & ro == before[i] & ro, hex(i)
+            assert cfg.data[i] & w1c[i] & ~before[i] == 0, hex(i)

@@ -228,3 +228,16 @@ def test_flr_resets_the_channel(vendor: str) -> None:
     s.fn.config_write(R.PCI_COMMAND, 2, R.PCI_COMMAND_MEMORY)
     assert drv.status() == IOAT_CHANSTS_HALTED
     assert drv.readb(IOAT_INTRCTRL_OFFSET) == 0
+
+
+def test_bus_master_off_stops_the_channel(vendor: str) -> None:
+    s, drv = setup(vendor)
+    s.write(s.iova, b"k" * 64)
+    s.write(s.iova + 64, b"-" * 64)
+    s.fn.config_write(R.PCI_COMMAND, 2, R.PCI_COMMAND_MEMORY)  # Bus Master off
+    faults = s.fn.iommu.stats.faults
+    drv.memcpy_start(s.iova, s.iova + 64, 64, 1, False)
+    assert drv.status() == IOAT_CHANSTS_HALTED
+    assert drv.fn.mmio_read(0, CHAN + IOAT_CHANERR_OFFSET, 4) == IOAT_CHANERR_READ_DATA_ERR
+    assert s.fn.iommu.stats.faults == faults  # nothing reached the IOMMU
+    assert s.read(s.iova + 64, 64) == b"-" * 64
