@@ -74,7 +74,7 @@ class RegsFile:
         self.device = device
         self.released = False
 
-    def mmap_region(self, offset: int, length: int, prot: int) -> tuple[int, int]:
+    def mmap_region(self, offset: int, length: int, prot: int, flags: int) -> tuple[int, int]:
         if offset + length > 0x2000:
             raise err(errno.EINVAL, "beyond BAR 0")
         return 0, offset
@@ -105,7 +105,7 @@ def run_regs(
 ) -> tuple[int, Server, RegisterFile, Machine]:
     regs = RegisterFile()
 
-    def opener(machine: Machine, path: str, flags: int) -> Any:
+    def opener(machine: Machine, path: str, flags: int, proc: Any) -> Any:
         return RegsFile(regs) if path == "/dev/model-regs" else None
 
     machine = build_machine(["mock"], 0)

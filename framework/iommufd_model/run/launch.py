@@ -15,6 +15,7 @@ from typing import Any
 
 import attrs
 
+from iommufd_model import vfio
 from iommufd_model.machine import Machine
 from iommufd_model.plugins import DriverRegistry
 from iommufd_model.run.server import Opener, Server
@@ -109,7 +110,7 @@ def run_program(
     registry: DriverRegistry | None = None,
     log: Any = None,
     machine: Machine | None = None,
-    openers: Sequence[tuple[str, Opener]] = (),
+    openers: Sequence[tuple[str, Opener]] | None = None,
     sysfs: tuple[TreeFn, WriteFn] | None = None,
     append_bdfs: bool = False,
 ) -> tuple[int, Server]:
@@ -117,14 +118,17 @@ def run_program(
 
     ``openers`` are ``(path prefix, opener)`` pairs: ``open()`` of a path under a prefix is
     served by the model (the first opener that knows the path), every other path by the
-    kernel. ``sysfs`` is the model's sysfs (its tree and its attribute writes), seen by the
-    program in place of the host's (run/sysfs.py).
+    kernel; by default VFIO's (``/dev/vfio/...``, :func:`iommufd_model.vfio.open_path`).
+    ``sysfs`` is the model's sysfs (its tree and its attribute writes), seen by the program
+    in place of the host's (run/sysfs.py).
 
     The program finds the machine's modelled PCI functions as the kernel's VFIO selftests
     do: ``VFIO_SELFTESTS_BDF`` names the first (unless the environment sets it), and with
     ``append_bdfs`` every BDF is appended to ``argv``."""
     if machine is None:
         machine = build_machine(iommus, devices, registry)
+    if openers is None:
+        openers = [(vfio.VFIO_DIR + "/", vfio.open_path)]
     bdfs = [fn.bdf for fn in machine.pci_functions()]
     if append_bdfs:
         argv = [*argv, *bdfs]

@@ -46,9 +46,9 @@ from iommufd_model.machine import Machine
 from iommufd_model.run import native
 from iommufd_model.run.process import Mirrors, MmioWindow, RealMemFile, RealProcess
 
-#: ``opener(machine, path, flags)``: the model file for a path under one of the run's model
-#: prefixes, None when it has none (ENOENT), OSError when it refuses (``vfio.open_path``)
-Opener = Callable[[Machine, str, int], Any]
+#: ``opener(machine, path, flags, proc)``: the model file for a path under one of the run's
+#: model prefixes, None when it has none (ENOENT), OSError when it refuses (``vfio.open_path``)
+Opener = Callable[[Machine, str, int, RealProcess], Any]
 
 REQ = struct.Struct("<II6Q")
 REP = struct.Struct("<IiqII")
@@ -350,13 +350,16 @@ class Server:
             raise err(errno.EFAULT, "path not readable")
         path = raw.decode("utf-8", "surrogateescape")
         for opener in self.openers:
-            obj = opener(self.machine, path, flags)
+            obj = opener(self.machine, path, flags, proc)
             if obj is not None:
                 try:
-                    return self.install(obj, cloexec=bool(flags & O_CLOEXEC))
+                    fd = self.install(obj, cloexec=bool(flags & O_CLOEXEC))
                 except OSError:
                     obj.release()
                     raise
+                if isinstance(obj, IommuFd):  # /dev/vfio/vfio: an iommufd knows its fd
+                    obj.fd = fd
+                return fd
         raise err(errno.ENOENT, f"{path}: no such model file")
 
     def _hello(self, conn: Conn, pid: int, tid: int, lineage: int, fresh: bool) -> None:
@@ -556,9 +559,10 @@ class Server:
         obj = mf.obj
         offset, length, addr, prot, flags = a[1], a[2], a[3], a[4], a[5]
         if hasattr(obj, "mmap_region"):
-            bar, bar_offset = obj.mmap_region(offset, length, prot)
+            bar, bar_offset = obj.mmap_region(offset, length, prot, flags)
             length = (length + PAGE_MASK) & ~PAGE_MASK
-            proc.add_mmio(MmioWindow(addr, length, obj.device, bar, bar_offset, obj))
+            device = obj.device if hasattr(obj, "device") else obj.vdev.fn
+            proc.add_mmio(MmioWindow(addr, length, device, bar, bar_offset, obj))
             return 0, REP_MMIO
         if not isinstance(obj, IommuFd):
             raise err(errno.ENODEV, "this file cannot be mmapped")

@@ -117,7 +117,7 @@ class SysfsView:
             host.chmod(0o644 if node.writable else 0o444)
 
     # -- the opener of the run's server ----------------------------------------------------
-    def open(self, machine: Machine, path: str, flags: int) -> Any:
+    def open(self, machine: Machine, path: str, flags: int, proc: Any = None) -> Any:
         """``open()`` of an attribute (the preload sends the redirected path): EACCES for
         writing one without a ``store``, as kernfs does."""
         root = os.path.realpath(self.root)
