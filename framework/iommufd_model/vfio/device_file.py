@@ -29,6 +29,7 @@ from iommufd_model.vfio.uarg import argsz_struct_from, copy_to, struct_from, str
 if TYPE_CHECKING:
     from iommufd_model.core.main import IommuFd
     from iommufd_model.core.process import Process
+    from iommufd_model.devices import PciFunction
     from iommufd_model.vfio.group import VfioGroupFile
     from iommufd_model.vfio.pci_core import VfioPciDevice
 
@@ -47,6 +48,11 @@ class VfioDeviceFile:
         self.iommufd: IommuFd | None = None
         self.devid = 0
         self.closed = False
+
+    @property
+    def device(self) -> PciFunction:
+        """The function behind the file (the run's BAR mappings reach its MMIO)."""
+        return self.vdev.fn
 
     # -- the group path -----------------------------------------------------------------
     def group_open(self) -> None:
