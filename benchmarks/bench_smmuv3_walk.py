@@ -116,8 +116,10 @@ def tlb_hits() -> dict[str, float]:
     m = Machine.build(iommus=["arm_smmuv3"])
     hw = m.iommus[0]
     dev = m.add_pci_device(iommu=0)
-    domain = plugin.domain_alloc_paging(iommu=hw, dev=dev, flags=0)
-    plugin.attach_dev(iommu=hw, dev=dev, domain=domain)
+    domain = plugin.domain_alloc_user(
+        iommu=hw, dev=dev, flags=0, parent=None, viommu=None, user_data=None
+    )
+    plugin.attach(iommu=hw, dev=dev, domain=domain)
     base = m.memory.alloc_contiguous(BURST) << 12
     plugin.domain_map(domain=domain, iova=0, pa=base, size=BURST * 4096, prot=RW)
     iovas = [i * 4096 for i in range(256)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import errno
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
@@ -95,6 +96,30 @@ class HwInfo:
     #: ATS; None (the default) answers with the device's PCI ATS capability. The core adds
     #: IOMMU_HW_CAP_PCI_ATS_NOT_SUPPORTED when it is false (Linux 7.2 device.c).
     ats_supported: bool | None = None
+
+
+@attrs.frozen
+class UserData:
+    """``struct iommu_user_data`` (Linux 7.2 include/linux/iommu.h): the vendor data of
+    IOMMU_HWPT_ALLOC, handed to ``domain_alloc_user``.
+
+    The bytes are copied from user memory only when the driver calls :meth:`read`, as the
+    kernel's drivers copy with ``iommu_copy_struct_from_user`` (a driver that refuses the
+    data never touches the user's pointer).
+    """
+
+    type: int
+    length: int
+    reader: Callable[[], bytes] = attrs.field(repr=False)
+
+    def read(self) -> bytes:
+        """The ``length`` bytes the user passed (OSError EFAULT when they are unmapped)."""
+        return self.reader()
+
+    @classmethod
+    def of(cls, data_type: int, data: bytes) -> UserData:
+        """Data already copied in (the core reads a nested HWPT's data before the hook)."""
+        return cls(data_type, len(data), lambda: data)
 
 
 @attrs.define

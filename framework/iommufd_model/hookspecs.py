@@ -9,7 +9,7 @@ driver does not implement that", which the core turns into ``EOPNOTSUPP``. A ref
 exception is a driver bug.
 
 Required hooks (a plugin lacking one is refused at load time): ``driver_info``, ``probe``,
-``domain_alloc_paging``, ``domain_map``, ``domain_unmap``, ``attach_dev``.
+``domain_alloc_user``, ``domain_map``, ``domain_unmap``, ``attach``.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
         HwInfo,
         HwQueueBase,
         InvalidateResult,
+        UserData,
         VdeviceBase,
         ViommuBase,
     )
@@ -41,10 +42,10 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 REQUIRED_HOOKS = (
     "driver_info",
     "probe",
-    "domain_alloc_paging",
+    "domain_alloc_user",
     "domain_map",
     "domain_unmap",
-    "attach_dev",
+    "attach",
 )
 
 
@@ -95,38 +96,36 @@ def hw_info(iommu: IommuHw, dev: PciDevice, data_type: int) -> HwInfo:
 
 # -- domains ----------------------------------------------------------------------------
 @hookspec(firstresult=True)
-def domain_alloc_paging(
-    iommu: IommuHw, dev: PciDevice | None, flags: int, data_type: int, data: bytes
-) -> Domain:
-    """Allocate a kernel-managed paging domain (``domain_alloc_paging_flags``).
-
-    ``flags`` are IOMMU_HWPT_ALLOC_* (NEST_PARENT, DIRTY_TRACKING, PASID); an unsupported
-    flag -> EOPNOTSUPP. The returned domain starts empty and blocks all DMA.
-
-    ``data_type`` / ``data`` are IOMMU_HWPT_ALLOC's vendor data for a paging HWPT
-    (``data`` empty and ``data_type`` IOMMU_HWPT_DATA_NONE when the user gave none: the
-    kernel's NULL ``user_data``); validate them as the driver's
-    ``iommu_copy_struct_from_user`` does. Both are optional: a driver that takes no vendor
-    data leaves them out of its signature (not defaulted: pluggy passes no defaulted
-    argument) and the core answers EOPNOTSUPP for data, as Linux 7.2's vendor drivers do.
-    """
-
-
-@hookspec(firstresult=True)
-def domain_alloc_nested(
+def domain_alloc_user(
     iommu: IommuHw,
     dev: PciDevice,
-    parent: Domain,
-    viommu: ViommuBase | None,
     flags: int,
-    data_type: int,
-    data: bytes,
+    parent: Domain | None,
+    viommu: ViommuBase | None,
+    user_data: UserData | None,
 ) -> Domain:
-    """Allocate a user-managed nested domain from vendor ``data`` over ``parent``.
+    """Allocate a domain for IOMMU_HWPT_ALLOC: a paging domain, or a nested one over ``parent``.
 
-    ``viommu`` is set when the HWPT is allocated on a vIOMMU. Validate ``data`` exactly as
-    the kernel driver does: wrong type -> EOPNOTSUPP, wrong length or bad fields -> EINVAL
-    (SMMUv3 uses EIO for an illegal STE, as the kernel).
+    The one allocation hook, as ``iommu_ops.domain_alloc_user`` was when the HW-vIOMMU was
+    designed; Linux 7.2 splits it into ``domain_alloc_paging_flags`` (``parent`` is None)
+    and ``domain_alloc_nested`` / ``iommufd_viommu_ops.alloc_domain_nested`` (``parent``
+    set, ``viommu`` set when the HWPT is allocated on a vIOMMU).
+
+    ``flags`` are IOMMU_HWPT_ALLOC_* (NEST_PARENT, DIRTY_TRACKING, PASID; the core strips
+    FAULT_ID_VALID); an unsupported flag -> EOPNOTSUPP. A paging domain starts empty and
+    blocks all DMA.
+
+    ``user_data`` is the vendor data (the kernel's ``struct iommu_user_data``), None when
+    the user gave none; ``user_data.read()`` copies it from user memory. Validate it as the
+    kernel driver's ``iommu_copy_struct_from_user`` does: wrong type -> EOPNOTSUPP, wrong
+    length or bad fields -> EINVAL (SMMUv3 uses EIO for an illegal STE, as the kernel).
+
+    ``parent``, ``viommu`` and ``user_data`` are optional in an implementation: a driver
+    that declares no ``parent`` has no nested domains, and one that declares no
+    ``user_data`` takes no vendor data (leave them out of the signature, not defaulted:
+    pluggy passes no defaulted argument); the core then answers EOPNOTSUPP without calling
+    it. A driver that declares ``user_data`` but takes none for paging domains raises
+    EOPNOTSUPP itself without reading it, as Linux 7.2's vendor drivers do.
     """
 
 
@@ -171,8 +170,9 @@ def domain_iova_to_phys(domain: Domain, iova: int) -> int:
 
 # -- attachment ---------------------------------------------------------------------------
 @hookspec(firstresult=True)
-def attach_dev(iommu: IommuHw, dev: PciDevice, domain: Domain | None) -> bool:
-    """Make ``dev`` (its RID, PASID 0 / no PASID) translate through ``domain``.
+def attach(iommu: IommuHw, dev: PciDevice, domain: Domain | None) -> bool:
+    """Make ``dev`` (its RID, PASID 0 / no PASID) translate through ``domain`` (Linux 7.2:
+    ``iommu_domain_ops.attach_dev``).
 
     ``domain=None`` means blocked (the kernel's blocking domain). This is also *replace*:
     when the device already has a domain the switch must be hitless and all-or-nothing -- on

@@ -174,7 +174,7 @@ def test_drivers_with_problems(capsys: pytest.CaptureFixture[str]) -> None:
     assert out.startswith("mock ")
     assert err.splitlines() == [
         "BROKEN bad (distribution dist-bad): missing required hook(s): driver_info, probe, "
-        "domain_alloc_paging, domain_map, domain_unmap, attach_dev"
+        "domain_alloc_user, domain_map, domain_unmap, attach"
     ]
     assert cli.main(["drivers"], _reg(mock=MockDriver())) == 0
     assert cli.main(["drivers"], _reg()) == 1  # nothing loads: non-zero

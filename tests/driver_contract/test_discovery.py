@@ -18,9 +18,9 @@ from iommufd_model.scenarios import PASS, SCENARIOS, run_scenario
 
 
 class MissingAttach(MockDriver):
-    """Lacks a required hook: ``attach_dev`` is masked out."""
+    """Lacks a required hook: ``attach`` is masked out."""
 
-    attach_dev = None  # type: ignore[assignment]
+    attach = None  # type: ignore[assignment]
 
 
 class Misspelled(MockDriver):
@@ -31,7 +31,7 @@ class Misspelled(MockDriver):
 
 class WrongArgs(MockDriver):
     @hookimpl
-    def attach_dev(self, iommu: object, device: object, domain: object) -> bool:  # type: ignore[override]
+    def attach(self, iommu: object, device: object, domain: object) -> bool:  # type: ignore[override]
         return True
 
 
@@ -82,7 +82,7 @@ def test_broken_entry_points(broken_dist: None) -> None:
     reg = DriverRegistry()
     reg.load_entry_points()
     assert "import failed: RuntimeError: vendor SDK not found" in _problem(reg, "explodes")
-    assert "missing required hook(s): attach_dev" in _problem(reg, "missing")
+    assert "missing required hook(s): attach" in _problem(reg, "missing")
     assert "unknown hook(s) (misspelled?): domian_map" in _problem(reg, "misspelled")
     msg = _problem(reg, "wrongargs")
     assert "invalid hooks" in msg and "device" in msg

@@ -137,10 +137,8 @@ def attach_hwpt(idev: Device, hwpt: Hwpt, pasid: int | None, *, replace: bool) -
     idev.reserve_regions(ioas)
     try:
         if pasid is None:
-            failpoint("hook.attach_dev")
-            require(
-                idev.hooks.attach_dev(iommu=idev.hw, dev=idev.dev, domain=hwpt.domain), "attach_dev"
-            )
+            failpoint("hook.attach")
+            require(idev.hooks.attach(iommu=idev.hw, dev=idev.dev, domain=hwpt.domain), "attach")
         else:
             failpoint("hook.set_dev_pasid")
             require(
@@ -210,7 +208,7 @@ def device_detach(idev: Device, pasid: int | None) -> None:
         old = idev.hwpt
         if old is None:
             return
-        require(idev.hooks.attach_dev(iommu=idev.hw, dev=idev.dev, domain=None), "attach_dev")
+        require(idev.hooks.attach(iommu=idev.hw, dev=idev.dev, domain=None), "attach")
         idev.hwpt = None
     else:
         old = idev.pasid_hwpts.get(pasid)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from iommufd_model.core.failnth import failpoint
 from iommufd_model.core.main import Ucmd, ioctl_op
 from iommufd_model.core.objects import IommufdObject, ObjType
-from iommufd_model.driver import Domain, InvalidateResult
+from iommufd_model.driver import Domain, InvalidateResult, UserData
 from iommufd_model.errors import err
 from iommufd_model.hw.memory import PAGE_SIZE
 from iommufd_model.uapi import iommufd as U
@@ -167,14 +167,15 @@ def hwpt_paging_alloc(
     *,
     auto_domain: bool,
     data_type: int = U.IOMMU_HWPT_DATA_NONE,
+    data_len: int = 0,
     user_data: Callable[[], bytes] | None = None,
 ) -> HwptPaging:
     """Allocate a paging domain for ``idev`` and fill it from ``ioas`` (all-or-nothing).
 
-    ``user_data`` reads the vendor data of IOMMU_HWPT_ALLOC (Linux 7.2 hands it to
-    ``domain_alloc_paging_flags``; the self-test's generic page table takes its
-    ``pagetable_type`` there). A driver whose hook does not declare ``data`` refuses it with
-    EOPNOTSUPP, as the 7.2 vendor drivers do. The new object is not yet in the table; the
+    ``user_data`` reads the ``data_len`` bytes of vendor data of IOMMU_HWPT_ALLOC (Linux 7.2
+    hands it to ``domain_alloc_paging_flags``; the self-test's generic page table takes its
+    ``pagetable_type`` there). A driver whose hook does not declare ``user_data`` refuses it
+    with EOPNOTSUPP, as the 7.2 vendor drivers do. The new object is not yet in the table; the
     caller installs it.
     """
     if flags & ~PAGING_FLAGS:
@@ -182,21 +183,22 @@ def hwpt_paging_alloc(
     if flags & U.IOMMU_HWPT_FAULT_ID_VALID and flags & U.IOMMU_HWPT_ALLOC_NEST_PARENT:
         raise err(errno.EOPNOTSUPP, "a nest parent cannot take IOPF")
     hooks = idev.hooks
-    data = b""
+    data: UserData | None = None
     if user_data is not None:
-        if not _hook_takes(hooks, "domain_alloc_paging", "data"):
-            raise err(errno.EOPNOTSUPP, "the driver takes no vendor data for paging HWPTs")
-        data = user_data()
-    failpoint("hook.domain_alloc_paging")
+        if not _hook_takes(hooks, "domain_alloc_user", "user_data"):
+            raise err(errno.EOPNOTSUPP, "the driver takes no vendor data")
+        data = UserData(data_type, data_len, user_data)
+    failpoint("hook.domain_alloc_user")
     domain = require(
-        hooks.domain_alloc_paging(
+        hooks.domain_alloc_user(
             iommu=idev.hw,
             dev=idev.dev,
             flags=flags & ~U.IOMMU_HWPT_FAULT_ID_VALID,
-            data_type=data_type if data else U.IOMMU_HWPT_DATA_NONE,
-            data=data,
+            parent=None,
+            viommu=None,
+            user_data=data,
         ),
-        "domain_alloc_paging",
+        "domain_alloc_user",
     )
     hwpt = HwptPaging(ictx, domain, ioas, auto_domain=auto_domain)
     try:
@@ -222,18 +224,19 @@ def hwpt_nested_alloc(
         raise err(errno.EOPNOTSUPP, "bad flags or no vendor data for a nested HWPT")
     if parent.auto_domain or not parent.nest_parent or parent.domain.owner is not idev.hw:
         raise err(errno.EINVAL, "parent must be a nest-parent HWPT of the device's IOMMU")
-    failpoint("hook.domain_alloc_nested")
+    if not _hook_takes(idev.hooks, "domain_alloc_user", "parent"):
+        raise err(errno.EOPNOTSUPP, "the driver has no nested domains")
+    failpoint("hook.domain_alloc_user")
     domain = require(
-        idev.hooks.domain_alloc_nested(
+        idev.hooks.domain_alloc_user(
             iommu=idev.hw,
             dev=idev.dev,
+            flags=flags & ~U.IOMMU_HWPT_FAULT_ID_VALID,
             parent=parent.domain,
             viommu=viommu.drv if viommu is not None else None,
-            flags=flags & ~U.IOMMU_HWPT_FAULT_ID_VALID,
-            data_type=data_type,
-            data=data,
+            user_data=UserData.of(data_type, data),
         ),
-        "domain_alloc_nested",
+        "domain_alloc_user",
     )
     hwpt = HwptNested(ictx, domain, parent, viommu)
     hwpt.hold(viommu if viommu is not None else parent)
@@ -276,6 +279,7 @@ def _hwpt_alloc(ucmd: Ucmd) -> None:
             cmd.flags,
             auto_domain=False,
             data_type=cmd.data_type,
+            data_len=cmd.data_len,
             user_data=None if none else user_data,
         )
     elif isinstance(pt_obj, HwptPaging):

@@ -13,6 +13,7 @@ from iommufd_model.driver import (
     HwInfo,
     HwQueueBase,
     InvalidateResult,
+    UserData,
     VdeviceBase,
     ViommuBase,
 )
@@ -143,38 +144,22 @@ class MockDriver:
         )
 
     @hookimpl
-    def domain_alloc_paging(
+    def domain_alloc_user(
         self,
         iommu: Any,
-        dev: PciDevice | None,
+        dev: PciDevice,
         flags: int,
-        data_type: int,
-        data: bytes,
-    ) -> MockDomain:
-        """``mock_domain_alloc_paging_flags()``: optional ``iommu_hwpt_selftest`` data
-        (minimum ``iotlb``) chooses the page table (``pagetable_type``)."""
-        if flags & ~PAGING_FLAGS:
-            raise err(errno.EOPNOTSUPP, f"mock paging flags {flags:#x}")
-        dirty = bool(flags & U.IOMMU_HWPT_ALLOC_DIRTY_TRACKING)
-        if dirty and dev is not None and dev.iommu_priv["no_dirty"]:
-            raise err(errno.EOPNOTSUPP, "device cannot track dirty pages")
-        pagetable_type = MOCK_IOMMUPT_DEFAULT
-        if data:
-            if data_type not in (selftest.IOMMU_HWPT_DATA_SELFTEST, U.IOMMU_HWPT_DATA_NONE):
-                raise err(errno.EOPNOTSUPP, f"mock paging data type {data_type:#x}")
-            if data_type != selftest.IOMMU_HWPT_DATA_SELFTEST:
-                raise err(errno.EINVAL, "iommu_copy_struct_from_user: type mismatch")
-            pagetable_type = _u32(copy_struct(data, 8, 4), 4)
-        if pagetable_type not in (MOCK_IOMMUPT_DEFAULT, MOCK_IOMMUPT_HUGE):
-            raise err(errno.EOPNOTSUPP, f"mock pagetable_type {pagetable_type}")
-        return MockDomain(
-            _mock(iommu),
-            flags,
-            nest_parent=bool(flags & U.IOMMU_HWPT_ALLOC_NEST_PARENT),
-            dirty=dirty,
-            pasid=bool(flags & U.IOMMU_HWPT_ALLOC_PASID),
-            pagetable_type=pagetable_type,
-        )
+        parent: Domain | None,
+        viommu: ViommuBase | None,
+        user_data: UserData | None,
+    ) -> Domain:
+        """``mock_domain_alloc_paging_flags()`` without ``parent``; ``mock_domain_alloc_nested()``
+        / ``mock_viommu_alloc_domain_nested()`` with one."""
+        if parent is not None:
+            if user_data is None:
+                raise err(errno.EOPNOTSUPP, "a nested domain needs iommu_hwpt_selftest data")
+            return _alloc_nested(iommu, parent, viommu, flags, user_data.type, user_data.read())
+        return _alloc_paging(iommu, dev, flags, user_data)
 
     @hookimpl
     def domain_free(self, domain: Domain) -> bool:
@@ -221,7 +206,7 @@ class MockDriver:
         return (entry & ~ENTRY_FLAGS) + (iova & (MOCK_IO_PAGE_SIZE - 1))
 
     @hookimpl
-    def attach_dev(self, iommu: Any, dev: PciDevice, domain: Domain | None) -> bool:
+    def attach(self, iommu: Any, dev: PciDevice, domain: Domain | None) -> bool:
         priv = dev.iommu_priv
         viommu: MockViommu | None = None
         vdev_id = 0
@@ -264,34 +249,6 @@ class MockDriver:
         return True
 
     # -- nested domains, vIOMMU, invalidation -------------------------------------------
-    @hookimpl
-    def domain_alloc_nested(
-        self,
-        iommu: Any,
-        dev: PciDevice,
-        parent: Domain,
-        viommu: ViommuBase | None,
-        flags: int,
-        data_type: int,
-        data: bytes,
-    ) -> MockNestedDomain:
-        if flags & ~U.IOMMU_HWPT_ALLOC_PASID:
-            raise err(errno.EOPNOTSUPP, f"mock nested flags {flags:#x}")
-        if not isinstance(parent, MockDomain):
-            raise err(errno.EINVAL, "parent is not a mock paging domain")
-        if data_type != selftest.IOMMU_HWPT_DATA_SELFTEST:
-            raise err(errno.EOPNOTSUPP, f"mock nested data type {data_type:#x}")
-        # struct iommu_hwpt_selftest { __u32 iotlb; __u32 pagetable_type; }, min: iotlb
-        cfg = copy_struct(data, 8, 4)
-        mock_viommu = viommu if isinstance(viommu, MockViommu) else None
-        return MockNestedDomain(
-            _mock(iommu),
-            parent,
-            _u32(cfg, 0),
-            pasid=bool(flags & U.IOMMU_HWPT_ALLOC_PASID),
-            viommu=mock_viommu,
-        )
-
     @hookimpl
     def cache_invalidate_user(
         self, target: Domain | ViommuBase, data_type: int, entries: list[bytes]
@@ -431,6 +388,60 @@ class MockDriver:
 def _free_pages(memory: PhysicalMemory, pfn: int, count: int) -> None:
     for i in range(count):
         memory.put_frame(pfn + i)
+
+
+def _alloc_paging(iommu: Any, dev: PciDevice, flags: int, user_data: UserData | None) -> MockDomain:
+    """``mock_domain_alloc_paging_flags()``: optional ``iommu_hwpt_selftest`` data (minimum
+    ``iotlb``) chooses the page table (``pagetable_type``)."""
+    if flags & ~PAGING_FLAGS:
+        raise err(errno.EOPNOTSUPP, f"mock paging flags {flags:#x}")
+    dirty = bool(flags & U.IOMMU_HWPT_ALLOC_DIRTY_TRACKING)
+    if dirty and dev is not None and dev.iommu_priv["no_dirty"]:
+        raise err(errno.EOPNOTSUPP, "device cannot track dirty pages")
+    pagetable_type = MOCK_IOMMUPT_DEFAULT
+    if user_data is not None:
+        data_type, data = user_data.type, user_data.read()
+        if data_type not in (selftest.IOMMU_HWPT_DATA_SELFTEST, U.IOMMU_HWPT_DATA_NONE):
+            raise err(errno.EOPNOTSUPP, f"mock paging data type {data_type:#x}")
+        if data_type != selftest.IOMMU_HWPT_DATA_SELFTEST:
+            raise err(errno.EINVAL, "iommu_copy_struct_from_user: type mismatch")
+        pagetable_type = _u32(copy_struct(data, 8, 4), 4)
+    if pagetable_type not in (MOCK_IOMMUPT_DEFAULT, MOCK_IOMMUPT_HUGE):
+        raise err(errno.EOPNOTSUPP, f"mock pagetable_type {pagetable_type}")
+    return MockDomain(
+        _mock(iommu),
+        flags,
+        nest_parent=bool(flags & U.IOMMU_HWPT_ALLOC_NEST_PARENT),
+        dirty=dirty,
+        pasid=bool(flags & U.IOMMU_HWPT_ALLOC_PASID),
+        pagetable_type=pagetable_type,
+    )
+
+
+def _alloc_nested(
+    iommu: Any,
+    parent: Domain,
+    viommu: ViommuBase | None,
+    flags: int,
+    data_type: int,
+    data: bytes,
+) -> MockNestedDomain:
+    if flags & ~U.IOMMU_HWPT_ALLOC_PASID:
+        raise err(errno.EOPNOTSUPP, f"mock nested flags {flags:#x}")
+    if not isinstance(parent, MockDomain):
+        raise err(errno.EINVAL, "parent is not a mock paging domain")
+    if data_type != selftest.IOMMU_HWPT_DATA_SELFTEST:
+        raise err(errno.EOPNOTSUPP, f"mock nested data type {data_type:#x}")
+    # struct iommu_hwpt_selftest { __u32 iotlb; __u32 pagetable_type; }, min: iotlb
+    cfg = copy_struct(data, 8, 4)
+    mock_viommu = viommu if isinstance(viommu, MockViommu) else None
+    return MockNestedDomain(
+        _mock(iommu),
+        parent,
+        _u32(cfg, 0),
+        pasid=bool(flags & U.IOMMU_HWPT_ALLOC_PASID),
+        viommu=mock_viommu,
+    )
 
 
 def _attachable(domain: Domain) -> None:

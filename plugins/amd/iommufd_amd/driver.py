@@ -34,6 +34,7 @@ from iommufd_model.api import (
     HwQueueBase,
     Ida,
     InvalidateResult,
+    UserData,
     VdeviceBase,
     ViommuBase,
     driver_state,
@@ -523,6 +524,57 @@ def validate_gdte_nested(words: tuple[int, int, int, int], gpt5_ok: bool) -> Non
         raise err(errno.EOPNOTSUPP, "5-level guest tables not supported by the host")
 
 
+def _alloc_paging(iommu: IommuHw, flags: int) -> Domain:
+    """amd_iommu_domain_alloc_paging_flags()."""
+    k = _kernel(iommu)
+    if flags & ~PAGING_FLAGS:
+        raise err(errno.EOPNOTSUPP, f"amd paging flags {flags:#x}")
+    nest = U.IOMMU_HWPT_ALLOC_NEST_PARENT
+    dirty = U.IOMMU_HWPT_ALLOC_DIRTY_TRACKING
+    if flags in (dirty, nest, dirty | nest):
+        if flags & dirty and not k.hd_support():
+            raise err(errno.EOPNOTSUPP, "no HD support for dirty tracking")
+        if flags & nest and not k.nest_parent_supported():
+            raise err(errno.EOPNOTSUPP, "nest parent needs GT, GIoSup and GCR3TRPMode")
+        return AmdDomain(k, flags, v2=False)
+    if flags == U.IOMMU_HWPT_ALLOC_PASID:
+        if not k.pasid_supported():
+            raise err(errno.EOPNOTSUPP, "no PASID support")
+        return AmdDomain(k, flags, v2=True)
+    if flags == 0:
+        return AmdDomain(k, 0, v2=k.pgtable == "v2" and k.pasid_supported())
+    raise err(errno.EOPNOTSUPP, f"amd cannot combine paging flags {flags:#x}")
+
+
+def _alloc_nested(
+    iommu: IommuHw, parent: Domain, viommu: ViommuBase | None, data_type: int, data: bytes
+) -> Domain:
+    """nested.c amd_iommu_alloc_domain_nested(), reached through the vIOMMU only (AMD's
+    tree wires it as ``iommufd_viommu_ops.alloc_domain_nested``). The AMD driver has no
+    ``iommu_ops.domain_alloc_nested``: a nested HWPT straight on a nest parent is
+    EOPNOTSUPP, as the core answers for a driver without it."""
+    if viommu is None:
+        raise err(errno.EOPNOTSUPP, "AMD nested domains are allocated on a vIOMMU")
+    if data_type != U.IOMMU_HWPT_DATA_AMD_GUEST:
+        raise err(errno.EOPNOTSUPP, f"hwpt data type {data_type}")
+    # iommu_copy_struct_from_user(): short -> EINVAL, non-zero tail -> E2BIG
+    if len(data) < _GDTE.size:
+        raise err(errno.EINVAL, "struct iommu_hwpt_amd_guest is 32 bytes")
+    if any(data[_GDTE.size :]):
+        raise err(errno.E2BIG, "non-zero bytes past struct iommu_hwpt_amd_guest")
+    words: tuple[int, int, int, int] = _GDTE.unpack(data[: _GDTE.size])
+    k = _kernel(iommu)
+    validate_gdte_nested(words, k.gpt_levels == 5)
+    parent_dom = _paging(parent)
+    if parent_dom.v2 or not parent_dom.nest_parent:
+        raise err(errno.EINVAL, "the parent must be a v1 nest-parent domain")
+    assert isinstance(iommu, AmdIommu)
+    if not isinstance(viommu, AmdViommu):
+        raise err(errno.EINVAL, "not an AMD vIOMMU")
+    info = viommu.get_hdom(words[1] & 0xFFFF)
+    return AmdNestedDomain(iommu, viommu, words, info)
+
+
 class AmdDriver:
     """The AMD IOMMU driver plugin object (entry point ``amd``)."""
 
@@ -605,62 +657,24 @@ class AmdDriver:
 
     # -- domains --------------------------------------------------------------------------------
     @hookimpl
-    def domain_alloc_paging(self, iommu: IommuHw, dev: PciDevice | None, flags: int) -> Domain:
-        """amd_iommu_domain_alloc_paging_flags()."""
-        k = _kernel(iommu)
-        if flags & ~PAGING_FLAGS:
-            raise err(errno.EOPNOTSUPP, f"amd paging flags {flags:#x}")
-        nest = U.IOMMU_HWPT_ALLOC_NEST_PARENT
-        dirty = U.IOMMU_HWPT_ALLOC_DIRTY_TRACKING
-        if flags in (dirty, nest, dirty | nest):
-            if flags & dirty and not k.hd_support():
-                raise err(errno.EOPNOTSUPP, "no HD support for dirty tracking")
-            if flags & nest and not k.nest_parent_supported():
-                raise err(errno.EOPNOTSUPP, "nest parent needs GT, GIoSup and GCR3TRPMode")
-            return AmdDomain(k, flags, v2=False)
-        if flags == U.IOMMU_HWPT_ALLOC_PASID:
-            if not k.pasid_supported():
-                raise err(errno.EOPNOTSUPP, "no PASID support")
-            return AmdDomain(k, flags, v2=True)
-        if flags == 0:
-            return AmdDomain(k, 0, v2=k.pgtable == "v2" and k.pasid_supported())
-        raise err(errno.EOPNOTSUPP, f"amd cannot combine paging flags {flags:#x}")
-
-    @hookimpl
-    def domain_alloc_nested(
+    def domain_alloc_user(
         self,
         iommu: IommuHw,
         dev: PciDevice,
-        parent: Domain,
-        viommu: ViommuBase | None,
         flags: int,
-        data_type: int,
-        data: bytes,
+        parent: Domain | None,
+        viommu: ViommuBase | None,
+        user_data: UserData | None,
     ) -> Domain:
-        """nested.c amd_iommu_alloc_domain_nested(), reached through the vIOMMU only (AMD's
-        tree wires it as ``iommufd_viommu_ops.alloc_domain_nested``). The AMD driver has no
-        ``iommu_ops.domain_alloc_nested``: a nested HWPT straight on a nest parent is
-        EOPNOTSUPP, as the core answers for a driver without it."""
-        if viommu is None:
-            raise err(errno.EOPNOTSUPP, "AMD nested domains are allocated on a vIOMMU")
-        if data_type != U.IOMMU_HWPT_DATA_AMD_GUEST:
-            raise err(errno.EOPNOTSUPP, f"hwpt data type {data_type}")
-        # iommu_copy_struct_from_user(): short -> EINVAL, non-zero tail -> E2BIG
-        if len(data) < _GDTE.size:
-            raise err(errno.EINVAL, "struct iommu_hwpt_amd_guest is 32 bytes")
-        if any(data[_GDTE.size :]):
-            raise err(errno.E2BIG, "non-zero bytes past struct iommu_hwpt_amd_guest")
-        words: tuple[int, int, int, int] = _GDTE.unpack(data[: _GDTE.size])
-        k = _kernel(iommu)
-        validate_gdte_nested(words, k.gpt_levels == 5)
-        parent_dom = _paging(parent)
-        if parent_dom.v2 or not parent_dom.nest_parent:
-            raise err(errno.EINVAL, "the parent must be a v1 nest-parent domain")
-        assert isinstance(iommu, AmdIommu)
-        if not isinstance(viommu, AmdViommu):
-            raise err(errno.EINVAL, "not an AMD vIOMMU")
-        info = viommu.get_hdom(words[1] & 0xFFFF)
-        return AmdNestedDomain(iommu, viommu, words, info)
+        """amd_iommu_domain_alloc_paging_flags() without ``parent`` (user data refused,
+        unread); the vIOMMU's amd_iommu_alloc_domain_nested() with one."""
+        if parent is not None and user_data is not None:
+            return _alloc_nested(iommu, parent, viommu, user_data.type, user_data.read())
+        if user_data is not None:
+            raise err(errno.EOPNOTSUPP, "amd paging domains take no user data")
+        if parent is not None:
+            raise err(errno.EOPNOTSUPP, "a nested domain needs iommu_hwpt_amd_guest data")
+        return _alloc_paging(iommu, flags)
 
     @hookimpl
     def domain_free(self, domain: Domain) -> bool:
@@ -699,7 +713,7 @@ class AmdDriver:
 
     # -- attach ------------------------------------------------------------------------------
     @hookimpl
-    def attach_dev(self, iommu: IommuHw, dev: PciDevice, domain: Domain | None) -> bool:
+    def attach(self, iommu: IommuHw, dev: PciDevice, domain: Domain | None) -> bool:
         """amd_iommu_attach_device() / blocked_domain_attach_device() / nested_attach_device()
         of Linux 7.2, command for command: a paging attach first detaches the old domain
         (cleared DTE, the old domain's flush-all), then a v2 domain gets its GCR3 table

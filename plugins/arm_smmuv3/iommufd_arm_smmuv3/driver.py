@@ -315,7 +315,26 @@ class ArmSmmuV3Driver:
 
     # -- paging domains -------------------------------------------------------------------------
     @hookimpl
-    def domain_alloc_paging(self, iommu: IommuHw, dev: PciDevice | None, flags: int) -> SmmuDomain:
+    def domain_alloc_user(
+        self,
+        iommu: IommuHw,
+        dev: PciDevice,
+        flags: int,
+        parent: api.Domain | None,
+        viommu: api.ViommuBase | None,
+        user_data: api.UserData | None,
+    ) -> api.Domain:
+        """arm_smmu_domain_alloc_paging_flags() without ``parent`` (user data refused,
+        unread); arm_vsmmu_alloc_domain_nested() with one."""
+        if parent is None:
+            if user_data is not None:
+                raise err(errno.EOPNOTSUPP, "arm_smmuv3 paging domains take no user data")
+            return self._alloc_paging(iommu, flags)
+        if user_data is None:
+            raise err(errno.EOPNOTSUPP, "a nested domain needs iommu_hwpt_arm_smmuv3 data")
+        return self._alloc_nested(viommu, flags, user_data.type, user_data.read())
+
+    def _alloc_paging(self, iommu: IommuHw, flags: int) -> SmmuDomain:
         """arm_smmu_domain_alloc_paging_flags(): S1 by default, S2 for a nest parent."""
         smmu = smmu_of(iommu)
         if flags & ~PAGING_FLAGS:
@@ -384,7 +403,7 @@ class ArmSmmuV3Driver:
 
     # -- attach ---------------------------------------------------------------------------------
     @hookimpl
-    def attach_dev(self, iommu: IommuHw, dev: PciDevice, domain: api.Domain | None) -> bool:
+    def attach(self, iommu: IommuHw, dev: PciDevice, domain: api.Domain | None) -> bool:
         smmu = smmu_of(iommu)
         master = master_of(dev)
         if domain is None:
@@ -460,8 +479,7 @@ class ArmSmmuV3Driver:
         return True
 
     # -- nested domains and the vSMMU -------------------------------------------------------------
-    @hookimpl
-    def domain_alloc_nested(
+    def _alloc_nested(
         self, viommu: api.ViommuBase | None, flags: int, data_type: int, data: bytes
     ) -> NestedDomain:
         """arm_vsmmu_alloc_domain_nested(): only on a vSMMU, from a validated vSTE."""

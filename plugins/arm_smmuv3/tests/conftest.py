@@ -31,8 +31,10 @@ def _smmu_machine(**options: Any) -> tuple[Machine, Smmuv3, SmmuDevice]:
 
 def _paging_domain(hw: Smmuv3, dev: PciDevice, nest_parent: bool = False) -> SmmuDomain:
     flags = U.IOMMU_HWPT_ALLOC_NEST_PARENT if nest_parent else 0
-    domain = plugin.domain_alloc_paging(iommu=hw, dev=dev, flags=flags)
-    plugin.attach_dev(iommu=hw, dev=dev, domain=domain)
+    domain = plugin.domain_alloc_user(
+        iommu=hw, dev=dev, flags=flags, parent=None, viommu=None, user_data=None
+    )
+    plugin.attach(iommu=hw, dev=dev, domain=domain)
     return domain
 
 

@@ -63,12 +63,14 @@ class Rig:
         return out
 
     def domain(self, flags: int = 0) -> SmmuDomain:
-        d = plugin.domain_alloc_paging(iommu=self.hw, dev=self.m_dev, flags=flags)
+        d = plugin.domain_alloc_user(
+            iommu=self.hw, dev=self.m_dev, flags=flags, parent=None, viommu=None, user_data=None
+        )
         assert isinstance(d, SmmuDomain)
         return d
 
     def attach(self, domain: Any) -> None:
-        plugin.attach_dev(iommu=self.hw, dev=self.m_dev, domain=domain)
+        plugin.attach(iommu=self.hw, dev=self.m_dev, domain=domain)
 
     def map(self, d: SmmuDomain, iova: int, pgsize: int, count: int, prot: int = PROT) -> None:
         plugin.domain_map_pages(domain=d, iova=iova, pa=PA, pgsize=pgsize, pgcount=count, prot=prot)
@@ -103,7 +105,7 @@ def test_first_stage1_attach(rig: Any) -> None:
     assert (r.ste().s1fmt, r.ste().s1cdmax, r.ste().s1dss) == (2, 20, 2)  # 64K_L2, SSID0
     dev = r.m.add_pci_device(iommu=0, pasid_bits=0)
     r.mark()
-    plugin.attach_dev(iommu=r.hw, dev=dev, domain=d)
+    plugin.attach(iommu=r.hw, dev=dev, domain=d)
     cd, ste = C.cfgi_cd(dev.rid, 0), C.cfgi_ste(dev.rid)
     assert r.stream() == [cd, SYNC, cd, SYNC, ste, SYNC, ste, SYNC, C.prefetch_cfg(dev.rid)]
 
@@ -204,12 +206,12 @@ def test_two_masters_share_the_asid_flush_only_at_the_last_detach(rig: Any) -> N
     d = r.domain()
     other = r.m.add_pci_device(iommu=0)
     r.attach(d)
-    plugin.attach_dev(iommu=r.hw, dev=other, domain=d)
+    plugin.attach(iommu=r.hw, dev=other, domain=d)
     r.map(d, 0x10_0000, K4, 1)
     r.mark()
     r.unmap(d, 0x10_0000, K4)  # one tag entry, however many masters
     assert r.stream() == [va(d.asid, 0x10_0000, num=0, scale=0, tg=1, ttl=3), SYNC]
-    plugin.attach_dev(iommu=r.hw, dev=other, domain=None)
+    plugin.attach(iommu=r.hw, dev=other, domain=None)
     assert C.tlbi_nh_asid(0, d.asid) not in r.stream()
     r.attach(None)
     assert C.tlbi_nh_asid(0, d.asid) in r.stream()

@@ -34,6 +34,7 @@ from iommufd_model.api import (
     Ida,
     InvalidateResult,
     IommuHw,
+    UserData,
     ViommuBase,
     driver_state,
     err,
@@ -633,7 +634,26 @@ class VtdDriver:
 
     # -- domains -----------------------------------------------------------------------------
     @hookimpl
-    def domain_alloc_paging(self, iommu: Any, dev: PciDevice | None, flags: int) -> Domain:
+    def domain_alloc_user(
+        self,
+        iommu: Any,
+        dev: PciDevice,
+        flags: int,
+        parent: Domain | None,
+        viommu: ViommuBase | None,
+        user_data: UserData | None,
+    ) -> Domain:
+        """intel_iommu_domain_alloc_paging_flags() without ``parent`` (user data refused,
+        unread); intel_iommu_domain_alloc_nested() with one."""
+        if parent is None:
+            if user_data is not None:
+                raise err(errno.EOPNOTSUPP, "intel_vtd paging domains take no user data")
+            return self._alloc_paging(iommu, dev, flags)
+        if user_data is None:
+            raise err(errno.EOPNOTSUPP, "a nested domain needs iommu_hwpt_vtd_s1 data")
+        return self._alloc_nested(iommu, parent, flags, user_data.type, user_data.read())
+
+    def _alloc_paging(self, iommu: Any, dev: PciDevice | None, flags: int) -> Domain:
         st = _state(iommu)
         hw = st.hw
         if flags & ~PAGING_FLAGS:
@@ -652,16 +672,8 @@ class VtdDriver:
             raise err(errno.EOPNOTSUPP, "no second-stage translation")
         return _enforce_cc(VtdPaging(hw, st, first_stage=False, flags=flags), dev)
 
-    @hookimpl
-    def domain_alloc_nested(
-        self,
-        iommu: Any,
-        dev: PciDevice,
-        parent: Domain,
-        viommu: ViommuBase | None,
-        flags: int,
-        data_type: int,
-        data: bytes,
+    def _alloc_nested(
+        self, iommu: Any, parent: Domain, flags: int, data_type: int, data: bytes
     ) -> Domain:
         st = _state(iommu)
         if not (st.sm and st.hw.ecap & R.ECAP_NEST) or flags & ~U.IOMMU_HWPT_ALLOC_PASID:
@@ -795,7 +807,7 @@ class VtdDriver:
             st.detach_iommu(d)
 
     @hookimpl
-    def attach_dev(self, iommu: Any, dev: PciDevice, domain: Domain | None) -> bool:
+    def attach(self, iommu: Any, dev: PciDevice, domain: Domain | None) -> bool:
         """intel_iommu_attach_device() / intel_nested_attach_dev() / the blocking domain:
         the old entry is torn down first, so a failure leaves the RID blocked (as in 7.2)."""
         st = _state(iommu)
@@ -861,7 +873,7 @@ class VtdDriver:
         d = _vtd(domain)
         st.pasid_slot(info, pasid)  # intel_pasid_get_entry(): EINVAL beyond the table
         if isinstance(d, VtdNested):
-            self._entry_for(st, d, 0)  # checked before the teardown (see attach_dev)
+            self._entry_for(st, d, 0)  # checked before the teardown (see attach)
         st.attach_iommu(d)
         st.tag_assign_domain(d, info, pasid)
         old = info.domains.get(pasid)

@@ -73,7 +73,9 @@ class ToyDriver:
         return ToyIommu(machine, index)
 
     @hookimpl
-    def domain_alloc_paging(self, iommu: IommuHw, dev: PciDevice | None, flags: int) -> ToyDomain:
+    def domain_alloc_user(self, iommu: IommuHw, dev: PciDevice, flags: int) -> ToyDomain:
+        # No ``parent`` and no ``user_data`` in the signature: the toy has no nested domains
+        # and takes no vendor data, so the core answers EOPNOTSUPP for those by itself.
         if flags:
             raise err(errno.EOPNOTSUPP, f"toy supports no HWPT flags ({flags:#x})")
         if not isinstance(iommu, ToyIommu):
@@ -105,7 +107,7 @@ class ToyDriver:
         return _toy(domain).pt.iova_to_phys(iova)
 
     @hookimpl
-    def attach_dev(self, iommu: IommuHw, dev: PciDevice, domain: Domain | None) -> bool:
+    def attach(self, iommu: IommuHw, dev: PciDevice, domain: Domain | None) -> bool:
         if not isinstance(iommu, ToyIommu):
             raise err(errno.EINVAL, "not a toy IOMMU")
         if domain is None:
