@@ -19,7 +19,7 @@ import errno
 from collections import deque
 from typing import Protocol
 
-from librt.vecs import vec
+from librt.vecs import append, vec
 from mypy_extensions import i64
 
 from iommufd_model.core.failnth import failpoint
@@ -60,51 +60,70 @@ def frame_bytes(frame: Frame) -> memoryview:
 #: the walkers' index is kept for frames below ``WORDS_MAX_PFN`` (1 TiB); above it they use the
 #: dict alone
 WORDS_CHUNK_BITS = 12
+WORDS_CHUNK = 1 << WORDS_CHUNK_BITS
 WORDS_MAX_PFN = 1 << 28
-Words = list[list[Frame | None] | None]
+#: the index of one chunk of ``WORDS_CHUNK`` frames (an empty vec stands for "never written")
+Chunk = vec[vec[i64]]
+#: the walkers' index: chunk ``pfn >> 12``, then frame ``pfn & 0xFFF``
+Words = vec[vec[vec[i64]]]
+_NO_FRAME = Frame()
+_NO_CHUNK = Chunk()
 
 
 class Frames(dict[int, Frame]):
     """pfn -> :data:`Frame`, the dict every walker indexes, plus ``words``.
 
-    ``words[pfn >> 12][pfn & 0xFFF]`` (when the chunk exists) is the frame stored under
-    ``pfn``, or None: a two-level list rather than a dict lookup, so a walker finds a table
-    with two list indexings, no key object and no hash probe. Every insertion and removal goes
-    through item assignment, ``del``, :meth:`pop`, :meth:`clear` or :meth:`put_run`, which
-    keep both in step (``update``/``setdefault`` would not: they are not used).
+    ``words[pfn >> 12][pfn & 0xFFF]`` (when that chunk is not empty) is the frame stored under
+    ``pfn`` (the same word buffer: a store through either shows in both), or an empty vec. It
+    is nested vecs rather than lists so that a compiled walker finds a table with two
+    native array loads: no type check, no boxing, no key object and no hash probe. Every
+    insertion and removal goes through item assignment, ``del``, :meth:`pop`, :meth:`clear` or
+    :meth:`put_run`, which keep both in step (``update``/``setdefault`` would not: they are not
+    used). ``_chunks`` holds the same chunks boxed, for stores from Python.
     """
 
-    __slots__ = ("words",)
+    __slots__ = ("_chunks", "words")
 
     def __init__(self) -> None:
         super().__init__()
-        self.words: Words = []
+        self.words: Words = Words()
+        self._chunks: list[Chunk] = []
 
-    def _chunk(self, pfn: int) -> list[Frame | None] | None:
+    def _chunk(self, pfn: int) -> Chunk | None:
         """The words chunk holding ``pfn``, made on demand (None above WORDS_MAX_PFN)."""
         if not 0 <= pfn < WORDS_MAX_PFN:
             return None
-        words = self.words
+        chunks = self._chunks
         top = pfn >> WORDS_CHUNK_BITS
-        if top >= len(words):
-            words.extend([None] * (top + 1 - len(words)))
-        chunk = words[top]
-        if chunk is None:
-            chunk = words[top] = [None] * (1 << WORDS_CHUNK_BITS)
+        if top < len(chunks) and len(chunks[top]):
+            return chunks[top]
+        while top >= len(chunks):  # chunks below stay empty until a frame needs them
+            chunks.append(_NO_CHUNK)
+            self.words = append(self.words, _NO_CHUNK)
+        chunk = chunks[top] = Chunk([_NO_FRAME] * WORDS_CHUNK)
+        words = self.words
+        words[top] = chunk
         return chunk
 
     def _forget(self, pfn: int) -> None:
         top = pfn >> WORDS_CHUNK_BITS
-        if 0 <= top < len(self.words):
-            chunk = self.words[top]
-            if chunk is not None:
-                chunk[pfn & ((1 << WORDS_CHUNK_BITS) - 1)] = None
+        if 0 <= top < len(self._chunks) and len(self._chunks[top]):
+            self._chunks[top][pfn & (WORDS_CHUNK - 1)] = _NO_FRAME
+
+    def indexed(self, pfn: int) -> Frame | None:
+        """The index's frame for ``pfn`` (None when it holds none: never written, or above
+        WORDS_MAX_PFN); for tests."""
+        top = pfn >> WORDS_CHUNK_BITS
+        if 0 <= top < len(self._chunks) and len(self._chunks[top]):
+            frame = self._chunks[top][pfn & (WORDS_CHUNK - 1)]
+            return frame if len(frame) else None
+        return None
 
     def __setitem__(self, pfn: int, frame: Frame) -> None:
         super().__setitem__(pfn, frame)
         chunk = self._chunk(pfn)
         if chunk is not None:
-            chunk[pfn & ((1 << WORDS_CHUNK_BITS) - 1)] = frame
+            chunk[pfn & (WORDS_CHUNK - 1)] = frame
 
     def __delitem__(self, pfn: int) -> None:
         self._forget(pfn)
@@ -115,23 +134,19 @@ class Frames(dict[int, Frame]):
         return super().pop(pfn, *default)
 
     def clear(self) -> None:
-        self.words.clear()
+        self.words = Words()
+        self._chunks.clear()
         super().clear()
 
     def put_run(self, pfn: int, frames: list[Frame]) -> None:
-        """Store ``frames`` at ``pfn``, ``pfn + 1``, ... (bulk: slices, not one call each)."""
+        """Store ``frames`` at ``pfn``, ``pfn + 1``, ... (the dict in bulk)."""
         end = pfn + len(frames)
         super().update(zip(range(pfn, end), frames, strict=True))
-        done = 0
-        while pfn < end:
-            low = pfn & ((1 << WORDS_CHUNK_BITS) - 1)
-            count = min(end - pfn, (1 << WORDS_CHUNK_BITS) - low)
-            chunk = self._chunk(pfn)
+        for at, frame in zip(range(pfn, end), frames, strict=True):
+            chunk = self._chunk(at)
             if chunk is None:  # above the index: the dict alone
                 break
-            chunk[low : low + count] = frames[done : done + count]
-            done += count
-            pfn += count
+            chunk[at & (WORDS_CHUNK - 1)] = frame
 
 
 class FrameMemory(Protocol):

@@ -28,7 +28,7 @@ from mypy_extensions import i64  # a native int under mypyc; a subclass of ``int
 if TYPE_CHECKING:  # under mypyc ``vec[i64]`` is no runtime expression outside functions
     Frame = vec[i64]  # memory.Frame: 512 signed 64-bit words
     Pages = dict[int, Frame]
-    Words = list[list[Frame | None] | None]
+    Words = vec[vec[vec[i64]]]  # memory.Words: chunk pfn >> 12, frame pfn & 0xFFF
 
 
 # Statuses numbered as the framework's walk_x86 (a test checks it) so that one decoder reads
@@ -68,7 +68,7 @@ Result = tuple[int, int, int, int, int]
 def _words(pages: Pages) -> Words:
     """The index beside ``pages`` (``Frames.words``), or an empty one for a plain dict."""
     words: Words | None = getattr(pages, "words", None)
-    return [] if words is None else words
+    return vec[vec[vec[i64]]]() if words is None else words
 
 
 def _clamp(mem_size: int) -> i64:
@@ -82,10 +82,15 @@ def _view(pages: Pages, words: Words, pfn: i64) -> Frame:
     top: i64 = pfn >> 12
     if 0 <= top < len(words):
         chunk = words[top]
-        if chunk is not None:
-            frame = chunk[pfn & 0xFFF]
-            if frame is not None:
-                return frame
+        if len(chunk):
+            return chunk[pfn & 0xFFF]
+        return vec[i64]()  # an empty chunk (or an empty frame in one): never written
+    return _in_dict(pages, pfn)
+
+
+def _in_dict(pages: Pages, pfn: i64) -> Frame:
+    """:func:`_view` for a frame outside the index (a plain dict, or above 1 TiB): kept out of
+    line so that the C compiler inlines the index path."""
     got = pages.get(pfn)
     if got is not None:
         return got
@@ -109,15 +114,37 @@ def walk_v1(
     (the lowest clear bit at or above bit 12 gives size = 2 << bit). ``had`` is DTE HAD:
     bit 0 updates A, bit 1 updates D on writes.
     """
+    return _walk_v1(pages, _words(pages), _clamp(mem_size), root, mode, iova, write, had)
+
+
+def _walk_v1(
+    pages: Pages,
+    words: Words,
+    mem_size: i64,
+    root: int,
+    mode: int,
+    iova: int,
+    write: bool,
+    had: int,
+) -> Result:
+    """:func:`walk_v1` with the memory's index and clamped size at hand (a loop of walks
+    fetches them once)."""
     if mode < 1 or mode > 6:
         return BAD_ENTRY, mode, 0, 0, 0
-    top = 12 + 9 * mode
-    if top < 64 and iova >> top:
+    # A 64-bit IOVA travels as the signed i64 of the same bits (bit 63 makes it negative).
+    signed: i64
+    if 0 <= iova <= _NATIVE_MAX:  # short ints: compared without boxing
+        signed = iova
+    elif iova < 0 or iova >> 64:  # no mode reaches past 64 bits
         return ADDRESS_SIZE, mode, 0, 0, 0
-    slot = root + ((iova >> (3 + 9 * mode)) & 0x1FF) * 8
-    if slot + 8 > mem_size or slot + 7 > _NATIVE_MAX:  # memories are below 2**62 bytes
-        return HW_ERROR, slot, 0, 0, 0
-    return _v1(pages, _words(pages), _clamp(mem_size), root, mode, iova, write, had)
+    else:
+        signed = iova - (1 << 64) if iova >> 63 else iova
+    levels: i64 = mode
+    if levels < 6 and signed >> (12 + 9 * levels):
+        return ADDRESS_SIZE, mode, 0, 0, 0
+    if not 0 <= root <= _NATIVE_MAX:  # memories are below 2**62 bytes
+        return HW_ERROR, root + ((iova >> (3 + 9 * mode)) & 0x1FF) * 8, 0, 0, 0
+    return _v1(pages, words, mem_size, root, levels, signed, write, had)
 
 
 def _v1(
@@ -126,12 +153,12 @@ def _v1(
     mem_size: i64,
     root: i64,
     mode: i64,
-    iova: int,
+    iova: i64,
     write: bool,
     had: i64,
 ) -> Result:
-    """:func:`walk_v1` after its argument checks; ``iova`` stays an ``int`` (mode 6 uses all
-    64 bits), everything else is native."""
+    """:func:`walk_v1` after its argument checks, all native: ``iova`` holds the IOVA's 64
+    bits (negative when bit 63 is set)."""
     refs: i64 = 0
     can_read = True
     can_write = True
@@ -139,9 +166,9 @@ def _v1(
     level: i64 = mode
     while True:
         shift: i64 = 3 + 9 * level  # = 12 + 9 * (level - 1): bytes covered by one entry
-        # ``iova`` may use all 64 bits (mode 6): its operations stay on (tagged) ints.
-        iova_shift: int = shift
-        index: i64 = (iova >> iova_shift) & 0x1FF
+        index: i64 = (iova >> shift) & 0x1FF
+        if shift > 55:  # level 6 indexes IOVA bits [63:57]: not the sign copies above them
+            index &= 0x7F
         slot: i64 = table + index * 8
         if slot + 8 > mem_size:
             return HW_ERROR, slot, 0, refs, 0
@@ -181,14 +208,12 @@ def _v1(
                 if new != entry:
                     view[at] = new
             mask: i64 = _mask(size_log2)
-            offset: int = mask
-            return OK, (addr & ~mask) | (iova & offset), size_log2, refs, prot
+            return OK, (addr & ~mask) | (iova & mask), size_log2, refs, prot
         if nl >= level:
             return BAD_ENTRY, level, 0, refs, 0
-        if nl < level - 1:
-            skipped: int = _mask(shift) & ~_mask(12 + 9 * nl)
-            if iova & skipped:
-                return NOT_PRESENT, level, 0, refs, 0
+        # Skipped levels: their IOVA bits must be zero.
+        if nl < level - 1 and iova & _mask(shift) & ~_mask(12 + 9 * nl):
+            return NOT_PRESENT, level, 0, refs, 0
         table = addr
         level = nl
 
@@ -241,17 +266,49 @@ def walk_nested(
             write,
             x86,
         )
+    return _nested(
+        pages,
+        _words(pages),
+        _clamp(mem_size),
+        host_root,
+        host_mode,
+        had,
+        gcr3_root,
+        glx,
+        guest_levels,
+        pasid,
+        iova,
+        write,
+    )
+
+
+def _nested(
+    pages: Pages,
+    words: Words,
+    size: i64,
+    host_root: i64,
+    host_mode: i64,
+    had: i64,
+    gcr3_root: i64,
+    glx: i64,
+    guest_levels: i64,
+    pasid: int,
+    iova: int,
+    write: bool,
+) -> Result:
+    """:func:`walk_nested`'s native walk (its walker is the framework's ``walk_x86``), with
+    the memory's index and clamped size at hand (a loop of walks fetches them once)."""
     if pasid >> (9 * (glx + 1)):
         return NOT_PRESENT, 0, 0, 0, 0
-    words = _words(pages)
-    size: i64 = _clamp(mem_size)
     nested = host_mode != 0
     # The GCR3 table: GLX + 1 levels, level n indexed by PASID bits [9n+8:9n].
     refs: i64 = 0
-    table = gcr3_root
-    for level in range(glx, -1, -1):
-        gpa = table + ((pasid >> (9 * level)) & 0x1FF) * 8
-        spa = gpa
+    table: i64 = gcr3_root
+    level: i64 = glx
+    while level >= 0:
+        index: i64 = (pasid >> (9 * level)) & 0x1FF
+        gpa: i64 = table + index * 8
+        spa: i64 = gpa
         if nested:
             st, val, _s, r, _p = _host(pages, words, size, host_root, host_mode, gpa, False, had)
             refs += r
@@ -267,6 +324,7 @@ def walk_nested(
         if not value & _GCR3_VALID:
             return NOT_PRESENT, 0, 0, refs, 0
         table = value & _ADDR
+        level -= 1
     if not nested and table + 8 > size:
         return HW_ERROR, table, 0, refs, 0
     if iova >> (12 + 9 * guest_levels):
@@ -452,11 +510,14 @@ def bench_v1(
     rounds: int,
 ) -> int:
     """Benchmark driver: ``rounds`` passes of v1 read walks over ``iovas`` in this module's own
-    loop (compiled, like the C reference's); returns how many succeeded."""
+    loop (compiled, like the C reference's, which also finds its memory once); returns how
+    many succeeded."""
+    words = _words(pages)
+    size = _clamp(mem_size)
     ok = 0
     for _ in range(rounds):
         for iova in iovas:
-            if walk_v1(pages, mem_size, root, mode, iova, False, 0)[0] == OK:
+            if _walk_v1(pages, words, size, root, mode, iova, False, 0)[0] == OK:
                 ok += 1
     return ok
 
@@ -473,23 +534,47 @@ def bench_nested(
     x86: X86Walker,
 ) -> int:
     """Benchmark driver: :func:`walk_nested` (PASID 0, one-level GCR3) in this module's loop."""
+    words = _words(pages)  # found once, as the C reference finds its memory
+    size = _clamp(mem_size)
+    native = (  # walk_nested's own choice
+        getattr(x86, "__name__", "") == "walk_x86"
+        and 1 <= guest_levels <= 5
+        and 0 <= host_root <= _NATIVE_MAX
+        and 0 <= gcr3_root <= _NATIVE_MAX
+    )
     ok = 0
     for _ in range(rounds):
         for gva in gvas:
-            res = walk_nested(
-                pages,
-                mem_size,
-                host_root,
-                host_mode,
-                0,
-                gcr3_root,
-                0,
-                guest_levels,
-                0,
-                gva,
-                False,
-                x86,
-            )
+            if native:
+                res = _nested(
+                    pages,
+                    words,
+                    size,
+                    host_root,
+                    host_mode,
+                    0,
+                    gcr3_root,
+                    0,
+                    guest_levels,
+                    0,
+                    gva,
+                    False,
+                )
+            else:
+                res = walk_nested(
+                    pages,
+                    mem_size,
+                    host_root,
+                    host_mode,
+                    0,
+                    gcr3_root,
+                    0,
+                    guest_levels,
+                    0,
+                    gva,
+                    False,
+                    x86,
+                )
             if res[0] == OK:
                 ok += 1
     return ok

@@ -28,7 +28,7 @@ from mypy_extensions import i64  # a native int under mypyc; a subclass of ``int
 if TYPE_CHECKING:  # under mypyc ``vec[i64]`` is no runtime expression outside functions
     Frame = vec[i64]  # memory.Frame: 512 signed 64-bit words
     Pages = dict[int, Frame]
-    Words = list[list[Frame | None] | None]
+    Words = vec[vec[vec[i64]]]  # memory.Words: chunk pfn >> 12, frame pfn & 0xFFF
 
 
 OK: Final = 0
@@ -79,7 +79,7 @@ def store_desc(pages: Pages, pa: int, value: int) -> None:
 def _words(pages: Pages) -> Words:
     """The index beside ``pages`` (``Frames.words``), or an empty one for a plain dict."""
     words: Words | None = getattr(pages, "words", None)
-    return [] if words is None else words
+    return vec[vec[vec[i64]]]() if words is None else words
 
 
 def _desc(pages: Pages, words: Words, slot: i64) -> i64:
@@ -88,11 +88,19 @@ def _desc(pages: Pages, words: Words, slot: i64) -> i64:
     top: i64 = pfn >> 12
     if 0 <= top < len(words):
         chunk = words[top]
-        if chunk is not None:
+        if len(chunk):
             frame = chunk[pfn & 0xFFF]
-            if frame is not None:
+            if len(frame):
                 word: i64 = frame[(slot & 0xFFF) >> 3]
                 return word
+        return 0  # an empty chunk or frame: never written
+    return _in_dict(pages, slot)
+
+
+def _in_dict(pages: Pages, slot: i64) -> i64:
+    """:func:`_desc` for a frame outside the index (a plain dict, or above 1 TiB): kept out of
+    line so that the C compiler inlines the index path."""
+    pfn: i64 = slot >> 12
     got = pages.get(pfn)
     if got is None:
         return 0
@@ -209,13 +217,55 @@ def walk_s1(
     A stage-2 fault reports ``s2 = 1``, the refused ``ipa`` and ``cls`` (CLASS_TT / CLASS_IN).
     ``refs`` counts every descriptor read of both stages.
     """
+    return _walk_s1(
+        pages,
+        _words(pages),
+        _clamp(mem_size),
+        ttb,
+        va,
+        ia_bits,
+        oa_bits,
+        write,
+        affd,
+        ha,
+        nested,
+        s2_ttb,
+        s2_ia_bits,
+        s2_start,
+        s2_oa_bits,
+        s2_affd,
+        hd,
+    )
+
+
+def _walk_s1(
+    pages: Pages,
+    words: Words,
+    mem_size: i64,
+    ttb: int,
+    va: int,
+    ia_bits: int,
+    oa_bits: int,
+    write: bool,
+    affd: bool,
+    ha: bool,
+    nested: bool,
+    s2_ttb: int,
+    s2_ia_bits: int,
+    s2_start: int,
+    s2_oa_bits: int,
+    s2_affd: bool,
+    hd: bool,
+) -> tuple[int, int, int, int, int, int, int, int, int]:
+    """:func:`walk_s1` with the memory's index and clamped size at hand (a loop of walks
+    fetches them once)."""
     start = 4 - (ia_bits - 12 + 8) // 9
     if ia_bits > _MAX_IA or (nested and s2_ia_bits > _MAX_IA) or va >> ia_bits:
         return F_TRANSLATION, 0, 0, 0, 0, start, 0, 0, CLASS_IN
     return _s1(
         pages,
-        _words(pages),
-        _clamp(mem_size),
+        words,
+        mem_size,
         ttb,
         va,
         ia_bits,
@@ -358,11 +408,29 @@ def bench_s1(
 ) -> int:
     """Benchmark driver: ``rounds`` passes of stage-1 read walks over ``vas`` in this module's
     own loop (compiled, like a C reference's); returns how many succeeded."""
+    words = _words(pages)  # found once, as the C reference finds its memory
+    size = _clamp(mem_size)
     ok = 0
     for _ in range(rounds):
         for va in vas:
-            res = walk_s1(
-                pages, mem_size, ttb, va, ia_bits, 48, False, False, False, False, 0, 0, 0, 0, False
+            res = _walk_s1(
+                pages,
+                words,
+                size,
+                ttb,
+                va,
+                ia_bits,
+                48,
+                False,
+                False,
+                False,
+                False,
+                0,
+                0,
+                0,
+                0,
+                False,
+                False,
             )
             if res[0] == OK:
                 ok += 1
@@ -379,12 +447,15 @@ def bench_nested(
     rounds: int,
 ) -> int:
     """Benchmark driver: :func:`bench_s1` for nested walks (stage 2 at level 0, 48 bits)."""
+    words = _words(pages)
+    size = _clamp(mem_size)
     ok = 0
     for _ in range(rounds):
         for va in vas:
-            res = walk_s1(
+            res = _walk_s1(
                 pages,
-                mem_size,
+                words,
+                size,
                 ttb,
                 va,
                 ia_bits,
@@ -397,6 +468,7 @@ def bench_nested(
                 48,
                 0,
                 48,
+                False,
                 False,
             )
             if res[0] == OK:

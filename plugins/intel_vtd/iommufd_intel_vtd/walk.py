@@ -30,7 +30,7 @@ from mypy_extensions import i64  # a native int under mypyc; a subclass of ``int
 if TYPE_CHECKING:  # under mypyc ``vec[i64]`` is no runtime expression outside functions
     Frame = vec[i64]  # memory.Frame: 512 signed 64-bit words
     Pages = dict[int, Frame]
-    Words = list[list[Frame | None] | None]
+    Words = vec[vec[vec[i64]]]  # memory.Words: chunk pfn >> 12, frame pfn & 0xFFF
 
 
 # The framework walker's status codes (walk_x86.OK ... S2_FAULT), plus ACCESS.
@@ -67,7 +67,7 @@ _NATIVE_MAX: Final = (1 << 62) - 1
 def _words(pages: Pages) -> Words:
     """The index beside ``pages`` (``Frames.words``), or an empty one for a plain dict."""
     words: Words | None = getattr(pages, "words", None)
-    return [] if words is None else words
+    return vec[vec[vec[i64]]]() if words is None else words
 
 
 def _clamp(mem_size: int) -> i64:
@@ -81,10 +81,15 @@ def _view(pages: Pages, words: Words, pfn: i64) -> Frame:
     top: i64 = pfn >> 12
     if 0 <= top < len(words):
         chunk = words[top]
-        if chunk is not None:
-            frame = chunk[pfn & 0xFFF]
-            if frame is not None:
-                return frame
+        if len(chunk):
+            return chunk[pfn & 0xFFF]
+        return vec[i64]()  # an empty chunk (or an empty frame in one): never written
+    return _in_dict(pages, pfn)
+
+
+def _in_dict(pages: Pages, pfn: i64) -> Frame:
+    """:func:`_view` for a frame outside the index (a plain dict, or above 1 TiB): kept out of
+    line so that the C compiler inlines the index path."""
     got = pages.get(pfn)
     if got is not None:
         return got
@@ -471,10 +476,17 @@ def bench_ss(
 ) -> int:
     """Benchmark driver: ``rounds`` passes of second-stage read walks in this module's own
     loop (compiled, like the C reference's); returns how many succeeded."""
+    words = _words(pages)  # found once, as the C reference finds its memory
+    size = _clamp(mem_size)
+    native = 0 < levels <= 5 and 0 <= root <= _NATIVE_MAX
     ok = 0
     for _ in range(rounds):
         for addr in addrs:
-            if walk_ss(pages, mem_size, root, addr, levels, False, 0, False)[0] == OK:
+            if native and not addr >> (12 + 9 * levels):  # walk_ss's own choice
+                res = _ss(pages, words, size, root, addr, levels, False, 0, False)
+            else:
+                res = walk_ss(pages, mem_size, root, addr, levels, False, 0, False)
+            if res[0] == OK:
                 ok += 1
     return ok
 
@@ -491,22 +503,49 @@ def bench_nested(
     rounds: int,
 ) -> int:
     """Benchmark driver: :func:`walk_nested` read walks in this module's own loop."""
+    words = _words(pages)
+    size = _clamp(mem_size)
+    native = (
+        getattr(walk_fs, "__name__", "") == "walk_x86"
+        and 0 < fs_levels <= 5
+        and 0 < ss_levels <= 5
+        and 0 <= fs_root <= _NATIVE_MAX
+        and 0 <= ss_root <= _NATIVE_MAX
+    )
     ok = 0
     for _ in range(rounds):
         for iova in iovas:
-            res = walk_nested(
-                walk_fs,
-                pages,
-                mem_size,
-                fs_root,
-                iova,
-                fs_levels,
-                False,
-                ss_root,
-                ss_levels,
-                0,
-                False,
-            )
+            low = canonical_low(iova, fs_levels) if native else -1
+            if low >= 0:  # walk_nested's own choice
+                res = _nested(
+                    pages,
+                    words,
+                    size,
+                    fs_root,
+                    low,
+                    fs_levels,
+                    False,
+                    ss_root,
+                    ss_levels,
+                    0,
+                    False,
+                    True,
+                    False,
+                )
+            else:
+                res = walk_nested(
+                    walk_fs,
+                    pages,
+                    mem_size,
+                    fs_root,
+                    iova,
+                    fs_levels,
+                    False,
+                    ss_root,
+                    ss_levels,
+                    0,
+                    False,
+                )
             if res[0] == OK:
                 ok += 1
     return ok
