@@ -33,6 +33,7 @@ from iommufd_model.hw.pci import PciDevice
 from iommufd_model.hw.radix import PtFormat, RadixPageTable, WalkFault, WalkResult, walk
 from iommufd_model.ida import Ida
 from iommufd_model.machine import Machine
+from iommufd_model.paging import IotlbGather, PagingDomain, PagingDomainOps, paging_domain
 from iommufd_model.plugins import DriverRegistry
 from iommufd_model.vmm import GuestIommu, Vm
 
@@ -59,7 +60,10 @@ __all__ = [
     "InvalidateResult",
     "IommuHw",
     "Iotlb",
+    "IotlbGather",
     "Machine",
+    "PagingDomain",
+    "PagingDomainOps",
     "PciDevice",
     "PhysicalMemory",
     "PtFormat",
@@ -76,6 +80,7 @@ __all__ = [
     "err",
     "hookimpl",
     "page_run",
+    "paging_domain",
     "uapi",
     "walk",
 ]

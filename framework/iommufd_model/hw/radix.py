@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import errno
 import struct
+from typing import TYPE_CHECKING
 
 import attrs
 
 from iommufd_model.driver import IOMMU_READ, IOMMU_WRITE
 from iommufd_model.errors import err
 from iommufd_model.hw.memory import PAGE_SHIFT, FrameMemory
+
+if TYPE_CHECKING:
+    from iommufd_model.paging import IotlbGather
 
 ENTRY_SIZE = 8
 #: table entries as ints (a range when they step by a fixed amount)
@@ -346,8 +350,11 @@ class RadixPageTable:
             for k in range(len(entries))
         ]
 
-    def unmap(self, iova: int, size: int) -> int:
-        """Clear the leaves inside ``[iova, iova+size)``; a leaf sticking out is not split."""
+    def unmap(self, iova: int, size: int, gather: IotlbGather | None = None) -> int:
+        """Clear the leaves inside ``[iova, iova+size)``; a leaf sticking out is not split.
+
+        ``gather`` (optional) collects the runs of leaves cleared, for the driver's flush.
+        """
         last = iova + size - 1
         runs = self._leaf_runs(iova, last)
         if runs:  # only the pages holding iova and last can stick out
@@ -360,9 +367,12 @@ class RadixPageTable:
                 if page_first < iova or page_last > last:
                     raise err(errno.EINVAL, f"unmap would split the page at {page_first:#x}")
         done = 0
-        for slot, _start, level, entries in runs:
+        for slot, start, level, entries in runs:
             self._clear_entries(slot, len(entries))
-            done += len(entries) << self.fmt.level_shift(level)
+            shift = self.fmt.level_shift(level)
+            done += len(entries) << shift
+            if gather is not None:
+                gather.add(start, len(entries) << shift, 1 << shift)
         return done
 
     def covers_a_table(self, first: int, last: int) -> bool:

@@ -28,8 +28,6 @@ from iommufd_model.machine import Machine
 from iommufd_model.mock import selftest
 from iommufd_model.mock.hw import (
     MOCK_DEV_CACHE_NUM,
-    MOCK_IO_PAGE_SHIFT,
-    MOCK_IO_PAGE_SIZE,
     MOCK_PASID_WIDTH,
     MockDomain,
     MockHwQueue,
@@ -38,7 +36,8 @@ from iommufd_model.mock.hw import (
     MockVdevice,
     MockViommu,
 )
-from iommufd_model.mock.iommupt import ENTRY_FLAGS, MOCK_IOMMUPT_DEFAULT, MOCK_IOMMUPT_HUGE
+from iommufd_model.mock.iommupt import MOCK_IOMMUPT_DEFAULT, MOCK_IOMMUPT_HUGE
+from iommufd_model.paging import PagingDomainOps, paging_domain
 from iommufd_model.uapi import iommufd as U
 
 # iommufd_test.h: struct iommu_test_hw_info, reported as IOMMU_HW_INFO_TYPE_SELFTEST
@@ -77,7 +76,7 @@ def _domain(domain: Domain) -> MockDomain:
     return domain
 
 
-class MockDriver:
+class MockDriver(PagingDomainOps):
     """The mock driver plugin object (entry point ``mock``)."""
 
     @hookimpl
@@ -163,47 +162,16 @@ class MockDriver:
 
     @hookimpl
     def domain_free(self, domain: Domain) -> bool:
-        if isinstance(domain, MockNestedDomain):
-            return True
         if isinstance(domain, MockDomain):
-            domain.entries.clear()
+            domain.free()
         return True
-
-    @hookimpl
-    def domain_map(self, domain: Domain, iova: int, pa: int, size: int, prot: int) -> bool:
-        """``iommu_map()`` of generic_pt: ``map_range()`` picks the leaf sizes."""
-        _domain(domain).pt.map(iova, pa, size, prot)
-        return True
-
-    @hookimpl
-    def domain_map_pages(
-        self, domain: Domain, iova: int, pa: int, pgsize: int, pgcount: int, prot: int
-    ) -> bool:
-        """``pgcount`` calls of ``iommu_map(pgsize)`` (``batch_iommu_map_small()``): one leaf
-        of ``pgsize`` each, undone together on failure."""
-        pt = _domain(domain).pt
-        done = 0
-        try:
-            while done < pgcount:
-                pt.map(iova + done * pgsize, pa + done * pgsize, pgsize, prot)
-                done += 1
-        except OSError:
-            pt.unmap(iova, done * pgsize)
-            raise
-        return True
-
-    @hookimpl
-    def domain_unmap(self, domain: Domain, iova: int, size: int) -> int:
-        return _domain(domain).pt.unmap(iova, size)
 
     @hookimpl
     def domain_iova_to_phys(self, domain: Domain, iova: int) -> int:
+        """A nested domain answers with its parent's table (it translates nothing itself)."""
         if isinstance(domain, MockNestedDomain):
             domain = domain.stage2
-        entry = _domain(domain).entries.get(iova >> MOCK_IO_PAGE_SHIFT)
-        if entry is None:
-            return -1
-        return (entry & ~ENTRY_FLAGS) + (iova & (MOCK_IO_PAGE_SIZE - 1))
+        return paging_domain(domain).iova_to_phys(iova)
 
     @hookimpl
     def attach(self, iommu: Any, dev: PciDevice, domain: Domain | None) -> bool:

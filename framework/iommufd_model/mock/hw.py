@@ -26,6 +26,7 @@ from iommufd_model.mock.iommupt import (
     VASZ_LG2,
     MockPageTable,
 )
+from iommufd_model.paging import PagingDomain
 
 if TYPE_CHECKING:
     from iommufd_model.core.mmap import MmapOwner
@@ -42,7 +43,7 @@ MOCK_DEV_CACHE_NUM = 4
 IOMMU_TEST_HW_QUEUE_MAX = 2
 
 
-class MockDomain(Domain):
+class MockDomain(PagingDomain[MockPageTable]):
     """A mock paging domain over a generic_pt AMDv1 "mock" table (mock/iommupt.py).
 
     ``pagetable_type`` is the self-test's ``iommu_hwpt_selftest.pagetable_type``:
@@ -67,7 +68,7 @@ class MockDomain(Domain):
             pgsize, start, last = PGSIZE_BITMAP, MOCK_APERTURE_START, MOCK_APERTURE_LAST
         super().__init__(
             owner,
-            DomainType.PAGING,
+            MockPageTable(pgsize, (1 << VASZ_LG2) - 1),
             pgsize_bitmap=pgsize,
             aperture_start=start,
             aperture_end=last,
@@ -77,8 +78,26 @@ class MockDomain(Domain):
         )
         self.flags = flags
         self.pagetable_type = pagetable_type
-        self.pt = MockPageTable(pgsize, (1 << VASZ_LG2) - 1)
         self.entries = self.pt.entries  # one per mapped 2 KiB (see iommupt.py)
+
+    def map_pages(self, iova: int, pa: int, pgsize: int, pgcount: int, prot: int) -> None:
+        """``pgcount`` calls of ``iommu_map(pgsize)`` (``batch_iommu_map_small()``): one leaf
+        of ``pgsize`` each, undone together on failure (the first failing page's errno)."""
+        done = 0
+        try:
+            while done < pgcount:
+                self.map(iova + done * pgsize, pa + done * pgsize, pgsize, prot)
+                done += 1
+        except OSError:
+            self.pt.unmap(iova, done * pgsize)
+            raise
+
+    def iova_to_phys(self, iova: int) -> int:
+        """-1 where nothing is mapped (the framework's answer; the table's own is 0)."""
+        entry = self.entries.get(iova >> MOCK_IO_PAGE_SHIFT)
+        if entry is None:
+            return -1
+        return (entry & ~ENTRY_FLAGS) + (iova & (MOCK_IO_PAGE_SIZE - 1))
 
 
 class MockNestedDomain(Domain):

@@ -32,8 +32,12 @@ the model's own representation.
 from __future__ import annotations
 
 import errno
+from typing import TYPE_CHECKING
 
 from iommufd_model.errors import err
+
+if TYPE_CHECKING:
+    from iommufd_model.paging import IotlbGather
 
 GRANULE_SHIFT = 11  # PT_GRANULE_LG2SZ of the mock variant
 ITEMS_LG2 = 9  # 4 KiB tables of 8-byte items
@@ -87,16 +91,18 @@ class MockPageTable:
         self.entries: dict[int, int] = {}
 
     # -- map / unmap ------------------------------------------------------------------------
-    def map(self, iova: int, pa: int, size: int, prot: int) -> None:
-        """``map_range()``: all or nothing (``iommu_map()`` unmaps a partial map)."""
+    def map(self, iova: int, pa: int, size: int, prot: int, pgsize: int = 0) -> None:
+        """``map_range()``: all or nothing (``iommu_map()`` unmaps a partial map); no leaf
+        larger than ``pgsize`` when it is set."""
         if size <= 0:
             raise err(errno.EINVAL, "empty map")
         if iova + size - 1 > self.va_last:
             raise err(errno.ERANGE, f"[{iova:#x}, +{size:#x}) is beyond the table")
         steps: list[tuple[int, int, int]] = []
         va, oa, left = iova, pa, size
+        bitmap = self.pgsize_bitmap & ((pgsize << 1) - 1) if pgsize else self.pgsize_bitmap
         while left:
-            lg2 = best_pgsize_lg2(self.pgsize_bitmap, va, oa, left)
+            lg2 = best_pgsize_lg2(bitmap, va, oa, left)
             if not lg2:
                 raise err(errno.ENXIO, f"no page size fits {va:#x} -> {oa:#x} (+{left:#x})")
             steps.append((va, oa, lg2))
@@ -120,8 +126,9 @@ class MockPageTable:
         lg2 = (entry & SIZE_MASK) >> SIZE_SHIFT
         return iova & ~((1 << lg2) - 1), lg2
 
-    def unmap(self, iova: int, size: int) -> int:
-        """``unmap_range()``: returns the bytes unmapped (see the module docstring)."""
+    def unmap(self, iova: int, size: int, gather: IotlbGather | None = None) -> int:
+        """``unmap_range()``: returns the bytes unmapped (see the module docstring); the
+        leaves cleared go into ``gather`` when one is given."""
         end = iova + size
         va = iova
         done = 0
@@ -135,6 +142,8 @@ class MockPageTable:
             base = start >> GRANULE_SHIFT
             for k in range(1 << (lg2 - GRANULE_SHIFT)):
                 del self.entries[base + k]
+            if gather is not None:
+                gather.add(start, 1 << lg2, 1 << lg2)
             done += 1 << lg2
             va = start + (1 << lg2)
         return done
@@ -145,6 +154,10 @@ class MockPageTable:
         if entry is None:
             return 0
         return (entry & ~ENTRY_FLAGS) + (iova & ((1 << GRANULE_SHIFT) - 1))
+
+    def free(self) -> None:
+        """The domain is gone: every entry with it."""
+        self.entries.clear()
 
     # -- dirty tracking ------------------------------------------------------------------------
     def _item_base(self, iova: int, lg2: int) -> int:

@@ -46,6 +46,7 @@ from iommufd_model.hw.memory import PAGE_SHIFT
 from iommufd_model.hw.pci import PciDevice
 from iommufd_model.hw.radix import RadixPageTable
 from iommufd_model.machine import Machine
+from iommufd_model.paging import IotlbGather, PagingDomain, PagingDomainOps
 from iommufd_model.uapi import iommufd as U
 
 if TYPE_CHECKING:
@@ -445,27 +446,27 @@ class AmdKernel:
             self.completion_wait()
 
 
-class AmdDomain(Domain):
+class AmdDomain(PagingDomain[RadixPageTable]):
     """``struct protection_domain`` of a paging domain: v1 (host) or v2 (x86-64) tables."""
 
     def __init__(self, kernel: AmdKernel, flags: int, *, v2: bool) -> None:
         hw = kernel.hw
         self.v2 = v2
-        self.pt: RadixPageTable
+        pt: RadixPageTable
         if v2:
             levels = kernel.gpt_levels
             self.mode = 0
-            self.pt = V2PageTable(kernel.mem, levels)
+            pt = V2PageTable(kernel.mem, levels)
             pgsizes = PGSIZES_V2
             end = (1 << (56 if levels == 5 else 47)) - 1  # no sign extension: lower half
         else:
             self.mode = min(kernel.domain_levels, hw.max_mode)
-            self.pt = AmdV1PageTable(kernel.mem, self.mode)
+            pt = AmdV1PageTable(kernel.mem, self.mode)
             pgsizes = AMD_IOMMU_PGSIZES
-            end = min((1 << self.pt.fmt.va_bits) - 1, (1 << 64) - 1)
+            end = min((1 << pt.fmt.va_bits) - 1, (1 << 64) - 1)
         super().__init__(
             hw,
-            DomainType.PAGING,
+            pt,
             pgsize_bitmap=pgsizes,
             aperture_start=0,
             aperture_end=end,
@@ -481,6 +482,18 @@ class AmdDomain(Domain):
             raise
         self.attached: set[tuple[int, int]] = set()  # (devid, pasid; 0 for the RID)
         self.viommus: list[AmdViommu] = []
+
+    def iotlb_sync(self, gather: IotlbGather) -> None:
+        """amd_iommu_iotlb_sync(): PDE only when the unmap freed a table (generic_pt frees
+        every table the range covers whole: the gather's free list is not empty)."""
+        frees_table = self.pt.covers_a_table(gather.first, gather.last)
+        self.kernel.flush_domain(
+            self, gather.first, gather.last - gather.first + 1, pde=frees_table
+        )
+
+    def free(self) -> None:
+        super().free()
+        self.kernel.domids.free(self.id)
 
 
 class AmdNestedDomain(Domain):
@@ -575,7 +588,7 @@ def _alloc_nested(
     return AmdNestedDomain(iommu, viommu, words, info)
 
 
-class AmdDriver:
+class AmdDriver(PagingDomainOps):
     """The AMD IOMMU driver plugin object (entry point ``amd``)."""
 
     @hookimpl
@@ -681,35 +694,8 @@ class AmdDriver:
         if isinstance(domain, AmdNestedDomain):
             domain.viommu.put_hdom(domain.gdom_id)
         elif isinstance(domain, AmdDomain):
-            domain.pt.free()
-            domain.kernel.domids.free(domain.id)
+            domain.free()
         return True
-
-    @hookimpl
-    def domain_map(self, domain: Domain, iova: int, pa: int, size: int, prot: int) -> bool:
-        _paging(domain).pt.map(iova, pa, size, prot)
-        return True
-
-    @hookimpl
-    def domain_map_pages(
-        self, domain: Domain, iova: int, pa: int, pgsize: int, pgcount: int, prot: int
-    ) -> bool:
-        _paging(domain).pt.map(iova, pa, pgsize * pgcount, prot, pgsize)
-        return True
-
-    @hookimpl
-    def domain_unmap(self, domain: Domain, iova: int, size: int) -> int:
-        """generic_pt unmap, then amd_iommu_iotlb_sync(): PDE only when the unmap freed a
-        table (the gather's free list is not empty)."""
-        dom = _paging(domain)
-        frees_table = dom.pt.covers_a_table(iova, iova + size - 1)
-        done = dom.pt.unmap(iova, size)
-        dom.kernel.flush_domain(dom, iova, size, pde=frees_table)
-        return done
-
-    @hookimpl
-    def domain_iova_to_phys(self, domain: Domain, iova: int) -> int:
-        return _paging(domain).pt.iova_to_phys(iova)
 
     # -- attach ------------------------------------------------------------------------------
     @hookimpl

@@ -43,6 +43,7 @@ from iommufd_model.hw.memory import PAGE_SHIFT, PAGE_SIZE
 from iommufd_model.hw.pci import PciDevice
 from iommufd_model.hw.regs import Mmio
 from iommufd_model.machine import Machine
+from iommufd_model.paging import PagingDomainOps
 from iommufd_model.uapi import iommufd as U
 from iommufd_model.vmm.vm import Vm
 
@@ -226,7 +227,7 @@ def validate_vste(ste0: int, ste1: int) -> tuple[int, int, bool]:
     return ste0, ste1 & ~STE1_EATS, ats
 
 
-class ArmSmmuV3Driver:
+class ArmSmmuV3Driver(PagingDomainOps):
     """The arm_smmuv3 plugin object (entry point ``arm_smmuv3``)."""
 
     # -- hardware -------------------------------------------------------------------------------
@@ -353,53 +354,9 @@ class ArmSmmuV3Driver:
 
     @hookimpl
     def domain_free(self, domain: api.Domain) -> bool:
-        """arm_smmu_domain_free_paging(): only the ASID / VMID goes back; no command (the tag
-        was flushed when the last master left the domain's invalidation array)."""
         if isinstance(domain, SmmuDomain):
-            smmu = domain.smmu
-            if domain.stage == 1:
-                smmu.asids.free(domain.asid)
-            else:
-                smmu.vmids.free(domain.vmid)
-            domain.pgtable.free()
+            domain.free()
         return True
-
-    @hookimpl
-    def domain_map(self, domain: api.Domain, iova: int, pa: int, size: int, prot: int) -> bool:
-        _paging(domain).pgtable.map(iova, pa, size, prot)
-        return True
-
-    @hookimpl
-    def domain_map_pages(
-        self, domain: api.Domain, iova: int, pa: int, pgsize: int, pgcount: int, prot: int
-    ) -> bool:
-        _paging(domain).pgtable.map(iova, pa, pgsize * pgcount, prot, pgsize)
-        return True
-
-    @hookimpl
-    def domain_unmap(self, domain: api.Domain, iova: int, size: int) -> int:
-        """arm_smmu_unmap_pages() into an iotlb gather, then arm_smmu_iotlb_sync(): each
-        leaf joins the gather; a leaf of another page size, or after a hole, first flushes
-        what was gathered (iommu_iotlb_gather_add_page)."""
-        d = _paging(domain)
-        pt = d.pgtable
-        gathers: list[list[int]] = []  # [start, end (exclusive), page size]
-        for _slot, start, level, entries in pt._leaf_runs(iova, iova + size - 1):
-            pgsize = 1 << pt.fmt.level_shift(level)
-            end = start + len(entries) * pgsize
-            last = gathers[-1] if gathers else None
-            if last is not None and last[2] == pgsize and last[1] == start:
-                last[1] = end
-            else:
-                gathers.append([start, end, pgsize])
-        done = pt.unmap(iova, size)
-        for start, end, pgsize in gathers:
-            d.smmu.tlb_inv_range(d, start, end - start, pgsize)
-        return done
-
-    @hookimpl
-    def domain_iova_to_phys(self, domain: api.Domain, iova: int) -> int:
-        return _paging(domain).pgtable.iova_to_phys(iova)
 
     # -- attach ---------------------------------------------------------------------------------
     @hookimpl
@@ -460,7 +417,7 @@ class ArmSmmuV3Driver:
         d = _paging(domain)
         if not d.dirty_tracking or d.stage != 1:
             raise err(errno.EINVAL, "not a stage-1 dirty-tracking domain")
-        runs = d.pgtable.read_and_clear_dirty(iova, length, clear)
+        runs = d.pt.read_and_clear_dirty(iova, length, clear)
         return runs if report else []
 
     # -- substreams ---------------------------------------------------------------------------

@@ -65,6 +65,7 @@ from iommufd_model.hw.memory import PAGE_SHIFT, PAGE_SIZE
 from iommufd_model.hw.radix import RadixPageTable
 from iommufd_model.hw.ring import MemRing
 from iommufd_model.ida import Ida
+from iommufd_model.paging import IotlbGather, PagingDomain
 from iommufd_model.uapi import iommufd as U
 
 if TYPE_CHECKING:
@@ -88,7 +89,7 @@ RESUME_ABORT = 2  # CMDQ_RESUME_0_RESP_ABORT
 ABORT_RETRIES = 8  # the model's bound on re-fetching a command whose fetch aborts
 
 
-class SmmuDomain(Domain):
+class SmmuDomain(PagingDomain[RadixPageTable]):
     """A paging domain: stage 1 (ASID) or, for nest parents, stage 2 (VMID).
 
     ``invs`` is the domain's invalidation array: empty until a master attaches (7.2 flushes
@@ -104,9 +105,11 @@ class SmmuDomain(Domain):
         pasid: bool,
         dirty_tracking: bool = False,
     ) -> None:
+        fwb = nest_parent and smmu.feat_s2fwb  # IO_PGTABLE_QUIRK_ARM_S2FWB
+        fmt = Stage1Format(hd=dirty_tracking) if stage == 1 else Stage2Format(fwb=fwb)
         super().__init__(
             smmu.hw,
-            DomainType.PAGING,
+            RadixPageTable(smmu.hw.memory, fmt),
             pgsize_bitmap=PGSIZE_BITMAP,
             aperture_start=0,
             aperture_end=(1 << VA_BITS) - 1,
@@ -116,16 +119,36 @@ class SmmuDomain(Domain):
         )
         self.smmu = smmu
         self.stage = stage
-        fwb = nest_parent and smmu.feat_s2fwb  # IO_PGTABLE_QUIRK_ARM_S2FWB
-        fmt = Stage1Format(hd=dirty_tracking) if stage == 1 else Stage2Format(fwb=fwb)
-        self.pgtable = RadixPageTable(smmu.hw.memory, fmt)
         try:  # ENOSPC when the space is full
             self.asid = smmu.asids.alloc() if stage == 1 else 0
             self.vmid = smmu.vmids.alloc() if stage == 2 else 0
         except OSError:
-            self.pgtable.free()
+            self.pt.free()
             raise
         self.invs = Invs()
+
+    def iotlb_sync(self, gather: IotlbGather) -> None:
+        """arm_smmu_iotlb_sync() of the unmap's gather, as io-pgtable-arm fills it: each leaf
+        joins the gathered range; a leaf of another page size, or after a hole, first flushes
+        what was gathered (iommu_iotlb_gather_add_page)."""
+        ranges: list[list[int]] = []  # [start, end (exclusive), page size]
+        for start, size, pgsize in gather.runs:
+            last = ranges[-1] if ranges else None
+            if last is not None and last[2] == pgsize and last[1] == start:
+                last[1] = start + size
+            else:
+                ranges.append([start, start + size, pgsize])
+        for start, end, pgsize in ranges:
+            self.smmu.tlb_inv_range(self, start, end - start, pgsize)
+
+    def free(self) -> None:
+        """arm_smmu_domain_free_paging(): only the ASID / VMID goes back; no command (the tag
+        was flushed when the last master left the domain's invalidation array)."""
+        super().free()
+        if self.stage == 1:
+            self.smmu.asids.free(self.asid)
+        else:
+            self.smmu.vmids.free(self.vmid)
 
 
 class Master:
@@ -492,7 +515,7 @@ class SmmuDevice:
         cd.ir0 = cd.or0 = IRGN_WBWA
         cd.ha = cd.hd = domain.dirty_tracking
         cd.s = master.stall_enabled
-        cd.ttb0, cd.mair = domain.pgtable.root, MAIR_VALUE
+        cd.ttb0, cd.mair = domain.pt.root, MAIR_VALUE
         return cd.encode()
 
     def make_cdtable_ste(
@@ -540,7 +563,7 @@ class SmmuDevice:
             s2r=True,
             s2s=master.stall_enabled,
             s2ptw=True,
-            s2ttb=domain.pgtable.root,
+            s2ttb=domain.pt.root,
         )
         return ste.encode()
 

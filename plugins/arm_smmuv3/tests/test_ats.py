@@ -34,7 +34,7 @@ def test_the_atc_answers_until_atc_inv(smmu_machine: Callable[..., Any]) -> None
     walks = r.hw.stats.walk_mem_refs
     r.m_dev.dma_read(0x10_0000, 8)
     assert r.hw.atc_hits == 1 and r.hw.stats.walk_mem_refs == walks  # translated, no walk
-    d.pgtable.unmap(0x10_0000, K4)  # the table changes behind the ATC's back
+    d.pt.unmap(0x10_0000, K4)  # the table changes behind the ATC's back
     r.smmu.issue([C.tlbi_nh_asid(0, d.asid)])  # a TLBI does not reach the device
     r.m_dev.dma_read(0x10_0000, 8)  # stale, as on real hardware
     assert r.hw.atc_hits == 2

@@ -56,7 +56,7 @@ def rig(smmu_machine: Any, paging_domain: Any) -> tuple:  # type: ignore[type-ar
     domain = paging_domain(hw, dev)
     data = m.memory.alloc_frames(16)
     for i, pfn in enumerate(data):
-        domain.pgtable.map(0x10_0000 + i * 4096, pfn << 12, 4096, RW)
+        domain.pt.map(0x10_0000 + i * 4096, pfn << 12, 4096, RW)
         m.memory.write(pfn << 12, bytes([i]) * 16)
     return m, hw, smmu, dev, domain
 
@@ -99,9 +99,9 @@ def test_cd_cache_stale_until_cfgi_cd(rig: tuple, paging_domain: Any) -> None:  
     master = smmu.masters[dev.rid]
     assert dev.dma_read(0x10_2000, 1) == b"\x02"
     other = paging_domain(hw, m.add_pci_device(iommu=0))
-    other.pgtable.map(0x10_2000, domain.pgtable.iova_to_phys(0x10_3000), 4096, RW)
+    other.pt.map(0x10_2000, domain.pt.iova_to_phys(0x10_3000), 4096, RW)
     cd = Cd.decode(words(m.memory.read(smmu.cd_addr(master, 0), 64)))
-    cd.ttb0, cd.asid = other.pgtable.root, other.asid
+    cd.ttb0, cd.asid = other.pt.root, other.asid
     m.memory.write(smmu.cd_addr(master, 0), pack(cd.encode()))  # no CFGI_CD
     assert dev.dma_read(0x10_2000, 1) == b"\x02"
     smmu.issue([C.cfgi_ste(dev.rid + 8)])  # another StreamID's configuration
@@ -122,7 +122,7 @@ def test_cfgi_ste_does_drop_cds_of_that_stream(rig: tuple, paging_domain: Any) -
 
 def stale_leaf(domain: object, iova: int) -> None:
     """Clear a leaf PTE without any invalidation (a buggy driver)."""
-    domain.pgtable.unmap(iova, 4096)  # type: ignore[attr-defined]
+    domain.pt.unmap(iova, 4096)  # type: ignore[attr-defined]
 
 
 def test_tlb_stale_until_tlbi_by_va_range_asid_and_all(rig: tuple, paging_domain: Any) -> None:  # type: ignore[type-arg]
@@ -171,7 +171,7 @@ def test_s2_tlb_stale_until_tlbi_s2_ipa_and_nsnh_all(smmu_machine: Any, paging_d
     s2 = paging_domain(hw, dev, nest_parent=True)
     frames = m.memory.alloc_frames(4)
     for i, pfn in enumerate(frames):
-        s2.pgtable.map(0x4000_0000 + i * 4096, pfn << 12, 4096, RW)
+        s2.pt.map(0x4000_0000 + i * 4096, pfn << 12, 4096, RW)
         m.memory.write(pfn << 12, bytes([0xA0 + i]))
         assert dev.dma_read(0x4000_0000 + i * 4096, 1) == bytes([0xA0 + i])
         stale_leaf(s2, 0x4000_0000 + i * 4096)

@@ -229,7 +229,7 @@ def test_nest_parent_unmap_stage2_then_nh_all_after_its_own_sync(vmm: Any) -> No
     # the guest RAM is mapped in 4 KiB pages (the VMM's memory is not physically
     # contiguous): one range of 2^12 pages, TTL 3
     ranged = C.tlbi_va(C.TLBI_S2_IPA, 0, vmid=vmid, num=0, scale=12, tg=1, ttl=3, leaf=True)
-    assert parent.pgtable.iova_to_phys(0) == -1
+    assert parent.pt.iova_to_phys(0) == -1
     assert got == [ranged, SYNC, C.tlbi_nh_all(vmid), SYNC]
 
 
@@ -310,7 +310,7 @@ def test_reset_programs_cr1_cr2_and_atschk(smmu_machine: Any) -> None:
 def test_raw_bits_of_leaves_cd_and_stes(rig: Any) -> None:
     r = rig(attr_types_ovr=False)
     d = r.domain()
-    fmt = d.pgtable.fmt
+    fmt = d.pt.fmt
     rw = fmt.make_leaf(PA, 0, PROT)
     ro = fmt.make_leaf(PA, 0, IOMMU_READ | IOMMU_CACHE)
     assert rw & PTE_AP_UNPRIV and rw & PTE_NG and not rw & PTE_XN and not rw & PTE_AP_RDONLY

@@ -22,7 +22,7 @@ DIRTY = U.IOMMU_HWPT_ALLOC_DIRTY_TRACKING
 
 
 def _leaf(r: Rig, d: Any, iova: int) -> int:
-    pt = d.pgtable
+    pt = d.pt
     ((slot, _iova, _level),) = pt._leaves(iova, iova)
     return int(r.m.memory.read_u64(slot))
 

@@ -104,8 +104,8 @@ def test_garbage_descriptors(
     m, hw, _smmu = smmu_machine()
     dev = m.add_pci_device(iommu=0)
     domain = paging_domain(hw, dev)
-    domain.pgtable.map(0x1000, m.memory.alloc_frame() << 12, 4096, 3)
-    tables = sorted(domain.pgtable.tables)
+    domain.pt.map(0x1000, m.memory.alloc_frame() << 12, 4096, 3)
+    tables = sorted(domain.pt.tables)
     for i, (index, value) in enumerate(descs):
         m.memory.write_u64(tables[i % len(tables)] + index * 8, value)
     for iova in (0x1000, 0x20_0000, 0x4000_0000, (1 << 47) - 4096):

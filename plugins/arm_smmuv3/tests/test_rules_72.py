@@ -66,7 +66,7 @@ def test_s2fwb_nest_parent_sets_ste_s2fwb_and_fwb_memattr(vmm: Any) -> None:
         vm.attach_translating()
         ste = Ste.decode(words(vm.r.machine.memory.read(vm.smmu.ste_addr(vm.r.dev.rid), 64)))
         assert ste.s2fwb == fwb
-        leaf = vm.parent_domain.pgtable.fmt.make_leaf(0, 0, 7)
+        leaf = vm.parent_domain.pt.fmt.make_leaf(0, 0, 7)
         assert leaf & (0xF << 2) == (PTE_MEMATTR_FWB_WB if fwb else PTE_MEMATTR_OIWB)
 
 

@@ -75,12 +75,12 @@ def test_nested_dma_walks_guest_tables_through_stage_2(guest_vm: Any) -> None:
     ste = Ste.decode(words(r.machine.memory.read(vm.smmu.ste_addr(r.dev.rid), 64)))
     parent = vm.parent_domain
     assert ste.config == CFG_NESTED and ste.s2vmid == parent.vmid and ste.mev
-    assert ste.s1ctxptr == CD_IPA and ste.s2ttb == parent.pgtable.root
+    assert ste.s1ctxptr == CD_IPA and ste.s2ttb == parent.pt.root
     before = hw.stats.walk_mem_refs
     hw.tlb.flush_all()
     r.dev.dma_read(GVA, 1)
     # four guest descriptors, each behind a stage-2 walk, plus the output's stage-2 walk
-    s2_refs = 4 - parent.pgtable._leaves(G, G)[0][2]  # radix level of the S2 leaf
+    s2_refs = 4 - parent.pt._leaves(G, G)[0][2]  # radix level of the S2 leaf
     assert hw.stats.walk_mem_refs - before == 4 + 4 * s2_refs + s2_refs
     r.dev.dma_write(GVA + 4096, b"guest")
     assert r.proc.read(vm.ram + 0x1_1000, 5) == b"guest"

@@ -45,6 +45,7 @@ from iommufd_model.hw.pci import PciDevice
 from iommufd_model.hw.radix import RadixPageTable
 from iommufd_model.hw.x86_64 import X86_64Format
 from iommufd_model.machine import Machine
+from iommufd_model.paging import IotlbGather, PagingDomain, PagingDomainOps
 from iommufd_model.uapi import iommufd as U
 
 if TYPE_CHECKING:
@@ -109,7 +110,7 @@ class DomainIds:
         self.tags = []
 
 
-class VtdPaging(Domain, DomainIds):
+class VtdPaging(PagingDomain[RadixPageTable], DomainIds):
     """A kernel-owned paging domain (``struct dmar_domain``) of one stage."""
 
     def __init__(self, hw: IntelVtd, state: IommuState, *, first_stage: bool, flags: int) -> None:
@@ -126,7 +127,7 @@ class VtdPaging(Domain, DomainIds):
             pgsizes = 1 << 12 | sum(1 << fmt.level_shift(lv) for lv in fmt.large_leaf_levels)
         super().__init__(
             hw,
-            DomainType.PAGING,
+            RadixPageTable(hw.memory, fmt),
             pgsize_bitmap=pgsizes,
             aperture_start=0,
             aperture_end=(1 << va_bits) - 1,
@@ -137,11 +138,26 @@ class VtdPaging(Domain, DomainIds):
         self.init_ids()
         self.hw = hw
         self.first_stage = first_stage
-        self.pt = RadixPageTable(hw.memory, fmt)
         self.attached: set[tuple[int, int]] = set()  # (rid, pasid)
         self.children: list[VtdNested] = []
         self.tracking = False  # intel's dmar_domain->dirty_tracking (enabled state)
         self.force_snooping = False  # enforce_cache_coherency() was called and held
+
+    def check_map(self, iova: int, size: int, prot: int) -> None:
+        """intel_iommu_map()'s checks before the table."""
+        if self.nest_parent and not prot & IOMMU_WRITE:
+            # ERRATA_772415_SPR17: no read-only mapping in a nest parent.
+            raise err(errno.EINVAL, "read-only mapping in a nest parent")
+        if iova + size - 1 > self.aperture_end:
+            raise err(errno.EFAULT, "mapping beyond the domain's address width")
+
+    def iotlb_sync(self, gather: IotlbGather) -> None:
+        """intel_iommu_tlb_sync(): generic_pt frees every table the range covers whole; the
+        flush then has IH = 0 (paging-structure caches too), else IH = 1 (leaves only).
+        Nothing when nothing was unmapped."""
+        if gather.runs:
+            frees_tables = self.pt.covers_a_table(gather.first, gather.last)
+            _state(self.owner).flush_range(self, gather.first, gather.last, not frees_tables)
 
 
 class VtdNested(Domain, DomainIds):
@@ -529,16 +545,6 @@ def _paging(domain: Domain) -> VtdPaging:
     return domain
 
 
-def _map(d: VtdPaging, iova: int, pa: int, size: int, prot: int, pgsize: int) -> None:
-    """intel_iommu_map(): the checks, then the table (``pgsize`` caps the leaves; 0: none)."""
-    if d.nest_parent and not prot & IOMMU_WRITE:
-        # ERRATA_772415_SPR17: no read-only mapping in a nest parent.
-        raise err(errno.EINVAL, "read-only mapping in a nest parent")
-    if iova + size - 1 > d.aperture_end:
-        raise err(errno.EFAULT, "mapping beyond the domain's address width")
-    d.pt.map(iova, pa, size, prot, pgsize)
-
-
 def copy_struct(data: bytes, min_len: int) -> bytes:
     """copy_struct_from_user(): too short -> EINVAL, a non-zero tail beyond ours -> E2BIG."""
     if len(data) < min_len:
@@ -569,7 +575,7 @@ INFO = DriverInfo(
 )
 
 
-class VtdDriver:
+class VtdDriver(PagingDomainOps):
     """Entry point ``intel_vtd``: intel_iommu_ops and the domain ops, as pluggy hooks."""
 
     @hookimpl
@@ -692,40 +698,12 @@ class VtdDriver:
     def domain_free(self, domain: Domain) -> bool:
         st = _state(domain.owner)
         if isinstance(domain, VtdPaging):
-            domain.pt.free()
+            domain.free()
         elif isinstance(domain, VtdNested):
             domain.s2.children.remove(domain)
         if isinstance(domain, (VtdPaging, VtdNested)) and domain.did is not None:
             st.dids.free(domain.did)  # no device is attached: nothing refers to it
         return True
-
-    @hookimpl
-    def domain_map(self, domain: Domain, iova: int, pa: int, size: int, prot: int) -> bool:
-        _map(_paging(domain), iova, pa, size, prot, 0)
-        return True
-
-    @hookimpl
-    def domain_map_pages(
-        self, domain: Domain, iova: int, pa: int, pgsize: int, pgcount: int, prot: int
-    ) -> bool:
-        _map(_paging(domain), iova, pa, pgsize * pgcount, prot, pgsize)
-        return True
-
-    @hookimpl
-    def domain_unmap(self, domain: Domain, iova: int, size: int) -> int:
-        d = _paging(domain)
-        last = iova + size - 1
-        # generic_pt frees every table the range covers whole; intel_iommu_tlb_sync() then
-        # flushes with IH = 0 (paging-structure caches too), else with IH = 1 (leaves only).
-        frees_tables = d.pt.covers_a_table(iova, last)
-        done = d.pt.unmap(iova, size)
-        if done:
-            _state(d.owner).flush_range(d, iova, last, not frees_tables)
-        return done
-
-    @hookimpl
-    def domain_iova_to_phys(self, domain: Domain, iova: int) -> int:
-        return _paging(domain).pt.iova_to_phys(iova)
 
     # -- attach -------------------------------------------------------------------------------
     @staticmethod
