@@ -142,7 +142,8 @@ class PciFunction(PciDevice):
 
     ``physfn``/``vf_index`` are set on an SR-IOV virtual function. The VFIO layer sets
     :attr:`irq_sink`; the device calls ``irq_sink(kind, vector)`` with kind ``"msix"``,
-    ``"msi"`` or ``"intx"``.
+    ``"msi"`` or ``"intx"``. ``kind`` names the ``devices.KINDS`` entry that builds the
+    class; ``resets`` counts Function Level Resets.
     """
 
     kind = "generic"
@@ -160,6 +161,7 @@ class PciFunction(PciDevice):
     ) -> None:
         super().__init__(iommu, rid, pasid_bits=pasid_bits, ats=ats)
         self.spec = spec
+        self._bars = tuple(spec.bars[i] if i < len(spec.bars) else None for i in range(6))
         self.physfn = physfn
         self.vf_index = vf_index
         self.irq_sink: IrqSink | None = None
@@ -196,8 +198,8 @@ class PciFunction(PciDevice):
 
     @property
     def bars(self) -> tuple[Bar | None, ...]:
-        bars = self.spec.bars
-        return tuple(bars[i] if i < len(bars) else None for i in range(6))
+        """The six BAR resources (a 64-bit BAR's upper half is None)."""
+        return self._bars
 
     @property
     def is_virtfn(self) -> bool:
