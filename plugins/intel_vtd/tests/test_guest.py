@@ -70,17 +70,17 @@ def test_accelerated_is_refused() -> None:
 
 def test_boot_programs_the_emulated_registers(box: Box) -> None:
     g = box.g
-    assert g.regs.read(R.GSTS, 4) & (R.GSTS_TES | R.GSTS_QIES | R.GSTS_RTPS) == (
+    assert g.vmm.regs.read(R.GSTS, 4) & (R.GSTS_TES | R.GSTS_QIES | R.GSTS_RTPS) == (
         R.GSTS_TES | R.GSTS_QIES | R.GSTS_RTPS
     )
-    assert g.v_root == g.g_root and g.v_iq == g.g_iq and g.v_iq_width == 256
-    assert g.regs.read(R.CAP) & R.CAP_CM  # caching mode: new entries are flushed too
-    assert g.regs.read(R.ECAP) & R.ECAP_FLTS and not g.regs.read(R.ECAP) & R.ECAP_NEST
+    assert g.vmm.v_root == g.g_root and g.vmm.v_iq == g.g_iq and g.vmm.v_iq_width == 256
+    assert g.vmm.regs.read(R.CAP) & R.CAP_CM  # caching mode: new entries are flushed too
+    assert g.vmm.regs.read(R.ECAP) & R.ECAP_FLTS and not g.vmm.regs.read(R.ECAP) & R.ECAP_NEST
     # boot: 5 register writes + IQT = 0, then context-, PASID- and IOTLB-global flushes;
     # adding the device: one device-selective context-cache flush
     assert box.vm.stats.by_kind == {"mmio": 5, "qi-tail": 2, "pasid-cache": 3}
     # guest structures are in guest RAM: the context entry for the vRID
-    ce = g._guest_context(VRID)
+    ce = g.vmm._guest_context(VRID)
     assert ce is not None and ce.paside and ce.pasid_dir == g.g_pasid_dir[VRID]
     assert g.g_root < box.vm.ram_size and ce.pasid_dir < box.vm.ram_size
 
@@ -109,16 +109,16 @@ def test_one_trap_per_tail_write(box: Box) -> None:
     g = box.g
     dom = g.attach(box.gdev)
     gpa = box.buffer(PAGE, b"a")
-    t, w = box.traps(), g.regs.writes
+    t, w = box.traps(), g.vmm.regs.writes
     g.map(dom, IOVA, gpa, PAGE)
     g.unmap(dom, IOVA, PAGE)
     g.map(dom, IOVA, gpa, PAGE)
-    assert box.traps() == t and g.regs.writes == w  # the guest's tables: no exit
+    assert box.traps() == t and g.vmm.regs.writes == w  # the guest's tables: no exit
     for n, (iova, size) in enumerate([(IOVA, PAGE), (IOVA, 3 * PAGE), (None, 0)], 1):
         fwd = box.vm.stats.forwarded
         g.invalidate(dom, iova, size)
         assert box.traps() == t + n and box.traps("qi-tail") == 2 + 1 + n
-        assert g.regs.writes == w + n  # exactly one register write (IQT) per flush
+        assert g.vmm.regs.writes == w + n  # exactly one register write (IQT) per flush
         assert box.vm.stats.forwarded == fwd + 1
     # several descriptors behind one tail write: still one exit, every one forwarded
     t, fwd = box.traps(), box.vm.stats.forwarded
@@ -163,11 +163,11 @@ def test_wait_status_lands_in_guest_memory(box: Box) -> None:
     first, wait_index, seq = g.post([wait.encode(256)])
     assert box.vm.memory.read(status + 8, 4) == (0xC0FFEE).to_bytes(4, "little")
     assert box.vm.memory.read(status, 8) == bytes(8)
-    assert g.regs.read(R.ICS, 4) & R.ICS_IWC
+    assert g.vmm.regs.read(R.ICS, 4) & R.ICS_IWC
     assert g.complete(first, wait_index, seq) == 0  # and the guest's own wait completed
     g._mmio_write(R.ICS, R.ICS_IWC, 4)  # RW1C
-    assert not g.regs.read(R.ICS, 4) & R.ICS_IWC
-    assert g.regs.read(R.IQH) == g.regs.read(R.IQT)
+    assert not g.vmm.regs.read(R.ICS, 4) & R.ICS_IWC
+    assert g.vmm.regs.read(R.IQH) == g.vmm.regs.read(R.IQT)
 
 
 @pytest.mark.parametrize(
@@ -186,19 +186,19 @@ def test_bad_descriptor_gets_iqe(box: Box, bad: bytes) -> None:
     fwd = box.vm.stats.forwarded
     first, wait_index, seq = g.post([good, bad, good])
     # The emulated queue stopped at the bad descriptor: IQE, IQH on it, no completion.
-    assert g.regs.read(R.FSTS, 4) & R.FSTS_IQE
-    assert g.regs.read(R.IQH) == (first + 1) * 32
+    assert g.vmm.regs.read(R.FSTS, 4) & R.FSTS_IQE
+    assert g.vmm.regs.read(R.IQH) == (first + 1) * 32
     assert int.from_bytes(box.vm.memory.read(g.g_status, 4), "little") != seq
     assert box.vm.stats.forwarded == fwd + 1  # what came before it was done
     # Further tail writes fetch nothing while IQE is set.
     g._mmio_write(R.IQT, g.g_tail * 32)
-    assert g.regs.read(R.IQH) == (first + 1) * 32
+    assert g.vmm.regs.read(R.IQH) == (first + 1) * 32
     # The guest recovers as qi_check_fault(): overwrite with its wait, clear IQE.
     t = box.traps()
     assert g.complete(first, wait_index, seq) == errno.EINVAL
     assert box.traps() - t == 3  # FSTS read, IQH read, FSTS write
-    assert not g.regs.read(R.FSTS, 4) & R.FSTS_IQE
-    assert box.vm.stats.forwarded == fwd + 2 and g.regs.read(R.IQH) == g.regs.read(R.IQT)
+    assert not g.vmm.regs.read(R.FSTS, 4) & R.FSTS_IQE
+    assert box.vm.stats.forwarded == fwd + 2 and g.vmm.regs.read(R.IQH) == g.vmm.regs.read(R.IQT)
     # The queue works again; a bad descriptor through submit() is an EINVAL to the guest.
     g.invalidate(dom)
     with pytest.raises(OSError) as exc:
@@ -257,7 +257,7 @@ def test_replace_and_detach_follow_the_guest_entry(box: Box) -> None:
     frames = box.vm.memory.frames_in_use
     g.detach(d2)
     assert box.vm.memory.frames_in_use < frames  # the guest freed its tables
-    assert g.shadows == {}
+    assert g.vmm.shadows == {}
     assert fd.device(box.gdev.dev_id).hwpt is None
     assert box.faults(lambda: box.dev.dma_read(IOVA, 1)) == F.FR_PASID_NOT_PRESENT
 
@@ -288,7 +288,7 @@ def test_guest_detach_after_the_vmm_unplugged(box: Box) -> None:
     dom: GuestDomain = g.attach(box.gdev)
     box.vm.fd.unbind(box.gdev.dev_id)
     g.detach(dom)  # the guest's flushes reach a VMM that has no device any more
-    assert g.shadows == {}
+    assert g.vmm.shadows == {}
     with pytest.raises(OSError):
         box.vm.fd.objects.get(dom.hwpt_id)
 
@@ -311,7 +311,7 @@ def test_register_based_context_invalidation_is_a_pasid_cache_trap(box: Box) -> 
     t, kind = box.traps(), box.traps("pasid-cache")
     g._mmio_write(R.CCMD, R.CCMD_ICC | Q.CC_GLOBAL << R.CCMD_CIRG_SHIFT)
     assert box.traps() == t + 1 and box.traps("pasid-cache") == kind + 1
-    assert not g.regs.read(R.CCMD) & R.CCMD_ICC and g.shadows == {}
+    assert not g.vmm.regs.read(R.CCMD) & R.CCMD_ICC and g.vmm.shadows == {}
     assert box.faults(lambda: box.dev.dma_read(IOVA, 1)) == F.FR_PASID_NOT_PRESENT
     g.write_pasid_entry(VRID, RID_PASID, pe)
     g._mmio_write(R.CCMD, R.CCMD_ICC | Q.CC_GLOBAL << R.CCMD_CIRG_SHIFT)
