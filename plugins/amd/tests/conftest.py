@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 from iommufd_amd.commands import Command
-from iommufd_amd.driver import AmdKernel
 from iommufd_amd.events import Event
 from iommufd_amd.hw import AmdIommu
+from iommufd_amd.kernel import AmdKernel
 
 import iommufd_model as im
 from iommufd_model import uapi as U

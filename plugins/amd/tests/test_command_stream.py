@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from iommufd_amd import commands as C
-from iommufd_amd.driver import AmdDomain
+from iommufd_amd.domain import AmdDomain
 
 from iommufd_model import uapi as U
 from iommufd_model.testing import assert_errno

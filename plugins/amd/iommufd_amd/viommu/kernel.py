@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from iommufd_amd import commands as C
 from iommufd_amd import regs as R
+from iommufd_amd.domain import AmdDomain
 from iommufd_amd.dte import Dte
 from iommufd_amd.pgtable_v1 import AmdV1PageTable
 from iommufd_amd.viommu import AmdHwQueue, AmdViommu
@@ -31,8 +32,8 @@ from iommufd_model.ida import Ida
 from iommufd_model.uapi import iommufd as U
 
 if TYPE_CHECKING:
-    from iommufd_amd.driver import AmdDomain, AmdKernel
     from iommufd_amd.hw import AmdIommu
+    from iommufd_amd.kernel import AmdKernel
 
 PAS_MODE = 4  # a 4-level v1 table covers the 48-bit private address space
 RW = IOMMU_READ | IOMMU_WRITE
@@ -158,8 +159,6 @@ def viommu_clear_mapping(k: AmdKernel, viommu: AmdViommu) -> None:
 
 
 def _parent(viommu: AmdViommu) -> AmdDomain:
-    from iommufd_amd.driver import AmdDomain
-
     parent = viommu.parent
     assert isinstance(parent, AmdDomain)
     return parent
