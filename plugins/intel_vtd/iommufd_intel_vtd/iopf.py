@@ -24,7 +24,8 @@ from iommufd_model.hw.memory import PAGE_SHIFT
 from iommufd_model.uapi import iommufd as U
 
 if TYPE_CHECKING:
-    from iommufd_intel_vtd.driver import DevInfo, IommuState, VtdDomain
+    from iommufd_intel_vtd.domain import VtdDomain
+    from iommufd_intel_vtd.kernel import DevInfo, IommuState
 
 PRQ_SIZE = 4096 << P.PRQ_ORDER
 PRQ_RING_MASK = PRQ_SIZE - P.ENTRY_SIZE

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 from iommufd_intel_vtd import qi as Q
-from iommufd_intel_vtd.driver import QI_DONE
 from iommufd_intel_vtd.hw import IntelVtd
+from iommufd_intel_vtd.kernel import QI_DONE
 
 import iommufd_model as im
 from iommufd_model import uapi as U

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from iommufd_intel_vtd import qi as Q
 from iommufd_intel_vtd import tables as T
-from iommufd_intel_vtd.driver import VtdNested, VtdPaging
+from iommufd_intel_vtd.domain import VtdNested, VtdPaging
 from iommufd_intel_vtd.guest import GuestRam, guest_first_stage
 
 from iommufd_model import uapi as U

@@ -9,7 +9,7 @@ from iommufd_intel_vtd import faults as F
 from iommufd_intel_vtd import qi as Q
 from iommufd_intel_vtd import regs as R
 from iommufd_intel_vtd import tables as T
-from iommufd_intel_vtd.driver import VtdNested
+from iommufd_intel_vtd.domain import VtdNested
 from iommufd_intel_vtd.guest import RID_PASID, GuestVtd, psi_aligned
 from iommufd_intel_vtd.hw import IntelVtd
 

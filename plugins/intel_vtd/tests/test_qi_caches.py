@@ -8,7 +8,7 @@ import pytest
 from iommufd_intel_vtd import faults as F
 from iommufd_intel_vtd import qi as Q
 from iommufd_intel_vtd import regs as R
-from iommufd_intel_vtd.driver import VtdPaging
+from iommufd_intel_vtd.domain import VtdPaging
 
 import iommufd_model as im
 from iommufd_model import uapi as U

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from iommufd_intel_vtd import faults as F
 from iommufd_intel_vtd import tables as T
-from iommufd_intel_vtd.driver import VtdNested, VtdPaging
+from iommufd_intel_vtd.domain import VtdNested, VtdPaging
 from iommufd_intel_vtd.guest import GuestRam, guest_first_stage
 
 import iommufd_model as im
