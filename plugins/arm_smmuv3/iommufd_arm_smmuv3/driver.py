@@ -1,7 +1,8 @@
 """Hook implementations: Linux arm-smmu-v3.c (paging domains, attach, TLBI) and
 arm-smmu-v3-iommufd.c (hw_info, nest parents, vSMMU, vSTE-based nested domains, vSID
 invalidation, vEVENTs). The hardware state lives in :mod:`iommufd_arm_smmuv3.hw`; the kernel's
-per-SMMU bookkeeping in :mod:`iommufd_arm_smmuv3.kernel`.
+per-SMMU logic in :mod:`iommufd_arm_smmuv3.kernel`, its domains in
+:mod:`iommufd_arm_smmuv3.domain` and its vIOMMU objects in :mod:`iommufd_arm_smmuv3.viommu`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from typing import Any
 
 from iommufd_arm_smmuv3 import commands as C
 from iommufd_arm_smmuv3 import regs as R
-from iommufd_arm_smmuv3.cmdqv import SID_MATCH_VALID, VCMDQ_ADDR, VINTF_PAGE_SIZE, Vintf
+from iommufd_arm_smmuv3.cmdqv import SID_MATCH_VALID, VCMDQ_ADDR, Vintf
+from iommufd_arm_smmuv3.domain import NestedDomain, SmmuDomain
 from iommufd_arm_smmuv3.guest import GuestSmmuv3
 from iommufd_arm_smmuv3.hw import Smmuv3
 from iommufd_arm_smmuv3.kernel import (
@@ -21,7 +23,6 @@ from iommufd_arm_smmuv3.kernel import (
     AttachState,
     Master,
     SmmuDevice,
-    SmmuDomain,
 )
 from iommufd_arm_smmuv3.ste import (
     CFG_ABORT,
@@ -34,14 +35,14 @@ from iommufd_arm_smmuv3.ste import (
     STE0_V,
     STE1_EATS,
 )
+from iommufd_arm_smmuv3.viommu import Vcmdq, Vdevice, VintfVsmmu, Vsmmu
 from iommufd_model import driver as api
 from iommufd_model.api import err, hookimpl
-from iommufd_model.core.mmap import MmapOwner, MmioRegion
+from iommufd_model.core.mmap import MmapOwner
 from iommufd_model.hw.bits import get, pack, put
 from iommufd_model.hw.iommu import IommuHw
 from iommufd_model.hw.memory import PAGE_SHIFT, PAGE_SIZE
 from iommufd_model.hw.pci import PciDevice
-from iommufd_model.hw.regs import Mmio
 from iommufd_model.machine import Machine
 from iommufd_model.paging import PagingDomainOps
 from iommufd_model.uapi import iommufd as U
@@ -101,80 +102,6 @@ FEATURES = frozenset(
     }
 )
 VIOMMU_TYPES = frozenset({U.IOMMU_VIOMMU_TYPE_ARM_SMMUV3, U.IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV})
-
-
-class NestedDomain(api.Domain):
-    """``struct arm_smmu_nested_domain``: a validated vSTE over the vSMMU's stage 2."""
-
-    def __init__(self, vsmmu: Vsmmu, ste0: int, ste1: int, enable_ats: bool) -> None:
-        super().__init__(vsmmu.owner, api.DomainType.NESTED, parent=vsmmu.parent)
-        self.vsmmu = vsmmu
-        self.ste0 = ste0
-        self.ste1 = ste1
-        self.enable_ats = enable_ats
-
-    @property
-    def cfg(self) -> int:
-        return get(self.ste0, 3, 1) if self.ste0 & STE0_V else CFG_ABORT
-
-    @property
-    def s2_parent(self) -> SmmuDomain:
-        """Whose invalidation array a master attached here joins (to_smmu_domain_devices)."""
-        return self.vsmmu.s2_parent
-
-
-class Vsmmu(api.ViommuBase):
-    """``struct arm_vsmmu``: the VM's SMMU, tagged by the nest parent's VMID."""
-
-    def __init__(self, smmu: SmmuDevice, parent: SmmuDomain) -> None:
-        super().__init__(smmu.hw, parent, U.IOMMU_VIOMMU_TYPE_ARM_SMMUV3)
-        self.smmu = smmu
-        self.s2_parent = parent
-        self.vmid = parent.vmid
-        self.vsids: dict[int, Master] = {}
-
-
-class Vdevice(api.VdeviceBase):
-    """A vDEVICE; on a CMDQV vIOMMU it also holds a SID_MATCH/SID_REPLACE pair."""
-
-    def __init__(self, viommu: api.ViommuBase, dev: Any, virt_id: int, sidx: int = -1) -> None:
-        super().__init__(viommu, dev, virt_id)
-        self.sidx = sidx
-
-
-class VintfVsmmu(Vsmmu):
-    """``struct tegra241_vintf``: a vSMMU that also owns a guest VINTF of the CMDQV."""
-
-    def __init__(self, smmu: SmmuDevice, parent: SmmuDomain, vintf: Vintf) -> None:
-        super().__init__(smmu, parent)
-        self.viommu_type = U.IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV
-        self.vintf = vintf
-        self.vdevs: dict[int, Vdevice] = {}
-        self.queues: dict[int, Vcmdq] = {}  # logical VCMDQ index -> its iommufd HW queue
-        self.mmap: MmapOwner | None = None
-        self.mmap_offset = 0  # where the iommufd's mmap() finds the VINTF page (0: none)
-
-    def expose(self, mmap: MmapOwner) -> None:
-        """iommufd_viommu_alloc_mmap() of the VINTF's page 0: the core picks the offset
-        (the lowest free one from PAGE_SIZE on), which goes back to the user."""
-        self.mmap_offset = mmap.alloc(MmioRegion(self.vintf.window, 0, VINTF_PAGE_SIZE))
-        self.mmap = mmap
-        self.out_data = U.IommuViommuTegra241Cmdqv(
-            out_vintf_mmap_offset=self.mmap_offset, out_vintf_mmap_length=VINTF_PAGE_SIZE
-        ).pack()
-
-    @property
-    def window(self) -> Mmio:
-        """The VINTF page 0 the VMM maps at ``mmap_offset`` of the iommufd for its guest."""
-        return self.vintf.window
-
-
-class Vcmdq(api.HwQueueBase):
-    """A guest-owned logical VCMDQ (``struct tegra241_vcmdq``) behind an iommufd HW queue."""
-
-    def __init__(self, viommu: VintfVsmmu, index: int, base_iova: int, length: int) -> None:
-        super().__init__(viommu, U.IOMMU_HW_QUEUE_TYPE_TEGRA241_CMDQV, index, base_iova, length)
-        self.vintf = viommu.vintf
 
 
 def smmu_of(iommu: IommuHw) -> SmmuDevice:

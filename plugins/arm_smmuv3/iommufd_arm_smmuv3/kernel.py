@@ -18,6 +18,7 @@ from iommufd_arm_smmuv3 import events as E
 from iommufd_arm_smmuv3 import regs as R
 from iommufd_arm_smmuv3.cd import CD0_V, IRGN_WBWA, TG0_4K, Cd
 from iommufd_arm_smmuv3.cdtable import LINEAR_CDMAX, CdTable
+from iommufd_arm_smmuv3.domain import SmmuDomain
 from iommufd_arm_smmuv3.entry_writer import cd_used, ste_update_safe, ste_used, write_entry
 from iommufd_arm_smmuv3.hw import Smmuv3
 from iommufd_arm_smmuv3.invs import (
@@ -28,16 +29,12 @@ from iommufd_arm_smmuv3.invs import (
     INV_S2_VMID_S1_CLEAR,
     Batch,
     Inv,
-    Invs,
     flush_tag,
     inv_range,
 )
 from iommufd_arm_smmuv3.pgtable import (
     MAIR_VALUE,
-    PGSIZE_BITMAP,
     VA_BITS,
-    Stage1Format,
-    Stage2Format,
 )
 from iommufd_arm_smmuv3.ste import (
     CFG_ABORT,
@@ -62,10 +59,8 @@ from iommufd_model.driver import Domain, DomainType
 from iommufd_model.errors import err
 from iommufd_model.hw.bits import get, pack
 from iommufd_model.hw.memory import PAGE_SHIFT, PAGE_SIZE
-from iommufd_model.hw.radix import RadixPageTable
 from iommufd_model.hw.ring import MemRing
 from iommufd_model.ida import Ida
-from iommufd_model.paging import IotlbGather, PagingDomain
 from iommufd_model.uapi import iommufd as U
 
 if TYPE_CHECKING:
@@ -87,68 +82,6 @@ CR1_VALUE = (SH_ISH << 10) | (1 << 8) | (1 << 6) | (SH_ISH << 4) | (1 << 2) | 1
 RESUME_RETRY = 1  # CMDQ_RESUME_0_RESP_RETRY
 RESUME_ABORT = 2  # CMDQ_RESUME_0_RESP_ABORT
 ABORT_RETRIES = 8  # the model's bound on re-fetching a command whose fetch aborts
-
-
-class SmmuDomain(PagingDomain[RadixPageTable]):
-    """A paging domain: stage 1 (ASID) or, for nest parents, stage 2 (VMID).
-
-    ``invs`` is the domain's invalidation array: empty until a master attaches (7.2 flushes
-    nothing for a domain nobody uses), the tag flushed when its last master leaves.
-    """
-
-    def __init__(
-        self,
-        smmu: SmmuDevice,
-        stage: int,
-        *,
-        nest_parent: bool,
-        pasid: bool,
-        dirty_tracking: bool = False,
-    ) -> None:
-        fwb = nest_parent and smmu.feat_s2fwb  # IO_PGTABLE_QUIRK_ARM_S2FWB
-        fmt = Stage1Format(hd=dirty_tracking) if stage == 1 else Stage2Format(fwb=fwb)
-        super().__init__(
-            smmu.hw,
-            RadixPageTable(smmu.hw.memory, fmt),
-            pgsize_bitmap=PGSIZE_BITMAP,
-            aperture_start=0,
-            aperture_end=(1 << VA_BITS) - 1,
-            nest_parent=nest_parent,
-            dirty_tracking=dirty_tracking,
-            pasid_compat=pasid,
-        )
-        self.smmu = smmu
-        self.stage = stage
-        try:  # ENOSPC when the space is full
-            self.asid = smmu.asids.alloc() if stage == 1 else 0
-            self.vmid = smmu.vmids.alloc() if stage == 2 else 0
-        except OSError:
-            self.pt.free()
-            raise
-        self.invs = Invs()
-
-    def iotlb_sync(self, gather: IotlbGather) -> None:
-        """arm_smmu_iotlb_sync() of the unmap's gather, as io-pgtable-arm fills it: each leaf
-        joins the gathered range; a leaf of another page size, or after a hole, first flushes
-        what was gathered (iommu_iotlb_gather_add_page)."""
-        ranges: list[list[int]] = []  # [start, end (exclusive), page size]
-        for start, size, pgsize in gather.runs:
-            last = ranges[-1] if ranges else None
-            if last is not None and last[2] == pgsize and last[1] == start:
-                last[1] = start + size
-            else:
-                ranges.append([start, start + size, pgsize])
-        for start, end, pgsize in ranges:
-            self.smmu.tlb_inv_range(self, start, end - start, pgsize)
-
-    def free(self) -> None:
-        """arm_smmu_domain_free_paging(): only the ASID / VMID goes back; no command (the tag
-        was flushed when the last master left the domain's invalidation array)."""
-        super().free()
-        if self.stage == 1:
-            self.smmu.asids.free(self.asid)
-        else:
-            self.smmu.vmids.free(self.vmid)
 
 
 class Master:

@@ -7,10 +7,11 @@ from typing import Any
 
 import pytest
 from iommufd_arm_smmuv3 import commands as C
+from iommufd_arm_smmuv3.domain import SmmuDomain
 from iommufd_arm_smmuv3.driver import plugin
 from iommufd_arm_smmuv3.guest import stage1_tables, vste, write_cd
 from iommufd_arm_smmuv3.hw import Smmuv3
-from iommufd_arm_smmuv3.kernel import SmmuDevice, SmmuDomain
+from iommufd_arm_smmuv3.kernel import SmmuDevice
 
 from iommufd_model.driver import IOMMU_READ, IOMMU_WRITE
 from iommufd_model.hw.bits import pack

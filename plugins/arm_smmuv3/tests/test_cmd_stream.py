@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 from iommufd_arm_smmuv3 import commands as C
 from iommufd_arm_smmuv3 import regs as R
+from iommufd_arm_smmuv3.domain import SmmuDomain
 from iommufd_arm_smmuv3.driver import plugin
 from iommufd_arm_smmuv3.hw import Smmuv3
-from iommufd_arm_smmuv3.kernel import SmmuDevice, SmmuDomain
+from iommufd_arm_smmuv3.kernel import SmmuDevice
 from iommufd_arm_smmuv3.pgtable import MAIR_VALUE, PTE_AP_RDONLY, PTE_AP_UNPRIV, PTE_NG, PTE_XN
 from iommufd_arm_smmuv3.ste import EATS_TRANS, Ste
 
