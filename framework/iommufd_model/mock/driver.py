@@ -26,16 +26,14 @@ from iommufd_model.machine import Machine
 # Importing selftest registers IOMMU_TEST_CMD: loading the mock driver turns the test ioctl on,
 # as building the kernel with CONFIG_IOMMUFD_TEST does.
 from iommufd_model.mock import selftest
-from iommufd_model.mock.hw import (
-    MOCK_DEV_CACHE_NUM,
-    MOCK_PASID_WIDTH,
+from iommufd_model.mock.domain import (
     MockDomain,
     MockHwQueue,
-    MockIommu,
     MockNestedDomain,
     MockVdevice,
     MockViommu,
 )
+from iommufd_model.mock.hw import MOCK_DEV_CACHE_NUM, MOCK_PASID_WIDTH, MockIommu
 from iommufd_model.mock.iommupt import MOCK_IOMMUPT_DEFAULT, MOCK_IOMMUPT_HUGE
 from iommufd_model.paging import PagingDomainOps, paging_domain
 from iommufd_model.uapi import iommufd as U

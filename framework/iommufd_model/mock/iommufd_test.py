@@ -19,7 +19,7 @@ from typing import Any
 import attrs
 
 from iommufd_model.mock import iommupt
-from iommufd_model.mock.hw import MOCK_IO_PAGE_SIZE
+from iommufd_model.mock.domain import MOCK_IO_PAGE_SIZE
 from iommufd_model.uapi import iommufd as U
 from iommufd_model.uapi.codec import UStruct, raw, u32, u64, ustruct
 

@@ -39,12 +39,8 @@ from iommufd_model.core.objects import IommufdObject, ObjType
 from iommufd_model.core.process import MemFile
 from iommufd_model.errors import err
 from iommufd_model.hw.memory import PAGE_SIZE
-from iommufd_model.mock.hw import (
-    MockDomain,
-    MockIommu,
-    MockNestedDomain,
-    MockViommu,
-)
+from iommufd_model.mock.domain import MockDomain, MockNestedDomain, MockViommu
+from iommufd_model.mock.hw import MockIommu
 from iommufd_model.mock.iommufd_test import *  # noqa: F403 (the header's names, re-exported)
 from iommufd_model.mock.iommufd_test import (
     DIRTY_MAX_BITS,
