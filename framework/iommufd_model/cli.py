@@ -10,12 +10,10 @@ import argparse
 import dataclasses
 import json
 import math
-import multiprocessing
 import os
 import sys
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from html import escape as esc
 from pathlib import Path
 from typing import Any
@@ -29,9 +27,19 @@ from iommufd_model.scenarios import (
     UNSUPPORTED,
     Scenario,
     ScenarioResult,
-    run_scenario,
 )
 from iommufd_model.scenarios.base import COST_KEYS
+from iommufd_model.sweep import (
+    ClusterError,
+    Column,
+    Progress,
+    cell_specs,
+    columns,
+    dask_executor,
+    default_jobs,
+    local_executor,
+    run_specs,
+)
 
 
 def _problems(reg: DriverRegistry) -> list[dict[str, str]]:
@@ -66,29 +74,6 @@ def _cmd_drivers(args: argparse.Namespace, reg: DriverRegistry) -> int:
         _print_problems(reg)
     # A broken plugin is an installation error the user must see in the exit status too.
     return 0 if reg.drivers and not reg.problems else 1
-
-
-class _Progress:
-    """A one-line ``[n/total] scenario @ driver`` on stderr, only when stderr is a terminal."""
-
-    def __init__(self, total: int) -> None:
-        self.total = total
-        self.done = 0
-        self.enabled = sys.stderr.isatty()
-
-    def step(self, label: str) -> None:
-        self.done += 1
-        if self.enabled:
-            width = 24
-            filled = width * self.done // max(self.total, 1)
-            bar = "#" * filled + "." * (width - filled)
-            sys.stderr.write(f"\r[{bar}] {self.done}/{self.total} {label:<48.48}")
-            sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\r" + " " * 90 + "\r")
-            sys.stderr.flush()
 
 
 def _select(
@@ -130,12 +115,7 @@ def _check_output(option: str, path: str | None) -> None:
 def _jobs(value: str) -> int:
     """``-n auto`` (one process per CPU this process may use) or ``-n N``."""
     if value == "auto":
-        return max(
-            1,
-            len(os.sched_getaffinity(0))
-            if hasattr(os, "sched_getaffinity")
-            else os.cpu_count() or 1,
-        )
+        return default_jobs()
     try:
         n = int(value)
     except ValueError:
@@ -175,21 +155,44 @@ PALETTE = ("#0072b2", "#e69f00", "#009e73", "#56b4e9", "#cc79a7", "#f0e442", "#0
 
 @dataclasses.dataclass
 class Matrix:
-    """A finished run: the rows, the columns and every cell, in display order."""
+    """A finished run: the rows, the columns and every cell, in display order.
+
+    A column is a driver under one configuration (:class:`~iommufd_model.sweep.Column`):
+    a plain run has one per driver (its defaults), a ``--sweep`` one per declared option set
+    too, shown as one table per driver. Cells are keyed by (scenario, column label).
+    """
 
     scenarios: list[Scenario]
-    drivers: list[str]
+    columns: list[Column]
     cells: dict[tuple[str, str], ScenarioResult]
     problems: list[dict[str, str]] = dataclasses.field(default_factory=list)
     jobs: int = 1
     wall_s: float = 0.0
+    sweep: bool = False
+    executor: str = "in process"
 
-    def cell(self, scenario: str, driver: str) -> ScenarioResult:
-        return self.cells[scenario, driver]
+    @property
+    def drivers(self) -> list[str]:
+        return list(dict.fromkeys(c.driver for c in self.columns))
+
+    def cell(self, scenario: str, column: str) -> ScenarioResult:
+        return self.cells[scenario, column]
+
+    def groups(self) -> list[tuple[str, list[Column]]]:
+        """The tables to show: one of every column, or (sweep) one per driver."""
+        if not self.sweep:
+            return [("", self.columns)]
+        return [(d, [c for c in self.columns if c.driver == d]) for d in self.drivers]
+
+    def heading(self, col: Column) -> str:
+        """A column's header inside its table: the driver, or (sweep) the option set."""
+        return col.option_set.name if self.sweep else col.label
 
     def to_json(self) -> dict[str, Any]:
         return {
             "drivers": self.drivers,
+            "sweep": self.sweep,
+            "columns": [c.to_json() for c in self.columns],
             "scenarios": [
                 {"name": s.name, "doc": s.doc, "features": sorted(f.value for f in s.features)}
                 for s in self.scenarios
@@ -198,6 +201,7 @@ class Matrix:
             "cells": [c.to_json() for c in self.cells.values()],
             "problems": self.problems,
             "jobs": self.jobs,
+            "executor": self.executor,
             "wall_s": self.wall_s,
         }
 
@@ -216,28 +220,59 @@ def cell_text(r: ScenarioResult) -> str:
 
 def reasons(m: Matrix) -> list[str]:
     return [
-        f"{r.scenario} @ {r.driver}: {CELL[r.status]}: {r.detail}"
-        for r in m.cells.values()
+        f"{r.scenario} @ {label}: {CELL[r.status]}: {r.detail}"
+        for (_, label), r in m.cells.items()
         if r.status != PASS
     ]
 
 
-def render_table(m: Matrix) -> str:
+def _text_table(m: Matrix, cols: list[Column], text: dict[tuple[str, str], str]) -> list[str]:
     names = [s.name for s in m.scenarios]
     first = max([len("scenario"), *map(len, names)])
-    texts = {key: cell_text(r) for key, r in m.cells.items()}
-    widths = [max([len(d), *(len(texts[s, d]) for s in names)]) for d in m.drivers]
-    cols = list(zip(m.drivers, widths, strict=True))
-    lines = ["  ".join([f"{'scenario':<{first}}", *(f"{d:<{w}}" for d, w in cols)]).rstrip()]
-    lines.append("  ".join(["-" * first, *("-" * w for w in widths)]))
+    widths = [max([len(m.heading(c)), *(len(text[s, c.label]) for s in names)]) for c in cols]
+    sized = list(zip(cols, widths, strict=True))
+    head = [f"{'scenario':<{first}}", *(f"{m.heading(c):<{w}}" for c, w in sized)]
+    lines = ["  ".join(head).rstrip(), "  ".join(["-" * first, *("-" * w for w in widths)])]
     for sc in names:
-        row = [f"{sc:<{first}}", *(f"{texts[sc, d]:<{w}}" for d, w in cols)]
+        row = [f"{sc:<{first}}", *(f"{text[sc, c.label]:<{w}}" for c, w in sized)]
         lines.append("  ".join(row).rstrip())
-    lines += ["", LEGEND]
+    return lines
+
+
+def option_set_lines(m: Matrix) -> list[str]:
+    """What each swept column is: ``amd:host4: host_levels=4 (lacks: ...) -- why``."""
+    out = []
+    for c in m.columns:
+        opts = ", ".join(f"{k}={v}" for k, v in sorted(c.option_set.options.items()))
+        lacks = ", ".join(sorted(f.value for f in c.option_set.lacks))
+        out.append(
+            f"{c.label}: {opts or 'no options'}"
+            + (f" (lacks {lacks})" if lacks else "")
+            + (f" -- {c.option_set.doc}" if c.option_set.doc else "")
+        )
+    return out
+
+
+def render_table(m: Matrix) -> str:
+    """The plain matrix: one table, a cell with its costs. A sweep: one table per driver,
+    a column per option set and only the status in a cell (the costs are in the JSON/HTML)."""
+    if m.sweep:
+        text = {key: CELL[r.status] for key, r in m.cells.items()}
+    else:
+        text = {key: cell_text(r) for key, r in m.cells.items()}
+    lines: list[str] = []
+    for title, cols in m.groups():
+        if title:
+            lines += [f"== {title} ==", ""]
+        lines += [*_text_table(m, cols, text), ""]
+    if m.sweep:
+        lines += ["option sets:", *(f"  {n}" for n in option_set_lines(m)), ""]
+    else:
+        lines += [LEGEND, ""]
     notes = reasons(m)
     if notes:
-        lines += ["", "reasons:", *(f"  {n}" for n in notes)]
-    return "\n".join(lines)
+        lines += ["reasons:", *(f"  {n}" for n in notes)]
+    return "\n".join(lines).rstrip("\n")
 
 
 CSS = """
@@ -264,32 +299,33 @@ def _bar_width(value: float, peak: float, width: float) -> float:
     return width * math.log1p(value) / math.log1p(peak)
 
 
-def render_svg(m: Matrix) -> str:
+def render_svg(m: Matrix, cols: list[Column], svg_id: str = "costs") -> str:
     """Grouped horizontal bars (log scale): a panel per cost, a group per scenario, a bar per
-    driver."""
+    column (a driver, or in a sweep one of the driver's option sets)."""
     bar, gap, label_w, panel_w, top = 6, 8, 190, 150, 40
-    group = bar * len(m.drivers) + gap
+    group = bar * len(cols) + gap
     height = top + group * len(m.scenarios) + 30
     width = label_w + panel_w * len(CHART) + 10
-    colour = {d: PALETTE[i % len(PALETTE)] for i, d in enumerate(m.drivers)}
+    colour = {c.label: PALETTE[i % len(PALETTE)] for i, c in enumerate(cols)}
     out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" id="costs" width="{width}" '
+        f'<svg xmlns="http://www.w3.org/2000/svg" id="{esc(svg_id)}" width="{width}" '
         f'height="{height}" viewBox="0 0 {width} {height}" role="img">',
         "<title>costs per vendor per scenario</title>",
     ]
     for i, s in enumerate(m.scenarios):
         y = top + i * group + group / 2
         out.append(f'<text x="{label_w - 6}" y="{y:.0f}" text-anchor="end">{esc(s.name)}</text>')
+    shown = [m.cell(s.name, c.label) for s in m.scenarios for c in cols]
+    supported = [r for r in shown if r.status != UNSUPPORTED]
     for p, (key, title) in enumerate(CHART):
         x0 = label_w + p * panel_w
-        supported = [r for r in m.cells.values() if r.status != UNSUPPORTED]
         peak = max([_chart_value(r, key) for r in supported] + [1.0])
         out.append(f'<text x="{x0 + 4}" y="{top - 22}" font-weight="bold">{esc(title)}</text>')
         out.append(f'<text x="{x0 + 4}" y="{top - 8}">max {peak:,.0f}, log scale</text>')
         out.append(f'<line x1="{x0}" y1="{top - 4}" x2="{x0}" y2="{height - 30}" stroke="#999"/>')
         for i, s in enumerate(m.scenarios):
-            for j, d in enumerate(m.drivers):
-                r = m.cell(s.name, d)
+            for j, c in enumerate(cols):
+                r = m.cell(s.name, c.label)
                 if r.status == UNSUPPORTED:
                     continue
                 v = _chart_value(r, key)
@@ -297,38 +333,63 @@ def render_svg(m: Matrix) -> str:
                 y = top + i * group + j * bar
                 out.append(
                     f'<rect x="{x0 + 1}" y="{y}" width="{w:.1f}" height="{bar - 1}" '
-                    f'fill="{colour[d]}"><title>{esc(s.name)} @ {esc(d)}: {title} '
+                    f'fill="{colour[c.label]}"><title>{esc(s.name)} @ {esc(c.label)}: {title} '
                     f"{v:,.0f}</title></rect>"
                 )
-    for j, d in enumerate(m.drivers):
+    for j, c in enumerate(cols):
         x = label_w + j * 110
-        out.append(f'<rect x="{x}" y="{height - 20}" width="10" height="10" fill="{colour[d]}"/>')
-        out.append(f'<text x="{x + 14}" y="{height - 11}">{esc(d)}</text>')
+        out.append(
+            f'<rect x="{x}" y="{height - 20}" width="10" height="10" fill="{colour[c.label]}"/>'
+        )
+        out.append(f'<text x="{x + 14}" y="{height - 11}">{esc(m.heading(c))}</text>')
     out.append("</svg>")
     return "\n".join(out)
 
 
-def render_html(m: Matrix) -> str:
-    """A self-contained page: inline CSS, the table, the reasons, an inline SVG chart."""
-    head = "".join(f"<th>{esc(d)}</th>" for d in m.drivers)
+def _html_table(m: Matrix, cols: list[Column], table_id: str) -> str:
+    head = "".join(f"<th>{esc(m.heading(c))}</th>" for c in cols)
     rows = []
     for s in m.scenarios:
         tds = []
-        for d in m.drivers:
-            r = m.cell(s.name, d)
+        for c in cols:
+            r = m.cell(s.name, c.label)
             costs = cell_text(r).split(" ", 1)[1] if r.status != UNSUPPORTED else esc(r.detail)
             why = f'<span class="why">{esc(r.detail)}</span>' if r.status == FAIL else ""
             tds.append(
                 f'<td class="{r.status}" data-scenario="{esc(s.name)}" '
-                f'data-driver="{esc(d)}" data-status="{r.status}">'
-                f'<span class="st">{CELL[r.status]}</span>'
+                f'data-driver="{esc(c.driver)}" data-option-set="{esc(c.option_set.name)}" '
+                f'data-status="{r.status}"><span class="st">{CELL[r.status]}</span>'
                 f'<span class="costs">{costs}</span>{why}</td>'
             )
         rows.append(
             f'<tr><th scope="row" title="{esc(s.doc)}">{esc(s.name)}</th>{"".join(tds)}</tr>'
         )
+    return (
+        f'<table id="{esc(table_id)}">\n<thead><tr><th>scenario</th>{head}</tr></thead>\n'
+        f"<tbody>\n{chr(10).join(rows)}\n</tbody>\n</table>"
+    )
+
+
+def render_html(m: Matrix) -> str:
+    """A self-contained page: inline CSS, the table(s), the reasons, inline SVG charts."""
+    tables, charts = [], []
+    for title, cols in m.groups():
+        suffix = f"-{title}" if title else ""
+        heading = f"<h2>{esc(title)}</h2>\n" if title else ""
+        tables.append(heading + _html_table(m, cols, f"matrix{suffix}"))
+        chart_heading = f"<h3>{esc(title)}</h3>\n" if title else ""
+        charts.append(chart_heading + render_svg(m, cols, f"costs{suffix}"))
     notes = "".join(f"<li>{esc(n)}</li>" for n in reasons(m)) or "<li>none</li>"
     docs = "".join(f"<dt>{esc(s.name)}</dt><dd>{esc(s.doc)}</dd>" for s in m.scenarios)
+    sets = ""
+    if m.sweep:
+        items = "".join(f"<li>{esc(n)}</li>" for n in option_set_lines(m))
+        sets = f'<h2>Option sets</h2>\n<ul id="option-sets">{items}</ul>\n'
+    what = (
+        f"{len(m.scenarios)} scenarios &times; {len(m.columns)} driver configurations"
+        if m.sweep
+        else f"{len(m.scenarios)} scenarios &times; {len(m.drivers)} drivers"
+    )
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -337,19 +398,14 @@ def render_html(m: Matrix) -> str:
 <style>{CSS}</style>
 </head>
 <body>
-<h1>iommufd-model matrix</h1>
-<p>{len(m.scenarios)} scenarios &times; {len(m.drivers)} drivers, {m.jobs} process(es),
+<h1>iommufd-model {"sweep" if m.sweep else "matrix"}</h1>
+<p>{what}, {esc(m.executor)},
 {m.wall_s:.1f} s. {esc(LEGEND)}.</p>
-<table id="matrix">
-<thead><tr><th>scenario</th>{head}</tr></thead>
-<tbody>
-{chr(10).join(rows)}
-</tbody>
-</table>
-<h2>Reasons</h2>
+{chr(10).join(tables)}
+{sets}<h2>Reasons</h2>
 <ul id="reasons">{notes}</ul>
 <h2>Costs per vendor per scenario</h2>
-{render_svg(m)}
+{chr(10).join(charts)}
 <h2>Scenarios</h2>
 <dl>{docs}</dl>
 </body>
@@ -357,46 +413,27 @@ def render_html(m: Matrix) -> str:
 """
 
 
-# The registry the pool's workers run cells against. Workers are forked, so they inherit it
-# (a hand-built registry in a test included); under spawn they load the installed drivers.
-_WORKER_REGISTRY: DriverRegistry | None = None
-
-
-def _run_cell(scenario: str, driver: str) -> ScenarioResult:
-    return run_scenario(SCENARIOS[scenario], driver, _WORKER_REGISTRY)
-
-
 def run_cells(
     scenarios: list[str],
-    drivers: list[str],
+    cols: list[Column],
     reg: DriverRegistry,
     jobs: int = 1,
-    progress: _Progress | None = None,
+    scheduler: str | None = None,
+    progress: Progress | None = None,
 ) -> dict[tuple[str, str], ScenarioResult]:
-    """Every (scenario, driver) cell, serially or in ``jobs`` processes; same results."""
-    global _WORKER_REGISTRY
-    todo = [(sc, drv) for sc in scenarios for drv in drivers]
-    cells: dict[tuple[str, str], ScenarioResult] = {}
-    if jobs <= 1 or len(todo) <= 1:
-        for sc, drv in todo:
-            cells[sc, drv] = run_scenario(SCENARIOS[sc], drv, reg)
-            if progress:
-                progress.step(f"{sc} @ {drv}")
-        return cells
-    methods = multiprocessing.get_all_start_methods()
-    ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
-    _WORKER_REGISTRY = reg
-    try:
-        with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=ctx) as pool:
-            futures = {pool.submit(_run_cell, sc, drv): (sc, drv) for sc, drv in todo}
-            for fut in as_completed(futures):
-                sc, drv = futures[fut]
-                cells[sc, drv] = fut.result()
-                if progress:
-                    progress.step(f"{sc} @ {drv}")
-    finally:
-        _WORKER_REGISTRY = None
-    return {key: cells[key] for key in todo}  # the serial order, whatever finished first
+    """Every (scenario, column) cell: in this process, in ``jobs`` local processes, or on
+    the Dask cluster whose scheduler is at ``scheduler``; the same results (but ``wall_s``)."""
+    specs = cell_specs(scenarios, cols)
+    step = progress.step if progress else None
+    if scheduler is not None:
+        with dask_executor(scheduler) as pool:
+            results = run_specs(specs, pool, step)
+    elif jobs <= 1 or len(specs) <= 1:
+        results = run_specs(specs, None, step, reg)
+    else:
+        with local_executor(min(jobs, len(specs)), reg) as pool:
+            results = run_specs(specs, pool, step)
+    return {(sp.scenario, sp.column.label): r for sp, r in zip(specs, results, strict=True)}
 
 
 def _write(option: str, path: str, text: str) -> None:
@@ -419,6 +456,8 @@ def _cmd_matrix(args: argparse.Namespace, reg: DriverRegistry) -> int:
     json_to = _json_target(args)
     _check_output("--json", json_to)
     _check_output("--html", args.html)
+    if args.scheduler is not None and args.jobs is not None:
+        raise SystemExit("iommufd-model: --jobs and --scheduler exclude each other")
     if not reg.drivers:
         _print_problems(reg)
         print("iommufd-model: no driver could be loaded", file=sys.stderr)
@@ -426,17 +465,30 @@ def _cmd_matrix(args: argparse.Namespace, reg: DriverRegistry) -> int:
     broken = {p.name: p.one_line_message() for p in reg.problems}
     drivers = _select(args.driver, sorted(reg.drivers), "driver", broken)
     scenarios = _select(args.scenario, list(SCENARIOS), "scenario")
-    progress = _Progress(len(drivers) * len(scenarios))
+    cols = columns(reg, drivers, sweep=args.sweep)
+    # The sweep is the long run: a pool of one process per CPU unless told otherwise.
+    jobs = args.jobs if args.jobs is not None else default_jobs() if args.sweep else 1
+    if args.scheduler is not None:
+        jobs, executor = 0, f"Dask cluster at {args.scheduler}"
+    else:
+        executor = f"{jobs} local process(es)" if jobs > 1 else "in process"
+    progress = Progress(len(cols) * len(scenarios))
     start = time.perf_counter()
-    cells = run_cells(scenarios, drivers, reg, args.jobs, progress)
-    progress.close()
+    try:
+        cells = run_cells(scenarios, cols, reg, jobs, args.scheduler, progress)
+    except ClusterError as exc:
+        raise SystemExit(f"iommufd-model: {exc}") from None
+    finally:
+        progress.close()
     matrix = Matrix(
         scenarios=[SCENARIOS[s] for s in scenarios],
-        drivers=drivers,
+        columns=cols,
         cells=cells,
         problems=_problems(reg),
-        jobs=args.jobs,
+        jobs=jobs,
         wall_s=time.perf_counter() - start,
+        sweep=args.sweep,
+        executor=executor,
     )
     if json_to is not None:
         _write("--json", json_to, json.dumps(matrix.to_json(), indent=2) + "\n")
@@ -508,12 +560,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_matrix.add_argument("--html", metavar="FILE", help="write a self-contained HTML report")
     p_matrix.add_argument(
+        "--sweep",
+        action="store_true",
+        help="also run every scenario under each option set every driver declares "
+        "(page-table levels, granules, address widths, PASID widths...)",
+    )
+    p_matrix.add_argument(
         "-n",
+        "--jobs",
         dest="jobs",
         type=_jobs,
-        default=1,
+        default=None,
         metavar="auto|N",
-        help="run cells in N worker processes (auto: one per CPU); default 1",
+        help="run cells in a pool of N local worker processes (auto: one per CPU); "
+        "default 1, for --sweep auto",
+    )
+    p_matrix.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="run cells on the Dask distributed cluster whose scheduler is at ADDRESS "
+        "(tcp://host:8786; needs the 'cluster' extra, and the same drivers on every worker)",
     )
     p_matrix.set_defaults(func=_cmd_matrix)
     p_run = sub.add_parser(

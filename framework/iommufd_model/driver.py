@@ -70,6 +70,27 @@ def driver_state(iommu: IommuHw, kind: type[S]) -> S:
     return state
 
 
+@attrs.frozen
+class OptionSet:
+    """One named configuration of a driver's ``probe`` options that ``matrix --sweep`` runs
+    every scenario under (say AMD with 4-level host tables, VT-d with 57-bit addresses).
+
+    ``lacks`` names the features this configuration takes away from ``DriverInfo.features``
+    (VT-d without first-stage translation has no nesting): the sweep's cells then expect the
+    driver to *refuse* them, exactly as for an undeclared feature, so a configuration cannot
+    hide a feature that still half-works. ``doc`` says what the configuration models.
+    """
+
+    name: str
+    options: dict[str, Any] = attrs.field(factory=dict, hash=False)
+    lacks: frozenset[Feature] = frozenset()
+    doc: str = ""
+
+
+#: The configuration every driver has: ``probe`` with no options (the driver's defaults).
+DEFAULT_OPTION_SET = OptionSet("default", doc="the driver's defaults (probe with no options)")
+
+
 @attrs.define
 class DriverInfo:
     """A driver's self-description, returned by the ``driver_info`` hook."""
@@ -82,6 +103,8 @@ class DriverInfo:
     hw_info_type: int = 0
     veventq_types: frozenset[int] = frozenset()  # IOMMU_VEVENTQ_TYPE_* the driver reports
     hw_queue_types: frozenset[int] = frozenset()  # IOMMU_HW_QUEUE_TYPE_* the driver accepts
+    #: The configurations ``matrix --sweep`` runs besides :data:`DEFAULT_OPTION_SET`.
+    option_sets: tuple[OptionSet, ...] = ()
 
 
 @attrs.define

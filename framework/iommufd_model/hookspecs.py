@@ -56,6 +56,13 @@ def driver_info() -> DriverInfo:
 
     Called once at discovery; the result drives ``iommufd-model drivers``, the conformance
     kit's feature gating and the matrix's "unsupported" cells.
+
+    ``option_sets`` declares the driver's option space for ``iommufd-model matrix --sweep``:
+    named :class:`~iommufd_model.driver.OptionSet` records, each a dict of ``probe`` options
+    (page-table levels, address widths, PASID widths...) and the features that configuration
+    lacks. The sweep runs every scenario under each of them and under the defaults
+    (``default``, no options); the kit (``test_option_sets``) checks that each set probes, a
+    device attaches and DMA translates under it, and that names are unique.
     """
 
 

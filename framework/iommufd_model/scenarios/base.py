@@ -15,7 +15,7 @@ from typing import Any
 
 import attrs
 
-from iommufd_model.driver import DriverInfo, Feature
+from iommufd_model.driver import DEFAULT_OPTION_SET, DriverInfo, Feature, OptionSet
 from iommufd_model.hw.iommu import DmaFault
 from iommufd_model.hw.memory import PAGE_SIZE
 from iommufd_model.hw.pci import PciDevice
@@ -84,6 +84,7 @@ class ScenarioResult:
     driver: str
     status: str
     detail: str = ""
+    option_set: str = DEFAULT_OPTION_SET.name
     feature: str | None = None
     errno: int | None = None
     costs: dict[str, int] = attrs.Factory(dict)
@@ -197,18 +198,30 @@ class ScenarioContext:
     """What a scenario gets: the driver under test and a factory of fresh machines.
 
     Costs are summed over every machine the scenario built, so a scenario that needs several
-    machines (one per teardown order) is charged for all of them.
+    machines (one per teardown order) is charged for all of them. Every machine's IOMMU is
+    probed with ``option_set``'s options, and ``info`` is the driver's declaration less the
+    features that configuration lacks, so the scenarios need not know about option sets.
     """
 
-    def __init__(self, driver: str, registry: DriverRegistry) -> None:
+    def __init__(
+        self, driver: str, registry: DriverRegistry, option_set: OptionSet = DEFAULT_OPTION_SET
+    ) -> None:
         self.driver = driver
         self.registry = registry
-        self.info: DriverInfo = registry.drivers[driver].info
+        self.option_set = option_set
+        declared = registry.drivers[driver].info
+        self.info: DriverInfo = attrs.evolve(
+            declared, features=declared.features - option_set.lacks
+        )
         self.machines: list[Machine] = []
         self.vms: list[Vm] = []
 
     def machine(self) -> Machine:
-        m = Machine.build(iommus=[self.driver], registry=self.registry)
+        m = Machine.build(
+            iommus=[self.driver],
+            registry=self.registry,
+            options={self.driver: dict(self.option_set.options)},
+        )
         self.machines.append(m)
         return m
 
@@ -269,13 +282,16 @@ class ScenarioContext:
 
 
 def run_scenario(
-    scenario: Scenario, driver: str, registry: DriverRegistry | None = None
+    scenario: Scenario,
+    driver: str,
+    registry: DriverRegistry | None = None,
+    option_set: OptionSet = DEFAULT_OPTION_SET,
 ) -> ScenarioResult:
     """Run one cell on fresh machines; never raises for a model or driver failure."""
     reg = registry if registry is not None else default_registry()
-    ctx = ScenarioContext(driver, reg)
+    ctx = ScenarioContext(driver, reg, option_set)
     start = time.perf_counter()
-    result = ScenarioResult(scenario.name, driver, PASS)
+    result = ScenarioResult(scenario.name, driver, PASS, option_set=option_set.name)
     try:
         scenario.fn(ctx)
     except Unsupported as exc:

@@ -20,6 +20,7 @@ from iommufd_amd.dte import (
 )
 from iommufd_amd.hw import AmdIommu
 from iommufd_amd.kernel import AmdKernel, DevData
+from iommufd_amd.option_sets import OPTION_SETS
 from iommufd_amd.viommu import AmdHwQueue, AmdViommu
 from iommufd_amd.viommu import kernel as VK
 from iommufd_amd.viommu.hw import IOMMU_DEVID, MAX_GUESTS, VfMmioWindow
@@ -181,6 +182,7 @@ class AmdDriver(PagingDomainOps):
             hw_info_type=U.IOMMU_HW_INFO_TYPE_AMD,
             veventq_types=frozenset({U.IOMMU_VEVENTQ_TYPE_AMD}),
             hw_queue_types=frozenset(HW_QUEUE_TYPES),
+            option_sets=OPTION_SETS,
         )
 
     @hookimpl

@@ -24,6 +24,7 @@ from iommufd_arm_smmuv3.kernel import (
     Master,
     SmmuDevice,
 )
+from iommufd_arm_smmuv3.option_sets import OPTION_SETS
 from iommufd_arm_smmuv3.ste import (
     CFG_ABORT,
     CFG_BYPASS,
@@ -180,6 +181,7 @@ class ArmSmmuV3Driver(PagingDomainOps):
             hw_info_type=U.IOMMU_HW_INFO_TYPE_ARM_SMMUV3,
             veventq_types=frozenset({U.IOMMU_VEVENTQ_TYPE_ARM_SMMUV3}),
             hw_queue_types=frozenset({U.IOMMU_HW_QUEUE_TYPE_TEGRA241_CMDQV}),
+            option_sets=OPTION_SETS,
         )
 
     @hookimpl

@@ -21,6 +21,7 @@ from iommufd_intel_vtd.domain import VtdDomain, VtdNested, VtdPaging
 from iommufd_intel_vtd.guest import GuestVtd
 from iommufd_intel_vtd.hw import IntelVtd
 from iommufd_intel_vtd.kernel import DevInfo, IommuState, domain_set_dirty
+from iommufd_intel_vtd.option_sets import OPTION_SETS
 from iommufd_intel_vtd.pgtable import SecondStageFormat
 from iommufd_model.api import (
     Domain,
@@ -114,6 +115,7 @@ INFO = DriverInfo(
     hwpt_data_types=frozenset({U.IOMMU_HWPT_DATA_VTD_S1}),
     viommu_types=frozenset(),  # no vIOMMU type exists for VT-d upstream
     hw_info_type=U.IOMMU_HW_INFO_TYPE_INTEL_VTD,
+    option_sets=OPTION_SETS,
 )
 
 

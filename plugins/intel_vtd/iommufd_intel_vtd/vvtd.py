@@ -57,6 +57,9 @@ class VirtualVtd:
         self.iommu = iommu
         host_ecap = int(getattr(iommu, "ecap", 0))
         host_cap = int(getattr(iommu, "cap", 0))
+        if not host_ecap & R.ECAP_NEST:
+            # QEMU's vtd_check_hiod(): a first-stage (x-flts) vIOMMU needs a nesting host.
+            raise err(errno.EOPNOTSUPP, "the host VT-d has no ECAP.NEST: no nested vIOMMU")
         pasid_bits = R.field(host_ecap, R.ECAP_PSS_SHIFT, 5) + 1 if host_ecap & R.ECAP_PASID else 0
         # What QEMU's intel-iommu exposes with x-scalable-mode, x-flts and caching-mode on:
         # first stage only (the host second stage is the VMM's), CM = 1 so every new entry is

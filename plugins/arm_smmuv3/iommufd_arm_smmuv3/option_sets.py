@@ -1,0 +1,34 @@
+"""The SMMUv3 configurations ``iommufd-model matrix --sweep`` runs every scenario under.
+
+Each is a set of ``probe`` options (``PROBE_OPTIONS`` in :mod:`iommufd_arm_smmuv3.driver`):
+the substream (PASID) width (IDR1.SSIDSIZE), the CD table layout (2-level or linear,
+IDR0.CD2L), range invalidation (IDR3.RIL), hardware dirty state (IDR0.HTTU), stage-2 forced
+write-back (IDR3.FWB), the Tegra241 CMDQV extension and the TLB's size. The model has one
+translation granule (4 KiB) and always both stages, so neither is swept.
+"""
+
+from iommufd_model.api import Feature, OptionSet
+
+OPTION_SETS = (
+    OptionSet("ssid8", {"ssid_bits": 8}, doc="IDR1.SSIDSIZE: 8-bit SubstreamIDs"),
+    OptionSet("linear-cd", {"cd2l": False}, doc="no IDR0.CD2L: linear CD tables only"),
+    OptionSet(
+        "no-ril",
+        {"range_invalidation": False},
+        doc="no IDR3.RIL: TLB invalidation one page at a time",
+    ),
+    OptionSet("s2fwb", {"s2fwb": True}, doc="IDR3.FWB: stage 2 forces write-back"),
+    OptionSet(
+        "no-httu-dirty",
+        {"hw_dirty": False},
+        lacks=frozenset({Feature.DIRTY_TRACKING}),
+        doc="IDR0.HTTU without dirty-state update: no dirty tracking",
+    ),
+    OptionSet(
+        "no-cmdqv",
+        {"cmdqv": False},
+        lacks=frozenset({Feature.HW_QUEUE}),
+        doc="no Tegra241 CMDQV: no hardware-accelerated guest command queue",
+    ),
+    OptionSet("tlb16", {"tlb_capacity": 16}, doc="a 16-entry TLB: eviction under load"),
+)
