@@ -25,8 +25,11 @@ def ext_modules() -> list:  # type: ignore[type-arg]
     # The walkers import nothing from the framework: compile them alone, without the
     # project's mypy configuration (which would pull in the whole package and its deps).
     extensions = mypycify(["--config-file=", "--follow-imports=silent", *COMPILED], opt_level="3")
-    for ext in extensions:  # lets the C compiler inline the walkers' small native helpers
-        ext.extra_compile_args.append("-fno-semantic-interposition")
+    for ext in extensions:  # let the C compiler inline the small native helpers
+        ext.extra_compile_args += [
+            "-fno-semantic-interposition",
+            "--param=max-inline-insns-auto=200",
+        ]
     return extensions
 
 

@@ -7,9 +7,9 @@ installing the plugin: ``python benchmarks/bench_amd_walk.py``. Walks are timed 
 "own loop" (the walker module's ``bench_*`` driver loops itself -- compiled for the compiled
 build, as the C reference runs its own C loop). Two table shapes: 4096 pages spread over the
 address space (every walk misses the CPU caches) and 256 consecutive pages ("hot tables").
-The C reference (built with ``cc`` at bench time when one is installed) walks the same v1
-tables, copied into one flat buffer, with the same rules (NextLevel 0/7 leaves, skip levels,
-IR/IW).
+The C references (``c/amd_walk.c``, built with ``cc -O2`` at bench time when one is
+installed) walk the same v1 and nested tables, copied into one flat buffer, with the same rules
+(NextLevel 0/7 leaves, skip levels, IR/IW; GCR3, x86-64 guest entries through the host table).
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from _timing import c_reference, own_loop, rate
 from iommufd_amd.gcr3 import Gcr3Table, V2PageTable
 from iommufd_amd.hw import AmdIommu
 from iommufd_amd.pgtable_v1 import AmdV1PageTable
+from librt.vecs import vec
+from mypy_extensions import i64
 
 import iommufd_model as im
 from iommufd_model import uapi as U
@@ -32,43 +34,6 @@ from iommufd_model.hw.memory import PAGE_SHIFT, PhysicalMemory
 RW = IOMMU_READ | IOMMU_WRITE
 PAGES = 4096
 GPA = 1 << 36
-
-C_WALK = r"""
-#include <stdint.h>
-/* v1 walk over a flat copy of physical memory: returns the PA or ~0 on any fault */
-uint64_t walk_v1(const uint8_t *mem, uint64_t size, uint64_t root, int mode, uint64_t iova,
-                 int write, int *refs) {
-    uint64_t table = root; int level = mode; int prot = 3; *refs = 0;
-    const uint64_t addr_mask = ((1ULL << 52) - 1) & ~0xFFFULL;
-    for (;;) {
-        int shift = 3 + 9 * level;
-        uint64_t slot = table + ((iova >> shift) & 0x1FF) * 8;
-        if (slot + 8 > size) return ~0ULL;
-        uint64_t e = *(const uint64_t *)(mem + slot);
-        (*refs)++;
-        if (!(e & 1) || (e & (0x7FULL << 52))) return ~0ULL;
-        if (!(e >> 61 & 1)) prot &= 2;
-        if (!(e >> 62 & 1)) prot &= 1;
-        int nl = (e >> 9) & 7;
-        if (nl == 0 || nl == 7) {
-            int lg = shift;
-            if (nl == 7) { int b = 12; while (b < 52 && (e >> b & 1)) b++; lg = b + 1; }
-            if (!(prot & (write ? 2 : 1))) return ~0ULL;
-            uint64_t m = (1ULL << lg) - 1;
-            return ((e & addr_mask) & ~m) | (iova & m);
-        }
-        if (nl >= level) return ~0ULL;
-        table = e & addr_mask; level = nl;
-    }
-}
-uint64_t bench(const uint8_t *mem, uint64_t size, uint64_t root, int mode,
-               const uint64_t *iovas, int n, int rounds) {
-    uint64_t acc = 0; int refs;
-    for (int r = 0; r < rounds; r++)
-        for (int i = 0; i < n; i++) acc += walk_v1(mem, size, root, mode, iovas[i], 0, &refs);
-    return acc;
-}
-"""
 
 
 def host_table() -> tuple[PhysicalMemory, AmdV1PageTable, list[int]]:
@@ -82,16 +47,17 @@ def host_table() -> tuple[PhysicalMemory, AmdV1PageTable, list[int]]:
     return mem, pt, iovas
 
 
-def nested_tables() -> tuple[PhysicalMemory, AmdV1PageTable, Gcr3Table, list[int]]:
-    """Host v1 (GPA -> SPA, 4 KiB pages), guest v2 and GCR3 tables with GPA == SPA."""
+def nested_tables(hot: bool = False) -> tuple[PhysicalMemory, AmdV1PageTable, Gcr3Table, list[int]]:
+    """Host v1 (GPA -> SPA, 4 KiB pages), guest v2 and GCR3 tables with GPA == SPA; guest
+    pages at random addresses (spread), or 256 consecutive ones (``hot``)."""
     mem = PhysicalMemory(1 << 40)
     host = AmdV1PageTable(mem, 4)
     guest = V2PageTable(mem, 4)
     gcr3 = Gcr3Table(mem, 0)
     rng = random.Random(5)
     gvas = []
-    for i in range(PAGES):
-        gva = rng.randrange(1 << 47) & ~0xFFF
+    for i in range(256 if hot else PAGES):
+        gva = (1 << 39) + (i << PAGE_SHIFT) if hot else rng.randrange(1 << 47) & ~0xFFF
         try:
             guest.map(gva, GPA + i * 4096, 4096, RW)
         except OSError:
@@ -181,29 +147,57 @@ def run() -> dict[str, float]:
             lambda gva, n=nested, x=x86: n(gva, False, x.walk_x86), gvas
         )
         figures[f"v1 single-stage walk, own loop ({name})"] = own_loop(
-            lambda r, w=w: w.bench_v1(pages, size, pt.root, 4, iovas, r), len(iovas)
+            lambda r, w=w: w.bench_v1(pages, size, pt.root, 4, vec[i64](iovas), r), len(iovas)
         )
         figures[f"2-D nested walk (29 refs), own loop ({name})"] = own_loop(
             lambda r, w=w, x=x86: w.bench_nested(
-                npages, nsize, host.root, 4, gcr3.root, 4, gvas, r, x.walk_x86
+                npages, nsize, host.root, 4, gcr3.root, 4, vec[i64](gvas), r, x.walk_x86
             ),
             len(gvas),
         )
     hmem, hpt, hot = hot_table()
-    for name, w, _x86 in walkers():
+    gmem, ghost, ggcr3, ghot = nested_tables(hot=True)
+    for name, w, x86 in walkers():
         figures[f"v1 single-stage walk, hot tables, own loop ({name})"] = own_loop(
-            lambda r, w=w: w.bench_v1(hmem._pages, hmem.size, hpt.root, 4, hot, r), len(hot)
+            lambda r, w=w: w.bench_v1(hmem._pages, hmem.size, hpt.root, 4, vec[i64](hot), r),
+            len(hot),
         )
-    c_hot = c_reference(C_WALK, hmem, hpt.root, 4, hot)
-    if c_hot is not None:
-        figures["v1 single-stage walk, hot tables, own loop (C reference, cc -O2)"] = c_hot
+        figures[f"2-D nested walk (29 refs), hot tables, own loop ({name})"] = own_loop(
+            lambda r, w=w, x=x86: w.bench_nested(
+                gmem._pages, gmem.size, ghost.root, 4, ggcr3.root, 4, vec[i64](ghot), r, x.walk_x86
+            ),
+            len(ghot),
+        )
+    c_refs = {
+        "v1 single-stage walk, own loop": ("bench_v1", mem, iovas, pt.root, 4),
+        "v1 single-stage walk, hot tables, own loop": ("bench_v1", hmem, hot, hpt.root, 4),
+        "2-D nested walk (29 refs), own loop": (
+            "bench_nested",
+            nmem,
+            gvas,
+            host.root,
+            4,
+            gcr3.root,
+            4,
+        ),
+        "2-D nested walk (29 refs), hot tables, own loop": (
+            "bench_nested",
+            gmem,
+            ghot,
+            ghost.root,
+            4,
+            ggcr3.root,
+            4,
+        ),
+    }
+    for label, (func, m, addrs, *args) in c_refs.items():
+        c = c_reference("amd_walk", func, m, addrs, *args)
+        if c is not None:
+            figures[f"{label} (C reference, cc -O2)"] = c
     miss, hit, burst = machine_rates()
     figures["hw translate, IOTLB miss (installed walker)"] = miss
     figures["hw translate, IOTLB hit"] = hit
     figures["hw translate_run, IOTLB hits in a 2048-page burst"] = burst
-    c = c_reference(C_WALK, mem, pt.root, 4, iovas)
-    if c is not None:
-        figures["v1 single-stage walk, own loop (C reference, cc -O2)"] = c
     return figures
 
 
@@ -220,17 +214,18 @@ def ratios(figures: dict[str, float]) -> list[str]:
             out.append(
                 f"compiled / pure, {how}: single-stage {comp / pure:.1f}x, nested {nested:.1f}x"
             )
-    for kind in ("", "hot tables, "):
-        c = figures.get(f"v1 single-stage walk, {kind}own loop (C reference, cc -O2)")
-        comp = figures.get(f"v1 single-stage walk, {kind}own loop (compiled)")
-        pure = figures[f"v1 single-stage walk, {kind}own loop (pure)"]
-        if c is None:
-            out.append("C reference skipped: no C compiler (cc/gcc) found")
-        elif comp:
-            out.append(
-                f"{kind or 'spread tables, '}own loops: C / compiled {c / comp:.1f}x, "
-                f"compiled / pure {comp / pure:.1f}x"
-            )
+    for walk in ("v1 single-stage walk", "2-D nested walk (29 refs)"):
+        for kind in ("", "hot tables, "):
+            c = figures.get(f"{walk}, {kind}own loop (C reference, cc -O2)")
+            comp = figures.get(f"{walk}, {kind}own loop (compiled)")
+            pure = figures[f"{walk}, {kind}own loop (pure)"]
+            if c is None:
+                out.append("C reference skipped: no C compiler (cc/gcc) found")
+            elif comp:
+                out.append(
+                    f"{walk}, {kind or 'spread tables, '}own loops: C / compiled "
+                    f"{c / comp:.1f}x, compiled / pure {comp / pure:.1f}x"
+                )
     return out
 
 

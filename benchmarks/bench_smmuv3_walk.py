@@ -2,8 +2,11 @@
 walker's own loop), a C reference of the stage-1 walk over the same tables, and TLB hits (per
 ``translate()`` call and inside a DMA burst).
 
-Prints walks per second; no assertions (figures, not a timed test). Run after installing the
-plugin: ``python benchmarks/bench_smmuv3_walk.py``.
+Tables of 4096 consecutive pages (hot: they stay in the CPU caches) and of 4096 pages spread over
+the address space (every walk misses them); the C references are ``c/smmuv3_walk.c``, built
+with ``cc -O2`` at bench time (skipped without a compiler). Prints walks per second; no
+assertions (figures, not a timed test). Run after installing the plugin:
+``python benchmarks/bench_smmuv3_walk.py``.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from iommufd_arm_smmuv3.driver import plugin
 from iommufd_arm_smmuv3.guest import IpaFrames, stage1_tables
 from iommufd_arm_smmuv3.hw import WALKER
 from iommufd_arm_smmuv3.pgtable import Stage1Format, Stage2Format
+from librt.vecs import vec
+from mypy_extensions import i64
 
 from iommufd_model.driver import IOMMU_READ, IOMMU_WRITE
 from iommufd_model.hw.compiled import is_compiled, load_pure, load_walker
@@ -28,63 +33,44 @@ BURST = 2048  # pages of the translate_run figure (the TLB holds 4096 entries)
 GUEST_IPA = 1 << 30
 
 
-def tables() -> tuple[PhysicalMemory, RadixPageTable, RadixPageTable, RadixPageTable]:
+def spread(i: int) -> int:
+    """The i-th spread page: 4 table levels apart from its neighbours (cache-cold walks)."""
+    return (i * 0x1_0040_1000) & ((1 << 48) - 1) & ~0xFFF
+
+
+def tables(
+    hot: bool,
+) -> tuple[PhysicalMemory, RadixPageTable, RadixPageTable, RadixPageTable, list[int]]:
+    """Stage-1 tables of PAGES 4 KiB pages, flat and nested (over 4 KiB stage-2 pages, the
+    costliest nested walk): consecutive pages (``hot``: the tables stay in the CPU caches) or
+    spread over the address space (every walk misses them); and the pages' addresses."""
     mem = PhysicalMemory(1 << 40)
     flat = RadixPageTable(mem, Stage1Format())
     s2 = RadixPageTable(mem, Stage2Format())
-    for i in range(PAGES + 64):  # 4 KiB stage-2 pages: the costliest nested walk
+    table_frames = 64 if hot else 3 * PAGES + 64
+    for i in range(PAGES + table_frames):
         s2.map(GUEST_IPA + i * 4096, (mem.alloc_frame()) << 12, 4096, RW)
     guest = IpaFrames(mem, s2, GUEST_IPA + PAGES * 4096)
     s1 = stage1_tables(guest)
-    for i in range(PAGES):
-        flat.map(i * 4096, (0x100000 + i) << 12, 4096, RW)
-        s1.map(i * 4096, GUEST_IPA + i * 4096, 4096, RW)
-    return mem, flat, s1, s2
-
-
-C_WALK = r"""
-#include <stdint.h>
-/* VMSAv8-64 stage-1 walk, 4 KiB granule, over a flat copy of physical memory: the same rules
-   as walk_s1 without stage 2 (valid, table/page/block, AF, APTable, AP[2:1]); ~0 on a fault */
-static uint64_t walk(const uint8_t *mem, uint64_t size, uint64_t ttb, int ia_bits, uint64_t va) {
-    const uint64_t oa = ((1ULL << 48) - 1) & ~0xFFFULL;
-    int start = 4 - (ia_bits - 12 + 8) / 9, unpriv = 1, rdonly = 0;
-    uint64_t table = ttb;
-    if (va >> ia_bits) return ~0ULL;
-    for (int level = start;; level++) {
-        int shift = 12 + 9 * (3 - level);
-        int bits = level == start ? ia_bits - shift : 9;
-        uint64_t slot = table + ((va >> shift) & ((1ULL << bits) - 1)) * 8;
-        if (slot + 8 > size) return ~0ULL;
-        uint64_t d = *(const uint64_t *)(mem + slot);
-        if (!(d & 1)) return ~0ULL;
-        if (level < 3 && (d & 2)) {
-            table = d & oa;
-            if (d >> 61 & 1) unpriv = 0;
-            if (d >> 62 & 1) rdonly = 1;
-            continue;
-        }
-        if ((level == 3 && !(d & 2)) || level == 0 || !(d & (1 << 10))) return ~0ULL;
-        if (!unpriv || !(d & (1 << 6))) return ~0ULL;
-        (void)rdonly;
-        uint64_t m = (1ULL << shift) - 1;
-        return ((d & oa) & ~m) | (va & m);
-    }
-}
-uint64_t bench(const uint8_t *mem, uint64_t size, uint64_t root, int ia_bits,
-               const uint64_t *vas, int n, int rounds) {
-    uint64_t acc = 0;
-    for (int r = 0; r < rounds; r++)
-        for (int i = 0; i < n; i++) acc += walk(mem, size, root, ia_bits, vas[i]);
-    return acc;
-}
-"""
+    vas = [i * 4096 if hot else spread(i) for i in range(PAGES)]
+    for i, va in enumerate(vas):
+        flat.map(va, (0x100000 + i) << 12, 4096, RW)
+        s1.map(va, GUEST_IPA + i * 4096, 4096, RW)
+    return mem, flat, s1, s2, vas
 
 
 def walkers(name: str, walker: ModuleType) -> dict[str, float]:
-    mem, flat, s1, s2 = tables()
+    figures: dict[str, float] = {}
+    for hot in (True, False):
+        figures |= shape(name, walker, hot)
+    return figures
+
+
+def shape(name: str, walker: ModuleType, hot: bool) -> dict[str, float]:
+    """The walk figures of one table shape (hot or spread)."""
+    mem, flat, s1, s2, iovas = tables(hot)
     pages, size = mem._pages, mem.size
-    iovas = [i * 4096 for i in range(PAGES)]
+    tag = "" if hot else ", spread tables"
 
     def stage1(va: int) -> object:
         args = (False, False, False, 0, 0, 0, 0, False)
@@ -94,20 +80,25 @@ def walkers(name: str, walker: ModuleType) -> dict[str, float]:
         args = (False, False, True, s2.root, 48, 0, 48, False)
         return walker.walk_s1(pages, size, s1.root, va, 48, 48, False, *args)
 
-    figures = {
-        f"stage-1 walk, per call ({name})": rate(stage1, iovas),
-        f"nested walk, per call ({name})": rate(nested, iovas),
-        f"stage-1 walk, own loop ({name})": own_loop(
-            lambda r: walker.bench_s1(pages, size, flat.root, iovas, 48, r), len(iovas)
-        ),
-        f"nested walk, own loop ({name})": own_loop(
-            lambda r: walker.bench_nested(pages, size, s1.root, s2.root, iovas, 48, r), len(iovas)
-        ),
-    }
+    native = vec[i64](iovas)  # the drivers loop over native ints, as the C references do
+    figures: dict[str, float] = {}
+    if hot:
+        figures[f"stage-1 walk, per call ({name})"] = rate(stage1, iovas)
+        figures[f"nested walk, per call ({name})"] = rate(nested, iovas)
+    figures[f"stage-1 walk{tag}, own loop ({name})"] = own_loop(
+        lambda r: walker.bench_s1(pages, size, flat.root, native, 48, r), len(iovas)
+    )
+    figures[f"nested walk{tag}, own loop ({name})"] = own_loop(
+        lambda r: walker.bench_nested(pages, size, s1.root, s2.root, native, 48, r), len(iovas)
+    )
     if name == "compiled":
-        c = c_reference(C_WALK, mem, flat.root, 48, iovas)
-        if c is not None:
-            figures["stage-1 walk, own loop (C reference, cc -O2)"] = c
+        for label, func, args in (
+            ("stage-1 walk", "bench_s1", (flat.root, 48)),
+            ("nested walk", "bench_nested", (s1.root, s2.root, 48)),
+        ):
+            c = c_reference("smmuv3_walk", func, mem, iovas, *args)
+            if c is not None:
+                figures[f"{label}{tag}, own loop (C reference, cc -O2)"] = c
     return figures
 
 
@@ -150,16 +141,16 @@ def main() -> None:
     width = max(map(len, figures))
     for key, value in figures.items():
         print(f"{key:<{width}}  {value:>14,.0f}")
-    comp, pure = (
-        figures.get("stage-1 walk, own loop (compiled)"),
-        figures["stage-1 walk, own loop (pure)"],
-    )
-    c_ref = figures.get("stage-1 walk, own loop (C reference, cc -O2)")
-    if comp:
-        print(
-            f"own loops: compiled / pure {comp / pure:.1f}x"
-            + (f", C / compiled {c_ref / comp:.1f}x" if c_ref else "")
-        )
+    for walk in ("stage-1 walk", "nested walk"):
+        for tag in ("", ", spread tables"):
+            comp = figures.get(f"{walk}{tag}, own loop (compiled)")
+            pure = figures[f"{walk}{tag}, own loop (pure)"]
+            c_ref = figures.get(f"{walk}{tag}, own loop (C reference, cc -O2)")
+            if comp:
+                print(
+                    f"{walk}{tag or ', hot tables'}, own loops: compiled / pure {comp / pure:.1f}x"
+                    + (f", C / compiled {c_ref / comp:.1f}x" if c_ref else "")
+                )
 
 
 if __name__ == "__main__":

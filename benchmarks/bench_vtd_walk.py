@@ -3,12 +3,14 @@
     python benchmarks/bench_vtd_walk.py
 
 first-stage: the framework's x86-64 walker (4-level); second-stage: ``walk_ss`` (4-level);
-nested: ``walk_nested`` (4-level over 4-level, 24 memory references), over 256 pages (the
-tables stay in the CPU caches); IOTLB hit: a full ``IntelVtd.translate`` of a cached page
-through the uAPI-built machine, and IOTLB hits inside a DMA burst (``translate_run``).
-"per call": a Python loop calls the walker; "own loop": the walker module's driver loops
-itself (compiled in the compiled build), as the C reference of the first-stage walk (built with
-``cc -O2`` at bench time, skipped without a compiler) loops over the same tables.
+nested: ``walk_nested`` (4-level over 4-level, 24 memory references), over 256 consecutive
+pages (hot tables: they stay in the CPU caches) and over 4096 (nested: 1024) pages spread over
+the address space (every walk misses the caches); IOTLB hit: a full ``IntelVtd.translate`` of
+a cached page through the uAPI-built machine, and IOTLB hits inside a DMA burst
+(``translate_run``). "per call": a Python loop calls the walker; "own loop": the walker
+module's driver loops itself (compiled in the compiled build), as the C references of the three
+walks (``c/vtd_walk.c``, built with ``cc -O2`` at bench time, skipped without a compiler) loop
+over the same tables.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from collections.abc import Callable
 
 from _timing import c_reference, own_loop, rate
 from iommufd_intel_vtd.pgtable import SecondStageFormat
+from librt.vecs import vec
+from mypy_extensions import i64
 
 import iommufd_model as im
 from iommufd_model import uapi as U
@@ -31,49 +35,22 @@ RW = IOMMU_READ | IOMMU_WRITE
 N = 20_000
 VTD = "iommufd_intel_vtd.walk"
 BURST = 2048  # pages of the translate_run figure (the IOTLB holds 4096 entries)
-C_WALK = r"""
-#include <stdint.h>
-/* x86-64 first-stage walk over a flat copy of physical memory, the rules of walk_x86
-   (present, R/W, PS leaves at levels 1-2): the physical address, or ~0 on a fault */
-static uint64_t walk(const uint8_t *mem, uint64_t size, uint64_t root, int levels,
-                     uint64_t iova, int write) {
-    const uint64_t addr = ((1ULL << 52) - 1) & ~0xFFFULL;
-    uint64_t table = root;
-    int prot = 3;
-    if (iova >> (12 + 9 * levels)) return ~0ULL;
-    for (int level = levels - 1; level >= 0; level--) {
-        int shift = 12 + 9 * level;
-        uint64_t slot = table + ((iova >> shift) & 0x1FF) * 8;
-        if (slot + 8 > size) return ~0ULL;
-        uint64_t e = *(const uint64_t *)(mem + slot);
-        if (!(e & 1)) return ~0ULL;
-        if (!(e & 2)) prot &= 1;
-        if (level == 0 || ((e & 0x80) && level <= 2)) {
-            if (write && !(prot & 2)) return ~0ULL;
-            uint64_t m = (1ULL << shift) - 1;
-            return ((e & addr) & ~m) | (iova & m);
-        }
-        if (e & 0x80) return ~0ULL;
-        table = e & addr;
-    }
-    return ~0ULL;
-}
-uint64_t bench(const uint8_t *mem, uint64_t size, uint64_t root, int levels,
-               const uint64_t *iovas, int n, int rounds) {
-    uint64_t acc = 0;
-    for (int r = 0; r < rounds; r++)
-        for (int i = 0; i < n; i++) acc += walk(mem, size, root, levels, iovas[i], 0);
-    return acc;
-}
-"""
+SPREAD = 4096  # pages of the spread tables (nested: the first 1024)
+GUEST_PAGES = 1024 + 3 * 1024 + 64  # data pages, the spread guest tables, the hot ones
+
+
+def spread(i: int) -> int:
+    """The i-th spread page: 4 table levels apart from its neighbours (cache-cold walks)."""
+    return (i * 0x1_0040_1000) & ((1 << 48) - 1) & ~0xFFF
 
 
 def run() -> dict[str, float]:
     mem = PhysicalMemory(1 << 40)
     pages = mem._pages
     s2 = RadixPageTable(mem, SecondStageFormat(4, sllps=0))
-    host = mem.alloc_contiguous(1024) << 12
-    s2.map(0, host, 1024 << 12, RW)  # 4 MiB of "guest RAM" with 4 KiB second-stage pages
+    host = mem.alloc_contiguous(GUEST_PAGES) << 12
+    # "guest RAM" with 4 KiB second-stage pages
+    s2.map(0, host, GUEST_PAGES << 12, RW)
 
     class GuestRam:  # the guest's stage-1 tables live in the stage-2-mapped range
         nxt = 512 << 12
@@ -101,6 +78,15 @@ def run() -> dict[str, float]:
     s1.map(0, 0, 256 << 12, RW)
     fs = RadixPageTable(mem, X86_64Format(4))
     fs.map(0, host, 256 << 12, RW)
+    # Spread tables: first stage and second stage of SPREAD pages, nested of 1024.
+    fs_far = RadixPageTable(mem, X86_64Format(4))
+    s2_far = RadixPageTable(mem, SecondStageFormat(4, sllps=0))
+    far = [spread(i) for i in range(SPREAD)]
+    for i, iova in enumerate(far):
+        fs_far.map(iova, (mem.alloc_frame()) << 12, 4096, RW)
+        s2_far.map(iova, host + (i << 12), 4096, RW)
+    for iova in far[1:1024]:  # far[0] is 0, mapped above: one guest data page for all
+        s1.map(iova, 0, 4096, RW)
 
     x86 = {True: walk_x86, False: load_pure("iommufd_model.hw.walk_x86")}
     vtd = {True: load_walker(VTD), False: load_pure(VTD)}
@@ -122,6 +108,10 @@ def run() -> dict[str, float]:
 
     figures: dict[str, float] = {}
     addrs = [i << 12 for i in range(256)]
+    shapes = {  # walk -> (tables, addresses) of the hot and spread shapes
+        "hot": (fs.root, s2.root, s1.root, addrs, addrs),
+        "spread": (fs_far.root, s2_far.root, s1.root, far, far[:1024]),
+    }
     for compiled in (True, False):
         if compiled and not is_compiled(vtd[True]):
             continue
@@ -133,22 +123,37 @@ def run() -> dict[str, float]:
         ):
             figures[f"{label}, per call ({name})"] = rate(make(compiled), range(N))
         fs_walk = x86[compiled].walk_x86
-        figures[f"first-stage x86-64 walk, own loop ({name})"] = own_loop(
-            lambda r, c=compiled: x86[c].walk_many(pages, size, fs.root, addrs, 4, r), 256
-        )
-        figures[f"second-stage walk, own loop ({name})"] = own_loop(
-            lambda r, c=compiled: vtd[c].bench_ss(pages, size, s2.root, addrs, 4, r), 256
-        )
-        figures[f"nested walk, own loop ({name})"] = own_loop(
-            lambda r, c=compiled, f=fs_walk: vtd[c].bench_nested(
-                f, pages, size, s1.root, addrs, 4, s2.root, 4, r
-            ),
-            256,
-        )
+        for shape, (fs_root, s2_root, s1_root, where, nested_where) in shapes.items():
+            tag = "" if shape == "hot" else ", spread tables"
+            figures[f"first-stage x86-64 walk{tag}, own loop ({name})"] = own_loop(
+                lambda r, c=compiled, t=fs_root, a=where: x86[c].walk_many(
+                    pages, size, t, vec[i64](a), 4, r
+                ),
+                len(where),
+            )
+            figures[f"second-stage walk{tag}, own loop ({name})"] = own_loop(
+                lambda r, c=compiled, t=s2_root, a=where: vtd[c].bench_ss(
+                    pages, size, t, vec[i64](a), 4, r
+                ),
+                len(where),
+            )
+            figures[f"nested walk{tag}, own loop ({name})"] = own_loop(
+                lambda r, c=compiled, f=fs_walk, t=s1_root, a=nested_where: vtd[c].bench_nested(
+                    f, pages, size, t, vec[i64](a), 4, s2.root, 4, r
+                ),
+                len(nested_where),
+            )
 
-    c_ref = c_reference(C_WALK, mem, fs.root, 4, addrs)
-    if c_ref is not None:
-        figures["first-stage x86-64 walk, own loop (C reference, cc -O2)"] = c_ref
+    for shape, (fs_root, s2_root, s1_root, where, nested_where) in shapes.items():
+        tag = "" if shape == "hot" else ", spread tables"
+        for label, func, addrs_of, args in (
+            ("first-stage x86-64 walk", "bench_fs", where, (fs_root, 4)),
+            ("second-stage walk", "bench_ss", where, (s2_root, 4)),
+            ("nested walk", "bench_nested", nested_where, (s1_root, 4, s2.root, 4)),
+        ):
+            c_ref = c_reference("vtd_walk", func, mem, addrs_of, *args)
+            if c_ref is not None:
+                figures[f"{label}{tag}, own loop (C reference, cc -O2)"] = c_ref
 
     machine = im.Machine.build(iommus=["intel_vtd"])
     dev = machine.add_pci_device(iommu=0)

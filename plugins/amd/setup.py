@@ -18,8 +18,11 @@ def compiled_walkers() -> list:  # type: ignore[type-arg]
     if not wanted:
         return []
     extensions = mypycify(["iommufd_amd/walk.py"], opt_level="3")
-    for ext in extensions:  # lets the C compiler inline the walker's small native helpers
-        ext.extra_compile_args.append("-fno-semantic-interposition")
+    for ext in extensions:  # let the C compiler inline the small native helpers
+        ext.extra_compile_args += [
+            "-fno-semantic-interposition",
+            "--param=max-inline-insns-auto=200",
+        ]
     return extensions
 
 

@@ -18,6 +18,9 @@ if compile_walkers:
     from mypyc.build import mypycify
 
     extensions = mypycify(WALKERS, opt_level="3")
-    for ext in extensions:  # lets the C compiler inline the walker's small native helpers
-        ext.extra_compile_args.append("-fno-semantic-interposition")
+    for ext in extensions:  # let the C compiler inline the small native helpers
+        ext.extra_compile_args += [
+            "-fno-semantic-interposition",
+            "--param=max-inline-insns-auto=200",
+        ]
 setup(ext_modules=extensions)

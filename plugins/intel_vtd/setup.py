@@ -19,6 +19,9 @@ else:
     from mypyc.build import mypycify
 
     extensions = mypycify(HOT_PATHS, opt_level="3")
-    for ext in extensions:  # lets the C compiler inline the walker's small native helpers
-        ext.extra_compile_args.append("-fno-semantic-interposition")
+    for ext in extensions:  # let the C compiler inline the small native helpers
+        ext.extra_compile_args += [
+            "-fno-semantic-interposition",
+            "--param=max-inline-insns-auto=200",
+        ]
     setup(ext_modules=extensions)

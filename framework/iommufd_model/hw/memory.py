@@ -9,8 +9,8 @@ a ``memoryview`` word costs 24-40 ns, which capped walks near 6 M/s however tigh
 Its buffer is read-only to Python, so bytes leave a frame as zero-copy views and enter it by
 item stores: a few words from here, whole frames through the compiled ``frame_copy`` (or, in the
 pure build, by building new frames from the source buffer in C).
-Frames live in :class:`Frames`, the dict pfn -> frame that the walkers index, with a two-level
-list beside it for the walkers' lookups.
+Frames live in :class:`Frames`, the dict pfn -> frame that the walkers index, with a flat vec
+of frames beside it for the walkers' lookups.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import errno
 from collections import deque
 from typing import Protocol
 
-from librt.vecs import append, vec
+from librt.vecs import extend, vec
 from mypy_extensions import i64
 
 from iommufd_model.core.failnth import failpoint
@@ -57,73 +57,61 @@ def frame_bytes(frame: Frame) -> memoryview:
     return memoryview(frame).cast("B")
 
 
-#: the walkers' index is kept for frames below ``WORDS_MAX_PFN`` (1 TiB); above it they use the
-#: dict alone
-WORDS_CHUNK_BITS = 12
-WORDS_CHUNK = 1 << WORDS_CHUNK_BITS
-WORDS_MAX_PFN = 1 << 28
-#: the index of one chunk of ``WORDS_CHUNK`` frames (an empty vec stands for "never written")
-Chunk = vec[vec[i64]]
-#: the walkers' index: chunk ``pfn >> 12``, then frame ``pfn & 0xFFF``
-Words = vec[vec[vec[i64]]]
+#: the walkers' index covers frames below ``WORDS_MAX_PFN`` (8 GiB of physical memory: an index
+#: of at most 32 MiB); above it they use the dict alone
+WORDS_MAX_PFN = 1 << 21
+#: the walkers' index: ``words[pfn]`` is frame ``pfn``, or an empty vec (never written)
+Words = vec[vec[i64]]
 _NO_FRAME = Frame()
-_NO_CHUNK = Chunk()
 
 
 class Frames(dict[int, Frame]):
     """pfn -> :data:`Frame`, the dict every walker indexes, plus ``words``.
 
-    ``words[pfn >> 12][pfn & 0xFFF]`` (when that chunk is not empty) is the frame stored under
-    ``pfn`` (the same word buffer: a store through either shows in both), or an empty vec. It
-    is nested vecs rather than lists so that a compiled walker finds a table with two
-    native array loads: no type check, no boxing, no key object and no hash probe. Every
-    insertion and removal goes through item assignment, ``del``, :meth:`pop`, :meth:`clear` or
-    :meth:`put_run`, which keep both in step (``update``/``setdefault`` would not: they are not
-    used). ``_chunks`` holds the same chunks boxed, for stores from Python.
+    ``words[pfn]`` (for ``pfn < len(words)``) is the frame stored under ``pfn`` (the same word
+    buffer: a store through either shows in both), or an empty vec. It is one flat vec of
+    frames, grown to the highest frame stored below ``WORDS_MAX_PFN``, so that a compiled
+    walker finds a table with one native array load (no type check, no boxing, no key object,
+    no hash probe): what is left between it and a C walk over flat memory is that load and the
+    reference count of the frame. Every insertion and removal goes through item assignment,
+    ``del``, :meth:`pop`, :meth:`clear` or :meth:`put_run`, which keep both in step
+    (``update``/``setdefault`` would not: they are not used).
     """
 
-    __slots__ = ("_chunks", "words")
+    __slots__ = ("words",)
 
     def __init__(self) -> None:
         super().__init__()
         self.words: Words = Words()
-        self._chunks: list[Chunk] = []
 
-    def _chunk(self, pfn: int) -> Chunk | None:
-        """The words chunk holding ``pfn``, made on demand (None above WORDS_MAX_PFN)."""
-        if not 0 <= pfn < WORDS_MAX_PFN:
-            return None
-        chunks = self._chunks
-        top = pfn >> WORDS_CHUNK_BITS
-        if top < len(chunks) and len(chunks[top]):
-            return chunks[top]
-        while top >= len(chunks):  # chunks below stay empty until a frame needs them
-            chunks.append(_NO_CHUNK)
-            self.words = append(self.words, _NO_CHUNK)
-        chunk = chunks[top] = Chunk([_NO_FRAME] * WORDS_CHUNK)
+    def _index(self, pfn: int) -> Words | None:
+        """The index, grown to hold ``pfn`` (None for a pfn it does not cover)."""
         words = self.words
-        words[top] = chunk
-        return chunk
+        if pfn < len(words):
+            return words if pfn >= 0 else None
+        if pfn >= WORDS_MAX_PFN:
+            return None
+        grow = max(pfn + 1, min(2 * len(words), WORDS_MAX_PFN)) - len(words)
+        words = self.words = extend(words, [_NO_FRAME] * grow)
+        return words
 
     def _forget(self, pfn: int) -> None:
-        top = pfn >> WORDS_CHUNK_BITS
-        if 0 <= top < len(self._chunks) and len(self._chunks[top]):
-            self._chunks[top][pfn & (WORDS_CHUNK - 1)] = _NO_FRAME
+        if 0 <= pfn < len(self.words):
+            self.words[pfn] = _NO_FRAME
 
     def indexed(self, pfn: int) -> Frame | None:
         """The index's frame for ``pfn`` (None when it holds none: never written, or above
         WORDS_MAX_PFN); for tests."""
-        top = pfn >> WORDS_CHUNK_BITS
-        if 0 <= top < len(self._chunks) and len(self._chunks[top]):
-            frame = self._chunks[top][pfn & (WORDS_CHUNK - 1)]
+        if 0 <= pfn < len(self.words):
+            frame = self.words[pfn]
             return frame if len(frame) else None
         return None
 
     def __setitem__(self, pfn: int, frame: Frame) -> None:
         super().__setitem__(pfn, frame)
-        chunk = self._chunk(pfn)
-        if chunk is not None:
-            chunk[pfn & (WORDS_CHUNK - 1)] = frame
+        words = self._index(pfn)
+        if words is not None:
+            words[pfn] = frame
 
     def __delitem__(self, pfn: int) -> None:
         self._forget(pfn)
@@ -135,18 +123,20 @@ class Frames(dict[int, Frame]):
 
     def clear(self) -> None:
         self.words = Words()
-        self._chunks.clear()
         super().clear()
 
     def put_run(self, pfn: int, frames: list[Frame]) -> None:
         """Store ``frames`` at ``pfn``, ``pfn + 1``, ... (the dict in bulk)."""
         end = pfn + len(frames)
         super().update(zip(range(pfn, end), frames, strict=True))
-        for at, frame in zip(range(pfn, end), frames, strict=True):
-            chunk = self._chunk(at)
-            if chunk is None:  # above the index: the dict alone
-                break
-            chunk[at & (WORDS_CHUNK - 1)] = frame
+        words = self._index(end - 1)
+        if words is None:  # partly above the index: one at a time
+            for at, frame in zip(range(pfn, end), frames, strict=True):
+                if self._index(at) is None:
+                    break
+                self.words[at] = frame
+            return
+        deque(map(words.__setitem__, range(pfn, end), frames), maxlen=0)
 
 
 class FrameMemory(Protocol):

@@ -10,7 +10,7 @@ NOT_PRESENT / PERMISSION / ADDRESS_SIZE / BAD_ENTRY: value is the faulting level
 S2_FAULT: value is the guest-physical address stage 2 refused.
 
 Speed (see ``benchmarks/``): ``pages`` is the memory's ``Frames`` dict of ``vec[i64]`` frames,
-found through its two-level ``pages.words`` index; an entry is one native array load. Entries
+found through its flat ``pages.words`` index; an entry is two native array loads. Entries
 and addresses are native ``i64`` in the compiled build (an entry's bit 63 makes it negative;
 every test masks it off, so the pure build, where the same values are Python ints, computes the
 same results). A plain ``dict`` of frames works too (looked up per table).
@@ -27,7 +27,7 @@ from mypy_extensions import i64  # a native int under mypyc; a subclass of ``int
 if TYPE_CHECKING:  # under mypyc ``vec[i64]`` is no runtime expression outside functions
     Frame = vec[i64]  # memory.Frame: 512 signed 64-bit words
     Pages = dict[int, Frame]
-    Words = vec[vec[vec[i64]]]  # memory.Words: chunk pfn >> 12, frame pfn & 0xFFF
+    Words = vec[vec[i64]]  # memory.Words: frame pfn at index pfn (empty: never written)
 
 
 OK: Final = 0
@@ -51,24 +51,12 @@ Stage2 = Callable[[int, bool], tuple[int, int, int]]
 def _words(pages: Pages) -> Words:
     """The index beside ``pages`` (``Frames.words``), or an empty one for a plain dict."""
     words: Words | None = getattr(pages, "words", None)
-    return vec[vec[vec[i64]]]() if words is None else words
-
-
-def _view(pages: Pages, words: Words, pfn: i64) -> Frame:
-    """Frame ``pfn``, or an empty vec for a frame never written (the index first, then the
-    dict). Never None: an optional ``vec`` is boxed on return, a plain one travels unboxed."""
-    top: i64 = pfn >> 12
-    if 0 <= top < len(words):
-        chunk = words[top]
-        if len(chunk):
-            return chunk[pfn & 0xFFF]
-        return vec[i64]()  # an empty chunk (or an empty frame in one): never written
-    return _in_dict(pages, pfn)
+    return vec[vec[i64]]() if words is None else words
 
 
 def _in_dict(pages: Pages, pfn: i64) -> Frame:
-    """:func:`_view` for a frame outside the index (a plain dict, or above 1 TiB): kept out of
-    line so that the C compiler inlines the index path."""
+    """Frame ``pfn`` from the dict (a plain dict, or a frame above the index), or an empty vec:
+    kept out of line so that the C compiler inlines the index path."""
     got = pages.get(pfn)
     if got is not None:
         return got
@@ -81,11 +69,20 @@ def words_of(pages: Pages) -> Words:
 
 def entry_at(pages: Pages, words: Words, pa: i64) -> i64:
     """The signed u64 at 8-aligned ``pa`` (0 for a never-written frame)."""
-    view = _view(pages, words, pa >> 12)
+    pfn: i64 = pa >> 12
+    if 0 <= pfn < len(words):
+        # One expression each, with the index a plain local: mypyc then borrows the frame
+        # (a reference count taken and dropped per entry was half of a hot walk's time).
+        at: i64 = (pa & 0xFFF) >> 3
+        if len(words[pfn]) == 0:
+            return 0
+        value: i64 = words[pfn][at]
+        return value
+    view = _in_dict(pages, pfn)
     if len(view) == 0:
         return 0
-    value: i64 = view[(pa & 0xFFF) >> 3]
-    return value
+    found: i64 = view[(pa & 0xFFF) >> 3]
+    return found
 
 
 def read_u64(pages: Pages, pa: int) -> int:
@@ -165,10 +162,7 @@ def walk_x86_1d(
         slot: i64 = table + ((iova >> shift) & 0x1FF) * 8
         if slot + 8 > mem_size:
             return BAD_ENTRY, level, 0, refs, 0
-        view = _view(pages, words, slot >> 12)
-        if len(view) == 0:
-            return NOT_PRESENT, level, 0, refs + 1, 0
-        entry: i64 = view[(slot & 0xFFF) >> 3]
+        entry: i64 = entry_at(pages, words, slot)  # 0 (not present) when never written
         refs += 1
         if not entry & _P:
             return NOT_PRESENT, level, 0, refs, 0
@@ -191,7 +185,7 @@ def walk_many(
     pages: Pages,
     mem_size: int,
     root: int,
-    iovas: list[int],
+    iovas: vec[i64],
     levels: int,
     rounds: int,
 ) -> int:

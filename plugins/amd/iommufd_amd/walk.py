@@ -28,7 +28,7 @@ from mypy_extensions import i64  # a native int under mypyc; a subclass of ``int
 if TYPE_CHECKING:  # under mypyc ``vec[i64]`` is no runtime expression outside functions
     Frame = vec[i64]  # memory.Frame: 512 signed 64-bit words
     Pages = dict[int, Frame]
-    Words = vec[vec[vec[i64]]]  # memory.Words: chunk pfn >> 12, frame pfn & 0xFFF
+    Words = vec[vec[i64]]  # memory.Words: frame pfn at index pfn (empty: never written)
 
 
 # Statuses numbered as the framework's walk_x86 (a test checks it) so that one decoder reads
@@ -68,7 +68,7 @@ Result = tuple[int, int, int, int, int]
 def _words(pages: Pages) -> Words:
     """The index beside ``pages`` (``Frames.words``), or an empty one for a plain dict."""
     words: Words | None = getattr(pages, "words", None)
-    return vec[vec[vec[i64]]]() if words is None else words
+    return vec[vec[i64]]() if words is None else words
 
 
 def _clamp(mem_size: int) -> i64:
@@ -79,17 +79,13 @@ def _clamp(mem_size: int) -> i64:
 def _view(pages: Pages, words: Words, pfn: i64) -> Frame:
     """Frame ``pfn``, or an empty vec for a frame never written (the index first, then the
     dict). Never None: an optional ``vec`` is boxed on return, a plain one travels unboxed."""
-    top: i64 = pfn >> 12
-    if 0 <= top < len(words):
-        chunk = words[top]
-        if len(chunk):
-            return chunk[pfn & 0xFFF]
-        return vec[i64]()  # an empty chunk (or an empty frame in one): never written
+    if 0 <= pfn < len(words):
+        return words[pfn]  # an empty vec when never written
     return _in_dict(pages, pfn)
 
 
 def _in_dict(pages: Pages, pfn: i64) -> Frame:
-    """:func:`_view` for a frame outside the index (a plain dict, or above 1 TiB): kept out of
+    """:func:`_view` for a frame outside the index (a plain dict, or above the index): kept out of
     line so that the C compiler inlines the index path."""
     got = pages.get(pfn)
     if got is not None:
@@ -173,11 +169,7 @@ def _v1(
         if slot + 8 > mem_size:
             return HW_ERROR, slot, 0, refs, 0
         refs += 1
-        view = _view(pages, words, slot >> 12)
-        if len(view) == 0:
-            return NOT_PRESENT, level, 0, refs, 0
-        at: i64 = (slot & 0xFFF) >> 3
-        entry: i64 = view[at]
+        entry: i64 = _read(pages, words, slot)  # 0 (not present) when never written
         if not entry & _PR:
             return NOT_PRESENT, level, 0, refs, 0
         hi: i64 = (entry >> 32) & 0xFFFF_FFFF
@@ -206,7 +198,7 @@ def _v1(
                 # A and D live in the entry's low byte.
                 new: i64 = entry | (_A if had & 1 else 0) | (_D | _A if write and had & 2 else 0)
                 if new != entry:
-                    view[at] = new
+                    _view(pages, words, slot >> 12)[(slot & 0xFFF) >> 3] = new
             mask: i64 = _mask(size_log2)
             return OK, (addr & ~mask) | (iova & mask), size_log2, refs, prot
         if nl >= level:
@@ -346,11 +338,20 @@ def _nested(
 
 def _read(pages: Pages, words: Words, pa: i64) -> i64:
     """The signed u64 at 8-aligned ``pa`` (0 for a never-written frame)."""
-    view = _view(pages, words, pa >> 12)
+    pfn: i64 = pa >> 12
+    if 0 <= pfn < len(words):
+        # One expression each, with the index a plain local: mypyc then borrows the frame
+        # (a reference count taken and dropped per entry was half of a hot walk's time).
+        at: i64 = (pa & 0xFFF) >> 3
+        if len(words[pfn]) == 0:
+            return 0
+        value: i64 = words[pfn][at]
+        return value
+    view = _in_dict(pages, pfn)
     if len(view) == 0:
         return 0
-    value: i64 = view[(pa & 0xFFF) >> 3]
-    return value
+    found: i64 = view[(pa & 0xFFF) >> 3]
+    return found
 
 
 def _host(
@@ -506,7 +507,7 @@ def bench_v1(
     mem_size: int,
     root: int,
     mode: int,
-    iovas: list[int],
+    iovas: vec[i64],
     rounds: int,
 ) -> int:
     """Benchmark driver: ``rounds`` passes of v1 read walks over ``iovas`` in this module's own
@@ -529,7 +530,7 @@ def bench_nested(
     host_mode: int,
     gcr3_root: int,
     guest_levels: int,
-    gvas: list[int],
+    gvas: vec[i64],
     rounds: int,
     x86: X86Walker,
 ) -> int:

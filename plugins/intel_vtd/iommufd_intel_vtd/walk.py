@@ -30,7 +30,7 @@ from mypy_extensions import i64  # a native int under mypyc; a subclass of ``int
 if TYPE_CHECKING:  # under mypyc ``vec[i64]`` is no runtime expression outside functions
     Frame = vec[i64]  # memory.Frame: 512 signed 64-bit words
     Pages = dict[int, Frame]
-    Words = vec[vec[vec[i64]]]  # memory.Words: chunk pfn >> 12, frame pfn & 0xFFF
+    Words = vec[vec[i64]]  # memory.Words: frame pfn at index pfn (empty: never written)
 
 
 # The framework walker's status codes (walk_x86.OK ... S2_FAULT), plus ACCESS.
@@ -67,7 +67,7 @@ _NATIVE_MAX: Final = (1 << 62) - 1
 def _words(pages: Pages) -> Words:
     """The index beside ``pages`` (``Frames.words``), or an empty one for a plain dict."""
     words: Words | None = getattr(pages, "words", None)
-    return vec[vec[vec[i64]]]() if words is None else words
+    return vec[vec[i64]]() if words is None else words
 
 
 def _clamp(mem_size: int) -> i64:
@@ -78,22 +78,36 @@ def _clamp(mem_size: int) -> i64:
 def _view(pages: Pages, words: Words, pfn: i64) -> Frame:
     """Frame ``pfn``, or an empty vec for a frame never written (the index first, then the
     dict). Never None: an optional ``vec`` is boxed on return, a plain one travels unboxed."""
-    top: i64 = pfn >> 12
-    if 0 <= top < len(words):
-        chunk = words[top]
-        if len(chunk):
-            return chunk[pfn & 0xFFF]
-        return vec[i64]()  # an empty chunk (or an empty frame in one): never written
+    if 0 <= pfn < len(words):
+        return words[pfn]  # an empty vec when never written
     return _in_dict(pages, pfn)
 
 
 def _in_dict(pages: Pages, pfn: i64) -> Frame:
-    """:func:`_view` for a frame outside the index (a plain dict, or above 1 TiB): kept out of
+    """:func:`_view` for a frame outside the index (a plain dict, or above the index): kept out of
     line so that the C compiler inlines the index path."""
     got = pages.get(pfn)
     if got is not None:
         return got
     return vec[i64]()
+
+
+def _read(pages: Pages, words: Words, pa: i64) -> i64:
+    """The signed u64 at 8-aligned ``pa`` (0 for a never-written frame)."""
+    pfn: i64 = pa >> 12
+    if 0 <= pfn < len(words):
+        # One expression each, with the index a plain local: mypyc then borrows the frame
+        # (a reference count taken and dropped per entry was half of a hot walk's time).
+        at: i64 = (pa & 0xFFF) >> 3
+        if len(words[pfn]) == 0:
+            return 0
+        value: i64 = words[pfn][at]
+        return value
+    view = _in_dict(pages, pfn)
+    if len(view) == 0:
+        return 0
+    found: i64 = view[(pa & 0xFFF) >> 3]
+    return found
 
 
 def _mask(bits: i64) -> i64:
@@ -147,11 +161,7 @@ def _ss(
         slot: i64 = table + (((addr >> shift) & 0x1FF) << 3)
         if slot + 8 > mem_size:
             return ACCESS, level, 0, refs, 0
-        view = _view(pages, words, slot >> 12)
-        at: i64 = (slot & 0xFFF) >> 3
-        entry: i64 = 0
-        if len(view):
-            entry = view[at]
+        entry: i64 = _read(pages, words, slot)
         refs += 1
         rw: i64 = entry & _RW
         if rw == 0:
@@ -166,14 +176,14 @@ def _ss(
             need = 2 if write else 1
             if not allowed & need:
                 return PERMISSION, level, 0, refs, allowed
-            if set_ad and len(view):
+            if set_ad:  # the entry is present: its frame exists
                 want: i64 = entry | _A | (_D if write else 0)
                 if want != entry:
-                    view[at] = want
+                    _view(pages, words, slot >> 12)[(slot & 0xFFF) >> 3] = want
             offset_mask = _mask(shift)
             return OK, (entry & _ADDR & ~offset_mask) | (addr & offset_mask), shift, refs, allowed
-        if set_ad and len(view) and not entry & _A:
-            view[at] = entry | _A
+        if set_ad and not entry & _A:
+            _view(pages, words, slot >> 12)[(slot & 0xFFF) >> 3] = entry | _A
         table = entry & _ADDR
         level -= 1
     return BAD_ENTRY, 0, 0, refs, 0
@@ -280,10 +290,7 @@ def _fs(
         slot: i64 = table + ((iova >> shift) & 0x1FF) * 8
         if slot + 8 > mem_size:
             return ACCESS, level, 0, refs, 0
-        view = _view(pages, words, slot >> 12)
-        entry: i64 = 0
-        if len(view):
-            entry = view[(slot & 0xFFF) >> 3]
+        entry: i64 = _read(pages, words, slot)
         refs += 1
         if not entry & _FS_P:
             return NOT_PRESENT, level, 0, refs, 0
@@ -402,10 +409,7 @@ def _nested(
             return S2_FAULT, gpa, 0, refs, 0, st
         if slot + 8 > mem_size:
             return BAD_ENTRY, level, 0, refs, 0, OK
-        view = _view(pages, words, slot >> 12)
-        entry: i64 = 0
-        if len(view):
-            entry = view[(slot & 0xFFF) >> 3]
+        entry: i64 = _read(pages, words, slot)
         refs += 1
         if not entry & _FS_P:
             return NOT_PRESENT, level, 0, refs, 0, OK
@@ -470,7 +474,7 @@ def bench_ss(
     pages: Pages,
     mem_size: int,
     root: int,
-    addrs: list[int],
+    addrs: vec[i64],
     levels: int,
     rounds: int,
 ) -> int:
@@ -496,7 +500,7 @@ def bench_nested(
     pages: Pages,
     mem_size: int,
     fs_root: int,
-    iovas: list[int],
+    iovas: vec[i64],
     fs_levels: int,
     ss_root: int,
     ss_levels: int,
