@@ -76,18 +76,6 @@ class MockDomain(PagingDomain[MockPageTable]):
         self.pagetable_type = pagetable_type
         self.entries = self.pt.entries  # one per mapped 2 KiB (see iommupt.py)
 
-    def map_pages(self, iova: int, pa: int, pgsize: int, pgcount: int, prot: int) -> None:
-        """``pgcount`` calls of ``iommu_map(pgsize)`` (``batch_iommu_map_small()``): one leaf
-        of ``pgsize`` each, undone together on failure (the first failing page's errno)."""
-        done = 0
-        try:
-            while done < pgcount:
-                self.map(iova + done * pgsize, pa + done * pgsize, pgsize, prot)
-                done += 1
-        except OSError:
-            self.pt.unmap(iova, done * pgsize)
-            raise
-
     def iova_to_phys(self, iova: int) -> int:
         """-1 where nothing is mapped (the framework's answer; the table's own is 0)."""
         entry = self.entries.get(iova >> MOCK_IO_PAGE_SHIFT)

@@ -255,6 +255,11 @@ class VtdDriver(PagingDomainOps):
         """The PASID entry intel_pasid_setup_{first_level,second_level,nested}() write; the
         nested checks fail with EINVAL there, after the old entry was torn down."""
         hw = st.hw
+
+        def present(**fields: Any) -> T.PasidEntry:
+            """What every setup writes: present, the unit's AGAW, the DID, PWSNP."""
+            return T.PasidEntry(p=True, aw=st.agaw, did=did, pwsnp=True, **fields)
+
         if isinstance(domain, VtdNested):
             cfg = domain.cfg
             if cfg.addr_width not in (ADDR_WIDTH_4LEVEL, ADDR_WIDTH_5LEVEL):
@@ -267,14 +272,10 @@ class VtdDriver(PagingDomainOps):
                 raise err(errno.EINVAL, "no extended access flag support")
             s2 = domain.s2
             sre = bool(cfg.flags & U.IOMMU_VTD_S1_SRE)
-            return T.PasidEntry(
-                p=True,
-                aw=st.agaw,
+            return present(
                 pgtt=T.PGTT_NESTED,
                 ssade=s2.tracking,
                 slptptr=s2.pt.root,
-                did=did,
-                pwsnp=True,
                 pgsnp=s2.force_snooping,
                 sre=sre,
                 wpe=sre and bool(cfg.flags & U.IOMMU_VTD_S1_WPE),  # WPE only with SRE
@@ -283,25 +284,13 @@ class VtdDriver(PagingDomainOps):
                 fsptptr=cfg.pgtbl_addr,
             )
         if domain.first_stage:
-            return T.PasidEntry(
-                p=True,
-                aw=st.agaw,
+            return present(
                 pgtt=T.PGTT_FIRST,
-                did=did,
-                pwsnp=True,
                 pgsnp=domain.force_snooping,
                 fspm=int(domain.pt.fmt.levels == 5),
                 fsptptr=domain.pt.root,
             )
-        return T.PasidEntry(
-            p=True,
-            aw=st.agaw,
-            pgtt=T.PGTT_SECOND,
-            ssade=domain.tracking,
-            slptptr=domain.pt.root,
-            did=did,
-            pwsnp=True,
-        )
+        return present(pgtt=T.PGTT_SECOND, ssade=domain.tracking, slptptr=domain.pt.root)
 
     @staticmethod
     def _setup_entry(st: IommuState, info: DevInfo, pasid: int, domain: VtdDomain) -> None:
