@@ -12,7 +12,7 @@ from pathlib import Path
 import attrs
 import pytest
 
-from iommufd_model import cli
+from iommufd_model import cli, sweep
 from iommufd_model.driver import DriverInfo, Feature, OptionSet
 from iommufd_model.hookspecs import hookimpl
 from iommufd_model.mock.driver import MockDriver
@@ -202,3 +202,15 @@ def test_a_host_without_nesting_gets_no_nested_viommu() -> None:
     r = run_scenario(SCENARIOS["nested_dma"], "intel_vtd", reg, no_nest)
     assert (r.status, r.feature, r.errno) == (UNSUPPORTED, "nested", errno.EOPNOTSUPP), r
     assert "ECAP.NEST" in r.detail
+
+
+def test_scheduler_without_dask(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_dask(name: str) -> object:
+        raise ImportError(f"No module named {name!r}")
+
+    monkeypatch.setattr(sweep.importlib, "import_module", no_dask)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["matrix", "--scheduler", "tcp://127.0.0.1:1"], _reg(mock=MockDriver()))
+    assert exc.value.code == (
+        "iommufd-model: --scheduler needs Dask: pip install 'iommufd-model[cluster]'"
+    )
