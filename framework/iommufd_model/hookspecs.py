@@ -3,10 +3,11 @@
 These mirror the kernel's ``iommu_ops``, ``iommu_domain_ops``, ``iommu_dirty_ops`` and
 ``iommufd_viommu_ops``. Every call is routed to exactly one plugin: the driver that owns the
 IOMMU instance (``iommu``) or the domain/vIOMMU (whose ``owner`` is that instance); see
-``plugins.DriverRegistry``. All hooks are ``firstresult``: returning ``None`` means "this
-driver does not implement that", which the core turns into ``EOPNOTSUPP``. A refusal is an
-``OSError`` with the kernel's errno (use :func:`iommufd_model.errors.err`); any other
-exception is a driver bug.
+``plugins.DriverRegistry``; the core calls them through the typed facade
+:class:`iommufd_model.hooks.DriverHooks`, which also says what a hook's absence means (for
+most: ``EOPNOTSUPP``). Hooks that do something return nothing; hooks that answer return the
+answer. A refusal is an ``OSError`` with the kernel's errno (use
+:func:`iommufd_model.errors.err`); any other exception is a driver bug.
 
 Required hooks (a plugin lacking one is refused at load time): ``driver_info``, ``probe``,
 ``domain_alloc_user``, ``domain_map``, ``domain_unmap``, ``attach``.
@@ -137,12 +138,12 @@ def domain_alloc_user(
 
 
 @hookspec(firstresult=True)
-def domain_free(domain: Domain) -> bool:
+def domain_free(domain: Domain) -> None:
     """Release a domain the core no longer references (no device is attached to it)."""
 
 
 @hookspec(firstresult=True)
-def domain_map(domain: Domain, iova: int, pa: int, size: int, prot: int) -> bool:
+def domain_map(domain: Domain, iova: int, pa: int, size: int, prot: int) -> None:
     """Map ``[iova, iova+size)`` to physically contiguous ``pa`` with IOMMU_READ/WRITE ``prot``.
 
     Sizes and alignment respect ``domain.pgsize_bitmap``; the driver picks the page sizes.
@@ -153,7 +154,7 @@ def domain_map(domain: Domain, iova: int, pa: int, size: int, prot: int) -> bool
 @hookspec(firstresult=True)
 def domain_map_pages(
     domain: Domain, iova: int, pa: int, pgsize: int, pgcount: int, prot: int
-) -> bool:
+) -> None:
     """Map ``pgcount`` pages of exactly ``pgsize`` bytes (a size of ``domain.pgsize_bitmap``;
     ``iova`` and ``pa`` aligned to it): what ``pgcount`` calls of :func:`domain_map` with
     ``size=pgsize`` would build, in one call (the kernel's ``map_pages(pgsize, pgcount)``).
@@ -177,7 +178,7 @@ def domain_iova_to_phys(domain: Domain, iova: int) -> int:
 
 # -- attachment ---------------------------------------------------------------------------
 @hookspec(firstresult=True)
-def attach(iommu: IommuHw, dev: PciDevice, domain: Domain | None) -> bool:
+def attach(iommu: IommuHw, dev: PciDevice, domain: Domain | None) -> None:
     """Make ``dev`` (its RID, PASID 0 / no PASID) translate through ``domain`` (Linux 7.2:
     ``iommu_domain_ops.attach_dev``).
 
@@ -189,12 +190,12 @@ def attach(iommu: IommuHw, dev: PciDevice, domain: Domain | None) -> bool:
 
 
 @hookspec(firstresult=True)
-def set_dev_pasid(iommu: IommuHw, dev: PciDevice, pasid: int, domain: Domain) -> bool:
+def set_dev_pasid(iommu: IommuHw, dev: PciDevice, pasid: int, domain: Domain) -> None:
     """Attach (or replace) ``domain`` on ``pasid`` of ``dev``; EOPNOTSUPP without PASID."""
 
 
 @hookspec(firstresult=True)
-def remove_dev_pasid(iommu: IommuHw, dev: PciDevice, pasid: int) -> bool:
+def remove_dev_pasid(iommu: IommuHw, dev: PciDevice, pasid: int) -> None:
     """Detach whatever is attached to ``pasid`` of ``dev``; DMA with that PASID then faults."""
 
 
@@ -211,7 +212,7 @@ def cache_invalidate_user(
 
 
 @hookspec(firstresult=True)
-def set_dirty_tracking(domain: Domain, enable: bool) -> bool:
+def set_dirty_tracking(domain: Domain, enable: bool) -> None:
     """Turn hardware dirty-bit tracking of a paging domain on or off."""
 
 
@@ -230,7 +231,7 @@ def read_and_clear_dirty(
 
 
 @hookspec(firstresult=True)
-def page_response(iommu: IommuHw, dev: PciDevice, pasid: int | None, grpid: int, code: int) -> bool:
+def page_response(iommu: IommuHw, dev: PciDevice, pasid: int | None, grpid: int, code: int) -> None:
     """Deliver a user's IOPF response (``IOMMUFD_PAGE_RESP_*``) to the device (PRI response)."""
 
 
@@ -261,7 +262,7 @@ def viommu_alloc(
 
 
 @hookspec(firstresult=True)
-def viommu_destroy(viommu: ViommuBase) -> bool:
+def viommu_destroy(viommu: ViommuBase) -> None:
     """Free the vIOMMU's hardware resources (its vDEVICEs and queues are gone already)."""
 
 
@@ -271,7 +272,7 @@ def vdevice_alloc(viommu: ViommuBase, dev: PciDevice, virt_id: int) -> VdeviceBa
 
 
 @hookspec(firstresult=True)
-def vdevice_destroy(vdev: VdeviceBase) -> bool:
+def vdevice_destroy(vdev: VdeviceBase) -> None:
     """Undo :func:`vdevice_alloc` (clear mapping-table entries)."""
 
 
@@ -294,7 +295,7 @@ def hw_queue_alloc(
 
 
 @hookspec(firstresult=True)
-def hw_queue_destroy(queue: HwQueueBase) -> bool:
+def hw_queue_destroy(queue: HwQueueBase) -> None:
     """Stop the hardware from consuming the queue."""
 
 

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from iommufd_model.core.process import Process
 from iommufd_model.errors import err
+from iommufd_model.hooks import DriverHooks
 from iommufd_model.hw.iommu import IommuHw
 from iommufd_model.hw.memory import PhysicalMemory
 from iommufd_model.hw.pci import PciDevice
@@ -54,16 +55,14 @@ class Machine:
             machine.add_iommu(name, **((options or {}).get(name, {})))
         return machine
 
-    def hooks(self, driver: str) -> Any:
-        """The hook relay routed to ``driver`` only."""
+    def hooks(self, driver: str) -> DriverHooks:
+        """The typed hooks of ``driver``, reaching that driver only."""
         return self.registry.route(driver)
 
     def add_iommu(self, driver: str, **options: Any) -> IommuHw:
         """Probe a new hardware instance of ``driver``."""
         index = len(self.iommus)
         hw = self.hooks(driver).probe(machine=self, index=index, options=dict(options))
-        if not isinstance(hw, IommuHw):
-            raise err(errno.ENODEV, f"driver {driver!r} did not return an IommuHw from probe")
         hw.driver_name = driver
         self.iommus.append(hw)
         return hw

@@ -137,16 +137,14 @@ class PagingDomainOps:
     override any of them."""
 
     @hookimpl
-    def domain_map(self, domain: Domain, iova: int, pa: int, size: int, prot: int) -> bool:
+    def domain_map(self, domain: Domain, iova: int, pa: int, size: int, prot: int) -> None:
         paging_domain(domain).map(iova, pa, size, prot)
-        return True
 
     @hookimpl
     def domain_map_pages(
         self, domain: Domain, iova: int, pa: int, pgsize: int, pgcount: int, prot: int
-    ) -> bool:
+    ) -> None:
         paging_domain(domain).map_pages(iova, pa, pgsize, pgcount, prot)
-        return True
 
     @hookimpl
     def domain_unmap(self, domain: Domain, iova: int, size: int) -> int:

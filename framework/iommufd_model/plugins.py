@@ -1,11 +1,12 @@
 """Driver discovery and routing.
 
 Drivers are found through the entry-point group ``iommufd_model.drivers`` (the mock driver
-too). All of them live in one pluggy ``PluginManager`` so hook signatures are validated in one
-place, and each call is routed to exactly one driver with ``subset_hook_caller``: the caller
-for driver X excludes every other plugin, so a driver never sees another vendor's objects
-and a firstresult hook cannot be answered by the wrong vendor. The per-driver callers are
-built once and cached.
+too). All of them live in one pluggy ``PluginManager`` so hooks are validated in one place,
+by pluggy itself: ``register`` refuses an implementation whose arguments the hookspec does
+not declare, and ``check_pending`` refuses one whose name no hookspec declares (a misspelled
+hook). Each call is routed to exactly one driver: :meth:`DriverRegistry.route` gives the
+typed :class:`~iommufd_model.hooks.DriverHooks` of that driver's implementations alone, so a
+driver never sees another vendor's objects.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pluggy
 from iommufd_model import hookspecs
 from iommufd_model.driver import DriverInfo
 from iommufd_model.errors import err
+from iommufd_model.hooks import DriverHooks
 
 ENTRY_POINT_GROUP = "iommufd_model.drivers"
 
@@ -52,33 +54,15 @@ class PluginProblem:
         return f"{self.name} (distribution {self.distribution}): {self.one_line_message()}"
 
 
-class _Routed:
-    """Attribute access yields the hook caller restricted to one plugin."""
-
-    def __init__(self, registry: DriverRegistry, name: str) -> None:
-        self._registry = registry
-        self._name = name
-        self._cache: dict[str, Any] = {}
-
-    def __getattr__(self, hook: str) -> Any:
-        caller = self._cache.get(hook)
-        if caller is None:
-            reg = self._registry
-            others = [e.plugin for n, e in reg.drivers.items() if n != self._name]
-            caller = reg.pm.subset_hook_caller(hook, remove_plugins=others)
-            self._cache[hook] = caller
-        return caller
-
-
 class DriverRegistry:
-    """Every installed driver, and a routed hook relay per driver."""
+    """Every installed driver, and the typed hooks of each."""
 
     def __init__(self) -> None:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self.drivers: dict[str, DriverEntry] = {}
         self.problems: list[PluginProblem] = []
-        self._routes: dict[str, _Routed] = {}
+        self._routes: dict[str, DriverHooks] = {}
 
     # -- loading ------------------------------------------------------------------------
     def load_entry_points(self) -> None:
@@ -109,7 +93,8 @@ class DriverRegistry:
         except (ValueError, pluggy.PluginValidationError) as exc:
             self.problems.append(PluginProblem(name, distribution, f"invalid hooks: {exc}"))
             return None
-        missing = [h for h in hookspecs.REQUIRED_HOOKS if not self._implements(plugin, h)]
+        hooks = DriverHooks(self.pm, plugin, name)
+        missing = [h for h in hookspecs.REQUIRED_HOOKS if h not in hooks.implemented]
         unknown = self._unknown_hooks(plugin)
         problem = ""
         if missing:
@@ -119,46 +104,40 @@ class DriverRegistry:
         info: Any = None
         if not problem:
             try:
-                info = plugin.driver_info()  # type: ignore[attr-defined]
+                info = hooks.driver_info()
             except Exception as exc:
                 problem = f"driver_info() failed: {type(exc).__name__}: {exc}"
-            else:
-                if not isinstance(info, DriverInfo):
-                    problem = "driver_info() must return iommufd_model.driver.DriverInfo"
         if problem:
             self.pm.unregister(plugin)
             self.problems.append(PluginProblem(name, distribution, problem))
             return None
         entry = DriverEntry(name, plugin, distribution, version, info)
         self.drivers[name] = entry
-        self._routes.clear()
+        self._routes[name] = hooks
         return entry
 
-    def _implements(self, plugin: object, hook: str) -> bool:
-        caller = getattr(self.pm.hook, hook, None)
-        if caller is None:
-            return False
-        return any(impl.plugin is plugin for impl in caller.get_hookimpls())
-
     def _unknown_hooks(self, plugin: object) -> list[str]:
-        """Methods marked ``@hookimpl`` whose name no hookspec declares."""
-        unknown = []
-        for attr in dir(plugin):
-            obj = getattr(plugin, attr, None)
-            marked = callable(obj) and hasattr(obj, hookspecs.PROJECT + "_impl")
-            if marked and not hasattr(hookspecs, attr):
-                unknown.append(attr)
-        return sorted(unknown)
+        """Hook implementations of ``plugin`` that no hookspec declares, as pluggy's
+        ``check_pending`` finds them (the other plugins passed it when they registered)."""
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError:
+            return sorted(
+                name
+                for name, caller in vars(self.pm.hook).items()
+                if isinstance(caller, pluggy.HookCaller)
+                and not caller.has_spec()
+                and any(impl.plugin is plugin for impl in caller.get_hookimpls())
+            )
+        return []
 
     # -- routing ------------------------------------------------------------------------
-    def route(self, driver: str) -> Any:
-        """The hook relay that reaches only ``driver``."""
-        routed = self._routes.get(driver)
-        if routed is None:
-            if driver not in self.drivers:
-                raise err(errno.ENODEV, f"no driver named {driver!r} is installed")
-            routed = self._routes[driver] = _Routed(self, driver)
-        return routed
+    def route(self, driver: str) -> DriverHooks:
+        """The typed hooks of ``driver``, reaching that driver only."""
+        hooks = self._routes.get(driver)
+        if hooks is None:
+            raise err(errno.ENODEV, f"no driver named {driver!r} is installed")
+        return hooks
 
 
 _default: DriverRegistry | None = None

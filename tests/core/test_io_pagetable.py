@@ -15,7 +15,6 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from iommufd_model.core.hw_pagetable import DomainAdapter
 from iommufd_model.core.intervals import IntervalMap
 from iommufd_model.core.io_pagetable import (
     IOMMU_CACHE,
@@ -373,39 +372,6 @@ def test_map_call_granularity(huge: bool) -> None:
     assert d.map_calls == (1 if huge else 16)
     w.iopt.unmap_all()
     assert d.unmap_calls == 1 and d.mapped_bytes() == 0
-
-
-def test_map_pages_falls_back_to_a_map_per_page() -> None:
-    """A driver without domain_map_pages gets one domain_map per page; a refusal midway
-    unmaps the pages mapped before it (map_pages stays all-or-nothing)."""
-    calls: list[tuple[str, int, int]] = []
-
-    def domain_map(*, domain: object, iova: int, pa: int, size: int, prot: int) -> bool:
-        calls.append(("map", iova, size))
-        if len(calls) == 3:
-            raise OSError(errno.ENOMEM, "out of table pages")
-        return True
-
-    def domain_unmap(*, domain: object, iova: int, size: int) -> int:
-        calls.append(("unmap", iova, size))
-        return size
-
-    hooks = types.SimpleNamespace(
-        domain_map_pages=lambda **_: None, domain_map=domain_map, domain_unmap=domain_unmap
-    )
-    machine = types.SimpleNamespace(hooks=lambda _: hooks)
-    owner = types.SimpleNamespace(machine=machine, driver_name="toy")
-    adapter = DomainAdapter(types.SimpleNamespace(owner=owner))  # type: ignore[arg-type]
-    adapter.map_pages(0x10000, 0x50000, PAGE_SIZE, 2, RW)
-    assert calls == [("map", 0x10000, PAGE_SIZE), ("map", 0x11000, PAGE_SIZE)]
-    calls.clear()
-    calls.append(("map", 0, 0))  # the next map call is the third: it fails
-    assert_errno(errno.ENOMEM, lambda: adapter.map_pages(0x20000, 0x60000, PAGE_SIZE, 4, RW))
-    assert calls[1:] == [
-        ("map", 0x20000, PAGE_SIZE),
-        ("map", 0x21000, PAGE_SIZE),
-        ("unmap", 0x20000, PAGE_SIZE),
-    ]
 
 
 def test_copy_area(w: World) -> None:

@@ -31,8 +31,8 @@ class Misspelled(MockDriver):
 
 class WrongArgs(MockDriver):
     @hookimpl
-    def attach(self, iommu: object, device: object, domain: object) -> bool:  # type: ignore[override]
-        return True
+    def attach(self, iommu: object, device: object, domain: object) -> None:  # type: ignore[override]
+        """``device`` is no argument of the hookspec: pluggy refuses the plugin."""
 
 
 def _problem(reg: DriverRegistry, name: str) -> str:

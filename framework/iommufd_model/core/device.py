@@ -10,15 +10,15 @@ attached the RID may only use PASID-compatible HWPTs.
 from __future__ import annotations
 
 import errno
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from iommufd_model.core.failnth import failpoint
-from iommufd_model.core.hw_pagetable import Hwpt, HwptNested, HwptPaging, hwpt_paging_alloc, require
+from iommufd_model.core.hw_pagetable import Hwpt, HwptNested, HwptPaging, hwpt_paging_alloc
 from iommufd_model.core.ioas import Ioas
 from iommufd_model.core.main import Ucmd, ioctl_op
 from iommufd_model.core.objects import IommufdObject, ObjType
-from iommufd_model.driver import HwInfo
 from iommufd_model.errors import err
+from iommufd_model.hooks import DriverHooks
 from iommufd_model.uapi import iommufd as U
 
 if TYPE_CHECKING:
@@ -36,7 +36,7 @@ class Device(IommufdObject):
         super().__init__(ictx)
         self.dev = dev
         self.hw = dev.iommu
-        self.hooks: Any = ictx.machine.hooks(self.hw.driver_name)
+        self.hooks: DriverHooks = ictx.machine.hooks(self.hw.driver_name)
         self.hwpt: Hwpt | None = None
         self.pasid_hwpts: dict[int, Hwpt] = {}
         self.vdev: Vdevice | None = None
@@ -49,7 +49,7 @@ class Device(IommufdObject):
             self._resv[key] += 1
             return
         failpoint("device.reserve_regions")  # iopt_table_enforce_dev_resv_regions()
-        regions = self.hooks.dev_reserved_regions(iommu=self.hw, dev=self.dev) or []
+        regions = self.hooks.dev_reserved_regions(iommu=self.hw, dev=self.dev)
         done = False
         try:
             for start, last in regions:
@@ -138,15 +138,10 @@ def attach_hwpt(idev: Device, hwpt: Hwpt, pasid: int | None, *, replace: bool) -
     try:
         if pasid is None:
             failpoint("hook.attach")
-            require(idev.hooks.attach(iommu=idev.hw, dev=idev.dev, domain=hwpt.domain), "attach")
+            idev.hooks.attach(iommu=idev.hw, dev=idev.dev, domain=hwpt.domain)
         else:
             failpoint("hook.set_dev_pasid")
-            require(
-                idev.hooks.set_dev_pasid(
-                    iommu=idev.hw, dev=idev.dev, pasid=pasid, domain=hwpt.domain
-                ),
-                "set_dev_pasid",
-            )
+            idev.hooks.set_dev_pasid(iommu=idev.hw, dev=idev.dev, pasid=pasid, domain=hwpt.domain)
     except OSError:
         idev.unreserve_regions(ioas)
         raise
@@ -208,16 +203,13 @@ def device_detach(idev: Device, pasid: int | None) -> None:
         old = idev.hwpt
         if old is None:
             return
-        require(idev.hooks.attach(iommu=idev.hw, dev=idev.dev, domain=None), "attach")
+        idev.hooks.attach(iommu=idev.hw, dev=idev.dev, domain=None)
         idev.hwpt = None
     else:
         old = idev.pasid_hwpts.get(pasid)
         if old is None:
             return
-        require(
-            idev.hooks.remove_dev_pasid(iommu=idev.hw, dev=idev.dev, pasid=pasid),
-            "remove_dev_pasid",
-        )
+        idev.hooks.remove_dev_pasid(iommu=idev.hw, dev=idev.dev, pasid=pasid)
         del idev.pasid_hwpts[pasid]
     _release(idev, old)
 
@@ -234,8 +226,6 @@ def _get_hw_info(ucmd: Ucmd) -> None:
     idev = ucmd.ictx.objects.get_as(cmd.dev_id, Device)
     failpoint("hook.hw_info")
     info = idev.hooks.hw_info(iommu=idev.hw, dev=idev.dev, data_type=cmd.data_type)
-    if info is None:
-        info = HwInfo(U.IOMMU_HW_INFO_TYPE_NONE, b"")
     data = info.data
     copy_len = min(cmd.data_len, len(data))
     if cmd.data_len:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from iommufd_model.core.failnth import failpoint
 from iommufd_model.core.main import Ucmd, ioctl_op
 from iommufd_model.core.objects import IommufdObject, ObjType
-from iommufd_model.driver import Domain, InvalidateResult, UserData
+from iommufd_model.driver import Domain, InvalidateResult, UserData, ViommuBase
 from iommufd_model.errors import err
+from iommufd_model.hooks import DriverHooks
 from iommufd_model.hw.memory import PAGE_SIZE
 from iommufd_model.uapi import iommufd as U
 
@@ -36,16 +37,9 @@ NESTED_FLAGS = U.IOMMU_HWPT_FAULT_ID_VALID | U.IOMMU_HWPT_ALLOC_PASID
 INVALIDATE_ENTRY_NUM_MAX = 1 << 19  # IOMMU_HWPT_INVALIDATE_ENTRY_NUM_MAX (hw_pagetable.c)
 
 
-def hooks_of(domain: Domain) -> Any:
-    """The hook relay of the driver that built ``domain``."""
+def hooks_of(domain: Domain) -> DriverHooks:
+    """The hooks of the driver that built ``domain``."""
     return domain.owner.machine.hooks(domain.owner.driver_name)
-
-
-def require(result: Any, what: str) -> Any:
-    """A hook answering ``None`` means the driver lacks the operation."""
-    if result is None:
-        raise err(errno.EOPNOTSUPP, f"driver does not implement {what}")
-    return result
 
 
 class DomainAdapter:
@@ -72,37 +66,16 @@ class DomainAdapter:
         self._map(iova, pa, size, prot)
 
     def _map(self, iova: int, pa: int, size: int, prot: int) -> None:
-        require(
-            self._hooks.domain_map(domain=self.domain, iova=iova, pa=pa, size=size, prot=prot),
-            "domain_map",
-        )
+        self._hooks.domain_map(domain=self.domain, iova=iova, pa=pa, size=size, prot=prot)
 
     def map_pages(self, iova: int, pa: int, pgsize: int, pgcount: int, prot: int) -> None:
         failpoint("hook.domain_map")
-        if (
-            self._hooks.domain_map_pages(
-                domain=self.domain, iova=iova, pa=pa, pgsize=pgsize, pgcount=pgcount, prot=prot
-            )
-            is not None
-        ):
-            return
-        # A driver without the batched op: one domain_map per page, undone on failure.
-        done = 0
-        try:
-            while done < pgcount:
-                self._map(iova + done * pgsize, pa + done * pgsize, pgsize, prot)
-                done += 1
-        except OSError:
-            if done:
-                self.unmap(iova, done * pgsize)
-            raise
+        self._hooks.domain_map_pages(
+            domain=self.domain, iova=iova, pa=pa, pgsize=pgsize, pgcount=pgcount, prot=prot
+        )
 
     def unmap(self, iova: int, size: int) -> int:
-        return int(
-            require(
-                self._hooks.domain_unmap(domain=self.domain, iova=iova, size=size), "domain_unmap"
-            )
-        )
+        return self._hooks.domain_unmap(domain=self.domain, iova=iova, size=size)
 
 
 class Hwpt(IommufdObject):
@@ -154,11 +127,6 @@ class HwptNested(Hwpt):
         return self.parent.ioas
 
 
-def _hook_takes(hooks: Any, hook: str, arg: str) -> bool:
-    """Whether the driver's implementation of ``hook`` declares the optional ``arg``."""
-    return any(arg in impl.argnames for impl in getattr(hooks, hook).get_hookimpls())
-
-
 def hwpt_paging_alloc(
     ictx: IommuFd,
     ioas: Ioas,
@@ -174,8 +142,8 @@ def hwpt_paging_alloc(
 
     ``user_data`` reads the ``data_len`` bytes of vendor data of IOMMU_HWPT_ALLOC (Linux 7.2
     hands it to ``domain_alloc_paging_flags``; the self-test's generic page table takes its
-    ``pagetable_type`` there). A driver whose hook does not declare ``user_data`` refuses it
-    with EOPNOTSUPP, as the 7.2 vendor drivers do. The new object is not yet in the table; the
+    ``pagetable_type`` there); a driver that takes none refuses it with EOPNOTSUPP unread, as
+    the 7.2 vendor drivers do. The new object is not yet in the table; the
     caller installs it.
     """
     if flags & ~PAGING_FLAGS:
@@ -183,22 +151,15 @@ def hwpt_paging_alloc(
     if flags & U.IOMMU_HWPT_FAULT_ID_VALID and flags & U.IOMMU_HWPT_ALLOC_NEST_PARENT:
         raise err(errno.EOPNOTSUPP, "a nest parent cannot take IOPF")
     hooks = idev.hooks
-    data: UserData | None = None
-    if user_data is not None:
-        if not _hook_takes(hooks, "domain_alloc_user", "user_data"):
-            raise err(errno.EOPNOTSUPP, "the driver takes no vendor data")
-        data = UserData(data_type, data_len, user_data)
+    data = UserData(data_type, data_len, user_data) if user_data is not None else None
     failpoint("hook.domain_alloc_user")
-    domain = require(
-        hooks.domain_alloc_user(
-            iommu=idev.hw,
-            dev=idev.dev,
-            flags=flags & ~U.IOMMU_HWPT_FAULT_ID_VALID,
-            parent=None,
-            viommu=None,
-            user_data=data,
-        ),
-        "domain_alloc_user",
+    domain = hooks.domain_alloc_user(
+        iommu=idev.hw,
+        dev=idev.dev,
+        flags=flags & ~U.IOMMU_HWPT_FAULT_ID_VALID,
+        parent=None,
+        viommu=None,
+        user_data=data,
     )
     hwpt = HwptPaging(ictx, domain, ioas, auto_domain=auto_domain)
     try:
@@ -224,19 +185,14 @@ def hwpt_nested_alloc(
         raise err(errno.EOPNOTSUPP, "bad flags or no vendor data for a nested HWPT")
     if parent.auto_domain or not parent.nest_parent or parent.domain.owner is not idev.hw:
         raise err(errno.EINVAL, "parent must be a nest-parent HWPT of the device's IOMMU")
-    if not _hook_takes(idev.hooks, "domain_alloc_user", "parent"):
-        raise err(errno.EOPNOTSUPP, "the driver has no nested domains")
     failpoint("hook.domain_alloc_user")
-    domain = require(
-        idev.hooks.domain_alloc_user(
-            iommu=idev.hw,
-            dev=idev.dev,
-            flags=flags & ~U.IOMMU_HWPT_FAULT_ID_VALID,
-            parent=parent.domain,
-            viommu=viommu.drv if viommu is not None else None,
-            user_data=UserData.of(data_type, data),
-        ),
-        "domain_alloc_user",
+    domain = idev.hooks.domain_alloc_user(
+        iommu=idev.hw,
+        dev=idev.dev,
+        flags=flags & ~U.IOMMU_HWPT_FAULT_ID_VALID,
+        parent=parent.domain,
+        viommu=viommu.drv if viommu is not None else None,
+        user_data=UserData.of(data_type, data),
     )
     hwpt = HwptNested(ictx, domain, parent, viommu)
     hwpt.hold(viommu if viommu is not None else parent)
@@ -327,8 +283,9 @@ def _hwpt_invalidate(ucmd: Ucmd) -> None:
         ):
             raise err(errno.EINVAL, "bad data_uptr, entry_len or entry_num")
         target = ucmd.ictx.objects.get(cmd.hwpt_id)
+        drv_target: Domain | ViommuBase
         if isinstance(target, HwptNested):
-            drv_target: Any = target.domain
+            drv_target = target.domain
             owner = target.domain.owner
         elif isinstance(target, Viommu):
             drv_target = target.drv
@@ -342,11 +299,8 @@ def _hwpt_invalidate(ucmd: Ucmd) -> None:
             for i in range(requested)
         ]
         failpoint("hook.cache_invalidate_user")
-        result = require(
-            hooks.cache_invalidate_user(
-                target=drv_target, data_type=cmd.data_type, entries=entries
-            ),
-            "cache_invalidate_user",
+        result = hooks.cache_invalidate_user(
+            target=drv_target, data_type=cmd.data_type, entries=entries
         )
     finally:
         cmd.entry_num = result.handled
@@ -373,7 +327,7 @@ def _set_dirty_tracking(ucmd: Ucmd) -> None:
             hooks.read_and_clear_dirty(
                 domain=hwpt.domain, iova=iova, length=last - iova + 1, clear=True, report=False
             )
-    require(hooks.set_dirty_tracking(domain=hwpt.domain, enable=enable), "set_dirty_tracking")
+    hooks.set_dirty_tracking(domain=hwpt.domain, enable=enable)
     hwpt.domain.dirty_enabled = enable
 
 

@@ -11,18 +11,17 @@ import errno
 from typing import TYPE_CHECKING
 
 from iommufd_model.core.failnth import failpoint
-from iommufd_model.core.hw_pagetable import HwptPaging, require
+from iommufd_model.core.hw_pagetable import HwptPaging
 from iommufd_model.core.main import Ucmd, ioctl_op
 from iommufd_model.core.mmap import MmapOwner
 from iommufd_model.core.objects import IommufdObject, ObjType
 from iommufd_model.driver import HwQueueBase, VdeviceBase, ViommuBase
 from iommufd_model.errors import err
+from iommufd_model.hooks import DriverHooks
 from iommufd_model.hw.memory import PAGE_SIZE
 from iommufd_model.uapi import iommufd as U
 
 if TYPE_CHECKING:
-    from typing import Any
-
     from iommufd_model.core.device import Device
     from iommufd_model.core.eventq import Veventq
     from iommufd_model.core.main import IommuFd
@@ -37,7 +36,7 @@ class Viommu(IommufdObject):
         self.mmap = mmap
         drv.core = self
         self.hwpt = hwpt
-        self.hooks: Any = drv.owner.machine.hooks(drv.owner.driver_name)
+        self.hooks: DriverHooks = drv.owner.machine.hooks(drv.owner.driver_name)
         self.vdevs: dict[int, Vdevice] = {}
         self.veventqs: dict[int, Veventq] = {}
         self.hw_queues: dict[tuple[int, int], HwQueue] = {}
@@ -125,16 +124,13 @@ def _viommu_alloc(ucmd: Ucmd) -> None:
     # left registered when the allocation fails are erased with it.
     mmap = MmapOwner(ucmd.ictx)
     try:
-        drv = require(
-            idev.hooks.viommu_alloc(
-                iommu=idev.hw,
-                dev=idev.dev,
-                parent=hwpt.domain,
-                viommu_type=cmd.type,
-                data=data,
-                mmap=mmap,
-            ),
-            "viommu_alloc",
+        drv = idev.hooks.viommu_alloc(
+            iommu=idev.hw,
+            dev=idev.dev,
+            parent=hwpt.domain,
+            viommu_type=cmd.type,
+            data=data,
+            mmap=mmap,
         )
     except OSError:
         mmap.release()
@@ -169,10 +165,7 @@ def _vdevice_alloc(ucmd: Ucmd) -> None:
     if cmd.virt_id in viommu.vdevs:
         raise err(errno.EEXIST, f"virtual id {cmd.virt_id:#x} is taken")
     failpoint("hook.vdevice_alloc")
-    drv = require(
-        viommu.hooks.vdevice_alloc(viommu=viommu.drv, dev=idev.dev, virt_id=cmd.virt_id),
-        "vdevice_alloc",
-    )
+    drv = viommu.hooks.vdevice_alloc(viommu=viommu.drv, dev=idev.dev, virt_id=cmd.virt_id)
     vdev = Vdevice(ucmd.ictx, drv, viommu, idev)
     try:
         cmd.out_vdevice_id = objs.alloc_id(vdev)
@@ -199,7 +192,7 @@ def _hw_queue_alloc(ucmd: Ucmd) -> None:
     viommu = objs.get_as(cmd.viommu_id, Viommu)
     # get_hw_queue_size(): the type is the driver's to judge, before anything is pinned. A
     # driver without the hook is asked by hw_queue_alloc itself, after the pin.
-    if viommu.hooks.hw_queue_supported(viommu=viommu.drv, queue_type=cmd.type) is False:
+    if not viommu.hooks.hw_queue_supported(viommu=viommu.drv, queue_type=cmd.type):
         raise err(errno.EOPNOTSUPP, f"the vIOMMU takes no HW queue of type {cmd.type:#x}")
     if (cmd.type, cmd.index) in viommu.hw_queues:
         raise err(errno.EEXIST, "a queue with that type and index exists")
@@ -211,16 +204,13 @@ def _hw_queue_alloc(ucmd: Ucmd) -> None:
         if any(p != first + i for i, p in enumerate(pfns)):
             raise err(errno.EFAULT, "queue memory must be physically contiguous")
         failpoint("hook.hw_queue_alloc")
-        drv = require(
-            viommu.hooks.hw_queue_alloc(
-                viommu=viommu.drv,
-                queue_type=cmd.type,
-                index=cmd.index,
-                base_iova=cmd.nesting_parent_iova,
-                length=cmd.length,
-                pfns=pfns,
-            ),
-            "hw_queue_alloc",
+        drv = viommu.hooks.hw_queue_alloc(
+            viommu=viommu.drv,
+            queue_type=cmd.type,
+            index=cmd.index,
+            base_iova=cmd.nesting_parent_iova,
+            length=cmd.length,
+            pfns=pfns,
         )
     except OSError:
         iopt.access_unpin(pin_iova, pin_len, lock=True)

@@ -159,10 +159,9 @@ class MockDriver(PagingDomainOps):
         return _alloc_paging(iommu, dev, flags, user_data)
 
     @hookimpl
-    def domain_free(self, domain: Domain) -> bool:
+    def domain_free(self, domain: Domain) -> None:
         if isinstance(domain, MockDomain):
             domain.free()
-        return True
 
     @hookimpl
     def domain_iova_to_phys(self, domain: Domain, iova: int) -> int:
@@ -172,7 +171,7 @@ class MockDriver(PagingDomainOps):
         return paging_domain(domain).iova_to_phys(iova)
 
     @hookimpl
-    def attach(self, iommu: Any, dev: PciDevice, domain: Domain | None) -> bool:
+    def attach(self, iommu: Any, dev: PciDevice, domain: Domain | None) -> None:
         priv = dev.iommu_priv
         viommu: MockViommu | None = None
         vdev_id = 0
@@ -191,10 +190,9 @@ class MockDriver(PagingDomainOps):
                 vdev_id = vid
         priv["viommu"], priv["vdev_id"] = viommu, vdev_id
         _mock(iommu).context[dev.rid] = domain
-        return True
 
     @hookimpl
-    def set_dev_pasid(self, iommu: Any, dev: PciDevice, pasid: int, domain: Domain) -> bool:
+    def set_dev_pasid(self, iommu: Any, dev: PciDevice, pasid: int, domain: Domain) -> None:
         _attachable(domain)
         priv = dev.iommu_priv
         if pasid == selftest.IOMMU_TEST_PASID_RESERVED:
@@ -205,14 +203,12 @@ class MockDriver(PagingDomainOps):
                 raise err(errno.ENOMEM, "fake failure of the second PASID 1024 attach")
             priv["pasid_1024_fake_error"] = True
         _mock(iommu).pasid_context[(dev.rid, pasid)] = domain
-        return True
 
     @hookimpl
-    def remove_dev_pasid(self, iommu: Any, dev: PciDevice, pasid: int) -> bool:
+    def remove_dev_pasid(self, iommu: Any, dev: PciDevice, pasid: int) -> None:
         if pasid == selftest.IOMMU_TEST_PASID_RESERVED:
             dev.iommu_priv["pasid_1024_fake_error"] = False  # the blocked domain disarms it
         _mock(iommu).pasid_context.pop((dev.rid, pasid), None)
-        return True
 
     # -- nested domains, vIOMMU, invalidation -------------------------------------------
     @hookimpl
@@ -228,8 +224,8 @@ class MockDriver(PagingDomainOps):
     @hookimpl
     def page_response(
         self, iommu: Any, dev: PciDevice, pasid: int | None, grpid: int, code: int
-    ) -> bool:
-        return True  # mock_domain_page_response() does nothing
+    ) -> None:
+        """mock_domain_page_response() does nothing."""
 
     @hookimpl
     def viommu_alloc(
@@ -270,14 +266,13 @@ class MockDriver(PagingDomainOps):
         return viommu
 
     @hookimpl
-    def viommu_destroy(self, viommu: ViommuBase) -> bool:
+    def viommu_destroy(self, viommu: ViommuBase) -> None:
         """``mock_viommu_destroy()``: erase the mmap region, free the two pages."""
         assert isinstance(viommu, MockViommu)
         if viommu.page_pfn is not None and viommu.mmap is not None:
             viommu.mmap.destroy(viommu.mmap_offset)
             _free_pages(viommu.owner.machine.memory, viommu.page_pfn, 2)
             viommu.page_pfn = None
-        return True
 
     @hookimpl
     def vdevice_alloc(self, viommu: ViommuBase, dev: PciDevice, virt_id: int) -> VdeviceBase:
@@ -286,12 +281,11 @@ class MockDriver(PagingDomainOps):
         return MockVdevice(viommu, dev, virt_id)
 
     @hookimpl
-    def vdevice_destroy(self, vdev: VdeviceBase) -> bool:
+    def vdevice_destroy(self, vdev: VdeviceBase) -> None:
         viommu = vdev.viommu
         assert isinstance(viommu, MockViommu)
         if viommu.vdevs.get(vdev.dev.rid) == vdev.virt_id:
             del viommu.vdevs[vdev.dev.rid]
-        return True
 
     @hookimpl
     def hw_queue_supported(self, viommu: ViommuBase, queue_type: int) -> bool:
@@ -331,17 +325,15 @@ class MockDriver(PagingDomainOps):
         return queue
 
     @hookimpl
-    def hw_queue_destroy(self, queue: HwQueueBase) -> bool:
+    def hw_queue_destroy(self, queue: HwQueueBase) -> None:
         assert isinstance(queue, MockHwQueue)
         viommu = queue.viommu
         assert isinstance(viommu, MockViommu)
         viommu.hw_queue[queue.index] = None
-        return True
 
     @hookimpl
-    def set_dirty_tracking(self, domain: Domain, enable: bool) -> bool:
+    def set_dirty_tracking(self, domain: Domain, enable: bool) -> None:
         _domain(domain).dirty_enabled = enable
-        return True
 
     @hookimpl
     def read_and_clear_dirty(

@@ -126,7 +126,5 @@ class Vm:
         if g is None:
             hooks = self.machine.hooks(iommu.driver_name)
             g = hooks.guest_iommu_alloc(vm=self, iommu=iommu, accelerated=accelerated)
-            if g is None:
-                raise err(errno.EOPNOTSUPP, f"{iommu.driver_name} has no guest IOMMU model")
             self._viommus[key] = g
         return g

@@ -271,16 +271,15 @@ class AmdDriver(PagingDomainOps):
         return _alloc_paging(iommu, flags)
 
     @hookimpl
-    def domain_free(self, domain: Domain) -> bool:
+    def domain_free(self, domain: Domain) -> None:
         if isinstance(domain, AmdNestedDomain):
             domain.viommu.put_hdom(domain.gdom_id)
         elif isinstance(domain, AmdDomain):
             domain.free()
-        return True
 
     # -- attach ------------------------------------------------------------------------------
     @hookimpl
-    def attach(self, iommu: IommuHw, dev: PciDevice, domain: Domain | None) -> bool:
+    def attach(self, iommu: IommuHw, dev: PciDevice, domain: Domain | None) -> None:
         """amd_iommu_attach_device() / blocked_domain_attach_device() / nested_attach_device()
         of Linux 7.2, command for command: a paging attach first detaches the old domain
         (cleared DTE, the old domain's flush-all), then a v2 domain gets its GCR3 table
@@ -299,7 +298,7 @@ class AmdDriver(PagingDomainOps):
                     raise err(errno.EINVAL, "nested attach with PASID enabled")
             elif isinstance(domain, AmdDomain):
                 if domain is dd.domain:
-                    return True  # the device's current domain: nothing to do
+                    return  # the device's current domain: nothing to do
                 if domain.dirty_tracking and not k.hd_support():
                     raise err(errno.EINVAL, "device cannot track dirty pages")
             else:
@@ -325,13 +324,13 @@ class AmdDriver(PagingDomainOps):
                     gid_=domain.gdom_id,
                     hid=domain.ginfo.hdom_id,
                 )
-            return True
+            return
         if isinstance(old, AmdDomain):
             k.detach_device(dd)
         dd.domain = None
         if domain is None:
             k.update_dte(dev, clear=True)
-            return True
+            return
         assert isinstance(domain, AmdDomain)
         if domain.v2:
             k.get_gcr3(dd).set(0, domain.pt.root)  # init_gcr3_table(): update_gcr3(pasid 0)
@@ -342,10 +341,9 @@ class AmdDriver(PagingDomainOps):
         dd.domain = domain
         domain.attached.add((dev.rid, 0))
         k.update_dte(dev)
-        return True
 
     @hookimpl
-    def set_dev_pasid(self, iommu: IommuHw, dev: PciDevice, pasid: int, domain: Domain) -> bool:
+    def set_dev_pasid(self, iommu: IommuHw, dev: PciDevice, pasid: int, domain: Domain) -> None:
         """Linux 7.2: only the SVA domain (pasid.c) has ``set_dev_pasid``; ``amdv1_ops`` and
         ``amdv2_ops`` have none, so ``iommu_attach_device_pasid()`` /
         ``iommu_replace_device_pasid()`` answer EOPNOTSUPP before touching anything, and
@@ -357,19 +355,18 @@ class AmdDriver(PagingDomainOps):
         )
 
     @hookimpl
-    def remove_dev_pasid(self, iommu: IommuHw, dev: PciDevice, pasid: int) -> bool:
+    def remove_dev_pasid(self, iommu: IommuHw, dev: PciDevice, pasid: int) -> None:
         """blocked_domain_set_dev_pasid(): nothing can be attached to a PASID through
         iommufd (see set_dev_pasid), so there is nothing to remove."""
         _kernel(iommu)
-        return True
 
     # -- dirty tracking ------------------------------------------------------------------------
     @hookimpl
-    def set_dirty_tracking(self, domain: Domain, enable: bool) -> bool:
+    def set_dirty_tracking(self, domain: Domain, enable: bool) -> None:
         """amd_iommu_set_dirty_tracking(): DTE HAD for every device, then flush."""
         dom = _paging(domain)
         if dom.dirty_enabled == enable:
-            return True
+            return
         dom.dirty_enabled = enable
         k = dom.kernel
         # 7.2 flips HAD in data[0] in place and flushes each DTE (device_flush_dte, no wait),
@@ -380,7 +377,6 @@ class AmdDriver(PagingDomainOps):
             k.flush_dte(dd)
         if dom.attached:
             k.flush_domain(dom, 0, 1 << 64)
-        return True
 
     @hookimpl
     def read_and_clear_dirty(
@@ -398,14 +394,13 @@ class AmdDriver(PagingDomainOps):
     @hookimpl
     def page_response(
         self, iommu: IommuHw, dev: PciDevice, pasid: int | None, grpid: int, code: int
-    ) -> bool:
+    ) -> None:
         """amd_iommu_page_response() -> amd_iommu_complete_ppr(): the response code goes into
         Status as it is (SUCCESS 0, INVALID 1, FAILURE 2; build_complete_ppr masks 4 bits); no
         wait. GN (and the PASID) follow the device's PRI "PRG Response PASID Required" bit,
         which the model's PCI device does not have: the model uses "a PASID was given"."""
         k = _kernel(iommu)
         k.queue(C.complete_ppr(dev.rid, pasid or 0, code & 0xF, grpid, gn=pasid is not None))
-        return True
 
     # -- vIOMMU ------------------------------------------------------------------------------------
     @hookimpl
@@ -453,7 +448,7 @@ class AmdDriver(PagingDomainOps):
         return viommu
 
     @hookimpl
-    def viommu_destroy(self, viommu: ViommuBase) -> bool:
+    def viommu_destroy(self, viommu: ViommuBase) -> None:
         if isinstance(viommu, AmdViommu):
             if viommu.mmap is not None:
                 viommu.mmap.destroy(viommu.vfmmio_mmap_offset)  # iommufd_viommu_destroy_mmap()
@@ -462,7 +457,6 @@ class AmdDriver(PagingDomainOps):
             parent = viommu.parent
             if isinstance(parent, AmdDomain) and viommu in parent.viommus:
                 parent.viommus.remove(viommu)
-        return True
 
     @hookimpl
     def vdevice_alloc(self, viommu: ViommuBase, dev: PciDevice, virt_id: int) -> VdeviceBase:
@@ -474,11 +468,10 @@ class AmdDriver(PagingDomainOps):
         return VdeviceBase(viommu, dev, virt_id)
 
     @hookimpl
-    def vdevice_destroy(self, vdev: VdeviceBase) -> bool:
+    def vdevice_destroy(self, vdev: VdeviceBase) -> None:
         viommu = vdev.viommu
         if isinstance(viommu, AmdViommu) and viommu.gid and vdev.virt_id in viommu.gdevids:
             VK.vdevice_map(_kernel(viommu.hw), viommu, vdev.dev.rid, vdev.virt_id, False)
-        return True
 
     @hookimpl
     def hw_queue_supported(self, viommu: ViommuBase, queue_type: int) -> bool:
@@ -501,10 +494,9 @@ class AmdDriver(PagingDomainOps):
         return VK.hw_queue_init(viommu, queue_type, index, base_iova, length)
 
     @hookimpl
-    def hw_queue_destroy(self, queue: HwQueueBase) -> bool:
+    def hw_queue_destroy(self, queue: HwQueueBase) -> None:
         if isinstance(queue, AmdHwQueue):
             VK.hw_queue_fini(queue)
-        return True
 
     @hookimpl
     def cache_invalidate_user(

@@ -282,14 +282,13 @@ class ArmSmmuV3Driver(PagingDomainOps):
         )
 
     @hookimpl
-    def domain_free(self, domain: api.Domain) -> bool:
+    def domain_free(self, domain: api.Domain) -> None:
         if isinstance(domain, SmmuDomain):
             domain.free()
-        return True
 
     # -- attach ---------------------------------------------------------------------------------
     @hookimpl
-    def attach(self, iommu: IommuHw, dev: PciDevice, domain: api.Domain | None) -> bool:
+    def attach(self, iommu: IommuHw, dev: PciDevice, domain: api.Domain | None) -> None:
         smmu = smmu_of(iommu)
         master = master_of(dev)
         if domain is None:
@@ -302,7 +301,6 @@ class ArmSmmuV3Driver(PagingDomainOps):
                 raise err(errno.EINVAL, "domain belongs to another SMMU")
             smmu.attach_paging(master, d)
         master.domain = domain
-        return True
 
     def _attach_nested(self, smmu: SmmuDevice, master: Master, domain: NestedDomain) -> None:
         """arm_smmu_attach_dev_nested(): EATS from the vSTE only for a translating vSTE
@@ -329,11 +327,10 @@ class ArmSmmuV3Driver(PagingDomainOps):
 
     # -- dirty tracking: arm_smmu_dirty_ops ----------------------------------------------------
     @hookimpl
-    def set_dirty_tracking(self, domain: api.Domain, enable: bool) -> bool:
+    def set_dirty_tracking(self, domain: api.Domain, enable: bool) -> None:
         """arm_smmu_set_dirty_tracking(): nothing to do. A dirty-tracking domain's CD has HA
         and HD from its first attach on; the core wipes the bits before enabling."""
         _paging(domain)
-        return True
 
     @hookimpl
     def read_and_clear_dirty(
@@ -351,18 +348,16 @@ class ArmSmmuV3Driver(PagingDomainOps):
 
     # -- substreams ---------------------------------------------------------------------------
     @hookimpl
-    def set_dev_pasid(self, iommu: IommuHw, dev: PciDevice, pasid: int, domain: api.Domain) -> bool:
+    def set_dev_pasid(self, iommu: IommuHw, dev: PciDevice, pasid: int, domain: api.Domain) -> None:
         """arm_smmu_s1_set_dev_pasid() (also a replace of the PASID's domain)."""
         smmu = smmu_of(iommu)
         if not isinstance(domain, SmmuDomain):
             raise err(errno.EINVAL, "only paging domains attach to a PASID")
         smmu.set_pasid(master_of(dev), domain, pasid)
-        return True
 
     @hookimpl
-    def remove_dev_pasid(self, iommu: IommuHw, dev: PciDevice, pasid: int) -> bool:
+    def remove_dev_pasid(self, iommu: IommuHw, dev: PciDevice, pasid: int) -> None:
         smmu_of(iommu).remove_pasid(master_of(dev), pasid)
-        return True
 
     # -- nested domains and the vSMMU -------------------------------------------------------------
     def _alloc_nested(
@@ -434,7 +429,7 @@ class ArmSmmuV3Driver(PagingDomainOps):
             vsmmu.core.report_event(U.IOMMU_VEVENTQ_TYPE_TEGRA241_CMDQV, data)
 
     @hookimpl
-    def viommu_destroy(self, viommu: api.ViommuBase) -> bool:
+    def viommu_destroy(self, viommu: api.ViommuBase) -> None:
         if isinstance(viommu, VintfVsmmu):
             vintf = viommu.vintf
             if viommu.mmap is not None:  # tegra241_cmdqv_destroy_vintf_user()
@@ -443,7 +438,6 @@ class ArmSmmuV3Driver(PagingDomainOps):
             vintf.reset()
             vintf.error_irq.clear()
             viommu.smmu.vintf_owners.pop(vintf.idx, None)
-        return True
 
     @hookimpl
     def vdevice_alloc(self, viommu: api.ViommuBase, dev: PciDevice, virt_id: int) -> Vdevice:
@@ -469,7 +463,7 @@ class ArmSmmuV3Driver(PagingDomainOps):
         return vdev
 
     @hookimpl
-    def vdevice_destroy(self, vdev: api.VdeviceBase) -> bool:
+    def vdevice_destroy(self, vdev: api.VdeviceBase) -> None:
         vsmmu = vdev.viommu
         if isinstance(vsmmu, Vsmmu):
             master = vsmmu.vsids.pop(vdev.virt_id, None)
@@ -479,7 +473,6 @@ class ArmSmmuV3Driver(PagingDomainOps):
             vsmmu.vintf.sid_match[vdev.sidx] = 0
             vsmmu.vintf.sid_replace[vdev.sidx] = 0
             vsmmu.vdevs.pop(vdev.virt_id, None)
-        return True
 
     # -- CMDQV hardware queues ----------------------------------------------------------------
     @hookimpl
@@ -525,7 +518,7 @@ class ArmSmmuV3Driver(PagingDomainOps):
         return queue
 
     @hookimpl
-    def hw_queue_destroy(self, queue: api.HwQueueBase) -> bool:
+    def hw_queue_destroy(self, queue: api.HwQueueBase) -> None:
         """tegra241_vintf_destroy_lvcmdq_user(): disable, flush a pending timeout, unmap."""
         if isinstance(queue, Vcmdq):
             q = queue.vintf.lvcmdqs[queue.index]
@@ -535,7 +528,6 @@ class ArmSmmuV3Driver(PagingDomainOps):
             if isinstance(vsmmu, VintfVsmmu):
                 vsmmu.queues.pop(queue.index, None)
             smmu_of(queue.vintf.cmdqv.hw).issue([])  # a CMD_SYNC on the main queue
-        return True
 
     @hookimpl
     def cache_invalidate_user(
@@ -595,10 +587,9 @@ class ArmSmmuV3Driver(PagingDomainOps):
     @hookimpl
     def page_response(
         self, iommu: IommuHw, dev: PciDevice, pasid: int | None, grpid: int, code: int
-    ) -> bool:
+    ) -> None:
         """The user's answer from the FAULT queue: CMD_RESUME of the stalled transaction."""
         smmu_of(iommu).page_response(master_of(dev), grpid, code)
-        return True
 
 
 plugin = ArmSmmuV3Driver()

@@ -171,7 +171,7 @@ def test_unattached_domain_unmap_issues_nothing_and_free_issues_nothing(rig: Any
     d = r.domain()
     r.map(d, 0x10_0000, K4, 4)
     r.unmap(d, 0x10_0000, 4 * K4)
-    assert plugin.domain_free(domain=d)
+    plugin.domain_free(domain=d)
     assert r.stream() == []
 
 

@@ -84,15 +84,15 @@ def test_set_dev_pasid_command_streams(smmu_machine: Callable[..., Any]) -> None
     rid, p1 = r.domain(U.IOMMU_HWPT_ALLOC_PASID), r.domain(U.IOMMU_HWPT_ALLOC_PASID)
     r.attach(rid)
     r.mark()
-    assert plugin.set_dev_pasid(iommu=r.hw, dev=r.m_dev, pasid=1, domain=p1)
+    plugin.set_dev_pasid(iommu=r.hw, dev=r.m_dev, pasid=1, domain=p1)
     cd1 = C.cfgi_cd(r.sid, 1)
     assert r.stream() == [cd1, SYNC, cd1, SYNC]
-    assert plugin.set_dev_pasid(iommu=r.hw, dev=r.m_dev, pasid=1024, domain=p1)
+    plugin.set_dev_pasid(iommu=r.hw, dev=r.m_dev, pasid=1024, domain=p1)
     cd2 = C.cfgi_cd(r.sid, 1024)
     assert r.stream() == [C.cfgi_cd(r.sid, 1024, leaf=False), SYNC, cd2, SYNC, cd2, SYNC]
-    assert plugin.remove_dev_pasid(iommu=r.hw, dev=r.m_dev, pasid=1)
+    plugin.remove_dev_pasid(iommu=r.hw, dev=r.m_dev, pasid=1)
     assert r.stream() == [cd1, SYNC, cd1, SYNC]  # p1 still used by PASID 1024
-    assert plugin.remove_dev_pasid(iommu=r.hw, dev=r.m_dev, pasid=1024)
+    plugin.remove_dev_pasid(iommu=r.hw, dev=r.m_dev, pasid=1024)
     assert r.stream() == [cd2, SYNC, cd2, SYNC, C.tlbi_nh_asid(0, p1.asid), SYNC]
 
 

@@ -239,7 +239,7 @@ class VtdDriver(PagingDomainOps):
         return child
 
     @hookimpl
-    def domain_free(self, domain: Domain) -> bool:
+    def domain_free(self, domain: Domain) -> None:
         st = _state(domain.owner)
         if isinstance(domain, VtdPaging):
             domain.free()
@@ -247,7 +247,6 @@ class VtdDriver(PagingDomainOps):
             domain.s2.children.remove(domain)
         if isinstance(domain, (VtdPaging, VtdNested)) and domain.did is not None:
             st.dids.free(domain.did)  # no device is attached: nothing refers to it
-        return True
 
     # -- attach -------------------------------------------------------------------------------
     @staticmethod
@@ -318,7 +317,7 @@ class VtdDriver(PagingDomainOps):
             st.detach_iommu(d)
 
     @hookimpl
-    def attach(self, iommu: Any, dev: PciDevice, domain: Domain | None) -> bool:
+    def attach(self, iommu: Any, dev: PciDevice, domain: Domain | None) -> None:
         """intel_iommu_attach_device() / intel_nested_attach_dev() / the blocking domain:
         the old entry is torn down first, so a failure leaves the RID blocked (as in 7.2)."""
         st = _state(iommu)
@@ -330,7 +329,7 @@ class VtdDriver(PagingDomainOps):
         if d is None:
             st.iopf_remove(info, old)  # blocking_domain_attach_dev()
             self._block_translation(st, info)
-            return True
+            return
         if isinstance(d, VtdNested):
             # 7.2 checks the stage-1 data in intel_pasid_setup_nested(), after the teardown,
             # so a bad one leaves the RID blocked; the framework's contract (and its uAPI
@@ -368,10 +367,9 @@ class VtdDriver(PagingDomainOps):
         info.domains[0] = d
         info.domain_attached = True
         d.attached.add((dev.rid, 0))
-        return True
 
     @hookimpl
-    def set_dev_pasid(self, iommu: Any, dev: PciDevice, pasid: int, domain: Domain) -> bool:
+    def set_dev_pasid(self, iommu: Any, dev: PciDevice, pasid: int, domain: Domain) -> None:
         """intel_iommu_set_dev_pasid() / intel_nested_set_dev_pasid(): tag the new domain,
         tear the old entry down, set the new one up; on failure untag the new domain (the
         PASID stays blocked)."""
@@ -409,7 +407,6 @@ class VtdDriver(PagingDomainOps):
             self._remove_dev_pasid(st, info, pasid, old)
         info.domains[pasid] = d
         d.attached.add((dev.rid, pasid))
-        return True
 
     @staticmethod
     def _remove_dev_pasid(st: IommuState, info: DevInfo, pasid: int, old: VtdDomain) -> None:
@@ -421,7 +418,7 @@ class VtdDriver(PagingDomainOps):
             del info.domains[pasid]
 
     @hookimpl
-    def remove_dev_pasid(self, iommu: Any, dev: PciDevice, pasid: int) -> bool:
+    def remove_dev_pasid(self, iommu: Any, dev: PciDevice, pasid: int) -> None:
         """blocking_domain_set_dev_pasid(): tear down, then forget the old domain."""
         st = _state(iommu)
         info = st.devs[dev.rid]
@@ -430,19 +427,17 @@ class VtdDriver(PagingDomainOps):
         st.iopf_remove(info, old)
         if old is not None:
             self._remove_dev_pasid(st, info, pasid, old)
-        return True
 
     @hookimpl
     def page_response(
         self, iommu: Any, dev: PciDevice, pasid: int | None, grpid: int, code: int
-    ) -> bool:
+    ) -> None:
         """intel_iommu_page_response(): a page group response descriptor (type 0x9) with
         the user's code (IOMMUFD_PAGE_RESP_SUCCESS 0 / INVALID 1, the PCIe codes)."""
         st = _state(iommu)
         if st.prq is None:
             raise err(errno.EOPNOTSUPP, "no page request support")
         st.prq.respond(dev.rid, pasid, grpid & 0x1FF, code)
-        return True
 
     # -- invalidation and dirty tracking -------------------------------------------------------
     @hookimpl
@@ -489,14 +484,14 @@ class VtdDriver(PagingDomainOps):
         return runs
 
     @hookimpl
-    def set_dirty_tracking(self, domain: Domain, enable: bool) -> bool:
+    def set_dirty_tracking(self, domain: Domain, enable: bool) -> None:
         """intel_iommu_set_dirty_tracking(): the domain's own attachments, then (a nest
         parent) its stage-1 children's; any failure re-applies the old state everywhere."""
         d = _paging(domain)
         if d.first_stage:
             raise err(errno.EOPNOTSUPP, "first-stage domains have no dirty ops")
         if d.tracking == enable:
-            return True
+            return
         st = _state(d.owner)
         try:
             domain_set_dirty(st, d, enable)
@@ -511,7 +506,6 @@ class VtdDriver(PagingDomainOps):
             domain_set_dirty(st, d, d.tracking, quiet=True)
             raise
         d.tracking = enable
-        return True
 
     @hookimpl
     def viommu_alloc(

@@ -83,17 +83,15 @@ class ToyDriver:
         return ToyDomain(iommu)
 
     @hookimpl
-    def domain_free(self, domain: Domain) -> bool:
+    def domain_free(self, domain: Domain) -> None:
         toy = _toy(domain)
         toy.iommu.invalidate(toy.domid)
         toy.pt.free()
         toy.iommu.domain_ids.free(toy.domid)
-        return True
 
     @hookimpl
-    def domain_map(self, domain: Domain, iova: int, pa: int, size: int, prot: int) -> bool:
+    def domain_map(self, domain: Domain, iova: int, pa: int, size: int, prot: int) -> None:
         _toy(domain).pt.map(iova, pa, size, prot)  # all-or-nothing, EEXIST on overlap
-        return True
 
     @hookimpl
     def domain_unmap(self, domain: Domain, iova: int, size: int) -> int:
@@ -107,7 +105,7 @@ class ToyDriver:
         return _toy(domain).pt.iova_to_phys(iova)
 
     @hookimpl
-    def attach(self, iommu: IommuHw, dev: PciDevice, domain: Domain | None) -> bool:
+    def attach(self, iommu: IommuHw, dev: PciDevice, domain: Domain | None) -> None:
         if not isinstance(iommu, ToyIommu):
             raise err(errno.EINVAL, "not a toy IOMMU")
         if domain is None:
@@ -116,7 +114,6 @@ class ToyDriver:
             toy = _toy(domain)  # check before any change: a refused replace changes nothing
             # One store is the whole switch, so replace is hitless and cannot half-fail.
             iommu.context[dev.rid] = (toy.pt.root, toy.domid)
-        return True
 
 
 plugin = ToyDriver()
