@@ -116,6 +116,25 @@ class IommuHw:
         way (:meth:`translate_run`)."""
         return None
 
+    def walk_run(
+        self,
+        dev: PciDevice,
+        iova: int,
+        end: int,
+        pasid: int | None,
+        write: bool,
+        tables_only: bool,
+        runs: list[tuple[int, int]],
+    ) -> int:
+        """Pages from ``iova`` towards ``end`` that the IOTLB holds nothing for, walked and
+        cached natively as :meth:`translate` would (same answers, IOTLB fills and statistics),
+        within a burst after a successful :meth:`translate` of ``dev``: their runs go to
+        ``runs``; returns the first address not translated (``iova`` when the vendor has no
+        such path). Stops before any page that would fault, hit the IOTLB, or need what only
+        :meth:`translate` does. ``tables_only``: only walks that write no memory (no
+        accessed/dirty updates) may run, as a read gathers bytes before it copies them."""
+        return iova
+
     @locked
     def translate_run(
         self, dev: PciDevice, iova: int, n: int, pasid: int | None, write: bool
@@ -161,17 +180,25 @@ class IommuHw:
         pasid: int | None,
         write: bool,
         runs: list[tuple[int, int]],
+        tables_only: bool = False,
     ) -> int:
-        """IOTLB hits from ``iova`` on (after a full translation): the address they reach."""
+        """IOTLB hits and native walks (:meth:`walk_run`) from ``iova`` on, after a full
+        translation: the address they reach."""
         fast = self.iotlb_fast(dev, pasid, write)
         if fast is None:
             return iova
         iotlb, tag, need = fast
-        hits, stop = iotlb.hit_run(tag, iova, end, need, self.memory.size, runs)
         stats = self.stats
-        stats.translations += hits
-        stats.iotlb_hits += hits
-        return stop
+        while True:
+            hits, stop = iotlb.hit_run(tag, iova, end, need, self.memory.size, runs)
+            stats.translations += hits
+            stats.iotlb_hits += hits
+            if stop >= end:
+                return stop
+            # A miss: the vendor's native walks, as long as its translate() would only walk.
+            iova = self.walk_run(dev, stop, end, pasid, write, tables_only, runs)
+            if iova == stop:
+                return stop
 
     # -- the DMA engine -----------------------------------------------------------------
     @locked
@@ -191,7 +218,7 @@ class IommuHw:
                 pending.clear()
             iova = self._translate_one(dev, iova, end, pasid, False, runs)
             if iova < end:
-                iova = self._hits(dev, iova, end, pasid, False, runs)
+                iova = self._hits(dev, iova, end, pasid, False, runs, tables_only=True)
             for pa, chunk in runs:
                 gather(pa, chunk, pending)
             runs.clear()

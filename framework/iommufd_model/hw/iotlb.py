@@ -10,6 +10,7 @@ exactly the bug class a model must show. Replacement is FIFO over all entries.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import NamedTuple, cast
 
@@ -34,10 +35,16 @@ Key = tuple[int, Hashable, int]  # (shift, tag, page number)
 class Iotlb:
     """A bounded translation cache with FIFO replacement."""
 
+    #: the compiled IOTLB operations (:mod:`iommufd_model.hw.tlb_run`), for native fills
+    RUN = _RUN
+
     def __init__(self, capacity: int = 4096) -> None:
         self.capacity = capacity
         self._tables: dict[int, dict[Hashable, dict[int, TlbEntry]]] = {}
-        self._fifo: dict[Key, None] = {}  # every entry's key, oldest first
+        # Every entry's key, oldest first. An OrderedDict: the oldest key is found in O(1)
+        # (a dict's first key after many evictions from the front is found by skipping their
+        # dummies, which made a burst beyond the IOTLB's reach quadratic).
+        self._fifo: OrderedDict[Key, None] = OrderedDict()
         self.hits = 0
         self.misses = 0
         self.invalidations = 0
@@ -80,23 +87,12 @@ class Iotlb:
         return hits, stop
 
     def insert(self, tag: Hashable, iova: int, entry: TlbEntry) -> None:
-        shift = entry.shift
-        key = (shift, tag, iova >> shift)
-        if key not in self._fifo and len(self._fifo) >= self.capacity:
-            self._remove(next(iter(self._fifo)))
-        self._tables.setdefault(shift, {}).setdefault(tag, {})[key[2]] = entry
-        self._fifo[key] = None
+        """Cache ``entry`` for ``iova`` under ``tag``; a full IOTLB evicts its oldest entry
+        (in the compiled :mod:`iommufd_model.hw.tlb_run`)."""
+        _RUN.insert(self._tables, self._fifo, self.capacity, tag, iova, entry.shift, entry)
 
     def _remove(self, key: Key) -> None:
-        shift, tag, page = key
-        del self._fifo[key]
-        tags = self._tables[shift]
-        pages = tags[tag]
-        del pages[page]
-        if not pages:
-            del tags[tag]
-            if not tags:
-                del self._tables[shift]
+        _RUN.remove(self._tables, self._fifo, key)
 
     def _drop(self, keep: Callable[[Hashable, int, int], bool]) -> int:
         """Remove every entry for which ``keep(tag, first_iova, shift)`` is False."""

@@ -18,6 +18,50 @@ from __future__ import annotations
 Entry = tuple[int, int, int, int]
 Pages = dict[int, Entry]
 Tables = dict[int, dict[object, Pages]]
+Key = tuple[int, object, int]
+# The same dicts as the IOTLB fills them: an entry is the caller's object (a ``TlbEntry``),
+# kept as it is (typed ``Entry``, mypyc would store a plain tuple rebuilt from its fields).
+Filled = dict[int, dict[object, dict[int, object]]]
+
+
+def insert(
+    tables: Filled,
+    fifo: dict[Key, None],
+    capacity: int,
+    tag: object,
+    iova: int,
+    shift: int,
+    entry: object,
+) -> None:
+    """``Iotlb.insert``: cache ``entry`` (a ``TlbEntry`` of a ``1 << shift`` page) for
+    ``iova`` under ``tag``, first evicting the oldest entry when the IOTLB is full. ``fifo`` is
+    the IOTLB's ``OrderedDict`` of keys, oldest first (a dict subclass: every operation here
+    goes through its methods)."""
+    page = iova >> shift
+    key = (shift, tag, page)
+    if key not in fifo and len(fifo) >= capacity:
+        remove(tables, fifo, next(iter(fifo)))
+    by_tag = tables.get(shift)
+    if by_tag is None:
+        by_tag = tables[shift] = {}
+    pages = by_tag.get(tag)
+    if pages is None:
+        pages = by_tag[tag] = {}
+    pages[page] = entry
+    fifo[key] = None
+
+
+def remove(tables: Filled, fifo: dict[Key, None], key: Key) -> None:
+    """Drop the entry of ``key`` (``(shift, tag, page)``), and the dicts it leaves empty."""
+    shift, tag, page = key
+    del fifo[key]
+    tags = tables[shift]
+    pages = tags[tag]
+    del pages[page]
+    if not pages:
+        del tags[tag]
+        if not tags:
+            del tables[shift]
 
 
 def hit_run(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Hashable
+from functools import partial
 from typing import TYPE_CHECKING
 
 from iommufd_amd import commands as C
@@ -465,6 +466,54 @@ class AmdIommu(IommuHw):
             return None
         return self.iotlb, tag, (IOMMU_WRITE | _DIRTY_DONE) if write else IOMMU_READ
 
+    def walk_run(
+        self,
+        dev: PciDevice,
+        iova: int,
+        end: int,
+        pasid: int | None,
+        write: bool,
+        tables_only: bool,
+        runs: list[tuple[int, int]],
+    ) -> int:
+        """Host (v1) table walks of a burst in the compiled walker (``walk.walk_run``), for a
+        DTE that :meth:`lookup` would walk with the v1 table; A/D updates (DTE HAD) count as
+        memory writes for ``tables_only``."""
+        cached = self.dte_cache.get(dev.rid)
+        if cached is None or pasid is not None:
+            return iova
+        dte, why = cached
+        if not dte.v or why or not dte.tv or (tables_only and dte.had):
+            return iova
+        tag = _iotlb_tag(dte, pasid)
+        if tag is None or tag[1] != NO_PASID:
+            return iova  # no table, or the guest (v2) tables: translate() walks those
+        dte_prot = (IOMMU_READ if dte.ir else 0) | (IOMMU_WRITE if dte.iw else 0)
+        iotlb = self.iotlb
+        memory = self.memory
+        walks, refs, stop = self.walk.walk_run(
+            iotlb._tables,
+            tag,
+            iova,
+            end,
+            write,
+            dte_prot,
+            memory._pages,
+            memory.size,
+            dte.host_root,
+            dte.mode,
+            dte.had,
+            partial(iotlb.RUN.insert, iotlb._tables, iotlb._fifo, iotlb.capacity),
+            _NEW_ENTRY,
+            runs,
+        )
+        iotlb.misses += walks
+        stats = self.stats
+        stats.translations += walks
+        stats.iotlb_misses += walks
+        stats.walk_mem_refs += refs
+        return int(stop)
+
     def _guest_event(self, devid: int, ev: E.Event) -> bool:
         """HW-vIOMMU: a guest device's event goes to its guest's event log instead."""
         if self.vi is None:
@@ -619,6 +668,8 @@ class AmdIommu(IommuHw):
 
 
 HWERR_READ = E.HWERR_TYPE_READ << E.TYPE_SHIFT
+#: a TlbEntry from its field tuple, in C (the named tuple's own constructor is Python)
+_NEW_ENTRY = partial(tuple.__new__, TlbEntry)
 
 
 def _guest_tag_of(tag: Hashable, domid: int) -> bool:

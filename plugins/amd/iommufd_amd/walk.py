@@ -502,6 +502,66 @@ def _nested_with(
     return st, val, shift, refs, prot
 
 
+def walk_run(
+    tables: dict[int, dict[object, dict[int, object]]],
+    tag: object,
+    iova: int,
+    end: int,
+    write: bool,
+    dte_prot: int,
+    pages: Pages,
+    mem_size: int,
+    root: int,
+    mode: int,
+    had: int,
+    insert: Callable[[object, int, int, object], None],
+    entry: Callable[[tuple[int, int, int, int]], object],
+    runs: list[tuple[int, int]],
+) -> tuple[int, int, int]:
+    """The host (v1) table walks of a burst, for pages the IOTLB holds nothing for: what
+    ``AmdIommu.lookup`` does on such a miss when the walk succeeds (permission intersected
+    with the DTE's ``dte_prot``, the page inside memory), including the IOTLB fill
+    (``insert(tag, iova, shift, entry((pa, shift, perm, refs)))``, ``tables`` being the
+    IOTLB's ``shift -> tag -> page`` dicts). Stops before a page that has any IOTLB entry or whose
+    walk would fault, so that ``translate()`` handles it (a failed walk writes nothing; a
+    successful one sets A/D bits, which ``translate()`` sets again, to the same values).
+    Appends ``(pa, length)`` runs to ``runs`` (a page continues the last run when the physical
+    address does); returns ``(walks, refs, stop)``."""
+    words = _words(pages)
+    size = _clamp(mem_size)
+    need = 2 if write else 1
+    walks = 0
+    refs_all = 0
+    while iova < end:
+        for shift, tags in tables.items():
+            cached = tags.get(tag)
+            if cached is not None and (iova >> shift) in cached:
+                return walks, refs_all, iova  # lookup() would find it: not a plain miss
+        st, pa, shift, refs, prot = _walk_v1(pages, words, size, root, mode, iova, write, had)
+        if st != OK:
+            break
+        prot &= dte_prot
+        if not prot & need or pa >= mem_size:
+            break
+        if not had & 2 or write:
+            prot |= 4  # the leaf's D bit is set (or D is not tracked): hw._DIRTY_DONE
+        mask = _mask(shift)
+        insert(tag, iova, shift, entry((pa & ~mask, shift, prot, refs)))
+        walks += 1
+        refs_all += refs
+        run = (1 << shift) - (pa & mask)
+        if run > mem_size - pa:
+            run = mem_size - pa
+        if run > end - iova:
+            run = end - iova
+        if runs and runs[-1][0] + runs[-1][1] == pa:  # physically contiguous: one run
+            runs[-1] = (runs[-1][0], runs[-1][1] + run)
+        else:
+            runs.append((pa, run))
+        iova += run
+    return walks, refs_all, iova
+
+
 def bench_v1(
     pages: Pages,
     mem_size: int,
