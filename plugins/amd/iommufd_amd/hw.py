@@ -120,15 +120,30 @@ class AmdIommu(IommuHw):
             on_write=self._w_devtab,
         )
         lenf = R.LEN_MASK << R.LEN_SHIFT
-        m.define("CMD_BUF_BASE", R.CMD_BUF_BASE, writable=w | lenf, on_write=self._w_cmd_base)
-        m.define("EVT_LOG_BASE", R.EVT_LOG_BASE, writable=w | lenf, on_write=self._w_evt_base)
+        m.define(
+            "CMD_BUF_BASE",
+            R.CMD_BUF_BASE,
+            writable=w | lenf,
+            on_write=self._w_ring_base("CMD_BUF_BASE", "cmd_ring", R.CTRL_CMDBUF_EN),
+        )
+        m.define(
+            "EVT_LOG_BASE",
+            R.EVT_LOG_BASE,
+            writable=w | lenf,
+            on_write=self._w_ring_base("EVT_LOG_BASE", "evt_ring", R.CTRL_EVT_LOG_EN),
+        )
         # GstBufferTRPMode (bit 60) sticks only on hardware that has it (viommu_enable() checks).
         ctrl_rw = ((1 << 64) - 1) & ~(0 if gst_buffer_trp else R.CTRL_GSTBUFFERTRPMODE)
         m.define("CONTROL", R.CONTROL, writable=ctrl_rw, on_write=self._w_control)
         m.define("EXCL_BASE", R.EXCL_BASE, writable=w | 3)
         m.define("EXCL_LIMIT", R.EXCL_LIMIT, writable=w)
         m.define("EFR", R.EFR, reset=self.efr, writable=0)
-        m.define("PPR_LOG_BASE", R.PPR_LOG_BASE, writable=w | lenf, on_write=self._w_ppr_base)
+        m.define(
+            "PPR_LOG_BASE",
+            R.PPR_LOG_BASE,
+            writable=w | lenf,
+            on_write=self._w_ring_base("PPR_LOG_BASE", "ppr_ring", R.CTRL_PPRLOG_EN),
+        )
         m.define("EFR2", R.EFR2, reset=self.efr2, writable=0)
         m.define("VIOMMU_STATUS", R.VIOMMU_STATUS, writable=0)
         m.define("CMD_HEAD", R.CMD_HEAD, writable=R.PTR_MASK, on_write=self._w_cmd_head)
@@ -158,29 +173,21 @@ class AmdIommu(IommuHw):
         self.devtab_base = new & R.BASE_ADDR_MASK
         self.devtab_entries = ((new & R.DEV_TABLE_SIZE_MASK) + 1) * 4096 // DTE_SIZE
 
-    def _w_cmd_base(self, old: int, new: int) -> None:
-        if self.control & R.CTRL_CMDBUF_EN:
-            self.mmio.set("CMD_BUF_BASE", old)  # ignored while the buffer runs
-            return
-        self.cmd_ring = self._ring(new)
-        self.mmio.set("CMD_HEAD", 0)  # writing the base resets head and tail
-        self.mmio.set("CMD_TAIL", 0)
+    def _w_ring_base(self, reg: str, ring: str, enable: int) -> Callable[[int, int], None]:
+        """The write handler of a ring's base register ``reg`` (CMD_BUF_BASE, EVT_LOG_BASE,
+        PPR_LOG_BASE): ignored while the ring runs (``enable`` set in CONTROL); otherwise the
+        attribute ``ring`` gets the new ring, and the write resets its head and tail."""
+        prefix = reg.split("_")[0]
 
-    def _w_evt_base(self, old: int, new: int) -> None:
-        if self.control & R.CTRL_EVT_LOG_EN:
-            self.mmio.set("EVT_LOG_BASE", old)
-            return
-        self.evt_ring = self._ring(new)
-        self.mmio.set("EVT_HEAD", 0)
-        self.mmio.set("EVT_TAIL", 0)
+        def write(old: int, new: int) -> None:
+            if self.control & enable:
+                self.mmio.set(reg, old)  # ignored while the buffer runs
+                return
+            setattr(self, ring, self._ring(new))
+            self.mmio.set(f"{prefix}_HEAD", 0)
+            self.mmio.set(f"{prefix}_TAIL", 0)
 
-    def _w_ppr_base(self, old: int, new: int) -> None:
-        if self.control & R.CTRL_PPRLOG_EN:
-            self.mmio.set("PPR_LOG_BASE", old)
-            return
-        self.ppr_ring = self._ring(new)
-        self.mmio.set("PPR_HEAD", 0)
-        self.mmio.set("PPR_TAIL", 0)
+        return write
 
     def _w_control(self, old: int, new: int) -> None:
         rose = new & ~old
