@@ -243,6 +243,11 @@ def walk_nested(
         or not 1 <= guest_levels <= 5
         or not 0 <= host_root <= _NATIVE_MAX
         or not 0 <= gcr3_root <= _NATIVE_MAX
+        # mypyc unboxes an int meeting an i64 operand: a guest's canonical high IOVA (bit 63
+        # set) or an out-of-range PASID would raise instead of faulting, so those go the
+        # generic way.
+        or not 0 <= iova <= _NATIVE_MAX
+        or not 0 <= pasid <= _NATIVE_MAX
     ):
         return _nested_with(
             pages,
