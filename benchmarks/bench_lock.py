@@ -36,10 +36,10 @@ def _classes() -> list[type]:
     from iommufd_model.core.eventq import EventFile
     from iommufd_model.core.main import IommuFd
     from iommufd_model.core.mmap import IommufdVma
-    from iommufd_model.core.process import Process
     from iommufd_model.hw.iommu import IommuHw
     from iommufd_model.hw.pci import PciDevice
     from iommufd_model.hw.regs import Mmio
+    from iommufd_model.process import Process
     from iommufd_model.vmm import GuestIommu, GuestMemory, Vm
 
     out: list[type] = []

@@ -171,7 +171,7 @@ def snapshot(fd: IommuFd) -> dict[str, Any]:
 
 def _mapping_refs(machine: Any) -> Counter[int]:
     """References held by user page tables and open memfds (everything but pins)."""
-    from iommufd_model.core.process import MemFile
+    from iommufd_model.process import MemFile
 
     refs: Counter[int] = Counter()
     memfiles: dict[int, MemFile] = {}
@@ -194,7 +194,7 @@ def expected_frame_refs(machine: Any) -> Counter[int]:
     """Frame references the model should hold: user PTEs, memfd pages, and pins."""
     from iommufd_model.core.ioas import Ioas
     from iommufd_model.core.mmap import PhysicalRegion
-    from iommufd_model.core.process import MemFile
+    from iommufd_model.process import MemFile
 
     want: Counter[int] = Counter()
     memfiles: dict[int, MemFile] = {}

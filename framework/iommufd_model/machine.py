@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING, Any
 
-from iommufd_model.core.process import Process
 from iommufd_model.errors import err
 from iommufd_model.hooks import DriverHooks
 from iommufd_model.hw.iommu import IommuHw
@@ -13,6 +12,7 @@ from iommufd_model.hw.memory import PhysicalMemory
 from iommufd_model.hw.pci import PciDevice
 from iommufd_model.locking import serialized
 from iommufd_model.plugins import DriverRegistry, default_registry
+from iommufd_model.process import Process
 
 if TYPE_CHECKING:
     from iommufd_model.devices import PciFunction

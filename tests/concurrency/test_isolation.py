@@ -12,8 +12,8 @@ import threading
 
 from tests.concurrency.threads import HostWorld, check_all, run_threads
 
-from iommufd_model.core.failnth import fail_nth
 from iommufd_model.core.main import registered_ops
+from iommufd_model.failnth import fail_nth
 from iommufd_model.hw.iommu import DmaFault
 
 PAGE = 4096

@@ -26,7 +26,6 @@ from tests.concurrency.threads import (
 from tests.helpers import check_invariants
 
 from iommufd_model.core.eventq import EventFile
-from iommufd_model.core.ioas import Ioas
 from iommufd_model.hw.iommu import DmaFault
 from iommufd_model.locking import MODEL_LOCK, wait_for
 from iommufd_model.mock import selftest as T
@@ -168,7 +167,7 @@ def test_racing_attaches_end_with_one_winner(driver: str) -> None:
         got: list[int] = []
         attach = functools.partial(lambda out, pt: out.append(fd.attach(dev_id, pt)), got, fresh)
         run_threads([attach, attach])
-        ioas = fd.objects.get_as(fresh, Ioas, held=True)
+        ioas = fd.objects.get_ioas(fresh, held=True)
         assert len(ioas.hwpt_list) == 1 and got[0] == got[1] == ioas.hwpt_list[0].id
         check_all([fd])
         fd.detach(dev_id)

@@ -105,9 +105,8 @@ def check_translations(fd: IommuFd, dev: PciDevice, ioas_id: int, pages: Iterabl
     """Every page of ``pages`` (IOVA page numbers) that the IOAS maps reads, through ``dev``,
     the frame the IOAS pinned for it; every other one faults. First with the IOTLBs as the
     threads left them (a stale entry shows), then with them flushed (the tables alone)."""
-    from iommufd_model.core.ioas import Ioas
 
-    iopt = fd.objects.get_as(ioas_id, Ioas, held=True).iopt
+    iopt = fd.objects.get_ioas(ioas_id, held=True).iopt
     memory = fd.machine.memory
     for _ in range(2):
         for page in sorted(set(pages)):

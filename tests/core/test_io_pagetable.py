@@ -24,8 +24,8 @@ from iommufd_model.core.io_pagetable import (
     IoPagetable,
 )
 from iommufd_model.core.pages import Pages
-from iommufd_model.core.process import MemFile, Process
 from iommufd_model.hw.memory import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, PhysicalMemory
+from iommufd_model.process import MemFile, Process
 from iommufd_model.testing import assert_errno
 
 RW = IOMMU_READ | IOMMU_WRITE | IOMMU_CACHE

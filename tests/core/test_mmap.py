@@ -14,7 +14,6 @@ import struct
 import pytest
 
 from helpers import PAGE, World, check_invariants, snapshot
-from iommufd_model.core.failnth import sweep
 from iommufd_model.core.mmap import (
     MAP_PRIVATE,
     MAP_SHARED,
@@ -26,6 +25,7 @@ from iommufd_model.core.mmap import (
     MmioRegion,
     PhysicalRegion,
 )
+from iommufd_model.failnth import sweep
 from iommufd_model.hw.regs import Mmio
 from iommufd_model.mock import selftest as T
 from iommufd_model.uapi import iommufd as U

@@ -24,7 +24,6 @@ from iommufd_model.api import (
     RadixPageTable,
     paging_domain,
 )
-from iommufd_model.core.hw_pagetable import HwptPaging
 from iommufd_model.hw.x86_64 import X86_64Format
 from iommufd_model.plugins import default_registry
 from iommufd_model.testing import assert_errno
@@ -102,5 +101,5 @@ def test_in_tree_drivers_build_on_the_base(driver: str) -> None:
     dev_id = fd.bind(dev)
     hwpt = fd.hwpt_alloc(dev_id, fd.ioas_alloc())
     fd.attach(dev_id, hwpt)
-    domain = fd.objects.get_as(hwpt, HwptPaging).domain
+    domain = fd.objects.get_hwpt_paging(hwpt).domain
     assert isinstance(domain, PagingDomain), type(domain).__mro__

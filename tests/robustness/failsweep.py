@@ -26,9 +26,9 @@ from typing import Any
 import attrs
 
 from helpers import check_invariants, snapshot
-from iommufd_model.core.failnth import FailNth, SweepResult, sweep
 from iommufd_model.core.main import IommuFd
 from iommufd_model.core.objects import IommufdObject
+from iommufd_model.failnth import FailNth, SweepResult, sweep
 from iommufd_model.hw.iommu import HwStats, IommuHw
 from iommufd_model.hw.iotlb import Iotlb
 from iommufd_model.hw.memory import PhysicalMemory
@@ -107,7 +107,7 @@ def hw_state(hw: IommuHw) -> Any:
 
 def _user_frames(machine: Any) -> set[int]:
     """Frames a user mapping or a memfd holds (they may fault in during a failed call)."""
-    from iommufd_model.core.process import MemFile
+    from iommufd_model.process import MemFile
 
     user: set[int] = set()
     for proc in machine.processes:

@@ -7,8 +7,8 @@ import errno
 
 import pytest
 
-from iommufd_model.core import failnth
-from iommufd_model.core.failnth import fail_nth, failpoint, sweep
+from iommufd_model import failnth
+from iommufd_model.failnth import fail_nth, failpoint, sweep
 
 
 def three_sites() -> str:

@@ -25,8 +25,8 @@ from kutil import (
     teardown_iommufd,
 )
 
-from iommufd_model.core.process import MemFile
 from iommufd_model.mock import selftest as T
+from iommufd_model.process import MemFile
 from iommufd_model.uapi import iommufd as U
 
 VARIANTS = {  # name: (mock_domains, hugepages, file)

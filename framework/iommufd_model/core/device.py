@@ -12,12 +12,13 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING
 
-from iommufd_model.core.failnth import failpoint
 from iommufd_model.core.hw_pagetable import Hwpt, HwptNested, HwptPaging, hwpt_paging_alloc
 from iommufd_model.core.ioas import Ioas
-from iommufd_model.core.main import Ucmd, ioctl_op
 from iommufd_model.core.objects import IommufdObject, ObjType
+from iommufd_model.core.ucmd import Ucmd, ioctl_op
+from iommufd_model.core.viommu import vdevice_force_destroy
 from iommufd_model.errors import err
+from iommufd_model.failnth import failpoint
 from iommufd_model.hooks import DriverHooks
 from iommufd_model.uapi import iommufd as U
 
@@ -88,8 +89,6 @@ def device_unbind(ictx: IommuFd, idev: Device) -> None:
         device_detach(idev, pasid)
     device_detach(idev, None)
     if idev.vdev is not None:
-        from iommufd_model.core.viommu import vdevice_force_destroy
-
         vdevice_force_destroy(idev.vdev)
     idev.users -= 1
     ictx.objects.remove(idev)
@@ -223,7 +222,7 @@ def _get_hw_info(ucmd: Ucmd) -> None:
         cmd.data_type = U.IOMMU_HW_INFO_TYPE_DEFAULT
     if any(cmd.reserved):
         raise err(errno.EOPNOTSUPP, "hw_info __reserved must be 0")
-    idev = ucmd.ictx.objects.get_as(cmd.dev_id, Device)
+    idev = ucmd.ictx.objects.get_device(cmd.dev_id)
     failpoint("hook.hw_info")
     info = idev.hooks.hw_info(iommu=idev.hw, dev=idev.dev, data_type=cmd.data_type)
     data = info.data

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from iommufd_model.core.failnth import failpoint
-from iommufd_model.core.main import Ucmd, ioctl_op
 from iommufd_model.core.objects import IommufdObject, ObjType
+from iommufd_model.core.ucmd import Ucmd, ioctl_op
 from iommufd_model.errors import err
+from iommufd_model.failnth import failpoint
 from iommufd_model.locking import notify_event, serialized
 from iommufd_model.uapi import iommufd as U
 
@@ -247,14 +247,13 @@ VEVENTQ_MAX_DEPTH = 1 << 19  # eventq.c: "an arbitrary upper bound ... all exist
 
 @ioctl_op(U.IOMMU_VEVENTQ_ALLOC, U.IommuVeventqAlloc, "out_veventq_fd")
 def _veventq_alloc(ucmd: Ucmd) -> None:
-    from iommufd_model.core.viommu import Viommu
 
     cmd = ucmd.cmd
     if cmd.flags or cmd.reserved or cmd.type == U.IOMMU_VEVENTQ_TYPE_DEFAULT:
         raise err(errno.EOPNOTSUPP, "bad veventq flags, reserved or type")
     if not cmd.veventq_depth or cmd.veventq_depth > VEVENTQ_MAX_DEPTH:
         raise err(errno.EINVAL, "veventq_depth must be 1 .. 1 << 19")
-    viommu = ucmd.ictx.objects.get_as(cmd.viommu_id, Viommu)
+    viommu = ucmd.ictx.objects.get_viommu(cmd.viommu_id)
     if cmd.type in viommu.veventqs:
         raise err(errno.EEXIST, "the vIOMMU already has a vEVENTQ of that type")
     q = Veventq(ucmd.ictx, viommu, cmd.type, cmd.veventq_depth)

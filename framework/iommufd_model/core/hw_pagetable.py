@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
-from iommufd_model.core.failnth import failpoint
-from iommufd_model.core.main import Ucmd, ioctl_op
+from iommufd_model.core.ioas import Ioas
 from iommufd_model.core.objects import IommufdObject, ObjType
+from iommufd_model.core.ucmd import Ucmd, ioctl_op
 from iommufd_model.driver import Domain, InvalidateResult, UserData, ViommuBase
 from iommufd_model.errors import err
+from iommufd_model.failnth import failpoint
 from iommufd_model.hooks import DriverHooks
 from iommufd_model.hw.memory import PAGE_SIZE
 from iommufd_model.uapi import iommufd as U
@@ -23,7 +24,6 @@ from iommufd_model.uapi import iommufd as U
 if TYPE_CHECKING:
     from iommufd_model.core.device import Device
     from iommufd_model.core.eventq import Fault
-    from iommufd_model.core.ioas import Ioas
     from iommufd_model.core.main import IommuFd
     from iommufd_model.core.viommu import Viommu
 
@@ -201,11 +201,6 @@ def hwpt_nested_alloc(
 
 @ioctl_op(U.IOMMU_HWPT_ALLOC, U.IommuHwptAlloc, "reserved")
 def _hwpt_alloc(ucmd: Ucmd) -> None:
-    from iommufd_model.core.device import Device
-    from iommufd_model.core.eventq import Fault
-    from iommufd_model.core.ioas import Ioas
-    from iommufd_model.core.viommu import Viommu
-
     cmd = ucmd.cmd
     ictx = ucmd.ictx
     objs = ictx.objects
@@ -214,12 +209,13 @@ def _hwpt_alloc(ucmd: Ucmd) -> None:
     none = cmd.data_type == U.IOMMU_HWPT_DATA_NONE
     if (none and cmd.data_len) or (not none and not cmd.data_len):
         raise err(errno.EINVAL, "data_len must be 0 exactly when data_type is NONE")
-    idev = objs.get_as(cmd.dev_id, Device)
+    idev = objs.get_device(cmd.dev_id)
     try:
         pt_obj = objs.get(cmd.pt_id)
     except OSError:
         raise err(errno.EINVAL, f"pt_id {cmd.pt_id} does not exist") from None
-    if not isinstance(pt_obj, (Ioas, HwptPaging, Viommu)):
+    # The pt's kind by its ObjType (viommu.py imports this module: no class check here).
+    if pt_obj.TYPE not in (ObjType.IOAS, ObjType.HWPT_PAGING, ObjType.VIOMMU):
         raise err(errno.EINVAL, f"pt_id {cmd.pt_id} is a {pt_obj.TYPE.value}")
 
     def user_data() -> bytes:
@@ -241,13 +237,14 @@ def _hwpt_alloc(ucmd: Ucmd) -> None:
     elif isinstance(pt_obj, HwptPaging):
         hwpt = hwpt_nested_alloc(ictx, pt_obj, None, idev, cmd.flags, cmd.data_type, user_data())
     else:
+        viommu = cast("Viommu", pt_obj)
         hwpt = hwpt_nested_alloc(
-            ictx, pt_obj.hwpt, pt_obj, idev, cmd.flags, cmd.data_type, user_data()
+            ictx, viommu.hwpt, viommu, idev, cmd.flags, cmd.data_type, user_data()
         )
     if cmd.flags & U.IOMMU_HWPT_FAULT_ID_VALID:
         # As the kernel: the fault object is looked up only after the HWPT exists.
         try:
-            fault = objs.get_as(cmd.fault_id, Fault)
+            fault = objs.get_fault(cmd.fault_id)
         except OSError:
             hwpt.destroy()
             hwpt.release_holds()
@@ -266,8 +263,6 @@ def _hwpt_alloc(ucmd: Ucmd) -> None:
 
 @ioctl_op(U.IOMMU_HWPT_INVALIDATE, U.IommuHwptInvalidate, "reserved")
 def _hwpt_invalidate(ucmd: Ucmd) -> None:
-    from iommufd_model.core.viommu import Viommu
-
     cmd = ucmd.cmd
     requested = cmd.entry_num
     result = InvalidateResult(0)
@@ -287,9 +282,9 @@ def _hwpt_invalidate(ucmd: Ucmd) -> None:
         if isinstance(target, HwptNested):
             drv_target = target.domain
             owner = target.domain.owner
-        elif isinstance(target, Viommu):
-            drv_target = target.drv
-            owner = target.drv.owner
+        elif target.TYPE is ObjType.VIOMMU:
+            drv_target = cast("Viommu", target).drv
+            owner = drv_target.owner
         else:
             raise err(errno.EINVAL, f"object {cmd.hwpt_id} cannot be invalidated")
         hooks = owner.machine.hooks(owner.driver_name)
@@ -315,7 +310,7 @@ def _set_dirty_tracking(ucmd: Ucmd) -> None:
     # The kernel ignores __reserved here (only the flags are checked).
     if cmd.flags & ~U.IOMMU_HWPT_DIRTY_TRACKING_ENABLE:
         raise err(errno.EOPNOTSUPP, "unknown dirty tracking flags")
-    hwpt = ucmd.ictx.objects.get_as(cmd.hwpt_id, HwptPaging)
+    hwpt = ucmd.ictx.objects.get_hwpt_paging(cmd.hwpt_id)
     if not hwpt.domain.dirty_tracking:
         raise err(errno.EOPNOTSUPP, "HWPT was not allocated with DIRTY_TRACKING")
     enable = bool(cmd.flags & U.IOMMU_HWPT_DIRTY_TRACKING_ENABLE)
@@ -345,7 +340,7 @@ def _get_dirty_bitmap(ucmd: Ucmd) -> None:
     cmd = ucmd.cmd
     if cmd.flags & ~U.IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR or cmd.reserved:
         raise err(errno.EOPNOTSUPP, "unknown dirty bitmap flags")
-    hwpt = ucmd.ictx.objects.get_as(cmd.hwpt_id, HwptPaging)
+    hwpt = ucmd.ictx.objects.get_hwpt_paging(cmd.hwpt_id)
     iopt = hwpt.ioas.iopt
     page_size = cmd.page_size
     # iommufd_check_iova_range()

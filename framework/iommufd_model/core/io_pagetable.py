@@ -42,7 +42,6 @@ from typing import TYPE_CHECKING, Protocol
 
 import attrs
 
-from iommufd_model.core.failnth import failpoint
 from iommufd_model.core.intervals import (
     U64_MAX,
     IntervalMap,
@@ -55,10 +54,11 @@ from iommufd_model.core.pages import Pages
 from iommufd_model.driver import IOMMU_CACHE as IOMMU_CACHE  # re-exported for callers
 from iommufd_model.driver import IOMMU_READ, IOMMU_WRITE
 from iommufd_model.errors import err
+from iommufd_model.failnth import failpoint
 from iommufd_model.hw.memory import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, PhysicalMemory
 
 if TYPE_CHECKING:
-    from iommufd_model.core.process import MemFile, Process
+    from iommufd_model.process import MemFile, Process
 
 ULONG_MAX = U64_MAX
 # Automatic IOVAs are never aligned beyond a THP (HPAGE_SIZE on x86-64 with THP).

@@ -6,11 +6,11 @@ import errno
 from typing import TYPE_CHECKING
 
 from iommufd_model.core.io_pagetable import IoPagetable
-from iommufd_model.core.main import Ucmd, ioctl_op
 from iommufd_model.core.objects import IommufdObject, ObjType
-from iommufd_model.core.process import MemFile
+from iommufd_model.core.ucmd import Ucmd, ioctl_op
 from iommufd_model.driver import IOMMU_CACHE, IOMMU_READ, IOMMU_WRITE
 from iommufd_model.errors import err
+from iommufd_model.process import MemFile
 from iommufd_model.uapi import iommufd as U
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ def _iova_ranges(ucmd: Ucmd) -> None:
     cmd = ucmd.cmd
     if cmd.reserved:
         raise err(errno.EOPNOTSUPP, "iova_ranges __reserved must be 0")
-    ioas = ucmd.ictx.objects.get_as(cmd.ioas_id, Ioas)
+    ioas = ucmd.ictx.objects.get_ioas(cmd.ioas_id)
     ranges = ioas.iopt.iova_ranges()
     max_iovas = cmd.num_iovas
     # One copy_to_user per range, as the kernel: a fault leaves the earlier ranges written.
@@ -84,7 +84,7 @@ def _allow_iovas(ucmd: Ucmd) -> None:
     cmd = ucmd.cmd
     if cmd.reserved:
         raise err(errno.EOPNOTSUPP, "allow_iovas __reserved must be 0")
-    ioas = ucmd.ictx.objects.get_as(cmd.ioas_id, Ioas)
+    ioas = ucmd.ictx.objects.get_ioas(cmd.ioas_id)
     ranges: list[tuple[int, int]] = []
     for i in range(cmd.num_iovas):
         r = U.IommuIovaRange.unpack(
@@ -106,7 +106,7 @@ def _ioas_map(ucmd: Ucmd) -> None:
     if cmd.iova >= ULONG_MAX or cmd.length >= ULONG_MAX:
         raise err(errno.EOVERFLOW)
     _check_map_flags(cmd.flags)
-    ioas = ucmd.ictx.objects.get_as(cmd.ioas_id, Ioas)
+    ioas = ucmd.ictx.objects.get_ioas(cmd.ioas_id)
     fixed = cmd.iova if cmd.flags & U.IOMMU_IOAS_MAP_FIXED_IOVA else None
     cmd.iova = ioas.iopt.map_user(ucmd.caller, cmd.user_va, cmd.length, fixed, conv_prot(cmd.flags))
     ucmd.respond()
@@ -120,7 +120,7 @@ def _ioas_map_file(ucmd: Ucmd) -> None:
     if cmd.iova >= ULONG_MAX or cmd.length >= ULONG_MAX:
         raise err(errno.EOVERFLOW)
     _check_map_flags(cmd.flags)
-    ioas = ucmd.ictx.objects.get_as(cmd.ioas_id, Ioas)
+    ioas = ucmd.ictx.objects.get_ioas(cmd.ioas_id)
     file = ucmd.caller.files.get(cmd.fd)
     if file is None:
         raise err(errno.EBADF, f"fd {cmd.fd} is not open")
@@ -147,10 +147,10 @@ def _ioas_copy(ucmd: Ucmd) -> None:
         raise err(errno.EOVERFLOW)
     _check_map_flags(cmd.flags)
     objs = ucmd.ictx.objects
-    src = objs.get_as(cmd.src_ioas_id, Ioas)
+    src = objs.get_ioas(cmd.src_ioas_id)
     # The kernel takes the source pages first, so a bad source is reported before the dest.
     src.iopt.check_copy_source(cmd.src_iova, cmd.length)
-    dst = objs.get_as(cmd.dst_ioas_id, Ioas)
+    dst = objs.get_ioas(cmd.dst_ioas_id)
     fixed = cmd.dst_iova if cmd.flags & U.IOMMU_IOAS_MAP_FIXED_IOVA else None
     cmd.dst_iova = dst.iopt.copy_from(
         src.iopt, cmd.src_iova, cmd.length, fixed, conv_prot(cmd.flags)
@@ -161,7 +161,7 @@ def _ioas_copy(ucmd: Ucmd) -> None:
 @ioctl_op(U.IOMMU_IOAS_UNMAP, U.IommuIoasUnmap, "length")
 def _ioas_unmap(ucmd: Ucmd) -> None:
     cmd = ucmd.cmd
-    ioas = ucmd.ictx.objects.get_as(cmd.ioas_id, Ioas)
+    ioas = ucmd.ictx.objects.get_ioas(cmd.ioas_id)
     if cmd.iova == 0 and cmd.length == U.U64_MAX:
         unmapped = ioas.iopt.unmap_all()
     else:
@@ -188,7 +188,7 @@ def _change_process(ucmd: Ucmd) -> None:
 def ioas_option_huge_pages(ucmd: Ucmd) -> None:
     """IOMMU_OPTION_HUGE_PAGES on one IOAS (object_id)."""
     cmd = ucmd.cmd
-    ioas = ucmd.ictx.objects.get_as(cmd.object_id, Ioas)
+    ioas = ucmd.ictx.objects.get_ioas(cmd.object_id)
     if cmd.op == U.IOMMU_OPTION_OP_GET:
         cmd.val64 = int(ioas.iopt.allow_large_pages)
     elif cmd.op == U.IOMMU_OPTION_OP_SET:

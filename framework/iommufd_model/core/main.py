@@ -13,91 +13,41 @@ import errno
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import attrs
-
-from iommufd_model.core.mmap import MAP_SHARED, PROT_READ, PROT_WRITE, IommufdVma, MmapTable
+# The object modules register their commands in the table when imported.
+from iommufd_model.core import eventq, hw_pagetable, viommu  # noqa: F401
+from iommufd_model.core.device import (
+    Device,
+    device_attach,
+    device_bind,
+    device_detach,
+    device_unbind,
+)
+from iommufd_model.core.ioas import Ioas, ioas_option_huge_pages
+from iommufd_model.core.mmap import (
+    MAP_SHARED,
+    PROT_READ,
+    PROT_WRITE,
+    IommufdVma,
+    MmapTable,
+    fops_mmap,
+)
 from iommufd_model.core.objects import IommufdObject, ObjectTable
 from iommufd_model.core.typed import TypedCalls
+from iommufd_model.core.ucmd import OPS, IoctlOp, Ucmd, ioctl_op
+from iommufd_model.core.vfio_compat import vfio_ioctl
 from iommufd_model.errors import err, strict_mode
 from iommufd_model.locking import serialized
 from iommufd_model.uapi import iommufd as U
-from iommufd_model.uapi.codec import UStruct
 
 if TYPE_CHECKING:
-    from iommufd_model.core.device import Device
-    from iommufd_model.core.ioas import Ioas
-    from iommufd_model.core.process import Process
     from iommufd_model.hw.pci import PciDevice
     from iommufd_model.machine import Machine
-
-
-class Ucmd:
-    """One ioctl in flight: the decoded struct and the way back to the user's buffer."""
-
-    def __init__(self, ictx: IommuFd, cmd: Any, buf: Any, user_size: int, caller: Process) -> None:
-        self.ictx = ictx
-        self.cmd = cmd
-        self._buf = buf
-        self._user_size = user_size
-        self.caller = caller
-        # The ioctl's return value: 0, except for the few commands that return an fd
-        # (the self-test's DMABUF_GET).
-        self.retval = 0
-
-    def respond(self) -> None:
-        """``iommufd_ucmd_respond``: copy the struct back, never past the user's size."""
-        data = self.cmd.pack()
-        n = min(self._user_size, len(data))
-        self._buf[:n] = data[:n]
-
-
-Handler = Callable[[Ucmd], None]
-
-
-@attrs.frozen
-class IoctlOp:
-    """One row of the kernel's ``iommufd_ioctl_ops`` table."""
-
-    num: int
-    struct: type[UStruct]
-    last: str  # the last mandatory field: min_size = offsetofend(struct, last)
-    handler: Handler
-
-    @property
-    def min_size(self) -> int:
-        return self.struct.offsetofend(self.last)
-
-
-_OPS: dict[int, IoctlOp] = {}
-
-
-def ioctl_op(num: int, struct: type[UStruct], last: str) -> Callable[[Handler], Handler]:
-    """Register a handler for an iommufd command (used by each object's module)."""
-
-    def deco(fn: Handler) -> Handler:
-        if num in _OPS:
-            raise ValueError(f"ioctl {num:#x} registered twice")
-        _OPS[num] = IoctlOp(num, struct, last, fn)
-        return fn
-
-    return deco
+    from iommufd_model.process import Process
 
 
 def registered_ops() -> dict[int, IoctlOp]:
-    _load_handlers()
-    return dict(_OPS)
-
-
-_loaded = False
-
-
-def _load_handlers() -> None:
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    # Importing the object modules registers their handlers.
-    from iommufd_model.core import device, eventq, hw_pagetable, ioas, viommu  # noqa: F401
+    """Every command of the table (the object modules imported above registered theirs)."""
+    return dict(OPS)
 
 
 @serialized()
@@ -123,7 +73,6 @@ class IommuFd(TypedCalls):
     """
 
     def __init__(self, machine: Machine, proc: Process) -> None:
-        _load_handlers()
         self.machine = machine
         self.proc = proc
         self.fd = -1
@@ -161,12 +110,10 @@ class IommuFd(TypedCalls):
     def _ioctl(self, cmd: int, buf: bytearray | memoryview | int, caller: Process) -> int:
         if self.closed:
             raise err(errno.EBADF, "iommufd is closed")
-        op = _OPS.get(cmd)
+        op = OPS.get(cmd)
         if op is None:
             # iommufd_fops_ioctl(): numbers outside iommufd's table go to the VFIO
             # container compatibility layer, which answers ENOTTY for what it lacks.
-            from iommufd_model.core.vfio_compat import vfio_ioctl
-
             return vfio_ioctl(self, cmd, buf, caller)
         if not isinstance(buf, (bytearray, memoryview)) or (
             isinstance(buf, memoryview) and buf.readonly
@@ -199,43 +146,31 @@ class IommuFd(TypedCalls):
 
         See core/mmap.py for the kernel's checks and errnos.
         """
-        from iommufd_model.core.mmap import fops_mmap
-
         return self._guard(lambda: fops_mmap(self, offset, length, prot, flags))  # type: ignore[no-any-return]
 
     # -- VFIO-style entry points (the device side of the binding) ------------------------
     def bind(self, dev: PciDevice) -> int:
         """``VFIO_DEVICE_BIND_IOMMUFD``: bind ``dev`` to this iommufd; returns ``dev_id``."""
-        from iommufd_model.core.device import device_bind
-
         return int(self._guard(lambda: device_bind(self, dev)))
 
     def unbind(self, dev_id: int) -> None:
         """Close the VFIO device fd: detach everything and drop the device object."""
-        from iommufd_model.core.device import device_unbind
-
         self._guard(lambda: device_unbind(self, self.device(dev_id)))
 
     def attach(self, dev_id: int, pt_id: int, *, pasid: int | None = None) -> int:
         """``VFIO_DEVICE_ATTACH_IOMMUFD_PT``: attach or replace; returns the HWPT id used."""
-        from iommufd_model.core.device import device_attach
-
         return int(
             self._guard(lambda: device_attach(self.device(dev_id), pt_id, pasid, replace=True))
         )
 
     def detach(self, dev_id: int, *, pasid: int | None = None) -> None:
         """``VFIO_DEVICE_DETACH_IOMMUFD_PT``."""
-        from iommufd_model.core.device import device_detach
-
         self._guard(lambda: device_detach(self.device(dev_id), pasid))
 
     def device(self, dev_id: int) -> Device:
         """The bound device object ``dev_id`` (ENOENT if there is none)."""
-        from iommufd_model.core.device import Device
-
         # VFIO holds the iommufd_device itself: no iommufd_get_object(), nothing to inject.
-        return self.objects.get_as(dev_id, Device, held=True)
+        return self.objects.get_device(dev_id, held=True)
 
     def _guard(self, fn: Callable[[], Any]) -> Any:
         try:
@@ -256,8 +191,6 @@ class IommuFd(TypedCalls):
         if self.file_refs:
             self._release_pending = True
             return
-        from iommufd_model.core.device import Device, device_unbind
-
         for obj in list(self.objects):
             if isinstance(obj, Device):
                 device_unbind(self, obj)
@@ -303,8 +236,6 @@ def _destroy(ucmd: Ucmd) -> None:
 
 @ioctl_op(U.IOMMU_OPTION, U.IommuOption, "val64")
 def _option(ucmd: Ucmd) -> None:
-    from iommufd_model.core.ioas import ioas_option_huge_pages
-
     cmd = ucmd.cmd
     ictx = ucmd.ictx
     if cmd.reserved:
@@ -335,8 +266,6 @@ def _option(ucmd: Ucmd) -> None:
 
 @ioctl_op(U.IOMMU_VFIO_IOAS, U.IommuVfioIoas, "reserved")
 def _vfio_ioas(ucmd: Ucmd) -> None:
-    from iommufd_model.core.ioas import Ioas
-
     cmd = ucmd.cmd
     ictx = ucmd.ictx
     if cmd.reserved:
@@ -347,7 +276,7 @@ def _vfio_ioas(ucmd: Ucmd) -> None:
         cmd.ioas_id = ictx.vfio_ioas.id
         ucmd.respond()
     elif cmd.op == U.IOMMU_VFIO_IOAS_SET:
-        ictx.vfio_ioas = ictx.objects.get_as(cmd.ioas_id, Ioas)
+        ictx.vfio_ioas = ictx.objects.get_ioas(cmd.ioas_id)
     elif cmd.op == U.IOMMU_VFIO_IOAS_CLEAR:
         ictx.vfio_ioas = None
     else:

@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import attrs
 
-from iommufd_model.core.failnth import failpoint
 from iommufd_model.errors import err
+from iommufd_model.failnth import failpoint
 from iommufd_model.hw.memory import PAGE_MASK, PAGE_SIZE, PhysicalMemory
 from iommufd_model.hw.regs import Mmio
 from iommufd_model.locking import serialized

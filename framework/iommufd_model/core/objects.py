@@ -12,13 +12,18 @@ from __future__ import annotations
 import enum
 import errno
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, cast
 
-from iommufd_model.core.failnth import failpoint
 from iommufd_model.errors import err
+from iommufd_model.failnth import failpoint
 
 if TYPE_CHECKING:
+    from iommufd_model.core.device import Device
+    from iommufd_model.core.eventq import Fault
+    from iommufd_model.core.hw_pagetable import HwptNested, HwptPaging
+    from iommufd_model.core.ioas import Ioas
     from iommufd_model.core.main import IommuFd
+    from iommufd_model.core.viommu import Viommu
 
 ID_LIMIT = (1 << 31) - 1
 
@@ -66,8 +71,6 @@ class IommufdObject:
     def __repr__(self) -> str:
         return f"<{type(self).__name__} id={self.id} users={self.users}>"
 
-
-ObjT = TypeVar("ObjT", bound=IommufdObject)
 
 _TOMBSTONE = object()
 
@@ -120,10 +123,26 @@ class ObjectTable:
                 raise err(errno.ENOENT, f"object {id_} is a {obj.TYPE.value}")
         return obj
 
-    def get_as(self, id_: int, cls: type[ObjT], *, held: bool = False) -> ObjT:
-        obj = self.get(id_, cls.TYPE, held=held)
-        assert isinstance(obj, cls)
-        return obj
+    # -- typed lookups: iommufd_get_device(), iommufd_get_ioas(), iommufd_get_hwpt_paging()...
+    # The object's type is checked by its ObjType, as iommufd_get_object() does, so no
+    # object module is imported here (they all import this one).
+    def get_device(self, id_: int, *, held: bool = False) -> Device:
+        return cast("Device", self.get(id_, ObjType.DEVICE, held=held))
+
+    def get_ioas(self, id_: int, *, held: bool = False) -> Ioas:
+        return cast("Ioas", self.get(id_, ObjType.IOAS, held=held))
+
+    def get_hwpt_paging(self, id_: int) -> HwptPaging:
+        return cast("HwptPaging", self.get(id_, ObjType.HWPT_PAGING))
+
+    def get_hwpt_nested(self, id_: int) -> HwptNested:
+        return cast("HwptNested", self.get(id_, ObjType.HWPT_NESTED))
+
+    def get_fault(self, id_: int) -> Fault:
+        return cast("Fault", self.get(id_, ObjType.FAULT))
+
+    def get_viommu(self, id_: int) -> Viommu:
+        return cast("Viommu", self.get(id_, ObjType.VIOMMU))
 
     def remove(self, obj: IommufdObject, *, tombstone: bool = False) -> None:
         """Take ``obj`` out (caller checked users); destroy it and drop what it held."""

@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from iommufd_model.core.failnth import failpoint
 from iommufd_model.errors import err
+from iommufd_model.failnth import failpoint
 from iommufd_model.hw.memory import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, PhysicalMemory
 
 if TYPE_CHECKING:
-    from iommufd_model.core.process import MemFile, Process
+    from iommufd_model.process import MemFile, Process
 
 
 def _runs(indexes: list[int]) -> list[tuple[int, int]]:

@@ -20,7 +20,7 @@ from iommufd_model.uapi import iommufd as U
 from iommufd_model.uapi.codec import UStruct
 
 if TYPE_CHECKING:
-    from iommufd_model.core.process import Process
+    from iommufd_model.process import Process
 
 RW = U.IOMMU_IOAS_MAP_READABLE | U.IOMMU_IOAS_MAP_WRITEABLE
 S = TypeVar("S", bound=UStruct)

@@ -16,6 +16,7 @@ import errno
 import struct
 from typing import TYPE_CHECKING, Any
 
+from iommufd_model.core.ioas import Ioas
 from iommufd_model.driver import IOMMU_CACHE, IOMMU_READ, IOMMU_WRITE
 from iommufd_model.errors import err
 from iommufd_model.hw.memory import PAGE_SIZE
@@ -57,9 +58,8 @@ from iommufd_model.uapi.vfio import (
 )
 
 if TYPE_CHECKING:
-    from iommufd_model.core.ioas import Ioas
     from iommufd_model.core.main import IommuFd
-    from iommufd_model.core.process import Process
+    from iommufd_model.process import Process
 
 # include/uapi/linux/vfio.h: the type1 bits (the commands are in uapi/vfio.py)
 VFIO_DMA_MAP_FLAG_READ = 1 << 0
@@ -104,8 +104,6 @@ def compat_ioas_create(ictx: IommuFd) -> Ioas:
     """``iommufd_vfio_compat_ioas_create()``: a VFIO group set to this iommufd as its
     container makes the compat IOAS if there is none; it is an ordinary IOAS (its id from
     IOMMU_VFIO_IOAS GET, destroyed at close)."""
-    from iommufd_model.core.ioas import Ioas
-
     if ictx.vfio_ioas is not None:
         return ictx.vfio_ioas
     ioas = Ioas(ictx)

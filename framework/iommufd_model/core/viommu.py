@@ -10,13 +10,13 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING
 
-from iommufd_model.core.failnth import failpoint
 from iommufd_model.core.hw_pagetable import HwptPaging
-from iommufd_model.core.main import Ucmd, ioctl_op
 from iommufd_model.core.mmap import MmapOwner
 from iommufd_model.core.objects import IommufdObject, ObjType
+from iommufd_model.core.ucmd import Ucmd, ioctl_op
 from iommufd_model.driver import HwQueueBase, VdeviceBase, ViommuBase
 from iommufd_model.errors import err
+from iommufd_model.failnth import failpoint
 from iommufd_model.hooks import DriverHooks
 from iommufd_model.hw.memory import PAGE_SIZE
 from iommufd_model.uapi import iommufd as U
@@ -106,14 +106,13 @@ def vdevice_force_destroy(vdev: Vdevice) -> None:
 
 @ioctl_op(U.IOMMU_VIOMMU_ALLOC, U.IommuViommuAlloc, "out_viommu_id")
 def _viommu_alloc(ucmd: Ucmd) -> None:
-    from iommufd_model.core.device import Device
 
     cmd = ucmd.cmd
     objs = ucmd.ictx.objects
     if cmd.flags or cmd.type == U.IOMMU_VIOMMU_TYPE_DEFAULT:
         raise err(errno.EOPNOTSUPP, "bad viommu flags or type")
-    idev = objs.get_as(cmd.dev_id, Device)
-    hwpt = objs.get_as(cmd.hwpt_id, HwptPaging)
+    idev = objs.get_device(cmd.dev_id)
+    hwpt = objs.get_hwpt_paging(cmd.hwpt_id)
     if not hwpt.nest_parent:
         raise err(errno.EINVAL, "a vIOMMU needs a nest-parent HWPT")
     if cmd.reserved:
@@ -152,12 +151,11 @@ def _viommu_alloc(ucmd: Ucmd) -> None:
 
 @ioctl_op(U.IOMMU_VDEVICE_ALLOC, U.IommuVdeviceAlloc, "virt_id")
 def _vdevice_alloc(ucmd: Ucmd) -> None:
-    from iommufd_model.core.device import Device
 
     cmd = ucmd.cmd
     objs = ucmd.ictx.objects
-    idev = objs.get_as(cmd.dev_id, Device)
-    viommu = objs.get_as(cmd.viommu_id, Viommu)
+    idev = objs.get_device(cmd.dev_id)
+    viommu = objs.get_viommu(cmd.viommu_id)
     if viommu.drv.owner is not idev.hw:
         raise err(errno.EINVAL, "device sits behind another IOMMU instance")
     if idev.vdev is not None:
@@ -189,7 +187,7 @@ def _hw_queue_alloc(ucmd: Ucmd) -> None:
         raise err(errno.EINVAL, "hw_queue length must be positive")
     if cmd.nesting_parent_iova + cmd.length - 1 > U.U64_MAX:
         raise err(errno.EOVERFLOW)
-    viommu = objs.get_as(cmd.viommu_id, Viommu)
+    viommu = objs.get_viommu(cmd.viommu_id)
     # get_hw_queue_size(): the type is the driver's to judge, before anything is pinned. A
     # driver without the hook is asked by hw_queue_alloc itself, after the pin.
     if not viommu.hooks.hw_queue_supported(viommu=viommu.drv, queue_type=cmd.type):

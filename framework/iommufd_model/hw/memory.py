@@ -22,8 +22,8 @@ from typing import Protocol
 from librt.vecs import extend, vec
 from mypy_extensions import i64
 
-from iommufd_model.core.failnth import failpoint
 from iommufd_model.errors import err
+from iommufd_model.failnth import failpoint
 from iommufd_model.hw.compiled import is_compiled, load_walker
 
 PAGE_SHIFT = 12

@@ -31,13 +31,12 @@ from iommufd_model.core.device import (
     device_detach,
     device_unbind,
 )
-from iommufd_model.core.failnth import failpoint
 from iommufd_model.core.hw_pagetable import Hwpt, HwptNested, HwptPaging
 from iommufd_model.core.ioas import Ioas
-from iommufd_model.core.main import Ucmd, ioctl_op
 from iommufd_model.core.objects import IommufdObject, ObjType
-from iommufd_model.core.process import MemFile
+from iommufd_model.core.ucmd import Ucmd, ioctl_op
 from iommufd_model.errors import err
+from iommufd_model.failnth import failpoint
 from iommufd_model.hw.memory import PAGE_SIZE
 from iommufd_model.mock.domain import MockDomain, MockNestedDomain, MockViommu
 from iommufd_model.mock.hw import MockIommu
@@ -99,13 +98,14 @@ from iommufd_model.mock.iommufd_test import (
     TriggerIopf,
     TriggerVevent,
 )
+from iommufd_model.process import MemFile
 from iommufd_model.uapi import iommufd as U
 
 if TYPE_CHECKING:
     from iommufd_model.core.main import IommuFd
-    from iommufd_model.core.process import Process
     from iommufd_model.hw.pci import PciDevice
     from iommufd_model.machine import Machine
+    from iommufd_model.process import Process
 
 # selftest.c: the default of iommufd_test_memory_limit, which the tests restore.
 DEFAULT_MEMORY_LIMIT = 65536
@@ -233,7 +233,7 @@ def _add_reserved(ucmd: Ucmd, cmd: IommuTestCmd) -> None:
         raise err(errno.EINVAL, "empty reserved range")
     if args.start + args.length - 1 > _U64:
         raise err(errno.EOVERFLOW, "reserved range wraps")
-    ioas = ucmd.ictx.objects.get_as(cmd.id, Ioas)
+    ioas = ucmd.ictx.objects.get_ioas(cmd.id)
     # iopt_reserve_iova(start, start + length - 1, owner NULL); the model needs an owner key.
     ioas.iopt.reserve(_TEST_RESERVED, args.start, args.start + args.length - 1)
 
@@ -243,7 +243,7 @@ _TEST_RESERVED = object()  # owner of ADD_RESERVED ranges: never released, like 
 
 def _md_pagetable(ucmd: Ucmd, hwpt_id: int) -> MockDomain:
     """``get_md_pagetable()``: a paging HWPT (ENOENT) whose domain is a mock one (EINVAL)."""
-    hwpt = ucmd.ictx.objects.get_as(hwpt_id, HwptPaging)
+    hwpt = ucmd.ictx.objects.get_hwpt_paging(hwpt_id)
     if not isinstance(hwpt.domain, MockDomain):
         raise err(errno.EINVAL, "not a mock paging domain")
     return hwpt.domain
@@ -399,7 +399,7 @@ def _create_access(ucmd: Ucmd, cmd: IommuTestCmd) -> None:
     ictx.objects.alloc_id(access)
     access.users += 1  # the calling driver is a user until iommufd_access_destroy()
     try:
-        access.attach(ictx.objects.get_as(cmd.id, Ioas))
+        access.attach(ictx.objects.get_ioas(cmd.id))
     except OSError:
         access.users -= 1
         ictx.objects.remove(access)
@@ -412,7 +412,7 @@ def _create_access(ucmd: Ucmd, cmd: IommuTestCmd) -> None:
 
 def _access_replace_ioas(ucmd: Ucmd, cmd: IommuTestCmd) -> None:
     access = _access_get(ucmd, cmd.id)
-    new = ucmd.ictx.objects.get_as(AccessReplaceIoas.of(cmd).ioas_id, Ioas)
+    new = ucmd.ictx.objects.get_ioas(AccessReplaceIoas.of(cmd).ioas_id)
     if access.ioas is None:
         raise err(errno.ENOENT, "access is not attached")
     if access.ioas is new:
@@ -534,7 +534,7 @@ def _dirty(ucmd: Ucmd, cmd: IommuTestCmd) -> None:
 def _md_check_iotlb(ucmd: Ucmd, cmd: IommuTestCmd) -> None:
     """``get_md_pagetable_nested()``: a nested HWPT (ENOENT) of the mock (EINVAL)."""
     args = CheckIdValue.of(cmd)
-    hwpt = ucmd.ictx.objects.get_as(cmd.id, HwptNested)
+    hwpt = ucmd.ictx.objects.get_hwpt_nested(cmd.id)
     nested = hwpt.domain
     if not isinstance(nested, MockNestedDomain):
         raise err(errno.EINVAL, "not a mock nested domain")
@@ -544,7 +544,7 @@ def _md_check_iotlb(ucmd: Ucmd, cmd: IommuTestCmd) -> None:
 
 def _dev_check_cache(ucmd: Ucmd, cmd: IommuTestCmd) -> None:
     args = CheckIdValue.of(cmd)
-    idev = ucmd.ictx.objects.get_as(cmd.id, Device)
+    idev = ucmd.ictx.objects.get_device(cmd.id)
     cache = idev.dev.iommu_priv.get("cache")
     if cache is None:
         raise err(errno.EINVAL, "not a mock device")
@@ -570,7 +570,7 @@ def _trigger_iopf(ucmd: Ucmd, cmd: IommuTestCmd) -> None:
     """``iommufd_test_trigger_iopf()``: one LAST_PAGE request; undeliverable ones are
     dropped (the kernel logs and auto-responds), the ioctl itself still succeeds."""
     args = TriggerIopf.of(cmd)
-    idev = ucmd.ictx.objects.get_as(args.dev_id, Device)
+    idev = ucmd.ictx.objects.get_device(args.dev_id)
     flags = U.IOMMU_PGFAULT_FLAGS_LAST_PAGE
     if args.pasid != IOMMU_NO_PASID:
         flags |= U.IOMMU_PGFAULT_FLAGS_PASID_VALID
@@ -594,7 +594,7 @@ def _trigger_vevent(ucmd: Ucmd, cmd: IommuTestCmd) -> None:
     """``iommufd_test_trigger_vevent()``: report {virt_id} to the vIOMMU the device was
     last attached through (a nested HWPT of that vIOMMU); ENOENT without one, EOPNOTSUPP
     when the vIOMMU has no vEVENTQ of the selftest type."""
-    idev = ucmd.ictx.objects.get_as(TriggerVevent.of(cmd).dev_id, Device)
+    idev = ucmd.ictx.objects.get_device(TriggerVevent.of(cmd).dev_id)
     priv = idev.dev.iommu_priv
     viommu = priv.get("viommu")
     if not isinstance(viommu, MockViommu) or not priv.get("vdev_id") or viommu.core is None:

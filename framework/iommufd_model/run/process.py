@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 
-from iommufd_model.core.failnth import failpoint
-from iommufd_model.core.process import MemFile, Process, Vma
 from iommufd_model.errors import err
+from iommufd_model.failnth import failpoint
 from iommufd_model.hw.memory import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, PhysicalMemory
+from iommufd_model.process import MemFile, Process, Vma
 from iommufd_model.run import native
 
 if TYPE_CHECKING:

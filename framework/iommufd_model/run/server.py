@@ -33,7 +33,6 @@ from typing import Any
 import attrs
 
 from iommufd_model.core.eventq import EventFile, Fault, Veventq
-from iommufd_model.core.failnth import fail_nth
 from iommufd_model.core.main import IommuFd
 from iommufd_model.core.vfio_compat import (
     VFIO_CHECK_EXTENSION,
@@ -41,6 +40,7 @@ from iommufd_model.core.vfio_compat import (
     VFIO_SET_IOMMU,
 )
 from iommufd_model.errors import err
+from iommufd_model.failnth import fail_nth
 from iommufd_model.hw.memory import PAGE_MASK
 from iommufd_model.machine import Machine
 from iommufd_model.run import native

@@ -20,8 +20,8 @@ from iommufd_model.vfio.pci_core import VfioPciDevice
 from iommufd_model.vfio.registry import VfioRegistry, registry
 
 if TYPE_CHECKING:
-    from iommufd_model.core.process import Process
     from iommufd_model.machine import Machine
+    from iommufd_model.process import Process
 
 VFIO_DIR = "/dev/vfio"
 CONTAINER_PATH = "/dev/vfio/vfio"

@@ -28,8 +28,8 @@ from iommufd_model.vfio.uarg import argsz_struct_from, copy_to, struct_from, str
 
 if TYPE_CHECKING:
     from iommufd_model.core.main import IommuFd
-    from iommufd_model.core.process import Process
     from iommufd_model.devices import PciFunction
+    from iommufd_model.process import Process
     from iommufd_model.vfio.group import VfioGroupFile
     from iommufd_model.vfio.pci_core import VfioPciDevice
 

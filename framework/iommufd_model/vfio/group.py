@@ -27,7 +27,7 @@ from iommufd_model.uapi import vfio as V
 
 if TYPE_CHECKING:
     from iommufd_model.core.main import IommuFd
-    from iommufd_model.core.process import Process
+    from iommufd_model.process import Process
     from iommufd_model.vfio.pci_core import VfioPciDevice
 
 PAGE_SIZE = 4096

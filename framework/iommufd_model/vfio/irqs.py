@@ -30,7 +30,7 @@ from iommufd_model.errors import err
 from iommufd_model.uapi import vfio as V
 
 if TYPE_CHECKING:
-    from iommufd_model.core.process import Process
+    from iommufd_model.process import Process
     from iommufd_model.vfio.pci_core import VfioPciDevice
 
 INTX, MSI, MSIX = V.VFIO_PCI_INTX_IRQ_INDEX, V.VFIO_PCI_MSI_IRQ_INDEX, V.VFIO_PCI_MSIX_IRQ_INDEX

@@ -10,7 +10,7 @@ from iommufd_model.hw.memory import PAGE_SHIFT, PAGE_SIZE
 from iommufd_model.locking import serialized
 
 if TYPE_CHECKING:
-    from iommufd_model.core.process import Process
+    from iommufd_model.process import Process
 
 
 @serialized()

@@ -36,9 +36,9 @@ from iommufd_model.hw.x86_64 import X86_64Format
 from iommufd_model.vmm.guest import GuestDevice, GuestDomain, GuestIommu
 
 if TYPE_CHECKING:
-    from iommufd_model.core.process import Process
     from iommufd_model.hw.iommu import IommuHw
     from iommufd_model.hw.pci import PciDevice
+    from iommufd_model.process import Process
     from iommufd_model.vmm.vm import Vm
 
 DESC_BYTES = 32  # scalable mode: 256-bit descriptors (IQA.DW = 1)

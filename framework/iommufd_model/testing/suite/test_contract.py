@@ -11,13 +11,13 @@ import errno
 
 import pytest
 
-from iommufd_model.core.process import Process
 from iommufd_model.driver import DriverInfo, Feature
 from iommufd_model.hw.iommu import DmaFault
 from iommufd_model.hw.memory import PAGE_SIZE
 from iommufd_model.hw.pci import PciDevice
 from iommufd_model.machine import Machine
 from iommufd_model.plugins import DriverRegistry
+from iommufd_model.process import Process
 from iommufd_model.scenarios import FAIL, SCENARIOS, UNSUPPORTED, Rig, run_scenario
 from iommufd_model.scenarios.base import errno_name, pattern
 from iommufd_model.testing import MARKER, assert_errno

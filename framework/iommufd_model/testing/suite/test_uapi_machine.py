@@ -772,7 +772,7 @@ class UapiMachine(RuleBasedStateMachine):
         IOAS_MAP whose pages a domain uses (copies share pins); locked_pages agrees."""
         want: dict[int, set[int]] = {}  # user page -> pages ids that must pin it
         for ioas, areas in self.areas.items():
-            obj = self.fd.objects.get_as(ioas, Ioas)
+            obj = self.fd.objects.get_ioas(ioas)
             got = sorted((iova, last) for iova, last, *_ in obj.iopt.areas())
             shadow = sorted(
                 (a.first << PAGE_SHIFT, ((a.first + a.n) << PAGE_SHIFT) - 1) for a in areas

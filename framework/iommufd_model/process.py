@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import attrs
 
-from iommufd_model.core.failnth import failpoint
 from iommufd_model.errors import err
+from iommufd_model.failnth import failpoint
 from iommufd_model.hw.memory import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, PhysicalMemory
 from iommufd_model.locking import SerializedSubclasses, serialized
 
@@ -317,6 +317,7 @@ class Process(SerializedSubclasses):
 
     def open_iommufd(self) -> IommuFdHandle:
         """Open ``/dev/iommu``: a new iommufd context owned by this process."""
+        # cycle: core.main -> core.ioas -> process (MemFile) -> core.main
         from iommufd_model.core.main import IommuFd
 
         ictx = IommuFd(self.machine, self)
