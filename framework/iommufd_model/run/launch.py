@@ -20,6 +20,7 @@ from iommufd_model.machine import Machine
 from iommufd_model.plugins import DriverRegistry
 from iommufd_model.run.server import Opener, Server
 from iommufd_model.run.sysfs import SysfsView, TreeFn, WriteFn
+from iommufd_model.vfio import sysfs as vfio_sysfs
 
 #: the fault-injection knobs iommufd_fail_nth sets up under /sys/kernel/debug, which the
 #: preload redirects to a private directory of the run
@@ -120,7 +121,7 @@ def run_program(
     served by the model (the first opener that knows the path), every other path by the
     kernel; by default VFIO's (``/dev/vfio/...``, :func:`iommufd_model.vfio.open_path`).
     ``sysfs`` is the model's sysfs (its tree and its attribute writes), seen by the program
-    in place of the host's (run/sysfs.py).
+    in place of the host's (run/sysfs.py); by default VFIO's view of the machine's functions.
 
     The program finds the machine's modelled PCI functions as the kernel's VFIO selftests
     do: ``VFIO_SELFTESTS_BDF`` names the first (unless the environment sets it), and with
@@ -129,6 +130,8 @@ def run_program(
         machine = build_machine(iommus, devices, registry)
     if openers is None:
         openers = [(vfio.VFIO_DIR + "/", vfio.open_path)]
+    if sysfs is None:
+        sysfs = (vfio_sysfs.tree, vfio_sysfs.write)
     bdfs = [fn.bdf for fn in machine.pci_functions()]
     if append_bdfs:
         argv = [*argv, *bdfs]

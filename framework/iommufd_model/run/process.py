@@ -40,6 +40,9 @@ if TYPE_CHECKING:
 CAP_SYS_RESOURCE = 24
 #: 4 KiB pages in a 2 MiB huge page (x86-64's default huge page size)
 HUGE_PAGES = 512
+#: frames of an ordinary memfd come in physically contiguous runs of this many pages: the
+#: IOMMU maps a run in one call, and a run shorter than a huge page never forms one
+SMALL_RUN = HUGE_PAGES - 1
 
 
 class MmioDevice(Protocol):
@@ -101,6 +104,9 @@ class Mirrors:
     def __init__(self, memory: PhysicalMemory) -> None:
         self.memory = memory
         self._src: dict[int, _AnonSource | _FileSource] = {}
+        # bumped by the server at each request: what a file's size was within one request
+        # is still its size (see RealMemFile.size)
+        self.epoch = 0
 
     def add_anon(self, pfn: int, proc: RealProcess, vpn: int) -> None:
         self._src[pfn] = _AnonSource(proc, vpn)
@@ -154,6 +160,54 @@ class Mirrors:
             offset = 0
 
 
+class DmaCoherence:
+    """Device DMA sees the program's memory as it is (the model's own design).
+
+    A device's DMA (``IommuHw.dma_read``/``dma_write``: a descriptor fetch, a copy, a
+    completion record) reaches physical memory through ``PhysicalMemory.gather`` and
+    ``write_from`` only. While a run serves the machine, those two are wrapped: the frames a
+    DMA read covers are first refreshed from the program's bytes (``Mirrors.pull``), and what
+    a DMA write stored is written back into the program at once (``Mirrors.push``). Frames no
+    program page backs cost one dict lookup. CPU copies of the core (``memory.write``) keep
+    their own explicit syncs and are not pushed twice."""
+
+    def __init__(self, memory: PhysicalMemory, mirrors: Mirrors) -> None:
+        self.memory = memory
+        self.mirrors = mirrors
+        self._cpu_write = 0
+        self._gather = memory.gather
+        self._write = memory.write
+        self._write_from = memory.write_from
+        memory.gather = self.gather  # type: ignore[method-assign]
+        memory.write = self.write  # type: ignore[method-assign]
+        memory.write_from = self.write_from  # type: ignore[method-assign]
+
+    @staticmethod
+    def _pfns(pa: int, n: int) -> list[int]:
+        return list(range(pa >> PAGE_SHIFT, ((pa + n - 1) >> PAGE_SHIFT) + 1)) if n > 0 else []
+
+    def gather(self, pa: int, n: int, out: list[Any]) -> None:
+        self.mirrors.pull(self._pfns(pa, n), pa & PAGE_MASK, n)
+        self._gather(pa, n, out)
+
+    def write(self, pa: int, data: bytes | bytearray | memoryview) -> None:
+        self._cpu_write += 1
+        try:
+            self._write(pa, data)
+        finally:
+            self._cpu_write -= 1
+
+    def write_from(self, pa: int, src: bytes, pos: int, n: int) -> None:
+        self._write_from(pa, src, pos, n)
+        if not self._cpu_write:
+            self.mirrors.push(self._pfns(pa, n), pa & PAGE_MASK, n)
+
+    def close(self) -> None:
+        """The run is over: the machine's memory is plain memory again."""
+        for name in ("gather", "write", "write_from"):
+            vars(self.memory).pop(name, None)
+
+
 class RealMemFile(MemFile):
     """A file of the program (a memfd) through the server's own reference to it.
 
@@ -170,14 +224,20 @@ class RealMemFile(MemFile):
         self.fget_used = False
         # backs a MAP_HUGETLB mapping: pages come in physically contiguous 2 MiB runs
         self.huge = False
+        self._size = (-1, 0)  # (epoch, size): one fstat per request
         super().__init__(memory, 0)
 
     @property
     def size(self) -> int:
+        epoch, size = self._size
+        if epoch == self.mirrors.epoch:
+            return size
         try:
-            return os.fstat(self.fd).st_size
+            size = os.fstat(self.fd).st_size
         except OSError:
-            return 0
+            size = 0
+        self._size = (self.mirrors.epoch, size)
+        return size
 
     @size.setter
     def size(self, value: int) -> None:
@@ -185,8 +245,11 @@ class RealMemFile(MemFile):
 
     def pfn(self, index: int) -> int:
         known = index in self._pfns
-        if not known and self.huge:
-            self._huge_run(index)
+        if not known:
+            if self.huge:
+                self._huge_run(index)
+            elif index >= 0 and (index << PAGE_SHIFT) < self.size:
+                self._small_run(index)
         pfn = super().pfn(index)
         if not known:
             self.mirrors.add_file(pfn, self, index)
@@ -204,6 +267,24 @@ class RealMemFile(MemFile):
         for k in range(HUGE_PAGES):
             self._pfns[first + k] = base + k
             self.mirrors.add_file(base + k, self, first + k)
+
+    def _small_run(self, index: int) -> None:
+        """Give the free pages of the ``SMALL_RUN``-page block holding ``index`` contiguous
+        frames at once (the model's choice: one IOMMU map call per run instead of one per
+        page; never a huge IOPTE, as a shmem page of Linux without THP is 4 KiB). Without
+        a contiguous range left, pages get single frames."""
+        first = index - index % SMALL_RUN
+        last = min(first + SMALL_RUN, -(-self.size >> PAGE_SHIFT))
+        todo = [i for i in range(first, last) if i not in self._pfns]
+        if len(todo) < 2:
+            return
+        try:
+            base = self.memory.alloc_contiguous(len(todo))
+        except OSError:
+            return
+        for k, i in enumerate(todo):
+            self._pfns[i] = base + k
+            self.mirrors.add_file(base + k, self, i)
 
     def mapped_pfn(self, index: int) -> int:
         """The frame of page ``index`` as a shared mapping sees it.

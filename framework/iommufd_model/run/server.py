@@ -44,7 +44,13 @@ from iommufd_model.failnth import fail_nth
 from iommufd_model.hw.memory import PAGE_MASK
 from iommufd_model.machine import Machine
 from iommufd_model.run import native
-from iommufd_model.run.process import Mirrors, MmioWindow, RealMemFile, RealProcess
+from iommufd_model.run.process import (
+    DmaCoherence,
+    Mirrors,
+    MmioWindow,
+    RealMemFile,
+    RealProcess,
+)
 
 #: ``opener(machine, path, flags, proc)``: the model file for a path under one of the run's
 #: model prefixes, None when it has none (ENOENT), OSError when it refuses (``vfio.open_path``)
@@ -134,6 +140,7 @@ class Server:
         self.run = run
         self.openers = list(openers)
         self.mirrors = Mirrors(machine.memory)
+        self.dma = DmaCoherence(machine.memory, self.mirrors)
         self.log = log if log is not None else sys.stderr
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         self.listener.bind(b"\0" + name.encode())
@@ -260,6 +267,7 @@ class Server:
         self.reap_hangups()
         self.reap_processes()
         self.requests += 1
+        self.mirrors.epoch += 1
         self.current = conn
         ret, error, flags = 0, 0, 0
         try:
@@ -635,3 +643,4 @@ class Server:
         self.sel.close()
         self.file_sel.close()
         self.listener.close()
+        self.dma.close()
