@@ -88,6 +88,10 @@ class DriverHooks:
         function, argnames = impl
         return function(*[kwargs[a] for a in argnames])
 
+    def _call_or(self, hook: str, default: object, **kwargs: Any) -> Any:
+        """Call the driver's ``hook``; ``default`` when it has none."""
+        return self._call(hook, **kwargs) if hook in self._impls else default
+
     def _value(self, hook: str, kind: type[T], **kwargs: Any) -> T:
         """Call ``hook`` for a result of type ``kind``."""
         result = self._call(hook, **kwargs)
@@ -108,17 +112,12 @@ class DriverHooks:
 
     def probe_device(self, iommu: IommuHw, dev: PciDevice) -> object:
         """The device's private data; None from a driver without the hook."""
-        if "probe_device" not in self._impls:
-            return None
-        return self._call("probe_device", iommu=iommu, dev=dev)
+        return self._call_or("probe_device", None, iommu=iommu, dev=dev)
 
     def dev_reserved_regions(self, iommu: IommuHw, dev: PciDevice) -> list[tuple[int, int]]:
         """``[]`` from a driver without the hook."""
-        if "dev_reserved_regions" not in self._impls:
-            return []
-        return cast(
-            "list[tuple[int, int]]", self._call("dev_reserved_regions", iommu=iommu, dev=dev)
-        )
+        regions = self._call_or("dev_reserved_regions", [], iommu=iommu, dev=dev)
+        return cast("list[tuple[int, int]]", regions)
 
     def hw_info(self, iommu: IommuHw, dev: PciDevice, data_type: int) -> HwInfo:
         """Type NONE with no data from a driver without the hook (Linux 7.2 device.c)."""
@@ -154,8 +153,7 @@ class DriverHooks:
         )
 
     def domain_free(self, domain: Domain) -> None:
-        if "domain_free" in self._impls:
-            self._call("domain_free", domain=domain)
+        self._call_or("domain_free", None, domain=domain)
 
     def domain_map(self, domain: Domain, iova: int, pa: int, size: int, prot: int) -> None:
         self._call("domain_map", domain=domain, iova=iova, pa=pa, size=size, prot=prot)
@@ -260,21 +258,18 @@ class DriverHooks:
         )
 
     def viommu_destroy(self, viommu: ViommuBase) -> None:
-        if "viommu_destroy" in self._impls:
-            self._call("viommu_destroy", viommu=viommu)
+        self._call_or("viommu_destroy", None, viommu=viommu)
 
     def vdevice_alloc(self, viommu: ViommuBase, dev: PciDevice, virt_id: int) -> VdeviceBase:
         return self._value("vdevice_alloc", VdeviceBase, viommu=viommu, dev=dev, virt_id=virt_id)
 
     def vdevice_destroy(self, vdev: VdeviceBase) -> None:
-        if "vdevice_destroy" in self._impls:
-            self._call("vdevice_destroy", vdev=vdev)
+        self._call_or("vdevice_destroy", None, vdev=vdev)
 
     def hw_queue_supported(self, viommu: ViommuBase, queue_type: int) -> bool:
         """True from a driver without the hook: ``hw_queue_alloc`` judges the type itself."""
-        if "hw_queue_supported" not in self._impls:
-            return True
-        return self._call("hw_queue_supported", viommu=viommu, queue_type=queue_type) is not False
+        answer = self._call_or("hw_queue_supported", True, viommu=viommu, queue_type=queue_type)
+        return answer is not False
 
     def hw_queue_alloc(
         self,
@@ -297,8 +292,7 @@ class DriverHooks:
         )
 
     def hw_queue_destroy(self, queue: HwQueueBase) -> None:
-        if "hw_queue_destroy" in self._impls:
-            self._call("hw_queue_destroy", queue=queue)
+        self._call_or("hw_queue_destroy", None, queue=queue)
 
     # -- the guest side -------------------------------------------------------------------------
     def guest_iommu_alloc(self, vm: Vm, iommu: IommuHw, accelerated: bool) -> GuestIommu:

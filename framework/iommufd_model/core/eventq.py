@@ -234,12 +234,17 @@ def _fault_alloc(ucmd: Ucmd) -> None:
         raise err(errno.EOPNOTSUPP, "fault_alloc flags must be 0")
     fault = Fault(ucmd.ictx)
     cmd.out_fault_id = ucmd.ictx.objects.alloc_id(fault)
-    try:
-        cmd.out_fault_fd = fault.open_file(ucmd.caller.files)  # type: ignore[arg-type]
-    except OSError:
-        ucmd.ictx.objects.remove(fault)
-        raise
+    cmd.out_fault_fd = _open_or_remove(ucmd, fault)
     ucmd.respond()
+
+
+def _open_or_remove(ucmd: Ucmd, obj: _EventObject) -> int:
+    """The new object's fd; when it cannot be opened the object leaves the table again."""
+    try:
+        return obj.open_file(ucmd.caller.files)  # type: ignore[arg-type]
+    except OSError:
+        ucmd.ictx.objects.remove(obj)
+        raise
 
 
 VEVENTQ_MAX_DEPTH = 1 << 19  # eventq.c: "an arbitrary upper bound ... all existing HWs"
@@ -260,9 +265,5 @@ def _veventq_alloc(ucmd: Ucmd) -> None:
     cmd.out_veventq_id = ucmd.ictx.objects.alloc_id(q)
     q.hold(viommu)
     viommu.veventqs[cmd.type] = q
-    try:
-        cmd.out_veventq_fd = q.open_file(ucmd.caller.files)  # type: ignore[arg-type]
-    except OSError:
-        ucmd.ictx.objects.remove(q)
-        raise
+    cmd.out_veventq_fd = _open_or_remove(ucmd, q)
     ucmd.respond()

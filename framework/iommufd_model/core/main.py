@@ -97,15 +97,7 @@ class IommuFd(TypedCalls):
         Returns the ioctl's value: 0 for iommufd's commands; the VFIO compat commands
         (core/vfio_compat.py) return theirs, and some take an ``int`` argument instead.
         """
-        try:
-            return self._ioctl(cmd, buf, caller or self.proc)
-        except OSError:
-            raise
-        except Exception as exc:
-            if strict_mode():
-                raise
-            self.internal_errors.append(exc)
-            raise err(errno.EIO, f"internal model error: {type(exc).__name__}: {exc}") from exc
+        return int(self._guard(lambda: self._ioctl(cmd, buf, caller or self.proc)))
 
     def _ioctl(self, cmd: int, buf: bytearray | memoryview | int, caller: Process) -> int:
         if self.closed:
@@ -173,6 +165,8 @@ class IommuFd(TypedCalls):
         return self.objects.get_device(dev_id, held=True)
 
     def _guard(self, fn: Callable[[], Any]) -> Any:
+        """Run one uAPI entry point: only OSError leaves; a model bug is EIO (recorded in
+        ``internal_errors``) unless strict mode lets it through."""
         try:
             return fn()
         except OSError:
