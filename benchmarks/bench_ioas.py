@@ -27,7 +27,6 @@ KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 # One-page areas start above every vendor's reserved windows (MSI below 4 GiB, AMD's
 # HyperTransport hole below 1 TiB): 1M of them, a page apart, end below 2 TiB + 8 GiB.
 AREAS_IOVA = 1 << 41
-AREA_BUDGET_S = 50.0  # the 1K..1M areas sweep stops growing past this (the 1M point is capped)
 
 
 class Rig:
@@ -82,23 +81,26 @@ def size_sweep(driver: str | None, quick: bool) -> dict[str, float]:
     return out
 
 
-def area_sweep(driver: str | None, quick: bool) -> dict[str, float]:
-    """Map one-page areas up to 1K, 10K, 100K, 1M of them; the per-call cost at each size
-    is measured over the last 1000 maps, then over 1000 unmaps and re-maps at that size."""
+def area_sweep(driver: str | None, quick: bool, traced: bool) -> dict[str, float]:
+    """Map one-page areas up to 1K, 10K, 100K and 1M of them, every point in full.
+
+    Untraced: the per-call cost at each size, over the last 1000 maps, then over 1000
+    unmaps and re-maps at that size. Traced (a second sweep, since tracemalloc slows every
+    allocation): the Python heap the areas hold, per area, at each size. The user pages are
+    faulted in before either, so the process's own page tables are not counted."""
     rig = Rig(driver)
     points = [1_000, 10_000] + ([] if quick else [100_000, 1_000_000])
     out: dict[str, float] = {}
     va = rig.proc.mmap(points[-1] * 4096)
+    for i in range(points[-1]):
+        rig.proc.translate(va + i * 4096)
     stride = 2 * 4096  # areas separated by holes: none of them merge
-    begin = time.perf_counter()
+    gc.collect()
+    if traced:
+        tracemalloc.start()
+        base = tracemalloc.get_traced_memory()[0]
     done = 0
-    for wanted in points:
-        point = wanted
-        elapsed = time.perf_counter() - begin
-        if done:  # cap the point to what the remaining budget fits at the cost seen so far
-            per_call = elapsed / done
-            fits = done + int((AREA_BUDGET_S - elapsed) / (per_call * 1.5)) // 1000 * 1000
-            point = max(done + 1000, min(wanted, fits))
+    for point in points:
         t_last = 0.0
         while done < point:
             if done == point - 1000:
@@ -112,18 +114,20 @@ def area_sweep(driver: str | None, quick: bool) -> dict[str, float]:
         unmap_us = (time.perf_counter() - start) / 1000 * 1e6
         for i in range(done - 1000, done):
             rig.map(va + i * 4096, 4096, AREAS_IOVA + i * stride)
-        out[f"IOAS_MAP with {point:,} areas: us/call"] = map_us
-        out[f"IOAS_UNMAP with {point:,} areas: us/call"] = unmap_us
-        if point < wanted:
-            key = f"areas sweep capped below {wanted:,} by the {AREA_BUDGET_S:.0f} s budget at"
-            out[key] = point
-            break
+        if traced:
+            heap = tracemalloc.get_traced_memory()[0] - base
+            out[f"heap per one-page area with {point:,} areas: bytes"] = heap / point
+        else:
+            out[f"IOAS_MAP with {point:,} areas: us/call"] = map_us
+            out[f"IOAS_UNMAP with {point:,} areas: us/call"] = unmap_us
+    if traced:
+        tracemalloc.stop()
     return out
 
 
 def memory_per_page(driver: str | None, quick: bool) -> dict[str, float]:
-    """Python heap bytes per mapped 4 KiB page (tracemalloc), for one big 4 KiB-page map and
-    for one-page areas. Frames themselves are not materialised by pinning (nothing written)."""
+    """Python heap bytes per mapped 4 KiB page (tracemalloc) of one big map in 4 KiB IOMMU
+    pages. Frames themselves are not materialised by pinning (nothing written)."""
     out: dict[str, float] = {}
     n = 16_384 if quick else 65_536
     rig = Rig(driver, huge_pages=False)
@@ -138,18 +142,6 @@ def memory_per_page(driver: str | None, quick: bool) -> dict[str, float]:
         tracemalloc.get_traced_memory()[0] - before
     ) / n
     tracemalloc.stop()
-    m = n // 16
-    rig = Rig(driver)
-    va = rig.proc.mmap(m * 4096)
-    for i in range(m):
-        rig.proc.translate(va + i * 4096)
-    gc.collect()
-    tracemalloc.start()
-    before = tracemalloc.get_traced_memory()[0]
-    for i in range(m):
-        rig.map(va + i * 4096, 4096, AREAS_IOVA + i * 8192)
-    out["heap per page, one-page areas: bytes"] = (tracemalloc.get_traced_memory()[0] - before) / m
-    tracemalloc.stop()
     return out
 
 
@@ -161,8 +153,9 @@ def run(quick: bool = False) -> dict[str, float]:
     for label, driver in (("no device, nothing pinned", None), (drv, drv)):
         for key, value in size_sweep(driver, quick).items():
             figures[f"[{label}] {key}"] = value
-    for key, value in area_sweep(drv, quick).items():
-        figures[f"[{drv}] {key}"] = value
+    for traced in (False, True):
+        for key, value in area_sweep(drv, quick, traced).items():
+            figures[f"[{drv}] {key}"] = value
     for key, value in memory_per_page(drv, quick).items():
         figures[f"[{drv}] {key}"] = value
     return figures

@@ -144,10 +144,10 @@ def _model_state(fd: IommuFd) -> dict[int, Any]:
             iopt = obj.iopt
             e["areas"] = [
                 (a.iova, a.last, a.num_accesses, a.num_locks, a.prevent_access)
-                for _, _, a in iopt._areas
+                for a in iopt.area_objects()
             ]
             seen: dict[int, Any] = {}
-            for _, _, a in iopt._areas:
+            for a in iopt.area_objects():
                 p = a.pages
                 # Per-index (pfn, users) of the pinned indexes; the lazily allocated tables
                 # themselves are not state.

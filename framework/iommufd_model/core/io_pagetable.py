@@ -29,6 +29,13 @@ Where the model intentionally differs from the kernel:
   remapped memory under a pinned range.
 * Accounting is the owning process's ``locked_pages`` only; no RLIMIT_MEMLOCK, no
   IOPT_PAGES_ACCOUNT_MM mode.
+* Storage (the model's own): a one-page area whose Pages no other area, copy or in-kernel
+  access uses is kept as one packed int in the area map (a *row*: PFN, offset, prot,
+  writable, source page) instead of an ``Area`` and a ``Pages`` object, 40-odd bytes instead
+  of several hundred; it becomes the two objects again, identical, the first time anything
+  but a lookup needs them (unmap, copy, an access, a new domain, iteration). This is what
+  keeps an IOAS of a million one-page areas under 200 bytes of heap an area
+  (benchmarks/bench_ioas.py). Every errno, partial effect and failpoint is the objects'.
 * Not modelled here: the VFIO type1 compatibility split (``iopt_cut_iova``) and the dirty
   bitmap walkers; DMABUF-backed Pages.
 """
@@ -147,6 +154,13 @@ class Area:
 
 _Segment = tuple[Area, int, int]  # area, first iova used in it, last iova used in it
 
+# A row (see the module docstring): bit fields of one int.
+_ROW_PFN_MASK = (1 << 64) - 1
+_ROW_OFFSET_SHIFT = 64  # start_byte, below PAGE_SIZE
+_ROW_PROT_SHIFT = _ROW_OFFSET_SHIFT + PAGE_SHIFT  # prot, 8 bits
+_ROW_WRITABLE_SHIFT = _ROW_PROT_SHIFT + 8  # Pages.writable
+_ROW_BASE_SHIFT = _ROW_WRITABLE_SHIFT + 1  # Pages.base >> PAGE_SHIFT
+
 
 def _lowbit(x: int) -> int:
     return x & -x
@@ -182,7 +196,10 @@ class IoPagetable:
 
     def __init__(self, memory: PhysicalMemory) -> None:
         self.memory = memory
-        self._areas: IntervalMap[Area] = IntervalMap(track_coverage=True)
+        self._areas: IntervalMap[Area | int] = IntervalMap(track_coverage=True)
+        # The process every row's Pages belongs to, and how many rows there are.
+        self._row_proc: Process | None = None
+        self._rows = 0
         self._allowed: IntervalMap[None] = IntervalMap()
         self._reserved = IntervalSet()
         self._domains: list[IoDomain] = []
@@ -208,12 +225,66 @@ class IoPagetable:
 
     def areas(self) -> Iterator[tuple[int, int, int, Pages, int]]:
         """``(iova, last, prot, pages, start_byte)`` of every area, in IOVA order."""
-        for iova, last, area in self._areas:
-            yield iova, last, area.prot, area.pages, area.start_byte
+        for area in self.area_objects():
+            yield area.iova, area.last, area.prot, area.pages, area.start_byte
+
+    def area_objects(self) -> list[Area]:
+        """Every area as its ``Area`` object, in IOVA order (rows become objects)."""
+        return [self._area(iova, last, value) for iova, last, value in self._areas]
 
     def area_at(self, iova: int) -> Area | None:
         got = self._areas.get(iova)
-        return None if got is None else got[2]
+        return None if got is None else self._area(*got)
+
+    def maps_any(self, first: int, last: int) -> bool:
+        """Whether any area intersects ``[first, last]``."""
+        return self._areas.overlaps(first, last)
+
+    # -- rows (the module docstring) ------------------------------------------------------
+    def _row(self, area: Area) -> Area | int:
+        """``area`` packed as a row when it and its Pages fit one, else ``area`` itself.
+
+        Called as the area is published, before it takes its reference on the Pages."""
+        pages = area.pages
+        if area.num_accesses or area.num_locks or area.prevent_access:
+            return area
+        if area.start_byte >> PAGE_SHIFT or area.prot >> 8:
+            return area
+        pfn = pages.sole_pfn()
+        if pfn is None or bool(pfn) != bool(self._domains):  # filled into domains = pinned
+            return area
+        if self._row_proc is None:
+            self._row_proc = pages.proc
+        elif pages.proc is not self._row_proc:
+            return area
+        self._rows += 1
+        return (
+            pfn
+            | area.start_byte << _ROW_OFFSET_SHIFT
+            | area.prot << _ROW_PROT_SHIFT
+            | pages.writable << _ROW_WRITABLE_SHIFT
+            | (pages.base >> PAGE_SHIFT) << _ROW_BASE_SHIFT
+        )
+
+    def _area(self, iova: int, last: int, value: Area | int) -> Area:
+        """The ``Area`` behind an entry of the area map: a row becomes its objects for good."""
+        if isinstance(value, Area):
+            return value
+        proc = self._row_proc
+        assert proc is not None  # rows exist only with their process
+        pages = Pages.sole(
+            proc,
+            (value >> _ROW_BASE_SHIFT) << PAGE_SHIFT,
+            bool(value >> _ROW_WRITABLE_SHIFT & 1),
+            value & _ROW_PFN_MASK,
+        )
+        start_byte = value >> _ROW_OFFSET_SHIFT & PAGE_MASK
+        area = Area(iova, last, pages, start_byte, value >> _ROW_PROT_SHIFT & 0xFF)
+        self._areas.replace(iova, area)
+        self._rows -= 1
+        if not self._rows:
+            self._row_proc = None
+        return area
 
     def lookup(self, iova: int) -> tuple[int, int] | None:
         """``(pfn, prot)`` of the page behind ``iova``; None if unmapped or not pinned.
@@ -224,9 +295,12 @@ class IoPagetable:
         got = self._areas.get(iova)
         if got is None:
             return None
-        area = got[2]
-        pfn = area.pages.pfn(area.index_at(iova))
-        return None if pfn is None else (pfn, area.prot)
+        value = got[2]
+        if not isinstance(value, Area):
+            row_pfn = value & _ROW_PFN_MASK
+            return (row_pfn, value >> _ROW_PROT_SHIFT & 0xFF) if row_pfn else None
+        pfn = value.pages.pfn(value.index_at(iova))
+        return None if pfn is None else (pfn, value.prot)
 
     def reserved(self) -> list[tuple[int, int, object]]:
         return self._reserved.entries()
@@ -265,7 +339,8 @@ class IoPagetable:
     # -- alignment (iopt_calculate_iova_alignment / iopt_check_iova_alignment) ----------
     def _check_areas_alignment(self, alignment: int) -> None:
         mask = alignment - 1
-        for iova, last, area in self._areas:
+        for area in self.area_objects():
+            iova, last = area.iova, area.last
             if iova & mask or (last - iova + 1) & mask or area.page_offset & mask:
                 raise err(errno.EADDRINUSE, f"area at {iova:#x} is not {alignment:#x} aligned")
 
@@ -414,18 +489,18 @@ class IoPagetable:
                 self._unfill_area(area)
             raise
         for area in new:
-            self._areas.insert(area.iova, area.last, area)
+            self._areas.insert(area.iova, area.last, self._row(area))
             area.pages.refs += 1
         return iova
 
     # -- IOMMU_IOAS_CHANGE_PROCESS --------------------------------------------------------
     def all_areas_from_files(self) -> bool:
         """True when every area maps a memfd (only those can change owning process)."""
-        return all(area.pages.is_file for _, _, area in self._areas)
+        return all(area.pages.is_file for area in self.area_objects())
 
     def change_process(self, proc: Process) -> None:
         """Move the pin accounting of every area's Pages to ``proc`` (``change_mm()``)."""
-        for _, _, area in self._areas:
+        for area in self.area_objects():
             area.pages.change_owner(proc)
 
     # -- domain filling (pages.c: batch_to_domain, iopt_area_fill_domains ...) -----------
@@ -518,7 +593,7 @@ class IoPagetable:
         first_domain = not self._domains
         done: list[Area] = []
         try:
-            for _, _, area in self._areas:
+            for area in self.area_objects():
                 if first_domain:
                     pfns = area.pages.use(area.first_index, area.last_index)
                 else:
@@ -550,7 +625,7 @@ class IoPagetable:
         if index != len(self._domains):
             self._domains[index] = tail
         last_one = not self._domains
-        for _, _, area in self._areas:
+        for area in self.area_objects():
             self._domain_unmap(domain, area.iova, area.length)
             if last_one:
                 area.pages.unuse(area.first_index, area.last_index)
@@ -659,7 +734,8 @@ class IoPagetable:
             hit = self._areas.first_overlap(start, last)
             if hit is None:
                 return unmapped
-            first, area_last, area = hit
+            first, area_last, value = hit
+            area = self._area(first, area_last, value)
             if area.num_locks:
                 raise err(errno.EBUSY, f"area at {first:#x} is locked by a kernel object")
             if first < start or area_last > last:
@@ -730,7 +806,7 @@ class IoPagetable:
         got = self._areas.get(iova)
         cur = iova
         while got is not None:
-            area = got[2]
+            area = self._area(*got)
             segments.append((area, cur, min(last, area.last)))
             if area.last >= last:
                 return segments, True

@@ -118,6 +118,35 @@ class Pages:
     def is_file(self) -> bool:
         return self.memfile is not None
 
+    # -- one page, one area (what an IOAS keeps as a row: io_pagetable.py) ------------
+    def sole_pfn(self) -> int | None:
+        """The PFN (0 when unpinned) of a one-page user Pages whose only user is the area
+        being published (no other area, copy or access); None for any other Pages.
+
+        Such a Pages carries nothing an IOAS row cannot hold (see
+        :meth:`IoPagetable._row <iommufd_model.core.io_pagetable.IoPagetable._row>`), and
+        :meth:`sole` rebuilds it identically."""
+        if self.refs or self.npages != 1 or self.memfile is not None or self.proc is None:
+            return None
+        if self._accesses:
+            return None
+        if self._pfns is None or self._uses is None:
+            return 0 if not self.npinned else None
+        pfn, uses = self._pfns[0], self._uses[0]
+        if (uses, self.npinned) == ((1, 1) if pfn else (0, 0)):
+            return pfn
+        return None
+
+    @classmethod
+    def sole(cls, proc: Process, base: int, writable: bool, pfn: int) -> Pages:
+        """The Pages of a row: one user page at ``base`` of ``proc``, used by one area,
+        pinned at ``pfn`` (0: not pinned)."""
+        pinned = 1 if pfn else 0
+        pfns, uses = ([pfn], [1]) if pfn else (None, None)
+        return cls(
+            proc.memory, 1, writable, proc, base, refs=1, npinned=pinned, pfns=pfns, uses=uses
+        )
+
     # -- the source (pin_user_pages / memfd_pin_folios) --------------------------------
     def _source_pin(self, first: int, count: int) -> list[int]:
         # pfn_reader_user_pin() / the pin accounting: both can fail in the kernel.

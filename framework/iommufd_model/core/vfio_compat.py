@@ -292,5 +292,4 @@ def _unmap_dma(ictx: IommuFd, arg: Any) -> int:
 
 
 def _anything_mapped(ioas: Ioas, iova: int, size: int) -> bool:
-    last = min(iova + size - 1, ULONG_MAX)
-    return any(not (area_last < iova or first > last) for first, area_last, *_ in ioas.iopt.areas())
+    return ioas.iopt.maps_any(iova, min(iova + size - 1, ULONG_MAX))
