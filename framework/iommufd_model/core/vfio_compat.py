@@ -21,55 +21,31 @@ from iommufd_model.driver import IOMMU_CACHE, IOMMU_READ, IOMMU_WRITE
 from iommufd_model.errors import err
 from iommufd_model.hw.memory import PAGE_SIZE
 from iommufd_model.uapi import iommufd as U
-
-# re-exported: run/server.py and the tests take the VFIO numbers from here too
 from iommufd_model.uapi.vfio import (
-    VFIO_API_VERSION as VFIO_API_VERSION,
-)
-from iommufd_model.uapi.vfio import (
-    VFIO_CHECK_EXTENSION as VFIO_CHECK_EXTENSION,
-)
-from iommufd_model.uapi.vfio import (
-    VFIO_DMA_CC_IOMMU as VFIO_DMA_CC_IOMMU,
-)
-from iommufd_model.uapi.vfio import (
-    VFIO_GET_API_VERSION as VFIO_GET_API_VERSION,
-)
-from iommufd_model.uapi.vfio import (
-    VFIO_IOMMU_GET_INFO as VFIO_IOMMU_GET_INFO,
-)
-from iommufd_model.uapi.vfio import (
-    VFIO_IOMMU_MAP_DMA as VFIO_IOMMU_MAP_DMA,
-)
-from iommufd_model.uapi.vfio import (
-    VFIO_IOMMU_UNMAP_DMA as VFIO_IOMMU_UNMAP_DMA,
-)
-from iommufd_model.uapi.vfio import (
-    VFIO_SET_IOMMU as VFIO_SET_IOMMU,
-)
-from iommufd_model.uapi.vfio import (
-    VFIO_TYPE1_IOMMU as VFIO_TYPE1_IOMMU,
-)
-from iommufd_model.uapi.vfio import (
-    VFIO_UNMAP_ALL as VFIO_UNMAP_ALL,
-)
-from iommufd_model.uapi.vfio import (
-    VFIO_TYPE1v2_IOMMU as VFIO_TYPE1v2_IOMMU,
+    VFIO_API_VERSION,
+    VFIO_CHECK_EXTENSION,
+    VFIO_DMA_CC_IOMMU,
+    VFIO_DMA_MAP_FLAG_READ,
+    VFIO_DMA_MAP_FLAG_WRITE,
+    VFIO_DMA_UNMAP_FLAG_ALL,
+    VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP,
+    VFIO_GET_API_VERSION,
+    VFIO_IOMMU_GET_INFO,
+    VFIO_IOMMU_INFO_CAPS,
+    VFIO_IOMMU_INFO_PGSIZES,
+    VFIO_IOMMU_MAP_DMA,
+    VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE,
+    VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL,
+    VFIO_IOMMU_UNMAP_DMA,
+    VFIO_SET_IOMMU,
+    VFIO_TYPE1_IOMMU,
+    VFIO_UNMAP_ALL,
+    VFIO_TYPE1v2_IOMMU,
 )
 
 if TYPE_CHECKING:
     from iommufd_model.core.main import IommuFd
     from iommufd_model.process import Process
-
-# include/uapi/linux/vfio.h: the type1 bits (the commands are in uapi/vfio.py)
-VFIO_DMA_MAP_FLAG_READ = 1 << 0
-VFIO_DMA_MAP_FLAG_WRITE = 1 << 1
-VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP = 1 << 0
-VFIO_DMA_UNMAP_FLAG_ALL = 1 << 1
-VFIO_IOMMU_INFO_PGSIZES = 1 << 0
-VFIO_IOMMU_INFO_CAPS = 1 << 1
-VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE = 1
-VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL = 3
 
 INFO_SIZE = 24  # struct vfio_iommu_type1_info {argsz, flags, iova_pgsizes, cap_offset, pad}
 INFO_MINSZ = 16  # offsetofend(iova_pgsizes)
@@ -80,6 +56,32 @@ IOVA_CAP_SIZE = 16  # struct vfio_iommu_type1_info_cap_iova_range without its ra
 IOVA_RANGE_SIZE = 16  # struct vfio_iova_range {start, end}
 U32_MAX = (1 << 32) - 1
 ULONG_MAX = U.U64_MAX
+
+# run/server.py and the tests take the VFIO numbers from here too
+__all__ = [
+    "VFIO_API_VERSION",
+    "VFIO_CHECK_EXTENSION",
+    "VFIO_DMA_CC_IOMMU",
+    "VFIO_DMA_MAP_FLAG_READ",
+    "VFIO_DMA_MAP_FLAG_WRITE",
+    "VFIO_DMA_UNMAP_FLAG_ALL",
+    "VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP",
+    "VFIO_GET_API_VERSION",
+    "VFIO_IOMMU_GET_INFO",
+    "VFIO_IOMMU_INFO_CAPS",
+    "VFIO_IOMMU_INFO_PGSIZES",
+    "VFIO_IOMMU_MAP_DMA",
+    "VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE",
+    "VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL",
+    "VFIO_IOMMU_UNMAP_DMA",
+    "VFIO_SET_IOMMU",
+    "VFIO_TYPE1_IOMMU",
+    "VFIO_UNMAP_ALL",
+    "VFIO_TYPE1v2_IOMMU",
+    "compat_ioas",
+    "compat_ioas_create",
+    "vfio_ioctl",
+]
 
 VFIO_COMMANDS = frozenset(
     {

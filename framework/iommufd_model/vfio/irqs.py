@@ -172,9 +172,9 @@ class VfioIrqs:
         trigger = action == V.VFIO_IRQ_SET_ACTION_TRIGGER
         if index == INTX:
             if action == V.VFIO_IRQ_SET_ACTION_MASK:
-                return self._intx_mask_action(start, count, dtype, data)
+                return self._intx_mask_action(False, start, count, dtype, data)
             if action == V.VFIO_IRQ_SET_ACTION_UNMASK:
-                return self._intx_unmask_action(start, count, dtype, data)
+                return self._intx_mask_action(True, start, count, dtype, data)
             if trigger:
                 return self._intx_trigger(start, count, dtype, data, proc)
         elif index in (MSI, MSIX):
@@ -231,24 +231,23 @@ class VfioIrqs:
         raise err(errno.EINVAL, "no trigger to act on")
 
     # -- INTx -------------------------------------------------------------------------
-    def _intx_mask_action(self, start: int, count: int, dtype: int, data: bytes) -> int:
+    def _intx_mask_action(
+        self, unmask: bool, start: int, count: int, dtype: int, data: bytes
+    ) -> int:
+        """vfio_pci_set_intx_mask() / vfio_pci_set_intx_unmask()."""
         if self.irq_type != INTX or start != 0 or count != 1:
-            raise err(errno.EINVAL, "INTx mask needs INTx on, vector 0, count 1")
+            raise err(errno.EINVAL, "INTx (un)mask needs INTx on, vector 0, count 1")
         if dtype == V.VFIO_IRQ_SET_DATA_EVENTFD:
-            raise err(errno.EINVAL, "INTx mask by eventfd is not implemented by Linux")
-        if dtype == V.VFIO_IRQ_SET_DATA_NONE or data[0]:
-            self.intx_mask()
-        return 0
-
-    def _intx_unmask_action(self, start: int, count: int, dtype: int, data: bytes) -> int:
-        if self.irq_type != INTX or start != 0 or count != 1:
-            raise err(errno.EINVAL, "INTx unmask needs INTx on, vector 0, count 1")
-        if dtype == V.VFIO_IRQ_SET_DATA_EVENTFD:
+            if not unmask:
+                raise err(errno.EINVAL, "INTx mask by eventfd is not implemented by Linux")
             # vfio_virqfd_enable(): unmask on an eventfd's signal needs KVM's irqfd path,
             # which the model has no waiter for.
             raise err(errno.EOPNOTSUPP, "the model has no virqfd for INTx unmask")
         if dtype == V.VFIO_IRQ_SET_DATA_NONE or data[0]:
-            self.intx_unmask()
+            if unmask:
+                self.intx_unmask()
+            else:
+                self.intx_mask()
         return 0
 
     def _intx_trigger(self, start: int, count: int, dtype: int, data: bytes, proc: Process) -> int:
