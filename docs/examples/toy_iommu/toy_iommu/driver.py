@@ -1,10 +1,11 @@
 """The toy driver's hooks: the "kernel driver" that programs :mod:`toy_iommu.hw`.
 
-A paging domain is a :class:`~iommufd_model.hw.radix.RadixPageTable` in machine memory plus a
-domain ID from an :class:`~iommufd_model.ida.Ida`; map, unmap and the software walk are the
-engine's. It declares only ``Feature.PAGING``: every other hook is absent, so the core
-answers EOPNOTSUPP for nesting, PASID, dirty tracking and vIOMMU, and the conformance kit
-reports those tests as unsupported.
+A paging domain is the framework's :class:`~iommufd_model.paging.PagingDomain` over a
+:class:`~iommufd_model.hw.radix.RadixPageTable` in machine memory, plus a domain ID from an
+:class:`~iommufd_model.ida.Ida`; map, unmap and the software walk are the base's. It declares
+only ``Feature.PAGING``: every other hook is absent, so the core answers EOPNOTSUPP for
+nesting, PASID, dirty tracking and vIOMMU, and the conformance kit reports those tests as
+unsupported.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from typing import Any
 from iommufd_model.api import (
     PAGE_SIZE,
     Domain,
-    DomainType,
     DriverInfo,
     Feature,
     IommuHw,
+    IotlbGather,
     Machine,
+    PagingDomain,
+    PagingDomainOps,
     PciDevice,
     RadixPageTable,
     err,
@@ -30,23 +33,30 @@ from toy_iommu.hw import FORMAT, ToyIommu
 PGSIZES = PAGE_SIZE | (1 << 21)  # 4 KiB and 2 MiB leaves
 
 
-class ToyDomain(Domain):
-    """A paging domain: its page table and the ID its IOTLB entries are tagged with."""
+class ToyDomain(PagingDomain[RadixPageTable]):
+    """A paging domain: the framework's base owns the page table and does map, unmap and the
+    software walk; the toy adds the ID its IOTLB entries are tagged with and the flush."""
 
     def __init__(self, iommu: ToyIommu) -> None:
-        super().__init__(
-            iommu,
-            DomainType.PAGING,
-            pgsize_bitmap=PGSIZES,
-            aperture_end=(1 << FORMAT.va_bits) - 1,
-        )
-        self.iommu = iommu
-        self.domid = iommu.domain_ids.alloc()  # ENOSPC when all are taken
+        domid = iommu.domain_ids.alloc()  # ENOSPC when all are taken
         try:
-            self.pt = RadixPageTable(iommu.memory, FORMAT)  # the root table: one frame
+            pt = RadixPageTable(iommu.memory, FORMAT)  # the root table: one frame
         except OSError:
-            iommu.domain_ids.free(self.domid)
+            iommu.domain_ids.free(domid)
             raise
+        super().__init__(iommu, pt, pgsize_bitmap=PGSIZES, aperture_end=(1 << FORMAT.va_bits) - 1)
+        self.iommu = iommu
+        self.domid = domid
+
+    def iotlb_sync(self, gather: IotlbGather) -> None:
+        """After an unmap: drop the cached translations of the range."""
+        self.iommu.invalidate(self.domid, gather.first, gather.last)
+
+    def free(self) -> None:
+        """Tables, ID and cached translations all go."""
+        self.iommu.invalidate(self.domid)
+        super().free()
+        self.iommu.domain_ids.free(self.domid)
 
 
 def _toy(domain: Domain) -> ToyDomain:
@@ -55,8 +65,10 @@ def _toy(domain: Domain) -> ToyDomain:
     return domain
 
 
-class ToyDriver:
-    """The plugin object; the entry point ``toy`` names :data:`plugin`."""
+class ToyDriver(PagingDomainOps):
+    """The plugin object; the entry point ``toy`` names :data:`plugin`. ``domain_map``,
+    ``domain_map_pages``, ``domain_unmap`` and ``domain_iova_to_phys`` come from
+    :class:`~iommufd_model.paging.PagingDomainOps`."""
 
     @hookimpl
     def driver_info(self) -> DriverInfo:
@@ -84,25 +96,7 @@ class ToyDriver:
 
     @hookimpl
     def domain_free(self, domain: Domain) -> None:
-        toy = _toy(domain)
-        toy.iommu.invalidate(toy.domid)
-        toy.pt.free()
-        toy.iommu.domain_ids.free(toy.domid)
-
-    @hookimpl
-    def domain_map(self, domain: Domain, iova: int, pa: int, size: int, prot: int) -> None:
-        _toy(domain).pt.map(iova, pa, size, prot)  # all-or-nothing, EEXIST on overlap
-
-    @hookimpl
-    def domain_unmap(self, domain: Domain, iova: int, size: int) -> int:
-        toy = _toy(domain)
-        done = toy.pt.unmap(iova, size)
-        toy.iommu.invalidate(toy.domid, iova, iova + size - 1)  # the iotlb_sync
-        return done
-
-    @hookimpl
-    def domain_iova_to_phys(self, domain: Domain, iova: int) -> int:
-        return _toy(domain).pt.iova_to_phys(iova)
+        _toy(domain).free()
 
     @hookimpl
     def attach(self, iommu: IommuHw, dev: PciDevice, domain: Domain | None) -> None:
