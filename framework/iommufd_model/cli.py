@@ -606,10 +606,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--device",
         action="append",
         default=[],
-        metavar="KIND@IOMMU[,...]",
+        metavar="KIND@IOMMU[:OPT=VAL...][,...]",
         help="a modelled PCI function (generic, ioat, dsa...) behind the first IOMMU of that "
-        "driver or instance index (repeatable; the drivers named become the IOMMUs when "
-        "--iommu is not given); the first one's BDF is exported as VFIO_SELFTESTS_BDF",
+        "driver or instance index, with the kind's options (generic@amd:total_vfs=2 is an "
+        "SR-IOV PF) (repeatable; the drivers named become the IOMMUs when --iommu is not "
+        "given); the first one's BDF is exported as VFIO_SELFTESTS_BDF",
     )
     p_run.add_argument(
         "--bdf-args",

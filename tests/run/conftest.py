@@ -15,15 +15,26 @@ REPO = Path(__file__).resolve().parents[2]
 KIT = REPO.parent / "shared" / "kselftest"
 
 
-@pytest.fixture(scope="session")
-def kselftest_bins(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``iommufd`` and ``iommufd_fail_nth`` built once per session (skip without the kit)."""
-    build = KIT / "build.sh"
+def kit_build(script: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The binaries the kit's ``script`` builds, in a new directory (skip without the kit)."""
+    build = KIT / script
     if not build.exists():
         pytest.skip(f"the kernel selftest kit is absent ({build} does not exist)")
     out = tmp_path_factory.mktemp("kselftest")
     subprocess.run(["bash", str(build), str(out)], check=True, capture_output=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def kselftest_bins(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``iommufd`` and ``iommufd_fail_nth`` built once per session (skip without the kit)."""
+    return kit_build("build.sh", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def vfio_bins(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The seven VFIO selftest binaries built once per session (skip without the kit)."""
+    return kit_build("build-vfio.sh", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

@@ -48,6 +48,10 @@ def test_machine_from_device_specs() -> None:
         ("0000:02:01.0", "amd"),
     ]
     assert fns[0].vendor_id == 0x8086  # the IOAT (Intel CBDMA)
+    (pf,) = DeviceSpec.parse("generic@amd:total_vfs=3")
+    assert pf.opts == (("total_vfs", 3),)
+    machine = build_machine(["amd"], 0, functions=[pf])
+    assert machine.pci_functions()[0].spec.total_vfs == 3
 
 
 @pytest.mark.parametrize(
@@ -57,6 +61,8 @@ def test_machine_from_device_specs() -> None:
         (["--device", "nosuch@amd"], "unknown PCI function kind"),
         (["--iommu", "amd", "--device", "ioat@arm_smmuv3"], "no arm_smmuv3 IOMMU"),
         (["--device", "ioat@3"], "no IOMMU instance 3"),
+        (["--device", "generic@amd:total_vfs"], "is not NAME=VALUE"),
+        (["--device", "generic@amd:nosuch=1"], "nosuch"),
     ],
 )
 def test_bad_device_options_are_refused(args: list[str], message: str) -> None:

@@ -48,21 +48,30 @@ def preload_path() -> Path:
 
 @attrs.frozen
 class DeviceSpec:
-    """``--device KIND@IOMMU``: a modelled PCI function of ``kind`` behind ``iommu`` (a
-    driver name: its first instance; or an instance index)."""
+    """``--device KIND@IOMMU[:OPT=VALUE...]``: a modelled PCI function of ``kind`` behind
+    ``iommu`` (a driver name: its first instance; or an instance index), with the kind's
+    factory options (``generic@amd:total_vfs=2``: an SR-IOV PF)."""
 
     kind: str
     iommu: str
+    opts: tuple[tuple[str, int | str], ...] = ()
 
     @classmethod
     def parse(cls, text: str) -> list[DeviceSpec]:
         """``ioat@amd,dsa@intel_vtd`` -> two specs; ValueError on a malformed one."""
         specs = []
         for part in text.split(","):
-            kind, at, iommu = part.strip().partition("@")
+            kind, at, rest = part.strip().partition("@")
+            iommu, *options = rest.split(":")
             if not kind or not at or not iommu:
                 raise ValueError(f"--device {part!r}: expected KIND@IOMMU (e.g. ioat@amd)")
-            specs.append(cls(kind, iommu))
+            opts: list[tuple[str, int | str]] = []
+            for opt in options:
+                name, eq, value = opt.partition("=")
+                if not name or not eq:
+                    raise ValueError(f"--device {part!r}: option {opt!r} is not NAME=VALUE")
+                opts.append((name, int(value, 0) if value.isdigit() else value))
+            specs.append(cls(kind, iommu, tuple(opts)))
         return specs
 
 
@@ -98,7 +107,11 @@ def build_machine(
             index = names.index(spec.iommu)
         if not 0 <= index < len(machine.iommus):
             raise ValueError(f"--device {spec.kind}@{spec.iommu}: no IOMMU instance {index}")
-        machine.add_pci_function(spec.kind, index)
+        opts: dict[str, Any] = dict(spec.opts)
+        try:
+            machine.add_pci_function(spec.kind, index, **opts)
+        except TypeError as exc:
+            raise ValueError(f"--device {spec.kind}@{spec.iommu}: {exc}") from None
     return machine
 
 
