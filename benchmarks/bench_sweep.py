@@ -17,7 +17,14 @@ from collections.abc import Callable
 
 from iommufd_model.plugins import default_registry
 from iommufd_model.scenarios import SCENARIOS, ScenarioResult
-from iommufd_model.sweep import cell_specs, columns, dask_executor, local_executor, run_specs
+from iommufd_model.sweep import (
+    cell_specs,
+    columns,
+    dask_executor,
+    local_executor,
+    run_cell,
+    run_specs,
+)
 
 QUICK_SCENARIOS = ["paging_dma", "dirty_tracking", "nested_dma", "nested_invalidation"]
 
@@ -45,12 +52,12 @@ def main() -> None:
         f"({', '.join(f'{d} {sum(c.driver == d for c in cols)}' for d in sorted(reg.drivers))})"
         f" = {len(specs)} cells"
     )
-    serial_s, serial = _timed(lambda: run_specs(specs, None, None, reg))
+    serial_s, serial = _timed(lambda: run_specs(run_cell, specs, None, None, reg))
     print(f"  in process          {serial_s:7.1f} s  1.00x")
 
     def pool() -> list[ScenarioResult]:
         with local_executor(2, reg) as ex:
-            return run_specs(specs, ex)
+            return run_specs(run_cell, specs, ex)
 
     pool_s, pooled = _timed(pool)
     print(f"  local pool, 2 procs {pool_s:7.1f} s  {serial_s / pool_s:.2f}x")
@@ -67,7 +74,7 @@ def main() -> None:
 
         def dask() -> list[ScenarioResult]:
             with dask_executor(address) as ex:
-                return run_specs(specs, ex)
+                return run_specs(run_cell, specs, ex)
 
         dask_s, remote = _timed(dask)
         warm_s, again = _timed(dask)  # the workers have imported the model and its drivers

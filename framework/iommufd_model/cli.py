@@ -29,16 +29,23 @@ from iommufd_model.scenarios import (
     ScenarioResult,
 )
 from iommufd_model.scenarios.base import COST_KEYS
+from iommufd_model.shards import (
+    ShardResult,
+    ShardSpec,
+    ShardsUnavailable,
+    machine_module,
+    run_shard,
+    shard_specs,
+)
 from iommufd_model.sweep import (
     ClusterError,
     Column,
     Progress,
     cell_specs,
     columns,
-    dask_executor,
     default_jobs,
-    local_executor,
-    run_specs,
+    execute,
+    run_cell,
 )
 
 
@@ -425,14 +432,7 @@ def run_cells(
     the Dask cluster whose scheduler is at ``scheduler``; the same results (but ``wall_s``)."""
     specs = cell_specs(scenarios, cols)
     step = progress.step if progress else None
-    if scheduler is not None:
-        with dask_executor(scheduler) as pool:
-            results = run_specs(specs, pool, step)
-    elif jobs <= 1 or len(specs) <= 1:
-        results = run_specs(specs, None, step, reg)
-    else:
-        with local_executor(min(jobs, len(specs)), reg) as pool:
-            results = run_specs(specs, pool, step)
+    results = execute(run_cell, specs, reg, jobs, scheduler, step)
     return {(sp.scenario, sp.column.label): r for sp, r in zip(specs, results, strict=True)}
 
 
@@ -500,16 +500,98 @@ def _cmd_matrix(args: argparse.Namespace, reg: DriverRegistry) -> int:
     return 1 if any(c.status == FAIL for c in cells.values()) else 0
 
 
+def _campaign_table(specs: list[ShardSpec], results: list[ShardResult]) -> str:
+    """One line per driver configuration (shards, failures, examples, steps), then every
+    failed shard with hypothesis' falsifying steps."""
+    by_label: dict[str, list[ShardResult]] = {}
+    for spec, r in zip(specs, results, strict=True):
+        by_label.setdefault(spec.column.label, []).append(r)
+    first = max([len("configuration"), *map(len, by_label)])
+    lines = [f"{'configuration':<{first}}  shards  failed  examples   steps", "-" * (first + 35)]
+    for label, rs in by_label.items():
+        failed = sum(r.status == FAIL for r in rs)
+        lines.append(
+            f"{label:<{first}}  {len(rs):>6}  {failed:>6}  {sum(r.examples for r in rs):>8}"
+            f"  {sum(r.steps for r in rs):>6}"
+        )
+    for spec, r in zip(specs, results, strict=True):
+        if r.status == FAIL:
+            lines += ["", f"FAIL {spec.column.label} seed {r.seed}:"]
+            lines += [f"  {line}" for line in r.detail.splitlines()]
+    return "\n".join(lines)
+
+
+def _cmd_campaign(args: argparse.Namespace, reg: DriverRegistry) -> int:
+    json_to = _json_target(args)
+    _check_output("--json", json_to)
+    if args.scheduler is not None and args.jobs is not None:
+        raise SystemExit("iommufd-model: --jobs and --scheduler exclude each other")
+    if not reg.drivers:
+        _print_problems(reg)
+        print("iommufd-model: no driver could be loaded", file=sys.stderr)
+        return 1
+    try:
+        machine_module()
+    except ShardsUnavailable as exc:
+        raise SystemExit(f"iommufd-model: {exc}") from None
+    broken = {p.name: p.one_line_message() for p in reg.problems}
+    drivers = _select(args.driver, sorted(reg.drivers), "driver", broken)
+    cols = columns(reg, drivers, sweep=args.sweep)
+    specs = shard_specs(cols, args.shards, args.seed, args.examples, args.steps)
+    jobs = args.jobs if args.jobs is not None else default_jobs()
+    progress = Progress(len(specs), unit="shards")
+    start = time.perf_counter()
+    try:
+        results = execute(run_shard, specs, reg, jobs, args.scheduler, progress.step)
+    except ClusterError as exc:
+        raise SystemExit(f"iommufd-model: {exc}") from None
+    finally:
+        progress.close()
+    data = {
+        "columns": [c.to_json() for c in cols],
+        "shards": [r.to_json() for r in results],
+        "executor": f"Dask cluster at {args.scheduler}" if args.scheduler else f"{jobs} job(s)",
+        "wall_s": time.perf_counter() - start,
+    }
+    if json_to is not None:
+        _write("--json", json_to, json.dumps(data, indent=2) + "\n")
+    if json_to != "-":
+        print(_campaign_table(specs, results))
+        _print_problems(reg)
+    return 1 if any(r.status == FAIL for r in results) else 0
+
+
+def _executor_options(parser: argparse.ArgumentParser, default_jobs_help: str) -> None:
+    parser.add_argument(
+        "-n",
+        "--jobs",
+        dest="jobs",
+        type=_jobs,
+        default=None,
+        metavar="auto|N",
+        help=f"run in a pool of N local worker processes (auto: one per CPU); {default_jobs_help}",
+    )
+    parser.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="run on the Dask distributed cluster whose scheduler is at ADDRESS "
+        "(tcp://host:8786; needs the 'cluster' extra, and the same drivers on every worker)",
+    )
+
+
 DESCRIPTION = """\
 A model of Linux iommufd (/dev/iommu) and the IOMMU hardware behind it, with vendor drivers
 as plugins. 'drivers' lists the installed driver plugins (and broken ones, with the reason);
 'matrix' runs every scenario against every driver and prints pass / FAIL / unsupported with
-the hardware costs of each cell; 'run' runs a program with /dev/iommu served by the model."""
+the hardware costs of each cell (--sweep: under every option set the drivers declare);
+'campaign' runs the conformance kit's uAPI state machine in seeded shards; both run locally
+or on a Dask cluster (--scheduler); 'run' runs a program with /dev/iommu served by the model."""
 
 EPILOG = """\
-exit status: 0 on success; 1 when a matrix cell FAILs, no driver loads, an output file cannot
-be written (checked before the run) or, for 'drivers', an installed plugin is broken; 2 for a
-bad option; 'run' exits with the program's status (127 when it cannot start)."""
+exit status: 0 on success; 1 when a matrix cell or campaign shard FAILs, no driver loads, an
+output file cannot be written (checked before the run) or, for 'drivers', an installed plugin
+is broken; 2 for a bad option; 'run' exits with the program's status (127 when it cannot
+start)."""
 
 
 def _global_options(parser: argparse.ArgumentParser, *, sub: bool) -> None:
@@ -565,23 +647,40 @@ def build_parser() -> argparse.ArgumentParser:
         help="also run every scenario under each option set every driver declares "
         "(page-table levels, granules, address widths, PASID widths...)",
     )
-    p_matrix.add_argument(
-        "-n",
-        "--jobs",
-        dest="jobs",
-        type=_jobs,
-        default=None,
-        metavar="auto|N",
-        help="run cells in a pool of N local worker processes (auto: one per CPU); "
-        "default 1, for --sweep auto",
-    )
-    p_matrix.add_argument(
-        "--scheduler",
-        metavar="ADDRESS",
-        help="run cells on the Dask distributed cluster whose scheduler is at ADDRESS "
-        "(tcp://host:8786; needs the 'cluster' extra, and the same drivers on every worker)",
-    )
+    _executor_options(p_matrix, "default 1, for --sweep auto")
     p_matrix.set_defaults(func=_cmd_matrix)
+    p_campaign = sub.add_parser(
+        "campaign",
+        help="run the kit's uAPI state machine in seeded shards",
+        description="The conformance kit's hypothesis state machine over the iommufd uAPI, "
+        "cut into shards (a driver configuration and a seed each, --examples runs of up to "
+        "--steps steps) run like matrix cells: in a local pool or on a Dask cluster; the same "
+        "shard gives the same result anywhere. Needs the test extra (hypothesis, pytest).",
+    )
+    p_campaign.add_argument("--driver", action="append", metavar="NAME", help="only this one")
+    p_campaign.add_argument(
+        "--sweep", action="store_true", help="also every option set each driver declares"
+    )
+    p_campaign.add_argument(
+        "--shards", type=int, default=4, metavar="N", help="seeds per configuration (4)"
+    )
+    p_campaign.add_argument("--seed", type=int, default=0, help="the first seed (0)")
+    p_campaign.add_argument(
+        "--examples", type=int, default=20, metavar="N", help="examples per shard (20)"
+    )
+    p_campaign.add_argument(
+        "--steps", type=int, default=30, metavar="N", help="steps per example at most (30)"
+    )
+    p_campaign.add_argument(
+        "--json",
+        nargs="?",
+        const="-",
+        default=argparse.SUPPRESS,
+        metavar="FILE",
+        help="every shard as JSON, to FILE (the table still prints) or to stdout",
+    )
+    _executor_options(p_campaign, "default auto")
+    p_campaign.set_defaults(func=_cmd_campaign)
     p_run = sub.add_parser(
         "run",
         help="run a program with /dev/iommu served by the model",

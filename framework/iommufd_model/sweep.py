@@ -22,16 +22,26 @@ import os
 import queue
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from contextlib import contextmanager
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO, TypeVar
 
 import attrs
 
 from iommufd_model.driver import DEFAULT_OPTION_SET, Feature, OptionSet
 from iommufd_model.plugins import DriverRegistry
 from iommufd_model.scenarios import FAIL, PASS, SCENARIOS, ScenarioResult, run_scenario
+
+S = TypeVar("S")
+R = TypeVar("R")
+
+
+class HasStatus(Protocol):
+    """A finished unit of work: a matrix cell or a state-machine shard."""
+
+    @property
+    def status(self) -> str: ...
 
 
 @attrs.frozen
@@ -88,6 +98,11 @@ def cell_specs(scenarios: list[str], cols: list[Column]) -> list[CellSpec]:
 _WORKER_REGISTRY: DriverRegistry | None = None
 
 
+def worker_registry() -> DriverRegistry | None:
+    """The registry a forked pool worker inherited, None elsewhere (load the installed)."""
+    return _WORKER_REGISTRY
+
+
 def run_cell(spec: CellSpec, registry: DriverRegistry | None = None) -> ScenarioResult:
     """One cell, in whatever process the executor chose."""
     reg = registry if registry is not None else _WORKER_REGISTRY
@@ -96,14 +111,16 @@ def run_cell(spec: CellSpec, registry: DriverRegistry | None = None) -> Scenario
 
 
 class Progress:
-    """``[####....] 37/120 cells, 1 failed, ETA 0:42`` on a terminal's stderr, else nothing.
+    """``[####....] 37/120 cells, 1 failed, ETA 0:42`` on a terminal's stderr, else nothing
+    (``unit`` names what is counted: cells, shards).
 
     The ETA is the mean wall time per finished cell times the cells left: cells differ in
     cost by two orders of magnitude, so it settles only after a few dozen cells.
     """
 
-    def __init__(self, total: int, stream: TextIO | None = None) -> None:
+    def __init__(self, total: int, stream: TextIO | None = None, unit: str = "cells") -> None:
         self.stream = stream if stream is not None else sys.stderr
+        self.unit = unit
         self.total = total
         self.done = 0
         self.failed = 0
@@ -119,9 +136,9 @@ class Progress:
             left = (time.perf_counter() - self.start) / self.done * (self.total - self.done)
             minutes, seconds = divmod(math.ceil(left), 60)
             eta = f"{minutes}:{seconds:02d}"
-        return f"[{bar}] {self.done}/{self.total} cells, {self.failed} failed, ETA {eta}"
+        return f"[{bar}] {self.done}/{self.total} {self.unit}, {self.failed} failed, ETA {eta}"
 
-    def step(self, result: ScenarioResult) -> None:
+    def step(self, result: HasStatus) -> None:
         self.done += 1
         self.failed += result.status == FAIL
         if self.enabled:
@@ -179,45 +196,63 @@ def dask_executor(address: str, timeout: float = 30.0) -> Iterator[Executor]:
         client.close()
 
 
-def _put(
-    finished: queue.Queue[tuple[int, Future[ScenarioResult]]],
-    index: int,
-    fut: Future[ScenarioResult],
-) -> None:
+def _put(finished: queue.Queue[tuple[int, Future[Any]]], index: int, fut: Future[Any]) -> None:
     finished.put((index, fut))
 
 
 def run_specs(
-    specs: list[CellSpec],
+    fn: Callable[[S, DriverRegistry | None], R],
+    specs: Sequence[S],
     executor: Executor | None = None,
-    on_result: Callable[[ScenarioResult], None] | None = None,
+    on_result: Callable[[R], None] | None = None,
     registry: DriverRegistry | None = None,
-) -> list[ScenarioResult]:
-    """Run ``specs`` (in this process without an executor) and return the results in the
-    specs' order, whatever order they finished in; ``on_result`` sees each as it finishes.
+) -> list[R]:
+    """``fn`` over ``specs`` (in this process, with ``registry``, without an executor) and the
+    results in the specs' order, whatever order they finished in; ``on_result`` sees each as
+    it finishes. ``fn`` is :func:`run_cell` for matrix cells, ``run_shard`` for state-machine
+    shards: a module-level function, so a worker process can import it.
 
-    Completion is collected through ``add_done_callback`` into a queue rather than
-    ``concurrent.futures.as_completed``: a Dask executor hands out its own future type.
+    Completion is collected through ``add_done_callback`` into a queue: one loop for every
+    executor, whose futures may finish in any order.
     """
-    results: list[ScenarioResult | None] = [None] * len(specs)
+    results: dict[int, R] = {}
 
-    def finish(i: int, result: ScenarioResult) -> None:
+    def finish(i: int, result: R) -> None:
         results[i] = result
         if on_result:
             on_result(result)
 
     if executor is None:
         for i, spec in enumerate(specs):
-            finish(i, run_cell(spec, registry))
+            finish(i, fn(spec, registry))
     else:
-        finished: queue.Queue[tuple[int, Future[ScenarioResult]]] = queue.Queue()
+        finished: queue.Queue[tuple[int, Future[Any]]] = queue.Queue()
         for i, spec in enumerate(specs):
-            fut = executor.submit(run_cell, spec)
+            fut = executor.submit(fn, spec, None)
             fut.add_done_callback(functools.partial(_put, finished, i))
         for _ in specs:
             i, fut = finished.get()
             finish(i, fut.result())
-    return [r for r in results if r is not None]
+    return [results[i] for i in range(len(specs))]
+
+
+def execute(
+    fn: Callable[[S, DriverRegistry | None], R],
+    specs: Sequence[S],
+    registry: DriverRegistry,
+    jobs: int = 1,
+    scheduler: str | None = None,
+    on_result: Callable[[R], None] | None = None,
+) -> list[R]:
+    """``fn`` over ``specs`` on the Dask cluster at ``scheduler``, else in a local pool of
+    ``jobs`` processes, else (one job or one spec) in this process: the same results."""
+    if scheduler is not None:
+        with dask_executor(scheduler) as pool:
+            return run_specs(fn, specs, pool, on_result)
+    if jobs <= 1 or len(specs) <= 1:
+        return run_specs(fn, specs, None, on_result, registry)
+    with local_executor(min(jobs, len(specs)), registry) as pool:
+        return run_specs(fn, specs, pool, on_result)
 
 
 def option_set_problems(registry: DriverRegistry, driver: str) -> list[str]:

@@ -31,7 +31,7 @@ from iommufd_model.core.hw_pagetable import Hwpt, HwptPaging
 from iommufd_model.core.ioas import Ioas
 from iommufd_model.core.main import IommuFd
 from iommufd_model.core.objects import ObjType
-from iommufd_model.driver import DriverInfo, Feature
+from iommufd_model.driver import DEFAULT_OPTION_SET, DriverInfo, Feature, OptionSet
 from iommufd_model.hw.iommu import DmaFault
 from iommufd_model.hw.memory import PAGE_SHIFT, PAGE_SIZE
 from iommufd_model.machine import Machine
@@ -171,6 +171,7 @@ class UapiMachine(RuleBasedStateMachine):
     """Subclassed per driver by :func:`machine_for` (class attributes below)."""
 
     driver: ClassVar[str] = ""
+    options: ClassVar[dict[str, Any]] = {}  # the driver's probe options (an OptionSet's)
     registry: ClassVar[DriverRegistry]
     info: ClassVar[DriverInfo]
     base: ClassVar[int] = 1 << 24  # first page of the allowed span, as an IOVA
@@ -179,7 +180,9 @@ class UapiMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         type(self).stats["examples"] += 1
-        self.machine = Machine.build(iommus=[self.driver], registry=self.registry)
+        self.machine = Machine.build(
+            iommus=[self.driver], registry=self.registry, options={self.driver: self.options}
+        )
         self.pdevs = [self.machine.add_pci_device(iommu=0) for _ in range(2)]
         self.proc = self.machine.new_process()
         self.va = self.proc.mmap(NPAGES * PAGE_SIZE)
@@ -836,10 +839,10 @@ class UapiMachine(RuleBasedStateMachine):
 
 
 # -- the test -------------------------------------------------------------------------------
-def _base_for(driver: str, registry: DriverRegistry) -> int:
+def _base_for(driver: str, registry: DriverRegistry, options: dict[str, Any]) -> int:
     """An IOVA span every attach of this driver accepts: 16 MiB if the domain's usable ranges
     cover it, else the first usable 2 MiB-aligned span (asked through IOAS_IOVA_RANGES)."""
-    m = Machine.build(iommus=[driver], registry=registry)
+    m = Machine.build(iommus=[driver], registry=registry, options={driver: options})
     fd = m.new_process().open_iommufd()
     dev_id = fd.bind(m.add_pci_device(iommu=0))
     ioas = fd.ioas_alloc()
@@ -865,16 +868,25 @@ def _database(root: Path | None, driver: str) -> ExampleDatabase | None:
     return ReadOnlyDatabase(db) if os.environ.get("CI") else db
 
 
-def machine_for(driver: str, registry: DriverRegistry) -> type[UapiMachine]:
-    """The machine bound to ``driver`` (a named subclass: one example-database key each)."""
+def machine_for(
+    driver: str, registry: DriverRegistry, option_set: OptionSet = DEFAULT_OPTION_SET
+) -> type[UapiMachine]:
+    """The machine bound to ``driver`` probed with ``option_set``'s options and without the
+    features it lacks (a named subclass: one example-database key each)."""
+    info = registry.drivers[driver].info
+    options = dict(option_set.options)
     attrs_: dict[str, Any] = {
         "driver": driver,
+        "options": options,
         "registry": registry,
-        "info": registry.drivers[driver].info,
-        "base": _base_for(driver, registry),
+        "info": attrs.evolve(info, features=info.features - option_set.lacks),
+        "base": _base_for(driver, registry, options),
         "stats": Counter(),
     }
-    return type(f"UapiMachine_{driver}", (UapiMachine,), attrs_)
+    name = f"UapiMachine_{driver}"
+    if option_set != DEFAULT_OPTION_SET:
+        name += "_" + "".join(c if c.isalnum() else "_" for c in option_set.name)
+    return type(name, (UapiMachine,), attrs_)
 
 
 def test_uapi_machine(
