@@ -114,8 +114,16 @@ def tlb_hits() -> dict[str, float]:
     base = m.memory.alloc_contiguous(BURST) << 12
     plugin.domain_map(domain=domain, iova=0, pa=base, size=BURST * 4096, prot=RW)
     iovas = [i * 4096 for i in range(256)]
+    tlb = hw.tlb  # type: ignore[attr-defined]
+
+    def miss(iova: int) -> object:
+        tlb.flush_all()
+        return hw.translate(dev, iova, None, False)
+
+    miss_rate = rate(miss, iovas)
     hw.translate_run(dev, 0, BURST * 4096, None, False)  # fill the TLB
     return {
+        "hw translate, TLB miss (installed walker)": miss_rate,
         "hw translate, TLB hit": rate(lambda iova: hw.translate(dev, iova, None, False), iovas),
         f"hw translate_run, TLB hits in a {BURST}-page burst": own_loop(
             lambda r: sum(

@@ -169,6 +169,13 @@ def run() -> dict[str, float]:
     hw.translate(dev, 0, None, False)
     hit = rate(lambda i: hw.translate(dev, 0x10, None, False), range(100_000))
     figures["hw translate, IOTLB hit"] = hit
+    iotlb = hw.iotlb  # type: ignore[attr-defined]
+
+    def miss(i: int) -> object:
+        iotlb.flush_all()
+        return hw.translate(dev, (i & 255) << 12, None, False)
+
+    figures["hw translate, IOTLB miss (installed walker)"] = rate(miss, range(256))
     # A burst: one translate_run over BURST 4 KiB IOMMU pages, the IOTLB warm.
     fd.ioas_map(ioas, proc.mmap(BURST << 12), BURST << 12, iova=1 << 32)
     hw.translate_run(dev, 1 << 32, BURST << 12, None, False)

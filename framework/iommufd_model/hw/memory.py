@@ -280,21 +280,29 @@ class PhysicalMemory:
 
     def _gather(self, pa: int, n: int, out: list[bytes | Frame | memoryview]) -> None:
         get = self._pages.get
-        append = out.append
         off = pa & PAGE_MASK
         pfn = pa >> PAGE_SHIFT
-        while n:
+        if off or n < PAGE_SIZE:  # the head, up to the first frame boundary
             chunk = min(n, PAGE_SIZE - off)
             frame = get(pfn)
-            if chunk == PAGE_SIZE:
-                append(_ZERO_PAGE if frame is None else frame)
-            elif frame is None:
-                append(_ZERO_VIEW[off : off + chunk])
+            if frame is None:
+                out.append(_ZERO_VIEW[off : off + chunk])
             else:
-                append(frame_bytes(frame)[off : off + chunk])
+                out.append(frame_bytes(frame)[off : off + chunk])
             pfn += 1
             n -= chunk
-            off = 0
+        whole = n >> PAGE_SHIFT
+        if whole:  # whole frames, looked up in C (map); never-written ones read as zeros
+            frames: list[Frame | None] = list(map(get, range(pfn, pfn + whole)))
+            if None in frames:
+                out.extend(_ZERO_PAGE if frame is None else frame for frame in frames)
+            else:
+                out.extend(frames)  # type: ignore[arg-type]
+            pfn += whole
+            n -= whole << PAGE_SHIFT
+        if n:  # the tail
+            frame = get(pfn)
+            out.append(_ZERO_VIEW[:n] if frame is None else frame_bytes(frame)[:n])
 
     def write(self, pa: int, data: bytes | bytearray | memoryview) -> None:
         """Write ``data`` (any contiguous buffer; it may alias memory) at ``pa``."""

@@ -295,7 +295,10 @@ def _nested(
 ) -> Result:
     """:func:`walk_nested`'s native walk (its walker is the framework's ``walk_x86``), with
     the memory's index and clamped size at hand (a loop of walks fetches them once)."""
-    if pasid >> (9 * (glx + 1)):
+    # Shift counts as ints: ``int >> i64`` would convert the int (which may be any IOVA or
+    # PASID a device sends) to i64 first.
+    pasid_bits: int = 9 * (glx + 1)
+    if pasid >> pasid_bits:
         return NOT_PRESENT, 0, 0, 0, 0
     nested = host_mode != 0
     # The GCR3 table: GLX + 1 levels, level n indexed by PASID bits [9n+8:9n].
@@ -324,7 +327,8 @@ def _nested(
         level -= 1
     if not nested and table + 8 > size:
         return HW_ERROR, table, 0, refs, 0
-    if iova >> (12 + 9 * guest_levels):
+    iova_bits: int = 12 + 9 * guest_levels
+    if iova >> iova_bits:
         return ADDRESS_SIZE, guest_levels - 1, 0, refs, 0
     st, val, shift, r, prot = _guest(
         pages,
