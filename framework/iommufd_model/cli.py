@@ -217,17 +217,24 @@ def compact_number(n: int) -> str:
     return str(n) if n < 10_000 else f"{n // 1000}k" if n < 10_000_000 else f"{n // 10**6}M"
 
 
+def status_text(r: ScenarioResult) -> str:
+    """The cell's label: "unsupported upstream" when Linux 7.2 refuses the feature as well."""
+    return (
+        f"{CELL[r.status]} upstream" if r.status == UNSUPPORTED and r.upstream else CELL[r.status]
+    )
+
+
 def cell_text(r: ScenarioResult) -> str:
     """``pass 0t 96w 3h 5m 0c 4ms``: the status, then the compact costs (none if unsupported)."""
     if r.status == UNSUPPORTED:
-        return CELL[r.status]
+        return status_text(r)
     costs = " ".join(f"{compact_number(r.costs.get(k, 0))}{unit}" for k, unit in COMPACT)
     return f"{CELL[r.status]} {costs} {r.wall_s * 1000:.0f}ms"
 
 
 def reasons(m: Matrix) -> list[str]:
     return [
-        f"{r.scenario} @ {label}: {CELL[r.status]}: {r.detail}"
+        f"{r.scenario} @ {label}: {status_text(r)}: {r.detail}"
         for (_, label), r in m.cells.items()
         if r.status != PASS
     ]
@@ -264,7 +271,7 @@ def render_table(m: Matrix) -> str:
     """The plain matrix: one table, a cell with its costs. A sweep: one table per driver,
     a column per option set and only the status in a cell (the costs are in the JSON/HTML)."""
     if m.sweep:
-        text = {key: CELL[r.status] for key, r in m.cells.items()}
+        text = {key: status_text(r) for key, r in m.cells.items()}
     else:
         text = {key: cell_text(r) for key, r in m.cells.items()}
     lines: list[str] = []
@@ -365,7 +372,7 @@ def _html_table(m: Matrix, cols: list[Column], table_id: str) -> str:
             tds.append(
                 f'<td class="{r.status}" data-scenario="{esc(s.name)}" '
                 f'data-driver="{esc(c.driver)}" data-option-set="{esc(c.option_set.name)}" '
-                f'data-status="{r.status}"><span class="st">{CELL[r.status]}</span>'
+                f'data-status="{r.status}"><span class="st">{status_text(r)}</span>'
                 f'<span class="costs">{costs}</span>{why}</td>'
             )
         rows.append(

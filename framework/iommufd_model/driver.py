@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import errno
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
@@ -105,6 +105,10 @@ class DriverInfo:
     hw_queue_types: frozenset[int] = frozenset()  # IOMMU_HW_QUEUE_TYPE_* the driver accepts
     #: The configurations ``matrix --sweep`` runs besides :data:`DEFAULT_OPTION_SET`.
     option_sets: tuple[OptionSet, ...] = ()
+    #: Features the driver refuses because the Linux 7.2 driver it models refuses them too,
+    #: each with the 7.2 source that shows it: the matrix labels such a refusal "unsupported
+    #: upstream" (a parity fact), apart from a gap of the model.
+    unsupported_upstream: Mapping[Feature, str] = attrs.field(factory=dict)
 
 
 @attrs.define

@@ -60,10 +60,13 @@ class Divergence(Exception):
 class Unsupported(Exception):
     """The driver refused a feature it does not declare, with the errno it gave."""
 
-    def __init__(self, feature: Feature, errno_: int, detail: str = "") -> None:
-        super().__init__(f"{feature.value}: {detail or errno_name(errno_)}")
+    def __init__(self, feature: Feature, errno_: int, detail: str = "", upstream: str = "") -> None:
+        why = detail or errno_name(errno_)
+        super().__init__(f"{feature.value}: {why}" + (f" ({upstream})" if upstream else ""))
         self.feature = feature
         self.errno = errno_
+        #: The Linux 7.2 source that refuses the feature too (empty: a gap of the model).
+        self.upstream = upstream
 
 
 @attrs.frozen
@@ -89,6 +92,8 @@ class ScenarioResult:
     errno: int | None = None
     costs: dict[str, int] = attrs.Factory(dict)
     wall_s: float = 0.0
+    #: For an unsupported cell: the Linux 7.2 source that refuses the feature as well.
+    upstream: str = ""
 
     @property
     def ok(self) -> bool:
@@ -243,8 +248,13 @@ class ScenarioContext:
         try:
             probe()
         except OSError as exc:
-            raise Unsupported(feature, exc.errno or 0, describe_oserror(exc)) from exc
+            raise self.unsupported(feature, exc) from exc
         raise Divergence(f"driver accepted {feature.value} but does not declare it")
+
+    def unsupported(self, feature: Feature, exc: OSError) -> Unsupported:
+        """The refusal ``exc`` of ``feature``, with the 7.2 source when 7.2 refuses it too."""
+        upstream = self.info.unsupported_upstream.get(feature, "")
+        return Unsupported(feature, exc.errno or 0, describe_oserror(exc), upstream)
 
     def driver_type(
         self, feature: Feature, types: frozenset[int], probe: Callable[[int], object], unknown: int
@@ -259,7 +269,7 @@ class ScenarioContext:
         try:
             probe(unknown)
         except OSError as exc:
-            raise Unsupported(feature, exc.errno or 0, describe_oserror(exc)) from exc
+            raise self.unsupported(feature, exc) from exc
         raise Divergence(f"driver accepted {feature.value} type {unknown:#x} it does not declare")
 
     def vm(self, machine: Machine | None = None, **kwargs: Any) -> Vm:
@@ -299,6 +309,7 @@ def run_scenario(
         result.feature = exc.feature.value
         result.errno = exc.errno
         result.detail = str(exc)
+        result.upstream = exc.upstream
     except Divergence as exc:
         result.status = FAIL
         result.detail = str(exc)

@@ -103,6 +103,14 @@ FEATURES = frozenset(
     }
 )
 VIOMMU_TYPES = frozenset({U.IOMMU_VIOMMU_TYPE_ARM_SMMUV3, U.IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV})
+#: What the 7.2 driver refuses as well (the matrix says "unsupported upstream", naming it).
+UNSUPPORTED_UPSTREAM = {
+    api.Feature.HWPT_INVALIDATE: (
+        "Linux 7.2 drivers/iommu/arm/arm-smmu-v3/arm-smmu-v3-iommufd.c: "
+        "arm_smmu_nested_ops has no cache_invalidate_user, so iommufd_hwpt_invalidate gives "
+        "EOPNOTSUPP; a nested HWPT is invalidated through its vIOMMU (arm_vsmmu_cache_invalidate)"
+    ),
+}
 
 
 def smmu_of(iommu: IommuHw) -> SmmuDevice:
@@ -182,6 +190,7 @@ class ArmSmmuV3Driver(PagingDomainOps):
             veventq_types=frozenset({U.IOMMU_VEVENTQ_TYPE_ARM_SMMUV3}),
             hw_queue_types=frozenset({U.IOMMU_HW_QUEUE_TYPE_TEGRA241_CMDQV}),
             option_sets=OPTION_SETS,
+            unsupported_upstream=UNSUPPORTED_UPSTREAM,
         )
 
     @hookimpl
