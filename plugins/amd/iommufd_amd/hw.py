@@ -273,20 +273,27 @@ class AmdIommu(IommuHw):
     ) -> bool:
         """A PCIe Page Request from ``dev``: with the PPR log running and the device's DTE
         V and PPR set, the entry goes to the PPR log tail (PprInt set) and the driver's PPR
-        interrupt runs; otherwise it is dropped (the model does not log INVALID_PPR_REQUEST,
-        event 0x9, yet). Returns whether the request was logged."""
+        interrupt runs. A valid DTE without PPR refuses the request: one INVALID_PPR_REQUEST
+        event (0x9, the request's PASID, tag, flags and page) goes to the event log. Any other
+        request is dropped without a trace (the model's choice: a DTE with V=0, a PPR log that
+        is not running). Returns whether the request reached the PPR log."""
         ring = self.ppr_ring
         dte, _why = self._dte(dev.rid, addr, pasid, write)
-        if ring is None or not self.mmio["STATUS"] & R.ST_PPR_RUN or not (dte.v and dte.ppr):
+        flags = P.request_flags(pasid=pasid, read=read, write=write, exe=exe, user=user)
+        tag = (grpid & 0x1FF) | (P.TAG_LAST if last else 0)
+        page = addr & ~0xFFF
+        if dte.v and not dte.ppr:
+            refused = E.Event(E.INVALID_PPR_REQUEST, dev.rid, pasid or 0, flags, page, tag)
+            self.log_event(refused)
+            return False
+        if ring is None or not self.mmio["STATUS"] & R.ST_PPR_RUN or not dte.v:
             return False
         head = self.mmio["PPR_HEAD"] // R.ENTRY_SIZE
         tail = self.mmio["PPR_TAIL"] // R.ENTRY_SIZE
         if ring.is_full(head, tail):
             self._status_set(R.ST_PPR_OVERFLOW)
             return False
-        flags = P.request_flags(pasid=pasid, read=read, write=write, exe=exe, user=user)
-        tag = (grpid & 0x1FF) | (P.TAG_LAST if last else 0)
-        entry = P.PprEntry(dev.rid, pasid or 0, tag, flags, addr & ~0xFFF)
+        entry = P.PprEntry(dev.rid, pasid or 0, tag, flags, page)
         ring.write(tail, entry.to_bytes())
         self.mmio.set("PPR_TAIL", ((tail + 1) % ring.nentries) * R.ENTRY_SIZE)
         self._status_set(R.ST_PPR_INT)
