@@ -459,20 +459,28 @@ def _json_target(args: argparse.Namespace) -> str | None:
     return value if isinstance(value, str) else ("-" if value else None)
 
 
-def _cmd_matrix(args: argparse.Namespace, reg: DriverRegistry) -> int:
-    json_to = _json_target(args)
-    _check_output("--json", json_to)
-    _check_output("--html", args.html)
+def _columns_asked(args: argparse.Namespace, reg: DriverRegistry) -> list[Column] | None:
+    """The driver configurations ``--driver`` and ``--sweep`` ask for (None, said on stderr,
+    when no driver loads); a bad name or ``--jobs`` with ``--scheduler`` ends the run."""
     if args.scheduler is not None and args.jobs is not None:
         raise SystemExit("iommufd-model: --jobs and --scheduler exclude each other")
     if not reg.drivers:
         _print_problems(reg)
         print("iommufd-model: no driver could be loaded", file=sys.stderr)
-        return 1
+        return None
     broken = {p.name: p.one_line_message() for p in reg.problems}
     drivers = _select(args.driver, sorted(reg.drivers), "driver", broken)
+    return columns(reg, drivers, sweep=args.sweep)
+
+
+def _cmd_matrix(args: argparse.Namespace, reg: DriverRegistry) -> int:
+    json_to = _json_target(args)
+    _check_output("--json", json_to)
+    _check_output("--html", args.html)
+    cols = _columns_asked(args, reg)
+    if cols is None:
+        return 1
     scenarios = _select(args.scenario, list(SCENARIOS), "scenario")
-    cols = columns(reg, drivers, sweep=args.sweep)
     # The sweep is the long run: a pool of one process per CPU unless told otherwise.
     jobs = args.jobs if args.jobs is not None else default_jobs() if args.sweep else 1
     if args.scheduler is not None:
@@ -531,19 +539,13 @@ def _campaign_table(specs: list[ShardSpec], results: list[ShardResult]) -> str:
 def _cmd_campaign(args: argparse.Namespace, reg: DriverRegistry) -> int:
     json_to = _json_target(args)
     _check_output("--json", json_to)
-    if args.scheduler is not None and args.jobs is not None:
-        raise SystemExit("iommufd-model: --jobs and --scheduler exclude each other")
-    if not reg.drivers:
-        _print_problems(reg)
-        print("iommufd-model: no driver could be loaded", file=sys.stderr)
-        return 1
     try:
         machine_module()
     except ShardsUnavailable as exc:
         raise SystemExit(f"iommufd-model: {exc}") from None
-    broken = {p.name: p.one_line_message() for p in reg.problems}
-    drivers = _select(args.driver, sorted(reg.drivers), "driver", broken)
-    cols = columns(reg, drivers, sweep=args.sweep)
+    cols = _columns_asked(args, reg)
+    if cols is None:
+        return 1
     specs = shard_specs(cols, args.shards, args.seed, args.examples, args.steps)
     jobs = args.jobs if args.jobs is not None else default_jobs()
     progress = Progress(len(specs), unit="shards")
@@ -566,6 +568,17 @@ def _cmd_campaign(args: argparse.Namespace, reg: DriverRegistry) -> int:
         print(_campaign_table(specs, results))
         _print_problems(reg)
     return 1 if any(r.status == FAIL for r in results) else 0
+
+
+def _json_file_option(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--json",
+        nargs="?",
+        const="-",
+        default=argparse.SUPPRESS,
+        metavar="FILE",
+        help=f"{what} as JSON, to FILE (the table still prints) or to stdout",
+    )
 
 
 def _executor_options(parser: argparse.ArgumentParser, default_jobs_help: str) -> None:
@@ -639,14 +652,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_matrix.add_argument("--scenario", action="append", metavar="NAME", help="only this one")
     p_matrix.add_argument("--driver", action="append", metavar="NAME", help="only this one")
-    p_matrix.add_argument(
-        "--json",
-        nargs="?",
-        const="-",
-        default=argparse.SUPPRESS,
-        metavar="FILE",
-        help="all cells and costs as JSON, to FILE (the table still prints) or to stdout",
-    )
+    _json_file_option(p_matrix, "all cells and costs")
     p_matrix.add_argument("--html", metavar="FILE", help="write a self-contained HTML report")
     p_matrix.add_argument(
         "--sweep",
@@ -678,14 +684,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_campaign.add_argument(
         "--steps", type=int, default=30, metavar="N", help="steps per example at most (30)"
     )
-    p_campaign.add_argument(
-        "--json",
-        nargs="?",
-        const="-",
-        default=argparse.SUPPRESS,
-        metavar="FILE",
-        help="every shard as JSON, to FILE (the table still prints) or to stdout",
-    )
+    _json_file_option(p_campaign, "every shard")
     _executor_options(p_campaign, "default auto")
     p_campaign.set_defaults(func=_cmd_campaign)
     p_run = sub.add_parser(
