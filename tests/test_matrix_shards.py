@@ -25,6 +25,10 @@ class MisplacingMock(MockDriver):
     """A mock that maps every page one frame too far: DMA reads the wrong user page."""
 
     @hookimpl
+    def domain_map(self, domain: Domain, iova: int, pa: int, size: int, prot: int) -> None:
+        super().domain_map(domain, iova, pa + PAGE_SIZE, size, prot)
+
+    @hookimpl
     def domain_map_pages(
         self, domain: Domain, iova: int, pa: int, pgsize: int, pgcount: int, prot: int
     ) -> None:
