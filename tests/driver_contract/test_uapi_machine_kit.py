@@ -2,7 +2,9 @@
 
 The machine lives in the conformance kit (``iommufd_model/testing/suite``); this runs the kit
 in a subprocess with the repository's example database (``tests/corpus/uapi_machine``,
-read-only under CI) and fails if any driver did not run it to a pass.
+read-only unless ``IOMMUFD_MODEL_GROW_CORPUS=1``: hypothesis drops saved examples that no
+longer fail, so a writable run would delete committed files) and fails if any driver did not
+run it to a pass.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ def test_uapi_machine_every_driver(tmp_path: Path) -> None:
         PYTEST_DISABLE_PLUGIN_AUTOLOAD="1",
         IOMMUFD_MODEL_EXAMPLE_DB=str(CORPUS),
     )
+    # The kit opens the database read-only when CI is set; only a deliberate grow run writes.
+    env["CI"] = "" if os.environ.get("IOMMUFD_MODEL_GROW_CORPUS") == "1" else "1"
     args = [f"--iommu-driver={d}" for d in DRIVERS]
     res = subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "iommufd_model.testing",
