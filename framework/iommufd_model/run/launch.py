@@ -164,7 +164,7 @@ def run_program(
     child_env["IOMMUFD_MODEL_RUN"] = run
     if bdfs:
         child_env.setdefault("VFIO_SELFTESTS_BDF", bdfs[0])
-    child_env["IOMMUFD_MODEL_PATHS"] = ":".join(dict.fromkeys(prefix for prefix, _ in openers))
+    child_env["IOMMUFD_MODEL_PATHS"] = "\n".join(dict.fromkeys(prefix for prefix, _ in openers))
     with tempfile.TemporaryDirectory(prefix="iommufd-model-run-") as tmp:
         debugfs = Path(tmp, "debugfs")
         for rel in _DEBUGFS_FILES:
@@ -177,7 +177,7 @@ def run_program(
                 view = SysfsView(machine, Path(tmp, "sysfs"), *sysfs)
                 server.openers.append(view.open)
                 child_env["IOMMUFD_MODEL_VIEW"] = str(view.root)
-                child_env["IOMMUFD_MODEL_VIEW_PREFIXES"] = ":".join(view.prefixes())
+                child_env["IOMMUFD_MODEL_VIEW_PREFIXES"] = "\n".join(view.prefixes())
             proc = subprocess.Popen(
                 list(argv),
                 env=child_env,

@@ -70,7 +70,8 @@ static size_t server_len;
 static char file_prefix[108];
 static size_t file_prefix_len;
 static char debugfs[4096];
-/* ':' separated path prefixes from the environment */
+/* newline-separated path prefixes from the environment (sysfs names such as
+ * /sys/devices/pci0000:01 contain ':', so ':' cannot separate them) */
 #define MAX_PREFIXES 8
 struct prefixes {
 	char text[1024];
@@ -102,7 +103,7 @@ static void parse_prefixes(const char *env, struct prefixes *out)
 		return;
 	p = strcpy(out->text, env);
 	while (*p && out->n < MAX_PREFIXES) {
-		char *end = strchr(p, ':');
+		char *end = strchr(p, '\n');
 
 		if (end)
 			*end = 0;
