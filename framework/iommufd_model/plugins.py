@@ -59,7 +59,7 @@ class DriverRegistry:
 
     def __init__(self) -> None:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
-        self.pm.add_hookspecs(hookspecs)
+        self.pm.add_hookspecs(DriverHooks)
         self.drivers: dict[str, DriverEntry] = {}
         self.problems: list[PluginProblem] = []
         self._routes: dict[str, DriverHooks] = {}

@@ -1,11 +1,11 @@
-"""The typed facade (``iommufd_model.hooks.DriverHooks``) and the hookspecs agree, and the
-facade gives a missing hook the meaning the contract documents."""
+"""The typed facade (``iommufd_model.hooks.DriverHooks``) is the hookspec namespace: each
+public method is a hookspec and calls its own hook with its own arguments; the facade gives a
+missing hook the meaning the contract documents."""
 
 from __future__ import annotations
 
 import errno
 import inspect
-from collections.abc import Callable
 
 import pluggy
 import pytest
@@ -24,28 +24,53 @@ from iommufd_model.uapi import iommufd as U
 RW = 3
 SPECS = {
     name: fn
-    for name, fn in vars(hookspecs).items()
+    for name, fn in vars(DriverHooks).items()
     if callable(fn) and hasattr(fn, hookspecs.PROJECT + "_spec")
 }
 FACADE_HELPERS = {"takes"}  # the facade's one public method that is no hook
 
 
-def _params(fn: Callable[..., object]) -> list[tuple[str, object, object]]:
-    sig = inspect.signature(fn)
-    return [(p.name, p.kind, p.annotation) for p in sig.parameters.values() if p.name != "self"]
-
-
-def test_facade_has_one_method_per_hookspec() -> None:
+def test_every_public_facade_method_is_a_hookspec() -> None:
     public = {n for n, v in vars(DriverHooks).items() if callable(v) and not n.startswith("_")}
     assert public - FACADE_HELPERS == set(SPECS)
     assert len(SPECS) == 26
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(DriverHooks)
+    for name, fn in SPECS.items():
+        params = [p for p in inspect.signature(fn).parameters if p != "self"]
+        assert getattr(pm.hook, name).spec.argnames == tuple(params), name
+
+
+class Reached(Exception):
+    """Raised by a recording hook implementation: which hook, with which arguments."""
+
+    def __init__(self, hook: str, args: dict[str, object]) -> None:
+        super().__init__(hook)
+        self.hook, self.given = hook, args
+
+
+def _recorder(name: str) -> object:
+    """A plugin implementing only ``name``, with the hookspec's arguments, that raises
+    :class:`Reached` with what it was given (pluggy reads argument names from the code
+    object, so the function is compiled with them)."""
+    params = [p for p in inspect.signature(SPECS[name]).parameters if p != "self"]
+    src = f"def {name}(self, {', '.join(params)}):\n    raise Reached({name!r}, dict(locals()))"
+    scope: dict[str, object] = {"Reached": Reached}
+    exec(src, scope)
+    return type("Recorder", (), {name: hookimpl(scope[name])})()
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))
-def test_facade_signature_is_the_hookspecs(name: str) -> None:
-    spec, method = SPECS[name], getattr(DriverHooks, name)
-    assert _params(method) == _params(spec)
-    assert inspect.signature(method).return_annotation == inspect.signature(spec).return_annotation
+def test_each_facade_method_calls_its_own_hook_with_its_arguments(name: str) -> None:
+    """The facade method ``name`` reaches the driver's ``name`` and passes every argument
+    under its own name (a swapped or misnamed keyword in a facade body fails here)."""
+    params = [p for p in inspect.signature(SPECS[name]).parameters if p != "self"]
+    values = {p: object() for p in params}
+    hooks = _hooks(_recorder(name))
+    with pytest.raises(Reached) as reached:
+        getattr(hooks, name)(**values)
+    assert reached.value.hook == name
+    assert {k: v for k, v in reached.value.given.items() if k != "self"} == values
 
 
 def test_the_design_cards_five_hooks_are_hookspecs() -> None:
@@ -56,7 +81,7 @@ def test_the_design_cards_five_hooks_are_hookspecs() -> None:
 
 def _hooks(plugin: object) -> DriverHooks:
     pm = pluggy.PluginManager(hookspecs.PROJECT)
-    pm.add_hookspecs(hookspecs)
+    pm.add_hookspecs(DriverHooks)
     pm.register(plugin)
     return DriverHooks(pm, plugin, "test")
 
