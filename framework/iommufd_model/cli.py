@@ -625,6 +625,10 @@ def _global_options(parser: argparse.ArgumentParser, *, sub: bool) -> None:
     )
 
 
+def _version_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--version", action="version", version=f"iommufd-model {__version__}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="iommufd-model",
@@ -632,7 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _version_option(parser)
     _global_options(parser, sub=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p_drivers = sub.add_parser(
@@ -724,6 +728,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_run.add_argument("program", nargs=argparse.REMAINDER, metavar="-- PROGRAM [ARGS...]")
     p_run.set_defaults(func=_cmd_run)
+    for p in sub.choices.values():  # --version is global too: accepted after the subcommand
+        _version_option(p)
     return parser
 
 

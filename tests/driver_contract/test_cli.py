@@ -202,10 +202,11 @@ def test_invalid_hooks_reported_on_one_line(capsys: pytest.CaptureFixture[str]) 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     from importlib.metadata import version
 
-    with pytest.raises(SystemExit) as exc:
-        cli.main(["--version"], _reg())
-    assert exc.value.code == 0
-    assert capsys.readouterr().out == f"iommufd-model {version('iommufd-model')}\n"
+    for argv in (["--version"], ["drivers", "--version"], ["matrix", "--version"]):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(argv, _reg())
+        assert exc.value.code == 0
+        assert capsys.readouterr().out == f"iommufd-model {version('iommufd-model')}\n"
 
 
 def test_help_is_for_users(capsys: pytest.CaptureFixture[str]) -> None:
