@@ -218,7 +218,7 @@ def test_vm_close_releases_everything() -> None:
         gdev = g.add_device(dev, 3)
         dom = g.attach(gdev)
         g.map(dom, IOVA, vm.alloc_buffer(PAGE), PAGE)
-        g.alloc_veventq()
+        g.vmm.alloc_veventq()
         assert m.memory.frames_in_use > frames
     assert vm.closed and dev.bound_to is None
     assert m.memory.frames_in_use == frames

@@ -64,7 +64,7 @@ def test_gcr3_outside_guest_ram_faults_into_the_guests_log() -> None:
     gd.gcr3 = 1 << 40  # beyond guest RAM
     vm.memory.write(g.devtab + 0x21 * DTE_SIZE, gd.to_bytes())
     vm.trap("gDTE")
-    g._install_gdte(0x21)
+    g.vmm._install_gdte(0x21)
     g.invalidate(dom)  # the guest flushes its gDomID after changing the gDTE
     with pytest.raises(im.DmaFault):
         dev.dma_read(IOVA, 8)

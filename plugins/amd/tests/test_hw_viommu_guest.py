@@ -76,7 +76,7 @@ def test_hw_viommu_counts_and_guest_state() -> None:
     _m, vm, g, dev = boot(True)
     gdev = g.add_device(dev, 3)
     dom = g.attach(gdev)
-    slot = g.irq.slot
+    slot = g.vmm.irq.slot
     before = (slot.commands, vm.stats.traps, vm.stats.forwarded)
     for _ in range(10):
         g.invalidate(dom, IOVA, PAGE)
@@ -110,7 +110,7 @@ def test_fault_goes_to_the_guest_log_with_the_guest_devid_and_to_the_veventq() -
     m, _vm, g, dev = boot(True)
     gdev = g.add_device(dev, 0x33)
     g.attach(gdev)
-    g.alloc_veventq()
+    g.vmm.alloc_veventq()
     host_tail = m.iommus[0].mmio["EVT_TAIL"]
     with pytest.raises(im.DmaFault):
         dev.dma_write(IOVA, b"x")
@@ -119,7 +119,7 @@ def test_fault_goes_to_the_guest_log_with_the_guest_devid_and_to_the_veventq() -
         (E.IO_PAGE_FAULT, 0x33, IOVA, True)
     ]
     assert evs[0].tag == g.devs[0x33].gdom  # the guest's DomainID, not the host's
-    assert g.read_veventq() == evs
+    assert g.vmm.read_veventq() == evs
     assert m.iommus[0].mmio["EVT_TAIL"] == host_tail  # the host log never saw it
 
 
@@ -127,7 +127,7 @@ def test_mediated_fault_reaches_the_guest_through_the_veventq() -> None:
     m, _vm, g, dev = boot(False)
     gdev = g.add_device(dev, 0x34)
     g.attach(gdev)
-    g.alloc_veventq()
+    g.vmm.alloc_veventq()
     with pytest.raises(im.DmaFault):
         dev.dma_read(IOVA, 4)
     evs = g.events()
@@ -146,15 +146,15 @@ def test_unvirtualisable_command_traps_to_the_vmm_and_is_never_executed() -> Non
     dev.dma_read(IOVA, 4)
     assert hw.iotlb.lookup((dom_hdom(g, vm, 2), 0), IOVA) is not None
     # Without a VMM handler the processor stalls on INVALIDATE_IOMMU_ALL: nothing flushed.
-    g.irq.set_notify(None)
+    g.vmm.irq.set_notify(None)
     g.submit([C.inv_all()])
-    slot = g.irq.slot
+    slot = g.vmm.irq.slot
     assert slot.stalled and hw.mmio["VIOMMU_STATUS"] & R.VST_CMD_TRAP
     assert hw.iotlb.lookup((dom_hdom(g, vm, 2), 0), IOVA) is not None
     # The VMM's handler emulates it as this guest's invalidations, then resumes (one trap).
     traps = vm.stats.traps
-    g.irq.set_notify(g._hw_trap)
-    g._hw_trap(slot)
+    g.vmm.irq.set_notify(g.vmm._hw_trap)
+    g.vmm._hw_trap(slot)
     assert vm.stats.traps == traps + 1 and vm.stats.by_kind["VCMD_TRAP"] == 1
     assert not slot.stalled and not hw.mmio["VIOMMU_STATUS"] & R.VST_CMD_TRAP
     assert hw.iotlb.lookup((dom_hdom(g, vm, 2), 0), IOVA) is None
@@ -163,7 +163,7 @@ def test_unvirtualisable_command_traps_to_the_vmm_and_is_never_executed() -> Non
 
 
 def dom_hdom(g: GuestAmd, vm: Vm, gdevid: int) -> int:
-    return int(vm.fd.objects.get(g.hwpts[gdevid]).domain.ginfo.hdom_id)
+    return int(vm.fd.objects.get(g.vmm.hwpts[gdevid]).domain.ginfo.hdom_id)
 
 
 def test_illegal_guest_command_stops_the_guest_processor_only() -> None:

@@ -56,7 +56,7 @@ class World:
             self.pages.append((p1, p2))
         a = self.vms[0]
         self.a_pfns = {a.vmm.translate(a.ram_va + off) for off in range(0, RAM, PAGE)}
-        slot = self.g[0].irq.slot if self.g[0].irq is not None else None
+        slot = self.g[0].vmm.irq.slot if self.g[0].vmm.irq is not None else None
         self.a_gid = slot.gid if slot is not None else a.fd.objects.get(self.g[0].viommu_id).drv.gid
 
     def victim_stale(self) -> None:
