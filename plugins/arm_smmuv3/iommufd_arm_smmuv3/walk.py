@@ -64,18 +64,6 @@ _NATIVE_MAX: Final = (1 << 62) - 1
 _MAX_IA: Final = 52
 
 
-def set_af(pages: Pages, pa: int, desc: int) -> None:
-    """Hardware access-flag update (CD.HA / STE.S2HA): write the descriptor back with AF."""
-    store_desc(pages, pa, desc | DESC_AF)
-
-
-def store_desc(pages: Pages, pa: int, value: int) -> None:
-    """A hardware update of the descriptor at ``pa`` (AF set, or AP[2] cleared by HD)."""
-    page = pages.get(pa >> 12)
-    if page is not None:
-        page[(pa & 0xFFF) >> 3] = value - (1 << 64) if value >> 63 else value
-
-
 def _words(pages: Pages) -> Words:
     """The index beside ``pages`` (``Frames.words``), or an empty one for a plain dict."""
     words: Words | None = getattr(pages, "words", None)
@@ -107,10 +95,25 @@ def _in_dict(pages: Pages, slot: i64) -> i64:
     return found
 
 
+def _store(pages: Pages, words: Words, slot: i64, value: i64) -> None:
+    """A hardware update of the descriptor at ``slot`` (AF set, or AP[2] cleared by HD); the
+    walk has just read it, so its frame exists."""
+    pfn: i64 = slot >> 12
+    at: i64 = (slot & 0xFFF) >> 3
+    if 0 <= pfn < len(words):
+        words[pfn][at] = value
+        return
+    got = pages.get(pfn)
+    if got is not None:
+        got[at] = value
+
+
 def _mask(bits: i64) -> i64:
-    """``(1 << bits) - 1`` for 0 <= bits < 63 (mypyc would shift a 32-bit C literal)."""
-    ones: i64 = 0x7FFF_FFFF_FFFF_FFFF
-    return ones >> (63 - bits)
+    """``(1 << bits) - 1`` for 0 <= bits <= 62. Built from ``_NATIVE_MAX``, a short int that
+    mypyc inlines as a C literal: ``1 << bits`` on native ints shifts a 32-bit C literal
+    (wrong from bit 31 up), and a wider literal (``(1 << 63) - 1``) is a boxed constant that
+    every call converts again."""
+    return _NATIVE_MAX >> (62 - bits)
 
 
 def walk_s2(
@@ -141,6 +144,14 @@ def _clamp(mem_size: int) -> i64:
     return mem_size if mem_size <= _NATIVE_MAX else _NATIVE_MAX
 
 
+def _index_mask(level: i64, start: i64, ia_bits: i64, shift: i64) -> i64:
+    """The index bits of a level: 9, or at the start level what the input size leaves (its
+    table may be shorter than 512 entries, or several concatenated tables)."""
+    if level == start:
+        return _mask(ia_bits - shift)
+    return 0x1FF
+
+
 def _s2(
     pages: Pages,
     words: Words,
@@ -159,8 +170,7 @@ def _s2(
     level: i64 = start_level
     while True:
         shift: i64 = 12 + 9 * (3 - level)
-        bits: i64 = ia_bits - shift if level == start_level else 9
-        slot: i64 = table + ((ipa >> shift) & _mask(bits)) * 8
+        slot: i64 = table + ((ipa >> shift) & _index_mask(level, start_level, ia_bits, shift)) * 8
         if slot + 8 > mem_size or slot < 0:
             return F_WALK_EABT, slot, 0, refs, 0, level
         desc = _desc(pages, words, slot)
@@ -216,7 +226,9 @@ def walk_s1(
     A stage-2 fault reports ``s2 = 1``, the refused ``ipa`` and ``cls`` (CLASS_TT / CLASS_IN).
     ``refs`` counts every descriptor read of both stages.
     """
-    return _walk_s1(
+    if ia_bits > _MAX_IA or (nested and s2_ia_bits > _MAX_IA) or va >> ia_bits:
+        return F_TRANSLATION, 0, 0, 0, 0, _start(ia_bits), 0, 0, CLASS_IN
+    return _s1(
         pages,
         _words(pages),
         _clamp(mem_size),
@@ -237,49 +249,9 @@ def walk_s1(
     )
 
 
-def _walk_s1(
-    pages: Pages,
-    words: Words,
-    mem_size: i64,
-    ttb: int,
-    va: int,
-    ia_bits: int,
-    oa_bits: int,
-    write: bool,
-    affd: bool,
-    ha: bool,
-    nested: bool,
-    s2_ttb: int,
-    s2_ia_bits: int,
-    s2_start: int,
-    s2_oa_bits: int,
-    s2_affd: bool,
-    hd: bool,
-) -> tuple[int, int, int, int, int, int, int, int, int]:
-    """:func:`walk_s1` with the memory's index and clamped size at hand (a loop of walks
-    fetches them once)."""
-    start = 4 - (ia_bits - 12 + 8) // 9
-    if ia_bits > _MAX_IA or (nested and s2_ia_bits > _MAX_IA) or va >> ia_bits:
-        return F_TRANSLATION, 0, 0, 0, 0, start, 0, 0, CLASS_IN
-    return _s1(
-        pages,
-        words,
-        mem_size,
-        ttb,
-        va,
-        ia_bits,
-        oa_bits,
-        write,
-        affd,
-        ha,
-        nested,
-        s2_ttb,
-        s2_ia_bits,
-        s2_start,
-        s2_oa_bits,
-        s2_affd,
-        hd,
-    )
+def _start(ia_bits: i64) -> i64:
+    """The stage-1 start level of an input size (48 bits: level 0; 39 bits: level 1)."""
+    return 4 - (ia_bits - 12 + 8) // 9
 
 
 def _s1(
@@ -302,7 +274,7 @@ def _s1(
     hd: bool,
 ) -> tuple[int, int, int, int, int, int, int, int, int]:
     """:func:`walk_s1` on native ints, ``va`` already inside the input size."""
-    start: i64 = 4 - (ia_bits - 12 + 8) // 9
+    start: i64 = _start(ia_bits)
     refs: i64 = 0
     table: i64 = ttb
     level: i64 = start
@@ -310,8 +282,7 @@ def _s1(
     rdonly = False
     while True:
         shift: i64 = 12 + 9 * (3 - level)
-        bits: i64 = ia_bits - shift if level == start else 9
-        slot: i64 = table + ((va >> shift) & _mask(bits)) * 8
+        slot: i64 = table + ((va >> shift) & _index_mask(level, start, ia_bits, shift)) * 8
         if nested:
             if slot >> s2_ia_bits:
                 return F_TRANSLATION, 0, 0, refs, 0, s2_start, 1, slot, CLASS_TT
@@ -343,7 +314,7 @@ def _s1(
                 return F_ADDR_SIZE, 0, 0, refs, 0, level, 0, 0, CLASS_IN
             if desc & S1_APTABLE_NOUNPRIV:
                 unpriv = False
-            if desc & S1_APTABLE_RDONLY:
+            if desc >> 62 & 1:  # S1_APTABLE_RDONLY (1 << 62 is no C literal for mypyc)
                 rdonly = True
             level += 1
             continue
@@ -356,7 +327,7 @@ def _s1(
         if not desc & DESC_AF:
             if ha:
                 desc |= DESC_AF
-                store_desc(pages, slot, desc)
+                _store(pages, words, slot, desc)
             elif not affd:
                 return F_ACCESS, 0, 0, refs, 0, level, 0, 0, CLASS_IN
         # Device DMA is an unprivileged access: it needs AP[1] all the way down.
@@ -364,7 +335,7 @@ def _s1(
         if unpriv and desc & S1_AP_UNPRIV:
             prot = PROT_R if rdonly or desc & S1_AP_RDONLY else PROT_R | PROT_W
             if write and hd and not rdonly and desc & S1_DBM and desc & S1_AP_RDONLY:
-                store_desc(pages, slot, desc & ~S1_AP_RDONLY)  # writable-clean -> dirty
+                _store(pages, words, slot, desc & ~S1_AP_RDONLY)  # writable-clean -> dirty
                 prot = PROT_R | PROT_W
         if not prot & (PROT_W if write else PROT_R):
             return F_PERMISSION, 0, 0, refs, prot, level, 0, 0, CLASS_IN
@@ -389,17 +360,10 @@ def _s1(
         if st != OK:
             return st, pa, 0, refs, prot & prot2, lvl2, 1, ipa, CLASS_IN
         # A combined TLB entry covers the smaller of the two pages.
-        return (
-            OK,
-            pa,
-            shift if shift < shift2 else shift2,
-            refs,
-            prot & prot2,
-            level,
-            0,
-            0,
-            CLASS_IN,
-        )
+        combined: i64 = shift2
+        if shift < combined:
+            combined = shift
+        return OK, pa, combined, refs, prot & prot2, level, 0, 0, CLASS_IN
 
 
 def bench_s1(
@@ -407,33 +371,7 @@ def bench_s1(
 ) -> int:
     """Benchmark driver: ``rounds`` passes of stage-1 read walks over ``vas`` in this module's
     own loop (compiled, like a C reference's); returns how many succeeded."""
-    words = _words(pages)  # found once, as the C reference finds its memory
-    size = _clamp(mem_size)
-    ok = 0
-    for _ in range(rounds):
-        for va in vas:
-            res = _walk_s1(
-                pages,
-                words,
-                size,
-                ttb,
-                va,
-                ia_bits,
-                48,
-                False,
-                False,
-                False,
-                False,
-                0,
-                0,
-                0,
-                0,
-                False,
-                False,
-            )
-            if res[0] == OK:
-                ok += 1
-    return ok
+    return _bench(pages, mem_size, ttb, vas, ia_bits, rounds, False, 0)
 
 
 def bench_nested(
@@ -446,12 +384,31 @@ def bench_nested(
     rounds: int,
 ) -> int:
     """Benchmark driver: :func:`bench_s1` for nested walks (stage 2 at level 0, 48 bits)."""
+    return _bench(pages, mem_size, ttb, vas, ia_bits, rounds, True, s2_ttb)
+
+
+def _bench(
+    pages: Pages,
+    mem_size: int,
+    ttb: i64,
+    vas: vec[i64],
+    ia_bits: i64,
+    rounds: i64,
+    nested: bool,
+    s2_ttb: i64,
+) -> int:
+    """The drivers' loop: :func:`walk_s1`'s read walks (48-bit output and stage-2 sizes), the
+    memory's index and size found once, as the C reference finds its memory."""
     words = _words(pages)
     size = _clamp(mem_size)
-    ok = 0
+    ok: i64 = 0
+    if ia_bits > _MAX_IA:  # walk_s1's own check: every walk faults
+        return 0
     for _ in range(rounds):
         for va in vas:
-            res = _walk_s1(
+            if va >> ia_bits:  # walk_s1's own check of the input size
+                continue
+            res = _s1(
                 pages,
                 words,
                 size,
@@ -462,7 +419,7 @@ def bench_nested(
                 False,
                 False,
                 False,
-                True,
+                nested,
                 s2_ttb,
                 48,
                 0,

@@ -13,6 +13,8 @@ from iommufd_arm_smmuv3 import walk as W
 from iommufd_arm_smmuv3.guest import IpaFrames, stage1_tables
 from iommufd_arm_smmuv3.hw import WALKER
 from iommufd_arm_smmuv3.pgtable import Stage1Format, Stage2Format
+from librt.vecs import vec
+from mypy_extensions import i64
 
 from iommufd_model.driver import IOMMU_READ, IOMMU_WRITE
 from iommufd_model.hw.compiled import is_compiled, load_pure, load_walker
@@ -221,3 +223,136 @@ def test_compiled_and_pure_agree_on_a_random_workload(mem: PhysicalMemory) -> No
             assert (c[0] == W.OK) == isinstance(ref, WalkResult)
             if isinstance(ref, WalkResult):
                 assert (c[1], c[2], c[3]) == (ref.pa, ref.shift, ref.mem_refs)
+
+
+def _mutated_tables(seed: int) -> tuple[PhysicalMemory, int, int, int, list[int], list[int]]:
+    """Flat and nested stage-1 tables (4 KiB pages, 2 MiB and 1 GiB blocks) whose descriptors
+    are then damaged at random, at every level: cleared AF, AP / S2AP bits, APTable bits, DBM,
+    table bits, output addresses above 48 bits, invalid entries. Built from ``seed`` alone, so
+    that two calls give equal memories. Returns the memory, the flat root, the nested stage-1
+    root, the stage-2 root, the descriptor addresses that were damaged and the addresses of
+    the mapped pages and blocks."""
+    rng = random.Random(seed)
+    mem = PhysicalMemory(1 << 40)
+    s2pt, s1pt, _guest = nested_setup(mem)
+    flat = RadixPageTable(mem, Stage1Format())
+    mapped = []
+    for _ in range(40):
+        size = rng.choice([4096, 1 << 21, 1 << 30])
+        va = rng.randrange(0, 1 << 48, size)
+        mapped.append(va + rng.randrange(0, min(size, 1 << 21), 8))
+        ipa = G + rng.randrange(0, 1 << 24, min(size, 1 << 21))
+        with contextlib.suppress(OSError):
+            flat.map(va, rng.randrange(0, 1 << 39, size), size, RW)
+        if size < 1 << 30:
+            with contextlib.suppress(OSError):
+                s1pt.map(va, ipa, min(size, 1 << 21), RW)
+    bits = [0, 1, 6, 7, 10, 47, 51, 61, 62, 63]
+    damaged = []
+    for pfn in sorted(mem._pages):
+        for at, word in enumerate(mem._pages[pfn]):
+            if word & W.DESC_VALID and rng.random() < 0.3:
+                slot = (pfn << 12) + at * 8
+                mem.write_u64(slot, mem.read_u64(slot) ^ (1 << rng.choice(bits)))
+                damaged.append(slot)
+    return mem, flat.root, s1pt.root, s2pt.root, damaged, mapped
+
+
+def _frames(mem: PhysicalMemory) -> dict[int, list[int]]:
+    return {pfn: list(frame) for pfn, frame in mem._pages.items()}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_compiled_and_pure_agree_on_damaged_tables_with_af_and_dirty_updates(seed: int) -> None:
+    """Faults at every level, high and non-canonical inputs (bit 63 set, beyond 2**64 - 1),
+    input sizes that start the walk at level 0, 1 or 2, blocks, and the hardware AF (HA) and
+    dirty-state (HD) updates: the compiled walker gives the pure source's answers and leaves
+    the same words in memory."""
+    mems = {}
+    for walker in (compiled, pure):
+        mem, flat_root, s1_root, s2_root, damaged, mapped = _mutated_tables(seed)
+        mems[walker] = (mem, flat_root, s1_root, s2_root, damaged)
+    rng = random.Random(100 + seed)
+    first = mems[compiled]
+    vas = [rng.randrange(0, 1 << 48) for _ in range(100)] + mapped * 6
+    vas += [(1 << 63) | 0x1000, (1 << 64) - 4096, 1 << 64, 1 << 52, (1 << 48) - 1]
+    statuses: set[tuple[int, int, int]] = set()
+    for va in vas:
+        ia = rng.choice([48, 48, 39, 30, 52, 53])
+        oa = rng.choice([48, 44, 40])
+        write = rng.random() < 0.5
+        affd, ha, hd = (rng.random() < 0.3 for _ in range(3))
+        nest = rng.random() < 0.4
+        results = []
+        for walker in (compiled, pure):
+            mem, flat_root, s1_root, s2_root, _damaged = mems[walker]
+            root = s1_root if nest else flat_root
+            results.append(
+                walker.walk_s1(  # type: ignore[attr-defined]
+                    mem._pages,
+                    mem.size,
+                    root,
+                    va,
+                    ia,
+                    oa,
+                    write,
+                    affd,
+                    ha,
+                    nest,
+                    s2_root,
+                    48,
+                    0,
+                    48,
+                    affd,
+                    hd,
+                )
+            )
+        assert results[0] == results[1], (hex(va), ia, write, affd, ha, hd, nest)
+        statuses.add((results[0][0], results[0][5], results[0][6]))
+    assert _frames(first[0]) == _frames(mems[pure][0])
+    assert first[4]  # descriptors were damaged: the walks met faults at many levels
+    faults = {st for st, _level, _s2 in statuses} - {W.OK}
+    assert W.OK in {st for st, _level, _s2 in statuses} and len(faults) >= 3
+
+
+@pytest.mark.parametrize("nest", [False, True])
+def test_bench_drivers_walk_as_walk_s1(nest: bool) -> None:
+    """The own-loop drivers apply walk_s1's checks and rules: as many walks succeed as
+    walk_s1 says, on damaged tables and with inputs beyond the input size."""
+    mem, flat_root, s1_root, s2_root, _damaged, mapped = _mutated_tables(9)
+    rng = random.Random(5)
+    vas = [rng.randrange(0, 1 << 49) for _ in range(100)] + mapped + [-4096, 1 << 62]
+    for walker in (compiled, pure):
+        for ia in (48, 39, 53):
+            root = s1_root if nest else flat_root
+            want = sum(
+                walker.walk_s1(  # type: ignore[attr-defined]
+                    mem._pages,
+                    mem.size,
+                    root,
+                    va & ((1 << 64) - 1),
+                    ia,
+                    48,
+                    False,
+                    False,
+                    False,
+                    nest,
+                    s2_root,
+                    48,
+                    0,
+                    48,
+                    False,
+                    False,
+                )[0]
+                == W.OK
+                for va in vas
+            )
+            if nest:
+                got = walker.bench_nested(  # type: ignore[attr-defined]
+                    mem._pages, mem.size, root, s2_root, vec[i64](vas), ia, 2
+                )
+            else:
+                got = walker.bench_s1(  # type: ignore[attr-defined]
+                    mem._pages, mem.size, root, vec[i64](vas), ia, 2
+                )
+            assert got == 2 * want
