@@ -18,7 +18,7 @@ BEYOND = 1 << 40  # inside every address width, far beyond the machine's memory
 
 def test_smmuv3_guest_cfgi_ste_of_unknown_vsid_is_a_no_op() -> None:
     """The VMM's CMDQ emulation raised KeyError for a CFGI_STE naming a vSID without a
-    passed-through device (guest.py _install_vste)."""
+    passed-through device (vsmmu.py _install_vste)."""
     w = GuestWorld("arm_smmuv3")
     w.g._issue([C.cfgi_ste(0x2961_0C9F), C.cfgi_ste(0)])
     assert w.dev.dma_read(IOVA, 8) == bytes(8)

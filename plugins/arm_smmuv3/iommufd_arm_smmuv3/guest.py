@@ -1,13 +1,13 @@
-"""The guest side: what a guest's arm-smmu-v3 driver writes, and the VMM's vSMMU emulation.
+"""The guest side of SMMUv3: what a guest's arm-smmu-v3 driver writes.
 
 Guest structures live in guest RAM (any :class:`~iommufd_model.hw.memory.FrameMemory`, for a
 VM its :class:`~iommufd_model.vmm.GuestMemory`): stage-1 tables built with the framework's
 radix engine, CDs, a linear guest stream table of vSTEs and the guest's command queue.
 
-:class:`GuestSmmuv3` is the framework's :class:`~iommufd_model.vmm.GuestIommu` for SMMUv3.
-The VMM traps every write of the emulated CMDQ_PROD: CFGI_STE becomes a nested HWPT built
-from the vSTE and an attach; invalidations are forwarded with IOMMU_HWPT_INVALIDATE on the
-vIOMMU; CMD_SYNC completes in the emulation. With ``accelerated`` the vIOMMU is a Tegra241
+:class:`GuestSmmuv3` is the framework's :class:`~iommufd_model.vmm.GuestIommu` for SMMUv3:
+the guest driver, with the VMM's vSMMU it talks to,
+:class:`iommufd_arm_smmuv3.vsmmu.VirtualSmmuv3` (``GuestSmmuv3.vmm``), reached only through
+its registers: every CMDQ_PROD write traps. With ``accelerated`` the vIOMMU is a Tegra241
 CMDQV VINTF: the guest's invalidations go to a VCMDQ in guest RAM that the hardware consumes
 directly (only configuration changes still trap).
 """
@@ -15,7 +15,7 @@ directly (only configuration changes still trap).
 from __future__ import annotations
 
 import errno
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from iommufd_arm_smmuv3 import commands as C
 from iommufd_arm_smmuv3.cd import CD_SIZE, IRGN_WBWA, Cd
@@ -30,12 +30,12 @@ from iommufd_arm_smmuv3.ste import (
     STE_SIZE,
     Ste,
 )
+from iommufd_arm_smmuv3.vsmmu import GUEST_CMDQ_LOG2, VintfWindow, VirtualSmmuv3
 from iommufd_model.driver import IOMMU_READ, IOMMU_WRITE
 from iommufd_model.errors import err
 from iommufd_model.hw.bits import pack
 from iommufd_model.hw.memory import PAGE_SHIFT, PAGE_SIZE, FrameMemory, PhysicalMemory
 from iommufd_model.hw.radix import RadixPageTable
-from iommufd_model.uapi import iommufd as U
 from iommufd_model.vmm.guest import GuestDevice, GuestDomain, GuestIommu
 
 if TYPE_CHECKING:
@@ -44,22 +44,7 @@ if TYPE_CHECKING:
     from iommufd_model.vmm.vm import Vm
 
 GUEST_STRTAB_PAGES = 4  # a linear guest stream table for vSIDs 0..255
-GUEST_CMDQ_LOG2 = 8  # 256 commands in one page
 GUEST_CDMAX = 6  # the guest driver's linear CD table: one page, 64 substreams
-VCMDQ_BYTES = PAGE_SIZE
-
-
-class VintfWindow:
-    """The guest's view of the mmapped VINTF page: 32-bit register accesses by offset."""
-
-    def __init__(self, vma: Any) -> None:
-        self.vma = vma
-
-    def read(self, off: int, width: int = 4) -> int:
-        return int.from_bytes(self.vma.read(off, width), "little")
-
-    def write(self, off: int, value: int, width: int = 4) -> None:
-        self.vma.write(off, value.to_bytes(width, "little"))
 
 
 def stage1_tables(memory: FrameMemory) -> RadixPageTable:
@@ -126,7 +111,7 @@ class _Context:
 
 
 class GuestSmmuv3(GuestIommu):
-    """One vSMMU of a VM, with the guest's driver using it."""
+    """One vSMMU of a VM (the VMM side, :attr:`vmm`) with the guest's driver using it."""
 
     def __init__(self, vm: Vm, iommu: IommuHw, *, accelerated: bool) -> None:
         super().__init__(vm, iommu, accelerated=accelerated)
@@ -137,121 +122,48 @@ class GuestSmmuv3(GuestIommu):
                 raise err(errno.ENOMEM, "guest stream table pages are not contiguous")
         self.strtab = first << PAGE_SHIFT
         self.cmdq = mem.alloc_frame() << PAGE_SHIFT
+        #: the VMM's emulated SMMU behind the guest's registers
+        self.vmm = VirtualSmmuv3(
+            vm, iommu, accelerated=accelerated, strtab=self.strtab, cmdq=self.cmdq
+        )
         self.cmdq_prod = 0
-        self.hwpts: dict[int, int] = {}  # vSID -> nested HWPT installed for its vSTE
-        self.devices: dict[int, GuestDevice] = {}
         self.next_asid = 1
         self.cd_tables: dict[int, int] = {}  # vSID -> the guest CD table of that device
         self.pasids: dict[int, set[int]] = {}  # vSID -> substreams with a valid CD
         self.rid_attached: set[int] = set()  # vSIDs whose CD 0 is in use
         self.vcmdq = 0  # guest-physical VCMDQ (accelerated)
         self.vcmdq_prod = 0
-        self.window: Any = None  # the VINTF page the VMM mapped for the guest
+        self.window: VintfWindow | None = None  # the VINTF page the VMM mapped for the guest
 
-    # -- the VMM ------------------------------------------------------------------------------
+    # -- the VMM side of the GuestIommu API -----------------------------------------------------
     def add_device(self, dev: PciDevice, virt_id: int) -> GuestDevice:
         if virt_id >= GUEST_STRTAB_PAGES * PAGE_SIZE // STE_SIZE:
             raise err(errno.EINVAL, f"vSID {virt_id:#x} beyond the guest stream table")
         gdev = self.bind_vdevice(dev, virt_id)
-        self.devices[virt_id] = gdev
+        self.vmm.plug(gdev)
         return gdev
 
     def create_viommu(self, dev_id: int) -> int:
-        vm = self.vm
-        parent = vm.nest_parent(dev_id, self.iommu)
-        if not self.accelerated:
-            self.viommu_id = vm.fd.viommu_alloc(dev_id, parent, U.IOMMU_VIOMMU_TYPE_ARM_SMMUV3)
-            return self.viommu_id
-        data = bytes(U.IommuViommuTegra241Cmdqv.SIZE)
-        self.viommu_id, out = vm.fd.viommu_alloc_data(
-            dev_id, parent, U.IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV, data
-        )
-        # The VMM mmaps the VINTF page at the offset the kernel returned and hands it to the
-        # guest; the guest's accesses to it go to the VINTF's registers without a trap.
-        info = U.IommuViommuTegra241Cmdqv.unpack(out)
-        self.window = VintfWindow(
-            vm.fd.mmap(info.out_vintf_mmap_offset, info.out_vintf_mmap_length)
-        )
-        self.vcmdq = vm.memory.alloc_frame() << PAGE_SHIFT
-        vm.fd.hw_queue_alloc(
-            self.viommu_id, U.IOMMU_HW_QUEUE_TYPE_TEGRA241_CMDQV, 0, self.vcmdq, VCMDQ_BYTES
-        )
-        self.window.write(VCMDQ_CONFIG, VCMDQ_EN, 4)  # the guest enables it: no trap
+        """The VMM creates the vIOMMU; with ``accelerated`` the guest then gives its VCMDQ a
+        page of its RAM (the VMM hands it to the hardware) and enables it through the VINTF
+        page, with no trap."""
+        self.viommu_id = self.vmm.create_viommu(dev_id)
+        if self.accelerated:
+            self.window = self.vmm.window
+            assert self.window is not None
+            self.vcmdq = self.vm.memory.alloc_frame() << PAGE_SHIFT
+            self.vmm.vcmdq_base_write(self.vcmdq)
+            self.window.write(VCMDQ_CONFIG, VCMDQ_EN, 4)
         return self.viommu_id
-
-    def _cmdq_trap(self, first: int, last: int) -> None:
-        """The VMM's handler for a write of the emulated CMDQ_PROD: emulate ``[first, last)``."""
-        vm = self.vm
-        forward: list[bytes] = []
-        for index in range(first, last):
-            raw = vm.memory.read(self.cmdq + (index % (1 << GUEST_CMDQ_LOG2)) * C.CMD_SIZE, 16)
-            w0, _w1 = C.decode(raw)
-            opcode = C.op(w0)
-            if opcode == C.CFGI_STE:
-                self._install_vste(w0 >> 32)
-            elif opcode in (C.CFGI_CD, C.CFGI_CD_ALL, C.ATC_INV) and not self._plugged(w0 >> 32):
-                continue  # the VMM has unplugged that device: nothing of it to invalidate
-            elif opcode != C.CMD_SYNC:
-                forward.append(raw)
-        if forward:
-            vm.fd.hwpt_invalidate(
-                self.viommu_id, U.IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3, forward
-            )
-        vm.trap("CMDQ_PROD", forwarded=len(forward))
-
-    def _plugged(self, vsid: int) -> bool:
-        gdev = self.devices.get(vsid)
-        return gdev is not None and gdev.dev.bound_to is not None
-
-    def _install_vste(self, vsid: int) -> None:
-        """CFGI_STE: a nested HWPT from the guest's vSTE, attached in place of the old one.
-
-        A vSID with no passed-through device behind it (any 32-bit value a guest writes in
-        its command) has no host configuration: the command completes as a no-op, as on
-        QEMU's vSMMU."""
-        gdev = self.devices.get(vsid)
-        if gdev is None:
-            return
-        vm = self.vm
-        data = vm.memory.read(self.strtab + vsid * STE_SIZE, 16)
-        try:
-            hwpt = vm.fd.hwpt_alloc(
-                gdev.dev_id, self.viommu_id, data_type=U.IOMMU_HWPT_DATA_ARM_SMMUV3, data=data
-            )
-            try:
-                vm.fd.attach(gdev.dev_id, hwpt)  # replace: no window without translation
-            except OSError:
-                vm.fd.destroy(hwpt)
-                raise
-        except OSError as exc:
-            if exc.errno != errno.ENOENT:  # ENOENT: the VMM unplugged the device already
-                raise
-            self._drop_shadow(vsid)
-            return
-        old = self.hwpts.get(vsid)
-        self.hwpts[vsid] = hwpt
-        if old is not None:
-            vm.fd.destroy(old)
-
-    def _drop_shadow(self, vsid: int) -> None:
-        """The device is gone from the VMM: forget (and free, if still there) its HWPT."""
-        old = self.hwpts.pop(vsid, None)
-        if old is not None:
-            try:
-                self.vm.fd.destroy(old)
-            except OSError as exc:
-                if exc.errno != errno.ENOENT:
-                    raise
 
     # -- the guest driver -----------------------------------------------------------------------
     def _issue(self, cmds: list[tuple[int, int]]) -> None:
         """The guest queues commands and a CMD_SYNC in its CMDQ and writes CMDQ_PROD (trap)."""
-        first = self.cmdq_prod
         for cmd in [*cmds, C.cmd_sync()]:
             slot = self.cmdq + (self.cmdq_prod % (1 << GUEST_CMDQ_LOG2)) * C.CMD_SIZE
             self.vm.memory.write(slot, C.encode(cmd))
             self.cmdq_prod += 1
-        self._cmdq_trap(first, self.cmdq_prod)
+        self.vmm.cmdq_prod_write(self.cmdq_prod)
 
     def _issue_vcmdq(self, cmds: list[tuple[int, int]]) -> None:
         """The guest queues commands in its VCMDQ and writes VCMDQ_PROD: the SMMU consumes."""
@@ -260,6 +172,7 @@ class GuestSmmuv3(GuestIommu):
             slot = self.vcmdq + (self.vcmdq_prod & 0xFF) * C.CMD_SIZE
             self.vm.memory.write(slot, C.encode(cmd))
             self.vcmdq_prod = (self.vcmdq_prod + 1) & mask
+        assert self.window is not None
         self.window.write(VCMDQ_PROD, self.vcmdq_prod, 4)
 
     def _write_vste(self, vsid: int, ste: Ste) -> None:
@@ -301,7 +214,7 @@ class GuestSmmuv3(GuestIommu):
                 self._issue([C.cfgi_cd(vsid, pasid)])
             else:  # a blocked RID: the vSTE now points at the CD table, RID traffic ends
                 self._write_vste(vsid, self._cd_table_vste(vsid, S1DSS_TERMINATE))
-        hwpt = self.hwpts[vsid]
+        hwpt = self.vmm.hwpts[vsid]
         return GuestDomain(gdev, pasid, hwpt, s1.root, asid, _Context(s1, cd_table))
 
     def map(self, dom: GuestDomain, iova: int, gpa: int, size: int, *, write: bool = True) -> None:

@@ -19,7 +19,7 @@ from iommufd_arm_smmuv3.cmdqv import (
     VCMDQ_STATUS,
     VINTF_PAGE_SIZE,
 )
-from iommufd_arm_smmuv3.guest import VintfWindow
+from iommufd_arm_smmuv3.vsmmu import VintfWindow
 
 from iommufd_model.hw.bits import words
 from iommufd_model.uapi import iommufd as U
