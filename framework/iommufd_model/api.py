@@ -31,7 +31,16 @@ from iommufd_model.hw.iommu import DmaFault, FastPath, HwStats, IommuHw, page_ru
 from iommufd_model.hw.iotlb import Iotlb, TlbEntry
 from iommufd_model.hw.memory import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, FrameMemory, PhysicalMemory
 from iommufd_model.hw.pci import PciDevice
-from iommufd_model.hw.radix import PtFormat, RadixPageTable, WalkFault, WalkResult, walk
+from iommufd_model.hw.radix import (
+    INVALID,
+    LEAF,
+    TABLE,
+    PtFormat,
+    RadixPageTable,
+    WalkFault,
+    WalkResult,
+    walk,
+)
 from iommufd_model.ida import Ida
 from iommufd_model.machine import Machine
 from iommufd_model.paging import IotlbGather, PagingDomain, PagingDomainOps, paging_domain
@@ -39,12 +48,15 @@ from iommufd_model.plugins import DriverRegistry
 from iommufd_model.vmm import GuestIommu, Vm
 
 __all__ = [
+    "INVALID",
     "IOMMU_CACHE",
     "IOMMU_READ",
     "IOMMU_WRITE",
+    "LEAF",
     "PAGE_MASK",
     "PAGE_SHIFT",
     "PAGE_SIZE",
+    "TABLE",
     "DmaFault",
     "Domain",
     "DomainType",

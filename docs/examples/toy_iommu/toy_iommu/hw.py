@@ -13,8 +13,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from iommufd_model.api import (
+    INVALID,
     IOMMU_READ,
     IOMMU_WRITE,
+    LEAF,
+    TABLE,
     FastPath,
     Ida,
     IommuHw,
@@ -25,7 +28,6 @@ from iommufd_model.api import (
     page_run,
     walk,
 )
-from iommufd_model.hw.radix import INVALID, LEAF, TABLE
 
 if TYPE_CHECKING:
     from iommufd_model.api import Machine, PciDevice
