@@ -222,7 +222,7 @@ def _nest_parent(ctx: ScenarioContext, rig: Rig) -> tuple[int, int]:
     return rig.hwpt_alloc(ioas, flags), ioas
 
 
-def _vendor_data(dtype: int) -> bytes:
+def vendor_data(dtype: int) -> bytes:
     """Zeroed vendor data of the exact uAPI size of ``dtype``: drivers copy it with
     ``iommu_copy_struct_from_user()``, which refuses data longer than their struct (EINVAL).
     Unknown (driver-private) types get 8 bytes, the size of the self-test's
@@ -284,7 +284,7 @@ def nested_alloc(ctx: ScenarioContext) -> None:
     """Nested HWPT of the driver's data type: vendor data is validated like the kernel does."""
     rig = ctx.rig()
     pt, dtype, parent = _nested(ctx, rig)
-    rig.hwpt_alloc(pt, 0, dtype, _vendor_data(dtype))
+    rig.hwpt_alloc(pt, 0, dtype, vendor_data(dtype))
     expect_errno(
         (errno.EOPNOTSUPP, errno.EINVAL),
         lambda: rig.hwpt_alloc(pt, 0, GARBAGE_DATA_TYPE, bytes(32)),
@@ -388,7 +388,7 @@ def hwpt_invalidate(ctx: ScenarioContext) -> None:
     """IOMMU_HWPT_INVALIDATE on a nested HWPT: a garbage entry type handles nothing."""
     rig = ctx.rig()
     pt, dtype, _ = _nested(ctx, rig)
-    nested = rig.hwpt_alloc(pt, 0, dtype, _vendor_data(dtype))
+    nested = rig.hwpt_alloc(pt, 0, dtype, vendor_data(dtype))
     ctx.need(
         Feature.HWPT_INVALIDATE,
         lambda: _invalidate(rig, nested, U.IOMMU_HWPT_INVALIDATE_DATA_VTD_S1),

@@ -17,6 +17,7 @@ from iommufd_model.driver import IOMMU_READ, IOMMU_WRITE
 from iommufd_model.hw.bits import pack
 from iommufd_model.hw.pci import PciDevice
 from iommufd_model.machine import Machine
+from iommufd_model.scenarios.base import Rig, pattern
 from iommufd_model.uapi import iommufd as U
 from iommufd_model.vmm.memory import GuestMemory
 
@@ -51,49 +52,15 @@ def paging_domain() -> Callable[..., SmmuDomain]:
     return _paging_domain
 
 
-def pattern(seed: int, n: int) -> bytes:
-    """Recognisable bytes per seed, so a DMA from the wrong page shows."""
-    return bytes((seed * 37 + i * 11 + (i >> 8)) & 0xFF for i in range(n))
+class RawVmm(Rig):
+    """A VMM with one device bound to its iommufd (the scenarios' :class:`Rig`), plus the
+    calls the SMMUv3 tests compare shapes with."""
 
-
-class RawVmm:
-    """A VMM with one device bound to its iommufd, talking the raw uAPI (packed structs)."""
-
-    def __init__(self, machine: Machine) -> None:
-        self.machine = machine
-        self.dev = machine.add_pci_device(iommu=0)
-        self.proc = machine.new_process()
-        self.fd = self.proc.open_iommufd()
-        self.dev_id = self.fd.bind(self.dev)
-
-    # The fd's typed layer issues each command; these add this VMM's device and the shapes
-    # the tests compare against.
-    def ioas_alloc(self) -> int:
-        return self.fd.ioas_alloc()
-
-    def buffer(self, length: int, seed: int) -> int:
-        va = self.proc.mmap(length)
-        self.proc.write(va, pattern(seed, length))
-        return va
-
-    def ioas_map(self, ioas: int, va: int, length: int, iova: int | None = None) -> int:
-        return self.fd.ioas_map(ioas, va, length, iova=iova)
-
-    def ioas_unmap(self, ioas: int, iova: int, length: int) -> int:
-        return self.fd.ioas_unmap(ioas, iova, length)
-
-    def hwpt_alloc(self, pt_id: int, flags: int = 0, data_type: int = 0, data: bytes = b"") -> int:
-        return self.fd.hwpt_alloc(self.dev_id, pt_id, flags=flags, data_type=data_type, data=data)
-
-    def destroy(self, obj_id: int) -> None:
-        self.fd.destroy(obj_id)
-
-    def viommu_alloc(self, hwpt: int, viommu_type: int, data: bytes = b"") -> tuple[int, bytes]:
+    def viommu_alloc_data(
+        self, hwpt: int, viommu_type: int, data: bytes = b""
+    ) -> tuple[int, bytes]:
         """``(viommu id, the driver data written back)``."""
         return self.fd.viommu_alloc_data(self.dev_id, hwpt, viommu_type, data)
-
-    def vdevice_alloc(self, viommu: int, virt_id: int) -> int:
-        return self.fd.vdevice_alloc(viommu, self.dev_id, virt_id)
 
     def veventq_alloc(self, viommu: int, qtype: int, depth: int = 8) -> int:
         """The vEVENTQ's file descriptor."""
@@ -149,7 +116,7 @@ class GuestVm:
         self.guest = GuestMemory(r.proc, self.ram, GUEST_RAM, table_pool=8 << 20)
         self.s1 = stage1_tables(self.guest)
         write_cd(self.guest, CD_IPA, GUEST_ASID, self.s1.root)
-        self.viommu, self.viommu_out = r.viommu_alloc(self.parent, viommu_type, data)
+        self.viommu, self.viommu_out = r.viommu_alloc_data(self.parent, viommu_type, data)
 
     @property
     def parent_domain(self) -> Any:

@@ -75,19 +75,19 @@ def test_hw_info_and_vintf_allocation(guest_vm: Any, vmm: Any) -> None:
     assert vintf.idx != 0 and vintf.vmid == vm.parent_domain.vmid
     # the driver data is mandatory for this type
     with pytest.raises(OSError) as exc:
-        vm.r.viommu_alloc(vm.parent, U.IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV)
+        vm.r.viommu_alloc_data(vm.parent, U.IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV)
     assert exc.value.errno == errno.EINVAL
     # VINTF 0 is the host's: three guest VINTFs, then ENOSPC
-    vm.r.viommu_alloc(vm.parent, U.IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV, CMDQV_DATA)
-    vm.r.viommu_alloc(vm.parent, U.IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV, CMDQV_DATA)
+    vm.r.viommu_alloc_data(vm.parent, U.IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV, CMDQV_DATA)
+    vm.r.viommu_alloc_data(vm.parent, U.IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV, CMDQV_DATA)
     with pytest.raises(OSError) as exc:
-        vm.r.viommu_alloc(vm.parent, U.IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV, CMDQV_DATA)
+        vm.r.viommu_alloc_data(vm.parent, U.IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV, CMDQV_DATA)
     assert exc.value.errno == errno.ENOSPC
     plain = vmm(cmdqv=False)
     ioas = plain.ioas_alloc()
     parent = plain.hwpt_alloc(ioas, U.IOMMU_HWPT_ALLOC_NEST_PARENT)
     with pytest.raises(OSError) as exc:
-        plain.viommu_alloc(parent, U.IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV, CMDQV_DATA)
+        plain.viommu_alloc_data(parent, U.IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV, CMDQV_DATA)
     assert exc.value.errno == errno.EOPNOTSUPP
 
 
@@ -182,7 +182,7 @@ def test_vintf_mmap_offsets_are_allocated_by_the_iommufd(vmm: Any) -> None:
     offsets = []
     ids = []
     for _ in range(2):
-        viommu, out = r.viommu_alloc(parent, U.IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV, CMDQV_DATA)
+        viommu, out = r.viommu_alloc_data(parent, U.IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV, CMDQV_DATA)
         info = U.IommuViommuTegra241Cmdqv.unpack(out)
         assert info.out_vintf_mmap_length == VINTF_PAGE_SIZE
         offsets.append(info.out_vintf_mmap_offset)
@@ -197,5 +197,5 @@ def test_vintf_mmap_offsets_are_allocated_by_the_iommufd(vmm: Any) -> None:
     with pytest.raises(OSError) as exc:
         r.fd.mmap(offsets[0], VINTF_PAGE_SIZE)
     assert exc.value.errno == errno.ENXIO
-    _viommu, out = r.viommu_alloc(parent, U.IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV, CMDQV_DATA)
+    _viommu, out = r.viommu_alloc_data(parent, U.IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV, CMDQV_DATA)
     assert U.IommuViommuTegra241Cmdqv.unpack(out).out_vintf_mmap_offset == offsets[0]

@@ -115,5 +115,5 @@ def test_garbage_descriptors(
 def test_cmdqv_rejects_unknown_queue_owner(guest_vm: Any) -> None:
     vm = guest_vm(U.IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV, bytes(16))
     with pytest.raises(OSError) as exc:  # struct too short
-        vm.r.viommu_alloc(vm.parent, U.IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV, bytes(8))
+        vm.r.viommu_alloc_data(vm.parent, U.IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV, bytes(8))
     assert exc.value.errno == errno.EINVAL

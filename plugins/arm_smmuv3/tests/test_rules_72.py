@@ -30,9 +30,9 @@ def test_tegra_viommu_data_of_any_other_length_is_einval(vmm: Any) -> None:
     ioas = r.ioas_alloc()
     parent = r.hwpt_alloc(ioas, U.IOMMU_HWPT_ALLOC_NEST_PARENT)
     for data in (b"", bytes(8), bytes(24), bytes(16) + b"\x01"):
-        assert _errno(lambda d=data: r.viommu_alloc(parent, CMDQV, d)) == errno.EINVAL
+        assert _errno(lambda d=data: r.viommu_alloc_data(parent, CMDQV, d)) == errno.EINVAL
     owners = r.machine.iommus[0]
-    viommu, out = r.viommu_alloc(parent, CMDQV, bytes(16))
+    viommu, out = r.viommu_alloc_data(parent, CMDQV, bytes(16))
     assert viommu and len(out) == 16 and owners.cmdqv is not None
 
 
@@ -55,9 +55,9 @@ def _gate_vmm(vmm: Any, **options: Any) -> tuple[RawVmm, int]:
 def test_viommu_needs_canwbs_or_s2fwb(vmm: Any) -> None:
     r, parent = _gate_vmm(vmm, canwbs=False)
     for vtype in (U.IOMMU_VIOMMU_TYPE_ARM_SMMUV3, CMDQV):
-        assert _errno(lambda t=vtype: r.viommu_alloc(parent, t, bytes(16))) == errno.EOPNOTSUPP
+        assert _errno(lambda t=vtype: r.viommu_alloc_data(parent, t, bytes(16))) == errno.EOPNOTSUPP
     r, parent = _gate_vmm(vmm, canwbs=False, s2fwb=True)
-    assert r.viommu_alloc(parent, U.IOMMU_VIOMMU_TYPE_ARM_SMMUV3)[0]
+    assert r.viommu_alloc_data(parent, U.IOMMU_VIOMMU_TYPE_ARM_SMMUV3)[0]
 
 
 def test_s2fwb_nest_parent_sets_ste_s2fwb_and_fwb_memattr(vmm: Any) -> None:

@@ -36,6 +36,7 @@ from iommufd_model.hw.iommu import DmaFault
 from iommufd_model.hw.memory import PAGE_SHIFT, PAGE_SIZE
 from iommufd_model.machine import Machine
 from iommufd_model.plugins import DriverRegistry
+from iommufd_model.scenarios.catalog import vendor_data
 from iommufd_model.uapi import iommufd as U
 
 hypothesis = pytest.importorskip("hypothesis")
@@ -74,16 +75,6 @@ INVALIDATE: dict[int, tuple[int, bytes]] = {
     U.IOMMU_HWPT_DATA_VTD_S1: (U.IOMMU_HWPT_INVALIDATE_DATA_VTD_S1, _VTD_FLUSH_ALL),
     _SELFTEST_DATA: (_SELFTEST_INV, _SELFTEST_FLAG_ALL.to_bytes(4, "little") + bytes(4)),
 }
-
-
-def vendor_data(dtype: int) -> bytes:
-    """Zeroed nested data of the uAPI size of ``dtype`` (8 bytes for unknown types)."""
-    sizes = {
-        U.IOMMU_HWPT_DATA_VTD_S1: U.IommuHwptVtdS1.SIZE,
-        U.IOMMU_HWPT_DATA_ARM_SMMUV3: U.IommuHwptArmSmmuv3.SIZE,
-        U.IOMMU_HWPT_DATA_AMD_GUEST: U.IommuHwptAmdGuest.SIZE,
-    }
-    return bytes(sizes.get(dtype, 8))
 
 
 def tag(page: int) -> bytes:
