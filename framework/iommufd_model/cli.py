@@ -581,6 +581,12 @@ def _json_file_option(parser: argparse.ArgumentParser, what: str) -> None:
     )
 
 
+def _driver_options(parser: argparse.ArgumentParser, sweep_help: str) -> None:
+    """``--driver`` (repeatable) and ``--sweep``: which driver configurations run."""
+    parser.add_argument("--driver", action="append", metavar="NAME", help="only this one")
+    parser.add_argument("--sweep", action="store_true", help=sweep_help)
+
+
 def _executor_options(parser: argparse.ArgumentParser, default_jobs_help: str) -> None:
     parser.add_argument(
         "-n",
@@ -655,15 +661,13 @@ def build_parser() -> argparse.ArgumentParser:
         "unsupported (with the feature and errno), with its costs.",
     )
     p_matrix.add_argument("--scenario", action="append", metavar="NAME", help="only this one")
-    p_matrix.add_argument("--driver", action="append", metavar="NAME", help="only this one")
-    _json_file_option(p_matrix, "all cells and costs")
-    p_matrix.add_argument("--html", metavar="FILE", help="write a self-contained HTML report")
-    p_matrix.add_argument(
-        "--sweep",
-        action="store_true",
-        help="also run every scenario under each option set every driver declares "
+    _driver_options(
+        p_matrix,
+        "also run every scenario under each option set every driver declares "
         "(page-table levels, granules, address widths, PASID widths...)",
     )
+    _json_file_option(p_matrix, "all cells and costs")
+    p_matrix.add_argument("--html", metavar="FILE", help="write a self-contained HTML report")
     _executor_options(p_matrix, "default 1, for --sweep auto")
     p_matrix.set_defaults(func=_cmd_matrix)
     p_campaign = sub.add_parser(
@@ -674,10 +678,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps steps) run like matrix cells: in a local pool or on a Dask cluster; the same "
         "shard gives the same result anywhere. Needs the test extra (hypothesis, pytest).",
     )
-    p_campaign.add_argument("--driver", action="append", metavar="NAME", help="only this one")
-    p_campaign.add_argument(
-        "--sweep", action="store_true", help="also every option set each driver declares"
-    )
+    _driver_options(p_campaign, "also every option set each driver declares")
     p_campaign.add_argument(
         "--shards", type=int, default=4, metavar="N", help="seeds per configuration (4)"
     )

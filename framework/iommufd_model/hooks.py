@@ -16,7 +16,8 @@ exception is a driver bug. The required hooks are ``hookspecs.REQUIRED_HOOKS``.
 A :class:`DriverHooks` reaches exactly one driver plugin (the driver that owns the IOMMU
 instance, or the domain/vIOMMU whose ``owner`` is that instance): it holds that plugin's
 pluggy hook implementations and calls them as pluggy's ``_multicall`` does (arguments by the
-implementation's own ``argnames``, so a driver may declare a subset). What the core does
+implementation's own ``argnames``, so a driver may declare a subset). Each method hands its
+``locals()`` on: its parameters are the hookspec's, so no argument is named twice. What the core does
 when the driver lacks a hook is decided here, once, per hook:
 
 * a hook the operation cannot do without raises ``OSError(EOPNOTSUPP)``: the call site
@@ -54,7 +55,7 @@ from iommufd_model.hw.iommu import IommuHw
 from iommufd_model.uapi import iommufd as U
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping
 
     from iommufd_model.core.mmap import MmapOwner
     from iommufd_model.hw.pci import PciDevice
@@ -89,21 +90,24 @@ class DriverHooks:
         impl = self._impls.get(hook)
         return impl is not None and arg in impl[1]
 
-    def _call(self, hook: str, **kwargs: Any) -> Any:
-        """Call the driver's ``hook`` (EOPNOTSUPP when it has none)."""
+    def _call(self, hook: str, args: Mapping[str, Any]) -> Any:
+        """Call the driver's ``hook`` (EOPNOTSUPP when it has none) with the arguments it
+        declares, taken by name from ``args``. A facade method passes its ``locals()``: its
+        parameters are the hookspec's, so each argument reaches the hook under its own name
+        (``self`` is no hook argument and is never taken)."""
         impl = self._impls.get(hook)
         if impl is None:
             raise err(errno.EOPNOTSUPP, f"driver {self.name} does not implement {hook}")
         function, argnames = impl
-        return function(*[kwargs[a] for a in argnames])
+        return function(*[args[a] for a in argnames])
 
-    def _call_or(self, hook: str, default: object, **kwargs: Any) -> Any:
+    def _call_or(self, hook: str, default: object, args: Mapping[str, Any]) -> Any:
         """Call the driver's ``hook``; ``default`` when it has none."""
-        return self._call(hook, **kwargs) if hook in self._impls else default
+        return self._call(hook, args) if hook in self._impls else default
 
-    def _value(self, hook: str, kind: type[T], **kwargs: Any) -> T:
+    def _value(self, hook: str, kind: type[T], args: Mapping[str, Any]) -> T:
         """Call ``hook`` for a result of type ``kind``."""
-        result = self._call(hook, **kwargs)
+        result = self._call(hook, args)
         if result is None:
             raise err(errno.EOPNOTSUPP, f"driver {self.name} answered None from {hook}")
         if not isinstance(result, kind):
@@ -127,7 +131,7 @@ class DriverHooks:
         (``default``, no options); the kit (``test_option_sets``) checks that each set probes, a
         device attaches and DMA translates under it, and that names are unique.
         """
-        return self._value("driver_info", DriverInfo)
+        return self._value("driver_info", DriverInfo, locals())
 
     @hookspec(firstresult=True)
     def probe(self, machine: Machine, index: int, options: dict[str, Any]) -> IommuHw:
@@ -136,7 +140,7 @@ class DriverHooks:
         Called by ``Machine.build`` / ``Machine.add_iommu`` for the plugin named by the user.
         ``options`` are driver-specific knobs (e.g. page-table levels); unknown keys -> EINVAL.
         """
-        return self._value("probe", IommuHw, machine=machine, index=index, options=options)
+        return self._value("probe", IommuHw, locals())
 
     @hookspec(firstresult=True)
     def probe_device(self, iommu: IommuHw, dev: PciDevice) -> object:
@@ -147,7 +151,7 @@ class DriverHooks:
 
         Without the hook the device has no private data (None).
         """
-        return self._call_or("probe_device", None, iommu=iommu, dev=dev)
+        return self._call_or("probe_device", None, locals())
 
     @hookspec(firstresult=True)
     def dev_reserved_regions(self, iommu: IommuHw, dev: PciDevice) -> list[tuple[int, int]]:
@@ -158,7 +162,7 @@ class DriverHooks:
 
         Without the hook: none.
         """
-        regions = self._call_or("dev_reserved_regions", [], iommu=iommu, dev=dev)
+        regions = self._call_or("dev_reserved_regions", [], locals())
         return cast("list[tuple[int, int]]", regions)
 
     @hookspec(firstresult=True)
@@ -171,7 +175,7 @@ class DriverHooks:
         """
         if "hw_info" not in self._impls:
             return HwInfo(U.IOMMU_HW_INFO_TYPE_NONE, b"")
-        return self._value("hw_info", HwInfo, iommu=iommu, dev=dev, data_type=data_type)
+        return self._value("hw_info", HwInfo, locals())
 
     # -- domains ----------------------------------------------------------------------------
     @hookspec(firstresult=True)
@@ -211,21 +215,12 @@ class DriverHooks:
             raise err(errno.EOPNOTSUPP, f"driver {self.name} has no nested domains")
         if user_data is not None and not self.takes("domain_alloc_user", "user_data"):
             raise err(errno.EOPNOTSUPP, f"driver {self.name} takes no vendor data")
-        return self._value(
-            "domain_alloc_user",
-            Domain,
-            iommu=iommu,
-            dev=dev,
-            flags=flags,
-            parent=parent,
-            viommu=viommu,
-            user_data=user_data,
-        )
+        return self._value("domain_alloc_user", Domain, locals())
 
     @hookspec(firstresult=True)
     def domain_free(self, domain: Domain) -> None:
         """Release a domain the core no longer references (no device is attached to it)."""
-        self._call_or("domain_free", None, domain=domain)
+        self._call_or("domain_free", None, locals())
 
     @hookspec(firstresult=True)
     def domain_map(self, domain: Domain, iova: int, pa: int, size: int, prot: int) -> None:
@@ -234,7 +229,7 @@ class DriverHooks:
         Sizes and alignment respect ``domain.pgsize_bitmap``; the driver picks the page sizes.
         All-or-nothing: on ENOMEM nothing of the range may stay mapped.
         """
-        self._call("domain_map", domain=domain, iova=iova, pa=pa, size=size, prot=prot)
+        self._call("domain_map", locals())
 
     @hookspec(firstresult=True)
     def domain_map_pages(
@@ -251,15 +246,7 @@ class DriverHooks:
         one fails (all-or-nothing either way).
         """
         if "domain_map_pages" in self._impls:
-            self._call(
-                "domain_map_pages",
-                domain=domain,
-                iova=iova,
-                pa=pa,
-                pgsize=pgsize,
-                pgcount=pgcount,
-                prot=prot,
-            )
+            self._call("domain_map_pages", locals())
             return
         done = 0
         try:
@@ -274,12 +261,12 @@ class DriverHooks:
     @hookspec(firstresult=True)
     def domain_unmap(self, domain: Domain, iova: int, size: int) -> int:
         """Unmap ``[iova, iova+size)`` and flush the IOTLB; return the bytes unmapped."""
-        return self._value("domain_unmap", int, domain=domain, iova=iova, size=size)
+        return self._value("domain_unmap", int, locals())
 
     @hookspec(firstresult=True)
     def domain_iova_to_phys(self, domain: Domain, iova: int) -> int:
         """Software walk of a paging domain: the physical address at ``iova`` or -1."""
-        return self._value("domain_iova_to_phys", int, domain=domain, iova=iova)
+        return self._value("domain_iova_to_phys", int, locals())
 
     # -- attachment -------------------------------------------------------------------------
     @hookspec(firstresult=True)
@@ -292,17 +279,17 @@ class DriverHooks:
         failure the old domain stays in effect. Program the hardware (DTE / STE / PASID entry)
         and issue the invalidations the kernel driver issues.
         """
-        self._call("attach", iommu=iommu, dev=dev, domain=domain)
+        self._call("attach", locals())
 
     @hookspec(firstresult=True)
     def set_dev_pasid(self, iommu: IommuHw, dev: PciDevice, pasid: int, domain: Domain) -> None:
         """Attach (or replace) ``domain`` on ``pasid`` of ``dev``; EOPNOTSUPP without PASID."""
-        self._call("set_dev_pasid", iommu=iommu, dev=dev, pasid=pasid, domain=domain)
+        self._call("set_dev_pasid", locals())
 
     @hookspec(firstresult=True)
     def remove_dev_pasid(self, iommu: IommuHw, dev: PciDevice, pasid: int) -> None:
         """Detach whatever is attached to ``pasid`` of ``dev``; DMA with that PASID then faults."""
-        self._call("remove_dev_pasid", iommu=iommu, dev=dev, pasid=pasid)
+        self._call("remove_dev_pasid", locals())
 
     # -- invalidation, dirty tracking, faults -------------------------------------------------
     @hookspec(firstresult=True)
@@ -314,18 +301,12 @@ class DriverHooks:
         Handle entries in order; stop at the first bad one and report how many were handled and
         the errno (EOPNOTSUPP for an unsupported ``data_type``, EINVAL/EIO for a bad entry).
         """
-        return self._value(
-            "cache_invalidate_user",
-            InvalidateResult,
-            target=target,
-            data_type=data_type,
-            entries=entries,
-        )
+        return self._value("cache_invalidate_user", InvalidateResult, locals())
 
     @hookspec(firstresult=True)
     def set_dirty_tracking(self, domain: Domain, enable: bool) -> None:
         """Turn hardware dirty-bit tracking of a paging domain on or off."""
-        self._call("set_dirty_tracking", domain=domain, enable=enable)
+        self._call("set_dirty_tracking", locals())
 
     @hookspec(firstresult=True)
     def read_and_clear_dirty(
@@ -341,15 +322,7 @@ class DriverHooks:
         """
         return cast(
             "list[tuple[int, int]]",
-            self._value(
-                "read_and_clear_dirty",
-                list,
-                domain=domain,
-                iova=iova,
-                length=length,
-                clear=clear,
-                report=report,
-            ),
+            self._value("read_and_clear_dirty", list, locals()),
         )
 
     @hookspec(firstresult=True)
@@ -357,7 +330,7 @@ class DriverHooks:
         self, iommu: IommuHw, dev: PciDevice, pasid: int | None, grpid: int, code: int
     ) -> None:
         """Deliver a user's IOPF response (``IOMMUFD_PAGE_RESP_*``) to the device (PRI response)."""
-        self._call("page_response", iommu=iommu, dev=dev, pasid=pasid, grpid=grpid, code=code)
+        self._call("page_response", locals())
 
     # -- vIOMMU and friends -------------------------------------------------------------------
     @hookspec(firstresult=True)
@@ -384,31 +357,22 @@ class DriverHooks:
         are erased when this hook fails, when the allocation fails after it, and when the
         vIOMMU is destroyed (after :meth:`viommu_destroy`).
         """
-        return self._value(
-            "viommu_alloc",
-            ViommuBase,
-            iommu=iommu,
-            dev=dev,
-            parent=parent,
-            viommu_type=viommu_type,
-            data=data,
-            mmap=mmap,
-        )
+        return self._value("viommu_alloc", ViommuBase, locals())
 
     @hookspec(firstresult=True)
     def viommu_destroy(self, viommu: ViommuBase) -> None:
         """Free the vIOMMU's hardware resources (its vDEVICEs and queues are gone already)."""
-        self._call_or("viommu_destroy", None, viommu=viommu)
+        self._call_or("viommu_destroy", None, locals())
 
     @hookspec(firstresult=True)
     def vdevice_alloc(self, viommu: ViommuBase, dev: PciDevice, virt_id: int) -> VdeviceBase:
         """Bind ``dev`` to virtual ID ``virt_id`` (vSID, guest DevID, vRID) inside ``viommu``."""
-        return self._value("vdevice_alloc", VdeviceBase, viommu=viommu, dev=dev, virt_id=virt_id)
+        return self._value("vdevice_alloc", VdeviceBase, locals())
 
     @hookspec(firstresult=True)
     def vdevice_destroy(self, vdev: VdeviceBase) -> None:
         """Undo :meth:`vdevice_alloc` (clear mapping-table entries)."""
-        self._call_or("vdevice_destroy", None, vdev=vdev)
+        self._call_or("vdevice_destroy", None, locals())
 
     @hookspec(firstresult=True)
     def hw_queue_supported(self, viommu: ViommuBase, queue_type: int) -> bool:
@@ -417,7 +381,7 @@ class DriverHooks:
         IOMMU_HW_QUEUE_ALLOC fail with EOPNOTSUPP. Without this hook the type is judged by
         :meth:`hw_queue_alloc`, after the pin (so a bad type costs a pin and gives its errno).
         """
-        answer = self._call_or("hw_queue_supported", True, viommu=viommu, queue_type=queue_type)
+        answer = self._call_or("hw_queue_supported", True, locals())
         return answer is not False
 
     @hookspec(firstresult=True)
@@ -434,21 +398,12 @@ class DriverHooks:
 
         Unknown type -> EOPNOTSUPP; index/alignment/length rules of the type -> EINVAL.
         """
-        return self._value(
-            "hw_queue_alloc",
-            HwQueueBase,
-            viommu=viommu,
-            queue_type=queue_type,
-            index=index,
-            base_iova=base_iova,
-            length=length,
-            pfns=pfns,
-        )
+        return self._value("hw_queue_alloc", HwQueueBase, locals())
 
     @hookspec(firstresult=True)
     def hw_queue_destroy(self, queue: HwQueueBase) -> None:
         """Stop the hardware from consuming the queue."""
-        self._call_or("hw_queue_destroy", None, queue=queue)
+        self._call_or("hw_queue_destroy", None, locals())
 
     # -- the guest side -------------------------------------------------------------------------
     @hookspec(firstresult=True)
@@ -464,5 +419,5 @@ class DriverHooks:
             raise err(errno.EOPNOTSUPP, f"{self.name} has no guest IOMMU model")
         return cast(
             "GuestIommu",
-            self._value("guest_iommu_alloc", object, vm=vm, iommu=iommu, accelerated=accelerated),
+            self._value("guest_iommu_alloc", object, locals()),
         )
