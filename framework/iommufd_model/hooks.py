@@ -17,8 +17,9 @@ A :class:`DriverHooks` reaches exactly one driver plugin (the driver that owns t
 instance, or the domain/vIOMMU whose ``owner`` is that instance): it holds that plugin's
 pluggy hook implementations and calls them as pluggy's ``_multicall`` does (arguments by the
 implementation's own ``argnames``, so a driver may declare a subset). Each method hands its
-``locals()`` on: its parameters are the hookspec's, so no argument is named twice. What the core does
-when the driver lacks a hook is decided here, once, per hook:
+``locals()`` on: its parameters are the hookspec's, so no argument is named twice.
+
+What the core does when the driver lacks a hook is decided here, once, per hook:
 
 * a hook the operation cannot do without raises ``OSError(EOPNOTSUPP)``: the call site
   never sees a missing hook, and a hook never returns a marker to say it exists;
