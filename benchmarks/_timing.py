@@ -33,20 +33,23 @@ def own_loop(
 ) -> float:
     """Operations per second of a driver that runs ``rounds`` passes in its own (compiled or
     C) loop: the rounds grow until one call lasts ``seconds``, so call overhead vanishes; the
-    best of ``trials`` such calls (a loaded machine only ever slows a trial down)."""
+    best of ``trials`` such calls. Timed in this thread's CPU time: on a machine shared with
+    other work, wall time also counts the time slices other processes take, which differ from
+    one figure to the next and made the ratios of two figures (compiled against C) swing by 2x;
+    the CPU time a loop needs does not depend on when it was scheduled."""
     rounds = 1
     while True:
-        start = time.perf_counter()
+        start = time.thread_time()
         fn(rounds)
-        elapsed = time.perf_counter() - start
+        elapsed = time.thread_time() - start
         if elapsed >= seconds:
             break
         rounds *= 4 if elapsed < seconds / 8 else 2
     best = elapsed
     for _ in range(trials - 1):
-        start = time.perf_counter()
+        start = time.thread_time()
         fn(rounds)
-        best = min(best, time.perf_counter() - start)
+        best = min(best, time.thread_time() - start)
     return rounds * per_round / best
 
 

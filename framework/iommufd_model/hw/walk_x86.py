@@ -46,6 +46,9 @@ _PS: Final = 0x80
 _NATIVE_MAX: Final = (1 << 62) - 1
 
 Stage2 = Callable[[int, bool], tuple[int, int, int]]
+# A native walk's result: the public walkers' tuple as unboxed i64 fields (mypyc returns them
+# without converting each to a tagged int, and a caller in this module reads them as they are).
+Native = tuple[i64, i64, i64, i64, i64]
 
 
 def _words(pages: Pages) -> Words:
@@ -151,7 +154,7 @@ def walk_x86_1d(
     iova: i64,
     levels: i64,
     write: bool,
-) -> tuple[int, int, int, int, int]:
+) -> Native:
     """The single-stage walk, all native ints; ``iova`` already fits ``levels``."""
     refs: i64 = 0
     prot: i64 = 3
@@ -169,8 +172,9 @@ def walk_x86_1d(
         if not entry & _RW:
             prot &= 1
         if level == 0 or (entry & _PS and level <= 2):
-            # ``(1 << shift) - 1``: mypyc would shift a 32-bit C literal (wrong from bit 31).
-            mask: i64 = 0x7FFF_FFFF_FFFF_FFFF >> (63 - shift)
+            # ``(1 << shift) - 1``: mypyc would shift a 32-bit C literal (wrong from bit 31),
+            # and a literal above the short ints is a boxed constant converted at every use.
+            mask: i64 = _NATIVE_MAX >> (62 - shift)
             if write and not prot & 2:
                 return PERMISSION, level, 0, refs, prot
             return OK, (entry & _ADDR & ~mask) | (iova & mask), shift, refs, prot
@@ -192,14 +196,25 @@ def walk_many(
     """Benchmark driver: ``rounds`` passes of single-stage read walks over ``iovas``, in the
     compiled loop (as the C reference runs its own); returns the number of successful walks."""
     words = words_of(pages)  # found once, as the C reference finds its memory
-    native = 0 < levels <= 5 and 0 <= root <= _NATIVE_MAX and mem_size <= _NATIVE_MAX
-    ok = 0
+    if not (0 < levels <= 5 and 0 <= root <= _NATIVE_MAX and mem_size <= _NATIVE_MAX):
+        ok = 0
+        for _ in range(rounds):
+            for iova in iovas:
+                ok += walk_x86(pages, mem_size, root, iova, levels, False, None)[0] == OK
+        return ok
+    return _walk_many(pages, words, mem_size, root, iovas, levels, rounds)
+
+
+def _walk_many(
+    pages: Pages, words: Words, size: i64, root: i64, iovas: vec[i64], levels: i64, rounds: i64
+) -> int:
+    """:func:`walk_many` on native ints: :func:`walk_x86`'s own checks, then its native walk."""
+    top: i64 = 12 + 9 * levels
+    ok: i64 = 0
     for _ in range(rounds):
         for iova in iovas:
-            if native and not iova >> (12 + 9 * levels):  # walk_x86's own choice
-                res = walk_x86_1d(pages, words, mem_size, root, iova, levels, False)
-            else:
-                res = walk_x86(pages, mem_size, root, iova, levels, False, None)
-            if res[0] == OK:
+            if iova >> top:  # walk_x86: ADDRESS_SIZE
+                continue
+            if walk_x86_1d(pages, words, size, root, iova, levels, False)[0] == OK:
                 ok += 1
     return ok

@@ -63,6 +63,9 @@ if TYPE_CHECKING:
         tuple[int, int, int, int, int],
     ]
 Result = tuple[int, int, int, int, int]
+# A native walk's result: the public walkers' tuple as unboxed i64 fields (mypyc returns them
+# without converting each to a tagged int, and a caller in this module reads them as they are).
+Native = tuple[i64, i64, i64, i64, i64]
 
 
 def _words(pages: Pages) -> Words:
@@ -135,12 +138,11 @@ def _walk_v1(
         return ADDRESS_SIZE, mode, 0, 0, 0
     else:
         signed = iova - (1 << 64) if iova >> 63 else iova
-    levels: i64 = mode
-    if levels < 6 and signed >> (12 + 9 * levels):
-        return ADDRESS_SIZE, mode, 0, 0, 0
     if not 0 <= root <= _NATIVE_MAX:  # memories are below 2**62 bytes
+        if mode < 6 and signed >> (12 + 9 * mode):  # _host's check comes first
+            return ADDRESS_SIZE, mode, 0, 0, 0
         return HW_ERROR, root + ((iova >> (3 + 9 * mode)) & 0x1FF) * 8, 0, 0, 0
-    return _v1(pages, words, mem_size, root, levels, signed, write, had)
+    return _host(pages, words, mem_size, root, mode, signed, write, had)
 
 
 def _v1(
@@ -152,7 +154,7 @@ def _v1(
     iova: i64,
     write: bool,
     had: i64,
-) -> Result:
+) -> Native:
     """:func:`walk_v1` after its argument checks, all native: ``iova`` holds the IOVA's 64
     bits (negative when bit 63 is set)."""
     refs: i64 = 0
@@ -211,10 +213,10 @@ def _v1(
 
 
 def _mask(bits: i64) -> i64:
-    """``(1 << bits) - 1`` for 0 <= bits < 63. (mypyc emits ``1 << bits`` on native ints
-    with a 32-bit C literal, wrong from bit 31 up; a 64-bit literal shifted right is not.)"""
-    ones: i64 = 0x7FFF_FFFF_FFFF_FFFF
-    return ones >> (63 - bits)
+    """``(1 << bits) - 1`` for 0 <= bits <= 62. Built from ``_NATIVE_MAX``, a short int that
+    mypyc inlines as a C literal: ``1 << bits`` on native ints shifts a 32-bit C literal
+    (wrong from bit 31 up), and a wider literal is a boxed constant converted at every call."""
+    return _NATIVE_MAX >> (62 - bits)
 
 
 def walk_nested(
@@ -292,7 +294,7 @@ def _nested(
     pasid: int,
     iova: int,
     write: bool,
-) -> Result:
+) -> Native:
     """:func:`walk_nested`'s native walk (its walker is the framework's ``walk_x86``), with
     the memory's index and clamped size at hand (a loop of walks fetches them once)."""
     # Shift counts as ints: ``int >> i64`` would convert the int (which may be any IOVA or
@@ -372,8 +374,10 @@ def _host(
     gpa: i64,
     write: bool,
     had: i64,
-) -> Result:
-    """One host (v1) translation of a guest-physical address, as :func:`walk_v1` does it."""
+) -> Native:
+    """:func:`walk_v1` on native ints (``gpa`` holds the address's 64 bits, negative when bit
+    63 is set): its checks of the mode and the address's size, then the walk. Also each host
+    translation of a nested walk's guest-physical address."""
     if mode < 1 or mode > 6:
         return BAD_ENTRY, mode, 0, 0, 0
     top: i64 = 12 + 9 * mode
@@ -393,7 +397,7 @@ def _guest(
     iova: i64,
     levels: i64,
     write: bool,
-) -> Result:
+) -> Native:
     """The framework's ``walk_x86`` with its stage 2 being the host table (``host_mode`` > 0)
     or none; a refused guest-physical address reports S2_FAULT, or HW_ERROR with the table
     address when the host walk hit one outside memory."""
@@ -582,12 +586,20 @@ def bench_v1(
     """Benchmark driver: ``rounds`` passes of v1 read walks over ``iovas`` in this module's own
     loop (compiled, like the C reference's, which also finds its memory once); returns how
     many succeeded."""
-    words = _words(pages)
-    size = _clamp(mem_size)
-    ok = 0
+    if not 0 <= root <= _NATIVE_MAX or not 1 <= mode <= 6:
+        return 0  # walk_v1: every walk faults (HW_ERROR, BAD_ENTRY)
+    return _bench_v1(pages, _words(pages), _clamp(mem_size), root, mode, iovas, rounds)
+
+
+def _bench_v1(
+    pages: Pages, words: Words, size: i64, root: i64, mode: i64, iovas: vec[i64], rounds: i64
+) -> int:
+    """:func:`bench_v1` on native ints: each walk is :func:`walk_v1`'s native part (its checks
+    of the mode and the IOVA's size, then the walk)."""
+    ok: i64 = 0
     for _ in range(rounds):
         for iova in iovas:
-            if _walk_v1(pages, words, size, root, mode, iova, False, 0)[0] == OK:
+            if _host(pages, words, size, root, mode, iova, False, 0)[0] == OK:
                 ok += 1
     return ok
 

@@ -63,6 +63,11 @@ _NATIVE_MAX: Final = (1 << 62) - 1
 # Input sizes above 52 bits are not architectural (the smallest TxSZ): such a walk faults.
 _MAX_IA: Final = 52
 
+# The native walks' results: the public tuples as unboxed i64 fields (mypyc returns them without
+# converting each to a tagged int, and a caller in this module reads them as they are).
+Native6 = tuple[i64, i64, i64, i64, i64, i64]
+Native9 = tuple[i64, i64, i64, i64, i64, i64, i64, i64, i64]
+
 
 def _words(pages: Pages) -> Words:
     """The index beside ``pages`` (``Frames.words``), or an empty one for a plain dict."""
@@ -163,7 +168,7 @@ def _s2(
     oa_bits: i64,
     write: bool,
     affd: bool,
-) -> tuple[int, int, int, int, int, int]:
+) -> Native6:
     """:func:`walk_s2` on native ints, ``ipa`` already inside the input size."""
     refs: i64 = 0
     table: i64 = ttb
@@ -272,7 +277,7 @@ def _s1(
     s2_oa_bits: i64,
     s2_affd: bool,
     hd: bool,
-) -> tuple[int, int, int, int, int, int, int, int, int]:
+) -> Native9:
     """:func:`walk_s1` on native ints, ``va`` already inside the input size."""
     start: i64 = _start(ia_bits)
     refs: i64 = 0

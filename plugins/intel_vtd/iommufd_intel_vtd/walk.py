@@ -50,6 +50,10 @@ if TYPE_CHECKING:
         tuple[int, int, int, int, int],
     ]
 Result = tuple[int, int, int, int, int]
+# A native walk's result: the public walkers' tuple as unboxed i64 fields (mypyc returns them
+# without converting each to a tagged int, and a caller in this module reads them as they are).
+Native = tuple[i64, i64, i64, i64, i64]
+Native6 = tuple[i64, i64, i64, i64, i64, i64]  # the nested walk's, with the stage-2 status
 
 _ADDR: Final = ((1 << 52) - 1) & ~0xFFF
 _RW: Final = 3
@@ -111,9 +115,10 @@ def _read(pages: Pages, words: Words, pa: i64) -> i64:
 
 
 def _mask(bits: i64) -> i64:
-    """``(1 << bits) - 1`` for 0 <= bits < 63 (mypyc would shift a 32-bit C literal)."""
-    ones: i64 = 0x7FFF_FFFF_FFFF_FFFF
-    return ones >> (63 - bits)
+    """``(1 << bits) - 1`` for 0 <= bits <= 62. Built from ``_NATIVE_MAX``, a short int that
+    mypyc inlines as a C literal: ``1 << bits`` on native ints shifts a 32-bit C literal
+    (wrong from bit 31 up), and a wider literal is a boxed constant converted at every call."""
+    return _NATIVE_MAX >> (62 - bits)
 
 
 def walk_ss(
@@ -148,9 +153,9 @@ def _ss(
     addr: i64,
     levels: i64,
     write: bool,
-    large_mask: int,
+    large_mask: i64,
     set_ad: bool,
-) -> Result:
+) -> Native:
     """:func:`walk_ss` after its checks, on native ints (``addr`` fits ``levels``)."""
     allowed: i64 = _RW
     table: i64 = root
@@ -240,12 +245,23 @@ def _ss_any(
 
 def canonical_low(iova: int, levels: int) -> int:
     """The walked part of a first-stage input: ``iova`` without its sign-extension bits, or
-    -1 when ``iova`` is not canonical for ``levels`` (bits 63:47, or 63:56, not all equal)."""
-    top = 11 + 9 * levels  # 47 for 4-level, 56 for 5-level paging
-    high = iova >> top
-    if high != 0 and high != (1 << (64 - top)) - 1:
+    -1 when ``iova`` is not canonical for ``levels`` (bits 63:47, or 63:56, not all equal) or
+    is no 64-bit address, or ``levels`` is no paging mode (1 to 5 levels)."""
+    if not 0 < levels <= 5 or iova < 0 or iova >> 64:
         return -1
-    return iova & ((1 << (top + 1)) - 1)
+    if iova > _NATIVE_MAX:  # bit 63 (or 62) set: the signed i64 of the same bits
+        return _canonical(iova - (1 << 64) if iova >> 63 else iova, levels)
+    return _canonical(iova, levels)
+
+
+def _canonical(iova: i64, levels: i64) -> i64:
+    """:func:`canonical_low` of a 64-bit input held as a signed i64 (bit 63 makes it
+    negative): the bits above the walked ones must all copy its top walked bit."""
+    top: i64 = 11 + 9 * levels  # 47 for 4-level, 56 for 5-level paging
+    high: i64 = iova >> top  # arithmetic: 0 or -1 when canonical
+    if high != 0 and high != -1:
+        return -1
+    return iova & _mask(top + 1)
 
 
 def walk_fs(
@@ -277,7 +293,7 @@ def _fs(
     write: bool,
     fl1gp: bool,
     user: bool,
-) -> Result:
+) -> Native:
     """:func:`walk_fs` on native ints after the canonical check."""
     refs: i64 = 0
     prot: i64 = 3
@@ -333,14 +349,8 @@ def walk_nested(
     is the intersection of both stages' permissions for the page found. ``fl1gp`` and
     ``user`` apply the first-stage rules of :func:`walk_fs` (the native walk only).
     """
-    low = canonical_low(iova, fs_levels) if 0 < fs_levels <= 5 else -1
-    if (
-        getattr(walk_fs, "__name__", "") != "walk_x86"
-        or not 0 < fs_levels <= 5
-        or not 0 < ss_levels <= 5
-        or not 0 <= fs_root <= _NATIVE_MAX
-        or not 0 <= ss_root <= _NATIVE_MAX
-    ):
+    low = canonical_low(iova, fs_levels)
+    if not _native_nested(walk_fs, fs_levels, ss_levels, fs_root, ss_root):
         return _nested_with(
             walk_fs,
             pages,
@@ -387,7 +397,7 @@ def _nested(
     set_ad: bool,
     fl1gp: bool,
     user: bool,
-) -> tuple[int, int, int, int, int, int]:
+) -> Native6:
     """:func:`walk_fs`'s rules with :func:`walk_ss` as stage 2, natively."""
     refs: i64 = 0
     prot: i64 = 3
@@ -480,19 +490,44 @@ def bench_ss(
 ) -> int:
     """Benchmark driver: ``rounds`` passes of second-stage read walks in this module's own
     loop (compiled, like the C reference's); returns how many succeeded."""
-    words = _words(pages)  # found once, as the C reference finds its memory
-    size = _clamp(mem_size)
-    native = 0 < levels <= 5 and 0 <= root <= _NATIVE_MAX
-    ok = 0
+    if not (0 < levels <= 5 and 0 <= root <= _NATIVE_MAX):  # walk_ss's generic walk
+        ok = 0
+        for _ in range(rounds):
+            for addr in addrs:
+                if walk_ss(pages, mem_size, root, addr, levels, False, 0, False)[0] == OK:
+                    ok += 1
+        return ok
+    return _bench_ss(pages, _words(pages), _clamp(mem_size), root, addrs, levels, rounds)
+
+
+def _bench_ss(
+    pages: Pages, words: Words, size: i64, root: i64, addrs: vec[i64], levels: i64, rounds: i64
+) -> int:
+    """:func:`bench_ss` on native ints: :func:`walk_ss`'s own check, then its native walk, the
+    memory's index and size found once (as the C reference finds its memory)."""
+    top: i64 = 12 + 9 * levels
+    ok: i64 = 0
     for _ in range(rounds):
         for addr in addrs:
-            if native and not addr >> (12 + 9 * levels):  # walk_ss's own choice
-                res = _ss(pages, words, size, root, addr, levels, False, 0, False)
-            else:
-                res = walk_ss(pages, mem_size, root, addr, levels, False, 0, False)
-            if res[0] == OK:
+            if addr >> top:  # walk_ss: ADDRESS_SIZE
+                continue
+            if _ss(pages, words, size, root, addr, levels, False, 0, False)[0] == OK:
                 ok += 1
     return ok
+
+
+def _native_nested(
+    walk_fs: FirstStage, fs_levels: int, ss_levels: int, fs_root: int, ss_root: int
+) -> bool:
+    """Whether :func:`walk_nested` runs its native walk: the first stage is the framework's
+    x86-64 walker and the levels and roots fit native ints."""
+    return (
+        getattr(walk_fs, "__name__", "") == "walk_x86"
+        and 0 < fs_levels <= 5
+        and 0 < ss_levels <= 5
+        and 0 <= fs_root <= _NATIVE_MAX
+        and 0 <= ss_root <= _NATIVE_MAX
+    )
 
 
 def bench_nested(
@@ -507,36 +542,10 @@ def bench_nested(
     rounds: int,
 ) -> int:
     """Benchmark driver: :func:`walk_nested` read walks in this module's own loop."""
-    words = _words(pages)
-    size = _clamp(mem_size)
-    native = (
-        getattr(walk_fs, "__name__", "") == "walk_x86"
-        and 0 < fs_levels <= 5
-        and 0 < ss_levels <= 5
-        and 0 <= fs_root <= _NATIVE_MAX
-        and 0 <= ss_root <= _NATIVE_MAX
-    )
     ok = 0
-    for _ in range(rounds):
-        for iova in iovas:
-            low = canonical_low(iova, fs_levels) if native else -1
-            if low >= 0:  # walk_nested's own choice
-                res = _nested(
-                    pages,
-                    words,
-                    size,
-                    fs_root,
-                    low,
-                    fs_levels,
-                    False,
-                    ss_root,
-                    ss_levels,
-                    0,
-                    False,
-                    True,
-                    False,
-                )
-            else:
+    if not _native_nested(walk_fs, fs_levels, ss_levels, fs_root, ss_root):
+        for _ in range(rounds):
+            for iova in iovas:
                 res = walk_nested(
                     walk_fs,
                     pages,
@@ -550,6 +559,48 @@ def bench_nested(
                     0,
                     False,
                 )
+                if res[0] == OK:
+                    ok += 1
+        return ok
+    words = _words(pages)  # found once, as the C reference finds its memory
+    size = _clamp(mem_size)
+    return _bench_nested(pages, words, size, fs_root, iovas, fs_levels, ss_root, ss_levels, rounds)
+
+
+def _bench_nested(
+    pages: Pages,
+    words: Words,
+    size: i64,
+    fs_root: i64,
+    iovas: vec[i64],
+    fs_levels: i64,
+    ss_root: i64,
+    ss_levels: i64,
+    rounds: i64,
+) -> int:
+    """:func:`bench_nested` on native ints: :func:`walk_nested`'s canonical check, then its
+    native walk."""
+    ok: i64 = 0
+    for _ in range(rounds):
+        for iova in iovas:
+            low = _canonical(iova, fs_levels)
+            if low < 0:  # walk_nested: ADDRESS_SIZE
+                continue
+            res = _nested(
+                pages,
+                words,
+                size,
+                fs_root,
+                low,
+                fs_levels,
+                False,
+                ss_root,
+                ss_levels,
+                0,
+                False,
+                True,
+                False,
+            )
             if res[0] == OK:
                 ok += 1
     return ok
