@@ -16,6 +16,8 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from librt.vecs import vec
+from mypy_extensions import i64
 
 from iommufd_model.driver import IOMMU_READ, IOMMU_WRITE
 from iommufd_model.hw.compiled import load_pure, load_walker
@@ -273,3 +275,84 @@ def test_vtd_native_walks_equal_the_general_ones(seed: int) -> None:
         assert len(single) == 1, (hex(iova), single)
     for m in mems[1:]:
         assert dict(m._pages) == dict(mems[0]._pages)
+
+
+@pytest.mark.parametrize("w", vtd_builds, ids=["compiled", "pure"])
+def test_vtd_canonical_low_of_any_input(w: ModuleType) -> None:
+    """The canonical check of a first-stage input, on the signed i64 the native walk holds:
+    the upper half (bit 63 set) is walked like the lower one, anything else is refused."""
+    rng = random.Random(3)
+    values = [0, 1 << 46, (1 << 47) - 1, 1 << 47, 1 << 55, 1 << 56, 1 << 62, (1 << 63) - 1]
+    values += [1 << 63, (1 << 64) - 1, (1 << 64) - (1 << 47), (1 << 64) - (1 << 56), -1, 1 << 64]
+    values += [rng.getrandbits(64) for _ in range(200)]
+    values += [((1 << 64) - (1 << 47)) | rng.getrandbits(47) for _ in range(50)]
+    for levels in range(7):
+        for iova in values:
+            top = 11 + 9 * levels
+            want = -1
+            if 0 < levels <= 5 and 0 <= iova < 1 << 64:
+                high = iova >> top
+                if high in (0, (1 << (64 - top)) - 1):
+                    want = iova & ((1 << (top + 1)) - 1)
+            assert w.canonical_low(iova, levels) == want, (hex(iova), levels)
+
+
+def _signed(values: list[int]) -> vec[i64]:
+    """64-bit addresses as the drivers' native array holds them (bit 63: negative)."""
+    return vec[i64]([v - (1 << 64) if v >> 63 else v for v in values])
+
+
+def _probes(rng: random.Random, bits: int) -> list[int]:
+    """Addresses for the own-loop drivers: mapped-looking, random, and beyond any size."""
+    values = [rng.randrange(1 << 20) << 12 for _ in range(150)]
+    values += [rng.randrange(1 << bits) for _ in range(100)]
+    return [*values, 1 << 62, 1 << 63, (1 << 64) - 4096, ((1 << 64) - (1 << 47)) | 0x5000]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_own_loop_drivers_walk_as_the_public_walkers(seed: int) -> None:
+    """Each benchmark driver applies its public walker's checks and then its native walk: on
+    corrupted tables and on addresses beyond the walked size or with bit 63 set, it counts as
+    many successful walks as the public walker gives, in the compiled and the pure build."""
+    from iommufd_amd.pgtable_v1 import AmdV1PageTable
+    from iommufd_intel_vtd.pgtable import SecondStageFormat
+
+    rng = random.Random(seed)
+    mem = PhysicalMemory(MEM)
+    v1 = AmdV1PageTable(mem, 4)
+    fs = RadixPageTable(mem, X86_64Format(4))
+    ss = RadixPageTable(mem, SecondStageFormat(4))
+    for _ in range(60):
+        page = rng.randrange(1 << 20) << 12
+        for pt in (v1, fs, ss):
+            with contextlib.suppress(OSError):
+                pt.map(page, rng.randrange(1, 1 << 20) << 12, rng.choice([1, 512]) << 12, RW)
+    for frame in sorted(fs.tables):
+        with contextlib.suppress(OSError):
+            ss.map(frame, frame, 4096, RW)
+    corrupt(mem, set(v1.tables) | set(fs.tables) | set(ss.tables), rng, 25)
+    pages, size = mem._pages, mem.size
+    probes = _probes(rng, 48)
+    native = _signed(probes)
+    for x86, amd, vtd in zip(x86_builds, amd_builds, vtd_builds, strict=True):
+        want = sum(x86.walk_x86(pages, size, fs.root, v, 4, False, None)[0] == 0 for v in probes)
+        assert x86.walk_many(pages, size, fs.root, native, 4, 2) == 2 * want
+        for mode in (3, 4, 6, 0):
+            want = sum(amd.walk_v1(pages, size, v1.root, mode, v, False, 0)[0] == 0 for v in probes)
+            assert amd.bench_v1(pages, size, v1.root, mode, native, 2) == 2 * want
+        for levels in (4, 6):
+            want = sum(
+                vtd.walk_ss(pages, size, ss.root, v, levels, False, 0, False)[0] == 0
+                for v in probes
+            )
+            assert vtd.bench_ss(pages, size, ss.root, native, levels, 2) == 2 * want
+        for first_stage in (x86.walk_x86, other_walker(x86.walk_x86)):
+            want = sum(
+                vtd.walk_nested(
+                    first_stage, pages, size, fs.root, v, 4, False, ss.root, 4, 0, False
+                )[0]
+                == 0
+                for v in probes
+            )
+            got = vtd.bench_nested(first_stage, pages, size, fs.root, native, 4, ss.root, 4, 2)
+            assert got == 2 * want
