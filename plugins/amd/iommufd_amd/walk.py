@@ -354,7 +354,7 @@ def _read(pages: Pages, words: Words, pa: i64) -> i64:
         # One expression each, with the index a plain local: mypyc then borrows the frame
         # (a reference count taken and dropped per entry was half of a hot walk's time).
         at: i64 = (pa & 0xFFF) >> 3
-        if len(words[pfn]) == 0:
+        if at >= len(words[pfn]):  # never written (an empty frame); mypyc's own check then folds
             return 0
         value: i64 = words[pfn][at]
         return value

@@ -82,7 +82,7 @@ def _desc(pages: Pages, words: Words, slot: i64) -> i64:
         # One expression each, with the index a plain local: mypyc then borrows the frame
         # (a reference count taken and dropped per entry was half of a hot walk's time).
         at: i64 = (slot & 0xFFF) >> 3
-        if len(words[pfn]) == 0:
+        if at >= len(words[pfn]):  # never written (an empty frame); mypyc's own check then folds
             return 0  # never written
         word: i64 = words[pfn][at]
         return word
