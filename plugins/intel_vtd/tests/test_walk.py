@@ -193,3 +193,33 @@ def test_compiled_and_pure_agree_on_a_random_workload() -> None:
         iova = rng.randrange(0, 1100) << 12
         args = (X.walk_x86, mem._pages, mem.size, s1.root, iova, 4, write, s2.root, 4, 0b110, False)
         assert compiled.walk_nested(*args) == pure.walk_nested(*args)
+
+
+@pytest.mark.parametrize("w", [compiled, pure], ids=["compiled", "pure"])
+def test_second_stage_depths_and_roots_outside_the_native_walk(w: Any) -> None:
+    """Depths no second stage has fault BAD_ENTRY without a reference; a root outside memory
+    faults ACCESS at the top level; an address above the depth faults ADDRESS_SIZE."""
+    mem = PhysicalMemory(1 << 40)
+    pt = RadixPageTable(mem, SecondStageFormat(4))
+    pt.map(0x1000, 0x5000, 4096, IOMMU_READ | IOMMU_WRITE)
+    pages, size = mem._pages, mem.size
+    for levels in (0, -3, 6, 9):
+        assert w.walk_ss(pages, size, pt.root, 0x1000, levels, False, 0, False) == (
+            w.BAD_ENTRY,
+            0,
+            0,
+            0,
+            0,
+        )
+    for root in (1 << 62, (1 << 64) - 4096, size):
+        assert w.walk_ss(pages, size, root, 0x1000, 4, False, 0, False)[:4] == (
+            w.ACCESS,
+            3,
+            0,
+            0,
+        )
+    assert w.walk_ss(pages, size, pt.root, 1 << 48, 4, False, 0, False)[:2] == (
+        w.ADDRESS_SIZE,
+        3,
+    )
+    assert w.walk_ss(pages, size, pt.root, 0x1234, 4, False, 0, False)[:4] == (w.OK, 0x5234, 12, 4)
