@@ -11,8 +11,14 @@ from setuptools import Extension, setup
 COMPILED = [
     "framework/iommufd_model/hw/walk_x86.py",
     "framework/iommufd_model/hw/tlb_run.py",
-    "framework/iommufd_model/hw/frame_copy.py",
 ]
+
+# Whole frames filled with memcpy (plain C, no mypyc; hw/memory.py rebuilds frames without it).
+FRAME_COPY = Extension(
+    "iommufd_model.hw.frame_copy",
+    sources=["framework/iommufd_model/hw/frame_copy.c"],
+    extra_compile_args=["-O2", "-Wall"],
+)
 
 
 def ext_modules() -> list:  # type: ignore[type-arg]
@@ -21,7 +27,7 @@ def ext_modules() -> list:  # type: ignore[type-arg]
     try:
         from mypyc.build import mypycify
     except ImportError:
-        return []
+        return [FRAME_COPY]
     # The walkers import nothing from the framework: compile them alone, without the
     # project's mypy configuration (which would pull in the whole package and its deps).
     extensions = mypycify(["--config-file=", "--follow-imports=silent", *COMPILED], opt_level="3")
@@ -30,7 +36,7 @@ def ext_modules() -> list:  # type: ignore[type-arg]
             "-fno-semantic-interposition",
             "--param=max-inline-insns-auto=200",
         ]
-    return extensions
+    return [FRAME_COPY, *extensions]
 
 
 # The LD_PRELOAD library of `iommufd-model run` (plain C, no Python API): built as an extension

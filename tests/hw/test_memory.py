@@ -11,7 +11,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from iommufd_model.hw import memory
-from iommufd_model.hw.compiled import is_compiled, load_pure, load_walker
 from iommufd_model.hw.memory import (
     PAGE_SIZE,
     WORDS_PER_FRAME,
@@ -52,11 +51,11 @@ ops = st.lists(
 
 @pytest.fixture(params=[True, False], ids=["in-place", "rebuilt"])
 def fill_mode(request: pytest.FixtureRequest) -> Iterator[bool]:
-    """Whole-frame writes both ways: filled in place (the compiled frame_copy, when built) and
-    rebuilt from the source (the uncompiled path)."""
+    """Whole-frame writes both ways: filled in place (hw/frame_copy.c, when built) and
+    rebuilt from the source (the pure build's path)."""
     in_place = bool(request.param)
-    if in_place and not is_compiled(memory._COPY):
-        pytest.skip("frame_copy is not compiled in this build")
+    if in_place and memory._COPY is None:
+        pytest.skip("frame_copy is not built in this build")
     saved = memory._IN_PLACE
     memory._IN_PLACE = in_place
     yield in_place
@@ -171,13 +170,28 @@ def test_long_writes_cross_the_frame_batches(fill_mode: bool) -> None:
     assert len(mem._pages) == 602
 
 
-def test_compiled_and_pure_frame_copy_agree() -> None:
-    builds = [load_walker("iommufd_model.hw.frame_copy"), load_pure("iommufd_model.hw.frame_copy")]
-    assert not is_compiled(builds[1])
+def test_frame_copy_fills_whole_frames_in_place() -> None:
+    """hw/frame_copy.c writes what 512 word stores would, into the frames themselves (a
+    store shows through every reference to the frame), and refuses short sources and frames
+    that are not 4 KiB."""
+    if memory._COPY is None:
+        pytest.skip("frame_copy is not built in this build")
+    copy = memory._COPY
     src = random.Random(3).randbytes(5 * PAGE_SIZE + 24)
-    results = []
-    for build in builds:
-        frames = [new_frame() for _ in range(5)]
-        build.fill_frames(frames, src, 24)
-        results.append(b"".join(frames))
-    assert results[0] == results[1] == src[24:]
+    frames = [new_frame() for _ in range(5)]
+    alias = list(frames)
+    copy.fill_frames(frames, src, 24)
+    assert b"".join(alias) == src[24:]
+    assert [frame[7] for frame in frames] == [
+        int.from_bytes(
+            src[24 + i * PAGE_SIZE + 56 : 24 + i * PAGE_SIZE + 64], "little", signed=True
+        )
+        for i in range(5)
+    ]
+    with pytest.raises(ValueError):
+        copy.fill_frames(frames, src, 25)  # 5 frames need 20480 bytes from 25: one short
+    with pytest.raises(ValueError):
+        copy.fill_frames([Frame([1, 2])], src, 0)
+    with pytest.raises(TypeError):
+        copy.fill_frames(tuple(frames), src, 0)
+    assert b"".join(alias) == src[24:]  # a refused call wrote nothing

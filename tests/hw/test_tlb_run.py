@@ -163,3 +163,30 @@ def test_a_burst_stops_at_the_end_of_memory() -> None:
     hw.translate(DEV, end - PAGE, None, False)  # warm: the next page is a hit in the IOTLB
     with pytest.raises(DmaFault, match="master abort"):
         hw.translate_run(DEV, end - 2 * PAGE, 3 * PAGE, None, False)
+
+
+@pytest.mark.parametrize("pure", [False, True], ids=["compiled", "pure"])
+def test_fill_equals_inserts_one_by_one(pure: bool) -> None:
+    """``tlb_run.fill`` (a burst's walks, filled at once, then the oldest evicted) leaves the
+    same entries and FIFO as one ``insert`` after the other, full IOTLB or not, and the
+    compiled build answers as its pure source."""
+    run = load_pure(RUN) if pure else load_walker(RUN)
+    rng = random.Random(13)
+    for _ in range(300):
+        capacity = rng.randrange(1, 12)
+        tlbs = [Iotlb(capacity), Iotlb(capacity)]
+        held = rng.sample(range(40), rng.randrange(20))
+        for page in held:  # the same history in both
+            shift, tag = rng.choice([(12, "a"), (12, "b"), (21, "a")])
+            for tlb in tlbs:
+                tlb.insert(tag, page << shift, TlbEntry(page << shift, shift, 3, 1))
+        cached = {k[2] for k in tlbs[0]._fifo if k[1] == "a"}
+        fresh = [p for p in range(40, 80) if p not in cached][: rng.randrange(1, 20)]
+        keys = [(12 if rng.random() < 0.8 else 21, "a", p) for p in fresh]
+        entries: list[object] = [TlbEntry(p << 12, shift, 1, 2) for shift, _t, p in keys]
+        for (shift, tag, page), entry in zip(keys, entries, strict=True):
+            run.insert(tlbs[0]._tables, tlbs[0]._fifo, capacity, tag, page << shift, shift, entry)
+        run.fill(tlbs[1]._tables, tlbs[1]._fifo, capacity, keys, entries)
+        assert tlbs[0].entries() == tlbs[1].entries()
+        assert tlbs[0]._tables == tlbs[1]._tables
+        assert len(tlbs[1]) == min(capacity, min(capacity, len(held)) + len(keys))

@@ -10,7 +10,7 @@ exactly the bug class a model must show. Replacement is FIFO over all entries.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import deque
 from collections.abc import Callable, Hashable
 from typing import NamedTuple, cast
 
@@ -41,10 +41,12 @@ class Iotlb:
     def __init__(self, capacity: int = 4096) -> None:
         self.capacity = capacity
         self._tables: dict[int, dict[Hashable, dict[int, TlbEntry]]] = {}
-        # Every entry's key, oldest first. An OrderedDict: the oldest key is found in O(1)
-        # (a dict's first key after many evictions from the front is found by skipping their
-        # dummies, which made a burst beyond the IOTLB's reach quadratic).
-        self._fifo: OrderedDict[Key, None] = OrderedDict()
+        # Every entry's key, oldest first: a fill appends, an eviction pops the oldest, with
+        # no hashing (a dict's first key after many evictions from its front is found by
+        # skipping their dummies, which made a burst beyond the IOTLB's reach quadratic; an
+        # OrderedDict hashes every key twice and allocates a node per fill). Whether a key is
+        # cached is asked of ``_tables``; an invalidation rebuilds the FIFO (:meth:`_drop`).
+        self._fifo: deque[Key] = deque()
         self.hits = 0
         self.misses = 0
         self.invalidations = 0
@@ -91,14 +93,19 @@ class Iotlb:
         (in the compiled :mod:`iommufd_model.hw.tlb_run`)."""
         _RUN.insert(self._tables, self._fifo, self.capacity, tag, iova, entry.shift, entry)
 
-    def _remove(self, key: Key) -> None:
-        _RUN.remove(self._tables, self._fifo, key)
-
     def _drop(self, keep: Callable[[Hashable, int, int], bool]) -> int:
-        """Remove every entry for which ``keep(tag, first_iova, shift)`` is False."""
-        doomed = [k for k in self._fifo if not keep(k[1], k[2] << k[0], k[0])]
-        for key in doomed:
-            self._remove(key)
+        """Remove every entry for which ``keep(tag, first_iova, shift)`` is False (the FIFO
+        keeps the order of the others)."""
+        fifo = self._fifo
+        kept: list[Key] = []
+        doomed: list[Key] = []
+        for key in fifo:
+            (kept if keep(key[1], key[2] << key[0], key[0]) else doomed).append(key)
+        if doomed:
+            for key in doomed:
+                _RUN.unlink(self._tables, key)
+            fifo.clear()
+            fifo.extend(kept)
         self.invalidations += 1
         return len(doomed)
 

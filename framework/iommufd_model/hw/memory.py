@@ -7,8 +7,8 @@ A frame is a :data:`Frame`, mypyc's native ``vec[i64]`` of 512 little-endian 64-
 (librt): compiled table walkers read an entry with one bounds-checked C array load (about 3 ns;
 a ``memoryview`` word costs 24-40 ns, which capped walks near 6 M/s however tight the rest).
 Its buffer is read-only to Python, so bytes leave a frame as zero-copy views and enter it by
-item stores: a few words from here, whole frames through the compiled ``frame_copy`` (or, in the
-pure build, by building new frames from the source buffer in C).
+item stores: a few words from here, whole frames through ``hw/frame_copy.c`` (one memcpy per
+frame) or, in the pure build, by building new frames from the source buffer.
 Frames live in :class:`Frames`, the dict pfn -> frame that the walkers index, with a flat vec
 of frames beside it for the walkers' lookups.
 """
@@ -16,7 +16,10 @@ of frames beside it for the walkers' lookups.
 from __future__ import annotations
 
 import errno
+import importlib
+import os
 from collections import deque
+from types import ModuleType
 from typing import Protocol
 
 from librt.vecs import extend, vec
@@ -24,7 +27,7 @@ from mypy_extensions import i64
 
 from iommufd_model.errors import err
 from iommufd_model.failnth import failpoint
-from iommufd_model.hw.compiled import is_compiled, load_walker
+from iommufd_model.hw.compiled import PURE_ENV
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
@@ -39,9 +42,22 @@ _SIGN = 1 << 63
 _PATCH_WORDS = 16
 #: frames a long write builds before storing them (bounds the memory it holds twice)
 _WRITE_BATCH = 256
-#: compiled, whole frames are filled in place; uncompiled, rebuilding them is far faster
-_COPY = load_walker("iommufd_model.hw.frame_copy")
-_IN_PLACE = is_compiled(_COPY)
+
+
+def _frame_copy() -> ModuleType | None:
+    """``hw/frame_copy.c`` (whole frames filled in place, one memcpy each), or None in a pure
+    build (``IOMMUFD_MODEL_PURE=1`` at install or run time), which rebuilds whole frames."""
+    if os.environ.get(PURE_ENV) == "1":
+        return None
+    try:
+        return importlib.import_module("iommufd_model.hw.frame_copy")
+    except ImportError:
+        return None
+
+
+_COPY = _frame_copy()
+#: whole frames are filled in place (``frame_copy``) rather than rebuilt from the source
+_IN_PLACE = _COPY is not None
 
 #: one 4 KiB frame: 512 signed 64-bit words (an entry with bit 63 set reads negative)
 Frame = vec[i64]
@@ -312,9 +328,9 @@ class PhysicalMemory:
     def write_from(self, pa: int, src: bytes, pos: int, n: int) -> None:
         """Write ``src[pos:pos + n]`` at ``pa`` (the DMA engine's form: no slice of ``src``).
 
-        Whole frames are filled in place by the compiled :mod:`iommufd_model.hw.frame_copy`
-        (a native load and store per word); uncompiled, they are rebuilt from the source in C
-        (``vec`` from a ``'q'`` view over ``map``), in batches. A head or tail shorter than a
+        Whole frames are filled in place by ``hw/frame_copy.c`` (one memcpy each); in a pure
+        build they are rebuilt from the source in C (``vec`` from a ``'q'`` view over
+        ``map``), in batches. A head or tail shorter than a
         frame is patched (:meth:`_patch`).
         """
         self._check(pa, n)
@@ -346,6 +362,7 @@ class PhysicalMemory:
             for i, frame in enumerate(frames):
                 if frame is None:
                     frames[i] = pages[pfn + i] = new_frame()
+        assert _COPY is not None
         _COPY.fill_frames(frames, src, pos)
 
     def _rebuild(self, pfn: int, count: int, view: memoryview, pos: int) -> None:

@@ -15,6 +15,8 @@ once per page size and then probes int keys.
 
 from __future__ import annotations
 
+from collections import deque
+
 Entry = tuple[int, int, int, int]
 Pages = dict[int, Entry]
 Tables = dict[int, dict[object, Pages]]
@@ -26,7 +28,7 @@ Filled = dict[int, dict[object, dict[int, object]]]
 
 def insert(
     tables: Filled,
-    fifo: dict[Key, None],
+    fifo: deque[Key],
     capacity: int,
     tag: object,
     iova: int,
@@ -34,27 +36,65 @@ def insert(
     entry: object,
 ) -> None:
     """``Iotlb.insert``: cache ``entry`` (a ``TlbEntry`` of a ``1 << shift`` page) for
-    ``iova`` under ``tag``, first evicting the oldest entry when the IOTLB is full. ``fifo`` is
-    the IOTLB's ``OrderedDict`` of keys, oldest first (a dict subclass: every operation here
-    goes through its methods)."""
+    ``iova`` under ``tag``. A new key first evicts the oldest entry when the IOTLB is full and
+    joins the FIFO (``fifo``: the IOTLB's keys, oldest first); a key already cached keeps its
+    place and only has its entry replaced."""
     page = iova >> shift
-    key = (shift, tag, page)
-    if key not in fifo and len(fifo) >= capacity:
-        remove(tables, fifo, next(iter(fifo)))
     by_tag = tables.get(shift)
+    if by_tag is not None:
+        pages = by_tag.get(tag)
+        if pages is not None and page in pages:
+            pages[page] = entry
+            return
+    if len(fifo) >= capacity:
+        # May empty and drop the dicts found above: they are looked up again below.
+        unlink(tables, fifo.popleft())
+        by_tag = tables.get(shift)
     if by_tag is None:
         by_tag = tables[shift] = {}
     pages = by_tag.get(tag)
     if pages is None:
         pages = by_tag[tag] = {}
     pages[page] = entry
-    fifo[key] = None
+    fifo.append((shift, tag, page))
 
 
-def remove(tables: Filled, fifo: dict[Key, None], key: Key) -> None:
-    """Drop the entry of ``key`` (``(shift, tag, page)``), and the dicts it leaves empty."""
+def fill(
+    tables: Filled,
+    fifo: deque[Key],
+    capacity: int,
+    keys: list[Key],
+    entries: list[object],
+) -> None:
+    """``insert`` of every ``entries[i]`` under ``keys[i]``, in order, for keys the IOTLB does
+    not hold (a burst's walks: distinct pages, none cached). Filled all at once, then the
+    oldest keys beyond ``capacity`` evicted: the same entries and FIFO as one insert after the
+    other (each insert evicts the oldest key when full, and the oldest are evicted first
+    either way, whether they were there before or came with ``keys``)."""
+    last_shift = -1
+    last_tag: object = None
+    pages: dict[int, object] = {}
+    for (shift, tag, page), entry in zip(keys, entries, strict=True):
+        if shift != last_shift or tag is not last_tag:
+            by_tag = tables.get(shift)
+            if by_tag is None:
+                by_tag = tables[shift] = {}
+            found = by_tag.get(tag)
+            if found is None:
+                found = by_tag[tag] = {}
+            pages = found
+            last_shift = shift
+            last_tag = tag
+        pages[page] = entry
+    fifo.extend(keys)
+    for _ in range(len(fifo) - capacity):
+        unlink(tables, fifo.popleft())
+
+
+def unlink(tables: Filled, key: Key) -> None:
+    """Drop the entry of ``key`` (``(shift, tag, page)``) from ``tables``, and the dicts it
+    leaves empty (the caller takes the key out of the FIFO)."""
     shift, tag, page = key
-    del fifo[key]
     tags = tables[shift]
     pages = tags[tag]
     del pages[page]

@@ -517,7 +517,7 @@ class AmdIommu(IommuHw):
             dte.host_root,
             dte.mode,
             dte.had,
-            partial(iotlb.RUN.insert, iotlb._tables, iotlb._fifo, iotlb.capacity),
+            partial(iotlb.RUN.fill, iotlb._tables, iotlb._fifo, iotlb.capacity),
             _NEW_ENTRY,
             runs,
         )

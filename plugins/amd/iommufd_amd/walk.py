@@ -515,6 +515,12 @@ def _nested_with(
     return st, val, shift, refs, prot
 
 
+#: walk_run fills the IOTLB after this many walks at the latest: the entries it holds back are
+#: new objects the cyclic GC counts, and its evictions free as many (a whole burst held back
+#: made the collector run dozens of times per burst)
+_FILL_BATCH: Final = 128
+
+
 def walk_run(
     tables: dict[int, dict[object, dict[int, object]]],
     tag: object,
@@ -527,29 +533,52 @@ def walk_run(
     root: int,
     mode: int,
     had: int,
-    insert: Callable[[object, int, int, object], None],
+    fill: Callable[[list[tuple[int, object, int]], list[object]], None],
     entry: Callable[[tuple[int, int, int, int]], object],
     runs: list[tuple[int, int]],
 ) -> tuple[int, int, int]:
     """The host (v1) table walks of a burst, for pages the IOTLB holds nothing for: what
     ``AmdIommu.lookup`` does on such a miss when the walk succeeds (permission intersected
-    with the DTE's ``dte_prot``, the page inside memory), including the IOTLB fill
-    (``insert(tag, iova, shift, entry((pa, shift, perm, refs)))``, ``tables`` being the
-    IOTLB's ``shift -> tag -> page`` dicts). Stops before a page that has any IOTLB entry or whose
-    walk would fault, so that ``translate()`` handles it (a failed walk writes nothing; a
-    successful one sets A/D bits, which ``translate()`` sets again, to the same values).
-    Appends ``(pa, length)`` runs to ``runs`` (a page continues the last run when the physical
-    address does); returns ``(walks, refs, stop)``."""
+    with the DTE's ``dte_prot``, the page inside memory), including the IOTLB fill: the
+    entries (``entry((pa, shift, perm, refs))``) and their keys ``(shift, tag, page)`` go to
+    ``fill(keys, entries)`` (``tlb_run.fill``), in order, whenever the walks stop (``tables``
+    being the IOTLB's ``shift -> tag -> page`` dicts). Stops before a page that has any IOTLB
+    entry or whose walk would fault, so that ``translate()`` handles it (a failed walk writes
+    nothing; a successful one sets A/D bits, which ``translate()`` sets again, to the same
+    values). Appends ``(pa, length)`` runs to ``runs`` (a page continues the last run when
+    the physical address does); returns ``(walks, refs, stop)``.
+
+    The fills wait until the walks stop because they change nothing a walk reads: a pending
+    entry covers a page behind the burst, and the evictions it will cause only remove
+    entries. A page found cached may be one of those evictions, so the fills run first and
+    the page is looked up again."""
     words = _words(pages)
     size = _clamp(mem_size)
     need = 2 if write else 1
     walks = 0
     refs_all = 0
+    keys: list[tuple[int, object, int]] = []
+    entries: list[object] = []
+    run_pa: i64 = -1
+    run_len: i64 = 0
+    if runs:
+        run_pa, run_len = runs.pop()
+    # The tag's pages per page size: nothing changes them until the fills run.
+    cached = [(shift, by_tag[tag]) for shift, by_tag in tables.items() if tag in by_tag]
     while iova < end:
-        for shift, tags in tables.items():
-            cached = tags.get(tag)
-            if cached is not None and (iova >> shift) in cached:
-                return walks, refs_all, iova  # lookup() would find it: not a plain miss
+        hit = False
+        for shift, held in cached:
+            if (iova >> shift) in held:
+                hit = True
+                break
+        if hit:
+            if not keys:
+                break  # lookup() would find it: not a plain miss
+            fill(keys, entries)  # its evictions may have dropped this page's entry
+            keys.clear()
+            entries.clear()
+            cached = [(shift, by_tag[tag]) for shift, by_tag in tables.items() if tag in by_tag]
+            continue
         st, pa, shift, refs, prot = _walk_v1(pages, words, size, root, mode, iova, write, had)
         if st != OK:
             break
@@ -559,19 +588,32 @@ def walk_run(
         if not had & 2 or write:
             prot |= 4  # the leaf's D bit is set (or D is not tracked): hw._DIRTY_DONE
         mask = _mask(shift)
-        insert(tag, iova, shift, entry((pa & ~mask, shift, prot, refs)))
+        keys.append((shift, tag, iova >> shift))
+        entries.append(entry((pa & ~mask, shift, prot, refs)))
+        if len(keys) == _FILL_BATCH:
+            fill(keys, entries)
+            keys.clear()
+            entries.clear()
+            cached = [(shift, by_tag[tag]) for shift, by_tag in tables.items() if tag in by_tag]
         walks += 1
         refs_all += refs
-        run = (1 << shift) - (pa & mask)
+        run: i64 = (1 << shift) - (pa & mask)
         if run > mem_size - pa:
             run = mem_size - pa
         if run > end - iova:
             run = end - iova
-        if runs and runs[-1][0] + runs[-1][1] == pa:  # physically contiguous: one run
-            runs[-1] = (runs[-1][0], runs[-1][1] + run)
+        if run_len and run_pa + run_len == pa:  # physically contiguous: one run
+            run_len += run
         else:
-            runs.append((pa, run))
+            if run_len:
+                runs.append((run_pa, run_len))
+            run_pa = pa
+            run_len = run
         iova += run
+    if keys:
+        fill(keys, entries)
+    if run_len:
+        runs.append((run_pa, run_len))
     return walks, refs_all, iova
 
 
