@@ -259,9 +259,11 @@ def option_set_lines(m: Matrix) -> list[str]:
     for c in m.columns:
         opts = ", ".join(f"{k}={v}" for k, v in sorted(c.option_set.options.items()))
         lacks = ", ".join(sorted(f.value for f in c.option_set.lacks))
+        adds = ", ".join(sorted(f.value for f in c.option_set.adds))
         out.append(
             f"{c.label}: {opts or 'no options'}"
             + (f" (lacks {lacks})" if lacks else "")
+            + (f" (adds {adds})" if adds else "")
             + (f" -- {c.option_set.doc}" if c.option_set.doc else "")
         )
     return out

@@ -78,13 +78,20 @@ class OptionSet:
     ``lacks`` names the features this configuration takes away from ``DriverInfo.features``
     (VT-d without first-stage translation has no nesting): the sweep's cells then expect the
     driver to *refuse* them, exactly as for an undeclared feature, so a configuration cannot
-    hide a feature that still half-works. ``doc`` says what the configuration models.
+    hide a feature that still half-works. ``adds`` names those only this configuration has
+    (SMMUv3 delivers IO page faults only from stalling masters). ``doc`` says what the
+    configuration models.
     """
 
     name: str
     options: dict[str, Any] = attrs.field(factory=dict, hash=False)
     lacks: frozenset[Feature] = frozenset()
     doc: str = ""
+    adds: frozenset[Feature] = frozenset()
+
+    def features(self, declared: frozenset[Feature]) -> frozenset[Feature]:
+        """The features a driver declaring ``declared`` has in this configuration."""
+        return (declared | self.adds) - self.lacks
 
 
 #: The configuration every driver has: ``probe`` with no options (the driver's defaults).

@@ -65,6 +65,7 @@ class Column:
             "option_set": self.option_set.name,
             "options": dict(self.option_set.options),
             "lacks": sorted(f.value for f in self.option_set.lacks),
+            "adds": sorted(f.value for f in self.option_set.adds),
             "doc": self.option_set.doc,
         }
 
@@ -259,7 +260,8 @@ def option_set_problems(registry: DriverRegistry, driver: str) -> list[str]:
     """What is wrong with ``driver``'s declared option sets (the kit's check; [] if nothing).
 
     Names must be unique and not ``default``, each set must change at least one option and
-    may not take away paging nor a feature the driver never declared, and each must probe:
+    may not take away paging nor a feature the driver never declared, nor add one it declares
+    anyway, and each must probe:
     the ``paging_dma`` scenario (a machine with the options, a bound device, a mapping that
     DMA reads and writes through) must pass under it.
     """
@@ -277,6 +279,9 @@ def option_set_problems(registry: DriverRegistry, driver: str) -> list[str]:
         if not o.lacks <= info.features:
             extra = sorted(f.value for f in o.lacks - info.features)
             problems.append(f"{o.name}: lacks features never declared: {', '.join(extra)}")
+        if o.adds & info.features:
+            extra = sorted(f.value for f in o.adds & info.features)
+            problems.append(f"{o.name}: adds features declared already: {', '.join(extra)}")
         r = run_scenario(SCENARIOS["paging_dma"], driver, registry, o)
         if r.status != PASS:
             problems.append(f"{o.name}: paging_dma {r.status}: {r.detail}")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import errno
 from typing import Any
 
-import attrs
 from fuzzlib import (
     IOVA,
     PASID,
@@ -392,9 +391,18 @@ def host_prq(data: bytes) -> str:
     w = PrqWorld()
     hw: Any = w.hw
     for i in range(0, min(len(data), 128), 32):
-        req = attrs.asdict(PageRequest.decode(data[i : i + 32].ljust(32, b"\0")))
-        del req["rid"], req["private"]  # the bus gives the RID; private data is not modelled
-        hw.page_request(w.pdev, **req)
+        r = PageRequest.decode(data[i : i + 32].ljust(32, b"\0"))
+        # the bus gives the RID; private data is not modelled
+        w.pdev.page_request(
+            r.addr,
+            pasid=r.pasid,
+            read=r.read,
+            write=r.write,
+            exe=r.exe,
+            priv=r.priv,
+            grpid=r.prgi,
+            last=r.lpig,
+        )
     raw = w.proc.files[w.fault_fd].read(16 * U.IommuHwptPgfault.SIZE)
     size = U.IommuHwptPgfault.SIZE
     faults = [U.IommuHwptPgfault.unpack(raw[i : i + size]) for i in range(0, len(raw), size)]

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from iommufd_model.core.device import Device
     from iommufd_model.core.main import IommuFd
     from iommufd_model.core.viommu import Viommu
+    from iommufd_model.driver import Domain
+    from iommufd_model.hw.pci import PciDevice
 
 INT_MAX = (1 << 31) - 1
 PGFAULT_SIZE = U.IommuHwptPgfault.SIZE
@@ -40,6 +42,91 @@ class FaultGroup:
     pasid: int | None
     grpid: int
     faults: list[U.IommuHwptPgfault]
+
+
+@attrs.frozen
+class IopfFault:
+    """One page request as an IOMMU driver reports it (``struct iommu_fault_page_request``
+    less the group index): its page, ``IOMMU_PGFAULT_PERM_*``, its own PASID (a group is
+    one group index: its requests may carry different PASIDs, each reported with its own)
+    and the flags the driver sets beyond LAST_PAGE and PASID_VALID (VT-d's NEEDS_PASID)."""
+
+    addr: int
+    perm: int
+    pasid: int | None = None
+    flags: int = 0
+
+
+class IopfPartial:
+    """The requests that wait for the last of their group, per device (``struct
+    iommu_fault_param``'s ``partial`` list, keyed here by the requester ID)."""
+
+    def __init__(self) -> None:
+        self.waiting: dict[int, list[tuple[int, IopfFault]]] = {}
+
+    def group(self, rid: int, grpid: int, fault: IopfFault, last: bool) -> list[IopfFault]:
+        """``report_partial_fault()`` for a request that is not its group's last (an empty
+        answer: nothing to deliver yet); for the last, ``iopf_group_alloc()``: the waiting
+        requests of the same group index, in order, then this one."""
+        waiting = self.waiting.setdefault(rid, [])
+        if not last:
+            waiting.append((grpid, fault))
+            return []
+        group = [f for g, f in waiting if g == grpid] + [fault]
+        waiting[:] = [(g, f) for g, f in waiting if g != grpid]
+        return group
+
+    def discard(self) -> None:
+        """``iopf_queue_discard_partial()``: after a page request queue overflow."""
+        self.waiting.clear()
+
+
+def iopf_perm(*, read: bool, write: bool, exe: bool = False, priv: bool = False) -> int:
+    """``IOMMU_PGFAULT_PERM_*`` of a request's access bits."""
+    return (
+        (U.IOMMU_PGFAULT_PERM_READ if read else 0)
+        | (U.IOMMU_PGFAULT_PERM_WRITE if write else 0)
+        | (U.IOMMU_PGFAULT_PERM_EXEC if exe else 0)
+        | (U.IOMMU_PGFAULT_PERM_PRIV if priv else 0)
+    )
+
+
+def deliver_iopf_group(
+    domain: Domain | None,
+    dev: PciDevice,
+    grpid: int,
+    faults: list[IopfFault],
+) -> bool:
+    """A complete page request group to the fault queue of the HWPT behind ``domain`` (the
+    domain the driver found attached where the requests point, as io-pgfault.c's
+    ``find_fault_handler()`` does): Linux 7.2's ``iommufd_fault_iopf_handler()``, each
+    request as ``iommufd_compose_fault_message()`` gives it (``length`` 0, LAST_PAGE on the
+    last, PASID_VALID with a PASID). False when that domain has no fault queue (no handler):
+    the driver answers the group itself (``iopf_error_response()``)."""
+    hwpt = None if domain is None else domain.hwpt
+    queue: Fault | None = None if hwpt is None else hwpt.fault
+    if hwpt is None or queue is None:
+        return False
+    idev = next((d for d in hwpt.devices if d.dev is dev), None)
+    if idev is None:
+        return False
+    last = len(faults) - 1
+    group = [
+        U.IommuHwptPgfault(
+            flags=f.flags
+            | (0 if f.pasid is None else U.IOMMU_PGFAULT_FLAGS_PASID_VALID)
+            | (U.IOMMU_PGFAULT_FLAGS_LAST_PAGE if i == last else 0),
+            dev_id=idev.id,
+            pasid=f.pasid or 0,
+            grpid=grpid,
+            perm=f.perm,
+            addr=f.addr,
+            length=0,
+        )
+        for i, f in enumerate(faults)
+    ]
+    queue.report(idev, faults[-1].pasid, grpid, group)
+    return True
 
 
 @serialized()

@@ -17,7 +17,7 @@ from iommufd_model.hw.memory import PAGE_SIZE, Frame, PhysicalMemory
 from iommufd_model.locking import locked
 
 if TYPE_CHECKING:
-    from iommufd_model.hw.pci import PciDevice
+    from iommufd_model.hw.pci import PageRequest, PciDevice
     from iommufd_model.ida import Ida
     from iommufd_model.machine import Machine
 
@@ -107,6 +107,16 @@ class IommuHw:
         self.stats.faults += 1
         self.fault_log.append(FaultRecord(dev.name, iova, write, pasid, reason))
         return DmaFault(dev, iova, write, pasid, reason)
+
+    def page_request(self, dev: PciDevice, req: PageRequest) -> bool:
+        """The one entry of a device's PCIe page request (:meth:`PciDevice.page_request`):
+        the vendor writes ``req`` into its own queue in its own format -- AMD's PPR log,
+        VT-d's page request queue, SMMUv3's PRI queue -- and raises the interrupt its
+        driver's handler runs on; the driver answers through its ``page_response`` hook.
+        Returns whether the request was queued (False: refused or lost, the vendor's
+        registers say which). An IOMMU without a page request interface loses every request:
+        this default, which vendors with one override (taking the model lock)."""
+        return False
 
     def iotlb_fast(self, dev: PciDevice, pasid: int | None, write: bool) -> FastPath | None:
         """How this device's requests hit the IOTLB, for the rest of a burst after a first

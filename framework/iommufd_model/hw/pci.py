@@ -1,11 +1,50 @@
-"""Simulated PCI devices: a requester ID behind one IOMMU instance, able to issue DMA."""
+"""Simulated PCI devices: a requester ID behind one IOMMU instance, able to issue DMA and
+PCIe page requests (PRI)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import attrs
+
 if TYPE_CHECKING:
     from iommufd_model.hw.iommu import IommuHw
+
+PRG_INDEX_MASK = 0x1FF  # the Page Request Group Index: 9 bits in the message
+PASID_MASK = 0xF_FFFF  # the PASID TLP prefix: 20 bits
+PAGE_ADDR_MASK = ((1 << 64) - 1) & ~0xFFF  # the message carries address bits 63:12
+
+
+def _page_addr(addr: int) -> int:
+    return addr & PAGE_ADDR_MASK
+
+
+def _pasid(pasid: int | None) -> int | None:
+    return None if pasid is None else pasid & PASID_MASK
+
+
+def _grpid(grpid: int) -> int:
+    return grpid & PRG_INDEX_MASK
+
+
+@attrs.frozen
+class PageRequest:
+    """A PCIe Page Request Message as it leaves the device (PCIe Base spec, Page Request
+    Interface): the page address, the PASID TLP prefix (None: no prefix) with its Execute and
+    Privileged Mode Requested bits, Read/Write Access Requested, the Page Request Group Index
+    and Last Request in PRG. The fields hold only what the message can carry (the
+    constructor truncates to the wire widths), so every vendor's queue format sees the same
+    request. Vendors' own names: AMD's PPR log ``GN``/``US``/tag, VT-d's ``PRGI``/``LPIG``,
+    SMMUv3's PRI queue ``SSV``/``PRGIndex``/``L``."""
+
+    addr: int = attrs.field(converter=_page_addr)
+    pasid: int | None = attrs.field(default=None, converter=_pasid)
+    read: bool = True
+    write: bool = False
+    exe: bool = False
+    priv: bool = False
+    grpid: int = attrs.field(default=0, converter=_grpid)
+    last: bool = True
 
 
 class PciDevice:
@@ -40,6 +79,24 @@ class PciDevice:
     ) -> None:
         """Write ``data`` at ``iova`` through the IOMMU; all or nothing; raises ``DmaFault``."""
         self.iommu.dma_write(self, iova, data, pasid)
+
+    def page_request(
+        self,
+        addr: int,
+        *,
+        pasid: int | None = None,
+        read: bool = True,
+        write: bool = False,
+        exe: bool = False,
+        priv: bool = False,
+        grpid: int = 0,
+        last: bool = True,
+    ) -> bool:
+        """Send a PCIe Page Request (PRI) for the page at ``addr`` to the IOMMU: whether the
+        IOMMU took it into its queue (see :meth:`IommuHw.page_request`). The answer comes
+        later, as a page group response the IOMMU hands back."""
+        req = PageRequest(addr, pasid, read, write, exe, priv, grpid, last)
+        return self.iommu.page_request(self, req)
 
     def __repr__(self) -> str:
         return f"<PciDevice {self.name}>"

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from iommufd_model.core.eventq import IopfFault, IopfPartial, deliver_iopf_group, iopf_perm
 from iommufd_model.driver import Domain
 from iommufd_model.hw.iommu import IommuHw
+from iommufd_model.locking import locked
 from iommufd_model.mock.domain import (
     MOCK_IO_PAGE_SHIFT,
     MOCK_IO_PAGE_SIZE,
@@ -22,7 +24,7 @@ from iommufd_model.mock.iommupt import (
 )
 
 if TYPE_CHECKING:
-    from iommufd_model.hw.pci import PciDevice
+    from iommufd_model.hw.pci import PageRequest, PciDevice
     from iommufd_model.machine import Machine
 
 MOCK_PASID_WIDTH = 20
@@ -36,6 +38,28 @@ class MockIommu(IommuHw):
         super().__init__(machine, index)
         self.context: dict[int, Domain | None] = {}
         self.pasid_context: dict[tuple[int, int], Domain] = {}
+        self.partial = IopfPartial()
+
+    @locked
+    def page_request(self, dev: PciDevice, req: PageRequest) -> bool:
+        """The mock has no page request queue (the self-test driver reports faults from
+        IOMMU_TEST_OP_TRIGGER_IOPF): a request goes straight to the kernel's
+        ``iommu_report_device_fault()`` path, as the test op's request does. The handler is
+        the fault queue of the domain at the request's PASID (none there: the RID's nested
+        domain, ``user_pasid_table``) or at the RID; earlier requests of a group wait for
+        its last. Without a handler the request is answered INVALID (``iopf_error_response``;
+        the mock's ``page_response`` does nothing) and False returned (model's own)."""
+        domain = self.context.get(dev.rid)
+        if req.pasid is not None:
+            at_pasid = self.pasid_context.get((dev.rid, req.pasid))
+            domain = at_pasid or (domain if isinstance(domain, MockNestedDomain) else None)
+        hwpt = None if domain is None else domain.hwpt
+        if hwpt is None or hwpt.fault is None:
+            return False
+        perm = iopf_perm(read=req.read, write=req.write, exe=req.exe, priv=req.priv)
+        fault = IopfFault(req.addr, perm, req.pasid)
+        group = self.partial.group(dev.rid, req.grpid, fault, req.last)
+        return not group or deliver_iopf_group(domain, dev, req.grpid, group)
 
     def translate(
         self, dev: PciDevice, iova: int, pasid: int | None, write: bool

@@ -31,6 +31,7 @@ from iommufd_model.core.device import (
     device_detach,
     device_unbind,
 )
+from iommufd_model.core.eventq import IopfFault, deliver_iopf_group
 from iommufd_model.core.hw_pagetable import Hwpt, HwptNested, HwptPaging
 from iommufd_model.core.ioas import Ioas
 from iommufd_model.core.objects import IommufdObject, ObjType
@@ -99,7 +100,6 @@ from iommufd_model.mock.iommufd_test import (
     TriggerVevent,
 )
 from iommufd_model.process import MemFile
-from iommufd_model.uapi import iommufd as U
 
 if TYPE_CHECKING:
     from iommufd_model.core.main import IommuFd
@@ -571,23 +571,10 @@ def _trigger_iopf(ucmd: Ucmd, cmd: IommuTestCmd) -> None:
     dropped (the kernel logs and auto-responds), the ioctl itself still succeeds."""
     args = TriggerIopf.of(cmd)
     idev = ucmd.ictx.objects.get_device(args.dev_id)
-    flags = U.IOMMU_PGFAULT_FLAGS_LAST_PAGE
-    if args.pasid != IOMMU_NO_PASID:
-        flags |= U.IOMMU_PGFAULT_FLAGS_PASID_VALID
     hwpt = fault_hwpt(idev, args.pasid)
-    if hwpt is None or hwpt.fault is None:
-        return
-    fault = U.IommuHwptPgfault(
-        flags=flags,
-        dev_id=idev.id,
-        pasid=args.pasid,
-        grpid=args.grpid,
-        perm=args.perm,
-        addr=args.addr,
-        length=PAGE_SIZE,
-    )
     pasid = args.pasid if args.pasid != IOMMU_NO_PASID else None
-    hwpt.fault.report(idev, pasid, args.grpid, [fault])
+    fault = IopfFault(args.addr, args.perm, pasid)
+    deliver_iopf_group(None if hwpt is None else hwpt.domain, idev.dev, args.grpid, [fault])
 
 
 def _trigger_vevent(ucmd: Ucmd, cmd: IommuTestCmd) -> None:

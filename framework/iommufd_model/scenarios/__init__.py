@@ -18,6 +18,10 @@ from iommufd_model.scenarios.base import (
     run_scenario,
 )
 from iommufd_model.scenarios.catalog import SCENARIOS
+from iommufd_model.scenarios.iopf import iopf_fault_queue  # registers itself, too
+
+# isort: split
+# (the matrix lists the rows in registration order: the IOPF row before the nested ones)
 from iommufd_model.scenarios.guest_events import GUEST_SCENARIOS  # registers itself, too
 from iommufd_model.scenarios.nested import NESTED_SCENARIOS  # registers itself in SCENARIOS
 
@@ -34,5 +38,6 @@ __all__ = [
     "ScenarioContext",
     "ScenarioResult",
     "Unsupported",
+    "iopf_fault_queue",
     "run_scenario",
 ]

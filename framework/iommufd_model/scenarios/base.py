@@ -58,9 +58,12 @@ class Divergence(Exception):
 
 
 class Unsupported(Exception):
-    """The driver refused a feature it does not declare, with the errno it gave."""
+    """The driver refused a feature it does not declare, with the errno it gave (None where
+    the kernel refuses without one: a page request the driver answers itself)."""
 
-    def __init__(self, feature: Feature, errno_: int, detail: str = "", upstream: str = "") -> None:
+    def __init__(
+        self, feature: Feature, errno_: int | None, detail: str = "", upstream: str = ""
+    ) -> None:
         why = detail or errno_name(errno_)
         super().__init__(f"{feature.value}: {why}" + (f" ({upstream})" if upstream else ""))
         self.feature = feature
@@ -216,7 +219,7 @@ class ScenarioContext:
         self.option_set = option_set
         declared = registry.drivers[driver].info
         self.info: DriverInfo = attrs.evolve(
-            declared, features=declared.features - option_set.lacks
+            declared, features=option_set.features(declared.features)
         )
         self.machines: list[Machine] = []
         self.vms: list[Vm] = []

@@ -90,6 +90,14 @@ FEATURES = frozenset(
         Feature.VIOMMU_INVALIDATE,
     }
 )
+#: What the 7.2 driver refuses as well (the matrix says "unsupported upstream", naming it).
+UNSUPPORTED_UPSTREAM = {
+    Feature.IOPF: (
+        "Linux 7.2 drivers/iommu/amd/ppr.c: iommu_call_iopf_notifier aborts requests without "
+        "a PASID, and io-pgfault.c find_fault_handler finds no handler at a PASID (AMD paging "
+        "domains have no set_dev_pasid, no user_pasid_table), so iopf_error_response answers"
+    ),
+}
 
 
 def _kernel(iommu: IommuHw) -> AmdKernel:
@@ -183,6 +191,7 @@ class AmdDriver(PagingDomainOps):
             veventq_types=frozenset({U.IOMMU_VEVENTQ_TYPE_AMD}),
             hw_queue_types=frozenset(HW_QUEUE_TYPES),
             option_sets=OPTION_SETS,
+            unsupported_upstream=UNSUPPORTED_UPSTREAM,
         )
 
     @hookimpl

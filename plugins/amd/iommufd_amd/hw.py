@@ -33,7 +33,7 @@ from iommufd_model.hw.x86_64 import X86_64Format
 from iommufd_model.locking import locked
 
 if TYPE_CHECKING:
-    from iommufd_model.hw.pci import PciDevice
+    from iommufd_model.hw.pci import PageRequest, PciDevice
     from iommufd_model.machine import Machine
 
 WALK_MODULE = "iommufd_amd.walk"
@@ -258,19 +258,7 @@ class AmdIommu(IommuHw):
 
     # -- page requests (PPR) ------------------------------------------------------------------
     @locked
-    def page_request(
-        self,
-        dev: PciDevice,
-        addr: int,
-        *,
-        pasid: int | None = None,
-        read: bool = True,
-        write: bool = False,
-        exe: bool = False,
-        user: bool = True,
-        last: bool = True,
-        grpid: int = 0,
-    ) -> bool:
+    def page_request(self, dev: PciDevice, req: PageRequest) -> bool:
         """A PCIe Page Request from ``dev``: with the PPR log running and the device's DTE
         V and PPR set, the entry goes to the PPR log tail (PprInt set) and the driver's PPR
         interrupt runs. A valid DTE without PPR refuses the request: one INVALID_PPR_REQUEST
@@ -278,10 +266,11 @@ class AmdIommu(IommuHw):
         request is dropped without a trace (the model's choice: a DTE with V=0, a PPR log that
         is not running). Returns whether the request reached the PPR log."""
         ring = self.ppr_ring
-        dte, _why = self._dte(dev.rid, addr, pasid, write)
-        flags = P.request_flags(pasid=pasid, read=read, write=write, exe=exe, user=user)
-        tag = (grpid & 0x1FF) | (P.TAG_LAST if last else 0)
-        page = addr & ~0xFFF
+        pasid = req.pasid
+        dte, _why = self._dte(dev.rid, req.addr, pasid, req.write)
+        flags = P.request_flags(req)
+        tag = req.grpid | (P.TAG_LAST if req.last else 0)
+        page = req.addr
         if dte.v and not dte.ppr:
             refused = E.Event(E.INVALID_PPR_REQUEST, dev.rid, pasid or 0, flags, page, tag)
             self.log_event(refused)

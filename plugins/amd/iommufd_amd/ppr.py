@@ -15,6 +15,8 @@ import struct
 
 import attrs
 
+from iommufd_model.hw.pci import PageRequest
+
 PPR_REQ_FAULT = 0x1  # PPR_REQ_FAULT: the only request type the driver handles
 PPR_FLAG_EXEC = 0x002
 PPR_FLAG_READ = 0x004
@@ -65,12 +67,13 @@ class PprEntry:
         )
 
 
-def request_flags(*, pasid: int | None, read: bool, write: bool, exe: bool, user: bool) -> int:
-    """The PPR flags a request carries (GN when it has a PASID)."""
+def request_flags(req: PageRequest) -> int:
+    """The PPR flags a PCIe page request carries: GN when it has a PASID, US for a
+    user-mode (not privileged) request."""
     return (
-        (PPR_FLAG_GN if pasid is not None else 0)
-        | (PPR_FLAG_READ if read else 0)
-        | (PPR_FLAG_WRITE if write else 0)
-        | (PPR_FLAG_EXEC if exe else 0)
-        | (PPR_FLAG_US if user else 0)
+        (PPR_FLAG_GN if req.pasid is not None else 0)
+        | (PPR_FLAG_READ if req.read else 0)
+        | (PPR_FLAG_WRITE if req.write else 0)
+        | (PPR_FLAG_EXEC if req.exe else 0)
+        | (0 if req.priv else PPR_FLAG_US)
     )

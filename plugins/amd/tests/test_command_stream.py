@@ -233,12 +233,12 @@ def test_page_requests_are_answered_by_the_kernel(make_world: Any) -> None:
     w = make_world(ats=True)
     rid = w.dev.rid
     h = w.hwpt(w.ioas(), U.IOMMU_HWPT_ALLOC_PASID)
-    assert not w.hw.page_request(w.dev, IOVA)  # DTE without PPR: not logged
+    assert not w.dev.page_request(IOVA)  # DTE without PPR: not logged
     w.fd.attach(w.dev_id, h)
     assert w.kernel.read_dte(rid).ppr
     seen = w.record_commands()
-    assert w.hw.page_request(w.dev, IOVA + 0x123, grpid=0x11)
-    assert w.hw.page_request(w.dev, IOVA, pasid=5, write=True, grpid=0x12)
+    assert w.dev.page_request(IOVA + 0x123, grpid=0x11)
+    assert w.dev.page_request(IOVA, pasid=5, write=True, grpid=0x12)
     assert [sig(c) for c in seen] == [
         ("PPR", rid, 0, True, 0x11, P.RESP_FAILURE),
         ("PPR", rid, 5, True, 0x12, P.RESP_INVALID),

@@ -34,7 +34,7 @@ def test_ppr_request_without_dte_ppr_logs_one_invalid_ppr_request(make_world: An
     before = _raw_events(w)
     ppr_tail = w.hw.mmio.read(R.PPR_TAIL)
 
-    assert not w.hw.page_request(w.dev, IOVA + 0x456, pasid=0xA_BCDE, write=True, grpid=0x12)
+    assert not w.dev.page_request(IOVA + 0x456, pasid=0xA_BCDE, write=True, grpid=0x12)
 
     raw = _raw_events(w)[len(before) :]
     assert len(raw) == 1  # exactly once
@@ -61,5 +61,5 @@ def test_ppr_enabled_dte_logs_no_event(make_world: Any) -> None:
     w.fd.attach(w.dev_id, w.hwpt(w.ioas(), U.IOMMU_HWPT_ALLOC_PASID))
     assert w.kernel.read_dte(w.dev.rid).ppr
     before = _raw_events(w)
-    assert w.hw.page_request(w.dev, IOVA, pasid=5, grpid=3)
+    assert w.dev.page_request(IOVA, pasid=5, grpid=3)
     assert _raw_events(w) == before

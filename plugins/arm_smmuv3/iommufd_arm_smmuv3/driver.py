@@ -99,12 +99,17 @@ FEATURES = frozenset(
         api.Feature.HW_QUEUE,
         api.Feature.PASID,
         api.Feature.DIRTY_TRACKING,
-        api.Feature.IOPF,
     }
 )
 VIOMMU_TYPES = frozenset({U.IOMMU_VIOMMU_TYPE_ARM_SMMUV3, U.IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV})
 #: What the 7.2 driver refuses as well (the matrix says "unsupported upstream", naming it).
 UNSUPPORTED_UPSTREAM = {
+    api.Feature.IOPF: (
+        "Linux 7.2 drivers/iommu/arm/arm-smmu-v3/arm-smmu-v3.c: arm_smmu_handle_ppr answers "
+        "every PCIe page request with PRI_RESP DENY; IO page faults reach iommufd only from a "
+        "stalling master (arm_smmu_probe_device: dma-can-stall or IDR0.STALL_MODEL = FORCE; "
+        "the option set 'stall')"
+    ),
     api.Feature.HWPT_INVALIDATE: (
         "Linux 7.2 drivers/iommu/arm/arm-smmu-v3/arm-smmu-v3-iommufd.c: "
         "arm_smmu_nested_ops has no cache_invalidate_user, so iommufd_hwpt_invalidate gives "

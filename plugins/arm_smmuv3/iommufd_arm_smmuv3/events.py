@@ -132,6 +132,8 @@ class Event:
 
 
 PRI_SIZE = 16
+PRIQ0_PERM_PRIV = bit(58)
+PRIQ0_PERM_EXEC = bit(59)
 PRIQ0_SSID_V = bit(63)
 PRIQ0_PRG_LAST = bit(62)
 PRIQ0_PERM_WRITE = bit(61)
@@ -153,9 +155,12 @@ class PageRequest:
     read: bool = True
     write: bool = False
     ssid: int | None = None
+    exe: bool = False
+    priv: bool = False
 
     def encode(self) -> bytes:
         w0 = put(self.sid, 31, 0)
+        w0 |= (PRIQ0_PERM_EXEC if self.exe else 0) | (PRIQ0_PERM_PRIV if self.priv else 0)
         if self.ssid is not None:
             w0 |= PRIQ0_SSID_V | put(self.ssid, 51, 32)
         w0 |= (PRIQ0_PRG_LAST if self.last else 0) | (PRIQ0_PERM_READ if self.read else 0)
@@ -173,6 +178,8 @@ class PageRequest:
             read=bool(w0 & PRIQ0_PERM_READ),
             write=bool(w0 & PRIQ0_PERM_WRITE),
             ssid=get(w0, 51, 32) if w0 & PRIQ0_SSID_V else None,
+            exe=bool(w0 & PRIQ0_PERM_EXEC),
+            priv=bool(w0 & PRIQ0_PERM_PRIV),
         )
 
 

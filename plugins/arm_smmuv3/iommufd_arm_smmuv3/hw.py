@@ -40,7 +40,7 @@ from iommufd_model.hw.ring import MemRing
 from iommufd_model.locking import locked
 
 if TYPE_CHECKING:
-    from iommufd_model.hw.pci import PciDevice
+    from iommufd_model.hw.pci import PageRequest, PciDevice
     from iommufd_model.machine import Machine
 
 WALKER = "iommufd_arm_smmuv3.walk"
@@ -376,16 +376,7 @@ class Smmuv3(IommuHw):
                 handler()
 
     @locked
-    def page_request(
-        self,
-        dev: PciDevice,
-        addr: int,
-        grpid: int,
-        *,
-        last: bool = True,
-        write: bool = False,
-        pasid: int | None = None,
-    ) -> bool:
+    def page_request(self, dev: PciDevice, request: PageRequest) -> bool:
         """A PCIe page request from ``dev`` (its PRI capability): queued at PRIQ_PROD, the
         PRIQ interrupt raised; False when the queue is off or full (the request is lost)."""
         ring = self._priq
@@ -400,7 +391,10 @@ class Smmuv3(IommuHw):
             self.page_requests_lost += 1
             m.set("PRIQ_PROD", (prod & ~R.Q_OVERFLOW) | (~cons & R.Q_OVERFLOW))
             return False
-        req = E.PageRequest(dev.rid, addr, grpid, last, not write, write, pasid)
+        r = request
+        req = E.PageRequest(
+            dev.rid, r.addr, r.grpid, r.last, r.read, r.write, r.pasid, r.exe, r.priv
+        )
         ring.write(prod & wrap_mask, req.encode())
         m.set("PRIQ_PROD", (prod & R.Q_OVERFLOW) | ((prod + 1) & wrap_mask))
         if self.irq_ctrl & R.IRQ_CTRL_PRIQ_IRQEN:

@@ -55,6 +55,7 @@ from iommufd_arm_smmuv3.ste import (
     STRW_NSEL1,
     Ste,
 )
+from iommufd_model.core.eventq import IopfFault, deliver_iopf_group, iopf_perm
 from iommufd_model.driver import Domain, DomainType
 from iommufd_model.errors import err
 from iommufd_model.hw.bits import get, pack
@@ -326,28 +327,10 @@ class SmmuDevice:
             domain = master.pasid_domains.get(pasid)
             if domain is None and master.domain is not None:
                 domain = master.domain if master.domain.type == DomainType.NESTED else None
-        hwpt = None if domain is None else domain.hwpt
-        queue = None if hwpt is None else hwpt.fault
-        idev = (
-            None if hwpt is None else next((d for d in hwpt.devices if d.dev is master.dev), None)
-        )
-        if queue is None or idev is None:
+        perm = iopf_perm(read=event.read, write=not event.read)
+        fault = IopfFault(event.input_addr, perm, pasid)
+        if not deliver_iopf_group(domain, master.dev, event.stag, [fault]):
             self.page_response(master, event.stag, U.IOMMUFD_PAGE_RESP_INVALID)
-            return
-        flags = U.IOMMU_PGFAULT_FLAGS_LAST_PAGE
-        if pasid is not None:
-            flags |= U.IOMMU_PGFAULT_FLAGS_PASID_VALID
-        perm = U.IOMMU_PGFAULT_PERM_READ if event.read else U.IOMMU_PGFAULT_PERM_WRITE
-        fault = U.IommuHwptPgfault(
-            flags=flags,
-            dev_id=idev.id,
-            pasid=pasid or 0,
-            grpid=event.stag,
-            perm=perm,
-            addr=event.input_addr,
-            length=0,  # iommufd_compose_fault_message()
-        )
-        queue.report(idev, pasid, event.stag, [fault])
 
     def page_response(self, master: Master, stag: int, code: int) -> None:
         """arm_smmu_page_response(): CMD_RESUME of the STAG, RETRY for success, ABORT for

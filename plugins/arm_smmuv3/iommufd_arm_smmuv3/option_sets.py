@@ -3,7 +3,8 @@
 Each is a set of ``probe`` options (``PROBE_OPTIONS`` in :mod:`iommufd_arm_smmuv3.driver`):
 the substream (PASID) width (IDR1.SSIDSIZE), the CD table layout (2-level or linear,
 IDR0.CD2L), range invalidation (IDR3.RIL), hardware dirty state (IDR0.HTTU), stage-2 forced
-write-back (IDR3.FWB), the Tegra241 CMDQV extension and the TLB's size. The model has one
+write-back (IDR3.FWB), the Tegra241 CMDQV extension, the TLB's size and the stall model
+(IDR0.STALL_MODEL: only stalling masters have IO page faults in Linux 7.2). The model has one
 translation granule (4 KiB) and always both stages, so neither is swept.
 """
 
@@ -31,4 +32,10 @@ OPTION_SETS = (
         doc="no Tegra241 CMDQV: no hardware-accelerated guest command queue",
     ),
     OptionSet("tlb16", {"tlb_capacity": 16}, doc="a 16-entry TLB: eviction under load"),
+    OptionSet(
+        "stall",
+        {"stall_force": True},
+        adds=frozenset({Feature.IOPF}),
+        doc="IDR0.STALL_MODEL = FORCE: every master stalls, so faults go to IOPF",
+    ),
 )

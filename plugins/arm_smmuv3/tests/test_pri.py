@@ -18,9 +18,9 @@ def test_page_requests_are_denied(smmu_machine: Callable[..., Any]) -> None:
     assert r.hw.mmio.read(R.CR0, 4) & R.CR0_PRIQEN
     assert r.hw.mmio.read(R.IRQ_CTRL, 4) & R.IRQ_CTRL_PRIQ_IRQEN
     r.mark()
-    assert r.hw.page_request(r.m_dev, 0x10_0000, 7, last=False, write=True)
+    assert r.m_dev.page_request(0x10_0000, grpid=7, last=False, read=False, write=True)
     assert r.stream() == []  # not the last request of its group: no response
-    assert r.hw.page_request(r.m_dev, 0x10_1000, 7, last=True, pasid=3)
+    assert r.m_dev.page_request(0x10_1000, grpid=7, last=True, pasid=3)
     assert r.stream() == [C.pri_resp(r.sid, 7, PRI_RESP_DENY, 3)]  # no CMD_SYNC
     assert r.hw.pri_responses[-1] == (r.sid, 3, 7, PRI_RESP_DENY)
     reqs = r.smmu.page_requests
@@ -33,5 +33,5 @@ def test_page_requests_are_denied(smmu_machine: Callable[..., Any]) -> None:
 def test_without_idr0_pri_there_is_no_pri_queue(smmu_machine: Callable[..., Any]) -> None:
     r = Rig(smmu_machine)
     assert not r.hw.mmio.read(R.CR0, 4) & R.CR0_PRIQEN
-    assert not r.hw.page_request(r.m_dev, 0x10_0000, 1)
+    assert not r.m_dev.page_request(0x10_0000, grpid=1)
     assert r.hw.page_requests_lost == 1 and r.smmu.page_requests == []

@@ -33,7 +33,7 @@ from iommufd_model.hw.walk_x86 import walk_x86
 from iommufd_model.locking import locked
 
 if TYPE_CHECKING:
-    from iommufd_model.hw.pci import PciDevice
+    from iommufd_model.hw.pci import PageRequest, PciDevice
     from iommufd_model.machine import Machine
 
 WALKER_MODULE = "iommufd_intel_vtd.walk"
@@ -464,26 +464,15 @@ class IntelVtd(IommuHw):
 
     # -- page requests ------------------------------------------------------------------
     @locked
-    def page_request(
-        self,
-        dev: PciDevice,
-        addr: int,
-        *,
-        pasid: int | None = None,
-        read: bool = True,
-        write: bool = False,
-        exe: bool = False,
-        priv: bool = False,
-        lpig: bool = True,
-        prgi: int = 0,
-    ) -> bool:
+    def page_request(self, dev: PciDevice, request: PageRequest) -> bool:
         """A PCIe Page Request from ``dev``: check the context entry (present, PASIDE for a
         request with PASID, PRE), queue the descriptor at PQT, set PRS.PPR and raise the page
         request interrupt. Returns whether it was queued. A refused request records its
         fault and, the last of a group, gets "invalid request" from the hardware; with the
         queue full PRS.PRO and FSTS.PRO are set and the last request of a group is answered
         "success" by the hardware (the model's reading of the spec: the device retries)."""
-        req = P.PageRequest(dev.rid, addr, pasid, read, write, exe, priv, lpig, prgi & 0x1FF)
+        r, pasid, write = request, request.pasid, request.write
+        req = P.PageRequest(dev.rid, r.addr, pasid, r.read, write, r.exe, r.priv, r.last, r.grpid)
         try:
             ce = self.context_entry(dev.rid)
             if pasid is not None and not ce.paside:
@@ -491,7 +480,7 @@ class IntelVtd(IommuHw):
             if not ce.pre:
                 raise F.TableFault(F.FR_SM_CTX_PRE, ce.fpd)
         except F.TableFault as tf:
-            self.record(dev, addr, write, pasid, tf.reason, tf.fpd)
+            self.record(dev, r.addr, write, pasid, tf.reason, tf.fpd)
             self._hw_response(req, Q.RESP_INVALID)
             return False
         pqa = self.mmio["PQA"]

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 from iommufd_intel_vtd import prq as P
 from iommufd_intel_vtd import qi as Q
 from iommufd_intel_vtd import regs as R
+from iommufd_model.core.eventq import IopfFault, IopfPartial, deliver_iopf_group, iopf_perm
 from iommufd_model.hw.memory import PAGE_SHIFT
-from iommufd_model.uapi import iommufd as U
 
 if TYPE_CHECKING:
     from iommufd_intel_vtd.domain import VtdDomain
@@ -52,7 +52,7 @@ class KernelPrq:
         mmio.write(R.PQH, 0)
         mmio.write(R.PQT, 0)
         mmio.write(R.PQA, self.base | P.PRQ_ORDER)
-        self.partial: dict[int, list[U.IommuHwptPgfault]] = {}  # rid -> partial faults
+        self.partial = IopfPartial()
         st.hw.prq_irq = self.event_thread
 
     # -- the interrupt thread -----------------------------------------------------------------
@@ -84,7 +84,7 @@ class KernelPrq:
             head = mmio.read(R.PQH) & PRQ_RING_MASK
             tail = mmio.read(R.PQT) & PRQ_RING_MASK
             if head == tail:
-                self.partial.clear()  # iopf_queue_discard_partial()
+                self.partial.discard()
                 mmio.write(R.PRS_REG, R.PRS_PRO, 4)
 
     def _bad(self, req: P.PageRequest) -> None:
@@ -94,39 +94,18 @@ class KernelPrq:
 
     def _report(self, info: DevInfo, req: P.PageRequest) -> None:
         """intel_prq_report() + iommu_report_device_fault() + iommufd's iopf handler."""
-        flags = U.IOMMU_PGFAULT_FLAGS_LAST_PAGE if req.lpig else 0
-        if req.pasid is not None:
-            flags |= U.IOMMU_PGFAULT_FLAGS_PASID_VALID | FAULT_NEEDS_PASID
-        perm = (
-            (U.IOMMU_PGFAULT_PERM_READ if req.read else 0)
-            | (U.IOMMU_PGFAULT_PERM_WRITE if req.write else 0)
-            | (U.IOMMU_PGFAULT_PERM_EXEC if req.exe else 0)
-            | (U.IOMMU_PGFAULT_PERM_PRIV if req.priv else 0)
-        )
+        perm = iopf_perm(read=req.read, write=req.write, exe=req.exe, priv=req.priv)
+        needs_pasid = 0 if req.pasid is None else FAULT_NEEDS_PASID
+        fault = IopfFault(req.addr, perm, req.pasid, needs_pasid)
         domain = info.domains.get(0 if req.pasid is None else req.pasid)
-        hwpt = getattr(domain, "hwpt", None)
-        fault_queue = getattr(hwpt, "fault", None)
-        idev = next((i for i in getattr(hwpt, "devices", []) if i.dev is info.dev), None)
-        if fault_queue is None or idev is None:
+        hwpt = None if domain is None else domain.hwpt
+        if hwpt is None or hwpt.fault is None:
             # find_fault_handler() found no domain with an iopf handler: answer at once
             self.respond(req.rid, req.pasid, req.prgi, Q.RESP_INVALID)
             return
-        fault = U.IommuHwptPgfault(
-            flags=flags,
-            dev_id=idev.id,
-            pasid=req.pasid or 0,
-            grpid=req.prgi,
-            perm=perm,
-            addr=req.addr,
-            length=0,  # iommufd_compose_fault_message() reports no length
-        )
-        partial = self.partial.setdefault(req.rid, [])
-        if not req.lpig:
-            partial.append(fault)
-            return
-        group = [f for f in partial if f.grpid == req.prgi] + [fault]
-        partial[:] = [f for f in partial if f.grpid != req.prgi]
-        fault_queue.report(idev, req.pasid, req.prgi, group)
+        group = self.partial.group(req.rid, req.prgi, fault, req.lpig)
+        if group and not deliver_iopf_group(domain, info.dev, req.prgi, group):
+            self.respond(req.rid, req.pasid, req.prgi, Q.RESP_INVALID)
 
     # -- responses and draining ---------------------------------------------------------------
     def respond(self, rid: int, pasid: int | None, prgi: int, code: int) -> None:

@@ -78,7 +78,7 @@ def test_page_request_to_fault_queue_and_response_to_device(qi: Any, rig: Rig) -
     w.fd.attach(rig.dev_id, rig.hwpt)
     st = w.hw.driver_state
     assert st.devs[rig.dev.rid].iopf_refcount == 1
-    assert w.hw.page_request(rig.dev, 0x1234_5000, write=True, prgi=0x1AB)
+    assert rig.dev.page_request(0x1234_5000, write=True, grpid=0x1AB)
     # The interrupt thread consumed the queue: PQH caught up with PQT, PPR was cleared.
     assert w.hw.mmio["PQH"] == w.hw.mmio["PQT"] == P.ENTRY_SIZE
     assert not w.hw.mmio.read(R.PRS_REG, 4) & R.PRS_PPR
@@ -102,10 +102,10 @@ def test_a_group_is_delivered_at_its_last_request_with_pasid(qi: Any, rig: Rig) 
     w = rig.w
     hwpt = rig.alloc_hwpt(U.IOMMU_HWPT_ALLOC_PASID)
     w.fd.attach(rig.dev_id, hwpt, pasid=9)
-    w.hw.page_request(rig.dev, 0x1000, pasid=9, lpig=False, prgi=3)
-    w.hw.page_request(rig.dev, 0x2000, pasid=9, lpig=False, prgi=4)  # another group
+    rig.dev.page_request(0x1000, pasid=9, last=False, grpid=3)
+    rig.dev.page_request(0x2000, pasid=9, last=False, grpid=4)  # another group
     assert rig.read() == []  # nothing until the last request of a group
-    w.hw.page_request(rig.dev, 0x3000, pasid=9, write=True, prgi=3)
+    rig.dev.page_request(0x3000, pasid=9, write=True, grpid=3)
     got = rig.read()
     flags = U.IOMMU_PGFAULT_FLAGS_PASID_VALID | 1 << 2  # + IOMMU_FAULT_PAGE_RESPONSE_NEEDS_PASID
     assert [(f.addr, f.flags, f.pasid, f.grpid) for f in got] == [
@@ -125,15 +125,15 @@ def test_requests_without_a_handler_or_malformed_are_answered_invalid(qi: Any, r
     w = rig.w
     hw = w.hw
     # No domain with a fault queue where the request points: invalid at once.
-    hw.page_request(rig.dev, 0x1000, prgi=1)
+    rig.dev.page_request(0x1000, grpid=1)
     assert hw.prg_responses[-1] == P.PageGroupResponse(rig.dev.rid, None, 1, Q.RESP_INVALID)
     w.fd.attach(rig.dev_id, rig.hwpt)
     n = len(hw.prg_responses)
-    hw.page_request(rig.dev, 1 << 50, prgi=2)  # not canonical
-    hw.page_request(rig.dev, 0x1000, priv=True, prgi=3)  # privileged read
-    hw.page_request(rig.dev, 0x1000, exe=True, prgi=4)  # execute with read
-    hw.page_request(rig.dev, 0x1000, exe=True, prgi=5, lpig=False)  # bad, but not the last
-    hw.page_request(rig.dev, 0x1000, read=False, prgi=6)  # a stop marker: dropped
+    rig.dev.page_request(1 << 50, grpid=2)  # not canonical
+    rig.dev.page_request(0x1000, priv=True, grpid=3)  # privileged read
+    rig.dev.page_request(0x1000, exe=True, grpid=4)  # execute with read
+    rig.dev.page_request(0x1000, exe=True, grpid=5, last=False)  # bad, but not the last
+    rig.dev.page_request(0x1000, read=False, grpid=6)  # a stop marker: dropped
     assert [(r.prgi, r.code, r.by_hardware) for r in hw.prg_responses[n:]] == [
         (2, Q.RESP_INVALID, False),
         (3, Q.RESP_INVALID, False),
@@ -145,7 +145,7 @@ def test_requests_without_a_handler_or_malformed_are_answered_invalid(qi: Any, r
 def test_pre_clear_is_fault_0x47_answered_by_hardware(qi: Any, rig: Rig) -> None:
     w = rig.w
     plain = w.dev  # no ATS, so no PRI: its context entry has PRE = 0
-    assert not w.hw.page_request(plain, 0x1000, prgi=7)
+    assert not plain.page_request(0x1000, grpid=7)
     assert w.hw.records[-1].reason == F.FR_SM_CTX_PRE == 0x47
     assert w.hw.prg_responses[-1] == P.PageGroupResponse(plain.rid, None, 7, 1, True)
 
@@ -156,7 +156,7 @@ def test_queue_overflow_sets_pro_and_the_thread_clears_it(qi: Any, rig: Rig) -> 
     w.fd.attach(rig.dev_id, rig.hwpt)
     hw.prq_irq = None  # the interrupt masked: requests pile up
     size = 4096 << P.PRQ_ORDER
-    queued = sum(hw.page_request(rig.dev, 0x1000, prgi=i & 0x1FF) for i in range(size // 32))
+    queued = sum(rig.dev.page_request(0x1000, grpid=i & 0x1FF) for i in range(size // 32))
     assert queued == size // 32 - 1  # one slot stays free
     assert hw.mmio.read(R.PRS_REG, 4) & R.PRS_PRO and hw.mmio.read(R.FSTS, 4) & R.FSTS_PRO
     assert hw.prg_responses[-1].by_hardware and hw.prg_responses[-1].code == Q.RESP_SUCCESS
@@ -213,7 +213,7 @@ def test_teardown_with_iopf_drains_page_requests(qi: Any, rig: Rig) -> None:
 def test_fault_queue_close_answers_pending_groups_invalid(qi: Any, rig: Rig) -> None:
     w = rig.w
     w.fd.attach(rig.dev_id, rig.hwpt)
-    w.hw.page_request(rig.dev, 0x1000, prgi=11)
+    rig.dev.page_request(0x1000, grpid=11)
     w.fd.detach(rig.dev_id)
     w.fd.destroy(rig.hwpt)
     w.proc.close(rig.fault_fd)

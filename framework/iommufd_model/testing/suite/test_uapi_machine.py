@@ -870,7 +870,7 @@ def machine_for(
         "driver": driver,
         "options": options,
         "registry": registry,
-        "info": attrs.evolve(info, features=info.features - option_set.lacks),
+        "info": attrs.evolve(info, features=option_set.features(info.features)),
         "base": _base_for(driver, registry, options),
         "stats": Counter(),
     }
