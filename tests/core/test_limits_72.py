@@ -10,6 +10,7 @@ import pytest
 
 from helpers import PAGE, World, expect_errno
 from iommufd_model.mock import selftest as T
+from iommufd_model.testing import assert_errno
 from iommufd_model.uapi import iommufd as U
 
 NEST = U.IOMMU_HWPT_ALLOC_NEST_PARENT
@@ -128,17 +129,9 @@ def test_event_fd_read_sizes() -> None:
     _, qfd = w.fd.veventq_alloc(viommu, T.IOMMU_VEVENTQ_TYPE_SELFTEST, 2)
     vq = w.proc.files[qfd]
     for count in (0, 7):  # struct iommufd_vevent_header is 8 bytes
-        assert _errno(vq.read, count) == errno.EINVAL  # type: ignore[attr-defined]
+        assert_errno(errno.EINVAL, lambda n=count: vq.read(n))  # type: ignore[attr-defined]
     assert vq.read(8) == b""  # type: ignore[attr-defined]
     _, ffd = w.fd.fault_queue_alloc()
     fq = w.proc.files[ffd]
-    assert _errno(fq.read, 1) == errno.ESPIPE  # type: ignore[attr-defined]
+    assert_errno(errno.ESPIPE, lambda: fq.read(1))  # type: ignore[attr-defined]
     assert fq.read(0) == b""  # type: ignore[attr-defined]
-
-
-def _errno(fn: object, *a: object) -> int:
-    try:
-        fn(*a)  # type: ignore[operator]
-    except OSError as exc:
-        return exc.errno or -1
-    return 0

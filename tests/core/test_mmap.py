@@ -28,6 +28,7 @@ from iommufd_model.core.mmap import (
 from iommufd_model.failnth import sweep
 from iommufd_model.hw.regs import Mmio
 from iommufd_model.mock import selftest as T
+from iommufd_model.testing import assert_errno
 from iommufd_model.uapi import iommufd as U
 
 DATA = struct.pack("<IIQQ", 0xBEEF, 0, 0, 0)  # struct iommu_viommu_selftest
@@ -54,15 +55,6 @@ class ViommuWorld(World):
         return vid, offset, length
 
 
-def _errno(fn: object, *args: object, **kw: object) -> int:
-    try:
-        fn(*args, **kw)  # type: ignore[operator]
-    except OSError as exc:
-        assert exc.errno
-        return exc.errno
-    return 0
-
-
 def test_mock_viommu_region_is_two_pages_after_the_first() -> None:
     w = ViommuWorld()
     vid, offset, length = w.viommu()
@@ -85,14 +77,14 @@ def test_loopback_read_write_and_ebusy_while_mapped() -> None:
     assert vma.read(4, PAGE - 4) == bytes(PAGE - 4)  # __GFP_ZERO
     vma.write(PAGE + 8, b"\x11\x22")
     assert vma.read(PAGE + 8, 2) == b"\x11\x22"
-    assert _errno(vma.read, length - 1, 2) == errno.EFAULT  # beyond the VMA
-    assert _errno(w.fd.destroy, vid) == errno.EBUSY
+    assert_errno(errno.EFAULT, lambda: vma.read(length - 1, 2))  # beyond the VMA
+    assert_errno(errno.EBUSY, lambda: w.fd.destroy(vid))
     # a second mapping (or a fork's copy) holds its own reference
     other = vma.dup()
     vma.close()
     vma.close()  # munmap of an unmapped range is no error
-    assert _errno(vma.read, 0, 4) == errno.EFAULT
-    assert _errno(w.fd.destroy, vid) == errno.EBUSY
+    assert_errno(errno.EFAULT, lambda: vma.read(0, 4))
+    assert_errno(errno.EBUSY, lambda: w.fd.destroy(vid))
     other.close()
     w.fd.destroy(vid)
     assert w.fd.mmaps.regions() == []
@@ -138,7 +130,7 @@ def test_read_only_mapping_refuses_writes() -> None:
     w = ViommuWorld()
     _, offset, length = w.viommu()
     with w.fd.mmap(offset, length, PROT_READ) as vma:
-        assert _errno(vma.write, 0, b"x") == errno.EFAULT
+        assert_errno(errno.EFAULT, lambda: vma.write(0, b"x"))
         assert struct.unpack("<I", vma.read(0, 4))[0] == 0xBEEF
 
 
@@ -173,7 +165,7 @@ def test_close_with_live_mapping_defers_release() -> None:
     assert len(w.fd.objects) == 0
     assert w.fd.mmaps.regions() == []
     assert w.machine.memory.frames_in_use < frames  # the two pages went back
-    assert _errno(w.fd.mmap, offset, length) == errno.EBADF
+    assert_errno(errno.EBADF, lambda: w.fd.mmap(offset, length))
 
 
 def _alloc_buf(w: ViommuWorld, data_uptr: int) -> bytearray:
@@ -221,7 +213,7 @@ def test_rollback_when_out_data_cannot_be_written() -> None:
 
     w.proc.write = failing_write  # type: ignore[method-assign]
     try:
-        assert _errno(w.fd.ioctl, U.IOMMU_VIOMMU_ALLOC, _alloc_buf(w, va)) == errno.EFAULT
+        assert_errno(errno.EFAULT, lambda: w.fd.ioctl(U.IOMMU_VIOMMU_ALLOC, _alloc_buf(w, va)))
     finally:
         w.proc.write = real_write  # type: ignore[method-assign]
     assert snapshot(w.fd) == before
@@ -254,9 +246,9 @@ def test_table_alloc_rules() -> None:
     owner = MmapOwner(ictx)  # type: ignore[arg-type]
     mem = World().machine.memory
     pa = mem.alloc_contiguous(4) * PAGE
-    assert _errno(owner.alloc, PhysicalRegion(mem, pa, 0)) == errno.EINVAL
-    assert _errno(owner.alloc, PhysicalRegion(mem, pa, PAGE + 1)) == errno.EINVAL
-    assert _errno(PhysicalRegion, mem, pa + 8, PAGE) == errno.EINVAL
+    assert_errno(errno.EINVAL, lambda: owner.alloc(PhysicalRegion(mem, pa, 0)))
+    assert_errno(errno.EINVAL, lambda: owner.alloc(PhysicalRegion(mem, pa, PAGE + 1)))
+    assert_errno(errno.EINVAL, lambda: PhysicalRegion(mem, pa + 8, PAGE))
     a = owner.alloc(PhysicalRegion(mem, pa, PAGE))
     b = owner.alloc(PhysicalRegion(mem, pa, 3 * PAGE))
     c = owner.alloc(PhysicalRegion(mem, pa, PAGE))
@@ -282,7 +274,7 @@ def test_mmio_region_goes_through_the_registers() -> None:
     assert region.read(0, 16) == struct.pack("<IIQ", 1, 0x5, 0x1234_5678_9ABC_D000)
     assert region.read(0xC, 4) == struct.pack("<I", 0x1234_5678)  # upper half of BASE
     assert region.read(0x100, 8) == bytes(8)  # reserved space reads as zero
-    assert _errno(region.read, 2, 4) == errno.EINVAL
-    assert _errno(region.write, 0, b"\x01") == errno.EINVAL
-    assert _errno(region.read, PAGE - 4, 8) == errno.EFAULT
-    assert _errno(MmioRegion, mmio, 0x10, PAGE) == errno.EINVAL
+    assert_errno(errno.EINVAL, lambda: region.read(2, 4))
+    assert_errno(errno.EINVAL, lambda: region.write(0, b"\x01"))
+    assert_errno(errno.EFAULT, lambda: region.read(PAGE - 4, 8))
+    assert_errno(errno.EINVAL, lambda: MmioRegion(mmio, 0x10, PAGE))

@@ -14,6 +14,7 @@ import pytest
 from helpers import MOCK_APERTURE, PAGE, World, check_invariants, expect_errno
 from iommufd_model.mock import iommupt as P
 from iommufd_model.mock import selftest as T
+from iommufd_model.testing import assert_errno
 from iommufd_model.uapi import iommufd as U
 
 K2 = 2048
@@ -26,15 +27,6 @@ def _hwpt(w: World, ioas: int, data: bytes | None, flags: int = 0) -> int:
     return w.fd.hwpt_alloc(
         w.dev_id, ioas, flags=flags, data_type=T.IOMMU_HWPT_DATA_SELFTEST, data=data
     )
-
-
-def _errno(fn: object, *a: object, **kw: object) -> int:
-    try:
-        fn(*a, **kw)  # type: ignore[operator]
-    except OSError as exc:
-        assert exc.errno
-        return exc.errno
-    return 0
 
 
 def test_paging_hwpt_takes_selftest_data() -> None:
@@ -88,9 +80,9 @@ def test_map_picks_the_largest_page_and_unmap_rules() -> None:
     assert pt.leaf_at(MOCK_APERTURE + 4 * M1) == (MOCK_APERTURE + 4 * M1, 12)
     assert pt.iova_to_phys(MOCK_APERTURE + 5) == 0x4000_0005
     assert pt.iova_to_phys(MOCK_APERTURE - K2) == 0
-    assert _errno(pt.map, MOCK_APERTURE, 0x1000, PAGE, 3) == errno.EADDRINUSE
-    assert _errno(pt.map, MOCK_APERTURE + 8 * M1 + 1024, 0, K2, 3) == errno.ENXIO
-    assert _errno(pt.map, 1 << 38, 0, K2, 3) == errno.ERANGE
+    assert_errno(errno.EADDRINUSE, lambda: pt.map(MOCK_APERTURE, 0x1000, PAGE, 3))
+    assert_errno(errno.ENXIO, lambda: pt.map(MOCK_APERTURE + 8 * M1 + 1024, 0, K2, 3))
+    assert_errno(errno.ERANGE, lambda: pt.map(1 << 38, 0, K2, 3))
     # a start inside a leaf unmaps nothing; an end inside one takes the whole leaf
     assert pt.unmap(MOCK_APERTURE + M1, M1) == 0
     assert pt.unmap(MOCK_APERTURE, M1) == 4 * M1
@@ -181,7 +173,7 @@ def test_add_reserved_checks_the_range_first(start: int, length: int, code: int)
     buf = bytearray(struct.pack("<IIII", 72, T.IOMMU_TEST_OP_ADD_RESERVED, 999, 0) + payload)
     buf += bytes(8)
     want = code or errno.EOVERFLOW
-    assert _errno(w.fd.ioctl, T.IOMMU_TEST_CMD, buf) == want
+    assert_errno(want, lambda: w.fd.ioctl(T.IOMMU_TEST_CMD, buf))
 
 
 def test_md_check_map_looks_the_hwpt_up_first() -> None:
@@ -190,4 +182,4 @@ def test_md_check_map_looks_the_hwpt_up_first() -> None:
     payload = struct.pack("<QQQ", 1, 1, 1).ljust(48, b"\0")
     buf = bytearray(struct.pack("<IIII", 72, T.IOMMU_TEST_OP_MD_CHECK_MAP, 999, 0) + payload)
     buf += bytes(8)
-    assert _errno(w.fd.ioctl, T.IOMMU_TEST_CMD, buf) == errno.ENOENT
+    assert_errno(errno.ENOENT, lambda: w.fd.ioctl(T.IOMMU_TEST_CMD, buf))

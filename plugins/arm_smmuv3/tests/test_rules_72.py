@@ -6,12 +6,12 @@ from __future__ import annotations
 import errno
 from typing import Any
 
-import pytest
 from iommufd_arm_smmuv3 import commands as C
 from iommufd_arm_smmuv3.pgtable import PTE_MEMATTR_FWB_WB, PTE_MEMATTR_OIWB
 from iommufd_arm_smmuv3.ste import Ste
 
 from iommufd_model.hw.bits import words
+from iommufd_model.testing import assert_errno
 from iommufd_model.uapi import iommufd as U
 
 from .conftest import GuestVm, RawVmm
@@ -19,18 +19,12 @@ from .conftest import GuestVm, RawVmm
 CMDQV = U.IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV
 
 
-def _errno(fn: Any) -> int:
-    with pytest.raises(OSError) as exc:
-        fn()
-    return exc.value.errno or 0
-
-
 def test_tegra_viommu_data_of_any_other_length_is_einval(vmm: Any) -> None:
     r = vmm()
     ioas = r.ioas_alloc()
     parent = r.hwpt_alloc(ioas, U.IOMMU_HWPT_ALLOC_NEST_PARENT)
     for data in (b"", bytes(8), bytes(24), bytes(16) + b"\x01"):
-        assert _errno(lambda d=data: r.viommu_alloc_data(parent, CMDQV, d)) == errno.EINVAL
+        assert_errno(errno.EINVAL, lambda d=data: r.viommu_alloc_data(parent, CMDQV, d))
     owners = r.machine.iommus[0]
     viommu, out = r.viommu_alloc_data(parent, CMDQV, bytes(16))
     assert viommu and len(out) == 16 and owners.cmdqv is not None
@@ -55,7 +49,7 @@ def _gate_vmm(vmm: Any, **options: Any) -> tuple[RawVmm, int]:
 def test_viommu_needs_canwbs_or_s2fwb(vmm: Any) -> None:
     r, parent = _gate_vmm(vmm, canwbs=False)
     for vtype in (U.IOMMU_VIOMMU_TYPE_ARM_SMMUV3, CMDQV):
-        assert _errno(lambda t=vtype: r.viommu_alloc_data(parent, t, bytes(16))) == errno.EOPNOTSUPP
+        assert_errno(errno.EOPNOTSUPP, lambda t=vtype: r.viommu_alloc_data(parent, t, bytes(16)))
     r, parent = _gate_vmm(vmm, canwbs=False, s2fwb=True)
     assert r.viommu_alloc_data(parent, U.IOMMU_VIOMMU_TYPE_ARM_SMMUV3)[0]
 
@@ -72,7 +66,7 @@ def test_s2fwb_nest_parent_sets_ste_s2fwb_and_fwb_memattr(vmm: Any) -> None:
 
 def test_cmdqv_vsids_are_20_bits(guest_vm: Any) -> None:
     vm = guest_vm(CMDQV, bytes(16))
-    assert _errno(lambda: vm.r.vdevice_alloc(vm.viommu, 1 << 20)) == errno.EINVAL
+    assert_errno(errno.EINVAL, lambda: vm.r.vdevice_alloc(vm.viommu, 1 << 20))
     vdev = vm.r.vdevice_alloc(vm.viommu, (1 << 20) - 1)
     vintf = vm.viommu_drv.vintf
     assert vintf.sid_match[0] == (((1 << 20) - 1) << 1) | 1 and vdev
