@@ -23,7 +23,9 @@ from iommufd_model.driver import (
     UserData,
     VdeviceBase,
     ViommuBase,
+    copy_struct_from_user,
     driver_state,
+    iommu_copy_struct_from_user,
 )
 from iommufd_model.errors import check, err
 from iommufd_model.hookspecs import hookimpl
@@ -90,9 +92,11 @@ __all__ = [
     "WalkFault",
     "WalkResult",
     "check",
+    "copy_struct_from_user",
     "driver_state",
     "err",
     "hookimpl",
+    "iommu_copy_struct_from_user",
     "page_run",
     "paging_domain",
     "uapi",

@@ -156,6 +156,30 @@ class UserData:
         return cls(data_type, len(data), lambda: data)
 
 
+def copy_struct_from_user(data: bytes, size: int) -> bytes:
+    """``copy_struct_from_user()`` (Linux 7.2 include/linux/uaccess.h) of user bytes into a
+    ``size``-byte struct: shorter is zero-filled, longer must have a zero tail (E2BIG).
+
+    What ``iommu_copy_struct_from_full_user_array()`` does per entry when the user's entry
+    length differs from the driver's (SMMUv3's vCMDs)."""
+    if len(data) > size and any(data[size:]):
+        raise err(errno.E2BIG, f"non-zero bytes past the {size}-byte struct")
+    return bytes(data[:size]).ljust(size, b"\0")
+
+
+def iommu_copy_struct_from_user(data: bytes, size: int, min_len: int | None = None) -> bytes:
+    """``__iommu_copy_struct_from_user()`` (Linux 7.2 include/linux/iommu.h) of a driver's
+    user data (vendor HWPT data, an entry of ``iommu_copy_struct_from_user_array()``): shorter
+    than ``min_len`` (the struct's first version, ``offsetofend`` of its ``min_last``; the
+    whole struct by default) or longer than the struct's ``size`` is EINVAL, checked before
+    ``copy_struct_from_user()`` and so never E2BIG; a short one is zero-filled. The data type
+    is the caller's to check (the drivers answer EOPNOTSUPP for a foreign type first)."""
+    low = size if min_len is None else min_len
+    if not low <= len(data) <= size:
+        raise err(errno.EINVAL, f"user data of {len(data)} bytes, want {low}..{size}")
+    return bytes(data).ljust(size, b"\0")
+
+
 @attrs.define
 class InvalidateResult:
     """How far a user invalidation array got: ``handled`` entries, then ``error`` (0 = none)."""

@@ -16,6 +16,7 @@ from iommufd_model.driver import (
     UserData,
     VdeviceBase,
     ViommuBase,
+    iommu_copy_struct_from_user,
 )
 from iommufd_model.errors import err
 from iommufd_model.hookspecs import hookimpl
@@ -53,15 +54,6 @@ def _mock(iommu: Any) -> MockIommu:
     if not isinstance(iommu, MockIommu):
         raise err(errno.EINVAL, f"{iommu.name} is not a mock IOMMU")
     return iommu
-
-
-def copy_struct(data: bytes, ksize: int, min_len: int) -> bytes:
-    """``__iommu_copy_struct_from_user()``: shorter than ``min_len`` or longer than the
-    kernel's struct is EINVAL (not E2BIG: the length check runs before copy_struct_from_user),
-    a short one is zero-filled."""
-    if len(data) < min_len or len(data) > ksize:
-        raise err(errno.EINVAL, f"user data of {len(data)} bytes, want {min_len}..{ksize}")
-    return data.ljust(ksize, b"\0")
 
 
 def _u32(data: bytes, off: int) -> int:
@@ -245,7 +237,7 @@ class MockDriver(PagingDomainOps):
         viommu = MockViommu(_mock(iommu), _domain(parent), viommu_type)
         if data:
             # struct iommu_viommu_selftest { in_data; out_data; out_mmap_offset; _length }
-            cfg = copy_struct(data, 24, 8)
+            cfg = iommu_copy_struct_from_user(data, 24, 8)
             in_data = _u32(cfg, 0)
             memory = iommu.machine.memory
             pfn = memory.alloc_contiguous(2)  # __get_free_pages(__GFP_ZERO, order 1)
@@ -363,7 +355,7 @@ def _alloc_paging(iommu: Any, dev: PciDevice, flags: int, user_data: UserData | 
             raise err(errno.EOPNOTSUPP, f"mock paging data type {data_type:#x}")
         if data_type != selftest.IOMMU_HWPT_DATA_SELFTEST:
             raise err(errno.EINVAL, "iommu_copy_struct_from_user: type mismatch")
-        pagetable_type = _u32(copy_struct(data, 8, 4), 4)
+        pagetable_type = _u32(iommu_copy_struct_from_user(data, 8, 4), 4)
     if pagetable_type not in (MOCK_IOMMUPT_DEFAULT, MOCK_IOMMUPT_HUGE):
         raise err(errno.EOPNOTSUPP, f"mock pagetable_type {pagetable_type}")
     return MockDomain(
@@ -391,7 +383,7 @@ def _alloc_nested(
     if data_type != selftest.IOMMU_HWPT_DATA_SELFTEST:
         raise err(errno.EOPNOTSUPP, f"mock nested data type {data_type:#x}")
     # struct iommu_hwpt_selftest { __u32 iotlb; __u32 pagetable_type; }, min: iotlb
-    cfg = copy_struct(data, 8, 4)
+    cfg = iommu_copy_struct_from_user(data, 8, 4)
     mock_viommu = viommu if isinstance(viommu, MockViommu) else None
     return MockNestedDomain(
         _mock(iommu),
@@ -421,7 +413,7 @@ def _nested_invalidate(
     done = 0
     for raw in entries:
         try:
-            inv = copy_struct(raw, 8, 8)
+            inv = iommu_copy_struct_from_user(raw, 8, 8)
         except OSError as exc:
             return InvalidateResult(done, exc.errno or errno.EINVAL)
         flags, iotlb_id = _u32(inv, 0), _u32(inv, 4)

@@ -37,6 +37,7 @@ from iommufd_model.api import (
     driver_state,
     err,
     hookimpl,
+    iommu_copy_struct_from_user,
 )
 from iommufd_model.hw.iommu import IommuHw
 from iommufd_model.hw.pci import PciDevice
@@ -158,12 +159,8 @@ def _alloc_nested(
         raise err(errno.EOPNOTSUPP, "AMD nested domains are allocated on a vIOMMU")
     if data_type != U.IOMMU_HWPT_DATA_AMD_GUEST:
         raise err(errno.EOPNOTSUPP, f"hwpt data type {data_type}")
-    # iommu_copy_struct_from_user(): short -> EINVAL, non-zero tail -> E2BIG
-    if len(data) < _GDTE.size:
-        raise err(errno.EINVAL, "struct iommu_hwpt_amd_guest is 32 bytes")
-    if any(data[_GDTE.size :]):
-        raise err(errno.E2BIG, "non-zero bytes past struct iommu_hwpt_amd_guest")
-    words: tuple[int, int, int, int] = _GDTE.unpack(data[: _GDTE.size])
+    # struct iommu_hwpt_amd_guest: its one member, dte, is its min_last
+    words: tuple[int, int, int, int] = _GDTE.unpack(iommu_copy_struct_from_user(data, _GDTE.size))
     k = _kernel(iommu)
     validate_gdte_nested(words, k.gpt_levels == 5)
     parent_dom = _paging(parent)

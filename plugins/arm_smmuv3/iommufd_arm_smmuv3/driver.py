@@ -135,23 +135,6 @@ def _paging(domain: api.Domain) -> SmmuDomain:
     return domain
 
 
-def copy_struct(data: bytes, size: int) -> bytes:
-    """copy_struct_from_user(): shorter input is zero-extended, longer must have a zero tail
-    (E2BIG). Used for the entries of an invalidation array of another entry size."""
-    if len(data) > size and any(data[size:]):
-        raise err(errno.E2BIG, "non-zero bytes past the known struct")
-    return data[:size].ljust(size, b"\0")
-
-
-def copy_user_data(data: bytes, size: int) -> bytes:
-    """iommu_copy_struct_from_user() for structs whose first member is their last (vSTE,
-    Tegra241 vIOMMU data): any length but the struct's own is EINVAL (Linux 7.2 include/linux/
-    iommu.h checks ``len < min_len || sizeof < len`` before copy_struct_from_user)."""
-    if len(data) != size:
-        raise err(errno.EINVAL, f"driver data of {len(data)} bytes, the struct has {size}")
-    return data
-
-
 def validate_vste(ste0: int, ste1: int) -> tuple[int, int, bool]:
     """arm_smmu_validate_vste(): the vSTE words to keep and whether ATS is enabled (else EIO)."""
     if not ste0 & STE0_V:
@@ -384,7 +367,7 @@ class ArmSmmuV3Driver(PagingDomainOps):
             raise err(errno.EOPNOTSUPP, f"nested flags {flags:#x}")
         if data_type != U.IOMMU_HWPT_DATA_ARM_SMMUV3:
             raise err(errno.EINVAL, f"data_type {data_type} is not IOMMU_HWPT_DATA_ARM_SMMUV3")
-        arg = U.IommuHwptArmSmmuv3.unpack(copy_user_data(data, VSTE_SIZE))
+        arg = U.IommuHwptArmSmmuv3.unpack(api.iommu_copy_struct_from_user(data, VSTE_SIZE))
         ste0, ste1, ats = validate_vste(arg.ste0, arg.ste1)
         return NestedDomain(viommu, ste0, ste1, ats)
 
@@ -416,7 +399,7 @@ class ArmSmmuV3Driver(PagingDomainOps):
         if not tegra:
             return Vsmmu(smmu, s2)
         assert cmdqv is not None
-        copy_user_data(data, CMDQV_DATA_SIZE)  # no data at all is EINVAL too
+        api.iommu_copy_struct_from_user(data, CMDQV_DATA_SIZE)  # no data at all is EINVAL too
         free = [v for v in cmdqv.vintfs[1:] if v.idx not in smmu.vintf_owners]
         if not free:
             raise err(errno.ENOSPC, "no more available VINTF")
@@ -554,7 +537,7 @@ class ArmSmmuV3Driver(PagingDomainOps):
         if data_type != U.IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3 or not entries:
             return api.InvalidateResult(0, errno.EINVAL)
         try:
-            raw = [copy_struct(e, VCMD_SIZE) for e in entries]
+            raw = [api.copy_struct_from_user(e, VCMD_SIZE) for e in entries]
         except OSError as exc:
             return api.InvalidateResult(0, exc.errno or errno.EINVAL)
         smmu = target.smmu

@@ -35,6 +35,7 @@ from iommufd_model.api import (
     driver_state,
     err,
     hookimpl,
+    iommu_copy_struct_from_user,
 )
 from iommufd_model.hw.pci import PciDevice
 from iommufd_model.machine import Machine
@@ -86,15 +87,6 @@ def _paging(domain: Domain) -> VtdPaging:
     if not isinstance(domain, VtdPaging):
         raise err(errno.EINVAL, "not an Intel VT-d paging domain")
     return domain
-
-
-def copy_struct(data: bytes, min_len: int) -> bytes:
-    """copy_struct_from_user(): too short -> EINVAL, a non-zero tail beyond ours -> E2BIG."""
-    if len(data) < min_len:
-        raise err(errno.EINVAL, "vendor data too short")
-    if any(data[min_len:]):
-        raise err(errno.E2BIG, "non-zero bytes beyond the known struct")
-    return data[:min_len]
 
 
 INFO = DriverInfo(
@@ -232,7 +224,7 @@ class VtdDriver(PagingDomainOps):
             raise err(errno.EOPNOTSUPP, f"hwpt data type {data_type}")
         if not isinstance(parent, VtdPaging) or parent.first_stage or not parent.nest_parent:
             raise err(errno.EINVAL, "parent must be a second-stage nest parent")
-        cfg = U.IommuHwptVtdS1.unpack(copy_struct(data, VTD_S1_LEN))
+        cfg = U.IommuHwptVtdS1.unpack(iommu_copy_struct_from_user(data, VTD_S1_LEN))
         # As nested.c: flags/addr_width are checked when the domain is attached, not here.
         child = VtdNested(st.hw, st, parent, cfg, flags)
         parent.children.append(child)
@@ -452,7 +444,9 @@ class VtdDriver(PagingDomainOps):
         done = 0
         for raw in entries:
             try:
-                inv = U.IommuHwptVtdS1Invalidate.unpack(copy_struct(raw, VTD_INV_LEN))
+                inv = U.IommuHwptVtdS1Invalidate.unpack(
+                    iommu_copy_struct_from_user(raw, VTD_INV_LEN)
+                )
             except OSError as exc:
                 return InvalidateResult(done, exc.errno or errno.EINVAL)
             if inv.flags & ~U.IOMMU_VTD_INV_FLAGS_LEAF or inv.reserved:
