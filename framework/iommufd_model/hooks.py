@@ -202,8 +202,10 @@ class DriverHooks:
 
         ``user_data`` is the vendor data (the kernel's ``struct iommu_user_data``), None when
         the user gave none; ``user_data.read()`` copies it from user memory. Validate it as the
-        kernel driver's ``iommu_copy_struct_from_user`` does: wrong type -> EOPNOTSUPP, wrong
-        length or bad fields -> EINVAL (SMMUv3 uses EIO for an illegal STE, as the kernel).
+        kernel driver's ``iommu_copy_struct_from_user`` does (the framework's
+        :func:`~iommufd_model.driver.iommu_copy_struct_from_user` has its length rule): wrong
+        type -> EOPNOTSUPP, wrong length or bad fields -> EINVAL (SMMUv3 uses EIO for an
+        illegal STE, as the kernel).
 
         ``parent``, ``viommu`` and ``user_data`` are optional in an implementation: a driver
         that declares no ``parent`` has no nested domains, and one that declares no
