@@ -108,7 +108,10 @@ def _check_pasid(idev: Device, hwpt: Hwpt, pasid: int | None) -> None:
 
 
 def _release(idev: Device, hwpt: Hwpt) -> None:
-    """Drop one attachment's references on ``hwpt``; an unused auto domain dies."""
+    """Drop one attachment's references on ``hwpt``; an unused auto domain dies. The device's
+    page request groups its fault queue still holds are answered (7.2 ``device.c``)."""
+    if hwpt.fault is not None:
+        hwpt.fault.auto_respond(idev, hwpt)
     hwpt.users -= 1
     hwpt.devices.remove(idev)
     idev.unreserve_regions(hwpt_ioas(hwpt))

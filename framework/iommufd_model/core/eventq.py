@@ -36,12 +36,14 @@ HEADER_SIZE = U.IommufdVeventHeader.SIZE
 
 @attrs.define
 class FaultGroup:
-    """The faults of one page request group, answered together by one response."""
+    """The faults of one page request group, answered together by one response; ``hwpt`` is
+    the HWPT whose fault handler took it (its attach handle's domain)."""
 
     idev: Device
     pasid: int | None
     grpid: int
     faults: list[U.IommuHwptPgfault]
+    hwpt: object = None
 
 
 @attrs.frozen
@@ -125,7 +127,7 @@ def deliver_iopf_group(
         )
         for i, f in enumerate(faults)
     ]
-    queue.report(idev, faults[-1].pasid, grpid, group)
+    queue.report(idev, faults[-1].pasid, grpid, group, hwpt)
     return True
 
 
@@ -180,16 +182,30 @@ class Fault(_EventObject):
         super().__init__(ictx)
         self.deliver: collections.deque[FaultGroup] = collections.deque()
         self.response: dict[int, FaultGroup] = {}  # cookie -> group awaiting an answer
-        self._next_cookie = 0
 
     def report(
-        self, idev: Device, pasid: int | None, grpid: int, faults: list[U.IommuHwptPgfault]
+        self,
+        idev: Device,
+        pasid: int | None,
+        grpid: int,
+        faults: list[U.IommuHwptPgfault],
+        hwpt: object = None,
     ) -> None:
-        """Queue a fault group (its last fault carries LAST_PAGE)."""
-        self.deliver.append(FaultGroup(idev, pasid, grpid, faults))
+        """``iommufd_fault_iopf_handler()``: queue a group (LAST_PAGE on its last fault)."""
+        self.deliver.append(FaultGroup(idev, pasid, grpid, faults, hwpt))
         notify_event()
 
+    def _alloc_cookie(self, group: FaultGroup) -> int:
+        """``xa_alloc(XA_FLAGS_ALLOC1, xa_limit_32b)``: the lowest free cookie from 1."""
+        cookie = 1
+        while cookie in self.response:
+            cookie += 1
+        self.response[cookie] = group
+        return cookie
+
     def fops_read(self, count: int) -> bytes:
+        """``iommufd_fault_fops_read()``: whole groups while they fit; EINVAL when not even
+        the first group does; each group read gets a cookie and waits for its response."""
         if count % PGFAULT_SIZE:
             # iommufd_fault_fops_read() (Linux 7.2): ESPIPE, not EINVAL
             raise err(errno.ESPIPE, "read size must be whole faults")
@@ -197,51 +213,63 @@ class Fault(_EventObject):
         while self.deliver:
             group = self.deliver[0]
             if len(out) + len(group.faults) * PGFAULT_SIZE > count:
+                if not out:
+                    raise err(errno.EINVAL, "the read does not fit the first fault group")
                 break
-            cookie = self._next_cookie
-            self._next_cookie = (self._next_cookie + 1) & 0xFFFF_FFFF
             self.deliver.popleft()
-            self.response[cookie] = group
+            cookie = self._alloc_cookie(group)
             for f in group.faults:
                 f.cookie = cookie
                 out += f.pack()
         return bytes(out)
 
     def fops_write(self, data: bytes) -> int:
+        """``iommufd_fault_fops_write()``: responses in order until a bad one (a code other
+        than SUCCESS / INVALID, or a cookie no group waits on): EINVAL if it is the first,
+        else the bytes of the responses before it."""
         if len(data) % RESPONSE_SIZE:
-            raise err(errno.EINVAL, "write size must be whole responses")
+            raise err(errno.ESPIPE, "write size must be whole responses")
         done = 0
         for off in range(0, len(data), RESPONSE_SIZE):
             resp = U.IommuHwptPageResponse.unpack(data[off : off + RESPONSE_SIZE])
-            group = self.response.get(resp.cookie)
-            if group is None or resp.code not in (
-                U.IOMMUFD_PAGE_RESP_SUCCESS,
-                U.IOMMUFD_PAGE_RESP_INVALID,
-            ):
+            ok = resp.code in (U.IOMMUFD_PAGE_RESP_SUCCESS, U.IOMMUFD_PAGE_RESP_INVALID)
+            group = self.response.pop(resp.cookie, None) if ok else None
+            if group is None:
                 if done:
                     break
                 raise err(errno.EINVAL, f"bad page response (cookie {resp.cookie})")
-            del self.response[resp.cookie]
-            idev = group.idev
-            idev.hooks.page_response(
-                iommu=idev.hw, dev=idev.dev, pasid=group.pasid, grpid=group.grpid, code=resp.code
-            )
+            _respond(group, resp.code)
             done += RESPONSE_SIZE
         return done
+
+    def auto_respond(self, idev: Device, hwpt: object) -> None:
+        """``iommufd_auto_response_faults()``: when ``idev`` leaves ``hwpt`` (detach or
+        replace), its groups that handler took -- undelivered or awaiting a response --
+        are answered INVALID. (7.2 matches the attach handle; the model matches the device
+        and the HWPT, so a HWPT at the RID and at a PASID of one device share one.)"""
+        mine = [g for g in self.deliver if g.idev is idev and g.hwpt is hwpt]
+        for g in mine:
+            self.deliver.remove(g)
+            _respond(g, U.IOMMUFD_PAGE_RESP_INVALID)
+        for cookie, g in list(self.response.items()):
+            if g.idev is idev and g.hwpt is hwpt:
+                del self.response[cookie]
+                _respond(g, U.IOMMUFD_PAGE_RESP_INVALID)
 
     def destroy(self) -> None:
         # Pending groups get an automatic "invalid" response, as the kernel does.
         for group in list(self.deliver) + list(self.response.values()):
-            idev = group.idev
-            idev.hooks.page_response(
-                iommu=idev.hw,
-                dev=idev.dev,
-                pasid=group.pasid,
-                grpid=group.grpid,
-                code=U.IOMMUFD_PAGE_RESP_INVALID,
-            )
+            _respond(group, U.IOMMUFD_PAGE_RESP_INVALID)
         self.deliver.clear()
         self.response.clear()
+
+
+def _respond(group: FaultGroup, code: int) -> None:
+    """``iopf_group_response()``: the driver's ``page_response`` for the group."""
+    idev = group.idev
+    idev.hooks.page_response(
+        iommu=idev.hw, dev=idev.dev, pasid=group.pasid, grpid=group.grpid, code=code
+    )
 
 
 @attrs.define
