@@ -11,6 +11,7 @@ from setuptools import Extension, setup
 COMPILED = [
     "framework/iommufd_model/hw/walk_x86.py",
     "framework/iommufd_model/hw/tlb_run.py",
+    "framework/iommufd_model/hw/xlate.py",
 ]
 
 # Whole frames filled with memcpy (plain C, no mypyc; hw/memory.py rebuilds frames without it).

@@ -12,8 +12,11 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from iommufd_model.hw.compiled import load_walker
 from iommufd_model.hw.iotlb import Iotlb
 from iommufd_model.hw.memory import PAGE_SIZE, Frame, PhysicalMemory
+from iommufd_model.hw.xlate import Front
+from iommufd_model.hw.xlate import HwStats as HwStats  # re-exported: the stats type
 from iommufd_model.locking import locked
 
 if TYPE_CHECKING:
@@ -42,19 +45,46 @@ class DmaFault(Exception):
         self.reason = reason
 
 
-@attrs.define
-class HwStats:
-    """Costs the hardware paid; the matrix reports them per scenario."""
+XLATE_MODULE = "iommufd_model.hw.xlate"
 
-    translations: int = 0
-    walk_mem_refs: int = 0
-    iotlb_hits: int = 0
-    iotlb_misses: int = 0
-    commands: int = 0
-    faults: int = 0
 
-    def snapshot(self) -> dict[str, int]:
-        return attrs.asdict(self)
+class CacheDict(dict[Any, Any]):
+    """A vendor's context cache (DTE, context/PASID entry, STE/CD cache) whose every change --
+    a fill, an invalidation, a test clearing it -- makes the compiled translate front forget
+    the request streams it knows (:class:`iommufd_model.hw.xlate.Front`), since their checks
+    were read from it. Lookups stay the plain dict's."""
+
+    def __init__(self, front: Front) -> None:
+        super().__init__()
+        self.front = front
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.front.forget()
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: Any) -> None:
+        self.front.forget()
+        super().__delitem__(key)
+
+    def pop(self, key: Any, *default: Any) -> Any:
+        self.front.forget()
+        return super().pop(key, *default)
+
+    def popitem(self) -> tuple[Any, Any]:
+        self.front.forget()
+        return super().popitem()
+
+    def clear(self) -> None:
+        self.front.forget()
+        super().clear()
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        self.front.forget()
+        return super().setdefault(key, default)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        self.front.forget()
+        super().update(*args, **kwargs)
 
 
 @attrs.define
@@ -79,7 +109,13 @@ class IommuHw:
         self.memory: PhysicalMemory = machine.memory
         self.index = index
         self.devices: dict[int, PciDevice] = {}
-        self.stats = HwStats()
+        # The compiled front (or its pure source under IOMMUFD_MODEL_PURE=1, chosen when the
+        # instance is built) answers translate() for request streams the vendor recorded
+        # (IOTLB hits); everything else reaches the vendor's own translate() as before.
+        xlate = load_walker(XLATE_MODULE)
+        self.stats: HwStats = xlate.HwStats()
+        self.front: Front = xlate.Front(self.stats, type(self).translate.__get__(self))
+        vars(self)["translate"] = self.front.translate
         self.fault_log: list[FaultRecord] = []
         # The driver's ID spaces (``Ida(..., owner=self)``): the kit checks none leaks.
         self.id_spaces: list[Ida] = []

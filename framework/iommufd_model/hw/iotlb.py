@@ -15,8 +15,10 @@ from collections.abc import Callable, Hashable
 from typing import NamedTuple, cast
 
 from iommufd_model.hw.compiled import load_walker
+from iommufd_model.hw.xlate import TlbCounts
 
 _RUN = load_walker("iommufd_model.hw.tlb_run")
+XLATE_MODULE = "iommufd_model.hw.xlate"
 
 
 class TlbEntry(NamedTuple):
@@ -47,9 +49,21 @@ class Iotlb:
         # OrderedDict hashes every key twice and allocates a node per fill). Whether a key is
         # cached is asked of ``_tables``; an invalidation rebuilds the FIFO (:meth:`_drop`).
         self._fifo: deque[Key] = deque()
-        self.hits = 0
-        self.misses = 0
-        self.invalidations = 0
+        # Native counters, shared with the compiled translate front (hw/xlate.py), which
+        # counts its hits there; the module is chosen as the IOMMU's (when it is built).
+        self.counts: TlbCounts = load_walker(XLATE_MODULE).TlbCounts()
+
+    @property
+    def hits(self) -> int:
+        return self.counts.hits
+
+    @property
+    def misses(self) -> int:
+        return self.counts.misses
+
+    @property
+    def invalidations(self) -> int:
+        return self.counts.invalidations
 
     def __len__(self) -> int:
         return len(self._fifo)
@@ -64,9 +78,9 @@ class Iotlb:
             if pages is not None:
                 entry = pages.get(iova >> shift)
                 if entry is not None:
-                    self.hits += 1
+                    self.counts.hits += 1
                     return entry
-        self.misses += 1
+        self.counts.misses += 1
         return None
 
     def hit_run(
@@ -85,7 +99,7 @@ class Iotlb:
         hits, stop = cast(
             "tuple[int, int]", _RUN.hit_run(self._tables, tag, iova, end, need, pa_end, out)
         )
-        self.hits += hits
+        self.counts.hits += hits
         return hits, stop
 
     def insert(self, tag: Hashable, iova: int, entry: TlbEntry) -> None:
@@ -106,14 +120,14 @@ class Iotlb:
                 _RUN.unlink(self._tables, key)
             fifo.clear()
             fifo.extend(kept)
-        self.invalidations += 1
+        self.counts.invalidations += 1
         return len(doomed)
 
     def flush_all(self) -> int:
         dropped = len(self._fifo)
         self._tables.clear()
         self._fifo.clear()
-        self.invalidations += 1
+        self.counts.invalidations += 1
         return dropped
 
     def flush_tag(self, match: Callable[[Hashable], bool]) -> int:

@@ -24,7 +24,7 @@ from iommufd_amd.gcr3 import GCR3_ADDR
 from iommufd_amd.viommu.hw import ViommuHw
 from iommufd_model.driver import IOMMU_READ, IOMMU_WRITE
 from iommufd_model.hw.compiled import load_walker
-from iommufd_model.hw.iommu import FastPath, IommuHw, page_run
+from iommufd_model.hw.iommu import CacheDict, FastPath, IommuHw, page_run
 from iommufd_model.hw.iotlb import Iotlb, TlbEntry
 from iommufd_model.hw.radix import TABLE
 from iommufd_model.hw.regs import Mmio
@@ -94,7 +94,8 @@ class AmdIommu(IommuHw):
         self.efr2 = R.EFR2_GCR3TRPMODE
         self.max_glx = 1
         self.iotlb = Iotlb()
-        self.dte_cache: dict[int, tuple[Dte, str]] = {}
+        # A DTE change forgets the request streams the compiled translate front knows.
+        self.dte_cache: dict[int, tuple[Dte, str]] = CacheDict(self.front)
         self.devtab_base = 0
         self.devtab_entries = 0
         self.cmd_ring: MemRing | None = None
@@ -510,7 +511,7 @@ class AmdIommu(IommuHw):
             _NEW_ENTRY,
             runs,
         )
-        iotlb.misses += walks
+        iotlb.counts.misses += walks
         stats = self.stats
         stats.translations += walks
         stats.iotlb_misses += walks
@@ -565,6 +566,7 @@ class AmdIommu(IommuHw):
         need = IOMMU_WRITE if write else IOMMU_READ
         if hit is not None and hit.perm & need and (not write or hit.perm & _DIRTY_DONE):
             stats.iotlb_hits += 1
+            self._learn(devid, pasid, tag)
             off = iova & ((1 << hit.shift) - 1)
             return hit.pa + off, (1 << hit.shift) - off
         stats.iotlb_misses += 1
@@ -607,7 +609,23 @@ class AmdIommu(IommuHw):
             # (no event: the translation itself succeeded), and nothing is cached for it.
             raise TranslationError(None, f"master abort at PA {val:#x}")
         iotlb.insert(tag, iova, TlbEntry(val & ~mask, shift, prot, refs))
+        self._learn(devid, pasid, tag)
         return val, (1 << shift) - (val & mask)
+
+    def _learn(self, devid: int, pasid: int | None, tag: Hashable) -> None:
+        """The stream passed every DTE check and uses ``tag``: its next IOTLB hits are the
+        compiled front's (hw/xlate.py), which bounds them by memory as translate() does."""
+        iotlb = self.iotlb
+        self.front.learn(
+            devid,
+            pasid,
+            iotlb._tables,
+            iotlb.counts,
+            tag,
+            IOMMU_READ,
+            IOMMU_WRITE | _DIRTY_DONE,
+            self.memory.size,
+        )
 
     def _classify_v2(
         self, dte: Dte, pasid: int, iova: int, write: bool, st: int, val: int

@@ -34,7 +34,7 @@ from iommufd_arm_smmuv3.ste import (
 )
 from iommufd_model.hw.bits import get, put, words
 from iommufd_model.hw.compiled import load_walker
-from iommufd_model.hw.iommu import FastPath, IommuHw, page_run
+from iommufd_model.hw.iommu import CacheDict, FastPath, IommuHw, page_run
 from iommufd_model.hw.iotlb import Iotlb, TlbEntry
 from iommufd_model.hw.ring import MemRing
 from iommufd_model.locking import locked
@@ -141,8 +141,9 @@ class Smmuv3(IommuHw):
         }
         self.mmio = R.build(self, f"smmuv3.{index}", ids)
         self.tlb = Iotlb(tlb_capacity)
-        self.ste_cache: dict[int, Ste] = {}
-        self.cd_cache: dict[tuple[int, int], Cd] = {}
+        # A change of either forgets the request streams the compiled translate front knows.
+        self.ste_cache: dict[int, Ste] = CacheDict(self.front)
+        self.cd_cache: dict[tuple[int, int], Cd] = CacheDict(self.front)
         self.walker: Any = load_walker(WALKER)
         # Control state mirrored from CR0 / GBPA / IRQ_CTRL for the hot path.
         self.enabled = False
@@ -200,6 +201,7 @@ class Smmuv3(IommuHw):
             )
         self.priq_on = bool(new & R.CR0_PRIQEN) and bool(m["IDR0"] & R.IDR0_PRI)
         self.enabled = bool(new & R.CR0_SMMUEN)
+        self.front.forget()  # the front's streams assumed SMMUEN
         self.cmdq_on = bool(new & R.CR0_CMDQEN)
         self.evtq_on = bool(new & R.CR0_EVTQEN)
         m.set("CR0ACK", new)  # the update completes at once
@@ -541,6 +543,7 @@ class Smmuv3(IommuHw):
     def pci_ats(self, dev: PciDevice, enable: bool) -> None:
         """The Enable bit of ``dev``'s ATS capability (a config write by its driver): with it
         set the device caches translations in its own ATC; clearing it empties the ATC."""
+        self.front.forget()  # a device with an ATC translates through it first
         if not enable:
             self.atcs.pop(dev.rid, None)
         elif dev.ats and dev.rid not in self.atcs:
@@ -636,6 +639,7 @@ class Smmuv3(IommuHw):
         entry = self.tlb.lookup(tag, iova)
         if entry is not None and entry.perm & (2 if write else 1):
             stats.iotlb_hits += 1
+            self._learn(dev, sid, pasid, tag)
             off = iova & ((1 << entry.shift) - 1)
             return entry.pa + off, (1 << entry.shift) - off
         stats.iotlb_misses += 1
@@ -716,8 +720,18 @@ class Smmuv3(IommuHw):
             raise self.fault(dev, iova, write, pasid, f"external abort at PA {value:#x}")
         base = value & ~((1 << shift) - 1)
         self.tlb.insert(tag, iova, TlbEntry(base, shift, prot, refs))
+        self._learn(dev, sid, pasid, tag)
         off = value - base
         return value, (1 << shift) - off
+
+    def _learn(self, dev: PciDevice, sid: int, pasid: int | None, tag: Hashable) -> None:
+        """The stream passed the STE and CD checks and uses ``tag``: its next TLB hits are
+        the compiled front's (hw/xlate.py), unless the device has an ATC (it asks that
+        first: an ATS request reaches here too)."""
+        if dev.rid in self.atcs:
+            return
+        tlb = self.tlb
+        self.front.learn(sid, pasid, tlb._tables, tlb.counts, tag, 1, 2, 0)
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()

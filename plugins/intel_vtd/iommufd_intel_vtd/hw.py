@@ -25,7 +25,7 @@ from iommufd_intel_vtd import regs as R
 from iommufd_intel_vtd import tables as T
 from iommufd_model.driver import IOMMU_READ, IOMMU_WRITE
 from iommufd_model.hw.compiled import load_walker
-from iommufd_model.hw.iommu import DmaFault, FastPath, IommuHw, page_run
+from iommufd_model.hw.iommu import CacheDict, DmaFault, FastPath, IommuHw, page_run
 from iommufd_model.hw.iotlb import Iotlb, TlbEntry
 from iommufd_model.hw.regs import Mmio
 from iommufd_model.hw.ring import MemRing
@@ -87,8 +87,9 @@ class IntelVtd(IommuHw):
         self.iq_head = 0  # descriptor index
         self.iq_width = 128
         # -- caches
-        self.context_cache: dict[int, T.ContextEntry] = {}
-        self.pasid_cache: dict[tuple[int, int], T.PasidEntry] = {}
+        # A change of either forgets the request streams the compiled translate front knows.
+        self.context_cache: dict[int, T.ContextEntry] = CacheDict(self.front)
+        self.pasid_cache: dict[tuple[int, int], T.PasidEntry] = CacheDict(self.front)
         self.iotlb = Iotlb()
         #: the device TLBs (PCIe ATCs) of ATS devices whose context entry has DTE, by RID,
         #: tagged by PASID (-1: requests without PASID): what the device translates by
@@ -131,6 +132,7 @@ class IntelVtd(IommuHw):
         elif not new & R.GCMD_QIE and self.gsts & R.GSTS_QIES:
             self.gsts &= ~R.GSTS_QIES
             self.iq = None
+        self.front.forget()  # translation enable: the front's streams assumed it
         if new & R.GCMD_TE:
             self.gsts |= R.GSTS_TES
         else:
@@ -402,6 +404,8 @@ class IntelVtd(IommuHw):
             stats.iotlb_hits += 1
             if atc is not None:
                 atc.insert(atag, iova, hit)  # the ATS completion fills the device's ATC
+            else:
+                self._learn(rid, pasid, tag)
             return hit.pa | (iova & ((1 << hit.shift) - 1)), page_run(iova, 1 << hit.shift)
         stats.iotlb_misses += 1
         if kind == KIND_PT:
@@ -460,7 +464,24 @@ class IntelVtd(IommuHw):
         self.iotlb.insert(tag, iova, entry)
         if atc is not None:
             atc.insert(atag, iova, entry)
+        else:
+            self._learn(rid, pasid, tag)
         return value, min(page_run(iova, 1 << shift), size - value)
+
+    def _learn(self, rid: int, pasid: int | None, tag: Hashable) -> None:
+        """The stream passed the context and PASID entry checks, has no ATC and uses
+        ``tag``: its next IOTLB hits are the compiled front's (hw/xlate.py)."""
+        iotlb = self.iotlb
+        self.front.learn(
+            rid,
+            pasid,
+            iotlb._tables,
+            iotlb.counts,
+            tag,
+            IOMMU_READ,
+            IOMMU_WRITE | PERM_DIRTY_OK,
+            0,  # a hit is not bounded by memory here (a fill was)
+        )
 
     # -- page requests ------------------------------------------------------------------
     @locked
