@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from iommufd_model.hw.compiled import load_walker
-from iommufd_model.hw.iotlb import Iotlb
+from iommufd_model.hw.iotlb import NEW_ENTRY, Iotlb
 from iommufd_model.hw.memory import PAGE_SIZE, Frame, PhysicalMemory
-from iommufd_model.hw.xlate import Front
+from iommufd_model.hw.xlate import Front, Miss, Post, Walk
 from iommufd_model.hw.xlate import HwStats as HwStats  # re-exported: the stats type
 from iommufd_model.locking import locked
 
@@ -112,7 +112,7 @@ class IommuHw:
         # The compiled front (or its pure source under IOMMUFD_MODEL_PURE=1, chosen when the
         # instance is built) answers translate() for request streams the vendor recorded
         # (IOTLB hits); everything else reaches the vendor's own translate() as before.
-        xlate = load_walker(XLATE_MODULE)
+        self.xlate = xlate = load_walker(XLATE_MODULE)
         self.stats: HwStats = xlate.HwStats()
         self.front: Front = xlate.Front(self.stats, type(self).translate.__get__(self))
         vars(self)["translate"] = self.front.translate
@@ -135,6 +135,33 @@ class IommuHw:
         Raise :class:`DmaFault` (after logging it) when the access is not allowed.
         """
         raise NotImplementedError
+
+    def front_miss(
+        self,
+        walk: Walk,
+        post: Post,
+        iotlb: Iotlb,
+        prot_mask: int,
+        need: tuple[int, int],
+        extra: tuple[int, int],
+        *,
+        clamp: bool,
+    ) -> Miss:
+        """How the compiled front walks and caches a stream's IOTLB misses into ``iotlb``
+        (:class:`iommufd_model.hw.xlate.Miss`: the rules of the vendor's own translate(),
+        ``post`` for the rest), for :meth:`Front.learn`."""
+        return self.xlate.Miss(  # type: ignore[no-any-return]
+            walk,
+            post,
+            iotlb._fifo,
+            iotlb.capacity,
+            NEW_ENTRY,
+            prot_mask,
+            need,
+            extra,
+            self.memory.size,
+            clamp,
+        )
 
     def fault(
         self, dev: PciDevice, iova: int, write: bool, pasid: int | None, reason: str

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Hashable
+from functools import partial
 from typing import NamedTuple, cast
 
 from iommufd_model.hw.compiled import load_walker
@@ -32,6 +33,8 @@ class TlbEntry(NamedTuple):
 
 
 Key = tuple[int, Hashable, int]  # (shift, tag, page number)
+#: a TlbEntry from its field tuple, in C (the named tuple's own constructor is Python)
+NEW_ENTRY = partial(tuple.__new__, TlbEntry)
 
 
 class Iotlb:

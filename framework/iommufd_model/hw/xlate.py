@@ -27,8 +27,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from iommufd_model.hw.tlb_run import insert
+
 Slow = Callable[[Any, int, "int | None", bool], tuple[int, int]]
 Pages = dict[int, tuple[int, int, int, int]]
+#: a walk of one stream's tables: ``(iova, write)`` -> the vendor walker's result tuple,
+#: ``(status, value, shift, mem_refs, prot, ...)`` (status 0: ``value`` is the address)
+Walk = Callable[[int, bool], tuple[int, ...]]
+#: the vendor's translate() from a walk's result on (faults, events, anything unusual)
+Post = Callable[[Any, int, "int | None", bool, tuple[int, ...]], tuple[int, int]]
 
 
 class HwStats:
@@ -93,6 +100,7 @@ class Stream:
     need_read: int
     need_write: int
     mem_end: int
+    miss: Miss | None
 
     def __init__(
         self,
@@ -102,6 +110,7 @@ class Stream:
         need_read: int,
         need_write: int,
         mem_end: int,
+        miss: Miss | None,
     ) -> None:
         self.tables = tables
         self.counts = counts
@@ -109,6 +118,55 @@ class Stream:
         self.need_read = need_read
         self.need_write = need_write
         self.mem_end = mem_end
+        self.miss = miss
+
+
+class Miss:
+    """How a stream's IOTLB miss is walked and cached, when the vendor offers it: ``walk``
+    (a compiled walker bound to the stream's tables), the IOTLB's FIFO and capacity and the
+    maker of its entries (for :func:`iommufd_model.hw.tlb_run.insert`), and the rule that
+    turns a clean walk into an entry the way the vendor's translate() does: the walk's
+    ``prot`` masked by ``prot_mask`` must hold ``need_read``/``need_write``, the entry's perm
+    gains ``extra_read``/``extra_write``, a value at or beyond ``mem_end`` is the vendor's,
+    and ``clamp`` bounds the run by ``mem_end``. Anything else goes to ``post`` with the
+    walk's result (the vendor's own code from there on: faults, events, A/D corner cases)."""
+
+    walk: Walk
+    post: Post
+    fifo: Any  # the IOTLB's FIFO of keys (a deque), for tlb_run.insert
+    capacity: int
+    new_entry: Callable[[tuple[int, int, int, int]], object]
+    prot_mask: int
+    need_read: int
+    need_write: int
+    extra_read: int
+    extra_write: int
+    mem_end: int
+    clamp: bool
+
+    def __init__(
+        self,
+        walk: Walk,
+        post: Post,
+        fifo: Any,
+        capacity: int,
+        new_entry: Callable[[tuple[int, int, int, int]], object],
+        prot_mask: int,
+        need: tuple[int, int],
+        extra: tuple[int, int],
+        mem_end: int,
+        clamp: bool,
+    ) -> None:
+        self.walk = walk
+        self.post = post
+        self.fifo = fifo
+        self.capacity = capacity
+        self.new_entry = new_entry
+        self.prot_mask = prot_mask
+        self.need_read, self.need_write = need
+        self.extra_read, self.extra_write = extra
+        self.mem_end = mem_end
+        self.clamp = clamp
 
 
 def stream_key(rid: int, pasid: int | None) -> int:
@@ -140,11 +198,13 @@ class Front:
         need_read: int,
         need_write: int,
         mem_end: int,
+        miss: Miss | None = None,
     ) -> None:
         """Record a stream whose context checks just passed (called by the vendor's
-        ``translate`` after a hit or a fill under ``tag``)."""
+        ``translate`` after a hit or a fill under ``tag``); ``miss``: how its misses are
+        walked here (None: by the vendor's translate)."""
         self.streams[stream_key(rid, pasid)] = Stream(
-            tables, counts, tag, need_read, need_write, mem_end
+            tables, counts, tag, need_read, need_write, mem_end, miss
         )
 
     def forget(self) -> None:
@@ -161,6 +221,7 @@ class Front:
         stream = streams.get(rid if pasid is None else rid | (pasid + 1) << 16)
         if stream is not None:
             tag = stream.tag
+            found = False
             # Iotlb.lookup's order: the first page size whose pages hold the address.
             for shift, tags in stream.tables.items():
                 pages = tags.get(tag)
@@ -169,6 +230,7 @@ class Front:
                 entry = pages.get(iova >> shift)
                 if entry is None:
                     continue
+                found = True
                 pa, eshift, perm, _refs = entry
                 need = stream.need_write if write else stream.need_read
                 if perm & need != need:
@@ -188,4 +250,38 @@ class Front:
                 stats.iotlb_hits += 1
                 stream.counts.hits += 1
                 return pa, run
+            miss = stream.miss
+            if not found and miss is not None:
+                return self._walk(stream, miss, dev, iova, pasid, write)
         return self.slow(dev, iova, pasid, write)
+
+    def _walk(
+        self, stream: Stream, miss: Miss, dev: Any, iova: int, pasid: int | None, write: bool
+    ) -> tuple[int, int]:
+        """An IOTLB miss of a known stream: counted as the vendor counts it, walked by the
+        bound compiled walker, cached and answered here when the walk is clean, else handed
+        to the vendor's ``post`` with the walk's result."""
+        stats = self.stats
+        stream.counts.misses += 1
+        stats.translations += 1
+        stats.iotlb_misses += 1
+        res = miss.walk(iova, write)
+        status: int = res[0]
+        value: int = res[1]
+        end = miss.mem_end
+        if status == 0 and value < end:
+            prot: int = res[4] & miss.prot_mask
+            need = miss.need_write if write else miss.need_read
+            if prot & need == need:
+                shift: int = res[2]
+                refs: int = res[3]
+                stats.walk_mem_refs += refs
+                perm = prot | (miss.extra_write if write else miss.extra_read)
+                mask = (1 << shift) - 1
+                entry = miss.new_entry((value & ~mask, shift, perm, refs))
+                insert(stream.tables, miss.fifo, miss.capacity, stream.tag, iova, shift, entry)  # type: ignore[arg-type]
+                run = mask + 1 - (value & mask)
+                if miss.clamp and run > end - value:
+                    run = end - value
+                return value, run
+        return miss.post(dev, iova, pasid, write, res)

@@ -24,8 +24,8 @@ from iommufd_amd.gcr3 import GCR3_ADDR
 from iommufd_amd.viommu.hw import ViommuHw
 from iommufd_model.driver import IOMMU_READ, IOMMU_WRITE
 from iommufd_model.hw.compiled import load_walker
-from iommufd_model.hw.iommu import CacheDict, FastPath, IommuHw, page_run
-from iommufd_model.hw.iotlb import Iotlb, TlbEntry
+from iommufd_model.hw.iommu import CacheDict, DmaFault, FastPath, IommuHw, page_run
+from iommufd_model.hw.iotlb import NEW_ENTRY, Iotlb, TlbEntry
 from iommufd_model.hw.radix import TABLE
 from iommufd_model.hw.regs import Mmio
 from iommufd_model.hw.ring import MemRing
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from iommufd_model.machine import Machine
 
 WALK_MODULE = "iommufd_amd.walk"
+MISS_MODULE = "iommufd_amd.miss"
 X86_MODULE = "iommufd_model.hw.walk_x86"
 NO_PASID = -1  # IOTLB tag of host (GN=0) translations
 _DIRTY_DONE = 4  # TlbEntry.perm bit: the leaf's D bit is already set (or D is not tracked)
@@ -70,6 +71,7 @@ class AmdIommu(IommuHw):
     ) -> None:
         super().__init__(machine, index)
         self.walk = load_walker(WALK_MODULE)
+        self.miss = load_walker(MISS_MODULE)
         self.x86 = load_walker(X86_MODULE)
         self.max_mode = host_levels
         self.gpt5 = guest_levels == 5
@@ -448,13 +450,39 @@ class AmdIommu(IommuHw):
         try:
             pa, run = self.lookup(dev.rid, iova, pasid, write)
         except TranslationError as exc:
-            if exc.event is not None and not self._guest_event(dev.rid, exc.event):
-                self.log_event(exc.event)
-            raise self.fault(dev, iova, write, pasid, exc.reason) from None
+            raise self._refused(dev, iova, pasid, write, exc) from None
+        return self._bounded(dev, iova, pasid, write, pa, run)
+
+    def _refused(
+        self, dev: PciDevice, iova: int, pasid: int | None, write: bool, exc: TranslationError
+    ) -> DmaFault:
+        """The event of a failed lookup goes to the event log (or a vIOMMU guest's)."""
+        if exc.event is not None and not self._guest_event(dev.rid, exc.event):
+            self.log_event(exc.event)
+        return self.fault(dev, iova, write, pasid, exc.reason)
+
+    def _bounded(
+        self, dev: PciDevice, iova: int, pasid: int | None, write: bool, pa: int, run: int
+    ) -> tuple[int, int]:
         size = self.memory.size
         if pa >= size:  # untranslated (V=0, Mode 0) beyond memory: nothing answers
             raise self.fault(dev, iova, write, pasid, f"master abort at PA {pa:#x}")
         return pa, min(run, size - pa)
+
+    def _post_walk(
+        self, dev: PciDevice, iova: int, pasid: int | None, write: bool, res: tuple[int, ...]
+    ) -> tuple[int, int]:
+        """translate() from a walk the compiled front made for a stream it knows (faults,
+        master aborts, guest-table corner cases): the DTE is the cached one the stream was
+        learnt from."""
+        dte = self.dte_cache[dev.rid][0]
+        tag = _iotlb_tag(dte, pasid)
+        assert tag is not None  # a stream is only learnt with a tag
+        try:
+            pa, run = self._walked(dte, dev.rid, iova, pasid, write, tag, res)
+        except TranslationError as exc:
+            raise self._refused(dev, iova, pasid, write, exc) from None
+        return self._bounded(dev, iova, pasid, write, pa, run)
 
     def iotlb_fast(self, dev: PciDevice, pasid: int | None, write: bool) -> FastPath | None:
         """After a translation of ``dev``: the IOTLB tag its requests use, as :meth:`lookup`
@@ -508,7 +536,7 @@ class AmdIommu(IommuHw):
             dte.mode,
             dte.had,
             partial(iotlb.RUN.fill, iotlb._tables, iotlb._fifo, iotlb.capacity),
-            _NEW_ENTRY,
+            NEW_ENTRY,
             runs,
         )
         iotlb.counts.misses += walks
@@ -548,32 +576,34 @@ class AmdIommu(IommuHw):
                 ),
                 "PASID request to a DTE without GV",
             )
-        # DTE IR/IW gate requests without PASID; PASID requests answer to their tables only.
-        dte_prot = (IOMMU_READ if dte.ir else 0) | (IOMMU_WRITE if dte.iw else 0)
-        if pasid is not None:
-            dte_prot = IOMMU_READ | IOMMU_WRITE
+        dte_prot = _dte_prot(dte, pasid)
         tag = _iotlb_tag(dte, pasid)
         if tag is None:
             # Translation disabled: the DTE's IR/IW alone decide.
             if not dte_prot & (IOMMU_WRITE if write else IOMMU_READ):
                 raise self._page_fault(dte, devid, iova, pasid, gn_flags | E.F_PE, "permission")
             return iova, page_run(iova)
-        guest = tag[1] != NO_PASID  # through the guest (v2) tables of PASID p
-        p = tag[1] if guest else 0
         iotlb = self.iotlb
         stats = self.stats
         hit = iotlb.lookup(tag, iova)
         need = IOMMU_WRITE if write else IOMMU_READ
         if hit is not None and hit.perm & need and (not write or hit.perm & _DIRTY_DONE):
             stats.iotlb_hits += 1
-            self._learn(devid, pasid, tag)
+            self._learn(dte, devid, pasid, tag)
             off = iova & ((1 << hit.shift) - 1)
             return hit.pa + off, (1 << hit.shift) - off
         stats.iotlb_misses += 1
+        res = self._walker(dte, tag)(iova, write)
+        return self._walked(dte, devid, iova, pasid, write, tag, res)
+
+    def _walker(self, dte: Dte, tag: tuple[int, int]) -> Callable[[int, bool], tuple[int, ...]]:
+        """The compiled walk of the tables ``tag`` names, bound to the DTE's fields: the
+        guest (v2) tables of the tag's PASID, or the host (v1) table."""
         pages = self.memory._pages
         size = self.memory.size
-        if guest:
-            st, val, shift, refs, prot = self.walk.walk_nested(
+        if tag[1] != NO_PASID:
+            levels = 5 if dte.gpt_level == GUEST_PGTABLE_5_LEVEL else 4
+            return self.miss.NestedWalk(  # type: ignore[no-any-return]
                 pages,
                 size,
                 dte.host_root,
@@ -581,23 +611,33 @@ class AmdIommu(IommuHw):
                 dte.had,
                 dte.gcr3,
                 dte.glx,
-                5 if dte.gpt_level == GUEST_PGTABLE_5_LEVEL else 4,
-                p,
-                iova,
-                write,
+                levels,
+                tag[1],
                 self.x86.walk_x86,
             )
-            if st == self.walk.BAD_ENTRY and dte.mode == 0:
-                st, val = self._classify_v2(dte, p, iova, write, st, val)
-        else:
-            st, val, shift, refs, prot = self.walk.walk_v1(
-                pages, size, dte.host_root, dte.mode, iova, write, dte.had
-            )
-        stats.walk_mem_refs += refs
+        return self.miss.V1Walk(pages, size, dte.host_root, dte.mode, dte.had)  # type: ignore[no-any-return]
+
+    def _walked(
+        self,
+        dte: Dte,
+        devid: int,
+        iova: int,
+        pasid: int | None,
+        write: bool,
+        tag: tuple[int, int],
+        res: tuple[int, ...],
+    ) -> tuple[int, int]:
+        """The rest of :meth:`lookup` after an IOTLB miss's walk (``res``): its faults, the
+        DTE's IR/IW, the IOTLB fill."""
+        st, val, shift, refs, prot = res[:5]
+        gn_flags = _rw(write) | (E.F_GN if pasid is not None else 0)
+        if tag[1] != NO_PASID and st == self.walk.BAD_ENTRY and dte.mode == 0:
+            st, val = self._classify_v2(dte, tag[1], iova, write, st, val)
+        self.stats.walk_mem_refs += refs
         if st != 0:
             raise self._walk_fault(dte, devid, iova, pasid, gn_flags, st, val, prot)
-        prot &= dte_prot
-        if not prot & need:
+        prot &= _dte_prot(dte, pasid)
+        if not prot & (IOMMU_WRITE if write else IOMMU_READ):
             raise self._page_fault(
                 dte, devid, iova, pasid, gn_flags | E.F_PR | E.F_PE, "permission"
             )
@@ -608,14 +648,25 @@ class AmdIommu(IommuHw):
             # A leaf beyond memory (a 512 GiB page too): the request ends in a master abort
             # (no event: the translation itself succeeded), and nothing is cached for it.
             raise TranslationError(None, f"master abort at PA {val:#x}")
-        iotlb.insert(tag, iova, TlbEntry(val & ~mask, shift, prot, refs))
-        self._learn(devid, pasid, tag)
+        self.iotlb.insert(tag, iova, TlbEntry(val & ~mask, shift, prot, refs))
+        self._learn(dte, devid, pasid, tag)
         return val, (1 << shift) - (val & mask)
 
-    def _learn(self, devid: int, pasid: int | None, tag: Hashable) -> None:
+    def _learn(self, dte: Dte, devid: int, pasid: int | None, tag: tuple[int, int]) -> None:
         """The stream passed every DTE check and uses ``tag``: its next IOTLB hits are the
-        compiled front's (hw/xlate.py), which bounds them by memory as translate() does."""
+        compiled front's (hw/xlate.py), which bounds them by memory as translate() does, and
+        so are its misses that walk cleanly (:meth:`_walked`'s rules, in the front)."""
         iotlb = self.iotlb
+        size = self.memory.size
+        miss = self.front_miss(
+            self._walker(dte, tag),
+            self._post_walk,
+            iotlb,
+            _dte_prot(dte, pasid),
+            (IOMMU_READ, IOMMU_WRITE),
+            (0 if dte.had & 2 else _DIRTY_DONE, _DIRTY_DONE),
+            clamp=True,
+        )
         self.front.learn(
             devid,
             pasid,
@@ -624,7 +675,8 @@ class AmdIommu(IommuHw):
             tag,
             IOMMU_READ,
             IOMMU_WRITE | _DIRTY_DONE,
-            self.memory.size,
+            size,
+            miss,
         )
 
     def _classify_v2(
@@ -689,8 +741,6 @@ class AmdIommu(IommuHw):
 
 
 HWERR_READ = E.HWERR_TYPE_READ << E.TYPE_SHIFT
-#: a TlbEntry from its field tuple, in C (the named tuple's own constructor is Python)
-_NEW_ENTRY = partial(tuple.__new__, TlbEntry)
 
 
 def _guest_tag_of(tag: Hashable, domid: int) -> bool:
@@ -708,6 +758,13 @@ def _iotlb_tag(dte: Dte, pasid: int | None) -> tuple[int, int] | None:
     if dte.mode:
         return dte.domain_id, NO_PASID
     return None
+
+
+def _dte_prot(dte: Dte, pasid: int | None) -> int:
+    """DTE IR/IW gate requests without PASID; PASID requests answer to their tables only."""
+    if pasid is not None:
+        return IOMMU_READ | IOMMU_WRITE
+    return (IOMMU_READ if dte.ir else 0) | (IOMMU_WRITE if dte.iw else 0)
 
 
 def _rw(write: bool) -> int:
