@@ -52,7 +52,7 @@ def rig(driver: str, variant: str) -> tuple[Any, Any, list[int], Any]:
         os.environ.pop(PURE_ENV, None)
         if old is not None:
             os.environ[PURE_ENV] = old
-    hw = machine.iommus[0]
+    hw: Any = machine.iommus[0]
     if variant == "vendor":
         del vars(hw)["translate"]
     dev = machine.add_pci_device(iommu=0)
@@ -110,7 +110,9 @@ def run() -> dict[str, float]:
 def main() -> None:
     front = load_walker("iommufd_model.hw.xlate")
     print(f"translate front: {'compiled' if is_compiled(front) else 'pure Python'}")
+    print(f"load average at the start: {os.getloadavg()[0]:.2f}")
     figures = run()
+    print(f"load average at the end: {os.getloadavg()[0]:.2f}")
     for key, value in figures.items():
         print(f"{key:60s} {value:14,.0f} /s")
     print()
@@ -127,6 +129,22 @@ def main() -> None:
         ]
         if row[0] is not None:
             print(f"| {name} | " + " | ".join(f"{x:,.0f}" for x in row if x is not None) + " |")
+    floor = figures["call floor (a Python function doing nothing)"]
+    print()
+    print(
+        "| ratios | hit: installed / vendor | floor / installed | "
+        "miss: installed / vendor | floor / installed |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name in NAMES.values():
+        if f"{name} translate, IOTLB hit (installed)" not in figures:
+            continue
+        cells = []
+        for k in ("hit", "miss"):
+            mine = figures[f"{name} translate, IOTLB {k} (installed)"]
+            cells.append(f"{mine / figures[f'{name} translate, IOTLB {k} (vendor)']:.1f}x")
+            cells.append(f"{floor / mine:.1f}")
+        print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

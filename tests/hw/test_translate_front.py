@@ -180,7 +180,7 @@ PRELUDE = [("map", 0, 0, 8, True), ("map", 0, 10, 4, False), ("map", 1, 2, 6, Tr
 
 @pytest.mark.parametrize(("driver", "options"), VENDORS)
 @settings(
-    max_examples=25,
+    max_examples=40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )

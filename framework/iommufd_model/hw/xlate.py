@@ -279,7 +279,8 @@ class Front:
                 perm = prot | (miss.extra_write if write else miss.extra_read)
                 mask = (1 << shift) - 1
                 entry = miss.new_entry((value & ~mask, shift, perm, refs))
-                insert(stream.tables, miss.fifo, miss.capacity, stream.tag, iova, shift, entry)  # type: ignore[arg-type]
+                tables: Any = stream.tables  # the IOTLB's dicts, as tlb_run types them
+                insert(tables, miss.fifo, miss.capacity, stream.tag, iova, shift, entry)
                 run = mask + 1 - (value & mask)
                 if miss.clamp and run > end - value:
                     run = end - value

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Hashable
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from iommufd_amd import commands as C
 from iommufd_amd import events as E
@@ -596,14 +596,14 @@ class AmdIommu(IommuHw):
         res = self._walker(dte, tag)(iova, write)
         return self._walked(dte, devid, iova, pasid, write, tag, res)
 
-    def _walker(self, dte: Dte, tag: tuple[int, int]) -> Callable[[int, bool], tuple[int, ...]]:
+    def _walker(self, dte: Dte, tag: tuple[int, int]) -> Any:
         """The compiled walk of the tables ``tag`` names, bound to the DTE's fields: the
         guest (v2) tables of the tag's PASID, or the host (v1) table."""
         pages = self.memory._pages
         size = self.memory.size
         if tag[1] != NO_PASID:
             levels = 5 if dte.gpt_level == GUEST_PGTABLE_5_LEVEL else 4
-            return self.miss.NestedWalk(  # type: ignore[no-any-return]
+            return self.miss.NestedWalk(
                 pages,
                 size,
                 dte.host_root,
@@ -615,7 +615,7 @@ class AmdIommu(IommuHw):
                 tag[1],
                 self.x86.walk_x86,
             )
-        return self.miss.V1Walk(pages, size, dte.host_root, dte.mode, dte.had)  # type: ignore[no-any-return]
+        return self.miss.V1Walk(pages, size, dte.host_root, dte.mode, dte.had)
 
     def _walked(
         self,

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from iommufd_model.machine import Machine
 
 WALKER = "iommufd_arm_smmuv3.walk"
+MISS_MODULE = "iommufd_arm_smmuv3.miss"
 TAG_S1 = 1  # (TAG_S1, vmid, asid): stage-1 and nested translations
 TAG_S2 = 2  # (TAG_S2, vmid): stage-2-only translations
 
@@ -145,6 +146,7 @@ class Smmuv3(IommuHw):
         self.ste_cache: dict[int, Ste] = CacheDict(self.front)
         self.cd_cache: dict[tuple[int, int], Cd] = CacheDict(self.front)
         self.walker: Any = load_walker(WALKER)
+        self.miss: Any = load_walker(MISS_MODULE)
         # Control state mirrored from CR0 / GBPA / IRQ_CTRL for the hot path.
         self.enabled = False
         self.cmdq_on = False
@@ -634,56 +636,83 @@ class Smmuv3(IommuHw):
         write: bool,
     ) -> tuple[int, int]:
         stats = self.stats
-        s2 = ste.s2_enabled
         tag = _tlb_tag(ste, cd)
         entry = self.tlb.lookup(tag, iova)
         if entry is not None and entry.perm & (2 if write else 1):
             stats.iotlb_hits += 1
-            self._learn(dev, sid, pasid, tag)
+            self._learn(dev, ste, cd, sid, pasid, tag)
             off = iova & ((1 << entry.shift) - 1)
             return entry.pa + off, (1 << entry.shift) - off
         stats.iotlb_misses += 1
+        walk = self._walker(ste, cd)
+        if walk is None:  # stage 1 bypassed by S1DSS, no stage 2
+            return self._bypass(dev, iova, pasid, write)
+        return self._walked(dev, ste, cd, sid, iova, pasid, write, tag, walk(iova, write))
+
+    def _walker(self, ste: Ste, cd: Cd | None) -> Any:
+        """The compiled walk an STE and CD select, bound to their fields
+        (iommufd_arm_smmuv3/miss.py): stage 1 (nested through stage 2), stage 2 alone, a CD
+        with EPD0 (a translation fault, no walk); None when stage 1 is bypassed by S1DSS and
+        stage 2 is off."""
         mem = self.memory
         s2_oa = ips_bits(min(ste.s2ps, 5))
         if cd is not None:
             if cd.epd0:
-                res: tuple[int, ...] = (E.F_TRANSLATION, 0, 0, 0, 0, 0, 0, 0, E.CLASS_IN)
-            else:
-                res = self.walker.walk_s1(
-                    mem._pages,
-                    mem.size,
-                    cd.ttb0,
-                    iova,
-                    cd.ia_bits,
-                    ips_bits(min(cd.ips, 5)),
-                    write,
-                    cd.affd,
-                    cd.ha,
-                    s2,
-                    ste.s2ttb,
-                    ste.s2_ia_bits,
-                    2 - ste.s2sl0,
-                    s2_oa,
-                    ste.s2affd,
-                    cd.hd,
-                )
-            status, value, shift, refs, prot, _lvl, fault_s2, ipa, cls = res
-            record = ste.s2r if fault_s2 else cd.r
-        elif s2:
-            status, value, shift, refs, prot, _lvl = self.walker.walk_s2(
+                return self.miss.Fixed((E.F_TRANSLATION, 0, 0, 0, 0, 0, 0, 0, E.CLASS_IN))
+            return self.miss.S1Walk(
                 mem._pages,
                 mem.size,
+                cd.ttb0,
+                cd.ia_bits,
+                ips_bits(min(cd.ips, 5)),
+                cd.affd,
+                cd.ha,
+                ste.s2_enabled,
                 ste.s2ttb,
-                iova,
                 ste.s2_ia_bits,
                 2 - ste.s2sl0,
                 s2_oa,
-                write,
                 ste.s2affd,
+                cd.hd,
             )
+        if ste.s2_enabled:
+            return self.miss.S2Walk(
+                mem._pages, mem.size, ste.s2ttb, ste.s2_ia_bits, 2 - ste.s2sl0, s2_oa, ste.s2affd
+            )
+        return None
+
+    def _post_walk(
+        self, dev: PciDevice, iova: int, pasid: int | None, write: bool, res: tuple[int, ...]
+    ) -> tuple[int, int]:
+        """translate() from a walk the compiled front made for a stream it knows: its STE
+        and CD are the cached ones the stream was learnt from."""
+        sid = dev.rid
+        ste = self.ste_cache[sid]
+        cd = self._context(ste, sid, pasid)
+        return self._walked(dev, ste, cd, sid, iova, pasid, write, _tlb_tag(ste, cd), res)
+
+    def _walked(
+        self,
+        dev: PciDevice,
+        ste: Ste,
+        cd: Cd | None,
+        sid: int,
+        iova: int,
+        pasid: int | None,
+        write: bool,
+        tag: Hashable,
+        res: tuple[int, ...],
+    ) -> tuple[int, int]:
+        """The rest of :meth:`_translate_walk` after a TLB miss's walk (``res``): events,
+        stalls, the TLB fill."""
+        stats = self.stats
+        mem = self.memory
+        if cd is not None:
+            status, value, shift, refs, prot, _lvl, fault_s2, ipa, cls = res
+            record = ste.s2r if fault_s2 else cd.r
+        else:
+            status, value, shift, refs, prot, _lvl = res
             fault_s2, ipa, cls, record = 1, iova, E.CLASS_IN, ste.s2r
-        else:  # stage 1 bypassed by S1DSS, no stage 2
-            return self._bypass(dev, iova, pasid, write)
         stats.walk_mem_refs += refs
         if status != 0:
             ev_ssid = pasid
@@ -720,18 +749,31 @@ class Smmuv3(IommuHw):
             raise self.fault(dev, iova, write, pasid, f"external abort at PA {value:#x}")
         base = value & ~((1 << shift) - 1)
         self.tlb.insert(tag, iova, TlbEntry(base, shift, prot, refs))
-        self._learn(dev, sid, pasid, tag)
+        self._learn(dev, ste, cd, sid, pasid, tag)
         off = value - base
         return value, (1 << shift) - off
 
-    def _learn(self, dev: PciDevice, sid: int, pasid: int | None, tag: Hashable) -> None:
+    def _learn(
+        self,
+        dev: PciDevice,
+        ste: Ste,
+        cd: Cd | None,
+        sid: int,
+        pasid: int | None,
+        tag: Hashable,
+    ) -> None:
         """The stream passed the STE and CD checks and uses ``tag``: its next TLB hits are
-        the compiled front's (hw/xlate.py), unless the device has an ATC (it asks that
-        first: an ATS request reaches here too)."""
+        the compiled front's (hw/xlate.py), and so are its misses that walk cleanly
+        (:meth:`_walked`'s fill rules, in the front), unless the device has an ATC (it asks
+        that first: an ATS request reaches here too)."""
         if dev.rid in self.atcs:
             return
         tlb = self.tlb
-        self.front.learn(sid, pasid, tlb._tables, tlb.counts, tag, 1, 2, 0)
+        walk = self._walker(ste, cd)
+        miss = None
+        if walk is not None:
+            miss = self.front_miss(walk, self._post_walk, tlb, -1, (0, 0), (0, 0), clamp=False)
+        self.front.learn(sid, pasid, tlb._tables, tlb.counts, tag, 1, 2, 0, miss)
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()

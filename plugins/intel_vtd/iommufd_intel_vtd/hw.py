@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from iommufd_model.machine import Machine
 
 WALKER_MODULE = "iommufd_intel_vtd.walk"
+MISS_MODULE = "iommufd_intel_vtd.miss"
 
 KIND_SS = 0  # second-stage only: tagged by DID, any PASID
 KIND_FS = 1  # first-stage only
@@ -104,6 +105,7 @@ class IntelVtd(IommuHw):
         #: the page request interrupt (the kernel's prq_event_thread), None until enabled
         self.prq_irq: Callable[[], None] | None = None
         self.walker: Any = load_walker(WALKER_MODULE)
+        self.miss: Any = load_walker(MISS_MODULE)
         self.mmio = Mmio(f"vtd{index}")
         R.define_registers(
             self.mmio,
@@ -405,45 +407,72 @@ class IntelVtd(IommuHw):
             if atc is not None:
                 atc.insert(atag, iova, hit)  # the ATS completion fills the device's ATC
             else:
-                self._learn(rid, pasid, tag)
+                self._learn(rid, pasid, pe, kind, tag)
             return hit.pa | (iova & ((1 << hit.shift) - 1)), page_run(iova, 1 << hit.shift)
         stats.iotlb_misses += 1
         if kind == KIND_PT:
             if iova >= self.memory.size:
                 raise self.record(dev, iova, write, pasid, F.FR_ADDR_BEYOND_AW, pe.fpd)
             return iova, page_run(iova)
+        res = self._walker(pe, kind)(iova, write)
+        return self._walked(dev, iova, pasid, write, pe, kind, tag, atc, atag, res)
+
+    def _walker(self, pe: T.PasidEntry, kind: int) -> Any:
+        """The compiled walk of the tables a PASID entry's PGTT selects, bound to its fields
+        (iommufd_intel_vtd/miss.py)."""
         pages = self.memory._pages
         size = self.memory.size
         ssade = pe.ssade and kind != KIND_FS
-        s2st = 0
-        fl1gp = self.fl1gp
         if kind == KIND_FS:
-            st, value, shift, refs, prot = self.walker.walk_fs(
-                pages, size, pe.fsptptr, iova, pe.fs_levels, write, fl1gp, True
-            )
-            stage = "fs"
-        elif kind == KIND_SS:
-            st, value, shift, refs, prot = self.walker.walk_ss(
-                pages, size, pe.slptptr, iova, T.aw_levels(pe.aw), write, self.large_mask, ssade
-            )
-            stage = "ss"
-        else:
-            st, value, shift, refs, prot, s2st = self.walker.walk_nested(
-                walk_x86,
-                pages,
-                size,
-                pe.fsptptr,
-                iova,
-                pe.fs_levels,
-                write,
-                pe.slptptr,
-                T.aw_levels(pe.aw),
-                self.large_mask,
-                ssade,
-                fl1gp,
-                True,  # every modelled request is a user request (no PM, RID_PRIV = 0)
-            )
-            stage = "fs"
+            return self.miss.FsWalk(pages, size, pe.fsptptr, pe.fs_levels, self.fl1gp)
+        if kind == KIND_SS:
+            levels = T.aw_levels(pe.aw)
+            return self.miss.SsWalk(pages, size, pe.slptptr, levels, self.large_mask, ssade)
+        return self.miss.NestedWalk(
+            walk_x86,
+            pages,
+            size,
+            pe.fsptptr,
+            pe.fs_levels,
+            pe.slptptr,
+            T.aw_levels(pe.aw),
+            self.large_mask,
+            ssade,
+            self.fl1gp,
+        )
+
+    def _post_walk(
+        self, dev: PciDevice, iova: int, pasid: int | None, write: bool, res: tuple[int, ...]
+    ) -> tuple[int, int]:
+        """translate() from a walk the compiled front made for a stream it knows: its context
+        and PASID entries are the cached ones the stream was learnt from (and it has no ATC)."""
+        rid = dev.rid
+        ce = self.context_cache[rid]
+        eff = ce.rid_pasid if pasid is None else pasid
+        pe = self.pasid_cache[(rid, eff)]
+        kind, tag = _tlb_tag(pe, eff)
+        return self._walked(dev, iova, pasid, write, pe, kind, tag, None, 0, res)
+
+    def _walked(
+        self,
+        dev: PciDevice,
+        iova: int,
+        pasid: int | None,
+        write: bool,
+        pe: T.PasidEntry,
+        kind: int,
+        tag: Hashable,
+        atc: Iotlb | None,
+        atag: int,
+        res: tuple[int, ...],
+    ) -> tuple[int, int]:
+        """The rest of :meth:`translate` after an IOTLB miss's walk (``res``): its fault
+        records, the IOTLB (and ATC) fill."""
+        stats = self.stats
+        st, value, shift, refs, prot = res[:5]
+        s2st = res[5] if kind == KIND_NESTED else 0
+        stage = "ss" if kind == KIND_SS else "fs"
+        ssade = pe.ssade and kind != KIND_FS
         stats.walk_mem_refs += refs
         if st != 0:
             if st == 5:  # the second stage refused a nested access
@@ -465,13 +494,26 @@ class IntelVtd(IommuHw):
         if atc is not None:
             atc.insert(atag, iova, entry)
         else:
-            self._learn(rid, pasid, tag)
+            self._learn(dev.rid, pasid, pe, kind, tag)
         return value, min(page_run(iova, 1 << shift), size - value)
 
-    def _learn(self, rid: int, pasid: int | None, tag: Hashable) -> None:
+    def _learn(
+        self, rid: int, pasid: int | None, pe: T.PasidEntry, kind: int, tag: Hashable
+    ) -> None:
         """The stream passed the context and PASID entry checks, has no ATC and uses
-        ``tag``: its next IOTLB hits are the compiled front's (hw/xlate.py)."""
+        ``tag``: its next IOTLB hits are the compiled front's (hw/xlate.py), and so are its
+        misses that walk cleanly (:meth:`_walked`'s fill rules, in the front)."""
         iotlb = self.iotlb
+        dirty_ok = 0 if pe.ssade and kind != KIND_FS else PERM_DIRTY_OK
+        miss = self.front_miss(
+            self._walker(pe, kind),
+            self._post_walk,
+            iotlb,
+            -1,
+            (0, 0),
+            (dirty_ok, PERM_DIRTY_OK),
+            clamp=True,
+        )
         self.front.learn(
             rid,
             pasid,
@@ -481,6 +523,7 @@ class IntelVtd(IommuHw):
             IOMMU_READ,
             IOMMU_WRITE | PERM_DIRTY_OK,
             0,  # a hit is not bounded by memory here (a fill was)
+            miss,
         )
 
     # -- page requests ------------------------------------------------------------------
