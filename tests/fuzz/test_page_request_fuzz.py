@@ -25,6 +25,8 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from iommufd_amd import regs as AMD
+from iommufd_intel_vtd import regs as VTD
 
 from iommufd_model.core.eventq import EventFile
 from iommufd_model.hw.iommu import DmaFault
@@ -41,6 +43,7 @@ class Vendor:
 
     options: dict[str, Any] = {}
     hwpt_flags = 0
+    irq_attr = ""  # the IOMMU's page request interrupt handler (a callable), if it has one
 
     def __init__(self, hw: Any) -> None:
         self.hw = hw
@@ -51,7 +54,16 @@ class Vendor:
 
     def hold(self) -> Callable[[], None]:
         """Delay the page request interrupt; the function returned runs it late."""
-        return lambda: None
+        if not self.irq_attr:
+            return lambda: None
+        irq = getattr(self.hw, self.irq_attr)
+        setattr(self.hw, self.irq_attr, None)
+
+        def release() -> None:
+            setattr(self.hw, self.irq_attr, irq)
+            irq()
+
+        return release
 
     def consumed(self) -> bool:
         return True
@@ -60,42 +72,23 @@ class Vendor:
 class Amd(Vendor):
     # A PASID-capable (v2, SVA-capable) domain: the DTE gets PPR, requests reach the PPR log.
     hwpt_flags = U.IOMMU_HWPT_ALLOC_PASID
+    irq_attr = "ppr_irq"
 
     def answered(self) -> Counter[int]:
         return Counter(c.tag & 0x1FF for c in self.hw.ppr_responses)
 
-    def hold(self) -> Callable[[], None]:
-        irq, self.hw.ppr_irq = self.hw.ppr_irq, None
-
-        def release() -> None:
-            self.hw.ppr_irq = irq
-            irq()
-
-        return release
-
     def consumed(self) -> bool:
-        from iommufd_amd import regs as R
-
-        return bool(self.hw.mmio.read(R.PPR_HEAD) == self.hw.mmio.read(R.PPR_TAIL))
+        return bool(self.hw.mmio.read(AMD.PPR_HEAD) == self.hw.mmio.read(AMD.PPR_TAIL))
 
 
 class Vtd(Vendor):
+    irq_attr = "prq_irq"
+
     def answered(self) -> Counter[int]:
         return Counter(r.prgi for r in self.hw.prg_responses)
 
-    def hold(self) -> Callable[[], None]:
-        irq, self.hw.prq_irq = self.hw.prq_irq, None
-
-        def release() -> None:
-            self.hw.prq_irq = irq
-            irq()
-
-        return release
-
     def consumed(self) -> bool:
-        from iommufd_intel_vtd import regs as R
-
-        return bool(self.hw.mmio.read(R.PQH) == self.hw.mmio.read(R.PQT))
+        return bool(self.hw.mmio.read(VTD.PQH) == self.hw.mmio.read(VTD.PQT))
 
 
 class Smmuv3(Vendor):
