@@ -207,13 +207,20 @@ class GuestWorld(World):
         return walk_path(self.gmem, root, fmt, iova)
 
 
+# The AMD host corpus was grown on v1 tables of Mode 4, the model's fixed depth before v1
+# domains started at generic_pt's Mode 3 and grew on demand; its inputs (planted PDEs, DTE
+# roots) keep their meaning on that start.
+HOST_OPTIONS: dict[str, dict[str, Any]] = {"amd": {"domain_levels": 4}}
+
+
 class HostWorld(World):
     """A plain process DMA setup: an IOAS with :data:`BUF` bytes at :data:`IOVA`, the device
     attached to a paging HWPT. Host formats are the kernel's: translations may go anywhere
     in memory, so only "inside memory" and "no other exception" are checked."""
 
     def __init__(self, driver: str, *, nest_parent: bool = False) -> None:
-        self.machine = m = im.Machine.build(iommus=[driver])
+        options = {driver: HOST_OPTIONS[driver]} if driver in HOST_OPTIONS else None
+        self.machine = m = im.Machine.build(iommus=[driver], options=options)
         self.hw = m.iommus[0]
         self.dev = m.add_pci_device(iommu=0)
         self.proc = p = m.new_process()

@@ -5,12 +5,14 @@ nested domain of a vIOMMU (guest DTE words over its nest parent).
 
 from __future__ import annotations
 
+import errno
 from typing import TYPE_CHECKING
 
 from iommufd_amd.gcr3 import V2PageTable
-from iommufd_amd.pgtable_v1 import AMD_IOMMU_PGSIZES, AmdV1PageTable
+from iommufd_amd.pgtable_v1 import AMD_IOMMU_PGSIZES, MAX_MODE, AmdV1PageTable, best_leaf_level
 from iommufd_amd.viommu import AmdViommu, GdomInfo
-from iommufd_model.api import Domain, DomainType
+from iommufd_model.api import Domain, DomainType, err
+from iommufd_model.hw.memory import PAGE_SHIFT
 from iommufd_model.hw.radix import RadixPageTable
 from iommufd_model.paging import IotlbGather, PagingDomain
 from iommufd_model.uapi import iommufd as U
@@ -31,15 +33,17 @@ class AmdDomain(PagingDomain[RadixPageTable]):
         pt: RadixPageTable
         if v2:
             levels = kernel.gpt_levels
-            self.mode = 0
             pt = V2PageTable(kernel.mem, levels)
             pgsizes = PGSIZES_V2
             end = (1 << (56 if levels == 5 else 47)) - 1  # no sign extension: lower half
         else:
-            self.mode = min(kernel.domain_levels, hw.max_mode)
-            pt = AmdV1PageTable(kernel.mem, self.mode)
-            pgsizes = AMD_IOMMU_PGSIZES
-            end = min((1 << pt.fmt.va_bits) - 1, (1 << 64) - 1)
+            # amd_iommu_domain_alloc_paging_v1(): generic_pt amdv1 with PT_FEAT_DYNAMIC_TOP,
+            # max_vasz_lg2 = amd_iommu_hpt_vasize. The aperture is the largest top's reach
+            # (pt_iommu_init_domain); page sizes stop below 2^(max_vasz_lg2 - 1) (get_info).
+            vasz = kernel.hpt_vasize
+            pt = AmdV1PageTable(kernel.mem, min(kernel.domain_levels, hw.max_mode))
+            pgsizes = AMD_IOMMU_PGSIZES & ((1 << (vasz - 1)) - 1)
+            end = (1 << vasz) - 1
         super().__init__(
             hw,
             pt,
@@ -58,6 +62,30 @@ class AmdDomain(PagingDomain[RadixPageTable]):
             raise
         self.attached: set[tuple[int, int]] = set()  # (devid, pasid; 0 for the RID)
         self.viommus: list[AmdViommu] = []
+
+    @property
+    def mode(self) -> int:
+        """The DTE Mode of a v1 domain (its table's levels now); 0 for v2 (no host table)."""
+        return self.pt.mode if isinstance(self.pt, AmdV1PageTable) else 0
+
+    def map(self, iova: int, pa: int, size: int, prot: int, pgsize: int = 0) -> None:
+        """generic_pt ``map_range()``: a v1 table whose top cannot reach the range, or cannot
+        hold its leaves, grows first (``check_map_range()`` -> ``increase_top()``: ERANGE
+        past the largest top ``amd_iommu_hpt_vasize`` allows), then the driver's
+        ``change_top`` rewrites the DTEs (:meth:`AmdKernel.change_top`). A map that then fails
+        leaves the grown top, as in 7.2."""
+        if isinstance(self.pt, AmdV1PageTable) and size > 0:
+            self.check_map(iova, size, prot)
+            pgsizes = self.pgsize_bitmap & ((pgsize << 1) - 1) if pgsize else self.pgsize_bitmap
+            leaf = best_leaf_level(pgsizes, iova, pa, size)
+            mode = self.pt.mode_for(iova + size - 1, leaf)
+            if mode != self.pt.mode:
+                top_item = PAGE_SHIFT + 9 * (mode - 1)  # item size of the new top level
+                if mode > MAX_MODE or top_item >= self.kernel.hpt_vasize:
+                    raise err(errno.ERANGE, f"{iova:#x}+{size:#x} beyond the largest v1 top")
+                self.pt.grow(mode)
+                self.kernel.change_top(self)
+        super().map(iova, pa, size, prot, pgsize)
 
     def iotlb_sync(self, gather: IotlbGather) -> None:
         """amd_iommu_iotlb_sync(): PDE only when the unmap freed a table (generic_pt frees

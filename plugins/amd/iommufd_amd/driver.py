@@ -203,8 +203,9 @@ class AmdDriver(PagingDomainOps):
             raise err(errno.EINVAL, "host_levels is 4..6 (HATS), guest_levels 4 or 5 (GATS)")
         if not 1 <= pasid_bits <= 16 or options.get("pgtable", "v1") not in ("v1", "v2"):
             raise err(errno.EINVAL, "pasid_bits is 1..16, pgtable v1 or v2")
-        if not 1 <= int(options.get("domain_levels", 4)) <= host_levels:
-            raise err(errno.EINVAL, "domain_levels is 1..host_levels")
+        if not 2 <= int(options.get("domain_levels", 3)) <= host_levels:
+            # generic_pt amdv1_iommu_fmt_init(): starting_level 1..PT_MAX_TOP_LEVEL, Mode 2..
+            raise err(errno.EINVAL, "domain_levels (the starting Mode) is 2..host_levels")
         guests = int(options.get("viommu_guests", VIOMMU_GUESTS))
         if not 0 <= guests <= MAX_GUESTS:
             raise err(errno.EINVAL, f"viommu_guests is 0..{MAX_GUESTS}")

@@ -15,7 +15,10 @@ from iommufd_amd import ppr as P
 from iommufd_amd import regs as R
 from iommufd_amd.domain import AmdDomain, AmdNestedDomain
 from iommufd_amd.dte import (
+    DTE_GPT_LEVEL_SHIFT,
+    DTE_GV,
     DTE_SIZE,
+    DTE_V,
     GUEST_PGTABLE_4_LEVEL,
     GUEST_PGTABLE_5_LEVEL,
     HAD_DIRTY,
@@ -33,6 +36,10 @@ if TYPE_CHECKING:
     from iommufd_amd.events import Event
 
 MAX_DOMAIN_ID = 65536
+# DTE_DATA2_INTR_MASK: the bits of data[2] outside [55:52] (interrupt remapping) that
+# write_dte_upper128() keeps from the entry in memory.
+DTE_DATA2_INTR_MASK = ((1 << 64) - 1) & ~(0xF << 52)
+GPT_LEVEL = 3 << DTE_GPT_LEVEL_SHIFT  # DTE_GPT_LEVEL_MASK
 DEVTAB_PAGES = 512  # 64 Ki DTEs of 32 bytes: the table for last_bdf = 0xffff
 CMD_LOG2 = R.LEN_512
 
@@ -71,7 +78,13 @@ class AmdKernel:
         self.domids = Ida("DomainID", 1, MAX_DOMAIN_ID - 1, owner=hw)
         self.dev_data: dict[int, DevData] = {}
         self.pgtable = options.get("pgtable", "v1")
-        self.domain_levels = int(options.get("domain_levels", 4))
+        # amd_iommu_domain_alloc_paging_v1(): generic_pt starting_level 2, a Mode 3 table that
+        # grows on demand (PT_FEAT_DYNAMIC_TOP). ``domain_levels`` starts it elsewhere (the
+        # model's own knob; 7.2 has none).
+        self.domain_levels = int(options.get("domain_levels", 3))
+        # amd_iommu_hpt_vasize (init.c): (HATS + 3) * 9 + 21 bits, capped by the IVRS IVinfo
+        # VAsize, which is 64 when the field is 0 (the model's IVRS gives none).
+        self.hpt_vasize = min(64, (hw.max_mode - 4 + 3) * 9 + 21)
         self.gpt_levels = 5 if hw.gpt5 else 4
         self.cmd_sem_val = 0
         self.pas: VK.PasState | None = None  # the HW-vIOMMU private address space
@@ -227,23 +240,79 @@ class AmdKernel:
         if dom.dirty_enabled:
             dte.had = HAD_DIRTY
 
+    def update_dte256(self, devid: int, new: Dte) -> None:
+        """update_dte256(): the two 128-bit halves written in the order that keeps V and GV
+        last when setting and first when clearing, each change followed by
+        ``iommu_flush_dte_sync()`` (INVALIDATE_DEVTAB_ENTRY, COMPLETION_WAIT); a guest-table
+        DTE whose guest paging mode changes is cleared and flushed first; one that keeps it
+        gets its lower half only, with no flush. ``write_dte_upper128()`` keeps the
+        interrupt-remapping bits of data[2] from memory."""
+        addr = self.dte_addr(devid)
+        read = self.mem.read_u64
+        old0, old2 = read(addr), read(addr + 16)
+        words = list(new.encode())
+        words[2] = (words[2] & ~DTE_DATA2_INTR_MASK) | (old2 & DTE_DATA2_INTR_MASK)
+
+        def upper() -> None:
+            self.mem.write_u64(addr + 16, words[2])
+            self.mem.write_u64(addr + 24, words[3])
+
+        def lower(w0: int, w1: int) -> None:
+            self.mem.write_u64(addr + 8, w1)
+            self.mem.write_u64(addr, w0)
+
+        def flush_sync() -> None:
+            self.queue(C.inv_devtab_entry(devid))
+            self.completion_wait()
+
+        if not old0 & DTE_V or (not old0 & DTE_GV and words[0] & DTE_V):
+            upper()
+            lower(words[0], words[1])
+        elif not words[0] & DTE_V or not words[0] & DTE_GV:
+            lower(words[0], words[1])
+            upper()
+        elif old2 & GPT_LEVEL != words[2] & GPT_LEVEL:
+            lower(0, 0)
+            flush_sync()
+            upper()
+            lower(words[0], words[1])
+        else:
+            lower(words[0], words[1])
+            return
+        flush_sync()
+
     def update_dte(self, dev: PciDevice, *, clear: bool = False, flush_old: bool = True) -> None:
         """Linux 7.2's DTE update streams: ``set_dte_entry()`` (``clear=False``) or
         ``clear_dte_entry()`` (``clear=True``: V only, ``amd_iommu_make_clear_dte``), both
-        through ``amd_iommu_update_dte()`` -- write, INVALIDATE_DEVTAB_ENTRY, a whole-device
-        INVALIDATE_IOTLB_PAGES when ATS is on (``device_flush_dte``), COMPLETION_WAIT.
-        ``set_dte_entry()`` then flushes the DomainID the old DTE held, whatever it was
-        (``amd_iommu_flush_tlb_domid``: all pages, PDE, its own wait); the nested attach
-        (``nested_attach_device``) writes through ``amd_iommu_update_dte()`` alone
-        (``flush_old=False``)."""
+        through ``amd_iommu_update_dte()`` -- :meth:`update_dte256`, then
+        ``device_flush_dte()`` (INVALIDATE_DEVTAB_ENTRY, a whole-device INVALIDATE_IOTLB_PAGES
+        when ATS is on) and COMPLETION_WAIT. ``set_dte_entry()`` then flushes the DomainID the
+        old DTE held, whatever it was (``amd_iommu_flush_tlb_domid``: all pages, PDE, its own
+        wait); the nested attach (``nested_attach_device``) writes through
+        ``amd_iommu_update_dte()`` alone (``flush_old=False``)."""
         dd = self.dev_data[dev.rid]
         old_domid = self.read_dte(dev.rid).domain_id
         new = Dte(v=True) if clear else self.make_dte(dd)
-        self.write_dte(dev.rid, new)
+        self.update_dte256(dev.rid, new)
         self.flush_dte(dd)
         self.completion_wait()
         if not clear and flush_old and old_domid:
             self.queue(C.inv_iommu_all_pages(old_domid))
+            self.completion_wait()
+
+    def change_top(self, dom: AmdDomain) -> None:
+        """amd_iommu_change_top(), generic_pt's ``change_top`` op after its table grew: the
+        DTE of every device on the domain's list rewritten with the new Mode and root
+        (``set_dte_entry()``, its old-DomainID flush included), then ``device_flush_dte()``
+        of each, then one COMPLETION_WAIT per IOMMU the domain is on
+        (``domain_flush_complete``). A domain on no device issues nothing; nested DTEs over a
+        nest parent are not on its list and keep the old top, as in 7.2."""
+        rids = sorted(rid for rid, pasid in dom.attached if pasid == 0)
+        for rid in rids:
+            self.update_dte(self.dev_data[rid].dev)
+        for rid in rids:
+            self.flush_dte(self.dev_data[rid])
+        if dom.attached:
             self.completion_wait()
 
     def flush_dte(self, dd: DevData) -> None:

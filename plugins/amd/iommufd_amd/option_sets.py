@@ -1,8 +1,9 @@
 """The AMD IOMMU configurations ``iommufd-model matrix --sweep`` runs every scenario under.
 
 Each is a set of ``probe`` options (see ``OPTIONS`` in :mod:`iommufd_amd.driver`): the host
-page-table depth the hardware allows (EFR.HATS) and the one the kernel builds its v1 domains
-with, the table format of plain paging domains (v1, or v2 as ``amd_iommu=pgtbl_v2`` selects),
+page-table depth the hardware allows (EFR.HATS, which bounds how far a v1 table grows) and the
+Mode v1 domains start at, the table format of plain paging domains (v1, or v2 as
+``amd_iommu=pgtbl_v2`` selects),
 the guest (v2) depth (EFR.GATS), the PASID width (EFR.PASMAX) and dirty-bit support (EFR.HD).
 """
 
@@ -12,13 +13,19 @@ OPTION_SETS = (
     OptionSet(
         "hats4",
         {"host_levels": 4},
-        doc="EFR.HATS allows 4-level host tables (v1 domains keep their 4 levels)",
+        doc="EFR.HATS allows 4-level host tables: v1 tables grow from Mode 3 to 4 at most "
+        "(48-bit aperture)",
     ),
-    OptionSet("v1-3level", {"domain_levels": 3}, doc="v1 domains of 3 levels (39-bit IOVA space)"),
     OptionSet(
-        "v1-6level",
+        "hats5",
+        {"host_levels": 5},
+        doc="EFR.HATS allows 5-level host tables: v1 tables grow to Mode 5 (57-bit aperture)",
+    ),
+    OptionSet(
+        "v1-start6",
         {"domain_levels": 6},
-        doc="v1 domains of 6 levels, the deepest HATS allows (64-bit IOVA space)",
+        doc="v1 domains start at Mode 6, the deepest HATS allows (the model's knob: 7.2 "
+        "starts at Mode 3 and grows)",
     ),
     OptionSet(
         "v2",

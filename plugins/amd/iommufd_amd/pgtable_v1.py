@@ -90,14 +90,55 @@ class AmdV1Format(PtFormat):
         return entry & ~PTE_HD
 
 
+#: generic_pt amdv1 PT_MAX_TOP_LEVEL: the top table is at most level 5 (Mode 6)
+MAX_MODE = 6
+
+
+def best_leaf_level(pgsizes: int, iova: int, pa: int, size: int) -> int:
+    """generic_pt ``pt_compute_best_pgsize()`` then ``pt_pgsz_lg2_to_level()``: the level of
+    the largest allowed page that ``iova`` and ``pa`` are aligned to and ``size`` holds."""
+    limit = (iova | pa | 1 << (size.bit_length() - 1)) & -(iova | pa | 1 << (size.bit_length() - 1))
+    sizes = pgsizes & ((limit << 1) - 1)
+    if not sizes:
+        return 0
+    return (sizes.bit_length() - 1 - PAGE_SHIFT) // 9
+
+
 class AmdV1PageTable(RadixPageTable):
     """The driver's v1 table: the engine's map with NextLevel-7 pages for in-between sizes
-    (every power of two the driver's pgsize_bitmap has, as ``iommu_pgsize()`` picks them)."""
+    (every power of two the driver's pgsize_bitmap has, as ``iommu_pgsize()`` picks them).
+
+    Its top grows on demand (generic_pt PT_FEAT_DYNAMIC_TOP, ``increase_top()``): ``mode`` is
+    the number of levels now, :meth:`grow` adds levels above the root."""
 
     fmt: AmdV1Format
 
     def __init__(self, memory: PhysicalMemory, mode: int) -> None:
         super().__init__(memory, AmdV1Format(mode))
+
+    @property
+    def mode(self) -> int:
+        """The DTE Mode of this table: its number of levels."""
+        return self.fmt.levels
+
+    def mode_for(self, last: int, leaf_level: int) -> int:
+        """The smallest Mode (at least the current one) whose top reaches IOVA ``last`` and
+        can hold a leaf at radix level ``leaf_level`` (the top level never holds leaves in
+        Mode 6: ``amdv1pt_can_have_leaf``)."""
+        mode = self.mode
+        while last >> (PAGE_SHIFT + 9 * mode) or leaf_level > mode - 1:
+            mode += 1
+        return mode
+
+    def grow(self, mode: int) -> None:
+        """``increase_top()``: one new table per added level, its entry 0 pointing to the old
+        top (a PDE whose NextLevel is the old top's level); nothing below moves."""
+        while self.mode < mode:
+            top = self.memory.alloc_frame() << PAGE_SHIFT
+            self.memory.write_u64(top, self.fmt.make_table(self.root, self.mode))
+            self.tables.add(top)
+            self.root = top
+            self.fmt = AmdV1Format(self.mode + 1)
 
     def _chunk(self, iova: int, pa: int, left: int) -> int:
         """The largest supported page size that fits alignment and length."""

@@ -40,6 +40,13 @@ def sig(cmd: C.Command) -> tuple[Any, ...]:
     return ("OP", cmd.opcode)
 
 
+def update_dte(rid: int, *device_tlb: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    """amd_iommu_update_dte(): update_dte256() writes and flushes (iommu_flush_dte_sync:
+    INVALIDATE_DEVTAB_ENTRY, COMPLETION_WAIT), then device_flush_dte() (the entry again, the
+    device TLB with ATS) and iommu_completion_wait()."""
+    return [("DTE", rid), CW, ("DTE", rid), *device_tlb, CW]
+
+
 def domain_of(w: Any) -> AmdDomain:
     dom = w.fd.device(w.dev_id).hwpt.domain
     assert isinstance(dom, AmdDomain)
@@ -52,11 +59,11 @@ def test_attach_map_unmap_replace_detach_v1(world: Any) -> None:
     ioas = w.ioas()
     a, b = w.hwpt(ioas), w.hwpt(ioas)
     seen = w.record_commands()
-    # set_dte_entry() -> amd_iommu_update_dte(): DTE write, INVALIDATE_DEVTAB_ENTRY,
-    # iommu_completion_wait(); the probe-time DTE held DomainID 0: no old-DomID flush.
+    # set_dte_entry() -> amd_iommu_update_dte(); the probe-time DTE held DomainID 0: no
+    # old-DomID flush.
     w.fd.attach(w.dev_id, a)
     dom_a = domain_of(w)
-    assert [sig(c) for c in seen] == [("DTE", rid), CW]
+    assert [sig(c) for c in seen] == update_dte(rid)
     seen.clear()
     # amd_iommu_iotlb_sync_map(): nothing unless NpCache (the model's EFR has no NpCache).
     w.map(ioas, w.buffer(4 * PAGE, fill=1), 4 * PAGE, IOVA)
@@ -74,24 +81,20 @@ def test_attach_map_unmap_replace_detach_v1(world: Any) -> None:
     w.fd.attach(w.dev_id, b)
     dom_b = domain_of(w)
     assert [sig(c) for c in seen] == [
-        ("DTE", rid),
-        CW,
+        *update_dte(rid),
         ("PAGES", dom_a.id, 0, ALL, True, False),
         CW,
-        ("DTE", rid),
-        CW,
+        *update_dte(rid),
     ]
     assert w.kernel.read_dte(rid).domain_id == dom_b.id
     seen.clear()
     # blocked_domain_attach_device(): detach_device(), then dev_update_dte(false) again.
     w.fd.detach(w.dev_id)
     assert [sig(c) for c in seen] == [
-        ("DTE", rid),
-        CW,
+        *update_dte(rid),
         ("PAGES", dom_b.id, 0, ALL, True, False),
         CW,
-        ("DTE", rid),
-        CW,
+        *update_dte(rid),
     ]
     dte = w.kernel.read_dte(rid)
     assert dte.v and not dte.tv and dte.domain_id == 0  # amd_iommu_make_clear_dte()
@@ -130,7 +133,7 @@ def test_ats_device_tlb_flushes_carry_qdep(make_world: Any) -> None:
     seen = w.record_commands()
     w.fd.attach(w.dev_id, w.hwpt(ioas))
     dom = domain_of(w)
-    assert [sig(c) for c in seen] == [("DTE", rid), ("IOTLB", rid, 32, 0, ALL, False), CW]
+    assert [sig(c) for c in seen] == update_dte(rid, ("IOTLB", rid, 32, 0, ALL, False))
     w.map(ioas, w.buffer(PAGE), PAGE, IOVA)
     seen.clear()
     w.unmap(ioas, IOVA, PAGE)
@@ -153,20 +156,18 @@ def test_v2_domain_attach_sets_gcr3_0_then_the_dte(make_world: Any) -> None:
     w.fd.attach(w.dev_id, h)
     dd = w.kernel.dev_data[rid]
     gdom = dd.gcr3_domid
-    assert [sig(c) for c in seen] == [("PAGES", gdom, 0, ALL, True, True), CW, ("DTE", rid), CW]
+    assert [sig(c) for c in seen] == [("PAGES", gdom, 0, ALL, True, True), CW, *update_dte(rid)]
     dte = w.kernel.read_dte(rid)
     assert dte.gv and dte.giov and dte.domain_id == gdom and dte.gcr3 == dd.gcr3.root
     seen.clear()
     w.fd.detach(w.dev_id)
     assert [sig(c) for c in seen] == [
-        ("DTE", rid),
-        CW,
+        *update_dte(rid),
         ("PAGES", gdom, 0, ALL, True, True),  # domain_flush_pages_v2 (flush-all: PDE)
         CW,
         ("PAGES", gdom, 0, ALL, True, True),  # destroy_gcr3_table(): update_gcr3(0, clear)
         CW,
-        ("DTE", rid),
-        CW,
+        *update_dte(rid),
     ]
     assert dd.gcr3 is None and gdom not in w.kernel.domids.used  # free_gcr3_table()
 
@@ -262,3 +263,85 @@ def test_ppr_entry_layout() -> None:
     assert ((w0 >> 42) & 0xF) << 16 | (w0 >> 16) & 0xFFFF == 0xA_BCDE
     assert (w0 >> 32) & 0x3FF == 0x3FF and (w0 >> 48) & 0xFFF == 0x120 and w0 >> 60 == 1
     assert P.PprEntry.from_bytes(e.to_bytes()) == e
+
+
+def test_v1_mode_grows_on_demand_and_rewrites_each_dte(make_world: Any) -> None:
+    """generic_pt amdv1 with PT_FEAT_DYNAMIC_TOP starts at level 2 (Mode 3, 39 bits); a map
+    past the top's reach adds levels (``increase_top()``: the new top's entry 0 is the old
+    top) and calls amd_iommu_change_top(): set_dte_entry() for every device on the domain's
+    list (its DTE held the domain's own DomainID: amd_iommu_flush_tlb_domid() follows), then
+    device_flush_dte() of each, then domain_flush_complete(). The map itself issues nothing."""
+    w = make_world()
+    dev2 = w.machine.add_pci_device(iommu=0, ats=True)
+    dev2_id = w.fd.bind(dev2)
+    rid, rid2 = w.dev.rid, dev2.rid
+    ioas = w.ioas()
+    h = w.hwpt(ioas)
+    w.fd.attach(w.dev_id, h)
+    w.fd.attach(dev2_id, h)
+    dom = domain_of(w)
+    old_root = dom.pt.root
+    assert dom.mode == 3 and w.kernel.read_dte(rid).mode == 3
+    w.map(ioas, w.buffer(PAGE, fill=0x11), PAGE, IOVA)
+    assert dom.mode == 3
+    seen = w.record_commands()
+    far = 1 << 40  # beyond 39 bits: Mode 4 reaches 48
+    w.map(ioas, w.buffer(PAGE, fill=0x22), PAGE, far)
+    iotlb_all = ("IOTLB", rid2, 32, 0, ALL, False)
+    flush_domid = [("PAGES", dom.id, 0, ALL, True, False), CW]
+    assert [sig(c) for c in seen] == [
+        *update_dte(rid),
+        *flush_domid,
+        *update_dte(rid2, iotlb_all),
+        *flush_domid,
+        ("DTE", rid),
+        ("DTE", rid2),
+        iotlb_all,
+        CW,
+    ]
+    assert dom.mode == 4 and dom.pt.root != old_root
+    for r in (rid, rid2):
+        dte = w.kernel.read_dte(r)
+        assert (dte.mode, dte.host_root, dte.domain_id) == (4, dom.pt.root, dom.id)
+    # The old top hangs at entry 0 of the new one (PDE, NextLevel = 3, PR, IR, IW).
+    assert w.mem.read_u64(dom.pt.root) == old_root | 3 << 9 | 1 | 3 << 61
+    assert w.dev.dma_read(IOVA, 1) == b"\x11" and w.dev.dma_read(far, 1) == b"\x22"
+    seen.clear()
+    w.map(ioas, w.buffer(PAGE), PAGE, far + PAGE)  # within Mode 4: nothing issued
+    assert seen == []
+
+
+def test_v1_growth_to_mode_6_and_without_devices(make_world: Any) -> None:
+    """A domain on no device grows without a command (its dev_list and iommu_array are
+    empty); attaching it later writes the grown Mode. The top grows by as many levels as the
+    IOVA needs at once, up to Mode 6 with HATS = 6 levels (amd_iommu_hpt_vasize 64)."""
+    w = make_world()
+    ioas = w.ioas()
+    h = w.hwpt(ioas)
+    dom = w.fd.objects.get(h).domain
+    assert isinstance(dom, AmdDomain) and dom.aperture_end == (1 << 64) - 1
+    seen = w.record_commands()
+    top = 1 << 62
+    w.map(ioas, w.buffer(PAGE, fill=0x33), PAGE, top)
+    assert seen == [] and dom.mode == 6
+    w.fd.attach(w.dev_id, h)
+    assert w.kernel.read_dte(w.dev.rid).mode == 6
+    assert w.dev.dma_read(top, 1) == b"\x33"
+
+
+@pytest.mark.parametrize(("host_levels", "vasize", "max_mode"), [(4, 48, 4), (5, 57, 5)])
+def test_v1_growth_stops_at_what_hats_allows(
+    make_world: Any, host_levels: int, vasize: int, max_mode: int
+) -> None:
+    """amd_iommu_hpt_vasize = (HATS + 3) * 9 + 21: the aperture ends there (so iommufd never
+    asks for more) and increase_top() refuses a top whose entries would span it (ERANGE)."""
+    w = make_world({"host_levels": host_levels})
+    ioas = w.ioas()
+    dom = w.fd.objects.get(w.hwpt(ioas)).domain
+    assert isinstance(dom, AmdDomain) and dom.aperture_end == (1 << vasize) - 1
+    pa = w.mem.alloc_frame() << 12
+    dom.map((1 << vasize) - PAGE, pa, PAGE, 3)
+    assert dom.mode == max_mode
+    root = dom.pt.root
+    assert_errno(errno.ERANGE, lambda: dom.map(1 << vasize, pa, PAGE, 3))
+    assert dom.mode == max_mode and dom.pt.root == root

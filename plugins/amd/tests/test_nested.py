@@ -61,6 +61,24 @@ class Guest:
         )
 
 
+def test_a_grown_nest_parent_leaves_nested_dtes_on_the_old_top(world: Any, guest_ram: Any) -> None:
+    """amd_iommu_change_top() rewrites the DTEs on the parent's dev_list only; a nested attach
+    (nested_attach_device) never puts the device there, so its DTE keeps the Mode and root it
+    was written with (Linux 7.2), and its DMA still walks the old top, which stays entry 0
+    of the new one."""
+    w = world
+    g = Guest(w, guest_ram)
+    w.fd.attach(w.dev_id, g.nested())
+    parent = w.fd.objects.get(g.parent).domain
+    old_root = parent.pt.root
+    seen = w.record_commands()
+    w.map(g.ioas, w.buffer(PAGE), PAGE, 1 << 40)
+    assert parent.mode == 4 and seen == []
+    dte = w.kernel.read_dte(w.dev.rid)
+    assert (dte.mode, dte.host_root) == (3, old_root)
+    assert w.dev.dma_read(GVA, 10) == b"guest data"
+
+
 def test_nested_dma_through_the_two_dimensional_walk(world: Any, guest_ram: Any) -> None:
     w = world
     g = Guest(w, guest_ram)
@@ -77,7 +95,10 @@ def test_nested_dma_through_the_two_dimensional_walk(world: Any, guest_ram: Any)
     assert dte.gv and dte.giov and dte.gcr3 == g.gcr3 and dte.ir and dte.iw
     refs = w.hw.stats.walk_mem_refs
     assert w.dev.dma_read(GVA, 10) == b"guest data"
-    assert w.hw.stats.walk_mem_refs - refs == (1 + 4) * (4 + 1) + 4  # the 2-D walk: 29
+    # The 2-D walk: GCR3 and 4 guest levels each translated by the host table (Mode 3 as
+    # generic_pt starts it) and read, then the data's GPA: 5 * (3 + 1) + 3 = 23.
+    assert parent.mode == 3
+    assert w.hw.stats.walk_mem_refs - refs == (1 + 4) * (parent.mode + 1) + parent.mode
     w.dev.dma_write(GVA + 0x100, b"from the device")
     assert g.ram.read(g.data + 0x100, 15) == b"from the device"
     # The guest repoints its PTE and forgets to invalidate: the IOTLB keeps the old page.
