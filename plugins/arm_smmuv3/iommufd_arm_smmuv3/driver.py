@@ -63,6 +63,8 @@ PROBE_OPTIONS = {
     "cd2l",
     "stall_force",
     "pri",
+    "s1p",
+    "s2p",
 }
 PAGING_FLAGS = (
     U.IOMMU_HWPT_ALLOC_NEST_PARENT | U.IOMMU_HWPT_ALLOC_DIRTY_TRACKING | U.IOMMU_HWPT_ALLOC_PASID
@@ -160,6 +162,9 @@ class ArmSmmuV3Driver(PagingDomainOps):
         unknown = set(options) - PROBE_OPTIONS
         if unknown:
             raise err(errno.EINVAL, f"unknown arm_smmuv3 options: {sorted(unknown)}")
+        if not options.get("s1p", True) and not options.get("s2p", True):
+            # arm_smmu_device_hw_probe(): neither IDR0.S1P nor S2P
+            raise err(errno.ENXIO, "no translation support!")
         hw = Smmuv3(machine, index, **options)
         hw.driver_name = "arm_smmuv3"  # the registers are programmed before Machine sets it
         hw.driver_state = SmmuDevice(hw)
@@ -262,7 +267,9 @@ class ArmSmmuV3Driver(PagingDomainOps):
         return self._alloc_nested(viommu, flags, user_data.type, user_data.read())
 
     def _alloc_paging(self, iommu: IommuHw, flags: int) -> SmmuDomain:
-        """arm_smmu_domain_alloc_paging_flags(): S1 by default, S2 for a nest parent."""
+        """arm_smmu_domain_alloc_paging_flags(): flags 0 is stage 1 when the SMMU has it
+        (IDR0.S1P), else stage 2; NEST_PARENT is stage 2 and needs both stages (NESTING);
+        DIRTY_TRACKING and PASID are stage 1 only; EOPNOTSUPP otherwise."""
         smmu = smmu_of(iommu)
         if flags & ~PAGING_FLAGS:
             raise err(errno.EOPNOTSUPP, f"arm_smmuv3 paging flags {flags:#x}")
@@ -273,10 +280,13 @@ class ArmSmmuV3Driver(PagingDomainOps):
         nest = flags == U.IOMMU_HWPT_ALLOC_NEST_PARENT
         if flags & U.IOMMU_HWPT_ALLOC_NEST_PARENT and not nest:
             raise err(errno.EOPNOTSUPP, "a nest parent takes no other flag")
+        if nest and not smmu.feat_nesting:
+            raise err(errno.EOPNOTSUPP, "a nest parent needs both stages (IDR0.S1P and S2P)")
+        if flags and not nest and not smmu.feat_s1:
+            raise err(errno.EOPNOTSUPP, "dirty tracking and PASID need stage 1 (IDR0.S1P)")
         pasid = bool(flags & U.IOMMU_HWPT_ALLOC_PASID)
-        return SmmuDomain(
-            smmu, 2 if nest else 1, nest_parent=nest, pasid=pasid, dirty_tracking=dirty
-        )
+        stage = 2 if nest or not smmu.feat_s1 else 1
+        return SmmuDomain(smmu, stage, nest_parent=nest, pasid=pasid, dirty_tracking=dirty)
 
     @hookimpl
     def domain_free(self, domain: api.Domain) -> None:
@@ -385,6 +395,9 @@ class ArmSmmuV3Driver(PagingDomainOps):
         a guest VINTF (tegra241_cmdqv_init_vintf_user)."""
         smmu = smmu_of(iommu)
         cmdqv = smmu.hw.cmdqv
+        if not smmu.feat_nesting:
+            # arm_smmu_get_viommu_size(): no vIOMMU without both stages (size 0: EOPNOTSUPP)
+            raise err(errno.EOPNOTSUPP, "no vSMMU without both stages (IDR0.S1P and S2P)")
         # arm_smmu_get_viommu_size(): a VM must not be able to make DMA non-coherent, since
         # VFIO does no cache maintenance: the device must be CANWBS or stage 2 must force
         # write-back (S2FWB); otherwise no vIOMMU type is offered (size 0: EOPNOTSUPP).
@@ -575,7 +588,11 @@ class ArmSmmuV3Driver(PagingDomainOps):
     # -- the guest model ------------------------------------------------------------------------
     @hookimpl
     def guest_iommu_alloc(self, vm: Vm, iommu: IommuHw, accelerated: bool) -> GuestSmmuv3:
-        """The guest's arm-smmu-v3 driver and the VMM's vSMMU; accelerated = CMDQV VCMDQ."""
+        """The guest's arm-smmu-v3 driver and the VMM's vSMMU; accelerated = CMDQV VCMDQ.
+        A host SMMU without both stages can hold no nest parent, so the VMM's vSMMU over
+        iommufd cannot start (EOPNOTSUPP, as the VT-d model's QEMU rule; model's reading)."""
+        if not smmu_of(iommu).feat_nesting:
+            raise err(errno.EOPNOTSUPP, "the host SMMU lacks a stage: no nested vSMMU")
         if accelerated and smmu_of(iommu).hw.cmdqv is None:
             raise err(errno.EOPNOTSUPP, "this SMMU has no CMDQV")
         return GuestSmmuv3(vm, iommu, accelerated=accelerated)

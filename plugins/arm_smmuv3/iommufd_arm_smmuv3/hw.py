@@ -83,8 +83,16 @@ class Smmuv3(IommuHw):
         cd2l: bool = True,
         stall_force: bool = False,
         pri: bool = False,
+        s1p: bool = True,
+        s2p: bool = True,
     ) -> None:
         super().__init__(machine, index)
+        # IDR0.S1P / S2P: the stages implemented. Substreams select CDs, which only stage 1
+        # has: without it SSIDSIZE reads 0 (the model's choice).
+        self.s1p = s1p
+        self.s2p = s2p
+        if not s1p:
+            ssid_bits = 0
         # Firmware's word, not a register: IORT marks the root complex behind this SMMU as
         # CANWBS (IOMMU_FWSPEC_PCI_RC_CANWBS), so its devices' accesses are coherent write-back.
         self.rc_canwbs = canwbs
@@ -102,8 +110,8 @@ class Smmuv3(IommuHw):
         self.atc_hits = 0
         self.oas_bits = 48
         idr0 = (
-            R.IDR0_S1P
-            | R.IDR0_S2P
+            (R.IDR0_S1P if s1p else 0)
+            | (R.IDR0_S2P if s2p else 0)
             | R.IDR0_TTF_AARCH64
             | R.IDR0_COHACC
             | R.IDR0_ATS
@@ -436,7 +444,7 @@ class Smmuv3(IommuHw):
             ev = E.Event(E.F_STE_FETCH, sid, fetch_addr=base)
             raise ConfigFault(ev, "STE fetch abort") from None
         ste = Ste.decode(words(raw))
-        why = ste.illegal(self.ssid_bits, self.oas_bits, self.cd2l)
+        why = ste.illegal(self.ssid_bits, self.oas_bits, self.cd2l, s1p=self.s1p, s2p=self.s2p)
         if why:
             raise ConfigFault(E.Event(E.C_BAD_STE, sid), f"C_BAD_STE: {why}")
         self.ste_cache[sid] = ste

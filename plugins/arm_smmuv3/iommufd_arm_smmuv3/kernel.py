@@ -156,6 +156,10 @@ class SmmuDevice:
         # arm_smmu_dbm_capable(): HD and a coherent SMMU (IDR0.COHACC)
         self.dbm_capable = self.feat_hd and bool(idr0 & R.IDR0_COHACC)
         self.feat_cd2l = bool(idr0 & R.IDR0_CD2L)
+        # ARM_SMMU_FEAT_TRANS_S1 / _S2, and NESTING with both (arm_smmu_device_hw_probe)
+        self.feat_s1 = bool(idr0 & R.IDR0_S1P)
+        self.feat_s2 = bool(idr0 & R.IDR0_S2P)
+        self.feat_nesting = self.feat_s1 and self.feat_s2
         stall_model = get(idr0, 25, 24)  # 0: stalls supported, 2: forced, 1: none
         self.feat_stall_force = stall_model == 2
         self.feat_stalls = stall_model in (0, 2)

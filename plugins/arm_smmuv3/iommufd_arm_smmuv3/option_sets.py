@@ -3,12 +3,27 @@
 Each is a set of ``probe`` options (``PROBE_OPTIONS`` in :mod:`iommufd_arm_smmuv3.driver`):
 the substream (PASID) width (IDR1.SSIDSIZE), the CD table layout (2-level or linear,
 IDR0.CD2L), range invalidation (IDR3.RIL), hardware dirty state (IDR0.HTTU), stage-2 forced
-write-back (IDR3.FWB), the Tegra241 CMDQV extension, the TLB's size and the stall model
-(IDR0.STALL_MODEL: only stalling masters have IO page faults in Linux 7.2). The model has one
-translation granule (4 KiB) and always both stages, so neither is swept.
+write-back (IDR3.FWB), the Tegra241 CMDQV extension, the TLB's size, the stall model
+(IDR0.STALL_MODEL: only stalling masters have IO page faults in Linux 7.2) and the
+translation stages implemented (IDR0.S1P / S2P). The model has one translation granule
+(4 KiB), so granules are not swept.
 """
 
 from iommufd_model.api import Feature, OptionSet
+
+#: What an SMMU without one of the stages lacks: ARM_SMMU_FEAT_NESTING needs both, and every
+#: vSMMU object hangs off a nest parent.
+NO_NESTING = frozenset(
+    {
+        Feature.NEST_PARENT,
+        Feature.NESTED,
+        Feature.VIOMMU,
+        Feature.VDEVICE,
+        Feature.VEVENTQ,
+        Feature.VIOMMU_INVALIDATE,
+        Feature.HW_QUEUE,
+    }
+)
 
 OPTION_SETS = (
     OptionSet("ssid8", {"ssid_bits": 8}, doc="IDR1.SSIDSIZE: 8-bit SubstreamIDs"),
@@ -37,5 +52,18 @@ OPTION_SETS = (
         {"stall_force": True},
         adds=frozenset({Feature.IOPF}),
         doc="IDR0.STALL_MODEL = FORCE: every master stalls, so faults go to IOPF",
+    ),
+    OptionSet(
+        "s1-only",
+        {"s2p": False},
+        lacks=NO_NESTING,
+        doc="no IDR0.S2P: stage-1 domains only, no nest parent, no vSMMU",
+    ),
+    OptionSet(
+        "s2-only",
+        {"s1p": False},
+        lacks=NO_NESTING | {Feature.PASID, Feature.DIRTY_TRACKING},
+        doc="no IDR0.S1P: every paging domain is stage 2 (no substreams, no dirty tracking, "
+        "no nesting)",
     ),
 )

@@ -202,12 +202,23 @@ class Ste:
     def s2_ia_bits(self) -> int:
         return 64 - self.s2t0sz
 
-    def illegal(self, ssid_bits: int, oas_bits: int, cd2l: bool = False) -> str:
-        """Why the hardware treats this valid STE as ILLEGAL (C_BAD_STE), or ``""``."""
+    def illegal(
+        self,
+        ssid_bits: int,
+        oas_bits: int,
+        cd2l: bool = False,
+        *,
+        s1p: bool = True,
+        s2p: bool = True,
+    ) -> str:
+        """Why the hardware treats this valid STE as ILLEGAL (C_BAD_STE), or ``""``. A Config
+        enabling a stage the SMMU does not implement (IDR0.S1P / S2P clear) is one."""
         if not self.v:
             return "V == 0"
         if self.config in (0b001, 0b010, 0b011):
             return f"reserved Config {self.config:#05b}"
+        if (self.s1_enabled and not s1p) or (self.s2_enabled and not s2p):
+            return f"Config {self.config:#05b} needs a stage IDR0 does not implement"
         if self.s1_enabled:
             if self.s1fmt == 3 or (self.s1fmt and not cd2l):
                 return f"S1Fmt {self.s1fmt} not supported"
