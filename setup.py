@@ -21,6 +21,13 @@ FRAME_COPY = Extension(
     extra_compile_args=["-O2", "-Wall"],
 )
 
+# The model lock and its method wrapper (plain C; locking.py falls back to threading.RLock).
+LOCKCALL = Extension(
+    "iommufd_model._lockcall",
+    sources=["framework/iommufd_model/_lockcall.c"],
+    extra_compile_args=["-O2", "-Wall"],
+)
+
 
 def ext_modules() -> list:  # type: ignore[type-arg]
     if os.environ.get("IOMMUFD_MODEL_PURE") == "1":
@@ -28,7 +35,7 @@ def ext_modules() -> list:  # type: ignore[type-arg]
     try:
         from mypyc.build import mypycify
     except ImportError:
-        return [FRAME_COPY]
+        return [FRAME_COPY, LOCKCALL]
     # The walkers import nothing from the framework: compile them alone, without the
     # project's mypy configuration (which would pull in the whole package and its deps).
     extensions = mypycify(["--config-file=", "--follow-imports=silent", *COMPILED], opt_level="3")
@@ -37,7 +44,7 @@ def ext_modules() -> list:  # type: ignore[type-arg]
             "-fno-semantic-interposition",
             "--param=max-inline-insns-auto=200",
         ]
-    return [FRAME_COPY, *extensions]
+    return [FRAME_COPY, LOCKCALL, *extensions]
 
 
 # The LD_PRELOAD library of `iommufd-model run` (plain C, no Python API): built as an extension

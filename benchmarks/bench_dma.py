@@ -2,8 +2,9 @@
 
     python benchmarks/bench_dma.py            # add --quick for smaller buffers
 
-A device behind the first installed vendor IOMMU (the mock driver otherwise) reads and writes
-a buffer mapped through the uAPI with 4 KiB, 2 MiB or 1 GiB IOMMU pages (user memory made
+A device behind each installed vendor IOMMU (AMD, VT-d, SMMUv3; the mock driver when none is
+installed) reads and writes a buffer mapped through the uAPI with 4 KiB, 2 MiB or 1 GiB IOMMU
+pages (1 GiB for the first vendor only) (user memory made
 physically contiguous and aligned so that the driver can use the large pages; the page size
 the walk found is printed). Steady state: the frames exist and the IOTLB holds what it can --
 16 MiB of 4 KiB pages fit the model's 4096-entry IOTLB (one walk-free burst), 64 MiB do not
@@ -17,6 +18,7 @@ from __future__ import annotations
 import gc
 import sys
 import time
+from importlib.metadata import entry_points
 
 from _timing import vendor
 
@@ -59,14 +61,28 @@ def setup(driver: str, page: int, size: int) -> tuple[im.Machine, object]:
     return machine, dev
 
 
+def vendors() -> list[str]:
+    """Every installed vendor driver, the first (:func:`_timing.vendor`) first."""
+    names = {ep.name for ep in entry_points(group="iommufd_model.drivers")}
+    first = vendor()
+    return [first] + [d for d in ("amd", "intel_vtd", "arm_smmuv3") if d in names and d != first]
+
+
 def run(quick: bool = False) -> dict[str, float]:
-    driver = vendor()
     figures: dict[str, float] = {}
-    cases = [(4 * KIB, 16 * MIB), (2 * MIB, 64 * MIB if quick else 256 * MIB)]
-    if not quick:
-        cases.insert(1, (4 * KIB, 64 * MIB))
-    if not quick:
-        cases.append((GIB, GIB))
+    for n, driver in enumerate(vendors()):
+        cases = [(4 * KIB, 16 * MIB), (2 * MIB, 64 * MIB if quick else 256 * MIB)]
+        if not quick:
+            cases.insert(1, (4 * KIB, 64 * MIB))
+        if not quick and n == 0:
+            cases.append((GIB, GIB))
+        figures.update(run_driver(driver, cases))
+    return figures
+
+
+def run_driver(driver: str, cases: list[tuple[int, int]]) -> dict[str, float]:
+    """The figures of ``driver`` (keys prefixed ``[driver]``) for each ``(page, size)``."""
+    figures: dict[str, float] = {}
     for page, size in cases:
         machine, dev = setup(driver, page, size)
         hw = machine.iommus[0]
@@ -91,11 +107,12 @@ def run(quick: bool = False) -> dict[str, float]:
 
         t_plain_write = best(plain_write, repeat)
         label = f"{page // KIB} KiB pages" if page < MIB else f"{page // MIB} MiB pages"
+        label = f"[{driver}] DMA %s, {label}"
         label += f" ({size // MIB} MiB buffer, walk found {found // KIB} KiB pages)"
-        figures[f"DMA read, {label}: MB/s"] = size / t_read / 1e6
-        figures[f"DMA read, {label}: ratio to a plain copy"] = t_plain_read / t_read
-        figures[f"DMA write, {label}: MB/s"] = size / t_write / 1e6
-        figures[f"DMA write, {label}: ratio to a plain copy"] = t_plain_write / t_write
+        figures[f"{label % 'read'}: MB/s"] = size / t_read / 1e6
+        figures[f"{label % 'read'}: ratio to a plain copy"] = t_plain_read / t_read
+        figures[f"{label % 'write'}: MB/s"] = size / t_write / 1e6
+        figures[f"{label % 'write'}: ratio to a plain copy"] = t_plain_write / t_write
         del machine, dev, data, src, dst
         gc.collect()
     return figures
@@ -103,7 +120,6 @@ def run(quick: bool = False) -> dict[str, float]:
 
 def main() -> None:
     figures = run(quick="--quick" in sys.argv)
-    print(f"driver: {vendor()}")
     width = max(map(len, figures))
     for key, value in figures.items():
         print(f"{key:<{width}}  {value:>12,.2f}")

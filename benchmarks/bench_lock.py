@@ -16,6 +16,7 @@ read per call (the smallest locked call), one-page and 64 MiB ``IOMMU_IOAS_MAP``
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -72,10 +73,15 @@ def unlocked() -> Iterator[None]:
 def acquisitions(fn: Callable[[], float]) -> int:
     """How many times one call of ``fn`` takes the model lock (re-entries included).
 
-    The wrappers hold the lock's C methods bound at class creation, so the count comes from
-    the profiler's C-call events on :data:`~iommufd_model.locking.MODEL_LOCK` (``acquire``,
-    and ``__enter__`` for the ``with`` blocks of fail-nth and event waits)."""
+    The C lock (``_lockcall.c``) counts its acquisitions itself. ``threading.RLock`` (a pure
+    build) does not: the count then comes from the profiler's C-call events on
+    :data:`~iommufd_model.locking.MODEL_LOCK` (``acquire``, and ``__enter__`` for the
+    ``with`` blocks of fail-nth and event waits), as the wrappers call its C methods."""
     lock = locking.MODEL_LOCK
+    if hasattr(lock, "acquisitions"):
+        before = lock.acquisitions
+        fn()
+        return int(lock.acquisitions - before)
     taken = 0
 
     def profile(frame: object, event: str, arg: Any) -> None:
@@ -91,13 +97,18 @@ def acquisitions(fn: Callable[[], float]) -> int:
     return taken
 
 
-def one_acquisition(trials: int) -> float:
-    """Seconds one wrapped call adds (a call through :func:`locked` minus a plain call)."""
+def one_acquisition(trials: int, pure: bool = False) -> float:
+    """Seconds one wrapped call adds (a call through :func:`locked` minus a plain call);
+    ``pure``: through the pure build's wrapper instead (generated in Python, around a
+    ``threading.RLock``), measured in the same run for comparison."""
 
     def noop() -> None:
         return None
 
-    wrapped = locking.locked(noop)
+    if pure:
+        wrapped = locking._with_signature(noop, noop.__code__, threading.RLock())
+    else:
+        wrapped = locking.locked(noop)
     n = 100_000
     best_plain = best_locked = float("inf")
     for _ in range(trials):
@@ -150,6 +161,10 @@ def run(quick: bool = False) -> dict[str, float]:
 
     cost = one_acquisition(trials)
     figures["one lock acquisition through a wrapper: ns"] = cost * 1e9
+    pure_cost = one_acquisition(trials, pure=True)
+    figures["one acquisition through the pure build's wrapper and threading.RLock: ns"] = (
+        pure_cost * 1e9
+    )
 
     def report(what: str, per: int, fn: Callable[[], float]) -> None:
         locked_t, bare_t = best(fn, trials)
@@ -159,6 +174,9 @@ def run(quick: bool = False) -> dict[str, float]:
         figures[f"[{driver}] {what}: measured lock cost %"] = (locked_t / bare_t - 1) * 100
         figures[f"[{driver}] {what}: lock acquisitions/op"] = taken
         figures[f"[{driver}] {what}: acquisitions x cost %"] = taken * cost / (bare_t / per) * 100
+        figures[f"[{driver}] {what}: acquisitions x cost %, pure build's lock"] = (
+            taken * pure_cost / (bare_t / per) * 100
+        )
 
     def map_big() -> float:
         t = time.perf_counter()
@@ -203,6 +221,8 @@ def run(quick: bool = False) -> dict[str, float]:
 
 
 def main() -> None:
+    kind = type(locking.MODEL_LOCK)
+    print(f"  the model lock: {kind.__module__}.{kind.__name__}")
     for key, value in run(quick="--quick" in sys.argv).items():
         print(f"  {key:<62} {value:>12,.1f}")
 

@@ -2,12 +2,12 @@
 
 A VMM is many threads (vCPUs trapping MMIO, I/O threads mapping, devices doing DMA) and the
 kernel serves them all at once with a hierarchy of locks (docs/concurrency.md lists them). The
-model collapses that hierarchy into one :class:`threading.RLock` per Python process,
-:data:`MODEL_LOCK`, held for the whole of each entry point: an ioctl, a device's DMA, an MMIO
-access, a guest driver's call, a process's memory access, a file's read/write/close, the
-construction of a machine. Each entry point is therefore atomic against every other, which is
-a legal schedule of the kernel's finer locks, and no compound state change relies on the GIL
-(the model is correct on a free-threaded CPython too).
+model collapses that hierarchy into one re-entrant lock per Python process, :data:`MODEL_LOCK`
+(``threading.RLock``'s interface, in C), held for the whole of each entry point: an ioctl, a
+device's DMA, an MMIO access, a guest driver's call, a process's memory access, a file's
+read/write/close, the construction of a machine. Each entry point is therefore atomic against
+every other, which is a legal schedule of the kernel's finer locks, and no compound state change
+relies on the GIL (the model is correct on a free-threaded CPython too).
 
 The lock is taken *structurally*, so code written later is covered without doing anything:
 
@@ -26,7 +26,9 @@ must wait for an event uses :func:`wait_for`, which releases the lock while it s
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
+import os
 import threading
 import types
 from collections.abc import Callable
@@ -36,8 +38,24 @@ P = ParamSpec("P")
 R = TypeVar("R")
 C = TypeVar("C", bound=type)
 
-#: The one lock of the model (re-entrant: an entry point may call another).
-MODEL_LOCK = threading.RLock()
+
+def _lockcall() -> types.ModuleType | None:
+    """``_lockcall.c`` (the lock and its wrapper in C), or None in a pure build
+    (``IOMMUFD_MODEL_PURE=1`` at install or run time): ``threading.RLock`` and wrappers
+    generated in Python then, with the same behaviour."""
+    if os.environ.get("IOMMUFD_MODEL_PURE") == "1":
+        return None
+    try:
+        return importlib.import_module("iommufd_model._lockcall")
+    except ImportError:
+        return None
+
+
+_C = _lockcall()
+#: The one lock of the model (re-entrant: an entry point may call another): the C RLock of
+#: ``_lockcall.c`` (``threading.RLock``'s interface, including what ``threading.Condition``
+#: needs, with acquisitions counted), or ``threading.RLock`` in a pure build.
+MODEL_LOCK: Any = threading.RLock() if _C is None else _C.RLock()
 #: Signalled (under :data:`MODEL_LOCK`) whenever an event or fault is queued for a reader.
 MODEL_EVENT = threading.Condition(MODEL_LOCK)
 
@@ -45,22 +63,30 @@ MODEL_EVENT = threading.Condition(MODEL_LOCK)
 def locked(fn: Callable[P, R]) -> Callable[P, R]:
     """Run ``fn`` holding :data:`MODEL_LOCK`.
 
-    The wrapper is generated with ``fn``'s own parameter list (as attrs and dataclasses
-    generate their methods) and takes the lock with the C methods ``acquire``/``release``
-    bound once: no ``*args``/``**kwargs`` packing and no ``with`` protocol on the way in,
-    which costs a third of the generic wrapper per call (benchmarks/bench_lock.py). A
-    re-entry from inside another entry point is the same two C calls on an owned RLock.
+    Built, the wrapper is ``_lockcall.LockedCall``: the lock taken and released in C around a
+    vectorcall of ``fn`` with the arguments as received (no frame of its own; it binds as a
+    method like a function). In a pure build it is generated in Python with ``fn``'s own
+    parameter list (as attrs and dataclasses generate their methods), taking the lock with
+    its ``acquire``/``release`` bound once: no ``*args``/``**kwargs`` packing and no ``with``
+    protocol (benchmarks/bench_lock.py measures both). Either way a re-entry from inside
+    another entry point only counts up on a lock the thread owns.
     """
+    wrapper: Callable[P, R]
     code = getattr(fn, "__code__", None)
-    wrapper = _generic(fn) if code is None else _with_signature(fn, code)
+    if _C is not None:
+        wrapper = _C.LockedCall(fn, MODEL_LOCK)
+    elif code is None:
+        wrapper = _generic(fn, MODEL_LOCK)
+    else:
+        wrapper = _with_signature(fn, code, MODEL_LOCK)
     functools.update_wrapper(wrapper, fn)
     wrapper.__model_locked__ = True  # type: ignore[attr-defined]
     return wrapper
 
 
-def _generic(fn: Callable[P, R]) -> Callable[P, R]:
+def _generic(fn: Callable[P, R], lock: Any) -> Callable[P, R]:
     """The wrapper for callables without Python code (builtins, compiled functions)."""
-    acquire, release = MODEL_LOCK.acquire, MODEL_LOCK.release
+    acquire, release = lock.acquire, lock.release
 
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         acquire()
@@ -72,8 +98,8 @@ def _generic(fn: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
-def _with_signature(fn: Callable[P, R], code: types.CodeType) -> Callable[P, R]:
-    """A wrapper whose parameters are ``fn``'s (names, kinds and defaults)."""
+def _with_signature(fn: Callable[P, R], code: types.CodeType, lock: Any) -> Callable[P, R]:
+    """A wrapper holding ``lock`` whose parameters are ``fn``'s (names, kinds and defaults)."""
     names = code.co_varnames
     npos, nposonly, nkw = code.co_argcount, code.co_posonlyargcount, code.co_kwonlyargcount
     positional = list(names[:npos])
@@ -104,9 +130,7 @@ def _with_signature(fn: Callable[P, R], code: types.CodeType) -> Callable[P, R]:
     )
     namespace: dict[str, Any] = {}
     exec(source, namespace)  # the source holds only the code object's parameter names
-    wrapper: Callable[P, R] = namespace["__model_factory"](
-        fn, MODEL_LOCK.acquire, MODEL_LOCK.release
-    )
+    wrapper: Callable[P, R] = namespace["__model_factory"](fn, lock.acquire, lock.release)
     wrapper.__defaults__ = getattr(fn, "__defaults__", None)
     kwdefaults = getattr(fn, "__kwdefaults__", None)
     wrapper.__kwdefaults__ = None if kwdefaults is None else dict(kwdefaults)

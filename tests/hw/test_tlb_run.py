@@ -190,3 +190,107 @@ def test_fill_equals_inserts_one_by_one(pure: bool) -> None:
         assert tlbs[0].entries() == tlbs[1].entries()
         assert tlbs[0]._tables == tlbs[1]._tables
         assert len(tlbs[1]) == min(capacity, min(capacity, len(held)) + len(keys))
+
+
+def dirty_rig(driver: str, dirty: bool, capacity: int) -> tuple[Any, Any, Any]:
+    """:func:`rig`'s mappings on a HWPT allocated with dirty tracking (and tracking on) when
+    ``dirty``, with the IOTLB cut to ``capacity`` entries (a burst then evicts its own
+    fills); returns the machine, the device and a function giving the dirty IOVAs."""
+    machine = im.Machine.build(iommus=[driver])
+    proc = machine.new_process()
+    fd = proc.open_iommufd()
+    dev = machine.add_pci_device(iommu=0)
+    ioas = fd.ioas_alloc()
+    fd.option(U.IOMMU_OPTION_HUGE_PAGES, U.IOMMU_OPTION_OP_SET, object_id=ioas, val64=0)
+    dev_id = fd.bind(dev)
+    flags = U.IOMMU_HWPT_ALLOC_DIRTY_TRACKING if dirty else 0
+    hwpt = fd.hwpt_alloc(dev_id, ioas, flags=flags)
+    fd.attach(dev_id, hwpt)
+    if dirty:
+        fd.hwpt_set_dirty_tracking(hwpt, True)
+    for i in random.Random(5).sample(range(PAGES), PAGES):
+        if i != HOLE:
+            va = proc.mmap(PAGE)
+            proc.write(va, bytes([i]) * PAGE)
+            write = 0 if 20 <= i < 24 else U.IOMMU_IOAS_MAP_WRITEABLE
+            fd.ioas_map(
+                ioas, va, PAGE, iova=IOVA + i * PAGE, flags=U.IOMMU_IOAS_MAP_READABLE | write
+            )
+    hw = machine.iommus[0]
+    for name in ("iotlb", "tlb"):  # AMD and VT-d / SMMUv3
+        if isinstance(getattr(hw, name, None), Iotlb):
+            getattr(hw, name).capacity = capacity
+
+    def dirty_iovas() -> list[int]:
+        if not dirty:
+            return []
+        return list(fd.hwpt_get_dirty_bitmap(hwpt, IOVA, PAGES * PAGE, PAGE, clear=False))
+
+    return machine, dev, dirty_iovas
+
+
+#: (first page, byte offset, pages, byte tail): whole bursts, unaligned ones, bursts across
+#: the read-only pages 20..23 and across the hole (30): a write faults there, midway
+WRITES = [(0, 0, 12, 0), (2, 100, 9, 7), (14, 0, 8, 0), (24, 5, 10, 0), (31, 0, 17, 0)]
+WRITES += [(0, 0, 48, 0), (40, 0, 8, 0), (1, 3, 18, 100), (25, 0, 5, 0), (33, 0, 15, 0)]
+
+
+@pytest.mark.parametrize("driver", VENDORS)
+@pytest.mark.parametrize("dirty", [False, True], ids=["plain", "dirty-tracking"])
+@pytest.mark.parametrize("capacity", [4096, 5], ids=["iotlb", "tiny-iotlb"])
+def test_dma_write_burst_equals_page_by_page(driver: str, dirty: bool, capacity: int) -> None:
+    """``dma_write`` (a burst: IOTLB hits and native walks after the first page, frames
+    filled whole) leaves what translating page by page with ``translate()`` and then writing
+    each page leaves: the same faults at the same page (nothing written by a faulting DMA),
+    statistics, fault logs, IOTLB contents, every byte of memory (data, page tables with
+    their accessed/dirty bits) and dirty bitmap. Some bursts start warm (read entries in the
+    IOTLB: a write cannot use them); a tiny IOTLB makes a burst evict its own fills."""
+    outcomes = []
+    for burst in (True, False):
+        machine, dev, dirty_iovas = dirty_rig(driver, dirty, capacity)
+        hw = machine.iommus[0]
+        for i in (9, 10, 26, 41):
+            hw.translate(dev, IOVA + i * PAGE, None, False)
+        got: list[object] = []
+        for n, (first, off, count, tail) in enumerate(WRITES):
+            iova = IOVA + first * PAGE + off
+            data = bytes([n + 1]) * (count * PAGE + tail)
+            try:
+                if burst:
+                    dev.dma_write(iova, data)
+                else:
+                    runs = []
+                    at, end = iova, iova + len(data)
+                    while at < end:
+                        pa, run = hw.translate(dev, at, None, True)
+                        runs.append((pa, min(run, end - at)))
+                        at += runs[-1][1]
+                    pos = 0
+                    for pa, chunk in runs:
+                        machine.memory.write(pa, data[pos : pos + chunk])
+                        pos += chunk
+                got.append("written")
+            except DmaFault as f:
+                got.append(("fault", f.iova, f.reason))
+            if n == 4:  # the second half starts from what the read half left in the IOTLB
+                for i in (3, 4, 5, 35):
+                    hw.translate(dev, IOVA + i * PAGE, None, False)
+        memory = {pfn: bytes(frame) for pfn, frame in machine.memory._pages.items()}
+        tlb = getattr(hw, "iotlb", getattr(hw, "tlb", None))
+        outcomes.append(
+            (
+                got,
+                hw.stats.snapshot(),
+                [str(r) for r in hw.fault_log],
+                tlb.entries() if isinstance(tlb, Iotlb) else None,
+                memory,
+                dirty_iovas(),
+            )
+        )
+    assert outcomes[0][0] == outcomes[1][0]
+    for a, b in zip(outcomes[0][1:], outcomes[1][1:], strict=True):
+        assert a == b
+    assert any(isinstance(g, tuple) for g in outcomes[0][0])  # faults midway happened
+    assert "written" in outcomes[0][0]
+    if dirty:
+        assert outcomes[0][5]  # the hardware marked pages dirty
