@@ -27,23 +27,8 @@ VENDORS = [d for d in ("amd", "arm_smmuv3", "intel_vtd", "mock") if d in default
 
 def rig(driver: str) -> tuple[Any, Any]:
     """A device with ``PAGES`` 4 KiB IOVA pages mapped (scattered frames) but for ``HOLE``;
-    pages 20..23 are read-only."""
-    machine = im.Machine.build(iommus=[driver])
-    proc = machine.new_process()
-    fd = proc.open_iommufd()
-    dev = machine.add_pci_device(iommu=0)
-    ioas = fd.ioas_alloc()
-    fd.option(U.IOMMU_OPTION_HUGE_PAGES, U.IOMMU_OPTION_OP_SET, object_id=ioas, val64=0)
-    fd.attach(fd.bind(dev), ioas)
-    rng = random.Random(5)
-    for i in rng.sample(range(PAGES), PAGES):  # frames fault in out of order: runs break
-        if i != HOLE:
-            va = proc.mmap(PAGE)
-            proc.write(va, bytes([i]) * PAGE)
-            write = 0 if 20 <= i < 24 else U.IOMMU_IOAS_MAP_WRITEABLE
-            fd.ioas_map(
-                ioas, va, PAGE, iova=IOVA + i * PAGE, flags=U.IOMMU_IOAS_MAP_READABLE | write
-            )
+    pages 20..23 are read-only (:func:`dirty_rig` without dirty tracking)."""
+    machine, dev, _dirty = dirty_rig(driver, dirty=False, capacity=None)
     return machine, dev
 
 
@@ -192,10 +177,11 @@ def test_fill_equals_inserts_one_by_one(pure: bool) -> None:
         assert len(tlbs[1]) == min(capacity, min(capacity, len(held)) + len(keys))
 
 
-def dirty_rig(driver: str, dirty: bool, capacity: int) -> tuple[Any, Any, Any]:
-    """:func:`rig`'s mappings on a HWPT allocated with dirty tracking (and tracking on) when
-    ``dirty``, with the IOTLB cut to ``capacity`` entries (a burst then evicts its own
-    fills); returns the machine, the device and a function giving the dirty IOVAs."""
+def dirty_rig(driver: str, dirty: bool, capacity: int | None) -> tuple[Any, Any, Any]:
+    """A device with ``PAGES`` 4 KiB IOVA pages mapped (scattered frames: runs break) but for
+    ``HOLE``, pages 20..23 read-only, on a HWPT allocated with dirty tracking (and tracking
+    on) when ``dirty``, with the IOTLB cut to ``capacity`` entries (a burst then evicts its
+    own fills); returns the machine, the device and a function giving the dirty IOVAs."""
     machine = im.Machine.build(iommus=[driver])
     proc = machine.new_process()
     fd = proc.open_iommufd()
@@ -218,7 +204,7 @@ def dirty_rig(driver: str, dirty: bool, capacity: int) -> tuple[Any, Any, Any]:
             )
     hw = machine.iommus[0]
     for name in ("iotlb", "tlb"):  # AMD and VT-d / SMMUv3
-        if isinstance(getattr(hw, name, None), Iotlb):
+        if capacity is not None and isinstance(getattr(hw, name, None), Iotlb):
             getattr(hw, name).capacity = capacity
 
     def dirty_iovas() -> list[int]:

@@ -49,14 +49,19 @@ def insert(
     if len(fifo) >= capacity:
         # May empty and drop the dicts found above: they are looked up again below.
         unlink(tables, fifo.popleft())
-        by_tag = tables.get(shift)
+    pages_of(tables, shift, tag)[page] = entry
+    fifo.append((shift, tag, page))
+
+
+def pages_of(tables: Filled, shift: int, tag: object) -> dict[int, object]:
+    """The pages cached for ``tag`` with pages of ``1 << shift`` bytes (created empty)."""
+    by_tag = tables.get(shift)
     if by_tag is None:
         by_tag = tables[shift] = {}
     pages = by_tag.get(tag)
     if pages is None:
         pages = by_tag[tag] = {}
-    pages[page] = entry
-    fifo.append((shift, tag, page))
+    return pages
 
 
 def fill(
@@ -76,13 +81,7 @@ def fill(
     pages: dict[int, object] = {}
     for (shift, tag, page), entry in zip(keys, entries, strict=True):
         if shift != last_shift or tag is not last_tag:
-            by_tag = tables.get(shift)
-            if by_tag is None:
-                by_tag = tables[shift] = {}
-            found = by_tag.get(tag)
-            if found is None:
-                found = by_tag[tag] = {}
-            pages = found
+            pages = pages_of(tables, shift, tag)
             last_shift = shift
             last_tag = tag
         pages[page] = entry
