@@ -21,6 +21,8 @@ TLBI_NH_ASID = 0x11
 TLBI_NH_VA = 0x12
 TLBI_NH_VAA = 0x13
 TLBI_EL2_ALL = 0x20
+TLBI_EL2_ASID = 0x21
+TLBI_EL2_VA = 0x22
 TLBI_S12_VMALL = 0x28
 TLBI_S2_IPA = 0x2A
 TLBI_NSNH_ALL = 0x30
@@ -39,6 +41,9 @@ NAMES = {
     TLBI_NH_ASID: "TLBI_NH_ASID",
     TLBI_NH_VA: "TLBI_NH_VA",
     TLBI_NH_VAA: "TLBI_NH_VAA",
+    TLBI_EL2_ALL: "TLBI_EL2_ALL",
+    TLBI_EL2_ASID: "TLBI_EL2_ASID",
+    TLBI_EL2_VA: "TLBI_EL2_VA",
     TLBI_S12_VMALL: "TLBI_S12_VMALL",
     TLBI_S2_IPA: "TLBI_S2_IPA",
     TLBI_NSNH_ALL: "TLBI_NSNH_ALL",
@@ -131,9 +136,10 @@ def tlbi_va(
     ttl: int = 0,
     leaf: bool = False,
 ) -> tuple[int, int]:
-    """TLBI_NH_VA / TLBI_NH_VAA / TLBI_S2_IPA of ``addr``, a range when ``tg`` is non-zero."""
+    """TLBI_NH_VA / TLBI_NH_VAA / TLBI_EL2_VA / TLBI_S2_IPA of ``addr``, a range when ``tg``
+    is non-zero."""
     w0 = opcode | put(num, 16, 12) | put(scale, 24, 20) | put(vmid, 47, 32)
-    if opcode == TLBI_NH_VA:
+    if opcode in (TLBI_NH_VA, TLBI_EL2_VA):
         w0 |= put(asid, 63, 48)
     addr_mask = CMD1_TLBI_IPA if opcode == TLBI_S2_IPA else CMD1_TLBI_VA
     w1 = (addr & addr_mask) | put(tg, 11, 10) | put(ttl, 9, 8) | (CMD1_LEAF if leaf else 0)
@@ -142,6 +148,10 @@ def tlbi_va(
 
 def tlbi_s12_vmall(vmid: int) -> tuple[int, int]:
     return TLBI_S12_VMALL | put(vmid, 47, 32), 0
+
+
+def tlbi_el2_all() -> tuple[int, int]:
+    return TLBI_EL2_ALL, 0
 
 
 def tlbi_nsnh_all() -> tuple[int, int]:

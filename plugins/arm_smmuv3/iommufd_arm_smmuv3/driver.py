@@ -65,6 +65,8 @@ PROBE_OPTIONS = {
     "pri",
     "s1p",
     "s2p",
+    "hyp",
+    "vhe",
 }
 PAGING_FLAGS = (
     U.IOMMU_HWPT_ALLOC_NEST_PARENT | U.IOMMU_HWPT_ALLOC_DIRTY_TRACKING | U.IOMMU_HWPT_ALLOC_PASID

@@ -29,6 +29,7 @@ from iommufd_arm_smmuv3.ste import (
     S1FMT_4K_L2,
     S1FMT_64K_L2,
     STE_SIZE,
+    STRW_EL2,
     Ste,
     ips_bits,
 )
@@ -47,6 +48,7 @@ WALKER = "iommufd_arm_smmuv3.walk"
 MISS_MODULE = "iommufd_arm_smmuv3.miss"
 TAG_S1 = 1  # (TAG_S1, vmid, asid): stage-1 and nested translations
 TAG_S2 = 2  # (TAG_S2, vmid): stage-2-only translations
+TAG_EL2 = 3  # (TAG_EL2, asid): stage-1 translations of EL2 StreamWorld streams (STRW EL2)
 
 ATC_CAPACITY = 64  # entries of a device's ATC (the model's choice)
 AIDR_SMMUV3_2 = 0x02  # ArchMajorRev 0 (SMMUv3), ArchMinorRev 2
@@ -85,12 +87,18 @@ class Smmuv3(IommuHw):
         pri: bool = False,
         s1p: bool = True,
         s2p: bool = True,
+        hyp: bool = False,
+        vhe: bool = True,
     ) -> None:
         super().__init__(machine, index)
         # IDR0.S1P / S2P: the stages implemented. Substreams select CDs, which only stage 1
         # has: without it SSIDSIZE reads 0 (the model's choice).
         self.s1p = s1p
         self.s2p = s2p
+        # IDR0.HYP: the EL2 StreamWorld and the TLBI_EL2_* commands. ``vhe`` is the host's word,
+        # not a register: its kernel runs at EL2 with VHE (what makes Linux use E2H).
+        self.hyp = hyp
+        self.host_vhe = vhe
         if not s1p:
             ssid_bits = 0
         # Firmware's word, not a register: IORT marks the root complex behind this SMMU as
@@ -115,6 +123,7 @@ class Smmuv3(IommuHw):
             | R.IDR0_TTF_AARCH64
             | R.IDR0_COHACC
             | R.IDR0_ATS
+            | (R.IDR0_HYP if hyp else 0)
             | R.IDR0_ASID16
             | R.IDR0_MSI
             | R.IDR0_SEV
@@ -332,7 +341,17 @@ class Smmuv3(IommuHw):
         elif opcode == C.TLBI_S12_VMALL:
             self.tlb.flush_tag(lambda t: _s1_tag(t, vmid, None) or t == (TAG_S2, vmid))
         elif opcode == C.TLBI_NSNH_ALL:
-            self.tlb.flush_all()
+            # non-secure, non-hypervisor: EL2 StreamWorld entries stay
+            self.tlb.flush_tag(lambda t: not (isinstance(t, tuple) and t[0] == TAG_EL2))
+        elif opcode == C.TLBI_EL2_ALL and self.hyp:
+            self.tlb.flush_tag(lambda t: isinstance(t, tuple) and t[0] == TAG_EL2)
+        elif opcode == C.TLBI_EL2_ASID and self.hyp:
+            asid = get(w0, 63, 48)
+            self.tlb.flush_tag(lambda t: t == (TAG_EL2, asid))
+        elif opcode == C.TLBI_EL2_VA and self.hyp:
+            first, last = C.tlbi_range(w0, w1, C.CMD1_TLBI_VA)
+            asid = get(w0, 63, 48)
+            self.tlb.flush_range(lambda t: t == (TAG_EL2, asid), first, last)
         elif opcode == C.ATC_INV:
             ssid = get(w0, 31, 12) if w0 & C.CMD0_SSV else None
             self.atc_invalidations.append((sid, ssid, w1 & C.CMD1_ATC_ADDR, get(w1, 5, 0)))
@@ -613,7 +632,7 @@ class Smmuv3(IommuHw):
             cd = self._context(ste, dev.rid, pasid)
         except ConfigFault:
             return None
-        return self.tlb, _tlb_tag(ste, cd), 2 if write else 1
+        return self.tlb, _tlb_tag(ste, cd, self.hyp), 2 if write else 1
 
     def _context(self, ste: Ste, sid: int, pasid: int | None) -> Cd | None:
         """The CD that stage 1 uses for this transaction (None: stage 1 off or bypassed)."""
@@ -644,7 +663,7 @@ class Smmuv3(IommuHw):
         write: bool,
     ) -> tuple[int, int]:
         stats = self.stats
-        tag = _tlb_tag(ste, cd)
+        tag = _tlb_tag(ste, cd, self.hyp)
         entry = self.tlb.lookup(tag, iova)
         if entry is not None and entry.perm & (2 if write else 1):
             stats.iotlb_hits += 1
@@ -697,7 +716,7 @@ class Smmuv3(IommuHw):
         sid = dev.rid
         ste = self.ste_cache[sid]
         cd = self._context(ste, sid, pasid)
-        return self._walked(dev, ste, cd, sid, iova, pasid, write, _tlb_tag(ste, cd), res)
+        return self._walked(dev, ste, cd, sid, iova, pasid, write, _tlb_tag(ste, cd, self.hyp), res)
 
     def _walked(
         self,
@@ -814,9 +833,11 @@ def queue_value(index: int, wrap: int, log2: int) -> int:
     return put(wrap, log2, log2) | (index & ((1 << log2) - 1))
 
 
-def _tlb_tag(ste: Ste, cd: Cd | None) -> Hashable:
+def _tlb_tag(ste: Ste, cd: Cd | None, hyp: bool = False) -> Hashable:
     """The TLB tag of a translation: stage 1 by VMID (0 without stage 2) and ASID, stage 2
     alone by VMID."""
     if cd is None:
         return TAG_S2, ste.s2vmid
+    if hyp and ste.strw == STRW_EL2:
+        return TAG_EL2, cd.asid
     return TAG_S1, ste.s2vmid if ste.s2_enabled else 0, cd.asid

@@ -45,6 +45,14 @@ OPCODES = {
 }
 
 
+def opcodes(smmu: SmmuDevice, inv_type: int) -> tuple[int, int]:
+    """The inv's opcodes: stage-1 ASIDs use the EL2 TLBIs on an E2H SMMU
+    (``arm_smmu_master_build_inv``: TLBI_EL2_VA / TLBI_EL2_ASID with ARM_SMMU_FEAT_E2H)."""
+    if inv_type == INV_S1_ASID and smmu.feat_e2h:
+        return C.TLBI_EL2_VA, C.TLBI_EL2_ASID
+    return OPCODES[inv_type]
+
+
 @attrs.define
 class Inv:
     """One ``struct arm_smmu_inv``: what to invalidate for one tag or one StreamID's ATC."""
@@ -189,7 +197,7 @@ def inv_range(smmu: SmmuDevice, invs: Invs, iova: int, size: int, granule: int, 
     batch = Batch(smmu)
     ril = smmu.feat_ril
     for idx, cur in enumerate(live):
-        size_op, nsize_op = OPCODES[cur.type]
+        size_op, nsize_op = opcodes(smmu, cur.type)
         if cur.type in (INV_S1_ASID, INV_S2_VMID):
             asid, vmid = (cur.id, 0) if cur.type == INV_S1_ASID else (0, cur.id)
             cmd = tlbi(size_op, asid, vmid)
@@ -212,6 +220,6 @@ def inv_range(smmu: SmmuDevice, invs: Invs, iova: int, size: int, granule: int, 
 def flush_tag(smmu: SmmuDevice, inv: Inv) -> None:
     """``arm_smmu_inv_flush_iotlb_tag()``: a tag that lost its last user is flushed now."""
     if inv.type == INV_S1_ASID:
-        smmu.issue([tlbi(C.TLBI_NH_ASID, inv.id, 0)])
+        smmu.issue([tlbi(opcodes(smmu, INV_S1_ASID)[1], inv.id, 0)])
     elif inv.type == INV_S2_VMID:
         smmu.issue([tlbi(C.TLBI_S12_VMALL, 0, inv.id)])

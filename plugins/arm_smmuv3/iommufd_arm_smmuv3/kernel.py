@@ -52,6 +52,7 @@ from iommufd_arm_smmuv3.ste import (
     STE0_CFG,
     STE1_MEV,
     STE_SIZE,
+    STRW_EL2,
     STRW_NSEL1,
     Ste,
 )
@@ -160,6 +161,10 @@ class SmmuDevice:
         self.feat_s1 = bool(idr0 & R.IDR0_S1P)
         self.feat_s2 = bool(idr0 & R.IDR0_S2P)
         self.feat_nesting = self.feat_s1 and self.feat_s2
+        # ARM_SMMU_FEAT_HYP with IDR0.HYP; E2H when the host kernel also runs at EL2 with VHE
+        # (cpus_have_cap(ARM64_HAS_VIRT_HOST_EXTN): the SMMU's ``vhe`` probe option)
+        self.feat_hyp = bool(idr0 & R.IDR0_HYP)
+        self.feat_e2h = self.feat_hyp and hw.host_vhe
         stall_model = get(idr0, 25, 24)  # 0: stalls supported, 2: forced, 1: none
         self.feat_stall_force = stall_model == 2
         self.feat_stalls = stall_model in (0, 2)
@@ -187,7 +192,7 @@ class SmmuDevice:
         hw.gerror_irq.append(self.gerror_handler)
         w(R.CR0, 0, 4)
         w(R.CR1, CR1_VALUE, 4)
-        w(R.CR2, R.CR2_PTM | R.CR2_RECINVSID, 4)
+        w(R.CR2, R.CR2_PTM | R.CR2_RECINVSID | (R.CR2_E2H if self.feat_e2h else 0), 4)
         w(R.STRTAB_BASE, R.STRTAB_BASE_RA | self.strtab)
         cfg = (R.STRTAB_CFG_FMT_2LVL << 16) | (STRTAB_SPLIT << 6) | sid_bits
         w(R.STRTAB_BASE_CFG, cfg, 4)
@@ -197,6 +202,8 @@ class SmmuDevice:
         enables = R.CR0_CMDQEN
         w(R.CR0, enables, 4)
         self.issue([C.cfgi_all()])
+        if self.feat_hyp:
+            self.issue([C.tlbi_el2_all()])
         self.issue([C.tlbi_nsnh_all()])
         w(R.EVENTQ_BASE, R.Q_BASE_RA | self.evtq.base | EVTQ_LOG2)
         w(R.EVENTQ_PROD, 0, 4)
@@ -455,7 +462,8 @@ class SmmuDevice:
             s1cor=S1C_WBRA,
             s1csh=SH_ISH,
             eats=EATS_TRANS if ats else 0,
-            strw=STRW_NSEL1,
+            # EL2(-E2H) on an E2H SMMU so the StreamWorld matches the host CPU's (BTM)
+            strw=STRW_EL2 if self.feat_e2h else STRW_NSEL1,
             s1stalld=self.feat_stalls and not master.stall_enabled,
         )
         if self.feat_attr_types_ovr and s1dss == S1DSS_BYPASS:

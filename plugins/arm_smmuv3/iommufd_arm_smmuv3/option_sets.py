@@ -4,9 +4,9 @@ Each is a set of ``probe`` options (``PROBE_OPTIONS`` in :mod:`iommufd_arm_smmuv
 the substream (PASID) width (IDR1.SSIDSIZE), the CD table layout (2-level or linear,
 IDR0.CD2L), range invalidation (IDR3.RIL), hardware dirty state (IDR0.HTTU), stage-2 forced
 write-back (IDR3.FWB), the Tegra241 CMDQV extension, the TLB's size, the stall model
-(IDR0.STALL_MODEL: only stalling masters have IO page faults in Linux 7.2) and the
-translation stages implemented (IDR0.S1P / S2P). The model has one translation granule
-(4 KiB), so granules are not swept.
+(IDR0.STALL_MODEL: only stalling masters have IO page faults in Linux 7.2), E2H (IDR0.HYP on a
+host running at EL2 with VHE) and the translation stages implemented (IDR0.S1P / S2P). The
+model has one translation granule (4 KiB), so granules are not swept.
 """
 
 from iommufd_model.api import Feature, OptionSet
@@ -52,6 +52,11 @@ OPTION_SETS = (
         {"stall_force": True},
         adds=frozenset({Feature.IOPF}),
         doc="IDR0.STALL_MODEL = FORCE: every master stalls, so faults go to IOPF",
+    ),
+    OptionSet(
+        "e2h",
+        {"hyp": True},
+        doc="IDR0.HYP on a VHE host: E2H, EL2 StreamWorld stage 1 and TLBI_EL2_* commands",
     ),
     OptionSet(
         "s1-only",

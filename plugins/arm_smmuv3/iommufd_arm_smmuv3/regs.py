@@ -55,6 +55,7 @@ IDR0_TTF_AARCH64 = put(2, 3, 2)  # TTF: AArch64 translation tables only
 IDR0_COHACC = bit(4)  # coherent access to tables and queues
 IDR0_HTTU_ACCESS = put(1, 7, 6)  # HTTU: hardware access-flag update
 IDR0_HTTU_ACCESS_DIRTY = put(2, 7, 6)  # ... and dirty-state update (DBM)
+IDR0_HYP = bit(9)  # hypervisor stage 1 (EL2 StreamWorld, TLBI_EL2_*)
 IDR0_ATS = bit(10)
 IDR0_ASID16 = bit(12)
 IDR0_MSI = bit(13)
