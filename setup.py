@@ -55,4 +55,11 @@ PRELOAD = Extension(
     extra_compile_args=["-O2", "-Wall", "-fvisibility=default"],
 )
 
-setup(ext_modules=[*ext_modules(), PRELOAD])
+# The run server's process_vm_readv/writev and pidfd_getfd (a CPython extension, gcc only).
+UACCESS = Extension(
+    "iommufd_model.run._uaccess",
+    sources=["framework/iommufd_model/run/_uaccess.c"],
+    extra_compile_args=["-O2", "-Wall"],
+)
+
+setup(ext_modules=[*ext_modules(), PRELOAD, UACCESS])

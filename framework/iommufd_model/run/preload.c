@@ -62,7 +62,22 @@ struct rep {
 	int32_t err;
 	int64_t ret;
 	uint32_t flags;
-	uint32_t cloexec;
+	uint32_t arg; /* REP_INSTALL: keep O_CLOEXEC; REP_DONE: where the copy-back goes */
+};
+
+/* A small ioctl struct travels inline with its request, and what the model changed in it
+ * comes back inline with the reply (see ioctl()): no process_vm_readv/writev by the
+ * server for it. The model's own design; the bytes are those the server would read. */
+#define INLINE_MAX 256
+
+struct msg {
+	struct req req;
+	uint8_t body[INLINE_MAX]; /* the ioctl's struct, when inline */
+};
+
+struct reply {
+	struct rep rep;
+	uint8_t body[INLINE_MAX]; /* bytes to copy back at offset rep.arg of the struct */
 };
 
 static char server_name[108];
@@ -192,21 +207,23 @@ static long model_id(int fd)
 	return id;
 }
 
-static int send_req(int fd, const struct req *r)
+/* One request message: the fixed part and len - sizeof(struct req) inline bytes. */
+static int send_req(int fd, const struct req *r, size_t len)
 {
 	ssize_t n;
 
 	do
-		n = syscall(SYS_sendto, fd, r, sizeof(*r), MSG_NOSIGNAL, NULL, 0);
+		n = syscall(SYS_sendto, fd, r, len, MSG_NOSIGNAL, NULL, 0);
 	while (n < 0 && errno == EINTR);
-	return n == (ssize_t)sizeof(*r) ? 0 : -1;
+	return n == (ssize_t)len ? 0 : -1;
 }
 
-/* One request: answer the server's fd installs until it is done. 0 with *out filled, or -1
- * when the server is gone. Raw system calls only: the MMIO fault handler makes requests. */
-static int exchange(int fd, struct req *r, struct rep *out)
+/* One request of len bytes (r and its inline struct): answer the server's fd installs until
+ * it is done. 0 with *out filled and *body its inline bytes' count, or -1 when the server is
+ * gone. Raw system calls only: the MMIO fault handler makes requests. */
+static int exchange(int fd, const struct req *r, size_t len, struct reply *out, size_t *body)
 {
-	if (send_req(fd, r))
+	if (send_req(fd, r, len))
 		return -1;
 	for (;;) {
 		char cbuf[CMSG_SPACE(sizeof(int))];
@@ -223,45 +240,42 @@ static int exchange(int fd, struct req *r, struct rep *out)
 		do
 			n = syscall(SYS_recvmsg, fd, &mh, MSG_CMSG_CLOEXEC);
 		while (n < 0 && errno == EINTR);
-		if (n != (ssize_t)sizeof(*out))
+		if (n < (ssize_t)sizeof(out->rep))
 			return -1;
 		for (c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c))
 			if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
 				memcpy(&got, CMSG_DATA(c), sizeof(int));
-		if (out->kind == REP_INSTALL) {
+		if (out->rep.kind == REP_INSTALL) {
 			struct req ack = { .op = OP_INSTALLED };
 
 			/* received with CLOEXEC; the kernel's file may not want it */
-			if (got >= 0 && !out->cloexec)
+			if (got >= 0 && !out->rep.arg)
 				syscall(SYS_fcntl, got, F_SETFD, 0);
 			ack.a[0] = (uint64_t)(int64_t)got;
-			if (send_req(fd, &ack))
+			if (send_req(fd, &ack, sizeof(ack)))
 				return -1;
 			continue;
 		}
 		if (got >= 0)
 			syscall(SYS_close, got);
+		*body = (size_t)n - sizeof(out->rep);
 		return 0;
 	}
 }
 
-/* One request on connection fd. Returns ret or -1/errno. */
-static long call_on(int fd, struct req *r, uint32_t *flags)
+/* One request of len bytes on connection fd, its reply in *out. Returns ret or -1/errno. */
+static long call_on(int fd, const struct req *r, size_t len, struct reply *out, size_t *body)
 {
-	struct rep rep;
-
-	if (exchange(fd, r, &rep)) {
+	if (exchange(fd, r, len, out, body)) {
 		fprintf(stderr, "iommufd-model preload: lost the model server\n");
 		errno = EIO;
 		return -1;
 	}
-	if (flags)
-		*flags = rep.flags;
-	if (rep.err) {
-		errno = rep.err;
+	if (out->rep.err) {
+		errno = out->rep.err;
 		return -1;
 	}
-	return rep.ret;
+	return out->rep.ret;
 }
 
 static int ctl(void)
@@ -269,7 +283,8 @@ static int ctl(void)
 	pid_t pid = (pid_t)syscall(SYS_getpid);
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
 	struct req hello = { .op = OP_HELLO };
-	struct rep rep;
+	struct reply rep;
+	size_t body;
 	int s, hi;
 
 	if (ctl_fd >= 0 && ctl_pid == pid)
@@ -295,7 +310,7 @@ static int ctl(void)
 	hello.a[1] = (uint64_t)syscall(SYS_gettid);
 	hello.a[2] = (uint64_t)lineage_pid;
 	hello.a[3] = (uint64_t)fresh_image;
-	if (exchange(s, &hello, &rep) || rep.err) {
+	if (exchange(s, &hello, sizeof(hello), &rep, &body) || rep.rep.err) {
 		syscall(SYS_close, s);
 		return -1;
 	}
@@ -306,11 +321,11 @@ static int ctl(void)
 	return s;
 }
 
-static long call(struct req *r, uint32_t *flags)
+/* A request of len bytes (r and its inline bytes) on this thread's connection. */
+static long call_inline(const struct req *r, size_t len, struct reply *out, size_t *body)
 {
 	int saved = errno;
 	int fd = ctl();
-	long ret;
 
 	if (fd < 0) {
 		errno = EIO;
@@ -318,7 +333,20 @@ static long call(struct req *r, uint32_t *flags)
 	}
 	model_active = 1;
 	errno = saved;
-	ret = call_on(fd, r, flags);
+	return call_on(fd, r, len, out, body);
+}
+
+static long call(const struct req *r, uint32_t *flags)
+{
+	struct reply out;
+	size_t body;
+	long ret;
+
+	out.rep.flags = 0;
+	ret = call_inline(r, sizeof(*r), &out, &body);
+
+	if (flags)
+		*flags = out.rep.flags;
 	return ret;
 }
 
@@ -595,12 +623,32 @@ int access(const char *path, int mode)
 
 /* -- ioctl, read, write ------------------------------------------------------------------ */
 
+/* Read n bytes at va of this process as the kernel would (a bad pointer fails, no fault). */
+static int self_read(void *dst, uintptr_t va, size_t n)
+{
+	struct iovec local = { dst, n }, remote = { (void *)va, n };
+
+	return syscall(SYS_process_vm_readv, syscall(SYS_getpid), &local, 1UL, &remote, 1UL,
+		       0UL) == (long)n ? 0 : -1;
+}
+
+static void self_write(uintptr_t va, const void *src, size_t n)
+{
+	struct iovec local = { (void *)src, n }, remote = { (void *)va, n };
+
+	syscall(SYS_process_vm_writev, syscall(SYS_getpid), &local, 1UL, &remote, 1UL, 0UL);
+}
+
 int ioctl(int fd, unsigned long request, ...)
 {
 	va_list ap;
 	unsigned long arg;
-	long id;
-	struct req r = { .op = OP_IOCTL };
+	long id, ret;
+	struct msg m = { .req = { .op = OP_IOCTL } };
+	struct reply out;
+	size_t len = sizeof(m.req), body = 0;
+	uint32_t size;
+	int saved;
 
 	va_start(ap, request);
 	arg = va_arg(ap, unsigned long);
@@ -608,10 +656,29 @@ int ioctl(int fd, unsigned long request, ...)
 	id = model_id(fd);
 	if (id < 0)
 		return (int)syscall(SYS_ioctl, fd, request, arg);
-	r.a[0] = (uint64_t)id;
-	r.a[1] = (uint32_t)request;
-	r.a[2] = arg;
-	return (int)call(&r, NULL);
+	m.req.a[0] = (uint64_t)id;
+	m.req.a[1] = (uint32_t)request;
+	m.req.a[2] = arg;
+	/* The server reads INLINE_MAX bytes of the struct, and no more when its leading size
+	 * field says it fits: send exactly those bytes when they are all readable. Anything
+	 * else (a larger struct, a short mapping, a bad pointer, an integer argument that
+	 * points nowhere) is left to the server, which reads the program's memory itself. */
+	saved = errno;
+	if (self_read(m.body, arg, INLINE_MAX) == 0) {
+		memcpy(&size, m.body, sizeof(size));
+		if (size <= INLINE_MAX)
+			len += INLINE_MAX;
+	}
+	errno = saved;
+	ret = call_inline(&m.req, len, &out, &body);
+	if (body && out.rep.arg < INLINE_MAX && body <= INLINE_MAX - out.rep.arg) {
+		/* what the model wrote into the struct, even when the ioctl failed; a struct no
+		 * longer writable keeps its bytes, as the server's own copy-back would */
+		saved = errno;
+		self_write(arg + out.rep.arg, out.body, body);
+		errno = saved;
+	}
+	return (int)ret;
 }
 
 static ssize_t model_rw(int op, int fd, long id, const void *buf, size_t count, off_t off,
@@ -698,6 +765,12 @@ ssize_t pwrite64(int fd, const void *buf, size_t count, off_t off) __attribute__
  * The handler makes only raw system calls (async-signal-safe).
  */
 
+/* The table of trapped ranges. Writers (mmap, munmap, MAP_FIXED over a trap: any thread)
+ * take traps_lock; the fault handler must not (it may interrupt a writer), so it reads under
+ * a sequence count instead: a writer makes traps_seq odd, changes the entries, makes it even
+ * again; a reader copies the entry it finds and retries when the count was odd or moved, so
+ * it never acts on a half-updated entry. Every field is accessed atomically (relaxed) and the
+ * count orders them; all of it is async-signal-safe (no lock, no allocation). */
 #define MAX_TRAPS 256
 struct trap {
 	uintptr_t start, end; /* end == 0: a free slot */
@@ -706,6 +779,9 @@ struct trap {
 static struct trap traps[MAX_TRAPS];
 static int nr_traps;
 static char traps_lock;
+static unsigned int traps_seq;
+/* this thread is inside a table update (a fault handler on it must not wait for itself) */
+static __thread int traps_writing __attribute__((tls_model("initial-exec")));
 static char handlers_installed;
 static struct sigaction old_segv, old_ill;
 
@@ -720,14 +796,60 @@ static void traps_drop(void)
 	__atomic_clear(&traps_lock, __ATOMIC_RELEASE);
 }
 
-static const struct trap *trap_at(uintptr_t addr)
+/* Begin and end a change of the table (traps_lock held). */
+static void traps_write_begin(void)
 {
-	int i;
+	traps_writing = 1;
+	__atomic_store_n(&traps_seq, traps_seq + 1, __ATOMIC_RELAXED);
+	__atomic_thread_fence(__ATOMIC_RELEASE); /* the odd count before any entry changes */
+}
 
-	for (i = 0; i < MAX_TRAPS; i++)
-		if (traps[i].start <= addr && addr < traps[i].end)
-			return &traps[i];
-	return NULL;
+static void traps_write_end(void)
+{
+	__atomic_store_n(&traps_seq, traps_seq + 1, __ATOMIC_RELEASE);
+	traps_writing = 0;
+}
+
+static void trap_set(struct trap *t, uintptr_t start, uintptr_t end, int prot)
+{
+	__atomic_store_n(&t->start, start, __ATOMIC_RELAXED);
+	__atomic_store_n(&t->end, end, __ATOMIC_RELAXED);
+	__atomic_store_n(&t->prot, prot, __ATOMIC_RELAXED);
+}
+
+/* A copy of the trapped range holding addr, as one consistent entry; 0 when there is none
+ * (or when this thread is in the middle of changing the table: no trapped access happens
+ * there, so the fault is not one). Async-signal-safe. */
+static int trap_at(uintptr_t addr, struct trap *out)
+{
+	unsigned int seq;
+	int i, found;
+
+	if (traps_writing)
+		return 0;
+	for (;;) {
+		seq = __atomic_load_n(&traps_seq, __ATOMIC_ACQUIRE);
+		if (seq & 1) { /* another thread is changing it: let it finish */
+			syscall(SYS_sched_yield);
+			continue;
+		}
+		found = 0;
+		for (i = 0; i < MAX_TRAPS; i++) {
+			uintptr_t start = __atomic_load_n(&traps[i].start, __ATOMIC_RELAXED);
+			uintptr_t end = __atomic_load_n(&traps[i].end, __ATOMIC_RELAXED);
+
+			if (start <= addr && addr < end) {
+				out->start = start;
+				out->end = end;
+				out->prot = __atomic_load_n(&traps[i].prot, __ATOMIC_RELAXED);
+				found = 1;
+				break;
+			}
+		}
+		__atomic_thread_fence(__ATOMIC_ACQUIRE); /* the entry read before the recheck */
+		if (__atomic_load_n(&traps_seq, __ATOMIC_RELAXED) == seq)
+			return found;
+	}
 }
 
 /* Forget the trapped pages of [addr, addr+len) (munmap, or MAP_FIXED over them). */
@@ -736,34 +858,33 @@ static void trap_remove(uintptr_t addr, size_t len)
 	uintptr_t end = addr + len;
 	int i, j;
 
-	if (!nr_traps)
+	if (!__atomic_load_n(&nr_traps, __ATOMIC_RELAXED))
 		return;
 	traps_take();
+	traps_write_begin();
 	for (i = 0; i < MAX_TRAPS; i++) {
 		struct trap *t = &traps[i];
 
 		if (!t->end || t->end <= addr || end <= t->start)
 			continue;
 		if (addr <= t->start && t->end <= end) {
-			t->end = 0;
-			t->start = 0;
-			nr_traps--;
+			trap_set(t, 0, 0, 0);
+			__atomic_store_n(&nr_traps, nr_traps - 1, __ATOMIC_RELAXED);
 		} else if (addr <= t->start) {
-			t->start = end;
+			trap_set(t, end, t->end, t->prot);
 		} else if (t->end <= end) {
-			t->end = addr;
+			trap_set(t, t->start, addr, t->prot);
 		} else { /* a hole in the middle: the tail needs a slot of its own */
 			for (j = 0; j < MAX_TRAPS && traps[j].end; j++)
 				;
 			if (j < MAX_TRAPS) {
-				traps[j].start = end;
-				traps[j].prot = t->prot;
-				traps[j].end = t->end;
-				nr_traps++;
+				trap_set(&traps[j], end, t->end, t->prot);
+				__atomic_store_n(&nr_traps, nr_traps + 1, __ATOMIC_RELAXED);
 			}
-			t->end = addr;
+			trap_set(t, t->start, addr, t->prot);
 		}
 	}
+	traps_write_end();
 	traps_drop();
 }
 
@@ -791,10 +912,10 @@ static int trap_add(uintptr_t start, size_t len, int prot)
 	for (i = 0; i < MAX_TRAPS && traps[i].end; i++)
 		;
 	if (i < MAX_TRAPS) {
-		traps[i].start = start;
-		traps[i].prot = prot;
-		__atomic_store_n(&traps[i].end, start + len, __ATOMIC_RELEASE);
-		nr_traps++;
+		traps_write_begin();
+		trap_set(&traps[i], start, start + len, prot);
+		__atomic_store_n(&nr_traps, nr_traps + 1, __ATOMIC_RELAXED);
+		traps_write_end();
 	}
 	traps_drop();
 	return i < MAX_TRAPS ? 0 : -1;
@@ -1095,7 +1216,8 @@ static void chain(int sig, siginfo_t *si, void *uc)
 static int mmio_request(const struct access *ac, uint64_t *out)
 {
 	struct req r = { .op = OP_MMIO };
-	struct rep rep;
+	struct reply rep;
+	size_t body;
 	int fd = ctl();
 
 	r.a[0] = ac->addr;
@@ -1103,10 +1225,10 @@ static int mmio_request(const struct access *ac, uint64_t *out)
 	r.a[2] = (uint64_t)ac->store;
 	r.a[3] = ac->value;
 	r.a[4] = ac->src;
-	if (fd < 0 || exchange(fd, &r, &rep))
+	if (fd < 0 || exchange(fd, &r, sizeof(r), &rep, &body))
 		return EIO;
-	*out = (uint64_t)rep.ret;
-	return rep.err;
+	*out = (uint64_t)rep.rep.ret;
+	return rep.rep.err;
 }
 
 static void mmio_fault(int sig, siginfo_t *si, void *ucv)
@@ -1114,28 +1236,28 @@ static void mmio_fault(int sig, siginfo_t *si, void *ucv)
 	ucontext_t *uc = ucv;
 	greg_t *g = uc->uc_mcontext.gregs;
 	uintptr_t rip = (uintptr_t)g[REG_RIP];
-	const struct trap *t;
+	struct trap t;
 	struct access ac;
 	uint64_t got = 0;
-	int saved = errno, e;
+	int saved = errno, e, found;
 
-	if (si->si_code <= 0 || (sig == SIGSEGV && !trap_at((uintptr_t)si->si_addr)))
+	if (si->si_code <= 0 || (sig == SIGSEGV && !trap_at((uintptr_t)si->si_addr, &t)))
 		goto not_ours;
-	if (trap_at(rip))
+	if (trap_at(rip, &t))
 		mmio_fatal("executing trapped MMIO", rip, rip, 0);
 	if (decode((const uint8_t *)rip, g, &ac)) {
 		if (sig == SIGILL)
 			goto not_ours;
 		mmio_fatal("cannot emulate this MMIO access", rip, (uintptr_t)si->si_addr, 1);
 	}
-	t = trap_at(ac.addr);
-	if (sig == SIGILL && (ac.size != 64 || !t))
+	found = trap_at(ac.addr, &t);
+	if (sig == SIGILL && (ac.size != 64 || !found))
 		goto not_ours; /* #UD of a MOVDIR64B to ordinary memory: the CPU's verdict */
-	if (!t)
+	if (!found)
 		mmio_fatal("decoded an access outside the trapped range", rip, ac.addr, 1);
-	if (!(t->prot & (ac.store ? PROT_WRITE : PROT_READ)))
+	if (!(t.prot & (ac.store ? PROT_WRITE : PROT_READ)))
 		goto not_ours; /* the mapping does not allow it: SIGSEGV as for any page */
-	if (ac.addr + ac.size > t->end || (ac.size == 64 && ac.addr & 63))
+	if (ac.addr + ac.size > t.end || (ac.size == 64 && ac.addr & 63))
 		mmio_fatal("MMIO access crosses the mapping or is misaligned", rip, ac.addr, 1);
 	e = mmio_request(&ac, &got);
 	if (e)
@@ -1270,7 +1392,8 @@ void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off)
 			flags |= MAP_FIXED;
 		}
 	}
-	if (!(flags & (MAP_SHARED | MAP_SHARED_VALIDATE)))
+	/* MAP_PRIVATE (0x02) shares a bit with MAP_SHARED_VALIDATE (0x03): compare the type */
+	if ((flags & MAP_TYPE) != MAP_SHARED && (flags & MAP_TYPE) != MAP_SHARED_VALIDATE)
 		return raw_mmap(addr, len, prot, flags, fd, off);
 	if (!(flags & MAP_ANONYMOUS)) {
 		p = raw_mmap(addr, len, prot, flags, fd, off);

@@ -26,6 +26,7 @@ import socket
 import stat
 import struct
 import sys
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -148,13 +149,16 @@ class Server:
         self.listener.setblocking(False)
         self.sel = selectors.DefaultSelector()
         self.sel.register(self.listener, selectors.EVENT_READ, None)
-        self.file_sel = selectors.DefaultSelector()
         self.files: dict[int, ModelFile] = {}
+        self.queues: dict[int, ModelFile] = {}  # the FAULT and vEVENTQ files (poll tokens)
         self.procs: dict[int, RealProcess] = {}
         self.memfiles: dict[tuple[int, int], RealMemFile] = {}
         self.by_inode: dict[tuple[int, int], ModelFile] = {}
         self.failnth: dict[int, int] = {}
         self.current: Conn | None = None
+        self._inline = b""  # the current request's inline ioctl struct
+        self._copyback = b""  # bytes the reply copies back into it, at _copyback_at
+        self._copyback_at = 0
         self._next_id = 1
         self._conns: dict[int, int] = {}  # pid -> open request connections
         self._exiting: set[int] = set()  # pids whose connections all closed
@@ -163,17 +167,39 @@ class Server:
 
     # -- the loop -------------------------------------------------------------------------
     def serve_until(self, done: Any, poll: float = 0.05) -> None:
-        while not done():
-            self.serve_once(poll)
+        """Serve until ``done()``, asked whenever a wait served no request and at least
+        every ``poll`` seconds (not per request: it is a ``waitpid`` for the launcher)."""
+        asked = time.monotonic()
+        while True:
+            served = self.serve_once(poll)
+            now = time.monotonic()
+            if not served or now - asked >= poll:
+                if done():
+                    return
+                asked = now
 
-    def serve_once(self, timeout: float) -> None:
-        for key, _ in self.sel.select(timeout):
+    def serve_once(self, timeout: float) -> int:
+        """One wait, then what it reported: file hangups first, then new connections, then
+        requests in turn; returns the number of requests served.
+
+        A close the program made before sending a request is in the same wait's report as
+        the request (the hangup is queued when close() returns, before the program's next
+        call), so releasing first keeps the kernel's order: a file is released before any
+        later request of any process is served."""
+        events = self.sel.select(timeout)
+        requests: list[Conn] = []
+        for key, _ in events:
+            if isinstance(key.data, ModelFile):
+                self._on_file(key.data)
+            elif isinstance(key.data, Conn):
+                requests.append(key.data)
+        for key, _ in events:
             if key.fileobj is self.listener:
                 self._accept()
-            elif isinstance(key.data, Conn):
-                self._on_request(key.data)
-            elif isinstance(key.data, ModelFile):
-                self._on_file(key.data)
+        for conn in requests:
+            if self.sel.get_map().get(conn.sock.fileno()) is not None:
+                self._on_request(conn)
+        return len(requests)
 
     def _accept(self) -> None:
         try:
@@ -229,18 +255,12 @@ class Server:
         if not data:
             self._release(mf)
 
-    def reap_hangups(self) -> None:
-        """Release every file whose program side is closed (before serving a request)."""
-        for key, _ in self.file_sel.select(0):
-            if isinstance(key.data, ModelFile):
-                self._on_file(key.data)
-
     def _release(self, mf: ModelFile) -> None:
         self.files.pop(mf.id, None)
+        self.queues.pop(mf.id, None)
         self.by_inode.pop(mf.inode, None)
-        for sel in (self.sel, self.file_sel):
-            with contextlib.suppress(KeyError, ValueError):
-                sel.unregister(mf.sock)
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.unregister(mf.sock)
         mf.sock.close()
         try:
             mf.obj.release()
@@ -257,15 +277,20 @@ class Server:
     # -- requests -------------------------------------------------------------------------
     def _on_request(self, conn: Conn) -> None:
         try:
-            data = conn.sock.recv(REQ.size)
+            data = conn.sock.recv(REQ.size + MIN_READ)
         except OSError:
             data = b""
-        if len(data) != REQ.size:
+        if len(data) < REQ.size:
             self._drop_conn(conn)
             return
-        op, _pad, *a = REQ.unpack(data)
-        self.reap_hangups()
-        self.reap_processes()
+        op, _pad, *a = REQ.unpack_from(data)
+        # an ioctl's struct when the preload sent it inline (exactly the MIN_READ bytes
+        # _read_struct would read); what the model changes in it goes back in the reply
+        self._inline = data[REQ.size :] if len(data) == REQ.size + MIN_READ else b""
+        self._copyback = b""
+        self._copyback_at = 0
+        if self._exiting:
+            self.reap_processes()
         self.requests += 1
         self.mirrors.epoch += 1
         self.current = conn
@@ -279,9 +304,11 @@ class Server:
             error = errno.EIO
         finally:
             self.current = None
-        self._update_tokens()
+        if self.queues:
+            self._update_tokens()
+        reply = REP.pack(REP_DONE, error, ret, flags, self._copyback_at) + self._copyback
         try:
-            conn.sock.send(REP.pack(REP_DONE, error, ret, flags, 0), socket.MSG_NOSIGNAL)
+            conn.sock.send(reply, socket.MSG_NOSIGNAL)
         except OSError:
             self._drop_conn(conn)  # killed mid-request: its effect stays, as in the kernel
 
@@ -420,10 +447,11 @@ class Server:
             raise err(errno.EMFILE, "the program could not take a new fd")
         mf = ModelFile(fid, ours, obj, inode)
         self.files[fid] = mf
+        if isinstance(obj, EventFile):
+            self.queues[fid] = mf
         self.by_inode[inode] = mf
         ours.setblocking(False)
         self.sel.register(ours, selectors.EVENT_READ, mf)
-        self.file_sel.register(ours, selectors.EVENT_READ, mf)
         return fd
 
     def resolve_fd(self, proc: RealProcess, fd: int) -> Any:
@@ -479,12 +507,19 @@ class Server:
             return int(obj.ioctl(cmd, arg, caller=proc))
         if cmd == VFIO_GET_API_VERSION:
             return int(obj.ioctl(cmd, 0, caller=proc))
-        buf = self._read_struct(proc, arg)
+        inline = self._inline
+        buf = bytearray(inline) if inline else self._read_struct(proc, arg)
         orig = bytes(buf)
         try:
             return int(obj.ioctl(cmd, buf, caller=proc))
         finally:
-            self._write_changes(proc, arg, orig, buf)
+            changed = self._changes(orig, buf)
+            if changed is not None:
+                lo, data = changed
+                if inline and lo + len(data) <= MIN_READ:
+                    self._copyback_at, self._copyback = lo, data
+                else:
+                    native.vm_write(proc.pid, arg + lo, data)
 
     def _read_struct(self, proc: RealProcess, arg: int) -> bytearray:
         """The user's struct as far as it is readable, at least its size field's bytes.
@@ -512,13 +547,16 @@ class Server:
         return bytearray(head)
 
     @staticmethod
-    def _write_changes(proc: RealProcess, arg: int, orig: bytes, buf: bytearray) -> None:
-        """Copy back what the core wrote into the struct (even when the ioctl failed)."""
-        if bytes(buf) == orig:
-            return
-        lo = next(i for i in range(len(buf)) if buf[i] != orig[i])
-        hi = next(i for i in range(len(buf) - 1, -1, -1) if buf[i] != orig[i]) + 1
-        native.vm_write(proc.pid, arg + lo, bytes(buf[lo:hi]))
+    def _changes(orig: bytes, buf: bytearray) -> tuple[int, bytes] | None:
+        """What the core wrote into the struct, to copy back even when the ioctl failed:
+        (offset, bytes) from the first to the last changed byte, None if nothing changed."""
+        if buf == orig:
+            return None
+        # the changed bits of the struct as one little-endian integer: byte i is bits 8i..
+        diff = int.from_bytes(buf, "little") ^ int.from_bytes(orig, "little")
+        lo = ((diff & -diff).bit_length() - 1) >> 3
+        hi = ((diff.bit_length() - 1) >> 3) + 1
+        return lo, bytes(buf[lo:hi])
 
     def _rw(self, proc: RealProcess, mf: ModelFile, op: int, a: list[int]) -> tuple[int, int]:
         obj = mf.obj
@@ -620,8 +658,8 @@ class Server:
 
     def _update_tokens(self) -> None:
         """One byte waits in a queue's socket while it has events: poll() sees POLLIN."""
-        for mf in self.files.values():
-            if not mf.token and isinstance(mf.obj, EventFile) and self._pending(mf.obj):
+        for mf in self.queues.values():
+            if not mf.token and self._pending(mf.obj):
                 try:
                     mf.sock.send(b"!", socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
                     mf.token = True
@@ -641,6 +679,5 @@ class Server:
         for file in self.memfiles.values():
             file.close()
         self.sel.close()
-        self.file_sel.close()
         self.listener.close()
         self.dma.close()
