@@ -101,8 +101,10 @@ class Process(SerializedSubclasses):
         self._ptes: dict[int, int] = {}  # user VPN -> PFN (one reference each)
         self._next_va = USER_VA_BASE
         self.files: dict[int, FileLike] = {}
-        # pinned pages accounted to this process (RLIMIT_MEMLOCK style)
+        # pages iommufd pinned from this mm (the kernel's mm->pinned_vm: VmPin), and those
+        # of them accounted IOPT_PAGES_ACCOUNT_MM (mm->locked_vm: VmLck)
         self.locked_pages = 0
+        self.locked_vm = 0
         # The model's processes run as root unless a test drops the capability.
         self.capable_sys_resource = True
 

@@ -799,6 +799,28 @@ def test_map_file_and_change_process() -> None:
     assert not w.iopt.all_areas_from_files()
 
 
+def test_account_mm_counts_in_locked_vm_too() -> None:
+    """Every pin counts in the mm's pinned_vm (``locked_pages``, VmPin); pages mapped while
+    RLIMIT_MODE is per process (IOPT_PAGES_ACCOUNT_MM) also in its ``locked_vm`` (VmLck),
+    and CHANGE_PROCESS moves both (pages.c iopt_pages_update_pinned, ioas.c change_mm)."""
+    w = World(1)
+    mf = MemFile(w.memory, 8 * PAGE_SIZE)
+    w.iopt.map_file(mf, 0, 2 * PAGE_SIZE, None, RW, w.proc)  # per user: pinned_vm only
+    w.iopt.map_file(mf, 4 * PAGE_SIZE, 4 * PAGE_SIZE, None, RW, w.proc, account_mm=True)
+    assert (w.proc.locked_pages, w.proc.locked_vm) == (6, 4)
+    other = Process(types.SimpleNamespace(memory=w.memory), pid=2)  # type: ignore[arg-type]
+    w.iopt.change_process(other)
+    assert (w.proc.locked_pages, w.proc.locked_vm) == (0, 0)
+    assert (other.locked_pages, other.locked_vm) == (6, 4)
+    w.iopt.unmap_all()
+    assert (other.locked_pages, other.locked_vm) == (0, 0)
+    # a one-page user map in that mode keeps its mode (no compact row)
+    w.iopt.map_user(w.proc, w.buffer, PAGE_SIZE, None, RW, account_mm=True)
+    assert (w.proc.locked_pages, w.proc.locked_vm) == (1, 1)
+    w.iopt.unmap_all()
+    assert (w.proc.locked_pages, w.proc.locked_vm) == (0, 0)
+
+
 # -- random sequences against a reference model -----------------------------------------
 
 NPAGES = 48  # IOVA pages 0..47 above BASE; the buffer has as many pages

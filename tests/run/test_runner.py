@@ -79,3 +79,9 @@ def test_fail_nth_file_is_served(cc: Build, path: str) -> None:
     rc, server = run(cc("failnth", (C / "failnth.c").read_text()), path)
     assert rc == 0
     assert server.internal_errors == []
+
+
+def test_status_shows_the_models_pins(cc: Build) -> None:
+    """VmPin of /proc/<pid>/status counts what the model pinned from that mm, whichever way
+    the program opens it (fopen, open; self, PID, task/TID, thread-self)."""
+    run_clean(cc("vmpin", (C / "vmpin.c").read_text()))

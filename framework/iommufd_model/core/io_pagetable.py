@@ -27,8 +27,9 @@ Where the model intentionally differs from the kernel:
 * ``access_rw`` always goes through the pinned frames (the kernel's "slow path"); the
   kernel's fast path copies through the owning mm, which differs only if the process
   remapped memory under a pinned range.
-* Accounting is the owning process's ``locked_pages`` only; no RLIMIT_MEMLOCK, no
-  IOPT_PAGES_ACCOUNT_MM mode.
+* Accounting is the owning process's ``locked_pages`` (pinned_vm) and, for pages mapped
+  with RLIMIT_MODE per process (IOPT_PAGES_ACCOUNT_MM), its ``locked_vm``; no
+  RLIMIT_MEMLOCK limit, no per-user ``locked_vm`` (no CAP_IPC_LOCK, no users in the model).
 * Storage (the model's own): a one-page area whose Pages no other area, copy or in-kernel
   access uses is kept as one packed int in the area map (a *row*: PFN, offset, prot,
   writable, source page) instead of an ``Area`` and a ``Pages`` object, 40-odd bytes instead
@@ -400,12 +401,21 @@ class IoPagetable:
 
     # -- mapping --------------------------------------------------------------------------
     def map_user(
-        self, proc: Process, user_va: int, length: int, iova: int | None, prot: int
+        self,
+        proc: Process,
+        user_va: int,
+        length: int,
+        iova: int | None,
+        prot: int,
+        account_mm: bool = False,
     ) -> int:
-        """IOMMU_IOAS_MAP: map ``length`` bytes of ``proc`` at ``user_va``; returns the IOVA."""
+        """IOMMU_IOAS_MAP: map ``length`` bytes of ``proc`` at ``user_va``; returns the IOVA.
+        ``account_mm``: the iommufd's RLIMIT_MODE is per process (iopt_map_common() turns
+        the new pages' IOPT_PAGES_ACCOUNT_USER into IOPT_PAGES_ACCOUNT_MM)."""
         _check_u64_args(iova, length)
         _check_prot(prot)
         pages, start_byte = Pages.from_user(proc, user_va, length, bool(prot & IOMMU_WRITE))
+        pages.account_mm = account_mm
         return self._map_pages([(pages, start_byte, length)], length, iova, prot)
 
     def map_file(
@@ -416,11 +426,14 @@ class IoPagetable:
         iova: int | None,
         prot: int,
         proc: Process | None,
+        account_mm: bool = False,
     ) -> int:
-        """IOMMU_IOAS_MAP_FILE: map bytes ``[start, start+length)`` of a memfd."""
+        """IOMMU_IOAS_MAP_FILE: map bytes ``[start, start+length)`` of a memfd
+        (``account_mm`` as for :meth:`map_user`)."""
         _check_u64_args(iova, length)
         _check_prot(prot)
         pages, start_byte = Pages.from_file(memfile, start, length, bool(prot & IOMMU_WRITE), proc)
+        pages.account_mm = account_mm
         return self._map_pages([(pages, start_byte, length)], length, iova, prot)
 
     def copy_from(

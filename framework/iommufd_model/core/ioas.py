@@ -108,7 +108,14 @@ def _ioas_map(ucmd: Ucmd) -> None:
     _check_map_flags(cmd.flags)
     ioas = ucmd.ictx.objects.get_ioas(cmd.ioas_id)
     fixed = cmd.iova if cmd.flags & U.IOMMU_IOAS_MAP_FIXED_IOVA else None
-    cmd.iova = ioas.iopt.map_user(ucmd.caller, cmd.user_va, cmd.length, fixed, conv_prot(cmd.flags))
+    cmd.iova = ioas.iopt.map_user(
+        ucmd.caller,
+        cmd.user_va,
+        cmd.length,
+        fixed,
+        conv_prot(cmd.flags),
+        account_mm=ucmd.ictx.account_mode == 1,
+    )
     ucmd.respond()
 
 
@@ -133,7 +140,13 @@ def _ioas_map_file(ucmd: Ucmd) -> None:
         check_map(cmd.start, cmd.length)
     fixed = cmd.iova if cmd.flags & U.IOMMU_IOAS_MAP_FIXED_IOVA else None
     cmd.iova = ioas.iopt.map_file(
-        file, cmd.start, cmd.length, fixed, conv_prot(cmd.flags), ucmd.caller
+        file,
+        cmd.start,
+        cmd.length,
+        fixed,
+        conv_prot(cmd.flags),
+        ucmd.caller,
+        account_mm=ucmd.ictx.account_mode == 1,
     )
     ucmd.respond()
 

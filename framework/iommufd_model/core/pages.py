@@ -49,7 +49,10 @@ class Pages:
 
     ``base`` is the page-aligned source address (user VA, or memfd byte offset): it is what
     automatic IOVA placement reads its alignment hint from. ``proc`` is the process whose
-    ``locked_pages`` the pins are accounted to (the kernel's ``source_user``/``source_mm``).
+    ``locked_pages`` the pins are accounted to (the kernel's ``source_user``/``source_mm``):
+    every pin counts in its ``locked_pages`` (the mm's ``pinned_vm``, VmPin), and with
+    ``account_mm`` (IOPT_PAGES_ACCOUNT_MM) in its ``locked_vm`` too (the mm's ``locked_vm``,
+    VmLck), as ``iopt_pages_update_pinned()`` does.
     """
 
     memory: PhysicalMemory
@@ -66,6 +69,8 @@ class Pages:
     _uses: list[int] | None = None
     # (first_index, last_index) -> users: the kernel's iopt_pages_access records.
     _accesses: dict[tuple[int, int], int] = attrs.Factory(dict)
+    # IOPT_PAGES_ACCOUNT_MM rather than IOPT_PAGES_ACCOUNT_USER (set by the map)
+    account_mm: bool = False
 
     # -- construction (iopt_alloc_user_pages / iopt_alloc_file_pages) ----------------
     @classmethod
@@ -128,6 +133,8 @@ class Pages:
         :meth:`sole` rebuilds it identically."""
         if self.refs or self.npages != 1 or self.memfile is not None or self.proc is None:
             return None
+        if self.account_mm:  # a row does not carry the account mode
+            return None
         if self._accesses:
             return None
         if self._pfns is None or self._uses is None:
@@ -170,6 +177,8 @@ class Pages:
         self.npinned += delta
         if self.proc is not None:
             self.proc.locked_pages += delta
+            if self.account_mm:
+                self.proc.locked_vm += delta
 
     def change_owner(self, proc: Process) -> None:
         """Charge this Pages' pins to ``proc`` instead (IOMMU_IOAS_CHANGE_PROCESS).
@@ -182,7 +191,11 @@ class Pages:
             return
         if self.proc is not None:
             self.proc.locked_pages -= self.npinned
+            if self.account_mm:
+                self.proc.locked_vm -= self.npinned
         proc.locked_pages += self.npinned
+        if self.account_mm:
+            proc.locked_vm += self.npinned
         self.proc = proc
 
     # -- users --------------------------------------------------------------------------

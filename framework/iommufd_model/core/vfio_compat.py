@@ -248,7 +248,8 @@ def _map_dma(ictx: IommuFd, arg: Any, caller: Process) -> int:
     if flags & VFIO_DMA_MAP_FLAG_WRITE:
         prot |= IOMMU_WRITE
     ioas = compat_ioas(ictx)
-    ioas.iopt.map_user(caller, vaddr, size, iova, prot)  # always at the given IOVA
+    # always at the given IOVA; accounted as the iommufd's RLIMIT_MODE says
+    ioas.iopt.map_user(caller, vaddr, size, iova, prot, account_mm=ictx.account_mode == 1)
     return 0
 
 

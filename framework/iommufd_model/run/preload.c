@@ -23,6 +23,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <dirent.h>
+#include <dlfcn.h>
 #include <signal.h>
 #include <ucontext.h>
 #include <asm/prctl.h>
@@ -45,6 +46,7 @@ enum {
 	OP_MMAP = 8,
 	OP_INSTALLED = 9,
 	OP_MMIO = 10,
+	OP_STATUS = 11,
 };
 enum { OPEN_IOMMU = 1, OPEN_FAILNTH = 2, OPEN_PATH = 3 };
 enum { REP_DONE = 0, REP_INSTALL = 1 };
@@ -447,11 +449,168 @@ static int model_open(const char *path, int flags)
 	return (int)call(&r, NULL);
 }
 
+/* -- /proc/<pid>/status: VmPin and VmLck as the kernel would show them ------------------
+ *
+ * The kernel adds what iommufd pins to the mm's pinned_vm (VmPin) and, in RLIMIT_MODE per
+ * process (IOPT_PAGES_ACCOUNT_MM), to its locked_vm (VmLck); the host's counters know nothing
+ * of the model's pins. The model's own design: a read-only open of a status file of a process
+ * the model accounted pages to gets a copy of the host's file, taken at open, with the
+ * model's pages added to those two lines (the program reads it as it would the kernel's). */
+
+/* The process whose status a path names (0: none): /proc/{self,thread-self,PID}/status,
+ * /proc/{self,PID}/task/TID/status (a thread shows its process's mm). */
+static long status_pid(const char *p)
+{
+	char *end;
+	long pid, tid;
+
+	if (strncmp(p, "/proc/", 6))
+		return 0;
+	p += 6;
+	if (!strcmp(p, "thread-self/status"))
+		return syscall(SYS_getpid);
+	if (!strncmp(p, "self/", 5)) {
+		pid = syscall(SYS_getpid);
+		p += 5;
+	} else {
+		pid = strtol(p, &end, 10);
+		if (end == p || *end != '/' || pid <= 0)
+			return 0;
+		p = end + 1;
+	}
+	if (!strcmp(p, "status"))
+		return pid;
+	if (strncmp(p, "task/", 5))
+		return 0;
+	tid = strtol(p + 5, &end, 10);
+	if (end == p + 5 || tid <= 0 || strcmp(end, "/status"))
+		return 0;
+	return pid;
+}
+
+/* "Name:\t   N kB" with pages (4 KiB each) added to N, in the kernel's layout (width 8). */
+static size_t status_line(char *out, size_t room, const char *line, uint64_t pages)
+{
+	const char *p = strchr(line, ':') + 1;
+	unsigned long long kb = strtoull(p, NULL, 10) + pages * 4;
+	int n = snprintf(out, room, "%.*s\t%8llu kB\n", (int)(p - line), line, kb);
+
+	return n > 0 && (size_t)n < room ? (size_t)n : 0;
+}
+
+/* An fd of a memfd holding path's status with the model's pages added, or -2 when the model
+ * accounted nothing to pid (the caller opens the real file), or -1/errno. */
+static int status_view(const char *path, long pid, int cloexec)
+{
+	struct req r = { .op = OP_STATUS };
+	struct reply out;
+	size_t body = 0, len = 0, olen = 0;
+	uint64_t acc[2];
+	char in[16384], res[17408];
+	ssize_t n;
+	int fd, saved = errno;
+
+	r.a[0] = (uint64_t)pid;
+	if (call_inline(&r, sizeof(r), &out, &body) < 0 || body < sizeof(acc)) {
+		errno = saved;
+		return -2;
+	}
+	memcpy(acc, out.body, sizeof(acc));
+	if (!acc[0] && !acc[1])
+		return -2;
+	fd = (int)syscall(SYS_openat, AT_FDCWD, path, O_RDONLY | O_CLOEXEC, 0);
+	if (fd < 0)
+		return -1;
+	while (len < sizeof(in) - 1 && (n = syscall(SYS_read, fd, in + len, sizeof(in) - 1 - len)) > 0)
+		len += (size_t)n;
+	syscall(SYS_close, fd);
+	in[len] = 0;
+	for (const char *line = in; *line;) {
+		const char *nl = strchr(line, '\n');
+		size_t ll = nl ? (size_t)(nl - line) + 1 : strlen(line), w = 0;
+
+		if (!strncmp(line, "VmPin:", 6))
+			w = status_line(res + olen, sizeof(res) - olen, line, acc[0]);
+		else if (!strncmp(line, "VmLck:", 6))
+			w = status_line(res + olen, sizeof(res) - olen, line, acc[1]);
+		if (!w && ll < sizeof(res) - olen) {
+			memcpy(res + olen, line, ll);
+			w = ll;
+		}
+		olen += w;
+		line += ll;
+	}
+	fd = (int)syscall(SYS_memfd_create, "iommufd-model-status", cloexec ? MFD_CLOEXEC : 0);
+	if (fd < 0)
+		return -1;
+	if (syscall(SYS_write, fd, res, olen) != (long)olen || syscall(SYS_lseek, fd, 0, SEEK_SET)) {
+		saved = errno;
+		syscall(SYS_close, fd);
+		errno = saved;
+		return -1;
+	}
+	errno = saved;
+	return fd;
+}
+
+/* The status view for a read-only open of path, or -2 when path is no status file (or the
+ * model has nothing to add to it). */
+static int status_open(const char *path, int flags)
+{
+	long pid;
+
+	setup();
+	if (enabled != 1 || !path || (flags & O_ACCMODE) != O_RDONLY)
+		return -2;
+	pid = status_pid(path);
+	if (pid <= 0)
+		return -2;
+	return status_view(path, pid, flags & O_CLOEXEC);
+}
+
+static FILE *status_fopen(const char *path, const char *mode, const char *real_name)
+{
+	FILE *(*real)(const char *, const char *);
+	int fd = -2;
+
+	if (path && mode && mode[0] == 'r' && !strchr(mode, '+'))
+		fd = status_open(path, strchr(mode, 'e') ? O_RDONLY | O_CLOEXEC : O_RDONLY);
+	if (fd >= 0) {
+		FILE *f = fdopen(fd, mode);
+
+		if (!f)
+			syscall(SYS_close, fd);
+		return f;
+	}
+	if (fd == -1)
+		return NULL;
+	real = (FILE * (*)(const char *, const char *)) dlsym(RTLD_NEXT, real_name);
+	if (!real) {
+		errno = ENOSYS;
+		return NULL;
+	}
+	return real(path, mode);
+}
+
+/* fopen() opens without the interposable open(): it is interposed for the status view. */
+FILE *fopen(const char *path, const char *mode)
+{
+	return status_fopen(path, mode, "fopen");
+}
+
+FILE *fopen64(const char *path, const char *mode)
+{
+	return status_fopen(path, mode, "fopen64");
+}
+
 static int do_openat(int dirfd, const char *path, int flags, mode_t mode)
 {
 	char buf[4096];
 	int fd = model_open(path, flags);
 
+	if (fd != -2)
+		return fd;
+	fd = status_open(path, flags);
 	if (fd != -2)
 		return fd;
 	return (int)syscall(SYS_openat, dirfd, redirect(path, buf, sizeof(buf)), flags, mode);

@@ -4,15 +4,21 @@ One Python thread serves every request, one at a time (the model is single-threa
 program's threads each wait on their own connection, so their ioctls are serialized as if
 under one lock). The wire format is the preload's (``preload.c``): fixed-size requests
 (``struct req``: op and six u64 arguments) and replies (``struct rep``). Bytes never travel
-on the wire: the server reads and writes the program's memory itself.
+on the wire, but for the inline structs below: the server reads and writes the program's
+memory itself.
 
 Files. Every file the model hands out (the iommufd, FAULT and vEVENTQ fds, the selftest's
 access and dma-buf fds, fail-nth) is one end of a socketpair bound to
 ``\\0iommufd-model/<run>/<id>``, sent to the program with SCM_RIGHTS in the middle of the
 request that creates it; the server keeps the other end and sees its hangup when the
 program's last descriptor closes, then releases the file as the kernel's ``release()``
-would. Hangups are taken before each request, so a close is complete before any later
-request of any process is served (the kernel releases before close() returns).
+would. Hangups are taken before the requests of the same wait (see ``serve_once``), so a
+close is complete before any later request of any process is served (the kernel releases
+before close() returns).
+
+Small ioctl structs travel inline (the preload reads them with process_vm_readv on itself,
+exactly the bytes the server would read) and what the model changes in them comes back in
+the reply; larger structs, and every other user pointer, the server reads and writes itself.
 """
 
 from __future__ import annotations
@@ -59,9 +65,12 @@ Opener = Callable[[Machine, str, int, RealProcess], Any]
 
 REQ = struct.Struct("<II6Q")
 REP = struct.Struct("<IiqII")
+#: OP_STATUS's reply body: pages pinned (pinned_vm) and locked (locked_vm) for an mm
+STATUS = struct.Struct("<QQ")
 
 OP_HELLO, OP_OPEN, OP_IOCTL, OP_READ, OP_WRITE = 1, 2, 3, 4, 5
 OP_MAP_SHARED, OP_MUNMAP, OP_MMAP, OP_INSTALLED, OP_MMIO = 6, 7, 8, 9, 10
+OP_STATUS = 11
 OPEN_IOMMU, OPEN_FAILNTH, OPEN_PATH = 1, 2, 3
 REP_DONE, REP_INSTALL = 0, 1
 REP_DRAIN, REP_MMIO = 1, 2
@@ -157,8 +166,10 @@ class Server:
         self.failnth: dict[int, int] = {}
         self.current: Conn | None = None
         self._inline = b""  # the current request's inline ioctl struct
-        self._copyback = b""  # bytes the reply copies back into it, at _copyback_at
-        self._copyback_at = 0
+        # bytes the reply carries (an inline struct's copy-back, at offset _reply_at of it;
+        # OP_STATUS's counters)
+        self._reply_body = b""
+        self._reply_at = 0
         self._next_id = 1
         self._conns: dict[int, int] = {}  # pid -> open request connections
         self._exiting: set[int] = set()  # pids whose connections all closed
@@ -287,8 +298,8 @@ class Server:
         # an ioctl's struct when the preload sent it inline (exactly the MIN_READ bytes
         # _read_struct would read); what the model changes in it goes back in the reply
         self._inline = data[REQ.size :] if len(data) == REQ.size + MIN_READ else b""
-        self._copyback = b""
-        self._copyback_at = 0
+        self._reply_body = b""
+        self._reply_at = 0
         if self._exiting:
             self.reap_processes()
         self.requests += 1
@@ -306,7 +317,7 @@ class Server:
             self.current = None
         if self.queues:
             self._update_tokens()
-        reply = REP.pack(REP_DONE, error, ret, flags, self._copyback_at) + self._copyback
+        reply = REP.pack(REP_DONE, error, ret, flags, self._reply_at) + self._reply_body
         try:
             conn.sock.send(reply, socket.MSG_NOSIGNAL)
         except OSError:
@@ -337,6 +348,9 @@ class Server:
             if file is not None:
                 file.huge = file.huge or bool(a[4])
                 proc.map_shared(a[0], a[1], file, a[3])
+            return 0, 0
+        if op == OP_STATUS:  # what iommufd accounted to a process (/proc/<pid>/status)
+            self._reply_body = self.accounted(a[0])
             return 0, 0
         if op == OP_MMIO:  # a CPU access, not a system call: no fault injection
             return self._mmio(proc, a[0], a[1], bool(a[2]), a[3], a[4]), 0
@@ -415,6 +429,19 @@ class Server:
                 proc.inherit(parent)
             self.procs[pid] = proc
         conn.proc = proc
+
+    def accounted(self, pid: int) -> bytes:
+        """The pages iommufd accounted to the mm of ``pid`` (a process or one of its
+        threads): ``pinned_vm`` (VmPin) and ``locked_vm`` (VmLck), two u64 in pages."""
+        proc = self.procs.get(pid)
+        if proc is None:  # a thread's id: its process
+            for key in self.sel.get_map().values():
+                if isinstance(key.data, Conn) and key.data.tid == pid:
+                    proc = key.data.proc
+                    break
+        if proc is None or proc.gone:
+            return STATUS.pack(0, 0)
+        return STATUS.pack(proc.locked_pages, proc.locked_vm)
 
     # -- fds ------------------------------------------------------------------------------
     def install(self, obj: Any, *, cloexec: bool = True) -> int:
@@ -517,7 +544,7 @@ class Server:
             if changed is not None:
                 lo, data = changed
                 if inline and lo + len(data) <= MIN_READ:
-                    self._copyback_at, self._copyback = lo, data
+                    self._reply_at, self._reply_body = lo, data
                 else:
                     native.vm_write(proc.pid, arg + lo, data)
 
