@@ -1552,8 +1552,13 @@ void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off)
 		}
 	}
 	/* MAP_PRIVATE (0x02) shares a bit with MAP_SHARED_VALIDATE (0x03): compare the type */
-	if ((flags & MAP_TYPE) != MAP_SHARED && (flags & MAP_TYPE) != MAP_SHARED_VALIDATE)
-		return raw_mmap(addr, len, prot, flags, fd, off);
+	if ((flags & MAP_TYPE) != MAP_SHARED && (flags & MAP_TYPE) != MAP_SHARED_VALIDATE) {
+		if (!huge || !(flags & MAP_ANONYMOUS))
+			return raw_mmap(addr, len, prot, flags, fd, off);
+		/* Private huge memory becomes a shared memfd too, so that the model backs it
+		 * with 2 MiB frame runs as huge pages are (docs: a fork child shares it). */
+		flags = (flags & ~MAP_TYPE) | MAP_SHARED;
+	}
 	if (!(flags & MAP_ANONYMOUS)) {
 		p = raw_mmap(addr, len, prot, flags, fd, off);
 		if (p != MAP_FAILED) {
