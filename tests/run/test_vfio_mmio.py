@@ -149,6 +149,14 @@ def test_threads_and_forks_share_the_device(mmio_prog: Path) -> None:
     assert [e[3] for e in regs.log if e[0] == "w"] == [5, 9]
 
 
+def test_trap_table_changes_while_threads_access(mmio_prog: Path) -> None:
+    """The fault handler reads the trap table under its sequence count while another
+    thread remaps part of the BAR: every doorbell write of the four threads is trapped."""
+    rc, server, regs, _ = run_regs(mmio_prog, "remap")
+    assert rc == 0 and server.internal_errors == []
+    assert regs.count == 400
+
+
 def test_a_write_to_a_read_only_mapping_is_sigsegv(mmio_prog: Path) -> None:
     rc, _, regs, _ = run_regs(mmio_prog, "readonly")
     assert rc == 128 + signal.SIGSEGV

@@ -260,6 +260,28 @@ int main(int argc, char **argv)
 		CHECK(rdl(STATUS) == 10);
 		return 0;
 	}
+	if (!strcmp(what, "remap")) {
+		/* the trap table changes (a page of the BAR mapped again over itself, which
+		 * splits its entry and adds one) while four threads write the doorbell through
+		 * the first page: every write is trapped and reaches the device */
+		pthread_t t[4];
+		uint64_t before = rdq(COUNT);
+		int i;
+
+		for (i = 0; i < 4; i++)
+			CHECK(pthread_create(&t[i], NULL, hammer, (void *)(uintptr_t)i) == 0);
+		for (i = 0; i < 200; i++) {
+			high = mmap((void *)(bar + 4096), 4096, PROT_READ | PROT_WRITE,
+				    MAP_SHARED | MAP_FIXED, fd, 4096);
+			CHECK(high == bar + 4096);
+			*(volatile uint32_t *)(high + 0x10) = (uint32_t)i;
+		}
+		for (i = 0; i < 4; i++)
+			pthread_join(t[i], NULL);
+		CHECK(rdq(COUNT) == before + 400);
+		CHECK(*(volatile uint32_t *)(bar + 0x1010) == 199);
+		return 0;
+	}
 	if (!strcmp(what, "threads")) {
 		pthread_t t[4];
 		uint64_t before = rdq(COUNT);
