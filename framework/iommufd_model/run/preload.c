@@ -354,36 +354,37 @@ static long call(const struct req *r, uint32_t *flags)
 
 /* -- paths ---------------------------------------------------------------------------- */
 
-/* The task a fail-nth path names (0: none): /proc/{self,PID}/task/TID/fail-nth,
- * /proc/thread-self/fail-nth, /proc/{self,PID}/fail-nth (the thread group leader). */
-static long failnth_tid(const char *p)
+/* A per-task file of procfs: path is /proc/{self,thread-self,PID}/NAME or
+ * /proc/{self,PID}/task/TID/NAME. 1 with *pid the process and *tid the task it names (the
+ * process itself for /proc/{self,PID}/NAME), 0 when path is none of these. */
+static int proc_task_file(const char *p, const char *name, long *pid, long *tid)
 {
-	const char *rest;
 	char *end;
-	long pid, tid;
 
 	if (strncmp(p, "/proc/", 6))
 		return 0;
 	p += 6;
-	if (!strcmp(p, "thread-self/fail-nth"))
-		return syscall(SYS_gettid);
-	if (!strncmp(p, "self/", 5)) {
-		pid = syscall(SYS_getpid);
-		rest = p + 5;
-	} else {
-		pid = strtol(p, &end, 10);
-		if (end == p || *end != '/')
-			return 0;
-		rest = end + 1;
+	if (!strncmp(p, "thread-self/", 12)) {
+		*pid = syscall(SYS_getpid);
+		*tid = syscall(SYS_gettid);
+		return !strcmp(p + 12, name);
 	}
-	if (!strcmp(rest, "fail-nth"))
-		return pid;
-	if (strncmp(rest, "task/", 5))
+	if (!strncmp(p, "self/", 5)) {
+		*pid = syscall(SYS_getpid);
+		p += 5;
+	} else {
+		*pid = strtol(p, &end, 10);
+		if (end == p || *end != '/' || *pid <= 0)
+			return 0;
+		p = end + 1;
+	}
+	*tid = *pid;
+	if (!strcmp(p, name))
+		return 1;
+	if (strncmp(p, "task/", 5))
 		return 0;
-	tid = strtol(rest + 5, &end, 10);
-	if (end == rest + 5 || strcmp(end, "/fail-nth"))
-		return 0;
-	return tid;
+	*tid = strtol(p + 5, &end, 10);
+	return end != p + 5 && *tid > 0 && *end == '/' && !strcmp(end + 1, name);
 }
 
 /* The path the kernel should look up for path: the run's debugfs knobs and sysfs view
@@ -423,14 +424,14 @@ static int model_open(const char *path, int flags)
 {
 	struct req r = { .op = OP_OPEN };
 	char buf[4096];
-	long tid;
+	long pid, tid;
 
 	setup();
 	if (enabled != 1 || !path)
 		return -2;
 	if (!strcmp(path, "/dev/iommu")) {
 		r.a[0] = OPEN_IOMMU;
-	} else if ((tid = failnth_tid(path)) > 0) {
+	} else if (proc_task_file(path, "fail-nth", &pid, &tid)) {
 		r.a[0] = OPEN_FAILNTH;
 		r.a[1] = (uint64_t)tid;
 	} else if (under(path, &model_paths)) {
@@ -457,36 +458,6 @@ static int model_open(const char *path, int flags)
  * the model accounted pages to gets a copy of the host's file, taken at open, with the
  * model's pages added to those two lines (the program reads it as it would the kernel's). */
 
-/* The process whose status a path names (0: none): /proc/{self,thread-self,PID}/status,
- * /proc/{self,PID}/task/TID/status (a thread shows its process's mm). */
-static long status_pid(const char *p)
-{
-	char *end;
-	long pid, tid;
-
-	if (strncmp(p, "/proc/", 6))
-		return 0;
-	p += 6;
-	if (!strcmp(p, "thread-self/status"))
-		return syscall(SYS_getpid);
-	if (!strncmp(p, "self/", 5)) {
-		pid = syscall(SYS_getpid);
-		p += 5;
-	} else {
-		pid = strtol(p, &end, 10);
-		if (end == p || *end != '/' || pid <= 0)
-			return 0;
-		p = end + 1;
-	}
-	if (!strcmp(p, "status"))
-		return pid;
-	if (strncmp(p, "task/", 5))
-		return 0;
-	tid = strtol(p + 5, &end, 10);
-	if (end == p + 5 || tid <= 0 || strcmp(end, "/status"))
-		return 0;
-	return pid;
-}
 
 /* "Name:\t   N kB" with pages (4 KiB each) added to N, in the kernel's layout (width 8). */
 static size_t status_line(char *out, size_t room, const char *line, uint64_t pages)
@@ -557,13 +528,12 @@ static int status_view(const char *path, long pid, int cloexec)
  * model has nothing to add to it). */
 static int status_open(const char *path, int flags)
 {
-	long pid;
+	long pid, tid;
 
 	setup();
 	if (enabled != 1 || !path || (flags & O_ACCMODE) != O_RDONLY)
 		return -2;
-	pid = status_pid(path);
-	if (pid <= 0)
+	if (!proc_task_file(path, "status", &pid, &tid)) /* a thread shows its process's mm */
 		return -2;
 	return status_view(path, pid, flags & O_CLOEXEC);
 }
