@@ -604,6 +604,7 @@ class AmdIommu(IommuHw):
         if tag[1] != NO_PASID:
             levels = 5 if dte.gpt_level == GUEST_PGTABLE_5_LEVEL else 4
             return self.miss.NestedWalk(
+                self.walk.walk_nested,
                 pages,
                 size,
                 dte.host_root,
@@ -615,7 +616,7 @@ class AmdIommu(IommuHw):
                 tag[1],
                 self.x86.walk_x86,
             )
-        return self.miss.V1Walk(pages, size, dte.host_root, dte.mode, dte.had)
+        return self.miss.V1Walk(self.walk.walk_v1, pages, size, dte.host_root, dte.mode, dte.had)
 
     def _walked(
         self,

@@ -2,23 +2,28 @@
 
 A request stream the front knows walks the same tables with the same DTE fields until the
 DTE cache changes, so :meth:`iommufd_amd.hw.AmdIommu.lookup` binds them here once and the
-front calls ``walk(iova, write)`` per miss. Compiled by mypyc with ``walk.py`` (setup.py), so
-the call into the walker is a native one; the same source runs uncompiled under
-``IOMMUFD_MODEL_PURE=1``. No state beyond the bound arguments, no lock: it runs inside the
+front calls ``walk(iova, write)`` per miss. The walker comes in as an argument (the IOMMU's
+own ``walk`` module's function: compiled, or its pure source under ``IOMMUFD_MODEL_PURE=1``,
+as its slow path uses); compiled by mypyc (setup.py), this module spares the front a Python
+frame per miss. No state beyond the bound arguments, no lock: it runs inside the
 model's entry points as the walkers do (docs/concurrency.md).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from iommufd_amd.walk import walk_nested, walk_v1
+Walker = Callable[..., tuple[int, int, int, int, int]]
 
 
 class V1Walk:
     """``walk_v1`` of a DTE's host (v1) table: Mode levels from ``root``, DTE HAD."""
 
-    def __init__(self, pages: Any, mem_size: int, root: int, mode: int, had: int) -> None:
+    def __init__(
+        self, walk_v1: Walker, pages: Any, mem_size: int, root: int, mode: int, had: int
+    ) -> None:
+        self.walk_v1 = walk_v1
         self.pages = pages
         self.mem_size = mem_size
         self.root = root
@@ -26,7 +31,7 @@ class V1Walk:
         self.had = had
 
     def __call__(self, iova: int, write: bool) -> tuple[int, int, int, int, int]:
-        return walk_v1(self.pages, self.mem_size, self.root, self.mode, iova, write, self.had)
+        return self.walk_v1(self.pages, self.mem_size, self.root, self.mode, iova, write, self.had)
 
 
 class NestedWalk:
@@ -35,6 +40,7 @@ class NestedWalk:
 
     def __init__(
         self,
+        walk_nested: Walker,
         pages: Any,
         mem_size: int,
         host_root: int,
@@ -46,6 +52,7 @@ class NestedWalk:
         pasid: int,
         x86: Any,
     ) -> None:
+        self.walk_nested = walk_nested
         self.pages = pages
         self.mem_size = mem_size
         self.host_root = host_root
@@ -58,7 +65,7 @@ class NestedWalk:
         self.x86 = x86
 
     def __call__(self, iova: int, write: bool) -> tuple[int, int, int, int, int]:
-        return walk_nested(
+        return self.walk_nested(
             self.pages,
             self.mem_size,
             self.host_root,

@@ -687,6 +687,7 @@ class Smmuv3(IommuHw):
             if cd.epd0:
                 return self.miss.Fixed((E.F_TRANSLATION, 0, 0, 0, 0, 0, 0, 0, E.CLASS_IN))
             return self.miss.S1Walk(
+                self.walker.walk_s1,
                 mem._pages,
                 mem.size,
                 cd.ttb0,
@@ -704,7 +705,14 @@ class Smmuv3(IommuHw):
             )
         if ste.s2_enabled:
             return self.miss.S2Walk(
-                mem._pages, mem.size, ste.s2ttb, ste.s2_ia_bits, 2 - ste.s2sl0, s2_oa, ste.s2affd
+                self.walker.walk_s2,
+                mem._pages,
+                mem.size,
+                ste.s2ttb,
+                ste.s2_ia_bits,
+                2 - ste.s2sl0,
+                s2_oa,
+                ste.s2affd,
             )
         return None
 

@@ -1,19 +1,21 @@
 """The SMMUv3 walks of the compiled translate front's TLB misses (hw/xlate.py).
 
 A request stream the front knows walks the same tables with the same STE and CD fields until
-the STE or CD cache changes, so :meth:`iommufd_arm_smmuv3.hw.ArmSmmuV3._translate_walk` binds
+the STE or CD cache changes, so :meth:`iommufd_arm_smmuv3.hw.Smmuv3._translate_walk` binds
 them here once (stage 1, with stage 2 when nested; stage 2 alone; or a CD with EPD0, whose
-every walk faults) and the front calls ``walk(iova, write)`` per miss. Compiled by mypyc with
-``walk.py`` (setup.py), so the call into the walker is a native one; the same source runs
-uncompiled under ``IOMMUFD_MODEL_PURE=1``. No state beyond the bound arguments, no lock: it
+every walk faults) and the front calls ``walk(iova, write)`` per miss. The walker comes in
+as an argument (the IOMMU's own walker module's function: compiled, or its pure source under
+``IOMMUFD_MODEL_PURE=1``, as its slow path uses); compiled by mypyc (setup.py), this module
+spares the front a Python frame per miss. No state beyond the bound arguments, no lock: it
 runs inside the model's entry points as the walkers do (docs/concurrency.md).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from iommufd_arm_smmuv3.walk import walk_s1, walk_s2
+Walker = Callable[..., tuple[int, ...]]
 
 
 class S1Walk:
@@ -21,6 +23,7 @@ class S1Walk:
 
     def __init__(
         self,
+        walk_s1: Walker,
         pages: Any,
         mem_size: int,
         ttb: int,
@@ -36,6 +39,7 @@ class S1Walk:
         s2_affd: bool,
         hd: bool,
     ) -> None:
+        self.walk_s1 = walk_s1
         self.pages = pages
         self.mem_size = mem_size
         self.ttb = ttb
@@ -51,10 +55,8 @@ class S1Walk:
         self.s2_affd = s2_affd
         self.hd = hd
 
-    def __call__(
-        self, iova: int, write: bool
-    ) -> tuple[int, int, int, int, int, int, int, int, int]:
-        return walk_s1(
+    def __call__(self, iova: int, write: bool) -> tuple[int, ...]:
+        return self.walk_s1(
             self.pages,
             self.mem_size,
             self.ttb,
@@ -79,6 +81,7 @@ class S2Walk:
 
     def __init__(
         self,
+        walk_s2: Walker,
         pages: Any,
         mem_size: int,
         ttb: int,
@@ -87,6 +90,7 @@ class S2Walk:
         oa_bits: int,
         affd: bool,
     ) -> None:
+        self.walk_s2 = walk_s2
         self.pages = pages
         self.mem_size = mem_size
         self.ttb = ttb
@@ -95,8 +99,8 @@ class S2Walk:
         self.oa_bits = oa_bits
         self.affd = affd
 
-    def __call__(self, iova: int, write: bool) -> tuple[int, int, int, int, int, int]:
-        return walk_s2(
+    def __call__(self, iova: int, write: bool) -> tuple[int, ...]:
+        return self.walk_s2(
             self.pages,
             self.mem_size,
             self.ttb,

@@ -424,11 +424,16 @@ class IntelVtd(IommuHw):
         size = self.memory.size
         ssade = pe.ssade and kind != KIND_FS
         if kind == KIND_FS:
-            return self.miss.FsWalk(pages, size, pe.fsptptr, pe.fs_levels, self.fl1gp)
+            return self.miss.FsWalk(
+                self.walker.walk_fs, pages, size, pe.fsptptr, pe.fs_levels, self.fl1gp
+            )
         if kind == KIND_SS:
             levels = T.aw_levels(pe.aw)
-            return self.miss.SsWalk(pages, size, pe.slptptr, levels, self.large_mask, ssade)
+            return self.miss.SsWalk(
+                self.walker.walk_ss, pages, size, pe.slptptr, levels, self.large_mask, ssade
+            )
         return self.miss.NestedWalk(
+            self.walker.walk_nested,
             walk_x86,
             pages,
             size,
