@@ -14,6 +14,7 @@ import iommufd_model as im
 from iommufd_model import uapi as U
 from iommufd_model.core.main import IommuFd
 from iommufd_model.core.objects import IommufdObject
+from iommufd_model.mock.iommufd_test import IOMMU_VIOMMU_TYPE_SELFTEST
 from iommufd_model.testing import assert_errno
 from iommufd_model.uapi.codec import UStruct
 
@@ -341,8 +342,9 @@ def valid_cmd(sc: Scenario, cmd: int) -> UStruct:
         U.IOMMU_IOAS_MAP_FILE: U.IommuIoasMapFile(
             flags=RW, ioas_id=sc.ioas, fd=sc.memfd, start=0, length=PAGE
         ),
+        # The mock's own type: its get_viommu_size() refuses any other before the HWPT lookup.
         U.IOMMU_VIOMMU_ALLOC: U.IommuViommuAlloc(
-            type=U.IOMMU_VIOMMU_TYPE_ARM_SMMUV3, dev_id=sc.dev_id, hwpt_id=sc.hwpt_dirty
+            type=IOMMU_VIOMMU_TYPE_SELFTEST, dev_id=sc.dev_id, hwpt_id=sc.hwpt_dirty
         ),
         U.IOMMU_VDEVICE_ALLOC: U.IommuVdeviceAlloc(viommu_id=99, dev_id=sc.dev_id, virt_id=1),
         U.IOMMU_IOAS_CHANGE_PROCESS: U.IommuIoasChangeProcess(),

@@ -363,6 +363,19 @@ class DriverHooks:
         return self._value("viommu_alloc", ViommuBase, locals())
 
     @hookspec(firstresult=True)
+    def get_viommu_size(self, iommu: IommuHw, dev: PciDevice, viommu_type: int) -> int:
+        """Linux 7.2's ``iommu_ops.get_viommu_size``: non-zero when ``dev`` can have a vIOMMU of
+        ``viommu_type``, 0 when not (the ioctl then fails with EOPNOTSUPP).
+
+        The core asks it before it looks up the nest parent (``iommufd_viommu_alloc_ioctl``),
+        so an unsupported type is EOPNOTSUPP whatever ``hwpt_id`` holds. The kernel returns the
+        size of the driver's vIOMMU structure; the model only compares the answer with 0 (a
+        driver may return 1). A driver without this hook offers no vIOMMU: EOPNOTSUPP, as 7.2
+        answers when the op is absent.
+        """
+        return int(self._call_or("get_viommu_size", 0, locals()))
+
+    @hookspec(firstresult=True)
     def viommu_destroy(self, viommu: ViommuBase) -> None:
         """Free the vIOMMU's hardware resources (its vDEVICEs and queues are gone already)."""
         self._call_or("viommu_destroy", None, locals())

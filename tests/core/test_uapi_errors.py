@@ -577,6 +577,19 @@ CASES: list[tuple[str, int, Callable[[Scenario], Any], int]] = [
         E.ENOENT,
     ),
     ("viommu-not-nest-parent", U.IOMMU_VIOMMU_ALLOC, _v(U.IOMMU_VIOMMU_ALLOC), E.EINVAL),
+    # 7.2 asks get_viommu_size() before it looks the HWPT up, and never reads __reserved
+    (
+        "viommu-type-before-hwpt",
+        U.IOMMU_VIOMMU_ALLOC,
+        _v(U.IOMMU_VIOMMU_ALLOC, type=U.IOMMU_VIOMMU_TYPE_ARM_SMMUV3, hwpt_id=999),
+        E.EOPNOTSUPP,
+    ),
+    (
+        "viommu-reserved-unread",
+        U.IOMMU_VIOMMU_ALLOC,
+        _v(U.IOMMU_VIOMMU_ALLOC, reserved=1),
+        E.EINVAL,
+    ),
     ("vdevice-unknown-viommu", U.IOMMU_VDEVICE_ALLOC, _v(U.IOMMU_VDEVICE_ALLOC), E.ENOENT),
     (
         "vdevice-viommu-wrong-type",

@@ -220,6 +220,11 @@ class MockDriver(PagingDomainOps):
         """mock_domain_page_response() does nothing."""
 
     @hookimpl
+    def get_viommu_size(self, iommu: Any, dev: PciDevice, viommu_type: int) -> int:
+        """``mock_get_viommu_size()``: only the selftest type."""
+        return 1 if viommu_type == selftest.IOMMU_VIOMMU_TYPE_SELFTEST else 0
+
+    @hookimpl
     def viommu_alloc(
         self,
         iommu: Any,

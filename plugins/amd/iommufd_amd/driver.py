@@ -411,6 +411,12 @@ class AmdDriver(PagingDomainOps):
 
     # -- vIOMMU ------------------------------------------------------------------------------------
     @hookimpl
+    def get_viommu_size(self, iommu: IommuHw, dev: PciDevice, viommu_type: int) -> int:
+        """``amd_iommufd_get_viommu_size()``. Linux 7.2's ignores the type; the model offers
+        only ``IOMMU_VIOMMU_TYPE_AMD``, the type of AMD's tree (docs/parity-amd.md)."""
+        return 1 if viommu_type == U.IOMMU_VIOMMU_TYPE_AMD else 0
+
+    @hookimpl
     def viommu_alloc(
         self,
         iommu: IommuHw,

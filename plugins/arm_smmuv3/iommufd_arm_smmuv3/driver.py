@@ -384,6 +384,24 @@ class ArmSmmuV3Driver(PagingDomainOps):
         return NestedDomain(viommu, ste0, ste1, ats)
 
     @hookimpl
+    def get_viommu_size(self, iommu: IommuHw, dev: PciDevice, viommu_type: int) -> int:
+        """``arm_smmu_get_viommu_size()``: no vIOMMU without both stages (FEAT_NESTING), nor
+        for a device that is not CANWBS on an SMMU without S2FWB (VFIO does no cache
+        maintenance, so a VM must not be able to make DMA non-coherent); then the SMMUv3 type,
+        or the Tegra241 CMDQV type where the CMDQV is present (``tegra241_cmdqv_get_vintf_size``).
+        """
+        smmu = smmu_of(iommu)
+        if not smmu.feat_nesting:
+            return 0
+        if not master_of(dev).canwbs and not smmu.feat_s2fwb:
+            return 0
+        if viommu_type == U.IOMMU_VIOMMU_TYPE_ARM_SMMUV3:
+            return 1
+        if viommu_type == U.IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV and smmu.hw.cmdqv is not None:
+            return 1
+        return 0
+
+    @hookimpl
     def viommu_alloc(
         self,
         iommu: IommuHw,
@@ -397,17 +415,9 @@ class ArmSmmuV3Driver(PagingDomainOps):
         a guest VINTF (tegra241_cmdqv_init_vintf_user)."""
         smmu = smmu_of(iommu)
         cmdqv = smmu.hw.cmdqv
-        if not smmu.feat_nesting:
-            # arm_smmu_get_viommu_size(): no vIOMMU without both stages (size 0: EOPNOTSUPP)
-            raise err(errno.EOPNOTSUPP, "no vSMMU without both stages (IDR0.S1P and S2P)")
-        # arm_smmu_get_viommu_size(): a VM must not be able to make DMA non-coherent, since
-        # VFIO does no cache maintenance: the device must be CANWBS or stage 2 must force
-        # write-back (S2FWB); otherwise no vIOMMU type is offered (size 0: EOPNOTSUPP).
-        if not master_of(dev).canwbs and not smmu.feat_s2fwb:
-            raise err(errno.EOPNOTSUPP, "neither CANWBS nor S2FWB: no vSMMU for this device")
-        tegra = viommu_type == U.IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV and cmdqv is not None
-        if viommu_type != U.IOMMU_VIOMMU_TYPE_ARM_SMMUV3 and not tegra:
-            raise err(errno.EOPNOTSUPP, f"viommu type {viommu_type}")
+        if not self.get_viommu_size(iommu, dev, viommu_type):
+            raise err(errno.EOPNOTSUPP, f"no vSMMU of type {viommu_type} for this device")
+        tegra = viommu_type == U.IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV
         s2 = _paging(parent)
         if s2.smmu is not smmu or s2.stage != 2:
             raise err(errno.EINVAL, "parent is not a stage-2 domain of this SMMU")

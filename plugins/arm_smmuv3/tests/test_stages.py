@@ -81,6 +81,13 @@ def test_stage_1_only_smmu_has_no_nest_parent_and_no_vsmmu(vmm: Any) -> None:
                 mmap=None,
             ),
         )
+    # Through the uAPI: EOPNOTSUPP before the HWPT is looked up (a stage-1 HWPT, which is no
+    # nest parent, or no HWPT at all), where a parent check first would give EINVAL / ENOENT.
+    for hwpt_id in (h, 999):
+        assert_errno(
+            errno.EOPNOTSUPP,
+            lambda i=hwpt_id: r.fd.viommu_alloc(r.dev_id, i, U.IOMMU_VIOMMU_TYPE_ARM_SMMUV3),
+        )
     r.fd.attach(r.dev_id, h)
     assert r.dev.dma_read(IOVA, 4) == b"\xa5" * 4
     assert _domain(r, r.hwpt_alloc(ioas, PASID | DIRTY)).stage == 1
