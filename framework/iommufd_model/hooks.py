@@ -373,7 +373,8 @@ class DriverHooks:
         driver may return 1). A driver without this hook offers no vIOMMU: EOPNOTSUPP, as 7.2
         answers when the op is absent.
         """
-        return int(self._call_or("get_viommu_size", 0, locals()))
+        size = self._call_or("get_viommu_size", 0, locals())
+        return 0 if size is None else int(size)  # None (a hook that answered nothing): 0
 
     @hookspec(firstresult=True)
     def viommu_destroy(self, viommu: ViommuBase) -> None:

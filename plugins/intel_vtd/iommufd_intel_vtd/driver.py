@@ -7,7 +7,8 @@ invalidations Linux issues. A missing flush shows up as stale translation, as on
 
 Domain choice (intel_iommu_domain_alloc_paging_flags): a first-stage domain whenever the
 hardware has FLTS and no flag other than PASID is asked for; otherwise (nest parent, dirty
-tracking) a second-stage domain. VT-d has no vIOMMU type upstream: viommu_alloc is refused.
+tracking) a second-stage domain. VT-d has no vIOMMU type upstream: the driver has no
+get_viommu_size, so the core refuses IOMMU_VIOMMU_ALLOC (EOPNOTSUPP) as 7.2's does.
 """
 
 from __future__ import annotations
@@ -500,12 +501,6 @@ class VtdDriver(PagingDomainOps):
             domain_set_dirty(st, d, d.tracking, quiet=True)
             raise
         d.tracking = enable
-
-    @hookimpl
-    def viommu_alloc(
-        self, iommu: Any, dev: PciDevice, parent: Domain, viommu_type: int, data: bytes
-    ) -> ViommuBase:
-        raise err(errno.EOPNOTSUPP, "VT-d has no vIOMMU type upstream")
 
     # -- the guest model --------------------------------------------------------------------------
     @hookimpl
