@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 
+import pytest
+
 from iommufd_model.cli import cell_text, status_text
 from iommufd_model.driver import Feature
 from iommufd_model.plugins import default_registry
@@ -22,6 +24,26 @@ def test_smmuv3_nested_hwpt_invalidate_is_unsupported_upstream() -> None:
     assert r.upstream in r.detail
     assert cell_text(r) == status_text(r) == "unsupported upstream"
     assert r.to_json()["upstream"] == r.upstream
+
+
+@pytest.mark.parametrize(
+    ("scenario", "feature", "source"),
+    [
+        ("pasid_side_by_side", Feature.PASID, "amdv1_ops"),
+        ("hwpt_invalidate", Feature.HWPT_INVALIDATE, "nested_domain_ops"),
+    ],
+)
+def test_amd_cells_refused_by_72_are_unsupported_upstream(
+    scenario: str, feature: Feature, source: str
+) -> None:
+    """7.2's AMD paging domains have no set_dev_pasid and its nested domain no
+    cache_invalidate_user: both cells are 7.2's refusal, not the model's gap."""
+    r = run_scenario(SCENARIOS[scenario], "amd")
+    assert r.status == UNSUPPORTED
+    assert r.feature == feature.value
+    assert r.errno == errno.EOPNOTSUPP
+    assert source in r.upstream
+    assert cell_text(r) == "unsupported upstream"
 
 
 def test_upstream_labels_are_declared_refusals_only() -> None:

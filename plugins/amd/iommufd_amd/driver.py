@@ -98,6 +98,15 @@ UNSUPPORTED_UPSTREAM = {
         "a PASID, and io-pgfault.c find_fault_handler finds no handler at a PASID (AMD paging "
         "domains have no set_dev_pasid, no user_pasid_table), so iopf_error_response answers"
     ),
+    Feature.PASID: (
+        "Linux 7.2 drivers/iommu/amd/iommu.c:2664 amdv1_ops and :2741 amdv2_ops have no "
+        "set_dev_pasid (only the SVA domain, amd/pasid.c:178, has one), so "
+        "iommu.c:3640 iommu_attach_device_pasid gives EOPNOTSUPP"
+    ),
+    Feature.HWPT_INVALIDATE: (
+        "Linux 7.2 drivers/iommu/amd/nested.c:296 nested_domain_ops has no "
+        "cache_invalidate_user, so iommufd/hw_pagetable.c:533 gives EOPNOTSUPP"
+    ),
 }
 
 
