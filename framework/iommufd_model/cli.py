@@ -13,7 +13,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from html import escape as esc
 from pathlib import Path
 from typing import Any
@@ -589,7 +589,10 @@ def _driver_options(parser: argparse.ArgumentParser, sweep_help: str) -> None:
     parser.add_argument("--sweep", action="store_true", help=sweep_help)
 
 
-def _executor_options(parser: argparse.ArgumentParser, default_jobs_help: str) -> None:
+def _cell_options(parser: argparse.ArgumentParser, json_what: str, default_jobs_help: str) -> None:
+    """What every command that runs cells (matrix cells, campaign shards) takes: ``--json``
+    for the results, and where the cells run (``--jobs`` pool or ``--scheduler`` cluster)."""
+    _json_file_option(parser, json_what)
     parser.add_argument(
         "-n",
         "--jobs",
@@ -622,6 +625,20 @@ is broken; 2 for a bad option; 'run' exits with the program's status (127 when i
 start)."""
 
 
+def _subcommand(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    func: Callable[[argparse.Namespace, DriverRegistry], int],
+    name: str,
+    summary: str,
+    description: str,
+) -> argparse.ArgumentParser:
+    """A subcommand's parser, run by ``func``: one place that names, describes and binds
+    every subcommand (``summary`` is its line in the top-level ``--help``)."""
+    parser = sub.add_parser(name, help=summary, description=description)
+    parser.set_defaults(func=func)
+    return parser
+
+
 def _global_options(parser: argparse.ArgumentParser, *, sub: bool) -> None:
     """Options accepted before and after the subcommand. After it they default to
     SUPPRESS, so a value given before the subcommand is not reset by the subparser."""
@@ -647,20 +664,23 @@ def build_parser() -> argparse.ArgumentParser:
     _version_option(parser)
     _global_options(parser, sub=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p_drivers = sub.add_parser(
+    p_drivers = _subcommand(
+        sub,
+        _cmd_drivers,
         "drivers",
-        help="list installed driver plugins and broken ones",
-        description="List every installed driver plugin with its distribution, version and "
-        "features; a plugin that failed to load is listed as BROKEN with the reason, and the "
-        "exit status is then 1.",
+        "list installed driver plugins and broken ones",
+        "List every installed driver plugin with its distribution, version and features; a "
+        "plugin that failed to load is listed as BROKEN with the reason, and the exit status "
+        "is then 1.",
     )
     _global_options(p_drivers, sub=True)
-    p_drivers.set_defaults(func=_cmd_drivers)
-    p_matrix = sub.add_parser(
+    p_matrix = _subcommand(
+        sub,
+        _cmd_matrix,
         "matrix",
-        help="run every scenario against every driver",
-        description="Rows are scenarios, columns drivers; each cell is pass, FAIL or "
-        "unsupported (with the feature and errno), with its costs.",
+        "run every scenario against every driver",
+        "Rows are scenarios, columns drivers; each cell is pass, FAIL or unsupported (with the "
+        "feature and errno), with its costs.",
     )
     p_matrix.add_argument("--scenario", action="append", metavar="NAME", help="only this one")
     _driver_options(
@@ -668,17 +688,17 @@ def build_parser() -> argparse.ArgumentParser:
         "also run every scenario under each option set every driver declares "
         "(page-table levels, granules, address widths, PASID widths...)",
     )
-    _json_file_option(p_matrix, "all cells and costs")
     p_matrix.add_argument("--html", metavar="FILE", help="write a self-contained HTML report")
-    _executor_options(p_matrix, "default 1, for --sweep auto")
-    p_matrix.set_defaults(func=_cmd_matrix)
-    p_campaign = sub.add_parser(
+    _cell_options(p_matrix, "all cells and costs", "default 1, for --sweep auto")
+    p_campaign = _subcommand(
+        sub,
+        _cmd_campaign,
         "campaign",
-        help="run the kit's uAPI state machine in seeded shards",
-        description="The conformance kit's hypothesis state machine over the iommufd uAPI, "
-        "cut into shards (a driver configuration and a seed each, --examples runs of up to "
-        "--steps steps) run like matrix cells: in a local pool or on a Dask cluster; the same "
-        "shard gives the same result anywhere. Needs the test extra (hypothesis, pytest).",
+        "run the kit's uAPI state machine in seeded shards",
+        "The conformance kit's hypothesis state machine over the iommufd uAPI, cut into shards "
+        "(a driver configuration and a seed each, --examples runs of up to --steps steps) run "
+        "like matrix cells: in a local pool or on a Dask cluster; the same shard gives the "
+        "same result anywhere. Needs the test extra (hypothesis, pytest).",
     )
     _driver_options(p_campaign, "also every option set each driver declares")
     p_campaign.add_argument(
@@ -691,14 +711,14 @@ def build_parser() -> argparse.ArgumentParser:
     p_campaign.add_argument(
         "--steps", type=int, default=30, metavar="N", help="steps per example at most (30)"
     )
-    _json_file_option(p_campaign, "every shard")
-    _executor_options(p_campaign, "default auto")
-    p_campaign.set_defaults(func=_cmd_campaign)
-    p_run = sub.add_parser(
+    _cell_options(p_campaign, "every shard", "default auto")
+    p_run = _subcommand(
+        sub,
+        _cmd_run,
         "run",
-        help="run a program with /dev/iommu served by the model",
-        description="Runs an unmodified, dynamically linked PROGRAM with /dev/iommu (and "
-        "the files it hands out) served by one model shared by all its processes; see "
+        "run a program with /dev/iommu served by the model",
+        "Runs an unmodified, dynamically linked PROGRAM with /dev/iommu (and the files it "
+        "hands out) served by one model shared by all its processes; see "
         "docs/running-programs.md.",
     )
     p_run.add_argument(
@@ -730,7 +750,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="append every modelled function's BDF to the program's arguments",
     )
     p_run.add_argument("program", nargs=argparse.REMAINDER, metavar="-- PROGRAM [ARGS...]")
-    p_run.set_defaults(func=_cmd_run)
     for p in sub.choices.values():  # --version is global too: accepted after the subcommand
         _version_option(p)
     return parser
