@@ -49,12 +49,10 @@ class SortedDisjoint(Protocol):
     def lasts(self) -> Sequence[int]: ...
 
 
-class Coverage:
-    """The union of a set of intervals as maximal runs (adjacent intervals joined).
-
-    Kept up to date incrementally, so a gap search skips a run of a thousand back-to-back
-    areas in one step instead of visiting each of them.
-    """
+class _Bounds:
+    """Two parallel sorted u64 arrays of interval bounds, the storage both containers keep,
+    read through :class:`SortedDisjoint`'s ``firsts`` / ``lasts`` views (read-only by
+    convention)."""
 
     __slots__ = ("_firsts", "_lasts")
 
@@ -69,6 +67,16 @@ class Coverage:
     @property
     def lasts(self) -> Sequence[int]:
         return self._lasts
+
+
+class Coverage(_Bounds):
+    """The union of a set of intervals as maximal runs (adjacent intervals joined).
+
+    Kept up to date incrementally, so a gap search skips a run of a thousand back-to-back
+    areas in one step instead of visiting each of them.
+    """
+
+    __slots__ = ()
 
     def runs(self) -> list[tuple[int, int]]:
         return list(zip(self._firsts, self._lasts, strict=True))
@@ -118,18 +126,17 @@ class Coverage:
         del self._lasts[:]
 
 
-class IntervalMap(Generic[V]):
+class IntervalMap(_Bounds, Generic[V]):
     """Disjoint closed intervals ``[first, last]`` mapped to values, sorted by ``first``.
 
     With ``track_coverage`` the map also keeps a :class:`Coverage` of itself for fast gap
     searches (used for IOVA areas, which automatic placement packs back to back).
     """
 
-    __slots__ = ("_coverage", "_firsts", "_lasts", "_values")
+    __slots__ = ("_coverage", "_values")
 
     def __init__(self, *, track_coverage: bool = False) -> None:
-        self._firsts = _u64s()
-        self._lasts = _u64s()
+        super().__init__()
         self._values: list[V] = []
         self._coverage = Coverage() if track_coverage else None
 
@@ -137,15 +144,6 @@ class IntervalMap(Generic[V]):
     def coverage(self) -> SortedDisjoint:
         """Maximal covered runs (the map itself when coverage is not tracked)."""
         return self if self._coverage is None else self._coverage
-
-    # -- raw views (read-only by convention) -----------------------------------------
-    @property
-    def firsts(self) -> Sequence[int]:
-        return self._firsts
-
-    @property
-    def lasts(self) -> Sequence[int]:
-        return self._lasts
 
     def __len__(self) -> int:
         return len(self._firsts)
