@@ -51,6 +51,26 @@ def _check_map_flags(flags: int) -> None:
         raise err(errno.EINVAL, "a mapping must be readable or writeable")
 
 
+def _map_target(ucmd: Ucmd) -> Ioas:
+    """What IOAS_MAP and IOAS_MAP_FILE check, in the kernel's order, once their flags passed:
+    ``iova`` and ``length`` fit an unsigned long (EOVERFLOW), the mapping is readable or
+    writeable (EINVAL), then the IOAS they map into."""
+    cmd = ucmd.cmd
+    if cmd.iova >= ULONG_MAX or cmd.length >= ULONG_MAX:
+        raise err(errno.EOVERFLOW)
+    _check_map_flags(cmd.flags)
+    return ucmd.ictx.objects.get_ioas(cmd.ioas_id)
+
+
+def _placement(ucmd: Ucmd) -> tuple[int | None, int, bool]:
+    """How an IOAS_MAP / IOAS_MAP_FILE mapping is placed and charged: the fixed IOVA (None
+    to let the IOAS choose), the IOMMU protection, and whether pinned pages count against the
+    mm (IOMMU_OPTION_RLIMIT_MODE 1) rather than the user."""
+    cmd = ucmd.cmd
+    fixed = cmd.iova if cmd.flags & U.IOMMU_IOAS_MAP_FIXED_IOVA else None
+    return fixed, conv_prot(cmd.flags), ucmd.ictx.account_mode == 1
+
+
 @ioctl_op(U.IOMMU_IOAS_ALLOC, U.IommuIoasAlloc, "out_ioas_id")
 def _ioas_alloc(ucmd: Ucmd) -> None:
     cmd = ucmd.cmd
@@ -103,18 +123,10 @@ def _ioas_map(ucmd: Ucmd) -> None:
     cmd = ucmd.cmd
     if cmd.flags & ~MAP_FLAGS or cmd.reserved:
         raise err(errno.EOPNOTSUPP, "unknown map flags or non-zero __reserved")
-    if cmd.iova >= ULONG_MAX or cmd.length >= ULONG_MAX:
-        raise err(errno.EOVERFLOW)
-    _check_map_flags(cmd.flags)
-    ioas = ucmd.ictx.objects.get_ioas(cmd.ioas_id)
-    fixed = cmd.iova if cmd.flags & U.IOMMU_IOAS_MAP_FIXED_IOVA else None
+    ioas = _map_target(ucmd)
+    fixed, prot, account_mm = _placement(ucmd)
     cmd.iova = ioas.iopt.map_user(
-        ucmd.caller,
-        cmd.user_va,
-        cmd.length,
-        fixed,
-        conv_prot(cmd.flags),
-        account_mm=ucmd.ictx.account_mode == 1,
+        ucmd.caller, cmd.user_va, cmd.length, fixed, prot, account_mm=account_mm
     )
     ucmd.respond()
 
@@ -124,10 +136,7 @@ def _ioas_map_file(ucmd: Ucmd) -> None:
     cmd = ucmd.cmd
     if cmd.flags & ~MAP_FLAGS:
         raise err(errno.EOPNOTSUPP, "unknown map flags")
-    if cmd.iova >= ULONG_MAX or cmd.length >= ULONG_MAX:
-        raise err(errno.EOVERFLOW)
-    _check_map_flags(cmd.flags)
-    ioas = ucmd.ictx.objects.get_ioas(cmd.ioas_id)
+    ioas = _map_target(ucmd)
     file = ucmd.caller.files.get(cmd.fd)
     if file is None:
         raise err(errno.EBADF, f"fd {cmd.fd} is not open")
@@ -138,15 +147,9 @@ def _ioas_map_file(ucmd: Ucmd) -> None:
     check_map = getattr(file, "check_map", None)
     if check_map is not None:
         check_map(cmd.start, cmd.length)
-    fixed = cmd.iova if cmd.flags & U.IOMMU_IOAS_MAP_FIXED_IOVA else None
+    fixed, prot, account_mm = _placement(ucmd)
     cmd.iova = ioas.iopt.map_file(
-        file,
-        cmd.start,
-        cmd.length,
-        fixed,
-        conv_prot(cmd.flags),
-        ucmd.caller,
-        account_mm=ucmd.ictx.account_mode == 1,
+        file, cmd.start, cmd.length, fixed, prot, ucmd.caller, account_mm=account_mm
     )
     ucmd.respond()
 
