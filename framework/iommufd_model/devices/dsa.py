@@ -37,9 +37,14 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from iommufd_model.devices import pci_regs as R
 from iommufd_model.devices.config import RegisterBytes
-from iommufd_model.devices.function import Bar, DmaBlocked, FunctionSpec, MsixLayout, PciFunction
+from iommufd_model.devices.function import (
+    Bar,
+    DmaBlocked,
+    FunctionSpec,
+    PciFunction,
+    intel_dma_engine,
+)
 from iommufd_model.hw import bits
 from iommufd_model.hw.iommu import DmaFault
 
@@ -514,24 +519,15 @@ def dsa(
         raise ValueError("1 to 8 WQs")
     if not 0 <= max_xfer_shift <= 31:
         raise ValueError("max_xfer_shift is 5 bits")
-    spec = FunctionSpec(
-        vendor_id=R.PCI_VENDOR_ID_INTEL,
-        device_id=device_id,
-        class_code=0x088000,  # base system peripheral, other (model's choice)
-        revision=0x01,
-        subsystem_vendor_id=R.PCI_VENDOR_ID_INTEL,
-        bars=(
-            Bar(0x10000, mem64=True, prefetchable=True),
-            None,
-            Bar(0x20000, mem64=True, prefetchable=True),  # 8 WQs x 4 portal pages
-            None,
-            None,
-            None,
-        ),
-        msix=MsixLayout(1 + num_wqs, bar=0, table_offset=0x2000, pba_offset=0x3000),
-        rc_integrated=True,
-        pasid=True,
+    bars = (
+        Bar(0x10000, mem64=True, prefetchable=True),
+        None,
+        Bar(0x20000, mem64=True, prefetchable=True),  # 8 WQs x 4 portal pages
+        None,
+        None,
+        None,
     )
+    spec = intel_dma_engine(device_id, 0x01, bars, 1 + num_wqs, pasid=True)
     return DsaFunction(
         iommu,
         rid,

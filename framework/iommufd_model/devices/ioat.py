@@ -31,9 +31,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from iommufd_model.devices import pci_regs as R
 from iommufd_model.devices.config import ConfigSpace, RegisterBytes
-from iommufd_model.devices.function import Bar, DmaBlocked, FunctionSpec, MsixLayout, PciFunction
+from iommufd_model.devices.function import (
+    Bar,
+    DmaBlocked,
+    FunctionSpec,
+    PciFunction,
+    intel_dma_engine,
+)
 from iommufd_model.hw import bits
 from iommufd_model.hw.iommu import DmaFault
 
@@ -363,16 +368,6 @@ def ioat(
     """The ``ioat`` kind: a Skylake-SP CBDMA channel function (the ID the selftest matches)."""
     if not 0 <= xfercap <= 31:
         raise ValueError(f"XFERCAP {xfercap} is not a 5-bit shift")
-    spec = FunctionSpec(
-        vendor_id=R.PCI_VENDOR_ID_INTEL,
-        device_id=device_id,
-        class_code=0x088000,  # base system peripheral, other (model's choice)
-        revision=0x04,
-        subsystem_vendor_id=R.PCI_VENDOR_ID_INTEL,
-        subsystem_id=0,
-        bars=(Bar(0x4000, mem64=True), None, None, None, None, None),
-        msi_vectors=1,
-        msix=MsixLayout(1, bar=0, table_offset=0x2000, pba_offset=0x3000),
-        rc_integrated=True,
-    )
+    bars = (Bar(0x4000, mem64=True), None, None, None, None, None)
+    spec = intel_dma_engine(device_id, 0x04, bars, 1, msi_vectors=1)
     return IoatFunction(iommu, rid, spec, xfercap=xfercap, pasid_bits=pasid_bits, ats=ats)
