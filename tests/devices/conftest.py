@@ -33,6 +33,15 @@ class DmaSetup:
     def read(self, iova: int, n: int) -> bytes:
         return bytes(self.proc.read(self.va + iova - self.iova, n))
 
+    def copy_buffers(self, size: int) -> tuple[int, int]:
+        """Source and destination of a ``size``-byte copy at the start of the mapping:
+        ``(src, dst)`` IOVAs, the source a byte pattern and the destination filled with
+        ``y``, so that a copy that moved nothing (or the wrong bytes) shows."""
+        src, dst = self.iova, self.iova + size
+        self.write(src, bytes(range(256)) * (size // 256))
+        self.write(dst, b"y" * size)
+        return src, dst
+
     def map_area(self, length: int) -> tuple[int, int]:
         """A separate IOAS area (so it can be unmapped alone): ``(va, iova)``."""
         va = self.proc.mmap(length)

@@ -134,9 +134,7 @@ def setup(vendor: str) -> tuple[DmaSetup, IoatDriver]:
 def test_memcpy_success_and_storm(vendor: str) -> None:
     s, drv = setup(vendor)
     size = drv.max_memcpy_size
-    src, dst = s.iova, s.iova + size
-    s.write(src, bytes(range(256)) * (size // 256))
-    s.write(dst, b"y" * size)
+    src, dst = s.copy_buffers(size)
     drv.memcpy_start(src, dst, size, 1, False)
     assert drv.memcpy_wait() == 0
     assert s.read(dst, size) == s.read(src, size)

@@ -38,13 +38,7 @@ from typing import TYPE_CHECKING
 import attrs
 
 from iommufd_model.devices.config import RegisterBytes
-from iommufd_model.devices.function import (
-    Bar,
-    DmaBlocked,
-    FunctionSpec,
-    PciFunction,
-    intel_dma_engine,
-)
+from iommufd_model.devices.function import Bar, DmaBlocked, FunctionSpec, PciFunction
 from iommufd_model.hw import bits
 from iommufd_model.hw.iommu import DmaFault
 
@@ -527,7 +521,7 @@ def dsa(
         None,
         None,
     )
-    spec = intel_dma_engine(device_id, 0x01, bars, 1 + num_wqs, pasid=True)
+    spec = FunctionSpec.intel_dma_engine(device_id, 0x01, bars, 1 + num_wqs, pasid=True)
     return DsaFunction(
         iommu,
         rid,

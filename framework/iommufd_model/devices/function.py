@@ -111,32 +111,33 @@ class FunctionSpec:
     vf_stride: int = 1
     vf_bars: tuple[Bar | None, ...] = (None,) * 6
 
-
-def intel_dma_engine(
-    device_id: int,
-    revision: int,
-    bars: tuple[Bar | None, ...],
-    msix_vectors: int,
-    *,
-    msi_vectors: int = 0,
-    pasid: bool = False,
-) -> FunctionSpec:
-    """The spec of an Intel root-complex integrated DMA engine (the ``ioat`` CBDMA channel,
-    the ``dsa`` accelerator): Intel's vendor and subsystem vendor, an RCiEP, the class the
-    model gives them (base system peripheral, other: the model's choice) and MSI-X with its
-    table and PBA in BAR 0. Both kinds are built the same way; only what differs is passed."""
-    return FunctionSpec(
-        vendor_id=R.PCI_VENDOR_ID_INTEL,
-        device_id=device_id,
-        class_code=0x088000,
-        revision=revision,
-        subsystem_vendor_id=R.PCI_VENDOR_ID_INTEL,
-        bars=bars,
-        msi_vectors=msi_vectors,
-        msix=MsixLayout(msix_vectors, bar=0, table_offset=0x2000, pba_offset=0x3000),
-        rc_integrated=True,
-        pasid=pasid,
-    )
+    @classmethod
+    def intel_dma_engine(
+        cls,
+        device_id: int,
+        revision: int,
+        bars: tuple[Bar | None, ...],
+        msix_vectors: int,
+        *,
+        msi_vectors: int = 0,
+        pasid: bool = False,
+    ) -> FunctionSpec:
+        """The spec of an Intel root-complex integrated DMA engine (the ``ioat`` CBDMA channel,
+        the ``dsa`` accelerator): Intel's vendor and subsystem vendor, an RCiEP, the class the
+        model gives them (base system peripheral, other: the model's choice) and MSI-X with its
+        table and PBA in BAR 0. Both kinds are built the same way; only what differs is passed."""
+        return cls(
+            vendor_id=R.PCI_VENDOR_ID_INTEL,
+            device_id=device_id,
+            class_code=0x088000,
+            revision=revision,
+            subsystem_vendor_id=R.PCI_VENDOR_ID_INTEL,
+            bars=bars,
+            msi_vectors=msi_vectors,
+            msix=MsixLayout(msix_vectors, bar=0, table_offset=0x2000, pba_offset=0x3000),
+            rc_integrated=True,
+            pasid=pasid,
+        )
 
 
 def _bar_registers(bars: tuple[Bar | None, ...]) -> list[tuple[int, int]]:

@@ -32,13 +32,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from iommufd_model.devices.config import ConfigSpace, RegisterBytes
-from iommufd_model.devices.function import (
-    Bar,
-    DmaBlocked,
-    FunctionSpec,
-    PciFunction,
-    intel_dma_engine,
-)
+from iommufd_model.devices.function import Bar, DmaBlocked, FunctionSpec, PciFunction
 from iommufd_model.hw import bits
 from iommufd_model.hw.iommu import DmaFault
 
@@ -369,5 +363,5 @@ def ioat(
     if not 0 <= xfercap <= 31:
         raise ValueError(f"XFERCAP {xfercap} is not a 5-bit shift")
     bars = (Bar(0x4000, mem64=True), None, None, None, None, None)
-    spec = intel_dma_engine(device_id, 0x04, bars, 1, msi_vectors=1)
+    spec = FunctionSpec.intel_dma_engine(device_id, 0x04, bars, 1, msi_vectors=1)
     return IoatFunction(iommu, rid, spec, xfercap=xfercap, pasid_bits=pasid_bits, ats=ats)
