@@ -24,7 +24,13 @@ from typing import TYPE_CHECKING, Any
 from iommufd_model.errors import err
 from iommufd_model.locking import serialized
 from iommufd_model.uapi import vfio as V
-from iommufd_model.vfio.uarg import argsz_struct_from, copy_to, struct_from, struct_to
+from iommufd_model.vfio.uarg import (
+    argsz_struct_from,
+    copy_to,
+    ioctl_caller,
+    struct_from,
+    struct_to,
+)
 
 if TYPE_CHECKING:
     from iommufd_model.core.main import IommuFd
@@ -108,10 +114,7 @@ class VfioDeviceFile:
     # -- ioctl --------------------------------------------------------------------------
     def ioctl(self, cmd: int, arg: Any, caller: Process | None = None) -> int:
         """vfio_device_fops_unl_ioctl()."""
-        if self.closed:
-            raise err(errno.EBADF, "device file is closed")
-        if caller is None:
-            raise err(errno.EINVAL, "a device ioctl needs the calling process")
+        caller = ioctl_caller(self.closed, "device", caller)
         if cmd == V.VFIO_DEVICE_BIND_IOMMUFD:
             return self._bind(arg, caller)
         if not self.access_granted:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from iommufd_model.errors import err
 from iommufd_model.locking import serialized
 from iommufd_model.uapi import vfio as V
+from iommufd_model.vfio.uarg import copy_from, ioctl_caller, struct_from, struct_to, user_buffer
 
 if TYPE_CHECKING:
     from iommufd_model.core.main import IommuFd
@@ -76,10 +77,7 @@ class VfioGroupFile:
         return file
 
     def ioctl(self, cmd: int, arg: Any, caller: Process | None = None) -> int:
-        if self.closed:
-            raise err(errno.EBADF, "group file is closed")
-        if caller is None:
-            raise err(errno.EINVAL, "a group ioctl needs the calling process")
+        caller = ioctl_caller(self.closed, "group", caller)
         if cmd == V.VFIO_GROUP_GET_STATUS:
             return self._get_status(arg)
         if cmd == V.VFIO_GROUP_SET_CONTAINER:
@@ -94,8 +92,6 @@ class VfioGroupFile:
         raise err(errno.ENOTTY, f"unknown VFIO group ioctl {cmd:#x}")
 
     def _get_status(self, arg: Any) -> int:
-        from iommufd_model.vfio.uarg import struct_from, struct_to
-
         minsz = V.VfioGroupStatus.offsetofend("flags")
         status = struct_from(arg, V.VfioGroupStatus, minsz)
         if status.argsz < minsz:
@@ -112,7 +108,6 @@ class VfioGroupFile:
     def _set_container(self, arg: Any, caller: Process) -> int:
         from iommufd_model.core.main import IommuFd
         from iommufd_model.core.vfio_compat import compat_ioas_create
-        from iommufd_model.vfio.uarg import copy_from
 
         fd = int.from_bytes(copy_from(arg, 4), "little", signed=True)
         file = caller.files.get(fd) if fd >= 0 else None
@@ -129,7 +124,6 @@ class VfioGroupFile:
 
     def _get_device_fd(self, arg: Any, caller: Process) -> int:
         from iommufd_model.vfio.device_file import VfioDeviceFile
-        from iommufd_model.vfio.uarg import user_buffer
 
         raw = bytes(user_buffer(arg)[:PAGE_SIZE])
         end = raw.find(b"\0")

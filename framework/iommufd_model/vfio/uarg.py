@@ -9,12 +9,26 @@ commands); a buffer shorter than what the kernel would touch is an unreadable po
 from __future__ import annotations
 
 import errno
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from iommufd_model.errors import err
 from iommufd_model.uapi.codec import UStruct
 
+if TYPE_CHECKING:
+    from iommufd_model.process import Process
+
 S = TypeVar("S", bound=UStruct)
+
+
+def ioctl_caller(closed: bool, what: str, caller: Process | None) -> Process:
+    """What every VFIO file's ioctl checks before its command: a closed file is EBADF, and
+    the model needs the calling process (its memory holds the pointers the argument carries),
+    so a call without one is EINVAL. Returns the caller."""
+    if closed:
+        raise err(errno.EBADF, f"{what} file is closed")
+    if caller is None:
+        raise err(errno.EINVAL, f"a {what} ioctl needs the calling process")
+    return caller
 
 
 def user_buffer(arg: Any) -> bytearray | memoryview:
