@@ -110,6 +110,89 @@ def test_dirty_reporting_follows_generic_pt() -> None:
     assert pt.read_and_clear_dirty(base, 3 * M1, clear=True) == []
 
 
+def _reference_read_and_clear(
+    pt: P.MockPageTable, iova: int, length: int, clear: bool
+) -> list[tuple[int, int]]:
+    """generic_pt's walk read literally: every present item of the range in IOVA order,
+    each leaf once, its D bits read from the entries (the oracle for the indexed walk)."""
+    runs: list[tuple[int, int]] = []
+    end = iova + length
+    entries = pt.entries
+    first, last = iova >> P.GRANULE_SHIFT, (end - 1) >> P.GRANULE_SHIFT
+    done_to = iova
+    for key in sorted(k for k in entries if first <= k <= last):
+        va = max(key << P.GRANULE_SHIFT, iova)
+        if va < done_to:
+            continue
+        lg2 = (entries[key] & P.SIZE_MASK) >> P.SIZE_SHIFT
+        isz = P.item_lg2(P.level_of(lg2))
+        contig = lg2 - isz
+        item = va >> isz
+        group = item & ~((1 << contig) - 1)
+        keys = [(group + k) << (isz - P.GRANULE_SHIFT) for k in range(1 << contig)]
+        if any(entries[k] & P.ENTRY_DIRTY for k in keys):
+            if contig == 0:
+                dirty_len = 1 << isz
+            else:
+                table = item & ~((1 << P.ITEMS_LG2) - 1)
+                index = item - table
+                range_end = min(((end - 1) >> isz) + 1 - table, 1 << P.ITEMS_LG2)
+                dirty_len = (min(index | ((1 << contig) - 1), range_end) - index) << isz
+            if dirty_len:
+                runs.append((va, dirty_len))
+            if clear:
+                for k in keys:
+                    entries[k] &= ~P.ENTRY_DIRTY
+        done_to = (group + (1 << contig)) << isz
+    return runs
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_indexed_dirty_walk_equals_the_full_walk(seed: int) -> None:
+    """The walk over the dirty index reports and clears exactly what the walk over every
+    present item does: leaves of 2 KiB to 4 MiB, dirty items inside and around the range,
+    ranges starting and ending inside leaves, NO_CLEAR and clear, after unmaps."""
+    import random
+
+    rnd = random.Random(seed)
+    pt = P.MockPageTable(P.PGSIZE_BITMAP, (1 << 38) - 1)
+    twin = P.MockPageTable(P.PGSIZE_BITMAP, (1 << 38) - 1)
+    base = MOCK_APERTURE
+    va, pa = base, 0x4000_0000
+    leaves = []
+    for _ in range(rnd.randrange(1, 12)):
+        lg2 = rnd.choice([11, 12, 13, 16, 20, 21, 22])
+        va = (va + (1 << lg2) - 1) & ~((1 << lg2) - 1)
+        pa = (pa + (1 << lg2) - 1) & ~((1 << lg2) - 1)
+        if rnd.random() < 0.3:
+            va += 1 << lg2  # a hole
+        for t in (pt, twin):
+            t.map(va, pa, 1 << lg2, 3)
+        leaves.append((va, 1 << lg2))
+        va += 1 << lg2
+        pa += 1 << lg2
+    span = va - base
+    for _ in range(3):
+        for _ in range(rnd.randrange(0, 30)):
+            at = base + rnd.randrange(span)
+            assert pt.set_dirty(at) == twin.set_dirty(at)
+        if rnd.random() < 0.3:
+            start, size = rnd.choice(leaves)
+            assert pt.unmap(start, size) == twin.unmap(start, size)
+            leaves.remove((start, size))
+            if not leaves:
+                break
+        for _ in range(4):
+            lo = base + (rnd.randrange(span) & ~(K2 - 1))
+            n = rnd.randrange(1, span // K2 + 1) * K2
+            clear = rnd.random() < 0.5
+            assert pt.read_and_clear_dirty(lo, n, clear) == _reference_read_and_clear(
+                twin, lo, n, clear
+            )
+            assert pt.entries == twin.entries
+            assert pt.dirty == {k for k, e in pt.entries.items() if e & P.ENTRY_DIRTY}
+
+
 def _dirty_world(pagetable: int | None) -> tuple[World, int, int]:
     w = World()
     ioas = w.fd.ioas_alloc()

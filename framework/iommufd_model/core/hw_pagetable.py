@@ -386,10 +386,11 @@ def _get_dirty_bitmap(ucmd: Ucmd) -> None:
 
     def byte_spans(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
         """``(first bit, last bit)`` of each run in the user's bitmap."""
+        start = cmd.iova
         return [
             (
-                (max(iova, cmd.iova) - cmd.iova) >> shift,
-                (min(iova + size - 1, last) - cmd.iova) >> shift,
+                ((iova if iova > start else start) - start) >> shift,
+                ((iova + size - 1 if iova + size - 1 < last else last) - start) >> shift,
             )
             for iova, size in runs
         ]
@@ -403,9 +404,10 @@ def _get_dirty_bitmap(ucmd: Ucmd) -> None:
         lo, hi = cmd.data + (first_bit >> 3), cmd.data + (last_bit >> 3)
         if lo < 0 or not ucmd.caller.is_mapped(lo, hi - lo + 1):
             return False  # pin_user_pages_fast() fails: iova_bitmap_set() drops the bits
-        if any(a not in cache for a in range(lo, hi + 1)):
-            for i, byte in enumerate(ucmd.caller.read(lo, hi - lo + 1)):
-                cache.setdefault(lo + i, byte)
+        if lo not in cache or hi not in cache or any(a not in cache for a in range(lo, hi + 1)):
+            got = ucmd.caller.read(lo, hi - lo + 1)
+            for addr, byte in zip(range(lo, hi + 1), got, strict=True):
+                cache.setdefault(addr, byte)
         return True
 
     def groups(spans: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
@@ -421,20 +423,26 @@ def _get_dirty_bitmap(ucmd: Ucmd) -> None:
     def parts(group: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
         """The group at once when its bytes are all mapped, else span by span."""
         whole = (group[0][0], max(last for _, last in group))
-        return [group] if load(*whole) else [[span] for span in group]
+        return [group] if load(*whole) else [[span] for span in group if load(*span)]
 
     for group in groups(byte_spans(walk(False))):
-        for part in parts(group):
-            for span in part:
-                load(*span)
+        parts(group)
     clear = not cmd.flags & U.IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR
     for group in groups(byte_spans(walk(True) if clear else walk(False))):
         for part in parts(group):
-            if len(part) == 1 and not load(*part[0]):
-                continue
-            for first_bit, last_bit in part:
-                for bit in range(first_bit, last_bit + 1):
-                    cache[cmd.data + (bit >> 3)] |= 1 << (bit & 7)
-            lo = cmd.data + (part[0][0] >> 3)
+            # the part's bits as a string of '0'/'1' digits, bit 0 first (one slice store
+            # per span), then ORed into its bytes as one little-endian integer
+            first_byte = part[0][0] >> 3
+            lo = cmd.data + first_byte
             hi = cmd.data + (max(last for _, last in part) >> 3)
-            ucmd.caller.write(lo, bytes(cache[a] for a in range(lo, hi + 1)), pinned=True)
+            size = hi - lo + 1
+            base_bit = first_byte << 3
+            digits = bytearray(b"0") * (size << 3)
+            for first_bit, last_bit in part:
+                digits[first_bit - base_bit : last_bit - base_bit + 1] = b"1" * (
+                    last_bit - first_bit + 1
+                )
+            value = int.from_bytes(bytes(map(cache.__getitem__, range(lo, hi + 1))), "little")
+            out = (value | int(digits[::-1], 2)).to_bytes(size, "little")
+            cache.update(zip(range(lo, hi + 1), out, strict=True))
+            ucmd.caller.write(lo, out, pinned=True)

@@ -26,7 +26,8 @@ kept here, all from fmt/amdv1.h, iommu_pt.h and pt_iter.h:
 
 The model keeps the table logically, one entry per 2 KiB of IOVA (what the mock checks and
 DMA need), not as AMDv1 bytes in memory: no uAPI exposes the mock's table memory. That is
-the model's own representation.
+the model's own representation, and so is the index of dirty items beside it
+(``MockPageTable.dirty``), which lets read-and-clear visit only the leaves it reports.
 """
 
 from __future__ import annotations
@@ -74,6 +75,13 @@ def item_lg2(level: int) -> int:
     return GRANULE_SHIFT + ITEMS_LG2 * level
 
 
+#: by a leaf's size log2: (log2 of the size of its items, log2 of how many items it spans)
+LEAF_ITEMS: list[tuple[int, int]] = [
+    (item_lg2(level_of(lg2)), lg2 - item_lg2(level_of(lg2))) if lg2 >= GRANULE_SHIFT else (0, 0)
+    for lg2 in range(64)
+]
+
+
 def best_pgsize_lg2(pgsize_bitmap: int, va: int, pa: int, length: int) -> int:
     """``pt_compute_best_pgsize()``: 0 when no page size fits."""
     mask = va | pa | (1 << (length.bit_length() - 1))
@@ -89,6 +97,9 @@ class MockPageTable:
         self.pgsize_bitmap = pgsize_bitmap
         self.va_last = aperture_last
         self.entries: dict[int, int] = {}
+        # keys of the items whose D bit is set (the model's index: read-and-clear visits
+        # these and the leaves they belong to, not every mapped 2 KiB)
+        self.dirty: set[int] = set()
 
     # -- map / unmap ------------------------------------------------------------------------
     def map(self, iova: int, pa: int, size: int, prot: int, pgsize: int = 0) -> None:
@@ -140,8 +151,11 @@ class MockPageTable:
             if start != va:
                 break  # a start inside a leaf: -EINVAL from the walk
             base = start >> GRANULE_SHIFT
-            for k in range(1 << (lg2 - GRANULE_SHIFT)):
+            count = 1 << (lg2 - GRANULE_SHIFT)
+            for k in range(count):
                 del self.entries[base + k]
+            if self.dirty:
+                self.dirty.difference_update(range(base, base + count))
             if gather is not None:
                 gather.add(start, 1 << lg2, 1 << lg2)
             done += 1 << lg2
@@ -158,50 +172,83 @@ class MockPageTable:
     def free(self) -> None:
         """The domain is gone: every entry with it."""
         self.entries.clear()
+        self.dirty.clear()
 
     # -- dirty tracking ------------------------------------------------------------------------
-    def _item_base(self, iova: int, lg2: int) -> int:
-        """The entry key holding the D bit of the item (at the leaf's level) over ``iova``."""
-        return (iova >> item_lg2(level_of(lg2))) << (item_lg2(level_of(lg2)) - GRANULE_SHIFT)
-
     def set_dirty(self, iova: int) -> bool:
         """``set_dirty()`` of the self-test: False (ENOENT) where nothing is mapped."""
-        leaf = self.leaf_at(iova)
-        if leaf is None:
+        entry = self.entries.get(iova >> GRANULE_SHIFT)
+        if entry is None:
             return False
-        key = self._item_base(iova, leaf[1])
+        isz = LEAF_ITEMS[(entry & SIZE_MASK) >> SIZE_SHIFT][0]
+        key = (iova >> isz) << (isz - GRANULE_SHIFT)  # the item's first entry holds its D
         self.entries[key] |= ENTRY_DIRTY
+        self.dirty.add(key)
         return True
 
     def read_and_clear_dirty(self, iova: int, length: int, clear: bool) -> list[tuple[int, int]]:
-        """``read_and_clear_dirty()`` over ``[iova, iova + length)``: ``(iova, bytes)`` runs."""
+        """``read_and_clear_dirty()`` over ``[iova, iova + length)``: ``(iova, bytes)`` runs.
+
+        Only leaves holding a dirty item report, so the walk visits the dirty items (the
+        ``dirty`` index) whose leaf reaches into the range, in IOVA order, each leaf once:
+        the bits of generic_pt's walk over every present item, at the cost of the dirty
+        items alone. A leaf is visited at its start, or at ``iova`` when it starts before."""
         runs: list[tuple[int, int]] = []
+        if not self.dirty:
+            return runs
         end = iova + length
         entries = self.entries
         first, last = iova >> GRANULE_SHIFT, (end - 1) >> GRANULE_SHIFT
+        # a dirty item before ``iova`` (or after the end) counts when its leaf reaches in
+        lo, hi = first, last
+        leaf = self.leaf_at(iova)
+        if leaf is not None:
+            lo = leaf[0] >> GRANULE_SHIFT
+        leaf = self.leaf_at(end - 1)
+        if leaf is not None:
+            hi = (leaf[0] + (1 << leaf[1]) - 1) >> GRANULE_SHIFT
+        if hi - lo < len(self.dirty):
+            keys = [k for k in range(lo, hi + 1) if k in self.dirty]
+        else:
+            keys = sorted(k for k in self.dirty if lo <= k <= hi)
         done_to = iova  # the walk has passed every IOVA below this
-        for key in sorted(k for k in entries if first <= k <= last):
-            va = max(key << GRANULE_SHIFT, iova)
-            if va < done_to:
-                continue  # inside a leaf already visited
-            lg2 = (entries[key] & SIZE_MASK) >> SIZE_SHIFT
-            isz = item_lg2(level_of(lg2))
-            contig = lg2 - isz
-            item = va >> isz
-            group = item & ~((1 << contig) - 1)
-            keys = [(group + k) << (isz - GRANULE_SHIFT) for k in range(1 << contig)]
-            if any(entries[k] & ENTRY_DIRTY for k in keys):
-                if contig == 0:
-                    dirty_len = 1 << isz
-                else:
-                    table = item & ~((1 << ITEMS_LG2) - 1)
-                    index = item - table
-                    range_end = min(((end - 1) >> isz) + 1 - table, 1 << ITEMS_LG2)
-                    dirty_len = (min(index | ((1 << contig) - 1), range_end) - index) << isz
-                if dirty_len:
-                    runs.append((va, dirty_len))
+        leaf_items = LEAF_ITEMS
+        append = runs.append
+        dirty = self.dirty
+        items_mask = (1 << ITEMS_LG2) - 1
+        for key in keys:
+            isz, contig = leaf_items[(entries[key] & SIZE_MASK) >> SIZE_SHIFT]
+            if not contig:  # a one-item leaf: the whole item, from where the walk enters it
+                start = key << GRANULE_SHIFT
+                va = start if start > iova else iova
+                if va < done_to:
+                    continue
+                done_to = start + (1 << isz)
+                append((va, 1 << isz))
                 if clear:
-                    for k in keys:
+                    dirty.discard(key)
+                    entries[key] &= ~ENTRY_DIRTY
+                continue
+            lg2 = isz + contig
+            start = (key << GRANULE_SHIFT) >> lg2 << lg2
+            va = start if start > iova else iova
+            if va < done_to:
+                continue  # a leaf already visited
+            done_to = start + (1 << lg2)
+            # record_dirty(): from the visited item to the leaf's last item, or to the
+            # walked range's end within this table, whichever comes first
+            item = va >> isz
+            index = item & items_mask
+            stop = index | ((1 << contig) - 1)
+            range_end = ((end - 1) >> isz) + 1 - (item - index)
+            if range_end < stop:
+                stop = range_end
+            if stop > index:
+                append((va, (stop - index) << isz))
+            if clear:
+                step = 1 << (isz - GRANULE_SHIFT)
+                for k in range(start >> GRANULE_SHIFT, done_to >> GRANULE_SHIFT, step):
+                    if k in dirty:
+                        dirty.discard(k)
                         entries[k] &= ~ENTRY_DIRTY
-            done_to = (group + (1 << contig)) << isz
         return runs
