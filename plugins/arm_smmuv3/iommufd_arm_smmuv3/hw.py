@@ -566,7 +566,7 @@ class Smmuv3(IommuHw):
             if cf.event is not None:
                 self.record_event(cf.event)
             raise self.fault(dev, iova, write, pasid, cf.reason) from None
-        return self._translate_walk(dev, ste, cd, sid, iova, pasid, write)
+        return self._translate_walk(dev, ste, cd, iova, pasid, write)
 
     # -- the device's ATC (ATS) -------------------------------------------------------------------
     def pci_ats(self, dev: PciDevice, enable: bool) -> None:
@@ -653,15 +653,11 @@ class Smmuv3(IommuHw):
         return self.fetch_cd(ste, sid, pasid, pasid)
 
     def _translate_walk(
-        self,
-        dev: PciDevice,
-        ste: Ste,
-        cd: Cd | None,
-        sid: int,
-        iova: int,
-        pasid: int | None,
-        write: bool,
+        self, dev: PciDevice, ste: Ste, cd: Cd | None, iova: int, pasid: int | None, write: bool
     ) -> tuple[int, int]:
+        """The TLB lookup for a stream whose STE and CD passed, then the walk on a miss. The
+        StreamID is the device's RID (``dev.rid``), as everywhere in this model."""
+        sid = dev.rid
         stats = self.stats
         tag = _tlb_tag(ste, cd, self.hyp)
         entry = self.tlb.lookup(tag, iova)
@@ -674,7 +670,7 @@ class Smmuv3(IommuHw):
         walk = self._walker(ste, cd)
         if walk is None:  # stage 1 bypassed by S1DSS, no stage 2
             return self._bypass(dev, iova, pasid, write)
-        return self._walked(dev, ste, cd, sid, iova, pasid, write, tag, walk(iova, write))
+        return self._walked(dev, ste, cd, iova, pasid, write, tag, walk(iova, write))
 
     def _walker(self, ste: Ste, cd: Cd | None) -> Any:
         """The compiled walk an STE and CD select, bound to their fields
@@ -724,14 +720,13 @@ class Smmuv3(IommuHw):
         sid = dev.rid
         ste = self.ste_cache[sid]
         cd = self._context(ste, sid, pasid)
-        return self._walked(dev, ste, cd, sid, iova, pasid, write, _tlb_tag(ste, cd, self.hyp), res)
+        return self._walked(dev, ste, cd, iova, pasid, write, _tlb_tag(ste, cd, self.hyp), res)
 
     def _walked(
         self,
         dev: PciDevice,
         ste: Ste,
         cd: Cd | None,
-        sid: int,
         iova: int,
         pasid: int | None,
         write: bool,
@@ -740,6 +735,7 @@ class Smmuv3(IommuHw):
     ) -> tuple[int, int]:
         """The rest of :meth:`_translate_walk` after a TLB miss's walk (``res``): events,
         stalls, the TLB fill."""
+        sid = dev.rid
         stats = self.stats
         mem = self.memory
         if cd is not None:
