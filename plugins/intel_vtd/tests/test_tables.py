@@ -42,42 +42,23 @@ def test_context_entry_roundtrip(
 
 
 @given(
-    pgtt=st.integers(1, 4),
-    aw=st.integers(1, 3),
-    did=st.integers(0, 0xFFFF),
-    ss=addr,
-    fs=addr,
-    ssade=st.booleans(),
-    sre=st.booleans(),
-    wpe=st.booleans(),
-    eafe=st.booleans(),
-    fspm=st.integers(0, 1),
-)
-def test_pasid_entry_roundtrip(
-    pgtt: int,
-    aw: int,
-    did: int,
-    ss: int,
-    fs: int,
-    ssade: bool,
-    sre: bool,
-    wpe: bool,
-    eafe: bool,
-    fspm: int,
-) -> None:
-    pe = T.PasidEntry(
-        p=True,
-        aw=aw,
-        pgtt=pgtt,
-        ssade=ssade,
-        slptptr=ss,
-        did=did,
-        sre=sre,
-        wpe=wpe,
-        eafe=eafe,
-        fspm=fspm,
-        fsptptr=fs,
+    pe=st.builds(
+        T.PasidEntry,
+        p=st.just(True),
+        aw=st.integers(1, 3),
+        pgtt=st.integers(1, 4),
+        ssade=st.booleans(),
+        slptptr=addr,
+        did=st.integers(0, 0xFFFF),
+        sre=st.booleans(),
+        wpe=st.booleans(),
+        eafe=st.booleans(),
+        fspm=st.integers(0, 1),
+        fsptptr=addr,
     )
+)
+def test_pasid_entry_roundtrip(pe: T.PasidEntry) -> None:
+    pgtt, did, sre, fspm, fs = pe.pgtt, pe.did, pe.sre, pe.fspm, pe.fsptptr
     qs = pe.encode()
     assert len(qs) == 8 and T.PasidEntry.decode(qs) == pe
     # Field placement per the spec: PGTT 8:6, DID 79:64, SRE 128, FSPM 131:130, FSPTPTR 191:140.
