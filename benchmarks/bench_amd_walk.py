@@ -18,6 +18,7 @@ import random
 from functools import partial
 from types import ModuleType
 
+from _rig import one_page_areas
 from _timing import c_reference, own_loop, rate
 from iommufd_amd.gcr3 import Gcr3Table, V2PageTable
 from iommufd_amd.hw import AmdIommu
@@ -26,7 +27,6 @@ from librt.vecs import vec
 from mypy_extensions import i64
 
 import iommufd_model as im
-from iommufd_model import uapi as U
 from iommufd_model.driver import IOMMU_READ, IOMMU_WRITE
 from iommufd_model.hw.compiled import is_compiled, load_pure, load_walker
 from iommufd_model.hw.memory import PAGE_SHIFT, PhysicalMemory
@@ -90,17 +90,7 @@ def machine_rates() -> tuple[float, float, float]:
     machine = im.Machine.build(iommus=["amd"])
     hw = machine.iommus[0]
     assert isinstance(hw, AmdIommu)
-    dev = machine.add_pci_device(iommu=0)
-    proc = machine.new_process()
-    fd = proc.open_iommufd()
-    dev_id = fd.bind(dev)
-    ioas = fd.ioas_alloc()
-    fd.option(U.IOMMU_OPTION_HUGE_PAGES, U.IOMMU_OPTION_OP_SET, object_id=ioas, val64=0)
-    n = 256
-    for i in range(n):  # one IOAS area per page: 4 KiB leaves, 4-level walks
-        fd.ioas_map(ioas, proc.mmap(4096), 4096, iova=(1 << 32) + i * (1 << 21))
-    fd.attach(dev_id, ioas)
-    iovas = [(1 << 32) + i * (1 << 21) + 16 for i in range(n)]
+    dev, proc, fd, ioas, iovas = one_page_areas(machine, 256)  # 4 KiB leaves, 4-level walks
 
     def miss(iova: int) -> object:
         hw.iotlb.flush_all()

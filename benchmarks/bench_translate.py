@@ -27,10 +27,10 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from _rig import one_page_areas
 from _timing import rate
 
 import iommufd_model as im
-from iommufd_model import uapi as U
 from iommufd_model.hw.compiled import PURE_ENV, is_compiled, load_walker
 from iommufd_model.plugins import default_registry
 
@@ -55,16 +55,7 @@ def rig(driver: str, variant: str) -> tuple[Any, Any, list[int], Any]:
     hw: Any = machine.iommus[0]
     if variant == "vendor":
         del vars(hw)["translate"]
-    dev = machine.add_pci_device(iommu=0)
-    proc = machine.new_process()
-    fd = proc.open_iommufd()
-    dev_id = fd.bind(dev)
-    ioas = fd.ioas_alloc()
-    fd.option(U.IOMMU_OPTION_HUGE_PAGES, U.IOMMU_OPTION_OP_SET, object_id=ioas, val64=0)
-    for i in range(N):  # one IOAS area per page: 4 KiB leaves, every level walked
-        fd.ioas_map(ioas, proc.mmap(4096), 4096, iova=(1 << 32) + i * (1 << 21))
-    fd.attach(dev_id, ioas)
-    iovas = [(1 << 32) + i * (1 << 21) + 16 for i in range(N)]
+    dev, _proc, _fd, _ioas, iovas = one_page_areas(machine, N)
     iotlb = hw.tlb if hasattr(hw, "tlb") else hw.iotlb
     return hw, dev, iovas, iotlb
 
