@@ -187,12 +187,8 @@ def test_prefetch_fills_the_iotlb_and_never_faults(world: Any) -> None:
     assert w.dev.dma_read(1 << 30, 1) == b"\x3c"
     assert w.hw.stats.iotlb_misses == misses  # served by the prefetched entry
     # IOMMU_HW_INFO for a foreign type is refused
-    st = U.IommuHwInfo(
-        dev_id=w.dev_id,
-        flags=U.IOMMU_HW_INFO_FLAG_INPUT_TYPE,
-        data_type=U.IOMMU_HW_INFO_TYPE_INTEL_VTD,
-    )
-    assert_errno(errno.EOPNOTSUPP, lambda: w.ioctl(U.IOMMU_GET_HW_INFO, st))
+    foreign = U.IOMMU_HW_INFO_TYPE_INTEL_VTD
+    assert_errno(errno.EOPNOTSUPP, lambda: w.fd.hw_info(w.dev_id, data_type=foreign))
 
 
 def test_page_response_sends_complete_ppr_request(world: Any) -> None:

@@ -69,12 +69,8 @@ def test_hw_info(world: Any) -> None:
     vtd = U.IommuHwInfoVtd.unpack(world.proc.read(out, U.IommuHwInfoVtd.SIZE))
     assert (vtd.cap_reg, vtd.ecap_reg) == (world.hw.cap, world.hw.ecap)
     assert vtd.flags == U.IOMMU_HW_INFO_VTD_ERRATA_772415_SPR17
-    st = U.IommuHwInfo(
-        dev_id=world.dev_id,
-        flags=U.IOMMU_HW_INFO_FLAG_INPUT_TYPE,
-        data_type=U.IOMMU_HW_INFO_TYPE_ARM_SMMUV3,
-    )
-    assert_errno(errno.EOPNOTSUPP, lambda: world.ioctl(U.IOMMU_GET_HW_INFO, st))
+    foreign = U.IOMMU_HW_INFO_TYPE_ARM_SMMUV3
+    assert_errno(errno.EOPNOTSUPP, lambda: world.fd.hw_info(world.dev_id, data_type=foreign))
 
 
 def test_domain_stage_follows_linux(make_world: Any) -> None:
