@@ -167,9 +167,17 @@ def make_world() -> Callable[..., AmdWorld]:
     return AmdWorld
 
 
-@pytest.fixture
-def guest_ram() -> type[GuestRam]:
-    return GuestRam
+class NestParent:
+    """Where every vIOMMU test starts: an IOAS holding 256 KiB of guest RAM at guest-physical
+    1 MiB (:class:`GuestRam`) and a nest-parent HWPT over it."""
+
+    GPA = 1 << 20
+
+    def __init__(self, w: AmdWorld) -> None:
+        self.w = w
+        self.ioas = w.ioas()
+        self.ram = GuestRam(w, self.ioas, self.GPA, 64 * 4096)
+        self.parent = w.hwpt(self.ioas, U.IOMMU_HWPT_ALLOC_NEST_PARENT)
 
 
 @pytest.fixture

@@ -16,6 +16,8 @@ import iommufd_model as im
 from iommufd_model import uapi as U
 from iommufd_model.testing import assert_errno
 
+from .conftest import NestParent
+
 PAGE = 4096
 GPA = 1 << 20  # guest RAM starts at 1 MiB
 GVA = 0x7F12_3456_7000
@@ -37,14 +39,11 @@ def gdte(gcr3: int, gdom: int = 7, **kw: Any) -> bytes:
     return struct.pack("<4Q", *Dte(**fields).encode())
 
 
-class Guest:
+class Guest(NestParent):
     """A VM: guest RAM in a nest-parent IOAS, a vIOMMU, its GCR3 and v2 tables in its RAM."""
 
-    def __init__(self, w: Any, guest_ram: Any) -> None:
-        self.w = w
-        self.ioas = w.ioas()
-        self.ram = guest_ram(w, self.ioas, GPA, 64 * PAGE)
-        self.parent = w.hwpt(self.ioas, U.IOMMU_HWPT_ALLOC_NEST_PARENT)
+    def __init__(self, w: Any) -> None:
+        super().__init__(w)
         self.viommu = w.viommu(self.parent)
         self.gcr3 = self.ram.alloc()
         self.cr3 = self.ram.alloc()
@@ -61,13 +60,13 @@ class Guest:
         )
 
 
-def test_a_grown_nest_parent_leaves_nested_dtes_on_the_old_top(world: Any, guest_ram: Any) -> None:
+def test_a_grown_nest_parent_leaves_nested_dtes_on_the_old_top(world: Any) -> None:
     """amd_iommu_change_top() rewrites the DTEs on the parent's dev_list only; a nested attach
     (nested_attach_device) never puts the device there, so its DTE keeps the Mode and root it
     was written with (Linux 7.2), and its DMA still walks the old top, which stays entry 0
     of the new one."""
     w = world
-    g = Guest(w, guest_ram)
+    g = Guest(w)
     w.fd.attach(w.dev_id, g.nested())
     parent = w.fd.objects.get(g.parent).domain
     old_root = parent.pt.root
@@ -79,9 +78,9 @@ def test_a_grown_nest_parent_leaves_nested_dtes_on_the_old_top(world: Any, guest
     assert w.dev.dma_read(GVA, 10) == b"guest data"
 
 
-def test_nested_dma_through_the_two_dimensional_walk(world: Any, guest_ram: Any) -> None:
+def test_nested_dma_through_the_two_dimensional_walk(world: Any) -> None:
     w = world
-    g = Guest(w, guest_ram)
+    g = Guest(w)
     nested = g.nested()
     w.fd.attach(w.dev_id, nested)
     parent = w.fd.objects.get(g.parent).domain
@@ -119,9 +118,9 @@ def test_nested_dma_through_the_two_dimensional_walk(world: Any, guest_ram: Any)
     assert ev.code == E.IO_PAGE_FAULT and ev.address == GVA
 
 
-def test_gdomid_to_hdomid_mapping(world: Any, guest_ram: Any) -> None:
+def test_gdomid_to_hdomid_mapping(world: Any) -> None:
     w = world
-    g = Guest(w, guest_ram)
+    g = Guest(w)
     a, b, c = g.nested(), g.nested(), g.nested(gdte(g.gcr3, gdom=9))
     dom = [w.fd.objects.get(x).domain for x in (a, b, c)]
     assert dom[0].ginfo.hdom_id == dom[1].ginfo.hdom_id != dom[2].ginfo.hdom_id
@@ -153,11 +152,9 @@ def test_gdomid_to_hdomid_mapping(world: Any, guest_ram: Any) -> None:
         (gdte(0x5000) + bytes(8), errno.EINVAL),
     ],
 )
-def test_bad_guest_dte_is_refused_without_a_trace(
-    world: Any, guest_ram: Any, data: bytes, code: int
-) -> None:
+def test_bad_guest_dte_is_refused_without_a_trace(world: Any, data: bytes, code: int) -> None:
     w = world
-    g = Guest(w, guest_ram)
+    g = Guest(w)
     before = w.state()
     assert_errno(code, lambda: g.nested(data))
     assert w.state() == before
@@ -174,18 +171,18 @@ def test_bad_guest_dte_is_refused_without_a_trace(
     assert w.state() == before
 
 
-def test_nested_needs_a_nest_parent_and_an_amd_viommu(world: Any, guest_ram: Any) -> None:
+def test_nested_needs_a_nest_parent_and_an_amd_viommu(world: Any) -> None:
     w = world
-    g = Guest(w, guest_ram)
+    g = Guest(w)
     plain = w.hwpt(g.ioas)
     assert_errno(errno.EINVAL, lambda: g.nested(pt=plain))
     assert_errno(errno.EINVAL, lambda: w.viommu(plain))
     assert_errno(errno.EOPNOTSUPP, lambda: w.viommu(g.parent, U.IOMMU_VIOMMU_TYPE_ARM_SMMUV3))
 
 
-def test_malformed_guest_structures_fault_cleanly(world: Any, guest_ram: Any) -> None:
+def test_malformed_guest_structures_fault_cleanly(world: Any) -> None:
     w = world
-    g = Guest(w, guest_ram)
+    g = Guest(w)
     w.fd.attach(w.dev_id, g.nested())
     w.events()
     # A guest PTE pointing outside guest RAM: stage 2 refuses it.

@@ -16,6 +16,8 @@ from iommufd_amd.viommu.hw import IOMMU_DEVID
 
 from iommufd_model import uapi as U
 
+from .conftest import NestParent
+
 PAGE = 4096
 GPA = 1 << 20
 
@@ -25,14 +27,8 @@ def gdte(gcr3: int, gdom: int) -> bytes:
     return struct.pack("<4Q", *d.encode())
 
 
-class Rig:
+class Rig(NestParent):
     """A nest parent over some guest RAM, ready for AMD vIOMMUs."""
-
-    def __init__(self, w: Any, guest_ram: Any) -> None:
-        self.w = w
-        self.ioas = w.ioas()
-        self.ram = guest_ram(w, self.ioas, GPA, 64 * PAGE)
-        self.parent = w.hwpt(self.ioas, U.IOMMU_HWPT_ALLOC_NEST_PARENT)
 
     def viommu(self) -> int:
         return int(self.w.viommu(self.parent))
@@ -77,9 +73,9 @@ def snapshot(w: Any) -> dict[str, Any]:
     }
 
 
-def test_guest_ids_are_bounded_and_distinct(make_world: Any, guest_ram: Any, expect: Any) -> None:
+def test_guest_ids_are_bounded_and_distinct(make_world: Any, expect: Any) -> None:
     w = make_world({"viommu_guests": 2})
-    rig = Rig(w, guest_ram)
+    rig = Rig(w)
     assert w.hw.efr & R.EFR_VIOMMU_SUP
     assert w.hw.control & R.CTRL_VIOMMU_EN and w.hw.control & R.CTRL_VCMD_EN
     a, b = rig.viommu(), rig.viommu()
@@ -90,9 +86,9 @@ def test_guest_ids_are_bounded_and_distinct(make_world: Any, guest_ram: Any, exp
     assert rig.drv(rig.viommu()).gid == ga  # the ID went back to the pool
 
 
-def test_no_hw_viommu_keeps_the_plain_viommu(make_world: Any, guest_ram: Any, expect: Any) -> None:
+def test_no_hw_viommu_keeps_the_plain_viommu(make_world: Any, expect: Any) -> None:
     w = make_world({"viommu_guests": 0})
-    rig = Rig(w, guest_ram)
+    rig = Rig(w)
     assert not w.hw.efr & R.EFR_VIOMMU_SUP and w.kernel.pas is None
     v = rig.viommu()
     assert rig.drv(v).gid == 0
@@ -114,9 +110,9 @@ def devid_entry(w: Any, gid: int, gdev: int) -> int:
     return pas_u64(w, R.PAS_DEVID_MAP_BASE + gid * R.PAS_DEVID_MAP_SIZE + gdev * 16)
 
 
-def test_private_address_space_holds_the_slice(world: Any, guest_ram: Any) -> None:
+def test_private_address_space_holds_the_slice(world: Any) -> None:
     w = world
-    rig = Rig(w, guest_ram)
+    rig = Rig(w)
     v = rig.viommu()
     drv: AmdViommu = rig.drv(v)
     gid = drv.gid
@@ -145,11 +141,11 @@ def test_private_address_space_holds_the_slice(world: Any, guest_ram: Any) -> No
     assert w.hw.vi.vfctrl_read(gid, R.VFCTRL_MISC_CONTROL) == 0
 
 
-def test_mapping_tables_never_hold_an_invalid_entry(world: Any, guest_ram: Any) -> None:
+def test_mapping_tables_never_hold_an_invalid_entry(world: Any) -> None:
     """viommu_clear_mapping(): right after vIOMMU alloc every gDomID maps to the parent's
     DomainID and every gDevID to hDevID 0, all valid; destroy writes the same again."""
     w = world
-    rig = Rig(w, guest_ram)
+    rig = Rig(w)
     v = rig.viommu()
     drv: AmdViommu = rig.drv(v)
     gid = drv.gid
@@ -187,11 +183,9 @@ def test_mapping_tables_never_hold_an_invalid_entry(world: Any, guest_ram: Any) 
     assert seen == [(dom_ok, R.MAP_V)]
 
 
-def test_vdevice_and_nested_attach_program_the_mapping_tables(
-    world: Any, guest_ram: Any, expect: Any
-) -> None:
+def test_vdevice_and_nested_attach_program_the_mapping_tables(world: Any, expect: Any) -> None:
     w = world
-    rig = Rig(w, guest_ram)
+    rig = Rig(w)
     v = rig.viommu()
     drv: AmdViommu = rig.drv(v)
     vi = w.hw.vi
@@ -228,9 +222,9 @@ def test_vdevice_and_nested_attach_program_the_mapping_tables(
     assert vi.hdevid(slot, 0x42) == 0
 
 
-def test_hw_queue_rules(world: Any, guest_ram: Any, expect: Any) -> None:
+def test_hw_queue_rules(world: Any, expect: Any) -> None:
     w = world
-    rig = Rig(w, guest_ram)
+    rig = Rig(w)
     v = rig.viommu()
     expect(errno.EOPNOTSUPP, lambda: rig.queue(v, U.IOMMU_HW_QUEUE_TYPE_TEGRA241_CMDQV))
     expect(errno.EINVAL, lambda: rig.queue(v, index=1))
@@ -257,10 +251,10 @@ def test_hw_queue_rules(world: Any, guest_ram: Any, expect: Any) -> None:
 
 @pytest.mark.parametrize("order", list(itertools.permutations(["hwpt", "vdev", "cmdq", "evtq"])))
 def test_teardown_in_any_legal_order_restores_everything(
-    world: Any, guest_ram: Any, expect: Any, order: tuple[str, ...]
+    world: Any, expect: Any, order: tuple[str, ...]
 ) -> None:
     w = world
-    rig = Rig(w, guest_ram)
+    rig = Rig(w)
     before = snapshot(w)
     v = rig.viommu()
     objs = {
