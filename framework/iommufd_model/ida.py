@@ -9,12 +9,23 @@ checks that every ID taken during a test is back once its objects are destroyed.
 from __future__ import annotations
 
 import errno
+from collections.abc import Container
 from typing import TYPE_CHECKING
 
 from iommufd_model.errors import err
 
 if TYPE_CHECKING:
     from iommufd_model.hw.iommu import IommuHw
+
+
+def lowest_free(used: Container[int], first: int) -> int:
+    """The lowest number from ``first`` up that ``used`` does not hold: the search the
+    kernel's ID allocators make (``ida_alloc``, ``xa_alloc``, the lowest free descriptor of
+    ``alloc_fd``), here over whatever the caller keeps its numbers in."""
+    n = first
+    while n in used:
+        n += 1
+    return n
 
 
 class Ida:
@@ -32,9 +43,7 @@ class Ida:
 
     def alloc(self) -> int:
         """The lowest free ID; ENOSPC when every ID is taken (``ida_alloc_range()``)."""
-        cand = self._next
-        while cand in self.used:
-            cand += 1
+        cand = lowest_free(self.used, self._next)
         if cand > self.last:
             raise err(errno.ENOSPC, f"no {self.name} left ({self.first}..{self.last})")
         self.used.add(cand)

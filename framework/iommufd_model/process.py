@@ -17,6 +17,7 @@ import attrs
 from iommufd_model.errors import err
 from iommufd_model.failnth import failpoint
 from iommufd_model.hw.memory import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, PhysicalMemory
+from iommufd_model.ida import lowest_free
 from iommufd_model.locking import SerializedSubclasses, serialized
 
 if TYPE_CHECKING:
@@ -292,9 +293,7 @@ class Process(SerializedSubclasses):
     # -- files --------------------------------------------------------------------
     def install_file(self, file: FileLike) -> int:
         """Install ``file`` at the lowest free descriptor number (0..2 are stdio)."""
-        fd = 3
-        while fd in self.files:
-            fd += 1
+        fd = lowest_free(self.files, 3)
         self.files[fd] = file
         return fd
 

@@ -18,6 +18,7 @@ from iommufd_model.core.objects import IommufdObject, ObjType
 from iommufd_model.core.ucmd import Ucmd, ioctl_op
 from iommufd_model.errors import err
 from iommufd_model.failnth import failpoint
+from iommufd_model.ida import lowest_free
 from iommufd_model.locking import notify_event, serialized
 from iommufd_model.uapi import iommufd as U
 
@@ -197,9 +198,7 @@ class Fault(_EventObject):
 
     def _alloc_cookie(self, group: FaultGroup) -> int:
         """``xa_alloc(XA_FLAGS_ALLOC1, xa_limit_32b)``: the lowest free cookie from 1."""
-        cookie = 1
-        while cookie in self.response:
-            cookie += 1
+        cookie = lowest_free(self.response, 1)
         self.response[cookie] = group
         return cookie
 

@@ -33,6 +33,7 @@ from iommufd_model.errors import err
 from iommufd_model.hw.memory import PAGE_SHIFT, PAGE_SIZE, PhysicalMemory
 from iommufd_model.hw.radix import RadixPageTable
 from iommufd_model.hw.x86_64 import X86_64Format
+from iommufd_model.ida import lowest_free
 from iommufd_model.vmm.guest import GuestDevice, GuestDomain, GuestIommu
 
 if TYPE_CHECKING:
@@ -264,9 +265,7 @@ class GuestVtd(GuestIommu):
         self.submit(Q.make(Q.CC, g=Q.CC_DEVICE, sid=vrid, fm=0))
 
     def _alloc_did(self) -> int:
-        did = FIRST_GUEST_DID
-        while did in self.g_dids:
-            did += 1
+        did = lowest_free(self.g_dids, FIRST_GUEST_DID)
         self.g_dids.add(did)
         return did
 
