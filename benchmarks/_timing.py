@@ -16,6 +16,18 @@ from iommufd_model.hw.memory import PAGE_SHIFT, PhysicalMemory
 SECONDS = 0.5  # how long each figure is measured for
 
 
+def print_figures(
+    figures: dict[str, float], unit: str = "", shown: Callable[[float], str] | None = None
+) -> None:
+    """The table each benchmark's ``main()`` prints: one figure a line, the names aligned,
+    the value as ``shown`` formats it (whole numbers with thousands separators by default),
+    then ``unit``."""
+    width = max(map(len, figures))
+    for key, value in figures.items():
+        text = shown(value) if shown is not None else f"{value:>14,.0f}"
+        print(f"{key:<{width}}  {text}{' ' + unit if unit else ''}")
+
+
 def rate(fn: Callable[[int], object], args: Sequence[int], seconds: float = SECONDS) -> float:
     """Calls per second of ``fn``: whole passes over ``args`` for at least ``seconds``."""
     passes = 0

@@ -19,7 +19,7 @@ from functools import partial
 from types import ModuleType
 
 from _rig import one_page_areas
-from _timing import c_reference, own_loop, rate
+from _timing import c_reference, own_loop, print_figures, rate
 from iommufd_amd.gcr3 import Gcr3Table, V2PageTable
 from iommufd_amd.hw import AmdIommu
 from iommufd_amd.pgtable_v1 import AmdV1PageTable
@@ -221,9 +221,7 @@ def ratios(figures: dict[str, float]) -> list[str]:
 
 def main() -> None:
     figures = run()
-    width = max(map(len, figures))
-    for key, value in figures.items():
-        print(f"{key:<{width}}  {value:>14,.0f} translations/s")
+    print_figures(figures, "translations/s")
     for line in ratios(figures):
         print(line)
 

@@ -20,7 +20,7 @@ import sys
 import time
 from importlib.metadata import entry_points
 
-from _timing import vendor
+from _timing import print_figures, vendor
 
 import iommufd_model as im
 from iommufd_model import uapi as U
@@ -120,9 +120,7 @@ def run_driver(driver: str, cases: list[tuple[int, int]]) -> dict[str, float]:
 
 def main() -> None:
     figures = run(quick="--quick" in sys.argv)
-    width = max(map(len, figures))
-    for key, value in figures.items():
-        print(f"{key:<{width}}  {value:>12,.2f}")
+    print_figures(figures, shown=lambda v: f"{v:>12,.2f}")
 
 
 if __name__ == "__main__":

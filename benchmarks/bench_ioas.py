@@ -18,7 +18,7 @@ import sys
 import time
 import tracemalloc
 
-from _timing import vendor
+from _timing import print_figures, vendor
 
 import iommufd_model as im
 from iommufd_model import uapi as U
@@ -163,10 +163,7 @@ def run(quick: bool = False) -> dict[str, float]:
 
 def main() -> None:
     figures = run(quick="--quick" in sys.argv)
-    width = max(map(len, figures))
-    for key, value in figures.items():
-        shown = f"{value:>14,.3f}" if value < 100 else f"{value:>14,.0f}"
-        print(f"{key:<{width}}  {shown}")
+    print_figures(figures, shown=lambda v: f"{v:>14,.3f}" if v < 100 else f"{v:>14,.0f}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from _timing import c_reference, own_loop, rate
+from _timing import c_reference, own_loop, print_figures, rate
 from iommufd_arm_smmuv3.driver import plugin
 from iommufd_arm_smmuv3.guest import IpaFrames, stage1_tables
 from iommufd_arm_smmuv3.hw import WALKER
@@ -146,9 +146,7 @@ def run() -> dict[str, float]:
 
 def main() -> None:
     figures = run()
-    width = max(map(len, figures))
-    for key, value in figures.items():
-        print(f"{key:<{width}}  {value:>14,.0f}")
+    print_figures(figures)
     for walk in ("stage-1 walk", "nested walk"):
         for tag in ("", ", spread tables"):
             comp = figures.get(f"{walk}{tag}, own loop (compiled)")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from _timing import c_reference, own_loop, rate
+from _timing import c_reference, own_loop, print_figures, rate
 from iommufd_intel_vtd.pgtable import SecondStageFormat
 from librt.vecs import vec
 from mypy_extensions import i64
@@ -190,9 +190,7 @@ def run() -> dict[str, float]:
 
 def main() -> None:
     figures = run()
-    width = max(map(len, figures))
-    for key, value in figures.items():
-        print(f"{key:<{width}}  {value:>14,.0f} walks/s")
+    print_figures(figures, "walks/s")
 
 
 if __name__ == "__main__":
