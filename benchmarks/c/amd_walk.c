@@ -4,12 +4,9 @@
  * plugins/amd/iommufd_amd/walk.py for read walks: present, reserved bits [58:52], IR/IW,
  * NextLevel 0/7 leaves, skipped levels; x86-64 P, R/W and PS leaves at levels 1-2.
  * A walk returns the physical address, or ~0 on any fault. Built with cc -O2 at bench time. */
-#include <stdint.h>
+#include "walk_ref.h"
 
-#define FAULT (~0ULL)
 static const uint64_t ADDR = ((1ULL << 52) - 1) & ~0xFFFULL;
-
-static inline uint64_t mask(int bits) { return (1ULL << bits) - 1; }
 
 static uint64_t walk_v1(const uint8_t *mem, uint64_t size, uint64_t root, int mode,
                         uint64_t iova, int write) {
@@ -19,8 +16,8 @@ static uint64_t walk_v1(const uint8_t *mem, uint64_t size, uint64_t root, int mo
     for (;;) {
         int shift = 3 + 9 * level;
         uint64_t slot = table + ((iova >> shift) & 0x1FF) * 8;
-        if (slot + 8 > size) return FAULT;
-        uint64_t e = *(const uint64_t *)(mem + slot);
+        uint64_t e;
+        if (!entry_at(mem, size, slot, &e)) return FAULT;
         if (!(e & 1) || (e & (0x7FULL << 52))) return FAULT;
         if (!(e >> 61 & 1)) prot &= 2;
         if (!(e >> 62 & 1)) prot &= 1;
@@ -49,8 +46,8 @@ static uint64_t walk_v1(const uint8_t *mem, uint64_t size, uint64_t root, int mo
 static uint64_t walk_nested(const uint8_t *mem, uint64_t size, uint64_t host_root,
                             int host_mode, uint64_t gcr3, int levels, uint64_t gva) {
     uint64_t spa = walk_v1(mem, size, host_root, host_mode, gcr3, 0);
-    if (spa == FAULT || spa + 8 > size) return FAULT;
-    uint64_t cr3 = *(const uint64_t *)(mem + spa);
+    uint64_t cr3;
+    if (!entry_at(mem, size, spa, &cr3)) return FAULT;
     if (!(cr3 & 1)) return FAULT;
     uint64_t table = cr3 & ADDR;
     int prot = 3;
@@ -59,8 +56,8 @@ static uint64_t walk_nested(const uint8_t *mem, uint64_t size, uint64_t host_roo
         int shift = 12 + 9 * level;
         uint64_t slot = walk_v1(mem, size, host_root, host_mode,
                                 table + ((gva >> shift) & 0x1FF) * 8, 0);
-        if (slot == FAULT || slot + 8 > size) return FAULT;
-        uint64_t e = *(const uint64_t *)(mem + slot);
+        uint64_t e;
+        if (!entry_at(mem, size, slot, &e)) return FAULT;
         if (!(e & 1)) return FAULT;
         if (!(e & 2)) prot &= 1;
         if (level == 0 || ((e & 0x80) && level <= 2)) {
@@ -75,18 +72,11 @@ static uint64_t walk_nested(const uint8_t *mem, uint64_t size, uint64_t host_roo
 
 uint64_t bench_v1(const uint8_t *mem, uint64_t size, const uint64_t *iovas, uint64_t n,
                   uint64_t rounds, uint64_t root, uint64_t mode) {
-    uint64_t acc = 0;
-    for (uint64_t r = 0; r < rounds; r++)
-        for (uint64_t i = 0; i < n; i++) acc += walk_v1(mem, size, root, (int)mode, iovas[i], 0);
-    return acc;
+    BENCH_LOOP(iovas, n, rounds, x, walk_v1(mem, size, root, (int)mode, x, 0));
 }
 
 uint64_t bench_nested(const uint8_t *mem, uint64_t size, const uint64_t *gvas, uint64_t n,
                       uint64_t rounds, uint64_t host_root, uint64_t host_mode, uint64_t gcr3,
                       uint64_t levels) {
-    uint64_t acc = 0;
-    for (uint64_t r = 0; r < rounds; r++)
-        for (uint64_t i = 0; i < n; i++)
-            acc += walk_nested(mem, size, host_root, (int)host_mode, gcr3, (int)levels, gvas[i]);
-    return acc;
+    BENCH_LOOP(gvas, n, rounds, x, walk_nested(mem, size, host_root, (int)host_mode, gcr3, (int)levels, x));
 }

@@ -4,12 +4,9 @@
  * of plugins/arm_smmuv3/iommufd_arm_smmuv3/walk.py for read walks without AF/dirty updates:
  * valid, table/page/block, output address size, AF, APTable and AP[2:1] (stage 1), S2AP
  * (stage 2). A walk returns the physical address, or ~0 on any fault. Built with cc -O2. */
-#include <stdint.h>
+#include "walk_ref.h"
 
-#define FAULT (~0ULL)
 static const uint64_t OA = ((1ULL << 48) - 1) & ~0xFFFULL;
-
-static inline uint64_t mask(int bits) { return (1ULL << bits) - 1; }
 
 static uint64_t walk_s2(const uint8_t *mem, uint64_t size, uint64_t ttb, int ia_bits,
                         uint64_t ipa) {
@@ -19,8 +16,8 @@ static uint64_t walk_s2(const uint8_t *mem, uint64_t size, uint64_t ttb, int ia_
         int shift = 12 + 9 * (3 - level);
         int bits = level == 0 ? ia_bits - shift : 9;
         uint64_t slot = table + ((ipa >> shift) & mask(bits)) * 8;
-        if (slot + 8 > size) return FAULT;
-        uint64_t d = *(const uint64_t *)(mem + slot);
+        uint64_t d;
+        if (!entry_at(mem, size, slot, &d)) return FAULT;
         if (!(d & 1)) return FAULT;
         if (level < 3 && (d & 2)) {
             table = d & OA;
@@ -44,8 +41,8 @@ static uint64_t walk_s1(const uint8_t *mem, uint64_t size, uint64_t ttb, int ia_
         int bits = level == start ? ia_bits - shift : 9;
         uint64_t slot = table + ((va >> shift) & mask(bits)) * 8;
         if (nested && (slot = walk_s2(mem, size, s2_ttb, 48, slot)) == FAULT) return FAULT;
-        if (slot + 8 > size) return FAULT;
-        uint64_t d = *(const uint64_t *)(mem + slot);
+        uint64_t d;
+        if (!entry_at(mem, size, slot, &d)) return FAULT;
         if (!(d & 1)) return FAULT;
         if (level < 3 && (d & 2)) {
             table = d & OA;
@@ -62,18 +59,10 @@ static uint64_t walk_s1(const uint8_t *mem, uint64_t size, uint64_t ttb, int ia_
 
 uint64_t bench_s1(const uint8_t *mem, uint64_t size, const uint64_t *vas, uint64_t n,
                   uint64_t rounds, uint64_t ttb, uint64_t ia_bits) {
-    uint64_t acc = 0;
-    for (uint64_t r = 0; r < rounds; r++)
-        for (uint64_t i = 0; i < n; i++)
-            acc += walk_s1(mem, size, ttb, (int)ia_bits, 0, 0, vas[i]);
-    return acc;
+    BENCH_LOOP(vas, n, rounds, x, walk_s1(mem, size, ttb, (int)ia_bits, 0, 0, x));
 }
 
 uint64_t bench_nested(const uint8_t *mem, uint64_t size, const uint64_t *vas, uint64_t n,
                       uint64_t rounds, uint64_t ttb, uint64_t s2_ttb, uint64_t ia_bits) {
-    uint64_t acc = 0;
-    for (uint64_t r = 0; r < rounds; r++)
-        for (uint64_t i = 0; i < n; i++)
-            acc += walk_s1(mem, size, ttb, (int)ia_bits, 1, s2_ttb, vas[i]);
-    return acc;
+    BENCH_LOOP(vas, n, rounds, x, walk_s1(mem, size, ttb, (int)ia_bits, 1, s2_ttb, x));
 }

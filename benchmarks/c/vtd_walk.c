@@ -5,12 +5,9 @@
  * walks without A/D updates: first stage P, R/W, PS leaves at levels 1-2; second stage R|W
  * present, PS leaves where large_mask allows. A walk returns the physical address, or ~0 on
  * any fault. Built with cc -O2 at bench time. */
-#include <stdint.h>
+#include "walk_ref.h"
 
-#define FAULT (~0ULL)
 static const uint64_t ADDR = ((1ULL << 52) - 1) & ~0xFFFULL;
-
-static inline uint64_t mask(int bits) { return (1ULL << bits) - 1; }
 
 static uint64_t walk_fs(const uint8_t *mem, uint64_t size, uint64_t root, int levels,
                         uint64_t iova) {
@@ -19,8 +16,8 @@ static uint64_t walk_fs(const uint8_t *mem, uint64_t size, uint64_t root, int le
     for (int level = levels - 1; level >= 0; level--) {
         int shift = 12 + 9 * level;
         uint64_t slot = table + ((iova >> shift) & 0x1FF) * 8;
-        if (slot + 8 > size) return FAULT;
-        uint64_t e = *(const uint64_t *)(mem + slot);
+        uint64_t e;
+        if (!entry_at(mem, size, slot, &e)) return FAULT;
         if (!(e & 1)) return FAULT;
         if (level == 0 || ((e & 0x80) && level <= 2))
             return ((e & ADDR) & ~mask(shift)) | (iova & mask(shift));
@@ -38,8 +35,8 @@ static uint64_t walk_ss(const uint8_t *mem, uint64_t size, uint64_t root, int le
     for (int level = levels - 1; level >= 0; level--) {
         int shift = 12 + 9 * level;
         uint64_t slot = table + ((addr >> shift) & 0x1FF) * 8;
-        if (slot + 8 > size) return FAULT;
-        uint64_t e = *(const uint64_t *)(mem + slot);
+        uint64_t e;
+        if (!entry_at(mem, size, slot, &e)) return FAULT;
         if (!(e & 3)) return FAULT;
         allowed &= e & 3;
         int leaf = level == 0;
@@ -64,8 +61,8 @@ static uint64_t walk_nested(const uint8_t *mem, uint64_t size, uint64_t fs_root,
         int shift = 12 + 9 * level;
         uint64_t slot = walk_ss(mem, size, ss_root, ss_levels,
                                 table + ((iova >> shift) & 0x1FF) * 8, 0);
-        if (slot == FAULT || slot + 8 > size) return FAULT;
-        uint64_t e = *(const uint64_t *)(mem + slot);
+        uint64_t e;
+        if (!entry_at(mem, size, slot, &e)) return FAULT;
         if (!(e & 1)) return FAULT;
         if (level > 2 && (e & 0x80)) return FAULT;
         if (level == 0 || (e & 0x80)) {
@@ -79,28 +76,16 @@ static uint64_t walk_nested(const uint8_t *mem, uint64_t size, uint64_t fs_root,
 
 uint64_t bench_fs(const uint8_t *mem, uint64_t size, const uint64_t *iovas, uint64_t n,
                   uint64_t rounds, uint64_t root, uint64_t levels) {
-    uint64_t acc = 0;
-    for (uint64_t r = 0; r < rounds; r++)
-        for (uint64_t i = 0; i < n; i++) acc += walk_fs(mem, size, root, (int)levels, iovas[i]);
-    return acc;
+    BENCH_LOOP(iovas, n, rounds, x, walk_fs(mem, size, root, (int)levels, x));
 }
 
 uint64_t bench_ss(const uint8_t *mem, uint64_t size, const uint64_t *addrs, uint64_t n,
                   uint64_t rounds, uint64_t root, uint64_t levels) {
-    uint64_t acc = 0;
-    for (uint64_t r = 0; r < rounds; r++)
-        for (uint64_t i = 0; i < n; i++)
-            acc += walk_ss(mem, size, root, (int)levels, addrs[i], 0);
-    return acc;
+    BENCH_LOOP(addrs, n, rounds, x, walk_ss(mem, size, root, (int)levels, x, 0));
 }
 
 uint64_t bench_nested(const uint8_t *mem, uint64_t size, const uint64_t *iovas, uint64_t n,
                       uint64_t rounds, uint64_t fs_root, uint64_t fs_levels, uint64_t ss_root,
                       uint64_t ss_levels) {
-    uint64_t acc = 0;
-    for (uint64_t r = 0; r < rounds; r++)
-        for (uint64_t i = 0; i < n; i++)
-            acc += walk_nested(mem, size, fs_root, (int)fs_levels, ss_root, (int)ss_levels,
-                               iovas[i]);
-    return acc;
+    BENCH_LOOP(iovas, n, rounds, x, walk_nested(mem, size, fs_root, (int)fs_levels, ss_root, (int)ss_levels, x));
 }
