@@ -32,14 +32,19 @@ FEW_ENTRIES = 8
 
 
 class PtFormat:
-    """Encoding of one radix format with 512-entry (9-bit) levels of 4 KiB tables.
+    """Encoding of one radix format with tables of one translation granule.
 
-    Level 0 holds 4 KiB leaves; level ``n`` entries cover ``1 << (12 + 9 * n)`` bytes.
-    Subclasses implement the five encode/decode methods.
+    With the default 4 KiB granule, tables hold 512 entries (9 bits a level), level 0 holds
+    4 KiB leaves and level ``n`` entries cover ``1 << (12 + 9 * n)`` bytes. A format with a
+    16 KiB or 64 KiB granule (``granule_shift`` 14 or 16: VMSAv8-64) has 11 or 13 bits a level
+    and leaves of the granule's size. ``va_bits`` (the input size) may leave the top level
+    narrower than a table (fewer entries) or wider (concatenated tables, a stage-2 start level:
+    the root is one contiguous block). Subclasses implement the five encode/decode methods.
     """
 
     name = "abstract"
     bits_per_level = 9
+    granule_shift = PAGE_SHIFT
     #: levels (above 0) where a leaf may stand, e.g. {1, 2} for 2 MiB and 1 GiB pages
     large_leaf_levels: frozenset[int] = frozenset()
     #: leaves differ only by their address field: ``make_leaf(pa + k * size)`` is
@@ -47,18 +52,32 @@ class PtFormat:
     #: engine builds and reads back runs of consecutive pages without one call per entry)
     linear_leaves = False
 
-    def __init__(self, levels: int) -> None:
+    def __init__(self, levels: int, granule_shift: int = PAGE_SHIFT, va_bits: int = 0) -> None:
         self.levels = levels
+        if granule_shift != PAGE_SHIFT:
+            self.granule_shift = granule_shift
+            self.bits_per_level = granule_shift - 3  # 8-byte entries fill one granule
+        #: an input size other than whole levels (0: ``levels`` full levels)
+        self.fixed_va_bits = va_bits
 
     @property
     def va_bits(self) -> int:
-        return PAGE_SHIFT + self.bits_per_level * self.levels
+        return self.fixed_va_bits or self.granule_shift + self.bits_per_level * self.levels
+
+    @property
+    def root_bits(self) -> int:
+        """Index bits of the top level: fewer than a level's for a short root table, more
+        for concatenated ones."""
+        return self.va_bits - self.level_shift(self.levels - 1)
+
+    def table_bits(self, level: int) -> int:
+        return self.root_bits if level == self.levels - 1 else self.bits_per_level
 
     def level_shift(self, level: int) -> int:
-        return PAGE_SHIFT + self.bits_per_level * level
+        return self.granule_shift + self.bits_per_level * level
 
     def index(self, iova: int, level: int) -> int:
-        return (iova >> self.level_shift(level)) & ((1 << self.bits_per_level) - 1)
+        return (iova >> self.level_shift(level)) & ((1 << self.table_bits(level)) - 1)
 
     # -- encoding, per format --------------------------------------------------------------
     def make_table(self, table_pa: int, level: int) -> int:
@@ -168,10 +187,31 @@ class RadixPageTable:
     def __init__(self, memory: FrameMemory, fmt: PtFormat) -> None:
         self.memory = memory
         self.fmt = fmt
-        self.root = memory.alloc_frame() << PAGE_SHIFT
-        self.tables: set[int] = {self.root}
+        #: table address -> its size in 4 KiB frames (1 for every 4 KiB-granule table)
+        self.tables: dict[int, int] = {}
+        self.root = self._alloc_table(fmt.levels - 1)
 
     # -- helpers ---------------------------------------------------------------------------
+    def _alloc_table(self, level: int) -> int:
+        """A zeroed table for ``level``: one frame, or a contiguous block aligned to its size
+        (a larger granule, or concatenated start-level tables) from a memory that has
+        ``alloc_contiguous``."""
+        frames = max(1, (ENTRY_SIZE << self.fmt.table_bits(level)) >> PAGE_SHIFT)
+        if frames == 1:
+            pa = self.memory.alloc_frame() << PAGE_SHIFT
+        else:
+            alloc = getattr(self.memory, "alloc_contiguous", None)
+            if alloc is None:
+                raise err(errno.ENOMEM, f"{frames}-frame tables need contiguous memory")
+            pa = alloc(frames, frames) << PAGE_SHIFT
+            self.memory.write(pa, bytes(frames << PAGE_SHIFT))
+        self.tables[pa] = frames
+        return pa
+
+    def _free_table(self, pa: int) -> None:
+        for k in range(self.tables.pop(pa, 1)):
+            self.memory.put_frame((pa >> PAGE_SHIFT) + k)
+
     def _slot(self, table: int, iova: int, level: int) -> int:
         return table + self.fmt.index(iova, level) * ENTRY_SIZE
 
@@ -188,7 +228,7 @@ class RadixPageTable:
                 continue
             if left >= span and not (iova | pa) & (span - 1):
                 return span, left >> fmt.level_shift(level)
-        return 1 << PAGE_SHIFT, left >> PAGE_SHIFT
+        return 1 << fmt.granule_shift, left >> fmt.granule_shift
 
     def _leaf_entries(self, pa: int, psize: int, level: int, prot: int, count: int) -> Entries:
         """The ``count`` slots of ``level`` from ``pa`` filled with pages of ``psize``."""
@@ -232,8 +272,7 @@ class RadixPageTable:
             if kind == LEAF:
                 raise err(errno.EEXIST, f"{iova:#x} already mapped by a large page")
             if kind == INVALID:
-                addr = mem.alloc_frame() << PAGE_SHIFT
-                self.tables.add(addr)
+                addr = self._alloc_table(level - 1)
                 mem.write_u64(slot, fmt.make_table(addr, level))
                 created.append((slot, addr))
             table = addr
@@ -247,12 +286,11 @@ class RadixPageTable:
         IOMMU_OPTION_HUGE_PAGES is off). Leaves go in one leaf table at a time: the span is
         checked for EEXIST as a whole, then written in one go.
         """
-        if (iova | pa | size) & ((1 << PAGE_SHIFT) - 1) or size <= 0:
-            raise err(errno.EINVAL, "map needs 4 KiB aligned iova, pa and size")
+        fmt = self.fmt
+        if (iova | pa | size) & ((1 << fmt.granule_shift) - 1) or size <= 0:
+            raise err(errno.EINVAL, "map needs granule-aligned iova, pa and size")
         if (iova + size - 1) >> self.fmt.va_bits:
             raise err(errno.EINVAL, f"{iova:#x}+{size:#x} beyond the table's address width")
-        fmt = self.fmt
-        per_table = 1 << fmt.bits_per_level
         created: list[tuple[int, int]] = []
         written: list[tuple[int, int]] = []
         try:
@@ -260,11 +298,11 @@ class RadixPageTable:
             while pos < size:
                 cur = iova + pos
                 psize, npages = self._pages(cur, pa + pos, size - pos, pgsize)
-                level = (psize.bit_length() - 1 - PAGE_SHIFT) // fmt.bits_per_level
+                level = (psize.bit_length() - 1 - fmt.granule_shift) // fmt.bits_per_level
                 table = self._table_for(cur, level, created)
                 shift = fmt.level_shift(level)
                 index = fmt.index(cur, level)
-                count = min(per_table - index, (npages * psize) >> shift)
+                count = min((1 << fmt.table_bits(level)) - index, (npages * psize) >> shift)
                 slot = table + index * ENTRY_SIZE
                 old = self._read_entries(slot, count)
                 for k, entry in enumerate(old if any(old) else ()):
@@ -278,8 +316,7 @@ class RadixPageTable:
                 self._clear_entries(slot, count)
             for slot, table_pa in reversed(created):
                 self.memory.write_u64(slot, 0)
-                self.tables.discard(table_pa)
-                self.memory.put_frame(table_pa >> PAGE_SHIFT)
+                self._free_table(table_pa)
             raise
 
     def _leaf_runs(self, first: int, last: int) -> list[LeafRun]:
@@ -290,7 +327,7 @@ class RadixPageTable:
         def visit(table: int, level: int, base: int) -> None:
             shift = fmt.level_shift(level)
             lo = max(first, base)
-            hi = min(last, base + (1 << (shift + fmt.bits_per_level)) - 1)
+            hi = min(last, base + (1 << (shift + fmt.table_bits(level))) - 1)
             if lo > hi:
                 return
             lo_idx = (lo - base) >> shift
@@ -385,7 +422,7 @@ class RadixPageTable:
         def visit(table: int, level: int, base: int) -> bool:
             shift = fmt.level_shift(level)
             lo = (max(first, base) - base) >> shift
-            hi = (min(last, base + (512 << shift) - 1) - base) >> shift
+            hi = (min(last, base + (1 << (shift + fmt.table_bits(level))) - 1) - base) >> shift
             for i in range(lo, hi + 1):
                 start = base + (i << shift)
                 kind, addr, _ = fmt.decode(mem.read_u64(table + 8 * i), level)
@@ -417,6 +454,5 @@ class RadixPageTable:
 
     def free(self) -> None:
         """Return every table frame (the domain is gone)."""
-        for table in self.tables:
-            self.memory.put_frame(table >> PAGE_SHIFT)
-        self.tables.clear()
+        for table in list(self.tables):
+            self._free_table(table)

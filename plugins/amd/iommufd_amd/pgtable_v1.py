@@ -136,7 +136,7 @@ class AmdV1PageTable(RadixPageTable):
         while self.mode < mode:
             top = self.memory.alloc_frame() << PAGE_SHIFT
             self.memory.write_u64(top, self.fmt.make_table(self.root, self.mode))
-            self.tables.add(top)
+            self.tables[top] = 1
             self.root = top
             self.fmt = AmdV1Format(self.mode + 1)
 

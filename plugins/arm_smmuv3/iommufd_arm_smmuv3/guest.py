@@ -86,6 +86,15 @@ class IpaFrames:
         self.memory.write(self._pa(gfn << PAGE_SHIFT), bytes(PAGE_SIZE))
         return gfn
 
+    def alloc_contiguous(self, count: int, align: int = 1) -> int:
+        """``count`` zeroed frames at consecutive IPAs aligned to ``align`` frames (the
+        tables of a 16 or 64 KiB granule); returns the first guest frame number."""
+        gfn = -(-self.next_gfn // align) * align
+        self.next_gfn = gfn + count
+        for k in range(count):
+            self.memory.write(self._pa((gfn + k) << PAGE_SHIFT), bytes(PAGE_SIZE))
+        return gfn
+
     def put_frame(self, pfn: int) -> None:
         """Frames are not recycled."""
 

@@ -1,13 +1,18 @@
-"""Compiled hot path: VMSAv8-64 translation-table walks with the 4 KiB granule.
+"""Compiled hot path: VMSAv8-64 translation-table walks with the 4, 16 or 64 KiB granule.
 
 Free of classes and framework imports so that mypyc turns it into tight C; ``setup.py`` compiles
 it and :func:`iommufd_model.hw.compiled.load_walker` picks the build (or this source).
 
-Levels are numbered as the Arm ARM does: level 0 resolves VA bits 47:39, level 3 bits 20:12.
-A walk starts at the level that the input size (``64 - TxSZ``, stage 2 also SL0) selects; the
-start-level table may be shorter than 512 entries (stage 1) or several concatenated tables
-(stage 2). Descriptor bits (Arm ARM D8.3): bit 0 valid, bit 1 table (levels 0-2) or page
-(level 3), output address 47:12, AF bit 10; stage 1 AP[2:1] bits 7:6 (AP[1] = unprivileged
+Levels are numbered as the Arm ARM does: with the 4 KiB granule level 0 resolves VA bits 47:39,
+level 3 bits 20:12; a granule of ``1 << g`` bytes resolves ``g - 3`` bits a level (11 for
+16 KiB, 13 for 64 KiB), level 3 always holding pages of the granule's size. A walk starts at the
+level that the input size (``64 - TxSZ``, stage 2 also SL0) selects; the start-level table may be
+shorter than a granule (stage 1) or several concatenated tables (stage 2). Blocks stand at level
+1 or 2 with 4 KiB, level 2 with 16 KiB, level 2 (and level 1 with a 52-bit output size: the
+4 TiB block of FEAT_LPA) with 64 KiB; a block elsewhere is a translation fault (no FEAT_LPA2 in
+the model, as io-pgtable-arm in Linux 7.2 writes none). Descriptor bits (Arm ARM D8.3): bit 0
+valid, bit 1 table (levels 0-2) or page (level 3), output address 47:g (with 64 KiB, PA[51:48]
+in bits 15:12), AF bit 10; stage 1 AP[2:1] bits 7:6 (AP[1] = unprivileged
 access, AP[2] = read-only) and the table attributes APTable bits 62:61; stage 2 S2AP bits 7:6
 (bit 6 read, bit 7 write).
 
@@ -60,8 +65,11 @@ PROT_W: Final = 2
 # Memory sizes are clamped to the largest unboxed (short) int: comparisons with 1 << 62 would
 # box both sides.
 _NATIVE_MAX: Final = (1 << 62) - 1
-# Input sizes above 52 bits are not architectural (the smallest TxSZ): such a walk faults.
+# Input sizes above 52 bits are not architectural (the smallest TxSZ): such a walk faults, as
+# does one above 48 bits with a 4 or 16 KiB granule (52-bit inputs need 64 KiB without LPA2).
 _MAX_IA: Final = 52
+_MAX_IA_SMALL: Final = 48
+_OA_64K: Final = ((1 << 48) - 1) & ~0xFFFF  # bits 47:16 of a 64 KiB descriptor's address
 
 # The native walks' results: the public tuples as unboxed i64 fields (mypyc returns them without
 # converting each to a tagged int, and a caller in this module reads them as they are).
@@ -131,30 +139,58 @@ def walk_s2(
     oa_bits: int,
     write: bool,
     affd: bool,
+    granule: int = 12,
 ) -> tuple[int, int, int, int, int, int]:
     """Stage-2 walk of ``ipa``: ``(status, value, shift, refs, prot, level)``.
 
-    OK: ``value`` is the physical address; F_WALK_EABT: the descriptor address that could not
-    be fetched; other faults: 0. ``prot`` is the S2AP of the leaf, also on a permission fault.
+    ``granule`` is log2 of the translation granule (STE.S2TG: 12, 14 or 16), ``start_level``
+    the architectural level SL0 selects with it. OK: ``value`` is the physical address;
+    F_WALK_EABT: the descriptor address that could not be fetched; other faults: 0. ``prot``
+    is the S2AP of the leaf, also on a permission fault.
     """
-    if ia_bits > _MAX_IA or ipa >> ia_bits:
+    if _too_wide(ia_bits, granule) or ipa >> ia_bits or not 0 <= start_level <= 3:
         return F_TRANSLATION, 0, 0, 0, 0, start_level
     return _s2(
-        pages, _words(pages), _clamp(mem_size), ttb, ipa, ia_bits, start_level, oa_bits, write, affd
+        pages,
+        _words(pages),
+        _clamp(mem_size),
+        ttb,
+        ipa,
+        ia_bits,
+        start_level,
+        oa_bits,
+        write,
+        affd,
+        granule,
     )
+
+
+def _too_wide(ia_bits: int, granule: int) -> bool:
+    """An input size no walk with this granule resolves (or a granule that is none)."""
+    if granule != 12 and granule != 14 and granule != 16:
+        return True
+    return ia_bits > (_MAX_IA if granule == 16 else _MAX_IA_SMALL) or ia_bits <= granule
+
+
+def _oa_mask(granule: i64) -> i64:
+    """The descriptor bits of an output or table address with this granule (below 48)."""
+    if granule == 16:
+        return _OA_64K
+    return DESC_OA & ~_mask(granule)
+
+
+def _min_block(granule: i64, oa_bits: i64) -> i64:
+    """The lowest level a block may stand at (Arm ARM D8.3, without FEAT_LPA2)."""
+    if granule == 12:
+        return 1
+    if granule == 16 and oa_bits > 48:
+        return 1  # FEAT_LPA: 4 TiB blocks at level 1
+    return 2
 
 
 def _clamp(mem_size: int) -> i64:
     """Memory sizes fit the native walk (every address a walk reads lies below them)."""
     return mem_size if mem_size <= _NATIVE_MAX else _NATIVE_MAX
-
-
-def _index_mask(level: i64, start: i64, ia_bits: i64, shift: i64) -> i64:
-    """The index bits of a level: 9, or at the start level what the input size leaves (its
-    table may be shorter than 512 entries, or several concatenated tables)."""
-    if level == start:
-        return _mask(ia_bits - shift)
-    return 0x1FF
 
 
 def _s2(
@@ -168,31 +204,50 @@ def _s2(
     oa_bits: i64,
     write: bool,
     affd: bool,
+    granule: i64,
 ) -> Native6:
     """:func:`walk_s2` on native ints, ``ipa`` already inside the input size."""
     refs: i64 = 0
     table: i64 = ttb
     level: i64 = start_level
+    # The 4 KiB granule's constants spare its walks the calls (the hot path).
+    stride: i64 = 9
+    oa_mask: i64 = DESC_OA
+    min_block: i64 = 1
+    low_mask: i64 = 0x1FF
+    lpa = granule == 16
+    if granule != 12:
+        stride = granule - 3
+        oa_mask = _oa_mask(granule)
+        min_block = _min_block(granule, oa_bits)
+        low_mask = _mask(stride)
+    # the start level's index bits (a short table, or concatenated ones), then a granule's
+    shift: i64 = granule + stride * (3 - start_level)
+    index_mask: i64 = _mask(ia_bits - shift)
     while True:
-        shift: i64 = 12 + 9 * (3 - level)
-        slot: i64 = table + ((ipa >> shift) & _index_mask(level, start_level, ia_bits, shift)) * 8
+        slot: i64 = table + ((ipa >> shift) & index_mask) * 8
         if slot + 8 > mem_size or slot < 0:
             return F_WALK_EABT, slot, 0, refs, 0, level
         desc = _desc(pages, words, slot)
         refs += 1
         if not desc & DESC_VALID:
             return F_TRANSLATION, 0, 0, refs, 0, level
+        addr: i64 = desc & oa_mask
+        if lpa:
+            addr |= (desc >> 12 & 0xF) << 48  # PA[51:48] in bits 15:12
         if level < 3 and desc & DESC_TABLE:
-            table = desc & DESC_OA
+            table = addr
             if table >> oa_bits:
                 return F_ADDR_SIZE, 0, 0, refs, 0, level
             level += 1
+            index_mask = low_mask
+            shift -= stride
             continue
-        if (level == 3 and not desc & DESC_TABLE) or level == 0:
-            # Page encoding 0b01 at level 3 is reserved; level 0 blocks need 52-bit OAs.
+        if (level == 3 and not desc & DESC_TABLE) or level < min_block:
+            # Page encoding 0b01 at level 3 is reserved; no block at this level and granule.
             return F_TRANSLATION, 0, 0, refs, 0, level
         mask = _mask(shift)
-        out: i64 = desc & DESC_OA & ~mask
+        out: i64 = addr & ~mask
         if out >> oa_bits:
             return F_ADDR_SIZE, 0, 0, refs, 0, level
         if not desc & DESC_AF and not affd:
@@ -220,6 +275,8 @@ def walk_s1(
     s2_oa_bits: int,
     s2_affd: bool,
     hd: bool = False,
+    granule: int = 12,
+    s2_granule: int = 12,
 ) -> tuple[int, int, int, int, int, int, int, int, int]:
     """Stage-1 walk of ``va``, with every table access and the output translated by stage 2
     when ``nested``: ``(status, value, shift, refs, prot, level, s2, ipa, cls)``.
@@ -229,10 +286,16 @@ def walk_s1(
 
     ``value`` is the physical address (OK) or the unfetchable descriptor address (F_WALK_EABT).
     A stage-2 fault reports ``s2 = 1``, the refused ``ipa`` and ``cls`` (CLASS_TT / CLASS_IN).
-    ``refs`` counts every descriptor read of both stages.
+    ``refs`` counts every descriptor read of both stages. ``granule`` / ``s2_granule``: log2 of
+    the translation granules (CD.TG0, STE.S2TG: 12, 14 or 16).
     """
-    if ia_bits > _MAX_IA or (nested and s2_ia_bits > _MAX_IA) or va >> ia_bits:
-        return F_TRANSLATION, 0, 0, 0, 0, _start(ia_bits), 0, 0, CLASS_IN
+    if (
+        _too_wide(ia_bits, granule)
+        or (nested and (_too_wide(s2_ia_bits, s2_granule) or not 0 <= s2_start <= 3))
+        or va >> ia_bits
+    ):
+        level = _start(ia_bits, granule) if granule in (12, 14, 16) else 0
+        return F_TRANSLATION, 0, 0, 0, 0, level, 0, 0, CLASS_IN
     return _s1(
         pages,
         _words(pages),
@@ -251,12 +314,16 @@ def walk_s1(
         s2_oa_bits,
         s2_affd,
         hd,
+        granule,
+        s2_granule,
     )
 
 
-def _start(ia_bits: i64) -> i64:
-    """The stage-1 start level of an input size (48 bits: level 0; 39 bits: level 1)."""
-    return 4 - (ia_bits - 12 + 8) // 9
+def _start(ia_bits: i64, granule: i64) -> i64:
+    """The stage-1 start level of an input size: as few levels as resolve it (4 KiB: 48 bits
+    level 0, 39 bits level 1; 64 KiB: 48 or 52 bits level 1)."""
+    stride: i64 = granule - 3
+    return 4 - (ia_bits - granule + stride - 1) // stride
 
 
 def _s1(
@@ -277,17 +344,31 @@ def _s1(
     s2_oa_bits: i64,
     s2_affd: bool,
     hd: bool,
+    granule: i64,
+    s2_granule: i64,
 ) -> Native9:
     """:func:`walk_s1` on native ints, ``va`` already inside the input size."""
-    start: i64 = _start(ia_bits)
+    start: i64 = _start(ia_bits, granule)
     refs: i64 = 0
     table: i64 = ttb
     level: i64 = start
     unpriv = True
     rdonly = False
+    # The 4 KiB granule's constants spare its walks the calls (the hot path).
+    stride: i64 = 9
+    oa_mask: i64 = DESC_OA
+    min_block: i64 = 1
+    low_mask: i64 = 0x1FF
+    lpa = granule == 16
+    if granule != 12:
+        stride = granule - 3
+        oa_mask = _oa_mask(granule)
+        min_block = _min_block(granule, oa_bits)
+        low_mask = _mask(stride)
+    shift: i64 = granule + stride * (3 - start)
+    index_mask: i64 = _mask(ia_bits - shift)
     while True:
-        shift: i64 = 12 + 9 * (3 - level)
-        slot: i64 = table + ((va >> shift) & _index_mask(level, start, ia_bits, shift)) * 8
+        slot: i64 = table + ((va >> shift) & index_mask) * 8
         if nested:
             if slot >> s2_ia_bits:
                 return F_TRANSLATION, 0, 0, refs, 0, s2_start, 1, slot, CLASS_TT
@@ -302,6 +383,7 @@ def _s1(
                 s2_oa_bits,
                 False,
                 s2_affd,
+                s2_granule,
             )
             refs += r2
             if st != OK:
@@ -313,8 +395,11 @@ def _s1(
         refs += 1
         if not desc & DESC_VALID:
             return F_TRANSLATION, 0, 0, refs, 0, level, 0, 0, CLASS_IN
+        addr: i64 = desc & oa_mask
+        if lpa:
+            addr |= (desc >> 12 & 0xF) << 48  # PA[51:48] in bits 15:12
         if level < 3 and desc & DESC_TABLE:
-            table = desc & DESC_OA
+            table = addr
             if table >> oa_bits:
                 return F_ADDR_SIZE, 0, 0, refs, 0, level, 0, 0, CLASS_IN
             if desc & S1_APTABLE_NOUNPRIV:
@@ -322,11 +407,13 @@ def _s1(
             if desc >> 62 & 1:  # S1_APTABLE_RDONLY (1 << 62 is no C literal for mypyc)
                 rdonly = True
             level += 1
+            index_mask = low_mask
+            shift -= stride
             continue
-        if (level == 3 and not desc & DESC_TABLE) or level == 0:
+        if (level == 3 and not desc & DESC_TABLE) or level < min_block:
             return F_TRANSLATION, 0, 0, refs, 0, level, 0, 0, CLASS_IN
         mask = _mask(shift)
-        out: i64 = desc & DESC_OA & ~mask
+        out: i64 = addr & ~mask
         if out >> oa_bits:
             return F_ADDR_SIZE, 0, 0, refs, 0, level, 0, 0, CLASS_IN
         if not desc & DESC_AF:
@@ -360,6 +447,7 @@ def _s1(
             s2_oa_bits,
             write,
             s2_affd,
+            s2_granule,
         )
         refs += r2
         if st != OK:
@@ -431,6 +519,8 @@ def _bench(
                 48,
                 False,
                 False,
+                12,
+                12,
             )
             if res[0] == OK:
                 ok += 1
