@@ -108,6 +108,8 @@ class Process(SerializedSubclasses):
         self.locked_vm = 0
         # The model's processes run as root unless a test drops the capability.
         self.capable_sys_resource = True
+        # the mm is gone (exit, exec): the kernel's mmget_not_zero() on it fails
+        self.gone = False
 
     # -- address space ------------------------------------------------------------
     def mmap(
@@ -230,11 +232,15 @@ class Process(SerializedSubclasses):
             pos = vma.end
         return True
 
-    def read(self, va: int, n: int) -> bytes:
-        """``copy_from_user``: ``EFAULT`` if any byte is unmapped."""
+    def read(self, va: int, n: int, *, pinned: bool = False) -> bytes:
+        """``copy_from_user``: ``EFAULT`` if any byte is unmapped.
+
+        ``pinned``: the kernel reads through a page it pins for the copy, which fault
+        injection does not fail (as :meth:`write`)."""
         if n < 0:
             raise err(errno.EINVAL)
-        failpoint("process.copy_from_user", errno.EFAULT)
+        if not pinned:
+            failpoint("process.copy_from_user", errno.EFAULT)
         if not self.is_mapped(va, n):
             raise err(errno.EFAULT, f"user read {va:#x}+{n:#x} not mapped")
         out = bytearray()

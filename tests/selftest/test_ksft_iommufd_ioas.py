@@ -612,6 +612,7 @@ class _Child:
 
     def exit(self) -> None:
         self.proc.munmap(self.buffer, BUFFER_SIZE)
+        self.proc.gone = True  # its mm goes with it
         self.proc.files.clear()  # the parent's descriptors keep the files open
 
 

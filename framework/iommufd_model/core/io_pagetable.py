@@ -14,7 +14,6 @@ Where the model intentionally differs from the kernel:
   fully covered one before it looks at the next, so an area that sticks out (ENOENT) or is
   locked (EBUSY) fails the call with the areas before it gone. After EDEADLK the
   ``prevent_access`` mark is cleared again (the kernel leaves it set).
-  ``access_rw`` pins every segment before copying, so a refused write writes nothing.
 * Programming errors the kernel only WARNs about are refused: ``access_unpin`` without an
   exactly matching pin (EINVAL), ``remove_domain``/``remove_access`` of an unknown object
   (ENOENT). A domain ``unmap`` that returns a short count is recorded in ``warnings``.
@@ -24,9 +23,6 @@ Where the model intentionally differs from the kernel:
   a run at a batch boundary) and one ``unmap`` per area (the kernel cuts the unmap at PFN
   discontinuities when in-kernel accesses keep part of the area pinned). Both pair every
   unmap with whole maps, which is what drivers rely on.
-* ``access_rw`` always goes through the pinned frames (the kernel's "slow path"); the
-  kernel's fast path copies through the owning mm, which differs only if the process
-  remapped memory under a pinned range.
 * Accounting is the owning process's ``locked_pages`` (pinned_vm) and, for pages mapped
   with RLIMIT_MODE per process (IOPT_PAGES_ACCOUNT_MM), its ``locked_vm``; no
   RLIMIT_MEMLOCK limit, no per-user ``locked_vm`` (no CAP_IPC_LOCK, no users in the model).
@@ -58,7 +54,7 @@ from iommufd_model.core.intervals import (
     find_hole,
     holes,
 )
-from iommufd_model.core.pages import Pages
+from iommufd_model.core.pages import ACCESS_RW_WRITE, Pages
 from iommufd_model.driver import IOMMU_CACHE as IOMMU_CACHE  # re-exported for callers
 from iommufd_model.driver import IOMMU_READ, IOMMU_WRITE
 from iommufd_model.errors import err
@@ -897,44 +893,48 @@ class IoPagetable:
                 area.num_locks -= 1
 
     def access_rw(
-        self, iova: int, data_or_len: bytes | bytearray | memoryview | int, write: bool
+        self,
+        iova: int,
+        data_or_len: bytes | bytearray | memoryview | int,
+        write: bool,
+        *,
+        flags: int = 0,
+        current: Process | None = None,
     ) -> bytes | None:
-        """``iommufd_access_rw()``: CPU copy to (``write``) or from the memory under ``iova``."""
+        """``iommufd_access_rw()``: CPU copy to (``write``) or from the memory under ``iova``.
+
+        ``flags`` adds ``ACCESS_RW_KTHREAD`` / ``ACCESS_RW_SLOW_PATH`` (core/pages.py) and
+        ``current`` is the calling process (None: a kernel thread), which pick the copy's
+        path (``Pages.rw_access``). As in Linux 7.2 the areas are copied in IOVA order as
+        the walk reaches them: an area being unmapped (EINVAL), one without the access's
+        permission (EPERM), a failing copy, or a range that is not fully mapped (ENOENT)
+        fails the call after a write has written the areas before it.
+        """
         length = data_or_len if isinstance(data_or_len, int) else len(data_or_len)
         if write and isinstance(data_or_len, int):
             raise err(errno.EINVAL, "write needs data")
         last = _last_of(iova, length)
         segments, done = self._contig(iova, last)
-        used: list[tuple[Pages, int, int, list[int], int]] = []
-        try:
-            for area, cur, seg_last in segments:
-                if area.prevent_access:
-                    raise err(errno.EINVAL, "area is being unmapped")
-                needed = IOMMU_WRITE if write else IOMMU_READ
-                if not area.prot & needed:
-                    raise err(errno.EPERM, "area lacks the access permission")
-                if write and not area.pages.writable:
-                    raise err(errno.EPERM, "pages are read-only")
-                start_byte = area.start_byte_at(cur)
-                end_byte = area.start_byte_at(seg_last)
-                first_index, last_index = start_byte >> PAGE_SHIFT, end_byte >> PAGE_SHIFT
-                frames = area.pages.use(first_index, last_index)
-                used.append((area.pages, first_index, last_index, frames, start_byte))
-            if not done:
-                raise err(errno.ENOENT, "range not fully mapped")
-            out = bytearray()
-            data = None if isinstance(data_or_len, int) else memoryview(bytes(data_or_len))
-            pos = 0
-            for (pages, _, _, frames, start_byte), (_, cur, seg_last) in zip(
-                used, segments, strict=True
-            ):
-                seg_len = seg_last - cur + 1
-                if data is not None:
-                    pages.copy_in(frames, start_byte & PAGE_MASK, data[pos : pos + seg_len])
-                else:
-                    out += pages.copy_out(frames, start_byte & PAGE_MASK, seg_len)
-                pos += seg_len
-            return None if write else bytes(out)
-        finally:
-            for pages, first_index, last_index, _, _ in used:
-                pages.unuse(first_index, last_index)
+        flags = (flags & ~ACCESS_RW_WRITE) | (ACCESS_RW_WRITE if write else 0)
+        needed = IOMMU_WRITE if write else IOMMU_READ
+        data = None if isinstance(data_or_len, int) else memoryview(bytes(data_or_len))
+        out: list[bytes] = []
+        pos = 0
+        for area, cur, seg_last in segments:
+            if area.prevent_access:
+                raise err(errno.EINVAL, "area is being unmapped")
+            if not area.prot & needed:
+                raise err(errno.EPERM, "area lacks the access permission")
+            seg_len = seg_last - cur + 1
+            got = area.pages.rw_access(
+                area.start_byte_at(cur),
+                seg_len if data is None else data[pos : pos + seg_len],
+                flags,
+                current,
+            )
+            if got is not None:
+                out.append(got)
+            pos += seg_len
+        if not done:
+            raise err(errno.ENOENT, "range not fully mapped")
+        return None if write else b"".join(out)

@@ -28,6 +28,13 @@ if TYPE_CHECKING:
     from iommufd_model.process import MemFile, Process
 
 
+#: ``iommufd_access_rw()``'s flags (include/linux/iommufd.h, Linux 7.2)
+ACCESS_RW_WRITE = 1 << 0
+ACCESS_RW_KTHREAD = 1 << 1
+#: ``__IOMMUFD_ACCESS_RW_SLOW_PATH``: the self-test's way to force the pinned-page path
+ACCESS_RW_SLOW_PATH = 1 << 2
+
+
 def _runs(indexes: list[int]) -> list[tuple[int, int]]:
     """Group ascending indexes into ``(first, count)`` runs of consecutive values."""
     out: list[tuple[int, int]] = []
@@ -306,7 +313,68 @@ class Pages:
         del self._accesses[key]
         self.unuse(first, last)
 
-    # -- CPU copies (iopt_pages_rw_access, the pfn_reader "slow" path) ------------------
+    # -- CPU copies (iopt_pages_rw_access) ---------------------------------------------
+    def rw_access(
+        self,
+        start_byte: int,
+        data: bytes | memoryview | int,
+        flags: int,
+        current: Process | None,
+    ) -> bytes | None:
+        """``iopt_pages_rw_access()``: write ``data`` into the pages from ``start_byte``
+        (``ACCESS_RW_WRITE``), or read ``data`` bytes from there (returned).
+
+        ``current`` is the calling process (the kernel's ``current->mm``; None for a kernel
+        thread). The paths are Linux 7.2's: a memfd's pages go through the pinned pages
+        (the "slow" path); user pages of the caller's own mm are copied through the owning
+        mm's addresses (``copy_to_user``/``copy_from_user``, no pinning: a page remapped or
+        unmapped under a pinned range is seen as the process sees it now, EFAULT if gone);
+        from another mm, or with ``ACCESS_RW_SLOW_PATH``, one page is pinned from that mm
+        and copied (``iopt_pages_rw_page()``) and more go through the pinned pages, unless
+        ``ACCESS_RW_KTHREAD`` lets the copy use that mm as its own. An mm that is gone
+        (``mmget_not_zero()`` fails) falls back to the pinned pages.
+        """
+        write = bool(flags & ACCESS_RW_WRITE)
+        length = data if isinstance(data, int) else len(data)
+        if write and not self.writable:
+            raise err(errno.EPERM, "write access to read-only pages")
+        first, last = start_byte >> PAGE_SHIFT, (start_byte + length - 1) >> PAGE_SHIFT
+        offset = start_byte & PAGE_MASK
+        src = self.proc
+        if self.memfile is not None or src is None:
+            return self._rw_slow(first, last, offset, data)
+        change_mm = current is not src or bool(flags & ACCESS_RW_SLOW_PATH)
+        va = self.base + start_byte
+        if change_mm and not flags & ACCESS_RW_KTHREAD:
+            if first != last or src.gone:
+                return self._rw_slow(first, last, offset, data)
+            # iopt_pages_rw_page(): pin_user_pages_remote() of the one page, then a copy
+            failpoint("pages.rw_page", errno.EINVAL)  # iommufd_should_fail()
+            if isinstance(data, int):
+                return src.read(va, data, pinned=True)
+            src.write(va, data, pinned=True)
+            return None
+        if change_mm and src.gone:
+            return self._rw_slow(first, last, offset, data)
+        if isinstance(data, int):
+            return src.read(va, data)
+        src.write(va, data)
+        return None
+
+    def _rw_slow(
+        self, first: int, last: int, offset: int, data: bytes | memoryview | int
+    ) -> bytes | None:
+        """``iopt_pages_rw_slow()``: pin ``[first, last]`` (or share the pins there), copy
+        through the pinned frames, unpin."""
+        frames = self.use(first, last)
+        try:
+            if isinstance(data, int):
+                return self.copy_out(frames, offset, data)
+            self.copy_in(frames, offset, data)
+            return None
+        finally:
+            self.unuse(first, last)
+
     def _source(self) -> MemFile | Process | None:
         return self.memfile if self.memfile is not None else self.proc
 

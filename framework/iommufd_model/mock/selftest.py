@@ -483,13 +483,14 @@ def _access_rw(ucmd: Ucmd, cmd: IommuTestCmd) -> None:
     iova = args.iova
     if args.flags & MOCK_FLAGS_ACCESS_SYZ:
         iova = _syz_iova(access, iova)
-    # SLOW_PATH only selects the kernel's copy routine; the bytes moved are the same.
+    # MOCK_ACCESS_RW_WRITE and _SLOW_PATH are the kernel's IOMMUFD_ACCESS_RW_* bits
+    iopt, flags, caller = access.ioas.iopt, args.flags & ~MOCK_FLAGS_ACCESS_SYZ, ucmd.caller
     if write:
-        access.ioas.iopt.access_rw(iova, data, True)
+        iopt.access_rw(iova, data, True, flags=flags, current=caller)
         return
-    out = access.ioas.iopt.access_rw(iova, args.length, False)
+    out = iopt.access_rw(iova, args.length, False, flags=flags, current=caller)
     assert out is not None
-    ucmd.caller.write(args.uptr, out)
+    caller.write(args.uptr, out)
 
 
 def _set_temp_memory_limit(ucmd: Ucmd, cmd: IommuTestCmd) -> None:
