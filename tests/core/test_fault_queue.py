@@ -103,3 +103,51 @@ def test_detach_and_replace_answer_the_devices_groups(rig: Rig) -> None:
     rig.fd.attach(rig.dev_id, other)  # replace: the old HWPT's groups are answered
     assert rig.codes()[-1] == (6, 1)
     assert rig.faults() == []
+
+
+def _pasid_rig() -> tuple[Rig, int]:
+    """The rig's device, its RID and PASIDs 1 and 2 all on one PASID-capable fault HWPT."""
+    rig = Rig()
+    hwpt = rig.fd.hwpt_alloc(
+        rig.dev_id, rig.ioas, flags=U.IOMMU_HWPT_ALLOC_PASID, fault_id=rig.fault_id
+    )
+    rig.fd.attach(rig.dev_id, hwpt)
+    for pasid in (1, 2):
+        rig.fd.attach(rig.dev_id, hwpt, pasid=pasid)
+    return rig, hwpt
+
+
+def test_a_pasid_detach_answers_only_that_pasids_groups() -> None:
+    """7.2 matches the attach handle, which is per device and PASID: leaving PASID 1 answers
+    the groups delivered through PASID 1's handle, not those of PASID 2 or of the RID on the
+    same HWPT (matching by device and HWPT answered all three)."""
+    rig, _ = _pasid_rig()
+    rig.dev.page_request(IOVA, pasid=1, grpid=1)
+    rig.dev.page_request(IOVA, pasid=2, grpid=2)
+    rig.dev.page_request(IOVA, grpid=3)
+    read = {f.grpid: f for f in rig.faults(1)}  # PASID 1's group waits for a response
+    rig.fd.detach(rig.dev_id, pasid=1)
+    assert rig.codes() == [(1, U.IOMMUFD_PAGE_RESP_INVALID)]
+    assert_errno(errno.EINVAL, lambda: rig.respond((read[1].cookie, 0)))
+    left = rig.faults()
+    assert [(f.grpid, f.pasid) for f in left] == [(2, 2), (3, 0)]
+    rig.fd.detach(rig.dev_id)  # the RID's handle: group 3 (read, unanswered) only
+    assert rig.codes()[1:] == [(3, U.IOMMUFD_PAGE_RESP_INVALID)]
+    assert rig.respond((left[0].cookie, U.IOMMUFD_PAGE_RESP_SUCCESS)) == len(
+        U.IommuHwptPageResponse().pack()
+    )
+    assert rig.codes()[2:] == [(2, U.IOMMUFD_PAGE_RESP_SUCCESS)]
+
+
+def test_a_replace_at_one_pasid_keeps_the_other_attachments_groups() -> None:
+    """Replacing PASID 2's HWPT answers PASID 2's groups once the new HWPT is in; a group
+    of the RID's attachment to the old HWPT is not touched."""
+    rig, _ = _pasid_rig()
+    rig.dev.page_request(IOVA, grpid=5)
+    rig.dev.page_request(IOVA, pasid=2, grpid=6)
+    other = rig.fd.hwpt_alloc(
+        rig.dev_id, rig.ioas, flags=U.IOMMU_HWPT_ALLOC_PASID, fault_id=rig.fault_id
+    )
+    rig.fd.attach(rig.dev_id, other, pasid=2)
+    assert rig.codes() == [(6, U.IOMMUFD_PAGE_RESP_INVALID)]
+    assert [f.grpid for f in rig.faults()] == [5]

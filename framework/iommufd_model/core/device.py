@@ -12,6 +12,8 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING
 
+import attrs
+
 from iommufd_model.core.hw_pagetable import Hwpt, HwptNested, HwptPaging, hwpt_paging_alloc
 from iommufd_model.core.ioas import Ioas
 from iommufd_model.core.objects import IommufdObject, ObjType
@@ -28,6 +30,21 @@ if TYPE_CHECKING:
     from iommufd_model.hw.pci import PciDevice
 
 
+@attrs.define(eq=False)
+class AttachHandle:
+    """``struct iommufd_attach_handle``: one attachment of ``idev`` at one PASID (``None``:
+    the RID) to ``hwpt``. Linux 7.2 allocates a new one at every attach and replace
+    (``iommufd_hwpt_attach_device`` / ``_replace_device``) and frees it at detach or after
+    the replace; page request groups remember the handle they were delivered through, and
+    ``iommufd_auto_response_faults`` answers only the groups of the handle that goes away
+    (compared by identity: a later attachment of the same HWPT is another handle). The
+    model has one device per group, so the handle's device is the faulting device."""
+
+    idev: Device
+    hwpt: Hwpt
+    pasid: int | None
+
+
 class Device(IommufdObject):
     """A PCI device bound to this iommufd (``struct iommufd_device``)."""
 
@@ -38,10 +55,32 @@ class Device(IommufdObject):
         self.dev = dev
         self.hw = dev.iommu
         self.hooks: DriverHooks = ictx.machine.hooks(self.hw.driver_name)
-        self.hwpt: Hwpt | None = None
-        self.pasid_hwpts: dict[int, Hwpt] = {}
+        # The attach handles by PASID (None: the RID), as the group's pasid_attach holds them.
+        self.handles: dict[int | None, AttachHandle] = {}
         self.vdev: Vdevice | None = None
         self._resv: dict[int, int] = {}  # id(ioas) -> attachments using its reservation
+
+    @property
+    def hwpt(self) -> Hwpt | None:
+        """The HWPT attached at the RID."""
+        handle = self.handles.get(None)
+        return None if handle is None else handle.hwpt
+
+    @property
+    def pasid_hwpts(self) -> dict[int, Hwpt]:
+        """The HWPTs attached at PASIDs (a snapshot)."""
+        return {p: h.hwpt for p, h in self.handles.items() if p is not None}
+
+    def fault_handle(self, hwpt: Hwpt, pasid: int | None) -> AttachHandle | None:
+        """The attach handle of ``hwpt`` a page request at ``pasid`` is delivered through:
+        the PASID's own, else the RID's (io-pgfault.c ``find_fault_handler()`` with a
+        user-managed PASID table falls back to the RID's nested domain); None when neither
+        is ``hwpt``'s."""
+        for key in (pasid, None):
+            handle = self.handles.get(key)
+            if handle is not None and handle.hwpt is hwpt:
+                return handle
+        return None
 
     # -- reserved regions -----------------------------------------------------------------
     def reserve_regions(self, ioas: Ioas) -> None:
@@ -107,11 +146,13 @@ def _check_pasid(idev: Device, hwpt: Hwpt, pasid: int | None) -> None:
         raise err(errno.EINVAL, "the RID's HWPT is not PASID-compatible")
 
 
-def _release(idev: Device, hwpt: Hwpt) -> None:
-    """Drop one attachment's references on ``hwpt``; an unused auto domain dies. The device's
-    page request groups its fault queue still holds are answered (7.2 ``device.c``)."""
+def _release(idev: Device, handle: AttachHandle) -> None:
+    """Drop one attachment's references on its HWPT; an unused auto domain dies. The page
+    request groups the HWPT's fault queue still holds for this handle are answered (7.2
+    ``iommufd_auto_response_faults``, after the hardware left the HWPT)."""
+    hwpt = handle.hwpt
     if hwpt.fault is not None:
-        hwpt.fault.auto_respond(idev, hwpt)
+        hwpt.fault.auto_respond(handle)
     hwpt.users -= 1
     hwpt.devices.remove(idev)
     idev.unreserve_regions(hwpt_ioas(hwpt))
@@ -127,8 +168,8 @@ def hwpt_ioas(hwpt: Hwpt) -> Ioas:
 
 def attach_hwpt(idev: Device, hwpt: Hwpt, pasid: int | None, *, replace: bool) -> None:
     """Point the device (or one PASID) at ``hwpt``; all-or-nothing."""
-    old = idev.hwpt if pasid is None else idev.pasid_hwpts.get(pasid)
-    if old is hwpt:
+    old = idev.handles.get(pasid)
+    if old is not None and old.hwpt is hwpt:
         return
     if old is not None and not replace:
         raise err(errno.EINVAL, "device is already attached")
@@ -149,10 +190,7 @@ def attach_hwpt(idev: Device, hwpt: Hwpt, pasid: int | None, *, replace: bool) -
         raise
     hwpt.users += 1
     hwpt.devices.append(idev)
-    if pasid is None:
-        idev.hwpt = hwpt
-    else:
-        idev.pasid_hwpts[pasid] = hwpt
+    idev.handles[pasid] = AttachHandle(idev, hwpt, pasid)
     if old is not None:
         _release(idev, old)
 
@@ -201,18 +239,14 @@ def device_attach(idev: Device, pt_id: int, pasid: int | None, *, replace: bool)
 
 def device_detach(idev: Device, pasid: int | None) -> None:
     """Block DMA from the device (or one PASID) and drop the attachment."""
+    old = idev.handles.get(pasid)
+    if old is None:
+        return
     if pasid is None:
-        old = idev.hwpt
-        if old is None:
-            return
         idev.hooks.attach(iommu=idev.hw, dev=idev.dev, domain=None)
-        idev.hwpt = None
     else:
-        old = idev.pasid_hwpts.get(pasid)
-        if old is None:
-            return
         idev.hooks.remove_dev_pasid(iommu=idev.hw, dev=idev.dev, pasid=pasid)
-        del idev.pasid_hwpts[pasid]
+    del idev.handles[pasid]
     _release(idev, old)
 
 

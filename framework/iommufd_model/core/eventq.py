@@ -23,7 +23,7 @@ from iommufd_model.locking import notify_event, serialized
 from iommufd_model.uapi import iommufd as U
 
 if TYPE_CHECKING:
-    from iommufd_model.core.device import Device
+    from iommufd_model.core.device import AttachHandle, Device
     from iommufd_model.core.main import IommuFd
     from iommufd_model.core.viommu import Viommu
     from iommufd_model.driver import Domain
@@ -37,14 +37,18 @@ HEADER_SIZE = U.IommufdVeventHeader.SIZE
 
 @attrs.define
 class FaultGroup:
-    """The faults of one page request group, answered together by one response; ``hwpt`` is
-    the HWPT whose fault handler took it (its attach handle's domain)."""
+    """The faults of one page request group, answered together by one response;
+    ``handle`` is the attach handle whose domain's fault handler took it (``struct
+    iopf_group``'s ``attach_handle``)."""
 
-    idev: Device
+    handle: AttachHandle
     pasid: int | None
     grpid: int
     faults: list[U.IommuHwptPgfault]
-    hwpt: object = None
+
+    @property
+    def idev(self) -> Device:
+        return self.handle.idev
 
 
 @attrs.frozen
@@ -105,13 +109,15 @@ def deliver_iopf_group(
     ``find_fault_handler()`` does): Linux 7.2's ``iommufd_fault_iopf_handler()``, each
     request as ``iommufd_compose_fault_message()`` gives it (``length`` 0, LAST_PAGE on the
     last, PASID_VALID with a PASID). False when that domain has no fault queue (no handler):
-    the driver answers the group itself (``iopf_error_response()``)."""
+    the driver answers the group itself (``iopf_error_response()``). The group goes with the
+    attach handle ``find_fault_handler()`` finds for the last request's PASID."""
     hwpt = None if domain is None else domain.hwpt
     queue: Fault | None = None if hwpt is None else hwpt.fault
     if hwpt is None or queue is None:
         return False
     idev = next((d for d in hwpt.devices if d.dev is dev), None)
-    if idev is None:
+    handle = None if idev is None else idev.fault_handle(hwpt, faults[-1].pasid)
+    if handle is None:
         return False
     last = len(faults) - 1
     group = [
@@ -119,7 +125,7 @@ def deliver_iopf_group(
             flags=f.flags
             | (0 if f.pasid is None else U.IOMMU_PGFAULT_FLAGS_PASID_VALID)
             | (U.IOMMU_PGFAULT_FLAGS_LAST_PAGE if i == last else 0),
-            dev_id=idev.id,
+            dev_id=handle.idev.id,
             pasid=f.pasid or 0,
             grpid=grpid,
             perm=f.perm,
@@ -128,7 +134,7 @@ def deliver_iopf_group(
         )
         for i, f in enumerate(faults)
     ]
-    queue.report(idev, faults[-1].pasid, grpid, group, hwpt)
+    queue.report(handle, faults[-1].pasid, grpid, group)
     return True
 
 
@@ -186,14 +192,13 @@ class Fault(_EventObject):
 
     def report(
         self,
-        idev: Device,
+        handle: AttachHandle,
         pasid: int | None,
         grpid: int,
         faults: list[U.IommuHwptPgfault],
-        hwpt: object = None,
     ) -> None:
         """``iommufd_fault_iopf_handler()``: queue a group (LAST_PAGE on its last fault)."""
-        self.deliver.append(FaultGroup(idev, pasid, grpid, faults, hwpt))
+        self.deliver.append(FaultGroup(handle, pasid, grpid, faults))
         notify_event()
 
     def _alloc_cookie(self, group: FaultGroup) -> int:
@@ -241,23 +246,25 @@ class Fault(_EventObject):
             done += RESPONSE_SIZE
         return done
 
-    def auto_respond(self, idev: Device, hwpt: object) -> None:
-        """``iommufd_auto_response_faults()``: when ``idev`` leaves ``hwpt`` (detach or
-        replace), its groups that handler took -- undelivered or awaiting a response --
-        are answered INVALID. (7.2 matches the attach handle; the model matches the device
-        and the HWPT, so a HWPT at the RID and at a PASID of one device share one.)"""
-        mine = [g for g in self.deliver if g.idev is idev and g.hwpt is hwpt]
+    def auto_respond(self, handle: AttachHandle) -> None:
+        """``iommufd_auto_response_faults()``: when an attachment goes (detach, or replace
+        once the new one is in), the groups delivered through its very handle --
+        undelivered first, then those awaiting a response, in cookie order -- are answered
+        INVALID. Groups of the same device and HWPT at another PASID, or of another
+        attachment of that HWPT, stay."""
+        mine = [g for g in self.deliver if g.handle is handle]
         for g in mine:
             self.deliver.remove(g)
             _respond(g, U.IOMMUFD_PAGE_RESP_INVALID)
-        for cookie, g in list(self.response.items()):
-            if g.idev is idev and g.hwpt is hwpt:
+        for cookie, g in sorted(self.response.items()):
+            if g.handle is handle:
                 del self.response[cookie]
                 _respond(g, U.IOMMUFD_PAGE_RESP_INVALID)
 
     def destroy(self) -> None:
-        # Pending groups get an automatic "invalid" response, as the kernel does.
-        for group in list(self.deliver) + list(self.response.values()):
+        # iommufd_fault_destroy(): pending groups are answered INVALID, the undelivered
+        # first, then those awaiting a response in cookie order.
+        for group in [*self.deliver, *(g for _, g in sorted(self.response.items()))]:
             _respond(group, U.IOMMUFD_PAGE_RESP_INVALID)
         self.deliver.clear()
         self.response.clear()
