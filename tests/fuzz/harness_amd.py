@@ -98,16 +98,26 @@ def gcr3_pasid(data: bytes) -> str:
 def _dte_seeds() -> list[bytes]:
     w = GuestWorld("amd")
     good = _gdte(w)
-    return [good, b"", bytes(32), good[:16], good + bytes(8), good + b"\1" * 8,
+    # good + 1..7 bytes: cut back to the struct by gdte_uapi; 40 bytes stay oversize
+    return [good, b"", bytes(32), good[:16], good + bytes(8), good + b"\1" * 8, good + b"\1",
             Dte(v=True, tv=True, gv=True, glx=3, gcr3=w.spare).to_bytes(),
             Dte(v=True, tv=True, mode=4, host_root=w.spare, gv=True).to_bytes(),
             Dte(v=True, tv=True, gv=True, gcr3=1 << 51).to_bytes(), b"\xff" * 32]  # fmt: skip
 
 
+def gdte_uapi_data(data: bytes) -> bytes:
+    """What :func:`gdte_uapi` passes as ``struct iommu_hwpt_amd_guest``: an input whose length
+    is a multiple of 8 as it is (0..24 bytes short, 40 and more long: the length rule, EINVAL),
+    any other length cut or zero-padded to the 32-byte struct, so that inputs a mutation grew
+    or cut still reach the gDTE's fields instead of stopping at the length check."""
+    return data if len(data) % 8 == 0 else data[:DTE_SIZE].ljust(DTE_SIZE, b"\0")
+
+
 @harness("amd", "gdte_uapi", 32, _dte_seeds)
 def gdte_uapi(data: bytes) -> str:
-    """IOMMU_HWPT_ALLOC(IOMMU_HWPT_DATA_AMD_GUEST) on the vIOMMU with these gDTE bytes; on
-    success the device is attached to it and probed."""
+    """IOMMU_HWPT_ALLOC(IOMMU_HWPT_DATA_AMD_GUEST) on the vIOMMU with these gDTE bytes (see
+    :func:`gdte_uapi_data`); on success the device is attached to it and probed."""
+    data = gdte_uapi_data(data)
     w = GuestWorld("amd")
     fd, g = w.vm.fd, w.g
     hwpt: list[int] = []

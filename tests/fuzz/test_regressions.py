@@ -76,3 +76,16 @@ def test_probe_catches_a_translation_outside_the_vm(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(w.hw, "translate", lambda *a: (pfn << PAGE_SHIFT, 64))
     with pytest.raises(FuzzBug, match="not the VM's"):
         w.probe()
+
+
+def test_amd_gdte_uapi_fuzzes_the_fields_of_inputs_of_any_length() -> None:
+    """Every input longer than the 32-byte gDTE stopped at the length check (EINVAL), so
+    mutations that grew an input never reached a field: now only lengths that are multiples
+    of 8 go as they are, others are cut or padded to the struct."""
+    good = A._gdte(GuestWorld("amd"))
+    assert A.gdte_uapi(good + bytes(8)) == A.gdte_uapi(good[:16]) == "EINVAL"
+    reached = A.gdte_uapi(good + b"\xff")
+    assert reached.startswith("ok|") and reached == A.gdte_uapi(good)
+    bad_glx = bytearray(good + b"\x01\x02")
+    bad_glx[7] |= 0x03  # GLX [57:56] = 3 (reserved): a field inside the struct decides
+    assert A.gdte_uapi(bytes(bad_glx)) != reached

@@ -436,10 +436,11 @@ class AmdDriver(PagingDomainOps):
         mmap: MmapOwner,
     ) -> ViommuBase:
         """amd_iommufd_viommu_init(). On HW-vIOMMU hardware (AMD's tree) the user data is the
-        mandatory ``struct iommu_viommu_amd`` (EINVAL without it, copied like
-        ``iommu_copy_struct_from_user()``: short -> EINVAL, non-zero bytes past it -> E2BIG),
-        and the vIOMMU takes a guest ID, a translate DeviceID and its PAS slice (ENOSPC when
-        either pool is empty). Without the HW-vIOMMU it is Linux 7.2's: the data is unused."""
+        mandatory ``struct iommu_viommu_amd`` (EINVAL without it), copied with
+        ``iommu_copy_struct_from_user(..., min_last = its last member)``: any length but the
+        struct's is EINVAL, a tail of zeros too (never E2BIG). Then the vIOMMU takes a guest
+        ID, a translate DeviceID and its PAS slice (ENOSPC when either pool is empty).
+        Without the HW-vIOMMU it is Linux 7.2's: the data is unused."""
         k = _kernel(iommu)
         if viommu_type != U.IOMMU_VIOMMU_TYPE_AMD:
             raise err(errno.EOPNOTSUPP, f"viommu type {viommu_type}")
@@ -449,11 +450,7 @@ class AmdDriver(PagingDomainOps):
         assert isinstance(iommu, AmdIommu)
         viommu = AmdViommu(iommu, dom, viommu_type)
         if k.pas is not None:
-            size = U.IommuViommuAmd.SIZE
-            if len(data) < 8:  # offsetofend(out_vfmmio_mmap_offset)
-                raise err(errno.EINVAL, "struct iommu_viommu_amd is mandatory")
-            if any(data[size:]):
-                raise err(errno.E2BIG, "non-zero bytes past struct iommu_viommu_amd")
+            iommu_copy_struct_from_user(data, U.IommuViommuAmd.SIZE)
             VK.viommu_init_one(k, viommu)
             # iommufd_viommu_alloc_mmap() of the guest's 4 KiB VF MMIO page.
             window = viommu.window

@@ -234,10 +234,16 @@ def test_struct_iommu_viommu_amd_and_the_vf_mmio_mmap() -> None:
     dev_id = fd.bind(dev)
     parent = vm.nest_parent(dev_id, hw)
     size = im.uapi.IommuViommuAmd.SIZE
+    # AMD's tree copies it with iommu_copy_struct_from_user(&data, user_data, TYPE_AMD,
+    # reserved): min_last is the last member, and __iommu_copy_struct_from_user() refuses
+    # any length but the struct's with EINVAL before copy_struct_from_user() could say E2BIG.
     for data, code in (
         (b"", errno.EINVAL),
         (bytes(4), errno.EINVAL),
-        (bytes(size) + b"\x01", errno.E2BIG),
+        (bytes(8), errno.EINVAL),
+        (bytes(size - 1), errno.EINVAL),
+        (bytes(size) + b"\x01", errno.EINVAL),
+        (bytes(size + 8), errno.EINVAL),
     ):
         with pytest.raises(OSError) as exc:
             fd.viommu_alloc(dev_id, parent, im.uapi.IOMMU_VIOMMU_TYPE_AMD, data)
