@@ -35,6 +35,7 @@ def _option_set(driver: str, name: str) -> OptionSet:
         ("mock", "default", PASS),
         ("intel_vtd", "default", PASS),
         ("arm_smmuv3", "stall", PASS),
+        ("arm_smmuv3", "stall-dma", PASS),
         ("arm_smmuv3", "default", UNSUPPORTED),
         ("amd", "default", UNSUPPORTED),
     ],
@@ -56,6 +57,15 @@ def test_smmuv3_declares_iopf_only_with_stalls() -> None:
     assert Feature.IOPF not in info.features
     assert "arm_smmu_handle_ppr" in info.unsupported_upstream[Feature.IOPF]
     assert Feature.IOPF in _option_set("arm_smmuv3", "stall").features(info.features)
+    assert Feature.IOPF in _option_set("arm_smmuv3", "stall-dma").features(info.features)
+
+
+def test_smmuv3_stall_model_0_without_dma_can_stall_gives_no_iopf() -> None:
+    """IDR0.STALL_MODEL = 0b00 alone: no master is "dma-can-stall", none stalls, and a
+    configuration claiming IOPF there fails the row (nothing reaches the fault queue)."""
+    claims = OptionSet("stalls-only", {"stalls": True}, adds=frozenset({Feature.IOPF}))
+    r = run_scenario(ROW, "arm_smmuv3", option_set=claims)
+    assert r.status == FAIL
 
 
 def test_a_driver_that_declares_iopf_but_delivers_nothing_fails() -> None:

@@ -62,6 +62,8 @@ PROBE_OPTIONS = {
     "canwbs",
     "cd2l",
     "stall_force",
+    "stalls",
+    "dma_can_stall",
     "pri",
     "s1p",
     "s2p",
@@ -111,8 +113,8 @@ UNSUPPORTED_UPSTREAM = {
     api.Feature.IOPF: (
         "Linux 7.2 drivers/iommu/arm/arm-smmu-v3/arm-smmu-v3.c: arm_smmu_handle_ppr answers "
         "every PCIe page request with PRI_RESP DENY; IO page faults reach iommufd only from a "
-        "stalling master (arm_smmu_probe_device: dma-can-stall or IDR0.STALL_MODEL = FORCE; "
-        "the option set 'stall')"
+        "stalling master (arm_smmu_probe_device: dma-can-stall under IDR0.STALL_MODEL = 0b00, "
+        "or STALL_MODEL = FORCE; the option sets 'stall-dma' and 'stall')"
     ),
     api.Feature.HWPT_INVALIDATE: (
         "Linux 7.2 drivers/iommu/arm/arm-smmu-v3/arm-smmu-v3-iommufd.c: "
@@ -197,7 +199,7 @@ class ArmSmmuV3Driver(PagingDomainOps):
         smmu.ensure_l2(sid)
         master = Master(dev, sid, canwbs=smmu.hw.rc_canwbs)
         master.ssid_bits = smmu.master_ssid_bits(dev)
-        master.stall_enabled = smmu.feat_stall_force
+        master.stall_enabled = smmu.master_stall_enabled(sid)
         smmu.masters[sid] = master
         return master
 

@@ -8,7 +8,7 @@ driver that forgets a CFGI or a TLBI sees stale translations, as on silicon.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Collection, Hashable
 from typing import TYPE_CHECKING, Any
 
 from iommufd_arm_smmuv3 import commands as C
@@ -84,6 +84,8 @@ class Smmuv3(IommuHw):
         canwbs: bool = True,
         cd2l: bool = True,
         stall_force: bool = False,
+        stalls: bool = False,
+        dma_can_stall: bool | Collection[int] = False,
         pri: bool = False,
         s1p: bool = True,
         s2p: bool = True,
@@ -107,9 +109,23 @@ class Smmuv3(IommuHw):
         self.sid_bits = sid_bits
         self.ssid_bits = ssid_bits
         self.cd2l = cd2l
-        # IDR0.STALL_MODEL = FORCE: faulting stage-1/2 transactions of CD.S / STE.S2S streams
-        # stall until CMD_RESUME; (StreamID, STAG) -> (IOVA, write, PASID) while held.
+        # IDR0.STALL_MODEL: FORCE (``stall_force``) or STALL (``stalls``: per stream, the
+        # stall model 0b00) make faulting stage-1/2 transactions of CD.S / STE.S2S streams stall
+        # until CMD_RESUME; (StreamID, STAG) -> (IOVA, write, PASID) while held. Without
+        # either the model is NONE: CD.S / STE.S2S change nothing and CMD_RESUME is illegal.
         self.stall_force = stall_force
+        self.stall_model = (
+            R.STALL_MODEL_FORCE
+            if stall_force
+            else R.STALL_MODEL_STALL
+            if stalls
+            else R.STALL_MODEL_NONE
+        )
+        self.can_stall = self.stall_model != R.STALL_MODEL_NONE
+        # Firmware's word, not a register: the masters whose firmware node carries the
+        # "dma-can-stall" property (DT, or an IORT named component's stall flag): every master
+        # behind this SMMU (True), none (False) or those of the StreamIDs listed.
+        self.fw_dma_can_stall = dma_can_stall
         self.stalled: dict[tuple[int, int], tuple[int, bool, int | None]] = {}
         self.resumes: list[tuple[int, int, int]] = []  # (StreamID, STAG, RESP) executed
         self._next_stag = 0
@@ -129,7 +145,7 @@ class Smmuv3(IommuHw):
             | R.IDR0_SEV
             | R.IDR0_VMID16
             | R.IDR0_TTENDIAN_LE
-            | (R.IDR0_STALL_FORCE if stall_force else R.IDR0_STALL_NONE)
+            | put(self.stall_model, 25, R.IDR0_STALL_MODEL_SHIFT)
             | R.IDR0_ST_LVL_2LVL
             | (R.IDR0_CD2L if cd2l else 0)
             | (R.IDR0_PRI if pri else 0)
@@ -362,7 +378,7 @@ class Smmuv3(IommuHw):
                 return False
             ssid = get(w0, 31, 12) if w0 & C.CMD0_SSV else None
             self.pri_responses.append((sid, ssid, get(w1, 8, 0), resp))
-        elif opcode == C.RESUME and self.stall_force:
+        elif opcode == C.RESUME and self.can_stall:
             # RESP: 0 terminate, 1 retry, 2 abort; an unknown STAG has no effect
             if self.stalled.pop((sid, get(w1, 15, 0)), None) is not None:
                 self.resumes.append((sid, get(w1, 15, 0), get(w0, 13, 12)))
@@ -376,6 +392,11 @@ class Smmuv3(IommuHw):
             del self.ste_cache[sid]
         for key in [k for k in self.cd_cache if first <= k[0] <= last]:
             del self.cd_cache[key]
+
+    def dma_can_stall(self, sid: int) -> bool:
+        """``device_property_read_bool(dev, "dma-can-stall")`` for the master of ``sid``."""
+        fw = self.fw_dma_can_stall
+        return fw if isinstance(fw, bool) else sid in fw
 
     # -- event queue ------------------------------------------------------------------------------
     def record_event(self, event: E.Event) -> None:
@@ -763,7 +784,7 @@ class Smmuv3(IommuHw):
             else:
                 ev = E.Event(status, sid, ev_ssid, iova, not write)
             stall = status != E.F_WALK_EABT and (ste.s2s if fault_s2 else cd is not None and cd.s)
-            if stall and self.stall_force:
+            if stall and self.can_stall:
                 # The transaction is held (the model's DMA returns a fault: the device may
                 # issue it again after CMD_RESUME); the record carries Stall and the STAG.
                 ev.stall, ev.stag = True, self._next_stag

@@ -98,7 +98,7 @@ class Master:
         self.cd_in_ste = False  # cd_table.in_ste: the STE points at the CD table
         self.ssid_bits = 0  # S1CDMax: set at probe (arm_smmu_enable_pasid)
         self.pasid_domains: dict[int, SmmuDomain] = {}  # SSID -> its stage-1 domain
-        # stall_enabled: a PCI device has no "dma-can-stall": only IDR0.STALL_MODEL = FORCE
+        # stall_enabled: set at probe (SmmuDevice.master_stall_enabled)
         self.stall_enabled = False
         self.vmaster: tuple[Any, int] | None = None  # (vSMMU, vSID) while nested with a vDEVICE
         self.ats_enabled = False  # master->ats_enabled: the driver's view, set at commit
@@ -165,9 +165,10 @@ class SmmuDevice:
         # (cpus_have_cap(ARM64_HAS_VIRT_HOST_EXTN): the SMMU's ``vhe`` probe option)
         self.feat_hyp = bool(idr0 & R.IDR0_HYP)
         self.feat_e2h = self.feat_hyp and hw.host_vhe
-        stall_model = get(idr0, 25, 24)  # 0: stalls supported, 2: forced, 1: none
-        self.feat_stall_force = stall_model == 2
-        self.feat_stalls = stall_model in (0, 2)
+        # arm_smmu_device_hw_probe(): STALL_MODEL FORCE gives STALL_FORCE and STALLS, 0b00 STALLS
+        stall_model = get(idr0, 25, R.IDR0_STALL_MODEL_SHIFT)
+        self.feat_stall_force = stall_model == R.STALL_MODEL_FORCE
+        self.feat_stalls = stall_model in (R.STALL_MODEL_STALL, R.STALL_MODEL_FORCE)
         self.ssid_bits = get(idr1, 10, 6)
         self._abort_retries = 0
         sid_bits = hw.sid_bits
@@ -578,6 +579,13 @@ class SmmuDevice:
         (arm_smmu_enable_pasid), and by a 64 KiB linear table without IDR0.CD2L."""
         bits = min(dev.pasid_bits, self.ssid_bits)
         return bits if self.feat_cd2l else min(bits, LINEAR_CDMAX)
+
+    def master_stall_enabled(self, sid: int) -> bool:
+        """arm_smmu_probe_device(): a master stalls when firmware says "dma-can-stall" and the
+        SMMU supports stalls (STALL_MODEL 0b00 or FORCE), or always under FORCE. The firmware
+        property is read through the hardware object (the model's stand-in for the device's
+        fwnode)."""
+        return self.feat_stall_force or (self.feat_stalls and self.hw.dma_can_stall(sid))
 
     def attach_paging(self, master: Master, domain: SmmuDomain) -> None:
         """arm_smmu_attach_dev(): stage 1 writes CD 0 then a CD-table STE (S1DSS = SSID0);

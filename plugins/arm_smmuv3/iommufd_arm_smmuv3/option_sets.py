@@ -4,7 +4,8 @@ Each is a set of ``probe`` options (``PROBE_OPTIONS`` in :mod:`iommufd_arm_smmuv
 the substream (PASID) width (IDR1.SSIDSIZE), the CD table layout (2-level or linear,
 IDR0.CD2L), range invalidation (IDR3.RIL), hardware dirty state (IDR0.HTTU), stage-2 forced
 write-back (IDR3.FWB), the Tegra241 CMDQV extension, the TLB's size, the stall model
-(IDR0.STALL_MODEL: only stalling masters have IO page faults in Linux 7.2), E2H (IDR0.HYP on a
+(IDR0.STALL_MODEL FORCE, or 0b00 with "dma-can-stall" masters: only stalling masters have IO
+page faults in Linux 7.2), E2H (IDR0.HYP on a
 host running at EL2 with VHE) and the translation stages implemented (IDR0.S1P / S2P). The
 model has one translation granule (4 KiB), so granules are not swept.
 """
@@ -52,6 +53,13 @@ OPTION_SETS = (
         {"stall_force": True},
         adds=frozenset({Feature.IOPF}),
         doc="IDR0.STALL_MODEL = FORCE: every master stalls, so faults go to IOPF",
+    ),
+    OptionSet(
+        "stall-dma",
+        {"stalls": True, "dma_can_stall": True},
+        adds=frozenset({Feature.IOPF}),
+        doc="IDR0.STALL_MODEL = 0b00 and firmware marks the masters dma-can-stall: they stall "
+        "(STE.S1STALLD clear, CD.S / STE.S2S set), so their faults go to IOPF",
     ),
     OptionSet(
         "e2h",

@@ -64,8 +64,12 @@ IDR0_VMID16 = bit(18)
 IDR0_PRI = bit(16)  # page request interface: a PRI queue
 IDR0_CD2L = bit(19)  # 2-level CD tables
 IDR0_TTENDIAN_LE = put(2, 22, 21)  # little-endian tables only
-IDR0_STALL_NONE = put(1, 25, 24)  # STALL_MODEL: stalling not supported
-IDR0_STALL_FORCE = put(2, 25, 24)  # STALL_MODEL: faults always stall (CD.S / STE.S2S = 1)
+IDR0_STALL_MODEL_SHIFT = 24  # bits 25:24
+STALL_MODEL_STALL = 0  # stalling supported, per stream (CD.S / STE.S2S; STE.S1STALLD forbids)
+STALL_MODEL_NONE = 1  # stalling not supported
+STALL_MODEL_FORCE = 2  # faults always stall (CD.S / STE.S2S = 1)
+IDR0_STALL_NONE = put(STALL_MODEL_NONE, 25, 24)
+IDR0_STALL_FORCE = put(STALL_MODEL_FORCE, 25, 24)
 IDR0_ST_LVL_2LVL = put(1, 28, 27)  # linear and 2-level stream tables
 
 # -- IDR1 / IDR3 / IDR5 -----------------------------------------------------------------------

@@ -100,3 +100,91 @@ def test_pasid_faults_carry_the_pasid_and_stall_bits_in_ste_and_cd(vmm: Any) -> 
     ste = Ste.decode(words(r.machine.memory.read(smmu.ste_addr(r.dev.rid), 64)))
     cd0 = r.machine.memory.read_u64(smmu.cd_addr(master, 0))
     assert not ste.s1stalld and cd0 & (1 << 44)  # CD.S: the stream stalls
+
+
+def _ste_and_cd0(r: RawVmm) -> tuple[Any, int]:
+    from iommufd_arm_smmuv3.ste import Ste
+
+    from iommufd_model.hw.bits import words
+
+    smmu = r.machine.iommus[0].driver_state
+    master = smmu.masters[r.dev.rid]
+    ste = Ste.decode(words(r.machine.memory.read(smmu.ste_addr(r.dev.rid), 64)))
+    return ste, r.machine.memory.read_u64(smmu.cd_addr(master, 0))
+
+
+CD0_S = 1 << 44
+
+
+@pytest.mark.parametrize("can_stall", [True, False])
+def test_stall_model_0_stalls_only_dma_can_stall_masters(vmm: Any, can_stall: bool) -> None:
+    """IDR0.STALL_MODEL = 0b00 (``stalls``): arm_smmu_probe_device() sets stall_enabled only
+    for a master whose firmware node says "dma-can-stall". That master's stage-1 STE clears
+    S1STALLD and its CD sets S, its fault stalls and goes to the fault queue, CMD_RESUME
+    retries it; the other master gets S1STALLD and CD.S = 0, its fault terminates (an event
+    without Stall, nothing for the fault queue), and its fault-capable attach still succeeds
+    (arm_smmu_enable_iopf() is a no-op for a master that cannot stall)."""
+    rid = 0x100  # the fixture's device
+    r = vmm(stalls=True, dma_can_stall=frozenset({rid} if can_stall else {0x900}))
+    hw = r.machine.iommus[0]
+    assert (hw.mmio.read(0x0, 4) >> 24) & 3 == 0  # IDR0.STALL_MODEL
+    assert r.dev.rid == rid and hw.driver_state.masters[rid].stall_enabled == can_stall
+    ioas = r.ioas_alloc()
+    fault_id, fault_fd = r.fd.fault_queue_alloc()
+    hwpt = r.fd.hwpt_alloc(r.dev_id, ioas, fault_id=fault_id)
+    r.fd.attach(r.dev_id, hwpt)
+    ste, cd0 = _ste_and_cd0(r)
+    assert ste.s1stalld != can_stall and bool(cd0 & CD0_S) == can_stall
+    iova = 0x10_0000
+    with pytest.raises(DmaFault, match="stalled" if can_stall else "F_TRANSLATION"):
+        r.dev.dma_write(iova, b"x")
+    ev = hw.events[-1]
+    assert ev.stall == can_stall
+    out = r.proc.file(fault_fd).read(U.IommuHwptPgfault.SIZE * 2)
+    if not can_stall:
+        assert out == b"" and not hw.stalled and hw.resumes == []
+        return
+    f = U.IommuHwptPgfault.unpack(out)
+    assert (f.grpid, f.addr, f.dev_id) == (ev.stag, iova, r.dev_id)
+    va = r.buffer(PG, 2)
+    r.ioas_map(ioas, va, PG, iova=iova)
+    resp = U.IommuHwptPageResponse(cookie=f.cookie, code=U.IOMMUFD_PAGE_RESP_SUCCESS)
+    r.proc.file(fault_fd).write(resp.pack())
+    assert hw.resumes == [(rid, ev.stag, RESUME_RETRY)] and not hw.stalled
+    r.dev.dma_write(iova, b"x")
+    assert r.proc.read(va, 1) == b"x"
+
+
+@pytest.mark.parametrize(
+    ("options", "s1stalld", "stalls"),
+    [
+        ({}, False, False),  # STALL_MODEL NONE: no S1STALLD (ILLEGAL there), nothing stalls
+        ({"dma_can_stall": True}, False, False),  # the property alone does nothing
+        ({"stalls": True}, True, False),  # stalls supported, no dma-can-stall master
+        ({"stalls": True, "dma_can_stall": True}, False, True),
+        ({"stall_force": True}, False, True),  # FORCE: every master, whatever the firmware
+    ],
+)
+def test_stall_bits_per_stall_model_and_firmware(
+    vmm: Any, options: dict[str, Any], s1stalld: bool, stalls: bool
+) -> None:
+    """The STE / CD stall bits arm_smmu_make_cdtable_ste(), arm_smmu_make_s1_cd() and
+    arm_smmu_make_s2_domain_ste() write: S1STALLD when STALLS is a feature and the master
+    does not stall, CD.S and STE.S2S exactly for a stalling master."""
+    r = vmm(**options)
+    ioas = r.ioas_alloc()
+    r.fd.attach(r.dev_id, r.fd.hwpt_alloc(r.dev_id, ioas))
+    ste, cd0 = _ste_and_cd0(r)
+    assert (ste.s1stalld, bool(cd0 & CD0_S)) == (s1stalld, stalls)
+    r.fd.attach(r.dev_id, r.fd.hwpt_alloc(r.dev_id, ioas, flags=U.IOMMU_HWPT_ALLOC_NEST_PARENT))
+    ste, _ = _ste_and_cd0(r)
+    assert ste.s2s == stalls
+
+
+def test_resume_is_illegal_without_a_stall_model(vmm: Any) -> None:
+    """CMD_RESUME on an SMMU whose IDR0.STALL_MODEL is NONE is refused (CERROR_ILL); under
+    0b00 it is a command the SMMU takes (an unknown STAG: no effect)."""
+    hw_none = vmm().machine.iommus[0]
+    assert not hw_none.execute(*C.resume(0x100, 1, RESUME_RETRY))
+    hw_stall = vmm(stalls=True).machine.iommus[0]
+    assert hw_stall.execute(*C.resume(0x100, 1, RESUME_RETRY)) and hw_stall.resumes == []
