@@ -15,7 +15,7 @@ import attrs
 from iommufd_model.hw.compiled import load_walker
 from iommufd_model.hw.iotlb import NEW_ENTRY, Iotlb
 from iommufd_model.hw.memory import PAGE_SIZE, Frame, PhysicalMemory
-from iommufd_model.hw.xlate import Front, Miss, Post, Walk
+from iommufd_model.hw.xlate import Front, Miss, Post, Walk, stream_key
 from iommufd_model.hw.xlate import HwStats as HwStats  # re-exported: the stats type
 from iommufd_model.locking import locked
 
@@ -46,6 +46,7 @@ class DmaFault(Exception):
 
 
 XLATE_MODULE = "iommufd_model.hw.xlate"
+RUN_MODULE = "iommufd_model.hw.tlb_run"
 
 
 class CacheDict(dict[Any, Any]):
@@ -115,6 +116,8 @@ class IommuHw:
         self.xlate = xlate = load_walker(XLATE_MODULE)
         self.stats: HwStats = xlate.HwStats()
         self.front: Front = xlate.Front(self.stats, type(self).translate.__get__(self))
+        #: the compiled IOTLB runs (or their pure source), for a burst's walks (:meth:`walk_run`)
+        self.burst = load_walker(RUN_MODULE)
         vars(self)["translate"] = self.front.translate
         self.fault_log: list[FaultRecord] = []
         # The driver's ID spaces (``Ida(..., owner=self)``): the kit checks none leaks.
@@ -202,11 +205,60 @@ class IommuHw:
         """Pages from ``iova`` towards ``end`` that the IOTLB holds nothing for, walked and
         cached natively as :meth:`translate` would (same answers, IOTLB fills and statistics),
         within a burst after a successful :meth:`translate` of ``dev``: their runs go to
-        ``runs``; returns the first address not translated (``iova`` when the vendor has no
-        such path). Stops before any page that would fault, hit the IOTLB, or need what only
+        ``runs``; returns the first address not translated (``iova`` when there is no such
+        path). Stops before any page that would fault, hit the IOTLB, or need what only
         :meth:`translate` does. ``tables_only``: only walks that write no memory (no
-        accessed/dirty updates) may run, as a read gathers bytes before it copies them."""
-        return iova
+        accessed/dirty updates) may run, as a read gathers bytes before it copies them.
+
+        This default walks with what the vendor taught the compiled translate front for the
+        request stream (``Front.learn``'s :class:`~iommufd_model.hw.xlate.Miss`: the bound
+        walker and the rules of its own translate() for a clean walk), in one compiled loop
+        (``tlb_run.walk_run``): the same walk, fill and answer as the front's per-call miss,
+        page after page. A vendor with a walk of its own for bursts overrides it."""
+        streams = self.front.streams
+        if not streams:  # nothing learnt (or a vendor that never learns): no ``dev.rid``
+            return iova
+        stream = streams.get(stream_key(dev.rid, pasid))
+        if stream is None:
+            return iova
+        miss = stream.miss
+        if miss is None or (tables_only and self.burst_walks_write(miss.walk)):
+            return iova
+        rule = (
+            miss.prot_mask,
+            miss.need_read,
+            miss.need_write,
+            miss.extra_read,
+            miss.extra_write,
+            miss.mem_end,
+            miss.clamp,
+        )
+        walks, refs, stop = self.burst.walk_run(
+            stream.tables,
+            miss.fifo,
+            miss.capacity,
+            stream.tag,
+            miss.walk,
+            miss.new_entry,
+            rule,
+            iova,
+            end,
+            write,
+            runs,
+        )
+        stream.counts.misses += walks
+        stats = self.stats
+        stats.translations += walks
+        stats.iotlb_misses += walks
+        stats.walk_mem_refs += refs
+        return int(stop)
+
+    def burst_walks_write(self, walk: Walk) -> bool:
+        """Whether a read's walks with ``walk`` (a stream's bound walker, from
+        :meth:`front_miss`) may write memory (accessed bits): such reads leave their misses
+        to :meth:`translate`. The vendors that know their walkers answer; this default
+        assumes they may."""
+        return True
 
     @locked
     def translate_run(

@@ -16,6 +16,8 @@ once per page size and then probes int keys.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
+from typing import Final
 
 Entry = tuple[int, int, int, int]
 Pages = dict[int, Entry]
@@ -163,3 +165,105 @@ def hit_run(
     if run_len:
         out.append((run_pa, run_len))
     return hits, iova
+
+
+#: walk_run fills the IOTLB after this many walks at the latest: the entries it holds back are
+#: new objects the cyclic GC counts, and its evictions free as many (a whole burst held back
+#: made the collector run dozens of times per burst)
+FILL_BATCH: Final = 128
+
+
+def walk_run(
+    tables: Filled,
+    fifo: deque[Key],
+    capacity: int,
+    tag: object,
+    walk: Callable[[int, bool], tuple[int, ...]],
+    new_entry: Callable[[tuple[int, int, int, int]], object],
+    rule: tuple[int, int, int, int, int, int, bool],
+    iova: int,
+    end: int,
+    write: bool,
+    runs: list[tuple[int, int]],
+) -> tuple[int, int, int]:
+    """The IOTLB misses of a burst from ``iova`` towards ``end``, walked by ``walk`` (a
+    stream's bound walker: ``walk(iova, write)`` -> ``(status, value, shift, refs, prot,
+    ...)``) and cached under ``tag`` as the compiled translate front caches one miss
+    (``iommufd_model.hw.xlate.Front``), page after page. ``rule`` is the stream's ``Miss``:
+    ``(prot_mask, need_read, need_write, extra_read, extra_write, mem_end, clamp)``, i.e. a
+    walk is clean when its status is 0, its value is below ``mem_end`` and its ``prot`` masked
+    by ``prot_mask`` holds the need; the entry's perm gains the extra; ``clamp`` bounds the
+    run by ``mem_end``.
+
+    Stops before a page that has any IOTLB entry under ``tag`` or whose walk is not clean, so
+    that ``translate()`` handles it (it walks again: a walk's accessed/dirty updates are the
+    same the second time, and a walk that stops the burst is neither counted nor cached
+    here). The entries (``new_entry((pa, shift, perm, refs))``) and their keys ``(shift, tag,
+    page)`` are filled with :func:`fill` in batches, in order: pending fills change nothing a
+    walk reads, but a page found cached may be one they will evict, so they run first and the
+    page is looked up again. Appends ``(pa, length)`` runs to ``runs`` (continuing the last
+    one when the physical address does); returns ``(walks, refs, stop)``."""
+    prot_mask, need_read, need_write, extra_read, extra_write, mem_end, clamp = rule
+    need = need_write if write else need_read
+    extra = extra_write if write else extra_read
+    walks = 0
+    refs_all = 0
+    keys: list[Key] = []
+    entries: list[object] = []
+    run_pa = -1
+    run_len = 0
+    if runs:
+        run_pa, run_len = runs.pop()
+    cached = [(shift, by_tag[tag]) for shift, by_tag in tables.items() if tag in by_tag]
+    while iova < end:
+        hit = False
+        for shift, held in cached:
+            if (iova >> shift) in held:
+                hit = True
+                break
+        if hit:
+            if not keys:
+                break  # translate() finds it: not a plain miss
+            fill(tables, fifo, capacity, keys, entries)  # may have evicted this page's entry
+            keys.clear()
+            entries.clear()
+            cached = [(shift, by_tag[tag]) for shift, by_tag in tables.items() if tag in by_tag]
+            continue
+        res = walk(iova, write)
+        status: int = res[0]
+        value: int = res[1]
+        if status != 0 or value >= mem_end:
+            break
+        prot: int = res[4] & prot_mask
+        if prot & need != need:
+            break
+        shift = res[2]
+        refs: int = res[3]
+        mask = (1 << shift) - 1
+        keys.append((shift, tag, iova >> shift))
+        entries.append(new_entry((value & ~mask, shift, prot | extra, refs)))
+        if len(keys) == FILL_BATCH:
+            fill(tables, fifo, capacity, keys, entries)
+            keys.clear()
+            entries.clear()
+            cached = [(shift, by_tag[tag]) for shift, by_tag in tables.items() if tag in by_tag]
+        walks += 1
+        refs_all += refs
+        run = mask + 1 - (value & mask)
+        if clamp and run > mem_end - value:
+            run = mem_end - value
+        if run > end - iova:
+            run = end - iova
+        if run_len and run_pa + run_len == value:  # physically contiguous: one run
+            run_len += run
+        else:
+            if run_len:
+                runs.append((run_pa, run_len))
+            run_pa = value
+            run_len = run
+        iova += run
+    if keys:
+        fill(tables, fifo, capacity, keys, entries)
+    if run_len:
+        runs.append((run_pa, run_len))
+    return walks, refs_all, iova

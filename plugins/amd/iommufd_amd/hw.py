@@ -510,16 +510,18 @@ class AmdIommu(IommuHw):
     ) -> int:
         """Host (v1) table walks of a burst in the compiled walker (``walk.walk_run``), for a
         DTE that :meth:`lookup` would walk with the v1 table; A/D updates (DTE HAD) count as
-        memory writes for ``tables_only``."""
+        memory writes for ``tables_only``. Other streams (guest tables, PASIDs) take the
+        default: the compiled front's binding of their walks."""
         cached = self.dte_cache.get(dev.rid)
+        generic = partial(super().walk_run, dev, iova, end, pasid, write, tables_only, runs)
         if cached is None or pasid is not None:
-            return iova
+            return generic()
         dte, why = cached
         if not dte.v or why or not dte.tv or (tables_only and dte.had):
-            return iova
+            return generic()
         tag = _iotlb_tag(dte, pasid)
         if tag is None or tag[1] != NO_PASID:
-            return iova  # no table, or the guest (v2) tables: translate() walks those
+            return generic()  # no table, or the guest (v2) tables: the front's binding
         dte_prot = (IOMMU_READ if dte.ir else 0) | (IOMMU_WRITE if dte.iw else 0)
         iotlb = self.iotlb
         memory = self.memory
@@ -545,6 +547,13 @@ class AmdIommu(IommuHw):
         stats.iotlb_misses += walks
         stats.walk_mem_refs += refs
         return int(stop)
+
+    def burst_walks_write(self, walk: Any) -> bool:
+        """A read's host (v1) walk writes memory only with DTE HAD (accessed bits); the
+        guest (v2) walks may set the guest tables' accessed bits."""
+        if isinstance(walk, self.miss.V1Walk):
+            return bool(walk.had)
+        return True
 
     def _guest_event(self, devid: int, ev: E.Event) -> bool:
         """HW-vIOMMU: a guest device's event goes to its guest's event log instead."""

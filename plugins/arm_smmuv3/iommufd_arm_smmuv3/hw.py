@@ -655,6 +655,14 @@ class Smmuv3(IommuHw):
             return None
         return self.tlb, _tlb_tag(ste, cd, self.hyp), 2 if write else 1
 
+    def burst_walks_write(self, walk: Any) -> bool:
+        """A read's walk writes memory only through stage 1's access flag updates (CD.HA;
+        HD changes a leaf only for a write); stage 2 alone and a CD with EPD0 write
+        nothing."""
+        if isinstance(walk, self.miss.S1Walk):
+            return bool(walk.ha)
+        return not isinstance(walk, (self.miss.S2Walk, self.miss.Fixed))
+
     def _context(self, ste: Ste, sid: int, pasid: int | None) -> Cd | None:
         """The CD that stage 1 uses for this transaction (None: stage 1 off or bypassed)."""
         if not ste.s1_enabled:

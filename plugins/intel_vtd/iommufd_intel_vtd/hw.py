@@ -372,6 +372,11 @@ class IntelVtd(IommuHw):
             return None
         return self.iotlb, tag, (IOMMU_WRITE | PERM_DIRTY_OK) if write else IOMMU_READ
 
+    def burst_walks_write(self, walk: Any) -> bool:
+        """A read's walk writes memory only through second-stage A/D updates (PASID entry
+        SSADE; the model's first-stage walk writes nothing)."""
+        return not isinstance(walk, self.miss.FsWalk) and bool(walk.set_ad)
+
     def translate(
         self, dev: PciDevice, iova: int, pasid: int | None, write: bool
     ) -> tuple[int, int]:
