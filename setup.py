@@ -10,6 +10,7 @@ from setuptools import Extension, setup
 
 COMPILED = [
     "framework/iommufd_model/hw/walk_x86.py",
+    "framework/iommufd_model/hw/tlb_entry.py",
     "framework/iommufd_model/hw/tlb_run.py",
     "framework/iommufd_model/hw/xlate.py",
 ]

@@ -17,7 +17,7 @@ def compiled_walkers() -> list:  # type: ignore[type-arg]
         wanted = False
     if not wanted:
         return []
-    extensions = mypycify(["iommufd_amd/walk.py", "iommufd_amd/miss.py"], opt_level="3")
+    extensions = mypycify(["iommufd_amd/walk.py"], opt_level="3")
     for ext in extensions:  # let the C compiler inline the small native helpers
         ext.extra_compile_args += [
             "-fno-semantic-interposition",

@@ -9,7 +9,7 @@ import os
 
 from setuptools import setup
 
-WALKERS = ["iommufd_arm_smmuv3/walk.py", "iommufd_arm_smmuv3/miss.py"]
+WALKERS = ["iommufd_arm_smmuv3/walk.py"]
 compile_walkers = (
     os.environ.get("IOMMUFD_MODEL_PURE") != "1" and importlib.util.find_spec("mypyc") is not None
 )

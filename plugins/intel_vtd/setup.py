@@ -9,7 +9,7 @@ import os
 
 from setuptools import setup
 
-HOT_PATHS = ["iommufd_intel_vtd/walk.py", "iommufd_intel_vtd/miss.py"]
+HOT_PATHS = ["iommufd_intel_vtd/walk.py"]
 want_pure = os.environ.get("IOMMUFD_MODEL_PURE") == "1"
 have_mypyc = importlib.util.find_spec("mypyc") is not None
 

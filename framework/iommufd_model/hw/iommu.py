@@ -15,7 +15,7 @@ import attrs
 from iommufd_model.hw.compiled import load_walker
 from iommufd_model.hw.iotlb import NEW_ENTRY, Iotlb
 from iommufd_model.hw.memory import PAGE_SIZE, Frame, PhysicalMemory
-from iommufd_model.hw.xlate import Front, Miss, Post, Walk, stream_key
+from iommufd_model.hw.xlate import Front, Miss, Post, Walk, Walker, stream_key
 from iommufd_model.hw.xlate import HwStats as HwStats  # re-exported: the stats type
 from iommufd_model.locking import locked
 
@@ -158,13 +158,21 @@ class IommuHw:
             post,
             iotlb._fifo,
             iotlb.capacity,
-            NEW_ENTRY,
             prot_mask,
             need,
             extra,
             self.memory.size,
             clamp,
         )
+
+    def bind_walk(
+        self, walker: Walker, ctx: tuple[object, ...], *, read_writes: bool = True
+    ) -> Walk:
+        """``walker`` (a vendor walker's bound entry) bound to a stream's table fields
+        (:class:`iommufd_model.hw.xlate.Walk`), in this instance's build of the front
+        (compiled, or pure under ``IOMMUFD_MODEL_PURE=1``); ``read_writes``: whether a
+        read's walk may write memory (accessed bits), for :meth:`burst_walks_write`."""
+        return self.xlate.Walk(walker, ctx, read_writes)  # type: ignore[no-any-return]
 
     def fault(
         self, dev: PciDevice, iova: int, write: bool, pasid: int | None, reason: str
@@ -239,7 +247,7 @@ class IommuHw:
             miss.capacity,
             stream.tag,
             miss.walk,
-            miss.new_entry,
+            NEW_ENTRY,
             rule,
             iova,
             end,
@@ -256,9 +264,9 @@ class IommuHw:
     def burst_walks_write(self, walk: Walk) -> bool:
         """Whether a read's walks with ``walk`` (a stream's bound walker, from
         :meth:`front_miss`) may write memory (accessed bits): such reads leave their misses
-        to :meth:`translate`. The vendors that know their walkers answer; this default
-        assumes they may."""
-        return True
+        to :meth:`translate`. The vendor says so when it binds the walk
+        (:meth:`bind_walk`'s ``read_writes``, True unless it knows better)."""
+        return walk.read_writes
 
     @locked
     def translate_run(

@@ -12,29 +12,20 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Hashable
-from functools import partial
-from typing import NamedTuple, cast
+from typing import cast
 
 from iommufd_model.hw.compiled import load_walker
+from iommufd_model.hw.tlb_entry import TlbEntry as TlbEntry  # re-exported: the entry type
+from iommufd_model.hw.tlb_entry import new_entry
 from iommufd_model.hw.xlate import TlbCounts
 
 _RUN = load_walker("iommufd_model.hw.tlb_run")
 XLATE_MODULE = "iommufd_model.hw.xlate"
 
 
-class TlbEntry(NamedTuple):
-    """One cached translation of a naturally aligned page of ``1 << shift`` bytes (a named
-    tuple: the compiled burst lookup in :mod:`iommufd_model.hw.tlb_run` unpacks it natively)."""
-
-    pa: int  # physical base of the page
-    shift: int
-    perm: int  # vendor-neutral permission bits (IOMMU_READ | IOMMU_WRITE)
-    mem_refs: int = 0  # what the walk that filled it cost (for reporting)
-
-
 Key = tuple[int, Hashable, int]  # (shift, tag, page number)
-#: a TlbEntry from its field tuple, in C (the named tuple's own constructor is Python)
-NEW_ENTRY = partial(tuple.__new__, TlbEntry)
+#: a TlbEntry from its field tuple (compiled: the burst walkers' fill callback)
+NEW_ENTRY = new_entry
 
 
 class Iotlb:

@@ -9,8 +9,8 @@ compiles it alone (``setup.py``); the same source runs uncompiled under
 ``IOMMUFD_MODEL_PURE=1``.
 
 The IOTLB layout is :class:`iommufd_model.hw.iotlb.Iotlb`'s: page shift -> tag -> page number
--> ``TlbEntry`` named tuple ``(pa, shift, perm, mem_refs)``. The burst finds its tag's pages
-once per page size and then probes int keys.
+-> :class:`iommufd_model.hw.tlb_entry.TlbEntry` (a native record ``pa, shift, perm,
+mem_refs``). The burst finds its tag's pages once per page size and then probes int keys.
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ from collections import deque
 from collections.abc import Callable
 from typing import Final
 
-Entry = tuple[int, int, int, int]
+from iommufd_model.hw.tlb_entry import TlbEntry
+
+Entry = TlbEntry
 Pages = dict[int, Entry]
 Tables = dict[int, dict[object, Pages]]
 Key = tuple[int, object, int]
-# The same dicts as the IOTLB fills them: an entry is the caller's object (a ``TlbEntry``),
-# kept as it is (typed ``Entry``, mypyc would store a plain tuple rebuilt from its fields).
+# The same dicts as the IOTLB fills them: an entry is the caller's object (a ``TlbEntry``).
 Filled = dict[int, dict[object, dict[int, object]]]
 
 
@@ -141,7 +142,9 @@ def hit_run(
                             break
         if entry is None:
             break
-        pa, shift, perm, _refs = entry
+        pa = entry.pa
+        shift = entry.shift
+        perm = entry.perm
         if perm & need != need:
             break
         size = 1 << shift

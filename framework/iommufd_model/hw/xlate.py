@@ -16,10 +16,16 @@ register handlers do it for enables. This is the model's own structure (the hard
 no such thing; its caches are the DTE/STE/context caches and the IOTLB, which behave as
 before).
 
-Free of framework imports so that mypyc compiles it alone (``setup.py``, in one group with
-:mod:`iommufd_model.hw.tlb_run`); the same source runs uncompiled under
-``IOMMUFD_MODEL_PURE=1``. Like every compiled module here it holds no module-level mutable
-state and takes no lock: it runs inside the model's entry points (docs/concurrency.md).
+A miss of a known stream is walked here too, by the vendor's walker bound to the stream's
+table fields (:class:`Walk`, one binding for every vendor) and cached as a native
+:class:`iommufd_model.hw.tlb_entry.TlbEntry` through the compiled IOTLB insert: no Python
+frame per miss but the walker's own entry.
+
+Imports nothing but the modules mypyc compiles with it (``setup.py``, one group with
+:mod:`iommufd_model.hw.tlb_run` and :mod:`iommufd_model.hw.tlb_entry`), so that their calls
+are native; the same source runs uncompiled under ``IOMMUFD_MODEL_PURE=1``. Like every
+compiled module here it holds no module-level mutable state and takes no lock: it runs
+inside the model's entry points (docs/concurrency.md).
 """
 
 from __future__ import annotations
@@ -27,13 +33,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from iommufd_model.hw.tlb_entry import TlbEntry
 from iommufd_model.hw.tlb_run import insert
 
 Slow = Callable[[Any, int, "int | None", bool], tuple[int, int]]
-Pages = dict[int, tuple[int, int, int, int]]
-#: a walk of one stream's tables: ``(iova, write)`` -> the vendor walker's result tuple,
-#: ``(status, value, shift, mem_refs, prot, ...)`` (status 0: ``value`` is the address)
-Walk = Callable[[int, bool], tuple[int, ...]]
+Pages = dict[int, TlbEntry]
+#: a vendor walker's bound entry (a compiled function of its ``walk`` module, or its pure
+#: source): ``(iova, write, ctx)`` -> ``(status, value, shift, mem_refs, prot, ...)`` (status 0:
+#: ``value`` is the address)
+Walker = Callable[[int, bool, Any], tuple[int, ...]]
 #: the vendor's translate() from a walk's result on (faults, events, anything unusual)
 Post = Callable[[Any, int, "int | None", bool, tuple[int, ...]], tuple[int, int]]
 
@@ -88,6 +96,78 @@ class TlbCounts:
         self.invalidations = 0
 
 
+class Walk:
+    """A vendor walker bound to the table fields of one request stream (DTE; PASID entry;
+    STE and CD): ``walker(iova, write, ctx)``, the walker's bound entry (each vendor's
+    ``walk`` module has one per walker, with the fields in ``ctx``). One binding for every
+    vendor: the front calls :meth:`run` natively on a miss, and that makes one three-argument
+    call of the compiled walker; the vendor's own translate() calls the object. The fields
+    are read from the vendor's context caches when the stream is learnt; any change to those
+    caches makes the front forget the stream, and with it this binding."""
+
+    walker: Any  # ``(iova, write, ctx)`` -> the walker's result (Any: a plain vectorcall)
+    ctx: tuple[object, ...]
+    #: whether a read's walk may write memory (accessed bits): the vendor knows its walkers
+    read_writes: bool
+
+    def __init__(self, walker: Walker, ctx: tuple[object, ...], read_writes: bool = True) -> None:
+        self.walker = walker
+        self.ctx = ctx
+        self.read_writes = read_writes
+
+    def run(self, iova: int, write: bool) -> tuple[int, ...]:
+        result: tuple[int, ...] = self.walker(iova, write, self.ctx)
+        return result
+
+    def __call__(self, iova: int, write: bool) -> tuple[int, ...]:
+        return self.run(iova, write)
+
+
+class Miss:
+    """How a stream's IOTLB miss is walked and cached, when the vendor offers it: ``walk``
+    (its walker bound to the stream's tables), the IOTLB's FIFO and capacity (for
+    :func:`iommufd_model.hw.tlb_run.insert`), and the rule that turns a clean walk into an
+    entry the way the vendor's translate() does: the walk's ``prot`` masked by ``prot_mask``
+    must hold ``need_read``/``need_write``, the entry's perm gains
+    ``extra_read``/``extra_write``, a value at or beyond ``mem_end`` is the vendor's, and
+    ``clamp`` bounds the run by ``mem_end``. Anything else goes to ``post`` with the walk's
+    result (the vendor's own code from there on: faults, events, A/D corner cases)."""
+
+    walk: Walk
+    post: Post
+    fifo: Any  # the IOTLB's FIFO of keys (a deque), for tlb_run.insert
+    capacity: int
+    prot_mask: int
+    need_read: int
+    need_write: int
+    extra_read: int
+    extra_write: int
+    mem_end: int
+    clamp: bool
+
+    def __init__(
+        self,
+        walk: Walk,
+        post: Post,
+        fifo: Any,
+        capacity: int,
+        prot_mask: int,
+        need: tuple[int, int],
+        extra: tuple[int, int],
+        mem_end: int,
+        clamp: bool,
+    ) -> None:
+        self.walk = walk
+        self.post = post
+        self.fifo = fifo
+        self.capacity = capacity
+        self.prot_mask = prot_mask
+        self.need_read, self.need_write = need
+        self.extra_read, self.extra_write = extra
+        self.mem_end = mem_end
+        self.clamp = clamp
+
+
 class Stream:
     """What a full translation established for one device and PASID: the IOTLB (its tables
     and counters) and tag its requests use, the permission bits a hit needs for a read and
@@ -121,54 +201,6 @@ class Stream:
         self.miss = miss
 
 
-class Miss:
-    """How a stream's IOTLB miss is walked and cached, when the vendor offers it: ``walk``
-    (a compiled walker bound to the stream's tables), the IOTLB's FIFO and capacity and the
-    maker of its entries (for :func:`iommufd_model.hw.tlb_run.insert`), and the rule that
-    turns a clean walk into an entry the way the vendor's translate() does: the walk's
-    ``prot`` masked by ``prot_mask`` must hold ``need_read``/``need_write``, the entry's perm
-    gains ``extra_read``/``extra_write``, a value at or beyond ``mem_end`` is the vendor's,
-    and ``clamp`` bounds the run by ``mem_end``. Anything else goes to ``post`` with the
-    walk's result (the vendor's own code from there on: faults, events, A/D corner cases)."""
-
-    walk: Walk
-    post: Post
-    fifo: Any  # the IOTLB's FIFO of keys (a deque), for tlb_run.insert
-    capacity: int
-    new_entry: Callable[[tuple[int, int, int, int]], object]
-    prot_mask: int
-    need_read: int
-    need_write: int
-    extra_read: int
-    extra_write: int
-    mem_end: int
-    clamp: bool
-
-    def __init__(
-        self,
-        walk: Walk,
-        post: Post,
-        fifo: Any,
-        capacity: int,
-        new_entry: Callable[[tuple[int, int, int, int]], object],
-        prot_mask: int,
-        need: tuple[int, int],
-        extra: tuple[int, int],
-        mem_end: int,
-        clamp: bool,
-    ) -> None:
-        self.walk = walk
-        self.post = post
-        self.fifo = fifo
-        self.capacity = capacity
-        self.new_entry = new_entry
-        self.prot_mask = prot_mask
-        self.need_read, self.need_write = need
-        self.extra_read, self.extra_write = extra
-        self.mem_end = mem_end
-        self.clamp = clamp
-
-
 def stream_key(rid: int, pasid: int | None) -> int:
     """The records' key of a request stream: requester ID and PASID (none: 0)."""
     if pasid is None:
@@ -177,16 +209,24 @@ def stream_key(rid: int, pasid: int | None) -> int:
 
 
 class Front:
-    """The per-IOMMU table of known request streams and the compiled ``translate``."""
+    """The per-IOMMU table of known request streams and the compiled ``translate``.
+
+    ``streams`` holds the streams by requester ID and PASID as the vendor learns them;
+    ``by_device`` is the same streams without a PASID keyed by the device object, filled on
+    first use, so that a request without PASID finds its stream by one pointer-hashed probe
+    instead of reading the device's ``rid`` attribute (a Python attribute lookup). Both are
+    cleared together (:meth:`forget`)."""
 
     stats: HwStats
     slow: Slow
     streams: dict[int, Stream]
+    by_device: dict[object, Stream]
 
     def __init__(self, stats: HwStats, slow: Slow) -> None:
         self.stats = stats
         self.slow = slow
         self.streams = {}
+        self.by_device = {}
 
     def learn(
         self,
@@ -206,10 +246,14 @@ class Front:
         self.streams[stream_key(rid, pasid)] = Stream(
             tables, counts, tag, need_read, need_write, mem_end, miss
         )
+        if pasid is None:
+            # The device object of this RID finds the new stream through ``streams`` again.
+            self.by_device.clear()
 
     def forget(self) -> None:
         """Drop every stream (a context cache or an enable register changed)."""
         self.streams.clear()
+        self.by_device.clear()
 
     def translate(self, dev: Any, iova: int, pasid: int | None, write: bool) -> tuple[int, int]:
         """``IommuHw.translate``: an IOTLB hit of a known stream here, anything else in the
@@ -217,8 +261,16 @@ class Front:
         streams = self.streams
         if not streams:  # nothing learnt (or a vendor that never learns): no ``dev.rid``
             return self.slow(dev, iova, pasid, write)
-        rid: int = dev.rid
-        stream = streams.get(rid if pasid is None else rid | (pasid + 1) << 16)
+        stream: Stream | None
+        if pasid is None:
+            stream = self.by_device.get(dev)
+            if stream is None:
+                stream = streams.get(dev.rid)
+                if stream is not None:
+                    self.by_device[dev] = stream
+        else:
+            rid: int = dev.rid
+            stream = streams.get(rid | (pasid + 1) << 16)
         if stream is not None:
             tag = stream.tag
             found = False
@@ -231,14 +283,13 @@ class Front:
                 if entry is None:
                     continue
                 found = True
-                pa, eshift, perm, _refs = entry
                 need = stream.need_write if write else stream.need_read
-                if perm & need != need:
+                if entry.perm & need != need:
                     break
-                size = 1 << eshift
-                off = iova & (size - 1)
-                pa += off
-                run = size - off
+                mask = (1 << entry.shift) - 1
+                off = iova & mask
+                pa = entry.pa + off
+                run = mask + 1 - off
                 end = stream.mem_end
                 if end:
                     if pa >= end:
@@ -259,13 +310,13 @@ class Front:
         self, stream: Stream, miss: Miss, dev: Any, iova: int, pasid: int | None, write: bool
     ) -> tuple[int, int]:
         """An IOTLB miss of a known stream: counted as the vendor counts it, walked by the
-        bound compiled walker, cached and answered here when the walk is clean, else handed
-        to the vendor's ``post`` with the walk's result."""
+        bound walker, cached (a native :class:`TlbEntry`) and answered here when the walk is
+        clean, else handed to the vendor's ``post`` with the walk's result."""
         stats = self.stats
         stream.counts.misses += 1
         stats.translations += 1
         stats.iotlb_misses += 1
-        res = miss.walk(iova, write)
+        res = miss.walk.run(iova, write)
         status: int = res[0]
         value: int = res[1]
         end = miss.mem_end
@@ -278,7 +329,7 @@ class Front:
                 stats.walk_mem_refs += refs
                 perm = prot | (miss.extra_write if write else miss.extra_read)
                 mask = (1 << shift) - 1
-                entry = miss.new_entry((value & ~mask, shift, perm, refs))
+                entry = TlbEntry(value & ~mask, shift, perm, refs)
                 tables: Any = stream.tables  # the IOTLB's dicts, as tlb_run types them
                 insert(tables, miss.fifo, miss.capacity, stream.tag, iova, shift, entry)
                 run = mask + 1 - (value & mask)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Hashable
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from iommufd_amd import commands as C
 from iommufd_amd import events as E
@@ -30,6 +30,7 @@ from iommufd_model.hw.radix import TABLE
 from iommufd_model.hw.regs import Mmio
 from iommufd_model.hw.ring import MemRing
 from iommufd_model.hw.x86_64 import X86_64Format
+from iommufd_model.hw.xlate import Walk
 from iommufd_model.locking import locked
 
 if TYPE_CHECKING:
@@ -37,7 +38,6 @@ if TYPE_CHECKING:
     from iommufd_model.machine import Machine
 
 WALK_MODULE = "iommufd_amd.walk"
-MISS_MODULE = "iommufd_amd.miss"
 X86_MODULE = "iommufd_model.hw.walk_x86"
 NO_PASID = -1  # IOTLB tag of host (GN=0) translations
 _DIRTY_DONE = 4  # TlbEntry.perm bit: the leaf's D bit is already set (or D is not tracked)
@@ -71,7 +71,6 @@ class AmdIommu(IommuHw):
     ) -> None:
         super().__init__(machine, index)
         self.walk = load_walker(WALK_MODULE)
-        self.miss = load_walker(MISS_MODULE)
         self.x86 = load_walker(X86_MODULE)
         self.max_mode = host_levels
         self.gpt5 = guest_levels == 5
@@ -548,13 +547,6 @@ class AmdIommu(IommuHw):
         stats.walk_mem_refs += refs
         return int(stop)
 
-    def burst_walks_write(self, walk: Any) -> bool:
-        """A read's host (v1) walk writes memory only with DTE HAD (accessed bits); the
-        guest (v2) walks may set the guest tables' accessed bits."""
-        if isinstance(walk, self.miss.V1Walk):
-            return bool(walk.had)
-        return True
-
     def _guest_event(self, devid: int, ev: E.Event) -> bool:
         """HW-vIOMMU: a guest device's event goes to its guest's event log instead."""
         if self.vi is None:
@@ -605,27 +597,22 @@ class AmdIommu(IommuHw):
         res = self._walker(dte, tag)(iova, write)
         return self._walked(dte, devid, iova, pasid, write, tag, res)
 
-    def _walker(self, dte: Dte, tag: tuple[int, int]) -> Any:
+    def _walker(self, dte: Dte, tag: tuple[int, int]) -> Walk:
         """The compiled walk of the tables ``tag`` names, bound to the DTE's fields: the
         guest (v2) tables of the tag's PASID, or the host (v1) table."""
         pages = self.memory._pages
         size = self.memory.size
         if tag[1] != NO_PASID:
             levels = 5 if dte.gpt_level == GUEST_PGTABLE_5_LEVEL else 4
-            return self.miss.NestedWalk(
-                self.walk.walk_nested,
-                pages,
-                size,
-                dte.host_root,
-                dte.mode,
-                dte.had,
-                dte.gcr3,
-                dte.glx,
-                levels,
-                tag[1],
-                self.x86.walk_x86,
-            )
-        return self.miss.V1Walk(self.walk.walk_v1, pages, size, dte.host_root, dte.mode, dte.had)
+            guest = (dte.gcr3, dte.glx, levels, tag[1], self.x86.walk_x86)
+            ctx = (pages, size, dte.host_root, dte.mode, dte.had, *guest)
+            # A read may set the guest tables' accessed bits.
+            return self.bind_walk(self.walk.walk_nested_bound, ctx)
+        host = (dte.host_root, dte.mode, dte.had)
+        # A read's host (v1) walk writes memory only with DTE HAD (accessed bits).
+        return self.bind_walk(
+            self.walk.walk_v1_bound, (pages, size, *host), read_writes=bool(dte.had)
+        )
 
     def _walked(
         self,

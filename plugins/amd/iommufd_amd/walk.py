@@ -702,3 +702,28 @@ def bench_nested(
             if res[0] == OK:
                 ok += 1
     return ok
+
+
+# -- bound entries: the translate front's miss walks (hw/xlate.py ``Walk``) -----------------
+# One signature for every walker, ``(iova, write, ctx)`` with the stream's table fields in
+# ``ctx``: the front calls them from compiled code with three arguments (no Python binder),
+# and the tuple is unpacked here natively.
+
+
+def walk_v1_bound(iova: int, write: bool, ctx: tuple[Pages, int, int, int, int]) -> Result:
+    """``walk_v1`` with ``ctx = (pages, mem_size, root, mode, had)``."""
+    pages, mem_size, root, mode, had = ctx
+    return walk_v1(pages, mem_size, root, mode, iova, write, had)
+
+
+def walk_nested_bound(
+    iova: int,
+    write: bool,
+    ctx: tuple[Pages, int, int, int, int, int, int, int, int, X86Walker],
+) -> Result:
+    """``walk_nested`` with ``ctx = (pages, mem_size, host_root, host_mode, had, gcr3_root,
+    glx, guest_levels, pasid, x86)``."""
+    pages, mem_size, host_root, host_mode, had, gcr3, glx, levels, pasid, x86 = ctx
+    return walk_nested(
+        pages, mem_size, host_root, host_mode, had, gcr3, glx, levels, pasid, iova, write, x86
+    )

@@ -38,6 +38,7 @@ from iommufd_model.hw.compiled import load_walker
 from iommufd_model.hw.iommu import CacheDict, FastPath, IommuHw, page_run
 from iommufd_model.hw.iotlb import Iotlb, TlbEntry
 from iommufd_model.hw.ring import MemRing
+from iommufd_model.hw.xlate import Walk
 from iommufd_model.locking import locked
 
 if TYPE_CHECKING:
@@ -45,7 +46,6 @@ if TYPE_CHECKING:
     from iommufd_model.machine import Machine
 
 WALKER = "iommufd_arm_smmuv3.walk"
-MISS_MODULE = "iommufd_arm_smmuv3.miss"
 TAG_S1 = 1  # (TAG_S1, vmid, asid): stage-1 and nested translations
 TAG_S2 = 2  # (TAG_S2, vmid): stage-2-only translations
 TAG_EL2 = 3  # (TAG_EL2, asid): stage-1 translations of EL2 StreamWorld streams (STRW EL2)
@@ -179,7 +179,6 @@ class Smmuv3(IommuHw):
         self.ste_cache: dict[int, Ste] = CacheDict(self.front)
         self.cd_cache: dict[tuple[int, int], Cd] = CacheDict(self.front)
         self.walker: Any = load_walker(WALKER)
-        self.miss: Any = load_walker(MISS_MODULE)
         # Control state mirrored from CR0 / GBPA / IRQ_CTRL for the hot path.
         self.enabled = False
         self.cmdq_on = False
@@ -655,14 +654,6 @@ class Smmuv3(IommuHw):
             return None
         return self.tlb, _tlb_tag(ste, cd, self.hyp), 2 if write else 1
 
-    def burst_walks_write(self, walk: Any) -> bool:
-        """A read's walk writes memory only through stage 1's access flag updates (CD.HA;
-        HD changes a leaf only for a write); stage 2 alone and a CD with EPD0 write
-        nothing."""
-        if isinstance(walk, self.miss.S1Walk):
-            return bool(walk.ha)
-        return not isinstance(walk, (self.miss.S2Walk, self.miss.Fixed))
-
     def _context(self, ste: Ste, sid: int, pasid: int | None) -> Cd | None:
         """The CD that stage 1 uses for this transaction (None: stage 1 off or bypassed)."""
         if not ste.s1_enabled:
@@ -701,44 +692,23 @@ class Smmuv3(IommuHw):
             return self._bypass(dev, iova, pasid, write)
         return self._walked(dev, ste, cd, iova, pasid, write, tag, walk(iova, write))
 
-    def _walker(self, ste: Ste, cd: Cd | None) -> Any:
-        """The compiled walk an STE and CD select, bound to their fields
-        (iommufd_arm_smmuv3/miss.py): stage 1 (nested through stage 2), stage 2 alone, a CD
-        with EPD0 (a translation fault, no walk); None when stage 1 is bypassed by S1DSS and
-        stage 2 is off."""
+    def _walker(self, ste: Ste, cd: Cd | None) -> Walk | None:
+        """The compiled walk an STE and CD select, bound to their fields: stage 1 (nested
+        through stage 2), stage 2 alone, a CD with EPD0 (a translation fault, no walk); None
+        when stage 1 is bypassed by S1DSS and stage 2 is off."""
         mem = self.memory
-        s2_oa = ips_bits(min(ste.s2ps, 5))
+        s2 = (ste.s2ttb, ste.s2_ia_bits, 2 - ste.s2sl0, ips_bits(min(ste.s2ps, 5)), ste.s2affd)
         if cd is not None:
+            # A read writes memory only through stage 1's access flag updates (CD.HA; HD
+            # changes a leaf only for a write); stage 2 alone and EPD0 write nothing.
             if cd.epd0:
-                return self.miss.Fixed((E.F_TRANSLATION, 0, 0, 0, 0, 0, 0, 0, E.CLASS_IN))
-            return self.miss.S1Walk(
-                self.walker.walk_s1,
-                mem._pages,
-                mem.size,
-                cd.ttb0,
-                cd.ia_bits,
-                ips_bits(min(cd.ips, 5)),
-                cd.affd,
-                cd.ha,
-                ste.s2_enabled,
-                ste.s2ttb,
-                ste.s2_ia_bits,
-                2 - ste.s2sl0,
-                s2_oa,
-                ste.s2affd,
-                cd.hd,
-            )
+                return self.bind_walk(_epd0_walk, (), read_writes=False)
+            s1 = (cd.ttb0, cd.ia_bits, ips_bits(min(cd.ips, 5)), cd.affd, cd.ha, ste.s2_enabled)
+            ctx = (mem._pages, mem.size, *s1, *s2, cd.hd)
+            return self.bind_walk(self.walker.walk_s1_bound, ctx, read_writes=bool(cd.ha))
         if ste.s2_enabled:
-            return self.miss.S2Walk(
-                self.walker.walk_s2,
-                mem._pages,
-                mem.size,
-                ste.s2ttb,
-                ste.s2_ia_bits,
-                2 - ste.s2sl0,
-                s2_oa,
-                ste.s2affd,
-            )
+            ctx2 = (mem._pages, mem.size, *s2)
+            return self.bind_walk(self.walker.walk_s2_bound, ctx2, read_writes=False)
         return None
 
     def _post_walk(
@@ -845,6 +815,12 @@ class Smmuv3(IommuHw):
             events=len(self.events),
         )
         return d
+
+
+def _epd0_walk(iova: int, write: bool, ctx: object) -> tuple[int, ...]:
+    """The walk of a CD with EPD0 set: none, every access a translation fault (stage 1's
+    result layout)."""
+    return (E.F_TRANSLATION, 0, 0, 0, 0, 0, 0, 0, E.CLASS_IN)
 
 
 def _s1_tag(tag: Hashable, vmid: int, asid: int | None) -> bool:

@@ -525,3 +525,47 @@ def _bench(
             if res[0] == OK:
                 ok += 1
     return ok
+
+
+# -- bound entries: the translate front's miss walks (hw/xlate.py ``Walk``) -----------------
+# One signature for every walker, ``(iova, write, ctx)`` with the stream's table fields in
+# ``ctx``: the front calls them from compiled code with three arguments (no Python binder),
+# and the tuple is unpacked here natively.
+
+
+def walk_s1_bound(
+    va: int,
+    write: bool,
+    ctx: tuple[Pages, int, int, int, int, bool, bool, bool, int, int, int, int, bool, bool],
+) -> tuple[int, int, int, int, int, int, int, int, int]:
+    """``walk_s1`` with ``ctx = (pages, mem_size, ttb, ia_bits, oa_bits, affd, ha, nested,
+    s2_ttb, s2_ia_bits, s2_start, s2_oa_bits, s2_affd, hd)``."""
+    pages, mem_size, ttb, ia, oa, affd, ha, nested, s2_ttb, s2_ia, s2_start, s2_oa, s2_affd, hd = (
+        ctx
+    )
+    return walk_s1(
+        pages,
+        mem_size,
+        ttb,
+        va,
+        ia,
+        oa,
+        write,
+        affd,
+        ha,
+        nested,
+        s2_ttb,
+        s2_ia,
+        s2_start,
+        s2_oa,
+        s2_affd,
+        hd,
+    )
+
+
+def walk_s2_bound(
+    ipa: int, write: bool, ctx: tuple[Pages, int, int, int, int, int, bool]
+) -> tuple[int, int, int, int, int, int]:
+    """``walk_s2`` with ``ctx = (pages, mem_size, ttb, ia_bits, start_level, oa_bits, affd)``."""
+    pages, mem_size, ttb, ia_bits, start_level, oa_bits, affd = ctx
+    return walk_s2(pages, mem_size, ttb, ipa, ia_bits, start_level, oa_bits, write, affd)

@@ -30,6 +30,7 @@ from iommufd_model.hw.iotlb import Iotlb, TlbEntry
 from iommufd_model.hw.regs import Mmio
 from iommufd_model.hw.ring import MemRing
 from iommufd_model.hw.walk_x86 import walk_x86
+from iommufd_model.hw.xlate import Walk
 from iommufd_model.locking import locked
 
 if TYPE_CHECKING:
@@ -37,7 +38,6 @@ if TYPE_CHECKING:
     from iommufd_model.machine import Machine
 
 WALKER_MODULE = "iommufd_intel_vtd.walk"
-MISS_MODULE = "iommufd_intel_vtd.miss"
 
 KIND_SS = 0  # second-stage only: tagged by DID, any PASID
 KIND_FS = 1  # first-stage only
@@ -105,7 +105,6 @@ class IntelVtd(IommuHw):
         #: the page request interrupt (the kernel's prq_event_thread), None until enabled
         self.prq_irq: Callable[[], None] | None = None
         self.walker: Any = load_walker(WALKER_MODULE)
-        self.miss: Any = load_walker(MISS_MODULE)
         self.mmio = Mmio(f"vtd{index}")
         R.define_registers(
             self.mmio,
@@ -372,11 +371,6 @@ class IntelVtd(IommuHw):
             return None
         return self.iotlb, tag, (IOMMU_WRITE | PERM_DIRTY_OK) if write else IOMMU_READ
 
-    def burst_walks_write(self, walk: Any) -> bool:
-        """A read's walk writes memory only through second-stage A/D updates (PASID entry
-        SSADE; the model's first-stage walk writes nothing)."""
-        return not isinstance(walk, self.miss.FsWalk) and bool(walk.set_ad)
-
     def translate(
         self, dev: PciDevice, iova: int, pasid: int | None, write: bool
     ) -> tuple[int, int]:
@@ -422,34 +416,24 @@ class IntelVtd(IommuHw):
         res = self._walker(pe, kind)(iova, write)
         return self._walked(dev, iova, pasid, write, pe, kind, tag, atc, atag, res)
 
-    def _walker(self, pe: T.PasidEntry, kind: int) -> Any:
+    def _walker(self, pe: T.PasidEntry, kind: int) -> Walk:
         """The compiled walk of the tables a PASID entry's PGTT selects, bound to its fields
-        (iommufd_intel_vtd/miss.py)."""
+        (every request a user request: no PM, RID_PRIV = 0)."""
         pages = self.memory._pages
         size = self.memory.size
         ssade = pe.ssade and kind != KIND_FS
+        walker = self.walker
+        # A read's walk writes memory only through second-stage A/D updates (SSADE); the
+        # model's first-stage walk writes nothing.
         if kind == KIND_FS:
-            return self.miss.FsWalk(
-                self.walker.walk_fs, pages, size, pe.fsptptr, pe.fs_levels, self.fl1gp
-            )
+            fs = (pe.fsptptr, pe.fs_levels, self.fl1gp, True)
+            return self.bind_walk(walker.walk_fs_bound, (pages, size, *fs), read_writes=False)
+        ss = (pe.slptptr, T.aw_levels(pe.aw), self.large_mask, ssade)
         if kind == KIND_SS:
-            levels = T.aw_levels(pe.aw)
-            return self.miss.SsWalk(
-                self.walker.walk_ss, pages, size, pe.slptptr, levels, self.large_mask, ssade
-            )
-        return self.miss.NestedWalk(
-            self.walker.walk_nested,
-            walk_x86,
-            pages,
-            size,
-            pe.fsptptr,
-            pe.fs_levels,
-            pe.slptptr,
-            T.aw_levels(pe.aw),
-            self.large_mask,
-            ssade,
-            self.fl1gp,
-        )
+            return self.bind_walk(walker.walk_ss_bound, (pages, size, *ss), read_writes=ssade)
+        fs_root, fs_levels = pe.fsptptr, pe.fs_levels
+        ctx = (walk_x86, pages, size, fs_root, fs_levels, *ss, self.fl1gp, True)
+        return self.bind_walk(walker.walk_nested_bound, ctx, read_writes=ssade)
 
     def _post_walk(
         self, dev: PciDevice, iova: int, pasid: int | None, write: bool, res: tuple[int, ...]

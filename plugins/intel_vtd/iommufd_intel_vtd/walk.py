@@ -554,3 +554,46 @@ def _bench_nested(
             if res[0] == OK:
                 ok += 1
     return ok
+
+
+# -- bound entries: the translate front's miss walks (hw/xlate.py ``Walk``) -----------------
+# One signature for every walker, ``(iova, write, ctx)`` with the stream's table fields in
+# ``ctx``: the front calls them from compiled code with three arguments (no Python binder),
+# and the tuple is unpacked here natively.
+
+
+def walk_fs_bound(iova: int, write: bool, ctx: tuple[Pages, int, int, int, bool, bool]) -> Result:
+    """``walk_fs`` with ``ctx = (pages, mem_size, root, levels, fl1gp, user)``."""
+    pages, mem_size, root, levels, fl1gp, user = ctx
+    return walk_fs(pages, mem_size, root, iova, levels, write, fl1gp, user)
+
+
+def walk_ss_bound(iova: int, write: bool, ctx: tuple[Pages, int, int, int, int, bool]) -> Result:
+    """``walk_ss`` with ``ctx = (pages, mem_size, root, levels, large_mask, set_ad)``."""
+    pages, mem_size, root, levels, large_mask, set_ad = ctx
+    return walk_ss(pages, mem_size, root, iova, levels, write, large_mask, set_ad)
+
+
+def walk_nested_bound(
+    iova: int,
+    write: bool,
+    ctx: tuple[FirstStage, Pages, int, int, int, int, int, int, bool, bool, bool],
+) -> tuple[int, int, int, int, int, int]:
+    """``walk_nested`` with ``ctx = (walk_fs, pages, mem_size, fs_root, fs_levels, ss_root,
+    ss_levels, large_mask, set_ad, fl1gp, user)``."""
+    first, pages, mem_size, fs_root, fs_levels, ss_root, ss_levels, large, set_ad, fl1gp, user = ctx
+    return walk_nested(
+        first,
+        pages,
+        mem_size,
+        fs_root,
+        iova,
+        fs_levels,
+        write,
+        ss_root,
+        ss_levels,
+        large,
+        set_ad,
+        fl1gp,
+        user,
+    )
