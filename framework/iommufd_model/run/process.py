@@ -299,6 +299,15 @@ class RealMemFile(MemFile):
             self._mapped.add(index)
         return pfn
 
+    def mapped_pfns(self, first: int, count: int) -> list[int]:
+        """:meth:`mapped_pfn` of pages ``first`` .. ``first + count - 1``: one lookup of the
+        whole run when every page has its frame and mapping reference already."""
+        indexes = range(first, first + count)
+        got = list(map(self._pfns.get, indexes))
+        if None in got or not self._mapped.issuperset(indexes):
+            return [self.mapped_pfn(i) for i in indexes]
+        return got  # type: ignore[return-value]
+
     def pinned(self) -> bool:
         """Some page of the file holds more than the file's and the mappings' references."""
         refs = self.memory.frame_refs
@@ -479,6 +488,35 @@ class RealProcess(Process):
         self._ptes[vpn] = pfn
         self.mirrors.add_anon(pfn, self, vpn)
         return pfn
+
+    def pin_pages(self, va: int, npages: int) -> list[int]:
+        """:meth:`Process.pin_pages`, with the pages of a shared mapping (a memfd) looked up
+        a mapping at a time rather than a page at a time (the same frames)."""
+        if va & PAGE_MASK:
+            raise err(errno.EINVAL, "pin start must be page aligned")
+        end = va + (npages << PAGE_SHIFT)
+        if not self.is_mapped(va, end - va):
+            raise err(errno.EFAULT, f"pin of unmapped user range {va:#x}")
+        pfns: list[int] = []
+        pos = va
+        while pos < end:
+            vma = self._vma(pos)
+            stop = end if vma is None else min(end, vma.end)
+            vpns = range(pos >> PAGE_SHIFT, stop >> PAGE_SHIFT)
+            if (
+                vma is not None
+                and isinstance(vma.file, RealMemFile)
+                and self._ptes.keys().isdisjoint(vpns)
+            ):
+                first = (vma.offset + (pos - vma.start)) >> PAGE_SHIFT
+                pfns += vma.file.mapped_pfns(first, len(vpns))
+            else:
+                pfns += [self._translate(v << PAGE_SHIFT) for v in vpns]
+            pos = stop
+        get = self.memory.get_frame
+        for pfn in pfns:
+            get(pfn)
+        return pfns
 
     def new_request(self) -> None:
         """A request begins: pages probed for an earlier one may have been unmapped since."""

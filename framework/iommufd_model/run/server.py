@@ -24,10 +24,9 @@ the reply; larger structs, and every other user pointer, the server reads and wr
 from __future__ import annotations
 
 import array
-import contextlib
 import errno
 import os
-import selectors
+import select
 import socket
 import stat
 import struct
@@ -156,8 +155,11 @@ class Server:
         self.listener.bind(b"\0" + name.encode())
         self.listener.listen(64)
         self.listener.setblocking(False)
-        self.sel = selectors.DefaultSelector()
-        self.sel.register(self.listener, selectors.EVENT_READ, None)
+        # what the one epoll set watches, by descriptor: the listener (None), each
+        # connection (Conn) and the server's end of each model file (ModelFile)
+        self._epoll = select.epoll()
+        self._watched: dict[int, Conn | ModelFile | None] = {}
+        self._watch(self.listener, None)
         self.files: dict[int, ModelFile] = {}
         self.queues: dict[int, ModelFile] = {}  # the FAULT and vEVENTQ files (poll tokens)
         self.procs: dict[int, RealProcess] = {}
@@ -197,20 +199,33 @@ class Server:
         the request (the hangup is queued when close() returns, before the program's next
         call), so releasing first keeps the kernel's order: a file is released before any
         later request of any process is served."""
-        events = self.sel.select(timeout)
+        events = self._epoll.poll(timeout)
+        watched = self._watched
         requests: list[Conn] = []
-        for key, _ in events:
-            if isinstance(key.data, ModelFile):
-                self._on_file(key.data)
-            elif isinstance(key.data, Conn):
-                requests.append(key.data)
-        for key, _ in events:
-            if key.fileobj is self.listener:
-                self._accept()
+        accept = False
+        for fd, _ in events:
+            data = watched.get(fd, False)
+            if isinstance(data, Conn):
+                requests.append(data)
+            elif isinstance(data, ModelFile):
+                self._on_file(data)
+            elif data is None:
+                accept = True
+        if accept:
+            self._accept()
         for conn in requests:
-            if self.sel.get_map().get(conn.sock.fileno()) is not None:
+            if watched.get(conn.sock.fileno()) is conn:  # not dropped meanwhile
                 self._on_request(conn)
         return len(requests)
+
+    def _watch(self, sock: socket.socket, data: Conn | ModelFile | None) -> None:
+        self._epoll.register(sock.fileno(), select.EPOLLIN)
+        self._watched[sock.fileno()] = data
+
+    def _unwatch(self, sock: socket.socket) -> None:
+        fd = sock.fileno()
+        if self._watched.pop(fd, False) is not False:
+            self._epoll.unregister(fd)
 
     def _accept(self) -> None:
         try:
@@ -218,10 +233,10 @@ class Server:
         except BlockingIOError:
             return
         sock.setblocking(True)
-        self.sel.register(sock, selectors.EVENT_READ, Conn(sock))
+        self._watch(sock, Conn(sock))
 
     def _drop_conn(self, conn: Conn) -> None:
-        self.sel.unregister(conn.sock)
+        self._unwatch(conn.sock)
         conn.sock.close()
         if conn.proc is not None:
             left = self._conns.get(conn.pid, 1) - 1
@@ -270,8 +285,7 @@ class Server:
         self.files.pop(mf.id, None)
         self.queues.pop(mf.id, None)
         self.by_inode.pop(mf.inode, None)
-        with contextlib.suppress(KeyError, ValueError):
-            self.sel.unregister(mf.sock)
+        self._unwatch(mf.sock)
         mf.sock.close()
         try:
             mf.obj.release()
@@ -435,9 +449,9 @@ class Server:
         threads): ``pinned_vm`` (VmPin) and ``locked_vm`` (VmLck), two u64 in pages."""
         proc = self.procs.get(pid)
         if proc is None:  # a thread's id: its process
-            for key in self.sel.get_map().values():
-                if isinstance(key.data, Conn) and key.data.tid == pid:
-                    proc = key.data.proc
+            for data in self._watched.values():
+                if isinstance(data, Conn) and data.tid == pid:
+                    proc = data.proc
                     break
         if proc is None or proc.gone:
             return STATUS.pack(0, 0)
@@ -478,7 +492,7 @@ class Server:
             self.queues[fid] = mf
         self.by_inode[inode] = mf
         ours.setblocking(False)
-        self.sel.register(ours, selectors.EVENT_READ, mf)
+        self._watch(ours, mf)
         return fd
 
     def resolve_fd(self, proc: RealProcess, fd: int) -> Any:
@@ -698,13 +712,13 @@ class Server:
         """Release whatever the program left open, newest first, then every process."""
         for mf in sorted(self.files.values(), key=lambda m: -m.id):
             self._release(mf)
-        for key in list(self.sel.get_map().values()):
-            if isinstance(key.data, Conn):
-                self._drop_conn(key.data)
+        for data in list(self._watched.values()):
+            if isinstance(data, Conn):
+                self._drop_conn(data)
         for proc in self.procs.values():
             proc.forget()
         for file in self.memfiles.values():
             file.close()
-        self.sel.close()
+        self._epoll.close()
         self.listener.close()
         self.dma.close()
