@@ -3,6 +3,7 @@ poll on a vEVENTQ fd, a client killed mid-ioctl, leaks), and the server's state 
 
 from __future__ import annotations
 
+import errno
 import subprocess
 import sys
 from collections.abc import Callable
@@ -85,3 +86,14 @@ def test_status_shows_the_models_pins(cc: Build) -> None:
     """VmPin of /proc/<pid>/status counts what the model pinned from that mm, whichever way
     the program opens it (fopen, open; self, PID, task/TID, thread-self)."""
     run_clean(cc("vmpin", (C / "vmpin.c").read_text()))
+
+
+def test_capability_of_a_user_namespace_does_not_count(cc: Build) -> None:
+    """A program in a user namespace of its own holds CAP_SYS_RESOURCE there (its CapEff
+    shows it), but capable() checks the initial namespace: RLIMIT_MODE SET stays EPERM."""
+    if subprocess.run(["unshare", "-U", "-r", "true"], capture_output=True).returncode:
+        pytest.skip("unshare -U -r is not permitted here: no user namespace to try")
+    prog = cc("capns", (C / "capns.c").read_text())
+    rc, server = run_program(["unshare", "-U", "-r", str(prog)])
+    assert rc == errno.EPERM
+    assert server.internal_errors == []

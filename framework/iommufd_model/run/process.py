@@ -393,7 +393,15 @@ class RealProcess(Process):
 
     @property
     def capable_sys_resource(self) -> bool:
-        """``capable(CAP_SYS_RESOURCE)`` of the process now (its effective set)."""
+        """``capable(CAP_SYS_RESOURCE)`` of the process now: in its effective set, and the
+        process in the model's initial user namespace (the server's own). ``capable()``
+        checks the initial namespace: a process that made a user namespace of its own holds
+        every capability there (its CapEff shows them), none that the kernel counts."""
+        try:
+            if os.readlink(f"/proc/{self.pid}/ns/user") != os.readlink("/proc/self/ns/user"):
+                return False
+        except OSError:
+            return False
         try:
             with open(f"/proc/{self.pid}/status") as f:
                 for line in f:
