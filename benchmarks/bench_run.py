@@ -9,6 +9,10 @@ ioctls, with a C reference. Figures only, no assertions.
 - ``c/hammer.c``: 1 and 4 threads on one iommufd, each looping IOAS_ALLOC, IOAS_MAP (64 KiB),
   IOAS_UNMAP, DESTROY. The reference is the same program doing as many real kernel ioctls
   (FIONREAD on a pipe): what a syscall round trip costs with no model behind it.
+- ``c/access_rw.c``: the selftest's hot loop alone (IOMMU_TEST_OP_ACCESS_RW around a page
+  boundary, reads and writes in turn), on the fast path and with MOCK_ACCESS_RW_SLOW_PATH:
+  CPU per request of the program and the server together, from two runs of different
+  lengths (so the start-up cancels out).
 
 The load average is printed before and after: on a shared machine the wall times follow it,
 the CPU times much less.
@@ -70,6 +74,18 @@ def run(quick: bool = False) -> dict[str, float]:
             figures[f"hammer, {threads} thread(s): model ioctls/s"] = model
             figures[f"hammer, {threads} thread(s): kernel ioctls/s (C reference)"] = ref
             figures[f"hammer, {threads} thread(s): reference / model"] = ref / model
+        rw = Path(tmp, "access_rw")
+        subprocess.run(["gcc", "-O2", "-o", str(rw), str(HERE / "c" / "access_rw.c")], check=True)
+        for path in ("fast", "slow"):
+            extra = ["slow"] if path == "slow" else []
+            n0, n1 = 500, 5000 if quick else 40_000
+            cpus = []
+            for n in (n0, n1):
+                done, _wall, cpu = _timed([str(CLI), "run", "--", str(rw), str(n), *extra])
+                done.check_returncode()
+                cpus.append(cpu)
+            per = (cpus[1] - cpus[0]) / (n1 - n0) * 1e6
+            figures[f"ACCESS_RW loop, {path} path: CPU us per request (program + server)"] = per
         if KIT.exists() and not quick:
             subprocess.run(["bash", str(KIT), tmp], check=True, capture_output=True)
             for name in ("iommufd", "iommufd_fail_nth"):
