@@ -180,12 +180,18 @@ def _alloc_buf(w: ViommuWorld, data_uptr: int) -> bytearray:
     return bytearray(st.pack())
 
 
-def test_failed_viommu_alloc_leaves_no_region_nor_pages() -> None:
+def _failing_alloc_world() -> tuple[ViommuWorld, int, dict[str, object], int]:
+    """A vIOMMU world with the selftest driver data at user address ``va``, for an
+    IOMMU_VIOMMU_ALLOC made to fail, and what a failure must leave as it was: the objects'
+    snapshot and the frames in use. Returns ``(w, va, snapshot, frames)``."""
     w = ViommuWorld()
     va = w.proc.mmap(PAGE)
     w.proc.write(va, DATA)
-    before = snapshot(w.fd)
-    frames = w.machine.memory.frames_in_use
+    return w, va, snapshot(w.fd), w.machine.memory.frames_in_use
+
+
+def test_failed_viommu_alloc_leaves_no_region_nor_pages() -> None:
+    w, va, before, frames = _failing_alloc_world()
 
     def check(fp: object, exc: OSError | None) -> None:
         assert exc is not None
@@ -201,11 +207,7 @@ def test_failed_viommu_alloc_leaves_no_region_nor_pages() -> None:
 
 def test_rollback_when_out_data_cannot_be_written() -> None:
     """The copy back of the driver data fails after the driver registered its region."""
-    w = ViommuWorld()
-    va = w.proc.mmap(PAGE)
-    w.proc.write(va, DATA)
-    before = snapshot(w.fd)
-    frames = w.machine.memory.frames_in_use
+    w, va, before, frames = _failing_alloc_world()
     real_write = w.proc.write
 
     def failing_write(addr: int, data: bytes, **kw: object) -> None:
