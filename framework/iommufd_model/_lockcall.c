@@ -23,7 +23,9 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <errno.h>
 #include <pythread.h>
+#include <semaphore.h>
 #include <stddef.h>
 #include <time.h>
 
@@ -31,7 +33,8 @@
 
 typedef struct {
     PyObject_HEAD
-    PyThread_type_lock lock;
+    sem_t sem;           /* the mutex: 1 free, 0 held */
+    int sem_ready;       /* sem_init succeeded (sem_destroy at dealloc) */
     unsigned long owner; /* thread ident of the holder (0: none); atomic */
     unsigned long count; /* re-entries of the holder; only the holder touches it */
     unsigned long long acquisitions;
@@ -51,30 +54,52 @@ static double monotonic(void) {
 }
 
 /* Take the underlying lock: `timeout` < 0 waits forever, 0 only tries. 1 taken, 0 not, -1
- * error (a signal handler raised while waiting). The GIL is released while waiting. */
+ * error (a signal handler raised while waiting). The GIL is released while waiting.
+ *
+ * A POSIX semaphore of the object's own rather than a PyThread lock: an uncontended take is
+ * one sem_trywait (an atomic compare-and-swap), where PyThread_acquire_lock_timed of Python
+ * 3.11 also reads the monotonic clock on every call to compute a deadline, even for a try. */
 static int take(RLockObject *self, double timeout) {
-    if (PyThread_acquire_lock_timed(self->lock, 0, 0) == PY_LOCK_ACQUIRED)
+    if (sem_trywait(&self->sem) == 0)
         return 1;
     if (timeout == 0)
         return 0;
     double deadline = timeout > 0 ? monotonic() + timeout : 0;
     for (;;) {
-        PY_TIMEOUT_T us = -1;
+        int r, err;
         if (timeout > 0) {
             double left = deadline - monotonic();
             if (left <= 0)
                 return 0;
-            us = (PY_TIMEOUT_T)(left * 1e6);
+            struct timespec until;
+            clock_gettime(CLOCK_MONOTONIC, &until);
+            double secs = (double)until.tv_sec + (double)until.tv_nsec * 1e-9 + left;
+            until.tv_sec = (time_t)secs;
+            until.tv_nsec = (long)((secs - (double)until.tv_sec) * 1e9);
+            if (until.tv_nsec >= 1000000000L) {
+                until.tv_sec++;
+                until.tv_nsec -= 1000000000L;
+            }
+            Py_BEGIN_ALLOW_THREADS
+            r = sem_clockwait(&self->sem, CLOCK_MONOTONIC, &until);
+            err = errno;
+            Py_END_ALLOW_THREADS
+        } else {
+            Py_BEGIN_ALLOW_THREADS
+            r = sem_wait(&self->sem);
+            err = errno;
+            Py_END_ALLOW_THREADS
         }
-        PyLockStatus r;
-        Py_BEGIN_ALLOW_THREADS
-        r = PyThread_acquire_lock_timed(self->lock, us, 1);
-        Py_END_ALLOW_THREADS
-        if (r == PY_LOCK_ACQUIRED)
+        if (r == 0)
             return 1;
-        if (r == PY_LOCK_FAILURE)
+        if (err == ETIMEDOUT)
             return 0;
-        if (Py_MakePendingCalls() < 0) /* PY_LOCK_INTR: run the signal handlers */
+        if (err != EINTR) {
+            errno = err;
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+        if (Py_MakePendingCalls() < 0) /* interrupted: run the signal handlers */
             return -1;
     }
 }
@@ -103,7 +128,7 @@ static int rlock_give(RLockObject *self) {
     }
     if (--self->count == 0) {
         __atomic_store_n(&self->owner, 0, __ATOMIC_RELAXED);
-        PyThread_release_lock(self->lock);
+        sem_post(&self->sem);
     }
     return 0;
 }
@@ -116,23 +141,20 @@ static PyObject *rlock_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     RLockObject *self = (RLockObject *)type->tp_alloc(type, 0);
     if (self == NULL)
         return NULL;
-    self->lock = PyThread_allocate_lock();
-    if (self->lock == NULL) {
+    if (sem_init(&self->sem, 0, 1) != 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
         Py_DECREF(self);
-        PyErr_SetString(PyExc_MemoryError, "cannot allocate lock");
         return NULL;
     }
+    self->sem_ready = 1;
     return (PyObject *)self;
 }
 
 static void rlock_dealloc(RLockObject *self) {
     if (self->weakrefs != NULL)
         PyObject_ClearWeakRefs((PyObject *)self);
-    if (self->lock != NULL) {
-        if (self->count > 0)
-            PyThread_release_lock(self->lock);
-        PyThread_free_lock(self->lock);
-    }
+    if (self->sem_ready)
+        sem_destroy(&self->sem);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -229,7 +251,7 @@ static PyObject *rlock_release_save(RLockObject *self, PyObject *unused) {
     unsigned long count = self->count, owner = owner_of(self);
     self->count = 0;
     __atomic_store_n(&self->owner, 0, __ATOMIC_RELAXED);
-    PyThread_release_lock(self->lock);
+    sem_post(&self->sem);
     return Py_BuildValue("(kk)", count, owner);
 }
 
@@ -307,6 +329,8 @@ static PyObject *locked_vectorcall(PyObject *self, PyObject *const *args, size_t
     if (rlock_take(lc->lock, -1) < 0)
         return NULL;
     PyObject *result = PyObject_Vectorcall(lc->fn, args, nargsf, kwnames);
+    if (result != NULL) /* no exception to keep aside: the common case */
+        return rlock_give(lc->lock) < 0 ? (Py_DECREF(result), NULL) : result;
     /* The holder releases what it took: only a bug in the model could make this fail. */
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);

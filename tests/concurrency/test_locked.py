@@ -6,6 +6,7 @@ Python around ``threading.RLock``) alike; and the C lock behaves as ``threading.
 from __future__ import annotations
 
 import inspect
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -181,6 +182,45 @@ def test_the_lock_behaves_as_threading_rlock(kind: str) -> None:
     with pytest.raises(TypeError):
         lock.acquire(sometime=1)
     assert not lock._is_owned()
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise _Interrupted
+
+
+@pytest.mark.parametrize("kind", LOCKS)
+@pytest.mark.parametrize("timeout", [-1, 5.0], ids=["forever", "timed"])
+def test_a_signal_handler_runs_while_a_thread_waits_for_the_lock(kind: str, timeout: float) -> None:
+    """The main thread waiting for a lock another thread holds runs its signal handlers, and
+    an exception they raise ends the wait (the lock not taken), as with threading.RLock."""
+    lock = new_lock(kind)
+    held, done = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with lock:
+            held.set()
+            done.wait(10)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    old = signal.signal(signal.SIGALRM, _interrupt)
+    try:
+        assert held.wait(10)
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        with pytest.raises(_Interrupted):
+            lock.acquire(timeout=timeout)
+        assert not lock._is_owned()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        done.set()
+        thread.join()
+    assert lock.acquire(timeout=5) is True
+    lock.release()
 
 
 @pytest.mark.parametrize("kind", LOCKS)
