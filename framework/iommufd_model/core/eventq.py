@@ -350,9 +350,7 @@ class Veventq(_EventObject):
 
 @ioctl_op(U.IOMMU_FAULT_QUEUE_ALLOC, U.IommuFaultAlloc, "out_fault_fd")
 def _fault_alloc(ucmd: Ucmd) -> None:
-    cmd = ucmd.cmd
-    if cmd.flags:
-        raise err(errno.EOPNOTSUPP, "fault_alloc flags must be 0")
+    cmd = ucmd.zeroed("flags")
     fault = Fault(ucmd.ictx)
     cmd.out_fault_id = ucmd.ictx.objects.alloc_id(fault)
     cmd.out_fault_fd = _open_or_remove(ucmd, fault)

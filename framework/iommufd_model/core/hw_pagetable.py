@@ -201,11 +201,9 @@ def hwpt_nested_alloc(
 
 @ioctl_op(U.IOMMU_HWPT_ALLOC, U.IommuHwptAlloc, "reserved")
 def _hwpt_alloc(ucmd: Ucmd) -> None:
-    cmd = ucmd.cmd
+    cmd = ucmd.zeroed("reserved", "reserved2")
     ictx = ucmd.ictx
     objs = ictx.objects
-    if cmd.reserved or cmd.reserved2:
-        raise err(errno.EOPNOTSUPP, "hwpt_alloc __reserved must be 0")
     none = cmd.data_type == U.IOMMU_HWPT_DATA_NONE
     if (none and cmd.data_len) or (not none and not cmd.data_len):
         raise err(errno.EINVAL, "data_len must be 0 exactly when data_type is NONE")

@@ -73,9 +73,7 @@ def _placement(ucmd: Ucmd) -> tuple[int | None, int, bool]:
 
 @ioctl_op(U.IOMMU_IOAS_ALLOC, U.IommuIoasAlloc, "out_ioas_id")
 def _ioas_alloc(ucmd: Ucmd) -> None:
-    cmd = ucmd.cmd
-    if cmd.flags:
-        raise err(errno.EOPNOTSUPP, "ioas_alloc flags must be 0")
+    cmd = ucmd.zeroed("flags")
     ioas = Ioas(ucmd.ictx)
     cmd.out_ioas_id = ucmd.ictx.objects.alloc_id(ioas)
     ucmd.respond()
@@ -83,9 +81,7 @@ def _ioas_alloc(ucmd: Ucmd) -> None:
 
 @ioctl_op(U.IOMMU_IOAS_IOVA_RANGES, U.IommuIoasIovaRanges, "out_iova_alignment")
 def _iova_ranges(ucmd: Ucmd) -> None:
-    cmd = ucmd.cmd
-    if cmd.reserved:
-        raise err(errno.EOPNOTSUPP, "iova_ranges __reserved must be 0")
+    cmd = ucmd.zeroed("reserved")
     ioas = ucmd.ictx.objects.get_ioas(cmd.ioas_id)
     ranges = ioas.iopt.iova_ranges()
     max_iovas = cmd.num_iovas
@@ -101,9 +97,7 @@ def _iova_ranges(ucmd: Ucmd) -> None:
 
 @ioctl_op(U.IOMMU_IOAS_ALLOW_IOVAS, U.IommuIoasAllowIovas, "allowed_iovas")
 def _allow_iovas(ucmd: Ucmd) -> None:
-    cmd = ucmd.cmd
-    if cmd.reserved:
-        raise err(errno.EOPNOTSUPP, "allow_iovas __reserved must be 0")
+    cmd = ucmd.zeroed("reserved")
     ioas = ucmd.ictx.objects.get_ioas(cmd.ioas_id)
     ranges: list[tuple[int, int]] = []
     for i in range(cmd.num_iovas):
@@ -190,9 +184,7 @@ def _ioas_unmap(ucmd: Ucmd) -> None:
 
 @ioctl_op(U.IOMMU_IOAS_CHANGE_PROCESS, U.IommuIoasChangeProcess, "reserved")
 def _change_process(ucmd: Ucmd) -> None:
-    cmd = ucmd.cmd
-    if cmd.reserved:
-        raise err(errno.EOPNOTSUPP, "change_process __reserved must be 0")
+    ucmd.zeroed("reserved")
     ioases = [o for o in ucmd.ictx.objects if isinstance(o, Ioas)]
     for ioas in ioases:
         if not ioas.iopt.all_areas_from_files():

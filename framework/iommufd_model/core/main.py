@@ -230,10 +230,8 @@ def _destroy(ucmd: Ucmd) -> None:
 
 @ioctl_op(U.IOMMU_OPTION, U.IommuOption, "val64")
 def _option(ucmd: Ucmd) -> None:
-    cmd = ucmd.cmd
+    cmd = ucmd.zeroed("reserved")
     ictx = ucmd.ictx
-    if cmd.reserved:
-        raise err(errno.EOPNOTSUPP, "option __reserved must be 0")
     if cmd.option_id == U.IOMMU_OPTION_RLIMIT_MODE:
         if cmd.object_id:
             raise err(errno.EOPNOTSUPP, "RLIMIT_MODE is global: object_id must be 0")
@@ -260,10 +258,8 @@ def _option(ucmd: Ucmd) -> None:
 
 @ioctl_op(U.IOMMU_VFIO_IOAS, U.IommuVfioIoas, "reserved")
 def _vfio_ioas(ucmd: Ucmd) -> None:
-    cmd = ucmd.cmd
+    cmd = ucmd.zeroed("reserved")
     ictx = ucmd.ictx
-    if cmd.reserved:
-        raise err(errno.EOPNOTSUPP, "vfio_ioas __reserved must be 0")
     if cmd.op == U.IOMMU_VFIO_IOAS_GET:
         if ictx.vfio_ioas is None:
             raise err(errno.ENODEV, "no VFIO compatibility IOAS")

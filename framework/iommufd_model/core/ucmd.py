@@ -9,11 +9,13 @@ without a cycle.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from iommufd_model.errors import err
 from iommufd_model.uapi.codec import UStruct
 
 if TYPE_CHECKING:
@@ -33,6 +35,16 @@ class Ucmd:
         # The ioctl's return value: 0, except for the few commands that return an fd
         # (the self-test's DMABUF_GET).
         self.retval = 0
+
+    def zeroed(self, *fields: str) -> Any:
+        """The command's struct once the check most handlers make first has passed: each of
+        ``fields`` (``flags``, ``__reserved``: spelled ``reserved``) is zero, else EOPNOTSUPP,
+        as Linux 7.2 answers a flag or reserved field it does not know."""
+        cmd = self.cmd
+        for name in fields:
+            if getattr(cmd, name):
+                raise err(errno.EOPNOTSUPP, f"{type(cmd).__name__}.{name} must be 0")
+        return cmd
 
     def respond(self) -> None:
         """``iommufd_ucmd_respond``: copy the struct back, never past the user's size."""
