@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import errno
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from iommufd_model.core.io_pagetable import IoPagetable
 from iommufd_model.core.objects import IommufdObject, ObjType
@@ -49,6 +49,15 @@ def conv_prot(flags: int) -> int:
 def _check_map_flags(flags: int) -> None:
     if not flags & (U.IOMMU_IOAS_MAP_WRITEABLE | U.IOMMU_IOAS_MAP_READABLE):
         raise err(errno.EINVAL, "a mapping must be readable or writeable")
+
+
+def _map_cmd(ucmd: Ucmd, *zero: str) -> Any:
+    """The struct of IOAS_MAP, IOAS_MAP_FILE or IOAS_COPY once its first check passed: its
+    flags are map flags and its ``zero`` fields are zero (EOPNOTSUPP otherwise)."""
+    cmd = ucmd.zeroed(*zero)
+    if cmd.flags & ~MAP_FLAGS:
+        raise err(errno.EOPNOTSUPP, f"unknown map flags {cmd.flags & ~MAP_FLAGS:#x}")
+    return cmd
 
 
 def _map_target(ucmd: Ucmd) -> Ioas:
@@ -114,9 +123,7 @@ def _allow_iovas(ucmd: Ucmd) -> None:
 
 @ioctl_op(U.IOMMU_IOAS_MAP, U.IommuIoasMap, "iova")
 def _ioas_map(ucmd: Ucmd) -> None:
-    cmd = ucmd.cmd
-    if cmd.flags & ~MAP_FLAGS or cmd.reserved:
-        raise err(errno.EOPNOTSUPP, "unknown map flags or non-zero __reserved")
+    cmd = _map_cmd(ucmd, "reserved")
     ioas = _map_target(ucmd)
     fixed, prot, account_mm = _placement(ucmd)
     cmd.iova = ioas.iopt.map_user(
@@ -127,9 +134,7 @@ def _ioas_map(ucmd: Ucmd) -> None:
 
 @ioctl_op(U.IOMMU_IOAS_MAP_FILE, U.IommuIoasMapFile, "iova")
 def _ioas_map_file(ucmd: Ucmd) -> None:
-    cmd = ucmd.cmd
-    if cmd.flags & ~MAP_FLAGS:
-        raise err(errno.EOPNOTSUPP, "unknown map flags")
+    cmd = _map_cmd(ucmd)
     ioas = _map_target(ucmd)
     file = ucmd.caller.files.get(cmd.fd)
     if file is None:
@@ -150,9 +155,7 @@ def _ioas_map_file(ucmd: Ucmd) -> None:
 
 @ioctl_op(U.IOMMU_IOAS_COPY, U.IommuIoasCopy, "src_iova")
 def _ioas_copy(ucmd: Ucmd) -> None:
-    cmd = ucmd.cmd
-    if cmd.flags & ~MAP_FLAGS:
-        raise err(errno.EOPNOTSUPP, "unknown copy flags")
+    cmd = _map_cmd(ucmd)
     if cmd.length >= ULONG_MAX or cmd.src_iova >= ULONG_MAX or cmd.dst_iova >= ULONG_MAX:
         raise err(errno.EOVERFLOW)
     _check_map_flags(cmd.flags)
