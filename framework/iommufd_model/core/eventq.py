@@ -314,6 +314,7 @@ class Veventq(_EventObject):
             else:
                 self.events.append(_Vevent(U.IOMMU_VEVENTQ_FLAG_LOST_EVENTS, seq, b""))
                 self.lost = True
+            notify_event()  # iommufd_vevent_handler() wakes readers for the header too
             return
         if self.lost:
             # A real event after a loss: the gap in sequence numbers tells the reader.

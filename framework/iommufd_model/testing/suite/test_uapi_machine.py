@@ -2,10 +2,13 @@
 
 Random interleavings of IOAS alloc/map/copy/unmap, device attach/replace/detach and
 unbind/rebind, HWPT alloc (paging, nest parent, nested where the driver declares it),
-HWPT invalidate and destroy of any object. A plain shadow of what a VMM was told predicts
-every outcome; after every step the machine checks that ids, areas and pins match the shadow
-and that device DMA reads exactly the user page each mapped IOVA names (and faults
-elsewhere). A refused call must raise ``OSError`` with an errno and change nothing.
+HWPT invalidate, fault queues (HWPTs on them, page request groups delivered through an
+attachment, reads, responses, and the answers detach and replace give), vEVENTQs (events
+reported by the driver's side, overflow, reads of every size) and destroy of any object. A
+plain shadow of what a VMM was told predicts every outcome; after every step the machine
+checks that ids, areas and pins match the shadow and that device DMA reads exactly the user
+page each mapped IOVA names (and faults elsewhere). A refused call must raise ``OSError``
+with an errno and change nothing.
 
 Hypothesis is a test extra: without it this module is skipped. The example database is
 chosen with the ``iommu_example_db`` ini option or ``IOMMUFD_MODEL_EXAMPLE_DB`` (one
@@ -27,6 +30,14 @@ import attrs
 import pytest
 
 from iommufd_model.core.device import Device
+from iommufd_model.core.eventq import (
+    INT_MAX,
+    EventFile,
+    Fault,
+    IopfFault,
+    Veventq,
+    deliver_iopf_group,
+)
 from iommufd_model.core.hw_pagetable import Hwpt, HwptPaging
 from iommufd_model.core.ioas import Ioas
 from iommufd_model.core.main import IommuFd
@@ -34,6 +45,7 @@ from iommufd_model.core.objects import ObjType
 from iommufd_model.driver import DEFAULT_OPTION_SET, DriverInfo, Feature, OptionSet
 from iommufd_model.hw.iommu import DmaFault
 from iommufd_model.hw.memory import PAGE_SHIFT, PAGE_SIZE
+from iommufd_model.locking import MODEL_LOCK
 from iommufd_model.machine import Machine
 from iommufd_model.plugins import DriverRegistry
 from iommufd_model.scenarios.catalog import vendor_data
@@ -66,6 +78,10 @@ EXAMPLES = int(os.environ.get("IOMMUFD_MODEL_MACHINE_EXAMPLES", "100"))
 STEPS = int(os.environ.get("IOMMUFD_MODEL_MACHINE_STEPS", "60"))
 GARBAGE = 0xBAD0_DA7A
 PASID = 5  # the one PASID the machine attaches (Feature pasid)
+PGFAULT = U.IommuHwptPgfault.SIZE
+RESPONSE = U.IommuHwptPageResponse.SIZE
+VHDR = U.IommufdVeventHeader.SIZE
+LOST = U.IOMMU_VEVENTQ_FLAG_LOST_EVENTS
 
 # Valid nested vendor data and a "flush everything" invalidation entry per HWPT data type
 # the framework knows; a driver with another type gets nested alloc but no invalidate rule.
@@ -133,6 +149,8 @@ def check_users(fd: IommuFd) -> None:
                 if h is not None:
                     assert live.get(h.id) is h, f"{obj} attached to a dead {h}"
                     users[h.id] += 1
+        if isinstance(obj, (Fault, Veventq)) and fd.proc.files.get(obj.fd) is obj.file:
+            users[obj.id] += 1  # the open fault / vEVENTQ file
         if isinstance(obj, HwptPaging):
             assert obj in obj.ioas.hwpt_list and obj.adapter in obj.ioas.iopt.domains
         if isinstance(obj, Ioas):
@@ -156,6 +174,64 @@ class HwptShadow:
     ioas: int
     parent: int = 0  # nested: the nest parent HWPT or vIOMMU it was allocated on
     pasid: bool = False  # allocated with IOMMU_HWPT_ALLOC_PASID
+    fault: int = 0  # the fault queue it was allocated on (IOMMU_HWPT_FAULT_ID_VALID)
+
+
+@attrs.define
+class GroupShadow:
+    """A delivered one-request page group: the attachment it came through (device index,
+    PASID or None, and which attachment: a new token per attach), its group index."""
+
+    dev: int
+    pasid: int | None
+    token: int
+    grpid: int
+
+
+@attrs.define
+class FaultShadow:
+    fd: int | None  # its file, None once closed
+    deliver: list[GroupShadow] = attrs.Factory(list)  # not read yet, oldest first
+    response: dict[int, GroupShadow] = attrs.Factory(dict)  # cookie -> read, unanswered
+
+
+@attrs.define
+class VeventqShadow:
+    """What eventq.c / driver.c say a vEVENTQ holds: records (flags, sequence, data), the
+    real events counted against the depth, the next sequence number."""
+
+    viommu: int
+    fd: int | None
+    depth: int
+    records: list[tuple[int, int, bytes]] = attrs.Factory(list)
+    num: int = 0
+    seq: int = 0
+
+    def report(self, data: bytes) -> None:
+        if self.records and self.records[-1][0] & LOST:
+            self.records.pop()  # a new record replaces the tail LOST_EVENTS header
+        if self.num == self.depth:
+            self.records.append((LOST, self.seq, b""))
+        else:
+            self.records.append((0, self.seq, data))
+            self.num += 1
+        self.seq = (self.seq + 1) & INT_MAX
+
+    def read(self, count: int) -> bytes | None:
+        """The bytes a read of ``count`` returns (taken off the queue); None for EINVAL."""
+        if count < VHDR:
+            return None
+        out = b""
+        while self.records:
+            flags, seq, data = self.records[0]
+            if len(out) + VHDR + len(data) > count:
+                if not out:
+                    return None
+                break
+            self.records.pop(0)
+            self.num -= 0 if flags & LOST else 1
+            out += U.IommufdVeventHeader(flags, seq).pack() + data
+        return out
 
 
 class UapiMachine(RuleBasedStateMachine):
@@ -187,6 +263,16 @@ class UapiMachine(RuleBasedStateMachine):
         self.ever: dict[int, set[int]] = {}  # IOAS id -> every IOVA page it ever mapped
         self.hwpts: dict[int, HwptShadow] = {}
         self.viommus: dict[int, int] = {}  # vIOMMU id -> nest parent HWPT id
+        self.faults: dict[int, FaultShadow] = {}
+        self.veventqs: dict[int, VeventqShadow] = {}
+        # the attach token of each (device, PASID or None): a new one per attachment
+        self.tokens: dict[tuple[int, int | None], int] = {}
+        self.next_token = 0
+        self.next_event = 0
+        # attachments a refused replace left to the driver: 7.2's core does not re-attach the
+        # old domain to the device that failed (__iommu_group_set_domain_internal), and
+        # VT-d blocks before it checks (intel_iommu_attach_device): its DMA may fault now
+        self.torn: set[tuple[int, int | None]] = set()
         self.dead: set[int] = set()
         self.small: set[int] = set()  # IOASes with IOMMU_OPTION_HUGE_PAGES off
         self.next_pages = 0
@@ -199,6 +285,7 @@ class UapiMachine(RuleBasedStateMachine):
 
     def _live(self) -> set[int]:
         ids = set(self.areas) | set(self.hwpts) | set(self.viommus)
+        ids |= set(self.faults) | set(self.veventqs)
         return ids | {d for d in self.dev_ids if d is not None}
 
     def _new_id(self, obj_id: int) -> int:
@@ -258,8 +345,14 @@ class UapiMachine(RuleBasedStateMachine):
             return sum(1 for h in self.hwpts.values() if h.ioas == obj_id and h.kind != "nested")
         if obj_id in self.dev_ids:
             return 1
+        if obj_id in self.faults:
+            n = int(self.faults[obj_id].fd is not None)
+            return n + sum(1 for h in self.hwpts.values() if h.fault == obj_id)
+        if obj_id in self.veventqs:
+            return int(self.veventqs[obj_id].fd is not None)
         n = sum(1 for a in [*self.attached, *self.pasid_att] if a == obj_id)
         n += sum(1 for h in self.hwpts.values() if h.kind == "nested" and h.parent == obj_id)
+        n += sum(1 for q in self.veventqs.values() if q.viommu == obj_id)
         return n + sum(1 for p in self.viommus.values() if p == obj_id)
 
     @staticmethod
@@ -272,9 +365,26 @@ class UapiMachine(RuleBasedStateMachine):
     def _any_dev_id(self) -> int:
         return next(d for d in self.dev_ids if d is not None)
 
+    def _moved(self, dev: int, pasid: int | None, old: int | None, new: int | None) -> None:
+        """Shadow of an attachment changing (attach, replace, detach): the groups its old
+        attach handle took are answered (iommufd_auto_response_faults) and leave the fault
+        queue; a new attachment gets a new handle."""
+        if old == new:
+            return
+        self.torn.discard((dev, pasid))
+        token = self.tokens.pop((dev, pasid), None)
+        fault = self.faults.get(self.hwpts[old].fault) if old is not None else None
+        if fault is not None:
+            fault.deliver = [g for g in fault.deliver if g.token != token]
+            fault.response = {c: g for c, g in fault.response.items() if g.token != token}
+        if new is not None:
+            self.next_token += 1
+            self.tokens[(dev, pasid)] = self.next_token
+
     def _release(self, idx: int) -> None:
         """Shadow of a device leaving its HWPT: an unused automatic domain dies with it."""
         old = self.attached[idx]
+        self._moved(idx, None, old, None)
         self.attached[idx] = None
         if old is not None and self.hwpts[old].kind == "auto" and old not in self.attached:
             del self.hwpts[old]
@@ -484,6 +594,7 @@ class UapiMachine(RuleBasedStateMachine):
             self.hwpts[self._new_id(got)] = HwptShadow("auto", ioas)
         if self.attached[dev] != got:
             self._release(dev)
+            self._moved(dev, None, None, got)
         self.attached[dev] = got
 
     @precondition(lambda self: self.hwpts and any(d is not None for d in self.dev_ids))
@@ -504,10 +615,18 @@ class UapiMachine(RuleBasedStateMachine):
             if self._maybe(lambda: self.fd.attach(dev_id, hwpt), "attach nested") is None:
                 return
             type(self).stats["nested_attached"] += 1
+        elif self.hwpts[hwpt].fault:
+            # whether the device can take IO page faults is the driver's (VT-d: PRI)
+            if self._maybe(lambda: self.fd.attach(dev_id, hwpt), "attach fault") is None:
+                if self.attached[dev] is not None:
+                    self.torn.add((dev, None))
+                return
+            type(self).stats["fault_attached"] += 1
         else:
             assert self.fd.attach(dev_id, hwpt) == hwpt
         if self.attached[dev] != hwpt:
             self._release(dev)
+            self._moved(dev, None, None, hwpt)
         self.attached[dev] = hwpt
 
     @precondition(
@@ -529,7 +648,15 @@ class UapiMachine(RuleBasedStateMachine):
             self._refused(lambda: self.fd.attach(dev_id, hwpt, pasid=PASID), [errno.EINVAL],
                           "PASID attach without PASID-compatible HWPTs")  # fmt: skip
             return
-        assert self.fd.attach(dev_id, hwpt, pasid=PASID) == hwpt
+        if self.hwpts[hwpt].fault:
+            attach = lambda: self.fd.attach(dev_id, hwpt, pasid=PASID)  # noqa: E731
+            if self._maybe(attach, "attach fault at PASID") is None:
+                if self.pasid_att[dev] is not None:
+                    self.torn.add((dev, PASID))
+                return
+        else:
+            assert self.fd.attach(dev_id, hwpt, pasid=PASID) == hwpt
+        self._moved(dev, PASID, self.pasid_att[dev], hwpt)
         self.pasid_att[dev] = hwpt
         type(self).stats["pasid_attached"] += 1
 
@@ -541,6 +668,7 @@ class UapiMachine(RuleBasedStateMachine):
         if dev_id is None or self.pasid_att[dev] is None:
             return
         self.fd.detach(dev_id, pasid=PASID)
+        self._moved(dev, PASID, self.pasid_att[dev], None)
         self.pasid_att[dev] = None
 
     @precondition(lambda self: any(a is not None for a in self.attached))
@@ -563,6 +691,7 @@ class UapiMachine(RuleBasedStateMachine):
         if dev_id is None:
             return
         self.fd.unbind(dev_id)
+        self._moved(dev, PASID, self.pasid_att[dev], None)
         self._release(dev)
         self.pasid_att[dev] = None
         self.dev_ids[dev] = None
@@ -678,7 +807,11 @@ class UapiMachine(RuleBasedStateMachine):
         """(device index, IOVA page, user page) a paging attachment maps."""
         out = []
         for i, hwpt in enumerate(self.attached):
-            if hwpt is not None and self.hwpts[hwpt].kind != "nested":
+            if (
+                hwpt is not None
+                and self.hwpts[hwpt].kind != "nested"
+                and (i, None) not in self.torn
+            ):
                 for page, (upage, _) in self._pages(self.hwpts[hwpt].ioas).items():
                     out.append((i, page, upage))
         return out
@@ -694,9 +827,234 @@ class UapiMachine(RuleBasedStateMachine):
         self.pdevs[dev].dma_write((page << PAGE_SHIFT) + 8, data)
         assert self.proc.read(self.va + upage * PAGE_SIZE + 8, 8) == data
 
+    # -- fault queues (eventq.c) ----------------------------------------------------------------
+    def _event_file(self, fd: int | None) -> EventFile:
+        assert fd is not None
+        file = self.proc.file(fd)
+        assert isinstance(file, EventFile), f"fd {fd} is not an event file"
+        return file
+
+    def _open_faults(self) -> list[int]:
+        return [i for i, f in self.faults.items() if f.fd is not None]
+
+    @precondition(lambda self: len(self.faults) < 2)
+    @rule()
+    def fault_alloc(self) -> None:
+        self._step("fault_alloc")
+        fault_id, fault_fd = self.fd.fault_queue_alloc()
+        self.faults[self._new_id(fault_id)] = FaultShadow(fault_fd)
+
+    @precondition(
+        lambda self: Feature.IOPF in self.info.features and self.faults and self.areas
+        and any(d is not None for d in self.dev_ids)
+    )  # fmt: skip
+    @rule(pick=PICK, fault_pick=PICK, pasid=st.booleans())
+    def fault_hwpt_alloc(self, pick: int, fault_pick: int, pasid: bool) -> None:
+        """A paging HWPT on a fault queue (PASID-compatible too when the driver can)."""
+        self._step("fault_hwpt_alloc")
+        ioas = self._choose(list(self.areas), pick)
+        fault = self._choose(list(self.faults), fault_pick)
+        pasid = pasid and Feature.PASID in self.info.features
+        flags = U.IOMMU_HWPT_ALLOC_PASID if pasid else 0
+        hwpt = self.fd.hwpt_alloc(self._any_dev_id(), ioas, flags=flags, fault_id=fault)
+        self.hwpts[self._new_id(hwpt)] = HwptShadow("paging", ioas, pasid=pasid, fault=fault)
+
+    @precondition(
+        lambda self: Feature.IOPF in self.info.features and self.areas
+        and len(self.faults) < 2 and any(d is not None for d in self.dev_ids)
+    )  # fmt: skip
+    @rule(pick=PICK, dev=st.integers(0, 1))
+    def fault_rig(self, pick: int, dev: int) -> None:
+        """In one step what a VMM does to take IO page faults: a fault queue, a HWPT on it
+        (PASID-compatible when the driver can), the device attached or replaced to it."""
+        self._step("fault_rig")
+        before = set(self.faults)
+        self.fault_alloc()
+        (fault,) = set(self.faults) - before
+        before = set(self.hwpts)
+        self.fault_hwpt_alloc(pick, sorted(self.faults).index(fault), True)
+        (hwpt,) = set(self.hwpts) - before
+        self.attach_hwpt(dev, sorted(self.hwpts).index(hwpt))
+
+    def _fault_attachments(self) -> list[tuple[int, int | None, int]]:
+        """(device index, PASID or None, HWPT) of each attachment to a HWPT on a queue."""
+        out = []
+        for dev in range(2):
+            for pasid, hwpt in ((None, self.attached[dev]), (PASID, self.pasid_att[dev])):
+                if hwpt is not None and self.hwpts[hwpt].fault:
+                    out.append((dev, pasid, hwpt))
+        return out
+
+    @precondition(lambda self: self._fault_attachments())
+    @rule(pick=PICK, grpid=st.integers(0, 0x1FF), then=st.sampled_from([None, 0, 1, 3]))
+    def iopf_deliver(self, pick: int, grpid: int, then: int | None) -> None:
+        """The driver's side: a one-request page group at a faulting attachment (what
+        iommu_report_device_fault() hands iommufd_fault_iopf_handler()); ``then`` a read of
+        that many records from its queue, if its file is open."""
+        self._step("iopf_deliver")
+        atts = self._fault_attachments()
+        dev, pasid, hwpt = atts[pick % len(atts)]
+        domain = self.fd.objects.get_hwpt_paging(hwpt).domain
+        fault = IopfFault(self.base + grpid * PAGE_SIZE, U.IOMMU_PGFAULT_PERM_READ, pasid)
+        with MODEL_LOCK:
+            assert deliver_iopf_group(domain, self.pdevs[dev], grpid, [fault])
+        token = self.tokens[(dev, pasid)]
+        fault_id = self.hwpts[hwpt].fault
+        self.faults[fault_id].deliver.append(GroupShadow(dev, pasid, token, grpid))
+        if then is not None and self.faults[fault_id].fd is not None:
+            self.fault_read(sorted(self._open_faults()).index(fault_id), then, False)
+
+    @precondition(lambda self: self._open_faults())
+    @rule(pick=PICK, n=st.integers(0, 3), odd=st.booleans())
+    def fault_read(self, pick: int, n: int, odd: bool) -> None:
+        """A read of ``n`` records: whole groups while they fit, each with the lowest free
+        cookie from 1; EINVAL when the first does not fit, ESPIPE for part of a record."""
+        self._step("fault_read")
+        fault_id = self._choose(self._open_faults(), pick)
+        shadow = self.faults[fault_id]
+        file = self._event_file(shadow.fd)
+        count = n * PGFAULT + int(odd)
+        if odd:
+            self._refused(lambda: file.read(count), [errno.ESPIPE], "fault read, odd size")
+            return
+        if n == 0 and shadow.deliver:
+            self._refused(lambda: file.read(count), [errno.EINVAL], "fault read, no room")
+            return
+        got = file.read(count)
+        want = b""
+        for g in shadow.deliver[:n]:
+            cookie = next(c for c in range(1, len(shadow.response) + 2) if c not in shadow.response)
+            shadow.response[cookie] = g
+            want += U.IommuHwptPgfault(
+                flags=U.IOMMU_PGFAULT_FLAGS_LAST_PAGE
+                | (0 if g.pasid is None else U.IOMMU_PGFAULT_FLAGS_PASID_VALID),
+                dev_id=self.dev_ids[g.dev] or 0, pasid=g.pasid or 0, grpid=g.grpid,
+                perm=U.IOMMU_PGFAULT_PERM_READ, addr=self.base + g.grpid * PAGE_SIZE,
+                cookie=cookie,
+            ).pack()  # fmt: skip
+        shadow.deliver = shadow.deliver[n:]
+        assert got == want, f"fault read {got.hex()} != {want.hex()}"
+        type(self).stats["faults_read"] += len(got) // PGFAULT
+
+    @precondition(lambda self: self._open_faults())
+    @rule(pick=PICK, which=PICK, code=st.sampled_from([0, 1, 2]), odd=st.booleans())
+    def fault_respond(self, pick: int, which: int, code: int, odd: bool) -> None:
+        """A response for a read group is taken once (SUCCESS or INVALID); an unknown cookie
+        or another code is EINVAL, part of a response ESPIPE."""
+        self._step("fault_respond")
+        fault_id = self._choose(self._open_faults(), pick)
+        shadow = self.faults[fault_id]
+        file = self._event_file(shadow.fd)
+        known = sorted(shadow.response)
+        cookie = known[which % len(known)] if known and which % 4 else 1 + len(known) + which
+        data = U.IommuHwptPageResponse(cookie=cookie, code=code).pack()
+        if odd:
+            self._refused(lambda: file.write(data[:-1]), [errno.ESPIPE], "half a response")
+        elif code > 1 or cookie not in shadow.response:
+            self._refused(lambda: file.write(data), [errno.EINVAL], "a bad response")
+        else:
+            assert file.write(data) == RESPONSE
+            del shadow.response[cookie]
+            type(self).stats["faults_answered"] += 1
+
+    @precondition(lambda self: self._open_faults() or self._open_veventqs())
+    @rule(pick=PICK)
+    def event_fd_close(self, pick: int) -> None:
+        """Close a fault queue's or vEVENTQ's file: the object may be destroyed then."""
+        self._step("event_fd_close")
+        obj = self._choose(self._open_faults() + self._open_veventqs(), pick)
+        if obj in self.faults:
+            fault = self.faults[obj]
+            self._event_file(fault.fd)
+            self.proc.close(fault.fd or 0)
+            fault.fd = None
+        else:
+            q = self.veventqs[obj]
+            self._event_file(q.fd)
+            self.proc.close(q.fd or 0)
+            q.fd = None
+
+    # -- vEVENTQs (eventq.c, driver.c) --------------------------------------------------------
+    def _open_veventqs(self) -> list[int]:
+        return [i for i, q in self.veventqs.items() if q.fd is not None]
+
+    @precondition(
+        lambda self: Feature.VEVENTQ in self.info.features and self.info.veventq_types
+        and self.viommus
+    )  # fmt: skip
+    @rule(pick=PICK, depth=st.integers(1, 3))
+    def veventq_alloc(self, pick: int, depth: int) -> None:
+        """One vEVENTQ per vIOMMU and type (EEXIST for a second)."""
+        self._step("veventq_alloc")
+        viommu = self._choose(list(self.viommus), pick)
+        qtype = min(self.info.veventq_types)
+        if any(q.viommu == viommu for q in self.veventqs.values()):
+            self._refused(lambda: self.fd.veventq_alloc(viommu, qtype, depth), [errno.EEXIST],
+                          "a second vEVENTQ of a type")  # fmt: skip
+            return
+        qid, qfd = self.fd.veventq_alloc(viommu, qtype, depth)
+        self.veventqs[self._new_id(qid)] = VeventqShadow(viommu, qfd, depth)
+
+    @precondition(
+        lambda self: Feature.VEVENTQ in self.info.features and self.info.veventq_types
+        and Feature.NEST_PARENT in self.info.features and self.info.viommu_types
+        and self.areas and any(d is not None for d in self.dev_ids)
+    )  # fmt: skip
+    @rule(pick=PICK, depth=st.integers(1, 3))
+    def veventq_rig(self, pick: int, depth: int) -> None:
+        """In one step a nest parent, a vIOMMU on it and a vEVENTQ on that."""
+        self._step("veventq_rig")
+        before = set(self.hwpts)
+        self.hwpt_alloc(pick, "parent")
+        (parent,) = set(self.hwpts) - before
+        before = set(self.viommus)
+        self.viommu_alloc(sorted(self._parents()).index(parent))
+        (viommu,) = set(self.viommus) - before
+        self.veventq_alloc(sorted(self.viommus).index(viommu), depth)
+
+    @precondition(lambda self: self.veventqs)
+    @rule(pick=PICK, n=st.integers(1, 3), then=st.sampled_from([None, 8, 16, 40, 4096]))
+    def vevent_report(self, pick: int, n: int, then: int | None) -> None:
+        """The driver's side: ``n`` events for the vEVENTQ's type (iommufd_viommu_report_event),
+        some of them into a full queue; ``then`` a read of that many bytes, if its file is
+        open."""
+        self._step("vevent_report")
+        qid = self._choose(list(self.veventqs), pick)
+        shadow = self.veventqs[qid]
+        viommu = self.fd.objects.get_viommu(shadow.viommu)
+        qtype = min(self.info.veventq_types)
+        for _ in range(n):
+            self.next_event += 1
+            data = self.next_event.to_bytes(8, "little")
+            with MODEL_LOCK:
+                assert viommu.report_event(qtype, data)
+            shadow.report(data)
+        if then is not None and shadow.fd is not None:
+            self.veventq_read(sorted(self._open_veventqs()).index(qid), then)
+
+    @precondition(lambda self: self._open_veventqs())
+    @rule(pick=PICK, count=st.sampled_from([0, 7, 8, 15, 16, 24, 40, 4096]))
+    def veventq_read(self, pick: int, count: int) -> None:
+        """Whole records while they fit (a LOST_EVENTS header needs only its 8 bytes); EINVAL
+        below one header, or when the first event does not fit."""
+        self._step("veventq_read")
+        qid = self._choose(self._open_veventqs(), pick)
+        shadow = self.veventqs[qid]
+        file = self._event_file(shadow.fd)
+        before = (list(shadow.records), shadow.num)
+        want = shadow.read(count)
+        if want is None:
+            shadow.records, shadow.num = before
+            self._refused(lambda: file.read(count), [errno.EINVAL], f"vEVENTQ read {count}")
+            return
+        got = file.read(count)
+        assert got == want, f"vEVENTQ read {count}: {got.hex()} != {want.hex()}"
+        type(self).stats["vevents_read"] += len(got) // VHDR
+
     # -- destroy ----------------------------------------------------------------------------
     def _destroyable(self) -> list[int]:
-        return sorted(set(self.areas) | set(self.hwpts) | set(self.viommus))
+        ids = set(self.areas) | set(self.hwpts) | set(self.viommus)
+        return sorted(ids | set(self.faults) | set(self.veventqs))
 
     @precondition(lambda self: self._destroyable() or any(self.dev_ids))
     @rule(pick=PICK)
@@ -721,6 +1079,10 @@ class UapiMachine(RuleBasedStateMachine):
             del self.areas[obj]
         elif obj in self.viommus:
             del self.viommus[obj]
+        elif obj in self.faults:
+            del self.faults[obj]  # iommufd_fault_destroy(): its groups were answered
+        elif obj in self.veventqs:
+            del self.veventqs[obj]
         else:
             assert self.hwpts[obj].kind != "auto"  # an auto domain always has a device
             del self.hwpts[obj]
@@ -747,6 +1109,10 @@ class UapiMachine(RuleBasedStateMachine):
                 assert obj.TYPE is kinds[self.hwpts[obj.id].kind]
             elif obj.id in self.viommus:
                 assert obj.TYPE is ObjType.VIOMMU
+            elif obj.id in self.faults:
+                assert obj.TYPE is ObjType.FAULT
+            elif obj.id in self.veventqs:
+                assert obj.TYPE is ObjType.VEVENTQ
             else:
                 assert obj.TYPE is ObjType.DEVICE
         for d in self.dead:
@@ -797,18 +1163,26 @@ class UapiMachine(RuleBasedStateMachine):
                 with contextlib.suppress(DmaFault):
                     dev.dma_read(self.base, 8)
                 continue
-            self._check_dma(dev, shadow.ioas, None)
+            self._check_dma(dev, shadow.ioas, None, (i, None) in self.torn)
         for i, hwpt in enumerate(self.pasid_att):
             if hwpt is not None:
-                self._check_dma(self.pdevs[i], self.hwpts[hwpt].ioas, PASID)
+                self._check_dma(
+                    self.pdevs[i], self.hwpts[hwpt].ioas, PASID, (i, PASID) in self.torn
+                )
             elif self.dev_ids[i] is not None and Feature.PASID in self.info.features:
                 self._expect_fault(self.pdevs[i], self.base, PASID)
 
-    def _check_dma(self, dev: Any, ioas: int, pasid: int | None) -> None:
+    def _check_dma(self, dev: Any, ioas: int, pasid: int | None, torn: bool = False) -> None:
+        """``torn``: a refused replace may have left the device blocked (a fault is fine)."""
         pages = self._pages(ioas)
         for page in sorted(self.ever[ioas]):
             if page in pages:
-                got = dev.dma_read(page << PAGE_SHIFT, 8, pasid=pasid)
+                try:
+                    got = dev.dma_read(page << PAGE_SHIFT, 8, pasid=pasid)
+                except DmaFault:
+                    if torn:
+                        continue
+                    raise
                 assert got == tag(pages[page][0]), f"IOVA page {page:#x} reads {got!r}"
             else:
                 self._expect_fault(dev, page << PAGE_SHIFT, pasid)
@@ -822,7 +1196,12 @@ class UapiMachine(RuleBasedStateMachine):
         raise AssertionError(f"DMA at {iova:#x} read {got!r}, expected an IOMMU fault")
 
     def teardown(self) -> None:
-        """Closing the fd releases every pin."""
+        """Closing the fd (after the fault and vEVENTQ files, which hold it) releases every
+        pin."""
+        fds = [f.fd for f in self.faults.values()] + [q.fd for q in self.veventqs.values()]
+        for fd in fds:
+            if fd is not None:
+                self.proc.close(fd)
         self.fd.close()
         assert self.fd.closed and self.proc.locked_pages == 0
         refs = [self.machine.memory.frame_refs(p) for p in self.frames]
