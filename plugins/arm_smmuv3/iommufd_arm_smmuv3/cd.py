@@ -36,6 +36,19 @@ TG0_4K = 0
 TG0_64K = 1
 TG0_16K = 2
 IRGN_WBWA = 1
+#: log2 of the granule each TG0 (and STE.S2TG) encoding selects; 3 is reserved
+TG_GRANULE = {TG0_4K: 12, TG0_16K: 14, TG0_64K: 16}
+
+
+def granule_refused(field: str, tg: int, granules: frozenset[int]) -> str:
+    """Why a TG / S2TG encoding is ILLEGAL: reserved, or a granule IDR5 does not offer."""
+    shift = TG_GRANULE.get(tg)
+    if shift in granules:
+        return ""
+    if len(granules) == 1:
+        return f"{field} {tg}: only the {1 << (min(granules) - 10)} KiB granule is implemented"
+    sizes = "/".join(str(1 << (g - 10)) for g in sorted(granules))
+    return f"{field} {tg}: granule not implemented (IDR5: {sizes} KiB)"
 
 
 @attrs.define
@@ -117,16 +130,25 @@ class Cd:
     def ia_bits(self) -> int:
         return 64 - self.t0sz
 
-    def illegal(self) -> str:
-        """Why the hardware rejects this CD (C_BAD_CD), or ``""``."""
+    @property
+    def granule(self) -> int:
+        """log2 of the TTB0 granule (12 for a reserved TG0, which :meth:`illegal` refuses)."""
+        return TG_GRANULE.get(self.tg0, 12)
+
+    def illegal(self, granules: frozenset[int] = frozenset({12}), vax: bool = False) -> str:
+        """Why the hardware rejects this CD (C_BAD_CD), or ``""``: a TG0 whose granule IDR5
+        does not offer, or a T0SZ outside 16..39 (12..39 with IDR5.VAX and the 64 KiB
+        granule: 52-bit VAs), the model's reading of IHI 0070's CD.TG0 / T0SZ rules."""
         if not self.v:
             return "V == 0"
         if not self.aa64:
             return "AA64 == 0: AArch32 tables are not supported"
         if self.endi:
             return "ENDI: big-endian tables are not supported"
-        if self.tg0 != TG0_4K:
-            return f"TG0 {self.tg0}: only the 4 KiB granule is implemented"
-        if not 16 <= self.t0sz <= 39:
-            return f"T0SZ {self.t0sz} outside 16..39"
+        why = granule_refused("TG0", self.tg0, granules)
+        if why:
+            return why
+        low = 12 if vax and self.tg0 == TG0_64K else 16
+        if not low <= self.t0sz <= 39:
+            return f"T0SZ {self.t0sz} outside {low}..39"
         return ""

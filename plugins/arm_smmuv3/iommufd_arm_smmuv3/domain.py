@@ -5,12 +5,14 @@ and the nested domain a vSMMU builds from a validated vSTE (arm-smmu-v3-iommufd.
 
 from __future__ import annotations
 
+import errno
 from typing import TYPE_CHECKING
 
 from iommufd_arm_smmuv3.invs import Invs
-from iommufd_arm_smmuv3.pgtable import PGSIZE_BITMAP, VA_BITS, Stage1Format, Stage2Format
+from iommufd_arm_smmuv3.pgtable import pgtable_cfg
 from iommufd_arm_smmuv3.ste import CFG_ABORT, STE0_V
 from iommufd_model import driver as api
+from iommufd_model.errors import err
 from iommufd_model.hw.bits import get
 from iommufd_model.hw.radix import RadixPageTable
 from iommufd_model.paging import IotlbGather, PagingDomain
@@ -37,13 +39,20 @@ class SmmuDomain(PagingDomain[RadixPageTable]):
         dirty_tracking: bool = False,
     ) -> None:
         fwb = nest_parent and smmu.feat_s2fwb  # IO_PGTABLE_QUIRK_ARM_S2FWB
-        fmt = Stage1Format(hd=dirty_tracking) if stage == 1 else Stage2Format(fwb=fwb)
+        # arm_smmu_domain_finalise(): stage 1 takes min(52 with VAX else 48, VA_BITS) input
+        # bits, stage 2 the OAS; io-pgtable-arm picks the granule and clamps both
+        ias = min(52 if smmu.feat_vax else 48, smmu.hw.host_va_bits) if stage == 1 else smmu.oas
+        cfg = pgtable_cfg(smmu.pgsize_bitmap, ias, smmu.oas, stage)
+        if cfg is None:  # alloc_io_pgtable_ops() fails
+            raise err(errno.ENOMEM, "no translation granule in the SMMU's page sizes")
+        self.cfg = cfg
+        fmt = cfg.format(hd=dirty_tracking, fwb=fwb)
         super().__init__(
             smmu.hw,
             RadixPageTable(smmu.hw.memory, fmt),
-            pgsize_bitmap=PGSIZE_BITMAP,
+            pgsize_bitmap=cfg.pgsize_bitmap,
             aperture_start=0,
-            aperture_end=(1 << VA_BITS) - 1,
+            aperture_end=(1 << cfg.ias) - 1,
             nest_parent=nest_parent,
             dirty_tracking=dirty_tracking,
             pasid_compat=pasid,

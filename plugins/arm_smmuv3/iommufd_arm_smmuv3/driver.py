@@ -69,6 +69,10 @@ PROBE_OPTIONS = {
     "s2p",
     "hyp",
     "vhe",
+    "granules",
+    "oas",
+    "vax",
+    "host_va_bits",
 }
 PAGING_FLAGS = (
     U.IOMMU_HWPT_ALLOC_NEST_PARENT | U.IOMMU_HWPT_ALLOC_DIRTY_TRACKING | U.IOMMU_HWPT_ALLOC_PASID

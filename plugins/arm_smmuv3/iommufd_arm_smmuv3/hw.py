@@ -8,6 +8,7 @@ driver that forgets a CFGI or a TLBI sees stale translations, as on silicon.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable, Collection, Hashable
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,7 @@ from iommufd_arm_smmuv3.ste import (
     Ste,
     ips_bits,
 )
+from iommufd_model.errors import err
 from iommufd_model.hw.bits import get, put, words
 from iommufd_model.hw.compiled import load_walker
 from iommufd_model.hw.iommu import CacheDict, FastPath, IommuHw, page_run
@@ -65,7 +67,11 @@ class ConfigFault(Exception):
 
 
 class Smmuv3(IommuHw):
-    """One SMMUv3 instance (AArch64 tables, 4 KiB granule, 48-bit OAS, stage 1 and stage 2)."""
+    """One SMMUv3 instance (AArch64 tables, stage 1 and stage 2; the 4 KiB granule and 48-bit
+    OAS unless ``granules`` / ``oas`` / ``vax`` say otherwise: IDR5.GRAN4K/16K/64K, OAS, VAX).
+
+    ``host_va_bits`` is the host's word, not a register: the kernel's VA_BITS, which caps the
+    input size of the stage-1 domains its driver builds."""
 
     def __init__(
         self,
@@ -91,8 +97,18 @@ class Smmuv3(IommuHw):
         s2p: bool = True,
         hyp: bool = False,
         vhe: bool = True,
+        granules: tuple[int, ...] = (12,),
+        oas: int = 48,
+        vax: bool = False,
+        host_va_bits: int = 48,
     ) -> None:
         super().__init__(machine, index)
+        # IDR5.GRAN4K/16K/64K (log2 of the granules), OAS (48 or 52 bits) and VAX
+        if not granules or set(granules) - set(R.IDR5_GRAN) or oas not in (48, 52):
+            raise err(errno.EINVAL, f"unsupported SMMUv3 granules {granules} / OAS {oas}")
+        self.granules = frozenset(granules)
+        self.vax = vax
+        self.host_va_bits = host_va_bits
         # IDR0.S1P / S2P: the stages implemented. Substreams select CDs, which only stage 1
         # has: without it SSIDSIZE reads 0 (the model's choice).
         self.s1p = s1p
@@ -132,7 +148,7 @@ class Smmuv3(IommuHw):
         # Device ATCs (ATS enabled in the device), by StreamID; tags are the PASID or -1.
         self.atcs: dict[int, Iotlb] = {}
         self.atc_hits = 0
-        self.oas_bits = 48
+        self.oas_bits = oas
         idr0 = (
             (R.IDR0_S1P if s1p else 0)
             | (R.IDR0_S2P if s2p else 0)
@@ -169,7 +185,9 @@ class Smmuv3(IommuHw):
             "IDR0": idr0,
             "IDR1": idr1,
             "IDR3": (R.IDR3_RIL if range_invalidation else 0) | (R.IDR3_FWB if s2fwb else 0),
-            "IDR5": R.IDR5_OAS_48 | R.IDR5_GRAN4K,
+            "IDR5": (R.IDR5_OAS_52 if oas == 52 else R.IDR5_OAS_48)
+            | sum(R.IDR5_GRAN[g] for g in self.granules)
+            | (R.IDR5_VAX_52 if vax else 0),
             "IIDR": IIDR_ARM,
             "AIDR": AIDR_SMMUV3_2,
         }
@@ -483,7 +501,14 @@ class Smmuv3(IommuHw):
             ev = E.Event(E.F_STE_FETCH, sid, fetch_addr=base)
             raise ConfigFault(ev, "STE fetch abort") from None
         ste = Ste.decode(words(raw))
-        why = ste.illegal(self.ssid_bits, self.oas_bits, self.cd2l, s1p=self.s1p, s2p=self.s2p)
+        why = ste.illegal(
+            self.ssid_bits,
+            self.oas_bits,
+            self.cd2l,
+            s1p=self.s1p,
+            s2p=self.s2p,
+            granules=self.granules,
+        )
         if why:
             raise ConfigFault(E.Event(E.C_BAD_STE, sid), f"C_BAD_STE: {why}")
         self.ste_cache[sid] = ste
@@ -519,7 +544,7 @@ class Smmuv3(IommuHw):
             ev = E.Event(E.F_CD_FETCH, sid, ev_ssid, fetch_addr=addr)
             raise ConfigFault(ev, "CD fetch abort") from None
         cd = Cd.decode(words(raw))
-        why = cd.illegal()
+        why = cd.illegal(self.granules, self.vax)
         if why:
             raise ConfigFault(E.Event(E.C_BAD_CD, sid, ev_ssid), f"C_BAD_CD: {why}")
         self.cd_cache[(sid, ssid)] = cd
@@ -536,10 +561,11 @@ class Smmuv3(IommuHw):
             ste.s2ttb,
             addr,
             ste.s2_ia_bits,
-            2 - ste.s2sl0,
-            ips_bits(min(ste.s2ps, 5)),
+            ste.s2_start,
+            self.oa_bits(ste.s2ps),
             False,
             ste.s2affd,
+            ste.s2_granule,
         )
         self.stats.walk_mem_refs += refs
         if st != 0:
@@ -697,17 +723,25 @@ class Smmuv3(IommuHw):
         through stage 2), stage 2 alone, a CD with EPD0 (a translation fault, no walk); None
         when stage 1 is bypassed by S1DSS and stage 2 is off."""
         mem = self.memory
-        s2 = (ste.s2ttb, ste.s2_ia_bits, 2 - ste.s2sl0, ips_bits(min(ste.s2ps, 5)), ste.s2affd)
+        s2 = (ste.s2ttb, ste.s2_ia_bits, ste.s2_start, self.oa_bits(ste.s2ps), ste.s2affd)
+        s2_granule = ste.s2_granule
         if cd is not None:
             # A read writes memory only through stage 1's access flag updates (CD.HA; HD
             # changes a leaf only for a write); stage 2 alone and EPD0 write nothing.
             if cd.epd0:
                 return self.bind_walk(_epd0_walk, (), read_writes=False)
-            s1 = (cd.ttb0, cd.ia_bits, ips_bits(min(cd.ips, 5)), cd.affd, cd.ha, ste.s2_enabled)
+            s1 = (cd.ttb0, cd.ia_bits, self.oa_bits(cd.ips), cd.affd, cd.ha, ste.s2_enabled)
             ctx = (mem._pages, mem.size, *s1, *s2, cd.hd)
+            if cd.granule != 12 or s2_granule != 12:  # the 4 KiB entry's context is unchanged
+                granules = (*ctx, cd.granule, s2_granule)
+                walk = self.walker.walk_s1_granule_bound
+                return self.bind_walk(walk, granules, read_writes=bool(cd.ha))
             return self.bind_walk(self.walker.walk_s1_bound, ctx, read_writes=bool(cd.ha))
         if ste.s2_enabled:
             ctx2 = (mem._pages, mem.size, *s2)
+            if s2_granule != 12:
+                walk2 = self.walker.walk_s2_granule_bound
+                return self.bind_walk(walk2, (*ctx2, s2_granule), read_writes=False)
             return self.bind_walk(self.walker.walk_s2_bound, ctx2, read_writes=False)
         return None
 
@@ -804,6 +838,11 @@ class Smmuv3(IommuHw):
         if walk is not None:
             miss = self.front_miss(walk, self._post_walk, tlb, -1, (0, 0), (0, 0), clamp=False)
         self.front.learn(sid, pasid, tlb._tables, tlb.counts, tag, 1, 2, 0, miss)
+
+    def oa_bits(self, ips: int) -> int:
+        """The output size a walk uses: IPS / S2PS capped at the SMMU's OAS (a reserved value
+        reads as the OAS)."""
+        return min(ips_bits(ips) if ips <= 6 else 52, self.oas_bits)
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()

@@ -16,7 +16,7 @@ import attrs
 from iommufd_arm_smmuv3 import commands as C
 from iommufd_arm_smmuv3 import events as E
 from iommufd_arm_smmuv3 import regs as R
-from iommufd_arm_smmuv3.cd import CD0_V, IRGN_WBWA, TG0_4K, Cd
+from iommufd_arm_smmuv3.cd import CD0_V, IRGN_WBWA, Cd
 from iommufd_arm_smmuv3.cdtable import LINEAR_CDMAX, CdTable
 from iommufd_arm_smmuv3.domain import SmmuDomain
 from iommufd_arm_smmuv3.entry_writer import cd_used, ste_update_safe, ste_used, write_entry
@@ -32,10 +32,7 @@ from iommufd_arm_smmuv3.invs import (
     flush_tag,
     inv_range,
 )
-from iommufd_arm_smmuv3.pgtable import (
-    MAIR_VALUE,
-    VA_BITS,
-)
+from iommufd_arm_smmuv3.pgtable import BLOCK_4T, GRANULE_PGSIZES, MAIR_VALUE
 from iommufd_arm_smmuv3.ste import (
     CFG_ABORT,
     CFG_BYPASS,
@@ -76,9 +73,6 @@ PRI_RESP_DENY = 0
 CMDQ_BATCH_ENTRIES = 64  # BITS_PER_LONG, as arm_vsmmu_cache_invalidate batches
 MSI_IOVA_BASE = 0x8000000  # the software MSI window every SMMU device reserves
 MSI_IOVA_LENGTH = 0x100000
-S2_T0SZ = 64 - VA_BITS
-S2_SL0_LEVEL0 = 2
-IPS_48 = 5
 # CR1: tables and queues inner shareable, inner and outer write-back (arm_smmu_device_reset)
 CR1_VALUE = (SH_ISH << 10) | (1 << 8) | (1 << 6) | (SH_ISH << 4) | (1 << 2) | 1
 RESUME_RETRY = 1  # CMDQ_RESUME_0_RESP_RETRY
@@ -170,6 +164,17 @@ class SmmuDevice:
         self.feat_stall_force = stall_model == R.STALL_MODEL_FORCE
         self.feat_stalls = stall_model in (R.STALL_MODEL_STALL, R.STALL_MODEL_FORCE)
         self.ssid_bits = get(idr1, 10, 6)
+        # IDR5: the page sizes of the granules offered, the OAS (52 adds the 4 TiB block),
+        # ARM_SMMU_FEAT_VAX
+        idr5 = hw.mmio.read(R.IDR5, 4)
+        self.pgsize_bitmap = 0
+        for shift, gran in ((16, R.IDR5_GRAN64K), (14, R.IDR5_GRAN16K), (12, R.IDR5_GRAN4K)):
+            if idr5 & gran:
+                self.pgsize_bitmap |= GRANULE_PGSIZES[shift]
+        self.oas = 52 if get(idr5, 2, 0) == R.IDR5_OAS_52 else 48
+        if self.oas == 52:
+            self.pgsize_bitmap |= BLOCK_4T
+        self.feat_vax = get(idr5, 11, 10) == 1
         self._abort_retries = 0
         sid_bits = hw.sid_bits
         l1_count = 1 << max(sid_bits - STRTAB_SPLIT, 0)
@@ -439,7 +444,8 @@ class SmmuDevice:
         """arm_smmu_make_s1_cd(): a 48-bit, 4 KiB-granule, write-back TTB0 context; HA and HD
         only for a dirty-tracking domain (IO_PGTABLE_QUIRK_ARM_HD)."""
         cd = Cd(v=True, aa64=True, r=True, a=True, aset=True, epd1=True, asid=domain.asid)
-        cd.t0sz, cd.tg0, cd.ips, cd.sh0 = 64 - VA_BITS, TG0_4K, IPS_48, SH_ISH
+        cfg = domain.cfg  # the TCR io-pgtable-arm computed
+        cd.t0sz, cd.tg0, cd.ips, cd.sh0 = cfg.tsz, cfg.tg, cfg.ips, SH_ISH
         cd.ir0 = cd.or0 = IRGN_WBWA
         cd.ha = cd.hd = domain.dirty_tracking
         cd.s = master.stall_enabled
@@ -481,13 +487,13 @@ class SmmuDevice:
             s2fwb=domain.nest_parent and self.feat_s2fwb,
             eats=EATS_TRANS if ats else 0,
             s2vmid=domain.vmid,
-            s2t0sz=S2_T0SZ,
-            s2sl0=S2_SL0_LEVEL0,
+            s2t0sz=domain.cfg.tsz,
+            s2sl0=domain.cfg.sl0,
             s2ir0=IRGN_WBWA,
             s2or0=IRGN_WBWA,
             s2sh0=SH_ISH,
-            s2tg=0,
-            s2ps=IPS_48,
+            s2tg=domain.cfg.tg,
+            s2ps=domain.cfg.ips,
             s2aa64=True,
             s2r=True,
             s2s=master.stall_enabled,

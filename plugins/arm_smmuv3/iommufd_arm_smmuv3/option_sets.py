@@ -5,9 +5,13 @@ the substream (PASID) width (IDR1.SSIDSIZE), the CD table layout (2-level or lin
 IDR0.CD2L), range invalidation (IDR3.RIL), hardware dirty state (IDR0.HTTU), stage-2 forced
 write-back (IDR3.FWB), the Tegra241 CMDQV extension, the TLB's size, the stall model
 (IDR0.STALL_MODEL FORCE, or 0b00 with "dma-can-stall" masters: only stalling masters have IO
-page faults in Linux 7.2), E2H (IDR0.HYP on a
-host running at EL2 with VHE) and the translation stages implemented (IDR0.S1P / S2P). The
-model has one translation granule (4 KiB), so granules are not swept.
+page faults in Linux 7.2), E2H (IDR0.HYP on a host running at EL2 with VHE), the translation
+stages implemented (IDR0.S1P / S2P) and the translation granules and address sizes
+(IDR5.GRAN4K/16K/64K, OAS, VAX). On the model's 4 KiB PAGE_SIZE host, Linux 7.2's io-pgtable-arm
+uses the 4 KiB granule whenever IDR5 offers it, and iommufd refuses a domain whose smallest page
+exceeds PAGE_SIZE (iopt_table_add_domain: EINVAL), so every set keeps GRAN4K: an SMMU without it
+has no domain iommufd can use on such a host (plugins/arm_smmuv3/tests/test_granules.py shows
+the driver's 16 / 64 KiB domains below iommufd).
 """
 
 from iommufd_model.api import Feature, OptionSet
@@ -65,6 +69,23 @@ OPTION_SETS = (
         "e2h",
         {"hyp": True},
         doc="IDR0.HYP on a VHE host: E2H, EL2 StreamWorld stage 1 and TLBI_EL2_* commands",
+    ),
+    OptionSet(
+        "gran16k",
+        {"granules": (12, 14)},
+        doc="IDR5.GRAN4K and GRAN16K: the host's domains stay 4 KiB (io-pgtable-arm prefers "
+        "PAGE_SIZE), hw_info's IDR5 offers 16 KiB to a guest's own stage 1",
+    ),
+    OptionSet(
+        "gran64k",
+        {"granules": (12, 16)},
+        doc="IDR5.GRAN4K and GRAN64K: 4 KiB host domains, 64 KiB offered to guests",
+    ),
+    OptionSet(
+        "va52",
+        {"granules": (12, 16), "oas": 52, "vax": True, "host_va_bits": 52},
+        doc="IDR5.OAS = 52 bits, VAX, on a 52-bit VA host: the 4 KiB granule caps the host's "
+        "domains at 48 bits (arm_lpae_restrict_pgsizes); 52 bits need 64 KiB",
     ),
     OptionSet(
         "s1-only",

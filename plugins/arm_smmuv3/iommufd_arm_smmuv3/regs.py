@@ -82,7 +82,13 @@ IDR1_ATTR_TYPES_OVR = bit(27)  # STE.SHCFG/MTCFG/ALLOCCFG overrides implemented
 IDR3_FWB = bit(8)  # stage-2 forced write-back (STE.S2FWB)
 IDR3_RIL = bit(10)  # range invalidation (TLBI NUM/SCALE/TG)
 IDR5_OAS_48 = 5  # OAS bits 2:0: 48-bit physical addresses
+IDR5_OAS_52 = 6  # 52-bit physical addresses
 IDR5_GRAN4K = bit(4)
+IDR5_GRAN16K = bit(5)
+IDR5_GRAN64K = bit(6)
+IDR5_VAX_52 = put(1, 11, 10)  # VAX: 52-bit virtual addresses (with the 64 KiB granule)
+#: IDR5's granule bit of each granule (log2 of its size)
+IDR5_GRAN = {12: IDR5_GRAN4K, 14: IDR5_GRAN16K, 16: IDR5_GRAN64K}
 
 # -- control ------------------------------------------------------------------------------
 CR0_SMMUEN = bit(0)

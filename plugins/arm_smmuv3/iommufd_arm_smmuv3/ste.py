@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import attrs
 
+from iommufd_arm_smmuv3.cd import TG_GRANULE, granule_refused
+from iommufd_arm_smmuv3.pgtable import s2_start_level
 from iommufd_model.hw.bits import bit, get, mask, put
 
 STE_SIZE = 64
@@ -202,6 +204,17 @@ class Ste:
     def s2_ia_bits(self) -> int:
         return 64 - self.s2t0sz
 
+    @property
+    def s2_granule(self) -> int:
+        """log2 of the stage-2 granule (12 for a reserved S2TG, which :meth:`illegal`
+        refuses)."""
+        return TG_GRANULE.get(self.s2tg, 12)
+
+    @property
+    def s2_start(self) -> int:
+        """The architectural start level of the stage-2 walk (S2SL0 with S2TG)."""
+        return s2_start_level(self.s2sl0, self.s2_granule)
+
     def illegal(
         self,
         ssid_bits: int,
@@ -210,9 +223,12 @@ class Ste:
         *,
         s1p: bool = True,
         s2p: bool = True,
+        granules: frozenset[int] = frozenset({12}),
     ) -> str:
         """Why the hardware treats this valid STE as ILLEGAL (C_BAD_STE), or ``""``. A Config
-        enabling a stage the SMMU does not implement (IDR0.S1P / S2P clear) is one."""
+        enabling a stage the SMMU does not implement (IDR0.S1P / S2P clear) is one; so is an
+        S2TG whose granule IDR5 does not offer, and an S2SL0 that does not fit S2T0SZ with
+        that granule."""
         if not self.v:
             return "V == 0"
         if self.config in (0b001, 0b010, 0b011):
@@ -233,33 +249,40 @@ class Ste:
                 return "S2AA64 == 0: AArch32 stage-2 tables are not supported"
             if self.s2endi:
                 return "S2ENDI: big-endian tables are not supported"
-            if self.s2tg != 0:
-                return f"S2TG {self.s2tg}: only the 4 KiB granule is implemented"
+            why = granule_refused("S2TG", self.s2tg, granules)
+            if why:
+                return why
             if self.s2sl0 == 3:
                 return "reserved S2SL0"
-            if not s2_geometry_ok(self.s2t0sz, self.s2sl0):
+            if not s2_geometry_ok(self.s2t0sz, self.s2sl0, self.s2_granule, oas_bits):
                 return f"S2T0SZ {self.s2t0sz} inconsistent with S2SL0 {self.s2sl0}"
             if self.s2ttb >> oas_bits:
                 return "S2TTB beyond the output address size"
         return ""
 
 
-def s2_geometry_ok(t0sz: int, sl0: int) -> bool:
-    """Whether a stage-2 walk of a ``64 - t0sz``-bit IPA can start at the SL0 level.
+def s2_geometry_ok(t0sz: int, sl0: int, granule: int = 12, oas_bits: int = 48) -> bool:
+    """Whether a stage-2 walk of a ``64 - t0sz``-bit IPA can start at the SL0 level with the
+    granule ``1 << granule`` (SL0 3 is reserved for every granule: start level 0 with 16 KiB
+    needs FEAT_LPA2, which the model does not implement).
 
     The start-level table resolves the bits above that level's entry size: at least one bit and
-    at most 9 + 4 (up to 16 concatenated tables), and no concatenation at level 0.
+    at most ``granule - 3`` + 4 (up to 16 concatenated tables), and no concatenation at level 0.
+    IPAs are 24..48 bits (4 KiB), 25..48 bits (16 and 64 KiB), 52 with 64 KiB on a 52-bit OAS.
     """
     ia_bits = 64 - t0sz
-    if not 24 <= ia_bits <= 48:
+    top = 52 if granule == 16 and oas_bits > 48 else 48
+    if not (24 if granule == 12 else 25) <= ia_bits <= top:
         return False
-    start = 2 - sl0
-    bits = ia_bits - (12 + 9 * (3 - start))
+    stride = granule - 3
+    start = s2_start_level(sl0, granule)
+    bits = ia_bits - (granule + stride * (3 - start))
     if start == 0:
-        return 1 <= bits <= 9
-    return 1 <= bits <= 13
+        return 1 <= bits <= stride
+    return 1 <= bits <= stride + 4
 
 
 def ips_bits(ips: int) -> int:
-    """Address size of an IPS / S2PS / OAS encoding (larger values read as 48 bits here)."""
-    return (32, 36, 40, 42, 44, 48, 52)[ips] if ips <= 5 else 48
+    """Address size of an IPS / S2PS / OAS encoding (the reserved 7 reads as 48 bits here;
+    the hardware caps every size at its OAS: ``Smmuv3.oa_bits``)."""
+    return (32, 36, 40, 42, 44, 48, 52)[ips] if ips <= 6 else 48

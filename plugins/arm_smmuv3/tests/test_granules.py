@@ -5,10 +5,18 @@ walker against its pure source and the engine's reference walk."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import random
+from typing import Any
 
 import pytest
+from iommufd_arm_smmuv3 import commands as C
+from iommufd_arm_smmuv3 import events as E
+from iommufd_arm_smmuv3 import regs as R
 from iommufd_arm_smmuv3 import walk as W
+from iommufd_arm_smmuv3.cd import TG0_16K, TG0_64K, Cd
+from iommufd_arm_smmuv3.domain import SmmuDomain
+from iommufd_arm_smmuv3.driver import plugin
 from iommufd_arm_smmuv3.guest import IpaFrames
 from iommufd_arm_smmuv3.hw import WALKER
 from iommufd_arm_smmuv3.pgtable import (
@@ -18,17 +26,22 @@ from iommufd_arm_smmuv3.pgtable import (
     pgtable_cfg,
     s2_start_level,
 )
+from iommufd_arm_smmuv3.ste import CFG_S2_TRANS, Ste
 
 from iommufd_model.driver import IOMMU_READ, IOMMU_WRITE
+from iommufd_model.hw.bits import get, pack, words
 from iommufd_model.hw.compiled import load_pure, load_walker
+from iommufd_model.hw.iommu import DmaFault
 from iommufd_model.hw.memory import PhysicalMemory
 from iommufd_model.hw.radix import RadixPageTable, WalkResult, walk
+from iommufd_model.uapi import iommufd as U
 
 RW = IOMMU_READ | IOMMU_WRITE
 compiled = load_walker(WALKER)
 pure = load_pure(WALKER)
 K4, K16, K64 = 1 << 12, 1 << 14, 1 << 16
 ALL = GRANULE_PGSIZES[12] | GRANULE_PGSIZES[14] | GRANULE_PGSIZES[16]
+VA52 = {"granules": (16,), "oas": 52, "vax": True, "host_va_bits": 52}
 
 
 def cfg(sizes: int, ias: int, oas: int, stage: int) -> PgtableCfg:
@@ -261,3 +274,165 @@ def test_blocks_only_where_the_granule_has_them(granule: int) -> None:
         assert r[0] == want and r[5] == 1, (oa, r)
         if want == W.OK:
             assert r[2] == l1_shift
+
+
+# -- the driver and the hardware with IDR5's granules -----------------------------------------
+
+
+def test_a_4k_host_uses_the_4k_granule_whenever_idr5_offers_it(smmu_machine: Any) -> None:
+    """arm_lpae_restrict_pgsizes() prefers PAGE_SIZE: with GRAN4K every domain is 4 KiB and
+    48 bits, even on a 52-bit OAS with VAX and a 52-bit VA host (4 KiB caps sizes at 48)."""
+    _m, hw, smmu = smmu_machine(granules=(12, 14, 16), oas=52, vax=True, host_va_bits=52)
+    idr5 = hw.mmio.read(R.IDR5, 4)
+    assert idr5 & 0x7 == R.IDR5_OAS_52 and (idr5 >> 4) & 7 == 7 and (idr5 >> 10) & 3 == 1
+    assert smmu.pgsize_bitmap == ALL | BLOCK_4T and smmu.feat_vax and smmu.oas == 52
+    for flags in (0, U.IOMMU_HWPT_ALLOC_NEST_PARENT):
+        d = domain_of(hw, smmu_machine_dev(hw), flags)
+        assert (d.cfg.granule_shift, d.cfg.ias, d.cfg.oas) == (12, 48, 48)
+        assert d.pgsize_bitmap == GRANULE_PGSIZES[12] and d.aperture_end == (1 << 48) - 1
+
+
+def smmu_machine_dev(hw: Any) -> Any:
+    return hw.machine.add_pci_device(iommu=0)
+
+
+def domain_of(hw: Any, dev: Any, flags: int = 0) -> SmmuDomain:
+    d = plugin.domain_alloc_user(
+        iommu=hw, dev=dev, flags=flags, parent=None, viommu=None, user_data=None
+    )
+    assert isinstance(d, SmmuDomain)
+    return d
+
+
+@pytest.mark.parametrize(
+    ("options", "stage", "want"),
+    [
+        # (granule, TG, TxSZ, IPS/PS, S2SL0, TLBI TG, a block size)
+        ({"granules": (14, 16)}, 1, (14, 2, 16, 5, None, 2, 1 << 25)),
+        ({"granules": (14, 16)}, 2, (14, 2, 16, 5, 2, 2, 1 << 25)),
+        ({"granules": (16,)}, 1, (16, 1, 16, 5, None, 3, 1 << 29)),
+        ({"granules": (16,)}, 2, (16, 1, 16, 5, 2, 3, 1 << 29)),
+        (
+            {"granules": (16,), "oas": 52, "vax": True, "host_va_bits": 52},
+            1,
+            (16, 1, 12, 6, None, 3, 1 << 29),
+        ),
+        (
+            {"granules": (16,), "oas": 52, "vax": True, "host_va_bits": 52},
+            2,
+            (16, 1, 12, 6, 2, 3, 1 << 29),
+        ),
+    ],
+)
+def test_16k_and_64k_domains_end_to_end(
+    smmu_machine: Any, options: dict[str, Any], stage: int, want: tuple[Any, ...]
+) -> None:
+    """Without GRAN4K the driver builds 16 / 64 KiB domains (the kernel's own DMA API users
+    would: iommufd refuses them, below): the CD's TG0/T0SZ/IPS or the STE's S2TG/S2T0SZ/S2SL0/
+    S2PS as io-pgtable-arm computes them, the SMMU walks those tables, and an unmap's range
+    TLBI carries the granule's TG and the leaf's TTL and removes exactly those pages."""
+    granule, tg, tsz, ips, sl0, tlbi_tg, block = want
+    m, hw, smmu = smmu_machine(**options)
+    dev = m.add_pci_device(iommu=0)
+    flags = U.IOMMU_HWPT_ALLOC_NEST_PARENT if stage == 2 else 0
+    d = domain_of(hw, dev, flags)
+    plugin.attach(iommu=hw, dev=dev, domain=d)
+    g = 1 << granule
+    assert d.cfg.granule_shift == granule and d.pgsize_bitmap & -d.pgsize_bitmap == g
+    ste = Ste.decode(words(m.memory.read(smmu.ste_addr(dev.rid), 64)))
+    if stage == 1:
+        cd = hw.fetch_cd(ste, dev.rid, 0, None)
+        assert (cd.tg0, cd.t0sz, cd.ips, cd.granule) == (tg, tsz, ips, granule)
+    else:
+        assert (ste.s2tg, ste.s2t0sz, ste.s2sl0, ste.s2ps) == (tg, tsz, sl0, ips)
+        assert ste.s2_start == d.cfg.start_level
+    pa = m.memory.alloc_contiguous(64, 16) << 12  # 256 KiB, 64 KiB aligned
+    iova = 1 << 40
+    plugin.domain_map_pages(domain=d, iova=iova, pa=pa, pgsize=g, pgcount=4, prot=RW)
+    plugin.domain_map_pages(domain=d, iova=iova + block, pa=0, pgsize=block, pgcount=1, prot=RW)
+    for k in range(4):
+        assert hw.translate(dev, iova + k * g + 0x18, None, True)[0] == pa + k * g + 0x18
+    assert hw.translate(dev, iova + block + 0x1234, None, False)[0] == 0x1234
+    assert {e.shift for _key, e in hw.tlb.entries()} >= {granule, block.bit_length() - 1}
+    start = len(hw.executed)
+    assert plugin.domain_unmap(domain=d, iova=iova + g, size=2 * g) == 2 * g
+    tlbis = [(w0, w1) for w0, w1 in hw.executed[start:] if C.op(w0) != C.CMD_SYNC]
+    # stage 2 (a nest parent): the S2_IPA range, then NH_ALL of the VMID after its own SYNC
+    assert [C.op(w0) for w0, _w1 in tlbis] == (
+        [C.TLBI_NH_VA] if stage == 1 else [C.TLBI_S2_IPA, C.TLBI_NH_ALL]
+    )
+    w0, w1 = tlbis[0]
+    assert (get(w1, 11, 10), get(w1, 9, 8)) == (tlbi_tg, 3)  # TG, TTL: level 3 pages
+    assert (get(w0, 16, 12), get(w0, 24, 20)) == (0, 1)  # NUM + 1 = 1 unit of 2^1 granules
+    addr_mask = C.CMD1_TLBI_VA if stage == 1 else C.CMD1_TLBI_IPA
+    assert C.tlbi_range(w0, w1, addr_mask) == (iova + g, iova + 3 * g - 1)
+    hits = hw.stats.iotlb_hits
+    assert hw.translate(dev, iova + 0x18, None, True)[0] == pa + 0x18  # still cached
+    assert hw.translate(dev, iova + 3 * g, None, True)[0] == pa + 3 * g
+    assert hw.stats.iotlb_hits == hits + 2
+    with pytest.raises(DmaFault):
+        hw.translate(dev, iova + g, None, False)  # gone from the table and the TLB
+
+
+def test_iommufd_refuses_a_domain_that_cannot_map_page_size(vmm: Any) -> None:
+    """Linux 7.2 iommufd/io_pagetable.c iopt_table_add_domain(): a domain's smallest page
+    must not exceed PAGE_SIZE, so on a 4 KiB host an SMMU without GRAN4K gives EINVAL."""
+    r = vmm(granules=(16,))
+    ioas = r.ioas_alloc()
+    with pytest.raises(OSError) as exc:
+        r.hwpt_alloc(ioas)
+    assert exc.value.errno == errno.EINVAL
+
+
+def s2ste(s2tg: int, s2t0sz: int, s2sl0: int) -> Ste:
+    return Ste(v=True, config=CFG_S2_TRANS, s2aa64=True, s2tg=s2tg, s2t0sz=s2t0sz, s2sl0=s2sl0)
+
+
+def test_cd_and_ste_granule_checks() -> None:
+    """C_BAD_CD / C_BAD_STE for a granule IDR5 does not offer or a reserved TG; T0SZ 12..15
+    only with VAX and 64 KiB; S2SL0 must fit S2T0SZ with the stage-2 granule."""
+    only4k, every = frozenset({12}), frozenset({12, 14, 16})
+    cd = Cd(v=True, aa64=True, t0sz=16, tg0=TG0_16K)
+    assert "only the 4 KiB granule" in cd.illegal(only4k) and cd.illegal(every) == ""
+    cd.tg0 = 3
+    assert "granule not implemented" in cd.illegal(every)
+    cd.tg0, cd.t0sz = TG0_64K, 12
+    assert "outside 16..39" in cd.illegal(every) and cd.illegal(every, vax=True) == ""
+    cd.tg0 = TG0_16K
+    assert "outside 16..39" in cd.illegal(every, vax=True)
+    # 16 KiB, 48-bit IPA: level 1 with two concatenated tables (SL0 2), not level 2 (SL0 1)
+    assert s2ste(s2tg=TG0_16K, s2t0sz=16, s2sl0=2).illegal(0, 48, granules=every) == ""
+    assert "inconsistent" in s2ste(s2tg=TG0_16K, s2t0sz=16, s2sl0=1).illegal(0, 48, granules=every)
+    assert "only the 4 KiB" in s2ste(s2tg=TG0_16K, s2t0sz=16, s2sl0=2).illegal(0, 48)
+    # 64 KiB, 52-bit IPA from level 1 (1024 entries) only with a 52-bit OAS
+    ok52 = s2ste(s2tg=TG0_64K, s2t0sz=12, s2sl0=2)
+    assert ok52.illegal(0, 52, granules=every) == "" and ok52.illegal(0, 48, granules=every)
+    assert "reserved S2SL0" in s2ste(s2tg=TG0_64K, s2t0sz=16, s2sl0=3).illegal(
+        0, 48, granules=every
+    )
+
+
+def test_a_guest_cd_with_a_granule_idr5_lacks_is_c_bad_cd(smmu_machine: Any) -> None:
+    """The hardware checks the CD it fetches: TG0 = 16 KiB on a 4 KiB-only SMMU is C_BAD_CD
+    (an event, a fault); with GRAN16K the same CD translates through 16 KiB tables."""
+    for granules, ok in (((12,), False), ((12, 14), True)):
+        m, hw, smmu = smmu_machine(granules=granules)
+        dev = m.add_pci_device(iommu=0)
+        d = domain_of(hw, dev)
+        plugin.attach(iommu=hw, dev=dev, domain=d)
+        pt = RadixPageTable(m.memory, cfg(GRANULE_PGSIZES[14], 48, 48, 1).format())
+        pt.map(0x4000, 0x8000, K16, RW)
+        cd = hw.fetch_cd(
+            Ste.decode(words(m.memory.read(smmu.ste_addr(dev.rid), 64))), dev.rid, 0, None
+        )
+        cd.tg0, cd.ttb0 = TG0_16K, pt.root
+        m.memory.write(smmu.cd_addr(smmu.masters[dev.rid], 0), pack(cd.encode()))
+        hw.execute(*C.cfgi_cd(dev.rid, 0))
+        hw.tlb.flush_all()
+        if ok:
+            assert hw.translate(dev, 0x4010, None, False)[0] == 0x8010
+        else:
+            events = len(hw.events)
+            with pytest.raises(DmaFault):
+                hw.translate(dev, 0x4010, None, False)
+            assert hw.events[events].id == E.C_BAD_CD
