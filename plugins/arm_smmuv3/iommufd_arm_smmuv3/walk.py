@@ -172,6 +172,13 @@ def _too_wide(ia_bits: int, granule: int) -> bool:
     return ia_bits > (_MAX_IA if granule == 16 else _MAX_IA_SMALL) or ia_bits <= granule
 
 
+def _granule(granule: i64, oa_bits: i64) -> tuple[i64, i64, i64, i64]:
+    """A walk's constants for a 16 or 64 KiB granule: bits a level, the address bits of a
+    descriptor, the lowest block level, the index mask below the start level."""
+    stride: i64 = granule - 3
+    return stride, _oa_mask(granule), _min_block(granule, oa_bits), _mask(stride)
+
+
 def _oa_mask(granule: i64) -> i64:
     """The descriptor bits of an output or table address with this granule (below 48)."""
     if granule == 16:
@@ -210,17 +217,12 @@ def _s2(
     refs: i64 = 0
     table: i64 = ttb
     level: i64 = start_level
-    # The 4 KiB granule's constants spare its walks the calls (the hot path).
-    stride: i64 = 9
+    stride: i64 = 9  # the 4 KiB granule's constants, as literals: its walks call nothing
     oa_mask: i64 = DESC_OA
     min_block: i64 = 1
     low_mask: i64 = 0x1FF
-    lpa = granule == 16
     if granule != 12:
-        stride = granule - 3
-        oa_mask = _oa_mask(granule)
-        min_block = _min_block(granule, oa_bits)
-        low_mask = _mask(stride)
+        stride, oa_mask, min_block, low_mask = _granule(granule, oa_bits)
     # the start level's index bits (a short table, or concatenated ones), then a granule's
     shift: i64 = granule + stride * (3 - start_level)
     index_mask: i64 = _mask(ia_bits - shift)
@@ -233,7 +235,7 @@ def _s2(
         if not desc & DESC_VALID:
             return F_TRANSLATION, 0, 0, refs, 0, level
         addr: i64 = desc & oa_mask
-        if lpa:
+        if granule == 16:
             addr |= (desc >> 12 & 0xF) << 48  # PA[51:48] in bits 15:12
         if level < 3 and desc & DESC_TABLE:
             table = addr
@@ -354,17 +356,12 @@ def _s1(
     level: i64 = start
     unpriv = True
     rdonly = False
-    # The 4 KiB granule's constants spare its walks the calls (the hot path).
-    stride: i64 = 9
+    stride: i64 = 9  # the 4 KiB granule's constants, as literals: its walks call nothing
     oa_mask: i64 = DESC_OA
     min_block: i64 = 1
     low_mask: i64 = 0x1FF
-    lpa = granule == 16
     if granule != 12:
-        stride = granule - 3
-        oa_mask = _oa_mask(granule)
-        min_block = _min_block(granule, oa_bits)
-        low_mask = _mask(stride)
+        stride, oa_mask, min_block, low_mask = _granule(granule, oa_bits)
     shift: i64 = granule + stride * (3 - start)
     index_mask: i64 = _mask(ia_bits - shift)
     while True:
@@ -396,7 +393,7 @@ def _s1(
         if not desc & DESC_VALID:
             return F_TRANSLATION, 0, 0, refs, 0, level, 0, 0, CLASS_IN
         addr: i64 = desc & oa_mask
-        if lpa:
+        if granule == 16:
             addr |= (desc >> 12 & 0xF) << 48  # PA[51:48] in bits 15:12
         if level < 3 and desc & DESC_TABLE:
             table = addr

@@ -36,6 +36,8 @@ from iommufd_model.hw.memory import PhysicalMemory
 from iommufd_model.hw.radix import RadixPageTable, WalkResult, walk
 from iommufd_model.uapi import iommufd as U
 
+from .test_walk import nested
+
 RW = IOMMU_READ | IOMMU_WRITE
 compiled = load_walker(WALKER)
 pure = load_pure(WALKER)
@@ -222,25 +224,17 @@ def test_nested_walks_mix_granules(s1_sizes: int, s2_sizes: int) -> None:
         vas.append(va + rng.randrange(0, g1))
     for va in vas + [rng.randrange(0, 1 << 48) for _ in range(50)]:
         results = [
-            w.walk_s1(
-                mem._pages,
-                mem.size,
-                s1pt.root,
+            nested(
+                mem,
+                s1pt,
+                s2pt,
                 va,
-                48,
-                48,
                 True,
-                False,
-                False,
-                True,
-                s2pt.root,
-                c2.ias,
-                c2.start_level,
-                c2.oas,
-                False,
-                False,
-                c1.granule_shift,
-                c2.granule_shift,
+                w,
+                s2_ia=c2.ias,
+                s2_start=c2.start_level,
+                granule=c1.granule_shift,
+                s2_granule=c2.granule_shift,
             )
             for w in (compiled, pure)
         ]

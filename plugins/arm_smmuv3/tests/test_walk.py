@@ -148,8 +148,15 @@ def nested(
     va: int,
     write: bool = False,
     walker: object = compiled,
+    *,
+    s2_ia: int = 48,
+    s2_start: int = 0,
+    granule: int = 12,
+    s2_granule: int = 12,
 ) -> tuple[int, ...]:
-    return walker.walk_s1(
+    """A nested walk of ``s1pt`` (48-bit input and output) through ``s2pt`` (48-bit output;
+    its input size, start level and both granules as given)."""
+    return walker.walk_s1(  # type: ignore[attr-defined,no-any-return]
         mem._pages,
         mem.size,
         s1pt.root,
@@ -158,13 +165,16 @@ def nested(
         48,
         write,
         False,
-        False,  # type: ignore[attr-defined,no-any-return]
+        False,
         True,
         s2pt.root,
-        48,
-        0,
+        s2_ia,
+        s2_start,
         48,
         False,
+        False,
+        granule,
+        s2_granule,
     )
 
 
