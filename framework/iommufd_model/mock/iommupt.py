@@ -33,6 +33,7 @@ the model's own representation, and so is the index of dirty items beside it
 from __future__ import annotations
 
 import errno
+from collections import deque
 from typing import TYPE_CHECKING
 
 from iommufd_model.errors import err
@@ -120,14 +121,20 @@ class MockPageTable:
             va, oa, left = va + (1 << lg2), oa + (1 << lg2), left - (1 << lg2)
         first = iova >> GRANULE_SHIFT
         entries = self.entries
-        if any(i in entries for i in range(first, first + (size >> GRANULE_SHIFT))):
+        if not entries.keys().isdisjoint(range(first, first + (size >> GRANULE_SHIFT))):
             raise err(errno.EADDRINUSE, f"IOVA range at {iova:#x} already mapped")
         flags = prot & (ENTRY_READ | ENTRY_WRITE)
         for va, oa, lg2 in steps:
+            # every 2 KiB of the leaf: its address (oa is 2 KiB aligned, so | is +) and tag
+            base, count = va >> GRANULE_SHIFT, 1 << (lg2 - GRANULE_SHIFT)
             tag = flags | lg2 << SIZE_SHIFT
-            base = va >> GRANULE_SHIFT
-            for k in range(1 << (lg2 - GRANULE_SHIFT)):
-                entries[base + k] = (oa + (k << GRANULE_SHIFT)) | tag
+            entries.update(
+                zip(
+                    range(base, base + count),
+                    range(oa | tag, (oa | tag) + (count << GRANULE_SHIFT), 1 << GRANULE_SHIFT),
+                    strict=True,
+                )
+            )
 
     def leaf_at(self, iova: int) -> tuple[int, int] | None:
         """``(leaf start IOVA, size log2)`` of the leaf mapping ``iova``."""
@@ -152,8 +159,7 @@ class MockPageTable:
                 break  # a start inside a leaf: -EINVAL from the walk
             base = start >> GRANULE_SHIFT
             count = 1 << (lg2 - GRANULE_SHIFT)
-            for k in range(count):
-                del self.entries[base + k]
+            deque(map(self.entries.__delitem__, range(base, base + count)), maxlen=0)
             if self.dirty:
                 self.dirty.difference_update(range(base, base + count))
             if gather is not None:
