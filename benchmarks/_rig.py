@@ -23,9 +23,9 @@ class PageRig(NamedTuple):
     iovas: list[int]
 
 
-def one_page_areas(machine: im.Machine, n: int) -> PageRig:
+def one_page_areas(machine: im.Machine, n: int, base: int = BASE) -> PageRig:
     """A device on IOMMU 0 of ``machine`` attached to an IOAS holding ``n`` one-page areas
-    ``STRIDE`` apart from ``BASE``, with huge pages off (so 4 KiB leaves, every level walked)."""
+    ``STRIDE`` apart from ``base``, with huge pages off (so 4 KiB leaves, every level walked)."""
     dev = machine.add_pci_device(iommu=0)
     proc = machine.new_process()
     fd = proc.open_iommufd()
@@ -33,6 +33,6 @@ def one_page_areas(machine: im.Machine, n: int) -> PageRig:
     ioas = fd.ioas_alloc()
     fd.option(U.IOMMU_OPTION_HUGE_PAGES, U.IOMMU_OPTION_OP_SET, object_id=ioas, val64=0)
     for i in range(n):
-        fd.ioas_map(ioas, proc.mmap(4096), 4096, iova=BASE + i * STRIDE)
+        fd.ioas_map(ioas, proc.mmap(4096), 4096, iova=base + i * STRIDE)
     fd.attach(dev_id, ioas)
-    return PageRig(dev, proc, fd, ioas, [BASE + i * STRIDE + 16 for i in range(n)])
+    return PageRig(dev, proc, fd, ioas, [base + i * STRIDE + 16 for i in range(n)])

@@ -44,6 +44,8 @@ Pages = dict[int, TlbEntry]
 Walker = Callable[[int, bool, Any], tuple[int, ...]]
 #: the vendor's translate() from a walk's result on (faults, events, anything unusual)
 Post = Callable[[Any, int, "int | None", bool, tuple[int, ...]], tuple[int, int]]
+#: a one-level translation table without an IOTLB (the mock's): page number -> address | flags
+Table = dict[int, int]
 
 
 class HwStats:
@@ -181,24 +183,37 @@ class Stream:
     need_write: int
     mem_end: int
     miss: Miss | None
+    #: a stream without an IOTLB (:meth:`Front.learn_table`): the live table it reads
+    table: Table | None
+    shift: int
+    addr_mask: int
+    dirty_owner: Any
 
     def __init__(
         self,
         tables: dict[int, dict[object, Pages]],
-        counts: TlbCounts,
+        counts: TlbCounts | None,
         tag: object,
         need_read: int,
         need_write: int,
         mem_end: int,
         miss: Miss | None,
+        table: Table | None = None,
+        shift: int = 0,
+        addr_mask: int = 0,
+        dirty_owner: Any = None,
     ) -> None:
         self.tables = tables
-        self.counts = counts
+        self.counts = counts if counts is not None else TlbCounts()
         self.tag = tag
         self.need_read = need_read
         self.need_write = need_write
         self.mem_end = mem_end
         self.miss = miss
+        self.table = table
+        self.shift = shift
+        self.addr_mask = addr_mask
+        self.dirty_owner = dirty_owner
 
 
 def stream_key(rid: int, pasid: int | None) -> int:
@@ -250,6 +265,28 @@ class Front:
             # The device object of this RID finds the new stream through ``streams`` again.
             self.by_device.clear()
 
+    def learn_table(
+        self,
+        rid: int,
+        pasid: int | None,
+        table: Any,  # ``dict[int, int]`` (checked to be a dict here)
+        shift: int,
+        addr_mask: int,
+        need: tuple[int, int],
+        dirty_owner: Any,
+    ) -> None:
+        """Record a stream of an IOMMU without an IOTLB whose context checks just passed:
+        it translates through ``table`` (page number of ``1 << shift`` bytes -> an entry whose
+        ``addr_mask`` bits are the address), a read needing an entry with any bit of
+        ``need[0]``, a write any of ``need[1]``; a write while ``dirty_owner.dirty_enabled`` is
+        the vendor's (it sets the dirty bit). Each answer counts one translation and one
+        memory reference; anything else goes to the vendor."""
+        self.streams[stream_key(rid, pasid)] = Stream(
+            {}, None, None, need[0], need[1], 0, None, table, shift, addr_mask, dirty_owner
+        )
+        if pasid is None:
+            self.by_device.clear()
+
     def forget(self) -> None:
         """Drop every stream (a context cache or an enable register changed)."""
         self.streams.clear()
@@ -272,6 +309,9 @@ class Front:
             rid: int = dev.rid
             stream = streams.get(rid | (pasid + 1) << 16)
         if stream is not None:
+            table = stream.table
+            if table is not None:
+                return self._table(stream, table, dev, iova, pasid, write)
             tag = stream.tag
             found = False
             # Iotlb.lookup's order: the first page size whose pages hold the address.
@@ -337,3 +377,26 @@ class Front:
                     run = end - value
                 return value, run
         return miss.post(dev, iova, pasid, write, res)
+
+    def _table(
+        self, stream: Stream, table: Table, dev: Any, iova: int, pasid: int | None, write: bool
+    ) -> tuple[int, int]:
+        """A request of a known stream without an IOTLB: one table lookup (the vendor's own
+        translate() when the entry is missing or lacks the permission, or for a write while
+        dirty tracking is on)."""
+        entry = table.get(iova >> stream.shift)
+        if entry is not None:
+            if write:
+                if entry & stream.need_write and not stream.dirty_owner.dirty_enabled:
+                    return self._table_hit(stream, entry, iova)
+            elif entry & stream.need_read:
+                return self._table_hit(stream, entry, iova)
+        return self.slow(dev, iova, pasid, write)
+
+    def _table_hit(self, stream: Stream, entry: int, iova: int) -> tuple[int, int]:
+        size = 1 << stream.shift
+        off = iova & (size - 1)
+        stats = self.stats
+        stats.translations += 1
+        stats.walk_mem_refs += 1
+        return (entry & stream.addr_mask) + off, size - off

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from iommufd_model.core.eventq import IopfFault, IopfPartial, deliver_iopf_group, iopf_perm
 from iommufd_model.driver import Domain
-from iommufd_model.hw.iommu import IommuHw
+from iommufd_model.hw.iommu import CacheDict, IommuHw
 from iommufd_model.locking import locked
 from iommufd_model.mock.domain import (
     MOCK_IO_PAGE_SHIFT,
@@ -36,8 +36,9 @@ class MockIommu(IommuHw):
 
     def __init__(self, machine: Machine, index: int) -> None:
         super().__init__(machine, index)
-        self.context: dict[int, Domain | None] = {}
-        self.pasid_context: dict[tuple[int, int], Domain] = {}
+        # Context caches in the front's sense: any change forgets the streams it knows.
+        self.context: dict[int, Domain | None] = CacheDict(self.front)
+        self.pasid_context: dict[tuple[int, int], Domain] = CacheDict(self.front)
         self.partial = IopfPartial()
 
     @locked
@@ -86,5 +87,16 @@ class MockIommu(IommuHw):
             raise self.fault(dev, iova, write, pasid, "permission")
         if write and domain.dirty_enabled:
             domain.pt.set_dirty(iova)  # the model's hardware sets D as AMDv1 hardware does
+        # The next requests of this device and PASID are the compiled front's while the
+        # context stays (hw/xlate.py: ``learn_table``; the entries dict is the live table).
+        self.front.learn_table(
+            dev.rid,
+            pasid,
+            domain.entries,
+            MOCK_IO_PAGE_SHIFT,
+            ~ENTRY_FLAGS,
+            (ENTRY_READ, ENTRY_WRITE),
+            domain,
+        )
         offset = iova & (MOCK_IO_PAGE_SIZE - 1)
         return (entry & ~ENTRY_FLAGS) + offset, MOCK_IO_PAGE_SIZE - offset
