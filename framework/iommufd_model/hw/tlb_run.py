@@ -89,8 +89,30 @@ def fill(
             last_tag = tag
         pages[page] = entry
     fifo.extend(keys)
-    for _ in range(len(fifo) - capacity):
-        unlink(tables, fifo.popleft())
+    evict(tables, fifo, len(fifo) - capacity)
+
+
+def evict(tables: Filled, fifo: deque[Key], n: int) -> None:
+    """Drop the ``n`` oldest keys of ``fifo`` and their entries, as ``n`` times :func:`unlink`
+    of ``fifo.popleft()``. Consecutive keys of one burst share their page size and tag object:
+    their pages dict is found once (an identical tag is not hashed and compared again)."""
+    last_shift = -1
+    last_tag: object = None
+    tags: dict[object, dict[int, object]] = {}
+    pages: dict[int, object] = {}
+    for _ in range(n):
+        shift, tag, page = fifo.popleft()
+        if shift != last_shift or tag is not last_tag:
+            tags = tables[shift]
+            pages = tags[tag]
+            last_shift = shift
+            last_tag = tag
+        del pages[page]
+        if not pages:  # no other key of this tag and size is left: its dicts go
+            del tags[tag]
+            if not tags:
+                del tables[shift]
+            last_shift = -1
 
 
 def unlink(tables: Filled, key: Key) -> None:
