@@ -15,7 +15,7 @@ import attrs
 from iommufd_model.hw.compiled import load_walker
 from iommufd_model.hw.iotlb import NEW_ENTRY, Iotlb
 from iommufd_model.hw.memory import PAGE_SIZE, Frame, PhysicalMemory
-from iommufd_model.hw.xlate import Front, Miss, Post, Walk, Walker, stream_key
+from iommufd_model.hw.xlate import Front, Miss, Post, TlbCounts, Walk, Walker, stream_key
 from iommufd_model.hw.xlate import HwStats as HwStats  # re-exported: the stats type
 from iommufd_model.locking import locked
 
@@ -254,12 +254,17 @@ class IommuHw:
             write,
             runs,
         )
-        stream.counts.misses += walks
+        self.count_walks(stream.counts, walks, refs)
+        return int(stop)
+
+    def count_walks(self, counts: TlbCounts, walks: int, refs: int) -> None:
+        """A burst's ``walks`` IOTLB misses (``counts``: the IOTLB's counters), walked with
+        ``refs`` memory reads in all, counted as :meth:`translate` counts each."""
+        counts.misses += walks
         stats = self.stats
         stats.translations += walks
         stats.iotlb_misses += walks
         stats.walk_mem_refs += refs
-        return int(stop)
 
     def burst_walks_write(self, walk: Walk) -> bool:
         """Whether a read's walks with ``walk`` (a stream's bound walker, from

@@ -540,11 +540,7 @@ class AmdIommu(IommuHw):
             NEW_ENTRY,
             runs,
         )
-        iotlb.counts.misses += walks
-        stats = self.stats
-        stats.translations += walks
-        stats.iotlb_misses += walks
-        stats.walk_mem_refs += refs
+        self.count_walks(iotlb.counts, walks, refs)
         return int(stop)
 
     def _guest_event(self, devid: int, ev: E.Event) -> bool:
