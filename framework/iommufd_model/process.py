@@ -38,6 +38,10 @@ class FileLike(Protocol):
 class MemFile:
     """A memfd: a sized file whose frames are allocated on first touch and shared."""
 
+    #: True for a dma-buf exporter's file (the kernel tells by ``file->f_op``): its pages
+    #: map into domains but refuse CPU accesses (``iopt_is_dmabuf()`` in Linux 7.2 pages.c).
+    is_dmabuf = False
+
     def __init__(self, memory: PhysicalMemory, size: int) -> None:
         self.memory = memory
         self.size = size

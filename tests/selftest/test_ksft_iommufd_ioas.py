@@ -579,6 +579,28 @@ def test_iommufd_ioas__dmabuf_revoke(iommufd_ioas: IoasFixture) -> None:
     k.proc.close(dfd)
 
 
+def test_iommufd_ioas__dmabuf_refuses_in_kernel_access(iommufd_ioas: IoasFixture) -> None:
+    """Not a kernel test: 7.2 maps dma-buf pages into domains but gives in-kernel accesses
+    none of them (``iopt_is_dmabuf()`` in ``iopt_pages_rw_access`` and
+    ``iopt_area_add_access``): ACCESS_RW and ACCESS_PAGES are EINVAL, and nothing stays
+    pinned or recorded."""
+    t, k = iommufd_ioas, iommufd_ioas.k
+    size = PAGE_SIZE * 4
+    dfd = _get_dmabuf(k, size)
+    rc, iova = _map_file(k, t.ioas_id, dfd, 0, size)
+    assert rc == 0
+    plain = k.create_access(t.ioas_id, 0)
+    pin = k.create_access(t.ioas_id, T.MOCK_FLAGS_ACCESS_CREATE_NEEDS_PIN_PAGES)
+    for flags in (0, T.MOCK_ACCESS_RW_WRITE, T.MOCK_ACCESS_RW_SLOW_PATH):
+        assert k.access_rw(plain, iova, 8, k.buffer, flags) == errno.EINVAL
+    assert k.access_pages(pin, iova, PAGE_SIZE, 0)[0] == errno.EINVAL
+    assert k.destroy_access_pages(pin, 0) == errno.ENOENT
+    k.destroy_access(plain)
+    k.destroy_access(pin)
+    k.unmap_ok(t.ioas_id, iova, size)
+    k.proc.close(dfd)
+
+
 class _Child:
     """A fork()ed child of the test process, as far as these tests need one.
 

@@ -283,10 +283,18 @@ class Pages:
         return self._pfns[index] or None
 
     # -- in-kernel accesses (iopt_area_add_access / iopt_area_remove_access) ------------
+    def _refuse_dmabuf(self) -> None:
+        """Linux 7.2 gives in-kernel accesses no dma-buf pages: pinning them and CPU copies
+        through them are EINVAL (``iopt_area_add_access``, ``iopt_pages_rw_access``), checked
+        after the read-only EPERM as there."""
+        if self.memfile is not None and self.memfile.is_dmabuf:
+            raise err(errno.EINVAL, "in-kernel access to dma-buf pages")
+
     def add_access(self, first: int, last: int, write: bool) -> list[int]:
         """Record an access over ``[first, last]``: an exact repeat only counts another user."""
         if write and not self.writable:
             raise err(errno.EPERM, "write access to read-only pages")
+        self._refuse_dmabuf()
         key = (first, last)
         users = self._accesses.get(key)
         if users is not None:
@@ -338,6 +346,7 @@ class Pages:
         length = data if isinstance(data, int) else len(data)
         if write and not self.writable:
             raise err(errno.EPERM, "write access to read-only pages")
+        self._refuse_dmabuf()
         first, last = start_byte >> PAGE_SHIFT, (start_byte + length - 1) >> PAGE_SHIFT
         offset = start_byte & PAGE_MASK
         src = self.proc

@@ -601,6 +601,8 @@ class SelftestDmaBuf(MemFile):
     domain added later still maps them (the kernel leaves them unmapped).
     """
 
+    is_dmabuf = True
+
     def __init__(self, machine: Machine, size: int) -> None:
         super().__init__(machine.memory, size)
         self.revoked = False
