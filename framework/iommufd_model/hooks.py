@@ -278,9 +278,14 @@ class DriverHooks:
         ``iommu_domain_ops.attach_dev``).
 
         ``domain=None`` means blocked (the kernel's blocking domain). This is also *replace*:
-        when the device already has a domain the switch must be hitless and all-or-nothing -- on
-        failure the old domain stays in effect. Program the hardware (DTE / STE / PASID entry)
-        and issue the invalidations the kernel driver issues.
+        when the device already has a domain, switch as the vendor's 7.2 ``attach_dev`` does,
+        failures included. 7.2's core does not re-attach the old domain to the device whose
+        ``attach_dev`` failed (``__iommu_group_set_domain_internal()`` reverts only the group's
+        other devices). So where the 7.2 driver tears down before a step that can fail (VT-d's
+        ``device_block_translation()``, AMD's ``detach_device()``) a failed attach leaves the
+        device without its old domain; where it prepares everything before it writes
+        (SMMUv3's ``arm_smmu_attach_prepare()``) the old domain stays in effect. Program the
+        hardware (DTE / STE / PASID entry) and issue the invalidations the kernel driver issues.
         """
         self._call("attach", locals())
 
