@@ -177,6 +177,34 @@ def test_fill_equals_inserts_one_by_one(pure: bool) -> None:
         assert len(tlbs[1]) == min(capacity, min(capacity, len(held)) + len(keys))
 
 
+@pytest.mark.parametrize("pure", [False, True], ids=["compiled", "pure"])
+def test_insert_new_equals_insert(pure: bool) -> None:
+    """``tlb_run.insert_new`` (the front's fill of a key the IOTLB does not hold, with or
+    without the pages its lookup found) leaves the same entries, FIFO and dicts as
+    ``insert``, whatever page size and tag (equal, not the same object) the evicted key has."""
+    run = load_pure(RUN) if pure else load_walker(RUN)
+    rng = random.Random(17)
+    for _ in range(300):
+        capacity = rng.randrange(1, 10)
+        tlbs = [Iotlb(capacity), Iotlb(capacity)]
+        for _step in range(rng.randrange(1, 40)):
+            shift = rng.choice([12, 21])
+            tag = rng.choice([("a", 1), ("b", 2)])
+            page = rng.randrange(30)
+            if any(k[0] == shift and k[1] == tag and k[2] == page for k in tlbs[0]._fifo):
+                continue  # insert_new is for keys not held
+            entry = TlbEntry(page << shift, shift, 3, 1)
+            run.insert(tlbs[0]._tables, tlbs[0]._fifo, capacity, tag, page << shift, shift, entry)
+            tags = tlbs[1]._tables.get(shift)
+            held = tags.get(tag) if tags is not None and rng.random() < 0.5 else None
+            fresh = (tag[0], tag[1])  # an equal tag, another object
+            run.insert_new(
+                tlbs[1]._tables, tlbs[1]._fifo, capacity, fresh, page, shift, entry, held
+            )
+            assert tlbs[0].entries() == tlbs[1].entries()
+            assert tlbs[0]._tables == tlbs[1]._tables
+
+
 def dirty_rig(driver: str, dirty: bool, capacity: int | None) -> tuple[Any, Any, Any]:
     """A device with ``PAGES`` 4 KiB IOVA pages mapped (scattered frames: runs break) but for
     ``HOLE``, pages 20..23 read-only, on a HWPT allocated with dirty tracking (and tracking

@@ -56,6 +56,39 @@ def insert(
     fifo.append((shift, tag, page))
 
 
+def insert_new(
+    tables: Filled,
+    fifo: deque[Key],
+    capacity: int,
+    tag: object,
+    page: int,
+    shift: int,
+    entry: object,
+    held: dict[int, object] | None,
+) -> None:
+    """:func:`insert` of a key the IOTLB does not hold (the translate front's miss: its
+    lookup found no entry for the address at any page size), ``page`` the page number.
+    ``held``: the pages the lookup found for ``tag`` at ``shift``, or None (not found, or not
+    looked for). When the oldest key evicted is of the same page size and an equal tag, its
+    pages dict is the one the new key goes into: the entry goes and comes without the dict
+    being dropped and made again, and the tag is not hashed (``held``) or hashed once."""
+    pages = held
+    if len(fifo) >= capacity:
+        old = fifo.popleft()
+        old_shift, old_tag, old_page = old
+        if old_shift == shift and (old_tag is tag or old_tag == tag):
+            if pages is None:
+                pages = tables[shift][tag]
+            del pages[old_page]
+        else:
+            # Another size or tag: may empty and drop its dicts, never those of ``tag``.
+            unlink(tables, old)
+    if pages is None:
+        pages = pages_of(tables, shift, tag)
+    pages[page] = entry
+    fifo.append((shift, tag, page))
+
+
 def pages_of(tables: Filled, shift: int, tag: object) -> dict[int, object]:
     """The pages cached for ``tag`` with pages of ``1 << shift`` bytes (created empty)."""
     by_tag = tables.get(shift)

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 from iommufd_model.hw.tlb_entry import TlbEntry
-from iommufd_model.hw.tlb_run import insert
+from iommufd_model.hw.tlb_run import insert_new
 
 Slow = Callable[[Any, int, "int | None", bool], tuple[int, int]]
 Pages = dict[int, TlbEntry]
@@ -347,7 +347,13 @@ class Front:
         return self.slow(dev, iova, pasid, write)
 
     def _walk(
-        self, stream: Stream, miss: Miss, dev: Any, iova: int, pasid: int | None, write: bool
+        self,
+        stream: Stream,
+        miss: Miss,
+        dev: Any,
+        iova: int,
+        pasid: int | None,
+        write: bool,
     ) -> tuple[int, int]:
         """An IOTLB miss of a known stream: counted as the vendor counts it, walked by the
         bound walker, cached (a native :class:`TlbEntry`) and answered here when the walk is
@@ -371,7 +377,9 @@ class Front:
                 mask = (1 << shift) - 1
                 entry = TlbEntry(value & ~mask, shift, perm, refs)
                 tables: Any = stream.tables  # the IOTLB's dicts, as tlb_run types them
-                insert(tables, miss.fifo, miss.capacity, stream.tag, iova, shift, entry)
+                insert_new(
+                    tables, miss.fifo, miss.capacity, stream.tag, iova >> shift, shift, entry, None
+                )
                 run = mask + 1 - (value & mask)
                 if miss.clamp and run > end - value:
                     run = end - value
