@@ -731,17 +731,10 @@ class Smmuv3(IommuHw):
             if cd.epd0:
                 return self.bind_walk(_epd0_walk, (), read_writes=False)
             s1 = (cd.ttb0, cd.ia_bits, self.oa_bits(cd.ips), cd.affd, cd.ha, ste.s2_enabled)
-            ctx = (mem._pages, mem.size, *s1, *s2, cd.hd)
-            if cd.granule != 12 or s2_granule != 12:  # the 4 KiB entry's context is unchanged
-                granules = (*ctx, cd.granule, s2_granule)
-                walk = self.walker.walk_s1_granule_bound
-                return self.bind_walk(walk, granules, read_writes=bool(cd.ha))
+            ctx = (mem._pages, mem.size, *s1, *s2, cd.hd, cd.granule, s2_granule)
             return self.bind_walk(self.walker.walk_s1_bound, ctx, read_writes=bool(cd.ha))
         if ste.s2_enabled:
-            ctx2 = (mem._pages, mem.size, *s2)
-            if s2_granule != 12:
-                walk2 = self.walker.walk_s2_granule_bound
-                return self.bind_walk(walk2, (*ctx2, s2_granule), read_writes=False)
+            ctx2 = (mem._pages, mem.size, *s2, s2_granule)
             return self.bind_walk(self.walker.walk_s2_bound, ctx2, read_writes=False)
         return None
 

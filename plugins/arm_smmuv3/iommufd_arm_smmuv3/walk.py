@@ -533,77 +533,22 @@ def _bench(
 def walk_s1_bound(
     va: int,
     write: bool,
-    ctx: tuple[Pages, int, int, int, int, bool, bool, bool, int, int, int, int, bool, bool],
-) -> tuple[int, int, int, int, int, int, int, int, int]:
-    """``walk_s1`` with ``ctx = (pages, mem_size, ttb, ia_bits, oa_bits, affd, ha, nested,
-    s2_ttb, s2_ia_bits, s2_start, s2_oa_bits, s2_affd, hd)``."""
-    pages, mem_size, ttb, ia, oa, affd, ha, nested, s2_ttb, s2_ia, s2_start, s2_oa, s2_affd, hd = (
-        ctx
-    )
-    return walk_s1(
-        pages,
-        mem_size,
-        ttb,
-        va,
-        ia,
-        oa,
-        write,
-        affd,
-        ha,
-        nested,
-        s2_ttb,
-        s2_ia,
-        s2_start,
-        s2_oa,
-        s2_affd,
-        hd,
-    )
-
-
-def walk_s2_bound(
-    ipa: int, write: bool, ctx: tuple[Pages, int, int, int, int, int, bool]
-) -> tuple[int, int, int, int, int, int]:
-    """``walk_s2`` with ``ctx = (pages, mem_size, ttb, ia_bits, start_level, oa_bits, affd)``."""
-    pages, mem_size, ttb, ia_bits, start_level, oa_bits, affd = ctx
-    return walk_s2(pages, mem_size, ttb, ipa, ia_bits, start_level, oa_bits, write, affd)
-
-
-def walk_s1_granule_bound(
-    va: int,
-    write: bool,
     ctx: tuple[
         Pages, int, int, int, int, bool, bool, bool, int, int, int, int, bool, bool, int, int
     ],
 ) -> tuple[int, int, int, int, int, int, int, int, int]:
-    """:func:`walk_s1_bound` for 16 or 64 KiB granules: its ``ctx`` plus ``(granule,
-    s2_granule)`` (the 4 KiB entry keeps its shorter context)."""
-    pages, mem_size, ttb, ia, oa, affd, ha, nested, s2_ttb, s2_ia, s2_start, s2_oa = ctx[:12]
-    s2_affd, hd, granule, s2_granule = ctx[12:]
-    return walk_s1(
-        pages,
-        mem_size,
-        ttb,
-        va,
-        ia,
-        oa,
-        write,
-        affd,
-        ha,
-        nested,
-        s2_ttb,
-        s2_ia,
-        s2_start,
-        s2_oa,
-        s2_affd,
-        hd,
-        granule,
-        s2_granule,
-    )
+    """``walk_s1`` with ``ctx = (pages, mem_size, ttb, ia_bits, oa_bits, affd, ha, nested,
+    s2_ttb, s2_ia_bits, s2_start, s2_oa_bits, s2_affd, hd, granule, s2_granule)``."""
+    (pages, mem_size, ttb, ia, oa, affd, ha, nested, s2_ttb, s2_ia, s2_start, s2_oa, s2_affd,
+     hd, g, s2_g) = ctx  # fmt: skip
+    return walk_s1(pages, mem_size, ttb, va, ia, oa, write, affd, ha, nested, s2_ttb, s2_ia,
+                   s2_start, s2_oa, s2_affd, hd, g, s2_g)  # fmt: skip
 
 
-def walk_s2_granule_bound(
+def walk_s2_bound(
     ipa: int, write: bool, ctx: tuple[Pages, int, int, int, int, int, bool, int]
 ) -> tuple[int, int, int, int, int, int]:
-    """:func:`walk_s2_bound` for 16 or 64 KiB granules: its ``ctx`` plus the granule."""
+    """``walk_s2`` with ``ctx = (pages, mem_size, ttb, ia_bits, start_level, oa_bits, affd,
+    granule)``."""
     pages, mem_size, ttb, ia_bits, start_level, oa_bits, affd, granule = ctx
     return walk_s2(pages, mem_size, ttb, ipa, ia_bits, start_level, oa_bits, write, affd, granule)
