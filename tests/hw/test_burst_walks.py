@@ -178,8 +178,8 @@ def _run(kind: tuple[str, dict[str, Any], str], dirty: bool, capacity: int, buil
     walked = []  # pages the burst walks translated (none page by page)
     walk_run = rig.hw.walk_run
 
-    def counted(dev: Any, iova: int, *args: Any) -> int:
-        stop = walk_run(dev, iova, *args)
+    def counted(req: Any, iova: int) -> int:
+        stop = walk_run(req, iova)
         walked.append(stop - iova)
         return stop
 

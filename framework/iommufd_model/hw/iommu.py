@@ -99,6 +99,22 @@ class FaultRecord:
     reason: str
 
 
+@attrs.define
+class BurstRequest:
+    """One DMA's translation in progress, page after page (:meth:`IommuHw.translate_run`,
+    :meth:`IommuHw.dma_read`): who asks, which way, where it ends, the ``(pa, length)`` runs
+    translated so far, and ``tables_only``: only walks that write no memory (no
+    accessed/dirty updates) may run natively, as a read gathers bytes before it copies them.
+    The model's own record (the hardware sees one request a page)."""
+
+    dev: PciDevice
+    pasid: int | None
+    write: bool
+    end: int
+    runs: list[tuple[int, int]]
+    tables_only: bool = False
+
+
 class IommuHw:
     """One IOMMU instance: owns the devices behind it and translates their DMA."""
 
@@ -200,23 +216,13 @@ class IommuHw:
         way (:meth:`translate_run`)."""
         return None
 
-    def walk_run(
-        self,
-        dev: PciDevice,
-        iova: int,
-        end: int,
-        pasid: int | None,
-        write: bool,
-        tables_only: bool,
-        runs: list[tuple[int, int]],
-    ) -> int:
-        """Pages from ``iova`` towards ``end`` that the IOTLB holds nothing for, walked and
-        cached natively as :meth:`translate` would (same answers, IOTLB fills and statistics),
-        within a burst after a successful :meth:`translate` of ``dev``: their runs go to
-        ``runs``; returns the first address not translated (``iova`` when there is no such
-        path). Stops before any page that would fault, hit the IOTLB, or need what only
-        :meth:`translate` does. ``tables_only``: only walks that write no memory (no
-        accessed/dirty updates) may run, as a read gathers bytes before it copies them.
+    def walk_run(self, req: BurstRequest, iova: int) -> int:
+        """Pages from ``iova`` towards ``req.end`` that the IOTLB holds nothing for, walked
+        and cached natively as :meth:`translate` would (same answers, IOTLB fills and
+        statistics), within a burst after a successful :meth:`translate` of ``req.dev``: their
+        runs go to ``req.runs``; returns the first address not translated (``iova`` when there
+        is no such path). Stops before any page that would fault, hit the IOTLB, or need what
+        only :meth:`translate` does (``req.tables_only``: one that writes memory).
 
         This default walks with what the vendor taught the compiled translate front for the
         request stream (``Front.learn``'s :class:`~iommufd_model.hw.xlate.Miss`: the bound
@@ -226,11 +232,11 @@ class IommuHw:
         streams = self.front.streams
         if not streams:  # nothing learnt (or a vendor that never learns): no ``dev.rid``
             return iova
-        stream = streams.get(stream_key(dev.rid, pasid))
+        stream = streams.get(stream_key(req.dev.rid, req.pasid))
         if stream is None:
             return iova
         miss = stream.miss
-        if miss is None or (tables_only and self.burst_walks_write(miss.walk)):
+        if miss is None or (req.tables_only and self.burst_walks_write(miss.walk)):
             return iova
         rule = (
             miss.prot_mask,
@@ -250,9 +256,9 @@ class IommuHw:
             NEW_ENTRY,
             rule,
             iova,
-            end,
-            write,
-            runs,
+            req.end,
+            req.write,
+            req.runs,
         )
         self.count_walks(stream.counts, walks, refs)
         return int(stop)
@@ -287,46 +293,31 @@ class IommuHw:
     def _translate_run(
         self, dev: PciDevice, iova: int, n: int, pasid: int | None, write: bool
     ) -> list[tuple[int, int]]:
-        runs: list[tuple[int, int]] = []
-        end = iova + n
+        req = BurstRequest(dev, pasid, write, iova + n, [])
+        end = req.end
         while iova < end:
-            iova = self._translate_one(dev, iova, end, pasid, write, runs)
+            iova = self._translate_one(req, iova)
             if iova < end:
-                iova = self._hits(dev, iova, end, pasid, write, runs)
-        return runs
+                iova = self._hits(req, iova)
+        return req.runs
 
-    def _translate_one(
-        self,
-        dev: PciDevice,
-        iova: int,
-        end: int,
-        pasid: int | None,
-        write: bool,
-        runs: list[tuple[int, int]],
-    ) -> int:
-        """One full translation (walk and fault included): its run goes to ``runs``."""
-        pa, run = self.translate(dev, iova, pasid, write)
-        chunk = min(end - iova, run)
-        runs.append((pa, chunk))
+    def _translate_one(self, req: BurstRequest, iova: int) -> int:
+        """One full translation (walk and fault included): its run goes to ``req.runs``."""
+        pa, run = self.translate(req.dev, iova, req.pasid, req.write)
+        chunk = min(req.end - iova, run)
+        req.runs.append((pa, chunk))
         return iova + chunk
 
-    def _hits(
-        self,
-        dev: PciDevice,
-        iova: int,
-        end: int,
-        pasid: int | None,
-        write: bool,
-        runs: list[tuple[int, int]],
-        tables_only: bool = False,
-    ) -> int:
+    def _hits(self, req: BurstRequest, iova: int) -> int:
         """IOTLB hits and native walks (:meth:`walk_run`) from ``iova`` on, after a full
         translation: the address they reach."""
-        fast = self.iotlb_fast(dev, pasid, write)
+        fast = self.iotlb_fast(req.dev, req.pasid, req.write)
         if fast is None:
             return iova
         iotlb, tag, need = fast
         stats = self.stats
+        end = req.end
+        runs = req.runs
         while True:
             hits, stop = iotlb.hit_run(tag, iova, end, need, self.memory.size, runs)
             stats.translations += hits
@@ -334,7 +325,7 @@ class IommuHw:
             if stop >= end:
                 return stop
             # A miss: the vendor's native walks, as long as its translate() would only walk.
-            iova = self.walk_run(dev, stop, end, pasid, write, tables_only, runs)
+            iova = self.walk_run(req, stop)
             if iova == stop:
                 return stop
 
@@ -347,16 +338,17 @@ class IommuHw:
         # is copied first, as the device read it.
         parts: list[bytes | Frame | memoryview] = []
         pending: list[bytes | Frame | memoryview] = []
-        runs: list[tuple[int, int]] = []
+        req = BurstRequest(dev, pasid, False, iova + n, [], tables_only=True)
+        runs = req.runs
         gather = self.memory.gather
-        end = iova + n
+        end = req.end
         while iova < end:
             if pending:
                 parts.append(b"".join(pending))
                 pending.clear()
-            iova = self._translate_one(dev, iova, end, pasid, False, runs)
+            iova = self._translate_one(req, iova)
             if iova < end:
-                iova = self._hits(dev, iova, end, pasid, False, runs, tables_only=True)
+                iova = self._hits(req, iova)
             for pa, chunk in runs:
                 gather(pa, chunk, pending)
             runs.clear()

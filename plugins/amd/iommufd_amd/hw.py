@@ -24,7 +24,7 @@ from iommufd_amd.gcr3 import GCR3_ADDR
 from iommufd_amd.viommu.hw import ViommuHw
 from iommufd_model.driver import IOMMU_READ, IOMMU_WRITE
 from iommufd_model.hw.compiled import load_walker
-from iommufd_model.hw.iommu import CacheDict, DmaFault, FastPath, IommuHw, page_run
+from iommufd_model.hw.iommu import BurstRequest, CacheDict, DmaFault, FastPath, IommuHw, page_run
 from iommufd_model.hw.iotlb import NEW_ENTRY, Iotlb, TlbEntry
 from iommufd_model.hw.radix import TABLE
 from iommufd_model.hw.regs import Mmio
@@ -497,30 +497,20 @@ class AmdIommu(IommuHw):
             return None
         return self.iotlb, tag, (IOMMU_WRITE | _DIRTY_DONE) if write else IOMMU_READ
 
-    def walk_run(
-        self,
-        dev: PciDevice,
-        iova: int,
-        end: int,
-        pasid: int | None,
-        write: bool,
-        tables_only: bool,
-        runs: list[tuple[int, int]],
-    ) -> int:
+    def walk_run(self, req: BurstRequest, iova: int) -> int:
         """Host (v1) table walks of a burst in the compiled walker (``walk.walk_run``), for a
         DTE that :meth:`lookup` would walk with the v1 table; A/D updates (DTE HAD) count as
-        memory writes for ``tables_only``. Other streams (guest tables, PASIDs) take the
+        memory writes for ``req.tables_only``. Other streams (guest tables, PASIDs) take the
         default: the compiled front's binding of their walks."""
-        cached = self.dte_cache.get(dev.rid)
-        generic = partial(super().walk_run, dev, iova, end, pasid, write, tables_only, runs)
-        if cached is None or pasid is not None:
-            return generic()
+        cached = self.dte_cache.get(req.dev.rid)
+        if cached is None or req.pasid is not None:
+            return super().walk_run(req, iova)
         dte, why = cached
-        if not dte.v or why or not dte.tv or (tables_only and dte.had):
-            return generic()
-        tag = _iotlb_tag(dte, pasid)
+        if not dte.v or why or not dte.tv or (req.tables_only and dte.had):
+            return super().walk_run(req, iova)
+        tag = _iotlb_tag(dte, None)
         if tag is None or tag[1] != NO_PASID:
-            return generic()  # no table, or the guest (v2) tables: the front's binding
+            return super().walk_run(req, iova)  # no table, or the guest (v2) tables
         dte_prot = (IOMMU_READ if dte.ir else 0) | (IOMMU_WRITE if dte.iw else 0)
         iotlb = self.iotlb
         memory = self.memory
@@ -528,8 +518,8 @@ class AmdIommu(IommuHw):
             iotlb._tables,
             tag,
             iova,
-            end,
-            write,
+            req.end,
+            req.write,
             dte_prot,
             memory._pages,
             memory.size,
@@ -538,7 +528,7 @@ class AmdIommu(IommuHw):
             dte.had,
             partial(iotlb.RUN.fill, iotlb._tables, iotlb._fifo, iotlb.capacity),
             NEW_ENTRY,
-            runs,
+            req.runs,
         )
         self.count_walks(iotlb.counts, walks, refs)
         return int(stop)
