@@ -89,10 +89,7 @@ class Pages:
         """
         if uptr < 0 or uptr + length > (1 << 64) - 1:
             raise err(errno.EOVERFLOW, "user range wraps")
-        base = uptr & ~PAGE_MASK
-        start_byte = uptr - base
-        pages = cls._alloc(proc.memory, start_byte, length, writable, proc, base, None)
-        return pages, start_byte
+        return cls._alloc(proc.memory, uptr, length, writable, proc, None)
 
     @classmethod
     def from_file(
@@ -103,28 +100,28 @@ class Pages:
             raise err(errno.EINVAL, "zero length")
         if start < 0 or start + length - 1 > (1 << 64) - 1:
             raise err(errno.EOVERFLOW, "file range wraps")
-        base = start & ~PAGE_MASK
-        start_byte = start - base
-        pages = cls._alloc(memfile.memory, start_byte, length, writable, proc, base, memfile)
-        return pages, start_byte
+        return cls._alloc(memfile.memory, start, length, writable, proc, memfile)
 
     @classmethod
     def _alloc(
         cls,
         memory: PhysicalMemory,
-        start_byte: int,
+        start: int,
         length: int,
         writable: bool,
         proc: Process | None,
-        base: int,
         memfile: MemFile | None,
-    ) -> Pages:
+    ) -> tuple[Pages, int]:
+        """Pages over ``[start, start+length)`` of a process's address space or a memfd (both
+        callers' page-aligned base and offset into the first page): ``(pages, start_byte)``."""
+        base = start & ~PAGE_MASK
+        start_byte = start - base
         # iopt_alloc_pages(): SIZE_MAX - PAGE_SIZE bounds DIV_ROUND_UP; zero is meaningless.
         if length == 0 or length > (1 << 64) - 1 - PAGE_SIZE:
             raise err(errno.EINVAL, "bad length")
         failpoint("pages.alloc")  # kzalloc of struct iopt_pages
         npages = (length + start_byte + PAGE_MASK) >> PAGE_SHIFT
-        return cls(memory, npages, writable, proc, base, memfile)
+        return cls(memory, npages, writable, proc, base, memfile), start_byte
 
     @property
     def is_file(self) -> bool:
