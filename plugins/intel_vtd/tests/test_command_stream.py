@@ -41,6 +41,22 @@ def _dom(world: Any, dev_id: int) -> Any:
     return world.fd.device(dev_id).hwpt.domain
 
 
+def _teardown(qi: Any, rid: int, did: int, pasid: int, first_stage: bool) -> list[Any]:
+    """intel_pasid_tear_down_entry()'s three flushes, each its own submission: the PASID
+    cache, the IOTLB (PASID-based for a first-stage entry, domain-selective for a second-stage
+    one), the whole device TLB (the PASID-based form for a PASID other than 0)."""
+    if first_stage:
+        iotlb = qi.d(Q.PIOTLB, g=Q.PIOTLB_PASID, did=did, pasid=pasid)
+    else:
+        iotlb = qi.iotlb(did, Q.IOTLB_DOMAIN)
+    if pasid:
+        devtlb = qi.d(Q.PDEV_TLB, sid=rid, pasid=pasid, qdep=8, addr=FULL, size=1)
+    else:
+        devtlb = qi.d(Q.DEV_TLB, sid=rid, qdep=8, addr=FULL, size=1)
+    pc = qi.d(Q.PC, g=Q.PC_PASID, did=did, pasid=pasid)
+    return [pc, qi.WAIT, iotlb, qi.WAIT, devtlb, qi.WAIT]
+
+
 def test_boot_issues_the_global_flushes_each_with_its_wait(qi: Any, world: Any) -> None:
     got = [qi.fmt(x) for x in world.hw.driver_state.issued]
     assert got == [
@@ -122,27 +138,13 @@ def test_replace_tears_down_before_it_sets_up(qi: Any, ats_world: Any) -> None:
     # PASID cache, PASID-based IOTLB (the old entry was first stage), device TLB: three
     # submissions; then the new entry with no flush. The DID of the old domain is freed
     # before the new one is allocated: the second-stage domain gets DID 2 again.
-    assert s.take() == [
-        qi.d(Q.PC, g=Q.PC_PASID, did=2, pasid=0),
-        qi.WAIT,
-        qi.d(Q.PIOTLB, g=Q.PIOTLB_PASID, did=2, pasid=0),
-        qi.WAIT,
-        qi.d(Q.DEV_TLB, sid=rid, qdep=8, addr=FULL, size=1),
-        qi.WAIT,
-    ]
+    assert s.take() == _teardown(qi, rid, 2, 0, first_stage=True)
     st = w.st
     pe = st.read_pasid_entry(st.devs[rid], 0)
     assert pe.pgtt == T.PGTT_SECOND and pe.did == 2 == _dom(w, w.adev_id).did
     # Detach: the same teardown with a domain-selective IOTLB flush (second stage).
     w.fd.detach(w.adev_id)
-    assert s.take() == [
-        qi.d(Q.PC, g=Q.PC_PASID, did=2, pasid=0),
-        qi.WAIT,
-        qi.iotlb(2, Q.IOTLB_DOMAIN),
-        qi.WAIT,
-        qi.d(Q.DEV_TLB, sid=rid, qdep=8, addr=FULL, size=1),
-        qi.WAIT,
-    ]
+    assert s.take() == _teardown(qi, rid, 2, 0, first_stage=False)
     assert 2 not in st.dids
 
 
@@ -159,14 +161,7 @@ def test_pasid_attach_replace_and_remove(qi: Any, ats_world: Any) -> None:
     w.fd.attach(w.adev_id, b, pasid=5)
     # The new domain takes DID 3 before the old entry (DID 2) is torn down; PASID 5 uses
     # the PASID-based device-TLB form.
-    assert s.take() == [
-        qi.d(Q.PC, g=Q.PC_PASID, did=2, pasid=5),
-        qi.WAIT,
-        qi.d(Q.PIOTLB, g=Q.PIOTLB_PASID, did=2, pasid=5),
-        qi.WAIT,
-        qi.d(Q.PDEV_TLB, sid=rid, pasid=5, qdep=8, addr=FULL, size=1),
-        qi.WAIT,
-    ]
+    assert s.take() == _teardown(qi, rid, 2, 5, first_stage=True)
     dom_b = w.fd.objects.get(b).domain
     assert dom_b.did == 3 and w.fd.objects.get(a).domain.did is None
     w.unmap(ioas, IOVA, PAGE)
@@ -176,14 +171,7 @@ def test_pasid_attach_replace_and_remove(qi: Any, ats_world: Any) -> None:
         qi.WAIT,
     ]
     w.fd.detach(w.adev_id, pasid=5)
-    assert s.take() == [
-        qi.d(Q.PC, g=Q.PC_PASID, did=3, pasid=5),
-        qi.WAIT,
-        qi.d(Q.PIOTLB, g=Q.PIOTLB_PASID, did=3, pasid=5),
-        qi.WAIT,
-        qi.d(Q.PDEV_TLB, sid=rid, pasid=5, qdep=8, addr=FULL, size=1),
-        qi.WAIT,
-    ]
+    assert s.take() == _teardown(qi, rid, 3, 5, first_stage=True)
     assert dom_b.did is None and not w.st.dids
 
 
@@ -287,14 +275,7 @@ def test_set_dirty_tracking_unwinds_with_eopnotsupp(qi: Any, ats_world: Any) -> 
     on = U.IommuHwptSetDirtyTracking(flags=U.IOMMU_HWPT_DIRTY_TRACKING_ENABLE, hwpt_id=ss)
     assert_errno(errno.EOPNOTSUPP, lambda: w.ioctl(U.IOMMU_HWPT_SET_DIRTY_TRACKING, on))
     assert not st.read_pasid_entry(info, 0).ssade
-    flush = [
-        qi.d(Q.PC, g=Q.PC_PASID, did=2, pasid=0),
-        qi.WAIT,
-        qi.iotlb(2, Q.IOTLB_DOMAIN),
-        qi.WAIT,
-        qi.d(Q.DEV_TLB, sid=w.adev.rid, qdep=8, addr=FULL, size=1),
-        qi.WAIT,
-    ]
+    flush = _teardown(qi, w.adev.rid, 2, 0, first_stage=False)
     assert s.take() == flush + flush  # SSADE on for the RID, then off again
 
 
