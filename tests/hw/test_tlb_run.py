@@ -4,6 +4,7 @@ answers exactly what page-by-page ``translate()`` answers, for every vendor, and
 
 from __future__ import annotations
 
+import collections
 import random
 from typing import Any
 
@@ -203,6 +204,41 @@ def test_insert_new_equals_insert(pure: bool) -> None:
             )
             assert tlbs[0].entries() == tlbs[1].entries()
             assert tlbs[0]._tables == tlbs[1]._tables
+
+
+@pytest.mark.parametrize("pure", [False, True], ids=["compiled", "pure"])
+def test_fifo_is_a_deque(pure: bool) -> None:
+    """``tlb_run.Fifo`` (the IOTLB's key order) answers as a ``collections.deque`` through
+    appends, extends, pops from the front across its compactions, and clears."""
+    fifo = (load_pure(RUN) if pure else load_walker(RUN)).Fifo()
+    ref: collections.deque[tuple[int, object, int]] = collections.deque()
+    rng = random.Random(19)
+    compactions = 0
+    for step in range(20000):
+        op = rng.random()
+        head = fifo.head
+        if op < 0.3:
+            key = (12, "t", step)
+            fifo.append(key)
+            ref.append(key)
+        elif op < 0.32:
+            keys = [(21, "u", step + i) for i in range(rng.randrange(150))]
+            fifo.extend(keys)
+            ref.extend(keys)
+        elif op < 0.9995:
+            if ref:
+                assert fifo.popleft() == ref.popleft()
+            else:
+                with pytest.raises(IndexError):
+                    fifo.popleft()
+        else:
+            fifo.clear()
+            ref.clear()
+        compactions += fifo.head < head
+        assert len(fifo) == len(ref)
+        if step % 97 == 0:
+            assert list(fifo) == list(ref)
+    assert compactions > 10  # the popped keys were dropped from the list's front, often
 
 
 def dirty_rig(driver: str, dirty: bool, capacity: int | None) -> tuple[Any, Any, Any]:

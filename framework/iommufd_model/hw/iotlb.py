@@ -10,13 +10,13 @@ exactly the bug class a model must show. Replacement is FIFO over all entries.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable, Hashable
 from typing import cast
 
 from iommufd_model.hw.compiled import load_walker
 from iommufd_model.hw.tlb_entry import TlbEntry as TlbEntry  # re-exported: the entry type
 from iommufd_model.hw.tlb_entry import new_entry
+from iommufd_model.hw.tlb_run import Fifo
 from iommufd_model.hw.xlate import TlbCounts
 
 _RUN = load_walker("iommufd_model.hw.tlb_run")
@@ -42,7 +42,9 @@ class Iotlb:
         # skipping their dummies, which made a burst beyond the IOTLB's reach quadratic; an
         # OrderedDict hashes every key twice and allocates a node per fill). Whether a key is
         # cached is asked of ``_tables``; an invalidation rebuilds the FIFO (:meth:`_drop`).
-        self._fifo: deque[Key] = deque()
+        # Always the compiled build's class when there is one (as ``TlbEntry``), so that the
+        # compiled and the pure ``tlb_run`` both take it.
+        self._fifo = Fifo()
         # Native counters, shared with the compiled translate front (hw/xlate.py), which
         # counts its hits there; the module is chosen as the IOMMU's (when it is built).
         self.counts: TlbCounts = load_walker(XLATE_MODULE).TlbCounts()

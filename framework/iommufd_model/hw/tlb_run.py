@@ -15,8 +15,7 @@ mem_refs``). The burst finds its tag's pages once per page size and then probes 
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Final
 
 from iommufd_model.hw.tlb_entry import TlbEntry
@@ -29,9 +28,59 @@ Key = tuple[int, object, int]
 Filled = dict[int, dict[object, dict[int, object]]]
 
 
+#: popped keys kept at the FIFO's front before it is compacted (and at most as many as remain)
+COMPACT: Final = 64
+
+
+class Fifo:
+    """An IOTLB's keys, oldest first (replacement is FIFO): a list and the index of its
+    oldest key. A fill appends, an eviction takes the key at ``head`` and moves on; the
+    popped keys are dropped from the list once they are at least ``COMPACT`` and as many as
+    the keys left (one pointer moved per eviction, amortised). Native (compiled with this
+    module), so that the compiled fill and eviction make no Python method calls; it has the
+    ``collections.deque`` methods the IOTLB uses. Whether a key is cached is asked of the
+    IOTLB's dicts, never of this FIFO."""
+
+    keys: list[Key]
+    head: int
+
+    def __init__(self) -> None:
+        self.keys = []
+        self.head = 0
+
+    def __len__(self) -> int:
+        return len(self.keys) - self.head
+
+    def __iter__(self) -> Iterator[Key]:
+        return iter(self.keys[self.head :])
+
+    def append(self, key: Key) -> None:
+        self.keys.append(key)
+
+    def extend(self, keys: Iterable[Key]) -> None:
+        self.keys.extend(keys)
+
+    def popleft(self) -> Key:
+        keys = self.keys
+        head = self.head
+        if head >= len(keys):
+            raise IndexError("pop from an empty FIFO")
+        key = keys[head]
+        head += 1
+        if head >= COMPACT and head + head >= len(keys):
+            del keys[:head]
+            head = 0
+        self.head = head
+        return key
+
+    def clear(self) -> None:
+        self.keys.clear()
+        self.head = 0
+
+
 def insert(
     tables: Filled,
-    fifo: deque[Key],
+    fifo: Fifo,
     capacity: int,
     tag: object,
     iova: int,
@@ -58,7 +107,7 @@ def insert(
 
 def insert_new(
     tables: Filled,
-    fifo: deque[Key],
+    fifo: Fifo,
     capacity: int,
     tag: object,
     page: int,
@@ -102,7 +151,7 @@ def pages_of(tables: Filled, shift: int, tag: object) -> dict[int, object]:
 
 def fill(
     tables: Filled,
-    fifo: deque[Key],
+    fifo: Fifo,
     capacity: int,
     keys: list[Key],
     entries: list[object],
@@ -125,7 +174,7 @@ def fill(
     evict(tables, fifo, len(fifo) - capacity)
 
 
-def evict(tables: Filled, fifo: deque[Key], n: int) -> None:
+def evict(tables: Filled, fifo: Fifo, n: int) -> None:
     """Drop the ``n`` oldest keys of ``fifo`` and their entries, as ``n`` times :func:`unlink`
     of ``fifo.popleft()``. Consecutive keys of one burst share their page size and tag object:
     their pages dict is found once (an identical tag is not hashed and compared again)."""
@@ -233,7 +282,7 @@ FILL_BATCH: Final = 128
 
 def walk_run(
     tables: Filled,
-    fifo: deque[Key],
+    fifo: Fifo,
     capacity: int,
     tag: object,
     walk: Callable[[int, bool], tuple[int, ...]],

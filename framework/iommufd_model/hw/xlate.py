@@ -34,7 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 from iommufd_model.hw.tlb_entry import TlbEntry
-from iommufd_model.hw.tlb_run import insert_new
+from iommufd_model.hw.tlb_run import Fifo, insert_new
 
 Slow = Callable[[Any, int, "int | None", bool], tuple[int, int]]
 Pages = dict[int, TlbEntry]
@@ -137,7 +137,7 @@ class Miss:
 
     walk: Walk
     post: Post
-    fifo: Any  # the IOTLB's FIFO of keys (a deque), for tlb_run.insert
+    fifo: Fifo  # the IOTLB's FIFO of keys, for tlb_run.insert_new
     capacity: int
     prot_mask: int
     need_read: int
@@ -151,7 +151,7 @@ class Miss:
         self,
         walk: Walk,
         post: Post,
-        fifo: Any,
+        fifo: Fifo,
         capacity: int,
         prot_mask: int,
         need: tuple[int, int],
