@@ -16,7 +16,7 @@ mem_refs``). The burst finds its tag's pages once per page size and then probes 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import Final
+from typing import Any, Final, cast
 
 from iommufd_model.hw.tlb_entry import TlbEntry
 
@@ -24,8 +24,11 @@ Entry = TlbEntry
 Pages = dict[int, Entry]
 Tables = dict[int, dict[object, Pages]]
 Key = tuple[int, object, int]
+#: a key as the FIFO holds it: the page number is kept as the object it was filled with, so that
+#: an eviction deletes it from its pages without unboxing it and boxing it again
+Slot = tuple[int, object, object]
 # The same dicts as the IOTLB fills them: an entry is the caller's object (a ``TlbEntry``).
-Filled = dict[int, dict[object, dict[int, object]]]
+Filled = dict[int, dict[object, dict[Any, object]]]
 
 
 #: popped keys kept at the FIFO's front before it is compacted (and at most as many as remain)
@@ -41,7 +44,7 @@ class Fifo:
     ``collections.deque`` methods the IOTLB uses. Whether a key is cached is asked of the
     IOTLB's dicts, never of this FIFO."""
 
-    keys: list[Key]
+    keys: list[Slot]
     head: int
 
     def __init__(self) -> None:
@@ -52,15 +55,15 @@ class Fifo:
         return len(self.keys) - self.head
 
     def __iter__(self) -> Iterator[Key]:
-        return iter(self.keys[self.head :])
+        return iter(cast("list[Key]", self.keys[self.head :]))
 
-    def append(self, key: Key) -> None:
+    def append(self, key: Slot) -> None:
         self.keys.append(key)
 
-    def extend(self, keys: Iterable[Key]) -> None:
+    def extend(self, keys: Iterable[Slot]) -> None:
         self.keys.extend(keys)
 
-    def popleft(self) -> Key:
+    def popleft(self) -> Slot:
         keys = self.keys
         head = self.head
         if head >= len(keys):
@@ -110,13 +113,14 @@ def insert_new(
     fifo: Fifo,
     capacity: int,
     tag: object,
-    page: int,
+    page: object,
     shift: int,
     entry: object,
-    held: dict[int, object] | None,
+    held: dict[Any, object] | None,
 ) -> None:
     """:func:`insert` of a key the IOTLB does not hold (the translate front's miss: its
-    lookup found no entry for the address at any page size), ``page`` the page number.
+    lookup found no entry for the address at any page size), ``page`` the page number (boxed
+    once: the pages and the FIFO share it).
     ``held``: the pages the lookup found for ``tag`` at ``shift``, or None (not found, or not
     looked for). When the oldest key evicted is of the same page size and an equal tag, its
     pages dict is the one the new key goes into: the entry goes and comes without the dict
@@ -138,7 +142,7 @@ def insert_new(
     fifo.append((shift, tag, page))
 
 
-def pages_of(tables: Filled, shift: int, tag: object) -> dict[int, object]:
+def pages_of(tables: Filled, shift: int, tag: object) -> dict[Any, object]:
     """The pages cached for ``tag`` with pages of ``1 << shift`` bytes (created empty)."""
     by_tag = tables.get(shift)
     if by_tag is None:
@@ -163,7 +167,7 @@ def fill(
     either way, whether they were there before or came with ``keys``)."""
     last_shift = -1
     last_tag: object = None
-    pages: dict[int, object] = {}
+    pages: dict[Any, object] = {}
     for (shift, tag, page), entry in zip(keys, entries, strict=True):
         if shift != last_shift or tag is not last_tag:
             pages = pages_of(tables, shift, tag)
@@ -180,8 +184,8 @@ def evict(tables: Filled, fifo: Fifo, n: int) -> None:
     their pages dict is found once (an identical tag is not hashed and compared again)."""
     last_shift = -1
     last_tag: object = None
-    tags: dict[object, dict[int, object]] = {}
-    pages: dict[int, object] = {}
+    tags: dict[object, dict[Any, object]] = {}
+    pages: dict[Any, object] = {}
     for _ in range(n):
         shift, tag, page = fifo.popleft()
         if shift != last_shift or tag is not last_tag:
@@ -197,7 +201,7 @@ def evict(tables: Filled, fifo: Fifo, n: int) -> None:
             last_shift = -1
 
 
-def unlink(tables: Filled, key: Key) -> None:
+def unlink(tables: Filled, key: Slot) -> None:
     """Drop the entry of ``key`` (``(shift, tag, page)``) from ``tables``, and the dicts it
     leaves empty (the caller takes the key out of the FIFO)."""
     shift, tag, page = key
