@@ -30,7 +30,7 @@ kernel's users: :class:`PhysicalRegion` (machine RAM, e.g. the mock vIOMMU's two
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Protocol
 
 import attrs
@@ -74,6 +74,17 @@ def _bounds(length: int, offset: int, n: int) -> None:
         raise err(errno.EFAULT, f"access [{offset:#x}, +{n:#x}) outside a {length:#x} mapping")
 
 
+def _page_aligned(what: str) -> Callable[[object, object, int], None]:
+    """An attrs validator: a region's start must be page aligned (EINVAL, as
+    ``_iommufd_alloc_mmap()`` refuses it)."""
+
+    def check(_obj: object, _field: object, addr: int) -> None:
+        if addr & PAGE_MASK:
+            raise err(errno.EINVAL, f"{what} at {addr:#x} is not page aligned")
+
+    return check
+
+
 @attrs.define
 class PhysicalRegion:
     """``length`` bytes of machine RAM at physical address ``pa``.
@@ -82,12 +93,8 @@ class PhysicalRegion:
     it here, where the address is known (same errno, EINVAL)."""
 
     memory: PhysicalMemory
-    pa: int
+    pa: int = attrs.field(validator=_page_aligned("mmap region"))
     length: int
-
-    def __attrs_post_init__(self) -> None:
-        if self.pa & PAGE_MASK:
-            raise err(errno.EINVAL, f"mmap region at {self.pa:#x} is not page aligned")
 
     def read(self, offset: int, n: int) -> bytes:
         _bounds(self.length, offset, n)
@@ -108,12 +115,8 @@ class MmioRegion:
     """
 
     mmio: Mmio
-    base: int
+    base: int = attrs.field(validator=_page_aligned("MMIO window"))
     length: int
-
-    def __attrs_post_init__(self) -> None:
-        if self.base & PAGE_MASK:
-            raise err(errno.EINVAL, f"MMIO window at {self.base:#x} is not page aligned")
 
     def _width(self, at: int, left: int) -> int:
         if at % 8 == 0 and left >= 8:
