@@ -55,3 +55,23 @@ def test_upstream_labels_are_declared_refusals_only() -> None:
             assert feature not in drv.info.features, (name, feature)
     plain = ScenarioResult("hwpt_invalidate", "x", UNSUPPORTED, feature="hwpt_invalidate")
     assert cell_text(plain) == status_text(plain) == "unsupported"
+
+
+@pytest.mark.parametrize(
+    "scenario",
+    [
+        "viommu_vdevice_lifetime",
+        "veventq_alloc",
+        "hw_queue_alloc",
+        "guest_accelerated_queue",
+        "guest_fault_delivery",
+    ],
+)
+def test_vtd_viommu_cells_are_unsupported_upstream(scenario: str) -> None:
+    """7.2's intel_iommu_ops has no vIOMMU ops: every cell that needs a vIOMMU is 7.2's
+    refusal, named as such, with the errno the core gives."""
+    r = run_scenario(SCENARIOS[scenario], "intel_vtd")
+    assert r.status == UNSUPPORTED
+    assert r.errno == errno.EOPNOTSUPP
+    assert "intel_iommu_ops" in r.upstream
+    assert cell_text(r) == "unsupported upstream"

@@ -131,8 +131,10 @@ def _veventq(ctx: ScenarioContext, g: Guest) -> tuple[int, int]:
     except Unsupported as exc:
         if viommu:
             raise
-        why = str(exc).split(": ", 1)[-1]
-        raise Unsupported(exc.feature, exc.errno, f"no vIOMMU to carry one: {why}") from exc
+        why = str(exc).split(": ", 1)[-1].removesuffix(f" ({exc.upstream})")
+        raise Unsupported(
+            exc.feature, exc.errno, f"no vIOMMU to carry one: {why}", exc.upstream
+        ) from exc
     if not viommu:
         raise Unsupported(Feature.VEVENTQ, errno.EOPNOTSUPP, "the guest model exposes no viommu_id")
     known = sorted(ctx.info.veventq_types & VEVENT_RECORDS.keys())

@@ -147,7 +147,7 @@ def boot(
             if exc.errno != errno.EOPNOTSUPP:
                 raise
             refused_as(Feature.NESTED, lambda: vm.viommu(hw))  # no guest model at all
-            raise Unsupported(Feature.HW_QUEUE, exc.errno, describe_oserror(exc)) from exc
+            raise ctx.unsupported(Feature.HW_QUEUE, exc) from exc
     else:
         viommu = refused_as(Feature.NESTED, lambda: vm.viommu(hw))
     gdev = viommu.add_device(machine.add_pci_device(iommu=0), VIRT_ID)

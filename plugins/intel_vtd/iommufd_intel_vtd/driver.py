@@ -90,6 +90,20 @@ def _paging(domain: Domain) -> VtdPaging:
     return domain
 
 
+_NO_VIOMMU = (
+    "Linux 7.2 drivers/iommu/intel/iommu.c:3942 intel_iommu_ops has no get_viommu_size or "
+    "viommu_init, so iommufd/viommu.c:40 iommufd_viommu_alloc_ioctl gives EOPNOTSUPP"
+)
+#: What the 7.2 driver refuses as well (the matrix says "unsupported upstream", naming it):
+#: everything that hangs off a vIOMMU, because VT-d has no vIOMMU type in 7.2.
+UNSUPPORTED_UPSTREAM = {
+    Feature.VIOMMU: _NO_VIOMMU,
+    Feature.VDEVICE: _NO_VIOMMU + " (a vDEVICE needs a vIOMMU)",
+    Feature.VEVENTQ: _NO_VIOMMU + " (a vEVENTQ needs a vIOMMU)",
+    Feature.VIOMMU_INVALIDATE: _NO_VIOMMU + " (there is no vIOMMU to invalidate through)",
+    Feature.HW_QUEUE: _NO_VIOMMU + " (a HW queue needs a vIOMMU; VT-d has no accelerated queue)",
+}
+
 INFO = DriverInfo(
     name="intel_vtd",
     description="Intel VT-d scalable mode (Linux drivers/iommu/intel)",
@@ -107,6 +121,7 @@ INFO = DriverInfo(
     ),
     hwpt_data_types=frozenset({U.IOMMU_HWPT_DATA_VTD_S1}),
     viommu_types=frozenset(),  # no vIOMMU type exists for VT-d upstream
+    unsupported_upstream=UNSUPPORTED_UPSTREAM,
     hw_info_type=U.IOMMU_HW_INFO_TYPE_INTEL_VTD,
     option_sets=OPTION_SETS,
 )
