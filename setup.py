@@ -1,12 +1,22 @@
-"""Build hook: compile the framework's hot walkers with mypyc.
+"""Build hook: compile the framework's hot walkers with mypyc, and its C extensions.
 
-Skipped (pure Python is installed, with identical behaviour) when ``IOMMUFD_MODEL_PURE=1``
-is set at install time or mypyc is not importable in the build environment.
+The walkers are skipped (pure Python is installed, with identical behaviour) when
+``IOMMUFD_MODEL_PURE=1`` is set at install time or mypyc is not importable in the build
+environment. Every build writes the stamp that makes the package refuse a build older than its
+sources (``hw/compiled.py``).
 """
 
 import os
+import sys
+from pathlib import Path
 
 from setuptools import Extension, setup
+
+HERE = Path(__file__).resolve().parent
+PACKAGE = HERE / "framework" / "iommufd_model"
+# hw/compiled.py, by path: the package cannot be imported while it is being built.
+sys.path.insert(0, str(PACKAGE / "hw"))
+import compiled  # noqa: E402
 
 COMPILED = [
     "framework/iommufd_model/hw/walk_x86.py",
@@ -29,25 +39,6 @@ LOCKCALL = Extension(
     extra_compile_args=["-O2", "-Wall"],
 )
 
-
-def ext_modules() -> list:  # type: ignore[type-arg]
-    if os.environ.get("IOMMUFD_MODEL_PURE") == "1":
-        return []
-    try:
-        from mypyc.build import mypycify
-    except ImportError:
-        return [FRAME_COPY, LOCKCALL]
-    # The walkers import nothing from the framework: compile them alone, without the
-    # project's mypy configuration (which would pull in the whole package and its deps).
-    extensions = mypycify(["--config-file=", "--follow-imports=silent", *COMPILED], opt_level="3")
-    for ext in extensions:  # let the C compiler inline the small native helpers
-        ext.extra_compile_args += [
-            "-fno-semantic-interposition",
-            "--param=max-inline-insns-auto=200",
-        ]
-    return [FRAME_COPY, LOCKCALL, *extensions]
-
-
 # The LD_PRELOAD library of `iommufd-model run` (plain C, no Python API): built as an extension
 # so that normal and editable installs both put it in the package, always (gcc only).
 PRELOAD = Extension(
@@ -63,4 +54,17 @@ UACCESS = Extension(
     extra_compile_args=["-O2", "-Wall"],
 )
 
-setup(ext_modules=[*ext_modules(), PRELOAD, UACCESS])
+PURE = os.environ.get("IOMMUFD_MODEL_PURE") == "1"
+C_EXTENSIONS = [PRELOAD, UACCESS] if PURE else [FRAME_COPY, LOCKCALL, PRELOAD, UACCESS]
+# The walkers import nothing from the framework: compile them alone, without the
+# project's mypy configuration (which would pull in the whole package and its deps).
+MYPYC = compiled.mypyc_extensions(COMPILED, ("--config-file=", "--follow-imports=silent"))
+
+built = [(HERE / source, source[len("framework/iommufd_model/") : -3]) for source in COMPILED]
+built = built if MYPYC else []
+for ext in C_EXTENSIONS:
+    module = ext.name.removeprefix("iommufd_model.").replace(".", "/")
+    built += [(HERE / source, module) for source in ext.sources]
+compiled.write_stamp(PACKAGE, built)
+
+setup(ext_modules=[*C_EXTENSIONS, *MYPYC])

@@ -1,29 +1,23 @@
-"""Install-time compilation of the AMD walkers (``iommufd_amd/walk.py``) with mypyc.
+"""Build hook: mypyc compiles the AMD walkers (``iommufd_amd/walk.py``).
 
-The pure-Python module is installed instead -- same behaviour, slower -- when the build runs
-with ``IOMMUFD_MODEL_PURE=1`` or without mypyc.
+The plain source is installed instead, with identical behaviour, when the build runs with
+``IOMMUFD_MODEL_PURE=1`` or has no mypyc to import. The build writes the stamp that makes the
+package refuse a compiled walker older than its source. Both come from the framework's
+``hw/compiled.py``, taken from this repository by path: a plugin is built beside the framework
+here, and nothing is importable while the install's lanes build.
 """
 
-import os
+import sys
+from pathlib import Path
 
 from setuptools import setup
 
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1] / "framework" / "iommufd_model" / "hw"))
+import compiled  # noqa: E402
 
-def compiled_walkers() -> list:  # type: ignore[type-arg]
-    wanted = os.environ.get("IOMMUFD_MODEL_PURE") != "1"
-    try:
-        from mypyc.build import mypycify
-    except ImportError:
-        wanted = False
-    if not wanted:
-        return []
-    extensions = mypycify(["iommufd_amd/walk.py"], opt_level="3")
-    for ext in extensions:  # let the C compiler inline the small native helpers
-        ext.extra_compile_args += [
-            "-fno-semantic-interposition",
-            "--param=max-inline-insns-auto=200",
-        ]
-    return extensions
-
-
-setup(ext_modules=compiled_walkers())
+extensions = compiled.mypyc_extensions(["iommufd_amd/walk.py"])
+compiled.write_stamp(
+    HERE / "iommufd_amd", [(HERE / "iommufd_amd" / "walk.py", "walk")] if extensions else []
+)
+setup(ext_modules=extensions)

@@ -1,26 +1,24 @@
-"""Build hook: mypyc compiles the SMMUv3 table walkers (``walk.py``).
+"""Build hook: mypyc compiles the SMMUv3 table walkers (``iommufd_arm_smmuv3/walk.py``).
 
-The plain sources are installed instead, with identical behaviour, when the build runs with
-``IOMMUFD_MODEL_PURE=1`` or has no mypyc to import.
+The plain source is installed instead, with identical behaviour, when the build runs with
+``IOMMUFD_MODEL_PURE=1`` or has no mypyc to import. The build writes the stamp that makes the
+package refuse a compiled walker older than its source. Both come from the framework's
+``hw/compiled.py``, taken from this repository by path: a plugin is built beside the framework
+here, and nothing is importable while the install's lanes build.
 """
 
-import importlib.util
-import os
+import sys
+from pathlib import Path
 
 from setuptools import setup
 
-WALKERS = ["iommufd_arm_smmuv3/walk.py"]
-compile_walkers = (
-    os.environ.get("IOMMUFD_MODEL_PURE") != "1" and importlib.util.find_spec("mypyc") is not None
-)
-extensions = []
-if compile_walkers:
-    from mypyc.build import mypycify
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1] / "framework" / "iommufd_model" / "hw"))
+import compiled  # noqa: E402
 
-    extensions = mypycify(WALKERS, opt_level="3")
-    for ext in extensions:  # let the C compiler inline the small native helpers
-        ext.extra_compile_args += [
-            "-fno-semantic-interposition",
-            "--param=max-inline-insns-auto=200",
-        ]
+extensions = compiled.mypyc_extensions(["iommufd_arm_smmuv3/walk.py"])
+compiled.write_stamp(
+    HERE / "iommufd_arm_smmuv3",
+    [(HERE / "iommufd_arm_smmuv3" / "walk.py", "walk")] if extensions else [],
+)
 setup(ext_modules=extensions)

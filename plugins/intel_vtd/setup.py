@@ -1,27 +1,24 @@
-"""Build hook for iommufd-model-intel-vtd: mypyc compiles the hot walkers (``walk.py``).
+"""Build hook: mypyc compiles the VT-d walkers (``iommufd_intel_vtd/walk.py``).
 
-With ``IOMMUFD_MODEL_PURE=1`` at install time, or when the build environment has no mypyc,
-the plain source is installed; it behaves identically (the tests compare the two).
+The plain source is installed instead, with identical behaviour, when the build runs with
+``IOMMUFD_MODEL_PURE=1`` or has no mypyc to import. The build writes the stamp that makes the
+package refuse a compiled walker older than its source. Both come from the framework's
+``hw/compiled.py``, taken from this repository by path: a plugin is built beside the framework
+here, and nothing is importable while the install's lanes build.
 """
 
-import importlib.util
-import os
+import sys
+from pathlib import Path
 
 from setuptools import setup
 
-HOT_PATHS = ["iommufd_intel_vtd/walk.py"]
-want_pure = os.environ.get("IOMMUFD_MODEL_PURE") == "1"
-have_mypyc = importlib.util.find_spec("mypyc") is not None
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1] / "framework" / "iommufd_model" / "hw"))
+import compiled  # noqa: E402
 
-if want_pure or not have_mypyc:
-    setup()
-else:
-    from mypyc.build import mypycify
-
-    extensions = mypycify(HOT_PATHS, opt_level="3")
-    for ext in extensions:  # let the C compiler inline the small native helpers
-        ext.extra_compile_args += [
-            "-fno-semantic-interposition",
-            "--param=max-inline-insns-auto=200",
-        ]
-    setup(ext_modules=extensions)
+extensions = compiled.mypyc_extensions(["iommufd_intel_vtd/walk.py"])
+compiled.write_stamp(
+    HERE / "iommufd_intel_vtd",
+    [(HERE / "iommufd_intel_vtd" / "walk.py", "walk")] if extensions else [],
+)
+setup(ext_modules=extensions)
