@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import bisect
 import errno
+import os
 from typing import TYPE_CHECKING, Protocol
 
 import attrs
 
+from iommufd_model import creds
 from iommufd_model.errors import err
 from iommufd_model.failnth import failpoint
 from iommufd_model.hw.memory import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, PhysicalMemory
@@ -114,6 +116,31 @@ class Process(SerializedSubclasses):
         self.capable_sys_resource = True
         # the mm is gone (exit, exec): the kernel's mmget_not_zero() on it fails
         self.gone = False
+
+    # -- the caller's credentials, as pinned-page accounting reads them -----------------
+    # (core/accounting.py). The in-process model's caller is the Python process itself:
+    # its CAP_IPC_LOCK, RLIMIT_MEMLOCK and real uid, read when iommufd reads them (set them
+    # with capset/prctl and resource.setrlimit). A real program's process reads its own
+    # (run/process.py).
+    @property
+    def capable_ipc_lock(self) -> bool:
+        """``capable(CAP_IPC_LOCK)``: pages made by this caller are not charged."""
+        return creds.capable(creds.CAP_IPC_LOCK)
+
+    @property
+    def memlock_limit(self) -> int:
+        """The soft RLIMIT_MEMLOCK in bytes (the kernel's ``task_rlimit()``)."""
+        limit = creds.memlock_limit()
+        return creds.RLIM_INFINITY if limit is None else limit
+
+    @property
+    def uid(self) -> int:
+        """The real uid (the kernel's ``current_user()``)."""
+        return os.getuid()
+
+    def mm_locked_vm(self) -> int:
+        """The mm's ``locked_vm`` in pages as ``__account_locked_vm()`` compares it."""
+        return self.locked_vm
 
     # -- address space ------------------------------------------------------------
     def mmap(

@@ -773,7 +773,8 @@ def test_pages_partial_pin_failure_is_undone() -> None:
 # -- memfd ------------------------------------------------------------------------------
 
 
-def test_map_file_and_change_process() -> None:
+def test_map_file() -> None:
+    """A memfd maps and pins its frames (CHANGE_PROCESS and the charges: test_accounting)."""
     w = World(1)
     mf = MemFile(w.memory, 8 * PAGE_SIZE)
     iova = w.iopt.map_file(mf, PAGE_SIZE, 4 * PAGE_SIZE, None, RW, w.proc)
@@ -782,12 +783,9 @@ def test_map_file_and_change_process() -> None:
     got = w.domains[0].translate(iova)
     assert got is not None and got[0] == mf.pfn(1) << PAGE_SHIFT
     assert w.memory.frame_refs(mf.pfn(1)) == 2  # the file's own + the pin
-    other = Process(types.SimpleNamespace(memory=w.memory), pid=2)  # type: ignore[arg-type]
     assert w.iopt.all_areas_from_files()
-    w.iopt.change_process(other)
-    assert (w.proc.locked_pages, other.locked_pages) == (0, 4)
     w.iopt.unmap_all()
-    assert other.locked_pages == 0 and w.memory.frame_refs(mf.pfn(1)) == 1
+    assert w.proc.locked_pages == 0 and w.memory.frame_refs(mf.pfn(1)) == 1
     # Beyond the end of the file: lazily accepted, refused when pinned.
     before = snapshot(w)
     assert_errno(
@@ -797,28 +795,6 @@ def test_map_file_and_change_process() -> None:
     assert_errno(errno.EINVAL, lambda: w.iopt.map_file(mf, 0, 0, None, RW, w.proc))
     w.iopt.map_user(w.proc, w.buffer, PAGE_SIZE, None, RW)
     assert not w.iopt.all_areas_from_files()
-
-
-def test_account_mm_counts_in_locked_vm_too() -> None:
-    """Every pin counts in the mm's pinned_vm (``locked_pages``, VmPin); pages mapped while
-    RLIMIT_MODE is per process (IOPT_PAGES_ACCOUNT_MM) also in its ``locked_vm`` (VmLck),
-    and CHANGE_PROCESS moves both (pages.c iopt_pages_update_pinned, ioas.c change_mm)."""
-    w = World(1)
-    mf = MemFile(w.memory, 8 * PAGE_SIZE)
-    w.iopt.map_file(mf, 0, 2 * PAGE_SIZE, None, RW, w.proc)  # per user: pinned_vm only
-    w.iopt.map_file(mf, 4 * PAGE_SIZE, 4 * PAGE_SIZE, None, RW, w.proc, account_mm=True)
-    assert (w.proc.locked_pages, w.proc.locked_vm) == (6, 4)
-    other = Process(types.SimpleNamespace(memory=w.memory), pid=2)  # type: ignore[arg-type]
-    w.iopt.change_process(other)
-    assert (w.proc.locked_pages, w.proc.locked_vm) == (0, 0)
-    assert (other.locked_pages, other.locked_vm) == (6, 4)
-    w.iopt.unmap_all()
-    assert (other.locked_pages, other.locked_vm) == (0, 0)
-    # a one-page user map in that mode keeps its mode (no compact row)
-    w.iopt.map_user(w.proc, w.buffer, PAGE_SIZE, None, RW, account_mm=True)
-    assert (w.proc.locked_pages, w.proc.locked_vm) == (1, 1)
-    w.iopt.unmap_all()
-    assert (w.proc.locked_pages, w.proc.locked_vm) == (0, 0)
 
 
 # -- random sequences against a reference model -----------------------------------------

@@ -23,9 +23,8 @@ Where the model intentionally differs from the kernel:
   a run at a batch boundary) and one ``unmap`` per area (the kernel cuts the unmap at PFN
   discontinuities when in-kernel accesses keep part of the area pinned). Both pair every
   unmap with whole maps, which is what drivers rely on.
-* Accounting is the owning process's ``locked_pages`` (pinned_vm) and, for pages mapped
-  with RLIMIT_MODE per process (IOPT_PAGES_ACCOUNT_MM), its ``locked_vm``; no
-  RLIMIT_MEMLOCK limit, no per-user ``locked_vm`` (no CAP_IPC_LOCK, no users in the model).
+* Accounting is Linux 7.2's (core/accounting.py): pins are charged after a fill mapped
+  them into every domain (or into an access) and a refused charge (ENOMEM) unwinds the fill.
 * Storage (the model's own): a one-page area whose Pages no other area, copy or in-kernel
   access uses is kept as one packed int in the area map (a *row*: PFN, offset, prot,
   writable, source page) instead of an ``Area`` and a ``Pages`` object, 40-odd bytes instead
@@ -62,6 +61,7 @@ from iommufd_model.failnth import failpoint
 from iommufd_model.hw.memory import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, PhysicalMemory
 
 if TYPE_CHECKING:
+    from iommufd_model.core.accounting import UserStruct
     from iommufd_model.process import MemFile, Process
 
 ULONG_MAX = U64_MAX
@@ -195,7 +195,7 @@ class IoPagetable:
         self.memory = memory
         self._areas: IntervalMap[Area | int] = IntervalMap(track_coverage=True)
         # The process every row's Pages belongs to, and how many rows there are.
-        self._row_proc: Process | None = None
+        self._row_source: tuple[Process | None, int, UserStruct | None] | None = None
         self._rows = 0
         self._allowed: IntervalMap[None] = IntervalMap()
         self._reserved = IntervalSet()
@@ -250,9 +250,10 @@ class IoPagetable:
         pfn = pages.sole_pfn()
         if pfn is None or bool(pfn) != bool(self._domains):  # filled into domains = pinned
             return area
-        if self._row_proc is None:
-            self._row_proc = pages.proc
-        elif pages.proc is not self._row_proc:
+        source = pages.source()
+        if self._row_source is None:
+            self._row_source = source
+        elif any(a is not b for a, b in zip(source, self._row_source, strict=True)):
             return area
         self._rows += 1
         return (
@@ -267,10 +268,10 @@ class IoPagetable:
         """The ``Area`` behind an entry of the area map: a row becomes its objects for good."""
         if isinstance(value, Area):
             return value
-        proc = self._row_proc
-        assert proc is not None  # rows exist only with their process
+        source = self._row_source
+        assert source is not None  # rows exist only with their process
         pages = Pages.sole(
-            proc,
+            source,
             (value >> _ROW_BASE_SHIFT) << PAGE_SHIFT,
             bool(value >> _ROW_WRITABLE_SHIFT & 1),
             value & _ROW_PFN_MASK,
@@ -280,7 +281,7 @@ class IoPagetable:
         self._areas.replace(iova, area)
         self._rows -= 1
         if not self._rows:
-            self._row_proc = None
+            self._row_source = None
         return area
 
     def lookup(self, iova: int) -> tuple[int, int] | None:
@@ -411,7 +412,8 @@ class IoPagetable:
         _check_u64_args(iova, length)
         _check_prot(prot)
         pages, start_byte = Pages.from_user(proc, user_va, length, bool(prot & IOMMU_WRITE))
-        pages.account_mm = account_mm
+        if account_mm:
+            pages.account_per_mm()
         return self._map_pages([(pages, start_byte, length)], length, iova, prot)
 
     def map_file(
@@ -429,7 +431,8 @@ class IoPagetable:
         _check_u64_args(iova, length)
         _check_prot(prot)
         pages, start_byte = Pages.from_file(memfile, start, length, bool(prot & IOMMU_WRITE), proc)
-        pages.account_mm = account_mm
+        if account_mm:
+            pages.account_per_mm()
         return self._map_pages([(pages, start_byte, length)], length, iova, prot)
 
     def copy_from(
@@ -502,15 +505,10 @@ class IoPagetable:
             area.pages.refs += 1
         return iova
 
-    # -- IOMMU_IOAS_CHANGE_PROCESS --------------------------------------------------------
+    # -- IOMMU_IOAS_CHANGE_PROCESS (core/ioas.py change_process) --------------------------
     def all_areas_from_files(self) -> bool:
         """True when every area maps a memfd (only those can change owning process)."""
         return all(area.pages.is_file for area in self.area_objects())
-
-    def change_process(self, proc: Process) -> None:
-        """Move the pin accounting of every area's Pages to ``proc`` (``change_mm()``)."""
-        for area in self.area_objects():
-            area.pages.change_owner(proc)
 
     # -- domain filling (pages.c: batch_to_domain, iopt_area_fill_domains ...) -----------
     def _domain_unmap(self, domain: IoDomain, iova: int, size: int) -> None:
@@ -556,7 +554,8 @@ class IoPagetable:
             raise
 
     def _fill_area(self, area: Area) -> None:
-        """``iopt_area_fill_domains()``: pin once, map into every domain, all or nothing."""
+        """``iopt_area_fill_domains()``: pin once, map into every domain, charge the pins,
+        all or nothing."""
         if not self._domains:
             return
         pfns = area.pages.use(area.first_index, area.last_index)
@@ -565,6 +564,7 @@ class IoPagetable:
             for domain in self._domains:
                 self._map_area(domain, area, pfns)
                 done.append(domain)
+            area.pages.update_pinned()
         except OSError:
             for domain in done:
                 self._domain_unmap(domain, area.iova, area.length)
@@ -613,6 +613,13 @@ class IoPagetable:
                     if first_domain:
                         area.pages.unuse(area.first_index, area.last_index)
                     raise
+                if first_domain:  # iopt_area_fill_domain(): charged once mapped
+                    try:
+                        area.pages.update_pinned()
+                    except OSError:
+                        self._domain_unmap(domain, area.iova, area.length)
+                        area.pages.unuse(area.first_index, area.last_index)
+                        raise
                 done.append(area)
         except OSError:
             for area in done:

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import errno
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from iommufd_model.core.accounting import (
+    ACCOUNT_MM,
+    ACCOUNT_MODE_NUM,
+    charge_current,
+    update_pinned,
+)
 from iommufd_model.core.io_pagetable import IoPagetable
 from iommufd_model.core.objects import IommufdObject, ObjType
 from iommufd_model.core.ucmd import Ucmd, ioctl_op
@@ -16,6 +23,8 @@ from iommufd_model.uapi import iommufd as U
 if TYPE_CHECKING:
     from iommufd_model.core.hw_pagetable import HwptPaging
     from iommufd_model.core.main import IommuFd
+    from iommufd_model.core.pages import Pages
+    from iommufd_model.process import Process
 
 MAP_FLAGS = U.IOMMU_IOAS_MAP_FIXED_IOVA | U.IOMMU_IOAS_MAP_WRITEABLE | U.IOMMU_IOAS_MAP_READABLE
 ULONG_MAX = U.U64_MAX
@@ -189,11 +198,52 @@ def _ioas_unmap(ucmd: Ucmd) -> None:
 def _change_process(ucmd: Ucmd) -> None:
     ucmd.zeroed("reserved")
     ioases = [o for o in ucmd.ictx.objects if isinstance(o, Ioas)]
-    for ioas in ioases:
-        if not ioas.iopt.all_areas_from_files():
+    change_process([ioas.iopt for ioas in ioases], ucmd.caller)
+
+
+def change_process(iopts: Sequence[IoPagetable], proc: Process) -> None:
+    """``iommufd_ioas_change_process()`` (Linux 7.2 ioas.c) over every IOAS of a context:
+    the caller ``proc`` becomes the source of every area's pages.
+
+    EINVAL unless every area maps a memfd (IOAS_MAP_FILE; a dma-buf is refused too). The
+    charges move as there: what every pages needing it (``need_charge_update()``) has
+    charged is charged to the caller first, per account mode (``charge_current()``: ENOMEM
+    over the caller's limits, nothing changed), then uncharged from the old source, and
+    every pages takes the caller as its source (``change_mm()``). Pages of ACCOUNT_NONE
+    (mapped by a caller with CAP_IPC_LOCK) move without their charge: their pins stay in the
+    old mm's ``pinned_vm`` and are later unpinned from the new one's, as 7.2 does."""
+    for iopt in iopts:
+        if not iopt.all_areas_from_files():
             raise err(errno.EINVAL, "only IOAS_MAP_FILE mappings can change process")
-    for ioas in ioases:
-        ioas.iopt.change_process(ucmd.caller)
+    seen: dict[int, Pages] = {}
+    for iopt in iopts:
+        for area in iopt.area_objects():
+            seen.setdefault(id(area.pages), area.pages)
+    npinned = [0] * ACCOUNT_MODE_NUM
+    for pages in seen.values():
+        if pages.need_charge_update(proc):
+            npinned[pages.account_mode] += pages.last_npinned
+            pages.last_npinned = 0
+    try:
+        charge_current(proc, npinned)
+    except OSError:
+        for pages in seen.values():
+            pages.last_npinned = pages.npinned
+        raise
+    old_mm_gone = False
+    for pages in seen.values():
+        old = pages.proc
+        if old is not None and pages.need_charge_update(proc):  # uncharge the old source
+            if pages.account_mode == ACCOUNT_MM and old.gone:
+                # update_mm_locked_vm(): mmget_not_zero() of the old mm fails: EINVAL, and
+                # last_npinned stays 0 (7.2 WARNs; the moved charge is never given back)
+                old_mm_gone = True
+            else:
+                update_pinned(pages.account_mode, old, pages.source_user, pages.npinned, False)
+                pages.last_npinned = pages.npinned
+        pages.change_mm(proc)
+    if old_mm_gone:
+        raise err(errno.EINVAL, "the old mm is gone: its locked_vm could not be uncharged")
 
 
 def ioas_option_huge_pages(ucmd: Ucmd) -> None:

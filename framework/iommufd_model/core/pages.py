@@ -11,6 +11,11 @@ through the source, later users share that PFN, and the last one to leave unpins
 kernel stores the PFNs of pinned indexes in three tiers (xarray, a "storage" domain, the
 source); this model keeps one per-index table instead, which is observably the same: same
 PFNs, same pin counts, same ``locked_pages``.
+
+Accounting is the kernel's (core/accounting.py): a fill first pins (``npinned``), then
+charges what it pinned (``update_pinned()``, the kernel's ``pfn_reader_user_update_pinned()``:
+``last_npinned`` catches up with ``npinned``), and a refused charge (ENOMEM) is unwound by
+the caller like any other failure of the fill; unpinning uncharges at once.
 """
 
 from __future__ import annotations
@@ -20,6 +25,14 @@ from typing import TYPE_CHECKING
 
 import attrs
 
+from iommufd_model.core.accounting import (
+    ACCOUNT_MM,
+    ACCOUNT_NONE,
+    ACCOUNT_USER,
+    UserStruct,
+    update_pinned,
+    user_of,
+)
 from iommufd_model.errors import err
 from iommufd_model.failnth import failpoint
 from iommufd_model.hw.memory import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, PhysicalMemory
@@ -55,11 +68,11 @@ class Pages:
     """A pinnable backing of ``npages`` pages from a process range or a memfd.
 
     ``base`` is the page-aligned source address (user VA, or memfd byte offset): it is what
-    automatic IOVA placement reads its alignment hint from. ``proc`` is the process whose
-    ``locked_pages`` the pins are accounted to (the kernel's ``source_user``/``source_mm``):
-    every pin counts in its ``locked_pages`` (the mm's ``pinned_vm``, VmPin), and with
-    ``account_mm`` (IOPT_PAGES_ACCOUNT_MM) in its ``locked_vm`` too (the mm's ``locked_vm``,
-    VmLck), as ``iopt_pages_update_pinned()`` does.
+    automatic IOVA placement reads its alignment hint from. ``proc`` is the mm the pins are
+    accounted to (the kernel's ``source_mm`` and ``source_task``), ``source_user`` the user
+    (with ``account_mode`` ACCOUNT_USER): every charged pin counts in ``proc.locked_pages``
+    (the mm's ``pinned_vm``, VmPin), and per ``account_mode`` in the user's or the mm's
+    ``locked_vm`` (core/accounting.py).
     """
 
     memory: PhysicalMemory
@@ -76,8 +89,11 @@ class Pages:
     _uses: list[int] | None = None
     # (first_index, last_index) -> users: the kernel's iopt_pages_access records.
     _accesses: dict[tuple[int, int], int] = attrs.Factory(dict)
-    # IOPT_PAGES_ACCOUNT_MM rather than IOPT_PAGES_ACCOUNT_USER (set by the map)
-    account_mm: bool = False
+    # how pins are charged (core/accounting.py), and to which user in ACCOUNT_USER
+    account_mode: int = ACCOUNT_NONE
+    source_user: UserStruct | None = None
+    # pins charged so far (the kernel's last_npinned; npinned runs ahead during a fill)
+    last_npinned: int = 0
 
     # -- construction (iopt_alloc_user_pages / iopt_alloc_file_pages) ----------------
     @classmethod
@@ -121,11 +137,32 @@ class Pages:
             raise err(errno.EINVAL, "bad length")
         failpoint("pages.alloc")  # kzalloc of struct iopt_pages
         npages = (length + start_byte + PAGE_MASK) >> PAGE_SHIFT
-        return cls(memory, npages, writable, proc, base, memfile), start_byte
+        pages = cls(memory, npages, writable, proc, base, memfile)
+        # iopt_alloc_pages(): a caller with CAP_IPC_LOCK is not charged; a dma-buf never is
+        # (iopt_alloc_dmabuf_pages(): it pins nothing)
+        if proc is not None and not pages.is_dmabuf and not proc.capable_ipc_lock:
+            pages.account_mode = ACCOUNT_USER
+            pages.source_user = user_of(proc)
+        return pages, start_byte
+
+    def account_per_mm(self) -> None:
+        """``iopt_map_common()`` in RLIMIT_MODE per process: ACCOUNT_USER becomes ACCOUNT_MM
+        (pages that are not charged stay so)."""
+        if self.account_mode == ACCOUNT_USER:
+            self.account_mode = ACCOUNT_MM
 
     @property
     def is_file(self) -> bool:
-        return self.memfile is not None
+        """IOPT_ADDRESS_FILE: a memfd (a dma-buf is IOPT_ADDRESS_DMABUF)."""
+        return self.memfile is not None and not self.memfile.is_dmabuf
+
+    @property
+    def is_dmabuf(self) -> bool:
+        return self.memfile is not None and self.memfile.is_dmabuf
+
+    def source(self) -> tuple[Process | None, int, UserStruct | None]:
+        """Whom the pins are charged to, and how: (mm, account mode, user)."""
+        return self.proc, self.account_mode, self.source_user
 
     # -- one page, one area (what an IOAS keeps as a row: io_pagetable.py) ------------
     def sole_pfn(self) -> int | None:
@@ -137,9 +174,7 @@ class Pages:
         :meth:`sole` rebuilds it identically."""
         if self.refs or self.npages != 1 or self.memfile is not None or self.proc is None:
             return None
-        if self.account_mm:  # a row does not carry the account mode
-            return None
-        if self._accesses:
+        if self._accesses or self.last_npinned != self.npinned:
             return None
         if self._pfns is None or self._uses is None:
             return 0 if not self.npinned else None
@@ -149,18 +184,37 @@ class Pages:
         return None
 
     @classmethod
-    def sole(cls, proc: Process, base: int, writable: bool, pfn: int) -> Pages:
-        """The Pages of a row: one user page at ``base`` of ``proc``, used by one area,
-        pinned at ``pfn`` (0: not pinned)."""
+    def sole(
+        cls,
+        source: tuple[Process | None, int, UserStruct | None],
+        base: int,
+        writable: bool,
+        pfn: int,
+    ) -> Pages:
+        """The Pages of a row: one user page at ``base`` of the mm of ``source`` (charged as
+        :meth:`source` says), used by one area, pinned at ``pfn`` (0: not pinned)."""
+        proc, mode, user = source
+        assert proc is not None  # rows are user pages
         pinned = 1 if pfn else 0
         pfns, uses = ([pfn], [1]) if pfn else (None, None)
         return cls(
-            proc.memory, 1, writable, proc, base, refs=1, npinned=pinned, pfns=pfns, uses=uses
+            proc.memory,
+            1,
+            writable,
+            proc,
+            base,
+            refs=1,
+            npinned=pinned,
+            pfns=pfns,
+            uses=uses,
+            account_mode=mode,
+            source_user=user,
+            last_npinned=pinned,
         )
 
     # -- the source (pin_user_pages / memfd_pin_folios) --------------------------------
     def _source_pin(self, first: int, count: int) -> list[int]:
-        # pfn_reader_user_pin() / the pin accounting: both can fail in the kernel.
+        # pfn_reader_user_pin(): iommufd_should_fail() before pinning
         failpoint("pages.source_pin")
         addr = self.base + (first << PAGE_SHIFT)
         if self.memfile is not None:
@@ -177,30 +231,56 @@ class Pages:
         for pfn in pfns:
             put(pfn)
 
-    def _account(self, delta: int) -> None:
-        self.npinned += delta
-        if self.proc is not None:
-            self.proc.locked_pages += delta
-            if self.account_mm:
-                self.proc.locked_vm += delta
+    # -- accounting (pages.c: iopt_pages_add_npinned ... iopt_pages_update_pinned) ------
+    def _add_npinned(self, delta: int) -> None:
+        """Pins taken (or dropped, negative) from the source; a dma-buf pins nothing."""
+        if not self.is_dmabuf:
+            self.npinned += delta
 
-    def change_owner(self, proc: Process) -> None:
-        """Charge this Pages' pins to ``proc`` instead (IOMMU_IOAS_CHANGE_PROCESS).
-
-        Only memfd-backed Pages may move: user-VA Pages are tied to their address space.
-        """
-        if self.memfile is None:
-            raise err(errno.EINVAL, "only memfd-backed pages can change process")
-        if self.proc is proc:
+    def update_pinned(self) -> None:
+        """``pfn_reader_user_update_pinned()``: charge the pins a fill took (ENOMEM over the
+        limit: the caller unwinds the fill, which unpins them), or uncharge."""
+        if self.npinned == self.last_npinned or self.proc is None:
+            self.last_npinned = self.npinned
             return
-        if self.proc is not None:
-            self.proc.locked_pages -= self.npinned
-            if self.account_mm:
-                self.proc.locked_vm -= self.npinned
-        proc.locked_pages += self.npinned
-        if self.account_mm:
-            proc.locked_vm += self.npinned
+        inc = self.npinned > self.last_npinned
+        if inc:
+            failpoint("pages.update_pinned")  # iommufd_should_fail(): -ENOMEM
+        update_pinned(
+            self.account_mode,
+            self.proc,
+            self.source_user,
+            abs(self.npinned - self.last_npinned),
+            inc,
+        )
+        self.last_npinned = self.npinned
+
+    def _update_unpinned(self) -> None:
+        """``update_unpinned()``: uncharge pins dropped below what was charged."""
+        if self.npinned < self.last_npinned and self.proc is not None:
+            update_pinned(
+                self.account_mode,
+                self.proc,
+                self.source_user,
+                self.last_npinned - self.npinned,
+                False,
+            )
+            self.last_npinned = self.npinned
+
+    def need_charge_update(self, proc: Process) -> bool:
+        """``need_charge_update()`` (ioas.c): CHANGE_PROCESS to ``proc`` moves the charge."""
+        if self.account_mode == ACCOUNT_NONE:
+            return False
+        if self.account_mode == ACCOUNT_MM:
+            return self.proc is not proc
+        return self.source_user is not user_of(proc) or self.proc is not proc
+
+    def change_mm(self, proc: Process) -> None:
+        """``change_mm()`` (ioas.c): ``proc`` becomes the source mm, task and user. The
+        charge itself is moved by the caller (core/ioas.py ``change_process``)."""
         self.proc = proc
+        if self.account_mode == ACCOUNT_USER:
+            self.source_user = user_of(proc)
 
     # -- users --------------------------------------------------------------------------
     def _check_range(self, first: int, last: int) -> None:
@@ -224,7 +304,7 @@ class Pages:
             got = self._source_pin(first, end - first)
             pfns[first:end] = got
             uses[first:end] = [1] * (end - first)
-            self._account(end - first)
+            self._add_npinned(end - first)
             return got
         missing = [first + k for k, u in enumerate(seg) if u == 0]
         pinned: list[tuple[int, list[int]]] = []
@@ -238,7 +318,7 @@ class Pages:
         for run_first, got in pinned:
             pfns[run_first : run_first + len(got)] = got
         uses[first:end] = [u + 1 for u in seg]
-        self._account(len(missing))
+        self._add_npinned(len(missing))
         return pfns[first:end]
 
     def unuse(self, first: int, last: int) -> None:
@@ -261,7 +341,8 @@ class Pages:
                     pfns[first + k] = 0
         if gone:
             self._source_unpin(gone)
-            self._account(-len(gone))
+            self._add_npinned(-len(gone))
+            self._update_unpinned()
 
     def pfns(self, first: int, last: int) -> list[int]:
         """PFNs of indexes that are already pinned (EINVAL if any is not)."""
@@ -298,7 +379,12 @@ class Pages:
             self._accesses[key] = users + 1
             return self.pfns(first, last)
         failpoint("pages.add_access")  # kzalloc of struct iopt_pages_access
-        got = self.use(first, last)
+        got = self.use(first, last)  # iopt_pages_fill_xarray(): pin, then charge
+        try:
+            self.update_pinned()
+        except OSError:
+            self.unuse(first, last)
+            raise
         self._accesses[key] = 1
         return got
 
@@ -371,7 +457,7 @@ class Pages:
         self, first: int, last: int, offset: int, data: bytes | memoryview | int
     ) -> bytes | None:
         """``iopt_pages_rw_slow()``: pin ``[first, last]`` (or share the pins there), copy
-        through the pinned frames, unpin."""
+        through the pinned frames, unpin; the transient pins are never charged."""
         frames = self.use(first, last)
         try:
             if isinstance(data, int):

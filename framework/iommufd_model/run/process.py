@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 
+from iommufd_model import creds
 from iommufd_model.errors import err
 from iommufd_model.failnth import failpoint
 from iommufd_model.hw.memory import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, PhysicalMemory
@@ -37,7 +38,6 @@ if TYPE_CHECKING:
     from iommufd_model.machine import Machine
     from iommufd_model.run.server import Server
 
-CAP_SYS_RESOURCE = 24
 #: 4 KiB pages in a 2 MiB huge page (x86-64's default huge page size)
 HUGE_PAGES = 512
 #: frames of an ordinary memfd come in physically contiguous runs of this many pages: the
@@ -362,6 +362,9 @@ class RealProcess(Process):
         self.mirrors = server.mirrors
         self.files = ProgramFiles(server, self)  # type: ignore[assignment]
         self.gone = False
+        # the last RLIMIT_MEMLOCK and real uid read (a gone process keeps them)
+        self._memlock_limit = creds.RLIM_INFINITY
+        self._uid = os.getuid()
         self._start = self._start_time()
         # private pages found readable during the current request (see is_mapped)
         self._probed: set[int] = set()
@@ -391,29 +394,43 @@ class RealProcess(Process):
             self.gone = True
         return not self.gone
 
+    # -- credentials, read from the process when the kernel reads them (creds.py) ---------
     @property
     def capable_sys_resource(self) -> bool:
-        """``capable(CAP_SYS_RESOURCE)`` of the process now: in its effective set, and the
-        process in the model's initial user namespace (the server's own). ``capable()``
-        checks the initial namespace: a process that made a user namespace of its own holds
-        every capability there (its CapEff shows them), none that the kernel counts."""
-        try:
-            if os.readlink(f"/proc/{self.pid}/ns/user") != os.readlink("/proc/self/ns/user"):
-                return False
-        except OSError:
-            return False
-        try:
-            with open(f"/proc/{self.pid}/status") as f:
-                for line in f:
-                    if line.startswith("CapEff:"):
-                        return bool(int(line.split()[1], 16) >> CAP_SYS_RESOURCE & 1)
-        except OSError:
-            pass
-        return False
+        """``capable(CAP_SYS_RESOURCE)`` of the process now (IOMMU_OPTION_RLIMIT_MODE)."""
+        return creds.capable(creds.CAP_SYS_RESOURCE, self.pid)
 
     @capable_sys_resource.setter
     def capable_sys_resource(self, value: bool) -> None:
         """Read from the process itself: the constructor's default is ignored."""
+
+    @property
+    def capable_ipc_lock(self) -> bool:
+        """``capable(CAP_IPC_LOCK)`` of the process now (``iopt_alloc_pages()``)."""
+        return creds.capable(creds.CAP_IPC_LOCK, self.pid)
+
+    @property
+    def memlock_limit(self) -> int:
+        """The process's soft RLIMIT_MEMLOCK now, in bytes; once it is gone, the last one
+        read (the kernel keeps the source task's limits with the task)."""
+        limit = creds.memlock_limit(self.pid)
+        if limit is not None:
+            self._memlock_limit = limit
+        return self._memlock_limit
+
+    @property
+    def uid(self) -> int:
+        """The process's real uid now; once it is gone, the last one read."""
+        uid = creds.real_uid(self.pid)
+        if uid is not None:
+            self._uid = uid
+        return self._uid
+
+    def mm_locked_vm(self) -> int:
+        """The mm's ``locked_vm`` as the kernel would hold it: the host's (the program's own
+        mlock()ed pages) plus what the model charged (VmLck shows the same sum)."""
+        host = creds.status_fields(self.pid, "VmLck").get("VmLck") if not self.gone else None
+        return self.locked_vm + (int(host[0]) >> 2 if host else 0)
 
     # -- address space (reported by the preload) -------------------------------------------
     def unmap_range(self, va: int, length: int) -> None:

@@ -455,7 +455,8 @@ class Server:
                     break
         if proc is None or proc.gone:
             return STATUS.pack(0, 0)
-        return STATUS.pack(proc.locked_pages, proc.locked_vm)
+        # unsigned, as the kernel's counters (7.2's CHANGE_PROCESS can leave one below zero)
+        return STATUS.pack(proc.locked_pages % (1 << 64), proc.locked_vm % (1 << 64))
 
     # -- fds ------------------------------------------------------------------------------
     def install(self, obj: Any, *, cloexec: bool = True) -> int:

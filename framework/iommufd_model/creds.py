@@ -1,0 +1,130 @@
+"""What iommufd reads of its caller's credentials, read from a real host process.
+
+Linux 7.2's iommufd charges pinned pages by what ``current`` is (drivers/iommu/iommufd/
+pages.c): ``capable(CAP_IPC_LOCK)`` when the pages are made (``iopt_alloc_pages()``), the
+caller's ``RLIMIT_MEMLOCK`` when they are charged (``incr_user_locked_vm()``,
+``__account_locked_vm()``) and its user (``current_user()``, the real uid). The model's
+callers are real processes: the Python process itself for the in-process API
+(:class:`iommufd_model.process.Process`), the program's processes under ``iommufd-model run``
+(run/process.py). This module reads those three things of a pid (0: the calling process),
+through ``capget(2)``, ``prlimit(2)`` and ``/proc``, as cheaply as a map can afford.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import resource
+
+CAP_IPC_LOCK = 14
+CAP_SYS_RESOURCE = 24
+#: RLIM_INFINITY as the kernel compares it (an unsigned long)
+RLIM_INFINITY = (1 << 64) - 1
+
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_capget = _libc.capget
+
+
+def effective_caps(pid: int = 0) -> int | None:
+    """The effective capability set of ``pid`` (0: this process); None if it is gone."""
+    hdr = _CapHeader(_LINUX_CAPABILITY_VERSION_3, pid)
+    data = (_CapData * 2)()
+    if _capget(ctypes.byref(hdr), data) != 0:
+        return None
+    return int(data[0].effective) | int(data[1].effective) << 32
+
+
+def _same_user_ns(pid: int) -> bool:
+    """``pid`` lives in this process's user namespace (the model's stand-in for the initial
+    one: ``capable()`` counts capabilities there only)."""
+    if pid == 0:
+        return True
+    try:
+        return os.readlink(f"/proc/{pid}/ns/user") == os.readlink("/proc/self/ns/user")
+    except OSError:
+        return False
+
+
+def capable(cap: int, pid: int = 0) -> bool:
+    """``capable(cap)`` of ``pid`` now: in its effective set, and the process in the model's
+    user namespace. A process that made a user namespace of its own holds every
+    capability there (its CapEff shows them), none that the kernel's ``capable()`` counts."""
+    caps = effective_caps(pid)
+    return caps is not None and bool(caps >> cap & 1) and _same_user_ns(pid)
+
+
+def _limit(value: int) -> int:
+    return RLIM_INFINITY if value == resource.RLIM_INFINITY else value
+
+
+def memlock_limit(pid: int = 0) -> int | None:
+    """The soft ``RLIMIT_MEMLOCK`` of ``pid`` in bytes (the kernel's ``task_rlimit()``);
+    None if it is gone. ``prlimit(2)`` first, ``/proc/<pid>/limits`` where prlimit is not
+    allowed (another user's process)."""
+    if pid == 0:
+        return _limit(resource.getrlimit(resource.RLIMIT_MEMLOCK)[0])
+    with contextlib.suppress(OSError):
+        return _limit(resource.prlimit(pid, resource.RLIMIT_MEMLOCK)[0])
+    try:
+        with open(f"/proc/{pid}/limits") as f:
+            for line in f:
+                if line.startswith("Max locked memory"):
+                    soft = line[26:].split()[0]
+                    return RLIM_INFINITY if soft == "unlimited" else int(soft)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def status_fields(pid: int, *names: str) -> dict[str, list[str]]:
+    """The named lines of ``/proc/<pid>/status`` (name without the colon -> its fields);
+    an empty dict if the process is gone."""
+    want = {name + ":" for name in names}
+    out: dict[str, list[str]] = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, rest = line.partition("\t")
+                if key in want:
+                    out[key[:-1]] = rest.split()
+    except OSError:
+        return {}
+    return out
+
+
+def real_uid(pid: int = 0) -> int | None:
+    """The real uid of ``pid`` (``current_user()`` is the user of the real uid); None if
+    it is gone."""
+    if pid == 0:
+        return os.getuid()
+    fields = status_fields(pid, "Uid").get("Uid")
+    return int(fields[0]) if fields else None
+
+
+def drop_effective(cap: int) -> None:
+    """Clear ``cap`` from the calling thread's effective set (``capset(2)``, what libcap's
+    ``cap_set_proc()`` does in Linux 7.2's selftest ``drop_cap_ipc_lock()``): the documented
+    way to make the in-process model's caller one that pinned-page accounting charges."""
+    hdr = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    if _capget(ctypes.byref(hdr), data) != 0:
+        raise OSError(ctypes.get_errno(), "capget")
+    data[cap // 32].effective &= ~(1 << cap % 32)
+    if _libc.capset(ctypes.byref(hdr), data) != 0:
+        raise OSError(ctypes.get_errno(), "capset")
