@@ -16,6 +16,8 @@ import contextlib
 import ctypes
 import os
 import resource
+import struct
+import threading
 
 CAP_IPC_LOCK = 14
 CAP_SYS_RESOURCE = 24
@@ -25,29 +27,39 @@ RLIM_INFINITY = (1 << 64) - 1
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 
-class _CapHeader(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-
-class _CapData(ctypes.Structure):
-    _fields_ = [
-        ("effective", ctypes.c_uint32),
-        ("permitted", ctypes.c_uint32),
-        ("inheritable", ctypes.c_uint32),
-    ]
-
-
 _libc = ctypes.CDLL(None, use_errno=True)
 _capget = _libc.capget
+_capget.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+_capset = _libc.capset
+_capset.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+# struct __user_cap_header_struct {u32 version; int pid} and two __user_cap_data_struct
+# {u32 effective, permitted, inheritable}: one buffer pair per thread (a map reads the
+# caller's capability, so this is on the IOAS_MAP path)
+_HDR = struct.Struct("<Ii")
+_DATA = struct.Struct("<6I")
+_bufs = threading.local()
+
+
+def _capget_raw(pid: int) -> tuple[int, ...] | None:
+    bufs = getattr(_bufs, "pair", None)
+    if bufs is None:
+        bufs = _bufs.pair = (
+            ctypes.create_string_buffer(_HDR.size),
+            ctypes.create_string_buffer(_DATA.size),
+        )
+    hdr, data = bufs
+    _HDR.pack_into(hdr, 0, _LINUX_CAPABILITY_VERSION_3, pid)
+    if _capget(hdr, data) != 0:
+        return None
+    return _DATA.unpack(data.raw)
 
 
 def effective_caps(pid: int = 0) -> int | None:
     """The effective capability set of ``pid`` (0: this process); None if it is gone."""
-    hdr = _CapHeader(_LINUX_CAPABILITY_VERSION_3, pid)
-    data = (_CapData * 2)()
-    if _capget(ctypes.byref(hdr), data) != 0:
+    got = _capget_raw(pid)
+    if got is None:
         return None
-    return int(data[0].effective) | int(data[1].effective) << 32
+    return got[0] | got[3] << 32
 
 
 def _same_user_ns(pid: int) -> bool:
@@ -121,10 +133,12 @@ def drop_effective(cap: int) -> None:
     """Clear ``cap`` from the calling thread's effective set (``capset(2)``, what libcap's
     ``cap_set_proc()`` does in Linux 7.2's selftest ``drop_cap_ipc_lock()``): the documented
     way to make the in-process model's caller one that pinned-page accounting charges."""
-    hdr = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
-    data = (_CapData * 2)()
-    if _capget(ctypes.byref(hdr), data) != 0:
+    got = _capget_raw(0)
+    if got is None:
         raise OSError(ctypes.get_errno(), "capget")
-    data[cap // 32].effective &= ~(1 << cap % 32)
-    if _libc.capset(ctypes.byref(hdr), data) != 0:
+    words = list(got)
+    words[3 * (cap // 32)] &= ~(1 << cap % 32)
+    hdr = ctypes.create_string_buffer(_HDR.pack(_LINUX_CAPABILITY_VERSION_3, 0))
+    data = ctypes.create_string_buffer(_DATA.pack(*words))
+    if _capset(hdr, data) != 0:
         raise OSError(ctypes.get_errno(), "capset")

@@ -253,7 +253,7 @@ class IoPagetable:
         source = pages.source()
         if self._row_source is None:
             self._row_source = source
-        elif any(a is not b for a, b in zip(source, self._row_source, strict=True)):
+        elif source != self._row_source:  # Process and UserStruct compare by identity
             return area
         self._rows += 1
         return (
