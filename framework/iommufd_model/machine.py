@@ -68,9 +68,17 @@ class Machine:
         return hw
 
     def add_pci_device(
-        self, iommu: int = 0, *, rid: int | None = None, pasid_bits: int = 20, ats: bool = False
+        self,
+        iommu: int = 0,
+        *,
+        rid: int | None = None,
+        pasid_bits: int = 20,
+        ats: bool = False,
+        pri: bool | None = None,
+        prg_resp_pasid_required: bool = True,
     ) -> PciDevice:
-        """Plug a DMA-capable PCI function behind IOMMU instance ``iommu``."""
+        """Plug a DMA-capable PCI function behind IOMMU instance ``iommu``; ``pri`` and
+        ``prg_resp_pasid_required`` shape its PRI capability (``PciDevice``)."""
         if not 0 <= iommu < len(self.iommus):
             raise err(errno.ENODEV, f"no IOMMU instance {iommu}")
         hw = self.iommus[iommu]
@@ -78,7 +86,14 @@ class Machine:
             rid = 0x100 + len(hw.devices) * 8  # bus 1, one function per slot
         if rid in hw.devices:
             raise err(errno.EEXIST, f"RID {rid:#x} already present behind {hw.name}")
-        dev = PciDevice(hw, rid, pasid_bits=pasid_bits, ats=ats)
+        dev = PciDevice(
+            hw,
+            rid,
+            pasid_bits=pasid_bits,
+            ats=ats,
+            pri=pri,
+            prg_resp_pasid_required=prg_resp_pasid_required,
+        )
         priv = self.hooks(hw.driver_name).probe_device(iommu=hw, dev=dev)
         dev.iommu_priv = priv
         hw.devices[rid] = dev

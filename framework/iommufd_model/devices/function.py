@@ -26,6 +26,7 @@ import attrs
 
 from iommufd_model.devices import pci_regs as R
 from iommufd_model.devices.config import PCI_CONFIG_SIZE, PCIE_CONFIG_SIZE, ConfigSpace
+from iommufd_model.devices.pri import pri_control_written
 from iommufd_model.errors import err
 from iommufd_model.hw.iommu import DmaFault
 from iommufd_model.hw.pci import PciDevice
@@ -43,6 +44,7 @@ MSIX_CAP = 0x70
 EXP_CAP = 0x80
 SRIOV_EXT_CAP = 0x100
 PASID_EXT_CAP = SRIOV_EXT_CAP + 0x40  # R.PCI_EXT_CAP_SRIOV_SIZEOF
+PRI_AFTER_PASID = 0x10  # the PRI capability's distance from the PASID one (model layout)
 
 
 class DmaBlocked(Exception):
@@ -184,10 +186,19 @@ class PciFunction(PciDevice):
         *,
         pasid_bits: int = 20,
         ats: bool = False,
+        pri: bool | None = None,
+        prg_resp_pasid_required: bool = True,
         physfn: PciFunction | None = None,
         vf_index: int | None = None,
     ) -> None:
-        super().__init__(iommu, rid, pasid_bits=pasid_bits, ats=ats)
+        super().__init__(
+            iommu,
+            rid,
+            pasid_bits=pasid_bits,
+            ats=ats,
+            pri=pri,
+            prg_resp_pasid_required=prg_resp_pasid_required,
+        )
         self.spec = spec
         self._bars = tuple(spec.bars[i] if i < len(spec.bars) else None for i in range(6))
         self.physfn = physfn
@@ -232,6 +243,10 @@ class PciFunction(PciDevice):
     @property
     def is_virtfn(self) -> bool:
         return self.physfn is not None
+
+    def physical_function(self) -> PciDevice:
+        """``pci_physfn()``: a VF's PF, else the function itself."""
+        return self.physfn if self.physfn is not None else self
 
     # -- power-on state -------------------------------------------------------------------
     def _build_config(self) -> ConfigSpace:
@@ -319,6 +334,8 @@ class PciFunction(PciDevice):
             self._build_sriov(cfg)
         if spec.pasid:
             self._build_pasid(cfg)
+        if self.pri and spec.pcie and not self.is_virtfn:  # VFs share the PF's (SR-IOV)
+            self.add_pri_cap(cfg, self._pri_pos())
 
     def _build_sriov(self, cfg: ConfigSpace) -> None:
         spec = self.spec
@@ -350,6 +367,11 @@ class PciFunction(PciDevice):
         cfg.set(pos + R.PCI_PASID_CAP, 2, (self.pasid_bits & 0x1F) << 8)
         cfg.set(pos + R.PCI_PASID_CTRL, 2, 0, rw=R.PCI_PASID_CTRL_ENABLE)
 
+    def _pri_pos(self) -> int:
+        """After SR-IOV and PASID when there are (model layout)."""
+        pos = PASID_EXT_CAP if self._sriov_pos() else SRIOV_EXT_CAP
+        return pos + PRI_AFTER_PASID if self.spec.pasid else pos
+
     def _power_on_bars(self) -> None:
         m = self.spec.msix
         if m is not None:
@@ -375,6 +397,7 @@ class PciFunction(PciDevice):
             if offset <= flr_byte < offset + size and raw[flr_byte - offset] & 0x80:
                 self.reset()
                 return
+        pri_control_written(self.config)
         after = self._control_state()
         if after != before:
             self._controls_changed(before, after)

@@ -31,6 +31,8 @@ def generic(
     pasid: bool = False,
     pasid_bits: int = 20,
     ats: bool = False,
+    pri: bool | None = None,
+    prg_resp_pasid_required: bool = True,
 ) -> PciFunction:
     bar0 = Bar(0x4000, mem64=True)
     spec = FunctionSpec(
@@ -48,4 +50,12 @@ def generic(
         vf_device_id=GENERIC_VF_DEVICE,
         vf_bars=(Bar(0x4000, mem64=True), None, None, None, None, None),
     )
-    return PciFunction(iommu, rid, spec, pasid_bits=pasid_bits, ats=ats)
+    return PciFunction(
+        iommu,
+        rid,
+        spec,
+        pasid_bits=pasid_bits,
+        ats=ats,
+        pri=pri,
+        prg_resp_pasid_required=prg_resp_pasid_required,
+    )

@@ -52,6 +52,7 @@ PCI_CAP_ID_MSI = 0x05
 PCI_CAP_ID_EXP = 0x10
 PCI_CAP_ID_MSIX = 0x11
 PCI_EXT_CAP_ID_SRIOV = 0x10
+PCI_EXT_CAP_ID_PRI = 0x13
 PCI_EXT_CAP_ID_PASID = 0x1B
 
 # Power management
@@ -130,5 +131,18 @@ PCI_PASID_CAP_PRIV = 0x0004
 PCI_PASID_CTRL = 0x06
 PCI_PASID_CTRL_ENABLE = 0x0001
 PCI_EXT_CAP_PASID_SIZEOF = 8
+
+# Page Request extended capability (PCIe Base spec "Page Request Extended Capability")
+PCI_PRI_CTRL = 0x04
+PCI_PRI_CTRL_ENABLE = 0x0001
+PCI_PRI_CTRL_RESET = 0x0002
+PCI_PRI_STATUS = 0x06
+PCI_PRI_STATUS_RF = 0x0001  # Response Failure
+PCI_PRI_STATUS_UPRGI = 0x0002  # Unexpected Page Request Group Index
+PCI_PRI_STATUS_STOPPED = 0x0100
+PCI_PRI_STATUS_PASID = 0x8000  # PRG Response PASID Required
+PCI_PRI_MAX_REQ = 0x08  # Outstanding Page Request Capacity
+PCI_PRI_ALLOC_REQ = 0x0C  # Outstanding Page Request Allocation
+PCI_EXT_CAP_PRI_SIZEOF = 16
 
 PCI_VENDOR_ID_INTEL = 0x8086

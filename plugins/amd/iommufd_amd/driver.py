@@ -352,8 +352,7 @@ class AmdDriver(PagingDomainOps):
             k.get_gcr3(dd).set(0, domain.pt.root)  # init_gcr3_table(): update_gcr3(pasid 0)
             dd.giov = True
             k.flush_pasid(dd, 0)
-            # pdev_enable_caps() + amd_iommu_iopf_add_device(): PRI on an ATS device.
-            dd.ppr = dev.ats and bool(k.efr & R.EFR_PPR_SUP)
+            k.enable_pri(dd)  # pdev_enable_caps() + amd_iommu_iopf_add_device()
         dd.domain = domain
         domain.attached.add((dev.rid, 0))
         k.update_dte(dev)
@@ -413,10 +412,10 @@ class AmdDriver(PagingDomainOps):
     ) -> None:
         """amd_iommu_page_response() -> amd_iommu_complete_ppr(): the response code goes into
         Status as it is (SUCCESS 0, INVALID 1, FAILURE 2; build_complete_ppr masks 4 bits); no
-        wait. GN (and the PASID) follow the device's PRI "PRG Response PASID Required" bit,
-        which the model's PCI device does not have: the model uses "a PASID was given"."""
+        wait. GN and the PASID follow the device's ``pri_tlp`` (its PRI capability's "PRG
+        Response PASID Required" bit, read when PRI was enabled), not the response."""
         k = _kernel(iommu)
-        k.queue(C.complete_ppr(dev.rid, pasid or 0, code & 0xF, grpid, gn=pasid is not None))
+        k.complete_ppr(k.dev_data[dev.rid], pasid or 0, code, grpid)
 
     # -- vIOMMU ------------------------------------------------------------------------------------
     @hookimpl

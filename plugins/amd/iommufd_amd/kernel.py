@@ -28,6 +28,13 @@ from iommufd_amd.gcr3 import Gcr3Table, glx_for
 from iommufd_amd.hw import AmdIommu
 from iommufd_amd.viommu import kernel as VK
 from iommufd_model.api import Domain, Ida, err
+from iommufd_model.devices.pri import (
+    pci_disable_pri,
+    pci_enable_pri,
+    pci_prg_resp_pasid_required,
+    pci_pri_supported,
+    pci_reset_pri,
+)
 from iommufd_model.hw.memory import PAGE_SHIFT
 from iommufd_model.hw.pci import PciDevice
 from iommufd_model.uapi import iommufd as U
@@ -42,6 +49,7 @@ DTE_DATA2_INTR_MASK = ((1 << 64) - 1) & ~(0xF << 52)
 GPT_LEVEL = 3 << DTE_GPT_LEVEL_SHIFT  # DTE_GPT_LEVEL_MASK
 DEVTAB_PAGES = 512  # 64 Ki DTEs of 32 bytes: the table for last_bdf = 0xffff
 CMD_LOG2 = R.LEN_512
+AMD_PRI_REQUESTS = 32  # pdev_enable_cap_pri(): "Hardcode number of outstanding requests"
 
 
 class DevData:
@@ -59,13 +67,18 @@ class DevData:
         # (32) when the field reads 0 -- the model's PCI device has no ATS capability
         # registers, so it reads as 0 (model's own).
         self.ats_qdep = 32
-        # pdev_enable_cap_pri() / amd_iommu_iopf_add_device(): PRI is enabled for an ATS
-        # device (the model's PCI device has PRI exactly when it has ATS, as for VT-d) while
-        # an SVA-capable (v2) domain is attached; ``ppr`` then sets the DTE's PPR bit.
+        # pdev_get_caps(): AMD_IOMMU_DEVICE_FLAG_PRI_SUP from pci_pri_supported(), the
+        # device's (a VF: its PF's) PRI capability in its configuration space.
+        self.pri_sup = pci_pri_supported(dev)
+        # pdev_enable_cap_pri(): PRI enabled on an ATS device while an SVA-capable (v2)
+        # domain is attached; ``pri_tlp`` is then read from the capability's "PRG Response
+        # PASID Required" bit (pci_prg_resp_pasid_required) and kept after PRI is disabled
+        # (pdev_disable_cap_pri() leaves it), 0 until PRI was first enabled (kzalloc).
+        self.pri_enabled = False
+        self.pri_tlp = False
+        # amd_iommu_iopf_add_device(): the device is on the IOPF queue; ``ppr`` then sets the
+        # DTE's PPR bit.
         self.ppr = False
-        # pci_prg_resp_pasid_required(): the model's PCI device has no PRI capability
-        # registers; the model answers "required" (GN and the PASID in responses).
-        self.pri_tlp = True
 
 
 class AmdKernel:
@@ -321,13 +334,37 @@ class AmdKernel:
         if dd.dev.ats:
             self.queue(C.inv_iotlb_pages(dd.dev.rid, 0, 1 << 64, qdep=dd.ats_qdep))
 
+    def enable_pri(self, dd: DevData) -> None:
+        """pdev_enable_cap_pri() then amd_iommu_iopf_add_device(): on an ATS device with the
+        PRI capability, pci_reset_pri() and pci_enable_pri(32 requests); ``pri_tlp`` from the
+        capability; without an IOPF queue (no PPR support) PRI is disabled again."""
+        if not dd.pri_enabled and dd.dev.ats and dd.pri_sup:
+            dev = dd.dev
+            if not pci_reset_pri(dev) and not pci_enable_pri(dev, AMD_PRI_REQUESTS):
+                dd.pri_enabled = True
+                dd.pri_tlp = pci_prg_resp_pasid_required(dev)
+        if not dd.pri_enabled:
+            return
+        if not self.efr & R.EFR_PPR_SUP:  # iommu->iopf_queue is NULL: -EINVAL
+            self.disable_pri(dd)
+            return
+        dd.ppr = True
+
+    def disable_pri(self, dd: DevData) -> None:
+        """pdev_disable_cap_pri(): pci_disable_pri() when enabled (``pri_tlp`` stays)."""
+        if dd.pri_enabled:
+            pci_disable_pri(dd.dev)
+            dd.pri_enabled = False
+
     def detach_device(self, dd: DevData) -> None:
-        """detach_device(): the cleared DTE, the old domain's flush-all while the device is
-        still on its list, then the GCR3 table of a v2 domain (GCR3[0] cleared with its PASID
-        flush, table and per-device DomainID freed without commands)."""
+        """detach_device(): the device leaves the IOPF queue, its PRI is disabled
+        (pdev_disable_caps), then the cleared DTE, the old domain's flush-all while the
+        device is still on its list, then the GCR3 table of a v2 domain (GCR3[0] cleared
+        with its PASID flush, table and per-device DomainID freed without commands)."""
         dom = dd.domain
         dd.domain = None
         dd.ppr = False  # amd_iommu_iopf_remove_device()
+        self.disable_pri(dd)
         self.update_dte(dd.dev, clear=True)
         if not isinstance(dom, AmdDomain):
             return

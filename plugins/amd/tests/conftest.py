@@ -26,14 +26,16 @@ PAGE = 4096
 class AmdWorld:
     """One AMD IOMMU, a process with memory, an iommufd and one bound device."""
 
-    def __init__(self, options: dict[str, Any] | None = None, *, ats: bool = False) -> None:
+    def __init__(
+        self, options: dict[str, Any] | None = None, *, ats: bool = False, **dev: Any
+    ) -> None:
         self.machine = im.Machine.build(iommus=["amd"], options={"amd": options or {}})
         hw = self.machine.iommus[0]
         assert isinstance(hw, AmdIommu)
         self.hw = hw
         self.kernel: AmdKernel = hw.driver_state
         self.mem = self.machine.memory
-        self.dev = self.machine.add_pci_device(iommu=0, ats=ats)
+        self.dev = self.machine.add_pci_device(iommu=0, ats=ats, **dev)
         self.proc = self.machine.new_process()
         self.fd = self.proc.open_iommufd()
         self.dev_id = self.fd.bind(self.dev)

@@ -208,13 +208,74 @@ def test_pasid_attach_is_unsupported_upstream(world: Any, flags: int, want: int)
 
 def test_page_response_status_is_the_response_code(world: Any) -> None:
     """amd_iommu_page_response() -> build_complete_ppr(): Status = resp->code (FAILURE = 2
-    too), tag masked to 9 bits, no COMPLETION_WAIT."""
+    too), tag masked to 9 bits, no COMPLETION_WAIT; GN and the PASID follow
+    ``dev_data->pri_tlp``, which stays 0 until PRI is enabled (the world's device never had
+    it): no GN, no PASID, whatever PASID the response names."""
     w = world
     seen = w.record_commands()
     plugin = _plugin()
     for code in (0, 1, 2):
         plugin.page_response(iommu=w.hw, dev=w.dev, pasid=9, grpid=0x211, code=code)
-    assert [sig(c) for c in seen] == [("PPR", w.dev.rid, 9, True, 0x011, s) for s in (0, 1, 2)]
+    assert [sig(c) for c in seen] == [("PPR", w.dev.rid, 0, False, 0x011, s) for s in (0, 1, 2)]
+
+
+@pytest.mark.parametrize("required", [True, False])
+def test_complete_ppr_follows_the_prg_response_pasid_required_bit(
+    make_world: Any, required: bool
+) -> None:
+    """pdev_enable_cap_pri() at a v2 attach: pci_reset_pri(), pci_enable_pri(32) (Allocation
+    = min(Capacity, 32), Enable), ``pri_tlp`` = the PRI capability's "PRG Response PASID
+    Required" bit; every COMPLETE_PPR_REQUEST then carries GN and the PASID exactly when it
+    is set (amd_iommu_complete_ppr), for the driver's own answers and for page_response.
+    Detach disables PRI (pdev_disable_caps) and ``pri_tlp`` stays as it was."""
+    from iommufd_amd import ppr as P
+
+    from iommufd_model.devices import pci_regs as R
+
+    w = make_world(ats=True, prg_resp_pasid_required=required)
+    rid = w.dev.rid
+    pos = w.dev.config.find_ext_cap(R.PCI_EXT_CAP_ID_PRI)
+    assert pos == 0x100
+    ctrl, status = pos + R.PCI_PRI_CTRL, pos + R.PCI_PRI_STATUS
+    assert w.dev.config_read(ctrl, 2) == 0
+    assert w.dev.config_read(status, 2) & R.PCI_PRI_STATUS_STOPPED
+    h = w.hwpt(w.ioas(), U.IOMMU_HWPT_ALLOC_PASID)
+    w.fd.attach(w.dev_id, h)
+    assert w.dev.config_read(ctrl, 2) == R.PCI_PRI_CTRL_ENABLE
+    assert not w.dev.config_read(status, 2) & R.PCI_PRI_STATUS_STOPPED
+    assert w.dev.config_read(pos + R.PCI_PRI_ALLOC_REQ, 4) == 32
+    assert w.kernel.read_dte(rid).ppr
+    seen = w.record_commands()
+    assert w.dev.page_request(IOVA, grpid=0x11)  # no PASID: aborted with FAILURE
+    assert w.dev.page_request(IOVA, pasid=5, grpid=0x12)  # no handler: INVALID
+    _plugin().page_response(iommu=w.hw, dev=w.dev, pasid=7, grpid=0x13, code=0)
+    pasid = (lambda p: p) if required else (lambda p: 0)
+    assert [sig(c) for c in seen] == [
+        ("PPR", rid, 0, required, 0x11, P.RESP_FAILURE),
+        ("PPR", rid, pasid(5), required, 0x12, P.RESP_INVALID),
+        ("PPR", rid, pasid(7), required, 0x13, 0),
+    ]
+    w.fd.detach(w.dev_id)
+    assert w.dev.config_read(ctrl, 2) == 0
+    assert w.dev.config_read(status, 2) & R.PCI_PRI_STATUS_STOPPED
+    seen.clear()
+    _plugin().page_response(iommu=w.hw, dev=w.dev, pasid=7, grpid=0x14, code=1)
+    assert [sig(c) for c in seen] == [("PPR", rid, pasid(7), required, 0x14, 1)]
+
+
+def test_pri_is_enabled_only_with_the_capability(make_world: Any) -> None:
+    """pdev_enable_cap_pri() needs ATS enabled and AMD_IOMMU_DEVICE_FLAG_PRI_SUP (the PRI
+    capability, pci_pri_supported): a device without either gets no PRI, no DTE PPR bit, and
+    ``pri_tlp`` stays 0."""
+    from iommufd_model.devices import pci_regs as R
+
+    for w in (make_world(ats=True, pri=False), make_world(ats=False, pri=True)):
+        pos = w.dev.config.find_ext_cap(R.PCI_EXT_CAP_ID_PRI)
+        w.fd.attach(w.dev_id, w.hwpt(w.ioas(), U.IOMMU_HWPT_ALLOC_PASID))
+        dd = w.kernel.dev_data[w.dev.rid]
+        assert not w.kernel.read_dte(w.dev.rid).ppr
+        assert not dd.pri_enabled and not dd.pri_tlp
+        assert pos is None or w.dev.config_read(pos + R.PCI_PRI_CTRL, 2) == 0
 
 
 def _plugin() -> Any:

@@ -15,6 +15,7 @@ from iommufd_amd import events as E
 from iommufd_amd import regs as R
 
 import iommufd_model as im
+from iommufd_model import uapi as U
 from iommufd_model.testing import assert_errno
 
 
@@ -191,10 +192,13 @@ def test_prefetch_fills_the_iotlb_and_never_faults(world: Any) -> None:
     assert_errno(errno.EOPNOTSUPP, lambda: w.fd.hw_info(w.dev_id, data_type=foreign))
 
 
-def test_page_response_sends_complete_ppr_request(world: Any) -> None:
+def test_page_response_sends_complete_ppr_request(make_world: Any) -> None:
+    """The hardware takes COMPLETE_PPR_REQUEST: GN and the PASID as the device's PRI (enabled
+    by the v2 attach; "PRG Response PASID Required" set) asks."""
     from iommufd_amd.driver import plugin
 
-    w = world
+    w = make_world(ats=True)
+    w.fd.attach(w.dev_id, w.hwpt(w.ioas(), U.IOMMU_HWPT_ALLOC_PASID))
     plugin.page_response(iommu=w.hw, dev=w.dev, pasid=9, grpid=0x11, code=1)
     cmd = w.hw.ppr_responses[-1]
     assert (cmd.devid, cmd.pasid, cmd.gn, cmd.tag, cmd.status) == (w.dev.rid, 9, True, 0x11, 1)

@@ -35,3 +35,28 @@ def test_without_idr0_pri_there_is_no_pri_queue(smmu_machine: Callable[..., Any]
     assert not r.hw.mmio.read(R.CR0, 4) & R.CR0_PRIQEN
     assert not r.m_dev.page_request(0x10_0000, grpid=1)
     assert r.hw.page_requests_lost == 1 and r.smmu.page_requests == []
+
+
+def test_pri_resp_ssv_follows_the_request_not_the_pri_capability(
+    smmu_machine: Callable[..., Any],
+) -> None:
+    """arm_smmu_handle_ppr(): PRI_RESP's SSV and SubstreamID are the request's (PRIQ_0_SSID_V),
+    whatever the device's "PRG Response PASID Required" bit says; 7.2's SMMUv3 driver never
+    reads or enables the device's PRI capability (no pci_enable_pri in arm-smmu-v3.c)."""
+    from iommufd_model.devices import pci_regs as P
+
+    r = Rig(smmu_machine, pri=True, ats=True)
+    for required in (True, False):
+        dev = r.m.add_pci_device(iommu=0, ats=True, prg_resp_pasid_required=required)
+        pos = dev.config.find_ext_cap(P.PCI_EXT_CAP_ID_PRI)
+        assert pos is not None
+        status = dev.config_read(pos + P.PCI_PRI_STATUS, 2)
+        assert bool(status & P.PCI_PRI_STATUS_PASID) == required
+        r.mark()
+        assert dev.page_request(0x10_0000, grpid=5, pasid=9)
+        assert dev.page_request(0x10_0000, grpid=6)
+        assert r.stream() == [
+            C.pri_resp(dev.rid, 5, PRI_RESP_DENY, 9),
+            C.pri_resp(dev.rid, 6, PRI_RESP_DENY, None),
+        ]
+        assert dev.config_read(pos + P.PCI_PRI_CTRL, 2) == 0

@@ -26,6 +26,12 @@ from iommufd_intel_vtd.domain import (
 from iommufd_intel_vtd.hw import IntelVtd
 from iommufd_intel_vtd.iopf import KernelPrq
 from iommufd_model.api import Domain, Ida, err
+from iommufd_model.devices.pri import (
+    pci_enable_pri,
+    pci_prg_resp_pasid_required,
+    pci_pri_supported,
+    pci_reset_pri,
+)
 from iommufd_model.hw.memory import PAGE_SHIFT
 from iommufd_model.hw.pci import PciDevice
 
@@ -55,6 +61,8 @@ def dev_qdep(dev: PciDevice) -> int:
     has no ATS capability fields, so a device may carry ``ats_qdep`` (the model's own)."""
     return int(getattr(dev, "ats_qdep", 0))
 
+
+PRQ_DEPTH = (4096 << 4) >> 5  # iommu.h: PRQ_SIZE (4 KiB << PRQ_ORDER 4) >> 5
 
 QI_DONE = 2  # the status value Linux's wait descriptors write (enum qi_status)
 QI_IN_USE = 1
@@ -261,16 +269,22 @@ class IommuState:
             lo, hi = re.encode()
             self.mem.write_u64(slot, lo)
             self.mem.write_u64(slot + 8, hi)
-        # intel_iommu_probe_device() / iommu_enable_pci_pri(): PRI needs ATS, ECAP.PRS and
-        # ECAP.PDS; with PASID enabled the device must want the PASID in PRG responses.
-        # The framework's PCI device has one ATS flag: PRI follows it unless the device
-        # carries ``pri`` / ``prg_resp_pasid_required`` (the model's own knobs).
-        pri_cap = bool(getattr(dev, "pri", dev.ats))
+        # intel_iommu_probe_device(): PRI is supported with ATS, ECAP.PRS and ECAP.PDS and
+        # the device's PRI capability (pci_pri_supported); iommu_enable_pci_pri() at
+        # probe_finalize enables it (pci_reset_pri, pci_enable_pri(PRQ_DEPTH)) unless the
+        # device's PASID is enabled and its PRI does not want the PASID in PRG responses
+        # (pci_prg_resp_pasid_required). The PASID capability is enabled when the device and
+        # the unit have PASIDs (``bits``).
         prs = R.ECAP_PRS | R.ECAP_PDS
-        info.pri_supported = info.ats_enabled and self.hw.ecap & prs == prs and pri_cap
-        info.pri_enabled = info.pri_supported and (
-            bits == 0 or bool(getattr(dev, "prg_resp_pasid_required", True))
+        info.pri_supported = (
+            info.ats_enabled and self.hw.ecap & prs == prs and pci_pri_supported(dev)
         )
+        if (
+            info.pri_supported
+            and (bits == 0 or pci_prg_resp_pasid_required(dev))
+            and not pci_reset_pri(dev)
+        ):
+            info.pri_enabled = not pci_enable_pri(dev, PRQ_DEPTH)
         ce = T.ContextEntry(
             p=True,
             dte=info.ats_enabled,

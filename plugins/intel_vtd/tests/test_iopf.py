@@ -219,3 +219,51 @@ def test_fault_queue_close_answers_pending_groups_invalid(qi: Any, rig: Rig) -> 
     w.proc.close(rig.fault_fd)
     w.fd.destroy(rig.fault_id)
     assert w.hw.prg_responses[-1] == P.PageGroupResponse(rig.dev.rid, None, 11, 1)
+
+
+@pytest.mark.parametrize(("pasid_bits", "required"), [(20, True), (20, False), (0, False)])
+def test_pri_enable_follows_the_prg_response_pasid_required_bit(
+    world: Any, pasid_bits: int, required: bool
+) -> None:
+    """intel_iommu_probe_device(): PRI supported (context entry PRE) with ATS, PRS/PDS and the
+    device's PRI capability; iommu_enable_pci_pri() enables it (pci_reset_pri,
+    pci_enable_pri(PRQ_DEPTH): Allocation = min(Capacity, 2048), Enable) unless the device's
+    PASID is enabled and its PRI does not want the PASID in PRG responses; without PRI
+    enabled, a fault-capable attach is ENODEV (intel_iommu_enable_iopf)."""
+    from iommufd_intel_vtd import tables as T
+
+    from iommufd_model.devices import pci_regs as PR
+
+    dev = world.machine.add_pci_device(
+        iommu=0, ats=True, pasid_bits=pasid_bits, prg_resp_pasid_required=required
+    )
+    st = world.hw.driver_state
+    info = st.devs[dev.rid]
+    enabled = required or pasid_bits == 0
+    assert info.pri_supported and info.pri_enabled == enabled
+    pos = dev.config.find_ext_cap(PR.PCI_EXT_CAP_ID_PRI)
+    assert dev.config_read(pos + PR.PCI_PRI_CTRL, 2) == (PR.PCI_PRI_CTRL_ENABLE if enabled else 0)
+    assert dev.config_read(pos + PR.PCI_PRI_ALLOC_REQ, 4) == (
+        min(dev.pri_capacity, 2048) if enabled else 0
+    )
+    bus, devfn = dev.rid >> 8, dev.rid & 0xFF
+    table = st.context_tables[(bus, int(devfn >= 128))]
+    slot = table + (devfn & 0x7F) * T.SM_CONTEXT_ENTRY_SIZE
+    ce = T.ContextEntry.decode(*(st.mem.read_u64(slot + 8 * i) for i in range(4)))
+    assert ce.pre
+    dev_id = world.fd.bind(dev)
+    ioas = world.ioas()
+    alloc = U.IommuFaultAlloc(size=U.IommuFaultAlloc.SIZE)
+    fault_id = world.ioctl(U.IOMMU_FAULT_QUEUE_ALLOC, alloc).out_fault_id
+    cmd = U.IommuHwptAlloc(
+        size=U.IommuHwptAlloc.SIZE,
+        flags=U.IOMMU_HWPT_FAULT_ID_VALID,
+        dev_id=dev_id,
+        pt_id=ioas,
+        fault_id=fault_id,
+    )
+    hwpt = int(world.ioctl(U.IOMMU_HWPT_ALLOC, cmd).out_hwpt_id)
+    if enabled:
+        world.fd.attach(dev_id, hwpt)
+    else:
+        assert_errno(errno.ENODEV, lambda: world.fd.attach(dev_id, hwpt))
