@@ -284,7 +284,11 @@ class ArmSmmuV3Driver(PagingDomainOps):
         dirty = bool(flags & U.IOMMU_HWPT_ALLOC_DIRTY_TRACKING)
         if dirty and not smmu.dbm_capable:
             # the core's IOMMU_CAP_DIRTY_TRACKING check (arm_smmu_dbm_capable)
-            raise err(errno.EOPNOTSUPP, "no IDR0.HTTU dirty-state update on this SMMU")
+            raise err(
+                errno.EOPNOTSUPP,
+                f"arm_smmu_dbm_capable(): IDR0.HTTU is {smmu.idr0_httu}, no dirty-state "
+                "update on this SMMU",
+            )
         nest = flags == U.IOMMU_HWPT_ALLOC_NEST_PARENT
         if flags & U.IOMMU_HWPT_ALLOC_NEST_PARENT and not nest:
             raise err(errno.EOPNOTSUPP, "a nest parent takes no other flag")

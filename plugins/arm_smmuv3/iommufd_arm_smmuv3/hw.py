@@ -165,13 +165,7 @@ class Smmuv3(IommuHw):
             | R.IDR0_ST_LVL_2LVL
             | (R.IDR0_CD2L if cd2l else 0)
             | (R.IDR0_PRI if pri else 0)
-            | (
-                R.IDR0_HTTU_ACCESS_DIRTY
-                if hw_dirty
-                else R.IDR0_HTTU_ACCESS
-                if hw_access_flag
-                else 0
-            )
+            | R.idr0_httu(access=hw_access_flag, dirty=hw_dirty)
         )
         idr1 = (
             (R.IDR1_ATTR_TYPES_OVR if attr_types_ovr else 0)

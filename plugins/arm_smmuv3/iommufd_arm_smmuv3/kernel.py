@@ -148,8 +148,8 @@ class SmmuDevice:
         self.feat_ha = get(idr0, 7, 6) >= 1
         self.feat_hd = get(idr0, 7, 6) >= 2
         self.feat_ats = bool(idr0 & R.IDR0_ATS)
-        # arm_smmu_dbm_capable(): HD and a coherent SMMU (IDR0.COHACC)
-        self.dbm_capable = self.feat_hd and bool(idr0 & R.IDR0_COHACC)
+        self.idr0_httu = get(idr0, 7, 6)
+        self.dbm_capable = R.dbm_capable(idr0)
         self.feat_cd2l = bool(idr0 & R.IDR0_CD2L)
         # ARM_SMMU_FEAT_TRANS_S1 / _S2, and NESTING with both (arm_smmu_device_hw_probe)
         self.feat_s1 = bool(idr0 & R.IDR0_S1P)

@@ -55,6 +55,7 @@ IDR0_TTF_AARCH64 = put(2, 3, 2)  # TTF: AArch64 translation tables only
 IDR0_COHACC = bit(4)  # coherent access to tables and queues
 IDR0_HTTU_ACCESS = put(1, 7, 6)  # HTTU: hardware access-flag update
 IDR0_HTTU_ACCESS_DIRTY = put(2, 7, 6)  # ... and dirty-state update (DBM)
+IDR0_HTTU_SHIFT = 6
 IDR0_HYP = bit(9)  # hypervisor stage 1 (EL2 StreamWorld, TLBI_EL2_*)
 IDR0_ATS = bit(10)
 IDR0_ASID16 = bit(12)
@@ -182,3 +183,17 @@ def build(hw: RegisterSide, name: str, ids: dict[str, int]) -> Mmio:
     mmio.define("PRIQ_PROD", PRIQ_PROD, width=4, writable=mask(19, 0))
     mmio.define("PRIQ_CONS", PRIQ_CONS, width=4, writable=Q_OVERFLOW | mask(19, 0))
     return mmio
+
+
+def idr0_httu(*, access: bool, dirty: bool) -> int:
+    """IDR0.HTTU of an SMMU that updates the access flag (1) and also the dirty state (2);
+    dirty-state update implies access-flag update (IHI 0070: HTTU 0b10)."""
+    return IDR0_HTTU_ACCESS_DIRTY if dirty else IDR0_HTTU_ACCESS if access else 0
+
+
+def dbm_capable(idr0: int) -> bool:
+    """Linux 7.2 ``arm_smmu_dbm_capable()``: ARM_SMMU_FEAT_HD (``arm_smmu_get_httu()``: HTTU
+    0b10 or above) and ARM_SMMU_FEAT_COHERENCY (IDR0.COHACC). Everything that declares dirty
+    tracking follows it: IOMMU_CAP_DIRTY_TRACKING (hw_info, the core's DIRTY_TRACKING alloc
+    check) and the matrix's option sets (``option_sets.py``)."""
+    return (idr0 >> IDR0_HTTU_SHIFT) & 3 >= 2 and bool(idr0 & IDR0_COHACC)

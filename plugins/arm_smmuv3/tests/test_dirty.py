@@ -9,10 +9,13 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from iommufd_arm_smmuv3 import regs as R
 from iommufd_arm_smmuv3.cd import Cd
-from iommufd_arm_smmuv3.driver import plugin
+from iommufd_arm_smmuv3.driver import FEATURES, plugin
+from iommufd_arm_smmuv3.option_sets import OPTION_SETS
 from iommufd_arm_smmuv3.pgtable import PTE_AP_RDONLY, PTE_DBM
 
+import iommufd_model as im
 from iommufd_model.hw.bits import words
 from iommufd_model.uapi import iommufd as U
 
@@ -95,3 +98,38 @@ def test_dirty_tracking_declared_only_with_httu_dirty(vmm: Any) -> None:
     with pytest.raises(OSError) as exc:
         r.hwpt_alloc(r.ioas_alloc(), DIRTY)
     assert exc.value.errno == errno.EOPNOTSUPP
+
+
+@pytest.mark.parametrize("opts", [o.name for o in OPTION_SETS if o.name != "s2-only"])
+def test_every_option_set_declares_dirty_tracking_as_idr0_httu_says(opts: str) -> None:
+    """Every SMMUv3 configuration the matrix sweeps takes DIRTY_TRACKING from IDR0.HTTU and
+    COHACC (arm_smmu_dbm_capable), as hw_info's IOMMU_HW_CAP_DIRTY_TRACKING and the core's
+    DIRTY_TRACKING allocation check do on the SMMU those options build; where it lacks it,
+    the dirty_tracking cell is "unsupported" with the SMMU's refusal as the reason. (s2-only
+    lacks it for want of stage 1; test_stages.py shows that one.)"""
+    from iommufd_model.api import Feature
+    from iommufd_model.scenarios import SCENARIOS
+    from iommufd_model.scenarios.base import PASS, UNSUPPORTED, run_scenario
+
+    option_set = next(o for o in OPTION_SETS if o.name == opts)
+    m = im.Machine.build(iommus=["arm_smmuv3"], options={"arm_smmuv3": option_set.options})
+    hw = m.iommus[0]
+    smmu = hw.driver_state
+    idr0 = hw.mmio.read(R.IDR0, 4)
+    declared = Feature.DIRTY_TRACKING in option_set.features(FEATURES)
+    assert smmu.dbm_capable == declared == ((idr0 >> 6) & 3 >= 2)
+    proc = m.new_process()
+    fd = proc.open_iommufd()
+    dev_id = fd.bind(m.add_pci_device(iommu=0))
+    assert bool(fd.hw_info(dev_id).capabilities & U.IOMMU_HW_CAP_DIRTY_TRACKING) == declared
+    ioas = fd.ioas_alloc()
+    if declared:
+        fd.hwpt_alloc(dev_id, ioas, flags=DIRTY)
+    else:
+        with pytest.raises(OSError) as exc:
+            fd.hwpt_alloc(dev_id, ioas, flags=DIRTY)
+        assert exc.value.errno == errno.EOPNOTSUPP
+    result = run_scenario(SCENARIOS["dirty_tracking"], "arm_smmuv3", option_set=option_set)
+    assert result.status == (PASS if declared else UNSUPPORTED), result.detail
+    if not declared:
+        assert "IDR0.HTTU is" in result.detail and "EOPNOTSUPP" in result.detail
