@@ -32,8 +32,11 @@ Where the model intentionally differs from the kernel:
   but a lookup needs them (unmap, copy, an access, a new domain, iteration). This is what
   keeps an IOAS of a million one-page areas under 200 bytes of heap an area
   (benchmarks/bench_ioas.py). Every errno, partial effect and failpoint is the objects'.
-* Not modelled here: the VFIO type1 compatibility split (``iopt_cut_iova``) and the dirty
-  bitmap walkers; DMABUF-backed Pages.
+* dma-buf Pages (IOAS_MAP_FILE of a dma-buf) follow Linux 7.2: they pin and charge nothing,
+  in-kernel accesses are refused, a split is EOPNOTSUPP, and once the exporter revokes them
+  (``Pages.revoke_notify``) their IOPTEs are zapped in every domain, later domains map
+  nothing for them, and unmapping them touches no domain.
+* Not modelled here: the dirty bitmap walkers.
 """
 
 from __future__ import annotations
@@ -503,6 +506,8 @@ class IoPagetable:
         for area in new:
             self._areas.insert(area.iova, area.last, self._row(area))
             area.pages.refs += 1
+            if area.pages.is_dmabuf:
+                area.pages.dmabuf_track(self, area)
         return iova
 
     # -- IOMMU_IOAS_CHANGE_PROCESS (core/ioas.py change_process) --------------------------
@@ -555,9 +560,14 @@ class IoPagetable:
 
     def _fill_area(self, area: Area) -> None:
         """``iopt_area_fill_domains()``: pin once, map into every domain, charge the pins,
-        all or nothing."""
+        all or nothing. A revoked dma-buf maps nothing."""
         if not self._domains:
             return
+        if area.pages.is_dmabuf:
+            for _ in self._domains:
+                failpoint("pages.dmabuf_track")  # iopt_dmabuf_track_domain(): kzalloc
+            if area.pages.revoked:
+                return
         pfns = area.pages.use(area.first_index, area.last_index)
         done: list[IoDomain] = []
         try:
@@ -571,9 +581,15 @@ class IoPagetable:
             area.pages.unuse(area.first_index, area.last_index)
             raise
 
+    def dmabuf_zap(self, area: Area) -> None:
+        """``iopt_revoke_notify()`` for one area here: unmap it from every domain."""
+        for domain in self._domains:
+            self._domain_unmap(domain, area.iova, area.length)
+
     def _unfill_area(self, area: Area) -> None:
-        """``iopt_area_unfill_domains()``: unmap from every domain, then unpin."""
-        if not self._domains:
+        """``iopt_area_unfill_domains()``: unmap from every domain, then unpin (a revoked
+        dma-buf's IOPTEs are gone already)."""
+        if not self._domains or area.pages.revoked:
             return
         for domain in self._domains:
             self._domain_unmap(domain, area.iova, area.length)
@@ -603,6 +619,10 @@ class IoPagetable:
         done: list[Area] = []
         try:
             for area in self.area_objects():
+                if area.pages.is_dmabuf:
+                    failpoint("pages.dmabuf_track")  # iopt_dmabuf_track_domain(): kzalloc
+                    if area.pages.revoked:  # iopt_area_fill_domain() maps nothing
+                        continue
                 if first_domain:
                     pfns = area.pages.use(area.first_index, area.last_index)
                 else:
@@ -642,6 +662,8 @@ class IoPagetable:
             self._domains[index] = tail
         last_one = not self._domains
         for area in self.area_objects():
+            if area.pages.revoked:
+                continue
             self._domain_unmap(domain, area.iova, area.length)
             if last_one:
                 area.pages.unuse(area.first_index, area.last_index)
@@ -713,6 +735,8 @@ class IoPagetable:
             return
         if area.prevent_access:
             raise err(errno.EBUSY, f"area at {area.iova:#x} is being unmapped")
+        if area.pages.is_dmabuf:
+            raise err(errno.EOPNOTSUPP, "dma-buf areas are not split")
         new_start = iova + 1
         mask = self._iova_alignment - 1
         if new_start & mask or area.start_byte_at(new_start) & mask:
@@ -776,6 +800,8 @@ class IoPagetable:
                 continue
             self._unfill_area(area)
             area.pages.refs -= 1
+            if area.pages.is_dmabuf:
+                area.pages.dmabuf_untrack(area)
             self._areas.remove(first)
             unmapped += area.length
             if area_last >= last:

@@ -21,6 +21,7 @@ the caller like any other failure of the fill; unpinning uncharges at once.
 from __future__ import annotations
 
 import errno
+import weakref
 from typing import TYPE_CHECKING
 
 import attrs
@@ -38,6 +39,7 @@ from iommufd_model.failnth import failpoint
 from iommufd_model.hw.memory import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, PhysicalMemory
 
 if TYPE_CHECKING:
+    from iommufd_model.core.io_pagetable import Area, IoPagetable
     from iommufd_model.process import MemFile, Process
 
 
@@ -94,6 +96,10 @@ class Pages:
     source_user: UserStruct | None = None
     # pins charged so far (the kernel's last_npinned; npinned runs ahead during a fill)
     last_npinned: int = 0
+    # a dma-buf's exporter revoked it (the kernel's phys.len == 0): for good
+    revoked: bool = False
+    # a dma-buf's areas and the io_pagetables they are in (the kernel's dmabuf.tracker)
+    _dmabuf_areas: list[tuple[IoPagetable, Area]] | None = None
 
     # -- construction (iopt_alloc_user_pages / iopt_alloc_file_pages) ----------------
     @classmethod
@@ -140,7 +146,10 @@ class Pages:
         pages = cls(memory, npages, writable, proc, base, memfile)
         # iopt_alloc_pages(): a caller with CAP_IPC_LOCK is not charged; a dma-buf never is
         # (iopt_alloc_dmabuf_pages(): it pins nothing)
-        if proc is not None and not pages.is_dmabuf and not proc.capable_ipc_lock:
+        if pages.is_dmabuf:
+            assert memfile is not None
+            _attachments(memfile).add(pages)  # iopt_map_dmabuf(): dma_buf_dynamic_attach()
+        elif proc is not None and not proc.capable_ipc_lock:
             pages.account_mode = ACCOUNT_USER
             pages.source_user = user_of(proc)
         return pages, start_byte
@@ -281,6 +290,31 @@ class Pages:
         self.proc = proc
         if self.account_mode == ACCOUNT_USER:
             self.source_user = user_of(proc)
+
+    # -- dma-buf revocation (pages.c: iopt_dmabuf_track_*, iopt_revoke_notify) ----------
+    def dmabuf_track(self, iopt: IoPagetable, area: Area) -> None:
+        """A dma-buf area was published in ``iopt``: a revocation zaps it there."""
+        if self._dmabuf_areas is None:
+            self._dmabuf_areas = []
+        self._dmabuf_areas.append((iopt, area))
+
+    def dmabuf_untrack(self, area: Area) -> None:
+        if self._dmabuf_areas is not None:
+            self._dmabuf_areas = [(i, a) for i, a in self._dmabuf_areas if a is not area]
+
+    def revoke_notify(self) -> None:
+        """``iopt_revoke_notify()``: the exporter invalidated its mappings. Every area of
+        these pages is unmapped from every domain it is in, and the pages are revoked for
+        good (whatever the exporter says later): their areas stay, map nothing in domains
+        attached later, and unmap without touching a domain."""
+        if self.revoked:
+            return
+        for iopt, area in self._dmabuf_areas or ():
+            iopt.dmabuf_zap(area)
+        self.revoked = True
+        if self._pfns is not None:  # the model's frames of the exported range
+            self._source_unpin([pfn for pfn in self._pfns if pfn])
+        self._pfns = self._uses = None
 
     # -- users --------------------------------------------------------------------------
     def _check_range(self, first: int, last: int) -> None:
@@ -501,3 +535,23 @@ class Pages:
             f"<Pages {src} base={self.base:#x} npages={self.npages} "
             f"npinned={self.npinned} refs={self.refs}>"
         )
+
+
+# -- dma-buf attachments (dma_buf_dynamic_attach / dma_buf_invalidate_mappings) ------------
+# dma-buf file -> the Pages attached to it (gone with the Pages: iopt_release_pages() detaches)
+_ATTACH: weakref.WeakKeyDictionary[MemFile, weakref.WeakSet[Pages]] = weakref.WeakKeyDictionary()
+
+
+def _attachments(dmabuf: MemFile) -> weakref.WeakSet[Pages]:
+    got = _ATTACH.get(dmabuf)
+    if got is None:
+        got = _ATTACH[dmabuf] = weakref.WeakSet()
+    return got
+
+
+def dmabuf_invalidate_mappings(dmabuf: MemFile) -> None:
+    """``dma_buf_invalidate_mappings()`` by the exporter: every iommufd attachment's
+    ``iopt_revoke_notify()`` (Linux 7.2 pages.c). It does not look at why: an exporter that
+    invalidates to un-revoke revokes the pages mapped before as well."""
+    for pages in list(_ATTACH.get(dmabuf, ())):
+        pages.revoke_notify()

@@ -35,6 +35,7 @@ from iommufd_model.core.eventq import IopfFault, deliver_iopf_group
 from iommufd_model.core.hw_pagetable import Hwpt, HwptNested, HwptPaging
 from iommufd_model.core.ioas import Ioas
 from iommufd_model.core.objects import IommufdObject, ObjType
+from iommufd_model.core.pages import dmabuf_invalidate_mappings
 from iommufd_model.core.ucmd import Ucmd, ioctl_op
 from iommufd_model.errors import err
 from iommufd_model.failnth import failpoint
@@ -596,9 +597,10 @@ def _trigger_vevent(ucmd: Ucmd, cmd: IommuTestCmd) -> None:
 class SelftestDmaBuf(MemFile):
     """The self-test's dma-buf: zeroed memory of whole pages, exported through an fd.
 
-    IOAS_MAP_FILE checks its range and its revocation when mapping (``check_map``). The
-    model stops at that: revoking does not zap the IOPTEs of areas mapped before, and a
-    domain added later still maps them (the kernel leaves them unmapped).
+    IOAS_MAP_FILE checks its range and its revocation when mapping (``check_map``).
+    DMABUF_REVOKE sets the flag and invalidates the mappings (core/pages.py
+    ``dmabuf_invalidate_mappings``), which revokes every area mapped before, as 7.2's
+    ``iommufd_test_dmabuf_revoke()`` does.
     """
 
     is_dmabuf = True
@@ -632,6 +634,7 @@ def _dmabuf_revoke(ucmd: Ucmd, cmd: IommuTestCmd) -> None:
     if not isinstance(f, SelftestDmaBuf):
         raise err(errno.EOPNOTSUPP, "not the self-test's dma-buf")
     f.revoked = bool(args.b)
+    dmabuf_invalidate_mappings(f)
 
 
 # -- PASID ops -----------------------------------------------------------------------------
