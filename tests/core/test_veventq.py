@@ -9,15 +9,19 @@ header needing only its 8 bytes, and is EINVAL only when the first event does no
 from __future__ import annotations
 
 import errno
+import struct
+from typing import Any
 
 from helpers import World
 from iommufd_model.core.eventq import INT_MAX, Veventq
+from iommufd_model.failnth import fail_nth, sweep
 from iommufd_model.mock import selftest as T
 from iommufd_model.testing import assert_errno
 from iommufd_model.uapi import iommufd as U
 
 HDR = U.IommufdVeventHeader.SIZE
 LOST = U.IOMMU_VEVENTQ_FLAG_LOST_EVENTS
+SELFTEST_Q = T.IOMMU_VEVENTQ_TYPE_SELFTEST
 
 
 class Rig:
@@ -87,3 +91,67 @@ def test_sequence_wraps_from_int_max_to_0_and_the_depth_counts_real_events() -> 
     assert [s for _, s, _ in r.read()] == [INT_MAX - 1, INT_MAX, 0]
     r.report(ev(3), ev(4), ev(5), ev(6))  # a read emptied the queue: 3 fit again
     assert r.read() == [(0, 1, ev(3)), (0, 2, ev(4)), (0, 3, ev(5)), (LOST, 4, b"")]
+
+
+def test_a_failed_record_allocation_is_enomem_and_leaves_the_lost_header() -> None:
+    """iommufd_viommu_report_event(): when kzalloc_flex(GFP_NOWAIT) of the record fails the
+    lost_events_header is queued (a sequence consumed) and the call returns -ENOMEM; a later
+    real event drops the header again, so only the sequence gap tells the reader."""
+    r = Rig(depth=4)
+    r.report(ev(0))
+    with fail_nth(1) as fp:
+        assert_errno(errno.ENOMEM, lambda: r.q.viommu.report_event(SELFTEST_Q, ev(1)))
+    assert fp.fired_site == "veventq.report_event"
+    r.report(ev(2))
+    assert r.read() == [(0, 0, ev(0)), (0, 2, ev(2))]
+    with fail_nth(1):
+        assert_errno(errno.ENOMEM, lambda: r.q.viommu.report_event(SELFTEST_Q, ev(3)))
+    assert r.read() == [(LOST, 3, b"")]
+    assert r.q.num_events == 0
+
+
+def test_a_failed_copy_of_the_lost_header_ends_the_read() -> None:
+    """iommufd_veventq_deliver_fetch() copies the lost_events_header (GFP_ATOMIC) before it
+    leaves the list: a failed copy ends the read with what was read, or ENOMEM when nothing
+    was; the header stays queued for the next read."""
+    r = Rig(depth=1)
+    r.report(ev(0), ev(1))
+    with fail_nth(1) as fp:
+        assert r.read() == [(0, 0, ev(0))]
+    assert fp.fired_site == "veventq.read_lost_header"
+    with fail_nth(1):
+        assert_errno(errno.ENOMEM, lambda: r.file.read(4096))  # type: ignore[attr-defined]
+    assert r.read() == [(LOST, 1, b"")]
+
+
+def test_trigger_vevent_under_fail_nth_returns_the_report_errno() -> None:
+    """The selftest's IOMMU_TEST_OP_TRIGGER_VEVENT returns iommufd_viommu_report_event()'s
+    rc: swept with fail-nth, the object lookup fails ENOENT and the record allocation ENOMEM,
+    each allocation failure leaving the LOST_EVENTS header; the final call queues the event,
+    which replaces the header (the sequence gap counts the lost ones)."""
+    w = World()
+    ioas = w.fd.ioas_alloc()
+    parent = w.fd.hwpt_alloc(w.dev_id, ioas, flags=U.IOMMU_HWPT_ALLOC_NEST_PARENT)
+    viommu = w.fd.viommu_alloc(w.dev_id, parent, T.IOMMU_VIOMMU_TYPE_SELFTEST)
+    _, qfd = w.fd.veventq_alloc(viommu, SELFTEST_Q, 4)
+    w.fd.vdevice_alloc(viommu, w.dev_id, 0x99)
+    data = struct.pack("<II", T.IOMMU_TEST_IOTLB_DEFAULT, 0)
+    nested = w.fd.hwpt_alloc(w.dev_id, viommu, data_type=T.IOMMU_HWPT_DATA_SELFTEST, data=data)
+    w.fd.attach(w.dev_id, nested)
+    cmd = struct.pack("<IIII", 72, T.IOMMU_TEST_OP_TRIGGER_VEVENT, 0, 0)
+    cmd += struct.pack("<I", w.dev_id).ljust(48, b"\0") + bytes(8)
+    lost: list[int] = []
+
+    def check(fp: Any, exc: OSError | None) -> None:
+        assert exc is not None and fp.fired_errno == exc.errno
+        if fp.fired_site == "veventq.report_event":
+            assert exc.errno == errno.ENOMEM
+            lost.append(fp.n)
+        else:
+            assert exc.errno in (errno.ENOENT, errno.ENOMEM)
+
+    res = sweep(lambda: w.fd.ioctl(T.IOMMU_TEST_CMD, bytearray(cmd)), check)
+    assert lost and res.reached >= 1
+    out = w.proc.files[qfd].read(4096)
+    hdr = U.IommufdVeventHeader.unpack(out[:HDR])
+    assert (hdr.flags, hdr.sequence, out[HDR:]) == (0, len(lost), struct.pack("<I", 0x99))

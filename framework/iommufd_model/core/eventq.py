@@ -306,15 +306,17 @@ class Veventq(_EventObject):
         return seq
 
     def report(self, data: bytes) -> None:
-        """``iommufd_viommu_report_event``: queue one record or account it as lost."""
+        """``iommufd_viommu_report_event`` with the queue found: queue one record, or account
+        it as lost when the queue holds ``depth`` records (7.2 returns 0 then) or the record
+        cannot be allocated (``kzalloc_flex(GFP_NOWAIT)``, the failpoint): the LOST_EVENTS
+        header is queued either way, and the allocation failure raises ENOMEM after it."""
+        try:
+            failpoint("veventq.report_event")
+        except OSError:
+            self._lost()
+            raise
         if self.num_events >= self.depth:
-            seq = self._next_seq()
-            if self.lost:
-                self.events[-1].sequence = seq
-            else:
-                self.events.append(_Vevent(U.IOMMU_VEVENTQ_FLAG_LOST_EVENTS, seq, b""))
-                self.lost = True
-            notify_event()  # iommufd_vevent_handler() wakes readers for the header too
+            self._lost()
             return
         if self.lost:
             # A real event after a loss: the gap in sequence numbers tells the reader.
@@ -322,6 +324,17 @@ class Veventq(_EventObject):
             self.lost = False
         self.events.append(_Vevent(0, self._next_seq(), bytes(data)))
         self.num_events += 1
+        notify_event()
+
+    def _lost(self) -> None:
+        """``iommufd_vevent_handler()`` with the lost_events_header: queued at the tail (or
+        kept there) with the next sequence number; readers wake for it too."""
+        seq = self._next_seq()
+        if self.lost:
+            self.events[-1].sequence = seq
+        else:
+            self.events.append(_Vevent(U.IOMMU_VEVENTQ_FLAG_LOST_EVENTS, seq, b""))
+            self.lost = True
         notify_event()
 
     def fops_read(self, count: int) -> bytes:
@@ -336,11 +349,19 @@ class Veventq(_EventObject):
                 if not out:
                     raise err(errno.EINVAL, "buffer too small for the next event")
                 break
-            self.events.popleft()
             if ev.flags & U.IOMMU_VEVENTQ_FLAG_LOST_EVENTS:
+                # iommufd_veventq_deliver_fetch(): the header is copied (GFP_ATOMIC) before
+                # it leaves the list; a failed copy ends the read, ENOMEM if nothing was read
+                try:
+                    failpoint("veventq.read_lost_header")
+                except OSError:
+                    if not out:
+                        raise
+                    break
                 self.lost = False
             else:
                 self.num_events -= 1
+            self.events.popleft()
             out += U.IommufdVeventHeader(ev.flags, ev.sequence).pack() + ev.data
         return bytes(out)
 

@@ -42,7 +42,10 @@ class Viommu(IommufdObject):
         self.hw_queues: dict[tuple[int, int], HwQueue] = {}
 
     def report_event(self, type_: int, data: bytes) -> bool:
-        """``iommufd_viommu_report_event``: False when no vEVENTQ of ``type_`` exists."""
+        """``iommufd_viommu_report_event``: False when no vEVENTQ of ``type_`` exists (7.2's
+        EOPNOTSUPP), True when the record was queued or accounted as lost to a full queue
+        (7.2's 0); OSError(ENOMEM) when the record could not be allocated (the failpoint
+        ``veventq.report_event``), after the queue got its LOST_EVENTS header."""
         q = self.veventqs.get(type_)
         if q is None:
             return False
@@ -228,3 +231,14 @@ def _hw_queue_alloc(ucmd: Ucmd) -> None:
     q.hold(viommu)
     viommu.hw_queues[(cmd.type, cmd.index)] = q
     ucmd.respond()
+
+
+def report_event_from_irq(viommu: Viommu, type_: int, data: bytes) -> bool:
+    """A driver's interrupt thread calling ``iommufd_viommu_report_event``: whether the
+    record reached a vEVENTQ (queued, or counted as lost to a full one). A failed record
+    allocation (7.2's -ENOMEM; the queue has its LOST_EVENTS header) is False, as the 7.2
+    drivers treat a non-zero return (the event stays unhandled: logged)."""
+    try:
+        return viommu.report_event(type_, data)
+    except OSError:
+        return False

@@ -28,6 +28,7 @@ from iommufd_amd.gcr3 import Gcr3Table, glx_for
 from iommufd_amd.hw import AmdIommu
 from iommufd_amd.viommu import kernel as VK
 from iommufd_model.api import Domain, Ida, err
+from iommufd_model.core.viommu import report_event_from_irq
 from iommufd_model.devices.pri import (
     pci_disable_pri,
     pci_enable_pri,
@@ -423,7 +424,7 @@ class AmdKernel:
         one (iommufd_viommu_report_event; no AMD source has this type)."""
         viommu = self.pas.by_gid.get(gid) if self.pas is not None else None
         if viommu is not None and viommu.core is not None:
-            viommu.core.report_event(U.IOMMU_VEVENTQ_TYPE_AMD, event.to_bytes())
+            report_event_from_irq(viommu.core, U.IOMMU_VEVENTQ_TYPE_AMD, event.to_bytes())
 
     # -- GCR3 tables ----------------------------------------------------------------------------
     def get_gcr3(self, dd: DevData) -> Gcr3Table:

@@ -40,6 +40,7 @@ from iommufd_arm_smmuv3.viommu import Vcmdq, Vdevice, VintfVsmmu, Vsmmu
 from iommufd_model import driver as api
 from iommufd_model.api import err, hookimpl
 from iommufd_model.core.mmap import MmapOwner
+from iommufd_model.core.viommu import report_event_from_irq
 from iommufd_model.hw.bits import get, pack, put
 from iommufd_model.hw.iommu import IommuHw
 from iommufd_model.hw.memory import PAGE_SHIFT, PAGE_SIZE
@@ -458,7 +459,7 @@ class ArmSmmuV3Driver(PagingDomainOps):
         vsmmu = smmu.vintf_owners.get(vintf.idx)
         if vsmmu is not None and vsmmu.core is not None:
             data = pack([vintf.err_map & U64_MASK, vintf.err_map >> 64])
-            vsmmu.core.report_event(U.IOMMU_VEVENTQ_TYPE_TEGRA241_CMDQV, data)
+            report_event_from_irq(vsmmu.core, U.IOMMU_VEVENTQ_TYPE_TEGRA241_CMDQV, data)
 
     @hookimpl
     def viommu_destroy(self, viommu: api.ViommuBase) -> None:

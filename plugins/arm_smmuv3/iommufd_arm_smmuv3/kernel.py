@@ -54,6 +54,7 @@ from iommufd_arm_smmuv3.ste import (
     Ste,
 )
 from iommufd_model.core.eventq import IopfFault, deliver_iopf_group, iopf_perm
+from iommufd_model.core.viommu import report_event_from_irq
 from iommufd_model.driver import Domain, DomainType
 from iommufd_model.errors import err
 from iommufd_model.hw.bits import get, pack
@@ -329,7 +330,7 @@ class SmmuDevice:
             return
         vsmmu, vsid = master.vmaster
         core = vsmmu.core
-        if core is not None and core.report_event(VEVENTQ_TYPE, E.replace_sid(raw, vsid)):
+        if core is not None and report_event_from_irq(core, VEVENTQ_TYPE, E.replace_sid(raw, vsid)):
             self.forwarded += 1
 
     # -- IO page faults: iommu_report_device_fault() and arm_smmu_page_response() ------------
