@@ -130,6 +130,19 @@ class Iotlb:
         """Drop every entry whose tag satisfies ``match``."""
         return self._drop(lambda tag, _iova, _shift: not match(tag))
 
+    def flush_range_upto(
+        self, match: Callable[[Hashable], bool], first: int, last: int, max_shift: int
+    ) -> int:
+        """:meth:`flush_range` of the entries no larger than ``1 << max_shift`` bytes (a TLBI
+        whose level hint names leaves of that size: a larger entry cannot come from one)."""
+
+        def keep(tag: Hashable, start: int, shift: int) -> bool:
+            if shift > max_shift or not match(tag):
+                return True
+            return start + (1 << shift) - 1 < first or start > last
+
+        return self._drop(keep)
+
     def flush_range(self, match: Callable[[Hashable], bool], first: int, last: int) -> int:
         """Drop entries with a matching tag whose page overlaps ``[first, last]``."""
 

@@ -361,10 +361,10 @@ class Smmuv3(IommuHw):
         elif opcode in (C.TLBI_NH_VA, C.TLBI_NH_VAA):
             first, last = C.tlbi_range(w0, w1, C.CMD1_TLBI_VA)
             want = get(w0, 63, 48) if opcode == C.TLBI_NH_VA else None
-            self.tlb.flush_range(lambda t: _s1_tag(t, vmid, want), first, last)
+            self._tlbi_range(lambda t: _s1_tag(t, vmid, want), first, last, w1)
         elif opcode == C.TLBI_S2_IPA:
             first, last = C.tlbi_range(w0, w1, C.CMD1_TLBI_IPA)
-            self.tlb.flush_range(lambda t: t == (TAG_S2, vmid), first, last)
+            self._tlbi_range(lambda t: t == (TAG_S2, vmid), first, last, w1)
         elif opcode == C.TLBI_S12_VMALL:
             self.tlb.flush_tag(lambda t: _s1_tag(t, vmid, None) or t == (TAG_S2, vmid))
         elif opcode == C.TLBI_NSNH_ALL:
@@ -378,7 +378,7 @@ class Smmuv3(IommuHw):
         elif opcode == C.TLBI_EL2_VA and self.hyp:
             first, last = C.tlbi_range(w0, w1, C.CMD1_TLBI_VA)
             asid = get(w0, 63, 48)
-            self.tlb.flush_range(lambda t: t == (TAG_EL2, asid), first, last)
+            self._tlbi_range(lambda t: t == (TAG_EL2, asid), first, last, w1)
         elif opcode == C.ATC_INV:
             ssid = get(w0, 31, 12) if w0 & C.CMD0_SSV else None
             self.atc_invalidations.append((sid, ssid, w1 & C.CMD1_ATC_ADDR, get(w1, 5, 0)))
@@ -397,6 +397,23 @@ class Smmuv3(IommuHw):
             return False  # unknown, or RESUME / TLBI_EL2_* which IDR0 does not offer
         self.executed.append((w0, w1))
         return True
+
+    def _tlbi_range(
+        self, match: Callable[[Hashable], bool], first: int, last: int, w1: int
+    ) -> None:
+        """A VA/IPA TLBI of ``[first, last]``. A range command (TG != 0) with a TTL level hint
+        (1..3) names the level of the leaves it invalidates; IHI 0070 lets the SMMU skip
+        entries of other levels. The model's reading: it keeps every entry larger than a
+        leaf of that level (one cannot come from such a leaf) and drops the rest (a nested
+        entry may be smaller than the stage-1 leaf it came from), so a driver whose TTL names
+        a smaller level than its leaves leaves them stale. TTL 0 or TG 0: no hint."""
+        tg, ttl = get(w1, 11, 10), get(w1, 9, 8)
+        if not tg or not ttl:
+            self.tlb.flush_range(match, first, last)
+            return
+        granule = C.tg_shift(tg)
+        leaf_shift = granule + (granule - 3) * (3 - ttl)
+        self.tlb.flush_range_upto(match, first, last, leaf_shift)
 
     def _drop_config(self, first: int, last: int) -> None:
         for sid in [s for s in self.ste_cache if first <= s <= last]:
