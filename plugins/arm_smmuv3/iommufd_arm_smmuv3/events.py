@@ -2,7 +2,9 @@
 
 Word 0: EventID [7:0], SSV [11], SubstreamID [31:12], StreamID [63:32].
 Word 1: STAG [15:0], Stall [31], PnU [33], InD [34], RnW [35] (1 = read), S2 [39],
-CLASS [41:40] (CD, TT, IN), TT_RnW [44].
+CLASS [41:40] (CD, TT, IN), TT_RnW [44]: the fields Linux 7.2's ``arm_smmu_decode_event``
+reads (``EVTQ_1_*`` in arm-smmu-v3.h), filled in the translation fault records (F_TRANSLATION,
+F_ADDR_SIZE, F_ACCESS, F_PERMISSION, F_WALK_EABT).
 Word 2: InputAddr. Word 3: IPA [51:12] for stage-2 faults, or FetchAddr [51:3] for fetch aborts.
 """
 
@@ -67,12 +69,16 @@ EVT1_IND = bit(34)
 EVT1_RNW = bit(35)
 EVT1_S2 = bit(39)
 EVT1_CLASS = mask(41, 40)
+EVT1_TT_READ = bit(44)
 EVT3_IPA = mask(51, 12)
 EVT3_FETCH_ADDR = mask(51, 3)
 
 CLASS_CD = 0
 CLASS_TT = 1
 CLASS_IN = 2
+
+#: The records that describe the faulting transaction (InputAddr, RnW, PnU, InD, S2, CLASS).
+FAULT_RECORDS = frozenset({F_TRANSLATION, F_ADDR_SIZE, F_ACCESS, F_PERMISSION, F_WALK_EABT})
 
 
 @attrs.define
@@ -88,6 +94,9 @@ class Event:
     fetch_addr: int = 0  # FetchAddr (F_STE_FETCH, F_CD_FETCH, F_WALK_EABT)
     stall: bool = False  # Stall: the transaction is held until CMD_RESUME
     stag: int = 0  # STAG: the stalled transaction's tag, for CMD_RESUME
+    priv: bool = False  # PnU: the transaction was privileged
+    instr: bool = False  # InD: an instruction fetch
+    tt_read: bool = False  # TT_RnW: CLASS TT, the table access was a read (not an HTTU write)
 
     @property
     def name(self) -> str:
@@ -99,10 +108,12 @@ class Event:
             w0 |= EVT0_SSV | put(self.ssid, 31, 12)
         w1 = 0
         w3 = 0
-        if self.id in (F_TRANSLATION, F_ADDR_SIZE, F_ACCESS, F_PERMISSION, F_WALK_EABT):
+        if self.id in FAULT_RECORDS:
             w1 = (
                 (EVT1_RNW if self.read else 0) | (EVT1_S2 if self.s2 else 0) | put(self.cls, 41, 40)
             )
+            w1 |= (EVT1_PNU if self.priv else 0) | (EVT1_IND if self.instr else 0)
+            w1 |= EVT1_TT_READ if self.tt_read else 0
         if self.stall:
             w1 |= EVT1_STALL | put(self.stag, 15, 0)
         if self.s2:
@@ -128,6 +139,9 @@ class Event:
             fetch_addr=w[3] & EVT3_FETCH_ADDR if fetch else 0,
             stall=bool(w[1] & EVT1_STALL),
             stag=get(w[1], 15, 0) if w[1] & EVT1_STALL else 0,
+            priv=bool(w[1] & EVT1_PNU),
+            instr=bool(w[1] & EVT1_IND),
+            tt_read=bool(w[1] & EVT1_TT_READ),
         )
 
 

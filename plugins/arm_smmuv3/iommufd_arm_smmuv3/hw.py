@@ -621,6 +621,9 @@ class Smmuv3(IommuHw):
             cd = self._context(ste, sid, pasid)
         except ConfigFault as cf:
             if cf.event is not None:
+                if cf.event.id in E.FAULT_RECORDS:
+                    # a stage-2 fault of the CD fetch (CLASS CD) describes the transaction
+                    cf.event.input_addr, cf.event.read = iova, not write
                 self.record_event(cf.event)
             raise self.fault(dev, iova, write, pasid, cf.reason) from None
         return self._translate_walk(dev, ste, cd, iova, pasid, write)
@@ -794,6 +797,7 @@ class Smmuv3(IommuHw):
                     bool(fault_s2),
                     cls,
                     fetch_addr=value,
+                    tt_read=cls == E.CLASS_TT,  # the abort hit a table read
                 )
             elif fault_s2:
                 ev = _stage2_event(status, sid, ev_ssid, iova, not write, ipa, cls, value)
@@ -875,9 +879,15 @@ def _s1_tag(tag: Hashable, vmid: int, asid: int | None) -> bool:
 def _stage2_event(
     status: int, sid: int, ssid: int | None, iova: int, read: bool, ipa: int, cls: int, fetch: int
 ) -> E.Event:
+    """A stage-2 fault record. TT_RnW is set for CLASS TT: the model's walker reaches a
+    stage-1 table through stage 2 only to read it (its HTTU updates of stage-1 descriptors
+    are not checked against stage 2: the model's own simplification)."""
+    tt_read = cls == E.CLASS_TT
     if status == E.F_WALK_EABT:
-        return E.Event(E.F_WALK_EABT, sid, ssid, iova, read, True, cls, ipa, fetch_addr=fetch)
-    return E.Event(status, sid, ssid, iova, read, True, cls, ipa)
+        return E.Event(
+            E.F_WALK_EABT, sid, ssid, iova, read, True, cls, ipa, fetch_addr=fetch, tt_read=tt_read
+        )
+    return E.Event(status, sid, ssid, iova, read, True, cls, ipa, tt_read=tt_read)
 
 
 def queue_value(index: int, wrap: int, log2: int) -> int:

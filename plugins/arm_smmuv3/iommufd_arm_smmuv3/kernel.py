@@ -345,7 +345,8 @@ class SmmuDevice:
             domain = master.pasid_domains.get(pasid)
             if domain is None and master.domain is not None:
                 domain = master.domain if master.domain.type == DomainType.NESTED else None
-        perm = iopf_perm(read=event.read, write=not event.read)
+        # arm_smmu_handle_event(): READ or WRITE from RnW, EXEC from InD, PRIV from PnU
+        perm = iopf_perm(read=event.read, write=not event.read, exe=event.instr, priv=event.priv)
         fault = IopfFault(event.input_addr, perm, pasid)
         if not deliver_iopf_group(domain, master.dev, event.stag, [fault]):
             self.page_response(master, event.stag, U.IOMMUFD_PAGE_RESP_INVALID)
