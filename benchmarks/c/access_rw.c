@@ -4,7 +4,7 @@
  * 16 pages of MAP_SHARED anonymous memory, then N IOMMU_TEST_OP_ACCESS_RW requests around a
  * page boundary, a read and a write in turn, each checked against the buffer.
  *
- *     access_rw N [slow]      # prints "access_rw <requests> <seconds>"
+ *     access_rw N [slow]      # prints "access_rw <requests> <seconds> <program CPU seconds>"
  *
  * "slow" sets MOCK_ACCESS_RW_SLOW_PATH (the pinned-page path). The struct layouts are written
  * here from include/uapi/linux/iommufd.h and iommufd_test.h of Linux 7.2 (the bench's own).
@@ -51,7 +51,7 @@ int main(int argc, char **argv)
 	struct ioas_alloc a = { .size = sizeof(a) };
 	struct ioas_map m = { .size = sizeof(m), .flags = 2 | 4 };
 	struct test_cmd c = { .size = sizeof(c), .op = OP_CREATE_ACCESS };
-	struct timespec t0, t1;
+	struct timespec t0, t1, c0, c1;
 	unsigned char tmp[64];
 	unsigned char *buf;
 	int fd = open("/dev/iommu", O_RDWR);
@@ -72,6 +72,7 @@ int main(int argc, char **argv)
 			       .id = c.create_access.out_access_fd };
 	c.access_rw.uptr = (uintptr_t)tmp;
 	clock_gettime(CLOCK_MONOTONIC, &t0);
+	clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &c0);
 	for (long i = 0; i < n; i++) {
 		uint64_t off = PAGE - 50 + (uint64_t)(i % 100);
 		uint64_t len = 1 + (uint64_t)(i % 63);
@@ -85,8 +86,10 @@ int main(int argc, char **argv)
 		CHECK(ioctl(fd, IOMMU_TEST_CMD, &c) == 0);
 		CHECK(memcmp(buf + off, tmp, len) == 0);
 	}
+	clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &c1);
 	clock_gettime(CLOCK_MONOTONIC, &t1);
-	printf("access_rw %ld %.6f\n", n,
-	       (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) / 1e9);
+	printf("access_rw %ld %.6f %.6f\n", n,
+	       (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) / 1e9,
+	       (double)(c1.tv_sec - c0.tv_sec) + (double)(c1.tv_nsec - c0.tv_nsec) / 1e9);
 	return 0;
 }

@@ -59,6 +59,7 @@ def test_preload_is_built() -> None:
         ("vevent_poll", 1),  # poll() wakes on an event another thread queues
         ("killed", 2),  # killed mid-ioctl, leaking everything: the next run starts clean
         ("threads", 1),  # threads and processes sharing one model, one thread sending garbage
+        ("fdtable", 1),  # the preload's model-fd table and pid cache at their edges
     ],
 )
 def test_program_leaves_nothing(cc: Build, program: str, runs: int) -> None:

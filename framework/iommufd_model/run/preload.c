@@ -5,11 +5,13 @@
  * The model's own design (not the kernel's): every model file is a real AF_UNIX socket of the
  * program, bound to an abstract name "\0iommufd-model/<run>/<file id>" and connected to the
  * server. dup/fork/SCM_RIGHTS/close therefore behave as for any file, getsockname() tells a
- * model fd from any other, poll() works (the server writes one byte while a queue has
- * events) and the server sees the last close as a hangup (the file's release).
- * Requests travel on a per-thread SOCK_SEQPACKET connection (re-opened after fork); the
- * server reads and writes the program's memory itself (process_vm_readv/writev), so a bad
- * pointer is EFAULT, never a crash. New files reach the program as SCM_RIGHTS messages in
+ * model fd from any other (its answer kept per fd number: see model_id), poll() works (the
+ * server writes one byte while a queue has events) and the server sees the last close as a
+ * hangup (the file's release). Requests travel on a per-thread SOCK_SEQPACKET connection
+ * (re-opened after fork): one sendmsg and one recvmsg per model call. A small ioctl struct
+ * goes with the request, copied by the kernel from the program's memory; every other pointer
+ * the server reads and writes itself (process_vm_readv/writev), so a bad pointer is EFAULT,
+ * never a crash. New files reach the program as SCM_RIGHTS messages in
  * the middle of a request, so the handler learns their fd number as the kernel would.
  * Every call to the kernel here is a raw syscall: no dlsym, no recursion into the wrappers.
  */
@@ -67,15 +69,11 @@ struct rep {
 	uint32_t arg; /* REP_INSTALL: keep O_CLOEXEC; REP_DONE: where the copy-back goes */
 };
 
-/* A small ioctl struct travels inline with its request, and what the model changed in it
- * comes back inline with the reply (see ioctl()): no process_vm_readv/writev by the
- * server for it. The model's own design; the bytes are those the server would read. */
+/* A small ioctl struct travels inline with its request (INLINE_MAX bytes after struct req,
+ * which the server uses when the struct's leading size fits in them), and what the model
+ * changed in it comes back inline with the reply (see ioctl()): no process_vm_readv/writev
+ * by the server for it. The model's own design; the bytes are those the server would read. */
 #define INLINE_MAX 256
-
-struct msg {
-	struct req req;
-	uint8_t body[INLINE_MAX]; /* the ioctl's struct, when inline */
-};
 
 struct reply {
 	struct rep rep;
@@ -103,6 +101,7 @@ static struct prefixes model_paths;
 static struct prefixes view_paths;
 static char view_root[1024];
 static int enabled = -1;
+static void pid_page_init(void);
 /* the pid of the last image of this lineage that connected (a fork child inherits it) */
 static pid_t lineage_pid;
 static int fresh_image = 1;
@@ -174,6 +173,7 @@ static void setup(void)
 		strcpy(view_root, view);
 		parse_prefixes(getenv("IOMMUFD_MODEL_VIEW_PREFIXES"), &view_paths);
 	}
+	pid_page_init();
 	enabled = 1;
 }
 
@@ -182,17 +182,105 @@ __attribute__((constructor)) static void preload_init(void)
 	setup();
 }
 
-/* The model file id of fd, or -1 when fd is no model file. errno is preserved. */
-static long model_id(int fd)
+/* -- which fds are model files -------------------------------------------------------------
+ *
+ * The model's own design. A model file is an AF_UNIX socket bound to the run's prefix: the
+ * kernel tells with one getsockname() (ask_kernel). Its answer is kept per fd number in
+ * fd_table, so a model call on a known fd makes no system call to find its file. Only
+ * positive answers are kept: a number with no entry is asked of the kernel every time, so a
+ * model fd the preload never saw created (a raw dup, an fd received some other way) is found
+ * all the same. An entry must never outlive the file it names: every libc entry point that
+ * closes an fd number or puts another file at it (close, close_range, closefrom, dup2, dup3,
+ * fclose) brackets its system call with fd_busy()/fd_done(), and every one that returns a new
+ * number (open, dup, fcntl F_DUPFD*, recvmsg's SCM_RIGHTS, the server's installs) clears it.
+ *
+ * An entry is one u64: the model id + 1 (low 32 bits, 0: none), a version (bits 32-47) that
+ * every change bumps, and the number of closes of that number in progress (bits 48-63). A
+ * lookup uses an entry only when no close is in progress; an answer of the kernel is stored
+ * with a compare-and-swap against the entry read before asking, so it is dropped when any
+ * close began or ended in between (a close that began before the lookup is still "busy" until
+ * its system call is done, so the lookup's answer, taken before that call, is never kept).
+ * Numbers from FD_TABLE up are always asked of the kernel. A fork child inherits the table
+ * with the fd table it describes; exec starts an empty one. */
+#define FD_TABLE 4096
+#define FD_ID 0xffffffffULL
+#define FD_VERSION (1ULL << 32)
+#define FD_VMASK (0xffffULL << 32)
+#define FD_BUSY (1ULL << 48)
+static uint64_t fd_table[FD_TABLE];
+
+/* Change fd's entry: add busy (+1, -1 or 0) to its closes in progress, bump its version and
+ * drop its id. */
+static void fd_change(int fd, int busy)
+{
+	uint64_t e, n;
+
+	if (fd < 0 || fd >= FD_TABLE)
+		return;
+	e = __atomic_load_n(&fd_table[fd], __ATOMIC_SEQ_CST);
+	do
+		n = ((e & ~(FD_VMASK | FD_ID)) + (uint64_t)(int64_t)busy * FD_BUSY) |
+		    (((e & FD_VMASK) + FD_VERSION) & FD_VMASK);
+	while (!__atomic_compare_exchange_n(&fd_table[fd], &e, n, 0, __ATOMIC_SEQ_CST,
+					    __ATOMIC_SEQ_CST));
+}
+
+/* fd is a new number (or its file is about to change): forget what it was. */
+static void fd_forget(int fd)
+{
+	fd_change(fd, 0);
+}
+
+/* A close (or dup2 onto fd) begins and ends. */
+static void fd_busy(int fd)
+{
+	fd_change(fd, 1);
+}
+
+static void fd_done(int fd)
+{
+	fd_change(fd, -1);
+}
+
+/* The pid of this process, without a system call: it is kept in a page the kernel empties in
+ * every child that gets a copy of this memory (MADV_WIPEONFORK: fork, _Fork, clone without
+ * CLONE_VM however made), so a child asks the kernel once. A vfork child (or any task sharing
+ * this memory) sees its parent's pid: it shares the parent's connection (docs). */
+static pid_t *pid_page;
+
+static pid_t self_pid(void)
+{
+	pid_t pid = pid_page ? __atomic_load_n(pid_page, __ATOMIC_RELAXED) : 0;
+
+	if (!pid) {
+		pid = (pid_t)syscall(SYS_getpid);
+		if (pid_page)
+			__atomic_store_n(pid_page, pid, __ATOMIC_RELAXED);
+	}
+	return pid;
+}
+
+static void pid_page_init(void)
+{
+	void *p = (void *)syscall(SYS_mmap, NULL, 4096UL, PROT_READ | PROT_WRITE,
+				  MAP_PRIVATE | MAP_ANONYMOUS, -1, 0L);
+
+	if (p == MAP_FAILED)
+		return;
+	if (syscall(SYS_madvise, p, 4096UL, MADV_WIPEONFORK)) {
+		syscall(SYS_munmap, p, 4096UL);
+		return;
+	}
+	pid_page = p;
+}
+
+/* The model file id of fd by getsockname(), or -1 when fd is no model file. */
+static long ask_kernel(int fd)
 {
 	struct sockaddr_un sa;
 	socklen_t len = sizeof(sa);
-	int saved = errno;
 	long id = -1;
 
-	setup();
-	if (enabled != 1 || fd < 0)
-		return -1;
 	if (syscall(SYS_getsockname, fd, &sa, &len) == 0 && sa.sun_family == AF_UNIX &&
 	    len > offsetof(struct sockaddr_un, sun_path) + file_prefix_len &&
 	    memcmp(sa.sun_path, file_prefix, file_prefix_len) == 0) {
@@ -205,27 +293,68 @@ static long model_id(int fd)
 			id = strtol(num, NULL, 10);
 		}
 	}
+	return id;
+}
+
+/* The model file id of fd, or -1 when fd is no model file. errno is preserved. */
+static long model_id(int fd)
+{
+	uint64_t e = 0;
+	int saved;
+	long id;
+
+	setup();
+	if (enabled != 1 || fd < 0)
+		return -1;
+	if (fd < FD_TABLE) {
+		e = __atomic_load_n(&fd_table[fd], __ATOMIC_SEQ_CST);
+		if (e < FD_BUSY && (e & FD_ID))
+			return (long)(e & FD_ID) - 1;
+	}
+	saved = errno;
+	id = ask_kernel(fd);
+	/* Keep the answer, unless a close of fd is in progress or happened meanwhile (the CAS
+	 * fails), or this memory is another process's (a vfork child's answer is about its own
+	 * fd table: the self_pid() of shared memory is the parent's). */
+	if (id >= 0 && id < (long)FD_ID - 1 && fd < FD_TABLE && e < FD_BUSY &&
+	    self_pid() == (pid_t)syscall(SYS_getpid))
+		__atomic_compare_exchange_n(&fd_table[fd], &e, e | (uint64_t)(id + 1), 0,
+					    __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
 	errno = saved;
 	return id;
 }
 
-/* One request message: the fixed part and len - sizeof(struct req) inline bytes. */
-static int send_req(int fd, const struct req *r, size_t len)
+/* One request message: r, then (when inl is not NULL) the INLINE_MAX bytes of the program's
+ * memory at inl, copied by the kernel as it sends them, as copy_from_user would: memory that
+ * cannot be read that far fails the send with EFAULT (no fault here, nothing sent), and the
+ * request goes without them (the server then reads what it can itself). */
+static int send_req(int fd, const struct req *r, const void *inl)
 {
+	struct iovec iov[2] = { { (void *)r, sizeof(*r) }, { (void *)inl, INLINE_MAX } };
+	struct msghdr mh = { .msg_iov = iov, .msg_iovlen = inl ? 2 : 1 };
+	int saved = errno;
 	ssize_t n;
 
-	do
-		n = syscall(SYS_sendto, fd, r, len, MSG_NOSIGNAL, NULL, 0);
-	while (n < 0 && errno == EINTR);
-	return n == (ssize_t)len ? 0 : -1;
+	for (;;) {
+		n = syscall(SYS_sendmsg, fd, &mh, MSG_NOSIGNAL);
+		if (n == (ssize_t)(sizeof(*r) + (mh.msg_iovlen == 2 ? INLINE_MAX : 0))) {
+			errno = saved;
+			return 0;
+		}
+		if (n < 0 && errno == EFAULT && mh.msg_iovlen == 2)
+			mh.msg_iovlen = 1;
+		else if (n >= 0 || errno != EINTR)
+			return -1;
+	}
 }
 
-/* One request of len bytes (r and its inline struct): answer the server's fd installs until
- * it is done. 0 with *out filled and *body its inline bytes' count, or -1 when the server is
+/* One request (r and, from inl, its inline struct): answer the server's fd installs until it
+ * is done. 0 with *out filled and *body its inline bytes' count, or -1 when the server is
  * gone. Raw system calls only: the MMIO fault handler makes requests. */
-static int exchange(int fd, const struct req *r, size_t len, struct reply *out, size_t *body)
+static int exchange(int fd, const struct req *r, const void *inl, struct reply *out,
+		    size_t *body)
 {
-	if (send_req(fd, r, len))
+	if (send_req(fd, r, inl))
 		return -1;
 	for (;;) {
 		char cbuf[CMSG_SPACE(sizeof(int))];
@@ -253,8 +382,9 @@ static int exchange(int fd, const struct req *r, size_t len, struct reply *out, 
 			/* received with CLOEXEC; the kernel's file may not want it */
 			if (got >= 0 && !out->rep.arg)
 				syscall(SYS_fcntl, got, F_SETFD, 0);
+			fd_forget(got); /* a new number: found a model file when first used */
 			ack.a[0] = (uint64_t)(int64_t)got;
-			if (send_req(fd, &ack, sizeof(ack)))
+			if (send_req(fd, &ack, NULL))
 				return -1;
 			continue;
 		}
@@ -265,10 +395,11 @@ static int exchange(int fd, const struct req *r, size_t len, struct reply *out, 
 	}
 }
 
-/* One request of len bytes on connection fd, its reply in *out. Returns ret or -1/errno. */
-static long call_on(int fd, const struct req *r, size_t len, struct reply *out, size_t *body)
+/* One request on connection fd, its reply in *out. Returns ret or -1/errno. */
+static long call_on(int fd, const struct req *r, const void *inl, struct reply *out,
+		    size_t *body)
 {
-	if (exchange(fd, r, len, out, body)) {
+	if (exchange(fd, r, inl, out, body)) {
 		fprintf(stderr, "iommufd-model preload: lost the model server\n");
 		errno = EIO;
 		return -1;
@@ -280,9 +411,10 @@ static long call_on(int fd, const struct req *r, size_t len, struct reply *out, 
 	return out->rep.ret;
 }
 
+/* This thread's connection to the server (a fork child opens its own). */
 static int ctl(void)
 {
-	pid_t pid = (pid_t)syscall(SYS_getpid);
+	pid_t pid = self_pid();
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
 	struct req hello = { .op = OP_HELLO };
 	struct reply rep;
@@ -308,11 +440,12 @@ static int ctl(void)
 		syscall(SYS_close, s);
 		s = hi;
 	}
+	fd_forget(s); /* no model file at this number now */
 	hello.a[0] = (uint64_t)pid;
 	hello.a[1] = (uint64_t)syscall(SYS_gettid);
 	hello.a[2] = (uint64_t)lineage_pid;
 	hello.a[3] = (uint64_t)fresh_image;
-	if (exchange(s, &hello, sizeof(hello), &rep, &body) || rep.rep.err) {
+	if (exchange(s, &hello, NULL, &rep, &body) || rep.rep.err) {
 		syscall(SYS_close, s);
 		return -1;
 	}
@@ -324,7 +457,7 @@ static int ctl(void)
 }
 
 /* A request of len bytes (r and its inline bytes) on this thread's connection. */
-static long call_inline(const struct req *r, size_t len, struct reply *out, size_t *body)
+static long call_inline(const struct req *r, const void *inl, struct reply *out, size_t *body)
 {
 	int saved = errno;
 	int fd = ctl();
@@ -335,7 +468,7 @@ static long call_inline(const struct req *r, size_t len, struct reply *out, size
 	}
 	model_active = 1;
 	errno = saved;
-	return call_on(fd, r, len, out, body);
+	return call_on(fd, r, inl, out, body);
 }
 
 static long call(const struct req *r, uint32_t *flags)
@@ -345,7 +478,7 @@ static long call(const struct req *r, uint32_t *flags)
 	long ret;
 
 	out.rep.flags = 0;
-	ret = call_inline(r, sizeof(*r), &out, &body);
+	ret = call_inline(r, NULL, &out, &body);
 
 	if (flags)
 		*flags = out.rep.flags;
@@ -482,7 +615,7 @@ static int status_view(const char *path, long pid, int cloexec)
 	int fd, saved = errno;
 
 	r.a[0] = (uint64_t)pid;
-	if (call_inline(&r, sizeof(r), &out, &body) < 0 || body < sizeof(acc)) {
+	if (call_inline(&r, NULL, &out, &body) < 0 || body < sizeof(acc)) {
 		errno = saved;
 		return -2;
 	}
@@ -538,6 +671,14 @@ static int status_open(const char *path, int flags)
 	return status_view(path, pid, flags & O_CLOEXEC);
 }
 
+/* f, a stream on a new fd number: forget what the number was. */
+static FILE *forget_file(FILE *f)
+{
+	if (f)
+		fd_forget(fileno(f));
+	return f;
+}
+
 static FILE *status_fopen(const char *path, const char *mode, const char *real_name)
 {
 	FILE *(*real)(const char *, const char *);
@@ -546,8 +687,10 @@ static FILE *status_fopen(const char *path, const char *mode, const char *real_n
 	if (path && mode && mode[0] == 'r' && !strchr(mode, '+'))
 		fd = status_open(path, strchr(mode, 'e') ? O_RDONLY | O_CLOEXEC : O_RDONLY);
 	if (fd >= 0) {
-		FILE *f = fdopen(fd, mode);
+		FILE *f;
 
+		fd_forget(fd);
+		f = fdopen(fd, mode);
 		if (!f)
 			syscall(SYS_close, fd);
 		return f;
@@ -559,7 +702,7 @@ static FILE *status_fopen(const char *path, const char *mode, const char *real_n
 		errno = ENOSYS;
 		return NULL;
 	}
-	return real(path, mode);
+	return forget_file(real(path, mode));
 }
 
 /* fopen() opens without the interposable open(): it is interposed for the status view. */
@@ -578,12 +721,12 @@ static int do_openat(int dirfd, const char *path, int flags, mode_t mode)
 	char buf[4096];
 	int fd = model_open(path, flags);
 
-	if (fd != -2)
-		return fd;
-	fd = status_open(path, flags);
-	if (fd != -2)
-		return fd;
-	return (int)syscall(SYS_openat, dirfd, redirect(path, buf, sizeof(buf)), flags, mode);
+	if (fd == -2)
+		fd = status_open(path, flags);
+	if (fd == -2)
+		fd = (int)syscall(SYS_openat, dirfd, redirect(path, buf, sizeof(buf)), flags, mode);
+	fd_forget(fd); /* a new number: no model file until the kernel says so */
+	return fd;
 }
 
 #define MODE_ARG(flags, mode)                                   \
@@ -657,10 +800,189 @@ DIR *opendir(const char *path)
 
 	if (fd < 0)
 		return NULL;
+	fd_forget(fd);
 	d = fdopendir(fd);
 	if (!d)
 		syscall(SYS_close, fd);
 	return d;
+}
+
+/* -- fd numbers: the calls that close one, put another file at one, or make a new one -------
+ *
+ * Each keeps fd_table true (see model_id): a close or a dup2 onto a number is bracketed by
+ * fd_busy()/fd_done(), a new number is forgotten. Cancellation points (close, fcntl, fclose,
+ * recvmsg, recvmmsg) call libc's own definition, the rest make the system call. */
+
+/* libc's definition of name (the next one after this library's), or NULL. */
+static void *next_def(void **cache, const char *name)
+{
+	void *f = __atomic_load_n(cache, __ATOMIC_RELAXED);
+
+	if (!f) {
+		f = dlsym(RTLD_NEXT, name);
+		__atomic_store_n(cache, f, __ATOMIC_RELAXED);
+	}
+	return f;
+}
+
+int close(int fd)
+{
+	static void *real;
+	int (*f)(int) = (int (*)(int))next_def(&real, "close");
+	int ret;
+
+	fd_busy(fd);
+	ret = f ? f(fd) : (int)syscall(SYS_close, fd);
+	fd_done(fd);
+	return ret;
+}
+
+int __close(int fd) __attribute__((alias("close")));
+
+/* Every number of [first, last] of the table, busy (delta 1) or done (-1). */
+static void fd_range(unsigned int first, unsigned int last, int delta)
+{
+	for (unsigned int fd = first; fd <= last && fd < FD_TABLE; fd++)
+		fd_change((int)fd, delta);
+}
+
+int close_range(unsigned int first, unsigned int last, int flags)
+{
+	int ret;
+
+	if (flags & CLOSE_RANGE_CLOEXEC) /* marks, closes nothing now (exec starts afresh) */
+		return (int)syscall(SYS_close_range, first, last, flags);
+	fd_range(first, last, 1);
+	ret = (int)syscall(SYS_close_range, first, last, flags);
+	fd_range(first, last, -1);
+	return ret;
+}
+
+void closefrom(int lowfd)
+{
+	static void *real;
+	void (*f)(int) = (void (*)(int))next_def(&real, "closefrom");
+
+	if (lowfd < 0)
+		lowfd = 0;
+	fd_range((unsigned int)lowfd, ~0U, 1);
+	if (f)
+		f(lowfd);
+	else
+		syscall(SYS_close_range, lowfd, ~0U, 0);
+	fd_range((unsigned int)lowfd, ~0U, -1);
+}
+
+int fclose(FILE *stream)
+{
+	static void *real;
+	int (*f)(FILE *) = (int (*)(FILE *))next_def(&real, "fclose");
+	int fd = stream ? fileno(stream) : -1, ret;
+
+	if (!f) {
+		errno = ENOSYS;
+		return EOF;
+	}
+	fd_busy(fd);
+	ret = f(stream);
+	fd_done(fd);
+	return ret;
+}
+
+int dup(int fd)
+{
+	int ret = (int)syscall(SYS_dup, fd);
+
+	fd_forget(ret);
+	return ret;
+}
+
+int dup3(int old, int new, int flags)
+{
+	int ret;
+
+	fd_busy(new);
+	ret = (int)syscall(SYS_dup3, old, new, flags);
+	fd_done(new);
+	return ret;
+}
+
+int dup2(int old, int new)
+{
+	int ret;
+
+	fd_busy(new);
+	ret = (int)syscall(SYS_dup2, old, new);
+	fd_done(new);
+	return ret;
+}
+
+int fcntl(int fd, int cmd, ...)
+{
+	static void *real;
+	int (*f)(int, int, ...) = (int (*)(int, int, ...))next_def(&real, "fcntl");
+	unsigned long arg;
+	va_list ap;
+	int ret;
+
+	/* every command's argument is an int or a pointer, one register either way */
+	va_start(ap, cmd);
+	arg = va_arg(ap, unsigned long);
+	va_end(ap);
+	ret = f ? f(fd, cmd, arg) : (int)syscall(SYS_fcntl, fd, cmd, arg);
+	if (cmd == F_DUPFD || cmd == F_DUPFD_CLOEXEC)
+		fd_forget(ret);
+	return ret;
+}
+
+int fcntl64(int fd, int cmd, ...) __attribute__((alias("fcntl")));
+
+/* The fds a received message carried (SCM_RIGHTS) are new numbers. */
+static void forget_passed(const struct msghdr *mh)
+{
+	struct cmsghdr *c;
+
+	if (!mh->msg_control || mh->msg_controllen < sizeof(struct cmsghdr))
+		return;
+	for (c = CMSG_FIRSTHDR(mh); c; c = CMSG_NXTHDR((struct msghdr *)mh, c)) {
+		size_t n, i;
+
+		if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+			continue;
+		n = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+		for (i = 0; i < n; i++) {
+			int fd;
+
+			memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(fd));
+			fd_forget(fd);
+		}
+	}
+}
+
+ssize_t recvmsg(int fd, struct msghdr *mh, int flags)
+{
+	static void *real;
+	ssize_t (*f)(int, struct msghdr *, int) =
+		(ssize_t (*)(int, struct msghdr *, int))next_def(&real, "recvmsg");
+	ssize_t ret = f ? f(fd, mh, flags) : syscall(SYS_recvmsg, fd, mh, flags);
+
+	if (ret >= 0)
+		forget_passed(mh);
+	return ret;
+}
+
+int recvmmsg(int fd, struct mmsghdr *v, unsigned int n, int flags, struct timespec *timeout)
+{
+	static void *real;
+	int (*f)(int, struct mmsghdr *, unsigned int, int, struct timespec *) =
+		(int (*)(int, struct mmsghdr *, unsigned int, int, struct timespec *))next_def(
+			&real, "recvmmsg");
+	int ret = f ? f(fd, v, n, flags, timeout)
+		    : (int)syscall(SYS_recvmmsg, fd, v, n, flags, timeout);
+
+	for (int i = 0; i < ret; i++)
+		forget_passed(&v[i].msg_hdr);
+	return ret;
 }
 
 /* -- lookups by path: the sysfs view (readlink, stat, access) ------------------------------ */
@@ -752,20 +1074,12 @@ int access(const char *path, int mode)
 
 /* -- ioctl, read, write ------------------------------------------------------------------ */
 
-/* Read n bytes at va of this process as the kernel would (a bad pointer fails, no fault). */
-static int self_read(void *dst, uintptr_t va, size_t n)
-{
-	struct iovec local = { dst, n }, remote = { (void *)va, n };
-
-	return syscall(SYS_process_vm_readv, syscall(SYS_getpid), &local, 1UL, &remote, 1UL,
-		       0UL) == (long)n ? 0 : -1;
-}
-
+/* Write n bytes at va of this process as the kernel would (a bad pointer fails, no fault). */
 static void self_write(uintptr_t va, const void *src, size_t n)
 {
 	struct iovec local = { (void *)src, n }, remote = { (void *)va, n };
 
-	syscall(SYS_process_vm_writev, syscall(SYS_getpid), &local, 1UL, &remote, 1UL, 0UL);
+	syscall(SYS_process_vm_writev, self_pid(), &local, 1UL, &remote, 1UL, 0UL);
 }
 
 int ioctl(int fd, unsigned long request, ...)
@@ -773,10 +1087,9 @@ int ioctl(int fd, unsigned long request, ...)
 	va_list ap;
 	unsigned long arg;
 	long id, ret;
-	struct msg m = { .req = { .op = OP_IOCTL } };
+	struct req r = { .op = OP_IOCTL };
 	struct reply out;
-	size_t len = sizeof(m.req), body = 0;
-	uint32_t size;
+	size_t body = 0;
 	int saved;
 
 	va_start(ap, request);
@@ -785,21 +1098,15 @@ int ioctl(int fd, unsigned long request, ...)
 	id = model_id(fd);
 	if (id < 0)
 		return (int)syscall(SYS_ioctl, fd, request, arg);
-	m.req.a[0] = (uint64_t)id;
-	m.req.a[1] = (uint32_t)request;
-	m.req.a[2] = arg;
+	r.a[0] = (uint64_t)id;
+	r.a[1] = (uint32_t)request;
+	r.a[2] = arg;
 	/* The server reads INLINE_MAX bytes of the struct, and no more when its leading size
-	 * field says it fits: send exactly those bytes when they are all readable. Anything
-	 * else (a larger struct, a short mapping, a bad pointer, an integer argument that
-	 * points nowhere) is left to the server, which reads the program's memory itself. */
-	saved = errno;
-	if (self_read(m.body, arg, INLINE_MAX) == 0) {
-		memcpy(&size, m.body, sizeof(size));
-		if (size <= INLINE_MAX)
-			len += INLINE_MAX;
-	}
-	errno = saved;
-	ret = call_inline(&m.req, len, &out, &body);
+	 * field says it fits: those bytes go with the request, straight from the struct, when
+	 * they are all readable (the server uses them only when the size fits). Anything else
+	 * (a short mapping, a bad pointer, an integer argument that points nowhere) is left to
+	 * the server, which reads the program's memory itself. */
+	ret = call_inline(&r, (const void *)arg, &out, &body);
 	if (body && out.rep.arg < INLINE_MAX && body <= INLINE_MAX - out.rep.arg) {
 		/* what the model wrote into the struct, even when the ioctl failed; a struct no
 		 * longer writable keeps its bytes, as the server's own copy-back would */
@@ -1354,7 +1661,7 @@ static int mmio_request(const struct access *ac, uint64_t *out)
 	r.a[2] = (uint64_t)ac->store;
 	r.a[3] = ac->value;
 	r.a[4] = ac->src;
-	if (fd < 0 || exchange(fd, &r, sizeof(r), &rep, &body))
+	if (fd < 0 || exchange(fd, &r, NULL, &rep, &body))
 		return EIO;
 	*out = (uint64_t)rep.rep.ret;
 	return rep.rep.err;

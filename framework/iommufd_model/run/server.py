@@ -16,9 +16,10 @@ would. Hangups are taken before the requests of the same wait (see ``serve_once`
 close is complete before any later request of any process is served (the kernel releases
 before close() returns).
 
-Small ioctl structs travel inline (the preload reads them with process_vm_readv on itself,
-exactly the bytes the server would read) and what the model changes in them comes back in
-the reply; larger structs, and every other user pointer, the server reads and writes itself.
+Small ioctl structs travel inline (the preload's sendmsg copies MIN_READ bytes from the
+struct, exactly the bytes the server would read when the struct's size fits in them) and what
+the model changes in them comes back in the reply; larger structs, and every other user
+pointer, the server reads and writes itself.
 """
 
 from __future__ import annotations
@@ -309,9 +310,13 @@ class Server:
             self._drop_conn(conn)
             return
         op, _pad, *a = REQ.unpack_from(data)
-        # an ioctl's struct when the preload sent it inline (exactly the MIN_READ bytes
-        # _read_struct would read); what the model changes in it goes back in the reply
-        self._inline = data[REQ.size :] if len(data) == REQ.size + MIN_READ else b""
+        # an ioctl's struct when the preload sent it inline (MIN_READ bytes, all of what
+        # _read_struct would read when the leading size fits); what the model changes in
+        # it goes back in the reply
+        inline = len(data) == REQ.size + MIN_READ
+        if inline and int.from_bytes(data[REQ.size : REQ.size + 4], "little") > MIN_READ:
+            inline = False  # a larger struct: _read_struct reads it whole
+        self._inline = data[REQ.size :] if inline else b""
         self._reply_body = b""
         self._reply_at = 0
         if self._exiting:

@@ -45,3 +45,18 @@ static int check_refs(int fd, void *va, uint64_t len, uint32_t refs)
 
 	return ioctl(fd, T_TEST_CMD, &c);
 }
+
+/* kB of a status line read with stdio, or -1 */
+static long stdio_kb(const char *path, const char *tag)
+{
+	char line[256];
+	long kb = -1;
+	FILE *f = fopen(path, "r");
+
+	CHECK(f != NULL);
+	while (fgets(line, sizeof(line), f))
+		if (!strncmp(line, tag, strlen(tag)))
+			kb = strtol(line + strlen(tag), NULL, 10);
+	fclose(f);
+	return kb;
+}

@@ -8,21 +8,6 @@
 
 #define NPAGES 16
 
-/* kB of a status line read with stdio, or -1 */
-static long stdio_kb(const char *path, const char *tag)
-{
-	char line[256];
-	long kb = -1;
-	FILE *f = fopen(path, "r");
-
-	CHECK(f != NULL);
-	while (fgets(line, sizeof(line), f))
-		if (!strncmp(line, tag, strlen(tag)))
-			kb = strtol(line + strlen(tag), NULL, 10);
-	fclose(f);
-	return kb;
-}
-
 /* the same through open() and read(), checking the layout the kernel gives the line */
 static long fd_kb(const char *path, const char *tag)
 {
