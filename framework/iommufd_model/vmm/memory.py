@@ -59,6 +59,20 @@ class GuestMemory:
         self.write(gfn << PAGE_SHIFT, bytes(PAGE_SIZE))
         return gfn
 
+    def alloc_contiguous(self, count: int, align: int = 1) -> int:
+        """``count`` zeroed guest frames at consecutive guest-physical addresses aligned to
+        ``align`` frames, from the never-used top of the pool (a 16 or 64 KiB granule's
+        tables); the skipped alignment gap goes back to the free list."""
+        start = -(-self._next // align) * align
+        if (start + count) << PAGE_SHIFT > self.size:
+            raise err(errno.ENOMEM, "guest table pool exhausted")
+        self._free.extend(range(self._next, start))
+        self._next = start + count
+        for gfn in range(start, start + count):
+            self._used.add(gfn)
+            self.write(gfn << PAGE_SHIFT, bytes(PAGE_SIZE))
+        return start
+
     def put_frame(self, pfn: int) -> None:
         self._used.remove(pfn)
         self._free.append(pfn)

@@ -74,6 +74,7 @@ PROBE_OPTIONS = {
     "oas",
     "vax",
     "host_va_bits",
+    "guest_page_shift",
 }
 PAGING_FLAGS = (
     U.IOMMU_HWPT_ALLOC_NEST_PARENT | U.IOMMU_HWPT_ALLOC_DIRTY_TRACKING | U.IOMMU_HWPT_ALLOC_PASID
@@ -618,7 +619,14 @@ class ArmSmmuV3Driver(PagingDomainOps):
             raise err(errno.EOPNOTSUPP, "the host SMMU lacks a stage: no nested vSMMU")
         if accelerated and smmu_of(iommu).hw.cmdqv is None:
             raise err(errno.EOPNOTSUPP, "this SMMU has no CMDQV")
-        return GuestSmmuv3(vm, iommu, accelerated=accelerated)
+        hw = smmu_of(iommu).hw
+        return GuestSmmuv3(
+            vm,
+            iommu,
+            accelerated=accelerated,
+            idr5=hw.mmio.read(R.IDR5, 4),  # what hw_info hands the VMM
+            page_shift=hw.guest_page_shift,
+        )
 
     # -- IO page faults ------------------------------------------------------------------------
     @hookimpl

@@ -18,9 +18,17 @@ import errno
 from typing import TYPE_CHECKING
 
 from iommufd_arm_smmuv3 import commands as C
+from iommufd_arm_smmuv3 import regs as R
 from iommufd_arm_smmuv3.cd import CD_SIZE, IRGN_WBWA, Cd
 from iommufd_arm_smmuv3.cmdqv import VCMDQ_CONFIG, VCMDQ_EN, VCMDQ_PROD
-from iommufd_arm_smmuv3.pgtable import MAIR_VALUE, VA_BITS, Stage1Format
+from iommufd_arm_smmuv3.pgtable import (
+    GRANULE_PGSIZES,
+    MAIR_VALUE,
+    VA_BITS,
+    PgtableCfg,
+    Stage1Format,
+    pgtable_cfg,
+)
 from iommufd_arm_smmuv3.ste import (
     CFG_ABORT,
     CFG_S1_TRANS,
@@ -47,15 +55,34 @@ GUEST_STRTAB_PAGES = 4  # a linear guest stream table for vSIDs 0..255
 GUEST_CDMAX = 6  # the guest driver's linear CD table: one page, 64 substreams
 
 
-def stage1_tables(memory: FrameMemory) -> RadixPageTable:
-    """A guest stage-1 table (48-bit VA) in ``memory``; its table pointers are IPAs."""
-    return RadixPageTable(memory, Stage1Format())
+def stage1_tables(memory: FrameMemory, cfg: PgtableCfg | None = None) -> RadixPageTable:
+    """A guest stage-1 table (48-bit VA; the 4 KiB granule unless ``cfg`` says otherwise) in
+    ``memory``; its table pointers are IPAs."""
+    return RadixPageTable(memory, Stage1Format(cfg=cfg))
 
 
-def write_cd(memory: FrameMemory, cd_ipa: int, asid: int, ttb0_ipa: int) -> None:
-    """The guest's CD for substream 0, as the guest's arm-smmu-v3 driver fills it."""
+def guest_s1_cfg(idr5: int, page_shift: int) -> PgtableCfg:
+    """The stage-1 format a guest kernel of PAGE_SIZE ``1 << page_shift`` builds on a vSMMU
+    whose IDR5 offers ``idr5``'s granules: io-pgtable-arm's arm_lpae_restrict_pgsizes()
+    takes the granule of PAGE_SIZE when offered, else 4 KiB (the model's guest offers only
+    these two choices), with a 48-bit VA and IPA."""
+    offered = {g for g, bit in R.IDR5_GRAN.items() if idr5 & bit}
+    shift = page_shift if page_shift in offered else 12
+    cfg = pgtable_cfg(GRANULE_PGSIZES[shift], VA_BITS, 48, 1)
+    if cfg is None or shift not in offered:
+        raise err(errno.EOPNOTSUPP, f"the vSMMU offers no {1 << shift >> 10} KiB granule")
+    return cfg
+
+
+def write_cd(
+    memory: FrameMemory, cd_ipa: int, asid: int, ttb0_ipa: int, cfg: PgtableCfg | None = None
+) -> None:
+    """The guest's CD for substream 0, as the guest's arm-smmu-v3 driver fills it
+    (arm_smmu_make_s1_cd: TG0, T0SZ and IPS from the io-pgtable configuration)."""
     cd = Cd(v=True, aa64=True, r=True, a=True, epd1=True, asid=asid, ttb0=ttb0_ipa)
     cd.t0sz, cd.ips, cd.sh0, cd.mair = 64 - VA_BITS, 5, SH_ISH, MAIR_VALUE
+    if cfg is not None:
+        cd.tg0, cd.t0sz, cd.ips = cfg.tg, cfg.tsz, cfg.ips
     cd.ir0 = cd.or0 = IRGN_WBWA
     memory.write(cd_ipa, pack(cd.encode()))
 
@@ -122,9 +149,21 @@ class _Context:
 class GuestSmmuv3(GuestIommu):
     """One vSMMU of a VM (the VMM side, :attr:`vmm`) with the guest's driver using it."""
 
-    def __init__(self, vm: Vm, iommu: IommuHw, *, accelerated: bool) -> None:
+    def __init__(
+        self,
+        vm: Vm,
+        iommu: IommuHw,
+        *,
+        accelerated: bool,
+        idr5: int = R.IDR5_GRAN4K,
+        page_shift: int = PAGE_SHIFT,
+    ) -> None:
         super().__init__(vm, iommu, accelerated=accelerated)
         mem = vm.memory
+        # The guest's stage-1 format from the IDR5 the VMM passes on (IOMMU_GET_HW_INFO
+        # reports the host's IDR5 as it is) and its kernel's PAGE_SIZE.
+        self.s1_cfg = guest_s1_cfg(idr5, page_shift)
+        self.granule = 1 << self.s1_cfg.granule_shift
         first = mem.alloc_frame()
         for i in range(1, GUEST_STRTAB_PAGES):  # contiguous from the pool's bump allocator
             if mem.alloc_frame() != first + i:
@@ -209,10 +248,10 @@ class GuestSmmuv3(GuestIommu):
         if vsid not in self.cd_tables:
             self.cd_tables[vsid] = mem.alloc_frame() << PAGE_SHIFT
         cd_table = self.cd_tables[vsid]
-        s1 = stage1_tables(mem)
+        s1 = stage1_tables(mem, self.s1_cfg)
         asid = self.next_asid
         self.next_asid += 1
-        write_cd(mem, cd_table + (pasid or 0) * CD_SIZE, asid, s1.root)
+        write_cd(mem, cd_table + (pasid or 0) * CD_SIZE, asid, s1.root, self.s1_cfg)
         pasids = self.pasids.setdefault(vsid, set())
         if pasid is None:
             self.rid_attached.add(vsid)
@@ -226,20 +265,34 @@ class GuestSmmuv3(GuestIommu):
         hwpt = self.vmm.hwpts[vsid]
         return GuestDomain(gdev, pasid, hwpt, s1.root, asid, _Context(s1, cd_table))
 
+    def _pages(self, iova: int, size: int) -> tuple[int, int]:
+        """``[iova, iova + size)`` widened to whole guest pages (a 16 or 64 KiB guest maps
+        and invalidates its own pages, whatever part of one a caller names)."""
+        mask = self.granule - 1
+        first = iova & ~mask
+        return first, ((iova + max(size, 1) + mask) & ~mask) - first
+
     def map(self, dom: GuestDomain, iova: int, gpa: int, size: int, *, write: bool = True) -> None:
         prot = IOMMU_READ | (IOMMU_WRITE if write else 0)
-        dom.vendor.s1.map(iova, gpa, size, prot)
+        first, length = self._pages(iova, size)
+        if (iova - gpa) & (self.granule - 1):
+            raise err(errno.EINVAL, "IOVA and GPA differ within a guest page")
+        dom.vendor.s1.map(first, gpa - (iova - first), length, prot)
 
     def unmap(self, dom: GuestDomain, iova: int, size: int) -> None:
-        dom.vendor.s1.unmap(iova, size)
+        dom.vendor.s1.unmap(*self._pages(iova, size))
 
     def invalidate(self, dom: GuestDomain, iova: int | None = None, size: int = 0) -> None:
+        """TLBI_NH_ASID, or range TLBI_NH_VAs in units of the guest's granule (TG)."""
         if iova is None:
             cmds = [C.tlbi_nh_asid(0, dom.tag)]
         else:
+            first, length = self._pages(iova, size)
+            shift = self.s1_cfg.granule_shift
+            tg = (shift - 10) // 2
             cmds = [
-                C.tlbi_va(C.TLBI_NH_VA, addr, asid=dom.tag, num=num, scale=scale, tg=1)
-                for addr, num, scale in C.plan_range(iova, max(size, PAGE_SIZE))
+                C.tlbi_va(C.TLBI_NH_VA, addr, asid=dom.tag, num=num, scale=scale, tg=tg)
+                for addr, num, scale in C.plan_range(first, length, shift)
             ]
         if self.accelerated:
             self._issue_vcmdq(cmds)

@@ -71,7 +71,8 @@ class Smmuv3(IommuHw):
     OAS unless ``granules`` / ``oas`` / ``vax`` say otherwise: IDR5.GRAN4K/16K/64K, OAS, VAX).
 
     ``host_va_bits`` is the host's word, not a register: the kernel's VA_BITS, which caps the
-    input size of the stage-1 domains its driver builds."""
+    input size of the stage-1 domains its driver builds. ``guest_page_shift`` is the guests'
+    word: the PAGE_SIZE of the guest kernels using a vSMMU on it (their stage-1 granule)."""
 
     def __init__(
         self,
@@ -101,6 +102,7 @@ class Smmuv3(IommuHw):
         oas: int = 48,
         vax: bool = False,
         host_va_bits: int = 48,
+        guest_page_shift: int = 12,
     ) -> None:
         super().__init__(machine, index)
         # IDR5.GRAN4K/16K/64K (log2 of the granules), OAS (48 or 52 bits) and VAX
@@ -109,6 +111,9 @@ class Smmuv3(IommuHw):
         self.granules = frozenset(granules)
         self.vax = vax
         self.host_va_bits = host_va_bits
+        # Not a register either: the PAGE_SIZE of the guest kernels whose vSMMU sits on this
+        # SMMU (the model's knob), which picks their stage-1 granule (guest.py).
+        self.guest_page_shift = guest_page_shift
         # IDR0.S1P / S2P: the stages implemented. Substreams select CDs, which only stage 1
         # has: without it SSIDSIZE reads 0 (the model's choice).
         self.s1p = s1p
