@@ -45,6 +45,13 @@ if TYPE_CHECKING:
     from iommufd_model.process import Process
 
 
+#: ``fast(ictx, struct, caller) -> bool``: a command's short path for its commonest requests,
+#: by ioctl number (the model's own; registered by the module owning the command, see
+#: :meth:`IommuFd.fast_ioctl`)
+FastOp = Callable[["IommuFd", bytes, "Process"], bool]
+FAST_OPS: dict[int, FastOp] = {}
+
+
 def registered_ops() -> dict[int, IoctlOp]:
     """Every command of the table (the object modules imported above registered theirs)."""
     return dict(OPS)
@@ -98,6 +105,21 @@ class IommuFd(TypedCalls):
         (core/vfio_compat.py) return theirs, and some take an ``int`` argument instead.
         """
         return int(self._guard(lambda: self._ioctl(cmd, buf, caller or self.proc)))
+
+    def fast_ioctl(self, cmd: int, struct: bytes, caller: Process) -> bool:
+        """Serve ``ioctl(cmd)`` whose struct is ``struct`` (the user's bytes, read whole) by the
+        command's short path, if it has one and the request is one it takes: True when done
+        (the ioctl returned 0 and wrote nothing into the struct; OSError when it failed),
+        False when nothing was done and the request must go to :meth:`ioctl`.
+
+        The short paths (``FAST_OPS``, the model's own) skip the decoding and layers of the
+        general path, not its rules: each takes only requests whose every check passes as it
+        would there and then does what the general path would (tests/run/test_fastpath.py
+        compares the two on random requests)."""
+        fast = FAST_OPS.get(cmd)
+        if fast is None or self.closed:
+            return False
+        return bool(self._guard(lambda: fast(self, struct, caller)))
 
     def _ioctl(self, cmd: int, buf: bytearray | memoryview | int, caller: Process) -> int:
         if self.closed:

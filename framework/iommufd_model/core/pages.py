@@ -464,27 +464,38 @@ class Pages:
         if write and not self.writable:
             raise err(errno.EPERM, "write access to read-only pages")
         self._refuse_dmabuf()
+        direct = self.direct_source(flags, current)
+        va = self.base + start_byte
+        if direct is not None:  # copy_to_user / copy_from_user through the source mm
+            if isinstance(data, int):
+                return direct.read(va, data)
+            direct.write(va, data)
+            return None
         first, last = start_byte >> PAGE_SHIFT, (start_byte + length - 1) >> PAGE_SHIFT
         offset = start_byte & PAGE_MASK
         src = self.proc
-        if self.memfile is not None or src is None:
+        if src is None or self.memfile is not None or first != last or src.gone:
             return self._rw_slow(first, last, offset, data)
-        change_mm = current is not src or bool(flags & ACCESS_RW_SLOW_PATH)
-        va = self.base + start_byte
-        if change_mm and not flags & ACCESS_RW_KTHREAD:
-            if first != last or src.gone:
-                return self._rw_slow(first, last, offset, data)
-            # iopt_pages_rw_page(): pin_user_pages_remote() of the one page, then a copy
-            failpoint("pages.rw_page", errno.EINVAL)  # iommufd_should_fail()
-            if isinstance(data, int):
-                return src.read(va, data, pinned=True)
-            src.write(va, data, pinned=True)
-            return None
-        if change_mm and src.gone:
-            return self._rw_slow(first, last, offset, data)
+        # iopt_pages_rw_page(): pin_user_pages_remote() of the one page, then a copy
+        failpoint("pages.rw_page", errno.EINVAL)  # iommufd_should_fail()
         if isinstance(data, int):
-            return src.read(va, data)
-        src.write(va, data)
+            return src.read(va, data, pinned=True)
+        src.write(va, data, pinned=True)
+        return None
+
+    def direct_source(self, flags: int, current: Process | None) -> Process | None:
+        """The process whose addresses ``iopt_pages_rw_access()`` copies through with
+        ``copy_to_user``/``copy_from_user`` (Linux 7.2's fast path), or None when it takes
+        the pinned-page paths: user pages (not a memfd) whose source mm is the caller's own
+        and no ``ACCESS_RW_SLOW_PATH``, or, with ``ACCESS_RW_KTHREAD``, any live source mm
+        (``kthread_use_mm()``). The permission and dma-buf checks come first (rw_access)."""
+        src = self.proc
+        if self.memfile is not None or src is None:
+            return None
+        if current is src and not flags & ACCESS_RW_SLOW_PATH:
+            return src
+        if flags & ACCESS_RW_KTHREAD and not src.gone:
+            return src
         return None
 
     def _rw_slow(

@@ -19,6 +19,7 @@ DMABUF_GET (returns an fd), DMABUF_REVOKE; see docs/selftest-parity.md.
 from __future__ import annotations
 
 import errno
+import struct
 import weakref
 from typing import TYPE_CHECKING
 
@@ -34,6 +35,7 @@ from iommufd_model.core.device import (
 from iommufd_model.core.eventq import IopfFault, deliver_iopf_group
 from iommufd_model.core.hw_pagetable import Hwpt, HwptNested, HwptPaging
 from iommufd_model.core.ioas import Ioas
+from iommufd_model.core.main import FAST_OPS
 from iommufd_model.core.objects import IommufdObject, ObjType
 from iommufd_model.core.pages import dmabuf_invalidate_mappings
 from iommufd_model.core.ucmd import Ucmd, ioctl_op
@@ -494,6 +496,46 @@ def _access_rw(ucmd: Ucmd, cmd: IommuTestCmd) -> None:
     caller.write(args.uptr, out)
 
 
+#: ``struct iommu_test_cmd``'s header and ACCESS_RW's member as they lie in its bytes: size,
+#: op, id (the access fd), __reserved, iova, length, uptr, flags
+_ACCESS_RW_WIRE = struct.Struct("<IIIIQQQI")
+assert _ACCESS_RW_WIRE.size == IommuTestCmd.offsetof("payload") + AccessRw.offsetofend("flags")
+_CMD_MIN = IommuTestCmd.offsetofend("last")  # iommufd_test's ioctl_op row below
+
+
+def access_rw_fast(ictx: IommuFd, data: bytes, caller: Process) -> bool:
+    """IOMMU_TEST_CMD's short path (``FAST_OPS``, the model's own): an ACCESS_RW that reads
+    or writes one area of the caller's own memory, straight from the struct's bytes.
+
+    It takes a request only when the general path (``IommuFd.ioctl`` -> :func:`_access_rw`
+    -> ``IoPagetable.access_rw``) would pass every check and copy through the caller's
+    addresses: a struct size the table accepts with no tail, no flag but
+    MOCK_ACCESS_RW_WRITE, a length within the limit, an access fd attached to an IOAS, and
+    ``access_rw_direct``'s one area. It then makes the same two copies in the same order
+    (the user's buffer and the pages, through the same ``Process`` calls), so the bytes,
+    errnos and fault-injection sites are those of the general path. Returns False, having
+    done nothing, for any other request."""
+    if len(data) < _ACCESS_RW_WIRE.size:
+        return False
+    size, op, fd, _reserved, iova, length, uptr, flags = _ACCESS_RW_WIRE.unpack_from(data)
+    if op != IOMMU_TEST_OP_ACCESS_RW or not _CMD_MIN <= size <= IommuTestCmd.SIZE:
+        return False
+    if flags & ~MOCK_ACCESS_RW_WRITE or not 0 < length <= ACCESS_MAX_LENGTH:
+        return False
+    f = caller.files.get(fd)
+    if not isinstance(f, AccessFile) or f.access.ioas is None:
+        return False
+    direct = f.access.ioas.iopt.access_rw_direct(iova, length, flags, caller)
+    if direct is None:
+        return False
+    src, va = direct
+    if flags & MOCK_ACCESS_RW_WRITE:
+        src.write(va, caller.read(uptr, length))
+    else:
+        caller.write(uptr, src.read(va, length))
+    return True
+
+
 def _set_temp_memory_limit(ucmd: Ucmd, cmd: IommuTestCmd) -> None:
     limit = MemoryLimit.of(cmd).limit
     if limit < 8 + 4:  # sizeof(unsigned long) + sizeof(u32): protects _batch_init()
@@ -717,3 +759,6 @@ def iommufd_test(ucmd: Ucmd) -> None:
     if handler is None:
         raise err(errno.EOPNOTSUPP, f"IOMMU_TEST_CMD op {cmd.op} not supported")
     handler(ucmd, cmd)
+
+
+FAST_OPS[IOMMU_TEST_CMD] = access_rw_fast

@@ -1,7 +1,8 @@
 /*
  * The run server's access to the program's memory and files: process_vm_readv/writev on the
  * program's pid (copy_from_user/copy_to_user, a short transfer being an unmapped byte, so
- * EFAULT), pidfd_getfd (fget of a file the program names by fd number).
+ * EFAULT), pidfd_getfd (fget of a file the program names by fd number), and fd_ident (which
+ * file a program's fd number names now).
  *
  * A CPython extension rather than ctypes because the server makes several of these calls per
  * request (the struct, the user buffer, the pinned frames' bytes): through ctypes each cost
@@ -13,6 +14,7 @@
 
 #include <errno.h>
 #include <stdint.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -220,6 +222,40 @@ static PyObject *pidfd_getfd(PyObject *self, PyObject *const *args, Py_ssize_t n
 	return PyLong_FromLong(fd);
 }
 
+PyDoc_STRVAR(fd_ident_doc, "fd_ident(pidfd, fd) -> (st_dev, st_ino, st_mode) | None\n\n"
+			   "Which file fd of the process behind pidfd names now (None if it is "
+			   "not open or the process is gone): one pidfd_getfd, fstat, close.");
+
+static PyObject *fd_ident(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+	long pidfd, target;
+	struct stat st;
+	int fd, rc;
+
+	(void)self;
+	if (nargs != 2) {
+		PyErr_SetString(PyExc_TypeError, "fd_ident(pidfd, fd)");
+		return NULL;
+	}
+	pidfd = PyLong_AsLong(args[0]);
+	if (pidfd == -1 && PyErr_Occurred())
+		return NULL;
+	target = PyLong_AsLong(args[1]);
+	if (target == -1 && PyErr_Occurred())
+		return NULL;
+	if (pidfd < 0 || pidfd > INT32_MAX || target < 0 || target > INT32_MAX)
+		Py_RETURN_NONE;
+	fd = (int)syscall(SYS_pidfd_getfd, (int)pidfd, (int)target, 0U);
+	if (fd < 0)
+		Py_RETURN_NONE;
+	rc = fstat(fd, &st);
+	close(fd);
+	if (rc < 0)
+		Py_RETURN_NONE;
+	return Py_BuildValue("(KKI)", (unsigned long long)st.st_dev,
+			     (unsigned long long)st.st_ino, (unsigned int)st.st_mode);
+}
+
 static PyMethodDef methods[] = {
 	{ "vm_read", (PyCFunction)(void (*)(void))vm_read, METH_FASTCALL, vm_read_doc },
 	{ "vm_write", (PyCFunction)(void (*)(void))vm_write, METH_FASTCALL, vm_write_doc },
@@ -227,12 +263,14 @@ static PyMethodDef methods[] = {
 	  vm_readable_pages_doc },
 	{ "pidfd_getfd", (PyCFunction)(void (*)(void))pidfd_getfd, METH_FASTCALL,
 	  pidfd_getfd_doc },
+	{ "fd_ident", (PyCFunction)(void (*)(void))fd_ident, METH_FASTCALL, fd_ident_doc },
 	{ NULL, NULL, 0, NULL },
 };
 
 static struct PyModuleDef module = {
 	PyModuleDef_HEAD_INIT, "_uaccess",
-	"process_vm_readv/writev and pidfd_getfd for the run server (see _uaccess.c).", -1,
+	"process_vm_readv/writev, pidfd_getfd and fd_ident for the run server (see _uaccess.c).",
+	-1,
 	methods,
 };
 

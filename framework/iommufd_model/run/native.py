@@ -4,11 +4,18 @@
 how the server does ``copy_from_user`` and ``copy_to_user`` (None/False when a byte cannot be
 moved: the caller's EFAULT). ``vm_readable_pages`` faults in one byte of each page, as
 pinning does. ``pidfd_getfd`` gives the server its own reference to a file the program names
-by fd number (IOAS_MAP_FILE's memfd, an IRQ eventfd), as ``fget()`` does.
+by fd number (IOAS_MAP_FILE's memfd, an IRQ eventfd), as ``fget()`` does; ``fd_ident`` tells
+which file (device, inode, mode) a program's fd number names now, through a pidfd.
 """
 
 from __future__ import annotations
 
-from iommufd_model.run._uaccess import pidfd_getfd, vm_read, vm_readable_pages, vm_write
+from iommufd_model.run._uaccess import (
+    fd_ident,
+    pidfd_getfd,
+    vm_read,
+    vm_readable_pages,
+    vm_write,
+)
 
-__all__ = ["pidfd_getfd", "vm_read", "vm_readable_pages", "vm_write"]
+__all__ = ["fd_ident", "pidfd_getfd", "vm_read", "vm_readable_pages", "vm_write"]

@@ -366,6 +366,12 @@ class RealProcess(Process):
         self._memlock_limit = creds.RLIM_INFINITY
         self._uid = os.getuid()
         self._start = self._start_time()
+        # a pidfd of the process (-1 if it is gone already): which file an fd number names
+        # is asked through it (Server.resolve_fd), never through a pid that may be reused
+        try:
+            self.pidfd = os.pidfd_open(pid)
+        except OSError:
+            self.pidfd = -1
         # private pages found readable during the current request (see is_mapped)
         self._probed: set[int] = set()
         # mappings of iommufd regions: start -> the core's VMA (closed by munmap, at exit)
@@ -617,3 +623,6 @@ class RealProcess(Process):
         self._ptes.clear()
         self._vma_starts.clear()
         self._vmas.clear()
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1

@@ -317,6 +317,8 @@ class Server:
         if inline and int.from_bytes(data[REQ.size : REQ.size + 4], "little") > MIN_READ:
             inline = False  # a larger struct: _read_struct reads it whole
         self._inline = data[REQ.size :] if inline else b""
+        if op == OP_IOCTL and self._inline and self._fast_ioctl(conn, a):
+            return
         self._reply_body = b""
         self._reply_at = 0
         if self._exiting:
@@ -341,6 +343,34 @@ class Server:
             conn.sock.send(reply, socket.MSG_NOSIGNAL)
         except OSError:
             self._drop_conn(conn)  # killed mid-request: its effect stays, as in the kernel
+
+    def _fast_ioctl(self, conn: Conn, a: list[int]) -> bool:
+        """An ioctl on an iommufd served by its command's short path (``IommuFd.fast_ioctl``),
+        replied to here: True when served. Only in the plain case, where the general path
+        would do nothing more around the model's call: a process that said hello, no
+        fail-nth armed for the thread, no process exit to reap first, an inline struct
+        (the whole of it, as the general path would read it) and nothing to copy back."""
+        proc = conn.proc
+        mf = self.files.get(a[0])
+        if proc is None or mf is None or self._exiting or self.failnth.get(conn.tid):
+            return False
+        ictx = mf.obj
+        if not isinstance(ictx, IommuFd):
+            return False
+        error = 0
+        try:
+            if not ictx.fast_ioctl(a[1], self._inline, proc):
+                return False
+        except OSError as exc:
+            error = exc.errno or errno.EIO
+        self.requests += 1
+        if self.queues:
+            self._update_tokens()
+        try:
+            conn.sock.send(REP.pack(REP_DONE, error, 0, 0, 0), socket.MSG_NOSIGNAL)
+        except OSError:
+            self._drop_conn(conn)
+        return True
 
     def _proc(self, conn: Conn) -> RealProcess:
         if conn.proc is None:
@@ -504,20 +534,21 @@ class Server:
     def resolve_fd(self, proc: RealProcess, fd: int) -> Any:
         """``fget(fd)`` in ``proc``: the model file, a :class:`RealMemFile`, or None.
 
-        The file is known by its inode, seen through ``/proc/<pid>/fd/<fd>`` (one stat);
-        a regular file seen for the first time is taken with ``pidfd_getfd``.
+        The file is known by its inode, asked of the program's descriptor table at every
+        call (``native.fd_ident``: pidfd_getfd, fstat, close), so a number closed and reused
+        for another file since the last call names the new file, as in the kernel; a
+        regular file seen for the first time is taken with ``pidfd_getfd``.
         """
         if not 0 <= fd < 1 << 31:
             return None
-        try:
-            st = os.stat(f"/proc/{proc.pid}/fd/{fd}")
-        except OSError:
+        ident = native.fd_ident(proc.pidfd, fd)
+        if ident is None:
             return None
-        key = (st.st_dev, st.st_ino)
+        key = (ident[0], ident[1])
         mf = self.by_inode.get(key)
         if mf is not None:
             return mf.obj
-        if not stat.S_ISREG(st.st_mode):
+        if not stat.S_ISREG(ident[2]):
             return None
         file = self.memfiles.get(key)
         if file is not None:
