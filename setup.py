@@ -54,8 +54,15 @@ UACCESS = Extension(
     extra_compile_args=["-O2", "-Wall"],
 )
 
+# The run server's compiled ACCESS_RW short path (run/_fastrw.c; the server runs without it).
+FASTRW = Extension(
+    "iommufd_model.run._fastrw",
+    sources=["framework/iommufd_model/run/_fastrw.c"],
+    extra_compile_args=["-O2", "-Wall"],
+)
+
 PURE = os.environ.get("IOMMUFD_MODEL_PURE") == "1"
-C_EXTENSIONS = [PRELOAD, UACCESS] if PURE else [FRAME_COPY, LOCKCALL, PRELOAD, UACCESS]
+C_EXTENSIONS = [PRELOAD, UACCESS] if PURE else [FRAME_COPY, LOCKCALL, PRELOAD, UACCESS, FASTRW]
 # The walkers import nothing from the framework: compile them alone, without the
 # project's mypy configuration (which would pull in the whole package and its deps).
 MYPYC = compiled.mypyc_extensions(COMPILED, ("--config-file=", "--follow-imports=silent"))

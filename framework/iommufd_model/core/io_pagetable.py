@@ -152,6 +152,23 @@ class Area:
         return self.start_byte_at(iova) >> PAGE_SHIFT
 
 
+@attrs.frozen
+class DirectWindow:
+    """An area that :meth:`IoPagetable.access_rw` copies through by ``copy_to_user`` /
+    ``copy_from_user`` (:meth:`IoPagetable.access_rw_direct`): IOVAs ``[first, last]`` are
+    ``proc``'s bytes from ``va`` on; reads need ``readable``, writes ``writable``."""
+
+    first: int
+    last: int
+    proc: Process
+    va: int
+    readable: bool
+    writable: bool
+
+    def address(self, iova: int) -> int:
+        return self.va + (iova - self.first)
+
+
 _Segment = tuple[Area, int, int]  # area, first iova used in it, last iova used in it
 
 # A row (see the module docstring): bit fields of one int.
@@ -858,13 +875,13 @@ class IoPagetable:
 
     def access_rw_direct(
         self, iova: int, length: int, flags: int, current: Process | None
-    ) -> tuple[Process, int] | None:
-        """Where :meth:`access_rw` with ``flags`` (``ACCESS_RW_WRITE`` included) would copy
-        the whole of ``[iova, iova+length)`` by one ``copy_to_user``/``copy_from_user``:
-        ``(process, user address)``, when one area covers the range, allows the access, and
-        its pages take Linux 7.2's fast path (:meth:`Pages.direct_source`). None for every
-        other case (several areas, a hole, an area being unmapped, a refused permission, the
-        pinned-page paths), which :meth:`access_rw` itself serves or refuses.
+    ) -> DirectWindow | None:
+        """The area through which :meth:`access_rw` with ``flags`` (``ACCESS_RW_WRITE``
+        included) would copy the whole of ``[iova, iova+length)`` by one
+        ``copy_to_user``/``copy_from_user``, when one area covers the range, allows the
+        access, and its pages take Linux 7.2's fast path (:meth:`Pages.direct_source`).
+        None for every other case (several areas, a hole, an area being unmapped, a refused
+        permission, the pinned-page paths), which :meth:`access_rw` itself serves or refuses.
 
         Nothing is changed but the one-page row of the area becoming its objects, as
         :meth:`access_rw` does; the answer is the table's state now (no cache to go stale).
@@ -875,16 +892,16 @@ class IoPagetable:
         if got is None or got[1] < iova + length - 1:
             return None
         area = self._area(*got)
-        needed = IOMMU_WRITE if flags & ACCESS_RW_WRITE else IOMMU_READ
-        if area.prevent_access or not area.prot & needed:
-            return None
         pages = area.pages
-        if flags & ACCESS_RW_WRITE and not pages.writable:
+        readable = bool(area.prot & IOMMU_READ)
+        writable = bool(area.prot & IOMMU_WRITE) and pages.writable
+        if area.prevent_access or not (writable if flags & ACCESS_RW_WRITE else readable):
             return None
         src = pages.direct_source(flags, current)
         if src is None:
             return None
-        return src, pages.base + area.start_byte_at(iova)
+        va = pages.base + area.start_byte
+        return DirectWindow(area.iova, area.last, src, va, readable, writable)
 
     def access_pin(self, iova: int, length: int, write: bool, *, lock: bool = False) -> list[int]:
         """``iommufd_access_pin_pages()``: pin and return the PFNs under ``[iova, +length)``.

@@ -45,10 +45,10 @@ if TYPE_CHECKING:
     from iommufd_model.process import Process
 
 
-#: ``fast(ictx, struct, caller) -> bool``: a command's short path for its commonest requests,
-#: by ioctl number (the model's own; registered by the module owning the command, see
-#: :meth:`IommuFd.fast_ioctl`)
-FastOp = Callable[["IommuFd", bytes, "Process"], bool]
+#: ``fast(ictx, struct, caller)``: a command's short path for its commonest requests, by ioctl
+#: number (the model's own; registered by the module owning the command, see
+#: :meth:`IommuFd.fast_ioctl`): None when it does not take the request, else what it did
+FastOp = Callable[["IommuFd", bytes, "Process"], object]
 FAST_OPS: dict[int, FastOp] = {}
 
 
@@ -106,11 +106,12 @@ class IommuFd(TypedCalls):
         """
         return int(self._guard(lambda: self._ioctl(cmd, buf, caller or self.proc)))
 
-    def fast_ioctl(self, cmd: int, struct: bytes, caller: Process) -> bool:
+    def fast_ioctl(self, cmd: int, struct: bytes, caller: Process) -> object:
         """Serve ``ioctl(cmd)`` whose struct is ``struct`` (the user's bytes, read whole) by the
-        command's short path, if it has one and the request is one it takes: True when done
-        (the ioctl returned 0 and wrote nothing into the struct; OSError when it failed),
-        False when nothing was done and the request must go to :meth:`ioctl`.
+        command's short path, if it has one and the request is one it takes: the short
+        path's report of what it did when done (the ioctl returned 0 and wrote nothing into
+        the struct; OSError when it failed), None when nothing was done and the request
+        must go to :meth:`ioctl`.
 
         The short paths (``FAST_OPS``, the model's own) skip the decoding and layers of the
         general path, not its rules: each takes only requests whose every check passes as it
@@ -118,8 +119,8 @@ class IommuFd(TypedCalls):
         compares the two on random requests)."""
         fast = FAST_OPS.get(cmd)
         if fast is None or self.closed:
-            return False
-        return bool(self._guard(lambda: fast(self, struct, caller)))
+            return None
+        return self._guard(lambda: fast(self, struct, caller))
 
     def _ioctl(self, cmd: int, buf: bytearray | memoryview | int, caller: Process) -> int:
         if self.closed:

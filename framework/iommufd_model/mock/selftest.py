@@ -34,6 +34,7 @@ from iommufd_model.core.device import (
 )
 from iommufd_model.core.eventq import IopfFault, deliver_iopf_group
 from iommufd_model.core.hw_pagetable import Hwpt, HwptNested, HwptPaging
+from iommufd_model.core.io_pagetable import DirectWindow
 from iommufd_model.core.ioas import Ioas
 from iommufd_model.core.main import FAST_OPS
 from iommufd_model.core.objects import IommufdObject, ObjType
@@ -496,14 +497,25 @@ def _access_rw(ucmd: Ucmd, cmd: IommuTestCmd) -> None:
     caller.write(args.uptr, out)
 
 
+@attrs.frozen
+class DirectAccessRw:
+    """What :func:`access_rw_fast` did, for a caller that repeats it (run/_fastrw.c): an
+    ACCESS_RW on access fd ``fd`` (the file ``file``) copied through ``window``."""
+
+    fd: int
+    file: AccessFile
+    window: DirectWindow
+
+
 #: ``struct iommu_test_cmd``'s header and ACCESS_RW's member as they lie in its bytes: size,
 #: op, id (the access fd), __reserved, iova, length, uptr, flags
 _ACCESS_RW_WIRE = struct.Struct("<IIIIQQQI")
 assert _ACCESS_RW_WIRE.size == IommuTestCmd.offsetof("payload") + AccessRw.offsetofend("flags")
-_CMD_MIN = IommuTestCmd.offsetofend("last")  # iommufd_test's ioctl_op row below
+#: the smallest struct size iommufd_test's ioctl_op row (below) accepts
+ACCESS_RW_SIZE_MIN = IommuTestCmd.offsetofend("last")
 
 
-def access_rw_fast(ictx: IommuFd, data: bytes, caller: Process) -> bool:
+def access_rw_fast(ictx: IommuFd, data: bytes, caller: Process) -> DirectAccessRw | None:
     """IOMMU_TEST_CMD's short path (``FAST_OPS``, the model's own): an ACCESS_RW that reads
     or writes one area of the caller's own memory, straight from the struct's bytes.
 
@@ -513,27 +525,27 @@ def access_rw_fast(ictx: IommuFd, data: bytes, caller: Process) -> bool:
     MOCK_ACCESS_RW_WRITE, a length within the limit, an access fd attached to an IOAS, and
     ``access_rw_direct``'s one area. It then makes the same two copies in the same order
     (the user's buffer and the pages, through the same ``Process`` calls), so the bytes,
-    errnos and fault-injection sites are those of the general path. Returns False, having
-    done nothing, for any other request."""
+    errnos and fault-injection sites are those of the general path. Returns what it did,
+    or None, having done nothing, for any other request."""
     if len(data) < _ACCESS_RW_WIRE.size:
-        return False
+        return None
     size, op, fd, _reserved, iova, length, uptr, flags = _ACCESS_RW_WIRE.unpack_from(data)
-    if op != IOMMU_TEST_OP_ACCESS_RW or not _CMD_MIN <= size <= IommuTestCmd.SIZE:
-        return False
+    if op != IOMMU_TEST_OP_ACCESS_RW or not ACCESS_RW_SIZE_MIN <= size <= IommuTestCmd.SIZE:
+        return None
     if flags & ~MOCK_ACCESS_RW_WRITE or not 0 < length <= ACCESS_MAX_LENGTH:
-        return False
+        return None
     f = caller.files.get(fd)
     if not isinstance(f, AccessFile) or f.access.ioas is None:
-        return False
-    direct = f.access.ioas.iopt.access_rw_direct(iova, length, flags, caller)
-    if direct is None:
-        return False
-    src, va = direct
+        return None
+    window = f.access.ioas.iopt.access_rw_direct(iova, length, flags, caller)
+    if window is None:
+        return None
+    src, va = window.proc, window.address(iova)
     if flags & MOCK_ACCESS_RW_WRITE:
         src.write(va, caller.read(uptr, length))
     else:
         caller.write(uptr, src.read(va, length))
-    return True
+    return DirectAccessRw(fd, f, window)
 
 
 def _set_temp_memory_limit(ucmd: Ucmd, cmd: IommuTestCmd) -> None:

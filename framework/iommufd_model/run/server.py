@@ -50,7 +50,7 @@ from iommufd_model.errors import err
 from iommufd_model.failnth import fail_nth
 from iommufd_model.hw.memory import PAGE_MASK
 from iommufd_model.machine import Machine
-from iommufd_model.run import native
+from iommufd_model.run import fastrw, native
 from iommufd_model.run.process import (
     DmaCoherence,
     Mirrors,
@@ -176,8 +176,16 @@ class Server:
         self._next_id = 1
         self._conns: dict[int, int] = {}  # pid -> open request connections
         self._exiting: set[int] = set()  # pids whose connections all closed
-        self.requests = 0
+        self._requests = 0
         self.internal_errors: list[str] = []
+        # the compiled ACCESS_RW short path (run/fastrw.py), None when off or not built
+        self._short = fastrw.enabled()
+        self._fastrw = fastrw.make_table(OP_IOCTL, REQ.size, MIN_READ) if self._short else None
+
+    @property
+    def requests(self) -> int:
+        """Requests served so far (by Python and by the compiled short path)."""
+        return self._requests + (self._fastrw.served if self._fastrw is not None else 0)
 
     # -- the loop -------------------------------------------------------------------------
     def serve_until(self, done: Any, poll: float = 0.05) -> None:
@@ -204,19 +212,36 @@ class Server:
         watched = self._watched
         requests: list[Conn] = []
         accept = False
+        table = self._fastrw
         for fd, _ in events:
             data = watched.get(fd, False)
             if isinstance(data, Conn):
                 requests.append(data)
             elif isinstance(data, ModelFile):
+                if table is not None:
+                    table.invalidate()
                 self._on_file(data)
             elif data is None:
                 accept = True
         if accept:
+            if table is not None:
+                table.invalidate()
             self._accept()
         for conn in requests:
-            if watched.get(conn.sock.fileno()) is conn:  # not dropped meanwhile
-                self._on_request(conn)
+            fd = conn.sock.fileno()
+            if watched.get(fd) is not conn:  # dropped meanwhile
+                continue
+            if table is None:
+                self._on_request(conn, self._recv(conn))
+                continue
+            got = table.serve(fd)  # the compiled short path, or the request's bytes
+            if got is True:
+                continue
+            table.invalidate()  # what follows may change any state the table relies on
+            if got is False:
+                self._drop_conn(conn)
+            else:
+                self._on_request(conn, got)
         return len(requests)
 
     def _watch(self, sock: socket.socket, data: Conn | ModelFile | None) -> None:
@@ -301,11 +326,15 @@ class Server:
             traceback.print_exc(file=self.log)
 
     # -- requests -------------------------------------------------------------------------
-    def _on_request(self, conn: Conn) -> None:
+    @staticmethod
+    def _recv(conn: Conn) -> bytes:
+        """The connection's next request (empty at its end or on an error)."""
         try:
-            data = conn.sock.recv(REQ.size + MIN_READ)
+            return conn.sock.recv(REQ.size + MIN_READ)
         except OSError:
-            data = b""
+            return b""
+
+    def _on_request(self, conn: Conn, data: bytes) -> None:
         if len(data) < REQ.size:
             self._drop_conn(conn)
             return
@@ -317,13 +346,13 @@ class Server:
         if inline and int.from_bytes(data[REQ.size : REQ.size + 4], "little") > MIN_READ:
             inline = False  # a larger struct: _read_struct reads it whole
         self._inline = data[REQ.size :] if inline else b""
-        if op == OP_IOCTL and self._inline and self._fast_ioctl(conn, a):
+        if op == OP_IOCTL and self._inline and self._short and self._fast_ioctl(conn, a):
             return
         self._reply_body = b""
         self._reply_at = 0
         if self._exiting:
             self.reap_processes()
-        self.requests += 1
+        self._requests += 1
         self.mirrors.epoch += 1
         self.current = conn
         ret, error, flags = 0, 0, 0
@@ -359,11 +388,14 @@ class Server:
             return False
         error = 0
         try:
-            if not ictx.fast_ioctl(a[1], self._inline, proc):
+            done = ictx.fast_ioctl(a[1], self._inline, proc)
+            if done is None:
                 return False
+            if self._fastrw is not None:
+                self._learn(conn, a[0], done, proc)
         except OSError as exc:
             error = exc.errno or errno.EIO
-        self.requests += 1
+        self._requests += 1
         if self.queues:
             self._update_tokens()
         try:
@@ -371,6 +403,20 @@ class Server:
         except OSError:
             self._drop_conn(conn)
         return True
+
+    def _learn(self, conn: Conn, file_id: int, done: object, proc: RealProcess) -> None:
+        """Let the compiled table take this connection's next requests like the one just
+        served (an ACCESS_RW through the caller's own addresses), until the next event."""
+        if not isinstance(done, fastrw.DirectAccessRw) or done.window.proc is not proc:
+            return
+        inode = next((mf.inode for mf in self.files.values() if mf.obj is done.file), None)
+        if inode is None or self._fastrw is None:
+            return
+        w = done.window
+        self._fastrw.learn(
+            conn.sock.fileno(), file_id, done.fd, inode[0], inode[1], proc.pid, proc.pidfd,
+            w.first, w.last, w.va, w.readable, w.writable,
+        )  # fmt: skip
 
     def _proc(self, conn: Conn) -> RealProcess:
         if conn.proc is None:
