@@ -21,6 +21,7 @@ import os
 from types import ModuleType
 from typing import Any
 
+from iommufd_model.hw import compiled
 from iommufd_model.mock import selftest as T
 from iommufd_model.mock.selftest import DirectAccessRw
 
@@ -37,6 +38,7 @@ def _module() -> ModuleType | None:
     if os.environ.get("IOMMUFD_MODEL_PURE") == "1":
         return None
     try:
+        compiled.check_fresh("iommufd_model.run._fastrw")  # a stale build never runs
         return importlib.import_module("iommufd_model.run._fastrw")
     except ImportError:
         return None
