@@ -40,6 +40,23 @@ def _revoke(w: World, dfd: int, revoked: bool) -> None:
     w.fd.ioctl(IOMMU_TEST_CMD, _test_cmd(IOMMU_TEST_OP_DMABUF_REVOKE, dfd, int(revoked)))
 
 
+def _map_file_cmd(ioas: int, dfd: int, iova: int | None = None) -> bytearray:
+    """IOAS_MAP_FILE of the whole dma-buf, read-only, at ``iova`` (None: anywhere)."""
+    flags = U.IOMMU_IOAS_MAP_READABLE
+    if iova is not None:
+        flags |= U.IOMMU_IOAS_MAP_FIXED_IOVA
+    st = U.IommuIoasMapFile(
+        size=U.IommuIoasMapFile.SIZE,
+        ioas_id=ioas,
+        fd=dfd,
+        start=0,
+        length=N * PAGE,
+        iova=iova or 0,
+        flags=flags,
+    )
+    return bytearray(st.pack())
+
+
 def _domain_maps(w: World, ioas: int, iova: int) -> list[int]:
     """What each domain of the IOAS translates the dma-buf's pages to (-1: nothing)."""
     hwpts = w.fd.objects.get_ioas(ioas).hwpt_list
@@ -80,15 +97,7 @@ def test_a_later_domain_maps_nothing_and_unmap_touches_none() -> None:
     _revoke(w, dfd, True)
     hwpt = w.fd.hwpt_alloc(w.dev_id, ioas)
     assert set(_domain_maps(w, ioas, iova)) == {-1}
-    st = U.IommuIoasMapFile(
-        size=U.IommuIoasMapFile.SIZE,
-        ioas_id=ioas,
-        fd=dfd,
-        start=0,
-        length=N * PAGE,
-        flags=U.IOMMU_IOAS_MAP_READABLE,
-    )
-    expect_errno(w.fd, U.IOMMU_IOAS_MAP_FILE, st, errno.ENODEV)
+    expect_errno(w.fd, U.IOMMU_IOAS_MAP_FILE, _map_file_cmd(ioas, dfd), errno.ENODEV)
     assert w.fd.ioas_unmap(ioas, iova, N * PAGE) == N * PAGE
     assert iopt.warnings == [] and not iopt.area_objects()
     w.fd.destroy(hwpt)
@@ -141,15 +150,7 @@ def test_fail_nth_over_a_dma_buf_map_and_attach() -> None:
     domain attach over a dma-buf area, fails cleanly."""
     w, ioas, _, dfd, _ = _setup()
     w.fd.hwpt_alloc(w.dev_id, ioas)
-    cmd = U.IommuIoasMapFile(
-        size=U.IommuIoasMapFile.SIZE,
-        ioas_id=ioas,
-        fd=dfd,
-        start=0,
-        length=N * PAGE,
-        iova=MOCK_APERTURE + 16 * PAGE,
-        flags=U.IOMMU_IOAS_MAP_FIXED_IOVA | U.IOMMU_IOAS_MAP_READABLE,
-    ).pack()
+    cmd = _map_file_cmd(ioas, dfd, MOCK_APERTURE + 16 * PAGE)
     sites: set[str] = set()
     n = 1
     while True:
