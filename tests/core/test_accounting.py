@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from helpers import MOCK_APERTURE, PAGE, World, expect_errno, snapshot
-from iommufd_model import creds
+from iommufd_model import creds, vfio
 from iommufd_model.core.accounting import ACCOUNT_MM, ACCOUNT_NONE, ACCOUNT_USER, user_of
 from iommufd_model.core.ioas import change_process
 from iommufd_model.core.pages import ACCESS_RW_SLOW_PATH
@@ -287,6 +287,16 @@ def test_the_caller_is_this_process() -> None:
     assert w.proc.capable_ipc_lock == creds.capable(creds.CAP_IPC_LOCK)
     soft = resource.getrlimit(resource.RLIMIT_MEMLOCK)[0]
     assert w.proc.memlock_limit == (creds.RLIM_INFINITY if soft < 0 else soft)
+
+
+def test_the_vfio_container_accounts_per_mm() -> None:
+    """iommufd_fops_open(): an iommufd opened as /dev/vfio/vfio starts in RLIMIT_MODE 1
+    (VFIO type1's accounting); /dev/iommu in 0."""
+    w = World(PAGE)
+    container = vfio.open_path(w.machine, vfio.CONTAINER_PATH, proc=w.proc)
+    get = U.IOMMU_OPTION_OP_GET
+    assert container.option(U.IOMMU_OPTION_RLIMIT_MODE, get) == 1
+    assert w.fd.option(U.IOMMU_OPTION_RLIMIT_MODE, get) == 0
 
 
 def test_a_dma_buf_is_never_charged() -> None:

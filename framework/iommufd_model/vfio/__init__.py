@@ -44,7 +44,10 @@ def open_path(machine: Machine, path: str, flags: int = 0, proc: Process | None 
 
         if proc is None:
             raise err(errno.EINVAL, "opening /dev/vfio/vfio needs the opening process")
-        return IommuFd(machine, proc)
+        ictx = IommuFd(machine, proc)
+        # iommufd_fops_open() (7.2 main.c): VFIO's accounting, IOPT_PAGES_ACCOUNT_MM
+        ictx.account_mode = 1
+        return ictx
     head, name = posixpath.split(path)
     if head == CDEV_DIR and name.startswith("vfio") and name[4:].isdigit():
         vdev = reg.by_index(int(name[4:]))
