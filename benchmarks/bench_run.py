@@ -12,7 +12,8 @@ ioctls, with a C reference. Figures only, no assertions.
 - ``c/access_rw.c``: the selftest's hot loop alone (IOMMU_TEST_OP_ACCESS_RW around a page
   boundary, reads and writes in turn), on the fast path and with MOCK_ACCESS_RW_SLOW_PATH:
   CPU per request of the program and the server together, from two runs of different
-  lengths (so the start-up cancels out).
+  lengths (so the start-up cancels out), and the program's own share (its CPU clock over
+  the loop, as the program prints it).
 
 The load average is printed before and after: on a shared machine the wall times follow it,
 the CPU times much less.
@@ -86,6 +87,9 @@ def run(quick: bool = False) -> dict[str, float]:
                 cpus.append(cpu)
             per = (cpus[1] - cpus[0]) / (n1 - n0) * 1e6
             figures[f"ACCESS_RW loop, {path} path: CPU us per request (program + server)"] = per
+            # the program's own CPU over its loop (the last line: "access_rw N wall cpu")
+            program = float(done.stdout.split()[-1]) / n1 * 1e6
+            figures[f"ACCESS_RW loop, {path} path: program CPU us per request"] = program
         if KIT.exists() and not quick:
             subprocess.run(["bash", str(KIT), tmp], check=True, capture_output=True)
             for name in ("iommufd", "iommufd_fail_nth"):
