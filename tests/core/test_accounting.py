@@ -82,7 +82,7 @@ def _world(*, per_mm: bool = False) -> tuple[World, int]:
 def _map(w: World, ioas: int, index: int, npages: int) -> int:
     """Map pages ``index`` .. of the buffer at the same page of the mock aperture."""
     iova = MOCK_APERTURE + index * PAGE
-    return w.fd.ioas_map(ioas, w.va + index * PAGE, npages * PAGE, iova=iova)
+    return int(w.fd.ioas_map(ioas, w.va + index * PAGE, npages * PAGE, iova=iova))
 
 
 def _map_cmd(ioas: int, va: int, npages: int, index: int) -> bytearray:
@@ -218,6 +218,37 @@ def _case_change_process() -> None:
     assert (other.locked_pages, other.locked_vm) == (0, 0)
 
 
+def _case_change_process_from_a_gone_mm() -> None:
+    """RLIMIT_MODE 1 and the old mm gone: the uncharge fails (update_mm_locked_vm()'s
+    mmget_not_zero()), the call is EINVAL after the move, and the moved charge stays with the
+    new mm even once everything is unmapped (last_npinned was left at 0), as in 7.2."""
+    w, ioas = _world(per_mm=True)
+    mfd = w.proc.memfd_create(4 * PAGE)
+    w.fd.ioas_map_file(ioas, mfd, 0, 4 * PAGE)
+    other = w.machine.new_process()
+    w.proc.gone = True
+    iopts = [w.fd.objects.get_ioas(ioas).iopt]
+    assert_errno(errno.EINVAL, lambda: change_process(iopts, other))
+    assert (other.locked_pages, other.locked_vm) == (4, 4)
+    assert iopts[0].area_objects()[0].pages.proc is other
+    w.fd.ioas_unmap_all(ioas)
+    assert (other.locked_pages, other.locked_vm) == (4, 4)
+
+
+def _case_rows_keep_their_charge() -> None:
+    """One-page areas kept as rows (io_pagetable.py) carry their charge: unmapping them
+    (they become objects again) uncharges the user exactly."""
+    w, ioas = _world()
+    iopt = w.fd.objects.get_ioas(ioas).iopt
+    for i in range(8):
+        _map(w, ioas, i, 1)
+    assert iopt._rows == 8 and user_of(w.proc).locked_vm == 8
+    _map_errno(w, ioas, 8, 9, errno.ENOMEM)
+    for i in range(8):
+        w.fd.ioas_unmap(ioas, MOCK_APERTURE + i * PAGE, PAGE)
+    assert (user_of(w.proc).locked_vm, w.proc.locked_pages, iopt._rows) == (0, 0, 0)
+
+
 def _case_failpoint_of_the_charge() -> None:
     """The charge's own fault-injection site (pfn_reader_user_update_pinned()'s
     iommufd_should_fail()): the map fails with ENOMEM and leaves nothing."""
@@ -269,6 +300,8 @@ def _case_none_with_cap_ipc_lock() -> None:
         "_case_per_mm",
         "_case_access_pin_and_rw",
         "_case_change_process",
+        "_case_change_process_from_a_gone_mm",
+        "_case_rows_keep_their_charge",
         "_case_failpoint_of_the_charge",
     ],
 )
