@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from iommufd_arm_smmuv3 import commands as C
 from iommufd_arm_smmuv3 import events as E
 
 from iommufd_model.hw.iommu import DmaFault
@@ -16,7 +15,7 @@ from iommufd_model.uapi import iommufd as U
 
 from .conftest import GUEST_RAM, RW, G
 from .test_iopf import _faulting_vmm
-from .test_uapi import GUEST_ASID, GVA, VSID
+from .test_uapi import GVA, VSID, guest_write_fault
 
 PERM_RW = U.IOMMU_PGFAULT_PERM_READ | U.IOMMU_PGFAULT_PERM_WRITE
 
@@ -54,14 +53,9 @@ def test_guest_stage1_and_host_stage2_records(guest_vm: Any) -> None:
     model's PCIe DMA carries no PASID-prefix Privileged / Execute bits, and 7.2 leaves
     STE.PRIVCFG / INSTCFG at "use incoming"), no stall."""
     vm = guest_vm()
-    vm.attach_translating()
     r = vm.r
-    qfd = r.veventq_alloc(vm.viommu, U.IOMMU_VEVENTQ_TYPE_ARM_SMMUV3)
-    vm.s1.unmap(GVA + 3 * 4096, 4096)
-    assert vm.invalidate([C.tlbi_va(C.TLBI_NH_VA, GVA + 3 * 4096, asid=GUEST_ASID)]) == (0, 1)
-    with pytest.raises(DmaFault):
-        r.dev.dma_write(GVA + 3 * 4096 + 0x10, b"x")
-    ev = decode_72(r.proc.file(qfd).read(4096)[8:])
+    _qfd, out = guest_write_fault(vm, 0x10)
+    ev = decode_72(out[8:])
     assert ev["id"] == E.F_TRANSLATION and ev["sid"] == VSID and ev["iova"] == GVA + 3 * 4096 + 0x10
     assert (ev["ssv"], ev["privileged"], ev["instruction"], ev["s2"], ev["read"]) == (0, 0, 0, 0, 0)
     assert (ev["stall"], ev["stag"]) == (0, 0)

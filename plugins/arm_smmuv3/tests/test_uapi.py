@@ -128,16 +128,23 @@ def test_viommu_invalidation_entry_num_is_the_first_rejected_entry(guest_vm: Any
     )
 
 
-def test_guest_faults_reach_the_veventq_with_the_vsid(guest_vm: Any) -> None:
-    vm = guest_vm()
+def guest_write_fault(vm: Any, offset: int = 0) -> tuple[int, bytes]:
+    """A translating guest whose stage 1 lost the page at GVA + 3 pages (unmapped and
+    invalidated), a DMA write ``offset`` into it: (the vEVENTQ fd, what a read of it gives)."""
     vm.attach_translating()
     r = vm.r
     qfd = r.veventq_alloc(vm.viommu, U.IOMMU_VEVENTQ_TYPE_ARM_SMMUV3)
     vm.s1.unmap(GVA + 3 * 4096, 4096)
     assert vm.invalidate([C.tlbi_va(C.TLBI_NH_VA, GVA + 3 * 4096, asid=GUEST_ASID)]) == (0, 1)
     with pytest.raises(DmaFault):
-        r.dev.dma_write(GVA + 3 * 4096, b"x")
-    out = r.proc.file(qfd).read(4096)
+        r.dev.dma_write(GVA + 3 * 4096 + offset, b"x")
+    return qfd, r.proc.file(qfd).read(4096)
+
+
+def test_guest_faults_reach_the_veventq_with_the_vsid(guest_vm: Any) -> None:
+    vm = guest_vm()
+    r = vm.r
+    qfd, out = guest_write_fault(vm)
     header = U.IommufdVeventHeader.unpack(out[:8])
     assert header.flags == 0 and len(out) == 8 + E.EVENT_SIZE
     ev = E.Event.decode(out[8:])
