@@ -9,6 +9,9 @@ flight -- and checks after every step and at the end:
 - the queues stay consistent: once the interrupt thread ran, the driver consumed its queue
   (AMD PPR_HEAD = PPR_TAIL, VT-d PQH = PQT, SMMUv3 PRIQ_CONS = PRIQ_PROD); the fault object
   holds exactly the groups read and not yet answered;
+- the device's PRI capability (devices/pri.py) keeps its register rules under config writes of
+  any width, offset and value: Capacity and "PRG Response PASID Required" never change,
+  Reset reads 0, Stopped reads the inverse of Enable;
 - every request is answered once: at the end (responses, a detach's auto-responses, the fault
   queue's destruction) each group index was answered at least as often as the IOMMU queued a
   last request of it and never more often than the device sent requests with it; a stalled
@@ -29,6 +32,8 @@ from iommufd_amd import regs as AMD
 from iommufd_intel_vtd import regs as VTD
 
 from iommufd_model.core.eventq import EventFile
+from iommufd_model.devices import pci_regs as PR
+from iommufd_model.devices.pri import PRI_CAPACITY
 from iommufd_model.hw.iommu import DmaFault
 from iommufd_model.machine import Machine
 from iommufd_model.uapi import iommufd as U
@@ -226,7 +231,24 @@ class World:
             self.release = None
 
     # -- checks -------------------------------------------------------------------------------
+    def config(self, offset: int, size: int, value: int) -> None:
+        """A config write into the PRI capability (a VMM or guest poking it through VFIO)."""
+        pos = self.dev.config.find_ext_cap(PR.PCI_EXT_CAP_ID_PRI)
+        assert pos is not None
+        offset = min(offset, PR.PCI_EXT_CAP_PRI_SIZEOF - size)
+        if offset % size:
+            offset -= offset % size
+        self.dev.config_write(pos + offset, size, value)
+
     def check(self) -> None:
+        pos = self.dev.config.find_ext_cap(PR.PCI_EXT_CAP_ID_PRI)
+        assert pos is not None, "the PRI capability left the chain"
+        ctrl = self.dev.config_read(pos + PR.PCI_PRI_CTRL, 2)
+        status = self.dev.config_read(pos + PR.PCI_PRI_STATUS, 2)
+        assert not ctrl & ~PR.PCI_PRI_CTRL_ENABLE, f"PRI control {ctrl:#x}"
+        assert bool(status & PR.PCI_PRI_STATUS_STOPPED) != bool(ctrl & PR.PCI_PRI_CTRL_ENABLE)
+        assert status & PR.PCI_PRI_STATUS_PASID, "PRG Response PASID Required changed"
+        assert self.dev.config_read(pos + PR.PCI_PRI_MAX_REQ, 4) == PRI_CAPACITY
         if self.release is None:
             assert self.v.consumed(), "the driver left page requests in its queue"
         fault = self.fault()
@@ -276,6 +298,12 @@ STEP = st.one_of(
         ),
     ),
     st.tuples(st.just("reattach")),
+    st.tuples(
+        st.just("config"),
+        st.integers(0, 15),
+        st.sampled_from([1, 2, 4]),
+        st.integers(0, (1 << 32) - 1),
+    ),
     st.tuples(st.just("hold")),
     st.tuples(st.just("irq")),
 )
@@ -295,6 +323,7 @@ STEP = st.one_of(
 @example(steps=[("dma", 0), ("read", 2, 0), ("respond", [(0, 0), (0, 0)])])
 @example(steps=[("hold",), ("burst", 600, 7), ("irq",), ("read", 20, 0)])
 @example(steps=[("dma", 1), ("dma", 2), ("reattach",), ("reattach",), ("dma", 3)])
+@example(steps=[("config", 4, 4, 0xFFFF_FFFF), ("config", 6, 2, 0), ("reattach",), ("dma", 0)])
 def test_page_requests_and_fault_fd(driver: str, steps: list[tuple[Any, ...]]) -> None:
     w = World(driver)
     for step in steps:
@@ -312,6 +341,8 @@ def test_page_requests_and_fault_fd(driver: str, steps: list[tuple[Any, ...]]) -
             w.respond(step[1])
         elif kind == "reattach":
             w.reattach()
+        elif kind == "config":
+            w.config(*step[1:])
         elif kind == "hold":
             w.hold()
         else:
