@@ -12,9 +12,12 @@ from typing import Any
 
 import iommufd_model as im
 from iommufd_model import uapi as U
+from iommufd_model.core.eventq import EventFile
 from iommufd_model.core.main import IommuFd
 from iommufd_model.core.objects import IommufdObject
+from iommufd_model.mock.domain import MockDomain
 from iommufd_model.mock.iommufd_test import IOMMU_VIOMMU_TYPE_SELFTEST
+from iommufd_model.process import Process
 from iommufd_model.testing import assert_errno
 from iommufd_model.uapi.codec import UStruct
 
@@ -83,6 +86,20 @@ def destroy(fd: IommuFd, obj_id: int) -> None:
 
 def fault_alloc(fd: IommuFd) -> int:
     return fd.fault_queue_alloc()[0]
+
+
+def event_file(proc: Process, fd: int) -> EventFile:
+    """The file of a FAULT or vEVENTQ object's ``fd`` in ``proc`` (read() and write())."""
+    file = proc.file(fd)
+    assert isinstance(file, EventFile)
+    return file
+
+
+def mock_domain(fd: IommuFd, hwpt_id: int) -> MockDomain:
+    """The mock driver's domain behind paging HWPT ``hwpt_id`` (its IO page table, dirty bits)."""
+    domain = fd.objects.get_hwpt_paging(hwpt_id).domain
+    assert isinstance(domain, MockDomain)
+    return domain
 
 
 # -- a small world -----------------------------------------------------------------------

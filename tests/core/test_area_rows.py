@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable
+from functools import partial
 
 import pytest
 
-from iommufd_model.core.io_pagetable import IOMMU_READ, IoPagetable
+from iommufd_model.core.io_pagetable import IoPagetable
+from iommufd_model.driver import IOMMU_READ
 
 from .test_io_pagetable import RW, FakeAccess, FakeDomain, World
 
@@ -31,7 +33,7 @@ def observe(w: World) -> tuple[object, ...]:
     return tuple(areas), tuple(lookups), tuple(refs), w.proc.locked_pages, repr(maps)
 
 
-def scenario(w: World, steps: list[object]) -> None:
+def scenario(w: World, steps: list[tuple[object, object]]) -> None:
     """IOAS_MAP of one-page areas, then everything that turns rows into objects."""
     iopt, va = w.iopt, w.buffer
     base = w.base_iova + (1 << 20)
@@ -44,7 +46,7 @@ def scenario(w: World, steps: list[object]) -> None:
         steps.append((got, observe(w)))
 
     for i in range(8):
-        step(lambda i=i: iopt.map_user(w.proc, va + i * PAGE, PAGE, base + 2 * i * PAGE, RW))
+        step(partial(iopt.map_user, w.proc, va + i * PAGE, PAGE, base + 2 * i * PAGE, RW))
     step(lambda: iopt.map_user(w.proc, va + 9 * PAGE, PAGE, None, IOMMU_READ))
     step(lambda: iopt.map_user(w.proc, va, PAGE, base, RW))  # EEXIST
     step(lambda: iopt.unmap(base, 2 * PAGE))  # the first area only
@@ -78,12 +80,12 @@ def test_rows_match_objects(ndomains: int, monkeypatch: pytest.MonkeyPatch) -> N
         rows_seen.append(isinstance(got, int))
         return got
 
-    with_rows: list[object] = []
+    with_rows: list[tuple[object, object]] = []
     monkeypatch.setattr(IoPagetable, "_row", counting_row)
     scenario(World(ndomains, domain=lambda: FakeDomain(PAGE | (2 << 20))), with_rows)
     assert sum(rows_seen) >= 8  # the one-page maps were rows
 
-    without_rows: list[object] = []
+    without_rows: list[tuple[object, object]] = []
     monkeypatch.setattr(IoPagetable, "_row", lambda self, area: area)
     scenario(World(ndomains, domain=lambda: FakeDomain(PAGE | (2 << 20))), without_rows)
     assert with_rows == without_rows

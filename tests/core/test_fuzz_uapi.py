@@ -8,7 +8,7 @@ call, a refused call changes nothing, and closing the fd afterwards releases eve
 from __future__ import annotations
 
 import errno
-from typing import Any
+from typing import Any, cast
 
 import attrs
 from hypothesis import HealthCheck, given, settings
@@ -157,7 +157,7 @@ def struct_calls(draw: st.DrawFn, sc: Scenario) -> tuple[int, bytearray]:
     cls = registered_ops()[cmd].struct
     values = _interesting(sc)
     kwargs: dict[str, Any] = {}
-    for f in attrs.fields(cls):
+    for f in attrs.fields(cast("type[attrs.AttrsInstance]", cls)):  # each one is @ustruct
         ctype = f.metadata["ctype"]
         if f.name == "size":
             kwargs["size"] = cls.SIZE
@@ -197,7 +197,7 @@ def test_plausible_structs(data: st.DataObject) -> None:
 def test_map_unmap_sequences_keep_dma_coherent(data: st.DataObject) -> None:
     """Random fixed-IOVA maps/unmaps/copies of page runs: DMA always matches the IOAS."""
     sc = Scenario()
-    io = sc.fd.objects.get(sc.ioas).iopt
+    io = sc.fd.objects.get_ioas(sc.ioas).iopt
     for _ in range(data.draw(st.integers(1, 8))):
         kind = data.draw(st.sampled_from(["map", "unmap", "copy"]))
         pg = data.draw(st.integers(0, 31))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+from functools import partial
 
 import pytest
 from hypothesis import given, settings
@@ -54,7 +55,7 @@ def _disjoint_map(candidates: list[tuple[int, int]]) -> tuple[IntervalMap[int], 
     for n, (first, last) in enumerate(candidates):
         span = _points(first, last)
         if span & covered:
-            assert_errno(errno.EEXIST, lambda a=first, b=last, v=n: imap.insert(a, b, v))
+            assert_errno(errno.EEXIST, partial(imap.insert, first, last, n))
             continue
         imap.insert(first, last, n)
         covered |= span

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+from functools import partial
 
 import pytest
 
 from helpers import PAGE, World, expect_errno
+from iommufd_model.core.eventq import EventFile
 from iommufd_model.mock import selftest as T
 from iommufd_model.testing import assert_errno
 from iommufd_model.uapi import iommufd as U
@@ -93,16 +95,16 @@ def test_map_needs_read_or_write(cmd: str) -> None:
     st: object
     if cmd == "map":
         st = U.IommuIoasMap(flags=fixed, ioas_id=ioas, user_va=w.va, length=PAGE, iova=1 << 24)
-        expect_errno(w.fd, U.IOMMU_IOAS_MAP, st, errno.EINVAL)  # type: ignore[arg-type]
+        expect_errno(w.fd, U.IOMMU_IOAS_MAP, st, errno.EINVAL)
     elif cmd == "map_file":
         mfd = w.proc.memfd_create(PAGE)
         st = U.IommuIoasMapFile(flags=fixed, ioas_id=ioas, fd=mfd, length=PAGE, iova=1 << 24)
-        expect_errno(w.fd, U.IOMMU_IOAS_MAP_FILE, st, errno.EINVAL)  # type: ignore[arg-type]
+        expect_errno(w.fd, U.IOMMU_IOAS_MAP_FILE, st, errno.EINVAL)
     else:
         st = U.IommuIoasCopy(
             flags=fixed, dst_ioas_id=ioas, src_ioas_id=ioas, length=PAGE, dst_iova=1 << 24
         )
-        expect_errno(w.fd, U.IOMMU_IOAS_COPY, st, errno.EINVAL)  # type: ignore[arg-type]
+        expect_errno(w.fd, U.IOMMU_IOAS_COPY, st, errno.EINVAL)
 
 
 @pytest.mark.parametrize(("driver", "ats"), [("mock", True), ("amd", False), ("amd", True)])
@@ -128,10 +130,12 @@ def test_event_fd_read_sizes() -> None:
     viommu = w.fd.viommu_alloc(w.dev_id, parent, T.IOMMU_VIOMMU_TYPE_SELFTEST)
     _, qfd = w.fd.veventq_alloc(viommu, T.IOMMU_VEVENTQ_TYPE_SELFTEST, 2)
     vq = w.proc.files[qfd]
+    assert isinstance(vq, EventFile)
     for count in (0, 7):  # struct iommufd_vevent_header is 8 bytes
-        assert_errno(errno.EINVAL, lambda n=count: vq.read(n))  # type: ignore[attr-defined]
-    assert vq.read(8) == b""  # type: ignore[attr-defined]
+        assert_errno(errno.EINVAL, partial(vq.read, count))
+    assert vq.read(8) == b""
     _, ffd = w.fd.fault_queue_alloc()
     fq = w.proc.files[ffd]
-    assert_errno(errno.ESPIPE, lambda: fq.read(1))  # type: ignore[attr-defined]
-    assert fq.read(0) == b""  # type: ignore[attr-defined]
+    assert isinstance(fq, EventFile)
+    assert_errno(errno.ESPIPE, lambda: fq.read(1))
+    assert fq.read(0) == b""

@@ -210,7 +210,9 @@ def test_rollback_when_out_data_cannot_be_written() -> None:
     w, va, before, frames = _failing_alloc_world()
     real_write = w.proc.write
 
-    def failing_write(addr: int, data: bytes, **kw: object) -> None:
+    def failing_write(
+        va: int, data: bytes | bytearray | memoryview, *, pinned: bool = False
+    ) -> None:
         raise OSError(errno.EFAULT, "copy_to_user")
 
     w.proc.write = failing_write  # type: ignore[method-assign]

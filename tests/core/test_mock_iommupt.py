@@ -11,7 +11,7 @@ import struct
 
 import pytest
 
-from helpers import MOCK_APERTURE, PAGE, World, check_invariants, expect_errno
+from helpers import MOCK_APERTURE, PAGE, World, check_invariants, expect_errno, mock_domain
 from iommufd_model.mock import iommupt as P
 from iommufd_model.mock import selftest as T
 from iommufd_model.testing import assert_errno
@@ -33,13 +33,13 @@ def test_paging_hwpt_takes_selftest_data() -> None:
     """mock_domain_alloc_paging_flags(): pagetable_type picks the table; bad data refused."""
     w = World()
     ioas = w.fd.ioas_alloc()
-    default = w.fd.objects.get(_hwpt(w, ioas, struct.pack("<II", 0, 0))).domain
+    default = mock_domain(w.fd, _hwpt(w, ioas, struct.pack("<II", 0, 0)))
     assert default.pgsize_bitmap == P.PGSIZE_BITMAP == ((1 << 37) - 1) & ~(K2 - 1)
     assert (default.aperture_start, default.aperture_end) == (MOCK_APERTURE, (1 << 31) - 1)
-    huge = w.fd.objects.get(_hwpt(w, ioas, struct.pack("<II", 0, 1))).domain
+    huge = mock_domain(w.fd, _hwpt(w, ioas, struct.pack("<II", 0, 1)))
     assert huge.pgsize_bitmap == M1 | PAGE
     assert (huge.aperture_start, huge.aperture_end) == (0, (1 << 38) - 1)
-    short = w.fd.objects.get(_hwpt(w, ioas, struct.pack("<I", 0))).domain  # minimum: iotlb
+    short = mock_domain(w.fd, _hwpt(w, ioas, struct.pack("<I", 0)))  # minimum: iotlb
     assert short.pgsize_bitmap == P.PGSIZE_BITMAP
     check_invariants(w.fd)
     sel = T.IOMMU_HWPT_DATA_SELFTEST
@@ -221,7 +221,7 @@ def test_get_dirty_bitmap_stops_at_a_gap_and_drops_errors() -> None:
     nothing is written to is never touched, so a bad pointer still succeeds."""
     w, _, hwpt = _dirty_world(None)
     w.fd.hwpt_set_dirty_tracking(hwpt, True)
-    mock = w.fd.objects.get(hwpt).domain
+    mock = mock_domain(w.fd, hwpt)
     mock.pt.set_dirty(MOCK_APERTURE)
     mock.pt.set_dirty(MOCK_APERTURE + 9 * PAGE)  # beyond the gap at page 8
     got = w.fd.hwpt_get_dirty_bitmap(hwpt, MOCK_APERTURE, 10 * PAGE, PAGE, clear=False)

@@ -22,9 +22,11 @@ from helpers import (
     ioas_map,
     ioas_unmap,
     ioctl,
+    mock_domain,
     snapshot,
 )
 from iommufd_model import uapi as U
+from iommufd_model.mock.hw import MockIommu
 from iommufd_model.testing import assert_errno
 
 
@@ -143,7 +145,7 @@ def test_map_before_attach_is_filled_into_the_new_domain() -> None:
         w.dev.dma_read(iova, 5)  # not attached: blocked
     hwpt = w.fd.attach(w.dev_id, ioas)
     assert w.dev.dma_read(iova, 5) == b"early"
-    domain = w.fd.objects.get(hwpt).domain
+    domain = mock_domain(w.fd, hwpt)
     assert len(domain.entries) == 2 * PAGE // 2048  # mock IO pages are 2 KiB
     check_invariants(w.fd)
 
@@ -206,6 +208,7 @@ def test_close_destroys_everything() -> None:
     assert w.fd.closed
     assert list(w.fd.objects) == []
     assert w.dev.bound_to is None
+    assert isinstance(w.dev.iommu, MockIommu)
     assert w.dev.iommu.context[w.dev.rid] is None
     assert w.proc.locked_pages == 0
     assert dict(w.machine.memory._refs) == dict(_pte_refs(w))

@@ -8,10 +8,12 @@ import pytest
 
 import iommufd_model as im
 from iommufd_model import uapi as U
+from iommufd_model.core.main import IommuFd
+from iommufd_model.process import Process
 from iommufd_model.testing import assert_errno
 
 
-def _world() -> tuple[im.Machine, object, object, int]:
+def _world() -> tuple[im.Machine, Process, IommuFd, int]:
     m = im.Machine.build(iommus=["mock"])
     dev = m.add_pci_device()
     proc = m.new_process()

@@ -39,7 +39,8 @@ def _v(cmd: int, **changes: Any) -> Callable[[Scenario], Any]:
 
     def build(sc: Scenario) -> Any:
         vals = {k: (v(sc) if callable(v) else v) for k, v in changes.items()}
-        return attrs.evolve(valid_cmd(sc, cmd), **vals)
+        st: Any = valid_cmd(sc, cmd)  # an @ustruct attrs class (their base, UStruct, is not one)
+        return attrs.evolve(st, **vals)
 
     return build
 
@@ -647,7 +648,7 @@ def test_iova_ranges_emsgsize_reports_the_real_count() -> None:
     assert run(sc.fd, U.IOMMU_IOAS_IOVA_RANGES, buf) == errno.EMSGSIZE
     out = U.IommuIoasIovaRanges.unpack(buf)
     assert out.num_iovas == 1  # the mock aperture leaves one usable hole
-    assert out.out_iova_alignment == sc.fd.objects.get(sc.ioas).iopt.iova_alignment
+    assert out.out_iova_alignment == sc.fd.objects.get_ioas(sc.ioas).iopt.iova_alignment
     assert snapshot(sc.fd) == before
     # With room for it, the hole is the mock aperture.
     out = ioctl(
@@ -759,8 +760,10 @@ def test_destroy_order_ioas_hwpt() -> None:
 
 def test_hwpt_invalidate_reports_zero_entries_on_error() -> None:
     sc = Scenario()
+    valid = valid_cmd(sc, U.IOMMU_HWPT_INVALIDATE)
+    assert isinstance(valid, U.IommuHwptInvalidate)
     st = attrs.evolve(
-        valid_cmd(sc, U.IOMMU_HWPT_INVALIDATE),
+        valid,
         entry_num=5,
         hwpt_id=999,
         entry_len=16,

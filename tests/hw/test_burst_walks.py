@@ -19,7 +19,6 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from tests.hw.test_translate_front import _env, _records
 
 import iommufd_model as im
 from iommufd_model import uapi as U
@@ -28,6 +27,8 @@ from iommufd_model.hw.iommu import DmaFault, IommuHw
 from iommufd_model.hw.iotlb import Iotlb
 from iommufd_model.plugins import default_registry
 from iommufd_model.vmm import Vm
+
+from .test_translate_front import _env, _records
 
 PAGE = 4096
 MIB = 1 << 20

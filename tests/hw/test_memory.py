@@ -114,7 +114,7 @@ def test_frames_are_word_arrays_indexed_beside_the_dict() -> None:
     pages = mem._pages
     assert isinstance(pages, Frames) and isinstance(pages, dict)
     frame = pages[pfn]
-    assert isinstance(frame, Frame) and len(frame) == WORDS_PER_FRAME
+    assert type(frame) is Frame and len(frame) == WORDS_PER_FRAME
     assert frame[2] == -(1 << 63) + 1 and _aliases(pages.indexed(pfn), frame)
     frame[2] = 5  # a store behind the memory's back (a walker setting A/D bits)
     assert mem.read_u64(pa + 16) == 5 and mem.read(pa + 16, 8) == (5).to_bytes(8, "little")

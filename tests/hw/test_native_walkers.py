@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from types import ModuleType
 from typing import Any
 
@@ -31,7 +31,7 @@ X86 = "iommufd_model.hw.walk_x86"
 x86_builds = [load_walker(X86), load_pure(X86)]
 
 
-def corrupt(mem: PhysicalMemory, tables: set[int], rng: random.Random, n: int) -> None:
+def corrupt(mem: PhysicalMemory, tables: Iterable[int], rng: random.Random, n: int) -> None:
     """Overwrite ``n`` random entries of the given tables with random (sometimes wild) words."""
     order = sorted(tables)
     for _ in range(n):
@@ -242,8 +242,8 @@ def test_vtd_native_walks_equal_the_general_ones(seed: int) -> None:
     ]
     mems = [PhysicalMemory(MEM) for _ in variants]
     for m in mems:
-        for pfn, page in mem._pages.items():
-            m._pages[pfn] = new_frame(memoryview(bytes(page)).cast("q"))
+        for pfn, src in mem._pages.items():
+            m._pages[pfn] = new_frame(memoryview(bytes(src)).cast("q"))
     for _ in range(300):
         write = rng.random() < 0.5
         set_ad = rng.random() < 0.5

@@ -113,7 +113,8 @@ class _Dev:
     name = "dev"
 
 
-DEV = _Dev()
+#: Stands in for a PciDevice: the IOMMU below and its faults read only the name.
+DEV: Any = _Dev()
 
 
 class _HugeLeafPastTheEnd(IommuHw):

@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import iommufd_model as im
+from helpers import mock_domain
 from iommufd_model import uapi as U
 from iommufd_model.hw.compiled import PURE_ENV, is_compiled, load_walker
 from iommufd_model.hw.iommu import DmaFault, IommuHw
@@ -78,7 +79,7 @@ def _records(hw: IommuHw) -> list[str]:
 
 
 def _context_caches(hw: IommuHw) -> list[dict[Any, Any]]:
-    names = ("dte_cache", "context_cache", "pasid_cache", "ste_cache", "cd_cache")
+    names: tuple[str, ...] = ("dte_cache", "context_cache", "pasid_cache", "ste_cache", "cd_cache")
     if hw.driver_name == "mock":  # its context pointers are its only context cache
         names = ("context", "pasid_context")
     return [getattr(hw, n) for n in names if hasattr(hw, n)]
@@ -178,7 +179,7 @@ class Rig:
         tlb = _tlb(hw)
         dirty = None
         if hw.driver_name == "mock":  # the dirty bits its writes set
-            dirty = [sorted(self.fd.objects.get_hwpt_paging(h).domain.pt.dirty) for h in self.hwpt]
+            dirty = [sorted(mock_domain(self.fd, h).pt.dirty) for h in self.hwpt]
         return (
             hw.stats.snapshot(),
             None if tlb is None else tlb.entries(),
