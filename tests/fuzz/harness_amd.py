@@ -23,6 +23,7 @@ from iommufd_amd import commands as C
 from iommufd_amd import regs as R
 from iommufd_amd.dte import DTE_SIZE, Dte
 from iommufd_amd.gcr3 import GCR3_VALID
+from iommufd_amd.hw import AmdIommu
 from iommufd_amd.pgtable_v1 import AmdV1Format
 from snapshots import refused_unchanged
 
@@ -188,9 +189,14 @@ def guest_cmd_hw(data: bytes) -> str:
 
 
 # -- host-owned formats (written by the kernel; the fuzz plays a buggy or compromised host) ---
+def _amd(w: HostWorld) -> AmdIommu:
+    assert isinstance(w.hw, AmdIommu)
+    return w.hw
+
+
 def _host_dte_seeds() -> list[bytes]:
     w = HostWorld("amd")
-    good = w.hw.memory.read(w.hw.devtab_base + w.dev.rid * DTE_SIZE, DTE_SIZE)
+    good = w.hw.memory.read(_amd(w).devtab_base + w.dev.rid * DTE_SIZE, DTE_SIZE)
     d = Dte.from_bytes(good)
     return [good, bytes(32), b"\xff" * 32,
             Dte(v=True, tv=True, mode=7, host_root=d.host_root, ir=True).to_bytes(),
@@ -200,15 +206,15 @@ def _host_dte_seeds() -> list[bytes]:
 
 
 def _host_reset(w: HostWorld) -> None:
-    w.hw.dte_cache.clear()
-    w.hw.iotlb.flush_all()
+    _amd(w).dte_cache.clear()
+    _amd(w).iotlb.flush_all()
 
 
 @harness("amd", "host_dte", 32, _host_dte_seeds)
 def host_dte(data: bytes) -> str:
     """The device's DTE in the host device table as the hardware reads it."""
     w = HostWorld("amd")
-    w.hw.memory.write(w.hw.devtab_base + w.dev.rid * DTE_SIZE,
+    w.hw.memory.write(_amd(w).devtab_base + w.dev.rid * DTE_SIZE,
                       data[:DTE_SIZE].ljust(DTE_SIZE, b"\0"))  # fmt: skip
     _host_reset(w)
     with w.isolation():
@@ -216,7 +222,7 @@ def host_dte(data: bytes) -> str:
 
 
 def _v1(w: HostWorld) -> tuple[list[int], AmdV1Format]:
-    d = Dte.from_bytes(w.hw.memory.read(w.hw.devtab_base + w.dev.rid * DTE_SIZE, DTE_SIZE))
+    d = Dte.from_bytes(w.hw.memory.read(_amd(w).devtab_base + w.dev.rid * DTE_SIZE, DTE_SIZE))
     fmt = AmdV1Format(d.mode)
     return walk_path(w.hw.memory, d.host_root, fmt, IOVA), fmt
 

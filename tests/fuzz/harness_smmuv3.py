@@ -22,12 +22,12 @@ from iommufd_arm_smmuv3 import commands as C
 from iommufd_arm_smmuv3 import regs as R
 from iommufd_arm_smmuv3.cd import CD_SIZE, Cd
 from iommufd_arm_smmuv3.cmdqv import VCMDQ_CONS, VCMDQ_GERROR
-from iommufd_arm_smmuv3.hw import words as ste_words
 from iommufd_arm_smmuv3.pgtable import Stage1Format, Stage2Format
 from iommufd_arm_smmuv3.ste import CFG_S1_TRANS, L1CD_L2PTR, S1FMT_LINEAR, STE_SIZE, Ste
 from snapshots import refused_unchanged
 
 from iommufd_model.hw.bits import pack
+from iommufd_model.hw.bits import words as ste_words
 from iommufd_model.uapi import iommufd as U
 
 S1 = Stage1Format()

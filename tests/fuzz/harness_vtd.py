@@ -26,8 +26,10 @@ from iommufd_intel_vtd import tables as T
 from iommufd_intel_vtd.pgtable import SecondStageFormat
 from snapshots import refused_unchanged
 
+from iommufd_model.core.eventq import EventFile
 from iommufd_model.hw.x86_64 import X86_64Format
 from iommufd_model.uapi import iommufd as U
+from iommufd_model.uapi.codec import UStruct
 
 DRIVER = "intel_vtd"
 FS = X86_64Format(4)
@@ -347,7 +349,9 @@ class PrqWorld(HostWorld):
         super().__init__(DRIVER)
         self.pdev = self.machine.add_pci_device(iommu=0, ats=True)
         self.pdev_id = self.fd.bind(self.pdev)
-        out = U.IommuFaultAlloc.unpack(self._ioctl(U.IOMMU_FAULT_QUEUE_ALLOC, U.IommuFaultAlloc))
+        out = U.IommuFaultAlloc.unpack(
+            self._ioctl(U.IOMMU_FAULT_QUEUE_ALLOC, U.IommuFaultAlloc(size=U.IommuFaultAlloc.SIZE))
+        )
         self.fault_fd = out.out_fault_fd
         cmd = U.IommuHwptAlloc(
             size=U.IommuHwptAlloc.SIZE,
@@ -360,9 +364,7 @@ class PrqWorld(HostWorld):
         self.fd.attach(self.pdev_id, hwpt)
         self.fd.attach(self.pdev_id, hwpt, pasid=PASID)
 
-    def _ioctl(self, cmd: int, st: Any) -> bytes:
-        if isinstance(st, type):
-            st = st(size=st.SIZE)
+    def _ioctl(self, cmd: int, st: UStruct) -> bytes:
         buf = bytearray(st.pack())
         self.fd.ioctl(cmd, buf)
         return bytes(buf)
@@ -403,11 +405,13 @@ def host_prq(data: bytes) -> str:
             grpid=r.prgi,
             last=r.lpig,
         )
-    raw = w.proc.files[w.fault_fd].read(16 * U.IommuHwptPgfault.SIZE)
+    fault_file = w.proc.files[w.fault_fd]
+    assert isinstance(fault_file, EventFile)
+    raw = fault_file.read(16 * U.IommuHwptPgfault.SIZE)
     size = U.IommuHwptPgfault.SIZE
     faults = [U.IommuHwptPgfault.unpack(raw[i : i + size]) for i in range(0, len(raw), size)]
     for cookie in sorted({f.cookie for f in faults}):
-        w.proc.files[w.fault_fd].write(U.IommuHwptPageResponse(cookie=cookie, code=0).pack())
+        fault_file.write(U.IommuHwptPageResponse(cookie=cookie, code=0).pack())
     got = ",".join(f"{f.flags:x}/{f.perm:x}" for f in faults)
     resp = ",".join(f"{r.code:x}{'h' if r.by_hardware else ''}" for r in hw.prg_responses)
     return f"f[{got}]|r[{resp}]|{w.events()}"

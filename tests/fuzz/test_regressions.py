@@ -36,7 +36,7 @@ def test_leaf_beyond_memory_is_a_dma_fault(vendor: str) -> None:
         tables, fmt = V._host_tables(w)
         ws = [tables[1] | 0x67, BEYOND | 0xE7]
     plant_path(w.hw.memory, tables, fmt, u64s(*ws), w.spare)
-    (A._host_reset if vendor == "amd" else V._reset)(w)  # type: ignore[arg-type]
+    (A._host_reset if vendor == "amd" else V._reset)(w)
     for _ in range(2):  # nothing is cached for it either
         with pytest.raises(DmaFault, match="master abort"):
             w.dev.dma_write(IOVA, b"x")

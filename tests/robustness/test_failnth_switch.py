@@ -52,7 +52,10 @@ def test_disarmed_and_not_nested() -> None:
 
 def test_sweep_counts_points_and_reports_swallowed_failures() -> None:
     seen: list[tuple[str | None, int | None]] = []
-    res = sweep(three_sites, lambda fp, exc: seen.append((fp.fired_site, exc and exc.errno)))
+    res = sweep(
+        three_sites,
+        lambda fp, exc: seen.append((fp.fired_site, None if exc is None else exc.errno)),
+    )
     assert res.points == 3 and res.reached == 3 and res.result == "done"
     assert seen == [("a", errno.ENOMEM), ("b", errno.ENOENT), ("c", errno.ENOMEM)]
 

@@ -64,7 +64,9 @@ class Kfd:
             assert exc.errno, "an ioctl failure must carry an errno"
             return exc.errno, -1
 
-    def test_cmd(self, op: int, id_: int, payload: bytes = b"") -> tuple[int, bytearray]:
+    def test_cmd(
+        self, op: int, id_: int, payload: bytes | bytearray = b""
+    ) -> tuple[int, bytearray]:
         """IOMMU_TEST_CMD with ``payload`` as the union; returns (errno, the struct after)."""
         buf = pack("IIII", TEST_CMD_SIZE, op, id_, 0) + bytearray(payload).ljust(48, b"\0")
         buf += pack("II", 0, 0)
@@ -148,7 +150,7 @@ class Kfd:
         pt_id: int,
         flags: int,
         data_type: int = 0,
-        data: bytes | None = None,
+        data: bytes | bytearray | None = None,
         *,
         data_len: int | None = None,
         fault_id: int = 0,
@@ -168,14 +170,14 @@ class Kfd:
         assert rc == 0, f"hwpt_alloc failed with errno {rc}"
         return hwpt
 
-    def user_bytes(self, data: bytes) -> int:
+    def user_bytes(self, data: bytes | bytearray) -> int:
         """Copy ``data`` into a new user mapping and return its address."""
-        uptr = self.proc.mmap(max(len(data), 1))
+        uptr: int = self.proc.mmap(max(len(data), 1))
         self.proc.write(uptr, bytes(data))
         return uptr
 
     def hwpt_invalidate(
-        self, hwpt_id: int, reqs: bytes | None, data_type: int, entry_len: int, num: int
+        self, hwpt_id: int, reqs: bytes | bytearray | None, data_type: int, entry_len: int, num: int
     ) -> tuple[int, int]:
         """``_test_cmd_hwpt_invalidate()``: (errno, entry_num after); reqs None = NULL."""
         uptr = self.user_bytes(reqs) if reqs is not None else 0
@@ -190,7 +192,12 @@ class Kfd:
         return fault_id, fault_fd
 
     def viommu_alloc(
-        self, dev_id: int, hwpt_id: int, vtype: int, data: bytes | None = None, flags: int = 0
+        self,
+        dev_id: int,
+        hwpt_id: int,
+        vtype: int,
+        data: bytes | bytearray | None = None,
+        flags: int = 0,
     ) -> tuple[int, int, bytes]:
         """(errno, viommu_id, the data buffer after the call)."""
         uptr = self.user_bytes(data) if data else 0
@@ -219,13 +226,13 @@ class Kfd:
     def read_file(self, fd: int, count: int) -> tuple[int, bytes]:
         """read(2) on a file of the process: (errno, bytes)."""
         try:
-            return 0, self.proc.files[fd].read(count)  # type: ignore[attr-defined]
+            return 0, self.proc.files[fd].read(count)
         except OSError as exc:
             return exc.errno or -1, b""
 
     def write_file(self, fd: int, data: bytes) -> tuple[int, int]:
         try:
-            return 0, int(self.proc.files[fd].write(data))  # type: ignore[attr-defined]
+            return 0, int(self.proc.files[fd].write(data))
         except OSError as exc:
             return exc.errno or -1, 0
 

@@ -464,7 +464,12 @@ def test_iommufd_ioas__alloc_hwpt_nested(iommufd_ioas: IoasFixture) -> None:
     assert k.destroy(parent) == errno.EBUSY
 
     def inv(
-        hwpt: int, reqs: bytes | None, num: int, *, dtype: int = inv_sel, entry_len: int = 8
+        hwpt: int,
+        reqs: bytes | bytearray | None,
+        num: int,
+        *,
+        dtype: int = inv_sel,
+        entry_len: int = 8,
     ) -> tuple[int, int]:
         return k.hwpt_invalidate(hwpt, reqs, dtype, entry_len, num)
 

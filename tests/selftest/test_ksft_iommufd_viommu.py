@@ -172,10 +172,12 @@ def test_iommufd_viommu__vdevice_cache(iommufd_viommu: ViommuFixture) -> None:
     dflt = T.IOMMU_TEST_DEV_CACHE_DEFAULT
     k.check_dev_cache_all(dev, dflt)
 
-    def inv(reqs: bytes | None, num: int, *, dtype: int = sel, entry_len: int = 12) -> Any:
+    def inv(
+        reqs: bytes | bytearray | None, num: int, *, dtype: int = sel, entry_len: int = 12
+    ) -> tuple[int, int]:
         return k.hwpt_invalidate(viommu, reqs, dtype, entry_len, num)
 
-    def req(flags: int, vdev: int, cache_id: int) -> bytes:
+    def req(flags: int, vdev: int, cache_id: int) -> bytearray:
         return pack("III", flags, vdev, cache_id)  # struct iommu_viommu_invalidate_selftest
 
     zero = bytes(24)
