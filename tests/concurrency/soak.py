@@ -15,23 +15,26 @@ import os
 import sys
 import time
 import traceback
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+TESTS = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(TESTS))  # as pytest's pythonpath: this package and helpers.py
 os.environ.setdefault("IOMMUFD_MODEL_STRICT", "1")  # a model bug raises, as under pytest
 
 import pytest  # noqa: E402
-from tests.concurrency import test_isolation, test_races  # noqa: E402
-from tests.concurrency.test_stress import stress  # noqa: E402
-from tests.concurrency.threads import DRIVERS, GUEST_DRIVERS  # noqa: E402
+
+from concurrency import test_isolation, test_races  # noqa: E402
+from concurrency.test_stress import stress  # noqa: E402
+from concurrency.threads import DRIVERS, GUEST_DRIVERS  # noqa: E402
 
 
-def plan() -> list[tuple[str, Callable[[int], Counter[str] | None]]]:
+def plan() -> list[tuple[str, Callable[..., Counter[str] | None]]]:
     """(name, run(seed)) for every kind of soak run."""
-    runs: list[tuple[str, Callable[[int], Counter[str] | None]]] = []
+    # Callable[..., ]: mypy infers no lambda that binds a loop variable by a default argument
+    # against a Callable[[int], ] (it takes one more parameter than that)
+    runs: list[tuple[str, Callable[..., Counter[str] | None]]] = []
     for d in DRIVERS:
         runs.append((f"stress[{d}]", lambda seed, d=d: stress(d, rounds=40, seed=seed)))
         runs.append(
@@ -86,7 +89,7 @@ def main() -> int:
     args = ap.parse_args()
     runs = plan()
     done: Counter[str] = Counter()
-    secs: Counter[str] = Counter()
+    secs: defaultdict[str, float] = defaultdict(float)
     calls: dict[str, Counter[str]] = {}
     skipped: set[str] = set()
     start = time.perf_counter()

@@ -13,15 +13,15 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import hypothesis
 import pytest
-from tests.concurrency.threads import DRIVERS, check_all, run_threads
-from tests.helpers import snapshot
+from hypothesis import strategies as st
 
 import iommufd_model as im
+from helpers import snapshot
 from iommufd_model.hw.iommu import DmaFault
 
-hypothesis = pytest.importorskip("hypothesis")
-st = pytest.importorskip("hypothesis.strategies")
+from .threads import DRIVERS, check_all, run_threads
 
 PAGE = 4096
 IOVA = 1 << 24

@@ -10,11 +10,11 @@ import functools
 import random
 import threading
 
-from tests.concurrency.threads import HostWorld, check_all, run_threads
-
 from iommufd_model.core.main import registered_ops
 from iommufd_model.failnth import fail_nth
 from iommufd_model.hw.iommu import DmaFault
+
+from .threads import HostWorld, check_all, run_threads
 
 PAGE = 4096
 IOVA = 1 << 24

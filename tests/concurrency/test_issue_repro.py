@@ -6,9 +6,10 @@ pages, a RuntimeError escaping an ioctl)."""
 from __future__ import annotations
 
 import pytest
-from tests.concurrency.threads import DRIVERS, check_all, run_threads
 
 import iommufd_model as im
+
+from .threads import DRIVERS, check_all, run_threads
 
 RANGE = 256 << 10
 ROUNDS = 40

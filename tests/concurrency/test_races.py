@@ -14,7 +14,17 @@ import struct
 import threading
 
 import pytest
-from tests.concurrency.threads import (
+
+from helpers import check_invariants
+from iommufd_model.core.eventq import EventFile
+from iommufd_model.hw.iommu import DmaFault
+from iommufd_model.locking import MODEL_LOCK, wait_for
+from iommufd_model.mock import selftest as T
+from iommufd_model.scenarios.guest_events import HEADER, VEVENT_RECORDS
+from iommufd_model.uapi import iommufd as U
+from iommufd_model.vmm import Vm
+
+from .threads import (
     DRIVERS,
     GUEST_DRIVERS,
     HostWorld,
@@ -23,15 +33,6 @@ from tests.concurrency.threads import (
     check_translations,
     run_threads,
 )
-from tests.helpers import check_invariants
-
-from iommufd_model.core.eventq import EventFile
-from iommufd_model.hw.iommu import DmaFault
-from iommufd_model.locking import MODEL_LOCK, wait_for
-from iommufd_model.mock import selftest as T
-from iommufd_model.scenarios.guest_events import HEADER, VEVENT_RECORDS
-from iommufd_model.uapi import iommufd as U
-from iommufd_model.vmm import Vm
 
 PAGE = 4096
 IOVA = 1 << 24
@@ -205,7 +206,7 @@ def test_concurrent_guest_invalidations_all_complete(driver: str, accelerated: b
             vm.fd.ioas_map(vm.ioas_id, va, LEN, iova=vm.ram_size + FAR)
             vm.fd.ioas_unmap(vm.ioas_id, vm.ram_size + FAR, LEN)
 
-    run_threads([*(lambda i=i: guest(i) for i in range(3)), host])  # type: ignore[misc]
+    run_threads([*(lambda i=i: guest(i) for i in range(3)), host])
     check_all([vm.fd])
 
 

@@ -19,18 +19,19 @@ import struct
 from collections import Counter
 
 import pytest
-from tests.concurrency.threads import (
+
+from iommufd_model.hw.iommu import DmaFault
+from iommufd_model.mock import selftest as T
+from iommufd_model.uapi import iommufd as U
+from iommufd_model.vmm import Vm
+
+from .threads import (
     DRIVERS,
     HostWorld,
     check_all,
     check_translations,
     run_threads,
 )
-
-from iommufd_model.hw.iommu import DmaFault
-from iommufd_model.mock import selftest as T
-from iommufd_model.uapi import iommufd as U
-from iommufd_model.vmm import Vm
 
 PAGE = 4096
 NPAGES = 16

@@ -16,9 +16,9 @@ import threading
 from collections.abc import Callable, Iterable
 
 import pytest
-from tests.helpers import check_invariants
 
 import iommufd_model as im
+from helpers import check_invariants
 from iommufd_model.core.main import IommuFd
 from iommufd_model.hw.iommu import DmaFault
 from iommufd_model.hw.iotlb import Iotlb

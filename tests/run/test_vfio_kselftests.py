@@ -28,7 +28,8 @@ from pathlib import Path
 
 import attrs
 import pytest
-from tests.run.test_kselftests import Tap, parse_tap
+
+from .test_kselftests import Tap, parse_tap
 
 HERE = Path(__file__).parent
 VENDORS = ("amd", "intel_vtd", "arm_smmuv3")

@@ -4,7 +4,7 @@ tests; helpers that issue VFIO ioctls with the uAPI's bytes."""
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import pytest
@@ -45,7 +45,10 @@ class VfioSetup:
         return int(V.VfioDeviceBindIommufd.unpack(buf).out_devid)
 
 
-def call(df: Any, cmd: int, st: UStruct, proc: Any, tail: bytes = b"") -> Any:
+S = TypeVar("S", bound=UStruct)
+
+
+def call(df: Any, cmd: int, st: S, proc: Any, tail: bytes = b"") -> S:
     """Pack ``st`` (+ ``tail``), issue ``cmd`` on ``df``, decode the reply."""
     buf = bytearray(st.pack() + tail)
     df.ioctl(cmd, buf, proc)

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import errno
 
-from tests.vfio.conftest import VfioSetup, call
-
 from iommufd_model import vfio
 from iommufd_model.testing import assert_errno
 from iommufd_model.uapi import vfio as V
+
+from .conftest import VfioSetup, call
 
 
 def _info(df: object, proc: object) -> V.VfioDeviceInfo:

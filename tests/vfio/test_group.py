@@ -8,12 +8,12 @@ import errno
 import struct
 from typing import Any
 
-from tests.vfio.conftest import VfioSetup, call
-
 from iommufd_model import vfio
 from iommufd_model.core import vfio_compat as C
 from iommufd_model.testing import assert_errno
 from iommufd_model.uapi import vfio as V
+
+from .conftest import VfioSetup, call
 
 
 def _group_path(setup: VfioSetup) -> str:

@@ -7,14 +7,16 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import pytest
-from tests.vfio.conftest import VfioSetup, call, fds, irq_set
 
 from iommufd_model.devices import pci_regs as R
 from iommufd_model.testing import assert_errno
 from iommufd_model.uapi import vfio as V
+
+from .conftest import VfioSetup, call, fds, irq_set
 
 TRIGGER = V.VFIO_IRQ_SET_ACTION_TRIGGER
 EVENTFD, NONE, BOOL = (
@@ -177,7 +179,7 @@ def test_err_req_triggers_and_close(setup: VfioSetup, efds: list[int]) -> None:
     for index in (V.VFIO_PCI_ERR_IRQ_INDEX, V.VFIO_PCI_REQ_IRQ_INDEX):
         assert_errno(
             errno.EINVAL,
-            lambda i=index: df.ioctl(V.VFIO_DEVICE_SET_IRQS, irq_set(i, TRIGGER | NONE, 0, 1), p),
+            partial(df.ioctl, V.VFIO_DEVICE_SET_IRQS, irq_set(index, TRIGGER | NONE, 0, 1), p),
         )
         df.ioctl(
             V.VFIO_DEVICE_SET_IRQS, irq_set(index, TRIGGER | EVENTFD, 0, 1, fds(efds[index])), p

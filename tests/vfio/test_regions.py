@@ -7,11 +7,11 @@ import errno
 import struct
 from typing import Any
 
-from tests.vfio.conftest import VfioSetup, call
-
 from iommufd_model.devices import pci_regs as R
 from iommufd_model.testing import assert_errno
 from iommufd_model.uapi import vfio as V
+
+from .conftest import VfioSetup, call
 
 CFG = 7 << 40
 

@@ -11,13 +11,16 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from tests.vfio.conftest import call
 
 import iommufd_model as im
 from iommufd_model import vfio
+from iommufd_model.core.main import IommuFd
 from iommufd_model.testing import assert_errno
 from iommufd_model.uapi import vfio as V
 from iommufd_model.vfio import sysfs
+from iommufd_model.vfio.group import VfioGroupFile
+
+from .conftest import call
 
 UUID_1 = "52ac9bff-3a88-4fbd-901a-0d767c3b6c97"
 UUID_2 = "88594674-90a0-47a9-aea8-9d9b352ac08a"
@@ -61,11 +64,13 @@ class Env:
         p = self.proc
         gfd = vfio.open_fd(p, f"/dev/vfio/{self.vdev(fn).group.id}")
         cfd = vfio.open_fd(p, vfio.CONTAINER_PATH)
-        p.files[gfd].ioctl(V.VFIO_GROUP_SET_CONTAINER, bytearray(struct.pack("<i", cfd)), p)
-        p.files[cfd].ioctl(V.VFIO_SET_IOMMU, V.VFIO_TYPE1v2_IOMMU)
+        group, container = p.files[gfd], p.files[cfd]
+        assert isinstance(group, VfioGroupFile) and isinstance(container, IommuFd)
+        group.ioctl(V.VFIO_GROUP_SET_CONTAINER, bytearray(struct.pack("<i", cfd)), p)
+        container.ioctl(V.VFIO_SET_IOMMU, V.VFIO_TYPE1v2_IOMMU)
         name = fn.bdf + (f" vf_token={token}" if token else "")
         try:
-            fd = p.files[gfd].ioctl(V.VFIO_GROUP_GET_DEVICE_FD, bytearray(name.encode() + b"\0"), p)
+            fd = group.ioctl(V.VFIO_GROUP_GET_DEVICE_FD, bytearray(name.encode() + b"\0"), p)
         except OSError as exc:
             return -1, exc.errno or 0
         return fd, 0
