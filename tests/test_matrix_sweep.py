@@ -12,7 +12,7 @@ from pathlib import Path
 import attrs
 import pytest
 
-from iommufd_model import cli, sweep
+from iommufd_model import cli
 from iommufd_model.driver import DriverInfo, Feature, OptionSet
 from iommufd_model.hookspecs import hookimpl
 from iommufd_model.mock.driver import MockDriver
@@ -208,7 +208,7 @@ def test_scheduler_without_dask(monkeypatch: pytest.MonkeyPatch) -> None:
     def no_dask(name: str) -> object:
         raise ImportError(f"No module named {name!r}")
 
-    monkeypatch.setattr(sweep.importlib, "import_module", no_dask)
+    monkeypatch.setattr("iommufd_model.sweep.importlib.import_module", no_dask)
     with pytest.raises(SystemExit) as exc:
         cli.main(["matrix", "--scheduler", "tcp://127.0.0.1:1"], _reg(mock=MockDriver()))
     assert exc.value.code == (

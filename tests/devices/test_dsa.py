@@ -37,6 +37,7 @@ from iommufd_model.devices.dsa import (
     IDXD_WQCAP_OFFSET,
     IDXD_WQCFG_MIN,
     PCI_DEVICE_ID_INTEL_DSA_SPR0,
+    DsaFunction,
 )
 from iommufd_model.hw import bits
 
@@ -210,6 +211,7 @@ def test_memcpy_one_and_batches(vendor: str) -> None:
     drv.memcpy_start(src, dst, size, 1)
     assert drv.memcpy_wait() == 0 and s.read(dst, size) == s.read(src, size)
     assert drv.irqs == []
+    assert isinstance(s.fn, DsaFunction)
     before = s.fn.submissions
     s.write(dst, b"y" * size)
     drv.memcpy_start(src, dst, size, 2 * drv.max_copies_per_batch + 1)  # 3 batches: N, N-1, 2
@@ -269,7 +271,7 @@ def test_commands_refuse_as_cmdsts_says() -> None:
     assert drv.command(IDXD_CMD_ENABLE_DEVICE) == IDXD_CMDSTS_ERR_BUSMASTER_EN
     # a descriptor to a disabled WQ is dropped
     drv.submit(desc(DSA_OPCODE_MEMMOVE, IDXD_OP_FLAG_RCI, 0, s.iova, s.iova, 8, 1))
-    assert s.fn.submissions == 0
+    assert isinstance(s.fn, DsaFunction) and s.fn.submissions == 0
 
 
 def test_misaligned_completion_record_goes_to_swerr() -> None:

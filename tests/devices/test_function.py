@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -17,7 +18,7 @@ from iommufd_model.testing import assert_errno
 from .conftest import dma_setup
 
 
-def make(kind: str = "generic", vendor: str = "mock", **opts: object) -> PciFunction:
+def make(kind: str = "generic", vendor: str = "mock", **opts: Any) -> PciFunction:
     machine = im.Machine.build(iommus=[vendor])
     return machine.add_pci_function(kind, 0, **opts)
 

@@ -32,6 +32,7 @@ from iommufd_model.devices.ioat import (
     IOAT_VER_OFFSET,
     IOAT_XFERCAP_OFFSET,
     PCI_DEVICE_ID_INTEL_IOAT_SKX,
+    IoatFunction,
 )
 
 from .conftest import DmaSetup, driver_setup
@@ -140,6 +141,7 @@ def test_memcpy_success_and_storm(vendor: str) -> None:
     assert s.read(dst, size) == s.read(src, size)
     assert drv.irqs == []
     # several copies through the one self-linked descriptor
+    assert isinstance(s.fn, IoatFunction)
     before = s.fn.copies
     drv.memcpy_start(src, dst, size, 50, False)
     assert drv.memcpy_wait() == 0

@@ -5,11 +5,12 @@ from __future__ import annotations
 import errno
 
 import iommufd_model as im
+from iommufd_model.devices import PciFunction
 from iommufd_model.devices import pci_regs as R
 from iommufd_model.testing import assert_errno
 
 
-def pf_machine(vendor: str = "mock") -> tuple[im.Machine, object]:
+def pf_machine(vendor: str = "mock") -> tuple[im.Machine, PciFunction]:
     m = im.Machine.build(iommus=[vendor])
     return m, m.add_pci_function("generic", 0, total_vfs=4)
 

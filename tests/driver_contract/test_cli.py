@@ -187,7 +187,7 @@ class MisspelledMock(MockDriver):
     """A hook whose argument pluggy refuses: its multi-line reason is reported on one line."""
 
     @hookimpl
-    def domain_unmap(self, domain: object, iova: int, size: int, colour: int) -> int:
+    def domain_unmap(self, domain: object, iova: int, size: int, colour: int) -> int:  # type: ignore[override]
         return size
 
 

@@ -31,7 +31,7 @@ class Misspelled(MockDriver):
 
 class WrongArgs(MockDriver):
     @hookimpl
-    def attach(self, iommu: object, device: object, domain: object) -> None:  # type: ignore[override]
+    def attach(self, iommu: object, device: object, domain: object) -> None:
         """``device`` is no argument of the hookspec: pluggy refuses the plugin."""
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import inspect
+from typing import Any
 
 import pluggy
 import pytest
@@ -55,7 +56,7 @@ def _recorder(name: str) -> object:
     object, so the function is compiled with them)."""
     params = [p for p in inspect.signature(SPECS[name]).parameters if p != "self"]
     src = f"def {name}(self, {', '.join(params)}):\n    raise Reached({name!r}, dict(locals()))"
-    scope: dict[str, object] = {"Reached": Reached}
+    scope: dict[str, Any] = {"Reached": Reached}
     exec(src, scope)
     return type("Recorder", (), {name: hookimpl(scope[name])})()
 

@@ -105,10 +105,10 @@ def test_json_html_agree_with_table(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "svg" in page.tags and "rect" in page.tags and "style" in page.tags
     assert set(page.cells) == set(table), "one <td> per (scenario, driver)"
     for key, value in page.cells.items():
-        status, text, costs = value.split("|")
+        status, text, cell_costs = value.split("|")
         assert shown[status] == table[key] == text, key
         if status != "unsupported":
-            assert f"{text} {costs}" == texts[key], key
+            assert f"{text} {cell_costs}" == texts[key], key
 
 
 def test_html_in_headless_chromium(tmp_path: Path) -> None:

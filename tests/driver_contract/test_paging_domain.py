@@ -79,6 +79,7 @@ def test_map_pages_caps_the_leaves(dom: Recorder) -> None:
 
 
 def test_check_map_refuses_before_the_table(dom: Recorder) -> None:
+    assert isinstance(dom.pt.memory, PhysicalMemory)
     frames = dom.pt.memory.frames_in_use
     assert_errno(errno.EINVAL, lambda: dom.map(0, 64 * M2, K4, IOMMU_READ))
     assert dom.iova_to_phys(0) == -1 and dom.pt.memory.frames_in_use == frames
