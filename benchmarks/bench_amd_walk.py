@@ -17,6 +17,7 @@ from __future__ import annotations
 import random
 from functools import partial
 from types import ModuleType
+from typing import Any
 
 from _rig import one_page_areas
 from _timing import c_reference, own_loop, print_figures, rate
@@ -133,32 +134,55 @@ def run() -> dict[str, float]:
             partial(w.walk_v1, pages, size, pt.root, 4, write=False, had=0), iovas
         )
         nested = partial(w.walk_nested, npages, nsize, host.root, 4, 0, gcr3.root, 0, 4, 0)
+
+        # defs, not lambdas: mypy types no lambda that binds the loop's values as defaults
+        def nested_call(gva: int, n: partial[Any] = nested, x: ModuleType = x86) -> object:
+            return n(gva, False, x.walk_x86)
+
+        def v1_loop(r: int, w: ModuleType = w) -> int:
+            return int(w.bench_v1(pages, size, pt.root, 4, vec[i64](iovas), r))
+
+        def nested_loop(r: int, w: ModuleType = w, x: ModuleType = x86) -> int:
+            return int(
+                w.bench_nested(
+                    npages, nsize, host.root, 4, gcr3.root, 4, vec[i64](gvas), r, x.walk_x86
+                )
+            )
+
         figures[f"2-D nested walk (29 refs), per call from Python ({name})"] = rate(
-            lambda gva, n=nested, x=x86: n(gva, False, x.walk_x86), gvas
+            nested_call, gvas
         )
-        figures[f"v1 single-stage walk, own loop ({name})"] = own_loop(
-            lambda r, w=w: w.bench_v1(pages, size, pt.root, 4, vec[i64](iovas), r), len(iovas)
-        )
-        figures[f"2-D nested walk (29 refs), own loop ({name})"] = own_loop(
-            lambda r, w=w, x=x86: w.bench_nested(
-                npages, nsize, host.root, 4, gcr3.root, 4, vec[i64](gvas), r, x.walk_x86
-            ),
-            len(gvas),
-        )
+        figures[f"v1 single-stage walk, own loop ({name})"] = own_loop(v1_loop, len(iovas))
+        figures[f"2-D nested walk (29 refs), own loop ({name})"] = own_loop(nested_loop, len(gvas))
     hmem, hpt, hot = hot_table()
     gmem, ghost, ggcr3, ghot = nested_tables(hot=True)
     for name, w, x86 in walkers():
+
+        def hot_v1_loop(r: int, w: ModuleType = w) -> int:
+            return int(w.bench_v1(hmem._pages, hmem.size, hpt.root, 4, vec[i64](hot), r))
+
+        def hot_nested_loop(r: int, w: ModuleType = w, x: ModuleType = x86) -> int:
+            return int(
+                w.bench_nested(
+                    gmem._pages,
+                    gmem.size,
+                    ghost.root,
+                    4,
+                    ggcr3.root,
+                    4,
+                    vec[i64](ghot),
+                    r,
+                    x.walk_x86,
+                )
+            )
+
         figures[f"v1 single-stage walk, hot tables, own loop ({name})"] = own_loop(
-            lambda r, w=w: w.bench_v1(hmem._pages, hmem.size, hpt.root, 4, vec[i64](hot), r),
-            len(hot),
+            hot_v1_loop, len(hot)
         )
         figures[f"2-D nested walk (29 refs), hot tables, own loop ({name})"] = own_loop(
-            lambda r, w=w, x=x86: w.bench_nested(
-                gmem._pages, gmem.size, ghost.root, 4, ggcr3.root, 4, vec[i64](ghot), r, x.walk_x86
-            ),
-            len(ghot),
+            hot_nested_loop, len(ghot)
         )
-    c_refs = {
+    c_refs: dict[str, tuple[str, PhysicalMemory, list[int], *tuple[int, ...]]] = {
         "v1 single-stage walk, own loop": ("bench_v1", mem, iovas, pt.root, 4),
         "v1 single-stage walk, hot tables, own loop": ("bench_v1", hmem, hot, hpt.root, 4),
         "2-D nested walk (29 refs), own loop": (

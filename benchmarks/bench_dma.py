@@ -97,8 +97,8 @@ def run_driver(driver: str, cases: list[tuple[int, int]]) -> dict[str, float]:
         # Short runs are measured more often: one preemption on a loaded machine would set
         # their best time otherwise.
         repeat = 7 if size <= 64 * MIB else 3
-        t_read = best(lambda d=dev, n=size: d.dma_read(IOVA, n), repeat)  # type: ignore[misc]
-        t_write = best(lambda d=dev, b=data: d.dma_write(IOVA, b), repeat)  # type: ignore[misc]
+        t_read = best(lambda d=dev, n=size: d.dma_read(IOVA, n), repeat)
+        t_write = best(lambda d=dev, b=data: d.dma_write(IOVA, b), repeat)
         src = bytearray(data)
         dst = bytearray(size)
         t_plain_read = best(lambda s=src: bytes(s), repeat)

@@ -11,9 +11,11 @@ stops. Without Dask installed (the ``cluster`` extra) the cluster run is skipped
 
 from __future__ import annotations
 
+import importlib
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 from iommufd_model.plugins import default_registry
 from iommufd_model.scenarios import SCENARIOS, ScenarioResult
@@ -62,8 +64,8 @@ def main() -> None:
     pool_s, pooled = _timed(pool)
     print(f"  local pool, 2 procs {pool_s:7.1f} s  {serial_s / pool_s:.2f}x")
     assert _comparable(pooled) == _comparable(serial), "the local pool disagrees"
-    try:
-        import distributed
+    try:  # the optional cluster extra, untyped: Any, as in iommufd_model.sweep
+        distributed: Any = importlib.import_module("distributed")
     except ImportError:
         print("  Dask cluster: skipped (pip install 'iommufd-model[cluster]')")
         return

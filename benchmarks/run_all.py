@@ -234,12 +234,12 @@ def main() -> None:
             print(f"  {key:<{width}}  {fmt(value):>16}")
     print("\n== summary against the targets (issues 5 and 10)")
     for bench, key, target, higher, what in TARGETS:
-        value = results.get(bench, {}).get(key)
-        if value is None:
+        measured = results.get(bench, {}).get(key)
+        if measured is None:
             print(f"  {what:<40} {bench}: not measured")
             continue
-        met = value >= target if higher else value <= target
-        print(f"  {what:<40} {bench}: {fmt(value)}  {'MET' if met else 'not met'}")
+        met = measured >= target if higher else measured <= target
+        print(f"  {what:<40} {bench}: {fmt(measured)}  {'MET' if met else 'not met'}")
     amd = results.get("bench_amd_walk", {})
     comp = amd.get("v1 single-stage walk, own loop (compiled)")
     pure = amd.get("v1 single-stage walk, own loop (pure)")
