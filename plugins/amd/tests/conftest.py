@@ -14,9 +14,11 @@ from iommufd_amd.commands import Command
 from iommufd_amd.events import Event
 from iommufd_amd.hw import AmdIommu
 from iommufd_amd.kernel import AmdKernel
+from iommufd_amd.viommu import AmdViommu
 
 import iommufd_model as im
 from iommufd_model import uapi as U
+from iommufd_model.core.main import IommuFd
 from iommufd_model.testing import assert_errno
 from iommufd_model.uapi.codec import UStruct
 
@@ -157,6 +159,20 @@ class GuestRam:
         slot = table + ((gva >> 12) & 0x1FF) * 8
         self.write_u64(slot, gpa | self.P | self.US | (self.RW if write else 0))
         return slot
+
+
+def amd_iommu(machine: im.Machine, index: int = 0) -> AmdIommu:
+    """IOMMU instance ``index`` of an AMD machine, as the AMD model it is."""
+    hw = machine.iommus[index]
+    assert isinstance(hw, AmdIommu)
+    return hw
+
+
+def amd_viommu(fd: IommuFd, viommu_id: int) -> AmdViommu:
+    """The AMD driver's half of vIOMMU ``viommu_id`` (its GID, its gDomID map...)."""
+    drv = fd.objects.get_viommu(viommu_id).drv
+    assert isinstance(drv, AmdViommu)
+    return drv
 
 
 @pytest.fixture

@@ -11,12 +11,15 @@ import pytest
 from iommufd_amd import commands as C
 from iommufd_amd import events as E
 from iommufd_amd import regs as R
+from iommufd_amd.domain import AmdDomain
 from iommufd_amd.guest import GuestAmd
 from iommufd_amd.hw import NO_PASID
 from iommufd_amd.viommu.trans_devid import RESERVED, TransDevIdPool
 
 import iommufd_model as im
 from iommufd_model.vmm import Vm
+
+from .conftest import amd_iommu, amd_viommu
 
 PAGE = 4096
 MIB = 1 << 20
@@ -26,8 +29,7 @@ IOVA = 0x40_0000
 def boot(options: dict[str, Any] | None = None, rid: int | None = None) -> tuple[Any, Vm, Any]:
     m = im.Machine.build(iommus=["amd"], options={"amd": options or {}})
     vm = Vm(m, 16 * MIB, table_pool=4 * MIB)
-    kw = {} if rid is None else {"rid": rid}
-    dev = m.add_pci_device(iommu=0, **kw)
+    dev = m.add_pci_device(iommu=0, rid=rid)
     return m, vm, dev
 
 
@@ -39,23 +41,23 @@ def guest(vm: Vm, m: Any) -> GuestAmd:
 
 def test_enable_sets_and_checks_gstbuffer_trp_mode() -> None:
     m, _vm, _dev = boot()
-    ctrl = m.iommus[0].mmio.read(R.CONTROL)
+    ctrl = amd_iommu(m).mmio.read(R.CONTROL)
     assert ctrl & R.CTRL_GSTBUFFERTRPMODE and ctrl & R.CTRL_VCMD_EN and ctrl & R.CTRL_VIOMMU_EN
     # Hardware where bit 60 does not stick: EINVAL, no VCMD_EN / VIOMMU_EN, no HW-vIOMMU.
     m2, vm2, dev2 = boot({"gst_buffer_trp": False})
-    hw = m2.iommus[0]
+    hw = amd_iommu(m2)
     ctrl = hw.mmio.read(R.CONTROL)
     assert not ctrl & (R.CTRL_GSTBUFFERTRPMODE | R.CTRL_VCMD_EN | R.CTRL_VIOMMU_EN)
     assert hw.driver_state.viommu_error == errno.EINVAL and hw.driver_state.pas is None
     g = vm2.viommu(hw, accelerated=False)  # Linux 7.2's vIOMMU still works
     gdev = g.add_device(dev2, 1)
-    assert not vm2.fd.objects.get(g.viommu_id).drv.gid
+    assert not amd_viommu(vm2.fd, g.viommu_id).gid
     g.attach(gdev)
 
 
 def test_viommu_alloc_issues_reset_vmmio_and_never_writes_the_guest_mmio_slot() -> None:
     m, vm, dev = boot()
-    hw = m.iommus[0]
+    hw = amd_iommu(m)
     executed: list[C.Command] = []
     real = hw.execute
 
@@ -63,11 +65,11 @@ def test_viommu_alloc_issues_reset_vmmio_and_never_writes_the_guest_mmio_slot() 
         executed.append(cmd)
         return bool(real(cmd, addr))
 
-    hw.execute = spy
+    hw.execute = spy  # type: ignore[method-assign]
     g = guest(vm, m)
     g.add_device(dev, 5)
     del hw.execute
-    gid = vm.fd.objects.get(g.viommu_id).drv.gid
+    gid = amd_viommu(vm.fd, g.viommu_id).gid
     ops = [c.opcode for c in executed]
     i = ops.index(C.RESET_VMMIO)
     assert executed[i].guest_id == gid and executed[i].vcmd and executed[i].all
@@ -95,12 +97,13 @@ def test_viommu_alloc_issues_reset_vmmio_and_never_writes_the_guest_mmio_slot() 
 
 def test_unused_gdomid_invalidation_flushes_the_parents_tag() -> None:
     m, vm, dev = boot()
-    hw = m.iommus[0]
+    hw = amd_iommu(m)
     g = guest(vm, m)
     gdev = g.add_device(dev, 5)
     g.attach(gdev)
-    drv = vm.fd.objects.get(g.viommu_id).drv
+    drv = amd_viommu(vm.fd, g.viommu_id)
     parent = drv.parent
+    assert isinstance(parent, AmdDomain)
     # The translate DTE caches guest-physical translations under the parent's DomainID.
     gpa = vm.alloc_buffer(PAGE)
     hw.lookup(drv.trans_devid, gpa, None, False)
@@ -115,22 +118,24 @@ def test_unused_gdomid_invalidation_flushes_the_parents_tag() -> None:
 
 def test_trans_devid_counts_down_skipping_attached_functions_and_relocates() -> None:
     m, vm, dev = boot(rid=0xFFFF)  # a function at the very top of the bus range
-    hw = m.iommus[0]
+    hw = amd_iommu(m)
     k = hw.driver_state
     g = guest(vm, m)
     g.add_device(dev, 1)
-    drv = vm.fd.objects.get(g.viommu_id).drv
+    drv = amd_viommu(vm.fd, g.viommu_id)
     assert drv.trans_devid == 0xFFFE
+    assert hw.vi is not None
     assert hw.vi.vfctrl_read(drv.gid, R.VFCTRL_MISC_CONTROL) == 0xFFFE << 16
     vm2 = Vm(m, 16 * MIB, table_pool=4 * MIB)
     dev2 = m.add_pci_device(iommu=0, rid=0x100)
     g2 = guest(vm2, m)
     g2.add_device(dev2, 1)
-    drv2 = vm2.fd.objects.get(g2.viommu_id).drv
+    drv2 = amd_viommu(vm2.fd, g2.viommu_id)
     assert drv2.trans_devid == 0xFFFD
     # Hot-plug a function at vIOMMU 2's translate DeviceID: the vIOMMU moves to the next free
     # ID, its translate DTE and VFCTRL MISC with it; the old DTE is the new function's.
     parent = drv2.parent
+    assert isinstance(parent, AmdDomain)
     m.add_pci_device(iommu=0, rid=0xFFFD)
     assert drv2.trans_devid == 0xFFFC
     t = k.read_dte(0xFFFC)
@@ -166,10 +171,10 @@ def test_trans_devid_pool_enospc_and_reservation_rules() -> None:
 
 def test_insert_guest_event_and_guest_event_fault() -> None:
     m, vm, dev = boot()
-    hw = m.iommus[0]
+    hw = amd_iommu(m)
     g = guest(vm, m)
     g.add_device(dev, 7)
-    gid = vm.fd.objects.get(g.viommu_id).drv.gid
+    gid = amd_viommu(vm.fd, g.viommu_id).gid
     window = g.window
     assert window is not None
     # The host driver publishes one entry it wrote at the guest log's tail.
@@ -182,6 +187,7 @@ def test_insert_guest_event_and_guest_event_fault() -> None:
     assert window.read(R.VF_STATUS) & R.ST_EVT_INT
     assert g.events() == [entry]
     # A guest event log outside guest RAM: the event becomes GUEST_EVENT_FAULT for the host.
+    assert hw.vi is not None
     slot = hw.vi.slots[gid]
     hw.vi.vfctrl_write(
         gid, R.VFCTRL_EVT_CONTROL, R.gbuf_value(R.VFCTRL_EVT_CONTROL, 1 << 40, 8, R.GEVT_LOG_EN)
@@ -196,11 +202,11 @@ def test_insert_guest_event_and_guest_event_fault() -> None:
 
 def test_command_tail_sets_the_dirty_status_bit() -> None:
     m, vm, dev = boot()
-    hw = m.iommus[0]
+    hw = amd_iommu(m)
     g = guest(vm, m)
     gdev = g.add_device(dev, 7)
     dom = g.attach(gdev)
-    gid = vm.fd.objects.get(g.viommu_id).drv.gid
+    gid = amd_viommu(vm.fd, g.viommu_id).gid
     pa, bit = hw.driver_state.pas.dirty_bit(gid)
     hw.driver_state.mem.write_u64(pa, 0)
     g.invalidate(dom)
@@ -210,7 +216,7 @@ def test_command_tail_sets_the_dirty_status_bit() -> None:
 def test_vm_close_releases_everything() -> None:
     m = im.Machine.build(iommus=["amd"])
     frames = m.memory.frames_in_use
-    hw = m.iommus[0]
+    hw = amd_iommu(m)
     domids = set(hw.driver_state.domids.used)
     with Vm(m, 16 * MIB, table_pool=4 * MIB) as vm:
         dev = m.add_pci_device(iommu=0)
@@ -223,13 +229,14 @@ def test_vm_close_releases_everything() -> None:
     assert vm.closed and dev.bound_to is None
     assert m.memory.frames_in_use == frames
     assert set(hw.driver_state.domids.used) == domids
+    assert hw.vi is not None
     assert not hw.driver_state.pas.gids.used and not hw.vi.slots
     vm.close()  # idempotent
 
 
 def test_struct_iommu_viommu_amd_and_the_vf_mmio_mmap() -> None:
     m, vm, dev = boot()
-    hw = m.iommus[0]
+    hw = amd_iommu(m)
     fd = vm.fd
     dev_id = fd.bind(dev)
     parent = vm.nest_parent(dev_id, hw)
@@ -252,7 +259,7 @@ def test_struct_iommu_viommu_amd_and_the_vf_mmio_mmap() -> None:
     viommu, out = fd.viommu_alloc_data(dev_id, parent, im.uapi.IOMMU_VIOMMU_TYPE_AMD, bytes(size))
     info = im.uapi.IommuViommuAmd.unpack(out)
     assert info.out_vfmmio_mmap_offset and info.out_vfmmio_mmap_length == PAGE
-    gid = fd.objects.get(viommu).drv.gid
+    gid = amd_viommu(fd, viommu).gid
     # The VMM maps the page; a guest store lands in the guest's slot of the PAS.
     vma = fd.mmap(info.out_vfmmio_mmap_offset, info.out_vfmmio_mmap_length)
     vma.write(R.VF_EVT_HEAD, (0x30).to_bytes(8, "little"))

@@ -12,6 +12,7 @@ import pytest
 from iommufd_amd import commands as C
 from iommufd_amd import events as E
 from iommufd_amd import regs as R
+from iommufd_amd.domain import AmdNestedDomain
 from iommufd_amd.guest import GuestAmd
 
 import iommufd_model as im
@@ -163,7 +164,9 @@ def test_unvirtualisable_command_traps_to_the_vmm_and_is_never_executed() -> Non
 
 
 def dom_hdom(g: GuestAmd, vm: Vm, gdevid: int) -> int:
-    return int(vm.fd.objects.get(g.vmm.hwpts[gdevid]).domain.ginfo.hdom_id)
+    dom = vm.fd.objects.get_hwpt_nested(g.vmm.hwpts[gdevid]).domain
+    assert isinstance(dom, AmdNestedDomain)
+    return int(dom.ginfo.hdom_id)
 
 
 def test_illegal_guest_command_stops_the_guest_processor_only() -> None:

@@ -28,7 +28,10 @@ MEM = 1 << 40
 def hw_walk(
     mem: PhysicalMemory, pt: AmdV1PageTable, iova: int, write: bool = False, had: int = 0
 ) -> tuple[int, int, int, int, int]:
-    return W.walk_v1(mem._pages, mem.size, pt.root, pt.fmt.levels, iova, write, had)
+    got: tuple[int, int, int, int, int] = W.walk_v1(
+        mem._pages, mem.size, pt.root, pt.fmt.levels, iova, write, had
+    )
+    return got
 
 
 @pytest.mark.parametrize("mode", [1, 2, 3, 4, 5, 6])

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import errno
+from functools import partial
 from typing import Any
 
 import pytest
 from iommufd_amd import events as E
 from iommufd_amd import regs as R
+from iommufd_amd.domain import AmdDomain
 
 import iommufd_model as im
 from iommufd_model import uapi as U
 from iommufd_model.testing import assert_errno
+
+from .conftest import amd_iommu
 
 PAGE = 4096
 IOVA = 1 << 30
@@ -41,10 +45,12 @@ def test_dma_read_write_unmap_fault_through_raw_ioctls() -> None:
     )
     fd.ioctl(U.IOMMU_IOAS_MAP, buf)
     fd.attach(dev_id, ioas)
-    hw = machine.iommus[0]
+    hw = amd_iommu(machine)
     # the DTE the driver wrote: V, TV, Mode 3 (generic_pt's starting level 2: the IOVA is
     # within 39 bits), the domain's root, IR/IW, its DomainID
-    dom = fd.device(dev_id).hwpt.domain
+    hwpt = fd.device(dev_id).hwpt
+    assert hwpt is not None and isinstance(hwpt.domain, AmdDomain)
+    dom = hwpt.domain
     dte = hw.driver_state.read_dte(dev.rid)
     assert (dte.v, dte.tv, dte.mode, dte.host_root, dte.ir, dte.iw, dte.domain_id) == (
         True,
@@ -95,7 +101,7 @@ def test_paging_flag_combinations(make_world: Any) -> None:
         U.IOMMU_HWPT_ALLOC_PASID | U.IOMMU_HWPT_ALLOC_DIRTY_TRACKING,
         U.IOMMU_HWPT_ALLOC_PASID | U.IOMMU_HWPT_ALLOC_NEST_PARENT,
     ):
-        assert_errno(errno.EOPNOTSUPP, lambda f=flags: w.hwpt(ioas, f))
+        assert_errno(errno.EOPNOTSUPP, partial(w.hwpt, ioas, flags))
     w2 = make_world({"hd": False})
     ioas2 = w2.ioas()
     assert_errno(errno.EOPNOTSUPP, lambda: w2.hwpt(ioas2, U.IOMMU_HWPT_ALLOC_DIRTY_TRACKING))

@@ -14,12 +14,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from iommufd_amd import commands as C
 from iommufd_amd import regs as R
+from iommufd_amd.domain import AmdDomain
 from iommufd_amd.guest import GuestAmd
 from iommufd_amd.viommu.hw import IOMMU_DEVID
 
 import iommufd_model as im
 from iommufd_model.hw.memory import PAGE_SHIFT
 from iommufd_model.vmm import Vm
+
+from .conftest import amd_iommu, amd_viommu
 
 PAGE = 4096
 MIB = 1 << 20
@@ -32,7 +35,7 @@ class World:
 
     def __init__(self, accelerated: bool) -> None:
         m = self.m = im.Machine.build(iommus=["amd"])
-        self.hw = m.iommus[0]
+        self.hw = amd_iommu(m)
         self.vms: list[Vm] = []
         self.g: list[GuestAmd] = []
         self.dev: list[Any] = []
@@ -58,7 +61,7 @@ class World:
         a = self.vms[0]
         self.a_pfns = {a.vmm.translate(a.ram_va + off) for off in range(0, RAM, PAGE)}
         slot = self.g[0].vmm.irq.slot if self.g[0].vmm.irq is not None else None
-        self.a_gid = slot.gid if slot is not None else a.fd.objects.get(self.g[0].viommu_id).drv.gid
+        self.a_gid = slot.gid if slot is not None else amd_viommu(a.fd, self.g[0].viommu_id).gid
 
     def victim_stale(self) -> None:
         """B remaps its IOVA without invalidating: its IOTLB still holds the old page."""
@@ -149,7 +152,8 @@ streams = st.lists(
 def a_may_flush(w: World) -> tuple[set[int], set[int]]:
     """The host DomainIDs and DeviceIDs that belong to VM A (its nest parent's DomainID tags
     its translate DTE and is what every unused gDomID maps to)."""
-    drv = w.vms[0].fd.objects.get(w.g[0].viommu_id).drv
+    drv = amd_viommu(w.vms[0].fd, w.g[0].viommu_id)
+    assert isinstance(drv.parent, AmdDomain)
     return ({i.hdom_id for i in drv.gdomids.values()} | {drv.parent.id}, {w.dev[0].rid})
 
 

@@ -10,13 +10,14 @@ from typing import Any
 
 import pytest
 from iommufd_amd import regs as R
+from iommufd_amd.domain import AmdDomain
 from iommufd_amd.dte import Dte
 from iommufd_amd.viommu import AmdViommu
 from iommufd_amd.viommu.hw import IOMMU_DEVID
 
 from iommufd_model import uapi as U
 
-from .conftest import NestParent
+from .conftest import NestParent, amd_viommu
 
 PAGE = 4096
 GPA = 1 << 20
@@ -33,8 +34,8 @@ class Rig(NestParent):
     def viommu(self) -> int:
         return int(self.w.viommu(self.parent))
 
-    def drv(self, obj: int) -> Any:
-        return self.w.fd.objects.get(obj).drv
+    def drv(self, obj: int) -> AmdViommu:
+        return amd_viommu(self.w.fd, obj)
 
     def vdevice(self, viommu: int, virt_id: int, dev_id: int = 0) -> int:
         st = U.IommuVdeviceAlloc(viommu_id=viommu, dev_id=dev_id or self.w.dev_id, virt_id=virt_id)
@@ -212,7 +213,9 @@ def test_vdevice_and_nested_attach_program_the_mapping_tables(world: Any, expect
     d3 = w.mem.read_u64(w.kernel.dte_addr(w.dev.rid) + 24)
     assert d3 == 1 << 15 | 0x42 << 16 | drv.gid << 32
     # ... and not in the other vIOMMU's table.
-    assert vi.hdomid(vi.slots[rig.drv(v2).gid], 9) == rig.drv(v2).parent.id
+    parent2 = rig.drv(v2).parent
+    assert isinstance(parent2, AmdDomain)
+    assert vi.hdomid(vi.slots[rig.drv(v2).gid], 9) == parent2.id
     # Freeing the nested domain leaves the DomID map as it is (AMD's nested_domain_free()).
     w.fd.attach(w.dev_id, rig.parent)
     w.destroy(n)

@@ -37,6 +37,7 @@ def _paging_domain(hw: Smmuv3, dev: PciDevice, nest_parent: bool = False) -> Smm
         iommu=hw, dev=dev, flags=flags, parent=None, viommu=None, user_data=None
     )
     plugin.attach(iommu=hw, dev=dev, domain=domain)
+    assert isinstance(domain, SmmuDomain)
     return domain
 
 
@@ -55,6 +56,13 @@ def paging_domain() -> Callable[..., SmmuDomain]:
 class RawVmm(Rig):
     """A VMM with one device bound to its iommufd (the scenarios' :class:`Rig`), plus the
     calls the SMMUv3 tests compare shapes with."""
+
+    @property
+    def smmu(self) -> Smmuv3:
+        """The machine's SMMUv3, as the SMMUv3 model it is."""
+        hw = self.machine.iommus[0]
+        assert isinstance(hw, Smmuv3)
+        return hw
 
     def viommu_alloc_data(
         self, hwpt: int, viommu_type: int, data: bytes = b""
@@ -107,7 +115,7 @@ class GuestVm:
 
     def __init__(self, r: RawVmm, viommu_type: int, data: bytes = b"") -> None:
         self.r = r
-        self.hw = r.machine.iommus[0]
+        self.hw = r.smmu
         self.smmu = self.hw.driver_state
         self.ioas = r.ioas_alloc()
         self.parent = r.hwpt_alloc(self.ioas, U.IOMMU_HWPT_ALLOC_NEST_PARENT)

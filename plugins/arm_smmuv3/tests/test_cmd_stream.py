@@ -272,7 +272,7 @@ def test_command_fetch_abort_is_retried(rig: Any) -> None:
     r = rig()
     ring = r.hw._cmdq
     assert ring is not None
-    real = ring.read
+    real: Callable[[int], bytes] = ring.read
     failures = [1]
 
     def flaky(index: int) -> bytes:
@@ -281,7 +281,7 @@ def test_command_fetch_abort_is_retried(rig: Any) -> None:
             raise OSError(5, "fetch abort")
         return real(index)
 
-    ring.read = flaky  # type: ignore[method-assign]
+    ring.read = flaky
     r.smmu.issue([C.tlbi_nh_asid(0, 7)])
     assert r.smmu.cmdq_errors[-1][0] == R.CERROR_ABT
     assert r.stream() == [C.tlbi_nh_asid(0, 7), SYNC]  # the same command, fetched again

@@ -10,10 +10,12 @@ import pytest
 from iommufd_arm_smmuv3 import commands as C
 from iommufd_arm_smmuv3.kernel import RESUME_ABORT, RESUME_RETRY
 
+from helpers import event_file
 from iommufd_model.hw.iommu import DmaFault
+from iommufd_model.scenarios.base import pattern
 from iommufd_model.uapi import iommufd as U
 
-from .conftest import RawVmm, pattern
+from .conftest import RawVmm
 
 PG = 4096
 
@@ -29,12 +31,12 @@ def _faulting_vmm(vmm: Any, *, with_queue: bool = True) -> tuple[RawVmm, int, in
 
 def test_stalled_fault_reaches_the_fault_queue_and_resume_retries(vmm: Any) -> None:
     r, ioas, _hwpt, fault_fd, iova = _faulting_vmm(vmm)
-    hw = r.machine.iommus[0]
+    hw = r.smmu
     with pytest.raises(DmaFault, match="stalled"):
         r.dev.dma_write(iova + 0x10, b"x")
     ev = hw.events[-1]
     assert ev.stall and ev.sid == r.dev.rid
-    out = r.proc.file(fault_fd).read(U.IommuHwptPgfault.SIZE * 4)
+    out = event_file(r.proc, fault_fd).read(U.IommuHwptPgfault.SIZE * 4)
     assert len(out) == U.IommuHwptPgfault.SIZE
     f = U.IommuHwptPgfault.unpack(out)
     assert f.flags == U.IOMMU_PGFAULT_FLAGS_LAST_PAGE and f.dev_id == r.dev_id
@@ -49,7 +51,7 @@ def test_stalled_fault_reaches_the_fault_queue_and_resume_retries(vmm: Any) -> N
     r.ioas_map(ioas, va, PG, iova=iova)
     start = len(hw.executed)
     resp = U.IommuHwptPageResponse(cookie=f.cookie, code=U.IOMMUFD_PAGE_RESP_SUCCESS)
-    r.proc.file(fault_fd).write(resp.pack())
+    event_file(r.proc, fault_fd).write(resp.pack())
     assert hw.executed[start:] == [C.resume(r.dev.rid, ev.stag, RESUME_RETRY)]
     assert hw.resumes[-1] == (r.dev.rid, ev.stag, RESUME_RETRY) and not hw.stalled
     r.dev.dma_write(iova + 0x10, b"x")  # the device's retry now translates
@@ -58,20 +60,20 @@ def test_stalled_fault_reaches_the_fault_queue_and_resume_retries(vmm: Any) -> N
 
 def test_invalid_response_aborts(vmm: Any) -> None:
     r, _ioas, _hwpt, fault_fd, iova = _faulting_vmm(vmm)
-    hw = r.machine.iommus[0]
+    hw = r.smmu
     with pytest.raises(DmaFault, match="stalled"):
         r.dev.dma_read(iova, 4)
-    f = U.IommuHwptPgfault.unpack(r.proc.file(fault_fd).read(U.IommuHwptPgfault.SIZE))
+    f = U.IommuHwptPgfault.unpack(event_file(r.proc, fault_fd).read(U.IommuHwptPgfault.SIZE))
     assert f.perm == U.IOMMU_PGFAULT_PERM_READ
     resp = U.IommuHwptPageResponse(cookie=f.cookie, code=U.IOMMUFD_PAGE_RESP_INVALID)
-    r.proc.file(fault_fd).write(resp.pack())
+    event_file(r.proc, fault_fd).write(resp.pack())
     assert hw.resumes[-1] == (r.dev.rid, f.grpid, RESUME_ABORT)
 
 
 def test_no_fault_queue_is_answered_at_once(vmm: Any) -> None:
     """No fault-capable HWPT: iommu_report_device_fault() answers INVALID itself (ABORT)."""
     r, _ioas, _hwpt, _fd, iova = _faulting_vmm(vmm, with_queue=False)
-    hw = r.machine.iommus[0]
+    hw = r.smmu
     with pytest.raises(DmaFault, match="stalled"):
         r.dev.dma_read(iova, 4)
     ev = hw.events[-1]
@@ -88,7 +90,7 @@ def test_pasid_faults_carry_the_pasid_and_stall_bits_in_ste_and_cd(vmm: Any) -> 
     r.fd.attach(r.dev_id, pas, pasid=3)
     with pytest.raises(DmaFault, match="stalled"):
         r.dev.dma_read(0x20_0000, 4, pasid=3)
-    f = U.IommuHwptPgfault.unpack(r.proc.file(fault_fd).read(U.IommuHwptPgfault.SIZE))
+    f = U.IommuHwptPgfault.unpack(event_file(r.proc, fault_fd).read(U.IommuHwptPgfault.SIZE))
     flags = U.IOMMU_PGFAULT_FLAGS_LAST_PAGE | U.IOMMU_PGFAULT_FLAGS_PASID_VALID
     assert (f.flags, f.pasid) == (flags, 3)
     from iommufd_arm_smmuv3.ste import Ste
@@ -126,7 +128,7 @@ def test_stall_model_0_stalls_only_dma_can_stall_masters(vmm: Any, can_stall: bo
     (arm_smmu_enable_iopf() is a no-op for a master that cannot stall)."""
     rid = 0x100  # the fixture's device
     r = vmm(stalls=True, dma_can_stall=frozenset({rid} if can_stall else {0x900}))
-    hw = r.machine.iommus[0]
+    hw = r.smmu
     assert (hw.mmio.read(0x0, 4) >> 24) & 3 == 0  # IDR0.STALL_MODEL
     assert r.dev.rid == rid and hw.driver_state.masters[rid].stall_enabled == can_stall
     ioas = r.ioas_alloc()
@@ -140,7 +142,7 @@ def test_stall_model_0_stalls_only_dma_can_stall_masters(vmm: Any, can_stall: bo
         r.dev.dma_write(iova, b"x")
     ev = hw.events[-1]
     assert ev.stall == can_stall
-    out = r.proc.file(fault_fd).read(U.IommuHwptPgfault.SIZE * 2)
+    out = event_file(r.proc, fault_fd).read(U.IommuHwptPgfault.SIZE * 2)
     if not can_stall:
         assert out == b"" and not hw.stalled and hw.resumes == []
         return
@@ -149,7 +151,7 @@ def test_stall_model_0_stalls_only_dma_can_stall_masters(vmm: Any, can_stall: bo
     va = r.buffer(PG, 2)
     r.ioas_map(ioas, va, PG, iova=iova)
     resp = U.IommuHwptPageResponse(cookie=f.cookie, code=U.IOMMUFD_PAGE_RESP_SUCCESS)
-    r.proc.file(fault_fd).write(resp.pack())
+    event_file(r.proc, fault_fd).write(resp.pack())
     assert hw.resumes == [(rid, ev.stag, RESUME_RETRY)] and not hw.stalled
     r.dev.dma_write(iova, b"x")
     assert r.proc.read(va, 1) == b"x"

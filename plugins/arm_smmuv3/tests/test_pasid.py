@@ -15,9 +15,10 @@ from iommufd_arm_smmuv3.ste import S1DSS_SSID0, S1DSS_TERMINATE, Ste
 
 from iommufd_model.hw.bits import words
 from iommufd_model.hw.iommu import DmaFault
+from iommufd_model.scenarios.base import pattern
 from iommufd_model.uapi import iommufd as U
 
-from .conftest import RawVmm, pattern
+from .conftest import RawVmm
 from .test_cmd_stream import SYNC, Rig
 
 BUF = 4 * 4096

@@ -4,6 +4,7 @@ invalidation array, the vIOMMU's coherency gate, CMDQV's 20-bit vSIDs."""
 from __future__ import annotations
 
 import errno
+from functools import partial
 from typing import Any
 
 from iommufd_arm_smmuv3 import commands as C
@@ -24,7 +25,7 @@ def test_tegra_viommu_data_of_any_other_length_is_einval(vmm: Any) -> None:
     ioas = r.ioas_alloc()
     parent = r.hwpt_alloc(ioas, U.IOMMU_HWPT_ALLOC_NEST_PARENT)
     for data in (b"", bytes(8), bytes(24), bytes(16) + b"\x01"):
-        assert_errno(errno.EINVAL, lambda d=data: r.viommu_alloc_data(parent, CMDQV, d))
+        assert_errno(errno.EINVAL, partial(r.viommu_alloc_data, parent, CMDQV, data))
     owners = r.machine.iommus[0]
     viommu, out = r.viommu_alloc_data(parent, CMDQV, bytes(16))
     assert viommu and len(out) == 16 and owners.cmdqv is not None
@@ -49,7 +50,7 @@ def _gate_vmm(vmm: Any, **options: Any) -> tuple[RawVmm, int]:
 def test_viommu_needs_canwbs_or_s2fwb(vmm: Any) -> None:
     r, parent = _gate_vmm(vmm, canwbs=False)
     for vtype in (U.IOMMU_VIOMMU_TYPE_ARM_SMMUV3, CMDQV):
-        assert_errno(errno.EOPNOTSUPP, lambda t=vtype: r.viommu_alloc_data(parent, t, bytes(16)))
+        assert_errno(errno.EOPNOTSUPP, partial(r.viommu_alloc_data, parent, vtype, bytes(16)))
     r, parent = _gate_vmm(vmm, canwbs=False, s2fwb=True)
     assert r.viommu_alloc_data(parent, U.IOMMU_VIOMMU_TYPE_ARM_SMMUV3)[0]
 

@@ -6,6 +6,7 @@ missing stage, and probe failing without either stage (arm_smmu_device_hw_probe:
 from __future__ import annotations
 
 import errno
+from functools import partial
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ from iommufd_arm_smmuv3 import ste as S
 from iommufd_arm_smmuv3.domain import SmmuDomain
 from iommufd_arm_smmuv3.driver import plugin
 
+from iommufd_model.core.mmap import MmapOwner
 from iommufd_model.hw.bits import words
 from iommufd_model.machine import Machine
 from iommufd_model.testing import assert_errno
@@ -50,7 +52,7 @@ def test_stage_2_only_smmu_gives_stage_2_domains(vmm: Any) -> None:
     assert not r.machine.iommus[0].mmio.read(R.IDR1, 4) >> 6 & 0x1F  # SSIDSIZE 0
     objects = len(r.fd.objects)
     for flags in (DIRTY, PASID, DIRTY | PASID, NEST):
-        assert_errno(errno.EOPNOTSUPP, lambda f=flags: r.hwpt_alloc(ioas, f))
+        assert_errno(errno.EOPNOTSUPP, partial(r.hwpt_alloc, ioas, flags))
     assert len(r.fd.objects) == objects
     h = r.hwpt_alloc(ioas)
     dom = _domain(r, h)
@@ -72,13 +74,14 @@ def test_stage_1_only_smmu_has_no_nest_parent_and_no_vsmmu(vmm: Any) -> None:
     for vtype in (U.IOMMU_VIOMMU_TYPE_ARM_SMMUV3, U.IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV):
         assert_errno(
             errno.EOPNOTSUPP,
-            lambda t=vtype: plugin.viommu_alloc(
+            partial(
+                plugin.viommu_alloc,
                 iommu=r.machine.iommus[0],
                 dev=r.dev,
                 parent=_domain(r, h),
-                viommu_type=t,
+                viommu_type=vtype,
                 data=bytes(16),
-                mmap=None,
+                mmap=MmapOwner(r.fd),
             ),
         )
     # Through the uAPI: EOPNOTSUPP before the HWPT is looked up (a stage-1 HWPT, which is no
@@ -86,7 +89,7 @@ def test_stage_1_only_smmu_has_no_nest_parent_and_no_vsmmu(vmm: Any) -> None:
     for hwpt_id in (h, 999):
         assert_errno(
             errno.EOPNOTSUPP,
-            lambda i=hwpt_id: r.fd.viommu_alloc(r.dev_id, i, U.IOMMU_VIOMMU_TYPE_ARM_SMMUV3),
+            partial(r.fd.viommu_alloc, r.dev_id, hwpt_id, U.IOMMU_VIOMMU_TYPE_ARM_SMMUV3),
         )
     r.fd.attach(r.dev_id, h)
     assert r.dev.dma_read(IOVA, 4) == b"\xa5" * 4

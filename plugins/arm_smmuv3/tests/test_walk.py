@@ -55,7 +55,10 @@ def s2(
     start: int = 0,
     affd: bool = False,
 ) -> tuple[int, ...]:
-    return compiled.walk_s2(mem._pages, mem.size, root, ipa, ia, start, 48, write, affd)
+    got: tuple[int, ...] = compiled.walk_s2(
+        mem._pages, mem.size, root, ipa, ia, start, 48, write, affd
+    )
+    return got
 
 
 @pytest.fixture
@@ -298,7 +301,7 @@ def test_compiled_and_pure_agree_on_damaged_tables_with_af_and_dirty_updates(see
             mem, flat_root, s1_root, s2_root, _damaged = mems[walker]
             root = s1_root if nest else flat_root
             results.append(
-                walker.walk_s1(  # type: ignore[attr-defined]
+                walker.walk_s1(
                     mem._pages,
                     mem.size,
                     root,
@@ -336,7 +339,7 @@ def test_bench_drivers_walk_as_walk_s1(nest: bool) -> None:
         for ia in (48, 39, 53):
             root = s1_root if nest else flat_root
             want = sum(
-                walker.walk_s1(  # type: ignore[attr-defined]
+                walker.walk_s1(
                     mem._pages,
                     mem.size,
                     root,
@@ -358,11 +361,7 @@ def test_bench_drivers_walk_as_walk_s1(nest: bool) -> None:
                 for va in vas
             )
             if nest:
-                got = walker.bench_nested(  # type: ignore[attr-defined]
-                    mem._pages, mem.size, root, s2_root, vec[i64](vas), ia, 2
-                )
+                got = walker.bench_nested(mem._pages, mem.size, root, s2_root, vec[i64](vas), ia, 2)
             else:
-                got = walker.bench_s1(  # type: ignore[attr-defined]
-                    mem._pages, mem.size, root, vec[i64](vas), ia, 2
-                )
+                got = walker.bench_s1(mem._pages, mem.size, root, vec[i64](vas), ia, 2)
             assert got == 2 * want

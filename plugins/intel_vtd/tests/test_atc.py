@@ -31,7 +31,7 @@ def ats(world: Any) -> Any:
 def _leaf_slot(w: Any, iova: int) -> int:
     dom = w.fd.device(w.adev_id).hwpt.domain
     mem = w.hw.memory
-    table = dom.pt.root
+    table: int = dom.pt.root
     for level in range(dom.pt.fmt.levels - 1, 0, -1):
         table = mem.read_u64(table + 8 * ((iova >> (12 + 9 * level)) & 0x1FF)) & ~0xFFF
         table &= (1 << 52) - 1

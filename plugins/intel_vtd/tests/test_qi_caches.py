@@ -86,6 +86,7 @@ def test_context_cache_is_stale_until_context_invalidation(world: Any) -> None:
 
 def test_pasid_cache_is_stale_until_pasid_cache_invalidation(world: Any) -> None:
     st, domain = _attach(world)
+    assert domain.did is not None  # attached: it has its DomainID
     assert _ok(world, 0)
     info = st.devs[world.dev.rid]
     slot = st.pasid_slot(info, 0)
@@ -104,6 +105,7 @@ def test_pasid_cache_is_stale_until_pasid_cache_invalidation(world: Any) -> None
 
 def test_second_stage_iotlb_is_stale_until_iotlb_invalidation(world: Any) -> None:
     st, d = _attach(world, U.IOMMU_HWPT_ALLOC_NEST_PARENT)
+    assert d.did is not None
     assert not d.first_stage
     for page in range(8):
         assert _ok(world, page * PAGE)
@@ -133,6 +135,7 @@ def test_global_iotlb_invalidation(world: Any) -> None:
 
 def test_first_stage_iotlb_is_stale_until_pasid_based_invalidation(world: Any) -> None:
     st, d = _attach(world, U.IOMMU_HWPT_ALLOC_PASID)
+    assert d.did is not None
     assert d.first_stage
     world.fd.attach(world.dev_id, world.fd.device(world.dev_id).hwpt.id, pasid=9)
     for p in range(4):

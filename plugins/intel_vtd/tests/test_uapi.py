@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+from functools import partial
 from typing import Any
 
 import pytest
@@ -91,7 +92,8 @@ def test_domain_stage_follows_linux(make_world: Any) -> None:
     assert not no_fs.fd.objects.get(hwpt).domain.first_stage
     bare = make_world(nest=False, dirty=False)
     for flags in (U.IOMMU_HWPT_ALLOC_NEST_PARENT, U.IOMMU_HWPT_ALLOC_DIRTY_TRACKING):
-        assert_errno(errno.EOPNOTSUPP, lambda f=flags: bare.hwpt(bare.ioas(), f))
+        ioas = bare.ioas()
+        assert_errno(errno.EOPNOTSUPP, partial(bare.hwpt, ioas, flags))
 
 
 def test_no_viommu_type_exists_for_vtd(world: Any) -> None:
@@ -99,7 +101,7 @@ def test_no_viommu_type_exists_for_vtd(world: Any) -> None:
     before = len(world.fd.objects)
     for type_ in (0, 1, 2, 3):
         st = U.IommuViommuAlloc(type=type_, dev_id=world.dev_id, hwpt_id=parent)
-        assert_errno(errno.EOPNOTSUPP, lambda s=st: world.ioctl(U.IOMMU_VIOMMU_ALLOC, s))
+        assert_errno(errno.EOPNOTSUPP, partial(world.ioctl, U.IOMMU_VIOMMU_ALLOC, st))
     assert len(world.fd.objects) == before
 
 
@@ -223,7 +225,7 @@ def test_bad_vtd_s1_data_gives_the_kernels_errno_without_state_change(make_world
         (good + b"\x01" + bytes(7), U.IOMMU_HWPT_DATA_VTD_S1, errno.EINVAL),
         (good + bytes(8), U.IOMMU_HWPT_DATA_VTD_S1, errno.EINVAL),  # 7.2: longer is EINVAL
     ):
-        assert_errno(code, lambda d=data, t=data_type: n.alloc(d, t))
+        assert_errno(code, partial(n.alloc, data, data_type))
         assert len(world.fd.objects) == objects
     assert n.alloc(good) > 0
     # Not a nest parent.
@@ -247,7 +249,7 @@ def test_bad_vtd_s1_data_gives_the_kernels_errno_without_state_change(make_world
     ):
         hwpt = n.alloc(bad.pack())
         entry = world.hw.memory.read(world.hw.driver_state.pasid_slot(info, 0), 64)
-        assert_errno(errno.EINVAL, lambda h=hwpt: world.fd.attach(world.dev_id, h))
+        assert_errno(errno.EINVAL, partial(world.fd.attach, world.dev_id, hwpt))
         assert world.fd.device(world.dev_id).hwpt is None
         assert world.hw.memory.read(world.hw.driver_state.pasid_slot(info, 0), 64) == entry
     # Unknown flag bits are not checked by the kernel: WPE plus an undefined bit attaches,
@@ -262,8 +264,8 @@ def test_bad_vtd_s1_data_gives_the_kernels_errno_without_state_change(make_world
     assert pe.p and not pe.wpe and not pe.sre
     # A refused replace changes nothing (the framework's contract; 7.2 would have torn the
     # old entry down first: the deviation docs/parity-intel-vtd.md lists).
-    bad = n.alloc(U.IommuHwptVtdS1(pgtbl_addr=n.s1.root, addr_width=39).pack())
-    assert_errno(errno.EINVAL, lambda: world.fd.attach(world.dev_id, bad))
+    refused = n.alloc(U.IommuHwptVtdS1(pgtbl_addr=n.s1.root, addr_width=39).pack())
+    assert_errno(errno.EINVAL, lambda: world.fd.attach(world.dev_id, refused))
     assert world.fd.device(world.dev_id).hwpt.id == ok
     assert world.hw.driver_state.read_pasid_entry(info, 0) == pe
 
