@@ -19,6 +19,7 @@ from iommufd_model.mock.iommufd_test import (
     DmaBufArgs,
     IommuTestCmd,
 )
+from iommufd_model.paging import PagingDomain
 from iommufd_model.testing import assert_errno
 from iommufd_model.uapi import iommufd as U
 
@@ -59,8 +60,11 @@ def _map_file_cmd(ioas: int, dfd: int, iova: int | None = None) -> bytearray:
 
 def _domain_maps(w: World, ioas: int, iova: int) -> list[int]:
     """What each domain of the IOAS translates the dma-buf's pages to (-1: nothing)."""
-    hwpts = w.fd.objects.get_ioas(ioas).hwpt_list
-    return [h.domain.iova_to_phys(iova + i * PAGE) for h in hwpts for i in range(N)]
+    maps = []
+    for hwpt in w.fd.objects.get_ioas(ioas).hwpt_list:
+        assert isinstance(hwpt.domain, PagingDomain)
+        maps += [hwpt.domain.iova_to_phys(iova + i * PAGE) for i in range(N)]
+    return maps
 
 
 def _setup() -> tuple[World, int, IoPagetable, int, int]:

@@ -12,7 +12,7 @@ import errno
 import struct
 from typing import Any
 
-from helpers import World
+from helpers import World, event_file
 from iommufd_model.core.eventq import INT_MAX, Veventq
 from iommufd_model.failnth import fail_nth, sweep
 from iommufd_model.mock import selftest as T
@@ -152,6 +152,6 @@ def test_trigger_vevent_under_fail_nth_returns_the_report_errno() -> None:
 
     res = sweep(lambda: w.fd.ioctl(T.IOMMU_TEST_CMD, bytearray(cmd)), check)
     assert lost and res.reached >= 1
-    out = w.proc.files[qfd].read(4096)
+    out = event_file(w.proc, qfd).read(4096)
     hdr = U.IommufdVeventHeader.unpack(out[:HDR])
     assert (hdr.flags, hdr.sequence, out[HDR:]) == (0, len(lost), struct.pack("<I", 0x99))

@@ -12,6 +12,7 @@ import pytest
 from iommufd_arm_smmuv3 import regs as R
 from iommufd_arm_smmuv3.cd import Cd
 from iommufd_arm_smmuv3.driver import FEATURES, plugin
+from iommufd_arm_smmuv3.hw import Smmuv3
 from iommufd_arm_smmuv3.option_sets import OPTION_SETS
 from iommufd_arm_smmuv3.pgtable import PTE_AP_RDONLY, PTE_DBM
 
@@ -114,6 +115,7 @@ def test_every_option_set_declares_dirty_tracking_as_idr0_httu_says(opts: str) -
     option_set = next(o for o in OPTION_SETS if o.name == opts)
     m = im.Machine.build(iommus=["arm_smmuv3"], options={"arm_smmuv3": option_set.options})
     hw = m.iommus[0]
+    assert isinstance(hw, Smmuv3)
     smmu = hw.driver_state
     idr0 = hw.mmio.read(R.IDR0, 4)
     declared = Feature.DIRTY_TRACKING in option_set.features(FEATURES)
