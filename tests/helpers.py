@@ -8,7 +8,7 @@ the oracle that a failed ioctl changed nothing and that reference counts add up.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from typing import Any, TypeVar
 
 import iommufd_model as im
 from iommufd_model import uapi as U
@@ -25,6 +25,8 @@ PAGE = 4096
 U64_MAX = (1 << 64) - 1
 U32_MAX = (1 << 32) - 1
 MOCK_APERTURE = 1 << 24  # first IOVA the mock domains can map
+
+T = TypeVar("T")
 
 
 # -- raw ioctl ---------------------------------------------------------------------------
@@ -88,18 +90,21 @@ def fault_alloc(fd: IommuFd) -> int:
     return fd.fault_queue_alloc()[0]
 
 
+def narrow(value: object, cls: type[T]) -> T:
+    """``value``, which a test knows to be a ``cls`` where the framework's types say less (an
+    object table's IommufdObject, a machine's IommuHw, a file table's FileLike)."""
+    assert isinstance(value, cls), f"{value!r} is no {cls.__name__}"
+    return value
+
+
 def event_file(proc: Process, fd: int) -> EventFile:
     """The file of a FAULT or vEVENTQ object's ``fd`` in ``proc`` (read() and write())."""
-    file = proc.file(fd)
-    assert isinstance(file, EventFile)
-    return file
+    return narrow(proc.file(fd), EventFile)
 
 
 def mock_domain(fd: IommuFd, hwpt_id: int) -> MockDomain:
     """The mock driver's domain behind paging HWPT ``hwpt_id`` (its IO page table, dirty bits)."""
-    domain = fd.objects.get_hwpt_paging(hwpt_id).domain
-    assert isinstance(domain, MockDomain)
-    return domain
+    return narrow(fd.objects.get_hwpt_paging(hwpt_id).domain, MockDomain)
 
 
 # -- a small world -----------------------------------------------------------------------

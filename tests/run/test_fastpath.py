@@ -127,7 +127,7 @@ class Side:
     def state(self) -> tuple[Any, ...]:
         """Everything the two paths must agree on: objects, areas, pins, page counts, and
         every byte of both processes' memory and of the memfd."""
-        mem = []
+        mem: list[bytes | int | None] = []
         for proc, va, n in ((self.proc, self.w.va, 128), (self.other, self.other_va, 8)):
             for i in range(n):
                 try:

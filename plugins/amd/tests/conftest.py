@@ -17,6 +17,7 @@ from iommufd_amd.kernel import AmdKernel
 from iommufd_amd.viommu import AmdViommu
 
 import iommufd_model as im
+from helpers import narrow
 from iommufd_model import uapi as U
 from iommufd_model.core.main import IommuFd
 from iommufd_model.testing import assert_errno
@@ -163,16 +164,12 @@ class GuestRam:
 
 def amd_iommu(machine: im.Machine, index: int = 0) -> AmdIommu:
     """IOMMU instance ``index`` of an AMD machine, as the AMD model it is."""
-    hw = machine.iommus[index]
-    assert isinstance(hw, AmdIommu)
-    return hw
+    return narrow(machine.iommus[index], AmdIommu)
 
 
 def amd_viommu(fd: IommuFd, viommu_id: int) -> AmdViommu:
     """The AMD driver's half of vIOMMU ``viommu_id`` (its GID, its gDomID map...)."""
-    drv = fd.objects.get_viommu(viommu_id).drv
-    assert isinstance(drv, AmdViommu)
-    return drv
+    return narrow(fd.objects.get_viommu(viommu_id).drv, AmdViommu)
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from iommufd_arm_smmuv3.guest import stage1_tables, vste, write_cd
 from iommufd_arm_smmuv3.hw import Smmuv3
 from iommufd_arm_smmuv3.kernel import SmmuDevice
 
+from helpers import narrow
 from iommufd_model.driver import IOMMU_READ, IOMMU_WRITE
 from iommufd_model.hw.bits import pack
 from iommufd_model.hw.pci import PciDevice
@@ -60,9 +61,7 @@ class RawVmm(Rig):
     @property
     def smmu(self) -> Smmuv3:
         """The machine's SMMUv3, as the SMMUv3 model it is."""
-        hw = self.machine.iommus[0]
-        assert isinstance(hw, Smmuv3)
-        return hw
+        return narrow(self.machine.iommus[0], Smmuv3)
 
     def viommu_alloc_data(
         self, hwpt: int, viommu_type: int, data: bytes = b""

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from iommufd_arm_smmuv3 import events as E
 
+from helpers import event_file
 from iommufd_model.hw.iommu import DmaFault
 from iommufd_model.uapi import iommufd as U
 
@@ -86,15 +87,15 @@ def test_stall_record_attributes_become_the_iopf_perm(vmm: Any, instr: bool, pri
     PRIV from PnU, grpid = STAG, LAST_PAGE. The record is the hardware's own for a stalled
     write, with InD / PnU set as a transaction carrying them would have them."""
     r, _ioas, _hwpt, fault_fd, iova = _faulting_vmm(vmm)
-    hw = r.machine.iommus[0]
+    hw = r.smmu
     with pytest.raises(DmaFault, match="stalled"):
         r.dev.dma_write(iova + 0x10, b"x")
     raw = bytearray(hw.events[-1].encode())
-    r.proc.file(fault_fd).read(U.IommuHwptPgfault.SIZE * 4)  # the write's own fault
+    event_file(r.proc, fault_fd).read(U.IommuHwptPgfault.SIZE * 4)  # the write's own fault
     w1 = int.from_bytes(raw[8:16], "little") | (instr << 34) | (priv << 33)
     raw[8:16] = w1.to_bytes(8, "little")
     hw.driver_state.handle_event(bytes(raw))
-    f = U.IommuHwptPgfault.unpack(r.proc.file(fault_fd).read(U.IommuHwptPgfault.SIZE * 4))
+    f = U.IommuHwptPgfault.unpack(event_file(r.proc, fault_fd).read(U.IommuHwptPgfault.SIZE * 4))
     want = U.IOMMU_PGFAULT_PERM_WRITE
     want |= U.IOMMU_PGFAULT_PERM_EXEC if instr else 0
     want |= U.IOMMU_PGFAULT_PERM_PRIV if priv else 0

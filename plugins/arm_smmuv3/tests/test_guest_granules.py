@@ -15,7 +15,9 @@ import pytest
 from iommufd_arm_smmuv3 import commands as C
 from iommufd_arm_smmuv3.cd import TG0_4K, TG0_16K, TG0_64K, Cd
 from iommufd_arm_smmuv3.guest import GuestSmmuv3
+from iommufd_arm_smmuv3.hw import Smmuv3
 
+from helpers import narrow
 from iommufd_model.api import OptionSet
 from iommufd_model.hw.bits import get, words
 from iommufd_model.hw.iommu import DmaFault
@@ -52,7 +54,7 @@ def test_a_guest_of_a_larger_page_size_uses_its_granule(
     assert g.ram(gpa + gran + 100, 7) == b"sixteen"
     with pytest.raises(DmaFault):
         g.dma_read(IOVA + 4 * gran, 8)  # past the guest's last page
-    hw = g.machine.iommus[0]
+    hw = narrow(g.machine.iommus[0], Smmuv3)
     start = len(hw.executed)
     gi.unmap(dom, IOVA + gran, gran)
     gi.invalidate(dom, IOVA + gran, gran)
