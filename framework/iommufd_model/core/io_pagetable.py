@@ -154,19 +154,42 @@ class Area:
 
 @attrs.frozen
 class DirectWindow:
-    """An area that :meth:`IoPagetable.access_rw` copies through by ``copy_to_user`` /
-    ``copy_from_user`` (:meth:`IoPagetable.access_rw_direct`): IOVAs ``[first, last]`` are
-    ``proc``'s bytes from ``va`` on; reads need ``readable``, writes ``writable``."""
+    """How :meth:`IoPagetable.access_rw` copies through one area of user pages for the
+    process ``current`` (:meth:`DirectWindow.of`), for a caller that repeats such copies
+    without the model (run/_fastrw.c): IOVAs ``[first, last]`` are ``src``'s bytes from
+    ``va`` on. With ``direct``, a copy without ``ACCESS_RW_SLOW_PATH`` goes through them
+    whatever its range (``copy_to_user``: the caller's own mm); with ``page``, a copy
+    within one page goes through them (``iopt_pages_rw_page()``: a live mm, pinned for the
+    copy). Anything else takes the pinned pages. Reads need ``readable``, writes
+    ``writable`` (the area's prot, and the pages' for a write)."""
 
     first: int
     last: int
-    proc: Process
+    src: Process
     va: int
     readable: bool
     writable: bool
+    direct: bool
+    page: bool
 
-    def address(self, iova: int) -> int:
-        return self.va + (iova - self.first)
+    @classmethod
+    def of(cls, area: Area, current: Process) -> DirectWindow | None:
+        """The window of ``area`` for ``current``; None for pages no copy reaches through
+        a process (a memfd, a gone mm)."""
+        pages = area.pages
+        src = pages.proc
+        if src is None or pages.memfile is not None or src.gone:
+            return None
+        return cls(
+            area.iova,
+            area.last,
+            src,
+            pages.base + area.start_byte,
+            readable=bool(area.prot & IOMMU_READ),
+            writable=bool(area.prot & IOMMU_WRITE) and pages.writable,
+            direct=pages.direct_source(0, current) is current,
+            page=True,
+        )
 
 
 _Segment = tuple[Area, int, int]  # area, first iova used in it, last iova used in it
@@ -873,15 +896,12 @@ class IoPagetable:
             got = self._areas.get(cur)
         return segments, False
 
-    def access_rw_direct(
-        self, iova: int, length: int, flags: int, current: Process | None
-    ) -> DirectWindow | None:
-        """The area through which :meth:`access_rw` with ``flags`` (``ACCESS_RW_WRITE``
-        included) would copy the whole of ``[iova, iova+length)`` by one
-        ``copy_to_user``/``copy_from_user``, when one area covers the range, allows the
-        access, and its pages take Linux 7.2's fast path (:meth:`Pages.direct_source`).
-        None for every other case (several areas, a hole, an area being unmapped, a refused
-        permission, the pinned-page paths), which :meth:`access_rw` itself serves or refuses.
+    def access_rw_area(self, iova: int, length: int, write: bool) -> Area | None:
+        """The one area :meth:`access_rw` copies the whole of ``[iova, iova+length)``
+        through, when one area covers the range and passes the walk's checks (not being
+        unmapped, the access's permission), so that the call is that area's
+        ``Pages.rw_access``; None for every other case (several areas, a hole, a refusal),
+        which :meth:`access_rw` itself serves or refuses.
 
         Nothing is changed but the one-page row of the area becoming its objects, as
         :meth:`access_rw` does; the answer is the table's state now (no cache to go stale).
@@ -892,16 +912,9 @@ class IoPagetable:
         if got is None or got[1] < iova + length - 1:
             return None
         area = self._area(*got)
-        pages = area.pages
-        readable = bool(area.prot & IOMMU_READ)
-        writable = bool(area.prot & IOMMU_WRITE) and pages.writable
-        if area.prevent_access or not (writable if flags & ACCESS_RW_WRITE else readable):
+        if area.prevent_access or not area.prot & (IOMMU_WRITE if write else IOMMU_READ):
             return None
-        src = pages.direct_source(flags, current)
-        if src is None:
-            return None
-        va = pages.base + area.start_byte
-        return DirectWindow(area.iova, area.last, src, va, readable, writable)
+        return area
 
     def access_pin(self, iova: int, length: int, write: bool, *, lock: bool = False) -> list[int]:
         """``iommufd_access_pin_pages()``: pin and return the PFNs under ``[iova, +length)``.

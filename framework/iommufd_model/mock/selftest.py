@@ -500,11 +500,12 @@ def _access_rw(ucmd: Ucmd, cmd: IommuTestCmd) -> None:
 @attrs.frozen
 class DirectAccessRw:
     """What :func:`access_rw_fast` did, for a caller that repeats it (run/_fastrw.c): an
-    ACCESS_RW on access fd ``fd`` (the file ``file``) copied through ``window``."""
+    ACCESS_RW on access fd ``fd`` (the file ``file``) copied through one area, whose
+    ``window`` says which later requests copy the same way (None: none)."""
 
     fd: int
     file: AccessFile
-    window: DirectWindow
+    window: DirectWindow | None
 
 
 #: ``struct iommu_test_cmd``'s header and ACCESS_RW's member as they lie in its bytes: size,
@@ -516,36 +517,43 @@ ACCESS_RW_SIZE_MIN = IommuTestCmd.offsetofend("last")
 
 
 def access_rw_fast(ictx: IommuFd, data: bytes, caller: Process) -> DirectAccessRw | None:
-    """IOMMU_TEST_CMD's short path (``FAST_OPS``, the model's own): an ACCESS_RW that reads
-    or writes one area of the caller's own memory, straight from the struct's bytes.
+    """IOMMU_TEST_CMD's short path (``FAST_OPS``, the model's own): an ACCESS_RW within one
+    area, straight from the struct's bytes.
 
     It takes a request only when the general path (``IommuFd.ioctl`` -> :func:`_access_rw`
-    -> ``IoPagetable.access_rw``) would pass every check and copy through the caller's
-    addresses: a struct size the table accepts with no tail, no flag but
-    MOCK_ACCESS_RW_WRITE, a length within the limit, an access fd attached to an IOAS, and
-    ``access_rw_direct``'s one area. It then makes the same two copies in the same order
-    (the user's buffer and the pages, through the same ``Process`` calls), so the bytes,
-    errnos and fault-injection sites are those of the general path. Returns what it did,
-    or None, having done nothing, for any other request."""
+    -> ``IoPagetable.access_rw``) would pass every check before the area's copy: a struct
+    size the table accepts with no tail, no flag but MOCK_ACCESS_RW_WRITE and _SLOW_PATH,
+    a length within the limit, an access fd attached to an IOAS, and
+    ``access_rw_area``'s one area. It then makes the same calls in the same order (the
+    user's buffer through the caller, the area's ``Pages.rw_access`` with every path of
+    Linux 7.2's), so the bytes, errnos, pins and fault-injection sites are those of the
+    general path. Returns what it did, or None, having done nothing, for any other
+    request."""
     if len(data) < _ACCESS_RW_WIRE.size:
         return None
     size, op, fd, _reserved, iova, length, uptr, flags = _ACCESS_RW_WIRE.unpack_from(data)
     if op != IOMMU_TEST_OP_ACCESS_RW or not ACCESS_RW_SIZE_MIN <= size <= IommuTestCmd.SIZE:
         return None
-    if flags & ~MOCK_ACCESS_RW_WRITE or not 0 < length <= ACCESS_MAX_LENGTH:
+    if flags & ~(MOCK_ACCESS_RW_WRITE | MOCK_ACCESS_RW_SLOW_PATH):
+        return None
+    if not 0 < length <= ACCESS_MAX_LENGTH:
         return None
     f = caller.files.get(fd)
     if not isinstance(f, AccessFile) or f.access.ioas is None:
         return None
-    window = f.access.ioas.iopt.access_rw_direct(iova, length, flags, caller)
-    if window is None:
+    write = bool(flags & MOCK_ACCESS_RW_WRITE)
+    area = f.access.ioas.iopt.access_rw_area(iova, length, write)
+    if area is None:
         return None
-    src, va = window.proc, window.address(iova)
-    if flags & MOCK_ACCESS_RW_WRITE:
-        src.write(va, caller.read(uptr, length))
+    # MOCK_ACCESS_RW_WRITE and _SLOW_PATH are the kernel's IOMMUFD_ACCESS_RW_* bits
+    start = area.start_byte_at(iova)
+    if write:
+        area.pages.rw_access(start, caller.read(uptr, length), flags, caller)
     else:
-        caller.write(uptr, src.read(va, length))
-    return DirectAccessRw(fd, f, window)
+        out = area.pages.rw_access(start, length, flags, caller)
+        assert out is not None
+        caller.write(uptr, out)
+    return DirectAccessRw(fd, f, DirectWindow.of(area, caller))
 
 
 def _set_temp_memory_limit(ucmd: Ucmd, cmd: IommuTestCmd) -> None:

@@ -4,15 +4,19 @@
  * Python, through IommuFd.fast_ioctl or the general path).
  *
  * The kernel's iommufd selftest makes about 240,000 ACCESS_RW requests, nearly all of them a
- * read or a write of a few bytes of one area of the caller's own memory. The server serves
- * the first of a kind in Python (IommuFd.fast_ioctl) and then tells this table what it found
- * (`learn`): for one connection, one access fd and one iommufd file, the area's IOVA window,
- * its permissions and the caller's address at its first byte. `serve` then takes the next
- * request of that connection itself when it is such a request inside the window: it checks
- * that the fd number still names the same access file (pidfd_getfd + fstat: an fd closed and
- * reused names another file, and the request goes back to Python), makes the two copies the
- * general path makes (the user's buffer, the area's bytes, through process_vm_readv/writev on
- * the caller) and replies. Anything else is handed back to Python as the request's bytes.
+ * read or a write of a few bytes of one area. The server serves the first of a kind in Python
+ * (IommuFd.fast_ioctl) and then tells this table what it found (`learn`): for one connection,
+ * one access fd and one iommufd file, the area's IOVA window, its permissions, the process
+ * whose addresses back it and its address at the window's first byte, and which requests
+ * Linux 7.2 copies through those addresses (DirectWindow in core/io_pagetable.py: without
+ * SLOW_PATH any range when the mm is the caller's, copy_to_user; a range within one page of
+ * a live mm, iopt_pages_rw_page). `serve` then takes the next request of that connection
+ * itself when it is such a request inside the window: it checks that the fd number still
+ * names the same access file (pidfd_getfd + fstat: an fd closed and reused names another
+ * file, and the request goes back to Python), makes the two copies the general path makes
+ * (the user's buffer through the caller, the area's bytes through the backing process, with
+ * process_vm_readv/writev) and replies. Anything else is handed back to Python as the
+ * request's bytes.
  *
  * Validity: every entry carries the table's generation when learned. The server bumps it
  * (`invalidate`) before every event it handles in Python (a request, a hangup, a new
@@ -40,6 +44,7 @@
 #define REQ_MAX 512
 /* bytes copied through the stack; longer copies use the heap */
 #define STACK_COPY 4096
+#define PAGE 4096ULL
 
 /* struct rep of preload.c: kind, err, ret, flags, arg (REP_DONE is 0) */
 struct rep {
@@ -56,10 +61,13 @@ struct entry {
 	uint64_t file_id; /* the iommufd's model file (the request's a[0]) */
 	uint32_t access_fd;
 	uint64_t dev, ino; /* the access file's identity */
-	int pid, pidfd;
+	int pid, pidfd; /* the caller */
+	int src_pid; /* the process whose addresses back the area */
 	uint64_t first, last; /* the area's IOVA window */
-	uint64_t va; /* the caller's address of the byte at `first` */
+	uint64_t va; /* src_pid's address of the byte at `first` */
 	int readable, writable;
+	int direct; /* without SLOW_PATH, any range: copy_to_user in the caller's own mm */
+	int page; /* a range within one page: iopt_pages_rw_page() */
 };
 
 typedef struct {
@@ -68,7 +76,7 @@ typedef struct {
 	unsigned long long served;
 	/* the wire and uAPI numbers, from the server (run/fastrw.py) */
 	Py_ssize_t req_size, inline_size;
-	uint32_t op_ioctl, cmd_size_min, cmd_size_max, rw_op, rw_write;
+	uint32_t op_ioctl, cmd_size_min, cmd_size_max, rw_op, rw_write, rw_slow;
 	uint64_t test_cmd, max_length;
 	struct entry slots[SLOTS];
 } Table;
@@ -118,7 +126,8 @@ static int try_serve(Table *t, struct entry *e, const unsigned char *req, int *e
 	le32(cmd + 40, &flags);
 	if (top != t->rw_op || size < t->cmd_size_min || size > t->cmd_size_max)
 		return 1;
-	if (id != e->access_fd || (flags & ~t->rw_write) || length == 0 || length > t->max_length)
+	if (id != e->access_fd || (flags & ~(t->rw_write | t->rw_slow)) || length == 0 ||
+	    length > t->max_length)
 		return 1;
 	write = (flags & t->rw_write) != 0;
 	if (write ? !e->writable : !e->readable)
@@ -127,6 +136,9 @@ static int try_serve(Table *t, struct entry *e, const unsigned char *req, int *e
 	if (iova < e->first || last < iova || last > e->last)
 		return 1;
 	va = e->va + (iova - e->first);
+	if (!(e->direct && !(flags & t->rw_slow)) &&
+	    !(e->page && va / PAGE == (va + length - 1) / PAGE))
+		return 1; /* the pinned pages' path: Python's */
 	/* fget(): the number must still name the access file learned */
 	fd = (int)syscall(SYS_pidfd_getfd, e->pidfd, (int)e->access_fd, 0U);
 	if (fd < 0)
@@ -141,11 +153,11 @@ static int try_serve(Table *t, struct entry *e, const unsigned char *req, int *e
 			return 1;
 	}
 	*err = 0;
-	if (write) { /* copy_from_user of the buffer, then copy_to_user into the area */
-		if (copy(0, e->pid, buf, uptr, length) || copy(1, e->pid, buf, va, length))
+	if (write) { /* copy_from_user of the buffer, then the copy into the area */
+		if (copy(0, e->pid, buf, uptr, length) || copy(1, e->src_pid, buf, va, length))
 			*err = EFAULT;
-	} else { /* copy_from_user of the area, then copy_to_user into the buffer */
-		if (copy(0, e->pid, buf, va, length) || copy(1, e->pid, buf, uptr, length))
+	} else { /* the copy out of the area, then copy_to_user into the buffer */
+		if (copy(0, e->src_pid, buf, va, length) || copy(1, e->pid, buf, uptr, length))
 			*err = EFAULT;
 	}
 	if (buf != stack)
@@ -191,21 +203,23 @@ static PyObject *serve(Table *t, PyObject *const *args, Py_ssize_t nargs)
 	return PyBool_FromLong(got == (ssize_t)sizeof(rep));
 }
 
-PyDoc_STRVAR(learn_doc, "learn(conn_fd, file_id, access_fd, dev, ino, pid, pidfd, first, last, "
-			"va, readable, writable)\n\n"
+PyDoc_STRVAR(learn_doc, "learn(conn_fd, file_id, access_fd, dev, ino, pid, pidfd, src_pid, "
+			"first, last, va, readable, writable, direct, page)\n\n"
 			"Let `serve` take the connection's ACCESS_RW requests on access_fd (the file "
-			"(dev, ino)) inside the IOVA window [first, last] at the caller's va, until "
-			"the next `invalidate`.");
+			"(dev, ino)) inside the IOVA window [first, last], backed by src_pid's bytes "
+			"from va, that Linux 7.2 copies through them (direct, page), until the next "
+			"`invalidate`.");
 
 static PyObject *learn(Table *t, PyObject *args)
 {
 	struct entry n = { 0 };
 	unsigned long long file_id, dev, ino, first, last, va;
 	unsigned int access_fd;
-	int conn_fd, pid, pidfd, readable, writable;
+	int conn_fd, pid, pidfd, src_pid, readable, writable, direct, page;
 
-	if (!PyArg_ParseTuple(args, "iKIKKiiKKKpp", &conn_fd, &file_id, &access_fd, &dev, &ino,
-			      &pid, &pidfd, &first, &last, &va, &readable, &writable))
+	if (!PyArg_ParseTuple(args, "iKIKKiiiKKKpppp", &conn_fd, &file_id, &access_fd, &dev,
+			      &ino, &pid, &pidfd, &src_pid, &first, &last, &va, &readable,
+			      &writable, &direct, &page))
 		return NULL;
 	if (conn_fd < 0 || pidfd < 0 || first > last)
 		Py_RETURN_NONE;
@@ -217,11 +231,14 @@ static PyObject *learn(Table *t, PyObject *args)
 	n.ino = ino;
 	n.pid = pid;
 	n.pidfd = pidfd;
+	n.src_pid = src_pid;
 	n.first = first;
 	n.last = last;
 	n.va = va;
 	n.readable = readable;
 	n.writable = writable;
+	n.direct = direct;
+	n.page = page;
 	t->slots[conn_fd % SLOTS] = n;
 	Py_RETURN_NONE;
 }
@@ -244,14 +261,14 @@ static PyObject *served_get(Table *t, void *closure)
 static int table_init(Table *t, PyObject *args, PyObject *kwds)
 {
 	static char *kw[] = { "req_size", "inline_size", "op_ioctl", "test_cmd", "cmd_size_min",
-			      "cmd_size_max", "rw_op", "rw_write", "max_length", NULL };
-	unsigned int op_ioctl, size_min, size_max, rw_op, rw_write;
+			      "cmd_size_max", "rw_op", "rw_write", "rw_slow", "max_length", NULL };
+	unsigned int op_ioctl, size_min, size_max, rw_op, rw_write, rw_slow;
 	unsigned long long test_cmd, max_length;
 	Py_ssize_t req_size, inline_size;
 
-	if (!PyArg_ParseTupleAndKeywords(args, kwds, "nnIKIIIIK", kw, &req_size, &inline_size,
+	if (!PyArg_ParseTupleAndKeywords(args, kwds, "nnIKIIIIIK", kw, &req_size, &inline_size,
 					 &op_ioctl, &test_cmd, &size_min, &size_max, &rw_op,
-					 &rw_write, &max_length))
+					 &rw_write, &rw_slow, &max_length))
 		return -1;
 	if (req_size < 24 || inline_size < 48 || req_size + inline_size > REQ_MAX) {
 		PyErr_SetString(PyExc_ValueError, "request layout outside the table's buffer");
@@ -268,6 +285,7 @@ static int table_init(Table *t, PyObject *args, PyObject *kwds)
 	t->cmd_size_max = size_max;
 	t->rw_op = rw_op;
 	t->rw_write = rw_write;
+	t->rw_slow = rw_slow;
 	t->max_length = max_length;
 	return 0;
 }

@@ -13,6 +13,7 @@ class Table:
         cmd_size_max: int,
         rw_op: int,
         rw_write: int,
+        rw_slow: int,
         max_length: int,
     ) -> None: ...
     def serve(self, conn_fd: int, /) -> bytes | bool: ...
@@ -25,11 +26,14 @@ class Table:
         ino: int,
         pid: int,
         pidfd: int,
+        src_pid: int,
         first: int,
         last: int,
         va: int,
         readable: bool,
         writable: bool,
+        direct: bool,
+        page: bool,
         /,
     ) -> None: ...
     def invalidate(self) -> None: ...

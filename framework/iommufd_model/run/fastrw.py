@@ -58,5 +58,6 @@ def make_table(op_ioctl: int, req_size: int, inline_size: int) -> Any:
         cmd_size_max=T.IommuTestCmd.SIZE,
         rw_op=T.IOMMU_TEST_OP_ACCESS_RW,
         rw_write=T.MOCK_ACCESS_RW_WRITE,
+        rw_slow=T.MOCK_ACCESS_RW_SLOW_PATH,
         max_length=T.ACCESS_MAX_LENGTH,
     )

@@ -407,7 +407,7 @@ class Server:
     def _learn(self, conn: Conn, file_id: int, done: object, proc: RealProcess) -> None:
         """Let the compiled table take this connection's next requests like the one just
         served (an ACCESS_RW through the caller's own addresses), until the next event."""
-        if not isinstance(done, fastrw.DirectAccessRw) or done.window.proc is not proc:
+        if not isinstance(done, fastrw.DirectAccessRw) or done.window is None:
             return
         inode = next((mf.inode for mf in self.files.values() if mf.obj is done.file), None)
         if inode is None or self._fastrw is None:
@@ -415,7 +415,7 @@ class Server:
         w = done.window
         self._fastrw.learn(
             conn.sock.fileno(), file_id, done.fd, inode[0], inode[1], proc.pid, proc.pidfd,
-            w.first, w.last, w.va, w.readable, w.writable,
+            w.src.pid, w.first, w.last, w.va, w.readable, w.writable, w.direct, w.page,
         )  # fmt: skip
 
     def _proc(self, conn: Conn) -> RealProcess:
