@@ -10,7 +10,8 @@ ioctls, with a C reference. Figures only, no assertions.
   IOAS_UNMAP, DESTROY. The reference is the same program doing as many real kernel ioctls
   (FIONREAD on a pipe): what a syscall round trip costs with no model behind it.
 - ``c/access_rw.c``: the selftest's hot loop alone (IOMMU_TEST_OP_ACCESS_RW around a page
-  boundary, reads and writes in turn), on the fast path and with MOCK_ACCESS_RW_SLOW_PATH:
+  boundary, reads and writes in turn), on the fast path and with MOCK_ACCESS_RW_SLOW_PATH,
+  and on the fast path with the server's short paths off (``IOMMUFD_MODEL_SHORT_PATHS=0``):
   CPU per request of the program and the server together, from two runs of different
   lengths (so the start-up cancels out), and the program's own share (its CPU clock over
   the loop, as the program prints it).
@@ -40,11 +41,14 @@ def _children_cpu() -> float:
     return use.ru_utime + use.ru_stime
 
 
-def _timed(argv: list[str]) -> tuple[subprocess.CompletedProcess[str], float, float]:
-    """Run ``argv``; (the result, wall seconds, CPU seconds of it and its children)."""
+def _timed(
+    argv: list[str], env: dict[str, str] | None = None
+) -> tuple[subprocess.CompletedProcess[str], float, float]:
+    """Run ``argv`` (with ``env`` added); (the result, wall seconds, CPU seconds of it and
+    its children)."""
     cpu = _children_cpu()
     start = time.perf_counter()
-    done = subprocess.run(argv, capture_output=True, text=True)
+    done = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, **(env or {})})
     return done, time.perf_counter() - start, _children_cpu() - cpu
 
 
@@ -77,12 +81,15 @@ def run(quick: bool = False) -> dict[str, float]:
             figures[f"hammer, {threads} thread(s): reference / model"] = ref / model
         rw = Path(tmp, "access_rw")
         subprocess.run(["gcc", "-O2", "-o", str(rw), str(HERE / "c" / "access_rw.c")], check=True)
-        for path in ("fast", "slow"):
+        # the server's short paths (docs/running-programs.md) on, and off for comparison
+        off = {"IOMMUFD_MODEL_SHORT_PATHS": "0"}
+        for path, env in (("fast", {}), ("slow", {}), ("fast, short paths off", off)):
             extra = ["slow"] if path == "slow" else []
             n0, n1 = 500, 5000 if quick else 40_000
             cpus = []
             for n in (n0, n1):
-                done, _wall, cpu = _timed([str(CLI), "run", "--", str(rw), str(n), *extra])
+                argv = [str(CLI), "run", "--", str(rw), str(n), *extra]
+                done, _wall, cpu = _timed(argv, env)
                 done.check_returncode()
                 cpus.append(cpu)
             per = (cpus[1] - cpus[0]) / (n1 - n0) * 1e6
