@@ -44,6 +44,13 @@ ops = st.lists(
         st.tuples(st.just("q"), st.integers(0, SIZE // 8 - 1), st.integers(0, (1 << 64) - 1)),
         st.tuples(st.just("r"), st.integers(0, SIZE - 1), st.integers(0, 3 * PAGE_SIZE)),
         st.tuples(st.just("u"), st.integers(0, SIZE // 8 - 1), st.just(0)),
+        st.tuples(  # a DMA read's runs
+            st.just("R"),
+            st.just(0),
+            st.lists(
+                st.tuples(st.integers(0, SIZE - 1), st.integers(0, 2 * PAGE_SIZE)), max_size=4
+            ),
+        ),
     ),
     max_size=30,
 )
@@ -51,15 +58,16 @@ ops = st.lists(
 
 @pytest.fixture(params=[True, False], ids=["in-place", "rebuilt"])
 def fill_mode(request: pytest.FixtureRequest) -> Iterator[bool]:
-    """Whole-frame writes both ways: filled in place (hw/frame_copy.c, when built) and
-    rebuilt from the source (the pure build's path)."""
+    """Whole-frame writes and DMA reads both ways: filled in place and copied out
+    (hw/frame_copy.c, when built), and rebuilt from the source and gathered (the pure
+    build's paths)."""
     in_place = bool(request.param)
     if in_place and memory._COPY is None:
         pytest.skip("frame_copy is not built in this build")
-    saved = memory._IN_PLACE
-    memory._IN_PLACE = in_place
+    saved = memory._IN_PLACE, memory._COPY_OUT
+    memory._IN_PLACE = memory._COPY_OUT = in_place
     yield in_place
-    memory._IN_PLACE = saved
+    memory._IN_PLACE, memory._COPY_OUT = saved
 
 
 @settings(
@@ -84,6 +92,12 @@ def test_memory_equals_a_flat_bytearray(
             ref.write(where * 8, arg.to_bytes(8, "little"))
         elif op == "u":
             assert mem.read_u64(where * 8) == int.from_bytes(ref.read(where * 8, 8), "little")
+        elif op == "R":
+            assert isinstance(arg, list)
+            runs = [(pa, min(n, SIZE - pa)) for pa, n in arg]
+            reads = mem.reads
+            assert mem.read_runs(runs) == b"".join(ref.read(pa, n) for pa, n in runs)
+            assert mem.reads == reads + len(runs)
         else:
             assert isinstance(arg, int)
             n = min(arg, SIZE - where)
@@ -195,3 +209,32 @@ def test_frame_copy_fills_whole_frames_in_place() -> None:
     with pytest.raises(TypeError):
         copy.fill_frames(tuple(frames), src, 0)
     assert b"".join(alias) == src[24:]  # a refused call wrote nothing
+
+
+def test_frame_copy_reads_runs_out_of_the_frames() -> None:
+    """hw/frame_copy.c's read_runs: the runs' bytes in order, zeros where no frame was
+    written, nothing for no runs; it refuses what is not a list of (pa, length) tuples of
+    ints, and the memory refuses a run beyond its end (EFAULT) before any copy."""
+    if memory._COPY is None:
+        pytest.skip("frame_copy is not built in this build")
+    mem = PhysicalMemory(SIZE)
+    data = random.Random(4).randbytes(3 * PAGE_SIZE)
+    mem.write(PAGE_SIZE + 8, data)
+    runs = [(PAGE_SIZE * 3 + 5, PAGE_SIZE + 9), (0, 20), (PAGE_SIZE, 3 * PAGE_SIZE)]
+    expect = b"".join(mem.read(pa, n) for pa, n in runs)
+    assert mem.read_runs(runs) == expect and expect[PAGE_SIZE + 9 :][:20] == bytes(20)
+    assert mem.read_runs([]) == b""
+    copy = memory._COPY
+    for bad, error in (
+        ([(0, 1, 2)], TypeError),
+        ([(0.0, 1)], TypeError),
+        ([[0, 1]], TypeError),
+        ([(-1, 1)], ValueError),
+        ([(0, -1)], ValueError),
+    ):
+        with pytest.raises(error):
+            copy.read_runs(mem._pages, bad)
+    with pytest.raises(TypeError):
+        copy.read_runs(mem._pages, tuple(runs))
+    with pytest.raises(OSError):
+        mem.read_runs([(0, 8), (SIZE - 4, 8)])

@@ -5,9 +5,13 @@ page tables), PASID and RID attaches and detaches, context-cache drops and IOTLB
 the driver's back, translations of random IOVAs, PASIDs and directions, bursts -- runs on three
 machines of the same vendor: the installed build (compiled front and walkers, when built), the
 pure-Python sources of all of them (``IOMMUFD_MODEL_PURE=1`` when the machine is built), and
-the vendor's own ``translate()`` alone (no front). After every step the three must agree on the
-answer or the fault (its reason), the vendor's event/fault records, the IOTLB's entries and
-counters, and the statistics.
+the vendor's own ``translate()`` alone (no front), which also takes bursts and DMAs page by
+page (``translate()`` a page, then its bytes), where the others take them through the burst
+path: IOTLB hits of a whole run at once (``tlb_run.hit_run``), native walks, one copy. Bursts
+and DMAs come twice in a row too, the second one inside the IOTLB. After every step the three
+must agree on the answer or the fault (its reason), the translated runs (contiguous runs
+joined), the vendor's event/fault records, the IOTLB's entries (in FIFO order) and counters,
+the statistics, the dirty bits and every byte of memory.
 """
 
 from __future__ import annotations
@@ -106,6 +110,7 @@ class Rig:
         with _env(PURE_ENV, "1" if variant == "pure" else None):
             self.machine = im.Machine.build(iommus=[driver], options={driver: opts})
         self.hw: IommuHw = self.machine.iommus[0]
+        self.by_page = variant == "slow"
         if variant == "slow":  # the vendor's translate() alone
             del vars(self.hw)["translate"]
         self.proc = self.machine.new_process()
@@ -167,12 +172,57 @@ class Rig:
                 return hw.translate(self.devs[d], BASE + page * PAGE + off, pasid, write)
             elif kind == "burst":
                 _, d, page, n, pasid, write = op
-                return hw.translate_run(self.devs[d], BASE + page * PAGE, n * PAGE, pasid, write)
+                iova, dev = BASE + page * PAGE, self.devs[d]
+                if self.by_page:
+                    return _joined(self._pages(dev, iova, n * PAGE, pasid, write))
+                return _joined(hw.translate_run(dev, iova, n * PAGE, pasid, write))
+            elif kind == "dma":
+                _, d, page, off, size, pasid, write = op
+                return self._dma(self.devs[d], BASE + page * PAGE + off, size, pasid, write)
+            elif kind == "twice":  # the same burst or DMA again: now inside the IOTLB
+                return [self.step(op[1]), self.step(op[1])]
         except DmaFault as f:
             return ("fault", f.iova, f.write, f.pasid, f.reason)
         except OSError as e:
             return ("errno", e.errno)
         return None
+
+    def _pages(
+        self, dev: Any, iova: int, n: int, pasid: int | None, write: bool
+    ) -> list[tuple[int, int]]:
+        """``translate()`` page after page; a read takes each page's bytes (``read_back``)
+        before the next translation (which may set A/D bits), as the hardware reads them."""
+        runs: list[tuple[int, int]] = []
+        got: list[bytes] = []
+        at, end = iova, iova + n
+        while at < end:
+            pa, run = self.hw.translate(dev, at, pasid, write)
+            runs.append((pa, min(run, end - at)))
+            if not write:
+                got.append(self.machine.memory.read(*runs[-1]))
+            at += runs[-1][1]
+        self.read_back = b"".join(got)
+        return runs
+
+    def _dma(self, dev: Any, iova: int, n: int, pasid: int | None, write: bool) -> object:
+        """One DMA of ``n`` bytes: the bytes read, or "written" (a pattern of ``n`` and
+        ``iova``); page by page on the slow rig (translations first, then the copy)."""
+        data = bytes((iova + n + i) & 0xFF for i in range(min(n, 256))) * (n // 256 + 1)
+        data = data[:n]
+        memory = self.machine.memory
+        if not self.by_page:
+            if write:
+                dev.dma_write(iova, data, pasid)
+                return "written"
+            return dev.dma_read(iova, n, pasid)
+        runs = self._pages(dev, iova, n, pasid, write)
+        if not write:
+            return self.read_back
+        pos = 0
+        for pa, chunk in runs:
+            memory.write(pa, data[pos : pos + chunk])
+            pos += chunk
+        return "written"
 
     def state(self) -> object:
         hw = self.hw
@@ -187,12 +237,36 @@ class Rig:
             dirty,
             [repr(r) for r in hw.fault_log],
             _records(hw),
+            {pfn: bytes(frame) for pfn, frame in self.machine.memory._pages.items()},
         )
+
+
+def _joined(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``runs`` with physically contiguous neighbours joined (how a burst splits its runs is
+    the path's own business; which bytes it names is not)."""
+    out: list[tuple[int, int]] = []
+    for pa, n in runs:
+        if out and out[-1][0] + out[-1][1] == pa:
+            out[-1] = (out[-1][0], out[-1][1] + n)
+        else:
+            out.append((pa, n))
+    return out
 
 
 _page = st.integers(0, PAGES - 1)
 _pasid = st.sampled_from(PASIDS)
 _dev = st.integers(0, 1)
+_BURST = st.tuples(st.just("burst"), _dev, _page, st.integers(1, 6), _pasid, st.booleans())
+#: a DMA of up to 6 pages from any byte of a page
+_DMA = st.tuples(
+    st.just("dma"),
+    _dev,
+    _page,
+    st.integers(0, PAGE - 1),
+    st.integers(1, 6 * PAGE),
+    _pasid,
+    st.booleans(),
+)
 OPS = st.one_of(
     st.tuples(st.just("map"), st.integers(0, 1), _page, st.integers(1, 4), st.booleans()),
     st.tuples(st.just("unmap"), st.integers(0, 1), _page, st.integers(1, 4)),
@@ -206,16 +280,29 @@ OPS = st.one_of(
         st.tuples(st.just("xlate"), _dev, _page, st.integers(0, PAGE - 1), _pasid, st.booleans())
         for _ in range(4)  # translations are most of a program
     ],
-    st.tuples(st.just("burst"), _dev, _page, st.integers(1, 6), _pasid, st.booleans()),
+    _BURST,
+    st.tuples(st.just("twice"), st.one_of(_BURST, _DMA)),
+    _DMA,
 )
 # A warm start: both IOASes mapped in places, so that most programs translate something;
 # dirty tracking on for the first HWPT (the mock's writes then set dirty bits; the vendors'
 # HWPTs refuse it, allocated without IOMMU_HWPT_ALLOC_DIRTY_TRACKING).
 PRELUDE = [
-    ("map", 0, 0, 8, True),
+    ("map", 0, 0, 10, True),
     ("map", 0, 10, 4, False),
     ("map", 1, 2, 6, True),
     ("dirty", 0, True),
+]
+
+#: after every program: a hit twice, then DMAs over writable pages into read-only ones (mapped
+#: so by the prelude, unless the program changed them), inside the IOTLB the second time: a
+#: write's hits stop at the first cached entry without write permission
+CODA = [
+    ("xlate", 0, 1, 8, None, False),
+    ("xlate", 0, 1, 8, None, False),
+    ("twice", ("dma", 0, 8, 0, 4 * PAGE, None, False)),
+    ("twice", ("dma", 0, 8, 0, 4 * PAGE, None, True)),
+    ("twice", ("burst", 0, 8, 4, None, True)),
 ]
 
 
@@ -230,7 +317,7 @@ def test_front_pure_and_vendor_translate_agree(
     driver: str, options: str, program: list[Any]
 ) -> None:
     rigs = [Rig(driver, v, options) for v in ("installed", "pure", "slow")]
-    for op in PRELUDE + program + [("xlate", 0, 1, 8, None, False)] * 2:
+    for op in PRELUDE + program + CODA:
         outcomes = [r.step(op) for r in rigs]
         states = [r.state() for r in rigs]
         assert outcomes[0] == outcomes[1] == outcomes[2], op

@@ -14,7 +14,7 @@ import attrs
 
 from iommufd_model.hw.compiled import load_walker
 from iommufd_model.hw.iotlb import NEW_ENTRY, Iotlb
-from iommufd_model.hw.memory import PAGE_SIZE, Frame, PhysicalMemory
+from iommufd_model.hw.memory import PAGE_SIZE, PhysicalMemory
 from iommufd_model.hw.xlate import Front, Miss, Post, TlbCounts, Walk, Walker, stream_key
 from iommufd_model.hw.xlate import HwStats as HwStats  # re-exported: the stats type
 from iommufd_model.locking import locked
@@ -332,27 +332,24 @@ class IommuHw:
     # -- the DMA engine -----------------------------------------------------------------
     @locked
     def dma_read(self, dev: PciDevice, iova: int, n: int, pasid: int | None) -> bytes:
-        # Bytes are gathered as zero-copy frame views and joined once (one copy, like a plain
-        # ``bytes(src)``), but only while translations are IOTLB hits: a full translation may
-        # walk and set A/D bits in memory an earlier run covers, so what was gathered before it
-        # is copied first, as the device read it.
-        parts: list[bytes | Frame | memoryview] = []
-        pending: list[bytes | Frame | memoryview] = []
+        # The runs of a first translation and the hits and native walks after it are copied
+        # out at once (one copy of every byte: ``PhysicalMemory.read_runs``), before the next
+        # full translation: that one may walk and set A/D bits in memory an earlier run
+        # covers, and the device read those bytes before it.
+        parts: list[bytes] = []
         req = BurstRequest(dev, pasid, False, iova + n, [], tables_only=True)
         runs = req.runs
-        gather = self.memory.gather
+        read_runs = self.memory.read_runs
         end = req.end
         while iova < end:
-            if pending:
-                parts.append(b"".join(pending))
-                pending.clear()
             iova = self._translate_one(req, iova)
             if iova < end:
                 iova = self._hits(req, iova)
-            for pa, chunk in runs:
-                gather(pa, chunk, pending)
+            parts.append(read_runs(runs))
             runs.clear()
-        return b"".join(parts + pending)
+        if len(parts) == 1:
+            return parts[0]
+        return b"".join(parts)
 
     @locked
     def dma_write(

@@ -19,7 +19,7 @@ from iommufd_model.hw.tlb_entry import new_entry
 from iommufd_model.hw.tlb_run import Fifo
 from iommufd_model.hw.xlate import TlbCounts
 
-_RUN = load_walker("iommufd_model.hw.tlb_run")
+RUN_MODULE = "iommufd_model.hw.tlb_run"
 XLATE_MODULE = "iommufd_model.hw.xlate"
 
 
@@ -31,11 +31,12 @@ NEW_ENTRY = new_entry
 class Iotlb:
     """A bounded translation cache with FIFO replacement."""
 
-    #: the compiled IOTLB operations (:mod:`iommufd_model.hw.tlb_run`), for native fills
-    RUN = _RUN
-
     def __init__(self, capacity: int = 4096) -> None:
         self.capacity = capacity
+        #: the IOTLB operations (:mod:`iommufd_model.hw.tlb_run`: compiled, or its pure source
+        #: under ``IOMMUFD_MODEL_PURE=1`` when the IOTLB is built, as the IOMMU's front is),
+        #: for the lookups of a burst and native fills
+        self.ops = load_walker(RUN_MODULE)
         self._tables: dict[int, dict[Hashable, dict[int, TlbEntry]]] = {}
         # Every entry's key, oldest first: a fill appends, an eviction pops the oldest, with
         # no hashing (a dict's first key after many evictions from its front is found by
@@ -93,7 +94,7 @@ class Iotlb:
         ``(hits, stop)`` as :func:`iommufd_model.hw.tlb_run.hit_run` does. Counted as ``hits``
         lookups."""
         hits, stop = cast(
-            "tuple[int, int]", _RUN.hit_run(self._tables, tag, iova, end, need, pa_end, out)
+            "tuple[int, int]", self.ops.hit_run(self._tables, tag, iova, end, need, pa_end, out)
         )
         self.counts.hits += hits
         return hits, stop
@@ -101,7 +102,7 @@ class Iotlb:
     def insert(self, tag: Hashable, iova: int, entry: TlbEntry) -> None:
         """Cache ``entry`` for ``iova`` under ``tag``; a full IOTLB evicts its oldest entry
         (in the compiled :mod:`iommufd_model.hw.tlb_run`)."""
-        _RUN.insert(self._tables, self._fifo, self.capacity, tag, iova, entry.shift, entry)
+        self.ops.insert(self._tables, self._fifo, self.capacity, tag, iova, entry.shift, entry)
 
     def _drop(self, keep: Callable[[Hashable, int, int], bool]) -> int:
         """Remove every entry for which ``keep(tag, first_iova, shift)`` is False (the FIFO
@@ -113,7 +114,7 @@ class Iotlb:
             (kept if keep(key[1], key[2] << key[0], key[0]) else doomed).append(key)
         if doomed:
             for key in doomed:
-                _RUN.unlink(self._tables, key)
+                self.ops.unlink(self._tables, key)
             fifo.clear()
             fifo.extend(kept)
         self.counts.invalidations += 1

@@ -58,6 +58,9 @@ def _frame_copy() -> ModuleType | None:
 _COPY = _frame_copy()
 #: whole frames are filled in place (``frame_copy``) rather than rebuilt from the source
 _IN_PLACE = _COPY is not None
+#: a DMA read's runs are copied out of the frames by ``frame_copy`` rather than gathered as
+#: frame views and joined
+_COPY_OUT = _COPY is not None
 
 #: one 4 KiB frame: 512 signed 64-bit words (an entry with bit 63 set reads negative)
 Frame = vec[i64]
@@ -293,6 +296,22 @@ class PhysicalMemory:
         self._check(pa, n)
         self.reads += 1
         self._gather(pa, n, out)
+
+    def read_runs(self, runs: list[tuple[int, int]]) -> bytes:
+        """The bytes of every ``(pa, length)`` of ``runs``, in order (counted as one read a
+        run): a DMA read's translated runs. Copied straight from the frames into the bytes
+        returned by ``hw/frame_copy.c``, once; in a pure build gathered and joined."""
+        check = self._check
+        for pa, n in runs:
+            check(pa, n)
+        self.reads += len(runs)
+        if _COPY_OUT:
+            assert _COPY is not None
+            return _COPY.read_runs(self._pages, runs)  # type: ignore[no-any-return]
+        pieces: list[bytes | Frame | memoryview] = []
+        for pa, n in runs:
+            self._gather(pa, n, pieces)
+        return b"".join(pieces)
 
     def _gather(self, pa: int, n: int, out: list[bytes | Frame | memoryview]) -> None:
         get = self._pages.get

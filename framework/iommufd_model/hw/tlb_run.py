@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final, cast
 
+from mypy_extensions import i64  # a native int under mypyc; a subclass of ``int`` otherwise
+
 from iommufd_model.hw.tlb_entry import TlbEntry
 
 Entry = TlbEntry
@@ -214,6 +216,11 @@ def unlink(tables: Filled, key: Slot) -> None:
             del tables[shift]
 
 
+#: the largest address :func:`hit_run` translates (its loop is in native 64-bit integers);
+#: pages at or above it are left to the vendor's ``translate()``
+HIT_LIMIT: Final = (1 << 63) - 1
+
+
 def hit_run(
     tables: Tables,
     tag: object,
@@ -229,41 +236,52 @@ def hit_run(
     physical address does) and returns ``(hits, stop)``: how many entries were used and the
     first address not translated (``end`` when all were). Runs stop at physical address
     ``pa_end`` (the end of memory): a page cached whole may reach past it, and what lies
-    there is for the vendor's ``translate()`` to refuse.
+    there is for the vendor's ``translate()`` to refuse. Stops at ``HIT_LIMIT`` too: the loop
+    counts in native 64-bit integers (compiled: no boxed arithmetic a page; an entry's
+    physical address and page size are far below it), the few pages above are
+    ``translate()``'s.
     """
-    hits = 0
-    last = -1  # the page size that hit last: consecutive pages mostly share it
+    if end > HIT_LIMIT:
+        end = HIT_LIMIT
+    if pa_end > HIT_LIMIT:
+        pa_end = HIT_LIMIT
+    if iova >= end:
+        return 0, iova
+    at: i64 = iova
+    stop: i64 = end
+    limit: i64 = pa_end
+    hits: i64 = 0
+    last: i64 = -1  # the page size that hit last: consecutive pages mostly share it
     last_pages: Pages = {}
-    run_pa = -1
-    run_len = 0
-    while iova < end:
-        entry = last_pages.get(iova >> last) if last >= 0 else None
+    run_pa: i64 = -1
+    run_len: i64 = 0
+    while at < stop:
+        entry = last_pages.get(at >> last) if last >= 0 else None
         if entry is None:
-            for shift, tags in tables.items():
-                if shift != last:
+            for shift_of, tags in tables.items():
+                if shift_of != last:
                     pages = tags.get(tag)
                     if pages is not None:
-                        entry = pages.get(iova >> shift)
+                        entry = pages.get(at >> shift_of)
                         if entry is not None:
-                            last = shift
+                            last = shift_of
                             last_pages = pages
                             break
         if entry is None:
             break
-        pa = entry.pa
-        shift = entry.shift
-        perm = entry.perm
-        if perm & need != need:
+        if entry.perm & need != need:
             break
-        size = 1 << shift
-        off = iova & (size - 1)
-        if pa + off >= pa_end:
+        pa: i64 = entry.pa
+        shift: i64 = entry.shift
+        size: i64 = 1 << shift
+        off = at & (size - 1)
+        if pa + off >= limit:
             break
         chunk = size - off
-        if chunk > end - iova:
-            chunk = end - iova
-        if chunk > pa_end - pa - off:
-            chunk = pa_end - pa - off
+        if chunk > stop - at:
+            chunk = stop - at
+        if chunk > limit - pa - off:
+            chunk = limit - pa - off
         hits += 1
         if run_len and run_pa + run_len == pa + off:
             run_len += chunk
@@ -272,10 +290,10 @@ def hit_run(
                 out.append((run_pa, run_len))
             run_pa = pa + off
             run_len = chunk
-        iova += chunk
+        at += chunk
     if run_len:
         out.append((run_pa, run_len))
-    return hits, iova
+    return hits, at
 
 
 #: walk_run fills the IOTLB after this many walks at the latest: the entries it holds back are

@@ -526,7 +526,7 @@ class AmdIommu(IommuHw):
             dte.host_root,
             dte.mode,
             dte.had,
-            partial(iotlb.RUN.fill, iotlb._tables, iotlb._fifo, iotlb.capacity),
+            partial(iotlb.ops.fill, iotlb._tables, iotlb._fifo, iotlb.capacity),
             NEW_ENTRY,
             req.runs,
         )
