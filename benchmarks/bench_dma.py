@@ -13,7 +13,9 @@ copy is ``bytes(src)`` (read) and ``memoryview(dst)[:] = src`` (write) of the sa
 Every figure is the best of several calls timed in the thread's CPU time (``time.thread_time``,
 page faults of a fresh copy included), as the walk benchmarks' own loops are: the copy and the
 DMA it is compared with are then not stretched unevenly by other processes on a loaded
-machine. No assertions.
+machine. The four calls of a case (DMA read, DMA write, plain read, plain write) take turns,
+round after round, so that a spell of contention for the memory bus or the caches (other
+processes) lands on all four rather than on whichever was being timed then. No assertions.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from __future__ import annotations
 import gc
 import sys
 import time
+from collections.abc import Callable
 from importlib.metadata import entry_points
+from typing import Any
 
 from _timing import print_figures, vendor
 
@@ -32,15 +36,17 @@ KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 IOVA = 4 * GIB
 
 
-def best(fn: object, repeat: int = 3) -> float:
-    assert callable(fn)
-    times = []
+def best(fns: list[Callable[[], object]], repeat: int = 3) -> list[float]:
+    """The best thread CPU time of each of ``fns`` over ``repeat`` rounds, each round
+    calling every one of them once, in turn."""
+    times = [float("inf")] * len(fns)
     for _ in range(repeat):
-        gc.collect()
-        start = time.thread_time()
-        fn()
-        times.append(time.thread_time() - start)
-    return min(times)
+        for i, fn in enumerate(fns):
+            gc.collect()
+            start = time.thread_time()
+            fn()
+            times[i] = min(times[i], time.thread_time() - start)
+    return times
 
 
 def setup(driver: str, page: int, size: int) -> tuple[im.Machine, object]:
@@ -97,18 +103,24 @@ def run_driver(driver: str, cases: list[tuple[int, int]]) -> dict[str, float]:
         # Short runs are measured more often: one preemption on a loaded machine would set
         # their best time otherwise.
         repeat = 7 if size <= 64 * MIB else 3
-        t_read = best(lambda d=dev, n=size: d.dma_read(IOVA, n), repeat)
-        t_write = best(lambda d=dev, b=data: d.dma_write(IOVA, b), repeat)
         src = bytearray(data)
-        dst = bytearray(size)
-        t_plain_read = best(lambda s=src: bytes(s), repeat)
+        target = memoryview(bytearray(size))
 
-        target = memoryview(dst)
+        def dma_read(d: Any = dev, n: int = size) -> None:
+            d.dma_read(IOVA, n)
+
+        def dma_write(d: Any = dev, b: bytes = data) -> None:
+            d.dma_write(IOVA, b)
+
+        def plain_read(s: bytearray = src) -> None:
+            bytes(s)
 
         def plain_write(d: memoryview = target, s: bytes = data) -> None:
             d[:] = s
 
-        t_plain_write = best(plain_write, repeat)
+        t_read, t_write, t_plain_read, t_plain_write = best(
+            [dma_read, dma_write, plain_read, plain_write], repeat
+        )
         label = f"{page // KIB} KiB pages" if page < MIB else f"{page // MIB} MiB pages"
         label = f"[{driver}] DMA %s, {label}"
         label += f" ({size // MIB} MiB buffer, walk found {found // KIB} KiB pages)"
@@ -116,7 +128,7 @@ def run_driver(driver: str, cases: list[tuple[int, int]]) -> dict[str, float]:
         figures[f"{label % 'read'}: ratio to a plain copy"] = t_plain_read / t_read
         figures[f"{label % 'write'}: MB/s"] = size / t_write / 1e6
         figures[f"{label % 'write'}: ratio to a plain copy"] = t_plain_write / t_write
-        del machine, dev, data, src, dst
+        del machine, dev, data, src, target
         gc.collect()
     return figures
 
