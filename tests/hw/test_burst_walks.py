@@ -7,9 +7,11 @@ reads and writes on three machines: the installed build (compiled walkers and bu
 the pure-Python sources of every hot module (``IOMMUFD_MODEL_PURE=1`` when the machine is
 built), and page by page (``translate()`` for every page, then the bytes copied). The tables
 have a hole and read-only pages, so bursts fault midway; a tiny IOTLB makes bursts evict their
-own fills; dirty tracking turns on accessed/dirty updates. After every DMA the three must
-agree on the bytes read or the fault, the statistics, the fault records, the IOTLB's entries
-and counters, and at the end every byte of memory (page tables with their A/D bits included).
+own fills; dirty tracking turns on accessed/dirty updates; the last DMAs run inside the IOTLB
+(whole runs of hits, ``tlb_run.hit_run``, and one copy). After every DMA the three must agree
+on the bytes read or the fault, the statistics, the fault records, the IOTLB's entries (in
+FIFO order) and counters, and at the end every byte of memory (page tables with their A/D
+bits included) and the dirty bitmap.
 """
 
 from __future__ import annotations
@@ -72,6 +74,13 @@ DMAS = [
     (False, 25, 0, 5, 0),
     (True, 33, 0, 15, 0),
     (False, 31, 1, 16, 4095),
+    # Inside the IOTLB (all but the tiny one): pages the DMAs above filled, read and written
+    # again; the first write after reads meets entries without the dirty state under dirty
+    # tracking (translate() walks those), the second hits them
+    (False, 0, 0, 30, 0),
+    (True, 2, 0, 10, 0),
+    (True, 2, 0, 10, 0),
+    (False, 31, 0, 17, 0),
 ]
 
 
@@ -185,6 +194,17 @@ def _run(kind: tuple[str, dict[str, Any], str], dirty: bool, capacity: int, buil
         return stop
 
     rig.hw.walk_run = counted  # type: ignore[method-assign]
+    hit = []  # pages the bursts' IOTLB hit runs translated (none page by page)
+    tlb = getattr(rig.hw, "iotlb", getattr(rig.hw, "tlb", None))
+    assert isinstance(tlb, Iotlb)
+    hit_run = tlb.hit_run
+
+    def hits(*args: Any) -> tuple[int, int]:
+        got = hit_run(*args)
+        hit.append(got[0])
+        return got
+
+    tlb.hit_run = hits  # type: ignore[method-assign]
     steps = []
     for n, (write, first, off, count, tail) in enumerate(DMAS):
         data = bytes([n + 100]) * (count * PAGE + tail)
@@ -192,7 +212,7 @@ def _run(kind: tuple[str, dict[str, Any], str], dirty: bool, capacity: int, buil
             (rig.dma(write, IOVA + first * PAGE + off, data, build == "page"), rig.state())
         )
     memory = {pfn: bytes(frame) for pfn, frame in rig.machine.memory._pages.items()}
-    return steps, memory, rig.dirty(), sum(walked)
+    return steps, memory, rig.dirty(), sum(walked), sum(hit)
 
 
 def _tracks_dirty(kind: tuple[str, dict[str, Any], str]) -> bool:
@@ -229,6 +249,10 @@ def test_burst_walks_equal_pure_and_page_by_page(
     # The bursts walked (the pages of many misses each), in both builds
     assert results["installed"][3] >= 8 * PAGE
     assert results["pure"][3] == results["installed"][3]
+    # ... and took whole runs of IOTLB hits (the DMAs inside the IOTLB: 60 pages at least)
+    assert results["installed"][4] >= 60 or capacity < PAGES
+    assert results["pure"][4] == results["installed"][4]
+    assert results["page"][4] == 0
 
 
 def test_the_burst_loop_is_compiled_when_built() -> None:
