@@ -37,9 +37,7 @@ def test_dma_reads_and_writes_follow_the_program(
     assert pfns[1] == pfns[0] + 1  # a run of contiguous frames
     # the program writes after its pages got frames: a DMA read sees the bytes now
     os.pwrite(file.fd, b"descriptor", PAGE_SIZE - 4)
-    out: list[bytes | memoryview] = []
-    memory.gather((pfns[0] << PAGE_SHIFT) + PAGE_SIZE - 4, 10, out)  # type: ignore[arg-type]
-    assert b"".join(out) == b"descriptor"
+    assert memory.read_runs([((pfns[0] << PAGE_SHIFT) + PAGE_SIZE - 4, 10)]) == b"descriptor"
     # a DMA write (the engine's write_from) lands in the program at once
     memory.write_from((pfns[1] << PAGE_SHIFT) + 8, b"xxcompletionxx", 2, 10)
     assert os.pread(file.fd, 10, PAGE_SIZE + 8) == b"completion"
@@ -53,6 +51,6 @@ def test_cpu_writes_are_not_pushed_and_close_unwraps(
     memory.write(pfn << PAGE_SHIFT, b"cpu")  # the core syncs its own CPU copies
     assert os.pread(file.fd, 3, 0) == b"\0\0\0"
     dma.close()
-    assert "gather" not in vars(memory) and "write_from" not in vars(memory)
+    assert "read_runs" not in vars(memory) and "write_from" not in vars(memory)
     memory.write_from(pfn << PAGE_SHIFT, b"dma", 0, 3)
     assert os.pread(file.fd, 3, 0) == b"\0\0\0"

@@ -286,21 +286,11 @@ class PhysicalMemory:
         self._gather(pa, n, pieces)
         return b"".join(pieces)
 
-    def gather(self, pa: int, n: int, out: list[bytes | Frame | memoryview]) -> None:
-        """Append zero-copy pieces that cover ``[pa, pa+n)`` to ``out`` (counted as one read).
-
-        The pieces are the frames (or views of them) as they are now: join them before memory
-        changes (a write may store into a frame or replace it). The DMA engine gathers every
-        translated run, then joins once: one copy of every byte in all.
-        """
-        self._check(pa, n)
-        self.reads += 1
-        self._gather(pa, n, out)
-
     def read_runs(self, runs: list[tuple[int, int]]) -> bytes:
         """The bytes of every ``(pa, length)`` of ``runs``, in order (counted as one read a
-        run): a DMA read's translated runs. Copied straight from the frames into the bytes
-        returned by ``hw/frame_copy.c``, once; in a pure build gathered and joined."""
+        run): a DMA read's translated runs, the DMA engine's only way into memory for reads.
+        Copied straight from the frames into the bytes returned, once, by ``hw/frame_copy.c``;
+        in a pure build gathered as zero-copy frame views and joined once."""
         check = self._check
         for pa, n in runs:
             check(pa, n)

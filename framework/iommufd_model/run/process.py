@@ -164,7 +164,7 @@ class DmaCoherence:
     """Device DMA sees the program's memory as it is (the model's own design).
 
     A device's DMA (``IommuHw.dma_read``/``dma_write``: a descriptor fetch, a copy, a
-    completion record) reaches physical memory through ``PhysicalMemory.gather`` and
+    completion record) reaches physical memory through ``PhysicalMemory.read_runs`` and
     ``write_from`` only. While a run serves the machine, those two are wrapped: the frames a
     DMA read covers are first refreshed from the program's bytes (``Mirrors.pull``), and what
     a DMA write stored is written back into the program at once (``Mirrors.push``). Frames no
@@ -175,10 +175,10 @@ class DmaCoherence:
         self.memory = memory
         self.mirrors = mirrors
         self._cpu_write = 0
-        self._gather = memory.gather
+        self._read_runs = memory.read_runs
         self._write = memory.write
         self._write_from = memory.write_from
-        memory.gather = self.gather  # type: ignore[method-assign]
+        memory.read_runs = self.read_runs  # type: ignore[method-assign]
         memory.write = self.write  # type: ignore[method-assign]
         memory.write_from = self.write_from  # type: ignore[method-assign]
 
@@ -186,9 +186,10 @@ class DmaCoherence:
     def _pfns(pa: int, n: int) -> list[int]:
         return list(range(pa >> PAGE_SHIFT, ((pa + n - 1) >> PAGE_SHIFT) + 1)) if n > 0 else []
 
-    def gather(self, pa: int, n: int, out: list[Any]) -> None:
-        self.mirrors.pull(self._pfns(pa, n), pa & PAGE_MASK, n)
-        self._gather(pa, n, out)
+    def read_runs(self, runs: list[tuple[int, int]]) -> bytes:
+        for pa, n in runs:
+            self.mirrors.pull(self._pfns(pa, n), pa & PAGE_MASK, n)
+        return self._read_runs(runs)
 
     def write(self, pa: int, data: bytes | bytearray | memoryview) -> None:
         self._cpu_write += 1
@@ -204,7 +205,7 @@ class DmaCoherence:
 
     def close(self) -> None:
         """The run is over: the machine's memory is plain memory again."""
-        for name in ("gather", "write", "write_from"):
+        for name in ("read_runs", "write", "write_from"):
             vars(self.memory).pop(name, None)
 
 
