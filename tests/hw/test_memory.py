@@ -134,8 +134,9 @@ def test_frames_are_word_arrays_indexed_beside_the_dict() -> None:
     assert mem.read_u64(pa + 16) == 5 and mem.read(pa + 16, 8) == (5).to_bytes(8, "little")
     mem.write(pa + 17, b"\x01")  # a short write stores into the same frame
     assert pages[pfn] is frame and frame[2] == 0x105
-    mem.write(pa + 100, b"\x07" * 2000)  # a long one rebuilds it; the index follows
-    assert pages[pfn] is not frame and _aliases(pages.indexed(pfn), pages[pfn])
+    mem.write(pa + 100, b"\x07" * 2000)  # a long one: in place (frame_copy) or rebuilt
+    assert (pages[pfn] is frame) == memory._IN_PLACE
+    assert _aliases(pages.indexed(pfn), pages[pfn])  # the index follows either way
     assert mem.read_u64(pa + 16) == 0x105 and mem.read(pa + 100, 2000) == b"\x07" * 2000
     mem.put_frame(pfn)  # freed: frame and index entry are gone together
     assert pfn not in pages and pages.indexed(pfn) is None and len(pages.words[pfn]) == 0
@@ -184,31 +185,41 @@ def test_long_writes_cross_the_frame_batches(fill_mode: bool) -> None:
     assert len(mem._pages) == 602
 
 
-def test_frame_copy_fills_whole_frames_in_place() -> None:
-    """hw/frame_copy.c writes what 512 word stores would, into the frames themselves (a
-    store shows through every reference to the frame), and refuses short sources and frames
-    that are not 4 KiB."""
+def test_frame_copy_writes_spans_into_the_frames_in_place() -> None:
+    """hw/frame_copy.c's write_span writes what item stores would, into the frames themselves
+    (a store shows through every reference to the frame, the walkers' index included), makes
+    the frames a span reaches first through ``materialise``, and refuses a span beyond its
+    source and frames that are not 4 KiB."""
     if memory._COPY is None:
         pytest.skip("frame_copy is not built in this build")
     copy = memory._COPY
+    mem = PhysicalMemory(SIZE)
     src = random.Random(3).randbytes(5 * PAGE_SIZE + 24)
-    frames = [new_frame() for _ in range(5)]
-    alias = list(frames)
-    copy.fill_frames(frames, src, 24)
-    assert b"".join(alias) == src[24:]
-    assert [frame[7] for frame in frames] == [
-        int.from_bytes(
-            src[24 + i * PAGE_SIZE + 56 : 24 + i * PAGE_SIZE + 64], "little", signed=True
-        )
-        for i in range(5)
-    ]
+    mem.write(PAGE_SIZE, bytes(PAGE_SIZE) + b"\x05" * PAGE_SIZE)  # frames 1 and 2 exist
+    frames = [mem._pages[1], mem._pages[2]]
+    made: list[int] = []
+
+    def materialise(pfn: int) -> Frame:
+        made.append(pfn)
+        return mem._materialise(pfn)
+
+    copy.write_span(mem._pages, PAGE_SIZE + 100, src, 24, 3 * PAGE_SIZE, materialise)
+    assert made == [3, 4]
+    assert mem.read(PAGE_SIZE + 100, 3 * PAGE_SIZE) == src[24 : 24 + 3 * PAGE_SIZE]
+    assert mem.read(PAGE_SIZE, 100) == bytes(100)  # the head's frame keeps what lies before
+    assert mem.read(4 * PAGE_SIZE + 100, 16) == bytes(16)  # ... the tail's what lies after
+    assert frames == [mem._pages[1], mem._pages[2]]  # the same frames, written in place
+    assert bytes(frames[1]) == src[24 + PAGE_SIZE - 100 : 24 + 2 * PAGE_SIZE - 100]
+    assert all(_aliases(mem._pages.indexed(p), mem._pages[p]) for p in range(1, 5))
     with pytest.raises(ValueError):
-        copy.fill_frames(frames, src, 25)  # 5 frames need 20480 bytes from 25: one short
+        copy.write_span(mem._pages, 0, src, 25, len(src) - 24, materialise)  # one byte short
     with pytest.raises(ValueError):
-        copy.fill_frames([Frame([1, 2])], src, 0)
+        copy.write_span({0: Frame([1, 2])}, 0, src, 0, 8, materialise)
     with pytest.raises(TypeError):
-        copy.fill_frames(tuple(frames), src, 0)
-    assert b"".join(alias) == src[24:]  # a refused call wrote nothing
+        copy.write_span(list(mem._pages.items()), 0, src, 0, 8, materialise)
+    with pytest.raises(ZeroDivisionError):
+        copy.write_span(mem._pages, 40 * PAGE_SIZE, src, 0, 8, lambda pfn: 1 // 0)
+    assert made == [3, 4] and 40 not in mem._pages
 
 
 def test_frame_copy_reads_runs_out_of_the_frames() -> None:

@@ -6,9 +6,10 @@ zeros without allocating storage, so a machine can have terabytes of address spa
 A frame is a :data:`Frame`, mypyc's native ``vec[i64]`` of 512 little-endian 64-bit words
 (librt): compiled table walkers read an entry with one bounds-checked C array load (about 3 ns;
 a ``memoryview`` word costs 24-40 ns, which capped walks near 6 M/s however tight the rest).
-Its buffer is read-only to Python, so bytes leave a frame as zero-copy views and enter it by
-item stores: a few words from here, whole frames through ``hw/frame_copy.c`` (one memcpy per
-frame) or, in the pure build, by building new frames from the source buffer.
+Its buffer is read-only to Python, so bytes leave a frame as zero-copy views (or, for a DMA
+read, copied out by ``hw/frame_copy.c``) and enter it by item stores: a few words from here, a
+DMA write's bytes through ``hw/frame_copy.c`` (one memcpy per frame, in place) or, in the pure
+build, by building new frames from the source buffer.
 Frames live in :class:`Frames`, the dict pfn -> frame that the walkers index, with a flat vec
 of frames beside it for the walkers' lookups.
 """
@@ -56,7 +57,7 @@ def _frame_copy() -> ModuleType | None:
 
 
 _COPY = _frame_copy()
-#: whole frames are filled in place (``frame_copy``) rather than rebuilt from the source
+#: writes are copied into the frames in place (``frame_copy``) rather than rebuilt or patched
 _IN_PLACE = _COPY is not None
 #: a DMA read's runs are copied out of the frames by ``frame_copy`` rather than gathered as
 #: frame views and joined
@@ -337,13 +338,17 @@ class PhysicalMemory:
     def write_from(self, pa: int, src: bytes, pos: int, n: int) -> None:
         """Write ``src[pos:pos + n]`` at ``pa`` (the DMA engine's form: no slice of ``src``).
 
-        Whole frames are filled in place by ``hw/frame_copy.c`` (one memcpy each); in a pure
-        build they are rebuilt from the source in C (``vec`` from a ``'q'`` view over
-        ``map``), in batches. A head or tail shorter than a
-        frame is patched (:meth:`_patch`).
+        Copied into the frames in place by ``hw/frame_copy.c`` (which looks them up itself,
+        and has :meth:`_materialise` make the missing ones); in a pure build whole frames are
+        rebuilt from the source in C (``vec`` from a ``'q'`` view over ``map``), in batches,
+        and a head or tail shorter than a frame is patched (:meth:`_patch`).
         """
         self._check(pa, n)
         self.writes += 1
+        if _IN_PLACE:
+            assert _COPY is not None
+            _COPY.write_span(self._pages, pa, src, pos, n, self._materialise)
+            return
         view = memoryview(src)
         off = pa & PAGE_MASK
         pfn = pa >> PAGE_SHIFT
@@ -355,24 +360,16 @@ class PhysicalMemory:
             pfn += 1
         whole = (end - pos) >> PAGE_SHIFT
         if whole:
-            if _IN_PLACE:
-                self._fill_in_place(pfn, whole, src, pos)
-            else:
-                self._rebuild(pfn, whole, view, pos)
+            self._rebuild(pfn, whole, view, pos)
             pfn += whole
             pos += whole << PAGE_SHIFT
         if pos < end:  # the tail
             self._patch(pfn, 0, view[pos:end])
 
-    def _fill_in_place(self, pfn: int, count: int, src: bytes, pos: int) -> None:
-        pages = self._pages
-        frames = list(map(pages.get, range(pfn, pfn + count)))
-        if None in frames:
-            for i, frame in enumerate(frames):
-                if frame is None:
-                    frames[i] = pages[pfn + i] = new_frame()
-        assert _COPY is not None
-        _COPY.fill_frames(frames, src, pos)
+    def _materialise(self, pfn: int) -> Frame:
+        """A new zeroed frame stored for ``pfn`` (a write's first to it)."""
+        frame = self._pages[pfn] = new_frame()
+        return frame
 
     def _rebuild(self, pfn: int, count: int, view: memoryview, pos: int) -> None:
         step = WORDS_PER_FRAME
