@@ -46,8 +46,9 @@ _WRITE_BATCH = 256
 
 
 def _frame_copy() -> ModuleType | None:
-    """``hw/frame_copy.c`` (whole frames filled in place, one memcpy each), or None in a pure
-    build (``IOMMUFD_MODEL_PURE=1`` at install or run time), which rebuilds whole frames."""
+    """``hw/frame_copy.c`` (DMA writes copied into the frames in place, DMA reads copied out of
+    them), or None in a pure build (``IOMMUFD_MODEL_PURE=1`` at install or run time), which
+    rebuilds frames and joins frame views instead."""
     if os.environ.get(PURE_ENV) == "1":
         return None
     try:
