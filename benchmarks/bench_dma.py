@@ -10,12 +10,13 @@ the walk found is printed). Steady state: the frames exist and the IOTLB holds w
 16 MiB of 4 KiB pages fit the model's 4096-entry IOTLB (one walk-free burst), 64 MiB do not
 (every page misses and walks, as on hardware whose IOTLB cannot reach the buffer). The plain
 copy is ``bytes(src)`` (read) and ``memoryview(dst)[:] = src`` (write) of the same size.
-Every figure is the best of several calls timed in the thread's CPU time (``time.thread_time``,
-page faults of a fresh copy included), as the walk benchmarks' own loops are: the copy and the
-DMA it is compared with are then not stretched unevenly by other processes on a loaded
-machine. The four calls of a case (DMA read, DMA write, plain read, plain write) take turns,
-round after round, so that a spell of contention for the memory bus or the caches (other
-processes) lands on all four rather than on whichever was being timed then. No assertions.
+Every figure is the best of several calls (15 for 16 MiB, 7 for 64 MiB, 3 above) timed in the
+thread's CPU time (``time.thread_time``, page faults of a fresh copy included), as the walk
+benchmarks' own loops are: the copy and the DMA it is compared with are then not stretched
+unevenly by other processes on a loaded machine. The four calls of a case (DMA read, DMA
+write, plain read, plain write) take turns, round after round, so that a spell of contention
+for the memory bus or the caches (other processes) lands on all four rather than on whichever
+was being timed then. No assertions.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def run_driver(driver: str, cases: list[tuple[int, int]]) -> dict[str, float]:
         assert dev.dma_read(IOVA, size) == data  # type: ignore[attr-defined]
         # Short runs are measured more often: one preemption on a loaded machine would set
         # their best time otherwise.
-        repeat = 7 if size <= 64 * MIB else 3
+        repeat = 15 if size <= 16 * MIB else 7 if size <= 64 * MIB else 3
         src = bytearray(data)
         target = memoryview(bytearray(size))
 
