@@ -204,7 +204,7 @@ def _run(kind: tuple[str, dict[str, Any], str], dirty: bool, capacity: int, buil
         hit.append(got[0])
         return got
 
-    tlb.hit_run = hits  # type: ignore[method-assign]
+    tlb.hit_run = hits  # type: ignore[method-assign,assignment]
     steps = []
     for n, (write, first, off, count, tail) in enumerate(DMAS):
         data = bytes([n + 100]) * (count * PAGE + tail)
