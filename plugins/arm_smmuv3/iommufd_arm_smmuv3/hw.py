@@ -585,7 +585,7 @@ class Smmuv3(IommuHw):
         )
         self.stats.walk_mem_refs += refs
         if st != 0:
-            ev = _stage2_event(st, sid, ev_ssid, 0, True, addr, E.CLASS_CD, pa)
+            ev = _stage2_event(st, sid, ev_ssid, 0, True, addr, E.CLASS_CD, pa, True)
             raise ConfigFault(ev if ste.s2r else None, f"stage 2 refused CD IPA {addr:#x}")
         return int(pa)
 
@@ -784,11 +784,11 @@ class Smmuv3(IommuHw):
         stats = self.stats
         mem = self.memory
         if cd is not None:
-            status, value, shift, refs, prot, _lvl, fault_s2, ipa, cls = res
+            status, value, shift, refs, prot, _lvl, fault_s2, ipa, cls, tt_write = res
             record = ste.s2r if fault_s2 else cd.r
         else:
             status, value, shift, refs, prot, _lvl = res
-            fault_s2, ipa, cls, record = 1, iova, E.CLASS_IN, ste.s2r
+            fault_s2, ipa, cls, tt_write, record = 1, iova, E.CLASS_IN, 0, ste.s2r
         stats.walk_mem_refs += refs
         if status != 0:
             ev_ssid = pasid
@@ -805,7 +805,9 @@ class Smmuv3(IommuHw):
                     tt_read=cls == E.CLASS_TT,  # the abort hit a table read
                 )
             elif fault_s2:
-                ev = _stage2_event(status, sid, ev_ssid, iova, not write, ipa, cls, value)
+                ev = _stage2_event(
+                    status, sid, ev_ssid, iova, not write, ipa, cls, value, not tt_write
+                )
             else:
                 ev = E.Event(status, sid, ev_ssid, iova, not write)
             stall = status != E.F_WALK_EABT and (ste.s2s if fault_s2 else cd is not None and cd.s)
@@ -872,7 +874,7 @@ class Smmuv3(IommuHw):
 def _epd0_walk(iova: int, write: bool, ctx: object) -> tuple[int, ...]:
     """The walk of a CD with EPD0 set: none, every access a translation fault (stage 1's
     result layout)."""
-    return (E.F_TRANSLATION, 0, 0, 0, 0, 0, 0, 0, E.CLASS_IN)
+    return (E.F_TRANSLATION, 0, 0, 0, 0, 0, 0, 0, E.CLASS_IN, 0)
 
 
 def _s1_tag(tag: Hashable, vmid: int, asid: int | None) -> bool:
@@ -882,12 +884,20 @@ def _s1_tag(tag: Hashable, vmid: int, asid: int | None) -> bool:
 
 
 def _stage2_event(
-    status: int, sid: int, ssid: int | None, iova: int, read: bool, ipa: int, cls: int, fetch: int
+    status: int,
+    sid: int,
+    ssid: int | None,
+    iova: int,
+    read: bool,
+    ipa: int,
+    cls: int,
+    fetch: int,
+    tt_read: bool,
 ) -> E.Event:
-    """A stage-2 fault record. TT_RnW is set for CLASS TT: the model's walker reaches a
-    stage-1 table through stage 2 only to read it (its HTTU updates of stage-1 descriptors
-    are not checked against stage 2: the model's own simplification)."""
-    tt_read = cls == E.CLASS_TT
+    """A stage-2 fault record. TT_RnW (only for CLASS TT) is 1 when stage 2 refused the read
+    of a stage-1 descriptor, 0 when it refused the HTTU update of one (a write: AF or dirty
+    state, see walk.py)."""
+    tt_read = tt_read and cls == E.CLASS_TT
     if status == E.F_WALK_EABT:
         return E.Event(
             E.F_WALK_EABT, sid, ssid, iova, read, True, cls, ipa, fetch_addr=fetch, tt_read=tt_read

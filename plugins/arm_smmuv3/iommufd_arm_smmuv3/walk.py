@@ -21,6 +21,14 @@ mypyc (read as unsigned: bit 63 is a real attribute bit at stage 1).
 
 Every function returns a tuple whose first element is ``OK`` or the SMMU event number of the
 fault (F_TRANSLATION, F_ADDR_SIZE, F_ACCESS, F_PERMISSION, F_WALK_EABT).
+
+HTTU in a nested walk (SMMUv3 IHI 0070, HTTU with stage 2): a hardware update of a stage-1
+descriptor (AF set by CD.HA, AP[2] cleared by CD.HD) is a write to the descriptor's IPA, so
+stage 2 must allow the write; a stage-2 leaf without S2AP write refuses it with a stage-2
+permission fault of CLASS TT whose TT_RnW says write, and nothing is written. The read of the
+same descriptor went through that very stage-2 leaf, so its S2AP decides: the model has no
+stage-2 HTTU (STE.S2HA/S2HD, which Linux 7.2 never sets), so the write's stage-2 walk would
+read the same descriptors and change nothing.
 """
 
 from __future__ import annotations
@@ -74,7 +82,7 @@ _OA_64K: Final = ((1 << 48) - 1) & ~0xFFFF  # bits 47:16 of a 64 KiB descriptor'
 # The native walks' results: the public tuples as unboxed i64 fields (mypyc returns them without
 # converting each to a tagged int, and a caller in this module reads them as they are).
 Native6 = tuple[i64, i64, i64, i64, i64, i64]
-Native9 = tuple[i64, i64, i64, i64, i64, i64, i64, i64, i64]
+Native10 = tuple[i64, i64, i64, i64, i64, i64, i64, i64, i64, i64]
 
 
 def _words(pages: Pages) -> Words:
@@ -279,15 +287,17 @@ def walk_s1(
     hd: bool = False,
     granule: int = 12,
     s2_granule: int = 12,
-) -> tuple[int, int, int, int, int, int, int, int, int]:
+) -> tuple[int, int, int, int, int, int, int, int, int, int]:
     """Stage-1 walk of ``va``, with every table access and the output translated by stage 2
-    when ``nested``: ``(status, value, shift, refs, prot, level, s2, ipa, cls)``.
+    when ``nested``: ``(status, value, shift, refs, prot, level, s2, ipa, cls, tt_write)``.
 
     With ``hd`` (CD.HD, hardware dirty state), a write to a leaf that is writable-clean
     (DBM set, AP[2] set) clears AP[2] in memory, marking it dirty, and is allowed.
 
     ``value`` is the physical address (OK) or the unfetchable descriptor address (F_WALK_EABT).
-    A stage-2 fault reports ``s2 = 1``, the refused ``ipa`` and ``cls`` (CLASS_TT / CLASS_IN).
+    A stage-2 fault reports ``s2 = 1``, the refused ``ipa`` and ``cls`` (CLASS_TT / CLASS_IN);
+    ``tt_write`` is 1 when stage 2 refused a hardware update of a stage-1 descriptor (CLASS_TT
+    with TT_RnW = 0, a write), else 0 (a descriptor read: TT_RnW = 1).
     ``refs`` counts every descriptor read of both stages. ``granule`` / ``s2_granule``: log2 of
     the translation granules (CD.TG0, STE.S2TG: 12, 14 or 16).
     """
@@ -297,7 +307,7 @@ def walk_s1(
         or va >> ia_bits
     ):
         level = _start(ia_bits, granule) if granule in (12, 14, 16) else 0
-        return F_TRANSLATION, 0, 0, 0, 0, level, 0, 0, CLASS_IN
+        return F_TRANSLATION, 0, 0, 0, 0, level, 0, 0, CLASS_IN, 0
     return _s1(
         pages,
         _words(pages),
@@ -348,10 +358,15 @@ def _s1(
     hd: bool,
     granule: i64,
     s2_granule: i64,
-) -> Native9:
+) -> Native10:
     """:func:`walk_s1` on native ints, ``va`` already inside the input size."""
     start: i64 = _start(ia_bits, granule)
     refs: i64 = 0
+    # The stage-2 translation of the descriptor last read: its IPA, S2AP and level (without
+    # stage 2 nothing refuses an update).
+    slot_ipa: i64 = 0
+    slot_prot: i64 = PROT_R | PROT_W
+    slot_lvl: i64 = 0
     table: i64 = ttb
     level: i64 = start
     unpriv = True
@@ -368,8 +383,9 @@ def _s1(
         slot: i64 = table + ((va >> shift) & index_mask) * 8
         if nested:
             if slot >> s2_ia_bits:
-                return F_TRANSLATION, 0, 0, refs, 0, s2_start, 1, slot, CLASS_TT
-            st, slot_pa, _s, r2, _p, lvl2 = _s2(
+                return F_TRANSLATION, 0, 0, refs, 0, s2_start, 1, slot, CLASS_TT, 0
+            slot_ipa = slot
+            st, slot_pa, _s, r2, slot_prot, slot_lvl = _s2(
                 pages,
                 words,
                 mem_size,
@@ -384,21 +400,21 @@ def _s1(
             )
             refs += r2
             if st != OK:
-                return st, slot_pa, 0, refs, 0, lvl2, 1, slot, CLASS_TT
+                return st, slot_pa, 0, refs, 0, slot_lvl, 1, slot, CLASS_TT, 0
             slot = slot_pa
         if slot + 8 > mem_size or slot < 0:
-            return F_WALK_EABT, slot, 0, refs, 0, level, 0, 0, CLASS_TT
+            return F_WALK_EABT, slot, 0, refs, 0, level, 0, 0, CLASS_TT, 0
         desc = _desc(pages, words, slot)
         refs += 1
         if not desc & DESC_VALID:
-            return F_TRANSLATION, 0, 0, refs, 0, level, 0, 0, CLASS_IN
+            return F_TRANSLATION, 0, 0, refs, 0, level, 0, 0, CLASS_IN, 0
         addr: i64 = desc & oa_mask
         if granule == 16:
             addr |= (desc >> 12 & 0xF) << 48  # PA[51:48] in bits 15:12
         if level < 3 and desc & DESC_TABLE:
             table = addr
             if table >> oa_bits:
-                return F_ADDR_SIZE, 0, 0, refs, 0, level, 0, 0, CLASS_IN
+                return F_ADDR_SIZE, 0, 0, refs, 0, level, 0, 0, CLASS_IN, 0
             if desc & S1_APTABLE_NOUNPRIV:
                 unpriv = False
             if desc >> 62 & 1:  # S1_APTABLE_RDONLY (1 << 62 is no C literal for mypyc)
@@ -408,31 +424,35 @@ def _s1(
             shift -= stride
             continue
         if (level == 3 and not desc & DESC_TABLE) or level < min_block:
-            return F_TRANSLATION, 0, 0, refs, 0, level, 0, 0, CLASS_IN
+            return F_TRANSLATION, 0, 0, refs, 0, level, 0, 0, CLASS_IN, 0
         mask = _mask(shift)
         out: i64 = addr & ~mask
         if out >> oa_bits:
-            return F_ADDR_SIZE, 0, 0, refs, 0, level, 0, 0, CLASS_IN
+            return F_ADDR_SIZE, 0, 0, refs, 0, level, 0, 0, CLASS_IN, 0
         if not desc & DESC_AF:
             if ha:
+                if not slot_prot & PROT_W:  # stage 2 refuses the update: nothing written
+                    return F_PERMISSION, 0, 0, refs, 0, slot_lvl, 1, slot_ipa, CLASS_TT, 1
                 desc |= DESC_AF
                 _store(pages, words, slot, desc)
             elif not affd:
-                return F_ACCESS, 0, 0, refs, 0, level, 0, 0, CLASS_IN
+                return F_ACCESS, 0, 0, refs, 0, level, 0, 0, CLASS_IN, 0
         # Device DMA is an unprivileged access: it needs AP[1] all the way down.
         prot: i64 = 0
         if unpriv and desc & S1_AP_UNPRIV:
             prot = PROT_R if rdonly or desc & S1_AP_RDONLY else PROT_R | PROT_W
             if write and hd and not rdonly and desc & S1_DBM and desc & S1_AP_RDONLY:
+                if not slot_prot & PROT_W:  # as for AF: stage 2 refuses, nothing written
+                    return F_PERMISSION, 0, 0, refs, 0, slot_lvl, 1, slot_ipa, CLASS_TT, 1
                 _store(pages, words, slot, desc & ~S1_AP_RDONLY)  # writable-clean -> dirty
                 prot = PROT_R | PROT_W
         if not prot & (PROT_W if write else PROT_R):
-            return F_PERMISSION, 0, 0, refs, prot, level, 0, 0, CLASS_IN
+            return F_PERMISSION, 0, 0, refs, prot, level, 0, 0, CLASS_IN, 0
         ipa: i64 = out | (va & mask)
         if not nested:
-            return OK, ipa, shift, refs, prot, level, 0, 0, CLASS_IN
+            return OK, ipa, shift, refs, prot, level, 0, 0, CLASS_IN, 0
         if ipa >> s2_ia_bits:
-            return F_TRANSLATION, 0, 0, refs, 0, s2_start, 1, ipa, CLASS_IN
+            return F_TRANSLATION, 0, 0, refs, 0, s2_start, 1, ipa, CLASS_IN, 0
         st, pa, shift2, r2, prot2, lvl2 = _s2(
             pages,
             words,
@@ -448,12 +468,12 @@ def _s1(
         )
         refs += r2
         if st != OK:
-            return st, pa, 0, refs, prot & prot2, lvl2, 1, ipa, CLASS_IN
+            return st, pa, 0, refs, prot & prot2, lvl2, 1, ipa, CLASS_IN, 0
         # A combined TLB entry covers the smaller of the two pages.
         combined: i64 = shift2
         if shift < combined:
             combined = shift
-        return OK, pa, combined, refs, prot & prot2, level, 0, 0, CLASS_IN
+        return OK, pa, combined, refs, prot & prot2, level, 0, 0, CLASS_IN, 0
 
 
 def bench_s1(
@@ -536,7 +556,7 @@ def walk_s1_bound(
     ctx: tuple[
         Pages, int, int, int, int, bool, bool, bool, int, int, int, int, bool, bool, int, int
     ],
-) -> tuple[int, int, int, int, int, int, int, int, int]:
+) -> tuple[int, int, int, int, int, int, int, int, int, int]:
     """``walk_s1`` with ``ctx = (pages, mem_size, ttb, ia_bits, oa_bits, affd, ha, nested,
     s2_ttb, s2_ia_bits, s2_start, s2_oa_bits, s2_affd, hd, granule, s2_granule)``."""
     (pages, mem_size, ttb, ia, oa, affd, ha, nested, s2_ttb, s2_ia, s2_start, s2_oa, s2_affd,

@@ -103,6 +103,7 @@ def vmm() -> Callable[..., RawVmm]:
 # The guest of the nesting tests: RAM at IPA G behind a nest parent, its SMMU tables in it.
 G = 0  # guest RAM at IPA 0 (IOVA = GPA), as the framework's Vm
 GUEST_RAM = 16 << 20
+TABLE_POOL = 8 << 20  # the guest's own IOMMU tables come from the top of its RAM
 CD_IPA = G + 0x20_0000
 GVA = 0x1234_0000
 GUEST_ASID = 5
@@ -112,15 +113,24 @@ VSID = 0x42
 class GuestVm:
     """A VMM with guest RAM behind a nest parent, a vIOMMU, and the guest's own SMMU tables."""
 
-    def __init__(self, r: RawVmm, viommu_type: int, data: bytes = b"") -> None:
+    def __init__(
+        self, r: RawVmm, viommu_type: int, data: bytes = b"", tables_read_only: bool = False
+    ) -> None:
         self.r = r
         self.hw = r.smmu
         self.smmu = self.hw.driver_state
         self.ioas = r.ioas_alloc()
         self.parent = r.hwpt_alloc(self.ioas, U.IOMMU_HWPT_ALLOC_NEST_PARENT)
         self.ram = r.proc.mmap(GUEST_RAM)
-        r.ioas_map(self.ioas, self.ram, GUEST_RAM, iova=G)
-        self.guest = GuestMemory(r.proc, self.ram, GUEST_RAM, table_pool=8 << 20)
+        if tables_read_only:  # the table pool (the top TABLE_POOL bytes) readable only
+            low = GUEST_RAM - TABLE_POOL
+            r.ioas_map(self.ioas, self.ram, low, iova=G)
+            r.fd.ioas_map(
+                self.ioas, self.ram + low, TABLE_POOL, iova=G + low, flags=U.IOMMU_IOAS_MAP_READABLE
+            )
+        else:
+            r.ioas_map(self.ioas, self.ram, GUEST_RAM, iova=G)
+        self.guest = GuestMemory(r.proc, self.ram, GUEST_RAM, table_pool=TABLE_POOL)
         self.s1 = stage1_tables(self.guest)
         write_cd(self.guest, CD_IPA, GUEST_ASID, self.s1.root)
         self.viommu, self.viommu_out = r.viommu_alloc_data(self.parent, viommu_type, data)
@@ -173,9 +183,14 @@ class GuestVm:
 
 @pytest.fixture
 def guest_vm(vmm: Callable[..., RawVmm]) -> Callable[..., GuestVm]:
-    """Factory: a :class:`GuestVm` with a vIOMMU of the given type (default: SMMUv3)."""
+    """Factory: a :class:`GuestVm` with a vIOMMU of the given type (default: SMMUv3), its
+    table pool mapped read-only at stage 2 when ``tables_read_only``."""
 
-    def make(viommu_type: int = U.IOMMU_VIOMMU_TYPE_ARM_SMMUV3, data: bytes = b"") -> GuestVm:
-        return GuestVm(vmm(), viommu_type, data)
+    def make(
+        viommu_type: int = U.IOMMU_VIOMMU_TYPE_ARM_SMMUV3,
+        data: bytes = b"",
+        tables_read_only: bool = False,
+    ) -> GuestVm:
+        return GuestVm(vmm(), viommu_type, data, tables_read_only)
 
     return make

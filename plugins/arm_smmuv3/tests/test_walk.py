@@ -156,9 +156,11 @@ def nested(
     s2_start: int = 0,
     granule: int = 12,
     s2_granule: int = 12,
+    ha: bool = False,
+    hd: bool = False,
 ) -> tuple[int, ...]:
     """A nested walk of ``s1pt`` (48-bit input and output) through ``s2pt`` (48-bit output;
-    its input size, start level and both granules as given)."""
+    its input size, start level, both granules and CD.HA / CD.HD as given)."""
     return walker.walk_s1(  # type: ignore[attr-defined,no-any-return]
         mem._pages,
         mem.size,
@@ -168,14 +170,14 @@ def nested(
         48,
         write,
         False,
-        False,
+        ha,
         True,
         s2pt.root,
         s2_ia,
         s2_start,
         48,
         False,
-        False,
+        hd,
         granule,
         s2_granule,
     )
@@ -203,6 +205,53 @@ def test_nested_stage2_faults_carry_ipa_and_class(mem: PhysicalMemory) -> None:
     r = nested(mem, s1pt, s2pt, 0x7000_0000)
     assert (r[0], r[6], r[8]) == (W.F_TRANSLATION, 1, W.CLASS_TT)
     assert r[7] >> 12 == (G + (8 << 20)) >> 12
+
+
+def _read_only_tables(mem: PhysicalMemory, s2pt: RadixPageTable) -> None:
+    """Stage 2 maps the 2 MiB of guest RAM holding the guest's stage-1 tables read-only."""
+    tables = G + (8 << 20)
+    s2pt.unmap(tables, 1 << 21)
+    s2pt.map(tables, tables + OFF, 1 << 21, IOMMU_READ)
+
+
+@pytest.mark.parametrize("walker", [compiled, pure])
+def test_nested_httu_update_is_a_stage2_write(mem: PhysicalMemory, walker: object) -> None:
+    """HTTU in a nested walk: setting AF (CD.HA) or clearing AP[2] of a writable-clean leaf
+    (CD.HD) writes the stage-1 descriptor, so stage 2 must let that IPA be written. A stage-2
+    mapping that is read-only for the table page refuses the update: a stage-2 permission
+    fault, CLASS TT, a write (tt_write = 1, TT_RnW 0), the descriptor's IPA, nothing written.
+    Reads of the same tables go on; a writable mapping takes the updates as before."""
+    s2pt, s1pt, guest = nested_setup(mem)
+    s1pt.map(0x7000_0000, G + 0x5000, 4096, RW)
+    leaf_ipa = s1pt._leaves(0x7000_0000, 0x7000_0000)[0][0]
+    leaf = guest.read_u64(leaf_ipa)
+    clean = leaf | W.S1_DBM | W.S1_AP_RDONLY  # writable-clean
+    _read_only_tables(mem, s2pt)
+    assert nested(mem, s1pt, s2pt, 0x7000_0010, walker=walker)[:2] == (W.OK, G + OFF + 0x5010)
+    guest.write_u64(leaf_ipa, leaf & ~W.DESC_AF)
+    before = _frames(mem)
+    for write in (False, True):
+        r = nested(mem, s1pt, s2pt, 0x7000_0010, write, walker, ha=True)
+        assert (r[0], r[1], r[2], r[4], r[5]) == (W.F_PERMISSION, 0, 0, 0, 2)  # S2 level-2 block
+        assert r[6:] == (1, leaf_ipa, W.CLASS_TT, 1)
+        assert r[3] == 4 + 4 * 3  # every descriptor read, the update refused
+        assert _frames(mem) == before
+    # without HA the access flag fault is stage 1's own (nothing to write)
+    r = nested(mem, s1pt, s2pt, 0x7000_0010, False, walker)
+    assert (r[0], r[6], r[9]) == (W.F_ACCESS, 0, 0)
+    guest.write_u64(leaf_ipa, clean)
+    before = _frames(mem)
+    assert nested(mem, s1pt, s2pt, 0x7000_0010, False, walker, ha=True, hd=True)[0] == W.OK
+    r = nested(mem, s1pt, s2pt, 0x7000_0010, True, walker, ha=True, hd=True)
+    assert (r[0], r[6:]) == (W.F_PERMISSION, (1, leaf_ipa, W.CLASS_TT, 1))
+    assert _frames(mem) == before
+    # the VMM maps the tables writable again: both updates land
+    s2pt.unmap(G + (8 << 20), 1 << 21)
+    s2pt.map(G + (8 << 20), G + OFF + (8 << 20), 1 << 21, RW)
+    guest.write_u64(leaf_ipa, clean & ~W.DESC_AF)
+    r = nested(mem, s1pt, s2pt, 0x7000_0010, True, walker, ha=True, hd=True)
+    assert r[:2] == (W.OK, G + OFF + 0x5010) and r[6:] == (0, 0, W.CLASS_IN, 0)
+    assert guest.read_u64(leaf_ipa) == (clean | W.DESC_AF) & ~W.S1_AP_RDONLY
 
 
 def test_the_installed_walker_is_compiled_unless_pure_is_forced(smmu_machine: Any) -> None:
