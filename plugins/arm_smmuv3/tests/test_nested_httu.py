@@ -13,6 +13,7 @@ from iommufd_arm_smmuv3 import events as E
 from iommufd_arm_smmuv3 import walk as W
 from iommufd_arm_smmuv3.cd import CD_SIZE, Cd
 
+from helpers import event_file
 from iommufd_model.hw.bits import pack, words
 from iommufd_model.hw.iommu import DmaFault
 from iommufd_model.uapi import iommufd as U
@@ -63,7 +64,7 @@ def test_access_flag_update_into_read_only_tables_faults(guest_vm: Any) -> None:
     _assert_tt_write_fault(vm, GVA + 4096 + 0x10, False, leaf_ipa)
     assert vm.guest.read_u64(leaf_ipa) == leaf
     assert vm.guest.read(0x1_1000, 4096) == data[4096:8192]  # the DMA wrote nothing
-    assert r.proc.file(qfd).read(4096) == b""  # a stage-2 fault: the host's, not the guest's
+    assert event_file(r.proc, qfd).read(4096) == b""  # a stage-2 fault: the host's, not the guest's
 
 
 def test_dirty_state_update_into_read_only_tables_faults(guest_vm: Any) -> None:
