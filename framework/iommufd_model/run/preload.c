@@ -37,6 +37,49 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+/* System call n with up to six arguments, as libc's syscall() makes it (-1 and errno on
+ * failure), made here: the preload's own calls must not go through its syscall() below
+ * (which keeps the table of model fds for programs calling libc's syscall()), and this is
+ * async-signal-safe for the MMIO fault handler. */
+static long syscall6(long n, const long a[6])
+{
+	register long r10 __asm__("r10") = a[3];
+	register long r8 __asm__("r8") = a[4];
+	register long r9 __asm__("r9") = a[5];
+	long ret;
+
+	__asm__ volatile("syscall"
+			 : "=a"(ret)
+			 : "a"(n), "D"(a[0]), "S"(a[1]), "d"(a[2]), "r"(r10), "r"(r8), "r"(r9)
+			 : "rcx", "r11", "memory");
+	if ((unsigned long)ret > -4096UL) {
+		errno = (int)-ret;
+		return -1;
+	}
+	return ret;
+}
+
+/* The six arguments of a syscall()-style call (those not passed are whatever the registers
+ * and stack hold, as libc's syscall() takes them too). */
+#define SIX_ARGS(n, a)                                  \
+	do {                                            \
+		va_list ap;                             \
+		va_start(ap, n);                        \
+		for (int i = 0; i < 6; i++)             \
+			(a)[i] = va_arg(ap, long);      \
+		va_end(ap);                             \
+	} while (0)
+
+static long raw_syscall(long n, ...)
+{
+	long a[6];
+
+	SIX_ARGS(n, a);
+	return syscall6(n, a);
+}
+
+#define syscall raw_syscall
+
 enum {
 	OP_HELLO = 1,
 	OP_OPEN = 2,
@@ -191,8 +234,9 @@ __attribute__((constructor)) static void preload_init(void)
  * model fd the preload never saw created (a raw dup, an fd received some other way) is found
  * all the same. An entry must never outlive the file it names: every libc entry point that
  * closes an fd number or puts another file at it (close, close_range, closefrom, dup2, dup3,
- * fclose) brackets its system call with fd_busy()/fd_done(), and every one that returns a new
- * number (open, dup, fcntl F_DUPFD*, recvmsg's SCM_RIGHTS, the server's installs) clears it.
+ * fclose, and libc's syscall() for them) brackets its system call with fd_busy()/fd_done(),
+ * and every one that returns a new number (open, dup, fcntl F_DUPFD*, recvmsg's SCM_RIGHTS,
+ * the server's installs) clears it.
  *
  * An entry is one u64: the model id + 1 (low 32 bits, 0: none), a version (bits 32-47) that
  * every change bumps, and the number of closes of that number in progress (bits 48-63). A
@@ -968,6 +1012,34 @@ ssize_t recvmsg(int fd, struct msghdr *mh, int flags)
 
 	if (ret >= 0)
 		forget_passed(mh);
+	return ret;
+}
+
+/* libc's syscall(), for a program that closes or duplicates fds through it: the same as the
+ * libc entry points above, so that the table stays true; every other call goes through. */
+long preload_syscall(long n, ...) __asm__("syscall");
+long preload_syscall(long n, ...)
+{
+	long a[6], ret;
+
+	SIX_ARGS(n, a);
+	switch (n) {
+	case SYS_close:
+		return close((int)a[0]);
+	case SYS_close_range:
+		return close_range((unsigned int)a[0], (unsigned int)a[1], (int)a[2]);
+	case SYS_dup:
+		return dup((int)a[0]);
+	case SYS_dup2:
+		return dup2((int)a[0], (int)a[1]);
+	case SYS_dup3:
+		return dup3((int)a[0], (int)a[1], (int)a[2]);
+	case SYS_fcntl:
+		return fcntl((int)a[0], (int)a[1], a[2]);
+	}
+	ret = syscall6(n, a);
+	if (ret >= 0 && n == SYS_recvmsg)
+		forget_passed((const struct msghdr *)a[1]);
 	return ret;
 }
 
