@@ -167,18 +167,22 @@ def issue19(results: dict[str, dict[str, float]]) -> None:
             what = f"lock cost <= 5%: {key.removesuffix(': measured lock cost %')}"
             print(f"  {what[:58]:<58} {value:.1f}%  " + met(value <= 5))
     selftest = results.get("bench_run", {})
-    wall = selftest.get("kernel selftest iommufd: whole run, wall s")
-    what = "kernel `iommufd` selftest under `iommufd-model run` < 15 s"
-    if wall is None:
-        print(f"  {what:<58} not measured (full run with the selftest kit only)")
-    else:
-        passed = selftest.get("kernel selftest iommufd: cases passed", 0)
-        cpu = selftest.get("kernel selftest iommufd: whole run, CPU s", 0)
-        load = selftest.get("load average at end", 0)
+    runs = [k.removesuffix(": whole run, wall s") for k in selftest if k.endswith("wall s")]
+    runs = [k for k in runs if k.startswith("kernel selftest iommufd") and "fail_nth" not in k]
+    if not runs:
+        print(f"  {'kernel `iommufd` selftest < 15 s':<58} not measured (needs the kit)")
+    for run in runs:
+        wall = selftest[f"{run}: whole run, wall s"]
+        passed = selftest.get(f"{run}: cases passed", 0)
+        cpu = selftest.get(f"{run}: whole run, CPU s", 0)
+        how = run.removeprefix("kernel selftest iommufd").removeprefix(", ") or "unpinned"
+        what = f"kernel `iommufd` selftest < 15 s ({how})"
         print(
-            f"  {what:<58} {wall:.1f} s wall, {cpu:.1f} s CPU, {passed:.0f} passed, "
-            f"load {load:.1f}  " + met(wall < 15)
+            f"  {what:<58} {wall:.1f} s wall, {cpu:.1f} s CPU, {passed:.0f} passed  "
+            + met(wall < 15)
         )
+    if "load average at end" in selftest:
+        print(f"  {'(load average after bench_run)':<58} {selftest['load average at end']:.1f}")
 
 
 def areas(ioas: dict[str, float]) -> None:

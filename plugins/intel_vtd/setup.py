@@ -1,24 +1,13 @@
-"""Build hook: mypyc compiles the VT-d walkers (``iommufd_intel_vtd/walk.py``).
+"""Build hook of iommufd_intel_vtd: mypyc compiles the first-stage, second-stage and nested walks.
 
-The plain source is installed instead, with identical behaviour, when the build runs with
-``IOMMUFD_MODEL_PURE=1`` or has no mypyc to import. The build writes the stamp that makes the
-package refuse a compiled walker older than its source. Both come from the framework's
-``hw/compiled.py``, taken from this repository by path: a plugin is built beside the framework
-here, and nothing is importable while the install's lanes build.
+The build itself is the framework's ``hw/compiled.setup_plugin``, taken from this repository by
+path (nothing is importable while the install's lanes build).
 """
 
 import sys
 from pathlib import Path
 
-from setuptools import setup
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "framework" / "iommufd_model" / "hw"))
+import compiled
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parents[1] / "framework" / "iommufd_model" / "hw"))
-import compiled  # noqa: E402
-
-extensions = compiled.mypyc_extensions(["iommufd_intel_vtd/walk.py"])
-compiled.write_stamp(
-    HERE / "iommufd_intel_vtd",
-    [(HERE / "iommufd_intel_vtd" / "walk.py", "walk")] if extensions else [],
-)
-setup(ext_modules=extensions)
+compiled.setup_plugin(__file__, "iommufd_intel_vtd")

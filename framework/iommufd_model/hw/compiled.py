@@ -55,6 +55,20 @@ def mypyc_extensions(sources: list[str], options: tuple[str, ...] = ()) -> list[
     return extensions
 
 
+def setup_plugin(setup_file: str, package: str, sources: tuple[str, ...] = ("walk.py",)) -> None:
+    """A vendor plugin's whole build: its walkers compiled, the stamp written, ``setup()``.
+
+    ``sources`` are the modules under ``package`` that mypyc compiles; the rest of the
+    distribution's metadata is its ``pyproject.toml``.
+    """
+    setup = importlib.import_module("setuptools").setup
+    here = Path(setup_file).resolve().parent
+    extensions = mypyc_extensions([f"{package}/{source}" for source in sources])
+    built = [(here / package / source, source.removesuffix(".py")) for source in sources]
+    write_stamp(here / package, built if extensions else [])
+    setup(ext_modules=extensions)
+
+
 def write_stamp(package_dir: Path, built: Iterable[tuple[Path, str]]) -> None:
     """Record, for a build, what each compiled module was compiled from.
 
