@@ -191,6 +191,11 @@ class Smmuv3(IommuHw):
             "AIDR": AIDR_SMMUV3_2,
         }
         self.mmio = R.build(self, f"smmuv3.{index}", ids)
+        # CD.HA / CD.HD act only where IDR0.HTTU implements them (IHI 0070: RES0 otherwise, so
+        # an SMMU without HTTU walks as if they were clear; the model's reading). Linux 7.2
+        # writes them only for dirty-tracking domains, which need HTTU; a guest's CD may not.
+        self.httu_access = hw_access_flag or hw_dirty
+        self.httu_dirty = hw_dirty
         self.tlb = Iotlb(tlb_capacity)
         # A change of either forgets the request streams the compiled translate front knows.
         self.ste_cache: dict[int, Ste] = CacheDict(self.front)
@@ -749,9 +754,11 @@ class Smmuv3(IommuHw):
             # changes a leaf only for a write); stage 2 alone and EPD0 write nothing.
             if cd.epd0:
                 return self.bind_walk(_epd0_walk, (), read_writes=False)
-            s1 = (cd.ttb0, cd.ia_bits, self.oa_bits(cd.ips), cd.affd, cd.ha, ste.s2_enabled)
-            ctx = (mem._pages, mem.size, *s1, *s2, cd.hd, cd.granule, s2_granule)
-            return self.bind_walk(self.walker.walk_s1_bound, ctx, read_writes=bool(cd.ha))
+            ha = cd.ha and self.httu_access
+            hd = cd.hd and self.httu_dirty
+            s1 = (cd.ttb0, cd.ia_bits, self.oa_bits(cd.ips), cd.affd, ha, ste.s2_enabled)
+            ctx = (mem._pages, mem.size, *s1, *s2, hd, cd.granule, s2_granule)
+            return self.bind_walk(self.walker.walk_s1_bound, ctx, read_writes=ha)
         if ste.s2_enabled:
             ctx2 = (mem._pages, mem.size, *s2, s2_granule)
             return self.bind_walk(self.walker.walk_s2_bound, ctx2, read_writes=False)

@@ -14,10 +14,11 @@ from iommufd_arm_smmuv3.cd import Cd
 from iommufd_arm_smmuv3.driver import FEATURES, plugin
 from iommufd_arm_smmuv3.hw import Smmuv3
 from iommufd_arm_smmuv3.option_sets import OPTION_SETS
-from iommufd_arm_smmuv3.pgtable import PTE_AP_RDONLY, PTE_DBM
+from iommufd_arm_smmuv3.pgtable import PTE_AF, PTE_AP_RDONLY, PTE_DBM
 
 import iommufd_model as im
 from iommufd_model.hw.bits import words
+from iommufd_model.hw.iommu import DmaFault
 from iommufd_model.uapi import iommufd as U
 
 from .test_cmd_stream import K4, PROT, Rig
@@ -87,6 +88,34 @@ def test_dirty_bits_follow_dma_writes_without_tlbi(smmu_machine: Callable[..., A
     assert plugin.read_and_clear_dirty(
         domain=d, iova=base, length=4 * K4, clear=True, report=True
     ) == [(base + 2 * K4, K4)]
+
+
+@pytest.mark.parametrize("httu", [True, False])
+def test_cd_ha_acts_only_where_idr0_httu_implements_it(
+    smmu_machine: Callable[..., Any], httu: bool
+) -> None:
+    """A CD with HA (as a guest may write one) on an SMMU without HTTU walks as if HA were
+    clear: a leaf with AF = 0 is an access flag fault, and the leaf stays as it was."""
+    r = Rig(smmu_machine, hw_access_flag=httu, hw_dirty=httu)
+    d = r.domain()
+    r.attach(d)
+    r.map(d, 0x10_0000, K4, 1)
+    cd_addr = r.smmu.cd_addr(r.smmu.masters[r.sid], 0)
+    cd = _cd0(r)
+    cd.ha = True
+    for i, word in enumerate(cd.encode()):
+        r.m.memory.write_u64(cd_addr + 8 * i, word)
+    ((slot, _iova, _level),) = d.pt._leaves(0x10_0000, 0x10_0000)
+    r.m.memory.write_u64(slot, _leaf(r, d, 0x10_0000) & ~PTE_AF)
+    r.hw.cd_cache.clear()
+    r.hw.tlb.flush_all()
+    if httu:
+        r.m_dev.dma_read(0x10_0000, 8)
+        assert _leaf(r, d, 0x10_0000) & PTE_AF  # the SMMU set the access flag
+    else:
+        with pytest.raises(DmaFault):
+            r.m_dev.dma_read(0x10_0000, 8)
+        assert not _leaf(r, d, 0x10_0000) & PTE_AF
 
 
 def test_dirty_tracking_declared_only_with_httu_dirty(vmm: Any) -> None:
