@@ -18,9 +18,59 @@ import os
 import resource
 import struct
 import threading
+from collections.abc import Iterable
 
-CAP_IPC_LOCK = 14
-CAP_SYS_RESOURCE = 24
+#: the capability numbers of Linux 7.2's include/uapi/linux/capability.h, by name
+CAP_NAMES: dict[str, int] = {
+    name: number
+    for number, name in enumerate(
+        [
+            "CAP_CHOWN",
+            "CAP_DAC_OVERRIDE",
+            "CAP_DAC_READ_SEARCH",
+            "CAP_FOWNER",
+            "CAP_FSETID",
+            "CAP_KILL",
+            "CAP_SETGID",
+            "CAP_SETUID",
+            "CAP_SETPCAP",
+            "CAP_LINUX_IMMUTABLE",
+            "CAP_NET_BIND_SERVICE",
+            "CAP_NET_BROADCAST",
+            "CAP_NET_ADMIN",
+            "CAP_NET_RAW",
+            "CAP_IPC_LOCK",
+            "CAP_IPC_OWNER",
+            "CAP_SYS_MODULE",
+            "CAP_SYS_RAWIO",
+            "CAP_SYS_CHROOT",
+            "CAP_SYS_PTRACE",
+            "CAP_SYS_PACCT",
+            "CAP_SYS_ADMIN",
+            "CAP_SYS_BOOT",
+            "CAP_SYS_NICE",
+            "CAP_SYS_RESOURCE",
+            "CAP_SYS_TIME",
+            "CAP_SYS_TTY_CONFIG",
+            "CAP_MKNOD",
+            "CAP_LEASE",
+            "CAP_AUDIT_WRITE",
+            "CAP_AUDIT_CONTROL",
+            "CAP_SETFCAP",
+            "CAP_MAC_OVERRIDE",
+            "CAP_MAC_ADMIN",
+            "CAP_SYSLOG",
+            "CAP_WAKE_ALARM",
+            "CAP_BLOCK_SUSPEND",
+            "CAP_AUDIT_READ",
+            "CAP_PERFMON",
+            "CAP_BPF",
+            "CAP_CHECKPOINT_RESTORE",
+        ]
+    )
+}
+CAP_IPC_LOCK = CAP_NAMES["CAP_IPC_LOCK"]
+CAP_SYS_RESOURCE = CAP_NAMES["CAP_SYS_RESOURCE"]
 #: RLIM_INFINITY as the kernel compares it (an unsigned long)
 RLIM_INFINITY = (1 << 64) - 1
 
@@ -62,15 +112,42 @@ def effective_caps(pid: int = 0) -> int | None:
     return got[0] | got[3] << 32
 
 
+def cap_mask(names: Iterable[str]) -> int:
+    """The capability set (one bit per capability) of ``names``, each a name of Linux 7.2's
+    capability.h (``CAP_SYS_RESOURCE``; case and the ``CAP_`` prefix are optional);
+    ValueError names the first unknown one."""
+    mask = 0
+    for name in names:
+        key = name.strip().upper()
+        number = CAP_NAMES.get(key if key.startswith("CAP_") else "CAP_" + key)
+        if number is None:
+            raise ValueError(f"unknown capability {name!r}")
+        mask |= 1 << number
+    return mask
+
+
+_own_user_ns: list[str] = []
+
+
 def _same_user_ns(pid: int) -> bool:
     """``pid`` lives in this process's user namespace (the model's stand-in for the initial
-    one: ``capable()`` counts capabilities there only)."""
+    one: ``capable()`` counts capabilities there only). This process's own namespace is
+    read once: the model never changes it."""
     if pid == 0:
         return True
     try:
-        return os.readlink(f"/proc/{pid}/ns/user") == os.readlink("/proc/self/ns/user")
+        if not _own_user_ns:
+            _own_user_ns.append(os.readlink("/proc/self/ns/user"))
+        return os.readlink(f"/proc/{pid}/ns/user") == _own_user_ns[0]
     except OSError:
         return False
+
+
+def counted_caps(pid: int = 0) -> int:
+    """The capabilities ``capable()`` counts for ``pid`` now: its effective set when it is in
+    the model's user namespace, none otherwise or when it is gone."""
+    caps = effective_caps(pid)
+    return caps if caps and _same_user_ns(pid) else 0
 
 
 def capable(cap: int, pid: int = 0) -> bool:

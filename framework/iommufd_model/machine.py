@@ -29,6 +29,11 @@ class Machine:
         registry: the driver plugins IOMMU instances are probed from.
         iommus: the IOMMU hardware instances, in probe order (``add_pci_device(iommu=i)``).
         processes: every process :meth:`new_process` created.
+        granted_caps: capabilities (a set of ``1 << CAP_...`` bits, ``creds.cap_mask``)
+            every process of the machine holds in the model's initial user namespace on top
+            of its real ones (the model's own knob: ``iommufd-model run --cap``; the
+            simulated machine's kernel is the model, so a grant is the program running
+            with that capability there, as a selftest run as root in a VM would).
     """
 
     def __init__(
@@ -38,6 +43,7 @@ class Machine:
         self.registry = registry if registry is not None else default_registry()
         self.iommus: list[IommuHw] = []
         self.processes: list[Process] = []
+        self.granted_caps = 0
         self._next_pid = 100
 
     @classmethod

@@ -113,7 +113,7 @@ class Process(SerializedSubclasses):
         self.locked_pages = 0
         self.locked_vm = 0
         # The model's processes run as root unless a test drops the capability.
-        self.capable_sys_resource = True
+        self._sys_resource = True
         # the mm is gone (exit, exec): the kernel's mmget_not_zero() on it fails
         self.gone = False
 
@@ -122,10 +122,30 @@ class Process(SerializedSubclasses):
     # its CAP_IPC_LOCK, RLIMIT_MEMLOCK and real uid, read when iommufd reads them (set them
     # with capset/prctl and resource.setrlimit). A real program's process reads its own
     # (run/process.py).
+    def capable(self, cap: int) -> bool:
+        """``capable(cap)`` of this caller: a capability the machine grants every process
+        (``Machine.granted_caps``) or one it holds. In-process, CAP_SYS_RESOURCE is
+        ``capable_sys_resource``'s own flag (held unless a test clears it); any other is
+        the Python process's effective set."""
+        if self.machine.granted_caps >> cap & 1:
+            return True
+        if cap == creds.CAP_SYS_RESOURCE:
+            return self._sys_resource
+        return creds.capable(cap)
+
+    @property
+    def capable_sys_resource(self) -> bool:
+        """``capable(CAP_SYS_RESOURCE)`` (IOMMU_OPTION_RLIMIT_MODE)."""
+        return self.capable(creds.CAP_SYS_RESOURCE)
+
+    @capable_sys_resource.setter
+    def capable_sys_resource(self, value: bool) -> None:
+        self._sys_resource = value
+
     @property
     def capable_ipc_lock(self) -> bool:
         """``capable(CAP_IPC_LOCK)``: pages made by this caller are not charged."""
-        return creds.capable(creds.CAP_IPC_LOCK)
+        return self.capable(creds.CAP_IPC_LOCK)
 
     @property
     def memlock_limit(self) -> int:

@@ -53,3 +53,30 @@ def test_cap_ipc_lock_is_not_charged(cc: Build, capfd: pytest.CaptureFixture[str
     out = capfd.readouterr().out
     assert rc == 0, out
     assert "keep: 20 pages mapped" in out
+
+
+def test_credentials_read_after_each_change(cc: Build, capfd: pytest.CaptureFixture[str]) -> None:
+    """The server keeps the credentials it read between a program's calls, but never one the
+    program changed since: CAP_IPC_LOCK through capset, RLIMIT_MEMLOCK through setrlimit,
+    prlimit, syscall(SYS_prlimit64) and a child's prlimit of its parent, the real uid
+    through setreuid, the user namespace through unshare: each map right after a change
+    gets the kernel's answer for the new credentials (tests/run/c/creds.c)."""
+    if not (creds.capable(creds.CAP_IPC_LOCK) and creds.capable(creds.CAP_NAMES["CAP_SETUID"])):
+        pytest.skip("the test process lacks CAP_IPC_LOCK or CAP_SETUID: the program cannot")
+    prog = cc("creds", (C / "creds.c").read_text())
+    machine = build_machine(["mock"], 0)
+    before = machine.memory.frames_in_use
+    rc, server = run_program([str(prog)], machine=machine)
+    out = capfd.readouterr().out
+    assert rc == 0, out
+    assert server.internal_errors == []
+    assert machine.memory.frames_in_use == before
+    for line in (
+        "capset: CAP_IPC_LOCK seen at each map",
+        "rlimit: setrlimit, prlimit and syscall(SYS_prlimit64) seen at each map",
+        "rlimit: a child's prlimit of its parent seen at the parent's map",
+        "setreuid: the real uid's user seen at each map",
+    ):
+        assert line in out
+    assert "unshare: " in out
+    assert server.creds_generation >= 9  # each change above was reported

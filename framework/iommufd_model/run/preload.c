@@ -30,6 +30,7 @@
 #include <ucontext.h>
 #include <asm/prctl.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -92,6 +93,7 @@ enum {
 	OP_INSTALLED = 9,
 	OP_MMIO = 10,
 	OP_STATUS = 11,
+	OP_CREDS = 12,
 };
 enum { OPEN_IOMMU = 1, OPEN_FAILNTH = 2, OPEN_PATH = 3 };
 enum { REP_DONE = 0, REP_INSTALL = 1 };
@@ -1015,6 +1017,9 @@ ssize_t recvmsg(int fd, struct msghdr *mh, int flags)
 	return ret;
 }
 
+static int changes_creds(long n, const long a[6]);
+static void creds_changed(pid_t target);
+
 /* libc's syscall(), for a program that closes or duplicates fds through it: the same as the
  * libc entry points above, so that the table stays true; every other call goes through. */
 long preload_syscall(long n, ...) __asm__("syscall");
@@ -1040,6 +1045,8 @@ long preload_syscall(long n, ...)
 	ret = syscall6(n, a);
 	if (ret >= 0 && n == SYS_recvmsg)
 		forget_passed((const struct msghdr *)a[1]);
+	if (ret >= 0 && changes_creds(n, a))
+		creds_changed(n == SYS_prlimit64 ? (pid_t)a[0] : 0);
 	return ret;
 }
 
@@ -1948,3 +1955,73 @@ int munmap(void *addr, size_t len)
 		report_unmap(addr, len);
 	return (int)syscall(SYS_munmap, addr, len);
 }
+
+/* -- credentials ------------------------------------------------------------------------
+ *
+ * The server keeps what it read of a process's credentials (its capabilities and user
+ * namespace, RLIMIT_MEMLOCK, real uid: creds.py) until it is told they may have changed.
+ * Each call that can change them reports itself once it succeeded, before it returns to
+ * the program (OP_CREDS), so the server's next read of any process is fresh. A process that
+ * never touched the model has nothing kept (it said no hello), so only its changes to
+ * another process (prlimit with a pid) are reported. */
+
+/* System call n with arguments a changes what the server reads of a process (prlimit64
+ * only when it sets a limit). */
+static int changes_creds(long n, const long a[6])
+{
+	switch (n) {
+	case SYS_prlimit64:
+		return a[2] != 0;
+	case SYS_setrlimit:
+	case SYS_capset:
+	case SYS_setuid:
+	case SYS_setreuid:
+	case SYS_setresuid:
+	case SYS_unshare:
+	case SYS_setns:
+		return 1;
+	}
+	return 0;
+}
+
+/* A call changing the credentials of target (0: this process) succeeded. */
+static void creds_changed(pid_t target)
+{
+	struct req r = { .op = OP_CREDS };
+	int saved = errno;
+
+	setup();
+	if (enabled != 1 || (!model_active && (target == 0 || target == self_pid())))
+		return;
+	call(&r, NULL);
+	errno = saved;
+}
+
+/* libc's name(args), then creds_changed(target) when it succeeded and changed. */
+#define CREDS_CALL(name, target, changes, params, args)                         \
+	int name params                                                          \
+	{                                                                        \
+		static void *real;                                               \
+		int (*f) params = (int (*) params)next_def(&real, #name);       \
+		int ret = f ? f args : (errno = ENOSYS, -1);                     \
+                                                                                 \
+		if (ret == 0 && (changes))                                       \
+			creds_changed(target);                                   \
+		return ret;                                                      \
+	}
+
+CREDS_CALL(setrlimit, 0, 1, (__rlimit_resource_t res, const struct rlimit *rl), (res, rl))
+CREDS_CALL(setrlimit64, 0, 1, (__rlimit_resource_t res, const struct rlimit64 *rl), (res, rl))
+CREDS_CALL(prlimit, pid, n != NULL,
+	   (pid_t pid, __rlimit_resource_t res, const struct rlimit *n, struct rlimit *o),
+	   (pid, res, n, o))
+CREDS_CALL(prlimit64, pid, n != NULL,
+	   (pid_t pid, __rlimit_resource_t res, const struct rlimit64 *n, struct rlimit64 *o),
+	   (pid, res, n, o))
+CREDS_CALL(capset, 0, 1, (void *hdr, const void *data), (hdr, data))
+CREDS_CALL(setuid, 0, 1, (uid_t uid), (uid))
+CREDS_CALL(seteuid, 0, 1, (uid_t uid), (uid))
+CREDS_CALL(setreuid, 0, 1, (uid_t r, uid_t e), (r, e))
+CREDS_CALL(setresuid, 0, 1, (uid_t r, uid_t e, uid_t s), (r, e, s))
+CREDS_CALL(unshare, 0, 1, (int flags), (flags))
+CREDS_CALL(setns, 0, 1, (int fd, int type), (fd, type))

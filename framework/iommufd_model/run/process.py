@@ -366,6 +366,13 @@ class RealProcess(Process):
         # the last RLIMIT_MEMLOCK and real uid read (a gone process keeps them)
         self._memlock_limit = creds.RLIM_INFINITY
         self._uid = os.getuid()
+        # What was read of the credentials, kept while Server.creds_generation stays
+        # (see _creds_fresh): the capabilities capable() counts, and whether the limit and
+        # the uid above are this generation's.
+        self._creds_generation = -1
+        self._counted_caps: int | None = None
+        self._memlock_read = False
+        self._uid_read = False
         self._start = self._start_time()
         # a pidfd of the process (-1 if it is gone already): which file an fd number names
         # is asked through it (Server.resolve_fd), never through a pid that may be reused
@@ -402,35 +409,60 @@ class RealProcess(Process):
         return not self.gone
 
     # -- credentials, read from the process when the kernel reads them (creds.py) ---------
+    # Reading them costs system calls and /proc reads (capget, readlink, prlimit, status):
+    # most of a map's server time. So a value read is kept until the program may have
+    # changed it: the preload reports every call that can (setrlimit, prlimit, capset, the
+    # setuid family, unshare, setns; OP_CREDS), which moves Server.creds_generation before
+    # the call returns to the program, so the next read of any process is fresh. The
+    # values the kernel would read are the same; only the reads are fewer.
+    def _creds_fresh(self) -> None:
+        generation = self.server.creds_generation
+        if self._creds_generation != generation:
+            self._creds_generation = generation
+            self._counted_caps = None
+            self._memlock_read = self._uid_read = False
+
+    def capable(self, cap: int) -> bool:
+        """``capable(cap)`` of the process now: granted to the run (``--cap``), or in its
+        effective set while it is in the model's user namespace."""
+        if self.machine.granted_caps >> cap & 1:
+            return True
+        self._creds_fresh()
+        caps = self._counted_caps
+        if caps is None:
+            caps = self._counted_caps = creds.counted_caps(self.pid)
+        return bool(caps >> cap & 1)
+
     @property
     def capable_sys_resource(self) -> bool:
         """``capable(CAP_SYS_RESOURCE)`` of the process now (IOMMU_OPTION_RLIMIT_MODE)."""
-        return creds.capable(creds.CAP_SYS_RESOURCE, self.pid)
+        return self.capable(creds.CAP_SYS_RESOURCE)
 
     @capable_sys_resource.setter
     def capable_sys_resource(self, value: bool) -> None:
         """Read from the process itself: the constructor's default is ignored."""
 
     @property
-    def capable_ipc_lock(self) -> bool:
-        """``capable(CAP_IPC_LOCK)`` of the process now (``iopt_alloc_pages()``)."""
-        return creds.capable(creds.CAP_IPC_LOCK, self.pid)
-
-    @property
     def memlock_limit(self) -> int:
         """The process's soft RLIMIT_MEMLOCK now, in bytes; once it is gone, the last one
         read (the kernel keeps the source task's limits with the task)."""
-        limit = creds.memlock_limit(self.pid)
-        if limit is not None:
-            self._memlock_limit = limit
+        self._creds_fresh()
+        if not self._memlock_read:
+            limit = creds.memlock_limit(self.pid)
+            if limit is not None:
+                self._memlock_limit = limit
+            self._memlock_read = True
         return self._memlock_limit
 
     @property
     def uid(self) -> int:
         """The process's real uid now; once it is gone, the last one read."""
-        uid = creds.real_uid(self.pid)
-        if uid is not None:
-            self._uid = uid
+        self._creds_fresh()
+        if not self._uid_read:
+            uid = creds.real_uid(self.pid)
+            if uid is not None:
+                self._uid = uid
+            self._uid_read = True
         return self._uid
 
     def mm_locked_vm(self) -> int:

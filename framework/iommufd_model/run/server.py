@@ -70,7 +70,7 @@ STATUS = struct.Struct("<QQ")
 
 OP_HELLO, OP_OPEN, OP_IOCTL, OP_READ, OP_WRITE = 1, 2, 3, 4, 5
 OP_MAP_SHARED, OP_MUNMAP, OP_MMAP, OP_INSTALLED, OP_MMIO = 6, 7, 8, 9, 10
-OP_STATUS = 11
+OP_STATUS, OP_CREDS = 11, 12
 OPEN_IOMMU, OPEN_FAILNTH, OPEN_PATH = 1, 2, 3
 REP_DONE, REP_INSTALL = 0, 1
 REP_DRAIN, REP_MMIO = 1, 2
@@ -177,6 +177,9 @@ class Server:
         self._conns: dict[int, int] = {}  # pid -> open request connections
         self._exiting: set[int] = set()  # pids whose connections all closed
         self._requests = 0
+        # moved by OP_CREDS: credentials a process read before may have changed since
+        # (RealProcess keeps what it read while this stays)
+        self.creds_generation = 0
         self.internal_errors: list[str] = []
         # the compiled ACCESS_RW short path (run/fastrw.py), None when off or not built
         self._short = fastrw.enabled()
@@ -443,6 +446,9 @@ class Server:
             if file is not None:
                 file.huge = file.huge or bool(a[4])
                 proc.map_shared(a[0], a[1], file, a[3])
+            return 0, 0
+        if op == OP_CREDS:  # the program may have changed what creds.py reads of a process
+            self.creds_generation += 1
             return 0, 0
         if op == OP_STATUS:  # what iommufd accounted to a process (/proc/<pid>/status)
             self._reply_body = self.accounted(a[0])
