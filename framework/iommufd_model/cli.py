@@ -749,10 +749,31 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="append every modelled function's BDF to the program's arguments",
     )
+    p_run.add_argument(
+        "--cap",
+        action="append",
+        default=[],
+        type=_cap_name,
+        metavar="NAME",
+        help="a capability (CAP_SYS_RESOURCE...) the model counts every process of the "
+        "program as holding in its initial user namespace, on top of its real ones "
+        "(repeatable; the model's own option: the simulated machine's kernel is the model)",
+    )
     p_run.add_argument("program", nargs=argparse.REMAINDER, metavar="-- PROGRAM [ARGS...]")
     for p in sub.choices.values():  # --version is global too: accepted after the subcommand
         _version_option(p)
     return parser
+
+
+def _cap_name(text: str) -> str:
+    """A ``--cap`` value: a capability name of Linux 7.2's capability.h (a usage error else)."""
+    from iommufd_model import creds
+
+    try:
+        creds.cap_mask([text])
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _cmd_run(args: argparse.Namespace, reg: DriverRegistry) -> int:
@@ -771,6 +792,7 @@ def _cmd_run(args: argparse.Namespace, reg: DriverRegistry) -> int:
     try:
         specs = [spec for text in args.device for spec in DeviceSpec.parse(text)]
         machine = build_machine(iommus_for(args.iommu, specs), devices, reg, specs)
+        machine.grant_caps(*args.cap)
     except (ValueError, OSError) as exc:
         print(f"iommufd-model run: {exc}", file=sys.stderr)
         return 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING, Any
 
+from iommufd_model import creds
 from iommufd_model.errors import err
 from iommufd_model.hooks import DriverHooks
 from iommufd_model.hw.iommu import IommuHw
@@ -45,6 +46,12 @@ class Machine:
         self.processes: list[Process] = []
         self.granted_caps = 0
         self._next_pid = 100
+
+    def grant_caps(self, *names: str) -> None:
+        """Count every process of the machine as holding the capabilities ``names``
+        (``CAP_SYS_RESOURCE``...) in the model's initial user namespace (``granted_caps``);
+        ValueError for a name Linux 7.2 does not have."""
+        self.granted_caps |= creds.cap_mask(names)
 
     @classmethod
     def build(

@@ -291,6 +291,20 @@ def _case_none_with_cap_ipc_lock() -> None:
     assert (w.proc.locked_pages, other.locked_pages) == (4, -4)
 
 
+def _case_granted_cap_ipc_lock() -> None:
+    """A caller without CAP_IPC_LOCK whose machine grants it (``Machine.grant_caps``, the
+    Python API's ``run --cap``) makes ACCOUNT_NONE pages: 20 pages map under a 16-page
+    RLIMIT_MEMLOCK and nothing is charged; without the grant the same map is ENOMEM."""
+    w, ioas = _world()
+    _map_errno(w, ioas, 0, 20, errno.ENOMEM)
+    w.machine.grant_caps("CAP_IPC_LOCK")
+    assert w.proc.capable_ipc_lock and not creds.capable(creds.CAP_IPC_LOCK)
+    iova = _map(w, ioas, 0, 20)
+    area = w.fd.objects.get_ioas(ioas).iopt.area_at(iova)
+    assert area is not None and area.pages.account_mode == ACCOUNT_NONE
+    assert (user_of(w.proc).locked_vm, w.proc.locked_pages) == (0, 20)
+
+
 # -- the tests ------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "case",
@@ -307,6 +321,46 @@ def _case_none_with_cap_ipc_lock() -> None:
 )
 def test_without_cap_ipc_lock(case: str) -> None:
     _as_caller(case, ipc_lock=False)
+
+
+def test_a_granted_cap_ipc_lock_is_not_charged() -> None:
+    _as_caller("_case_granted_cap_ipc_lock", ipc_lock=False)
+
+
+def test_capability_names() -> None:
+    """``--cap`` names are Linux 7.2's (include/uapi/linux/capability.h); case and the CAP_
+    prefix are optional; an unknown name is refused, and a grant adds bits only."""
+    assert creds.cap_mask(["CAP_SYS_RESOURCE"]) == 1 << 24
+    assert creds.cap_mask(["ipc_lock", "CAP_CHECKPOINT_RESTORE"]) == 1 << 14 | 1 << 40
+    assert creds.cap_mask([]) == 0
+    assert len(creds.CAP_NAMES) == 41 and creds.CAP_NAMES["CAP_SETFCAP"] == 31
+    with pytest.raises(ValueError, match="CAP_NOPE"):
+        creds.cap_mask(["CAP_IPC_LOCK", "CAP_NOPE"])
+    machine = Machine.build(iommus=["mock"])
+    with pytest.raises(ValueError):
+        machine.grant_caps("CAP_SYS_RESOURCE", "bogus")
+    assert machine.granted_caps == 0  # nothing granted by a refused call
+    machine.grant_caps("CAP_SYS_RESOURCE")
+    machine.grant_caps("CAP_SYS_RESOURCE", "CAP_NET_ADMIN")
+    assert machine.granted_caps == 1 << 24 | 1 << 12
+
+
+def test_a_granted_cap_sys_resource_sets_rlimit_mode() -> None:
+    """IOMMU_OPTION RLIMIT_MODE SET: EPERM for a caller without CAP_SYS_RESOURCE, allowed
+    once the machine grants it (every process of the machine)."""
+    machine = Machine.build(iommus=["mock"])
+    proc = machine.new_process()
+    proc.capable_sys_resource = False
+    fd = proc.open_iommufd()
+    rlimit, set_ = U.IOMMU_OPTION_RLIMIT_MODE, U.IOMMU_OPTION_OP_SET
+    assert_errno(errno.EPERM, lambda: fd.option(rlimit, set_, val64=1))
+    machine.grant_caps("CAP_SYS_RESOURCE")
+    assert proc.capable_sys_resource
+    fd.option(rlimit, set_, val64=1)
+    assert fd.option(rlimit, U.IOMMU_OPTION_OP_GET) == 1
+    other = machine.new_process()
+    other.capable_sys_resource = False
+    other.open_iommufd().option(rlimit, set_, val64=1)
 
 
 def test_with_cap_ipc_lock() -> None:

@@ -16,9 +16,11 @@ Build = Callable[[str, str], Path]
 C = Path(__file__).parent / "c"
 
 
-def _run(prog: Path, *args: str) -> int:
-    """Run ``prog`` with RLIMIT_MEMLOCK at 64 KiB (16 pages); the run leaves nothing."""
+def _run(prog: Path, *args: str, granted: tuple[str, ...] = ()) -> int:
+    """Run ``prog`` with RLIMIT_MEMLOCK at 64 KiB (16 pages) and the capabilities ``granted``
+    (``run --cap``); the run leaves nothing."""
     machine = build_machine(["mock"], 0)
+    machine.grant_caps(*granted)
     before = machine.memory.frames_in_use
     cmd = " ".join(["ulimit -l 64 && exec", str(prog), *args])
     rc, server = run_program(["sh", "-c", cmd], machine=machine)
@@ -53,6 +55,18 @@ def test_cap_ipc_lock_is_not_charged(cc: Build, capfd: pytest.CaptureFixture[str
     out = capfd.readouterr().out
     assert rc == 0, out
     assert "keep: 20 pages mapped" in out
+
+
+def test_a_granted_cap_ipc_lock_is_not_charged(
+    cc: Build, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """``run --cap CAP_IPC_LOCK``: the program's pages are IOPT_PAGES_ACCOUNT_NONE although it
+    dropped the capability from its own effective set: 20 pages map under a 16-page limit."""
+    prog = cc("memlock", (C / "memlock.c").read_text())
+    rc = _run(prog, "granted", granted=("CAP_IPC_LOCK",))
+    out = capfd.readouterr().out
+    assert rc == 0, out
+    assert "granted: 20 pages mapped without CAP_IPC_LOCK of its own" in out
 
 
 def test_credentials_read_after_each_change(cc: Build, capfd: pytest.CaptureFixture[str]) -> None:

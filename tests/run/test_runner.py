@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from iommufd_model import creds
 from iommufd_model.machine import Machine
 from iommufd_model.run.launch import build_machine, preload_path, run_program
 from iommufd_model.run.server import Server
@@ -74,6 +75,33 @@ def test_cli_runs_a_program_and_passes_its_status(cc: Build) -> None:
     done = subprocess.run([str(cli), "run", "--", "/nonexistent/program"], capture_output=True)
     assert done.returncode == 127
     assert b"nonexistent" in done.stderr
+
+
+def test_cli_cap_grants_a_capability(cc: Build) -> None:
+    """``run --cap NAME``: the model counts the program as holding NAME in its initial user
+    namespace (RLIMIT_MODE SET succeeds, even from a user namespace of the program's own);
+    without it the program's real capabilities decide; an unknown name is a usage error
+    (exit status 2, nothing run)."""
+    cli = str(Path(sys.executable).parent / "iommufd-model")
+    prog = str(cc("capns", (C / "capns.c").read_text()))
+    granted = subprocess.run([cli, "run", "--cap", "CAP_SYS_RESOURCE", "--", prog])
+    assert granted.returncode == 0
+    plain = subprocess.run([cli, "run", "--", prog])
+    assert plain.returncode == (0 if creds.capable(creds.CAP_SYS_RESOURCE) else errno.EPERM)
+    both = subprocess.run([cli, "run", "--cap=CAP_IPC_LOCK", "--cap=sys_resource", "--", prog])
+    assert both.returncode == 0
+    if not subprocess.run(["unshare", "-U", "-r", "true"], capture_output=True).returncode:
+        in_ns = subprocess.run(
+            [cli, "run", "--cap", "CAP_SYS_RESOURCE", "--", "unshare", "-U", "-r", prog]
+        )
+        assert in_ns.returncode == 0
+    bad = subprocess.run(
+        [cli, "run", "--cap", "CAP_NOPE", "--", "sh", "-c", "echo ran"],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "ran" not in bad.stdout
+    assert "unknown capability 'CAP_NOPE'" in bad.stderr
 
 
 @pytest.mark.parametrize("path", ["/proc/self/task/%d/fail-nth", "/proc/thread-self/fail-nth"])

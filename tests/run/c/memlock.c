@@ -5,7 +5,9 @@
  * the limit is ENOMEM and leaves the IOAS, the pins and VmPin/VmLck as they were; a forked
  * child (same user) finds the user's room taken. With RLIMIT_MODE per process (when the
  * program may set it: CAP_SYS_RESOURCE) the mm's locked_vm (VmLck) is charged instead.
- * With "keep" (CAP_IPC_LOCK kept) nothing is charged: 20 pages map. Prints what it did. */
+ * With "keep" (CAP_IPC_LOCK kept) nothing is charged: 20 pages map. With "granted" (the run
+ * grants CAP_IPC_LOCK: `run --cap CAP_IPC_LOCK`) dropping it changes nothing: 20 pages map.
+ * Prints what it did. */
 #include "prelude.h"
 
 #include <linux/capability.h>
@@ -93,6 +95,13 @@ int main(int argc, char **argv)
 		return 0;
 	}
 	drop_cap_ipc_lock();
+	if (argc > 1 && !strcmp(argv[1], "granted")) {
+		fd = open_pinning(&ioas, 0);
+		CHECK(map_at(fd, ioas, buf, 0, 20) == 0); /* ACCOUNT_NONE: no limit */
+		puts("granted: 20 pages mapped without CAP_IPC_LOCK of its own");
+		close(fd);
+		return 0;
+	}
 	pin0 = vm_pin();
 	lck0 = vm_lck();
 
