@@ -2,7 +2,8 @@
  * The run server's access to the program's memory and files: process_vm_readv/writev on the
  * program's pid (copy_from_user/copy_to_user, a short transfer being an unmapped byte, so
  * EFAULT), pidfd_getfd (fget of a file the program names by fd number), and fd_ident (which
- * file a program's fd number names now).
+ * file a program's fd number names now), and the server's wait for its next event (Waiter:
+ * epoll_wait, spun for first where the program runs on another CPU).
  *
  * A CPython extension rather than ctypes because the server makes several of these calls per
  * request (the struct, the user buffer, the pinned frames' bytes): through ctypes each cost
@@ -13,10 +14,15 @@
 #include <Python.h>
 
 #include <errno.h>
+#include <math.h>
+#include <sched.h>
 #include <stdint.h>
+#include <sys/epoll.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #ifndef SYS_pidfd_open
@@ -256,6 +262,186 @@ static PyObject *fd_ident(PyObject *self, PyObject *const *args, Py_ssize_t narg
 			     (unsigned long long)st.st_ino, (unsigned int)st.st_mode);
 }
 
+/* -- the server's wait ---------------------------------------------------------------------
+ *
+ * The model's own design, the server's half of preload.c's recv_reply (read that first): the
+ * wait for the next event spins (epoll_wait with no timeout, yielding the CPU at every turn)
+ * before it sleeps, when the program's last request came from another CPU than this one; the
+ * budget adapts as the program's does. The spin page's layout is preload.c's. */
+struct spin_page {
+	uint32_t server_cpu;
+	uint32_t pad0[15];
+	uint32_t client_cpu;
+	uint32_t pad1[15];
+	int64_t spin_until;
+};
+
+#define SPIN_CPU_UNKNOWN UINT32_MAX
+
+/* select.epoll.poll's limit on the events of one wait (FD_SETSIZE - 1) */
+#define WAIT_EVENTS 1023
+
+typedef struct {
+	PyObject_HEAD
+	int epfd;
+	struct spin_page *page;
+	int64_t max, budget; /* ns */
+	unsigned long long spins, caught;
+} Waiter;
+
+static int64_t now_ns(void)
+{
+	struct timespec t;
+
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+static int Waiter_init(Waiter *self, PyObject *args, PyObject *kwds)
+{
+	static char *kw[] = { "epfd", "page_fd", "spin_ns", NULL };
+	int epfd, page_fd = -1;
+	long long spin_ns = 0;
+	void *p;
+
+	if (!PyArg_ParseTupleAndKeywords(args, kwds, "i|iL", kw, &epfd, &page_fd, &spin_ns))
+		return -1;
+	self->epfd = epfd;
+	self->max = spin_ns > 0 ? spin_ns : 0;
+	self->budget = self->max;
+	if (page_fd >= 0 && self->max > 0 && !self->page) {
+		p = mmap(NULL, sizeof(struct spin_page), PROT_READ | PROT_WRITE, MAP_SHARED, page_fd,
+			 0);
+		if (p == MAP_FAILED) {
+			PyErr_SetFromErrno(PyExc_OSError);
+			return -1;
+		}
+		self->page = p;
+	}
+	return 0;
+}
+
+static void Waiter_dealloc(Waiter *self)
+{
+	if (self->page)
+		munmap(self->page, sizeof(struct spin_page));
+	Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* the next budget, as preload.c's spin_adapt */
+static int64_t waiter_adapt(const Waiter *w, int64_t budget, int64_t waited)
+{
+	if (waited <= w->max) {
+		budget = budget ? budget * 2 : w->max / 8;
+		return budget > w->max ? w->max : budget;
+	}
+	budget /= 2;
+	return budget < w->max / 8 ? 0 : budget;
+}
+
+PyDoc_STRVAR(Waiter_wait_doc, "wait(timeout) -> [(fd, events), ...]\n\n"
+			      "select.epoll.poll(timeout) on the server's epoll set (timeout in "
+			      "seconds, negative: none), spun for first as _uaccess.c says.");
+
+static PyObject *Waiter_wait(Waiter *self, PyObject *arg)
+{
+	struct epoll_event ev[WAIT_EVENTS];
+	double timeout = PyFloat_AsDouble(arg);
+	int64_t start = 0, deadline = 0, until;
+	int n, cpu, ms, spun = 0, err = 0;
+	uint32_t other;
+	PyObject *out;
+
+	if (timeout == -1.0 && PyErr_Occurred())
+		return NULL;
+	Py_BEGIN_ALLOW_THREADS
+	n = epoll_wait(self->epfd, ev, WAIT_EVENTS, 0);
+	if (n == 0 && self->page) {
+		cpu = sched_getcpu();
+		if (cpu >= 0) {
+			__atomic_store_n(&self->page->server_cpu, (uint32_t)cpu, __ATOMIC_RELAXED);
+			other = __atomic_load_n(&self->page->client_cpu, __ATOMIC_RELAXED);
+			if (other != SPIN_CPU_UNKNOWN && (uint32_t)cpu != other)
+				start = now_ns();
+		}
+	}
+	if (start && self->budget > 0) {
+		spun = 1;
+		until = start + self->budget;
+		do {
+			sched_yield();
+			n = epoll_wait(self->epfd, ev, WAIT_EVENTS, 0);
+		} while (n == 0 && now_ns() < until);
+	}
+	if (spun && n != 0)
+		self->caught++;
+	self->spins += spun;
+	if (timeout >= 0)
+		deadline = now_ns() + (int64_t)ceil(timeout * 1e9);
+	while (n == 0 || (n < 0 && errno == EINTR)) {
+		if (n < 0) {
+			Py_BLOCK_THREADS
+			err = PyErr_CheckSignals();
+			Py_UNBLOCK_THREADS
+			if (err)
+				break;
+		}
+		ms = -1;
+		if (timeout >= 0) {
+			int64_t left = deadline - now_ns();
+
+			ms = left <= 0 ? 0 : (int)((left + 999999) / 1000000);
+		}
+		n = epoll_wait(self->epfd, ev, WAIT_EVENTS, ms);
+		if (n == 0 && ms >= 0 && now_ns() >= deadline)
+			break;
+	}
+	if (start && !(spun && n > 0))
+		self->budget = waiter_adapt(self, spun ? self->budget : 0, now_ns() - start);
+	Py_END_ALLOW_THREADS
+	if (err)
+		return NULL;
+	if (n < 0)
+		return PyErr_SetFromErrno(PyExc_OSError);
+	out = PyList_New(n);
+	if (!out)
+		return NULL;
+	for (int i = 0; i < n; i++) {
+		PyObject *item = Py_BuildValue("(iI)", ev[i].data.fd, ev[i].events);
+
+		if (!item) {
+			Py_DECREF(out);
+			return NULL;
+		}
+		PyList_SET_ITEM(out, i, item);
+	}
+	return out;
+}
+
+static PyObject *Waiter_stats(Waiter *self, PyObject *unused)
+{
+	(void)unused;
+	return Py_BuildValue("(KKL)", self->spins, self->caught, (long long)self->budget);
+}
+
+static PyMethodDef Waiter_methods[] = {
+	{ "wait", (PyCFunction)Waiter_wait, METH_O, Waiter_wait_doc },
+	{ "stats", (PyCFunction)Waiter_stats, METH_NOARGS,
+	  "stats() -> (spins, spins that caught an event, the budget now in ns)" },
+	{ NULL, NULL, 0, NULL },
+};
+
+static PyTypeObject WaiterType = {
+	PyVarObject_HEAD_INIT(NULL, 0).tp_name = "iommufd_model.run._uaccess.Waiter",
+	.tp_basicsize = sizeof(Waiter),
+	.tp_flags = Py_TPFLAGS_DEFAULT,
+	.tp_doc = "Waiter(epfd, page_fd=-1, spin_ns=0): the run server's wait for its next event.",
+	.tp_new = PyType_GenericNew,
+	.tp_init = (initproc)Waiter_init,
+	.tp_dealloc = (destructor)Waiter_dealloc,
+	.tp_methods = Waiter_methods,
+};
+
 static PyMethodDef methods[] = {
 	{ "vm_read", (PyCFunction)(void (*)(void))vm_read, METH_FASTCALL, vm_read_doc },
 	{ "vm_write", (PyCFunction)(void (*)(void))vm_write, METH_FASTCALL, vm_write_doc },
@@ -269,12 +455,25 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {
 	PyModuleDef_HEAD_INIT, "_uaccess",
-	"process_vm_readv/writev, pidfd_getfd and fd_ident for the run server (see _uaccess.c).",
+	"process_vm_readv/writev, pidfd_getfd, fd_ident and the wait for the run server (see _uaccess.c).",
 	-1,
 	methods,
 };
 
 PyMODINIT_FUNC PyInit__uaccess(void)
 {
-	return PyModule_Create(&module);
+	PyObject *m;
+
+	if (PyType_Ready(&WaiterType) < 0)
+		return NULL;
+	m = PyModule_Create(&module);
+	if (!m)
+		return NULL;
+	Py_INCREF(&WaiterType);
+	if (PyModule_AddObject(m, "Waiter", (PyObject *)&WaiterType) < 0) {
+		Py_DECREF(&WaiterType);
+		Py_DECREF(m);
+		return NULL;
+	}
+	return m;
 }

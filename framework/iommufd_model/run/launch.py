@@ -172,6 +172,7 @@ def run_program(
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("1\n")
         child_env["IOMMUFD_MODEL_DEBUGFS"] = str(debugfs)
+        child_env.update(server.share_spin_page(str(Path(tmp, "spin"))))
         try:
             if sysfs is not None:
                 view = SysfsView(machine, Path(tmp, "sysfs"), *sysfs)

@@ -6,11 +6,14 @@ moved: the caller's EFAULT). ``vm_readable_pages`` faults in one byte of each pa
 pinning does. ``pidfd_getfd`` gives the server its own reference to a file the program names
 by fd number (IOAS_MAP_FILE's memfd, an IRQ eventfd), as ``fget()`` does; ``fd_ident`` tells
 which file (device, inode, mode) a program's fd number names now, through a pidfd.
+``Waiter`` is the server's wait for its next event: epoll's, spun for first while the program
+runs on another CPU (the model's own design: preload.c ``recv_reply``).
 """
 
 from __future__ import annotations
 
 from iommufd_model.run._uaccess import (
+    Waiter,
     fd_ident,
     pidfd_getfd,
     vm_read,
@@ -18,4 +21,4 @@ from iommufd_model.run._uaccess import (
     vm_write,
 )
 
-__all__ = ["fd_ident", "pidfd_getfd", "vm_read", "vm_readable_pages", "vm_write"]
+__all__ = ["Waiter", "fd_ident", "pidfd_getfd", "vm_read", "vm_readable_pages", "vm_write"]

@@ -26,6 +26,7 @@
 #include <string.h>
 #include <dirent.h>
 #include <dlfcn.h>
+#include <sched.h>
 #include <signal.h>
 #include <ucontext.h>
 #include <asm/prctl.h>
@@ -36,6 +37,7 @@
 #include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
 /* System call n with up to six arguments, as libc's syscall() makes it (-1 and errno on
@@ -156,6 +158,119 @@ static int model_active;
 static __thread int ctl_fd = -1;
 static __thread pid_t ctl_pid;
 
+/* -- the wait for a reply: spin first, where the server runs on another CPU ------------------
+ *
+ * The model's own design. A request is a synchronous round trip; where the program and the
+ * server run on different CPUs and the waiting side blocks, its CPU goes idle, and waking an
+ * idle CPU costs far more than the request (a halted virtual CPU: tens of microseconds). So
+ * the waiting side first polls for a while (adaptive, like the kernel's cpuidle haltpoll
+ * governor: the budget doubles when a reply came soon after the spin gave up, halves when the
+ * wait was long anyway), yielding its CPU at every turn. Both sides read the run's spin page
+ * (IOMMUFD_MODEL_SPIN, created by the server, MAP_SHARED by every process of the run): where
+ * the other side last ran on this very CPU, spinning would only take the CPU it needs, so
+ * nobody spins; and at most one thread of the whole program spins at a time (spin_until is
+ * its slot), so a multi-threaded program leaves the server a CPU. IOMMUFD_MODEL_SPIN_US is the
+ * longest spin (default SPIN_MAX_US; 0: never spin). The layout is shared with the server's
+ * waiter (_uaccess.c). */
+struct spin_page {
+	uint32_t server_cpu; /* the CPU the server last waited on (SPIN_CPU_UNKNOWN: none yet) */
+	uint32_t pad0[15];
+	uint32_t client_cpu; /* the CPU of the last request sent (SPIN_CPU_UNKNOWN: none yet) */
+	uint32_t pad1[15];
+	int64_t spin_until; /* CLOCK_MONOTONIC ns: the spinning thread's deadline, 0 when none */
+};
+#define SPIN_MAX_US 100
+#define SPIN_CPU_UNKNOWN UINT32_MAX
+static struct spin_page *spin_page;
+static int64_t spin_max; /* ns */
+static __thread int64_t spin_budget = -1;
+
+static int64_t now_ns(void)
+{
+	struct timespec t;
+
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+/* The next spin budget after a wait of waited ns that a spin of budget ns (0: none) did not
+ * end: a longer spin would have caught a short wait; a long one was worth sleeping through. */
+static int64_t spin_adapt(int64_t budget, int64_t waited)
+{
+	if (waited <= spin_max) {
+		budget = budget ? budget * 2 : spin_max / 8;
+		return budget > spin_max ? spin_max : budget;
+	}
+	budget /= 2;
+	return budget < spin_max / 8 ? 0 : budget;
+}
+
+static void spin_page_init(void)
+{
+	const char *path = getenv("IOMMUFD_MODEL_SPIN"), *us = getenv("IOMMUFD_MODEL_SPIN_US");
+	void *p;
+	int fd;
+
+	spin_max = (us ? atol(us) : SPIN_MAX_US) * 1000L;
+	if (!path || spin_max <= 0)
+		return;
+	fd = (int)syscall(SYS_openat, AT_FDCWD, path, O_RDWR | O_CLOEXEC);
+	if (fd < 0)
+		return;
+	p = (void *)syscall(SYS_mmap, NULL, 4096UL, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0L);
+	syscall(SYS_close, fd);
+	if (p != MAP_FAILED)
+		spin_page = p;
+}
+
+/* recvmsg of the server's next message on fd: spun for first when worth it (above). */
+static ssize_t recv_reply(int fd, struct msghdr *mh)
+{
+	struct spin_page *page = spin_page;
+	int64_t start = 0, slot = 0, until;
+	int cpu, spun = 0, saved = errno;
+	uint32_t other;
+	ssize_t n;
+
+	if (page) {
+		cpu = sched_getcpu();
+		if (spin_budget < 0)
+			spin_budget = spin_max;
+		other = __atomic_load_n(&page->server_cpu, __ATOMIC_RELAXED);
+		if (cpu >= 0 && other != SPIN_CPU_UNKNOWN && (uint32_t)cpu != other)
+			start = now_ns();
+	}
+	until = start + spin_budget;
+	if (start && spin_budget > 0 &&
+	    __atomic_load_n(&page->spin_until, __ATOMIC_RELAXED) < start &&
+	    __atomic_compare_exchange_n(&page->spin_until, &slot, until, 0, __ATOMIC_ACQUIRE,
+					__ATOMIC_RELAXED)) {
+		spun = 1;
+		for (;;) {
+			n = syscall(SYS_recvmsg, fd, mh, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+			if (n >= 0 || (errno != EAGAIN && errno != EINTR) || now_ns() >= until)
+				break;
+			syscall(SYS_sched_yield);
+		}
+		__atomic_compare_exchange_n(&page->spin_until, &until, 0, 0, __ATOMIC_RELEASE,
+					    __ATOMIC_RELAXED);
+		if (n >= 0)
+			errno = saved;
+		if (n >= 0 || (errno != EAGAIN && errno != EINTR))
+			return n;
+	} else if (start && spin_budget > 0) {
+		start = 0; /* another thread spins: this one sleeps, and learns nothing */
+	}
+	do
+		n = syscall(SYS_recvmsg, fd, mh, MSG_CMSG_CLOEXEC);
+	while (n < 0 && errno == EINTR);
+	if (start)
+		spin_budget = spin_adapt(spun ? spin_budget : 0, now_ns() - start);
+	if (n >= 0)
+		errno = saved;
+	return n;
+}
+
 static void parse_prefixes(const char *env, struct prefixes *out)
 {
 	char *p;
@@ -219,6 +334,7 @@ static void setup(void)
 		parse_prefixes(getenv("IOMMUFD_MODEL_VIEW_PREFIXES"), &view_paths);
 	}
 	pid_page_init();
+	spin_page_init();
 	enabled = 1;
 }
 
@@ -381,6 +497,12 @@ static int send_req(int fd, const struct req *r, const void *inl)
 	int saved = errno;
 	ssize_t n;
 
+	if (spin_page) {
+		int cpu = sched_getcpu();
+
+		if (cpu >= 0)
+			__atomic_store_n(&spin_page->client_cpu, (uint32_t)cpu, __ATOMIC_RELAXED);
+	}
 	for (;;) {
 		n = syscall(SYS_sendmsg, fd, &mh, MSG_NOSIGNAL);
 		if (n == (ssize_t)(sizeof(*r) + (mh.msg_iovlen == 2 ? INLINE_MAX : 0))) {
@@ -414,9 +536,7 @@ static int exchange(int fd, const struct req *r, const void *inl, struct reply *
 		mh.msg_iovlen = 1;
 		mh.msg_control = cbuf;
 		mh.msg_controllen = sizeof(cbuf);
-		do
-			n = syscall(SYS_recvmsg, fd, &mh, MSG_CMSG_CLOEXEC);
-		while (n < 0 && errno == EINTR);
+		n = recv_reply(fd, &mh);
 		if (n < (ssize_t)sizeof(out->rep))
 			return -1;
 		for (c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c))

@@ -71,6 +71,13 @@ STATUS = struct.Struct("<QQ")
 OP_HELLO, OP_OPEN, OP_IOCTL, OP_READ, OP_WRITE = 1, 2, 3, 4, 5
 OP_MAP_SHARED, OP_MUNMAP, OP_MMAP, OP_INSTALLED, OP_MMIO = 6, 7, 8, 9, 10
 OP_STATUS, OP_CREDS = 11, 12
+#: the longest spin of either side of a request, microseconds (preload.c's SPIN_MAX_US)
+SPIN_MAX_US = 100
+#: the spin page's size (preload.c's struct spin_page, in one page)
+SPIN_PAGE_SIZE = 4096
+#: the spin page's first contents: server_cpu and client_cpu unknown (preload.c's
+#: SPIN_CPU_UNKNOWN), no thread spinning
+SPIN_PAGE_START = struct.pack("<I60xI60xq", 0xFFFF_FFFF, 0xFFFF_FFFF, 0)
 OPEN_IOMMU, OPEN_FAILNTH, OPEN_PATH = 1, 2, 3
 REP_DONE, REP_INSTALL = 0, 1
 REP_DRAIN, REP_MMIO = 1, 2
@@ -159,6 +166,11 @@ class Server:
         # what the one epoll set watches, by descriptor: the listener (None), each
         # connection (Conn) and the server's end of each model file (ModelFile)
         self._epoll = select.epoll()
+        # the wait for the next event: epoll's, or the spinning one once the run shares its
+        # spin page (share_spin_page)
+        self._wait: Callable[[float], list[tuple[int, int]]] = self._epoll.poll
+        self._waiter: native.Waiter | None = None
+        self._spun = (0, 0, 0)  # the waiter's last figures, once closed
         self._watched: dict[int, Conn | ModelFile | None] = {}
         self._watch(self.listener, None)
         self.files: dict[int, ModelFile] = {}
@@ -191,6 +203,34 @@ class Server:
         return self._requests + (self._fastrw.served if self._fastrw is not None else 0)
 
     # -- the loop -------------------------------------------------------------------------
+    def share_spin_page(self, path: str) -> dict[str, str]:
+        """Create the run's spin page at ``path`` and wait on it from now on; the program's
+        environment entries that name it to the preload.
+
+        A request is a synchronous round trip: where the program and the server run on two
+        CPUs, each side spins a while for the other before it sleeps, unless the other last
+        ran on its own CPU (the model's own design; preload.c ``recv_reply`` says why and how).
+        ``IOMMUFD_MODEL_SPIN_US`` (default :data:`SPIN_MAX_US`) is the longest spin, 0 none."""
+        spin_us = int(os.environ.get("IOMMUFD_MODEL_SPIN_US", SPIN_MAX_US))
+        env = {"IOMMUFD_MODEL_SPIN_US": str(spin_us)}
+        if spin_us <= 0:
+            return env
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        try:
+            os.fchmod(fd, 0o666)  # any process of the run, whatever its uid, may map it
+            os.ftruncate(fd, SPIN_PAGE_SIZE)
+            os.pwrite(fd, SPIN_PAGE_START, 0)  # neither side's CPU is known yet
+            self._waiter = native.Waiter(self._epoll.fileno(), fd, spin_us * 1000)
+        finally:
+            os.close(fd)
+        self._wait = self._waiter.wait
+        env["IOMMUFD_MODEL_SPIN"] = path
+        return env
+
+    def spin_stats(self) -> tuple[int, int, int]:
+        """The server's spins so far, those that caught an event, and its budget now (ns)."""
+        return self._waiter.stats() if self._waiter is not None else self._spun
+
     def serve_until(self, done: Any, poll: float = 0.05) -> None:
         """Serve until ``done()``, asked whenever a wait served no request and at least
         every ``poll`` seconds (not per request: it is a ``waitpid`` for the launcher)."""
@@ -211,7 +251,7 @@ class Server:
         the request (the hangup is queued when close() returns, before the program's next
         call), so releasing first keeps the kernel's order: a file is released before any
         later request of any process is served."""
-        events = self._epoll.poll(timeout)
+        events = self._wait(timeout)
         watched = self._watched
         requests: list[Conn] = []
         accept = False
@@ -808,6 +848,10 @@ class Server:
             proc.forget()
         for file in self.memfiles.values():
             file.close()
+        if self._waiter is not None:  # its figures outlive it (spin_stats)
+            self._spun = self._waiter.stats()
+        self._wait = self._epoll.poll
+        self._waiter = None
         self._epoll.close()
         self.listener.close()
         self.dma.close()
