@@ -5,16 +5,18 @@ ioctls, with a C reference. Figures only, no assertions.
 
 - The kernel's own ``iommufd`` and ``iommufd_fail_nth`` selftests (Linux 7.2, built unmodified
   by the kit beside the repository when it is there): wall time of the whole run, the CPU
-  time of the program, its children and the model server together, cases passed.
+  time of the program, its children and the model server together, cases passed; by
+  default, without the spinning waits, and pinned to one CPU.
 - ``c/hammer.c``: 1 and 4 threads on one iommufd, each looping IOAS_ALLOC, IOAS_MAP (64 KiB),
   IOAS_UNMAP, DESTROY. The reference is the same program doing as many real kernel ioctls
   (FIONREAD on a pipe): what a syscall round trip costs with no model behind it.
 - ``c/access_rw.c``: the selftest's hot loop alone (IOMMU_TEST_OP_ACCESS_RW around a page
   boundary, reads and writes in turn), on the fast path and with MOCK_ACCESS_RW_SLOW_PATH,
-  and on the fast path with the server's short paths off (``IOMMUFD_MODEL_SHORT_PATHS=0``):
-  CPU per request of the program and the server together, from two runs of different
-  lengths (so the start-up cancels out), and the program's own share (its CPU clock over
-  the loop, as the program prints it).
+  and on the fast path with the server's short paths off (``IOMMUFD_MODEL_SHORT_PATHS=0``)
+  or without the spinning waits (``IOMMUFD_MODEL_SPIN_US=0``): CPU per request of the
+  program and the server together, from two runs of different lengths (so the start-up
+  cancels out), and the program's own share and wall time per request (its clocks over the
+  loop, as the program prints them).
 
 The load average is printed before and after: on a shared machine the wall times follow it,
 the CPU times much less.
@@ -34,6 +36,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 KIT = HERE.parent.parent / "shared" / "kselftest" / "build.sh"
 CLI = Path(sys.executable).parent / "iommufd-model"
+#: the runner without its spinning waits (docs/running-programs.md, "Speed")
+NO_SPIN = {"IOMMUFD_MODEL_SPIN_US": "0"}
 
 
 def _children_cpu() -> float:
@@ -83,8 +87,13 @@ def run(quick: bool = False) -> dict[str, float]:
         subprocess.run(["gcc", "-O2", "-o", str(rw), str(HERE / "c" / "access_rw.c")], check=True)
         # the server's short paths (docs/running-programs.md) on, and off for comparison
         off = {"IOMMUFD_MODEL_SHORT_PATHS": "0"}
-        for path, env in (("fast", {}), ("slow", {}), ("fast, short paths off", off)):
-            extra = ["slow"] if path == "slow" else []
+        for path, env in (
+            ("fast path", {}),
+            ("fast path, no spin", NO_SPIN),
+            ("slow path", {}),
+            ("fast path, short paths off", off),
+        ):
+            extra = ["slow"] if path == "slow path" else []
             n0, n1 = 500, 5000 if quick else 40_000
             cpus = []
             for n in (n0, n1):
@@ -93,25 +102,33 @@ def run(quick: bool = False) -> dict[str, float]:
                 done.check_returncode()
                 cpus.append(cpu)
             per = (cpus[1] - cpus[0]) / (n1 - n0) * 1e6
-            figures[f"ACCESS_RW loop, {path} path: CPU us per request (program + server)"] = per
-            # the program's own CPU over its loop (the last line: "access_rw N wall cpu")
-            program = float(done.stdout.split()[-1]) / n1 * 1e6
-            figures[f"ACCESS_RW loop, {path} path: program CPU us per request"] = program
+            figures[f"ACCESS_RW loop, {path}: CPU us per request (program + server)"] = per
+            # the program's own wall and CPU over its loop (its last line: "access_rw N wall
+            # cpu"); with the spin, CPU buys wall time (docs/running-programs.md, "Speed")
+            loop_wall, loop_cpu = (float(x) for x in done.stdout.split()[-2:])
+            figures[f"ACCESS_RW loop, {path}: program CPU us per request"] = loop_cpu / n1 * 1e6
+            figures[f"ACCESS_RW loop, {path}: wall us per request"] = loop_wall / n1 * 1e6
         if KIT.exists() and not quick:
             subprocess.run(["bash", str(KIT), tmp], check=True, capture_output=True)
-            # Each request is a synchronous round trip: with the program and the model server
-            # free to run on different CPUs every wakeup crosses CPUs (and wakes an idle one);
-            # `taskset -c 0` keeps the pair on one CPU (docs/running-programs.md, "Speed").
+            # Each request is a synchronous round trip: by default each side spins a while
+            # for the other when they run on different CPUs; without the spin every wakeup
+            # crosses CPUs and wakes an idle one; `taskset -c 0` keeps the pair on one CPU,
+            # where neither spins (docs/running-programs.md, "Speed"). The runs grant
+            # CAP_SYS_RESOURCE as tests/run/test_kselftests.py does (the sandbox lacks it).
             cpu0 = str(sorted(os.sched_getaffinity(0))[0])
-            for name, pinned in (
-                ("iommufd", False),
-                ("iommufd", True),
-                ("iommufd_fail_nth", False),
+            for name, how in (
+                ("iommufd", ""),
+                ("iommufd", "no spin"),
+                ("iommufd", f"taskset -c {cpu0}"),
+                ("iommufd_fail_nth", ""),
             ):
-                argv = [str(CLI), "run", "--", str(Path(tmp, name))]
-                done, wall, cpu = _timed(["taskset", "-c", cpu0, *argv] if pinned else argv)
+                argv = [str(CLI), "run", "--cap", "CAP_SYS_RESOURCE", "--"]
+                argv.append(str(Path(tmp, name)))
+                if how.startswith("taskset"):
+                    argv = ["taskset", "-c", cpu0, *argv]
+                done, wall, cpu = _timed(argv, NO_SPIN if how == "no spin" else None)
                 passed = len(re.findall(r"^ok \d+ (?!.*# SKIP)", done.stdout, re.M))
-                label = f"{name}, taskset -c {cpu0}" if pinned else name
+                label = f"{name}, {how}" if how else name
                 figures[f"kernel selftest {label}: whole run, wall s"] = wall
                 figures[f"kernel selftest {label}: whole run, CPU s"] = cpu
                 figures[f"kernel selftest {label}: cases passed"] = passed

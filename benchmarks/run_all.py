@@ -175,7 +175,10 @@ def issue19(results: dict[str, dict[str, float]]) -> None:
         wall = selftest[f"{run}: whole run, wall s"]
         passed = selftest.get(f"{run}: cases passed", 0)
         cpu = selftest.get(f"{run}: whole run, CPU s", 0)
-        how = run.removeprefix("kernel selftest iommufd").removeprefix(", ") or "unpinned"
+        how = (
+            run.removeprefix("kernel selftest iommufd").removeprefix(", ")
+            or "default: unpinned, spinning"
+        )
         what = f"kernel `iommufd` selftest < 15 s ({how})"
         print(
             f"  {what:<58} {wall:.1f} s wall, {cpu:.1f} s CPU, {passed:.0f} passed  "
