@@ -126,7 +126,7 @@ class World:
 
     def __init__(self, ndomains: int = 0, *, domain: Callable[[], FakeDomain] = mock_domain):
         self.memory = PhysicalMemory(1 << 32)
-        machine = types.SimpleNamespace(memory=self.memory)
+        machine = types.SimpleNamespace(memory=self.memory, granted_caps=0)
         self.proc = Process(machine, pid=1)  # type: ignore[arg-type]
         self.buffer = self.proc.mmap(BUFFER_SIZE, align=HUGEPAGE_SIZE)
         self.proc.write(self.buffer, bytes(range(256)) * (BUFFER_SIZE // 256))
@@ -803,7 +803,7 @@ class IoptMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.memory = PhysicalMemory(1 << 32)
-        self.proc = Process(types.SimpleNamespace(memory=self.memory), pid=1)  # type: ignore[arg-type]
+        self.proc = Process(types.SimpleNamespace(memory=self.memory, granted_caps=0), pid=1)  # type: ignore[arg-type]
         self.buf = self.proc.mmap(NPAGES * PAGE_SIZE)
         self.proc.write(self.buf, b"\x01" * (NPAGES * PAGE_SIZE))  # fault everything in
         self.iopt = IoPagetable(self.memory)
