@@ -61,8 +61,26 @@ FASTRW = Extension(
     extra_compile_args=["-O2", "-Wall"],
 )
 
+# The mock page table's dirty loops (plain C; mock/iommupt.py runs the same loops without it).
+MOCK_DIRTY = Extension(
+    "iommufd_model.mock._dirty",
+    sources=["framework/iommufd_model/mock/_dirty.c"],
+    extra_compile_args=["-O2", "-Wall"],
+)
+
+# The dirty runs of GET_DIRTY_BITMAP as bitmap bits (plain C; core/dirty_bits.py without it).
+DIRTY_BITS = Extension(
+    "iommufd_model.core._dirty_bits",
+    sources=["framework/iommufd_model/core/_dirty_bits.c"],
+    extra_compile_args=["-O2", "-Wall"],
+)
+
 PURE = os.environ.get("IOMMUFD_MODEL_PURE") == "1"
-C_EXTENSIONS = [PRELOAD, UACCESS] if PURE else [FRAME_COPY, LOCKCALL, PRELOAD, UACCESS, FASTRW]
+C_EXTENSIONS = (
+    [PRELOAD, UACCESS]
+    if PURE
+    else [FRAME_COPY, LOCKCALL, PRELOAD, UACCESS, FASTRW, MOCK_DIRTY, DIRTY_BITS]
+)
 # The walkers import nothing from the framework: compile them alone, without the
 # project's mypy configuration (which would pull in the whole package and its deps).
 MYPYC = compiled.mypyc_extensions(COMPILED, ("--config-file=", "--follow-imports=silent"))

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import errno
 import struct
+from typing import Any
 
 import pytest
 
 from helpers import MOCK_APERTURE, PAGE, World, check_invariants, expect_errno, mock_domain
 from iommufd_model.mock import iommupt as P
 from iommufd_model.mock import selftest as T
+from iommufd_model.paging import IotlbGather
 from iommufd_model.testing import assert_errno
 from iommufd_model.uapi import iommufd as U
 
@@ -266,3 +268,210 @@ def test_md_check_map_looks_the_hwpt_up_first() -> None:
     buf = bytearray(struct.pack("<IIII", 72, T.IOMMU_TEST_OP_MD_CHECK_MAP, 999, 0) + payload)
     buf += bytes(8)
     assert_errno(errno.ENOENT, lambda: w.fd.ioctl(T.IOMMU_TEST_CMD, buf))
+
+
+# -- the whole-range map/unmap and the C dirty loops against the literal per-leaf table ------
+class _LiteralTable(P.MockPageTable):
+    """The mock table as generic_pt's walks read literally, one leaf at a time (the oracle
+    of the chunked map, the run-based unmap and the C loops): map takes one
+    ``pt_compute_best_pgsize()`` step per leaf, unmap clears leaf after leaf, read-and-clear
+    is :func:`_reference_read_and_clear`, the DIRTY op one ``set_dirty`` per set bit."""
+
+    def map(self, iova: int, pa: int, size: int, prot: int, pgsize: int = 0) -> None:
+        if size <= 0:
+            raise OSError(errno.EINVAL, "empty map")
+        if iova + size - 1 > self.va_last:
+            raise OSError(errno.ERANGE, "beyond the table")
+        bitmap = self.pgsize_bitmap & ((pgsize << 1) - 1) if pgsize else self.pgsize_bitmap
+        steps = []
+        va, oa, left = iova, pa, size
+        while left:
+            lg2 = P.best_pgsize_lg2(bitmap, va, oa, left)
+            if not lg2:
+                raise OSError(errno.ENXIO, "no page size fits")
+            steps.append((va, oa, lg2))
+            va, oa, left = va + (1 << lg2), oa + (1 << lg2), left - (1 << lg2)
+        first = iova >> P.GRANULE_SHIFT
+        if any(k in self.entries for k in range(first, first + (size >> P.GRANULE_SHIFT))):
+            raise OSError(errno.EADDRINUSE, "already mapped")
+        for va, oa, lg2 in steps:
+            for i in range(1 << (lg2 - P.GRANULE_SHIFT)):
+                self.entries[(va >> P.GRANULE_SHIFT) + i] = (
+                    oa + (i << P.GRANULE_SHIFT) | prot & 3 | lg2 << P.SIZE_SHIFT
+                )
+
+    def unmap(self, iova: int, size: int, gather: IotlbGather | None = None) -> int:
+        va, done = iova, 0
+        while va < iova + size:
+            leaf = self.leaf_at(va)
+            if leaf is None or leaf[0] != va:
+                break
+            for k in range(va >> P.GRANULE_SHIFT, (va + (1 << leaf[1])) >> P.GRANULE_SHIFT):
+                del self.entries[k]
+                self.dirty.discard(k)
+            if gather is not None:
+                gather.add(va, 1 << leaf[1], 1 << leaf[1])
+            done += 1 << leaf[1]
+            va += 1 << leaf[1]
+        return done
+
+    def read_and_clear_dirty(self, iova: int, length: int, clear: bool) -> list[tuple[int, int]]:
+        runs = _reference_read_and_clear(self, iova, length, clear)
+        if clear:
+            self.dirty = {k for k, e in self.entries.items() if e & P.ENTRY_DIRTY}
+        return runs
+
+    def set_dirty_bits(self, iova: int, page_size: int, bitmap: bytes, nbits: int) -> int:
+        bits = [i for i in range(nbits) if bitmap[i >> 3] >> (i & 7) & 1]
+        for i in bits:
+            self.set_dirty(iova + i * page_size)
+        return len(bits)
+
+
+def _leaves(gather: IotlbGather) -> list[tuple[int, int]]:
+    """A gather's runs as one ``(iova, page size)`` per leaf."""
+    return [
+        (iova + i, pgsize) for iova, size, pgsize in gather.runs for i in range(0, size, pgsize)
+    ]
+
+
+def _first_difference(seed: int) -> str | None:
+    """One random sequence of maps (any alignment, page-size caps, overlaps, bad sizes),
+    unmaps (inside leaves, over gaps, past the end), DIRTY bitmaps and read-and-clears, on
+    the model's table and on the literal one: the first result, errno, entry, dirty index
+    or gathered leaf that differs, or None."""
+    import random
+
+    rnd = random.Random(seed)
+    table = P.MockPageTable(P.PGSIZE_BITMAP, (1 << 38) - 1)
+    twin = _LiteralTable(P.PGSIZE_BITMAP, (1 << 38) - 1)
+    base, span = MOCK_APERTURE, 64 * M1
+
+    def both(name: str, *args: object) -> str | None:
+        got = []
+        for t in (table, twin):
+            try:
+                got.append(("ok", getattr(t, name)(*args)))
+            except OSError as exc:
+                got.append(("errno", exc.errno))
+        if got[0] != got[1]:
+            return f"{name}{args}: {got[0]} != {got[1]}"
+        if table.entries != twin.entries or table.dirty != twin.dirty:
+            return f"{name}{args}: the tables differ after it"
+        return None
+
+    for _ in range(rnd.randrange(10, 40)):
+        op = rnd.random()
+        at = base + (rnd.randrange(span) & ~(K2 - 1))
+        if op < 0.35:
+            lg2 = rnd.choice([11, 12, 13, 16, 20, 21, 22])
+            size = rnd.randrange(1, 5) << lg2 if rnd.random() < 0.7 else rnd.randrange(1, 3000) * K2
+            pa = (rnd.randrange(1 << 30) & ~((1 << rnd.choice([11, 12, 20, 21])) - 1)) | (
+                at & rnd.choice([0, (1 << 22) - 1])
+            )
+            pa &= ~(K2 - 1)
+            if rnd.random() < 0.05:
+                size += 512  # not a multiple of the granule: ENXIO
+            pgsize = rnd.choice([0, 0, 1 << 12, 1 << 20, 1 << 13])
+            problem = both("map", at, pa, size, 3, pgsize)
+        elif op < 0.55:
+            if rnd.random() < 0.5 and table.entries:
+                at = rnd.choice(list(table.entries)) << P.GRANULE_SHIFT
+            size = rnd.randrange(1, 9000) * K2 if rnd.random() < 0.8 else rnd.randrange(1, 1 << 23)
+            gathers = [IotlbGather(at, at + size - 1) for _ in range(2)]
+            got = [t.unmap(at, size, g) for t, g in zip((table, twin), gathers, strict=True)]
+            problem = None
+            if got[0] != got[1] or _leaves(gathers[0]) != _leaves(gathers[1]):
+                problem = f"unmap({at:#x}, {size:#x}): {got[0]} != {got[1]} or its leaves"
+            elif table.entries != twin.entries or table.dirty != twin.dirty:
+                problem = f"unmap({at:#x}, {size:#x}): the tables differ after it"
+        elif op < 0.75:
+            page = rnd.choice([K2, PAGE, 8 * PAGE, M1])
+            nbits = rnd.randrange(1, 4000)
+            bitmap = bytes(
+                rnd.choice([0, 0, 1, 0x55, 0xFF, rnd.randrange(256)])
+                for _ in range((nbits + 7) // 8)
+            )
+            problem = both("set_dirty_bits", at - rnd.randrange(4) * page, page, bitmap, nbits)
+        else:
+            length = rnd.randrange(1, span // K2) * K2
+            problem = both("read_and_clear_dirty", at, length, rnd.random() < 0.5)
+        if problem:
+            return problem
+    return None
+
+
+@pytest.mark.parametrize("pure", [False, True], ids=["compiled", "pure"])
+@pytest.mark.parametrize("seed", range(60))
+def test_fast_table_equals_the_literal_one(
+    seed: int, pure: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chunked map, run-based unmap and the dirty loops (``mock/_dirty.c`` and its
+    Python twin) do exactly what the per-leaf table does."""
+    if pure:
+        monkeypatch.setattr(P, "_DIRTY", None)
+    elif P._DIRTY is None:
+        pytest.skip("mock/_dirty.c is not built (IOMMUFD_MODEL_PURE=1)")
+    assert _first_difference(seed) is None
+
+
+def test_the_differential_test_catches_a_broken_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deliberate break of each fast part is found by the seeds above: a run one item short,
+    a clear that leaves one D bit, a chunk one leaf too long."""
+    real_visit, real_chunks = P._visit_dirty, P.leaf_chunks
+    monkeypatch.setattr(P, "_DIRTY", None)
+
+    def short(*args: Any) -> list[tuple[int, int]]:
+        runs = real_visit(*args)
+        return [*runs[:-1], (runs[-1][0], runs[-1][1] - K2)] if runs else runs
+
+    def sticky(entries: dict[int, int], dirty: set[int], keys: list[int], *rest: Any) -> Any:
+        return (
+            real_visit(entries, dirty, keys[:-1], *rest)
+            if len(keys) > 1
+            else real_visit(entries, dirty, keys, *rest)
+        )
+
+    def long_chunk(*args: int) -> list[tuple[int, int, int, int]]:
+        chunks = real_chunks(*args)
+        va, pa, lg2, count = chunks[-1]
+        return [*chunks[:-1], (va, pa, lg2, count + 1)]
+
+    for name, broken in (
+        ("_visit_dirty", short),
+        ("_visit_dirty", sticky),
+        ("leaf_chunks", long_chunk),
+    ):
+        with monkeypatch.context() as m:
+            m.setattr(P, name, broken)
+            assert any(_first_difference(seed) for seed in range(60)), name
+
+
+def test_the_differential_test_catches_a_broken_c_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same for the C loops: their answers, one run short or one bit left unset."""
+    if P._DIRTY is None:
+        pytest.skip("mock/_dirty.c is not built (IOMMUFD_MODEL_PURE=1)")
+    compiled: Any = P._DIRTY
+
+    class Short:
+        set_dirty_bits = staticmethod(compiled.set_dirty_bits)
+
+        @staticmethod
+        def visit(*args: Any) -> list[tuple[int, int]]:
+            return list(compiled.visit(*args))[:-1]
+
+    class Unset:
+        visit = staticmethod(compiled.visit)
+
+        @staticmethod
+        def set_dirty_bits(
+            entries: Any, dirty: Any, iova: int, page: int, bitmap: bytes, n: int
+        ) -> int:
+            return int(compiled.set_dirty_bits(entries, dirty, iova, page, bitmap, n - 1)) + (
+                bitmap[(n - 1) >> 3] >> ((n - 1) & 7) & 1
+            )
+
+    for broken in (Short, Unset):
+        with monkeypatch.context() as m:
+            m.setattr(P, "_DIRTY", broken)
+            assert any(_first_difference(seed) for seed in range(60)), broken.__name__

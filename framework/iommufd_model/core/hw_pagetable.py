@@ -11,6 +11,7 @@ import errno
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
+from iommufd_model.core.dirty_bits import byte_groups, span_bits
 from iommufd_model.core.ioas import Ioas
 from iommufd_model.core.objects import IommufdObject, ObjType
 from iommufd_model.core.ucmd import Ucmd, ioctl_op
@@ -423,10 +424,35 @@ def _get_dirty_bitmap(ucmd: Ucmd) -> None:
         whole = (group[0][0], max(last for _, last in group))
         return [group] if load(*whole) else [[span] for span in group if load(*span)]
 
-    for group in groups(byte_spans(walk(False))):
-        parts(group)
+    runs = walk(False)
     clear = not cmd.flags & U.IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR
-    for group in groups(byte_spans(walk(True) if clear else walk(False))):
+    second: list[tuple[int, int]] | None = None
+    # All the bits at once (core/dirty_bits.py) when the runs allow it and every byte they
+    # touch is mapped: the same reads, walks and writes as group by group below.
+    built = span_bits(runs, cmd.iova, last, shift, max(1 << 16, len(runs) << 6))
+    spans = byte_groups(built[1]) if built is not None else []
+    if built is not None and spans:
+        base, bits = built
+        lo, hi = cmd.data + base + spans[0][0], cmd.data + base + spans[-1][1]
+        if ucmd.caller.is_mapped(lo, hi - lo + 1):
+            olds = [ucmd.caller.read(cmd.data + base + a, b - a + 1) for a, b in spans]
+            second = walk(True) if clear else runs
+            if second == runs:
+                for (a, b), old in zip(spans, olds, strict=True):
+                    new = int.from_bytes(old, "little") | int.from_bytes(bits[a : b + 1], "little")
+                    ucmd.caller.write(
+                        cmd.data + base + a, new.to_bytes(b - a + 1, "little"), pinned=True
+                    )
+                return
+            for (a, b), old in zip(spans, olds, strict=True):
+                cache.update(
+                    zip(range(cmd.data + base + a, cmd.data + base + b + 1), old, strict=True)
+                )
+    if second is None:
+        for group in groups(byte_spans(runs)):
+            parts(group)
+        second = walk(True) if clear else runs
+    for group in groups(byte_spans(second)):
         for part in parts(group):
             # the part's bits as a string of '0'/'1' digits, bit 0 first (one slice store
             # per span), then ORed into its bytes as one little-endian integer

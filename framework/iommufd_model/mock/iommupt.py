@@ -28,18 +28,48 @@ The model keeps the table logically, one entry per 2 KiB of IOVA (what the mock 
 DMA need), not as AMDv1 bytes in memory: no uAPI exposes the mock's table memory. That is
 the model's own representation, and so is the index of dirty items beside it
 (``MockPageTable.dirty``), which lets read-and-clear visit only the leaves it reports.
+
+The model's own ways of doing the walks in bulk, each giving what the per-leaf walk gives
+(tests/core/test_mock_iommupt.py compares them with a literal per-leaf table): map counts
+each stretch of equal leaves in one go (:func:`leaf_chunks`) and writes its entries with
+one dict update; unmap finds where the walk stops from the entries present and removes them
+at once; the dirty loops (read-and-clear's visit of the dirty leaves, the DIRTY op's
+``set_dirty`` per set bit) run in C (``mock/_dirty.c``) when it is built, else in Python.
 """
 
 from __future__ import annotations
 
 import errno
-from collections import deque
+import importlib
+import os
+from bisect import bisect_left, bisect_right
+from itertools import filterfalse, repeat
+from operator import and_
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 from iommufd_model.errors import err
+from iommufd_model.hw import compiled
 
 if TYPE_CHECKING:
     from iommufd_model.paging import IotlbGather
+
+
+def _dirty_module() -> ModuleType | None:
+    """``mock/_dirty.c`` (the dirty loops in C), or None in a pure build
+    (``IOMMUFD_MODEL_PURE=1`` at install or run time) or a stale one: the Python loops
+    below then do the same."""
+    if os.environ.get(compiled.PURE_ENV) == "1":
+        return None
+    try:
+        compiled.check_fresh("iommufd_model.mock._dirty")
+        return importlib.import_module("iommufd_model.mock._dirty")
+    except ImportError:
+        return None
+
+
+_DIRTY = _dirty_module()
+
 
 GRANULE_SHIFT = 11  # PT_GRANULE_LG2SZ of the mock variant
 ITEMS_LG2 = 9  # 4 KiB tables of 8-byte items
@@ -91,6 +121,57 @@ def best_pgsize_lg2(pgsize_bitmap: int, va: int, pa: int, length: int) -> int:
     return fit.bit_length() - 1 if fit else 0
 
 
+def leaf_chunks(
+    pgsize_bitmap: int, va: int, pa: int, length: int
+) -> list[tuple[int, int, int, int]]:
+    """The leaves ``map_range()`` writes for ``[va, va + length)`` -> ``pa``, as ``(iova, pa,
+    size log2, count)`` chunks of equal leaves: the steps of ``pt_compute_best_pgsize()``
+    one by one, counted in one go (the model's own arithmetic; ENXIO when no size fits).
+
+    While a step of ``2**lg2`` is taken, the next larger size of the bitmap (``nxt``) is
+    chosen only once IOVA and address are both aligned to it with at least that much left:
+    never when they differ below ``nxt``, else first after ``(-va) mod 2**nxt`` bytes; and
+    ``lg2`` itself lasts while ``2**lg2`` bytes are left."""
+    chunks: list[tuple[int, int, int, int]] = []
+    while length:
+        lg2 = best_pgsize_lg2(pgsize_bitmap, va, pa, length)
+        if not lg2:
+            raise err(errno.ENXIO, f"no page size fits {va:#x} -> {pa:#x} (+{length:#x})")
+        count = length >> lg2
+        above = pgsize_bitmap >> (lg2 + 1)
+        if above:
+            nxt = lg2 + (above & -above).bit_length()
+            mask = (1 << nxt) - 1
+            if not (va ^ pa) & mask:
+                steps = ((-va) & mask) >> lg2
+                if steps and length - (steps << lg2) >= 1 << nxt:
+                    count = steps
+        chunks.append((va, pa, lg2, count))
+        va, pa, length = va + (count << lg2), pa + (count << lg2), length - (count << lg2)
+    return chunks
+
+
+def _gather_leaves(gather: IotlbGather, first: int, values: list[int]) -> None:
+    """Add the leaves whose entries ``values`` (keys from ``first`` on, IOVA order) were
+    cleared to ``gather``: one run per stretch of leaves of one size."""
+    sizes = set(map(and_, values, repeat(SIZE_MASK)))
+    if len(sizes) == 1:
+        lg2 = sizes.pop() >> SIZE_SHIFT
+        gather.add(first << GRANULE_SHIFT, len(values) << GRANULE_SHIFT, 1 << lg2)
+        return
+    at, start, run_lg2 = 0, 0, 0
+    while at < len(values):
+        lg2 = (values[at] & SIZE_MASK) >> SIZE_SHIFT
+        if lg2 != run_lg2:
+            if at > start:
+                gather.add(
+                    (first + start) << GRANULE_SHIFT, (at - start) << GRANULE_SHIFT, 1 << run_lg2
+                )
+            start, run_lg2 = at, lg2
+        at += 1 << (lg2 - GRANULE_SHIFT)
+    gather.add((first + start) << GRANULE_SHIFT, (at - start) << GRANULE_SHIFT, 1 << run_lg2)
+
+
 class MockPageTable:
     """``entries[iova >> 11] = pa | prot | D | size_lg2 << 3`` for every mapped 2 KiB."""
 
@@ -110,28 +191,22 @@ class MockPageTable:
             raise err(errno.EINVAL, "empty map")
         if iova + size - 1 > self.va_last:
             raise err(errno.ERANGE, f"[{iova:#x}, +{size:#x}) is beyond the table")
-        steps: list[tuple[int, int, int]] = []
-        va, oa, left = iova, pa, size
         bitmap = self.pgsize_bitmap & ((pgsize << 1) - 1) if pgsize else self.pgsize_bitmap
-        while left:
-            lg2 = best_pgsize_lg2(bitmap, va, oa, left)
-            if not lg2:
-                raise err(errno.ENXIO, f"no page size fits {va:#x} -> {oa:#x} (+{left:#x})")
-            steps.append((va, oa, lg2))
-            va, oa, left = va + (1 << lg2), oa + (1 << lg2), left - (1 << lg2)
+        chunks = leaf_chunks(bitmap, iova, pa, size)
         first = iova >> GRANULE_SHIFT
         entries = self.entries
         if not entries.keys().isdisjoint(range(first, first + (size >> GRANULE_SHIFT))):
             raise err(errno.EADDRINUSE, f"IOVA range at {iova:#x} already mapped")
         flags = prot & (ENTRY_READ | ENTRY_WRITE)
-        for va, oa, lg2 in steps:
-            # every 2 KiB of the leaf: its address (oa is 2 KiB aligned, so | is +) and tag
-            base, count = va >> GRANULE_SHIFT, 1 << (lg2 - GRANULE_SHIFT)
+        for va, oa, lg2, count in chunks:
+            # every 2 KiB of the chunk's leaves: its address (oa is 2 KiB aligned, so | is
+            # +) and tag; the addresses run on from leaf to leaf, so one range covers them
+            base, n = va >> GRANULE_SHIFT, count << (lg2 - GRANULE_SHIFT)
             tag = flags | lg2 << SIZE_SHIFT
             entries.update(
                 zip(
-                    range(base, base + count),
-                    range(oa | tag, (oa | tag) + (count << GRANULE_SHIFT), 1 << GRANULE_SHIFT),
+                    range(base, base + n),
+                    range(oa | tag, (oa | tag) + (n << GRANULE_SHIFT), 1 << GRANULE_SHIFT),
                     strict=True,
                 )
             )
@@ -146,27 +221,39 @@ class MockPageTable:
 
     def unmap(self, iova: int, size: int, gather: IotlbGather | None = None) -> int:
         """``unmap_range()``: returns the bytes unmapped (see the module docstring); the
-        leaves cleared go into ``gather`` when one is given."""
-        end = iova + size
-        va = iova
-        done = 0
-        while va < end:
-            leaf = self.leaf_at(va)
-            if leaf is None:
-                break  # an empty item ends the walk
-            start, lg2 = leaf
-            if start != va:
-                break  # a start inside a leaf: -EINVAL from the walk
-            base = start >> GRANULE_SHIFT
-            count = 1 << (lg2 - GRANULE_SHIFT)
-            deque(map(self.entries.__delitem__, range(base, base + count)), maxlen=0)
-            if self.dirty:
-                self.dirty.difference_update(range(base, base + count))
-            if gather is not None:
-                gather.add(start, 1 << lg2, 1 << lg2)
-            done += 1 << lg2
-            va = start + (1 << lg2)
-        return done
+        leaves cleared go into ``gather`` when one is given, one run per stretch of leaves
+        of one size.
+
+        Leaves tile the entries (every map and unmap writes or clears whole leaves), so the
+        walk from a leaf's start goes on leaf by leaf up to the first empty item or past the
+        end: the entries removed are those from ``iova`` up to the first missing one before
+        the end, or else to the end of the leaf holding the range's last byte (the model's
+        own way of counting the walk in one go)."""
+        entries = self.entries
+        first = iova >> GRANULE_SHIFT
+        entry = entries.get(first) if size > 0 else None
+        if entry is None or iova & ((1 << ((entry & SIZE_MASK) >> SIZE_SHIFT)) - 1):
+            return 0  # nothing mapped, or a start inside a leaf: -EINVAL from the walk
+        end_key = ((iova + size - 1) >> GRANULE_SHIFT) + 1
+        stop = next(filterfalse(entries.__contains__, range(first, end_key)), None)
+        if stop is None:
+            last = entries[end_key - 1]
+            span = (last & SIZE_MASK) >> SIZE_SHIFT
+            stop = (((end_key - 1) >> (span - GRANULE_SHIFT)) + 1) << (span - GRANULE_SHIFT)
+        removed = range(first, stop)
+        if len(entries) == len(removed):
+            values = list(map(entries.__getitem__, removed)) if gather is not None else []
+            entries.clear()
+        else:
+            values = list(map(entries.pop, removed))
+        dirty = self.dirty
+        if len(dirty) < len(removed):
+            dirty.difference_update([k for k in dirty if first <= k < stop])
+        else:
+            dirty.difference_update(removed)
+        if gather is not None:
+            _gather_leaves(gather, first, values)
+        return len(removed) << GRANULE_SHIFT
 
     def iova_to_phys(self, iova: int) -> int:
         """The physical address of ``iova``, 0 when unmapped (generic_pt's answer)."""
@@ -213,48 +300,85 @@ class MockPageTable:
         leaf = self.leaf_at(end - 1)
         if leaf is not None:
             hi = (leaf[0] + (1 << leaf[1]) - 1) >> GRANULE_SHIFT
-        if hi - lo < len(self.dirty):
-            keys = [k for k in range(lo, hi + 1) if k in self.dirty]
-        else:
-            keys = sorted(k for k in self.dirty if lo <= k <= hi)
-        done_to = iova  # the walk has passed every IOVA below this
-        leaf_items = LEAF_ITEMS
-        append = runs.append
-        dirty = self.dirty
-        items_mask = (1 << ITEMS_LG2) - 1
-        for key in keys:
-            isz, contig = leaf_items[(entries[key] & SIZE_MASK) >> SIZE_SHIFT]
-            if not contig:  # a one-item leaf: the whole item, from where the walk enters it
-                start = key << GRANULE_SHIFT
-                va = start if start > iova else iova
-                if va < done_to:
-                    continue
-                done_to = start + (1 << isz)
-                append((va, 1 << isz))
-                if clear:
-                    dirty.discard(key)
-                    entries[key] &= ~ENTRY_DIRTY
-                continue
-            lg2 = isz + contig
-            start = (key << GRANULE_SHIFT) >> lg2 << lg2
+        keys = sorted(self.dirty)
+        keys = keys[bisect_left(keys, lo) : bisect_right(keys, hi)]
+        if not keys:
+            return runs
+        if _DIRTY is not None:
+            try:
+                got: list[tuple[int, int]] = _DIRTY.visit(
+                    entries, self.dirty, keys, iova, min(end, 1 << VASZ_LG2), clear
+                )
+            except ValueError:
+                pass  # a range the C loop does not take (nothing changed): the Python loop
+            else:
+                return got
+        return _visit_dirty(entries, self.dirty, keys, iova, end, clear)
+
+    def set_dirty_bits(self, iova: int, page_size: int, bitmap: bytes, nbits: int) -> int:
+        """:meth:`set_dirty` at ``iova + i * page_size`` for every set bit ``i`` < ``nbits`` of
+        ``bitmap`` (bit 0 of byte 0 first), in order; returns how many bits were set (mapped
+        there or not)."""
+        if _DIRTY is not None:
+            return int(
+                _DIRTY.set_dirty_bits(self.entries, self.dirty, iova, page_size, bitmap, nbits)
+            )
+        count = 0
+        for byte_index, byte in enumerate(bitmap[: (nbits + 7) >> 3]):
+            while byte:
+                low = byte & -byte
+                byte ^= low
+                bit = byte_index * 8 + low.bit_length() - 1
+                if bit >= nbits:
+                    break
+                self.set_dirty(iova + bit * page_size)
+                count += 1
+        return count
+
+
+def _visit_dirty(
+    entries: dict[int, int], dirty: set[int], keys: list[int], iova: int, end: int, clear: bool
+) -> list[tuple[int, int]]:
+    """generic_pt's read-and-clear over the leaves of the sorted dirty ``keys`` in
+    ``[iova, end)`` (``mock/_dirty.c``'s ``visit`` does the same in C)."""
+    runs: list[tuple[int, int]] = []
+    done_to = iova  # the walk has passed every IOVA below this
+    leaf_items = LEAF_ITEMS
+    append = runs.append
+    items_mask = (1 << ITEMS_LG2) - 1
+    for key in keys:
+        isz, contig = leaf_items[(entries[key] & SIZE_MASK) >> SIZE_SHIFT]
+        if not contig:  # a one-item leaf: the whole item, from where the walk enters it
+            start = key << GRANULE_SHIFT
             va = start if start > iova else iova
             if va < done_to:
-                continue  # a leaf already visited
-            done_to = start + (1 << lg2)
-            # record_dirty(): from the visited item to the leaf's last item, or to the
-            # walked range's end within this table, whichever comes first
-            item = va >> isz
-            index = item & items_mask
-            stop = index | ((1 << contig) - 1)
-            range_end = ((end - 1) >> isz) + 1 - (item - index)
-            if range_end < stop:
-                stop = range_end
-            if stop > index:
-                append((va, (stop - index) << isz))
+                continue
+            done_to = start + (1 << isz)
+            append((va, 1 << isz))
             if clear:
-                step = 1 << (isz - GRANULE_SHIFT)
-                for k in range(start >> GRANULE_SHIFT, done_to >> GRANULE_SHIFT, step):
-                    if k in dirty:
-                        dirty.discard(k)
-                        entries[k] &= ~ENTRY_DIRTY
-        return runs
+                dirty.discard(key)
+                entries[key] &= ~ENTRY_DIRTY
+            continue
+        lg2 = isz + contig
+        start = (key << GRANULE_SHIFT) >> lg2 << lg2
+        va = start if start > iova else iova
+        if va < done_to:
+            continue  # a leaf already visited
+        done_to = start + (1 << lg2)
+        # record_dirty(): from the visited item to the leaf's last item, or to the
+        # walked range's end within this table, whichever comes first
+        item = va >> isz
+        index = item & items_mask
+        stop = index | ((1 << contig) - 1)
+        range_end = ((end - 1) >> isz) + 1 - (item - index)
+        if range_end < stop:
+            stop = range_end
+        if stop > index:
+            append((va, (stop - index) << isz))
+        if clear:
+            step = 1 << (isz - GRANULE_SHIFT)
+            for k in range(start >> GRANULE_SHIFT, done_to >> GRANULE_SHIFT, step):
+                if k in dirty:
+                    dirty.discard(k)
+                    entries[k] &= ~ENTRY_DIRTY
+    return runs

@@ -578,18 +578,8 @@ def _dirty(ucmd: Ucmd, cmd: IommuTestCmd) -> None:
     if not mock.dirty_enabled:
         raise err(errno.EINVAL, "dirty tracking is not enabled on this domain")
     failpoint("selftest.dirty_alloc")  # kvzalloc of the bitmap copy
-    bitmap = bytearray(ucmd.caller.read(args.uptr, -(-nbits // 8)))
-    if nbits % 8:
-        bitmap[-1] &= (1 << (nbits % 8)) - 1
-    count = 0
-    for byte_index, byte in enumerate(bitmap):
-        while byte:
-            low = byte & -byte
-            byte ^= low
-            bit = byte_index * 8 + low.bit_length() - 1
-            mock.pt.set_dirty(iova + bit * page_size)
-            count += 1
-    args.out_nr_dirty = count
+    bitmap = ucmd.caller.read(args.uptr, -(-nbits // 8))
+    args.out_nr_dirty = mock.pt.set_dirty_bits(iova, page_size, bitmap, nbits)
     args.store(cmd)
     ucmd.respond()
 
