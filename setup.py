@@ -41,9 +41,13 @@ LOCKCALL = Extension(
 
 # The LD_PRELOAD library of `iommufd-model run` (plain C, no Python API): built as an extension
 # so that normal and editable installs both put it in the package, always (gcc only).
+# The run's spin page (a header of the preload's and the server's, run/spin_page.h).
+SPIN_PAGE_H = "framework/iommufd_model/run/spin_page.h"
+
 PRELOAD = Extension(
     "iommufd_model.run._preload",
     sources=["framework/iommufd_model/run/preload.c"],
+    depends=[SPIN_PAGE_H],
     extra_compile_args=["-O2", "-Wall", "-fvisibility=default"],
 )
 
@@ -51,6 +55,7 @@ PRELOAD = Extension(
 UACCESS = Extension(
     "iommufd_model.run._uaccess",
     sources=["framework/iommufd_model/run/_uaccess.c"],
+    depends=[SPIN_PAGE_H],
     extra_compile_args=["-O2", "-Wall"],
 )
 
@@ -89,7 +94,8 @@ built = [(HERE / source, source[len("framework/iommufd_model/") : -3]) for sourc
 built = built if MYPYC else []
 for ext in C_EXTENSIONS:
     module = ext.name.removeprefix("iommufd_model.").replace(".", "/")
-    built += [(HERE / source, module) for source in ext.sources]
+    # a header the extension includes is one of its sources to the stamp
+    built += [(HERE / source, module) for source in [*ext.sources, *ext.depends]]
 compiled.write_stamp(PACKAGE, built)
 
 setup(ext_modules=[*C_EXTENSIONS, *MYPYC])

@@ -52,7 +52,8 @@ def cc(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str], Path]:
     if shutil.which("gcc") is None:
         pytest.skip("gcc is not installed")
     out = tmp_path_factory.mktemp("cprog")
-    include = [f"-I{Path(__file__).parent / 'c'}"]
+    # the programs' helpers, and the runner's own headers (run/spin_page.h)
+    include = [f"-I{Path(__file__).parent / 'c'}", f"-I{REPO / 'framework/iommufd_model/run'}"]
 
     def build(name: str, source: str) -> Path:
         src = out / f"{name}.c"

@@ -25,6 +25,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "spin_page.h"
+
 #ifndef SYS_pidfd_open
 #define SYS_pidfd_open 434
 #endif
@@ -264,20 +266,10 @@ static PyObject *fd_ident(PyObject *self, PyObject *const *args, Py_ssize_t narg
 
 /* -- the server's wait ---------------------------------------------------------------------
  *
- * The model's own design, the server's half of preload.c's recv_reply (read that first): the
- * wait for the next event spins (epoll_wait with no timeout, yielding the CPU at every turn)
- * before it sleeps, when the program's last request came from another CPU than this one; the
- * budget adapts as the program's does. The spin page's layout is preload.c's. */
-struct spin_page {
-	uint32_t server_cpu;
-	uint32_t pad0[15];
-	uint32_t client_cpu;
-	uint32_t pad1[15];
-	int64_t spin_until;
-};
-
-#define SPIN_CPU_UNKNOWN UINT32_MAX
-
+ * The model's own design, the server's half of preload.c's recv_reply (spin_page.h says why):
+ * the wait for the next event spins (epoll_wait with no timeout, yielding the CPU at every
+ * turn) before it sleeps, when the program's last request came from another CPU than this
+ * one; the budget adapts as the program's does. */
 /* select.epoll.poll's limit on the events of one wait (FD_SETSIZE - 1) */
 #define WAIT_EVENTS 1023
 
@@ -326,17 +318,6 @@ static void Waiter_dealloc(Waiter *self)
 	if (self->page)
 		munmap(self->page, sizeof(struct spin_page));
 	Py_TYPE(self)->tp_free((PyObject *)self);
-}
-
-/* the next budget, as preload.c's spin_adapt */
-static int64_t waiter_adapt(const Waiter *w, int64_t budget, int64_t waited)
-{
-	if (waited <= w->max) {
-		budget = budget ? budget * 2 : w->max / 8;
-		return budget > w->max ? w->max : budget;
-	}
-	budget /= 2;
-	return budget < w->max / 8 ? 0 : budget;
 }
 
 PyDoc_STRVAR(Waiter_wait_doc, "wait(timeout) -> [(fd, events), ...]\n\n"
@@ -397,7 +378,7 @@ static PyObject *Waiter_wait(Waiter *self, PyObject *arg)
 			break;
 	}
 	if (start && !(spun && n > 0))
-		self->budget = waiter_adapt(self, spun ? self->budget : 0, now_ns() - start);
+		self->budget = spin_adapt(spun ? self->budget : 0, self->max, now_ns() - start);
 	Py_END_ALLOW_THREADS
 	if (err)
 		return NULL;

@@ -40,6 +40,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "spin_page.h"
+
 /* System call n with up to six arguments, as libc's syscall() makes it (-1 and errno on
  * failure), made here: the preload's own calls must not go through its syscall() below
  * (which keeps the table of model fds for programs calling libc's syscall()), and this is
@@ -160,27 +162,12 @@ static __thread pid_t ctl_pid;
 
 /* -- the wait for a reply: spin first, where the server runs on another CPU ------------------
  *
- * The model's own design. A request is a synchronous round trip; where the program and the
- * server run on different CPUs and the waiting side blocks, its CPU goes idle, and waking an
- * idle CPU costs far more than the request (a halted virtual CPU: tens of microseconds). So
- * the waiting side first polls for a while (adaptive, like the kernel's cpuidle haltpoll
- * governor: the budget doubles when a reply came soon after the spin gave up, halves when the
- * wait was long anyway), yielding its CPU at every turn. Both sides read the run's spin page
- * (IOMMUFD_MODEL_SPIN, created by the server, MAP_SHARED by every process of the run): where
- * the other side last ran on this very CPU, spinning would only take the CPU it needs, so
- * nobody spins; and at most one thread of the whole program spins at a time (spin_until is
- * its slot), so a multi-threaded program leaves the server a CPU. IOMMUFD_MODEL_SPIN_US is the
- * longest spin (default SPIN_MAX_US; 0: never spin). The layout is shared with the server's
- * waiter (_uaccess.c). */
-struct spin_page {
-	uint32_t server_cpu; /* the CPU the server last waited on (SPIN_CPU_UNKNOWN: none yet) */
-	uint32_t pad0[15];
-	uint32_t client_cpu; /* the CPU of the last request sent (SPIN_CPU_UNKNOWN: none yet) */
-	uint32_t pad1[15];
-	int64_t spin_until; /* CLOCK_MONOTONIC ns: the spinning thread's deadline, 0 when none */
-};
-#define SPIN_MAX_US 100
-#define SPIN_CPU_UNKNOWN UINT32_MAX
+ * The model's own design (spin_page.h says why). The thread waiting for a reply polls for it
+ * first, yielding its CPU at every turn, unless the server last ran on this very CPU, and
+ * only while no other thread of the program spins (spin_until is the slot: a multi-threaded
+ * program leaves the server a CPU). Its budget adapts (spin_adapt). IOMMUFD_MODEL_SPIN names
+ * the page (created by the server, MAP_SHARED by every process of the run);
+ * IOMMUFD_MODEL_SPIN_US is the longest spin (default SPIN_MAX_US; 0: never spin). */
 static struct spin_page *spin_page;
 static int64_t spin_max; /* ns */
 static __thread int64_t spin_budget = -1;
@@ -191,18 +178,6 @@ static int64_t now_ns(void)
 
 	clock_gettime(CLOCK_MONOTONIC, &t);
 	return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
-}
-
-/* The next spin budget after a wait of waited ns that a spin of budget ns (0: none) did not
- * end: a longer spin would have caught a short wait; a long one was worth sleeping through. */
-static int64_t spin_adapt(int64_t budget, int64_t waited)
-{
-	if (waited <= spin_max) {
-		budget = budget ? budget * 2 : spin_max / 8;
-		return budget > spin_max ? spin_max : budget;
-	}
-	budget /= 2;
-	return budget < spin_max / 8 ? 0 : budget;
 }
 
 static void spin_page_init(void)
@@ -265,7 +240,7 @@ static ssize_t recv_reply(int fd, struct msghdr *mh)
 		n = syscall(SYS_recvmsg, fd, mh, MSG_CMSG_CLOEXEC);
 	while (n < 0 && errno == EINTR);
 	if (start)
-		spin_budget = spin_adapt(spun ? spin_budget : 0, now_ns() - start);
+		spin_budget = spin_adapt(spun ? spin_budget : 0, spin_max, now_ns() - start);
 	if (n >= 0)
 		errno = saved;
 	return n;

@@ -4,14 +4,7 @@
 #define _GNU_SOURCE
 #include <sched.h>
 #include "prelude.h"
-
-struct spin_page {
-	uint32_t server_cpu;
-	uint32_t pad0[15];
-	uint32_t client_cpu;
-	uint32_t pad1[15];
-	int64_t spin_until;
-};
+#include "spin_page.h"
 
 int main(int argc, char **argv)
 {
