@@ -98,23 +98,37 @@ static int get_entry_obj(PyObject *entries, PyObject *key, int64_t *out)
 	return *out == -1 && PyErr_Occurred() ? -1 : 0;
 }
 
-static int append_run(PyObject *runs, int64_t va, int64_t size)
+/* the size object of the last run, reused while runs have that size (most runs of a walk do) */
+struct size_cache {
+	int64_t size;
+	PyObject *obj;
+};
+
+static int append_run(PyObject *runs, int64_t va, int64_t size, struct size_cache *sizes)
 {
 	PyObject *run = PyTuple_New(2);
-	PyObject *a, *b;
+	PyObject *a;
 	int rc;
 
 	if (!run)
 		return -1;
+	if (!sizes->obj || sizes->size != size) {
+		Py_XDECREF(sizes->obj);
+		sizes->size = size;
+		sizes->obj = PyLong_FromLongLong(size);
+		if (!sizes->obj) {
+			Py_DECREF(run);
+			return -1;
+		}
+	}
 	a = PyLong_FromLongLong(va);
-	b = a ? PyLong_FromLongLong(size) : NULL;
-	if (!b) {
-		Py_XDECREF(a);
+	if (!a) {
 		Py_DECREF(run);
 		return -1;
 	}
+	Py_INCREF(sizes->obj);
 	PyTuple_SET_ITEM(run, 0, a);
-	PyTuple_SET_ITEM(run, 1, b);
+	PyTuple_SET_ITEM(run, 1, sizes->obj);
 	rc = PyList_Append(runs, run);
 	Py_DECREF(run);
 	return rc;
@@ -128,6 +142,7 @@ static int append_run(PyObject *runs, int64_t va, int64_t size)
 static PyObject *visit(PyObject *self, PyObject *args)
 {
 	PyObject *entries, *dirty, *keys, *runs;
+	struct size_cache sizes = { 0, NULL };
 	long long iova_arg, end_arg;
 	int clear;
 	int64_t iova, end, done_to;
@@ -176,7 +191,7 @@ static PyObject *visit(PyObject *self, PyObject *args)
 			if (va < done_to)
 				continue;
 			done_to = start + (1LL << isz);
-			if (append_run(runs, va, 1LL << isz) < 0)
+			if (append_run(runs, va, 1LL << isz, &sizes) < 0)
 				goto fail;
 			if (clear && mark_obj(entries, dirty, key_obj, entry, 0) < 0)
 				goto fail;
@@ -194,7 +209,7 @@ static PyObject *visit(PyObject *self, PyObject *args)
 		range_end = ((end - 1) >> isz) + 1 - (item - index);
 		if (range_end < stop)
 			stop = range_end;
-		if (stop > index && append_run(runs, va, (stop - index) << isz) < 0)
+		if (stop > index && append_run(runs, va, (stop - index) << isz, &sizes) < 0)
 			goto fail;
 		if (!clear)
 			continue;
@@ -214,8 +229,10 @@ static PyObject *visit(PyObject *self, PyObject *args)
 				goto fail;
 		}
 	}
+	Py_XDECREF(sizes.obj);
 	return runs;
 fail:
+	Py_XDECREF(sizes.obj);
 	Py_DECREF(runs);
 	return NULL;
 }
