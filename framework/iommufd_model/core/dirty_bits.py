@@ -15,27 +15,12 @@ non-zero bytes here is one group (:func:`byte_groups`).
 
 from __future__ import annotations
 
-import importlib
-import os
 import re
-from types import ModuleType
 
 from iommufd_model.hw import compiled
 
-
-def _module() -> ModuleType | None:
-    """``core/_dirty_bits.c``, or None in a pure build (``IOMMUFD_MODEL_PURE=1`` at install
-    or run time) or a stale one."""
-    if os.environ.get(compiled.PURE_ENV) == "1":
-        return None
-    try:
-        compiled.check_fresh("iommufd_model.core._dirty_bits")
-        return importlib.import_module("iommufd_model.core._dirty_bits")
-    except ImportError:
-        return None
-
-
-_C = _module()
+#: ``core/_dirty_bits.c``, or None: :func:`_span_bits` does the same
+_C = compiled.load_c_helper("iommufd_model.core._dirty_bits")
 _U64 = (1 << 64) - 1
 _NONZERO = re.compile(rb"[^\x00]+")
 

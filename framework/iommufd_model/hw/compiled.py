@@ -153,3 +153,17 @@ def load_walker(name: str) -> ModuleType:
     if os.environ.get(PURE_ENV) == "1":
         return load_pure(name)
     return importlib.import_module(name)
+
+
+def load_c_helper(name: str) -> ModuleType | None:
+    """A plain-C extension that speeds up Python code which runs without it (``mock/_dirty.c``,
+    ``core/_dirty_bits.c``): None in a pure build (``IOMMUFD_MODEL_PURE=1`` at install or run
+    time), when it is not built, or when its package's build is stale (then the Python code
+    runs, rather than an old build)."""
+    if os.environ.get(PURE_ENV) == "1":
+        return None
+    try:
+        check_fresh(name)
+        return importlib.import_module(name)
+    except ImportError:
+        return None

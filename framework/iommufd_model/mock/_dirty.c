@@ -1,8 +1,8 @@
 /*
  * The mock page table's dirty loops in C (the model's own code; mock/iommupt.py holds the
  * table, the rules and the pure-Python loops these mirror step for step, which run when this
- * extension is not built: tests/core/test_mock_dirty_compiled.py compares the two on random
- * tables).
+ * extension is not built: tests/core/test_mock_iommupt.py compares both with a literal
+ * per-leaf table on random tables).
  *
  * The table is the dict ``entries`` (2 KiB page number -> pa | R/W | D | size log2 << 3) and
  * the set ``dirty`` of the keys whose D bit is set. The kernel's selftest marks and reads

@@ -40,12 +40,9 @@ at once; the dirty loops (read-and-clear's visit of the dirty leaves, the DIRTY 
 from __future__ import annotations
 
 import errno
-import importlib
-import os
 from bisect import bisect_left, bisect_right
 from itertools import filterfalse, repeat
 from operator import and_
-from types import ModuleType
 from typing import TYPE_CHECKING
 
 from iommufd_model.errors import err
@@ -55,20 +52,8 @@ if TYPE_CHECKING:
     from iommufd_model.paging import IotlbGather
 
 
-def _dirty_module() -> ModuleType | None:
-    """``mock/_dirty.c`` (the dirty loops in C), or None in a pure build
-    (``IOMMUFD_MODEL_PURE=1`` at install or run time) or a stale one: the Python loops
-    below then do the same."""
-    if os.environ.get(compiled.PURE_ENV) == "1":
-        return None
-    try:
-        compiled.check_fresh("iommufd_model.mock._dirty")
-        return importlib.import_module("iommufd_model.mock._dirty")
-    except ImportError:
-        return None
-
-
-_DIRTY = _dirty_module()
+#: ``mock/_dirty.c`` (the dirty loops in C), or None: the Python loops below do the same
+_DIRTY = compiled.load_c_helper("iommufd_model.mock._dirty")
 
 
 GRANULE_SHIFT = 11  # PT_GRANULE_LG2SZ of the mock variant
