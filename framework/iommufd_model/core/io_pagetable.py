@@ -154,41 +154,49 @@ class Area:
 
 @attrs.frozen
 class DirectWindow:
-    """How :meth:`IoPagetable.access_rw` copies through one area of user pages for the
-    process ``current`` (:meth:`DirectWindow.of`), for a caller that repeats such copies
-    without the model (run/_fastrw.c): IOVAs ``[first, last]`` are ``src``'s bytes from
-    ``va`` on. With ``direct``, a copy without ``ACCESS_RW_SLOW_PATH`` goes through them
-    whatever its range (``copy_to_user``: the caller's own mm); with ``page``, a copy
-    within one page goes through them (``iopt_pages_rw_page()``: a live mm, pinned for the
-    copy). Anything else takes the pinned pages. Reads need ``readable``, writes
-    ``writable`` (the area's prot, and the pages' for a write)."""
+    """How :meth:`IoPagetable.access_rw` copies through one area for the process
+    ``current`` (:meth:`DirectWindow.of`), for a caller that repeats such copies without
+    the model (run/_fastrw.c): IOVAs ``[first, last]`` are bytes ``start_byte`` on of
+    ``pages``, which are ``src``'s bytes from ``va`` on for user pages. With ``direct``, a
+    copy without ``ACCESS_RW_SLOW_PATH`` goes through them whatever its range
+    (``copy_to_user``: the caller's own mm); with ``page``, a copy within one page goes
+    through them (``iopt_pages_rw_page()``: a live mm, pinned for the copy). Anything else
+    takes the pinned pages (``iopt_pages_rw_slow()``: a memfd's pages, a gone mm, another
+    mm across a page boundary, ``ACCESS_RW_SLOW_PATH``), whose PFNs
+    :meth:`Pages.pinned_pfns` gives. Reads need ``readable``, writes ``writable`` (the
+    area's prot, and the pages' for a write)."""
 
     first: int
     last: int
-    src: Process
+    src: Process | None
     va: int
     readable: bool
     writable: bool
     direct: bool
     page: bool
+    pages: Pages
+    start_byte: int
 
     @classmethod
     def of(cls, area: Area, current: Process) -> DirectWindow | None:
-        """The window of ``area`` for ``current``; None for pages no copy reaches through
-        a process (a memfd, a gone mm)."""
+        """The window of ``area`` for ``current``; None for a dma-buf's pages, which no
+        CPU copy reaches (``iopt_pages_rw_access()`` refuses them)."""
         pages = area.pages
-        src = pages.proc
-        if src is None or pages.memfile is not None or src.gone:
+        if pages.is_dmabuf:
             return None
+        src = pages.proc
+        user = src is not None and pages.memfile is None
         return cls(
             area.iova,
             area.last,
             src,
-            pages.base + area.start_byte,
+            pages.base + area.start_byte if user else 0,
             readable=bool(area.prot & IOMMU_READ),
             writable=bool(area.prot & IOMMU_WRITE) and pages.writable,
-            direct=pages.direct_source(0, current) is current,
-            page=True,
+            direct=user and pages.direct_source(0, current) is current,
+            page=user and src is not None and not src.gone,
+            pages=pages,
+            start_byte=area.start_byte,
         )
 
 

@@ -388,6 +388,13 @@ class Pages:
             raise err(errno.EINVAL, "pages not pinned")
         return got
 
+    def pinned_pfns(self, first: int, last: int) -> list[int]:
+        """PFNs of indexes ``[first, last]`` (clipped to the pages), 0 where not pinned."""
+        first, last = max(first, 0), min(last, self.npages - 1)
+        if self._pfns is None:
+            return [0] * max(last - first + 1, 0)
+        return self._pfns[first : last + 1]
+
     def pfn(self, index: int) -> int | None:
         """PFN of ``index`` if it is pinned, else None."""
         if self._pfns is None or not 0 <= index < self.npages:

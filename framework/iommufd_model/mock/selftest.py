@@ -500,11 +500,13 @@ def _access_rw(ucmd: Ucmd, cmd: IommuTestCmd) -> None:
 @attrs.frozen
 class DirectAccessRw:
     """What :func:`access_rw_fast` did, for a caller that repeats it (run/_fastrw.c): an
-    ACCESS_RW on access fd ``fd`` (the file ``file``) copied through one area, whose
-    ``window`` says which later requests copy the same way (None: none)."""
+    ACCESS_RW on access fd ``fd`` (the file ``file``) at ``iova`` copied through one area,
+    whose ``window`` says how later requests inside it copy (None: no caller may repeat
+    them)."""
 
     fd: int
     file: AccessFile
+    iova: int
     window: DirectWindow | None
 
 
@@ -553,7 +555,7 @@ def access_rw_fast(ictx: IommuFd, data: bytes, caller: Process) -> DirectAccessR
         out = area.pages.rw_access(start, length, flags, caller)
         assert out is not None
         caller.write(uptr, out)
-    return DirectAccessRw(fd, f, DirectWindow.of(area, caller))
+    return DirectAccessRw(fd, f, iova, DirectWindow.of(area, caller))
 
 
 def _set_temp_memory_limit(ucmd: Ucmd, cmd: IommuTestCmd) -> None:

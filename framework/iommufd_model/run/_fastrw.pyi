@@ -1,7 +1,10 @@
 """Types of the C extension ``_fastrw.c`` (the run server's compiled ACCESS_RW short path)."""
 
+from collections.abc import Callable
+
 class Table:
     served: int
+    served_frames: int
     def __init__(
         self,
         *,
@@ -15,6 +18,10 @@ class Table:
         rw_write: int,
         rw_slow: int,
         max_length: int,
+        frames: dict[int, object] | None = None,
+        memory: object = None,
+        acquire: Callable[[], object] | None = None,
+        release: Callable[[], object] | None = None,
     ) -> None: ...
     def serve(self, conn_fd: int, /) -> bytes | bool: ...
     def learn(
@@ -34,6 +41,9 @@ class Table:
         writable: bool,
         direct: bool,
         page: bool,
+        start_byte: int,
+        frame_first: int,
+        frames: bytes,
         /,
     ) -> None: ...
     def invalidate(self) -> None: ...

@@ -43,6 +43,8 @@ HUGE_PAGES = 512
 #: frames of an ordinary memfd come in physically contiguous runs of this many pages: the
 #: IOMMU maps a run in one call, and a run shorter than a huge page never forms one
 SMALL_RUN = HUGE_PAGES - 1
+#: where a frame's bytes live in the program (:meth:`Mirrors.where`)
+MIRROR_NONE, MIRROR_ANON, MIRROR_FILE = 0, 1, 2
 
 
 class MmioDevice(Protocol):
@@ -122,6 +124,18 @@ class Mirrors:
         elif isinstance(src, _FileSource) and src.file._pfns.get(src.index) != pfn:
             return None
         return src
+
+    def where(self, pfn: int) -> tuple[int, int, int]:
+        """Where :meth:`pull` and :meth:`push` reach the bytes of frame ``pfn`` now, for a
+        caller that repeats them without Python (run/_fastrw.c): ``(MIRROR_ANON, pid, va)``
+        of the page in a process, ``(MIRROR_FILE, fd, pos)`` of the page in a file (the
+        server's own descriptor), or ``(MIRROR_NONE, 0, 0)``: the frame is its own."""
+        src = self._live(pfn)
+        if isinstance(src, _AnonSource):
+            return MIRROR_ANON, src.proc.pid, src.vpn << PAGE_SHIFT
+        if isinstance(src, _FileSource):
+            return MIRROR_FILE, src.file.fd, src.index << PAGE_SHIFT
+        return MIRROR_NONE, 0, 0
 
     def pull(self, pfns: list[int], offset: int = 0, length: int = -1) -> None:
         """Refresh bytes ``[offset, offset+length)`` of a run of frames (all of them when

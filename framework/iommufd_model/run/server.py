@@ -195,7 +195,9 @@ class Server:
         self.internal_errors: list[str] = []
         # the compiled ACCESS_RW short path (run/fastrw.py), None when off or not built
         self._short = fastrw.enabled()
-        self._fastrw = fastrw.make_table(OP_IOCTL, REQ.size, MIN_READ) if self._short else None
+        self._fastrw = (
+            fastrw.make_table(OP_IOCTL, REQ.size, MIN_READ, machine.memory) if self._short else None
+        )
 
     @property
     def requests(self) -> int:
@@ -449,16 +451,20 @@ class Server:
 
     def _learn(self, conn: Conn, file_id: int, done: object, proc: RealProcess) -> None:
         """Let the compiled table take this connection's next requests like the one just
-        served (an ACCESS_RW through the caller's own addresses), until the next event."""
+        served (an ACCESS_RW inside one area: through an mm's addresses or, for the pages
+        near it that are pinned, through their frames), until the next event."""
         if not isinstance(done, fastrw.DirectAccessRw) or done.window is None:
             return
         inode = next((mf.inode for mf in self.files.values() if mf.obj is done.file), None)
         if inode is None or self._fastrw is None:
             return
         w = done.window
+        src = w.src.pid if w.src is not None else 0
+        index, frames = fastrw.frame_records(w, done.iova, self.mirrors)
         self._fastrw.learn(
             conn.sock.fileno(), file_id, done.fd, inode[0], inode[1], proc.pid, proc.pidfd,
-            w.src.pid, w.first, w.last, w.va, w.readable, w.writable, w.direct, w.page,
+            src, w.first, w.last, w.va, w.readable, w.writable, w.direct, w.page,
+            w.start_byte, index, frames,
         )  # fmt: skip
 
     def _proc(self, conn: Conn) -> RealProcess:
