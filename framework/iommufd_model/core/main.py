@@ -104,7 +104,13 @@ class IommuFd(TypedCalls):
         Returns the ioctl's value: 0 for iommufd's commands; the VFIO compat commands
         (core/vfio_compat.py) return theirs, and some take an ``int`` argument instead.
         """
-        return int(self._guard(lambda: self._ioctl(cmd, buf, caller or self.proc)))
+        # _guard's rules, without its closure: this is every command's path
+        try:
+            return self._ioctl(cmd, buf, caller or self.proc)
+        except OSError:
+            raise
+        except Exception as exc:
+            raise self._internal(exc) from exc
 
     def fast_ioctl(self, cmd: int, struct: bytes, caller: Process) -> object:
         """Serve ``ioctl(cmd)`` whose struct is ``struct`` (the user's bytes, read whole) by the
@@ -130,22 +136,27 @@ class IommuFd(TypedCalls):
             # iommufd_fops_ioctl(): numbers outside iommufd's table go to the VFIO
             # container compatibility layer, which answers ENOTTY for what it lacks.
             return vfio_ioctl(self, cmd, buf, caller)
-        if not isinstance(buf, (bytearray, memoryview)) or (
-            isinstance(buf, memoryview) and buf.readonly
+        if type(buf) is not bytearray and (
+            not isinstance(buf, (bytearray, memoryview))
+            or (isinstance(buf, memoryview) and buf.readonly)
         ):
             raise err(errno.EFAULT, "ioctl argument must be a writable buffer")
         if len(buf) < 4:
             raise err(errno.EFAULT, "ioctl argument shorter than its size field")
-        user_size = int.from_bytes(bytes(buf[0:4]), "little")
+        user_size = int.from_bytes(buf[0:4], "little")
         if user_size < op.min_size:
             raise err(errno.EINVAL, f"size {user_size} below minimum {op.min_size}")
         if user_size > len(buf):
             raise err(errno.EFAULT, f"size {user_size} runs past the {len(buf)}-byte buffer")
-        ksize = op.struct.SIZE
-        if user_size > ksize and any(bytes(buf[ksize:user_size])):
+        struct = op.struct
+        ksize = struct.SIZE
+        if user_size > ksize and any(buf[ksize:user_size]):
             raise err(errno.E2BIG, "non-zero bytes past the struct the model understands")
-        data = bytes(buf[: min(user_size, ksize)]).ljust(ksize, b"\0")
-        ucmd = Ucmd(self, op.struct.unpack(data), buf, user_size, caller)
+        if user_size >= ksize:
+            decoded = struct.unpack_from(buf)
+        else:
+            decoded = struct.unpack_from(bytes(buf[:user_size]).ljust(ksize, b"\0"))
+        ucmd = Ucmd(self, decoded, buf, user_size, caller)
         op.handler(ucmd)
         return ucmd.retval
 
@@ -195,10 +206,15 @@ class IommuFd(TypedCalls):
         except OSError:
             raise
         except Exception as exc:
-            if strict_mode():
-                raise
-            self.internal_errors.append(exc)
-            raise err(errno.EIO, f"internal model error: {type(exc).__name__}: {exc}") from exc
+            raise self._internal(exc) from exc
+
+    def _internal(self, exc: Exception) -> Exception:
+        """What a model bug ``exc`` leaves the uAPI as: itself in strict mode, else EIO
+        (recorded in ``internal_errors``)."""
+        if strict_mode():
+            return exc
+        self.internal_errors.append(exc)
+        return err(errno.EIO, f"internal model error: {type(exc).__name__}: {exc}")
 
     # -- teardown -------------------------------------------------------------------------
     def release(self) -> None:

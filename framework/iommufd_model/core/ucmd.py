@@ -65,9 +65,11 @@ class IoctlOp:
     last: str  # the last mandatory field: min_size = offsetofend(struct, last)
     handler: Handler
 
-    @property
-    def min_size(self) -> int:
-        return self.struct.offsetofend(self.last)
+    #: ``offsetofend(struct, last)``: a smaller user ``size`` is EINVAL
+    min_size: int = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "min_size", self.struct.offsetofend(self.last))
 
 
 #: The command table, by ioctl number (``iommufd_ioctl_ops``).

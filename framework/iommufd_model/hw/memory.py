@@ -20,6 +20,7 @@ import errno
 import importlib
 import os
 from collections import deque
+from collections.abc import Iterable
 from types import ModuleType
 from typing import Protocol
 
@@ -245,6 +246,12 @@ class PhysicalMemory:
     def get_frame(self, pfn: int) -> None:
         """Take another reference on an allocated frame."""
         self._refs[pfn] += 1
+
+    def get_frames(self, pfns: Iterable[int]) -> None:
+        """:meth:`get_frame` of each of ``pfns`` (a pin of many pages)."""
+        refs = self._refs
+        for pfn in pfns:
+            refs[pfn] += 1
 
     def put_frame(self, pfn: int) -> None:
         """Drop a reference; the frame is zeroed and freed when none are left."""

@@ -88,13 +88,14 @@ class MmioWindow:
         return left
 
 
-@attrs.frozen
+# (mutable records only because attrs makes those faster: one is made per page pinned)
+@attrs.define
 class _AnonSource:
     proc: RealProcess
     vpn: int
 
 
-@attrs.frozen
+@attrs.define
 class _FileSource:
     file: RealMemFile
     index: int
@@ -318,10 +319,23 @@ class RealMemFile(MemFile):
         """:meth:`mapped_pfn` of pages ``first`` .. ``first + count - 1``: one lookup of the
         whole run when every page has its frame and mapping reference already."""
         indexes = range(first, first + count)
-        got = list(map(self._pfns.get, indexes))
-        if None in got or not self._mapped.issuperset(indexes):
-            return [self.mapped_pfn(i) for i in indexes]
-        return got  # type: ignore[return-value]
+        pfns, mapped = self._pfns, self._mapped
+        got = list(map(pfns.get, indexes))
+        if None not in got and mapped.issuperset(indexes):
+            return got  # type: ignore[return-value]
+        if first < 0 or (first + count - 1) << PAGE_SHIFT >= self.size:
+            return [self.mapped_pfn(i) for i in indexes]  # EFAULT where the file ends
+        # Within the file: what mapped_pfn() of each page in turn does, in bulk. Frames are
+        # made in page order as there (the first page of a run makes the whole run), then
+        # the pages not mapped yet take their mapping reference.
+        for i in indexes:
+            if i not in pfns:
+                self.pfn(i)
+        out = [pfns[i] for i in indexes]
+        new = [k for k, i in enumerate(indexes) if i not in mapped]
+        self.memory.get_frames(out[k] for k in new)
+        mapped.update(first + k for k in new)
+        return out
 
     def pinned(self) -> bool:
         """Some page of the file holds more than the file's and the mappings' references."""
@@ -591,9 +605,7 @@ class RealProcess(Process):
             else:
                 pfns += [self._translate(v << PAGE_SHIFT) for v in vpns]
             pos = stop
-        get = self.memory.get_frame
-        for pfn in pfns:
-            get(pfn)
+        self.memory.get_frames(pfns)
         return pfns
 
     def new_request(self) -> None:

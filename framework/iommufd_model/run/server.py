@@ -40,7 +40,7 @@ from typing import Any
 import attrs
 
 from iommufd_model.core.eventq import EventFile, Fault, Veventq
-from iommufd_model.core.main import IommuFd
+from iommufd_model.core.main import FAST_OPS, IommuFd
 from iommufd_model.core.vfio_compat import (
     VFIO_CHECK_EXTENSION,
     VFIO_GET_API_VERSION,
@@ -391,7 +391,13 @@ class Server:
         if inline and int.from_bytes(data[REQ.size : REQ.size + 4], "little") > MIN_READ:
             inline = False  # a larger struct: _read_struct reads it whole
         self._inline = data[REQ.size :] if inline else b""
-        if op == OP_IOCTL and self._inline and self._short and self._fast_ioctl(conn, a):
+        if (
+            op == OP_IOCTL
+            and a[1] in FAST_OPS
+            and self._inline
+            and self._short
+            and self._fast_ioctl(conn, a)
+        ):
             return
         self._reply_body = b""
         self._reply_at = 0

@@ -7,8 +7,10 @@ raw-bytes dispatcher can never disagree about a layout.
 
 from __future__ import annotations
 
+import operator
 import struct
-from typing import Any, ClassVar, TypeVar, cast
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
 
 import attrs
 
@@ -63,6 +65,8 @@ class UStruct:
 
     _layout: ClassVar[struct.Struct]
     _offsets: ClassVar[dict[str, tuple[int, int]]]
+    #: the fields' values in C order, as a tuple (what ``pack`` packs)
+    _values: ClassVar[Callable[[Any], tuple[Any, ...]]]
     SIZE: ClassVar[int]
 
     @classmethod
@@ -80,8 +84,13 @@ class UStruct:
         values = cls._layout.unpack(bytes(data[: cls.SIZE]))
         return cls(*values)
 
+    @classmethod
+    def unpack_from(cls: type[S], data: bytes | bytearray | memoryview) -> S:
+        """Decode the first ``SIZE`` bytes of ``data`` (at least that long)."""
+        return cls(*cls._layout.unpack_from(data))
+
     def pack(self) -> bytes:
-        return self._layout.pack(*attrs.astuple(cast(Any, self), recurse=False))
+        return self._layout.pack(*type(self)._values(self))
 
 
 T = TypeVar("T", bound=type)
@@ -109,6 +118,11 @@ def ustruct(cls: T) -> T:
     if pos % 8 and any(f.metadata["ctype"] == "u64" for f in attrs.fields(cls)):
         raise TypeError(f"{cls.__name__} needs tail padding to 8 bytes")
     layout = struct.Struct(fmt)
+    names = [f.name for f in attrs.fields(cls)]
+    # (a staticmethod: a plain function would bind to the instance)
+    cls._values = staticmethod(  # type: ignore[attr-defined]
+        operator.attrgetter(*names) if len(names) > 1 else lambda obj: (getattr(obj, names[0]),)
+    )
     cls._layout = layout  # type: ignore[attr-defined]
     cls._offsets = offsets  # type: ignore[attr-defined]
     cls.SIZE = layout.size  # type: ignore[attr-defined]
