@@ -16,7 +16,9 @@
  * program (run/process.py Mirrors.where). `serve` then takes the next request of that
  * connection itself when it is such a request inside the window: it checks that the fd
  * number still names the same access file (pidfd_getfd + fstat: an fd closed and reused
- * names another file, and the request goes back to Python), makes the copies the general
+ * names another file, and the request goes back to Python; not asked again while the
+ * request carries the caller's fd generation of the last check, preload.c
+ * fd_generation(): the same fd table), makes the copies the general
  * path makes and replies. Through an mm's addresses: the user's buffer through the caller,
  * the area's bytes through the backing process (process_vm_readv/writev). Through the
  * pinned pages, under the model lock, as Pages.copy_out/copy_in do with frames that are
@@ -90,6 +92,7 @@ struct entry {
 	uint64_t file_id; /* the iommufd's model file (the request's a[0]) */
 	uint32_t access_fd;
 	uint64_t dev, ino; /* the access file's identity */
+	uint64_t fd_gen; /* the caller's fd generation when that was last checked (0: none) */
 	int pid, pidfd; /* the caller */
 	int src_pid; /* the process whose addresses back the area */
 	uint64_t first, last; /* the area's IOVA window */
@@ -106,7 +109,7 @@ struct entry {
 typedef struct {
 	PyObject_HEAD
 	uint64_t gen;
-	unsigned long long served, served_frames;
+	unsigned long long served, served_frames, checks;
 	/* the wire and uAPI numbers, from the server (run/fastrw.py) */
 	Py_ssize_t req_size, inline_size;
 	uint32_t op_ioctl, cmd_size_min, cmd_size_max, rw_op, rw_write, rw_slow;
@@ -311,7 +314,7 @@ static int try_serve(Table *t, struct entry *e, const unsigned char *req, int *e
 {
 	const unsigned char *cmd = req + t->req_size;
 	uint32_t op, size, top, id, flags;
-	uint64_t file_id, ioctl_cmd, iova, length, uptr, last, va;
+	uint64_t file_id, ioctl_cmd, fd_gen, iova, length, uptr, last, va;
 	unsigned char stack[STACK_COPY];
 	unsigned char *buf = stack;
 	struct stat st;
@@ -320,6 +323,7 @@ static int try_serve(Table *t, struct entry *e, const unsigned char *req, int *e
 	le32(req, &op);
 	le64(req + 8, &file_id);
 	le64(req + 16, &ioctl_cmd);
+	le64(req + 32, &fd_gen);
 	if (op != t->op_ioctl || file_id != e->file_id || ioctl_cmd != t->test_cmd)
 		return 1;
 	le32(cmd, &size);
@@ -347,14 +351,20 @@ static int try_serve(Table *t, struct entry *e, const unsigned char *req, int *e
 		     (e->page && va / PAGE == (va + length - 1) / PAGE);
 	if (!through_mm && (e->nframes == 0 || length > FRAMES_MAX * PAGE))
 		return 1;
-	/* fget(): the number must still name the access file learned */
-	fd = (int)syscall(SYS_pidfd_getfd, e->pidfd, (int)e->access_fd, 0U);
-	if (fd < 0)
-		return 1;
-	rc = fstat(fd, &st);
-	close(fd);
-	if (rc < 0 || (uint64_t)st.st_dev != e->dev || (uint64_t)st.st_ino != e->ino)
-		return 1;
+	/* fget(): the number must still name the access file learned. Unless the caller's fd
+	 * table is the one it was checked in (the same nonzero generation: preload.c), ask
+	 * the kernel. */
+	if (!fd_gen || fd_gen != e->fd_gen) {
+		fd = (int)syscall(SYS_pidfd_getfd, e->pidfd, (int)e->access_fd, 0U);
+		if (fd < 0)
+			return 1;
+		rc = fstat(fd, &st);
+		close(fd);
+		if (rc < 0 || (uint64_t)st.st_dev != e->dev || (uint64_t)st.st_ino != e->ino)
+			return 1;
+		e->fd_gen = fd_gen;
+		t->checks++;
+	}
 	if (length > STACK_COPY) {
 		buf = PyMem_RawMalloc(length);
 		if (buf == NULL)
@@ -418,11 +428,11 @@ static PyObject *serve(Table *t, PyObject *const *args, Py_ssize_t nargs)
 	return PyBool_FromLong(got == (ssize_t)sizeof(rep));
 }
 
-PyDoc_STRVAR(learn_doc, "learn(conn_fd, file_id, access_fd, dev, ino, pid, pidfd, src_pid, "
+PyDoc_STRVAR(learn_doc, "learn(conn_fd, file_id, access_fd, dev, ino, fd_gen, pid, pidfd, src_pid, "
 			"first, last, va, readable, writable, direct, page, start_byte, "
 			"frame_first, frames)\n\n"
 			"Let `serve` take the connection's ACCESS_RW requests on access_fd (the file "
-			"(dev, ino)) inside the IOVA window [first, last] (bytes start_byte on of its "
+			"(dev, ino) while the caller's fd generation is fd_gen) inside the IOVA window [first, last] (bytes start_byte on of its "
 			"pages), until the next `invalidate`: those Linux 7.2 copies through src_pid's "
 			"bytes from va (direct, page), and those it copies through the pinned pages "
 			"when `frames` (one \"<QIiQ\" record per page from index frame_first: pfn, "
@@ -431,13 +441,13 @@ PyDoc_STRVAR(learn_doc, "learn(conn_fd, file_id, access_fd, dev, ino, pid, pidfd
 static PyObject *learn(Table *t, PyObject *args)
 {
 	struct entry *n;
-	unsigned long long file_id, dev, ino, first, last, va, start_byte, frame_first;
+	unsigned long long file_id, dev, ino, fd_gen, first, last, va, start_byte, frame_first;
 	unsigned int access_fd;
 	int conn_fd, pid, pidfd, src_pid, readable, writable, direct, page;
 	Py_buffer frames;
 
-	if (!PyArg_ParseTuple(args, "iKIKKiiiKKKppppKKy*", &conn_fd, &file_id, &access_fd, &dev,
-			      &ino, &pid, &pidfd, &src_pid, &first, &last, &va, &readable,
+	if (!PyArg_ParseTuple(args, "iKIKKKiiiKKKppppKKy*", &conn_fd, &file_id, &access_fd, &dev,
+			      &ino, &fd_gen, &pid, &pidfd, &src_pid, &first, &last, &va, &readable,
 			      &writable, &direct, &page, &start_byte, &frame_first, &frames))
 		return NULL;
 	if (frames.len % (Py_ssize_t)sizeof(struct frame_rec) ||
@@ -458,6 +468,7 @@ static PyObject *learn(Table *t, PyObject *args)
 	n->access_fd = access_fd;
 	n->dev = dev;
 	n->ino = ino;
+	n->fd_gen = fd_gen;
 	n->pid = pid;
 	n->pidfd = pidfd;
 	n->src_pid = src_pid;
@@ -497,6 +508,12 @@ static PyObject *served_frames_get(Table *t, void *closure)
 	return PyLong_FromUnsignedLongLong(t->served_frames);
 }
 
+static PyObject *checks_get(Table *t, void *closure)
+{
+	(void)closure;
+	return PyLong_FromUnsignedLongLong(t->checks);
+}
+
 static int table_init(Table *t, PyObject *args, PyObject *kwds)
 {
 	static char *kw[] = { "req_size", "inline_size", "op_ioctl", "test_cmd", "cmd_size_min",
@@ -526,6 +543,7 @@ static int table_init(Table *t, PyObject *args, PyObject *kwds)
 	t->gen = 1;
 	t->served = 0;
 	t->served_frames = 0;
+	t->checks = 0;
 	t->req_size = req_size;
 	t->inline_size = inline_size;
 	t->op_ioctl = op_ioctl;
@@ -573,6 +591,8 @@ static PyGetSetDef table_getset[] = {
 	{ "served", (getter)served_get, NULL, "requests served here", NULL },
 	{ "served_frames", (getter)served_frames_get, NULL,
 	  "of which through the pinned pages (iopt_pages_rw_slow)", NULL },
+	{ "checks", (getter)checks_get, NULL,
+	  "access fd identities asked of the kernel (pidfd_getfd, fstat, close)", NULL },
 	{ NULL, NULL, NULL, NULL, NULL },
 };
 

@@ -5,6 +5,7 @@ from collections.abc import Callable
 class Table:
     served: int
     served_frames: int
+    checks: int
     def __init__(
         self,
         *,
@@ -31,6 +32,7 @@ class Table:
         access_fd: int,
         dev: int,
         ino: int,
+        fd_gen: int,
         pid: int,
         pidfd: int,
         src_pid: int,

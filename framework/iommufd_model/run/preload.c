@@ -346,9 +346,38 @@ __attribute__((constructor)) static void preload_init(void)
 #define FD_BUSY (1ULL << 48)
 static uint64_t fd_table[FD_TABLE];
 
+/* The process's fd generation (the model's own design): one word like an fd_table entry
+ * without the id, a version (bits 0-47) bumped by every change of any fd number (the same
+ * calls: fd_change) and the changes in progress (bits 48-63). Each ioctl request carries
+ * fd_generation(): the version when no change is in progress, else 0. Two moments that
+ * read the same nonzero value have the same fd table (as far as the calls above change it),
+ * so the server may take a check it made for one request carrying it (which fd number names
+ * which file) as true for the next one carrying it: run/_fastrw.c keeps the access fd's
+ * identity so, instead of asking the kernel again (docs/running-programs.md). */
+#define GEN_VMASK ((1ULL << 48) - 1)
+#define GEN_BUSY (1ULL << 48)
+static uint64_t fd_gen = 1;
+
+static void gen_change(int busy)
+{
+	uint64_t e = __atomic_load_n(&fd_gen, __ATOMIC_SEQ_CST), n;
+
+	do
+		n = ((e & ~GEN_VMASK) + (uint64_t)(int64_t)busy * GEN_BUSY) |
+		    (((e & GEN_VMASK) + 1) & GEN_VMASK);
+	while (!__atomic_compare_exchange_n(&fd_gen, &e, n, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST));
+}
+
+static uint64_t fd_generation(void)
+{
+	uint64_t e = __atomic_load_n(&fd_gen, __ATOMIC_SEQ_CST);
+
+	return e < GEN_BUSY ? e : 0;
+}
+
 /* Change fd's entry: add busy (+1, -1 or 0) to its closes in progress, bump its version and
  * drop its id. */
-static void fd_change(int fd, int busy)
+static void fd_entry_change(int fd, int busy)
 {
 	uint64_t e, n;
 
@@ -360,6 +389,15 @@ static void fd_change(int fd, int busy)
 		    (((e & FD_VMASK) + FD_VERSION) & FD_VMASK);
 	while (!__atomic_compare_exchange_n(&fd_table[fd], &e, n, 0, __ATOMIC_SEQ_CST,
 					    __ATOMIC_SEQ_CST));
+}
+
+/* fd_entry_change, and the process's fd generation likewise, whatever the number. */
+static void fd_change(int fd, int busy)
+{
+	if (fd < 0)
+		return;
+	gen_change(busy);
+	fd_entry_change(fd, busy);
 }
 
 /* fd is a new number (or its file is about to change): forget what it was. */
@@ -983,8 +1021,9 @@ int __close(int fd) __attribute__((alias("close")));
 /* Every number of [first, last] of the table, busy (delta 1) or done (-1). */
 static void fd_range(unsigned int first, unsigned int last, int delta)
 {
+	gen_change(delta); /* once for the range, numbers beyond the table too */
 	for (unsigned int fd = first; fd <= last && fd < FD_TABLE; fd++)
-		fd_change((int)fd, delta);
+		fd_entry_change((int)fd, delta);
 }
 
 int close_range(unsigned int first, unsigned int last, int flags)
@@ -1275,6 +1314,7 @@ int ioctl(int fd, unsigned long request, ...)
 	r.a[0] = (uint64_t)id;
 	r.a[1] = (uint32_t)request;
 	r.a[2] = arg;
+	r.a[3] = fd_generation(); /* read within the call: what fget() of a number in it sees */
 	/* The server reads INLINE_MAX bytes of the struct, and no more when its leading size
 	 * field says it fits: those bytes go with the request, straight from the struct, when
 	 * they are all readable (the server uses them only when the size fits). Anything else

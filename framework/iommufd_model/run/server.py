@@ -443,7 +443,7 @@ class Server:
             if done is None:
                 return False
             if self._fastrw is not None:
-                self._learn(conn, a[0], done, proc)
+                self._learn(conn, a[0], a[3], done, proc)
         except OSError as exc:
             error = exc.errno or errno.EIO
         self._requests += 1
@@ -455,10 +455,14 @@ class Server:
             self._drop_conn(conn)
         return True
 
-    def _learn(self, conn: Conn, file_id: int, done: object, proc: RealProcess) -> None:
+    def _learn(
+        self, conn: Conn, file_id: int, fd_gen: int, done: object, proc: RealProcess
+    ) -> None:
         """Let the compiled table take this connection's next requests like the one just
         served (an ACCESS_RW inside one area: through an mm's addresses or, for the pages
-        near it that are pinned, through their frames), until the next event."""
+        near it that are pinned, through their frames), until the next event. The access
+        fd named the file the request used while the caller's fd generation was ``fd_gen``
+        (the request's, preload.c: 0 for none)."""
         if not isinstance(done, fastrw.DirectAccessRw) or done.window is None:
             return
         inode = next((mf.inode for mf in self.files.values() if mf.obj is done.file), None)
@@ -468,7 +472,7 @@ class Server:
         src = w.src.pid if w.src is not None else 0
         index, frames = fastrw.frame_records(w, done.iova, self.mirrors)
         self._fastrw.learn(
-            conn.sock.fileno(), file_id, done.fd, inode[0], inode[1], proc.pid, proc.pidfd,
+            conn.sock.fileno(), file_id, done.fd, inode[0], inode[1], fd_gen, proc.pid, proc.pidfd,
             src, w.first, w.last, w.va, w.readable, w.writable, w.direct, w.page,
             w.start_byte, index, frames,
         )  # fmt: skip

@@ -4,7 +4,8 @@
  * outputs must be the same). Changes: an area unmapped and mapped again elsewhere in the
  * buffer, the access moved to another IOAS, the access fd's number taken by a pipe (a
  * non-model file: EBADFD; with another fd of the access kept open, so that nothing is
- * released) and then by the access again or a new one, the caller's memory unmapped
+ * released) and then by the access again or a new one, or by another access and back
+ * (dup2: no release, no request), another number closed, the caller's memory unmapped
  * under an area, and a forked child whose pages another area maps. Areas of every kind
  * Linux 7.2's iopt_pages_rw_access() tells apart: the caller's private pages, a live
  * child's (one page through its mm, more through the pinned pages), a gone child's
@@ -108,7 +109,7 @@ int main(int argc, char **argv)
 {
 	unsigned char *buf, *tmp, *child_buf, *gone_buf, *shared, *gone_shared, *mem;
 	uint32_t ioas[2];
-	int fd, access, now = 0, pipefd[2], mfd, shared_pages = 4;
+	int fd, access, access2, swapped = -1, now = 0, pipefd[2], mfd, shared_pages = 4;
 	uint64_t at_page = 0;
 	long n;
 	pid_t child;
@@ -171,6 +172,7 @@ int main(int argc, char **argv)
 		CHECK(read(to_parent[0], &c, 1) == 1);
 	}
 	access = create_access(fd, ioas[0]);
+	access2 = create_access(fd, ioas[1]);
 	for (long i = 0; i < n; i++) {
 		struct rw_cmd c = { .size = sizeof(c), .op = OP_ACCESS_RW, .id = (uint32_t)access };
 		uint64_t r = rnd(1000);
@@ -220,6 +222,18 @@ int main(int argc, char **argv)
 			CHECK(mmap(buf + at * PAGE, PAGE, PROT_READ | PROT_WRITE,
 				   MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) == buf + at * PAGE);
 			printf("remapped page %llu\n", (unsigned long long)at);
+		} else if (r < 14) { /* the number names another access (of the other IOAS) and
+				      * back, with no release: only the fd generation tells */
+			if (swapped < 0) {
+				swapped = fcntl(access, F_DUPFD, 200);
+				CHECK(swapped >= 0 && dup2(access2, access) == access);
+			} else {
+				CHECK(dup2(swapped, access) == access && close(swapped) == 0);
+				swapped = -1;
+			}
+			printf("swapped %d\n", swapped >= 0);
+		} else if (r < 17) { /* another number changes: a new generation, the same file */
+			CHECK(close(dup(0)) == 0);
 		} else if (r < 40) { /* the program writes its shared pages itself */
 			unsigned char *to = r < 20 ? shared : r < 30 ? mem : gone_shared;
 			uint64_t room = (to == shared ? (uint64_t)shared_pages : 4) * PAGE;
