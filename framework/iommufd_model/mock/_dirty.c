@@ -146,7 +146,7 @@ static PyObject *visit(PyObject *self, PyObject *args)
 	long long iova_arg, end_arg;
 	int clear;
 	int64_t iova, end, done_to;
-	Py_ssize_t i, n;
+	Py_ssize_t i, j, n;
 
 	if (!PyArg_ParseTuple(args, "O!O!O!LLp", &PyDict_Type, &entries, &PySet_Type, &dirty,
 			      &PyList_Type, &keys, &iova_arg, &end_arg, &clear))
@@ -213,19 +213,16 @@ static PyObject *visit(PyObject *self, PyObject *args)
 			goto fail;
 		if (!clear)
 			continue;
-		for (k = start >> GRANULE_SHIFT; k < done_to >> GRANULE_SHIFT;
-		     k += 1LL << (isz - GRANULE_SHIFT)) {
-			PyObject *ko = PyLong_FromLongLong(k);
-			int has;
+		/* the leaf's dirty items: this key and the next ones of ``keys`` inside it */
+		for (j = i; j < n; j++) {
+			PyObject *ko = PyList_GET_ITEM(keys, j);
 
-			if (!ko)
+			k = PyLong_AsLongLong(ko);
+			if (k >= done_to >> GRANULE_SHIFT)
+				break;
+			if (j > i && get_entry_obj(entries, ko, &entry) < 0)
 				goto fail;
-			has = PySet_Contains(dirty, ko);
-			Py_DECREF(ko);
-			if (has < 0)
-				goto fail;
-			if (has && (get_entry(entries, k, &entry) < 0 ||
-				    mark(entries, dirty, k, entry, 0) < 0))
+			if (mark_obj(entries, dirty, ko, entry, 0) < 0)
 				goto fail;
 		}
 	}

@@ -325,13 +325,17 @@ def _visit_dirty(
     entries: dict[int, int], dirty: set[int], keys: list[int], iova: int, end: int, clear: bool
 ) -> list[tuple[int, int]]:
     """generic_pt's read-and-clear over the leaves of the sorted dirty ``keys`` in
-    ``[iova, end)`` (``mock/_dirty.c``'s ``visit`` does the same in C)."""
+    ``[iova, end)`` (``mock/_dirty.c``'s ``visit`` does the same in C).
+
+    A leaf's D bits sit on the first entries of its items (:meth:`MockPageTable.set_dirty`)
+    and ``keys`` holds every dirty key of every leaf the walk reaches, so clearing a leaf
+    is clearing the keys from the one that reached it to the leaf's end."""
     runs: list[tuple[int, int]] = []
     done_to = iova  # the walk has passed every IOVA below this
     leaf_items = LEAF_ITEMS
     append = runs.append
     items_mask = (1 << ITEMS_LG2) - 1
-    for key in keys:
+    for at, key in enumerate(keys):
         isz, contig = leaf_items[(entries[key] & SIZE_MASK) >> SIZE_SHIFT]
         if not contig:  # a one-item leaf: the whole item, from where the walk enters it
             start = key << GRANULE_SHIFT
@@ -360,10 +364,10 @@ def _visit_dirty(
             stop = range_end
         if stop > index:
             append((va, (stop - index) << isz))
-        if clear:
-            step = 1 << (isz - GRANULE_SHIFT)
-            for k in range(start >> GRANULE_SHIFT, done_to >> GRANULE_SHIFT, step):
-                if k in dirty:
-                    dirty.discard(k)
-                    entries[k] &= ~ENTRY_DIRTY
+        if clear:  # the leaf's dirty items: this key and the next ones inside the leaf
+            j, stop_key = at, done_to >> GRANULE_SHIFT
+            while j < len(keys) and keys[j] < stop_key:
+                dirty.discard(keys[j])
+                entries[keys[j]] &= ~ENTRY_DIRTY
+                j += 1
     return runs
