@@ -12,8 +12,11 @@ ioctls, with a C reference. Figures only, no assertions.
   (FIONREAD on a pipe): what a syscall round trip costs with no model behind it.
 - ``c/access_rw.c``: the selftest's hot loop alone (IOMMU_TEST_OP_ACCESS_RW around a page
   boundary, reads and writes in turn), on the fast path and with MOCK_ACCESS_RW_SLOW_PATH,
-  and on the fast path with the server's short paths off (``IOMMUFD_MODEL_SHORT_PATHS=0``)
-  or without the spinning waits (``IOMMUFD_MODEL_SPIN_US=0``): CPU per request of the
+  the same with a mock domain attached first, so that the pages stay pinned (the selftest's
+  mock_domain variants: a request across the page boundary copies through the pinned pages
+  rather than pinning them), and on the fast and pinned paths with the server's short paths
+  off (``IOMMUFD_MODEL_SHORT_PATHS=0``) or on the fast path without the spinning waits
+  (``IOMMUFD_MODEL_SPIN_US=0``): CPU per request of the
   program and the server together, from two runs of different lengths (so the start-up
   cancels out), and the program's own share and wall time per request (its clocks over the
   loop, as the program prints them).
@@ -91,9 +94,11 @@ def run(quick: bool = False) -> dict[str, float]:
             ("fast path", {}),
             ("fast path, no spin", NO_SPIN),
             ("slow path", {}),
+            ("slow path, pages pinned", {}),
             ("fast path, short paths off", off),
+            ("slow path, pages pinned, short paths off", off),
         ):
-            extra = ["slow"] if path == "slow path" else []
+            extra = ["slow", "pinned"] if "pinned" in path else ["slow"] if "slow" in path else []
             n0, n1 = 500, 5000 if quick else 40_000
             cpus = []
             for n in (n0, n1):

@@ -4,10 +4,13 @@
  * 16 pages of MAP_SHARED anonymous memory, then N IOMMU_TEST_OP_ACCESS_RW requests around a
  * page boundary, a read and a write in turn, each checked against the buffer.
  *
- *     access_rw N [slow]      # prints "access_rw <requests> <seconds> <program CPU seconds>"
+ *     access_rw N [slow [pinned]]  # prints "access_rw <requests> <seconds> <program CPU seconds>"
  *
- * "slow" sets MOCK_ACCESS_RW_SLOW_PATH (the pinned-page path). The struct layouts are written
- * here from include/uapi/linux/iommufd.h and iommufd_test.h of Linux 7.2 (the bench's own).
+ * "slow" sets MOCK_ACCESS_RW_SLOW_PATH (the pinned-page path: a request across the page
+ * boundary pins its pages for the copy and unpins them); "pinned" attaches a mock domain to
+ * the IOAS first, so the pages stay pinned and such a request only copies through them (the
+ * selftest's mock_domain variants). The struct layouts are written here from
+ * include/uapi/linux/iommufd.h and iommufd_test.h of Linux 7.2 (the bench's own).
  */
 #include <errno.h>
 #include <stdint.h>
@@ -23,6 +26,7 @@
 #define IOMMU_IOAS_ALLOC _IO(';', 0x81)
 #define IOMMU_IOAS_MAP _IO(';', 0x85)
 #define IOMMU_TEST_CMD _IO(';', 0xa0)
+#define OP_MOCK_DOMAIN 2
 #define OP_CREATE_ACCESS 5
 #define OP_ACCESS_RW 8
 #define RW_WRITE 1
@@ -48,6 +52,7 @@ int main(int argc, char **argv)
 {
 	long n = argc > 1 ? atol(argv[1]) : 10000;
 	uint32_t def = argc > 2 && !strcmp(argv[2], "slow") ? RW_SLOW_PATH : 0;
+	int pinned = argc > 3 && !strcmp(argv[3], "pinned");
 	struct ioas_alloc a = { .size = sizeof(a) };
 	struct ioas_map m = { .size = sizeof(m), .flags = 2 | 4 };
 	struct test_cmd c = { .size = sizeof(c), .op = OP_CREATE_ACCESS };
@@ -62,6 +67,11 @@ int main(int argc, char **argv)
 	CHECK(buf != MAP_FAILED);
 	for (unsigned long i = 0; i < NPAGES * PAGE; i++)
 		buf[i] = (unsigned char)rand();
+	if (pinned) { /* before the map: the domain's aperture places it */
+		struct test_cmd d = { .size = sizeof(d), .op = OP_MOCK_DOMAIN, .id = a.out_ioas_id };
+
+		CHECK(ioctl(fd, IOMMU_TEST_CMD, &d) == 0);
+	}
 	m.ioas_id = a.out_ioas_id;
 	m.user_va = (uintptr_t)buf;
 	m.length = NPAGES * PAGE;

@@ -247,3 +247,21 @@ def test_a_program_sees_the_same_with_and_without_short_paths(
     errnos = {line.split()[1] for line in on.splitlines() if line[0].isdigit()}
     assert {"0", str(errno.EFAULT), str(errno.EINVAL), str(errno.ENOENT)} <= errnos, errnos
     assert str(errno.EBADFD) in on and str(errno.EPERM) in errnos
+
+
+def test_a_racing_dup2_is_seen_through_the_fd_generation(
+    cc: Callable[[str, str], Path], tmp_path: Path
+) -> None:
+    """``c/fdgen_race.c``: one thread switches an fd number between two accesses with
+    dup2 (no release, so no event reaches the server) while another reads through it; every
+    read made with no switch in progress shows the access the number named. The compiled
+    path served most reads on its cached check and asked the kernel again after switches."""
+    binary = cc("fdgen_race", (PROGRAM.parent / "fdgen_race.c").read_text())
+    rc, server = run_program([str(binary), "3000"], devices=1)
+    assert rc == 0 and server.internal_errors == []
+    table = server._fastrw
+    if table is not None:
+        assert table.served > 1000 and 0 < table.checks < table.served, (
+            table.served,
+            table.checks,
+        )

@@ -355,6 +355,7 @@ static int try_serve(Table *t, struct entry *e, const unsigned char *req, int *e
 	 * table is the one it was checked in (the same nonzero generation: preload.c), ask
 	 * the kernel. */
 	if (!fd_gen || fd_gen != e->fd_gen) {
+		t->checks++;
 		fd = (int)syscall(SYS_pidfd_getfd, e->pidfd, (int)e->access_fd, 0U);
 		if (fd < 0)
 			return 1;
@@ -363,7 +364,6 @@ static int try_serve(Table *t, struct entry *e, const unsigned char *req, int *e
 		if (rc < 0 || (uint64_t)st.st_dev != e->dev || (uint64_t)st.st_ino != e->ino)
 			return 1;
 		e->fd_gen = fd_gen;
-		t->checks++;
 	}
 	if (length > STACK_COPY) {
 		buf = PyMem_RawMalloc(length);
