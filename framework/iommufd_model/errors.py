@@ -20,9 +20,15 @@ def strict_mode() -> bool:
     return os.environ.get(STRICT_ENV, "") not in ("", "0")
 
 
+#: os.strerror() by errno, as asked (refusals are frequent: some programs make many)
+_STRERROR: dict[int, str] = {}
+
+
 def err(code: int, detail: str = "") -> OSError:
     """Build the ``OSError`` the kernel would return as ``-code``; ``detail`` aids debugging."""
-    msg = os.strerror(code)
+    msg = _STRERROR.get(code)
+    if msg is None:
+        msg = _STRERROR[code] = os.strerror(code)
     if detail:
         msg = f"{msg} ({detail})"
     return OSError(code, msg)

@@ -117,7 +117,7 @@ class ObjectTable:
         obj = self._objs.get(id_)
         if not isinstance(obj, IommufdObject):
             raise err(errno.ENOENT, f"no object {id_}")
-        if type_ is not None:
+        if type_ is not None and obj.TYPE is not type_:
             types = type_ if isinstance(type_, tuple) else (type_,)
             if obj.TYPE not in types:
                 raise err(errno.ENOENT, f"object {id_} is a {obj.TYPE.value}")

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 class Ucmd:
     """One ioctl in flight: the decoded struct and the way back to the user's buffer."""
 
+    __slots__ = ("_buf", "_user_size", "caller", "cmd", "ictx", "retval")
+
     def __init__(self, ictx: IommuFd, cmd: Any, buf: Any, user_size: int, caller: Process) -> None:
         self.ictx = ictx
         self.cmd = cmd

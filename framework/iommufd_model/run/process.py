@@ -22,7 +22,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable, Iterable, Sequence
+from functools import partial
+from itertools import repeat
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, cast
 
 import attrs
 
@@ -88,17 +91,24 @@ class MmioWindow:
         return left
 
 
-# (mutable records only because attrs makes those faster: one is made per page pinned)
+# (a mutable record only because attrs makes those faster: one is made per page pinned)
 @attrs.define
 class _AnonSource:
     proc: RealProcess
     vpn: int
 
 
-@attrs.define
-class _FileSource:
+class _FileSource(NamedTuple):
+    """A page of a file (a tuple, not attrs: a file's first touch makes one per page, up to
+    a 2 MiB run at once, and tuples are made without a Python call: add_file_pages)."""
+
     file: RealMemFile
-    index: int
+    page: int  # the page's index in the file
+
+
+_file_source = cast(
+    "Callable[[tuple[RealMemFile, int]], _FileSource]", partial(tuple.__new__, _FileSource)
+)
 
 
 class Mirrors:
@@ -117,12 +127,19 @@ class Mirrors:
     def add_file(self, pfn: int, file: RealMemFile, index: int) -> None:
         self._src[pfn] = _FileSource(file, index)
 
+    def add_file_pages(
+        self, file: RealMemFile, indexes: Iterable[int], pfns: Iterable[int]
+    ) -> None:
+        """:meth:`add_file` of each page of ``indexes`` at the frame of ``pfns`` beside it."""
+        sources = map(_file_source, zip(repeat(file), indexes))
+        self._src.update(zip(pfns, sources, strict=True))
+
     def _live(self, pfn: int) -> _AnonSource | _FileSource | None:
         src = self._src.get(pfn)
         if isinstance(src, _AnonSource):
             if src.proc._ptes.get(src.vpn) != pfn or src.proc.gone:
                 return None
-        elif isinstance(src, _FileSource) and src.file._pfns.get(src.index) != pfn:
+        elif isinstance(src, _FileSource) and src.file._pfns.get(src.page) != pfn:
             return None
         return src
 
@@ -135,7 +152,7 @@ class Mirrors:
         if isinstance(src, _AnonSource):
             return MIRROR_ANON, src.proc.pid, src.vpn << PAGE_SHIFT
         if isinstance(src, _FileSource):
-            return MIRROR_FILE, src.file.fd, src.index << PAGE_SHIFT
+            return MIRROR_FILE, src.file.fd, src.page << PAGE_SHIFT
         return MIRROR_NONE, 0, 0
 
     def pull(self, pfns: list[int], offset: int = 0, length: int = -1) -> None:
@@ -153,7 +170,7 @@ class Mirrors:
             if isinstance(src, _AnonSource):
                 data = native.vm_read(src.proc.pid, (src.vpn << PAGE_SHIFT) + offset, chunk)
             elif isinstance(src, _FileSource):
-                data = src.file.read_at((src.index << PAGE_SHIFT) + offset, chunk)
+                data = src.file.read_at((src.page << PAGE_SHIFT) + offset, chunk)
             if data is not None:
                 self.memory.write((pfn << PAGE_SHIFT) + offset, data)
             length -= chunk
@@ -170,7 +187,7 @@ class Mirrors:
             if isinstance(src, _AnonSource):
                 native.vm_write(src.proc.pid, (src.vpn << PAGE_SHIFT) + offset, data)
             elif isinstance(src, _FileSource):
-                src.file.write_at((src.index << PAGE_SHIFT) + offset, data)
+                src.file.write_at((src.page << PAGE_SHIFT) + offset, data)
             length -= chunk
             offset = 0
 
@@ -277,12 +294,17 @@ class RealMemFile(MemFile):
         first = index & ~(HUGE_PAGES - 1)
         if (first + HUGE_PAGES) << PAGE_SHIFT > self.size:
             return  # a partial run (the file is not a whole number of huge pages)
-        if any(i in self._pfns for i in range(first, first + HUGE_PAGES)):
+        indexes = range(first, first + HUGE_PAGES)
+        if not self._pfns.keys().isdisjoint(indexes):
             return
         base = self.memory.alloc_contiguous(HUGE_PAGES, align=HUGE_PAGES)
-        for k in range(HUGE_PAGES):
-            self._pfns[first + k] = base + k
-            self.mirrors.add_file(base + k, self, first + k)
+        self._add_run(indexes, base)
+
+    def _add_run(self, indexes: Sequence[int], base: int) -> None:
+        """Pages ``indexes`` (ascending) get frames ``base``, ``base + 1`` ..."""
+        pfns = range(base, base + len(indexes))
+        self._pfns.update(zip(indexes, pfns, strict=True))
+        self.mirrors.add_file_pages(self, indexes, pfns)
 
     def _small_run(self, index: int) -> None:
         """Give the free pages of the ``SMALL_RUN``-page block holding ``index`` contiguous
@@ -298,9 +320,7 @@ class RealMemFile(MemFile):
             base = self.memory.alloc_contiguous(len(todo))
         except OSError:
             return
-        for k, i in enumerate(todo):
-            self._pfns[i] = base + k
-            self.mirrors.add_file(base + k, self, i)
+        self._add_run(todo, base)
 
     def mapped_pfn(self, index: int) -> int:
         """The frame of page ``index`` as a shared mapping sees it.
@@ -455,7 +475,8 @@ class RealProcess(Process):
         effective set while it is in the model's user namespace."""
         if self.machine.granted_caps >> cap & 1:
             return True
-        self._creds_fresh()
+        if self._creds_generation != self.server.creds_generation:
+            self._creds_fresh()
         caps = self._counted_caps
         if caps is None:
             caps = self._counted_caps = creds.counted_caps(self.pid)
