@@ -10,7 +10,8 @@
  * Linux 7.2's iopt_pages_rw_access() tells apart: the caller's private pages, a live
  * child's (one page through its mm, more through the pinned pages), a gone child's
  * private and shared pages (the pinned pages only), the caller's shared anonymous memory
- * (the model's memfd) and an IOAS_MAP_FILE of a memfd (the pinned pages, always), with
+ * (the model's memfd), an IOAS_MAP_FILE of a memfd (the pinned pages, always) and an IOVA
+ * half a mock page off its pages' alignment, with
  * the program writing those shared pages itself between requests (a copy through the
  * pinned pages must see the bytes as they are now) and unmapping one of them (a pin
  * outlives munmap), and MOCK_ACCESS_RW_SLOW_PATH requests of one to three pages.
@@ -146,6 +147,9 @@ int main(int argc, char **argv)
 		CHECK(map_ro(fd, ioas[k], buf + 20 * PAGE, 4 * PAGE, T_MOCK_APERTURE + 20 * PAGE) == 0);
 		CHECK(map_fixed(fd, ioas[k], shared, 4 * PAGE, T_MOCK_APERTURE + 40 * PAGE) == 0);
 		CHECK(map_file(fd, ioas[k], mfd, 4 * PAGE, T_MOCK_APERTURE + 44 * PAGE) == 0);
+		/* an IOVA half a mock page off the pages' (iommufd_ioas.access_rw_unaligned) */
+		CHECK(map_fixed(fd, ioas[k], buf + 60 * PAGE, 4 * PAGE,
+				T_MOCK_APERTURE + 56 * PAGE + 2048) == 0);
 	}
 	mock_domain(fd, ioas[1]); /* the second IOAS's pages are pinned */
 	/* children that map their pages and exit: pinned in the second IOAS, unreachable
@@ -246,7 +250,7 @@ int main(int argc, char **argv)
 			printf("unmapped a shared page\n");
 		}
 		if (rnd(4) == 0) /* mostly near the last request: the short path's case */
-			at_page = rnd(57);
+			at_page = rnd(61);
 		c.access_rw.iova = T_MOCK_APERTURE + at_page * PAGE - 64 + rnd(PAGE + 128);
 		c.access_rw.length = 1 + rnd(rnd(10) ? 80 : 3 * PAGE);
 		if (rnd(40) == 0)
