@@ -416,8 +416,15 @@ static PyObject *serve(Table *t, PyObject *const *args, Py_ssize_t nargs)
 	e = &t->slots[conn_fd % SLOTS];
 	if (got == t->req_size + t->inline_size && e->gen == t->gen && e->conn_fd == conn_fd)
 		rc = try_serve(t, e, req, &err);
-	if (rc < 0)
-		return NULL;
+	if (rc < 0) {
+		/* an error of the model lock or the memory's counters, before anything was sent:
+		 * reported, and the request goes to Python (which answers it, EIO at worst);
+		 * KeyboardInterrupt and the like stop the server as anywhere else */
+		if (!PyErr_ExceptionMatches(PyExc_Exception))
+			return NULL;
+		PyErr_WriteUnraisable((PyObject *)t);
+		rc = 1;
+	}
 	if (rc)
 		return PyBytes_FromStringAndSize((const char *)req, got);
 	t->served++;
