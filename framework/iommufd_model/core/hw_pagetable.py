@@ -335,6 +335,12 @@ def _get_dirty_bitmap(ucmd: Ucmd) -> None:
     (``iova_bitmap_for_each()``'s result is ignored) and so are bits whose bitmap page
     cannot be pinned (``iova_bitmap_set()`` gives up on them): the ioctl then still
     succeeds. Bits are only ever set in the user's bitmap, never cleared.
+
+    A run whose bits reach from a mapped bitmap page into an unmapped one keeps the bits
+    in the mapped pages up to the first unmapped one and loses the rest (``iova_bitmap_set()``
+    pins from the run's first byte on and gives up at the first page it cannot pin); a run
+    whose first byte is unmapped loses all its bits; later runs pin afresh from their own
+    first byte. The dirty bits of the IOPTEs are cleared all the same (unless NO_CLEAR).
     """
     cmd = ucmd.cmd
     if cmd.flags & ~U.IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR or cmd.reserved:
@@ -402,7 +408,7 @@ def _get_dirty_bitmap(ucmd: Ucmd) -> None:
     def load(first_bit: int, last_bit: int) -> bool:
         lo, hi = cmd.data + (first_bit >> 3), cmd.data + (last_bit >> 3)
         if lo < 0 or not ucmd.caller.is_mapped(lo, hi - lo + 1):
-            return False  # pin_user_pages_fast() fails: iova_bitmap_set() drops the bits
+            return False  # not all pinnable: pinned_prefix() cuts the run to what lands
         if lo not in cache or hi not in cache or any(a not in cache for a in range(lo, hi + 1)):
             got = ucmd.caller.read(lo, hi - lo + 1)
             for addr, byte in zip(range(lo, hi + 1), got, strict=True):
@@ -419,10 +425,31 @@ def _get_dirty_bitmap(ucmd: Ucmd) -> None:
                 out.append([span])
         return out
 
+    def pinned_prefix(first_bit: int, last_bit: int) -> tuple[int, int] | None:
+        """The part of one run's bits ``iova_bitmap_set()`` (Linux 7.2 iova_bitmap.c) lands
+        when its bitmap bytes are not all mapped: ``iova_bitmap_advance_to()`` pins the
+        bitmap from the run's first byte on and ``pin_user_pages_fast()`` stops at the
+        first page it cannot pin, so the bits in the mapped pages before it are set; past
+        them ``iova_bitmap_get()`` fails to pin the next page (-EFAULT) and the rest of
+        the run is dropped. None when the first byte's page itself is unmapped."""
+        lo, hi = cmd.data + (first_bit >> 3), cmd.data + (last_bit >> 3)
+        if not ucmd.caller.is_mapped(lo, 1):
+            return None
+        page = (lo | (PAGE_SIZE - 1)) + 1
+        while page <= hi:
+            if not ucmd.caller.is_mapped(page, 1):
+                return first_bit, ((page - cmd.data) << 3) - 1
+            page += PAGE_SIZE
+        return first_bit, last_bit
+
     def parts(group: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
-        """The group at once when its bytes are all mapped, else span by span."""
+        """The group at once when its bytes are all mapped, else run by run, each cut to
+        the bits in the bitmap pages the kernel could pin (:func:`pinned_prefix`)."""
         whole = (group[0][0], max(last for _, last in group))
-        return [group] if load(*whole) else [[span] for span in group if load(*span)]
+        if load(*whole):
+            return [group]
+        cut = [pinned_prefix(*span) for span in group]
+        return [[span] for span in cut if span is not None and load(*span)]
 
     runs = walk(False)
     clear = not cmd.flags & U.IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR
