@@ -412,15 +412,13 @@ class RealProcess(Process):
         self.files = ProgramFiles(server, self)  # type: ignore[assignment]
         self.gone = False
         # the last RLIMIT_MEMLOCK and real uid read (a gone process keeps them)
-        self._memlock_limit = creds.RLIM_INFINITY
-        self._uid = os.getuid()
+        self._last: dict[str, int] = {"memlock": creds.RLIM_INFINITY, "uid": os.getuid()}
         # What was read of the credentials, kept while Server.creds_generation stays
-        # (see _creds_fresh): the capabilities capable() counts, and whether the limit and
-        # the uid above are this generation's.
+        # (see _creds_fresh): the capabilities capable() counts, and which of the values
+        # above this generation read.
         self._creds_generation = -1
         self._counted_caps: int | None = None
-        self._memlock_read = False
-        self._uid_read = False
+        self._read: set[str] = set()  # which of _last this generation read
         self._start = self._start_time()
         # a pidfd of the process (-1 if it is gone already): which file an fd number names
         # is asked through it (Server.resolve_fd), never through a pid that may be reused
@@ -468,7 +466,7 @@ class RealProcess(Process):
         if self._creds_generation != generation:
             self._creds_generation = generation
             self._counted_caps = None
-            self._memlock_read = self._uid_read = False
+            self._read.clear()
 
     def capable(self, cap: int) -> bool:
         """``capable(cap)`` of the process now: granted to the run (``--cap``), or in its
@@ -491,28 +489,27 @@ class RealProcess(Process):
     def capable_sys_resource(self, value: bool) -> None:
         """Read from the process itself: the constructor's default is ignored."""
 
+    def _kept(self, name: str, read: Callable[[int], int | None]) -> int:
+        """``read(pid)`` of credential ``name`` once per generation; once the process is
+        gone, the last value read."""
+        self._creds_fresh()
+        if name not in self._read:
+            got = read(self.pid)
+            if got is not None:
+                self._last[name] = got
+            self._read.add(name)
+        return self._last[name]
+
     @property
     def memlock_limit(self) -> int:
         """The process's soft RLIMIT_MEMLOCK now, in bytes; once it is gone, the last one
         read (the kernel keeps the source task's limits with the task)."""
-        self._creds_fresh()
-        if not self._memlock_read:
-            limit = creds.memlock_limit(self.pid)
-            if limit is not None:
-                self._memlock_limit = limit
-            self._memlock_read = True
-        return self._memlock_limit
+        return self._kept("memlock", creds.memlock_limit)
 
     @property
     def uid(self) -> int:
         """The process's real uid now; once it is gone, the last one read."""
-        self._creds_fresh()
-        if not self._uid_read:
-            uid = creds.real_uid(self.pid)
-            if uid is not None:
-                self._uid = uid
-            self._uid_read = True
-        return self._uid
+        return self._kept("uid", creds.real_uid)
 
     def mm_locked_vm(self) -> int:
         """The mm's ``locked_vm`` as the kernel would hold it: the host's (the program's own
