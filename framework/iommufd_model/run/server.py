@@ -438,6 +438,10 @@ class Server:
         if not isinstance(ictx, IommuFd):
             return False
         error = 0
+        # a request begins, as on the general path: a memfd's size and the pages probed are
+        # asked again (the program may have truncated or unmapped since the last request)
+        self.mirrors.epoch += 1
+        proc.new_request()
         try:
             done = ictx.fast_ioctl(a[1], self._inline, proc)
             if done is None:
