@@ -355,7 +355,10 @@ def _visit_dirty(
             continue  # a leaf already visited
         done_to = start + (1 << lg2)
         # record_dirty(): from the visited item to the leaf's last item, or to the
-        # walked range's end within this table, whichever comes first
+        # walked range's end within this table, whichever comes first. 7.2's bound is
+        # log2_set_mod_max_t(index, num_contig_lg2), the group's last index itself (an
+        # inclusive bound used as an exclusive one), so a contiguous leaf walked from its
+        # first item reports one item less than its size; the model reports the same
         item = va >> isz
         index = item & items_mask
         stop = index | ((1 << contig) - 1)
