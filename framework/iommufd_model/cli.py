@@ -798,6 +798,9 @@ def _cmd_run(args: argparse.Namespace, reg: DriverRegistry) -> int:
         return 2
     try:
         rc, _server = run_program(argv, machine=machine, append_bdfs=args.bdf_args)
+    except ValueError as exc:  # a setting of the run's environment (IOMMUFD_MODEL_SPIN_US)
+        print(f"iommufd-model run: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"iommufd-model run: {exc}", file=sys.stderr)
         return 127

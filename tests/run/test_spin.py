@@ -10,6 +10,8 @@ import select
 import signal
 import socket
 import struct
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
@@ -195,3 +197,27 @@ def test_waiter_signal_raises_as_epoll(page: tuple[int, Path]) -> None:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
         ep.close()
+
+
+def test_a_bad_spin_setting_is_a_usage_error(
+    cc: Build, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """IOMMUFD_MODEL_SPIN_US that is no number: the CLI says so and exits 2 before the
+    program runs; the Python API raises ValueError (the server closed, nothing left)."""
+    marker = tmp_path / "ran"
+    prog = cc(
+        "touch_marker",
+        f'#include <stdio.h>\nint main(void) {{ return !fopen("{marker}", "w"); }}\n',
+    )
+    monkeypatch.setenv("IOMMUFD_MODEL_SPIN_US", "fast")
+    cli = Path(sys.executable).parent / "iommufd-model"
+    done = subprocess.run([str(cli), "run", "--", str(prog)], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "IOMMUFD_MODEL_SPIN_US" in done.stderr
+    with pytest.raises(ValueError, match="IOMMUFD_MODEL_SPIN_US"):
+        run_program([str(prog)])
+    assert not marker.exists()
+    monkeypatch.setenv("IOMMUFD_MODEL_SPIN_US", "0")
+    rc, server = run_program([str(prog)])
+    assert rc == 0 and marker.exists()
+    assert server.spin_stats() == (0, 0, 0)

@@ -18,7 +18,7 @@ import attrs
 from iommufd_model import vfio
 from iommufd_model.machine import Machine
 from iommufd_model.plugins import DriverRegistry
-from iommufd_model.run.server import Opener, Server
+from iommufd_model.run.server import Opener, Server, spin_us_of
 from iommufd_model.run.sysfs import SysfsView, TreeFn, WriteFn
 from iommufd_model.vfio import sysfs as vfio_sysfs
 
@@ -172,8 +172,9 @@ def run_program(
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("1\n")
         child_env["IOMMUFD_MODEL_DEBUGFS"] = str(debugfs)
-        child_env.update(server.share_spin_page(str(Path(tmp, "spin"))))
         try:
+            spin = Path(tmp, "spin")
+            child_env.update(server.share_spin_page(str(spin), spin_us_of(child_env)))
             if sysfs is not None:
                 view = SysfsView(machine, Path(tmp, "sysfs"), *sysfs)
                 server.openers.append(view.open)

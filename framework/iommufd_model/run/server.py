@@ -142,6 +142,19 @@ class Conn:
     proc: RealProcess | None = None
 
 
+def spin_us_of(env: dict[str, str]) -> int:
+    """The longest spin of a run's waits, in microseconds, from its environment's
+    ``IOMMUFD_MODEL_SPIN_US`` (default :data:`SPIN_MAX_US`; 0 or less: no spin);
+    ValueError when it is not a whole number."""
+    text = env.get("IOMMUFD_MODEL_SPIN_US", str(SPIN_MAX_US))
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(
+            f"IOMMUFD_MODEL_SPIN_US={text!r}: not a whole number of microseconds"
+        ) from None
+
+
 class Server:
     """Serves one run; ``serve_until(pred)`` loops until ``pred()`` is true."""
 
@@ -205,21 +218,22 @@ class Server:
         return self._requests + (self._fastrw.served if self._fastrw is not None else 0)
 
     # -- the loop -------------------------------------------------------------------------
-    def share_spin_page(self, path: str) -> dict[str, str]:
+    def share_spin_page(self, path: str, spin_us: int = SPIN_MAX_US) -> dict[str, str]:
         """Create the run's spin page at ``path`` and wait on it from now on; the program's
         environment entries that name it to the preload.
 
         A request is a synchronous round trip: where the program and the server run on two
         CPUs, each side spins a while for the other before it sleeps, unless the other last
-        ran on its own CPU (the model's own design; preload.c ``recv_reply`` says why and how).
-        ``IOMMUFD_MODEL_SPIN_US`` (default :data:`SPIN_MAX_US`) is the longest spin, 0 none."""
-        spin_us = int(os.environ.get("IOMMUFD_MODEL_SPIN_US", SPIN_MAX_US))
-        env = {"IOMMUFD_MODEL_SPIN_US": str(spin_us)}
+        ran on its own CPU (the model's own design; run/spin_page.h says why, preload.c
+        ``recv_reply`` how). ``spin_us`` is the longest spin (:func:`spin_us_of`), 0 none:
+        the preload is given the same value, so both sides follow one setting."""
+        env = {"IOMMUFD_MODEL_SPIN_US": str(max(spin_us, 0))}
         if spin_us <= 0:
             return env
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            os.fchmod(fd, 0o666)  # any process of the run, whatever its uid, may map it
+            # the run's directory is the launcher's user's alone (0700): a program that
+            # changed its uid cannot open the page, and then never spins (nothing else)
             os.ftruncate(fd, SPIN_PAGE_SIZE)
             os.pwrite(fd, SPIN_PAGE_START, 0)  # neither side's CPU is known yet
             self._waiter = native.Waiter(self._epoll.fileno(), fd, spin_us * 1000)
